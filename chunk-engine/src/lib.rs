@@ -1,1 +1,57 @@
-//! placeholder
+//! The chunk engine: fixed-size chunks stored on a whole [`BlockDevice`], with
+//! no file system underneath.
+//!
+//! A chunk is addressed by a [`ChunkKey`] (chain id, chunk id) and holds up to
+//! `chunk_size_max` bytes. Each chunk has a *committed* version that readers
+//! see and at most one *pending* version that a CRAQ write has created but not
+//! yet committed. Updates are copy-on-write into a fresh slot, except a pure
+//! append that fits the current slot, which is written in place past the
+//! committed length.
+//!
+//! Durability: committed metadata lives in a checksummed journal (group
+//! commit, one flush per batch) bounded by periodic checkpoints; see
+//! docs/chunk-engine-format.md for the layout and the recovery argument.
+//! Pending versions live only in memory: after a crash a replica returns with
+//! its committed state and CRAQ resynchronises whatever it missed.
+//!
+//! The engine knows nothing of the network or of chain membership: a chain id
+//! is only a key prefix, and a chain version only a number it stores.
+
+pub mod alloc;
+mod engine;
+mod error;
+pub mod format;
+mod journal;
+mod recovery;
+
+use std::fmt;
+
+pub use engine::{
+    ChainUsage, ChunkInfo, Engine, EngineConfig, FormatOptions, PendingInfo, ReadOutcome, ReadRequest,
+    ReadVersion, SpaceInfo, WriteOp, WriteOutcome, WriteRequest,
+};
+pub use error::EngineError;
+pub use flyfs_bypass::BlockDevice;
+use flyfs_rpc::ids::{ChainId, ChunkId};
+pub use format::{ChunkMeta, SlotId, Superblock};
+
+/// Where a chunk lives in the engine: its chain and its id. Ordered by chain,
+/// then inode, then chunk index, so a chain's chunks and a file's chunks are
+/// contiguous ranges.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkKey {
+    pub chain: ChainId,
+    pub chunk: ChunkId,
+}
+
+impl ChunkKey {
+    pub const fn new(chain: ChainId, chunk: ChunkId) -> ChunkKey {
+        ChunkKey { chain, chunk }
+    }
+}
+
+impl fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}/{:?}", self.chain, self.chunk)
+    }
+}

@@ -1,0 +1,668 @@
+//! Every byte the chunk engine puts on its device: the superblock and the
+//! region layout it describes, the 64-byte chunk metadata record, journal
+//! batches and checkpoints. docs/chunk-engine-format.md draws them.
+//!
+//! This module is pure: it turns structs into bytes and bytes into structs or
+//! a [`FormatError`] that says what was wrong and where. It never panics on
+//! input bytes (fuzzed in fuzz/ and by `tests/decode.rs`), and it does no I/O.
+
+use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+
+/// Unit of alignment of every on-device structure: the largest sector size a
+/// device may report, so the format is valid on 512- and 4096-byte devices.
+pub const BLOCK: u64 = 4096;
+/// Bytes at the start of the device reserved for the two superblock copies.
+pub const HEADER_BYTES: u64 = 1 << 20;
+/// Offsets of the two superblock copies: far enough apart that one bad
+/// region of the medium does not take both.
+pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, HEADER_BYTES / 2];
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FLYFSCE\0";
+pub const FORMAT_VERSION: u32 = 1;
+pub const JOURNAL_MAGIC: u32 = u32::from_le_bytes(*b"FJNL");
+pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"FCKP");
+/// Size of one encoded chunk metadata record.
+pub const META_BYTES: usize = 64;
+/// Size of a journal batch header.
+pub const BATCH_HEADER_BYTES: usize = 32;
+/// Smallest and largest chunk size classes the format can describe.
+pub const CLASS_LOG2_MIN: u8 = 12;
+pub const CLASS_LOG2_MAX: u8 = 26;
+/// Bytes of the checkpoint header block.
+pub const CHECKPOINT_HEADER_BYTES: u64 = BLOCK;
+
+const _: () = assert!(HEADER_BYTES % BLOCK == 0 && SUPERBLOCK_OFFSETS[1] % BLOCK == 0);
+const _: () = assert!((1u64 << CLASS_LOG2_MIN) % BLOCK == 0, "a chunk slot must be block aligned");
+const _: () = assert!(BLOCK as usize % META_BYTES == 0);
+
+/// Why bytes failed to decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("{what}: no flyfs magic (not a flyfs chunk engine device, or never formatted)")]
+    NoMagic { what: &'static str },
+    #[error("{what}: format version {found} is not supported (this build reads version {supported})")]
+    Version { what: &'static str, found: u32, supported: u32 },
+    #[error("{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { what: &'static str, stored: u32, computed: u32 },
+    #[error("{what}: {field} = {value} is invalid: {reason}")]
+    Field { what: &'static str, field: &'static str, value: u64, reason: String },
+    #[error("{what}: {len} bytes is too short, need {need}")]
+    Short { what: &'static str, len: usize, need: usize },
+}
+
+fn field(what: &'static str, field: &'static str, value: u64, reason: impl Into<String>) -> FormatError {
+    FormatError::Field { what, field, value, reason: reason.into() }
+}
+
+/// Little-endian reader over a byte slice that reports short input as an error.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Reader { bytes, at: 0, what }
+    }
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
+        let end = self.at + N;
+        let slice = self.bytes.get(self.at..end).ok_or(FormatError::Short {
+            what: self.what,
+            len: self.bytes.len(),
+            need: end,
+        })?;
+        self.at = end;
+        Ok(slice.try_into().expect("slice has length N"))
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+}
+
+/// Little-endian writer into a preallocated slice.
+struct Writer<'a> {
+    bytes: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(bytes: &'a mut [u8]) -> Self {
+        Writer { bytes, at: 0 }
+    }
+    fn put(&mut self, data: &[u8]) {
+        self.bytes[self.at..self.at + data.len()].copy_from_slice(data);
+        self.at += data.len();
+    }
+    fn u8(&mut self, v: u8) {
+        self.put(&[v]);
+    }
+    fn u16(&mut self, v: u16) {
+        self.put(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.put(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.put(&v.to_le_bytes());
+    }
+}
+
+/// The immutable geometry of a formatted device, stored in the superblock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Random at format time; stamped into every journal batch and checkpoint
+    /// so that structures left by an earlier format are never replayed.
+    pub format_id: u64,
+    pub sector_size: u32,
+    pub capacity_bytes: u64,
+    pub class_log2_min: u8,
+    pub class_log2_max: u8,
+    /// Two checkpoint slots of `checkpoint_slot_bytes` each, from here.
+    pub checkpoint_offset: u64,
+    pub checkpoint_slot_bytes: u64,
+    pub journal_offset: u64,
+    pub journal_bytes: u64,
+    pub data_offset: u64,
+    /// Every group spans `1 << class_log2_max` bytes.
+    pub group_count: u32,
+    pub created_unix_secs: u64,
+}
+
+const SUPERBLOCK_CRC_AT: usize = BLOCK as usize - 4;
+
+impl Superblock {
+    /// Lays out a device of `capacity_bytes`: header, two checkpoint slots
+    /// sized for the most chunks the data region can hold, the journal, and as
+    /// many whole groups as fit.
+    pub fn plan(
+        capacity_bytes: u64,
+        sector_size: u32,
+        class_log2_min: u8,
+        class_log2_max: u8,
+        journal_bytes: u64,
+        format_id: u64,
+        created_unix_secs: u64,
+    ) -> Result<Superblock, String> {
+        if !(CLASS_LOG2_MIN..=CLASS_LOG2_MAX).contains(&class_log2_min)
+            || !(class_log2_min..=CLASS_LOG2_MAX).contains(&class_log2_max)
+        {
+            return Err(format!(
+                "chunk sizes {}..{} must be powers of two with {} <= min <= max <= {}",
+                1u64 << class_log2_min.min(63),
+                1u64 << class_log2_max.min(63),
+                1u64 << CLASS_LOG2_MIN,
+                1u64 << CLASS_LOG2_MAX
+            ));
+        }
+        if journal_bytes < 16 * BLOCK || journal_bytes % BLOCK != 0 {
+            return Err(format!("journal size {journal_bytes} must be a multiple of {BLOCK} and at least {}", 16 * BLOCK));
+        }
+        let group_bytes = 1u64 << class_log2_max;
+        // The data region decides the checkpoint size and the checkpoints
+        // shrink the data region: size checkpoints for the whole device, which
+        // over-reserves by at most the checkpoints' own share.
+        let budget = capacity_bytes.saturating_sub(HEADER_BYTES + journal_bytes);
+        let max_chunks = budget >> class_log2_min;
+        let checkpoint_slot_bytes =
+            (CHECKPOINT_HEADER_BYTES + max_chunks * META_BYTES as u64).next_multiple_of(BLOCK);
+        let checkpoint_offset = HEADER_BYTES;
+        let journal_offset = checkpoint_offset + 2 * checkpoint_slot_bytes;
+        let data_offset = (journal_offset + journal_bytes).next_multiple_of(HEADER_BYTES);
+        let group_count = capacity_bytes.saturating_sub(data_offset) / group_bytes;
+        if group_count == 0 {
+            return Err(format!(
+                "needs at least {} bytes (header, checkpoints, a {journal_bytes}-byte journal and one \
+                 {group_bytes}-byte chunk group)",
+                data_offset + group_bytes
+            ));
+        }
+        Ok(Superblock {
+            format_id,
+            sector_size,
+            capacity_bytes,
+            class_log2_min,
+            class_log2_max,
+            checkpoint_offset,
+            checkpoint_slot_bytes,
+            journal_offset,
+            journal_bytes,
+            data_offset,
+            group_count: u32::try_from(group_count).map_err(|_| "device has more than 2^32 groups".to_string())?,
+            created_unix_secs,
+        })
+    }
+
+    pub fn group_bytes(&self) -> u64 {
+        1 << self.class_log2_max
+    }
+
+    /// Most chunks the data region can hold (all of the smallest class).
+    pub fn max_chunks(&self) -> u64 {
+        u64::from(self.group_count) << (self.class_log2_max - self.class_log2_min)
+    }
+
+    pub fn encode(&self) -> [u8; BLOCK as usize] {
+        let mut block = [0u8; BLOCK as usize];
+        let mut w = Writer::new(&mut block);
+        w.put(&SUPERBLOCK_MAGIC);
+        w.u32(FORMAT_VERSION);
+        w.u32(0); // flags
+        w.u64(self.format_id);
+        w.u32(self.sector_size);
+        w.u32(BLOCK as u32);
+        w.u64(self.capacity_bytes);
+        w.u8(self.class_log2_min);
+        w.u8(self.class_log2_max);
+        w.u16(0);
+        w.u32(self.group_count);
+        w.u64(self.checkpoint_offset);
+        w.u64(self.checkpoint_slot_bytes);
+        w.u64(self.journal_offset);
+        w.u64(self.journal_bytes);
+        w.u64(self.data_offset);
+        w.u64(self.created_unix_secs);
+        let crc = crc32c::crc32c(&block[..SUPERBLOCK_CRC_AT]);
+        block[SUPERBLOCK_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        block
+    }
+
+    /// Decodes and validates one superblock copy.
+    pub fn decode(bytes: &[u8]) -> Result<Superblock, FormatError> {
+        const WHAT: &str = "superblock";
+        if bytes.len() < BLOCK as usize {
+            return Err(FormatError::Short { what: WHAT, len: bytes.len(), need: BLOCK as usize });
+        }
+        if bytes[..8] != SUPERBLOCK_MAGIC {
+            return Err(FormatError::NoMagic { what: WHAT });
+        }
+        let stored = u32::from_le_bytes(bytes[SUPERBLOCK_CRC_AT..BLOCK as usize].try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(&bytes[..SUPERBLOCK_CRC_AT]);
+        let mut r = Reader::new(bytes, WHAT);
+        r.take::<8>()?;
+        let version = r.u32()?;
+        // The version is checked before the checksum: a future format may
+        // checksum differently, and "unsupported version" is the useful error.
+        if version != FORMAT_VERSION {
+            return Err(FormatError::Version { what: WHAT, found: version, supported: FORMAT_VERSION });
+        }
+        if stored != computed {
+            return Err(FormatError::Checksum { what: WHAT, stored, computed });
+        }
+        let _flags = r.u32()?;
+        let format_id = r.u64()?;
+        let sector_size = r.u32()?;
+        let block = r.u32()?;
+        let sb = Superblock {
+            format_id,
+            sector_size,
+            capacity_bytes: r.u64()?,
+            class_log2_min: r.u8()?,
+            class_log2_max: r.u8()?,
+            group_count: {
+                r.u16()?;
+                r.u32()?
+            },
+            checkpoint_offset: r.u64()?,
+            checkpoint_slot_bytes: r.u64()?,
+            journal_offset: r.u64()?,
+            journal_bytes: r.u64()?,
+            data_offset: r.u64()?,
+            created_unix_secs: r.u64()?,
+        };
+        if u64::from(block) != BLOCK {
+            return Err(field(WHAT, "block_size", block.into(), format!("must be {BLOCK}")));
+        }
+        if !sector_size.is_power_of_two() || !(512..=BLOCK as u32).contains(&sector_size) {
+            return Err(field(WHAT, "sector_size", sector_size.into(), "must be a power of two in 512..=4096"));
+        }
+        // Re-plan from the stored parameters: a consistent superblock is
+        // exactly what `plan` produces, which rules out every overlapping or
+        // out-of-range region without checking them one by one.
+        let expect = Superblock::plan(
+            sb.capacity_bytes,
+            sb.sector_size,
+            sb.class_log2_min,
+            sb.class_log2_max,
+            sb.journal_bytes,
+            sb.format_id,
+            sb.created_unix_secs,
+        )
+        .map_err(|reason| field(WHAT, "geometry", sb.capacity_bytes, reason))?;
+        if expect != sb {
+            return Err(field(WHAT, "geometry", sb.capacity_bytes, format!("regions inconsistent: stored {sb:?}, expected {expect:?}")));
+        }
+        Ok(sb)
+    }
+}
+
+/// Where a chunk's bytes live: slot `index` of group `group`, in a group of
+/// chunk size `1 << class_log2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId {
+    pub group: u32,
+    pub index: u32,
+    pub class_log2: u8,
+}
+
+impl SlotId {
+    pub fn bytes(&self) -> u64 {
+        1 << self.class_log2
+    }
+}
+
+/// The durable state of one committed chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    pub chain: ChainId,
+    pub chunk: ChunkId,
+    pub slot: SlotId,
+    pub len: u32,
+    pub version: ChunkVersion,
+    pub chain_version: ChainVersion,
+    /// CRC32C of bytes `0..len`.
+    pub crc: u32,
+    pub timestamp_us: u64,
+    pub client: ClientId,
+    pub request: RequestId,
+}
+
+impl ChunkMeta {
+    pub fn encode(&self, out: &mut [u8]) {
+        let mut w = Writer::new(&mut out[..META_BYTES]);
+        w.u32(self.chain.0);
+        w.u64(self.chunk.inode.0);
+        w.u32(self.chunk.index);
+        w.u32(self.slot.group);
+        w.u16(u16::try_from(self.slot.index).expect("slot index fits: groups hold at most 2^14 slots"));
+        w.u8(self.slot.class_log2);
+        w.u8(0);
+        w.u32(self.len);
+        w.u32(self.version.0);
+        w.u32(self.chain_version.0);
+        w.u32(self.crc);
+        w.u64(self.timestamp_us);
+        w.u64(self.client.0);
+        w.u64(self.request.0);
+    }
+
+    /// Decodes a record and checks it against the device's geometry.
+    pub fn decode(bytes: &[u8], sb: &Superblock, what: &'static str) -> Result<ChunkMeta, FormatError> {
+        let mut r = Reader::new(bytes, what);
+        let chain = ChainId(r.u32()?);
+        let chunk = ChunkId::new(r.u64()?, r.u32()?);
+        let group = r.u32()?;
+        let index = u32::from(r.u16()?);
+        let class_log2 = r.u8()?;
+        let _flags = r.u8()?;
+        let meta = ChunkMeta {
+            chain,
+            chunk,
+            slot: SlotId { group, index, class_log2 },
+            len: r.u32()?,
+            version: ChunkVersion(r.u32()?),
+            chain_version: ChainVersion(r.u32()?),
+            crc: r.u32()?,
+            timestamp_us: r.u64()?,
+            client: ClientId(r.u64()?),
+            request: RequestId(r.u64()?),
+        };
+        if !(sb.class_log2_min..=sb.class_log2_max).contains(&class_log2) {
+            return Err(field(what, "slot class", class_log2.into(), format!("outside {}..={}", sb.class_log2_min, sb.class_log2_max)));
+        }
+        if group >= sb.group_count {
+            return Err(field(what, "slot group", group.into(), format!("device has {} groups", sb.group_count)));
+        }
+        if u64::from(index) >= sb.group_bytes() >> class_log2 {
+            return Err(field(what, "slot index", index.into(), "beyond the group"));
+        }
+        if u64::from(meta.len) > meta.slot.bytes() {
+            return Err(field(what, "length", meta.len.into(), format!("exceeds slot size {}", meta.slot.bytes())));
+        }
+        Ok(meta)
+    }
+}
+
+/// One metadata change in the journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The chunk's committed state is now this.
+    Put(ChunkMeta),
+    /// The chunk no longer exists.
+    Remove { chain: ChainId, chunk: ChunkId },
+}
+
+const TAG_PUT: u8 = 1;
+const TAG_REMOVE: u8 = 2;
+const REMOVE_BYTES: usize = 16;
+
+impl Record {
+    pub fn encoded_len(&self) -> usize {
+        1 + match self {
+            Record::Put(_) => META_BYTES,
+            Record::Remove { .. } => REMOVE_BYTES,
+        }
+    }
+}
+
+/// Encodes a journal batch starting at log position `lsn` into `out`, which
+/// must hold [`batch_bytes`] bytes. Returns the batch's length on disk.
+pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]) -> usize {
+    let payload_len: usize = records.iter().map(Record::encoded_len).sum();
+    let total = batch_bytes(payload_len);
+    let (header, rest) = out[..total].split_at_mut(BATCH_HEADER_BYTES);
+    let mut w = Writer::new(rest);
+    for record in records {
+        match record {
+            Record::Put(meta) => {
+                w.u8(TAG_PUT);
+                meta.encode(&mut w.bytes[w.at..]);
+                w.at += META_BYTES;
+            }
+            Record::Remove { chain, chunk } => {
+                w.u8(TAG_REMOVE);
+                w.u32(chain.0);
+                w.u64(chunk.inode.0);
+                w.u32(chunk.index);
+            }
+        }
+    }
+    rest[payload_len..].fill(0);
+    let mut h = Writer::new(header);
+    h.u32(JOURNAL_MAGIC);
+    h.u16(1);
+    h.u16(0);
+    h.u64(lsn);
+    h.u32(payload_len as u32);
+    h.u32(records.len() as u32);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&format_id.to_le_bytes()), &out[..24]);
+    let crc = crc32c::crc32c_append(crc, &out[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len]);
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    out[28..32].fill(0);
+    total
+}
+
+/// Bytes on disk of a batch with `payload_len` bytes of records.
+pub fn batch_bytes(payload_len: usize) -> usize {
+    (BATCH_HEADER_BYTES + payload_len).next_multiple_of(BLOCK as usize)
+}
+
+/// What a batch header says, before its payload is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub lsn: u64,
+    pub payload_len: u32,
+    pub record_count: u32,
+}
+
+impl BatchHeader {
+    pub fn total_bytes(&self) -> usize {
+        batch_bytes(self.payload_len as usize)
+    }
+}
+
+/// Reads a batch header; `None` if the bytes are not a batch at `lsn` (stale
+/// data from before the log wrapped, or never written): the end of the log.
+pub fn decode_batch_header(bytes: &[u8], lsn: u64, max_batch_bytes: usize) -> Option<BatchHeader> {
+    let mut r = Reader::new(bytes, "journal batch header");
+    if r.u32().ok()? != JOURNAL_MAGIC || r.u16().ok()? != 1 {
+        return None;
+    }
+    r.u16().ok()?;
+    let header = BatchHeader { lsn: r.u64().ok()?, payload_len: r.u32().ok()?, record_count: r.u32().ok()? };
+    (header.lsn == lsn && header.total_bytes() <= max_batch_bytes).then_some(header)
+}
+
+/// Decodes a whole batch whose header [`decode_batch_header`] accepted.
+/// `Ok(None)` means the batch is torn (checksum mismatch): the end of the log.
+/// An error means the checksum matched but the records are invalid: real
+/// corruption, or a bug, that recovery must not paper over.
+pub fn decode_batch(bytes: &[u8], header: &BatchHeader, sb: &Superblock) -> Result<Option<Vec<Record>>, FormatError> {
+    const WHAT: &str = "journal record";
+    let payload_end = BATCH_HEADER_BYTES + header.payload_len as usize;
+    if bytes.len() < payload_end {
+        return Err(FormatError::Short { what: "journal batch", len: bytes.len(), need: payload_end });
+    }
+    let stored = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&sb.format_id.to_le_bytes()), &bytes[..24]);
+    if crc32c::crc32c_append(crc, &bytes[BATCH_HEADER_BYTES..payload_end]) != stored {
+        return Ok(None);
+    }
+    let mut records = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
+    let mut r = Reader::new(&bytes[BATCH_HEADER_BYTES..payload_end], WHAT);
+    while r.at < r.bytes.len() {
+        match r.u8()? {
+            TAG_PUT => {
+                let meta = ChunkMeta::decode(&r.bytes[r.at..], sb, WHAT)?;
+                r.at += META_BYTES;
+                records.push(Record::Put(meta));
+            }
+            TAG_REMOVE => {
+                let chain = ChainId(r.u32()?);
+                let chunk = ChunkId::new(r.u64()?, r.u32()?);
+                records.push(Record::Remove { chain, chunk });
+            }
+            tag => return Err(field(WHAT, "tag", tag.into(), "unknown record type")),
+        }
+    }
+    if records.len() != header.record_count as usize {
+        return Err(field("journal batch", "record_count", header.record_count.into(), format!("payload holds {} records", records.len())));
+    }
+    Ok(Some(records))
+}
+
+/// Header of a checkpoint: a full image of committed chunk metadata, from
+/// which recovery replays the journal starting at `journal_lsn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointHeader {
+    pub sequence: u64,
+    pub journal_lsn: u64,
+    pub entry_count: u64,
+    pub payload_crc: u32,
+}
+
+impl CheckpointHeader {
+    pub fn encode(&self, format_id: u64, out: &mut [u8]) {
+        out[..CHECKPOINT_HEADER_BYTES as usize].fill(0);
+        let mut w = Writer::new(out);
+        w.u32(CHECKPOINT_MAGIC);
+        w.u16(1);
+        w.u16(0);
+        w.u64(self.sequence);
+        w.u64(self.journal_lsn);
+        w.u64(self.entry_count);
+        w.u32(self.payload_crc);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&format_id.to_le_bytes()), &out[..36]);
+        out[36..40].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decodes a header; the payload is checked separately with `payload_crc`.
+    pub fn decode(bytes: &[u8], sb: &Superblock) -> Result<CheckpointHeader, FormatError> {
+        const WHAT: &str = "checkpoint header";
+        let mut r = Reader::new(bytes, WHAT);
+        if r.u32()? != CHECKPOINT_MAGIC {
+            return Err(FormatError::NoMagic { what: WHAT });
+        }
+        let version = r.u16()?;
+        if version != 1 {
+            return Err(FormatError::Version { what: WHAT, found: version.into(), supported: 1 });
+        }
+        r.u16()?;
+        let header = CheckpointHeader {
+            sequence: r.u64()?,
+            journal_lsn: r.u64()?,
+            entry_count: r.u64()?,
+            payload_crc: r.u32()?,
+        };
+        let stored = r.u32()?;
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&sb.format_id.to_le_bytes()), &bytes[..36]);
+        if stored != computed {
+            return Err(FormatError::Checksum { what: WHAT, stored, computed });
+        }
+        if header.entry_count > sb.max_chunks() {
+            return Err(field(WHAT, "entry_count", header.entry_count, format!("device holds at most {} chunks", sb.max_chunks())));
+        }
+        if header.journal_lsn % BLOCK != 0 {
+            return Err(field(WHAT, "journal_lsn", header.journal_lsn, "not block aligned"));
+        }
+        Ok(header)
+    }
+}
+
+/// Decodes a checkpoint payload of `header.entry_count` records.
+pub fn decode_checkpoint_entries(
+    bytes: &[u8],
+    header: &CheckpointHeader,
+    sb: &Superblock,
+) -> Result<Vec<ChunkMeta>, FormatError> {
+    let len = header.entry_count as usize * META_BYTES;
+    let payload = bytes.get(..len).ok_or(FormatError::Short { what: "checkpoint payload", len: bytes.len(), need: len })?;
+    let computed = crc32c::crc32c(payload);
+    if computed != header.payload_crc {
+        return Err(FormatError::Checksum { what: "checkpoint payload", stored: header.payload_crc, computed });
+    }
+    payload.chunks_exact(META_BYTES).map(|record| ChunkMeta::decode(record, sb, "checkpoint entry")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb() -> Superblock {
+        Superblock::plan(256 << 20, 4096, 12, 20, 1 << 20, 0xfeed, 1).expect("plan")
+    }
+
+    fn meta(i: u32) -> ChunkMeta {
+        ChunkMeta {
+            chain: ChainId(3),
+            chunk: ChunkId::new(0x1234, i),
+            slot: SlotId { group: 1, index: i, class_log2: 16 },
+            len: 65536,
+            version: ChunkVersion(9),
+            chain_version: ChainVersion(2),
+            crc: 0xdead_beef,
+            timestamp_us: 77,
+            client: ClientId(5),
+            request: RequestId(6),
+        }
+    }
+
+    #[test]
+    fn superblock_round_trips_and_rejects_damage() {
+        let sb = sb();
+        let bytes = sb.encode();
+        assert_eq!(Superblock::decode(&bytes), Ok(sb));
+        let mut bad = bytes;
+        bad[40] ^= 1;
+        assert!(matches!(Superblock::decode(&bad), Err(FormatError::Checksum { .. })));
+        let mut other = bytes;
+        other[8] = 9;
+        assert!(matches!(Superblock::decode(&other), Err(FormatError::Version { found: 9, .. })));
+        assert!(matches!(Superblock::decode(&[0u8; 4096]), Err(FormatError::NoMagic { .. })));
+    }
+
+    #[test]
+    fn plan_refuses_tiny_devices_and_bad_classes() {
+        assert!(Superblock::plan(4 << 20, 4096, 16, 26, 1 << 20, 0, 0).is_err());
+        assert!(Superblock::plan(1 << 30, 4096, 11, 20, 1 << 20, 0, 0).is_err());
+        assert!(Superblock::plan(1 << 30, 4096, 20, 16, 1 << 20, 0, 0).is_err());
+        let sb = Superblock::plan(1 << 30, 4096, 16, 26, 16 << 20, 0, 0).expect("1 GiB fits");
+        assert!(sb.data_offset + u64::from(sb.group_count) * sb.group_bytes() <= 1 << 30);
+        assert!(sb.checkpoint_slot_bytes >= CHECKPOINT_HEADER_BYTES + sb.max_chunks() * META_BYTES as u64);
+    }
+
+    #[test]
+    fn batches_round_trip_and_stop_at_damage() {
+        let sb = sb();
+        let records = vec![Record::Put(meta(1)), Record::Remove { chain: ChainId(3), chunk: ChunkId::new(1, 2) }, Record::Put(meta(2))];
+        let mut buf = vec![0u8; 8192];
+        let n = encode_batch(sb.format_id, 8192, &records, &mut buf);
+        assert_eq!(n, 4096);
+        let header = decode_batch_header(&buf, 8192, 1 << 20).expect("header");
+        assert_eq!(decode_batch(&buf, &header, &sb), Ok(Some(records)));
+        assert!(decode_batch_header(&buf, 0, 1 << 20).is_none(), "lsn must match");
+        buf[100] ^= 4;
+        assert_eq!(decode_batch(&buf, &header, &sb), Ok(None), "torn batch ends the log");
+    }
+
+    #[test]
+    fn meta_records_are_checked_against_geometry() {
+        let sb = sb();
+        let mut bytes = [0u8; META_BYTES];
+        let mut bad = meta(1);
+        bad.slot.group = sb.group_count;
+        bad.encode(&mut bytes);
+        let err = ChunkMeta::decode(&bytes, &sb, "test").expect_err("group out of range");
+        assert!(err.to_string().contains("slot group"), "{err}");
+        meta(1).encode(&mut bytes);
+        assert_eq!(ChunkMeta::decode(&bytes, &sb, "test"), Ok(meta(1)));
+    }
+}
