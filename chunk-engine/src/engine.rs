@@ -531,7 +531,6 @@ impl<D: BlockDevice> Engine<D> {
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, EngineError> {
         let core = &*self.core;
         let key = req.key;
-        core.check_writable()?;
         let max = core.sb.group_bytes();
         // Validate the payload before taking any lock.
         let (offset, data_len, new_end) = match &req.op {
@@ -551,7 +550,9 @@ impl<D: BlockDevice> Engine<D> {
         if req.version.0 == 0 {
             return Err(Self::invalid(key, "version 0 is reserved for a chunk that does not exist"));
         }
+        core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
+        // Checked again: the engine may have been poisoned while we waited.
         core.check_writable()?;
 
         let plan = {
@@ -566,11 +567,6 @@ impl<D: BlockDevice> Engine<D> {
                     committed: Some(base.meta.version),
                     pending: state.pending.get(&key).map(|p| p.version),
                 });
-            }
-            if let Some(old) = state.pending.remove(&key)
-                && !old.in_place
-            {
-                state.release(old.slot);
             }
             let base_len = base.map_or(0, |b| u64::from(b.meta.len));
             let (new_len, appends) = match &req.op {
@@ -629,7 +625,13 @@ impl<D: BlockDevice> Engine<D> {
             client: req.client,
             request: req.request,
         };
-        state.pending.insert(key, pending);
+        // The replaced pending version (if any) goes only now, so that a
+        // failed write changes nothing.
+        if let Some(old) = state.pending.insert(key, pending)
+            && !old.in_place
+        {
+            state.release(old.slot);
+        }
         Ok(WriteOutcome { version: req.version, len, crc, in_place })
     }
 

@@ -91,12 +91,20 @@ pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
             Some(reason) => Err(reason),
             None => block_on(commit_batch(&core, &mut cursor, &records)).map_err(|e| Arc::from(e.to_string())),
         };
-        match result {
-            Ok(()) => core.durable.send_modify(|d| d.records = durable_through),
-            Err(reason) => {
-                core.poison(&reason);
-                core.durable.send_modify(|d| d.error = Some(reason));
+        let result = result.and_then(|()| {
+            // The batch is durable: acknowledge it before any checkpoint, so
+            // a failing checkpoint never fails a commit that is already safe.
+            core.durable.send_modify(|d| d.records = durable_through);
+            let live = cursor.head - cursor.tail;
+            if live * 100 > core.sb.journal_bytes * u64::from(core.config.checkpoint_percent) {
+                block_on(checkpoint(&core, &mut cursor)).map_err(|e| Arc::from(e.to_string()))
+            } else {
+                Ok(())
             }
+        });
+        if let Err(reason) = result {
+            core.poison(&reason);
+            core.durable.send_modify(|d| d.error = Some(reason));
         }
     }
 }
@@ -121,9 +129,6 @@ async fn commit_batch<D: BlockDevice>(core: &Core<D>, cursor: &mut Cursor, recor
         for record in records {
             state.apply(record, true);
         }
-    }
-    if (cursor.head - cursor.tail) * 100 > journal_bytes * u64::from(core.config.checkpoint_percent) {
-        checkpoint(core, cursor).await?;
     }
     Ok(())
 }

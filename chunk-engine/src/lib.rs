@@ -23,6 +23,8 @@ mod error;
 pub mod format;
 mod journal;
 mod recovery;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::fmt;
 

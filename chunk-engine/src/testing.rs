@@ -1,0 +1,426 @@
+//! A test harness: the real engine on a fault-injecting in-memory device,
+//! beside a trivially correct model (a map of byte vectors), driven by the
+//! same operation sequence and compared after every step.
+//!
+//! Power cuts and crashes are operations too. After a cut every I/O fails, so
+//! the engine poisons itself and operations fail; a commit or remove that
+//! failed may or may not have become durable, so the model records both
+//! outcomes as allowed. At the crash the device drops or tears every unflushed
+//! write, the engine reopens, and the recovered state must be, per chunk, the
+//! last acknowledged state or one of the allowed unacknowledged ones, with a
+//! valid checksum; the allocator must agree with the metadata.
+//!
+//! Used by `tests/model.rs` (proptest), `tests/crash.rs` (seeded, thousands
+//! of crash points) and the cargo-fuzz targets in fuzz/. Enabled by the
+//! `testing` feature; never part of a production build.
+
+use std::collections::BTreeMap;
+
+use arbitrary::Arbitrary;
+use flyfs_bypass::fault::{Fault, FaultyDevice};
+use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{BufferPool, DmaBuf, HugePages, PoolConfig};
+use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, ReadVersion, WriteOp, WriteRequest};
+
+/// Largest chunk in the harness's format: small, so sizes cross classes.
+pub const CHUNK_MAX: u32 = 64 << 10;
+const KEYS: u8 = 8;
+
+/// One step of a test.
+#[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write `len` bytes at `offset` (or at the end of the chunk if `append`).
+    Write { key: u8, offset: u16, len: u16, seed: u8, append: bool },
+    Replace { key: u8, len: u16, seed: u8 },
+    Truncate { key: u8, len: u16 },
+    Commit { key: u8 },
+    /// Commit every pending chunk at once, so the journal can batch them.
+    CommitAll,
+    Abort { key: u8 },
+    Remove { key: u8 },
+    Read { key: u8, offset: u16, len: u16, pending: bool },
+    /// Close cleanly and reopen.
+    Reopen,
+    /// Cut the power `after` I/Os from now: every later I/O fails.
+    PowerCut { after: u8 },
+    /// Lose or tear all unflushed writes (seeded) and reopen.
+    Crash { seed: u64 },
+}
+
+type Contents = (Vec<u8>, u32);
+
+#[derive(Clone, Debug, Default)]
+struct ModelChunk {
+    committed: Option<Contents>,
+    pending: Option<Contents>,
+    /// Committed states a crash may also leave (unacknowledged commits and removes).
+    maybe: Vec<Option<Contents>>,
+}
+
+/// The engine under test beside its model.
+#[allow(missing_debug_implementations)]
+pub struct Harness {
+    rt: tokio::runtime::Runtime,
+    mem: MemDevice,
+    dev: FaultyDevice<MemDevice>,
+    engine: Option<Engine<FaultyDevice<MemDevice>>>,
+    model: BTreeMap<u8, ModelChunk>,
+    cut_armed: bool,
+    pub steps: u64,
+    pub crashes: u64,
+}
+
+fn key(k: u8) -> ChunkKey {
+    let k = k % KEYS;
+    ChunkKey::new(ChainId(1 + u32::from(k & 1)), ChunkId::new(1 + u64::from((k >> 1) & 1), u32::from(k >> 2)))
+}
+
+fn fill(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+}
+
+fn pool() -> BufferPool {
+    BufferPool::new(&PoolConfig { classes: vec![(4096, 32), (65536, 8)], hugepages: HugePages::Never }).expect("test pool")
+}
+
+impl Harness {
+    /// A freshly formatted 16 MiB device with a tiny journal (64 KiB), so
+    /// that a few dozen operations wrap it and write checkpoints.
+    pub fn new(seed: u64) -> Harness {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let mem = MemDevice::new(16 << 20, 4096);
+        let dev = FaultyDevice::new(mem.clone(), seed);
+        let options = FormatOptions {
+            chunk_size_min: 4096,
+            chunk_size_max: u64::from(CHUNK_MAX),
+            journal_bytes: Some(64 << 10),
+            force: false,
+        };
+        let engine = rt.block_on(async {
+            Engine::format(&dev, &options).await.expect("format");
+            Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("open")
+        });
+        Harness { rt, mem, dev, engine: Some(engine), model: BTreeMap::new(), cut_armed: false, steps: 0, crashes: 0 }
+    }
+
+    fn engine(&self) -> &Engine<FaultyDevice<MemDevice>> {
+        self.engine.as_ref().expect("engine is open between steps")
+    }
+
+    /// Runs one operation and checks the engine against the model.
+    pub fn step(&mut self, op: &Op) -> Result<(), String> {
+        self.steps += 1;
+        let result = self.apply(op);
+        result.map_err(|e| format!("step {} {op:?}: {e}", self.steps))?;
+        if !self.cut_armed {
+            self.compare().map_err(|e| format!("after step {} {op:?}: {e}", self.steps))?;
+        }
+        Ok(())
+    }
+
+    /// An error is expected only once the power is cut.
+    fn failed(&self, what: &str, error: &EngineError) -> Result<(), String> {
+        if self.cut_armed { Ok(()) } else { Err(format!("{what} failed without a fault: {error}")) }
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        match *op {
+            Op::Write { key: k, offset, len, seed, append } => {
+                let chunk = self.model.entry(k % KEYS).or_default().clone();
+                let base = chunk.committed.clone().map(|c| c.0).unwrap_or_default();
+                let offset = if append { base.len() as u32 } else { u32::from(offset) };
+                let data = fill(usize::from(len) % 20_000, seed);
+                let version = chunk.committed.as_ref().map_or(0, |c| c.1) + 1;
+                let op = WriteOp::Update { offset, data: DmaBuf::copy_from(&data), crc: crc32c::crc32c(&data) };
+                let result = self.write(k, version, op);
+                let end = offset as usize + data.len();
+                if end > CHUNK_MAX as usize {
+                    return match result {
+                        Err(EngineError::InvalidRequest { .. }) => Ok(()),
+                        other => Err(format!("write past the chunk size gave {other:?}")),
+                    };
+                }
+                let mut new = base;
+                if new.len() < end {
+                    new.resize(end, 0);
+                }
+                new[offset as usize..end].copy_from_slice(&data);
+                self.wrote(k, result, new, version)
+            }
+            Op::Replace { key: k, len, seed } => {
+                let data = fill(usize::from(len) % (CHUNK_MAX as usize + 1), seed);
+                let version = self.model.get(&(k % KEYS)).and_then(|c| c.committed.as_ref()).map_or(0, |c| c.1) + 1;
+                let op = WriteOp::Replace { data: DmaBuf::copy_from(&data), crc: crc32c::crc32c(&data) };
+                let result = self.write(k, version, op);
+                self.wrote(k, result, data, version)
+            }
+            Op::Truncate { key: k, len } => {
+                let len = u32::from(len) % (CHUNK_MAX + 1);
+                let mut new = self.model.get(&(k % KEYS)).and_then(|c| c.committed.clone()).map(|c| c.0).unwrap_or_default();
+                new.resize(len as usize, 0);
+                let version = self.model.get(&(k % KEYS)).and_then(|c| c.committed.as_ref()).map_or(0, |c| c.1) + 1;
+                let result = self.write(k, version, WriteOp::Truncate { len });
+                self.wrote(k, result, new, version)
+            }
+            Op::Commit { key: k } => self.commit(&[k % KEYS]),
+            Op::CommitAll => {
+                let keys: Vec<u8> = self.model.iter().filter(|(_, c)| c.pending.is_some()).map(|(k, _)| *k).collect();
+                self.commit(&keys)
+            }
+            Op::Abort { key: k } => {
+                let Some(version) = self.model.get(&(k % KEYS)).and_then(|c| c.pending.as_ref()).map(|p| p.1) else {
+                    return Ok(());
+                };
+                let engine = self.engine().clone();
+                self.rt.block_on(engine.abort(key(k), ChunkVersion(version))).map_err(|e| format!("abort: {e}"))?;
+                self.model.entry(k % KEYS).or_default().pending = None;
+                Ok(())
+            }
+            Op::Remove { key: k } => {
+                let engine = self.engine().clone();
+                let result = self.rt.block_on(engine.remove(key(k)));
+                let chunk = self.model.entry(k % KEYS).or_default();
+                let existed = chunk.committed.is_some() || chunk.pending.is_some();
+                match result {
+                    Ok(found) if found == existed => {
+                        *chunk = ModelChunk { maybe: std::mem::take(&mut chunk.maybe), ..Default::default() };
+                        Ok(())
+                    }
+                    Ok(found) => Err(format!("remove said existed={found}, model says {existed}")),
+                    Err(error) => {
+                        chunk.pending = None;
+                        chunk.maybe.push(None);
+                        self.failed("remove", &error)
+                    }
+                }
+            }
+            Op::Read { key: k, offset, len, pending } => {
+                let engine = self.engine().clone();
+                let version = if pending { ReadVersion::Pending } else { ReadVersion::Committed };
+                let request = ReadRequest { offset: u32::from(offset), len: u32::from(len), version, verify: true };
+                let result = self.rt.block_on(engine.read(key(k), request));
+                let chunk = self.model.get(&(k % KEYS)).cloned().unwrap_or_default();
+                let want = if pending { chunk.pending } else { chunk.committed };
+                match (result, want) {
+                    (Ok(read), Some((bytes, version))) => {
+                        let start = usize::from(offset).min(bytes.len());
+                        let end = (start + usize::from(len)).min(bytes.len());
+                        if read.data[..] != bytes[start..end] || read.version.0 != version {
+                            return Err(format!("read {start}..{end} of v{version} returned other bytes or {:?}", read.version));
+                        }
+                        Ok(())
+                    }
+                    (Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }), None) => Ok(()),
+                    (Err(error), Some(_)) => self.failed("read", &error),
+                    (Ok(read), None) => Err(format!("read of a missing version returned {:?}", read.version)),
+                    (Err(error), None) => Err(format!("read of a missing chunk: unexpected {error}")),
+                }
+            }
+            Op::Reopen => {
+                if self.cut_armed {
+                    return self.crash(0);
+                }
+                self.engine = None;
+                let engine = self.rt.block_on(Engine::open(self.dev.clone(), pool(), EngineConfig::default()));
+                self.engine = Some(engine.map_err(|e| format!("reopen: {e}"))?);
+                for chunk in self.model.values_mut() {
+                    chunk.pending = None;
+                }
+                self.engine().check_consistency()
+            }
+            Op::PowerCut { after } => {
+                if !self.cut_armed {
+                    self.dev.inject(Fault::PowerCutAt { n: self.dev.io_count() + u64::from(after % 24) });
+                    self.cut_armed = true;
+                }
+                Ok(())
+            }
+            Op::Crash { seed } => self.crash(seed),
+        }
+    }
+
+    fn write(&mut self, k: u8, version: u32, op: WriteOp) -> Result<crate::WriteOutcome, EngineError> {
+        let engine = self.engine().clone();
+        let request = WriteRequest {
+            key: key(k),
+            version: ChunkVersion(version),
+            chain_version: ChainVersion(1),
+            op,
+            client: ClientId(1),
+            request: RequestId(self.steps),
+        };
+        self.rt.block_on(engine.write(request))
+    }
+
+    fn wrote(&mut self, k: u8, result: Result<crate::WriteOutcome, EngineError>, new: Vec<u8>, version: u32) -> Result<(), String> {
+        let chunk = self.model.entry(k % KEYS).or_default();
+        match result {
+            Ok(outcome) => {
+                if outcome.len as usize != new.len() || outcome.crc != crc32c::crc32c(&new) {
+                    return Err(format!("write outcome {outcome:?} but model has {} bytes", new.len()));
+                }
+                chunk.pending = Some((new, version));
+                Ok(())
+            }
+            // A failed write changes nothing.
+            Err(error) => self.failed("write", &error),
+        }
+    }
+
+    fn commit(&mut self, keys: &[u8]) -> Result<(), String> {
+        let engine = self.engine().clone();
+        let work: Vec<(u8, u32)> = keys
+            .iter()
+            .filter_map(|k| self.model.get(k).and_then(|c| c.pending.as_ref()).map(|p| (*k, p.1)))
+            .collect();
+        let results = self.rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (k, version) in &work {
+                let engine = engine.clone();
+                let (k, version) = (*k, *version);
+                tasks.spawn(async move { (k, engine.commit(key(k), ChunkVersion(version)).await) });
+            }
+            tasks.join_all().await
+        });
+        for (k, result) in results {
+            let chunk = self.model.get_mut(&k).expect("committed key is in the model");
+            let pending = chunk.pending.take();
+            match result {
+                Ok(meta) => {
+                    if Some(meta.version.0) != pending.as_ref().map(|p| p.1) {
+                        return Err(format!("commit returned {:?}", meta.version));
+                    }
+                    chunk.committed = pending;
+                }
+                Err(error) => {
+                    // The pending version stays in the engine, and may or
+                    // may not be durable.
+                    chunk.maybe.push(pending.clone());
+                    chunk.pending = pending;
+                    self.failed("commit", &error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, seed: u64) -> Result<(), String> {
+        self.crashes += 1;
+        self.engine = None;
+        self.mem.crash(seed);
+        self.dev.clear();
+        self.cut_armed = false;
+        let engine = self.rt.block_on(Engine::open(self.dev.clone(), pool(), EngineConfig::default()));
+        let engine = engine.map_err(|e| format!("recovery after crash {}: {e}", self.crashes))?;
+        engine.check_consistency()?;
+        for k in 0..KEYS {
+            let chunk = self.model.entry(k).or_default();
+            let actual = match engine.stat(key(k)).and_then(|i| i.committed) {
+                None => None,
+                Some(meta) => {
+                    let read = self.rt.block_on(engine.read(
+                        key(k),
+                        ReadRequest { offset: 0, len: u32::MAX, version: ReadVersion::Committed, verify: true },
+                    ));
+                    let read = read.map_err(|e| format!("{:?} unreadable after crash: {e}", key(k)))?;
+                    Some((read.data.to_vec(), meta.version.0))
+                }
+            };
+            let allowed = actual == chunk.committed || chunk.maybe.contains(&actual);
+            if !allowed {
+                return Err(format!(
+                    "{:?} recovered as {:?} but the last acknowledged state is {:?} (also allowed: {:?})",
+                    key(k),
+                    actual.as_ref().map(|(b, v)| (b.len(), v)),
+                    chunk.committed.as_ref().map(|(b, v)| (b.len(), v)),
+                    chunk.maybe.iter().map(|m| m.as_ref().map(|(b, v)| (b.len(), *v))).collect::<Vec<_>>()
+                ));
+            }
+            *chunk = ModelChunk { committed: actual, ..Default::default() };
+        }
+        self.engine = Some(engine);
+        Ok(())
+    }
+
+    /// Every chunk's committed and pending state equals the model's.
+    fn compare(&self) -> Result<(), String> {
+        let engine = self.engine();
+        for k in 0..KEYS {
+            let chunk = self.model.get(&k).cloned().unwrap_or_default();
+            let info = engine.stat(key(k));
+            let committed = info.and_then(|i| i.committed).map(|m| (m.len as usize, m.version.0, m.crc));
+            let want = chunk.committed.as_ref().map(|(b, v)| (b.len(), *v, crc32c::crc32c(b)));
+            if committed != want {
+                return Err(format!("{:?} committed (len, version, crc) {committed:?}, model {want:?}", key(k)));
+            }
+            let pending = info.and_then(|i| i.pending).map(|p| (p.len as usize, p.version.0, p.crc));
+            let want = chunk.pending.as_ref().map(|(b, v)| (b.len(), *v, crc32c::crc32c(b)));
+            if pending != want {
+                return Err(format!("{:?} pending (len, version, crc) {pending:?}, model {want:?}", key(k)));
+            }
+        }
+        engine.check_consistency()
+    }
+
+    /// Ends a run: crash at once if a cut is pending, then compare contents.
+    pub fn finish(&mut self) -> Result<(), String> {
+        if self.cut_armed {
+            self.crash(self.steps)?;
+        }
+        self.compare()?;
+        for k in 0..KEYS {
+            let Some((bytes, _)) = self.model.get(&k).and_then(|c| c.committed.clone()) else { continue };
+            let engine = self.engine().clone();
+            let read = self.rt.block_on(engine.read(key(k), ReadRequest { offset: 0, len: u32::MAX, version: ReadVersion::Committed, verify: true }));
+            let read = read.map_err(|e| format!("final read of {:?}: {e}", key(k)))?;
+            if read.data[..] != bytes[..] {
+                return Err(format!("final contents of {:?} differ from the model", key(k)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Draws a random operation; `crashes` admits power cuts and crashes.
+pub fn random_op(rng: &mut ChaCha8Rng, crashes: bool) -> Op {
+    let k = rng.random_range(0..KEYS);
+    let roll = rng.random_range(0..100);
+    let small = |rng: &mut ChaCha8Rng| -> u16 {
+        match rng.random_range(0..4) {
+            0 => rng.random_range(0..64),
+            1 => 4096 * rng.random_range(0..4),
+            2 => rng.random_range(0..8192),
+            _ => rng.random(),
+        }
+    };
+    match roll {
+        0..25 => Op::Write { key: k, offset: small(rng), len: small(rng), seed: rng.random(), append: rng.random_bool(0.4) },
+        25..30 => Op::Replace { key: k, len: small(rng), seed: rng.random() },
+        30..35 => Op::Truncate { key: k, len: small(rng) },
+        35..55 => Op::Commit { key: k },
+        55..62 => Op::CommitAll,
+        62..66 => Op::Abort { key: k },
+        66..71 => Op::Remove { key: k },
+        71..88 => Op::Read { key: k, offset: small(rng), len: small(rng), pending: rng.random_bool(0.3) },
+        88..91 => Op::Reopen,
+        91..96 if crashes => Op::PowerCut { after: rng.random() },
+        96..100 if crashes => Op::Crash { seed: rng.random() },
+        _ => Op::Commit { key: k },
+    }
+}
+
+/// One seeded run of `steps` random operations; the error names the seed.
+pub fn run_seed(seed: u64, steps: usize, crashes: bool) -> Result<Harness, String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut harness = Harness::new(seed);
+    for _ in 0..steps {
+        let op = random_op(&mut rng, crashes);
+        harness.step(&op).map_err(|e| format!("seed {seed}: {e}"))?;
+    }
+    harness.finish().map_err(|e| format!("seed {seed}: {e}"))?;
+    Ok(harness)
+}
