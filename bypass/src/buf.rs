@@ -32,8 +32,14 @@ const HUGEPAGE_BYTES: usize = 2 << 20;
 
 /// Where a buffer's memory came from, and so where it returns on drop.
 enum Origin {
-    Pool { pool: Arc<PoolShared>, class: u16, index: u32 },
-    Heap { layout: Layout },
+    Pool {
+        pool: Arc<PoolShared>,
+        class: u16,
+        index: u32,
+    },
+    Heap {
+        layout: Layout,
+    },
 }
 
 /// An aligned, DMA-able buffer with a window of valid bytes.
@@ -64,8 +70,16 @@ impl DmaBuf {
         let layout = Layout::from_size_align(capacity, BUF_ALIGN).expect("buffer size overflows");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(ptr) else { std::alloc::handle_alloc_error(layout) };
-        DmaBuf { ptr, capacity, start: 0, len, origin: Origin::Heap { layout } }
+        let Some(ptr) = NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        DmaBuf {
+            ptr,
+            capacity,
+            start: 0,
+            len,
+            origin: Origin::Heap { layout },
+        }
     }
 
     /// Copies `data` into a fresh heap buffer whose window is `data`.
@@ -91,7 +105,9 @@ impl DmaBuf {
     /// If the window would extend past the capacity: that is a caller bug.
     pub fn set_window(&mut self, start: usize, len: usize) {
         assert!(
-            start.checked_add(len).is_some_and(|end| end <= self.capacity),
+            start
+                .checked_add(len)
+                .is_some_and(|end| end <= self.capacity),
             "window {start}+{len} exceeds buffer capacity {}",
             self.capacity
         );
@@ -217,11 +233,25 @@ impl Default for PoolConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("buffer pool class {size} bytes x {count} is invalid: {reason}")]
-    BadClass { size: usize, count: usize, reason: &'static str },
+    BadClass {
+        size: usize,
+        count: usize,
+        reason: &'static str,
+    },
     #[error("cannot map a {bytes}-byte buffer arena{}: {source}", if *.hugepages { " on hugepages" } else { "" })]
-    Map { bytes: usize, hugepages: bool, #[source] source: std::io::Error },
-    #[error("hugepages required but only {free_bytes} bytes of hugepages are free, {needed_bytes} needed")]
-    NoHugePages { free_bytes: usize, needed_bytes: usize },
+    Map {
+        bytes: usize,
+        hugepages: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "hugepages required but only {free_bytes} bytes of hugepages are free, {needed_bytes} needed"
+    )]
+    NoHugePages {
+        free_bytes: usize,
+        needed_bytes: usize,
+    },
 }
 
 /// Counters of a pool's use.
@@ -274,7 +304,10 @@ pub struct BufferPool(Arc<PoolShared>);
 
 impl fmt::Debug for BufferPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BufferPool").field("id", &self.0.id).field("stats", &self.stats()).finish()
+        f.debug_struct("BufferPool")
+            .field("id", &self.0.id)
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -286,10 +319,18 @@ impl BufferPool {
         let mut classes: Vec<(usize, usize)> = Vec::new();
         for &(size, count) in &config.classes {
             if size == 0 || size > REGION_BYTES_MAX {
-                return Err(PoolError::BadClass { size, count, reason: "size must be 1 byte to 1 GiB" });
+                return Err(PoolError::BadClass {
+                    size,
+                    count,
+                    reason: "size must be 1 byte to 1 GiB",
+                });
             }
             if count == 0 || count > u32::MAX as usize {
-                return Err(PoolError::BadClass { size, count, reason: "count must be 1 to 2^32-1" });
+                return Err(PoolError::BadClass {
+                    size,
+                    count,
+                    reason: "count must be 1 to 2^32-1",
+                });
             }
             classes.push((size.next_power_of_two().max(BUF_ALIGN), count));
         }
@@ -300,11 +341,19 @@ impl BufferPool {
         let mut layout = Vec::with_capacity(classes.len());
         for (size, count) in classes {
             offset = offset.next_multiple_of(size);
-            layout.push(Class { size, offset, free: ArrayQueue::new(count) });
+            layout.push(Class {
+                size,
+                offset,
+                free: ArrayQueue::new(count),
+            });
             offset = size
                 .checked_mul(count)
                 .and_then(|bytes| bytes.checked_add(offset))
-                .ok_or(PoolError::BadClass { size, count, reason: "pool size overflows" })?;
+                .ok_or(PoolError::BadClass {
+                    size,
+                    count,
+                    reason: "pool size overflows",
+                })?;
         }
         let arena = map_arena(offset.max(BUF_ALIGN), config.hugepages)?;
         for class in &layout {
@@ -312,7 +361,11 @@ impl BufferPool {
                 let _ = class.free.push(index);
             }
         }
-        tracing::debug!(bytes = arena.len, hugepages = arena.hugepages, "buffer pool mapped");
+        tracing::debug!(
+            bytes = arena.len,
+            hugepages = arena.hugepages,
+            "buffer pool mapped"
+        );
         Ok(BufferPool(Arc::new(PoolShared {
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             arena,
@@ -340,7 +393,11 @@ impl BufferPool {
                     capacity: class.size,
                     start: 0,
                     len,
-                    origin: Origin::Pool { pool: Arc::clone(shared), class: class_index as u16, index },
+                    origin: Origin::Pool {
+                        pool: Arc::clone(shared),
+                        class: class_index as u16,
+                        index,
+                    },
                 };
             }
         }
@@ -360,7 +417,12 @@ impl BufferPool {
         (0..arena.len)
             .step_by(REGION_BYTES_MAX)
             // SAFETY: every region start lies inside the arena.
-            .map(|start| (unsafe { arena.ptr.as_ptr().add(start) }, (arena.len - start).min(REGION_BYTES_MAX)))
+            .map(|start| {
+                (
+                    unsafe { arena.ptr.as_ptr().add(start) },
+                    (arena.len - start).min(REGION_BYTES_MAX),
+                )
+            })
             .collect()
     }
 
@@ -375,7 +437,9 @@ impl BufferPool {
 }
 
 fn free_hugepage_bytes() -> usize {
-    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
     meminfo
         .lines()
         .find_map(|line| line.strip_prefix("HugePages_Free:"))
@@ -409,23 +473,46 @@ fn map_arena(bytes: usize, hugepages: HugePages) -> Result<Mapping, PoolError> {
         HugePages::Never => false,
         HugePages::Auto => free >= huge_len,
         HugePages::Require if free >= huge_len => true,
-        HugePages::Require => return Err(PoolError::NoHugePages { free_bytes: free, needed_bytes: huge_len }),
+        HugePages::Require => {
+            return Err(PoolError::NoHugePages {
+                free_bytes: free,
+                needed_bytes: huge_len,
+            });
+        }
     };
     if want_huge {
         match mmap_anonymous(huge_len, libc::MAP_HUGETLB) {
-            Ok(ptr) => return Ok(Mapping { ptr, len: huge_len, hugepages: true }),
+            Ok(ptr) => {
+                return Ok(Mapping {
+                    ptr,
+                    len: huge_len,
+                    hugepages: true,
+                });
+            }
             Err(source) if hugepages == HugePages::Require => {
-                return Err(PoolError::Map { bytes: huge_len, hugepages: true, source });
+                return Err(PoolError::Map {
+                    bytes: huge_len,
+                    hugepages: true,
+                    source,
+                });
             }
             Err(error) => tracing::info!(%error, "hugepage arena failed; using ordinary pages"),
         }
     }
     let len = bytes.next_multiple_of(BUF_ALIGN);
-    let ptr = mmap_anonymous(len, 0).map_err(|source| PoolError::Map { bytes: len, hugepages: false, source })?;
+    let ptr = mmap_anonymous(len, 0).map_err(|source| PoolError::Map {
+        bytes: len,
+        hugepages: false,
+        source,
+    })?;
     // Transparent hugepages still cut TLB misses when the kernel allows them.
     // SAFETY: advice on a mapping we own; failure is harmless and ignored.
     unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
-    Ok(Mapping { ptr, len, hugepages: false })
+    Ok(Mapping {
+        ptr,
+        len,
+        hugepages: false,
+    })
 }
 
 #[cfg(test)]
@@ -448,7 +535,10 @@ mod tests {
         let c = pool.alloc(1);
         assert_eq!(c.capacity(), 16384);
         let d = pool.alloc(1);
-        assert!(d.registration().is_none(), "exhausted pool must fall back to the heap");
+        assert!(
+            d.registration().is_none(),
+            "exhausted pool must fall back to the heap"
+        );
         assert_eq!(pool.stats().fallback_allocs, 1);
         drop((a, b, c, d));
         let e = pool.alloc(4096);
@@ -463,12 +553,19 @@ mod tests {
             hugepages: HugePages::Never,
         })
         .expect("pool");
-        let bufs: Vec<DmaBuf> = [4096, 1 << 20, 65536, 1 << 20].iter().map(|&n| pool.alloc(n)).collect();
+        let bufs: Vec<DmaBuf> = [4096, 1 << 20, 65536, 1 << 20]
+            .iter()
+            .map(|&n| pool.alloc(n))
+            .collect();
         let regions = pool.regions();
         assert_eq!(regions.len(), 1);
         for buf in &bufs {
             let offset = buf.window_ptr() as usize - regions[0].0 as usize;
-            assert_eq!(offset % buf.capacity(), 0, "buffer at arena offset {offset}");
+            assert_eq!(
+                offset % buf.capacity(),
+                0,
+                "buffer at arena offset {offset}"
+            );
         }
     }
 
@@ -484,8 +581,11 @@ mod tests {
 
     #[test]
     fn invalid_classes_are_refused() {
-        let err = BufferPool::new(&PoolConfig { classes: vec![(4096, 0)], hugepages: HugePages::Never })
-            .expect_err("zero count");
+        let err = BufferPool::new(&PoolConfig {
+            classes: vec![(4096, 0)],
+            hugepages: HugePages::Never,
+        })
+        .expect_err("zero count");
         assert!(err.to_string().contains("count"), "{err}");
     }
 }

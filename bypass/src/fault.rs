@@ -90,12 +90,16 @@ impl<D: BlockDevice> FaultyDevice<D> {
         let overlaps = |r: &Range<u64>| r.start < range.end && range.start < r.end;
         let op_matches = |want: &Option<IoOp>| want.is_none_or(|want| want == op);
         let verdict = self.shared.rules.lock().iter().find_map(|rule| match rule {
-            Fault::FailNth { n: at, op: want } if *at == n && op_matches(want) => Some(Verdict::Fail),
-            Fault::PowerCutAt { n: at } if n >= *at => Some(Verdict::Fail),
-            Fault::EioRange { range: r, op: want } if overlaps(r) && op_matches(want) => Some(Verdict::Fail),
-            Fault::CorruptReads { range: r } if op == IoOp::Read && overlaps(r) => {
-                Some(Verdict::Corrupt(r.start.max(range.start)..r.end.min(range.end)))
+            Fault::FailNth { n: at, op: want } if *at == n && op_matches(want) => {
+                Some(Verdict::Fail)
             }
+            Fault::PowerCutAt { n: at } if n >= *at => Some(Verdict::Fail),
+            Fault::EioRange { range: r, op: want } if overlaps(r) && op_matches(want) => {
+                Some(Verdict::Fail)
+            }
+            Fault::CorruptReads { range: r } if op == IoOp::Read && overlaps(r) => Some(
+                Verdict::Corrupt(r.start.max(range.start)..r.end.min(range.end)),
+            ),
             _ => None,
         });
         match verdict {
@@ -130,12 +134,19 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     async fn read(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
         let len = buf.len() as u64;
         match self.judge(IoOp::Read, offset..offset + len) {
-            Verdict::Fail => IoCompletion { buf, result: Err(self.error(IoOp::Read, offset, len)) },
+            Verdict::Fail => IoCompletion {
+                buf,
+                result: Err(self.error(IoOp::Read, offset, len)),
+            },
             Verdict::Pass => self.inner.read(offset, buf).await,
             Verdict::Corrupt(bad) => {
                 let mut done = self.inner.read(offset, buf).await;
                 if done.result.is_ok() {
-                    let bit = self.shared.rng.lock().random_range(0..(bad.end - bad.start) * 8);
+                    let bit = self
+                        .shared
+                        .rng
+                        .lock()
+                        .random_range(0..(bad.end - bad.start) * 8);
                     let byte = (bad.start - offset + bit / 8) as usize;
                     done.buf[byte] ^= 1 << (bit % 8);
                 }
@@ -148,7 +159,10 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         let len = buf.len() as u64;
         match self.judge(IoOp::Write, offset..offset + len) {
             Verdict::Pass | Verdict::Corrupt(_) => self.inner.write(offset, buf).await,
-            Verdict::Fail => IoCompletion { buf, result: Err(self.error(IoOp::Write, offset, len)) },
+            Verdict::Fail => IoCompletion {
+                buf,
+                result: Err(self.error(IoOp::Write, offset, len)),
+            },
         }
     }
 
@@ -173,21 +187,53 @@ mod tests {
     use crate::mem::MemDevice;
 
     fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(future)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
     }
 
     #[test]
     fn rules_fire_where_and_when_asked() {
         let dev = FaultyDevice::new(MemDevice::new(1 << 20, 4096), 7);
         dev.inject(Fault::FailNth { n: 1, op: None });
-        dev.inject(Fault::EioRange { range: 65536..69632, op: Some(IoOp::Write) });
+        dev.inject(Fault::EioRange {
+            range: 65536..69632,
+            op: Some(IoOp::Write),
+        });
         block_on(async {
-            assert!(dev.write(0, DmaBuf::alloc_zeroed(4096)).await.result.is_ok());
-            assert!(dev.write(0, DmaBuf::alloc_zeroed(4096)).await.result.is_err(), "I/O 1 must fail");
-            assert!(dev.write(0, DmaBuf::alloc_zeroed(4096)).await.result.is_ok());
-            let err = dev.write(65536, DmaBuf::alloc_zeroed(8192)).await.result.expect_err("EIO range");
+            assert!(
+                dev.write(0, DmaBuf::alloc_zeroed(4096))
+                    .await
+                    .result
+                    .is_ok()
+            );
+            assert!(
+                dev.write(0, DmaBuf::alloc_zeroed(4096))
+                    .await
+                    .result
+                    .is_err(),
+                "I/O 1 must fail"
+            );
+            assert!(
+                dev.write(0, DmaBuf::alloc_zeroed(4096))
+                    .await
+                    .result
+                    .is_ok()
+            );
+            let err = dev
+                .write(65536, DmaBuf::alloc_zeroed(8192))
+                .await
+                .result
+                .expect_err("EIO range");
             assert_eq!(err.raw_os_error(), Some(libc::EIO));
-            assert!(dev.read(65536, DmaBuf::alloc_zeroed(4096)).await.result.is_ok(), "reads unaffected");
+            assert!(
+                dev.read(65536, DmaBuf::alloc_zeroed(4096))
+                    .await
+                    .result
+                    .is_ok(),
+                "reads unaffected"
+            );
         });
         assert_eq!(dev.injected(), 2);
     }
@@ -196,8 +242,15 @@ mod tests {
     fn corrupted_reads_differ_by_one_bit_inside_the_range() {
         let dev = FaultyDevice::new(MemDevice::new(1 << 20, 4096), 3);
         dev.inject(Fault::CorruptReads { range: 8192..12288 });
-        let buf = block_on(dev.read(0, DmaBuf::alloc_zeroed(16384))).into_result().expect("read");
-        let flipped: Vec<usize> = buf.iter().enumerate().filter(|(_, b)| **b != 0).map(|(i, _)| i).collect();
+        let buf = block_on(dev.read(0, DmaBuf::alloc_zeroed(16384)))
+            .into_result()
+            .expect("read");
+        let flipped: Vec<usize> = buf
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != 0)
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(flipped.len(), 1);
         assert!((8192..12288).contains(&flipped[0]));
         assert_eq!(buf[flipped[0]].count_ones(), 1);
@@ -209,11 +262,22 @@ mod tests {
         let dev = FaultyDevice::new(mem.clone(), 0);
         dev.inject(Fault::PowerCutAt { n: 1 });
         block_on(async {
-            dev.write(0, DmaBuf::copy_from(&[5u8; 4096])).await.into_result().expect("before the cut");
+            dev.write(0, DmaBuf::copy_from(&[5u8; 4096]))
+                .await
+                .into_result()
+                .expect("before the cut");
             assert!(dev.flush().await.is_err());
-            assert!(dev.write(4096, DmaBuf::copy_from(&[6u8; 4096])).await.result.is_err());
+            assert!(
+                dev.write(4096, DmaBuf::copy_from(&[6u8; 4096]))
+                    .await
+                    .result
+                    .is_err()
+            );
         });
         mem.crash(0);
-        assert!(mem.snapshot()[4096..8192].iter().all(|&b| b == 0), "write after the cut landed");
+        assert!(
+            mem.snapshot()[4096..8192].iter().all(|&b| b == 0),
+            "write after the cut landed"
+        );
     }
 }

@@ -62,15 +62,20 @@ impl MemDevice {
     pub fn new(capacity_bytes: u64, sector_size: u32) -> MemDevice {
         assert!(
             sector_size.is_power_of_two()
-                && (crate::SECTOR_SIZE_MIN..=crate::SECTOR_SIZE_MAX).contains(&(sector_size as usize)),
+                && (crate::SECTOR_SIZE_MIN..=crate::SECTOR_SIZE_MAX)
+                    .contains(&(sector_size as usize)),
             "sector size {sector_size} is not a power of two in 512..=4096"
         );
         let capacity_bytes = capacity_bytes - capacity_bytes % u64::from(sector_size);
-        let bytes = usize::try_from(capacity_bytes).expect("mem device larger than the address space");
+        let bytes =
+            usize::try_from(capacity_bytes).expect("mem device larger than the address space");
         MemDevice {
             inner: Arc::new(MemInner {
                 name: format!("mem:{capacity_bytes}").into(),
-                geometry: Geometry { sector_size, capacity_bytes },
+                geometry: Geometry {
+                    sector_size,
+                    capacity_bytes,
+                },
                 state: Mutex::new(MemState {
                     current: vec![0; bytes],
                     durable: vec![0; bytes],
@@ -101,14 +106,20 @@ impl MemDevice {
         let mut sectors: Vec<_> = versions.into_iter().collect();
         sectors.sort_unstable_by_key(|(index, _)| *index); // HashMap order is not deterministic.
         let unflushed_sectors = sectors.len();
-        let MemState { durable, unflushed, current, .. } = &mut *state;
+        let MemState {
+            durable,
+            unflushed,
+            current,
+            ..
+        } = &mut *state;
         for (sector_index, candidates) in sectors {
             // 0 keeps the durable contents; k > 0 persists the k-th version.
             let pick = rng.random_range(0..=candidates.len());
             if pick > 0 {
                 let (write_index, at) = candidates[pick - 1];
                 let start = sector_index * sector;
-                durable[start..start + sector].copy_from_slice(&unflushed[write_index].1[at..at + sector]);
+                durable[start..start + sector]
+                    .copy_from_slice(&unflushed[write_index].1[at..at + sector]);
             }
         }
         unflushed.clear();
@@ -135,7 +146,9 @@ impl MemDevice {
     }
 
     fn check(&self, op: IoOp, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
-        self.inner.geometry.check(op, offset, buf.len() as u64, buf.window_ptr() as usize)
+        self.inner
+            .geometry
+            .check(op, offset, buf.len() as u64, buf.window_ptr() as usize)
     }
 }
 
@@ -176,7 +189,9 @@ impl BlockDevice for MemDevice {
     fn flush(&self) -> Ready<Result<(), DeviceError>> {
         let mut state = self.inner.state.lock();
         state.stats.flushes += 1;
-        let MemState { durable, unflushed, .. } = &mut *state;
+        let MemState {
+            durable, unflushed, ..
+        } = &mut *state;
         for (offset, data) in unflushed.drain(..) {
             durable[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         }
@@ -203,22 +218,38 @@ mod tests {
     use super::*;
 
     fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(future)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
     }
 
     #[test]
     fn writes_are_visible_at_once_and_durable_after_flush() {
         let dev = MemDevice::new(1 << 20, 4096);
         block_on(async {
-            dev.write(4096, DmaBuf::copy_from(&[7u8; 4096])).await.into_result().expect("write");
-            let buf = dev.read(4096, DmaBuf::alloc_zeroed(4096)).await.into_result().expect("read");
+            dev.write(4096, DmaBuf::copy_from(&[7u8; 4096]))
+                .await
+                .into_result()
+                .expect("write");
+            let buf = dev
+                .read(4096, DmaBuf::alloc_zeroed(4096))
+                .await
+                .into_result()
+                .expect("read");
             assert!(buf.iter().all(|&b| b == 7));
             dev.flush().await.expect("flush");
-            dev.write(8192, DmaBuf::copy_from(&[9u8; 4096])).await.into_result().expect("write");
+            dev.write(8192, DmaBuf::copy_from(&[9u8; 4096]))
+                .await
+                .into_result()
+                .expect("write");
         });
         assert_eq!(dev.crash(1), 1);
         let image = dev.snapshot();
-        assert!(image[4096..8192].iter().all(|&b| b == 7), "flushed write lost");
+        assert!(
+            image[4096..8192].iter().all(|&b| b == 7),
+            "flushed write lost"
+        );
         let survived = image[8192..12288].iter().all(|&b| b == 9);
         let dropped = image[8192..12288].iter().all(|&b| b == 0);
         assert!(survived || dropped, "a sector was torn");
@@ -228,13 +259,21 @@ mod tests {
     fn crashes_tear_multi_sector_writes_deterministically() {
         let run = |seed| {
             let dev = MemDevice::new(1 << 20, 512);
-            block_on(dev.write(0, DmaBuf::copy_from(&[1u8; 64 * 512]))).into_result().expect("write");
+            block_on(dev.write(0, DmaBuf::copy_from(&[1u8; 64 * 512])))
+                .into_result()
+                .expect("write");
             dev.crash(seed);
-            dev.snapshot()[..64 * 512].chunks(512).map(|s| s[0]).collect::<Vec<u8>>()
+            dev.snapshot()[..64 * 512]
+                .chunks(512)
+                .map(|s| s[0])
+                .collect::<Vec<u8>>()
         };
         assert_eq!(run(42), run(42), "same seed, different image");
         let image = run(42);
-        assert!(image.contains(&0) && image.contains(&1), "64 sectors should tear: {image:?}");
+        assert!(
+            image.contains(&0) && image.contains(&1),
+            "64 sectors should tear: {image:?}"
+        );
     }
 
     #[test]

@@ -54,8 +54,16 @@ impl Allocator {
         Allocator {
             class_log2_min,
             class_log2_max,
-            groups: (0..group_count).map(|_| Group { class_log2: None, used: 0, bitmap: Vec::new() }).collect(),
-            partial: (class_log2_min..=class_log2_max).map(|_| BTreeSet::new()).collect(),
+            groups: (0..group_count)
+                .map(|_| Group {
+                    class_log2: None,
+                    used: 0,
+                    bitmap: Vec::new(),
+                })
+                .collect(),
+            partial: (class_log2_min..=class_log2_max)
+                .map(|_| BTreeSet::new())
+                .collect(),
             empty: (0..group_count).collect(),
             used_bytes: 0,
         }
@@ -72,7 +80,10 @@ impl Allocator {
     /// Allocates a slot of `class_log2`, preferring the lowest partly used
     /// group so that the data region stays packed. `None` when full.
     pub fn allocate(&mut self, class_log2: u8) -> Option<SlotId> {
-        assert!((self.class_log2_min..=self.class_log2_max).contains(&class_log2), "class {class_log2} not configured");
+        assert!(
+            (self.class_log2_min..=self.class_log2_max).contains(&class_log2),
+            "class {class_log2} not configured"
+        );
         let class_slot = self.class_slot(class_log2);
         let group_index = match self.partial[class_slot].first() {
             Some(&group) => group,
@@ -90,7 +101,11 @@ impl Allocator {
             .find(|(_, bits)| **bits != u64::MAX)
             .expect("a group in the partial set has a free slot");
         let index = word as u32 * 64 + bits.trailing_ones();
-        let slot = SlotId { group: group_index, index, class_log2 };
+        let slot = SlotId {
+            group: group_index,
+            index,
+            class_log2,
+        };
         self.set_used(slot);
         Some(slot)
     }
@@ -135,7 +150,10 @@ impl Allocator {
                 self.assign(slot.group, slot.class_log2);
             }
             Some(class) if class != slot.class_log2 => {
-                return Err(SlotConflict::ClassMismatch { slot, group_class_log2: class });
+                return Err(SlotConflict::ClassMismatch {
+                    slot,
+                    group_class_log2: class,
+                });
             }
             Some(_) => {}
         }
@@ -148,7 +166,8 @@ impl Allocator {
 
     pub fn is_used(&self, slot: SlotId) -> bool {
         let group = &self.groups[slot.group as usize];
-        group.class_log2 == Some(slot.class_log2) && group.bitmap[slot.index as usize / 64] & (1 << (slot.index % 64)) != 0
+        group.class_log2 == Some(slot.class_log2)
+            && group.bitmap[slot.index as usize / 64] & (1 << (slot.index % 64)) != 0
     }
 
     /// Frees a slot in use.
@@ -185,10 +204,16 @@ impl Allocator {
     pub fn used_slots(&self) -> Vec<SlotId> {
         let mut out = Vec::new();
         for (group_index, group) in self.groups.iter().enumerate() {
-            let Some(class_log2) = group.class_log2 else { continue };
+            let Some(class_log2) = group.class_log2 else {
+                continue;
+            };
             for index in 0..self.slots_per_group(class_log2) {
                 if group.bitmap[index as usize / 64] & (1 << (index % 64)) != 0 {
-                    out.push(SlotId { group: group_index as u32, index, class_log2 });
+                    out.push(SlotId {
+                        group: group_index as u32,
+                        index,
+                        class_log2,
+                    });
                 }
             }
         }
@@ -216,18 +241,40 @@ mod tests {
         assert_eq!(alloc.allocate(12), Some(small[2]));
         alloc.free(large);
         assert_eq!(alloc.empty_groups(), 1);
-        assert_eq!(alloc.allocate(13).map(|s| s.group), Some(1), "empty group serves another class");
+        assert_eq!(
+            alloc.allocate(13).map(|s| s.group),
+            Some(1),
+            "empty group serves another class"
+        );
     }
 
     #[test]
     fn mark_used_detects_conflicts() {
         let mut alloc = Allocator::new(2, 12, 14);
-        let slot = SlotId { group: 0, index: 1, class_log2: 12 };
+        let slot = SlotId {
+            group: 0,
+            index: 1,
+            class_log2: 12,
+        };
         alloc.mark_used(slot).expect("free slot");
         assert_eq!(alloc.mark_used(slot), Err(SlotConflict::InUse(slot)));
-        let other = SlotId { group: 0, index: 0, class_log2: 13 };
-        assert!(matches!(alloc.mark_used(other), Err(SlotConflict::ClassMismatch { .. })));
-        assert!(matches!(alloc.mark_used(SlotId { group: 9, index: 0, class_log2: 12 }), Err(SlotConflict::OutOfRange(_))));
+        let other = SlotId {
+            group: 0,
+            index: 0,
+            class_log2: 13,
+        };
+        assert!(matches!(
+            alloc.mark_used(other),
+            Err(SlotConflict::ClassMismatch { .. })
+        ));
+        assert!(matches!(
+            alloc.mark_used(SlotId {
+                group: 9,
+                index: 0,
+                class_log2: 12
+            }),
+            Err(SlotConflict::OutOfRange(_))
+        ));
     }
 
     proptest! {

@@ -39,7 +39,12 @@ pub struct FormatOptions {
 
 impl Default for FormatOptions {
     fn default() -> Self {
-        FormatOptions { chunk_size_min: 64 << 10, chunk_size_max: 64 << 20, journal_bytes: None, force: false }
+        FormatOptions {
+            chunk_size_min: 64 << 10,
+            chunk_size_max: 64 << 20,
+            journal_bytes: None,
+            force: false,
+        }
     }
 }
 
@@ -55,7 +60,10 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { batch_bytes_max: 1 << 20, checkpoint_percent: 50 }
+        EngineConfig {
+            batch_bytes_max: 1 << 20,
+            checkpoint_percent: 50,
+        }
     }
 }
 
@@ -116,7 +124,12 @@ pub struct ReadRequest {
 
 impl ReadRequest {
     pub fn committed(offset: u32, len: u32) -> ReadRequest {
-        ReadRequest { offset, len, version: ReadVersion::Committed, verify: false }
+        ReadRequest {
+            offset,
+            len,
+            version: ReadVersion::Committed,
+            verify: false,
+        }
     }
 }
 
@@ -214,7 +227,10 @@ impl State {
     }
 
     fn unpin(&mut self, slot: SlotId) {
-        let count = self.pins.get_mut(&slot).expect("unpin of a slot that is not pinned");
+        let count = self
+            .pins
+            .get_mut(&slot)
+            .expect("unpin of a slot that is not pinned");
         *count -= 1;
         if *count == 0 {
             self.pins.remove(&slot);
@@ -227,7 +243,11 @@ impl State {
     fn account(&mut self, meta: &ChunkMeta, sign: i64) {
         let usage = self.usage.entry(meta.chain).or_default();
         let apply = |value: &mut u64, delta: u64| {
-            *value = if sign > 0 { *value + delta } else { *value - delta };
+            *value = if sign > 0 {
+                *value + delta
+            } else {
+                *value - delta
+            };
         };
         apply(&mut usage.chunks, 1);
         apply(&mut usage.used_bytes, u64::from(meta.len));
@@ -245,7 +265,13 @@ impl State {
                     Some(old) if old.meta.slot == meta.slot => old.slot_written.max(meta.len),
                     _ => meta.len,
                 };
-                self.committed.insert(key, Committed { meta: *meta, slot_written });
+                self.committed.insert(
+                    key,
+                    Committed {
+                        meta: *meta,
+                        slot_written,
+                    },
+                );
                 self.account(meta, 1);
                 if let Some(old) = old {
                     self.account(&old.meta, -1);
@@ -253,7 +279,11 @@ impl State {
                         self.release(old.meta.slot);
                     }
                 }
-                if self.pending.get(&key).is_some_and(|p| p.version == meta.version && p.slot == meta.slot) {
+                if self
+                    .pending
+                    .get(&key)
+                    .is_some_and(|p| p.version == meta.version && p.slot == meta.slot)
+                {
                     self.pending.remove(&key);
                 }
             }
@@ -271,7 +301,11 @@ impl State {
     fn info(&self, key: ChunkKey) -> Option<ChunkInfo> {
         let committed = self.committed.get(&key).map(|c| c.meta);
         let pending = self.pending.get(&key).copied();
-        (committed.is_some() || pending.is_some()).then_some(ChunkInfo { key, committed, pending })
+        (committed.is_some() || pending.is_some()).then_some(ChunkInfo {
+            key,
+            committed,
+            pending,
+        })
     }
 }
 
@@ -310,7 +344,13 @@ pub(crate) struct Core<D> {
 }
 
 impl<D: BlockDevice> Core<D> {
-    pub fn new(dev: D, sb: Superblock, pool: BufferPool, config: EngineConfig, state: State) -> Core<D> {
+    pub fn new(
+        dev: D,
+        sb: Superblock,
+        pool: BufferPool,
+        config: EngineConfig,
+        state: State,
+    ) -> Core<D> {
         Core {
             device: Arc::from(dev.name()),
             dev,
@@ -327,12 +367,16 @@ impl<D: BlockDevice> Core<D> {
             queue_cv: Condvar::new(),
             durable: watch::Sender::new(Durability::default()),
             poison: Mutex::new(None),
-            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
     pub fn slot_offset(&self, slot: SlotId) -> u64 {
-        self.sb.data_offset + u64::from(slot.group) * self.sb.group_bytes() + (u64::from(slot.index) << slot.class_log2)
+        self.sb.data_offset
+            + u64::from(slot.group) * self.sb.group_bytes()
+            + (u64::from(slot.index) << slot.class_log2)
     }
 
     pub fn poison(&self, reason: &str) {
@@ -349,26 +393,52 @@ impl<D: BlockDevice> Core<D> {
 
     fn check_writable(&self) -> Result<(), EngineError> {
         match self.poisoned() {
-            Some(reason) => Err(EngineError::Poisoned { device: self.device.clone(), reason }),
+            Some(reason) => Err(EngineError::Poisoned {
+                device: self.device.clone(),
+                reason,
+            }),
             None => Ok(()),
         }
     }
 
-    pub fn device_error(&self, context: impl Into<String>, source: flyfs_bypass::DeviceError) -> EngineError {
-        EngineError::Device { device: self.device.clone(), context: context.into(), source }
+    pub fn device_error(
+        &self,
+        context: impl Into<String>,
+        source: flyfs_bypass::DeviceError,
+    ) -> EngineError {
+        EngineError::Device {
+            device: self.device.clone(),
+            context: context.into(),
+            source,
+        }
     }
 
-    /// Reads `len` bytes (block multiples) at device `offset` into a pool buffer.
-    pub async fn read_at(&self, offset: u64, len: usize, what: &str) -> Result<DmaBuf, EngineError> {
+    /// Reads `len` bytes (block multiples) at device `offset` into a pool
+    /// buffer. `what` names the data for an error, and runs only on error.
+    pub async fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+        what: impl Fn() -> String,
+    ) -> Result<DmaBuf, EngineError> {
         let buf = self.pool.alloc(len);
-        self.dev.read(offset, buf).await.into_result().map_err(|e| self.device_error(format!("reading {what}"), e))
+        self.dev
+            .read(offset, buf)
+            .await
+            .into_result()
+            .map_err(|e| self.device_error(format!("reading {}", what()), e))
     }
 
     /// A failed write or flush may have lost acknowledged-looking data: poison.
-    pub async fn write_at(&self, offset: u64, buf: DmaBuf, what: &str) -> Result<(), EngineError> {
+    pub async fn write_at(
+        &self,
+        offset: u64,
+        buf: DmaBuf,
+        what: impl Fn() -> String,
+    ) -> Result<(), EngineError> {
         let result = self.dev.write(offset, buf).await.result;
         result.map_err(|e| {
-            let error = self.device_error(format!("writing {what}"), e);
+            let error = self.device_error(format!("writing {}", what()), e);
             self.poison(&error.to_string());
             error
         })
@@ -400,14 +470,22 @@ impl<D: BlockDevice> Core<D> {
             queue.submitted
         };
         self.queue_cv.notify_one();
-        let outcome = durable.wait_for(|d| d.records >= seq || d.error.is_some()).await;
+        let outcome = durable
+            .wait_for(|d| d.records >= seq || d.error.is_some())
+            .await;
         match outcome {
             Ok(d) if d.records >= seq => Ok(()),
             Ok(d) => Err(EngineError::Poisoned {
                 device: self.device.clone(),
-                reason: d.error.clone().unwrap_or_else(|| Arc::from("journal failed")),
+                reason: d
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| Arc::from("journal failed")),
             }),
-            Err(_) => Err(EngineError::Poisoned { device: self.device.clone(), reason: Arc::from("engine closed") }),
+            Err(_) => Err(EngineError::Poisoned {
+                device: self.device.clone(),
+                reason: Arc::from("engine closed"),
+            }),
         }
     }
 }
@@ -429,7 +507,10 @@ enum Plan {
     /// Append past the committed length into the same slot.
     InPlace { slot: SlotId, base: ChunkMeta },
     /// Build the new contents in a fresh slot.
-    Cow { slot: SlotId, base: Option<ChunkMeta> },
+    Cow {
+        slot: SlotId,
+        base: Option<ChunkMeta>,
+    },
     /// Shrink: same slot, shorter length.
     Shrink { base: ChunkMeta },
 }
@@ -443,13 +524,18 @@ pub struct Engine<D: BlockDevice> {
 
 impl<D: BlockDevice> Clone for Engine<D> {
     fn clone(&self) -> Self {
-        Engine { core: self.core.clone(), _inner: self._inner.clone() }
+        Engine {
+            core: self.core.clone(),
+            _inner: self._inner.clone(),
+        }
     }
 }
 
 impl<D: BlockDevice> std::fmt::Debug for Engine<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("device", &self.core.device).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("device", &self.core.device)
+            .finish_non_exhaustive()
     }
 }
 
@@ -469,7 +555,9 @@ impl<D> Drop for Inner<D> {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn round_up(len: u64) -> u64 {
@@ -492,8 +580,14 @@ fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
 
 impl<D: BlockDevice> Engine<D> {
     pub(crate) fn from_core(core: Arc<Core<D>>, thread: JoinHandle<()>) -> Engine<D> {
-        let inner = Arc::new(Inner { core: core.clone(), thread: Mutex::new(Some(thread)) });
-        Engine { core, _inner: inner }
+        let inner = Arc::new(Inner {
+            core: core.clone(),
+            thread: Mutex::new(Some(thread)),
+        });
+        Engine {
+            core,
+            _inner: inner,
+        }
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -524,7 +618,10 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     fn invalid(key: ChunkKey, reason: impl Into<String>) -> EngineError {
-        EngineError::InvalidRequest { key, reason: reason.into() }
+        EngineError::InvalidRequest {
+            key,
+            reason: reason.into(),
+        }
     }
 
     /// Creates pending version `req.version` of a chunk. See [`WriteOp`].
@@ -535,20 +632,39 @@ impl<D: BlockDevice> Engine<D> {
         // Validate the payload before taking any lock.
         let (offset, data_len, new_end) = match &req.op {
             WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
-                let offset = if let WriteOp::Update { offset, .. } = req.op { offset } else { 0 };
+                let offset = if let WriteOp::Update { offset, .. } = req.op {
+                    offset
+                } else {
+                    0
+                };
                 let computed = crc32c::crc32c(data);
                 if computed != *crc {
-                    return Err(EngineError::Checksum { key, what: "write payload", expected: *crc, computed });
+                    return Err(EngineError::Checksum {
+                        key,
+                        what: "write payload",
+                        expected: *crc,
+                        computed,
+                    });
                 }
-                (offset, data.len() as u64, u64::from(offset) + data.len() as u64)
+                (
+                    offset,
+                    data.len() as u64,
+                    u64::from(offset) + data.len() as u64,
+                )
             }
             WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
         };
         if new_end > max {
-            return Err(Self::invalid(key, format!("ends at byte {new_end}, past the largest chunk size {max}")));
+            return Err(Self::invalid(
+                key,
+                format!("ends at byte {new_end}, past the largest chunk size {max}"),
+            ));
         }
         if req.version.0 == 0 {
-            return Err(Self::invalid(key, "version 0 is reserved for a chunk that does not exist"));
+            return Err(Self::invalid(
+                key,
+                "version 0 is reserved for a chunk that does not exist",
+            ));
         }
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
@@ -578,17 +694,31 @@ impl<D: BlockDevice> Engine<D> {
                 Some(b) if matches!(req.op, WriteOp::Truncate { .. }) && new_len <= base_len => {
                     Plan::Shrink { base: b.meta }
                 }
-                Some(b) if appends && base_len >= u64::from(b.slot_written) && new_len <= b.meta.slot.bytes() => {
-                    Plan::InPlace { slot: b.meta.slot, base: b.meta }
+                Some(b)
+                    if appends
+                        && base_len >= u64::from(b.slot_written)
+                        && new_len <= b.meta.slot.bytes() =>
+                {
+                    Plan::InPlace {
+                        slot: b.meta.slot,
+                        base: b.meta,
+                    }
                 }
                 _ => {
                     let class = self.class_for(new_len);
-                    let slot = state.alloc.allocate(class).ok_or_else(|| EngineError::NoSpace {
-                        device: core.device.clone(),
-                        slot_bytes: 1 << class,
-                    })?;
+                    let slot = state
+                        .alloc
+                        .allocate(class)
+                        .ok_or_else(|| EngineError::NoSpace {
+                            device: core.device.clone(),
+                            slot_bytes: 1 << class,
+                        })?;
                     // A replace keeps nothing of the old contents.
-                    let base = if matches!(req.op, WriteOp::Replace { .. }) { None } else { base.map(|b| b.meta) };
+                    let base = if matches!(req.op, WriteOp::Replace { .. }) {
+                        None
+                    } else {
+                        base.map(|b| b.meta)
+                    };
                     Plan::Cow { slot, base }
                 }
             }
@@ -632,11 +762,21 @@ impl<D: BlockDevice> Engine<D> {
         {
             state.release(old.slot);
         }
-        Ok(WriteOutcome { version: req.version, len, crc, in_place })
+        Ok(WriteOutcome {
+            version: req.version,
+            len,
+            crc,
+            in_place,
+        })
     }
 
     /// Does the I/O of a write; returns the new length and CRC.
-    async fn write_plan(&self, key: ChunkKey, plan: &Plan, op: WriteOp) -> Result<(u32, u32), EngineError> {
+    async fn write_plan(
+        &self,
+        key: ChunkKey,
+        plan: &Plan,
+        op: WriteOp,
+    ) -> Result<(u32, u32), EngineError> {
         let core = &*self.core;
         let what = || format!("{key:?}");
         // The new bytes, as (offset, data, crc of data); a truncate that
@@ -647,7 +787,13 @@ impl<D: BlockDevice> Engine<D> {
             WriteOp::Truncate { len } => {
                 let base_len = match plan {
                     Plan::Shrink { base } => {
-                        let buf = core.read_at(core.slot_offset(base.slot), round_up(u64::from(len)) as usize, &what()).await?;
+                        let buf = core
+                            .read_at(
+                                core.slot_offset(base.slot),
+                                round_up(u64::from(len)) as usize,
+                                what,
+                            )
+                            .await?;
                         return Ok((len, crc32c::crc32c(&buf[..len as usize])));
                     }
                     Plan::InPlace { base, .. } => base.len,
@@ -668,7 +814,8 @@ impl<D: BlockDevice> Engine<D> {
                 let data = if aligned == base.len && offset == base.len {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, &what()).await?;
+                            core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
+                                .await?;
                             let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
                             return Ok((new_len, crc));
                         }
@@ -683,7 +830,13 @@ impl<D: BlockDevice> Engine<D> {
                     // The block holding the committed tail is rewritten with
                     // the same committed bytes: sector writes are atomic, so
                     // a torn write leaves them intact either way.
-                    let head = core.read_at(core.slot_offset(slot) + u64::from(aligned), BLOCK as usize, &what()).await?;
+                    let head = core
+                        .read_at(
+                            core.slot_offset(slot) + u64::from(aligned),
+                            BLOCK as usize,
+                            what,
+                        )
+                        .await?;
                     buf[..BLOCK as usize].copy_from_slice(&head);
                 }
                 let tail_start = (base.len - aligned) as usize;
@@ -693,7 +846,8 @@ impl<D: BlockDevice> Engine<D> {
                 buf[data_start + data.len()..].fill(0);
                 let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
                 let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
-                core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, &what()).await?;
+                core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
+                    .await?;
                 Ok((new_len, crc))
             }
             Plan::Cow { slot, base } => {
@@ -703,7 +857,7 @@ impl<D: BlockDevice> Engine<D> {
                 let data = if covers_base {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            core.write_at(core.slot_offset(slot), buf, &what()).await?;
+                            core.write_at(core.slot_offset(slot), buf, what).await?;
                             return Ok((new_len, data_crc));
                         }
                         Err(data) => data,
@@ -722,14 +876,16 @@ impl<D: BlockDevice> Engine<D> {
                     buf.set_len(base_io);
                     let done = core.dev.read(core.slot_offset(base.slot), buf).await;
                     buf = done.buf;
-                    done.result.map_err(|e| core.device_error(format!("reading {} for copy-on-write", what()), e))?;
+                    done.result.map_err(|e| {
+                        core.device_error(format!("reading {} for copy-on-write", what()), e)
+                    })?;
                     buf.set_len(io_len);
                     filled = base.len as usize;
                 }
                 buf[filled..].fill(0);
                 buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
                 let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                core.write_at(core.slot_offset(slot), buf, &what()).await?;
+                core.write_at(core.slot_offset(slot), buf, what).await?;
                 Ok((new_len, crc))
             }
         }
@@ -737,7 +893,11 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Makes pending version `version` the committed one, durably. Committing
     /// the version that is already committed succeeds again (retries).
-    pub async fn commit(&self, key: ChunkKey, version: ChunkVersion) -> Result<ChunkMeta, EngineError> {
+    pub async fn commit(
+        &self,
+        key: ChunkKey,
+        version: ChunkVersion,
+    ) -> Result<ChunkMeta, EngineError> {
         let core = &*self.core;
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
@@ -815,7 +975,11 @@ impl<D: BlockDevice> Engine<D> {
             (pending.is_some(), state.committed.contains_key(&key))
         };
         if committed {
-            core.journal(Record::Remove { chain: key.chain, chunk: key.chunk }).await?;
+            core.journal(Record::Remove {
+                chain: key.chain,
+                chunk: key.chunk,
+            })
+            .await?;
         }
         Ok(committed || had_pending)
     }
@@ -864,17 +1028,41 @@ impl<D: BlockDevice> Engine<D> {
             (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
         };
         if io_end == io_start {
-            return Ok(ReadOutcome { data: core.pool.alloc(0), version, chunk_len: len, chunk_crc: crc });
+            return Ok(ReadOutcome {
+                data: core.pool.alloc(0),
+                version,
+                chunk_len: len,
+                chunk_crc: crc,
+            });
         }
-        let mut data = core.read_at(core.slot_offset(slot) + io_start, (io_end - io_start) as usize, &format!("{key:?}")).await?;
+        let mut data = core
+            .read_at(
+                core.slot_offset(slot) + io_start,
+                (io_end - io_start) as usize,
+                || format!("{key:?}"),
+            )
+            .await?;
         if req.verify {
             let computed = crc32c::crc32c(&data[..len as usize]);
             if computed != crc {
-                return Err(EngineError::Checksum { key, what: "chunk data", expected: crc, computed });
+                return Err(EngineError::Checksum {
+                    key,
+                    what: "chunk data",
+                    expected: crc,
+                    computed,
+                });
             }
         }
-        data.set_window((u64::from(start) - io_start) as usize, (end - start) as usize);
-        Ok(ReadOutcome { data, version, chunk_len: len, chunk_crc: crc })
+        data.set_window(
+            (u64::from(start) - io_start) as usize,
+            (end - start) as usize,
+        );
+        Ok(ReadOutcome {
+            data,
+            version,
+            chunk_len: len,
+            chunk_crc: crc,
+        })
     }
 
     /// What the engine knows of one chunk.
@@ -887,21 +1075,34 @@ impl<D: BlockDevice> Engine<D> {
     pub fn last_chunk(&self, chain: ChainId, inode: InodeId) -> Option<ChunkInfo> {
         let state = self.core.state.lock();
         let from = ChunkKey::new(chain, ChunkId { inode, index: 0 });
-        let to = ChunkKey::new(chain, ChunkId { inode, index: u32::MAX });
+        let to = ChunkKey::new(
+            chain,
+            ChunkId {
+                inode,
+                index: u32::MAX,
+            },
+        );
         let (key, _) = state.committed.range(from..=to).next_back()?;
         state.info(*key)
     }
 
     /// Committed chunks of `chain` whose ids lie in `range`, in order, at most
     /// `limit`. A whole chain (`..`) is what a resync compares.
-    pub fn chunks(&self, chain: ChainId, range: impl RangeBounds<ChunkId>, limit: usize) -> Vec<ChunkInfo> {
+    pub fn chunks(
+        &self,
+        chain: ChainId,
+        range: impl RangeBounds<ChunkId>,
+        limit: usize,
+    ) -> Vec<ChunkInfo> {
         let bound = |b: Bound<&ChunkId>| b.map(|id| ChunkKey::new(chain, *id));
         let start = match range.start_bound() {
             Bound::Unbounded => Bound::Included(ChunkKey::new(chain, ChunkId::default())),
             b => bound(b),
         };
         let end = match range.end_bound() {
-            Bound::Unbounded => Bound::Included(ChunkKey::new(chain, ChunkId::new(u64::MAX, u32::MAX))),
+            Bound::Unbounded => {
+                Bound::Included(ChunkKey::new(chain, ChunkId::new(u64::MAX, u32::MAX)))
+            }
             b => bound(b),
         };
         let state = self.core.state.lock();
@@ -915,7 +1116,13 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Space used by `chain`'s committed chunks.
     pub fn chain_usage(&self, chain: ChainId) -> ChainUsage {
-        self.core.state.lock().usage.get(&chain).copied().unwrap_or_default()
+        self.core
+            .state
+            .lock()
+            .usage
+            .get(&chain)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Chains with committed chunks on this engine.
@@ -941,7 +1148,9 @@ impl<D: BlockDevice> Engine<D> {
         let state = self.core.state.lock();
         let mut owners: HashMap<SlotId, ChunkKey> = HashMap::new();
         let mut claim = |slot: SlotId, key: ChunkKey| match owners.insert(slot, key) {
-            Some(other) if other != key => Err(format!("slot {slot:?} owned by {other:?} and {key:?}")),
+            Some(other) if other != key => {
+                Err(format!("slot {slot:?} owned by {other:?} and {key:?}"))
+            }
             _ => Ok(()),
         };
         for (key, c) in &state.committed {
@@ -950,14 +1159,20 @@ impl<D: BlockDevice> Engine<D> {
         for (key, p) in &state.pending {
             claim(p.slot, *key)?;
         }
-        let mut expected: Vec<SlotId> = owners.keys().copied().chain(state.deferred.iter().copied()).collect();
+        let mut expected: Vec<SlotId> = owners
+            .keys()
+            .copied()
+            .chain(state.deferred.iter().copied())
+            .collect();
         expected.sort();
         expected.dedup();
         let used = state.alloc.used_slots();
         if used != expected {
             let leaked: Vec<_> = used.iter().filter(|s| !expected.contains(s)).collect();
             let missing: Vec<_> = expected.iter().filter(|s| !used.contains(s)).collect();
-            return Err(format!("allocator disagrees with metadata: leaked {leaked:?}, unallocated {missing:?}"));
+            return Err(format!(
+                "allocator disagrees with metadata: leaked {leaked:?}, unallocated {missing:?}"
+            ));
         }
         Ok(())
     }

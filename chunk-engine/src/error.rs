@@ -41,11 +41,15 @@ pub enum EngineError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("engine on {device} refuses writes since a failed write or flush ({reason}); reopen it to recover")]
+    #[error(
+        "engine on {device} refuses writes since a failed write or flush ({reason}); reopen it to recover"
+    )]
     Poisoned { device: Arc<str>, reason: Arc<str> },
     #[error("{key:?} does not exist")]
     NotFound { key: ChunkKey },
-    #[error("{key:?}: version {requested:?} conflicts (committed {committed:?}, pending {pending:?})")]
+    #[error(
+        "{key:?}: version {requested:?} conflicts (committed {committed:?}, pending {pending:?})"
+    )]
     VersionConflict {
         key: ChunkKey,
         requested: ChunkVersion,
@@ -54,8 +58,15 @@ pub enum EngineError {
     },
     #[error("invalid request for {key:?}: {reason}")]
     InvalidRequest { key: ChunkKey, reason: String },
-    #[error("{key:?}: checksum mismatch in {what}: expected {expected:#010x}, computed {computed:#010x}")]
-    Checksum { key: ChunkKey, what: &'static str, expected: u32, computed: u32 },
+    #[error(
+        "{key:?}: checksum mismatch in {what}: expected {expected:#010x}, computed {computed:#010x}"
+    )]
+    Checksum {
+        key: ChunkKey,
+        what: &'static str,
+        expected: u32,
+        computed: u32,
+    },
     #[error("device {device} has no free {slot_bytes}-byte chunk slot")]
     NoSpace { device: Arc<str>, slot_bytes: u64 },
 }
@@ -63,6 +74,9 @@ pub enum EngineError {
 impl EngineError {
     /// True for errors that mean the device, not the request, is at fault.
     pub fn is_device_failure(&self) -> bool {
-        matches!(self, EngineError::Device { .. } | EngineError::Poisoned { .. } | EngineError::Corrupt { .. })
+        matches!(
+            self,
+            EngineError::Device { .. } | EngineError::Poisoned { .. } | EngineError::Corrupt { .. }
+        )
     }
 }

@@ -31,7 +31,10 @@ pub const CLASS_LOG2_MAX: u8 = 26;
 pub const CHECKPOINT_HEADER_BYTES: u64 = BLOCK;
 
 const _: () = assert!(HEADER_BYTES % BLOCK == 0 && SUPERBLOCK_OFFSETS[1] % BLOCK == 0);
-const _: () = assert!((1u64 << CLASS_LOG2_MIN) % BLOCK == 0, "a chunk slot must be block aligned");
+const _: () = assert!(
+    (1u64 << CLASS_LOG2_MIN) % BLOCK == 0,
+    "a chunk slot must be block aligned"
+);
 const _: () = assert!(BLOCK as usize % META_BYTES == 0);
 
 /// Why bytes failed to decode.
@@ -39,18 +42,47 @@ const _: () = assert!(BLOCK as usize % META_BYTES == 0);
 pub enum FormatError {
     #[error("{what}: no flyfs magic (not a flyfs chunk engine device, or never formatted)")]
     NoMagic { what: &'static str },
-    #[error("{what}: format version {found} is not supported (this build reads version {supported})")]
-    Version { what: &'static str, found: u32, supported: u32 },
+    #[error(
+        "{what}: format version {found} is not supported (this build reads version {supported})"
+    )]
+    Version {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
     #[error("{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    Checksum { what: &'static str, stored: u32, computed: u32 },
+    Checksum {
+        what: &'static str,
+        stored: u32,
+        computed: u32,
+    },
     #[error("{what}: {field} = {value} is invalid: {reason}")]
-    Field { what: &'static str, field: &'static str, value: u64, reason: String },
+    Field {
+        what: &'static str,
+        field: &'static str,
+        value: u64,
+        reason: String,
+    },
     #[error("{what}: {len} bytes is too short, need {need}")]
-    Short { what: &'static str, len: usize, need: usize },
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
 }
 
-fn field(what: &'static str, field: &'static str, value: u64, reason: impl Into<String>) -> FormatError {
-    FormatError::Field { what, field, value, reason: reason.into() }
+fn field(
+    what: &'static str,
+    field: &'static str,
+    value: u64,
+    reason: impl Into<String>,
+) -> FormatError {
+    FormatError::Field {
+        what,
+        field,
+        value,
+        reason: reason.into(),
+    }
 }
 
 /// Little-endian reader over a byte slice that reports short input as an error.
@@ -164,7 +196,10 @@ impl Superblock {
             ));
         }
         if journal_bytes < 16 * BLOCK || journal_bytes % BLOCK != 0 {
-            return Err(format!("journal size {journal_bytes} must be a multiple of {BLOCK} and at least {}", 16 * BLOCK));
+            return Err(format!(
+                "journal size {journal_bytes} must be a multiple of {BLOCK} and at least {}",
+                16 * BLOCK
+            ));
         }
         let group_bytes = 1u64 << class_log2_max;
         // The data region decides the checkpoint size and the checkpoints
@@ -196,7 +231,8 @@ impl Superblock {
             journal_offset,
             journal_bytes,
             data_offset,
-            group_count: u32::try_from(group_count).map_err(|_| "device has more than 2^32 groups".to_string())?,
+            group_count: u32::try_from(group_count)
+                .map_err(|_| "device has more than 2^32 groups".to_string())?,
             created_unix_secs,
         })
     }
@@ -239,12 +275,20 @@ impl Superblock {
     pub fn decode(bytes: &[u8]) -> Result<Superblock, FormatError> {
         const WHAT: &str = "superblock";
         if bytes.len() < BLOCK as usize {
-            return Err(FormatError::Short { what: WHAT, len: bytes.len(), need: BLOCK as usize });
+            return Err(FormatError::Short {
+                what: WHAT,
+                len: bytes.len(),
+                need: BLOCK as usize,
+            });
         }
         if bytes[..8] != SUPERBLOCK_MAGIC {
             return Err(FormatError::NoMagic { what: WHAT });
         }
-        let stored = u32::from_le_bytes(bytes[SUPERBLOCK_CRC_AT..BLOCK as usize].try_into().expect("4 bytes"));
+        let stored = u32::from_le_bytes(
+            bytes[SUPERBLOCK_CRC_AT..BLOCK as usize]
+                .try_into()
+                .expect("4 bytes"),
+        );
         let computed = crc32c::crc32c(&bytes[..SUPERBLOCK_CRC_AT]);
         let mut r = Reader::new(bytes, WHAT);
         r.take::<8>()?;
@@ -252,10 +296,18 @@ impl Superblock {
         // The version is checked before the checksum: a future format may
         // checksum differently, and "unsupported version" is the useful error.
         if version != FORMAT_VERSION {
-            return Err(FormatError::Version { what: WHAT, found: version, supported: FORMAT_VERSION });
+            return Err(FormatError::Version {
+                what: WHAT,
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         if stored != computed {
-            return Err(FormatError::Checksum { what: WHAT, stored, computed });
+            return Err(FormatError::Checksum {
+                what: WHAT,
+                stored,
+                computed,
+            });
         }
         let _flags = r.u32()?;
         let format_id = r.u64()?;
@@ -279,10 +331,20 @@ impl Superblock {
             created_unix_secs: r.u64()?,
         };
         if u64::from(block) != BLOCK {
-            return Err(field(WHAT, "block_size", block.into(), format!("must be {BLOCK}")));
+            return Err(field(
+                WHAT,
+                "block_size",
+                block.into(),
+                format!("must be {BLOCK}"),
+            ));
         }
         if !sector_size.is_power_of_two() || !(512..=BLOCK as u32).contains(&sector_size) {
-            return Err(field(WHAT, "sector_size", sector_size.into(), "must be a power of two in 512..=4096"));
+            return Err(field(
+                WHAT,
+                "sector_size",
+                sector_size.into(),
+                "must be a power of two in 512..=4096",
+            ));
         }
         // Re-plan from the stored parameters: a consistent superblock is
         // exactly what `plan` produces, which rules out every overlapping or
@@ -298,7 +360,12 @@ impl Superblock {
         )
         .map_err(|reason| field(WHAT, "geometry", sb.capacity_bytes, reason))?;
         if expect != sb {
-            return Err(field(WHAT, "geometry", sb.capacity_bytes, format!("regions inconsistent: stored {sb:?}, expected {expect:?}")));
+            return Err(field(
+                WHAT,
+                "geometry",
+                sb.capacity_bytes,
+                format!("regions inconsistent: stored {sb:?}, expected {expect:?}"),
+            ));
         }
         Ok(sb)
     }
@@ -342,7 +409,10 @@ impl ChunkMeta {
         w.u64(self.chunk.inode.0);
         w.u32(self.chunk.index);
         w.u32(self.slot.group);
-        w.u16(u16::try_from(self.slot.index).expect("slot index fits: groups hold at most 2^14 slots"));
+        w.u16(
+            u16::try_from(self.slot.index)
+                .expect("slot index fits: groups hold at most 2^14 slots"),
+        );
         w.u8(self.slot.class_log2);
         w.u8(0);
         w.u32(self.len);
@@ -355,7 +425,11 @@ impl ChunkMeta {
     }
 
     /// Decodes a record and checks it against the device's geometry.
-    pub fn decode(bytes: &[u8], sb: &Superblock, what: &'static str) -> Result<ChunkMeta, FormatError> {
+    pub fn decode(
+        bytes: &[u8],
+        sb: &Superblock,
+        what: &'static str,
+    ) -> Result<ChunkMeta, FormatError> {
         let mut r = Reader::new(bytes, what);
         let chain = ChainId(r.u32()?);
         let chunk = ChunkId::new(r.u64()?, r.u32()?);
@@ -366,7 +440,11 @@ impl ChunkMeta {
         let meta = ChunkMeta {
             chain,
             chunk,
-            slot: SlotId { group, index, class_log2 },
+            slot: SlotId {
+                group,
+                index,
+                class_log2,
+            },
             len: r.u32()?,
             version: ChunkVersion(r.u32()?),
             chain_version: ChainVersion(r.u32()?),
@@ -376,16 +454,31 @@ impl ChunkMeta {
             request: RequestId(r.u64()?),
         };
         if !(sb.class_log2_min..=sb.class_log2_max).contains(&class_log2) {
-            return Err(field(what, "slot class", class_log2.into(), format!("outside {}..={}", sb.class_log2_min, sb.class_log2_max)));
+            return Err(field(
+                what,
+                "slot class",
+                class_log2.into(),
+                format!("outside {}..={}", sb.class_log2_min, sb.class_log2_max),
+            ));
         }
         if group >= sb.group_count {
-            return Err(field(what, "slot group", group.into(), format!("device has {} groups", sb.group_count)));
+            return Err(field(
+                what,
+                "slot group",
+                group.into(),
+                format!("device has {} groups", sb.group_count),
+            ));
         }
         if u64::from(index) >= sb.group_bytes() >> class_log2 {
             return Err(field(what, "slot index", index.into(), "beyond the group"));
         }
         if u64::from(meta.len) > meta.slot.bytes() {
-            return Err(field(what, "length", meta.len.into(), format!("exceeds slot size {}", meta.slot.bytes())));
+            return Err(field(
+                what,
+                "length",
+                meta.len.into(),
+                format!("exceeds slot size {}", meta.slot.bytes()),
+            ));
         }
         Ok(meta)
     }
@@ -444,7 +537,10 @@ pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]
     h.u32(payload_len as u32);
     h.u32(records.len() as u32);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&format_id.to_le_bytes()), &out[..24]);
-    let crc = crc32c::crc32c_append(crc, &out[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len]);
+    let crc = crc32c::crc32c_append(
+        crc,
+        &out[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len],
+    );
     out[24..28].copy_from_slice(&crc.to_le_bytes());
     out[28..32].fill(0);
     total
@@ -477,7 +573,11 @@ pub fn decode_batch_header(bytes: &[u8], lsn: u64, max_batch_bytes: usize) -> Op
         return None;
     }
     r.u16().ok()?;
-    let header = BatchHeader { lsn: r.u64().ok()?, payload_len: r.u32().ok()?, record_count: r.u32().ok()? };
+    let header = BatchHeader {
+        lsn: r.u64().ok()?,
+        payload_len: r.u32().ok()?,
+        record_count: r.u32().ok()?,
+    };
     (header.lsn == lsn && header.total_bytes() <= max_batch_bytes).then_some(header)
 }
 
@@ -485,11 +585,19 @@ pub fn decode_batch_header(bytes: &[u8], lsn: u64, max_batch_bytes: usize) -> Op
 /// `Ok(None)` means the batch is torn (checksum mismatch): the end of the log.
 /// An error means the checksum matched but the records are invalid: real
 /// corruption, or a bug, that recovery must not paper over.
-pub fn decode_batch(bytes: &[u8], header: &BatchHeader, sb: &Superblock) -> Result<Option<Vec<Record>>, FormatError> {
+pub fn decode_batch(
+    bytes: &[u8],
+    header: &BatchHeader,
+    sb: &Superblock,
+) -> Result<Option<Vec<Record>>, FormatError> {
     const WHAT: &str = "journal record";
     let payload_end = BATCH_HEADER_BYTES + header.payload_len as usize;
     if bytes.len() < payload_end {
-        return Err(FormatError::Short { what: "journal batch", len: bytes.len(), need: payload_end });
+        return Err(FormatError::Short {
+            what: "journal batch",
+            len: bytes.len(),
+            need: payload_end,
+        });
     }
     let stored = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
     let crc = crc32c::crc32c_append(crc32c::crc32c(&sb.format_id.to_le_bytes()), &bytes[..24]);
@@ -514,7 +622,12 @@ pub fn decode_batch(bytes: &[u8], header: &BatchHeader, sb: &Superblock) -> Resu
         }
     }
     if records.len() != header.record_count as usize {
-        return Err(field("journal batch", "record_count", header.record_count.into(), format!("payload holds {} records", records.len())));
+        return Err(field(
+            "journal batch",
+            "record_count",
+            header.record_count.into(),
+            format!("payload holds {} records", records.len()),
+        ));
     }
     Ok(Some(records))
 }
@@ -553,7 +666,11 @@ impl CheckpointHeader {
         }
         let version = r.u16()?;
         if version != 1 {
-            return Err(FormatError::Version { what: WHAT, found: version.into(), supported: 1 });
+            return Err(FormatError::Version {
+                what: WHAT,
+                found: version.into(),
+                supported: 1,
+            });
         }
         r.u16()?;
         let header = CheckpointHeader {
@@ -563,15 +680,30 @@ impl CheckpointHeader {
             payload_crc: r.u32()?,
         };
         let stored = r.u32()?;
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&sb.format_id.to_le_bytes()), &bytes[..36]);
+        let computed =
+            crc32c::crc32c_append(crc32c::crc32c(&sb.format_id.to_le_bytes()), &bytes[..36]);
         if stored != computed {
-            return Err(FormatError::Checksum { what: WHAT, stored, computed });
+            return Err(FormatError::Checksum {
+                what: WHAT,
+                stored,
+                computed,
+            });
         }
         if header.entry_count > sb.max_chunks() {
-            return Err(field(WHAT, "entry_count", header.entry_count, format!("device holds at most {} chunks", sb.max_chunks())));
+            return Err(field(
+                WHAT,
+                "entry_count",
+                header.entry_count,
+                format!("device holds at most {} chunks", sb.max_chunks()),
+            ));
         }
         if header.journal_lsn % BLOCK != 0 {
-            return Err(field(WHAT, "journal_lsn", header.journal_lsn, "not block aligned"));
+            return Err(field(
+                WHAT,
+                "journal_lsn",
+                header.journal_lsn,
+                "not block aligned",
+            ));
         }
         Ok(header)
     }
@@ -584,12 +716,23 @@ pub fn decode_checkpoint_entries(
     sb: &Superblock,
 ) -> Result<Vec<ChunkMeta>, FormatError> {
     let len = header.entry_count as usize * META_BYTES;
-    let payload = bytes.get(..len).ok_or(FormatError::Short { what: "checkpoint payload", len: bytes.len(), need: len })?;
+    let payload = bytes.get(..len).ok_or(FormatError::Short {
+        what: "checkpoint payload",
+        len: bytes.len(),
+        need: len,
+    })?;
     let computed = crc32c::crc32c(payload);
     if computed != header.payload_crc {
-        return Err(FormatError::Checksum { what: "checkpoint payload", stored: header.payload_crc, computed });
+        return Err(FormatError::Checksum {
+            what: "checkpoint payload",
+            stored: header.payload_crc,
+            computed,
+        });
     }
-    payload.chunks_exact(META_BYTES).map(|record| ChunkMeta::decode(record, sb, "checkpoint entry")).collect()
+    payload
+        .chunks_exact(META_BYTES)
+        .map(|record| ChunkMeta::decode(record, sb, "checkpoint entry"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -604,7 +747,11 @@ mod tests {
         ChunkMeta {
             chain: ChainId(3),
             chunk: ChunkId::new(0x1234, i),
-            slot: SlotId { group: 1, index: i, class_log2: 16 },
+            slot: SlotId {
+                group: 1,
+                index: i,
+                class_log2: 16,
+            },
             len: 65536,
             version: ChunkVersion(9),
             chain_version: ChainVersion(2),
@@ -622,11 +769,20 @@ mod tests {
         assert_eq!(Superblock::decode(&bytes), Ok(sb));
         let mut bad = bytes;
         bad[40] ^= 1;
-        assert!(matches!(Superblock::decode(&bad), Err(FormatError::Checksum { .. })));
+        assert!(matches!(
+            Superblock::decode(&bad),
+            Err(FormatError::Checksum { .. })
+        ));
         let mut other = bytes;
         other[8] = 9;
-        assert!(matches!(Superblock::decode(&other), Err(FormatError::Version { found: 9, .. })));
-        assert!(matches!(Superblock::decode(&[0u8; 4096]), Err(FormatError::NoMagic { .. })));
+        assert!(matches!(
+            Superblock::decode(&other),
+            Err(FormatError::Version { found: 9, .. })
+        ));
+        assert!(matches!(
+            Superblock::decode(&[0u8; 4096]),
+            Err(FormatError::NoMagic { .. })
+        ));
     }
 
     #[test]
@@ -636,21 +792,38 @@ mod tests {
         assert!(Superblock::plan(1 << 30, 4096, 20, 16, 1 << 20, 0, 0).is_err());
         let sb = Superblock::plan(1 << 30, 4096, 16, 26, 16 << 20, 0, 0).expect("1 GiB fits");
         assert!(sb.data_offset + u64::from(sb.group_count) * sb.group_bytes() <= 1 << 30);
-        assert!(sb.checkpoint_slot_bytes >= CHECKPOINT_HEADER_BYTES + sb.max_chunks() * META_BYTES as u64);
+        assert!(
+            sb.checkpoint_slot_bytes
+                >= CHECKPOINT_HEADER_BYTES + sb.max_chunks() * META_BYTES as u64
+        );
     }
 
     #[test]
     fn batches_round_trip_and_stop_at_damage() {
         let sb = sb();
-        let records = vec![Record::Put(meta(1)), Record::Remove { chain: ChainId(3), chunk: ChunkId::new(1, 2) }, Record::Put(meta(2))];
+        let records = vec![
+            Record::Put(meta(1)),
+            Record::Remove {
+                chain: ChainId(3),
+                chunk: ChunkId::new(1, 2),
+            },
+            Record::Put(meta(2)),
+        ];
         let mut buf = vec![0u8; 8192];
         let n = encode_batch(sb.format_id, 8192, &records, &mut buf);
         assert_eq!(n, 4096);
         let header = decode_batch_header(&buf, 8192, 1 << 20).expect("header");
         assert_eq!(decode_batch(&buf, &header, &sb), Ok(Some(records)));
-        assert!(decode_batch_header(&buf, 0, 1 << 20).is_none(), "lsn must match");
+        assert!(
+            decode_batch_header(&buf, 0, 1 << 20).is_none(),
+            "lsn must match"
+        );
         buf[100] ^= 4;
-        assert_eq!(decode_batch(&buf, &header, &sb), Ok(None), "torn batch ends the log");
+        assert_eq!(
+            decode_batch(&buf, &header, &sb),
+            Ok(None),
+            "torn batch ends the log"
+        );
     }
 
     #[test]

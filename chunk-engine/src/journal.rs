@@ -24,7 +24,9 @@ use flyfs_bypass::BlockDevice;
 
 use crate::EngineError;
 use crate::engine::Core;
-use crate::format::{CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes, encode_batch};
+use crate::format::{
+    CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes, encode_batch,
+};
 
 /// Where the log stands. Owned by the journal thread.
 #[derive(Clone, Copy, Debug)]
@@ -61,11 +63,19 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
 /// when it would not fit before the region's end. Recovery looks in the same
 /// two places.
 pub(crate) fn place(head: u64, bytes: u64, journal_bytes: u64) -> u64 {
-    if head % journal_bytes + bytes > journal_bytes { head.next_multiple_of(journal_bytes) } else { head }
+    if head % journal_bytes + bytes > journal_bytes {
+        head.next_multiple_of(journal_bytes)
+    } else {
+        head
+    }
 }
 
 pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
-    let max_payload = core.config.batch_bytes_max.min(core.sb.journal_bytes as usize / 4) - crate::format::BATCH_HEADER_BYTES;
+    let max_payload = core
+        .config
+        .batch_bytes_max
+        .min(core.sb.journal_bytes as usize / 4)
+        - crate::format::BATCH_HEADER_BYTES;
     loop {
         let (records, durable_through) = {
             let mut queue = core.queue.lock();
@@ -89,7 +99,8 @@ pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
         };
         let result = match core.poisoned() {
             Some(reason) => Err(reason),
-            None => block_on(commit_batch(&core, &mut cursor, &records)).map_err(|e| Arc::from(e.to_string())),
+            None => block_on(commit_batch(&core, &mut cursor, &records))
+                .map_err(|e| Arc::from(e.to_string())),
         };
         let result = result.and_then(|()| {
             // The batch is durable: acknowledge it before any checkpoint, so
@@ -109,7 +120,11 @@ pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
     }
 }
 
-async fn commit_batch<D: BlockDevice>(core: &Core<D>, cursor: &mut Cursor, records: &[Record]) -> Result<(), EngineError> {
+async fn commit_batch<D: BlockDevice>(
+    core: &Core<D>,
+    cursor: &mut Cursor,
+    records: &[Record],
+) -> Result<(), EngineError> {
     let journal_bytes = core.sb.journal_bytes;
     let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
     let mut lsn = place(cursor.head, bytes, journal_bytes);
@@ -117,11 +132,17 @@ async fn commit_batch<D: BlockDevice>(core: &Core<D>, cursor: &mut Cursor, recor
         checkpoint(core, cursor).await?;
         lsn = place(cursor.head, bytes, journal_bytes);
     }
-    assert!(lsn + bytes - cursor.tail <= journal_bytes, "journal batch overruns the checkpointed tail");
+    assert!(
+        lsn + bytes - cursor.tail <= journal_bytes,
+        "journal batch overruns the checkpointed tail"
+    );
     let mut buf = core.pool.alloc(bytes as usize);
     let written = encode_batch(core.sb.format_id, lsn, records, &mut buf);
     debug_assert_eq!(written as u64, bytes);
-    core.write_at(core.sb.journal_offset + lsn % journal_bytes, buf, "journal batch").await?;
+    core.write_at(core.sb.journal_offset + lsn % journal_bytes, buf, || {
+        "journal batch".into()
+    })
+    .await?;
     core.flush("journal batch").await?;
     cursor.head = lsn + bytes;
     {
@@ -135,18 +156,27 @@ async fn commit_batch<D: BlockDevice>(core: &Core<D>, cursor: &mut Cursor, recor
 
 /// Writes the committed map as a checkpoint at the journal head into the slot
 /// not holding the current checkpoint, then lets the journal reuse its space.
-pub(crate) async fn checkpoint<D: BlockDevice>(core: &Core<D>, cursor: &mut Cursor) -> Result<(), EngineError> {
+pub(crate) async fn checkpoint<D: BlockDevice>(
+    core: &Core<D>,
+    cursor: &mut Cursor,
+) -> Result<(), EngineError> {
     let sequence = cursor.checkpoint_sequence + 1;
     let slot = 1 - cursor.checkpoint_slot;
     let buf = {
         let state = core.state.lock();
         let count = state.committed.len();
-        let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES).next_multiple_of(crate::format::BLOCK as usize);
-        assert!(total as u64 <= core.sb.checkpoint_slot_bytes, "checkpoint exceeds its slot");
+        let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES)
+            .next_multiple_of(crate::format::BLOCK as usize);
+        assert!(
+            total as u64 <= core.sb.checkpoint_slot_bytes,
+            "checkpoint exceeds its slot"
+        );
         let mut buf = core.pool.alloc(total);
         let header_len = CHECKPOINT_HEADER_BYTES as usize;
         for (i, committed) in state.committed.values().enumerate() {
-            committed.meta.encode(&mut buf[header_len + i * META_BYTES..]);
+            committed
+                .meta
+                .encode(&mut buf[header_len + i * META_BYTES..]);
         }
         let payload_end = header_len + count * META_BYTES;
         buf[payload_end..].fill(0);
@@ -160,7 +190,7 @@ pub(crate) async fn checkpoint<D: BlockDevice>(core: &Core<D>, cursor: &mut Curs
         buf
     };
     let offset = core.sb.checkpoint_offset + slot * core.sb.checkpoint_slot_bytes;
-    core.write_at(offset, buf, "checkpoint").await?;
+    core.write_at(offset, buf, || "checkpoint".into()).await?;
     core.flush("checkpoint").await?;
     tracing::debug!(device = %core.device, sequence, lsn = cursor.head, "checkpoint written");
     cursor.tail = cursor.head;

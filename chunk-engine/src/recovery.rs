@@ -11,8 +11,8 @@ use flyfs_bypass::{BlockDevice, BufferPool};
 use crate::alloc::Allocator;
 use crate::engine::{Core, EngineConfig, FormatOptions, State};
 use crate::format::{
-    BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record, SUPERBLOCK_OFFSETS,
-    Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
+    BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
+    SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
 };
 use crate::journal::{self, Cursor, block_on};
 use crate::{Engine, EngineError};
@@ -21,34 +21,61 @@ fn name<D: BlockDevice>(dev: &D) -> Arc<str> {
     Arc::from(dev.name())
 }
 
-async fn read_raw<D: BlockDevice>(dev: &D, pool: &BufferPool, offset: u64, len: usize, what: &str) -> Result<flyfs_bypass::DmaBuf, EngineError> {
-    dev.read(offset, pool.alloc(len)).await.into_result().map_err(|source| EngineError::Device {
-        device: name(dev),
-        context: format!("reading {what}"),
-        source,
-    })
+async fn read_raw<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    offset: u64,
+    len: usize,
+    what: &str,
+) -> Result<flyfs_bypass::DmaBuf, EngineError> {
+    dev.read(offset, pool.alloc(len))
+        .await
+        .into_result()
+        .map_err(|source| EngineError::Device {
+            device: name(dev),
+            context: format!("reading {what}"),
+            source,
+        })
 }
 
-async fn write_raw<D: BlockDevice>(dev: &D, offset: u64, data: &[u8], what: &str) -> Result<(), EngineError> {
+async fn write_raw<D: BlockDevice>(
+    dev: &D,
+    offset: u64,
+    data: &[u8],
+    what: &str,
+) -> Result<(), EngineError> {
     let buf = flyfs_bypass::DmaBuf::copy_from(data);
-    dev.write(offset, buf).await.result.map_err(|source| EngineError::Device {
-        device: name(dev),
-        context: format!("writing {what}"),
-        source,
-    })
+    dev.write(offset, buf)
+        .await
+        .result
+        .map_err(|source| EngineError::Device {
+            device: name(dev),
+            context: format!("writing {what}"),
+            source,
+        })
 }
 
 async fn flush_raw<D: BlockDevice>(dev: &D, what: &str) -> Result<(), EngineError> {
-    dev.flush().await.map_err(|source| EngineError::Device { device: name(dev), context: format!("flushing {what}"), source })
+    dev.flush().await.map_err(|source| EngineError::Device {
+        device: name(dev),
+        context: format!("flushing {what}"),
+        source,
+    })
 }
 
 /// Both superblock copies, decoded (or why not), if the device is big enough
 /// to hold them.
-async fn read_superblocks<D: BlockDevice>(dev: &D, pool: &BufferPool) -> Result<Option<[Result<Superblock, FormatError>; 2]>, EngineError> {
+async fn read_superblocks<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+) -> Result<Option<[Result<Superblock, FormatError>; 2]>, EngineError> {
     if dev.geometry().capacity_bytes < HEADER_BYTES {
         return Ok(None);
     }
-    let mut copies = [Err(FormatError::NoMagic { what: "superblock" }), Err(FormatError::NoMagic { what: "superblock" })];
+    let mut copies = [
+        Err(FormatError::NoMagic { what: "superblock" }),
+        Err(FormatError::NoMagic { what: "superblock" }),
+    ];
     for (copy, offset) in copies.iter_mut().zip(SUPERBLOCK_OFFSETS) {
         let buf = read_raw(dev, pool, offset, BLOCK as usize, "superblock").await?;
         *copy = Superblock::decode(&buf);
@@ -66,25 +93,41 @@ impl<D: BlockDevice> Engine<D> {
     /// damaged one) unless `options.force` is set.
     pub async fn format(dev: &D, options: &FormatOptions) -> Result<Superblock, EngineError> {
         let geometry = dev.geometry();
-        let pool = BufferPool::new(&flyfs_bypass::PoolConfig { classes: vec![(BLOCK as usize, 4)], hugepages: flyfs_bypass::HugePages::Never })
-            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let pool = BufferPool::new(&flyfs_bypass::PoolConfig {
+            classes: vec![(BLOCK as usize, 4)],
+            hugepages: flyfs_bypass::HugePages::Never,
+        })
+        .map_err(|e| EngineError::Config(e.to_string()))?;
         if geometry.sector_size as u64 > BLOCK {
-            return Err(EngineError::Config(format!("sector size {} exceeds {BLOCK}", geometry.sector_size)));
+            return Err(EngineError::Config(format!(
+                "sector size {} exceeds {BLOCK}",
+                geometry.sector_size
+            )));
         }
         if let Some(copies) = read_superblocks(dev, &pool).await?
             && !options.force
         {
             let any_valid = copies.iter().any(Result::is_ok);
-            let any_flyfs = copies.iter().any(|c| !matches!(c, Err(FormatError::NoMagic { .. } | FormatError::Short { .. })));
+            let any_flyfs = copies.iter().any(|c| {
+                !matches!(
+                    c,
+                    Err(FormatError::NoMagic { .. } | FormatError::Short { .. })
+                )
+            });
             if any_flyfs {
-                return Err(EngineError::AlreadyFormatted { device: name(dev), damaged: !any_valid });
+                return Err(EngineError::AlreadyFormatted {
+                    device: name(dev),
+                    damaged: !any_valid,
+                });
             }
         }
         let check = |bytes: u64, what: &str| {
             if bytes.is_power_of_two() {
                 Ok(bytes.trailing_zeros() as u8)
             } else {
-                Err(EngineError::Config(format!("{what} {bytes} is not a power of two")))
+                Err(EngineError::Config(format!(
+                    "{what} {bytes} is not a power of two"
+                )))
             }
         };
         let class_min = check(options.chunk_size_min, "smallest chunk size")?;
@@ -94,22 +137,47 @@ impl<D: BlockDevice> Engine<D> {
             .journal_bytes
             .unwrap_or_else(|| (capacity / 100).clamp(1 << 20, 256 << 20))
             .next_multiple_of(BLOCK);
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let sb = Superblock::plan(capacity, geometry.sector_size, class_min, class_max, journal_bytes, random_u64(), created)
-            .map_err(|reason| {
-                if reason.contains("needs at least") {
-                    EngineError::TooSmall { device: name(dev), reason: format!("{capacity} bytes; the format {reason}") }
-                } else {
-                    EngineError::Config(reason)
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let sb = Superblock::plan(
+            capacity,
+            geometry.sector_size,
+            class_min,
+            class_max,
+            journal_bytes,
+            random_u64(),
+            created,
+        )
+        .map_err(|reason| {
+            if reason.contains("needs at least") {
+                EngineError::TooSmall {
+                    device: name(dev),
+                    reason: format!("{capacity} bytes; the format {reason}"),
                 }
-            })?;
+            } else {
+                EngineError::Config(reason)
+            }
+        })?;
         // An empty checkpoint in slot 0, slot 1 invalidated, then the
         // superblocks last: a format torn before them leaves a device that
         // still reads as unformatted rather than half-formatted.
         let mut block = vec![0u8; BLOCK as usize];
-        CheckpointHeader { sequence: 1, journal_lsn: 0, entry_count: 0, payload_crc: crc32c::crc32c(&[]) }.encode(sb.format_id, &mut block);
+        CheckpointHeader {
+            sequence: 1,
+            journal_lsn: 0,
+            entry_count: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        }
+        .encode(sb.format_id, &mut block);
         write_raw(dev, sb.checkpoint_offset, &block, "checkpoint").await?;
-        write_raw(dev, sb.checkpoint_offset + sb.checkpoint_slot_bytes, &[0u8; BLOCK as usize], "checkpoint").await?;
+        write_raw(
+            dev,
+            sb.checkpoint_offset + sb.checkpoint_slot_bytes,
+            &[0u8; BLOCK as usize],
+            "checkpoint",
+        )
+        .await?;
         write_raw(dev, sb.journal_offset, &[0u8; BLOCK as usize], "journal").await?;
         flush_raw(dev, "format").await?;
         for offset in SUPERBLOCK_OFFSETS {
@@ -123,16 +191,26 @@ impl<D: BlockDevice> Engine<D> {
     /// Opens a formatted device: recovers the committed state, writes a fresh
     /// checkpoint and starts the journal thread. `pool` supplies every I/O
     /// buffer (register it with the device for zero-copy I/O).
-    pub async fn open(dev: D, pool: BufferPool, config: EngineConfig) -> Result<Engine<D>, EngineError> {
+    pub async fn open(
+        dev: D,
+        pool: BufferPool,
+        config: EngineConfig,
+    ) -> Result<Engine<D>, EngineError> {
         let device = name(&dev);
         let geometry = dev.geometry();
         if u64::from(geometry.sector_size) > BLOCK {
-            return Err(EngineError::Config(format!("sector size {} exceeds {BLOCK}", geometry.sector_size)));
+            return Err(EngineError::Config(format!(
+                "sector size {} exceeds {BLOCK}",
+                geometry.sector_size
+            )));
         }
         let Some(copies) = read_superblocks(&dev, &pool).await? else {
             return Err(EngineError::TooSmall {
                 device,
-                reason: format!("{} bytes cannot hold a flyfs superblock", geometry.capacity_bytes),
+                reason: format!(
+                    "{} bytes cannot hold a flyfs superblock",
+                    geometry.capacity_bytes
+                ),
             });
         };
         let [a, b] = copies;
@@ -151,26 +229,45 @@ impl<D: BlockDevice> Engine<D> {
                 return Err(EngineError::NotFormatted { device, source });
             }
             (Err(a), Err(b)) => {
-                let source = if matches!(a, FormatError::NoMagic { .. }) { b } else { a };
-                return Err(EngineError::Corrupt { device, what: "both superblock copies are unreadable".into(), source: Some(source) });
+                let source = if matches!(a, FormatError::NoMagic { .. }) {
+                    b
+                } else {
+                    a
+                };
+                return Err(EngineError::Corrupt {
+                    device,
+                    what: "both superblock copies are unreadable".into(),
+                    source: Some(source),
+                });
             }
         };
         if geometry.capacity_bytes < sb.capacity_bytes {
             return Err(EngineError::TooSmall {
                 device,
-                reason: format!("it has {} bytes but was formatted with {}", geometry.capacity_bytes, sb.capacity_bytes),
+                reason: format!(
+                    "it has {} bytes but was formatted with {}",
+                    geometry.capacity_bytes, sb.capacity_bytes
+                ),
             });
         }
         if geometry.sector_size > sb.sector_size.max(BLOCK as u32) {
-            return Err(EngineError::Config(format!("sector size {} is larger than at format time", geometry.sector_size)));
+            return Err(EngineError::Config(format!(
+                "sector size {} is larger than at format time",
+                geometry.sector_size
+            )));
         }
 
         let loaded = load_checkpoint(&dev, &pool, &sb).await?;
-        let mut state = State::new(Allocator::new(sb.group_count, sb.class_log2_min, sb.class_log2_max));
+        let mut state = State::new(Allocator::new(
+            sb.group_count,
+            sb.class_log2_min,
+            sb.class_log2_max,
+        ));
         for meta in &loaded.entries {
             state.apply(&Record::Put(*meta), false);
         }
-        let replay = replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut state).await?;
+        let replay =
+            replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut state).await?;
         if let Some(needed) = loaded.needed_lsn
             && replay.end < needed
         {
@@ -183,13 +280,20 @@ impl<D: BlockDevice> Engine<D> {
                 source: None,
             });
         }
-        let slots: Vec<_> = state.committed.iter().map(|(key, c)| (*key, c.meta.slot)).collect();
+        let slots: Vec<_> = state
+            .committed
+            .iter()
+            .map(|(key, c)| (*key, c.meta.slot))
+            .collect();
         for (key, slot) in slots {
-            state.alloc.mark_used(slot).map_err(|conflict| EngineError::Corrupt {
-                device: device.clone(),
-                what: format!("metadata of {key:?} is inconsistent: {conflict}"),
-                source: None,
-            })?;
+            state
+                .alloc
+                .mark_used(slot)
+                .map_err(|conflict| EngineError::Corrupt {
+                    device: device.clone(),
+                    what: format!("metadata of {key:?} is inconsistent: {conflict}"),
+                    source: None,
+                })?;
         }
         tracing::info!(
             device = %device,
@@ -236,7 +340,11 @@ struct LoadedCheckpoint {
     sequence_max: u64,
 }
 
-async fn load_checkpoint<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superblock) -> Result<LoadedCheckpoint, EngineError> {
+async fn load_checkpoint<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    sb: &Superblock,
+) -> Result<LoadedCheckpoint, EngineError> {
     let mut headers = Vec::new();
     let mut last_error = None;
     for slot in 0..2u64 {
@@ -254,15 +362,29 @@ async fn load_checkpoint<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superb
     let sequence_max = headers.first().map_or(0, |(_, header)| header.sequence);
     let mut needed_lsn = None;
     for (slot, header) in headers {
-        let offset = sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes + CHECKPOINT_HEADER_BYTES;
-        let len = (header.entry_count * crate::format::META_BYTES as u64).next_multiple_of(BLOCK) as usize;
+        let offset =
+            sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes + CHECKPOINT_HEADER_BYTES;
+        let len = (header.entry_count * crate::format::META_BYTES as u64).next_multiple_of(BLOCK)
+            as usize;
         let decoded = if len == 0 {
             decode_checkpoint_entries(&[], &header, sb)
         } else {
-            decode_checkpoint_entries(&read_raw(dev, pool, offset, len, "checkpoint").await?, &header, sb)
+            decode_checkpoint_entries(
+                &read_raw(dev, pool, offset, len, "checkpoint").await?,
+                &header,
+                sb,
+            )
         };
         match decoded {
-            Ok(entries) => return Ok(LoadedCheckpoint { slot, header, entries, needed_lsn, sequence_max }),
+            Ok(entries) => {
+                return Ok(LoadedCheckpoint {
+                    slot,
+                    header,
+                    entries,
+                    needed_lsn,
+                    sequence_max,
+                });
+            }
             Err(error) => {
                 tracing::warn!(device = %dev.name(), slot, %error, "checkpoint damaged; trying the older one");
                 needed_lsn.get_or_insert(header.journal_lsn);
@@ -270,7 +392,11 @@ async fn load_checkpoint<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superb
             }
         }
     }
-    Err(EngineError::Corrupt { device: name(dev), what: "no valid checkpoint".into(), source: last_error })
+    Err(EngineError::Corrupt {
+        device: name(dev),
+        what: "no valid checkpoint".into(),
+        source: last_error,
+    })
 }
 
 /// How the journal replay ended.
@@ -283,23 +409,36 @@ struct Replay {
 }
 
 /// Reads the batch that claims log position `lsn`, if a valid one is there.
-async fn read_batch<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superblock, lsn: u64) -> Result<Option<(Vec<Record>, u64)>, EngineError> {
+async fn read_batch<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    sb: &Superblock,
+    lsn: u64,
+) -> Result<Option<(Vec<Record>, u64)>, EngineError> {
     let journal = sb.journal_bytes;
     let position = lsn % journal;
     let offset = sb.journal_offset + position;
     let first = read_raw(dev, pool, offset, BLOCK as usize, "journal").await?;
-    let Some(header) = decode_batch_header(&first, lsn, journal as usize) else { return Ok(None) };
+    let Some(header) = decode_batch_header(&first, lsn, journal as usize) else {
+        return Ok(None);
+    };
     let total = header.total_bytes() as u64;
     if position + total > journal {
         return Ok(None);
     }
-    let full = if total > BLOCK { read_raw(dev, pool, offset, total as usize, "journal").await? } else { first };
+    let full = if total > BLOCK {
+        read_raw(dev, pool, offset, total as usize, "journal").await?
+    } else {
+        first
+    };
     match decode_batch(&full, &header, sb) {
         Ok(Some(records)) => Ok(Some((records, total))),
         Ok(None) => Ok(None),
         Err(source) => Err(EngineError::Corrupt {
             device: name(dev),
-            what: format!("journal batch at log position {lsn} has a valid checksum but invalid records"),
+            what: format!(
+                "journal batch at log position {lsn} has a valid checksum but invalid records"
+            ),
             source: Some(source),
         }),
     }
@@ -307,7 +446,13 @@ async fn read_batch<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superblock,
 
 /// Replays the journal from `start` into `state`, up to the first position
 /// holding no valid batch (a torn or never-written tail).
-async fn replay_journal<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superblock, start: u64, state: &mut State) -> Result<Replay, EngineError> {
+async fn replay_journal<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    sb: &Superblock,
+    start: u64,
+    state: &mut State,
+) -> Result<Replay, EngineError> {
     let journal = sb.journal_bytes;
     let mut lsn = start;
     let mut batches = 0;
@@ -319,7 +464,9 @@ async fn replay_journal<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superbl
             let lap = lsn.next_multiple_of(journal);
             found = read_batch(dev, pool, sb, lap).await?.map(|b| (lap, b));
         }
-        let Some((at, (records, bytes))) = found else { break };
+        let Some((at, (records, bytes))) = found else {
+            break;
+        };
         if let Some(previous) = last.replace(records) {
             for record in &previous {
                 state.apply(record, false);
@@ -343,16 +490,27 @@ async fn replay_journal<D: BlockDevice>(dev: &D, pool: &BufferPool, sb: &Superbl
             discarded = true;
         }
     }
-    Ok(Replay { end: lsn, batches, discarded })
+    Ok(Replay {
+        end: lsn,
+        batches,
+        discarded,
+    })
 }
 
-async fn batch_data_durable<D: BlockDevice>(dev: &D, pool: &BufferPool, records: &[Record], sb: &Superblock) -> Result<bool, EngineError> {
+async fn batch_data_durable<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    records: &[Record],
+    sb: &Superblock,
+) -> Result<bool, EngineError> {
     for record in records {
         let Record::Put(meta) = record else { continue };
         if meta.len == 0 {
             continue;
         }
-        let offset = sb.data_offset + u64::from(meta.slot.group) * sb.group_bytes() + (u64::from(meta.slot.index) << meta.slot.class_log2);
+        let offset = sb.data_offset
+            + u64::from(meta.slot.group) * sb.group_bytes()
+            + (u64::from(meta.slot.index) << meta.slot.class_log2);
         let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
         let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
         if crc32c::crc32c(&data[..meta.len as usize]) != meta.crc {

@@ -9,7 +9,10 @@
 use flyfs_chunk_engine::testing::run_seed;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
@@ -21,11 +24,15 @@ fn random_crashes_lose_nothing_acknowledged() {
     };
     let mut crashes = 0;
     for seed in seeds {
-        let harness = run_seed(seed, steps, true).unwrap_or_else(|e| panic!("{e}\nreplay: FLYFS_CRASH_SEED={seed}"));
+        let harness = run_seed(seed, steps, true)
+            .unwrap_or_else(|e| panic!("{e}\nreplay: FLYFS_CRASH_SEED={seed}"));
         crashes += harness.crashes;
     }
     println!("{crashes} crash points recovered");
-    assert!(crashes > 0, "no crash happened: the test would prove nothing");
+    assert!(
+        crashes > 0,
+        "no crash happened: the test would prove nothing"
+    );
 }
 
 /// Seeds that once failed, pinned forever.

@@ -8,7 +8,9 @@ use flyfs_bypass::fault::{Fault, FaultyDevice};
 use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BlockDevice, DmaBuf, IoOp};
 use flyfs_chunk_engine::format::SUPERBLOCK_OFFSETS;
-use flyfs_chunk_engine::{Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, ReadVersion, WriteOp};
+use flyfs_chunk_engine::{
+    Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, ReadVersion, WriteOp,
+};
 use flyfs_rpc::ids::{ChainId, ChunkVersion, InodeId};
 
 const MIB: u64 = 1 << 20;
@@ -30,14 +32,29 @@ fn write_commit_read_and_reopen() {
         assert_eq!(outcome.crc, crc32c::crc32c(&data));
         assert_same(&contents(&engine, k).await, &data);
         // A sub-range read that is not sector aligned.
-        let part = engine.read(k, ReadRequest::committed(4000, 300)).await.expect("read");
+        let part = engine
+            .read(k, ReadRequest::committed(4000, 300))
+            .await
+            .expect("read");
         assert_eq!(&part.data[..], &data[4000..4300]);
         // Reads past the end are clamped.
-        let tail = engine.read(k, ReadRequest::committed(9_990, 100)).await.expect("read");
+        let tail = engine
+            .read(k, ReadRequest::committed(9_990, 100))
+            .await
+            .expect("read");
         assert_eq!(tail.data.len(), 10);
-        assert!(engine.read(k, ReadRequest::committed(20_000, 10)).await.expect("read").data.is_empty());
+        assert!(
+            engine
+                .read(k, ReadRequest::committed(20_000, 10))
+                .await
+                .expect("read")
+                .data
+                .is_empty()
+        );
         drop(engine);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("reopen");
+        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect("reopen");
         assert_same(&contents(&engine, k).await, &data);
         let info = engine.stat(k).expect("stat");
         assert_eq!(info.committed.map(|m| m.version), Some(ChunkVersion(1)));
@@ -52,27 +69,58 @@ fn pending_versions_are_invisible_until_committed() {
         let engine = format_and_open(&mem(), &small_format()).await;
         let k = key(1, 1, 0);
         put(&engine, k, 1, 0, &bytes(8192, 1)).await;
-        engine.write(update(k, 2, 100, b"new bytes")).await.expect("write");
+        engine
+            .write(update(k, 2, 100, b"new bytes"))
+            .await
+            .expect("write");
         let committed = contents(&engine, k).await;
         assert_eq!(committed, bytes(8192, 1));
         let pending = engine
-            .read(k, ReadRequest { offset: 100, len: 9, version: ReadVersion::Pending, verify: true })
+            .read(
+                k,
+                ReadRequest {
+                    offset: 100,
+                    len: 9,
+                    version: ReadVersion::Pending,
+                    verify: true,
+                },
+            )
             .await
             .expect("pending read");
         assert_eq!(&pending.data[..], b"new bytes");
-        let exact = engine.read(k, ReadRequest { offset: 0, len: 4, version: ReadVersion::Exact(ChunkVersion(1)), verify: false }).await;
+        let exact = engine
+            .read(
+                k,
+                ReadRequest {
+                    offset: 0,
+                    len: 4,
+                    version: ReadVersion::Exact(ChunkVersion(1)),
+                    verify: false,
+                },
+            )
+            .await;
         assert_eq!(exact.expect("v1").version, ChunkVersion(1));
         // Abort: the pending version goes away, its slot is freed.
         engine.abort(k, ChunkVersion(2)).await.expect("abort");
         assert!(engine.stat(k).expect("stat").pending.is_none());
         engine.check_consistency().expect("consistent");
         // A version at or below the committed one is refused.
-        let err = engine.write(update(k, 1, 0, b"x")).await.expect_err("stale version");
+        let err = engine
+            .write(update(k, 1, 0, b"x"))
+            .await
+            .expect_err("stale version");
         assert!(matches!(err, EngineError::VersionConflict { .. }), "{err}");
         // Committing a version that does not exist is refused; committing the
         // committed version again succeeds (retry).
         assert!(engine.commit(k, ChunkVersion(5)).await.is_err());
-        assert_eq!(engine.commit(k, ChunkVersion(1)).await.expect("retry").version, ChunkVersion(1));
+        assert_eq!(
+            engine
+                .commit(k, ChunkVersion(1))
+                .await
+                .expect("retry")
+                .version,
+            ChunkVersion(1)
+        );
     });
 }
 
@@ -85,25 +133,41 @@ fn appends_go_in_place_and_overwrites_copy_on_write() {
         let mut model = bytes(4096, 1);
         let first = put(&engine, k, 1, 0, &model).await;
         assert!(!first.in_place);
-        let slot = engine.stat(k).expect("stat").committed.expect("committed").slot;
+        let slot = engine
+            .stat(k)
+            .expect("stat")
+            .committed
+            .expect("committed")
+            .slot;
         assert_eq!(slot.bytes(), 4096);
         // A block-aligned append that outgrows the 4 KiB slot must move.
         let grow = put(&engine, k, 2, 4096, &bytes(1000, 2)).await;
         model.extend(bytes(1000, 2));
         assert!(!grow.in_place);
-        let slot = engine.stat(k).expect("stat").committed.expect("committed").slot;
+        let slot = engine
+            .stat(k)
+            .expect("stat")
+            .committed
+            .expect("committed")
+            .slot;
         assert_eq!(slot.bytes(), 8192);
         // An unaligned append that fits goes in place and combines the CRC.
         let append = put(&engine, k, 3, 5096, &bytes(3000, 3)).await;
         model.extend(bytes(3000, 3));
         assert!(append.in_place);
         assert_eq!(append.crc, crc32c::crc32c(&model));
-        assert_eq!(engine.stat(k).expect("stat").committed.expect("c").slot, slot);
+        assert_eq!(
+            engine.stat(k).expect("stat").committed.expect("c").slot,
+            slot
+        );
         // An overwrite copies on write.
         let overwrite = put(&engine, k, 4, 10, b"hello").await;
         model[10..15].copy_from_slice(b"hello");
         assert!(!overwrite.in_place);
-        assert_ne!(engine.stat(k).expect("stat").committed.expect("c").slot, slot);
+        assert_ne!(
+            engine.stat(k).expect("stat").committed.expect("c").slot,
+            slot
+        );
         assert_same(&contents(&engine, k).await, &model);
         // A write past the end leaves a zero gap.
         put(&engine, k, 5, 9000, b"far").await;
@@ -137,10 +201,16 @@ fn truncate_remove_and_queries() {
 
         // Shrink, then extend with zeros.
         let k = key(3, 100, 5);
-        engine.write(request(k, 2, WriteOp::Truncate { len: 100 })).await.expect("truncate");
+        engine
+            .write(request(k, 2, WriteOp::Truncate { len: 100 }))
+            .await
+            .expect("truncate");
         engine.commit(k, ChunkVersion(2)).await.expect("commit");
         assert_same(&contents(&engine, k).await, &bytes(5000, 5)[..100].to_vec());
-        engine.write(request(k, 3, WriteOp::Truncate { len: 300 })).await.expect("extend");
+        engine
+            .write(request(k, 3, WriteOp::Truncate { len: 300 }))
+            .await
+            .expect("extend");
         engine.commit(k, ChunkVersion(3)).await.expect("commit");
         let mut want = bytes(5000, 5)[..100].to_vec();
         want.resize(300, 0);
@@ -148,8 +218,17 @@ fn truncate_remove_and_queries() {
 
         assert!(engine.remove(k).await.expect("remove"));
         assert!(!engine.remove(k).await.expect("remove again"));
-        assert!(matches!(engine.read(k, ReadRequest::committed(0, 1)).await, Err(EngineError::NotFound { .. })));
-        assert_eq!(engine.last_chunk(ChainId(3), InodeId(100)).expect("last").key, key(3, 100, 2));
+        assert!(matches!(
+            engine.read(k, ReadRequest::committed(0, 1)).await,
+            Err(EngineError::NotFound { .. })
+        ));
+        assert_eq!(
+            engine
+                .last_chunk(ChainId(3), InodeId(100))
+                .expect("last")
+                .key,
+            key(3, 100, 2)
+        );
         assert_eq!(engine.chain_usage(ChainId(3)).chunks, 4);
         engine.check_consistency().expect("consistent");
     });
@@ -163,7 +242,10 @@ fn replace_and_bad_requests() {
         let k = key(1, 1, 1);
         put(&engine, k, 1, 0, &bytes(20_000, 1)).await;
         let data = bytes(3000, 9);
-        let op = WriteOp::Replace { data: DmaBuf::copy_from(&data), crc: crc32c::crc32c(&data) };
+        let op = WriteOp::Replace {
+            data: DmaBuf::copy_from(&data),
+            crc: crc32c::crc32c(&data),
+        };
         engine.write(request(k, 7, op)).await.expect("replace");
         engine.commit(k, ChunkVersion(7)).await.expect("commit");
         assert_same(&contents(&engine, k).await, &data);
@@ -173,10 +255,28 @@ fn replace_and_bad_requests() {
             *crc ^= 1;
         }
         let err = engine.write(bad).await.expect_err("bad crc");
-        assert!(matches!(err, EngineError::Checksum { what: "write payload", .. }), "{err}");
-        let err = engine.write(update(k, 8, 65_000, &[0u8; 1000])).await.expect_err("too far");
-        assert!(err.to_string().contains("past the largest chunk size"), "{err}");
-        assert!(engine.poisoned().is_none(), "bad requests must not poison the engine");
+        assert!(
+            matches!(
+                err,
+                EngineError::Checksum {
+                    what: "write payload",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = engine
+            .write(update(k, 8, 65_000, &[0u8; 1000]))
+            .await
+            .expect_err("too far");
+        assert!(
+            err.to_string().contains("past the largest chunk size"),
+            "{err}"
+        );
+        assert!(
+            engine.poisoned().is_none(),
+            "bad requests must not poison the engine"
+        );
     });
 }
 
@@ -187,18 +287,31 @@ fn failed_write_poisons_until_reopen() {
     rt.block_on(async {
         Engine::format(&mem, &small_format()).await.expect("format");
         let dev = FaultyDevice::new(mem.clone(), 1);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("open");
+        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect("open");
         let k = key(1, 2, 3);
         put(&engine, k, 1, 0, b"durable").await;
-        dev.inject(Fault::EioRange { range: 0..u64::MAX, op: Some(IoOp::Write) });
-        let err = engine.write(update(k, 2, 0, b"lost")).await.expect_err("injected EIO");
+        dev.inject(Fault::EioRange {
+            range: 0..u64::MAX,
+            op: Some(IoOp::Write),
+        });
+        let err = engine
+            .write(update(k, 2, 0, b"lost"))
+            .await
+            .expect_err("injected EIO");
         assert!(err.is_device_failure(), "{err}");
-        let err = engine.write(update(k, 2, 0, b"again")).await.expect_err("poisoned");
+        let err = engine
+            .write(update(k, 2, 0, b"again"))
+            .await
+            .expect_err("poisoned");
         assert!(matches!(err, EngineError::Poisoned { .. }), "{err}");
         assert_same(&contents(&engine, k).await, b"durable");
         drop(engine);
         dev.clear();
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("reopen");
+        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect("reopen");
         assert!(engine.poisoned().is_none());
         put(&engine, k, 2, 0, b"works").await;
     });
@@ -213,7 +326,10 @@ fn failed_flush_fails_the_commit_and_poisons() {
         let dev = engine.device().clone();
         let k = key(1, 2, 3);
         engine.write(update(k, 1, 0, b"data")).await.expect("write");
-        dev.inject(Fault::EioRange { range: 0..u64::MAX, op: Some(IoOp::Flush) });
+        dev.inject(Fault::EioRange {
+            range: 0..u64::MAX,
+            op: Some(IoOp::Flush),
+        });
         assert!(engine.commit(k, ChunkVersion(1)).await.is_err());
         assert!(engine.poisoned().is_some());
     });
@@ -226,18 +342,40 @@ fn corrupt_reads_are_detected_when_verifying() {
         let engine = format_and_open(&FaultyDevice::new(mem(), 5), &small_format()).await;
         let k = key(1, 1, 0);
         put(&engine, k, 1, 0, &bytes(8192, 4)).await;
-        engine.device().inject(Fault::CorruptReads { range: 0..u64::MAX });
+        engine
+            .device()
+            .inject(Fault::CorruptReads { range: 0..u64::MAX });
         let err = engine
-            .read(k, ReadRequest { offset: 0, len: 10, version: ReadVersion::Committed, verify: true })
+            .read(
+                k,
+                ReadRequest {
+                    offset: 0,
+                    len: 10,
+                    version: ReadVersion::Committed,
+                    verify: true,
+                },
+            )
             .await
             .expect_err("corruption");
-        assert!(matches!(err, EngineError::Checksum { what: "chunk data", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                EngineError::Checksum {
+                    what: "chunk data",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     });
 }
 
 #[test]
 fn concurrent_commits_share_journal_batches() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
     let dev = mem();
     rt.block_on(async {
         let engine = format_and_open(&dev, &small_format()).await;
@@ -245,15 +383,30 @@ fn concurrent_commits_share_journal_batches() {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200u32 {
             let engine = engine.clone();
-            tasks.spawn(async move { put(&engine, key(1, u64::from(i), 0), 1, 0, &bytes(4096, i as u8)).await });
+            tasks.spawn(async move {
+                put(
+                    &engine,
+                    key(1, u64::from(i), 0),
+                    1,
+                    0,
+                    &bytes(4096, i as u8),
+                )
+                .await
+            });
         }
         while let Some(done) = tasks.join_next().await {
             done.expect("task");
         }
         let flushes = dev.stats().flushes - flushes_before;
-        assert!(flushes < 200, "group commit should batch: {flushes} flushes for 200 commits");
+        assert!(
+            flushes < 200,
+            "group commit should batch: {flushes} flushes for 200 commits"
+        );
         for i in 0..200u32 {
-            assert_eq!(contents(&engine, key(1, u64::from(i), 0)).await, bytes(4096, i as u8));
+            assert_eq!(
+                contents(&engine, key(1, u64::from(i), 0)).await,
+                bytes(4096, i as u8)
+            );
         }
         engine.check_consistency().expect("consistent");
     });
@@ -263,20 +416,38 @@ fn concurrent_commits_share_journal_batches() {
 fn journal_wraps_and_checkpoints_many_times() {
     let rt = runtime();
     let dev = mem();
-    let options = FormatOptions { journal_bytes: Some(64 << 10), ..small_format() };
+    let options = FormatOptions {
+        journal_bytes: Some(64 << 10),
+        ..small_format()
+    };
     rt.block_on(async {
         let engine = format_and_open(&dev, &options).await;
         for round in 0..300u32 {
             let k = key(1, u64::from(round % 37), 0);
-            let version = engine.stat(k).and_then(|i| i.committed).map_or(1, |m| m.version.0 + 1);
-            put(&engine, k, version, 0, &bytes(100 + round as usize, round as u8)).await;
+            let version = engine
+                .stat(k)
+                .and_then(|i| i.committed)
+                .map_or(1, |m| m.version.0 + 1);
+            put(
+                &engine,
+                k,
+                version,
+                0,
+                &bytes(100 + round as usize, round as u8),
+            )
+            .await;
             if round % 50 == 0 {
-                engine.remove(key(1, u64::from((round + 1) % 37), 0)).await.expect("remove");
+                engine
+                    .remove(key(1, u64::from((round + 1) % 37), 0))
+                    .await
+                    .expect("remove");
             }
         }
         let before: Vec<_> = engine.chunks(ChainId(1), .., usize::MAX);
         drop(engine);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("reopen");
+        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect("reopen");
         assert_eq!(engine.chunks(ChainId(1), .., usize::MAX), before);
         engine.check_consistency().expect("consistent");
     });
@@ -288,30 +459,51 @@ fn bad_devices_give_clear_errors() {
     rt.block_on(async {
         // Unformatted.
         let blank = mem();
-        let err = Engine::open(blank.clone(), pool(), EngineConfig::default()).await.expect_err("blank");
+        let err = Engine::open(blank.clone(), pool(), EngineConfig::default())
+            .await
+            .expect_err("blank");
         assert!(matches!(err, EngineError::NotFormatted { .. }), "{err}");
         assert!(err.to_string().contains("format it first"), "{err}");
         // Too small.
         let tiny = MemDevice::new(2 * MIB, 4096);
-        let err = Engine::format(&tiny, &FormatOptions::default()).await.expect_err("tiny");
+        let err = Engine::format(&tiny, &FormatOptions::default())
+            .await
+            .expect_err("tiny");
         assert!(matches!(err, EngineError::TooSmall { .. }), "{err}");
         // Formatted once: a second format needs force.
         let dev = mem();
         Engine::format(&dev, &small_format()).await.expect("format");
-        let err = Engine::format(&dev, &small_format()).await.expect_err("no force");
+        let err = Engine::format(&dev, &small_format())
+            .await
+            .expect_err("no force");
         assert!(err.to_string().contains("--force"), "{err}");
-        Engine::format(&dev, &FormatOptions { force: true, ..small_format() }).await.expect("forced");
+        Engine::format(
+            &dev,
+            &FormatOptions {
+                force: true,
+                ..small_format()
+            },
+        )
+        .await
+        .expect("forced");
         // One damaged superblock copy is repaired from the other.
         dev.poke(SUPERBLOCK_OFFSETS[0] + 100, &[0xff; 8]);
         let opened = Engine::open(dev.clone(), pool(), EngineConfig::default()).await;
         drop(opened.expect("repairs"));
-        assert_eq!(dev.snapshot()[..4096], dev.snapshot()[SUPERBLOCK_OFFSETS[1] as usize..][..4096]);
+        assert_eq!(
+            dev.snapshot()[..4096],
+            dev.snapshot()[SUPERBLOCK_OFFSETS[1] as usize..][..4096]
+        );
         // Both damaged: a corruption error, and format still needs force.
         dev.poke(SUPERBLOCK_OFFSETS[0] + 100, &[0xff; 8]);
         dev.poke(SUPERBLOCK_OFFSETS[1] + 100, &[0xff; 8]);
-        let err = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect_err("corrupt");
+        let err = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect_err("corrupt");
         assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
-        let err = Engine::format(&dev, &small_format()).await.expect_err("damaged still needs force");
+        let err = Engine::format(&dev, &small_format())
+            .await
+            .expect_err("damaged still needs force");
         assert!(err.to_string().contains("damaged"), "{err}");
         // Another format version.
         let dev = mem();
@@ -319,15 +511,23 @@ fn bad_devices_give_clear_errors() {
         for offset in SUPERBLOCK_OFFSETS {
             dev.poke(offset + 8, &7u32.to_le_bytes());
         }
-        let err = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect_err("version");
-        assert!(err.to_string().contains("format version 7 is not supported"), "{err}");
+        let err = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect_err("version");
+        assert!(
+            err.to_string()
+                .contains("format version 7 is not supported"),
+            "{err}"
+        );
         // A device that shrank.
         let dev = mem();
         Engine::format(&dev, &small_format()).await.expect("format");
         let image = dev.snapshot();
         let smaller = MemDevice::new(16 * MIB, 4096);
         smaller.poke(0, &image[..16 * MIB as usize]);
-        let err = Engine::open(smaller, pool(), EngineConfig::default()).await.expect_err("shrunk");
+        let err = Engine::open(smaller, pool(), EngineConfig::default())
+            .await
+            .expect_err("shrunk");
         assert!(matches!(err, EngineError::TooSmall { .. }), "{err}");
     });
 }
@@ -342,7 +542,9 @@ fn damaged_checkpoint_falls_back_or_refuses() {
         let sb = *engine.superblock();
         drop(engine);
         // The open checkpointed into one slot; find the newest and damage its payload.
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default()).await.expect("open");
+        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+            .await
+            .expect("open");
         drop(engine);
         let image = dev.snapshot();
         let seq = |slot: u64| {
@@ -350,7 +552,10 @@ fn damaged_checkpoint_falls_back_or_refuses() {
             u64::from_le_bytes(image[at + 8..at + 16].try_into().expect("8 bytes"))
         };
         let newest = if seq(0) > seq(1) { 0 } else { 1 };
-        dev.poke(sb.checkpoint_offset + newest * sb.checkpoint_slot_bytes + 4096, &[0xAA; 16]);
+        dev.poke(
+            sb.checkpoint_offset + newest * sb.checkpoint_slot_bytes + 4096,
+            &[0xAA; 16],
+        );
         // The older checkpoint plus the journal may or may not reach the
         // newer one's position; either way the engine must not lose "kept"
         // silently: it recovers it, or it refuses to open.
@@ -368,6 +573,9 @@ fn geometry_of_a_formatted_device() {
     rt.block_on(async {
         let sb = Engine::format(&dev, &small_format()).await.expect("format");
         assert_eq!(sb.group_bytes(), 65536);
-        assert!(sb.data_offset + u64::from(sb.group_count) * sb.group_bytes() <= dev.geometry().capacity_bytes);
+        assert!(
+            sb.data_offset + u64::from(sb.group_count) * sb.group_bytes()
+                <= dev.geometry().capacity_bytes
+        );
     });
 }

@@ -9,7 +9,12 @@ use proptest::prelude::*;
 
 fn op() -> impl Strategy<Value = Op> {
     let k = 0u8..8;
-    let size = prop_oneof![0u16..64, (0u16..4).prop_map(|b| b * 4096), 0u16..8192, any::<u16>()];
+    let size = prop_oneof![
+        0u16..64,
+        (0u16..4).prop_map(|b| b * 4096),
+        0u16..8192,
+        any::<u16>()
+    ];
     prop_oneof![
         5 => (k.clone(), size.clone(), size.clone(), any::<u8>(), any::<bool>())
             .prop_map(|(key, offset, len, seed, append)| Op::Write { key, offset, len, seed, append }),

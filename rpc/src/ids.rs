@@ -79,7 +79,10 @@ pub struct ChunkId {
 
 impl ChunkId {
     pub const fn new(inode: u64, index: u32) -> ChunkId {
-        ChunkId { inode: InodeId(inode), index }
+        ChunkId {
+            inode: InodeId(inode),
+            index,
+        }
     }
 }
 
@@ -110,6 +113,9 @@ mod tests {
     fn chunk_ids_sort_by_inode_then_index() {
         let mut ids = vec![ChunkId::new(2, 0), ChunkId::new(1, 5), ChunkId::new(1, 1)];
         ids.sort();
-        assert_eq!(ids, vec![ChunkId::new(1, 1), ChunkId::new(1, 5), ChunkId::new(2, 0)]);
+        assert_eq!(
+            ids,
+            vec![ChunkId::new(1, 1), ChunkId::new(1, 5), ChunkId::new(2, 0)]
+        );
     }
 }

@@ -1,0 +1,335 @@
+//! `flyfs bench engine`: the chunk engine's side of the engine-vs-fio
+//! comparison (benches/engine-vs-fio runs both, interleaved).
+//!
+//! On a file (created if needed, formatted if not yet a chunk engine; an
+//! existing engine is opened and keeps its data), it writes and commits
+//! 1 MiB chunks with `depth` in flight, reads them back, then issues 4 KiB
+//! random reads inside them at `rand_depth` for a fixed time. The bench
+//! chunks live on a chain of their own and are removed afterwards.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flyfs_bypass::uring::{UringConfig, UringDevice};
+use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
+use flyfs_chunk_engine::{
+    ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, WriteOp, WriteRequest,
+};
+use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use rand::{Rng, SeedableRng};
+
+/// A chain id no deployment uses, so the bench never touches real chunks.
+const BENCH_CHAIN: ChainId = ChainId(u32::MAX);
+const BENCH_INODE: u64 = 0xbe4c_0000_0000_0000;
+const CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct EngineArgs {
+    /// File (or block device) to run on; created if missing.
+    #[arg(long)]
+    path: std::path::PathBuf,
+    /// Size of the file to create.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Bytes of 1 MiB chunks to write and read.
+    #[arg(long, default_value = "768MiB", value_parser = parse_size)]
+    total: u64,
+    /// 1 MiB I/Os in flight.
+    #[arg(long, default_value_t = 16)]
+    depth: usize,
+    /// 4 KiB random reads in flight.
+    #[arg(long, default_value_t = 64)]
+    rand_depth: usize,
+    /// Seconds of random reads.
+    #[arg(long, default_value_t = 10.0)]
+    rand_seconds: f64,
+    /// Let a kernel thread poll the submission queue.
+    #[arg(long)]
+    sqpoll: bool,
+    /// Microseconds the device reactor busy-polls before sleeping.
+    #[arg(long)]
+    poll_spin_us: Option<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `123`, `4KiB`, `64MiB`, `2GiB`, `1G`, ...
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 4096, 64KiB, 2GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}` (use KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+fn key(index: u32) -> ChunkKey {
+    ChunkKey::new(BENCH_CHAIN, ChunkId::new(BENCH_INODE, index))
+}
+
+#[derive(serde::Serialize)]
+struct Results {
+    seq_write_mib_s: f64,
+    seq_read_mib_s: f64,
+    rand_read_4k_iops: f64,
+    chunks: u32,
+    depth: usize,
+    rand_depth: usize,
+    device: String,
+    io_uring: String,
+}
+
+pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
+    if args.depth == 0 || args.rand_depth == 0 {
+        bail!("--depth and --rand-depth must be at least 1");
+    }
+    let chunks = u32::try_from(args.total / CHUNK_BYTES as u64).context("--total is too large")?;
+    if chunks == 0 {
+        bail!("--total must be at least 1 MiB");
+    }
+    let pool = BufferPool::new(&PoolConfig {
+        classes: vec![
+            (4096, 2 * args.rand_depth + 64),
+            (CHUNK_BYTES, 2 * args.depth + 8),
+        ],
+        hugepages: HugePages::Auto,
+    })?;
+    let mut config = UringConfig {
+        queue_depth: 256,
+        sqpoll: args.sqpoll,
+        ..UringConfig::default()
+    };
+    if let Some(spin) = args.poll_spin_us {
+        config.poll_spin_us = spin;
+    }
+    let dev = if args.path.exists() {
+        UringDevice::open(&args.path, &config, Some(&pool))
+    } else {
+        UringDevice::create_file(&args.path, args.size, &config, Some(&pool))
+    }
+    .with_context(|| format!("opening {}", args.path.display()))?;
+    let features = dev.features().to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let results = runtime.block_on(async {
+        let engine = match Engine::open(dev.clone(), pool.clone(), EngineConfig::default()).await {
+            Ok(engine) => engine,
+            Err(EngineError::NotFormatted { .. }) => {
+                Engine::format(&dev, &FormatOptions::default()).await?;
+                Engine::open(dev.clone(), pool.clone(), EngineConfig::default()).await?
+            }
+            Err(error) => return Err(anyhow::Error::from(error)),
+        };
+        let space = engine.space();
+        if args.total > space.data_bytes - space.allocated_bytes {
+            bail!(
+                "--total {} exceeds the free space {}",
+                args.total,
+                space.data_bytes - space.allocated_bytes
+            );
+        }
+        clean(&engine).await?;
+        let write = seq_write(&engine, chunks, args.depth).await?;
+        let read = seq_read(&engine, chunks, args.depth).await?;
+        let iops = rand_read(
+            &engine,
+            chunks,
+            args.rand_depth,
+            Duration::from_secs_f64(args.rand_seconds),
+        )
+        .await?;
+        clean(&engine).await?;
+        let mib = f64::from(chunks);
+        Ok(Results {
+            seq_write_mib_s: mib / write.as_secs_f64(),
+            seq_read_mib_s: mib / read.as_secs_f64(),
+            rand_read_4k_iops: iops,
+            chunks,
+            depth: args.depth,
+            rand_depth: args.rand_depth,
+            device: args.path.display().to_string(),
+            io_uring: features.clone(),
+        })
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        println!("device          {} ({})", results.device, results.io_uring);
+        println!(
+            "1 MiB write     {:>10.1} MiB/s  ({} chunks, depth {}, each committed)",
+            results.seq_write_mib_s, chunks, args.depth
+        );
+        println!(
+            "1 MiB read      {:>10.1} MiB/s  (depth {})",
+            results.seq_read_mib_s, args.depth
+        );
+        println!(
+            "4 KiB rand read {:>10.0} IOPS    (depth {})",
+            results.rand_read_4k_iops, args.rand_depth
+        );
+    }
+    Ok(())
+}
+
+async fn clean(engine: &Engine<UringDevice>) -> anyhow::Result<()> {
+    for info in engine.chunks(BENCH_CHAIN, .., usize::MAX) {
+        engine.remove(info.key).await?;
+    }
+    Ok(())
+}
+
+/// Runs `depth` workers that each take the next index until `count`.
+async fn parallel<F, Fut>(count: u32, depth: usize, work: F) -> anyhow::Result<Duration>
+where
+    F: Fn(u32) -> Fut + Clone + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let mut tasks = Vec::new();
+    for _ in 0..depth {
+        let next = next.clone();
+        let work = work.clone();
+        tasks.push(local.spawn_local(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= u64::from(count) {
+                    return anyhow::Ok(());
+                }
+                work(index as u32).await?;
+            }
+        }));
+    }
+    local.await;
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed())
+}
+
+async fn seq_write(
+    engine: &Engine<UringDevice>,
+    chunks: u32,
+    depth: usize,
+) -> anyhow::Result<Duration> {
+    // One template; each write copies it into a pool buffer, as a server
+    // copies a received payload, and sends its precomputed CRC.
+    let template: Arc<Vec<u8>> = Arc::new((0..CHUNK_BYTES).map(|i| (i * 7 + 3) as u8).collect());
+    let crc = crc32c::crc32c(&template);
+    let engine = engine.clone();
+    parallel(chunks, depth, move |index| {
+        let engine = engine.clone();
+        let template = template.clone();
+        async move {
+            let mut data = engine.pool().alloc(CHUNK_BYTES);
+            data.copy_from_slice(&template);
+            let request = WriteRequest {
+                key: key(index),
+                version: ChunkVersion(1),
+                chain_version: ChainVersion(1),
+                op: WriteOp::Replace { data, crc },
+                client: ClientId(0),
+                request: RequestId(u64::from(index)),
+            };
+            engine.write(request).await?;
+            engine.commit(key(index), ChunkVersion(1)).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn seq_read(
+    engine: &Engine<UringDevice>,
+    chunks: u32,
+    depth: usize,
+) -> anyhow::Result<Duration> {
+    let engine = engine.clone();
+    parallel(chunks, depth, move |index| {
+        let engine = engine.clone();
+        async move {
+            let read = engine
+                .read(key(index), ReadRequest::committed(0, CHUNK_BYTES as u32))
+                .await?;
+            anyhow::ensure!(
+                read.data.len() == CHUNK_BYTES,
+                "short read of chunk {index}"
+            );
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn rand_read(
+    engine: &Engine<UringDevice>,
+    chunks: u32,
+    depth: usize,
+    run: Duration,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + run;
+    let engine = engine.clone();
+    let counter = done.clone();
+    let elapsed = parallel(depth as u32, depth, move |worker| {
+        let engine = engine.clone();
+        let done = counter.clone();
+        async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(worker));
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                for _ in 0..64 {
+                    let index = rng.random_range(0..chunks);
+                    let offset = rng.random_range(0..(CHUNK_BYTES / 4096) as u32) * 4096;
+                    let read = engine
+                        .read(key(index), ReadRequest::committed(offset, 4096))
+                        .await?;
+                    anyhow::ensure!(read.data.len() == 4096, "short random read");
+                    n += 1;
+                }
+            }
+            done.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+}
