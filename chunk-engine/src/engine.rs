@@ -288,11 +288,17 @@ impl State {
                 }
             }
             Record::Remove { chain, chunk } => {
-                if let Some(old) = self.committed.remove(&ChunkKey::new(*chain, *chunk)) {
+                let key = ChunkKey::new(*chain, *chunk);
+                if let Some(old) = self.committed.remove(&key) {
                     self.account(&old.meta, -1);
                     if live {
                         self.release(old.meta.slot);
                     }
+                }
+                if let Some(pending) = self.pending.remove(&key)
+                    && !pending.in_place
+                {
+                    self.release(pending.slot);
                 }
             }
         }
@@ -959,29 +965,25 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     /// Removes a chunk, durably, with any pending version. Returns whether
-    /// it existed.
+    /// it existed. A failed remove changes nothing.
     pub async fn remove(&self, key: ChunkKey) -> Result<bool, EngineError> {
         let core = &*self.core;
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
-        let (had_pending, committed) = {
-            let mut state = core.state.lock();
-            let pending = state.pending.remove(&key);
-            if let Some(p) = pending
-                && !p.in_place
-            {
-                state.release(p.slot);
-            }
-            (pending.is_some(), state.committed.contains_key(&key))
+        core.check_writable()?;
+        let (pending, committed) = {
+            let state = core.state.lock();
+            (state.pending.contains_key(&key), state.committed.contains_key(&key))
         };
         if committed {
-            core.journal(Record::Remove {
-                chain: key.chain,
-                chunk: key.chunk,
-            })
-            .await?;
+            // Applying the durable record drops the pending version too.
+            core.journal(Record::Remove { chain: key.chain, chunk: key.chunk }).await?;
+        } else if pending {
+            let mut state = core.state.lock();
+            let p = state.pending.remove(&key).expect("pending version checked under the chunk lock");
+            state.release(p.slot);
         }
-        Ok(committed || had_pending)
+        Ok(committed || pending)
     }
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.

@@ -164,6 +164,19 @@ impl Harness {
         self.engine.as_ref().expect("engine is open between steps")
     }
 
+    /// The engine's and the model's view of chunk `k`, for debugging a seed.
+    pub fn describe(&self, k: u8) -> String {
+        let chunk = self.model.get(&(k % KEYS)).cloned().unwrap_or_default();
+        let brief = |c: &Option<Contents>| c.as_ref().map(|(b, v)| (b.len(), *v));
+        format!(
+            "engine {:?}; model committed {:?} pending {:?} maybe {:?}",
+            self.engine().stat(key(k)),
+            brief(&chunk.committed),
+            brief(&chunk.pending),
+            chunk.maybe.iter().map(brief).collect::<Vec<_>>()
+        )
+    }
+
     /// Runs one operation and checks the engine against the model.
     pub fn step(&mut self, op: &Op) -> Result<(), String> {
         self.steps += 1;
@@ -296,8 +309,9 @@ impl Harness {
                         Ok(())
                     }
                     Ok(found) => Err(format!("remove said existed={found}, model says {existed}")),
+                    // A failed remove changes nothing in memory, and may or
+                    // may not be durable.
                     Err(error) => {
-                        chunk.pending = None;
                         chunk.maybe.push(None);
                         self.failed("remove", &error)
                     }
