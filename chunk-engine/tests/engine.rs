@@ -206,7 +206,7 @@ fn truncate_remove_and_queries() {
             .await
             .expect("truncate");
         engine.commit(k, ChunkVersion(2)).await.expect("commit");
-        assert_same(&contents(&engine, k).await, &bytes(5000, 5)[..100].to_vec());
+        assert_same(&contents(&engine, k).await, &bytes(5000, 5)[..100]);
         engine
             .write(request(k, 3, WriteOp::Truncate { len: 300 }))
             .await
