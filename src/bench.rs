@@ -109,7 +109,10 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     }
     let pooled_chunks = 2 * args.depth + 8;
     let pool = BufferPool::new(&PoolConfig {
-        classes: vec![(4096, 2 * args.rand_depth + 64), (CHUNK_BYTES, pooled_chunks)],
+        classes: vec![
+            (4096, 2 * args.rand_depth + 64),
+            (CHUNK_BYTES, pooled_chunks),
+        ],
         hugepages: HugePages::Auto,
     })?;
     let mut config = UringConfig {
@@ -227,7 +230,12 @@ where
     Ok(started.elapsed())
 }
 
-async fn seq_write(engine: &Engine<UringDevice>, chunks: u32, depth: usize, pooled: usize) -> anyhow::Result<Duration> {
+async fn seq_write(
+    engine: &Engine<UringDevice>,
+    chunks: u32,
+    depth: usize,
+    pooled: usize,
+) -> anyhow::Result<Duration> {
     // In a server, a chunk's payload arrives by DMA (RDMA or the NIC) in a
     // pooled buffer with its CRC computed by the client: neither a copy nor
     // the client's CRC is the engine's work. So every pooled 1 MiB buffer is
@@ -236,7 +244,9 @@ async fn seq_write(engine: &Engine<UringDevice>, chunks: u32, depth: usize, pool
     // fails the write: the shortcut cannot skew a result silently.
     let template: Vec<u8> = (0..CHUNK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
     let crc = crc32c::crc32c(&template);
-    let filled: Vec<_> = (0..pooled).map(|_| engine.pool().alloc(CHUNK_BYTES)).collect();
+    let filled: Vec<_> = (0..pooled)
+        .map(|_| engine.pool().alloc(CHUNK_BYTES))
+        .collect();
     for mut buf in filled {
         buf.copy_from_slice(&template);
     }

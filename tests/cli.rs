@@ -35,12 +35,28 @@ fn format_refuses_to_overwrite_without_force() {
 
 #[test]
 fn bad_arguments_are_named() {
-    let out = flyfs().args(["format", "--device", "/nonexistent/x", "--size", "12 parsecs"]).output().expect("run");
+    let out = flyfs()
+        .args([
+            "format",
+            "--device",
+            "/nonexistent/x",
+            "--size",
+            "12 parsecs",
+        ])
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("12 parsecs"), "{}", stderr(&out));
-    let out = flyfs().args(["format", "--device", "/nonexistent/dir/x"]).output().expect("run");
+    let out = flyfs()
+        .args(["format", "--device", "/nonexistent/dir/x"])
+        .output()
+        .expect("run");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("/nonexistent/dir/x"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/dir/x"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -50,13 +66,24 @@ fn engine_bench_prints_json() {
     let out = flyfs()
         .args(["bench", "engine", "--path"])
         .arg(&path)
-        .args(["--size", "256MiB", "--total", "32MiB", "--rand-seconds", "0.3", "--json"])
+        .args([
+            "--size",
+            "256MiB",
+            "--total",
+            "32MiB",
+            "--rand-seconds",
+            "0.3",
+            "--json",
+        ])
         .output()
         .expect("run flyfs");
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for field in ["seq_write_mib_s", "seq_read_mib_s", "rand_read_4k_iops"] {
-        assert!(json[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {json}");
+        assert!(
+            json[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} in {json}"
+        );
     }
     // A second run reuses the formatted file and its engine.
     let again = flyfs()

@@ -87,11 +87,22 @@ impl Geometry {
     pub fn check(&self, op: IoOp, offset: u64, len: u64, addr: usize) -> Result<(), DeviceError> {
         let sector = u64::from(self.sector_size);
         if offset % sector != 0 || len % sector != 0 || (addr as u64) % sector != 0 {
-            return Err(DeviceError::Misaligned { op, offset, len, addr, sector_size: self.sector_size });
+            return Err(DeviceError::Misaligned {
+                op,
+                offset,
+                len,
+                addr,
+                sector_size: self.sector_size,
+            });
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.capacity_bytes => Ok(()),
-            _ => Err(DeviceError::OutOfRange { op, offset, len, capacity_bytes: self.capacity_bytes }),
+            _ => Err(DeviceError::OutOfRange {
+                op,
+                offset,
+                len,
+                capacity_bytes: self.capacity_bytes,
+            }),
         }
     }
 }
@@ -132,11 +143,29 @@ pub enum DeviceError {
         "misaligned {op}: offset {offset}, length {len} and buffer address {addr:#x} must all be \
          multiples of the sector size {sector_size}"
     )]
-    Misaligned { op: IoOp, offset: u64, len: u64, addr: usize, sector_size: u32 },
-    #[error("{op} of {len} bytes at offset {offset} lies beyond the device capacity of {capacity_bytes} bytes")]
-    OutOfRange { op: IoOp, offset: u64, len: u64, capacity_bytes: u64 },
+    Misaligned {
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        addr: usize,
+        sector_size: u32,
+    },
+    #[error(
+        "{op} of {len} bytes at offset {offset} lies beyond the device capacity of {capacity_bytes} bytes"
+    )]
+    OutOfRange {
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        capacity_bytes: u64,
+    },
     #[error("cannot open {path}: {reason}")]
-    Open { path: String, reason: String, #[source] source: Option<std::io::Error> },
+    Open {
+        path: String,
+        reason: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
     #[error("device {device} is shut down")]
     Closed { device: Arc<str> },
 }
@@ -186,5 +215,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
 
     /// Advises the device that `len` bytes at `offset` are unused.
-    fn discard(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
 }

@@ -973,14 +973,24 @@ impl<D: BlockDevice> Engine<D> {
         core.check_writable()?;
         let (pending, committed) = {
             let state = core.state.lock();
-            (state.pending.contains_key(&key), state.committed.contains_key(&key))
+            (
+                state.pending.contains_key(&key),
+                state.committed.contains_key(&key),
+            )
         };
         if committed {
             // Applying the durable record drops the pending version too.
-            core.journal(Record::Remove { chain: key.chain, chunk: key.chunk }).await?;
+            core.journal(Record::Remove {
+                chain: key.chain,
+                chunk: key.chunk,
+            })
+            .await?;
         } else if pending {
             let mut state = core.state.lock();
-            let p = state.pending.remove(&key).expect("pending version checked under the chunk lock");
+            let p = state
+                .pending
+                .remove(&key)
+                .expect("pending version checked under the chunk lock");
             state.release(p.slot);
         }
         Ok(committed || pending)

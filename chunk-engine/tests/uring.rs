@@ -9,26 +9,44 @@ use flyfs_chunk_engine::{Engine, EngineConfig, EngineError, FormatOptions};
 use flyfs_rpc::ids::{ChainId, InodeId};
 
 fn device(path: &std::path::Path, size: u64) -> UringDevice {
-    UringDevice::create_file(path, size, &UringConfig::default(), None).expect("io_uring device on a temp file")
+    UringDevice::create_file(path, size, &UringConfig::default(), None)
+        .expect("io_uring device on a temp file")
 }
 
 #[test]
 fn engine_on_io_uring_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("engine.img");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let pool = pool();
-        let dev = UringDevice::create_file(&path, 256 << 20, &UringConfig::default(), Some(&pool)).expect("device");
-        let options = FormatOptions { chunk_size_min: 64 << 10, chunk_size_max: 4 << 20, ..FormatOptions::default() };
+        let dev = UringDevice::create_file(&path, 256 << 20, &UringConfig::default(), Some(&pool))
+            .expect("device");
+        let options = FormatOptions {
+            chunk_size_min: 64 << 10,
+            chunk_size_max: 4 << 20,
+            ..FormatOptions::default()
+        };
         Engine::format(&dev, &options).await.expect("format");
-        let engine = Engine::open(dev, pool, EngineConfig::default()).await.expect("open");
+        let engine = Engine::open(dev, pool, EngineConfig::default())
+            .await
+            .expect("open");
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..64u32 {
             let engine = engine.clone();
             tasks.spawn(async move {
                 let k = key(1, 42, i);
-                put(&engine, k, 1, 0, &bytes(300_000 + i as usize * 1000, i as u8)).await;
+                put(
+                    &engine,
+                    k,
+                    1,
+                    0,
+                    &bytes(300_000 + i as usize * 1000, i as u8),
+                )
+                .await;
                 // An unaligned append in place, then an overwrite by copy-on-write.
                 put(&engine, k, 2, 300_000 + i * 1000, &bytes(5000, 7)).await;
                 put(&engine, k, 3, 17, b"overwrite").await;
@@ -38,11 +56,19 @@ fn engine_on_io_uring_survives_reopen() {
             done.expect("task");
         }
         engine.check_consistency().expect("consistent");
-        assert_eq!(engine.last_chunk(ChainId(1), InodeId(42)).expect("last").key, key(1, 42, 63));
+        assert_eq!(
+            engine
+                .last_chunk(ChainId(1), InodeId(42))
+                .expect("last")
+                .key,
+            key(1, 42, 63)
+        );
     });
     let rt = runtime();
     rt.block_on(async {
-        let engine = Engine::open(device(&path, 256 << 20), pool(), EngineConfig::default()).await.expect("reopen");
+        let engine = Engine::open(device(&path, 256 << 20), pool(), EngineConfig::default())
+            .await
+            .expect("reopen");
         for i in 0..64u32 {
             let mut want = bytes(300_000 + i as usize * 1000, i as u8);
             want.extend(bytes(5000, 7));
@@ -59,12 +85,19 @@ fn unformatted_and_reformatted_files_are_refused() {
     let path = dir.path().join("blank.img");
     let rt = runtime();
     rt.block_on(async {
-        let err = Engine::open(device(&path, 64 << 20), pool(), EngineConfig::default()).await.expect_err("blank");
+        let err = Engine::open(device(&path, 64 << 20), pool(), EngineConfig::default())
+            .await
+            .expect_err("blank");
         assert!(matches!(err, EngineError::NotFormatted { .. }), "{err}");
-        assert!(err.to_string().contains("blank.img"), "error names the device: {err}");
+        assert!(
+            err.to_string().contains("blank.img"),
+            "error names the device: {err}"
+        );
         let dev = device(&path, 64 << 20);
         Engine::format(&dev, &small_format()).await.expect("format");
-        let err = Engine::format(&dev, &small_format()).await.expect_err("second format");
+        let err = Engine::format(&dev, &small_format())
+            .await
+            .expect_err("second format");
         assert!(matches!(err, EngineError::AlreadyFormatted { .. }), "{err}");
     });
 }
