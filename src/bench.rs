@@ -92,6 +92,8 @@ struct Results {
     seq_write_mib_s: f64,
     seq_read_mib_s: f64,
     rand_read_4k_iops: f64,
+    /// Group commit: chunk commits per journal batch (and flush) while writing.
+    commits_per_batch: f64,
     chunks: u32,
     depth: usize,
     rand_depth: usize,
@@ -151,7 +153,11 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
+        let before = engine.stats();
         let write = seq_write(&engine, chunks, args.depth, pooled_chunks).await?;
+        let after = engine.stats();
+        let commits_per_batch = (after.records - before.records) as f64
+            / (after.batches - before.batches).max(1) as f64;
         let read = seq_read(&engine, chunks, args.depth).await?;
         let iops = rand_read(
             &engine,
@@ -166,6 +172,7 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             seq_write_mib_s: mib / write.as_secs_f64(),
             seq_read_mib_s: mib / read.as_secs_f64(),
             rand_read_4k_iops: iops,
+            commits_per_batch,
             chunks,
             depth: args.depth,
             rand_depth: args.rand_depth,
@@ -178,8 +185,8 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     } else {
         println!("device          {} ({})", results.device, results.io_uring);
         println!(
-            "1 MiB write     {:>10.1} MiB/s  ({} chunks, depth {}, each committed)",
-            results.seq_write_mib_s, chunks, args.depth
+            "1 MiB write     {:>10.1} MiB/s  ({} chunks, depth {}, each committed; {:.1} commits per journal flush)",
+            results.seq_write_mib_s, chunks, args.depth, results.commits_per_batch
         );
         println!(
             "1 MiB read      {:>10.1} MiB/s  (depth {})",

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 
@@ -145,6 +146,10 @@ async fn commit_batch<D: BlockDevice>(
     .await?;
     core.flush("journal batch").await?;
     cursor.head = lsn + bytes;
+    core.counters.batches.fetch_add(1, Ordering::Relaxed);
+    core.counters
+        .records
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
     {
         let mut state = core.state.lock();
         for record in records {
@@ -193,6 +198,7 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
     core.write_at(offset, buf, || "checkpoint".into()).await?;
     core.flush("checkpoint").await?;
     tracing::debug!(device = %core.device, sequence, lsn = cursor.head, "checkpoint written");
+    core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     cursor.tail = cursor.head;
     cursor.checkpoint_sequence = sequence;
     cursor.checkpoint_slot = slot;
