@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flyfs_bypass::uring::{UringConfig, UringDevice};
-use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
+use flyfs_bypass::{BlockDevice, BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{
     ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, WriteOp, WriteRequest,
 };
@@ -92,6 +92,9 @@ struct Results {
     seq_write_mib_s: f64,
     seq_read_mib_s: f64,
     rand_read_4k_iops: f64,
+    /// The same random reads of the same chunks, issued straight to the
+    /// device by the same harness: the block layer's share of the cost.
+    rand_read_4k_iops_device: f64,
     /// Group commit: chunk commits per journal batch (and flush) while writing.
     commits_per_batch: f64,
     chunks: u32,
@@ -159,19 +162,16 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
         let commits_per_batch = (after.records - before.records) as f64
             / (after.batches - before.batches).max(1) as f64;
         let read = seq_read(&engine, chunks, args.depth).await?;
-        let iops = rand_read(
-            &engine,
-            chunks,
-            args.rand_depth,
-            Duration::from_secs_f64(args.rand_seconds),
-        )
-        .await?;
+        let run = Duration::from_secs_f64(args.rand_seconds);
+        let iops = rand_read(&engine, chunks, args.rand_depth, run, false).await?;
+        let iops_device = rand_read(&engine, chunks, args.rand_depth, run, true).await?;
         clean(&engine).await?;
         let mib = f64::from(chunks);
         Ok(Results {
             seq_write_mib_s: mib / write.as_secs_f64(),
             seq_read_mib_s: mib / read.as_secs_f64(),
             rand_read_4k_iops: iops,
+            rand_read_4k_iops_device: iops_device,
             commits_per_batch,
             chunks,
             depth: args.depth,
@@ -195,6 +195,10 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
         println!(
             "4 KiB rand read {:>10.0} IOPS    (depth {})",
             results.rand_read_4k_iops, args.rand_depth
+        );
+        println!(
+            "  the same reads straight to the device: {:.0} IOPS",
+            results.rand_read_4k_iops_device
         );
     }
     Ok(())
@@ -305,7 +309,22 @@ async fn rand_read(
     chunks: u32,
     depth: usize,
     run: Duration,
+    device_only: bool,
 ) -> anyhow::Result<f64> {
+    // Where each bench chunk lies on the device, for the device-only run.
+    let sb = *engine.superblock();
+    let position = |index: u32| {
+        let slot = engine
+            .stat(key(index))
+            .and_then(|info| info.committed)
+            .map(|meta| meta.slot);
+        slot.map_or(0, |slot| {
+            sb.data_offset
+                + u64::from(slot.group) * sb.group_bytes()
+                + (u64::from(slot.index) << slot.class_log2)
+        })
+    };
+    let positions: Arc<Vec<u64>> = Arc::new((0..chunks).map(position).collect());
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + run;
     let engine = engine.clone();
@@ -313,6 +332,7 @@ async fn rand_read(
     let elapsed = parallel(depth as u32, depth, move |worker| {
         let engine = engine.clone();
         let done = counter.clone();
+        let positions = positions.clone();
         async move {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(worker));
             let mut n = 0u64;
@@ -320,10 +340,16 @@ async fn rand_read(
                 for _ in 0..64 {
                     let index = rng.random_range(0..chunks);
                     let offset = rng.random_range(0..(CHUNK_BYTES / 4096) as u32) * 4096;
-                    let read = engine
-                        .read(key(index), ReadRequest::committed(offset, 4096))
-                        .await?;
-                    anyhow::ensure!(read.data.len() == 4096, "short random read");
+                    if device_only {
+                        let buf = engine.pool().alloc(4096);
+                        let at = positions[index as usize] + u64::from(offset);
+                        engine.device().read(at, buf).await.into_result()?;
+                    } else {
+                        let read = engine
+                            .read(key(index), ReadRequest::committed(offset, 4096))
+                            .await?;
+                        anyhow::ensure!(read.data.len() == 4096, "short random read");
+                    }
                     n += 1;
                 }
             }
