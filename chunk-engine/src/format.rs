@@ -201,6 +201,14 @@ impl Superblock {
                 16 * BLOCK
             ));
         }
+        // Capacities near 2^64 come only from damaged superblocks; refuse them
+        // rather than let the arithmetic below wrap.
+        const CAPACITY_MAX: u64 = 1 << 60;
+        if capacity_bytes > CAPACITY_MAX || journal_bytes > CAPACITY_MAX {
+            return Err(format!(
+                "capacity {capacity_bytes} or journal size {journal_bytes} exceeds 2^60 bytes"
+            ));
+        }
         let group_bytes = 1u64 << class_log2_max;
         // The data region decides the checkpoint size and the checkpoints
         // shrink the data region: size checkpoints for the whole device, which
@@ -309,7 +317,12 @@ impl Superblock {
                 computed,
             });
         }
-        let _flags = r.u32()?;
+        let flags = r.u32()?;
+        if flags != 0 {
+            // A later format may add features behind flags; a reader that
+            // ignored them would misread the device.
+            return Err(field(WHAT, "flags", flags.into(), "unknown feature flags"));
+        }
         let format_id = r.u64()?;
         let sector_size = r.u32()?;
         let block = r.u32()?;
@@ -320,7 +333,10 @@ impl Superblock {
             class_log2_min: r.u8()?,
             class_log2_max: r.u8()?,
             group_count: {
-                r.u16()?;
+                let reserved = r.u16()?;
+                if reserved != 0 {
+                    return Err(field(WHAT, "reserved", reserved.into(), "must be zero"));
+                }
                 r.u32()?
             },
             checkpoint_offset: r.u64()?,
@@ -330,6 +346,14 @@ impl Superblock {
             data_offset: r.u64()?,
             created_unix_secs: r.u64()?,
         };
+        if let Some(at) = bytes[r.at..SUPERBLOCK_CRC_AT].iter().position(|&b| b != 0) {
+            return Err(field(
+                WHAT,
+                "reserved bytes",
+                (r.at + at) as u64,
+                "must be zero",
+            ));
+        }
         if u64::from(block) != BLOCK {
             return Err(field(
                 WHAT,

@@ -718,7 +718,7 @@ pub fn fuzz_decode(data: &[u8]) {
             let crc = crc32c::crc32c(&block[..BLOCK as usize - 4]);
             block[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
             if let Ok(decoded) = Superblock::decode(&block) {
-                assert_eq!(decoded.encode(), block, "superblock re-encodes differently");
+                same(&decoded.encode(), &block, "superblock");
             }
         }
         2 => {
@@ -783,10 +783,21 @@ pub fn fuzz_decode(data: &[u8]) {
                     meta.encode(&mut again);
                     // Reserved bytes are not kept; everything else must be.
                     again[23] = raw[23];
-                    assert_eq!(&again[..], raw, "chunk record re-encodes differently");
+                    same(&again, raw, "chunk record");
                 }
             }
         }
+    }
+}
+
+/// Asserts that a structure re-encoded to the bytes it was decoded from,
+/// naming the first differing byte rather than dumping kilobytes.
+fn same(encoded: &[u8], original: &[u8], what: &str) {
+    if let Some(at) = encoded.iter().zip(original).position(|(a, b)| a != b) {
+        panic!(
+            "{what} re-encodes differently at byte {at}: {} instead of {}",
+            encoded[at], original[at]
+        );
     }
 }
 

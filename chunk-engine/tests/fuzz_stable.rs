@@ -22,3 +22,22 @@ proptest! {
         fuzz_ops(&ops);
     }
 }
+
+/// Every input a fuzzer ever crashed on, replayed forever. A new crash file
+/// from `cargo fuzz` goes into tests/fuzz-regressions/<target>/ with its fix.
+#[test]
+fn fuzz_regressions_stay_fixed() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions/decode");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).expect("regression directory") {
+        let path = entry.expect("directory entry").path();
+        fuzz_decode(&std::fs::read(&path).expect("regression input"));
+        replayed += 1;
+    }
+    assert!(
+        replayed > 0,
+        "no regression inputs found in {}",
+        dir.display()
+    );
+}
