@@ -51,6 +51,10 @@ pub(crate) struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
+    /// Run the workers on the calling thread (handing each I/O to the
+    /// device's reactor thread) instead of on the reactor thread itself.
+    #[arg(long)]
+    caller_thread: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -156,15 +160,20 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
+        let workers = if args.caller_thread {
+            Workers::Caller
+        } else {
+            Workers::Reactor(dev.clone())
+        };
         let before = engine.stats();
-        let write = seq_write(&engine, chunks, args.depth, pooled_chunks).await?;
+        let write = seq_write(&workers, &engine, chunks, args.depth, pooled_chunks).await?;
         let after = engine.stats();
         let commits_per_batch = (after.records - before.records) as f64
             / (after.batches - before.batches).max(1) as f64;
-        let read = seq_read(&engine, chunks, args.depth).await?;
+        let read = seq_read(&workers, &engine, chunks, args.depth).await?;
         let run = Duration::from_secs_f64(args.rand_seconds);
-        let iops = rand_read(&engine, chunks, args.rand_depth, run, false).await?;
-        let iops_device = rand_read(&engine, chunks, args.rand_depth, run, true).await?;
+        let iops = rand_read(&workers, &engine, chunks, args.rand_depth, run, false).await?;
+        let iops_device = rand_read(&workers, &engine, chunks, args.rand_depth, run, true).await?;
         clean(&engine).await?;
         let mib = f64::from(chunks);
         Ok(Results {
@@ -211,20 +220,32 @@ async fn clean(engine: &Engine<UringDevice>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the bench's workers run.
+#[derive(Clone)]
+enum Workers {
+    /// On the device's reactor thread (run to completion, no hand-off).
+    Reactor(UringDevice),
+    /// On the calling thread; each I/O is handed to the reactor thread.
+    Caller,
+}
+
 /// Runs `depth` workers that each take the next index until `count`.
-async fn parallel<F, Fut>(count: u32, depth: usize, work: F) -> anyhow::Result<Duration>
+async fn parallel<F, Fut>(
+    workers: &Workers,
+    count: u32,
+    depth: usize,
+    work: F,
+) -> anyhow::Result<Duration>
 where
-    F: Fn(u32) -> Fut + Clone + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
+    F: Fn(u32) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let local = tokio::task::LocalSet::new();
-    let mut tasks = Vec::new();
-    for _ in 0..depth {
+    let worker = move || {
         let next = next.clone();
         let work = work.clone();
-        tasks.push(local.spawn_local(async move {
+        async move {
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= u64::from(count) {
@@ -232,16 +253,29 @@ where
                 }
                 work(index as u32).await?;
             }
-        }));
-    }
-    local.await;
-    for task in tasks {
-        task.await??;
+        }
+    };
+    match workers {
+        Workers::Reactor(device) => {
+            let tasks: Vec<_> = (0..depth).map(|_| device.spawn(worker())).collect();
+            for task in tasks {
+                task.await?;
+            }
+        }
+        Workers::Caller => {
+            let local = tokio::task::LocalSet::new();
+            let tasks: Vec<_> = (0..depth).map(|_| local.spawn_local(worker())).collect();
+            local.await;
+            for task in tasks {
+                task.await??;
+            }
+        }
     }
     Ok(started.elapsed())
 }
 
 async fn seq_write(
+    workers: &Workers,
     engine: &Engine<UringDevice>,
     chunks: u32,
     depth: usize,
@@ -262,7 +296,7 @@ async fn seq_write(
         buf.copy_from_slice(&template);
     }
     let engine = engine.clone();
-    parallel(chunks, depth, move |index| {
+    parallel(workers, chunks, depth, move |index| {
         let engine = engine.clone();
         async move {
             let data = engine.pool().alloc(CHUNK_BYTES);
@@ -283,12 +317,13 @@ async fn seq_write(
 }
 
 async fn seq_read(
+    workers: &Workers,
     engine: &Engine<UringDevice>,
     chunks: u32,
     depth: usize,
 ) -> anyhow::Result<Duration> {
     let engine = engine.clone();
-    parallel(chunks, depth, move |index| {
+    parallel(workers, chunks, depth, move |index| {
         let engine = engine.clone();
         async move {
             let read = engine
@@ -305,6 +340,7 @@ async fn seq_read(
 }
 
 async fn rand_read(
+    workers: &Workers,
     engine: &Engine<UringDevice>,
     chunks: u32,
     depth: usize,
@@ -329,7 +365,7 @@ async fn rand_read(
     let deadline = Instant::now() + run;
     let engine = engine.clone();
     let counter = done.clone();
-    let elapsed = parallel(depth as u32, depth, move |worker| {
+    let elapsed = parallel(workers, depth as u32, depth, move |worker| {
         let engine = engine.clone();
         let done = counter.clone();
         let positions = positions.clone();

@@ -905,3 +905,66 @@ fn randread_iops_at_depth_64() {
         after.wakeups - before.wakeups,
     );
 }
+
+/// Tasks spawned onto the reactor do I/O without a hand-off; their outputs
+/// are awaited from another thread, and a dropped task is cancelled.
+#[test]
+fn tasks_run_on_the_reactor_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = UringDevice::create_file(
+        dir.path().join("spawn.img"),
+        16 << 20,
+        &UringConfig::default(),
+        None,
+    )
+    .expect("device");
+    let reactor_thread = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task = dev.spawn(async move { tx.send(std::thread::current().id()).expect("send") });
+        futures_block_on(task);
+        rx.recv().expect("thread id")
+    };
+    assert_ne!(reactor_thread, std::thread::current().id());
+    let tasks: Vec<_> = (0..64u64)
+        .map(|i| {
+            let dev2 = dev.clone();
+            dev.spawn(async move {
+                assert_eq!(
+                    std::thread::current().id(),
+                    reactor_thread,
+                    "task moved off the reactor"
+                );
+                let data = DmaBuf::copy_from(&[i as u8; 4096]);
+                dev2.write(i * 4096, data)
+                    .await
+                    .into_result()
+                    .expect("write");
+                let back = dev2
+                    .read(i * 4096, DmaBuf::alloc_zeroed(4096))
+                    .await
+                    .into_result()
+                    .expect("read");
+                back.iter().all(|&b| b == i as u8)
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert!(futures_block_on(task), "data read back differs");
+    }
+    // A cancelled task never runs to completion; the device stays usable.
+    let never = dev.spawn(std::future::pending::<()>());
+    drop(never);
+    let ok = dev.spawn(async { 7 });
+    assert_eq!(futures_block_on(ok), 7);
+    // Shutting down with a task still pending cancels it instead of hanging.
+    dev.spawn(std::future::pending::<()>()).detach();
+    dev.shutdown();
+}
+
+/// A minimal executor for awaiting a task from a plain thread.
+fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}

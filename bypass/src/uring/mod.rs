@@ -40,6 +40,9 @@ use parking_lot::Mutex;
 use self::shared::Shared;
 use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion, IoOp};
 
+/// A task running on a device's reactor thread; see [`UringDevice::spawn`].
+pub use async_task::Task;
+
 /// The kernel's limit on io_uring entries.
 const QUEUE_DEPTH_MAX: u32 = 32768;
 
@@ -321,6 +324,30 @@ impl UringDevice {
     /// does the same.
     pub fn shutdown(&self) {
         self.inner.shutdown();
+    }
+
+    /// Runs `future` on this device's reactor thread, SPDK's run-to-completion
+    /// model: I/O the task issues goes straight into the ring and its
+    /// completion wakes the task on the same thread, with no hand-off between
+    /// threads. Use it for request handlers that mostly wait on this device;
+    /// a task that computes for long delays every other I/O of the device.
+    ///
+    /// The returned [`Task`] is a future of the output, awaitable from any
+    /// thread or runtime; dropping it cancels the task (`detach` keeps it
+    /// running). Tasks still pending when the device shuts down are cancelled.
+    pub fn spawn<F>(&self, future: F) -> Task<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let shared = Arc::clone(&self.inner.shared);
+        let schedule = move |runnable| {
+            shared.local.push(runnable);
+            shared.notify();
+        };
+        let (runnable, task) = async_task::spawn(future, schedule);
+        runnable.schedule();
+        task
     }
 
     fn is_closed(&self) -> bool {

@@ -147,10 +147,11 @@ impl Reactor {
     fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
         loop {
+            let ran = self.run_local();
             let queued = self.drain_queue();
             self.enter();
             let reaped = self.reap();
-            if queued || reaped {
+            if ran || queued || reaped {
                 idle_since = None;
                 continue;
             }
@@ -175,6 +176,26 @@ impl Reactor {
             idle_since = None;
         }
         self.disarm_eventfd();
+        // Tasks still waiting here are cancelled: their futures are dropped
+        // on this thread, as they were polled on it.
+        while let Some(runnable) = self.shared.local.pop() {
+            drop(runnable);
+        }
+    }
+
+    /// Runs the tasks that are ready, as many as were queued when the turn
+    /// began, so that a task waking itself cannot starve the rings.
+    fn run_local(&mut self) -> bool {
+        let ready = self.shared.local.len();
+        for _ in 0..ready {
+            match self.shared.local.pop() {
+                Some(runnable) => {
+                    runnable.run();
+                }
+                None => break,
+            }
+        }
+        ready > 0
     }
 
     /// Turns every queued slot into an SQE. Returns whether there were any.
@@ -300,7 +321,7 @@ impl Reactor {
         // Pairs with the fence in `Shared::notify`: either a submitter sees
         // `sleeping` and writes the eventfd, or we see its queued I/O here.
         fence(Ordering::SeqCst);
-        if !shared.queue.is_empty() {
+        if !shared.queue.is_empty() || !shared.local.is_empty() {
             shared.sleeping.store(false, Ordering::Relaxed);
             return;
         }

@@ -115,6 +115,8 @@ pub(super) struct Shared {
     pub(super) free: ArrayQueue<u32>,
     /// Indices of filled slots the reactor has not turned into SQEs yet.
     pub(super) queue: ArrayQueue<u32>,
+    /// Tasks to run on the reactor thread (see `UringDevice::spawn`).
+    pub(super) local: crossbeam_queue::SegQueue<async_task::Runnable>,
     /// One permit per free slot: bounds the I/Os in flight to the queue depth
     /// and queues excess submitters fairly, without needing a tokio runtime.
     pub(super) permits: Semaphore,
@@ -166,6 +168,7 @@ impl Shared {
             slots,
             free,
             queue: ArrayQueue::new(depth),
+            local: crossbeam_queue::SegQueue::new(),
             permits: Semaphore::new(depth),
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -235,8 +238,8 @@ impl Shared {
         .await
     }
 
-    /// Wakes the reactor if it sleeps, after a submission.
-    fn notify(&self) {
+    /// Wakes the reactor if it sleeps, after a submission or a task wake-up.
+    pub(super) fn notify(&self) {
         // Pairs with the fence in the reactor's sleep path: either the
         // reactor sees our queue push when it re-checks the queue after
         // raising `sleeping`, or we see `sleeping` here. Without the fences
