@@ -51,10 +51,12 @@ pub(crate) struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
-    /// Run the workers on the calling thread (handing each I/O to the
-    /// device's reactor thread) instead of on the reactor thread itself.
-    #[arg(long)]
-    caller_thread: bool,
+    /// Where the workers run: `reactor` (on the device's reactor thread,
+    /// run to completion), `caller` (on the calling thread, each I/O handed to
+    /// the reactor), or `auto`: 1 MiB phases on the caller, whose CRC work
+    /// then overlaps the reactor's I/O, and 4 KiB random reads on the reactor.
+    #[arg(long, value_enum, default_value_t = Placement::Auto)]
+    workers: Placement,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -101,6 +103,7 @@ struct Results {
     rand_read_4k_iops_device: f64,
     /// Group commit: chunk commits per journal batch (and flush) while writing.
     commits_per_batch: f64,
+    workers: Placement,
     chunks: u32,
     depth: usize,
     rand_depth: usize,
@@ -160,20 +163,20 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
-        let workers = if args.caller_thread {
-            Workers::Caller
-        } else {
-            Workers::Reactor(dev.clone())
+        let (large, small) = match args.workers {
+            Placement::Auto => (Workers::Caller, Workers::Reactor(dev.clone())),
+            Placement::Reactor => (Workers::Reactor(dev.clone()), Workers::Reactor(dev.clone())),
+            Placement::Caller => (Workers::Caller, Workers::Caller),
         };
         let before = engine.stats();
-        let write = seq_write(&workers, &engine, chunks, args.depth, pooled_chunks).await?;
+        let write = seq_write(&large, &engine, chunks, args.depth, pooled_chunks).await?;
         let after = engine.stats();
         let commits_per_batch = (after.records - before.records) as f64
             / (after.batches - before.batches).max(1) as f64;
-        let read = seq_read(&workers, &engine, chunks, args.depth).await?;
+        let read = seq_read(&large, &engine, chunks, args.depth).await?;
         let run = Duration::from_secs_f64(args.rand_seconds);
-        let iops = rand_read(&workers, &engine, chunks, args.rand_depth, run, false).await?;
-        let iops_device = rand_read(&workers, &engine, chunks, args.rand_depth, run, true).await?;
+        let iops = rand_read(&small, &engine, chunks, args.rand_depth, run, false).await?;
+        let iops_device = rand_read(&small, &engine, chunks, args.rand_depth, run, true).await?;
         clean(&engine).await?;
         let mib = f64::from(chunks);
         Ok(Results {
@@ -182,6 +185,7 @@ pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             rand_read_4k_iops: iops,
             rand_read_4k_iops_device: iops_device,
             commits_per_batch,
+            workers: args.workers,
             chunks,
             depth: args.depth,
             rand_depth: args.rand_depth,
@@ -218,6 +222,14 @@ async fn clean(engine: &Engine<UringDevice>) -> anyhow::Result<()> {
         engine.remove(info.key).await?;
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Placement {
+    Auto,
+    Reactor,
+    Caller,
 }
 
 /// Where the bench's workers run.

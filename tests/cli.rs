@@ -85,12 +85,22 @@ fn engine_bench_prints_json() {
             "{field} in {json}"
         );
     }
-    // A second run reuses the formatted file and its engine.
-    let again = flyfs()
-        .args(["bench", "engine", "--path"])
-        .arg(&path)
-        .args(["--total", "8MiB", "--rand-seconds", "0.1"])
-        .output()
-        .expect("run flyfs");
-    assert!(again.status.success(), "{}", stderr(&again));
+    // Later runs reuse the formatted file and its engine, with the workers
+    // forced onto the reactor thread, then onto the calling thread.
+    for workers in ["reactor", "caller"] {
+        let again = flyfs()
+            .args(["bench", "engine", "--path"])
+            .arg(&path)
+            .args([
+                "--total",
+                "8MiB",
+                "--rand-seconds",
+                "0.1",
+                "--workers",
+                workers,
+            ])
+            .output()
+            .expect("run flyfs");
+        assert!(again.status.success(), "{}", stderr(&again));
+    }
 }
