@@ -184,14 +184,8 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block_on;
     use crate::mem::MemDevice;
-
-    fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime")
-            .block_on(future)
-    }
 
     #[test]
     fn rules_fire_where_and_when_asked() {

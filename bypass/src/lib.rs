@@ -221,3 +221,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
 }
+
+/// Runs a future to completion on a fresh current-thread runtime.
+#[cfg(test)]
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}

@@ -216,13 +216,7 @@ impl BlockDevice for MemDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime")
-            .block_on(future)
-    }
+    use crate::block_on;
 
     #[test]
     fn writes_are_visible_at_once_and_durable_after_flush() {

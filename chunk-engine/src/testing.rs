@@ -542,34 +542,27 @@ impl Harness {
     /// Every chunk's committed and pending state equals the model's.
     fn compare(&self) -> Result<(), String> {
         let engine = self.engine();
+        let summary =
+            |c: &Option<Contents>| c.as_ref().map(|(b, v)| (b.len(), *v, crc32c::crc32c(b)));
         for k in 0..KEYS {
             let chunk = self.model.get(&k).cloned().unwrap_or_default();
             let info = engine.stat(key(k));
             let committed = info
                 .and_then(|i| i.committed)
                 .map(|m| (m.len as usize, m.version.0, m.crc));
-            let want = chunk
-                .committed
-                .as_ref()
-                .map(|(b, v)| (b.len(), *v, crc32c::crc32c(b)));
-            if committed != want {
-                return Err(format!(
-                    "{:?} committed (len, version, crc) {committed:?}, model {want:?}",
-                    key(k)
-                ));
-            }
             let pending = info
                 .and_then(|i| i.pending)
                 .map(|p| (p.len as usize, p.version.0, p.crc));
-            let want = chunk
-                .pending
-                .as_ref()
-                .map(|(b, v)| (b.len(), *v, crc32c::crc32c(b)));
-            if pending != want {
-                return Err(format!(
-                    "{:?} pending (len, version, crc) {pending:?}, model {want:?}",
-                    key(k)
-                ));
+            for (what, actual, want) in [
+                ("committed", committed, summary(&chunk.committed)),
+                ("pending", pending, summary(&chunk.pending)),
+            ] {
+                if actual != want {
+                    return Err(format!(
+                        "{:?} {what} (len, version, crc) {actual:?}, model {want:?}",
+                        key(k)
+                    ));
+                }
             }
         }
         engine.check_consistency()
