@@ -366,11 +366,7 @@ async fn rand_read(
             .stat(key(index))
             .and_then(|info| info.committed)
             .map(|meta| meta.slot);
-        slot.map_or(0, |slot| {
-            sb.data_offset
-                + u64::from(slot.group) * sb.group_bytes()
-                + (u64::from(slot.index) << slot.class_log2)
-        })
+        slot.map_or(0, |slot| sb.slot_offset(slot))
     };
     let positions: Arc<Vec<u64>> = Arc::new((0..chunks).map(position).collect());
     let done = Arc::new(AtomicU64::new(0));

@@ -222,11 +222,24 @@ pub trait BlockDevice: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
 }
 
-/// Runs a future to completion on a fresh current-thread runtime.
-#[cfg(test)]
-pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime")
-        .block_on(future)
+/// Runs a future to completion on the current thread, parking it while the
+/// future waits. Device futures need nothing but a `Waker`, so this is all a
+/// plain thread (the chunk engine's journal, a tool, a test) needs to drive
+/// them without an async runtime.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
 }

@@ -126,6 +126,16 @@ pub struct ReadRequest {
 }
 
 impl ReadRequest {
+    /// The whole committed chunk, checked against its CRC.
+    pub fn whole_verified() -> ReadRequest {
+        ReadRequest {
+            offset: 0,
+            len: u32::MAX,
+            version: ReadVersion::Committed,
+            verify: true,
+        }
+    }
+
     pub fn committed(offset: u32, len: u32) -> ReadRequest {
         ReadRequest {
             offset,
@@ -403,9 +413,7 @@ impl<D: BlockDevice> Core<D> {
     }
 
     pub fn slot_offset(&self, slot: SlotId) -> u64 {
-        self.sb.data_offset
-            + u64::from(slot.group) * self.sb.group_bytes()
-            + (u64::from(slot.index) << slot.class_log2)
+        self.sb.slot_offset(slot)
     }
 
     pub fn poison(&self, reason: &str) {

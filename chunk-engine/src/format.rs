@@ -249,6 +249,13 @@ impl Superblock {
         1 << self.class_log2_max
     }
 
+    /// Byte offset on the device of a chunk slot.
+    pub fn slot_offset(&self, slot: SlotId) -> u64 {
+        self.data_offset
+            + u64::from(slot.group) * self.group_bytes()
+            + (u64::from(slot.index) << slot.class_log2)
+    }
+
     /// Most chunks the data region can hold (all of the smallest class).
     pub fn max_chunks(&self) -> u64 {
         u64::from(self.group_count) << (self.class_log2_max - self.class_log2_min)

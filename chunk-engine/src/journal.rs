@@ -14,14 +14,10 @@
 //! cancelled committer can never abandon a half-written batch, and so that the
 //! engine works under any async runtime.
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::Thread;
 
-use flyfs_bypass::BlockDevice;
+use flyfs_bypass::{BlockDevice, block_on};
 
 use crate::EngineError;
 use crate::engine::Core;
@@ -39,25 +35,6 @@ pub(crate) struct Cursor {
     pub checkpoint_sequence: u64,
     /// Which of the two checkpoint slots holds the current checkpoint.
     pub checkpoint_slot: u64,
-}
-
-/// Runs a future to completion on the current thread.
-pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
-    struct Unparker(Thread);
-    impl Wake for Unparker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unparker(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return output;
-        }
-        std::thread::park();
-    }
 }
 
 /// Where a batch of `bytes` goes: at `head`, or at the start of the next lap

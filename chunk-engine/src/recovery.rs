@@ -6,7 +6,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flyfs_bypass::{BlockDevice, BufferPool};
+use flyfs_bypass::{BlockDevice, BufferPool, block_on};
 
 use crate::alloc::Allocator;
 use crate::engine::{Core, EngineConfig, FormatOptions, State};
@@ -14,7 +14,7 @@ use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
     SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
 };
-use crate::journal::{self, Cursor, block_on};
+use crate::journal::{self, Cursor};
 use crate::{Engine, EngineError};
 
 fn name<D: BlockDevice>(dev: &D) -> Arc<str> {
@@ -508,9 +508,7 @@ async fn batch_data_durable<D: BlockDevice>(
         if meta.len == 0 {
             continue;
         }
-        let offset = sb.data_offset
-            + u64::from(meta.slot.group) * sb.group_bytes()
-            + (u64::from(meta.slot.index) << meta.slot.class_log2);
+        let offset = sb.slot_offset(meta.slot);
         let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
         let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
         if crc32c::crc32c(&data[..meta.len as usize]) != meta.crc {

@@ -502,15 +502,9 @@ impl Harness {
             let actual = match engine.stat(key(k)).and_then(|i| i.committed) {
                 None => None,
                 Some(meta) => {
-                    let read = self.rt.block_on(engine.read(
-                        key(k),
-                        ReadRequest {
-                            offset: 0,
-                            len: u32::MAX,
-                            version: ReadVersion::Committed,
-                            verify: true,
-                        },
-                    ));
+                    let read = self
+                        .rt
+                        .block_on(engine.read(key(k), ReadRequest::whole_verified()));
                     let read =
                         read.map_err(|e| format!("{:?} unreadable after crash: {e}", key(k)))?;
                     Some((read.data.to_vec(), meta.version.0))
@@ -579,15 +573,9 @@ impl Harness {
                 continue;
             };
             let engine = self.engine().clone();
-            let read = self.rt.block_on(engine.read(
-                key(k),
-                ReadRequest {
-                    offset: 0,
-                    len: u32::MAX,
-                    version: ReadVersion::Committed,
-                    verify: true,
-                },
-            ));
+            let read = self
+                .rt
+                .block_on(engine.read(key(k), ReadRequest::whole_verified()));
             let read = read.map_err(|e| format!("final read of {:?}: {e}", key(k)))?;
             if read.data[..] != bytes[..] {
                 return Err(format!(

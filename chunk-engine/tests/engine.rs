@@ -604,15 +604,7 @@ fn readers_never_see_torn_chunks_while_writers_commit() {
                     // A verified read checks the bytes against the CRC of the
                     // version it saw: a torn read cannot pass.
                     let read = engine
-                        .read(
-                            k,
-                            ReadRequest {
-                                offset: 0,
-                                len: u32::MAX,
-                                version: ReadVersion::Committed,
-                                verify: true,
-                            },
-                        )
+                        .read(k, ReadRequest::whole_verified())
                         .await
                         .expect("verified read");
                     assert_eq!(read.data.len() as u32, read.chunk_len);

@@ -98,15 +98,7 @@ pub async fn put<D: BlockDevice>(
 /// The whole committed contents of a chunk, verified against its CRC.
 pub async fn contents<D: BlockDevice>(engine: &Engine<D>, key: ChunkKey) -> Vec<u8> {
     let read = engine
-        .read(
-            key,
-            flyfs_chunk_engine::ReadRequest {
-                offset: 0,
-                len: u32::MAX,
-                version: flyfs_chunk_engine::ReadVersion::Committed,
-                verify: true,
-            },
-        )
+        .read(key, flyfs_chunk_engine::ReadRequest::whole_verified())
         .await
         .expect("read");
     read.data.to_vec()
