@@ -165,6 +165,14 @@ impl std::ops::Deref for DmaBuf {
     }
 }
 
+/// Lets a buffer become the owner of a `bytes::Bytes` (`Bytes::from_owner`),
+/// so data read from a device reaches a socket without a copy.
+impl AsRef<[u8]> for DmaBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::DerefMut for DmaBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in Deref, and we hold the buffer exclusively.

@@ -6,10 +6,13 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 macro_rules! id {
     ($(#[$doc:meta])* $name:ident($inner:ty), $label:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
         pub struct $name(pub $inner);
 
         impl fmt::Debug for $name {
@@ -51,8 +54,22 @@ id!(
     RequestId(u64), "req"
 );
 
+id!(
+    /// A storage node (one storage daemon process).
+    NodeId(u32), "node"
+);
+id!(
+    /// A chain table: the list of chains a file's layout stripes over.
+    ChainTableId(u32), "table"
+);
+id!(
+    /// Version of the whole routing information; bumped on every change.
+    RoutingVersion(u64), "routing-v"
+);
+
 /// A file or directory in the namespace.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct InodeId(pub u64);
 
 impl fmt::Debug for InodeId {
@@ -71,7 +88,7 @@ impl fmt::Display for InodeId {
 /// computed from the inode and the offset, a client finds a chunk's chain
 /// after `open` without asking the metadata service per chunk. Ordered by
 /// inode then index, so a file's chunks are adjacent in every sorted index.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct ChunkId {
     pub inode: InodeId,
     pub index: u32,
