@@ -4,9 +4,10 @@
 //! Locking: a striped table of async mutexes serialises operations on one
 //! chunk (held across the operation's I/O); the `State` mutex guards the maps
 //! and the allocator and is never held across an await. Commits and removes
-//! hand a journal record to the journal thread (journal.rs) and wait until it
-//! is durable; the journal thread alone applies durable records to the
-//! committed map, so the map always equals the state at the journal head.
+//! queue a journal record and wait until it is durable; the journal writer
+//! (journal.rs: the journal thread, or in inline mode a committer holding the
+//! writer role) alone applies durable records to the committed map, so the
+//! map always equals the state at the journal head.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, RangeBounds};
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::alloc::Allocator;
 use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
+use crate::journal::{self, Cursor, Writer};
 use crate::{ChunkKey, EngineError};
 
 /// How to format a device.
@@ -59,6 +61,25 @@ pub struct EngineConfig {
     /// Write a checkpoint when the live journal exceeds this percentage of
     /// the journal region.
     pub checkpoint_percent: u8,
+    /// Who writes journal batches and checkpoints.
+    pub journal: JournalMode,
+}
+
+/// Who writes journal batches and checkpoints (journal.rs). Both modes write
+/// the same batches and give the same guarantees; they differ in where the
+/// work runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    /// A dedicated OS thread per engine: commits complete concurrently with
+    /// the caller's runtime, under any runtime. The production choice.
+    #[default]
+    Thread,
+    /// No thread: a committer that finds no batch in progress writes the
+    /// batch itself (and any checkpoint), for every record queued. Everything
+    /// happens inside the caller's futures, so a single-threaded runtime with
+    /// simulated time (a deterministic simulator) decides when commits
+    /// complete. Committer futures may be dropped at any point.
+    Inline,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +87,7 @@ impl Default for EngineConfig {
         EngineConfig {
             batch_bytes_max: 1 << 20,
             checkpoint_percent: 50,
+            journal: JournalMode::default(),
         }
     }
 }
@@ -346,10 +368,12 @@ impl State {
     }
 }
 
-/// Records waiting for the journal thread.
+/// Records waiting for the journal writer. A record stays here until its
+/// batch is durable; only the journal writer removes records.
 pub(crate) struct JournalQueue {
     pub records: std::collections::VecDeque<Record>,
     pub submitted: u64,
+    /// Records removed from the queue: durable, or failed with the journal.
     pub taken: u64,
     pub shutdown: bool,
 }
@@ -374,8 +398,13 @@ pub(crate) struct Core<D> {
     pub config: EngineConfig,
     pub state: Mutex<State>,
     pub queue: Mutex<JournalQueue>,
+    /// Wakes the journal thread (thread mode only).
     pub queue_cv: Condvar,
     pub durable: watch::Sender<Durability>,
+    /// The journal writer role: its holder alone writes batches and
+    /// checkpoints. An async mutex, so that inline committers can wait for
+    /// it on a single-threaded runtime.
+    pub writer: tokio::sync::Mutex<Writer>,
     pub counters: Counters,
     poison: Mutex<Option<Arc<str>>>,
     locks: Box<[tokio::sync::Mutex<()>]>,
@@ -388,6 +417,7 @@ impl<D: BlockDevice> Core<D> {
         pool: BufferPool,
         config: EngineConfig,
         state: State,
+        cursor: Cursor,
     ) -> Core<D> {
         Core {
             device: Arc::from(dev.name()),
@@ -404,6 +434,7 @@ impl<D: BlockDevice> Core<D> {
             }),
             queue_cv: Condvar::new(),
             durable: watch::Sender::new(Durability::default()),
+            writer: tokio::sync::Mutex::new(Writer::new(cursor)),
             counters: Counters::default(),
             poison: Mutex::new(None),
             locks: (0..LOCK_STRIPES)
@@ -497,7 +528,8 @@ impl<D: BlockDevice> Core<D> {
         &self.locks[(hash >> 32) as usize % LOCK_STRIPES]
     }
 
-    /// Queues a record for the journal thread and waits until it is durable.
+    /// Queues a record for the journal and waits until it is durable; in
+    /// inline mode, writing batches itself while no one else does.
     async fn journal(&self, record: Record) -> Result<(), EngineError> {
         let mut durable = self.durable.subscribe();
         let seq = {
@@ -506,7 +538,12 @@ impl<D: BlockDevice> Core<D> {
             queue.submitted += 1;
             queue.submitted
         };
-        self.queue_cv.notify_one();
+        match self.config.journal {
+            JournalMode::Thread => {
+                self.queue_cv.notify_one();
+            }
+            JournalMode::Inline => journal::write_inline(self, &mut durable, seq).await,
+        }
         let outcome = durable
             .wait_for(|d| d.records >= seq || d.error.is_some())
             .await;
@@ -553,7 +590,7 @@ enum Plan {
 }
 
 /// A chunk engine on device `D`. Clones share the engine; the journal thread
-/// stops when the last clone is dropped.
+/// (if any) stops when the last clone is dropped.
 pub struct Engine<D: BlockDevice> {
     pub(crate) core: Arc<Core<D>>,
     _inner: Arc<Inner<D>>,
@@ -582,6 +619,9 @@ pub(crate) struct Inner<D> {
 }
 
 impl<D> Drop for Inner<D> {
+    // In inline mode there is no thread to stop: no committer future can
+    // outlive the last handle (each borrows one), so no one writes any more.
+    // Records of dropped committers still queued were never acknowledged.
     fn drop(&mut self) {
         self.core.queue.lock().shutdown = true;
         self.core.queue_cv.notify_all();
@@ -616,10 +656,10 @@ fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
 }
 
 impl<D: BlockDevice> Engine<D> {
-    pub(crate) fn from_core(core: Arc<Core<D>>, thread: JoinHandle<()>) -> Engine<D> {
+    pub(crate) fn from_core(core: Arc<Core<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
         let inner = Arc::new(Inner {
             core: core.clone(),
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(thread),
         });
         Engine {
             core,

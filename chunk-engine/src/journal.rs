@@ -1,31 +1,76 @@
-//! The journal thread: group commit of metadata records, and checkpoints.
+//! The journal writer: group commit of metadata records, and checkpoints.
 //!
-//! Committers queue records and wait; this thread takes everything queued
-//! (up to `batch_bytes_max`), writes it as one checksummed batch, issues one
+//! Committers queue records and wait; the writer takes everything queued (up
+//! to `batch_bytes_max`), writes it as one checksummed batch, issues one
 //! flush, applies the records to the committed map and publishes how many
 //! records are durable. While one batch is on its way to the device the next
 //! one fills up, which is what makes commits cheap under load.
 //!
 //! Batches are strictly serial: batch N+1 is written only after batch N's
 //! flush returned. Recovery relies on this: only the last batch in the log can
-//! be one whose flush never completed, so only its data needs checking.
+//! be one whose flush never completed, so only its data needs checking. The
+//! holder of `Core::writer` (an async mutex around the [`Writer`] state) is
+//! the only one that writes batches or checkpoints, which is what keeps them
+//! serial.
 //!
-//! It is a plain OS thread with a tiny executor rather than a task, so that a
-//! cancelled committer can never abandon a half-written batch, and so that the
-//! engine works under any async runtime.
+//! Two drivers hold that role ([`crate::JournalMode`]):
+//!
+//! * `Thread`: a plain OS thread with a tiny executor ([`run`]) holds it for
+//!   the engine's life, so a cancelled committer can never abandon a
+//!   half-written batch, and the engine works under any async runtime.
+//! * `Inline`: no thread. A committer that finds the role free takes it and
+//!   writes batches itself until the queue is empty ([`write_inline`]); the
+//!   others wait for durability or for the role. A deterministic simulator
+//!   needs this: a thread completing commits concurrently would make when a
+//!   commit completes depend on real thread timing.
+//!
+//! Both drivers call the same [`write_next`], so the batch logic exists once.
+//!
+//! # Cancellation (inline mode)
+//!
+//! An inline writer is an ordinary future and may be dropped at any await.
+//! Three rules keep the engine consistent whatever the drop point:
+//!
+//! 1. Records leave the queue only after their batch's flush returned. A
+//!    writer reads the batch from the front of the queue without taking it,
+//!    and only the role holder ever removes records, so a dropped writer's
+//!    records are still queued, in order, for the next one.
+//! 2. Everything after a flush returns (advancing the cursor, applying the
+//!    records, dequeuing them, publishing durability) happens without an
+//!    await, so a writer is dropped either before all of it or after. The
+//!    cursor and the committed map therefore always describe the log up to
+//!    the last batch whose flush returned.
+//! 3. Before starting a batch or checkpoint, the writer notes it in
+//!    [`Writer::abandoned`], and clears the note once it is done. The next
+//!    writer first repeats what the note names, byte for byte: the same
+//!    number of records from the front of the queue at the same log position
+//!    (both derived from the unchanged cursor), or the same checkpoint (the
+//!    committed map and the cursor are unchanged since it began). This
+//!    matters because a dropped I/O still runs to completion (the
+//!    `BlockDevice` contract): the abandoned write may land at any time,
+//!    even after the repeat, and since the repeat writes identical bytes to
+//!    the same place, any order or mixture of the two leaves the same
+//!    contents. To recovery the pair looks like one batch (or checkpoint)
+//!    whose flush had not yet returned, which it handles already; the repeat
+//!    flushes it before anything else is written, so batches stay serial.
+//!
+//! Dropping the role wakes the waiting committers (see `WriterRole`), so the
+//! records of a dropped writer are never stranded while a committer waits.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use flyfs_bypass::{BlockDevice, block_on};
+use tokio::sync::{MutexGuard, watch};
 
 use crate::EngineError;
-use crate::engine::Core;
+use crate::engine::{Core, Durability};
 use crate::format::{
-    CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes, encode_batch,
+    BATCH_HEADER_BYTES, CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes,
+    encode_batch,
 };
 
-/// Where the log stands. Owned by the journal thread.
+/// Where the log stands. Owned by the journal writer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Cursor {
     /// Log position (a byte offset in the unwrapped log) of the next batch.
@@ -35,6 +80,34 @@ pub(crate) struct Cursor {
     pub checkpoint_sequence: u64,
     /// Which of the two checkpoint slots holds the current checkpoint.
     pub checkpoint_slot: u64,
+}
+
+/// The journal writer's state; whoever holds it (behind `Core::writer`) is
+/// the one writer of batches and checkpoints.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub cursor: Cursor,
+    /// Work a cancelled inline writer left unfinished, which the next writer
+    /// repeats exactly before anything else (rule 3 in the module docs).
+    /// Always `None` in thread mode.
+    abandoned: Option<Abandoned>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Abandoned {
+    /// A batch of this many records from the front of the queue.
+    Batch { records: usize },
+    /// The checkpoint that follows a batch when the live log is long.
+    Checkpoint,
+}
+
+impl Writer {
+    pub fn new(cursor: Cursor) -> Writer {
+        Writer {
+            cursor,
+            abandoned: None,
+        }
+    }
 }
 
 /// Where a batch of `bytes` goes: at `head`, or at the start of the next lap
@@ -48,14 +121,13 @@ pub(crate) fn place(head: u64, bytes: u64, journal_bytes: u64) -> u64 {
     }
 }
 
-pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
-    let max_payload = core
-        .config
-        .batch_bytes_max
-        .min(core.sb.journal_bytes as usize / 4)
-        - crate::format::BATCH_HEADER_BYTES;
+/// The journal thread (thread mode): holds the writer role for the engine's
+/// life and writes whatever is queued until the engine shuts down.
+pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>) {
+    // Uncontended: inline writers exist only in inline mode.
+    let mut writer = block_on(core.writer.lock());
     loop {
-        let (records, durable_through) = {
+        {
             let mut queue = core.queue.lock();
             while queue.records.is_empty() {
                 if queue.shutdown {
@@ -63,46 +135,205 @@ pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>, mut cursor: Cursor) {
                 }
                 core.queue_cv.wait(&mut queue);
             }
-            let mut payload = 0;
-            let mut records = Vec::new();
-            while let Some(record) = queue.records.front() {
-                if !records.is_empty() && payload + record.encoded_len() > max_payload {
-                    break;
+        }
+        block_on(write_next(&core, &mut writer));
+    }
+}
+
+/// Inline mode: makes record number `seq` durable (or the journal failed)
+/// before returning, writing batches itself whenever the writer role is free.
+///
+/// Waiting is on the durability channel only: each published batch and each
+/// release of the role notifies it. A committer marks the channel seen
+/// *before* it tries the role, so a release between its failed attempt and
+/// its wait still wakes it, and it then takes the role.
+pub(crate) async fn write_inline<D: BlockDevice>(
+    core: &Core<D>,
+    durable: &mut watch::Receiver<Durability>,
+    seq: u64,
+) {
+    loop {
+        {
+            let state = durable.borrow_and_update();
+            if state.records >= seq || state.error.is_some() {
+                return;
+            }
+        }
+        match core.writer.try_lock() {
+            Ok(guard) => {
+                let mut role = WriterRole {
+                    core,
+                    guard: Some(guard),
+                };
+                // Drain the queue, not just up to our own record, so that
+                // records whose committers were dropped are not stranded
+                // until the next commit, and so that everything queued
+                // while a batch was in flight goes out as the next batch.
+                while write_next(core, role.writer()).await {}
+            }
+            Err(_) => {
+                if durable.changed().await.is_err() {
+                    // The sender lives in `core`, which outlives us.
+                    return;
                 }
-                payload += record.encoded_len();
-                records.push(queue.records.pop_front().expect("front exists"));
             }
-            queue.taken += records.len() as u64;
-            (records, queue.taken)
-        };
-        let result = match core.poisoned() {
-            Some(reason) => Err(reason),
-            None => block_on(commit_batch(&core, &mut cursor, &records))
-                .map_err(|e| Arc::from(e.to_string())),
-        };
-        let result = result.and_then(|()| {
-            // The batch is durable: acknowledge it before any checkpoint, so
-            // a failing checkpoint never fails a commit that is already safe.
-            core.durable.send_modify(|d| d.records = durable_through);
-            let live = cursor.head - cursor.tail;
-            if live * 100 > core.sb.journal_bytes * u64::from(core.config.checkpoint_percent) {
-                block_on(checkpoint(&core, &mut cursor)).map_err(|e| Arc::from(e.to_string()))
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(reason) = result {
-            core.poison(&reason);
-            core.durable.send_modify(|d| d.error = Some(reason));
         }
     }
 }
 
+/// The writer role held by an inline committer. Releasing it, however the
+/// committer ends (done, failed or dropped mid-batch), wakes the waiting
+/// committers: one of them must take over what is still queued.
+struct WriterRole<'a, D> {
+    core: &'a Core<D>,
+    guard: Option<MutexGuard<'a, Writer>>,
+}
+
+impl<D> WriterRole<'_, D> {
+    fn writer(&mut self) -> &mut Writer {
+        self.guard
+            .as_mut()
+            .expect("the guard is held until the role is dropped")
+    }
+}
+
+impl<D> Drop for WriterRole<'_, D> {
+    fn drop(&mut self) {
+        // Unlock before notifying: a woken committer must find the role free.
+        drop(self.guard.take());
+        self.core.durable.send_modify(|_| {});
+    }
+}
+
+/// One round of journal work, the same for both drivers: finish what a
+/// cancelled writer abandoned, write the next batch if any record is queued,
+/// and checkpoint if the live log has grown too long. Returns whether a
+/// record was queued; on failure the engine is poisoned and every waiter
+/// learns why.
+pub(crate) async fn write_next<D: BlockDevice>(core: &Core<D>, writer: &mut Writer) -> bool {
+    let result: Result<bool, EngineError> = async {
+        if writer.abandoned == Some(Abandoned::Checkpoint) {
+            checkpoint_noted(core, writer).await?;
+        }
+        if !write_batch(core, writer).await? {
+            return Ok(false);
+        }
+        // The batch is durable and acknowledged already, so a failing
+        // checkpoint never fails a commit that is already safe.
+        let live = writer.cursor.head - writer.cursor.tail;
+        if live * 100 > core.sb.journal_bytes * u64::from(core.config.checkpoint_percent) {
+            checkpoint_noted(core, writer).await?;
+        }
+        Ok(true)
+    }
+    .await;
+    match result {
+        Ok(wrote) => wrote,
+        Err(error) => {
+            fail(core, writer, Arc::from(error.to_string()));
+            true
+        }
+    }
+}
+
+/// Poisons the engine and fails every queued record: after a failed write
+/// or flush nothing more will be made durable until the engine is reopened.
+fn fail<D: BlockDevice>(core: &Core<D>, writer: &mut Writer, reason: Arc<str>) {
+    core.poison(&reason);
+    writer.abandoned = None;
+    {
+        let mut queue = core.queue.lock();
+        queue.taken += queue.records.len() as u64;
+        queue.records.clear();
+    }
+    core.durable.send_modify(|d| d.error = Some(reason));
+}
+
+/// Writes the next batch from the front of the queue, flushes it, applies it
+/// and publishes it durable. Returns false if nothing was queued.
+async fn write_batch<D: BlockDevice>(
+    core: &Core<D>,
+    writer: &mut Writer,
+) -> Result<bool, EngineError> {
+    let max_payload = core
+        .config
+        .batch_bytes_max
+        .min(core.sb.journal_bytes as usize / 4)
+        - BATCH_HEADER_BYTES;
+    // Read, not taken: the records stay queued until they are durable.
+    let records: Vec<Record> = {
+        let queue = core.queue.lock();
+        let count = match writer.abandoned {
+            Some(Abandoned::Batch { records }) => {
+                assert!(
+                    records <= queue.records.len(),
+                    "records of an abandoned batch left the queue"
+                );
+                records
+            }
+            _ => {
+                let mut payload = 0;
+                let mut count = 0;
+                for record in &queue.records {
+                    if count > 0 && payload + record.encoded_len() > max_payload {
+                        break;
+                    }
+                    payload += record.encoded_len();
+                    count += 1;
+                }
+                count
+            }
+        };
+        queue.records.iter().take(count).cloned().collect()
+    };
+    if records.is_empty() {
+        return Ok(false);
+    }
+    if let Some(reason) = core.poisoned() {
+        return Err(EngineError::Poisoned {
+            device: core.device.clone(),
+            reason,
+        });
+    }
+    writer.abandoned = Some(Abandoned::Batch {
+        records: records.len(),
+    });
+    let end = commit_batch(core, &mut writer.cursor, &records).await?;
+    // The flush returned. No await from here to the end, so a cancelled
+    // writer never leaves the batch durable but unapplied or still queued.
+    writer.cursor.head = end;
+    writer.abandoned = None;
+    core.counters.batches.fetch_add(1, Ordering::Relaxed);
+    core.counters
+        .records
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
+    {
+        let mut state = core.state.lock();
+        for record in &records {
+            state.apply(record, true);
+        }
+    }
+    let durable_through = {
+        let mut queue = core.queue.lock();
+        for record in &records {
+            let queued = queue.records.pop_front();
+            debug_assert_eq!(queued.as_ref(), Some(record), "only the writer dequeues");
+        }
+        queue.taken += records.len() as u64;
+        queue.taken
+    };
+    core.durable.send_modify(|d| d.records = durable_through);
+    Ok(true)
+}
+
+/// Writes `records` as one batch at the log head (checkpointing first if the
+/// log would overrun its tail) and flushes it. Returns the log position after
+/// the batch; the caller advances the cursor to it.
 async fn commit_batch<D: BlockDevice>(
     core: &Core<D>,
     cursor: &mut Cursor,
     records: &[Record],
-) -> Result<(), EngineError> {
+) -> Result<u64, EngineError> {
     let journal_bytes = core.sb.journal_bytes;
     let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
     let mut lsn = place(cursor.head, bytes, journal_bytes);
@@ -122,22 +353,25 @@ async fn commit_batch<D: BlockDevice>(
     })
     .await?;
     core.flush("journal batch").await?;
-    cursor.head = lsn + bytes;
-    core.counters.batches.fetch_add(1, Ordering::Relaxed);
-    core.counters
-        .records
-        .fetch_add(records.len() as u64, Ordering::Relaxed);
-    {
-        let mut state = core.state.lock();
-        for record in records {
-            state.apply(record, true);
-        }
-    }
+    Ok(lsn + bytes)
+}
+
+/// A checkpoint noted in `abandoned` while it runs, so that a cancelled one
+/// is repeated by the next writer before any batch changes the map.
+async fn checkpoint_noted<D: BlockDevice>(
+    core: &Core<D>,
+    writer: &mut Writer,
+) -> Result<(), EngineError> {
+    writer.abandoned = Some(Abandoned::Checkpoint);
+    checkpoint(core, &mut writer.cursor).await?;
+    writer.abandoned = None;
     Ok(())
 }
 
 /// Writes the committed map as a checkpoint at the journal head into the slot
 /// not holding the current checkpoint, then lets the journal reuse its space.
+/// The cursor changes only after the flush returned, and the bytes depend
+/// only on the cursor and the committed map, so a repeat is identical.
 pub(crate) async fn checkpoint<D: BlockDevice>(
     core: &Core<D>,
     cursor: &mut Cursor,

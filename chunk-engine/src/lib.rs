@@ -29,8 +29,9 @@ pub mod testing;
 use std::fmt;
 
 pub use engine::{
-    ChainUsage, ChunkInfo, Engine, EngineConfig, EngineStats, FormatOptions, PendingInfo,
-    ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome, WriteRequest,
+    ChainUsage, ChunkInfo, Engine, EngineConfig, EngineStats, FormatOptions, JournalMode,
+    PendingInfo, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
+    WriteRequest,
 };
 pub use error::EngineError;
 pub use flyfs_bypass::BlockDevice;

@@ -6,10 +6,10 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flyfs_bypass::{BlockDevice, BufferPool, block_on};
+use flyfs_bypass::{BlockDevice, BufferPool};
 
 use crate::alloc::Allocator;
-use crate::engine::{Core, EngineConfig, FormatOptions, State};
+use crate::engine::{Core, EngineConfig, FormatOptions, JournalMode, State};
 use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
     SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
@@ -309,21 +309,35 @@ impl<D: BlockDevice> Engine<D> {
             flush_raw(&dev, "superblock").await?;
         }
 
-        let core = Arc::new(Core::new(dev, sb, pool, config, state));
         // Checkpoint at once, past anything the replay discarded: from here on
         // the log restarts at a position no stale batch can claim.
-        let mut cursor = Cursor {
+        let cursor = Cursor {
             head: replay.end,
             tail: loaded.header.journal_lsn,
             checkpoint_sequence: loaded.sequence_max,
             checkpoint_slot: loaded.slot,
         };
-        block_on(journal::checkpoint(&core, &mut cursor))?;
-        let thread_core = core.clone();
-        let thread = std::thread::Builder::new()
-            .name("flyfs-journal".into())
-            .spawn(move || journal::run(thread_core, cursor))
-            .map_err(|e| EngineError::Config(format!("cannot start the journal thread: {e}")))?;
+        let core = Arc::new(Core::new(dev, sb, pool, config, state, cursor));
+        {
+            // Awaited rather than blocked on, so that opening works on a
+            // single-threaded runtime whose device needs the runtime to
+            // progress (a simulated device with simulated latency).
+            let mut writer = core.writer.lock().await;
+            journal::checkpoint(&core, &mut writer.cursor).await?;
+        }
+        let thread = match core.config.journal {
+            JournalMode::Thread => {
+                let thread_core = core.clone();
+                let thread = std::thread::Builder::new()
+                    .name("flyfs-journal".into())
+                    .spawn(move || journal::run(thread_core))
+                    .map_err(|e| {
+                        EngineError::Config(format!("cannot start the journal thread: {e}"))
+                    })?;
+                Some(thread)
+            }
+            JournalMode::Inline => None,
+        };
         Ok(Engine::from_core(core, thread))
     }
 }

@@ -25,8 +25,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::{
-    ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, ReadVersion, WriteOp,
-    WriteRequest,
+    ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, JournalMode, ReadRequest,
+    ReadVersion, WriteOp, WriteRequest,
 };
 
 /// Largest chunk in the harness's format: small, so sizes cross classes.
@@ -99,6 +99,7 @@ pub struct Harness {
     mem: MemDevice,
     dev: FaultyDevice<MemDevice>,
     engine: Option<Engine<FaultyDevice<MemDevice>>>,
+    config: EngineConfig,
     model: BTreeMap<u8, ModelChunk>,
     cut_armed: bool,
     pub steps: u64,
@@ -129,8 +130,10 @@ fn pool() -> BufferPool {
 
 impl Harness {
     /// A freshly formatted 16 MiB device with a tiny journal (64 KiB), so
-    /// that a few dozen operations wrap it and write checkpoints.
-    pub fn new(seed: u64) -> Harness {
+    /// that a few dozen operations wrap it and write checkpoints. The engine
+    /// runs with journal mode `journal` (on a current-thread runtime, as a
+    /// simulator would run an inline engine).
+    pub fn new(seed: u64, journal: JournalMode) -> Harness {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -142,9 +145,13 @@ impl Harness {
             journal_bytes: Some(64 << 10),
             force: false,
         };
+        let config = EngineConfig {
+            journal,
+            ..EngineConfig::default()
+        };
         let engine = rt.block_on(async {
             Engine::format(&dev, &options).await.expect("format");
-            Engine::open(dev.clone(), pool(), EngineConfig::default())
+            Engine::open(dev.clone(), pool(), config.clone())
                 .await
                 .expect("open")
         });
@@ -153,6 +160,7 @@ impl Harness {
             mem,
             dev,
             engine: Some(engine),
+            config,
             model: BTreeMap::new(),
             cut_armed: false,
             steps: 0,
@@ -373,11 +381,9 @@ impl Harness {
                     return self.crash(0);
                 }
                 self.engine = None;
-                let engine = self.rt.block_on(Engine::open(
-                    self.dev.clone(),
-                    pool(),
-                    EngineConfig::default(),
-                ));
+                let engine =
+                    self.rt
+                        .block_on(Engine::open(self.dev.clone(), pool(), self.config.clone()));
                 self.engine = Some(engine.map_err(|e| format!("reopen: {e}"))?);
                 for chunk in self.model.values_mut() {
                     chunk.pending = None;
@@ -490,11 +496,9 @@ impl Harness {
         self.mem.crash(seed);
         self.dev.clear();
         self.cut_armed = false;
-        let engine = self.rt.block_on(Engine::open(
-            self.dev.clone(),
-            pool(),
-            EngineConfig::default(),
-        ));
+        let engine = self
+            .rt
+            .block_on(Engine::open(self.dev.clone(), pool(), self.config.clone()));
         let engine = engine.map_err(|e| format!("recovery after crash {}: {e}", self.crashes))?;
         engine.check_consistency()?;
         for k in 0..KEYS {
@@ -637,9 +641,14 @@ pub fn random_op(rng: &mut ChaCha8Rng, crashes: bool) -> Op {
 }
 
 /// One seeded run of `steps` random operations; the error names the seed.
-pub fn run_seed(seed: u64, steps: usize, crashes: bool) -> Result<Harness, String> {
+pub fn run_seed(
+    seed: u64,
+    steps: usize,
+    crashes: bool,
+    journal: JournalMode,
+) -> Result<Harness, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut harness = Harness::new(seed);
+    let mut harness = Harness::new(seed, journal);
     for _ in 0..steps {
         let op = random_op(&mut rng, crashes);
         harness.step(&op).map_err(|e| format!("seed {seed}: {e}"))?;
@@ -782,9 +791,16 @@ fn same(encoded: &[u8], original: &[u8], what: &str) {
     }
 }
 
-/// Fuzz entry point: an operation sequence with power cuts and crashes.
+/// Fuzz entry point: an operation sequence with power cuts and crashes. The
+/// journal mode follows the sequence's length, so both modes get fuzzed
+/// without changing the targets' input format.
 pub fn fuzz_ops(ops: &[Op]) {
-    let mut harness = Harness::new(ops.len() as u64);
+    let journal = if ops.len() % 2 == 0 {
+        JournalMode::Thread
+    } else {
+        JournalMode::Inline
+    };
+    let mut harness = Harness::new(ops.len() as u64, journal);
     for op in ops.iter().take(200) {
         if let Err(error) = harness.step(op) {
             panic!("{error}");

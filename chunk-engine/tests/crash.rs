@@ -5,8 +5,19 @@
 //!
 //! `FLYFS_CRASH_SEEDS` (default 1000 seeds of 60 steps, several thousand crash
 //! points) and `FLYFS_CRASH_STEPS` scale it up; `FLYFS_CRASH_SEED` replays one.
+//! Even seeds run the journal thread, odd seeds the inline journal: both
+//! modes are covered for the price of one.
 
+use flyfs_chunk_engine::JournalMode;
 use flyfs_chunk_engine::testing::run_seed;
+
+fn mode(seed: u64) -> JournalMode {
+    if seed % 2 == 0 {
+        JournalMode::Thread
+    } else {
+        JournalMode::Inline
+    }
+}
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -24,8 +35,8 @@ fn random_crashes_lose_nothing_acknowledged() {
     };
     let mut crashes = 0;
     for seed in seeds {
-        let harness = run_seed(seed, steps, true)
-            .unwrap_or_else(|e| panic!("{e}\nreplay: FLYFS_CRASH_SEED={seed}"));
+        let harness = run_seed(seed, steps, true, mode(seed))
+            .unwrap_or_else(|e| panic!("{e} ({:?})\nreplay: FLYFS_CRASH_SEED={seed}", mode(seed)));
         crashes += harness.crashes;
     }
     println!("{crashes} crash points recovered");
@@ -37,10 +48,12 @@ fn random_crashes_lose_nothing_acknowledged() {
 
 /// Seeds that once failed, pinned forever: 31 (a failed commit kept its
 /// pending version), 232 (a poisoned engine hid an invalid request), 1098 (a
-/// failed remove dropped the pending version).
+/// failed remove dropped the pending version). Pinned in both modes.
 #[test]
 fn regression_seeds() {
     for seed in [31, 232, 1098] {
-        run_seed(seed, 60, true).unwrap_or_else(|e| panic!("{e}"));
+        for journal in [JournalMode::Thread, JournalMode::Inline] {
+            run_seed(seed, 60, true, journal).unwrap_or_else(|e| panic!("{e} ({journal:?})"));
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Functional tests of the chunk engine on the in-memory device: every
-//! operation, its errors, durability across reopen, and bad devices.
+//! operation, its errors, durability across reopen, and bad devices. Each
+//! runs in both journal modes (`name::thread`, `name::inline`).
 
 mod common;
 
@@ -9,22 +10,37 @@ use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BlockDevice, DmaBuf, IoOp};
 use flyfs_chunk_engine::format::SUPERBLOCK_OFFSETS;
 use flyfs_chunk_engine::{
-    Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, ReadVersion, WriteOp,
+    Engine, EngineError, FormatOptions, JournalMode, ReadRequest, ReadVersion, WriteOp,
 };
 use flyfs_rpc::ids::{ChainId, ChunkVersion, InodeId};
 
 const MIB: u64 = 1 << 20;
 
+both_modes!(
+    write_commit_read_and_reopen,
+    pending_versions_are_invisible_until_committed,
+    appends_go_in_place_and_overwrites_copy_on_write,
+    truncate_remove_and_queries,
+    replace_and_bad_requests,
+    failed_write_poisons_until_reopen,
+    failed_flush_fails_the_commit_and_poisons,
+    corrupt_reads_are_detected_when_verifying,
+    concurrent_commits_share_journal_batches,
+    journal_wraps_and_checkpoints_many_times,
+    bad_devices_give_clear_errors,
+    damaged_checkpoint_falls_back_or_refuses,
+    readers_never_see_torn_chunks_while_writers_commit,
+);
+
 fn mem() -> MemDevice {
     MemDevice::new(32 * MIB, 4096)
 }
 
-#[test]
-fn write_commit_read_and_reopen() {
+fn write_commit_read_and_reopen(mode: JournalMode) {
     let rt = runtime();
     let dev = mem();
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format()).await;
+        let engine = format_and_open(&dev, &small_format(), mode).await;
         let k = key(1, 7, 0);
         let data = bytes(10_000, 1);
         let outcome = put(&engine, k, 1, 0, &data).await;
@@ -52,7 +68,7 @@ fn write_commit_read_and_reopen() {
                 .is_empty()
         );
         drop(engine);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("reopen");
         assert_same(&contents(&engine, k).await, &data);
@@ -62,11 +78,10 @@ fn write_commit_read_and_reopen() {
     });
 }
 
-#[test]
-fn pending_versions_are_invisible_until_committed() {
+fn pending_versions_are_invisible_until_committed(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&mem(), &small_format()).await;
+        let engine = format_and_open(&mem(), &small_format(), mode).await;
         let k = key(1, 1, 0);
         put(&engine, k, 1, 0, &bytes(8192, 1)).await;
         engine
@@ -124,11 +139,10 @@ fn pending_versions_are_invisible_until_committed() {
     });
 }
 
-#[test]
-fn appends_go_in_place_and_overwrites_copy_on_write() {
+fn appends_go_in_place_and_overwrites_copy_on_write(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&mem(), &small_format()).await;
+        let engine = format_and_open(&mem(), &small_format(), mode).await;
         let k = key(2, 9, 3);
         let mut model = bytes(4096, 1);
         let first = put(&engine, k, 1, 0, &model).await;
@@ -178,11 +192,10 @@ fn appends_go_in_place_and_overwrites_copy_on_write() {
     });
 }
 
-#[test]
-fn truncate_remove_and_queries() {
+fn truncate_remove_and_queries(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&mem(), &small_format()).await;
+        let engine = format_and_open(&mem(), &small_format(), mode).await;
         for index in [0, 1, 5, 2] {
             put(&engine, key(3, 100, index), 1, 0, &bytes(5000, index as u8)).await;
         }
@@ -234,11 +247,10 @@ fn truncate_remove_and_queries() {
     });
 }
 
-#[test]
-fn replace_and_bad_requests() {
+fn replace_and_bad_requests(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&mem(), &small_format()).await;
+        let engine = format_and_open(&mem(), &small_format(), mode).await;
         let k = key(1, 1, 1);
         put(&engine, k, 1, 0, &bytes(20_000, 1)).await;
         let data = bytes(3000, 9);
@@ -280,14 +292,13 @@ fn replace_and_bad_requests() {
     });
 }
 
-#[test]
-fn failed_write_poisons_until_reopen() {
+fn failed_write_poisons_until_reopen(mode: JournalMode) {
     let rt = runtime();
     let mem = mem();
     rt.block_on(async {
         Engine::format(&mem, &small_format()).await.expect("format");
         let dev = FaultyDevice::new(mem.clone(), 1);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("open");
         let k = key(1, 2, 3);
@@ -309,7 +320,7 @@ fn failed_write_poisons_until_reopen() {
         assert_same(&contents(&engine, k).await, b"durable");
         drop(engine);
         dev.clear();
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("reopen");
         assert!(engine.poisoned().is_none());
@@ -317,12 +328,12 @@ fn failed_write_poisons_until_reopen() {
     });
 }
 
-#[test]
-fn failed_flush_fails_the_commit_and_poisons() {
+fn failed_flush_fails_the_commit_and_poisons(mode: JournalMode) {
     let rt = runtime();
     let mem = mem();
     rt.block_on(async {
-        let engine = format_and_open(&FaultyDevice::new(mem.clone(), 0), &small_format()).await;
+        let engine =
+            format_and_open(&FaultyDevice::new(mem.clone(), 0), &small_format(), mode).await;
         let dev = engine.device().clone();
         let k = key(1, 2, 3);
         engine.write(update(k, 1, 0, b"data")).await.expect("write");
@@ -335,11 +346,10 @@ fn failed_flush_fails_the_commit_and_poisons() {
     });
 }
 
-#[test]
-fn corrupt_reads_are_detected_when_verifying() {
+fn corrupt_reads_are_detected_when_verifying(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&FaultyDevice::new(mem(), 5), &small_format()).await;
+        let engine = format_and_open(&FaultyDevice::new(mem(), 5), &small_format(), mode).await;
         let k = key(1, 1, 0);
         put(&engine, k, 1, 0, &bytes(8192, 4)).await;
         engine
@@ -370,16 +380,18 @@ fn corrupt_reads_are_detected_when_verifying() {
     });
 }
 
-#[test]
-fn concurrent_commits_share_journal_batches() {
+fn concurrent_commits_share_journal_batches(mode: JournalMode) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
         .expect("runtime");
-    let dev = mem();
+    // Flushes that take time, as a real device's do: an inline writer
+    // batches what queues while its batch is at the device, and an instant
+    // flush leaves no such moment.
+    let dev = SlowDevice::new(mem());
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format()).await;
-        let flushes_before = dev.stats().flushes;
+        let engine = format_and_open(&dev, &small_format(), mode).await;
+        let flushes_before = dev.mem().stats().flushes;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200u32 {
             let engine = engine.clone();
@@ -397,7 +409,7 @@ fn concurrent_commits_share_journal_batches() {
         while let Some(done) = tasks.join_next().await {
             done.expect("task");
         }
-        let flushes = dev.stats().flushes - flushes_before;
+        let flushes = dev.mem().stats().flushes - flushes_before;
         assert!(
             flushes < 200,
             "group commit should batch: {flushes} flushes for 200 commits"
@@ -412,8 +424,7 @@ fn concurrent_commits_share_journal_batches() {
     });
 }
 
-#[test]
-fn journal_wraps_and_checkpoints_many_times() {
+fn journal_wraps_and_checkpoints_many_times(mode: JournalMode) {
     let rt = runtime();
     let dev = mem();
     let options = FormatOptions {
@@ -421,7 +432,7 @@ fn journal_wraps_and_checkpoints_many_times() {
         ..small_format()
     };
     rt.block_on(async {
-        let engine = format_and_open(&dev, &options).await;
+        let engine = format_and_open(&dev, &options, mode).await;
         for round in 0..300u32 {
             let k = key(1, u64::from(round % 37), 0);
             let version = engine
@@ -445,7 +456,7 @@ fn journal_wraps_and_checkpoints_many_times() {
         }
         let before: Vec<_> = engine.chunks(ChainId(1), .., usize::MAX);
         drop(engine);
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("reopen");
         assert_eq!(engine.chunks(ChainId(1), .., usize::MAX), before);
@@ -453,13 +464,12 @@ fn journal_wraps_and_checkpoints_many_times() {
     });
 }
 
-#[test]
-fn bad_devices_give_clear_errors() {
+fn bad_devices_give_clear_errors(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
         // Unformatted.
         let blank = mem();
-        let err = Engine::open(blank.clone(), pool(), EngineConfig::default())
+        let err = Engine::open(blank.clone(), pool(), config(mode))
             .await
             .expect_err("blank");
         assert!(matches!(err, EngineError::NotFormatted { .. }), "{err}");
@@ -488,7 +498,7 @@ fn bad_devices_give_clear_errors() {
         .expect("forced");
         // One damaged superblock copy is repaired from the other.
         dev.poke(SUPERBLOCK_OFFSETS[0] + 100, &[0xff; 8]);
-        let opened = Engine::open(dev.clone(), pool(), EngineConfig::default()).await;
+        let opened = Engine::open(dev.clone(), pool(), config(mode)).await;
         drop(opened.expect("repairs"));
         assert_eq!(
             dev.snapshot()[..4096],
@@ -497,7 +507,7 @@ fn bad_devices_give_clear_errors() {
         // Both damaged: a corruption error, and format still needs force.
         dev.poke(SUPERBLOCK_OFFSETS[0] + 100, &[0xff; 8]);
         dev.poke(SUPERBLOCK_OFFSETS[1] + 100, &[0xff; 8]);
-        let err = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let err = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect_err("corrupt");
         assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
@@ -511,7 +521,7 @@ fn bad_devices_give_clear_errors() {
         for offset in SUPERBLOCK_OFFSETS {
             dev.poke(offset + 8, &7u32.to_le_bytes());
         }
-        let err = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let err = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect_err("version");
         assert!(
@@ -525,24 +535,23 @@ fn bad_devices_give_clear_errors() {
         let image = dev.snapshot();
         let smaller = MemDevice::new(16 * MIB, 4096);
         smaller.poke(0, &image[..16 * MIB as usize]);
-        let err = Engine::open(smaller, pool(), EngineConfig::default())
+        let err = Engine::open(smaller, pool(), config(mode))
             .await
             .expect_err("shrunk");
         assert!(matches!(err, EngineError::TooSmall { .. }), "{err}");
     });
 }
 
-#[test]
-fn damaged_checkpoint_falls_back_or_refuses() {
+fn damaged_checkpoint_falls_back_or_refuses(mode: JournalMode) {
     let rt = runtime();
     let dev = mem();
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format()).await;
+        let engine = format_and_open(&dev, &small_format(), mode).await;
         put(&engine, key(1, 1, 1), 1, 0, b"kept").await;
         let sb = *engine.superblock();
         drop(engine);
         // The open checkpointed into one slot; find the newest and damage its payload.
-        let engine = Engine::open(dev.clone(), pool(), EngineConfig::default())
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("open");
         drop(engine);
@@ -559,7 +568,7 @@ fn damaged_checkpoint_falls_back_or_refuses() {
         // The older checkpoint plus the journal may or may not reach the
         // newer one's position; either way the engine must not lose "kept"
         // silently: it recovers it, or it refuses to open.
-        match Engine::open(dev.clone(), pool(), EngineConfig::default()).await {
+        match Engine::open(dev.clone(), pool(), config(mode)).await {
             Ok(engine) => assert_eq!(contents(&engine, key(1, 1, 1)).await, b"kept"),
             Err(err) => assert!(matches!(err, EngineError::Corrupt { .. }), "{err}"),
         }
@@ -580,23 +589,24 @@ fn geometry_of_a_formatted_device() {
     });
 }
 
-#[test]
-fn readers_never_see_torn_chunks_while_writers_commit() {
+fn readers_never_see_torn_chunks_while_writers_commit(mode: JournalMode) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
         .expect("runtime");
     let dev = mem();
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format()).await;
+        let engine = format_and_open(&dev, &small_format(), mode).await;
         let keys: Vec<_> = (0..4).map(|i| key(9, i, 0)).collect();
         for k in &keys {
             put(&engine, *k, 1, 0, &bytes(6000, 0)).await;
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reads_total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut readers = tokio::task::JoinSet::new();
         for r in 0..4 {
             let (engine, keys, stop) = (engine.clone(), keys.clone(), stop.clone());
+            let reads_total = reads_total.clone();
             readers.spawn(async move {
                 let mut reads = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -609,6 +619,7 @@ fn readers_never_see_torn_chunks_while_writers_commit() {
                         .expect("verified read");
                     assert_eq!(read.data.len() as u32, read.chunk_len);
                     reads += 1;
+                    reads_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::task::yield_now().await;
                 }
                 reads
@@ -617,6 +628,12 @@ fn readers_never_see_torn_chunks_while_writers_commit() {
         // Overwrites (copy-on-write), appends (in place) and truncates,
         // each committed, while the readers run.
         for version in 2..150u32 {
+            // Pace the writer by the readers: an inline-mode commit on an
+            // instant device never waits, so without this the writes could
+            // all finish before a reader runs.
+            while reads_total.load(std::sync::atomic::Ordering::Relaxed) < u64::from(version) {
+                tokio::task::yield_now().await;
+            }
             let k = keys[version as usize % keys.len()];
             let len = engine
                 .stat(k)

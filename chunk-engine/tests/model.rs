@@ -2,8 +2,10 @@
 //! replaces, truncates, commits, aborts, removes, reads, clean reopens)
 //! against a map of byte vectors; contents, versions, lengths and checksums
 //! must agree after every step. proptest shrinks a failure to a minimal
-//! sequence.
+//! sequence. Each case draws its journal mode, so the cases are split between
+//! the journal thread and the inline journal.
 
+use flyfs_chunk_engine::JournalMode;
 use flyfs_chunk_engine::testing::{Harness, Op};
 use proptest::prelude::*;
 
@@ -32,8 +34,12 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn engine_matches_model(ops in prop::collection::vec(op(), 1..120)) {
-        let mut harness = Harness::new(0);
+    fn engine_matches_model(
+        inline in any::<bool>(),
+        ops in prop::collection::vec(op(), 1..120),
+    ) {
+        let journal = if inline { JournalMode::Inline } else { JournalMode::Thread };
+        let mut harness = Harness::new(0, journal);
         for op in &ops {
             harness.step(op).map_err(TestCaseError::fail)?;
         }

@@ -1,9 +1,17 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
-use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf, HugePages, PoolConfig};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{
+    BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, HugePages, IoCompletion, PoolConfig,
+};
 use flyfs_chunk_engine::{
-    ChunkKey, Engine, EngineConfig, FormatOptions, WriteOp, WriteOutcome, WriteRequest,
+    ChunkKey, Engine, EngineConfig, FormatOptions, JournalMode, WriteOp, WriteOutcome, WriteRequest,
 };
 use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 
@@ -32,14 +40,44 @@ pub fn small_format() -> FormatOptions {
     }
 }
 
+/// The default configuration with journal mode `journal`.
+pub fn config(journal: JournalMode) -> EngineConfig {
+    EngineConfig {
+        journal,
+        ..EngineConfig::default()
+    }
+}
+
 pub async fn format_and_open<D: BlockDevice + Clone>(
     dev: &D,
     options: &FormatOptions,
+    journal: JournalMode,
 ) -> Engine<D> {
     Engine::format(dev, options).await.expect("format");
-    Engine::open(dev.clone(), pool(), EngineConfig::default())
+    Engine::open(dev.clone(), pool(), config(journal))
         .await
         .expect("open")
+}
+
+/// Runs a test body, `fn name(journal: JournalMode)`, once per journal mode:
+/// `name::thread` and `name::inline`.
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn thread() {
+                    super::$name(flyfs_chunk_engine::JournalMode::Thread);
+                }
+
+                #[test]
+                fn inline() {
+                    super::$name(flyfs_chunk_engine::JournalMode::Inline);
+                }
+            }
+        )*
+    };
 }
 
 pub fn key(chain: u32, inode: u64, index: u32) -> ChunkKey {
@@ -115,5 +153,122 @@ pub fn assert_same(actual: &[u8], expected: &[u8]) {
             actual.len(),
             expected.len()
         );
+    }
+}
+
+/// A `MemDevice` whose flushes take time: each yields once to the runtime
+/// (as a real device's would while the I/O is in flight), and all of them
+/// wait while the gate is closed.
+#[derive(Clone, Debug)]
+pub struct SlowDevice {
+    inner: MemDevice,
+    pub gate: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+pub struct Gate {
+    closed: AtomicBool,
+    /// Flushes waiting at the closed gate.
+    pub waiting: AtomicU64,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        for waker in self.wakers.lock().expect("gate lock").drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+/// Pending once, then ready: one trip through the scheduler.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Ready once the gate is open.
+struct GateOpen<'a>(&'a Gate);
+
+impl Future for GateOpen<'_> {
+    type Output = ();
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.0.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        self.0
+            .wakers
+            .lock()
+            .expect("gate lock")
+            .push(cx.waker().clone());
+        // Re-check: the gate may have opened before the waker was stored.
+        if self.0.closed.load(Ordering::SeqCst) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+impl SlowDevice {
+    pub fn new(inner: MemDevice) -> SlowDevice {
+        SlowDevice {
+            inner,
+            gate: Arc::default(),
+        }
+    }
+
+    pub fn mem(&self) -> &MemDevice {
+        &self.inner
+    }
+}
+
+impl BlockDevice for SlowDevice {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn read(&self, offset: u64, buf: DmaBuf) -> impl Future<Output = IoCompletion> + Send {
+        self.inner.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, buf: DmaBuf) -> impl Future<Output = IoCompletion> + Send {
+        self.inner.write(offset, buf)
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        YieldOnce(false).await;
+        if self.gate.closed.load(Ordering::SeqCst) {
+            self.gate.waiting.fetch_add(1, Ordering::SeqCst);
+            GateOpen(&self.gate).await;
+            self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.flush().await
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
+        self.inner.discard(offset, len)
     }
 }

@@ -1,0 +1,450 @@
+//! The storage client: what the file client (and benchmarks, and tests) use
+//! to write and read chunks.
+//!
+//! It resolves a chain to its targets from the manager's routing information,
+//! sends writes to the head and reads to a serving replica chosen to spread
+//! load, and on a stale chain version, an unreachable node or a replica that
+//! cannot serve, refreshes the routing and retries (reads fail over to
+//! another replica first). Writes go through exactly-once channels: a retry
+//! carries the same channel sequence number, so the head applies it at most
+//! once. Many chunk operations may be in flight at once; each borrows its own
+//! channel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
+use flyfs_rpc::wire::mgmt::{ChainInfo, GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_rpc::wire::storage::{
+    BatchRead, BatchReadReq, Channel, ChunkMetaInfo, LastChunk, LastChunkReq, ReadItem, ReadResult,
+    Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
+};
+use flyfs_rpc::{CallOptions, Client, Network, RpcError};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+/// Why a storage client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The storage service refused, for a reason retrying cannot fix.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Retries ran out; the last failure is given.
+    #[error("{what} gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    GaveUp {
+        what: String,
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
+    #[error("{chain} is not in the routing information")]
+    UnknownChain { chain: ChainId },
+    #[error("cluster manager at {addr}: {source}")]
+    Manager {
+        addr: String,
+        #[source]
+        source: RpcError,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub mgmt_addr: String,
+    pub client: ClientId,
+    /// One attempt of one RPC.
+    pub rpc_timeout: Duration,
+    /// How long an operation keeps retrying (failover, routing refresh)
+    /// before it fails.
+    pub op_deadline: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(mgmt_addr: impl Into<String>, client: ClientId) -> Self {
+        ClientConfig {
+            mgmt_addr: mgmt_addr.into(),
+            client,
+            rpc_timeout: Duration::from_secs(5),
+            op_deadline: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Data of one chunk as read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkData {
+    pub data: Bytes,
+    pub result: ReadResult,
+}
+
+/// A storage client. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct StorageClient<N: Network> {
+    config: ClientConfig,
+    rpc: Client<N>,
+    routing: Mutex<Arc<RoutingInfo>>,
+    /// Free channels as (id, next sequence number).
+    channels: Mutex<Vec<(u32, u64)>>,
+    channels_made: AtomicU64,
+    /// Spreads reads over replicas.
+    next_replica: AtomicU64,
+}
+
+/// A borrowed channel; returned to the pool with its next sequence number.
+struct ChannelLease<'a, N: Network> {
+    client: &'a StorageClient<N>,
+    id: u32,
+    seq: u64,
+}
+
+impl<N: Network> Drop for ChannelLease<'_, N> {
+    fn drop(&mut self) {
+        self.client.channels.lock().push((self.id, self.seq + 1));
+    }
+}
+
+impl<N: Network> StorageClient<N> {
+    pub fn new(config: ClientConfig, net: N) -> Arc<Self> {
+        Arc::new(StorageClient {
+            config,
+            rpc: Client::new(net, Default::default()),
+            routing: Mutex::new(Arc::new(RoutingInfo::default())),
+            channels: Mutex::new(Vec::new()),
+            channels_made: AtomicU64::new(0),
+            next_replica: AtomicU64::new(0),
+        })
+    }
+
+    pub fn routing(&self) -> Arc<RoutingInfo> {
+        self.routing.lock().clone()
+    }
+
+    pub fn rpc(&self) -> &Client<N> {
+        &self.rpc
+    }
+
+    fn options(&self) -> CallOptions {
+        CallOptions {
+            timeout: self.config.rpc_timeout,
+            ..CallOptions::default()
+        }
+    }
+
+    /// Pulls the routing information from the manager.
+    pub async fn refresh_routing(&self) -> Result<Arc<RoutingInfo>, ClientError> {
+        let known = self.routing().version;
+        let known = if self.routing().chains.is_empty() {
+            RoutingVersion(0)
+        } else {
+            known
+        };
+        let (rsp, _) = self
+            .rpc
+            .call::<GetRouting>(
+                &self.config.mgmt_addr,
+                &GetRoutingReq {
+                    known_version: known,
+                },
+                Bytes::new(),
+                &self.options(),
+            )
+            .await
+            .map_err(|source| ClientError::Manager {
+                addr: self.config.mgmt_addr.clone(),
+                source,
+            })?;
+        if let Some(routing) = rsp.routing {
+            let mut current = self.routing.lock();
+            if routing.version >= current.version {
+                *current = Arc::new(routing);
+            }
+        }
+        Ok(self.routing())
+    }
+
+    fn chain(&self, chain: ChainId) -> Option<(ChainInfo, Arc<RoutingInfo>)> {
+        let routing = self.routing();
+        routing.chain(chain).cloned().map(|c| (c, routing))
+    }
+
+    fn addr(routing: &RoutingInfo, target: flyfs_rpc::ids::TargetId) -> Option<String> {
+        let node: NodeId = routing.target(target)?.node;
+        routing.node(node).map(|n| n.addr.clone())
+    }
+
+    fn lease_channel(&self) -> ChannelLease<'_, N> {
+        let (id, seq) = self.channels.lock().pop().unwrap_or_else(|| {
+            let id = self.channels_made.fetch_add(1, Ordering::Relaxed) as u32 + 1;
+            (id, 1)
+        });
+        ChannelLease {
+            client: self,
+            id,
+            seq,
+        }
+    }
+
+    /// Writes `data` at `offset` of a chunk; returns the committed version.
+    pub async fn write(
+        &self,
+        chain: ChainId,
+        chunk: ChunkId,
+        offset: u32,
+        data: Bytes,
+        chunk_size: u32,
+    ) -> Result<WriteRsp, ClientError> {
+        let crc = crc32c::crc32c(&data);
+        self.update(chain, chunk, WriteOp::Write { offset, crc }, data, chunk_size)
+            .await
+    }
+
+    pub async fn truncate(
+        &self,
+        chain: ChainId,
+        chunk: ChunkId,
+        len: u32,
+        chunk_size: u32,
+    ) -> Result<WriteRsp, ClientError> {
+        self.update(chain, chunk, WriteOp::Truncate { len }, Bytes::new(), chunk_size)
+            .await
+    }
+
+    pub async fn remove(
+        &self,
+        chain: ChainId,
+        chunk: ChunkId,
+        chunk_size: u32,
+    ) -> Result<WriteRsp, ClientError> {
+        self.update(chain, chunk, WriteOp::Remove, Bytes::new(), chunk_size)
+            .await
+    }
+
+    async fn update(
+        &self,
+        chain: ChainId,
+        chunk: ChunkId,
+        op: WriteOp,
+        data: Bytes,
+        chunk_size: u32,
+    ) -> Result<WriteRsp, ClientError> {
+        let lease = self.lease_channel();
+        let channel = Channel {
+            client: self.config.client,
+            id: lease.id,
+            seq: lease.seq,
+        };
+        let what = format!("write of {chunk:?} on {chain}");
+        let result = self
+            .retrying(&what, chain, |info, routing, _attempt| {
+                let data = data.clone();
+                async move {
+                    let head = info.targets.first().filter(|t| t.state == PublicState::Serving);
+                    let Some(addr) = head.and_then(|h| Self::addr(&routing, h.target)) else {
+                        return Err(Failure::Retry(format!("{chain} has no serving head")));
+                    };
+                    let req = WriteReq {
+                        chain,
+                        chain_version: info.version,
+                        chunk,
+                        op,
+                        chunk_size,
+                        channel,
+                    };
+                    classify(self.rpc.call::<Write>(&addr, &req, data, &self.options()).await)
+                }
+            })
+            .await;
+        // A write that gave up may still be applied later by the head; its
+        // channel must not reuse that sequence number for different data.
+        drop(lease);
+        result
+    }
+
+    /// Reads `len` bytes at `offset` of a chunk from a serving replica.
+    pub async fn read(
+        &self,
+        chain: ChainId,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> Result<ChunkData, ClientError> {
+        let what = format!("read of {chunk:?} on {chain}");
+        self.retrying(&what, chain, |info, routing, attempt| async move {
+            let serving: Vec<_> = info
+                .targets
+                .iter()
+                .filter(|t| t.state == PublicState::Serving)
+                .collect();
+            if serving.is_empty() {
+                return Err(Failure::Retry(format!("{chain} has no serving replica")));
+            }
+            // Spread reads; each retry moves to the next replica (failover).
+            let pick = (self.next_replica.fetch_add(1, Ordering::Relaxed) as usize + attempt as usize)
+                % serving.len();
+            let Some(addr) = Self::addr(&routing, serving[pick].target) else {
+                return Err(Failure::Retry(format!("no address for {:?}", serving[pick].target)));
+            };
+            let req = BatchReadReq {
+                items: vec![ReadItem {
+                    chain,
+                    chain_version: info.version,
+                    chunk,
+                    offset,
+                    len,
+                    verify: false,
+                }],
+            };
+            let (rsp, payload) = self
+                .rpc
+                .call::<BatchRead>(&addr, &req, Bytes::new(), &self.options())
+                .await
+                .map_err(Failure::rpc)?;
+            let result = rsp
+                .results
+                .into_iter()
+                .next()
+                .ok_or_else(|| Failure::Retry("empty batch read reply".into()))?
+                .map_err(Failure::from)?;
+            let data = payload.into_bytes().unwrap_or_default();
+            if data.len() != result.len as usize {
+                return Err(Failure::Retry(format!(
+                    "reply carries {} bytes, says {}",
+                    data.len(),
+                    result.len
+                )));
+            }
+            Ok(ChunkData { data, result })
+        })
+        .await
+    }
+
+    /// Where a file ends on one chain (its highest chunk there).
+    pub async fn last_chunk(
+        &self,
+        chain: ChainId,
+        inode: InodeId,
+    ) -> Result<Option<ChunkMetaInfo>, ClientError> {
+        let what = format!("last chunk of {inode:?} on {chain}");
+        self.retrying(&what, chain, |info, routing, _| async move {
+            // The tail's view is the committed one.
+            let tail = info.targets.iter().rev().find(|t| t.state == PublicState::Serving);
+            let Some(addr) = tail.and_then(|t| Self::addr(&routing, t.target)) else {
+                return Err(Failure::Retry(format!("{chain} has no serving tail")));
+            };
+            let req = LastChunkReq {
+                chain,
+                chain_version: info.version,
+                inode,
+            };
+            classify(self.rpc.call::<LastChunk>(&addr, &req, Bytes::new(), &self.options()).await)
+                .map(|r| r.last)
+        })
+        .await
+    }
+
+    /// Space of every device of a node.
+    pub async fn space(&self, addr: &str) -> Result<SpaceRsp, ClientError> {
+        let (rsp, _) = self
+            .rpc
+            .call::<Space>(addr, &SpaceReq {}, Bytes::new(), &self.options())
+            .await
+            .map_err(|e| ClientError::GaveUp {
+                what: format!("space of {addr}"),
+                attempts: 1,
+                elapsed: Duration::ZERO,
+                last: e.to_string(),
+            })?;
+        Ok(rsp)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline
+    /// passes, refreshing the routing between attempts.
+    async fn retrying<T, F, Fut>(&self, what: &str, chain: ChainId, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut(ChainInfo, Arc<RoutingInfo>, u32) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let start = Instant::now();
+        let mut backoff = self.config.backoff_initial;
+        let mut attempts = 0u32;
+        loop {
+            if self.chain(chain).is_none() {
+                let _ = self.refresh_routing().await;
+            }
+            let last = match self.chain(chain) {
+                None => format!("{chain} is not in the routing information"),
+                Some((info, routing)) => match attempt(info, routing, attempts).await {
+                    Ok(v) => return Ok(v),
+                    Err(Failure::Fatal(e)) => return Err(ClientError::Storage(e)),
+                    Err(Failure::Retry(reason)) => reason,
+                    Err(Failure::Timeout { addr, error }) => {
+                        self.rpc.disconnect(&addr).await;
+                        error
+                    }
+                },
+            };
+            attempts += 1;
+            if start.elapsed() >= self.config.op_deadline {
+                return Err(ClientError::GaveUp {
+                    what: what.to_string(),
+                    attempts,
+                    elapsed: start.elapsed(),
+                    last,
+                });
+            }
+            tracing::debug!("{what}: attempt {attempts} failed: {last}");
+            // Failover to another replica first; back off once every replica
+            // had its chance.
+            if attempts > 1 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(self.config.backoff_max);
+            }
+            let _ = self.refresh_routing().await;
+        }
+    }
+}
+
+/// How one attempt failed.
+enum Failure {
+    Retry(String),
+    /// The RPC to `addr` timed out: its connection may be dead.
+    Timeout { addr: String, error: String },
+    Fatal(StorageError),
+}
+
+impl Failure {
+    fn rpc(e: RpcError) -> Failure {
+        match e {
+            RpcError::Timeout { ref addr, .. } => Failure::Timeout {
+                addr: addr.clone(),
+                error: e.to_string(),
+            },
+            e => Failure::Retry(e.to_string()),
+        }
+    }
+}
+
+impl From<StorageError> for Failure {
+    fn from(e: StorageError) -> Self {
+        if e.is_retryable() {
+            Failure::Retry(e.to_string())
+        } else {
+            Failure::Fatal(e)
+        }
+    }
+}
+
+fn classify<T>(
+    result: Result<(Result<T, StorageError>, flyfs_rpc::Payload), RpcError>,
+) -> Result<T, Failure> {
+    match result {
+        Ok((Ok(v), _)) => Ok(v),
+        Ok((Err(e), _)) => Err(e.into()),
+        Err(e) => Err(Failure::rpc(e)),
+    }
+}

@@ -1,0 +1,949 @@
+//! The cluster manager's state machine: membership, targets, chains and
+//! chain tables, liveness from heartbeats, and the periodic re-evaluation of
+//! every chain with the transition table.
+//!
+//! Pure: no I/O, no clock. Time comes in as `now`, a monotonic duration
+//! since the driver started, so the same code runs under tokio and inside
+//! the deterministic simulation. The service (`service.rs`) persists the
+//! durable part ([`ClusterRecord`]) before it publishes any change.
+//!
+//! Durable: nodes (id, address), targets (id, node, disk, chain), chains with
+//! their public states, chain tables, routing version. Volatile (rebuilt from
+//! heartbeats after a restart): heartbeat times, reported local states, admin
+//! offline overrides, the published liveness of nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flyfs_rpc::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
+use flyfs_rpc::wire::mgmt::{
+    ChainInfo, ChainTable, ChainTarget, HeartbeatReq, LocalState, MgmtError, NodeInfo, PublicState,
+    RoutingInfo, TargetInfo,
+};
+use serde::{Deserialize, Serialize};
+
+use super::transition::update_chain;
+
+/// A registered storage node, as persisted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeRecord {
+    pub addr: String,
+}
+
+/// A storage target, as persisted. Its public state lives in its chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TargetRecord {
+    pub node: NodeId,
+    pub disk: u32,
+    pub chain: Option<ChainId>,
+}
+
+/// The durable part of the manager's state: what a restarted (or standby)
+/// manager loads from its [`ClusterStore`](super::store::ClusterStore).
+/// Every change to it bumps `routing_version`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterRecord {
+    pub routing_version: RoutingVersion,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub targets: BTreeMap<TargetId, TargetRecord>,
+    pub chains: BTreeMap<ChainId, ChainInfo>,
+    pub tables: BTreeMap<ChainTableId, ChainTable>,
+}
+
+impl ClusterRecord {
+    /// Checks that the record agrees with itself (ids match their keys,
+    /// references resolve, every chain member points back at its chain).
+    /// A record from disk passed its checksum, but may come from a buggy or
+    /// foreign writer; the manager refuses to run on one that fails this.
+    pub fn check(&self) -> Result<(), String> {
+        for (id, target) in &self.targets {
+            if !self.nodes.contains_key(&target.node) {
+                return Err(format!("{id:?} is on unknown {:?}", target.node));
+            }
+            if let Some(chain) = target.chain {
+                let member = self
+                    .chains
+                    .get(&chain)
+                    .is_some_and(|c| c.position(*id).is_some());
+                if !member {
+                    return Err(format!("{id:?} claims {chain:?}, which does not list it"));
+                }
+            }
+        }
+        for (id, chain) in &self.chains {
+            if chain.id != *id {
+                return Err(format!("{id:?} is stored with id {:?}", chain.id));
+            }
+            if chain.targets.is_empty() {
+                return Err(format!("{id:?} has no targets"));
+            }
+            let mut seen = BTreeSet::new();
+            for member in &chain.targets {
+                if !seen.insert(member.target) {
+                    return Err(format!("{id:?} lists {:?} twice", member.target));
+                }
+                match self.targets.get(&member.target) {
+                    Some(t) if t.chain == Some(*id) => {}
+                    _ => {
+                        return Err(format!(
+                            "{id:?} lists {:?}, which is unknown or in another chain",
+                            member.target
+                        ));
+                    }
+                }
+            }
+        }
+        for (id, table) in &self.tables {
+            if table.id != *id {
+                return Err(format!("{id:?} is stored with id {:?}", table.id));
+            }
+            if let Some(missing) = table.chains.iter().find(|c| !self.chains.contains_key(c)) {
+                return Err(format!("{id:?} lists unknown {missing:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the manager knows of a node's liveness (volatile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Liveness {
+    /// When it last heartbeated (or registered, or the manager started).
+    last_heartbeat: Duration,
+    /// Whether a heartbeat arrived since the manager started: only then does
+    /// a target missing from its reports count as offline.
+    heard: bool,
+}
+
+/// The manager's state machine. `Clone` so the service can apply a change to
+/// a copy, persist it, and only then make it current.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    record: ClusterRecord,
+    failure_timeout: Duration,
+    liveness: BTreeMap<NodeId, Liveness>,
+    /// Each target's local state from its node's latest heartbeat.
+    reported: BTreeMap<TargetId, LocalState>,
+    /// Targets an admin took offline, until their node reports them online.
+    forced_offline: BTreeSet<TargetId>,
+    /// Nodes shown alive in the routing information; changes only together
+    /// with a routing version bump, so one version always means one content.
+    alive: BTreeSet<NodeId>,
+}
+
+fn not_found(what: impl std::fmt::Debug) -> MgmtError {
+    MgmtError::NotFound {
+        what: format!("{what:?}"),
+    }
+}
+
+fn invalid(reason: String) -> MgmtError {
+    MgmtError::Invalid { reason }
+}
+
+impl Cluster {
+    /// An empty cluster. A node is declared dead once its last heartbeat is
+    /// older than `failure_timeout`.
+    pub fn new(failure_timeout: Duration) -> Cluster {
+        Cluster {
+            record: ClusterRecord::default(),
+            failure_timeout,
+            liveness: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            forced_offline: BTreeSet::new(),
+            alive: BTreeSet::new(),
+        }
+    }
+
+    /// The manager after a restart, from its saved record. Every known node
+    /// gets a grace period (it counts as having heartbeated at `now`), so a
+    /// manager restart does not take the cluster offline; targets are
+    /// re-evaluated once their nodes have reported, or as offline once the
+    /// grace period ran out without a heartbeat.
+    ///
+    /// The routing version is bumped: node liveness is not persisted, so the
+    /// previous manager may have published the same version with different
+    /// `alive` flags. The caller saves the record before serving.
+    pub fn from_record(record: ClusterRecord, failure_timeout: Duration, now: Duration) -> Cluster {
+        let liveness = record
+            .nodes
+            .keys()
+            .map(|&node| {
+                let grace = Liveness {
+                    last_heartbeat: now,
+                    heard: false,
+                };
+                (node, grace)
+            })
+            .collect();
+        let alive = record.nodes.keys().copied().collect();
+        let mut cluster = Cluster {
+            record,
+            failure_timeout,
+            liveness,
+            reported: BTreeMap::new(),
+            forced_offline: BTreeSet::new(),
+            alive,
+        };
+        cluster.bump();
+        cluster
+    }
+
+    pub fn record(&self) -> &ClusterRecord {
+        &self.record
+    }
+
+    pub fn routing_version(&self) -> RoutingVersion {
+        self.record.routing_version
+    }
+
+    pub fn failure_timeout(&self) -> Duration {
+        self.failure_timeout
+    }
+
+    fn bump(&mut self) {
+        self.record.routing_version = RoutingVersion(self.record.routing_version.0 + 1);
+    }
+
+    /// Registers a node, or updates its address. Counts as a heartbeat for
+    /// liveness, but reports no targets.
+    pub fn register(
+        &mut self,
+        node: NodeId,
+        addr: &str,
+        now: Duration,
+    ) -> Result<RoutingVersion, MgmtError> {
+        if addr.is_empty() {
+            return Err(invalid(format!("{node:?} registers without an address")));
+        }
+        match self.record.nodes.get_mut(&node) {
+            Some(known) if known.addr == addr => {}
+            Some(known) => {
+                known.addr = addr.to_string();
+                self.bump();
+            }
+            None => {
+                self.record.nodes.insert(
+                    node,
+                    NodeRecord {
+                        addr: addr.to_string(),
+                    },
+                );
+                // A new node is published alive together with its addition.
+                self.alive.insert(node);
+                self.bump();
+            }
+        }
+        let heard = self.liveness.get(&node).is_some_and(|l| l.heard);
+        self.liveness.insert(
+            node,
+            Liveness {
+                last_heartbeat: now,
+                heard,
+            },
+        );
+        Ok(self.record.routing_version)
+    }
+
+    /// A node's heartbeat: liveness and its targets' local states. Registers
+    /// an unknown node (it must then carry an address). Targets the manager
+    /// does not know, or that belong to another node, are ignored: an admin
+    /// creates targets. Known targets of the node missing from the report
+    /// count as offline. Chains are re-evaluated by the next [`tick`].
+    ///
+    /// [`tick`]: Cluster::tick
+    pub fn heartbeat(
+        &mut self,
+        req: &HeartbeatReq,
+        now: Duration,
+    ) -> Result<RoutingVersion, MgmtError> {
+        let addr = match self.record.nodes.get(&req.node) {
+            // An empty address in a heartbeat means "unchanged".
+            Some(known) if req.addr.is_empty() => known.addr.clone(),
+            _ => req.addr.clone(),
+        };
+        self.register(req.node, &addr, now)?;
+        self.liveness.insert(
+            req.node,
+            Liveness {
+                last_heartbeat: now,
+                heard: true,
+            },
+        );
+        let own: Vec<TargetId> = self
+            .record
+            .targets
+            .iter()
+            .filter(|(_, t)| t.node == req.node)
+            .map(|(id, _)| *id)
+            .collect();
+        for target in &own {
+            self.reported.remove(target);
+        }
+        for report in &req.targets {
+            let owned = self
+                .record
+                .targets
+                .get(&report.target)
+                .is_some_and(|t| t.node == req.node);
+            if !owned {
+                tracing::debug!(node = ?req.node, target = ?report.target, "heartbeat reports a target the manager does not assign to this node; ignored");
+                continue;
+            }
+            self.reported.insert(report.target, report.local);
+            // A fenced storage node reports its target online (it knows it
+            // needs a sync); that ends the admin's offline override. It keeps
+            // reporting up-to-date until it has seen the fence, so that
+            // cannot be the signal.
+            if report.local == LocalState::Online {
+                self.forced_offline.remove(&report.target);
+            }
+        }
+        Ok(self.record.routing_version)
+    }
+
+    /// Admin: declares a target on device `disk` of a known node.
+    pub fn create_target(
+        &mut self,
+        target: TargetId,
+        node: NodeId,
+        disk: u32,
+    ) -> Result<(), MgmtError> {
+        if self.record.targets.contains_key(&target) {
+            return Err(MgmtError::AlreadyExists {
+                what: format!("{target:?}"),
+            });
+        }
+        if !self.record.nodes.contains_key(&node) {
+            return Err(not_found(node));
+        }
+        self.record.targets.insert(
+            target,
+            TargetRecord {
+                node,
+                disk,
+                chain: None,
+            },
+        );
+        self.bump();
+        Ok(())
+    }
+
+    /// Admin: builds a chain (head first) from existing, unassigned targets
+    /// on distinct nodes. Its targets start serving at version 1, as in 3FS:
+    /// a new chain holds no data, so every member is trivially up to date.
+    pub fn create_chain(&mut self, chain: ChainId, targets: &[TargetId]) -> Result<(), MgmtError> {
+        if self.record.chains.contains_key(&chain) {
+            return Err(MgmtError::AlreadyExists {
+                what: format!("{chain:?}"),
+            });
+        }
+        if targets.is_empty() {
+            return Err(invalid(format!("{chain:?} needs at least one target")));
+        }
+        let mut nodes = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        for target in targets {
+            if !seen.insert(*target) {
+                return Err(invalid(format!("{target:?} appears twice in {chain:?}")));
+            }
+            let record = self
+                .record
+                .targets
+                .get(target)
+                .ok_or_else(|| not_found(target))?;
+            if let Some(other) = record.chain {
+                return Err(invalid(format!("{target:?} already belongs to {other:?}")));
+            }
+            if !nodes.insert(record.node) {
+                return Err(invalid(format!(
+                    "two targets of {chain:?} on {:?}: a node failure would take both",
+                    record.node
+                )));
+            }
+        }
+        for target in targets {
+            if let Some(record) = self.record.targets.get_mut(target) {
+                record.chain = Some(chain);
+            }
+        }
+        let members = targets
+            .iter()
+            .map(|&target| ChainTarget {
+                target,
+                state: PublicState::Serving,
+            })
+            .collect();
+        self.record.chains.insert(
+            chain,
+            ChainInfo {
+                id: chain,
+                version: ChainVersion(1),
+                targets: members,
+            },
+        );
+        self.bump();
+        Ok(())
+    }
+
+    /// Admin: a chain table over existing chains (each at most once).
+    pub fn create_chain_table(
+        &mut self,
+        table: ChainTableId,
+        chains: &[ChainId],
+    ) -> Result<(), MgmtError> {
+        if self.record.tables.contains_key(&table) {
+            return Err(MgmtError::AlreadyExists {
+                what: format!("{table:?}"),
+            });
+        }
+        if chains.is_empty() {
+            return Err(invalid(format!("{table:?} needs at least one chain")));
+        }
+        let mut seen = BTreeSet::new();
+        for chain in chains {
+            if !seen.insert(*chain) {
+                return Err(invalid(format!("{chain:?} appears twice in {table:?}")));
+            }
+            if !self.record.chains.contains_key(chain) {
+                return Err(not_found(chain));
+            }
+        }
+        self.record.tables.insert(
+            table,
+            ChainTable {
+                id: table,
+                version: 1,
+                chains: chains.to_vec(),
+            },
+        );
+        self.bump();
+        Ok(())
+    }
+
+    /// Admin: forces a target's local state offline until its node reports
+    /// it `Online` (which a storage node does once it saw itself fenced),
+    /// and re-evaluates the chains at once, so that when this returns the
+    /// change is in the record.
+    pub fn set_target_offline(&mut self, target: TargetId, now: Duration) -> Result<(), MgmtError> {
+        if !self.record.targets.contains_key(&target) {
+            return Err(not_found(target));
+        }
+        self.forced_offline.insert(target);
+        self.tick(now);
+        Ok(())
+    }
+
+    fn node_alive(&self, node: NodeId, now: Duration) -> bool {
+        self.liveness
+            .get(&node)
+            .is_some_and(|l| now.saturating_sub(l.last_heartbeat) <= self.failure_timeout)
+    }
+
+    /// The local state the transition table sees for `target`, or `None`
+    /// while it is unknown (its node has not reported since the manager
+    /// started, and the grace period has not run out).
+    pub fn local_state(&self, target: TargetId, now: Duration) -> Option<LocalState> {
+        if self.forced_offline.contains(&target) {
+            return Some(LocalState::Offline);
+        }
+        let record = self.record.targets.get(&target)?;
+        if !self.node_alive(record.node, now) {
+            return Some(LocalState::Offline);
+        }
+        if let Some(local) = self.reported.get(&target) {
+            return Some(*local);
+        }
+        let heard = self.liveness.get(&record.node).is_some_and(|l| l.heard);
+        // A node that heartbeats without this target does not have it.
+        heard.then_some(LocalState::Offline)
+    }
+
+    /// Periodic re-evaluation: updates node liveness and every chain whose
+    /// members' local states are all known. Returns whether the record
+    /// changed (the caller must persist it before publishing).
+    pub fn tick(&mut self, now: Duration) -> bool {
+        let before = self.record.routing_version;
+        let alive: BTreeSet<NodeId> = self
+            .record
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&node| self.node_alive(node, now))
+            .collect();
+        if alive != self.alive {
+            self.alive = alive;
+            self.bump();
+        }
+
+        let mut updates = Vec::new();
+        for chain in self.record.chains.values() {
+            let mut locals = BTreeMap::new();
+            let mut known = true;
+            for member in &chain.targets {
+                match self.local_state(member.target, now) {
+                    Some(local) => {
+                        locals.insert(member.target, local);
+                    }
+                    None => known = false,
+                }
+            }
+            if !known {
+                // A member's node has not reported since the manager
+                // started: wait for it rather than guess.
+                continue;
+            }
+            let local = |t: TargetId| locals.get(&t).copied().unwrap_or(LocalState::Offline);
+            if let Some(next) = update_chain(chain, local) {
+                updates.push(next);
+            }
+        }
+        for next in updates {
+            tracing::info!(chain = ?next.id, version = ?next.version, targets = ?next.targets, "chain updated");
+            self.record.chains.insert(next.id, next);
+            self.bump();
+        }
+        self.record.routing_version != before
+    }
+
+    /// The routing information as of the last change.
+    pub fn routing(&self) -> RoutingInfo {
+        let nodes = self
+            .record
+            .nodes
+            .iter()
+            .map(|(&id, node)| NodeInfo {
+                id,
+                addr: node.addr.clone(),
+                alive: self.alive.contains(&id),
+            })
+            .collect();
+        let targets = self
+            .record
+            .targets
+            .iter()
+            .map(|(&id, target)| {
+                let state = target
+                    .chain
+                    .and_then(|c| self.record.chains.get(&c))
+                    .and_then(|c| c.targets.iter().find(|m| m.target == id))
+                    .map_or(PublicState::Offline, |m| m.state);
+                TargetInfo {
+                    id,
+                    node: target.node,
+                    disk: target.disk,
+                    chain: target.chain,
+                    state,
+                }
+            })
+            .collect();
+        RoutingInfo {
+            version: self.record.routing_version,
+            nodes,
+            targets,
+            chains: self.record.chains.values().cloned().collect(),
+            tables: self.record.tables.values().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flyfs_rpc::wire::mgmt::TargetReport;
+
+    use super::*;
+    use LocalState as L;
+    use PublicState as P;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn hb(node: u32, targets: &[(u64, LocalState)]) -> HeartbeatReq {
+        HeartbeatReq {
+            node: NodeId(node),
+            addr: format!("10.0.0.{node}:9000"),
+            targets: targets
+                .iter()
+                .map(|&(t, local)| TargetReport {
+                    target: TargetId(t),
+                    local,
+                    used_bytes: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Three nodes, target `n` on node `n`, chain 1 = [1, 2, 3], table 1.
+    fn three_node_cluster() -> Cluster {
+        let mut c = Cluster::new(TIMEOUT);
+        for n in 1..=3 {
+            c.register(NodeId(n), &format!("10.0.0.{n}:9000"), secs(0))
+                .expect("register");
+            c.create_target(TargetId(n.into()), NodeId(n), 0)
+                .expect("create target");
+        }
+        c.create_chain(ChainId(1), &[TargetId(1), TargetId(2), TargetId(3)])
+            .expect("create chain");
+        c.create_chain_table(ChainTableId(1), &[ChainId(1)])
+            .expect("create table");
+        c
+    }
+
+    fn heartbeat_all(c: &mut Cluster, now: Duration, states: [LocalState; 3]) {
+        for (i, local) in states.into_iter().enumerate() {
+            let n = i as u32 + 1;
+            c.heartbeat(&hb(n, &[(n.into(), local)]), now)
+                .expect("heartbeat");
+        }
+    }
+
+    fn members(c: &Cluster) -> Vec<(u64, PublicState)> {
+        c.routing()
+            .chain(ChainId(1))
+            .expect("chain 1")
+            .targets
+            .iter()
+            .map(|m| (m.target.0, m.state))
+            .collect()
+    }
+
+    #[test]
+    fn register_adds_then_updates_the_address_bumping_only_on_change() {
+        let mut c = Cluster::new(TIMEOUT);
+        let v1 = c.register(NodeId(1), "a:1", secs(0)).expect("register");
+        assert_eq!(v1, RoutingVersion(1));
+        assert_eq!(
+            c.register(NodeId(1), "a:1", secs(1)),
+            Ok(v1),
+            "same address: no bump"
+        );
+        let v2 = c.register(NodeId(1), "a:2", secs(1)).expect("re-register");
+        assert_eq!(v2, RoutingVersion(2));
+        let routing = c.routing();
+        let node = routing.node(NodeId(1)).expect("node");
+        assert_eq!((node.addr.as_str(), node.alive), ("a:2", true));
+        assert!(matches!(
+            c.register(NodeId(2), "", secs(1)),
+            Err(MgmtError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn admin_ops_validate_their_input() {
+        let mut c = three_node_cluster();
+        let v = c.routing_version();
+        assert_eq!(
+            c.create_target(TargetId(1), NodeId(1), 0),
+            Err(MgmtError::AlreadyExists {
+                what: "target 1".into()
+            })
+        );
+        assert_eq!(
+            c.create_target(TargetId(9), NodeId(9), 0),
+            Err(MgmtError::NotFound {
+                what: "node 9".into()
+            })
+        );
+        c.create_target(TargetId(4), NodeId(1), 1)
+            .expect("second target on node 1");
+        c.create_target(TargetId(5), NodeId(2), 1)
+            .expect("second target on node 2");
+        c.create_target(TargetId(6), NodeId(1), 2)
+            .expect("third target on node 1");
+        let after_targets = c.routing_version();
+        assert_eq!(after_targets.0, v.0 + 3, "one bump per created target");
+
+        let bad: [(&[u64], &str); 5] = [
+            (&[], "empty"),
+            (&[4, 4], "duplicate"),
+            (&[4, 99], "unknown target"),
+            (&[4, 1], "target already in a chain"),
+            (&[4, 6], "two targets on one node"),
+        ];
+        for (targets, why) in bad {
+            let ids: Vec<TargetId> = targets.iter().map(|&t| TargetId(t)).collect();
+            assert!(
+                c.create_chain(ChainId(2), &ids).is_err(),
+                "{why} must be refused"
+            );
+        }
+        assert!(matches!(
+            c.create_chain(ChainId(1), &[TargetId(4)]),
+            Err(MgmtError::AlreadyExists { .. })
+        ));
+        assert_eq!(
+            c.routing_version(),
+            after_targets,
+            "refused requests change nothing"
+        );
+        assert!(!c.record().chains.contains_key(&ChainId(2)));
+        assert_eq!(c.record().targets[&TargetId(4)].chain, None);
+
+        c.create_chain(ChainId(2), &[TargetId(4), TargetId(5)])
+            .expect("valid chain");
+        let chain = c.routing().chain(ChainId(2)).cloned().expect("chain 2");
+        assert_eq!(chain.version, ChainVersion(1));
+        assert!(chain.targets.iter().all(|m| m.state == P::Serving));
+        assert_eq!(
+            c.routing().target(TargetId(5)).map(|t| t.chain),
+            Some(Some(ChainId(2)))
+        );
+
+        assert!(matches!(
+            c.create_chain_table(ChainTableId(2), &[ChainId(7)]),
+            Err(MgmtError::NotFound { .. })
+        ));
+        assert!(matches!(
+            c.create_chain_table(ChainTableId(2), &[]),
+            Err(MgmtError::Invalid { .. })
+        ));
+        assert!(matches!(
+            c.create_chain_table(ChainTableId(2), &[ChainId(2), ChainId(2)]),
+            Err(MgmtError::Invalid { .. })
+        ));
+        assert!(matches!(
+            c.create_chain_table(ChainTableId(1), &[ChainId(2)]),
+            Err(MgmtError::AlreadyExists { .. })
+        ));
+        c.create_chain_table(ChainTableId(2), &[ChainId(2), ChainId(1)])
+            .expect("valid table");
+        let routing = c.routing();
+        let table = routing.table(ChainTableId(2)).expect("table");
+        assert_eq!(
+            (table.version, table.chains.clone()),
+            (1, vec![ChainId(2), ChainId(1)])
+        );
+        assert_eq!(c.record().check(), Ok(()));
+    }
+
+    #[test]
+    fn healthy_heartbeats_change_nothing() {
+        let mut c = three_node_cluster();
+        let v = c.routing_version();
+        for t in 1..=20 {
+            heartbeat_all(&mut c, secs(t), [L::UpToDate; 3]);
+            assert!(!c.tick(secs(t)));
+        }
+        assert_eq!(c.routing_version(), v);
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (2, P::Serving), (3, P::Serving)]
+        );
+    }
+
+    #[test]
+    fn a_silent_node_goes_offline_after_the_timeout_and_comes_back_via_sync() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
+        // Node 1 (the head) stops; the others keep heartbeating.
+        for t in 1..=10 {
+            c.heartbeat(&hb(2, &[(2, L::UpToDate)]), secs(t))
+                .expect("hb");
+            c.heartbeat(&hb(3, &[(3, L::UpToDate)]), secs(t))
+                .expect("hb");
+            assert!(!c.tick(secs(t)), "not dead before the timeout (t={t})");
+        }
+        let v = c.routing_version();
+        c.heartbeat(&hb(2, &[(2, L::UpToDate)]), secs(11))
+            .expect("hb");
+        c.heartbeat(&hb(3, &[(3, L::UpToDate)]), secs(11))
+            .expect("hb");
+        assert!(c.tick(secs(11)), "dead after the timeout");
+        assert_eq!(
+            members(&c),
+            [(2, P::Serving), (3, P::Serving), (1, P::Offline)]
+        );
+        let routing = c.routing();
+        assert!(!routing.node(NodeId(1)).expect("node 1").alive);
+        assert_eq!(
+            routing.target(TargetId(1)).map(|t| t.state),
+            Some(P::Offline)
+        );
+        assert_eq!(
+            routing.chain(ChainId(1)).map(|c| c.version),
+            Some(ChainVersion(2))
+        );
+        assert_eq!(
+            c.routing_version().0,
+            v.0 + 2,
+            "one bump for liveness, one for the chain"
+        );
+        assert!(!c.tick(secs(11)), "a second tick changes nothing");
+
+        // Node 1 returns, knowing it is behind.
+        heartbeat_all(&mut c, secs(12), [L::Online, L::UpToDate, L::UpToDate]);
+        assert!(c.tick(secs(12)));
+        assert_eq!(
+            members(&c),
+            [(2, P::Serving), (3, P::Serving), (1, P::Waiting)]
+        );
+        assert!(c.routing().node(NodeId(1)).expect("node 1").alive);
+        assert!(c.tick(secs(12)));
+        assert_eq!(
+            members(&c),
+            [(2, P::Serving), (3, P::Serving), (1, P::Syncing)]
+        );
+        heartbeat_all(&mut c, secs(13), [L::UpToDate; 3]);
+        assert!(c.tick(secs(13)));
+        assert_eq!(
+            members(&c),
+            [(2, P::Serving), (3, P::Serving), (1, P::Serving)]
+        );
+    }
+
+    #[test]
+    fn a_target_left_out_of_a_heartbeat_is_offline_and_unknown_targets_are_ignored() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
+        // Node 3 reports target 99 (unknown) and target 1 (node 1's), not 3.
+        c.heartbeat(&hb(3, &[(99, L::UpToDate), (1, L::Offline)]), secs(1))
+            .expect("hb");
+        assert_eq!(c.local_state(TargetId(3), secs(1)), Some(L::Offline));
+        assert_eq!(c.local_state(TargetId(1), secs(1)), Some(L::UpToDate));
+        assert!(!c.record().targets.contains_key(&TargetId(99)));
+        assert!(c.tick(secs(1)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (2, P::Serving), (3, P::Offline)]
+        );
+    }
+
+    #[test]
+    fn all_nodes_down_leaves_a_lastsrv() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
+        assert!(c.tick(secs(11)));
+        assert_eq!(
+            members(&c),
+            [(1, P::LastSrv), (2, P::Offline), (3, P::Offline)]
+        );
+        // The lastsrv returns up to date and serves again.
+        c.heartbeat(&hb(1, &[(1, L::UpToDate)]), secs(12))
+            .expect("hb");
+        assert!(c.tick(secs(12)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (2, P::Offline), (3, P::Offline)]
+        );
+    }
+
+    #[test]
+    fn set_target_offline_holds_until_the_node_reports_online() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
+        assert_eq!(
+            c.set_target_offline(TargetId(9), secs(0)),
+            Err(MgmtError::NotFound {
+                what: "target 9".into()
+            })
+        );
+        let v = c.routing_version();
+        c.set_target_offline(TargetId(2), secs(1)).expect("offline");
+        assert!(c.routing_version() > v, "applied at once");
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Offline)]
+        );
+        // The node has not seen the fence yet and keeps saying up-to-date.
+        heartbeat_all(&mut c, secs(2), [L::UpToDate; 3]);
+        assert!(!c.tick(secs(2)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Offline)]
+        );
+        // Fenced, it reports online: the override ends and it resyncs.
+        heartbeat_all(&mut c, secs(3), [L::UpToDate, L::Online, L::UpToDate]);
+        assert!(c.tick(secs(3)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Waiting)]
+        );
+        assert!(c.tick(secs(3)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Syncing)]
+        );
+    }
+
+    #[test]
+    fn restart_gives_nodes_a_grace_period() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
+        c.set_target_offline(TargetId(3), secs(0)).expect("offline");
+        let saved = c.record().clone();
+        assert_eq!(saved.check(), Ok(()));
+
+        // The new manager's clock starts again near zero.
+        let mut r = Cluster::from_record(saved.clone(), TIMEOUT, secs(0));
+        assert_eq!(r.routing_version().0, saved.routing_version.0 + 1);
+        assert_eq!(r.record().chains, saved.chains, "state is back");
+        assert!(
+            r.routing().nodes.iter().all(|n| n.alive),
+            "all alive during grace"
+        );
+        // Nobody reported yet: nothing moves, even though nothing is known.
+        assert!(!r.tick(secs(5)));
+        assert_eq!(
+            members(&r),
+            [(1, P::Serving), (2, P::Serving), (3, P::Offline)]
+        );
+
+        // Nodes 1 and 3 report (3 online: it knows it is behind); node 2
+        // stays silent through the grace period.
+        for t in 6..=11 {
+            r.heartbeat(&hb(1, &[(1, L::UpToDate)]), secs(t))
+                .expect("hb");
+            r.heartbeat(&hb(3, &[(3, L::Online)]), secs(t)).expect("hb");
+            r.tick(secs(t));
+            let expected = if t <= 10 { None } else { Some(L::Offline) };
+            assert_eq!(
+                r.local_state(TargetId(2), secs(t)),
+                expected,
+                "unknown during grace, offline after (t={t})"
+            );
+            if t <= 10 {
+                assert_eq!(
+                    members(&r),
+                    [(1, P::Serving), (2, P::Serving), (3, P::Offline)]
+                );
+            }
+        }
+        // The grace ran out at t=11: 2 is offline, 3 (online) waits; then syncs.
+        assert_eq!(
+            members(&r),
+            [(1, P::Serving), (3, P::Waiting), (2, P::Offline)]
+        );
+        assert!(r.tick(secs(11)));
+        assert_eq!(
+            members(&r),
+            [(1, P::Serving), (3, P::Syncing), (2, P::Offline)]
+        );
+        assert!(!r.routing().node(NodeId(2)).expect("node 2").alive);
+    }
+
+    #[test]
+    fn record_check_finds_inconsistencies() {
+        let c = three_node_cluster();
+        let mut record = c.record().clone();
+        record.targets.remove(&TargetId(2));
+        assert!(record.check().is_err(), "chain lists a missing target");
+
+        let mut record = c.record().clone();
+        record
+            .tables
+            .get_mut(&ChainTableId(1))
+            .expect("table")
+            .chains = vec![ChainId(5)];
+        assert!(record.check().is_err(), "table lists a missing chain");
+
+        let mut record = c.record().clone();
+        record.targets.get_mut(&TargetId(1)).expect("target").chain = None;
+        assert!(record.check().is_err(), "member does not point back");
+    }
+}

@@ -1,0 +1,589 @@
+//! The storage service: one per storage node, hosting many targets on one or
+//! more chunk engines (one engine per device), replicating every update along
+//! its chain with CRAQ.
+//!
+//! * `mod.rs` (this file): the node: its engines, the targets it hosts (learnt
+//!   from the manager's routing information), the local state it reports for
+//!   each, the heartbeat and routing loop, and the lease that fences it off
+//!   when it loses the manager.
+//! * `write.rs`: the write path: client writes at the head, forwarding down
+//!   the chain, commits flowing back.
+//! * `read.rs`: reads from any serving replica, with CRAQ's apportioned query
+//!   to the tail when a chunk has a pending version; metadata queries.
+//! * `sync.rs`: resync of a returning successor.
+//! * `service.rs`: the RPC dispatch.
+//!
+//! The node decides everything from one immutable snapshot of the routing
+//! information at a time; a request that carries a different chain version
+//! than the node's is refused with `StaleChainVersion`, so every replica that
+//! touches a request agrees on the chain's membership.
+
+mod channels;
+mod locks;
+mod read;
+pub mod service;
+pub mod sync;
+mod write;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flyfs_bypass::BlockDevice;
+use flyfs_chunk_engine::Engine;
+use flyfs_rpc::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
+use flyfs_rpc::wire::mgmt::{
+    ChainInfo, ChainTarget, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, LocalState,
+    PublicState, RoutingInfo, TargetReport,
+};
+use flyfs_rpc::wire::storage::StorageError;
+use flyfs_rpc::{CallOptions, Client, Network};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use channels::Channels;
+use locks::ChunkLocks;
+
+/// How a storage node behaves; the defaults suit a real deployment, tests
+/// shorten the intervals.
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    pub node: NodeId,
+    /// The address other nodes and clients reach this node at.
+    pub addr: String,
+    pub mgmt_addr: String,
+    pub heartbeat_interval: Duration,
+    /// The node stops serving when its last successful heartbeat is older
+    /// than this. It must be below the manager's failure timeout (half of it,
+    /// as 3FS does), so that a node cut off from the manager has stopped
+    /// serving before the manager hands its role to another target.
+    pub lease_timeout: Duration,
+    /// One attempt of an RPC to another storage node.
+    pub rpc_timeout: Duration,
+    /// How long a replica keeps trying to forward an update down the chain
+    /// (waiting for the manager to replace a dead successor) before the write
+    /// fails.
+    pub forward_deadline: Duration,
+    /// Chunk metadata entries per page of a resync's dump.
+    pub sync_page: u32,
+}
+
+impl StorageConfig {
+    pub fn new(node: NodeId, addr: impl Into<String>, mgmt_addr: impl Into<String>) -> Self {
+        StorageConfig {
+            node,
+            addr: addr.into(),
+            mgmt_addr: mgmt_addr.into(),
+            heartbeat_interval: Duration::from_secs(1),
+            lease_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(5),
+            forward_deadline: Duration::from_secs(30),
+            sync_page: 4096,
+        }
+    }
+}
+
+/// Why a target reports what it reports. `LocalState` is what the manager
+/// sees; this keeps the reason, for logs and for the transitions below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Local {
+    /// Up to date: may serve once its public state says so.
+    UpToDate,
+    /// Alive but needs a resync (it restarted, or fenced itself off).
+    NeedsSync,
+    /// Just started: reports offline until the manager has marked it offline
+    /// too, so that it certainly goes through a resync (3FS does the same).
+    Restarting,
+    /// Its engine is poisoned (a failed write or flush): offline for good,
+    /// until the device is replaced and the node restarted.
+    Failed,
+}
+
+impl Local {
+    fn report(self) -> LocalState {
+        match self {
+            Local::UpToDate => LocalState::UpToDate,
+            Local::NeedsSync => LocalState::Online,
+            Local::Restarting | Local::Failed => LocalState::Offline,
+        }
+    }
+}
+
+/// Points of the write path where a test can freeze a node, as if its
+/// process stopped there, to kill it at an exact moment (head killed
+/// mid-write, tail killed before commit, crash between commit and reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPoint {
+    /// The update is stored as pending; it has not been forwarded.
+    AfterPending,
+    /// The successor has answered; the local commit has not happened.
+    BeforeCommit,
+    /// Committed locally; the reply has not been sent.
+    AfterCommit,
+}
+
+/// The armed fail point of a node (at most one) and whether it was hit.
+#[derive(Debug, Default)]
+pub struct FailPoints {
+    armed: Mutex<Option<FailPoint>>,
+    hit: std::sync::atomic::AtomicBool,
+}
+
+impl FailPoints {
+    /// Freezes the next write that reaches `point`.
+    pub fn arm(&self, point: FailPoint) {
+        *self.armed.lock() = Some(point);
+    }
+
+    /// Whether a write froze at the armed point.
+    pub fn hit(&self) -> bool {
+        self.hit.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) async fn check(&self, point: FailPoint) {
+        let frozen = {
+            let mut armed = self.armed.lock();
+            if *armed == Some(point) {
+                *armed = None;
+                true
+            } else {
+                false
+            }
+        };
+        if frozen {
+            tracing::warn!(?point, "fail point hit: freezing this write");
+            self.hit.store(true, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One target hosted here: a chain's replica on one of the node's engines.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub id: TargetId,
+    pub chain: ChainId,
+    pub disk: u32,
+    pub local: Mutex<Local>,
+    pub locks: ChunkLocks,
+    pub channels: Channels,
+}
+
+/// A storage node: engines, hosted targets, routing, and the RPC client it
+/// uses to reach the manager and the other replicas.
+pub struct StorageNode<D: BlockDevice, N: Network> {
+    pub(crate) config: StorageConfig,
+    pub(crate) engines: Vec<Arc<Engine<D>>>,
+    pub(crate) rpc: Client<N>,
+    routing: Mutex<Arc<RoutingInfo>>,
+    targets: Mutex<BTreeMap<ChainId, Arc<Target>>>,
+    /// When the last heartbeat that the manager answered was sent.
+    lease_from: Mutex<Option<Instant>>,
+    /// Whether a routing snapshot has been installed since start: targets in
+    /// the first one existed before this process and must resync.
+    started: Mutex<bool>,
+    /// Resyncs running, by chain (this node syncs its successor).
+    pub(crate) syncs: Mutex<BTreeMap<ChainId, TargetId>>,
+    pub(crate) failpoints: FailPoints,
+}
+
+impl<D: BlockDevice, N: Network> std::fmt::Debug for StorageNode<D, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageNode")
+            .field("node", &self.config.node)
+            .field("addr", &self.config.addr)
+            .field("engines", &self.engines.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a target stands in its chain, from one routing snapshot.
+#[derive(Clone, Debug)]
+pub(crate) struct Place {
+    pub target: Arc<Target>,
+    pub chain: ChainInfo,
+    pub index: usize,
+    pub routing: Arc<RoutingInfo>,
+}
+
+impl Place {
+    pub fn state(&self) -> PublicState {
+        self.chain.targets[self.index].state
+    }
+
+    pub fn version(&self) -> ChainVersion {
+        self.chain.version
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.index == 0
+    }
+
+    /// The next target that receives writes, if any: the targets after this
+    /// one in rank order, of which only serving and syncing ones are written.
+    pub fn successor(&self) -> Option<ChainTarget> {
+        self.chain
+            .targets
+            .get(self.index + 1)
+            .copied()
+            .filter(|t| t.state.writable())
+    }
+
+    /// The last serving target: the one whose committed version is the
+    /// chain's (commits reach it before any replica before it).
+    pub fn tail(&self) -> Option<ChainTarget> {
+        self.chain
+            .targets
+            .iter()
+            .rev()
+            .find(|t| t.state == PublicState::Serving)
+            .copied()
+    }
+
+    pub fn is_tail(&self) -> bool {
+        self.tail().is_some_and(|t| t.target == self.target.id)
+    }
+
+    /// The address of the node hosting `target`.
+    pub fn addr_of(&self, target: TargetId) -> Option<String> {
+        let node = self.routing.target(target)?.node;
+        self.routing.node(node).map(|n| n.addr.clone())
+    }
+}
+
+impl<D: BlockDevice, N: Network> StorageNode<D, N> {
+    /// A node over `engines` (index = disk number in the manager's target
+    /// records). Call [`StorageNode::run`] to heartbeat and serve.
+    pub fn new(config: StorageConfig, engines: Vec<Arc<Engine<D>>>, net: N) -> Arc<Self> {
+        Arc::new(StorageNode {
+            config,
+            engines,
+            rpc: Client::new(net, Default::default()),
+            routing: Mutex::new(Arc::new(RoutingInfo::default())),
+            targets: Mutex::new(BTreeMap::new()),
+            lease_from: Mutex::new(None),
+            started: Mutex::new(false),
+            syncs: Mutex::new(BTreeMap::new()),
+            failpoints: FailPoints::default(),
+        })
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    pub fn engines(&self) -> &[Arc<Engine<D>>] {
+        &self.engines
+    }
+
+    /// Test hooks into the write path.
+    pub fn failpoints(&self) -> &FailPoints {
+        &self.failpoints
+    }
+
+    pub fn routing(&self) -> Arc<RoutingInfo> {
+        self.routing.lock().clone()
+    }
+
+    pub(crate) fn call_options(&self) -> CallOptions {
+        CallOptions {
+            timeout: self.config.rpc_timeout,
+            ..CallOptions::default()
+        }
+    }
+
+    /// Heartbeats and keeps the routing fresh, forever. The node serves only
+    /// while this runs and the manager answers.
+    pub async fn run(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Err(e) = self.heartbeat_once().await {
+                tracing::debug!(node = ?self.config.node, "heartbeat failed: {e}");
+                // The connection may be dead without knowing it (a partition
+                // swallows packets); the next heartbeat reconnects.
+                self.rpc.disconnect(&self.config.mgmt_addr).await;
+            }
+            self.clone().start_syncs();
+        }
+    }
+
+    /// One heartbeat, and a routing pull when the manager's version moved.
+    pub async fn heartbeat_once(&self) -> Result<(), String> {
+        let sent = Instant::now();
+        let reports = self.reports();
+        let req = HeartbeatReq {
+            node: self.config.node,
+            addr: self.config.addr.clone(),
+            targets: reports,
+        };
+        let (rsp, _) = self
+            .rpc
+            .call::<Heartbeat>(&self.config.mgmt_addr, &req, bytes::Bytes::new(), &self.call_options())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rsp = rsp.map_err(|e| e.to_string())?;
+        *self.lease_from.lock() = Some(sent);
+        if rsp.routing_version > self.routing().version || !*self.started.lock() {
+            self.refresh_routing().await?;
+        }
+        Ok(())
+    }
+
+    /// Pulls the routing information from the manager now.
+    pub async fn refresh_routing(&self) -> Result<(), String> {
+        let known = if *self.started.lock() {
+            self.routing().version
+        } else {
+            RoutingVersion(0)
+        };
+        let (rsp, _) = self
+            .rpc
+            .call::<GetRouting>(
+                &self.config.mgmt_addr,
+                &GetRoutingReq {
+                    known_version: known,
+                },
+                bytes::Bytes::new(),
+                &self.call_options(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(routing) = rsp.routing {
+            self.install(routing);
+        }
+        Ok(())
+    }
+
+    /// What each hosted target reports to the manager.
+    fn reports(&self) -> Vec<TargetReport> {
+        self.reconcile();
+        let targets: Vec<Arc<Target>> = self.targets.lock().values().cloned().collect();
+        targets
+            .iter()
+            .map(|t| {
+                let mut local = t.local.lock();
+                if let Some(engine) = self.engines.get(t.disk as usize)
+                    && engine.poisoned().is_some()
+                    && *local != Local::Failed
+                {
+                    tracing::error!(target = ?t.id, "engine poisoned; reporting the target offline");
+                    *local = Local::Failed;
+                }
+                let used_bytes = self
+                    .engines
+                    .get(t.disk as usize)
+                    .map_or(0, |e| e.chain_usage(t.chain).used_bytes);
+                TargetReport {
+                    target: t.id,
+                    local: local.report(),
+                    used_bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Installs a newer routing snapshot: learns new targets, and applies the
+    /// self-fencing rules to the local states.
+    pub(crate) fn install(&self, routing: RoutingInfo) {
+        {
+            let mut current = self.routing.lock();
+            let mut started = self.started.lock();
+            if *started && routing.version <= current.version {
+                return;
+            }
+            let first = !*started;
+            *started = true;
+            let mut targets = self.targets.lock();
+            for info in routing.targets.iter().filter(|t| t.node == self.config.node) {
+                let Some(chain) = info.chain else { continue };
+                targets.entry(chain).or_insert_with(|| {
+                    let local = if first {
+                        Local::Restarting
+                    } else {
+                        Local::UpToDate
+                    };
+                    tracing::info!(target = ?info.id, ?chain, ?local, "hosting target");
+                    Arc::new(Target {
+                        id: info.id,
+                        chain,
+                        disk: info.disk,
+                        local: Mutex::new(local),
+                        locks: ChunkLocks::default(),
+                        channels: Channels::default(),
+                    })
+                });
+            }
+            *current = Arc::new(routing);
+        }
+        self.reconcile();
+    }
+
+    /// Moves each target's local state along with its public state. Runs on
+    /// every new routing snapshot and before every heartbeat, because a local
+    /// change (a fence) may happen after the public state it waits for.
+    fn reconcile(&self) {
+        let routing = self.routing();
+        let targets: Vec<Arc<Target>> = self.targets.lock().values().cloned().collect();
+        for target in targets {
+            let Some(info) = routing.target(target.id) else {
+                continue;
+            };
+            let state = info.state;
+            let mut local = target.local.lock();
+            if (target.disk as usize) >= self.engines.len() {
+                if *local != Local::Failed {
+                    tracing::error!(target = ?target.id, disk = target.disk, "target on a disk this node does not have");
+                    *local = Local::Failed;
+                }
+                continue;
+            }
+            let next = match (*local, state) {
+                // The manager has seen us go: from now on we are a returning
+                // target, to be synced (or, as the last server, revived).
+                (Local::Restarting, PublicState::Offline | PublicState::LastSrv) => {
+                    Local::NeedsSync
+                }
+                // Self-fencing: the manager no longer counts this target as
+                // serving (it timed out, or an admin took it offline) while we
+                // thought it served. Stop; come back through resync. An
+                // up-to-date report would leave it waiting forever (the
+                // table keeps up-to-date + waiting in waiting).
+                (
+                    Local::UpToDate,
+                    PublicState::Offline | PublicState::LastSrv | PublicState::Waiting,
+                ) => {
+                    tracing::warn!(target = ?target.id, %state, "fenced off by the manager");
+                    Local::NeedsSync
+                }
+                // The manager revived us as the last server of the chain
+                // (lastsrv returning): our data is the chain's.
+                (Local::NeedsSync, PublicState::Serving) => {
+                    tracing::info!(target = ?target.id, "serving again as the chain's last server");
+                    Local::UpToDate
+                }
+                (same, _) => same,
+            };
+            *local = next;
+        }
+    }
+
+    /// Whether the node's lease with the manager holds.
+    pub(crate) fn lease_valid(&self) -> bool {
+        self.lease_from
+            .lock()
+            .is_some_and(|t| t.elapsed() < self.config.lease_timeout)
+    }
+
+    /// The hosted target of `chain` and where it stands, if the request's
+    /// chain version matches ours.
+    pub(crate) fn place(
+        &self,
+        chain: ChainId,
+        version: ChainVersion,
+    ) -> Result<Place, StorageError> {
+        let routing = self.routing();
+        let target = self
+            .targets
+            .lock()
+            .get(&chain)
+            .cloned()
+            .ok_or(StorageError::NoSuchChain { chain })?;
+        let info = routing
+            .chain(chain)
+            .cloned()
+            .ok_or(StorageError::NoSuchChain { chain })?;
+        if info.version != version {
+            return Err(StorageError::StaleChainVersion {
+                chain,
+                request: version,
+                current: info.version,
+            });
+        }
+        let index = info
+            .targets
+            .iter()
+            .position(|t| t.target == target.id)
+            .ok_or(StorageError::NoSuchChain { chain })?;
+        Ok(Place {
+            target,
+            chain: info,
+            index,
+            routing,
+        })
+    }
+
+    /// Like [`place`](Self::place), refreshing the routing once when the
+    /// request is newer than what this node knows.
+    pub(crate) async fn place_fresh(
+        &self,
+        chain: ChainId,
+        version: ChainVersion,
+    ) -> Result<Place, StorageError> {
+        match self.place(chain, version) {
+            Err(StorageError::StaleChainVersion {
+                request, current, ..
+            }) if request > current => {
+                let _ = self.refresh_routing().await;
+                self.place(chain, version)
+            }
+            other => other,
+        }
+    }
+
+    /// A place that may take reads: publicly serving, locally up to date,
+    /// and within the lease.
+    pub(crate) fn readable(&self, place: &Place) -> Result<(), StorageError> {
+        self.check(place, PublicState::readable)
+    }
+
+    /// A place that may take forwarded writes: serving or syncing.
+    pub(crate) fn writable(&self, place: &Place) -> Result<(), StorageError> {
+        self.check(place, PublicState::writable)
+    }
+
+    fn check(&self, place: &Place, allowed: fn(PublicState) -> bool) -> Result<(), StorageError> {
+        let local = *place.target.local.lock();
+        let state = place.state();
+        let reason = if !allowed(state) {
+            format!("its public state is {state}")
+        } else if matches!(local, Local::Failed | Local::Restarting)
+            || (local == Local::NeedsSync && state == PublicState::Serving)
+        {
+            format!("it is {local:?} locally")
+        } else if !self.lease_valid() {
+            "its lease with the cluster manager lapsed".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(StorageError::NotServing {
+            chain: place.chain.id,
+            target: place.target.id,
+            reason,
+        })
+    }
+
+    /// Stops serving a target until it has been resynced: it reports itself
+    /// offline until the manager agrees, then returns as a syncing target.
+    pub(crate) fn fence(&self, place: &Place, why: &str) {
+        let mut local = place.target.local.lock();
+        if matches!(*local, Local::UpToDate | Local::NeedsSync) {
+            tracing::warn!(target = ?place.target.id, chain = ?place.chain.id, "fencing off: {why}");
+            *local = Local::Restarting;
+        }
+    }
+
+    pub(crate) fn engine(&self, target: &Target) -> &Arc<Engine<D>> {
+        &self.engines[target.disk as usize]
+    }
+
+    /// Hosted targets (for tests and the admin surface).
+    pub fn targets(&self) -> Vec<(TargetId, ChainId, LocalState)> {
+        self.targets
+            .lock()
+            .values()
+            .map(|t| (t.id, t.chain, t.local.lock().report()))
+            .collect()
+    }
+}

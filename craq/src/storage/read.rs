@@ -1,0 +1,222 @@
+//! Reads and metadata queries.
+//!
+//! Any serving replica answers a read. A replica whose chunk has no pending
+//! version returns its committed version: in CRAQ an update reaches the tail,
+//! and so becomes visible, only after every replica before it holds it as
+//! pending. A replica that holds a pending version cannot tell whether the
+//! tail has committed it, so it asks the tail for the committed version
+//! (CRAQ's apportioned query) and serves exactly that version, which it holds
+//! either as its committed or its pending one. 3FS answers "not committed"
+//! here instead and makes the client retry.
+
+use bytes::{Bytes, BytesMut};
+use flyfs_bypass::BlockDevice;
+use flyfs_chunk_engine::{ChunkKey, EngineError, ReadRequest, ReadVersion};
+use flyfs_rpc::Network;
+use flyfs_rpc::ids::{ChunkId, ChunkVersion};
+use flyfs_rpc::wire::storage::{
+    BatchReadReq, BatchReadRsp, ChunkMetaInfo, DiskSpace, DumpMetaReq, DumpMetaRsp, LastChunkReq,
+    LastChunkRsp, QueryVersion, QueryVersionReq, QueryVersionRsp, ReadItem, ReadResult, SpaceRsp,
+    StorageError,
+};
+
+use super::write::engine_error;
+use super::{Place, StorageNode};
+
+/// How often a read retries when versions move under it (each retry means a
+/// newer version was committed meanwhile, so this bounds only a storm).
+const READ_ATTEMPTS: usize = 8;
+
+pub(crate) fn meta_info(info: &flyfs_chunk_engine::ChunkInfo) -> Option<ChunkMetaInfo> {
+    let meta = info.committed?;
+    Some(ChunkMetaInfo {
+        chunk: meta.chunk,
+        version: meta.version,
+        chain_version: meta.chain_version,
+        len: meta.len,
+        crc: meta.crc,
+        pending: info.pending.map(|p| p.version),
+    })
+}
+
+impl<D: BlockDevice, N: Network> StorageNode<D, N> {
+    /// Serves a batch of reads; the reply's payload is the read bytes, item
+    /// after item. One item is served without copying its bytes.
+    pub(crate) async fn batch_read(&self, req: BatchReadReq) -> (BatchReadRsp, Bytes) {
+        let mut results = Vec::with_capacity(req.items.len());
+        let mut parts = Vec::with_capacity(req.items.len());
+        for item in &req.items {
+            match self.read_one(item).await {
+                Ok((result, data)) => {
+                    results.push(Ok(result));
+                    parts.push(data);
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let payload = match parts.len() {
+            0 => Bytes::new(),
+            1 => parts.pop().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for part in parts {
+                    all.extend_from_slice(&part);
+                }
+                all.freeze()
+            }
+        };
+        (BatchReadRsp { results }, payload)
+    }
+
+    async fn read_one(&self, item: &ReadItem) -> Result<(ReadResult, Bytes), StorageError> {
+        let place = self.place_fresh(item.chain, item.chain_version).await?;
+        self.readable(&place)?;
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(item.chain, item.chunk);
+        for _ in 0..READ_ATTEMPTS {
+            let info = engine.stat(key);
+            let pending = info.and_then(|i| i.pending).is_some();
+            let version = if pending && !place.is_tail() {
+                match self.committed_at_tail(&place, item.chunk).await? {
+                    ChunkVersion(0) => return Ok((ReadResult::default(), Bytes::new())),
+                    v => ReadVersion::Exact(v),
+                }
+            } else if info.and_then(|i| i.committed).is_none() {
+                return Ok((ReadResult::default(), Bytes::new()));
+            } else {
+                ReadVersion::Committed
+            };
+            let request = ReadRequest {
+                offset: item.offset,
+                len: item.len,
+                version,
+                verify: item.verify,
+            };
+            match engine.read(key, request).await {
+                Ok(out) => {
+                    let result = ReadResult {
+                        len: out.data.len() as u32,
+                        version: out.version,
+                        chunk_len: out.chunk_len,
+                    };
+                    return Ok((result, Bytes::from_owner(out.data)));
+                }
+                // The version we chose was replaced meanwhile: choose again.
+                Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }) => continue,
+                Err(e) => return Err(engine_error(e)),
+            }
+        }
+        Err(StorageError::NotServing {
+            chain: item.chain,
+            target: place.target.id,
+            reason: format!("{:?} kept changing under the read", item.chunk),
+        })
+    }
+
+    /// CRAQ's apportioned query: the committed version, as the tail says.
+    async fn committed_at_tail(
+        &self,
+        place: &Place,
+        chunk: ChunkId,
+    ) -> Result<ChunkVersion, StorageError> {
+        let unavailable = |reason: String| StorageError::NotServing {
+            chain: place.chain.id,
+            target: place.target.id,
+            reason,
+        };
+        let tail = place
+            .tail()
+            .ok_or_else(|| unavailable("the chain has no serving tail".into()))?;
+        let addr = place
+            .addr_of(tail.target)
+            .ok_or_else(|| unavailable(format!("no address for the tail {:?}", tail.target)))?;
+        let req = QueryVersionReq {
+            chain: place.chain.id,
+            chain_version: place.version(),
+            chunk,
+        };
+        match self
+            .rpc
+            .call::<QueryVersion>(&addr, &req, Bytes::new(), &self.call_options())
+            .await
+        {
+            Ok((rsp, _)) => Ok(rsp?.committed),
+            Err(e) => Err(unavailable(format!("asking the tail: {e}"))),
+        }
+    }
+
+    /// At the tail: the committed version of a chunk.
+    pub(crate) async fn query_version(
+        &self,
+        req: QueryVersionReq,
+    ) -> Result<QueryVersionRsp, StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.readable(&place)?;
+        if !place.is_tail() {
+            return Err(StorageError::NotServing {
+                chain: req.chain,
+                target: place.target.id,
+                reason: "it is not the chain's tail".into(),
+            });
+        }
+        let committed = self
+            .engine(&place.target)
+            .stat(ChunkKey::new(req.chain, req.chunk))
+            .and_then(|i| i.committed)
+            .map_or(ChunkVersion(0), |m| m.version);
+        Ok(QueryVersionRsp { committed })
+    }
+
+    pub(crate) async fn last_chunk(&self, req: LastChunkReq) -> Result<LastChunkRsp, StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.readable(&place)?;
+        let last = self
+            .engine(&place.target)
+            .last_chunk(req.chain, req.inode)
+            .as_ref()
+            .and_then(meta_info);
+        Ok(LastChunkRsp { last })
+    }
+
+    /// A page of this target's chunk metadata, for the predecessor's resync.
+    pub(crate) async fn dump_meta(&self, req: DumpMetaReq) -> Result<DumpMetaRsp, StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.writable(&place)?;
+        let limit = req.limit.clamp(1, 65536) as usize;
+        let engine = self.engine(&place.target);
+        let range = match req.after {
+            Some(after) => (
+                std::ops::Bound::Excluded(after),
+                std::ops::Bound::Unbounded,
+            ),
+            None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        };
+        let mut chunks: Vec<ChunkMetaInfo> = engine
+            .chunks(req.chain, range, limit + 1)
+            .iter()
+            .filter_map(meta_info)
+            .collect();
+        let more = chunks.len() > limit;
+        chunks.truncate(limit);
+        Ok(DumpMetaRsp { chunks, more })
+    }
+
+    pub(crate) fn space(&self) -> SpaceRsp {
+        let disks = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(disk, engine)| {
+                let space = engine.space();
+                DiskSpace {
+                    disk: disk as u32,
+                    data_bytes: space.data_bytes,
+                    allocated_bytes: space.allocated_bytes,
+                    committed_chunks: space.committed_chunks,
+                    poisoned: engine.poisoned().is_some(),
+                }
+            })
+            .collect();
+        SpaceRsp { disks }
+    }
+}

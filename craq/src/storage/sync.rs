@@ -1,0 +1,241 @@
+//! Resync of a returning successor.
+//!
+//! When the manager marks a target syncing, its predecessor (a serving
+//! target) brings it up to date while writes keep flowing: new writes already
+//! reach the syncing target as whole chunks. The predecessor asks for the
+//! successor's chunk metadata (paged), compares it with its own, and for each
+//! chunk that differs or is missing sends the whole committed chunk under the
+//! chunk lock (so no write of that chunk interleaves); chunks the successor
+//! has and the predecessor does not are removed there. Then it sends
+//! "sync done", and the successor reports itself up to date; the manager
+//! then marks it serving.
+//!
+//! A sync that fails (a node died, the chain changed) is abandoned; the node
+//! starts a new one on a later heartbeat if the successor is still syncing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flyfs_bypass::BlockDevice;
+use flyfs_chunk_engine::{ChunkKey, ReadRequest};
+use flyfs_rpc::Network;
+use flyfs_rpc::ids::{ChainId, ChunkId, TargetId};
+use flyfs_rpc::wire::mgmt::PublicState;
+use flyfs_rpc::wire::storage::{
+    Channel, ChunkMetaInfo, DumpMeta, DumpMetaReq, Forward, ForwardOp, ForwardReq, StorageError,
+    SyncDone, SyncDoneReq,
+};
+
+use super::read::meta_info;
+use super::write::engine_error;
+use super::{Local, Place, StorageNode};
+
+/// What a resync did, for logs and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub compared: u64,
+    pub transferred: u64,
+    pub removed: u64,
+}
+
+impl<D: BlockDevice, N: Network> StorageNode<D, N> {
+    /// Starts a resync task for every syncing successor of a target of ours
+    /// that has none running.
+    pub(crate) fn start_syncs(self: Arc<Self>) {
+        let routing = self.routing();
+        let chains: Vec<ChainId> = routing.chains.iter().map(|c| c.id).collect();
+        for chain in chains {
+            let Some(version) = routing.chain(chain).map(|c| c.version) else {
+                continue;
+            };
+            let Ok(place) = self.place(chain, version) else {
+                continue;
+            };
+            if self.readable(&place).is_err() {
+                continue;
+            }
+            let Some(successor) = place.successor() else {
+                continue;
+            };
+            if successor.state != PublicState::Syncing {
+                continue;
+            }
+            {
+                let mut syncs = self.syncs.lock();
+                if syncs.contains_key(&chain) {
+                    continue;
+                }
+                syncs.insert(chain, successor.target);
+            }
+            let node = self.clone();
+            tokio::spawn(async move {
+                let result = node.sync(&place, successor.target).await;
+                match result {
+                    Ok(report) => tracing::info!(
+                        ?chain, successor = ?successor.target, ?report, "resync done"
+                    ),
+                    Err(e) => tracing::warn!(
+                        ?chain, successor = ?successor.target, "resync abandoned: {e}"
+                    ),
+                }
+                node.syncs.lock().remove(&chain);
+            });
+        }
+    }
+
+    async fn sync(&self, place: &Place, successor: TargetId) -> Result<SyncReport, StorageError> {
+        let chain = place.chain.id;
+        let failed = |reason: String| StorageError::ForwardFailed {
+            chain,
+            chunk: ChunkId::default(),
+            reason,
+        };
+        let addr = place
+            .addr_of(successor)
+            .ok_or_else(|| failed(format!("no address for {successor:?}")))?;
+        let remote = self.dump_remote(place, &addr).await?;
+        let engine = self.engine(&place.target);
+        let local: BTreeMap<ChunkId, ChunkMetaInfo> = engine
+            .chunks(chain, .., usize::MAX)
+            .iter()
+            .filter_map(meta_info)
+            .map(|m| (m.chunk, m))
+            .collect();
+        let mut report = SyncReport::default();
+        let mut todo: Vec<ChunkId> = Vec::new();
+        for (chunk, mine) in &local {
+            report.compared += 1;
+            let same = remote
+                .get(chunk)
+                .is_some_and(|theirs| theirs.version == mine.version && theirs.crc == mine.crc && theirs.len == mine.len);
+            if !same {
+                todo.push(*chunk);
+            }
+        }
+        todo.extend(remote.keys().filter(|c| !local.contains_key(c)));
+        todo.sort();
+        for chunk in todo {
+            // Routing may have moved on: stop if we are no longer the one to
+            // sync this successor.
+            let now = self.place(chain, self.routing_version_of(chain))?;
+            if now.successor().map(|s| (s.target, s.state)) != Some((successor, PublicState::Syncing)) {
+                return Err(failed("the chain changed during the resync".into()));
+            }
+            if self.transfer(&now, &addr, chunk).await? {
+                report.transferred += 1;
+            } else {
+                report.removed += 1;
+            }
+        }
+        let now = self.place(chain, self.routing_version_of(chain))?;
+        let (rsp, _) = self
+            .rpc
+            .call::<SyncDone>(
+                &addr,
+                &SyncDoneReq {
+                    chain,
+                    chain_version: now.version(),
+                },
+                Bytes::new(),
+                &self.call_options(),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        rsp?;
+        Ok(report)
+    }
+
+    fn routing_version_of(&self, chain: ChainId) -> flyfs_rpc::ids::ChainVersion {
+        self.routing()
+            .chain(chain)
+            .map(|c| c.version)
+            .unwrap_or_default()
+    }
+
+    async fn dump_remote(
+        &self,
+        place: &Place,
+        addr: &str,
+    ) -> Result<BTreeMap<ChunkId, ChunkMetaInfo>, StorageError> {
+        let mut remote = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let req = DumpMetaReq {
+                chain: place.chain.id,
+                chain_version: place.version(),
+                after,
+                limit: self.config.sync_page,
+            };
+            let (rsp, _) = self
+                .rpc
+                .call::<DumpMeta>(addr, &req, Bytes::new(), &self.call_options())
+                .await
+                .map_err(|e| StorageError::ForwardFailed {
+                    chain: place.chain.id,
+                    chunk: ChunkId::default(),
+                    reason: format!("dumping the successor's metadata: {e}"),
+                })?;
+            let rsp = rsp?;
+            after = rsp.chunks.last().map(|m| m.chunk);
+            remote.extend(rsp.chunks.into_iter().map(|m| (m.chunk, m)));
+            if !rsp.more || after.is_none() {
+                return Ok(remote);
+            }
+        }
+    }
+
+    /// Sends one chunk's committed version whole (or its removal) under the
+    /// chunk lock. Returns whether it sent data.
+    async fn transfer(&self, place: &Place, addr: &str, chunk: ChunkId) -> Result<bool, StorageError> {
+        let _lock = place.target.locks.lock(chunk).await;
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(place.chain.id, chunk);
+        let committed = engine.stat(key).and_then(|i| i.committed);
+        let (version, op, payload) = match committed {
+            Some(_) => {
+                let out = engine
+                    .read(key, ReadRequest::whole_verified())
+                    .await
+                    .map_err(engine_error)?;
+                let op = ForwardOp::Replace { crc: out.chunk_crc };
+                (out.version, op, Bytes::from_owner(out.data))
+            }
+            None => (Default::default(), ForwardOp::Remove, Bytes::new()),
+        };
+        let sends_data = op != ForwardOp::Remove;
+        let req = ForwardReq {
+            chain: place.chain.id,
+            chain_version: place.version(),
+            chunk,
+            version,
+            op,
+            chunk_size: self.engine(&place.target).chunk_size_max(),
+            channel: Channel::default(),
+            sync: true,
+        };
+        let (rsp, _) = self
+            .rpc
+            .call::<Forward>(addr, &req, payload, &self.call_options())
+            .await
+            .map_err(|e| StorageError::ForwardFailed {
+                chain: place.chain.id,
+                chunk,
+                reason: e.to_string(),
+            })?;
+        rsp?;
+        Ok(sends_data)
+    }
+
+    /// At the successor: the predecessor has sent everything.
+    pub(crate) async fn sync_done(&self, req: SyncDoneReq) -> Result<(), StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.writable(&place)?;
+        let mut local = place.target.local.lock();
+        if *local == Local::NeedsSync {
+            tracing::info!(target = ?place.target.id, chain = ?req.chain, "resynced: up to date");
+            *local = Local::UpToDate;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,532 @@
+//! The CRAQ write path.
+//!
+//! A client write reaches the chain's head. The head checks the chain version
+//! and the client channel (exactly-once), takes the chunk lock, stores the
+//! update as pending version `committed + 1`, and forwards it to its
+//! successor, which does the same. The tail commits first; each replica
+//! commits when its successor answered, and compares the successor's
+//! whole-chunk checksum with its own, so diverged replicas are caught at the
+//! write that diverged them. A syncing successor gets the whole chunk instead
+//! of the update, as does a successor that answers `NeedWholeChunk`.
+//!
+//! When forwarding fails (the successor died), the replica keeps retrying
+//! with fresh routing until the manager has replaced the successor or the
+//! forward deadline passes; the chunk stays locked meanwhile, so writes to
+//! other chunks are unaffected.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_bypass::{BlockDevice, DmaBuf};
+use flyfs_chunk_engine::{
+    ChunkKey, EngineError, ReadRequest, ReadVersion, WriteOp as EngineOp, WriteRequest,
+};
+use flyfs_rpc::Network;
+use flyfs_rpc::Payload;
+use flyfs_rpc::ids::{ChunkId, ChunkVersion, RequestId};
+use flyfs_rpc::wire::storage::{
+    Channel, Forward, ForwardOp, ForwardReq, ForwardRsp, StorageError, WriteOp, WriteReq, WriteRsp,
+};
+use tokio::time::Instant;
+
+use super::channels::{self, Begin};
+use super::{FailPoint, Place, StorageNode};
+
+/// An update as it is applied at one replica.
+#[derive(Debug)]
+pub(crate) struct Update {
+    pub chunk: ChunkId,
+    pub version: ChunkVersion,
+    pub op: ForwardOp,
+    pub chunk_size: u32,
+    pub channel: Channel,
+    /// The bytes of a write or replace, in a device buffer for the engine.
+    pub data: Option<DmaBuf>,
+    /// The same bytes as received, forwarded to the successor without a copy.
+    pub bytes: Bytes,
+}
+
+/// Engine errors as the service reports them.
+pub(crate) fn engine_error(e: EngineError) -> StorageError {
+    match e {
+        EngineError::NoSpace { .. } => StorageError::NoSpace,
+        EngineError::Checksum { .. } => StorageError::Engine {
+            message: e.to_string(),
+        },
+        other => StorageError::Engine {
+            message: other.to_string(),
+        },
+    }
+}
+
+/// The engine's request id for a channel's request: the channel number in
+/// the top 16 bits, the sequence below. Stored with each chunk version, it
+/// tells which request produced it.
+fn request_id(channel: Channel) -> RequestId {
+    RequestId((u64::from(channel.id) << 48) | (channel.seq & ((1 << 48) - 1)))
+}
+
+impl<D: BlockDevice, N: Network> StorageNode<D, N> {
+    /// A client's write, at the head.
+    pub(crate) async fn client_write(
+        &self,
+        req: WriteReq,
+        payload: Payload,
+    ) -> Result<WriteRsp, StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.readable(&place)?;
+        if !place.is_head() {
+            return Err(StorageError::NotHead {
+                chain: req.chain,
+                target: place.target.id,
+            });
+        }
+        let chunk_size = self.check_chunk_size(req.chunk_size)?;
+        let (op, data) = match req.op {
+            WriteOp::Write { offset, crc } => {
+                let len = payload.len();
+                if u64::from(offset) + len as u64 > u64::from(chunk_size) || len == 0 {
+                    return Err(StorageError::Invalid {
+                        reason: format!(
+                            "write of {len} bytes at {offset} does not fit a chunk of {chunk_size}"
+                        ),
+                    });
+                }
+                let data = self.fetch(&place, &payload, crc).await?;
+                (ForwardOp::Write { offset, crc }, Some(data))
+            }
+            WriteOp::Truncate { len } if len <= chunk_size => (ForwardOp::Truncate { len }, None),
+            WriteOp::Truncate { len } => {
+                return Err(StorageError::Invalid {
+                    reason: format!("truncate to {len} past the chunk size {chunk_size}"),
+                });
+            }
+            WriteOp::Remove => (ForwardOp::Remove, None),
+        };
+
+        let target = place.target.clone();
+        match channels::begin(&target.channels, req.channel).await {
+            Begin::Run => {}
+            Begin::Done(rsp) => return Ok(rsp),
+            Begin::Refuse(e) => return Err(e),
+            Begin::Wait(_) => unreachable!("channels::begin waits itself"),
+        }
+        let _lock = target.locks.lock(req.chunk).await;
+        let engine = self.engine(&target);
+        let key = ChunkKey::new(req.chain, req.chunk);
+        let committed = engine
+            .stat(key)
+            .and_then(|info| info.committed)
+            .map_or(ChunkVersion(0), |m| m.version);
+        let update = Update {
+            chunk: req.chunk,
+            version: ChunkVersion(committed.0 + 1),
+            op,
+            chunk_size,
+            channel: req.channel,
+            data,
+            bytes: payload_bytes(payload),
+        };
+        let result = self.apply_and_forward(&place, update).await;
+        match &result {
+            Ok(rsp) => target.channels.finish(req.channel, *rsp),
+            Err(_) => target.channels.fail(req.channel),
+        }
+        result
+    }
+
+    /// An update forwarded by the predecessor.
+    pub(crate) async fn forwarded(
+        &self,
+        req: ForwardReq,
+        payload: Payload,
+    ) -> Result<ForwardRsp, StorageError> {
+        let place = self.place_fresh(req.chain, req.chain_version).await?;
+        self.writable(&place)?;
+        let chunk_size = self.check_chunk_size(req.chunk_size)?;
+        let data = match req.op {
+            ForwardOp::Write { crc, .. } | ForwardOp::Replace { crc } => {
+                Some(self.fetch(&place, &payload, crc).await?)
+            }
+            ForwardOp::Truncate { .. } | ForwardOp::Remove => None,
+        };
+        let target = place.target.clone();
+        let _lock = target.locks.lock(req.chunk).await;
+        let engine = self.engine(&target);
+        let key = ChunkKey::new(req.chain, req.chunk);
+        let committed = engine.stat(key).and_then(|info| info.committed);
+        let have = committed.map_or(ChunkVersion(0), |m| m.version);
+        // A forward this replica already applied (a retry after a lost
+        // reply) is recognised by the request that produced the version;
+        // the same version number produced by another request means the
+        // replicas diverged, and only the whole chunk repairs that.
+        let same_request = committed.is_some_and(|m| {
+            m.version == req.version
+                && m.client == req.channel.client
+                && m.request == request_id(req.channel)
+        });
+        match req.op {
+            ForwardOp::Remove => {}
+            ForwardOp::Write { .. } | ForwardOp::Truncate { .. } if same_request && !req.sync => {
+                let meta = committed.expect("same_request implies a committed version");
+                return Ok(ForwardRsp {
+                    chunk_len: meta.len,
+                    chunk_crc: meta.crc,
+                });
+            }
+            ForwardOp::Write { .. } | ForwardOp::Truncate { .. } => {
+                if have.0 + 1 != req.version.0 {
+                    return Err(StorageError::NeedWholeChunk {
+                        chunk: req.chunk,
+                        have,
+                        want: req.version,
+                    });
+                }
+            }
+            ForwardOp::Replace { crc } => {
+                if let Some(meta) = committed
+                    && meta.version == req.version
+                    && meta.crc == crc
+                    && (req.sync || same_request)
+                {
+                    return Ok(ForwardRsp {
+                        chunk_len: meta.len,
+                        chunk_crc: meta.crc,
+                    });
+                }
+                // The predecessor is authoritative: a replica that is ahead of
+                // it (it kept an update the chain later lost) is cut back.
+                if have >= req.version {
+                    engine.remove(key).await.map_err(engine_error)?;
+                }
+            }
+        }
+        let update = Update {
+            chunk: req.chunk,
+            version: req.version,
+            op: req.op,
+            chunk_size,
+            channel: req.channel,
+            data,
+            bytes: payload_bytes(payload),
+        };
+        let rsp = if req.sync {
+            self.apply_locally(&place, update).await?
+        } else {
+            self.apply_and_forward(&place, update).await?
+        };
+        if !req.sync && req.channel.client.0 != 0 {
+            place.target.channels.finish(req.channel, rsp);
+        }
+        Ok(ForwardRsp {
+            chunk_len: rsp.chunk_len,
+            chunk_crc: rsp.chunk_crc,
+        })
+    }
+
+    fn check_chunk_size(&self, chunk_size: u32) -> Result<u32, StorageError> {
+        let max = self.engines.first().map_or(0, |e| e.chunk_size_max());
+        if chunk_size == 0 || chunk_size > max {
+            return Err(StorageError::Invalid {
+                reason: format!("chunk size {chunk_size} is not in 1..={max}"),
+            });
+        }
+        Ok(chunk_size)
+    }
+
+    /// Pulls the request's payload into a device buffer and checks its CRC.
+    async fn fetch(
+        &self,
+        place: &Place,
+        payload: &Payload,
+        crc: u32,
+    ) -> Result<DmaBuf, StorageError> {
+        let engine = self.engine(&place.target);
+        let mut buf = engine.pool().alloc(payload.len());
+        payload
+            .fetch_into(&mut buf)
+            .await
+            .map_err(|e| StorageError::Invalid {
+                reason: format!("payload: {e}"),
+            })?;
+        let actual = crc32c::crc32c(&buf);
+        if actual != crc {
+            return Err(StorageError::PayloadChecksum {
+                expected: crc,
+                actual,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Stores the update as a pending version, forwards it down the chain,
+    /// and commits when the successor has (or at once, at the tail).
+    async fn apply_and_forward(
+        &self,
+        place: &Place,
+        mut update: Update,
+    ) -> Result<WriteRsp, StorageError> {
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(place.chain.id, update.chunk);
+        if update.op == ForwardOp::Remove {
+            if let Err(failure) = self.forward(place, &update, None).await {
+                // Replicas after us may have removed the chunk already.
+                self.fence(place, &failure.to_string());
+                return Err(failure);
+            }
+            engine.remove(key).await.map_err(engine_error)?;
+            return Ok(WriteRsp::default());
+        }
+        let outcome = self.write_pending(place, &mut update).await?;
+        self.failpoints.check(FailPoint::AfterPending).await;
+        let forwarded = self.forward(place, &update, Some(outcome.crc)).await;
+        let failure = match forwarded {
+            Ok(Some(successor))
+                if successor.chunk_crc != outcome.crc || successor.chunk_len != outcome.len =>
+            {
+                StorageError::ReplicaMismatch {
+                    chunk: update.chunk,
+                    version: outcome.version,
+                    local: outcome.crc,
+                    successor: successor.chunk_crc,
+                }
+            }
+            Ok(_) => return self.commit(place, &update, outcome).await,
+            Err(e) => e,
+        };
+        // The successor refused before applying anything: dropping our
+        // pending version restores the state before the write.
+        let clean_refusal = matches!(
+            failure,
+            StorageError::PayloadChecksum { .. } | StorageError::Invalid { .. }
+        );
+        if !clean_refusal {
+            // Otherwise some replica after us may hold or even have committed
+            // this version while we cannot finish it. Serving on would let
+            // readers see two histories; instead this target fences itself
+            // off and comes back through a resync from its predecessor.
+            self.fence(place, &failure.to_string());
+        }
+        let _ = engine.abort(key, outcome.version).await;
+        Err(failure)
+    }
+
+    async fn commit(
+        &self,
+        place: &Place,
+        update: &Update,
+        outcome: flyfs_chunk_engine::WriteOutcome,
+    ) -> Result<WriteRsp, StorageError> {
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(place.chain.id, update.chunk);
+        self.failpoints.check(FailPoint::BeforeCommit).await;
+        engine
+            .commit(key, outcome.version)
+            .await
+            .map_err(engine_error)?;
+        self.failpoints.check(FailPoint::AfterCommit).await;
+        Ok(WriteRsp {
+            version: outcome.version,
+            chunk_len: outcome.len,
+            chunk_crc: outcome.crc,
+        })
+    }
+
+    /// Stores and commits an update without forwarding it (resync transfers,
+    /// whose receiver is the end of the resync).
+    async fn apply_locally(
+        &self,
+        place: &Place,
+        mut update: Update,
+    ) -> Result<WriteRsp, StorageError> {
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(place.chain.id, update.chunk);
+        if update.op == ForwardOp::Remove {
+            engine.remove(key).await.map_err(engine_error)?;
+            return Ok(WriteRsp::default());
+        }
+        let outcome = self.write_pending(place, &mut update).await?;
+        engine
+            .commit(key, outcome.version)
+            .await
+            .map_err(engine_error)?;
+        Ok(WriteRsp {
+            version: outcome.version,
+            chunk_len: outcome.len,
+            chunk_crc: outcome.crc,
+        })
+    }
+
+    async fn write_pending(
+        &self,
+        place: &Place,
+        update: &mut Update,
+    ) -> Result<flyfs_chunk_engine::WriteOutcome, StorageError> {
+        let engine = self.engine(&place.target);
+        let op = match update.op {
+            ForwardOp::Write { offset, crc } => EngineOp::Update {
+                offset,
+                data: update.data.take().ok_or_else(|| missing_data(update))?,
+                crc,
+            },
+            ForwardOp::Replace { crc } => EngineOp::Replace {
+                data: update.data.take().ok_or_else(|| missing_data(update))?,
+                crc,
+            },
+            ForwardOp::Truncate { len } => EngineOp::Truncate { len },
+            ForwardOp::Remove => unreachable!("removes are not versioned writes"),
+        };
+        let outcome = engine
+            .write(WriteRequest {
+                key: ChunkKey::new(place.chain.id, update.chunk),
+                version: update.version,
+                chain_version: place.version(),
+                op,
+                client: update.channel.client,
+                request: request_id(update.channel),
+            })
+            .await
+            .map_err(engine_error)?;
+        if outcome.len > update.chunk_size {
+            let _ = engine
+                .abort(ChunkKey::new(place.chain.id, update.chunk), outcome.version)
+                .await;
+            return Err(StorageError::Invalid {
+                reason: format!(
+                    "the update makes the chunk {} bytes, over the chunk size {}",
+                    outcome.len, update.chunk_size
+                ),
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Sends the update to the successor, retrying with fresh routing until
+    /// it is taken, the chain has no successor for us any more, or the
+    /// deadline passes. `Ok(None)`: there is no successor (we are the tail).
+    async fn forward(
+        &self,
+        place: &Place,
+        update: &Update,
+        pending_crc: Option<u32>,
+    ) -> Result<Option<ForwardRsp>, StorageError> {
+        let deadline = Instant::now() + self.config.forward_deadline;
+        let mut whole = false;
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error;
+        loop {
+            // Re-resolve our place each round: the chain may have changed.
+            let now = self.place(place.chain.id, self.routing_chain_version(place))?;
+            // Our own state may have changed (fenced, lease lapsed, taken
+            // offline): then this replica cannot finish the write.
+            self.writable(&now)?;
+            let Some(successor) = now.successor() else {
+                return Ok(None);
+            };
+            let Some(addr) = now.addr_of(successor.target) else {
+                last_error = format!("no address for {:?}", successor.target);
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                continue;
+            };
+            let send_whole = whole
+                || (successor.state != flyfs_rpc::wire::mgmt::PublicState::Serving
+                    && update.op != ForwardOp::Remove);
+            let (op, payload) = if send_whole {
+                let data = self.whole_pending(&now, update).await?;
+                let crc = pending_crc.unwrap_or_else(|| crc32c::crc32c(&data));
+                (ForwardOp::Replace { crc }, Bytes::from_owner(data))
+            } else {
+                (update.op, update.bytes.clone())
+            };
+            let req = ForwardReq {
+                chain: now.chain.id,
+                chain_version: now.version(),
+                chunk: update.chunk,
+                version: update.version,
+                op,
+                chunk_size: update.chunk_size,
+                channel: update.channel,
+                sync: false,
+            };
+            match self
+                .rpc
+                .call::<Forward>(&addr, &req, payload, &self.call_options())
+                .await
+            {
+                Ok((Ok(rsp), _)) => return Ok(Some(rsp)),
+                Ok((Err(StorageError::NeedWholeChunk { .. }), _)) if !whole => {
+                    whole = true;
+                    continue;
+                }
+                Ok((Err(e), _)) if !e.is_retryable() => return Err(e),
+                Ok((Err(e), _)) => {
+                    if let StorageError::StaleChainVersion { request, current, .. } = e
+                        && current > request
+                    {
+                        let _ = self.refresh_routing().await;
+                    }
+                    last_error = e.to_string();
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    // A timed-out connection may be dead without knowing it.
+                    if matches!(e, flyfs_rpc::RpcError::Timeout { .. }) {
+                        self.rpc.disconnect(&addr).await;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            // A dead successor is replaced only when the manager notices;
+            // meanwhile keep our routing fresh.
+            let _ = self.refresh_routing().await;
+        }
+        Err(StorageError::ForwardFailed {
+            chain: place.chain.id,
+            chunk: update.chunk,
+            reason: last_error,
+        })
+    }
+
+    fn routing_chain_version(&self, place: &Place) -> flyfs_rpc::ids::ChainVersion {
+        self.routing()
+            .chain(place.chain.id)
+            .map_or(place.version(), |c| c.version)
+    }
+
+    /// The whole pending version of the update's chunk (what a syncing
+    /// successor receives instead of the update).
+    async fn whole_pending(&self, place: &Place, update: &Update) -> Result<DmaBuf, StorageError> {
+        let engine = self.engine(&place.target);
+        let out = engine
+            .read(
+                ChunkKey::new(place.chain.id, update.chunk),
+                ReadRequest {
+                    offset: 0,
+                    len: u32::MAX,
+                    version: ReadVersion::Exact(update.version),
+                    verify: false,
+                },
+            )
+            .await
+            .map_err(engine_error)?;
+        Ok(out.data)
+    }
+}
+
+/// The request's bytes as a shared buffer, to forward without copying.
+fn payload_bytes(payload: Payload) -> Bytes {
+    payload.into_bytes().unwrap_or_default()
+}
+
+fn missing_data(update: &Update) -> StorageError {
+    StorageError::Invalid {
+        reason: format!("{:?} of {:?} carries no data", update.op, update.chunk),
+    }
+}

@@ -1,0 +1,76 @@
+//! The deterministic cluster simulation, over many seeds.
+//!
+//! `cargo nextest run -p flyfs-craq --all-features --test sim` runs the CI
+//! share of seeds. More: `FLYFS_SIM_SEEDS=5000 FLYFS_SIM_FIRST=1000 cargo
+//! test --release -p flyfs-craq --all-features --test sim -- --ignored many`.
+//! A failing seed prints its fault log; replay it with
+//! `FLYFS_SIM_SEED=<n> cargo test -p flyfs-craq --all-features --test sim -- --ignored one`,
+//! then pin it in `PINNED` below.
+
+mod sim_support;
+
+use sim_support::{SimConfig, run_seed};
+
+/// Seeds that once failed; each stays a regression test.
+const PINNED: &[u64] = &[];
+
+fn run_range(range: std::ops::Range<u64>) {
+    let mut failures = Vec::new();
+    for seed in range {
+        if let Err(e) = run_seed(SimConfig::new(seed)) {
+            eprintln!("{e}");
+            failures.push(seed);
+        }
+    }
+    assert!(failures.is_empty(), "failing seeds: {failures:?}");
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn pinned_seeds() {
+    for &seed in PINNED {
+        if let Err(e) = run_seed(SimConfig::new(seed)) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn seeds_a() {
+    run_range(0..25);
+}
+
+#[test]
+fn seeds_b() {
+    run_range(25..50);
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let a = run_seed(SimConfig::new(7)).expect("seed 7");
+    let b = run_seed(SimConfig::new(7)).expect("seed 7 again");
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+}
+
+#[test]
+#[ignore = "long: run explicitly (see the file's header)"]
+fn many() {
+    let first = env_u64("FLYFS_SIM_FIRST", 0);
+    run_range(first..first + env_u64("FLYFS_SIM_SEEDS", 1000));
+}
+
+#[test]
+#[ignore = "replays FLYFS_SIM_SEED"]
+fn one() {
+    let seed = env_u64("FLYFS_SIM_SEED", 0);
+    match run_seed(SimConfig::new(seed)) {
+        Ok(report) => eprintln!("seed {seed}: {report:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}

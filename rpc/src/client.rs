@@ -1,0 +1,626 @@
+//! The client side: pooled, multiplexed connections per peer; typed calls
+//! with per-attempt deadlines and opt-in retries.
+//!
+//! Per address the client keeps `connections_per_peer` connection slots,
+//! connected lazily and used round robin. Each connection carries many calls
+//! at once: a writer task writes request frames from a channel, a reader task
+//! hands each reply to the call waiting for its request id. When a connection
+//! breaks, every call pending on it fails with `Disconnected` and the slot
+//! reconnects on its next use.
+//!
+//! Cancellation: dropping a call's future cancels the call. Its pending entry
+//! is removed at once (a guard's `Drop`), so a reply that arrives later is
+//! discarded. The request may still run on the server; whether that is safe
+//! is the caller's business, as it is for retries.
+//!
+//! Determinism: request ids come from a per-client counter, backoff jitter is
+//! derived from the request id, pending calls are kept in a `BTreeMap` (they
+//! are failed in id order), and every wait is a tokio timer, so a turmoil
+//! simulation replays exactly.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::Method;
+use crate::codec;
+use crate::error::{MethodRef, RpcError};
+use crate::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, ReadError, Status};
+use crate::net::Network;
+use crate::payload::Payload;
+
+/// Per-client settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientConfig {
+    /// Connections kept to each address; calls spread over them round robin.
+    pub connections_per_peer: usize,
+    pub connect_timeout: Duration,
+    /// Limits on reply frames.
+    pub limits: FrameLimits,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connections_per_peer: 2,
+            connect_timeout: Duration::from_secs(3),
+            limits: FrameLimits::default(),
+        }
+    }
+}
+
+/// When and how often to try a call again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all; 1 means no retry.
+    pub attempts: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 1,
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry):
+    /// `backoff_initial * 2^(retry-1)`, capped at `backoff_max`, then
+    /// jittered into its upper half so that clients that failed together do
+    /// not retry together. The jitter is a hash of `seed` (the call's first
+    /// request id) and `retry`, never a thread RNG, so a simulation replays.
+    pub fn backoff(&self, retry: u32, seed: u64) -> Duration {
+        let doublings = retry.saturating_sub(1).min(32);
+        let base = self
+            .backoff_initial
+            .saturating_mul(1u32 << doublings.min(31))
+            .min(self.backoff_max);
+        let base_nanos = base.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let half = base_nanos / 2;
+        let jitter = splitmix64(seed ^ u64::from(retry).rotate_left(32)) % (base_nanos - half + 1);
+        Duration::from_nanos(half + jitter)
+    }
+}
+
+/// SplitMix64: a fast, well-mixed hash of one u64.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Per-call options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallOptions {
+    /// Deadline of each attempt (connecting included).
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A successful reply before decoding.
+#[derive(Clone, Debug)]
+pub struct RawReply {
+    pub body: Bytes,
+    pub payload: Payload,
+}
+
+/// An RPC client. Cheap to clone: clones share connections.
+#[derive(Debug)]
+pub struct Client<N: Network> {
+    inner: Arc<Inner<N>>,
+}
+
+impl<N: Network> Clone for Client<N> {
+    fn clone(&self) -> Self {
+        Client {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<N> {
+    net: N,
+    config: ClientConfig,
+    peers: Mutex<BTreeMap<String, Arc<Peer>>>,
+    /// Request ids start at 1: 0 means "the connection" in server frames.
+    request_id_next: AtomicU64,
+}
+
+/// The connection slots of one address.
+#[derive(Debug)]
+struct Peer {
+    /// An async mutex per slot: calls that find a slot empty wait for the one
+    /// call that is connecting it, instead of each opening a connection.
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+    slot_next: AtomicUsize,
+}
+
+impl<N: Network> Client<N> {
+    pub fn new(net: N, config: ClientConfig) -> Client<N> {
+        Client {
+            inner: Arc::new(Inner {
+                net,
+                config,
+                peers: Mutex::new(BTreeMap::new()),
+                request_id_next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// A typed call: encodes `request`, sends it with `payload`, retries as
+    /// `options.retry` allows, decodes the response. Dropping the future
+    /// cancels the call.
+    pub async fn call<M: Method>(
+        &self,
+        addr: &str,
+        request: &M::Req,
+        payload: Bytes,
+        options: &CallOptions,
+    ) -> Result<(M::Rsp, Payload), RpcError> {
+        let body = codec::try_encode(request)?;
+        let method = MethodRef::of::<M>();
+        let reply = self
+            .call_with_retry(addr, method, body, payload, options)
+            .await?;
+        let response = codec::decode::<M::Rsp>(&reply.body)?;
+        Ok((response, reply.payload))
+    }
+
+    /// One attempt of a call with an already encoded body, with no retry.
+    /// Dropping the future cancels the call.
+    pub async fn call_raw(
+        &self,
+        addr: &str,
+        method: u16,
+        body: Bytes,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RawReply, RpcError> {
+        let request_id = self.request_id();
+        self.attempt(
+            addr,
+            MethodRef::id(method),
+            request_id,
+            body,
+            payload,
+            timeout,
+        )
+        .await
+    }
+
+    /// Drops every pooled connection to `addr`; calls pending on them fail
+    /// with `Disconnected`. The next call connects anew.
+    pub async fn disconnect(&self, addr: &str) {
+        let peer = lock(&self.inner.peers).remove(addr);
+        if let Some(peer) = peer {
+            for slot in &peer.slots {
+                if let Some(conn) = slot.lock().await.take() {
+                    conn.shared.close();
+                }
+            }
+        }
+    }
+
+    /// Calls waiting for a reply, over all connections (for tests and
+    /// metrics). A slot that is busy connecting is skipped; it has no calls
+    /// waiting for replies yet.
+    pub fn pending_calls(&self) -> usize {
+        let peers: Vec<Arc<Peer>> = lock(&self.inner.peers).values().cloned().collect();
+        peers
+            .iter()
+            .flat_map(|peer| peer.slots.iter())
+            .filter_map(|slot| slot.try_lock().ok())
+            .filter_map(|slot| {
+                slot.as_ref()
+                    .map(|conn| lock(&conn.shared.state).pending.len())
+            })
+            .sum()
+    }
+
+    fn request_id(&self) -> u64 {
+        self.inner.request_id_next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn call_with_retry(
+        &self,
+        addr: &str,
+        method: MethodRef,
+        body: Bytes,
+        payload: Bytes,
+        options: &CallOptions,
+    ) -> Result<RawReply, RpcError> {
+        let attempts = options.retry.attempts.max(1);
+        let mut seed = None;
+        let mut attempt = 1;
+        loop {
+            let request_id = self.request_id();
+            let seed = *seed.get_or_insert(request_id);
+            let result = self
+                .attempt(
+                    addr,
+                    method,
+                    request_id,
+                    body.clone(),
+                    payload.clone(),
+                    options.timeout,
+                )
+                .await;
+            match result {
+                Err(error) if error.is_retryable() && attempt < attempts => {
+                    let wait = options.retry.backoff(attempt, seed);
+                    tracing::debug!(%addr, %method, attempt, ?wait, %error, "retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        addr: &str,
+        method: MethodRef,
+        request_id: u64,
+        body: Bytes,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RawReply, RpcError> {
+        let attempt = self.attempt_untimed(addr, method, request_id, body, payload);
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(RpcError::Timeout {
+                addr: addr.to_owned(),
+                method,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn attempt_untimed(
+        &self,
+        addr: &str,
+        method: MethodRef,
+        request_id: u64,
+        body: Bytes,
+        payload: Bytes,
+    ) -> Result<RawReply, RpcError> {
+        let disconnected = || RpcError::Disconnected {
+            addr: addr.to_owned(),
+            method,
+        };
+        let conn = self.connection(addr).await?;
+        let frame = OutFrame::new(
+            Kind::Request,
+            method.id,
+            Status::Ok,
+            request_id,
+            body,
+            payload,
+        )?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        // From here until the guard drops, the call is pending: a drop of
+        // this future (cancel, timeout) removes the entry.
+        let _pending = conn
+            .shared
+            .register(request_id, reply_tx)
+            .ok_or_else(disconnected)?;
+        conn.writer.send(frame).await.map_err(|_| disconnected())?;
+        let frame = match reply_rx.await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(Failure::Frame(error))) => return Err(RpcError::Frame(error)),
+            Ok(Err(Failure::Disconnected)) | Err(_) => return Err(disconnected()),
+        };
+        match frame.header.status {
+            Status::Ok => Ok(RawReply {
+                body: frame.body,
+                payload: Payload::from_bytes(frame.payload),
+            }),
+            status => Err(RpcError::Remote {
+                addr: addr.to_owned(),
+                method,
+                status,
+                message: String::from_utf8_lossy(&frame.body).into_owned(),
+            }),
+        }
+    }
+
+    /// A live connection to `addr`: the next slot round robin, connected if
+    /// it is empty or its connection died.
+    async fn connection(&self, addr: &str) -> Result<Arc<Conn>, RpcError> {
+        let slots_len = self.inner.config.connections_per_peer.max(1);
+        let peer = lock(&self.inner.peers)
+            .entry(addr.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Peer {
+                    slots: (0..slots_len)
+                        .map(|_| tokio::sync::Mutex::new(None))
+                        .collect(),
+                    slot_next: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        let index = peer.slot_next.fetch_add(1, Ordering::Relaxed) % peer.slots.len();
+        let mut slot = peer.slots[index].lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.shared.is_open()
+        {
+            return Ok(conn.clone());
+        }
+        *slot = None;
+        let connect_error = |source| RpcError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let stream = tokio::time::timeout(
+            self.inner.config.connect_timeout,
+            self.inner.net.connect(addr),
+        )
+        .await
+        .map_err(|_elapsed| {
+            connect_error(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within {:?}",
+                    self.inner.config.connect_timeout
+                ),
+            ))
+        })?
+        .map_err(connect_error)?;
+        tracing::debug!(%addr, slot = index, "connected");
+        let conn = Arc::new(Conn::start(addr, stream, self.inner.config.limits));
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code panics while holding these locks; if one did, the map itself
+    // is still consistent (every operation on it is a single insert/remove).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a pending call ended without a reply frame.
+#[derive(Debug)]
+enum Failure {
+    Disconnected,
+    /// The reply's body CRC did not match.
+    Frame(FrameError),
+}
+
+type ReplySender = oneshot::Sender<Result<Frame, Failure>>;
+
+/// One multiplexed connection. Dropping the last reference closes it.
+#[derive(Debug)]
+struct Conn {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<OutFrame>,
+}
+
+/// What a connection's tasks and its callers share.
+#[derive(Debug)]
+struct Shared {
+    addr: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// False once the connection broke: no call registers any more.
+    open: bool,
+    pending: BTreeMap<u64, ReplySender>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Shared {
+    fn is_open(&self) -> bool {
+        lock(&self.state).open
+    }
+
+    /// Registers a pending call; `None` if the connection already broke.
+    fn register(self: &Arc<Self>, request_id: u64, reply: ReplySender) -> Option<PendingGuard> {
+        let mut state = lock(&self.state);
+        if !state.open {
+            return None;
+        }
+        state.pending.insert(request_id, reply);
+        Some(PendingGuard {
+            shared: self.clone(),
+            request_id,
+        })
+    }
+
+    fn take(&self, request_id: u64) -> Option<ReplySender> {
+        lock(&self.state).pending.remove(&request_id)
+    }
+
+    /// Marks the connection broken, fails every pending call (in request id
+    /// order) and stops both tasks, which closes the socket.
+    fn close(&self) {
+        let (pending, tasks) = {
+            let mut state = lock(&self.state);
+            state.open = false;
+            (
+                std::mem::take(&mut state.pending),
+                std::mem::take(&mut state.tasks),
+            )
+        };
+        if !pending.is_empty() {
+            tracing::debug!(addr = %self.addr, calls = pending.len(), "connection lost");
+        }
+        for (_, reply) in pending {
+            let _ = reply.send(Err(Failure::Disconnected));
+        }
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Removes a call's pending entry when the call ends, however it ends.
+#[derive(Debug)]
+struct PendingGuard {
+    shared: Arc<Shared>,
+    request_id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.state).pending.remove(&self.request_id);
+    }
+}
+
+impl Conn {
+    fn start<T>(addr: &str, stream: T, limits: FrameLimits) -> Conn
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            addr: addr.to_owned(),
+            state: Mutex::new(State {
+                open: true,
+                pending: BTreeMap::new(),
+                tasks: Vec::new(),
+            }),
+        });
+        let (reader, writer) = tokio::io::split(stream);
+        // Bounded, so a peer that stops reading pushes back on callers.
+        let (writer_tx, writer_rx) = mpsc::channel(256);
+        let write_task = tokio::spawn(write_loop(writer, writer_rx, shared.clone()));
+        let read_task = tokio::spawn(read_loop(reader, limits, shared.clone()));
+        {
+            let mut state = lock(&shared.state);
+            state.tasks = vec![read_task.abort_handle(), write_task.abort_handle()];
+            // Either task may have finished already (a connection refused
+            // after accept): then close must still stop the other.
+            if !state.open {
+                drop(state);
+                shared.close();
+            }
+        }
+        Conn {
+            shared,
+            writer: writer_tx,
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+async fn write_loop<T: AsyncWrite>(
+    mut writer: WriteHalf<T>,
+    mut frames: mpsc::Receiver<OutFrame>,
+    shared: Arc<Shared>,
+) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(error) = frame::write_frame(&mut writer, frame).await {
+            tracing::debug!(addr = %shared.addr, %error, "connection write failed");
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+    shared.close();
+}
+
+async fn read_loop<T: AsyncRead>(
+    mut reader: ReadHalf<T>,
+    limits: FrameLimits,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let frame = match frame::read_frame(&mut reader, &limits).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(ReadError::Io(error)) => {
+                tracing::debug!(addr = %shared.addr, %error, "connection read failed");
+                break;
+            }
+            Err(ReadError::Frame(error)) => {
+                tracing::warn!(addr = %shared.addr, %error, "bad reply frame, closing");
+                break;
+            }
+        };
+        let header = frame.header;
+        if header.kind != Kind::Response {
+            tracing::warn!(addr = %shared.addr, "request frame from a server, closing");
+            break;
+        }
+        if header.request_id == 0 {
+            // The server rejected the connection itself and is closing it.
+            tracing::warn!(
+                addr = %shared.addr,
+                status = %header.status,
+                message = %String::from_utf8_lossy(&frame.body),
+                "server closed the connection"
+            );
+            continue;
+        }
+        // A call that timed out or was cancelled has no entry: its reply is
+        // discarded.
+        if let Some(reply) = shared.take(header.request_id) {
+            let result = match frame.check_body() {
+                Ok(()) => Ok(frame),
+                Err(error) => Err(Failure::Frame(error)),
+            };
+            let _ = reply.send(result);
+        }
+    }
+    shared.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters_deterministically() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(700),
+        };
+        for retry in 1..=6u32 {
+            let base = Duration::from_millis(100 * (1 << (retry - 1))).min(policy.backoff_max);
+            for seed in 0..50 {
+                let wait = policy.backoff(retry, seed);
+                assert!(
+                    wait >= base / 2 && wait <= base,
+                    "retry {retry}: {wait:?} vs {base:?}"
+                );
+                assert_eq!(wait, policy.backoff(retry, seed), "same seed, same wait");
+            }
+        }
+        let distinct: std::collections::BTreeSet<Duration> =
+            (0..50).map(|seed| policy.backoff(1, seed)).collect();
+        assert!(distinct.len() > 40, "jitter spreads: {}", distinct.len());
+        // Huge retry counts neither overflow nor exceed the cap.
+        assert!(policy.backoff(u32::MAX, 7) <= policy.backoff_max);
+    }
+}

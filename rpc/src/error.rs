@@ -1,0 +1,164 @@
+//! The error every RPC call can return, and which of them a retry may fix.
+//!
+//! Frame and codec errors have their own enums beside their decoders
+//! (`frame.rs`, `codec.rs`); this one wraps them with where and what: every
+//! message names the peer address and the method.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use crate::codec::CodecError;
+use crate::frame::{FrameError, Status};
+
+/// A method as error messages name it: its name when the caller knew it
+/// (typed calls), and always its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MethodRef {
+    pub id: u16,
+    pub name: &'static str,
+}
+
+impl MethodRef {
+    pub const fn of<M: crate::Method>() -> MethodRef {
+        MethodRef {
+            id: M::ID,
+            name: M::NAME,
+        }
+    }
+
+    /// A method known only by id (raw calls).
+    pub const fn id(id: u16) -> MethodRef {
+        MethodRef { id, name: "" }
+    }
+}
+
+impl fmt::Display for MethodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "method {}", self.id)
+        } else {
+            write!(f, "{} (method {})", self.name, self.id)
+        }
+    }
+}
+
+/// An RPC failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// No connection could be made (refused, unreachable, connect timeout).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The connection broke (or was dropped) before the reply arrived. The
+    /// request may or may not have run.
+    #[error("connection to {addr} lost before {method} was answered")]
+    Disconnected { addr: String, method: MethodRef },
+    /// No reply within the attempt's timeout. The request may or may not have
+    /// run.
+    #[error("{method} to {addr} timed out after {after:?}")]
+    Timeout {
+        addr: String,
+        method: MethodRef,
+        after: Duration,
+    },
+    /// The server answered with a non-`Ok` status.
+    #[error("{method} to {addr} failed: {status}: {message}")]
+    Remote {
+        addr: String,
+        method: MethodRef,
+        status: Status,
+        message: String,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A payload was not the length the receiver expected.
+    #[error("payload is {got} bytes, expected {expected}")]
+    PayloadLength { expected: usize, got: usize },
+}
+
+impl RpcError {
+    /// Whether trying again could succeed: the peer was unreachable, the
+    /// connection broke, the attempt timed out, or the server said it was
+    /// unavailable. Whether a retry is *safe* (the first attempt may have run)
+    /// is the caller's decision, made per method.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RpcError::Connect { .. } | RpcError::Disconnected { .. } | RpcError::Timeout { .. } => {
+                true
+            }
+            RpcError::Remote { status, .. } => *status == Status::Unavailable,
+            _ => false,
+        }
+    }
+
+    /// The status of a remote error, if this is one.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            RpcError::Remote { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_errors() {
+        let method = MethodRef::id(300);
+        let addr = String::from("a:1");
+        assert!(
+            RpcError::Disconnected {
+                addr: addr.clone(),
+                method
+            }
+            .is_retryable()
+        );
+        assert!(
+            RpcError::Connect {
+                addr: addr.clone(),
+                source: io::ErrorKind::ConnectionRefused.into()
+            }
+            .is_retryable()
+        );
+        let remote = |status| RpcError::Remote {
+            addr: addr.clone(),
+            method,
+            status,
+            message: String::new(),
+        };
+        assert!(remote(Status::Unavailable).is_retryable());
+        assert!(!remote(Status::BadRequest).is_retryable());
+        assert!(
+            !RpcError::PayloadLength {
+                expected: 1,
+                got: 2
+            }
+            .is_retryable()
+        );
+    }
+
+    #[test]
+    fn messages_name_address_and_method() {
+        let error = RpcError::Timeout {
+            addr: "storage-1:9000".into(),
+            method: MethodRef {
+                id: 513,
+                name: "storage.Write",
+            },
+            after: Duration::from_secs(5),
+        };
+        let message = error.to_string();
+        assert!(message.contains("storage-1:9000"), "{message}");
+        assert!(message.contains("storage.Write (method 513)"), "{message}");
+    }
+}

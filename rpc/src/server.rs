@@ -1,0 +1,536 @@
+//! The server side: accept connections, read requests, run them through a
+//! [`Service`] concurrently, write replies in whatever order they finish.
+//!
+//! Each connection is one task running three loops side by side:
+//! * the *reader* reads frames (exactly one frame at a time, so a hostile
+//!   header costs at most the frame limits in memory) and hands them on;
+//! * the *dispatcher* answers what the rpc layer owns (ping, unknown
+//!   methods, checksum errors) and spawns one task per service request into a
+//!   `JoinSet`, at most `requests_in_flight_max_per_connection` at a time
+//!   (beyond that the reader stops reading, and TCP pushes back on the
+//!   client); a finished task's reply goes to the writer, and a panicked
+//!   task's `JoinError` becomes an `Internal` reply;
+//! * the *writer* writes reply frames from a channel, one vectored write each.
+//!
+//! What bad input costs: a body CRC mismatch or an unknown method fails that
+//! request only. A header that fails magic, version or CRC, or one over the
+//! limits, leaves the stream position unknown (or not worth reading past), so
+//! the server sends one error frame (request id 0 for a header it cannot
+//! trust; the request's own id for one over the limits) and closes that
+//! connection only. Before closing it drains what the client is still sending
+//! for a moment, so the error frame is not destroyed by a TCP reset.
+//!
+//! [`ServerHandle::shutdown`] stops accepting and drops every connection
+//! (in-flight requests are aborted): a storage daemon "restart" in the
+//! simulation relies on that.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+
+use crate::codec;
+use crate::frame::{self, Frame, FrameLimits, Kind, OutFrame, ReadError, Status};
+use crate::net::Listener;
+use crate::payload::Payload;
+use crate::{METHOD_ID_SERVICE_MIN, Method, Ping, PingRsp};
+
+/// How long a closing connection keeps reading (and discarding) what the
+/// client still sends after the error frame, and how much of it.
+const DRAIN_TIME_MAX: Duration = Duration::from_secs(2);
+const DRAIN_BYTES_MAX: u64 = 128 << 20;
+
+/// A request as a service sees it.
+#[derive(Debug)]
+pub struct Request {
+    pub method: u16,
+    pub request_id: u64,
+    /// The encoded request message; see [`Request::decode`].
+    pub body: Bytes,
+    pub payload: Payload,
+    /// The client's address, for logs.
+    pub peer: String,
+}
+
+impl Request {
+    /// Decodes the body as `M`'s request, or gives the reply to send instead:
+    /// `BadRequest` naming the method and what was wrong.
+    #[allow(clippy::result_large_err)] // The error is the reply to send; it is not propagated far.
+    pub fn decode<M: Method>(&self) -> Result<M::Req, Reply> {
+        if self.method != M::ID {
+            return Err(Reply::error(
+                Status::Internal,
+                format!(
+                    "request for method {} was dispatched to the handler of {} (method {})",
+                    self.method,
+                    M::NAME,
+                    M::ID
+                ),
+            ));
+        }
+        codec::decode::<M::Req>(&self.body).map_err(|error| {
+            Reply::error(
+                Status::BadRequest,
+                format!("{} (method {}): {error}", M::NAME, M::ID),
+            )
+        })
+    }
+}
+
+/// A service's answer.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: Status,
+    /// The encoded response message when `status` is `Ok`, else a UTF-8
+    /// message saying what went wrong.
+    pub body: Bytes,
+    /// Bulk bytes, built zero-copy by the service (`Bytes::from_owner`).
+    pub payload: Bytes,
+}
+
+impl Reply {
+    /// A successful reply. If the response cannot be encoded (only a
+    /// hand-written `Serialize` can fail) the reply is `Internal` instead.
+    pub fn ok<M: Method>(response: &M::Rsp, payload: Bytes) -> Reply {
+        match codec::try_encode(response) {
+            Ok(body) => Reply {
+                status: Status::Ok,
+                body,
+                payload,
+            },
+            Err(error) => Reply::error(
+                Status::Internal,
+                format!("{} (method {}): {error}", M::NAME, M::ID),
+            ),
+        }
+    }
+
+    /// A failure with a message for the caller.
+    pub fn error(status: Status, message: impl fmt::Display) -> Reply {
+        Reply {
+            status,
+            body: Bytes::from(message.to_string()),
+            payload: Bytes::new(),
+        }
+    }
+
+    pub fn unknown_method(method: u16) -> Reply {
+        Reply::error(
+            Status::UnknownMethod,
+            format!("no handler for method {method}"),
+        )
+    }
+}
+
+/// What a server runs requests through. `call` runs in a task of its own,
+/// many at a time; a panic in it becomes an `Internal` reply.
+pub trait Service: Send + Sync + 'static {
+    fn call(&self, request: Request) -> impl Future<Output = Reply> + Send;
+}
+
+/// Per-server settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerConfig {
+    pub limits: FrameLimits,
+    pub requests_in_flight_max_per_connection: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: FrameLimits::default(),
+            requests_in_flight_max_per_connection: 256,
+        }
+    }
+}
+
+/// A service with its settings, ready to serve a listener.
+#[derive(Debug)]
+pub struct Server<S> {
+    service: Arc<S>,
+    config: ServerConfig,
+}
+
+impl<S: Service> Server<S> {
+    pub fn new(service: Arc<S>, config: ServerConfig) -> Server<S> {
+        Server { service, config }
+    }
+
+    /// Serves `listener` until the returned future is dropped (which drops
+    /// every connection).
+    pub async fn serve<L>(self, listener: L)
+    where
+        L: Listener,
+        L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        serve_until(listener, self.service, self.config, std::future::pending()).await;
+    }
+
+    /// Serves `listener` from a task of its own until the handle is shut
+    /// down or dropped.
+    pub fn spawn<L>(self, listener: L) -> io::Result<ServerHandle>
+    where
+        L: Listener,
+        L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let local_addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_until(
+            listener,
+            self.service,
+            self.config,
+            async move {
+                // A dropped handle stops the server too: `Err` is fine.
+                let _ = stopped.await;
+            },
+        ));
+        Ok(ServerHandle {
+            local_addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+}
+
+/// Serves `listener` with `service` until the future is dropped. Generic over
+/// the listener (rather than the [`Network`](crate::Network)) so that the
+/// network type is inferred from the listener.
+pub async fn serve<L, S>(listener: L, service: Arc<S>, config: ServerConfig)
+where
+    L: Listener,
+    L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service,
+{
+    Server::new(service, config).serve(listener).await;
+}
+
+/// A running server. Dropping it stops the server as [`shutdown`] does, but
+/// without waiting.
+///
+/// [`shutdown`]: ServerHandle::shutdown
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the listener is bound to (`ip:port`).
+    pub fn local_addr(&self) -> &str {
+        &self.local_addr
+    }
+
+    /// Stops accepting, closes the listener and drops every connection
+    /// (aborting requests in flight); returns once all of that is done, so
+    /// the port can be bound again.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take()
+            && let Err(error) = task.await
+            && error.is_panic()
+        {
+            tracing::error!(addr = %self.local_addr, %error, "server task panicked");
+        }
+    }
+}
+
+/// The accept loop. Returns when `shutdown` resolves, after dropping the
+/// listener and every connection.
+async fn serve_until<L, S>(
+    mut listener: L,
+    service: Arc<S>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: Listener,
+    L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service,
+{
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tracing::debug!(%peer, "connection accepted");
+                    connections.spawn(run_connection(stream, peer, service.clone(), config));
+                }
+                Err(error) => {
+                    // Usually transient (out of file descriptors): back off a
+                    // little instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// What the reader hands the dispatcher.
+enum Event {
+    Request(Frame),
+    /// A reply the rpc layer writes on its own (checksum mismatch).
+    Reply(OutFrame),
+    /// Write this error frame, then close the connection.
+    Fatal(OutFrame),
+}
+
+async fn run_connection<T, S>(stream: T, peer: String, service: Arc<S>, config: ServerConfig)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    // Capacity 1: the reader stays at most one frame ahead of the dispatcher,
+    // so the in-flight limit holds back reading from the socket.
+    let (events_tx, events_rx) = mpsc::channel(1);
+    let in_flight_max = config.requests_in_flight_max_per_connection.max(1);
+    let (replies_tx, replies_rx) = mpsc::channel(in_flight_max);
+    // The three end on their own: the reader at end of stream or a fatal
+    // frame, the dispatcher when the reader is done and nothing is in flight
+    // (or the writer is gone), the writer when the dispatcher is done (or a
+    // write fails).
+    tokio::join!(
+        read_loop(reader, events_tx, config.limits, &peer),
+        dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
+        write_loop(writer, replies_rx, &peer),
+    );
+    tracing::debug!(%peer, "connection closed");
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    events: mpsc::Sender<Event>,
+    limits: FrameLimits,
+    peer: &str,
+) {
+    let fatal = loop {
+        let read = tokio::select! {
+            biased;
+            // The dispatcher is gone (the writer failed): stop reading.
+            () = events.closed() => return,
+            read = frame::read_frame(&mut reader, &limits) => read,
+        };
+        let event = match read {
+            Ok(None) => return,
+            Ok(Some(frame)) => {
+                if frame.header.kind != Kind::Request {
+                    break OutFrame::error(
+                        frame.header.method,
+                        0,
+                        Status::BadRequest,
+                        &format!(
+                            "expected a request frame, got a {:?} frame (request {})",
+                            frame.header.kind, frame.header.request_id
+                        ),
+                    );
+                }
+                match frame.check_body() {
+                    Ok(()) => Event::Request(frame),
+                    Err(error) => Event::Reply(OutFrame::error(
+                        frame.header.method,
+                        frame.header.request_id,
+                        Status::ChecksumMismatch,
+                        &error.to_string(),
+                    )),
+                }
+            }
+            Err(ReadError::Frame(error)) => {
+                // Over the limits: the header was trusted, so the error goes
+                // to that request. Otherwise to request 0: the connection.
+                let request_id = error.request_id().unwrap_or(0);
+                break OutFrame::error(0, request_id, error.status(), &error.to_string());
+            }
+            Err(ReadError::Io(error)) => {
+                tracing::debug!(%peer, %error, "connection read failed");
+                return;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+    };
+    tracing::warn!(%peer, "closing connection after a bad frame");
+    if events.send(Event::Fatal(fatal)).await.is_err() {
+        return;
+    }
+    drop(events);
+    drain(&mut reader).await;
+}
+
+/// Reads and discards for a bounded time and size, so a client still sending
+/// the rest of a bad frame does not turn our close into a TCP reset that
+/// could destroy the error frame before the client reads it.
+async fn drain<R: AsyncRead + Unpin>(reader: &mut R) {
+    let mut sink = tokio::io::sink();
+    let mut limited = reader.take(DRAIN_BYTES_MAX);
+    let _ = tokio::time::timeout(DRAIN_TIME_MAX, tokio::io::copy(&mut limited, &mut sink)).await;
+}
+
+async fn dispatch_loop<S: Service>(
+    mut events: mpsc::Receiver<Event>,
+    replies: mpsc::Sender<OutFrame>,
+    service: Arc<S>,
+    in_flight_max: usize,
+    peer: &str,
+) {
+    let mut in_flight: JoinSet<OutFrame> = JoinSet::new();
+    // Which request each task serves, to answer for a task that panicked.
+    let mut requests: HashMap<tokio::task::Id, (u16, u64)> = HashMap::new();
+    let mut reading = true;
+    loop {
+        if !reading && in_flight.is_empty() {
+            return;
+        }
+        let reply = tokio::select! {
+            biased;
+            () = replies.closed() => return,
+            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                match done {
+                    Ok((id, frame)) => {
+                        requests.remove(&id);
+                        frame
+                    }
+                    Err(error) => {
+                        let (method, request_id) =
+                            requests.remove(&error.id()).unwrap_or((0, 0));
+                        panic_reply(method, request_id, error, peer)
+                    }
+                }
+            }
+            event = events.recv(), if reading && in_flight.len() < in_flight_max => {
+                match event {
+                    None => {
+                        reading = false;
+                        continue;
+                    }
+                    Some(Event::Reply(frame)) => frame,
+                    Some(Event::Fatal(frame)) => {
+                        // Requests in flight are abandoned with the
+                        // connection; their clients see it close.
+                        in_flight.abort_all();
+                        let _ = replies.send(frame).await;
+                        return;
+                    }
+                    Some(Event::Request(frame)) => match dispatch(frame, &service, peer) {
+                        Dispatch::Now(reply) => reply,
+                        Dispatch::Spawn(method, request_id, task) => {
+                            let handle = in_flight.spawn(task);
+                            requests.insert(handle.id(), (method, request_id));
+                            continue;
+                        }
+                    },
+                }
+            }
+        };
+        if replies.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+enum Dispatch<F> {
+    Now(OutFrame),
+    Spawn(u16, u64, F),
+}
+
+fn dispatch<S: Service>(
+    frame: Frame,
+    service: &Arc<S>,
+    peer: &str,
+) -> Dispatch<impl Future<Output = OutFrame> + Send + 'static> {
+    let Frame {
+        header,
+        body,
+        payload,
+    } = frame;
+    let (method, request_id) = (header.method, header.request_id);
+    if method < METHOD_ID_SERVICE_MIN {
+        let reply = if method == Ping::ID {
+            match codec::decode::<<Ping as Method>::Req>(&body) {
+                Ok(ping) => Reply::ok::<Ping>(&PingRsp { nonce: ping.nonce }, Bytes::new()),
+                Err(error) => Reply::error(Status::BadRequest, error),
+            }
+        } else {
+            Reply::unknown_method(method)
+        };
+        return Dispatch::Now(reply_frame(method, request_id, reply));
+    }
+    let request = Request {
+        method,
+        request_id,
+        body,
+        payload: Payload::from_bytes(payload),
+        peer: peer.to_owned(),
+    };
+    let service = service.clone();
+    Dispatch::Spawn(method, request_id, async move {
+        let reply = service.call(request).await;
+        // The reply's CRC is computed here, in the request's task, not on
+        // the connection's.
+        reply_frame(method, request_id, reply)
+    })
+}
+
+fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {
+    let status = reply.status;
+    OutFrame::new(
+        Kind::Response,
+        method,
+        status,
+        request_id,
+        reply.body,
+        reply.payload,
+    )
+    .unwrap_or_else(|error| {
+        OutFrame::error(method, request_id, Status::Internal, &error.to_string())
+    })
+}
+
+fn panic_reply(method: u16, request_id: u64, error: JoinError, peer: &str) -> OutFrame {
+    let reason = if error.is_panic() {
+        let panic = error.into_panic();
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| String::from("(no message)"));
+        format!("handler of method {method} panicked: {message}")
+    } else {
+        format!("handler of method {method} was cancelled")
+    };
+    tracing::error!(%peer, request_id, "{reason}");
+    OutFrame::error(method, request_id, Status::Internal, &reason)
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut replies: mpsc::Receiver<OutFrame>,
+    peer: &str,
+) {
+    while let Some(frame) = replies.recv().await {
+        if let Err(error) = frame::write_frame(&mut writer, frame).await {
+            tracing::debug!(%peer, %error, "connection write failed");
+            return;
+        }
+    }
+    // Everything is written: send FIN so the client reads the last reply and
+    // then end of stream.
+    let _ = writer.shutdown().await;
+}

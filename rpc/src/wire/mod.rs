@@ -1,0 +1,4 @@
+//! Message types of every service.
+
+pub mod mgmt;
+pub mod storage;

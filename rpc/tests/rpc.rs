@@ -1,0 +1,770 @@
+//! End-to-end tests of the rpc layer over real TCP on 127.0.0.1: a test
+//! service, the client, and raw sockets playing a misbehaving peer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flyfs_rpc::frame::{self, FrameLimits, Kind, OutFrame};
+use flyfs_rpc::{
+    CallOptions, Client, ClientConfig, Listener, Method, Network, Ping, PingReq, Reply, Request,
+    RetryPolicy, RpcError, Server, ServerConfig, ServerHandle, Service, Status, Tcp, codec,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct EchoReq {
+    text: String,
+    sleep_ms: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct EchoRsp {
+    text: String,
+    payload_len: u64,
+}
+
+/// Echoes text and payload back, after sleeping `sleep_ms`.
+struct Echo;
+impl Method for Echo {
+    const ID: u16 = 300;
+    const NAME: &'static str = "test.Echo";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+}
+
+/// Panics in the handler.
+struct Explode;
+impl Method for Explode {
+    const ID: u16 = 301;
+    const NAME: &'static str = "test.Explode";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+}
+
+/// Version 1 and version 2 of one method, to test compatibility on the wire:
+/// the server knows v1, the client sends v2.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct StatV1 {
+    name: String,
+}
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct StatV2 {
+    name: String,
+    follow_links: bool,
+}
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct StatRspV1 {
+    size: u64,
+}
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct StatRspV2 {
+    size: u64,
+    blocks: Option<u64>,
+}
+struct StatV1Method;
+impl Method for StatV1Method {
+    const ID: u16 = 302;
+    const NAME: &'static str = "test.Stat";
+    type Req = StatV1;
+    type Rsp = StatRspV1;
+}
+struct StatV2Method;
+impl Method for StatV2Method {
+    const ID: u16 = 302;
+    const NAME: &'static str = "test.Stat";
+    type Req = StatV2;
+    type Rsp = StatRspV2;
+}
+
+#[derive(Default)]
+struct TestService {
+    calls: AtomicUsize,
+}
+
+impl Service for TestService {
+    async fn call(&self, request: Request) -> Reply {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match request.method {
+            Echo::ID => {
+                let echo = match request.decode::<Echo>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                tokio::time::sleep(Duration::from_millis(echo.sleep_ms)).await;
+                let mut copy = vec![0u8; request.payload.len()];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: copy.len() as u64,
+                };
+                Reply::ok::<Echo>(&rsp, Bytes::from(copy))
+            }
+            Explode::ID => panic!("handler exploded on purpose"),
+            StatV1Method::ID => match request.decode::<StatV1Method>() {
+                Ok(stat) => Reply::ok::<StatV1Method>(
+                    &StatRspV1 {
+                        size: stat.name.len() as u64,
+                    },
+                    Bytes::new(),
+                ),
+                Err(reply) => reply,
+            },
+            other => Reply::unknown_method(other),
+        }
+    }
+}
+
+async fn start_server(config: ServerConfig) -> (ServerHandle, Arc<TestService>) {
+    start_server_at("127.0.0.1:0", config).await
+}
+
+async fn start_server_at(addr: &str, config: ServerConfig) -> (ServerHandle, Arc<TestService>) {
+    let listener = Tcp.bind(addr).await.expect("bind");
+    let service = Arc::new(TestService::default());
+    let handle = Server::new(service.clone(), config)
+        .spawn(listener)
+        .expect("spawn server");
+    (handle, service)
+}
+
+fn client() -> Client<Tcp> {
+    Client::new(Tcp, ClientConfig::default())
+}
+
+fn echo(text: &str, sleep_ms: u64) -> EchoReq {
+    EchoReq {
+        text: text.into(),
+        sleep_ms,
+    }
+}
+
+fn opts(timeout_ms: u64) -> CallOptions {
+    CallOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        ..CallOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn echo_round_trip_with_payload() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let data = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<_>>());
+    let (rsp, payload) = client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo("hi", 0),
+            data.clone(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("echo");
+    assert_eq!(rsp.text, "hi");
+    assert_eq!(rsp.payload_len, 100_000);
+    assert_eq!(payload.into_bytes(), Some(data));
+
+    // Without payload, the reply payload is Empty.
+    let (_, payload) = client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo("", 0),
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("echo");
+    assert!(payload.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn built_in_ping_is_answered_without_the_service() {
+    let (server, service) = start_server(ServerConfig::default()).await;
+    let (rsp, _) = client()
+        .call::<Ping>(
+            server.local_addr(),
+            &PingReq { nonce: 77 },
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("ping");
+    assert_eq!(rsp.nonce, 77);
+    assert_eq!(service.calls.load(Ordering::Relaxed), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_calls_are_answered_out_of_order() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    // One connection, so every call shares it.
+    let client = Client::new(
+        Tcp,
+        ClientConfig {
+            connections_per_peer: 1,
+            ..ClientConfig::default()
+        },
+    );
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let client = client.clone();
+        let addr = server.local_addr().to_owned();
+        let finished = finished.clone();
+        tasks.push(tokio::spawn(async move {
+            // Earlier calls sleep longer, so they finish later.
+            let request = echo(&format!("call {i}"), 10 + (64 - i) * 5);
+            let payload = Bytes::from(vec![i as u8; i as usize * 100]);
+            let (rsp, got) = client
+                .call::<Echo>(&addr, &request, payload.clone(), &opts(10_000))
+                .await
+                .expect("echo");
+            assert_eq!(rsp.text, format!("call {i}"));
+            assert_eq!(got.into_bytes(), Some(payload));
+            finished.lock().expect("lock").push(i);
+        }));
+        // Let the call go out before the next one.
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        task.await.expect("call task");
+    }
+    let order = finished.lock().expect("lock").clone();
+    assert_eq!(order.len(), 64);
+    assert!(
+        order.first() > order.last(),
+        "later calls finished first: {order:?}"
+    );
+    assert_eq!(client.pending_calls(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_methods_are_rejected() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    for method in [999u16, 7] {
+        let error = client
+            .call_raw(
+                server.local_addr(),
+                method,
+                Bytes::new(),
+                Bytes::new(),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect_err("no such method");
+        assert_eq!(error.status(), Some(Status::UnknownMethod), "{error}");
+        assert!(
+            error.to_string().contains(&format!("method {method}")),
+            "{error}"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_request_body_names_the_method() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let error = client()
+        .call_raw(
+            server.local_addr(),
+            Echo::ID,
+            Bytes::from_static(&[0xc1, 0xc1]),
+            Bytes::new(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("undecodable body");
+    assert_eq!(error.status(), Some(Status::BadRequest));
+    assert!(error.to_string().contains("test.Echo"), "{error}");
+    server.shutdown().await;
+}
+
+/// Reads one frame from a raw socket, with a deadline.
+async fn read_one(stream: &mut tokio::net::TcpStream) -> Option<frame::Frame> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        frame::read_frame(stream, &FrameLimits::default()),
+    )
+    .await
+    .expect("server answers in time")
+    .expect("readable frame")
+}
+
+fn ping_frame(request_id: u64) -> OutFrame {
+    OutFrame::new(
+        Kind::Request,
+        Ping::ID,
+        Status::Ok,
+        request_id,
+        codec::encode(&PingReq { nonce: 1 }),
+        Bytes::new(),
+    )
+    .expect("small frame")
+}
+
+#[tokio::test]
+async fn garbage_header_closes_only_that_connection() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let (ok, options) = (echo("ok", 0), opts(5000));
+    let call = || client.call::<Echo>(server.local_addr(), &ok, Bytes::new(), &options);
+    call().await.expect("before");
+
+    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    raw.write_all(&[0xab; frame::HEADER_LEN])
+        .await
+        .expect("write");
+    let reply = read_one(&mut raw).await.expect("an error frame");
+    assert_eq!(reply.header.kind, Kind::Response);
+    assert_eq!(reply.header.request_id, 0);
+    assert_eq!(reply.header.status, Status::BadRequest);
+    let message = String::from_utf8_lossy(&reply.body).into_owned();
+    assert!(message.contains("magic"), "{message}");
+    // Then the server closes this connection.
+    assert!(read_one(&mut raw).await.is_none());
+
+    // A corrupted header CRC gets the same treatment.
+    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let mut frame = ping_frame(5);
+    frame.header[8] ^= 0xff;
+    frame::write_frame(&mut raw, frame).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("an error frame");
+    assert_eq!(reply.header.status, Status::ChecksumMismatch);
+    assert_eq!(reply.header.request_id, 0);
+    assert!(read_one(&mut raw).await.is_none());
+
+    // The other client's connection never noticed.
+    call().await.expect("after");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn body_checksum_mismatch_fails_one_request_and_keeps_the_connection() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let mut frame = ping_frame(41);
+    let mut body = frame.body.to_vec();
+    body[0] ^= 0x01;
+    frame.body = Bytes::from(body);
+    frame::write_frame(&mut raw, frame).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 41);
+    assert_eq!(reply.header.status, Status::ChecksumMismatch);
+
+    frame::write_frame(&mut raw, ping_frame(42))
+        .await
+        .expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 42);
+    assert_eq!(reply.header.status, Status::Ok);
+    reply.check_body().expect("reply crc");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_body_or_payload_gets_too_large() {
+    let limits = FrameLimits {
+        body_bytes_max: 1024,
+        payload_bytes_max: 64 << 10,
+    };
+    let (server, service) = start_server(ServerConfig {
+        limits,
+        ..ServerConfig::default()
+    })
+    .await;
+    let client = client();
+    let big_text = "x".repeat(4096);
+    let error = client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo(&big_text, 0),
+            Bytes::new(),
+            &opts(5000),
+        )
+        .await
+        .expect_err("body over the limit");
+    assert_eq!(error.status(), Some(Status::TooLarge), "{error}");
+
+    // A payload far over the limit: the client is still writing it when the
+    // server answers and closes.
+    let error = client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo("", 0),
+            Bytes::from(vec![0u8; 8 << 20]),
+            &opts(5000),
+        )
+        .await
+        .expect_err("payload over the limit");
+    assert_eq!(error.status(), Some(Status::TooLarge), "{error}");
+    assert_eq!(service.calls.load(Ordering::Relaxed), 0);
+
+    // The client reconnects and carries on.
+    for _ in 0..4 {
+        client
+            .call::<Echo>(
+                server.local_addr(),
+                &echo("fine", 0),
+                Bytes::new(),
+                &opts(5000),
+            )
+            .await
+            .expect("small call");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_disconnects_and_the_client_reconnects_to_a_new_server() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let addr = server.local_addr().to_owned();
+    let client = client();
+    client
+        .call::<Echo>(&addr, &echo("first", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect("first");
+
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            client
+                .call::<Echo>(&addr, &echo("slow", 60_000), Bytes::new(), &opts(30_000))
+                .await
+        }
+    });
+    wait_for_pending(&client, 1).await;
+    server.shutdown().await;
+    let error = slow.await.expect("task").expect_err("server went away");
+    assert!(matches!(error, RpcError::Disconnected { .. }), "{error}");
+    assert!(error.is_retryable());
+
+    // Nobody listens: the connect fails.
+    let error = client
+        .call::<Echo>(&addr, &echo("none", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect_err("no server");
+    assert!(matches!(error, RpcError::Connect { .. }), "{error}");
+
+    let (server, _) = start_server_at(&addr, ServerConfig::default()).await;
+    let (rsp, _) = client
+        .call::<Echo>(&addr, &echo("again", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect("new server");
+    assert_eq!(rsp.text, "again");
+    server.shutdown().await;
+}
+
+async fn wait_for_pending(client: &Client<Tcp>, calls: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.pending_calls() != calls {
+        assert!(
+            Instant::now() < deadline,
+            "never reached {calls} pending calls"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn calls_time_out_and_leave_nothing_pending() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let started = Instant::now();
+    let error = client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo("slow", 5_000),
+            Bytes::new(),
+            &opts(100),
+        )
+        .await
+        .expect_err("too slow");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match &error {
+        RpcError::Timeout { after, method, .. } => {
+            assert_eq!(*after, Duration::from_millis(100));
+            assert_eq!(method.id, Echo::ID);
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(error.to_string().contains("test.Echo"), "{error}");
+    assert_eq!(client.pending_calls(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_call_cancels_it() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let addr = server.local_addr().to_owned();
+    {
+        let (request, options) = (echo("slow", 5_000), opts(10_000));
+        let call = client.call::<Echo>(&addr, &request, Bytes::new(), &options);
+        tokio::pin!(call);
+        tokio::select! {
+            biased;
+            _ = &mut call => panic!("the call cannot finish this early"),
+            () = wait_for_pending(&client, 1) => {}
+        }
+        assert_eq!(client.pending_calls(), 1);
+    }
+    assert_eq!(
+        client.pending_calls(),
+        0,
+        "the dropped call's entry is gone"
+    );
+    // The connection is still good.
+    client
+        .call::<Echo>(&addr, &echo("next", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect("after cancel");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_with_backoff_succeed_once_the_server_is_up() {
+    // Find a free port, then leave it unbound for a while.
+    let addr = {
+        let listener = Tcp.bind("127.0.0.1:0").await.expect("bind");
+        Listener::local_addr(&listener).expect("addr")
+    };
+    let client = client();
+    let no_retry = client
+        .call::<Echo>(&addr, &echo("x", 0), Bytes::new(), &opts(1000))
+        .await
+        .expect_err("nobody listens");
+    assert!(no_retry.is_retryable(), "{no_retry}");
+
+    let server = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            start_server_at(&addr, ServerConfig::default()).await
+        }
+    });
+    let options = CallOptions {
+        timeout: Duration::from_secs(1),
+        retry: RetryPolicy {
+            attempts: 30,
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+        },
+    };
+    let started = Instant::now();
+    let (rsp, _) = client
+        .call::<Echo>(&addr, &echo("eventually", 0), Bytes::new(), &options)
+        .await
+        .expect("a retry reaches the server");
+    assert_eq!(rsp.text, "eventually");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let (server, _) = server.await.expect("server task");
+    server.shutdown().await;
+
+    // Errors that a retry cannot fix are not retried.
+    let (server, service) = start_server(ServerConfig::default()).await;
+    let error = client
+        .call::<Explode>(server.local_addr(), &echo("", 0), Bytes::new(), &options)
+        .await
+        .expect_err("always panics");
+    assert_eq!(error.status(), Some(Status::Internal));
+    assert_eq!(service.calls.load(Ordering::Relaxed), 1, "not retried");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_becomes_internal() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let error = client
+        .call::<Explode>(server.local_addr(), &echo("", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect_err("handler panics");
+    assert_eq!(error.status(), Some(Status::Internal));
+    assert!(error.to_string().contains("exploded on purpose"), "{error}");
+    client
+        .call::<Echo>(
+            server.local_addr(),
+            &echo("alive", 0),
+            Bytes::new(),
+            &opts(5000),
+        )
+        .await
+        .expect("server survives");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_stay_compatible_across_versions_on_the_wire() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    // A v2 client talking to a v1 server: the extra request field is ignored,
+    // the missing response field takes its default.
+    let (rsp, _) = client()
+        .call::<StatV2Method>(
+            server.local_addr(),
+            &StatV2 {
+                name: "abcd".into(),
+                follow_links: true,
+            },
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("v2 against v1");
+    assert_eq!(
+        rsp,
+        StatRspV2 {
+            size: 4,
+            blocks: None
+        }
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn in_flight_limit_holds_requests_back() {
+    let (server, _) = start_server(ServerConfig {
+        requests_in_flight_max_per_connection: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let client = Client::new(
+        Tcp,
+        ClientConfig {
+            connections_per_peer: 1,
+            ..ClientConfig::default()
+        },
+    );
+    let started = Instant::now();
+    let (request, options) = (echo("", 100), opts(10_000));
+    let calls =
+        (0..6).map(|_| client.call::<Echo>(server.local_addr(), &request, Bytes::new(), &options));
+    for result in join_all(calls).await {
+        result.expect("call");
+    }
+    // Six 100 ms calls, two at a time: at least three rounds.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    server.shutdown().await;
+}
+
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(Box::pin(future));
+    }
+    let mut out = Vec::new();
+    // Poll all together by spawning nothing: a simple join over boxed futures.
+    let mut slots: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (future, slot) in set.iter_mut().zip(slots.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    for slot in slots {
+        out.push(slot.expect("joined"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn disconnect_fails_pending_calls() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let client = client();
+    let addr = server.local_addr().to_owned();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            client
+                .call::<Echo>(&addr, &echo("slow", 60_000), Bytes::new(), &opts(30_000))
+                .await
+        }
+    });
+    wait_for_pending(&client, 1).await;
+    client.disconnect(&addr).await;
+    let error = slow.await.expect("task").expect_err("disconnected");
+    assert!(matches!(error, RpcError::Disconnected { .. }), "{error}");
+    assert_eq!(client.pending_calls(), 0);
+    client
+        .call::<Echo>(&addr, &echo("again", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect("reconnects");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_reply_body_fails_that_call() {
+    // A fake server that answers with a corrupted body: the client fails that
+    // call with a frame error rather than decoding garbage.
+    let listener = Tcp.bind("127.0.0.1:0").await.expect("bind");
+    let addr = Listener::local_addr(&listener).expect("addr");
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let request = frame::read_frame(&mut stream, &FrameLimits::default())
+            .await
+            .expect("read")
+            .expect("a request");
+        let mut reply = OutFrame::new(
+            Kind::Response,
+            request.header.method,
+            Status::Ok,
+            request.header.request_id,
+            codec::encode(&EchoRsp::default()),
+            Bytes::new(),
+        )
+        .expect("frame");
+        let mut body = reply.body.to_vec();
+        body[0] ^= 0x80;
+        reply.body = Bytes::from(body);
+        frame::write_frame(&mut stream, reply).await.expect("write");
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    });
+    let error = client()
+        .call::<Echo>(&addr, &echo("", 0), Bytes::new(), &opts(5000))
+        .await
+        .expect_err("corrupt reply");
+    assert!(
+        matches!(
+            error,
+            RpcError::Frame(frame::FrameError::BodyChecksum { .. })
+        ),
+        "{error}"
+    );
+    fake.abort();
+}
