@@ -199,8 +199,14 @@ impl<N: Network> StorageClient<N> {
         chunk_size: u32,
     ) -> Result<WriteRsp, ClientError> {
         let crc = crc32c::crc32c(&data);
-        self.update(chain, chunk, WriteOp::Write { offset, crc }, data, chunk_size)
-            .await
+        self.update(
+            chain,
+            chunk,
+            WriteOp::Write { offset, crc },
+            data,
+            chunk_size,
+        )
+        .await
     }
 
     pub async fn truncate(
@@ -210,8 +216,14 @@ impl<N: Network> StorageClient<N> {
         len: u32,
         chunk_size: u32,
     ) -> Result<WriteRsp, ClientError> {
-        self.update(chain, chunk, WriteOp::Truncate { len }, Bytes::new(), chunk_size)
-            .await
+        self.update(
+            chain,
+            chunk,
+            WriteOp::Truncate { len },
+            Bytes::new(),
+            chunk_size,
+        )
+        .await
     }
 
     pub async fn remove(
@@ -243,7 +255,10 @@ impl<N: Network> StorageClient<N> {
             .retrying(&what, chain, |info, routing, _attempt| {
                 let data = data.clone();
                 async move {
-                    let head = info.targets.first().filter(|t| t.state == PublicState::Serving);
+                    let head = info
+                        .targets
+                        .first()
+                        .filter(|t| t.state == PublicState::Serving);
                     let Some(addr) = head.and_then(|h| Self::addr(&routing, h.target)) else {
                         return Err(Failure::Retry(format!("{chain} has no serving head")));
                     };
@@ -255,7 +270,11 @@ impl<N: Network> StorageClient<N> {
                         chunk_size,
                         channel,
                     };
-                    classify(self.rpc.call::<Write>(&addr, &req, data, &self.options()).await)
+                    classify(
+                        self.rpc
+                            .call::<Write>(&addr, &req, data, &self.options())
+                            .await,
+                    )
                 }
             })
             .await;
@@ -284,10 +303,14 @@ impl<N: Network> StorageClient<N> {
                 return Err(Failure::Retry(format!("{chain} has no serving replica")));
             }
             // Spread reads; each retry moves to the next replica (failover).
-            let pick = (self.next_replica.fetch_add(1, Ordering::Relaxed) as usize + attempt as usize)
+            let pick = (self.next_replica.fetch_add(1, Ordering::Relaxed) as usize
+                + attempt as usize)
                 % serving.len();
             let Some(addr) = Self::addr(&routing, serving[pick].target) else {
-                return Err(Failure::Retry(format!("no address for {:?}", serving[pick].target)));
+                return Err(Failure::Retry(format!(
+                    "no address for {:?}",
+                    serving[pick].target
+                )));
             };
             let req = BatchReadReq {
                 items: vec![ReadItem {
@@ -332,7 +355,11 @@ impl<N: Network> StorageClient<N> {
         let what = format!("last chunk of {inode:?} on {chain}");
         self.retrying(&what, chain, |info, routing, _| async move {
             // The tail's view is the committed one.
-            let tail = info.targets.iter().rev().find(|t| t.state == PublicState::Serving);
+            let tail = info
+                .targets
+                .iter()
+                .rev()
+                .find(|t| t.state == PublicState::Serving);
             let Some(addr) = tail.and_then(|t| Self::addr(&routing, t.target)) else {
                 return Err(Failure::Retry(format!("{chain} has no serving tail")));
             };
@@ -341,8 +368,12 @@ impl<N: Network> StorageClient<N> {
                 chain_version: info.version,
                 inode,
             };
-            classify(self.rpc.call::<LastChunk>(&addr, &req, Bytes::new(), &self.options()).await)
-                .map(|r| r.last)
+            classify(
+                self.rpc
+                    .call::<LastChunk>(&addr, &req, Bytes::new(), &self.options())
+                    .await,
+            )
+            .map(|r| r.last)
         })
         .await
     }
@@ -364,7 +395,12 @@ impl<N: Network> StorageClient<N> {
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline
     /// passes, refreshing the routing between attempts.
-    async fn retrying<T, F, Fut>(&self, what: &str, chain: ChainId, mut attempt: F) -> Result<T, ClientError>
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        chain: ChainId,
+        mut attempt: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(ChainInfo, Arc<RoutingInfo>, u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -413,7 +449,10 @@ impl<N: Network> StorageClient<N> {
 enum Failure {
     Retry(String),
     /// The RPC to `addr` timed out: its connection may be dead.
-    Timeout { addr: String, error: String },
+    Timeout {
+        addr: String,
+        error: String,
+    },
     Fatal(StorageError),
 }
 

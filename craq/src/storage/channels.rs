@@ -92,6 +92,25 @@ impl Channels {
         }
     }
 
+    /// Every finished request, for a resync to hand on.
+    pub fn finished(&self) -> Vec<(Channel, WriteRsp)> {
+        self.slots
+            .lock()
+            .iter()
+            .filter_map(|((client, id), slot)| match slot {
+                Slot::Finished { seq, result } => Some((
+                    Channel {
+                        client: *client,
+                        id: *id,
+                        seq: *seq,
+                    },
+                    *result,
+                )),
+                Slot::Running { .. } => None,
+            })
+            .collect()
+    }
+
     /// Forgets a running write that failed, so that its retry runs again.
     pub fn fail(&self, channel: Channel) {
         let mut slots = self.slots.lock();

@@ -320,7 +320,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         };
         let (rsp, _) = self
             .rpc
-            .call::<Heartbeat>(&self.config.mgmt_addr, &req, bytes::Bytes::new(), &self.call_options())
+            .call::<Heartbeat>(
+                &self.config.mgmt_addr,
+                &req,
+                bytes::Bytes::new(),
+                &self.call_options(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         let rsp = rsp.map_err(|e| e.to_string())?;
@@ -396,7 +401,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             let first = !*started;
             *started = true;
             let mut targets = self.targets.lock();
-            for info in routing.targets.iter().filter(|t| t.node == self.config.node) {
+            for info in routing
+                .targets
+                .iter()
+                .filter(|t| t.node == self.config.node)
+            {
                 let Some(chain) = info.chain else { continue };
                 targets.entry(chain).or_insert_with(|| {
                     let local = if first {

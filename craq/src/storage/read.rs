@@ -94,6 +94,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             };
             match engine.read(key, request).await {
                 Ok(out) => {
+                    tracing::debug!(target_id = ?place.target.id, chunk = ?item.chunk, ?version, got = ?out.version, tail = place.is_tail(), "read");
                     let result = ReadResult {
                         len: out.data.len() as u32,
                         version: out.version,
@@ -185,10 +186,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let limit = req.limit.clamp(1, 65536) as usize;
         let engine = self.engine(&place.target);
         let range = match req.after {
-            Some(after) => (
-                std::ops::Bound::Excluded(after),
-                std::ops::Bound::Unbounded,
-            ),
+            Some(after) => (std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded),
             None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
         };
         let mut chunks: Vec<ChunkMetaInfo> = engine

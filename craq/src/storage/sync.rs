@@ -106,9 +106,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let mut todo: Vec<ChunkId> = Vec::new();
         for (chunk, mine) in &local {
             report.compared += 1;
-            let same = remote
-                .get(chunk)
-                .is_some_and(|theirs| theirs.version == mine.version && theirs.crc == mine.crc && theirs.len == mine.len);
+            let same = remote.get(chunk).is_some_and(|theirs| {
+                theirs.version == mine.version && theirs.crc == mine.crc && theirs.len == mine.len
+            });
             if !same {
                 todo.push(*chunk);
             }
@@ -119,7 +119,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             // Routing may have moved on: stop if we are no longer the one to
             // sync this successor.
             let now = self.place(chain, self.routing_version_of(chain))?;
-            if now.successor().map(|s| (s.target, s.state)) != Some((successor, PublicState::Syncing)) {
+            if now.successor().map(|s| (s.target, s.state))
+                != Some((successor, PublicState::Syncing))
+            {
                 return Err(failed("the chain changed during the resync".into()));
             }
             if self.transfer(&now, &addr, chunk).await? {
@@ -136,6 +138,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 &SyncDoneReq {
                     chain,
                     chain_version: now.version(),
+                    channels: now.target.channels.finished(),
                 },
                 Bytes::new(),
                 &self.call_options(),
@@ -187,7 +190,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
 
     /// Sends one chunk's committed version whole (or its removal) under the
     /// chunk lock. Returns whether it sent data.
-    async fn transfer(&self, place: &Place, addr: &str, chunk: ChunkId) -> Result<bool, StorageError> {
+    async fn transfer(
+        &self,
+        place: &Place,
+        addr: &str,
+        chunk: ChunkId,
+    ) -> Result<bool, StorageError> {
         let _lock = place.target.locks.lock(chunk).await;
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(place.chain.id, chunk);
@@ -231,6 +239,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     pub(crate) async fn sync_done(&self, req: SyncDoneReq) -> Result<(), StorageError> {
         let place = self.place_fresh(req.chain, req.chain_version).await?;
         self.writable(&place)?;
+        for (channel, result) in &req.channels {
+            place.target.channels.finish(*channel, *result);
+        }
         let mut local = place.target.local.lock();
         if *local == Local::NeedsSync {
             tracing::info!(target = ?place.target.id, chain = ?req.chain, "resynced: up to date");

@@ -107,17 +107,35 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let target = place.target.clone();
         match channels::begin(&target.channels, req.channel).await {
             Begin::Run => {}
-            Begin::Done(rsp) => return Ok(rsp),
+            Begin::Done(rsp) => {
+                tracing::debug!(chunk = ?req.chunk, channel = %req.channel, ?rsp, "retry answered from memory");
+                return Ok(rsp);
+            }
             Begin::Refuse(e) => return Err(e),
             Begin::Wait(_) => unreachable!("channels::begin waits itself"),
         }
         let _lock = target.locks.lock(req.chunk).await;
         let engine = self.engine(&target);
         let key = ChunkKey::new(req.chain, req.chunk);
-        let committed = engine
-            .stat(key)
-            .and_then(|info| info.committed)
-            .map_or(ChunkVersion(0), |m| m.version);
+        let meta = engine.stat(key).and_then(|info| info.committed);
+        // The chunk's current version came from this very request: a retry
+        // whose reply was lost (the engine remembers it durably, so this
+        // holds even when the channel table was lost with a restart).
+        if let Some(m) = meta
+            && m.client == req.channel.client
+            && m.request == request_id(req.channel)
+            && req.op != WriteOp::Remove
+        {
+            let rsp = WriteRsp {
+                version: m.version,
+                chunk_len: m.len,
+                chunk_crc: m.crc,
+            };
+            target.channels.finish(req.channel, rsp);
+            return Ok(rsp);
+        }
+        let committed = meta.map_or(ChunkVersion(0), |m| m.version);
+        tracing::debug!(target_id = ?target.id, chunk = ?req.chunk, channel = %req.channel, ?committed, op = ?op, "head write");
         let update = Update {
             chunk: req.chunk,
             version: ChunkVersion(committed.0 + 1),
@@ -201,6 +219,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
             }
         }
+        tracing::debug!(target_id = ?target.id, chunk = ?req.chunk, channel = %req.channel, version = ?req.version, ?have, op = ?req.op, sync = req.sync, "forwarded write");
         let update = Update {
             chunk: req.chunk,
             version: req.version,
@@ -325,6 +344,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .await
             .map_err(engine_error)?;
         self.failpoints.check(FailPoint::AfterCommit).await;
+        tracing::debug!(target_id = ?place.target.id, chunk = ?update.chunk, version = ?outcome.version, crc = outcome.crc, "committed");
         Ok(WriteRsp {
             version: outcome.version,
             chunk_len: outcome.len,
@@ -463,7 +483,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
                 Ok((Err(e), _)) if !e.is_retryable() => return Err(e),
                 Ok((Err(e), _)) => {
-                    if let StorageError::StaleChainVersion { request, current, .. } = e
+                    if let StorageError::StaleChainVersion {
+                        request, current, ..
+                    } = e
                         && current > request
                     {
                         let _ = self.refresh_routing().await;

@@ -305,11 +305,16 @@ pub struct DumpMetaRsp {
 
 /// Sent by a predecessor when a resync has transferred everything: the
 /// receiver reports itself up to date from now on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SyncDoneReq {
     pub chain: ChainId,
     pub chain_version: ChainVersion,
+    /// The predecessor's exactly-once memory of this chain: the last
+    /// finished request of every client channel and its result. A target that
+    /// lost its memory (it restarted) must learn it before it may become a
+    /// head, or it would apply a client's retry a second time.
+    pub channels: Vec<(Channel, WriteRsp)>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
