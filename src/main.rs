@@ -1,10 +1,14 @@
-//! The `flyfs` binary: the composition root where devices, engines and (later)
-//! daemons are chosen and wired together. Today: `format` and `bench engine`;
-//! the storage, metadata and FUSE daemons, `up`/`down` and `admin` arrive with
-//! the later issues.
+//! The `flyfs` binary: the composition root where devices, engines and
+//! daemons are chosen and wired together. Today: `format`, `bench engine`,
+//! the cluster manager (`mgmtd`) and storage (`storage`) daemons, and
+//! `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
+//! later issues.
 #![deny(unsafe_code)]
 
+mod admin;
 mod bench;
+mod config;
+mod daemon;
 
 use std::path::PathBuf;
 
@@ -53,6 +57,20 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Run the cluster manager until SIGTERM or SIGINT.
+    Mgmtd {
+        /// TOML config (see deploy/mgmtd.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a storage node until SIGTERM or SIGINT.
+    Storage {
+        /// TOML config (see deploy/storage.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Inspect and change the cluster through its manager.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,14 +80,22 @@ enum BenchCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Daemons say where they listen and what they host; tools stay quiet
+    // unless something is wrong. FLYFS_LOG overrides both.
+    let default_filter = match cli.command {
+        Command::Mgmtd { .. } | Command::Storage { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLYFS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        // Daemons usually log to files: colour codes only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Format {
             device,
@@ -90,7 +116,30 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Engine(args),
         } => bench::engine(&args),
+        Command::Mgmtd { config } => {
+            let config = config::MgmtdConfig::load(&config)?;
+            daemon_runtime()?.block_on(daemon::run_mgmtd(&config))
+        }
+        Command::Storage { config } => {
+            let config = config::StorageDaemonConfig::load(&config)?;
+            daemon_runtime()?.block_on(daemon::run_storage(&config))
+        }
+        Command::Admin(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(admin::run(&args)),
     }
+}
+
+/// The daemons' runtime: RPC connections and handlers spread over the cores
+/// (device I/O runs on each device's reactor thread, journal commits on the
+/// engine's journal thread).
+fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("flyfs-worker")
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn format(device: PathBuf, size: Option<u64>, options: &FormatOptions) -> anyhow::Result<()> {

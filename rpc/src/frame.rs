@@ -488,6 +488,7 @@ pub fn fuzz_decode(data: &[u8]) {
     // The whole input as a message, too: bodies are where hostile peers have
     // the most room.
     let _ = crate::codec::decode::<Sample>(data);
+    crate::wire::fuzz_decode_messages(0, data);
     let Some((header_bytes, rest)) = data.split_first_chunk::<HEADER_LEN>() else {
         return;
     };
@@ -511,6 +512,7 @@ pub fn fuzz_decode(data: &[u8]) {
     let payload = &rest[..payload_len];
     if header.check_body(body, payload).is_ok() && header.status == Status::Ok {
         let _ = crate::codec::decode::<Sample>(body);
+        crate::wire::fuzz_decode_messages(header.method, body);
     }
 }
 

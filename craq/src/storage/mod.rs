@@ -167,6 +167,11 @@ pub(crate) struct Target {
     pub local: Mutex<Local>,
     pub locks: ChunkLocks,
     pub channels: Channels,
+    /// Held shared by every write while it applies and forwards; a resync
+    /// takes it exclusively once before it lists chunks, so every write that
+    /// chose its successor before the resync began has finished (later ones
+    /// see the syncing successor and forward to it).
+    pub inflight: tokio::sync::RwLock<()>,
 }
 
 /// A storage node: engines, hosted targets, routing, and the RPC client it
@@ -421,6 +426,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         local: Mutex::new(local),
                         locks: ChunkLocks::default(),
                         channels: Channels::default(),
+                        inflight: tokio::sync::RwLock::new(()),
                     })
                 });
             }

@@ -31,6 +31,13 @@ use super::read::meta_info;
 use super::write::engine_error;
 use super::{Local, Place, StorageNode};
 
+/// What one chunk's comparison did.
+enum Transfer {
+    Same,
+    Sent,
+    Removed,
+}
+
 /// What a resync did, for logs and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -94,27 +101,25 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let addr = place
             .addr_of(successor)
             .ok_or_else(|| failed(format!("no address for {successor:?}")))?;
+        // Wait out every write that chose its successor before the chain
+        // said "syncing": such a write may have skipped the successor, and
+        // may commit after the listing below.
+        drop(place.target.inflight.write().await);
         let remote = self.dump_remote(place, &addr).await?;
         let engine = self.engine(&place.target);
-        let local: BTreeMap<ChunkId, ChunkMetaInfo> = engine
+        let mut todo: Vec<ChunkId> = engine
             .chunks(chain, .., usize::MAX)
             .iter()
             .filter_map(meta_info)
-            .map(|m| (m.chunk, m))
+            .map(|m| m.chunk)
             .collect();
-        let mut report = SyncReport::default();
-        let mut todo: Vec<ChunkId> = Vec::new();
-        for (chunk, mine) in &local {
-            report.compared += 1;
-            let same = remote.get(chunk).is_some_and(|theirs| {
-                theirs.version == mine.version && theirs.crc == mine.crc && theirs.len == mine.len
-            });
-            if !same {
-                todo.push(*chunk);
-            }
-        }
-        todo.extend(remote.keys().filter(|c| !local.contains_key(c)));
+        let mut report = SyncReport {
+            compared: todo.len() as u64,
+            ..SyncReport::default()
+        };
+        todo.extend(remote.keys());
         todo.sort();
+        todo.dedup();
         for chunk in todo {
             // Routing may have moved on: stop if we are no longer the one to
             // sync this successor.
@@ -124,10 +129,13 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             {
                 return Err(failed("the chain changed during the resync".into()));
             }
-            if self.transfer(&now, &addr, chunk).await? {
-                report.transferred += 1;
-            } else {
-                report.removed += 1;
+            match self
+                .transfer(&now, &addr, chunk, remote.get(&chunk))
+                .await?
+            {
+                Transfer::Same => {}
+                Transfer::Sent => report.transferred += 1,
+                Transfer::Removed => report.removed += 1,
             }
         }
         let now = self.place(chain, self.routing_version_of(chain))?;
@@ -188,19 +196,29 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         }
     }
 
-    /// Sends one chunk's committed version whole (or its removal) under the
-    /// chunk lock. Returns whether it sent data.
+    /// Brings one chunk of the successor in line with ours, under the chunk
+    /// lock, comparing with what the successor reported: sends our committed
+    /// version whole, removes theirs, or does nothing when they match.
     async fn transfer(
         &self,
         place: &Place,
         addr: &str,
         chunk: ChunkId,
-    ) -> Result<bool, StorageError> {
+        theirs: Option<&ChunkMetaInfo>,
+    ) -> Result<Transfer, StorageError> {
         let _lock = place.target.locks.lock(chunk).await;
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(place.chain.id, chunk);
-        let committed = engine.stat(key).and_then(|i| i.committed);
-        let (version, op, payload) = match committed {
+        let mine = engine.stat(key).as_ref().and_then(meta_info);
+        let same = match (mine, theirs) {
+            (Some(m), Some(t)) => m.version == t.version && m.crc == t.crc && m.len == t.len,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return Ok(Transfer::Same);
+        }
+        let (version, op, payload) = match mine {
             Some(_) => {
                 let out = engine
                     .read(key, ReadRequest::whole_verified())
@@ -211,7 +229,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             }
             None => (Default::default(), ForwardOp::Remove, Bytes::new()),
         };
-        let sends_data = op != ForwardOp::Remove;
+        let sent = if op == ForwardOp::Remove {
+            Transfer::Removed
+        } else {
+            Transfer::Sent
+        };
         let req = ForwardReq {
             chain: place.chain.id,
             chain_version: place.version(),
@@ -232,7 +254,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 reason: e.to_string(),
             })?;
         rsp?;
-        Ok(sends_data)
+        Ok(sent)
     }
 
     /// At the successor: the predecessor has sent everything.

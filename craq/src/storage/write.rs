@@ -285,6 +285,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         place: &Place,
         mut update: Update,
     ) -> Result<WriteRsp, StorageError> {
+        let _inflight = place.target.inflight.read().await;
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(place.chain.id, update.chunk);
         if update.op == ForwardOp::Remove {

@@ -114,6 +114,9 @@ pub struct World {
 
 pub type Shared = Rc<RefCell<World>>;
 
+/// One replica's committed chunks: version and bytes.
+type ReplicaChunks = BTreeMap<ChunkId, (u32, Vec<u8>)>;
+
 fn timing() -> (MgmtConfig, Duration) {
     let mgmt = MgmtConfig {
         heartbeat_interval: Duration::from_millis(100),
@@ -529,7 +532,13 @@ impl<'a> Sim<'a> {
         // was visible but never acknowledged: pending versions live in memory
         // and the manager revives the last serving replica, not the one that
         // committed last (3FS behaves the same); see ARCHITECTURE.md.
-        let healthy = self.crashed.iter().all(|c| !c) && self.all_serving();
+        let healthy = self.crashed.iter().all(|c| !c)
+            && self.all_serving()
+            && self.world.borrow().nodes.values().all(|n| {
+                n.targets()
+                    .iter()
+                    .all(|(_, _, local)| *local == flyfs_rpc::wire::mgmt::LocalState::UpToDate)
+            });
         match self.rng.random_range(0..10) {
             0..=2 if healthy => {
                 let i = self.rng.random_range(0..self.config.nodes);
@@ -699,7 +708,7 @@ impl<'a> Sim<'a> {
         let routing = self.routing().ok_or("no routing")?;
         let world = self.world.borrow();
         for chain in &routing.chains {
-            let mut reference: Option<(TargetId, BTreeMap<ChunkId, (u32, Vec<u8>)>)> = None;
+            let mut reference: Option<(TargetId, ReplicaChunks)> = None;
             for t in &chain.targets {
                 let node = routing
                     .target(t.target)

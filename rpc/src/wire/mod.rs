@@ -2,3 +2,39 @@
 
 pub mod mgmt;
 pub mod storage;
+
+use crate::Method;
+use crate::codec::decode;
+
+/// Decodes `body` as the request and the response of every method (the one
+/// whose id is `method` first): the fuzzers' view of every message type a
+/// peer can send. Never panics; the results are thrown away.
+pub fn fuzz_decode_messages(method: u16, body: &[u8]) {
+    fn both<M: Method>(body: &[u8]) {
+        let _ = decode::<M::Req>(body);
+        let _ = decode::<M::Rsp>(body);
+    }
+    macro_rules! all {
+        ($($m:ty),* $(,)?) => {
+            $(if method == <$m>::ID { both::<$m>(body); })*
+            $(both::<$m>(body);)*
+        };
+    }
+    all!(
+        storage::Write,
+        storage::Forward,
+        storage::BatchRead,
+        storage::QueryVersion,
+        storage::LastChunk,
+        storage::DumpMeta,
+        storage::SyncDone,
+        storage::Space,
+        mgmt::RegisterNode,
+        mgmt::Heartbeat,
+        mgmt::GetRouting,
+        mgmt::CreateTarget,
+        mgmt::CreateChain,
+        mgmt::CreateChainTable,
+        mgmt::SetTargetOffline,
+    );
+}

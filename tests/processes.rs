@@ -1,0 +1,793 @@
+//! A real cluster of processes on loopback: `flyfs mgmtd` and three
+//! `flyfs storage` daemons on io_uring device files, set up with
+//! `flyfs admin`, then a storage client writes and verifies chunks on two
+//! chains while one storage daemon is SIGKILLed and later restarted.
+//!
+//! What must hold: the client sees no error through the failure (it fails
+//! over within its deadline); the killed node's targets come back through a
+//! resync; afterwards every acknowledged chunk reads back with its bytes
+//! from the client and from every replica of its chain, including the
+//! chunks written while the restarted node was down (which only a resync
+//! can have given it); and the daemons exit 0 on SIGTERM.
+//!
+//! Skips (with a message) on a machine without io_uring.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, RoutingVersion, TargetId};
+use flyfs_rpc::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_rpc::wire::storage::{BatchRead, BatchReadReq, ReadItem};
+use flyfs_rpc::{CallOptions, Client, Tcp};
+
+const NODES: u32 = 3;
+/// The node killed and restarted: head of chain 1, tail of chain 2.
+const VICTIM: u32 = 1;
+const CHAINS: [u32; 2] = [1, 2];
+const CHUNK_BYTES: usize = 64 << 10;
+/// Every chunk of both chains has a replica on every device: keep below
+/// the ~2000 chunks of 64 KiB that a 128 MiB device holds.
+const CHUNKS_MAX: u32 = 1500;
+const WRITERS: u32 = 4;
+/// Each writer waits this long after each write, so the writers together
+/// write at most 4 / 15 ms = 267 chunks/s: at most 1200 before the restart
+/// (4.5 s in), which leaves chunks to write while the victim resyncs.
+const WRITE_PAUSE: Duration = Duration::from_millis(15);
+const INODE: u64 = 0x7e57;
+
+fn flyfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flyfs"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The bytes of chunk `index` of `chain`: distinct for every chunk.
+fn content(chain: u32, index: u32) -> Bytes {
+    let mut state = (u64::from(chain) << 32 | u64::from(index)) ^ 0x9e37_79b9_7f4a_7c15;
+    let mut data = Vec::with_capacity(CHUNK_BYTES);
+    while data.len() < CHUNK_BYTES {
+        // xorshift64: cheap, and no two chunks start the same.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    Bytes::from(data)
+}
+
+/// Distinct loopback ports, found by binding port 0 and letting go. All are
+/// held until every one is chosen, so they differ from each other.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// The daemons of one test cluster; every one still running is killed when
+/// this is dropped (also on panic), and on panic their logs are printed.
+struct Cluster {
+    dir: PathBuf,
+    mgmt_addr: String,
+    node_addrs: BTreeMap<u32, String>,
+    mgmtd: Option<Child>,
+    storage: BTreeMap<u32, Child>,
+}
+
+impl Cluster {
+    fn log(&self, name: &str) -> Stdio {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("open a daemon log");
+        Stdio::from(file)
+    }
+
+    fn spawn(&self, name: &str, args: &[&str]) -> Child {
+        let config = self.dir.join(format!("{name}.toml"));
+        flyfs()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("FLYFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(self.log(name))
+            .stderr(self.log(name))
+            .spawn()
+            .expect("spawn a daemon")
+    }
+
+    fn start_mgmtd(&mut self) {
+        self.mgmtd = Some(self.spawn("mgmtd", &["mgmtd"]));
+    }
+
+    fn start_storage(&mut self, node: u32) {
+        let child = self.spawn(&format!("storage{node}"), &["storage"]);
+        self.storage.insert(node, child);
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    fn kill_storage(&mut self, node: u32) {
+        let mut child = self.storage.remove(&node).expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Runs `flyfs admin --mgmt ADDR ARGS`.
+    fn admin(&self, args: &[&str]) -> Output {
+        flyfs()
+            .args(["admin", "--mgmt", &self.mgmt_addr])
+            .args(args)
+            .output()
+            .expect("run flyfs admin")
+    }
+
+    fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(out.status.success(), "admin {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = self.admin(&["--json", "status"]);
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("status is JSON"))
+    }
+
+    /// SIGTERMs every daemon and asserts each exits 0 within `within`.
+    fn terminate_all(&mut self, within: Duration) {
+        let mut children: Vec<(String, Child)> = std::mem::take(&mut self.storage)
+            .into_iter()
+            .map(|(n, c)| (format!("storage{n}"), c))
+            .collect();
+        // The manager last, so that no storage node loses it first.
+        children.extend(self.mgmtd.take().map(|c| ("mgmtd".to_string(), c)));
+        for (name, child) in &mut children {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -TERM {name}");
+            let deadline = Instant::now() + within;
+            let exit = loop {
+                if let Some(exit) = child.try_wait().expect("wait") {
+                    break exit;
+                }
+                if Instant::now() > deadline {
+                    // Drop kills it; the assertion explains.
+                    panic!("{name} did not exit within {within:?} of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(exit.success(), "{name} exited with {exit} after SIGTERM");
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.storage.values_mut().chain(self.mgmtd.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let mut names = vec!["mgmtd".to_string()];
+            names.extend((1..=NODES).map(|n| format!("storage{n}")));
+            for name in names {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {name}.log ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Whether this machine can run the io_uring backend; `Err` says why not.
+fn probe_io_uring(dir: &Path) -> Result<(), String> {
+    use flyfs_bypass::uring::{UringConfig, UringDevice};
+    let path = dir.join("probe.img");
+    let result = UringDevice::create_file(&path, 1 << 20, &UringConfig::default(), None)
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
+    let mgmt = format!(
+        "listen = \"127.0.0.1:{mgmt_port}\"\n\
+         data_dir = \"mgmtd-data\"\n\
+         heartbeat_interval_ms = 100\n\
+         failure_timeout_ms = 1000\n\
+         tick_interval_ms = 100\n"
+    );
+    std::fs::write(dir.join("mgmtd.toml"), mgmt).expect("write mgmtd.toml");
+    for (i, port) in node_ports.iter().enumerate() {
+        let node = i + 1;
+        let storage = format!(
+            "node_id = {node}\n\
+             listen = \"127.0.0.1:{port}\"\n\
+             mgmt = \"127.0.0.1:{mgmt_port}\"\n\
+             devices = [\"disk{node}.img\"]\n\
+             heartbeat_interval_ms = 100\n\
+             lease_timeout_ms = 500\n\
+             rpc_timeout_ms = 500\n\
+             forward_deadline_ms = 10000\n"
+        );
+        std::fs::write(dir.join(format!("storage{node}.toml")), storage)
+            .expect("write storage.toml");
+    }
+}
+
+/// Polls `done` every 50 ms until it holds or `limit` passes.
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Whether every node is alive and every member of every chain serves.
+fn all_serving(routing: &RoutingInfo) -> bool {
+    !routing.chains.is_empty()
+        && routing.nodes.iter().all(|n| n.alive)
+        && routing
+            .chains
+            .iter()
+            .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+}
+
+fn target_id(chain: u32, node: u32) -> u64 {
+    u64::from(chain) * 100 + u64::from(node)
+}
+
+/// A chunk the client got an acknowledgement for.
+#[derive(Clone, Copy, Debug)]
+struct Acked {
+    chain: u32,
+    index: u32,
+    /// Acknowledged while the victim was down (killed and not yet restarted).
+    while_down: bool,
+    /// Sent after the victim was restarted.
+    after_restart: bool,
+}
+
+/// What the workload shares between its tasks.
+#[derive(Default)]
+struct Shared {
+    acked: Mutex<Vec<Acked>>,
+    errors: Mutex<Vec<String>>,
+    reads: std::sync::atomic::AtomicU64,
+    stop: AtomicBool,
+    victim_down: AtomicBool,
+    victim_restarted: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, error: String) {
+        eprintln!("workload error: {error}");
+        self.errors.lock().expect("errors lock").push(error);
+    }
+
+    fn acked(&self) -> Vec<Acked> {
+        self.acked.lock().expect("acked lock").clone()
+    }
+}
+
+/// Writes chunks `first, first + WRITERS, ...` of `chain` until told to stop.
+async fn writer(client: Arc<StorageClient<Tcp>>, shared: Arc<Shared>, chain: u32, first: u32) {
+    let mut index = first;
+    while !shared.stop.load(Ordering::SeqCst) && index < CHUNKS_MAX / 2 {
+        let down = shared.victim_down.load(Ordering::SeqCst);
+        let after_restart = shared.victim_restarted.load(Ordering::SeqCst);
+        let chunk = ChunkId::new(INODE, index);
+        match client
+            .write(
+                ChainId(chain),
+                chunk,
+                0,
+                content(chain, index),
+                CHUNK_BYTES as u32,
+            )
+            .await
+        {
+            Ok(_) => shared.acked.lock().expect("acked lock").push(Acked {
+                chain,
+                index,
+                // Down both when sent and when acknowledged: the victim
+                // cannot have seen it.
+                while_down: down && shared.victim_down.load(Ordering::SeqCst),
+                after_restart,
+            }),
+            Err(e) => shared.fail(format!("write of chain {chain} {chunk}: {e}")),
+        }
+        index += WRITERS / 2;
+        // Pace the writers so the devices do not fill before the end.
+        tokio::time::sleep(WRITE_PAUSE).await;
+    }
+}
+
+/// Reads back acknowledged chunks, one after another, until told to stop.
+async fn verifier(client: Arc<StorageClient<Tcp>>, shared: Arc<Shared>) {
+    let mut pick: u64 = 0x2545_f491_4f6c_dd1d;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let acked = shared.acked();
+        if acked.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        pick ^= pick << 13;
+        pick ^= pick >> 7;
+        pick ^= pick << 17;
+        let chunk = acked[(pick % acked.len() as u64) as usize];
+        if let Err(e) = check_via_client(&client, chunk).await {
+            shared.fail(e);
+        }
+        shared.reads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn check_via_client(client: &StorageClient<Tcp>, chunk: Acked) -> Result<(), String> {
+    let id = ChunkId::new(INODE, chunk.index);
+    let read = client
+        .read(ChainId(chunk.chain), id, 0, CHUNK_BYTES as u32)
+        .await
+        .map_err(|e| format!("read of chain {} {id}: {e}", chunk.chain))?;
+    if read.data != content(chunk.chain, chunk.index) {
+        return Err(format!(
+            "chain {} {id}: read {} bytes that are not what was written",
+            chunk.chain,
+            read.data.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> Result<RoutingInfo, String> {
+    let req = GetRoutingReq {
+        known_version: RoutingVersion(0),
+    };
+    let (rsp, _) = rpc
+        .call::<GetRouting>(mgmt, &req, Bytes::new(), &CallOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    rsp.routing.ok_or_else(|| "no routing".to_string())
+}
+
+/// Every state change of every target the manager publishes, with when.
+type Transitions = Arc<Mutex<Vec<(Duration, TargetId, PublicState)>>>;
+
+/// Polls the manager's routing every 10 ms and records state changes.
+async fn observer(
+    rpc: Client<Tcp>,
+    mgmt: String,
+    start: Instant,
+    log: Transitions,
+    stop: Arc<AtomicBool>,
+) {
+    let mut last: BTreeMap<TargetId, PublicState> = BTreeMap::new();
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(routing) = routing(&rpc, &mgmt).await {
+            for target in &routing.targets {
+                if last.insert(target.id, target.state) != Some(target.state) {
+                    log.lock().expect("transitions lock").push((
+                        start.elapsed(),
+                        target.id,
+                        target.state,
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads `chunks` of `chain` from the replica at `addr` directly (no
+/// failover), checking every byte. Retries a few times while the replica's
+/// routing catches up with the manager's.
+async fn check_replica(
+    rpc: &Client<Tcp>,
+    mgmt: &str,
+    chain: u32,
+    target: TargetId,
+    chunks: &[u32],
+) -> Result<(), String> {
+    for batch in chunks.chunks(16) {
+        let mut last = String::new();
+        let mut ok = false;
+        for _ in 0..50 {
+            let routing = routing(rpc, mgmt).await?;
+            let info = routing.chain(ChainId(chain)).ok_or("chain gone")?;
+            let addr = routing
+                .target(target)
+                .and_then(|t| routing.node(t.node))
+                .map(|n| n.addr.clone())
+                .ok_or("no address")?;
+            let req = BatchReadReq {
+                items: batch
+                    .iter()
+                    .map(|&index| ReadItem {
+                        chain: ChainId(chain),
+                        chain_version: info.version,
+                        chunk: ChunkId::new(INODE, index),
+                        offset: 0,
+                        len: CHUNK_BYTES as u32,
+                        verify: true,
+                    })
+                    .collect(),
+            };
+            match rpc
+                .call::<BatchRead>(&addr, &req, Bytes::new(), &CallOptions::default())
+                .await
+            {
+                Err(e) => last = e.to_string(),
+                Ok((rsp, payload)) => {
+                    if let Some(Err(e)) = rsp.results.iter().find(|r| r.is_err()) {
+                        last = e.to_string();
+                    } else {
+                        let data = payload.into_bytes().unwrap_or_default();
+                        let mut at = 0usize;
+                        for (result, &index) in rsp.results.iter().zip(batch) {
+                            let len = result.as_ref().map_or(0, |r| r.len as usize);
+                            let got = data.get(at..at + len).unwrap_or_default();
+                            if got != content(chain, index).as_ref() {
+                                return Err(format!(
+                                    "{target} (chain {chain}) at {addr}: chunk #{index} has {len} \
+                                     bytes that are not what was written"
+                                ));
+                            }
+                            at += len;
+                        }
+                        ok = true;
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !ok {
+            return Err(format!("{target} (chain {chain}): {last}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cluster_survives_a_storage_daemon_killed_mid_workload() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(why) = probe_io_uring(dir.path()) {
+        eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
+        return;
+    }
+
+    for node in 1..=NODES {
+        let out = flyfs()
+            .args(["format", "--device"])
+            .arg(dir.path().join(format!("disk{node}.img")))
+            .args(["--size", "128MiB", "--chunk-size-max", "1MiB"])
+            .output()
+            .expect("run flyfs format");
+        assert!(out.status.success(), "format: {}", text(&out));
+    }
+    let ports = free_ports(1 + NODES as usize);
+    write_configs(dir.path(), ports[0], &ports[1..]);
+    let mut cluster = Cluster {
+        dir: dir.path().to_path_buf(),
+        mgmt_addr: format!("127.0.0.1:{}", ports[0]),
+        node_addrs: (1..=NODES)
+            .map(|n| (n, format!("127.0.0.1:{}", ports[n as usize])))
+            .collect(),
+        mgmtd: None,
+        storage: BTreeMap::new(),
+    };
+    cluster.start_mgmtd();
+    for node in 1..=NODES {
+        cluster.start_storage(node);
+    }
+    let took = wait_for("3 live storage nodes", Duration::from_secs(20), || {
+        cluster.status().is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == NODES as usize && n.iter().all(|n| n["alive"] == true))
+        })
+    });
+    eprintln!(
+        "[{:>6.2?}] cluster up ({took:.2?} after start)",
+        started.elapsed()
+    );
+
+    // Targets: one per chain per node. Chain 1 is headed by node 1, chain 2
+    // by node 2 (its order is 2, 3, 1), so the victim heads one and tails the
+    // other.
+    for chain in CHAINS {
+        let order: Vec<u32> = (0..NODES).map(|r| (chain - 1 + r) % NODES + 1).collect();
+        for &node in &order {
+            cluster.admin_ok(&[
+                "create-target",
+                "--target",
+                &target_id(chain, node).to_string(),
+                "--node",
+                &node.to_string(),
+                "--disk",
+                "0",
+            ]);
+        }
+        let targets: Vec<String> = order
+            .iter()
+            .map(|&n| target_id(chain, n).to_string())
+            .collect();
+        cluster.admin_ok(&[
+            "create-chain",
+            "--chain",
+            &chain.to_string(),
+            "--targets",
+            &targets.join(","),
+        ]);
+    }
+    cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
+    // A refusal is reported, with exit status 1: target 101 is in chain 1.
+    let refused = cluster.admin(&["create-chain", "--chain", "9", "--targets", "101,202"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{}",
+        text(&refused)
+    );
+    // Targets the nodes have not reported yet count as offline, so a new
+    // chain degrades at once and recovers through resyncs of empty targets
+    // once the nodes learn about them.
+    let took = wait_for("the new chains to serve", Duration::from_secs(20), || {
+        cluster
+            .status()
+            .and_then(|s| serde_json::from_value::<RoutingInfo>(s).ok())
+            .is_some_and(|r| all_serving(&r))
+    });
+    eprintln!("[{:>6.2?}] chains serving ({took:.2?})", started.elapsed());
+    let status = cluster.admin_ok(&["status"]);
+    assert!(
+        status.contains("101@1 serving, 102@2 serving, 103@3 serving"),
+        "{status}"
+    );
+    assert!(
+        status.contains("202@2 serving, 203@3 serving, 201@1 serving"),
+        "{status}"
+    );
+    let space = cluster.admin_ok(&["space", "--node-addr", &cluster.node_addrs[&VICTIM]]);
+    assert!(
+        space.lines().count() == 2 && space.contains(" ok"),
+        "{space}"
+    );
+    eprintln!(
+        "[{:>6.2?}] targets, chains and table created",
+        started.elapsed()
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shared = Arc::new(Shared::default());
+    let transitions: Transitions = Arc::default();
+    let observing = Arc::new(AtomicBool::new(false));
+    let mut client_config = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(0x7e57));
+    client_config.rpc_timeout = Duration::from_millis(500);
+    client_config.op_deadline = Duration::from_secs(30);
+    client_config.backoff_initial = Duration::from_millis(20);
+    client_config.backoff_max = Duration::from_millis(200);
+    let client = StorageClient::new(client_config, Tcp);
+    let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
+
+    let mut tasks = Vec::new();
+    let observed_from = Instant::now();
+    tasks.push(runtime.spawn(observer(
+        rpc.clone(),
+        cluster.mgmt_addr.clone(),
+        observed_from,
+        transitions.clone(),
+        observing.clone(),
+    )));
+    let mut workload = Vec::new();
+    for w in 0..WRITERS {
+        let chain = CHAINS[(w % 2) as usize];
+        workload.push(runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2)));
+    }
+    workload.push(runtime.spawn(verifier(client.clone(), shared.clone())));
+
+    std::thread::sleep(Duration::from_secs(2));
+    let before_kill = shared.acked().len();
+    assert!(before_kill > 0, "no write was acknowledged in 2 s");
+    shared.victim_down.store(true, Ordering::SeqCst);
+    cluster.kill_storage(VICTIM);
+    eprintln!(
+        "[{:>6.2?}] SIGKILLed storage{VICTIM} after {before_kill} acknowledged writes",
+        started.elapsed()
+    );
+
+    // Long enough for the manager to declare it dead (1 s) and for the
+    // client to fail over and write on without it.
+    std::thread::sleep(Duration::from_millis(2500));
+    cluster.start_storage(VICTIM);
+    shared.victim_down.store(false, Ordering::SeqCst);
+    shared.victim_restarted.store(true, Ordering::SeqCst);
+    let restarted_at = observed_from.elapsed();
+    let while_down = shared.acked().iter().filter(|a| a.while_down).count();
+    eprintln!(
+        "[{:>6.2?}] restarted storage{VICTIM}; {while_down} writes acknowledged while it was down",
+        started.elapsed()
+    );
+
+    let took = wait_for(
+        "every target serving again",
+        Duration::from_secs(60),
+        || {
+            runtime
+                .block_on(routing(&rpc, &cluster.mgmt_addr))
+                .is_ok_and(|r| all_serving(&r))
+        },
+    );
+    eprintln!(
+        "[{:>6.2?}] every target serving {took:.2?} after the restart",
+        started.elapsed()
+    );
+    // Some more of the workload on the healed cluster.
+    std::thread::sleep(Duration::from_millis(500));
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in workload {
+        runtime.block_on(task).expect("workload task");
+    }
+    // An admin takes a healthy target offline: it comes back through a
+    // resync too (checked below with the victim's).
+    let fenced = TargetId(target_id(2, 3));
+    let fenced_at = observed_from.elapsed();
+    cluster.admin_ok(&["offline", "--target", &fenced.0.to_string()]);
+    let took = wait_for(
+        "the fenced target to serve again",
+        Duration::from_secs(30),
+        || {
+            runtime
+                .block_on(routing(&rpc, &cluster.mgmt_addr))
+                .is_ok_and(|r| all_serving(&r))
+                && transitions
+                    .lock()
+                    .expect("transitions lock")
+                    .iter()
+                    .any(|(at, t, s)| {
+                        *at >= fenced_at && *t == fenced && *s != PublicState::Serving
+                    })
+        },
+    );
+    eprintln!(
+        "[{:>6.2?}] {fenced} taken offline by admin, serving again after {took:.2?}",
+        started.elapsed()
+    );
+    observing.store(true, Ordering::SeqCst);
+    for task in tasks {
+        runtime.block_on(task).expect("observer task");
+    }
+
+    let errors = shared.errors.lock().expect("errors lock").clone();
+    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
+    let acked = shared.acked();
+    let reads = shared.reads.load(Ordering::Relaxed);
+    eprintln!(
+        "[{:>6.2?}] workload done: {} writes acknowledged, {reads} verified reads",
+        started.elapsed(),
+        acked.len()
+    );
+    for chain in CHAINS {
+        let down = acked
+            .iter()
+            .filter(|a| a.chain == chain && a.while_down)
+            .count();
+        assert!(
+            down > 0,
+            "chain {chain}: no write acknowledged while storage{VICTIM} was down"
+        );
+        let after = acked
+            .iter()
+            .filter(|a| a.chain == chain && a.after_restart)
+            .count();
+        assert!(
+            after > 0,
+            "chain {chain}: no write after storage{VICTIM} restarted"
+        );
+    }
+
+    // The victim's targets went through a resync: after the restart the
+    // manager published them as waiting or syncing (states only a live,
+    // returning target reaches), then serving.
+    let transitions = transitions.lock().expect("transitions lock").clone();
+    for chain in CHAINS {
+        let target = TargetId(target_id(chain, VICTIM));
+        let states: Vec<(Duration, PublicState)> = transitions
+            .iter()
+            .filter(|(at, t, _)| *t == target && *at >= restarted_at)
+            .map(|&(at, _, state)| (at, state))
+            .collect();
+        eprintln!("{target} after the restart: {states:?}");
+        let not_serving = states
+            .iter()
+            .position(|(_, s)| matches!(s, PublicState::Waiting | PublicState::Syncing));
+        let serving_after = not_serving
+            .is_some_and(|i| states[i..].iter().any(|(_, s)| *s == PublicState::Serving));
+        assert!(
+            serving_after,
+            "{target} did not go from waiting or syncing to serving after the restart: {states:?}"
+        );
+        let before: Vec<_> = transitions
+            .iter()
+            .filter(|(at, t, _)| *t == target && *at < restarted_at)
+            .collect();
+        assert!(
+            before.iter().any(|(_, _, s)| *s != PublicState::Serving),
+            "{target} was never published as down while storage{VICTIM} was dead: {before:?}"
+        );
+    }
+
+    // Every acknowledged chunk, through the client and from every replica.
+    runtime.block_on(async {
+        for &chunk in &acked {
+            if let Err(e) = check_via_client(&client, chunk).await {
+                panic!("final read: {e}");
+            }
+        }
+        let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
+        assert!(all_serving(&routing), "{routing:?}");
+        for chain in CHAINS {
+            let chunks: Vec<u32> = acked
+                .iter()
+                .filter(|a| a.chain == chain)
+                .map(|a| a.index)
+                .collect();
+            let info = routing.chain(ChainId(chain)).expect("chain");
+            for member in &info.targets {
+                if let Err(e) =
+                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
+                {
+                    panic!("replica check: {e}");
+                }
+            }
+        }
+    });
+    eprintln!(
+        "[{:>6.2?}] every acknowledged chunk verified on all 3 replicas of its chain",
+        started.elapsed()
+    );
+
+    cluster.terminate_all(Duration::from_secs(10));
+    eprintln!(
+        "[{:>6.2?}] all daemons exited 0 on SIGTERM",
+        started.elapsed()
+    );
+}
