@@ -1,0 +1,463 @@
+//! The storage service over real TCP in one process: a manager and three
+//! storage nodes on memory devices, a storage client, and raw RPCs for what a
+//! well-behaved client never sends. Covers every storage operation, the
+//! apportioned read (a replica holding a pending version serves the version
+//! the tail committed) and the errors bad requests get.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
+use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
+use flyfs_craq::storage::FailPoint;
+use flyfs_craq::{StorageConfig, StorageNode, StorageService};
+use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ClientId, InodeId, NodeId, TargetId};
+use flyfs_rpc::wire::mgmt::{
+    CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, PublicState,
+};
+use flyfs_rpc::wire::storage::{
+    BatchRead, BatchReadReq, Channel, ReadItem, StorageError, Write, WriteOp, WriteReq,
+};
+use flyfs_rpc::{
+    CallOptions, Client, Method, RpcError, Server, ServerConfig, ServerHandle, Status, Tcp,
+};
+
+const CHUNK: u32 = 64 << 10;
+
+struct Cluster {
+    nodes: Vec<Arc<StorageNode<MemDevice, Tcp>>>,
+    servers: Vec<ServerHandle>,
+    client: Arc<StorageClient<Tcp>>,
+    rpc: Client<Tcp>,
+}
+
+async fn bind() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    (listener, addr)
+}
+
+async fn call<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req, payload: Bytes) -> M::Rsp {
+    match rpc
+        .call::<M>(addr, req, payload, &CallOptions::default())
+        .await
+    {
+        Ok((rsp, _)) => rsp,
+        Err(e) => panic!("{}: {e}", M::NAME),
+    }
+}
+
+impl Cluster {
+    /// One chain (1) of three replicas, head on node 0.
+    async fn start() -> Cluster {
+        let service = MgmtService::open(
+            Box::new(MemStore::new()),
+            MgmtConfig {
+                heartbeat_interval: Duration::from_millis(50),
+                failure_timeout: Duration::from_secs(2),
+                tick_interval: Duration::from_millis(50),
+            },
+        )
+        .expect("manager");
+        let (listener, mgmt) = bind().await;
+        let mut servers = vec![
+            Server::new(service.clone(), ServerConfig::default())
+                .spawn(listener)
+                .expect("serve manager"),
+        ];
+        tokio::spawn(service.clone().run_ticker());
+
+        let mut nodes = Vec::new();
+        for i in 0..3u32 {
+            let dev = MemDevice::new(32 << 20, 4096);
+            let format = FormatOptions {
+                chunk_size_min: 4 << 10,
+                chunk_size_max: u64::from(CHUNK),
+                journal_bytes: Some(1 << 20),
+                force: false,
+            };
+            Engine::format(&dev, &format).await.expect("format");
+            let pool = BufferPool::new(&PoolConfig {
+                classes: vec![(4 << 10, 64), (64 << 10, 64)],
+                hugepages: HugePages::Never,
+            })
+            .expect("pool");
+            let engine = Engine::open(dev, pool, EngineConfig::default())
+                .await
+                .expect("open");
+            let (listener, addr) = bind().await;
+            let mut config = StorageConfig::new(NodeId(i), addr, mgmt.clone());
+            config.heartbeat_interval = Duration::from_millis(50);
+            config.lease_timeout = Duration::from_secs(1);
+            config.rpc_timeout = Duration::from_secs(2);
+            let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
+            tokio::spawn(node.clone().run());
+            servers.push(
+                Server::new(StorageService::new(node.clone()), ServerConfig::default())
+                    .spawn(listener)
+                    .expect("serve storage"),
+            );
+            nodes.push(node);
+        }
+        let rpc = Client::new(Tcp, Default::default());
+        while service.routing().nodes.len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..3u32 {
+            let req = CreateTargetReq {
+                target: TargetId(u64::from(i)),
+                node: NodeId(i),
+                disk: 0,
+            };
+            call::<CreateTarget>(&rpc, &mgmt, &req, Bytes::new())
+                .await
+                .expect("target");
+        }
+        let req = CreateChainReq {
+            chain: ChainId(1),
+            targets: vec![TargetId(0), TargetId(1), TargetId(2)],
+        };
+        call::<CreateChain>(&rpc, &mgmt, &req, Bytes::new())
+            .await
+            .expect("chain");
+        let mut config = ClientConfig::new(mgmt.clone(), ClientId(77));
+        config.rpc_timeout = Duration::from_secs(2);
+        config.op_deadline = Duration::from_secs(10);
+        let client = StorageClient::new(config, Tcp);
+        let cluster = Cluster {
+            nodes,
+            servers,
+            client,
+            rpc,
+        };
+        cluster.wait_all_serving().await;
+        cluster
+    }
+
+    async fn wait_all_serving(&self) {
+        for _ in 0..500 {
+            let serving = self.nodes.iter().all(|n| {
+                n.routing()
+                    .chain(ChainId(1))
+                    .is_some_and(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+            }) && self.nodes.iter().all(|n| {
+                n.targets()
+                    .iter()
+                    .all(|(_, _, l)| *l == flyfs_rpc::wire::mgmt::LocalState::UpToDate)
+            });
+            if serving {
+                self.client.refresh_routing().await.expect("routing");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "chain 1 never became all serving: {:?}",
+            self.nodes[0].routing()
+        );
+    }
+
+    fn addr(&self, node: usize) -> String {
+        self.nodes[node].config().addr.clone()
+    }
+
+    fn version(&self) -> ChainVersion {
+        self.client
+            .routing()
+            .chain(ChainId(1))
+            .expect("chain 1")
+            .version
+    }
+
+    /// Reads a chunk from one particular replica.
+    async fn read_at(&self, node: usize, chunk: ChunkId) -> Result<Bytes, StorageError> {
+        let req = BatchReadReq {
+            items: vec![ReadItem {
+                chain: ChainId(1),
+                chain_version: self.version(),
+                chunk,
+                offset: 0,
+                len: CHUNK,
+                verify: true,
+            }],
+        };
+        let (rsp, payload) = self
+            .rpc
+            .call::<BatchRead>(
+                &self.addr(node),
+                &req,
+                Bytes::new(),
+                &CallOptions::default(),
+            )
+            .await
+            .expect("batch read");
+        rsp.results.into_iter().next().expect("one result")?;
+        Ok(payload.into_bytes().unwrap_or_default())
+    }
+
+    async fn stop(self) {
+        for server in self.servers {
+            server.shutdown().await;
+        }
+    }
+}
+
+fn data(seed: u8, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a == b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_over_tcp() {
+    let c = Cluster::start().await;
+    let chain = ChainId(1);
+    let chunk = ChunkId::new(9, 0);
+
+    // A chunk nobody wrote reads as empty.
+    let empty = c.client.read(chain, chunk, 0, CHUNK).await.expect("read");
+    assert_eq!(empty.data.len(), 0);
+
+    let first = data(1, 10_000);
+    let rsp = c
+        .client
+        .write(chain, chunk, 0, first.clone(), CHUNK)
+        .await
+        .expect("write");
+    assert_eq!(rsp.chunk_len, 10_000);
+    let second = data(2, 5_000);
+    c.client
+        .write(chain, chunk, 20_000, second.clone(), CHUNK)
+        .await
+        .expect("write");
+    // Every replica holds the same bytes: the hole reads as zeros.
+    for node in 0..3 {
+        let got = c.read_at(node, chunk).await.expect("read a replica");
+        assert_eq!(got.len(), 25_000, "node {node}");
+        assert!(same(&got[..10_000], &first), "node {node}");
+        assert!(got[10_000..20_000].iter().all(|b| *b == 0), "node {node}");
+        assert!(same(&got[20_000..], &second), "node {node}");
+    }
+
+    let truncated = c
+        .client
+        .truncate(chain, chunk, 4_096, CHUNK)
+        .await
+        .expect("truncate");
+    assert_eq!(truncated.chunk_len, 4_096);
+    let got = c.client.read(chain, chunk, 0, CHUNK).await.expect("read");
+    assert!(same(&got.data, &first[..4_096]));
+
+    // The last chunk of a file on the chain.
+    c.client
+        .write(chain, ChunkId::new(9, 3), 0, data(3, 100), CHUNK)
+        .await
+        .expect("write");
+    let last = c
+        .client
+        .last_chunk(chain, InodeId(9))
+        .await
+        .expect("last")
+        .expect("some");
+    assert_eq!(last.chunk, ChunkId::new(9, 3));
+    assert_eq!(last.len, 100);
+
+    c.client
+        .remove(chain, ChunkId::new(9, 3), CHUNK)
+        .await
+        .expect("remove");
+    for node in 0..3 {
+        let got = c.read_at(node, ChunkId::new(9, 3)).await.expect("read");
+        assert!(got.is_empty(), "node {node} still has a removed chunk");
+    }
+
+    let space = c.client.space(&c.addr(1)).await.expect("space");
+    assert_eq!(space.disks.len(), 1);
+    assert_eq!(space.disks[0].committed_chunks, 1);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let c = Cluster::start().await;
+    let chunk = ChunkId::new(5, 0);
+    let payload = data(7, 4096);
+    let write = |version: ChainVersion, crc: u32, seq: u64| WriteReq {
+        chain: ChainId(1),
+        chain_version: version,
+        chunk,
+        op: WriteOp::Write { offset: 0, crc },
+        chunk_size: CHUNK,
+        channel: Channel {
+            client: ClientId(5),
+            id: 1,
+            seq,
+        },
+    };
+    let crc = crc32c::crc32c(&payload);
+    let current = c.version();
+
+    let stale = call::<Write>(
+        &c.rpc,
+        &c.addr(0),
+        &write(ChainVersion(current.0 - 1), crc, 1),
+        payload.clone(),
+    )
+    .await;
+    assert!(
+        matches!(stale, Err(StorageError::StaleChainVersion { current: v, .. }) if v == current),
+        "{stale:?}"
+    );
+    let bad_crc = call::<Write>(
+        &c.rpc,
+        &c.addr(0),
+        &write(current, crc ^ 1, 2),
+        payload.clone(),
+    )
+    .await;
+    assert!(
+        matches!(bad_crc, Err(StorageError::PayloadChecksum { .. })),
+        "{bad_crc:?}"
+    );
+    let not_head =
+        call::<Write>(&c.rpc, &c.addr(1), &write(current, crc, 3), payload.clone()).await;
+    assert!(
+        matches!(not_head, Err(StorageError::NotHead { .. })),
+        "{not_head:?}"
+    );
+    let mut too_far = write(current, crc, 4);
+    too_far.op = WriteOp::Write {
+        offset: CHUNK - 100,
+        crc,
+    };
+    let too_far = call::<Write>(&c.rpc, &c.addr(0), &too_far, payload.clone()).await;
+    assert!(
+        matches!(too_far, Err(StorageError::Invalid { .. })),
+        "{too_far:?}"
+    );
+    let mut other_chain = write(current, crc, 5);
+    other_chain.chain = ChainId(42);
+    let other_chain = call::<Write>(&c.rpc, &c.addr(0), &other_chain, payload.clone()).await;
+    assert!(
+        matches!(other_chain, Err(StorageError::NoSuchChain { .. })),
+        "{other_chain:?}"
+    );
+
+    // None of those wrote anything; a good write then succeeds, and its retry
+    // (same channel and sequence) is answered without applying it again.
+    let ok = call::<Write>(&c.rpc, &c.addr(0), &write(current, crc, 6), payload.clone())
+        .await
+        .expect("write");
+    let again = call::<Write>(&c.rpc, &c.addr(0), &write(current, crc, 6), payload.clone())
+        .await
+        .expect("retry");
+    assert_eq!(ok, again);
+    let older = call::<Write>(&c.rpc, &c.addr(0), &write(current, crc, 5), payload.clone()).await;
+    assert!(
+        matches!(older, Err(StorageError::StaleSequence { .. })),
+        "{older:?}"
+    );
+
+    // An unknown method on the storage port.
+    let unknown = c
+        .rpc
+        .call_raw(
+            &c.addr(0),
+            499,
+            Bytes::new(),
+            Bytes::new(),
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        matches!(
+            unknown,
+            Err(RpcError::Remote {
+                status: Status::UnknownMethod,
+                ..
+            })
+        ),
+        "{unknown:?}"
+    );
+    c.stop().await;
+}
+
+/// A replica whose chunk has a pending version asks the tail which version
+/// is committed and serves exactly that one (3FS would answer "not
+/// committed" and make the client retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apportioned_reads_serve_the_tails_committed_version() {
+    let c = Cluster::start().await;
+    let chain = ChainId(1);
+    let chunk = ChunkId::new(11, 0);
+    let old = data(1, 8192);
+    c.client
+        .write(chain, chunk, 0, old.clone(), CHUNK)
+        .await
+        .expect("write");
+
+    // The tail freezes before committing the next write: head and middle
+    // hold it pending, the tail's committed version is still the old one.
+    c.nodes[2].failpoints().arm(FailPoint::BeforeCommit);
+    let new = data(2, 8192);
+    let writer = {
+        let client = c.client.clone();
+        let new = new.clone();
+        tokio::spawn(async move { client.write(chain, chunk, 0, new, CHUNK).await })
+    };
+    while !c.nodes[2].failpoints().hit() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for node in 0..2 {
+        let got = c.read_at(node, chunk).await.expect("read while pending");
+        assert!(
+            same(&got, &old),
+            "node {node} served an uncommitted version"
+        );
+    }
+    writer.abort();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apportioned_reads_serve_a_pending_version_the_tail_committed() {
+    let c = Cluster::start().await;
+    let chain = ChainId(1);
+    let chunk = ChunkId::new(12, 0);
+    c.client
+        .write(chain, chunk, 0, data(1, 8192), CHUNK)
+        .await
+        .expect("write");
+
+    // The middle freezes after committing: the tail committed the new
+    // version, the head still holds it pending.
+    c.nodes[1].failpoints().arm(FailPoint::AfterCommit);
+    let new = data(2, 8192);
+    let writer = {
+        let client = c.client.clone();
+        let new = new.clone();
+        tokio::spawn(async move { client.write(chain, chunk, 0, new, CHUNK).await })
+    };
+    while !c.nodes[1].failpoints().hit() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = c.read_at(0, chunk).await.expect("read at the head");
+    assert!(
+        same(&got, &new),
+        "the head served the old version after the tail committed"
+    );
+    writer.abort();
+    c.stop().await;
+}
