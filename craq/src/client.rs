@@ -75,6 +75,15 @@ impl ClientConfig {
     }
 }
 
+/// One range of one chunk to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadSpec {
+    pub chain: ChainId,
+    pub chunk: ChunkId,
+    pub offset: u32,
+    pub len: u32,
+}
+
 /// Data of one chunk as read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChunkData {
@@ -344,6 +353,102 @@ impl<N: Network> StorageClient<N> {
             Ok(ChunkData { data, result })
         })
         .await
+    }
+
+    /// Reads many chunk ranges at once: the ranges are spread over serving
+    /// replicas and each replica gets one batched RPC, all in flight
+    /// together. A range whose replica fails is retried alone through
+    /// [`read`](Self::read), with its failover. Results come in input order.
+    pub async fn read_batch(&self, items: &[ReadSpec]) -> Vec<Result<ChunkData, ClientError>> {
+        let routing = if items
+            .iter()
+            .any(|i| self.routing().chain(i.chain).is_none())
+        {
+            self.refresh_routing()
+                .await
+                .unwrap_or_else(|_| self.routing())
+        } else {
+            self.routing()
+        };
+        // Replica address -> (item indices, request).
+        let mut batches: std::collections::BTreeMap<String, (Vec<usize>, BatchReadReq)> =
+            std::collections::BTreeMap::new();
+        let mut results: Vec<Option<Result<ChunkData, ClientError>>> =
+            items.iter().map(|_| None).collect();
+        for (index, item) in items.iter().enumerate() {
+            let Some(chain) = routing.chain(item.chain) else {
+                continue;
+            };
+            let serving: Vec<_> = chain
+                .targets
+                .iter()
+                .filter(|t| t.state == PublicState::Serving)
+                .collect();
+            if serving.is_empty() {
+                continue;
+            }
+            let pick = self.next_replica.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
+            let Some(addr) = Self::addr(&routing, serving[pick].target) else {
+                continue;
+            };
+            let (indices, req) = batches.entry(addr).or_default();
+            indices.push(index);
+            req.items.push(ReadItem {
+                chain: item.chain,
+                chain_version: chain.version,
+                chunk: item.chunk,
+                offset: item.offset,
+                len: item.len,
+                verify: false,
+            });
+        }
+        let calls = batches
+            .into_iter()
+            .map(|(addr, (indices, req))| async move {
+                let reply = self
+                    .rpc
+                    .call::<BatchRead>(&addr, &req, Bytes::new(), &self.options())
+                    .await;
+                (indices, reply)
+            });
+        for (indices, reply) in futures::future::join_all(calls).await {
+            let Ok((rsp, payload)) = reply else { continue };
+            let data = payload.into_bytes().unwrap_or_default();
+            let mut at = 0usize;
+            for (index, result) in indices.into_iter().zip(rsp.results) {
+                let Ok(result) = result else { continue };
+                let end = at + result.len as usize;
+                if end > data.len() {
+                    break;
+                }
+                results[index] = Some(Ok(ChunkData {
+                    data: data.slice(at..end),
+                    result,
+                }));
+                at = end;
+            }
+        }
+        let retries = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| {
+                let item = items[i];
+                async move {
+                    (
+                        i,
+                        self.read(item.chain, item.chunk, item.offset, item.len)
+                            .await,
+                    )
+                }
+            });
+        for (i, result) in futures::future::join_all(retries.collect::<Vec<_>>()).await {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item was read or retried"))
+            .collect()
     }
 
     /// Where a file ends on one chain (its highest chunk there).

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
-use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_craq::client::{ClientConfig, ReadSpec, StorageClient};
 use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
 use flyfs_craq::storage::FailPoint;
 use flyfs_craq::{StorageConfig, StorageNode, StorageService};
@@ -283,9 +283,40 @@ async fn every_operation_over_tcp() {
         assert!(got.is_empty(), "node {node} still has a removed chunk");
     }
 
+    // Many chunks in one batched read per replica.
+    let mut specs = Vec::new();
+    for i in 0..8u32 {
+        let chunk = ChunkId::new(20, i);
+        c.client
+            .write(chain, chunk, 0, data(i as u8, 3000 + i as usize), CHUNK)
+            .await
+            .expect("write");
+        specs.push(ReadSpec {
+            chain,
+            chunk,
+            offset: 100,
+            len: 1000,
+        });
+    }
+    specs.push(ReadSpec {
+        chain,
+        chunk: ChunkId::new(20, 99),
+        offset: 0,
+        len: 10,
+    });
+    let reads = c.client.read_batch(&specs).await;
+    for (i, read) in reads.iter().enumerate().take(8) {
+        let read = read.as_ref().expect("batched read");
+        assert!(
+            same(&read.data, &data(i as u8, 3000 + i)[100..1100]),
+            "chunk {i}"
+        );
+    }
+    assert!(reads[8].as_ref().expect("absent chunk").data.is_empty());
+
     let space = c.client.space(&c.addr(1)).await.expect("space");
     assert_eq!(space.disks.len(), 1);
-    assert_eq!(space.disks[0].committed_chunks, 1);
+    assert_eq!(space.disks[0].committed_chunks, 9);
     c.stop().await;
 }
 
