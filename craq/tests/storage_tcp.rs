@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_bypass::fault::{Fault, FaultyDevice};
 use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{BlockDevice, IoOp};
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
 use flyfs_craq::client::{ClientConfig, ReadSpec, StorageClient};
@@ -29,7 +31,7 @@ use flyfs_rpc::{
 const CHUNK: u32 = 64 << 10;
 
 struct Cluster {
-    nodes: Vec<Arc<StorageNode<MemDevice, Tcp>>>,
+    nodes: Vec<Arc<StorageNode<FaultyDevice<MemDevice>, Tcp>>>,
     servers: Vec<ServerHandle>,
     client: Arc<StorageClient<Tcp>>,
     rpc: Client<Tcp>,
@@ -88,6 +90,7 @@ impl Cluster {
                 hugepages: HugePages::Never,
             })
             .expect("pool");
+            let dev = FaultyDevice::new(dev, u64::from(i));
             let engine = Engine::open(dev, pool, EngineConfig::default())
                 .await
                 .expect("open");
@@ -490,5 +493,56 @@ async fn apportioned_reads_serve_a_pending_version_the_tail_committed() {
         "the head served the old version after the tail committed"
     );
     writer.abort();
+    c.stop().await;
+}
+
+/// A target whose engine is poisoned (a failed device write) reports itself
+/// offline; the chain goes on without it and writes keep succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_engine_takes_its_target_offline() {
+    let c = Cluster::start().await;
+    let chain = ChainId(1);
+    let chunk = ChunkId::new(13, 0);
+    c.client
+        .write(chain, chunk, 0, data(1, 4096), CHUNK)
+        .await
+        .expect("write");
+    let tail = &c.nodes[2];
+    let device = tail.engines()[0].device();
+    device.inject(Fault::EioRange {
+        range: 0..device.inner().geometry().capacity_bytes,
+        op: Some(IoOp::Write),
+    });
+    // The write that hits the failing device fails at the tail and poisons
+    // its engine; the client retries until the chain has dropped the tail.
+    let second = data(2, 4096);
+    c.client
+        .write(chain, chunk, 0, second.clone(), CHUNK)
+        .await
+        .expect("write after the fault");
+    assert!(
+        tail.engines()[0].poisoned().is_some(),
+        "the engine was not poisoned"
+    );
+    let routing = c.client.refresh_routing().await.expect("routing");
+    let states: Vec<_> = routing
+        .chain(chain)
+        .expect("chain")
+        .targets
+        .iter()
+        .map(|t| (t.target, t.state))
+        .collect();
+    assert_eq!(
+        states.last(),
+        Some(&(TargetId(2), PublicState::Offline)),
+        "{states:?}"
+    );
+    assert!(c.client.space(&c.addr(2)).await.expect("space").disks[0].poisoned);
+    for node in 0..2 {
+        assert!(
+            same(&c.read_at(node, chunk).await.expect("read"), &second),
+            "node {node}"
+        );
+    }
     c.stop().await;
 }

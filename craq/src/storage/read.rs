@@ -20,7 +20,6 @@ use flyfs_rpc::wire::storage::{
     StorageError,
 };
 
-use super::write::engine_error;
 use super::{Place, StorageNode};
 
 /// How often a read retries when versions move under it (each retry means a
@@ -104,7 +103,17 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
                 // The version we chose was replaced meanwhile: choose again.
                 Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }) => continue,
-                Err(e) => return Err(engine_error(e)),
+                // A replica whose copy fails its checksum cannot serve it;
+                // the client reads another replica.
+                Err(e @ EngineError::Checksum { .. }) => {
+                    tracing::error!(target = ?place.target.id, "{e}");
+                    return Err(StorageError::NotServing {
+                        chain: item.chain,
+                        target: place.target.id,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(self.engine_failed(&place, e)),
             }
         }
         Err(StorageError::NotServing {

@@ -28,7 +28,6 @@ use flyfs_rpc::wire::storage::{
 };
 
 use super::read::meta_info;
-use super::write::engine_error;
 use super::{Local, Place, StorageNode};
 
 /// What one chunk's comparison did.
@@ -223,7 +222,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 let out = engine
                     .read(key, ReadRequest::whole_verified())
                     .await
-                    .map_err(engine_error)?;
+                    .map_err(|e| self.engine_failed(place, e))?;
                 let op = ForwardOp::Replace { crc: out.chunk_crc };
                 (out.version, op, Bytes::from_owner(out.data))
             }

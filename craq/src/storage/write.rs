@@ -59,6 +59,31 @@ pub(crate) fn engine_error(e: EngineError) -> StorageError {
     }
 }
 
+impl<D: BlockDevice, N: Network> StorageNode<D, N> {
+    /// An engine error on this target's path. A device failure (or a
+    /// poisoned engine) takes the target out for good: it reports itself
+    /// offline, and the sender gets a retryable "not serving", so a
+    /// predecessor keeps forwarding until the manager has dropped this target
+    /// from the chain, instead of failing the client's write.
+    pub(crate) fn engine_failed(&self, place: &Place, e: EngineError) -> StorageError {
+        let device = matches!(e, EngineError::Device { .. } | EngineError::Poisoned { .. })
+            || self.engine(&place.target).poisoned().is_some();
+        if !device {
+            return engine_error(e);
+        }
+        let mut local = place.target.local.lock();
+        if *local != super::Local::Failed {
+            tracing::error!(target = ?place.target.id, "device failed, taking the target offline: {e}");
+            *local = super::Local::Failed;
+        }
+        StorageError::NotServing {
+            chain: place.chain.id,
+            target: place.target.id,
+            reason: format!("its device failed: {e}"),
+        }
+    }
+}
+
 /// The engine's request id for a channel's request: the channel number in
 /// the top 16 bits, the sequence below. Stored with each chunk version, it
 /// tells which request produced it.
@@ -215,7 +240,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 // The predecessor is authoritative: a replica that is ahead of
                 // it (it kept an update the chain later lost) is cut back.
                 if have >= req.version {
-                    engine.remove(key).await.map_err(engine_error)?;
+                    engine
+                        .remove(key)
+                        .await
+                        .map_err(|e| self.engine_failed(&place, e))?;
                 }
             }
         }
@@ -294,7 +322,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 self.fence(place, &failure.to_string());
                 return Err(failure);
             }
-            engine.remove(key).await.map_err(engine_error)?;
+            engine
+                .remove(key)
+                .await
+                .map_err(|e| self.engine_failed(place, e))?;
             return Ok(WriteRsp::default());
         }
         let outcome = self.write_pending(place, &mut update).await?;
@@ -343,7 +374,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         engine
             .commit(key, outcome.version)
             .await
-            .map_err(engine_error)?;
+            .map_err(|e| self.engine_failed(place, e))?;
         self.failpoints.check(FailPoint::AfterCommit).await;
         tracing::debug!(target_id = ?place.target.id, chunk = ?update.chunk, version = ?outcome.version, crc = outcome.crc, "committed");
         Ok(WriteRsp {
@@ -363,14 +394,17 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(place.chain.id, update.chunk);
         if update.op == ForwardOp::Remove {
-            engine.remove(key).await.map_err(engine_error)?;
+            engine
+                .remove(key)
+                .await
+                .map_err(|e| self.engine_failed(place, e))?;
             return Ok(WriteRsp::default());
         }
         let outcome = self.write_pending(place, &mut update).await?;
         engine
             .commit(key, outcome.version)
             .await
-            .map_err(engine_error)?;
+            .map_err(|e| self.engine_failed(place, e))?;
         Ok(WriteRsp {
             version: outcome.version,
             chunk_len: outcome.len,
@@ -407,7 +441,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 request: request_id(update.channel),
             })
             .await
-            .map_err(engine_error)?;
+            .map_err(|e| self.engine_failed(place, e))?;
         if outcome.len > update.chunk_size {
             let _ = engine
                 .abort(ChunkKey::new(place.chain.id, update.chunk), outcome.version)
@@ -538,7 +572,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 },
             )
             .await
-            .map_err(engine_error)?;
+            .map_err(|e| self.engine_failed(place, e))?;
         Ok(out.data)
     }
 }
