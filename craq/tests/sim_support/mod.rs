@@ -768,6 +768,9 @@ impl<'a> Sim<'a> {
 /// What a finished run saw.
 #[derive(Debug)]
 pub struct RunReport {
+    /// A hash of the whole recorded history and fault log: two runs of one
+    /// seed must agree on it exactly.
+    pub digest: u64,
     pub events: usize,
     pub faults: usize,
     pub simulated: Duration,
@@ -810,6 +813,14 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
     })();
     match result {
         Ok(events) => Ok(RunReport {
+            digest: {
+                use std::hash::{Hash, Hasher};
+                let world = sim.world.borrow();
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                format!("{:?}", world.history).hash(&mut hasher);
+                world.log.hash(&mut hasher);
+                hasher.finish()
+            },
             events,
             faults: sim.world.borrow().log.len(),
             simulated: sim.sim.elapsed(),
