@@ -535,6 +535,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                     }
                 }
             }
+            tracing::debug!(target_id = ?now.target.id, chunk = ?update.chunk, successor = ?successor.target, "forward failed: {last_error}");
             if Instant::now() >= deadline {
                 break;
             }

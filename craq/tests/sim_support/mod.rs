@@ -525,14 +525,15 @@ impl<'a> Sim<'a> {
             .chain((0..self.config.nodes).map(node_name))
             .chain((0..self.config.clients).map(|k| format!("client{k}")))
             .collect();
-        // Node failures come one at a time: a node may crash (or freeze at a
-        // fail point) only once the previous failure has healed, i.e. every
-        // chain is back to all serving. Partitions and manager restarts come
-        // at any time. Failures that overlap a resync can lose a write that
+        // Node failures come one at a time: a node may crash, freeze at a
+        // fail point or be partitioned from its peers only once the previous
+        // failure has healed (every chain back to all serving). Manager
+        // restarts and partitions of clients come at any time. Failures that overlap a resync can lose a write that
         // was visible but never acknowledged: pending versions live in memory
         // and the manager revives the last serving replica, not the one that
         // committed last (3FS behaves the same); see ARCHITECTURE.md.
         let healthy = self.crashed.iter().all(|c| !c)
+            && self.partitions.is_empty()
             && self.all_serving()
             && self.world.borrow().nodes.values().all(|n| {
                 n.targets()
@@ -551,7 +552,12 @@ impl<'a> Sim<'a> {
             4 | 5 if self.partitions.is_empty() => {
                 let a = hosts[self.rng.random_range(0..1 + self.config.nodes)].clone();
                 let b = hosts[self.rng.random_range(0..hosts.len())].clone();
-                if a != b {
+                // A partition that cuts a storage node off from the manager
+                // or another node takes that node out (lease, forwarding):
+                // it is a node failure, so it waits for a healthy cluster
+                // like a crash does. Partitions from clients come any time.
+                let fails_a_node = a.starts_with("node") || !b.starts_with("client");
+                if a != b && (healthy || !fails_a_node) {
                     self.partition(a, b);
                 }
             }
@@ -610,7 +616,19 @@ impl<'a> Sim<'a> {
         let Some(routing) = self.routing() else {
             return false;
         };
-        routing.chains.len() == self.config.chains as usize
+        // Quiescent too: writes still in flight (a head retrying its
+        // forward after its client gave up) finish before replicas are
+        // compared.
+        let settled = self.world.borrow().nodes.values().all(|n| {
+            routing.chains.iter().all(|c| {
+                n.engines()[0]
+                    .chunks(c.id, .., usize::MAX)
+                    .iter()
+                    .all(|info| info.pending.is_none())
+            })
+        });
+        settled
+            && routing.chains.len() == self.config.chains as usize
             && routing.chains.iter().all(|c| {
                 c.targets.len() == self.config.replicas
                     && c.targets.iter().all(|t| t.state == PublicState::Serving)
