@@ -1,12 +1,13 @@
 //! The `flyfs` binary: the composition root where devices, engines and
-//! daemons are chosen and wired together. Today: `format`, `bench engine`,
-//! the cluster manager (`mgmtd`) and storage (`storage`) daemons, and
-//! `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
+//! daemons are chosen and wired together. Today: `format`, `bench engine`
+//! and `bench storage`, the cluster manager (`mgmtd`) and storage (`storage`)
+//! daemons, and `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
 //! later issues.
 #![deny(unsafe_code)]
 
 mod admin;
 mod bench;
+mod bench_storage;
 mod config;
 mod daemon;
 
@@ -77,6 +78,9 @@ enum Command {
 enum BenchCommand {
     /// Chunk engine on io_uring: 1 MiB chunk writes and reads, 4 KiB random reads.
     Engine(bench::EngineArgs),
+    /// A cluster of real processes (manager and three storage daemons) on
+    /// loopback: 1 MiB chunk writes and reads over chains, 4 KiB write latency.
+    Storage(bench_storage::StorageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -116,6 +120,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Engine(args),
         } => bench::engine(&args),
+        Command::Bench {
+            what: BenchCommand::Storage(args),
+        } => bench_storage::storage(&args),
         Command::Mgmtd { config } => {
             let config = config::MgmtdConfig::load(&config)?;
             daemon_runtime()?.block_on(daemon::run_mgmtd(&config))

@@ -457,9 +457,12 @@ impl Cluster {
         if let Some(local) = self.reported.get(&target) {
             return Some(*local);
         }
-        let heard = self.liveness.get(&record.node).is_some_and(|l| l.heard);
-        // A node that heartbeats without this target does not have it.
-        heard.then_some(LocalState::Offline)
+        // A live node that has not reported this target yet has not learnt
+        // of it (nodes learn their targets from the routing): its state is
+        // unknown, so the chain waits rather than sending a brand-new
+        // target through offline and a resync. A node that lost a target's
+        // device reports it offline explicitly.
+        None
     }
 
     /// Periodic re-evaluation: updates node liveness and every chain whose
@@ -798,16 +801,25 @@ mod tests {
     }
 
     #[test]
-    fn a_target_left_out_of_a_heartbeat_is_offline_and_unknown_targets_are_ignored() {
+    fn a_target_left_out_of_a_heartbeat_is_unknown_and_unknown_targets_are_ignored() {
         let mut c = three_node_cluster();
         heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
-        // Node 3 reports target 99 (unknown) and target 1 (node 1's), not 3.
+        // Node 3 reports target 99 (unknown) and target 1 (node 1's), not 3:
+        // as a node that has not learnt of target 3 yet would.
         c.heartbeat(&hb(3, &[(99, L::UpToDate), (1, L::Offline)]), secs(1))
             .expect("hb");
-        assert_eq!(c.local_state(TargetId(3), secs(1)), Some(L::Offline));
+        assert_eq!(c.local_state(TargetId(3), secs(1)), None);
         assert_eq!(c.local_state(TargetId(1), secs(1)), Some(L::UpToDate));
         assert!(!c.record().targets.contains_key(&TargetId(99)));
-        assert!(c.tick(secs(1)));
+        // The chain waits for target 3's state instead of taking it offline.
+        assert!(!c.tick(secs(1)));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (2, P::Serving), (3, P::Serving)]
+        );
+        // Once reported offline, it is.
+        c.heartbeat(&hb(3, &[(3, L::Offline)]), secs(2)).expect("hb");
+        assert!(c.tick(secs(2)));
         assert_eq!(
             members(&c),
             [(1, P::Serving), (2, P::Serving), (3, P::Offline)]

@@ -1,0 +1,1043 @@
+//! `flyfs bench storage`: the replicated storage path end to end, the flyfs
+//! side of benches/storage-vs-fio.
+//!
+//! It starts a real cluster on this machine: `flyfs mgmtd` and three
+//! `flyfs storage` daemons (this very executable), each storage daemon on one
+//! device file formatted by `flyfs format`, all in one directory and so on one
+//! disk. It creates `--chains` chains of `--replicas` targets (each chain's
+//! replicas on distinct nodes, heads rotated over the nodes), then drives
+//! them from this process with a [`StorageClient`] over loopback TCP:
+//!
+//! 1. writes `--size` bytes as whole-chunk writes spread over the chains,
+//!    `--clients` in flight;
+//! 2. reads every chunk back in a random order, `--clients` in flight, and
+//!    checks each one's CRC32C against the one computed before writing it.
+//!    The engines open their devices with O_DIRECT, so no read is served
+//!    from the page cache;
+//! 3. issues `--small-writes` 4 KiB writes one after another at random
+//!    offsets of the chunks, timing each, then reads each written range
+//!    back (timed too) and compares the bytes.
+//!
+//! The daemons are stopped with SIGTERM (SIGKILL when they linger) and the
+//! run's directory is removed afterwards. [`Cluster`]'s `Drop` kills every
+//! daemon still running, so an error or a panic leaves no process behind.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
+use flyfs_rpc::wire::mgmt::{
+    CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, GetRouting, GetRoutingReq,
+    MgmtError, PublicState, RoutingInfo,
+};
+use flyfs_rpc::{CallOptions, Client, Method, Tcp};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::bench::parse_size;
+
+/// Storage daemons: every chain has at most one replica on each.
+const NODES: u32 = 3;
+/// The inode the bench's chunks belong to.
+const BENCH_INODE: u64 = 0xbe4c_5707_0000_0000;
+const SMALL_WRITE_BYTES: usize = 4096;
+/// Distinct 1 MiB contents the chunks cycle through: every chunk of one
+/// residue shares its bytes, so a read that returns another chunk's data is
+/// caught unless the two indices are congruent modulo this.
+const CONTENTS: usize = 32;
+/// The default `--size`, shrunk on a disk with less room.
+const SIZE_DEFAULT: u64 = 2 << 30;
+/// Room on each device beyond its chunks: the journal (1% of the device, at
+/// most 256 MiB), partly used allocation groups and the slots that
+/// copy-on-write updates take while their old version still stands.
+const DEVICE_SLACK_BYTES: u64 = 512 << 20;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct StorageArgs {
+    /// Replicas per chain (1 to 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=3))]
+    replicas: u32,
+    /// Where the cluster's files go (a directory made for the run inside it
+    /// is removed afterwards). Default: the system's temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Bytes written (and read back) in the throughput phases. Default
+    /// 2 GiB, less when the disk has not room for three devices that size.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Chains the chunks are spread over.
+    #[arg(long, default_value_t = 6)]
+    chains: u32,
+    /// Chunk operations in flight in the throughput phases.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Bytes of each chunk (and of each write and read in the throughput
+    /// phases): a power of two from 64 KiB to 64 MiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    chunk_size: u64,
+    /// 4 KiB writes (one in flight) in the latency phase.
+    #[arg(long, default_value_t = 2000)]
+    small_writes: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, serde::Serialize)]
+struct Results {
+    write_mib_s: f64,
+    read_mib_s: f64,
+    write_4k_p50_us: f64,
+    write_4k_p99_us: f64,
+    write_4k_p999_us: f64,
+    write_4k_max_us: f64,
+    /// The reads that verify the 4 KiB writes, one in flight.
+    read_4k_p50_us: f64,
+    read_4k_p99_us: f64,
+    replicas: u32,
+    chains: u32,
+    clients: usize,
+    size_bytes: u64,
+    chunk_size_bytes: u64,
+    chunks: u32,
+    small_writes: usize,
+    write_s: f64,
+    read_s: f64,
+    elapsed_s: f64,
+    /// Cores each process kept busy in each phase (CPU seconds over wall
+    /// seconds): what shows whether the two cores or the disk ran out.
+    cpu_cores: CpuCores,
+    dir: String,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct CpuCores {
+    write: HashMap<String, f64>,
+    read: HashMap<String, f64>,
+    write_4k: HashMap<String, f64>,
+}
+
+pub(crate) fn storage(args: &StorageArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure!(args.chains >= 1, "--chains must be at least 1");
+    ensure!(args.clients >= 1, "--clients must be at least 1");
+    ensure!(
+        args.chunk_size.is_power_of_two() && (64 << 10..=64 << 20).contains(&args.chunk_size),
+        "--chunk-size {} is not a power of two from 64 KiB to 64 MiB",
+        args.chunk_size
+    );
+    let base = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let placement = Placement::new(args.chains, args.replicas);
+    let available = available_bytes(&base)?;
+    let size = match args.size {
+        Some(size) => {
+            let needed = placement.disk_bytes(size, args.chunk_size);
+            ensure!(
+                needed <= available,
+                "--size {size} needs {needed} bytes of device files in {} but only {available} are free",
+                base.display()
+            );
+            size
+        }
+        None => default_size(&placement, args.chunk_size, available)?,
+    };
+    let chunks = u32::try_from(size / args.chunk_size).context("--size is too large")?;
+    ensure!(chunks >= 1, "--size must hold at least one chunk");
+
+    let dir = base.join(format!("flyfs-bench-storage-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing a stale {}", dir.display()))?;
+    }
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cluster = Cluster::new(dir.clone());
+    let device_bytes = placement.device_bytes(size, args.chunk_size);
+    let chunk_size_max = args.chunk_size.max(1 << 20);
+    let results = cluster.start(device_bytes, chunk_size_max).and_then(|()| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bench-client")
+            .build()
+            .context("starting the tokio runtime")?;
+        let mut bench = Bench {
+            cluster: &cluster,
+            placement: &placement,
+            chunk_size: args.chunk_size,
+            chunks,
+            clients: args.clients,
+            small_writes: args.small_writes,
+            cpu: CpuCores::default(),
+        };
+        let measured = runtime.block_on(bench.run());
+        // Close the client's connections before the daemons go.
+        drop(runtime);
+        let (write, read, small) = measured?;
+        let mib = (u64::from(chunks) * args.chunk_size) as f64 / f64::from(1 << 20);
+        Ok(Results {
+            write_mib_s: mib / write.as_secs_f64(),
+            read_mib_s: mib / read.as_secs_f64(),
+            write_4k_p50_us: percentile_us(&small.writes, 0.50),
+            write_4k_p99_us: percentile_us(&small.writes, 0.99),
+            write_4k_p999_us: percentile_us(&small.writes, 0.999),
+            write_4k_max_us: percentile_us(&small.writes, 1.0),
+            read_4k_p50_us: percentile_us(&small.reads, 0.50),
+            read_4k_p99_us: percentile_us(&small.reads, 0.99),
+            replicas: args.replicas,
+            chains: args.chains,
+            clients: args.clients,
+            size_bytes: u64::from(chunks) * args.chunk_size,
+            chunk_size_bytes: args.chunk_size,
+            chunks,
+            small_writes: args.small_writes,
+            write_s: write.as_secs_f64(),
+            read_s: read.as_secs_f64(),
+            elapsed_s: 0.0,
+            cpu_cores: std::mem::take(&mut bench.cpu),
+            dir: base.display().to_string(),
+        })
+    });
+    let mut results = match results {
+        Ok(results) => results,
+        Err(error) => {
+            cluster.print_logs();
+            // Drop kills the daemons; the logs stay for a look.
+            cluster.keep_logs_only();
+            return Err(error.context(format!("daemon logs are in {}", dir.display())));
+        }
+    };
+    cluster.stop()?;
+    drop(cluster);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    results.elapsed_s = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Results) {
+    println!(
+        "cluster      mgmtd + {NODES} storage daemons on {}, {} chains x {} replicas, {} chunks of {} KiB",
+        r.dir,
+        r.chains,
+        r.replicas,
+        r.chunks,
+        r.chunk_size_bytes >> 10
+    );
+    println!(
+        "write        {:>8.1} MiB/s   ({} in flight, {:.1} s)",
+        r.write_mib_s, r.clients, r.write_s
+    );
+    println!(
+        "read         {:>8.1} MiB/s   ({} in flight, random order, CRC checked, O_DIRECT: no page cache; {:.1} s)",
+        r.read_mib_s, r.clients, r.read_s
+    );
+    println!(
+        "4 KiB write  p50 {:>7.0} us  p99 {:>7.0} us  p99.9 {:>7.0} us  max {:>7.0} us  ({} writes, one in flight)",
+        r.write_4k_p50_us, r.write_4k_p99_us, r.write_4k_p999_us, r.write_4k_max_us, r.small_writes
+    );
+    println!(
+        "4 KiB read   p50 {:>7.0} us  p99 {:>7.0} us  (reading the 4 KiB writes back, one in flight)",
+        r.read_4k_p50_us, r.read_4k_p99_us
+    );
+    for (phase, cores) in [
+        ("write", &r.cpu_cores.write),
+        ("read", &r.cpu_cores.read),
+        ("4 KiB write", &r.cpu_cores.write_4k),
+    ] {
+        let mut names: Vec<&String> = cores.keys().collect();
+        names.sort();
+        let busy: Vec<String> = names
+            .iter()
+            .map(|name| format!("{name} {:.2}", cores[*name]))
+            .collect();
+        println!("cores busy   {phase:<12} {}", busy.join(", "));
+    }
+}
+
+/// Which nodes hold each chain's replicas, head first.
+#[derive(Debug)]
+struct Placement {
+    chains: Vec<Vec<u32>>,
+}
+
+impl Placement {
+    /// Chain `c` (from 0) has its head on node `c % 3 + 1` and its further
+    /// replicas on the nodes after it, so heads (which take every write
+    /// first) rotate over the nodes and no chain has two replicas on a node.
+    fn new(chains: u32, replicas: u32) -> Placement {
+        Placement {
+            chains: (0..chains)
+                .map(|c| (0..replicas).map(|r| (c + r) % NODES + 1).collect())
+                .collect(),
+        }
+    }
+
+    /// The chain of chunk `index` (chunks go round robin over the chains).
+    fn chain_of(&self, index: u32) -> ChainId {
+        ChainId(index % self.chains.len() as u32 + 1)
+    }
+
+    /// The most chunk bytes any node holds when `size` bytes are written.
+    fn node_bytes_max(&self, size: u64, chunk_size: u64) -> u64 {
+        let chunks = size / chunk_size;
+        let chains = self.chains.len() as u64;
+        let mut per_node = [0u64; NODES as usize];
+        for (c, nodes) in self.chains.iter().enumerate() {
+            // Chunk i goes to chain i % chains.
+            let on_chain = chunks / chains + u64::from((c as u64) < chunks % chains);
+            for &node in nodes {
+                per_node[node as usize - 1] += on_chain;
+            }
+        }
+        per_node.iter().max().copied().unwrap_or(0) * chunk_size
+    }
+
+    /// One device file: its node's chunks with an eighth to spare, plus
+    /// room for the journal and the engine's own.
+    fn device_bytes(&self, size: u64, chunk_size: u64) -> u64 {
+        let chunks = self.node_bytes_max(size, chunk_size);
+        (chunks + chunks / 8 + DEVICE_SLACK_BYTES).next_multiple_of(1 << 20)
+    }
+
+    /// All three device files.
+    fn disk_bytes(&self, size: u64, chunk_size: u64) -> u64 {
+        u64::from(NODES) * self.device_bytes(size, chunk_size)
+    }
+}
+
+/// 2 GiB, or the largest power-of-two share of it whose device files fill
+/// at most half of the free space (the other half is for whatever the disk
+/// is compared with, and for everyone else).
+fn default_size(placement: &Placement, chunk_size: u64, available: u64) -> anyhow::Result<u64> {
+    let mut size = SIZE_DEFAULT.max(chunk_size);
+    while placement.disk_bytes(size, chunk_size) > available / 2 {
+        if size / 2 < (64 * chunk_size).max(64 << 20) {
+            bail!(
+                "only {available} bytes are free: too little for the device files of even a \
+                 {size}-byte run; pass --dir on a larger disk"
+            );
+        }
+        size /= 2;
+    }
+    Ok(size)
+}
+
+/// Free bytes for an unprivileged user on the file system of `dir`, as
+/// `df` reports them (the binary forbids the unsafe a `statvfs` call needs).
+fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .context("running df to find the free space")?;
+    ensure!(
+        out.status.success(),
+        "df {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .with_context(|| format!("cannot read df's answer `{text}`"))
+}
+
+/// The cluster's daemons. Dropping it kills every one still running (also
+/// on panic), so no process outlives the bench.
+#[derive(Debug)]
+struct Cluster {
+    dir: PathBuf,
+    mgmt_addr: String,
+    /// Name (`mgmtd`, `storage1`, ...) and process, the manager first.
+    daemons: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    fn new(dir: PathBuf) -> Cluster {
+        Cluster {
+            dir,
+            mgmt_addr: String::new(),
+            daemons: Vec::new(),
+        }
+    }
+
+    /// Formats the devices, writes the configs and starts the daemons.
+    fn start(&mut self, device_bytes: u64, chunk_size_max: u64) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("finding the flyfs executable")?;
+        for node in 1..=NODES {
+            let device = self.dir.join(format!("disk{node}.img"));
+            let out = Command::new(&exe)
+                .args(["format", "--device"])
+                .arg(&device)
+                .args(["--size", &device_bytes.to_string()])
+                .args(["--chunk-size-max", &chunk_size_max.to_string()])
+                .output()
+                .context("running flyfs format")?;
+            ensure!(
+                out.status.success(),
+                "flyfs format --device {}: {}",
+                device.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The manager's port must be known before the storage configs name
+        // it; the storage daemons bind port 0 and advertise what they got.
+        let mgmt_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .context("finding a free port for the manager")?
+            .port();
+        self.mgmt_addr = format!("127.0.0.1:{mgmt_port}");
+        // Fast heartbeats and ticks bring new chains to serving within a
+        // second or two; the failure timeout and lease stay at their
+        // defaults, so a loaded machine does not fence anyone off.
+        let mgmtd = format!(
+            "listen = \"{}\"\n\
+             data_dir = \"mgmtd-data\"\n\
+             heartbeat_interval_ms = 100\n\
+             tick_interval_ms = 100\n",
+            self.mgmt_addr
+        );
+        self.write_config("mgmtd", &mgmtd)?;
+        for node in 1..=NODES {
+            let storage = format!(
+                "node_id = {node}\n\
+                 listen = \"127.0.0.1:0\"\n\
+                 mgmt = \"{}\"\n\
+                 devices = [\"disk{node}.img\"]\n\
+                 heartbeat_interval_ms = 100\n",
+                self.mgmt_addr
+            );
+            self.write_config(&format!("storage{node}"), &storage)?;
+        }
+        self.spawn(&exe, "mgmtd", "mgmtd")?;
+        for node in 1..=NODES {
+            self.spawn(&exe, &format!("storage{node}"), "storage")?;
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn spawn(&mut self, exe: &Path, name: &str, subcommand: &str) -> anyhow::Result<()> {
+        let log_path = self.dir.join(format!("{name}.log"));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(exe)
+            .arg(subcommand)
+            .arg("--config")
+            .arg(self.dir.join(format!("{name}.toml")))
+            .env("FLYFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating a log file handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.daemons.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Process ids by daemon name.
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.daemons
+            .iter()
+            .map(|(name, child)| (name.clone(), child.id()))
+            .collect()
+    }
+
+    /// SIGTERM to every daemon (storage first, the manager last, so no
+    /// storage node loses its manager first), SIGKILL to any still running
+    /// 10 s later. Fails if a daemon did not exit cleanly.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        let mut daemons = std::mem::take(&mut self.daemons);
+        daemons.reverse();
+        let mut problems = Vec::new();
+        for (name, child) in &mut daemons {
+            // No signal API in the binary's dependencies (nor unsafe to
+            // call kill(2) directly): the kill(1) command sends it.
+            let sent = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if sent && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => break None,
+                }
+            };
+            match status {
+                Some(status) if status.success() => {}
+                Some(status) => problems.push(format!("{name} exited with {status}")),
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    problems.push(format!("{name} did not exit on SIGTERM; killed"));
+                }
+            }
+        }
+        ensure!(
+            problems.is_empty(),
+            "stopping the cluster: {}",
+            problems.join("; ")
+        );
+        Ok(())
+    }
+
+    /// The last lines of every daemon's log, on stderr.
+    fn print_logs(&self) {
+        let mut names = vec!["mgmtd".to_string()];
+        names.extend((1..=NODES).map(|n| format!("storage{n}")));
+        for name in names {
+            let log =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("---- last lines of {name}.log ----");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    /// Kills the daemons and removes the device files (gigabytes), keeping
+    /// configs and logs.
+    fn keep_logs_only(&mut self) {
+        self.kill_all();
+        for node in 1..=NODES {
+            let _ = std::fs::remove_file(self.dir.join(format!("disk{node}.img")));
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for (_, child) in &mut self.daemons {
+            // Already gone is fine: this is the last resort.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.daemons.clear();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Per-operation latencies of the 4 KiB phase.
+#[derive(Debug, Default)]
+struct Latencies {
+    writes: Vec<Duration>,
+    reads: Vec<Duration>,
+}
+
+/// One benchmark run against a started cluster.
+struct Bench<'a> {
+    cluster: &'a Cluster,
+    placement: &'a Placement,
+    chunk_size: u64,
+    chunks: u32,
+    clients: usize,
+    small_writes: usize,
+    cpu: CpuCores,
+}
+
+impl Bench<'_> {
+    async fn run(&mut self) -> anyhow::Result<(Duration, Duration, Latencies)> {
+        let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
+        self.set_up(&rpc).await?;
+        let client = StorageClient::new(
+            ClientConfig::new(self.cluster.mgmt_addr.clone(), ClientId(0xbe4c)),
+            Tcp,
+        );
+        client
+            .refresh_routing()
+            .await
+            .context("fetching the routing")?;
+        let contents = Contents::new(self.chunk_size as usize);
+        let meter = CpuMeter::start(self.cluster);
+        let write = self.write_all(&client, &contents).await?;
+        self.cpu.write = meter.cores();
+        let meter = CpuMeter::start(self.cluster);
+        let read = self.read_all(&client, &contents).await?;
+        self.cpu.read = meter.cores();
+        let meter = CpuMeter::start(self.cluster);
+        let small = self.small_writes(&client).await?;
+        self.cpu.write_4k = meter.cores();
+        Ok((write, read, small))
+    }
+
+    /// Waits for the storage nodes, creates the targets and chains, waits
+    /// until every replica serves.
+    async fn set_up(&self, rpc: &Client<Tcp>) -> anyhow::Result<()> {
+        let mgmt = &self.cluster.mgmt_addr;
+        self.wait_for(
+            "the storage nodes to register",
+            |routing| {
+                routing.nodes.len() == NODES as usize && routing.nodes.iter().all(|n| n.alive)
+            },
+            rpc,
+        )
+        .await?;
+        for (c, nodes) in self.placement.chains.iter().enumerate() {
+            let chain = c as u32 + 1;
+            let targets: Vec<TargetId> = nodes
+                .iter()
+                .map(|&node| TargetId(u64::from(chain) * 100 + u64::from(node)))
+                .collect();
+            for (&target, &node) in targets.iter().zip(nodes) {
+                let req = CreateTargetReq {
+                    target,
+                    node: NodeId(node),
+                    disk: 0,
+                };
+                mutate::<CreateTarget>(rpc, mgmt, &req).await?;
+            }
+            let req = CreateChainReq {
+                chain: ChainId(chain),
+                targets,
+            };
+            mutate::<CreateChain>(rpc, mgmt, &req).await?;
+        }
+        let chains = self.placement.chains.len();
+        self.wait_for(
+            "every replica to serve",
+            |routing| {
+                routing.chains.len() == chains
+                    && routing.nodes.iter().all(|n| n.alive)
+                    && routing
+                        .chains
+                        .iter()
+                        .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+            },
+            rpc,
+        )
+        .await
+    }
+
+    /// Polls the manager's routing until `done` holds (60 s at most), and
+    /// fails early when a daemon dies.
+    async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&RoutingInfo) -> bool,
+        rpc: &Client<Tcp>,
+    ) -> anyhow::Result<()> {
+        let limit = Duration::from_secs(60);
+        let start = Instant::now();
+        loop {
+            let mut last = match routing(rpc, &self.cluster.mgmt_addr).await {
+                Ok(routing) if done(&routing) => return Ok(()),
+                Ok(routing) => format!("not yet at routing version {}", routing.version.0),
+                Err(error) => format!("{error:#}"),
+            };
+            // A daemon that died never comes: say so at once.
+            let mut daemons_alive = true;
+            for (name, pid) in self.cluster.pids() {
+                if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                    last = format!("{name} (pid {pid}) exited");
+                    daemons_alive = false;
+                }
+            }
+            if !daemons_alive || start.elapsed() > limit {
+                bail!(
+                    "gave up after {:.1?} waiting for {what}: {last}",
+                    start.elapsed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `work(i)` for every `i` in `order`, `self.clients` at a time.
+    async fn parallel<F, Fut>(&self, order: Arc<Vec<u32>>, work: F) -> anyhow::Result<Duration>
+    where
+        F: Fn(u32) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let workers: Vec<_> = (0..self.clients)
+            .map(|_| {
+                let next = next.clone();
+                let order = order.clone();
+                let work = work.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&index) = order.get(at) else {
+                            return anyhow::Ok(());
+                        };
+                        work(index).await?;
+                    }
+                })
+            })
+            .collect();
+        let mut first_error = None;
+        for worker in workers {
+            let result = worker.await.context("a bench worker panicked")?;
+            if let Err(error) = result {
+                // Stop the others soon: no index is handed out any more.
+                next.store(order.len(), Ordering::Relaxed);
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(started.elapsed()),
+        }
+    }
+
+    /// Writes every chunk whole, in index order.
+    async fn write_all(
+        &self,
+        client: &Arc<StorageClient<Tcp>>,
+        contents: &Arc<Contents>,
+    ) -> anyhow::Result<Duration> {
+        let order: Arc<Vec<u32>> = Arc::new((0..self.chunks).collect());
+        let chains = self.placement.chains.len() as u32;
+        let chunk_size = self.chunk_size as u32;
+        let client = client.clone();
+        let contents = contents.clone();
+        self.parallel(order, move |index| {
+            let client = client.clone();
+            let contents = contents.clone();
+            async move {
+                let chain = ChainId(index % chains + 1);
+                let (data, crc) = contents.of(index);
+                let rsp = client
+                    .write(chain, chunk(index), 0, data, chunk_size)
+                    .await
+                    .with_context(|| format!("writing chunk {index} on {chain}"))?;
+                // The chunk's CRC as the replicas computed it: the chain
+                // stored what was sent.
+                ensure!(
+                    rsp.chunk_len == chunk_size && rsp.chunk_crc == crc,
+                    "chunk {index} on {chain}: stored {} bytes with CRC {:#010x}, sent {chunk_size} \
+                     with CRC {crc:#010x}",
+                    rsp.chunk_len,
+                    rsp.chunk_crc
+                );
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Reads every chunk back in a random order and checks its CRC.
+    async fn read_all(
+        &self,
+        client: &Arc<StorageClient<Tcp>>,
+        contents: &Arc<Contents>,
+    ) -> anyhow::Result<Duration> {
+        let mut order: Vec<u32> = (0..self.chunks).collect();
+        order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(0x5eed));
+        let chunk_size = self.chunk_size as u32;
+        let client = client.clone();
+        let contents = contents.clone();
+        let placement_chains = self.placement.chains.len() as u32;
+        self.parallel(Arc::new(order), move |index| {
+            let client = client.clone();
+            let contents = contents.clone();
+            async move {
+                let chain = ChainId(index % placement_chains + 1);
+                let read = client
+                    .read(chain, chunk(index), 0, chunk_size)
+                    .await
+                    .with_context(|| format!("reading chunk {index} on {chain}"))?;
+                let (_, crc) = contents.of(index);
+                let actual = crc32c::crc32c(&read.data);
+                ensure!(
+                    read.data.len() == chunk_size as usize && actual == crc,
+                    "chunk {index} on {chain}: read {} bytes with CRC {actual:#010x}, wrote \
+                     {chunk_size} with CRC {crc:#010x}",
+                    read.data.len()
+                );
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// 4 KiB writes at random 4 KiB-aligned offsets of random chunks, one
+    /// at a time and each timed; then every written range read back.
+    async fn small_writes(&self, client: &Arc<StorageClient<Tcp>>) -> anyhow::Result<Latencies> {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x4b1b);
+        // Fresh bytes for every write: slices of one random buffer.
+        let mut source = vec![0u8; SMALL_WRITE_BYTES * self.small_writes.max(1)];
+        rng.fill(&mut source[..]);
+        let source = Bytes::from(source);
+        let blocks = (self.chunk_size as usize / SMALL_WRITE_BYTES) as u32;
+        let chunk_size = self.chunk_size as u32;
+        let mut latencies = Latencies::default();
+        // The latest bytes of each written (chunk, offset).
+        let mut written: HashMap<(u32, u32), Bytes> = HashMap::new();
+        for n in 0..self.small_writes {
+            let index = rng.random_range(0..self.chunks);
+            let offset = rng.random_range(0..blocks) * SMALL_WRITE_BYTES as u32;
+            let data = source.slice(n * SMALL_WRITE_BYTES..(n + 1) * SMALL_WRITE_BYTES);
+            let chain = self.placement.chain_of(index);
+            let start = Instant::now();
+            let rsp = client
+                .write(chain, chunk(index), offset, data.clone(), chunk_size)
+                .await
+                .with_context(|| format!("4 KiB write at {offset} of chunk {index} on {chain}"))?;
+            latencies.writes.push(start.elapsed());
+            ensure!(
+                rsp.chunk_len == chunk_size,
+                "chunk {index}: {} bytes long after a 4 KiB write inside it",
+                rsp.chunk_len
+            );
+            written.insert((index, offset), data);
+        }
+        let mut ranges: Vec<_> = written.into_iter().collect();
+        ranges.sort_by_key(|&(key, _)| key);
+        for ((index, offset), data) in ranges {
+            let chain = self.placement.chain_of(index);
+            let start = Instant::now();
+            let read = client
+                .read(chain, chunk(index), offset, SMALL_WRITE_BYTES as u32)
+                .await
+                .with_context(|| format!("4 KiB read at {offset} of chunk {index} on {chain}"))?;
+            latencies.reads.push(start.elapsed());
+            ensure!(
+                read.data == data,
+                "chunk {index} at {offset}: read back {} bytes that are not what was written",
+                read.data.len()
+            );
+        }
+        Ok(latencies)
+    }
+}
+
+fn chunk(index: u32) -> ChunkId {
+    ChunkId::new(BENCH_INODE, index)
+}
+
+/// The chunks' bytes: [`CONTENTS`] distinct buffers that chunks take in
+/// turn, each with its CRC32C, computed once so that neither generating data
+/// nor hashing it counts against the write phase.
+#[derive(Debug)]
+struct Contents {
+    chunks: Vec<(Bytes, u32)>,
+}
+
+impl Contents {
+    fn new(chunk_bytes: usize) -> Arc<Contents> {
+        let chunks = (0..CONTENTS)
+            .map(|n| {
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64 + 1);
+                let mut data = Vec::with_capacity(chunk_bytes);
+                while data.len() < chunk_bytes {
+                    // xorshift64: cheap, and no two buffers start the same.
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    data.extend_from_slice(&state.to_le_bytes());
+                }
+                data.truncate(chunk_bytes);
+                let crc = crc32c::crc32c(&data);
+                (Bytes::from(data), crc)
+            })
+            .collect();
+        Arc::new(Contents { chunks })
+    }
+
+    fn of(&self, index: u32) -> (Bytes, u32) {
+        let (data, crc) = &self.chunks[index as usize % self.chunks.len()];
+        (data.clone(), *crc)
+    }
+}
+
+async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> anyhow::Result<RoutingInfo> {
+    let req = GetRoutingReq {
+        known_version: RoutingVersion(0),
+    };
+    let (rsp, _) = rpc
+        .call::<GetRouting>(mgmt, &req, Bytes::new(), &CallOptions::default())
+        .await
+        .with_context(|| format!("asking the manager at {mgmt} for the routing"))?;
+    rsp.routing
+        .with_context(|| format!("the manager at {mgmt} sent no routing"))
+}
+
+/// One admin operation on the manager; a refusal is an error.
+async fn mutate<M>(rpc: &Client<Tcp>, mgmt: &str, req: &M::Req) -> anyhow::Result<()>
+where
+    M: Method<Rsp = Result<(), MgmtError>>,
+    M::Req: std::fmt::Debug,
+{
+    let (rsp, _) = rpc
+        .call::<M>(mgmt, req, Bytes::new(), &CallOptions::default())
+        .await
+        .with_context(|| format!("{req:?}: cannot reach the manager at {mgmt}"))?;
+    rsp.with_context(|| format!("{req:?}: the manager refused"))
+}
+
+/// Nearest-rank percentile in microseconds (`q` = 1.0 is the maximum).
+fn percentile_us(samples: &[Duration], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1].as_secs_f64() * 1e6
+}
+
+/// CPU time of this process and of each daemon since a phase began.
+struct CpuMeter {
+    started: Instant,
+    /// (name, pid or None for this process, CPU seconds at the start)
+    before: Vec<(String, Option<u32>, f64)>,
+}
+
+impl CpuMeter {
+    fn start(cluster: &Cluster) -> CpuMeter {
+        let mut before = vec![("client".to_string(), None, cpu_seconds(None))];
+        for (name, pid) in cluster.pids() {
+            before.push((name, Some(pid), cpu_seconds(Some(pid))));
+        }
+        CpuMeter {
+            started: Instant::now(),
+            before,
+        }
+    }
+
+    /// Cores busy per process: CPU seconds over wall seconds since `start`.
+    fn cores(&self) -> HashMap<String, f64> {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.before
+            .iter()
+            .map(|(name, pid, before)| (name.clone(), (cpu_seconds(*pid) - before) / wall))
+            .collect()
+    }
+}
+
+/// User plus system CPU seconds of a process (this one for `None`), from
+/// /proc/PID/stat; 0 when it cannot be read (the process is gone).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, so split after
+    // its closing parenthesis): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(14), ticks(15)) {
+        // Linux reports these in USER_HZ, 100 on every mainstream build.
+        (Some(user), Some(system)) => (user + system) as f64 / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// Whether the process has exited but is not yet reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_put_replicas_on_distinct_nodes_and_rotate_heads() {
+        let placement = Placement::new(6, 3);
+        for nodes in &placement.chains {
+            let mut distinct = nodes.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3, "{nodes:?}");
+        }
+        let heads: Vec<u32> = placement.chains.iter().map(|nodes| nodes[0]).collect();
+        assert_eq!(heads, [1, 2, 3, 1, 2, 3]);
+        assert_eq!(placement.chain_of(0), ChainId(1));
+        assert_eq!(placement.chain_of(7), ChainId(2));
+    }
+
+    #[test]
+    fn devices_hold_their_nodes_share() {
+        let mib = 1u64 << 20;
+        // Three replicas: every node holds every chunk.
+        assert_eq!(
+            Placement::new(6, 3).node_bytes_max(600 * mib, mib),
+            600 * mib
+        );
+        // One replica over six chains: a third each.
+        assert_eq!(
+            Placement::new(6, 1).node_bytes_max(600 * mib, mib),
+            200 * mib
+        );
+        // Uneven: chunks 0..7 over 2 one-replica chains on nodes 1 and 2.
+        assert_eq!(Placement::new(2, 1).node_bytes_max(7 * mib, mib), 4 * mib);
+        let device = Placement::new(6, 3).device_bytes(1024 * mib, mib);
+        assert!(device >= 1024 * mib + DEVICE_SLACK_BYTES);
+        assert_eq!(device % mib, 0);
+    }
+
+    #[test]
+    fn default_size_shrinks_to_the_free_space() {
+        let mib = 1u64 << 20;
+        let placement = Placement::new(6, 3);
+        assert_eq!(
+            default_size(&placement, mib, 1 << 40).expect("plenty"),
+            SIZE_DEFAULT
+        );
+        let small = default_size(&placement, mib, 8 << 30).expect("8 GiB free");
+        assert!(small < SIZE_DEFAULT);
+        assert!(placement.disk_bytes(small, mib) <= 4 << 30);
+        assert!(default_size(&placement, mib, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile_us(&samples, 0.50), 50.0);
+        assert_eq!(percentile_us(&samples, 0.99), 99.0);
+        assert_eq!(percentile_us(&samples, 1.0), 100.0);
+        assert_eq!(percentile_us(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn cpu_seconds_of_this_process_is_readable() {
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_seconds(None) > 0.0);
+        assert!(!is_zombie(std::process::id()));
+    }
+}
