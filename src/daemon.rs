@@ -92,7 +92,15 @@ impl StorageDaemon {
     pub async fn start(config: &StorageDaemonConfig) -> anyhow::Result<StorageDaemon> {
         // One pool for every device of the node: its arena is registered with
         // each device's ring, and each engine allocates from it.
-        let pool = BufferPool::new(&PoolConfig::default()).context("allocating I/O buffers")?;
+        // Every chunk write in flight holds a buffer of its size until it is
+        // committed, on each replica, so a storage node needs far more large
+        // buffers than the engine's default pool; beyond the pool, buffers
+        // come from the heap (page faults on the hot path).
+        let pool = BufferPool::new(&PoolConfig {
+            classes: vec![(4 << 10, 1024), (64 << 10, 256), (1 << 20, 256), (4 << 20, 16)],
+            ..PoolConfig::default()
+        })
+        .context("allocating I/O buffers")?;
         let mut engines = Vec::with_capacity(config.devices.len());
         for (disk, path) in config.devices.iter().enumerate() {
             let device = UringDevice::open(path, &UringConfig::default(), Some(&pool))

@@ -313,11 +313,17 @@ impl<N: Network> Client<N> {
             method,
         };
         let conn = self.connection(addr).await?;
-        let frame = OutFrame::new(
+        let flags = if method.payload_checked {
+            crate::frame::FLAG_PAYLOAD_UNCHECKED
+        } else {
+            0
+        };
+        let frame = OutFrame::with_flags(
             Kind::Request,
             method.id,
             Status::Ok,
             request_id,
+            flags,
             body,
             payload,
         )?;

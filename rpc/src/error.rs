@@ -17,6 +17,9 @@ use crate::frame::{FrameError, Status};
 pub struct MethodRef {
     pub id: u16,
     pub name: &'static str,
+    /// The method's payload carries its own end-to-end checksum
+    /// ([`Method::PAYLOAD_CHECKED_BY_SERVICE`](crate::Method)).
+    pub payload_checked: bool,
 }
 
 impl MethodRef {
@@ -24,12 +27,17 @@ impl MethodRef {
         MethodRef {
             id: M::ID,
             name: M::NAME,
+            payload_checked: M::PAYLOAD_CHECKED_BY_SERVICE,
         }
     }
 
     /// A method known only by id (raw calls).
     pub const fn id(id: u16) -> MethodRef {
-        MethodRef { id, name: "" }
+        MethodRef {
+            id,
+            name: "",
+            payload_checked: false,
+        }
     }
 }
 
@@ -154,6 +162,7 @@ mod tests {
             method: MethodRef {
                 id: 513,
                 name: "storage.Write",
+                payload_checked: true,
             },
             after: Duration::from_secs(5),
         };

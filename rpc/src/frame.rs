@@ -271,7 +271,7 @@ impl Header {
 
     /// Checks the body CRC against the bytes read after this header.
     pub fn check_body(&self, body: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let computed = body_crc(body, payload);
+        let computed = frame_crc(self.flags, body, payload);
         if computed == self.body_crc {
             Ok(())
         } else {
@@ -284,9 +284,22 @@ impl Header {
     }
 }
 
-/// CRC32C over body bytes then payload bytes.
+/// Header flag: the body CRC covers the body only, because the payload
+/// carries an end-to-end checksum the service verifies itself.
+pub const FLAG_PAYLOAD_UNCHECKED: u16 = 1;
+
+/// CRC32C over body bytes then payload bytes (body only under
+/// [`FLAG_PAYLOAD_UNCHECKED`]).
 pub fn body_crc(body: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(body), payload)
+}
+
+fn frame_crc(flags: u16, body: &[u8], payload: &[u8]) -> u32 {
+    if flags & FLAG_PAYLOAD_UNCHECKED != 0 {
+        crc32c::crc32c(body)
+    } else {
+        body_crc(body, payload)
+    }
 }
 
 fn read_u16(bytes: &[u8; HEADER_LEN], offset: usize) -> u16 {
@@ -341,6 +354,19 @@ impl OutFrame {
         body: Bytes,
         payload: Bytes,
     ) -> Result<OutFrame, FrameError> {
+        OutFrame::with_flags(kind, method, status, request_id, 0, body, payload)
+    }
+
+    /// [`OutFrame::new`] with header flags ([`FLAG_PAYLOAD_UNCHECKED`]).
+    pub fn with_flags(
+        kind: Kind,
+        method: u16,
+        status: Status,
+        request_id: u64,
+        flags: u16,
+        body: Bytes,
+        payload: Bytes,
+    ) -> Result<OutFrame, FrameError> {
         let body_len = u32::try_from(body.len()).map_err(|_| FrameError::BodyTooLarge {
             request_id,
             len: body.len() as u64,
@@ -354,13 +380,13 @@ impl OutFrame {
             })?;
         let header = Header {
             kind,
-            flags: 0,
+            flags,
             method,
             status,
             request_id,
             body_len,
             payload_len,
-            body_crc: body_crc(&body, &payload),
+            body_crc: frame_crc(flags, &body, &payload),
         };
         Ok(OutFrame {
             header: header.encode(),
@@ -519,6 +545,33 @@ pub fn fuzz_decode(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unchecked_payload_flag_leaves_the_payload_out_of_the_crc() {
+        let body = Bytes::from_static(b"body");
+        let payload = Bytes::from_static(b"payload bytes");
+        for (flags, payload_counted) in [(0, true), (FLAG_PAYLOAD_UNCHECKED, false)] {
+            let frame = OutFrame::with_flags(
+                Kind::Request,
+                400,
+                Status::Ok,
+                9,
+                flags,
+                body.clone(),
+                payload.clone(),
+            )
+            .expect("frame");
+            let header = Header::decode(&frame.header, &FrameLimits::default()).expect("header");
+            assert_eq!(header.flags, flags);
+            assert!(header.check_body(&body, &payload).is_ok());
+            let damaged = header.check_body(&body, b"payload bytez");
+            assert_eq!(damaged.is_err(), payload_counted, "flags {flags}");
+            assert!(
+                header.check_body(b"bodz", &payload).is_err(),
+                "the body is always checked"
+            );
+        }
+    }
 
     fn sample_header() -> Header {
         Header {

@@ -48,6 +48,12 @@ pub trait Method {
     const NAME: &'static str;
     type Req: Serialize + DeserializeOwned + Send + 'static;
     type Rsp: Serialize + DeserializeOwned + Send + 'static;
+    /// Whether the request's payload carries its own end-to-end checksum that
+    /// the service verifies where the bytes come to rest (a chunk write's
+    /// CRC32C, checked by the chunk engine). The frame's CRC then covers the
+    /// body only ([`frame::FLAG_PAYLOAD_UNCHECKED`]), so a hop does not read
+    /// every payload byte twice more just to checksum it again.
+    const PAYLOAD_CHECKED_BY_SERVICE: bool = false;
 }
 
 /// The first method id a service may use; lower ids are the rpc layer's.

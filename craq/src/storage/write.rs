@@ -50,8 +50,14 @@ pub(crate) struct Update {
 pub(crate) fn engine_error(e: EngineError) -> StorageError {
     match e {
         EngineError::NoSpace { .. } => StorageError::NoSpace,
-        EngineError::Checksum { .. } => StorageError::Engine {
-            message: e.to_string(),
+        EngineError::Checksum {
+            what: "write payload",
+            expected,
+            computed,
+            ..
+        } => StorageError::PayloadChecksum {
+            expected,
+            actual: computed,
         },
         other => StorageError::Engine {
             message: other.to_string(),
@@ -117,7 +123,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         ),
                     });
                 }
-                let data = self.fetch(&place, &payload, crc).await?;
+                let data = self.fetch(&place, &payload).await?;
                 (ForwardOp::Write { offset, crc }, Some(data))
             }
             WriteOp::Truncate { len } if len <= chunk_size => (ForwardOp::Truncate { len }, None),
@@ -188,8 +194,8 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         self.writable(&place)?;
         let chunk_size = self.check_chunk_size(req.chunk_size)?;
         let data = match req.op {
-            ForwardOp::Write { crc, .. } | ForwardOp::Replace { crc } => {
-                Some(self.fetch(&place, &payload, crc).await?)
+            ForwardOp::Write { .. } | ForwardOp::Replace { .. } => {
+                Some(self.fetch(&place, &payload).await?)
             }
             ForwardOp::Truncate { .. } | ForwardOp::Remove => None,
         };
@@ -281,13 +287,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         Ok(chunk_size)
     }
 
-    /// Pulls the request's payload into a device buffer and checks its CRC.
-    async fn fetch(
-        &self,
-        place: &Place,
-        payload: &Payload,
-        crc: u32,
-    ) -> Result<DmaBuf, StorageError> {
+    /// Pulls the request's payload into a device buffer. Its CRC is checked
+    /// by the engine's write, once (a mismatch comes back as
+    /// `PayloadChecksum`, before anything is stored).
+    async fn fetch(&self, place: &Place, payload: &Payload) -> Result<DmaBuf, StorageError> {
         let engine = self.engine(&place.target);
         let mut buf = engine.pool().alloc(payload.len());
         payload
@@ -296,13 +299,6 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .map_err(|e| StorageError::Invalid {
                 reason: format!("payload: {e}"),
             })?;
-        let actual = crc32c::crc32c(&buf);
-        if actual != crc {
-            return Err(StorageError::PayloadChecksum {
-                expected: crc,
-                actual,
-            });
-        }
         Ok(buf)
     }
 
@@ -328,9 +324,35 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 .map_err(|e| self.engine_failed(place, e))?;
             return Ok(WriteRsp::default());
         }
-        let outcome = self.write_pending(place, &mut update).await?;
-        self.failpoints.check(FailPoint::AfterPending).await;
-        let forwarded = self.forward(place, &update, Some(outcome.crc)).await;
+        // The local write and the forward run at once: the successor gets
+        // the client's bytes as they came, so neither waits for the other and
+        // a write's latency down the chain is the slowest replica's, not the
+        // sum. Only a whole-chunk forward (a syncing successor) needs the
+        // local pending version first; `forward` waits for it then.
+        let data = update.data.take();
+        let (local_done, local_seen) = tokio::sync::watch::channel(None);
+        let local = async {
+            let outcome = self.write_pending(place, &update, data).await;
+            if let Ok(outcome) = &outcome {
+                let _ = local_done.send(Some(outcome.crc));
+            }
+            drop(local_done);
+            self.failpoints.check(FailPoint::AfterPending).await;
+            outcome
+        };
+        let (outcome, forwarded) =
+            futures::join!(local, self.forward(place, &update, Some(local_seen)));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(local) => {
+                // The successor may have applied what we could not: only a
+                // fresh copy through resync makes us trustworthy again.
+                if !matches!(forwarded, Err(_) | Ok(None)) {
+                    self.fence(place, &local.to_string());
+                }
+                return Err(local);
+            }
+        };
         let failure = match forwarded {
             Ok(Some(successor))
                 if successor.chunk_crc != outcome.crc || successor.chunk_len != outcome.len =>
@@ -400,7 +422,8 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 .map_err(|e| self.engine_failed(place, e))?;
             return Ok(WriteRsp::default());
         }
-        let outcome = self.write_pending(place, &mut update).await?;
+        let data = update.data.take();
+        let outcome = self.write_pending(place, &update, data).await?;
         engine
             .commit(key, outcome.version)
             .await
@@ -415,17 +438,19 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     async fn write_pending(
         &self,
         place: &Place,
-        update: &mut Update,
+        update: &Update,
+        data: Option<DmaBuf>,
     ) -> Result<flyfs_chunk_engine::WriteOutcome, StorageError> {
         let engine = self.engine(&place.target);
+        let mut data = data;
         let op = match update.op {
             ForwardOp::Write { offset, crc } => EngineOp::Update {
                 offset,
-                data: update.data.take().ok_or_else(|| missing_data(update))?,
+                data: data.take().ok_or_else(|| missing_data(update))?,
                 crc,
             },
             ForwardOp::Replace { crc } => EngineOp::Replace {
-                data: update.data.take().ok_or_else(|| missing_data(update))?,
+                data: data.take().ok_or_else(|| missing_data(update))?,
                 crc,
             },
             ForwardOp::Truncate { len } => EngineOp::Truncate { len },
@@ -463,7 +488,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         &self,
         place: &Place,
         update: &Update,
-        pending_crc: Option<u32>,
+        local: Option<tokio::sync::watch::Receiver<Option<u32>>>,
     ) -> Result<Option<ForwardRsp>, StorageError> {
         let deadline = Instant::now() + self.config.forward_deadline;
         let mut whole = false;
@@ -490,8 +515,22 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 || (successor.state != flyfs_rpc::wire::mgmt::PublicState::Serving
                     && update.op != ForwardOp::Remove);
             let (op, payload) = if send_whole {
+                // The whole chunk is our pending version: wait until the
+                // local write has stored it (and gave its CRC).
+                let mut crc = None;
+                if let Some(local) = &local {
+                    let mut local = local.clone();
+                    match local.wait_for(Option::is_some).await {
+                        Ok(done) => crc = *done,
+                        Err(_) => {
+                            return Err(StorageError::Engine {
+                                message: "the local write failed".into(),
+                            });
+                        }
+                    }
+                }
                 let data = self.whole_pending(&now, update).await?;
-                let crc = pending_crc.unwrap_or_else(|| crc32c::crc32c(&data));
+                let crc = crc.unwrap_or_else(|| crc32c::crc32c(&data));
                 (ForwardOp::Replace { crc }, Bytes::from_owner(data))
             } else {
                 (update.op, update.bytes.clone())

@@ -341,7 +341,7 @@ pub struct SpaceRsp {
 }
 
 macro_rules! method {
-    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty) => {
+    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty $(, payload checked $checked:literal)?) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug)]
         pub struct $name;
@@ -351,17 +351,20 @@ macro_rules! method {
             const NAME: &'static str = concat!("storage.", stringify!($name));
             type Req = $req;
             type Rsp = $rsp;
+            $(const PAYLOAD_CHECKED_BY_SERVICE: bool = $checked;)?
         }
     };
 }
 
 method!(
-    /// A client's update of a chunk, at the chain's head.
-    Write = 400, WriteReq => Result<WriteRsp, StorageError>
+    /// A client's update of a chunk, at the chain's head. The engine checks
+    /// the data against the client's CRC32C at every replica.
+    Write = 400, WriteReq => Result<WriteRsp, StorageError>, payload checked true
 );
 method!(
-    /// An update forwarded from a replica to its successor.
-    Forward = 401, ForwardReq => Result<ForwardRsp, StorageError>
+    /// An update forwarded from a replica to its successor (data checked
+    /// by the successor's engine, as for `Write`).
+    Forward = 401, ForwardReq => Result<ForwardRsp, StorageError>, payload checked true
 );
 method!(
     /// Reads of many chunks from one replica.
