@@ -19,7 +19,9 @@
 //!    back (timed too) and compares the bytes.
 //!
 //! The daemons are stopped with SIGTERM (SIGKILL when they linger) and the
-//! run's directory is removed afterwards. [`Cluster`]'s `Drop` kills every
+//! run's directory is removed afterwards, unless `FLYFS_BENCH_KEEP` is set
+//! (to read the daemons' logs; `FLYFS_DAEMON_LOG` is their log filter,
+//! e.g. `flyfs_craq=debug`, default `info`). [`Cluster`]'s `Drop` kills every
 //! daemon still running, so an error or a panic leaves no process behind.
 
 use std::collections::HashMap;
@@ -220,7 +222,9 @@ pub(crate) fn storage(args: &StorageArgs) -> anyhow::Result<()> {
     };
     cluster.stop()?;
     drop(cluster);
-    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    if std::env::var_os("FLYFS_BENCH_KEEP").is_none() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
     results.elapsed_s = started.elapsed().as_secs_f64();
     if args.json {
         println!("{}", serde_json::to_string(&results)?);
@@ -446,7 +450,10 @@ impl Cluster {
             .arg(subcommand)
             .arg("--config")
             .arg(self.dir.join(format!("{name}.toml")))
-            .env("FLYFS_LOG", "info")
+            .env(
+                "FLYFS_LOG",
+                std::env::var("FLYFS_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating a log file handle")?)
             .stderr(log)
