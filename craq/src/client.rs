@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
-use flyfs_rpc::wire::mgmt::{ChainInfo, GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_rpc::wire::mgmt::{ChainInfo, PublicState, RoutingInfo};
 use flyfs_rpc::wire::storage::{
     BatchRead, BatchReadReq, Channel, ChunkMetaInfo, LastChunk, LastChunkReq, ReadItem, ReadResult,
     Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
@@ -146,28 +146,21 @@ impl<N: Network> StorageClient<N> {
 
     /// Pulls the routing information from the manager.
     pub async fn refresh_routing(&self) -> Result<Arc<RoutingInfo>, ClientError> {
-        let known = self.routing().version;
-        let known = if self.routing().chains.is_empty() {
+        let current = self.routing();
+        // Nothing learnt yet: ask for the routing whatever its version.
+        let known = if current.chains.is_empty() {
             RoutingVersion(0)
         } else {
-            known
+            current.version
         };
-        let (rsp, _) = self
-            .rpc
-            .call::<GetRouting>(
-                &self.config.mgmt_addr,
-                &GetRoutingReq {
-                    known_version: known,
-                },
-                Bytes::new(),
-                &self.options(),
-            )
-            .await
-            .map_err(|source| ClientError::Manager {
-                addr: self.config.mgmt_addr.clone(),
-                source,
-            })?;
-        if let Some(routing) = rsp.routing {
+        let routing =
+            crate::mgmt::fetch_routing(&self.rpc, &self.config.mgmt_addr, known, &self.options())
+                .await
+                .map_err(|source| ClientError::Manager {
+                    addr: self.config.mgmt_addr.clone(),
+                    source,
+                })?;
+        if let Some(routing) = routing {
             let mut current = self.routing.lock();
             if routing.version >= current.version {
                 *current = Arc::new(routing);

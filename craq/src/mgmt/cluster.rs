@@ -818,7 +818,8 @@ mod tests {
             [(1, P::Serving), (2, P::Serving), (3, P::Serving)]
         );
         // Once reported offline, it is.
-        c.heartbeat(&hb(3, &[(3, L::Offline)]), secs(2)).expect("hb");
+        c.heartbeat(&hb(3, &[(3, L::Offline)]), secs(2))
+            .expect("hb");
         assert!(c.tick(secs(2)));
         assert_eq!(
             members(&c),

@@ -16,3 +16,21 @@ pub use cluster::{Cluster, ClusterRecord, NodeRecord, TargetRecord};
 pub use service::{MgmtConfig, MgmtService};
 pub use store::{ClusterStore, FileStore, MemStore, StoreError};
 pub use transition::{Predecessor, next_state, update_chain};
+
+/// Asks the manager at `addr` for the routing information, if it is newer
+/// than `known` (`RoutingVersion(0)` asks for it whatever it is). Storage
+/// nodes and clients both keep their routing fresh with this.
+pub async fn fetch_routing<N: flyfs_rpc::Network>(
+    rpc: &flyfs_rpc::Client<N>,
+    addr: &str,
+    known: flyfs_rpc::ids::RoutingVersion,
+    options: &flyfs_rpc::CallOptions,
+) -> Result<Option<flyfs_rpc::wire::mgmt::RoutingInfo>, flyfs_rpc::RpcError> {
+    let req = flyfs_rpc::wire::mgmt::GetRoutingReq {
+        known_version: known,
+    };
+    let (rsp, _) = rpc
+        .call::<flyfs_rpc::wire::mgmt::GetRouting>(addr, &req, bytes::Bytes::new(), options)
+        .await?;
+    Ok(rsp.routing)
+}

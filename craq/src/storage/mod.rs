@@ -33,8 +33,8 @@ use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::Engine;
 use flyfs_rpc::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
 use flyfs_rpc::wire::mgmt::{
-    ChainInfo, ChainTarget, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, LocalState,
-    PublicState, RoutingInfo, TargetReport,
+    ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
+    TargetReport,
 };
 use flyfs_rpc::wire::storage::StorageError;
 use flyfs_rpc::{CallOptions, Client, Network};
@@ -348,19 +348,15 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         } else {
             RoutingVersion(0)
         };
-        let (rsp, _) = self
-            .rpc
-            .call::<GetRouting>(
-                &self.config.mgmt_addr,
-                &GetRoutingReq {
-                    known_version: known,
-                },
-                bytes::Bytes::new(),
-                &self.call_options(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(routing) = rsp.routing {
+        let routing = crate::mgmt::fetch_routing(
+            &self.rpc,
+            &self.config.mgmt_addr,
+            known,
+            &self.call_options(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if let Some(routing) = routing {
             self.install(routing);
         }
         Ok(())

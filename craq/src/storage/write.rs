@@ -424,15 +424,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         }
         let data = update.data.take();
         let outcome = self.write_pending(place, &update, data).await?;
-        engine
-            .commit(key, outcome.version)
-            .await
-            .map_err(|e| self.engine_failed(place, e))?;
-        Ok(WriteRsp {
-            version: outcome.version,
-            chunk_len: outcome.len,
-            chunk_crc: outcome.crc,
-        })
+        self.commit(place, &update, outcome).await
     }
 
     async fn write_pending(
