@@ -97,7 +97,12 @@ impl StorageDaemon {
         // buffers than the engine's default pool; beyond the pool, buffers
         // come from the heap (page faults on the hot path).
         let pool = BufferPool::new(&PoolConfig {
-            classes: vec![(4 << 10, 1024), (64 << 10, 256), (1 << 20, 256), (4 << 20, 16)],
+            classes: vec![
+                (4 << 10, 1024),
+                (64 << 10, 256),
+                (1 << 20, 256),
+                (4 << 20, 16),
+            ],
             ..PoolConfig::default()
         })
         .context("allocating I/O buffers")?;
