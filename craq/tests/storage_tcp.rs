@@ -97,7 +97,9 @@ impl Cluster {
             let (listener, addr) = bind().await;
             let mut config = StorageConfig::new(NodeId(i), addr, mgmt.clone());
             config.heartbeat_interval = Duration::from_millis(50);
-            config.lease_timeout = Duration::from_secs(1);
+            // Too long for the manager's 2 s failure timeout: the node cuts
+            // it to half of that once the manager has said so.
+            config.lease_timeout = Duration::from_secs(5);
             config.rpc_timeout = Duration::from_secs(2);
             let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
             tokio::spawn(node.clone().run());
@@ -316,6 +318,14 @@ async fn every_operation_over_tcp() {
         );
     }
     assert!(reads[8].as_ref().expect("absent chunk").data.is_empty());
+
+    for node in &c.nodes {
+        assert_eq!(
+            node.lease(),
+            Duration::from_secs(1),
+            "lease not cut to half the failure timeout"
+        );
+    }
 
     let space = c.client.space(&c.addr(1)).await.expect("space");
     assert_eq!(space.disks.len(), 1);

@@ -167,11 +167,18 @@ impl MgmtService {
                     before, routing_version,
                     "a known node's heartbeat changed the record"
                 );
-                return Ok(HeartbeatRsp { routing_version });
+                return Ok(self.heartbeat_rsp(routing_version));
             }
         }
         let routing_version = self.mutate(|c, now| c.heartbeat(&req, now))?;
-        Ok(HeartbeatRsp { routing_version })
+        Ok(self.heartbeat_rsp(routing_version))
+    }
+
+    fn heartbeat_rsp(&self, routing_version: flyfs_rpc::ids::RoutingVersion) -> HeartbeatRsp {
+        HeartbeatRsp {
+            routing_version,
+            failure_timeout_ms: self.config.failure_timeout.as_millis() as u64,
+        }
     }
 
     pub fn get_routing(&self, req: GetRoutingReq) -> GetRoutingRsp {

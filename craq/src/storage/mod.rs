@@ -184,6 +184,9 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     targets: Mutex<BTreeMap<ChainId, Arc<Target>>>,
     /// When the last heartbeat that the manager answered was sent.
     lease_from: Mutex<Option<Instant>>,
+    /// The lease in force: the configured one, cut to half the manager's
+    /// failure timeout when the manager says that is shorter.
+    lease: Mutex<Duration>,
     /// Whether a routing snapshot has been installed since start: targets in
     /// the first one existed before this process and must resync.
     started: Mutex<bool>,
@@ -260,6 +263,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// A node over `engines` (index = disk number in the manager's target
     /// records). Call [`StorageNode::run`] to heartbeat and serve.
     pub fn new(config: StorageConfig, engines: Vec<Arc<Engine<D>>>, net: N) -> Arc<Self> {
+        let lease = config.lease_timeout;
         Arc::new(StorageNode {
             config,
             engines,
@@ -267,6 +271,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             targets: Mutex::new(BTreeMap::new()),
             lease_from: Mutex::new(None),
+            lease: Mutex::new(lease),
             started: Mutex::new(false),
             syncs: Mutex::new(BTreeMap::new()),
             failpoints: FailPoints::default(),
@@ -335,6 +340,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .map_err(|e| e.to_string())?;
         let rsp = rsp.map_err(|e| e.to_string())?;
         *self.lease_from.lock() = Some(sent);
+        self.fit_lease(rsp.failure_timeout_ms);
         if rsp.routing_version > self.routing().version || !*self.started.lock() {
             self.refresh_routing().await?;
         }
@@ -480,11 +486,37 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         }
     }
 
+    /// Keeps the lease at most half the manager's failure timeout: a node
+    /// cut off from the manager must stop serving before the manager gives
+    /// its role to another replica, whatever its config says.
+    fn fit_lease(&self, failure_timeout_ms: u64) {
+        if failure_timeout_ms == 0 {
+            return;
+        }
+        let bound = Duration::from_millis(failure_timeout_ms) / 2;
+        let lease = self.config.lease_timeout.min(bound);
+        let mut current = self.lease.lock();
+        if *current != lease {
+            if lease < self.config.lease_timeout {
+                tracing::warn!(
+                    configured = ?self.config.lease_timeout,
+                    manager_failure_timeout = ?Duration::from_millis(failure_timeout_ms),
+                    "lease_timeout is not below half the manager's failure timeout; using {lease:?}"
+                );
+            }
+            *current = lease;
+        }
+    }
+
+    /// The lease in force (see [`StorageConfig::lease_timeout`]).
+    pub fn lease(&self) -> Duration {
+        *self.lease.lock()
+    }
+
     /// Whether the node's lease with the manager holds.
     pub(crate) fn lease_valid(&self) -> bool {
-        self.lease_from
-            .lock()
-            .is_some_and(|t| t.elapsed() < self.config.lease_timeout)
+        let lease = *self.lease.lock();
+        self.lease_from.lock().is_some_and(|t| t.elapsed() < lease)
     }
 
     /// The hosted target of `chain` and where it stands, if the request's

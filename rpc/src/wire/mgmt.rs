@@ -254,6 +254,10 @@ pub struct HeartbeatReq {
 pub struct HeartbeatRsp {
     /// The current routing version, so the node knows when to refetch.
     pub routing_version: RoutingVersion,
+    /// After how long without a heartbeat the manager declares a node dead.
+    /// A node's lease must end well before that (0: an older manager that
+    /// does not say).
+    pub failure_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
