@@ -415,7 +415,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             {
                 let Some(chain) = info.chain else { continue };
                 targets.entry(chain).or_insert_with(|| {
-                    let local = if first {
+                    let local = if (info.disk as usize) >= self.engines.len() {
+                        // Never served: `engine()` relies on the index.
+                        tracing::error!(target = ?info.id, disk = info.disk, disks = self.engines.len(), "target on a disk this node does not have");
+                        Local::Failed
+                    } else if first {
                         Local::Restarting
                     } else {
                         Local::UpToDate
@@ -449,13 +453,6 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             };
             let state = info.state;
             let mut local = target.local.lock();
-            if (target.disk as usize) >= self.engines.len() {
-                if *local != Local::Failed {
-                    tracing::error!(target = ?target.id, disk = target.disk, "target on a disk this node does not have");
-                    *local = Local::Failed;
-                }
-                continue;
-            }
             let next = match (*local, state) {
                 // The manager has seen us go: from now on we are a returning
                 // target, to be synced (or, as the last server, revived).
