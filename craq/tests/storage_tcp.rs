@@ -77,23 +77,28 @@ impl Cluster {
 
         let mut nodes = Vec::new();
         for i in 0..3u32 {
-            let dev = MemDevice::new(32 << 20, 4096);
-            let format = FormatOptions {
-                chunk_size_min: 4 << 10,
-                chunk_size_max: u64::from(CHUNK),
-                journal_bytes: Some(1 << 20),
-                force: false,
-            };
-            Engine::format(&dev, &format).await.expect("format");
-            let pool = BufferPool::new(&PoolConfig {
-                classes: vec![(4 << 10, 64), (64 << 10, 64)],
-                hugepages: HugePages::Never,
-            })
-            .expect("pool");
-            let dev = FaultyDevice::new(dev, u64::from(i));
-            let engine = Engine::open(dev, pool, EngineConfig::default())
-                .await
-                .expect("open");
+            // Two devices per node: chain 1 lives on disk 0, chain 2 on disk 1.
+            let mut engines = Vec::new();
+            for disk in 0..2u64 {
+                let dev = MemDevice::new(32 << 20, 4096);
+                let format = FormatOptions {
+                    chunk_size_min: 4 << 10,
+                    chunk_size_max: u64::from(CHUNK),
+                    journal_bytes: Some(1 << 20),
+                    force: false,
+                };
+                Engine::format(&dev, &format).await.expect("format");
+                let pool = BufferPool::new(&PoolConfig {
+                    classes: vec![(4 << 10, 64), (64 << 10, 64)],
+                    hugepages: HugePages::Never,
+                })
+                .expect("pool");
+                let dev = FaultyDevice::new(dev, u64::from(i) * 2 + disk);
+                let engine = Engine::open(dev, pool, EngineConfig::default())
+                    .await
+                    .expect("open");
+                engines.push(Arc::new(engine));
+            }
             let (listener, addr) = bind().await;
             let mut config = StorageConfig::new(NodeId(i), addr, mgmt.clone());
             config.heartbeat_interval = Duration::from_millis(50);
@@ -101,7 +106,7 @@ impl Cluster {
             // it to half of that once the manager has said so.
             config.lease_timeout = Duration::from_secs(5);
             config.rpc_timeout = Duration::from_secs(2);
-            let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
+            let node = StorageNode::new(config, engines, Tcp);
             tokio::spawn(node.clone().run());
             servers.push(
                 Server::new(StorageService::new(node.clone()), ServerConfig::default())
@@ -114,23 +119,29 @@ impl Cluster {
         while service.routing().nodes.len() < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for i in 0..3u32 {
-            let req = CreateTargetReq {
-                target: TargetId(u64::from(i)),
-                node: NodeId(i),
-                disk: 0,
-            };
-            call::<CreateTarget>(&rpc, &mgmt, &req, Bytes::new())
-                .await
-                .expect("target");
+        for disk in 0..2u32 {
+            for i in 0..3u32 {
+                let req = CreateTargetReq {
+                    target: TargetId(u64::from(disk * 10 + i)),
+                    node: NodeId(i),
+                    disk,
+                };
+                call::<CreateTarget>(&rpc, &mgmt, &req, Bytes::new())
+                    .await
+                    .expect("target");
+            }
         }
-        let req = CreateChainReq {
-            chain: ChainId(1),
-            targets: vec![TargetId(0), TargetId(1), TargetId(2)],
-        };
-        call::<CreateChain>(&rpc, &mgmt, &req, Bytes::new())
-            .await
-            .expect("chain");
+        // Chain 1 on disk 0 with its head on node 0; chain 2 on disk 1 with
+        // its head on node 1.
+        for (chain, targets) in [(1, [0, 1, 2]), (2, [11, 12, 10])] {
+            let req = CreateChainReq {
+                chain: ChainId(chain),
+                targets: targets.into_iter().map(TargetId).collect(),
+            };
+            call::<CreateChain>(&rpc, &mgmt, &req, Bytes::new())
+                .await
+                .expect("chain");
+        }
         let mut config = ClientConfig::new(mgmt.clone(), ClientId(77));
         config.rpc_timeout = Duration::from_secs(2);
         config.op_deadline = Duration::from_secs(10);
@@ -328,8 +339,9 @@ async fn every_operation_over_tcp() {
     }
 
     let space = c.client.space(&c.addr(1)).await.expect("space");
-    assert_eq!(space.disks.len(), 1);
+    assert_eq!(space.disks.len(), 2);
     assert_eq!(space.disks[0].committed_chunks, 9);
+    assert_eq!(space.disks[1].committed_chunks, 0);
     c.stop().await;
 }
 
@@ -552,6 +564,36 @@ async fn a_poisoned_engine_takes_its_target_offline() {
         assert!(
             same(&c.read_at(node, chunk).await.expect("read"), &second),
             "node {node}"
+        );
+    }
+    c.stop().await;
+}
+
+/// A node hosts targets on several devices, one engine each: chain 2 lives on
+/// every node's second disk and never touches the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_on_a_second_disk_use_their_own_engine() {
+    let c = Cluster::start().await;
+    let chain = ChainId(2);
+    let chunk = ChunkId::new(30, 0);
+    let bytes = data(9, 12_345);
+    c.client
+        .write(chain, chunk, 0, bytes.clone(), CHUNK)
+        .await
+        .expect("write");
+    let read = c.client.read(chain, chunk, 0, CHUNK).await.expect("read");
+    assert!(same(&read.data, &bytes));
+    for node in &c.nodes {
+        let engines = node.engines();
+        assert_eq!(
+            engines[1].chain_usage(chain).chunks,
+            1,
+            "{node:?}: chain 2 not on disk 1"
+        );
+        assert_eq!(
+            engines[0].chain_usage(chain).chunks,
+            0,
+            "{node:?}: chain 2 on disk 0"
         );
     }
     c.stop().await;
