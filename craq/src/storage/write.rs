@@ -1,9 +1,9 @@
 //! The CRAQ write path.
 //!
 //! A client write reaches the chain's head. The head checks the chain version
-//! and the client channel (exactly-once), takes the chunk lock, stores the
-//! update as pending version `committed + 1`, and forwards it to its
-//! successor, which does the same. The tail commits first; each replica
+//! and the client channel (exactly-once), takes the chunk lock, and stores the
+//! update as pending version `committed + 1` while it forwards the client's
+//! bytes to its successor, which does the same. The tail commits first; each replica
 //! commits when its successor answered, and compares the successor's
 //! whole-chunk checksum with its own, so diverged replicas are caught at the
 //! write that diverged them. A syncing successor gets the whole chunk instead
@@ -12,7 +12,10 @@
 //! When forwarding fails (the successor died), the replica keeps retrying
 //! with fresh routing until the manager has replaced the successor or the
 //! forward deadline passes; the chunk stays locked meanwhile, so writes to
-//! other chunks are unaffected.
+//! other chunks are unaffected. A replica that gives up on an update it has
+//! stored fences itself off (see `mod.rs`); a failed device takes its target
+//! offline and answers "not serving", so the predecessor waits for the
+//! manager to drop it instead of failing the write.
 
 use std::time::Duration;
 
