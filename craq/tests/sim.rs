@@ -18,9 +18,11 @@ use sim_support::{SimConfig, run_seed};
 /// had lost its exactly-once memory; 56: setup racing a manager restart;
 /// 534: a write that skipped a successor just before its resync began;
 /// 4502: replicas compared while a head still retried a forward; 4650: a
-/// partition overlapping a crash (two failures at once).
+/// partition overlapping a crash (two failures at once); 12272: a new tail
+/// answered with the version before one its failed predecessor as tail had
+/// committed and served.
 const PINNED: &[u64] = &[
-    2, 8, 16, 21, 22, 23, 56, 60, 79, 82, 85, 86, 87, 534, 4502, 4650,
+    2, 8, 16, 21, 22, 23, 56, 60, 79, 82, 85, 86, 87, 534, 4502, 4650, 12272,
 ];
 
 fn run_range(range: std::ops::Range<u64>) {

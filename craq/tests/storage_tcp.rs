@@ -464,16 +464,16 @@ async fn apportioned_reads_serve_the_tails_committed_version() {
         .await
         .expect("write");
 
-    // The tail freezes before committing the next write: head and middle
-    // hold it pending, the tail's committed version is still the old one.
-    c.nodes[2].failpoints().arm(FailPoint::BeforeCommit);
+    // The middle freezes before forwarding the next write: head and middle
+    // hold it pending, the tail has only the old version.
+    c.nodes[1].failpoints().arm(FailPoint::BeforeForward);
     let new = data(2, 8192);
     let writer = {
         let client = c.client.clone();
         let new = new.clone();
         tokio::spawn(async move { client.write(chain, chunk, 0, new, CHUNK).await })
     };
-    while !c.nodes[2].failpoints().hit() {
+    while !c.nodes[1].failpoints().hit() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for node in 0..2 {

@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::Engine;
-use flyfs_rpc::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
+use flyfs_rpc::ids::{
+    ChainId, ChainVersion, ChunkId, ChunkVersion, NodeId, RoutingVersion, TargetId,
+};
 use flyfs_rpc::wire::mgmt::{
     ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
     TargetReport,
@@ -114,8 +116,10 @@ impl Local {
 /// mid-write, tail killed before commit, crash between commit and reply).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailPoint {
-    /// The update is stored as pending; it has not been forwarded.
+    /// The update is stored as pending (forwarding may be under way).
     AfterPending,
+    /// About to send the update to the successor.
+    BeforeForward,
     /// The successor has answered; the local commit has not happened.
     BeforeCommit,
     /// Committed locally; the reply has not been sent.
@@ -133,6 +137,11 @@ impl FailPoints {
     /// Freezes the next write that reaches `point`.
     pub fn arm(&self, point: FailPoint) {
         *self.armed.lock() = Some(point);
+    }
+
+    /// Disarms the fail point if no write has reached it yet.
+    pub fn disarm(&self) {
+        *self.armed.lock() = None;
     }
 
     /// Whether a write froze at the armed point.
@@ -167,6 +176,10 @@ pub(crate) struct Target {
     pub local: Mutex<Local>,
     pub locks: ChunkLocks,
     pub channels: Channels,
+    /// Forwarded updates being applied, by chunk and version: a predecessor
+    /// that timed out resends the same update, and the copy is answered "in
+    /// progress" instead of queueing behind the first on the chunk lock.
+    pub forwards: Arc<Mutex<std::collections::BTreeSet<(ChunkId, ChunkVersion)>>>,
     /// Held shared by every write while it applies and forwards; a resync
     /// takes it exclusively once before it lists chunks, so every write that
     /// chose its successor before the resync began has finished (later ones
@@ -432,6 +445,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         local: Mutex::new(local),
                         locks: ChunkLocks::default(),
                         channels: Channels::default(),
+                        forwards: Arc::default(),
                         inflight: tokio::sync::RwLock::new(()),
                     })
                 });

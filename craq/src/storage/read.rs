@@ -73,8 +73,20 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(item.chain, item.chunk);
         for _ in 0..READ_ATTEMPTS {
-            let info = engine.stat(key);
+            let mut info = engine.stat(key);
             let pending = info.and_then(|i| i.pending).is_some();
+            // At the tail a pending version is an update in flight through
+            // this replica; it may already be committed by a tail that
+            // failed after committing it (this replica has just become the
+            // tail). Its write commits it here once it learns so: wait for
+            // it rather than serve the version before.
+            let _settled = if pending && place.is_tail() {
+                let guard = self.settle_at_tail(&place, item.chunk).await?;
+                info = engine.stat(key);
+                Some(guard)
+            } else {
+                None
+            };
             let version = if pending && !place.is_tail() {
                 match self.committed_at_tail(&place, item.chunk).await? {
                     ChunkVersion(0) => return Ok((ReadResult::default(), Bytes::new())),
@@ -169,12 +181,40 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 reason: "it is not the chain's tail".into(),
             });
         }
-        let committed = self
-            .engine(&place.target)
-            .stat(ChunkKey::new(req.chain, req.chunk))
+        let key = ChunkKey::new(req.chain, req.chunk);
+        let engine = self.engine(&place.target);
+        // A pending version here may be committed by a failed former tail:
+        // answer only once the update in flight has finished (see read_one).
+        let _settled = if engine.stat(key).and_then(|i| i.pending).is_some() {
+            Some(self.settle_at_tail(&place, req.chunk).await?)
+        } else {
+            None
+        };
+        let committed = engine
+            .stat(key)
             .and_then(|i| i.committed)
             .map_or(ChunkVersion(0), |m| m.version);
         Ok(QueryVersionRsp { committed })
+    }
+
+    /// Waits until no update of `chunk` is in flight at this tail (takes the
+    /// chunk lock), then checks that this target still serves as the tail.
+    async fn settle_at_tail(
+        &self,
+        place: &Place,
+        chunk: ChunkId,
+    ) -> Result<super::locks::ChunkGuard, StorageError> {
+        let guard = place.target.locks.lock(chunk).await;
+        let now = self.place(place.chain.id, place.version())?;
+        self.readable(&now)?;
+        if !now.is_tail() {
+            return Err(StorageError::NotServing {
+                chain: now.chain.id,
+                target: now.target.id,
+                reason: "it is no longer the chain's tail".into(),
+            });
+        }
+        Ok(guard)
     }
 
     pub(crate) async fn last_chunk(&self, req: LastChunkReq) -> Result<LastChunkRsp, StorageError> {

@@ -196,6 +196,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let place = self.place_fresh(req.chain, req.chain_version).await?;
         self.writable(&place)?;
         let chunk_size = self.check_chunk_size(req.chunk_size)?;
+        let _forward = ForwardGuard::enter(&place.target, req.chunk, req.version, req.channel)?;
         let data = match req.op {
             ForwardOp::Write { .. } | ForwardOp::Replace { .. } => {
                 Some(self.fetch(&place, &payload).await?)
@@ -540,6 +541,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 channel: update.channel,
                 sync: false,
             };
+            self.failpoints.check(FailPoint::BeforeForward).await;
             match self
                 .rpc
                 .call::<Forward>(&addr, &req, payload, &self.call_options())
@@ -609,6 +611,42 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .await
             .map_err(|e| self.engine_failed(place, e))?;
         Ok(out.data)
+    }
+}
+
+/// Marks a forwarded update as being applied; a second copy of it (a resend
+/// after the predecessor's RPC timed out) is refused with `InProgress`, a
+/// retryable answer, until the first finishes or is dropped.
+struct ForwardGuard {
+    forwards:
+        std::sync::Arc<parking_lot::Mutex<std::collections::BTreeSet<(ChunkId, ChunkVersion)>>>,
+    key: (ChunkId, ChunkVersion),
+}
+
+impl ForwardGuard {
+    fn enter(
+        target: &super::Target,
+        chunk: ChunkId,
+        version: ChunkVersion,
+        channel: Channel,
+    ) -> Result<ForwardGuard, StorageError> {
+        let key = (chunk, version);
+        if !target.forwards.lock().insert(key) {
+            return Err(StorageError::InProgress {
+                channel: channel.id,
+                seq: channel.seq,
+            });
+        }
+        Ok(ForwardGuard {
+            forwards: target.forwards.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.forwards.lock().remove(&self.key);
     }
 }
 

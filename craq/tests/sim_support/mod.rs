@@ -239,6 +239,9 @@ pub struct Sim<'a> {
     pub devices: Rc<RefCell<Vec<MemDevice>>>,
     pub crashed: Vec<bool>,
     pub partitions: Vec<(String, String)>,
+    /// A fail point armed by the chaos and not hit yet, with when: it is a
+    /// node failure on its way, so no other may start meanwhile.
+    armed: Option<(usize, Duration)>,
     rng: ChaCha8Rng,
 }
 
@@ -264,6 +267,7 @@ impl<'a> Sim<'a> {
             world,
             devices,
             partitions: Vec::new(),
+            armed: None,
             rng,
         };
         me.add_mgmt();
@@ -527,13 +531,25 @@ impl<'a> Sim<'a> {
             .collect();
         // Node failures come one at a time: a node may crash, freeze at a
         // fail point or be partitioned from its peers only once the previous
-        // failure has healed (every chain back to all serving). Manager
+        // failure has healed (every chain back to all serving); an armed
+        // fail point counts as a failure from the moment it is armed. Manager
         // restarts and partitions of clients come at any time. Failures that overlap a resync can lose a write that
         // was visible but never acknowledged: pending versions live in memory
         // and the manager revives the last serving replica, not the one that
         // committed last (3FS behaves the same); see ARCHITECTURE.md.
+        // An armed fail point that no write reached within two seconds is
+        // taken back.
+        if let Some((i, at)) = self.armed
+            && self.sim.elapsed() > at + Duration::from_secs(2)
+        {
+            if let Some(node) = self.world.borrow().nodes.get(&i) {
+                node.failpoints().disarm();
+            }
+            self.armed = None;
+        }
         let healthy = self.crashed.iter().all(|c| !c)
             && self.partitions.is_empty()
+            && self.armed.is_none()
             && self.all_serving()
             && self.world.borrow().nodes.values().all(|n| {
                 n.targets()
@@ -573,14 +589,16 @@ impl<'a> Sim<'a> {
             }
             8 | 9 if healthy => {
                 let i = self.rng.random_range(0..self.config.nodes);
-                let point = match self.rng.random_range(0..3) {
+                let point = match self.rng.random_range(0..4) {
                     0 => FailPoint::AfterPending,
-                    1 => FailPoint::BeforeCommit,
+                    1 => FailPoint::BeforeForward,
+                    2 => FailPoint::BeforeCommit,
                     _ => FailPoint::AfterCommit,
                 };
                 if let Some(node) = self.world.borrow().nodes.get(&i) {
                     node.failpoints().arm(point);
                 }
+                self.armed = Some((i, self.sim.elapsed()));
                 self.note(format!("arm {point:?} on node{i}"));
             }
             _ => {}
@@ -599,6 +617,9 @@ impl<'a> Sim<'a> {
             .collect();
         for i in frozen {
             self.crash(i);
+            if self.armed.is_some_and(|(armed, _)| armed == i) {
+                self.armed = None;
+            }
         }
     }
 
