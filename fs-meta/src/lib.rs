@@ -1,4 +1,5 @@
 //! The transactional KV layer (embedded and FoundationDB), the POSIX namespace
-//! on top of it, write sessions and garbage collection. Arrives with the
-//! metadata issue.
+//! on top of it, write sessions and garbage collection.
 #![deny(unsafe_code)]
+
+pub mod kv;

@@ -1,0 +1,362 @@
+//! The transactional, ordered key-value interface the namespace is built on,
+//! modelled on FoundationDB so that the FoundationDB backend is a thin
+//! adapter and the embedded backend keeps FoundationDB's guarantees.
+//!
+//! Semantics every backend provides (the conformance suite in
+//! [`conformance`] checks them against each one):
+//! * Keys are ordered bytewise. A transaction reads a consistent snapshot
+//!   and sees its own writes (read-your-writes), including in range reads.
+//! * Serializable reads (the default) record read conflicts: the commit fails
+//!   with [`KvError::Conflict`] if another transaction committed a write to a
+//!   key or into a range this one read, after this one's snapshot. Snapshot
+//!   reads record nothing; [`Transaction::add_read_conflict_range`] adds a
+//!   conflict range by hand, as in FoundationDB.
+//! * A range read with `limit` returns at most that many pairs and says
+//!   whether more remain; `reverse` walks from the end. Conflicts cover only
+//!   the part of the range actually read (up to the last key returned when
+//!   the limit cut it short), again as in FoundationDB.
+//! * Commit is atomic and durable when it returns `Ok`. A commit that may or
+//!   may not have happened returns [`KvError::CommitUnknown`].
+//! * Limits ([`Limits`]): key size, value size, bytes written per
+//!   transaction and transaction age, FoundationDB's by default.
+//! * Transactions are handles: cloning one shares the same transaction, so
+//!   a retry closure can take it by value (see [`run`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// FoundationDB's limits: 10,000-byte keys, 100,000-byte values, 10 MB of
+/// mutations per transaction, 5 seconds from the first read to commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    pub transaction_bytes_max: usize,
+    pub transaction_age_max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            key_bytes_max: 10_000,
+            value_bytes_max: 100_000,
+            transaction_bytes_max: 10_000_000,
+            transaction_age_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a KV operation failed. [`KvError::is_retryable`] says which ones the
+/// retry helper reruns.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// Another transaction wrote something this one read. Retryable.
+    #[error("transaction conflict: another transaction changed what this one read")]
+    Conflict,
+    /// The transaction outlived [`Limits::transaction_age_max`]. Retryable.
+    #[error("transaction is too old ({age_ms} ms; the limit is {max_ms} ms)")]
+    TooOld { age_ms: u64, max_ms: u64 },
+    /// The commit may or may not have been applied (e.g. a connection was
+    /// lost during commit). Retryable, so transactions must be idempotent,
+    /// as with FoundationDB.
+    #[error("commit result unknown: the transaction may or may not have been applied")]
+    CommitUnknown,
+    #[error("key of {len} bytes exceeds the limit of {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("transaction writes {bytes} bytes, over the limit of {max}")]
+    TransactionTooLarge { bytes: usize, max: usize },
+    #[error("write in a read-only transaction")]
+    ReadOnly,
+    /// The transaction was committed or cancelled already.
+    #[error("transaction already {state}")]
+    Finished { state: &'static str },
+    #[error("invalid range: begin {begin:?} is after end {end:?}")]
+    InvalidRange { begin: Bytes, end: Bytes },
+    /// The backend failed (I/O, corruption, a FoundationDB error that is not
+    /// one of the above). `retryable` carries the backend's own judgement.
+    #[error("{backend}: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+        retryable: bool,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl KvError {
+    /// Whether rerunning the whole transaction may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            KvError::Conflict | KvError::TooOld { .. } | KvError::CommitUnknown => true,
+            KvError::Backend { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+}
+
+/// A key and its value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// A range read: keys in `begin..end`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeOptions {
+    pub begin: Bytes,
+    pub end: Bytes,
+    /// At most this many pairs; 0 means no limit.
+    pub limit: usize,
+    /// From the end of the range backwards.
+    pub reverse: bool,
+    /// A snapshot read: records no read conflict.
+    pub snapshot: bool,
+}
+
+impl RangeOptions {
+    /// Every key in `begin..end`, forward, serializable.
+    pub fn new(begin: impl Into<Bytes>, end: impl Into<Bytes>) -> RangeOptions {
+        RangeOptions {
+            begin: begin.into(),
+            end: end.into(),
+            ..RangeOptions::default()
+        }
+    }
+
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> RangeOptions {
+        RangeOptions::new(Bytes::copy_from_slice(prefix), prefix_end(prefix))
+    }
+
+    pub fn limit(mut self, limit: usize) -> RangeOptions {
+        self.limit = limit;
+        self
+    }
+
+    pub fn reverse(mut self, reverse: bool) -> RangeOptions {
+        self.reverse = reverse;
+        self
+    }
+
+    pub fn snapshot(mut self, snapshot: bool) -> RangeOptions {
+        self.snapshot = snapshot;
+        self
+    }
+}
+
+/// What a range read returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeResult {
+    /// In key order (descending for a reverse read).
+    pub kvs: Vec<KeyValue>,
+    /// The limit stopped the read before the end of the range.
+    pub more: bool,
+}
+
+/// The first key after every key that starts with `prefix`: `prefix` with
+/// trailing 0xff bytes removed and the last byte incremented. An all-0xff or
+/// empty prefix has no such key; the end of the key space (`[0xff; 1]` plus
+/// one more byte) stands in for it.
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last == 0xff {
+            end.pop();
+        } else {
+            *end.last_mut().expect("checked non-empty") += 1;
+            return Bytes::from(end);
+        }
+    }
+    Bytes::from_static(&[0xff, 0xff])
+}
+
+/// The smallest key after `key`: `key` followed by a zero byte.
+pub fn key_after(key: &[u8]) -> Bytes {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    Bytes::from(next)
+}
+
+/// A transactional, ordered key-value store.
+pub trait Kv: Clone + Send + Sync + 'static {
+    type Tx: Transaction;
+
+    /// Starts a read-write transaction.
+    fn begin(&self) -> Result<Self::Tx, KvError>;
+    /// Starts a read-only transaction: writes fail with [`KvError::ReadOnly`],
+    /// and commit only ends it (never conflicts).
+    fn begin_read_only(&self) -> Result<Self::Tx, KvError>;
+    /// The limits this store enforces.
+    fn limits(&self) -> Limits;
+}
+
+/// One transaction. A handle: clones share it. Writes are buffered and take
+/// effect atomically at [`Transaction::commit`].
+pub trait Transaction: Clone + Send + Sync + 'static {
+    /// The value of `key`; a snapshot read when `snapshot`.
+    fn get(
+        &self,
+        key: &[u8],
+        snapshot: bool,
+    ) -> impl Future<Output = Result<Option<Bytes>, KvError>> + Send;
+    /// Pairs in a range; see [`RangeOptions`].
+    fn get_range(
+        &self,
+        options: &RangeOptions,
+    ) -> impl Future<Output = Result<RangeResult, KvError>> + Send;
+    fn set(&self, key: &[u8], value: &[u8]) -> Result<(), KvError>;
+    fn clear(&self, key: &[u8]) -> Result<(), KvError>;
+    /// Clears every key in `begin..end`.
+    fn clear_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError>;
+    /// Makes the commit fail if another transaction writes into
+    /// `begin..end` after this one's snapshot.
+    fn add_read_conflict_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError>;
+    /// Commits. Afterwards every operation fails with [`KvError::Finished`].
+    fn commit(&self) -> impl Future<Output = Result<(), KvError>> + Send;
+
+    /// [`Transaction::add_read_conflict_range`] for one key.
+    fn add_read_conflict_key(&self, key: &[u8]) -> Result<(), KvError> {
+        self.add_read_conflict_range(key, &key_after(key))
+    }
+}
+
+/// How [`run`] retries.
+#[derive(Clone, Debug)]
+pub struct RetryOptions {
+    /// Attempts in all, the first included.
+    pub attempts_max: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryOptions {
+    fn default() -> Self {
+        RetryOptions {
+            attempts_max: 100,
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(200),
+        }
+    }
+}
+
+/// An error a transaction body returns: either the KV layer's own or the
+/// caller's (an errno, say). The retry helper reruns the body only for
+/// retryable KV errors.
+pub trait TxError: From<KvError> {
+    /// The KV error inside, if this is one.
+    fn kv_error(&self) -> Option<&KvError>;
+}
+
+impl TxError for KvError {
+    fn kv_error(&self) -> Option<&KvError> {
+        Some(self)
+    }
+}
+
+/// Runs `body` in a read-write transaction and commits, rerunning both on
+/// retryable errors with jittered exponential backoff, like FoundationDB's
+/// `run`. The body must be idempotent across attempts: it may run several
+/// times, and a `CommitUnknown` attempt may have been applied.
+pub async fn run<K, F, Fut, R, E>(kv: &K, options: &RetryOptions, mut body: F) -> Result<R, E>
+where
+    K: Kv,
+    F: FnMut(K::Tx) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    E: TxError,
+{
+    let mut backoff = options.backoff_min;
+    let mut attempt = 1;
+    loop {
+        let tx = kv.begin()?;
+        let result = match body(tx.clone()).await {
+            Ok(value) => tx.commit().await.map(|()| value).map_err(E::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e)
+                if attempt < options.attempts_max
+                    && e.kv_error().is_some_and(KvError::is_retryable) =>
+            {
+                tracing::debug!(attempt, error = %e.kv_error().expect("checked"), "retrying transaction");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(options.backoff_max);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs `body` in a read-only transaction, rerunning it on retryable errors
+/// (a read-only transaction can still grow too old).
+pub async fn run_read_only<K, F, Fut, R, E>(
+    kv: &K,
+    options: &RetryOptions,
+    mut body: F,
+) -> Result<R, E>
+where
+    K: Kv,
+    F: FnMut(K::Tx) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    E: TxError,
+{
+    let mut backoff = options.backoff_min;
+    let mut attempt = 1;
+    loop {
+        let tx = kv.begin_read_only()?;
+        match body(tx.clone()).await {
+            Err(e)
+                if attempt < options.attempts_max
+                    && e.kv_error().is_some_and(KvError::is_retryable) =>
+            {
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(options.backoff_max);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Half to all of `backoff`, so that transactions that conflicted together
+/// do not retry in lockstep.
+fn jitter(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_that_can_be() {
+        assert_eq!(&prefix_end(b"DENT")[..], b"DENU");
+        assert_eq!(&prefix_end(&[1, 0xff, 0xff])[..], &[2]);
+        assert_eq!(&prefix_end(&[0xff])[..], &[0xff, 0xff]);
+        assert_eq!(&prefix_end(b"")[..], &[0xff, 0xff]);
+        assert_eq!(&key_after(b"a")[..], b"a\0");
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(KvError::Conflict.is_retryable());
+        assert!(KvError::CommitUnknown.is_retryable());
+        assert!(
+            KvError::TooOld {
+                age_ms: 6000,
+                max_ms: 5000
+            }
+            .is_retryable()
+        );
+        assert!(!KvError::ReadOnly.is_retryable());
+        assert!(!KvError::KeyTooLarge { len: 1, max: 0 }.is_retryable());
+    }
+}
