@@ -40,6 +40,11 @@ enum Origin {
     Heap {
         layout: Layout,
     },
+    /// A read-only view of memory someone else owns (a received network
+    /// payload): see [`DmaBuf::from_bytes`].
+    Shared {
+        _owner: bytes::Bytes,
+    },
 }
 
 /// An aligned, DMA-able buffer with a window of valid bytes.
@@ -57,7 +62,9 @@ pub struct DmaBuf {
 
 // SAFETY: a DmaBuf owns its memory exclusively (the pool hands each slot to one
 // buffer at a time, heap buffers are owned outright), so moving it between
-// threads or sharing `&DmaBuf` is as safe as for a `Vec<u8>`.
+// threads or sharing `&DmaBuf` is as safe as for a `Vec<u8>`. A read-only view
+// shares immutable memory kept alive by a `Bytes` (itself Send and Sync) and
+// refuses every mutable access.
 unsafe impl Send for DmaBuf {}
 // SAFETY: see `Send`: `&DmaBuf` only permits reads.
 unsafe impl Sync for DmaBuf {}
@@ -80,6 +87,43 @@ impl DmaBuf {
             len,
             origin: Origin::Heap { layout },
         }
+    }
+
+    /// A read-only buffer over `bytes`, without copying, when its memory is
+    /// aligned to [`BUF_ALIGN`] (network payloads received into aligned
+    /// buffers are, see flyfs-rpc's receive pool); `Err(bytes)` otherwise.
+    ///
+    /// The buffer may only be *written to a device*: it shares its memory
+    /// with every clone of `bytes`, so anything that would hand out mutable
+    /// access (`deref_mut`, `full_mut`, `window_mut_ptr`, reading a device
+    /// into it) panics. [`DmaBuf::is_read_only`] tells callers that would
+    /// otherwise modify it in place to copy instead.
+    pub fn from_bytes(bytes: bytes::Bytes) -> Result<DmaBuf, bytes::Bytes> {
+        if bytes.is_empty() || bytes.as_ptr() as usize % BUF_ALIGN != 0 {
+            return Err(bytes);
+        }
+        let len = bytes.len();
+        // Never written through: every mutable access checks `is_read_only`.
+        let ptr = NonNull::from(&bytes[..]).cast::<u8>();
+        Ok(DmaBuf {
+            ptr,
+            capacity: len,
+            start: 0,
+            len,
+            origin: Origin::Shared { _owner: bytes },
+        })
+    }
+
+    /// Whether the buffer is a read-only view ([`DmaBuf::from_bytes`]).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.origin, Origin::Shared { .. })
+    }
+
+    fn assert_writable(&self) {
+        assert!(
+            !self.is_read_only(),
+            "a read-only DmaBuf (shared network payload) must not be modified"
+        );
     }
 
     /// Copies `data` into a fresh heap buffer whose window is `data`.
@@ -122,6 +166,7 @@ impl DmaBuf {
 
     /// The whole buffer, ignoring the window.
     pub fn full_mut(&mut self) -> &mut [u8] {
+        self.assert_writable();
         // SAFETY: ptr is valid for `capacity` bytes and exclusively ours.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
     }
@@ -140,6 +185,7 @@ impl DmaBuf {
 
     /// Mutable address of the window's first byte, for handing to a device.
     pub fn window_mut_ptr(&mut self) -> *mut u8 {
+        self.assert_writable();
         // SAFETY: as in `window_ptr`.
         unsafe { self.ptr.as_ptr().add(self.start) }
     }
@@ -152,7 +198,7 @@ impl DmaBuf {
                 let offset = self.ptr.as_ptr() as usize - pool.arena.ptr.as_ptr() as usize;
                 Some((pool.id, (offset / REGION_BYTES_MAX) as u16))
             }
-            Origin::Heap { .. } => None,
+            Origin::Heap { .. } | Origin::Shared { .. } => None,
         }
     }
 }
@@ -175,6 +221,7 @@ impl AsRef<[u8]> for DmaBuf {
 
 impl std::ops::DerefMut for DmaBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
+        self.assert_writable();
         // SAFETY: as in Deref, and we hold the buffer exclusively.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.start), self.len) }
     }
@@ -186,6 +233,7 @@ impl fmt::Debug for DmaBuf {
             .field("capacity", &self.capacity)
             .field("window", &(self.start..self.start + self.len))
             .field("pooled", &matches!(self.origin, Origin::Pool { .. }))
+            .field("read_only", &self.is_read_only())
             .finish()
     }
 }
@@ -202,6 +250,8 @@ impl Drop for DmaBuf {
                 // SAFETY: allocated in alloc_zeroed with exactly this layout.
                 unsafe { std::alloc::dealloc(self.ptr.as_ptr(), *layout) }
             }
+            // The owner goes with the origin.
+            Origin::Shared { .. } => {}
         }
     }
 }
@@ -524,6 +574,31 @@ fn map_arena(bytes: usize, hugepages: HugePages) -> Result<Mapping, PoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_only_views_share_aligned_bytes_and_refuse_unaligned() {
+        let owner = DmaBuf::copy_from(&[7u8; 8192]);
+        let bytes = bytes::Bytes::from_owner(owner);
+        let view = DmaBuf::from_bytes(bytes.clone()).expect("aligned");
+        assert!(view.is_read_only());
+        assert_eq!(view.window_ptr(), bytes.as_ptr(), "no copy");
+        assert_eq!(&view[..], &bytes[..]);
+        assert_eq!(view.registration(), None);
+        let unaligned = bytes.slice(1..);
+        assert!(DmaBuf::from_bytes(unaligned).is_err());
+        assert!(DmaBuf::from_bytes(bytes::Bytes::new()).is_err());
+        drop(bytes);
+        // The view keeps the memory alive on its own.
+        assert_eq!(view[8191], 7);
+    }
+
+    #[test]
+    #[should_panic(expected = "read-only DmaBuf")]
+    fn read_only_views_refuse_mutation() {
+        let bytes = bytes::Bytes::from_owner(DmaBuf::copy_from(&[1u8; 4096]));
+        let mut view = DmaBuf::from_bytes(bytes).expect("aligned");
+        view[0] = 2;
+    }
 
     #[test]
     fn pool_recycles_and_falls_back() {

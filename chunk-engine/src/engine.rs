@@ -650,6 +650,13 @@ fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
     if start % BLOCK as usize != 0 || data.capacity() - start < padded {
         return Err(data);
     }
+    if padded == len {
+        // Nothing to pad; `data` may be a read-only view of a received payload.
+        return Ok(data);
+    }
+    if data.is_read_only() {
+        return Err(data);
+    }
     data.full_mut()[start + len..start + padded].fill(0);
     data.set_window(start, padded);
     Ok(data)

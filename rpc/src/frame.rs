@@ -17,7 +17,9 @@
 use std::fmt;
 use std::io;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::recv_pool::RecvBuf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// `b"FLYF"` read as a little-endian u32: the first four bytes on the wire
@@ -439,8 +441,8 @@ pub enum ReadError {
 }
 
 /// Reads one frame: `Ok(None)` on a clean end of stream before a header. The
-/// header is checked against `limits` before body and payload are read into
-/// one buffer of exactly their size. Not cancel-safe: a frame half read when
+/// header is checked against `limits` before body and payload are read, the
+/// payload into an aligned buffer of its own. Not cancel-safe: a frame half read when
 /// the future is dropped is lost, and the stream with it, so callers read
 /// from a task of their own.
 pub async fn read_frame<R: AsyncRead + Unpin>(
@@ -465,29 +467,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let header = Header::decode(&header_bytes, limits)?;
     let body_len = header.body_len as usize;
-    let total = body_len + header.payload_len as usize;
-    let mut buf = BytesMut::with_capacity(total);
-    while buf.len() < total {
-        // `limit` keeps the read inside this frame even when the allocator
-        // handed out more capacity than asked for; the spare capacity is
-        // filled without being zeroed first.
-        let remaining = total - buf.len();
-        let n = reader.read_buf(&mut (&mut buf).limit(remaining)).await?;
+    let payload_len = header.payload_len as usize;
+    let total = body_len + payload_len;
+    let mut body = BytesMut::zeroed(body_len);
+    // The payload goes to an aligned, recycled buffer (see `recv_pool`).
+    let mut payload = RecvBuf::new(payload_len);
+    let mut filled = 0;
+    while filled < total {
+        let dst = if filled < body_len {
+            &mut body[filled..]
+        } else {
+            &mut payload.as_mut_slice()[filled - body_len..]
+        };
+        let n = reader.read(dst).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "stream ended {} bytes into the {total} bytes of body and payload \
+                    "stream ended {filled} bytes into the {total} bytes of body and payload \
                      of request {}",
-                    buf.len(),
                     header.request_id
                 ),
             )
             .into());
         }
+        filled += n;
     }
-    let body = buf.split_to(body_len).freeze();
-    let payload = buf.freeze();
+    let body = body.freeze();
+    let payload = payload.freeze();
     Ok(Some(Frame {
         header,
         body,

@@ -23,6 +23,7 @@ pub mod frame;
 pub mod ids;
 pub mod net;
 pub mod payload;
+pub mod recv_pool;
 pub mod server;
 pub mod wire;
 

@@ -409,18 +409,30 @@ fn build_entry(
                 (Some(registered), Some((pool, region))) if pool == registered => Some(region),
                 _ => None,
             };
-            // SAFETY: `done < len == buf.len()`, so the pointer stays inside
-            // the window.
-            let ptr = unsafe { buf.window_mut_ptr().add(done) };
-            match (state.op, fixed) {
-                (IoOp::Read, Some(region)) => opcode::ReadFixed::new(fd, ptr, len, region)
-                    .offset(offset)
-                    .build(),
-                (IoOp::Read, None) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
-                (_, Some(region)) => opcode::WriteFixed::new(fd, ptr, len, region)
-                    .offset(offset)
-                    .build(),
-                (_, None) => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+            // Writes only read the buffer, which may be a read-only view of
+            // a received payload; reads need it writable.
+            match state.op {
+                IoOp::Read => {
+                    // SAFETY: `done < len == buf.len()`, so the pointer stays
+                    // inside the window.
+                    let ptr = unsafe { buf.window_mut_ptr().add(done) };
+                    match fixed {
+                        Some(region) => opcode::ReadFixed::new(fd, ptr, len, region)
+                            .offset(offset)
+                            .build(),
+                        None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+                    }
+                }
+                _ => {
+                    // SAFETY: as for reads.
+                    let ptr = unsafe { buf.window_ptr().add(done) };
+                    match fixed {
+                        Some(region) => opcode::WriteFixed::new(fd, ptr, len, region)
+                            .offset(offset)
+                            .build(),
+                        None => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+                    }
+                }
             }
         }
         IoOp::Flush => opcode::Fsync::new(fd)

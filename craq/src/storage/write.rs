@@ -294,7 +294,17 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// Pulls the request's payload into a device buffer. Its CRC is checked
     /// by the engine's write, once (a mismatch comes back as
     /// `PayloadChecksum`, before anything is stored).
+    ///
+    /// A payload that arrived in aligned memory (rpc's receive pool) is
+    /// written to the device from where it lies, through a read-only view
+    /// shared with the forward to the successor: no copy, which was a tenth of
+    /// the CPU of a replicated write.
     async fn fetch(&self, place: &Place, payload: &Payload) -> Result<DmaBuf, StorageError> {
+        if let Payload::Inline(bytes) = payload
+            && let Ok(view) = DmaBuf::from_bytes(bytes.clone())
+        {
+            return Ok(view);
+        }
         let engine = self.engine(&place.target);
         let mut buf = engine.pool().alloc(payload.len());
         payload
