@@ -99,7 +99,7 @@ impl DmaBuf {
     /// into it) panics. [`DmaBuf::is_read_only`] tells callers that would
     /// otherwise modify it in place to copy instead.
     pub fn from_bytes(bytes: bytes::Bytes) -> Result<DmaBuf, bytes::Bytes> {
-        if bytes.is_empty() || bytes.as_ptr() as usize % BUF_ALIGN != 0 {
+        if bytes.is_empty() || !(bytes.as_ptr() as usize).is_multiple_of(BUF_ALIGN) {
             return Err(bytes);
         }
         let len = bytes.len();

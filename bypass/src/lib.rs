@@ -86,7 +86,10 @@ impl Geometry {
     /// aligned and inside the device.
     pub fn check(&self, op: IoOp, offset: u64, len: u64, addr: usize) -> Result<(), DeviceError> {
         let sector = u64::from(self.sector_size);
-        if offset % sector != 0 || len % sector != 0 || (addr as u64) % sector != 0 {
+        if !offset.is_multiple_of(sector)
+            || !len.is_multiple_of(sector)
+            || !(addr as u64).is_multiple_of(sector)
+        {
             return Err(DeviceError::Misaligned {
                 op,
                 offset,

@@ -117,7 +117,7 @@ impl Allocator {
         entry.class_log2 = Some(class_log2);
         entry.bitmap = vec![0; words];
         // Bits past the last slot are permanently set, so "all ones" means full.
-        if slots % 64 != 0 {
+        if !slots.is_multiple_of(64) {
             entry.bitmap[words - 1] = !0u64 << (slots % 64);
         }
         let class_slot = self.class_slot(class_log2);

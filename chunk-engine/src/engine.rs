@@ -647,7 +647,7 @@ fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
     let start = data.window_start();
     let len = data.len();
     let padded = round_up(len as u64) as usize;
-    if start % BLOCK as usize != 0 || data.capacity() - start < padded {
+    if !start.is_multiple_of(BLOCK as usize) || data.capacity() - start < padded {
         return Err(data);
     }
     if padded == len {

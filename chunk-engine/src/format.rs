@@ -30,12 +30,13 @@ pub const CLASS_LOG2_MAX: u8 = 26;
 /// Bytes of the checkpoint header block.
 pub const CHECKPOINT_HEADER_BYTES: u64 = BLOCK;
 
-const _: () = assert!(HEADER_BYTES % BLOCK == 0 && SUPERBLOCK_OFFSETS[1] % BLOCK == 0);
+const _: () =
+    assert!(HEADER_BYTES.is_multiple_of(BLOCK) && SUPERBLOCK_OFFSETS[1].is_multiple_of(BLOCK));
 const _: () = assert!(
-    (1u64 << CLASS_LOG2_MIN) % BLOCK == 0,
+    (1u64 << CLASS_LOG2_MIN).is_multiple_of(BLOCK),
     "a chunk slot must be block aligned"
 );
-const _: () = assert!(BLOCK as usize % META_BYTES == 0);
+const _: () = assert!((BLOCK as usize).is_multiple_of(META_BYTES));
 
 /// Why bytes failed to decode.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -195,7 +196,7 @@ impl Superblock {
                 1u64 << CLASS_LOG2_MAX
             ));
         }
-        if journal_bytes < 16 * BLOCK || journal_bytes % BLOCK != 0 {
+        if journal_bytes < 16 * BLOCK || !journal_bytes.is_multiple_of(BLOCK) {
             return Err(format!(
                 "journal size {journal_bytes} must be a multiple of {BLOCK} and at least {}",
                 16 * BLOCK
@@ -728,7 +729,7 @@ impl CheckpointHeader {
                 format!("device holds at most {} chunks", sb.max_chunks()),
             ));
         }
-        if header.journal_lsn % BLOCK != 0 {
+        if !header.journal_lsn.is_multiple_of(BLOCK) {
             return Err(field(
                 WHAT,
                 "journal_lsn",

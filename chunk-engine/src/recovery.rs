@@ -473,7 +473,7 @@ async fn replay_journal<D: BlockDevice>(
     let mut last: Option<Vec<Record>> = None;
     loop {
         let mut found = read_batch(dev, pool, sb, lsn).await?.map(|b| (lsn, b));
-        if found.is_none() && lsn % journal != 0 {
+        if found.is_none() && !lsn.is_multiple_of(journal) {
             // The writer skips to the next lap when a batch does not fit.
             let lap = lsn.next_multiple_of(journal);
             found = read_batch(dev, pool, sb, lap).await?.map(|b| (lap, b));

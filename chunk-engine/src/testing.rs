@@ -795,7 +795,7 @@ fn same(encoded: &[u8], original: &[u8], what: &str) {
 /// journal mode follows the sequence's length, so both modes get fuzzed
 /// without changing the targets' input format.
 pub fn fuzz_ops(ops: &[Op]) {
-    let journal = if ops.len() % 2 == 0 {
+    let journal = if ops.len().is_multiple_of(2) {
         JournalMode::Thread
     } else {
         JournalMode::Inline

@@ -12,7 +12,7 @@ use flyfs_chunk_engine::JournalMode;
 use flyfs_chunk_engine::testing::run_seed;
 
 fn mode(seed: u64) -> JournalMode {
-    if seed % 2 == 0 {
+    if seed.is_multiple_of(2) {
         JournalMode::Thread
     } else {
         JournalMode::Inline

@@ -199,7 +199,7 @@ fn block_geometry(path: &Path, file: &File) -> Result<Geometry, DeviceError> {
             None,
         ));
     }
-    if capacity_bytes % u64::from(sector_size) != 0 {
+    if !capacity_bytes.is_multiple_of(u64::from(sector_size)) {
         return Err(open_error(
             path,
             format!(
@@ -218,7 +218,7 @@ fn block_geometry(path: &Path, file: &File) -> Result<Geometry, DeviceError> {
 /// space allocated up front where the file system allows it.
 pub(super) fn create_sized(path: &Path, size_bytes: u64) -> Result<(), DeviceError> {
     let sector = u64::from(FILE_SECTOR_SIZE);
-    if size_bytes == 0 || size_bytes % sector != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(sector) {
         return Err(open_error(
             path,
             format!("size {size_bytes} is not a positive multiple of {sector} bytes"),

@@ -52,15 +52,15 @@ impl Drop for Ring {
     /// on the reactor thread, as `SINGLE_ISSUER` requires for these calls.
     fn drop(&mut self) {
         let submitter = self.ring.submitter();
-        if self.buffers_registered {
-            if let Err(error) = submitter.unregister_buffers() {
-                tracing::debug!(%error, "unregistering the buffer pool failed");
-            }
+        if self.buffers_registered
+            && let Err(error) = submitter.unregister_buffers()
+        {
+            tracing::debug!(%error, "unregistering the buffer pool failed");
         }
-        if self.registered_file() {
-            if let Err(error) = submitter.unregister_files() {
-                tracing::debug!(%error, "unregistering the device file failed");
-            }
+        if self.registered_file()
+            && let Err(error) = submitter.unregister_files()
+        {
+            tracing::debug!(%error, "unregistering the device file failed");
         }
     }
 }
@@ -275,10 +275,10 @@ pub(super) fn setup(
         probe.is_supported(opcode::ReadFixed::CODE) && probe.is_supported(opcode::WriteFixed::CODE);
     let fallocate = probe.is_supported(opcode::Fallocate::CODE);
 
-    if config.register_files {
-        if let Err(error) = normal.register_file(raw_fd) {
-            tracing::info!(device = %shared.name, %error, "cannot register the device file; using its descriptor");
-        }
+    if config.register_files
+        && let Err(error) = normal.register_file(raw_fd)
+    {
+        tracing::info!(device = %shared.name, %error, "cannot register the device file; using its descriptor");
     }
 
     // IOPOLL: detected with a real read, never assumed.
