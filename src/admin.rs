@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use flyfs_craq::mgmt::Managers;
 use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
 use flyfs_rpc::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
@@ -19,9 +20,10 @@ use flyfs_rpc::{CallOptions, Client, ClientConfig, Method, Tcp};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct AdminArgs {
-    /// The cluster manager's address.
-    #[arg(long, default_value = "127.0.0.1:7000")]
-    mgmt: String,
+    /// The cluster managers' addresses, comma-separated (the primary is
+    /// found among them).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7000")]
+    mgmt: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -86,7 +88,8 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
     let admin = Admin {
         client,
         options,
-        mgmt: &args.mgmt,
+        managers: Managers::new(args.mgmt.iter().cloned()),
+        mgmt: args.mgmt.join(","),
     };
     match &args.command {
         AdminCommand::Status => {
@@ -150,21 +153,23 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One manager and how to call it.
-struct Admin<'a> {
+/// The managers and how to call them.
+struct Admin {
     client: Client<Tcp>,
     options: CallOptions,
-    mgmt: &'a str,
+    managers: Managers,
+    /// The addresses as given, for messages.
+    mgmt: String,
 }
 
-impl Admin<'_> {
+impl Admin {
     async fn routing(&self) -> anyhow::Result<RoutingInfo> {
         let req = GetRoutingReq {
             known_version: RoutingVersion(0),
         };
-        let (rsp, _) = self
-            .client
-            .call::<GetRouting>(self.mgmt, &req, Bytes::new(), &self.options)
+        let rsp = self
+            .managers
+            .call::<GetRouting, _>(&self.client, &req, &self.options)
             .await
             .with_context(|| format!("asking the cluster manager at {}", self.mgmt))?;
         // The manager answers `None` only to a caller that already has its
@@ -181,9 +186,9 @@ impl Admin<'_> {
     where
         M: Method<Rsp = Result<(), MgmtError>>,
     {
-        let (rsp, _) = self
-            .client
-            .call::<M>(self.mgmt, req, Bytes::new(), &self.options)
+        let rsp = self
+            .managers
+            .call::<M, _>(&self.client, req, &self.options)
             .await
             .with_context(|| {
                 format!(
@@ -192,10 +197,9 @@ impl Admin<'_> {
                 )
             })?;
         if let Err(error) = rsp {
-            bail!(
-                "{command}: the cluster manager at {} refused: {error}",
-                self.mgmt
-            );
+            // The manager that answered last is the one that refused.
+            let at = self.managers.primary().unwrap_or_else(|| self.mgmt.clone());
+            bail!("{command}: the cluster manager at {at} refused: {error}");
         }
         Ok(())
     }

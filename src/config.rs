@@ -10,9 +10,10 @@
 //! here name their key. deploy/mgmtd.toml and deploy/storage.toml list every
 //! key with its default.
 //!
-//! Relative paths in a file (`data_dir`, `devices`) are taken relative to
-//! the directory holding the file, so a config and its data can move
-//! together and a daemon's working directory does not matter.
+//! Relative paths in a file (`data_dir`, `devices`, `store.path`,
+//! `store.cluster_file`) are taken relative to the directory holding the
+//! file, so a config and its data can move together and a daemon's working
+//! directory does not matter.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +30,10 @@ use serde::Deserialize;
 /// manager waits, so a lease above it is certainly a mistake.
 pub const LEASE_TIMEOUT_MS_MAX: u64 = 60_000;
 
+/// The shortest manager lease: a renewal every third of it must survive a
+/// slow store transaction.
+pub const LEASE_TTL_MS_MIN: u64 = 100;
+
 /// `flyfs mgmtd`: the cluster manager.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +41,12 @@ pub struct MgmtdConfig {
     /// Where the manager's RPC server listens (`host:port`).
     #[serde(default = "default_mgmt_addr")]
     pub listen: String,
-    /// The directory of the durable cluster record (`cluster.rec`).
+    /// The address storage nodes and clients reach this manager at, which
+    /// standby managers name to them; defaults to the bound address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The manager's directory: the file store's `cluster.rec`, and the
+    /// embedded KV store unless `store.path` says otherwise.
     pub data_dir: PathBuf,
     /// How often storage nodes are expected to heartbeat.
     #[serde(default = "default_heartbeat_interval_ms")]
@@ -47,6 +57,64 @@ pub struct MgmtdConfig {
     /// How often liveness and chains are re-evaluated.
     #[serde(default = "default_tick_interval_ms")]
     pub tick_interval_ms: u64,
+    /// How long the primary manager's lease lasts without renewal; it is
+    /// renewed every third of that, and a standby takes over within about
+    /// this long after the primary dies.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// Where the cluster record and the lease live (`[store]`).
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]` of `flyfs mgmtd`: where the durable cluster state lives.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// `cluster.rec` in `path` (default `data_dir`). One manager only: its
+    /// lease is trivially held. The default.
+    File {
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// The embedded transactional KV store (fjall) in `path` (default
+    /// `data_dir/kv`), with the real lease. One process can open it, so
+    /// still one manager per store.
+    Kv {
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// FoundationDB, shared by every manager of the cluster (standbys take
+    /// over from the primary). Needs FoundationDB support in the build.
+    Fdb { cluster_file: PathBuf },
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::File { path: None }
+    }
+}
+
+impl StoreConfig {
+    /// The directory of a file or KV store, from `data_dir` by default.
+    pub fn dir(&self, data_dir: &Path) -> Option<PathBuf> {
+        match self {
+            StoreConfig::File { path } => Some(path.clone().unwrap_or_else(|| data_dir.into())),
+            StoreConfig::Kv { path } => Some(path.clone().unwrap_or_else(|| data_dir.join("kv"))),
+            StoreConfig::Fdb { .. } => None,
+        }
+    }
+
+    fn resolve_beside(&mut self, config: &Path) {
+        match self {
+            StoreConfig::File { path } | StoreConfig::Kv { path } => {
+                if let Some(path) = path {
+                    *path = beside(config, path);
+                }
+            }
+            StoreConfig::Fdb { cluster_file } => *cluster_file = beside(config, cluster_file),
+        }
+    }
 }
 
 /// `flyfs storage`: one storage node.
@@ -62,9 +130,13 @@ pub struct StorageDaemonConfig {
     /// listener is bound to.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// The cluster manager's address.
-    #[serde(default = "default_mgmt_addr")]
-    pub mgmt: String,
+    /// The cluster manager's address, when there is one manager; after
+    /// parsing it has moved into `mgmt_addrs`.
+    #[serde(default)]
+    pub mgmt: Option<String>,
+    /// The cluster managers' addresses (the primary and its standbys).
+    #[serde(default)]
+    pub mgmt_addrs: Vec<String>,
     /// Devices (or files) formatted by `flyfs format`; a target's disk index
     /// is the position of its device in this list.
     pub devices: Vec<PathBuf>,
@@ -102,6 +174,10 @@ fn default_tick_interval_ms() -> u64 {
     500
 }
 
+fn default_lease_ttl_ms() -> u64 {
+    flyfs_craq::mgmt::LeaseOptions::TTL_DEFAULT.as_millis() as u64
+}
+
 fn default_lease_timeout_ms() -> u64 {
     5_000
 }
@@ -131,6 +207,7 @@ impl MgmtdConfig {
     pub fn load(path: &Path) -> anyhow::Result<MgmtdConfig> {
         let mut config = Self::parse(&read(path)?).with_context(|| invalid(path))?;
         config.data_dir = beside(path, &config.data_dir);
+        config.store.resolve_beside(path);
         Ok(config)
     }
 
@@ -148,14 +225,48 @@ impl MgmtdConfig {
             tick_interval: Duration::from_millis(self.tick_interval_ms),
         }
     }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
 }
 
 impl Validate for MgmtdConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check(!self.listen.is_empty(), "listen", || "is empty".into())?;
+        check(
+            self.advertise.as_ref().is_none_or(|a| !a.is_empty()),
+            "advertise",
+            || "is empty (leave it out to advertise the listening address)".into(),
+        )?;
         check(!self.data_dir.as_os_str().is_empty(), "data_dir", || {
             "is empty".into()
         })?;
+        check(
+            self.lease_ttl_ms >= LEASE_TTL_MS_MIN,
+            "lease_ttl_ms",
+            || {
+                format!(
+                    "{} is below {LEASE_TTL_MS_MIN}: one slow store transaction would cost \
+                     the primary its lease",
+                    self.lease_ttl_ms
+                )
+            },
+        )?;
+        match &self.store {
+            StoreConfig::File { path } | StoreConfig::Kv { path } => check(
+                path.as_ref().is_none_or(|p| !p.as_os_str().is_empty()),
+                "store.path",
+                || "is empty (leave it out for the default under data_dir)".into(),
+            )?,
+            // FoundationDB support needs libfdb_c to link, so the binary is
+            // built without it (see the README); refuse here, before
+            // anything starts, rather than at the first transaction.
+            StoreConfig::Fdb { .. } => bail!(
+                "key `store.kind`: \"fdb\" needs FoundationDB support, which this build of \
+                 flyfs lacks (it needs libfdb_c); use kind = \"kv\" (embedded) or \"file\""
+            ),
+        }
         positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
         positive(self.tick_interval_ms, "tick_interval_ms")?;
         // One late heartbeat must not kill a node.
@@ -195,9 +306,15 @@ impl StorageDaemonConfig {
     }
 
     /// Parses and checks a config's text (relative paths are left as written).
+    /// `mgmt`, if given, becomes the one entry of `mgmt_addrs`.
     pub fn parse(text: &str) -> anyhow::Result<StorageDaemonConfig> {
-        let config: StorageDaemonConfig = toml::from_str(text)?;
+        let mut config: StorageDaemonConfig = toml::from_str(text)?;
         config.validate()?;
+        if config.mgmt_addrs.is_empty() {
+            let mgmt = config.mgmt.take().unwrap_or_else(default_mgmt_addr);
+            config.mgmt_addrs = vec![mgmt];
+        }
+        config.mgmt = None;
         Ok(config)
     }
 
@@ -205,7 +322,8 @@ impl StorageDaemonConfig {
     /// is advertised unless `advertise` says otherwise (it resolves port 0).
     pub fn storage_config(&self, bound: &str) -> StorageConfig {
         let addr = self.advertise.clone().unwrap_or_else(|| bound.to_string());
-        let mut config = StorageConfig::new(NodeId(self.node_id), addr, self.mgmt.clone());
+        let mut config = StorageConfig::new(NodeId(self.node_id), addr, String::new());
+        config.mgmt_addrs = self.mgmt_addrs.clone();
         config.heartbeat_interval = Duration::from_millis(self.heartbeat_interval_ms);
         config.lease_timeout = Duration::from_millis(self.lease_timeout_ms);
         config.rpc_timeout = Duration::from_millis(self.rpc_timeout_ms);
@@ -217,7 +335,21 @@ impl StorageDaemonConfig {
 impl Validate for StorageDaemonConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check(!self.listen.is_empty(), "listen", || "is empty".into())?;
-        check(!self.mgmt.is_empty(), "mgmt", || "is empty".into())?;
+        check(
+            self.mgmt.as_ref().is_none_or(|m| !m.is_empty()),
+            "mgmt",
+            || "is empty".into(),
+        )?;
+        check(
+            self.mgmt.is_none() || self.mgmt_addrs.is_empty(),
+            "mgmt_addrs",
+            || "is given together with `mgmt`: list every manager in `mgmt_addrs` only".into(),
+        )?;
+        check(
+            self.mgmt_addrs.iter().all(|a| !a.is_empty()),
+            "mgmt_addrs",
+            || "holds an empty address".into(),
+        )?;
         check(
             self.advertise.as_ref().is_none_or(|a| !a.is_empty()),
             "advertise",
@@ -303,13 +435,95 @@ mod tests {
             config,
             MgmtdConfig {
                 listen: "127.0.0.1:7000".into(),
+                advertise: None,
                 data_dir: "/var/lib/flyfs/mgmtd".into(),
                 heartbeat_interval_ms: 1_000,
                 failure_timeout_ms: 10_000,
                 tick_interval_ms: 500,
+                lease_ttl_ms: 3_000,
+                store: StoreConfig::File { path: None },
             }
         );
         assert_eq!(config.mgmt_config(), MgmtConfig::default());
+        assert_eq!(
+            config.lease_ttl(),
+            flyfs_craq::mgmt::LeaseOptions::TTL_DEFAULT
+        );
+        assert_eq!(
+            config.store.dir(&config.data_dir),
+            Some(PathBuf::from("/var/lib/flyfs/mgmtd"))
+        );
+    }
+
+    #[test]
+    fn mgmtd_store_kinds() {
+        let config = MgmtdConfig::parse("data_dir = \"d\"\n[store]\nkind = \"kv\"").expect("kv");
+        assert_eq!(config.store, StoreConfig::Kv { path: None });
+        assert_eq!(
+            config.store.dir(&config.data_dir),
+            Some(PathBuf::from("d/kv"))
+        );
+        let config = MgmtdConfig::parse(
+            "data_dir = \"d\"\nlease_ttl_ms = 2000\n[store]\nkind = \"kv\"\npath = \"/fast/mgmt\"",
+        )
+        .expect("kv with a path");
+        assert_eq!(
+            config.store.dir(&config.data_dir),
+            Some(PathBuf::from("/fast/mgmt"))
+        );
+        assert_eq!(config.lease_ttl(), Duration::from_secs(2));
+
+        // FoundationDB parses, and is refused naming the key.
+        let error = MgmtdConfig::parse(
+            "data_dir = \"d\"\n[store]\nkind = \"fdb\"\ncluster_file = \"/etc/foundationdb/fdb.cluster\"",
+        )
+        .expect_err("no FoundationDB in this build");
+        let text = message(&error);
+        assert!(
+            text.contains("store.kind") && text.contains("fdb"),
+            "{text}"
+        );
+
+        // An unknown kind, a key of another kind and a short lease name
+        // what is wrong.
+        let error = MgmtdConfig::parse("data_dir = \"d\"\n[store]\nkind = \"etcd\"")
+            .expect_err("unknown kind");
+        let text = message(&error);
+        assert!(text.contains("etcd") && text.contains("kv"), "{text}");
+        let error =
+            MgmtdConfig::parse("data_dir = \"d\"\n[store]\nkind = \"file\"\ncluster_file = \"x\"")
+                .expect_err("cluster_file on a file store");
+        assert!(message(&error).contains("cluster_file"), "{error:#}");
+        let error =
+            MgmtdConfig::parse("data_dir = \"d\"\nlease_ttl_ms = 10").expect_err("short lease");
+        assert!(message(&error).contains("lease_ttl_ms"), "{error:#}");
+    }
+
+    #[test]
+    fn storage_takes_one_manager_or_several() {
+        let config = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\nmgmt_addrs = [\"10.0.0.1:7000\", \"10.0.0.2:7000\"]",
+        )
+        .expect("two managers");
+        assert_eq!(config.mgmt_addrs, ["10.0.0.1:7000", "10.0.0.2:7000"]);
+        assert_eq!(
+            config.storage_config("127.0.0.1:7100").mgmt_addrs,
+            ["10.0.0.1:7000", "10.0.0.2:7000"]
+        );
+        let config =
+            StorageDaemonConfig::parse("node_id = 1\ndevices = [\"a\"]\nmgmt = \"10.0.0.1:7000\"")
+                .expect("one manager, the old key");
+        assert_eq!(config.mgmt_addrs, ["10.0.0.1:7000"]);
+        assert_eq!(config.mgmt, None);
+        let error = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\nmgmt = \"a:1\"\nmgmt_addrs = [\"b:1\"]",
+        )
+        .expect_err("both keys");
+        assert!(message(&error).contains("mgmt_addrs"), "{error:#}");
+        let error =
+            StorageDaemonConfig::parse("node_id = 1\ndevices = [\"a\"]\nmgmt_addrs = [\"\"]")
+                .expect_err("empty address");
+        assert!(message(&error).contains("mgmt_addrs"), "{error:#}");
     }
 
     #[test]
@@ -317,7 +531,7 @@ mod tests {
         let config =
             StorageDaemonConfig::parse("node_id = 3\ndevices = [\"/dev/nvme0n1\"]").expect("valid");
         assert_eq!(config.listen, "127.0.0.1:7100");
-        assert_eq!(config.mgmt, "127.0.0.1:7000");
+        assert_eq!(config.mgmt_addrs, ["127.0.0.1:7000"]);
         assert_eq!(config.advertise, None);
         assert_eq!(
             (
@@ -424,6 +638,28 @@ mod tests {
         let text = message(&error);
         assert!(text.contains(&path.display().to_string()), "{text}");
         assert!(text.contains("bogus"), "{text}");
+
+        // A store path is resolved beside the file too, and a bad store
+        // names the file and the key.
+        let mgmtd = dir.path().join("mgmtd.toml");
+        std::fs::write(
+            &mgmtd,
+            "data_dir = \"m\"\n[store]\nkind = \"kv\"\npath = \"kv\"",
+        )
+        .expect("write");
+        let config = MgmtdConfig::load(&mgmtd).expect("valid");
+        assert_eq!(
+            config.store.dir(&config.data_dir),
+            Some(dir.path().join("kv"))
+        );
+        std::fs::write(
+            &mgmtd,
+            "data_dir = \"m\"\n[store]\nkind = \"fdb\"\ncluster_file = \"f\"",
+        )
+        .expect("write");
+        let text = message(&MgmtdConfig::load(&mgmtd).expect_err("fdb"));
+        assert!(text.contains(&mgmtd.display().to_string()), "{text}");
+        assert!(text.contains("store.kind"), "{text}");
 
         let missing = dir.path().join("missing.toml");
         let error = MgmtdConfig::load(&missing).expect_err("no file");

@@ -1,8 +1,9 @@
 //! The long-running daemons: `flyfs mgmtd` (the cluster manager) and
 //! `flyfs storage` (a storage node). This is where their implementations
-//! are chosen: the manager keeps its record in a [`FileStore`], storage
-//! nodes run chunk engines on io_uring devices, and everything talks real
-//! TCP.
+//! are chosen: the manager keeps its record and lease in a [`FileStore`] or
+//! on the transactional KV layer ([`KvClusterStore`] on the embedded
+//! [`FjallKv`]), as its config's `[store]` says; storage nodes run chunk
+//! engines on io_uring devices; and everything talks real TCP.
 //!
 //! Each daemon is a handle ([`Mgmtd`], [`StorageDaemon`]) that starts
 //! inside the caller's tokio runtime and shuts down on request, so that the
@@ -16,50 +17,88 @@ use anyhow::Context;
 use flyfs_bypass::uring::{UringConfig, UringDevice};
 use flyfs_bypass::{BufferPool, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, EngineError};
-use flyfs_craq::mgmt::{FileStore, MgmtService};
+use flyfs_craq::mgmt::{ClusterStore, FileStore, LeaseOptions, MgmtService};
 use flyfs_craq::{StorageNode, StorageService};
+use flyfs_fs_meta::cluster_store::KvClusterStore;
+use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
 use flyfs_rpc::{Listener, Network, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::config::{MgmtdConfig, StorageDaemonConfig};
+use crate::config::{MgmtdConfig, StorageDaemonConfig, StoreConfig};
 
-/// A running cluster manager: its RPC server and its ticker.
+/// A running cluster manager: its RPC server and its lease-and-tick loop.
 #[derive(Debug)]
 pub struct Mgmtd {
     addr: String,
+    service: Arc<MgmtService>,
     server: ServerHandle,
-    ticker: JoinHandle<()>,
+    runner: JoinHandle<()>,
+}
+
+/// Opens the store `[store]` names.
+async fn open_store(config: &MgmtdConfig) -> anyhow::Result<Box<dyn ClusterStore>> {
+    let dir = config.store.dir(&config.data_dir);
+    match (&config.store, dir) {
+        (StoreConfig::File { .. }, Some(dir)) => {
+            let store = FileStore::open(&dir)
+                .with_context(|| format!("opening the cluster record in {}", dir.display()))?;
+            Ok(Box::new(store))
+        }
+        (StoreConfig::Kv { .. }, Some(dir)) => {
+            // fjall replays its journal on open: off the async threads.
+            let path = dir.clone();
+            let kv =
+                tokio::task::spawn_blocking(move || FjallKv::open(&path, FjallOptions::default()))
+                    .await
+                    .context("opening the embedded KV store")?
+                    .with_context(|| {
+                        format!("opening the embedded KV store in {}", dir.display())
+                    })?;
+            Ok(Box::new(KvClusterStore::new(kv)))
+        }
+        // The config check refuses FoundationDB in this build.
+        (store, _) => anyhow::bail!("cluster store {store:?} is not available in this build"),
+    }
 }
 
 impl Mgmtd {
-    /// Loads (or creates) the cluster record in `data_dir`, then serves.
+    /// Binds the listener, opens the store, takes the lease if no other
+    /// manager holds it (loading the record, or creating an empty one),
+    /// then serves; a manager that finds the lease held stands by and
+    /// answers `NotPrimary` until it takes over.
     pub async fn start(config: &MgmtdConfig) -> anyhow::Result<Mgmtd> {
-        let store = FileStore::open(&config.data_dir).with_context(|| {
-            format!(
-                "opening the cluster record in {}",
-                config.data_dir.display()
-            )
-        })?;
-        let service = MgmtService::open(Box::new(store), config.mgmt_config())
-            .context("loading the cluster record")?;
+        // Bound first: the lease names the address callers are sent to.
         let listener = Tcp
             .bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let bound = Listener::local_addr(&listener).context("reading the listener's address")?;
+        let address = config.advertise.clone().unwrap_or_else(|| bound.clone());
+        let store = open_store(config).await?;
+        // The holder is named after the address: a restarted manager takes
+        // its own lease back at once, and two live managers cannot share an
+        // address (the second could not bind it).
+        let lease = LeaseOptions::shared(format!("mgmtd@{address}"), &address, config.lease_ttl());
+        let service = MgmtService::open_with(store, config.mgmt_config(), lease)
+            .await
+            .context("loading the cluster record")?;
         let server = Server::new(service.clone(), ServerConfig::default())
             .spawn(listener)
             .context("starting the RPC server")?;
-        let ticker = tokio::spawn(service.run_ticker());
-        let addr = server.local_addr().to_string();
+        let runner = tokio::spawn(service.clone().run());
         tracing::info!(
             data_dir = %config.data_dir.display(),
-            "mgmtd listening on {addr}"
+            store = ?config.store,
+            advertise = %address,
+            role = if service.is_primary() { "primary" } else { "standby" },
+            "mgmtd listening on {bound}"
         );
         Ok(Mgmtd {
-            addr,
+            addr: bound,
+            service,
             server,
-            ticker,
+            runner,
         })
     }
 
@@ -68,12 +107,16 @@ impl Mgmtd {
         &self.addr
     }
 
-    /// Stops serving (dropping every connection) and stops the ticker.
+    /// Stops serving (dropping every connection) and the lease loop, then
+    /// gives the lease up so that a standby takes over at once.
     pub async fn shutdown(self) {
         self.server.shutdown().await;
-        self.ticker.abort();
-        // A cancelled ticker is the expected outcome; nothing to report.
-        let _ = self.ticker.await;
+        self.runner.abort();
+        // A cancelled loop is the expected outcome; nothing to report.
+        let _ = self.runner.await;
+        if let Err(error) = self.service.release().await {
+            tracing::warn!(%error, "cannot release the manager lease; a standby waits for it to expire");
+        }
     }
 }
 
@@ -143,7 +186,7 @@ impl StorageDaemon {
         tracing::info!(
             node = config.node_id,
             advertise = %node.config().addr,
-            mgmt = %config.mgmt,
+            mgmt = %config.mgmt_addrs.join(","),
             disks = config.devices.len(),
             "storage listening on {bound}"
         );
@@ -197,13 +240,13 @@ pub async fn run_storage(config: &StorageDaemonConfig) -> anyhow::Result<()> {
 }
 
 /// The signals that stop a daemon.
-struct Stop {
+pub(crate) struct Stop {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
 }
 
 impl Stop {
-    fn install() -> anyhow::Result<Stop> {
+    pub(crate) fn install() -> anyhow::Result<Stop> {
         Ok(Stop {
             terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
@@ -211,7 +254,7 @@ impl Stop {
     }
 
     /// Waits for the first signal and names it.
-    async fn wait(mut self) -> &'static str {
+    pub(crate) async fn wait(mut self) -> &'static str {
         tokio::select! {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.interrupt.recv() => "SIGINT",

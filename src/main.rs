@@ -1,15 +1,17 @@
 //! The `flyfs` binary: the composition root where devices, engines and
 //! daemons are chosen and wired together. Today: `format`, `bench engine`
 //! and `bench storage`, the cluster manager (`mgmtd`) and storage (`storage`)
-//! daemons, and `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
+//! daemons, `bench meta` and `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
 //! later issues.
 #![deny(unsafe_code)]
 
 mod admin;
 mod bench;
+mod bench_meta;
 mod bench_storage;
 mod config;
 mod daemon;
+mod meta_daemon;
 
 use std::path::PathBuf;
 
@@ -70,6 +72,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a metadata service until SIGTERM or SIGINT.
+    Meta {
+        /// TOML config (see deploy/meta.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Inspect and change the cluster through its manager.
     Admin(admin::AdminArgs),
 }
@@ -81,6 +89,9 @@ enum BenchCommand {
     /// A cluster of real processes (manager and three storage daemons) on
     /// loopback: 1 MiB chunk writes and reads over chains, 4 KiB write latency.
     Storage(bench_storage::StorageArgs),
+    /// The metadata service over loopback TCP on the embedded store:
+    /// creates, stats, renames and unlinks per second, and a 10k-entry readdir.
+    Meta(bench_meta::MetaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,7 +99,7 @@ fn main() -> anyhow::Result<()> {
     // Daemons say where they listen and what they host; tools stay quiet
     // unless something is wrong. FLYFS_LOG overrides both.
     let default_filter = match cli.command {
-        Command::Mgmtd { .. } | Command::Storage { .. } => "info",
+        Command::Mgmtd { .. } | Command::Storage { .. } | Command::Meta { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -123,6 +134,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Storage(args),
         } => bench_storage::storage(&args),
+        Command::Bench {
+            what: BenchCommand::Meta(args),
+        } => bench_meta::meta(&args),
         Command::Mgmtd { config } => {
             let config = config::MgmtdConfig::load(&config)?;
             daemon_runtime()?.block_on(daemon::run_mgmtd(&config))
@@ -130,6 +144,10 @@ fn main() -> anyhow::Result<()> {
         Command::Storage { config } => {
             let config = config::StorageDaemonConfig::load(&config)?;
             daemon_runtime()?.block_on(daemon::run_storage(&config))
+        }
+        Command::Meta { config } => {
+            let config = meta_daemon::MetaDaemonConfig::load(&config)?;
+            daemon_runtime()?.block_on(meta_daemon::run_meta(&config))
         }
         Command::Admin(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

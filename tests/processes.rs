@@ -1,5 +1,6 @@
 //! A real cluster of processes on loopback: `flyfs mgmtd` and three
-//! `flyfs storage` daemons on io_uring device files, set up with
+//! `flyfs storage` daemons on io_uring device files (the manager keeps its
+//! record and lease in the embedded transactional KV store), set up with
 //! `flyfs admin`, then a storage client writes and verifies chunks on two
 //! chains while one storage daemon is SIGKILLed and later restarted.
 //!
@@ -223,7 +224,9 @@ fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
          data_dir = \"mgmtd-data\"\n\
          heartbeat_interval_ms = 100\n\
          failure_timeout_ms = 1000\n\
-         tick_interval_ms = 100\n"
+         tick_interval_ms = 100\n\
+         [store]\n\
+         kind = \"kv\"\n"
     );
     std::fs::write(dir.join("mgmtd.toml"), mgmt).expect("write mgmtd.toml");
     for (i, port) in node_ports.iter().enumerate() {
@@ -231,7 +234,7 @@ fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
         let storage = format!(
             "node_id = {node}\n\
              listen = \"127.0.0.1:{port}\"\n\
-             mgmt = \"127.0.0.1:{mgmt_port}\"\n\
+             mgmt_addrs = [\"127.0.0.1:{mgmt_port}\"]\n\
              devices = [\"disk{node}.img\"]\n\
              heartbeat_interval_ms = 100\n\
              lease_timeout_ms = 500\n\

@@ -41,17 +41,16 @@ pub enum ClientError {
     },
     #[error("{chain} is not in the routing information")]
     UnknownChain { chain: ChainId },
-    #[error("cluster manager at {addr}: {source}")]
-    Manager {
-        addr: String,
-        #[source]
-        source: RpcError,
-    },
+    /// No cluster manager answered as primary.
+    #[error(transparent)]
+    Manager(#[from] crate::mgmt::ManagerError),
 }
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    pub mgmt_addr: String,
+    /// The cluster managers (the primary and its standbys), in the order
+    /// they are tried; the one that answers as primary is kept.
+    pub mgmt_addrs: Vec<String>,
     pub client: ClientId,
     /// One attempt of one RPC.
     pub rpc_timeout: Duration,
@@ -63,9 +62,11 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// A client of the one manager at `mgmt_addr`; set
+    /// [`mgmt_addrs`](Self::mgmt_addrs) to add standbys.
     pub fn new(mgmt_addr: impl Into<String>, client: ClientId) -> Self {
         ClientConfig {
-            mgmt_addr: mgmt_addr.into(),
+            mgmt_addrs: vec![mgmt_addr.into()],
             client,
             rpc_timeout: Duration::from_secs(5),
             op_deadline: Duration::from_secs(60),
@@ -96,6 +97,7 @@ pub struct ChunkData {
 pub struct StorageClient<N: Network> {
     config: ClientConfig,
     rpc: Client<N>,
+    managers: crate::mgmt::Managers,
     routing: Mutex<Arc<RoutingInfo>>,
     /// Free channels as (id, next sequence number).
     channels: Mutex<Vec<(u32, u64)>>,
@@ -120,6 +122,7 @@ impl<N: Network> Drop for ChannelLease<'_, N> {
 impl<N: Network> StorageClient<N> {
     pub fn new(config: ClientConfig, net: N) -> Arc<Self> {
         Arc::new(StorageClient {
+            managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
             rpc: Client::new(net, Default::default()),
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
@@ -154,12 +157,7 @@ impl<N: Network> StorageClient<N> {
             current.version
         };
         let routing =
-            crate::mgmt::fetch_routing(&self.rpc, &self.config.mgmt_addr, known, &self.options())
-                .await
-                .map_err(|source| ClientError::Manager {
-                    addr: self.config.mgmt_addr.clone(),
-                    source,
-                })?;
+            crate::mgmt::fetch_routing(&self.rpc, &self.managers, known, &self.options()).await?;
         if let Some(routing) = routing {
             let mut current = self.routing.lock();
             if routing.version >= current.version {

@@ -38,14 +38,16 @@ struct Manager {
 impl Manager {
     async fn start(dir: &std::path::Path) -> Manager {
         let store = FileStore::open(dir).expect("open the store");
-        let service = MgmtService::open(Box::new(store), config()).expect("open the manager");
+        let service = MgmtService::open(Box::new(store), config())
+            .await
+            .expect("open the manager");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let server = Server::new(service.clone(), ServerConfig::default())
             .spawn(listener)
             .expect("serve");
-        let ticker = tokio::spawn(service.run_ticker());
+        let ticker = tokio::spawn(service.run());
         Manager {
             addr: server.local_addr().to_string(),
             server,

@@ -66,6 +66,7 @@ impl Cluster {
                 tick_interval: Duration::from_millis(50),
             },
         )
+        .await
         .expect("manager");
         let (listener, mgmt) = bind().await;
         let mut servers = vec![
@@ -73,7 +74,7 @@ impl Cluster {
                 .spawn(listener)
                 .expect("serve manager"),
         ];
-        tokio::spawn(service.clone().run_ticker());
+        tokio::spawn(service.clone().run());
 
         let mut nodes = Vec::new();
         for i in 0..3u32 {

@@ -2,4 +2,11 @@
 //! on top of it, write sessions and garbage collection.
 #![deny(unsafe_code)]
 
+pub mod client;
+pub mod cluster_store;
+pub mod data;
+pub mod gc;
 pub mod kv;
+pub mod ns;
+pub mod schema;
+pub mod service;

@@ -1,6 +1,7 @@
 //! The cluster manager's RPC service: decodes requests, applies them to the
-//! [`Cluster`] state machine, persists every change before replying, and
-//! re-evaluates the cluster on a timer.
+//! [`Cluster`] state machine, persists every change before replying,
+//! re-evaluates the cluster on a timer, and keeps the lease that makes it
+//! the one primary among the managers sharing its store.
 //!
 //! Persistence rule: a change to the durable record is saved before anyone
 //! can see it. Each mutation runs on a clone of the cluster; the clone is
@@ -8,13 +9,27 @@
 //! `MgmtError::Unavailable` and the manager keeps serving the old state, so
 //! no routing version is ever published that a restarted manager would not
 //! know.
+//!
+//! Lease rule: only the lease holder serves. [`MgmtService::run`] renews the
+//! lease every third of its ttl. A manager that gains it (at start, or when
+//! the previous primary's lease expired) first loads the latest record from
+//! the store, gives every node the post-restart grace period, saves the
+//! bumped routing version, and only then serves. A manager whose lease was
+//! not renewed in time stops serving at once, without waiting for the
+//! store, and answers `MgmtError::NotPrimary` naming the primary it knows
+//! (`GetRouting`, which has no error in its response, gets an `Unavailable`
+//! status instead). Its saves are refused by the store anyway (the store
+//! checks the lease holder and epoch in the same transaction as the write),
+//! so a deposed primary can never overwrite its successor's record.
 
+use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flyfs_rpc::Method;
+use flyfs_rpc::Status;
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_rpc::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
@@ -25,8 +40,8 @@ use flyfs_rpc::wire::mgmt::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::cluster::Cluster;
-use super::store::{ClusterStore, StoreError};
+use super::cluster::{Cluster, ClusterRecord};
+use super::store::{ClusterStore, LeaseFence, LeaseState, StoreError};
 
 /// Timing of the manager and of the storage nodes' heartbeats.
 ///
@@ -40,7 +55,7 @@ pub struct MgmtConfig {
     /// manager itself only uses `failure_timeout`).
     pub heartbeat_interval: Duration,
     /// A node whose last heartbeat is older than this is dead. Also the grace
-    /// period nodes get after a manager restart.
+    /// period nodes get after a manager restart or takeover.
     pub failure_timeout: Duration,
     /// How often liveness and chains are re-evaluated.
     pub tick_interval: Duration,
@@ -56,24 +71,146 @@ impl Default for MgmtConfig {
     }
 }
 
-/// The cluster manager service.
-pub struct MgmtService {
-    // Held only for synchronous work (never across an await). The store's
-    // save runs under it so that saves happen in the order of the changes;
-    // the control plane is small and rare enough that a short blocking save
-    // here is the simplest correct choice.
-    cluster: Mutex<Cluster>,
-    store: Box<dyn ClusterStore>,
-    config: MgmtConfig,
+/// The clock lease times are read from, in milliseconds.
+///
+/// Lease safety assumes the clocks of all managers sharing a store differ by
+/// less than the margin a holder keeps (a quarter of the ttl: it stops
+/// serving at three quarters of its lease), plus the fencing of saves, which
+/// holds whatever the clocks say.
+pub trait LeaseClock: Send + Sync + fmt::Debug + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock: what managers on different machines can compare.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WallClock;
+
+impl LeaseClock for WallClock {
+    fn now_ms(&self) -> u64 {
+        // A clock before 1970 is a broken machine; reading 0 makes every
+        // lease look expired to it, so it only ever stands by.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64)
+    }
+}
+
+/// Milliseconds since the clock was made, on tokio's clock: simulated time
+/// under turmoil and paused time in tests, never the wall clock. Managers
+/// that contend for one lease must share one `TokioClock` (clones do).
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
     start: Instant,
 }
 
-impl std::fmt::Debug for MgmtService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl TokioClock {
+    pub fn new() -> TokioClock {
+        TokioClock {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
+}
+
+impl LeaseClock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// Who this manager is to the lease, and how long a lease lasts.
+#[derive(Clone, Debug)]
+pub struct LeaseOptions {
+    /// Unique among live managers (two services with one holder would both
+    /// believe they hold the lease).
+    pub holder: String,
+    /// Where this manager serves (`host:port`): what standbys tell callers.
+    pub address: String,
+    /// How long a lease lasts without renewal. A crashed primary is replaced
+    /// after at most this plus a third of it.
+    pub ttl: Duration,
+    pub clock: Arc<dyn LeaseClock>,
+}
+
+impl LeaseOptions {
+    /// 3 s: a standby takes over within 4 s of a crash, before a storage
+    /// node's default 5 s lease on its heartbeats lapses, while a primary
+    /// still has two renewals' worth of slack for a slow store.
+    pub const TTL_DEFAULT: Duration = Duration::from_secs(3);
+
+    /// A manager alone on its store (a `FileStore`, a test, the simulation):
+    /// a fixed holder, so a restarted manager takes its lease back at once,
+    /// and tokio's clock, so the simulation never reads the wall clock.
+    pub fn single() -> LeaseOptions {
+        LeaseOptions {
+            holder: "mgmtd".into(),
+            address: String::new(),
+            ttl: LeaseOptions::TTL_DEFAULT,
+            clock: Arc::new(TokioClock::new()),
+        }
+    }
+
+    /// One of several managers sharing a store, on the wall clock.
+    pub fn shared(holder: impl Into<String>, address: impl Into<String>, ttl: Duration) -> Self {
+        LeaseOptions {
+            holder: holder.into(),
+            address: address.into(),
+            ttl,
+            clock: Arc::new(WallClock),
+        }
+    }
+
+    fn renew_interval(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(1))
+    }
+
+    /// How long after it asked for the lease a holder serves: the ttl less
+    /// a quarter, the margin for clock skew between managers (see
+    /// [`LeaseClock`]).
+    fn serve_ms(&self) -> u64 {
+        (self.ttl - self.ttl / 4).as_millis() as u64
+    }
+}
+
+/// Whether this manager serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role {
+    /// Not the lease holder (or not yet loaded): answers `NotPrimary`.
+    Standby { primary: Option<String> },
+    /// Holds the lease in `epoch`; serves until `serve_until_ms` unless a
+    /// renewal moves it.
+    Primary { epoch: u64, serve_until_ms: u64 },
+}
+
+/// The cluster manager service.
+pub struct MgmtService {
+    // Held only for synchronous work (never across an await).
+    cluster: Mutex<Cluster>,
+    // Serialises every change of `cluster` (heartbeats' in-place updates
+    // included) across the store's save, so saves happen in the order of
+    // the changes and nothing applied during a save is lost when the saved
+    // copy becomes current. Also held by a takeover while it reloads.
+    changes: tokio::sync::Mutex<()>,
+    role: Mutex<Role>,
+    store: Box<dyn ClusterStore>,
+    config: MgmtConfig,
+    lease: LeaseOptions,
+    start: Instant,
+}
+
+impl fmt::Debug for MgmtService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MgmtService")
             .field("config", &self.config)
+            .field("holder", &self.lease.holder)
             // `try_lock`: printing must never wait for (or deadlock with) a
             // mutation in progress.
+            .field("role", &self.role.try_lock().map(|r| r.clone()))
             .field(
                 "routing_version",
                 &self.cluster.try_lock().map(|c| c.routing_version()),
@@ -82,32 +219,51 @@ impl std::fmt::Debug for MgmtService {
     }
 }
 
+/// The answer of a manager that does not serve.
+fn not_primary(primary: Option<String>) -> MgmtError {
+    MgmtError::NotPrimary { primary }
+}
+
 impl MgmtService {
-    /// Loads the record from `store` (or starts empty) and builds the
-    /// service. After a restart every known node gets a grace period, and the
-    /// bumped routing version is saved before the service answers anything.
-    pub fn open(store: Box<dyn ClusterStore>, config: MgmtConfig) -> Result<Arc<Self>, StoreError> {
-        let cluster = match store.load()? {
-            Some(record) => {
-                record
-                    .check()
-                    .map_err(|problem| StoreError::Inconsistent { problem })?;
-                let cluster = Cluster::from_record(record, config.failure_timeout, Duration::ZERO);
-                store.save(cluster.record())?;
-                cluster
-            }
-            None => Cluster::new(config.failure_timeout),
-        };
-        Ok(Arc::new(MgmtService {
-            cluster: Mutex::new(cluster),
+    /// A manager alone on `store` ([`LeaseOptions::single`]): takes the
+    /// lease, loads the record (or starts empty) and serves. After a restart
+    /// every known node gets a grace period, and the bumped routing version
+    /// is saved before the service answers anything.
+    pub async fn open(
+        store: Box<dyn ClusterStore>,
+        config: MgmtConfig,
+    ) -> Result<Arc<Self>, StoreError> {
+        MgmtService::open_with(store, config, LeaseOptions::single()).await
+    }
+
+    /// A manager that may share `store` with others: tries the lease once,
+    /// and if it got it, loads the record and serves as above; otherwise it
+    /// starts as a standby. [`run`](Self::run) keeps trying. A store failure
+    /// (or a corrupt record, when this manager got the lease) is an error.
+    pub async fn open_with(
+        store: Box<dyn ClusterStore>,
+        config: MgmtConfig,
+        lease: LeaseOptions,
+    ) -> Result<Arc<Self>, StoreError> {
+        let service = Arc::new(MgmtService {
+            cluster: Mutex::new(Cluster::new(config.failure_timeout)),
+            changes: tokio::sync::Mutex::new(()),
+            role: Mutex::new(Role::Standby { primary: None }),
             store,
             config,
+            lease,
             start: Instant::now(),
-        }))
+        });
+        service.lease_round().await?;
+        Ok(service)
     }
 
     pub fn config(&self) -> &MgmtConfig {
         &self.config
+    }
+
+    pub fn lease_options(&self) -> &LeaseOptions {
+        &self.lease
     }
 
     /// Time since the service started (tokio's clock, so simulated time
@@ -116,41 +272,115 @@ impl MgmtService {
         self.start.elapsed()
     }
 
-    /// The routing information currently published.
+    /// The routing information this manager holds (served only while it is
+    /// the primary; a standby's may be stale).
     pub fn routing(&self) -> RoutingInfo {
         self.cluster.lock().routing()
     }
 
+    /// Whether this manager serves now.
+    pub fn is_primary(&self) -> bool {
+        self.serving().is_ok()
+    }
+
+    /// The primary's address as this manager knows it: its own while it
+    /// serves.
+    pub fn primary(&self) -> Option<String> {
+        match self.serving() {
+            Ok(_) => Some(self.lease.address.clone()).filter(|a| !a.is_empty()),
+            Err(MgmtError::NotPrimary { primary }) => primary,
+            Err(_) => None,
+        }
+    }
+
+    /// The lease epoch to fence saves with, if this manager serves now. A
+    /// lease that ran out without renewal ends here, at the first request
+    /// after it, whatever the store says.
+    fn serving(&self) -> Result<u64, MgmtError> {
+        let now_ms = self.lease.clock.now_ms();
+        let mut role = self.role.lock();
+        match &*role {
+            Role::Primary {
+                epoch,
+                serve_until_ms,
+            } if now_ms < *serve_until_ms => Ok(*epoch),
+            Role::Primary { epoch, .. } => {
+                tracing::warn!(
+                    holder = %self.lease.holder,
+                    epoch,
+                    "the manager lease was not renewed in time; standing by"
+                );
+                *role = Role::Standby { primary: None };
+                Err(not_primary(None))
+            }
+            Role::Standby { primary } => Err(not_primary(primary.clone())),
+        }
+    }
+
+    fn fence(&self, epoch: u64) -> LeaseFence {
+        LeaseFence {
+            holder: self.lease.holder.clone(),
+            epoch,
+        }
+    }
+
+    /// Saves `record` under the lease of `epoch`. A refusal for want of the
+    /// lease makes this manager a standby.
+    async fn persist(&self, record: &ClusterRecord, epoch: u64) -> Result<(), MgmtError> {
+        let now_ms = self.lease.clock.now_ms();
+        match self.store.save(record, &self.fence(epoch), now_ms).await {
+            Ok(()) => Ok(()),
+            Err(e @ StoreError::NotLeaseHolder { .. }) => {
+                tracing::error!(error = %e, "lost the manager lease; change dropped, standing by");
+                let mut role = self.role.lock();
+                if matches!(*role, Role::Primary { epoch: held, .. } if held == epoch) {
+                    *role = Role::Standby { primary: None };
+                }
+                Err(not_primary(None))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot persist the cluster record; change dropped");
+                Err(MgmtError::Unavailable {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     /// Applies `op` to a copy of the cluster, saves the copy's record if it
     /// changed, and only then makes the copy current.
-    fn mutate<T>(
+    async fn mutate<T>(
         &self,
         op: impl FnOnce(&mut Cluster, Duration) -> Result<T, MgmtError>,
     ) -> Result<T, MgmtError> {
-        let mut current = self.cluster.lock();
-        let now = self.now();
-        let mut next = current.clone();
-        let out = op(&mut next, now)?;
-        // Every change of the record bumps the routing version.
-        if next.routing_version() != current.routing_version() {
-            self.store.save(next.record()).map_err(|e| {
-                tracing::error!(error = %e, "cannot persist the cluster record; change dropped");
-                MgmtError::Unavailable {
-                    reason: e.to_string(),
-                }
-            })?;
+        let _changes = self.changes.lock().await;
+        let epoch = self.serving()?;
+        let (next, out, changed) = {
+            let current = self.cluster.lock();
+            let mut next = current.clone();
+            let out = op(&mut next, self.now())?;
+            // Every change of the record bumps the routing version.
+            let changed = next.routing_version() != current.routing_version();
+            (next, out, changed)
+        };
+        if changed {
+            self.persist(next.record(), epoch).await?;
         }
-        *current = next;
+        *self.cluster.lock() = next;
         Ok(out)
     }
 
-    pub fn register_node(&self, req: RegisterNodeReq) -> Result<RegisterNodeRsp, MgmtError> {
-        let routing_version = self.mutate(|c, now| c.register(req.node, &req.addr, now))?;
+    pub async fn register_node(&self, req: RegisterNodeReq) -> Result<RegisterNodeRsp, MgmtError> {
+        let routing_version = self
+            .mutate(|c, now| c.register(req.node, &req.addr, now))
+            .await?;
         Ok(RegisterNodeRsp { routing_version })
     }
 
-    pub fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatRsp, MgmtError> {
+    pub async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatRsp, MgmtError> {
         {
+            let _changes = self.changes.lock().await;
+            self.serving()?;
             // The common case changes only volatile state: apply it in place
             // rather than copying the cluster once per heartbeat.
             let mut current = self.cluster.lock();
@@ -170,7 +400,7 @@ impl MgmtService {
                 return Ok(self.heartbeat_rsp(routing_version));
             }
         }
-        let routing_version = self.mutate(|c, now| c.heartbeat(&req, now))?;
+        let routing_version = self.mutate(|c, now| c.heartbeat(&req, now)).await?;
         Ok(self.heartbeat_rsp(routing_version))
     }
 
@@ -181,70 +411,198 @@ impl MgmtService {
         }
     }
 
-    pub fn get_routing(&self, req: GetRoutingReq) -> GetRoutingRsp {
+    /// The routing information if newer than the caller's; `NotPrimary` from
+    /// a standby (the RPC answers it with an `Unavailable` status).
+    pub fn get_routing(&self, req: GetRoutingReq) -> Result<GetRoutingRsp, MgmtError> {
+        self.serving()?;
         let cluster = self.cluster.lock();
         let routing = (cluster.routing_version() != req.known_version).then(|| cluster.routing());
-        GetRoutingRsp { routing }
+        Ok(GetRoutingRsp { routing })
     }
 
-    pub fn create_target(&self, req: CreateTargetReq) -> Result<(), MgmtError> {
+    pub async fn create_target(&self, req: CreateTargetReq) -> Result<(), MgmtError> {
         self.mutate(|c, _| c.create_target(req.target, req.node, req.disk))
+            .await
     }
 
-    pub fn create_chain(&self, req: CreateChainReq) -> Result<(), MgmtError> {
+    pub async fn create_chain(&self, req: CreateChainReq) -> Result<(), MgmtError> {
         self.mutate(|c, _| c.create_chain(req.chain, &req.targets))
+            .await
     }
 
-    pub fn create_chain_table(&self, req: CreateChainTableReq) -> Result<(), MgmtError> {
+    pub async fn create_chain_table(&self, req: CreateChainTableReq) -> Result<(), MgmtError> {
         self.mutate(|c, _| c.create_chain_table(req.table, &req.chains))
+            .await
     }
 
-    pub fn set_target_offline(&self, req: SetTargetOfflineReq) -> Result<(), MgmtError> {
+    pub async fn set_target_offline(&self, req: SetTargetOfflineReq) -> Result<(), MgmtError> {
         self.mutate(|c, now| c.set_target_offline(req.target, now))
+            .await
     }
 
     /// One re-evaluation of liveness and chains, persisted before it is
     /// published. Returns whether the record changed; on a store failure the
     /// change is dropped and the next tick tries again.
-    pub fn tick(&self) -> Result<bool, MgmtError> {
-        self.mutate(|c, now| Ok(c.tick(now)))
+    pub async fn tick(&self) -> Result<bool, MgmtError> {
+        self.mutate(|c, now| Ok(c.tick(now))).await
     }
 
-    /// Calls [`tick`](Self::tick) every `tick_interval`, forever; spawn it
-    /// beside the RPC server.
-    pub async fn run_ticker(self: Arc<Self>) {
-        let mut interval = tokio::time::interval(self.config.tick_interval);
-        // After a stall, one catch-up tick is enough: ticks are idempotent.
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            if let Err(e) = self.tick() {
-                tracing::warn!(error = %e, "cluster tick not applied");
+    /// One attempt to take or renew the lease. Gaining it (or finding it
+    /// taken again in a new epoch) reloads the record before serving;
+    /// finding another holder makes this manager a standby that names it.
+    /// On a store error the role is left alone: a primary's lease then runs
+    /// out by itself.
+    pub async fn lease_round(&self) -> Result<(), StoreError> {
+        let now_ms = self.lease.clock.now_ms();
+        let state = self
+            .store
+            .acquire_or_renew(
+                &self.lease.holder,
+                &self.lease.address,
+                self.lease.ttl,
+                now_ms,
+            )
+            .await?;
+        let serve_until_ms = now_ms.saturating_add(self.lease.serve_ms());
+        match state {
+            LeaseState::Held { epoch, .. } => {
+                {
+                    let mut role = self.role.lock();
+                    if let Role::Primary {
+                        epoch: held,
+                        serve_until_ms: until,
+                    } = &mut *role
+                        && *held == epoch
+                    {
+                        // Same epoch: nobody held the lease in between, so
+                        // what this manager has in memory is still the truth.
+                        *until = (*until).max(serve_until_ms);
+                        return Ok(());
+                    }
+                }
+                self.take_over(epoch, serve_until_ms).await
+            }
+            LeaseState::HeldBy {
+                holder, address, ..
+            } => {
+                let mut role = self.role.lock();
+                if matches!(*role, Role::Primary { .. }) {
+                    tracing::warn!(%holder, %address, "another manager holds the lease; standing by");
+                }
+                *role = Role::Standby {
+                    primary: Some(address).filter(|a| !a.is_empty()),
+                };
+                Ok(())
             }
         }
     }
 
-    /// Decodes a request of method `M`, runs `handle`, encodes the response.
-    fn serve<M: Method>(
-        &self,
-        req: &Request,
-        handle: impl FnOnce(&Self, M::Req) -> M::Rsp,
-    ) -> Reply {
-        match req.decode::<M>() {
-            Ok(body) => Reply::ok::<M>(&handle(self, body), Bytes::new()),
-            Err(reply) => reply,
+    /// Becomes the primary of lease `epoch`: loads what the previous primary
+    /// saved, grants every node the post-restart grace period, saves the
+    /// bumped routing version, then serves.
+    async fn take_over(&self, epoch: u64, serve_until_ms: u64) -> Result<(), StoreError> {
+        let _changes = self.changes.lock().await;
+        // Whatever this manager had in memory may be older than the store.
+        *self.role.lock() = Role::Standby { primary: None };
+        let cluster = match self.store.load().await? {
+            Some(record) => {
+                record
+                    .check()
+                    .map_err(|problem| StoreError::Inconsistent { problem })?;
+                let cluster = Cluster::from_record(record, self.config.failure_timeout, self.now());
+                let now_ms = self.lease.clock.now_ms();
+                self.store
+                    .save(cluster.record(), &self.fence(epoch), now_ms)
+                    .await?;
+                cluster
+            }
+            None => Cluster::new(self.config.failure_timeout),
+        };
+        let routing_version = cluster.routing_version();
+        *self.cluster.lock() = cluster;
+        *self.role.lock() = Role::Primary {
+            epoch,
+            serve_until_ms,
+        };
+        tracing::info!(
+            holder = %self.lease.holder,
+            address = %self.lease.address,
+            epoch,
+            routing_version = routing_version.0,
+            "serving as the primary cluster manager"
+        );
+        Ok(())
+    }
+
+    /// Gives the lease up so that a standby takes over at once (graceful
+    /// shutdown). Call it after stopping [`run`](Self::run), which would
+    /// otherwise take the lease again.
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let _changes = self.changes.lock().await;
+        let role = std::mem::replace(&mut *self.role.lock(), Role::Standby { primary: None });
+        match role {
+            Role::Primary { epoch, .. } => self.store.release(&self.fence(epoch)).await,
+            Role::Standby { .. } => Ok(()),
         }
     }
 
-    fn dispatch(&self, req: Request) -> Reply {
+    /// The manager's background work, forever: the lease every third of its
+    /// ttl, and while primary a [`tick`](Self::tick) every `tick_interval`.
+    /// Spawn it beside the RPC server.
+    pub async fn run(self: Arc<Self>) {
+        let mut lease = tokio::time::interval(self.lease.renew_interval());
+        let mut ticks = tokio::time::interval(self.config.tick_interval);
+        // After a stall, one catch-up round is enough: both are idempotent.
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // `biased`: no random branch choice, so the simulation replays;
+            // the lease first, since serving depends on it.
+            tokio::select! {
+                biased;
+                _ = lease.tick() => {
+                    if let Err(e) = self.lease_round().await {
+                        tracing::warn!(error = %e, "cannot take or renew the manager lease");
+                    }
+                }
+                _ = ticks.tick() => {
+                    if self.is_primary()
+                        && let Err(e) = self.tick().await
+                    {
+                        tracing::warn!(error = %e, "cluster tick not applied");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&self, req: Request) -> Reply {
+        /// Decodes a request of method `$m`, awaits `$handle(body)`, encodes
+        /// the response.
+        macro_rules! serve {
+            ($m:ty, $handle:expr) => {
+                match req.decode::<$m>() {
+                    Ok(body) => Reply::ok::<$m>(&$handle(body).await, Bytes::new()),
+                    Err(reply) => reply,
+                }
+            };
+        }
         match req.method {
-            RegisterNode::ID => self.serve::<RegisterNode>(&req, Self::register_node),
-            Heartbeat::ID => self.serve::<Heartbeat>(&req, Self::heartbeat),
-            GetRouting::ID => self.serve::<GetRouting>(&req, Self::get_routing),
-            CreateTarget::ID => self.serve::<CreateTarget>(&req, Self::create_target),
-            CreateChain::ID => self.serve::<CreateChain>(&req, Self::create_chain),
-            CreateChainTable::ID => self.serve::<CreateChainTable>(&req, Self::create_chain_table),
-            SetTargetOffline::ID => self.serve::<SetTargetOffline>(&req, Self::set_target_offline),
+            RegisterNode::ID => serve!(RegisterNode, |b| self.register_node(b)),
+            Heartbeat::ID => serve!(Heartbeat, |b| self.heartbeat(b)),
+            GetRouting::ID => match req.decode::<GetRouting>() {
+                Ok(body) => match self.get_routing(body) {
+                    Ok(rsp) => Reply::ok::<GetRouting>(&rsp, Bytes::new()),
+                    // The response has no error; callers move on to another
+                    // manager on `Unavailable`.
+                    Err(e) => Reply::error(Status::Unavailable, e),
+                },
+                Err(reply) => reply,
+            },
+            CreateTarget::ID => serve!(CreateTarget, |b| self.create_target(b)),
+            CreateChain::ID => serve!(CreateChain, |b| self.create_chain(b)),
+            CreateChainTable::ID => serve!(CreateChainTable, |b| self.create_chain_table(b)),
+            SetTargetOffline::ID => serve!(SetTargetOffline, |b| self.set_target_offline(b)),
             other => Reply::unknown_method(other),
         }
     }
@@ -252,9 +610,7 @@ impl MgmtService {
 
 impl Service for MgmtService {
     fn call(&self, req: Request) -> impl Future<Output = Reply> + Send {
-        // Every handler is synchronous (the state machine is in memory and
-        // the save is a short blocking write), so the reply is ready at once.
-        std::future::ready(self.dispatch(req))
+        self.dispatch(req)
     }
 }
 
@@ -274,13 +630,14 @@ mod tests {
         }
     }
 
-    fn build(service: &MgmtService) {
+    async fn build(service: &MgmtService) {
         for n in 1..=2u32 {
             service
                 .register_node(RegisterNodeReq {
                     node: NodeId(n),
                     addr: format!("127.0.0.1:{}", 7000 + n),
                 })
+                .await
                 .expect("register");
             service
                 .create_target(CreateTargetReq {
@@ -288,6 +645,7 @@ mod tests {
                     node: NodeId(n),
                     disk: 0,
                 })
+                .await
                 .expect("target");
         }
         service
@@ -295,20 +653,38 @@ mod tests {
                 chain: ChainId(1),
                 targets: vec![TargetId(1), TargetId(2)],
             })
+            .await
             .expect("chain");
         service
             .create_chain_table(CreateChainTableReq {
                 table: ChainTableId(1),
                 chains: vec![ChainId(1)],
             })
+            .await
             .expect("table");
+    }
+
+    async fn heartbeat(service: &MgmtService, n: u32) -> Result<HeartbeatRsp, MgmtError> {
+        service
+            .heartbeat(HeartbeatReq {
+                node: NodeId(n),
+                addr: String::new(),
+                targets: vec![TargetReport {
+                    target: TargetId(n.into()),
+                    local: LocalState::UpToDate,
+                    used_bytes: 0,
+                }],
+            })
+            .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn changes_are_saved_before_they_are_published() {
         let store = MemStore::new();
-        let service = MgmtService::open(Box::new(store.clone()), config()).expect("open");
-        build(&service);
+        let service = MgmtService::open(Box::new(store.clone()), config())
+            .await
+            .expect("open");
+        build(&service).await;
         let saved = store.snapshot().expect("saved");
         assert_eq!(saved.routing_version, service.routing().version);
         assert_eq!(saved.chains.len(), 1);
@@ -322,17 +698,20 @@ mod tests {
                 node: NodeId(1),
                 disk: 1,
             })
+            .await
             .expect_err("cannot persist");
         assert!(matches!(err, MgmtError::Unavailable { .. }), "{err}");
         assert_eq!(service.routing(), before);
 
         // A failure detected while saves fail is not published either...
+        // (the lease is renewed by hand here: nothing runs `run`).
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(service.tick().is_err());
+        service.lease_round().await.expect("renew");
+        assert!(service.tick().await.is_err());
         assert_eq!(service.routing(), before);
         // ...until the store recovers.
         store.set_fail_saves(false);
-        assert_eq!(service.tick(), Ok(true));
+        assert_eq!(service.tick().await, Ok(true));
         let after = service.routing();
         assert!(after.version > before.version);
         assert_eq!(
@@ -345,42 +724,40 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn get_routing_answers_none_when_current() {
-        let service = MgmtService::open(Box::new(MemStore::new()), config()).expect("open");
-        build(&service);
+        let service = MgmtService::open(Box::new(MemStore::new()), config())
+            .await
+            .expect("open");
+        build(&service).await;
         let routing = service
             .get_routing(GetRoutingReq {
                 known_version: RoutingVersion(0),
             })
+            .expect("primary")
             .routing
             .expect("newer than 0");
-        let again = service.get_routing(GetRoutingReq {
-            known_version: routing.version,
-        });
+        let again = service
+            .get_routing(GetRoutingReq {
+                known_version: routing.version,
+            })
+            .expect("primary");
         assert_eq!(again.routing, None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_nodes_alive_and_restart_reloads_the_record() {
         let store = MemStore::new();
-        let service = MgmtService::open(Box::new(store.clone()), config()).expect("open");
-        build(&service);
+        let service = MgmtService::open(Box::new(store.clone()), config())
+            .await
+            .expect("open");
+        build(&service).await;
         for _ in 0..20 {
             tokio::time::advance(Duration::from_millis(100)).await;
+            service.lease_round().await.expect("renew");
             for n in 1..=2u32 {
-                service
-                    .heartbeat(HeartbeatReq {
-                        node: NodeId(n),
-                        addr: String::new(),
-                        targets: vec![TargetReport {
-                            target: TargetId(n.into()),
-                            local: LocalState::UpToDate,
-                            used_bytes: 0,
-                        }],
-                    })
-                    .expect("heartbeat");
+                heartbeat(&service, n).await.expect("heartbeat");
             }
             assert_eq!(
-                service.tick(),
+                service.tick().await,
                 Ok(false),
                 "healthy cluster: nothing changes"
             );
@@ -394,16 +771,116 @@ mod tests {
                 addr: "127.0.0.1:7009".into(),
                 targets: Vec::new(),
             })
+            .await
             .expect("heartbeat registers");
         assert!(service.routing().node(NodeId(9)).is_some());
 
-        let restarted = MgmtService::open(Box::new(store.clone()), config()).expect("reopen");
+        let restarted = MgmtService::open(Box::new(store.clone()), config())
+            .await
+            .expect("reopen");
         let routing = restarted.routing();
         assert_eq!(routing.chains, before.chains);
         assert!(routing.node(NodeId(9)).is_some());
         assert!(
             routing.version > service.routing().version,
             "a restart bumps the version"
+        );
+    }
+
+    /// Two managers on one store and one clock: the second stands by, names
+    /// the primary, takes over once the primary stops renewing, and the old
+    /// primary stops serving by itself and cannot save.
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_takes_over_when_the_lease_expires() {
+        let store = MemStore::new();
+        let clock = Arc::new(TokioClock::new());
+        let lease = |name: &str| LeaseOptions {
+            holder: name.into(),
+            address: format!("{name}:7000"),
+            ttl: Duration::from_secs(3),
+            clock: clock.clone(),
+        };
+        let first = MgmtService::open_with(Box::new(store.clone()), config(), lease("m1"))
+            .await
+            .expect("open m1");
+        let second = MgmtService::open_with(Box::new(store.clone()), config(), lease("m2"))
+            .await
+            .expect("open m2");
+        assert!(first.is_primary());
+        assert!(!second.is_primary());
+        build(&first).await;
+        let err = heartbeat(&second, 1).await.expect_err("standby");
+        assert_eq!(
+            err,
+            MgmtError::NotPrimary {
+                primary: Some("m1:7000".into())
+            }
+        );
+        assert!(second.get_routing(GetRoutingReq::default()).is_err());
+
+        // The primary stops renewing (it hangs). Within its ttl the standby
+        // keeps standing by; the primary stops serving at 3/4 of the ttl.
+        tokio::time::advance(Duration::from_millis(2000)).await;
+        second.lease_round().await.expect("round");
+        assert!(!second.is_primary());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!first.is_primary(), "serves past 3/4 of an unrenewed lease");
+        let err = heartbeat(&first, 1).await.expect_err("lapsed");
+        assert_eq!(err, MgmtError::NotPrimary { primary: None });
+
+        tokio::time::advance(Duration::from_millis(800)).await;
+        second.lease_round().await.expect("round");
+        assert!(second.is_primary(), "the standby took over");
+        let before = first.routing();
+        let after = second.routing();
+        assert_eq!(after.chains, before.chains);
+        assert_eq!(after.targets, before.targets);
+        assert!(after.version > before.version);
+        heartbeat(&second, 1).await.expect("the new primary serves");
+
+        // The old primary wakes up: it cannot serve or save until it has
+        // the lease again, and the record stays the new primary's.
+        first.lease_round().await.expect("round");
+        assert!(!first.is_primary());
+        assert_eq!(first.primary(), Some("m2:7000".into()));
+        let saved = store.snapshot().expect("saved");
+        let err = first
+            .store
+            .save(&before_record(&first), &first.fence(1), clock.now_ms())
+            .await
+            .expect_err("a deposed primary's save");
+        assert!(matches!(err, StoreError::NotLeaseHolder { .. }), "{err}");
+        assert_eq!(store.snapshot(), Some(saved));
+    }
+
+    fn before_record(service: &MgmtService) -> ClusterRecord {
+        service.cluster.lock().record().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_lease_is_taken_at_once() {
+        let store = MemStore::new();
+        let clock = Arc::new(TokioClock::new());
+        let lease = |name: &str| LeaseOptions {
+            holder: name.into(),
+            address: format!("{name}:7000"),
+            ttl: Duration::from_secs(3),
+            clock: clock.clone(),
+        };
+        let first = MgmtService::open_with(Box::new(store.clone()), config(), lease("m1"))
+            .await
+            .expect("open m1");
+        let second = MgmtService::open_with(Box::new(store.clone()), config(), lease("m2"))
+            .await
+            .expect("open m2");
+        build(&first).await;
+        first.release().await.expect("release");
+        assert!(!first.is_primary());
+        second.lease_round().await.expect("round");
+        assert!(second.is_primary());
+        assert_eq!(
+            second.routing().chain(ChainId(1)).map(|c| c.targets.len()),
+            Some(2)
         );
     }
 }

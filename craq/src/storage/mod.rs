@@ -53,7 +53,9 @@ pub struct StorageConfig {
     pub node: NodeId,
     /// The address other nodes and clients reach this node at.
     pub addr: String,
-    pub mgmt_addr: String,
+    /// The cluster managers (the primary and its standbys), in the order
+    /// they are tried; the one that answers as primary is kept.
+    pub mgmt_addrs: Vec<String>,
     pub heartbeat_interval: Duration,
     /// The node stops serving when its last successful heartbeat is older
     /// than this. It must be below the manager's failure timeout (half of it,
@@ -71,11 +73,13 @@ pub struct StorageConfig {
 }
 
 impl StorageConfig {
+    /// A node of the cluster whose one manager is at `mgmt_addr`; set
+    /// [`mgmt_addrs`](Self::mgmt_addrs) to add standbys.
     pub fn new(node: NodeId, addr: impl Into<String>, mgmt_addr: impl Into<String>) -> Self {
         StorageConfig {
             node,
             addr: addr.into(),
-            mgmt_addr: mgmt_addr.into(),
+            mgmt_addrs: vec![mgmt_addr.into()],
             heartbeat_interval: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(5),
@@ -193,6 +197,8 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     pub(crate) config: StorageConfig,
     pub(crate) engines: Vec<Arc<Engine<D>>>,
     pub(crate) rpc: Client<N>,
+    /// The managers and which one is the primary.
+    managers: crate::mgmt::Managers,
     routing: Mutex<Arc<RoutingInfo>>,
     targets: Mutex<BTreeMap<ChainId, Arc<Target>>>,
     /// When the last heartbeat that the manager answered was sent.
@@ -278,6 +284,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     pub fn new(config: StorageConfig, engines: Vec<Arc<Engine<D>>>, net: N) -> Arc<Self> {
         let lease = config.lease_timeout;
         Arc::new(StorageNode {
+            managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
             engines,
             rpc: Client::new(net, Default::default()),
@@ -322,11 +329,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            // A failed heartbeat has moved on to the next manager (and
+            // dropped a connection that timed out): the next one retries.
             if let Err(e) = self.heartbeat_once().await {
                 tracing::debug!(node = ?self.config.node, "heartbeat failed: {e}");
-                // The connection may be dead without knowing it (a partition
-                // swallows packets); the next heartbeat reconnects.
-                self.rpc.disconnect(&self.config.mgmt_addr).await;
             }
             self.clone().start_syncs();
         }
@@ -341,14 +347,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             addr: self.config.addr.clone(),
             targets: reports,
         };
-        let (rsp, _) = self
-            .rpc
-            .call::<Heartbeat>(
-                &self.config.mgmt_addr,
-                &req,
-                bytes::Bytes::new(),
-                &self.call_options(),
-            )
+        let rsp = self
+            .managers
+            .call::<Heartbeat, N>(&self.rpc, &req, &self.call_options())
             .await
             .map_err(|e| e.to_string())?;
         let rsp = rsp.map_err(|e| e.to_string())?;
@@ -367,14 +368,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         } else {
             RoutingVersion(0)
         };
-        let routing = crate::mgmt::fetch_routing(
-            &self.rpc,
-            &self.config.mgmt_addr,
-            known,
-            &self.call_options(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let routing =
+            crate::mgmt::fetch_routing(&self.rpc, &self.managers, known, &self.call_options())
+                .await
+                .map_err(|e| e.to_string())?;
         if let Some(routing) = routing {
             self.install(routing);
         }

@@ -284,8 +284,8 @@ impl<'a> Sim<'a> {
             let store = store.clone();
             async move {
                 let (config, _) = timing();
-                let service = MgmtService::open(Box::new(store), config)?;
-                tokio::spawn(service.clone().run_ticker());
+                let service = MgmtService::open(Box::new(store), config).await?;
+                tokio::spawn(service.clone().run());
                 let listener = SimNet.bind(&format!("0.0.0.0:{MGMT_PORT}")).await?;
                 flyfs_rpc::serve(listener, service, ServerConfig::default()).await;
                 Ok(())

@@ -4,23 +4,43 @@
 //!
 //! Semantics every backend provides (the conformance suite in
 //! [`conformance`] checks them against each one):
-//! * Keys are ordered bytewise. A transaction reads a consistent snapshot
-//!   and sees its own writes (read-your-writes), including in range reads.
+//! * Keys are ordered bytewise; the empty key is a key. A transaction reads
+//!   a consistent snapshot and sees its own writes (read-your-writes),
+//!   including in range reads and after `clear_range`. A read answered from
+//!   the transaction's own writes records no conflict.
 //! * Serializable reads (the default) record read conflicts: the commit fails
 //!   with [`KvError::Conflict`] if another transaction committed a write to a
 //!   key or into a range this one read, after this one's snapshot. Snapshot
 //!   reads record nothing; [`Transaction::add_read_conflict_range`] adds a
 //!   conflict range by hand, as in FoundationDB.
 //! * A range read with `limit` returns at most that many pairs and says
-//!   whether more remain; `reverse` walks from the end. Conflicts cover only
-//!   the part of the range actually read (up to the last key returned when
-//!   the limit cut it short), again as in FoundationDB.
+//!   exactly whether more remain; `reverse` walks from the end. Conflicts
+//!   cover only the part of the range actually read: when the limit cut it
+//!   short, from the start (the end, in reverse) through the first key not
+//!   returned, which `more` depends on (FoundationDB's rule, plus that one
+//!   key).
 //! * Commit is atomic and durable when it returns `Ok`. A commit that may or
 //!   may not have happened returns [`KvError::CommitUnknown`].
 //! * Limits ([`Limits`]): key size, value size, bytes written per
-//!   transaction and transaction age, FoundationDB's by default.
+//!   transaction and transaction age, FoundationDB's by default. A write
+//!   over a size limit fails at once or (FoundationDB) at commit; either
+//!   way the transaction can no longer commit.
+//! * A read-only transaction refuses writes; its commit only ends it. After
+//!   commit every operation fails with [`KvError::Finished`].
 //! * Transactions are handles: cloning one shares the same transaction, so
 //!   a retry closure can take it by value (see [`run`]).
+//!
+//! Backends: [`mem::MemKv`] (in memory, for tests and simulation),
+//! [`fjall::FjallKv`] (embedded and durable, the default) and, with the
+//! `fdb` feature, `fdb::FdbKv` (FoundationDB). docs/metadata-kv.md
+//! describes each, how it detects conflicts, and the on-disk format.
+
+pub mod conformance;
+#[cfg(feature = "fdb")]
+pub mod fdb;
+pub mod fjall;
+pub mod mem;
+mod overlay;
 
 use std::future::Future;
 use std::time::Duration;

@@ -209,9 +209,14 @@ pub enum MgmtError {
     /// on one node).
     #[error("invalid request: {reason}")]
     Invalid { reason: String },
-    /// This manager is not the primary; ask the primary.
-    #[error("this manager is not the primary")]
-    NotPrimary,
+    /// This manager does not hold the manager lease (it stands by, or its
+    /// lease lapsed); ask `primary`, the lease holder's address, if it knows
+    /// one, or another manager.
+    #[error("this manager is not the primary{}", match primary {
+        Some(addr) => format!(" (the primary is at {addr})"),
+        None => String::from(" (no primary known to it)"),
+    })]
+    NotPrimary { primary: Option<String> },
     /// The manager could not persist the change, so it did not make it;
     /// retry later.
     #[error("cluster manager unavailable: {reason}")]

@@ -1,5 +1,6 @@
 //! Message types of every service.
 
+pub mod meta;
 pub mod mgmt;
 pub mod storage;
 
@@ -36,5 +37,31 @@ pub fn fuzz_decode_messages(method: u16, body: &[u8]) {
         mgmt::CreateChain,
         mgmt::CreateChainTable,
         mgmt::SetTargetOffline,
+        meta::Statfs,
+        meta::Stat,
+        meta::Lookup,
+        meta::Resolve,
+        meta::Create,
+        meta::Mkdir,
+        meta::MkdirAll,
+        meta::Symlink,
+        meta::Readlink,
+        meta::Link,
+        meta::Unlink,
+        meta::Rmdir,
+        meta::Rename,
+        meta::Readdir,
+        meta::Open,
+        meta::Close,
+        meta::Sync,
+        meta::LengthHint,
+        meta::SetAttr,
+        meta::GetXattr,
+        meta::SetXattr,
+        meta::ListXattr,
+        meta::RemoveXattr,
+        meta::RemoveAll,
+        meta::SetLayout,
+        meta::GcStatus,
     );
 }

@@ -1,0 +1,133 @@
+//! The client of the metadata service: typed calls with failover across
+//! service instances.
+//!
+//! Instances are stateless and interchangeable, so a call that cannot reach
+//! one (refused, timed out, disconnected) moves to the next, and a call the
+//! service answers "retryable" (the store was briefly unavailable) is
+//! repeated with backoff, until the deadline. Every failure reaches the
+//! caller as an errno with a message: the FUSE daemon hands the errno to
+//! the kernel as it is.
+//!
+//! A mutating call that timed out may still have been applied by the
+//! instance that received it; a retry then sees its effect (EEXIST for a
+//! create that had succeeded, say), as with NFS. Callers that care (the
+//! file client) treat those answers accordingly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flyfs_rpc::client::{CallOptions, Client, ClientConfig};
+use flyfs_rpc::wire::meta::MetaError;
+use flyfs_rpc::{Method, Network};
+
+/// How a [`MetaClient`] retries.
+#[derive(Clone, Debug)]
+pub struct MetaClientConfig {
+    /// Metadata service instances, tried in turn.
+    pub addrs: Vec<String>,
+    /// One attempt of one call.
+    pub rpc_timeout: Duration,
+    /// How long a call keeps failing over and retrying.
+    pub op_deadline: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl MetaClientConfig {
+    pub fn new(addrs: Vec<String>) -> MetaClientConfig {
+        MetaClientConfig {
+            addrs,
+            rpc_timeout: Duration::from_secs(10),
+            op_deadline: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Calls the metadata service.
+#[derive(Debug)]
+pub struct MetaClient<N: Network> {
+    rpc: Client<N>,
+    config: MetaClientConfig,
+    /// The instance that answered last: tried first.
+    current: AtomicUsize,
+}
+
+impl<N: Network> MetaClient<N> {
+    pub fn new(net: N, config: MetaClientConfig) -> Arc<MetaClient<N>> {
+        Arc::new(MetaClient {
+            rpc: Client::new(net, ClientConfig::default()),
+            config,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// Calls method `M`, failing over and retrying as described above.
+    pub async fn call<M, T>(&self, req: &M::Req) -> Result<T, MetaError>
+    where
+        M: Method<Rsp = Result<T, MetaError>>,
+    {
+        if self.config.addrs.is_empty() {
+            return Err(MetaError {
+                errno: libc::EINVAL,
+                message: "no metadata service address configured".into(),
+                retryable: false,
+            });
+        }
+        let options = CallOptions {
+            timeout: self.config.rpc_timeout,
+            ..CallOptions::default()
+        };
+        let start = Instant::now();
+        let mut backoff = self.config.backoff_initial;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let index = self.current.load(Ordering::Relaxed) % self.config.addrs.len();
+            let addr = &self.config.addrs[index];
+            let failure = match self.rpc.call::<M>(addr, req, Bytes::new(), &options).await {
+                Ok((Ok(rsp), _)) => return Ok(rsp),
+                Ok((Err(e), _)) if !e.retryable => return Err(e),
+                Ok((Err(e), _)) => e.message,
+                Err(e) if e.is_retryable() => {
+                    // Another instance may answer.
+                    let _ = self.current.compare_exchange(
+                        index,
+                        index + 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    format!("{addr}: {e}")
+                }
+                Err(e) => {
+                    return Err(MetaError {
+                        errno: libc::EIO,
+                        message: format!("{} to {addr}: {e}", M::NAME),
+                        retryable: false,
+                    });
+                }
+            };
+            if start.elapsed() >= self.config.op_deadline {
+                return Err(MetaError {
+                    errno: libc::EIO,
+                    message: format!(
+                        "{} gave up after {attempts} attempts in {:?}: {failure}",
+                        M::NAME,
+                        start.elapsed()
+                    ),
+                    retryable: true,
+                });
+            }
+            tracing::debug!(
+                method = M::NAME,
+                attempts,
+                "metadata call failed, retrying: {failure}"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+}

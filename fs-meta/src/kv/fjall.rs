@@ -1,0 +1,578 @@
+//! `FjallKv`: the embedded, durable default backend, on fjall's
+//! `OptimisticTxDatabase` (an LSM tree with a write-ahead journal and
+//! serializable optimistic transactions).
+//!
+//! How the [`Transaction`] operations map onto fjall:
+//! * Each transaction opens a fjall write transaction (whose snapshot and
+//!   conflict tracking decide the commit) and then a fjall `Snapshot`
+//!   (which serves every read). fjall's write transaction registers a read
+//!   conflict for every read made through it, over the whole range asked
+//!   for before a single key is returned, and offers no untracked read; so
+//!   all reads go to the plain snapshot, with this transaction's buffered
+//!   writes laid over it (`overlay.rs`), and only the conflicts our contract
+//!   asks for are registered, at commit, by opening (and dropping) range
+//!   iterators on the write transaction: serializable point reads, the part
+//!   of a range actually read, explicit conflict ranges. Snapshot reads
+//!   register nothing.
+//! * The two snapshots are not taken atomically (fjall exposes no way to),
+//!   so a commit may land between them. The write transaction's is taken
+//!   first, so it is never newer than the one reads see: conflicts are then
+//!   checked from an earlier version than was read, which can only add a
+//!   spurious conflict in that window, never miss one.
+//! * `clear_range` is buffered; at commit the keys the snapshot holds in the
+//!   range are removed one by one, and the range is registered as read:
+//!   a key another transaction inserts into it after our snapshot would
+//!   otherwise survive the clear, so such an insert makes this commit
+//!   conflict and retry. (FoundationDB clears the range blindly; this is
+//!   stricter, never weaker.)
+//! * Commit runs on tokio's blocking pool: fjall's commit takes locks,
+//!   writes the journal and may stall for write backpressure, and the
+//!   fsync takes milliseconds. fjall holds its commit lock while writing the
+//!   journal, so with fjall's own sync-per-commit every commit would wait
+//!   out the previous one's fsync. Instead each commit writes the journal
+//!   to the OS (`PersistMode::Buffer`) and then waits in a group-commit gate
+//!   (`SyncGate`): one fsync covers every commit written before it
+//!   started, so concurrent commits share fsyncs. A commit is visible to
+//!   other transactions a moment before it is durable. A read-write
+//!   transaction that read it commits later in the same journal, so cannot
+//!   become durable without it; but a read-only transaction may see a
+//!   commit that a crash in that moment then loses (its writer was never
+//!   told it succeeded).
+//! * Reads run inline on the async task: they are memtable or block-cache
+//!   lookups (an SST block read through the page cache at worst), taking
+//!   microseconds, less than a hop to the blocking pool would cost.
+//!
+//! On disk: one fjall database directory holding one keyspace named
+//! [`KEYSPACE`]. A flyfs key `k` is stored as the byte 0x01 followed by `k`
+//! (fjall refuses empty keys, which FoundationDB and our contract allow;
+//! the tag byte keeps bytewise order). Keys tagged 0x00 belong to the store
+//! itself: `0x00 "format"` holds the format version, [`FORMAT_VERSION`].
+//! Values are stored as they are. See docs/metadata-kv.md.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use ::fjall::{
+    Guard, KeyspaceCreateOptions, OptimisticTxDatabase, OptimisticTxKeyspace, OptimisticWriteTx,
+    PersistMode, Readable, Snapshot,
+};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::overlay::{self, Lookup, RangeSet, WriteSet};
+use super::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction, key_after};
+
+/// The fjall keyspace holding every flyfs metadata key.
+pub const KEYSPACE: &str = "meta";
+
+/// The on-disk format this code reads and writes, stored under
+/// `FORMAT_KEY` when a store is created.
+pub const FORMAT_VERSION: &[u8] = b"1";
+
+/// Where the format version lives (outside the flyfs key space).
+const FORMAT_KEY: &[u8] = b"\x00format";
+
+/// The tag byte in front of every flyfs key.
+const USER_TAG: u8 = 0x01;
+
+/// The stored form of flyfs key `key`.
+fn stored(key: &[u8]) -> Vec<u8> {
+    let mut tagged = Vec::with_capacity(key.len() + 1);
+    tagged.push(USER_TAG);
+    tagged.extend_from_slice(key);
+    tagged
+}
+
+/// The flyfs key a stored key holds, refusing (rather than panicking on)
+/// a key without the tag, which only a corrupt store could return here.
+fn user_key(stored: &[u8]) -> Result<Bytes, KvError> {
+    match stored.split_first() {
+        Some((&USER_TAG, key)) => Ok(Bytes::copy_from_slice(key)),
+        _ => Err(KvError::Backend {
+            backend: "fjall",
+            message: format!("stored key {stored:?} lacks the flyfs key tag: corrupt store?"),
+            retryable: false,
+            source: None,
+        }),
+    }
+}
+
+/// How to open a [`FjallKv`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FjallOptions {
+    /// fsync the journal before a commit returns (default). Without it a
+    /// commit survives a process crash but not a power cut.
+    pub sync_on_commit: bool,
+    pub limits: Limits,
+}
+
+impl Default for FjallOptions {
+    fn default() -> Self {
+        FjallOptions {
+            sync_on_commit: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A durable transactional store in one directory. Clones share it.
+#[derive(Clone)]
+pub struct FjallKv {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: OptimisticTxDatabase,
+    keyspace: OptimisticTxKeyspace,
+    options: FjallOptions,
+    sync_gate: SyncGate,
+    path: PathBuf,
+}
+
+impl fmt::Debug for FjallKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallKv")
+            .field("path", &self.shared.path)
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fjall_error(error: ::fjall::Error) -> KvError {
+    KvError::Backend {
+        backend: "fjall",
+        message: error.to_string(),
+        // fjall's errors are I/O failures, corruption, a locked or poisoned
+        // database: rerunning the transaction does not help.
+        retryable: false,
+        source: Some(Box::new(error)),
+    }
+}
+
+impl FjallKv {
+    /// Opens (creating if needed) the store in directory `path`. Blocks
+    /// while fjall recovers its journal.
+    pub fn open(path: impl AsRef<Path>, options: FjallOptions) -> Result<FjallKv, KvError> {
+        let path = path.as_ref().to_path_buf();
+        let db = OptimisticTxDatabase::builder(&path)
+            .open()
+            .map_err(fjall_error)?;
+        let keyspace = db
+            .keyspace(KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(fjall_error)?;
+        match keyspace.get(FORMAT_KEY).map_err(fjall_error)? {
+            Some(version) if &version[..] == FORMAT_VERSION => {}
+            Some(version) => {
+                return Err(KvError::Backend {
+                    backend: "fjall",
+                    message: format!(
+                        "{}: unknown metadata format version {:?} (this build knows {:?})",
+                        path.display(),
+                        String::from_utf8_lossy(&version),
+                        String::from_utf8_lossy(FORMAT_VERSION),
+                    ),
+                    retryable: false,
+                    source: None,
+                });
+            }
+            None => {
+                keyspace
+                    .insert(FORMAT_KEY, FORMAT_VERSION)
+                    .map_err(fjall_error)?;
+                db.persist(PersistMode::SyncAll).map_err(fjall_error)?;
+            }
+        }
+        Ok(FjallKv {
+            shared: Arc::new(Shared {
+                db,
+                keyspace,
+                options,
+                sync_gate: SyncGate::default(),
+                path,
+            }),
+        })
+    }
+
+    fn begin_tx(&self, read_only: bool) -> Result<FjallTx, KvError> {
+        // The write transaction's snapshot first, then the read snapshot:
+        // see the module doc for why this order is the safe one.
+        let write = if read_only {
+            None
+        } else {
+            Some(
+                self.shared
+                    .db
+                    .write_tx()
+                    .map_err(fjall_error)?
+                    .durability(Some(PersistMode::Buffer)),
+            )
+        };
+        let snapshot = self.shared.db.read_tx();
+        Ok(FjallTx {
+            inner: Arc::new(TxInner {
+                shared: self.shared.clone(),
+                snapshot,
+                read_only,
+                started: Instant::now(),
+                state: Mutex::new(TxState {
+                    write,
+                    writes: WriteSet::default(),
+                    reads: RangeSet::default(),
+                    finished: None,
+                    sticky: None,
+                }),
+            }),
+        })
+    }
+}
+
+impl Kv for FjallKv {
+    type Tx = FjallTx;
+
+    fn begin(&self) -> Result<FjallTx, KvError> {
+        self.begin_tx(false)
+    }
+
+    fn begin_read_only(&self) -> Result<FjallTx, KvError> {
+        self.begin_tx(true)
+    }
+
+    fn limits(&self) -> Limits {
+        self.shared.options.limits
+    }
+}
+
+/// A [`FjallKv`] transaction handle; clones share the transaction.
+#[derive(Clone)]
+pub struct FjallTx {
+    inner: Arc<TxInner>,
+}
+
+impl fmt::Debug for FjallTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallTx")
+            .field("read_only", &self.inner.read_only)
+            .field("snapshot_seqno", &self.inner.snapshot.seqno())
+            .field("started", &self.inner.started)
+            .finish_non_exhaustive()
+    }
+}
+
+struct TxInner {
+    shared: Arc<Shared>,
+    snapshot: Snapshot,
+    read_only: bool,
+    started: Instant,
+    state: Mutex<TxState>,
+}
+
+struct TxState {
+    /// fjall's transaction; `None` for a read-only one and after commit.
+    write: Option<OptimisticWriteTx>,
+    writes: WriteSet,
+    /// Read conflicts to register at commit.
+    reads: RangeSet,
+    /// Set once commit ran: "committed" or "aborted".
+    finished: Option<&'static str>,
+    /// A size error that commit must report again.
+    sticky: Option<KvError>,
+}
+
+impl FjallTx {
+    fn state(&self) -> MutexGuard<'_, TxState> {
+        // Nothing panics while holding this lock; a poisoned lock means a
+        // bug already reported by that panic.
+        self.inner
+            .state
+            .lock()
+            .expect("FjallTx state lock poisoned by a panic")
+    }
+
+    fn readable(&self) -> Result<MutexGuard<'_, TxState>, KvError> {
+        let state = self.state();
+        if let Some(state) = state.finished {
+            return Err(KvError::Finished { state });
+        }
+        overlay::check_age(self.inner.started, &self.inner.shared.options.limits)?;
+        Ok(state)
+    }
+
+    fn write(
+        &self,
+        apply: impl FnOnce(&mut WriteSet, &Limits) -> Result<(), KvError>,
+    ) -> Result<(), KvError> {
+        let mut state = self.state();
+        if let Some(state) = state.finished {
+            return Err(KvError::Finished { state });
+        }
+        if self.inner.read_only {
+            return Err(KvError::ReadOnly);
+        }
+        let result = apply(&mut state.writes, &self.inner.shared.options.limits);
+        if let Err(error) = &result
+            && state.sticky.is_none()
+        {
+            state.sticky = overlay::sticky_copy(error);
+        }
+        result
+    }
+}
+
+impl TxInner {
+    /// Registers the read conflicts, stages the writes in fjall's
+    /// transaction and commits it, then waits until the commit is durable.
+    /// Blocking: runs on the blocking pool.
+    fn commit_blocking(
+        &self,
+        mut write: OptimisticWriteTx,
+        reads: RangeSet,
+        writes: WriteSet,
+    ) -> Result<(), KvError> {
+        let keyspace = &self.shared.keyspace;
+        // Opening an iterator over a range is how fjall's transaction
+        // records a range read; it is lazy, so dropping it unread costs
+        // little.
+        for (begin, end) in reads.iter() {
+            drop(write.range(keyspace, stored(begin)..stored(end)));
+        }
+        for (begin, end) in writes.cleared().iter() {
+            let range = stored(begin)..stored(end);
+            drop(write.range(keyspace, range.clone()));
+            for guard in self.snapshot.range(keyspace, range) {
+                let key = Guard::key(guard).map_err(fjall_error)?;
+                if !writes.points().contains_key(&user_key(&key)?) {
+                    write.remove(keyspace, key);
+                }
+            }
+        }
+        for (key, value) in writes.points() {
+            match value {
+                Some(value) => write.insert(keyspace, stored(key), &value[..]),
+                None => write.remove(keyspace, stored(key)),
+            }
+        }
+        match write.commit().map_err(fjall_error)? {
+            Ok(()) => {}
+            Err(::fjall::Conflict) => return Err(KvError::Conflict),
+        }
+        if self.shared.options.sync_on_commit {
+            self.shared.sync_gate.wait_durable(&self.shared.db)?;
+        }
+        Ok(())
+    }
+}
+
+impl Transaction for FjallTx {
+    async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
+        let mut state = self.readable()?;
+        match state.writes.lookup(key) {
+            // Decided by this transaction's own writes: no conflict.
+            Lookup::Set(value) => Ok(Some(value)),
+            Lookup::Cleared => Ok(None),
+            Lookup::Untouched => {
+                let value = self
+                    .inner
+                    .snapshot
+                    .get(&self.inner.shared.keyspace, stored(key))
+                    .map_err(fjall_error)?;
+                if !snapshot {
+                    state
+                        .reads
+                        .insert(Bytes::copy_from_slice(key), key_after(key));
+                }
+                Ok(value.map(|value| Bytes::copy_from_slice(&value)))
+            }
+        }
+    }
+
+    async fn get_range(&self, options: &RangeOptions) -> Result<RangeResult, KvError> {
+        overlay::check_range(&options.begin, &options.end)?;
+        let mut state = self.readable()?;
+        if options.begin == options.end {
+            return Ok(RangeResult::default());
+        }
+        let pairs = self.inner.snapshot.range(
+            &self.inner.shared.keyspace,
+            stored(&options.begin)..stored(&options.end),
+        );
+        let to_bytes = |guard: Guard| {
+            let (key, value) = guard.into_inner().map_err(fjall_error)?;
+            Ok((user_key(&key)?, Bytes::copy_from_slice(&value)))
+        };
+        let merged = if options.reverse {
+            overlay::merge_range(&state.writes, options, pairs.rev().map(to_bytes))?
+        } else {
+            overlay::merge_range(&state.writes, options, pairs.map(to_bytes))?
+        };
+        if !options.snapshot {
+            state.reads.insert(merged.read_begin, merged.read_end);
+        }
+        Ok(merged.result)
+    }
+
+    fn set(&self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.write(|writes, limits| writes.set(key, value, limits))
+    }
+
+    fn clear(&self, key: &[u8]) -> Result<(), KvError> {
+        self.write(|writes, limits| writes.clear(key, limits))
+    }
+
+    fn clear_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        self.write(|writes, limits| writes.clear_range(begin, end, limits))
+    }
+
+    fn add_read_conflict_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        overlay::check_range(begin, end)?;
+        let mut state = self.state();
+        if let Some(state) = state.finished {
+            return Err(KvError::Finished { state });
+        }
+        state
+            .reads
+            .insert(Bytes::copy_from_slice(begin), Bytes::copy_from_slice(end));
+        Ok(())
+    }
+
+    async fn commit(&self) -> Result<(), KvError> {
+        let (write, writes, reads) = {
+            let mut state = self.state();
+            if let Some(state) = state.finished {
+                return Err(KvError::Finished { state });
+            }
+            state.finished = Some("aborted");
+            if let Some(error) = state.sticky.take() {
+                return Err(error);
+            }
+            let write = state.write.take();
+            let writes = std::mem::take(&mut state.writes);
+            let reads = std::mem::take(&mut state.reads);
+            match write {
+                Some(write) if !writes.is_empty() => (write, writes, reads),
+                // Read-only, or nothing written: nothing to apply, so
+                // nothing can conflict (as in FoundationDB).
+                _ => {
+                    state.finished = Some("committed");
+                    return Ok(());
+                }
+            }
+        };
+        overlay::check_age(self.inner.started, &self.inner.shared.options.limits)?;
+        let inner = self.inner.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || inner.commit_blocking(write, reads, writes))
+                .await
+                .map_err(|error| KvError::Backend {
+                    backend: "fjall",
+                    message: "the commit task died; the commit may or may not have been applied"
+                        .to_string(),
+                    retryable: false,
+                    source: Some(Box::new(error)),
+                })?;
+        if outcome.is_ok() {
+            self.state().finished = Some("committed");
+        }
+        outcome
+    }
+}
+
+/// Group commit: makes commits durable with as few fsyncs as possible.
+///
+/// A committer takes a ticket after its journal write reached the OS. If no
+/// fsync is running it starts one, covering every ticket handed out so far;
+/// otherwise it waits for the running one to finish and checks again. So
+/// at most one fsync runs at a time, and each covers every commit written
+/// before it began.
+#[derive(Debug, Default)]
+struct SyncGate {
+    /// Tickets handed out: commits whose journal write is in the OS.
+    written: AtomicU64,
+    state: Mutex<SyncState>,
+    synced: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    syncing: bool,
+}
+
+impl SyncGate {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        // Nothing panics while holding it (persist runs unlocked).
+        self.state
+            .lock()
+            .expect("sync gate lock poisoned by a panic")
+    }
+
+    fn wait_durable(&self, db: &OptimisticTxDatabase) -> Result<(), KvError> {
+        let ticket = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut state = self.lock();
+        loop {
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.syncing {
+                state = self
+                    .synced
+                    .wait(state)
+                    .expect("sync gate lock poisoned by a panic");
+                continue;
+            }
+            state.syncing = true;
+            let covered = self.written.load(Ordering::SeqCst);
+            drop(state);
+            let result = db.persist(PersistMode::SyncAll);
+            state = self.lock();
+            state.syncing = false;
+            if result.is_ok() {
+                state.durable = state.durable.max(covered);
+            }
+            self.synced.notify_all();
+            if let Err(error) = result {
+                // The commit is applied (others may have read it) but may
+                // not survive a crash, and fjall refuses every later write:
+                // the store must be reopened.
+                return Err(KvError::Backend {
+                    backend: "fjall",
+                    message: format!(
+                        "fsync of the journal failed after the commit was applied, so it may not \
+                         be durable; the store refuses further writes until reopened: {error}"
+                    ),
+                    retryable: false,
+                    source: Some(Box::new(error)),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commits_survive_reopening() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let kv = FjallKv::open(dir.path(), FjallOptions::default()).expect("open");
+            let tx = kv.begin().expect("begin");
+            tx.set(b"a", b"1").expect("set");
+            tx.set(b"b", b"2").expect("set");
+            tx.commit().await.expect("commit");
+            let tx = kv.begin().expect("begin");
+            tx.clear_range(b"b", b"c").expect("clear");
+            tx.commit().await.expect("commit");
+        }
+        let kv = FjallKv::open(dir.path(), FjallOptions::default()).expect("reopen");
+        let tx = kv.begin_read_only().expect("begin");
+        assert_eq!(
+            tx.get(b"a", false).await.expect("get").as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(tx.get(b"b", false).await.expect("get"), None);
+    }
+}

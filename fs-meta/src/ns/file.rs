@@ -1,0 +1,859 @@
+//! File operations: create, open and close with write sessions, length
+//! updates, setattr (chmod, chown, truncate, times), hard links and unlink.
+//!
+//! Write sessions (`INOS` keys) are how the namespace knows a file is being
+//! written: a file with one is never garbage-collected, even once unlinked,
+//! because a client may still be writing chunks. A session id is chosen
+//! before the transaction runs, so a retried attempt (including one whose
+//! first commit had an unknown outcome) writes the same key rather than
+//! leaking a second session that would pin the file forever.
+//!
+//! A file's length is a hint while sessions write it ([`Namespace::set_length`]
+//! only grows it), fixed exactly on close or by an explicit truncate.
+
+use flyfs_rpc::ids::InodeId;
+
+use super::{
+    NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
+};
+use crate::kv::{Kv, RangeOptions, Transaction};
+use crate::ns::MetaError;
+use crate::ns::dir::new_inode;
+use crate::ns::layout::Layout;
+use crate::ns::perm::{self, User};
+use crate::ns::txn::MetaTx;
+use crate::schema::{
+    Dentry, FileData, GcKind, Inode, InodeData, InodeKind, Key, SessionId, SessionValue,
+    decode_session, parse_key, session_key, session_prefix,
+};
+
+/// How `create` opens the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateFlags {
+    /// `O_EXCL`: EEXIST if the name exists.
+    pub exclusive: bool,
+    /// `O_TRUNC`: an existing file is cut to length 0.
+    pub truncate: bool,
+    /// Opened for reading: an existing file needs read permission.
+    pub read: bool,
+    /// Opened for writing by this client (a `ClientId`): a write session is
+    /// created, and an existing file needs write permission.
+    pub write_session: Option<u64>,
+}
+
+/// How `open` opens an existing inode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenFlags {
+    pub read: bool,
+    /// `O_TRUNC` (needs write permission).
+    pub truncate: bool,
+    /// Opened for writing by this client: a write session is created.
+    pub write_session: Option<u64>,
+}
+
+/// What the caller must have storage do after a truncate: drop every byte
+/// of `ino` at or after `length`, on the chains of `layout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Truncate {
+    pub ino: InodeId,
+    pub length: u64,
+    /// The file's truncate version after the truncate.
+    pub truncate_version: u64,
+    pub layout: Layout,
+}
+
+/// What `create` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    pub inode: Inode,
+    /// False when an existing file was opened.
+    pub created: bool,
+    pub session: Option<SessionId>,
+    /// Set when `O_TRUNC` cut an existing file.
+    pub truncate: Option<Truncate>,
+}
+
+/// What `open` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub inode: Inode,
+    pub session: Option<SessionId>,
+    pub truncate: Option<Truncate>,
+}
+
+/// What `close` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// The inode afterwards; `None` if it no longer exists.
+    pub inode: Option<Inode>,
+    /// False when the session was already gone (a retried or repeated
+    /// close), in which case nothing changed.
+    pub session_found: bool,
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// The operation's time: allowed to anyone who may write the file.
+    Now,
+    /// An explicit time (ns since the epoch): owner or root only.
+    At(i64),
+}
+
+/// The attributes `setattr` changes; `None` leaves one alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// A new length (truncate or extend); files only.
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// What `setattr` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetAttrResult {
+    pub inode: Inode,
+    /// Set when the size changed: storage must drop data past the new
+    /// length (even when it grew, data a writer had not yet reported may
+    /// lie past it).
+    pub truncate: Option<Truncate>,
+}
+
+/// A fresh session id, never 0.
+fn new_session_id() -> SessionId {
+    SessionId(rand::random::<u64>() | 1)
+}
+
+/// EFBIG unless `length` fits `layout`.
+fn check_length(inode: &Inode, layout: &Layout, length: u64) -> Result<(), MetaError> {
+    if length > layout.length_max() {
+        return Err(MetaError::FileTooBig(format!(
+            "{:?}: length {length} over {}",
+            inode.ino,
+            layout.length_max()
+        )));
+    }
+    Ok(())
+}
+
+/// The file part of an inode already known to be a file.
+fn file_mut(inode: &mut Inode) -> Result<&mut FileData, MetaError> {
+    let ino = inode.ino;
+    match &mut inode.data {
+        InodeData::File(f) => Ok(f),
+        _ => Err(MetaError::Invalid(format!("{ino:?} is not a regular file"))),
+    }
+}
+
+impl<K: Kv> Namespace<K> {
+    /// `open(O_CREAT)`: creates file `name` in `parent` with `mode` (the
+    /// caller has applied its umask), or opens the existing file: EEXIST with
+    /// `exclusive`, EISDIR on a directory, ELOOP on a symlink. `O_TRUNC` on
+    /// an existing file sets its length to 0 and bumps its truncate version.
+    /// A new file takes its parent's default layout, on chains chosen here.
+    pub async fn create(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        mode: u32,
+        flags: CreateFlags,
+    ) -> Result<Created, MetaError> {
+        if check_name(name)? != NameKind::Normal {
+            return Err(MetaError::IsDir(format!("create of {}", show(name))));
+        }
+        let session = flags.write_session.map(|client| (client, new_session_id()));
+        self.write(|tx| async move {
+            let dir = searchable_dir(&tx, user, parent).await?;
+            if let Some(dentry) = tx.dentry(parent, name).await? {
+                if flags.exclusive {
+                    return Err(MetaError::Exists(show(name)));
+                }
+                let inode = tx.target(parent, name, dentry).await?;
+                match inode.kind() {
+                    InodeKind::Directory => return Err(MetaError::IsDir(show(name))),
+                    InodeKind::Symlink => return Err(MetaError::Loop(show(name))),
+                    InodeKind::File => {}
+                }
+                let opened = open_linked(&tx, user, inode, flags.read, flags.truncate, session)?;
+                return Ok(Created {
+                    inode: opened.inode,
+                    created: false,
+                    session: opened.session,
+                    truncate: opened.truncate,
+                });
+            }
+            check_can_add(&dir, user)?;
+            let spec = dir
+                .dir()
+                .and_then(|d| d.default_layout)
+                .unwrap_or(self.inner.config.root_layout);
+            let layout = self
+                .inner
+                .placement
+                .choose(spec, self.inner.config.chain_tables.as_ref())?;
+            let ino = self.allocate().await?;
+            let data = InodeData::File(FileData {
+                length: 0,
+                truncate_version: 0,
+                layout,
+            });
+            let inode = new_inode(ino, user, &dir, mode, data, tx.now_ns);
+            tx.put_inode(&inode)?;
+            tx.put_dentry(
+                parent,
+                name,
+                Dentry {
+                    ino,
+                    kind: InodeKind::File,
+                },
+            )?;
+            if let Some((client, id)) = session {
+                tx.put_session(
+                    ino,
+                    id,
+                    &SessionValue {
+                        client,
+                        opened_ns: tx.now_ns,
+                    },
+                )?;
+            }
+            Ok(Created {
+                inode,
+                created: true,
+                session: session.map(|(_, id)| id),
+                truncate: None,
+            })
+        })
+        .await
+    }
+
+    /// `open` of inode `ino` (named so because [`Namespace::open`] opens the
+    /// namespace): read permission for `read`, write permission for
+    /// a write session or `truncate`. Directories open for reading only
+    /// (EISDIR), symlinks not at all (ELOOP); an unlinked file is ENOENT.
+    pub async fn open_file(
+        &self,
+        user: &User,
+        ino: InodeId,
+        flags: OpenFlags,
+    ) -> Result<Opened, MetaError> {
+        let session = flags.write_session.map(|client| (client, new_session_id()));
+        self.write(|tx| async move {
+            let inode = tx.existing(ino).await?;
+            match inode.kind() {
+                InodeKind::Directory => {
+                    if flags.truncate || flags.write_session.is_some() {
+                        return Err(MetaError::IsDir(format!("{ino:?} opened for writing")));
+                    }
+                    if flags.read {
+                        perm::check(&inode, user, perm::MAY_READ, "open")?;
+                    }
+                    Ok(Opened {
+                        inode,
+                        session: None,
+                        truncate: None,
+                    })
+                }
+                InodeKind::Symlink => Err(MetaError::Loop(format!("{ino:?} is a symlink"))),
+                InodeKind::File if inode.nlink == 0 => {
+                    Err(MetaError::NotFound(format!("{ino:?} has been unlinked")))
+                }
+                InodeKind::File => {
+                    open_linked(&tx, user, inode, flags.read, flags.truncate, session)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Ends write session `session` of `ino`. `length`, when the session
+    /// wrote, is the exact length the caller found on storage: it is
+    /// recorded and the modification time set. Closing a session that is
+    /// already gone changes nothing (so a retried close is harmless).
+    pub async fn close(
+        &self,
+        ino: InodeId,
+        session: SessionId,
+        length: Option<u64>,
+    ) -> Result<Closed, MetaError> {
+        self.write(|tx| async move {
+            if !tx.has_session(ino, session).await? {
+                return Ok(Closed {
+                    inode: tx.inode(ino).await?,
+                    session_found: false,
+                });
+            }
+            tx.tx.clear(&session_key(ino, session))?;
+            let mut inode = tx.inode(ino).await?.ok_or_else(|| MetaError::Corrupt {
+                key: format!("INOS {ino:?} {session:?}"),
+                reason: "a session of an inode that does not exist".into(),
+            })?;
+            if let Some(length) = length {
+                let now = tx.now_ns;
+                let layout = file_mut(&mut inode)?.layout.clone();
+                check_length(&inode, &layout, length)?;
+                file_mut(&mut inode)?.length = length;
+                inode.mtime_ns = now;
+                inode.ctime_ns = now;
+                tx.put_inode(&inode)?;
+            }
+            Ok(Closed {
+                inode: Some(inode),
+                session_found: true,
+            })
+        })
+        .await
+    }
+
+    /// Records a file length reported by a writer: a hint (`exact` false)
+    /// only grows the length, as writes may be reported out of order; an
+    /// exact length (from storage) replaces it. Not a truncate: the truncate
+    /// version stays. EISDIR / EINVAL for a directory / symlink, EFBIG past
+    /// what the layout can address.
+    pub async fn set_length(
+        &self,
+        ino: InodeId,
+        length: u64,
+        exact: bool,
+    ) -> Result<Inode, MetaError> {
+        self.write(|tx| async move {
+            let mut inode = tx.existing(ino).await?;
+            if inode.is_dir() {
+                return Err(MetaError::IsDir(format!("{ino:?}")));
+            }
+            let now = tx.now_ns;
+            let file = file_mut(&mut inode)?;
+            let layout = file.layout.clone();
+            let changed = if exact {
+                file.length != length
+            } else {
+                length > file.length
+            };
+            if changed {
+                check_length(&inode, &layout, length)?;
+                file_mut(&mut inode)?.length = length;
+                inode.mtime_ns = now;
+                inode.ctime_ns = now;
+                tx.put_inode(&inode)?;
+            }
+            Ok(inode)
+        })
+        .await
+    }
+
+    /// Changes attributes, each under its own rule, checked in this order
+    /// before anything changes: mode (owner or root, EPERM; EOPNOTSUPP on a
+    /// symlink), uid/gid (see [`perm::check_chown`], EPERM), size (files
+    /// only: EISDIR / EINVAL; write permission, EACCES; EFBIG), times (an
+    /// explicit time needs owner or root, EPERM; "now" needs that or write
+    /// permission, EACCES). A chown of a non-directory drops setuid/setgid;
+    /// an explicit mode given with it wins. A size change bumps the truncate
+    /// version and returns what storage must truncate.
+    pub async fn setattr(
+        &self,
+        user: &User,
+        ino: InodeId,
+        attr: SetAttr,
+    ) -> Result<SetAttrResult, MetaError> {
+        self.write(|tx| async move {
+            let original = tx.existing(ino).await?;
+            let new_mode = match attr.mode {
+                Some(mode) => {
+                    // The setgid rule looks at the group the file will have.
+                    let mut after_chgrp = original.clone();
+                    after_chgrp.gid = attr.gid.unwrap_or(original.gid);
+                    Some(perm::chmod(&after_chgrp, user, mode)?)
+                }
+                None => None,
+            };
+            if attr.uid.is_some() || attr.gid.is_some() {
+                perm::check_chown(&original, user, attr.uid, attr.gid)?;
+            }
+            if let Some(size) = attr.size {
+                match &original.data {
+                    InodeData::Directory(_) => {
+                        return Err(MetaError::IsDir(format!("truncate of {ino:?}")));
+                    }
+                    InodeData::Symlink(_) => {
+                        return Err(MetaError::Invalid(format!("truncate of symlink {ino:?}")));
+                    }
+                    InodeData::File(f) => {
+                        perm::check(&original, user, perm::MAY_WRITE, "truncate")?;
+                        check_length(&original, &f.layout, size)?;
+                    }
+                }
+            }
+            for time in [attr.atime, attr.mtime].into_iter().flatten() {
+                match time {
+                    SetTime::At(_) if !user.owns_or_root(&original) => {
+                        return Err(MetaError::NotPermitted(format!(
+                            "set times of {ino:?}: uid {} is not the owner",
+                            user.uid
+                        )));
+                    }
+                    SetTime::Now
+                        if !user.owns_or_root(&original)
+                            && !perm::allowed(&original, user, perm::MAY_WRITE) =>
+                    {
+                        return Err(MetaError::Access(format!(
+                            "touch {ino:?}: uid {} may not write it",
+                            user.uid
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+
+            let now = tx.now_ns;
+            let mut inode = original;
+            if attr.uid.is_some() || attr.gid.is_some() {
+                inode.uid = attr.uid.unwrap_or(inode.uid);
+                inode.gid = attr.gid.unwrap_or(inode.gid);
+                inode.mode = perm::mode_after_chown(&inode);
+            }
+            if let Some(mode) = new_mode {
+                inode.mode = mode;
+            }
+            let mut truncate = None;
+            if let Some(size) = attr.size {
+                inode.mode = perm::mode_after_truncate(&inode, user);
+                let file = file_mut(&mut inode)?;
+                file.length = size;
+                file.truncate_version += 1;
+                truncate = Some(Truncate {
+                    ino,
+                    length: size,
+                    truncate_version: file.truncate_version,
+                    layout: file.layout.clone(),
+                });
+                inode.mtime_ns = now;
+            }
+            let at = |time| match time {
+                SetTime::Now => now,
+                SetTime::At(ns) => ns,
+            };
+            if let Some(time) = attr.atime {
+                inode.atime_ns = at(time);
+            }
+            if let Some(time) = attr.mtime {
+                inode.mtime_ns = at(time);
+            }
+            if attr != SetAttr::default() {
+                inode.ctime_ns = now;
+                tx.put_inode(&inode)?;
+            }
+            Ok(SetAttrResult { inode, truncate })
+        })
+        .await
+    }
+
+    /// Hard link: a new entry `new_name` in `new_parent` for inode `ino`.
+    /// EPERM for a directory; ENOENT for an unlinked file.
+    pub async fn link(
+        &self,
+        user: &User,
+        ino: InodeId,
+        new_parent: InodeId,
+        new_name: &[u8],
+    ) -> Result<Inode, MetaError> {
+        if check_name(new_name)? != NameKind::Normal {
+            return Err(MetaError::Exists(show(new_name)));
+        }
+        self.write(|tx| async move {
+            let mut inode = tx.existing(ino).await?;
+            let dir = searchable_dir(&tx, user, new_parent).await?;
+            if tx.dentry(new_parent, new_name).await?.is_some() {
+                return Err(MetaError::Exists(show(new_name)));
+            }
+            check_can_add(&dir, user)?;
+            if inode.is_dir() {
+                return Err(MetaError::NotPermitted(format!(
+                    "hard link to directory {ino:?}"
+                )));
+            }
+            if inode.nlink == 0 {
+                return Err(MetaError::NotFound(format!("{ino:?} has been unlinked")));
+            }
+            inode.nlink = inode
+                .nlink
+                .checked_add(1)
+                .ok_or_else(|| MetaError::TooManyLinks(format!("{ino:?}")))?;
+            inode.ctime_ns = tx.now_ns;
+            tx.put_inode(&inode)?;
+            tx.put_dentry(
+                new_parent,
+                new_name,
+                Dentry {
+                    ino,
+                    kind: inode.kind(),
+                },
+            )?;
+            Ok(inode)
+        })
+        .await
+    }
+
+    /// Removes entry `name` (not a directory: EISDIR) from `parent`. When
+    /// the last link of a file goes, the file leaves the namespace and is
+    /// queued for GC, due after the configured delay (its data stays
+    /// readable through open sessions until then, and longer while write
+    /// sessions remain). A symlink's last link deletes it at once. Returns
+    /// the inode as it is afterwards.
+    pub async fn unlink(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+    ) -> Result<Inode, MetaError> {
+        if check_name(name)? != NameKind::Normal {
+            return Err(MetaError::IsDir(format!("unlink of {}", show(name))));
+        }
+        self.write(|tx| async move {
+            let dir = searchable_dir(&tx, user, parent).await?;
+            let dentry = tx
+                .dentry(parent, name)
+                .await?
+                .ok_or_else(|| MetaError::NotFound(show(name)))?;
+            let victim = tx.target(parent, name, dentry).await?;
+            check_can_remove(&dir, &victim, user)?;
+            if victim.is_dir() {
+                return Err(MetaError::IsDir(show(name)));
+            }
+            self.unlink_entry(&tx, parent, name, victim)
+        })
+        .await
+    }
+
+    /// Removes the entry of a file or symlink and drops one link (the
+    /// checks are the caller's).
+    pub(crate) fn unlink_entry(
+        &self,
+        tx: &MetaTx<K::Tx>,
+        parent: InodeId,
+        name: &[u8],
+        victim: Inode,
+    ) -> Result<Inode, MetaError> {
+        tx.clear_dentry(parent, name)?;
+        self.drop_link(tx, victim)
+    }
+
+    /// Drops one link of a file or symlink whose entry is already gone:
+    /// at zero a file is queued for GC and a symlink deleted.
+    pub(crate) fn drop_link(
+        &self,
+        tx: &MetaTx<K::Tx>,
+        mut inode: Inode,
+    ) -> Result<Inode, MetaError> {
+        debug_assert!(!inode.is_dir());
+        inode.nlink = inode
+            .nlink
+            .checked_sub(1)
+            .ok_or_else(|| MetaError::Corrupt {
+                key: format!("INOD {:?}", inode.ino),
+                reason: "an entry names an inode with no links".into(),
+            })?;
+        inode.ctime_ns = tx.now_ns;
+        if inode.nlink > 0 {
+            tx.put_inode(&inode)?;
+        } else if inode.kind() == InodeKind::File {
+            let due = tx.now_ms().saturating_add(self.inner.config.gc_delay_ms);
+            tx.enqueue_gc(&mut inode, due, GcKind::File)?;
+        } else {
+            tx.delete_inode(inode.ino)?;
+        }
+        Ok(inode)
+    }
+
+    /// The write sessions of `ino`, for a service pruning the sessions of
+    /// clients that died.
+    pub async fn sessions(
+        &self,
+        ino: InodeId,
+    ) -> Result<Vec<(SessionId, SessionValue)>, MetaError> {
+        self.read(|tx| async move {
+            let result = tx
+                .tx
+                .get_range(&RangeOptions::prefix(&session_prefix(ino)))
+                .await?;
+            let mut sessions = Vec::with_capacity(result.kvs.len());
+            for kv in &result.kvs {
+                match parse_key(&kv.key)? {
+                    Key::Session { session, .. } => {
+                        sessions.push((session, decode_session(&kv.key, &kv.value)?));
+                    }
+                    other => {
+                        return Err(MetaError::Corrupt {
+                            key: other.to_string(),
+                            reason: "not a session key under the session prefix".into(),
+                        });
+                    }
+                }
+            }
+            Ok(sessions)
+        })
+        .await
+    }
+}
+
+/// Opens an existing, linked file: permissions, `O_TRUNC`, the session.
+fn open_linked<T: Transaction>(
+    tx: &MetaTx<T>,
+    user: &User,
+    mut inode: Inode,
+    read: bool,
+    truncate: bool,
+    session: Option<(u64, SessionId)>,
+) -> Result<Opened, MetaError> {
+    let write = truncate || session.is_some();
+    let mask = if read { perm::MAY_READ } else { 0 } | if write { perm::MAY_WRITE } else { 0 };
+    if mask != 0 {
+        perm::check(&inode, user, mask, "open")?;
+    }
+    let mut truncated = None;
+    if truncate {
+        inode.mode = perm::mode_after_truncate(&inode, user);
+        let ino = inode.ino;
+        let file = file_mut(&mut inode)?;
+        file.length = 0;
+        file.truncate_version += 1;
+        truncated = Some(Truncate {
+            ino,
+            length: 0,
+            truncate_version: file.truncate_version,
+            layout: file.layout.clone(),
+        });
+        inode.mtime_ns = tx.now_ns;
+        inode.ctime_ns = tx.now_ns;
+        tx.put_inode(&inode)?;
+    }
+    if let Some((client, id)) = session {
+        tx.put_session(
+            inode.ino,
+            id,
+            &SessionValue {
+                client,
+                opened_ns: tx.now_ns,
+            },
+        )?;
+    }
+    Ok(Opened {
+        inode,
+        session: session.map(|(_, id)| id),
+        truncate: truncated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use flyfs_rpc::ids::ChainTableId;
+
+    use super::*;
+    use crate::ns::tests::namespace;
+    use crate::ns::{LayoutSpec, perm::S_ISGID};
+    use crate::schema::ROOT;
+
+    fn errno<T: std::fmt::Debug>(r: Result<T, MetaError>) -> i32 {
+        r.expect_err("an error").errno()
+    }
+
+    #[tokio::test]
+    async fn files_inherit_the_directory_layout() {
+        let ns = namespace().await;
+        let root = User::root();
+        let dir = ns.mkdir(&root, ROOT, b"d", 0o755).await.expect("mkdir");
+        let spec = LayoutSpec {
+            chain_table: ChainTableId(2),
+            chunk_size: 1 << 16,
+            stripe: 3,
+        };
+        ns.set_layout(&root, dir.ino, spec)
+            .await
+            .expect("set_layout");
+        let sub = ns
+            .mkdir(&root, dir.ino, b"sub", 0o755)
+            .await
+            .expect("mkdir");
+        assert_eq!(sub.dir().and_then(|d| d.default_layout), Some(spec));
+        let file = ns
+            .create(&root, sub.ino, b"f", 0o644, CreateFlags::default())
+            .await
+            .expect("create")
+            .inode;
+        let layout = &file.file().expect("a file").layout;
+        assert_eq!(layout.spec(), spec);
+        assert!(layout.chains().iter().all(|c| (101..=104).contains(&c.0)));
+        // Elsewhere the root's layout still applies.
+        let other = ns
+            .create(&root, ROOT, b"g", 0o644, CreateFlags::default())
+            .await
+            .expect("create")
+            .inode;
+        assert_eq!(
+            other.file().expect("file").layout.chain_table(),
+            ChainTableId(1)
+        );
+        // Bad layouts: unknown table, table too small, bad chunk size; and
+        // only the owner may set one.
+        let mut bad = spec;
+        bad.chain_table = ChainTableId(9);
+        assert_eq!(
+            errno(ns.set_layout(&root, dir.ino, bad).await),
+            libc::EINVAL
+        );
+        bad = spec;
+        bad.stripe = 5;
+        assert_eq!(
+            errno(ns.set_layout(&root, dir.ino, bad).await),
+            libc::EINVAL
+        );
+        bad = spec;
+        bad.chunk_size = 3000;
+        assert_eq!(
+            errno(ns.set_layout(&root, dir.ino, bad).await),
+            libc::EINVAL
+        );
+        let alice = User::new(1000, 1000, vec![]);
+        assert_eq!(
+            errno(ns.set_layout(&alice, dir.ino, spec).await),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno(ns.set_layout(&root, file.ino, spec).await),
+            libc::ENOTDIR
+        );
+    }
+
+    #[tokio::test]
+    async fn truncates_tell_the_caller_what_storage_must_drop() {
+        let ns = namespace().await;
+        let root = User::root();
+        let created = ns
+            .create(&root, ROOT, b"f", 0o644, CreateFlags::default())
+            .await
+            .expect("create");
+        let ino = created.inode.ino;
+        assert!(created.created && created.truncate.is_none());
+        // Hints only grow the length; an exact length replaces it.
+        assert_eq!(
+            ns.set_length(ino, 100, false).await.expect("hint").size(),
+            100
+        );
+        assert_eq!(
+            ns.set_length(ino, 50, false).await.expect("hint").size(),
+            100
+        );
+        assert_eq!(
+            ns.set_length(ino, 50, true).await.expect("exact").size(),
+            50
+        );
+        assert_eq!(
+            errno(ns.set_length(ino, u64::MAX, false).await),
+            libc::EFBIG
+        );
+        // O_TRUNC on the existing file.
+        let again = ns
+            .create(
+                &root,
+                ROOT,
+                b"f",
+                0o644,
+                CreateFlags {
+                    truncate: true,
+                    ..CreateFlags::default()
+                },
+            )
+            .await
+            .expect("O_TRUNC");
+        assert!(!again.created);
+        let truncate = again.truncate.expect("a truncate");
+        assert_eq!((truncate.length, truncate.truncate_version), (0, 1));
+        // setattr size: even growing returns a truncate (unreported data may
+        // lie past the new length).
+        let result = ns
+            .setattr(
+                &root,
+                ino,
+                SetAttr {
+                    size: Some(4096),
+                    ..SetAttr::default()
+                },
+            )
+            .await
+            .expect("truncate");
+        let truncate = result.truncate.expect("a truncate");
+        assert_eq!((truncate.length, truncate.truncate_version), (4096, 2));
+        assert_eq!(result.inode.size(), 4096);
+        // O_EXCL, a directory, a symlink.
+        let excl = CreateFlags {
+            exclusive: true,
+            ..CreateFlags::default()
+        };
+        assert_eq!(
+            errno(ns.create(&root, ROOT, b"f", 0o644, excl).await),
+            libc::EEXIST
+        );
+        ns.mkdir(&root, ROOT, b"d", 0o755).await.expect("mkdir");
+        let plain = CreateFlags::default();
+        assert_eq!(
+            errno(ns.create(&root, ROOT, b"d", 0o644, plain).await),
+            libc::EISDIR
+        );
+        ns.symlink(&root, ROOT, b"s", b"f").await.expect("symlink");
+        assert_eq!(
+            errno(ns.create(&root, ROOT, b"s", 0o644, plain).await),
+            libc::ELOOP
+        );
+    }
+
+    #[tokio::test]
+    async fn setgid_directories_pass_on_their_group() {
+        let ns = namespace().await;
+        let root = User::root();
+        let shared = ns
+            .mkdir(&root, ROOT, b"shared", 0o777)
+            .await
+            .expect("mkdir");
+        ns.setattr(
+            &root,
+            shared.ino,
+            SetAttr {
+                mode: Some(0o2777),
+                gid: Some(500),
+                ..SetAttr::default()
+            },
+        )
+        .await
+        .expect("chmod g+s");
+        let alice = User::new(1000, 1000, vec![]);
+        let file = ns
+            .create(&alice, shared.ino, b"f", 0o2755, CreateFlags::default())
+            .await
+            .expect("create")
+            .inode;
+        // The group is the directory's; alice is not in it, so a
+        // group-executable file loses setgid.
+        assert_eq!((file.uid, file.gid, file.mode), (1000, 500, 0o755));
+        let dir = ns
+            .mkdir(&alice, shared.ino, b"d", 0o755)
+            .await
+            .expect("mkdir");
+        assert_eq!((dir.gid, dir.mode & S_ISGID), (500, S_ISGID));
+        // Outside, the caller's own group.
+        ns.setattr(
+            &root,
+            ROOT,
+            SetAttr {
+                mode: Some(0o777),
+                ..SetAttr::default()
+            },
+        )
+        .await
+        .expect("chmod /");
+        let own = ns.mkdir(&alice, ROOT, b"own", 0o755).await.expect("mkdir");
+        assert_eq!((own.gid, own.mode), (1000, 0o755));
+    }
+}

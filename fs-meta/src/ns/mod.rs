@@ -1,0 +1,468 @@
+//! The POSIX namespace of the metadata service: directories, files,
+//! symlinks, hard links, rename, permissions, write sessions, extended
+//! attributes and the GC queue, on the transactional KV interface.
+//!
+//! [`Namespace`] holds no namespace state of its own (only an inode id pool
+//! and a placement cursor, both safe to lose), so any number of metadata
+//! service instances can share one store. Every public operation is one KV
+//! transaction run with [`kv::run`]: it reads what it decides on
+//! serializably, so when two instances race the store aborts one and the
+//! retry sees the other's result; a failed operation leaves nothing behind.
+//!
+//! The code is split by area: `dir.rs` (lookup, path resolution, mkdir,
+//! rmdir, readdir, symlinks, layouts, recursive remove), `file.rs` (create,
+//! open/close, lengths, setattr, link, unlink), `rename.rs`, `xattr.rs`,
+//! `gc.rs` (the queue API for the GC worker), `check.rs` (fsck), with
+//! `perm.rs`, `alloc.rs`, `layout.rs` and `txn.rs` underneath. The key and
+//! value formats are in [`crate::schema`]; docs/metadata-schema.md explains
+//! the invariants every operation keeps.
+//!
+//! # errno choices where POSIX leaves room
+//! * Names: empty, or containing `/` or NUL: EINVAL; over 255 bytes:
+//!   ENAMETOOLONG. `.` and `..`: `lookup` and `resolve` follow them; create
+//!   gives EISDIR (as `open(O_CREAT)` does on Linux); mkdir, symlink and link
+//!   EEXIST; unlink EISDIR; rmdir `.` EINVAL and `..` ENOTEMPTY; rename and
+//!   remove_all EINVAL.
+//! * Checks run in Linux's order: the parent must exist (ENOENT), be a
+//!   directory (ENOTDIR) and be searchable (EACCES); then the entry is looked
+//!   up (ENOENT / EEXIST); then write permission on the parent (EACCES), the
+//!   sticky bit (EPERM), and the entry's type (EISDIR / ENOTDIR), and last
+//!   emptiness (ENOTEMPTY).
+//! * `create` over an existing symlink: ELOOP (the caller resolves symlinks
+//!   before creating, so meeting one here is `O_NOFOLLOW`'s case).
+//! * Directory times are not updated when entries change, and a directory's
+//!   nlink is 1 (see [`Inode::nlink`]): both would make every create write
+//!   its parent's inode and conflict with every other create in the
+//!   directory, as 3FS also avoids.
+
+mod alloc;
+mod check;
+mod dir;
+mod error;
+mod file;
+mod gc;
+pub mod layout;
+pub mod perm;
+mod rename;
+mod txn;
+mod xattr;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use flyfs_rpc::ids::InodeId;
+
+use self::alloc::InodeAllocator;
+pub use self::alloc::{ALLOC_BATCH, ALLOC_SHARDS, batch_of};
+pub use self::check::{CheckReport, Problem};
+pub use self::dir::{
+    DirEntry, DirPage, DirPlusPage, READDIR_LIMIT_MAX, RESOLVE_STEPS_MAX, SYMLINKS_MAX,
+};
+pub use self::error::MetaError;
+pub use self::file::{
+    Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, Truncate,
+};
+pub use self::gc::{GcExpand, GcFinish, GcItem};
+use self::layout::Placement;
+pub use self::layout::{ChainTables, Layout, LayoutError, LayoutSpec, StaticChainTables};
+pub use self::perm::User;
+pub use self::rename::DEPTH_MAX;
+use self::txn::MetaTx;
+pub use self::xattr::XattrMode;
+use crate::kv::{self, Kv, RetryOptions, Transaction};
+pub use crate::schema::{
+    DirData, FileData, GcKind, Inode, InodeData, InodeKind, SessionId, SessionValue, SymlinkData,
+};
+use crate::schema::{
+    FORMAT_VERSION, FormatValue, NAME_BYTES_MAX, ROOT, decode_format, encode_format, format_key,
+};
+
+/// Where time comes from: the wall clock in production, a hand-driven clock
+/// in tests (the GC delay must be testable without waiting five minutes).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Nanoseconds since the Unix epoch.
+    fn now_ns(&self) -> i64;
+}
+
+/// The system's real-time clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> i64 {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now_ns: i64) -> ManualClock {
+        ManualClock(AtomicI64::new(now_ns))
+    }
+
+    pub fn advance_ms(&self, ms: i64) {
+        self.0
+            .fetch_add(ms.saturating_mul(1_000_000), Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ns(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How a namespace instance behaves.
+#[derive(Clone)]
+pub struct NsConfig {
+    /// The root directory's default layout, written when the namespace is
+    /// first created, and the layout of files in a directory without one.
+    pub root_layout: LayoutSpec,
+    /// Resolves chain tables when files are created.
+    pub chain_tables: Arc<dyn ChainTables>,
+    /// How long an unlinked file or removed tree waits in the GC queue
+    /// before its data is deleted (3FS: 5 minutes).
+    pub gc_delay_ms: u64,
+    /// Entries `gc_expand` moves per transaction: small enough to stay far
+    /// from the store's size and age limits.
+    pub gc_batch: usize,
+    pub clock: Arc<dyn Clock>,
+    pub retry: RetryOptions,
+}
+
+impl NsConfig {
+    /// The defaults: a 5-minute GC delay, 256 entries per GC transaction,
+    /// the system clock, the KV layer's default retries.
+    pub fn new(root_layout: LayoutSpec, chain_tables: Arc<dyn ChainTables>) -> NsConfig {
+        NsConfig {
+            root_layout,
+            chain_tables,
+            gc_delay_ms: 5 * 60 * 1000,
+            gc_batch: 256,
+            clock: Arc::new(SystemClock),
+            retry: RetryOptions::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NsConfig")
+            .field("root_layout", &self.root_layout)
+            .field("gc_delay_ms", &self.gc_delay_ms)
+            .field("gc_batch", &self.gc_batch)
+            .field("clock", &self.clock)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The namespace on a KV store. Cheap to clone (clones share the inode id
+/// pool); see the module documentation.
+pub struct Namespace<K: Kv> {
+    inner: Arc<Inner<K>>,
+}
+
+struct Inner<K> {
+    kv: K,
+    config: NsConfig,
+    alloc: InodeAllocator,
+    placement: Placement,
+}
+
+impl<K: Kv> Clone for Namespace<K> {
+    fn clone(&self) -> Self {
+        Namespace {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: Kv> std::fmt::Debug for Namespace<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Namespace")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Kv> Namespace<K> {
+    /// Opens the namespace in `kv`, creating the root directory (inode 1,
+    /// mode 0755, owned by root, with `config.root_layout`) and the format
+    /// record if the store is empty. Safe to run from several instances at
+    /// once: the creating transaction reads the format key, so only one
+    /// commits and the others see its root on retry.
+    pub async fn open(kv: K, config: NsConfig) -> Result<Self, MetaError> {
+        config.root_layout.validate()?;
+        let ns = Namespace {
+            inner: Arc::new(Inner {
+                kv,
+                config,
+                alloc: InodeAllocator::new(rand::random()),
+                placement: Placement::new(rand::random()),
+            }),
+        };
+        let root_layout = ns.inner.config.root_layout;
+        ns.write(|tx| async move {
+            let key = format_key();
+            match tx.tx.get(&key, false).await? {
+                Some(value) => {
+                    decode_format(&key, &value)?;
+                    match tx.inode(ROOT).await? {
+                        Some(root) if root.is_dir() => Ok(()),
+                        _ => Err(MetaError::Corrupt {
+                            key: "INOD ino 0x1".into(),
+                            reason: "formatted namespace without a root directory".into(),
+                        }),
+                    }
+                }
+                None => {
+                    if tx.inode(ROOT).await?.is_some() {
+                        return Err(MetaError::Corrupt {
+                            key: "META format".into(),
+                            reason: "missing, but a root directory exists".into(),
+                        });
+                    }
+                    tx.put_inode(&Inode {
+                        ino: ROOT,
+                        uid: 0,
+                        gid: 0,
+                        mode: 0o755,
+                        nlink: 1,
+                        atime_ns: tx.now_ns,
+                        mtime_ns: tx.now_ns,
+                        ctime_ns: tx.now_ns,
+                        gc_due_ms: None,
+                        data: InodeData::Directory(DirData {
+                            parent: ROOT,
+                            default_layout: Some(root_layout),
+                        }),
+                    })?;
+                    let format = FormatValue {
+                        version: FORMAT_VERSION,
+                        created_ns: tx.now_ns,
+                    };
+                    tx.tx.set(&key, &encode_format(&format)?)?;
+                    Ok(())
+                }
+            }
+        })
+        .await?;
+        Ok(ns)
+    }
+
+    /// The store underneath.
+    pub fn kv(&self) -> &K {
+        &self.inner.kv
+    }
+
+    pub fn config(&self) -> &NsConfig {
+        &self.inner.config
+    }
+
+    fn now_ns(&self) -> i64 {
+        self.inner.config.clock.now_ns()
+    }
+
+    /// Runs `body` as one read-write transaction, retried on conflicts.
+    async fn write<R, F, Fut>(&self, mut body: F) -> Result<R, MetaError>
+    where
+        F: FnMut(MetaTx<K::Tx>) -> Fut,
+        Fut: Future<Output = Result<R, MetaError>>,
+    {
+        let now_ns = self.now_ns();
+        kv::run(&self.inner.kv, &self.inner.config.retry, |tx| {
+            body(MetaTx::new(tx, now_ns))
+        })
+        .await
+    }
+
+    /// Runs `body` as one read-only transaction.
+    async fn read<R, F, Fut>(&self, mut body: F) -> Result<R, MetaError>
+    where
+        F: FnMut(MetaTx<K::Tx>) -> Fut,
+        Fut: Future<Output = Result<R, MetaError>>,
+    {
+        let now_ns = self.now_ns();
+        kv::run_read_only(&self.inner.kv, &self.inner.config.retry, |tx| {
+            body(MetaTx::new(tx, now_ns))
+        })
+        .await
+    }
+
+    /// A fresh inode id. Called inside transaction bodies: taking a batch is
+    /// its own small transaction, and an id taken by an attempt that then
+    /// retries is simply not used.
+    async fn allocate(&self) -> Result<InodeId, MetaError> {
+        self.inner
+            .alloc
+            .allocate(&self.inner.kv, &self.inner.config.retry)
+            .await
+    }
+
+    /// The attributes of `ino`. No permission is needed (as for `fstat`);
+    /// the path to it was checked when it was looked up.
+    pub async fn stat(&self, ino: InodeId) -> Result<Inode, MetaError> {
+        self.read(|tx| async move { tx.existing(ino).await }).await
+    }
+}
+
+/// What a name is, once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NameKind {
+    Normal,
+    Dot,
+    DotDot,
+}
+
+/// Checks an entry name: ENAMETOOLONG over 255 bytes, EINVAL when empty or
+/// containing `/` or NUL. `.` and `..` pass; each operation decides.
+pub(crate) fn check_name(name: &[u8]) -> Result<NameKind, MetaError> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(MetaError::NameTooLong(format!(
+            "a name of {} bytes (at most {NAME_BYTES_MAX})",
+            name.len()
+        )));
+    }
+    if name.is_empty() {
+        return Err(MetaError::Invalid("an empty name".into()));
+    }
+    if name.iter().any(|&b| b == b'/' || b == 0) {
+        return Err(MetaError::Invalid(format!(
+            "name {:?} contains '/' or NUL",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    Ok(match name {
+        b"." => NameKind::Dot,
+        b".." => NameKind::DotDot,
+        _ => NameKind::Normal,
+    })
+}
+
+/// A name for messages.
+pub(crate) fn show(name: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(name))
+}
+
+/// The parent side of an entry operation: `parent` must exist (ENOENT), be a
+/// directory (ENOTDIR) and be searchable by `user` (EACCES).
+pub(crate) async fn searchable_dir<T: Transaction>(
+    tx: &MetaTx<T>,
+    user: &User,
+    parent: InodeId,
+) -> Result<Inode, MetaError> {
+    let dir = tx.directory(parent).await?;
+    perm::check(&dir, user, perm::MAY_EXEC, "search")?;
+    Ok(dir)
+}
+
+/// Before adding an entry to `dir`: it must still be linked (ENOENT, as for
+/// a removed directory on Linux) and writable and searchable (EACCES).
+pub(crate) fn check_can_add(dir: &Inode, user: &User) -> Result<(), MetaError> {
+    if dir.gc_due_ms.is_some() {
+        return Err(MetaError::NotFound(format!(
+            "{:?} has been removed",
+            dir.ino
+        )));
+    }
+    perm::check(dir, user, perm::MAY_WRITE | perm::MAY_EXEC, "add an entry")
+}
+
+/// Before removing an entry from `dir`: write and search on `dir` (EACCES),
+/// then the sticky rule (EPERM).
+pub(crate) fn check_can_remove(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
+    perm::check(
+        dir,
+        user,
+        perm::MAY_WRITE | perm::MAY_EXEC,
+        "remove an entry",
+    )?;
+    perm::check_sticky(dir, victim, user)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use flyfs_rpc::ids::{ChainId, ChainTableId};
+
+    use super::*;
+    use crate::kv::mem::MemKv;
+    use crate::schema::{InodeData, MODE_MASK};
+
+    /// A namespace on a fresh `MemKv`: table 1 has chains 1..=8, the root
+    /// layout stripes over 2 of them, table 2 has chains 101..=104.
+    pub(crate) async fn namespace() -> Namespace<MemKv> {
+        let mut tables = StaticChainTables::single(ChainTableId(1), 8);
+        tables
+            .0
+            .insert(ChainTableId(2), (101..=104).map(ChainId).collect());
+        let config = NsConfig::new(
+            LayoutSpec {
+                chain_table: ChainTableId(1),
+                chunk_size: 1 << 20,
+                stripe: 2,
+            },
+            Arc::new(tables),
+        );
+        Namespace::open(MemKv::new(), config).await.expect("open")
+    }
+
+    #[tokio::test]
+    async fn open_is_idempotent_and_checks_the_format() {
+        let ns = namespace().await;
+        let root = ns.stat(ROOT).await.expect("root");
+        assert_eq!(
+            (root.uid, root.gid, root.mode, root.nlink),
+            (0, 0, 0o755, 1)
+        );
+        assert_eq!(root.mode & !MODE_MASK, 0);
+        assert!(
+            matches!(&root.data, InodeData::Directory(d) if d.parent == ROOT && d.default_layout.is_some())
+        );
+        // A second instance finds the same root.
+        let again = Namespace::open(ns.kv().clone(), ns.config().clone())
+            .await
+            .expect("reopen");
+        assert_eq!(again.stat(ROOT).await.expect("root"), root);
+        // A store written by a future format is refused, not misread.
+        let future = FormatValue {
+            version: FORMAT_VERSION + 1,
+            created_ns: 0,
+        };
+        kv::run(ns.kv(), &RetryOptions::default(), |tx| {
+            let value = encode_format(&future);
+            async move {
+                tx.set(&format_key(), &value?)?;
+                Ok::<(), MetaError>(())
+            }
+        })
+        .await
+        .expect("write a future format");
+        let error = Namespace::open(ns.kv().clone(), ns.config().clone())
+            .await
+            .expect_err("future format");
+        assert_eq!(error.errno(), libc::EIO);
+        assert!(error.to_string().contains("format 2"), "{error}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(check_name(b"a").ok(), Some(NameKind::Normal));
+        assert_eq!(check_name(b".").ok(), Some(NameKind::Dot));
+        assert_eq!(check_name(b"..").ok(), Some(NameKind::DotDot));
+        assert_eq!(check_name(b"...").ok(), Some(NameKind::Normal));
+        assert_eq!(check_name(&[b'x'; 255]).ok(), Some(NameKind::Normal));
+        let errno = |name: &[u8]| check_name(name).err().map(|e| e.errno());
+        assert_eq!(errno(&[b'x'; 256]), Some(libc::ENAMETOOLONG));
+        assert_eq!(errno(b""), Some(libc::EINVAL));
+        assert_eq!(errno(b"a/b"), Some(libc::EINVAL));
+        assert_eq!(errno(b"a\0b"), Some(libc::EINVAL));
+    }
+}

@@ -1,0 +1,334 @@
+//! Credentials and the POSIX permission rules the namespace enforces: mode
+//! bits by owner / group / other, root's bypass, the sticky bit, and who may
+//! change modes and owners.
+//!
+//! The rules follow Linux (fs/namei.c `generic_permission`, `may_delete`,
+//! fs/attr.c `setattr_prepare`) so that a FUSE mount behaves like a local
+//! file system to the programs on it. Every check is a pure function of the
+//! inodes involved, so the model test can reuse nothing and still agree.
+
+use crate::ns::MetaError;
+use crate::schema::{Inode, InodeKind};
+
+pub const S_ISUID: u32 = 0o4000;
+pub const S_ISGID: u32 = 0o2000;
+pub const S_ISVTX: u32 = 0o1000;
+/// Group execute: setgid without it marks mandatory locking, not setgid,
+/// and is left alone when ownership changes (as Linux does).
+const S_IXGRP: u32 = 0o010;
+
+/// Read, write, search/execute, as in `access(2)`.
+pub const MAY_READ: u32 = 4;
+pub const MAY_WRITE: u32 = 2;
+pub const MAY_EXEC: u32 = 1;
+
+/// Who is asking: the caller's uid, primary gid and supplementary groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl User {
+    pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> User {
+        User { uid, gid, groups }
+    }
+
+    /// The superuser.
+    pub fn root() -> User {
+        User::default()
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether `gid` is the caller's primary or a supplementary group.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
+    pub fn owns(&self, inode: &Inode) -> bool {
+        self.uid == inode.uid
+    }
+
+    /// Owner or root: who may chmod, set times explicitly, and so on.
+    pub fn owns_or_root(&self, inode: &Inode) -> bool {
+        self.is_root() || self.owns(inode)
+    }
+}
+
+/// Whether `user` has every permission in `mask` on `inode`.
+///
+/// The class is chosen first (owner, else group, else other) and only its
+/// bits count, so an owner with `0o077` is refused even though everyone
+/// else is allowed. Root passes every read and write check and every search
+/// of a directory, but executing a file needs at least one `x` bit.
+pub fn allowed(inode: &Inode, user: &User, mask: u32) -> bool {
+    if user.is_root() {
+        return mask & MAY_EXEC == 0 || inode.is_dir() || inode.mode & 0o111 != 0;
+    }
+    let bits = if user.uid == inode.uid {
+        inode.mode >> 6
+    } else if user.in_group(inode.gid) {
+        inode.mode >> 3
+    } else {
+        inode.mode
+    } & 0o7;
+    bits & mask == mask
+}
+
+/// [`allowed`], as an EACCES error.
+pub fn check(inode: &Inode, user: &User, mask: u32, what: &str) -> Result<(), MetaError> {
+    if allowed(inode, user, mask) {
+        Ok(())
+    } else {
+        Err(MetaError::Access(format!(
+            "{what}: uid {} needs {} on {:?} (mode {:#o}, {}:{})",
+            user.uid,
+            mask_name(mask),
+            inode.ino,
+            inode.mode,
+            inode.uid,
+            inode.gid
+        )))
+    }
+}
+
+fn mask_name(mask: u32) -> String {
+    let mut s = String::new();
+    for (bit, c) in [(MAY_READ, 'r'), (MAY_WRITE, 'w'), (MAY_EXEC, 'x')] {
+        if mask & bit != 0 {
+            s.push(c);
+        }
+    }
+    s
+}
+
+/// The sticky-bit rule: in a sticky directory only root, the directory's
+/// owner or the victim's owner may remove or rename the victim. EPERM.
+pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
+    if dir.mode & S_ISVTX == 0 || user.is_root() || user.owns(dir) || user.owns(victim) {
+        Ok(())
+    } else {
+        Err(MetaError::NotPermitted(format!(
+            "{:?} is sticky and uid {} owns neither it nor {:?}",
+            dir.ino, user.uid, victim.ino
+        )))
+    }
+}
+
+/// The mode a chmod by `user` stores: only the owner or root may chmod
+/// (EPERM); a non-root caller outside the file's group silently loses the
+/// setgid bit, so nobody can make a file setgid to a group they lack.
+pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, MetaError> {
+    if !user.owns_or_root(inode) {
+        return Err(MetaError::NotPermitted(format!(
+            "chmod of {:?}: uid {} is not the owner {}",
+            inode.ino, user.uid, inode.uid
+        )));
+    }
+    if inode.kind() == InodeKind::Symlink {
+        // Linux has no lchmod: a symlink's mode is always 0777.
+        return Err(MetaError::NotSupported(format!(
+            "chmod of symlink {:?}",
+            inode.ino
+        )));
+    }
+    let mut mode = mode & crate::schema::MODE_MASK;
+    if !user.is_root() && !user.in_group(inode.gid) {
+        mode &= !S_ISGID;
+    }
+    Ok(mode)
+}
+
+/// Checks a chown/chgrp by `user`: only root gives a file away; the owner
+/// may set the uid to itself and the gid to any group it is in (or to the
+/// current gid). EPERM otherwise.
+pub fn check_chown(
+    inode: &Inode,
+    user: &User,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), MetaError> {
+    if user.is_root() {
+        return Ok(());
+    }
+    if let Some(uid) = uid
+        && !(user.owns(inode) && uid == inode.uid)
+    {
+        return Err(MetaError::NotPermitted(format!(
+            "chown of {:?} to uid {uid} by uid {}",
+            inode.ino, user.uid
+        )));
+    }
+    if let Some(gid) = gid
+        && !(user.owns(inode) && (user.in_group(gid) || gid == inode.gid))
+    {
+        return Err(MetaError::NotPermitted(format!(
+            "chgrp of {:?} to gid {gid} by uid {}",
+            inode.ino, user.uid
+        )));
+    }
+    Ok(())
+}
+
+/// The mode left after a chown of a non-directory: Linux drops setuid, and
+/// setgid when group execute is set, on every chown (root's included since
+/// 2.2.13), so that a file given away does not keep running as its old
+/// owner.
+pub fn mode_after_chown(inode: &Inode) -> u32 {
+    if inode.is_dir() {
+        return inode.mode;
+    }
+    kill_suid(inode.mode)
+}
+
+/// The mode left after a non-root caller truncates a file: as for a write,
+/// setuid and (group-executable) setgid are dropped.
+pub fn mode_after_truncate(inode: &Inode, user: &User) -> u32 {
+    if user.is_root() {
+        inode.mode
+    } else {
+        kill_suid(inode.mode)
+    }
+}
+
+/// The owner and mode of a new inode created by `user` in `parent`
+/// (Linux's `inode_init_owner`): the caller's uid, and its gid unless the
+/// parent is setgid, in which case the parent's gid, and a new directory is
+/// setgid too. A setgid, group-executable file created in a setgid directory
+/// whose group the (non-root) caller is not in loses setgid.
+pub fn new_owner(parent: &Inode, user: &User, mode: u32, is_dir: bool) -> (u32, u32, u32) {
+    let mut mode = mode & crate::schema::MODE_MASK;
+    let gid = if parent.mode & S_ISGID != 0 {
+        if is_dir {
+            mode |= S_ISGID;
+        } else if mode & (S_ISGID | S_IXGRP) == S_ISGID | S_IXGRP
+            && !user.is_root()
+            && !user.in_group(parent.gid)
+        {
+            mode &= !S_ISGID;
+        }
+        parent.gid
+    } else {
+        user.gid
+    };
+    (user.uid, gid, mode)
+}
+
+fn kill_suid(mode: u32) -> u32 {
+    let mut mode = mode & !S_ISUID;
+    if mode & S_IXGRP != 0 {
+        mode &= !S_ISGID;
+    }
+    mode
+}
+
+#[cfg(test)]
+mod tests {
+    use flyfs_rpc::ids::InodeId;
+
+    use super::*;
+    use crate::schema::{DirData, InodeData, ROOT};
+
+    fn inode(mode: u32, uid: u32, gid: u32) -> Inode {
+        Inode {
+            ino: InodeId(4096),
+            uid,
+            gid,
+            mode,
+            nlink: 1,
+            atime_ns: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            gc_due_ms: None,
+            data: InodeData::Directory(DirData {
+                parent: ROOT,
+                default_layout: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_owner_class_wins_even_when_it_grants_less() {
+        let alice = User::new(1000, 1000, vec![2000]);
+        let dir = inode(0o077, 1000, 1000);
+        assert!(!allowed(&dir, &alice, MAY_READ));
+        let bob = User::new(1001, 1001, vec![]);
+        assert!(allowed(&dir, &bob, MAY_READ | MAY_WRITE | MAY_EXEC));
+        // Supplementary groups count.
+        let shared = inode(0o070, 0, 2000);
+        assert!(allowed(&shared, &alice, MAY_WRITE));
+        assert!(!allowed(&shared, &bob, MAY_WRITE));
+    }
+
+    #[test]
+    fn root_bypasses_all_but_execute_of_files() {
+        let root = User::root();
+        assert!(allowed(
+            &inode(0, 5, 5),
+            &root,
+            MAY_READ | MAY_WRITE | MAY_EXEC
+        ));
+        let mut file = inode(0o600, 5, 5);
+        file.data = InodeData::Symlink(crate::schema::SymlinkData {
+            target: b"x".to_vec(),
+        });
+        assert!(!allowed(&file, &root, MAY_EXEC));
+        file.mode = 0o601;
+        assert!(allowed(&file, &root, MAY_EXEC));
+    }
+
+    #[test]
+    fn sticky_directories_protect_other_users_entries() {
+        let tmp = inode(0o1777, 0, 0);
+        let alice = User::new(1000, 1000, vec![]);
+        let bob = User::new(1001, 1001, vec![]);
+        let alices = inode(0o644, 1000, 1000);
+        assert!(check_sticky(&tmp, &alices, &alice).is_ok());
+        assert_eq!(
+            check_sticky(&tmp, &alices, &bob).map_err(|e| e.errno()),
+            Err(libc::EPERM)
+        );
+        assert!(check_sticky(&tmp, &alices, &User::root()).is_ok());
+    }
+
+    #[test]
+    fn chmod_and_chown_rules() {
+        let alice = User::new(1000, 1000, vec![2000]);
+        let bob = User::new(1001, 1001, vec![]);
+        let mut file = inode(0o644, 1000, 1000);
+        file.data = InodeData::File(crate::schema::FileData {
+            length: 0,
+            truncate_version: 0,
+            layout: crate::ns::layout::Layout::new(
+                crate::ns::layout::LayoutSpec {
+                    chain_table: flyfs_rpc::ids::ChainTableId(1),
+                    chunk_size: 1 << 20,
+                    stripe: 1,
+                },
+                vec![flyfs_rpc::ids::ChainId(1)],
+            )
+            .expect("valid"),
+        });
+        assert_eq!(chmod(&file, &alice, 0o2755).ok(), Some(0o2755));
+        assert_eq!(
+            chmod(&file, &bob, 0o777).map_err(|e| e.errno()),
+            Err(libc::EPERM)
+        );
+        file.gid = 3000; // a group alice is not in: setgid is dropped
+        assert_eq!(chmod(&file, &alice, 0o2755).ok(), Some(0o755));
+        assert!(check_chown(&file, &alice, Some(1000), Some(2000)).is_ok());
+        assert!(check_chown(&file, &alice, None, Some(3000)).is_ok()); // unchanged gid
+        assert!(check_chown(&file, &alice, Some(1001), None).is_err());
+        assert!(check_chown(&file, &alice, None, Some(4000)).is_err());
+        assert!(check_chown(&file, &bob, Some(1000), None).is_err());
+        assert!(check_chown(&file, &User::root(), Some(7), Some(7)).is_ok());
+        file.mode = 0o6755;
+        assert_eq!(mode_after_chown(&file), 0o755);
+        file.mode = 0o6745; // setgid without group execute stays
+        assert_eq!(mode_after_chown(&file), 0o2745);
+    }
+}

@@ -1,0 +1,542 @@
+//! The metadata service's RPC face: decodes each request, runs it on the
+//! [`Namespace`], and does the storage half of the operations that have one
+//! (length on close and fsync, truncate, statfs).
+//!
+//! The service keeps no state of its own between requests: everything lives
+//! in the KV store, so any number of instances may serve one namespace (the
+//! inode id batches each holds are the only thing not shared, and losing one
+//! only leaves a gap in the ids). The GC worker ([`crate::gc`]) runs beside
+//! it in the same daemon.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flyfs_craq::client::StorageClient;
+use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId};
+use flyfs_rpc::server::{Reply, Request, Service};
+use flyfs_rpc::wire::meta as wire;
+use flyfs_rpc::wire::meta::{
+    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Open,
+    Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
+    SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
+};
+use flyfs_rpc::{Method, Network};
+
+use crate::data::FileChunks;
+use crate::gc::GcStats;
+use crate::kv::Kv;
+use crate::ns::{
+    self, ChainTables, CreateFlags, Inode, InodeKind, MetaError, Namespace, OpenFlags, Truncate,
+    User,
+};
+use crate::schema::{InodeData, SessionId};
+
+/// Chain tables as the cluster manager publishes them, from the storage
+/// client's routing cache (the daemon keeps it fresh).
+#[derive(Debug)]
+pub struct RoutingChainTables<N: Network>(pub Arc<StorageClient<N>>);
+
+impl<N: Network> ChainTables for RoutingChainTables<N> {
+    fn chains(&self, table: ChainTableId) -> Option<Vec<ChainId>> {
+        let routing = self.0.routing();
+        routing
+            .tables
+            .iter()
+            .find(|t| t.id == table)
+            .map(|t| t.chains.clone())
+    }
+}
+
+/// The RPC face of a namespace.
+pub struct MetaService<K: Kv, N: Network> {
+    ns: Namespace<K>,
+    storage: Arc<StorageClient<N>>,
+    gc: Arc<GcStats>,
+}
+
+impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaService")
+            .field("ns", &self.ns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handler's failure: a namespace error or a storage one, both an errno.
+type Result<T> = std::result::Result<T, wire::MetaError>;
+
+fn meta_error(e: MetaError) -> wire::MetaError {
+    wire::MetaError {
+        errno: e.errno(),
+        retryable: matches!(&e, MetaError::Kv(kv) if kv.is_retryable()),
+        message: e.to_string(),
+    }
+}
+
+fn data_error(e: crate::data::DataError) -> wire::MetaError {
+    wire::MetaError {
+        errno: libc::EIO,
+        retryable: true,
+        message: e.to_string(),
+    }
+}
+
+fn user(u: wire::User) -> User {
+    User::new(u.uid, u.gid, u.groups)
+}
+
+/// An inode's attributes on the wire.
+pub fn attr(inode: &Inode) -> wire::Attr {
+    let (kind, length, truncate_version, layout, default_layout) = match &inode.data {
+        InodeData::File(f) => (
+            wire::FileType::File,
+            f.length,
+            f.truncate_version,
+            Some(wire::Layout {
+                chain_table: f.layout.chain_table(),
+                chunk_size: f.layout.chunk_size(),
+                stripe: f.layout.stripe(),
+                chains: f.layout.chains().to_vec(),
+            }),
+            None,
+        ),
+        InodeData::Directory(d) => (
+            wire::FileType::Directory,
+            0,
+            0,
+            None,
+            d.default_layout.map(|s| wire::LayoutSpec {
+                chain_table: s.chain_table,
+                chunk_size: s.chunk_size,
+                stripe: s.stripe,
+            }),
+        ),
+        InodeData::Symlink(s) => (
+            wire::FileType::Symlink,
+            s.target.len() as u64,
+            0,
+            None,
+            None,
+        ),
+    };
+    wire::Attr {
+        ino: inode.ino,
+        kind,
+        mode: inode.mode,
+        uid: inode.uid,
+        gid: inode.gid,
+        nlink: inode.nlink,
+        length,
+        atime_ns: inode.atime_ns,
+        mtime_ns: inode.mtime_ns,
+        ctime_ns: inode.ctime_ns,
+        truncate_version,
+        layout,
+        default_layout,
+    }
+}
+
+fn file_type(kind: InodeKind) -> wire::FileType {
+    match kind {
+        InodeKind::File => wire::FileType::File,
+        InodeKind::Directory => wire::FileType::Directory,
+        InodeKind::Symlink => wire::FileType::Symlink,
+    }
+}
+
+fn set_time(t: wire::SetTime) -> ns::SetTime {
+    match t {
+        wire::SetTime::Now => ns::SetTime::Now,
+        wire::SetTime::At(ns) => ns::SetTime::At(ns),
+    }
+}
+
+impl<K: Kv, N: Network> MetaService<K, N> {
+    pub fn new(ns: Namespace<K>, storage: Arc<StorageClient<N>>, gc: Arc<GcStats>) -> Arc<Self> {
+        Arc::new(MetaService { ns, storage, gc })
+    }
+
+    pub fn namespace(&self) -> &Namespace<K> {
+        &self.ns
+    }
+
+    fn chunks<'a>(&'a self, ino: InodeId, layout: &'a ns::Layout) -> FileChunks<'a, N> {
+        FileChunks {
+            storage: &self.storage,
+            ino,
+            layout,
+        }
+    }
+
+    /// Carries out on storage a truncate the namespace has recorded. The
+    /// namespace goes first so that permission checks and the new length
+    /// commit together; a crash before storage follows leaves bytes past
+    /// the new length that reads never return (they stop at the length).
+    async fn truncate_data(&self, truncate: Option<Truncate>) -> Result<()> {
+        if let Some(t) = truncate {
+            self.chunks(t.ino, &t.layout)
+                .truncate(t.length)
+                .await
+                .map_err(data_error)?;
+        }
+        Ok(())
+    }
+
+    /// The file's exact length from storage, folded into its recorded one:
+    /// storage knows where written data ends; the namespace knows about
+    /// extensions by truncate that wrote nothing. The larger is the length.
+    async fn sync_length(&self, ino: InodeId) -> Result<Inode> {
+        let inode = self.ns.stat(ino).await.map_err(meta_error)?;
+        let Some(file) = inode.file() else {
+            return Ok(inode);
+        };
+        let length = self
+            .chunks(ino, &file.layout)
+            .length()
+            .await
+            .map_err(data_error)?;
+        self.ns
+            .set_length(ino, length, false)
+            .await
+            .map_err(meta_error)
+    }
+
+    async fn statfs(&self) -> Result<wire::StatfsRsp> {
+        let routing = self.storage.routing();
+        let replicas = routing
+            .chains
+            .iter()
+            .map(|c| c.targets.len() as u64)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut total = 0u64;
+        let mut used = 0u64;
+        for node in &routing.nodes {
+            // A node that does not answer counts as no space: statfs must
+            // not fail because one daemon is down.
+            if let Ok(space) = self.storage.space(&node.addr).await {
+                for disk in space.disks {
+                    total += disk.data_bytes;
+                    used += disk.allocated_bytes;
+                }
+            }
+        }
+        Ok(wire::StatfsRsp {
+            bytes_total: total / replicas,
+            bytes_free: total.saturating_sub(used) / replicas,
+        })
+    }
+
+    async fn gc_status(&self) -> Result<wire::GcStatusRsp> {
+        let now_ms = self.ns.config().clock.now_ns() as u64 / 1_000_000;
+        let queued = self
+            .ns
+            .gc_due(u64::MAX, 1 << 20)
+            .await
+            .map_err(meta_error)?;
+        let due = queued.iter().filter(|item| item.due_ms <= now_ms).count();
+        Ok(wire::GcStatusRsp {
+            queued: queued.len() as u64,
+            due: due as u64,
+            chunks_removed: self.gc.chunks_removed(),
+            inodes_finished: self.gc.inodes_finished(),
+        })
+    }
+
+    async fn handle(&self, req: &Request) -> std::result::Result<Reply, Reply> {
+        let ns = &self.ns;
+        let reply = match req.method {
+            Statfs::ID => {
+                req.decode::<Statfs>()?;
+                ok::<Statfs>(self.statfs().await)
+            }
+            Stat::ID => {
+                let r = req.decode::<Stat>()?;
+                ok::<Stat>(ns.stat(r.ino).await.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Lookup::ID => {
+                let r = req.decode::<Lookup>()?;
+                let found = ns.lookup(&user(r.user), r.parent, &r.name).await;
+                ok::<Lookup>(found.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Resolve::ID => {
+                let r = req.decode::<Resolve>()?;
+                let found = ns.resolve(&user(r.user), &r.path, r.follow).await;
+                ok::<Resolve>(found.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Create::ID => {
+                let r = req.decode::<Create>()?;
+                let flags = CreateFlags {
+                    exclusive: r.exclusive,
+                    truncate: r.truncate,
+                    read: r.read,
+                    write_session: r.write.then_some(r.client.0),
+                };
+                let result = async {
+                    let created = ns
+                        .create(&user(r.user), r.parent, &r.name, r.mode, flags)
+                        .await
+                        .map_err(meta_error)?;
+                    self.truncate_data(created.truncate).await?;
+                    Ok(wire::OpenRsp {
+                        attr: attr(&created.inode),
+                        session: created.session.map(|s| s.0),
+                        created: created.created,
+                    })
+                }
+                .await;
+                ok::<Create>(result)
+            }
+            Open::ID => {
+                let r = req.decode::<Open>()?;
+                let flags = OpenFlags {
+                    read: r.read,
+                    truncate: r.truncate,
+                    write_session: r.write.then_some(r.client.0),
+                };
+                let result = async {
+                    let opened = ns
+                        .open_file(&user(r.user), r.ino, flags)
+                        .await
+                        .map_err(meta_error)?;
+                    self.truncate_data(opened.truncate).await?;
+                    Ok(wire::OpenRsp {
+                        attr: attr(&opened.inode),
+                        session: opened.session.map(|s| s.0),
+                        created: false,
+                    })
+                }
+                .await;
+                ok::<Open>(result)
+            }
+            Mkdir::ID => {
+                let r = req.decode::<Mkdir>()?;
+                let made = ns.mkdir(&user(r.user), r.parent, &r.name, r.mode).await;
+                ok::<Mkdir>(made.map(|i| attr(&i)).map_err(meta_error))
+            }
+            MkdirAll::ID => {
+                let r = req.decode::<MkdirAll>()?;
+                let made = ns.mkdir_all(&user(r.user), &r.path, r.mode).await;
+                ok::<MkdirAll>(made.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Symlink::ID => {
+                let r = req.decode::<Symlink>()?;
+                let made = ns
+                    .symlink(&user(r.user), r.parent, &r.name, &r.target)
+                    .await;
+                ok::<Symlink>(made.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Readlink::ID => {
+                let r = req.decode::<Readlink>()?;
+                let target = ns.readlink(r.ino).await;
+                ok::<Readlink>(
+                    target
+                        .map(|target| wire::ReadlinkRsp { target })
+                        .map_err(meta_error),
+                )
+            }
+            Link::ID => {
+                let r = req.decode::<Link>()?;
+                let linked = ns
+                    .link(&user(r.user), r.ino, r.new_parent, &r.new_name)
+                    .await;
+                ok::<Link>(linked.map(|i| attr(&i)).map_err(meta_error))
+            }
+            Unlink::ID => {
+                let r = req.decode::<Unlink>()?;
+                let done = ns.unlink(&user(r.user), r.parent, &r.name).await;
+                ok::<Unlink>(done.map(drop).map_err(meta_error))
+            }
+            Rmdir::ID => {
+                let r = req.decode::<Rmdir>()?;
+                ok::<Rmdir>(
+                    ns.rmdir(&user(r.user), r.parent, &r.name)
+                        .await
+                        .map_err(meta_error),
+                )
+            }
+            RemoveAll::ID => {
+                let r = req.decode::<RemoveAll>()?;
+                let done = ns.remove_all(&user(r.user), r.parent, &r.name).await;
+                ok::<RemoveAll>(done.map(drop).map_err(meta_error))
+            }
+            Rename::ID => {
+                let r = req.decode::<Rename>()?;
+                let done = ns
+                    .rename(
+                        &user(r.user),
+                        r.old_parent,
+                        &r.old_name,
+                        r.new_parent,
+                        &r.new_name,
+                    )
+                    .await;
+                ok::<Rename>(done.map_err(meta_error))
+            }
+            Readdir::ID => {
+                let r = req.decode::<Readdir>()?;
+                ok::<Readdir>(self.readdir(r).await)
+            }
+            Close::ID => {
+                let r = req.decode::<Close>()?;
+                let result = async {
+                    self.sync_length(r.ino).await?;
+                    let closed = ns
+                        .close(r.ino, SessionId(r.session), None)
+                        .await
+                        .map_err(meta_error)?;
+                    match closed.inode {
+                        Some(inode) => Ok(attr(&inode)),
+                        None => Err(meta_error(MetaError::NotFound(format!("{:?}", r.ino)))),
+                    }
+                }
+                .await;
+                ok::<Close>(result)
+            }
+            Sync::ID => {
+                let r = req.decode::<Sync>()?;
+                ok::<Sync>(self.sync_length(r.ino).await.map(|i| attr(&i)))
+            }
+            LengthHint::ID => {
+                let r = req.decode::<LengthHint>()?;
+                let done = ns.set_length(r.ino, r.length, false).await;
+                ok::<LengthHint>(done.map(|i| attr(&i)).map_err(meta_error))
+            }
+            SetAttr::ID => {
+                let r = req.decode::<SetAttr>()?;
+                let changes = ns::SetAttr {
+                    mode: r.mode,
+                    uid: r.uid,
+                    gid: r.gid,
+                    size: r.size,
+                    atime: r.atime.map(set_time),
+                    mtime: r.mtime.map(set_time),
+                };
+                let result = async {
+                    let done = ns
+                        .setattr(&user(r.user), r.ino, changes)
+                        .await
+                        .map_err(meta_error)?;
+                    self.truncate_data(done.truncate).await?;
+                    Ok(attr(&done.inode))
+                }
+                .await;
+                ok::<SetAttr>(result)
+            }
+            GetXattr::ID => {
+                let r = req.decode::<GetXattr>()?;
+                let value = ns.get_xattr(&user(r.user), r.ino, &r.name).await;
+                ok::<GetXattr>(
+                    value
+                        .map(|value| wire::XattrRsp { value })
+                        .map_err(meta_error),
+                )
+            }
+            SetXattr::ID => {
+                let r = req.decode::<SetXattr>()?;
+                let mode = match r.mode {
+                    wire::XattrMode::Any => ns::XattrMode::Upsert,
+                    wire::XattrMode::Create => ns::XattrMode::Create,
+                    wire::XattrMode::Replace => ns::XattrMode::Replace,
+                };
+                let done = ns
+                    .set_xattr(&user(r.user), r.ino, &r.name, &r.value, mode)
+                    .await;
+                ok::<SetXattr>(done.map_err(meta_error))
+            }
+            ListXattr::ID => {
+                let r = req.decode::<ListXattr>()?;
+                let names = ns.list_xattr(r.ino).await;
+                ok::<ListXattr>(
+                    names
+                        .map(|names| wire::XattrListRsp {
+                            names: names.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+                        })
+                        .map_err(meta_error),
+                )
+            }
+            RemoveXattr::ID => {
+                let r = req.decode::<RemoveXattr>()?;
+                let done = ns.remove_xattr(&user(r.user), r.ino, &r.name).await;
+                ok::<RemoveXattr>(done.map_err(meta_error))
+            }
+            SetLayout::ID => {
+                let r = req.decode::<SetLayout>()?;
+                let spec = ns::LayoutSpec {
+                    chain_table: r.layout.chain_table,
+                    chunk_size: r.layout.chunk_size,
+                    stripe: r.layout.stripe,
+                };
+                let done = ns.set_layout(&user(r.user), r.dir, spec).await;
+                ok::<SetLayout>(done.map(|i| attr(&i)).map_err(meta_error))
+            }
+            GcStatus::ID => {
+                req.decode::<GcStatus>()?;
+                ok::<GcStatus>(self.gc_status().await)
+            }
+            other => Reply::unknown_method(other),
+        };
+        Ok(reply)
+    }
+
+    async fn readdir(&self, r: wire::ReaddirReq) -> Result<wire::ReaddirRsp> {
+        let who = user(r.user);
+        let after = (!r.after.is_empty()).then_some(&r.after[..]);
+        let limit = r.limit as usize;
+        if r.plus {
+            let page = self
+                .ns
+                .readdirplus(&who, r.dir, after, limit)
+                .await
+                .map_err(meta_error)?;
+            Ok(wire::ReaddirRsp {
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(|(entry, inode)| wire::DirEntry {
+                        name: entry.name,
+                        ino: entry.ino,
+                        kind: file_type(entry.kind),
+                        attr: Some(attr(&inode)),
+                    })
+                    .collect(),
+                more: page.more,
+            })
+        } else {
+            let page = self
+                .ns
+                .readdir(&who, r.dir, after, limit)
+                .await
+                .map_err(meta_error)?;
+            Ok(wire::ReaddirRsp {
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(|entry| wire::DirEntry {
+                        name: entry.name,
+                        ino: entry.ino,
+                        kind: file_type(entry.kind),
+                        attr: None,
+                    })
+                    .collect(),
+                more: page.more,
+            })
+        }
+    }
+}
+
+fn ok<M>(rsp: M::Rsp) -> Reply
+where
+    M: Method,
+{
+    Reply::ok::<M>(&rsp, Bytes::new())
+}
+
+impl<K: Kv, N: Network> Service for MetaService<K, N> {
+    async fn call(&self, req: Request) -> Reply {
+        match self.handle(&req).await {
+            Ok(reply) | Err(reply) => reply,
+        }
+    }
+}

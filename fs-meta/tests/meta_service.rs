@@ -1,0 +1,502 @@
+//! The metadata service over real TCP, in one process: a cluster manager,
+//! three storage nodes on memory devices with two three-replica chains in
+//! one chain table, and two metadata service instances sharing one
+//! embedded store (fjall) with their GC workers. Covers the operations that
+//! reach storage (length on close and fsync, truncate, GC of removed files
+//! and trees, statfs), errno over the wire, and that either instance serves
+//! what the other wrote.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
+use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
+use flyfs_craq::{StorageConfig, StorageNode, StorageService};
+use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
+use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
+use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
+use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig};
+use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
+use flyfs_rpc::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, NodeId, TargetId};
+use flyfs_rpc::wire::meta::{self as wire, User};
+use flyfs_rpc::wire::mgmt::{
+    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
+    CreateTargetReq, PublicState,
+};
+use flyfs_rpc::{CallOptions, Client, Method, Server, ServerConfig, ServerHandle, Tcp};
+
+const CHUNK: u32 = 64 << 10;
+const ROOT: InodeId = InodeId(1);
+
+struct Cluster {
+    _servers: Vec<ServerHandle>,
+    storage: Arc<StorageClient<Tcp>>,
+    meta: Vec<Arc<MetaClient<Tcp>>>,
+    ns: Namespace<FjallKv>,
+    _dir: tempfile::TempDir,
+}
+
+async fn bind() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    (listener, addr)
+}
+
+async fn admin<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req) -> M::Rsp {
+    match rpc
+        .call::<M>(addr, req, Bytes::new(), &CallOptions::default())
+        .await
+    {
+        Ok((rsp, _)) => rsp,
+        Err(e) => panic!("{}: {e}", M::NAME),
+    }
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let service = MgmtService::open(
+            Box::new(MemStore::new()),
+            MgmtConfig {
+                heartbeat_interval: Duration::from_millis(50),
+                failure_timeout: Duration::from_secs(2),
+                tick_interval: Duration::from_millis(50),
+            },
+        )
+        .await
+        .expect("manager");
+        let (listener, mgmt) = bind().await;
+        let mut servers = vec![
+            Server::new(service.clone(), ServerConfig::default())
+                .spawn(listener)
+                .expect("serve manager"),
+        ];
+        tokio::spawn(service.clone().run());
+        let mut nodes = Vec::new();
+        for i in 0..3u32 {
+            let dev = MemDevice::new(64 << 20, 4096);
+            let format = FormatOptions {
+                chunk_size_min: 4 << 10,
+                chunk_size_max: u64::from(CHUNK),
+                journal_bytes: Some(1 << 20),
+                force: false,
+            };
+            Engine::format(&dev, &format).await.expect("format");
+            let pool = BufferPool::new(&PoolConfig {
+                classes: vec![(4 << 10, 64), (64 << 10, 64)],
+                hugepages: HugePages::Never,
+            })
+            .expect("pool");
+            let engine = Engine::open(dev, pool, EngineConfig::default())
+                .await
+                .expect("open");
+            let (listener, addr) = bind().await;
+            let mut config = StorageConfig::new(NodeId(i), addr, mgmt.clone());
+            config.heartbeat_interval = Duration::from_millis(50);
+            config.rpc_timeout = Duration::from_secs(2);
+            let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
+            tokio::spawn(node.clone().run());
+            servers.push(
+                Server::new(StorageService::new(node.clone()), ServerConfig::default())
+                    .spawn(listener)
+                    .expect("serve storage"),
+            );
+            nodes.push(node);
+        }
+        let rpc = Client::new(Tcp, Default::default());
+        while service.routing().nodes.len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..6u32 {
+            let req = CreateTargetReq {
+                target: TargetId(u64::from(i)),
+                node: NodeId(i % 3),
+                disk: 0,
+            };
+            admin::<CreateTarget>(&rpc, &mgmt, &req)
+                .await
+                .expect("target");
+        }
+        for (chain, targets) in [(1, [0, 1, 2]), (2, [4, 5, 3])] {
+            let req = CreateChainReq {
+                chain: ChainId(chain),
+                targets: targets.into_iter().map(TargetId).collect(),
+            };
+            admin::<CreateChain>(&rpc, &mgmt, &req)
+                .await
+                .expect("chain");
+        }
+        let req = CreateChainTableReq {
+            table: ChainTableId(1),
+            chains: vec![ChainId(1), ChainId(2)],
+        };
+        admin::<CreateChainTable>(&rpc, &mgmt, &req)
+            .await
+            .expect("table");
+        let mut config = ClientConfig::new(mgmt.clone(), ClientId(9));
+        config.rpc_timeout = Duration::from_secs(2);
+        config.op_deadline = Duration::from_secs(20);
+        let storage = StorageClient::new(config, Tcp);
+        for _ in 0..500 {
+            let routing = storage.refresh_routing().await.expect("routing");
+            let serving = routing
+                .chains
+                .iter()
+                .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving));
+            if serving && !routing.tables.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Two metadata instances on one store, each with its GC worker.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = FjallKv::open(dir.path().join("meta"), FjallOptions::default()).expect("fjall");
+        let spec = LayoutSpec {
+            chain_table: ChainTableId(1),
+            chunk_size: CHUNK,
+            stripe: 2,
+        };
+        let mut meta = Vec::new();
+        let mut first_ns = None;
+        for _ in 0..2 {
+            let mut ns_config = NsConfig::new(spec, Arc::new(RoutingChainTables(storage.clone())));
+            ns_config.gc_delay_ms = 0;
+            let ns = Namespace::open(kv.clone(), ns_config)
+                .await
+                .expect("namespace");
+            let stats = Arc::new(GcStats::default());
+            let gc = GcWorker::new(
+                ns.clone(),
+                storage.clone(),
+                GcConfig {
+                    interval: Duration::from_millis(50),
+                    ..GcConfig::default()
+                },
+                stats.clone(),
+            );
+            tokio::spawn(gc.run());
+            let (listener, addr) = bind().await;
+            servers.push(
+                Server::new(
+                    MetaService::new(ns.clone(), storage.clone(), stats),
+                    ServerConfig::default(),
+                )
+                .spawn(listener)
+                .expect("serve meta"),
+            );
+            meta.push(MetaClient::new(Tcp, MetaClientConfig::new(vec![addr])));
+            first_ns.get_or_insert(ns);
+        }
+        Cluster {
+            _servers: servers,
+            storage,
+            meta,
+            ns: first_ns.expect("two instances"),
+            _dir: dir,
+        }
+    }
+
+    async fn write(&self, attr: &wire::Attr, offset: u64, data: &[u8]) {
+        let layout = attr.layout.as_ref().expect("a file has a layout");
+        let mut at = offset;
+        for piece in data.chunks(CHUNK as usize) {
+            let index = (at / u64::from(CHUNK)) as u32;
+            let within = (at % u64::from(CHUNK)) as u32;
+            let chain = layout.chain_of(index).expect("chains");
+            self.storage
+                .write(
+                    chain,
+                    ChunkId {
+                        inode: attr.ino,
+                        index,
+                    },
+                    within,
+                    Bytes::copy_from_slice(piece),
+                    CHUNK,
+                )
+                .await
+                .expect("write");
+            at += piece.len() as u64;
+        }
+    }
+
+    /// Chunks of `ino` storage still holds, on every chain.
+    async fn chunks_of(&self, ino: InodeId) -> usize {
+        let mut found = 0;
+        for chain in [ChainId(1), ChainId(2)] {
+            if self
+                .storage
+                .last_chunk(chain, ino)
+                .await
+                .expect("last chunk")
+                .is_some()
+            {
+                found += 1;
+            }
+        }
+        found
+    }
+}
+
+fn user(uid: u32) -> User {
+    User {
+        uid,
+        gid: uid,
+        groups: vec![],
+    }
+}
+
+fn create(parent: InodeId, name: &str, who: User) -> wire::CreateReq {
+    wire::CreateReq {
+        user: who,
+        parent,
+        name: name.as_bytes().to_vec(),
+        mode: 0o644,
+        exclusive: true,
+        write: true,
+        read: true,
+        client: ClientId(5),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_directories_lengths_and_gc_through_two_instances() {
+    let cluster = Cluster::start().await;
+    let (a, b) = (&cluster.meta[0], &cluster.meta[1]);
+    let root = User::root();
+
+    // A directory for an unprivileged user, made on instance A, seen on B.
+    let dir = a
+        .call::<wire::Mkdir, _>(&wire::MkdirReq {
+            user: root.clone(),
+            parent: ROOT,
+            name: b"home".to_vec(),
+            mode: 0o777,
+        })
+        .await
+        .expect("mkdir");
+    let seen = b
+        .call::<wire::Lookup, _>(&wire::LookupReq {
+            user: user(1000),
+            parent: ROOT,
+            name: b"home".to_vec(),
+        })
+        .await
+        .expect("lookup on the other instance");
+    assert_eq!(seen.ino, dir.ino);
+    assert_eq!(seen.kind, wire::FileType::Directory);
+
+    // Create on B, write through storage, close on A: the exact length
+    // comes from storage (2.5 chunks, so both chains hold data).
+    let opened = b
+        .call::<wire::Create, _>(&create(dir.ino, "data", user(1000)))
+        .await
+        .expect("create");
+    assert!(opened.created);
+    let session = opened.session.expect("write session");
+    let layout = opened.attr.layout.clone().expect("layout");
+    assert_eq!(layout.chains.len(), 2);
+    let data: Vec<u8> = (0..CHUNK * 5 / 2).map(|i| (i % 251) as u8).collect();
+    cluster.write(&opened.attr, 0, &data).await;
+    let closed = a
+        .call::<wire::Close, _>(&wire::SessionReq {
+            user: user(1000),
+            ino: opened.attr.ino,
+            session,
+        })
+        .await
+        .expect("close");
+    assert_eq!(closed.length, data.len() as u64);
+
+    // Errno over the wire: EEXIST for O_EXCL, EACCES for another user's
+    // file opened for writing, ENOTEMPTY for a non-empty directory.
+    let again = a
+        .call::<wire::Create, _>(&create(dir.ino, "data", user(1000)))
+        .await
+        .expect_err("exclusive create of an existing name");
+    assert_eq!(again.errno, libc::EEXIST, "{again}");
+    let denied = a
+        .call::<wire::Open, _>(&wire::OpenReq {
+            user: user(2000),
+            ino: opened.attr.ino,
+            write: true,
+            client: ClientId(6),
+            ..Default::default()
+        })
+        .await
+        .expect_err("write open by another user");
+    assert_eq!(denied.errno, libc::EACCES, "{denied}");
+    let not_empty = b
+        .call::<wire::Rmdir, _>(&wire::EntryReq {
+            user: root.clone(),
+            parent: ROOT,
+            name: b"home".to_vec(),
+        })
+        .await
+        .expect_err("rmdir of a non-empty directory");
+    assert_eq!(not_empty.errno, libc::ENOTEMPTY, "{not_empty}");
+
+    // Truncate to 1.5 chunks: chunk 2 goes, chunk 1 is cut; fsync agrees.
+    let cut = CHUNK as u64 * 3 / 2;
+    let truncated = a
+        .call::<wire::SetAttr, _>(&wire::SetAttrReq {
+            user: user(1000),
+            ino: opened.attr.ino,
+            size: Some(cut),
+            ..Default::default()
+        })
+        .await
+        .expect("truncate");
+    assert_eq!(truncated.length, cut);
+    let synced = b
+        .call::<wire::Sync, _>(&wire::SessionReq {
+            user: user(1000),
+            ino: opened.attr.ino,
+            session: 0,
+        })
+        .await
+        .expect("fsync");
+    assert_eq!(synced.length, cut, "storage holds nothing past the cut");
+
+    // Unlink: the GC worker removes every chunk, then the inode.
+    b.call::<wire::Unlink, _>(&wire::EntryReq {
+        user: user(1000),
+        parent: dir.ino,
+        name: b"data".to_vec(),
+    })
+    .await
+    .expect("unlink");
+    // A tree removed in one call: its files' chunks go too.
+    let sub = a
+        .call::<wire::MkdirAll, _>(&wire::MkdirAllReq {
+            user: root.clone(),
+            path: b"/tree/a/b".to_vec(),
+            mode: 0o755,
+        })
+        .await
+        .expect("mkdir -p");
+    let mut tree_files = Vec::new();
+    for name in ["x", "y", "z"] {
+        let file = a
+            .call::<wire::Create, _>(&create(sub.ino, name, root.clone()))
+            .await
+            .expect("create in tree");
+        cluster
+            .write(&file.attr, 0, &data[..CHUNK as usize + 10])
+            .await;
+        a.call::<wire::Close, _>(&wire::SessionReq {
+            user: root.clone(),
+            ino: file.attr.ino,
+            session: file.session.expect("session"),
+        })
+        .await
+        .expect("close");
+        assert_eq!(cluster.chunks_of(file.attr.ino).await, 2);
+        tree_files.push(file.attr.ino);
+    }
+    b.call::<wire::RemoveAll, _>(&wire::EntryReq {
+        user: root.clone(),
+        parent: ROOT,
+        name: b"tree".to_vec(),
+    })
+    .await
+    .expect("remove tree");
+    let gone = a
+        .call::<wire::Resolve, _>(&wire::ResolveReq {
+            user: root.clone(),
+            path: b"/tree/a".to_vec(),
+            follow: true,
+        })
+        .await
+        .expect_err("the tree is gone at once");
+    assert_eq!(gone.errno, libc::ENOENT);
+
+    let mut left = usize::MAX;
+    for _ in 0..200 {
+        left = cluster.chunks_of(opened.attr.ino).await;
+        for ino in &tree_files {
+            left += cluster.chunks_of(*ino).await;
+        }
+        let status = a
+            .call::<wire::GcStatus, _>(&wire::GcStatusReq {})
+            .await
+            .expect("gc status");
+        if left == 0 && status.queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "GC left chunks of removed files on storage");
+    let report = cluster.ns.check().await.expect("check");
+    assert!(report.is_clean(), "{report:?}");
+
+    let space = a
+        .call::<wire::Statfs, _>(&wire::StatfsReq { user: root })
+        .await
+        .expect("statfs");
+    assert!(
+        space.bytes_total > 0 && space.bytes_free <= space.bytes_total,
+        "{space:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_get_errno_and_failover_reaches_a_live_instance() {
+    let cluster = Cluster::start().await;
+    let root = User::root();
+    for (name, errno) in [
+        (&b"a/b"[..], libc::EINVAL),
+        (b"nul\0", libc::EINVAL),
+        (&[b'n'; 256][..], libc::ENAMETOOLONG),
+        (b"", libc::EINVAL),
+    ] {
+        let e = cluster.meta[0]
+            .call::<wire::Mkdir, _>(&wire::MkdirReq {
+                user: root.clone(),
+                parent: ROOT,
+                name: name.to_vec(),
+                mode: 0o755,
+            })
+            .await
+            .expect_err("bad name");
+        assert_eq!(e.errno, errno, "{e}");
+    }
+    // A client that knows a dead address first fails over to the live one.
+    let (dead, dead_addr) = bind().await;
+    drop(dead);
+    let (_live, live_addr) = serve_another(&cluster).await;
+    let mut config = MetaClientConfig::new(vec![dead_addr, live_addr]);
+    config.op_deadline = Duration::from_secs(10);
+    let client = MetaClient::new(Tcp, config);
+    let attr = client
+        .call::<wire::Stat, _>(&wire::StatReq {
+            user: root,
+            ino: ROOT,
+        })
+        .await
+        .expect("stat through failover");
+    assert_eq!(attr.kind, wire::FileType::Directory);
+}
+
+/// One more instance on the cluster's store, and its address.
+async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
+    let (listener, addr) = bind().await;
+    let handle = Server::new(
+        MetaService::new(
+            cluster.ns.clone(),
+            cluster.storage.clone(),
+            Arc::new(GcStats::default()),
+        ),
+        ServerConfig::default(),
+    )
+    .spawn(listener)
+    .expect("serve");
+    (handle, addr)
+}

@@ -1,0 +1,500 @@
+//! Messages of the metadata service: the POSIX namespace over RPC.
+//!
+//! Every request names the caller's credentials ([`User`]); the service is
+//! stateless, so any instance answers any request. Names and paths are
+//! bytes, not strings: POSIX names need not be UTF-8. Failures are an errno
+//! with a message ([`MetaError`]), because the FUSE daemon hands the errno
+//! straight to the kernel and a human reads the message in a log.
+//!
+//! Every struct defaults its missing fields (`#[serde(default)]`), so a message
+//! can gain fields without breaking older peers (docs/rpc-wire-format.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Method;
+use crate::ids::{ChainId, ChainTableId, ClientId, InodeId};
+
+/// Who asks: checked against modes and owners.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl User {
+    pub fn root() -> User {
+        User::default()
+    }
+}
+
+/// A failed metadata operation: the errno the caller should see and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(default)]
+#[error("{message} (errno {errno})")]
+pub struct MetaError {
+    pub errno: i32,
+    pub message: String,
+    /// Rerunning the same request may succeed (the store was briefly
+    /// unavailable or overloaded); never set for a POSIX error.
+    pub retryable: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileType {
+    #[default]
+    File,
+    Directory,
+    Symlink,
+}
+
+/// Where a file's chunks live: chunk `i` on `chains[i % stripe]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Layout {
+    pub chain_table: ChainTableId,
+    pub chunk_size: u32,
+    pub stripe: u32,
+    pub chains: Vec<ChainId>,
+}
+
+impl Layout {
+    /// The chain holding chunk `index`.
+    pub fn chain_of(&self, index: u32) -> Option<ChainId> {
+        if self.chains.is_empty() {
+            return None;
+        }
+        Some(self.chains[index as usize % self.chains.len()])
+    }
+}
+
+/// A directory's default layout for new files: which table, how big the
+/// chunks, over how many chains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LayoutSpec {
+    pub chain_table: ChainTableId,
+    pub chunk_size: u32,
+    pub stripe: u32,
+}
+
+/// An inode's attributes, as `stat` shows them (plus what a client needs to
+/// do I/O: the layout and the truncate version).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Attr {
+    pub ino: InodeId,
+    pub kind: FileType,
+    /// Permission bits with setuid, setgid and sticky (no type bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Files: the length; symlinks: the target's length; directories: 0.
+    pub length: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// Files: bumped by every truncate.
+    pub truncate_version: u64,
+    /// Files only.
+    pub layout: Option<Layout>,
+    /// Directories only: the default layout their new files get, if set.
+    pub default_layout: Option<LayoutSpec>,
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    /// Nanoseconds since the epoch.
+    At(i64),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatfsReq {
+    pub user: User,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatfsRsp {
+    pub bytes_total: u64,
+    pub bytes_free: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatReq {
+    pub user: User,
+    pub ino: InodeId,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LookupReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResolveReq {
+    pub user: User,
+    /// Absolute, from the root.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    /// Follow a symlink in the last component.
+    pub follow: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CreateReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// After the caller's umask.
+    pub mode: u32,
+    pub exclusive: bool,
+    pub truncate: bool,
+    pub read: bool,
+    /// Open for writing: the file gets a write session of `client`.
+    pub write: bool,
+    pub client: ClientId,
+}
+
+/// The file, and the write session when it was opened for writing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OpenRsp {
+    pub attr: Attr,
+    pub session: Option<u64>,
+    /// `create` only: false when an existing file was opened.
+    pub created: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MkdirReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub mode: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MkdirAllReq {
+    pub user: User,
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub mode: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SymlinkReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub target: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReadlinkRsp {
+    #[serde(with = "serde_bytes")]
+    pub target: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LinkReq {
+    pub user: User,
+    pub ino: InodeId,
+    pub new_parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub new_name: Vec<u8>,
+}
+
+/// `unlink`, `rmdir` and recursive remove name an entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EntryReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RenameReq {
+    pub user: User,
+    pub old_parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub old_name: Vec<u8>,
+    pub new_parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub new_name: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReaddirReq {
+    pub user: User,
+    pub dir: InodeId,
+    /// Continue after this name (the last one of the previous page).
+    #[serde(with = "serde_bytes")]
+    pub after: Vec<u8>,
+    pub limit: u32,
+    /// With each entry's attributes (readdirplus).
+    pub plus: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DirEntry {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub ino: InodeId,
+    pub kind: FileType,
+    /// With `plus`.
+    pub attr: Option<Attr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReaddirRsp {
+    pub entries: Vec<DirEntry>,
+    /// The page was cut short: continue after the last name.
+    pub more: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OpenReq {
+    pub user: User,
+    pub ino: InodeId,
+    pub read: bool,
+    pub write: bool,
+    pub truncate: bool,
+    pub client: ClientId,
+}
+
+/// `close` ends a write session; `sync` keeps it. Both fix the exact length
+/// from storage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionReq {
+    pub user: User,
+    pub ino: InodeId,
+    pub session: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LengthHintReq {
+    pub user: User,
+    pub ino: InodeId,
+    /// The file is at least this long (hints only grow it).
+    pub length: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SetAttrReq {
+    pub user: User,
+    pub ino: InodeId,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// How `setxattr` treats an existing or missing attribute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    /// Create or replace.
+    #[default]
+    Any,
+    /// `XATTR_CREATE`: EEXIST if it exists.
+    Create,
+    /// `XATTR_REPLACE`: ENODATA if it does not.
+    Replace,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct XattrReq {
+    pub user: User,
+    pub ino: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// `setxattr` only.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    pub mode: XattrMode,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct XattrRsp {
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct XattrListRsp {
+    pub names: Vec<serde_bytes::ByteBuf>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SetLayoutReq {
+    pub user: User,
+    pub dir: InodeId,
+    pub layout: LayoutSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GcStatusReq {}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GcStatusRsp {
+    /// Entries on the queue.
+    pub queued: u64,
+    /// Of those, the ones due now.
+    pub due: u64,
+    /// Chunks this instance's GC worker removed since it started.
+    pub chunks_removed: u64,
+    /// Files and directories it finished.
+    pub inodes_finished: u64,
+}
+
+macro_rules! method {
+    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name;
+
+        impl Method for $name {
+            const ID: u16 = $id;
+            const NAME: &'static str = concat!("meta.", stringify!($name));
+            type Req = $req;
+            type Rsp = Result<$rsp, MetaError>;
+        }
+    };
+}
+
+method!(
+    /// Space of the whole cluster.
+    Statfs = 500, StatfsReq => StatfsRsp
+);
+method!(
+    /// `getattr`.
+    Stat = 501, StatReq => Attr
+);
+method!(Lookup = 502, LookupReq => Attr);
+method!(
+    /// A path from the root, for tools without a mount.
+    Resolve = 503, ResolveReq => Attr
+);
+method!(
+    /// `open(O_CREAT)`.
+    Create = 504, CreateReq => OpenRsp
+);
+method!(Mkdir = 505, MkdirReq => Attr);
+method!(
+    /// `mkdir -p`.
+    MkdirAll = 506, MkdirAllReq => Attr
+);
+method!(Symlink = 507, SymlinkReq => Attr);
+method!(Readlink = 508, StatReq => ReadlinkRsp);
+method!(
+    /// A hard link; answers the file's attributes.
+    Link = 509, LinkReq => Attr
+);
+method!(Unlink = 510, EntryReq => ());
+method!(Rmdir = 511, EntryReq => ());
+method!(Rename = 512, RenameReq => ());
+method!(Readdir = 513, ReaddirReq => ReaddirRsp);
+method!(Open = 514, OpenReq => OpenRsp);
+method!(
+    /// Ends a write session and fixes the exact length from storage.
+    Close = 515, SessionReq => Attr
+);
+method!(
+    /// `fsync`: fixes the exact length from storage, keeps the session.
+    Sync = 516, SessionReq => Attr
+);
+method!(LengthHint = 517, LengthHintReq => Attr);
+method!(
+    /// `setattr`; a size change truncates the data on storage too.
+    SetAttr = 518, SetAttrReq => Attr
+);
+method!(GetXattr = 519, XattrReq => XattrRsp);
+method!(SetXattr = 520, XattrReq => ());
+method!(ListXattr = 521, StatReq => XattrListRsp);
+method!(RemoveXattr = 522, XattrReq => ());
+method!(
+    /// Recursive remove in one transaction; the tree's data is reclaimed
+    /// in the background.
+    RemoveAll = 523, EntryReq => ()
+);
+method!(
+    /// A directory's default layout for new files.
+    SetLayout = 524, SetLayoutReq => Attr
+);
+method!(GcStatus = 525, GcStatusReq => GcStatusRsp);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn names_travel_as_bytes_and_round_trip() {
+        let req = LookupReq {
+            user: User {
+                uid: 1000,
+                gid: 100,
+                groups: vec![4, 27],
+            },
+            parent: InodeId(1),
+            name: b"caf\xe9".to_vec(),
+        };
+        let bytes = encode(&req);
+        // A byte string, not an array of integers.
+        assert!(bytes.windows(4).any(|w| w == b"caf\xe9"));
+        assert_eq!(decode::<LookupReq>(&bytes).expect("decode"), req);
+    }
+
+    #[test]
+    fn layout_maps_chunks_round_robin() {
+        let layout = Layout {
+            chain_table: ChainTableId(1),
+            chunk_size: 1 << 20,
+            stripe: 3,
+            chains: vec![ChainId(5), ChainId(6), ChainId(7)],
+        };
+        assert_eq!(layout.chain_of(0), Some(ChainId(5)));
+        assert_eq!(layout.chain_of(4), Some(ChainId(6)));
+        assert_eq!(Layout::default().chain_of(0), None);
+    }
+}
