@@ -10,12 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_bypass::mem::MemDevice;
-use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
-use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
 use flyfs_craq::client::{ClientConfig, StorageClient};
 use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
-use flyfs_craq::{StorageConfig, StorageNode, StorageService};
 use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
 use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
@@ -29,7 +25,9 @@ use flyfs_rpc::wire::mgmt::{
 };
 use flyfs_rpc::{CallOptions, Client, Method, Server, ServerConfig, ServerHandle, Tcp};
 
-const CHUNK: u32 = 64 << 10;
+mod storage_common;
+
+use storage_common::{CHUNK, bind, storage_node};
 const ROOT: InodeId = InodeId(1);
 
 struct Cluster {
@@ -38,14 +36,6 @@ struct Cluster {
     meta: Vec<Arc<MetaClient<Tcp>>>,
     ns: Namespace<FjallKv>,
     _dir: tempfile::TempDir,
-}
-
-async fn bind() -> (tokio::net::TcpListener, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr").to_string();
-    (listener, addr)
 }
 
 async fn admin<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req) -> M::Rsp {
@@ -70,43 +60,17 @@ impl Cluster {
         )
         .await
         .expect("manager");
-        let (listener, mgmt) = bind().await;
+        let (listener, mgmt) = bind("127.0.0.1:0").await;
         let mut servers = vec![
             Server::new(service.clone(), ServerConfig::default())
                 .spawn(listener)
                 .expect("serve manager"),
         ];
         tokio::spawn(service.clone().run());
-        let mut nodes = Vec::new();
         for i in 0..3u32 {
-            let dev = MemDevice::new(64 << 20, 4096);
-            let format = FormatOptions {
-                chunk_size_min: 4 << 10,
-                chunk_size_max: u64::from(CHUNK),
-                journal_bytes: Some(1 << 20),
-                force: false,
-            };
-            Engine::format(&dev, &format).await.expect("format");
-            let pool = BufferPool::new(&PoolConfig {
-                classes: vec![(4 << 10, 64), (64 << 10, 64)],
-                hugepages: HugePages::Never,
-            })
-            .expect("pool");
-            let engine = Engine::open(dev, pool, EngineConfig::default())
-                .await
-                .expect("open");
-            let (listener, addr) = bind().await;
-            let mut config = StorageConfig::new(NodeId(i), addr, mgmt.clone());
-            config.heartbeat_interval = Duration::from_millis(50);
-            config.rpc_timeout = Duration::from_secs(2);
-            let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
-            tokio::spawn(node.clone().run());
             servers.push(
-                Server::new(StorageService::new(node.clone()), ServerConfig::default())
-                    .spawn(listener)
-                    .expect("serve storage"),
+                storage_node(i, std::slice::from_ref(&mgmt), Duration::from_millis(50)).await,
             );
-            nodes.push(node);
         }
         let rpc = Client::new(Tcp, Default::default());
         while service.routing().nodes.len() < 3 {
@@ -181,7 +145,7 @@ impl Cluster {
                 stats.clone(),
             );
             tokio::spawn(gc.run());
-            let (listener, addr) = bind().await;
+            let (listener, addr) = bind("127.0.0.1:0").await;
             servers.push(
                 Server::new(
                     MetaService::new(ns.clone(), storage.clone(), stats),
@@ -469,7 +433,7 @@ async fn bad_names_get_errno_and_failover_reaches_a_live_instance() {
         assert_eq!(e.errno, errno, "{e}");
     }
     // A client that knows a dead address first fails over to the live one.
-    let (dead, dead_addr) = bind().await;
+    let (dead, dead_addr) = bind("127.0.0.1:0").await;
     drop(dead);
     let (_live, live_addr) = serve_another(&cluster).await;
     let mut config = MetaClientConfig::new(vec![dead_addr, live_addr]);
@@ -487,7 +451,7 @@ async fn bad_names_get_errno_and_failover_reaches_a_live_instance() {
 
 /// One more instance on the cluster's store, and its address.
 async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
-    let (listener, addr) = bind().await;
+    let (listener, addr) = bind("127.0.0.1:0").await;
     let handle = Server::new(
         MetaService::new(
             cluster.ns.clone(),

@@ -15,15 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_bypass::mem::MemDevice;
-use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
-use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
 use flyfs_craq::client::{ClientConfig, StorageClient};
 use flyfs_craq::mgmt::{
     ClusterStore, LeaseClock, LeaseFence, LeaseOptions, Managers, MgmtConfig, MgmtService,
     StoreError, WallClock,
 };
-use flyfs_craq::{StorageConfig, StorageNode, StorageService};
 use flyfs_fs_meta::cluster_store::KvClusterStore;
 use flyfs_fs_meta::kv::Kv;
 use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
@@ -37,7 +33,9 @@ use flyfs_rpc::wire::mgmt::{
 use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Status, Tcp};
 use tokio::task::JoinHandle;
 
-const CHUNK: u32 = 64 << 10;
+mod storage_common;
+
+use storage_common::{CHUNK, bind, storage_node};
 const TTL: Duration = Duration::from_secs(2);
 
 fn mgmt_config() -> MgmtConfig {
@@ -61,12 +59,6 @@ struct Manager {
     service: Arc<MgmtService>,
     server: ServerHandle,
     runner: JoinHandle<()>,
-}
-
-async fn bind(addr: &str) -> (tokio::net::TcpListener, String) {
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    let addr = listener.local_addr().expect("local addr").to_string();
-    (listener, addr)
 }
 
 impl Manager {
@@ -113,36 +105,6 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
     panic!("{what}: not within {limit:?}");
 }
 
-async fn storage_node(i: u32, mgmt_addrs: &[String]) -> ServerHandle {
-    let dev = MemDevice::new(32 << 20, 4096);
-    let format = FormatOptions {
-        chunk_size_min: 4 << 10,
-        chunk_size_max: u64::from(CHUNK),
-        journal_bytes: Some(1 << 20),
-        force: false,
-    };
-    Engine::format(&dev, &format).await.expect("format");
-    let pool = BufferPool::new(&PoolConfig {
-        classes: vec![(4 << 10, 64), (64 << 10, 64)],
-        hugepages: HugePages::Never,
-    })
-    .expect("pool");
-    let engine = Engine::open(dev, pool, EngineConfig::default())
-        .await
-        .expect("open");
-    let (listener, addr) = bind("127.0.0.1:0").await;
-    let mut config = StorageConfig::new(NodeId(i), addr, String::new());
-    config.mgmt_addrs = mgmt_addrs.to_vec();
-    config.heartbeat_interval = Duration::from_millis(100);
-    config.lease_timeout = Duration::from_secs(1);
-    config.rpc_timeout = Duration::from_secs(1);
-    let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
-    tokio::spawn(node.clone().run());
-    Server::new(StorageService::new(node), ServerConfig::default())
-        .spawn(listener)
-        .expect("serve storage")
-}
-
 fn all_serving(routing: &RoutingInfo, chain: ChainId) -> bool {
     routing
         .chain(chain)
@@ -184,7 +146,7 @@ async fn failover<K: Kv>(kv: K) {
 
     let mut servers = Vec::new();
     for i in 0..3u32 {
-        servers.push(storage_node(i, &addrs).await);
+        servers.push(storage_node(i, &addrs, Duration::from_millis(100)).await);
     }
     // The admin tool's view: both managers, the standby listed first so
     // every call starts with a redirect.
