@@ -26,8 +26,8 @@ use crate::data::FileChunks;
 use crate::gc::GcStats;
 use crate::kv::Kv;
 use crate::ns::{
-    self, ChainTables, CreateFlags, Inode, InodeKind, MetaError, Namespace, OpenFlags, Truncate,
-    User,
+    self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, MetaError, Namespace, OpenFlags,
+    Truncate, User,
 };
 use crate::schema::{InodeData, SessionId};
 
@@ -168,6 +168,29 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         }
     }
 
+    /// Runs `op`, and once more after refreshing the routing cache if it
+    /// failed on a chain table the cache does not know. The cache is empty
+    /// until the daemon's first refresh and refreshed every few seconds
+    /// after, so without this a create that reaches a daemon just started
+    /// (as clients retrying through its restart do) or names a table made
+    /// moments ago gets EINVAL for a table that exists. The failed attempt
+    /// wrote nothing: the layout is chosen before anything is written.
+    async fn with_fresh_tables<T, F, Fut>(&self, mut op: F) -> std::result::Result<T, MetaError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, MetaError>>,
+    {
+        match op().await {
+            Err(MetaError::Layout(LayoutError::UnknownTable(table))) => {
+                if let Err(e) = self.storage.refresh_routing().await {
+                    tracing::debug!(?table, "refreshing routing for an unknown table: {e}");
+                }
+                op().await
+            }
+            other => other,
+        }
+    }
+
     /// Carries out on storage a truncate the namespace has recorded. The
     /// namespace goes first so that permission checks and the new length
     /// commit together; a crash before storage follows leaves bytes past
@@ -273,9 +296,10 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     read: r.read,
                     write_session: r.write.then_some(r.client.0),
                 };
+                let who = user(r.user);
                 let result = async {
-                    let created = ns
-                        .create(&user(r.user), r.parent, &r.name, r.mode, flags)
+                    let created = self
+                        .with_fresh_tables(|| ns.create(&who, r.parent, &r.name, r.mode, flags))
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(created.truncate).await?;
@@ -468,7 +492,10 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     chunk_size: r.layout.chunk_size,
                     stripe: r.layout.stripe,
                 };
-                let done = ns.set_layout(&user(r.user), r.dir, spec).await;
+                let who = user(r.user);
+                let done = self
+                    .with_fresh_tables(|| ns.set_layout(&who, r.dir, spec))
+                    .await;
                 ok::<SetLayout>(done.map(|i| attr(&i)).map_err(meta_error))
             }
             GcStatus::ID => {
