@@ -162,6 +162,12 @@ impl MetaDaemon {
         let ns = Namespace::open(kv, ns_config)
             .await
             .context("opening the namespace")?;
+        // Routing first, so that the first creates find their chain table
+        // (the service also refreshes on an unknown table); a manager that
+        // is not up yet is no reason to refuse starting.
+        if let Err(e) = storage.refresh_routing().await {
+            tracing::warn!("no routing from the manager yet: {e}");
+        }
         let stats = Arc::new(GcStats::default());
         let listener = Tcp
             .bind(&config.listen)
