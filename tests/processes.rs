@@ -13,20 +13,23 @@
 //!
 //! Skips (with a message) on a machine without io_uring.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, TargetId};
+use flyfs_rpc::wire::mgmt::PublicState;
 use flyfs_rpc::wire::storage::{BatchRead, BatchReadReq, ReadItem};
 use flyfs_rpc::{CallOptions, Client, Tcp};
+use support::{
+    Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, target_id, text,
+    wait_for, write_configs,
+};
 
 const NODES: u32 = 3;
 /// The node killed and restarted: head of chain 1, tail of chain 2.
@@ -43,19 +46,6 @@ const WRITERS: u32 = 4;
 const WRITE_PAUSE: Duration = Duration::from_millis(15);
 const INODE: u64 = 0x7e57;
 
-fn flyfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flyfs"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// The bytes of chunk `index` of `chain`: distinct for every chunk.
 fn content(chain: u32, index: u32) -> Bytes {
     let mut state = (u64::from(chain) << 32 | u64::from(index)) ^ 0x9e37_79b9_7f4a_7c15;
@@ -68,209 +58,6 @@ fn content(chain: u32, index: u32) -> Bytes {
         data.extend_from_slice(&state.to_le_bytes());
     }
     Bytes::from(data)
-}
-
-/// Distinct loopback ports, found by binding port 0 and letting go. All are
-/// held until every one is chosen, so they differ from each other.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// The daemons of one test cluster; every one still running is killed when
-/// this is dropped (also on panic), and on panic their logs are printed.
-struct Cluster {
-    dir: PathBuf,
-    mgmt_addr: String,
-    node_addrs: BTreeMap<u32, String>,
-    mgmtd: Option<Child>,
-    storage: BTreeMap<u32, Child>,
-}
-
-impl Cluster {
-    fn log(&self, name: &str) -> Stdio {
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{name}.log")))
-            .expect("open a daemon log");
-        Stdio::from(file)
-    }
-
-    fn spawn(&self, name: &str, args: &[&str]) -> Child {
-        let config = self.dir.join(format!("{name}.toml"));
-        flyfs()
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env("FLYFS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(self.log(name))
-            .stderr(self.log(name))
-            .spawn()
-            .expect("spawn a daemon")
-    }
-
-    fn start_mgmtd(&mut self) {
-        self.mgmtd = Some(self.spawn("mgmtd", &["mgmtd"]));
-    }
-
-    fn start_storage(&mut self, node: u32) {
-        let child = self.spawn(&format!("storage{node}"), &["storage"]);
-        self.storage.insert(node, child);
-    }
-
-    /// SIGKILL: the process gets no chance to clean up.
-    fn kill_storage(&mut self, node: u32) {
-        let mut child = self.storage.remove(&node).expect("node is running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
-    }
-
-    /// Runs `flyfs admin --mgmt ADDR ARGS`.
-    fn admin(&self, args: &[&str]) -> Output {
-        flyfs()
-            .args(["admin", "--mgmt", &self.mgmt_addr])
-            .args(args)
-            .output()
-            .expect("run flyfs admin")
-    }
-
-    fn admin_ok(&self, args: &[&str]) -> String {
-        let out = self.admin(args);
-        assert!(out.status.success(), "admin {args:?}: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let out = self.admin(&["--json", "status"]);
-        if !out.status.success() {
-            return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).expect("status is JSON"))
-    }
-
-    /// SIGTERMs every daemon and asserts each exits 0 within `within`.
-    fn terminate_all(&mut self, within: Duration) {
-        let mut children: Vec<(String, Child)> = std::mem::take(&mut self.storage)
-            .into_iter()
-            .map(|(n, c)| (format!("storage{n}"), c))
-            .collect();
-        // The manager last, so that no storage node loses it first.
-        children.extend(self.mgmtd.take().map(|c| ("mgmtd".to_string(), c)));
-        for (name, child) in &mut children {
-            let status = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -TERM {name}");
-            let deadline = Instant::now() + within;
-            let exit = loop {
-                if let Some(exit) = child.try_wait().expect("wait") {
-                    break exit;
-                }
-                if Instant::now() > deadline {
-                    // Drop kills it; the assertion explains.
-                    panic!("{name} did not exit within {within:?} of SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            assert!(exit.success(), "{name} exited with {exit} after SIGTERM");
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in self.storage.values_mut().chain(self.mgmtd.as_mut()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let mut names = vec!["mgmtd".to_string()];
-            names.extend((1..=NODES).map(|n| format!("storage{n}")));
-            for name in names {
-                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- last lines of {name}.log ----");
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
-/// Whether this machine can run the io_uring backend; `Err` says why not.
-fn probe_io_uring(dir: &Path) -> Result<(), String> {
-    use flyfs_bypass::uring::{UringConfig, UringDevice};
-    let path = dir.join("probe.img");
-    let result = UringDevice::create_file(&path, 1 << 20, &UringConfig::default(), None)
-        .map(drop)
-        .map_err(|e| e.to_string());
-    let _ = std::fs::remove_file(&path);
-    result
-}
-
-fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
-    let mgmt = format!(
-        "listen = \"127.0.0.1:{mgmt_port}\"\n\
-         data_dir = \"mgmtd-data\"\n\
-         heartbeat_interval_ms = 100\n\
-         failure_timeout_ms = 1000\n\
-         tick_interval_ms = 100\n\
-         [store]\n\
-         kind = \"kv\"\n"
-    );
-    std::fs::write(dir.join("mgmtd.toml"), mgmt).expect("write mgmtd.toml");
-    for (i, port) in node_ports.iter().enumerate() {
-        let node = i + 1;
-        let storage = format!(
-            "node_id = {node}\n\
-             listen = \"127.0.0.1:{port}\"\n\
-             mgmt_addrs = [\"127.0.0.1:{mgmt_port}\"]\n\
-             devices = [\"disk{node}.img\"]\n\
-             heartbeat_interval_ms = 100\n\
-             lease_timeout_ms = 500\n\
-             rpc_timeout_ms = 500\n\
-             forward_deadline_ms = 10000\n"
-        );
-        std::fs::write(dir.join(format!("storage{node}.toml")), storage)
-            .expect("write storage.toml");
-    }
-}
-
-/// Polls `done` every 50 ms until it holds or `limit` passes.
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-/// Whether every node is alive and every member of every chain serves.
-fn all_serving(routing: &RoutingInfo) -> bool {
-    !routing.chains.is_empty()
-        && routing.nodes.iter().all(|n| n.alive)
-        && routing
-            .chains
-            .iter()
-            .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
-}
-
-fn target_id(chain: u32, node: u32) -> u64 {
-    u64::from(chain) * 100 + u64::from(node)
 }
 
 /// A chunk the client got an acknowledgement for.
@@ -373,17 +160,6 @@ async fn check_via_client(client: &StorageClient<Tcp>, chunk: Acked) -> Result<(
         ));
     }
     Ok(())
-}
-
-async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> Result<RoutingInfo, String> {
-    let req = GetRoutingReq {
-        known_version: RoutingVersion(0),
-    };
-    let (rsp, _) = rpc
-        .call::<GetRouting>(mgmt, &req, Bytes::new(), &CallOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    rsp.routing.ok_or_else(|| "no routing".to_string())
 }
 
 /// Every state change of every target the manager publishes, with when.
@@ -493,37 +269,22 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         return;
     }
 
-    for node in 1..=NODES {
-        let out = flyfs()
-            .args(["format", "--device"])
-            .arg(dir.path().join(format!("disk{node}.img")))
-            .args(["--size", "128MiB", "--chunk-size-max", "1MiB"])
-            .output()
-            .expect("run flyfs format");
-        assert!(out.status.success(), "format: {}", text(&out));
-    }
+    format_devices(dir.path(), NODES, "128MiB");
     let ports = free_ports(1 + NODES as usize);
     write_configs(dir.path(), ports[0], &ports[1..]);
-    let mut cluster = Cluster {
-        dir: dir.path().to_path_buf(),
-        mgmt_addr: format!("127.0.0.1:{}", ports[0]),
-        node_addrs: (1..=NODES)
-            .map(|n| (n, format!("127.0.0.1:{}", ports[n as usize])))
+    let mut cluster = Cluster::new(
+        dir.path(),
+        format!("127.0.0.1:{}", ports[0]),
+        ports[1..]
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
             .collect(),
-        mgmtd: None,
-        storage: BTreeMap::new(),
-    };
+    );
     cluster.start_mgmtd();
     for node in 1..=NODES {
         cluster.start_storage(node);
     }
-    let took = wait_for("3 live storage nodes", Duration::from_secs(20), || {
-        cluster.status().is_some_and(|s| {
-            s["nodes"]
-                .as_array()
-                .is_some_and(|n| n.len() == NODES as usize && n.iter().all(|n| n["alive"] == true))
-        })
-    });
+    let took = cluster.wait_nodes_alive(NODES as usize, Duration::from_secs(20));
     eprintln!(
         "[{:>6.2?}] cluster up ({took:.2?} after start)",
         started.elapsed()
@@ -532,31 +293,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     // Targets: one per chain per node. Chain 1 is headed by node 1, chain 2
     // by node 2 (its order is 2, 3, 1), so the victim heads one and tails the
     // other.
-    for chain in CHAINS {
-        let order: Vec<u32> = (0..NODES).map(|r| (chain - 1 + r) % NODES + 1).collect();
-        for &node in &order {
-            cluster.admin_ok(&[
-                "create-target",
-                "--target",
-                &target_id(chain, node).to_string(),
-                "--node",
-                &node.to_string(),
-                "--disk",
-                "0",
-            ]);
-        }
-        let targets: Vec<String> = order
-            .iter()
-            .map(|&n| target_id(chain, n).to_string())
-            .collect();
-        cluster.admin_ok(&[
-            "create-chain",
-            "--chain",
-            &chain.to_string(),
-            "--targets",
-            &targets.join(","),
-        ]);
-    }
+    cluster.create_chains(&CHAINS, NODES);
     cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
     // A refusal is reported, with exit status 1: target 101 is in chain 1.
     let refused = cluster.admin(&["create-chain", "--chain", "9", "--targets", "101,202"]);
@@ -569,12 +306,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     // Targets the nodes have not reported yet count as offline, so a new
     // chain degrades at once and recovers through resyncs of empty targets
     // once the nodes learn about them.
-    let took = wait_for("the new chains to serve", Duration::from_secs(20), || {
-        cluster
-            .status()
-            .and_then(|s| serde_json::from_value::<RoutingInfo>(s).ok())
-            .is_some_and(|r| all_serving(&r))
-    });
+    let took = cluster.wait_all_serving(Duration::from_secs(20));
     eprintln!("[{:>6.2?}] chains serving ({took:.2?})", started.elapsed());
     let status = cluster.admin_ok(&["status"]);
     assert!(

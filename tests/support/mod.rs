@@ -1,0 +1,366 @@
+//! The harness of the multi-process tests: runs real `flyfs` daemons
+//! (`mgmtd`, `storage`, `meta`) on loopback, each with its config file and
+//! log in one temporary directory, drives them with `flyfs admin`, and
+//! kills every one still running when the test ends (printing their logs
+//! when it failed).
+//!
+//! Each test binary that says `mod support;` compiles its own copy and uses
+//! only part of it, hence the `dead_code` allowance below.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flyfs_rpc::ids::RoutingVersion;
+use flyfs_rpc::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_rpc::{CallOptions, Client, Tcp};
+
+/// The `flyfs` binary this test package built.
+pub fn flyfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flyfs"))
+}
+
+/// A finished command's status and output, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Distinct loopback ports, found by binding port 0 and letting go. All are
+/// held until every one is chosen, so they differ from each other.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// Whether this machine can run the io_uring backend; `Err` says why not.
+pub fn probe_io_uring(dir: &Path) -> Result<(), String> {
+    use flyfs_bypass::uring::{UringConfig, UringDevice};
+    let path = dir.join("probe.img");
+    let result = UringDevice::create_file(&path, 1 << 20, &UringConfig::default(), None)
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Formats `disk{node}.img` in `dir` for each of `nodes` storage nodes.
+pub fn format_devices(dir: &Path, nodes: u32, size: &str) {
+    for node in 1..=nodes {
+        let out = flyfs()
+            .args(["format", "--device"])
+            .arg(dir.join(format!("disk{node}.img")))
+            .args(["--size", size, "--chunk-size-max", "1MiB"])
+            .output()
+            .expect("run flyfs format");
+        assert!(out.status.success(), "format: {}", text(&out));
+    }
+}
+
+/// `mgmtd.toml` and `storage{n}.toml` (n from 1) in `dir`, with fast
+/// heartbeats and failure detection.
+pub fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
+    let mgmt = format!(
+        "listen = \"127.0.0.1:{mgmt_port}\"\n\
+         data_dir = \"mgmtd-data\"\n\
+         heartbeat_interval_ms = 100\n\
+         failure_timeout_ms = 1000\n\
+         tick_interval_ms = 100\n\
+         [store]\n\
+         kind = \"kv\"\n"
+    );
+    std::fs::write(dir.join("mgmtd.toml"), mgmt).expect("write mgmtd.toml");
+    for (i, port) in node_ports.iter().enumerate() {
+        let node = i + 1;
+        let storage = format!(
+            "node_id = {node}\n\
+             listen = \"127.0.0.1:{port}\"\n\
+             mgmt_addrs = [\"127.0.0.1:{mgmt_port}\"]\n\
+             devices = [\"disk{node}.img\"]\n\
+             heartbeat_interval_ms = 100\n\
+             lease_timeout_ms = 500\n\
+             rpc_timeout_ms = 500\n\
+             forward_deadline_ms = 10000\n"
+        );
+        std::fs::write(dir.join(format!("storage{node}.toml")), storage)
+            .expect("write storage.toml");
+    }
+}
+
+/// `{name}.toml` for a metadata service listening on `port`, its store in
+/// `{name}-data`; `extra` holds more keys (layout, GC pacing), one a line.
+pub fn write_meta_config(dir: &Path, name: &str, port: u16, mgmt_addr: &str, extra: &str) {
+    let meta = format!(
+        "listen = \"127.0.0.1:{port}\"\n\
+         mgmt = \"{mgmt_addr}\"\n\
+         data_dir = \"{name}-data\"\n\
+         {extra}"
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), meta).expect("write meta.toml");
+}
+
+/// Polls `done` every 50 ms until it holds or `limit` passes.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Whether every node is alive and every member of every chain serves.
+pub fn all_serving(routing: &RoutingInfo) -> bool {
+    !routing.chains.is_empty()
+        && routing.nodes.iter().all(|n| n.alive)
+        && routing
+            .chains
+            .iter()
+            .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+}
+
+/// The manager's routing information, over RPC.
+pub async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> Result<RoutingInfo, String> {
+    let req = GetRoutingReq {
+        known_version: RoutingVersion(0),
+    };
+    let (rsp, _) = rpc
+        .call::<GetRouting>(mgmt, &req, Bytes::new(), &CallOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    rsp.routing.ok_or_else(|| "no routing".to_string())
+}
+
+/// The id of chain `chain`'s target on storage node `node`.
+pub fn target_id(chain: u32, node: u32) -> u64 {
+    u64::from(chain) * 100 + u64::from(node)
+}
+
+/// The daemons of one test cluster, by name ("mgmtd", "storage1", "meta"):
+/// daemon `name` reads `{name}.toml` and logs to `{name}.log` in `dir`.
+/// Every one still running is killed when this is dropped (also on panic),
+/// and on panic the logs of every daemon ever started are printed.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub mgmt_addr: String,
+    pub node_addrs: BTreeMap<u32, String>,
+    running: BTreeMap<String, Child>,
+    started: BTreeSet<String>,
+}
+
+impl Cluster {
+    /// A cluster with no daemon running yet; storage node `n` listens on
+    /// `node_addrs[n - 1]`.
+    pub fn new(dir: &Path, mgmt_addr: String, node_addrs: Vec<String>) -> Cluster {
+        Cluster {
+            dir: dir.to_path_buf(),
+            mgmt_addr,
+            node_addrs: (1..).zip(node_addrs).collect(),
+            running: BTreeMap::new(),
+            started: BTreeSet::new(),
+        }
+    }
+
+    fn log(&self, name: &str) -> Stdio {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("open a daemon log");
+        Stdio::from(file)
+    }
+
+    /// Starts `flyfs SUBCOMMAND --config {name}.toml` as daemon `name`.
+    pub fn start(&mut self, name: &str, subcommand: &str) {
+        assert!(!self.running.contains_key(name), "{name} is running");
+        let config = self.dir.join(format!("{name}.toml"));
+        let child = flyfs()
+            .arg(subcommand)
+            .arg("--config")
+            .arg(&config)
+            .env("FLYFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(self.log(name))
+            .stderr(self.log(name))
+            .spawn()
+            .expect("spawn a daemon");
+        self.running.insert(name.to_string(), child);
+        self.started.insert(name.to_string());
+    }
+
+    pub fn start_mgmtd(&mut self) {
+        self.start("mgmtd", "mgmtd");
+    }
+
+    pub fn start_storage(&mut self, node: u32) {
+        self.start(&format!("storage{node}"), "storage");
+    }
+
+    /// A metadata service, configured by [`write_meta_config`].
+    pub fn start_meta(&mut self, name: &str) {
+        self.start(name, "meta");
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self, name: &str) {
+        let mut child = self.running.remove(name).expect("daemon is running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    pub fn kill_storage(&mut self, node: u32) {
+        self.kill(&format!("storage{node}"));
+    }
+
+    /// SIGTERMs daemon `name` and asserts it exits 0 within `within`.
+    pub fn terminate(&mut self, name: &str, within: Duration) {
+        // It stays in the map until it has exited, so that a failed
+        // assertion here leaves it for drop to kill.
+        let child = self.running.get_mut(name).expect("daemon is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {name}");
+        let deadline = Instant::now() + within;
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("wait") {
+                break exit;
+            }
+            assert!(
+                Instant::now() <= deadline,
+                "{name} did not exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.running.remove(name);
+        assert!(exit.success(), "{name} exited with {exit} after SIGTERM");
+    }
+
+    /// SIGTERMs every daemon and asserts each exits 0 within `within`:
+    /// metadata services first, then storage nodes, and the manager last,
+    /// so that no daemon loses the manager before it stops.
+    pub fn terminate_all(&mut self, within: Duration) {
+        let rank = |name: &str| match name {
+            "mgmtd" => 2,
+            n if n.starts_with("storage") => 1,
+            _ => 0,
+        };
+        let mut names: Vec<String> = self.running.keys().cloned().collect();
+        names.sort_by_key(|n| rank(n));
+        for name in names {
+            self.terminate(&name, within);
+        }
+    }
+
+    /// Runs `flyfs admin --mgmt ADDR ARGS`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        flyfs()
+            .args(["admin", "--mgmt", &self.mgmt_addr])
+            .args(args)
+            .output()
+            .expect("run flyfs admin")
+    }
+
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(out.status.success(), "admin {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.admin(&["--json", "status"]);
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("status is JSON"))
+    }
+
+    /// Waits until the manager reports `nodes` storage nodes, all alive.
+    pub fn wait_nodes_alive(&self, nodes: usize, limit: Duration) -> Duration {
+        wait_for(&format!("{nodes} live storage nodes"), limit, || {
+            self.status().is_some_and(|s| {
+                s["nodes"]
+                    .as_array()
+                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["alive"] == true))
+            })
+        })
+    }
+
+    /// Creates a target on each of `nodes` storage nodes for each of
+    /// `chains`, and the chains: chain `c` is headed by node `c` (wrapping),
+    /// its order `c, c + 1, ...`, so that the heads differ.
+    pub fn create_chains(&self, chains: &[u32], nodes: u32) {
+        for &chain in chains {
+            let order: Vec<u32> = (0..nodes).map(|r| (chain - 1 + r) % nodes + 1).collect();
+            for &node in &order {
+                self.admin_ok(&[
+                    "create-target",
+                    "--target",
+                    &target_id(chain, node).to_string(),
+                    "--node",
+                    &node.to_string(),
+                    "--disk",
+                    "0",
+                ]);
+            }
+            let targets: Vec<String> = order
+                .iter()
+                .map(|&n| target_id(chain, n).to_string())
+                .collect();
+            self.admin_ok(&[
+                "create-chain",
+                "--chain",
+                &chain.to_string(),
+                "--targets",
+                &targets.join(","),
+            ]);
+        }
+    }
+
+    /// Waits until every member of every chain serves, as `flyfs admin
+    /// status` reports it.
+    pub fn wait_all_serving(&self, limit: Duration) -> Duration {
+        wait_for("the chains to serve", limit, || {
+            self.status()
+                .and_then(|s| serde_json::from_value::<RoutingInfo>(s).ok())
+                .is_some_and(|r| all_serving(&r))
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.running.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for name in &self.started {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {name}.log ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
