@@ -295,6 +295,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     truncate: r.truncate,
                     read: r.read,
                     write_session: r.write.then_some(r.client.0),
+                    session: (r.session != 0).then_some(SessionId(r.session)),
                 };
                 let who = user(r.user);
                 let result = async {
@@ -318,6 +319,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     read: r.read,
                     truncate: r.truncate,
                     write_session: r.write.then_some(r.client.0),
+                    session: (r.session != 0).then_some(SessionId(r.session)),
                 };
                 let result = async {
                     let opened = ns

@@ -1363,6 +1363,7 @@ impl Harness {
                     truncate,
                     read,
                     write_session: write.then_some(77),
+                    session: None,
                 };
                 let real = self.rt.block_on(ns.create(
                     &users[user],
@@ -1537,6 +1538,7 @@ impl Harness {
                     read,
                     truncate,
                     write_session: write.then_some(78),
+                    session: None,
                 };
                 let real = self
                     .rt

@@ -39,6 +39,12 @@ pub struct CreateFlags {
     /// Opened for writing by this client (a `ClientId`): a write session is
     /// created, and an existing file needs write permission.
     pub write_session: Option<u64>,
+    /// The write session's id, chosen by the caller so that a request
+    /// retried after a lost reply names the same session: the retry then
+    /// finds its own session instead of leaving a second one behind (or
+    /// EEXIST, for an exclusive create that had in fact succeeded). A fresh
+    /// id when `None`.
+    pub session: Option<SessionId>,
 }
 
 /// How `open` opens an existing inode.
@@ -49,6 +55,8 @@ pub struct OpenFlags {
     pub truncate: bool,
     /// Opened for writing by this client: a write session is created.
     pub write_session: Option<u64>,
+    /// As [`CreateFlags::session`].
+    pub session: Option<SessionId>,
 }
 
 /// What the caller must have storage do after a truncate: drop every byte
@@ -165,14 +173,28 @@ impl<K: Kv> Namespace<K> {
         if check_name(name)? != NameKind::Normal {
             return Err(MetaError::IsDir(format!("create of {}", show(name))));
         }
-        let session = flags.write_session.map(|client| (client, new_session_id()));
+        let session = flags
+            .write_session
+            .map(|client| (client, flags.session.unwrap_or_else(new_session_id)));
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if let Some(dentry) = tx.dentry(parent, name).await? {
+                let inode = tx.target(parent, name, dentry).await?;
                 if flags.exclusive {
+                    // Our own earlier attempt, whose reply was lost: it
+                    // created the file with this very session.
+                    if let Some((_, id)) = session
+                        && tx.has_session(inode.ino, id).await?
+                    {
+                        return Ok(Created {
+                            inode,
+                            created: true,
+                            session: Some(id),
+                            truncate: None,
+                        });
+                    }
                     return Err(MetaError::Exists(show(name)));
                 }
-                let inode = tx.target(parent, name, dentry).await?;
                 match inode.kind() {
                     InodeKind::Directory => return Err(MetaError::IsDir(show(name))),
                     InodeKind::Symlink => return Err(MetaError::Loop(show(name))),
@@ -241,7 +263,9 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         flags: OpenFlags,
     ) -> Result<Opened, MetaError> {
-        let session = flags.write_session.map(|client| (client, new_session_id()));
+        let session = flags
+            .write_session
+            .map(|client| (client, flags.session.unwrap_or_else(new_session_id)));
         self.write(|tx| async move {
             let inode = tx.existing(ino).await?;
             match inode.kind() {
@@ -658,6 +682,58 @@ mod tests {
 
     fn errno<T: std::fmt::Debug>(r: Result<T, MetaError>) -> i32 {
         r.expect_err("an error").errno()
+    }
+
+    #[tokio::test]
+    async fn a_create_retried_with_its_session_finds_itself() {
+        let ns = namespace().await;
+        let root = User::root();
+        let flags = CreateFlags {
+            exclusive: true,
+            write_session: Some(7),
+            session: Some(SessionId(41)),
+            ..CreateFlags::default()
+        };
+        let first = ns
+            .create(&root, ROOT, b"f", 0o644, flags)
+            .await
+            .expect("create");
+        assert_eq!(first.session, Some(SessionId(41)));
+        // The reply was lost; the retry names the same session.
+        let again = ns
+            .create(&root, ROOT, b"f", 0o644, flags)
+            .await
+            .expect("retry");
+        assert!(again.created);
+        assert_eq!(again.inode.ino, first.inode.ino);
+        assert_eq!(
+            ns.sessions(first.inode.ino).await.expect("sessions").len(),
+            1
+        );
+        // Somebody else's exclusive create still fails.
+        let other = CreateFlags {
+            session: Some(SessionId(43)),
+            ..flags
+        };
+        assert_eq!(
+            errno(ns.create(&root, ROOT, b"f", 0o644, other).await),
+            libc::EEXIST
+        );
+        // A retried open keeps one session too.
+        let open = OpenFlags {
+            write_session: Some(7),
+            session: Some(SessionId(45)),
+            ..OpenFlags::default()
+        };
+        for _ in 0..2 {
+            ns.open_file(&root, first.inode.ino, open)
+                .await
+                .expect("open");
+        }
+        assert_eq!(
+            ns.sessions(first.inode.ino).await.expect("sessions").len(),
+            2
+        );
     }
 
     #[tokio::test]

@@ -168,6 +168,10 @@ pub struct CreateReq {
     /// Open for writing: the file gets a write session of `client`.
     pub write: bool,
     pub client: ClientId,
+    /// The write session's id (0: the service picks one). A client that
+    /// picks it and resends it on retries gets its own session back after a
+    /// lost reply, instead of EEXIST or a second session.
+    pub session: u64,
 }
 
 /// The file, and the write session when it was opened for writing.
@@ -290,6 +294,8 @@ pub struct OpenReq {
     pub write: bool,
     pub truncate: bool,
     pub client: ClientId,
+    /// As [`CreateReq::session`].
+    pub session: u64,
 }
 
 /// `close` ends a write session; `sync` keeps it. Both fix the exact length
