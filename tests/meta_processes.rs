@@ -108,9 +108,8 @@ struct Linked {
 /// What one task leaves behind.
 #[derive(Debug, Default)]
 struct Outcome {
-    /// Files that must be linked at the end; `None` for a file made by a
-    /// create whose reply was lost (no data, a write session left open).
-    live: BTreeMap<InodeId, Option<Written>>,
+    /// Files that must be linked at the end.
+    live: BTreeMap<InodeId, Written>,
     /// Files removed (unlinked, renamed over, or in a removed tree).
     removed: BTreeMap<InodeId, Written>,
     creates: u64,
@@ -198,11 +197,11 @@ impl Task {
     /// a call whose attempt failed without an answer (the daemon was killed,
     /// the connection dropped), but the killed daemon may have committed
     /// that attempt before it died: the retry then meets the call's own
-    /// effect, as NFS clients do. So EEXIST for an exclusive create of a
-    /// name this task never used, and ENOENT for an unlink, rename or
-    /// remove of an entry this task made and has not removed, mean "already
-    /// done", and the caller checks that the namespace agrees. Nothing else
-    /// in these directories can cause them: no other task touches them.
+    /// effect, as NFS clients do. So ENOENT for an unlink, rename or remove
+    /// of an entry this task made and has not removed means "already done",
+    /// and the caller checks that the namespace agrees. Nothing else in
+    /// these directories can cause it: no other task touches them. (Creates
+    /// need no such excuse: they name their session, and a retry finds it.)
     fn lost_reply(&self, what: String) {
         eprintln!("task {}: {what}: applied by an earlier attempt", self.id);
         self.shared
@@ -250,7 +249,7 @@ impl Task {
             }
         }
         for file in std::mem::take(&mut self.linked) {
-            self.outcome.live.insert(file.ino, Some(file.written));
+            self.outcome.live.insert(file.ino, file.written);
         }
         self.outcome
     }
@@ -276,14 +275,13 @@ impl Task {
             let parent = self.dirs[dir];
             let path = self.dir_path(dir);
             let name = self.fresh("f");
-            if let Some((ino, written)) = self.create_file(parent, &path, &name).await? {
-                self.linked.push(Linked {
-                    dir,
-                    name,
-                    ino,
-                    written,
-                });
-            }
+            let (ino, written) = self.create_file(parent, &path, &name).await?;
+            self.linked.push(Linked {
+                dir,
+                name,
+                ino,
+                written,
+            });
         } else if roll < 65 {
             self.rename().await?;
         } else if roll < 92 {
@@ -295,14 +293,17 @@ impl Task {
     }
 
     /// Creates `name` in `parent` for writing, writes 1 to 3 chunks to
-    /// storage and closes it; `None` for a create whose reply was lost.
+    /// storage and closes it.
     async fn create_file(
         &mut self,
         parent: InodeId,
         dir_path: &str,
         name: &str,
-    ) -> Result<Option<(InodeId, Written)>, String> {
+    ) -> Result<(InodeId, Written), String> {
         let path = format!("{dir_path}/{name}");
+        // The session id is ours, so a retry after a lost reply finds its
+        // own session (and the file it created) instead of EEXIST.
+        let session_id = (self.rand(u64::MAX) << 1) | 1;
         let req = wire::CreateReq {
             user: User::root(),
             parent,
@@ -312,36 +313,25 @@ impl Task {
             read: true,
             write: true,
             client: self.client(),
+            session: session_id,
             ..Default::default()
         };
         self.outcome.creates += 1;
-        let opened = match self.call::<wire::Create, _>(&req).await {
-            Ok(opened) => opened,
-            Err(e) if is(&e, ErrorKind::AlreadyExists) => {
-                // Created by the lost attempt, with a write session whose id
-                // this task never learned: it can neither close it nor have
-                // the file removed (GC postpones a file with a write session
-                // for as long as the session lives, and nothing ends the
-                // sessions of a client that is still alive). So it stays,
-                // empty, and must be found at the end.
-                let attr = self
-                    .lookup(parent, name)
-                    .await
-                    .map_err(|e| format!("lookup {path} after EEXIST: {e}"))?;
-                if attr.kind != wire::FileType::File || attr.length != 0 {
-                    return Err(format!("create {path}: EEXIST for {attr:?}"));
-                }
-                self.lost_reply(format!("create {path} ({:?})", attr.ino));
-                self.outcome.live.insert(attr.ino, None);
-                return Ok(None);
-            }
-            Err(e) => return Err(format!("create {path}: {e}")),
-        };
+        let opened = self
+            .call::<wire::Create, _>(&req)
+            .await
+            .map_err(|e| format!("create {path}: {e}"))?;
+        if opened.session != Some(session_id) {
+            return Err(format!(
+                "create {path}: session {:?}, not ours",
+                opened.session
+            ));
+        }
         if !opened.created {
             return Err(format!("create {path}: an exclusive create opened a file"));
         }
         let attr = opened.attr;
-        let session = opened.session.ok_or(format!("create {path}: no session"))?;
+        let session = session_id;
         let layout = attr.layout.clone().ok_or(format!("{path}: no layout"))?;
         let count = 1 + self.rand(3) as u32;
         let mut chunks = Vec::new();
@@ -386,7 +376,7 @@ impl Task {
             length,
             layout,
         };
-        Ok(Some((attr.ino, written)))
+        Ok((attr.ino, written))
     }
 
     /// Moves a file to the other directory, under a new name or over
@@ -476,25 +466,13 @@ impl Task {
         let name = self.fresh("tree");
         let top = format!("/t{}/{name}", self.id);
         let mut files = Vec::new();
-        let mut kept = false;
         for sub in ["x", "x/y"] {
             let dir_path = format!("{top}/{sub}");
             let dir = self.mkdir_all(&dir_path).await?;
             for _ in 0..1 + self.rand(2) {
                 let file = self.fresh("f");
-                match self.create_file(dir, &dir_path, &file).await? {
-                    Some(made) => files.push(made),
-                    // Its open session would hold its data, and the tree's
-                    // GC, forever: keep the tree.
-                    None => kept = true,
-                }
+                files.push(self.create_file(dir, &dir_path, &file).await?);
             }
-        }
-        if kept {
-            self.outcome
-                .live
-                .extend(files.into_iter().map(|(ino, w)| (ino, Some(w))));
-            return Ok(());
         }
         self.outcome.trees += 1;
         let req = wire::EntryReq {
@@ -811,7 +789,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
         .expect("lost replies lock")
         .clone();
     let slow = shared.slow_calls.load(Ordering::Relaxed);
-    let mut live: BTreeMap<InodeId, Option<Written>> = BTreeMap::new();
+    let mut live: BTreeMap<InodeId, Written> = BTreeMap::new();
     let mut removed: BTreeMap<InodeId, Written> = BTreeMap::new();
     let (mut creates, mut renames, mut unlinks, mut trees) = (0, 0, 0, 0);
     for outcome in outcomes {
@@ -839,7 +817,6 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
         creates > 50 && unlinks > 10 && renames > 10 && trees > 0,
         "too little workload to mean anything"
     );
-    let stranded = live.values().filter(|w| w.is_none()).count();
 
     // The GC queue drains: every removed file's chunks are deleted, then
     // its inode.
@@ -886,10 +863,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
         files.len(),
         "files exist that no entry names: {report}"
     );
-    assert_eq!(
-        report.sessions, stranded,
-        "write sessions left other than those of creates whose reply was lost"
-    );
+    assert_eq!(report.sessions, 0, "write sessions left behind: {report}");
 
     // The namespace holds exactly the files the workload left.
     let expected: BTreeSet<InodeId> = live.keys().copied().collect();
@@ -913,9 +887,9 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
             orphans.push(format!("{chunk} on {chain}: {why}"));
             continue;
         };
-        let written = live[&chunk.inode].as_ref();
+        let written = &live[&chunk.inode];
         let expected_chain = found.chains[chunk.index as usize % found.chains.len()];
-        if *chain != expected_chain || !written.is_some_and(|w| w.chunks.contains(&chunk.index)) {
+        if *chain != expected_chain || !written.chunks.contains(&chunk.index) {
             orphans.push(format!(
                 "{chunk} on {chain}: not written by the workload to {} ({expected_chain})",
                 found.path
@@ -929,10 +903,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
         &orphans[..orphans.len().min(20)]
     );
     for (ino, found) in &files {
-        let Some(written) = &live[ino] else {
-            assert_eq!(found.length, 0, "{}", found.path);
-            continue;
-        };
+        let written = &live[ino];
         assert_eq!(
             found.length, written.length,
             "{}: length in the namespace",
