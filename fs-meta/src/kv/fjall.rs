@@ -218,10 +218,7 @@ impl FjallKv {
                 started: Instant::now(),
                 state: Mutex::new(TxState {
                     write,
-                    writes: WriteSet::default(),
-                    reads: RangeSet::default(),
-                    finished: None,
-                    sticky: None,
+                    buf: overlay::Buffered::default(),
                 }),
             }),
         })
@@ -271,13 +268,8 @@ struct TxInner {
 struct TxState {
     /// fjall's transaction; `None` for a read-only one and after commit.
     write: Option<OptimisticWriteTx>,
-    writes: WriteSet,
-    /// Read conflicts to register at commit.
-    reads: RangeSet,
-    /// Set once commit ran: "committed" or "aborted".
-    finished: Option<&'static str>,
-    /// A size error that commit must report again.
-    sticky: Option<KvError>,
+    /// Writes, read conflicts to register at commit, and whether it ended.
+    buf: overlay::Buffered,
 }
 
 impl FjallTx {
@@ -292,9 +284,7 @@ impl FjallTx {
 
     fn readable(&self) -> Result<MutexGuard<'_, TxState>, KvError> {
         let state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
+        state.buf.check_open()?;
         overlay::check_age(self.inner.started, &self.inner.shared.options.limits)?;
         Ok(state)
     }
@@ -303,20 +293,10 @@ impl FjallTx {
         &self,
         apply: impl FnOnce(&mut WriteSet, &Limits) -> Result<(), KvError>,
     ) -> Result<(), KvError> {
-        let mut state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
-        if self.inner.read_only {
-            return Err(KvError::ReadOnly);
-        }
-        let result = apply(&mut state.writes, &self.inner.shared.options.limits);
-        if let Err(error) = &result
-            && state.sticky.is_none()
-        {
-            state.sticky = overlay::sticky_copy(error);
-        }
-        result
+        let read_only = self.inner.read_only;
+        self.state()
+            .buf
+            .write(read_only, &self.inner.shared.options.limits, apply)
     }
 }
 
@@ -367,7 +347,7 @@ impl TxInner {
 impl Transaction for FjallTx {
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         let mut state = self.readable()?;
-        match state.writes.lookup(key) {
+        match state.buf.writes.lookup(key) {
             // Decided by this transaction's own writes: no conflict.
             Lookup::Set(value) => Ok(Some(value)),
             Lookup::Cleared => Ok(None),
@@ -379,6 +359,7 @@ impl Transaction for FjallTx {
                     .map_err(fjall_error)?;
                 if !snapshot {
                     state
+                        .buf
                         .reads
                         .insert(Bytes::copy_from_slice(key), key_after(key));
                 }
@@ -402,12 +383,12 @@ impl Transaction for FjallTx {
             Ok((user_key(&key)?, Bytes::copy_from_slice(&value)))
         };
         let merged = if options.reverse {
-            overlay::merge_range(&state.writes, options, pairs.rev().map(to_bytes))?
+            overlay::merge_range(&state.buf.writes, options, pairs.rev().map(to_bytes))?
         } else {
-            overlay::merge_range(&state.writes, options, pairs.map(to_bytes))?
+            overlay::merge_range(&state.buf.writes, options, pairs.map(to_bytes))?
         };
         if !options.snapshot {
-            state.reads.insert(merged.read_begin, merged.read_end);
+            state.buf.reads.insert(merged.read_begin, merged.read_end);
         }
         Ok(merged.result)
     }
@@ -425,36 +406,26 @@ impl Transaction for FjallTx {
     }
 
     fn add_read_conflict_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        overlay::check_range(begin, end)?;
-        let mut state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
-        state
-            .reads
-            .insert(Bytes::copy_from_slice(begin), Bytes::copy_from_slice(end));
-        Ok(())
+        self.state().buf.add_read_conflict_range(begin, end)
     }
 
     async fn commit(&self) -> Result<(), KvError> {
         let (write, writes, reads) = {
             let mut state = self.state();
-            if let Some(state) = state.finished {
-                return Err(KvError::Finished { state });
-            }
-            state.finished = Some("aborted");
-            if let Some(error) = state.sticky.take() {
+            state.buf.check_open()?;
+            state.buf.finished = Some("aborted");
+            if let Some(error) = state.buf.sticky.take() {
                 return Err(error);
             }
             let write = state.write.take();
-            let writes = std::mem::take(&mut state.writes);
-            let reads = std::mem::take(&mut state.reads);
+            let writes = std::mem::take(&mut state.buf.writes);
+            let reads = std::mem::take(&mut state.buf.reads);
             match write {
                 Some(write) if !writes.is_empty() => (write, writes, reads),
                 // Read-only, or nothing written: nothing to apply, so
                 // nothing can conflict (as in FoundationDB).
                 _ => {
-                    state.finished = Some("committed");
+                    state.buf.finished = Some("committed");
                     return Ok(());
                 }
             }
@@ -472,7 +443,7 @@ impl Transaction for FjallTx {
                     source: Some(Box::new(error)),
                 })?;
         if outcome.is_ok() {
-            self.state().finished = Some("committed");
+            self.state().buf.finished = Some("committed");
         }
         outcome
     }

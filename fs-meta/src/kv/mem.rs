@@ -299,12 +299,8 @@ struct TxInner {
 
 #[derive(Debug, Default)]
 struct TxState {
-    writes: WriteSet,
-    reads: RangeSet,
-    /// Set once commit ran: "committed" or "aborted".
-    finished: Option<&'static str>,
-    /// A size error that commit must report again.
-    sticky: Option<KvError>,
+    /// Writes, read conflicts to register at commit, and whether it ended.
+    buf: overlay::Buffered,
     /// The read version was handed back to the store.
     released: bool,
 }
@@ -331,9 +327,7 @@ impl MemTx {
     /// The state, if the transaction may still read.
     fn readable(&self) -> Result<MutexGuard<'_, TxState>, KvError> {
         let state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
+        state.buf.check_open()?;
         overlay::check_age(self.inner.started, &self.inner.shared.limits)?;
         Ok(state)
     }
@@ -343,20 +337,10 @@ impl MemTx {
         &self,
         apply: impl FnOnce(&mut WriteSet, &Limits) -> Result<(), KvError>,
     ) -> Result<(), KvError> {
-        let mut state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
-        if self.inner.read_only {
-            return Err(KvError::ReadOnly);
-        }
-        let result = apply(&mut state.writes, &self.inner.shared.limits);
-        if let Err(error) = &result
-            && state.sticky.is_none()
-        {
-            state.sticky = overlay::sticky_copy(error);
-        }
-        result
+        let read_only = self.inner.read_only;
+        self.state()
+            .buf
+            .write(read_only, &self.inner.shared.limits, apply)
     }
 }
 
@@ -414,7 +398,7 @@ fn as_slice_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
 impl Transaction for MemTx {
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         let mut state = self.readable()?;
-        match state.writes.lookup(key) {
+        match state.buf.writes.lookup(key) {
             // Answered by this transaction's own writes: the result does
             // not depend on the store, so it records no conflict.
             Lookup::Set(value) => Ok(Some(value)),
@@ -423,6 +407,7 @@ impl Transaction for MemTx {
                 let value = self.inner.shared.store().get(key, self.inner.read_version);
                 if !snapshot {
                     state
+                        .buf
                         .reads
                         .insert(Bytes::copy_from_slice(key), key_after(key));
                 }
@@ -443,9 +428,9 @@ impl Transaction for MemTx {
             batch: Vec::new().into_iter(),
             exhausted: false,
         };
-        let merged = overlay::merge_range(&state.writes, options, scan)?;
+        let merged = overlay::merge_range(&state.buf.writes, options, scan)?;
         if !options.snapshot {
-            state.reads.insert(merged.read_begin, merged.read_end);
+            state.buf.reads.insert(merged.read_begin, merged.read_end);
         }
         Ok(merged.result)
     }
@@ -463,27 +448,17 @@ impl Transaction for MemTx {
     }
 
     fn add_read_conflict_range(&self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        overlay::check_range(begin, end)?;
-        let mut state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
-        state
-            .reads
-            .insert(Bytes::copy_from_slice(begin), Bytes::copy_from_slice(end));
-        Ok(())
+        self.state().buf.add_read_conflict_range(begin, end)
     }
 
     async fn commit(&self) -> Result<(), KvError> {
         let mut state = self.state();
-        if let Some(state) = state.finished {
-            return Err(KvError::Finished { state });
-        }
-        state.finished = Some("aborted");
+        state.buf.check_open()?;
+        state.buf.finished = Some("aborted");
         state.released = true;
-        let writes = std::mem::take(&mut state.writes);
-        let reads = std::mem::take(&mut state.reads);
-        let sticky = state.sticky.take();
+        let writes = std::mem::take(&mut state.buf.writes);
+        let reads = std::mem::take(&mut state.buf.reads);
+        let sticky = state.buf.sticky.take();
         let to_apply = match sticky {
             Some(error) => Err(error),
             // Nothing to apply, so nothing can conflict (as in FoundationDB).
@@ -501,7 +476,7 @@ impl Transaction for MemTx {
             }
         };
         if outcome.is_ok() {
-            state.finished = Some("committed");
+            state.buf.finished = Some("committed");
         }
         outcome
     }

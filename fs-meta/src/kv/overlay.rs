@@ -330,6 +330,61 @@ pub(crate) fn check_age(started: Instant, limits: &Limits) -> Result<(), KvError
     Ok(())
 }
 
+/// The part of a transaction's state both embedded backends keep alike:
+/// buffered writes, the read set to check at commit, whether it ended, and
+/// a size error commit must report again.
+#[derive(Debug, Default)]
+pub(crate) struct Buffered {
+    pub(crate) writes: WriteSet,
+    pub(crate) reads: RangeSet,
+    /// Set once commit ran: "committed" or "aborted".
+    pub(crate) finished: Option<&'static str>,
+    pub(crate) sticky: Option<KvError>,
+}
+
+impl Buffered {
+    /// `Finished` once the transaction has ended.
+    pub(crate) fn check_open(&self) -> Result<(), KvError> {
+        match self.finished {
+            Some(state) => Err(KvError::Finished { state }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a buffered write, remembering a size error for commit.
+    pub(crate) fn write(
+        &mut self,
+        read_only: bool,
+        limits: &Limits,
+        apply: impl FnOnce(&mut WriteSet, &Limits) -> Result<(), KvError>,
+    ) -> Result<(), KvError> {
+        self.check_open()?;
+        if read_only {
+            return Err(KvError::ReadOnly);
+        }
+        let result = apply(&mut self.writes, limits);
+        if let Err(error) = &result
+            && self.sticky.is_none()
+        {
+            self.sticky = sticky_copy(error);
+        }
+        result
+    }
+
+    /// Adds `begin..end` to the read set.
+    pub(crate) fn add_read_conflict_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+    ) -> Result<(), KvError> {
+        check_range(begin, end)?;
+        self.check_open()?;
+        self.reads
+            .insert(Bytes::copy_from_slice(begin), Bytes::copy_from_slice(end));
+        Ok(())
+    }
+}
+
 /// The size errors a transaction remembers: after one, commit fails with it
 /// too (as FoundationDB reports them at commit), so a caller that ignored
 /// the error cannot commit a transaction missing a write.
