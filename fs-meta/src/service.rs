@@ -136,6 +136,11 @@ pub fn attr(inode: &Inode) -> wire::Attr {
     }
 }
 
+/// A namespace answer about one inode, as the wire carries it.
+fn attr_of(inode: std::result::Result<Inode, MetaError>) -> Result<wire::Attr> {
+    inode.map(|i| attr(&i)).map_err(meta_error)
+}
+
 fn file_type(kind: InodeKind) -> wire::FileType {
     match kind {
         InodeKind::File => wire::FileType::File,
@@ -276,17 +281,17 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             Stat::ID => {
                 let r = req.decode::<Stat>()?;
-                ok::<Stat>(ns.stat(r.ino).await.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Stat>(attr_of(ns.stat(r.ino).await))
             }
             Lookup::ID => {
                 let r = req.decode::<Lookup>()?;
                 let found = ns.lookup(&user(r.user), r.parent, &r.name).await;
-                ok::<Lookup>(found.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Lookup>(attr_of(found))
             }
             Resolve::ID => {
                 let r = req.decode::<Resolve>()?;
                 let found = ns.resolve(&user(r.user), &r.path, r.follow).await;
-                ok::<Resolve>(found.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Resolve>(attr_of(found))
             }
             Create::ID => {
                 let r = req.decode::<Create>()?;
@@ -339,19 +344,19 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Mkdir::ID => {
                 let r = req.decode::<Mkdir>()?;
                 let made = ns.mkdir(&user(r.user), r.parent, &r.name, r.mode).await;
-                ok::<Mkdir>(made.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Mkdir>(attr_of(made))
             }
             MkdirAll::ID => {
                 let r = req.decode::<MkdirAll>()?;
                 let made = ns.mkdir_all(&user(r.user), &r.path, r.mode).await;
-                ok::<MkdirAll>(made.map(|i| attr(&i)).map_err(meta_error))
+                ok::<MkdirAll>(attr_of(made))
             }
             Symlink::ID => {
                 let r = req.decode::<Symlink>()?;
                 let made = ns
                     .symlink(&user(r.user), r.parent, &r.name, &r.target)
                     .await;
-                ok::<Symlink>(made.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Symlink>(attr_of(made))
             }
             Readlink::ID => {
                 let r = req.decode::<Readlink>()?;
@@ -367,7 +372,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 let linked = ns
                     .link(&user(r.user), r.ino, r.new_parent, &r.new_name)
                     .await;
-                ok::<Link>(linked.map(|i| attr(&i)).map_err(meta_error))
+                ok::<Link>(attr_of(linked))
             }
             Unlink::ID => {
                 let r = req.decode::<Unlink>()?;
@@ -427,7 +432,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             LengthHint::ID => {
                 let r = req.decode::<LengthHint>()?;
                 let done = ns.set_length(r.ino, r.length, false).await;
-                ok::<LengthHint>(done.map(|i| attr(&i)).map_err(meta_error))
+                ok::<LengthHint>(attr_of(done))
             }
             SetAttr::ID => {
                 let r = req.decode::<SetAttr>()?;
@@ -498,7 +503,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 let done = self
                     .with_fresh_tables(|| ns.set_layout(&who, r.dir, spec))
                     .await;
-                ok::<SetLayout>(done.map(|i| attr(&i)).map_err(meta_error))
+                ok::<SetLayout>(attr_of(done))
             }
             GcStatus::ID => {
                 req.decode::<GcStatus>()?;
