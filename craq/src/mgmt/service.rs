@@ -787,11 +787,14 @@ mod tests {
         );
     }
 
-    /// Two managers on one store and one clock: the second stands by, names
-    /// the primary, takes over once the primary stops renewing, and the old
-    /// primary stops serving by itself and cannot save.
-    #[tokio::test(start_paused = true)]
-    async fn a_standby_takes_over_when_the_lease_expires() {
+    /// Managers "m1" (which opens first, so holds the lease) and "m2" on one
+    /// store and one paused clock, with a 3 s lease.
+    async fn two_managers() -> (
+        MemStore,
+        Arc<TokioClock>,
+        Arc<MgmtService>,
+        Arc<MgmtService>,
+    ) {
         let store = MemStore::new();
         let clock = Arc::new(TokioClock::new());
         let lease = |name: &str| LeaseOptions {
@@ -806,6 +809,15 @@ mod tests {
         let second = MgmtService::open_with(Box::new(store.clone()), config(), lease("m2"))
             .await
             .expect("open m2");
+        (store, clock, first, second)
+    }
+
+    /// Two managers on one store and one clock: the second stands by, names
+    /// the primary, takes over once the primary stops renewing, and the old
+    /// primary stops serving by itself and cannot save.
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_takes_over_when_the_lease_expires() {
+        let (store, clock, first, second) = two_managers().await;
         assert!(first.is_primary());
         assert!(!second.is_primary());
         build(&first).await;
@@ -859,20 +871,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_released_lease_is_taken_at_once() {
-        let store = MemStore::new();
-        let clock = Arc::new(TokioClock::new());
-        let lease = |name: &str| LeaseOptions {
-            holder: name.into(),
-            address: format!("{name}:7000"),
-            ttl: Duration::from_secs(3),
-            clock: clock.clone(),
-        };
-        let first = MgmtService::open_with(Box::new(store.clone()), config(), lease("m1"))
-            .await
-            .expect("open m1");
-        let second = MgmtService::open_with(Box::new(store.clone()), config(), lease("m2"))
-            .await
-            .expect("open m2");
+        let (_, _, first, second) = two_managers().await;
         build(&first).await;
         first.release().await.expect("release");
         assert!(!first.is_primary());
