@@ -1,8 +1,8 @@
 //! The `flyfs` binary: the composition root where devices, engines and
 //! daemons are chosen and wired together. Today: `format`, `bench engine`
 //! and `bench storage`, the cluster manager (`mgmtd`) and storage (`storage`)
-//! daemons, `bench meta` and `admin`; the metadata and FUSE daemons and `up`/`down` arrive with the
-//! later issues.
+//! daemons, the metadata service (`meta`), the FUSE daemon (`mount`), a
+//! whole single-machine cluster (`up`/`down`), `bench meta` and `admin`.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -12,6 +12,9 @@ mod bench_storage;
 mod config;
 mod daemon;
 mod meta_daemon;
+mod metrics;
+mod mount;
+mod up;
 
 use std::path::PathBuf;
 
@@ -78,6 +81,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Mount flyfs through FUSE until SIGTERM or SIGINT (then unmount).
+    Mount {
+        /// TOML config (see deploy/mount.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bring up a whole cluster on this machine and mount it.
+    Up(up::UpArgs),
+    /// Stop what `flyfs up` started (the data stays).
+    Down(up::DownArgs),
     /// Inspect and change the cluster through its manager.
     Admin(admin::AdminArgs),
 }
@@ -99,7 +112,10 @@ fn main() -> anyhow::Result<()> {
     // Daemons say where they listen and what they host; tools stay quiet
     // unless something is wrong. FLYFS_LOG overrides both.
     let default_filter = match cli.command {
-        Command::Mgmtd { .. } | Command::Storage { .. } | Command::Meta { .. } => "info",
+        Command::Mgmtd { .. }
+        | Command::Storage { .. }
+        | Command::Meta { .. }
+        | Command::Mount { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -149,6 +165,9 @@ fn main() -> anyhow::Result<()> {
             let config = meta_daemon::MetaDaemonConfig::load(&config)?;
             daemon_runtime()?.block_on(meta_daemon::run_meta(&config))
         }
+        Command::Mount { config } => mount::run(&config),
+        Command::Up(args) => up::up(&args),
+        Command::Down(args) => up::down(&args),
         Command::Admin(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

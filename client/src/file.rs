@@ -1,0 +1,498 @@
+//! One open file's data path in a client: the write-back buffer, the
+//! writes in flight, read-ahead, and the length as this client knows it.
+//!
+//! Every handle of a file in one client shares one [`FileState`], so a
+//! write through one handle is seen by reads and stats through another.
+//!
+//! **Writes.** Sequential writes collect in a buffer. When it holds
+//! `write_buffer_bytes`, everything up to its last chunk boundary goes to
+//! storage in the background (one write per chunk, all chunks at once), so
+//! storage sees whole-chunk writes and the writer keeps going; at most
+//! `write_flushes_in_flight` such buffers are in flight, then the writer
+//! waits. A write that does not continue where the last one ended first
+//! waits for everything before it to reach storage: two writes in flight
+//! never overlap, so their order cannot matter. A background failure is
+//! kept and reported by the next write, flush or release (as Linux reports
+//! a failed writeback to the next `fsync`).
+//!
+//! **Reads.** A read first writes out anything buffered (a client reads
+//! its own writes). A reader that continues near where it stopped is
+//! sequential: whole chunks ahead of it are fetched in the background into
+//! a cache of chunk futures, the window doubling on each sequential read up
+//! to `readahead_bytes_max`. Other reads fetch exactly what they ask for,
+//! every chunk of the range at once. Any write, truncate or open empties
+//! the cache.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flyfs_craq::client::{ClientError, ReadSpec, StorageClient};
+use flyfs_rpc::Network;
+use flyfs_rpc::ids::{ChunkId, InodeId};
+use flyfs_rpc::wire::meta::Layout;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use crate::FsError;
+use crate::fs::{FileHandle, FsConfig};
+
+/// A chunk being read ahead: its bytes from offset 0 (shorter than the
+/// chunk when the chunk is).
+type ChunkFetch = Shared<BoxFuture<'static, Result<Bytes, FsError>>>;
+
+#[derive(Debug)]
+struct Buffer {
+    /// File offset of `data[0]`.
+    start: u64,
+    data: BytesMut,
+    /// Where the last accepted write ended: a write starting here is
+    /// sequential even when the buffer was just sent off.
+    next: Option<u64>,
+}
+
+#[derive(Default)]
+struct ReadAhead {
+    /// Bytes fetched ahead of a sequential reader; 0 when not sequential.
+    window: u64,
+    chunks: BTreeMap<u32, ChunkFetch>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("window", &self.window)
+            .field("chunks", &self.chunks.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Hint {
+    length: u64,
+    at: Instant,
+}
+
+/// One open file's shared state in a client.
+#[derive(Debug)]
+pub(crate) struct FileState {
+    pub(crate) ino: InodeId,
+    layout: Layout,
+    chunk_bytes: u64,
+    /// The length as this client knows it: what the metadata service said,
+    /// grown by this client's writes.
+    length: AtomicU64,
+    buffer: tokio::sync::Mutex<Buffer>,
+    buffer_bytes: usize,
+    /// One permit per buffer in flight to storage.
+    flushes: Arc<Semaphore>,
+    flushes_max: u32,
+    /// The first failure of a background write, until reported.
+    error: Mutex<Option<FsError>>,
+    /// Written since the metadata service last fixed the length.
+    unsynced: AtomicBool,
+    hint: Mutex<Hint>,
+    readahead: Mutex<ReadAhead>,
+    readahead_bytes_max: u64,
+}
+
+fn io_error(message: String) -> FsError {
+    FsError {
+        errno: libc::EIO,
+        message,
+        retryable: false,
+    }
+}
+
+/// Chunk indices are 32 bits: a file ends before chunk 2^32.
+fn max_file_bytes(chunk_bytes: u64) -> u64 {
+    chunk_bytes << 32
+}
+
+impl FileState {
+    pub(crate) fn new(ino: InodeId, layout: Layout, config: &FsConfig) -> FileState {
+        let chunk_bytes = u64::from(layout.chunk_size.max(1));
+        let flushes_max = config.write_flushes_in_flight.max(1) as u32;
+        FileState {
+            ino,
+            layout,
+            chunk_bytes,
+            length: AtomicU64::new(0),
+            buffer: tokio::sync::Mutex::new(Buffer {
+                start: 0,
+                data: BytesMut::new(),
+                next: None,
+            }),
+            buffer_bytes: config.write_buffer_bytes.max(1),
+            flushes: Arc::new(Semaphore::new(flushes_max as usize)),
+            flushes_max,
+            error: Mutex::new(None),
+            unsynced: AtomicBool::new(false),
+            hint: Mutex::new(Hint {
+                length: 0,
+                at: Instant::now(),
+            }),
+            readahead: Mutex::new(ReadAhead::default()),
+            readahead_bytes_max: config.readahead_bytes_max,
+        }
+    }
+
+    /// Writes of this client that the metadata service may not know of.
+    fn pending(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire) || self.in_flight()
+    }
+
+    fn in_flight(&self) -> bool {
+        self.flushes.available_permits() < self.flushes_max as usize
+    }
+
+    /// A new handle: `length` is what the metadata service just said.
+    pub(crate) fn opened(&self, length: u64, truncated: bool) {
+        if truncated || !self.pending() {
+            self.length.store(length, Ordering::Release);
+        } else {
+            self.length.fetch_max(length, Ordering::AcqRel);
+        }
+        self.readahead.lock().chunks.clear();
+    }
+
+    /// The metadata service says the file is `length` long; answers the
+    /// length as this client knows it.
+    pub(crate) fn observe_length(&self, length: u64) -> u64 {
+        if self.pending() {
+            self.length.fetch_max(length, Ordering::AcqRel).max(length)
+        } else {
+            self.length.store(length, Ordering::Release);
+            length
+        }
+    }
+
+    /// The file was truncated (or extended) to `size` by this client.
+    pub(crate) fn truncated(&self, size: u64) {
+        self.length.store(size, Ordering::Release);
+        self.readahead.lock().chunks.clear();
+    }
+
+    pub(crate) fn take_unsynced(&self) -> bool {
+        self.unsynced.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn mark_unsynced(&self) {
+        self.unsynced.store(true, Ordering::Release);
+    }
+
+    /// The length to report as a hint, if it grew and the last hint is
+    /// older than `interval`.
+    pub(crate) fn hint_due(&self, interval: Duration) -> Option<u64> {
+        let length = self.length.load(Ordering::Acquire);
+        let mut hint = self.hint.lock();
+        if length <= hint.length || hint.at.elapsed() < interval {
+            return None;
+        }
+        hint.length = length;
+        hint.at = Instant::now();
+        Some(length)
+    }
+
+    fn take_error(&self) -> Result<(), FsError> {
+        match self.error.lock().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn record_error(&self, e: FsError) {
+        tracing::error!(ino = ?self.ino, "background write failed: {}", e.message);
+        self.error.lock().get_or_insert(e);
+    }
+
+    pub(crate) async fn write<N: Network>(
+        self: &Arc<Self>,
+        storage: &Arc<StorageClient<N>>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FsError> {
+        self.take_error()?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= max_file_bytes(self.chunk_bytes))
+            .ok_or_else(|| FsError {
+                errno: libc::EFBIG,
+                message: format!(
+                    "a write of {} bytes at {offset} ends past the largest file ({} bytes with {}-byte chunks)",
+                    data.len(),
+                    max_file_bytes(self.chunk_bytes),
+                    self.chunk_bytes
+                ),
+                retryable: false,
+            })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut buffer = self.buffer.lock().await;
+        if buffer.next.is_some_and(|next| next != offset) {
+            // Not sequential: everything before it reaches storage first.
+            let start = buffer.start;
+            let earlier = buffer.data.split().freeze();
+            self.write_out(storage, start, earlier).await?;
+            self.wait_flushes().await?;
+        }
+        if buffer.data.is_empty() {
+            buffer.start = offset;
+        }
+        buffer.data.extend_from_slice(data);
+        buffer.next = Some(end);
+        self.length.fetch_max(end, Ordering::AcqRel);
+        self.unsynced.store(true, Ordering::Release);
+        self.readahead.lock().chunks.clear();
+        if buffer.data.len() >= self.buffer_bytes {
+            let start = buffer.start;
+            let buffered_end = start + buffer.data.len() as u64;
+            let boundary = buffered_end / self.chunk_bytes * self.chunk_bytes;
+            let take = if boundary > start {
+                boundary - start
+            } else {
+                buffered_end - start
+            };
+            let piece = buffer.data.split_to(take as usize).freeze();
+            buffer.start += take;
+            let permit = self
+                .flushes
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the flush semaphore is never closed");
+            let state = self.clone();
+            let storage = storage.clone();
+            tokio::spawn(async move {
+                if let Err(e) = state.write_out(&storage, start, piece).await {
+                    state.record_error(e);
+                }
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered and waits for every write in flight;
+    /// reports the first failure since the last report.
+    pub(crate) async fn drain<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+    ) -> Result<(), FsError> {
+        let mut buffer = self.buffer.lock().await;
+        let start = buffer.start;
+        let rest = buffer.data.split().freeze();
+        let wrote = !rest.is_empty() || self.in_flight();
+        let written = self.write_out(storage, start, rest).await;
+        let waited = self.wait_flushes().await;
+        drop(buffer);
+        if wrote {
+            // Anything read ahead while the writes were in flight may
+            // predate them.
+            self.readahead.lock().chunks.clear();
+        }
+        written.and(waited)
+    }
+
+    async fn wait_flushes(&self) -> Result<(), FsError> {
+        let all = self
+            .flushes
+            .acquire_many(self.flushes_max)
+            .await
+            .expect("the flush semaphore is never closed");
+        drop(all);
+        self.take_error()
+    }
+
+    /// `data` at file offset `start` to storage: one write per chunk it
+    /// touches, all at once.
+    async fn write_out<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+        start: u64,
+        data: Bytes,
+    ) -> Result<(), FsError> {
+        let chunk_size = self.layout.chunk_size;
+        let writes = self.pieces(start, data.len() as u64).map(|(index, from, at, len)| {
+            let piece = data.slice(at..at + len as usize);
+            async move {
+                let chain = self.chain_of(index)?;
+                storage
+                    .write(chain, ChunkId::new(self.ino.0, index), from, piece, chunk_size)
+                    .await
+                    .map_err(|e| self.storage_error("write", index, e))
+            }
+        });
+        futures::future::try_join_all(writes).await.map(drop)
+    }
+
+    /// Splits `len` bytes at `start` into per-chunk pieces: (chunk index,
+    /// offset in the chunk, offset in the range, length).
+    fn pieces(&self, start: u64, len: u64) -> impl Iterator<Item = (u32, u32, usize, u32)> + '_ {
+        let mut at = 0u64;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let pos = start + at;
+            let index = (pos / self.chunk_bytes) as u32;
+            let from = pos % self.chunk_bytes;
+            let n = (self.chunk_bytes - from).min(len - at);
+            let piece = (index, from as u32, at as usize, n as u32);
+            at += n;
+            Some(piece)
+        })
+    }
+
+    fn chain_of(&self, index: u32) -> Result<flyfs_rpc::ids::ChainId, FsError> {
+        self.layout
+            .chain_of(index)
+            .ok_or_else(|| io_error(format!("{:?} has a layout without chains", self.ino)))
+    }
+
+    fn storage_error(&self, what: &str, index: u32, e: ClientError) -> FsError {
+        io_error(format!("{what} of chunk {index} of {:?}: {e}", self.ino))
+    }
+
+    pub(crate) async fn read<N: Network>(
+        self: &Arc<Self>,
+        storage: &Arc<StorageClient<N>>,
+        fh: &FileHandle,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, FsError> {
+        if self.in_flight() || !self.buffer.lock().await.data.is_empty() {
+            self.drain(storage).await?;
+        }
+        let length = self.length.load(Ordering::Acquire);
+        if offset >= length || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(len)).min(length);
+        let previous_end = fh.read_end.swap(end, Ordering::AcqRel);
+        let sequential = previous_end != u64::MAX
+            && offset.abs_diff(previous_end) <= self.chunk_bytes.max(self.window());
+        let pieces: Vec<_> = self.pieces(offset, end - offset).collect();
+        let parts: Vec<Bytes> = if sequential && self.readahead_bytes_max > 0 {
+            self.read_ahead(storage, &pieces, end, length).await?
+        } else {
+            self.readahead.lock().window = 0;
+            self.read_exact(storage, &pieces).await?
+        };
+        // Holes and chunks shorter than the file read as zeros.
+        if let [part] = parts.as_slice()
+            && part.len() as u64 == end - offset
+        {
+            return Ok(part.clone());
+        }
+        let mut out = BytesMut::zeroed((end - offset) as usize);
+        for (part, &(_, _, at, want)) in parts.iter().zip(&pieces) {
+            let n = part.len().min(want as usize);
+            out[at..at + n].copy_from_slice(&part[..n]);
+        }
+        Ok(out.freeze())
+    }
+
+    fn window(&self) -> u64 {
+        self.readahead.lock().window
+    }
+
+    async fn read_exact<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+        pieces: &[(u32, u32, usize, u32)],
+    ) -> Result<Vec<Bytes>, FsError> {
+        let mut specs = Vec::with_capacity(pieces.len());
+        for &(index, from, _, len) in pieces {
+            specs.push(ReadSpec {
+                chain: self.chain_of(index)?,
+                chunk: ChunkId::new(self.ino.0, index),
+                offset: from,
+                len,
+            });
+        }
+        let results = storage.read_batch(&specs).await;
+        results
+            .into_iter()
+            .zip(pieces)
+            .map(|(result, &(index, ..))| {
+                result
+                    .map(|chunk| chunk.data)
+                    .map_err(|e| self.storage_error("read", index, e))
+            })
+            .collect()
+    }
+
+    /// Serves `pieces` from whole-chunk fetches, and starts fetching the
+    /// chunks of the window after `end` (up to the file's `length`).
+    async fn read_ahead<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+        pieces: &[(u32, u32, usize, u32)],
+        end: u64,
+        length: u64,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let first = pieces.first().map_or(0, |p| p.0);
+        let fetches: Vec<ChunkFetch> = {
+            let mut ahead = self.readahead.lock();
+            ahead.window = (ahead.window * 2)
+                .max(2 * self.chunk_bytes)
+                .min(self.readahead_bytes_max.max(self.chunk_bytes));
+            // Chunks behind the reader are done with.
+            ahead.chunks = ahead.chunks.split_off(&first);
+            let ahead_end = end.saturating_add(ahead.window).min(length);
+            let last = (ahead_end.max(end) - 1) / self.chunk_bytes;
+            for index in first..=last as u32 {
+                if !ahead.chunks.contains_key(&index) {
+                    let fetch = self.fetch_chunk(storage, index)?;
+                    ahead.chunks.insert(index, fetch);
+                }
+            }
+            pieces
+                .iter()
+                .map(|p| ahead.chunks[&p.0].clone())
+                .collect()
+        };
+        let chunks = futures::future::try_join_all(fetches).await?;
+        Ok(chunks
+            .into_iter()
+            .zip(pieces)
+            .map(|(chunk, &(_, from, _, len))| {
+                let from = (from as usize).min(chunk.len());
+                let to = (from + len as usize).min(chunk.len());
+                chunk.slice(from..to)
+            })
+            .collect())
+    }
+
+    /// Starts reading a whole chunk in the background.
+    fn fetch_chunk<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+        index: u32,
+    ) -> Result<ChunkFetch, FsError> {
+        let chain = self.chain_of(index)?;
+        let chunk = ChunkId::new(self.ino.0, index);
+        let chunk_size = self.layout.chunk_size;
+        let storage = storage.clone();
+        let ino = self.ino;
+        let task = tokio::spawn(async move {
+            storage
+                .read(chain, chunk, 0, chunk_size)
+                .await
+                .map(|c| c.data)
+                .map_err(|e| io_error(format!("read of chunk {index} of {ino:?}: {e}")))
+        });
+        Ok(async move {
+            task.await
+                .map_err(|e| io_error(format!("read of chunk {index} of {ino:?}: {e}")))?
+        }
+        .boxed()
+        .shared())
+    }
+}

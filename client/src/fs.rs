@@ -1,0 +1,616 @@
+//! [`FsClient`]: files and directories on a flyfs cluster.
+//!
+//! Namespace operations are one call each to the (stateless) metadata
+//! service. File data never passes through it: chunk `i` of a file is
+//! `ChunkId(ino, i)` on chain `layout.chain_of(i)`, so the client computes
+//! placement itself and talks to the storage chains directly, with many
+//! chunk I/Os in flight across chains.
+//!
+//! Consistency is close-to-open, as NFS and 3FS give: what a handle wrote
+//! is on storage and the file's length is fixed in the metadata service
+//! once `flush` (every `close(2)`), `fsync` or `release` returns; an `open`
+//! after that sees it. Between those points the client keeps a bounded
+//! write-back buffer per file and reports its growing length as a hint, and
+//! every attribute it hands out carries the length as this client knows it
+//! (so a `stat` after a buffered write shows the write).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_craq::client::StorageClient;
+use flyfs_fs_meta::client::MetaClient;
+use flyfs_rpc::Network;
+use flyfs_rpc::ids::{ClientId, InodeId};
+use flyfs_rpc::wire::meta::{
+    Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
+    LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Open, OpenReq, ReaddirReq, ReaddirRsp,
+    Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve, ResolveReq, Rmdir, SetAttr,
+    SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq,
+    Sync, Unlink, User, XattrMode, XattrReq,
+};
+use parking_lot::Mutex;
+
+use crate::FsError;
+use crate::file::FileState;
+
+/// How a [`FsClient`] buffers and reads ahead.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Write-back buffer of each open file: sequential writes collect here
+    /// and go to storage whole chunks at a time.
+    pub write_buffer_bytes: usize,
+    /// Buffers of one file being written to storage at once; a writer
+    /// waits when all are in flight (backpressure).
+    pub write_flushes_in_flight: usize,
+    /// The most a sequential reader is read ahead of.
+    pub readahead_bytes_max: u64,
+    /// How often a file being written reports its length to the metadata
+    /// service (so other clients see it grow before it is closed).
+    pub length_hint_interval: Duration,
+}
+
+impl Default for FsConfig {
+    fn default() -> FsConfig {
+        FsConfig {
+            write_buffer_bytes: 8 << 20,
+            write_flushes_in_flight: 4,
+            readahead_bytes_max: 32 << 20,
+            length_hint_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What an open asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenMode {
+    pub read: bool,
+    pub write: bool,
+    /// `O_TRUNC`.
+    pub truncate: bool,
+}
+
+impl OpenMode {
+    /// From `open(2)` flags.
+    pub fn from_flags(flags: i32) -> OpenMode {
+        let access = flags & libc::O_ACCMODE;
+        OpenMode {
+            read: access == libc::O_RDONLY || access == libc::O_RDWR,
+            write: access == libc::O_WRONLY || access == libc::O_RDWR,
+            truncate: flags & libc::O_TRUNC != 0,
+        }
+    }
+}
+
+/// An open file: the unit `read`, `write`, `flush` and `release` act on.
+#[derive(Debug)]
+pub struct FileHandle {
+    pub(crate) state: Arc<FileState>,
+    mode: OpenMode,
+    user: User,
+    /// The write session of a handle opened for writing.
+    session: Option<u64>,
+    /// Where this handle's last read ended (read-ahead detects sequential
+    /// readers from it).
+    pub(crate) read_end: AtomicU64,
+}
+
+impl FileHandle {
+    pub fn ino(&self) -> InodeId {
+        self.state.ino
+    }
+
+    pub fn mode(&self) -> OpenMode {
+        self.mode
+    }
+}
+
+/// The file client. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct FsClient<N: Network> {
+    meta: Arc<MetaClient<N>>,
+    storage: Arc<StorageClient<N>>,
+    client: ClientId,
+    config: FsConfig,
+    /// Open files, shared by all their handles in this client, so a write
+    /// through one handle is seen by reads and stats through any other.
+    files: Mutex<HashMap<InodeId, Weak<FileState>>>,
+    /// Write session ids: chosen here so a retried open after a lost reply
+    /// gets its own session back (see `CreateReq::session`).
+    next_session: AtomicU64,
+}
+
+fn io_error(message: String) -> FsError {
+    FsError {
+        errno: libc::EIO,
+        message,
+        retryable: false,
+    }
+}
+
+impl<N: Network> FsClient<N> {
+    pub fn new(
+        meta: Arc<MetaClient<N>>,
+        storage: Arc<StorageClient<N>>,
+        client: ClientId,
+        config: FsConfig,
+    ) -> Arc<FsClient<N>> {
+        // Session ids must differ across restarts of one client id: start
+        // from the clock.
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Arc::new(FsClient {
+            meta,
+            storage,
+            client,
+            config,
+            files: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(now_ns),
+        })
+    }
+
+    pub fn meta(&self) -> &Arc<MetaClient<N>> {
+        &self.meta
+    }
+
+    pub fn storage(&self) -> &Arc<StorageClient<N>> {
+        &self.storage
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// The file's state if this client has it open.
+    fn open_state(&self, ino: InodeId) -> Option<Arc<FileState>> {
+        self.files.lock().get(&ino).and_then(Weak::upgrade)
+    }
+
+    /// `attr` with the length as this client knows it: buffered and
+    /// in-flight writes may have grown the file past what the metadata
+    /// service has heard.
+    pub fn local_attr(&self, mut attr: Attr) -> Attr {
+        if attr.kind == FileType::File
+            && let Some(state) = self.open_state(attr.ino)
+        {
+            attr.length = state.observe_length(attr.length);
+        }
+        attr
+    }
+
+    // ---- namespace ----
+
+    pub async fn statfs(&self, user: &User) -> Result<StatfsRsp, FsError> {
+        self.meta
+            .call::<Statfs, _>(&StatfsReq { user: user.clone() })
+            .await
+    }
+
+    pub async fn stat(&self, user: &User, ino: InodeId) -> Result<Attr, FsError> {
+        let req = StatReq {
+            user: user.clone(),
+            ino,
+        };
+        Ok(self.local_attr(self.meta.call::<Stat, _>(&req).await?))
+    }
+
+    pub async fn lookup(&self, user: &User, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
+        let req = LookupReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+        };
+        Ok(self.local_attr(self.meta.call::<Lookup, _>(&req).await?))
+    }
+
+    /// A path from the root (absolute), for tools without a mount.
+    pub async fn resolve(&self, user: &User, path: &[u8], follow: bool) -> Result<Attr, FsError> {
+        let req = ResolveReq {
+            user: user.clone(),
+            path: path.to_vec(),
+            follow,
+        };
+        Ok(self.local_attr(self.meta.call::<Resolve, _>(&req).await?))
+    }
+
+    pub async fn mkdir(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<Attr, FsError> {
+        let req = MkdirReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+            mode,
+        };
+        self.meta.call::<Mkdir, _>(&req).await
+    }
+
+    pub async fn symlink(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<Attr, FsError> {
+        let req = SymlinkReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+            target: target.to_vec(),
+        };
+        self.meta.call::<Symlink, _>(&req).await
+    }
+
+    pub async fn readlink(&self, user: &User, ino: InodeId) -> Result<Vec<u8>, FsError> {
+        let req = StatReq {
+            user: user.clone(),
+            ino,
+        };
+        Ok(self.meta.call::<Readlink, _>(&req).await?.target)
+    }
+
+    pub async fn link(
+        &self,
+        user: &User,
+        ino: InodeId,
+        new_parent: InodeId,
+        new_name: &[u8],
+    ) -> Result<Attr, FsError> {
+        let req = LinkReq {
+            user: user.clone(),
+            ino,
+            new_parent,
+            new_name: new_name.to_vec(),
+        };
+        Ok(self.local_attr(self.meta.call::<Link, _>(&req).await?))
+    }
+
+    fn entry(user: &User, parent: InodeId, name: &[u8]) -> EntryReq {
+        EntryReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+        }
+    }
+
+    pub async fn unlink(&self, user: &User, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.meta
+            .call::<Unlink, _>(&Self::entry(user, parent, name))
+            .await
+    }
+
+    pub async fn rmdir(&self, user: &User, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.meta
+            .call::<Rmdir, _>(&Self::entry(user, parent, name))
+            .await
+    }
+
+    /// Removes a whole tree in one transaction; its data is reclaimed in
+    /// the background.
+    pub async fn remove_all(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+    ) -> Result<(), FsError> {
+        self.meta
+            .call::<RemoveAll, _>(&Self::entry(user, parent, name))
+            .await
+    }
+
+    pub async fn rename(
+        &self,
+        user: &User,
+        old_parent: InodeId,
+        old_name: &[u8],
+        new_parent: InodeId,
+        new_name: &[u8],
+    ) -> Result<(), FsError> {
+        let req = RenameReq {
+            user: user.clone(),
+            old_parent,
+            old_name: old_name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+        };
+        self.meta.call::<Rename, _>(&req).await
+    }
+
+    /// One page of a directory, after the name `after` (empty: from the
+    /// start); with `plus`, each entry's attributes.
+    pub async fn readdir(
+        &self,
+        user: &User,
+        dir: InodeId,
+        after: &[u8],
+        limit: u32,
+        plus: bool,
+    ) -> Result<ReaddirRsp, FsError> {
+        let req = ReaddirReq {
+            user: user.clone(),
+            dir,
+            after: after.to_vec(),
+            limit,
+            plus,
+        };
+        let mut rsp = self.meta.call::<flyfs_rpc::wire::meta::Readdir, _>(&req).await?;
+        for entry in &mut rsp.entries {
+            if let Some(attr) = entry.attr.take() {
+                entry.attr = Some(self.local_attr(attr));
+            }
+        }
+        Ok(rsp)
+    }
+
+    /// `setattr`. A size change first writes out this client's buffered
+    /// data of the file (which the truncate must cut too), then truncates
+    /// on storage and in the metadata service.
+    pub async fn setattr(&self, req: SetAttrReq) -> Result<Attr, FsError> {
+        let state = self.open_state(req.ino);
+        if let (Some(state), Some(_)) = (&state, req.size) {
+            state.drain(&self.storage).await?;
+        }
+        let attr = self.meta.call::<SetAttr, _>(&req).await?;
+        if let (Some(state), Some(size)) = (&state, req.size) {
+            state.truncated(size);
+        }
+        Ok(self.local_attr(attr))
+    }
+
+    pub async fn getxattr(&self, user: &User, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        let req = XattrReq {
+            user: user.clone(),
+            ino,
+            name: name.to_vec(),
+            ..XattrReq::default()
+        };
+        Ok(self.meta.call::<GetXattr, _>(&req).await?.value)
+    }
+
+    pub async fn setxattr(
+        &self,
+        user: &User,
+        ino: InodeId,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<(), FsError> {
+        let req = XattrReq {
+            user: user.clone(),
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            mode,
+        };
+        self.meta.call::<SetXattr, _>(&req).await
+    }
+
+    pub async fn listxattr(&self, user: &User, ino: InodeId) -> Result<Vec<Vec<u8>>, FsError> {
+        let req = StatReq {
+            user: user.clone(),
+            ino,
+        };
+        let rsp = self.meta.call::<ListXattr, _>(&req).await?;
+        Ok(rsp.names.into_iter().map(|n| n.into_vec()).collect())
+    }
+
+    pub async fn removexattr(&self, user: &User, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
+        let req = XattrReq {
+            user: user.clone(),
+            ino,
+            name: name.to_vec(),
+            ..XattrReq::default()
+        };
+        self.meta.call::<RemoveXattr, _>(&req).await
+    }
+
+    // ---- files ----
+
+    fn session_id(&self, mode: OpenMode) -> u64 {
+        if mode.write {
+            self.next_session.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// `open(O_CREAT)`: creates the file (or, unless `exclusive`, opens the
+    /// existing one) and opens it.
+    pub async fn create(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        file_mode: u32,
+        mode: OpenMode,
+        exclusive: bool,
+    ) -> Result<(Attr, Arc<FileHandle>), FsError> {
+        let req = CreateReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+            mode: file_mode,
+            exclusive,
+            truncate: mode.truncate,
+            read: mode.read,
+            write: mode.write,
+            client: self.client,
+            session: self.session_id(mode),
+        };
+        let rsp = self.meta.call::<Create, _>(&req).await?;
+        self.opened(user, rsp.attr, mode, rsp.session)
+    }
+
+    /// Opens a file. The handle sees everything written to the file before
+    /// the open by any client that has flushed it since (close-to-open).
+    pub async fn open(
+        &self,
+        user: &User,
+        ino: InodeId,
+        mode: OpenMode,
+    ) -> Result<(Attr, Arc<FileHandle>), FsError> {
+        let req = OpenReq {
+            user: user.clone(),
+            ino,
+            read: mode.read,
+            write: mode.write,
+            truncate: mode.truncate,
+            client: self.client,
+            session: self.session_id(mode),
+        };
+        if mode.truncate
+            && let Some(state) = self.open_state(ino)
+        {
+            // Buffered data must not land after the truncate.
+            state.drain(&self.storage).await?;
+        }
+        let rsp = self.meta.call::<Open, _>(&req).await?;
+        self.opened(user, rsp.attr, mode, rsp.session)
+    }
+
+    fn opened(
+        &self,
+        user: &User,
+        attr: Attr,
+        mode: OpenMode,
+        session: Option<u64>,
+    ) -> Result<(Attr, Arc<FileHandle>), FsError> {
+        if attr.kind != FileType::File {
+            return Err(FsError {
+                errno: libc::EISDIR,
+                message: format!("{:?} is not a regular file", attr.ino),
+                retryable: false,
+            });
+        }
+        let Some(layout) = attr.layout.clone() else {
+            return Err(io_error(format!("{:?} has no layout", attr.ino)));
+        };
+        let state = {
+            let mut files = self.files.lock();
+            files.retain(|_, w| w.strong_count() > 0);
+            match files.get(&attr.ino).and_then(Weak::upgrade) {
+                Some(state) => state,
+                None => {
+                    let state = Arc::new(FileState::new(attr.ino, layout, &self.config));
+                    files.insert(attr.ino, Arc::downgrade(&state));
+                    state
+                }
+            }
+        };
+        // Close-to-open: whatever was read ahead before this open may be
+        // stale now.
+        state.opened(attr.length, mode.truncate);
+        let attr = self.local_attr(attr);
+        let handle = Arc::new(FileHandle {
+            state,
+            mode,
+            user: user.clone(),
+            session,
+            read_end: AtomicU64::new(u64::MAX),
+        });
+        Ok((attr, handle))
+    }
+
+    /// Reads up to `len` bytes at `offset`; fewer only at the end of the
+    /// file. Holes read as zeros.
+    pub async fn read(&self, fh: &FileHandle, offset: u64, len: u32) -> Result<Bytes, FsError> {
+        fh.state.read(&self.storage, fh, offset, len).await
+    }
+
+    /// Writes `data` at `offset`. It may wait in the file's write-back
+    /// buffer until the next `flush`, `fsync` or `release`; a failure to
+    /// write it out is reported by the next call on the file.
+    pub async fn write(&self, fh: &FileHandle, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        if !fh.mode.write {
+            return Err(FsError {
+                errno: libc::EBADF,
+                message: format!("{:?} is not open for writing", fh.ino()),
+                retryable: false,
+            });
+        }
+        fh.state.write(&self.storage, offset, data).await?;
+        self.maybe_hint(fh).await;
+        Ok(())
+    }
+
+    /// Reports a growing file's length, at most once per interval.
+    async fn maybe_hint(&self, fh: &FileHandle) {
+        let Some(length) = fh.state.hint_due(self.config.length_hint_interval) else {
+            return;
+        };
+        let req = LengthHintReq {
+            user: fh.user.clone(),
+            ino: fh.ino(),
+            length,
+        };
+        // A hint is advisory: the exact length is fixed on close.
+        if let Err(e) = self.meta.call::<LengthHint, _>(&req).await {
+            tracing::debug!(ino = ?fh.ino(), "length hint failed: {e}");
+        }
+    }
+
+    /// Every byte written to the file through this client reaches storage,
+    /// and the metadata service fixes the exact length (`close(2)`).
+    pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
+        fh.state.drain(&self.storage).await?;
+        if let Some(session) = fh.session
+            && fh.state.take_unsynced()
+        {
+            let req = flyfs_rpc::wire::meta::SessionReq {
+                user: fh.user.clone(),
+                ino: fh.ino(),
+                session,
+            };
+            if let Err(e) = self.meta.call::<Sync, _>(&req).await {
+                fh.state.mark_unsynced();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `fsync`: as [`flush`](Self::flush); storage acknowledges a write
+    /// only once every replica has it durably.
+    pub async fn fsync(&self, fh: &FileHandle) -> Result<(), FsError> {
+        self.flush(fh).await
+    }
+
+    /// The last close of a handle: flushes, then ends its write session.
+    pub async fn release(&self, fh: &FileHandle) -> Result<(), FsError> {
+        let flushed = fh.state.drain(&self.storage).await;
+        if let Some(session) = fh.session {
+            let req = flyfs_rpc::wire::meta::SessionReq {
+                user: fh.user.clone(),
+                ino: fh.ino(),
+                session,
+            };
+            // The session ends even when the flush failed: the data that
+            // failed is reported, not retried forever.
+            self.meta.call::<Close, _>(&req).await?;
+            fh.state.take_unsynced();
+        }
+        flushed
+    }
+
+    /// Writes out every open file's buffer (before unmounting).
+    pub async fn flush_all(&self) -> Result<(), FsError> {
+        let states: Vec<Arc<FileState>> =
+            self.files.lock().values().filter_map(Weak::upgrade).collect();
+        let mut first = Ok(());
+        for state in states {
+            if let Err(e) = state.drain(&self.storage).await
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+}

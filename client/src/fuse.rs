@@ -1,0 +1,1 @@
+//! The FUSE daemon: kernel requests in, [`FsClient`](crate::FsClient) calls out.
