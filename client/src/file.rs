@@ -33,6 +33,7 @@ use flyfs_craq::client::{ClientError, ReadSpec, StorageClient};
 use flyfs_rpc::Network;
 use flyfs_rpc::ids::{ChunkId, InodeId};
 use flyfs_rpc::wire::meta::Layout;
+use flyfs_rpc::wire::storage::StorageError;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
@@ -356,7 +357,15 @@ impl FileState {
     }
 
     fn storage_error(&self, what: &str, index: u32, e: ClientError) -> FsError {
-        io_error(format!("{what} of chunk {index} of {:?}: {e}", self.ino))
+        let errno = match e {
+            ClientError::Storage(StorageError::NoSpace) => libc::ENOSPC,
+            _ => libc::EIO,
+        };
+        FsError {
+            errno,
+            message: format!("{what} of chunk {index} of {:?}: {e}", self.ino),
+            retryable: false,
+        }
     }
 
     pub(crate) async fn read<N: Network>(

@@ -10,3 +10,5 @@ pub mod kv;
 pub mod ns;
 pub mod schema;
 pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;

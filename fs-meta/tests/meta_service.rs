@@ -10,159 +10,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
+use flyfs_craq::client::StorageClient;
 use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
-use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
-use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig};
-use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
-use flyfs_rpc::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, NodeId, TargetId};
+use flyfs_fs_meta::gc::GcStats;
+use flyfs_fs_meta::kv::fjall::FjallKv;
+use flyfs_fs_meta::ns::Namespace;
+use flyfs_fs_meta::service::MetaService;
+use flyfs_fs_meta::testing::{ClusterOptions, TestCluster, bind};
+use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, InodeId};
 use flyfs_rpc::wire::meta::{self as wire, User};
-use flyfs_rpc::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, PublicState,
-};
-use flyfs_rpc::{CallOptions, Client, Method, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{Server, ServerConfig, ServerHandle, Tcp};
 
-mod storage_common;
-
-use storage_common::{CHUNK, bind, storage_node};
+/// Chunk size of the root's layout.
+const CHUNK: u32 = 64 << 10;
 const ROOT: InodeId = InodeId(1);
 
+/// The shared in-process cluster, with two metadata instances.
 struct Cluster {
-    _servers: Vec<ServerHandle>,
+    _inner: TestCluster,
     storage: Arc<StorageClient<Tcp>>,
     meta: Vec<Arc<MetaClient<Tcp>>>,
     ns: Namespace<FjallKv>,
-    _dir: tempfile::TempDir,
-}
-
-async fn admin<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req) -> M::Rsp {
-    match rpc
-        .call::<M>(addr, req, Bytes::new(), &CallOptions::default())
-        .await
-    {
-        Ok((rsp, _)) => rsp,
-        Err(e) => panic!("{}: {e}", M::NAME),
-    }
 }
 
 impl Cluster {
     async fn start() -> Cluster {
-        let service = MgmtService::open(
-            Box::new(MemStore::new()),
-            MgmtConfig {
-                heartbeat_interval: Duration::from_millis(50),
-                failure_timeout: Duration::from_secs(2),
-                tick_interval: Duration::from_millis(50),
-            },
-        )
-        .await
-        .expect("manager");
-        let (listener, mgmt) = bind("127.0.0.1:0").await;
-        let mut servers = vec![
-            Server::new(service.clone(), ServerConfig::default())
-                .spawn(listener)
-                .expect("serve manager"),
-        ];
-        tokio::spawn(service.clone().run());
-        for i in 0..3u32 {
-            servers.push(
-                storage_node(i, std::slice::from_ref(&mgmt), Duration::from_millis(50)).await,
-            );
-        }
-        let rpc = Client::new(Tcp, Default::default());
-        while service.routing().nodes.len() < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for i in 0..6u32 {
-            let req = CreateTargetReq {
-                target: TargetId(u64::from(i)),
-                node: NodeId(i % 3),
-                disk: 0,
-            };
-            admin::<CreateTarget>(&rpc, &mgmt, &req)
-                .await
-                .expect("target");
-        }
-        for (chain, targets) in [(1, [0, 1, 2]), (2, [4, 5, 3])] {
-            let req = CreateChainReq {
-                chain: ChainId(chain),
-                targets: targets.into_iter().map(TargetId).collect(),
-            };
-            admin::<CreateChain>(&rpc, &mgmt, &req)
-                .await
-                .expect("chain");
-        }
-        let req = CreateChainTableReq {
-            table: ChainTableId(1),
-            chains: vec![ChainId(1), ChainId(2)],
-        };
-        admin::<CreateChainTable>(&rpc, &mgmt, &req)
-            .await
-            .expect("table");
-        let mut config = ClientConfig::new(mgmt.clone(), ClientId(9));
-        config.rpc_timeout = Duration::from_secs(2);
-        config.op_deadline = Duration::from_secs(20);
-        let storage = StorageClient::new(config, Tcp);
-        for _ in 0..500 {
-            let routing = storage.refresh_routing().await.expect("routing");
-            let serving = routing
-                .chains
-                .iter()
-                .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving));
-            if serving && !routing.tables.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-
-        // Two metadata instances on one store, each with its GC worker.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kv = FjallKv::open(dir.path().join("meta"), FjallOptions::default()).expect("fjall");
-        let spec = LayoutSpec {
-            chain_table: ChainTableId(1),
+        let inner = TestCluster::start(ClusterOptions {
+            meta_instances: 2,
             chunk_size: CHUNK,
-            stripe: 2,
-        };
-        let mut meta = Vec::new();
-        let mut first_ns = None;
-        for _ in 0..2 {
-            let mut ns_config = NsConfig::new(spec, Arc::new(RoutingChainTables(storage.clone())));
-            ns_config.gc_delay_ms = 0;
-            let ns = Namespace::open(kv.clone(), ns_config)
-                .await
-                .expect("namespace");
-            let stats = Arc::new(GcStats::default());
-            let gc = GcWorker::new(
-                ns.clone(),
-                storage.clone(),
-                GcConfig {
-                    interval: Duration::from_millis(50),
-                    ..GcConfig::default()
-                },
-                stats.clone(),
-            );
-            tokio::spawn(gc.run());
-            let (listener, addr) = bind("127.0.0.1:0").await;
-            servers.push(
-                Server::new(
-                    MetaService::new(ns.clone(), storage.clone(), stats),
-                    ServerConfig::default(),
-                )
-                .spawn(listener)
-                .expect("serve meta"),
-            );
-            meta.push(MetaClient::new(Tcp, MetaClientConfig::new(vec![addr])));
-            first_ns.get_or_insert(ns);
-        }
+            ..ClusterOptions::default()
+        })
+        .await;
         Cluster {
-            _servers: servers,
-            storage,
-            meta,
-            ns: first_ns.expect("two instances"),
-            _dir: dir,
+            storage: inner.storage.clone(),
+            meta: inner.meta.clone(),
+            ns: inner.ns.clone(),
+            _inner: inner,
         }
     }
 

@@ -33,9 +33,10 @@ use flyfs_rpc::wire::mgmt::{
 use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Status, Tcp};
 use tokio::task::JoinHandle;
 
-mod storage_common;
+use flyfs_fs_meta::testing::{NodeOptions, TestStorageNode, bind};
 
-use storage_common::{CHUNK, bind, storage_node};
+/// Chunk size of the test's writes (the nodes' largest chunk).
+const CHUNK: u32 = 64 << 10;
 const TTL: Duration = Duration::from_secs(2);
 
 fn mgmt_config() -> MgmtConfig {
@@ -144,9 +145,15 @@ async fn failover<K: Kv>(kv: K) {
         }
     );
 
-    let mut servers = Vec::new();
+    let mut nodes = Vec::new();
     for i in 0..3u32 {
-        servers.push(storage_node(i, &addrs, Duration::from_millis(100)).await);
+        let options = NodeOptions {
+            interval: Duration::from_millis(100),
+            ..NodeOptions::default()
+        };
+        let mut node = TestStorageNode::format(i, &addrs, options).await;
+        node.start().await;
+        nodes.push(node);
     }
     // The admin tool's view: both managers, the standby listed first so
     // every call starts with a redirect.
@@ -324,8 +331,8 @@ async fn failover<K: Kv>(kv: K) {
 
     back.crash().await;
     second.crash().await;
-    for server in servers {
-        server.shutdown().await;
+    for node in &mut nodes {
+        node.stop().await;
     }
 }
 

@@ -1,0 +1,347 @@
+//! The file client against a whole cluster in one process (real TCP):
+//! striped data through the write-back buffer and read-ahead, checked
+//! against a plain byte vector; close-to-open between two clients; errno
+//! for bad requests; reads and writes that go on while a storage node is
+//! down, and the node's resync afterwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flyfs_client::{FileHandle, FsClient, FsConfig, OpenMode};
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_fs_meta::testing::{ClusterOptions, TestCluster};
+use flyfs_rpc::Tcp;
+use flyfs_rpc::ids::{ClientId, InodeId};
+use flyfs_rpc::wire::meta::{SetAttrReq, User};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use rand::{Rng, SeedableRng};
+
+const ROOT: InodeId = InodeId(1);
+const CHUNK: u32 = 64 << 10;
+
+const RW: OpenMode = OpenMode {
+    read: true,
+    write: true,
+    truncate: false,
+};
+const RO: OpenMode = OpenMode {
+    read: true,
+    write: false,
+    truncate: false,
+};
+
+/// Small buffers and windows, so a few hundred KiB exercise background
+/// flushes, backpressure and read-ahead across chunks and chains.
+fn small_config() -> FsConfig {
+    FsConfig {
+        write_buffer_bytes: 96 << 10,
+        write_flushes_in_flight: 2,
+        readahead_bytes_max: 256 << 10,
+        length_hint_interval: Duration::from_millis(10),
+    }
+}
+
+async fn cluster() -> TestCluster {
+    TestCluster::start(ClusterOptions {
+        chains: 3,
+        chunk_size: CHUNK,
+        stripe: 3,
+        ..ClusterOptions::default()
+    })
+    .await
+}
+
+/// A file client of `cluster` with its own storage client.
+async fn client(cluster: &TestCluster, id: u64, config: FsConfig) -> Arc<FsClient<Tcp>> {
+    let mut storage = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(id));
+    storage.rpc_timeout = Duration::from_secs(1);
+    storage.op_deadline = Duration::from_secs(30);
+    let storage = StorageClient::new(storage, Tcp);
+    storage.refresh_routing().await.expect("routing");
+    FsClient::new(cluster.meta[0].clone(), storage, ClientId(id), config)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random()).collect()
+}
+
+async fn read_all(fs: &FsClient<Tcp>, fh: &FileHandle, len: u64, piece: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let data = fs
+            .read(fh, out.len() as u64, piece)
+            .await
+            .expect("read");
+        if data.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&data);
+        assert!(out.len() as u64 <= len, "read past the end");
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { offset: u32, len: u32, seed: u64 },
+    Read { offset: u32, len: u32 },
+    Flush,
+    Truncate { size: u32 },
+    /// Close and reopen (close-to-open through another client).
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Offsets up to ~5 chunks, so files span every chain and get holes.
+    let span = 5 * CHUNK;
+    prop_oneof![
+        6 => (0..span, 1..(2 * CHUNK), any::<u64>()).prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
+        // Sequential-looking appends, which the buffer collects.
+        3 => (1..(CHUNK / 2), any::<u64>()).prop_map(|(len, seed)| Op::Write { offset: u32::MAX, len, seed }),
+        4 => (0..span, 1..(3 * CHUNK)).prop_map(|(offset, len)| Op::Read { offset, len }),
+        1 => Just(Op::Flush),
+        1 => (0..span).prop_map(|size| Op::Truncate { size }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Runs `ops` on a new file through `a` and checks every read against a
+/// byte vector; on `Reopen` the file is closed and opened through `b`
+/// (which must see everything: close-to-open), and back.
+async fn run_case(
+    a: &Arc<FsClient<Tcp>>,
+    b: &Arc<FsClient<Tcp>>,
+    name: &str,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let root = User::root();
+    let (_, mut fh) = a
+        .create(&root, ROOT, name.as_bytes(), 0o644, RW, true)
+        .await
+        .expect("create");
+    let mut fs = a;
+    let mut model: Vec<u8> = Vec::new();
+    for (step, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Write { offset, len, seed } => {
+                let offset = if offset == u32::MAX {
+                    model.len()
+                } else {
+                    offset as usize
+                };
+                let data = pattern(seed, len as usize);
+                fs.write(&fh, offset as u64, &data).await.expect("write");
+                if model.len() < offset + data.len() {
+                    model.resize(offset + data.len(), 0);
+                }
+                model[offset..offset + data.len()].copy_from_slice(&data);
+            }
+            Op::Read { offset, len } => {
+                let got = fs.read(&fh, u64::from(offset), len).await.expect("read");
+                let from = (offset as usize).min(model.len());
+                let to = (offset as usize + len as usize).min(model.len());
+                prop_assert_eq!(got.len(), to - from, "step {}: read length", step);
+                prop_assert!(got[..] == model[from..to], "step {}: read bytes", step);
+            }
+            Op::Flush => fs.flush(&fh).await.expect("flush"),
+            Op::Truncate { size } => {
+                let req = SetAttrReq {
+                    user: root.clone(),
+                    ino: fh.ino(),
+                    size: Some(u64::from(size)),
+                    ..SetAttrReq::default()
+                };
+                let attr = fs.setattr(req).await.expect("truncate");
+                prop_assert_eq!(attr.length, u64::from(size));
+                model.resize(size as usize, 0);
+            }
+            Op::Reopen => {
+                fs.release(&fh).await.expect("release");
+                fs = if Arc::ptr_eq(fs, a) { b } else { a };
+                let (attr, reopened) = fs.open(&root, fh.ino(), RW).await.expect("open");
+                prop_assert_eq!(attr.length, model.len() as u64, "step {}: length", step);
+                fh = reopened;
+            }
+        }
+        let attr = fs.stat(&root, fh.ino()).await.expect("stat");
+        prop_assert_eq!(attr.length, model.len() as u64, "step {}: stat length", step);
+    }
+    fs.release(&fh).await.expect("release");
+    // Everything is on storage and the length fixed: a fresh read-only
+    // open through the other client reads the model back, sequentially
+    // (read-ahead) and in pieces that straddle chunks.
+    let other = if Arc::ptr_eq(fs, a) { b } else { a };
+    let (attr, fh) = other.open(&root, fh.ino(), RO).await.expect("open");
+    prop_assert_eq!(attr.length, model.len() as u64);
+    let all = read_all(other, &fh, attr.length, 40_000).await;
+    prop_assert!(all == model, "final contents differ");
+    other.release(&fh).await.expect("release");
+    // GC reclaims the chunks, so hundreds of cases fit the devices.
+    other
+        .unlink(&root, ROOT, name.as_bytes())
+        .await
+        .expect("unlink");
+    Ok(())
+}
+
+#[test]
+fn random_reads_and_writes_match_a_byte_vector() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (cluster, a, b) = rt.block_on(async {
+        let cluster = cluster().await;
+        let a = client(&cluster, 1, small_config()).await;
+        let b = client(&cluster, 2, small_config()).await;
+        (cluster, a, b)
+    });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(24);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        let name = format!("case-{}", case.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        rt.block_on(run_case(&a, &b, &name, &ops))
+    });
+    rt.block_on(cluster.shutdown());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_sequential_file_round_trips_with_read_ahead() {
+    let cluster = cluster().await;
+    let fs = client(&cluster, 1, small_config()).await;
+    let root = User::root();
+    let data = pattern(7, 3 << 20);
+    let (_, fh) = fs
+        .create(&root, ROOT, b"big", 0o644, RW, true)
+        .await
+        .expect("create");
+    for (i, piece) in data.chunks(128 << 10).enumerate() {
+        let offset = i as u64 * (128 << 10);
+        fs.write(&fh, offset, piece).await.expect("write");
+    }
+    // Before close: the length as this client knows it.
+    assert_eq!(
+        fs.stat(&root, fh.ino()).await.expect("stat").length,
+        data.len() as u64
+    );
+    fs.release(&fh).await.expect("release");
+    // The metadata service fixed the exact length from storage.
+    let other = client(&cluster, 2, FsConfig::default()).await;
+    let attr = other.stat(&root, fh.ino()).await.expect("stat");
+    assert_eq!(attr.length, data.len() as u64);
+    let (_, fh) = other.open(&root, attr.ino, RO).await.expect("open");
+    assert!(read_all(&other, &fh, attr.length, 128 << 10).await == data);
+    // A read at the end and past it.
+    assert!(
+        other
+            .read(&fh, attr.length, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(
+        other
+            .read(&fh, attr.length + 12345, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    other.release(&fh).await.expect("release");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errno() {
+    let cluster = cluster().await;
+    let fs = client(&cluster, 1, small_config()).await;
+    let root = User::root();
+    let (_, fh) = fs
+        .create(&root, ROOT, b"f", 0o644, RW, true)
+        .await
+        .expect("create");
+    fs.release(&fh).await.expect("release");
+    let (_, ro) = fs.open(&root, fh.ino(), RO).await.expect("open");
+    let e = fs.write(&ro, 0, b"x").await.expect_err("write to read-only");
+    assert_eq!(e.errno, libc::EBADF);
+    fs.release(&ro).await.expect("release");
+
+    let (_, rw) = fs.open(&root, fh.ino(), RW).await.expect("open");
+    let max = u64::from(CHUNK) << 32;
+    let e = fs.write(&rw, max, b"x").await.expect_err("past the largest file");
+    assert_eq!(e.errno, libc::EFBIG);
+    let e = fs
+        .write(&rw, u64::MAX - 1, b"xyz")
+        .await
+        .expect_err("offset overflow");
+    assert_eq!(e.errno, libc::EFBIG);
+    // The handle still works.
+    fs.write(&rw, 0, b"ok").await.expect("write");
+    assert_eq!(&fs.read(&rw, 0, 10).await.expect("read")[..], b"ok");
+    fs.release(&rw).await.expect("release");
+
+    let e = fs
+        .create(&root, ROOT, b"f", 0o644, RW, true)
+        .await
+        .expect_err("exclusive create of an existing file");
+    assert_eq!(e.errno, libc::EEXIST);
+    let dir = fs.mkdir(&root, ROOT, b"d", 0o755).await.expect("mkdir");
+    let e = fs.open(&root, dir.ino, RO).await.expect_err("open a directory");
+    assert_eq!(e.errno, libc::EISDIR);
+    let e = fs
+        .lookup(&root, ROOT, &[b'n'; 256])
+        .await
+        .expect_err("long name");
+    assert_eq!(e.errno, libc::ENAMETOOLONG);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_go_on_while_a_storage_node_is_down() {
+    let mut cluster = cluster().await;
+    let fs = client(&cluster, 1, small_config()).await;
+    let root = User::root();
+    let first = pattern(1, 1 << 20);
+    let (_, fh) = fs
+        .create(&root, ROOT, b"f", 0o644, RW, true)
+        .await
+        .expect("create");
+    fs.write(&fh, 0, &first).await.expect("write");
+    fs.flush(&fh).await.expect("flush");
+
+    // One node down: it holds a replica of every chain, and the head of
+    // one. Reads fail over to the other replicas at once; writes wait
+    // until the manager takes its targets out of the chains.
+    cluster.nodes[0].stop().await;
+    assert!(read_all(&fs, &fh, first.len() as u64, 100_000).await == first);
+    let second = pattern(2, 1 << 20);
+    fs.write(&fh, first.len() as u64, &second)
+        .await
+        .expect("write");
+    fs.flush(&fh).await.expect("flush with a node down");
+    fs.release(&fh).await.expect("release");
+
+    cluster.nodes[0].start().await;
+    cluster.wait_all_serving(Duration::from_secs(30)).await;
+    // The restarted replicas were resynced: any replica serves the data.
+    let other = client(&cluster, 2, FsConfig::default()).await;
+    let (attr, fh) = other.open(&root, fh.ino(), RO).await.expect("open");
+    let all = read_all(&other, &fh, attr.length, 1 << 20).await;
+    assert_eq!(all.len(), 2 << 20);
+    assert!(all[..1 << 20] == first[..] && all[1 << 20..] == second[..]);
+    other.release(&fh).await.expect("release");
+    cluster.shutdown().await;
+}

@@ -1,0 +1,363 @@
+//! A whole cluster in one process, over real TCP on loopback, for
+//! integration tests (feature `testing`): a cluster manager, storage nodes
+//! on memory devices with three-replica chains in one chain table, and
+//! metadata service instances sharing one embedded store (fjall), each
+//! with its GC worker.
+//!
+//! Shared by fs-meta's own tests and the file client's, so the tests above
+//! the storage layer build their cluster one way. Storage nodes can be
+//! stopped and restarted (their device survives) to test failover.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flyfs_bypass::mem::MemDevice;
+use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
+use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
+use flyfs_craq::{StorageConfig, StorageNode, StorageService};
+use flyfs_rpc::ids::{ChainId, ChainTableId, ClientId, NodeId, TargetId};
+use flyfs_rpc::wire::mgmt::{
+    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
+    CreateTargetReq, PublicState,
+};
+use flyfs_rpc::{CallOptions, Client, Method, Server, ServerConfig, ServerHandle, Tcp};
+use tokio::task::JoinHandle;
+
+use crate::client::{MetaClient, MetaClientConfig};
+use crate::gc::{GcConfig, GcStats, GcWorker};
+use crate::kv::fjall::{FjallKv, FjallOptions};
+use crate::ns::{LayoutSpec, Namespace, NsConfig};
+use crate::service::{MetaService, RoutingChainTables};
+
+/// A listener on `addr` (port 0 for any) and the address it got.
+pub async fn bind(addr: &str) -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    (listener, addr)
+}
+
+/// What a storage node is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeOptions {
+    pub device_bytes: u64,
+    /// The largest chunk the engine holds.
+    pub chunk_bytes_max: u64,
+    /// Heartbeat period; the lease and RPC timeouts are ten of them.
+    pub interval: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        NodeOptions {
+            device_bytes: 64 << 20,
+            chunk_bytes_max: 64 << 10,
+            interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A storage node: its engine's device outlives [`stop`](Self::stop), so a
+/// [`start`](Self::start) afterwards is a restart with the data intact.
+#[derive(Debug)]
+pub struct TestStorageNode {
+    pub id: NodeId,
+    pub addr: String,
+    device: MemDevice,
+    mgmt_addrs: Vec<String>,
+    options: NodeOptions,
+    running: Option<(ServerHandle, JoinHandle<()>)>,
+}
+
+impl TestStorageNode {
+    /// Node `id` on a freshly formatted memory device, not yet running.
+    pub async fn format(id: u32, mgmt_addrs: &[String], options: NodeOptions) -> TestStorageNode {
+        let device = MemDevice::new(options.device_bytes, 4096);
+        let format = FormatOptions {
+            chunk_size_min: 4 << 10,
+            chunk_size_max: options.chunk_bytes_max,
+            journal_bytes: Some(1 << 20),
+            force: false,
+        };
+        Engine::format(&device, &format).await.expect("format");
+        TestStorageNode {
+            id: NodeId(id),
+            addr: String::new(),
+            device,
+            mgmt_addrs: mgmt_addrs.to_vec(),
+            options,
+            running: None,
+        }
+    }
+
+    /// Opens the engine and serves; keeps the address it had before.
+    pub async fn start(&mut self) {
+        assert!(self.running.is_none(), "{:?} is already running", self.id);
+        let pool = BufferPool::new(&PoolConfig {
+            classes: vec![(4 << 10, 64), (self.options.chunk_bytes_max as usize, 64)],
+            hugepages: HugePages::Never,
+        })
+        .expect("pool");
+        let engine = Engine::open(self.device.clone(), pool, EngineConfig::default())
+            .await
+            .expect("open engine");
+        let bind_to = if self.addr.is_empty() {
+            "127.0.0.1:0"
+        } else {
+            &self.addr
+        };
+        let (listener, addr) = bind(bind_to).await;
+        let interval = self.options.interval;
+        let mut config = StorageConfig::new(self.id, addr.clone(), String::new());
+        config.mgmt_addrs = self.mgmt_addrs.clone();
+        config.heartbeat_interval = interval;
+        config.lease_timeout = interval * 10;
+        config.rpc_timeout = interval * 10;
+        let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
+        let task = tokio::spawn(node.clone().run());
+        let server = Server::new(StorageService::new(node), ServerConfig::default())
+            .spawn(listener)
+            .expect("serve storage");
+        self.addr = addr;
+        self.running = Some((server, task));
+    }
+
+    /// Stops serving and heartbeating at once, as a crash would (the
+    /// memory device keeps what was flushed and what was not).
+    pub async fn stop(&mut self) {
+        if let Some((server, task)) = self.running.take() {
+            task.abort();
+            let _ = task.await;
+            server.shutdown().await;
+        }
+    }
+}
+
+/// The shape of a [`TestCluster`].
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterOptions {
+    /// Storage nodes; every chain has one replica on each of three of them.
+    pub nodes: u32,
+    /// Three-replica chains in chain table 1.
+    pub chains: u32,
+    /// Metadata service instances on the one store.
+    pub meta_instances: usize,
+    /// The root directory's layout: chunk size and chains per file.
+    pub chunk_size: u32,
+    pub stripe: u32,
+    pub node: NodeOptions,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions {
+            nodes: 3,
+            chains: 2,
+            meta_instances: 1,
+            chunk_size: 64 << 10,
+            stripe: 2,
+            node: NodeOptions::default(),
+        }
+    }
+}
+
+/// A running cluster; everything stops when it is dropped.
+#[derive(Debug)]
+pub struct TestCluster {
+    pub mgmt: Arc<MgmtService>,
+    pub mgmt_addr: String,
+    pub nodes: Vec<TestStorageNode>,
+    /// A storage client (client id 9) with the routing of a fully serving
+    /// cluster.
+    pub storage: Arc<StorageClient<Tcp>>,
+    pub meta_addrs: Vec<String>,
+    /// One client per metadata instance.
+    pub meta: Vec<Arc<MetaClient<Tcp>>>,
+    /// The namespace (any instance's view of the one store).
+    pub ns: Namespace<FjallKv>,
+    pub gc_stats: Vec<Arc<GcStats>>,
+    servers: Vec<ServerHandle>,
+    _dir: tempfile::TempDir,
+}
+
+/// Calls a manager admin method, panicking on any failure.
+pub async fn admin<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req) -> M::Rsp {
+    match rpc
+        .call::<M>(addr, req, Bytes::new(), &CallOptions::default())
+        .await
+    {
+        Ok((rsp, _)) => rsp,
+        Err(e) => panic!("{}: {e}", M::NAME),
+    }
+}
+
+impl TestCluster {
+    pub async fn start(options: ClusterOptions) -> TestCluster {
+        assert!(options.nodes >= 3, "three-replica chains need three nodes");
+        let interval = options.node.interval;
+        let service = MgmtService::open(
+            Box::new(MemStore::new()),
+            MgmtConfig {
+                heartbeat_interval: interval,
+                failure_timeout: interval * 40,
+                tick_interval: interval,
+            },
+        )
+        .await
+        .expect("manager");
+        let (listener, mgmt_addr) = bind("127.0.0.1:0").await;
+        let mut servers = vec![
+            Server::new(service.clone(), ServerConfig::default())
+                .spawn(listener)
+                .expect("serve manager"),
+        ];
+        tokio::spawn(service.clone().run());
+        let mut nodes = Vec::new();
+        for i in 0..options.nodes {
+            let mut node =
+                TestStorageNode::format(i, std::slice::from_ref(&mgmt_addr), options.node).await;
+            node.start().await;
+            nodes.push(node);
+        }
+        while service.routing().nodes.len() < options.nodes as usize {
+            tokio::time::sleep(interval).await;
+        }
+        let rpc = Client::new(Tcp, Default::default());
+        let mut chains = Vec::new();
+        for c in 0..options.chains {
+            let chain = ChainId(c + 1);
+            let mut targets = Vec::new();
+            for r in 0..3 {
+                let node = (c + r) % options.nodes;
+                let target = TargetId(u64::from(chain.0) * 100 + u64::from(node));
+                let req = CreateTargetReq {
+                    target,
+                    node: NodeId(node),
+                    disk: 0,
+                };
+                admin::<CreateTarget>(&rpc, &mgmt_addr, &req)
+                    .await
+                    .expect("target");
+                targets.push(target);
+            }
+            let req = CreateChainReq { chain, targets };
+            admin::<CreateChain>(&rpc, &mgmt_addr, &req)
+                .await
+                .expect("chain");
+            chains.push(chain);
+        }
+        let req = CreateChainTableReq {
+            table: ChainTableId(1),
+            chains,
+        };
+        admin::<CreateChainTable>(&rpc, &mgmt_addr, &req)
+            .await
+            .expect("table");
+        let mut config = ClientConfig::new(mgmt_addr.clone(), ClientId(9));
+        config.rpc_timeout = Duration::from_secs(2);
+        config.op_deadline = Duration::from_secs(20);
+        let storage = StorageClient::new(config, Tcp);
+        let cluster_serving = async || {
+            let routing = storage.refresh_routing().await.expect("routing");
+            !routing.tables.is_empty()
+                && routing
+                    .chains
+                    .iter()
+                    .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+        };
+        while !cluster_serving().await {
+            tokio::time::sleep(interval).await;
+        }
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = FjallKv::open(dir.path().join("meta"), FjallOptions::default()).expect("fjall");
+        let spec = LayoutSpec {
+            chain_table: ChainTableId(1),
+            chunk_size: options.chunk_size,
+            stripe: options.stripe,
+        };
+        let mut meta = Vec::new();
+        let mut meta_addrs = Vec::new();
+        let mut gc_stats = Vec::new();
+        let mut first_ns = None;
+        for _ in 0..options.meta_instances.max(1) {
+            let mut ns_config = NsConfig::new(spec, Arc::new(RoutingChainTables(storage.clone())));
+            ns_config.gc_delay_ms = 0;
+            let ns = Namespace::open(kv.clone(), ns_config)
+                .await
+                .expect("namespace");
+            let stats = Arc::new(GcStats::default());
+            let gc = GcWorker::new(
+                ns.clone(),
+                storage.clone(),
+                GcConfig {
+                    interval: Duration::from_millis(50),
+                    ..GcConfig::default()
+                },
+                stats.clone(),
+            );
+            tokio::spawn(gc.run());
+            let (listener, addr) = bind("127.0.0.1:0").await;
+            servers.push(
+                Server::new(
+                    MetaService::new(ns.clone(), storage.clone(), stats.clone()),
+                    ServerConfig::default(),
+                )
+                .spawn(listener)
+                .expect("serve meta"),
+            );
+            meta.push(MetaClient::new(
+                Tcp,
+                MetaClientConfig::new(vec![addr.clone()]),
+            ));
+            meta_addrs.push(addr);
+            gc_stats.push(stats);
+            first_ns.get_or_insert(ns);
+        }
+        TestCluster {
+            mgmt: service,
+            mgmt_addr,
+            nodes,
+            storage,
+            meta_addrs,
+            meta,
+            ns: first_ns.expect("at least one instance"),
+            gc_stats,
+            servers,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until every target of every chain serves again.
+    pub async fn wait_all_serving(&self, timeout: Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let routing = self.mgmt.routing();
+            if routing
+                .chains
+                .iter()
+                .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving))
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "not every target serves after {timeout:?}: {:?}",
+                routing.chains
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the metadata servers and storage nodes.
+    pub async fn shutdown(mut self) {
+        for server in self.servers.drain(..) {
+            server.shutdown().await;
+        }
+        for node in &mut self.nodes {
+            node.stop().await;
+        }
+    }
+}
