@@ -457,9 +457,9 @@ impl FileState {
             let ahead_end = end.saturating_add(ahead.window).min(length);
             let last = (ahead_end.max(end) - 1) / self.chunk_bytes;
             for index in first..=last as u32 {
-                if !ahead.chunks.contains_key(&index) {
-                    let fetch = self.fetch_chunk(storage, index)?;
-                    ahead.chunks.insert(index, fetch);
+                if let std::collections::btree_map::Entry::Vacant(slot) = ahead.chunks.entry(index)
+                {
+                    slot.insert(self.fetch_chunk(storage, index)?);
                 }
             }
             pieces

@@ -26,7 +26,7 @@ use flyfs_rpc::Network;
 use flyfs_rpc::ids::{ClientId, InodeId};
 use flyfs_rpc::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
-    LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Open, OpenReq, ReaddirReq, ReaddirRsp,
+    LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq, ReaddirReq, ReaddirRsp,
     Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve, ResolveReq, Rmdir, SetAttr,
     SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq,
     Sync, Unlink, User, XattrMode, XattrReq,
@@ -246,6 +246,28 @@ impl<N: Network> FsClient<N> {
             target: target.to_vec(),
         };
         self.meta.call::<Symlink, _>(&req).await
+    }
+
+    /// A FIFO, socket or device node (`kind`); regular files are made by
+    /// [`create`](Self::create).
+    pub async fn mknod(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        kind: FileType,
+        mode: u32,
+        rdev: u64,
+    ) -> Result<Attr, FsError> {
+        let req = MknodReq {
+            user: user.clone(),
+            parent,
+            name: name.to_vec(),
+            kind,
+            mode,
+            rdev,
+        };
+        self.meta.call::<Mknod, _>(&req).await
     }
 
     pub async fn readlink(&self, user: &User, ino: InodeId) -> Result<Vec<u8>, FsError> {

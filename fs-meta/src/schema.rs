@@ -330,6 +330,12 @@ pub enum InodeKind {
     File,
     Directory,
     Symlink,
+    /// Special files: only their inode lives here; the kernel of the
+    /// machine that opens one provides the pipe, socket or device.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl InodeKind {
@@ -338,6 +344,10 @@ impl InodeKind {
             InodeKind::File => 1,
             InodeKind::Directory => 2,
             InodeKind::Symlink => 3,
+            InodeKind::Fifo => 4,
+            InodeKind::Socket => 5,
+            InodeKind::CharDevice => 6,
+            InodeKind::BlockDevice => 7,
         }
     }
 
@@ -346,6 +356,10 @@ impl InodeKind {
             1 => Some(InodeKind::File),
             2 => Some(InodeKind::Directory),
             3 => Some(InodeKind::Symlink),
+            4 => Some(InodeKind::Fifo),
+            5 => Some(InodeKind::Socket),
+            6 => Some(InodeKind::CharDevice),
+            7 => Some(InodeKind::BlockDevice),
             _ => None,
         }
     }
@@ -356,7 +370,19 @@ impl InodeKind {
             InodeKind::File => libc::S_IFREG,
             InodeKind::Directory => libc::S_IFDIR,
             InodeKind::Symlink => libc::S_IFLNK,
+            InodeKind::Fifo => libc::S_IFIFO,
+            InodeKind::Socket => libc::S_IFSOCK,
+            InodeKind::CharDevice => libc::S_IFCHR,
+            InodeKind::BlockDevice => libc::S_IFBLK,
         }
+    }
+
+    /// FIFOs, sockets and devices.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            InodeKind::Fifo | InodeKind::Socket | InodeKind::CharDevice | InodeKind::BlockDevice
+        )
     }
 }
 
@@ -389,12 +415,22 @@ pub struct SymlinkData {
     pub target: Vec<u8>,
 }
 
+/// A special file's own attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecialData {
+    /// One of the special kinds ([`InodeKind::is_special`]).
+    pub kind: InodeKind,
+    /// Devices: the device number (`st_rdev`); 0 otherwise.
+    pub rdev: u64,
+}
+
 /// Attributes by kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InodeData {
     File(FileData),
     Directory(DirData),
     Symlink(SymlinkData),
+    Special(SpecialData),
 }
 
 /// An inode as the namespace uses it.
@@ -426,6 +462,15 @@ impl Inode {
             InodeData::File(_) => InodeKind::File,
             InodeData::Directory(_) => InodeKind::Directory,
             InodeData::Symlink(_) => InodeKind::Symlink,
+            InodeData::Special(s) => s.kind,
+        }
+    }
+
+    /// `st_rdev`.
+    pub fn rdev(&self) -> u64 {
+        match self.data {
+            InodeData::Special(s) => s.rdev,
+            _ => 0,
         }
     }
 
@@ -457,7 +502,7 @@ impl Inode {
     pub fn size(&self) -> u64 {
         match &self.data {
             InodeData::File(f) => f.length,
-            InodeData::Directory(_) => 0,
+            InodeData::Directory(_) | InodeData::Special(_) => 0,
             InodeData::Symlink(s) => s.target.len() as u64,
         }
     }
@@ -490,6 +535,8 @@ struct InodeRecord {
     default_layout: Option<LayoutSpec>,
     #[serde(with = "bytes_field", skip_serializing_if = "Vec::is_empty")]
     target: Vec<u8>,
+    #[serde(skip_serializing_if = "is_zero")]
+    rdev: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -521,6 +568,7 @@ pub fn encode_inode(inode: &Inode) -> Result<Vec<u8>, MetaError> {
             record.default_layout = d.default_layout;
         }
         InodeData::Symlink(s) => record.target = s.target.clone(),
+        InodeData::Special(s) => record.rdev = s.rdev,
     }
     encode_value("inode", &record)
 }
@@ -570,6 +618,13 @@ pub fn decode_inode(ino: InodeId, value: &[u8]) -> Result<Inode, DecodeError> {
             }
             InodeData::Symlink(SymlinkData {
                 target: record.target,
+            })
+        }
+        Some(kind) => {
+            debug_assert!(kind.is_special());
+            InodeData::Special(SpecialData {
+                kind,
+                rdev: record.rdev,
             })
         }
     };
@@ -849,6 +904,20 @@ mod tests {
                 4097,
                 InodeData::Symlink(SymlinkData {
                     target: b"../a/\xffb".to_vec(),
+                }),
+            ),
+            base(
+                9,
+                InodeData::Special(SpecialData {
+                    kind: InodeKind::CharDevice,
+                    rdev: 0x0103,
+                }),
+            ),
+            base(
+                10,
+                InodeData::Special(SpecialData {
+                    kind: InodeKind::Socket,
+                    rdev: 0,
                 }),
             ),
         ]

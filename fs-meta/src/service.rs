@@ -16,7 +16,7 @@ use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId};
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_rpc::wire::meta as wire;
 use flyfs_rpc::wire::meta::{
-    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Open,
+    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, Mknod, MkdirAll, Open,
     Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
     SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
@@ -118,6 +118,7 @@ pub fn attr(inode: &Inode) -> wire::Attr {
             None,
             None,
         ),
+        InodeData::Special(s) => (file_type(s.kind), 0, 0, None, None),
     };
     wire::Attr {
         ino: inode.ino,
@@ -133,6 +134,7 @@ pub fn attr(inode: &Inode) -> wire::Attr {
         truncate_version,
         layout,
         default_layout,
+        rdev: inode.rdev(),
     }
 }
 
@@ -146,6 +148,22 @@ fn file_type(kind: InodeKind) -> wire::FileType {
         InodeKind::File => wire::FileType::File,
         InodeKind::Directory => wire::FileType::Directory,
         InodeKind::Symlink => wire::FileType::Symlink,
+        InodeKind::Fifo => wire::FileType::Fifo,
+        InodeKind::Socket => wire::FileType::Socket,
+        InodeKind::CharDevice => wire::FileType::CharDevice,
+        InodeKind::BlockDevice => wire::FileType::BlockDevice,
+    }
+}
+
+fn inode_kind(kind: wire::FileType) -> InodeKind {
+    match kind {
+        wire::FileType::File => InodeKind::File,
+        wire::FileType::Directory => InodeKind::Directory,
+        wire::FileType::Symlink => InodeKind::Symlink,
+        wire::FileType::Fifo => InodeKind::Fifo,
+        wire::FileType::Socket => InodeKind::Socket,
+        wire::FileType::CharDevice => InodeKind::CharDevice,
+        wire::FileType::BlockDevice => InodeKind::BlockDevice,
     }
 }
 
@@ -357,6 +375,20 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     .symlink(&user(r.user), r.parent, &r.name, &r.target)
                     .await;
                 ok::<Symlink>(attr_of(made))
+            }
+            Mknod::ID => {
+                let r = req.decode::<Mknod>()?;
+                let made = ns
+                    .mknod(
+                        &user(r.user),
+                        r.parent,
+                        &r.name,
+                        inode_kind(r.kind),
+                        r.mode,
+                        r.rdev,
+                    )
+                    .await;
+                ok::<Mknod>(attr_of(made))
             }
             Readlink::ID => {
                 let r = req.decode::<Readlink>()?;

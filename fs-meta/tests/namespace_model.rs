@@ -345,6 +345,7 @@ impl MInode {
                 InodeData::Symlink(s) => MData::Symlink {
                     target: s.target.clone(),
                 },
+                InodeData::Special(_) => panic!("the model makes no special files"),
             },
             uid: inode.uid,
             gid: inode.gid,

@@ -52,6 +52,8 @@ pub struct CheckReport {
     pub files: usize,
     pub directories: usize,
     pub symlinks: usize,
+    /// FIFOs, sockets and devices.
+    pub specials: usize,
     pub entries: usize,
     pub sessions: usize,
     pub xattrs: usize,
@@ -240,6 +242,7 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
             InodeKind::File => report.files += 1,
             InodeKind::Directory => report.directories += 1,
             InodeKind::Symlink => report.symlinks += 1,
+            _ => report.specials += 1,
         }
         let expected_nlink = match inode.kind() {
             InodeKind::Directory if *ino == ROOT => {
@@ -258,7 +261,7 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
                 }
                 expected
             }
-            InodeKind::File | InodeKind::Symlink => named,
+            _ => named,
         };
         if inode.nlink as usize != expected_nlink {
             report.problem(

@@ -16,8 +16,8 @@ use crate::ns::perm::{self, User};
 use crate::ns::txn::MetaTx;
 use crate::ns::{LayoutSpec, MetaError};
 use crate::schema::{
-    Dentry, DirData, GcKind, Inode, InodeData, InodeKind, NAME_BYTES_MAX, PATH_BYTES_MAX, ROOT,
-    SYMLINK_TARGET_BYTES_MAX, SymlinkData,
+    Dentry, DirData, GcKind, Inode, InodeData, InodeKind, MODE_MASK, NAME_BYTES_MAX,
+    PATH_BYTES_MAX, ROOT, SYMLINK_TARGET_BYTES_MAX, SpecialData, SymlinkData,
 };
 
 /// Symlinks followed by one resolution before ELOOP (Linux's MAXSYMLINKS).
@@ -474,6 +474,51 @@ impl<K: Kv> Namespace<K> {
         .await
     }
 
+    /// Creates special file `name` (a FIFO, socket or device) in `parent`.
+    /// Only root makes devices (EPERM, as without CAP_MKNOD).
+    pub async fn mknod(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        kind: InodeKind,
+        mode: u32,
+        rdev: u64,
+    ) -> Result<Inode, MetaError> {
+        if !kind.is_special() {
+            return Err(MetaError::Invalid(format!(
+                "mknod of a {kind:?}: only FIFOs, sockets and devices"
+            )));
+        }
+        if matches!(kind, InodeKind::CharDevice | InodeKind::BlockDevice) && user.uid != 0 {
+            return Err(MetaError::NotPermitted(format!(
+                "only root makes devices: {}",
+                show(name)
+            )));
+        }
+        if check_name(name)? != NameKind::Normal {
+            return Err(MetaError::Exists(show(name)));
+        }
+        let rdev = match kind {
+            InodeKind::CharDevice | InodeKind::BlockDevice => rdev,
+            _ => 0,
+        };
+        self.write(|tx| async move {
+            let dir = searchable_dir(&tx, user, parent).await?;
+            if tx.dentry(parent, name).await?.is_some() {
+                return Err(MetaError::Exists(show(name)));
+            }
+            check_can_add(&dir, user)?;
+            let ino = self.allocate().await?;
+            let data = InodeData::Special(SpecialData { kind, rdev });
+            let inode = new_inode(ino, user, &dir, mode & MODE_MASK, data, tx.now_ns);
+            tx.put_inode(&inode)?;
+            tx.put_dentry(parent, name, Dentry { ino, kind })?;
+            Ok(inode)
+        })
+        .await
+    }
+
     /// A symlink's target; EINVAL for anything else.
     pub async fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, MetaError> {
         self.read(|tx| async move {
@@ -573,6 +618,56 @@ mod tests {
     use super::*;
     use crate::ns::CreateFlags;
     use crate::ns::tests::namespace;
+
+    /// Special files: a device needs root, a FIFO does not; they keep
+    /// their kind and device number, cannot be opened here, and unlinking
+    /// the last name deletes them at once (they have no data).
+    #[tokio::test]
+    async fn special_files_are_made_listed_and_removed() {
+        let ns = namespace().await;
+        let root = User::root();
+        let user = User::new(1000, 1000, vec![]);
+        let tmp = ns.mkdir(&root, ROOT, b"tmp", 0o1777).await.expect("mkdir");
+        let e = ns
+            .mknod(&user, tmp.ino, b"dev", InodeKind::CharDevice, 0o600, 0x0103)
+            .await
+            .expect_err("a device by a non-root user");
+        assert_eq!(e.errno(), libc::EPERM);
+        let dev = ns
+            .mknod(&root, tmp.ino, b"dev", InodeKind::BlockDevice, 0o600, 0x0801)
+            .await
+            .expect("device");
+        assert_eq!((dev.kind(), dev.rdev()), (InodeKind::BlockDevice, 0x0801));
+        assert_eq!(dev.st_mode(), libc::S_IFBLK | 0o600);
+        let fifo = ns
+            .mknod(&user, tmp.ino, b"fifo", InodeKind::Fifo, 0o644, 99)
+            .await
+            .expect("fifo");
+        assert_eq!((fifo.uid, fifo.rdev()), (1000, 0), "a FIFO has no device");
+        let e = ns
+            .mknod(&user, tmp.ino, b"fifo", InodeKind::Socket, 0o644, 0)
+            .await
+            .expect_err("existing name");
+        assert_eq!(e.errno(), libc::EEXIST);
+        let e = ns
+            .mknod(&root, tmp.ino, b"f", InodeKind::File, 0o644, 0)
+            .await
+            .expect_err("a regular file through mknod");
+        assert_eq!(e.errno(), libc::EINVAL);
+        let e = ns
+            .open_file(&root, fifo.ino, crate::ns::OpenFlags::default())
+            .await
+            .expect_err("open");
+        assert_eq!(e.errno(), libc::ENXIO);
+        let page = ns.readdir(&root, tmp.ino, None, 10).await.expect("readdir");
+        let kinds: Vec<_> = page.entries.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![InodeKind::BlockDevice, InodeKind::Fifo]);
+        ns.unlink(&user, tmp.ino, b"fifo").await.expect("unlink");
+        ns.unlink(&root, tmp.ino, b"dev").await.expect("unlink");
+        assert_eq!(ns.stat(fifo.ino).await.expect_err("gone").errno(), libc::ENOENT);
+        let report = ns.check().await.expect("check");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
 
     /// Paging with the last name as cursor, while entries are added and
     /// removed between pages: names come in order, none twice, and every

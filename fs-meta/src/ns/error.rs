@@ -59,6 +59,10 @@ pub enum MetaError {
     NoSpace(String),
     #[error("operation not supported: {0}")]
     NotSupported(String),
+    /// Opening a special file here (ENXIO): the kernel of the machine that
+    /// opens it provides the pipe, socket or device.
+    #[error("no such device: {0}")]
+    NoDevice(String),
     #[error("invalid layout: {0}")]
     Layout(#[from] LayoutError),
     #[error("metadata store: {0}")]
@@ -99,6 +103,7 @@ impl MetaError {
             MetaError::TooManyLinks(_) => libc::EMLINK,
             MetaError::NoSpace(_) => libc::ENOSPC,
             MetaError::NotSupported(_) => libc::EOPNOTSUPP,
+            MetaError::NoDevice(_) => libc::ENXIO,
             // Conflicts that outlasted every retry, a store that failed, and
             // corrupt bytes are all I/O errors to the application.
             MetaError::Kv(_) | MetaError::Corrupt { .. } | MetaError::Encode { .. } => libc::EIO,

@@ -198,7 +198,13 @@ impl<K: Kv> Namespace<K> {
                 match inode.kind() {
                     InodeKind::Directory => return Err(MetaError::IsDir(show(name))),
                     InodeKind::Symlink => return Err(MetaError::Loop(show(name))),
-                    InodeKind::File => {}
+                    kind if kind.is_special() => {
+                        return Err(MetaError::NoDevice(format!(
+                            "{} is a special file: its opener's kernel provides it",
+                            show(name)
+                        )));
+                    }
+                    _ => {}
                 }
                 let opened = open_linked(&tx, user, inode, flags.read, flags.truncate, session)?;
                 return Ok(Created {
@@ -289,6 +295,9 @@ impl<K: Kv> Namespace<K> {
                 InodeKind::File => {
                     open_linked(&tx, user, inode, flags.read, flags.truncate, session)
                 }
+                _ => Err(MetaError::NoDevice(format!(
+                    "{ino:?} is a special file: its opener's kernel provides it"
+                ))),
             }
         })
         .await
@@ -402,8 +411,10 @@ impl<K: Kv> Namespace<K> {
                     InodeData::Directory(_) => {
                         return Err(MetaError::IsDir(format!("truncate of {ino:?}")));
                     }
-                    InodeData::Symlink(_) => {
-                        return Err(MetaError::Invalid(format!("truncate of symlink {ino:?}")));
+                    InodeData::Symlink(_) | InodeData::Special(_) => {
+                        return Err(MetaError::Invalid(format!(
+                            "truncate of {ino:?}, which is not a regular file"
+                        )));
                     }
                     InodeData::File(f) => {
                         perm::check(&original, user, perm::MAY_WRITE, "truncate")?;

@@ -182,7 +182,7 @@ impl<K: Kv> Namespace<K> {
                     child.ctime_ns = tx.now_ns;
                     tx.enqueue_gc(&mut child, now_ms, GcKind::Directory)?;
                 }
-                InodeData::File(_) | InodeData::Symlink(_) => {
+                InodeData::File(_) | InodeData::Symlink(_) | InodeData::Special(_) => {
                     // Due at once: the subtree already waited out the delay.
                     let mut child = child;
                     child.nlink = child

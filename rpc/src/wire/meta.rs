@@ -48,6 +48,10 @@ pub enum FileType {
     File,
     Directory,
     Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 /// Where a file's chunks live: chunk `i` on `chains[i % stripe]`.
@@ -103,6 +107,8 @@ pub struct Attr {
     pub layout: Option<Layout>,
     /// Directories only: the default layout their new files get, if set.
     pub default_layout: Option<LayoutSpec>,
+    /// Devices: the device number.
+    pub rdev: u64,
 }
 
 /// A time to set.
@@ -201,6 +207,21 @@ pub struct MkdirAllReq {
     #[serde(with = "serde_bytes")]
     pub path: Vec<u8>,
     pub mode: u32,
+}
+
+/// A FIFO, socket or device node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MknodReq {
+    pub user: User,
+    pub parent: InodeId,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// One of the special kinds.
+    pub kind: FileType,
+    /// Permission bits, after the caller's umask.
+    pub mode: u32,
+    pub rdev: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,6 +489,10 @@ method!(
     SetLayout = 524, SetLayoutReq => Attr
 );
 method!(GcStatus = 525, GcStatusReq => GcStatusRsp);
+method!(
+    /// A FIFO, socket or device node.
+    Mknod = 526, MknodReq => Attr
+);
 
 #[cfg(test)]
 mod tests {
