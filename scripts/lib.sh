@@ -3,6 +3,9 @@
 # Cargo's build directory lives outside the clone, so a fresh clone (as CI
 # makes) still builds incrementally.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flyfs/target}"
+# Incremental artifacts of a workspace this size grow by gigabytes per
+# edit-and-test round and buy little on a fresh clone: off.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # ensure_packages PKG...: installs the Debian packages that are missing, and
 # nothing else, so running it again is free.
