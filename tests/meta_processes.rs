@@ -599,7 +599,7 @@ async fn linked_files(ns: &Namespace<FjallKv>) -> BTreeMap<InodeId, Found> {
                         let again = files.insert(entry.ino, found);
                         assert!(again.is_none(), "{:?} is linked twice", entry.ino);
                     }
-                    InodeKind::Symlink => panic!("{name}: the workload made no symlink"),
+                    kind => panic!("{name}: the workload made no {kind:?}"),
                 }
             }
             match page.entries.last() {

@@ -60,6 +60,7 @@ pub mod tag {
     pub const SESSION: &[u8] = b"INOS";
     pub const XATTR: &[u8] = b"XATR";
     pub const GC: &[u8] = b"GCQ";
+    pub const DIR_TIMES: &[u8] = b"DTIM";
     pub const ALLOC: &[u8] = b"IDAL";
     pub const META: &[u8] = b"META";
 }
@@ -80,6 +81,14 @@ fn key_of(tag: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 /// `INOD` + inode (8 bytes LE).
 pub fn inode_key(ino: InodeId) -> Vec<u8> {
     key_of(tag::INODE, &[&ino.0.to_le_bytes()])
+}
+
+/// `DTIM` + directory (8 bytes LE): when an entry of the directory last
+/// changed. Written blindly by every entry change instead of the
+/// directory's inode, so entry changes in one directory never conflict over
+/// its modification time.
+pub fn dir_times_key(dir: InodeId) -> Vec<u8> {
+    key_of(tag::DIR_TIMES, &[&dir.0.to_le_bytes()])
 }
 
 /// `DENT` + parent (8 bytes LE) + name.
@@ -150,6 +159,7 @@ pub enum Key {
     Session { ino: InodeId, session: SessionId },
     Xattr { ino: InodeId, name: Vec<u8> },
     Gc { due_ms: u64, ino: InodeId },
+    DirTimes(InodeId),
     Alloc { shard: u8 },
     Format,
 }
@@ -166,6 +176,7 @@ impl std::fmt::Display for Key {
                 write!(f, "XATR {ino:?} {:?}", String::from_utf8_lossy(name))
             }
             Key::Gc { due_ms, ino } => write!(f, "GCQ due {due_ms} ms {ino:?}"),
+            Key::DirTimes(ino) => write!(f, "DTIM {ino:?}"),
             Key::Alloc { shard } => write!(f, "IDAL shard {shard}"),
             Key::Format => write!(f, "META format"),
         }
@@ -189,6 +200,7 @@ impl Key {
             Key::Session { ino, session } => session_key(*ino, *session),
             Key::Xattr { ino, name } => xattr_key(*ino, name),
             Key::Gc { due_ms, ino } => gc_key(*due_ms, *ino),
+            Key::DirTimes(ino) => dir_times_key(*ino),
             Key::Alloc { shard } => alloc_key(*shard),
             Key::Format => format_key(),
         }
@@ -211,6 +223,7 @@ pub fn parse_key(key: &[u8]) -> Result<Key, DecodeError> {
     let id = |bytes: &[u8]| u64_le(bytes).map(InodeId);
     let parsed = match tag {
         t if t == tag::INODE => id(rest).map(Key::Inode),
+        t if t == tag::DIR_TIMES => id(rest).map(Key::DirTimes),
         t if t == tag::DENTRY && rest.len() > 8 => Some(Key::Dentry {
             parent: id(&rest[..8]).ok_or_else(|| bad("bad parent id"))?,
             name: rest[8..].to_vec(),
@@ -442,10 +455,9 @@ pub struct Inode {
     /// Permission bits with setuid, setgid and sticky ([`MODE_MASK`]); no
     /// file type bits (see [`Inode::st_mode`]).
     pub mode: u32,
-    /// Files and symlinks: how many entries name this inode. Directories: 1
-    /// while linked, 0 once detached (like btrfs, a directory does not count
-    /// its subdirectories' `..`, which would make every mkdir write its
-    /// parent's inode and conflict with every other mkdir in it).
+    /// Files and symlinks: how many entries name this inode. Directories:
+    /// while linked 2 plus their subdirectories (their entry, `.` and each
+    /// subdirectory's `..`, as Linux reports), 0 once detached.
     pub nlink: u32,
     pub atime_ns: i64,
     pub mtime_ns: i64,
@@ -730,6 +742,22 @@ pub fn decode_xattr(key: &[u8], value: &[u8]) -> Result<Vec<u8>, DecodeError> {
     Ok(record.value)
 }
 
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct DirTimesRecord {
+    changed_ns: i64,
+}
+
+/// A `DTIM` value: when the directory's entries last changed (its mtime
+/// and ctime are at least this).
+pub fn encode_dir_times(changed_ns: i64) -> Result<Vec<u8>, MetaError> {
+    encode_value("directory times", &DirTimesRecord { changed_ns })
+}
+
+pub fn decode_dir_times(key: &[u8], value: &[u8]) -> Result<i64, DecodeError> {
+    decode_value::<DirTimesRecord>(key, value).map(|r| r.changed_ns)
+}
+
 /// What a GC queue entry collects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GcKind {
@@ -825,6 +853,7 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = decode_session(&session_key(ino, SessionId(1)), data);
     let _ = decode_xattr(&xattr_key(ino, b"user.fuzz"), data);
     let _ = decode_gc(&gc_key(0, ino), data);
+    let _ = decode_dir_times(&dir_times_key(ino), data);
     let _ = decode_alloc(&alloc_key(0), data);
     let _ = decode_format(&format_key(), data);
     // The same bytes behind a valid version byte reach the MessagePack
@@ -837,6 +866,7 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = decode_session(&session_key(ino, SessionId(1)), &versioned);
     let _ = decode_xattr(&xattr_key(ino, b"user.fuzz"), &versioned);
     let _ = decode_gc(&gc_key(0, ino), &versioned);
+    let _ = decode_dir_times(&dir_times_key(ino), &versioned);
     let _ = decode_alloc(&alloc_key(0), &versioned);
     let _ = decode_format(&format_key(), &versioned);
 }

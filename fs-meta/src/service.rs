@@ -16,8 +16,8 @@ use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId};
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_rpc::wire::meta as wire;
 use flyfs_rpc::wire::meta::{
-    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, Mknod, MkdirAll, Open,
-    Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
+    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod,
+    Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
     SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
 use flyfs_rpc::{Method, Network};

@@ -454,6 +454,25 @@ impl Model {
         model
     }
 
+    /// A directory's link count as Linux reports it: 2 (its entry and
+    /// its `.`) plus one per subdirectory (their `..`); 0 once detached.
+    fn with_dir_nlink(&self, ino: u64, mut inode: MInode) -> MInode {
+        if inode.is_dir() {
+            inode.nlink = if inode.queued {
+                0
+            } else {
+                2 + self
+                    .entries
+                    .iter()
+                    .filter(|((dir, _), child)| {
+                        *dir == ino && self.inodes.get(child).is_some_and(MInode::is_dir)
+                    })
+                    .count() as u32
+            };
+        }
+        inode
+    }
+
     fn get(&self, ino: u64) -> Res<MInode> {
         self.inodes.get(&ino).cloned().ok_or(libc::ENOENT)
     }
@@ -1744,7 +1763,12 @@ impl Harness {
                 Err(e) if e.errno() == libc::ENOENT => None,
                 Err(e) => return Err(format!("stat {ino:#x}: {e}")),
             };
-            let model = self.model.inodes.get(&ino).cloned();
+            let model = self
+                .model
+                .inodes
+                .get(&ino)
+                .cloned()
+                .map(|m| self.model.with_dir_nlink(ino, m));
             if real != model {
                 return Err(format!(
                     "after {after:?}: inode {ino:#x} is {real:?} but the model has {model:?}"

@@ -25,8 +25,9 @@ use crate::ns::MetaError;
 use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
-    Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_format,
-    decode_gc, decode_inode, decode_session, decode_xattr, describe_key, inode_key, parse_key,
+    Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_dir_times,
+    decode_format, decode_gc, decode_inode, decode_session, decode_xattr, describe_key, inode_key,
+    parse_key,
 };
 
 /// Keys read per range request.
@@ -105,6 +106,7 @@ struct Snapshot {
     entries: Vec<(InodeId, Vec<u8>, Dentry)>,
     sessions: Vec<InodeId>,
     xattrs: Vec<InodeId>,
+    dir_times: Vec<InodeId>,
     queue: BTreeMap<InodeId, Vec<(u64, GcKind)>>,
     alloc: BTreeMap<u8, u64>,
     formatted: bool,
@@ -140,6 +142,9 @@ async fn read_all<T: Transaction>(
                 }),
                 Ok(Key::Gc { due_ms, ino }) => decode_gc(key, value).map(|kind| {
                     snapshot.queue.entry(ino).or_default().push((due_ms, kind));
+                }),
+                Ok(Key::DirTimes(ino)) => decode_dir_times(key, value).map(|_| {
+                    snapshot.dir_times.push(ino);
                 }),
                 Ok(Key::Alloc { shard }) => decode_alloc(key, value).map(|next| {
                     snapshot.alloc.insert(shard, next);
@@ -194,6 +199,7 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
     // Entries: each names a live inode of the kind it says, in a directory.
     let mut names: BTreeMap<InodeId, usize> = BTreeMap::new();
     let mut children: BTreeMap<InodeId, Vec<InodeId>> = BTreeMap::new();
+    let mut subdirs: BTreeMap<InodeId, usize> = BTreeMap::new();
     report.entries = s.entries.len();
     for (parent, name, dentry) in &s.entries {
         let key = describe_key(&crate::schema::dentry_key(*parent, name));
@@ -232,6 +238,9 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
         }
         *names.entry(dentry.ino).or_default() += 1;
         children.entry(*parent).or_default().push(dentry.ino);
+        if dentry.kind == InodeKind::Directory {
+            *subdirs.entry(*parent).or_default() += 1;
+        }
     }
 
     // Link counts and queue state, inode by inode.
@@ -249,17 +258,23 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
                 if named != 0 {
                     report.problem(&key, format!("the root is named by {named} entries"));
                 }
-                1
+                2 + subdirs.get(ino).copied().unwrap_or(0)
             }
             InodeKind::Directory => {
-                let expected = if inode.gc_due_ms.is_some() { 0 } else { 1 };
+                let queued = inode.gc_due_ms.is_some();
+                let expected = if queued { 0 } else { 1 };
                 if named != expected {
                     report.problem(
                         &key,
                         format!("directory named by {named} entries, expected {expected}"),
                     );
                 }
-                expected
+                // Linked: its entry, its `.` and each subdirectory's `..`.
+                if queued {
+                    0
+                } else {
+                    2 + subdirs.get(ino).copied().unwrap_or(0)
+                }
             }
             _ => named,
         };
@@ -324,6 +339,14 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
         report.sessions += 1;
         if s.inodes.get(ino).and_then(Inode::file).is_none() {
             report.problem(ino_key(*ino), "a write session of something not a file");
+        }
+    }
+    for ino in &s.dir_times {
+        if !s.inodes.get(ino).is_some_and(Inode::is_dir) {
+            report.problem(
+                ino_key(*ino),
+                "directory times of an inode that is not a directory",
+            );
         }
     }
     for ino in &s.xattrs {

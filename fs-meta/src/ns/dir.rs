@@ -68,7 +68,8 @@ pub(crate) fn new_inode(
         uid,
         gid,
         mode,
-        nlink: 1,
+        // A directory: its entry and its own `.`.
+        nlink: if is_dir { 2 } else { 1 },
         atime_ns: now_ns,
         mtime_ns: now_ns,
         ctime_ns: now_ns,
@@ -250,6 +251,7 @@ impl<K: Kv> Namespace<K> {
                                 kind: InodeKind::Directory,
                             },
                         )?;
+                        tx.count_subdir(current.ino, 1).await?;
                         child
                     }
                     _ => return Err(MetaError::NotFound(show(&component))),
@@ -326,6 +328,7 @@ impl<K: Kv> Namespace<K> {
                     kind: InodeKind::Directory,
                 },
             )?;
+            tx.count_subdir(parent, 1).await?;
             Ok(inode)
         })
         .await
@@ -353,6 +356,7 @@ impl<K: Kv> Namespace<K> {
                 return Err(MetaError::NotEmpty(show(name)));
             }
             tx.clear_dentry(parent, name)?;
+            tx.count_subdir(parent, -1).await?;
             tx.delete_inode(victim.ino)?;
             Ok(())
         })
@@ -600,6 +604,7 @@ impl<K: Kv> Namespace<K> {
                 )));
             }
             tx.clear_dentry(parent, name)?;
+            tx.count_subdir(parent, -1).await?;
             victim.nlink = 0;
             victim.ctime_ns = tx.now_ns;
             if let InodeData::Directory(d) = &mut victim.data {
@@ -634,7 +639,14 @@ mod tests {
             .expect_err("a device by a non-root user");
         assert_eq!(e.errno(), libc::EPERM);
         let dev = ns
-            .mknod(&root, tmp.ino, b"dev", InodeKind::BlockDevice, 0o600, 0x0801)
+            .mknod(
+                &root,
+                tmp.ino,
+                b"dev",
+                InodeKind::BlockDevice,
+                0o600,
+                0x0801,
+            )
             .await
             .expect("device");
         assert_eq!((dev.kind(), dev.rdev()), (InodeKind::BlockDevice, 0x0801));
@@ -664,7 +676,10 @@ mod tests {
         assert_eq!(kinds, vec![InodeKind::BlockDevice, InodeKind::Fifo]);
         ns.unlink(&user, tmp.ino, b"fifo").await.expect("unlink");
         ns.unlink(&root, tmp.ino, b"dev").await.expect("unlink");
-        assert_eq!(ns.stat(fifo.ino).await.expect_err("gone").errno(), libc::ENOENT);
+        assert_eq!(
+            ns.stat(fifo.ino).await.expect_err("gone").errno(),
+            libc::ENOENT
+        );
         let report = ns.check().await.expect("check");
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }

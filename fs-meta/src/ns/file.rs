@@ -480,6 +480,11 @@ impl<K: Kv> Namespace<K> {
             if attr != SetAttr::default() {
                 inode.ctime_ns = now;
                 tx.put_inode(&inode)?;
+                if inode.is_dir() {
+                    // The inode now holds the directory's times, which
+                    // may be set into the past.
+                    tx.clear_dir_times(ino)?;
+                }
             }
             Ok(SetAttrResult { inode, truncate })
         })

@@ -235,7 +235,7 @@ impl<K: Kv> Namespace<K> {
                         uid: 0,
                         gid: 0,
                         mode: 0o755,
-                        nlink: 1,
+                        nlink: 2,
                         atime_ns: tx.now_ns,
                         mtime_ns: tx.now_ns,
                         ctime_ns: tx.now_ns,
@@ -420,7 +420,7 @@ pub(crate) mod tests {
         let root = ns.stat(ROOT).await.expect("root");
         assert_eq!(
             (root.uid, root.gid, root.mode, root.nlink),
-            (0, 0, 0o755, 1)
+            (0, 0, 0o755, 2)
         );
         assert_eq!(root.mode & !MODE_MASK, 0);
         assert!(

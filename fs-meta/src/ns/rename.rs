@@ -143,9 +143,14 @@ impl<K: Kv> Namespace<K> {
             if let Some(target) = target {
                 if target.is_dir() {
                     tx.delete_inode(target.ino)?;
+                    tx.count_subdir(new_parent, -1).await?;
                 } else {
                     self.drop_link(&tx, target)?;
                 }
+            }
+            if moves_dir {
+                tx.count_subdir(old_parent, -1).await?;
+                tx.count_subdir(new_parent, 1).await?;
             }
             if moves_dir && let InodeData::Directory(d) = &mut source.data {
                 d.parent = new_parent;

@@ -14,9 +14,10 @@ use flyfs_rpc::ids::InodeId;
 use crate::kv::{KeyValue, RangeOptions, Transaction, key_after, prefix_end};
 use crate::ns::MetaError;
 use crate::schema::{
-    self, Dentry, GcKind, Inode, InodeData, SessionId, SessionValue, decode_dentry, decode_inode,
-    dentry_key, dentry_prefix, encode_dentry, encode_gc, encode_inode, gc_key, inode_key,
-    session_key, session_prefix, xattr_prefix,
+    self, Dentry, GcKind, Inode, InodeData, SessionId, SessionValue, decode_dentry,
+    decode_dir_times, decode_inode, dentry_key, dentry_prefix, dir_times_key, encode_dentry,
+    encode_dir_times, encode_gc, encode_inode, gc_key, inode_key, session_key, session_prefix,
+    xattr_prefix,
 };
 
 /// A transaction plus the time the operation started (one timestamp for
@@ -37,11 +38,39 @@ impl<T: Transaction> MetaTx<T> {
         u64::try_from(self.now_ns / 1_000_000).unwrap_or(0)
     }
 
+    /// The inode; a directory's with its modification and change times
+    /// raised to when its entries last changed (`DTIM`, read as a snapshot:
+    /// no decision depends on a directory's times, so entry changes racing
+    /// with this read need not conflict with it).
     pub(crate) async fn inode(&self, ino: InodeId) -> Result<Option<Inode>, MetaError> {
-        match self.tx.get(&inode_key(ino), false).await? {
-            Some(value) => Ok(Some(decode_inode(ino, &value)?)),
-            None => Ok(None),
+        let Some(value) = self.tx.get(&inode_key(ino), false).await? else {
+            return Ok(None);
+        };
+        let mut inode = decode_inode(ino, &value)?;
+        if inode.is_dir() {
+            let key = dir_times_key(ino);
+            if let Some(value) = self.tx.get(&key, true).await? {
+                let changed_ns = decode_dir_times(&key, &value)?;
+                inode.mtime_ns = inode.mtime_ns.max(changed_ns);
+                inode.ctime_ns = inode.ctime_ns.max(changed_ns);
+            }
         }
+        Ok(Some(inode))
+    }
+
+    /// Records that an entry of `dir` changed now: a blind write, so
+    /// concurrent creates in one directory do not conflict over it.
+    fn touch_dir(&self, dir: InodeId) -> Result<(), MetaError> {
+        self.tx
+            .set(&dir_times_key(dir), &encode_dir_times(self.now_ns)?)?;
+        Ok(())
+    }
+
+    /// Drops `dir`'s entry-change time, so the times in its inode are the
+    /// whole truth (setattr may set them into the past).
+    pub(crate) fn clear_dir_times(&self, dir: InodeId) -> Result<(), MetaError> {
+        self.tx.clear(&dir_times_key(dir))?;
+        Ok(())
     }
 
     /// The inode, or ENOENT.
@@ -104,11 +133,33 @@ impl<T: Transaction> MetaTx<T> {
     /// (Queue entries are the caller's business: only GC removes them.)
     pub(crate) fn delete_inode(&self, ino: InodeId) -> Result<(), MetaError> {
         self.tx.clear(&inode_key(ino))?;
+        self.clear_dir_times(ino)?;
         let xattrs = xattr_prefix(ino);
         self.tx.clear_range(&xattrs, &prefix_end(&xattrs))?;
         let sessions = session_prefix(ino);
         self.tx.clear_range(&sessions, &prefix_end(&sessions))?;
         Ok(())
+    }
+
+    /// A subdirectory entry was added to (`1`) or removed from (`-1`)
+    /// directory `dir`: its link count counts them (their `..`), as Linux
+    /// file systems report. Reads the directory again, so earlier writes
+    /// of it in this transaction are kept.
+    pub(crate) async fn count_subdir(&self, dir: InodeId, delta: i32) -> Result<(), MetaError> {
+        let mut inode = self.directory(dir).await?;
+        if inode.gc_due_ms.is_some() {
+            // A detached directory (its tree waits for GC) counts nothing.
+            return Ok(());
+        }
+        inode.nlink = inode
+            .nlink
+            .checked_add_signed(delta)
+            .filter(|&n| n >= 2)
+            .ok_or_else(|| MetaError::Corrupt {
+                key: schema::describe_key(&inode_key(dir)),
+                reason: format!("link count {} cannot change by {delta}", inode.nlink),
+            })?;
+        self.put_inode(&inode)
     }
 
     pub(crate) async fn dentry(
@@ -131,12 +182,12 @@ impl<T: Transaction> MetaTx<T> {
     ) -> Result<(), MetaError> {
         self.tx
             .set(&dentry_key(parent, name), &encode_dentry(&dentry)?)?;
-        Ok(())
+        self.touch_dir(parent)
     }
 
     pub(crate) fn clear_dentry(&self, parent: InodeId, name: &[u8]) -> Result<(), MetaError> {
         self.tx.clear(&dentry_key(parent, name))?;
-        Ok(())
+        self.touch_dir(parent)
     }
 
     /// Up to `limit` entries of `dir` after `after` (exclusive), by name.
