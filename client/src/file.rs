@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -94,8 +94,13 @@ pub(crate) struct FileState {
     flushes_max: u32,
     /// The first failure of a background write, until reported.
     error: Mutex<Option<FsError>>,
-    /// Written since the metadata service last fixed the length.
-    unsynced: AtomicBool,
+    /// Writes accepted so far, and how many of them the metadata service
+    /// had heard of when it last fixed the length: more accepted than
+    /// synced means its length may be behind this client's. Counters, not
+    /// a flag, because a sync of one handle must not clear what another
+    /// handle wrote meanwhile.
+    writes: AtomicU64,
+    synced: AtomicU64,
     hint: Mutex<Hint>,
     readahead: Mutex<ReadAhead>,
     readahead_bytes_max: u64,
@@ -132,7 +137,8 @@ impl FileState {
             flushes: Arc::new(Semaphore::new(flushes_max as usize)),
             flushes_max,
             error: Mutex::new(None),
-            unsynced: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             hint: Mutex::new(Hint {
                 length: 0,
                 at: Instant::now(),
@@ -144,7 +150,8 @@ impl FileState {
 
     /// Writes of this client that the metadata service may not know of.
     fn pending(&self) -> bool {
-        self.unsynced.load(Ordering::Acquire) || self.in_flight()
+        self.writes.load(Ordering::Acquire) > self.synced.load(Ordering::Acquire)
+            || self.in_flight()
     }
 
     fn in_flight(&self) -> bool {
@@ -178,12 +185,21 @@ impl FileState {
         self.readahead.lock().chunks.clear();
     }
 
-    pub(crate) fn take_unsynced(&self) -> bool {
-        self.unsynced.swap(false, Ordering::AcqRel)
+    /// The writes accepted so far: a sync started after reading this
+    /// covers them (see [`synced`](Self::synced)).
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 
-    pub(crate) fn mark_unsynced(&self) {
-        self.unsynced.store(true, Ordering::Release);
+    /// The metadata service has fixed the length after the first `writes`
+    /// writes reached storage.
+    pub(crate) fn synced(&self, writes: u64) {
+        self.synced.fetch_max(writes, Ordering::AcqRel);
+    }
+
+    /// Whether writes since the last sync are waiting for one.
+    pub(crate) fn unsynced(&self) -> bool {
+        self.writes.load(Ordering::Acquire) > self.synced.load(Ordering::Acquire)
     }
 
     /// The length to report as a hint, if it grew and the last hint is
@@ -248,7 +264,7 @@ impl FileState {
         buffer.data.extend_from_slice(data);
         buffer.next = Some(end);
         self.length.fetch_max(end, Ordering::AcqRel);
-        self.unsynced.store(true, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         self.readahead.lock().chunks.clear();
         if buffer.data.len() >= self.buffer_bytes {
             let start = buffer.start;
@@ -319,16 +335,24 @@ impl FileState {
         data: Bytes,
     ) -> Result<(), FsError> {
         let chunk_size = self.layout.chunk_size;
-        let writes = self.pieces(start, data.len() as u64).map(|(index, from, at, len)| {
-            let piece = data.slice(at..at + len as usize);
-            async move {
-                let chain = self.chain_of(index)?;
-                storage
-                    .write(chain, ChunkId::new(self.ino.0, index), from, piece, chunk_size)
-                    .await
-                    .map_err(|e| self.storage_error("write", index, e))
-            }
-        });
+        let writes = self
+            .pieces(start, data.len() as u64)
+            .map(|(index, from, at, len)| {
+                let piece = data.slice(at..at + len as usize);
+                async move {
+                    let chain = self.chain_of(index)?;
+                    storage
+                        .write(
+                            chain,
+                            ChunkId::new(self.ino.0, index),
+                            from,
+                            piece,
+                            chunk_size,
+                        )
+                        .await
+                        .map_err(|e| self.storage_error("write", index, e))
+                }
+            });
         futures::future::try_join_all(writes).await.map(drop)
     }
 
@@ -462,10 +486,7 @@ impl FileState {
                     slot.insert(self.fetch_chunk(storage, index)?);
                 }
             }
-            pieces
-                .iter()
-                .map(|p| ahead.chunks[&p.0].clone())
-                .collect()
+            pieces.iter().map(|p| ahead.chunks[&p.0].clone()).collect()
         };
         let chunks = futures::future::try_join_all(fetches).await?;
         Ok(chunks

@@ -26,10 +26,10 @@ use flyfs_rpc::Network;
 use flyfs_rpc::ids::{ClientId, InodeId};
 use flyfs_rpc::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
-    LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq, ReaddirReq, ReaddirRsp,
-    Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve, ResolveReq, Rmdir, SetAttr,
-    SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq,
-    Sync, Unlink, User, XattrMode, XattrReq,
+    LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
+    ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve,
+    ResolveReq, Rmdir, SetAttr, SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp,
+    Symlink, SymlinkReq, Sync, Unlink, User, XattrMode, XattrReq,
 };
 use parking_lot::Mutex;
 
@@ -362,7 +362,10 @@ impl<N: Network> FsClient<N> {
             limit,
             plus,
         };
-        let mut rsp = self.meta.call::<flyfs_rpc::wire::meta::Readdir, _>(&req).await?;
+        let mut rsp = self
+            .meta
+            .call::<flyfs_rpc::wire::meta::Readdir, _>(&req)
+            .await?;
         for entry in &mut rsp.entries {
             if let Some(attr) = entry.attr.take() {
                 entry.attr = Some(self.local_attr(attr));
@@ -386,7 +389,12 @@ impl<N: Network> FsClient<N> {
         Ok(self.local_attr(attr))
     }
 
-    pub async fn getxattr(&self, user: &User, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, FsError> {
+    pub async fn getxattr(
+        &self,
+        user: &User,
+        ino: InodeId,
+        name: &[u8],
+    ) -> Result<Vec<u8>, FsError> {
         let req = XattrReq {
             user: user.clone(),
             ino,
@@ -581,19 +589,18 @@ impl<N: Network> FsClient<N> {
     /// Every byte written to the file through this client reaches storage,
     /// and the metadata service fixes the exact length (`close(2)`).
     pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
+        let writes = fh.state.writes();
         fh.state.drain(&self.storage).await?;
         if let Some(session) = fh.session
-            && fh.state.take_unsynced()
+            && fh.state.unsynced()
         {
             let req = flyfs_rpc::wire::meta::SessionReq {
                 user: fh.user.clone(),
                 ino: fh.ino(),
                 session,
             };
-            if let Err(e) = self.meta.call::<Sync, _>(&req).await {
-                fh.state.mark_unsynced();
-                return Err(e);
-            }
+            self.meta.call::<Sync, _>(&req).await?;
+            fh.state.synced(writes);
         }
         Ok(())
     }
@@ -606,6 +613,7 @@ impl<N: Network> FsClient<N> {
 
     /// The last close of a handle: flushes, then ends its write session.
     pub async fn release(&self, fh: &FileHandle) -> Result<(), FsError> {
+        let writes = fh.state.writes();
         let flushed = fh.state.drain(&self.storage).await;
         if let Some(session) = fh.session {
             let req = flyfs_rpc::wire::meta::SessionReq {
@@ -616,15 +624,19 @@ impl<N: Network> FsClient<N> {
             // The session ends even when the flush failed: the data that
             // failed is reported, not retried forever.
             self.meta.call::<Close, _>(&req).await?;
-            fh.state.take_unsynced();
+            fh.state.synced(writes);
         }
         flushed
     }
 
     /// Writes out every open file's buffer (before unmounting).
     pub async fn flush_all(&self) -> Result<(), FsError> {
-        let states: Vec<Arc<FileState>> =
-            self.files.lock().values().filter_map(Weak::upgrade).collect();
+        let states: Vec<Arc<FileState>> = self
+            .files
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
         let mut first = Ok(());
         for state in states {
             if let Err(e) = state.drain(&self.storage).await

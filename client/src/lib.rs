@@ -16,5 +16,5 @@ mod file;
 pub mod fs;
 pub mod fuse;
 
-pub use fs::{FileHandle, FsClient, FsConfig, OpenMode};
 pub use flyfs_rpc::wire::meta::MetaError as FsError;
+pub use fs::{FileHandle, FsClient, FsConfig, OpenMode};

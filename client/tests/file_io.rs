@@ -70,10 +70,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 async fn read_all(fs: &FsClient<Tcp>, fh: &FileHandle, len: u64, piece: u32) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let data = fs
-            .read(fh, out.len() as u64, piece)
-            .await
-            .expect("read");
+        let data = fs.read(fh, out.len() as u64, piece).await.expect("read");
         if data.is_empty() {
             break;
         }
@@ -85,10 +82,19 @@ async fn read_all(fs: &FsClient<Tcp>, fh: &FileHandle, len: u64, piece: u32) -> 
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { offset: u32, len: u32, seed: u64 },
-    Read { offset: u32, len: u32 },
+    Write {
+        offset: u32,
+        len: u32,
+        seed: u64,
+    },
+    Read {
+        offset: u32,
+        len: u32,
+    },
     Flush,
-    Truncate { size: u32 },
+    Truncate {
+        size: u32,
+    },
     /// Close and reopen (close-to-open through another client).
     Reopen,
 }
@@ -166,7 +172,12 @@ async fn run_case(
             }
         }
         let attr = fs.stat(&root, fh.ino()).await.expect("stat");
-        prop_assert_eq!(attr.length, model.len() as u64, "step {}: stat length", step);
+        prop_assert_eq!(
+            attr.length,
+            model.len() as u64,
+            "step {}: stat length",
+            step
+        );
     }
     fs.release(&fh).await.expect("release");
     // Everything is on storage and the length fixed: a fresh read-only
@@ -210,7 +221,10 @@ fn random_reads_and_writes_match_a_byte_vector() {
     });
     let case = std::sync::atomic::AtomicU32::new(0);
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
-        let name = format!("case-{}", case.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let name = format!(
+            "case-{}",
+            case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         rt.block_on(run_case(&a, &b, &name, &ops))
     });
     rt.block_on(cluster.shutdown());
@@ -275,13 +289,19 @@ async fn bad_requests_get_errno() {
         .expect("create");
     fs.release(&fh).await.expect("release");
     let (_, ro) = fs.open(&root, fh.ino(), RO).await.expect("open");
-    let e = fs.write(&ro, 0, b"x").await.expect_err("write to read-only");
+    let e = fs
+        .write(&ro, 0, b"x")
+        .await
+        .expect_err("write to read-only");
     assert_eq!(e.errno, libc::EBADF);
     fs.release(&ro).await.expect("release");
 
     let (_, rw) = fs.open(&root, fh.ino(), RW).await.expect("open");
     let max = u64::from(CHUNK) << 32;
-    let e = fs.write(&rw, max, b"x").await.expect_err("past the largest file");
+    let e = fs
+        .write(&rw, max, b"x")
+        .await
+        .expect_err("past the largest file");
     assert_eq!(e.errno, libc::EFBIG);
     let e = fs
         .write(&rw, u64::MAX - 1, b"xyz")
@@ -299,7 +319,10 @@ async fn bad_requests_get_errno() {
         .expect_err("exclusive create of an existing file");
     assert_eq!(e.errno, libc::EEXIST);
     let dir = fs.mkdir(&root, ROOT, b"d", 0o755).await.expect("mkdir");
-    let e = fs.open(&root, dir.ino, RO).await.expect_err("open a directory");
+    let e = fs
+        .open(&root, dir.ino, RO)
+        .await
+        .expect_err("open a directory");
     assert_eq!(e.errno, libc::EISDIR);
     let e = fs
         .lookup(&root, ROOT, &[b'n'; 256])
@@ -311,6 +334,10 @@ async fn bad_requests_get_errno() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_go_on_while_a_storage_node_is_down() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("FLYFS_TEST_LOG"))
+        .with_test_writer()
+        .try_init();
     let mut cluster = cluster().await;
     let fs = client(&cluster, 1, small_config()).await;
     let root = User::root();
@@ -343,5 +370,49 @@ async fn reads_and_writes_go_on_while_a_storage_node_is_down() {
     assert_eq!(all.len(), 2 << 20);
     assert!(all[..1 << 20] == first[..] && all[1 << 20..] == second[..]);
     other.release(&fh).await.expect("release");
+    cluster.shutdown().await;
+}
+
+/// The kernel releases a handle in the background: a later handle's writes
+/// may come before the earlier handle's release, which must not make the
+/// client forget them (its stat and reads would go back to the metadata
+/// service's older length).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_release_keeps_another_handles_writes() {
+    let cluster = cluster().await;
+    let fs = client(&cluster, 1, small_config()).await;
+    let root = User::root();
+    let (_, mut current) = fs
+        .create(&root, ROOT, b"f", 0o644, RW, true)
+        .await
+        .expect("create");
+    let mut length = 0u64;
+    for round in 0..20u8 {
+        fs.write(&current, length, &[round; 1000])
+            .await
+            .expect("write");
+        length += 1000;
+        fs.flush(&current).await.expect("flush");
+        let (_, next) = fs.open(&root, current.ino(), RW).await.expect("open");
+        fs.write(&next, length, &[!round; 1000])
+            .await
+            .expect("write");
+        length += 1000;
+        fs.release(&current).await.expect("late release");
+        let attr = fs.stat(&root, next.ino()).await.expect("stat");
+        assert_eq!(
+            attr.length, length,
+            "round {round}: stat after a late release"
+        );
+        let tail = fs.read(&next, length - 1000, 1000).await.expect("read");
+        assert!(
+            tail[..] == [!round; 1000],
+            "round {round}: read after a late release"
+        );
+        current = next;
+    }
+    fs.release(&current).await.expect("release");
+    let attr = fs.stat(&root, current.ino()).await.expect("stat");
+    assert_eq!(attr.length, length, "the length the service fixed");
     cluster.shutdown().await;
 }
