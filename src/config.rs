@@ -65,6 +65,10 @@ pub struct MgmtdConfig {
     /// Where the cluster record and the lease live (`[store]`).
     #[serde(default)]
     pub store: StoreConfig,
+    /// Where the Prometheus metrics endpoint listens (`host:port`, serving
+    /// `GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// `[store]` of `flyfs mgmtd`: where the durable cluster state lives.
@@ -152,6 +156,10 @@ pub struct StorageDaemonConfig {
     /// How long an update keeps trying to reach the next replica.
     #[serde(default = "default_forward_deadline_ms")]
     pub forward_deadline_ms: u64,
+    /// Where the Prometheus metrics endpoint listens (`host:port`); none by
+    /// default.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_mgmt_addr() -> String {
@@ -198,6 +206,20 @@ fn check(ok: bool, key: &str, problem: impl FnOnce() -> String) -> anyhow::Resul
     Ok(())
 }
 
+/// `metrics_listen`, if given, is a `host:port`.
+pub fn check_metrics_listen(listen: Option<&str>) -> anyhow::Result<()> {
+    match listen {
+        None => Ok(()),
+        Some(listen) => check(
+            listen
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+            "metrics_listen",
+            || format!("{listen:?} is not host:port (leave the key out for no metrics)"),
+        ),
+    }
+}
+
 fn positive(value: u64, key: &str) -> anyhow::Result<()> {
     check(value > 0, key, || "must be at least 1".into())
 }
@@ -242,6 +264,7 @@ impl Validate for MgmtdConfig {
         check(!self.data_dir.as_os_str().is_empty(), "data_dir", || {
             "is empty".into()
         })?;
+        check_metrics_listen(self.metrics_listen.as_deref())?;
         check(
             self.lease_ttl_ms >= LEASE_TTL_MS_MIN,
             "lease_ttl_ms",
@@ -358,6 +381,7 @@ impl Validate for StorageDaemonConfig {
         check(!self.devices.is_empty(), "devices", || {
             "lists no device".into()
         })?;
+        check_metrics_listen(self.metrics_listen.as_deref())?;
         positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
         positive(self.rpc_timeout_ms, "rpc_timeout_ms")?;
         // One late heartbeat reply must not fence the node off.
@@ -442,6 +466,7 @@ mod tests {
                 tick_interval_ms: 500,
                 lease_ttl_ms: 3_000,
                 store: StoreConfig::File { path: None },
+                metrics_listen: None,
             }
         );
         assert_eq!(config.mgmt_config(), MgmtConfig::default());
@@ -613,6 +638,9 @@ mod tests {
             let error = StorageDaemonConfig::parse(text).expect_err(text);
             assert!(message(&error).contains(key), "{text}: {error:#}");
         }
+        let error =
+            MgmtdConfig::parse("data_dir = \"d\"\nmetrics_listen = \"9100\"").expect_err("no host");
+        assert!(message(&error).contains("metrics_listen"), "{error:#}");
         let error = MgmtdConfig::parse("data_dir = \"d\"\nfailure_timeout_ms = 1000")
             .expect_err("shorter than two heartbeats");
         assert!(message(&error).contains("failure_timeout_ms"), "{error:#}");

@@ -126,6 +126,7 @@ pub struct StorageDaemon {
     addr: String,
     server: ServerHandle,
     heartbeat: JoinHandle<()>,
+    usage: JoinHandle<()>,
 }
 
 impl StorageDaemon {
@@ -180,6 +181,7 @@ impl StorageDaemon {
         let bound = Listener::local_addr(&listener).context("reading the listener's address")?;
         let node = StorageNode::new(config.storage_config(&bound), engines, Tcp);
         let heartbeat = tokio::spawn(node.clone().run());
+        let usage = tokio::spawn(export_usage(node.engines().to_vec()));
         let server = Server::new(StorageService::new(node.clone()), ServerConfig::default())
             .spawn(listener)
             .context("starting the RPC server")?;
@@ -194,6 +196,7 @@ impl StorageDaemon {
             addr: bound,
             server,
             heartbeat,
+            usage,
         })
     }
 
@@ -208,8 +211,38 @@ impl StorageDaemon {
     pub async fn shutdown(self) {
         self.server.shutdown().await;
         self.heartbeat.abort();
-        // A cancelled heartbeat loop is the expected outcome.
+        self.usage.abort();
+        // A cancelled loop is the expected outcome.
         let _ = self.heartbeat.await;
+        let _ = self.usage.await;
+    }
+}
+
+/// Every 5 s, each disk's usage as gauges (`flyfs_storage_disk_bytes{disk,
+/// kind}` with kind `capacity`, `data` or `allocated`,
+/// `flyfs_storage_disk_chunks{disk}`, `flyfs_storage_disk_poisoned{disk}`);
+/// free when the process exports no metrics.
+async fn export_usage(engines: Vec<Arc<Engine<UringDevice>>>) {
+    let disks: Vec<String> = (0..engines.len()).map(|d| d.to_string()).collect();
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        ticks.tick().await;
+        for (engine, disk) in engines.iter().zip(&disks) {
+            let space = engine.space();
+            let capacity = engine.superblock().capacity_bytes;
+            let bytes = |kind: &'static str| metrics::gauge!("flyfs_storage_disk_bytes", "disk" => disk.clone(), "kind" => kind);
+            bytes("capacity").set(capacity as f64);
+            bytes("data").set(space.data_bytes as f64);
+            bytes("allocated").set(space.allocated_bytes as f64);
+            metrics::gauge!("flyfs_storage_disk_chunks", "disk" => disk.clone())
+                .set(space.committed_chunks as f64);
+            let poisoned = if engine.poisoned().is_some() {
+                1.0
+            } else {
+                0.0
+            };
+            metrics::gauge!("flyfs_storage_disk_poisoned", "disk" => disk.clone()).set(poisoned);
+        }
     }
 }
 
@@ -218,6 +251,9 @@ pub async fn run_mgmtd(config: &MgmtdConfig) -> anyhow::Result<()> {
     // Handlers first: a signal during startup then ends the daemon through
     // the same orderly path.
     let stop = Stop::install()?;
+    if let Some(listen) = &config.metrics_listen {
+        crate::metrics::serve(listen)?;
+    }
     let daemon = Mgmtd::start(config).await?;
     let why = stop.wait().await;
     tracing::info!("mgmtd at {}: {why}, stopping", daemon.addr());
@@ -228,6 +264,9 @@ pub async fn run_mgmtd(config: &MgmtdConfig) -> anyhow::Result<()> {
 /// `flyfs storage`: runs a storage node until SIGTERM or SIGINT.
 pub async fn run_storage(config: &StorageDaemonConfig) -> anyhow::Result<()> {
     let stop = Stop::install()?;
+    if let Some(listen) = &config.metrics_listen {
+        crate::metrics::serve(listen)?;
+    }
     let daemon = StorageDaemon::start(config).await?;
     let why = stop.wait().await;
     tracing::info!(

@@ -11,7 +11,8 @@
 //! Config keys (deploy/meta.toml lists them with their defaults):
 //! `listen`, `mgmt`, `data_dir` (required), `chain_table`, `chunk_size`,
 //! `stripe` (the root directory's default layout, used when the namespace is
-//! first created), `gc_delay_ms`, `gc_interval_ms`, `sync_on_commit`.
+//! first created), `gc_delay_ms`, `gc_interval_ms`, `sync_on_commit`,
+//! `metrics_listen`.
 //! Unknown keys are refused; errors name the file, the key and the problem.
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub struct MetaDaemonConfig {
     /// on a process crash).
     #[serde(default = "default_sync_on_commit")]
     pub sync_on_commit: bool,
+    /// Where the Prometheus metrics endpoint listens (`host:port`); none by
+    /// default.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -113,6 +118,7 @@ impl MetaDaemonConfig {
         if config.data_dir.as_os_str().is_empty() {
             bail!("key `data_dir`: is empty");
         }
+        crate::config::check_metrics_listen(config.metrics_listen.as_deref())?;
         if config.gc_interval_ms == 0 {
             bail!("key `gc_interval_ms`: must be at least 1");
         }
@@ -223,6 +229,9 @@ impl MetaDaemon {
 /// `flyfs meta`: runs a metadata service until SIGTERM or SIGINT.
 pub async fn run_meta(config: &MetaDaemonConfig) -> anyhow::Result<()> {
     let stop = crate::daemon::Stop::install()?;
+    if let Some(listen) = &config.metrics_listen {
+        crate::metrics::serve(listen)?;
+    }
     let daemon = MetaDaemon::start(config).await?;
     let why = stop.wait().await;
     tracing::info!("meta at {}: {why}, stopping", daemon.addr());

@@ -289,15 +289,30 @@ impl<N: Network> Client<N> {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RawReply, RpcError> {
+        let metrics = crate::metrics::client(method.id);
+        let started = crate::metrics::start(metrics);
+        let request_bytes = body.len() + payload.len();
         let attempt = self.attempt_untimed(addr, method, request_id, body, payload);
-        match tokio::time::timeout(timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_elapsed) => Err(RpcError::Timeout {
                 addr: addr.to_owned(),
                 method,
                 after: timeout,
             }),
+        };
+        if let (Some(metrics), Some(started)) = (metrics, started) {
+            let response_bytes = result
+                .as_ref()
+                .map_or(0, |reply| reply.body.len() + reply.payload.len());
+            metrics.record(
+                started.elapsed(),
+                request_bytes,
+                response_bytes,
+                result.is_err(),
+            );
         }
+        result
     }
 
     async fn attempt_untimed(

@@ -12,6 +12,8 @@
 //! * [`server`] and [`client`]: multiplexed request/response over one
 //!   connection, many calls in flight, replies in any order.
 //! * [`wire`]: the message types of each service, declared as [`Method`]s.
+//! * [`metrics`]: per-method request counters and latency histograms of
+//!   both sides, off until a process enables them.
 //!
 //! The byte layout and its version log are in docs/rpc-wire-format.md.
 #![deny(unsafe_code)]
@@ -21,6 +23,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod metrics;
 pub mod net;
 pub mod payload;
 pub mod recv_pool;

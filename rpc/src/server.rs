@@ -20,9 +20,13 @@
 //! connection only. Before closing it drains what the client is still sending
 //! for a moment, so the error frame is not destroyed by a TCP reset.
 //!
-//! [`ServerHandle::shutdown`] stops accepting and drops every connection
-//! (in-flight requests are aborted): a storage daemon "restart" in the
-//! simulation relies on that.
+//! A connection that closes (the peer went away, or sent garbage) does not
+//! cancel the requests it started: they run to the end and their replies
+//! are dropped, because a service request cancelled halfway (a replicated
+//! write between its local and its remote step) may leave state no later
+//! request can clean up. [`ServerHandle::shutdown`] is different: it stops
+//! accepting and drops every connection with its requests, as a crash
+//! would; a storage daemon "restart" in the simulation relies on that.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -400,7 +404,14 @@ async fn dispatch_loop<S: Service>(
         }
         let reply = tokio::select! {
             biased;
-            () = replies.closed() => return,
+            () = replies.closed() => {
+                // The peer is gone, but what it asked for runs to the end:
+                // a storage write cancelled between its local pending
+                // version and its commit would leave that version without
+                // an owner, and the chunk stuck behind it.
+                in_flight.detach_all();
+                return;
+            }
             Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                 match done {
                     Ok((id, frame)) => {
@@ -422,9 +433,9 @@ async fn dispatch_loop<S: Service>(
                     }
                     Some(Event::Reply(frame)) => frame,
                     Some(Event::Fatal(frame)) => {
-                        // Requests in flight are abandoned with the
-                        // connection; their clients see it close.
-                        in_flight.abort_all();
+                        // Requests in flight finish unanswered (as above);
+                        // their clients see the connection close.
+                        in_flight.detach_all();
                         let _ = replies.send(frame).await;
                         return;
                     }
@@ -461,6 +472,9 @@ fn dispatch<S: Service>(
         payload,
     } = frame;
     let (method, request_id) = (header.method, header.request_id);
+    let metrics = crate::metrics::server(method);
+    let started = crate::metrics::start(metrics);
+    let request_bytes = body.len() + payload.len();
     if method < METHOD_ID_SERVICE_MIN {
         let reply = if method == Ping::ID {
             match codec::decode::<<Ping as Method>::Req>(&body) {
@@ -470,6 +484,7 @@ fn dispatch<S: Service>(
         } else {
             Reply::unknown_method(method)
         };
+        record(metrics, started, request_bytes, &reply);
         return Dispatch::Now(reply_frame(method, request_id, reply));
     }
     let request = Request {
@@ -484,8 +499,26 @@ fn dispatch<S: Service>(
         let reply = service.call(request).await;
         // The reply's CRC is computed here, in the request's task, not on
         // the connection's.
+        record(metrics, started, request_bytes, &reply);
         reply_frame(method, request_id, reply)
     })
+}
+
+/// Counts one answered request, if metrics are on.
+fn record(
+    metrics: Option<&crate::metrics::MethodMetrics>,
+    started: Option<std::time::Instant>,
+    request_bytes: usize,
+    reply: &Reply,
+) {
+    if let (Some(metrics), Some(started)) = (metrics, started) {
+        metrics.record(
+            started.elapsed(),
+            request_bytes,
+            reply.body.len() + reply.payload.len(),
+            reply.status != Status::Ok,
+        );
+    }
 }
 
 fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {

@@ -566,14 +566,53 @@ impl MgmtService {
                     }
                 }
                 _ = ticks.tick() => {
-                    if self.is_primary()
+                    let primary = self.is_primary();
+                    if primary
                         && let Err(e) = self.tick().await
                     {
                         tracing::warn!(error = %e, "cluster tick not applied");
                     }
+                    self.export_gauges(primary);
                 }
             }
         }
+    }
+
+    /// The cluster's shape as gauges (through the `metrics` facade: free
+    /// when the process exports none): `flyfs_mgmt_primary`,
+    /// `flyfs_mgmt_routing_version`, `flyfs_mgmt_nodes{alive}`,
+    /// `flyfs_mgmt_targets{state}`, `flyfs_mgmt_chains`,
+    /// `flyfs_mgmt_chains_degraded` (chains with a member not serving) and
+    /// `flyfs_mgmt_chain_tables`. A standby's view may be stale.
+    fn export_gauges(&self, primary: bool) {
+        use flyfs_rpc::wire::mgmt::PublicState;
+        let routing = self.routing();
+        metrics::gauge!("flyfs_mgmt_primary").set(if primary { 1.0 } else { 0.0 });
+        metrics::gauge!("flyfs_mgmt_routing_version").set(routing.version.0 as f64);
+        let alive = routing.nodes.iter().filter(|n| n.alive).count();
+        metrics::gauge!("flyfs_mgmt_nodes", "alive" => "true").set(alive as f64);
+        metrics::gauge!("flyfs_mgmt_nodes", "alive" => "false")
+            .set((routing.nodes.len() - alive) as f64);
+        let count =
+            |state: PublicState| routing.targets.iter().filter(|t| t.state == state).count() as f64;
+        metrics::gauge!("flyfs_mgmt_targets", "state" => "serving")
+            .set(count(PublicState::Serving));
+        metrics::gauge!("flyfs_mgmt_targets", "state" => "syncing")
+            .set(count(PublicState::Syncing));
+        metrics::gauge!("flyfs_mgmt_targets", "state" => "waiting")
+            .set(count(PublicState::Waiting));
+        metrics::gauge!("flyfs_mgmt_targets", "state" => "lastsrv")
+            .set(count(PublicState::LastSrv));
+        metrics::gauge!("flyfs_mgmt_targets", "state" => "offline")
+            .set(count(PublicState::Offline));
+        metrics::gauge!("flyfs_mgmt_chains").set(routing.chains.len() as f64);
+        let degraded = routing
+            .chains
+            .iter()
+            .filter(|c| c.targets.iter().any(|t| t.state != PublicState::Serving))
+            .count();
+        metrics::gauge!("flyfs_mgmt_chains_degraded").set(degraded as f64);
+        metrics::gauge!("flyfs_mgmt_chain_tables").set(routing.tables.len() as f64);
     }
 
     async fn dispatch(&self, req: Request) -> Reply {
