@@ -4,12 +4,18 @@
 //! from the manager (`MgmtError`) becomes an error naming the command, so
 //! the process exits with status 1 and says why.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_craq::mgmt::Managers;
+use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
 use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
+use flyfs_rpc::wire::meta::{
+    Attr, FileType, GcStatus, GcStatusReq, GcStatusRsp, MetaError, Readdir, ReaddirReq, ReaddirRsp,
+    Readlink, ReadlinkRsp, Resolve, ResolveReq, Stat, StatReq, User,
+};
 use flyfs_rpc::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, MgmtError, RoutingInfo, SetTargetOffline,
@@ -27,6 +33,10 @@ pub(crate) struct AdminArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// The metadata service's addresses, comma-separated (for `gc`, `ls`
+    /// and `stat`).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    meta: Vec<String>,
     /// Deadline of the RPC, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
@@ -37,8 +47,22 @@ pub(crate) struct AdminArgs {
 #[derive(clap::Subcommand, Debug)]
 enum AdminCommand {
     /// Nodes (alive or not), chains with their version and each target's
-    /// state, chain tables.
+    /// state, chain tables, and each live node's disk usage.
     Status,
+    /// The metadata service's garbage collector: queued and due removals,
+    /// chunks and inodes it finished.
+    Gc,
+    /// List a directory of the namespace like `ls -l`, without a mount.
+    Ls {
+        /// Absolute path in flyfs (e.g. `/` or `/data/run1`).
+        path: String,
+    },
+    /// Show one file's or directory's attributes and layout like `stat`,
+    /// without a mount.
+    Stat {
+        /// Absolute path in flyfs.
+        path: String,
+    },
     /// Declare a target on a device of a registered node.
     CreateTarget {
         #[arg(long)]
@@ -80,26 +104,29 @@ enum AdminCommand {
 }
 
 pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
-    let client = Client::new(Tcp, ClientConfig::default());
-    let options = CallOptions {
-        timeout: Duration::from_millis(args.timeout_ms),
-        ..CallOptions::default()
-    };
-    let admin = Admin {
-        client,
-        options,
-        managers: Managers::new(args.mgmt.iter().cloned()),
-        mgmt: args.mgmt.join(","),
-    };
+    let admin = Admin::new(&args.mgmt, Duration::from_millis(args.timeout_ms));
     match &args.command {
         AdminCommand::Status => {
             let routing = admin.routing().await?;
+            let usage = admin.usage(&routing).await;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&routing)?);
+                let status = Status { routing, usage };
+                println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status_table(&routing));
+                print!("{}", usage_table(&routing, &usage));
             }
             return Ok(());
+        }
+        AdminCommand::Gc | AdminCommand::Ls { .. } | AdminCommand::Stat { .. } => {
+            let timeout = Duration::from_millis(args.timeout_ms);
+            let ns = Namespace::new(&args.meta, timeout);
+            return match &args.command {
+                AdminCommand::Gc => ns.gc(args.json).await,
+                AdminCommand::Ls { path } => ns.ls(path, args.json).await,
+                AdminCommand::Stat { path } => ns.stat(path, args.json).await,
+                _ => Ok(()),
+            };
         }
         AdminCommand::Space { node_addr } => {
             let (space, _) = admin
@@ -153,8 +180,9 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The managers and how to call them.
-struct Admin {
+/// The managers and how to call them (also what `flyfs up` builds its
+/// cluster with).
+pub(crate) struct Admin {
     client: Client<Tcp>,
     options: CallOptions,
     managers: Managers,
@@ -163,7 +191,25 @@ struct Admin {
 }
 
 impl Admin {
-    async fn routing(&self) -> anyhow::Result<RoutingInfo> {
+    /// Calls to the managers at `mgmt`, each with deadline `timeout`.
+    pub(crate) fn new(mgmt: &[String], timeout: Duration) -> Admin {
+        Admin {
+            client: Client::new(Tcp, ClientConfig::default()),
+            options: CallOptions {
+                timeout,
+                ..CallOptions::default()
+            },
+            managers: Managers::new(mgmt.iter().cloned()),
+            mgmt: mgmt.join(","),
+        }
+    }
+
+    /// The RPC client and per-call options, for calls to storage nodes.
+    pub(crate) fn rpc(&self) -> (&Client<Tcp>, &CallOptions) {
+        (&self.client, &self.options)
+    }
+
+    pub(crate) async fn routing(&self) -> anyhow::Result<RoutingInfo> {
         let req = GetRoutingReq {
             known_version: RoutingVersion(0),
         };
@@ -172,17 +218,13 @@ impl Admin {
             .call::<GetRouting, _>(&self.client, &req, &self.options)
             .await
             .with_context(|| format!("asking the cluster manager at {}", self.mgmt))?;
-        // The manager answers `None` only to a caller that already has its
-        // version; version 0 is never current, so this would be a bug there.
-        rsp.routing.with_context(|| {
-            format!(
-                "the cluster manager at {} sent no routing information",
-                self.mgmt
-            )
-        })
+        // The manager answers `None` to a caller that already has its
+        // version: for version 0 that is a new cluster, empty (no node has
+        // registered yet).
+        Ok(rsp.routing.unwrap_or_default())
     }
 
-    async fn mutate<M>(&self, command: &str, req: &M::Req) -> anyhow::Result<()>
+    pub(crate) async fn mutate<M>(&self, command: &str, req: &M::Req) -> anyhow::Result<()>
     where
         M: Method<Rsp = Result<(), MgmtError>>,
     {
@@ -203,6 +245,423 @@ impl Admin {
         }
         Ok(())
     }
+}
+
+/// `admin --json status`: the routing information with each node's usage.
+#[derive(serde::Serialize)]
+struct Status {
+    #[serde(flatten)]
+    routing: RoutingInfo,
+    usage: Vec<NodeUsage>,
+}
+
+/// One storage node's answer to `Space`, or why there is none.
+#[derive(Clone, Debug, serde::Serialize)]
+struct NodeUsage {
+    node: u32,
+    addr: String,
+    disks: Vec<flyfs_rpc::wire::storage::DiskSpace>,
+    /// Set when the node did not answer (or is not alive).
+    error: Option<String>,
+}
+
+impl Admin {
+    /// Every node's space, asked of the live ones concurrently.
+    async fn usage(&self, routing: &RoutingInfo) -> Vec<NodeUsage> {
+        let mut asks = tokio::task::JoinSet::new();
+        for (index, node) in routing.nodes.iter().enumerate() {
+            let (client, options, node) = (self.client.clone(), self.options, node.clone());
+            asks.spawn(async move {
+                let (disks, error) = if !node.alive {
+                    (Vec::new(), Some("not alive".to_string()))
+                } else {
+                    match client
+                        .call::<Space>(&node.addr, &SpaceReq {}, Bytes::new(), &options)
+                        .await
+                    {
+                        Ok((space, _)) => (space.disks, None),
+                        Err(error) => (Vec::new(), Some(error.to_string())),
+                    }
+                };
+                let usage = NodeUsage {
+                    node: node.id.0,
+                    addr: node.addr,
+                    disks,
+                    error,
+                };
+                (index, usage)
+            });
+        }
+        let mut usage: Vec<(usize, NodeUsage)> = asks.join_all().await;
+        usage.sort_by_key(|(index, _)| *index);
+        usage.into_iter().map(|(_, u)| u).collect()
+    }
+}
+
+/// Disk usage per node, with the targets each disk holds.
+fn usage_table(routing: &RoutingInfo, usage: &[NodeUsage]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "\nusage");
+    let _ = writeln!(
+        out,
+        "  {:>6}  {:>4}  {:>10}  {:>10}  {:>5}  {:>8}  {:<8}  targets",
+        "node", "disk", "capacity", "used", "use%", "chunks", "state"
+    );
+    for node in usage {
+        if let Some(error) = &node.error {
+            let _ = writeln!(out, "  {:>6}  {:>4}  {error}", node.node, "-");
+            continue;
+        }
+        for disk in &node.disks {
+            let targets: Vec<String> = routing
+                .targets
+                .iter()
+                .filter(|t| t.node.0 == node.node && t.disk == disk.disk)
+                .map(|t| t.id.0.to_string())
+                .collect();
+            let percent = if disk.data_bytes == 0 {
+                0.0
+            } else {
+                100.0 * disk.allocated_bytes as f64 / disk.data_bytes as f64
+            };
+            let state = if disk.poisoned { "POISONED" } else { "ok" };
+            let _ = writeln!(
+                out,
+                "  {:>6}  {:>4}  {:>10}  {:>10}  {:>4.1}%  {:>8}  {:<8}  {}",
+                node.node,
+                disk.disk,
+                human_bytes(disk.data_bytes),
+                human_bytes(disk.allocated_bytes),
+                percent,
+                disk.committed_chunks,
+                state,
+                targets.join(",")
+            );
+        }
+    }
+    out
+}
+
+/// Bytes in binary units, one decimal (`1.5 GiB`).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The metadata service, for `gc`, `ls` and `stat`.
+struct Namespace {
+    client: Arc<MetaClient<Tcp>>,
+    /// The addresses as given, for messages.
+    meta: String,
+}
+
+/// One `ls` line.
+#[derive(serde::Serialize)]
+struct ListEntry {
+    name: String,
+    attr: Attr,
+    /// Symlinks: where they point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+impl Namespace {
+    fn new(meta: &[String], timeout: Duration) -> Namespace {
+        let mut config = MetaClientConfig::new(meta.to_vec());
+        config.rpc_timeout = timeout;
+        // An admin command fails soon rather than waiting out an outage.
+        config.op_deadline = timeout;
+        Namespace {
+            client: MetaClient::new(Tcp, config),
+            meta: meta.join(","),
+        }
+    }
+
+    async fn call<M, T>(&self, what: &str, req: &M::Req) -> anyhow::Result<T>
+    where
+        M: Method<Rsp = Result<T, MetaError>>,
+    {
+        self.client.call::<M, T>(req).await.map_err(|e| {
+            anyhow::anyhow!(
+                "{what}: {}: {} (metadata service at {})",
+                errno_text(e.errno),
+                e.message,
+                self.meta
+            )
+        })
+    }
+
+    async fn resolve(&self, path: &str, follow: bool) -> anyhow::Result<Attr> {
+        if !path.starts_with('/') {
+            bail!("{path:?} is not an absolute path in flyfs (paths start with /)");
+        }
+        let req = ResolveReq {
+            user: User::root(),
+            path: path.as_bytes().to_vec(),
+            follow,
+        };
+        self.call::<Resolve, _>(path, &req).await
+    }
+
+    async fn readlink(&self, path: &str, attr: &Attr) -> anyhow::Result<String> {
+        let req = StatReq {
+            user: User::root(),
+            ino: attr.ino,
+        };
+        let rsp: ReadlinkRsp = self.call::<Readlink, _>(path, &req).await?;
+        Ok(String::from_utf8_lossy(&rsp.target).into_owned())
+    }
+
+    async fn gc(&self, json: bool) -> anyhow::Result<()> {
+        let status: GcStatusRsp = self
+            .call::<GcStatus, _>("gc status", &GcStatusReq {})
+            .await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        } else {
+            println!("metadata service {}", self.meta);
+            println!("  queued           {}", status.queued);
+            println!("  due now          {}", status.due);
+            println!("  chunks removed   {}", status.chunks_removed);
+            println!("  inodes finished  {}", status.inodes_finished);
+        }
+        Ok(())
+    }
+
+    async fn ls(&self, path: &str, json: bool) -> anyhow::Result<()> {
+        let attr = self.resolve(path, true).await?;
+        let mut entries = Vec::new();
+        if attr.kind == FileType::Directory {
+            let mut after = Vec::new();
+            loop {
+                let req = ReaddirReq {
+                    user: User::root(),
+                    dir: attr.ino,
+                    after: after.clone(),
+                    limit: 1024,
+                    plus: true,
+                };
+                let page: ReaddirRsp = self.call::<Readdir, _>(path, &req).await?;
+                if let Some(last) = page.entries.last() {
+                    after = last.name.clone();
+                }
+                for entry in page.entries {
+                    let name = String::from_utf8_lossy(&entry.name).into_owned();
+                    let attr = match entry.attr {
+                        Some(attr) => attr,
+                        None => {
+                            let req = StatReq {
+                                user: User::root(),
+                                ino: entry.ino,
+                            };
+                            self.call::<Stat, _>(&name, &req).await?
+                        }
+                    };
+                    let target = if attr.kind == FileType::Symlink {
+                        Some(self.readlink(&name, &attr).await?)
+                    } else {
+                        None
+                    };
+                    entries.push(ListEntry { name, attr, target });
+                }
+                if !page.more || after.is_empty() {
+                    break;
+                }
+            }
+        } else {
+            let target = if attr.kind == FileType::Symlink {
+                Some(self.readlink(path, &attr).await?)
+            } else {
+                None
+            };
+            entries.push(ListEntry {
+                name: path.to_string(),
+                attr,
+                target,
+            });
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(&entries)?);
+        } else {
+            print!("{}", ls_lines(&entries));
+        }
+        Ok(())
+    }
+
+    async fn stat(&self, path: &str, json: bool) -> anyhow::Result<()> {
+        let attr = self.resolve(path, false).await?;
+        let target = if attr.kind == FileType::Symlink {
+            Some(self.readlink(path, &attr).await?)
+        } else {
+            None
+        };
+        let entry = ListEntry {
+            name: path.to_string(),
+            attr,
+            target,
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&entry)?);
+        } else {
+            print!("{}", stat_text(&entry));
+        }
+        Ok(())
+    }
+}
+
+/// An errno as words (`No such file or directory (ENOENT)` style, without
+/// the "os error" suffix).
+fn errno_text(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.rsplit_once(" (os error") {
+        Some((words, _)) => format!("{words} (errno {errno})"),
+        None => text,
+    }
+}
+
+/// `ls -l` lines: mode, links, owner, group, size, mtime, name.
+fn ls_lines(entries: &[ListEntry]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let size_width = entries
+        .iter()
+        .map(|e| e.attr.length.to_string().len())
+        .max()
+        .unwrap_or(1);
+    for entry in entries {
+        let a = &entry.attr;
+        let _ = write!(
+            out,
+            "{} {:>3} {:>5} {:>5} {:>size_width$} {} {}",
+            mode_string(a.kind, a.mode),
+            a.nlink,
+            a.uid,
+            a.gid,
+            a.length,
+            utc_time(a.mtime_ns, false),
+            entry.name
+        );
+        if let Some(target) = &entry.target {
+            let _ = write!(out, " -> {target}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `stat`'s view, with the layout of a file.
+fn stat_text(entry: &ListEntry) -> String {
+    use std::fmt::Write;
+    let a = &entry.attr;
+    let mut out = String::new();
+    let kind = match a.kind {
+        FileType::File => "regular file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symbolic link",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+        FileType::CharDevice => "character special file",
+        FileType::BlockDevice => "block special file",
+    };
+    let _ = write!(out, "  File: {}", entry.name);
+    if let Some(target) = &entry.target {
+        let _ = write!(out, " -> {target}");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "  Size: {:<12} Type: {kind}", a.length);
+    let _ = writeln!(out, " Inode: {:<#12x} Links: {}", a.ino.0, a.nlink);
+    let _ = writeln!(
+        out,
+        "Access: ({:04o}/{})  Uid: {}  Gid: {}",
+        a.mode & 0o7777,
+        mode_string(a.kind, a.mode),
+        a.uid,
+        a.gid
+    );
+    let _ = writeln!(out, "Access: {}", utc_time(a.atime_ns, true));
+    let _ = writeln!(out, "Modify: {}", utc_time(a.mtime_ns, true));
+    let _ = writeln!(out, "Change: {}", utc_time(a.ctime_ns, true));
+    if let Some(layout) = &a.layout {
+        let chains: Vec<String> = layout.chains.iter().map(|c| c.0.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "Layout: chain table {}, chunks of {} bytes, striped over chains {}",
+            layout.chain_table.0,
+            layout.chunk_size,
+            chains.join(",")
+        );
+        let _ = writeln!(out, "Truncate version: {}", a.truncate_version);
+    }
+    out
+}
+
+/// `drwxr-xr-x`, with setuid, setgid and sticky bits.
+fn mode_string(kind: FileType, mode: u32) -> String {
+    let mut out = String::with_capacity(10);
+    out.push(match kind {
+        FileType::File => '-',
+        FileType::Directory => 'd',
+        FileType::Symlink => 'l',
+        FileType::Fifo => 'p',
+        FileType::Socket => 's',
+        FileType::CharDevice => 'c',
+        FileType::BlockDevice => 'b',
+    });
+    let specials = [(0o4000, 's', 'S'), (0o2000, 's', 'S'), (0o1000, 't', 'T')];
+    for (who, (special, set, unset)) in specials.into_iter().enumerate() {
+        let bits = (mode >> (6 - 3 * who)) & 0o7;
+        out.push(if bits & 4 != 0 { 'r' } else { '-' });
+        out.push(if bits & 2 != 0 { 'w' } else { '-' });
+        let exec = bits & 1 != 0;
+        out.push(match (mode & special != 0, exec) {
+            (true, true) => set,
+            (true, false) => unset,
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
+    }
+    out
+}
+
+/// A timestamp in UTC: `2025-01-31 12:34` (or with seconds and
+/// nanoseconds when `full`).
+fn utc_time(ns: i64, full: bool) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let nanos = ns.rem_euclid(1_000_000_000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    if full {
+        format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{nanos:09} UTC")
+    } else {
+        format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}")
+    }
+}
+
+/// Days since 1970-01-01 to a (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// The routing information as text: nodes, chains (each member with its
@@ -359,5 +818,39 @@ mod tests {
         assert!(text.contains("11@1 serving, 12@2 offline"), "{text}");
         assert!(text.contains("targets in no chain: 13@2 disk 1"), "{text}");
         assert!(text.contains("chains 1"), "{text}");
+    }
+
+    #[test]
+    fn ls_and_stat_look_like_coreutils() {
+        assert_eq!(mode_string(FileType::Directory, 0o755), "drwxr-xr-x");
+        assert_eq!(mode_string(FileType::File, 0o4644), "-rwSr--r--");
+        assert_eq!(mode_string(FileType::Directory, 0o1777), "drwxrwxrwt");
+        assert_eq!(utc_time(0, false), "1970-01-01 00:00");
+        assert_eq!(
+            utc_time(1_709_210_096_500_000_000, true),
+            "2024-02-29 12:34:56.500000000 UTC"
+        );
+        let entry = ListEntry {
+            name: "link".into(),
+            attr: Attr {
+                kind: FileType::Symlink,
+                mode: 0o777,
+                nlink: 1,
+                length: 3,
+                ..Attr::default()
+            },
+            target: Some("abc".into()),
+        };
+        let line = ls_lines(std::slice::from_ref(&entry));
+        assert!(
+            line.starts_with("lrwxrwxrwx   1     0     0 3 1970-01-01 00:00 link -> abc"),
+            "{line}"
+        );
+        let text = stat_text(&entry);
+        assert!(text.contains("File: link -> abc"), "{text}");
+        assert!(text.contains("Type: symbolic link"), "{text}");
+        assert!(errno_text(2).starts_with("No such file or directory (errno 2)"));
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(human_bytes(12), "12 B");
     }
 }

@@ -14,6 +14,7 @@ mod daemon;
 mod meta_daemon;
 mod metrics;
 mod mount;
+mod procs;
 mod up;
 
 use std::path::PathBuf;

@@ -1,15 +1,890 @@
-//! `flyfs up` and `flyfs down`: a whole single-machine cluster.
+//! `flyfs up` and `flyfs down`: a whole single-machine cluster in one
+//! command. `up` lays out a data directory, formats three file-backed
+//! devices (fresh ones only), writes every daemon's config, starts the
+//! cluster manager, three storage nodes, the metadata service and the FUSE
+//! mount as detached processes of this executable, builds six three-replica
+//! chains on the first start, and waits until each daemon is ready. Running
+//! it again starts whatever is not running and changes nothing else; `down`
+//! stops everything in the reverse order (the mount first, so that it
+//! flushes while the cluster still serves).
+//!
+//! The data directory (default `/var/tmp/flyfs`):
+//!
+//! ```text
+//! etc/cluster.toml    the chosen base port and mount point (reused by later runs)
+//! etc/NAME.toml       each daemon's config, rewritten on every `up`
+//! log/NAME.log        each daemon's output (appended)
+//! run/NAME.pid        each running daemon's pid
+//! devices/storageN.img  the storage nodes' devices (sparse files)
+//! mgmtd/              the manager's cluster record
+//! meta/               the metadata service's embedded store
+//! ```
+//!
+//! Ports, from the base port B (default 7000): the manager B, the metadata
+//! service B+1, storage nodes B+2..=B+4; Prometheus metrics endpoints
+//! B+10 (manager), B+11 (metadata), B+12..=B+14 (storage), B+15 (mount).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use flyfs_chunk_engine::{EngineError, FormatOptions};
+use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, TargetId};
+use flyfs_rpc::wire::meta::{Statfs, StatfsReq};
+use flyfs_rpc::wire::mgmt::{
+    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
+    CreateTargetReq, PublicState, RoutingInfo,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::admin::Admin;
+use crate::procs::{self, Daemon, Stopped};
+
+const DEFAULT_DATA: &str = "/var/tmp/flyfs";
+const DEFAULT_MOUNT: &str = "/mnt/flyfs";
+const DEFAULT_PORT: u16 = 7000;
+/// Storage nodes (and so replicas per chain).
+const NODES: u32 = 3;
+/// Chains, all in chain table 1; chain `c`'s head is node `c % 3 + 1`.
+const CHAINS: u32 = 6;
+const CHAIN_TABLE: u32 = 1;
+/// The root's default layout: 1 MiB chunks (the devices hold chunks up to
+/// 4 MiB), each file striped over every chain.
+const CHUNK_SIZE: u32 = 1 << 20;
+const STRIPE: u32 = CHAINS;
+const CHUNK_SIZE_MAX: u64 = 4 << 20;
 
 #[derive(clap::Args, Debug)]
-pub(crate) struct UpArgs {}
-
-#[derive(clap::Args, Debug)]
-pub(crate) struct DownArgs {}
-
-pub(crate) fn up(_args: &UpArgs) -> anyhow::Result<()> {
-    anyhow::bail!("flyfs up is not built yet")
+pub(crate) struct UpArgs {
+    /// Directory for configs, devices, data, logs and pid files.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// Where to mount flyfs; created if missing [default: /mnt/flyfs, or
+    /// what this data directory used before].
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// First port: manager PORT, metadata PORT+1, storage PORT+2..=PORT+4,
+    /// metrics endpoints PORT+10..=PORT+15 [default: 7000, or what this data
+    /// directory used before].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Size of each of the three file-backed devices (sparse); only used
+    /// when a device is created.
+    #[arg(long, default_value = "4GiB", value_parser = crate::bench::parse_size)]
+    device_size: u64,
+    /// Start no FUSE mount (a server without FUSE): storage and metadata only.
+    #[arg(long)]
+    no_mount: bool,
+    /// How long to wait for each daemon to become ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
-pub(crate) fn down(_args: &DownArgs) -> anyhow::Result<()> {
-    anyhow::bail!("flyfs down is not built yet")
+#[derive(clap::Args, Debug)]
+pub(crate) struct DownArgs {
+    /// The data directory `flyfs up` used.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// How long each daemon gets to exit after SIGTERM before SIGKILL, in
+    /// seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+/// `etc/cluster.toml`: what later runs on the same data directory reuse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    port: u16,
+    mount_point: PathBuf,
+}
+
+/// The data directory's layout and the cluster's addresses.
+#[derive(Clone, Debug)]
+struct Layout {
+    data: PathBuf,
+    port: u16,
+    mount_point: PathBuf,
+}
+
+/// What one daemon is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Mgmtd,
+    Meta,
+    Storage(u32),
+    Mount,
+}
+
+impl Kind {
+    /// In start order.
+    fn all() -> Vec<Kind> {
+        let mut kinds = vec![Kind::Mgmtd];
+        kinds.extend((1..=NODES).map(Kind::Storage));
+        kinds.extend([Kind::Meta, Kind::Mount]);
+        kinds
+    }
+
+    fn name(self) -> String {
+        match self {
+            Kind::Mgmtd => "mgmtd".into(),
+            Kind::Meta => "meta".into(),
+            Kind::Storage(n) => format!("storage{n}"),
+            Kind::Mount => "mount".into(),
+        }
+    }
+
+    fn subcommand(self) -> &'static str {
+        match self {
+            Kind::Mgmtd => "mgmtd",
+            Kind::Meta => "meta",
+            Kind::Storage(_) => "storage",
+            Kind::Mount => "mount",
+        }
+    }
+}
+
+impl Layout {
+    fn etc(&self) -> PathBuf {
+        self.data.join("etc")
+    }
+
+    fn config(&self, kind: Kind) -> PathBuf {
+        self.etc().join(format!("{}.toml", kind.name()))
+    }
+
+    fn device(&self, node: u32) -> PathBuf {
+        self.data.join("devices").join(format!("storage{node}.img"))
+    }
+
+    /// The RPC port, if the daemon serves RPCs.
+    fn rpc_port(&self, kind: Kind) -> Option<u16> {
+        match kind {
+            Kind::Mgmtd => Some(self.port),
+            Kind::Meta => Some(self.port + 1),
+            Kind::Storage(n) => Some(self.port + 1 + n as u16),
+            Kind::Mount => None,
+        }
+    }
+
+    fn metrics_port(&self, kind: Kind) -> u16 {
+        self.port
+            + match kind {
+                Kind::Mgmtd => 10,
+                Kind::Meta => 11,
+                Kind::Storage(n) => 11 + n as u16,
+                Kind::Mount => 15,
+            }
+    }
+
+    fn addr(port: u16) -> String {
+        format!("127.0.0.1:{port}")
+    }
+
+    fn mgmt(&self) -> String {
+        Self::addr(self.port)
+    }
+
+    fn meta(&self) -> String {
+        Self::addr(self.port + 1)
+    }
+
+    fn daemon(&self, kind: Kind) -> anyhow::Result<Daemon> {
+        let config = self.config(kind);
+        Ok(Daemon {
+            name: kind.name(),
+            program: std::env::current_exe().context("finding this executable")?,
+            args: vec![
+                kind.subcommand().into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            log: self.data.join("log").join(format!("{}.log", kind.name())),
+            pid_file: self.data.join("run").join(format!("{}.pid", kind.name())),
+            marker: config.display().to_string(),
+        })
+    }
+
+    /// Every daemon's config text.
+    fn config_text(&self, kind: Kind) -> String {
+        let header = format!(
+            "# Written by `flyfs up` (rewritten on every run: edit the flags, not this file).\n\
+             metrics_listen = \"{}\"\n",
+            Self::addr(self.metrics_port(kind))
+        );
+        let body = match kind {
+            Kind::Mgmtd => format!(
+                "listen = \"{}\"\ndata_dir = {}\n",
+                self.mgmt(),
+                toml_path(&self.data.join("mgmtd"))
+            ),
+            Kind::Storage(node) => format!(
+                "node_id = {node}\nlisten = \"{}\"\nmgmt_addrs = [\"{}\"]\ndevices = [{}]\n",
+                Self::addr(self.rpc_port(kind).unwrap_or_default()),
+                self.mgmt(),
+                toml_path(&self.device(node))
+            ),
+            Kind::Meta => format!(
+                "listen = \"{}\"\nmgmt = \"{}\"\ndata_dir = {}\nchain_table = {CHAIN_TABLE}\n\
+                 chunk_size = {CHUNK_SIZE}\nstripe = {STRIPE}\n",
+                self.meta(),
+                self.mgmt(),
+                toml_path(&self.data.join("meta"))
+            ),
+            Kind::Mount => format!(
+                "mount_point = {}\nmgmt = [\"{}\"]\nmeta = [\"{}\"]\n",
+                toml_path(&self.mount_point),
+                self.mgmt(),
+                self.meta()
+            ),
+        };
+        header + &body
+    }
+}
+
+/// A path as a TOML string.
+fn toml_path(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
+/// The data directory, absolute (the daemons run from anywhere).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
+    let data = absolute(&args.data)?;
+    for sub in ["etc", "log", "run", "devices", "mgmtd", "meta"] {
+        let dir = data.join(sub);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let cluster_file = data.join("etc").join("cluster.toml");
+    let before = read_cluster_file(&cluster_file)?;
+    let port = args
+        .port
+        .or(before.as_ref().map(|c| c.port))
+        .unwrap_or(DEFAULT_PORT);
+    if port.checked_add(15).is_none() || port == 0 {
+        bail!("--port {port}: the cluster needs ports {port} to {port}+15");
+    }
+    let mount_point = match &args.mount {
+        Some(mount) => absolute(mount)?,
+        None => before
+            .as_ref()
+            .map_or_else(|| PathBuf::from(DEFAULT_MOUNT), |c| c.mount_point.clone()),
+    };
+    let layout = Layout {
+        data: data.clone(),
+        port,
+        mount_point,
+    };
+    let mut daemons = BTreeMap::new();
+    for kind in Kind::all() {
+        daemons.insert(kind.name(), layout.daemon(kind)?);
+    }
+    let running = |kind: Kind| daemons[&kind.name()].running();
+    // A running cluster keeps its ports and mount point until it is down.
+    if let Some(before) = &before
+        && (before.port != layout.port || before.mount_point != layout.mount_point)
+        && let Some(kind) = Kind::all().into_iter().find(|k| running(*k).is_some())
+    {
+        bail!(
+            "the cluster in {} runs on port {} with mount point {} ({} is running); \
+             stop it first (`flyfs down --data {}`) to change them",
+            data.display(),
+            before.port,
+            before.mount_point.display(),
+            kind.name(),
+            data.display()
+        );
+    }
+    let wanted: Vec<Kind> = Kind::all()
+        .into_iter()
+        .filter(|k| !(args.no_mount && *k == Kind::Mount))
+        .collect();
+    // Ports of the daemons to start must be free (those of our running
+    // daemons are theirs).
+    for kind in &wanted {
+        if running(*kind).is_some() {
+            continue;
+        }
+        let ports = layout
+            .rpc_port(*kind)
+            .into_iter()
+            .chain([layout.metrics_port(*kind)]);
+        for port in ports {
+            if let Err(error) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                bail!(
+                    "port {port} (for {}) is in use by another program ({error}); \
+                     choose another range with --port (the cluster uses --port to --port+15)",
+                    kind.name()
+                );
+            }
+        }
+    }
+    procs::write_atomically(
+        &cluster_file,
+        toml::to_string(&ClusterFile {
+            port: layout.port,
+            mount_point: layout.mount_point.clone(),
+        })?
+        .as_bytes(),
+    )?;
+    // A running node's device is its own: left alone.
+    for node in 1..=NODES {
+        if running(Kind::Storage(node)).is_none() {
+            ensure_device(&layout.device(node), args.device_size)?;
+        }
+    }
+    for kind in Kind::all() {
+        procs::write_atomically(&layout.config(kind), layout.config_text(kind).as_bytes())?;
+    }
+    let timeout = Duration::from_secs(args.timeout);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut starter = Starter {
+        daemons: &daemons,
+        children: BTreeMap::new(),
+        started: Vec::new(),
+        timeout,
+    };
+    let admin = Admin::new(&[layout.mgmt()], Duration::from_secs(2));
+
+    starter.start(Kind::Mgmtd)?;
+    runtime.block_on(
+        starter.wait(Kind::Mgmtd, "the cluster manager to answer", || async {
+            admin.routing().await.map(drop)
+        }),
+    )?;
+    for node in 1..=NODES {
+        starter.start(Kind::Storage(node))?;
+    }
+    let nodes: Vec<Kind> = (1..=NODES).map(Kind::Storage).collect();
+    runtime.block_on(
+        starter.wait_all(&nodes, "the storage nodes to register", || async {
+            let routing = admin.routing().await?;
+            let alive = routing.nodes.iter().filter(|n| n.alive).count();
+            if alive < NODES as usize {
+                bail!("{alive} of {NODES} storage nodes registered and alive");
+            }
+            Ok(())
+        }),
+    )?;
+    let created = runtime.block_on(ensure_chains(&admin))?;
+    runtime.block_on(starter.wait_all(&nodes, "every target to serve", || async {
+        let routing = admin.routing().await?;
+        let not_serving: Vec<String> = routing
+            .targets
+            .iter()
+            .filter(|t| t.chain.is_some() && t.state != PublicState::Serving)
+            .map(|t| format!("{} {}", t.id.0, t.state))
+            .collect();
+        if !not_serving.is_empty() {
+            bail!("targets not serving yet: {}", not_serving.join(", "));
+        }
+        Ok(())
+    }))?;
+    starter.start(Kind::Meta)?;
+    let (rpc, options) = admin.rpc();
+    let meta = layout.meta();
+    runtime.block_on(
+        starter.wait(Kind::Meta, "the metadata service to answer", || async {
+            let (rsp, _) = rpc
+                .call::<Statfs>(&meta, &StatfsReq::default(), Bytes::new(), options)
+                .await?;
+            rsp.map(drop).map_err(|e| anyhow::anyhow!("statfs: {e}"))
+        }),
+    )?;
+    if !args.no_mount {
+        prepare_mount_point(&layout.mount_point, daemons["mount"].running().is_some())?;
+        starter.start(Kind::Mount)?;
+        let point = layout.mount_point.clone();
+        runtime.block_on(
+            starter.wait(Kind::Mount, "the FUSE mount to appear", || async {
+                if mounted(&point)?.is_some_and(|fs| is_flyfs(&fs)) {
+                    Ok(())
+                } else {
+                    bail!("{} is not a flyfs FUSE mount yet", point.display())
+                }
+            }),
+        )?;
+    }
+    let started = std::mem::take(&mut starter.started);
+    drop(starter);
+    print_summary(&layout, &daemons, &wanted, &started, created, args.no_mount);
+    Ok(())
+}
+
+/// Starts daemons and waits for them, noticing one that exits early.
+struct Starter<'a> {
+    daemons: &'a BTreeMap<String, Daemon>,
+    /// The daemons this run started, to notice an early exit.
+    children: BTreeMap<String, Child>,
+    /// Their names, in start order.
+    started: Vec<String>,
+    timeout: Duration,
+}
+
+impl Starter<'_> {
+    /// Starts `kind` unless it runs already.
+    fn start(&mut self, kind: Kind) -> anyhow::Result<()> {
+        let daemon = &self.daemons[&kind.name()];
+        if daemon.running().is_some() {
+            return Ok(());
+        }
+        let child = daemon.spawn()?;
+        self.children.insert(daemon.name.clone(), child);
+        self.started.push(daemon.name.clone());
+        Ok(())
+    }
+
+    /// Polls `ready` until it succeeds, `kind` exits or the timeout passes;
+    /// the error names the daemon and its log.
+    async fn wait<F, Fut>(&mut self, kind: Kind, what: &str, ready: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        self.wait_all(&[kind], what, ready).await
+    }
+
+    async fn wait_all<F, Fut>(
+        &mut self,
+        kinds: &[Kind],
+        what: &str,
+        mut ready: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let last = match ready().await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            for kind in kinds {
+                let daemon = &self.daemons[&kind.name()];
+                if let Some(child) = self.children.get_mut(&daemon.name)
+                    && let Some(status) = child.try_wait().context("waiting for a daemon")?
+                {
+                    bail!(
+                        "{} exited ({status}) while waiting for {what}; see its log {}{}",
+                        daemon.name,
+                        daemon.log.display(),
+                        log_tail(&daemon.log)
+                    );
+                }
+            }
+            if Instant::now() >= deadline {
+                let names: Vec<String> = kinds.iter().map(|k| k.name()).collect();
+                let logs: Vec<String> = kinds
+                    .iter()
+                    .map(|k| self.daemons[&k.name()].log.display().to_string())
+                    .collect();
+                let tail = match kinds {
+                    [kind] => log_tail(&self.daemons[&kind.name()].log),
+                    _ => String::new(),
+                };
+                bail!(
+                    "{} not ready after {:?}: timed out waiting for {what} (last: {last:#}); \
+                     see {}{tail}",
+                    names.join(", "),
+                    self.timeout,
+                    logs.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The last lines of a log, indented, for an error message.
+fn log_tail(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    format!("; its last lines:\n    {}", tail.join("\n    "))
+}
+
+fn read_cluster_file(path: &Path) -> anyhow::Result<Option<ClusterFile>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("{} is invalid", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Creates and formats a new device; leaves a formatted one alone (the
+/// engine refuses to format over itself, which is how one is recognised).
+fn ensure_device(path: &Path, size: u64) -> anyhow::Result<()> {
+    let options = FormatOptions {
+        chunk_size_max: CHUNK_SIZE_MAX,
+        ..FormatOptions::default()
+    };
+    let size = if path.exists() {
+        None
+    } else {
+        if !size.is_multiple_of(4096) {
+            bail!("--device-size {size} is not a multiple of 4096");
+        }
+        Some(size)
+    };
+    match crate::format(path.to_path_buf(), size, &options) {
+        Ok(()) => Ok(()),
+        Err(error)
+            if matches!(
+                error.downcast_ref::<EngineError>(),
+                Some(EngineError::AlreadyFormatted { damaged: false, .. })
+            ) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error).with_context(|| format!("preparing device {}", path.display())),
+    }
+}
+
+/// The target of chain `chain` on node `node`.
+fn target_id(chain: u32, node: u32) -> TargetId {
+    TargetId(u64::from(chain) * 100 + u64::from(node))
+}
+
+/// Chain `chain`'s nodes, head first: the heads rotate over the nodes.
+fn chain_nodes(chain: u32) -> Vec<u32> {
+    (0..NODES).map(|r| (chain + r) % NODES + 1).collect()
+}
+
+/// Creates whatever of the targets, chains and chain table is missing
+/// (all of it on the first start, nothing afterwards); whether it created
+/// anything.
+async fn ensure_chains(admin: &Admin) -> anyhow::Result<bool> {
+    let routing: RoutingInfo = admin.routing().await?;
+    let mut created = false;
+    for chain in 1..=CHAINS {
+        if routing.chains.iter().any(|c| c.id == ChainId(chain)) {
+            continue;
+        }
+        let nodes = chain_nodes(chain);
+        for &node in &nodes {
+            let target = target_id(chain, node);
+            if routing.target(target).is_none() {
+                let req = CreateTargetReq {
+                    target,
+                    node: NodeId(node),
+                    disk: 0,
+                };
+                admin.mutate::<CreateTarget>("create-target", &req).await?;
+            }
+        }
+        let req = CreateChainReq {
+            chain: ChainId(chain),
+            targets: nodes.iter().map(|&n| target_id(chain, n)).collect(),
+        };
+        admin.mutate::<CreateChain>("create-chain", &req).await?;
+        created = true;
+    }
+    if !routing
+        .tables
+        .iter()
+        .any(|t| t.id == ChainTableId(CHAIN_TABLE))
+    {
+        let req = CreateChainTableReq {
+            table: ChainTableId(CHAIN_TABLE),
+            chains: (1..=CHAINS).map(ChainId).collect(),
+        };
+        admin
+            .mutate::<CreateChainTable>("create-table", &req)
+            .await?;
+        created = true;
+    }
+    Ok(created)
+}
+
+/// A mount at `point`, from /proc/self/mountinfo: (fstype, source).
+fn mounted(point: &Path) -> anyhow::Result<Option<(String, String)>> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(find_mount(&info, point))
+}
+
+/// The last (topmost) mount at `point` in mountinfo text.
+fn find_mount(info: &str, point: &Path) -> Option<(String, String)> {
+    let point = point.to_string_lossy();
+    let point = point.trim_end_matches('/');
+    let point = if point.is_empty() { "/" } else { point };
+    info.lines()
+        .rev()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let at = fields.get(4)?;
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(dash + 1)?;
+            let source = fields.get(dash + 2).copied().unwrap_or("");
+            (unescape(at) == point).then(|| (unescape(fstype), unescape(source)))
+        })
+        .next()
+}
+
+/// mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(digits) = bytes.get(i + 1..i + 4)
+            && let Some(value) = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_flyfs((fstype, source): &(String, String)) -> bool {
+    fstype == "fuse.flyfs" || (fstype.starts_with("fuse") && source == "flyfs")
+}
+
+/// Makes sure `point` exists and is free for the mount daemon: a flyfs
+/// mount left behind by a mount daemon that died is unmounted (lazily).
+fn prepare_mount_point(point: &Path, daemon_running: bool) -> anyhow::Result<()> {
+    if daemon_running {
+        return Ok(());
+    }
+    if let Some(fs) = mounted(point)? {
+        if !is_flyfs(&fs) {
+            bail!(
+                "{} already has a {} file system mounted on it; choose another --mount",
+                point.display(),
+                fs.0
+            );
+        }
+        println!(
+            "{}: unmounting a flyfs mount whose daemon is gone",
+            point.display()
+        );
+        lazy_unmount(point)?;
+    }
+    std::fs::create_dir_all(point).with_context(|| format!("creating {}", point.display()))
+}
+
+fn lazy_unmount(point: &Path) -> anyhow::Result<()> {
+    let status = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(point)
+        .status()
+        .context("running umount -l")?;
+    if !status.success() {
+        bail!("umount -l {} failed ({status})", point.display());
+    }
+    Ok(())
+}
+
+fn print_summary(
+    layout: &Layout,
+    daemons: &BTreeMap<String, Daemon>,
+    wanted: &[Kind],
+    started: &[String],
+    created: bool,
+    no_mount: bool,
+) {
+    println!("flyfs is up: data in {}", layout.data.display());
+    if no_mount {
+        println!("not mounted (--no-mount)");
+    } else {
+        println!("mounted at {}", layout.mount_point.display());
+    }
+    if created {
+        println!(
+            "created {CHAINS} chains of {NODES} replicas in chain table {CHAIN_TABLE} \
+             (chunks {} KiB, files striped over {STRIPE} chains)",
+            CHUNK_SIZE >> 10
+        );
+    }
+    println!();
+    println!(
+        "  {:<9} {:<16} {:>8}  {:<8} {:<37} log",
+        "daemon", "address", "pid", "", "metrics"
+    );
+    for kind in wanted {
+        let daemon = &daemons[&kind.name()];
+        let address = match kind {
+            Kind::Mount => layout.mount_point.display().to_string(),
+            _ => Layout::addr(layout.rpc_port(*kind).unwrap_or_default()),
+        };
+        let pid = daemon
+            .running()
+            .map_or_else(|| "-".to_string(), |p| p.to_string());
+        let how = if started.contains(&daemon.name) {
+            "started"
+        } else {
+            "running"
+        };
+        println!(
+            "  {:<9} {:<16} {:>8}  {:<8} {:<37} {}",
+            daemon.name,
+            address,
+            pid,
+            how,
+            format!(
+                "http://{}/metrics",
+                Layout::addr(layout.metrics_port(*kind))
+            ),
+            daemon.log.display()
+        );
+    }
+    println!();
+    println!(
+        "status:  flyfs admin --mgmt {} status",
+        Layout::addr(layout.port)
+    );
+    println!(
+        "files:   flyfs admin --meta {} ls /",
+        Layout::addr(layout.port + 1)
+    );
+    println!("stop:    flyfs down --data {}", layout.data.display());
+}
+
+pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
+    let data = absolute(&args.data)?;
+    let Some(cluster) = read_cluster_file(&data.join("etc").join("cluster.toml"))? else {
+        println!(
+            "nothing to stop: {} holds no cluster of `flyfs up`",
+            data.display()
+        );
+        return Ok(());
+    };
+    let layout = Layout {
+        data: data.clone(),
+        port: cluster.port,
+        mount_point: cluster.mount_point,
+    };
+    let grace = Duration::from_secs(args.timeout);
+    // The mount first: it flushes what it buffered while the cluster still
+    // serves; then its clients' services, the manager last.
+    let mut order = vec![Kind::Mount, Kind::Meta];
+    order.extend((1..=NODES).map(Kind::Storage));
+    order.push(Kind::Mgmtd);
+    let mut stopped_any = false;
+    for kind in order {
+        let daemon = layout.daemon(kind)?;
+        // The mount daemon unmounts and flushes on SIGTERM: it gets longer.
+        let grace = if kind == Kind::Mount {
+            grace * 2
+        } else {
+            grace
+        };
+        match daemon.stop(grace)? {
+            Some(Stopped::Exited { pid, after }) => {
+                stopped_any = true;
+                println!(
+                    "stopped {} (pid {pid}) in {:.1} s",
+                    daemon.name,
+                    after.as_secs_f64()
+                );
+            }
+            Some(Stopped::Killed { pid }) => {
+                stopped_any = true;
+                println!("killed {} (pid {pid})", daemon.name);
+            }
+            None => {}
+        }
+        if kind == Kind::Mount
+            && let Some(fs) = mounted(&layout.mount_point)?
+            && is_flyfs(&fs)
+        {
+            lazy_unmount(&layout.mount_point)?;
+            println!(
+                "{} was still mounted: unmounted it (lazily)",
+                layout.mount_point.display()
+            );
+        }
+    }
+    if !stopped_any {
+        println!("nothing was running");
+    }
+    println!(
+        "flyfs is down (data kept in {}; `flyfs up --data {}` brings it back)",
+        data.display(),
+        data.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_rotate_their_heads_over_distinct_nodes() {
+        let heads: Vec<u32> = (1..=CHAINS).map(|c| chain_nodes(c)[0]).collect();
+        assert_eq!(heads, [2, 3, 1, 2, 3, 1]);
+        for chain in 1..=CHAINS {
+            let mut nodes = chain_nodes(chain);
+            nodes.sort_unstable();
+            assert_eq!(nodes, [1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn mountinfo_finds_the_topmost_mount_with_escapes() {
+        let info = "\
+36 25 0:32 / /mnt/fly\\040fs rw,relatime shared:1 - ext4 /dev/vda rw
+37 36 0:33 / /mnt/fly\\040fs rw,nosuid,nodev,relatime shared:2 - fuse.flyfs flyfs rw,user_id=0
+38 25 0:34 / /var rw - tmpfs tmpfs rw
+";
+        let found = find_mount(info, Path::new("/mnt/fly fs/")).expect("found");
+        assert_eq!(found, ("fuse.flyfs".to_string(), "flyfs".to_string()));
+        assert!(is_flyfs(&found));
+        assert_eq!(find_mount(info, Path::new("/mnt")), None);
+        let var = find_mount(info, Path::new("/var")).expect("var");
+        assert!(!is_flyfs(&var));
+    }
+
+    #[test]
+    fn configs_parse_as_their_daemons_read_them() {
+        let layout = Layout {
+            data: PathBuf::from("/data dir"),
+            port: 7100,
+            mount_point: PathBuf::from("/mnt/x"),
+        };
+        let mgmtd = crate::config::MgmtdConfig::parse(&layout.config_text(Kind::Mgmtd))
+            .expect("mgmtd config");
+        assert_eq!(mgmtd.listen, "127.0.0.1:7100");
+        assert_eq!(mgmtd.metrics_listen.as_deref(), Some("127.0.0.1:7110"));
+        let storage =
+            crate::config::StorageDaemonConfig::parse(&layout.config_text(Kind::Storage(3)))
+                .expect("storage config");
+        assert_eq!(storage.listen, "127.0.0.1:7104");
+        assert_eq!(storage.metrics_listen.as_deref(), Some("127.0.0.1:7114"));
+        assert_eq!(
+            storage.devices,
+            [PathBuf::from("/data dir/devices/storage3.img")]
+        );
+        let meta = crate::meta_daemon::MetaDaemonConfig::parse(&layout.config_text(Kind::Meta))
+            .expect("meta config");
+        assert_eq!(meta.listen, "127.0.0.1:7101");
+        assert_eq!(meta.stripe, STRIPE);
+        let mount: toml::Table = toml::from_str(&layout.config_text(Kind::Mount)).expect("toml");
+        assert_eq!(mount["mount_point"].as_str(), Some("/mnt/x"));
+        assert_eq!(mount["metrics_listen"].as_str(), Some("127.0.0.1:7115"));
+    }
 }
