@@ -1,7 +1,458 @@
 //! `flyfs mount --config F`: the FUSE daemon and its config.
+//!
+//! Here the FUSE file system ([`flyfs_client::fuse`]) is wired to real TCP
+//! clients of the metadata service and the storage chains, and given what a
+//! process needs around it: a stale mount left by a crashed daemon is
+//! cleared first, SIGTERM and SIGINT write out every buffered byte and
+//! unmount (lazily, and saying so, when files are still open), and an
+//! external `umount` ends the daemon cleanly.
+//!
+//! Config keys (deploy/mount.toml lists them with their defaults):
+//! `mount_point` (required), `mgmt`, `meta`, `client_id`, `threads`,
+//! `attr_timeout_ms`, `entry_timeout_ms`, `default_permissions`,
+//! `allow_other`, `write_buffer_bytes`, `write_flushes_in_flight`,
+//! `readahead_bytes_max`, `kernel_readahead_bytes`, `metrics_listen`.
+//! Unknown keys are refused; errors name the file, the key and the problem.
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub(crate) fn run(config: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("{}: flyfs mount is not built yet", config.display())
+use anyhow::{Context, bail};
+use flyfs_client::fuse::FuseOptions;
+use flyfs_client::{FsClient, FsConfig};
+use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
+use flyfs_rpc::Tcp;
+use flyfs_rpc::ids::ClientId;
+use flyfs_rpc::wire::meta::User;
+use serde::Deserialize;
+
+/// How long startup waits for the manager's routing and the metadata
+/// service before giving up with an error naming them.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for requests being served to finish.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// `flyfs mount`: one FUSE mount.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// Where to mount (an existing directory).
+    pub mount_point: PathBuf,
+    /// The cluster managers (`host:port`), for the storage routing.
+    #[serde(default = "default_mgmt")]
+    pub mgmt: Vec<String>,
+    /// Metadata service instances (`host:port`), tried in turn.
+    #[serde(default = "default_meta")]
+    pub meta: Vec<String>,
+    /// This client's id in write sessions; 0 picks a random one.
+    #[serde(default)]
+    pub client_id: u64,
+    /// Threads reading FUSE requests (the work runs on the tokio runtime).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long the kernel may cache attributes and names.
+    #[serde(default = "default_timeout_ms")]
+    pub attr_timeout_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub entry_timeout_ms: u64,
+    /// The kernel checks permissions (the metadata service always does).
+    #[serde(default = "default_true")]
+    pub default_permissions: bool,
+    /// Users other than root may use the mount.
+    #[serde(default = "default_true")]
+    pub allow_other: bool,
+    /// The client's write-back buffer per open file, buffers in flight
+    /// per file, and the most it reads ahead (see `FsConfig`).
+    #[serde(default = "default_write_buffer_bytes")]
+    pub write_buffer_bytes: usize,
+    #[serde(default = "default_write_flushes_in_flight")]
+    pub write_flushes_in_flight: usize,
+    #[serde(default = "default_readahead_bytes_max")]
+    pub readahead_bytes_max: u64,
+    /// The kernel's read-ahead on the mount (its `read_ahead_kb`); 0
+    /// leaves the kernel's default.
+    #[serde(default = "default_kernel_readahead_bytes")]
+    pub kernel_readahead_bytes: u64,
+    /// Where to serve Prometheus metrics (`host:port`); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+}
+
+fn default_mgmt() -> Vec<String> {
+    vec!["127.0.0.1:7000".into()]
+}
+fn default_meta() -> Vec<String> {
+    vec!["127.0.0.1:7001".into()]
+}
+fn default_threads() -> usize {
+    4
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_write_buffer_bytes() -> usize {
+    FsConfig::default().write_buffer_bytes
+}
+fn default_write_flushes_in_flight() -> usize {
+    FsConfig::default().write_flushes_in_flight
+}
+fn default_readahead_bytes_max() -> u64 {
+    FsConfig::default().readahead_bytes_max
+}
+fn default_kernel_readahead_bytes() -> u64 {
+    1 << 20
+}
+
+impl MountConfig {
+    /// Reads and checks `path`; a relative `mount_point` is taken from the
+    /// config file's directory.
+    pub fn load(path: &Path) -> anyhow::Result<MountConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("config file {} is invalid", path.display()))?;
+        if config.mount_point.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            // Absolute, so that logs and `mount` show the same path.
+            let joined = dir.join(&config.mount_point);
+            config.mount_point = std::path::absolute(&joined).unwrap_or(joined);
+        }
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<MountConfig> {
+        let config: MountConfig = toml::from_str(text)?;
+        if config.mount_point.as_os_str().is_empty() {
+            bail!("key `mount_point`: is empty");
+        }
+        for (key, addrs) in [("mgmt", &config.mgmt), ("meta", &config.meta)] {
+            if addrs.is_empty() {
+                bail!("key `{key}`: lists no address");
+            }
+            if addrs.iter().any(String::is_empty) {
+                bail!("key `{key}`: has an empty address");
+            }
+        }
+        if config.threads == 0 {
+            bail!("key `threads`: must be at least 1");
+        }
+        if config.write_buffer_bytes == 0 {
+            bail!("key `write_buffer_bytes`: must be at least 1");
+        }
+        if config.write_flushes_in_flight == 0 {
+            bail!("key `write_flushes_in_flight`: must be at least 1");
+        }
+        if !config.kernel_readahead_bytes.is_multiple_of(1024) {
+            bail!("key `kernel_readahead_bytes`: must be a multiple of 1024");
+        }
+        if config.metrics_listen.as_deref() == Some("") {
+            bail!("key `metrics_listen`: is empty (leave it out for no metrics)");
+        }
+        Ok(config)
+    }
+
+    fn fs_config(&self) -> FsConfig {
+        FsConfig {
+            write_buffer_bytes: self.write_buffer_bytes,
+            write_flushes_in_flight: self.write_flushes_in_flight,
+            readahead_bytes_max: self.readahead_bytes_max,
+            ..FsConfig::default()
+        }
+    }
+
+    fn fuse_options(&self) -> FuseOptions {
+        FuseOptions {
+            attr_ttl: Duration::from_millis(self.attr_timeout_ms),
+            entry_ttl: Duration::from_millis(self.entry_timeout_ms),
+            default_permissions: self.default_permissions,
+            allow_other: self.allow_other,
+            threads: self.threads,
+            ..FuseOptions::default()
+        }
+    }
+}
+
+/// `flyfs mount --config F`: mounts until SIGTERM or SIGINT (or an external
+/// `umount`), then writes out what is buffered and unmounts.
+pub(crate) fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = MountConfig::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("flyfs-fuse-worker")
+        .build()
+        .context("starting the tokio runtime")?;
+    // Handlers first: a signal during startup then ends the daemon through
+    // the same orderly path.
+    let stop = {
+        let _guard = runtime.enter();
+        crate::daemon::Stop::install()?
+    };
+    if let Some(listen) = &config.metrics_listen {
+        let _guard = runtime.enter();
+        crate::metrics::serve(listen)
+            .with_context(|| format!("key `metrics_listen`: cannot serve metrics on {listen}"))?;
+    }
+    let client = runtime.block_on(connect(&config))?;
+    prepare_mount_point(&config.mount_point)?;
+    let mut mount = flyfs_client::fuse::mount(
+        client.clone(),
+        runtime.handle().clone(),
+        &config.mount_point,
+        &config.fuse_options(),
+    )
+    .with_context(|| format!("cannot mount at {}", config.mount_point.display()))?;
+    let shown = config.mount_point.display();
+    tracing::info!(
+        meta = %config.meta.join(","),
+        mgmt = %config.mgmt.join(","),
+        "mounted at {shown}"
+    );
+    if config.kernel_readahead_bytes > 0 {
+        set_kernel_readahead(&config.mount_point, config.kernel_readahead_bytes);
+    }
+    runtime.block_on(async {
+        let why = tokio::select! {
+            why = stop.wait() => why,
+            ended = mount.ended() => {
+                // Unmounted under us (`umount`, `fusermount -u`): nothing
+                // can reach the buffers any more but this flush.
+                if let Err(e) = ended {
+                    tracing::warn!("the FUSE session at {shown} failed: {e}");
+                }
+                tracing::info!("{shown} was unmounted, stopping");
+                flush_all(&client).await;
+                return Ok(());
+            }
+        };
+        tracing::info!("mount at {shown}: {why}, unmounting");
+        flush_all(&client).await;
+        let lazy = match mount.unmount() {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+                tracing::warn!(
+                    "{shown} is busy (files or directories open there): detaching it lazily; \
+                     processes using it will get errors"
+                );
+                lazy_unmount(&config.mount_point)?;
+                true
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("cannot unmount {shown}"));
+            }
+        };
+        // Requests already taken from the kernel finish, then whatever
+        // they buffered is written out.
+        if tokio::time::timeout(SHUTDOWN_PATIENCE, mount.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still running after {SHUTDOWN_PATIENCE:?}; stopping anyway");
+        }
+        flush_all(&client).await;
+        if !lazy
+            && tokio::time::timeout(Duration::from_secs(5), mount.ended())
+                .await
+                .is_err()
+        {
+            tracing::warn!("the FUSE session did not end after the unmount");
+        }
+        tracing::info!("unmounted {shown}");
+        Ok(())
+    })
+}
+
+async fn flush_all(client: &FsClient<Tcp>) {
+    if let Err(e) = client.flush_all().await {
+        tracing::error!("writing out buffered data failed: {e}");
+    }
+}
+
+/// Builds the clients and checks that the manager and the metadata
+/// service answer, so that a mount never appears that cannot serve.
+async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
+    let client_id = match config.client_id {
+        0 => rand::random::<u64>() | 1,
+        id => id,
+    };
+    let mut storage_config = ClientConfig::new(config.mgmt[0].clone(), ClientId(client_id));
+    storage_config.mgmt_addrs = config.mgmt.clone();
+    let storage = StorageClient::new(storage_config, Tcp);
+    let deadline = Instant::now() + STARTUP_PATIENCE;
+    let mut last_warning = Instant::now();
+    loop {
+        match storage.refresh_routing().await {
+            Ok(_) => break,
+            Err(e) if Instant::now() >= deadline => {
+                bail!(
+                    "key `mgmt`: no routing from the manager at {} after {STARTUP_PATIENCE:?}: {e}",
+                    config.mgmt.join(", ")
+                );
+            }
+            Err(e) => {
+                if last_warning.elapsed() >= Duration::from_secs(5) {
+                    tracing::warn!("waiting for the manager at {}: {e}", config.mgmt.join(", "));
+                    last_warning = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let mut meta_config = MetaClientConfig::new(config.meta.clone());
+    meta_config.op_deadline = STARTUP_PATIENCE;
+    let probe = MetaClient::new(Tcp, meta_config);
+    probe
+        .call::<flyfs_rpc::wire::meta::Statfs, _>(&flyfs_rpc::wire::meta::StatfsReq {
+            user: User::root(),
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "key `meta`: the metadata service at {} does not answer",
+                config.meta.join(", ")
+            )
+        })?;
+    let meta = MetaClient::new(Tcp, MetaClientConfig::new(config.meta.clone()));
+    let client = FsClient::new(
+        meta,
+        storage.clone(),
+        ClientId(client_id),
+        config.fs_config(),
+    );
+    // Chain tables change (new tables, failed-over chains): keep routing
+    // fresh as the metadata daemon does.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Err(e) = storage.refresh_routing().await {
+                tracing::debug!("routing refresh failed: {e}");
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// The mount point must be a directory; a FUSE mount left there by a
+/// daemon that died (every access fails with ENOTCONN) is detached first.
+fn prepare_mount_point(mount_point: &Path) -> anyhow::Result<()> {
+    let shown = mount_point.display();
+    let meta = match std::fs::metadata(mount_point) {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+            tracing::warn!(
+                "{shown} is a stale FUSE mount (its daemon is gone): detaching it lazily"
+            );
+            lazy_unmount(mount_point)?;
+            std::fs::metadata(mount_point)
+                .with_context(|| format!("key `mount_point`: {shown} after the unmount"))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("key `mount_point`: cannot use {shown}"));
+        }
+        Ok(meta) => meta,
+    };
+    if !meta.is_dir() {
+        bail!("key `mount_point`: {shown} is not a directory");
+    }
+    Ok(())
+}
+
+/// `umount -l`: detaches the mount now, and the kernel lets go of it when
+/// the last file open there is closed. (The umount2 system call would need
+/// libc in this crate; umount(8) is on every system FUSE runs on.)
+fn lazy_unmount(mount_point: &Path) -> anyhow::Result<()> {
+    let status = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(mount_point)
+        .status()
+        .with_context(|| format!("running umount -l {}", mount_point.display()))?;
+    if !status.success() {
+        bail!("umount -l {} failed ({status})", mount_point.display());
+    }
+    Ok(())
+}
+
+/// Raises the kernel's read-ahead for the mount (its backing device info
+/// starts at 128 KiB), so sequential reads reach the daemon as large
+/// requests. Best effort: a kernel without the knob keeps its default.
+fn set_kernel_readahead(mount_point: &Path, bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mount_point) {
+        Ok(meta) => meta.dev(),
+        Err(e) => {
+            tracing::debug!("cannot stat {}: {e}", mount_point.display());
+            return;
+        }
+    };
+    // Linux's dev_t encoding (major 12 bits + 32, minor 8 bits + 24).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, format!("{}", bytes / 1024)) {
+        Ok(()) => tracing::debug!("kernel read-ahead {} KiB ({knob})", bytes / 1024),
+        Err(e) => tracing::debug!("cannot set the kernel read-ahead through {knob}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors_name_their_key() {
+        let config = MountConfig::parse("mount_point = \"/mnt/flyfs\"").expect("defaults");
+        assert_eq!(config.mgmt, ["127.0.0.1:7000"]);
+        assert_eq!(config.meta, ["127.0.0.1:7001"]);
+        assert_eq!(config.threads, 4);
+        assert_eq!(config.attr_timeout_ms, 1000);
+        assert!(config.default_permissions && config.allow_other);
+        assert_eq!(
+            config.write_buffer_bytes,
+            FsConfig::default().write_buffer_bytes
+        );
+        assert_eq!(config.metrics_listen, None);
+        let e = MountConfig::parse("mount_point = \"m\"\nthreads = 0").expect_err("bad");
+        assert!(format!("{e:#}").contains("threads"), "{e:#}");
+        let e = MountConfig::parse("mount_point = \"m\"\nthread = 2").expect_err("unknown");
+        assert!(format!("{e:#}").contains("thread"), "{e:#}");
+        let e = MountConfig::parse("mgmt = []").expect_err("missing");
+        assert!(format!("{e:#}").contains("mount_point"), "{e:#}");
+        let e = MountConfig::parse("mount_point = \"m\"\nmeta = []").expect_err("empty");
+        assert!(format!("{e:#}").contains("meta"), "{e:#}");
+        let example =
+            MountConfig::parse(include_str!("../deploy/mount.toml")).expect("the example");
+        assert_eq!(
+            example,
+            MountConfig::parse("mount_point = \"/mnt/flyfs\"").expect("defaults")
+        );
+    }
+
+    #[test]
+    fn relative_mount_points_are_taken_from_the_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mount.toml");
+        std::fs::write(&path, "mount_point = \"mnt\"").expect("write");
+        let config = MountConfig::load(&path).expect("load");
+        assert_eq!(config.mount_point, dir.path().join("mnt"));
+        let e = MountConfig::load(&dir.path().join("none.toml")).expect_err("missing");
+        assert!(format!("{e:#}").contains("none.toml"), "{e:#}");
+    }
+
+    #[test]
+    fn a_mount_point_must_be_a_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").expect("write");
+        let e = prepare_mount_point(&file).expect_err("a file");
+        assert!(format!("{e:#}").contains("not a directory"), "{e:#}");
+        let e = prepare_mount_point(&dir.path().join("none")).expect_err("missing");
+        assert!(format!("{e:#}").contains("mount_point"), "{e:#}");
+        prepare_mount_point(dir.path()).expect("a directory");
+    }
 }
