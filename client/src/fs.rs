@@ -27,9 +27,9 @@ use flyfs_rpc::ids::{ClientId, InodeId};
 use flyfs_rpc::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
-    ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve,
-    ResolveReq, Rmdir, SetAttr, SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp,
-    Symlink, SymlinkReq, Sync, Unlink, User, XattrMode, XattrReq,
+    Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve,
+    ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq,
+    StatfsRsp, Symlink, SymlinkReq, Sync, Unlink, User, XattrMode, XattrReq,
 };
 use parking_lot::Mutex;
 
@@ -104,6 +104,15 @@ impl FileHandle {
 
     pub fn mode(&self) -> OpenMode {
         self.mode
+    }
+
+    /// A sync or close of this handle's write session.
+    fn session_req(&self, session: u64) -> SessionReq {
+        SessionReq {
+            user: self.user.clone(),
+            ino: self.ino(),
+            session,
+        }
     }
 }
 
@@ -362,10 +371,7 @@ impl<N: Network> FsClient<N> {
             limit,
             plus,
         };
-        let mut rsp = self
-            .meta
-            .call::<flyfs_rpc::wire::meta::Readdir, _>(&req)
-            .await?;
+        let mut rsp = self.meta.call::<Readdir, _>(&req).await?;
         for entry in &mut rsp.entries {
             if let Some(attr) = entry.attr.take() {
                 entry.attr = Some(self.local_attr(attr));
@@ -594,11 +600,7 @@ impl<N: Network> FsClient<N> {
         if let Some(session) = fh.session
             && fh.state.unsynced()
         {
-            let req = flyfs_rpc::wire::meta::SessionReq {
-                user: fh.user.clone(),
-                ino: fh.ino(),
-                session,
-            };
+            let req = fh.session_req(session);
             self.meta.call::<Sync, _>(&req).await?;
             fh.state.synced(writes);
         }
@@ -616,11 +618,7 @@ impl<N: Network> FsClient<N> {
         let writes = fh.state.writes();
         let flushed = fh.state.drain(&self.storage).await;
         if let Some(session) = fh.session {
-            let req = flyfs_rpc::wire::meta::SessionReq {
-                user: fh.user.clone(),
-                ino: fh.ino(),
-                session,
-            };
+            let req = fh.session_req(session);
             // The session ends even when the flush failed: the data that
             // failed is reported, not retried forever.
             self.meta.call::<Close, _>(&req).await?;

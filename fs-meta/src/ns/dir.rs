@@ -450,32 +450,10 @@ impl<K: Kv> Namespace<K> {
         if target.contains(&0) {
             return Err(MetaError::Invalid("a symlink target containing NUL".into()));
         }
-        if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::Exists(show(name)));
-        }
-        self.write(|tx| async move {
-            let dir = searchable_dir(&tx, user, parent).await?;
-            if tx.dentry(parent, name).await?.is_some() {
-                return Err(MetaError::Exists(show(name)));
-            }
-            check_can_add(&dir, user)?;
-            let ino = self.allocate().await?;
-            let data = InodeData::Symlink(SymlinkData {
-                target: target.to_vec(),
-            });
-            let inode = new_inode(ino, user, &dir, 0o777, data, tx.now_ns);
-            tx.put_inode(&inode)?;
-            tx.put_dentry(
-                parent,
-                name,
-                Dentry {
-                    ino,
-                    kind: InodeKind::Symlink,
-                },
-            )?;
-            Ok(inode)
-        })
-        .await
+        let data = InodeData::Symlink(SymlinkData {
+            target: target.to_vec(),
+        });
+        self.add_leaf(user, parent, name, 0o777, data).await
     }
 
     /// Creates special file `name` (a FIFO, socket or device) in `parent`.
@@ -500,13 +478,30 @@ impl<K: Kv> Namespace<K> {
                 show(name)
             )));
         }
-        if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::Exists(show(name)));
-        }
         let rdev = match kind {
             InodeKind::CharDevice | InodeKind::BlockDevice => rdev,
             _ => 0,
         };
+        let data = InodeData::Special(SpecialData { kind, rdev });
+        self.add_leaf(user, parent, name, mode & MODE_MASK, data)
+            .await
+    }
+
+    /// Adds `name` to `parent` for a new symlink or special file (`data`):
+    /// what the two share. Regular files (sessions, layouts) and
+    /// directories (the parent's link count) have their own.
+    async fn add_leaf(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        mode: u32,
+        data: InodeData,
+    ) -> Result<Inode, MetaError> {
+        if check_name(name)? != NameKind::Normal {
+            return Err(MetaError::Exists(show(name)));
+        }
+        let data = &data;
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if tx.dentry(parent, name).await?.is_some() {
@@ -514,8 +509,8 @@ impl<K: Kv> Namespace<K> {
             }
             check_can_add(&dir, user)?;
             let ino = self.allocate().await?;
-            let data = InodeData::Special(SpecialData { kind, rdev });
-            let inode = new_inode(ino, user, &dir, mode & MODE_MASK, data, tx.now_ns);
+            let inode = new_inode(ino, user, &dir, mode, data.clone(), tx.now_ns);
+            let kind = inode.kind();
             tx.put_inode(&inode)?;
             tx.put_dentry(parent, name, Dentry { ino, kind })?;
             Ok(inode)
