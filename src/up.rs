@@ -46,8 +46,10 @@ use crate::procs::{self, Daemon, Stopped};
 const DEFAULT_DATA: &str = "/var/tmp/flyfs";
 const DEFAULT_MOUNT: &str = "/mnt/flyfs";
 const DEFAULT_PORT: u16 = 7000;
-/// Storage nodes (and so replicas per chain).
+/// Storage nodes (and so at most as many replicas per chain).
 const NODES: u32 = 3;
+/// Replicas per chain unless `--replicas` says otherwise.
+const DEFAULT_REPLICAS: u32 = NODES;
 /// Chains, all in chain table 1; chain `c`'s head is node `c % 3 + 1`.
 const CHAINS: u32 = 6;
 const CHAIN_TABLE: u32 = 1;
@@ -75,6 +77,10 @@ pub(crate) struct UpArgs {
     /// when a device is created.
     #[arg(long, default_value = "4GiB", value_parser = crate::bench::parse_size)]
     device_size: u64,
+    /// Replicas per chain, 1 to 3, fixed when the chains are created
+    /// [default: 3, or what this data directory used before].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(NODES)))]
+    replicas: Option<u32>,
     /// Start no FUSE mount (a server without FUSE): storage and metadata only.
     #[arg(long)]
     no_mount: bool,
@@ -100,6 +106,13 @@ pub(crate) struct DownArgs {
 struct ClusterFile {
     port: u16,
     mount_point: PathBuf,
+    /// Absent in files written before `--replicas` existed: three.
+    #[serde(default = "default_replicas")]
+    replicas: u32,
+}
+
+fn default_replicas() -> u32 {
+    DEFAULT_REPLICAS
 }
 
 /// The data directory's layout and the cluster's addresses.
@@ -108,6 +121,7 @@ struct Layout {
     data: PathBuf,
     port: u16,
     mount_point: PathBuf,
+    replicas: u32,
 }
 
 /// What one daemon is.
@@ -276,10 +290,25 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             .as_ref()
             .map_or_else(|| PathBuf::from(DEFAULT_MOUNT), |c| c.mount_point.clone()),
     };
+    let replicas = args
+        .replicas
+        .or(before.as_ref().map(|c| c.replicas))
+        .unwrap_or(DEFAULT_REPLICAS);
+    if let Some(before) = &before
+        && before.replicas != replicas
+    {
+        bail!(
+            "the cluster in {} was created with {} replicas per chain; \
+             --replicas {replicas} needs a new --data directory",
+            data.display(),
+            before.replicas
+        );
+    }
     let layout = Layout {
         data: data.clone(),
         port,
         mount_point,
+        replicas,
     };
     let mut daemons = BTreeMap::new();
     for kind in Kind::all() {
@@ -330,6 +359,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         toml::to_string(&ClusterFile {
             port: layout.port,
             mount_point: layout.mount_point.clone(),
+            replicas: layout.replicas,
         })?
         .as_bytes(),
     )?;
@@ -374,7 +404,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             Ok(())
         }),
     )?;
-    let created = runtime.block_on(ensure_chains(&admin))?;
+    let created = runtime.block_on(ensure_chains(&admin, layout.replicas))?;
     runtime.block_on(starter.wait_all(&nodes, "every target to serve", || async {
         let routing = admin.routing().await?;
         let not_serving: Vec<String> = routing
@@ -561,22 +591,23 @@ fn target_id(chain: u32, node: u32) -> TargetId {
     TargetId(u64::from(chain) * 100 + u64::from(node))
 }
 
-/// Chain `chain`'s nodes, head first: the heads rotate over the nodes.
-fn chain_nodes(chain: u32) -> Vec<u32> {
-    (0..NODES).map(|r| (chain + r) % NODES + 1).collect()
+/// Chain `chain`'s nodes, head first: the heads rotate over the nodes, so
+/// with fewer replicas than nodes the chains still spread over all of them.
+fn chain_nodes(chain: u32, replicas: u32) -> Vec<u32> {
+    (0..replicas).map(|r| (chain + r) % NODES + 1).collect()
 }
 
 /// Creates whatever of the targets, chains and chain table is missing
 /// (all of it on the first start, nothing afterwards); whether it created
 /// anything.
-async fn ensure_chains(admin: &Admin) -> anyhow::Result<bool> {
+async fn ensure_chains(admin: &Admin, replicas: u32) -> anyhow::Result<bool> {
     let routing: RoutingInfo = admin.routing().await?;
     let mut created = false;
     for chain in 1..=CHAINS {
         if routing.chains.iter().any(|c| c.id == ChainId(chain)) {
             continue;
         }
-        let nodes = chain_nodes(chain);
+        let nodes = chain_nodes(chain, replicas);
         for &node in &nodes {
             let target = target_id(chain, node);
             if routing.target(target).is_none() {
@@ -714,8 +745,9 @@ fn print_summary(
     }
     if created {
         println!(
-            "created {CHAINS} chains of {NODES} replicas in chain table {CHAIN_TABLE} \
+            "created {CHAINS} chains of {} replicas in chain table {CHAIN_TABLE} \
              (chunks {} KiB, files striped over {STRIPE} chains)",
+            layout.replicas,
             CHUNK_SIZE >> 10
         );
     }
@@ -776,6 +808,7 @@ pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
         data: data.clone(),
         port: cluster.port,
         mount_point: cluster.mount_point,
+        replicas: cluster.replicas,
     };
     let grace = Duration::from_secs(args.timeout);
     // The mount first: it flushes what it buffered while the cluster still
@@ -835,12 +868,13 @@ mod tests {
 
     #[test]
     fn chains_rotate_their_heads_over_distinct_nodes() {
-        let heads: Vec<u32> = (1..=CHAINS).map(|c| chain_nodes(c)[0]).collect();
+        let heads: Vec<u32> = (1..=CHAINS).map(|c| chain_nodes(c, 3)[0]).collect();
         assert_eq!(heads, [2, 3, 1, 2, 3, 1]);
         for chain in 1..=CHAINS {
-            let mut nodes = chain_nodes(chain);
+            let mut nodes = chain_nodes(chain, 3);
             nodes.sort_unstable();
             assert_eq!(nodes, [1, 2, 3]);
+            assert_eq!(chain_nodes(chain, 1), [heads[chain as usize - 1]]);
         }
     }
 
@@ -865,6 +899,7 @@ mod tests {
             data: PathBuf::from("/data dir"),
             port: 7100,
             mount_point: PathBuf::from("/mnt/x"),
+            replicas: 3,
         };
         let mgmtd = crate::config::MgmtdConfig::parse(&layout.config_text(Kind::Mgmtd))
             .expect("mgmtd config");

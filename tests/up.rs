@@ -215,6 +215,15 @@ fn up_down_up_keeps_the_cluster() {
             == Some(1)
     );
 
+    // The replication of existing chains cannot change.
+    let other = run(&["up", "--no-mount", "--data", &data_arg, "--replicas", "1"]);
+    assert!(!other.status.success(), "{}", text(&other));
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("created with 3 replicas per chain"),
+        "{}",
+        text(&other)
+    );
+
     // Back up without --port: the stored one; same chains, same devices.
     let second = run_ok(&["up", "--no-mount", "--data", &data_arg, "--timeout", "30"]);
     assert!(!second.contains("created"), "{second}");
@@ -243,6 +252,50 @@ fn up_down_up_keeps_the_cluster() {
     run_ok(&["down", "--data", &data_arg]);
     let idle = run_ok(&["down", "--data", &data_arg]);
     assert!(idle.contains("nothing was running"), "{idle}");
+}
+
+#[test]
+fn one_replica_chains_spread_over_the_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(why) = probe_io_uring(dir.path()) {
+        eprintln!("skipped: io_uring is not available here ({why})");
+        return;
+    }
+    let data = dir.path().join("cluster");
+    let data_arg = data.display().to_string();
+    let base = free_base();
+    let _down = Down(&data);
+    let first = run_ok(&[
+        "up",
+        "--no-mount",
+        "--data",
+        &data_arg,
+        "--port",
+        &base.to_string(),
+        "--device-size",
+        "256MiB",
+        "--replicas",
+        "1",
+    ]);
+    assert!(first.contains("created 6 chains of 1 replicas"), "{first}");
+    let mgmt = format!("127.0.0.1:{base}");
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&["admin", "--mgmt", &mgmt, "--json", "status"]))
+            .expect("status is JSON");
+    let mut nodes: Vec<u64> = status["chains"]
+        .as_array()
+        .expect("chains")
+        .iter()
+        .map(|c| {
+            let targets = c["targets"].as_array().expect("targets");
+            assert_eq!(targets.len(), 1, "{c}");
+            // `flyfs up` numbers chain c's target on node n c * 100 + n.
+            targets[0]["target"].as_u64().expect("target") % 100
+        })
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, [1, 1, 2, 2, 3, 3], "{status}");
+    run_ok(&["down", "--data", &data_arg]);
 }
 
 #[test]
