@@ -4,16 +4,21 @@
 //! Every handle of a file in one client shares one [`FileState`], so a
 //! write through one handle is seen by reads and stats through another.
 //!
-//! **Writes.** Sequential writes collect in a buffer. When it holds
-//! `write_buffer_bytes`, everything up to its last chunk boundary goes to
-//! storage in the background (one write per chunk, all chunks at once), so
-//! storage sees whole-chunk writes and the writer keeps going; at most
+//! **Writes.** Writes collect in a buffer of extents (merged where they
+//! touch or overlap, a later write's bytes winning), up to
+//! `write_buffer_bytes` in all. A sequential writer's buffer is one extent:
+//! when it is full, everything up to its last chunk boundary goes to storage
+//! in the background (one write per chunk, all chunks at once), so storage
+//! sees whole-chunk writes and the writer keeps going; at most
 //! `write_flushes_in_flight` such buffers are in flight, then the writer
 //! waits. A write that does not continue where the last one ended first
-//! waits for everything before it to reach storage: two writes in flight
-//! never overlap, so their order cannot matter. A background failure is
-//! kept and reported by the next write, flush or release (as Linux reports
-//! a failed writeback to the next `fsync`).
+//! waits for the background writes: two writes in flight never overlap, so
+//! their order cannot matter. Random writes thus gather in the buffer and go
+//! out together (every extent at once) when it is full, or at the next
+//! flush, fsync, close or read, as a local file system's page cache holds
+//! them until writeback. A background failure is kept and reported by the
+//! next write, flush or release (as Linux reports a failed writeback to the
+//! next `fsync`).
 //!
 //! **Reads.** A read first writes out anything buffered (a client reads
 //! its own writes). A reader that continues near where it stopped is
@@ -46,14 +51,75 @@ use crate::fs::{FileHandle, FsConfig};
 /// chunk when the chunk is).
 type ChunkFetch = Shared<BoxFuture<'static, Result<Bytes, FsError>>>;
 
-#[derive(Debug)]
+/// Writes not yet sent to storage.
+#[derive(Debug, Default)]
 struct Buffer {
-    /// File offset of `data[0]`.
-    start: u64,
-    data: BytesMut,
+    /// Extents by file offset; they never overlap nor touch.
+    extents: BTreeMap<u64, BytesMut>,
+    /// Bytes in all extents.
+    bytes: usize,
     /// Where the last accepted write ended: a write starting here is
     /// sequential even when the buffer was just sent off.
     next: Option<u64>,
+}
+
+impl Buffer {
+    /// Adds `data` at `offset`, merging it with every extent it touches or
+    /// overlaps; its bytes replace theirs where they overlap.
+    fn insert(&mut self, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        // The common case, a sequential writer: append to the extent that
+        // ends here when nothing else lies in the way.
+        let ends_here = self
+            .extents
+            .range(..offset)
+            .next_back()
+            .filter(|(start, extent)| **start + extent.len() as u64 == offset)
+            .map(|(start, _)| *start);
+        if let Some(start) = ends_here
+            && self.extents.range(offset..=end).next().is_none()
+            && let Some(extent) = self.extents.get_mut(&start)
+        {
+            extent.extend_from_slice(data);
+            self.bytes += data.len();
+            return;
+        }
+        let touching: Vec<u64> = self
+            .extents
+            .range(..=end)
+            .rev()
+            .take_while(|(start, extent)| **start + extent.len() as u64 >= offset)
+            .map(|(start, _)| *start)
+            .collect();
+        let mut start = offset;
+        let mut stop = end;
+        let mut old = Vec::with_capacity(touching.len());
+        for at in touching {
+            let extent = self.extents.remove(&at).expect("the extent was just listed");
+            self.bytes -= extent.len();
+            start = start.min(at);
+            stop = stop.max(at + extent.len() as u64);
+            old.push((at, extent));
+        }
+        let mut merged = BytesMut::zeroed((stop - start) as usize);
+        for (at, extent) in old {
+            let from = (at - start) as usize;
+            merged[from..from + extent.len()].copy_from_slice(&extent);
+        }
+        let from = (offset - start) as usize;
+        merged[from..from + data.len()].copy_from_slice(data);
+        self.bytes += merged.len();
+        self.extents.insert(start, merged);
+    }
+
+    /// Takes every extent out.
+    fn take(&mut self) -> Vec<(u64, Bytes)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.extents)
+            .into_iter()
+            .map(|(start, data)| (start, data.freeze()))
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -128,11 +194,7 @@ impl FileState {
             layout,
             chunk_bytes,
             length: AtomicU64::new(0),
-            buffer: tokio::sync::Mutex::new(Buffer {
-                start: 0,
-                data: BytesMut::new(),
-                next: None,
-            }),
+            buffer: tokio::sync::Mutex::new(Buffer::default()),
             buffer_bytes: config.write_buffer_bytes.max(1),
             flushes: Arc::new(Semaphore::new(flushes_max as usize)),
             flushes_max,
@@ -252,46 +314,54 @@ impl FileState {
         }
         let mut buffer = self.buffer.lock().await;
         if buffer.next.is_some_and(|next| next != offset) {
-            // Not sequential: everything before it reaches storage first.
-            let start = buffer.start;
-            let earlier = buffer.data.split().freeze();
-            self.write_out(storage, start, earlier).await?;
+            // Not sequential: what is in flight may overlap it.
             self.wait_flushes().await?;
         }
-        if buffer.data.is_empty() {
-            buffer.start = offset;
-        }
-        buffer.data.extend_from_slice(data);
+        buffer.insert(offset, data);
         buffer.next = Some(end);
         self.length.fetch_max(end, Ordering::AcqRel);
         self.writes.fetch_add(1, Ordering::AcqRel);
         self.readahead.lock().chunks.clear();
-        if buffer.data.len() >= self.buffer_bytes {
-            let start = buffer.start;
-            let buffered_end = start + buffer.data.len() as u64;
-            let boundary = buffered_end / self.chunk_bytes * self.chunk_bytes;
-            let take = if boundary > start {
-                boundary - start
-            } else {
-                buffered_end - start
-            };
-            let piece = buffer.data.split_to(take as usize).freeze();
-            buffer.start += take;
-            let permit = self
-                .flushes
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the flush semaphore is never closed");
-            let state = self.clone();
-            let storage = storage.clone();
-            tokio::spawn(async move {
-                if let Err(e) = state.write_out(&storage, start, piece).await {
-                    state.record_error(e);
-                }
-                drop(permit);
-            });
+        if buffer.bytes < self.buffer_bytes {
+            return Ok(());
         }
+        if buffer.extents.len() > 1 {
+            // Scattered writes: all of them at once, and the writer waits.
+            let extents = buffer.take();
+            return self.write_extents(storage, extents).await;
+        }
+        // One sequential extent: up to its last chunk boundary in the
+        // background, the rest stays (the next write continues it).
+        let (start, mut extent) = buffer
+            .extents
+            .pop_first()
+            .expect("a full buffer holds an extent");
+        let buffered_end = start + extent.len() as u64;
+        let boundary = buffered_end / self.chunk_bytes * self.chunk_bytes;
+        let take = if boundary > start {
+            boundary - start
+        } else {
+            buffered_end - start
+        };
+        let piece = extent.split_to(take as usize).freeze();
+        buffer.bytes -= piece.len();
+        if !extent.is_empty() {
+            buffer.extents.insert(start + take, extent);
+        }
+        let permit = self
+            .flushes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the flush semaphore is never closed");
+        let state = self.clone();
+        let storage = storage.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.write_out(&storage, start, piece).await {
+                state.record_error(e);
+            }
+            drop(permit);
+        });
         Ok(())
     }
 
@@ -302,10 +372,9 @@ impl FileState {
         storage: &Arc<StorageClient<N>>,
     ) -> Result<(), FsError> {
         let mut buffer = self.buffer.lock().await;
-        let start = buffer.start;
-        let rest = buffer.data.split().freeze();
+        let rest = buffer.take();
         let wrote = !rest.is_empty() || self.in_flight();
-        let written = self.write_out(storage, start, rest).await;
+        let written = self.write_extents(storage, rest).await;
         let waited = self.wait_flushes().await;
         drop(buffer);
         if wrote {
@@ -324,6 +393,18 @@ impl FileState {
             .expect("the flush semaphore is never closed");
         drop(all);
         self.take_error()
+    }
+
+    /// Every extent to storage at once.
+    async fn write_extents<N: Network>(
+        &self,
+        storage: &Arc<StorageClient<N>>,
+        extents: Vec<(u64, Bytes)>,
+    ) -> Result<(), FsError> {
+        let writes = extents
+            .into_iter()
+            .map(|(start, data)| self.write_out(storage, start, data));
+        futures::future::try_join_all(writes).await.map(drop)
     }
 
     /// `data` at file offset `start` to storage: one write per chunk it
@@ -399,7 +480,7 @@ impl FileState {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, FsError> {
-        if self.in_flight() || !self.buffer.lock().await.data.is_empty() {
+        if self.in_flight() || self.buffer.lock().await.bytes > 0 {
             self.drain(storage).await?;
         }
         let length = self.length.load(Ordering::Acquire);
@@ -529,5 +610,47 @@ impl FileState {
         }
         .boxed()
         .shared())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::Buffer;
+
+    proptest! {
+        /// Extents hold exactly the bytes last written at each offset,
+        /// never overlap nor touch, and `bytes` counts them.
+        #[test]
+        fn buffer_extents_match_a_byte_model(
+            writes in prop::collection::vec((0u64..256, 1usize..48, any::<u8>()), 1..40)
+        ) {
+            let mut buffer = Buffer::default();
+            let mut model: Vec<Option<u8>> = vec![None; 512];
+            for (offset, len, fill) in writes {
+                let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+                buffer.insert(offset, &data);
+                for (i, byte) in data.iter().enumerate() {
+                    model[offset as usize + i] = Some(*byte);
+                }
+            }
+            let mut seen = vec![None; 512];
+            let mut previous_end = None;
+            let mut bytes = 0;
+            for (&start, extent) in &buffer.extents {
+                prop_assert!(!extent.is_empty());
+                if let Some(end) = previous_end {
+                    prop_assert!(start > end, "extents at {start} and ending at {end} touch");
+                }
+                previous_end = Some(start + extent.len() as u64);
+                bytes += extent.len();
+                for (i, byte) in extent.iter().enumerate() {
+                    seen[start as usize + i] = Some(*byte);
+                }
+            }
+            prop_assert_eq!(bytes, buffer.bytes);
+            prop_assert_eq!(seen, model);
+        }
     }
 }
