@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_chunk_engine::{EngineError, FormatOptions};
-use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, TargetId};
+use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
 use flyfs_rpc::wire::meta::{Statfs, StatfsReq};
+use flyfs_rpc::wire::storage::{LastChunk, LastChunkReq};
 use flyfs_rpc::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, PublicState, RoutingInfo,
@@ -415,6 +416,28 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             .collect();
         if !not_serving.is_empty() {
             bail!("targets not serving yet: {}", not_serving.join(", "));
+        }
+        // The manager's word is not enough: a node learns of a new target
+        // with its next heartbeat, and until then answers "no target of
+        // this chain" to every request.
+        let (rpc, options) = admin.rpc();
+        for chain in &routing.chains {
+            let Some(tail) = chain.targets.last() else {
+                continue;
+            };
+            let node = routing
+                .target(tail.target)
+                .and_then(|t| routing.node(t.node))
+                .with_context(|| format!("the node of target {}", tail.target.0))?;
+            let req = LastChunkReq {
+                chain: chain.id,
+                chain_version: chain.version,
+                inode: InodeId(0),
+            };
+            let (rsp, _) = rpc
+                .call::<LastChunk>(&node.addr, &req, Bytes::new(), options)
+                .await?;
+            rsp.map_err(|e| anyhow::anyhow!("{} at {}: {e}", chain.id, node.addr))?;
         }
         Ok(())
     }))?;
