@@ -361,6 +361,7 @@ impl Task {
                 user: User::root(),
                 ino: attr.ino,
                 session,
+                ..Default::default()
             })
             .await
             .map_err(|e| format!("close {path}: {e}"))?;

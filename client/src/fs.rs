@@ -112,6 +112,7 @@ impl FileHandle {
             user: self.user.clone(),
             ino: self.ino(),
             session,
+            length_known: false,
         }
     }
 }
@@ -618,7 +619,12 @@ impl<N: Network> FsClient<N> {
         let writes = fh.state.writes();
         let flushed = fh.state.drain(&self.storage).await;
         if let Some(session) = fh.session {
-            let req = fh.session_req(session);
+            // Most handles end synced (close(2) flushed them) or never
+            // wrote: the service then need not ask storage for the length.
+            let req = SessionReq {
+                length_known: flushed.is_ok() && !fh.state.unsynced(),
+                ..fh.session_req(session)
+            };
             // The session ends even when the flush failed: the data that
             // failed is reported, not retried forever.
             self.meta.call::<Close, _>(&req).await?;

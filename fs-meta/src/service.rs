@@ -444,7 +444,9 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Close::ID => {
                 let r = req.decode::<Close>()?;
                 let result = async {
-                    self.sync_length(r.ino).await?;
+                    if !r.length_known {
+                        self.sync_length(r.ino).await?;
+                    }
                     let closed = ns
                         .close(r.ino, SessionId(r.session), None)
                         .await

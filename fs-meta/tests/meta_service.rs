@@ -157,10 +157,38 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
             user: user(1000),
             ino: opened.attr.ino,
             session,
+            ..Default::default()
         })
         .await
         .expect("close");
     assert_eq!(closed.length, data.len() as u64);
+
+    // A close that says the length is known does not ask storage (the
+    // client syncs before it says so); a sync asks.
+    let known = b
+        .call::<wire::Create, _>(&create(dir.ino, "known", user(1000)))
+        .await
+        .expect("create");
+    cluster.write(&known.attr, 0, &data).await;
+    let closed = a
+        .call::<wire::Close, _>(&wire::SessionReq {
+            user: user(1000),
+            ino: known.attr.ino,
+            session: known.session.expect("write session"),
+            length_known: true,
+        })
+        .await
+        .expect("close");
+    assert_eq!(closed.length, 0, "the close did not ask storage");
+    let synced = a
+        .call::<wire::Sync, _>(&wire::SessionReq {
+            user: user(1000),
+            ino: known.attr.ino,
+            ..Default::default()
+        })
+        .await
+        .expect("sync");
+    assert_eq!(synced.length, data.len() as u64);
 
     // Errno over the wire: EEXIST for O_EXCL, EACCES for another user's
     // file opened for writing, ENOTEMPTY for a non-empty directory.
@@ -207,6 +235,7 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
             user: user(1000),
             ino: opened.attr.ino,
             session: 0,
+            ..Default::default()
         })
         .await
         .expect("fsync");
@@ -242,6 +271,7 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
             user: root.clone(),
             ino: file.attr.ino,
             session: file.session.expect("session"),
+            ..Default::default()
         })
         .await
         .expect("close");

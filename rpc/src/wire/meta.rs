@@ -320,13 +320,17 @@ pub struct OpenReq {
 }
 
 /// `close` ends a write session; `sync` keeps it. Both fix the exact length
-/// from storage.
+/// from storage, but a `close` with `length_known` does not ask storage.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SessionReq {
     pub user: User,
     pub ino: InodeId,
     pub session: u64,
+    /// The caller has made no write whose length the service has not fixed
+    /// already (it wrote nothing, or synced since): a close then only ends
+    /// the session. Absent (older clients): false, the length is fixed.
+    pub length_known: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
