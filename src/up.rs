@@ -34,11 +34,11 @@ use bytes::Bytes;
 use flyfs_chunk_engine::{EngineError, FormatOptions};
 use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
 use flyfs_rpc::wire::meta::{Statfs, StatfsReq};
-use flyfs_rpc::wire::storage::{LastChunk, LastChunkReq};
 use flyfs_rpc::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, PublicState, RoutingInfo,
 };
+use flyfs_rpc::wire::storage::{LastChunk, LastChunkReq};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;

@@ -95,7 +95,10 @@ impl Buffer {
         let mut stop = end;
         let mut old = Vec::with_capacity(touching.len());
         for at in touching {
-            let extent = self.extents.remove(&at).expect("the extent was just listed");
+            let extent = self
+                .extents
+                .remove(&at)
+                .expect("the extent was just listed");
             self.bytes -= extent.len();
             start = start.min(at);
             stop = stop.max(at + extent.len() as u64);
