@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -102,15 +102,25 @@ impl Drop for Down<'_> {
     }
 }
 
-#[test]
-fn up_down_up_keeps_the_cluster() {
+/// A temporary directory for a cluster's data and that data directory
+/// (as a path and an argument); None, having said why, where io_uring is
+/// missing.
+fn cluster_dir() -> Option<(tempfile::TempDir, PathBuf, String)> {
     let dir = tempfile::tempdir().expect("tempdir");
     if let Err(why) = probe_io_uring(dir.path()) {
         eprintln!("skipped: io_uring is not available here ({why})");
-        return;
+        return None;
     }
     let data = dir.path().join("cluster");
     let data_arg = data.display().to_string();
+    Some((dir, data, data_arg))
+}
+
+#[test]
+fn up_down_up_keeps_the_cluster() {
+    let Some((_dir, data, data_arg)) = cluster_dir() else {
+        return;
+    };
     let base = free_base();
     let port = base.to_string();
     let mgmt = format!("127.0.0.1:{base}");
@@ -256,13 +266,9 @@ fn up_down_up_keeps_the_cluster() {
 
 #[test]
 fn one_replica_chains_spread_over_the_nodes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    if let Err(why) = probe_io_uring(dir.path()) {
-        eprintln!("skipped: io_uring is not available here ({why})");
+    let Some((_dir, data, data_arg)) = cluster_dir() else {
         return;
-    }
-    let data = dir.path().join("cluster");
-    let data_arg = data.display().to_string();
+    };
     let base = free_base();
     let _down = Down(&data);
     let first = run_ok(&[
