@@ -319,6 +319,7 @@ async fn seq_write(
                 op: WriteOp::Replace { data, crc },
                 client: ClientId(0),
                 request: RequestId(u64::from(index)),
+                prepare: false,
             };
             engine.write(request).await?;
             engine.commit(key(index), ChunkVersion(1)).await?;

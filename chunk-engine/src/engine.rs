@@ -116,6 +116,13 @@ pub struct WriteRequest {
     pub op: WriteOp,
     pub client: ClientId,
     pub request: RequestId,
+    /// Make the pending version durable before returning (a journal
+    /// `Prepare` record): [`Engine::commit`] then needs no I/O, and after a
+    /// crash the engine recovers the version as committed. A CRAQ replica
+    /// that is not the tail prepares, so that it can answer its predecessor
+    /// as soon as its successor has committed; the tail does not (its commit
+    /// is the durable record).
+    pub prepare: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +194,10 @@ pub struct PendingInfo {
     pub in_place: bool,
     pub client: ClientId,
     pub request: RequestId,
+    /// The durable `Prepare` record of this version, once the journal has
+    /// made it durable: committing is then only a change in memory, and
+    /// aborting must record the previous state durably.
+    pub prepared: Option<ChunkMeta>,
 }
 
 /// Everything the engine knows of one chunk.
@@ -210,7 +221,8 @@ pub struct ChainUsage {
 /// Counters of the journal's work since the engine opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
-    /// Records made durable (commits and removes).
+    /// Records made durable (commits, prepares, aborts of prepared versions
+    /// and removes).
     pub records: u64,
     /// Journal batches written, each with one flush: `records / batches` is
     /// how well group commit batches.
@@ -308,10 +320,27 @@ impl State {
     }
 
     /// Applies a durable journal record. `live` is false during recovery,
-    /// when the allocator is rebuilt afterwards instead of kept in step.
+    /// when the allocator is rebuilt afterwards instead of kept in step, and
+    /// a prepared version counts as committed.
     pub fn apply(&mut self, record: &Record, live: bool) {
         match record {
-            Record::Put(meta) => {
+            Record::Prepare(meta) if live => {
+                let key = ChunkKey::new(meta.chain, meta.chunk);
+                let pending = self.pending.get_mut(&key);
+                debug_assert!(
+                    pending
+                        .as_ref()
+                        .is_some_and(|p| p.version == meta.version && p.slot == meta.slot),
+                    "a Prepare record is applied while its writer holds the chunk lock"
+                );
+                if let Some(p) = pending
+                    && p.version == meta.version
+                    && p.slot == meta.slot
+                {
+                    p.prepared = Some(*meta);
+                }
+            }
+            Record::Put(meta) | Record::Prepare(meta) => {
                 let key = ChunkKey::new(meta.chain, meta.chunk);
                 let old = self.committed.get(&key).copied();
                 let slot_written = match old {
@@ -332,12 +361,20 @@ impl State {
                         self.release(old.meta.slot);
                     }
                 }
-                if self
-                    .pending
-                    .get(&key)
-                    .is_some_and(|p| p.version == meta.version && p.slot == meta.slot)
-                {
-                    self.pending.remove(&key);
+                match self.pending.get(&key).copied() {
+                    // The commit of this pending version.
+                    Some(p) if p.version == meta.version && p.slot == meta.slot => {
+                        self.pending.remove(&key);
+                    }
+                    // A prepared version aborted: the record restores the
+                    // state before it.
+                    Some(p) if p.prepared.is_some() => {
+                        self.pending.remove(&key);
+                        if live && !p.in_place {
+                            self.release(p.slot);
+                        }
+                    }
+                    _ => {}
                 }
             }
             Record::Remove { chain, chunk } => {
@@ -355,6 +392,30 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The state recovery would find, in key order: every committed chunk,
+    /// with its prepared version where it has one, and the prepared versions
+    /// of chunks not yet committed. A checkpoint stores exactly this.
+    pub fn durable_view(&self) -> Vec<ChunkMeta> {
+        let mut extra: Vec<ChunkMeta> = self
+            .pending
+            .iter()
+            .filter(|(key, _)| !self.committed.contains_key(key))
+            .filter_map(|(_, p)| p.prepared)
+            .collect();
+        extra.sort_unstable_by_key(|m| ChunkKey::new(m.chain, m.chunk));
+        let mut extra = extra.into_iter().peekable();
+        let mut view = Vec::with_capacity(self.committed.len() + extra.len());
+        for (key, committed) in &self.committed {
+            while let Some(m) = extra.next_if(|m| ChunkKey::new(m.chain, m.chunk) < *key) {
+                view.push(m);
+            }
+            let prepared = self.pending.get(key).and_then(|p| p.prepared);
+            view.push(prepared.unwrap_or(committed.meta));
+        }
+        view.extend(extra);
+        view
     }
 
     fn info(&self, key: ChunkKey) -> Option<ChunkInfo> {
@@ -758,6 +819,18 @@ impl<D: BlockDevice> Engine<D> {
         let plan = {
             let mut state = core.state.lock();
             let base = state.committed.get(&key).copied();
+            // A prepared version is durable: only its commit or abort may
+            // end it, never a write that would silently replace it.
+            if let Some(p) = state.pending.get(&key)
+                && p.prepared.is_some()
+            {
+                return Err(EngineError::VersionConflict {
+                    key,
+                    requested: req.version,
+                    committed: base.map(|b| b.meta.version),
+                    pending: Some(p.version),
+                });
+            }
             if let Some(base) = base
                 && req.version <= base.meta.version
             {
@@ -808,43 +881,81 @@ impl<D: BlockDevice> Engine<D> {
             }
         };
 
+        let prepare = req.prepare;
         let result = self.write_plan(key, &plan, req.op).await;
-        let mut state = core.state.lock();
-        let (len, crc) = match result {
-            Ok(done) => done,
-            Err(error) => {
-                if let Plan::Cow { slot, .. } = plan {
-                    state.release(slot);
+        let (slot, in_place, len, crc) = {
+            let mut state = core.state.lock();
+            let (len, crc) = match result {
+                Ok(done) => done,
+                Err(error) => {
+                    if let Plan::Cow { slot, .. } = plan {
+                        state.release(slot);
+                    }
+                    return Err(error);
+                }
+            };
+            let (slot, in_place) = match plan {
+                Plan::InPlace { slot, .. } => (slot, true),
+                Plan::Shrink { base } => (base.slot, true),
+                Plan::Cow { slot, .. } => (slot, false),
+            };
+            if let Plan::InPlace { .. } = plan
+                && let Some(committed) = state.committed.get_mut(&key)
+            {
+                committed.slot_written = committed.slot_written.max(len);
+            }
+            let pending = PendingInfo {
+                version: req.version,
+                chain_version: req.chain_version,
+                slot,
+                len,
+                crc,
+                in_place,
+                client: req.client,
+                request: req.request,
+                prepared: None,
+            };
+            // The replaced pending version (if any) goes only now, so that a
+            // failed write changes nothing.
+            let replaced = state.pending.insert(key, pending);
+            if let Some(old) = replaced
+                && !old.in_place
+            {
+                state.release(old.slot);
+            }
+            (slot, in_place, len, crc)
+        };
+        if prepare {
+            let meta = ChunkMeta {
+                chain: key.chain,
+                chunk: key.chunk,
+                slot,
+                len,
+                version: req.version,
+                chain_version: req.chain_version,
+                crc,
+                timestamp_us: now_us(),
+                client: req.client,
+                request: req.request,
+            };
+            // Applying the durable record marks the pending version prepared.
+            if let Err(error) = core.journal(Record::Prepare(meta)).await {
+                // The journal failed, so the engine is poisoned; the record
+                // may yet be durable, which recovery allows (the version was
+                // never acknowledged). In memory the write changes nothing.
+                let mut state = core.state.lock();
+                if state
+                    .pending
+                    .get(&key)
+                    .is_some_and(|p| p.version == req.version && p.slot == slot)
+                {
+                    state.pending.remove(&key);
+                    if !in_place {
+                        state.release(slot);
+                    }
                 }
                 return Err(error);
             }
-        };
-        let (slot, in_place) = match plan {
-            Plan::InPlace { slot, .. } => (slot, true),
-            Plan::Shrink { base } => (base.slot, true),
-            Plan::Cow { slot, .. } => (slot, false),
-        };
-        if let Plan::InPlace { .. } = plan
-            && let Some(committed) = state.committed.get_mut(&key)
-        {
-            committed.slot_written = committed.slot_written.max(len);
-        }
-        let pending = PendingInfo {
-            version: req.version,
-            chain_version: req.chain_version,
-            slot,
-            len,
-            crc,
-            in_place,
-            client: req.client,
-            request: req.request,
-        };
-        // The replaced pending version (if any) goes only now, so that a
-        // failed write changes nothing.
-        if let Some(old) = state.pending.insert(key, pending)
-            && !old.in_place
-        {
-            state.release(old.slot);
         }
         Ok(WriteOutcome {
             version: req.version,
@@ -976,7 +1087,8 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     /// Makes pending version `version` the committed one, durably. Committing
-    /// the version that is already committed succeeds again (retries).
+    /// the version that is already committed succeeds again (retries). A
+    /// prepared version is already durable: its commit changes only memory.
     pub async fn commit(
         &self,
         key: ChunkKey,
@@ -986,9 +1098,15 @@ impl<D: BlockDevice> Engine<D> {
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
         let meta = {
-            let state = core.state.lock();
+            let mut state = core.state.lock();
             let committed = state.committed.get(&key).map(|c| c.meta);
             match state.pending.get(&key) {
+                Some(p) if p.version == version && p.prepared.is_some() => {
+                    let meta = p.prepared.expect("checked");
+                    // Exactly what recovery makes of the Prepare record.
+                    state.apply(&Record::Put(meta), true);
+                    return Ok(meta);
+                }
                 Some(p) if p.version == version => ChunkMeta {
                     chain: key.chain,
                     chunk: key.chunk,
@@ -1019,10 +1137,32 @@ impl<D: BlockDevice> Engine<D> {
         Ok(meta)
     }
 
-    /// Drops pending version `version`. Succeeds if there is no pending version.
+    /// Drops pending version `version`. Succeeds if there is no pending
+    /// version. A prepared version is durable, so its abort is too: a `Put`
+    /// of the committed state (or a `Remove` when there is none) ends it.
     pub async fn abort(&self, key: ChunkKey, version: ChunkVersion) -> Result<(), EngineError> {
         let core = &*self.core;
         let _chunk_lock = core.lock(key).lock().await;
+        let restore = {
+            let state = core.state.lock();
+            match state.pending.get(&key) {
+                Some(p) if p.version == version && p.prepared.is_some() => {
+                    Some(state.committed.get(&key).map_or(
+                        Record::Remove {
+                            chain: key.chain,
+                            chunk: key.chunk,
+                        },
+                        |c| Record::Put(c.meta),
+                    ))
+                }
+                _ => None,
+            }
+        };
+        if let Some(record) = restore {
+            core.check_writable()?;
+            // Applying the durable record drops the prepared version.
+            return core.journal(record).await;
+        }
         let mut state = core.state.lock();
         match state.pending.get(&key).copied() {
             None => Ok(()),
@@ -1049,14 +1189,16 @@ impl<D: BlockDevice> Engine<D> {
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
         core.check_writable()?;
-        let (pending, committed) = {
+        let (pending, prepared, committed) = {
             let state = core.state.lock();
+            let pending = state.pending.get(&key);
             (
-                state.pending.contains_key(&key),
+                pending.is_some(),
+                pending.is_some_and(|p| p.prepared.is_some()),
                 state.committed.contains_key(&key),
             )
         };
-        if committed {
+        if committed || prepared {
             // Applying the durable record drops the pending version too.
             core.journal(Record::Remove {
                 chain: key.chain,

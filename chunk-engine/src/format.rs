@@ -17,7 +17,11 @@ pub const HEADER_BYTES: u64 = 1 << 20;
 /// region of the medium does not take both.
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, HEADER_BYTES / 2];
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FLYFSCE\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the journal's Prepare record; version 1 devices, whose
+/// journals cannot hold one, are read as they are.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const JOURNAL_MAGIC: u32 = u32::from_le_bytes(*b"FJNL");
 pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"FCKP");
 /// Size of one encoded chunk metadata record.
@@ -311,7 +315,7 @@ impl Superblock {
         let version = r.u32()?;
         // The version is checked before the checksum: a future format may
         // checksum differently, and "unsupported version" is the useful error.
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::Version {
                 what: WHAT,
                 found: version,
@@ -521,18 +525,25 @@ impl ChunkMeta {
 pub enum Record {
     /// The chunk's committed state is now this.
     Put(ChunkMeta),
+    /// A pending version, durable before its chain has committed it. While
+    /// the engine runs it stays pending until committed (in memory: this
+    /// record is already its durable form) or aborted (a `Put` of the
+    /// previous state, or a `Remove`); recovery reads it as a `Put`, so a
+    /// version a CRAQ replica had prepared survives any crash.
+    Prepare(ChunkMeta),
     /// The chunk no longer exists.
     Remove { chain: ChainId, chunk: ChunkId },
 }
 
 const TAG_PUT: u8 = 1;
 const TAG_REMOVE: u8 = 2;
+const TAG_PREPARE: u8 = 3;
 const REMOVE_BYTES: usize = 16;
 
 impl Record {
     pub fn encoded_len(&self) -> usize {
         1 + match self {
-            Record::Put(_) => META_BYTES,
+            Record::Put(_) | Record::Prepare(_) => META_BYTES,
             Record::Remove { .. } => REMOVE_BYTES,
         }
     }
@@ -547,8 +558,12 @@ pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]
     let mut w = Writer::new(rest);
     for record in records {
         match record {
-            Record::Put(meta) => {
-                w.u8(TAG_PUT);
+            Record::Put(meta) | Record::Prepare(meta) => {
+                w.u8(if matches!(record, Record::Put(_)) {
+                    TAG_PUT
+                } else {
+                    TAG_PREPARE
+                });
                 meta.encode(&mut w.bytes[w.at..]);
                 w.at += META_BYTES;
             }
@@ -640,10 +655,14 @@ pub fn decode_batch(
     let mut r = Reader::new(&bytes[BATCH_HEADER_BYTES..payload_end], WHAT);
     while r.at < r.bytes.len() {
         match r.u8()? {
-            TAG_PUT => {
+            tag @ (TAG_PUT | TAG_PREPARE) => {
                 let meta = ChunkMeta::decode(&r.bytes[r.at..], sb, WHAT)?;
                 r.at += META_BYTES;
-                records.push(Record::Put(meta));
+                records.push(if tag == TAG_PUT {
+                    Record::Put(meta)
+                } else {
+                    Record::Prepare(meta)
+                });
             }
             TAG_REMOVE => {
                 let chain = ChainId(r.u32()?);
@@ -840,6 +859,7 @@ mod tests {
                 chunk: ChunkId::new(1, 2),
             },
             Record::Put(meta(2)),
+            Record::Prepare(meta(3)),
         ];
         let mut buf = vec![0u8; 8192];
         let n = encode_batch(sb.format_id, 8192, &records, &mut buf);

@@ -2,7 +2,7 @@
 //!
 //! Committers queue records and wait; the writer takes everything queued (up
 //! to `batch_bytes_max`), writes it as one checksummed batch, issues one
-//! flush, applies the records to the committed map and publishes how many
+//! flush, applies the records to the engine's state and publishes how many
 //! records are durable. While one batch is on its way to the device the next
 //! one fills up, which is what makes commits cheap under load.
 //!
@@ -38,14 +38,15 @@
 //! 2. Everything after a flush returns (advancing the cursor, applying the
 //!    records, dequeuing them, publishing durability) happens without an
 //!    await, so a writer is dropped either before all of it or after. The
-//!    cursor and the committed map therefore always describe the log up to
-//!    the last batch whose flush returned.
+//!    cursor and the durable view (the committed map with prepared versions,
+//!    `State::durable_view`) therefore always describe the log up to the
+//!    last batch whose flush returned.
 //! 3. Before starting a batch or checkpoint, the writer notes it in
 //!    [`Writer::abandoned`], and clears the note once it is done. The next
 //!    writer first repeats what the note names, byte for byte: the same
 //!    number of records from the front of the queue at the same log position
 //!    (both derived from the unchanged cursor), or the same checkpoint (the
-//!    committed map and the cursor are unchanged since it began). This
+//!    durable view and the cursor are unchanged since it began). This
 //!    matters because a dropped I/O still runs to completion (the
 //!    `BlockDevice` contract): the abandoned write may land at any time,
 //!    even after the repeat, and since the repeat writes identical bytes to
@@ -368,10 +369,13 @@ async fn checkpoint_noted<D: BlockDevice>(
     Ok(())
 }
 
-/// Writes the committed map as a checkpoint at the journal head into the slot
+/// Writes the durable view (the committed map with prepared versions, what
+/// recovery would find) as a checkpoint at the journal head into the slot
 /// not holding the current checkpoint, then lets the journal reuse its space.
 /// The cursor changes only after the flush returned, and the bytes depend
-/// only on the cursor and the committed map, so a repeat is identical.
+/// only on the cursor and the durable view, which only the journal writer
+/// changes (committing a prepared version in memory leaves it as it is), so
+/// a repeat is identical.
 pub(crate) async fn checkpoint<D: BlockDevice>(
     core: &Core<D>,
     cursor: &mut Cursor,
@@ -379,8 +383,8 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
     let sequence = cursor.checkpoint_sequence + 1;
     let slot = 1 - cursor.checkpoint_slot;
     let buf = {
-        let state = core.state.lock();
-        let count = state.committed.len();
+        let view = core.state.lock().durable_view();
+        let count = view.len();
         let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES)
             .next_multiple_of(crate::format::BLOCK as usize);
         assert!(
@@ -389,10 +393,8 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
         );
         let mut buf = core.pool.alloc(total);
         let header_len = CHECKPOINT_HEADER_BYTES as usize;
-        for (i, committed) in state.committed.values().enumerate() {
-            committed
-                .meta
-                .encode(&mut buf[header_len + i * META_BYTES..]);
+        for (i, meta) in view.iter().enumerate() {
+            meta.encode(&mut buf[header_len + i * META_BYTES..]);
         }
         let payload_end = header_len + count * META_BYTES;
         buf[payload_end..].fill(0);

@@ -11,8 +11,12 @@
 //! Durability: committed metadata lives in a checksummed journal (group
 //! commit, one flush per batch) bounded by periodic checkpoints; see
 //! docs/chunk-engine-format.md for the layout and the recovery argument.
-//! Pending versions live only in memory: after a crash a replica returns with
-//! its committed state and CRAQ resynchronises whatever it missed.
+//! A pending version lives only in memory unless the write *prepares* it
+//! (CRAQ replicas before the tail do): then a journal record makes it durable
+//! before the write returns, its commit needs no I/O, and recovery reads it
+//! as committed. After a crash a replica returns with its committed and
+//! prepared state, and CRAQ resynchronises whatever it missed or cuts back
+//! what its chain never committed.
 //!
 //! The engine knows nothing of the network or of chain membership: a chain id
 //! is only a key prefix, and a chain version only a number it stores.

@@ -518,7 +518,9 @@ async fn batch_data_durable<D: BlockDevice>(
     sb: &Superblock,
 ) -> Result<bool, EngineError> {
     for record in records {
-        let Record::Put(meta) = record else { continue };
+        let (Record::Put(meta) | Record::Prepare(meta)) = record else {
+            continue;
+        };
         if meta.len == 0 {
             continue;
         }

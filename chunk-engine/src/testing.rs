@@ -3,11 +3,12 @@
 //! same operation sequence and compared after every step.
 //!
 //! Power cuts and crashes are operations too. After a cut every I/O fails, so
-//! the engine poisons itself and operations fail; a commit or remove that
-//! failed may or may not have become durable, so the model records both
-//! outcomes as allowed. At the crash the device drops or tears every unflushed
-//! write, the engine reopens, and the recovered state must be, per chunk, the
-//! last acknowledged state or one of the allowed unacknowledged ones, with a
+//! the engine poisons itself and operations fail; a commit, prepared write,
+//! abort or remove that failed may or may not have become durable, so the
+//! model records both outcomes as allowed. At the crash the device drops or
+//! tears every unflushed write, the engine reopens, and the recovered state
+//! must be, per chunk, the last acknowledged durable state (a prepared version
+//! counts as committed) or one of the allowed unacknowledged ones, with a
 //! valid checksum; the allocator must agree with the metadata.
 //!
 //! Used by `tests/model.rs` (proptest), `tests/crash.rs` (seeded, thousands
@@ -37,21 +38,25 @@ const KEYS: u8 = 8;
 #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write `len` bytes at `offset` (or at the end of the chunk if `append`).
+    /// `prepare` (in every write) makes the pending version durable.
     Write {
         key: u8,
         offset: u16,
         len: u16,
         seed: u8,
         append: bool,
+        prepare: bool,
     },
     Replace {
         key: u8,
         len: u16,
         seed: u8,
+        prepare: bool,
     },
     Truncate {
         key: u8,
         len: u16,
+        prepare: bool,
     },
     Commit {
         key: u8,
@@ -88,8 +93,21 @@ type Contents = (Vec<u8>, u32);
 struct ModelChunk {
     committed: Option<Contents>,
     pending: Option<Contents>,
+    /// The pending version is durable (a prepared write).
+    prepared: bool,
     /// Committed states a crash may also leave (unacknowledged commits and removes).
     maybe: Vec<Option<Contents>>,
+}
+
+impl ModelChunk {
+    /// What recovery must find unless an unacknowledged change landed.
+    fn durable(&self) -> &Option<Contents> {
+        if self.prepared {
+            &self.pending
+        } else {
+            &self.committed
+        }
+    }
 }
 
 /// The engine under test beside its model.
@@ -214,6 +232,7 @@ impl Harness {
                 len,
                 seed,
                 append,
+                prepare,
             } => {
                 let chunk = self.model.entry(k % KEYS).or_default().clone();
                 let base = chunk.committed.clone().map(|c| c.0).unwrap_or_default();
@@ -229,7 +248,7 @@ impl Harness {
                     data: DmaBuf::copy_from(&data),
                     crc: crc32c::crc32c(&data),
                 };
-                let result = self.write(k, version, op);
+                let result = self.write(k, version, op, prepare);
                 let end = offset as usize + data.len();
                 if end > CHUNK_MAX as usize {
                     return match result {
@@ -242,9 +261,14 @@ impl Harness {
                     new.resize(end, 0);
                 }
                 new[offset as usize..end].copy_from_slice(&data);
-                self.wrote(k, result, new, version)
+                self.wrote(k, result, new, version, prepare)
             }
-            Op::Replace { key: k, len, seed } => {
+            Op::Replace {
+                key: k,
+                len,
+                seed,
+                prepare,
+            } => {
                 let data = fill(usize::from(len) % (CHUNK_MAX as usize + 1), seed);
                 let version = self
                     .model
@@ -256,10 +280,14 @@ impl Harness {
                     data: DmaBuf::copy_from(&data),
                     crc: crc32c::crc32c(&data),
                 };
-                let result = self.write(k, version, op);
-                self.wrote(k, result, data, version)
+                let result = self.write(k, version, op, prepare);
+                self.wrote(k, result, data, version, prepare)
             }
-            Op::Truncate { key: k, len } => {
+            Op::Truncate {
+                key: k,
+                len,
+                prepare,
+            } => {
                 let len = u32::from(len) % (CHUNK_MAX + 1);
                 let mut new = self
                     .model
@@ -274,8 +302,8 @@ impl Harness {
                     .and_then(|c| c.committed.as_ref())
                     .map_or(0, |c| c.1)
                     + 1;
-                let result = self.write(k, version, WriteOp::Truncate { len });
-                self.wrote(k, result, new, version)
+                let result = self.write(k, version, WriteOp::Truncate { len }, prepare);
+                self.wrote(k, result, new, version, prepare)
             }
             Op::Commit { key: k } => self.commit(&[k % KEYS]),
             Op::CommitAll => {
@@ -297,11 +325,25 @@ impl Harness {
                     return Ok(());
                 };
                 let engine = self.engine().clone();
-                self.rt
-                    .block_on(engine.abort(key(k), ChunkVersion(version)))
-                    .map_err(|e| format!("abort: {e}"))?;
-                self.model.entry(k % KEYS).or_default().pending = None;
-                Ok(())
+                let result = self
+                    .rt
+                    .block_on(engine.abort(key(k), ChunkVersion(version)));
+                let chunk = self.model.entry(k % KEYS).or_default();
+                match result {
+                    Ok(()) => {
+                        chunk.pending = None;
+                        chunk.prepared = false;
+                        Ok(())
+                    }
+                    Err(error) => {
+                        // A prepared version stays; its abort may or may
+                        // not have become durable.
+                        if chunk.prepared {
+                            chunk.maybe.push(chunk.committed.clone());
+                        }
+                        self.failed("abort", &error)
+                    }
+                }
             }
             Op::Remove { key: k } => {
                 let engine = self.engine().clone();
@@ -386,7 +428,11 @@ impl Harness {
                         .block_on(Engine::open(self.dev.clone(), pool(), self.config.clone()));
                 self.engine = Some(engine.map_err(|e| format!("reopen: {e}"))?);
                 for chunk in self.model.values_mut() {
+                    if chunk.prepared {
+                        chunk.committed = chunk.pending.take();
+                    }
                     chunk.pending = None;
+                    chunk.prepared = false;
                 }
                 self.engine().check_consistency()
             }
@@ -408,6 +454,7 @@ impl Harness {
         k: u8,
         version: u32,
         op: WriteOp,
+        prepare: bool,
     ) -> Result<crate::WriteOutcome, EngineError> {
         let engine = self.engine().clone();
         let request = WriteRequest {
@@ -417,6 +464,7 @@ impl Harness {
             op,
             client: ClientId(1),
             request: RequestId(self.steps),
+            prepare,
         };
         self.rt.block_on(engine.write(request))
     }
@@ -427,8 +475,17 @@ impl Harness {
         result: Result<crate::WriteOutcome, EngineError>,
         new: Vec<u8>,
         version: u32,
+        prepare: bool,
     ) -> Result<(), String> {
         let chunk = self.model.entry(k % KEYS).or_default();
+        if chunk.prepared {
+            // Only a commit or an abort may end a prepared version.
+            return match result {
+                Err(EngineError::VersionConflict { .. }) => Ok(()),
+                Err(error) => self.failed("write", &error),
+                Ok(outcome) => Err(format!("a write replaced a prepared version: {outcome:?}")),
+            };
+        }
         match result {
             Ok(outcome) => {
                 if outcome.len as usize != new.len() || outcome.crc != crc32c::crc32c(&new) {
@@ -438,10 +495,17 @@ impl Harness {
                     ));
                 }
                 chunk.pending = Some((new, version));
+                chunk.prepared = prepare;
                 Ok(())
             }
-            // A failed write changes nothing.
-            Err(error) => self.failed("write", &error),
+            // A failed write changes nothing in memory; a prepared one may
+            // have become durable.
+            Err(error) => {
+                if prepare {
+                    chunk.maybe.push(Some((new, version)));
+                }
+                self.failed("write", &error)
+            }
         }
     }
 
@@ -477,11 +541,14 @@ impl Harness {
                         return Err(format!("commit returned {:?}", meta.version));
                     }
                     chunk.committed = pending;
+                    chunk.prepared = false;
                 }
                 Err(error) => {
                     // The pending version stays in the engine, and may or
-                    // may not be durable.
-                    chunk.maybe.push(pending.clone());
+                    // may not be durable (a prepared one already is).
+                    if !chunk.prepared {
+                        chunk.maybe.push(pending.clone());
+                    }
                     chunk.pending = pending;
                     self.failed("commit", &error)?;
                 }
@@ -514,13 +581,13 @@ impl Harness {
                     Some((read.data.to_vec(), meta.version.0))
                 }
             };
-            let allowed = actual == chunk.committed || chunk.maybe.contains(&actual);
+            let allowed = actual == *chunk.durable() || chunk.maybe.contains(&actual);
             if !allowed {
                 return Err(format!(
                     "{:?} recovered as {:?} but the last acknowledged state is {:?} (also allowed: {:?})",
                     key(k),
                     actual.as_ref().map(|(b, v)| (b.len(), v)),
-                    chunk.committed.as_ref().map(|(b, v)| (b.len(), v)),
+                    chunk.durable().as_ref().map(|(b, v)| (b.len(), v)),
                     chunk
                         .maybe
                         .iter()
@@ -548,6 +615,14 @@ impl Harness {
             let committed = info
                 .and_then(|i| i.committed)
                 .map(|m| (m.len as usize, m.version.0, m.crc));
+            let prepared = info.and_then(|i| i.pending).and_then(|p| p.prepared);
+            if prepared.is_some() != chunk.prepared {
+                return Err(format!(
+                    "{:?} prepared {prepared:?}, model {}",
+                    key(k),
+                    chunk.prepared
+                ));
+            }
             let pending = info
                 .and_then(|i| i.pending)
                 .map(|p| (p.len as usize, p.version.0, p.crc));
@@ -611,15 +686,18 @@ pub fn random_op(rng: &mut ChaCha8Rng, crashes: bool) -> Op {
             len: small(rng),
             seed: rng.random(),
             append: rng.random_bool(0.4),
+            prepare: rng.random_bool(0.4),
         },
         25..30 => Op::Replace {
             key: k,
             len: small(rng),
             seed: rng.random(),
+            prepare: rng.random_bool(0.4),
         },
         30..35 => Op::Truncate {
             key: k,
             len: small(rng),
+            prepare: rng.random_bool(0.4),
         },
         35..55 => Op::Commit { key: k },
         55..62 => Op::CommitAll,
@@ -730,6 +808,7 @@ pub fn fuzz_decode(data: &[u8]) {
             };
             let records = [
                 Record::Put(meta),
+                Record::Prepare(meta),
                 Record::Remove {
                     chain: ChainId(1),
                     chunk: ChunkId::new(2, 4),

@@ -30,6 +30,7 @@ both_modes!(
     bad_devices_give_clear_errors,
     damaged_checkpoint_falls_back_or_refuses,
     readers_never_see_torn_chunks_while_writers_commit,
+    prepared_versions_are_durable_and_commit_without_io,
 );
 
 fn mem() -> MemDevice {
@@ -664,5 +665,90 @@ fn readers_never_see_torn_chunks_while_writers_commit(mode: JournalMode) {
         engine
             .check_consistency()
             .expect("no slot leaked or doubly used after the readers let go");
+    });
+}
+
+/// A prepared write is durable before it returns: its commit does no I/O, a
+/// reopen without the commit finds it committed, its abort is durable too,
+/// and no other write may replace it.
+fn prepared_versions_are_durable_and_commit_without_io(mode: JournalMode) {
+    let rt = runtime();
+    let dev = mem();
+    rt.block_on(async {
+        let engine = format_and_open(&dev, &small_format(), mode).await;
+        let (a, b, c) = (key(1, 7, 0), key(1, 7, 1), key(1, 8, 0));
+        let v1 = bytes(8_000, 1);
+        put(&engine, a, 1, 0, &v1).await;
+        let prepared = |mut request: flyfs_chunk_engine::WriteRequest| {
+            request.prepare = true;
+            request
+        };
+
+        // The commit of a prepared version journals nothing.
+        let v2 = bytes(3_000, 2);
+        engine
+            .write(prepared(update(a, 2, 100, &v2)))
+            .await
+            .expect("prepared write");
+        assert!(
+            engine
+                .stat(a)
+                .and_then(|i| i.pending)
+                .and_then(|p| p.prepared)
+                .is_some()
+        );
+        let refused = engine.write(update(a, 2, 0, &v1)).await;
+        assert!(
+            matches!(refused, Err(EngineError::VersionConflict { .. })),
+            "a write replaced a prepared version: {refused:?}"
+        );
+        let records = engine.stats().records;
+        engine.commit(a, ChunkVersion(2)).await.expect("commit");
+        assert_eq!(
+            engine.stats().records,
+            records,
+            "the commit journaled a record"
+        );
+        let mut want_a = v1.clone();
+        want_a[100..3_100].copy_from_slice(&v2);
+        assert_same(&contents(&engine, a).await, &want_a);
+
+        // Prepared and never committed: committed after a reopen.
+        let only = bytes(5_000, 3);
+        engine
+            .write(prepared(update(b, 1, 0, &only)))
+            .await
+            .expect("prepared write");
+        // Prepared, then aborted: back to nothing.
+        engine
+            .write(prepared(update(c, 1, 0, &only)))
+            .await
+            .expect("prepared write");
+        engine.abort(c, ChunkVersion(1)).await.expect("abort");
+        assert!(engine.stat(c).is_none());
+        // Prepared over a committed version, then aborted: the old version.
+        engine
+            .write(prepared(update(a, 3, 0, &only)))
+            .await
+            .expect("prepared write");
+        engine.abort(a, ChunkVersion(3)).await.expect("abort");
+        engine.check_consistency().expect("consistent");
+
+        drop(engine);
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
+            .await
+            .expect("reopen");
+        assert_same(&contents(&engine, a).await, &want_a);
+        assert_eq!(
+            engine.stat(a).and_then(|i| i.committed).map(|m| m.version),
+            Some(ChunkVersion(2))
+        );
+        assert_same(&contents(&engine, b).await, &only);
+        assert!(engine.stat(b).is_some_and(|i| i.pending.is_none()));
+        assert!(
+            engine.stat(c).is_none(),
+            "an aborted prepared version came back"
+        );
+        engine.check_consistency().expect("consistent");
     });
 }

@@ -18,10 +18,11 @@ fn op() -> impl Strategy<Value = Op> {
         any::<u16>()
     ];
     prop_oneof![
-        5 => (k.clone(), size.clone(), size.clone(), any::<u8>(), any::<bool>())
-            .prop_map(|(key, offset, len, seed, append)| Op::Write { key, offset, len, seed, append }),
-        1 => (k.clone(), size.clone(), any::<u8>()).prop_map(|(key, len, seed)| Op::Replace { key, len, seed }),
-        1 => (k.clone(), size.clone()).prop_map(|(key, len)| Op::Truncate { key, len }),
+        5 => (k.clone(), size.clone(), size.clone(), any::<u8>(), any::<bool>(), any::<bool>())
+            .prop_map(|(key, offset, len, seed, append, prepare)| Op::Write { key, offset, len, seed, append, prepare }),
+        1 => (k.clone(), size.clone(), any::<u8>(), any::<bool>())
+            .prop_map(|(key, len, seed, prepare)| Op::Replace { key, len, seed, prepare }),
+        1 => (k.clone(), size.clone(), any::<bool>()).prop_map(|(key, len, prepare)| Op::Truncate { key, len, prepare }),
         4 => k.clone().prop_map(|key| Op::Commit { key }),
         1 => Just(Op::CommitAll),
         1 => k.clone().prop_map(|key| Op::Abort { key }),

@@ -111,6 +111,7 @@ pub fn request(key: ChunkKey, version: u32, op: WriteOp) -> WriteRequest {
         op,
         client: ClientId(1),
         request: RequestId(u64::from(version)),
+        prepare: false,
     }
 }
 
