@@ -129,3 +129,60 @@ fn lost_disk() {
     assert!(restarted, "the disk was never lost");
     finish(sim, result).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// The whole chain loses power at once while writes are under way. Replicas
+/// before the tail acknowledge versions they have only prepared (durable) and
+/// committed in memory, so whichever target the manager keeps as the last
+/// serving one (lastsrv) must recover them as committed: it serves first when
+/// the nodes return, and the others resync from it. Every acknowledged write
+/// must still be readable. The manager moves each target it marks offline to
+/// the chain's end, so the head is left as lastsrv: the replica that holds the
+/// most versions it only prepared.
+#[test]
+fn whole_chain_loses_power() {
+    let mut lastsrv = std::collections::BTreeSet::new();
+    for seed in 107..117 {
+        // Enough operations that clients are still writing at the cut.
+        let mut sim = Sim::new(SimConfig {
+            ops_per_client: 120,
+            ..config(seed)
+        });
+        sim.add_workload();
+        let mut chain = Vec::new();
+        let mut cut = None;
+        let mut restarted = false;
+        let result = sim.run_until(Duration::from_secs(120), |s| {
+            let now = s.sim.elapsed();
+            if cut.is_none() && s.ready() && s.all_serving() && s.world.borrow().history.len() > 30
+            {
+                chain = (0..3)
+                    .map(|i| s.node_at(ChainId(1), i).expect("chain 1 has three targets"))
+                    .collect();
+                for &node in &chain {
+                    s.crash(node);
+                }
+                cut = Some(now);
+            }
+            if let Some(at) = cut
+                && !restarted
+                && now >= at + Duration::from_secs(3)
+            {
+                lastsrv.extend(
+                    s.lastsrv(ChainId(1))
+                        .and_then(|t| chain.iter().position(|&n| n == t)),
+                );
+                for &node in &chain {
+                    s.restart(node);
+                }
+                restarted = true;
+            }
+            s.clients_done()
+        });
+        assert!(restarted, "seed {seed}: the chain never lost power");
+        finish(sim, result).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        lastsrv.contains(&0),
+        "the head was never the last serving target (lastsrv at chain positions {lastsrv:?})"
+    );
+}

@@ -9,6 +9,17 @@
 //! write that diverged them. A syncing successor gets the whole chunk instead
 //! of the update, as does a successor that answers `NeedWholeChunk`.
 //!
+//! Durability: every replica but the tail *prepares* its pending version (the
+//! engine makes it durable, and recovers it as committed after a crash) while
+//! the forward is under way, so its commit on the way back is a change in
+//! memory and it answers its predecessor at once; the tail commits durably.
+//! The journal work of the replicas thus overlaps instead of adding up along
+//! the chain, and when the head answers the client every replica holds the
+//! version durably, as before. A replica that recovers a version its chain
+//! never committed is cut back by the resync every restarted target goes
+//! through; a last serving replica (lastsrv) keeps it, which is allowed,
+//! since that write was never acknowledged or failed.
+//!
 //! When forwarding fails (the successor died), the replica keeps retrying
 //! with fresh routing until the manager has replaced the successor or the
 //! forward deadline passes; the chunk stays locked meanwhile, so writes to
@@ -345,8 +356,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         // local pending version first; `forward` waits for it then.
         let data = update.data.take();
         let (local_done, local_seen) = tokio::sync::watch::channel(None);
+        let prepare = place.successor().is_some();
         let local = async {
-            let outcome = self.write_pending(place, &update, data).await;
+            let outcome = self.write_pending(place, &update, data, prepare).await;
             if let Ok(outcome) = &outcome {
                 let _ = local_done.send(Some(outcome.crc));
             }
@@ -437,15 +449,18 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             return Ok(WriteRsp::default());
         }
         let data = update.data.take();
-        let outcome = self.write_pending(place, &update, data).await?;
+        let outcome = self.write_pending(place, &update, data, false).await?;
         self.commit(place, &update, outcome).await
     }
 
+    /// Stores the update as a pending version; `prepare` makes it durable
+    /// (see the module docs).
     async fn write_pending(
         &self,
         place: &Place,
         update: &Update,
         data: Option<DmaBuf>,
+        prepare: bool,
     ) -> Result<flyfs_chunk_engine::WriteOutcome, StorageError> {
         let engine = self.engine(&place.target);
         let mut data = data;
@@ -470,6 +485,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 op,
                 client: update.channel.client,
                 request: request_id(update.channel),
+                prepare,
             })
             .await
             .map_err(|e| self.engine_failed(place, e))?;

@@ -633,6 +633,18 @@ impl<'a> Sim<'a> {
             .map(|r| (*r).clone())
     }
 
+    /// The node of `chain`'s last serving target (lastsrv), in the newest
+    /// routing a live node holds.
+    pub fn lastsrv(&self, chain: ChainId) -> Option<usize> {
+        let routing = self.routing()?;
+        let chain = routing.chain(chain)?;
+        let target = chain
+            .targets
+            .iter()
+            .find(|t| t.state == PublicState::LastSrv)?;
+        Some(routing.target(target.target)?.node.0 as usize)
+    }
+
     pub fn all_serving(&self) -> bool {
         let Some(routing) = self.routing() else {
             return false;
