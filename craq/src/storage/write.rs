@@ -17,8 +17,8 @@
 //! the chain, and when the head answers the client every replica holds the
 //! version durably, as before. A replica that recovers a version its chain
 //! never committed is cut back by the resync every restarted target goes
-//! through; a last serving replica (lastsrv) keeps it, which is allowed,
-//! since that write was never acknowledged or failed.
+//! through; a last serving replica (lastsrv) keeps it, which is allowed:
+//! a write that was never acknowledged may or may not take effect.
 //!
 //! When forwarding fails (the successor died), the replica keeps retrying
 //! with fresh routing until the manager has replaced the successor or the
