@@ -121,7 +121,10 @@ pub struct WriteRequest {
     /// crash the engine recovers the version as committed. A CRAQ replica
     /// that is not the tail prepares, so that it can answer its predecessor
     /// as soon as its successor has committed; the tail does not (its commit
-    /// is the durable record).
+    /// is the durable record). A prepared write must run to completion: one
+    /// dropped while its record waits for the journal leaves the record to
+    /// become durable later, whatever happened to the chunk meanwhile (the
+    /// storage service never drops a write; rpc does not cancel requests).
     pub prepare: bool,
 }
 
@@ -331,7 +334,7 @@ impl State {
                     pending
                         .as_ref()
                         .is_some_and(|p| p.version == meta.version && p.slot == meta.slot),
-                    "a Prepare record is applied while its writer holds the chunk lock"
+                    "a Prepare record is applied while its write, not dropped, holds the chunk lock"
                 );
                 if let Some(p) = pending
                     && p.version == meta.version
@@ -1101,8 +1104,11 @@ impl<D: BlockDevice> Engine<D> {
             let mut state = core.state.lock();
             let committed = state.committed.get(&key).map(|c| c.meta);
             match state.pending.get(&key) {
-                Some(p) if p.version == version && p.prepared.is_some() => {
-                    let meta = p.prepared.expect("checked");
+                Some(&PendingInfo {
+                    version: v,
+                    prepared: Some(meta),
+                    ..
+                }) if v == version => {
                     // Exactly what recovery makes of the Prepare record.
                     state.apply(&Record::Put(meta), true);
                     return Ok(meta);
