@@ -9,20 +9,21 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use flyfs_craq::mgmt::Managers;
-use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
-use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::meta::{
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::mgmt::Managers;
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
+use flyfs_proto::wire::meta::{
     Attr, FileType, GcStatus, GcStatusReq, GcStatusRsp, MetaError, Readdir, ReaddirReq, ReaddirRsp,
     Readlink, ReadlinkRsp, Resolve, ResolveReq, Stat, StatReq, User,
 };
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, MgmtError, RoutingInfo, SetTargetOffline,
     SetTargetOfflineReq,
 };
-use flyfs_rpc::wire::storage::{Space, SpaceReq, SpaceRsp};
-use flyfs_rpc::{CallOptions, Client, ClientConfig, Method, Tcp};
+use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
+use flyfs_rpc::{CallOptions, Client, ClientConfig, Tcp};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct AdminArgs {
@@ -260,7 +261,7 @@ struct Status {
 struct NodeUsage {
     node: u32,
     addr: String,
-    disks: Vec<flyfs_rpc::wire::storage::DiskSpace>,
+    disks: Vec<flyfs_proto::wire::storage::DiskSpace>,
     /// Set when the node did not answer (or is not alive).
     error: Option<String>,
 }
@@ -746,8 +747,8 @@ fn space_table(space: &SpaceRsp) -> String {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::ChainVersion;
-    use flyfs_rpc::wire::mgmt::{
+    use flyfs_proto::ids::ChainVersion;
+    use flyfs_proto::wire::mgmt::{
         ChainInfo, ChainTable, ChainTarget, NodeInfo, PublicState, TargetInfo,
     };
 

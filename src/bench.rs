@@ -17,7 +17,7 @@ use flyfs_bypass::{BlockDevice, BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{
     ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, WriteOp, WriteRequest,
 };
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 use rand::{Rng, SeedableRng};
 
 /// A chain id no deployment uses, so the bench never touches real chunks.

@@ -25,14 +25,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::gc::GcStats;
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
 use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig, StaticChainTables};
 use flyfs_fs_meta::service::MetaService;
-use flyfs_rpc::ids::{ChainTableId, ClientId, InodeId};
-use flyfs_rpc::wire::meta::{self as wire, User};
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_proto::ids::{ChainTableId, ClientId, InodeId};
+use flyfs_proto::wire::meta::{self as wire, User};
 use flyfs_rpc::{Network, Server, ServerConfig, Tcp};
 
 const ROOT: InodeId = InodeId(1);

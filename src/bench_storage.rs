@@ -34,13 +34,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, GetRouting, GetRoutingReq,
     MgmtError, PublicState, RoutingInfo,
 };
-use flyfs_rpc::{CallOptions, Client, Method, Tcp};
+use flyfs_rpc::{CallOptions, Client, Tcp};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 

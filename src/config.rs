@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use flyfs_craq::StorageConfig;
 use flyfs_craq::mgmt::MgmtConfig;
-use flyfs_rpc::ids::NodeId;
+use flyfs_proto::ids::NodeId;
 use serde::Deserialize;
 
 /// The longest lease a storage node may hold. A lease must end before the

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
 use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig};
 use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
-use flyfs_rpc::ids::{ChainTableId, ClientId};
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_proto::ids::{ChainTableId, ClientId};
 use flyfs_rpc::{Network, Server, ServerConfig, ServerHandle, Tcp};
 use serde::Deserialize;
 use tokio::task::JoinHandle;

@@ -20,13 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flyfs_client::fuse::FuseOptions;
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FsClient, FsConfig};
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
+use flyfs_fuse::FuseOptions;
+use flyfs_proto::ids::ClientId;
+use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Tcp;
-use flyfs_rpc::ids::ClientId;
-use flyfs_rpc::wire::meta::User;
 use serde::Deserialize;
 
 /// How long startup waits for the manager's routing and the metadata
@@ -201,7 +201,7 @@ pub(crate) fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     let client = runtime.block_on(connect(&config))?;
     prepare_mount_point(&config.mount_point)?;
-    let mut mount = flyfs_client::fuse::mount(
+    let mut mount = flyfs_fuse::mount(
         client.clone(),
         runtime.handle().clone(),
         &config.mount_point,
@@ -309,7 +309,7 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
     meta_config.op_deadline = STARTUP_PATIENCE;
     let probe = MetaClient::new(Tcp, meta_config);
     probe
-        .call::<flyfs_rpc::wire::meta::Statfs, _>(&flyfs_rpc::wire::meta::StatfsReq {
+        .call::<flyfs_proto::wire::meta::Statfs, _>(&flyfs_proto::wire::meta::StatfsReq {
             user: User::root(),
         })
         .await

@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_chunk_engine::{EngineError, FormatOptions};
-use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
-use flyfs_rpc::wire::meta::{Statfs, StatfsReq};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
+use flyfs_proto::wire::meta::{Statfs, StatfsReq};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, PublicState, RoutingInfo,
 };
-use flyfs_rpc::wire::storage::{LastChunk, LastChunkReq};
+use flyfs_proto::wire::storage::{LastChunk, LastChunkReq};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;

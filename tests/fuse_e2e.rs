@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use flyfs_rpc::wire::mgmt::{PublicState, RoutingInfo};
+use flyfs_proto::wire::mgmt::{PublicState, RoutingInfo};
 use nix::libc;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;

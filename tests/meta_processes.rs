@@ -35,15 +35,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::ns::{InodeKind, LayoutSpec, Namespace, NsConfig, StaticChainTables};
 use flyfs_fs_meta::schema::ROOT;
-use flyfs_rpc::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, TargetId};
-use flyfs_rpc::wire::meta::{self as wire, MetaError, User};
-use flyfs_rpc::wire::storage::{DumpMeta, DumpMetaReq};
-use flyfs_rpc::{CallOptions, Client, Method, Tcp};
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, TargetId};
+use flyfs_proto::wire::meta::{self as wire, MetaError, User};
+use flyfs_proto::wire::storage::{DumpMeta, DumpMetaReq};
+use flyfs_rpc::{CallOptions, Client, Tcp};
 use support::{
     Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, wait_for,
     write_configs, write_meta_config,

@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_craq::client::{ClientConfig, StorageClient};
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, TargetId};
-use flyfs_rpc::wire::mgmt::PublicState;
-use flyfs_rpc::wire::storage::{BatchRead, BatchReadReq, ReadItem};
+use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, TargetId};
+use flyfs_proto::wire::mgmt::PublicState;
+use flyfs_proto::wire::storage::{BatchRead, BatchReadReq, ReadItem};
 use flyfs_rpc::{CallOptions, Client, Tcp};
 use support::{
     Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, target_id, text,

@@ -16,7 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, RequestId};
+use flyfs_proto::ids::{
+    ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, RequestId,
+};
 use parking_lot::{Condvar, Mutex};
 // Keys are engine-chosen ids, not attacker-controlled strings, so a fast
 // non-cryptographic hash is safe here; SipHash showed in read profiles.

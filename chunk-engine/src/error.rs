@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use flyfs_bypass::DeviceError;
-use flyfs_rpc::ids::ChunkVersion;
+use flyfs_proto::ids::ChunkVersion;
 
 use crate::ChunkKey;
 use crate::format::FormatError;

@@ -6,7 +6,7 @@
 //! a [`FormatError`] that says what was wrong and where. It never panics on
 //! input bytes (fuzzed in fuzz/ and by `tests/decode.rs`), and it does no I/O.
 
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 
 /// Unit of alignment of every on-device structure: the largest sector size a
 /// device may report, so the format is valid on 512- and 4096-byte devices.

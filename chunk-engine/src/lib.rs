@@ -39,7 +39,7 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use flyfs_bypass::BlockDevice;
-use flyfs_rpc::ids::{ChainId, ChunkId};
+use flyfs_proto::ids::{ChainId, ChunkId};
 pub use format::{ChunkMeta, SlotId, Superblock};
 
 /// Where a chunk lives in the engine: its chain and its id. Ordered by chain,

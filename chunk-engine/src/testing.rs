@@ -21,7 +21,7 @@ use arbitrary::Arbitrary;
 use flyfs_bypass::fault::{Fault, FaultyDevice};
 use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, DmaBuf, HugePages, PoolConfig};
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -791,7 +791,7 @@ pub fn fuzz_decode(data: &[u8]) {
         }
         2 => {
             let meta = ChunkMeta {
-                chain: flyfs_rpc::ids::ChainId(1),
+                chain: flyfs_proto::ids::ChainId(1),
                 chunk: ChunkId::new(2, 3),
                 slot: SlotId {
                     group: 1,

@@ -12,7 +12,7 @@ use flyfs_chunk_engine::format::SUPERBLOCK_OFFSETS;
 use flyfs_chunk_engine::{
     Engine, EngineError, FormatOptions, JournalMode, ReadRequest, ReadVersion, WriteOp,
 };
-use flyfs_rpc::ids::{ChainId, ChunkVersion, InodeId};
+use flyfs_proto::ids::{ChainId, ChunkVersion, InodeId};
 
 const MIB: u64 = 1 << 20;
 

@@ -14,7 +14,7 @@ use std::task::{Context, Wake, Waker};
 use common::*;
 use flyfs_bypass::mem::MemDevice;
 use flyfs_chunk_engine::{Engine, EngineStats, JournalMode, ReadRequest};
-use flyfs_rpc::ids::ChunkVersion;
+use flyfs_proto::ids::ChunkVersion;
 
 /// A waker that records whether it was woken.
 #[derive(Default)]
@@ -72,7 +72,7 @@ fn concurrent_commits(commits: u32) -> EngineStats {
             .expect("reopen");
         assert_eq!(
             engine
-                .chunks(flyfs_rpc::ids::ChainId(1), .., usize::MAX)
+                .chunks(flyfs_proto::ids::ChainId(1), .., usize::MAX)
                 .len(),
             commits as usize
         );

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use flyfs_bypass::uring::{UringConfig, UringDevice};
 use flyfs_chunk_engine::{Engine, EngineConfig, EngineError, FormatOptions};
-use flyfs_rpc::ids::{ChainId, InodeId};
+use flyfs_proto::ids::{ChainId, InodeId};
 
 fn device(path: &std::path::Path, size: u64) -> UringDevice {
     UringDevice::create_file(path, size, &UringConfig::default(), None)

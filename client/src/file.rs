@@ -33,12 +33,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::storage::{ClientError, ReadSpec, StorageClient};
 use bytes::{Bytes, BytesMut};
-use flyfs_craq::client::{ClientError, ReadSpec, StorageClient};
+use flyfs_proto::ids::{ChunkId, InodeId};
+use flyfs_proto::wire::meta::Layout;
+use flyfs_proto::wire::storage::StorageError;
 use flyfs_rpc::Network;
-use flyfs_rpc::ids::{ChunkId, InodeId};
-use flyfs_rpc::wire::meta::Layout;
-use flyfs_rpc::wire::storage::StorageError;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
@@ -458,7 +458,7 @@ impl FileState {
         })
     }
 
-    fn chain_of(&self, index: u32) -> Result<flyfs_rpc::ids::ChainId, FsError> {
+    fn chain_of(&self, index: u32) -> Result<flyfs_proto::ids::ChainId, FsError> {
         self.layout
             .chain_of(index)
             .ok_or_else(|| io_error(format!("{:?} has a layout without chains", self.ino)))

@@ -19,18 +19,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::meta::MetaClient;
+use crate::storage::StorageClient;
 use bytes::Bytes;
-use flyfs_craq::client::StorageClient;
-use flyfs_fs_meta::client::MetaClient;
-use flyfs_rpc::Network;
-use flyfs_rpc::ids::{ClientId, InodeId};
-use flyfs_rpc::wire::meta::{
+use flyfs_proto::ids::{ClientId, InodeId};
+use flyfs_proto::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
     Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve,
     ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq,
     StatfsRsp, Symlink, SymlinkReq, Sync, Unlink, User, XattrMode, XattrReq,
 };
+use flyfs_rpc::Network;
 use parking_lot::Mutex;
 
 use crate::FsError;

@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FileHandle, FsClient, FsConfig, OpenMode};
-use flyfs_craq::client::{ClientConfig, StorageClient};
 use flyfs_fs_meta::testing::{ClusterOptions, TestCluster};
+use flyfs_proto::ids::{ClientId, InodeId};
+use flyfs_proto::wire::meta::{SetAttrReq, User};
 use flyfs_rpc::Tcp;
-use flyfs_rpc::ids::{ClientId, InodeId};
-use flyfs_rpc::wire::meta::{SetAttrReq, User};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::{Rng, SeedableRng};

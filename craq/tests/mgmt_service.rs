@@ -10,15 +10,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flyfs_craq::mgmt::{FileStore, MgmtConfig, MgmtService};
-use flyfs_rpc::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, LocalState, MgmtError,
     PublicState, RegisterNode, RegisterNodeReq, RoutingInfo, TargetReport,
 };
-use flyfs_rpc::{
-    CallOptions, Client, ClientConfig, Method, Server, ServerConfig, ServerHandle, Tcp,
-};
+use flyfs_rpc::{CallOptions, Client, ClientConfig, Server, ServerConfig, ServerHandle, Tcp};
 
 fn config() -> MgmtConfig {
     MgmtConfig {

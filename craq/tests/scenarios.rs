@@ -9,7 +9,7 @@ mod sim_support;
 use std::time::Duration;
 
 use flyfs_craq::storage::FailPoint;
-use flyfs_rpc::ids::ChainId;
+use flyfs_proto::ids::ChainId;
 use sim_support::{Sim, SimConfig, finish};
 
 fn config(seed: u64) -> SimConfig {

@@ -13,20 +13,19 @@ use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BlockDevice, IoOp};
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
-use flyfs_craq::client::{ClientConfig, ReadSpec, StorageClient};
+use flyfs_client::storage::{ClientConfig, ReadSpec, StorageClient};
 use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
 use flyfs_craq::storage::FailPoint;
 use flyfs_craq::{StorageConfig, StorageNode, StorageService};
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ClientId, InodeId, NodeId, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ClientId, InodeId, NodeId, TargetId};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, PublicState,
 };
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::wire::storage::{
     BatchRead, BatchReadReq, Channel, ReadItem, StorageError, Write, WriteOp, WriteReq,
 };
-use flyfs_rpc::{
-    CallOptions, Client, Method, RpcError, Server, ServerConfig, ServerHandle, Status, Tcp,
-};
+use flyfs_proto::{Method, Status};
+use flyfs_rpc::{CallOptions, Client, RpcError, Server, ServerConfig, ServerHandle, Tcp};
 
 const CHUNK: u32 = 64 << 10;
 
@@ -166,7 +165,7 @@ impl Cluster {
             }) && self.nodes.iter().all(|n| {
                 n.targets()
                     .iter()
-                    .all(|(_, _, l)| *l == flyfs_rpc::wire::mgmt::LocalState::UpToDate)
+                    .all(|(_, _, l)| *l == flyfs_proto::wire::mgmt::LocalState::UpToDate)
             });
             if serving {
                 self.client.refresh_routing().await.expect("routing");

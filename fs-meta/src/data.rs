@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
-use flyfs_craq::client::{ClientError, StorageClient};
+use flyfs_client::storage::{ClientError, StorageClient};
+use flyfs_proto::ids::{ChainId, ChunkId, InodeId};
 use flyfs_rpc::Network;
-use flyfs_rpc::ids::{ChainId, ChunkId, InodeId};
 use futures::StreamExt;
 
 use crate::ns::layout::Layout;
@@ -185,7 +185,7 @@ fn indices_on(stripe: u32, position: u32, from: u64, highest: u32) -> impl Itera
 mod tests {
     use super::*;
     use crate::ns::layout::LayoutSpec;
-    use flyfs_rpc::ids::ChainTableId;
+    use flyfs_proto::ids::ChainTableId;
 
     #[test]
     fn indices_on_a_chain_follow_the_stripe() {

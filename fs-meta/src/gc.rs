@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use flyfs_craq::client::StorageClient;
+use flyfs_client::storage::StorageClient;
 use flyfs_rpc::Network;
 
 use crate::data::FileChunks;
-use crate::kv::Kv;
 use crate::ns::{GcFinish, GcItem, GcKind, MetaError, Namespace};
+use flyfs_kv::Kv;
 
 /// How the worker paces itself.
 #[derive(Clone, Debug)]

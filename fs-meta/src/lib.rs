@@ -1,12 +1,9 @@
-//! The transactional KV layer (embedded and FoundationDB), the POSIX namespace
-//! on top of it, write sessions and garbage collection.
+//! The metadata service: the POSIX namespace on the transactional KV store
+//! (flyfs-kv), write sessions and garbage collection, and its RPC face.
 #![deny(unsafe_code)]
 
-pub mod client;
-pub mod cluster_store;
 pub mod data;
 pub mod gc;
-pub mod kv;
 pub mod ns;
 pub mod schema;
 pub mod service;

@@ -9,14 +9,14 @@
 //! by time and "what is due" is one range read.
 //!
 //! Every value is one version byte ([`VALUE_VERSION`]) followed by a
-//! MessagePack map with named fields, decoded by `flyfs_rpc::codec` (depth
+//! MessagePack map with named fields, decoded by `flyfs_proto::codec` (depth
 //! capped, no unbounded allocation). Every field has a default and unknown
 //! fields are ignored, so a field can be added without a format change.
 //! Decoding checks what the namespace relies on (a file has a valid layout, a
 //! mode has no type bits) and names the key in its error.
 
-use flyfs_rpc::codec;
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::codec;
+use flyfs_proto::ids::InodeId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -873,7 +873,7 @@ pub fn fuzz_decode(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::{ChainId, ChainTableId};
+    use flyfs_proto::ids::{ChainId, ChainTableId};
     use proptest::prelude::*;
 
     use super::*;

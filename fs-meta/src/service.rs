@@ -11,25 +11,26 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flyfs_craq::client::StorageClient;
-use flyfs_rpc::ids::{ChainId, ChainTableId, InodeId};
-use flyfs_rpc::server::{Reply, Request, Service};
-use flyfs_rpc::wire::meta as wire;
-use flyfs_rpc::wire::meta::{
+use flyfs_client::storage::StorageClient;
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChainTableId, InodeId};
+use flyfs_proto::wire::meta as wire;
+use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod,
     Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
     SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
-use flyfs_rpc::{Method, Network};
+use flyfs_rpc::Network;
+use flyfs_rpc::server::{Reply, Request, Service};
 
 use crate::data::FileChunks;
 use crate::gc::GcStats;
-use crate::kv::Kv;
 use crate::ns::{
     self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, MetaError, Namespace, OpenFlags,
     Truncate, User,
 };
 use crate::schema::{InodeData, SessionId};
+use flyfs_kv::Kv;
 
 /// Chain tables as the cluster manager publishes them, from the storage
 /// client's routing cache (the daemon keeps it fresh).

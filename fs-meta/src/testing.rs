@@ -12,128 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_bypass::mem::MemDevice;
-use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
-use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
-use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_craq::mgmt::{MemStore, MgmtConfig, MgmtService};
-use flyfs_craq::{StorageConfig, StorageNode, StorageService};
-use flyfs_rpc::ids::{ChainId, ChainTableId, ClientId, NodeId, TargetId};
-use flyfs_rpc::wire::mgmt::{
+pub use flyfs_craq::testing::{NodeOptions, TestStorageNode, bind};
+use flyfs_proto::Method;
+use flyfs_proto::ids::{ChainId, ChainTableId, ClientId, NodeId, TargetId};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, PublicState,
 };
-use flyfs_rpc::{CallOptions, Client, Method, Server, ServerConfig, ServerHandle, Tcp};
-use tokio::task::JoinHandle;
+use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp};
 
-use crate::client::{MetaClient, MetaClientConfig};
 use crate::gc::{GcConfig, GcStats, GcWorker};
-use crate::kv::fjall::{FjallKv, FjallOptions};
 use crate::ns::{LayoutSpec, Namespace, NsConfig};
 use crate::service::{MetaService, RoutingChainTables};
-
-/// A listener on `addr` (port 0 for any) and the address it got.
-pub async fn bind(addr: &str) -> (tokio::net::TcpListener, String) {
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    let addr = listener.local_addr().expect("local addr").to_string();
-    (listener, addr)
-}
-
-/// What a storage node is made of.
-#[derive(Clone, Copy, Debug)]
-pub struct NodeOptions {
-    pub device_bytes: u64,
-    /// The largest chunk the engine holds.
-    pub chunk_bytes_max: u64,
-    /// Heartbeat period; the lease and RPC timeouts are ten of them.
-    pub interval: Duration,
-}
-
-impl Default for NodeOptions {
-    fn default() -> NodeOptions {
-        NodeOptions {
-            device_bytes: 64 << 20,
-            chunk_bytes_max: 64 << 10,
-            interval: Duration::from_millis(50),
-        }
-    }
-}
-
-/// A storage node: its engine's device outlives [`stop`](Self::stop), so a
-/// [`start`](Self::start) afterwards is a restart with the data intact.
-#[derive(Debug)]
-pub struct TestStorageNode {
-    pub id: NodeId,
-    pub addr: String,
-    device: MemDevice,
-    mgmt_addrs: Vec<String>,
-    options: NodeOptions,
-    running: Option<(ServerHandle, JoinHandle<()>)>,
-}
-
-impl TestStorageNode {
-    /// Node `id` on a freshly formatted memory device, not yet running.
-    pub async fn format(id: u32, mgmt_addrs: &[String], options: NodeOptions) -> TestStorageNode {
-        let device = MemDevice::new(options.device_bytes, 4096);
-        let format = FormatOptions {
-            chunk_size_min: 4 << 10,
-            chunk_size_max: options.chunk_bytes_max,
-            journal_bytes: Some(1 << 20),
-            force: false,
-        };
-        Engine::format(&device, &format).await.expect("format");
-        TestStorageNode {
-            id: NodeId(id),
-            addr: String::new(),
-            device,
-            mgmt_addrs: mgmt_addrs.to_vec(),
-            options,
-            running: None,
-        }
-    }
-
-    /// Opens the engine and serves; keeps the address it had before.
-    pub async fn start(&mut self) {
-        assert!(self.running.is_none(), "{:?} is already running", self.id);
-        let pool = BufferPool::new(&PoolConfig {
-            classes: vec![(4 << 10, 64), (self.options.chunk_bytes_max as usize, 64)],
-            hugepages: HugePages::Never,
-        })
-        .expect("pool");
-        let engine = Engine::open(self.device.clone(), pool, EngineConfig::default())
-            .await
-            .expect("open engine");
-        let bind_to = if self.addr.is_empty() {
-            "127.0.0.1:0"
-        } else {
-            &self.addr
-        };
-        let (listener, addr) = bind(bind_to).await;
-        let interval = self.options.interval;
-        let mut config = StorageConfig::new(self.id, addr.clone(), String::new());
-        config.mgmt_addrs = self.mgmt_addrs.clone();
-        config.heartbeat_interval = interval;
-        config.lease_timeout = interval * 10;
-        config.rpc_timeout = interval * 10;
-        let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
-        let task = tokio::spawn(node.clone().run());
-        let server = Server::new(StorageService::new(node), ServerConfig::default())
-            .spawn(listener)
-            .expect("serve storage");
-        self.addr = addr;
-        self.running = Some((server, task));
-    }
-
-    /// Stops serving and heartbeating at once, as a crash would (the
-    /// memory device keeps what was flushed and what was not).
-    pub async fn stop(&mut self) {
-        if let Some((server, task)) = self.running.take() {
-            task.abort();
-            let _ = task.await;
-            server.shutdown().await;
-        }
-    }
-}
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
 
 /// The shape of a [`TestCluster`].
 #[derive(Clone, Copy, Debug)]

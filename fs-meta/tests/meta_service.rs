@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_craq::client::StorageClient;
-use flyfs_fs_meta::client::{MetaClient, MetaClientConfig};
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::storage::StorageClient;
 use flyfs_fs_meta::gc::GcStats;
-use flyfs_fs_meta::kv::fjall::FjallKv;
 use flyfs_fs_meta::ns::Namespace;
 use flyfs_fs_meta::service::MetaService;
 use flyfs_fs_meta::testing::{ClusterOptions, TestCluster, bind};
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, InodeId};
-use flyfs_rpc::wire::meta::{self as wire, User};
+use flyfs_kv::fjall::FjallKv;
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, InodeId};
+use flyfs_proto::wire::meta::{self as wire, User};
 use flyfs_rpc::{Server, ServerConfig, ServerHandle, Tcp};
 
 /// Chunk size of the root's layout.

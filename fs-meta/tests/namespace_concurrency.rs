@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flyfs_fs_meta::kv::Kv;
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
-use flyfs_fs_meta::kv::mem::MemKv;
 use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, MetaError, Namespace, OpenFlags, User};
-use flyfs_rpc::ids::InodeId;
+use flyfs_kv::Kv;
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_kv::mem::MemKv;
+use flyfs_proto::ids::InodeId;
 use ns_common::Yielding;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

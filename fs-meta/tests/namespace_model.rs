@@ -12,13 +12,13 @@ mod ns_common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
-use flyfs_fs_meta::kv::mem::MemKv;
 use flyfs_fs_meta::ns::{
     CreateFlags, InodeKind, MetaError, Namespace, OpenFlags, SessionId, SetAttr, SetTime, User,
     XattrMode,
 };
 use flyfs_fs_meta::schema::{Inode, InodeData};
-use flyfs_rpc::ids::InodeId;
+use flyfs_kv::mem::MemKv;
+use flyfs_proto::ids::InodeId;
 use ns_common::GC_DELAY_MS;
 use proptest::prelude::*;
 

@@ -3,7 +3,7 @@
 //! same function runs on random inputs in rpc/tests/fuzz_stable.rs.
 #![no_main]
 
-use flyfs_rpc::frame::fuzz_decode;
+use flyfs_proto::frame::fuzz_decode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| fuzz_decode(data));

@@ -28,10 +28,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::Method;
-use crate::codec;
 use crate::error::{MethodRef, RpcError};
-use crate::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, ReadError, Status};
+use flyfs_proto::Method;
+use flyfs_proto::codec;
+use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, Status};
+
+use crate::frame_io::{self, ReadError};
 use crate::net::Network;
 use crate::payload::Payload;
 
@@ -329,7 +331,7 @@ impl<N: Network> Client<N> {
         };
         let conn = self.connection(addr).await?;
         let flags = if method.payload_checked {
-            crate::frame::FLAG_PAYLOAD_UNCHECKED
+            frame::FLAG_PAYLOAD_UNCHECKED
         } else {
             0
         };
@@ -561,7 +563,7 @@ async fn write_loop<T: AsyncWrite>(
     shared: Arc<Shared>,
 ) {
     while let Some(frame) = frames.recv().await {
-        if let Err(error) = frame::write_frame(&mut writer, frame).await {
+        if let Err(error) = frame_io::write_frame(&mut writer, frame).await {
             tracing::debug!(addr = %shared.addr, %error, "connection write failed");
             break;
         }
@@ -576,7 +578,7 @@ async fn read_loop<T: AsyncRead>(
     shared: Arc<Shared>,
 ) {
     loop {
-        let frame = match frame::read_frame(&mut reader, &limits).await {
+        let frame = match frame_io::read_frame(&mut reader, &limits).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(ReadError::Io(error)) => {

@@ -8,8 +8,8 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use crate::codec::CodecError;
-use crate::frame::{FrameError, Status};
+use flyfs_proto::codec::CodecError;
+use flyfs_proto::frame::{FrameError, Status};
 
 /// A method as error messages name it: its name when the caller knew it
 /// (typed calls), and always its id.
@@ -18,12 +18,12 @@ pub struct MethodRef {
     pub id: u16,
     pub name: &'static str,
     /// The method's payload carries its own end-to-end checksum
-    /// ([`Method::PAYLOAD_CHECKED_BY_SERVICE`](crate::Method)).
+    /// ([`Method::PAYLOAD_CHECKED_BY_SERVICE`](flyfs_proto::Method)).
     pub payload_checked: bool,
 }
 
 impl MethodRef {
-    pub const fn of<M: crate::Method>() -> MethodRef {
+    pub const fn of<M: flyfs_proto::Method>() -> MethodRef {
         MethodRef {
             id: M::ID,
             name: M::NAME,

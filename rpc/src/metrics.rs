@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram, Unit};
 
-use crate::wire::METHODS;
+use flyfs_proto::wire::METHODS;
 
 /// The handles of one method on one side.
 #[derive(Debug)]

@@ -40,11 +40,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 
-use crate::codec;
-use crate::frame::{self, Frame, FrameLimits, Kind, OutFrame, ReadError, Status};
+use flyfs_proto::codec;
+use flyfs_proto::frame::{Frame, FrameLimits, Kind, OutFrame, Status};
+use flyfs_proto::{METHOD_ID_SERVICE_MIN, Method, Ping, PingRsp};
+
+use crate::frame_io::{self, ReadError};
 use crate::net::Listener;
 use crate::payload::Payload;
-use crate::{METHOD_ID_SERVICE_MIN, Method, Ping, PingRsp};
 
 /// How long a closing connection keeps reading (and discarding) what the
 /// client still sends after the error frame, and how much of it.
@@ -329,7 +331,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             biased;
             // The dispatcher is gone (the writer failed): stop reading.
             () = events.closed() => return,
-            read = frame::read_frame(&mut reader, &limits) => read,
+            read = frame_io::read_frame(&mut reader, &limits) => read,
         };
         let event = match read {
             Ok(None) => return,
@@ -558,7 +560,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     peer: &str,
 ) {
     while let Some(frame) = replies.recv().await {
-        if let Err(error) = frame::write_frame(&mut writer, frame).await {
+        if let Err(error) = frame_io::write_frame(&mut writer, frame).await {
             tracing::debug!(%peer, %error, "connection write failed");
             return;
         }

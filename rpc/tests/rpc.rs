@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_rpc::frame::{self, FrameLimits, Kind, OutFrame};
+use flyfs_proto::frame::{self, FrameLimits, Kind, OutFrame};
+use flyfs_proto::{Method, Ping, PingReq, Status, codec};
+use flyfs_rpc::frame_io::{read_frame, write_frame};
 use flyfs_rpc::{
-    CallOptions, Client, ClientConfig, Listener, Method, Network, Ping, PingReq, Reply, Request,
-    RetryPolicy, RpcError, Server, ServerConfig, ServerHandle, Service, Status, Tcp, codec,
+    CallOptions, Client, ClientConfig, Listener, Network, Reply, Request, RetryPolicy, RpcError,
+    Server, ServerConfig, ServerHandle, Service, Tcp,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -296,7 +298,7 @@ async fn bad_request_body_names_the_method() {
 async fn read_one(stream: &mut tokio::net::TcpStream) -> Option<frame::Frame> {
     tokio::time::timeout(
         Duration::from_secs(5),
-        frame::read_frame(stream, &FrameLimits::default()),
+        read_frame(stream, &FrameLimits::default()),
     )
     .await
     .expect("server answers in time")
@@ -344,7 +346,7 @@ async fn garbage_header_closes_only_that_connection() {
         .expect("connect");
     let mut frame = ping_frame(5);
     frame.header[8] ^= 0xff;
-    frame::write_frame(&mut raw, frame).await.expect("write");
+    write_frame(&mut raw, frame).await.expect("write");
     let reply = read_one(&mut raw).await.expect("an error frame");
     assert_eq!(reply.header.status, Status::ChecksumMismatch);
     assert_eq!(reply.header.request_id, 0);
@@ -365,14 +367,12 @@ async fn body_checksum_mismatch_fails_one_request_and_keeps_the_connection() {
     let mut body = frame.body.to_vec();
     body[0] ^= 0x01;
     frame.body = Bytes::from(body);
-    frame::write_frame(&mut raw, frame).await.expect("write");
+    write_frame(&mut raw, frame).await.expect("write");
     let reply = read_one(&mut raw).await.expect("a reply");
     assert_eq!(reply.header.request_id, 41);
     assert_eq!(reply.header.status, Status::ChecksumMismatch);
 
-    frame::write_frame(&mut raw, ping_frame(42))
-        .await
-        .expect("write");
+    write_frame(&mut raw, ping_frame(42)).await.expect("write");
     let reply = read_one(&mut raw).await.expect("a reply");
     assert_eq!(reply.header.request_id, 42);
     assert_eq!(reply.header.status, Status::Ok);
@@ -735,7 +735,7 @@ async fn a_corrupt_reply_body_fails_that_call() {
     let addr = Listener::local_addr(&listener).expect("addr");
     let fake = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.expect("accept");
-        let request = frame::read_frame(&mut stream, &FrameLimits::default())
+        let request = read_frame(&mut stream, &FrameLimits::default())
             .await
             .expect("read")
             .expect("a request");
@@ -751,7 +751,7 @@ async fn a_corrupt_reply_body_fails_that_call() {
         let mut body = reply.body.to_vec();
         body[0] ^= 0x80;
         reply.body = Bytes::from(body);
-        frame::write_frame(&mut stream, reply).await.expect("write");
+        write_frame(&mut stream, reply).await.expect("write");
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest).await;
     });

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_proto::{Method, Status};
 use flyfs_rpc::{
-    CallOptions, Client, ClientConfig, Method, Network, Reply, Request, RetryPolicy, RpcError,
-    Server, ServerConfig, Service, SimNet, Status,
+    CallOptions, Client, ClientConfig, Network, Reply, Request, RetryPolicy, RpcError, Server,
+    ServerConfig, Service, SimNet,
 };
 use serde::{Deserialize, Serialize};
 

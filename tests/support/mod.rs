@@ -15,8 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_rpc::ids::RoutingVersion;
-use flyfs_rpc::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
+use flyfs_proto::ids::RoutingVersion;
+use flyfs_proto::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
 use flyfs_rpc::{CallOptions, Client, Tcp};
 
 /// The `flyfs` binary this test package built.

@@ -13,7 +13,7 @@ use flyfs_bypass::{
 use flyfs_chunk_engine::{
     ChunkKey, Engine, EngineConfig, FormatOptions, JournalMode, WriteOp, WriteOutcome, WriteRequest,
 };
-use flyfs_rpc::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

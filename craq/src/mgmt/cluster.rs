@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use flyfs_rpc::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
+use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTable, ChainTarget, HeartbeatReq, LocalState, MgmtError, NodeInfo, PublicState,
     RoutingInfo, TargetInfo,
 };
@@ -555,7 +555,7 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::wire::mgmt::TargetReport;
+    use flyfs_proto::wire::mgmt::TargetReport;
 
     use super::*;
     use LocalState as L;

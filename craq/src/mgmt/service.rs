@@ -28,15 +28,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flyfs_rpc::Method;
-use flyfs_rpc::Status;
-use flyfs_rpc::server::{Reply, Request, Service};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::Method;
+use flyfs_proto::Status;
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq,
     HeartbeatRsp, MgmtError, RegisterNode, RegisterNodeReq, RegisterNodeRsp, RoutingInfo,
     SetTargetOffline, SetTargetOfflineReq,
 };
+use flyfs_rpc::server::{Reply, Request, Service};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -404,7 +404,7 @@ impl MgmtService {
         Ok(self.heartbeat_rsp(routing_version))
     }
 
-    fn heartbeat_rsp(&self, routing_version: flyfs_rpc::ids::RoutingVersion) -> HeartbeatRsp {
+    fn heartbeat_rsp(&self, routing_version: flyfs_proto::ids::RoutingVersion) -> HeartbeatRsp {
         HeartbeatRsp {
             routing_version,
             failure_timeout_ms: self.config.failure_timeout.as_millis() as u64,
@@ -585,7 +585,7 @@ impl MgmtService {
     /// `flyfs_mgmt_chains_degraded` (chains with a member not serving) and
     /// `flyfs_mgmt_chain_tables`. A standby's view may be stale.
     fn export_gauges(&self, primary: bool) {
-        use flyfs_rpc::wire::mgmt::PublicState;
+        use flyfs_proto::wire::mgmt::PublicState;
         let routing = self.routing();
         metrics::gauge!("flyfs_mgmt_primary").set(if primary { 1.0 } else { 0.0 });
         metrics::gauge!("flyfs_mgmt_routing_version").set(routing.version.0 as f64);
@@ -655,8 +655,8 @@ impl Service for MgmtService {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
-    use flyfs_rpc::wire::mgmt::{LocalState, PublicState, TargetReport};
+    use flyfs_proto::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
+    use flyfs_proto::wire::mgmt::{LocalState, PublicState, TargetReport};
 
     use super::*;
     use crate::mgmt::store::MemStore;

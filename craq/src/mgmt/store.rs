@@ -598,8 +598,8 @@ impl ClusterStore for MemStore {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
-    use flyfs_rpc::wire::mgmt::{ChainInfo, ChainTarget, PublicState};
+    use flyfs_proto::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
+    use flyfs_proto::wire::mgmt::{ChainInfo, ChainTarget, PublicState};
 
     use super::*;
     use crate::mgmt::cluster::{NodeRecord, TargetRecord};

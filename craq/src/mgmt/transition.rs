@@ -5,8 +5,8 @@
 //! Pure functions, so the table can be tested row by row and the chain update
 //! property-tested; `cluster.rs` decides when to call them.
 
-use flyfs_rpc::ids::{ChainVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{ChainInfo, ChainTarget, LocalState, PublicState};
+use flyfs_proto::ids::{ChainVersion, TargetId};
+use flyfs_proto::wire::mgmt::{ChainInfo, ChainTarget, LocalState, PublicState};
 
 /// The predecessor of a target, as the transition table distinguishes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +130,7 @@ pub fn update_chain(
 mod tests {
     use std::collections::BTreeMap;
 
-    use flyfs_rpc::ids::ChainId;
+    use flyfs_proto::ids::ChainId;
     use proptest::prelude::*;
 
     use super::*;

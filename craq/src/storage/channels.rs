@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flyfs_rpc::ids::ClientId;
-use flyfs_rpc::wire::storage::{Channel, StorageError, WriteRsp};
+use flyfs_proto::ids::ClientId;
+use flyfs_proto::wire::storage::{Channel, StorageError, WriteRsp};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -142,7 +142,7 @@ pub(crate) async fn begin(channels: &Channels, channel: Channel) -> Begin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flyfs_rpc::ids::ChunkVersion;
+    use flyfs_proto::ids::ChunkVersion;
 
     fn channel(seq: u64) -> Channel {
         Channel {

@@ -31,14 +31,14 @@ use std::time::Duration;
 
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::Engine;
-use flyfs_rpc::ids::{
+use flyfs_proto::ids::{
     ChainId, ChainVersion, ChunkId, ChunkVersion, NodeId, RoutingVersion, TargetId,
 };
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
     TargetReport,
 };
-use flyfs_rpc::wire::storage::StorageError;
+use flyfs_proto::wire::storage::StorageError;
 use flyfs_rpc::{CallOptions, Client, Network};
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -198,7 +198,7 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     pub(crate) engines: Vec<Arc<Engine<D>>>,
     pub(crate) rpc: Client<N>,
     /// The managers and which one is the primary.
-    managers: crate::mgmt::Managers,
+    managers: flyfs_client::mgmt::Managers,
     routing: Mutex<Arc<RoutingInfo>>,
     targets: Mutex<BTreeMap<ChainId, Arc<Target>>>,
     /// When the last heartbeat that the manager answered was sent.
@@ -284,7 +284,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     pub fn new(config: StorageConfig, engines: Vec<Arc<Engine<D>>>, net: N) -> Arc<Self> {
         let lease = config.lease_timeout;
         Arc::new(StorageNode {
-            managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
+            managers: flyfs_client::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
             engines,
             rpc: Client::new(net, Default::default()),
@@ -368,10 +368,14 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         } else {
             RoutingVersion(0)
         };
-        let routing =
-            crate::mgmt::fetch_routing(&self.rpc, &self.managers, known, &self.call_options())
-                .await
-                .map_err(|e| e.to_string())?;
+        let routing = flyfs_client::mgmt::fetch_routing(
+            &self.rpc,
+            &self.managers,
+            known,
+            &self.call_options(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         if let Some(routing) = routing {
             self.install(routing);
         }

@@ -12,13 +12,13 @@
 use bytes::{Bytes, BytesMut};
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, EngineError, ReadRequest, ReadVersion};
-use flyfs_rpc::Network;
-use flyfs_rpc::ids::{ChunkId, ChunkVersion};
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::ids::{ChunkId, ChunkVersion};
+use flyfs_proto::wire::storage::{
     BatchReadReq, BatchReadRsp, ChunkMetaInfo, DiskSpace, DumpMetaReq, DumpMetaRsp, LastChunkReq,
     LastChunkRsp, QueryVersion, QueryVersionReq, QueryVersionRsp, ReadItem, ReadResult, SpaceRsp,
     StorageError,
 };
+use flyfs_rpc::Network;
 
 use super::{Place, StorageNode};
 

@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
-use flyfs_rpc::server::{Reply, Request, Service};
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::Method;
+use flyfs_proto::wire::storage::{
     BatchRead, DumpMeta, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
 };
-use flyfs_rpc::{Method, Network};
+use flyfs_rpc::Network;
+use flyfs_rpc::server::{Reply, Request, Service};
 
 use super::StorageNode;
 

@@ -19,13 +19,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, ReadRequest};
-use flyfs_rpc::Network;
-use flyfs_rpc::ids::{ChainId, ChunkId, TargetId};
-use flyfs_rpc::wire::mgmt::PublicState;
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::ids::{ChainId, ChunkId, TargetId};
+use flyfs_proto::wire::mgmt::PublicState;
+use flyfs_proto::wire::storage::{
     Channel, ChunkMetaInfo, DumpMeta, DumpMetaReq, Forward, ForwardOp, ForwardReq, StorageError,
     SyncDone, SyncDoneReq,
 };
+use flyfs_rpc::Network;
 
 use super::read::meta_info;
 use super::{Local, Place, StorageNode};
@@ -156,7 +156,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         Ok(report)
     }
 
-    fn routing_version_of(&self, chain: ChainId) -> flyfs_rpc::ids::ChainVersion {
+    fn routing_version_of(&self, chain: ChainId) -> flyfs_proto::ids::ChainVersion {
         self.routing()
             .chain(chain)
             .map(|c| c.version)

@@ -35,12 +35,12 @@ use flyfs_bypass::{BlockDevice, DmaBuf};
 use flyfs_chunk_engine::{
     ChunkKey, EngineError, ReadRequest, ReadVersion, WriteOp as EngineOp, WriteRequest,
 };
-use flyfs_rpc::Network;
-use flyfs_rpc::Payload;
-use flyfs_rpc::ids::{ChunkId, ChunkVersion, RequestId};
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::ids::{ChunkId, ChunkVersion, RequestId};
+use flyfs_proto::wire::storage::{
     Channel, Forward, ForwardOp, ForwardReq, ForwardRsp, StorageError, WriteOp, WriteReq, WriteRsp,
 };
+use flyfs_rpc::Network;
+use flyfs_rpc::Payload;
 use tokio::time::Instant;
 
 use super::channels::{self, Begin};
@@ -534,7 +534,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 continue;
             };
             let send_whole = whole
-                || (successor.state != flyfs_rpc::wire::mgmt::PublicState::Serving
+                || (successor.state != flyfs_proto::wire::mgmt::PublicState::Serving
                     && update.op != ForwardOp::Remove);
             let (op, payload) = if send_whole {
                 // The whole chunk is our pending version: wait until the
@@ -614,7 +614,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         })
     }
 
-    fn routing_chain_version(&self, place: &Place) -> flyfs_rpc::ids::ChainVersion {
+    fn routing_chain_version(&self, place: &Place) -> flyfs_proto::ids::ChainVersion {
         self.routing()
             .chain(place.chain.id)
             .map_or(place.version(), |c| c.version)

@@ -28,13 +28,13 @@ use bytes::Bytes;
 use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig, block_on};
 use flyfs_chunk_engine::{ChunkKey, Engine, EngineConfig, FormatOptions, JournalMode, ReadRequest};
-use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_craq::mgmt::service::{MgmtConfig, MgmtService};
 use flyfs_craq::mgmt::store::MemStore;
 use flyfs_craq::storage::FailPoint;
 use flyfs_craq::{StorageConfig, StorageNode, StorageService};
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, NodeId, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, TargetId};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, PublicState, RoutingInfo,
 };
 use flyfs_rpc::{CallOptions, Network, ServerConfig, SimNet};
@@ -176,7 +176,7 @@ fn format_device() -> MemDevice {
 /// before setup ends, but the network is still lossy).
 async fn admin<M>(client: &StorageClient<SimNet>, req: &M::Req) -> Result<(), String>
 where
-    M: flyfs_rpc::Method<Rsp = Result<(), flyfs_rpc::wire::mgmt::MgmtError>>,
+    M: flyfs_proto::Method<Rsp = Result<(), flyfs_proto::wire::mgmt::MgmtError>>,
 {
     let mgmt = format!("{MGMT}:{MGMT_PORT}");
     for _ in 0..50 {
@@ -186,7 +186,7 @@ where
             .await
         {
             Ok((Ok(()), _))
-            | Ok((Err(flyfs_rpc::wire::mgmt::MgmtError::AlreadyExists { .. }), _)) => {
+            | Ok((Err(flyfs_proto::wire::mgmt::MgmtError::AlreadyExists { .. }), _)) => {
                 return Ok(());
             }
             Ok((Err(e), _)) => return Err(format!("{}: {e}", M::NAME)),
@@ -554,7 +554,7 @@ impl<'a> Sim<'a> {
             && self.world.borrow().nodes.values().all(|n| {
                 n.targets()
                     .iter()
-                    .all(|(_, _, local)| *local == flyfs_rpc::wire::mgmt::LocalState::UpToDate)
+                    .all(|(_, _, local)| *local == flyfs_proto::wire::mgmt::LocalState::UpToDate)
             });
         match self.rng.random_range(0..10) {
             0..=2 if healthy => {

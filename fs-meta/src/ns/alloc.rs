@@ -17,11 +17,11 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
-use crate::kv::{self, Kv, RetryOptions, Transaction};
 use crate::ns::MetaError;
 use crate::schema::{FIRST_ALLOCATED_ID, alloc_key, decode_alloc, encode_alloc};
+use flyfs_kv::{Kv, RetryOptions, Transaction};
 
 /// Counter shards.
 pub const ALLOC_SHARDS: u8 = 32;
@@ -93,7 +93,7 @@ impl InodeAllocator {
         }
         let shard =
             (self.next_shard.fetch_add(1, Ordering::Relaxed) % u32::from(ALLOC_SHARDS)) as u8;
-        let start = kv::run(store, retry, |tx| async move {
+        let start = flyfs_kv::run(store, retry, |tx| async move {
             let key = alloc_key(shard);
             let next = match tx.get(&key, false).await? {
                 Some(value) => decode_alloc(&key, &value)?,

@@ -17,10 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
-use crate::kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 use crate::ns::MetaError;
 use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
@@ -29,6 +28,7 @@ use crate::schema::{
     decode_format, decode_gc, decode_inode, decode_session, decode_xattr, describe_key, inode_key,
     parse_key,
 };
+use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 
 /// Keys read per range request.
 const PAGE: usize = 10_000;
@@ -419,16 +419,16 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{self, RetryOptions};
     use crate::ns::tests::namespace;
     use crate::ns::{CreateFlags, User};
     use crate::schema::{
         DirData, InodeData, dentry_key, encode_dentry, encode_inode, gc_key, session_key,
     };
+    use flyfs_kv::RetryOptions;
 
     /// Applies raw writes behind the namespace's back.
     async fn tamper<K: Kv>(ns: &Namespace<K>, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
-        kv::run(ns.kv(), &RetryOptions::default(), |tx| {
+        flyfs_kv::run(ns.kv(), &RetryOptions::default(), |tx| {
             let writes = writes.clone();
             async move {
                 for (key, value) in writes {

@@ -6,12 +6,11 @@
 //! writes the parent directory's inode when an entry is added or removed:
 //! that keeps creates in one directory free of conflicts with each other.
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::kv::{Kv, Transaction};
 use crate::ns::perm::{self, User};
 use crate::ns::txn::MetaTx;
 use crate::ns::{LayoutSpec, MetaError};
@@ -19,6 +18,7 @@ use crate::schema::{
     Dentry, DirData, GcKind, Inode, InodeData, InodeKind, MODE_MASK, NAME_BYTES_MAX,
     PATH_BYTES_MAX, ROOT, SYMLINK_TARGET_BYTES_MAX, SpecialData, SymlinkData,
 };
+use flyfs_kv::{Kv, Transaction};
 
 /// Symlinks followed by one resolution before ELOOP (Linux's MAXSYMLINKS).
 pub const SYMLINKS_MAX: u32 = 40;

@@ -3,14 +3,14 @@
 //!
 //! Each POSIX failure has its own variant carrying a short description of
 //! what was involved (for logs); callers branch on [`MetaError::errno`]. KV
-//! failures keep the [`KvError`] so that [`crate::kv::run`] can retry the
+//! failures keep the [`KvError`] so that [`flyfs_kv::run`] can retry the
 //! retryable ones ([`TxError`]).
 
-use flyfs_rpc::codec::CodecError;
+use flyfs_proto::codec::CodecError;
 
-use crate::kv::{KvError, TxError};
 use crate::ns::layout::LayoutError;
 use crate::schema::DecodeError;
+use flyfs_kv::{KvError, TxError};
 
 /// A namespace operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,12 +11,11 @@
 //! A file's length is a hint while sessions write it ([`Namespace::set_length`]
 //! only grows it), fixed exactly on close or by an explicit truncate.
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::kv::{Kv, RangeOptions, Transaction};
 use crate::ns::MetaError;
 use crate::ns::dir::new_inode;
 use crate::ns::layout::Layout;
@@ -26,6 +25,7 @@ use crate::schema::{
     Dentry, FileData, GcKind, Inode, InodeData, InodeKind, Key, SessionId, SessionValue,
     decode_session, parse_key, session_key, session_prefix,
 };
+use flyfs_kv::{Kv, RangeOptions, Transaction};
 
 /// How `create` opens the file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -689,7 +689,7 @@ fn open_linked<T: Transaction>(
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::ChainTableId;
+    use flyfs_proto::ids::ChainTableId;
 
     use super::*;
     use crate::ns::tests::namespace;

@@ -27,16 +27,16 @@
 //! refuse files with no links, and a detached directory cannot gain
 //! entries, so once a file is ready it stays ready.
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
-use crate::kv::{Kv, RangeOptions, Transaction, prefix_end};
 use crate::ns::MetaError;
 use crate::ns::layout::Layout;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     self, GcKind, Inode, InodeData, Key, decode_gc, describe_key, gc_key, parse_key, tag,
 };
+use flyfs_kv::{Kv, RangeOptions, Transaction, prefix_end};
 
 /// One entry of the GC queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,12 +262,12 @@ impl<K: Kv> Namespace<K> {
 mod tests {
     use std::sync::Arc;
 
-    use flyfs_rpc::ids::ChainTableId;
+    use flyfs_proto::ids::ChainTableId;
 
     use super::*;
-    use crate::kv::mem::MemKv;
     use crate::ns::{CreateFlags, LayoutSpec, ManualClock, NsConfig, StaticChainTables, User};
     use crate::schema::ROOT;
+    use flyfs_kv::mem::MemKv;
 
     const START_NS: i64 = 1_700_000_000_000_000_000;
     const START_MS: u64 = 1_700_000_000_000;

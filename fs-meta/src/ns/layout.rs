@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use flyfs_rpc::ids::{ChainId, ChainTableId};
+use flyfs_proto::ids::{ChainId, ChainTableId};
 use serde::{Deserialize, Serialize};
 
 /// Smallest chunk size (3FS supports 64 KiB .. 64 MiB, powers of two).

@@ -5,7 +5,7 @@
 //! [`Namespace`] holds no namespace state of its own (only an inode id pool
 //! and a placement cursor, both safe to lose), so any number of metadata
 //! service instances can share one store. Every public operation is one KV
-//! transaction run with [`kv::run`]: it reads what it decides on
+//! transaction run with [`flyfs_kv::run`]: it reads what it decides on
 //! serializably, so when two instances race the store aborts one and the
 //! retry sees the other's result; a failed operation leaves nothing behind.
 //!
@@ -51,7 +51,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use self::alloc::InodeAllocator;
 pub use self::alloc::{ALLOC_BATCH, ALLOC_SHARDS, batch_of};
@@ -70,13 +70,13 @@ pub use self::perm::User;
 pub use self::rename::DEPTH_MAX;
 use self::txn::MetaTx;
 pub use self::xattr::XattrMode;
-use crate::kv::{self, Kv, RetryOptions, Transaction};
 pub use crate::schema::{
     DirData, FileData, GcKind, Inode, InodeData, InodeKind, SessionId, SessionValue, SymlinkData,
 };
 use crate::schema::{
     FORMAT_VERSION, FormatValue, NAME_BYTES_MAX, ROOT, decode_format, encode_format, format_key,
 };
+use flyfs_kv::{Kv, RetryOptions, Transaction};
 
 /// Where time comes from: the wall clock in production, a hand-driven clock
 /// in tests (the GC delay must be testable without waiting five minutes).
@@ -278,7 +278,7 @@ impl<K: Kv> Namespace<K> {
         Fut: Future<Output = Result<R, MetaError>>,
     {
         let now_ns = self.now_ns();
-        kv::run(&self.inner.kv, &self.inner.config.retry, |tx| {
+        flyfs_kv::run(&self.inner.kv, &self.inner.config.retry, |tx| {
             body(MetaTx::new(tx, now_ns))
         })
         .await
@@ -291,7 +291,7 @@ impl<K: Kv> Namespace<K> {
         Fut: Future<Output = Result<R, MetaError>>,
     {
         let now_ns = self.now_ns();
-        kv::run_read_only(&self.inner.kv, &self.inner.config.retry, |tx| {
+        flyfs_kv::run_read_only(&self.inner.kv, &self.inner.config.retry, |tx| {
             body(MetaTx::new(tx, now_ns))
         })
         .await
@@ -390,11 +390,11 @@ pub(crate) fn check_can_remove(dir: &Inode, victim: &Inode, user: &User) -> Resu
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use flyfs_rpc::ids::{ChainId, ChainTableId};
+    use flyfs_proto::ids::{ChainId, ChainTableId};
 
     use super::*;
-    use crate::kv::mem::MemKv;
     use crate::schema::{InodeData, MODE_MASK};
+    use flyfs_kv::mem::MemKv;
 
     /// A namespace on a fresh `MemKv`: table 1 has chains 1..=8, the root
     /// layout stripes over 2 of them, table 2 has chains 101..=104.
@@ -436,7 +436,7 @@ pub(crate) mod tests {
             version: FORMAT_VERSION + 1,
             created_ns: 0,
         };
-        kv::run(ns.kv(), &RetryOptions::default(), |tx| {
+        flyfs_kv::run(ns.kv(), &RetryOptions::default(), |tx| {
             let value = encode_format(&future);
             async move {
                 tx.set(&format_key(), &value?)?;

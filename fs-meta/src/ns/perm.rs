@@ -228,7 +228,7 @@ fn kill_suid(mode: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_rpc::ids::InodeId;
+    use flyfs_proto::ids::InodeId;
 
     use super::*;
     use crate::schema::{DirData, InodeData, ROOT};
@@ -305,11 +305,11 @@ mod tests {
             truncate_version: 0,
             layout: crate::ns::layout::Layout::new(
                 crate::ns::layout::LayoutSpec {
-                    chain_table: flyfs_rpc::ids::ChainTableId(1),
+                    chain_table: flyfs_proto::ids::ChainTableId(1),
                     chunk_size: 1 << 20,
                     stripe: 1,
                 },
-                vec![flyfs_rpc::ids::ChainId(1)],
+                vec![flyfs_proto::ids::ChainId(1)],
             )
             .expect("valid"),
         });

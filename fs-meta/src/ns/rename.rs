@@ -8,16 +8,16 @@
 //! writes, so the store lets only one of them commit; the retry of the
 //! other then sees the first and fails with EINVAL.
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::kv::{Kv, Transaction};
 use crate::ns::MetaError;
 use crate::ns::perm::{self, User};
 use crate::ns::txn::MetaTx;
 use crate::schema::{Dentry, Inode, InodeData, ROOT, describe_key, inode_key};
+use flyfs_kv::{Kv, Transaction};
 
 /// Ancestors walked before a loop check gives up and calls the tree
 /// corrupt: far deeper than any real tree, small enough to stay inside one

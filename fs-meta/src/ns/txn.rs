@@ -9,9 +9,8 @@
 //! read.
 
 use bytes::Bytes;
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
-use crate::kv::{KeyValue, RangeOptions, Transaction, key_after, prefix_end};
 use crate::ns::MetaError;
 use crate::schema::{
     self, Dentry, GcKind, Inode, InodeData, SessionId, SessionValue, decode_dentry,
@@ -19,6 +18,7 @@ use crate::schema::{
     encode_dir_times, encode_gc, encode_inode, gc_key, inode_key, session_key, session_prefix,
     xattr_prefix,
 };
+use flyfs_kv::{KeyValue, RangeOptions, Transaction, key_after, prefix_end};
 
 /// A transaction plus the time the operation started (one timestamp for
 /// every inode it touches, as a local file system does).

@@ -8,16 +8,16 @@
 //! root may write them. Limits and errno are Linux's: names of 1..=255
 //! bytes (ERANGE otherwise), values up to 65536 bytes (E2BIG).
 
-use flyfs_rpc::ids::InodeId;
+use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
-use crate::kv::{Kv, RangeOptions, Transaction};
 use crate::ns::MetaError;
 use crate::ns::perm::{self, User};
 use crate::schema::{
     Inode, InodeKind, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX, decode_xattr, encode_xattr,
     xattr_key, xattr_prefix,
 };
+use flyfs_kv::{Kv, RangeOptions, Transaction};
 
 /// `setxattr` flags, as one value so that "both" cannot be asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -35,6 +35,7 @@
 //! `fdb` feature, `fdb::FdbKv` (FoundationDB). docs/metadata-kv.md
 //! describes each, how it detects conflicts, and the on-disk format.
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 #[cfg(feature = "fdb")]
 pub mod fdb;

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Kv, KvError, Limits, RangeOptions, RangeResult, RetryOptions, Transaction, run};
+use crate::{Kv, KvError, Limits, RangeOptions, RangeResult, RetryOptions, Transaction, run};
 
 /// Runs every check, each on a store from `make(limits)`, printing a line
 /// per check. Panics (naming the check) at the first failure.

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_rpc::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
-use flyfs_rpc::wire::mgmt::{ChainInfo, PublicState, RoutingInfo};
-use flyfs_rpc::wire::storage::{
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
+use flyfs_proto::wire::mgmt::{ChainInfo, PublicState, RoutingInfo};
+use flyfs_proto::wire::storage::{
     BatchRead, BatchReadReq, Channel, ChunkMetaInfo, LastChunk, LastChunkReq, ReadItem, ReadResult,
     Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
 };
@@ -172,7 +172,7 @@ impl<N: Network> StorageClient<N> {
         routing.chain(chain).cloned().map(|c| (c, routing))
     }
 
-    fn addr(routing: &RoutingInfo, target: flyfs_rpc::ids::TargetId) -> Option<String> {
+    fn addr(routing: &RoutingInfo, target: flyfs_proto::ids::TargetId) -> Option<String> {
         let node: NodeId = routing.target(target)?.node;
         routing.node(node).map(|n| n.addr.clone())
     }

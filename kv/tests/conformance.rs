@@ -1,13 +1,13 @@
-//! Runs the KV conformance suite (`flyfs_fs_meta::kv::conformance`) against
+//! Runs the KV conformance suite (`flyfs_kv::conformance`) against
 //! every backend: `MemKv`, `FjallKv` in temporary directories, and `FdbKv`
 //! when built with the `fdb` feature and `FLYFS_FDB_CLUSTER_FILE` names a
 //! cluster file (otherwise that test says it skipped and why).
 
 use std::sync::Mutex;
 
-use flyfs_fs_meta::kv::conformance;
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
-use flyfs_fs_meta::kv::mem::MemKv;
+use flyfs_kv::conformance;
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_kv::mem::MemKv;
 
 // Two worker threads, so that the concurrency checks really run tasks in
 // parallel (CI has two cores).
@@ -36,8 +36,8 @@ async fn fjall_kv_conforms() {
 #[cfg(feature = "fdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fdb_kv_conforms() {
-    use flyfs_fs_meta::kv::fdb::{self, FdbKv};
-    use flyfs_fs_meta::kv::{Kv, Transaction};
+    use flyfs_kv::fdb::{self, FdbKv};
+    use flyfs_kv::{Kv, Transaction};
 
     /// Clears every key of `kv` (everything under its prefix).
     async fn clear_all(kv: &FdbKv) {
@@ -83,7 +83,7 @@ async fn commit_throughput_with_concurrent_transactions() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
-    use flyfs_fs_meta::kv::{Kv, Transaction};
+    use flyfs_kv::{Kv, Transaction};
 
     /// Commits per second with `tasks` tasks for about `duration`, and the
     /// most transactions seen open at once.

@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flyfs_proto::Method;
+use flyfs_proto::wire::meta::MetaError;
+use flyfs_rpc::Network;
 use flyfs_rpc::client::{CallOptions, Client, ClientConfig};
-use flyfs_rpc::wire::meta::MetaError;
-use flyfs_rpc::{Method, Network};
 
 /// How a [`MetaClient`] retries.
 #[derive(Clone, Debug)]

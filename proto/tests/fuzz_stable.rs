@@ -4,7 +4,7 @@
 //! random bytes almost never do).
 
 use bytes::Bytes;
-use flyfs_rpc::frame::{HEADER_LEN, Kind, OutFrame, Status, fuzz_decode};
+use flyfs_proto::frame::{HEADER_LEN, Kind, OutFrame, Status, fuzz_decode};
 use proptest::prelude::*;
 
 proptest! {
@@ -52,7 +52,7 @@ fn valid_frames_with_messages_pass_every_check() {
         offset: u32,
         names: Vec<String>,
     }
-    let body = flyfs_rpc::codec::encode(&Sample {
+    let body = flyfs_proto::codec::encode(&Sample {
         offset: 7,
         names: vec!["a".into()],
     });

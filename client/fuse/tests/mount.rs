@@ -12,12 +12,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flyfs_client::fuse::{FuseOptions, mount};
+use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FsClient, FsConfig};
-use flyfs_craq::client::{ClientConfig, StorageClient};
 use flyfs_fs_meta::testing::{ClusterOptions, TestCluster};
+use flyfs_fuse::{FuseOptions, mount};
+use flyfs_proto::ids::ClientId;
 use flyfs_rpc::Tcp;
-use flyfs_rpc::ids::ClientId;
 
 /// Why this machine cannot mount, if it cannot.
 fn cannot_mount() -> Option<String> {

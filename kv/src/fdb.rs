@@ -32,8 +32,8 @@ use foundationdb::api::{FdbApiBuilder, NetworkAutoStop};
 use foundationdb::options::{ConflictRangeType, StreamingMode};
 use foundationdb::{Database, FdbError, KeySelector, RangeOption};
 
-use super::overlay;
-use super::{KeyValue, Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
+use crate::overlay;
+use crate::{KeyValue, Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
 
 const BACKEND: &str = "foundationdb";
 

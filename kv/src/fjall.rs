@@ -61,8 +61,8 @@ use ::fjall::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::overlay::{self, Lookup, RangeSet, WriteSet};
-use super::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction, key_after};
+use crate::overlay::{self, Lookup, RangeSet, WriteSet};
+use crate::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction, key_after};
 
 /// The fjall keyspace holding every flyfs metadata key.
 pub const KEYSPACE: &str = "meta";

@@ -11,8 +11,9 @@
 use std::io;
 
 use bytes::Bytes;
-use flyfs_rpc::wire::mgmt::{GetRoutingRsp, MgmtError};
-use flyfs_rpc::{CallOptions, Client, Method, Network, RpcError};
+use flyfs_proto::Method;
+use flyfs_proto::wire::mgmt::{GetRoutingRsp, MgmtError};
+use flyfs_rpc::{CallOptions, Client, Network, RpcError};
 use parking_lot::Mutex;
 
 /// A manager's answer that may say "not me".
@@ -198,6 +199,24 @@ impl Managers {
             })
         })
     }
+}
+
+/// Asks the primary manager for the routing information, if it is newer
+/// than `known` (`RoutingVersion(0)` asks for it whatever it is). Storage
+/// nodes and clients both keep their routing fresh with this.
+pub async fn fetch_routing<N: Network>(
+    rpc: &Client<N>,
+    managers: &Managers,
+    known: flyfs_proto::ids::RoutingVersion,
+    options: &CallOptions,
+) -> Result<Option<flyfs_proto::wire::mgmt::RoutingInfo>, ManagerError> {
+    let req = flyfs_proto::wire::mgmt::GetRoutingReq {
+        known_version: known,
+    };
+    let rsp = managers
+        .call::<flyfs_proto::wire::mgmt::GetRouting, N>(rpc, &req, options)
+        .await?;
+    Ok(rsp.routing)
 }
 
 #[cfg(test)]

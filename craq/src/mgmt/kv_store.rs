@@ -37,13 +37,13 @@
 use std::fmt;
 use std::time::Duration;
 
-use flyfs_craq::mgmt::store::BoxFuture;
-use flyfs_craq::mgmt::{
+use super::store::BoxFuture;
+use super::{
     ClusterRecord, ClusterStore, LeaseFence, LeaseRecord, LeaseState, StoreError, decode_record,
     encode_record, record_checksum,
 };
 
-use crate::kv::{self, Kv, KvError, Limits, RangeOptions, RetryOptions, Transaction, TxError};
+use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RetryOptions, Transaction, TxError};
 
 /// The lease key.
 pub const LEASE_KEY: &[u8] = b"MGMT/lease";
@@ -229,7 +229,7 @@ impl<K: Kv> KvClusterStore<K> {
         chunks: usize,
         limits: &Limits,
     ) -> Result<(), StoreError> {
-        let prefix_end = kv::prefix_end(RECORD_CHUNK_PREFIX);
+        let prefix_end = flyfs_kv::prefix_end(RECORD_CHUNK_PREFIX);
         let written = record_bytes
             + chunks * (RECORD_CHUNK_PREFIX.len() + 4)
             + RECORD_CHUNK_PREFIX.len()
@@ -246,7 +246,7 @@ impl<K: Kv> KvClusterStore<K> {
     }
 
     async fn load_record(&self) -> Result<Option<ClusterRecord>, StoreError> {
-        let bytes = kv::run_read_only(&self.kv, &self.retry, |tx| async move {
+        let bytes = flyfs_kv::run_read_only(&self.kv, &self.retry, |tx| async move {
             let Some(head) = tx.get(RECORD_HEAD_KEY, false).await? else {
                 return Ok(None);
             };
@@ -322,11 +322,14 @@ impl<K: Kv> KvClusterStore<K> {
         .encode();
         let bytes: &[u8] = &bytes;
         let head: &[u8] = &head;
-        kv::run(&self.kv, &self.retry, move |tx| async move {
+        flyfs_kv::run(&self.kv, &self.retry, move |tx| async move {
             // The fence, in the same transaction as the write.
             let lease = Self::read_lease(&tx).await?;
             LeaseRecord::admit(lease.as_ref(), fence, now_ms)?;
-            tx.clear_range(RECORD_CHUNK_PREFIX, &kv::prefix_end(RECORD_CHUNK_PREFIX))?;
+            tx.clear_range(
+                RECORD_CHUNK_PREFIX,
+                &flyfs_kv::prefix_end(RECORD_CHUNK_PREFIX),
+            )?;
             for (index, chunk) in bytes.chunks(chunk_bytes).enumerate() {
                 tx.set(&chunk_key(index as u32), chunk)?;
             }
@@ -344,7 +347,7 @@ impl<K: Kv> KvClusterStore<K> {
         ttl: Duration,
         now_ms: u64,
     ) -> Result<LeaseState, StoreError> {
-        kv::run(&self.kv, &self.retry, move |tx| async move {
+        flyfs_kv::run(&self.kv, &self.retry, move |tx| async move {
             let current = Self::read_lease(&tx).await?;
             let (state, next) =
                 LeaseRecord::acquire(current.as_ref(), holder, address, ttl, now_ms);
@@ -358,7 +361,7 @@ impl<K: Kv> KvClusterStore<K> {
     }
 
     async fn release_lease(&self, fence: &LeaseFence) -> Result<(), StoreError> {
-        kv::run(&self.kv, &self.retry, move |tx| async move {
+        flyfs_kv::run(&self.kv, &self.retry, move |tx| async move {
             let current = Self::read_lease(&tx).await?;
             if let Some(next) = LeaseRecord::release(current.as_ref(), fence) {
                 tx.set(LEASE_KEY, &next.encode()?)?;
@@ -371,7 +374,7 @@ impl<K: Kv> KvClusterStore<K> {
 
     /// The lease as stored (for tools and tests).
     pub async fn lease(&self) -> Result<Option<LeaseRecord>, StoreError> {
-        kv::run_read_only(&self.kv, &self.retry, |tx| async move {
+        flyfs_kv::run_read_only(&self.kv, &self.retry, |tx| async move {
             Self::read_lease(&tx).await
         })
         .await
@@ -410,13 +413,13 @@ impl<K: Kv> ClusterStore for KvClusterStore<K> {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_craq::mgmt::{NodeRecord, TargetRecord};
-    use flyfs_rpc::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
-    use flyfs_rpc::wire::mgmt::{ChainInfo, ChainTarget, PublicState};
+    use crate::mgmt::{NodeRecord, TargetRecord};
+    use flyfs_proto::ids::{ChainId, ChainVersion, NodeId, RoutingVersion, TargetId};
+    use flyfs_proto::wire::mgmt::{ChainInfo, ChainTarget, PublicState};
 
     use super::*;
-    use crate::kv::mem::MemKv;
     use bytes::Bytes;
+    use flyfs_kv::mem::MemKv;
 
     const TTL: Duration = Duration::from_secs(2);
 

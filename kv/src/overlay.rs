@@ -1,5 +1,5 @@
-//! What the embedded backends ([`MemKv`](super::mem::MemKv) and
-//! [`FjallKv`](super::fjall::FjallKv)) share: a transaction's buffered writes
+//! What the embedded backends ([`MemKv`](crate::mem::MemKv) and
+//! [`FjallKv`](crate::fjall::FjallKv)) share: a transaction's buffered writes
 //! laid over the snapshot it reads (read-your-writes, including in range
 //! reads and after `clear_range`), sets of key ranges (read sets, cleared
 //! ranges), and the limit checks. Both backends read a snapshot that knows
@@ -13,7 +13,7 @@ use std::ops::Bound;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{KeyValue, KvError, Limits, RangeOptions, RangeResult, key_after};
+use crate::{KeyValue, KvError, Limits, RangeOptions, RangeResult, key_after};
 
 /// A set of half-open key ranges `[begin, end)`, kept disjoint, with
 /// overlapping and touching ranges merged.

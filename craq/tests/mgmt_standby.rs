@@ -15,25 +15,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flyfs_craq::client::{ClientConfig, StorageClient};
+use flyfs_client::mgmt::Managers;
+use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_craq::mgmt::KvClusterStore;
 use flyfs_craq::mgmt::{
-    ClusterStore, LeaseClock, LeaseFence, LeaseOptions, Managers, MgmtConfig, MgmtService,
-    StoreError, WallClock,
+    ClusterStore, LeaseClock, LeaseFence, LeaseOptions, MgmtConfig, MgmtService, StoreError,
+    WallClock,
 };
-use flyfs_fs_meta::cluster_store::KvClusterStore;
-use flyfs_fs_meta::kv::Kv;
-use flyfs_fs_meta::kv::fjall::{FjallKv, FjallOptions};
-use flyfs_fs_meta::kv::mem::MemKv;
-use flyfs_rpc::ids::{ChainId, ChainTableId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
-use flyfs_rpc::wire::mgmt::{
+use flyfs_kv::Kv;
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_kv::mem::MemKv;
+use flyfs_proto::Status;
+use flyfs_proto::ids::{
+    ChainId, ChainTableId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId,
+};
+use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, MgmtError, PublicState,
     RoutingInfo,
 };
-use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Status, Tcp};
+use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::task::JoinHandle;
 
-use flyfs_fs_meta::testing::{NodeOptions, TestStorageNode, bind};
+use flyfs_craq::testing::{NodeOptions, TestStorageNode, bind};
 
 /// Chunk size of the test's writes (the nodes' largest chunk).
 const CHUNK: u32 = 64 << 10;

@@ -36,9 +36,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::{Attr, FileType, SetAttrReq, SetTime, User, XattrMode};
 use flyfs_rpc::Network;
-use flyfs_rpc::ids::InodeId;
-use flyfs_rpc::wire::meta::{Attr, FileType, SetAttrReq, SetTime, User, XattrMode};
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -51,8 +51,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, oneshot};
 
-use crate::FsError;
-use crate::fs::{FileHandle, FsClient, OpenMode};
+use flyfs_client::FsError;
+use flyfs_client::fs::{FileHandle, FsClient, OpenMode};
 
 /// Longest name a directory entry may have (what `statfs` reports).
 const NAME_MAX: usize = 255;

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::overlay::{self, Lookup, RangeSet, WriteSet};
-use super::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction, key_after};
+use crate::overlay::{self, Lookup, RangeSet, WriteSet};
+use crate::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction, key_after};
 
 /// How many visible pairs one scan batch takes under the store lock. Small
 /// enough to keep the lock short, large enough that a full scan is cheap.
