@@ -2,8 +2,9 @@
 //! `flyfs storage` (a storage node). This is where their implementations
 //! are chosen: the manager keeps its record and lease in a [`FileStore`] or
 //! on the transactional KV layer ([`KvClusterStore`] on the embedded
-//! [`FjallKv`]), as its config's `[store]` says; storage nodes run chunk
-//! engines on io_uring devices; and everything talks real TCP.
+//! [`FjallKv`], or on FoundationDB in a build with the `fdb` feature), as
+//! its config's `[store]` says; storage nodes run chunk engines on io_uring
+//! devices; and everything talks real TCP.
 //!
 //! Each daemon is a handle ([`Mgmtd`], [`StorageDaemon`]) that starts
 //! inside the caller's tokio runtime and shuts down on request, so that the
@@ -25,7 +26,7 @@ use flyfs_rpc::{Listener, Network, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::config::{MgmtdConfig, StorageDaemonConfig, StoreConfig};
+use flyfs_deploy::config::{MgmtdConfig, StorageDaemonConfig, StoreConfig};
 
 /// A running cluster manager: its RPC server and its lease-and-tick loop.
 #[derive(Debug)]
@@ -45,21 +46,59 @@ async fn open_store(config: &MgmtdConfig) -> anyhow::Result<Box<dyn ClusterStore
                 .with_context(|| format!("opening the cluster record in {}", dir.display()))?;
             Ok(Box::new(store))
         }
-        (StoreConfig::Kv { .. }, Some(dir)) => {
-            // fjall replays its journal on open: off the async threads.
-            let path = dir.clone();
-            let kv =
-                tokio::task::spawn_blocking(move || FjallKv::open(&path, FjallOptions::default()))
-                    .await
-                    .context("opening the embedded KV store")?
-                    .with_context(|| {
-                        format!("opening the embedded KV store in {}", dir.display())
-                    })?;
+        (StoreConfig::Fjall { .. }, Some(dir)) => {
+            let kv = open_fjall(dir, FjallOptions::default()).await?;
             Ok(Box::new(KvClusterStore::new(kv)))
         }
-        // The config check refuses FoundationDB in this build.
-        (store, _) => anyhow::bail!("cluster store {store:?} is not available in this build"),
+        #[cfg(feature = "fdb")]
+        (StoreConfig::Fdb { cluster_file }, _) => {
+            let kv = open_fdb(cluster_file)?;
+            Ok(Box::new(KvClusterStore::new(kv)))
+        }
+        #[cfg(not(feature = "fdb"))]
+        (StoreConfig::Fdb { .. }, _) => Err(no_fdb()),
+        (store, None) => anyhow::bail!("cluster store {store:?} has no directory"),
     }
+}
+
+/// Opens the embedded KV store in `dir`; fjall replays its journal on
+/// open, so off the async threads.
+pub(crate) async fn open_fjall(
+    dir: std::path::PathBuf,
+    options: FjallOptions,
+) -> anyhow::Result<FjallKv> {
+    let path = dir.clone();
+    tokio::task::spawn_blocking(move || FjallKv::open(&path, options))
+        .await
+        .context("opening the embedded KV store")?
+        .with_context(|| format!("opening the embedded KV store in {}", dir.display()))
+}
+
+/// Connects to the FoundationDB cluster of `cluster_file`.
+#[cfg(feature = "fdb")]
+pub(crate) fn open_fdb(cluster_file: &std::path::Path) -> anyhow::Result<flyfs_kv::fdb::FdbKv> {
+    flyfs_kv::fdb::FdbKv::open(Some(cluster_file)).with_context(|| {
+        format!(
+            "connecting to FoundationDB with the cluster file {}",
+            cluster_file.display()
+        )
+    })
+}
+
+/// Stops what store clients need stopped before the process exits: the
+/// FoundationDB network thread, which must not be running at exit (and
+/// once stopped cannot start again). Nothing in a build without the `fdb`
+/// feature.
+pub(crate) fn stop_store_clients() {
+    #[cfg(feature = "fdb")]
+    flyfs_kv::fdb::stop_network();
+}
+
+/// This build has no FoundationDB client. The config check refuses
+/// `kind = "fdb"` before anything starts, so no daemon gets here.
+#[cfg(not(feature = "fdb"))]
+pub(crate) fn no_fdb() -> anyhow::Error {
+    anyhow::anyhow!("key `store.kind`: \"fdb\" needs a flyfs built with `--features fdb`")
 }
 
 impl Mgmtd {
@@ -188,7 +227,7 @@ impl StorageDaemon {
         tracing::info!(
             node = config.node_id,
             advertise = %node.config().addr,
-            mgmt = %config.mgmt_addrs.join(","),
+            mgmt = %config.mgmt.0.join(","),
             disks = config.devices.len(),
             "storage listening on {bound}"
         );

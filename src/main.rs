@@ -1,29 +1,27 @@
-//! The `flyfs` binary: the composition root where devices, engines and
-//! daemons are chosen and wired together. Today: `format`, `bench engine`
-//! and `bench storage`, the cluster manager (`mgmtd`) and storage (`storage`)
-//! daemons, the metadata service (`meta`), the FUSE daemon (`mount`), a
-//! whole single-machine cluster (`up`/`down`), `bench meta` and `admin`.
+//! The `flyfs` binary: the composition root where devices, engines, stores
+//! and daemons are chosen and wired together, and the command line: `format`,
+//! the cluster manager (`mgmtd`) and storage (`storage`) daemons, the
+//! metadata service (`meta`), the FUSE daemon (`mount`), a whole
+//! single-machine cluster (`up`/`down`), `admin`, and `bench
+//! engine|storage|meta`, which run flyfs-benches.
 #![deny(unsafe_code)]
 
 mod admin;
-mod bench;
-mod bench_meta;
-mod bench_storage;
-mod config;
 mod daemon;
 mod meta_daemon;
 mod metrics;
 mod mount;
-mod procs;
 mod up;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use flyfs_benches::size::parse as parse_size;
 use flyfs_bypass::uring::{UringConfig, UringDevice};
 use flyfs_bypass::{BufferPool, PoolConfig};
 use flyfs_chunk_engine::{Engine, FormatOptions};
+use flyfs_deploy::config::{ConfigFile, MetaDaemonConfig, MgmtdConfig, StorageDaemonConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,16 +42,16 @@ enum Command {
         #[arg(long)]
         device: PathBuf,
         /// Create (or resize) a regular file of this many bytes first.
-        #[arg(long, value_parser = bench::parse_size)]
+        #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
         /// Smallest chunk slot in bytes (power of two, >= 4 KiB).
-        #[arg(long, default_value = "64KiB", value_parser = bench::parse_size)]
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
         chunk_size_min: u64,
         /// Largest chunk slot in bytes (power of two, <= 64 MiB).
-        #[arg(long, default_value = "64MiB", value_parser = bench::parse_size)]
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         chunk_size_max: u64,
         /// Journal size in bytes (default: 1% of the device, 1 to 256 MiB).
-        #[arg(long, value_parser = bench::parse_size)]
+        #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
         /// Format even if the device holds a flyfs chunk engine (destroys it).
         #[arg(long)]
@@ -99,13 +97,13 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Chunk engine on io_uring: 1 MiB chunk writes and reads, 4 KiB random reads.
-    Engine(bench::EngineArgs),
+    Engine(flyfs_benches::engine::EngineArgs),
     /// A cluster of real processes (manager and three storage daemons) on
     /// loopback: 1 MiB chunk writes and reads over chains, 4 KiB write latency.
-    Storage(bench_storage::StorageArgs),
+    Storage(flyfs_benches::storage::StorageArgs),
     /// The metadata service over loopback TCP on the embedded store:
     /// creates, stats, renames and unlinks per second, and a 10k-entry readdir.
-    Meta(bench_meta::MetaArgs),
+    Meta(flyfs_benches::meta::MetaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -147,24 +145,28 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench {
             what: BenchCommand::Engine(args),
-        } => bench::engine(&args),
+        } => flyfs_benches::engine::run(&args),
         Command::Bench {
             what: BenchCommand::Storage(args),
-        } => bench_storage::storage(&args),
+        } => flyfs_benches::storage::run(&args),
         Command::Bench {
             what: BenchCommand::Meta(args),
-        } => bench_meta::meta(&args),
+        } => flyfs_benches::meta::run(&args),
         Command::Mgmtd { config } => {
-            let config = config::MgmtdConfig::load(&config)?;
-            daemon_runtime()?.block_on(daemon::run_mgmtd(&config))
+            let config = MgmtdConfig::load(&config)?;
+            let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));
+            daemon::stop_store_clients();
+            ended
         }
         Command::Storage { config } => {
-            let config = config::StorageDaemonConfig::load(&config)?;
+            let config = StorageDaemonConfig::load(&config)?;
             daemon_runtime()?.block_on(daemon::run_storage(&config))
         }
         Command::Meta { config } => {
-            let config = meta_daemon::MetaDaemonConfig::load(&config)?;
-            daemon_runtime()?.block_on(meta_daemon::run_meta(&config))
+            let config = MetaDaemonConfig::load(&config)?;
+            let ended = daemon_runtime()?.block_on(meta_daemon::run_meta(&config));
+            daemon::stop_store_clients();
+            ended
         }
         Command::Mount { config } => mount::run(&config),
         Command::Up(args) => up::up(&args),

@@ -7,177 +7,28 @@
 //! unmount (lazily, and saying so, when files are still open), and an
 //! external `umount` ends the daemon cleanly.
 //!
-//! Config keys (deploy/mount.toml lists them with their defaults):
-//! `mount_point` (required), `mgmt`, `meta`, `client_id`, `threads`,
-//! `attr_timeout_ms`, `entry_timeout_ms`, `default_permissions`,
-//! `allow_other`, `write_buffer_bytes`, `write_flushes_in_flight`,
-//! `readahead_bytes_max`, `kernel_readahead_bytes`, `metrics_listen`.
-//! Unknown keys are refused; errors name the file, the key and the problem.
+//! The config (`flyfs_deploy::config::MountConfig`, deploy/mount.toml) is
+//! read and checked before anything starts.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flyfs_client::FsClient;
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::{ClientConfig, StorageClient};
-use flyfs_client::{FsClient, FsConfig};
-use flyfs_fuse::FuseOptions;
+use flyfs_deploy::config::{ConfigFile, MountConfig};
 use flyfs_proto::ids::ClientId;
 use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Tcp;
-use serde::Deserialize;
 
 /// How long startup waits for the manager's routing and the metadata
 /// service before giving up with an error naming them.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for requests being served to finish.
 const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(30);
-
-/// `flyfs mount`: one FUSE mount.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MountConfig {
-    /// Where to mount (an existing directory).
-    pub mount_point: PathBuf,
-    /// The cluster managers (`host:port`), for the storage routing.
-    #[serde(default = "default_mgmt")]
-    pub mgmt: Vec<String>,
-    /// Metadata service instances (`host:port`), tried in turn.
-    #[serde(default = "default_meta")]
-    pub meta: Vec<String>,
-    /// This client's id in write sessions; 0 picks a random one.
-    #[serde(default)]
-    pub client_id: u64,
-    /// Threads reading FUSE requests (the work runs on the tokio runtime).
-    #[serde(default = "default_threads")]
-    pub threads: usize,
-    /// How long the kernel may cache attributes and names.
-    #[serde(default = "default_timeout_ms")]
-    pub attr_timeout_ms: u64,
-    #[serde(default = "default_timeout_ms")]
-    pub entry_timeout_ms: u64,
-    /// The kernel checks permissions (the metadata service always does).
-    #[serde(default = "default_true")]
-    pub default_permissions: bool,
-    /// Users other than root may use the mount.
-    #[serde(default = "default_true")]
-    pub allow_other: bool,
-    /// The client's write-back buffer per open file, buffers in flight
-    /// per file, and the most it reads ahead (see `FsConfig`).
-    #[serde(default = "default_write_buffer_bytes")]
-    pub write_buffer_bytes: usize,
-    #[serde(default = "default_write_flushes_in_flight")]
-    pub write_flushes_in_flight: usize,
-    #[serde(default = "default_readahead_bytes_max")]
-    pub readahead_bytes_max: u64,
-    /// The kernel's read-ahead on the mount (its `read_ahead_kb`); 0
-    /// leaves the kernel's default.
-    #[serde(default = "default_kernel_readahead_bytes")]
-    pub kernel_readahead_bytes: u64,
-    /// Where to serve Prometheus metrics (`host:port`); none when absent.
-    #[serde(default)]
-    pub metrics_listen: Option<String>,
-}
-
-fn default_mgmt() -> Vec<String> {
-    vec!["127.0.0.1:7000".into()]
-}
-fn default_meta() -> Vec<String> {
-    vec!["127.0.0.1:7001".into()]
-}
-fn default_threads() -> usize {
-    4
-}
-fn default_timeout_ms() -> u64 {
-    1000
-}
-fn default_true() -> bool {
-    true
-}
-fn default_write_buffer_bytes() -> usize {
-    FsConfig::default().write_buffer_bytes
-}
-fn default_write_flushes_in_flight() -> usize {
-    FsConfig::default().write_flushes_in_flight
-}
-fn default_readahead_bytes_max() -> u64 {
-    FsConfig::default().readahead_bytes_max
-}
-fn default_kernel_readahead_bytes() -> u64 {
-    1 << 20
-}
-
-impl MountConfig {
-    /// Reads and checks `path`; a relative `mount_point` is taken from the
-    /// config file's directory.
-    pub fn load(path: &Path) -> anyhow::Result<MountConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut config = Self::parse(&text)
-            .with_context(|| format!("config file {} is invalid", path.display()))?;
-        if config.mount_point.is_relative()
-            && let Some(dir) = path.parent()
-        {
-            // Absolute, so that logs and `mount` show the same path.
-            let joined = dir.join(&config.mount_point);
-            config.mount_point = std::path::absolute(&joined).unwrap_or(joined);
-        }
-        Ok(config)
-    }
-
-    pub fn parse(text: &str) -> anyhow::Result<MountConfig> {
-        let config: MountConfig = toml::from_str(text)?;
-        if config.mount_point.as_os_str().is_empty() {
-            bail!("key `mount_point`: is empty");
-        }
-        for (key, addrs) in [("mgmt", &config.mgmt), ("meta", &config.meta)] {
-            if addrs.is_empty() {
-                bail!("key `{key}`: lists no address");
-            }
-            if addrs.iter().any(String::is_empty) {
-                bail!("key `{key}`: has an empty address");
-            }
-        }
-        if config.threads == 0 {
-            bail!("key `threads`: must be at least 1");
-        }
-        if config.write_buffer_bytes == 0 {
-            bail!("key `write_buffer_bytes`: must be at least 1");
-        }
-        if config.write_flushes_in_flight == 0 {
-            bail!("key `write_flushes_in_flight`: must be at least 1");
-        }
-        if !config.kernel_readahead_bytes.is_multiple_of(1024) {
-            bail!("key `kernel_readahead_bytes`: must be a multiple of 1024");
-        }
-        if config.metrics_listen.as_deref() == Some("") {
-            bail!("key `metrics_listen`: is empty (leave it out for no metrics)");
-        }
-        Ok(config)
-    }
-
-    fn fs_config(&self) -> FsConfig {
-        FsConfig {
-            write_buffer_bytes: self.write_buffer_bytes,
-            write_flushes_in_flight: self.write_flushes_in_flight,
-            readahead_bytes_max: self.readahead_bytes_max,
-            ..FsConfig::default()
-        }
-    }
-
-    fn fuse_options(&self) -> FuseOptions {
-        FuseOptions {
-            attr_ttl: Duration::from_millis(self.attr_timeout_ms),
-            entry_ttl: Duration::from_millis(self.entry_timeout_ms),
-            default_permissions: self.default_permissions,
-            allow_other: self.allow_other,
-            threads: self.threads,
-            ..FuseOptions::default()
-        }
-    }
-}
 
 /// `flyfs mount --config F`: mounts until SIGTERM or SIGINT (or an external
 /// `umount`), then writes out what is buffered and unmounts.
@@ -211,7 +62,7 @@ pub(crate) fn run(config_path: &Path) -> anyhow::Result<()> {
     let shown = config.mount_point.display();
     tracing::info!(
         meta = %config.meta.join(","),
-        mgmt = %config.mgmt.join(","),
+        mgmt = %config.mgmt.0.join(","),
         "mounted at {shown}"
     );
     if config.kernel_readahead_bytes > 0 {
@@ -282,8 +133,8 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
         0 => rand::random::<u64>() | 1,
         id => id,
     };
-    let mut storage_config = ClientConfig::new(config.mgmt[0].clone(), ClientId(client_id));
-    storage_config.mgmt_addrs = config.mgmt.clone();
+    let mut storage_config = ClientConfig::new(config.mgmt.0[0].clone(), ClientId(client_id));
+    storage_config.mgmt_addrs = config.mgmt.0.clone();
     let storage = StorageClient::new(storage_config, Tcp);
     let deadline = Instant::now() + STARTUP_PATIENCE;
     let mut last_warning = Instant::now();
@@ -293,12 +144,15 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
             Err(e) if Instant::now() >= deadline => {
                 bail!(
                     "key `mgmt`: no routing from the manager at {} after {STARTUP_PATIENCE:?}: {e}",
-                    config.mgmt.join(", ")
+                    config.mgmt.0.join(", ")
                 );
             }
             Err(e) => {
                 if last_warning.elapsed() >= Duration::from_secs(5) {
-                    tracing::warn!("waiting for the manager at {}: {e}", config.mgmt.join(", "));
+                    tracing::warn!(
+                        "waiting for the manager at {}: {e}",
+                        config.mgmt.0.join(", ")
+                    );
                     last_warning = Instant::now();
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -403,46 +257,6 @@ fn set_kernel_readahead(mount_point: &Path, bytes: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn defaults_and_errors_name_their_key() {
-        let config = MountConfig::parse("mount_point = \"/mnt/flyfs\"").expect("defaults");
-        assert_eq!(config.mgmt, ["127.0.0.1:7000"]);
-        assert_eq!(config.meta, ["127.0.0.1:7001"]);
-        assert_eq!(config.threads, 4);
-        assert_eq!(config.attr_timeout_ms, 1000);
-        assert!(config.default_permissions && config.allow_other);
-        assert_eq!(
-            config.write_buffer_bytes,
-            FsConfig::default().write_buffer_bytes
-        );
-        assert_eq!(config.metrics_listen, None);
-        let e = MountConfig::parse("mount_point = \"m\"\nthreads = 0").expect_err("bad");
-        assert!(format!("{e:#}").contains("threads"), "{e:#}");
-        let e = MountConfig::parse("mount_point = \"m\"\nthread = 2").expect_err("unknown");
-        assert!(format!("{e:#}").contains("thread"), "{e:#}");
-        let e = MountConfig::parse("mgmt = []").expect_err("missing");
-        assert!(format!("{e:#}").contains("mount_point"), "{e:#}");
-        let e = MountConfig::parse("mount_point = \"m\"\nmeta = []").expect_err("empty");
-        assert!(format!("{e:#}").contains("meta"), "{e:#}");
-        let example =
-            MountConfig::parse(include_str!("../deploy/mount.toml")).expect("the example");
-        assert_eq!(
-            example,
-            MountConfig::parse("mount_point = \"/mnt/flyfs\"").expect("defaults")
-        );
-    }
-
-    #[test]
-    fn relative_mount_points_are_taken_from_the_config_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("mount.toml");
-        std::fs::write(&path, "mount_point = \"mnt\"").expect("write");
-        let config = MountConfig::load(&path).expect("load");
-        assert_eq!(config.mount_point, dir.path().join("mnt"));
-        let e = MountConfig::load(&dir.path().join("none.toml")).expect_err("missing");
-        assert!(format!("{e:#}").contains("none.toml"), "{e:#}");
-    }
 
     #[test]
     fn a_mount_point_must_be_a_directory() {

@@ -42,7 +42,10 @@ use flyfs_proto::wire::storage::{LastChunk, LastChunkReq};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;
-use crate::procs::{self, Daemon, Stopped};
+use flyfs_deploy::config::{
+    ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, MountConfig, StorageDaemonConfig,
+};
+use flyfs_deploy::supervisor::{self, Daemon, Stopped};
 
 const DEFAULT_DATA: &str = "/var/tmp/flyfs";
 const DEFAULT_MOUNT: &str = "/mnt/flyfs";
@@ -76,7 +79,7 @@ pub(crate) struct UpArgs {
     port: Option<u16>,
     /// Size of each of the three file-backed devices (sparse); only used
     /// when a device is created.
-    #[arg(long, default_value = "4GiB", value_parser = crate::bench::parse_size)]
+    #[arg(long, default_value = "4GiB", value_parser = flyfs_benches::size::parse)]
     device_size: u64,
     /// Replicas per chain, 1 to 3, fixed when the chains are created
     /// [default: 3, or what this data directory used before].
@@ -208,61 +211,56 @@ impl Layout {
     }
 
     fn daemon(&self, kind: Kind) -> anyhow::Result<Daemon> {
-        let config = self.config(kind);
-        Ok(Daemon {
-            name: kind.name(),
-            program: std::env::current_exe().context("finding this executable")?,
-            args: vec![
-                kind.subcommand().into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            log: self.data.join("log").join(format!("{}.log", kind.name())),
-            pid_file: self.data.join("run").join(format!("{}.pid", kind.name())),
-            marker: config.display().to_string(),
-        })
+        let program = std::env::current_exe().context("finding this executable")?;
+        Ok(Daemon::flyfs(
+            &kind.name(),
+            &program,
+            kind.subcommand(),
+            &self.config(kind),
+            &self.data.join("log"),
+            &self.data.join("run"),
+        ))
     }
 
-    /// Every daemon's config text.
+    /// Every daemon's config, as its daemon reads it.
     fn config_text(&self, kind: Kind) -> String {
-        let header = format!(
-            "# Written by `flyfs up` (rewritten on every run: edit the flags, not this file).\n\
-             metrics_listen = \"{}\"\n",
-            Self::addr(self.metrics_port(kind))
-        );
+        let metrics_listen = Some(Self::addr(self.metrics_port(kind)));
         let body = match kind {
-            Kind::Mgmtd => format!(
-                "listen = \"{}\"\ndata_dir = {}\n",
-                self.mgmt(),
-                toml_path(&self.data.join("mgmtd"))
-            ),
-            Kind::Storage(node) => format!(
-                "node_id = {node}\nlisten = \"{}\"\nmgmt_addrs = [\"{}\"]\ndevices = [{}]\n",
-                Self::addr(self.rpc_port(kind).unwrap_or_default()),
-                self.mgmt(),
-                toml_path(&self.device(node))
-            ),
-            Kind::Meta => format!(
-                "listen = \"{}\"\nmgmt = \"{}\"\ndata_dir = {}\nchain_table = {CHAIN_TABLE}\n\
-                 chunk_size = {CHUNK_SIZE}\nstripe = {STRIPE}\n",
-                self.meta(),
-                self.mgmt(),
-                toml_path(&self.data.join("meta"))
-            ),
-            Kind::Mount => format!(
-                "mount_point = {}\nmgmt = [\"{}\"]\nmeta = [\"{}\"]\n",
-                toml_path(&self.mount_point),
-                self.mgmt(),
-                self.meta()
-            ),
+            Kind::Mgmtd => {
+                let mut config = MgmtdConfig::new(self.data.join("mgmtd"));
+                config.listen = self.mgmt();
+                config.metrics_listen = metrics_listen;
+                config.to_toml()
+            }
+            Kind::Storage(node) => {
+                let mut config = StorageDaemonConfig::new(node, vec![self.device(node)]);
+                config.listen = Self::addr(self.rpc_port(kind).unwrap_or_default());
+                config.mgmt = ManagerAddrs::one(self.mgmt());
+                config.metrics_listen = metrics_listen;
+                config.to_toml()
+            }
+            Kind::Meta => {
+                let mut config = MetaDaemonConfig::new(self.data.join("meta"));
+                config.listen = self.meta();
+                config.mgmt = ManagerAddrs::one(self.mgmt());
+                config.chain_table = CHAIN_TABLE;
+                config.chunk_size = CHUNK_SIZE;
+                config.stripe = STRIPE;
+                config.metrics_listen = metrics_listen;
+                config.to_toml()
+            }
+            Kind::Mount => {
+                let mut config = MountConfig::new(&self.mount_point);
+                config.mgmt = ManagerAddrs::one(self.mgmt());
+                config.meta = vec![self.meta()];
+                config.metrics_listen = metrics_listen;
+                config.to_toml()
+            }
         };
-        header + &body
+        format!(
+            "# Written by `flyfs up` (rewritten on every run: edit the flags, not this file).\n{body}"
+        )
     }
-}
-
-/// A path as a TOML string.
-fn toml_path(path: &Path) -> String {
-    toml::Value::String(path.display().to_string()).to_string()
 }
 
 /// The data directory, absolute (the daemons run from anywhere).
@@ -355,7 +353,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    procs::write_atomically(
+    supervisor::write_atomically(
         &cluster_file,
         toml::to_string(&ClusterFile {
             port: layout.port,
@@ -371,7 +369,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         }
     }
     for kind in Kind::all() {
-        procs::write_atomically(&layout.config(kind), layout.config_text(kind).as_bytes())?;
+        supervisor::write_atomically(&layout.config(kind), layout.config_text(kind).as_bytes())?;
     }
     let timeout = Duration::from_secs(args.timeout);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -489,7 +487,7 @@ impl Starter<'_> {
         if daemon.running().is_some() {
             return Ok(());
         }
-        let child = daemon.spawn()?;
+        let child = daemon.spawn_detached()?;
         self.children.insert(daemon.name.clone(), child);
         self.started.push(daemon.name.clone());
         Ok(())
@@ -530,7 +528,7 @@ impl Starter<'_> {
                         "{} exited ({status}) while waiting for {what}; see its log {}{}",
                         daemon.name,
                         daemon.log.display(),
-                        log_tail(&daemon.log)
+                        log_tail(daemon)
                     );
                 }
             }
@@ -541,7 +539,7 @@ impl Starter<'_> {
                     .map(|k| self.daemons[&k.name()].log.display().to_string())
                     .collect();
                 let tail = match kinds {
-                    [kind] => log_tail(&self.daemons[&kind.name()].log),
+                    [kind] => log_tail(&self.daemons[&kind.name()]),
                     _ => String::new(),
                 };
                 bail!(
@@ -557,13 +555,9 @@ impl Starter<'_> {
     }
 }
 
-/// The last lines of a log, indented, for an error message.
-fn log_tail(log: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(log) else {
-        return String::new();
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(8)..];
+/// The last lines of a daemon's log, indented, for an error message.
+fn log_tail(daemon: &Daemon) -> String {
+    let tail = daemon.log_tail(8);
     if tail.is_empty() {
         return String::new();
     }
@@ -924,25 +918,25 @@ mod tests {
             mount_point: PathBuf::from("/mnt/x"),
             replicas: 3,
         };
-        let mgmtd = crate::config::MgmtdConfig::parse(&layout.config_text(Kind::Mgmtd))
-            .expect("mgmtd config");
+        let mgmtd = MgmtdConfig::parse(&layout.config_text(Kind::Mgmtd)).expect("mgmtd config");
         assert_eq!(mgmtd.listen, "127.0.0.1:7100");
         assert_eq!(mgmtd.metrics_listen.as_deref(), Some("127.0.0.1:7110"));
-        let storage =
-            crate::config::StorageDaemonConfig::parse(&layout.config_text(Kind::Storage(3)))
-                .expect("storage config");
+        let storage = StorageDaemonConfig::parse(&layout.config_text(Kind::Storage(3)))
+            .expect("storage config");
         assert_eq!(storage.listen, "127.0.0.1:7104");
         assert_eq!(storage.metrics_listen.as_deref(), Some("127.0.0.1:7114"));
         assert_eq!(
             storage.devices,
             [PathBuf::from("/data dir/devices/storage3.img")]
         );
-        let meta = crate::meta_daemon::MetaDaemonConfig::parse(&layout.config_text(Kind::Meta))
-            .expect("meta config");
+        assert_eq!(storage.mgmt.0, ["127.0.0.1:7100"]);
+        let meta = MetaDaemonConfig::parse(&layout.config_text(Kind::Meta)).expect("meta config");
         assert_eq!(meta.listen, "127.0.0.1:7101");
+        assert_eq!(meta.mgmt.0, ["127.0.0.1:7100"]);
         assert_eq!(meta.stripe, STRIPE);
-        let mount: toml::Table = toml::from_str(&layout.config_text(Kind::Mount)).expect("toml");
-        assert_eq!(mount["mount_point"].as_str(), Some("/mnt/x"));
-        assert_eq!(mount["metrics_listen"].as_str(), Some("127.0.0.1:7115"));
+        let mount = MountConfig::parse(&layout.config_text(Kind::Mount)).expect("mount config");
+        assert_eq!(mount.mount_point, PathBuf::from("/mnt/x"));
+        assert_eq!(mount.meta, ["127.0.0.1:7101"]);
+        assert_eq!(mount.metrics_listen.as_deref(), Some("127.0.0.1:7115"));
     }
 }

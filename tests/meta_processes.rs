@@ -689,20 +689,14 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
             .collect(),
     );
     let meta_addr = format!("127.0.0.1:{}", ports[1]);
-    write_meta_config(
-        dir.path(),
-        META,
-        ports[1],
-        &cluster.mgmt_addr,
-        &format!(
-            "chain_table = 1\n\
-             chunk_size = {CHUNK_BYTES}\n\
-             stripe = {STRIPE}\n\
-             gc_delay_ms = {GC_DELAY_MS}\n\
-             gc_interval_ms = 100\n\
-             sync_on_commit = true\n"
-        ),
-    );
+    write_meta_config(dir.path(), META, ports[1], &cluster.mgmt_addr, |meta| {
+        meta.chain_table = 1;
+        meta.chunk_size = CHUNK_BYTES;
+        meta.stripe = STRIPE;
+        meta.gc_delay_ms = GC_DELAY_MS;
+        meta.gc_interval_ms = 100;
+        meta.sync_on_commit = true;
+    });
     cluster.start_mgmtd();
     for node in 1..=NODES {
         cluster.start_storage(node);

@@ -24,8 +24,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, MIB};
-use crate::size;
 use crate::worker::{Barrier, Pool, Report};
+use flyfs_benches::size;
 
 /// The one phase.
 const WRITE: &str = "write";

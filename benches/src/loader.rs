@@ -32,8 +32,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, MIB};
-use crate::size;
 use crate::worker::{Barrier, CacheArgs, Pool, Report};
+use flyfs_benches::size;
 
 /// The data set's directory inside `--dir`.
 const LOADER_DIR: &str = "loader";

@@ -17,7 +17,6 @@ mod checkpoint;
 mod files;
 mod loader;
 mod md;
-mod size;
 mod worker;
 
 use std::process::ExitCode;

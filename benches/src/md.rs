@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, MIB};
-use crate::size;
 use crate::worker::{Barrier, CacheArgs, Pool, Report};
+use flyfs_benches::size;
 
 /// The phases in the order they run, and whether each reads (and so starts
 /// with dropped caches).

@@ -8,13 +8,16 @@
 //! only part of it, hence the `dead_code` allowance below.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flyfs_deploy::config::{
+    ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, StorageDaemonConfig, StoreConfig,
+};
+use flyfs_deploy::supervisor::{Daemon, Fleet};
 use flyfs_proto::ids::RoutingVersion;
 use flyfs_proto::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
 use flyfs_rpc::{CallOptions, Client, Tcp};
@@ -73,43 +76,42 @@ pub fn format_devices(dir: &Path, nodes: u32, size: &str) {
 /// `mgmtd.toml` and `storage{n}.toml` (n from 1) in `dir`, with fast
 /// heartbeats and failure detection.
 pub fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
-    let mgmt = format!(
-        "listen = \"127.0.0.1:{mgmt_port}\"\n\
-         data_dir = \"mgmtd-data\"\n\
-         heartbeat_interval_ms = 100\n\
-         failure_timeout_ms = 1000\n\
-         tick_interval_ms = 100\n\
-         [store]\n\
-         kind = \"kv\"\n"
-    );
-    std::fs::write(dir.join("mgmtd.toml"), mgmt).expect("write mgmtd.toml");
-    for (i, port) in node_ports.iter().enumerate() {
-        let node = i + 1;
-        let storage = format!(
-            "node_id = {node}\n\
-             listen = \"127.0.0.1:{port}\"\n\
-             mgmt_addrs = [\"127.0.0.1:{mgmt_port}\"]\n\
-             devices = [\"disk{node}.img\"]\n\
-             heartbeat_interval_ms = 100\n\
-             lease_timeout_ms = 500\n\
-             rpc_timeout_ms = 500\n\
-             forward_deadline_ms = 10000\n"
-        );
-        std::fs::write(dir.join(format!("storage{node}.toml")), storage)
+    let mgmt_addr = format!("127.0.0.1:{mgmt_port}");
+    let mut mgmtd = MgmtdConfig::new("mgmtd-data");
+    mgmtd.listen = mgmt_addr.clone();
+    mgmtd.heartbeat_interval_ms = 100;
+    mgmtd.failure_timeout_ms = 1000;
+    mgmtd.tick_interval_ms = 100;
+    mgmtd.store = StoreConfig::Fjall { path: None };
+    std::fs::write(dir.join("mgmtd.toml"), mgmtd.to_toml()).expect("write mgmtd.toml");
+    for (node, port) in (1..).zip(node_ports) {
+        let mut storage =
+            StorageDaemonConfig::new(node, vec![PathBuf::from(format!("disk{node}.img"))]);
+        storage.listen = format!("127.0.0.1:{port}");
+        storage.mgmt = ManagerAddrs::one(mgmt_addr.clone());
+        storage.heartbeat_interval_ms = 100;
+        storage.lease_timeout_ms = 500;
+        storage.rpc_timeout_ms = 500;
+        storage.forward_deadline_ms = 10000;
+        std::fs::write(dir.join(format!("storage{node}.toml")), storage.to_toml())
             .expect("write storage.toml");
     }
 }
 
 /// `{name}.toml` for a metadata service listening on `port`, its store in
-/// `{name}-data`; `extra` holds more keys (layout, GC pacing), one a line.
-pub fn write_meta_config(dir: &Path, name: &str, port: u16, mgmt_addr: &str, extra: &str) {
-    let meta = format!(
-        "listen = \"127.0.0.1:{port}\"\n\
-         mgmt = \"{mgmt_addr}\"\n\
-         data_dir = \"{name}-data\"\n\
-         {extra}"
-    );
-    std::fs::write(dir.join(format!("{name}.toml")), meta).expect("write meta.toml");
+/// `{name}-data`; `adjust` sets more keys (layout, GC pacing).
+pub fn write_meta_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    mgmt_addr: &str,
+    adjust: impl FnOnce(&mut MetaDaemonConfig),
+) {
+    let mut meta = MetaDaemonConfig::new(format!("{name}-data"));
+    meta.listen = format!("127.0.0.1:{port}");
+    meta.mgmt = ManagerAddrs::one(mgmt_addr);
+    adjust(&mut meta);
+    std::fs::write(dir.join(format!("{name}.toml")), meta.to_toml()).expect("write meta.toml");
 }
 
 /// Polls `done` every 50 ms until it holds or `limit` passes.
@@ -154,14 +156,14 @@ pub fn target_id(chain: u32, node: u32) -> u64 {
 
 /// The daemons of one test cluster, by name ("mgmtd", "storage1", "meta"):
 /// daemon `name` reads `{name}.toml` and logs to `{name}.log` in `dir`.
-/// Every one still running is killed when this is dropped (also on panic),
-/// and on panic the logs of every daemon ever started are printed.
+/// They run under flyfs-deploy's supervisor: every one still running is
+/// killed when this is dropped (also on panic), and on panic the logs of
+/// every daemon ever started are printed.
 pub struct Cluster {
     pub dir: PathBuf,
     pub mgmt_addr: String,
     pub node_addrs: BTreeMap<u32, String>,
-    running: BTreeMap<String, Child>,
-    started: BTreeSet<String>,
+    fleet: Fleet,
 }
 
 impl Cluster {
@@ -172,36 +174,17 @@ impl Cluster {
             dir: dir.to_path_buf(),
             mgmt_addr,
             node_addrs: (1..).zip(node_addrs).collect(),
-            running: BTreeMap::new(),
-            started: BTreeSet::new(),
+            fleet: Fleet::new(),
         }
-    }
-
-    fn log(&self, name: &str) -> Stdio {
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{name}.log")))
-            .expect("open a daemon log");
-        Stdio::from(file)
     }
 
     /// Starts `flyfs SUBCOMMAND --config {name}.toml` as daemon `name`.
     pub fn start(&mut self, name: &str, subcommand: &str) {
-        assert!(!self.running.contains_key(name), "{name} is running");
+        let program = PathBuf::from(env!("CARGO_BIN_EXE_flyfs"));
         let config = self.dir.join(format!("{name}.toml"));
-        let child = flyfs()
-            .arg(subcommand)
-            .arg("--config")
-            .arg(&config)
-            .env("FLYFS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(self.log(name))
-            .stderr(self.log(name))
-            .spawn()
-            .expect("spawn a daemon");
-        self.running.insert(name.to_string(), child);
-        self.started.insert(name.to_string());
+        let mut daemon = Daemon::flyfs(name, &program, subcommand, &config, &self.dir, &self.dir);
+        daemon.env.push(("FLYFS_LOG".into(), "info".into()));
+        self.fleet.start(daemon).expect("spawn a daemon");
     }
 
     pub fn start_mgmtd(&mut self) {
@@ -219,9 +202,7 @@ impl Cluster {
 
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self, name: &str) {
-        let mut child = self.running.remove(name).expect("daemon is running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
+        self.fleet.kill(name).expect("SIGKILL a running daemon");
     }
 
     pub fn kill_storage(&mut self, node: u32) {
@@ -230,26 +211,9 @@ impl Cluster {
 
     /// SIGTERMs daemon `name` and asserts it exits 0 within `within`.
     pub fn terminate(&mut self, name: &str, within: Duration) {
-        // It stays in the map until it has exited, so that a failed
-        // assertion here leaves it for drop to kill.
-        let child = self.running.get_mut(name).expect("daemon is running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {name}");
-        let deadline = Instant::now() + within;
-        let exit = loop {
-            if let Some(exit) = child.try_wait().expect("wait") {
-                break exit;
-            }
-            assert!(
-                Instant::now() <= deadline,
-                "{name} did not exit within {within:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        self.running.remove(name);
+        let exit = self.fleet.terminate(name, within).expect("terminate");
+        let exit =
+            exit.unwrap_or_else(|| panic!("{name} did not exit within {within:?} of SIGTERM"));
         assert!(exit.success(), "{name} exited with {exit} after SIGTERM");
     }
 
@@ -262,10 +226,10 @@ impl Cluster {
             n if n.starts_with("storage") => 1,
             _ => 0,
         };
-        let mut names: Vec<String> = self.running.keys().cloned().collect();
-        names.sort_by_key(|n| rank(n));
-        for name in names {
-            self.terminate(&name, within);
+        for (name, exit) in self.fleet.terminate_all(within, rank).expect("terminate") {
+            let exit =
+                exit.unwrap_or_else(|| panic!("{name} did not exit within {within:?} of SIGTERM"));
+            assert!(exit.success(), "{name} exited with {exit} after SIGTERM");
         }
     }
 
@@ -342,25 +306,5 @@ impl Cluster {
                 .and_then(|s| serde_json::from_value::<RoutingInfo>(s).ok())
                 .is_some_and(|r| all_serving(&r))
         })
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in self.running.values_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            for name in &self.started {
-                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- last lines of {name}.log ----");
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
     }
 }

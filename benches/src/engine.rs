@@ -26,15 +26,15 @@ const BENCH_INODE: u64 = 0xbe4c_0000_0000_0000;
 const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(clap::Args, Debug)]
-pub(crate) struct EngineArgs {
+pub struct EngineArgs {
     /// File (or block device) to run on; created if missing.
     #[arg(long)]
     path: std::path::PathBuf,
     /// Size of the file to create.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2GiB", value_parser = crate::size::parse)]
     size: u64,
     /// Bytes of 1 MiB chunks to write and read.
-    #[arg(long, default_value = "768MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "768MiB", value_parser = crate::size::parse)]
     total: u64,
     /// 1 MiB I/Os in flight.
     #[arg(long, default_value_t = 16)]
@@ -62,33 +62,6 @@ pub(crate) struct EngineArgs {
     json: bool,
 }
 
-/// Parses `123`, `4KiB`, `64MiB`, `2GiB`, `1G`, ...
-pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (e.g. 4096, 64KiB, 2GiB)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{text}` (use KiB, MiB, GiB, TiB)"
-            ));
-        }
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("size `{text}` is too large"))
-}
-
 fn key(index: u32) -> ChunkKey {
     ChunkKey::new(BENCH_CHAIN, ChunkId::new(BENCH_INODE, index))
 }
@@ -111,7 +84,7 @@ struct Results {
     io_uring: String,
 }
 
-pub(crate) fn engine(args: &EngineArgs) -> anyhow::Result<()> {
+pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
     if args.depth == 0 || args.rand_depth == 0 {
         bail!("--depth and --rand-depth must be at least 1");
     }
@@ -226,7 +199,7 @@ async fn clean(engine: &Engine<UringDevice>) -> anyhow::Result<()> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Placement {
+pub enum Placement {
     Auto,
     Reactor,
     Caller,
@@ -404,20 +377,4 @@ async fn rand_read(
     })
     .await?;
     Ok(done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_with_units_and_refuse_nonsense() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
-    }
 }

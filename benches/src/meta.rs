@@ -38,7 +38,7 @@ use flyfs_rpc::{Network, Server, ServerConfig, Tcp};
 const ROOT: InodeId = InodeId(1);
 
 #[derive(Debug, clap::Args)]
-pub(crate) struct MetaArgs {
+pub struct MetaArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 1)]
     clients: usize,
@@ -69,7 +69,7 @@ struct Results {
     store: &'static str,
 }
 
-pub(crate) fn meta(args: &MetaArgs) -> anyhow::Result<()> {
+pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
     ensure!(args.clients >= 1, "--clients must be at least 1");
     ensure!(args.files >= 1, "--files must be at least 1");
     ensure!(
@@ -91,7 +91,7 @@ pub(crate) fn meta(args: &MetaArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let results = runtime.block_on(run(args, &dir))?;
+    let results = runtime.block_on(measure(args, &dir))?;
     if args.json {
         println!("{}", serde_json::to_string(&results)?);
     } else {
@@ -111,7 +111,7 @@ pub(crate) fn meta(args: &MetaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: &MetaArgs, dir: &std::path::Path) -> anyhow::Result<Results> {
+async fn measure(args: &MetaArgs, dir: &std::path::Path) -> anyhow::Result<Results> {
     let kv = FjallKv::open(dir.join("meta"), FjallOptions::default())
         .with_context(|| format!("opening the store in {}", dir.display()))?;
     let table = ChainTableId(1);

@@ -21,13 +21,13 @@
 //! The daemons are stopped with SIGTERM (SIGKILL when they linger) and the
 //! run's directory is removed afterwards, unless `FLYFS_BENCH_KEEP` is set
 //! (to read the daemons' logs; `FLYFS_DAEMON_LOG` is their log filter,
-//! e.g. `flyfs_craq=debug`, default `info`). [`Cluster`]'s `Drop` kills every
-//! daemon still running, so an error or a panic leaves no process behind.
+//! e.g. `flyfs_craq=debug`, default `info`). The daemons run under
+//! flyfs-deploy's supervisor, whose `Fleet` kills every daemon still running
+//! when it is dropped, so an error or a panic leaves no process behind.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_deploy::config::{ConfigFile, ManagerAddrs, MgmtdConfig, StorageDaemonConfig};
+use flyfs_deploy::supervisor::{self, Daemon, Fleet};
 use flyfs_proto::Method;
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
 use flyfs_proto::wire::mgmt::{
@@ -44,8 +46,6 @@ use flyfs_proto::wire::mgmt::{
 use flyfs_rpc::{CallOptions, Client, Tcp};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-
-use crate::bench::parse_size;
 
 /// Storage daemons: every chain has at most one replica on each.
 const NODES: u32 = 3;
@@ -64,7 +64,7 @@ const SIZE_DEFAULT: u64 = 2 << 30;
 const DEVICE_SLACK_BYTES: u64 = 512 << 20;
 
 #[derive(clap::Args, Debug)]
-pub(crate) struct StorageArgs {
+pub struct StorageArgs {
     /// Replicas per chain (1 to 3).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=3))]
     replicas: u32,
@@ -74,7 +74,7 @@ pub(crate) struct StorageArgs {
     dir: Option<PathBuf>,
     /// Bytes written (and read back) in the throughput phases. Default
     /// 2 GiB, less when the disk has not room for three devices that size.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::size::parse)]
     size: Option<u64>,
     /// Chains the chunks are spread over.
     #[arg(long, default_value_t = 6)]
@@ -84,7 +84,7 @@ pub(crate) struct StorageArgs {
     clients: usize,
     /// Bytes of each chunk (and of each write and read in the throughput
     /// phases): a power of two from 64 KiB to 64 MiB.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1MiB", value_parser = crate::size::parse)]
     chunk_size: u64,
     /// 4 KiB writes (one in flight) in the latency phase.
     #[arg(long, default_value_t = 2000)]
@@ -129,7 +129,7 @@ struct CpuCores {
     write_4k: HashMap<String, f64>,
 }
 
-pub(crate) fn storage(args: &StorageArgs) -> anyhow::Result<()> {
+pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     ensure!(args.chains >= 1, "--chains must be at least 1");
     ensure!(args.clients >= 1, "--clients must be at least 1");
@@ -364,14 +364,13 @@ fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("cannot read df's answer `{text}`"))
 }
 
-/// The cluster's daemons. Dropping it kills every one still running (also
-/// on panic), so no process outlives the bench.
+/// The cluster's daemons, owned by a [`Fleet`]: dropping it kills every
+/// one still running (also on panic), so no process outlives the bench.
 #[derive(Debug)]
 struct Cluster {
     dir: PathBuf,
     mgmt_addr: String,
-    /// Name (`mgmtd`, `storage1`, ...) and process, the manager first.
-    daemons: Vec<(String, Child)>,
+    fleet: Fleet,
 }
 
 impl Cluster {
@@ -379,7 +378,7 @@ impl Cluster {
         Cluster {
             dir,
             mgmt_addr: String::new(),
-            daemons: Vec::new(),
+            fleet: Fleet::new(),
         }
     }
 
@@ -412,23 +411,17 @@ impl Cluster {
         // Fast heartbeats and ticks bring new chains to serving within a
         // second or two; the failure timeout and lease stay at their
         // defaults, so a loaded machine does not fence anyone off.
-        let mgmtd = format!(
-            "listen = \"{}\"\n\
-             data_dir = \"mgmtd-data\"\n\
-             heartbeat_interval_ms = 100\n\
-             tick_interval_ms = 100\n",
-            self.mgmt_addr
-        );
+        let mut mgmtd = MgmtdConfig::new("mgmtd-data");
+        mgmtd.listen = self.mgmt_addr.clone();
+        mgmtd.heartbeat_interval_ms = 100;
+        mgmtd.tick_interval_ms = 100;
         self.write_config("mgmtd", &mgmtd)?;
         for node in 1..=NODES {
-            let storage = format!(
-                "node_id = {node}\n\
-                 listen = \"127.0.0.1:0\"\n\
-                 mgmt = \"{}\"\n\
-                 devices = [\"disk{node}.img\"]\n\
-                 heartbeat_interval_ms = 100\n",
-                self.mgmt_addr
-            );
+            let mut storage =
+                StorageDaemonConfig::new(node, vec![PathBuf::from(format!("disk{node}.img"))]);
+            storage.listen = "127.0.0.1:0".into();
+            storage.mgmt = ManagerAddrs::one(self.mgmt_addr.clone());
+            storage.heartbeat_interval_ms = 100;
             self.write_config(&format!("storage{node}"), &storage)?;
         }
         self.spawn(&exe, "mgmtd", "mgmtd")?;
@@ -438,74 +431,43 @@ impl Cluster {
         Ok(())
     }
 
-    fn write_config(&self, name: &str, text: &str) -> anyhow::Result<()> {
+    fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<()> {
         let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, config.to_toml())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     fn spawn(&mut self, exe: &Path, name: &str, subcommand: &str) -> anyhow::Result<()> {
-        let log_path = self.dir.join(format!("{name}.log"));
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(exe)
-            .arg(subcommand)
-            .arg("--config")
-            .arg(self.dir.join(format!("{name}.toml")))
-            .env(
-                "FLYFS_LOG",
-                std::env::var("FLYFS_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicating a log file handle")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.daemons.push((name.to_string(), child));
+        let config = self.dir.join(format!("{name}.toml"));
+        let mut daemon = Daemon::flyfs(name, exe, subcommand, &config, &self.dir, &self.dir);
+        daemon.env.push((
+            "FLYFS_LOG".into(),
+            std::env::var("FLYFS_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+        ));
+        self.fleet.start(daemon)?;
         Ok(())
     }
 
     /// Process ids by daemon name.
     fn pids(&self) -> Vec<(String, u32)> {
-        self.daemons
-            .iter()
-            .map(|(name, child)| (name.clone(), child.id()))
-            .collect()
+        self.fleet.pids()
     }
 
     /// SIGTERM to every daemon (storage first, the manager last, so no
     /// storage node loses its manager first), SIGKILL to any still running
     /// 10 s later. Fails if a daemon did not exit cleanly.
     fn stop(&mut self) -> anyhow::Result<()> {
-        let mut daemons = std::mem::take(&mut self.daemons);
-        daemons.reverse();
-        let mut problems = Vec::new();
-        for (name, child) in &mut daemons {
-            // No signal API in the binary's dependencies (nor unsafe to
-            // call kill(2) directly): the kill(1) command sends it.
-            let sent = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .is_ok_and(|status| status.success());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => break Some(status),
-                    Ok(None) if sent && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    _ => break None,
-                }
-            };
-            match status {
-                Some(status) if status.success() => {}
-                Some(status) => problems.push(format!("{name} exited with {status}")),
-                None => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    problems.push(format!("{name} did not exit on SIGTERM; killed"));
-                }
-            }
-        }
+        let ended = self
+            .fleet
+            .terminate_all(Duration::from_secs(10), |name| u32::from(name == "mgmtd"))?;
+        let problems: Vec<String> = ended
+            .into_iter()
+            .filter_map(|(name, status)| match status {
+                Some(status) if status.success() => None,
+                Some(status) => Some(format!("{name} exited with {status}")),
+                None => Some(format!("{name} did not exit on SIGTERM; killed")),
+            })
+            .collect();
         ensure!(
             problems.is_empty(),
             "stopping the cluster: {}",
@@ -516,41 +478,16 @@ impl Cluster {
 
     /// The last lines of every daemon's log, on stderr.
     fn print_logs(&self) {
-        let mut names = vec!["mgmtd".to_string()];
-        names.extend((1..=NODES).map(|n| format!("storage{n}")));
-        for name in names {
-            let log =
-                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            eprintln!("---- last lines of {name}.log ----");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        self.fleet.print_logs(20);
     }
 
     /// Kills the daemons and removes the device files (gigabytes), keeping
     /// configs and logs.
     fn keep_logs_only(&mut self) {
-        self.kill_all();
+        self.fleet.kill_all();
         for node in 1..=NODES {
             let _ = std::fs::remove_file(self.dir.join(format!("disk{node}.img")));
         }
-    }
-
-    fn kill_all(&mut self) {
-        for (_, child) in &mut self.daemons {
-            // Already gone is fine: this is the last resort.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.daemons.clear();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.kill_all();
     }
 }
 
@@ -664,7 +601,7 @@ impl Bench<'_> {
             // A daemon that died never comes: say so at once.
             let mut daemons_alive = true;
             for (name, pid) in self.cluster.pids() {
-                if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                if !supervisor::alive(pid) {
                     last = format!("{name} (pid {pid}) exited");
                     daemons_alive = false;
                 }
@@ -944,37 +881,10 @@ impl CpuMeter {
     }
 }
 
-/// User plus system CPU seconds of a process (this one for `None`), from
-/// /proc/PID/stat; 0 when it cannot be read (the process is gone).
+/// User plus system CPU seconds of a process (this one for `None`); 0
+/// when it cannot be read (the process is gone).
 fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces, so split after
-    // its closing parenthesis): state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    match (ticks(14), ticks(15)) {
-        // Linux reports these in USER_HZ, 100 on every mainstream build.
-        (Some(user), Some(system)) => (user + system) as f64 / 100.0,
-        _ => 0.0,
-    }
-}
-
-/// Whether the process has exited but is not yet reaped.
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
+    supervisor::cpu_seconds(pid.unwrap_or_else(std::process::id)).unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -1046,6 +956,5 @@ mod tests {
             std::hint::black_box(0u64);
         }
         assert!(cpu_seconds(None) > 0.0);
-        assert!(!is_zombie(std::process::id()));
     }
 }

@@ -1,0 +1,22 @@
+//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta`
+//! runs (their flags and JSON output are what benches/*-vs-fio and users
+//! call), and what the peer-benchmark tools share.
+//!
+//! * [`engine`]: the chunk engine on io_uring against a file or device.
+//! * [`storage`]: a cluster of real daemons (a manager and three storage
+//!   nodes, started through flyfs-deploy's supervisor) driven over
+//!   loopback TCP by a storage client.
+//! * [`meta`]: the metadata service over loopback TCP on the embedded
+//!   store.
+//! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
+//!
+//! The binaries `fsbench` (workloads through any mount) and `fsreport`
+//! (tables and charts of the peer comparison) live beside this library.
+//! Benchmarks are tools run from a command line, so they report errors
+//! with `anyhow`, as binaries do.
+#![deny(unsafe_code)]
+
+pub mod engine;
+pub mod meta;
+pub mod size;
+pub mod storage;

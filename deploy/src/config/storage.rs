@@ -1,0 +1,306 @@
+//! `flyfs storage --config F`: a storage node's config
+//! (deploy/storage.toml).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flyfs_craq::StorageConfig;
+use flyfs_proto::ids::NodeId;
+use serde::{Deserialize, Serialize};
+
+use super::mgmtd::default_heartbeat_interval_ms;
+use super::{
+    ConfigError, ConfigFile, ManagerAddrs, beside, check, check_address, check_metrics_listen,
+    positive,
+};
+
+/// The longest lease a storage node may hold. A lease must end before the
+/// manager gives up on the node (its `failure_timeout_ms`), which a storage
+/// daemon cannot see; 60 s is 3FS's failure timeout, the longest any sane
+/// manager waits, so a lease above it is certainly a mistake.
+pub const LEASE_TIMEOUT_MS_MAX: u64 = 60_000;
+
+/// `flyfs storage`: one storage node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageDaemonConfig {
+    /// This node's id in the cluster; unique per node, stable across restarts.
+    pub node_id: u32,
+    /// Where the storage RPC server listens (`host:port`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The address others reach this node at; defaults to the address the
+    /// listener is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The cluster managers' addresses (the primary and its standbys); one
+    /// may be written as a plain string. `mgmt_addrs` is the older name.
+    #[serde(default = "ManagerAddrs::local", alias = "mgmt_addrs")]
+    pub mgmt: ManagerAddrs,
+    /// Devices (or files) formatted by `flyfs format`; a target's disk index
+    /// is the position of its device in this list.
+    pub devices: Vec<PathBuf>,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The node stops serving when the manager has not answered a heartbeat
+    /// for this long. Must be below the manager's `failure_timeout_ms`.
+    #[serde(default = "default_lease_timeout_ms")]
+    pub lease_timeout_ms: u64,
+    /// One attempt of an RPC to another storage node or the manager.
+    #[serde(default = "default_rpc_timeout_ms")]
+    pub rpc_timeout_ms: u64,
+    /// How long an update keeps trying to reach the next replica.
+    #[serde(default = "default_forward_deadline_ms")]
+    pub forward_deadline_ms: u64,
+    /// Where the Prometheus metrics endpoint listens (`host:port`); none by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7100".to_string()
+}
+
+fn default_lease_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_rpc_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_forward_deadline_ms() -> u64 {
+    30_000
+}
+
+impl StorageDaemonConfig {
+    /// Node `node_id` on `devices`, every other key at its default.
+    pub fn new(node_id: u32, devices: Vec<PathBuf>) -> StorageDaemonConfig {
+        StorageDaemonConfig {
+            node_id,
+            listen: default_listen(),
+            advertise: None,
+            mgmt: ManagerAddrs::local(),
+            devices,
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            lease_timeout_ms: default_lease_timeout_ms(),
+            rpc_timeout_ms: default_rpc_timeout_ms(),
+            forward_deadline_ms: default_forward_deadline_ms(),
+            metrics_listen: None,
+        }
+    }
+
+    /// The node's settings; `bound` is the address the listener got, which
+    /// is advertised unless `advertise` says otherwise (it resolves port 0).
+    pub fn storage_config(&self, bound: &str) -> StorageConfig {
+        let addr = self.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let mut config = StorageConfig::new(NodeId(self.node_id), addr, String::new());
+        config.mgmt_addrs = self.mgmt.0.clone();
+        config.heartbeat_interval = Duration::from_millis(self.heartbeat_interval_ms);
+        config.lease_timeout = Duration::from_millis(self.lease_timeout_ms);
+        config.rpc_timeout = Duration::from_millis(self.rpc_timeout_ms);
+        config.forward_deadline = Duration::from_millis(self.forward_deadline_ms);
+        config
+    }
+}
+
+impl ConfigFile for StorageDaemonConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_address(&self.listen, "listen")?;
+        self.mgmt.validate("mgmt")?;
+        check(
+            self.advertise.as_ref().is_none_or(|a| !a.is_empty()),
+            "advertise",
+            || "is empty (leave it out to advertise the listening address)".into(),
+        )?;
+        check(!self.devices.is_empty(), "devices", || {
+            "lists no device".into()
+        })?;
+        check_metrics_listen(self.metrics_listen.as_deref())?;
+        positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
+        positive(self.rpc_timeout_ms, "rpc_timeout_ms")?;
+        // One late heartbeat reply must not fence the node off.
+        check(
+            self.lease_timeout_ms >= 2 * self.heartbeat_interval_ms,
+            "lease_timeout_ms",
+            || {
+                format!(
+                    "{} is less than two heartbeat intervals ({} ms)",
+                    self.lease_timeout_ms,
+                    2 * self.heartbeat_interval_ms
+                )
+            },
+        )?;
+        check(
+            self.lease_timeout_ms < LEASE_TIMEOUT_MS_MAX,
+            "lease_timeout_ms",
+            || {
+                format!(
+                    "{} is not below {LEASE_TIMEOUT_MS_MAX}; it must be below the manager's \
+                     failure_timeout_ms (half of it is the rule)",
+                    self.lease_timeout_ms
+                )
+            },
+        )?;
+        check(
+            self.forward_deadline_ms >= self.rpc_timeout_ms,
+            "forward_deadline_ms",
+            || {
+                format!(
+                    "{} is shorter than one RPC attempt (rpc_timeout_ms = {})",
+                    self.forward_deadline_ms, self.rpc_timeout_ms
+                )
+            },
+        )
+    }
+
+    fn resolve_beside(&mut self, dir: &Path) {
+        for device in &mut self.devices {
+            *device = beside(dir, device);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::message;
+
+    #[test]
+    fn takes_one_manager_or_several() {
+        let config = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\nmgmt = [\"10.0.0.1:7000\", \"10.0.0.2:7000\"]",
+        )
+        .expect("two managers");
+        assert_eq!(config.mgmt.0, ["10.0.0.1:7000", "10.0.0.2:7000"]);
+        assert_eq!(
+            config.storage_config("127.0.0.1:7100").mgmt_addrs,
+            ["10.0.0.1:7000", "10.0.0.2:7000"]
+        );
+        let config =
+            StorageDaemonConfig::parse("node_id = 1\ndevices = [\"a\"]\nmgmt = \"10.0.0.1:7000\"")
+                .expect("one manager as a string");
+        assert_eq!(config.mgmt.0, ["10.0.0.1:7000"]);
+        let config = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\nmgmt_addrs = [\"10.0.0.1:7000\"]",
+        )
+        .expect("the older key");
+        assert_eq!(config.mgmt.0, ["10.0.0.1:7000"]);
+        let error = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\nmgmt = \"a:1\"\nmgmt_addrs = [\"b:1\"]",
+        )
+        .expect_err("both keys");
+        assert!(message(&error).contains("mgmt"), "{error:#}");
+        for bad in ["[\"\"]", "[]"] {
+            let error = StorageDaemonConfig::parse(&format!(
+                "node_id = 1\ndevices = [\"a\"]\nmgmt = {bad}"
+            ))
+            .expect_err("no usable address");
+            assert!(message(&error).contains("mgmt"), "{error:#}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_advertise() {
+        let config =
+            StorageDaemonConfig::parse("node_id = 3\ndevices = [\"/dev/nvme0n1\"]").expect("valid");
+        assert_eq!(
+            config,
+            StorageDaemonConfig::new(3, vec!["/dev/nvme0n1".into()])
+        );
+        assert_eq!(config.listen, "127.0.0.1:7100");
+        assert_eq!(config.mgmt.0, ["127.0.0.1:7000"]);
+        assert_eq!(config.advertise, None);
+        assert_eq!(
+            (
+                config.heartbeat_interval_ms,
+                config.lease_timeout_ms,
+                config.rpc_timeout_ms,
+                config.forward_deadline_ms
+            ),
+            (1_000, 5_000, 5_000, 30_000)
+        );
+        let node = config.storage_config("127.0.0.1:7100");
+        assert_eq!(node.node, NodeId(3));
+        assert_eq!(node.addr, "127.0.0.1:7100");
+        assert_eq!(node.lease_timeout, Duration::from_secs(5));
+
+        let config = StorageDaemonConfig::parse(
+            "node_id = 3\ndevices = [\"a\"]\nlisten = \"0.0.0.0:7100\"\nadvertise = \"10.0.0.3:7100\"",
+        )
+        .expect("valid");
+        assert_eq!(config.storage_config("0.0.0.0:7100").addr, "10.0.0.3:7100");
+    }
+
+    #[test]
+    fn missing_and_mistyped_keys_are_named() {
+        let error = StorageDaemonConfig::parse("devices = [\"a\"]").expect_err("no node_id");
+        assert!(message(&error).contains("node_id"), "{error:#}");
+        let error = StorageDaemonConfig::parse("node_id = \"one\"\ndevices = [\"a\"]")
+            .expect_err("string id");
+        let text = message(&error);
+        assert!(text.contains("node_id"), "{text}");
+        assert!(text.contains("invalid type"), "{text}");
+    }
+
+    #[test]
+    fn semantic_checks_name_their_key() {
+        let cases = [
+            ("node_id = 1\ndevices = []", "devices"),
+            (
+                "node_id = 1\ndevices = [\"a\"]\nlease_timeout_ms = 1500",
+                "lease_timeout_ms",
+            ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\nlease_timeout_ms = 60000",
+                "lease_timeout_ms",
+            ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\nforward_deadline_ms = 100",
+                "forward_deadline_ms",
+            ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\nheartbeat_interval_ms = 0",
+                "heartbeat_interval_ms",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = StorageDaemonConfig::parse(text).expect_err(text);
+            assert!(message(&error).contains(key), "{text}: {error:#}");
+        }
+    }
+
+    #[test]
+    fn written_configs_read_back_identically() {
+        let mut config = StorageDaemonConfig::new(2, vec!["/srv/d0.img".into(), "d1".into()]);
+        config.mgmt = ManagerAddrs(vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()]);
+        config.advertise = Some("10.0.0.5:7100".into());
+        assert_eq!(
+            StorageDaemonConfig::parse(&config.to_toml()).expect("reads back"),
+            config
+        );
+    }
+
+    #[test]
+    fn load_names_the_file_and_resolves_paths_beside_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("storage.toml");
+        std::fs::write(
+            &path,
+            "node_id = 1\ndevices = [\"dev0.img\", \"/abs/dev1\"]",
+        )
+        .expect("write");
+        let config = StorageDaemonConfig::load(&path).expect("valid");
+        assert_eq!(
+            config.devices,
+            [dir.path().join("dev0.img"), PathBuf::from("/abs/dev1")]
+        );
+
+        std::fs::write(&path, "node_id = 1\ndevices = [\"a\"]\nbogus = 2").expect("write");
+        let error = StorageDaemonConfig::load(&path).expect_err("unknown key");
+        let text = message(&error);
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("bogus"), "{text}");
+    }
+}
