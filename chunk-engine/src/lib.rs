@@ -22,25 +22,28 @@
 //! is only a key prefix, and a chain version only a number it stores.
 
 pub mod alloc;
+mod config;
 mod engine;
 mod error;
 pub mod format;
 mod journal;
 mod recovery;
+mod request;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 use std::fmt;
 
-pub use engine::{
-    ChainUsage, ChunkInfo, Engine, EngineConfig, EngineStats, FormatOptions, JournalMode,
-    PendingInfo, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
-    WriteRequest,
-};
+pub use config::{EngineConfig, FormatOptions, JournalMode};
+pub use engine::{ChainUsage, ChunkInfo, Engine, PendingInfo};
 pub use error::EngineError;
 pub use flyfs_bypass::BlockDevice;
 use flyfs_proto::ids::{ChainId, ChunkId};
 pub use format::{ChunkMeta, SlotId, Superblock};
+pub use request::{
+    EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
+    WriteRequest,
+};
 
 /// Where a chunk lives in the engine: its chain and its id. Ordered by chain,
 /// then inode, then chunk index, so a chain's chunks and a file's chunks are

@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use flyfs_bypass::{BlockDevice, BufferPool};
 
 use crate::alloc::Allocator;
-use crate::engine::{Core, EngineConfig, FormatOptions, JournalMode, State};
+use crate::config::{EngineConfig, FormatOptions, JournalMode};
+use crate::engine::{Core, State};
 use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
     SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
