@@ -9,23 +9,16 @@
 //! writer role) alone applies durable records to the committed map, so the
 //! map always equals the state at the journal head.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
-use flyfs_proto::ids::{
-    ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, RequestId,
-};
+use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
 use parking_lot::{Condvar, Mutex};
-// Keys are engine-chosen ids, not attacker-controlled strings, so a fast
-// non-cryptographic hash is safe here; SipHash showed in read profiles.
-use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::watch;
 
-use crate::alloc::Allocator;
 use crate::config::{EngineConfig, JournalMode};
 use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
 use crate::journal::{self, Cursor, Writer};
@@ -33,230 +26,14 @@ use crate::request::{
     EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
     WriteRequest,
 };
+use crate::table::{ChainUsage, ChunkInfo, ChunkTable, PendingInfo};
 use crate::{ChunkKey, EngineError};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingInfo {
-    pub version: ChunkVersion,
-    pub chain_version: ChainVersion,
-    pub slot: SlotId,
-    pub len: u32,
-    pub crc: u32,
-    pub in_place: bool,
-    pub client: ClientId,
-    pub request: RequestId,
-    /// The durable `Prepare` record of this version, once the journal has
-    /// made it durable: committing is then only a change in memory, and
-    /// aborting must record the previous state durably.
-    pub prepared: Option<ChunkMeta>,
-}
-
-/// Everything the engine knows of one chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkInfo {
-    pub key: ChunkKey,
-    pub committed: Option<ChunkMeta>,
-    pub pending: Option<PendingInfo>,
-}
-
-/// Space a chain's committed chunks take.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ChainUsage {
-    pub chunks: u64,
-    /// Sum of chunk lengths.
-    pub used_bytes: u64,
-    /// Sum of slot sizes.
-    pub allocated_bytes: u64,
-}
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub records: std::sync::atomic::AtomicU64,
     pub batches: std::sync::atomic::AtomicU64,
     pub checkpoints: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Committed {
-    pub meta: ChunkMeta,
-    /// Bytes of the slot ever written while this chunk owned it. An in-place
-    /// append is allowed only past this mark, so it never overwrites bytes a
-    /// concurrent reader of an older or aborted version may be reading.
-    pub slot_written: u32,
-}
-
-pub(crate) struct State {
-    pub committed: BTreeMap<ChunkKey, Committed>,
-    pub pending: FxHashMap<ChunkKey, PendingInfo>,
-    pub alloc: Allocator,
-    /// Readers holding a slot.
-    pins: FxHashMap<SlotId, u32>,
-    /// Slots released while pinned; freed when the last reader lets go.
-    deferred: FxHashSet<SlotId>,
-    pub usage: FxHashMap<ChainId, ChainUsage>,
-}
-
-impl State {
-    pub fn new(alloc: Allocator) -> State {
-        State {
-            committed: BTreeMap::new(),
-            pending: FxHashMap::default(),
-            alloc,
-            pins: FxHashMap::default(),
-            deferred: FxHashSet::default(),
-            usage: FxHashMap::default(),
-        }
-    }
-
-    /// Gives a slot back to the allocator, or defers that while it is read.
-    fn release(&mut self, slot: SlotId) {
-        if self.pins.contains_key(&slot) {
-            self.deferred.insert(slot);
-        } else {
-            self.alloc.free(slot);
-        }
-    }
-
-    fn pin(&mut self, slot: SlotId) {
-        *self.pins.entry(slot).or_default() += 1;
-    }
-
-    fn unpin(&mut self, slot: SlotId) {
-        let count = self
-            .pins
-            .get_mut(&slot)
-            .expect("unpin of a slot that is not pinned");
-        *count -= 1;
-        if *count == 0 {
-            self.pins.remove(&slot);
-            if self.deferred.remove(&slot) {
-                self.alloc.free(slot);
-            }
-        }
-    }
-
-    fn account(&mut self, meta: &ChunkMeta, sign: i64) {
-        let usage = self.usage.entry(meta.chain).or_default();
-        let apply = |value: &mut u64, delta: u64| {
-            *value = if sign > 0 {
-                *value + delta
-            } else {
-                *value - delta
-            };
-        };
-        apply(&mut usage.chunks, 1);
-        apply(&mut usage.used_bytes, u64::from(meta.len));
-        apply(&mut usage.allocated_bytes, meta.slot.bytes());
-    }
-
-    /// Applies a durable journal record. `live` is false during recovery,
-    /// when the allocator is rebuilt afterwards instead of kept in step, and
-    /// a prepared version counts as committed.
-    pub fn apply(&mut self, record: &Record, live: bool) {
-        match record {
-            Record::Prepare(meta) if live => {
-                let key = ChunkKey::new(meta.chain, meta.chunk);
-                let pending = self.pending.get_mut(&key);
-                debug_assert!(
-                    pending
-                        .as_ref()
-                        .is_some_and(|p| p.version == meta.version && p.slot == meta.slot),
-                    "a Prepare record is applied while its write, not dropped, holds the chunk lock"
-                );
-                if let Some(p) = pending
-                    && p.version == meta.version
-                    && p.slot == meta.slot
-                {
-                    p.prepared = Some(*meta);
-                }
-            }
-            Record::Put(meta) | Record::Prepare(meta) => {
-                let key = ChunkKey::new(meta.chain, meta.chunk);
-                let old = self.committed.get(&key).copied();
-                let slot_written = match old {
-                    Some(old) if old.meta.slot == meta.slot => old.slot_written.max(meta.len),
-                    _ => meta.len,
-                };
-                self.committed.insert(
-                    key,
-                    Committed {
-                        meta: *meta,
-                        slot_written,
-                    },
-                );
-                self.account(meta, 1);
-                if let Some(old) = old {
-                    self.account(&old.meta, -1);
-                    if live && old.meta.slot != meta.slot {
-                        self.release(old.meta.slot);
-                    }
-                }
-                match self.pending.get(&key).copied() {
-                    // The commit of this pending version.
-                    Some(p) if p.version == meta.version && p.slot == meta.slot => {
-                        self.pending.remove(&key);
-                    }
-                    // A prepared version aborted: the record restores the
-                    // state before it.
-                    Some(p) if p.prepared.is_some() => {
-                        self.pending.remove(&key);
-                        if live && !p.in_place {
-                            self.release(p.slot);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            Record::Remove { chain, chunk } => {
-                let key = ChunkKey::new(*chain, *chunk);
-                if let Some(old) = self.committed.remove(&key) {
-                    self.account(&old.meta, -1);
-                    if live {
-                        self.release(old.meta.slot);
-                    }
-                }
-                if let Some(pending) = self.pending.remove(&key)
-                    && !pending.in_place
-                {
-                    self.release(pending.slot);
-                }
-            }
-        }
-    }
-
-    /// The state recovery would find, in key order: every committed chunk,
-    /// with its prepared version where it has one, and the prepared versions
-    /// of chunks not yet committed. A checkpoint stores exactly this.
-    pub fn durable_view(&self) -> Vec<ChunkMeta> {
-        let mut extra: Vec<ChunkMeta> = self
-            .pending
-            .iter()
-            .filter(|(key, _)| !self.committed.contains_key(key))
-            .filter_map(|(_, p)| p.prepared)
-            .collect();
-        extra.sort_unstable_by_key(|m| ChunkKey::new(m.chain, m.chunk));
-        let mut extra = extra.into_iter().peekable();
-        let mut view = Vec::with_capacity(self.committed.len() + extra.len());
-        for (key, committed) in &self.committed {
-            while let Some(m) = extra.next_if(|m| ChunkKey::new(m.chain, m.chunk) < *key) {
-                view.push(m);
-            }
-            let prepared = self.pending.get(key).and_then(|p| p.prepared);
-            view.push(prepared.unwrap_or(committed.meta));
-        }
-        view.extend(extra);
-        view
-    }
-
-    fn info(&self, key: ChunkKey) -> Option<ChunkInfo> {
-        let committed = self.committed.get(&key).map(|c| c.meta);
-        let pending = self.pending.get(&key).copied();
-        (committed.is_some() || pending.is_some()).then_some(ChunkInfo {
-            key,
-            committed,
-            pending,
-        })
-    }
 }
 
 /// Records waiting for the journal writer. A record stays here until its
@@ -287,7 +64,7 @@ pub(crate) struct Core<D> {
     pub sb: Superblock,
     pub pool: BufferPool,
     pub config: EngineConfig,
-    pub state: Mutex<State>,
+    pub table: Mutex<ChunkTable>,
     pub queue: Mutex<JournalQueue>,
     /// Wakes the journal thread (thread mode only).
     pub queue_cv: Condvar,
@@ -307,7 +84,7 @@ impl<D: BlockDevice> Core<D> {
         sb: Superblock,
         pool: BufferPool,
         config: EngineConfig,
-        state: State,
+        table: ChunkTable,
         cursor: Cursor,
     ) -> Core<D> {
         Core {
@@ -316,7 +93,7 @@ impl<D: BlockDevice> Core<D> {
             sb,
             pool,
             config,
-            state: Mutex::new(state),
+            table: Mutex::new(table),
             queue: Mutex::new(JournalQueue {
                 records: Default::default(),
                 submitted: 0,
@@ -463,7 +240,7 @@ struct PinGuard<'a, D> {
 
 impl<D> Drop for PinGuard<'_, D> {
     fn drop(&mut self) {
-        self.core.state.lock().unpin(self.slot);
+        self.core.table.lock().unpin(self.slot);
     }
 }
 
@@ -647,11 +424,11 @@ impl<D: BlockDevice> Engine<D> {
         core.check_writable()?;
 
         let plan = {
-            let mut state = core.state.lock();
-            let base = state.committed.get(&key).copied();
+            let mut table = core.table.lock();
+            let base = table.committed.get(&key).copied();
             // A prepared version is durable: only its commit or abort may
             // end it, never a write that would silently replace it.
-            if let Some(p) = state.pending.get(&key)
+            if let Some(p) = table.pending.get(&key)
                 && p.prepared.is_some()
             {
                 return Err(EngineError::VersionConflict {
@@ -668,7 +445,7 @@ impl<D: BlockDevice> Engine<D> {
                     key,
                     requested: req.version,
                     committed: Some(base.meta.version),
-                    pending: state.pending.get(&key).map(|p| p.version),
+                    pending: table.pending.get(&key).map(|p| p.version),
                 });
             }
             let base_len = base.map_or(0, |b| u64::from(b.meta.len));
@@ -693,7 +470,7 @@ impl<D: BlockDevice> Engine<D> {
                 }
                 _ => {
                     let class = self.class_for(new_len);
-                    let slot = state
+                    let slot = table
                         .alloc
                         .allocate(class)
                         .ok_or_else(|| EngineError::NoSpace {
@@ -714,12 +491,12 @@ impl<D: BlockDevice> Engine<D> {
         let prepare = req.prepare;
         let result = self.write_plan(key, &plan, req.op).await;
         let (slot, in_place, len, crc) = {
-            let mut state = core.state.lock();
+            let mut table = core.table.lock();
             let (len, crc) = match result {
                 Ok(done) => done,
                 Err(error) => {
                     if let Plan::Cow { slot, .. } = plan {
-                        state.release(slot);
+                        table.release(slot);
                     }
                     return Err(error);
                 }
@@ -730,7 +507,7 @@ impl<D: BlockDevice> Engine<D> {
                 Plan::Cow { slot, .. } => (slot, false),
             };
             if let Plan::InPlace { .. } = plan
-                && let Some(committed) = state.committed.get_mut(&key)
+                && let Some(committed) = table.committed.get_mut(&key)
             {
                 committed.slot_written = committed.slot_written.max(len);
             }
@@ -747,11 +524,11 @@ impl<D: BlockDevice> Engine<D> {
             };
             // The replaced pending version (if any) goes only now, so that a
             // failed write changes nothing.
-            let replaced = state.pending.insert(key, pending);
+            let replaced = table.pending.insert(key, pending);
             if let Some(old) = replaced
                 && !old.in_place
             {
-                state.release(old.slot);
+                table.release(old.slot);
             }
             (slot, in_place, len, crc)
         };
@@ -773,15 +550,15 @@ impl<D: BlockDevice> Engine<D> {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
-                let mut state = core.state.lock();
-                if state
+                let mut table = core.table.lock();
+                if table
                     .pending
                     .get(&key)
                     .is_some_and(|p| p.version == req.version && p.slot == slot)
                 {
-                    state.pending.remove(&key);
+                    table.pending.remove(&key);
                     if !in_place {
-                        state.release(slot);
+                        table.release(slot);
                     }
                 }
                 return Err(error);
@@ -928,16 +705,16 @@ impl<D: BlockDevice> Engine<D> {
         core.check_writable()?;
         let _chunk_lock = core.lock(key).lock().await;
         let meta = {
-            let mut state = core.state.lock();
-            let committed = state.committed.get(&key).map(|c| c.meta);
-            match state.pending.get(&key) {
+            let mut table = core.table.lock();
+            let committed = table.committed.get(&key).map(|c| c.meta);
+            match table.pending.get(&key) {
                 Some(&PendingInfo {
                     version: v,
                     prepared: Some(meta),
                     ..
                 }) if v == version => {
                     // Exactly what recovery makes of the Prepare record.
-                    state.apply(&Record::Put(meta), true);
+                    table.apply(&Record::Put(meta), true);
                     return Ok(meta);
                 }
                 Some(p) if p.version == version => ChunkMeta {
@@ -972,15 +749,15 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Drops pending version `version`. Succeeds if there is no pending
     /// version. A prepared version is durable, so its abort is too: a `Put`
-    /// of the committed state (or a `Remove` when there is none) ends it.
+    /// of the committed table (or a `Remove` when there is none) ends it.
     pub async fn abort(&self, key: ChunkKey, version: ChunkVersion) -> Result<(), EngineError> {
         let core = &*self.core;
         let _chunk_lock = core.lock(key).lock().await;
         let restore = {
-            let state = core.state.lock();
-            match state.pending.get(&key) {
+            let table = core.table.lock();
+            match table.pending.get(&key) {
                 Some(p) if p.version == version && p.prepared.is_some() => {
-                    Some(state.committed.get(&key).map_or(
+                    Some(table.committed.get(&key).map_or(
                         Record::Remove {
                             chain: key.chain,
                             chunk: key.chunk,
@@ -996,20 +773,20 @@ impl<D: BlockDevice> Engine<D> {
             // Applying the durable record drops the prepared version.
             return core.journal(record).await;
         }
-        let mut state = core.state.lock();
-        match state.pending.get(&key).copied() {
+        let mut table = core.table.lock();
+        match table.pending.get(&key).copied() {
             None => Ok(()),
             Some(p) if p.version == version => {
-                state.pending.remove(&key);
+                table.pending.remove(&key);
                 if !p.in_place {
-                    state.release(p.slot);
+                    table.release(p.slot);
                 }
                 Ok(())
             }
             Some(p) => Err(EngineError::VersionConflict {
                 key,
                 requested: version,
-                committed: state.committed.get(&key).map(|c| c.meta.version),
+                committed: table.committed.get(&key).map(|c| c.meta.version),
                 pending: Some(p.version),
             }),
         }
@@ -1023,12 +800,12 @@ impl<D: BlockDevice> Engine<D> {
         let _chunk_lock = core.lock(key).lock().await;
         core.check_writable()?;
         let (pending, prepared, committed) = {
-            let state = core.state.lock();
-            let pending = state.pending.get(&key);
+            let table = core.table.lock();
+            let pending = table.pending.get(&key);
             (
                 pending.is_some(),
                 pending.is_some_and(|p| p.prepared.is_some()),
-                state.committed.contains_key(&key),
+                table.committed.contains_key(&key),
             )
         };
         if committed || prepared {
@@ -1039,12 +816,12 @@ impl<D: BlockDevice> Engine<D> {
             })
             .await?;
         } else if pending {
-            let mut state = core.state.lock();
-            let p = state
+            let mut table = core.table.lock();
+            let p = table
                 .pending
                 .remove(&key)
                 .expect("pending version checked under the chunk lock");
-            state.release(p.slot);
+            table.release(p.slot);
         }
         Ok(committed || pending)
     }
@@ -1053,9 +830,9 @@ impl<D: BlockDevice> Engine<D> {
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
         let core = &*self.core;
         let (slot, len, crc, version) = {
-            let mut state = core.state.lock();
-            let committed = state.committed.get(&key).map(|c| c.meta);
-            let pending = state.pending.get(&key).copied();
+            let mut table = core.table.lock();
+            let committed = table.committed.get(&key).map(|c| c.meta);
+            let pending = table.pending.get(&key).copied();
             let from_committed = |m: ChunkMeta| (m.slot, m.len, m.crc, m.version);
             let from_pending = |p: PendingInfo| (p.slot, p.len, p.crc, p.version);
             let found = match req.version {
@@ -1081,7 +858,7 @@ impl<D: BlockDevice> Engine<D> {
                     },
                 });
             };
-            state.pin(found.0);
+            table.pin(found.0);
             found
         };
         let _pin = PinGuard { core, slot };
@@ -1132,13 +909,13 @@ impl<D: BlockDevice> Engine<D> {
 
     /// What the engine knows of one chunk.
     pub fn stat(&self, key: ChunkKey) -> Option<ChunkInfo> {
-        self.core.state.lock().info(key)
+        self.core.table.lock().info(key)
     }
 
     /// The committed chunk of `inode` on `chain` with the highest index: where
     /// a file ends on this chain. One ordered-map lookup.
     pub fn last_chunk(&self, chain: ChainId, inode: InodeId) -> Option<ChunkInfo> {
-        let state = self.core.state.lock();
+        let table = self.core.table.lock();
         let from = ChunkKey::new(chain, ChunkId { inode, index: 0 });
         let to = ChunkKey::new(
             chain,
@@ -1147,8 +924,8 @@ impl<D: BlockDevice> Engine<D> {
                 index: u32::MAX,
             },
         );
-        let (key, _) = state.committed.range(from..=to).next_back()?;
-        state.info(*key)
+        let (key, _) = table.committed.range(from..=to).next_back()?;
+        table.info(*key)
     }
 
     /// Committed chunks of `chain` whose ids lie in `range`, in order, at most
@@ -1170,19 +947,19 @@ impl<D: BlockDevice> Engine<D> {
             }
             b => bound(b),
         };
-        let state = self.core.state.lock();
-        state
+        let table = self.core.table.lock();
+        table
             .committed
             .range((start, end))
             .take(limit)
-            .filter_map(|(key, _)| state.info(*key))
+            .filter_map(|(key, _)| table.info(*key))
             .collect()
     }
 
     /// Space used by `chain`'s committed chunks.
     pub fn chain_usage(&self, chain: ChainId) -> ChainUsage {
         self.core
-            .state
+            .table
             .lock()
             .usage
             .get(&chain)
@@ -1192,7 +969,7 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Chains with committed chunks on this engine.
     pub fn chains(&self) -> Vec<ChainId> {
-        let mut chains: Vec<ChainId> = self.core.state.lock().usage.keys().copied().collect();
+        let mut chains: Vec<ChainId> = self.core.table.lock().usage.keys().copied().collect();
         chains.sort();
         chains
     }
@@ -1210,11 +987,11 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     pub fn space(&self) -> SpaceInfo {
-        let state = self.core.state.lock();
+        let table = self.core.table.lock();
         SpaceInfo {
             data_bytes: u64::from(self.core.sb.group_count) * self.core.sb.group_bytes(),
-            allocated_bytes: state.alloc.used_bytes(),
-            committed_chunks: state.committed.len() as u64,
+            allocated_bytes: table.alloc.used_bytes(),
+            committed_chunks: table.committed.len() as u64,
         }
     }
 
@@ -1222,35 +999,6 @@ impl<D: BlockDevice> Engine<D> {
     /// belongs to exactly one committed or pending version, or to a reader
     /// holding a released slot. For tests and `flyfs admin`.
     pub fn check_consistency(&self) -> Result<(), String> {
-        let state = self.core.state.lock();
-        let mut owners: HashMap<SlotId, ChunkKey> = HashMap::new();
-        let mut claim = |slot: SlotId, key: ChunkKey| match owners.insert(slot, key) {
-            Some(other) if other != key => {
-                Err(format!("slot {slot:?} owned by {other:?} and {key:?}"))
-            }
-            _ => Ok(()),
-        };
-        for (key, c) in &state.committed {
-            claim(c.meta.slot, *key)?;
-        }
-        for (key, p) in &state.pending {
-            claim(p.slot, *key)?;
-        }
-        let mut expected: Vec<SlotId> = owners
-            .keys()
-            .copied()
-            .chain(state.deferred.iter().copied())
-            .collect();
-        expected.sort();
-        expected.dedup();
-        let used = state.alloc.used_slots();
-        if used != expected {
-            let leaked: Vec<_> = used.iter().filter(|s| !expected.contains(s)).collect();
-            let missing: Vec<_> = expected.iter().filter(|s| !used.contains(s)).collect();
-            return Err(format!(
-                "allocator disagrees with metadata: leaked {leaked:?}, unallocated {missing:?}"
-            ));
-        }
-        Ok(())
+        self.core.table.lock().check_consistency()
     }
 }

@@ -39,7 +39,7 @@
 //!    records, dequeuing them, publishing durability) happens without an
 //!    await, so a writer is dropped either before all of it or after. The
 //!    cursor and the durable view (the committed map with prepared versions,
-//!    `State::durable_view`) therefore always describe the log up to the
+//!    `ChunkTable::durable_view`) therefore always describe the log up to the
 //!    last batch whose flush returned.
 //! 3. Before starting a batch or checkpoint, the writer notes it in
 //!    [`Writer::abandoned`], and clears the note once it is done. The next
@@ -309,9 +309,9 @@ async fn write_batch<D: BlockDevice>(
         .records
         .fetch_add(records.len() as u64, Ordering::Relaxed);
     {
-        let mut state = core.state.lock();
+        let mut table = core.table.lock();
         for record in &records {
-            state.apply(record, true);
+            table.apply(record, true);
         }
     }
     let durable_through = {
@@ -383,7 +383,7 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
     let sequence = cursor.checkpoint_sequence + 1;
     let slot = 1 - cursor.checkpoint_slot;
     let buf = {
-        let view = core.state.lock().durable_view();
+        let view = core.table.lock().durable_view();
         let count = view.len();
         let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES)
             .next_multiple_of(crate::format::BLOCK as usize);

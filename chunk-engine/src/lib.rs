@@ -29,13 +29,14 @@ pub mod format;
 mod journal;
 mod recovery;
 mod request;
+mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 use std::fmt;
 
 pub use config::{EngineConfig, FormatOptions, JournalMode};
-pub use engine::{ChainUsage, ChunkInfo, Engine, PendingInfo};
+pub use engine::Engine;
 pub use error::EngineError;
 pub use flyfs_bypass::BlockDevice;
 use flyfs_proto::ids::{ChainId, ChunkId};
@@ -44,6 +45,7 @@ pub use request::{
     EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
     WriteRequest,
 };
+pub use table::{ChainUsage, ChunkInfo, PendingInfo};
 
 /// Where a chunk lives in the engine: its chain and its id. Ordered by chain,
 /// then inode, then chunk index, so a chain's chunks and a file's chunks are
