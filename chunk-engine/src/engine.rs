@@ -16,44 +16,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
 use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use parking_lot::Mutex;
 
-use crate::config::{EngineConfig, JournalMode};
+use crate::config::EngineConfig;
 use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
-use crate::journal::{self, Cursor, Writer};
+use crate::journal::{self, Cursor, Journal};
 use crate::request::{
     EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
     WriteRequest,
 };
 use crate::table::{ChainUsage, ChunkInfo, ChunkTable, PendingInfo};
 use crate::{ChunkKey, EngineError};
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub records: std::sync::atomic::AtomicU64,
-    pub batches: std::sync::atomic::AtomicU64,
-    pub checkpoints: std::sync::atomic::AtomicU64,
-}
-
-/// Records waiting for the journal writer. A record stays here until its
-/// batch is durable; only the journal writer removes records.
-pub(crate) struct JournalQueue {
-    pub records: std::collections::VecDeque<Record>,
-    pub submitted: u64,
-    /// Records removed from the queue: durable, or failed with the journal.
-    pub taken: u64,
-    pub shutdown: bool,
-}
-
-/// What the journal has made durable, published to waiting committers.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Durability {
-    /// Records (counted in submission order) that are durable.
-    pub records: u64,
-    /// Set when the journal failed; later records will never be durable.
-    pub error: Option<Arc<str>>,
-}
 
 const LOCK_STRIPES: usize = 1024;
 
@@ -65,15 +38,7 @@ pub(crate) struct Core<D> {
     pub pool: BufferPool,
     pub config: EngineConfig,
     pub table: Mutex<ChunkTable>,
-    pub queue: Mutex<JournalQueue>,
-    /// Wakes the journal thread (thread mode only).
-    pub queue_cv: Condvar,
-    pub durable: watch::Sender<Durability>,
-    /// The journal writer role: its holder alone writes batches and
-    /// checkpoints. An async mutex, so that inline committers can wait for
-    /// it on a single-threaded runtime.
-    pub writer: tokio::sync::Mutex<Writer>,
-    pub counters: Counters,
+    pub journal: Journal,
     poison: Mutex<Option<Arc<str>>>,
     locks: Box<[tokio::sync::Mutex<()>]>,
 }
@@ -94,16 +59,7 @@ impl<D: BlockDevice> Core<D> {
             pool,
             config,
             table: Mutex::new(table),
-            queue: Mutex::new(JournalQueue {
-                records: Default::default(),
-                submitted: 0,
-                taken: 0,
-                shutdown: false,
-            }),
-            queue_cv: Condvar::new(),
-            durable: watch::Sender::new(Durability::default()),
-            writer: tokio::sync::Mutex::new(Writer::new(cursor)),
-            counters: Counters::default(),
+            journal: Journal::new(cursor),
             poison: Mutex::new(None),
             locks: (0..LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -195,41 +151,6 @@ impl<D: BlockDevice> Core<D> {
             ^ u64::from(key.chunk.index).wrapping_mul(0x1656_67b1_9e37_79f9);
         &self.locks[(hash >> 32) as usize % LOCK_STRIPES]
     }
-
-    /// Queues a record for the journal and waits until it is durable; in
-    /// inline mode, writing batches itself while no one else does.
-    async fn journal(&self, record: Record) -> Result<(), EngineError> {
-        let mut durable = self.durable.subscribe();
-        let seq = {
-            let mut queue = self.queue.lock();
-            queue.records.push_back(record);
-            queue.submitted += 1;
-            queue.submitted
-        };
-        match self.config.journal {
-            JournalMode::Thread => {
-                self.queue_cv.notify_one();
-            }
-            JournalMode::Inline => journal::write_inline(self, &mut durable, seq).await,
-        }
-        let outcome = durable
-            .wait_for(|d| d.records >= seq || d.error.is_some())
-            .await;
-        match outcome {
-            Ok(d) if d.records >= seq => Ok(()),
-            Ok(d) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason: d
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| Arc::from("journal failed")),
-            }),
-            Err(_) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason: Arc::from("engine closed"),
-            }),
-        }
-    }
 }
 
 /// Unpins a slot when a read ends, however it ends.
@@ -291,8 +212,8 @@ impl<D> Drop for Inner<D> {
     // outlive the last handle (each borrows one), so no one writes any more.
     // Records of dropped committers still queued were never acknowledged.
     fn drop(&mut self) {
-        self.core.queue.lock().shutdown = true;
-        self.core.queue_cv.notify_all();
+        self.core.journal.queue.lock().shutdown = true;
+        self.core.journal.queue_cv.notify_all();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
@@ -546,7 +467,7 @@ impl<D: BlockDevice> Engine<D> {
                 request: req.request,
             };
             // Applying the durable record marks the pending version prepared.
-            if let Err(error) = core.journal(Record::Prepare(meta)).await {
+            if let Err(error) = journal::submit(core, Record::Prepare(meta)).await {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
@@ -743,7 +664,7 @@ impl<D: BlockDevice> Engine<D> {
                 },
             }
         };
-        core.journal(Record::Put(meta)).await?;
+        journal::submit(core, Record::Put(meta)).await?;
         Ok(meta)
     }
 
@@ -771,7 +692,7 @@ impl<D: BlockDevice> Engine<D> {
         if let Some(record) = restore {
             core.check_writable()?;
             // Applying the durable record drops the prepared version.
-            return core.journal(record).await;
+            return journal::submit(core, record).await;
         }
         let mut table = core.table.lock();
         match table.pending.get(&key).copied() {
@@ -810,10 +731,13 @@ impl<D: BlockDevice> Engine<D> {
         };
         if committed || prepared {
             // Applying the durable record drops the pending version too.
-            core.journal(Record::Remove {
-                chain: key.chain,
-                chunk: key.chunk,
-            })
+            journal::submit(
+                core,
+                Record::Remove {
+                    chain: key.chain,
+                    chunk: key.chunk,
+                },
+            )
             .await?;
         } else if pending {
             let mut table = core.table.lock();
@@ -975,15 +899,7 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     pub fn stats(&self) -> EngineStats {
-        let load = |counter: &std::sync::atomic::AtomicU64| {
-            counter.load(std::sync::atomic::Ordering::Relaxed)
-        };
-        let counters = &self.core.counters;
-        EngineStats {
-            records: load(&counters.records),
-            batches: load(&counters.batches),
-            checkpoints: load(&counters.checkpoints),
-        }
+        self.core.journal.counters.snapshot()
     }
 
     pub fn space(&self) -> SpaceInfo {

@@ -1,6 +1,6 @@
-//! The journal writer: group commit of metadata records, and checkpoints.
+//! The journal: group commit of metadata records, and checkpoints.
 //!
-//! Committers queue records and wait; the writer takes everything queued (up
+//! Committers queue records and wait ([`submit`]); the writer takes everything queued (up
 //! to `batch_bytes_max`), writes it as one checksummed batch, issues one
 //! flush, applies the records to the engine's state and publishes how many
 //! records are durable. While one batch is on its way to the device the next
@@ -9,7 +9,7 @@
 //! Batches are strictly serial: batch N+1 is written only after batch N's
 //! flush returned. Recovery relies on this: only the last batch in the log can
 //! be one whose flush never completed, so only its data needs checking. The
-//! holder of `Core::writer` (an async mutex around the [`Writer`] state) is
+//! holder of `Journal::writer` (an async mutex around the [`Writer`] state) is
 //! the only one that writes batches or checkpoints, which is what keeps them
 //! serial.
 //!
@@ -58,18 +58,92 @@
 //! Dropping the role wakes the waiting committers (see `WriterRole`), so the
 //! records of a dropped writer are never stranded while a committer waits.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flyfs_bypass::{BlockDevice, block_on};
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::{MutexGuard, watch};
 
 use crate::EngineError;
-use crate::engine::{Core, Durability};
+use crate::config::JournalMode;
+use crate::engine::Core;
 use crate::format::{
     BATCH_HEADER_BYTES, CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes,
     encode_batch,
 };
+use crate::request::EngineStats;
+
+/// The journal's part of an open engine: the queue committers add records
+/// to, the writer role, and what the writer has made durable.
+pub(crate) struct Journal {
+    pub queue: Mutex<JournalQueue>,
+    /// Wakes the journal thread (thread mode only).
+    pub queue_cv: Condvar,
+    pub durable: watch::Sender<Durability>,
+    /// The journal writer role: its holder alone writes batches and
+    /// checkpoints. An async mutex, so that inline committers can wait for
+    /// it on a single-threaded runtime.
+    pub writer: tokio::sync::Mutex<Writer>,
+    pub counters: Counters,
+}
+
+impl Journal {
+    /// An empty queue in front of a log that stands at `cursor`.
+    pub fn new(cursor: Cursor) -> Journal {
+        Journal {
+            queue: Mutex::new(JournalQueue {
+                records: VecDeque::new(),
+                submitted: 0,
+                taken: 0,
+                shutdown: false,
+            }),
+            queue_cv: Condvar::new(),
+            durable: watch::Sender::new(Durability::default()),
+            writer: tokio::sync::Mutex::new(Writer::new(cursor)),
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// Records waiting for the journal writer. A record stays here until its
+/// batch is durable; only the journal writer removes records.
+pub(crate) struct JournalQueue {
+    pub records: VecDeque<Record>,
+    pub submitted: u64,
+    /// Records removed from the queue: durable, or failed with the journal.
+    pub taken: u64,
+    pub shutdown: bool,
+}
+
+/// What the journal has made durable, published to waiting committers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Durability {
+    /// Records (counted in submission order) that are durable.
+    pub records: u64,
+    /// Set when the journal failed; later records will never be durable.
+    pub error: Option<Arc<str>>,
+}
+
+/// The journal's work since the engine opened; [`EngineStats`] is a copy.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub records: AtomicU64,
+    pub batches: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> EngineStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        EngineStats {
+            records: load(&self.records),
+            batches: load(&self.batches),
+            checkpoints: load(&self.checkpoints),
+        }
+    }
+}
 
 /// Where the log stands. Owned by the journal writer.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +157,7 @@ pub(crate) struct Cursor {
     pub checkpoint_slot: u64,
 }
 
-/// The journal writer's state; whoever holds it (behind `Core::writer`) is
+/// The journal writer's state; whoever holds it (behind `Journal::writer`) is
 /// the one writer of batches and checkpoints.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -122,19 +196,57 @@ pub(crate) fn place(head: u64, bytes: u64, journal_bytes: u64) -> u64 {
     }
 }
 
+/// Queues a record for the journal and waits until it is durable; in
+/// inline mode, writing batches itself while no one else does.
+pub(crate) async fn submit<D: BlockDevice>(
+    core: &Core<D>,
+    record: Record,
+) -> Result<(), EngineError> {
+    let mut durable = core.journal.durable.subscribe();
+    let seq = {
+        let mut queue = core.journal.queue.lock();
+        queue.records.push_back(record);
+        queue.submitted += 1;
+        queue.submitted
+    };
+    match core.config.journal {
+        JournalMode::Thread => {
+            core.journal.queue_cv.notify_one();
+        }
+        JournalMode::Inline => write_inline(core, &mut durable, seq).await,
+    }
+    let outcome = durable
+        .wait_for(|d| d.records >= seq || d.error.is_some())
+        .await;
+    match outcome {
+        Ok(d) if d.records >= seq => Ok(()),
+        Ok(d) => Err(EngineError::Poisoned {
+            device: core.device.clone(),
+            reason: d
+                .error
+                .clone()
+                .unwrap_or_else(|| Arc::from("journal failed")),
+        }),
+        Err(_) => Err(EngineError::Poisoned {
+            device: core.device.clone(),
+            reason: Arc::from("engine closed"),
+        }),
+    }
+}
+
 /// The journal thread (thread mode): holds the writer role for the engine's
 /// life and writes whatever is queued until the engine shuts down.
 pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>) {
     // Uncontended: inline writers exist only in inline mode.
-    let mut writer = block_on(core.writer.lock());
+    let mut writer = block_on(core.journal.writer.lock());
     loop {
         {
-            let mut queue = core.queue.lock();
+            let mut queue = core.journal.queue.lock();
             while queue.records.is_empty() {
                 if queue.shutdown {
                     return;
                 }
-                core.queue_cv.wait(&mut queue);
+                core.journal.queue_cv.wait(&mut queue);
             }
         }
         block_on(write_next(&core, &mut writer));
@@ -160,7 +272,7 @@ pub(crate) async fn write_inline<D: BlockDevice>(
                 return;
             }
         }
-        match core.writer.try_lock() {
+        match core.journal.writer.try_lock() {
             Ok(guard) => {
                 let mut role = WriterRole {
                     core,
@@ -202,7 +314,7 @@ impl<D> Drop for WriterRole<'_, D> {
     fn drop(&mut self) {
         // Unlock before notifying: a woken committer must find the role free.
         drop(self.guard.take());
-        self.core.durable.send_modify(|_| {});
+        self.core.journal.durable.send_modify(|_| {});
     }
 }
 
@@ -243,11 +355,11 @@ fn fail<D: BlockDevice>(core: &Core<D>, writer: &mut Writer, reason: Arc<str>) {
     core.poison(&reason);
     writer.abandoned = None;
     {
-        let mut queue = core.queue.lock();
+        let mut queue = core.journal.queue.lock();
         queue.taken += queue.records.len() as u64;
         queue.records.clear();
     }
-    core.durable.send_modify(|d| d.error = Some(reason));
+    core.journal.durable.send_modify(|d| d.error = Some(reason));
 }
 
 /// Writes the next batch from the front of the queue, flushes it, applies it
@@ -263,7 +375,7 @@ async fn write_batch<D: BlockDevice>(
         - BATCH_HEADER_BYTES;
     // Read, not taken: the records stay queued until they are durable.
     let records: Vec<Record> = {
-        let queue = core.queue.lock();
+        let queue = core.journal.queue.lock();
         let count = match writer.abandoned {
             Some(Abandoned::Batch { records }) => {
                 assert!(
@@ -304,8 +416,12 @@ async fn write_batch<D: BlockDevice>(
     // writer never leaves the batch durable but unapplied or still queued.
     writer.cursor.head = end;
     writer.abandoned = None;
-    core.counters.batches.fetch_add(1, Ordering::Relaxed);
-    core.counters
+    core.journal
+        .counters
+        .batches
+        .fetch_add(1, Ordering::Relaxed);
+    core.journal
+        .counters
         .records
         .fetch_add(records.len() as u64, Ordering::Relaxed);
     {
@@ -315,7 +431,7 @@ async fn write_batch<D: BlockDevice>(
         }
     }
     let durable_through = {
-        let mut queue = core.queue.lock();
+        let mut queue = core.journal.queue.lock();
         for record in &records {
             let queued = queue.records.pop_front();
             debug_assert_eq!(queued.as_ref(), Some(record), "only the writer dequeues");
@@ -323,7 +439,9 @@ async fn write_batch<D: BlockDevice>(
         queue.taken += records.len() as u64;
         queue.taken
     };
-    core.durable.send_modify(|d| d.records = durable_through);
+    core.journal
+        .durable
+        .send_modify(|d| d.records = durable_through);
     Ok(true)
 }
 
@@ -411,7 +529,10 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
     core.write_at(offset, buf, || "checkpoint".into()).await?;
     core.flush("checkpoint").await?;
     tracing::debug!(device = %core.device, sequence, lsn = cursor.head, "checkpoint written");
-    core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+    core.journal
+        .counters
+        .checkpoints
+        .fetch_add(1, Ordering::Relaxed);
     cursor.tail = cursor.head;
     cursor.checkpoint_sequence = sequence;
     cursor.checkpoint_slot = slot;

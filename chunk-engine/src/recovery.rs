@@ -324,7 +324,7 @@ impl<D: BlockDevice> Engine<D> {
             // Awaited rather than blocked on, so that opening works on a
             // single-threaded runtime whose device needs the runtime to
             // progress (a simulated device with simulated latency).
-            let mut writer = core.writer.lock().await;
+            let mut writer = core.journal.writer.lock().await;
             journal::checkpoint(&core, &mut writer.cursor).await?;
         }
         let thread = match core.config.journal {
