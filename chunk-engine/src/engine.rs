@@ -19,6 +19,7 @@ use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
 use parking_lot::Mutex;
 
 use crate::config::EngineConfig;
+use crate::device_io::{DeviceIo, padded_in_place, round_up};
 use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
 use crate::journal::{self, Cursor, Journal};
 use crate::request::{
@@ -28,22 +29,17 @@ use crate::request::{
 use crate::table::{ChainUsage, ChunkInfo, ChunkTable, PendingInfo};
 use crate::{ChunkKey, EngineError};
 
-const LOCK_STRIPES: usize = 1024;
-
-/// Shared by the engine handles, the journal thread and read guards.
-pub(crate) struct Core<D> {
-    pub dev: D,
-    pub device: Arc<str>,
-    pub sb: Superblock,
-    pub pool: BufferPool,
+/// One open engine: what its handles ([`Engine`]), its journal thread and
+/// its readers' pins share.
+pub(crate) struct OpenEngine<D> {
+    pub device: DeviceIo<D>,
     pub config: EngineConfig,
     pub table: Mutex<ChunkTable>,
     pub journal: Journal,
-    poison: Mutex<Option<Arc<str>>>,
-    locks: Box<[tokio::sync::Mutex<()>]>,
+    chunk_locks: ChunkLocks,
 }
 
-impl<D: BlockDevice> Core<D> {
+impl<D: BlockDevice> OpenEngine<D> {
     pub fn new(
         dev: D,
         sb: Superblock,
@@ -51,117 +47,52 @@ impl<D: BlockDevice> Core<D> {
         config: EngineConfig,
         table: ChunkTable,
         cursor: Cursor,
-    ) -> Core<D> {
-        Core {
-            device: Arc::from(dev.name()),
-            dev,
-            sb,
-            pool,
+    ) -> OpenEngine<D> {
+        OpenEngine {
+            device: DeviceIo::new(dev, sb, pool),
             config,
             table: Mutex::new(table),
             journal: Journal::new(cursor),
-            poison: Mutex::new(None),
-            locks: (0..LOCK_STRIPES)
+            chunk_locks: ChunkLocks::new(),
+        }
+    }
+}
+
+const LOCK_STRIPES: usize = 1024;
+
+/// Serialise operations on one chunk, held across the operation's I/O. A
+/// fixed table of stripes, so that no lock is created or removed per chunk.
+struct ChunkLocks {
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl ChunkLocks {
+    fn new() -> ChunkLocks {
+        ChunkLocks {
+            stripes: (0..LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         }
     }
 
-    pub fn slot_offset(&self, slot: SlotId) -> u64 {
-        self.sb.slot_offset(slot)
-    }
-
-    pub fn poison(&self, reason: &str) {
-        let mut poison = self.poison.lock();
-        if poison.is_none() {
-            tracing::error!(device = %self.device, %reason, "chunk engine poisoned: refusing writes");
-            *poison = Some(Arc::from(reason));
-        }
-    }
-
-    pub fn poisoned(&self) -> Option<Arc<str>> {
-        self.poison.lock().clone()
-    }
-
-    fn check_writable(&self) -> Result<(), EngineError> {
-        match self.poisoned() {
-            Some(reason) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    pub fn device_error(
-        &self,
-        context: impl Into<String>,
-        source: flyfs_bypass::DeviceError,
-    ) -> EngineError {
-        EngineError::Device {
-            device: self.device.clone(),
-            context: context.into(),
-            source,
-        }
-    }
-
-    /// Reads `len` bytes (block multiples) at device `offset` into a pool
-    /// buffer. `what` names the data for an error, and runs only on error.
-    pub async fn read_at(
-        &self,
-        offset: u64,
-        len: usize,
-        what: impl Fn() -> String,
-    ) -> Result<DmaBuf, EngineError> {
-        let buf = self.pool.alloc(len);
-        self.dev
-            .read(offset, buf)
-            .await
-            .into_result()
-            .map_err(|e| self.device_error(format!("reading {}", what()), e))
-    }
-
-    /// A failed write or flush may have lost acknowledged-looking data: poison.
-    pub async fn write_at(
-        &self,
-        offset: u64,
-        buf: DmaBuf,
-        what: impl Fn() -> String,
-    ) -> Result<(), EngineError> {
-        let result = self.dev.write(offset, buf).await.result;
-        result.map_err(|e| {
-            let error = self.device_error(format!("writing {}", what()), e);
-            self.poison(&error.to_string());
-            error
-        })
-    }
-
-    pub async fn flush(&self, what: &str) -> Result<(), EngineError> {
-        self.dev.flush().await.map_err(|e| {
-            let error = self.device_error(format!("flushing {what}"), e);
-            self.poison(&error.to_string());
-            error
-        })
-    }
-
-    fn lock(&self, key: ChunkKey) -> &tokio::sync::Mutex<()> {
+    fn for_key(&self, key: ChunkKey) -> &tokio::sync::Mutex<()> {
         // A cheap mix of the key's fields; stripes only need to spread chunks.
         let hash = (u64::from(key.chain.0).wrapping_mul(0x9e37_79b9_7f4a_7c15))
             ^ key.chunk.inode.0.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
             ^ u64::from(key.chunk.index).wrapping_mul(0x1656_67b1_9e37_79f9);
-        &self.locks[(hash >> 32) as usize % LOCK_STRIPES]
+        &self.stripes[(hash >> 32) as usize % LOCK_STRIPES]
     }
 }
 
 /// Unpins a slot when a read ends, however it ends.
 struct PinGuard<'a, D> {
-    core: &'a Core<D>,
+    engine: &'a OpenEngine<D>,
     slot: SlotId,
 }
 
 impl<D> Drop for PinGuard<'_, D> {
     fn drop(&mut self) {
-        self.core.table.lock().unpin(self.slot);
+        self.engine.table.lock().unpin(self.slot);
     }
 }
 
@@ -181,15 +112,15 @@ enum Plan {
 /// A chunk engine on device `D`. Clones share the engine; the journal thread
 /// (if any) stops when the last clone is dropped.
 pub struct Engine<D: BlockDevice> {
-    pub(crate) core: Arc<Core<D>>,
-    _inner: Arc<Inner<D>>,
+    engine: Arc<OpenEngine<D>>,
+    _journal_thread: Arc<JournalThread<D>>,
 }
 
 impl<D: BlockDevice> Clone for Engine<D> {
     fn clone(&self) -> Self {
         Engine {
-            core: self.core.clone(),
-            _inner: self._inner.clone(),
+            engine: self.engine.clone(),
+            _journal_thread: self._journal_thread.clone(),
         }
     }
 }
@@ -197,23 +128,27 @@ impl<D: BlockDevice> Clone for Engine<D> {
 impl<D: BlockDevice> std::fmt::Debug for Engine<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("device", &self.core.device)
+            .field("device", &self.engine.device.name)
             .finish_non_exhaustive()
     }
 }
 
-pub(crate) struct Inner<D> {
-    core: Arc<Core<D>>,
+/// The journal thread (thread mode; `None` in inline mode), stopped and
+/// joined when the last [`Engine`] handle is dropped. The thread itself holds
+/// the open engine too, so the engine's own reference count cannot say when
+/// the last handle is gone.
+struct JournalThread<D> {
+    engine: Arc<OpenEngine<D>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<D> Drop for Inner<D> {
+impl<D> Drop for JournalThread<D> {
     // In inline mode there is no thread to stop: no committer future can
     // outlive the last handle (each borrows one), so no one writes any more.
     // Records of dropped committers still queued were never acknowledged.
     fn drop(&mut self) {
-        self.core.journal.queue.lock().shutdown = true;
-        self.core.journal.queue_cv.notify_all();
+        self.engine.journal.queue.lock().shutdown = true;
+        self.engine.journal.queue_cv.notify_all();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
@@ -226,67 +161,43 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn round_up(len: u64) -> u64 {
-    len.next_multiple_of(BLOCK)
-}
-
-/// Returns `data` ready to write from its window start, padded with zeros to
-/// a block multiple, if its memory allows that without copying.
-fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
-    let start = data.window_start();
-    let len = data.len();
-    let padded = round_up(len as u64) as usize;
-    if !start.is_multiple_of(BLOCK as usize) || data.capacity() - start < padded {
-        return Err(data);
-    }
-    if padded == len {
-        // Nothing to pad; `data` may be a read-only view of a received payload.
-        return Ok(data);
-    }
-    if data.is_read_only() {
-        return Err(data);
-    }
-    data.full_mut()[start + len..start + padded].fill(0);
-    data.set_window(start, padded);
-    Ok(data)
-}
-
 impl<D: BlockDevice> Engine<D> {
-    pub(crate) fn from_core(core: Arc<Core<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
-        let inner = Arc::new(Inner {
-            core: core.clone(),
+    /// The first handle of an engine that recovery has opened.
+    pub(crate) fn new(engine: Arc<OpenEngine<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
+        let journal_thread = Arc::new(JournalThread {
+            engine: engine.clone(),
             thread: Mutex::new(thread),
         });
         Engine {
-            core,
-            _inner: inner,
+            engine,
+            _journal_thread: journal_thread,
         }
     }
 
     pub fn superblock(&self) -> &Superblock {
-        &self.core.sb
+        &self.engine.device.sb
     }
 
     pub fn pool(&self) -> &BufferPool {
-        &self.core.pool
+        &self.engine.device.pool
     }
 
     pub fn device(&self) -> &D {
-        &self.core.dev
+        &self.engine.device.dev
     }
 
     /// Largest chunk length.
     pub fn chunk_size_max(&self) -> u32 {
-        self.core.sb.group_bytes() as u32
+        self.engine.device.sb.group_bytes() as u32
     }
 
     /// Why the engine refuses writes, if it does.
     pub fn poisoned(&self) -> Option<Arc<str>> {
-        self.core.poisoned()
+        self.engine.device.poisoned()
     }
 
     fn class_for(&self, len: u64) -> u8 {
-        let sb = &self.core.sb;
+        let sb = &self.engine.device.sb;
         (len.max(1).next_power_of_two().trailing_zeros() as u8).max(sb.class_log2_min)
     }
 
@@ -299,9 +210,9 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Creates pending version `req.version` of a chunk. See [`WriteOp`].
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, EngineError> {
-        let core = &*self.core;
+        let engine = &*self.engine;
         let key = req.key;
-        let max = core.sb.group_bytes();
+        let max = engine.device.sb.group_bytes();
         // Validate the payload before taking any lock.
         let (offset, data_len, new_end) = match &req.op {
             WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
@@ -339,13 +250,13 @@ impl<D: BlockDevice> Engine<D> {
                 "version 0 is reserved for a chunk that does not exist",
             ));
         }
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         // Checked again: the engine may have been poisoned while we waited.
-        core.check_writable()?;
+        engine.device.check_writable()?;
 
         let plan = {
-            let mut table = core.table.lock();
+            let mut table = engine.table.lock();
             let base = table.committed.get(&key).copied();
             // A prepared version is durable: only its commit or abort may
             // end it, never a write that would silently replace it.
@@ -395,7 +306,7 @@ impl<D: BlockDevice> Engine<D> {
                         .alloc
                         .allocate(class)
                         .ok_or_else(|| EngineError::NoSpace {
-                            device: core.device.clone(),
+                            device: engine.device.name.clone(),
                             slot_bytes: 1 << class,
                         })?;
                     // A replace keeps nothing of the old contents.
@@ -412,7 +323,7 @@ impl<D: BlockDevice> Engine<D> {
         let prepare = req.prepare;
         let result = self.write_plan(key, &plan, req.op).await;
         let (slot, in_place, len, crc) = {
-            let mut table = core.table.lock();
+            let mut table = engine.table.lock();
             let (len, crc) = match result {
                 Ok(done) => done,
                 Err(error) => {
@@ -467,11 +378,11 @@ impl<D: BlockDevice> Engine<D> {
                 request: req.request,
             };
             // Applying the durable record marks the pending version prepared.
-            if let Err(error) = journal::submit(core, Record::Prepare(meta)).await {
+            if let Err(error) = journal::submit(engine, Record::Prepare(meta)).await {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
-                let mut table = core.table.lock();
+                let mut table = engine.table.lock();
                 if table
                     .pending
                     .get(&key)
@@ -500,7 +411,7 @@ impl<D: BlockDevice> Engine<D> {
         plan: &Plan,
         op: WriteOp,
     ) -> Result<(u32, u32), EngineError> {
-        let core = &*self.core;
+        let engine = &*self.engine;
         let what = || format!("{key:?}");
         // The new bytes, as (offset, data, crc of data); a truncate that
         // extends is an update with zeros.
@@ -510,9 +421,10 @@ impl<D: BlockDevice> Engine<D> {
             WriteOp::Truncate { len } => {
                 let base_len = match plan {
                     Plan::Shrink { base } => {
-                        let buf = core
+                        let buf = engine
+                            .device
                             .read_at(
-                                core.slot_offset(base.slot),
+                                engine.device.slot_offset(base.slot),
                                 round_up(u64::from(len)) as usize,
                                 what,
                             )
@@ -537,7 +449,13 @@ impl<D: BlockDevice> Engine<D> {
                 let data = if aligned == base.len && offset == base.len {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
+                            engine
+                                .device
+                                .write_at(
+                                    engine.device.slot_offset(slot) + u64::from(aligned),
+                                    buf,
+                                    what,
+                                )
                                 .await?;
                             let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
                             return Ok((new_len, crc));
@@ -548,14 +466,15 @@ impl<D: BlockDevice> Engine<D> {
                     data
                 };
                 let io_len = round_up(u64::from(new_len - aligned)) as usize;
-                let mut buf = core.pool.alloc(io_len);
+                let mut buf = engine.device.pool.alloc(io_len);
                 if aligned < base.len {
                     // The block holding the committed tail is rewritten with
                     // the same committed bytes: sector writes are atomic, so
                     // a torn write leaves them intact either way.
-                    let head = core
+                    let head = engine
+                        .device
                         .read_at(
-                            core.slot_offset(slot) + u64::from(aligned),
+                            engine.device.slot_offset(slot) + u64::from(aligned),
                             BLOCK as usize,
                             what,
                         )
@@ -569,7 +488,13 @@ impl<D: BlockDevice> Engine<D> {
                 buf[data_start + data.len()..].fill(0);
                 let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
                 let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
-                core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
+                engine
+                    .device
+                    .write_at(
+                        engine.device.slot_offset(slot) + u64::from(aligned),
+                        buf,
+                        what,
+                    )
                     .await?;
                 Ok((new_len, crc))
             }
@@ -580,7 +505,10 @@ impl<D: BlockDevice> Engine<D> {
                 let data = if covers_base {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            core.write_at(core.slot_offset(slot), buf, what).await?;
+                            engine
+                                .device
+                                .write_at(engine.device.slot_offset(slot), buf, what)
+                                .await?;
                             return Ok((new_len, data_crc));
                         }
                         Err(data) => data,
@@ -589,7 +517,7 @@ impl<D: BlockDevice> Engine<D> {
                     data
                 };
                 let io_len = round_up(u64::from(new_len)) as usize;
-                let mut buf = core.pool.alloc(io_len);
+                let mut buf = engine.device.pool.alloc(io_len);
                 let mut filled = 0usize;
                 if let Some(base) = base
                     && !covers_base
@@ -597,10 +525,16 @@ impl<D: BlockDevice> Engine<D> {
                 {
                     let base_io = round_up(u64::from(base.len)) as usize;
                     buf.set_len(base_io);
-                    let done = core.dev.read(core.slot_offset(base.slot), buf).await;
+                    let done = engine
+                        .device
+                        .dev
+                        .read(engine.device.slot_offset(base.slot), buf)
+                        .await;
                     buf = done.buf;
                     done.result.map_err(|e| {
-                        core.device_error(format!("reading {} for copy-on-write", what()), e)
+                        engine
+                            .device
+                            .device_error(format!("reading {} for copy-on-write", what()), e)
                     })?;
                     buf.set_len(io_len);
                     filled = base.len as usize;
@@ -608,7 +542,10 @@ impl<D: BlockDevice> Engine<D> {
                 buf[filled..].fill(0);
                 buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
                 let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                core.write_at(core.slot_offset(slot), buf, what).await?;
+                engine
+                    .device
+                    .write_at(engine.device.slot_offset(slot), buf, what)
+                    .await?;
                 Ok((new_len, crc))
             }
         }
@@ -622,11 +559,11 @@ impl<D: BlockDevice> Engine<D> {
         key: ChunkKey,
         version: ChunkVersion,
     ) -> Result<ChunkMeta, EngineError> {
-        let core = &*self.core;
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
+        let engine = &*self.engine;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         let meta = {
-            let mut table = core.table.lock();
+            let mut table = engine.table.lock();
             let committed = table.committed.get(&key).map(|c| c.meta);
             match table.pending.get(&key) {
                 Some(&PendingInfo {
@@ -664,7 +601,7 @@ impl<D: BlockDevice> Engine<D> {
                 },
             }
         };
-        journal::submit(core, Record::Put(meta)).await?;
+        journal::submit(engine, Record::Put(meta)).await?;
         Ok(meta)
     }
 
@@ -672,10 +609,10 @@ impl<D: BlockDevice> Engine<D> {
     /// version. A prepared version is durable, so its abort is too: a `Put`
     /// of the committed table (or a `Remove` when there is none) ends it.
     pub async fn abort(&self, key: ChunkKey, version: ChunkVersion) -> Result<(), EngineError> {
-        let core = &*self.core;
-        let _chunk_lock = core.lock(key).lock().await;
+        let engine = &*self.engine;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         let restore = {
-            let table = core.table.lock();
+            let table = engine.table.lock();
             match table.pending.get(&key) {
                 Some(p) if p.version == version && p.prepared.is_some() => {
                     Some(table.committed.get(&key).map_or(
@@ -690,11 +627,11 @@ impl<D: BlockDevice> Engine<D> {
             }
         };
         if let Some(record) = restore {
-            core.check_writable()?;
+            engine.device.check_writable()?;
             // Applying the durable record drops the prepared version.
-            return journal::submit(core, record).await;
+            return journal::submit(engine, record).await;
         }
-        let mut table = core.table.lock();
+        let mut table = engine.table.lock();
         match table.pending.get(&key).copied() {
             None => Ok(()),
             Some(p) if p.version == version => {
@@ -716,12 +653,12 @@ impl<D: BlockDevice> Engine<D> {
     /// Removes a chunk, durably, with any pending version. Returns whether
     /// it existed. A failed remove changes nothing.
     pub async fn remove(&self, key: ChunkKey) -> Result<bool, EngineError> {
-        let core = &*self.core;
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
-        core.check_writable()?;
+        let engine = &*self.engine;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
+        engine.device.check_writable()?;
         let (pending, prepared, committed) = {
-            let table = core.table.lock();
+            let table = engine.table.lock();
             let pending = table.pending.get(&key);
             (
                 pending.is_some(),
@@ -732,7 +669,7 @@ impl<D: BlockDevice> Engine<D> {
         if committed || prepared {
             // Applying the durable record drops the pending version too.
             journal::submit(
-                core,
+                engine,
                 Record::Remove {
                     chain: key.chain,
                     chunk: key.chunk,
@@ -740,7 +677,7 @@ impl<D: BlockDevice> Engine<D> {
             )
             .await?;
         } else if pending {
-            let mut table = core.table.lock();
+            let mut table = engine.table.lock();
             let p = table
                 .pending
                 .remove(&key)
@@ -752,9 +689,9 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
-        let core = &*self.core;
+        let engine = &*self.engine;
         let (slot, len, crc, version) = {
-            let mut table = core.table.lock();
+            let mut table = engine.table.lock();
             let committed = table.committed.get(&key).map(|c| c.meta);
             let pending = table.pending.get(&key).copied();
             let from_committed = |m: ChunkMeta| (m.slot, m.len, m.crc, m.version);
@@ -785,7 +722,7 @@ impl<D: BlockDevice> Engine<D> {
             table.pin(found.0);
             found
         };
-        let _pin = PinGuard { core, slot };
+        let _pin = PinGuard { engine, slot };
         let start = req.offset.min(len);
         let end = start.saturating_add(req.len).min(len);
         let (io_start, io_end) = if req.verify {
@@ -795,15 +732,16 @@ impl<D: BlockDevice> Engine<D> {
         };
         if io_end == io_start {
             return Ok(ReadOutcome {
-                data: core.pool.alloc(0),
+                data: engine.device.pool.alloc(0),
                 version,
                 chunk_len: len,
                 chunk_crc: crc,
             });
         }
-        let mut data = core
+        let mut data = engine
+            .device
             .read_at(
-                core.slot_offset(slot) + io_start,
+                engine.device.slot_offset(slot) + io_start,
                 (io_end - io_start) as usize,
                 || format!("{key:?}"),
             )
@@ -833,13 +771,13 @@ impl<D: BlockDevice> Engine<D> {
 
     /// What the engine knows of one chunk.
     pub fn stat(&self, key: ChunkKey) -> Option<ChunkInfo> {
-        self.core.table.lock().info(key)
+        self.engine.table.lock().info(key)
     }
 
     /// The committed chunk of `inode` on `chain` with the highest index: where
     /// a file ends on this chain. One ordered-map lookup.
     pub fn last_chunk(&self, chain: ChainId, inode: InodeId) -> Option<ChunkInfo> {
-        let table = self.core.table.lock();
+        let table = self.engine.table.lock();
         let from = ChunkKey::new(chain, ChunkId { inode, index: 0 });
         let to = ChunkKey::new(
             chain,
@@ -871,7 +809,7 @@ impl<D: BlockDevice> Engine<D> {
             }
             b => bound(b),
         };
-        let table = self.core.table.lock();
+        let table = self.engine.table.lock();
         table
             .committed
             .range((start, end))
@@ -882,7 +820,7 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Space used by `chain`'s committed chunks.
     pub fn chain_usage(&self, chain: ChainId) -> ChainUsage {
-        self.core
+        self.engine
             .table
             .lock()
             .usage
@@ -893,19 +831,20 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Chains with committed chunks on this engine.
     pub fn chains(&self) -> Vec<ChainId> {
-        let mut chains: Vec<ChainId> = self.core.table.lock().usage.keys().copied().collect();
+        let mut chains: Vec<ChainId> = self.engine.table.lock().usage.keys().copied().collect();
         chains.sort();
         chains
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.core.journal.counters.snapshot()
+        self.engine.journal.counters.snapshot()
     }
 
     pub fn space(&self) -> SpaceInfo {
-        let table = self.core.table.lock();
+        let table = self.engine.table.lock();
         SpaceInfo {
-            data_bytes: u64::from(self.core.sb.group_count) * self.core.sb.group_bytes(),
+            data_bytes: u64::from(self.engine.device.sb.group_count)
+                * self.engine.device.sb.group_bytes(),
             allocated_bytes: table.alloc.used_bytes(),
             committed_chunks: table.committed.len() as u64,
         }
@@ -915,6 +854,6 @@ impl<D: BlockDevice> Engine<D> {
     /// belongs to exactly one committed or pending version, or to a reader
     /// holding a released slot. For tests and `flyfs admin`.
     pub fn check_consistency(&self) -> Result<(), String> {
-        self.core.table.lock().check_consistency()
+        self.engine.table.lock().check_consistency()
     }
 }

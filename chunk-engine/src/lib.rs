@@ -23,6 +23,7 @@
 
 pub mod alloc;
 mod config;
+mod device_io;
 mod engine;
 mod error;
 pub mod format;

@@ -10,7 +10,7 @@ use flyfs_bypass::{BlockDevice, BufferPool};
 
 use crate::alloc::Allocator;
 use crate::config::{EngineConfig, FormatOptions, JournalMode};
-use crate::engine::Core;
+use crate::engine::OpenEngine;
 use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
     SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
@@ -319,20 +319,20 @@ impl<D: BlockDevice> Engine<D> {
             checkpoint_sequence: loaded.sequence_max,
             checkpoint_slot: loaded.slot,
         };
-        let core = Arc::new(Core::new(dev, sb, pool, config, table, cursor));
+        let engine = Arc::new(OpenEngine::new(dev, sb, pool, config, table, cursor));
         {
             // Awaited rather than blocked on, so that opening works on a
             // single-threaded runtime whose device needs the runtime to
             // progress (a simulated device with simulated latency).
-            let mut writer = core.journal.writer.lock().await;
-            journal::checkpoint(&core, &mut writer.cursor).await?;
+            let mut writer = engine.journal.writer.lock().await;
+            journal::checkpoint(&engine, &mut writer.cursor).await?;
         }
-        let thread = match core.config.journal {
+        let thread = match engine.config.journal {
             JournalMode::Thread => {
-                let thread_core = core.clone();
+                let thread_engine = engine.clone();
                 let thread = std::thread::Builder::new()
                     .name("flyfs-journal".into())
-                    .spawn(move || journal::run(thread_core))
+                    .spawn(move || journal::run(thread_engine))
                     .map_err(|e| {
                         EngineError::Config(format!("cannot start the journal thread: {e}"))
                     })?;
@@ -340,7 +340,7 @@ impl<D: BlockDevice> Engine<D> {
             }
             JournalMode::Inline => None,
         };
-        Ok(Engine::from_core(core, thread))
+        Ok(Engine::new(engine, thread))
     }
 }
 
