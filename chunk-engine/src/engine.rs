@@ -1,32 +1,34 @@
-//! The engine's in-memory state and its operations: write (copy-on-write or
-//! in-place append), commit, abort, remove, read, and the metadata queries.
+//! The engine handle ([`Engine`]) and its operations: write (copy-on-write or
+//! in-place append, optionally prepared), commit, abort, remove, read, and the
+//! metadata queries. Each operation decides under the chunk table's mutex
+//! what to do (table.rs), does the device I/O without it (device_io.rs), and
+//! where it must be durable, queues a journal record and waits (journal.rs).
 //!
-//! Locking: a striped table of async mutexes serialises operations on one
-//! chunk (held across the operation's I/O); the `State` mutex guards the maps
-//! and the allocator and is never held across an await. Commits and removes
-//! queue a journal record and wait until it is durable; the journal writer
-//! (journal.rs: the journal thread, or in inline mode a committer holding the
-//! writer role) alone applies durable records to the committed map, so the
-//! map always equals the state at the journal head.
+//! Locking: a striped table of async mutexes (`ChunkLocks`) serialises
+//! operations on one chunk (held across the operation's I/O); the chunk
+//! table's mutex guards the maps and the allocator and is never held across
+//! an await. Commits and removes queue a journal record and wait until it is
+//! durable; the journal writer (journal.rs: the journal thread, or in inline
+//! mode a committer holding the writer role) alone applies durable records to
+//! the committed map, so the map always equals the state at the journal head.
 
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
+use flyfs_bypass::{BlockDevice, BufferPool};
 use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
 use parking_lot::Mutex;
 
 use crate::config::EngineConfig;
-use crate::device_io::{DeviceIo, padded_in_place, round_up};
-use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
+use crate::device_io::DeviceIo;
+use crate::format::{ChunkMeta, Record, Superblock};
 use crate::journal::{self, Cursor, Journal};
 use crate::request::{
-    EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
-    WriteRequest,
+    EngineStats, ReadOutcome, ReadRequest, SpaceInfo, WriteOutcome, WriteRequest,
 };
-use crate::table::{ChainUsage, ChunkInfo, ChunkTable, PendingInfo};
+use crate::table::{ChainUsage, ChunkInfo, ChunkTable, CommitStep, PendingInfo, SlotPin};
 use crate::{ChunkKey, EngineError};
 
 /// One open engine: what its handles ([`Engine`]), its journal thread and
@@ -82,31 +84,6 @@ impl ChunkLocks {
             ^ u64::from(key.chunk.index).wrapping_mul(0x1656_67b1_9e37_79f9);
         &self.stripes[(hash >> 32) as usize % LOCK_STRIPES]
     }
-}
-
-/// Unpins a slot when a read ends, however it ends.
-struct PinGuard<'a, D> {
-    engine: &'a OpenEngine<D>,
-    slot: SlotId,
-}
-
-impl<D> Drop for PinGuard<'_, D> {
-    fn drop(&mut self) {
-        self.engine.table.lock().unpin(self.slot);
-    }
-}
-
-/// How a write will lay out its new pending version.
-enum Plan {
-    /// Append past the committed length into the same slot.
-    InPlace { slot: SlotId, base: ChunkMeta },
-    /// Build the new contents in a fresh slot.
-    Cow {
-        slot: SlotId,
-        base: Option<ChunkMeta>,
-    },
-    /// Shrink: same slot, shorter length.
-    Shrink { base: ChunkMeta },
 }
 
 /// A chunk engine on device `D`. Clones share the engine; the journal thread
@@ -196,153 +173,34 @@ impl<D: BlockDevice> Engine<D> {
         self.engine.device.poisoned()
     }
 
-    fn class_for(&self, len: u64) -> u8 {
-        let sb = &self.engine.device.sb;
-        (len.max(1).next_power_of_two().trailing_zeros() as u8).max(sb.class_log2_min)
-    }
-
-    fn invalid(key: ChunkKey, reason: impl Into<String>) -> EngineError {
-        EngineError::InvalidRequest {
-            key,
-            reason: reason.into(),
-        }
-    }
-
-    /// Creates pending version `req.version` of a chunk. See [`WriteOp`].
+    /// Creates pending version `req.version` of a chunk. See [`WriteOp`](crate::WriteOp).
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, EngineError> {
         let engine = &*self.engine;
         let key = req.key;
-        let max = engine.device.sb.group_bytes();
         // Validate the payload before taking any lock.
-        let (offset, data_len, new_end) = match &req.op {
-            WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
-                let offset = if let WriteOp::Update { offset, .. } = req.op {
-                    offset
-                } else {
-                    0
-                };
-                let computed = crc32c::crc32c(data);
-                if computed != *crc {
-                    return Err(EngineError::Checksum {
-                        key,
-                        what: "write payload",
-                        expected: *crc,
-                        computed,
-                    });
-                }
-                (
-                    offset,
-                    data.len() as u64,
-                    u64::from(offset) + data.len() as u64,
-                )
-            }
-            WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
-        };
-        if new_end > max {
-            return Err(Self::invalid(
-                key,
-                format!("ends at byte {new_end}, past the largest chunk size {max}"),
-            ));
-        }
-        if req.version.0 == 0 {
-            return Err(Self::invalid(
-                key,
-                "version 0 is reserved for a chunk that does not exist",
-            ));
-        }
+        let extent = req.extent(engine.device.sb.group_bytes())?;
         engine.device.check_writable()?;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         // Checked again: the engine may have been poisoned while we waited.
         engine.device.check_writable()?;
 
-        let plan = {
-            let mut table = engine.table.lock();
-            let base = table.committed.get(&key).copied();
-            // A prepared version is durable: only its commit or abort may
-            // end it, never a write that would silently replace it.
-            if let Some(p) = table.pending.get(&key)
-                && p.prepared.is_some()
-            {
-                return Err(EngineError::VersionConflict {
-                    key,
-                    requested: req.version,
-                    committed: base.map(|b| b.meta.version),
-                    pending: Some(p.version),
-                });
-            }
-            if let Some(base) = base
-                && req.version <= base.meta.version
-            {
-                return Err(EngineError::VersionConflict {
-                    key,
-                    requested: req.version,
-                    committed: Some(base.meta.version),
-                    pending: table.pending.get(&key).map(|p| p.version),
-                });
-            }
-            let base_len = base.map_or(0, |b| u64::from(b.meta.len));
-            let (new_len, appends) = match &req.op {
-                WriteOp::Update { .. } => (base_len.max(new_end), u64::from(offset) >= base_len),
-                WriteOp::Replace { .. } => (data_len, false),
-                WriteOp::Truncate { len } => (u64::from(*len), u64::from(*len) >= base_len),
-            };
-            match base {
-                Some(b) if matches!(req.op, WriteOp::Truncate { .. }) && new_len <= base_len => {
-                    Plan::Shrink { base: b.meta }
-                }
-                Some(b)
-                    if appends
-                        && base_len >= u64::from(b.slot_written)
-                        && new_len <= b.meta.slot.bytes() =>
-                {
-                    Plan::InPlace {
-                        slot: b.meta.slot,
-                        base: b.meta,
-                    }
-                }
-                _ => {
-                    let class = self.class_for(new_len);
-                    let slot = table
-                        .alloc
-                        .allocate(class)
-                        .ok_or_else(|| EngineError::NoSpace {
-                            device: engine.device.name.clone(),
-                            slot_bytes: 1 << class,
-                        })?;
-                    // A replace keeps nothing of the old contents.
-                    let base = if matches!(req.op, WriteOp::Replace { .. }) {
-                        None
-                    } else {
-                        base.map(|b| b.meta)
-                    };
-                    Plan::Cow { slot, base }
-                }
-            }
-        };
-
-        let prepare = req.prepare;
-        let result = self.write_plan(key, &plan, req.op).await;
-        let (slot, in_place, len, crc) = {
+        let plan = engine.table.lock().plan_write(
+            &req,
+            extent,
+            engine.device.sb.class_log2_min,
+            &engine.device.name,
+        )?;
+        let result = engine.device.write_plan(key, &plan, req.op).await;
+        let pending = {
             let mut table = engine.table.lock();
             let (len, crc) = match result {
                 Ok(done) => done,
                 Err(error) => {
-                    if let Plan::Cow { slot, .. } = plan {
-                        table.release(slot);
-                    }
+                    table.abandon_write(&plan);
                     return Err(error);
                 }
             };
-            let (slot, in_place) = match plan {
-                Plan::InPlace { slot, .. } => (slot, true),
-                Plan::Shrink { base } => (base.slot, true),
-                Plan::Cow { slot, .. } => (slot, false),
-            };
-            if let Plan::InPlace { .. } = plan
-                && let Some(committed) = table.committed.get_mut(&key)
-            {
-                committed.slot_written = committed.slot_written.max(len);
-            }
+            let (slot, in_place) = plan.target();
             let pending = PendingInfo {
                 version: req.version,
                 chain_version: req.chain_version,
@@ -354,201 +212,26 @@ impl<D: BlockDevice> Engine<D> {
                 request: req.request,
                 prepared: None,
             };
-            // The replaced pending version (if any) goes only now, so that a
-            // failed write changes nothing.
-            let replaced = table.pending.insert(key, pending);
-            if let Some(old) = replaced
-                && !old.in_place
-            {
-                table.release(old.slot);
-            }
-            (slot, in_place, len, crc)
+            table.install_pending(key, &plan, pending);
+            pending
         };
-        if prepare {
-            let meta = ChunkMeta {
-                chain: key.chain,
-                chunk: key.chunk,
-                slot,
-                len,
-                version: req.version,
-                chain_version: req.chain_version,
-                crc,
-                timestamp_us: now_us(),
-                client: req.client,
-                request: req.request,
-            };
+        if req.prepare {
+            let meta = pending.meta(key, now_us());
             // Applying the durable record marks the pending version prepared.
             if let Err(error) = journal::submit(engine, Record::Prepare(meta)).await {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
-                let mut table = engine.table.lock();
-                if table
-                    .pending
-                    .get(&key)
-                    .is_some_and(|p| p.version == req.version && p.slot == slot)
-                {
-                    table.pending.remove(&key);
-                    if !in_place {
-                        table.release(slot);
-                    }
-                }
+                engine.table.lock().drop_unprepared(key, &pending);
                 return Err(error);
             }
         }
         Ok(WriteOutcome {
             version: req.version,
-            len,
-            crc,
-            in_place,
+            len: pending.len,
+            crc: pending.crc,
+            in_place: pending.in_place,
         })
-    }
-
-    /// Does the I/O of a write; returns the new length and CRC.
-    async fn write_plan(
-        &self,
-        key: ChunkKey,
-        plan: &Plan,
-        op: WriteOp,
-    ) -> Result<(u32, u32), EngineError> {
-        let engine = &*self.engine;
-        let what = || format!("{key:?}");
-        // The new bytes, as (offset, data, crc of data); a truncate that
-        // extends is an update with zeros.
-        let (offset, data, data_crc) = match op {
-            WriteOp::Update { offset, data, crc } => (offset, data, crc),
-            WriteOp::Replace { data, crc } => (0, data, crc),
-            WriteOp::Truncate { len } => {
-                let base_len = match plan {
-                    Plan::Shrink { base } => {
-                        let buf = engine
-                            .device
-                            .read_at(
-                                engine.device.slot_offset(base.slot),
-                                round_up(u64::from(len)) as usize,
-                                what,
-                            )
-                            .await?;
-                        return Ok((len, crc32c::crc32c(&buf[..len as usize])));
-                    }
-                    Plan::InPlace { base, .. } => base.len,
-                    Plan::Cow { base, .. } => base.map_or(0, |b| b.len),
-                };
-                let zeros = DmaBuf::alloc_zeroed((len - base_len) as usize);
-                let crc = crc32c::crc32c(&zeros);
-                (base_len, zeros, crc)
-            }
-        };
-        let data_len = data.len() as u32;
-        match *plan {
-            Plan::Shrink { .. } => unreachable!("only a truncate shrinks"),
-            Plan::InPlace { slot, base } => {
-                let aligned = base.len & !(BLOCK as u32 - 1);
-                let new_len = offset + data_len;
-                // Fast path: block-aligned append straight from the caller's buffer.
-                let data = if aligned == base.len && offset == base.len {
-                    match padded_in_place(data) {
-                        Ok(buf) => {
-                            engine
-                                .device
-                                .write_at(
-                                    engine.device.slot_offset(slot) + u64::from(aligned),
-                                    buf,
-                                    what,
-                                )
-                                .await?;
-                            let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
-                            return Ok((new_len, crc));
-                        }
-                        Err(data) => data,
-                    }
-                } else {
-                    data
-                };
-                let io_len = round_up(u64::from(new_len - aligned)) as usize;
-                let mut buf = engine.device.pool.alloc(io_len);
-                if aligned < base.len {
-                    // The block holding the committed tail is rewritten with
-                    // the same committed bytes: sector writes are atomic, so
-                    // a torn write leaves them intact either way.
-                    let head = engine
-                        .device
-                        .read_at(
-                            engine.device.slot_offset(slot) + u64::from(aligned),
-                            BLOCK as usize,
-                            what,
-                        )
-                        .await?;
-                    buf[..BLOCK as usize].copy_from_slice(&head);
-                }
-                let tail_start = (base.len - aligned) as usize;
-                let data_start = (offset - aligned) as usize;
-                buf[tail_start..data_start].fill(0);
-                buf[data_start..data_start + data.len()].copy_from_slice(&data);
-                buf[data_start + data.len()..].fill(0);
-                let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
-                let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
-                engine
-                    .device
-                    .write_at(
-                        engine.device.slot_offset(slot) + u64::from(aligned),
-                        buf,
-                        what,
-                    )
-                    .await?;
-                Ok((new_len, crc))
-            }
-            Plan::Cow { slot, base } => {
-                let base_len = base.map_or(0, |b| b.len);
-                let new_len = base_len.max(offset + data_len);
-                let covers_base = offset == 0 && data_len >= base_len;
-                let data = if covers_base {
-                    match padded_in_place(data) {
-                        Ok(buf) => {
-                            engine
-                                .device
-                                .write_at(engine.device.slot_offset(slot), buf, what)
-                                .await?;
-                            return Ok((new_len, data_crc));
-                        }
-                        Err(data) => data,
-                    }
-                } else {
-                    data
-                };
-                let io_len = round_up(u64::from(new_len)) as usize;
-                let mut buf = engine.device.pool.alloc(io_len);
-                let mut filled = 0usize;
-                if let Some(base) = base
-                    && !covers_base
-                    && base.len > 0
-                {
-                    let base_io = round_up(u64::from(base.len)) as usize;
-                    buf.set_len(base_io);
-                    let done = engine
-                        .device
-                        .dev
-                        .read(engine.device.slot_offset(base.slot), buf)
-                        .await;
-                    buf = done.buf;
-                    done.result.map_err(|e| {
-                        engine
-                            .device
-                            .device_error(format!("reading {} for copy-on-write", what()), e)
-                    })?;
-                    buf.set_len(io_len);
-                    filled = base.len as usize;
-                }
-                buf[filled..].fill(0);
-                buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
-                let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                engine
-                    .device
-                    .write_at(engine.device.slot_offset(slot), buf, what)
-                    .await?;
-                Ok((new_len, crc))
-            }
-        }
     }
 
     /// Makes pending version `version` the committed one, durably. Committing
@@ -562,44 +245,10 @@ impl<D: BlockDevice> Engine<D> {
         let engine = &*self.engine;
         engine.device.check_writable()?;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
-        let meta = {
-            let mut table = engine.table.lock();
-            let committed = table.committed.get(&key).map(|c| c.meta);
-            match table.pending.get(&key) {
-                Some(&PendingInfo {
-                    version: v,
-                    prepared: Some(meta),
-                    ..
-                }) if v == version => {
-                    // Exactly what recovery makes of the Prepare record.
-                    table.apply(&Record::Put(meta), true);
-                    return Ok(meta);
-                }
-                Some(p) if p.version == version => ChunkMeta {
-                    chain: key.chain,
-                    chunk: key.chunk,
-                    slot: p.slot,
-                    len: p.len,
-                    version,
-                    chain_version: p.chain_version,
-                    crc: p.crc,
-                    timestamp_us: now_us(),
-                    client: p.client,
-                    request: p.request,
-                },
-                pending => match committed {
-                    Some(meta) if meta.version == version => return Ok(meta),
-                    None if pending.is_none() => return Err(EngineError::NotFound { key }),
-                    _ => {
-                        return Err(EngineError::VersionConflict {
-                            key,
-                            requested: version,
-                            committed: committed.map(|m| m.version),
-                            pending: pending.map(|p| p.version),
-                        });
-                    }
-                },
-            }
+        let step = engine.table.lock().commit_step(key, version)?;
+        let meta = match step {
+            CommitStep::Done(meta) => return Ok(meta),
+            CommitStep::Record(pending) => pending.meta(key, now_us()),
         };
         journal::submit(engine, Record::Put(meta)).await?;
         Ok(meta)
@@ -607,47 +256,17 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Drops pending version `version`. Succeeds if there is no pending
     /// version. A prepared version is durable, so its abort is too: a `Put`
-    /// of the committed table (or a `Remove` when there is none) ends it.
+    /// of the committed state (or a `Remove` when there is none) ends it.
     pub async fn abort(&self, key: ChunkKey, version: ChunkVersion) -> Result<(), EngineError> {
         let engine = &*self.engine;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
-        let restore = {
-            let table = engine.table.lock();
-            match table.pending.get(&key) {
-                Some(p) if p.version == version && p.prepared.is_some() => {
-                    Some(table.committed.get(&key).map_or(
-                        Record::Remove {
-                            chain: key.chain,
-                            chunk: key.chunk,
-                        },
-                        |c| Record::Put(c.meta),
-                    ))
-                }
-                _ => None,
-            }
-        };
+        let restore = engine.table.lock().abort_record(key, version);
         if let Some(record) = restore {
             engine.device.check_writable()?;
             // Applying the durable record drops the prepared version.
             return journal::submit(engine, record).await;
         }
-        let mut table = engine.table.lock();
-        match table.pending.get(&key).copied() {
-            None => Ok(()),
-            Some(p) if p.version == version => {
-                table.pending.remove(&key);
-                if !p.in_place {
-                    table.release(p.slot);
-                }
-                Ok(())
-            }
-            Some(p) => Err(EngineError::VersionConflict {
-                key,
-                requested: version,
-                committed: table.committed.get(&key).map(|c| c.meta.version),
-                pending: Some(p.version),
-            }),
-        }
+        engine.table.lock().abort_pending(key, version)
     }
 
     /// Removes a chunk, durably, with any pending version. Returns whether
@@ -657,16 +276,8 @@ impl<D: BlockDevice> Engine<D> {
         engine.device.check_writable()?;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         engine.device.check_writable()?;
-        let (pending, prepared, committed) = {
-            let table = engine.table.lock();
-            let pending = table.pending.get(&key);
-            (
-                pending.is_some(),
-                pending.is_some_and(|p| p.prepared.is_some()),
-                table.committed.contains_key(&key),
-            )
-        };
-        if committed || prepared {
+        let presence = engine.table.lock().presence(key);
+        if presence.committed || presence.prepared {
             // Applying the durable record drops the pending version too.
             journal::submit(
                 engine,
@@ -676,97 +287,18 @@ impl<D: BlockDevice> Engine<D> {
                 },
             )
             .await?;
-        } else if pending {
-            let mut table = engine.table.lock();
-            let p = table
-                .pending
-                .remove(&key)
-                .expect("pending version checked under the chunk lock");
-            table.release(p.slot);
+        } else if presence.pending {
+            engine.table.lock().remove_pending(key);
         }
-        Ok(committed || pending)
+        Ok(presence.committed || presence.pending)
     }
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
         let engine = &*self.engine;
-        let (slot, len, crc, version) = {
-            let mut table = engine.table.lock();
-            let committed = table.committed.get(&key).map(|c| c.meta);
-            let pending = table.pending.get(&key).copied();
-            let from_committed = |m: ChunkMeta| (m.slot, m.len, m.crc, m.version);
-            let from_pending = |p: PendingInfo| (p.slot, p.len, p.crc, p.version);
-            let found = match req.version {
-                ReadVersion::Committed => committed.map(from_committed),
-                ReadVersion::Pending => pending.map(from_pending),
-                ReadVersion::Exact(v) => pending
-                    .filter(|p| p.version == v)
-                    .map(from_pending)
-                    .or(committed.filter(|m| m.version == v).map(from_committed)),
-            };
-            let Some(found) = found else {
-                return Err(match req.version {
-                    _ if committed.is_none() && pending.is_none() => EngineError::NotFound { key },
-                    ReadVersion::Committed => EngineError::NotFound { key },
-                    ReadVersion::Pending | ReadVersion::Exact(_) => EngineError::VersionConflict {
-                        key,
-                        requested: match req.version {
-                            ReadVersion::Exact(v) => v,
-                            _ => ChunkVersion(0),
-                        },
-                        committed: committed.map(|m| m.version),
-                        pending: pending.map(|p| p.version),
-                    },
-                });
-            };
-            table.pin(found.0);
-            found
-        };
-        let _pin = PinGuard { engine, slot };
-        let start = req.offset.min(len);
-        let end = start.saturating_add(req.len).min(len);
-        let (io_start, io_end) = if req.verify {
-            (0, round_up(u64::from(len)))
-        } else {
-            (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
-        };
-        if io_end == io_start {
-            return Ok(ReadOutcome {
-                data: engine.device.pool.alloc(0),
-                version,
-                chunk_len: len,
-                chunk_crc: crc,
-            });
-        }
-        let mut data = engine
-            .device
-            .read_at(
-                engine.device.slot_offset(slot) + io_start,
-                (io_end - io_start) as usize,
-                || format!("{key:?}"),
-            )
-            .await?;
-        if req.verify {
-            let computed = crc32c::crc32c(&data[..len as usize]);
-            if computed != crc {
-                return Err(EngineError::Checksum {
-                    key,
-                    what: "chunk data",
-                    expected: crc,
-                    computed,
-                });
-            }
-        }
-        data.set_window(
-            (u64::from(start) - io_start) as usize,
-            (end - start) as usize,
-        );
-        Ok(ReadOutcome {
-            data,
-            version,
-            chunk_len: len,
-            chunk_crc: crc,
-        })
+        let target = engine.table.lock().pin_for_read(key, req.version)?;
+        let _pin = SlotPin::new(&engine.table, target.slot);
+        engine.device.read_pinned(key, target, req).await
     }
 
     /// What the engine knows of one chunk.

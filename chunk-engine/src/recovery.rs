@@ -190,7 +190,7 @@ impl<D: BlockDevice> Engine<D> {
         Ok(sb)
     }
 
-    /// Opens a formatted device: recovers the committed table, writes a fresh
+    /// Opens a formatted device: recovers the committed state, writes a fresh
     /// checkpoint and starts the journal thread. `pool` supplies every I/O
     /// buffer (register it with the device for zero-copy I/O).
     pub async fn open(

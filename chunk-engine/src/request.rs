@@ -5,7 +5,7 @@
 use flyfs_bypass::DmaBuf;
 use flyfs_proto::ids::{ChainVersion, ChunkVersion, ClientId, RequestId};
 
-use crate::ChunkKey;
+use crate::{ChunkKey, EngineError};
 
 /// What a write does to a chunk.
 #[derive(Debug)]
@@ -41,6 +41,74 @@ pub struct WriteRequest {
     /// become durable later, whatever happened to the chunk meanwhile (the
     /// storage service never drops a write; rpc does not cancel requests).
     pub prepare: bool,
+}
+
+/// Where a write's new bytes go, from a request that passed its checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteExtent {
+    /// Offset of the new bytes (of the new length, for a truncate).
+    pub offset: u32,
+    /// Length of the new bytes; 0 for a truncate.
+    pub data_len: u64,
+    /// Where the new bytes end (the new length, for a truncate).
+    pub end: u64,
+}
+
+impl WriteRequest {
+    /// Checks what needs no chunk state: the payload against its CRC, the
+    /// end against the largest chunk size, and the version against the
+    /// reserved 0.
+    pub(crate) fn extent(&self, chunk_size_max: u64) -> Result<WriteExtent, EngineError> {
+        let key = self.key;
+        let (offset, data_len, new_end) = match &self.op {
+            WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
+                let offset = if let WriteOp::Update { offset, .. } = self.op {
+                    offset
+                } else {
+                    0
+                };
+                let computed = crc32c::crc32c(data);
+                if computed != *crc {
+                    return Err(EngineError::Checksum {
+                        key,
+                        what: "write payload",
+                        expected: *crc,
+                        computed,
+                    });
+                }
+                (
+                    offset,
+                    data.len() as u64,
+                    u64::from(offset) + data.len() as u64,
+                )
+            }
+            WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
+        };
+        if new_end > chunk_size_max {
+            return Err(invalid(
+                key,
+                format!("ends at byte {new_end}, past the largest chunk size {chunk_size_max}"),
+            ));
+        }
+        if self.version.0 == 0 {
+            return Err(invalid(
+                key,
+                "version 0 is reserved for a chunk that does not exist",
+            ));
+        }
+        Ok(WriteExtent {
+            offset,
+            data_len,
+            end: new_end,
+        })
+    }
+}
+
+fn invalid(key: ChunkKey, reason: impl Into<String>) -> EngineError {
+    EngineError::InvalidRequest {
+        key,
+        reason: reason.into(),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,17 +5,26 @@
 //! ([`ChunkTable::apply`]), and recovery rebuilds it by applying the
 //! checkpoint and the journal the same way, with prepared versions read as
 //! committed.
+//!
+//! The operations (engine.rs) decide here, under the table's mutex, what a
+//! request does: how a write lays out its version ([`WritePlan`]), what a
+//! commit, abort or remove must make durable, which slot a read pins. They
+//! do the I/O elsewhere (device_io.rs), without the mutex, and come back
+//! here to record its result.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use flyfs_proto::ids::{ChainId, ChainVersion, ChunkVersion, ClientId, RequestId};
+use parking_lot::Mutex;
 // Keys are engine-chosen ids, not attacker-controlled strings, so a fast
 // non-cryptographic hash is safe here; SipHash showed in read profiles.
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::ChunkKey;
 use crate::alloc::Allocator;
 use crate::format::{ChunkMeta, Record, SlotId};
+use crate::request::{ReadVersion, WriteExtent, WriteOp, WriteRequest};
+use crate::{ChunkKey, EngineError};
 
 /// A chunk's pending version: written to its slot, not yet committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +41,24 @@ pub struct PendingInfo {
     /// made it durable: committing is then only a change in memory, and
     /// aborting must record the previous state durably.
     pub prepared: Option<ChunkMeta>,
+}
+
+impl PendingInfo {
+    /// The metadata this version is committed (or prepared) with.
+    pub(crate) fn meta(&self, key: ChunkKey, timestamp_us: u64) -> ChunkMeta {
+        ChunkMeta {
+            chain: key.chain,
+            chunk: key.chunk,
+            slot: self.slot,
+            len: self.len,
+            version: self.version,
+            chain_version: self.chain_version,
+            crc: self.crc,
+            timestamp_us,
+            client: self.client,
+            request: self.request,
+        }
+    }
 }
 
 /// Everything the engine knows of one chunk.
@@ -96,11 +123,11 @@ impl ChunkTable {
         }
     }
 
-    pub fn pin(&mut self, slot: SlotId) {
+    fn pin(&mut self, slot: SlotId) {
         *self.pins.entry(slot).or_default() += 1;
     }
 
-    pub fn unpin(&mut self, slot: SlotId) {
+    fn unpin(&mut self, slot: SlotId) {
         let count = self
             .pins
             .get_mut(&slot)
@@ -270,5 +297,350 @@ impl ChunkTable {
             ));
         }
         Ok(())
+    }
+}
+
+/// How a write will lay out its new pending version.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WritePlan {
+    /// Append past the committed length into the same slot.
+    InPlace { slot: SlotId, base: ChunkMeta },
+    /// Build the new contents in a fresh slot.
+    Cow {
+        slot: SlotId,
+        base: Option<ChunkMeta>,
+    },
+    /// Shrink: same slot, shorter length.
+    Shrink { base: ChunkMeta },
+}
+
+impl WritePlan {
+    /// The slot the new version lives in, and whether that is the committed
+    /// version's slot (written in place) rather than a fresh one.
+    pub fn target(&self) -> (SlotId, bool) {
+        match *self {
+            WritePlan::InPlace { slot, .. } => (slot, true),
+            WritePlan::Shrink { base } => (base.slot, true),
+            WritePlan::Cow { slot, .. } => (slot, false),
+        }
+    }
+}
+
+/// The smallest slot class (log2 of its size) that holds `len` bytes.
+fn slot_class(len: u64, class_log2_min: u8) -> u8 {
+    (len.max(1).next_power_of_two().trailing_zeros() as u8).max(class_log2_min)
+}
+
+/// What a commit takes, as the table finds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CommitStep {
+    /// Nothing more: the version was committed already (a retry), or was
+    /// prepared and is now committed in memory.
+    Done(ChunkMeta),
+    /// A durable `Put` record of this pending version.
+    Record(PendingInfo),
+}
+
+/// What a remove finds of a chunk.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Presence {
+    pub committed: bool,
+    pub pending: bool,
+    /// Whether the pending version is prepared, i.e. durable.
+    pub prepared: bool,
+}
+
+/// The version a read has pinned: where it lives and what it holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadTarget {
+    pub slot: SlotId,
+    pub len: u32,
+    pub crc: u32,
+    pub version: ChunkVersion,
+}
+
+/// Unpins a slot when a read ends, however it ends.
+pub(crate) struct SlotPin<'a> {
+    table: &'a Mutex<ChunkTable>,
+    slot: SlotId,
+}
+
+impl<'a> SlotPin<'a> {
+    /// Takes over the pin [`ChunkTable::pin_for_read`] put on `slot`.
+    pub fn new(table: &'a Mutex<ChunkTable>, slot: SlotId) -> SlotPin<'a> {
+        SlotPin { table, slot }
+    }
+}
+
+impl Drop for SlotPin<'_> {
+    fn drop(&mut self) {
+        self.table.lock().unpin(self.slot);
+    }
+}
+
+/// The operations' decisions. Each runs under the table's mutex, with the
+/// operation holding its chunk's lock, and does no I/O.
+impl ChunkTable {
+    /// Decides how a write lays out its new pending version, allocating a
+    /// fresh slot when it needs one. Refuses a version not above the
+    /// committed one, and any write over a prepared version.
+    pub fn plan_write(
+        &mut self,
+        req: &WriteRequest,
+        extent: WriteExtent,
+        class_log2_min: u8,
+        device: &Arc<str>,
+    ) -> Result<WritePlan, EngineError> {
+        let key = req.key;
+        let WriteExtent {
+            offset,
+            data_len,
+            end: new_end,
+        } = extent;
+        let base = self.committed.get(&key).copied();
+        // A prepared version is durable: only its commit or abort may
+        // end it, never a write that would silently replace it.
+        if let Some(p) = self.pending.get(&key)
+            && p.prepared.is_some()
+        {
+            return Err(EngineError::VersionConflict {
+                key,
+                requested: req.version,
+                committed: base.map(|b| b.meta.version),
+                pending: Some(p.version),
+            });
+        }
+        if let Some(base) = base
+            && req.version <= base.meta.version
+        {
+            return Err(EngineError::VersionConflict {
+                key,
+                requested: req.version,
+                committed: Some(base.meta.version),
+                pending: self.pending.get(&key).map(|p| p.version),
+            });
+        }
+        let base_len = base.map_or(0, |b| u64::from(b.meta.len));
+        let (new_len, appends) = match &req.op {
+            WriteOp::Update { .. } => (base_len.max(new_end), u64::from(offset) >= base_len),
+            WriteOp::Replace { .. } => (data_len, false),
+            WriteOp::Truncate { len } => (u64::from(*len), u64::from(*len) >= base_len),
+        };
+        Ok(match base {
+            Some(b) if matches!(req.op, WriteOp::Truncate { .. }) && new_len <= base_len => {
+                WritePlan::Shrink { base: b.meta }
+            }
+            Some(b)
+                if appends
+                    && base_len >= u64::from(b.slot_written)
+                    && new_len <= b.meta.slot.bytes() =>
+            {
+                WritePlan::InPlace {
+                    slot: b.meta.slot,
+                    base: b.meta,
+                }
+            }
+            _ => {
+                let class = slot_class(new_len, class_log2_min);
+                let slot = self
+                    .alloc
+                    .allocate(class)
+                    .ok_or_else(|| EngineError::NoSpace {
+                        device: device.clone(),
+                        slot_bytes: 1 << class,
+                    })?;
+                // A replace keeps nothing of the old contents.
+                let base = if matches!(req.op, WriteOp::Replace { .. }) {
+                    None
+                } else {
+                    base.map(|b| b.meta)
+                };
+                WritePlan::Cow { slot, base }
+            }
+        })
+    }
+
+    /// Gives back the fresh slot of a write whose I/O failed: the write then
+    /// changed nothing.
+    pub fn abandon_write(&mut self, plan: &WritePlan) {
+        if let WritePlan::Cow { slot, .. } = *plan {
+            self.release(slot);
+        }
+    }
+
+    /// Installs the pending version that a write's I/O produced as `plan`
+    /// laid it out.
+    pub fn install_pending(&mut self, key: ChunkKey, plan: &WritePlan, pending: PendingInfo) {
+        if let WritePlan::InPlace { .. } = plan
+            && let Some(committed) = self.committed.get_mut(&key)
+        {
+            committed.slot_written = committed.slot_written.max(pending.len);
+        }
+        // The replaced pending version (if any) goes only now, so that a
+        // failed write changes nothing.
+        let replaced = self.pending.insert(key, pending);
+        if let Some(old) = replaced
+            && !old.in_place
+        {
+            self.release(old.slot);
+        }
+    }
+
+    /// Drops the pending version `installed` whose `Prepare` record failed,
+    /// if it is still there.
+    pub fn drop_unprepared(&mut self, key: ChunkKey, installed: &PendingInfo) {
+        if self
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.version == installed.version && p.slot == installed.slot)
+        {
+            self.pending.remove(&key);
+            if !installed.in_place {
+                self.release(installed.slot);
+            }
+        }
+    }
+
+    /// Decides what committing `version` takes: nothing (a retry, or a
+    /// prepared version, which this commits in memory) or a `Put` record.
+    pub fn commit_step(
+        &mut self,
+        key: ChunkKey,
+        version: ChunkVersion,
+    ) -> Result<CommitStep, EngineError> {
+        let committed = self.committed.get(&key).map(|c| c.meta);
+        match self.pending.get(&key) {
+            Some(&PendingInfo {
+                version: v,
+                prepared: Some(meta),
+                ..
+            }) if v == version => {
+                // Exactly what recovery makes of the Prepare record.
+                self.apply(&Record::Put(meta), true);
+                Ok(CommitStep::Done(meta))
+            }
+            Some(p) if p.version == version => Ok(CommitStep::Record(*p)),
+            pending => match committed {
+                Some(meta) if meta.version == version => Ok(CommitStep::Done(meta)),
+                None if pending.is_none() => Err(EngineError::NotFound { key }),
+                _ => Err(EngineError::VersionConflict {
+                    key,
+                    requested: version,
+                    committed: committed.map(|m| m.version),
+                    pending: pending.map(|p| p.version),
+                }),
+            },
+        }
+    }
+
+    /// The durable record that aborts pending version `version` if it is
+    /// prepared: a `Put` of the committed state, or a `Remove` when there is
+    /// none. `None` when that version is not pending or not prepared.
+    pub fn abort_record(&self, key: ChunkKey, version: ChunkVersion) -> Option<Record> {
+        match self.pending.get(&key) {
+            Some(p) if p.version == version && p.prepared.is_some() => {
+                Some(self.committed.get(&key).map_or(
+                    Record::Remove {
+                        chain: key.chain,
+                        chunk: key.chunk,
+                    },
+                    |c| Record::Put(c.meta),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops pending version `version` in memory. Succeeds if there is no
+    /// pending version.
+    pub fn abort_pending(
+        &mut self,
+        key: ChunkKey,
+        version: ChunkVersion,
+    ) -> Result<(), EngineError> {
+        match self.pending.get(&key).copied() {
+            None => Ok(()),
+            Some(p) if p.version == version => {
+                self.pending.remove(&key);
+                if !p.in_place {
+                    self.release(p.slot);
+                }
+                Ok(())
+            }
+            Some(p) => Err(EngineError::VersionConflict {
+                key,
+                requested: version,
+                committed: self.committed.get(&key).map(|c| c.meta.version),
+                pending: Some(p.version),
+            }),
+        }
+    }
+
+    /// What there is of a chunk to remove.
+    pub fn presence(&self, key: ChunkKey) -> Presence {
+        let pending = self.pending.get(&key);
+        Presence {
+            pending: pending.is_some(),
+            prepared: pending.is_some_and(|p| p.prepared.is_some()),
+            committed: self.committed.contains_key(&key),
+        }
+    }
+
+    /// Removes a chunk's pending version when nothing of the chunk is
+    /// durable, so that removing it needs no record.
+    pub fn remove_pending(&mut self, key: ChunkKey) {
+        let p = self
+            .pending
+            .remove(&key)
+            .expect("pending version checked under the chunk lock");
+        self.release(p.slot);
+    }
+
+    /// Finds the version a read asks for and pins its slot, so that the slot
+    /// is not reused while the read runs; a [`SlotPin`] unpins it.
+    pub fn pin_for_read(
+        &mut self,
+        key: ChunkKey,
+        version: ReadVersion,
+    ) -> Result<ReadTarget, EngineError> {
+        let committed = self.committed.get(&key).map(|c| c.meta);
+        let pending = self.pending.get(&key).copied();
+        let from_committed = |m: ChunkMeta| ReadTarget {
+            slot: m.slot,
+            len: m.len,
+            crc: m.crc,
+            version: m.version,
+        };
+        let from_pending = |p: PendingInfo| ReadTarget {
+            slot: p.slot,
+            len: p.len,
+            crc: p.crc,
+            version: p.version,
+        };
+        let found = match version {
+            ReadVersion::Committed => committed.map(from_committed),
+            ReadVersion::Pending => pending.map(from_pending),
+            ReadVersion::Exact(v) => pending
+                .filter(|p| p.version == v)
+                .map(from_pending)
+                .or(committed.filter(|m| m.version == v).map(from_committed)),
+        };
+        let Some(found) = found else {
+            return Err(match version {
+                _ if committed.is_none() && pending.is_none() => EngineError::NotFound { key },
+                ReadVersion::Committed => EngineError::NotFound { key },
+                ReadVersion::Pending | ReadVersion::Exact(_) => EngineError::VersionConflict {
+                    key,
+                    requested: match version {
+                        ReadVersion::Exact(v) => v,
+                        _ => ChunkVersion(0),
+                    },
+                    committed: committed.map(|m| m.version),
+                    pending: pending.map(|p| p.version),
+                },
+            });
+        };
+        self.pin(found.slot);
+        Ok(found)
     }
 }
