@@ -644,3 +644,297 @@ impl ChunkTable {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decisions on their own, without a device: the layout a write
+    //! chooses, what a prepared version allows, and when a slot is reused.
+    //! The engine tests (tests/) check the same rules end to end.
+
+    use flyfs_bypass::DmaBuf;
+    use flyfs_proto::ids::{ChunkId, RequestId};
+
+    use super::*;
+
+    /// 4 KiB slots at the smallest, 64 KiB groups.
+    const CLASS_LOG2_MIN: u8 = 12;
+    const CHUNK_SIZE_MAX: u64 = 1 << 16;
+
+    fn table() -> ChunkTable {
+        ChunkTable::new(Allocator::new(4, CLASS_LOG2_MIN, 16))
+    }
+
+    fn key(index: u32) -> ChunkKey {
+        ChunkKey::new(ChainId(1), ChunkId::new(7, index))
+    }
+
+    fn request(key: ChunkKey, version: u32, op: WriteOp) -> WriteRequest {
+        WriteRequest {
+            key,
+            version: ChunkVersion(version),
+            chain_version: ChainVersion(1),
+            op,
+            client: ClientId(9),
+            request: RequestId(u64::from(version)),
+            prepare: false,
+        }
+    }
+
+    fn update(key: ChunkKey, version: u32, offset: u32, len: usize) -> WriteRequest {
+        let data = DmaBuf::copy_from(&vec![0xab; len]);
+        let crc = crc32c::crc32c(&data);
+        request(key, version, WriteOp::Update { offset, data, crc })
+    }
+
+    /// A write's decision, and its result recorded as if its I/O produced a
+    /// chunk of `len` bytes.
+    fn write(
+        table: &mut ChunkTable,
+        req: &WriteRequest,
+        len: u32,
+    ) -> Result<(WritePlan, PendingInfo), EngineError> {
+        let extent = req.extent(CHUNK_SIZE_MAX)?;
+        let plan = table.plan_write(req, extent, CLASS_LOG2_MIN, &Arc::from("test"))?;
+        let (slot, in_place) = plan.target();
+        let pending = PendingInfo {
+            version: req.version,
+            chain_version: req.chain_version,
+            slot,
+            len,
+            crc: 0,
+            in_place,
+            client: req.client,
+            request: req.request,
+            prepared: None,
+        };
+        table.install_pending(req.key, &plan, pending);
+        Ok((plan, pending))
+    }
+
+    /// A commit that needs a record, and the record applied as the journal
+    /// writer applies it once durable.
+    fn commit(table: &mut ChunkTable, key: ChunkKey, version: u32) -> ChunkMeta {
+        match table.commit_step(key, ChunkVersion(version)) {
+            Ok(CommitStep::Record(pending)) => {
+                let meta = pending.meta(key, 0);
+                table.apply(&Record::Put(meta), true);
+                meta
+            }
+            other => panic!("commit of v{version} needs a Put record, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_requests_are_checked_before_any_state() {
+        let mut bad_crc = update(key(0), 1, 0, 100);
+        if let WriteOp::Update { crc, .. } = &mut bad_crc.op {
+            *crc ^= 1;
+        }
+        assert!(matches!(
+            bad_crc.extent(CHUNK_SIZE_MAX),
+            Err(EngineError::Checksum { .. })
+        ));
+        assert!(matches!(
+            update(key(0), 1, (CHUNK_SIZE_MAX - 10) as u32, 11).extent(CHUNK_SIZE_MAX),
+            Err(EngineError::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            update(key(0), 0, 0, 1).extent(CHUNK_SIZE_MAX),
+            Err(EngineError::InvalidRequest { .. })
+        ));
+        let extent = update(key(0), 1, 100, 50)
+            .extent(CHUNK_SIZE_MAX)
+            .expect("a valid update");
+        assert_eq!((extent.offset, extent.data_len, extent.end), (100, 50, 150));
+    }
+
+    #[test]
+    fn appends_go_in_place_only_past_the_written_mark() {
+        let mut table = table();
+        let k = key(0);
+        let (plan, first) = write(&mut table, &update(k, 1, 0, 4000), 4000).expect("write");
+        assert!(matches!(plan, WritePlan::Cow { base: None, .. }));
+        assert_eq!(first.slot.class_log2, CLASS_LOG2_MIN);
+        commit(&mut table, k, 1);
+
+        // Appending into the rest of the committed slot writes in place.
+        let (plan, second) = write(&mut table, &update(k, 2, 4000, 96), 4096).expect("write");
+        assert!(matches!(plan, WritePlan::InPlace { slot, .. } if slot == first.slot));
+        assert!(second.in_place);
+        assert_eq!(table.committed[&k].slot_written, 4096);
+        table.check_consistency().expect("consistent");
+
+        // The aborted append's bytes may still be read: the next append must
+        // not overwrite them, so it copies to a fresh slot.
+        table.abort_pending(k, ChunkVersion(2)).expect("abort");
+        assert!(
+            table.alloc.is_used(first.slot),
+            "in-place abort keeps the slot"
+        );
+        let (plan, third) = write(&mut table, &update(k, 3, 4000, 96), 4096).expect("write");
+        assert!(
+            matches!(plan, WritePlan::Cow { base: Some(base), .. } if base.version == ChunkVersion(1))
+        );
+        assert_ne!(third.slot, first.slot);
+        table.check_consistency().expect("consistent");
+
+        // A truncate below the committed length keeps the slot.
+        let (plan, _) = write(
+            &mut table,
+            &request(k, 4, WriteOp::Truncate { len: 10 }),
+            10,
+        )
+        .expect("write");
+        assert!(matches!(plan, WritePlan::Shrink { .. }));
+        assert!(
+            !table.alloc.is_used(third.slot),
+            "the replaced pending slot is freed"
+        );
+        table.check_consistency().expect("consistent");
+    }
+
+    #[test]
+    fn versions_must_rise_and_prepared_versions_end_only_by_commit_or_abort() {
+        let mut table = table();
+        let k = key(0);
+        write(&mut table, &update(k, 1, 0, 100), 100).expect("write");
+        let first = commit(&mut table, k, 1);
+        assert!(matches!(
+            write(&mut table, &update(k, 1, 0, 100), 100),
+            Err(EngineError::VersionConflict { .. })
+        ));
+
+        let (_, pending) = write(&mut table, &update(k, 2, 0, 5000), 5000).expect("write");
+        let prepared = pending.meta(k, 0);
+        table.apply(&Record::Prepare(prepared), true);
+        assert_eq!(table.pending[&k].prepared, Some(prepared));
+        assert_eq!(
+            table.durable_view(),
+            vec![prepared],
+            "a checkpoint holds the prepared version"
+        );
+        assert!(matches!(
+            write(&mut table, &update(k, 3, 0, 100), 100),
+            Err(EngineError::VersionConflict { .. })
+        ));
+        assert_eq!(
+            table.abort_record(k, ChunkVersion(2)),
+            Some(Record::Put(first)),
+            "aborting a prepared version restores the committed one durably"
+        );
+
+        // Committing a prepared version needs no record, and releases the
+        // old slot at once: the Prepare record is the durable release.
+        match table.commit_step(k, ChunkVersion(2)) {
+            Ok(CommitStep::Done(meta)) => assert_eq!(meta, prepared),
+            other => panic!("a prepared commit needs no record, got {other:?}"),
+        }
+        assert!(table.pending.is_empty());
+        assert_eq!(table.committed[&k].meta, prepared);
+        assert!(!table.alloc.is_used(first.slot));
+        table.check_consistency().expect("consistent");
+        assert!(matches!(
+            table.commit_step(k, ChunkVersion(2)),
+            Ok(CommitStep::Done(meta)) if meta == prepared
+        ));
+        assert!(matches!(
+            table.commit_step(key(1), ChunkVersion(1)),
+            Err(EngineError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_slot_released_while_read_is_freed_when_the_read_ends() {
+        let table = Mutex::new(table());
+        let k = key(0);
+        let slot = {
+            let mut table = table.lock();
+            write(&mut table, &update(k, 1, 0, 100), 100).expect("write");
+            commit(&mut table, k, 1).slot
+        };
+        let target = table
+            .lock()
+            .pin_for_read(k, ReadVersion::Committed)
+            .expect("committed");
+        assert_eq!((target.slot, target.len), (slot, 100));
+        let pin = SlotPin::new(&table, target.slot);
+        table.lock().apply(
+            &Record::Remove {
+                chain: k.chain,
+                chunk: k.chunk,
+            },
+            true,
+        );
+        assert!(table.lock().alloc.is_used(slot), "still read");
+        table.lock().check_consistency().expect("consistent");
+        drop(pin);
+        assert!(!table.lock().alloc.is_used(slot));
+        table.lock().check_consistency().expect("consistent");
+    }
+
+    #[test]
+    fn reads_find_the_version_they_name() {
+        let table = Mutex::new(table());
+        let k = key(0);
+        {
+            let mut table = table.lock();
+            write(&mut table, &update(k, 1, 0, 100), 100).expect("write");
+            commit(&mut table, k, 1);
+            write(&mut table, &update(k, 2, 0, 200), 200).expect("write");
+        }
+        let read = |version| {
+            let target = table.lock().pin_for_read(k, version)?;
+            drop(SlotPin::new(&table, target.slot));
+            Ok::<_, EngineError>((target.version, target.len))
+        };
+        assert_eq!(
+            read(ReadVersion::Committed).ok(),
+            Some((ChunkVersion(1), 100))
+        );
+        assert_eq!(
+            read(ReadVersion::Pending).ok(),
+            Some((ChunkVersion(2), 200))
+        );
+        assert_eq!(
+            read(ReadVersion::Exact(ChunkVersion(1))).ok(),
+            Some((ChunkVersion(1), 100))
+        );
+        assert!(matches!(
+            read(ReadVersion::Exact(ChunkVersion(3))),
+            Err(EngineError::VersionConflict { .. })
+        ));
+        assert!(matches!(
+            table.lock().pin_for_read(key(1), ReadVersion::Pending),
+            Err(EngineError::NotFound { .. })
+        ));
+        assert!(table.lock().pins.is_empty(), "every pin was released");
+    }
+
+    #[test]
+    fn durable_view_is_in_key_order_with_prepared_versions() {
+        let mut table = table();
+        for index in [0, 2] {
+            write(&mut table, &update(key(index), 1, 0, 100), 100).expect("write");
+            commit(&mut table, key(index), 1);
+        }
+        let (_, new_chunk) = write(&mut table, &update(key(1), 1, 0, 10), 10).expect("write");
+        let (_, over_committed) = write(&mut table, &update(key(2), 2, 0, 20), 20).expect("write");
+        let (_, unprepared) = write(&mut table, &update(key(3), 1, 0, 30), 30).expect("write");
+        table.apply(&Record::Prepare(new_chunk.meta(key(1), 0)), true);
+        table.apply(&Record::Prepare(over_committed.meta(key(2), 0)), true);
+        let view: Vec<(u32, ChunkVersion, u32)> = table
+            .durable_view()
+            .iter()
+            .map(|m| (m.chunk.index, m.version, m.len))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                (0, ChunkVersion(1), 100),
+                (1, ChunkVersion(1), 10),
+                (2, ChunkVersion(2), 20),
+            ],
+            "unprepared pending versions ({unprepared:?}) are not durable"
+        );
+    }
+}
