@@ -20,6 +20,13 @@
 //!
 //! The engine knows nothing of the network or of chain membership: a chain id
 //! is only a key prefix, and a chain version only a number it stores.
+//!
+//! Where things are: engine.rs has the [`Engine`] handle and its operations,
+//! which decide in the in-memory chunk table (table.rs), do their device I/O
+//! through device_io.rs and make records durable through the journal
+//! (journal.rs); recovery.rs formats and opens a device; format.rs holds
+//! every on-device byte and alloc.rs the slot allocator; config.rs and
+//! request.rs are the settings and the request and outcome types.
 
 pub mod alloc;
 mod config;
