@@ -1,672 +1,103 @@
-//! The engine's in-memory state and its operations: write (copy-on-write or
-//! in-place append), commit, abort, remove, read, and the metadata queries.
+//! The engine handle ([`Engine`]) and its operations: write (copy-on-write or
+//! in-place append, optionally prepared), commit, abort, remove, read, and the
+//! metadata queries. Each operation decides under the chunk table's mutex
+//! what to do (table.rs), does the device I/O without it (device_io.rs), and
+//! where it must be durable, queues a journal record and waits (journal.rs).
 //!
-//! Locking: a striped table of async mutexes serialises operations on one
-//! chunk (held across the operation's I/O); the `State` mutex guards the maps
-//! and the allocator and is never held across an await. Commits and removes
-//! queue a journal record and wait until it is durable; the journal writer
-//! (journal.rs: the journal thread, or in inline mode a committer holding the
-//! writer role) alone applies durable records to the committed map, so the
-//! map always equals the state at the journal head.
+//! Locking: a striped table of async mutexes (`ChunkLocks`) serialises
+//! operations on one chunk (held across the operation's I/O); the chunk
+//! table's mutex guards the maps and the allocator and is never held across
+//! an await. Commits and removes queue a journal record and wait until it is
+//! durable; the journal writer (journal.rs: the journal thread, or in inline
+//! mode a committer holding the writer role) alone applies durable records to
+//! the committed map, so the map always equals the state at the journal head.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
-use flyfs_proto::ids::{
-    ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, RequestId,
-};
-use parking_lot::{Condvar, Mutex};
-// Keys are engine-chosen ids, not attacker-controlled strings, so a fast
-// non-cryptographic hash is safe here; SipHash showed in read profiles.
-use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::watch;
+use flyfs_bypass::{BlockDevice, BufferPool};
+use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
+use parking_lot::Mutex;
 
-use crate::alloc::Allocator;
-use crate::format::{BLOCK, ChunkMeta, Record, SlotId, Superblock};
-use crate::journal::{self, Cursor, Writer};
+use crate::config::EngineConfig;
+use crate::device_io::DeviceIo;
+use crate::format::{ChunkMeta, Record, Superblock};
+use crate::journal::{self, Cursor, Journal};
+use crate::request::{
+    EngineStats, ReadOutcome, ReadRequest, SpaceInfo, WriteOutcome, WriteRequest,
+};
+use crate::table::{ChainUsage, ChunkInfo, ChunkTable, CommitStep, PendingInfo, SlotPin};
 use crate::{ChunkKey, EngineError};
 
-/// How to format a device.
-#[derive(Clone, Debug)]
-pub struct FormatOptions {
-    /// Smallest chunk slot (power of two, at least 4 KiB). Default 64 KiB.
-    pub chunk_size_min: u64,
-    /// Largest chunk slot, and the size of an allocation group (power of two,
-    /// at most 64 MiB). Default 64 MiB.
-    pub chunk_size_max: u64,
-    /// Journal size; default 1% of the device, clamped to 1..256 MiB.
-    pub journal_bytes: Option<u64>,
-    /// Format even over an existing flyfs superblock.
-    pub force: bool,
-}
-
-impl Default for FormatOptions {
-    fn default() -> Self {
-        FormatOptions {
-            chunk_size_min: 64 << 10,
-            chunk_size_max: 64 << 20,
-            journal_bytes: None,
-            force: false,
-        }
-    }
-}
-
-/// Run-time settings of an opened engine.
-#[derive(Clone, Debug)]
-pub struct EngineConfig {
-    /// Largest journal batch written by one group commit.
-    pub batch_bytes_max: usize,
-    /// Write a checkpoint when the live journal exceeds this percentage of
-    /// the journal region.
-    pub checkpoint_percent: u8,
-    /// Who writes journal batches and checkpoints.
-    pub journal: JournalMode,
-}
-
-/// Who writes journal batches and checkpoints (journal.rs). Both modes write
-/// the same batches and give the same guarantees; they differ in where the
-/// work runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum JournalMode {
-    /// A dedicated OS thread per engine: commits complete concurrently with
-    /// the caller's runtime, under any runtime. The production choice.
-    #[default]
-    Thread,
-    /// No thread: a committer that finds no batch in progress writes the
-    /// batch itself (and any checkpoint), for every record queued. Everything
-    /// happens inside the caller's futures, so a single-threaded runtime with
-    /// simulated time (a deterministic simulator) decides when commits
-    /// complete. Committer futures may be dropped at any point.
-    Inline,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            batch_bytes_max: 1 << 20,
-            checkpoint_percent: 50,
-            journal: JournalMode::default(),
-        }
-    }
-}
-
-/// What a write does to a chunk.
-#[derive(Debug)]
-pub enum WriteOp {
-    /// Write `data` at `offset`, keeping the rest of the chunk; a gap between
-    /// the chunk's end and `offset` reads as zeros. `crc` is the CRC32C of
-    /// `data` as the sender computed it.
-    Update { offset: u32, data: DmaBuf, crc: u32 },
-    /// Replace the whole chunk with `data` (resync sends chunks this way).
-    Replace { data: DmaBuf, crc: u32 },
-    /// Cut the chunk to `len` bytes or extend it with zeros.
-    Truncate { len: u32 },
-}
-
-/// A write creating pending version `version` of chunk `key`.
-#[derive(Debug)]
-pub struct WriteRequest {
-    pub key: ChunkKey,
-    /// Must be above the committed version. Replaces any pending version:
-    /// CRAQ serialises updates of one chunk above the engine.
-    pub version: ChunkVersion,
-    pub chain_version: ChainVersion,
-    pub op: WriteOp,
-    pub client: ClientId,
-    pub request: RequestId,
-    /// Make the pending version durable before returning (a journal
-    /// `Prepare` record): [`Engine::commit`] then needs no I/O, and after a
-    /// crash the engine recovers the version as committed. A CRAQ replica
-    /// that is not the tail prepares, so that it can answer its predecessor
-    /// as soon as its successor has committed; the tail does not (its commit
-    /// is the durable record). A prepared write must run to completion: one
-    /// dropped while its record waits for the journal leaves the record to
-    /// become durable later, whatever happened to the chunk meanwhile (the
-    /// storage service never drops a write; rpc does not cancel requests).
-    pub prepare: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WriteOutcome {
-    pub version: ChunkVersion,
-    /// Length and CRC32C of the whole pending chunk.
-    pub len: u32,
-    pub crc: u32,
-    /// Whether the write appended in place rather than copying on write.
-    pub in_place: bool,
-}
-
-/// Which version a read sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadVersion {
-    Committed,
-    Pending,
-    /// Whichever of the committed or pending version has this number (CRAQ's
-    /// apportioned query: the tail names the committed version).
-    Exact(ChunkVersion),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadRequest {
-    pub offset: u32,
-    pub len: u32,
-    pub version: ReadVersion,
-    /// Read the whole chunk and check its CRC32C before returning the range.
-    pub verify: bool,
-}
-
-impl ReadRequest {
-    /// The whole committed chunk, checked against its CRC.
-    pub fn whole_verified() -> ReadRequest {
-        ReadRequest {
-            offset: 0,
-            len: u32::MAX,
-            version: ReadVersion::Committed,
-            verify: true,
-        }
-    }
-
-    pub fn committed(offset: u32, len: u32) -> ReadRequest {
-        ReadRequest {
-            offset,
-            len,
-            version: ReadVersion::Committed,
-            verify: false,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct ReadOutcome {
-    /// The bytes read, clamped to the chunk's length: the window of the buffer.
-    pub data: DmaBuf,
-    pub version: ChunkVersion,
-    pub chunk_len: u32,
-    pub chunk_crc: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingInfo {
-    pub version: ChunkVersion,
-    pub chain_version: ChainVersion,
-    pub slot: SlotId,
-    pub len: u32,
-    pub crc: u32,
-    pub in_place: bool,
-    pub client: ClientId,
-    pub request: RequestId,
-    /// The durable `Prepare` record of this version, once the journal has
-    /// made it durable: committing is then only a change in memory, and
-    /// aborting must record the previous state durably.
-    pub prepared: Option<ChunkMeta>,
-}
-
-/// Everything the engine knows of one chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkInfo {
-    pub key: ChunkKey,
-    pub committed: Option<ChunkMeta>,
-    pub pending: Option<PendingInfo>,
-}
-
-/// Space a chain's committed chunks take.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ChainUsage {
-    pub chunks: u64,
-    /// Sum of chunk lengths.
-    pub used_bytes: u64,
-    /// Sum of slot sizes.
-    pub allocated_bytes: u64,
-}
-
-/// Counters of the journal's work since the engine opened.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Records made durable (commits, prepares, aborts of prepared versions
-    /// and removes).
-    pub records: u64,
-    /// Journal batches written, each with one flush: `records / batches` is
-    /// how well group commit batches.
-    pub batches: u64,
-    pub checkpoints: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub records: std::sync::atomic::AtomicU64,
-    pub batches: std::sync::atomic::AtomicU64,
-    pub checkpoints: std::sync::atomic::AtomicU64,
-}
-
-/// Space of the whole device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SpaceInfo {
-    pub data_bytes: u64,
-    /// Bytes of slots in use, committed and pending.
-    pub allocated_bytes: u64,
-    pub committed_chunks: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Committed {
-    pub meta: ChunkMeta,
-    /// Bytes of the slot ever written while this chunk owned it. An in-place
-    /// append is allowed only past this mark, so it never overwrites bytes a
-    /// concurrent reader of an older or aborted version may be reading.
-    pub slot_written: u32,
-}
-
-pub(crate) struct State {
-    pub committed: BTreeMap<ChunkKey, Committed>,
-    pub pending: FxHashMap<ChunkKey, PendingInfo>,
-    pub alloc: Allocator,
-    /// Readers holding a slot.
-    pins: FxHashMap<SlotId, u32>,
-    /// Slots released while pinned; freed when the last reader lets go.
-    deferred: FxHashSet<SlotId>,
-    pub usage: FxHashMap<ChainId, ChainUsage>,
-}
-
-impl State {
-    pub fn new(alloc: Allocator) -> State {
-        State {
-            committed: BTreeMap::new(),
-            pending: FxHashMap::default(),
-            alloc,
-            pins: FxHashMap::default(),
-            deferred: FxHashSet::default(),
-            usage: FxHashMap::default(),
-        }
-    }
-
-    /// Gives a slot back to the allocator, or defers that while it is read.
-    fn release(&mut self, slot: SlotId) {
-        if self.pins.contains_key(&slot) {
-            self.deferred.insert(slot);
-        } else {
-            self.alloc.free(slot);
-        }
-    }
-
-    fn pin(&mut self, slot: SlotId) {
-        *self.pins.entry(slot).or_default() += 1;
-    }
-
-    fn unpin(&mut self, slot: SlotId) {
-        let count = self
-            .pins
-            .get_mut(&slot)
-            .expect("unpin of a slot that is not pinned");
-        *count -= 1;
-        if *count == 0 {
-            self.pins.remove(&slot);
-            if self.deferred.remove(&slot) {
-                self.alloc.free(slot);
-            }
-        }
-    }
-
-    fn account(&mut self, meta: &ChunkMeta, sign: i64) {
-        let usage = self.usage.entry(meta.chain).or_default();
-        let apply = |value: &mut u64, delta: u64| {
-            *value = if sign > 0 {
-                *value + delta
-            } else {
-                *value - delta
-            };
-        };
-        apply(&mut usage.chunks, 1);
-        apply(&mut usage.used_bytes, u64::from(meta.len));
-        apply(&mut usage.allocated_bytes, meta.slot.bytes());
-    }
-
-    /// Applies a durable journal record. `live` is false during recovery,
-    /// when the allocator is rebuilt afterwards instead of kept in step, and
-    /// a prepared version counts as committed.
-    pub fn apply(&mut self, record: &Record, live: bool) {
-        match record {
-            Record::Prepare(meta) if live => {
-                let key = ChunkKey::new(meta.chain, meta.chunk);
-                let pending = self.pending.get_mut(&key);
-                debug_assert!(
-                    pending
-                        .as_ref()
-                        .is_some_and(|p| p.version == meta.version && p.slot == meta.slot),
-                    "a Prepare record is applied while its write, not dropped, holds the chunk lock"
-                );
-                if let Some(p) = pending
-                    && p.version == meta.version
-                    && p.slot == meta.slot
-                {
-                    p.prepared = Some(*meta);
-                }
-            }
-            Record::Put(meta) | Record::Prepare(meta) => {
-                let key = ChunkKey::new(meta.chain, meta.chunk);
-                let old = self.committed.get(&key).copied();
-                let slot_written = match old {
-                    Some(old) if old.meta.slot == meta.slot => old.slot_written.max(meta.len),
-                    _ => meta.len,
-                };
-                self.committed.insert(
-                    key,
-                    Committed {
-                        meta: *meta,
-                        slot_written,
-                    },
-                );
-                self.account(meta, 1);
-                if let Some(old) = old {
-                    self.account(&old.meta, -1);
-                    if live && old.meta.slot != meta.slot {
-                        self.release(old.meta.slot);
-                    }
-                }
-                match self.pending.get(&key).copied() {
-                    // The commit of this pending version.
-                    Some(p) if p.version == meta.version && p.slot == meta.slot => {
-                        self.pending.remove(&key);
-                    }
-                    // A prepared version aborted: the record restores the
-                    // state before it.
-                    Some(p) if p.prepared.is_some() => {
-                        self.pending.remove(&key);
-                        if live && !p.in_place {
-                            self.release(p.slot);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            Record::Remove { chain, chunk } => {
-                let key = ChunkKey::new(*chain, *chunk);
-                if let Some(old) = self.committed.remove(&key) {
-                    self.account(&old.meta, -1);
-                    if live {
-                        self.release(old.meta.slot);
-                    }
-                }
-                if let Some(pending) = self.pending.remove(&key)
-                    && !pending.in_place
-                {
-                    self.release(pending.slot);
-                }
-            }
-        }
-    }
-
-    /// The state recovery would find, in key order: every committed chunk,
-    /// with its prepared version where it has one, and the prepared versions
-    /// of chunks not yet committed. A checkpoint stores exactly this.
-    pub fn durable_view(&self) -> Vec<ChunkMeta> {
-        let mut extra: Vec<ChunkMeta> = self
-            .pending
-            .iter()
-            .filter(|(key, _)| !self.committed.contains_key(key))
-            .filter_map(|(_, p)| p.prepared)
-            .collect();
-        extra.sort_unstable_by_key(|m| ChunkKey::new(m.chain, m.chunk));
-        let mut extra = extra.into_iter().peekable();
-        let mut view = Vec::with_capacity(self.committed.len() + extra.len());
-        for (key, committed) in &self.committed {
-            while let Some(m) = extra.next_if(|m| ChunkKey::new(m.chain, m.chunk) < *key) {
-                view.push(m);
-            }
-            let prepared = self.pending.get(key).and_then(|p| p.prepared);
-            view.push(prepared.unwrap_or(committed.meta));
-        }
-        view.extend(extra);
-        view
-    }
-
-    fn info(&self, key: ChunkKey) -> Option<ChunkInfo> {
-        let committed = self.committed.get(&key).map(|c| c.meta);
-        let pending = self.pending.get(&key).copied();
-        (committed.is_some() || pending.is_some()).then_some(ChunkInfo {
-            key,
-            committed,
-            pending,
-        })
-    }
-}
-
-/// Records waiting for the journal writer. A record stays here until its
-/// batch is durable; only the journal writer removes records.
-pub(crate) struct JournalQueue {
-    pub records: std::collections::VecDeque<Record>,
-    pub submitted: u64,
-    /// Records removed from the queue: durable, or failed with the journal.
-    pub taken: u64,
-    pub shutdown: bool,
-}
-
-/// What the journal has made durable, published to waiting committers.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Durability {
-    /// Records (counted in submission order) that are durable.
-    pub records: u64,
-    /// Set when the journal failed; later records will never be durable.
-    pub error: Option<Arc<str>>,
-}
-
-const LOCK_STRIPES: usize = 1024;
-
-/// Shared by the engine handles, the journal thread and read guards.
-pub(crate) struct Core<D> {
-    pub dev: D,
-    pub device: Arc<str>,
-    pub sb: Superblock,
-    pub pool: BufferPool,
+/// One open engine: what its handles ([`Engine`]), its journal thread and
+/// its readers' pins share.
+pub(crate) struct OpenEngine<D> {
+    pub device: DeviceIo<D>,
     pub config: EngineConfig,
-    pub state: Mutex<State>,
-    pub queue: Mutex<JournalQueue>,
-    /// Wakes the journal thread (thread mode only).
-    pub queue_cv: Condvar,
-    pub durable: watch::Sender<Durability>,
-    /// The journal writer role: its holder alone writes batches and
-    /// checkpoints. An async mutex, so that inline committers can wait for
-    /// it on a single-threaded runtime.
-    pub writer: tokio::sync::Mutex<Writer>,
-    pub counters: Counters,
-    poison: Mutex<Option<Arc<str>>>,
-    locks: Box<[tokio::sync::Mutex<()>]>,
+    pub table: Mutex<ChunkTable>,
+    pub journal: Journal,
+    chunk_locks: ChunkLocks,
 }
 
-impl<D: BlockDevice> Core<D> {
+impl<D: BlockDevice> OpenEngine<D> {
     pub fn new(
         dev: D,
         sb: Superblock,
         pool: BufferPool,
         config: EngineConfig,
-        state: State,
+        table: ChunkTable,
         cursor: Cursor,
-    ) -> Core<D> {
-        Core {
-            device: Arc::from(dev.name()),
-            dev,
-            sb,
-            pool,
+    ) -> OpenEngine<D> {
+        OpenEngine {
+            device: DeviceIo::new(dev, sb, pool),
             config,
-            state: Mutex::new(state),
-            queue: Mutex::new(JournalQueue {
-                records: Default::default(),
-                submitted: 0,
-                taken: 0,
-                shutdown: false,
-            }),
-            queue_cv: Condvar::new(),
-            durable: watch::Sender::new(Durability::default()),
-            writer: tokio::sync::Mutex::new(Writer::new(cursor)),
-            counters: Counters::default(),
-            poison: Mutex::new(None),
-            locks: (0..LOCK_STRIPES)
+            table: Mutex::new(table),
+            journal: Journal::new(cursor),
+            chunk_locks: ChunkLocks::new(),
+        }
+    }
+}
+
+const LOCK_STRIPES: usize = 1024;
+
+/// Serialise operations on one chunk, held across the operation's I/O. A
+/// fixed table of stripes, so that no lock is created or removed per chunk.
+struct ChunkLocks {
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl ChunkLocks {
+    fn new() -> ChunkLocks {
+        ChunkLocks {
+            stripes: (0..LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         }
     }
 
-    pub fn slot_offset(&self, slot: SlotId) -> u64 {
-        self.sb.slot_offset(slot)
-    }
-
-    pub fn poison(&self, reason: &str) {
-        let mut poison = self.poison.lock();
-        if poison.is_none() {
-            tracing::error!(device = %self.device, %reason, "chunk engine poisoned: refusing writes");
-            *poison = Some(Arc::from(reason));
-        }
-    }
-
-    pub fn poisoned(&self) -> Option<Arc<str>> {
-        self.poison.lock().clone()
-    }
-
-    fn check_writable(&self) -> Result<(), EngineError> {
-        match self.poisoned() {
-            Some(reason) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    pub fn device_error(
-        &self,
-        context: impl Into<String>,
-        source: flyfs_bypass::DeviceError,
-    ) -> EngineError {
-        EngineError::Device {
-            device: self.device.clone(),
-            context: context.into(),
-            source,
-        }
-    }
-
-    /// Reads `len` bytes (block multiples) at device `offset` into a pool
-    /// buffer. `what` names the data for an error, and runs only on error.
-    pub async fn read_at(
-        &self,
-        offset: u64,
-        len: usize,
-        what: impl Fn() -> String,
-    ) -> Result<DmaBuf, EngineError> {
-        let buf = self.pool.alloc(len);
-        self.dev
-            .read(offset, buf)
-            .await
-            .into_result()
-            .map_err(|e| self.device_error(format!("reading {}", what()), e))
-    }
-
-    /// A failed write or flush may have lost acknowledged-looking data: poison.
-    pub async fn write_at(
-        &self,
-        offset: u64,
-        buf: DmaBuf,
-        what: impl Fn() -> String,
-    ) -> Result<(), EngineError> {
-        let result = self.dev.write(offset, buf).await.result;
-        result.map_err(|e| {
-            let error = self.device_error(format!("writing {}", what()), e);
-            self.poison(&error.to_string());
-            error
-        })
-    }
-
-    pub async fn flush(&self, what: &str) -> Result<(), EngineError> {
-        self.dev.flush().await.map_err(|e| {
-            let error = self.device_error(format!("flushing {what}"), e);
-            self.poison(&error.to_string());
-            error
-        })
-    }
-
-    fn lock(&self, key: ChunkKey) -> &tokio::sync::Mutex<()> {
+    fn for_key(&self, key: ChunkKey) -> &tokio::sync::Mutex<()> {
         // A cheap mix of the key's fields; stripes only need to spread chunks.
         let hash = (u64::from(key.chain.0).wrapping_mul(0x9e37_79b9_7f4a_7c15))
             ^ key.chunk.inode.0.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
             ^ u64::from(key.chunk.index).wrapping_mul(0x1656_67b1_9e37_79f9);
-        &self.locks[(hash >> 32) as usize % LOCK_STRIPES]
+        &self.stripes[(hash >> 32) as usize % LOCK_STRIPES]
     }
-
-    /// Queues a record for the journal and waits until it is durable; in
-    /// inline mode, writing batches itself while no one else does.
-    async fn journal(&self, record: Record) -> Result<(), EngineError> {
-        let mut durable = self.durable.subscribe();
-        let seq = {
-            let mut queue = self.queue.lock();
-            queue.records.push_back(record);
-            queue.submitted += 1;
-            queue.submitted
-        };
-        match self.config.journal {
-            JournalMode::Thread => {
-                self.queue_cv.notify_one();
-            }
-            JournalMode::Inline => journal::write_inline(self, &mut durable, seq).await,
-        }
-        let outcome = durable
-            .wait_for(|d| d.records >= seq || d.error.is_some())
-            .await;
-        match outcome {
-            Ok(d) if d.records >= seq => Ok(()),
-            Ok(d) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason: d
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| Arc::from("journal failed")),
-            }),
-            Err(_) => Err(EngineError::Poisoned {
-                device: self.device.clone(),
-                reason: Arc::from("engine closed"),
-            }),
-        }
-    }
-}
-
-/// Unpins a slot when a read ends, however it ends.
-struct PinGuard<'a, D> {
-    core: &'a Core<D>,
-    slot: SlotId,
-}
-
-impl<D> Drop for PinGuard<'_, D> {
-    fn drop(&mut self) {
-        self.core.state.lock().unpin(self.slot);
-    }
-}
-
-/// How a write will lay out its new pending version.
-enum Plan {
-    /// Append past the committed length into the same slot.
-    InPlace { slot: SlotId, base: ChunkMeta },
-    /// Build the new contents in a fresh slot.
-    Cow {
-        slot: SlotId,
-        base: Option<ChunkMeta>,
-    },
-    /// Shrink: same slot, shorter length.
-    Shrink { base: ChunkMeta },
 }
 
 /// A chunk engine on device `D`. Clones share the engine; the journal thread
 /// (if any) stops when the last clone is dropped.
 pub struct Engine<D: BlockDevice> {
-    pub(crate) core: Arc<Core<D>>,
-    _inner: Arc<Inner<D>>,
+    engine: Arc<OpenEngine<D>>,
+    _journal_thread: Arc<JournalThread<D>>,
 }
 
 impl<D: BlockDevice> Clone for Engine<D> {
     fn clone(&self) -> Self {
         Engine {
-            core: self.core.clone(),
-            _inner: self._inner.clone(),
+            engine: self.engine.clone(),
+            _journal_thread: self._journal_thread.clone(),
         }
     }
 }
@@ -674,23 +105,27 @@ impl<D: BlockDevice> Clone for Engine<D> {
 impl<D: BlockDevice> std::fmt::Debug for Engine<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("device", &self.core.device)
+            .field("device", &self.engine.device.name)
             .finish_non_exhaustive()
     }
 }
 
-pub(crate) struct Inner<D> {
-    core: Arc<Core<D>>,
+/// The journal thread (thread mode; `None` in inline mode), stopped and
+/// joined when the last [`Engine`] handle is dropped. The thread itself holds
+/// the open engine too, so the engine's own reference count cannot say when
+/// the last handle is gone.
+struct JournalThread<D> {
+    engine: Arc<OpenEngine<D>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<D> Drop for Inner<D> {
+impl<D> Drop for JournalThread<D> {
     // In inline mode there is no thread to stop: no committer future can
     // outlive the last handle (each borrows one), so no one writes any more.
     // Records of dropped committers still queued were never acknowledged.
     fn drop(&mut self) {
-        self.core.queue.lock().shutdown = true;
-        self.core.queue_cv.notify_all();
+        self.engine.journal.queue.lock().shutdown = true;
+        self.engine.journal.queue_cv.notify_all();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
@@ -703,212 +138,69 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn round_up(len: u64) -> u64 {
-    len.next_multiple_of(BLOCK)
-}
-
-/// Returns `data` ready to write from its window start, padded with zeros to
-/// a block multiple, if its memory allows that without copying.
-fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
-    let start = data.window_start();
-    let len = data.len();
-    let padded = round_up(len as u64) as usize;
-    if !start.is_multiple_of(BLOCK as usize) || data.capacity() - start < padded {
-        return Err(data);
-    }
-    if padded == len {
-        // Nothing to pad; `data` may be a read-only view of a received payload.
-        return Ok(data);
-    }
-    if data.is_read_only() {
-        return Err(data);
-    }
-    data.full_mut()[start + len..start + padded].fill(0);
-    data.set_window(start, padded);
-    Ok(data)
-}
-
 impl<D: BlockDevice> Engine<D> {
-    pub(crate) fn from_core(core: Arc<Core<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
-        let inner = Arc::new(Inner {
-            core: core.clone(),
+    /// The first handle of an engine that recovery has opened.
+    pub(crate) fn new(engine: Arc<OpenEngine<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
+        let journal_thread = Arc::new(JournalThread {
+            engine: engine.clone(),
             thread: Mutex::new(thread),
         });
         Engine {
-            core,
-            _inner: inner,
+            engine,
+            _journal_thread: journal_thread,
         }
     }
 
     pub fn superblock(&self) -> &Superblock {
-        &self.core.sb
+        &self.engine.device.sb
     }
 
     pub fn pool(&self) -> &BufferPool {
-        &self.core.pool
+        &self.engine.device.pool
     }
 
     pub fn device(&self) -> &D {
-        &self.core.dev
+        &self.engine.device.dev
     }
 
     /// Largest chunk length.
     pub fn chunk_size_max(&self) -> u32 {
-        self.core.sb.group_bytes() as u32
+        self.engine.device.sb.group_bytes() as u32
     }
 
     /// Why the engine refuses writes, if it does.
     pub fn poisoned(&self) -> Option<Arc<str>> {
-        self.core.poisoned()
+        self.engine.device.poisoned()
     }
 
-    fn class_for(&self, len: u64) -> u8 {
-        let sb = &self.core.sb;
-        (len.max(1).next_power_of_two().trailing_zeros() as u8).max(sb.class_log2_min)
-    }
-
-    fn invalid(key: ChunkKey, reason: impl Into<String>) -> EngineError {
-        EngineError::InvalidRequest {
-            key,
-            reason: reason.into(),
-        }
-    }
-
-    /// Creates pending version `req.version` of a chunk. See [`WriteOp`].
+    /// Creates pending version `req.version` of a chunk. See [`WriteOp`](crate::WriteOp).
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, EngineError> {
-        let core = &*self.core;
+        let engine = &*self.engine;
         let key = req.key;
-        let max = core.sb.group_bytes();
         // Validate the payload before taking any lock.
-        let (offset, data_len, new_end) = match &req.op {
-            WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
-                let offset = if let WriteOp::Update { offset, .. } = req.op {
-                    offset
-                } else {
-                    0
-                };
-                let computed = crc32c::crc32c(data);
-                if computed != *crc {
-                    return Err(EngineError::Checksum {
-                        key,
-                        what: "write payload",
-                        expected: *crc,
-                        computed,
-                    });
-                }
-                (
-                    offset,
-                    data.len() as u64,
-                    u64::from(offset) + data.len() as u64,
-                )
-            }
-            WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
-        };
-        if new_end > max {
-            return Err(Self::invalid(
-                key,
-                format!("ends at byte {new_end}, past the largest chunk size {max}"),
-            ));
-        }
-        if req.version.0 == 0 {
-            return Err(Self::invalid(
-                key,
-                "version 0 is reserved for a chunk that does not exist",
-            ));
-        }
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
+        let extent = req.extent(engine.device.sb.group_bytes())?;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         // Checked again: the engine may have been poisoned while we waited.
-        core.check_writable()?;
+        engine.device.check_writable()?;
 
-        let plan = {
-            let mut state = core.state.lock();
-            let base = state.committed.get(&key).copied();
-            // A prepared version is durable: only its commit or abort may
-            // end it, never a write that would silently replace it.
-            if let Some(p) = state.pending.get(&key)
-                && p.prepared.is_some()
-            {
-                return Err(EngineError::VersionConflict {
-                    key,
-                    requested: req.version,
-                    committed: base.map(|b| b.meta.version),
-                    pending: Some(p.version),
-                });
-            }
-            if let Some(base) = base
-                && req.version <= base.meta.version
-            {
-                return Err(EngineError::VersionConflict {
-                    key,
-                    requested: req.version,
-                    committed: Some(base.meta.version),
-                    pending: state.pending.get(&key).map(|p| p.version),
-                });
-            }
-            let base_len = base.map_or(0, |b| u64::from(b.meta.len));
-            let (new_len, appends) = match &req.op {
-                WriteOp::Update { .. } => (base_len.max(new_end), u64::from(offset) >= base_len),
-                WriteOp::Replace { .. } => (data_len, false),
-                WriteOp::Truncate { len } => (u64::from(*len), u64::from(*len) >= base_len),
-            };
-            match base {
-                Some(b) if matches!(req.op, WriteOp::Truncate { .. }) && new_len <= base_len => {
-                    Plan::Shrink { base: b.meta }
-                }
-                Some(b)
-                    if appends
-                        && base_len >= u64::from(b.slot_written)
-                        && new_len <= b.meta.slot.bytes() =>
-                {
-                    Plan::InPlace {
-                        slot: b.meta.slot,
-                        base: b.meta,
-                    }
-                }
-                _ => {
-                    let class = self.class_for(new_len);
-                    let slot = state
-                        .alloc
-                        .allocate(class)
-                        .ok_or_else(|| EngineError::NoSpace {
-                            device: core.device.clone(),
-                            slot_bytes: 1 << class,
-                        })?;
-                    // A replace keeps nothing of the old contents.
-                    let base = if matches!(req.op, WriteOp::Replace { .. }) {
-                        None
-                    } else {
-                        base.map(|b| b.meta)
-                    };
-                    Plan::Cow { slot, base }
-                }
-            }
-        };
-
-        let prepare = req.prepare;
-        let result = self.write_plan(key, &plan, req.op).await;
-        let (slot, in_place, len, crc) = {
-            let mut state = core.state.lock();
+        let plan = engine.table.lock().plan_write(
+            &req,
+            extent,
+            engine.device.sb.class_log2_min,
+            &engine.device.name,
+        )?;
+        let result = engine.device.write_plan(key, &plan, req.op).await;
+        let pending = {
+            let mut table = engine.table.lock();
             let (len, crc) = match result {
                 Ok(done) => done,
                 Err(error) => {
-                    if let Plan::Cow { slot, .. } = plan {
-                        state.release(slot);
-                    }
+                    table.abandon_write(&plan);
                     return Err(error);
                 }
             };
-            let (slot, in_place) = match plan {
-                Plan::InPlace { slot, .. } => (slot, true),
-                Plan::Shrink { base } => (base.slot, true),
-                Plan::Cow { slot, .. } => (slot, false),
-            };
-            if let Plan::InPlace { .. } = plan
-                && let Some(committed) = state.committed.get_mut(&key)
-            {
-                committed.slot_written = committed.slot_written.max(len);
-            }
+            let (slot, in_place) = plan.target();
             let pending = PendingInfo {
                 version: req.version,
                 chain_version: req.chain_version,
@@ -920,175 +212,26 @@ impl<D: BlockDevice> Engine<D> {
                 request: req.request,
                 prepared: None,
             };
-            // The replaced pending version (if any) goes only now, so that a
-            // failed write changes nothing.
-            let replaced = state.pending.insert(key, pending);
-            if let Some(old) = replaced
-                && !old.in_place
-            {
-                state.release(old.slot);
-            }
-            (slot, in_place, len, crc)
+            table.install_pending(key, &plan, pending);
+            pending
         };
-        if prepare {
-            let meta = ChunkMeta {
-                chain: key.chain,
-                chunk: key.chunk,
-                slot,
-                len,
-                version: req.version,
-                chain_version: req.chain_version,
-                crc,
-                timestamp_us: now_us(),
-                client: req.client,
-                request: req.request,
-            };
+        if req.prepare {
+            let meta = pending.meta(key, now_us());
             // Applying the durable record marks the pending version prepared.
-            if let Err(error) = core.journal(Record::Prepare(meta)).await {
+            if let Err(error) = journal::submit(engine, Record::Prepare(meta)).await {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
-                let mut state = core.state.lock();
-                if state
-                    .pending
-                    .get(&key)
-                    .is_some_and(|p| p.version == req.version && p.slot == slot)
-                {
-                    state.pending.remove(&key);
-                    if !in_place {
-                        state.release(slot);
-                    }
-                }
+                engine.table.lock().drop_unprepared(key, &pending);
                 return Err(error);
             }
         }
         Ok(WriteOutcome {
             version: req.version,
-            len,
-            crc,
-            in_place,
+            len: pending.len,
+            crc: pending.crc,
+            in_place: pending.in_place,
         })
-    }
-
-    /// Does the I/O of a write; returns the new length and CRC.
-    async fn write_plan(
-        &self,
-        key: ChunkKey,
-        plan: &Plan,
-        op: WriteOp,
-    ) -> Result<(u32, u32), EngineError> {
-        let core = &*self.core;
-        let what = || format!("{key:?}");
-        // The new bytes, as (offset, data, crc of data); a truncate that
-        // extends is an update with zeros.
-        let (offset, data, data_crc) = match op {
-            WriteOp::Update { offset, data, crc } => (offset, data, crc),
-            WriteOp::Replace { data, crc } => (0, data, crc),
-            WriteOp::Truncate { len } => {
-                let base_len = match plan {
-                    Plan::Shrink { base } => {
-                        let buf = core
-                            .read_at(
-                                core.slot_offset(base.slot),
-                                round_up(u64::from(len)) as usize,
-                                what,
-                            )
-                            .await?;
-                        return Ok((len, crc32c::crc32c(&buf[..len as usize])));
-                    }
-                    Plan::InPlace { base, .. } => base.len,
-                    Plan::Cow { base, .. } => base.map_or(0, |b| b.len),
-                };
-                let zeros = DmaBuf::alloc_zeroed((len - base_len) as usize);
-                let crc = crc32c::crc32c(&zeros);
-                (base_len, zeros, crc)
-            }
-        };
-        let data_len = data.len() as u32;
-        match *plan {
-            Plan::Shrink { .. } => unreachable!("only a truncate shrinks"),
-            Plan::InPlace { slot, base } => {
-                let aligned = base.len & !(BLOCK as u32 - 1);
-                let new_len = offset + data_len;
-                // Fast path: block-aligned append straight from the caller's buffer.
-                let data = if aligned == base.len && offset == base.len {
-                    match padded_in_place(data) {
-                        Ok(buf) => {
-                            core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
-                                .await?;
-                            let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
-                            return Ok((new_len, crc));
-                        }
-                        Err(data) => data,
-                    }
-                } else {
-                    data
-                };
-                let io_len = round_up(u64::from(new_len - aligned)) as usize;
-                let mut buf = core.pool.alloc(io_len);
-                if aligned < base.len {
-                    // The block holding the committed tail is rewritten with
-                    // the same committed bytes: sector writes are atomic, so
-                    // a torn write leaves them intact either way.
-                    let head = core
-                        .read_at(
-                            core.slot_offset(slot) + u64::from(aligned),
-                            BLOCK as usize,
-                            what,
-                        )
-                        .await?;
-                    buf[..BLOCK as usize].copy_from_slice(&head);
-                }
-                let tail_start = (base.len - aligned) as usize;
-                let data_start = (offset - aligned) as usize;
-                buf[tail_start..data_start].fill(0);
-                buf[data_start..data_start + data.len()].copy_from_slice(&data);
-                buf[data_start + data.len()..].fill(0);
-                let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
-                let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
-                core.write_at(core.slot_offset(slot) + u64::from(aligned), buf, what)
-                    .await?;
-                Ok((new_len, crc))
-            }
-            Plan::Cow { slot, base } => {
-                let base_len = base.map_or(0, |b| b.len);
-                let new_len = base_len.max(offset + data_len);
-                let covers_base = offset == 0 && data_len >= base_len;
-                let data = if covers_base {
-                    match padded_in_place(data) {
-                        Ok(buf) => {
-                            core.write_at(core.slot_offset(slot), buf, what).await?;
-                            return Ok((new_len, data_crc));
-                        }
-                        Err(data) => data,
-                    }
-                } else {
-                    data
-                };
-                let io_len = round_up(u64::from(new_len)) as usize;
-                let mut buf = core.pool.alloc(io_len);
-                let mut filled = 0usize;
-                if let Some(base) = base
-                    && !covers_base
-                    && base.len > 0
-                {
-                    let base_io = round_up(u64::from(base.len)) as usize;
-                    buf.set_len(base_io);
-                    let done = core.dev.read(core.slot_offset(base.slot), buf).await;
-                    buf = done.buf;
-                    done.result.map_err(|e| {
-                        core.device_error(format!("reading {} for copy-on-write", what()), e)
-                    })?;
-                    buf.set_len(io_len);
-                    filled = base.len as usize;
-                }
-                buf[filled..].fill(0);
-                buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
-                let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                core.write_at(core.slot_offset(slot), buf, what).await?;
-                Ok((new_len, crc))
-            }
-        }
     }
 
     /// Makes pending version `version` the committed one, durably. Committing
@@ -1099,49 +242,15 @@ impl<D: BlockDevice> Engine<D> {
         key: ChunkKey,
         version: ChunkVersion,
     ) -> Result<ChunkMeta, EngineError> {
-        let core = &*self.core;
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
-        let meta = {
-            let mut state = core.state.lock();
-            let committed = state.committed.get(&key).map(|c| c.meta);
-            match state.pending.get(&key) {
-                Some(&PendingInfo {
-                    version: v,
-                    prepared: Some(meta),
-                    ..
-                }) if v == version => {
-                    // Exactly what recovery makes of the Prepare record.
-                    state.apply(&Record::Put(meta), true);
-                    return Ok(meta);
-                }
-                Some(p) if p.version == version => ChunkMeta {
-                    chain: key.chain,
-                    chunk: key.chunk,
-                    slot: p.slot,
-                    len: p.len,
-                    version,
-                    chain_version: p.chain_version,
-                    crc: p.crc,
-                    timestamp_us: now_us(),
-                    client: p.client,
-                    request: p.request,
-                },
-                pending => match committed {
-                    Some(meta) if meta.version == version => return Ok(meta),
-                    None if pending.is_none() => return Err(EngineError::NotFound { key }),
-                    _ => {
-                        return Err(EngineError::VersionConflict {
-                            key,
-                            requested: version,
-                            committed: committed.map(|m| m.version),
-                            pending: pending.map(|p| p.version),
-                        });
-                    }
-                },
-            }
+        let engine = &*self.engine;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
+        let step = engine.table.lock().commit_step(key, version)?;
+        let meta = match step {
+            CommitStep::Done(meta) => return Ok(meta),
+            CommitStep::Record(pending) => pending.meta(key, now_us()),
         };
-        core.journal(Record::Put(meta)).await?;
+        journal::submit(engine, Record::Put(meta)).await?;
         Ok(meta)
     }
 
@@ -1149,171 +258,58 @@ impl<D: BlockDevice> Engine<D> {
     /// version. A prepared version is durable, so its abort is too: a `Put`
     /// of the committed state (or a `Remove` when there is none) ends it.
     pub async fn abort(&self, key: ChunkKey, version: ChunkVersion) -> Result<(), EngineError> {
-        let core = &*self.core;
-        let _chunk_lock = core.lock(key).lock().await;
-        let restore = {
-            let state = core.state.lock();
-            match state.pending.get(&key) {
-                Some(p) if p.version == version && p.prepared.is_some() => {
-                    Some(state.committed.get(&key).map_or(
-                        Record::Remove {
-                            chain: key.chain,
-                            chunk: key.chunk,
-                        },
-                        |c| Record::Put(c.meta),
-                    ))
-                }
-                _ => None,
-            }
-        };
+        let engine = &*self.engine;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
+        let restore = engine.table.lock().abort_record(key, version);
         if let Some(record) = restore {
-            core.check_writable()?;
+            engine.device.check_writable()?;
             // Applying the durable record drops the prepared version.
-            return core.journal(record).await;
+            return journal::submit(engine, record).await;
         }
-        let mut state = core.state.lock();
-        match state.pending.get(&key).copied() {
-            None => Ok(()),
-            Some(p) if p.version == version => {
-                state.pending.remove(&key);
-                if !p.in_place {
-                    state.release(p.slot);
-                }
-                Ok(())
-            }
-            Some(p) => Err(EngineError::VersionConflict {
-                key,
-                requested: version,
-                committed: state.committed.get(&key).map(|c| c.meta.version),
-                pending: Some(p.version),
-            }),
-        }
+        engine.table.lock().abort_pending(key, version)
     }
 
     /// Removes a chunk, durably, with any pending version. Returns whether
     /// it existed. A failed remove changes nothing.
     pub async fn remove(&self, key: ChunkKey) -> Result<bool, EngineError> {
-        let core = &*self.core;
-        core.check_writable()?;
-        let _chunk_lock = core.lock(key).lock().await;
-        core.check_writable()?;
-        let (pending, prepared, committed) = {
-            let state = core.state.lock();
-            let pending = state.pending.get(&key);
-            (
-                pending.is_some(),
-                pending.is_some_and(|p| p.prepared.is_some()),
-                state.committed.contains_key(&key),
-            )
-        };
-        if committed || prepared {
+        let engine = &*self.engine;
+        engine.device.check_writable()?;
+        let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
+        engine.device.check_writable()?;
+        let presence = engine.table.lock().presence(key);
+        if presence.committed || presence.prepared {
             // Applying the durable record drops the pending version too.
-            core.journal(Record::Remove {
-                chain: key.chain,
-                chunk: key.chunk,
-            })
+            journal::submit(
+                engine,
+                Record::Remove {
+                    chain: key.chain,
+                    chunk: key.chunk,
+                },
+            )
             .await?;
-        } else if pending {
-            let mut state = core.state.lock();
-            let p = state
-                .pending
-                .remove(&key)
-                .expect("pending version checked under the chunk lock");
-            state.release(p.slot);
+        } else if presence.pending {
+            engine.table.lock().remove_pending(key);
         }
-        Ok(committed || pending)
+        Ok(presence.committed || presence.pending)
     }
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
-        let core = &*self.core;
-        let (slot, len, crc, version) = {
-            let mut state = core.state.lock();
-            let committed = state.committed.get(&key).map(|c| c.meta);
-            let pending = state.pending.get(&key).copied();
-            let from_committed = |m: ChunkMeta| (m.slot, m.len, m.crc, m.version);
-            let from_pending = |p: PendingInfo| (p.slot, p.len, p.crc, p.version);
-            let found = match req.version {
-                ReadVersion::Committed => committed.map(from_committed),
-                ReadVersion::Pending => pending.map(from_pending),
-                ReadVersion::Exact(v) => pending
-                    .filter(|p| p.version == v)
-                    .map(from_pending)
-                    .or(committed.filter(|m| m.version == v).map(from_committed)),
-            };
-            let Some(found) = found else {
-                return Err(match req.version {
-                    _ if committed.is_none() && pending.is_none() => EngineError::NotFound { key },
-                    ReadVersion::Committed => EngineError::NotFound { key },
-                    ReadVersion::Pending | ReadVersion::Exact(_) => EngineError::VersionConflict {
-                        key,
-                        requested: match req.version {
-                            ReadVersion::Exact(v) => v,
-                            _ => ChunkVersion(0),
-                        },
-                        committed: committed.map(|m| m.version),
-                        pending: pending.map(|p| p.version),
-                    },
-                });
-            };
-            state.pin(found.0);
-            found
-        };
-        let _pin = PinGuard { core, slot };
-        let start = req.offset.min(len);
-        let end = start.saturating_add(req.len).min(len);
-        let (io_start, io_end) = if req.verify {
-            (0, round_up(u64::from(len)))
-        } else {
-            (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
-        };
-        if io_end == io_start {
-            return Ok(ReadOutcome {
-                data: core.pool.alloc(0),
-                version,
-                chunk_len: len,
-                chunk_crc: crc,
-            });
-        }
-        let mut data = core
-            .read_at(
-                core.slot_offset(slot) + io_start,
-                (io_end - io_start) as usize,
-                || format!("{key:?}"),
-            )
-            .await?;
-        if req.verify {
-            let computed = crc32c::crc32c(&data[..len as usize]);
-            if computed != crc {
-                return Err(EngineError::Checksum {
-                    key,
-                    what: "chunk data",
-                    expected: crc,
-                    computed,
-                });
-            }
-        }
-        data.set_window(
-            (u64::from(start) - io_start) as usize,
-            (end - start) as usize,
-        );
-        Ok(ReadOutcome {
-            data,
-            version,
-            chunk_len: len,
-            chunk_crc: crc,
-        })
+        let engine = &*self.engine;
+        let target = engine.table.lock().pin_for_read(key, req.version)?;
+        let _pin = SlotPin::new(&engine.table, target.slot);
+        engine.device.read_pinned(key, target, req).await
     }
 
     /// What the engine knows of one chunk.
     pub fn stat(&self, key: ChunkKey) -> Option<ChunkInfo> {
-        self.core.state.lock().info(key)
+        self.engine.table.lock().info(key)
     }
 
     /// The committed chunk of `inode` on `chain` with the highest index: where
     /// a file ends on this chain. One ordered-map lookup.
     pub fn last_chunk(&self, chain: ChainId, inode: InodeId) -> Option<ChunkInfo> {
-        let state = self.core.state.lock();
+        let table = self.engine.table.lock();
         let from = ChunkKey::new(chain, ChunkId { inode, index: 0 });
         let to = ChunkKey::new(
             chain,
@@ -1322,8 +318,8 @@ impl<D: BlockDevice> Engine<D> {
                 index: u32::MAX,
             },
         );
-        let (key, _) = state.committed.range(from..=to).next_back()?;
-        state.info(*key)
+        let (key, _) = table.committed.range(from..=to).next_back()?;
+        table.info(*key)
     }
 
     /// Committed chunks of `chain` whose ids lie in `range`, in order, at most
@@ -1345,19 +341,19 @@ impl<D: BlockDevice> Engine<D> {
             }
             b => bound(b),
         };
-        let state = self.core.state.lock();
-        state
+        let table = self.engine.table.lock();
+        table
             .committed
             .range((start, end))
             .take(limit)
-            .filter_map(|(key, _)| state.info(*key))
+            .filter_map(|(key, _)| table.info(*key))
             .collect()
     }
 
     /// Space used by `chain`'s committed chunks.
     pub fn chain_usage(&self, chain: ChainId) -> ChainUsage {
-        self.core
-            .state
+        self.engine
+            .table
             .lock()
             .usage
             .get(&chain)
@@ -1367,29 +363,22 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Chains with committed chunks on this engine.
     pub fn chains(&self) -> Vec<ChainId> {
-        let mut chains: Vec<ChainId> = self.core.state.lock().usage.keys().copied().collect();
+        let mut chains: Vec<ChainId> = self.engine.table.lock().usage.keys().copied().collect();
         chains.sort();
         chains
     }
 
     pub fn stats(&self) -> EngineStats {
-        let load = |counter: &std::sync::atomic::AtomicU64| {
-            counter.load(std::sync::atomic::Ordering::Relaxed)
-        };
-        let counters = &self.core.counters;
-        EngineStats {
-            records: load(&counters.records),
-            batches: load(&counters.batches),
-            checkpoints: load(&counters.checkpoints),
-        }
+        self.engine.journal.counters.snapshot()
     }
 
     pub fn space(&self) -> SpaceInfo {
-        let state = self.core.state.lock();
+        let table = self.engine.table.lock();
         SpaceInfo {
-            data_bytes: u64::from(self.core.sb.group_count) * self.core.sb.group_bytes(),
-            allocated_bytes: state.alloc.used_bytes(),
-            committed_chunks: state.committed.len() as u64,
+            data_bytes: u64::from(self.engine.device.sb.group_count)
+                * self.engine.device.sb.group_bytes(),
+            allocated_bytes: table.alloc.used_bytes(),
+            committed_chunks: table.committed.len() as u64,
         }
     }
 
@@ -1397,35 +386,6 @@ impl<D: BlockDevice> Engine<D> {
     /// belongs to exactly one committed or pending version, or to a reader
     /// holding a released slot. For tests and `flyfs admin`.
     pub fn check_consistency(&self) -> Result<(), String> {
-        let state = self.core.state.lock();
-        let mut owners: HashMap<SlotId, ChunkKey> = HashMap::new();
-        let mut claim = |slot: SlotId, key: ChunkKey| match owners.insert(slot, key) {
-            Some(other) if other != key => {
-                Err(format!("slot {slot:?} owned by {other:?} and {key:?}"))
-            }
-            _ => Ok(()),
-        };
-        for (key, c) in &state.committed {
-            claim(c.meta.slot, *key)?;
-        }
-        for (key, p) in &state.pending {
-            claim(p.slot, *key)?;
-        }
-        let mut expected: Vec<SlotId> = owners
-            .keys()
-            .copied()
-            .chain(state.deferred.iter().copied())
-            .collect();
-        expected.sort();
-        expected.dedup();
-        let used = state.alloc.used_slots();
-        if used != expected {
-            let leaked: Vec<_> = used.iter().filter(|s| !expected.contains(s)).collect();
-            let missing: Vec<_> = expected.iter().filter(|s| !used.contains(s)).collect();
-            return Err(format!(
-                "allocator disagrees with metadata: leaked {leaked:?}, unallocated {missing:?}"
-            ));
-        }
-        Ok(())
+        self.engine.table.lock().check_consistency()
     }
 }

@@ -1,6 +1,6 @@
-//! The journal writer: group commit of metadata records, and checkpoints.
+//! The journal: group commit of metadata records, and checkpoints.
 //!
-//! Committers queue records and wait; the writer takes everything queued (up
+//! Committers queue records and wait ([`submit`]); the writer takes everything queued (up
 //! to `batch_bytes_max`), writes it as one checksummed batch, issues one
 //! flush, applies the records to the engine's state and publishes how many
 //! records are durable. While one batch is on its way to the device the next
@@ -9,7 +9,7 @@
 //! Batches are strictly serial: batch N+1 is written only after batch N's
 //! flush returned. Recovery relies on this: only the last batch in the log can
 //! be one whose flush never completed, so only its data needs checking. The
-//! holder of `Core::writer` (an async mutex around the [`Writer`] state) is
+//! holder of `Journal::writer` (an async mutex around the [`Writer`] state) is
 //! the only one that writes batches or checkpoints, which is what keeps them
 //! serial.
 //!
@@ -39,7 +39,7 @@
 //!    records, dequeuing them, publishing durability) happens without an
 //!    await, so a writer is dropped either before all of it or after. The
 //!    cursor and the durable view (the committed map with prepared versions,
-//!    `State::durable_view`) therefore always describe the log up to the
+//!    `ChunkTable::durable_view`) therefore always describe the log up to the
 //!    last batch whose flush returned.
 //! 3. Before starting a batch or checkpoint, the writer notes it in
 //!    [`Writer::abandoned`], and clears the note once it is done. The next
@@ -58,18 +58,92 @@
 //! Dropping the role wakes the waiting committers (see `WriterRole`), so the
 //! records of a dropped writer are never stranded while a committer waits.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flyfs_bypass::{BlockDevice, block_on};
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::{MutexGuard, watch};
 
 use crate::EngineError;
-use crate::engine::{Core, Durability};
+use crate::config::JournalMode;
+use crate::engine::OpenEngine;
 use crate::format::{
     BATCH_HEADER_BYTES, CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes,
     encode_batch,
 };
+use crate::request::EngineStats;
+
+/// The journal's part of an open engine: the queue committers add records
+/// to, the writer role, and what the writer has made durable.
+pub(crate) struct Journal {
+    pub queue: Mutex<JournalQueue>,
+    /// Wakes the journal thread (thread mode only).
+    pub queue_cv: Condvar,
+    pub durable: watch::Sender<Durability>,
+    /// The journal writer role: its holder alone writes batches and
+    /// checkpoints. An async mutex, so that inline committers can wait for
+    /// it on a single-threaded runtime.
+    pub writer: tokio::sync::Mutex<Writer>,
+    pub counters: Counters,
+}
+
+impl Journal {
+    /// An empty queue in front of a log that stands at `cursor`.
+    pub fn new(cursor: Cursor) -> Journal {
+        Journal {
+            queue: Mutex::new(JournalQueue {
+                records: VecDeque::new(),
+                submitted: 0,
+                taken: 0,
+                shutdown: false,
+            }),
+            queue_cv: Condvar::new(),
+            durable: watch::Sender::new(Durability::default()),
+            writer: tokio::sync::Mutex::new(Writer::new(cursor)),
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// Records waiting for the journal writer. A record stays here until its
+/// batch is durable; only the journal writer removes records.
+pub(crate) struct JournalQueue {
+    pub records: VecDeque<Record>,
+    pub submitted: u64,
+    /// Records removed from the queue: durable, or failed with the journal.
+    pub taken: u64,
+    pub shutdown: bool,
+}
+
+/// What the journal has made durable, published to waiting committers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Durability {
+    /// Records (counted in submission order) that are durable.
+    pub records: u64,
+    /// Set when the journal failed; later records will never be durable.
+    pub error: Option<Arc<str>>,
+}
+
+/// The journal's work since the engine opened; [`EngineStats`] is a copy.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub records: AtomicU64,
+    pub batches: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> EngineStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        EngineStats {
+            records: load(&self.records),
+            batches: load(&self.batches),
+            checkpoints: load(&self.checkpoints),
+        }
+    }
+}
 
 /// Where the log stands. Owned by the journal writer.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +157,7 @@ pub(crate) struct Cursor {
     pub checkpoint_slot: u64,
 }
 
-/// The journal writer's state; whoever holds it (behind `Core::writer`) is
+/// The journal writer's state; whoever holds it (behind `Journal::writer`) is
 /// the one writer of batches and checkpoints.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -122,22 +196,60 @@ pub(crate) fn place(head: u64, bytes: u64, journal_bytes: u64) -> u64 {
     }
 }
 
+/// Queues a record for the journal and waits until it is durable; in
+/// inline mode, writing batches itself while no one else does.
+pub(crate) async fn submit<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    record: Record,
+) -> Result<(), EngineError> {
+    let mut durable = engine.journal.durable.subscribe();
+    let seq = {
+        let mut queue = engine.journal.queue.lock();
+        queue.records.push_back(record);
+        queue.submitted += 1;
+        queue.submitted
+    };
+    match engine.config.journal {
+        JournalMode::Thread => {
+            engine.journal.queue_cv.notify_one();
+        }
+        JournalMode::Inline => write_inline(engine, &mut durable, seq).await,
+    }
+    let outcome = durable
+        .wait_for(|d| d.records >= seq || d.error.is_some())
+        .await;
+    match outcome {
+        Ok(d) if d.records >= seq => Ok(()),
+        Ok(d) => Err(EngineError::Poisoned {
+            device: engine.device.name.clone(),
+            reason: d
+                .error
+                .clone()
+                .unwrap_or_else(|| Arc::from("journal failed")),
+        }),
+        Err(_) => Err(EngineError::Poisoned {
+            device: engine.device.name.clone(),
+            reason: Arc::from("engine closed"),
+        }),
+    }
+}
+
 /// The journal thread (thread mode): holds the writer role for the engine's
 /// life and writes whatever is queued until the engine shuts down.
-pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>) {
+pub(crate) fn run<D: BlockDevice>(engine: Arc<OpenEngine<D>>) {
     // Uncontended: inline writers exist only in inline mode.
-    let mut writer = block_on(core.writer.lock());
+    let mut writer = block_on(engine.journal.writer.lock());
     loop {
         {
-            let mut queue = core.queue.lock();
+            let mut queue = engine.journal.queue.lock();
             while queue.records.is_empty() {
                 if queue.shutdown {
                     return;
                 }
-                core.queue_cv.wait(&mut queue);
+                engine.journal.queue_cv.wait(&mut queue);
             }
         }
-        block_on(write_next(&core, &mut writer));
+        block_on(write_next(&engine, &mut writer));
     }
 }
 
@@ -149,7 +261,7 @@ pub(crate) fn run<D: BlockDevice>(core: Arc<Core<D>>) {
 /// *before* it tries the role, so a release between its failed attempt and
 /// its wait still wakes it, and it then takes the role.
 pub(crate) async fn write_inline<D: BlockDevice>(
-    core: &Core<D>,
+    engine: &OpenEngine<D>,
     durable: &mut watch::Receiver<Durability>,
     seq: u64,
 ) {
@@ -160,21 +272,21 @@ pub(crate) async fn write_inline<D: BlockDevice>(
                 return;
             }
         }
-        match core.writer.try_lock() {
+        match engine.journal.writer.try_lock() {
             Ok(guard) => {
                 let mut role = WriterRole {
-                    core,
+                    engine,
                     guard: Some(guard),
                 };
                 // Drain the queue, not just up to our own record, so that
                 // records whose committers were dropped are not stranded
                 // until the next commit, and so that everything queued
                 // while a batch was in flight goes out as the next batch.
-                while write_next(core, role.writer()).await {}
+                while write_next(engine, role.writer()).await {}
             }
             Err(_) => {
                 if durable.changed().await.is_err() {
-                    // The sender lives in `core`, which outlives us.
+                    // The sender lives in `engine`, which outlives us.
                     return;
                 }
             }
@@ -186,7 +298,7 @@ pub(crate) async fn write_inline<D: BlockDevice>(
 /// committer ends (done, failed or dropped mid-batch), wakes the waiting
 /// committers: one of them must take over what is still queued.
 struct WriterRole<'a, D> {
-    core: &'a Core<D>,
+    engine: &'a OpenEngine<D>,
     guard: Option<MutexGuard<'a, Writer>>,
 }
 
@@ -202,7 +314,7 @@ impl<D> Drop for WriterRole<'_, D> {
     fn drop(&mut self) {
         // Unlock before notifying: a woken committer must find the role free.
         drop(self.guard.take());
-        self.core.durable.send_modify(|_| {});
+        self.engine.journal.durable.send_modify(|_| {});
     }
 }
 
@@ -211,19 +323,23 @@ impl<D> Drop for WriterRole<'_, D> {
 /// and checkpoint if the live log has grown too long. Returns whether a
 /// record was queued; on failure the engine is poisoned and every waiter
 /// learns why.
-pub(crate) async fn write_next<D: BlockDevice>(core: &Core<D>, writer: &mut Writer) -> bool {
+pub(crate) async fn write_next<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    writer: &mut Writer,
+) -> bool {
     let result: Result<bool, EngineError> = async {
         if writer.abandoned == Some(Abandoned::Checkpoint) {
-            checkpoint_noted(core, writer).await?;
+            checkpoint_noted(engine, writer).await?;
         }
-        if !write_batch(core, writer).await? {
+        if !write_batch(engine, writer).await? {
             return Ok(false);
         }
         // The batch is durable and acknowledged already, so a failing
         // checkpoint never fails a commit that is already safe.
         let live = writer.cursor.head - writer.cursor.tail;
-        if live * 100 > core.sb.journal_bytes * u64::from(core.config.checkpoint_percent) {
-            checkpoint_noted(core, writer).await?;
+        if live * 100 > engine.device.sb.journal_bytes * u64::from(engine.config.checkpoint_percent)
+        {
+            checkpoint_noted(engine, writer).await?;
         }
         Ok(true)
     }
@@ -231,7 +347,7 @@ pub(crate) async fn write_next<D: BlockDevice>(core: &Core<D>, writer: &mut Writ
     match result {
         Ok(wrote) => wrote,
         Err(error) => {
-            fail(core, writer, Arc::from(error.to_string()));
+            fail(engine, writer, Arc::from(error.to_string()));
             true
         }
     }
@@ -239,31 +355,34 @@ pub(crate) async fn write_next<D: BlockDevice>(core: &Core<D>, writer: &mut Writ
 
 /// Poisons the engine and fails every queued record: after a failed write
 /// or flush nothing more will be made durable until the engine is reopened.
-fn fail<D: BlockDevice>(core: &Core<D>, writer: &mut Writer, reason: Arc<str>) {
-    core.poison(&reason);
+fn fail<D: BlockDevice>(engine: &OpenEngine<D>, writer: &mut Writer, reason: Arc<str>) {
+    engine.device.poison(&reason);
     writer.abandoned = None;
     {
-        let mut queue = core.queue.lock();
+        let mut queue = engine.journal.queue.lock();
         queue.taken += queue.records.len() as u64;
         queue.records.clear();
     }
-    core.durable.send_modify(|d| d.error = Some(reason));
+    engine
+        .journal
+        .durable
+        .send_modify(|d| d.error = Some(reason));
 }
 
 /// Writes the next batch from the front of the queue, flushes it, applies it
 /// and publishes it durable. Returns false if nothing was queued.
 async fn write_batch<D: BlockDevice>(
-    core: &Core<D>,
+    engine: &OpenEngine<D>,
     writer: &mut Writer,
 ) -> Result<bool, EngineError> {
-    let max_payload = core
+    let max_payload = engine
         .config
         .batch_bytes_max
-        .min(core.sb.journal_bytes as usize / 4)
+        .min(engine.device.sb.journal_bytes as usize / 4)
         - BATCH_HEADER_BYTES;
     // Read, not taken: the records stay queued until they are durable.
     let records: Vec<Record> = {
-        let queue = core.queue.lock();
+        let queue = engine.journal.queue.lock();
         let count = match writer.abandoned {
             Some(Abandoned::Batch { records }) => {
                 assert!(
@@ -290,32 +409,38 @@ async fn write_batch<D: BlockDevice>(
     if records.is_empty() {
         return Ok(false);
     }
-    if let Some(reason) = core.poisoned() {
+    if let Some(reason) = engine.device.poisoned() {
         return Err(EngineError::Poisoned {
-            device: core.device.clone(),
+            device: engine.device.name.clone(),
             reason,
         });
     }
     writer.abandoned = Some(Abandoned::Batch {
         records: records.len(),
     });
-    let end = commit_batch(core, &mut writer.cursor, &records).await?;
+    let end = commit_batch(engine, &mut writer.cursor, &records).await?;
     // The flush returned. No await from here to the end, so a cancelled
     // writer never leaves the batch durable but unapplied or still queued.
     writer.cursor.head = end;
     writer.abandoned = None;
-    core.counters.batches.fetch_add(1, Ordering::Relaxed);
-    core.counters
+    engine
+        .journal
+        .counters
+        .batches
+        .fetch_add(1, Ordering::Relaxed);
+    engine
+        .journal
+        .counters
         .records
         .fetch_add(records.len() as u64, Ordering::Relaxed);
     {
-        let mut state = core.state.lock();
+        let mut table = engine.table.lock();
         for record in &records {
-            state.apply(record, true);
+            table.apply(record, true);
         }
     }
     let durable_through = {
-        let mut queue = core.queue.lock();
+        let mut queue = engine.journal.queue.lock();
         for record in &records {
             let queued = queue.records.pop_front();
             debug_assert_eq!(queued.as_ref(), Some(record), "only the writer dequeues");
@@ -323,7 +448,10 @@ async fn write_batch<D: BlockDevice>(
         queue.taken += records.len() as u64;
         queue.taken
     };
-    core.durable.send_modify(|d| d.records = durable_through);
+    engine
+        .journal
+        .durable
+        .send_modify(|d| d.records = durable_through);
     Ok(true)
 }
 
@@ -331,40 +459,44 @@ async fn write_batch<D: BlockDevice>(
 /// log would overrun its tail) and flushes it. Returns the log position after
 /// the batch; the caller advances the cursor to it.
 async fn commit_batch<D: BlockDevice>(
-    core: &Core<D>,
+    engine: &OpenEngine<D>,
     cursor: &mut Cursor,
     records: &[Record],
 ) -> Result<u64, EngineError> {
-    let journal_bytes = core.sb.journal_bytes;
+    let journal_bytes = engine.device.sb.journal_bytes;
     let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
     let mut lsn = place(cursor.head, bytes, journal_bytes);
     if lsn + bytes - cursor.tail > journal_bytes {
-        checkpoint(core, cursor).await?;
+        checkpoint(engine, cursor).await?;
         lsn = place(cursor.head, bytes, journal_bytes);
     }
     assert!(
         lsn + bytes - cursor.tail <= journal_bytes,
         "journal batch overruns the checkpointed tail"
     );
-    let mut buf = core.pool.alloc(bytes as usize);
-    let written = encode_batch(core.sb.format_id, lsn, records, &mut buf);
+    let mut buf = engine.device.pool.alloc(bytes as usize);
+    let written = encode_batch(engine.device.sb.format_id, lsn, records, &mut buf);
     debug_assert_eq!(written as u64, bytes);
-    core.write_at(core.sb.journal_offset + lsn % journal_bytes, buf, || {
-        "journal batch".into()
-    })
-    .await?;
-    core.flush("journal batch").await?;
+    engine
+        .device
+        .write_at(
+            engine.device.sb.journal_offset + lsn % journal_bytes,
+            buf,
+            || "journal batch".into(),
+        )
+        .await?;
+    engine.device.flush("journal batch").await?;
     Ok(lsn + bytes)
 }
 
 /// A checkpoint noted in `abandoned` while it runs, so that a cancelled one
 /// is repeated by the next writer before any batch changes the map.
 async fn checkpoint_noted<D: BlockDevice>(
-    core: &Core<D>,
+    engine: &OpenEngine<D>,
     writer: &mut Writer,
 ) -> Result<(), EngineError> {
     writer.abandoned = Some(Abandoned::Checkpoint);
-    checkpoint(core, &mut writer.cursor).await?;
+    checkpoint(engine, &mut writer.cursor).await?;
     writer.abandoned = None;
     Ok(())
 }
@@ -377,21 +509,21 @@ async fn checkpoint_noted<D: BlockDevice>(
 /// changes (committing a prepared version in memory leaves it as it is), so
 /// a repeat is identical.
 pub(crate) async fn checkpoint<D: BlockDevice>(
-    core: &Core<D>,
+    engine: &OpenEngine<D>,
     cursor: &mut Cursor,
 ) -> Result<(), EngineError> {
     let sequence = cursor.checkpoint_sequence + 1;
     let slot = 1 - cursor.checkpoint_slot;
     let buf = {
-        let view = core.state.lock().durable_view();
+        let view = engine.table.lock().durable_view();
         let count = view.len();
         let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES)
             .next_multiple_of(crate::format::BLOCK as usize);
         assert!(
-            total as u64 <= core.sb.checkpoint_slot_bytes,
+            total as u64 <= engine.device.sb.checkpoint_slot_bytes,
             "checkpoint exceeds its slot"
         );
-        let mut buf = core.pool.alloc(total);
+        let mut buf = engine.device.pool.alloc(total);
         let header_len = CHECKPOINT_HEADER_BYTES as usize;
         for (i, meta) in view.iter().enumerate() {
             meta.encode(&mut buf[header_len + i * META_BYTES..]);
@@ -404,14 +536,21 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
             entry_count: count as u64,
             payload_crc: crc32c::crc32c(&buf[header_len..payload_end]),
         };
-        header.encode(core.sb.format_id, &mut buf);
+        header.encode(engine.device.sb.format_id, &mut buf);
         buf
     };
-    let offset = core.sb.checkpoint_offset + slot * core.sb.checkpoint_slot_bytes;
-    core.write_at(offset, buf, || "checkpoint".into()).await?;
-    core.flush("checkpoint").await?;
-    tracing::debug!(device = %core.device, sequence, lsn = cursor.head, "checkpoint written");
-    core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+    let offset = engine.device.sb.checkpoint_offset + slot * engine.device.sb.checkpoint_slot_bytes;
+    engine
+        .device
+        .write_at(offset, buf, || "checkpoint".into())
+        .await?;
+    engine.device.flush("checkpoint").await?;
+    tracing::debug!(device = %engine.device.name, sequence, lsn = cursor.head, "checkpoint written");
+    engine
+        .journal
+        .counters
+        .checkpoints
+        .fetch_add(1, Ordering::Relaxed);
     cursor.tail = cursor.head;
     cursor.checkpoint_sequence = sequence;
     cursor.checkpoint_slot = slot;

@@ -20,27 +20,40 @@
 //!
 //! The engine knows nothing of the network or of chain membership: a chain id
 //! is only a key prefix, and a chain version only a number it stores.
+//!
+//! Where things are: engine.rs has the [`Engine`] handle and its operations,
+//! which decide in the in-memory chunk table (table.rs), do their device I/O
+//! through device_io.rs and make records durable through the journal
+//! (journal.rs); recovery.rs formats and opens a device; format.rs holds
+//! every on-device byte and alloc.rs the slot allocator; config.rs and
+//! request.rs are the settings and the request and outcome types.
 
 pub mod alloc;
+mod config;
+mod device_io;
 mod engine;
 mod error;
 pub mod format;
 mod journal;
 mod recovery;
+mod request;
+mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 use std::fmt;
 
-pub use engine::{
-    ChainUsage, ChunkInfo, Engine, EngineConfig, EngineStats, FormatOptions, JournalMode,
-    PendingInfo, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
-    WriteRequest,
-};
+pub use config::{EngineConfig, FormatOptions, JournalMode};
+pub use engine::Engine;
 pub use error::EngineError;
 pub use flyfs_bypass::BlockDevice;
 use flyfs_proto::ids::{ChainId, ChunkId};
 pub use format::{ChunkMeta, SlotId, Superblock};
+pub use request::{
+    EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
+    WriteRequest,
+};
+pub use table::{ChainUsage, ChunkInfo, PendingInfo};
 
 /// Where a chunk lives in the engine: its chain and its id. Ordered by chain,
 /// then inode, then chunk index, so a chain's chunks and a file's chunks are

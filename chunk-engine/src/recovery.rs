@@ -9,12 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use flyfs_bypass::{BlockDevice, BufferPool};
 
 use crate::alloc::Allocator;
-use crate::engine::{Core, EngineConfig, FormatOptions, JournalMode, State};
+use crate::config::{EngineConfig, FormatOptions, JournalMode};
+use crate::engine::OpenEngine;
 use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
     SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
 };
 use crate::journal::{self, Cursor};
+use crate::table::ChunkTable;
 use crate::{Engine, EngineError};
 
 fn name<D: BlockDevice>(dev: &D) -> Arc<str> {
@@ -258,16 +260,16 @@ impl<D: BlockDevice> Engine<D> {
         }
 
         let loaded = load_checkpoint(&dev, &pool, &sb).await?;
-        let mut state = State::new(Allocator::new(
+        let mut table = ChunkTable::new(Allocator::new(
             sb.group_count,
             sb.class_log2_min,
             sb.class_log2_max,
         ));
         for meta in &loaded.entries {
-            state.apply(&Record::Put(*meta), false);
+            table.apply(&Record::Put(*meta), false);
         }
         let replay =
-            replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut state).await?;
+            replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut table).await?;
         if let Some(needed) = loaded.needed_lsn
             && replay.end < needed
         {
@@ -280,13 +282,13 @@ impl<D: BlockDevice> Engine<D> {
                 source: None,
             });
         }
-        let slots: Vec<_> = state
+        let slots: Vec<_> = table
             .committed
             .iter()
             .map(|(key, c)| (*key, c.meta.slot))
             .collect();
         for (key, slot) in slots {
-            state
+            table
                 .alloc
                 .mark_used(slot)
                 .map_err(|conflict| EngineError::Corrupt {
@@ -297,7 +299,7 @@ impl<D: BlockDevice> Engine<D> {
         }
         tracing::info!(
             device = %device,
-            chunks = state.committed.len(),
+            chunks = table.committed.len(),
             batches = replay.batches,
             discarded_tail = replay.discarded,
             "chunk engine recovered"
@@ -317,20 +319,20 @@ impl<D: BlockDevice> Engine<D> {
             checkpoint_sequence: loaded.sequence_max,
             checkpoint_slot: loaded.slot,
         };
-        let core = Arc::new(Core::new(dev, sb, pool, config, state, cursor));
+        let engine = Arc::new(OpenEngine::new(dev, sb, pool, config, table, cursor));
         {
             // Awaited rather than blocked on, so that opening works on a
             // single-threaded runtime whose device needs the runtime to
             // progress (a simulated device with simulated latency).
-            let mut writer = core.writer.lock().await;
-            journal::checkpoint(&core, &mut writer.cursor).await?;
+            let mut writer = engine.journal.writer.lock().await;
+            journal::checkpoint(&engine, &mut writer.cursor).await?;
         }
-        let thread = match core.config.journal {
+        let thread = match engine.config.journal {
             JournalMode::Thread => {
-                let thread_core = core.clone();
+                let thread_engine = engine.clone();
                 let thread = std::thread::Builder::new()
                     .name("flyfs-journal".into())
-                    .spawn(move || journal::run(thread_core))
+                    .spawn(move || journal::run(thread_engine))
                     .map_err(|e| {
                         EngineError::Config(format!("cannot start the journal thread: {e}"))
                     })?;
@@ -338,7 +340,7 @@ impl<D: BlockDevice> Engine<D> {
             }
             JournalMode::Inline => None,
         };
-        Ok(Engine::from_core(core, thread))
+        Ok(Engine::new(engine, thread))
     }
 }
 
@@ -458,14 +460,14 @@ async fn read_batch<D: BlockDevice>(
     }
 }
 
-/// Replays the journal from `start` into `state`, up to the first position
+/// Replays the journal from `start` into `table`, up to the first position
 /// holding no valid batch (a torn or never-written tail).
 async fn replay_journal<D: BlockDevice>(
     dev: &D,
     pool: &BufferPool,
     sb: &Superblock,
     start: u64,
-    state: &mut State,
+    table: &mut ChunkTable,
 ) -> Result<Replay, EngineError> {
     let journal = sb.journal_bytes;
     let mut lsn = start;
@@ -483,7 +485,7 @@ async fn replay_journal<D: BlockDevice>(
         };
         if let Some(previous) = last.replace(records) {
             for record in &previous {
-                state.apply(record, false);
+                table.apply(record, false);
             }
         }
         batches += 1;
@@ -497,7 +499,7 @@ async fn replay_journal<D: BlockDevice>(
         // if every chunk it commits reads back with its checksum.
         if batch_data_durable(dev, pool, &records, sb).await? {
             for record in &records {
-                state.apply(record, false);
+                table.apply(record, false);
             }
         } else {
             tracing::warn!(device = %dev.name(), lsn, "discarding the last journal batch: its data did not reach the medium");

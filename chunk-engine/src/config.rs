@@ -1,0 +1,66 @@
+//! How to format a device and how to run an opened engine: the settings a
+//! caller chooses once, before the first chunk operation.
+
+/// How to format a device.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    /// Smallest chunk slot (power of two, at least 4 KiB). Default 64 KiB.
+    pub chunk_size_min: u64,
+    /// Largest chunk slot, and the size of an allocation group (power of two,
+    /// at most 64 MiB). Default 64 MiB.
+    pub chunk_size_max: u64,
+    /// Journal size; default 1% of the device, clamped to 1..256 MiB.
+    pub journal_bytes: Option<u64>,
+    /// Format even over an existing flyfs superblock.
+    pub force: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            chunk_size_min: 64 << 10,
+            chunk_size_max: 64 << 20,
+            journal_bytes: None,
+            force: false,
+        }
+    }
+}
+
+/// Run-time settings of an opened engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Largest journal batch written by one group commit.
+    pub batch_bytes_max: usize,
+    /// Write a checkpoint when the live journal exceeds this percentage of
+    /// the journal region.
+    pub checkpoint_percent: u8,
+    /// Who writes journal batches and checkpoints.
+    pub journal: JournalMode,
+}
+
+/// Who writes journal batches and checkpoints (journal.rs). Both modes write
+/// the same batches and give the same guarantees; they differ in where the
+/// work runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    /// A dedicated OS thread per engine: commits complete concurrently with
+    /// the caller's runtime, under any runtime. The production choice.
+    #[default]
+    Thread,
+    /// No thread: a committer that finds no batch in progress writes the
+    /// batch itself (and any checkpoint), for every record queued. Everything
+    /// happens inside the caller's futures, so a single-threaded runtime with
+    /// simulated time (a deterministic simulator) decides when commits
+    /// complete. Committer futures may be dropped at any point.
+    Inline,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            batch_bytes_max: 1 << 20,
+            checkpoint_percent: 50,
+            journal: JournalMode::default(),
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The engine's device and the I/O on it: reads and writes at device
+//! offsets (errors name what was read or written), flushes, and poisoning.
+//! A failed write or flush may have lost data that looked written, so it
+//! poisons the engine: writes are refused until it is reopened, while reads
+//! go on.
+//!
+//! Also the I/O half of the chunk operations, which the chunk table
+//! (table.rs) decided on: writing a new version as its [`WritePlan`] lays it
+//! out (in-place append or copy-on-write, with the chunk's CRC combined or
+//! recomputed), and reading a pinned version, checking its CRC when asked.
+
+use std::sync::Arc;
+
+use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
+use parking_lot::Mutex;
+
+use crate::format::{BLOCK, SlotId, Superblock};
+use crate::request::{ReadOutcome, ReadRequest, WriteOp};
+use crate::table::{ReadTarget, WritePlan};
+use crate::{ChunkKey, EngineError};
+
+/// The device an engine owns, with what every I/O on it needs: the layout
+/// (superblock), the buffer pool, and the poison flag.
+pub(crate) struct DeviceIo<D> {
+    pub dev: D,
+    /// The device's name, for errors and logs.
+    pub name: Arc<str>,
+    pub sb: Superblock,
+    pub pool: BufferPool,
+    /// Why the engine refuses writes, once a write or flush failed.
+    poison: Mutex<Option<Arc<str>>>,
+}
+
+impl<D: BlockDevice> DeviceIo<D> {
+    pub fn new(dev: D, sb: Superblock, pool: BufferPool) -> DeviceIo<D> {
+        DeviceIo {
+            name: Arc::from(dev.name()),
+            dev,
+            sb,
+            pool,
+            poison: Mutex::new(None),
+        }
+    }
+
+    fn slot_offset(&self, slot: SlotId) -> u64 {
+        self.sb.slot_offset(slot)
+    }
+
+    pub fn poison(&self, reason: &str) {
+        let mut poison = self.poison.lock();
+        if poison.is_none() {
+            tracing::error!(device = %self.name, %reason, "chunk engine poisoned: refusing writes");
+            *poison = Some(Arc::from(reason));
+        }
+    }
+
+    pub fn poisoned(&self) -> Option<Arc<str>> {
+        self.poison.lock().clone()
+    }
+
+    pub fn check_writable(&self) -> Result<(), EngineError> {
+        match self.poisoned() {
+            Some(reason) => Err(EngineError::Poisoned {
+                device: self.name.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn device_error(
+        &self,
+        context: impl Into<String>,
+        source: flyfs_bypass::DeviceError,
+    ) -> EngineError {
+        EngineError::Device {
+            device: self.name.clone(),
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Reads `len` bytes (block multiples) at device `offset` into a pool
+    /// buffer. `what` names the data for an error, and runs only on error.
+    pub async fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+        what: impl Fn() -> String,
+    ) -> Result<DmaBuf, EngineError> {
+        let buf = self.pool.alloc(len);
+        self.dev
+            .read(offset, buf)
+            .await
+            .into_result()
+            .map_err(|e| self.device_error(format!("reading {}", what()), e))
+    }
+
+    /// A failed write or flush may have lost acknowledged-looking data: poison.
+    pub async fn write_at(
+        &self,
+        offset: u64,
+        buf: DmaBuf,
+        what: impl Fn() -> String,
+    ) -> Result<(), EngineError> {
+        let result = self.dev.write(offset, buf).await.result;
+        result.map_err(|e| {
+            let error = self.device_error(format!("writing {}", what()), e);
+            self.poison(&error.to_string());
+            error
+        })
+    }
+
+    pub async fn flush(&self, what: &str) -> Result<(), EngineError> {
+        self.dev.flush().await.map_err(|e| {
+            let error = self.device_error(format!("flushing {what}"), e);
+            self.poison(&error.to_string());
+            error
+        })
+    }
+
+    /// Does the I/O of a write as `plan` lays it out; returns the new length
+    /// and CRC of the whole chunk.
+    pub async fn write_plan(
+        &self,
+        key: ChunkKey,
+        plan: &WritePlan,
+        op: WriteOp,
+    ) -> Result<(u32, u32), EngineError> {
+        let what = || format!("{key:?}");
+        // The new bytes, as (offset, data, crc of data); a truncate that
+        // extends is an update with zeros.
+        let (offset, data, data_crc) = match op {
+            WriteOp::Update { offset, data, crc } => (offset, data, crc),
+            WriteOp::Replace { data, crc } => (0, data, crc),
+            WriteOp::Truncate { len } => {
+                let base_len = match plan {
+                    WritePlan::Shrink { base } => {
+                        let buf = self
+                            .read_at(
+                                self.slot_offset(base.slot),
+                                round_up(u64::from(len)) as usize,
+                                what,
+                            )
+                            .await?;
+                        return Ok((len, crc32c::crc32c(&buf[..len as usize])));
+                    }
+                    WritePlan::InPlace { base, .. } => base.len,
+                    WritePlan::Cow { base, .. } => base.map_or(0, |b| b.len),
+                };
+                let zeros = DmaBuf::alloc_zeroed((len - base_len) as usize);
+                let crc = crc32c::crc32c(&zeros);
+                (base_len, zeros, crc)
+            }
+        };
+        let data_len = data.len() as u32;
+        match *plan {
+            WritePlan::Shrink { .. } => unreachable!("only a truncate shrinks"),
+            WritePlan::InPlace { slot, base } => {
+                let aligned = base.len & !(BLOCK as u32 - 1);
+                let new_len = offset + data_len;
+                // Fast path: block-aligned append straight from the caller's buffer.
+                let data = if aligned == base.len && offset == base.len {
+                    match padded_in_place(data) {
+                        Ok(buf) => {
+                            self.write_at(self.slot_offset(slot) + u64::from(aligned), buf, what)
+                                .await?;
+                            let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
+                            return Ok((new_len, crc));
+                        }
+                        Err(data) => data,
+                    }
+                } else {
+                    data
+                };
+                let io_len = round_up(u64::from(new_len - aligned)) as usize;
+                let mut buf = self.pool.alloc(io_len);
+                if aligned < base.len {
+                    // The block holding the committed tail is rewritten with
+                    // the same committed bytes: sector writes are atomic, so
+                    // a torn write leaves them intact either way.
+                    let head = self
+                        .read_at(
+                            self.slot_offset(slot) + u64::from(aligned),
+                            BLOCK as usize,
+                            what,
+                        )
+                        .await?;
+                    buf[..BLOCK as usize].copy_from_slice(&head);
+                }
+                let tail_start = (base.len - aligned) as usize;
+                let data_start = (offset - aligned) as usize;
+                buf[tail_start..data_start].fill(0);
+                buf[data_start..data_start + data.len()].copy_from_slice(&data);
+                buf[data_start + data.len()..].fill(0);
+                let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
+                let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
+                self.write_at(self.slot_offset(slot) + u64::from(aligned), buf, what)
+                    .await?;
+                Ok((new_len, crc))
+            }
+            WritePlan::Cow { slot, base } => {
+                let base_len = base.map_or(0, |b| b.len);
+                let new_len = base_len.max(offset + data_len);
+                let covers_base = offset == 0 && data_len >= base_len;
+                let data = if covers_base {
+                    match padded_in_place(data) {
+                        Ok(buf) => {
+                            self.write_at(self.slot_offset(slot), buf, what).await?;
+                            return Ok((new_len, data_crc));
+                        }
+                        Err(data) => data,
+                    }
+                } else {
+                    data
+                };
+                let io_len = round_up(u64::from(new_len)) as usize;
+                let mut buf = self.pool.alloc(io_len);
+                let mut filled = 0usize;
+                if let Some(base) = base
+                    && !covers_base
+                    && base.len > 0
+                {
+                    let base_io = round_up(u64::from(base.len)) as usize;
+                    buf.set_len(base_io);
+                    let done = self.dev.read(self.slot_offset(base.slot), buf).await;
+                    buf = done.buf;
+                    done.result.map_err(|e| {
+                        self.device_error(format!("reading {} for copy-on-write", what()), e)
+                    })?;
+                    buf.set_len(io_len);
+                    filled = base.len as usize;
+                }
+                buf[filled..].fill(0);
+                buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
+                let crc = crc32c::crc32c(&buf[..new_len as usize]);
+                self.write_at(self.slot_offset(slot), buf, what).await?;
+                Ok((new_len, crc))
+            }
+        }
+    }
+
+    /// Reads the range `req` asks for of a version a read has pinned (the
+    /// whole chunk, checked against its CRC, when `req.verify`), clamped to
+    /// the version's length.
+    pub async fn read_pinned(
+        &self,
+        key: ChunkKey,
+        target: ReadTarget,
+        req: ReadRequest,
+    ) -> Result<ReadOutcome, EngineError> {
+        let ReadTarget {
+            slot,
+            len,
+            crc,
+            version,
+        } = target;
+        let start = req.offset.min(len);
+        let end = start.saturating_add(req.len).min(len);
+        let (io_start, io_end) = if req.verify {
+            (0, round_up(u64::from(len)))
+        } else {
+            (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
+        };
+        if io_end == io_start {
+            return Ok(ReadOutcome {
+                data: self.pool.alloc(0),
+                version,
+                chunk_len: len,
+                chunk_crc: crc,
+            });
+        }
+        let mut data = self
+            .read_at(
+                self.slot_offset(slot) + io_start,
+                (io_end - io_start) as usize,
+                || format!("{key:?}"),
+            )
+            .await?;
+        if req.verify {
+            let computed = crc32c::crc32c(&data[..len as usize]);
+            if computed != crc {
+                return Err(EngineError::Checksum {
+                    key,
+                    what: "chunk data",
+                    expected: crc,
+                    computed,
+                });
+            }
+        }
+        data.set_window(
+            (u64::from(start) - io_start) as usize,
+            (end - start) as usize,
+        );
+        Ok(ReadOutcome {
+            data,
+            version,
+            chunk_len: len,
+            chunk_crc: crc,
+        })
+    }
+}
+
+fn round_up(len: u64) -> u64 {
+    len.next_multiple_of(BLOCK)
+}
+
+/// Returns `data` ready to write from its window start, padded with zeros to
+/// a block multiple, if its memory allows that without copying.
+fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
+    let start = data.window_start();
+    let len = data.len();
+    let padded = round_up(len as u64) as usize;
+    if !start.is_multiple_of(BLOCK as usize) || data.capacity() - start < padded {
+        return Err(data);
+    }
+    if padded == len {
+        // Nothing to pad; `data` may be a read-only view of a received payload.
+        return Ok(data);
+    }
+    if data.is_read_only() {
+        return Err(data);
+    }
+    data.full_mut()[start + len..start + padded].fill(0);
+    data.set_window(start, padded);
+    Ok(data)
+}

@@ -1,0 +1,192 @@
+//! What callers hand the engine and what its operations and queries give
+//! back: write and read requests, their outcomes, and the reports of space and
+//! journal work. Plain data; the operations that take them are in engine.rs.
+
+use flyfs_bypass::DmaBuf;
+use flyfs_proto::ids::{ChainVersion, ChunkVersion, ClientId, RequestId};
+
+use crate::{ChunkKey, EngineError};
+
+/// What a write does to a chunk.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Write `data` at `offset`, keeping the rest of the chunk; a gap between
+    /// the chunk's end and `offset` reads as zeros. `crc` is the CRC32C of
+    /// `data` as the sender computed it.
+    Update { offset: u32, data: DmaBuf, crc: u32 },
+    /// Replace the whole chunk with `data` (resync sends chunks this way).
+    Replace { data: DmaBuf, crc: u32 },
+    /// Cut the chunk to `len` bytes or extend it with zeros.
+    Truncate { len: u32 },
+}
+
+/// A write creating pending version `version` of chunk `key`.
+#[derive(Debug)]
+pub struct WriteRequest {
+    pub key: ChunkKey,
+    /// Must be above the committed version. Replaces any pending version:
+    /// CRAQ serialises updates of one chunk above the engine.
+    pub version: ChunkVersion,
+    pub chain_version: ChainVersion,
+    pub op: WriteOp,
+    pub client: ClientId,
+    pub request: RequestId,
+    /// Make the pending version durable before returning (a journal
+    /// `Prepare` record): [`Engine::commit`](crate::Engine::commit) then needs no I/O, and after a
+    /// crash the engine recovers the version as committed. A CRAQ replica
+    /// that is not the tail prepares, so that it can answer its predecessor
+    /// as soon as its successor has committed; the tail does not (its commit
+    /// is the durable record). A prepared write must run to completion: one
+    /// dropped while its record waits for the journal leaves the record to
+    /// become durable later, whatever happened to the chunk meanwhile (the
+    /// storage service never drops a write; rpc does not cancel requests).
+    pub prepare: bool,
+}
+
+/// Where a write's new bytes go, from a request that passed its checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteExtent {
+    /// Offset of the new bytes (of the new length, for a truncate).
+    pub offset: u32,
+    /// Length of the new bytes; 0 for a truncate.
+    pub data_len: u64,
+    /// Where the new bytes end (the new length, for a truncate).
+    pub end: u64,
+}
+
+impl WriteRequest {
+    /// Checks what needs no chunk state: the payload against its CRC, the
+    /// end against the largest chunk size, and the version against the
+    /// reserved 0.
+    pub(crate) fn extent(&self, chunk_size_max: u64) -> Result<WriteExtent, EngineError> {
+        let key = self.key;
+        let (offset, data_len, new_end) = match &self.op {
+            WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
+                let offset = if let WriteOp::Update { offset, .. } = self.op {
+                    offset
+                } else {
+                    0
+                };
+                let computed = crc32c::crc32c(data);
+                if computed != *crc {
+                    return Err(EngineError::Checksum {
+                        key,
+                        what: "write payload",
+                        expected: *crc,
+                        computed,
+                    });
+                }
+                (
+                    offset,
+                    data.len() as u64,
+                    u64::from(offset) + data.len() as u64,
+                )
+            }
+            WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
+        };
+        if new_end > chunk_size_max {
+            return Err(invalid(
+                key,
+                format!("ends at byte {new_end}, past the largest chunk size {chunk_size_max}"),
+            ));
+        }
+        if self.version.0 == 0 {
+            return Err(invalid(
+                key,
+                "version 0 is reserved for a chunk that does not exist",
+            ));
+        }
+        Ok(WriteExtent {
+            offset,
+            data_len,
+            end: new_end,
+        })
+    }
+}
+
+fn invalid(key: ChunkKey, reason: impl Into<String>) -> EngineError {
+    EngineError::InvalidRequest {
+        key,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub version: ChunkVersion,
+    /// Length and CRC32C of the whole pending chunk.
+    pub len: u32,
+    pub crc: u32,
+    /// Whether the write appended in place rather than copying on write.
+    pub in_place: bool,
+}
+
+/// Which version a read sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadVersion {
+    Committed,
+    Pending,
+    /// Whichever of the committed or pending version has this number (CRAQ's
+    /// apportioned query: the tail names the committed version).
+    Exact(ChunkVersion),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub offset: u32,
+    pub len: u32,
+    pub version: ReadVersion,
+    /// Read the whole chunk and check its CRC32C before returning the range.
+    pub verify: bool,
+}
+
+impl ReadRequest {
+    /// The whole committed chunk, checked against its CRC.
+    pub fn whole_verified() -> ReadRequest {
+        ReadRequest {
+            offset: 0,
+            len: u32::MAX,
+            version: ReadVersion::Committed,
+            verify: true,
+        }
+    }
+
+    pub fn committed(offset: u32, len: u32) -> ReadRequest {
+        ReadRequest {
+            offset,
+            len,
+            version: ReadVersion::Committed,
+            verify: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ReadOutcome {
+    /// The bytes read, clamped to the chunk's length: the window of the buffer.
+    pub data: DmaBuf,
+    pub version: ChunkVersion,
+    pub chunk_len: u32,
+    pub chunk_crc: u32,
+}
+
+/// Space of the whole device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpaceInfo {
+    pub data_bytes: u64,
+    /// Bytes of slots in use, committed and pending.
+    pub allocated_bytes: u64,
+    pub committed_chunks: u64,
+}
+
+/// Counters of the journal's work since the engine opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Records made durable (commits, prepares, aborts of prepared versions
+    /// and removes).
+    pub records: u64,
+    /// Journal batches written, each with one flush: `records / batches` is
+    /// how well group commit batches.
+    pub batches: u64,
+    pub checkpoints: u64,
+}
