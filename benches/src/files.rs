@@ -10,7 +10,6 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -201,19 +200,12 @@ pub fn create_work_dir(dir: &Path, name: &str) -> Result<PathBuf> {
 /// Closes `file` and reports the error of close(2), which `File`'s drop
 /// ignores: network and FUSE file systems report failed writes there.
 pub fn close(file: File) -> io::Result<()> {
-    let fd = file.into_raw_fd();
-    // SAFETY: `fd` came from `into_raw_fd`, so this function owns it and
-    // nothing else closes or uses it.
-    let rc = unsafe { libc::close(fd) };
-    if rc == 0 {
-        return Ok(());
+    match nix::unistd::close(file) {
+        Ok(()) => Ok(()),
+        // On Linux the descriptor is released even when close is interrupted.
+        Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(errno) => Err(io::Error::from(errno)),
     }
-    let err = io::Error::last_os_error();
-    // On Linux the descriptor is released even when close is interrupted.
-    if err.kind() == io::ErrorKind::Interrupted {
-        return Ok(());
-    }
-    Err(err)
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //! stderr. Every failed operation, short read or wrong byte is an error: the
 //! tool then exits non-zero with a message saying what went wrong where.
 
+#![deny(unsafe_code)]
+
 mod checkpoint;
 mod files;
 mod loader;

@@ -433,8 +433,7 @@ impl Barrier {
 
 /// Whether this process runs as root (and may drop the kernel's caches).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Writes dirty data back (sync) and drops the kernel's page cache, dentries
@@ -442,8 +441,7 @@ pub fn is_root() -> bool {
 /// this empties the kernel's side; caches inside the file system's own
 /// daemon (JuiceFS's block cache, say) are theirs to configure.
 pub fn drop_caches() -> Result<()> {
-    // SAFETY: sync has no preconditions and cannot fail.
-    unsafe { libc::sync() };
+    nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").context(
         "dropping the kernel's caches (writing 3 to /proc/sys/vm/drop_caches) failed; \
          it needs root: run as root or pass --no-drop-caches",

@@ -27,6 +27,7 @@
 //! (journal.rs); recovery.rs formats and opens a device; format.rs holds
 //! every on-device byte and alloc.rs the slot allocator; config.rs and
 //! request.rs are the settings and the request and outcome types.
+#![deny(unsafe_code)]
 
 pub mod alloc;
 mod config;

@@ -34,6 +34,9 @@
 //! [`fjall::FjallKv`] (embedded and durable, the default) and, with the
 //! `fdb` feature, `fdb::FdbKv` (FoundationDB). docs/metadata-kv.md
 //! describes each, how it detects conflicts, and the on-disk format.
+// One exception, in `fdb.rs`: starting FoundationDB's network thread is an
+// unsafe call of the foundationdb crate (allowed there, with its SAFETY line).
+#![deny(unsafe_code)]
 
 #[cfg(feature = "testing")]
 pub mod conformance;
