@@ -2,7 +2,7 @@
 //! (FoundationDB's semantics) that every backend must pass. It is library
 //! code, not a test module, so that each backend's integration test (and a
 //! FoundationDB run against a real cluster) calls the very same checks:
-//! `fs-meta/tests/kv_conformance.rs` runs it against `MemKv`, `FjallKv` and,
+//! `kv/tests/conformance.rs` runs it against `MemKv`, `FjallKv` and,
 //! when a cluster is configured, `FdbKv`.
 //!
 //! Each check takes a fresh, empty store and returns `Err` only for a KV

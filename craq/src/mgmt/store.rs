@@ -1,8 +1,8 @@
 //! Where the cluster manager keeps its durable record (nodes, targets,
 //! chains with their public states, chain tables, routing version) and its
 //! lease, behind one narrow trait so the manager runs on a file, in memory
-//! (simulation, tests) or on the metadata service's transactional KV
-//! (`flyfs_fs_meta::cluster_store::KvClusterStore`, FoundationDB across
+//! (simulation, tests) or on the transactional KV store
+//! (`kv_store::KvClusterStore` on flyfs-kv, FoundationDB across
 //! machines), where several managers share one record and the lease decides
 //! which of them is the primary.
 //!
