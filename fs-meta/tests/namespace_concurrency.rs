@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, MetaError, Namespace, OpenFlags, User};
+use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, MetaError, Namespace, OpenFlags};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_kv::mem::MemKv;
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 use ns_common::Yielding;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

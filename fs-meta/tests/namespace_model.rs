@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use flyfs_fs_meta::ns::{
-    CreateFlags, InodeKind, MetaError, Namespace, OpenFlags, SessionId, SetAttr, SetTime, User,
-    XattrMode,
+    CreateFlags, InodeKind, MetaError, Namespace, OpenFlags, SessionId, SetAttr, SetTime, XattrMode,
 };
 use flyfs_fs_meta::schema::{Inode, InodeData};
 use flyfs_kv::mem::MemKv;
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 use ns_common::GC_DELAY_MS;
 use proptest::prelude::*;
 

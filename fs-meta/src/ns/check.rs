@@ -419,12 +419,13 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ns::CreateFlags;
     use crate::ns::tests::namespace;
-    use crate::ns::{CreateFlags, User};
     use crate::schema::{
         DirData, InodeData, dentry_key, encode_dentry, encode_inode, gc_key, session_key,
     };
     use flyfs_kv::RetryOptions;
+    use flyfs_proto::wire::meta::User;
 
     /// Applies raw writes behind the namespace's back.
     async fn tamper<K: Kv>(ns: &Namespace<K>, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) {

@@ -7,11 +7,12 @@
 //! that keeps creates in one directory free of conflicts with each other.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::ns::perm::{self, User};
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
 use crate::ns::{LayoutSpec, MetaError};
 use crate::schema::{
@@ -545,7 +546,7 @@ impl<K: Kv> Namespace<K> {
             .choose(spec, self.inner.config.chain_tables.as_ref())?;
         self.write(|tx| async move {
             let mut inode = tx.directory(dir).await?;
-            if !user.owns_or_root(&inode) {
+            if !perm::owns_or_root(user, &inode) {
                 return Err(MetaError::NotPermitted(format!(
                     "set the layout of {dir:?}: uid {} is not the owner",
                     user.uid
@@ -591,7 +592,7 @@ impl<K: Kv> Namespace<K> {
             if !victim.is_dir() {
                 return self.unlink_entry(&tx, parent, name, victim);
             }
-            if !user.owns_or_root(&victim) {
+            if !perm::owns_or_root(user, &victim) {
                 return Err(MetaError::NotPermitted(format!(
                     "remove_all of {}: uid {} does not own it",
                     show(name),

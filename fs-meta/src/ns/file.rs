@@ -12,6 +12,7 @@
 //! only grows it), fixed exactly on close or by an explicit truncate.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
@@ -19,7 +20,7 @@ use super::{
 use crate::ns::MetaError;
 use crate::ns::dir::new_inode;
 use crate::ns::layout::Layout;
-use crate::ns::perm::{self, User};
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     Dentry, FileData, GcKind, Inode, InodeData, InodeKind, Key, SessionId, SessionValue,
@@ -424,14 +425,14 @@ impl<K: Kv> Namespace<K> {
             }
             for time in [attr.atime, attr.mtime].into_iter().flatten() {
                 match time {
-                    SetTime::At(_) if !user.owns_or_root(&original) => {
+                    SetTime::At(_) if !perm::owns_or_root(user, &original) => {
                         return Err(MetaError::NotPermitted(format!(
                             "set times of {ino:?}: uid {} is not the owner",
                             user.uid
                         )));
                     }
                     SetTime::Now
-                        if !user.owns_or_root(&original)
+                        if !perm::owns_or_root(user, &original)
                             && !perm::allowed(&original, user, perm::MAY_WRITE) =>
                     {
                         return Err(MetaError::Access(format!(

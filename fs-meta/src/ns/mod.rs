@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use self::alloc::InodeAllocator;
 pub use self::alloc::{ALLOC_BATCH, ALLOC_SHARDS, batch_of};
@@ -66,7 +67,6 @@ pub use self::file::{
 pub use self::gc::{GcExpand, GcFinish, GcItem};
 use self::layout::Placement;
 pub use self::layout::{ChainTables, Layout, LayoutError, LayoutSpec, StaticChainTables};
-pub use self::perm::User;
 pub use self::rename::DEPTH_MAX;
 use self::txn::MetaTx;
 pub use self::xattr::XattrMode;

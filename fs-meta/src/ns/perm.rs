@@ -1,11 +1,16 @@
-//! Credentials and the POSIX permission rules the namespace enforces: mode
-//! bits by owner / group / other, root's bypass, the sticky bit, and who may
-//! change modes and owners.
+//! The POSIX permission rules the namespace enforces: mode bits by owner /
+//! group / other and root's bypass (the rule itself is
+//! [`flyfs_proto::access`], shared with the FUSE daemon's `access(2)`),
+//! and on top of it the sticky bit and who may change modes and owners.
 //!
 //! The rules follow Linux (fs/namei.c `generic_permission`, `may_delete`,
 //! fs/attr.c `setattr_prepare`) so that a FUSE mount behaves like a local
 //! file system to the programs on it. Every check is a pure function of the
 //! inodes involved, so the model test can reuse nothing and still agree.
+
+use flyfs_proto::access::{self, Permissions};
+pub use flyfs_proto::access::{MAY_EXEC, MAY_READ, MAY_WRITE};
+use flyfs_proto::wire::meta::User;
 
 use crate::ns::MetaError;
 use crate::schema::{Inode, InodeKind};
@@ -17,66 +22,30 @@ pub const S_ISVTX: u32 = 0o1000;
 /// and is left alone when ownership changes (as Linux does).
 const S_IXGRP: u32 = 0o010;
 
-/// Read, write, search/execute, as in `access(2)`.
-pub const MAY_READ: u32 = 4;
-pub const MAY_WRITE: u32 = 2;
-pub const MAY_EXEC: u32 = 1;
-
-/// Who is asking: the caller's uid, primary gid and supplementary groups.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct User {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
+/// Whether `user` owns `inode`.
+pub fn owns(user: &User, inode: &Inode) -> bool {
+    user.uid == inode.uid
 }
 
-impl User {
-    pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> User {
-        User { uid, gid, groups }
-    }
+/// Owner or root: who may chmod, set times explicitly, and so on.
+pub fn owns_or_root(user: &User, inode: &Inode) -> bool {
+    user.is_root() || owns(user, inode)
+}
 
-    /// The superuser.
-    pub fn root() -> User {
-        User::default()
-    }
-
-    pub fn is_root(&self) -> bool {
-        self.uid == 0
-    }
-
-    /// Whether `gid` is the caller's primary or a supplementary group.
-    pub fn in_group(&self, gid: u32) -> bool {
-        self.gid == gid || self.groups.contains(&gid)
-    }
-
-    pub fn owns(&self, inode: &Inode) -> bool {
-        self.uid == inode.uid
-    }
-
-    /// Owner or root: who may chmod, set times explicitly, and so on.
-    pub fn owns_or_root(&self, inode: &Inode) -> bool {
-        self.is_root() || self.owns(inode)
+/// What the access rule looks at of an inode.
+fn permissions(inode: &Inode) -> Permissions {
+    Permissions {
+        uid: inode.uid,
+        gid: inode.gid,
+        mode: inode.mode,
+        is_dir: inode.is_dir(),
     }
 }
 
-/// Whether `user` has every permission in `mask` on `inode`.
-///
-/// The class is chosen first (owner, else group, else other) and only its
-/// bits count, so an owner with `0o077` is refused even though everyone
-/// else is allowed. Root passes every read and write check and every search
-/// of a directory, but executing a file needs at least one `x` bit.
+/// Whether `user` has every permission in `mask` on `inode`: the shared
+/// rule ([`access::allowed`]) on the inode's owner, group and mode.
 pub fn allowed(inode: &Inode, user: &User, mask: u32) -> bool {
-    if user.is_root() {
-        return mask & MAY_EXEC == 0 || inode.is_dir() || inode.mode & 0o111 != 0;
-    }
-    let bits = if user.uid == inode.uid {
-        inode.mode >> 6
-    } else if user.in_group(inode.gid) {
-        inode.mode >> 3
-    } else {
-        inode.mode
-    } & 0o7;
-    bits & mask == mask
+    access::allowed(permissions(inode), user, mask)
 }
 
 /// [`allowed`], as an EACCES error.
@@ -109,7 +78,7 @@ fn mask_name(mask: u32) -> String {
 /// The sticky-bit rule: in a sticky directory only root, the directory's
 /// owner or the victim's owner may remove or rename the victim. EPERM.
 pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
-    if dir.mode & S_ISVTX == 0 || user.is_root() || user.owns(dir) || user.owns(victim) {
+    if dir.mode & S_ISVTX == 0 || user.is_root() || owns(user, dir) || owns(user, victim) {
         Ok(())
     } else {
         Err(MetaError::NotPermitted(format!(
@@ -123,7 +92,7 @@ pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), Meta
 /// (EPERM); a non-root caller outside the file's group silently loses the
 /// setgid bit, so nobody can make a file setgid to a group they lack.
 pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, MetaError> {
-    if !user.owns_or_root(inode) {
+    if !owns_or_root(user, inode) {
         return Err(MetaError::NotPermitted(format!(
             "chmod of {:?}: uid {} is not the owner {}",
             inode.ino, user.uid, inode.uid
@@ -156,7 +125,7 @@ pub fn check_chown(
         return Ok(());
     }
     if let Some(uid) = uid
-        && !(user.owns(inode) && uid == inode.uid)
+        && !(owns(user, inode) && uid == inode.uid)
     {
         return Err(MetaError::NotPermitted(format!(
             "chown of {:?} to uid {uid} by uid {}",
@@ -164,7 +133,7 @@ pub fn check_chown(
         )));
     }
     if let Some(gid) = gid
-        && !(user.owns(inode) && (user.in_group(gid) || gid == inode.gid))
+        && !(owns(user, inode) && (user.in_group(gid) || gid == inode.gid))
     {
         return Err(MetaError::NotPermitted(format!(
             "chgrp of {:?} to gid {gid} by uid {}",

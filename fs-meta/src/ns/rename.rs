@@ -9,12 +9,13 @@
 //! other then sees the first and fails with EINVAL.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
 use crate::ns::MetaError;
-use crate::ns::perm::{self, User};
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
 use crate::schema::{Dentry, Inode, InodeData, ROOT, describe_key, inode_key};
 use flyfs_kv::{Kv, Transaction};

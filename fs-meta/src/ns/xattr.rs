@@ -9,10 +9,11 @@
 //! bytes (ERANGE otherwise), values up to 65536 bytes (E2BIG).
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::Namespace;
 use crate::ns::MetaError;
-use crate::ns::perm::{self, User};
+use crate::ns::perm;
 use crate::schema::{
     Inode, InodeKind, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX, decode_xattr, encode_xattr,
     xattr_key, xattr_prefix,
@@ -58,7 +59,7 @@ fn check_write(inode: &Inode, user: &User) -> Result<(), MetaError> {
             inode.ino
         )));
     }
-    if inode.is_dir() && inode.mode & perm::S_ISVTX != 0 && !user.owns_or_root(inode) {
+    if inode.is_dir() && inode.mode & perm::S_ISVTX != 0 && !perm::owns_or_root(user, inode) {
         return Err(MetaError::NotPermitted(format!(
             "attributes of sticky directory {:?}",
             inode.ino

@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use flyfs_client::fs::OpenMode;
+use flyfs_proto::access::{self, MAY_EXEC, MAY_READ, MAY_WRITE, Permissions};
 use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::{Attr, FileType, SetAttrReq, User};
 use flyfs_rpc::Network;
@@ -37,28 +38,18 @@ fn reply_entry<N: Network>(shared: &Shared<N>, reply: ReplyEntry, attr: &Attr) {
     );
 }
 
-/// `access(2)` against mode bits, for mounts without
-/// `default_permissions`.
-fn may_access(attr: &Attr, user: &User, mask: i32) -> bool {
-    let mask = (mask & (libc::R_OK | libc::W_OK | libc::X_OK)) as u32;
-    if mask == 0 {
-        return true;
-    }
-    if user.uid == 0 {
-        // Root may read and write anything, and execute what anyone may.
-        return mask & libc::X_OK as u32 == 0
-            || attr.kind == FileType::Directory
-            || attr.mode & 0o111 != 0;
-    }
-    let bits = if attr.uid == user.uid {
-        attr.mode >> 6
-    } else if attr.gid == user.gid || user.groups.contains(&attr.gid) {
-        attr.mode >> 3
-    } else {
-        attr.mode
-    } & 7;
-    bits & mask == mask
+/// An `access(2)` mask in the shared rule's terms: the bits are the same
+/// (checked below), and anything else the kernel might set is not a
+/// permission.
+fn access_mask(mask: AccessFlags) -> u32 {
+    (mask & (AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK)).bits() as u32
 }
+
+const _: () = assert!(
+    libc::R_OK as u32 == MAY_READ
+        && libc::W_OK as u32 == MAY_WRITE
+        && libc::X_OK as u32 == MAY_EXEC
+);
 
 pub(crate) fn lookup<N: Network>(
     fs: &FuseFs<N>,
@@ -443,7 +434,7 @@ pub(crate) fn access<N: Network>(
         async move {
             let user = caller.user();
             let attr = client.stat(&user, InodeId(ino.0)).await?;
-            if may_access(&attr, &user, mask.bits()) {
+            if access::allowed(Permissions::from(&attr), &user, access_mask(mask)) {
                 Ok(())
             } else {
                 Err(fail(
@@ -461,35 +452,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn access_by_owner_group_and_others() {
-        let attr = Attr {
-            uid: 10,
-            gid: 20,
-            mode: 0o640,
-            ..Attr::default()
-        };
-        let owner = User {
-            uid: 10,
-            gid: 99,
-            groups: vec![],
-        };
-        let member = User {
-            uid: 11,
-            gid: 99,
-            groups: vec![20],
-        };
-        let other = User {
-            uid: 12,
-            gid: 99,
-            groups: vec![],
-        };
-        assert!(may_access(&attr, &owner, libc::R_OK | libc::W_OK));
-        assert!(!may_access(&attr, &owner, libc::X_OK));
-        assert!(may_access(&attr, &member, libc::R_OK));
-        assert!(!may_access(&attr, &member, libc::W_OK));
-        assert!(!may_access(&attr, &other, libc::R_OK));
-        assert!(may_access(&attr, &other, libc::F_OK));
-        assert!(may_access(&attr, &User::root(), libc::R_OK | libc::W_OK));
-        assert!(!may_access(&attr, &User::root(), libc::X_OK));
+    fn access_masks_keep_only_permission_bits() {
+        assert_eq!(access_mask(AccessFlags::F_OK), 0);
+        assert_eq!(
+            access_mask(AccessFlags::R_OK | AccessFlags::X_OK),
+            MAY_READ | MAY_EXEC
+        );
+        assert_eq!(access_mask(AccessFlags::W_OK), MAY_WRITE);
+        assert_eq!(
+            access_mask(AccessFlags::from_bits_retain(0o10 | libc::W_OK)),
+            MAY_WRITE
+        );
     }
 }
