@@ -38,6 +38,7 @@
 //! * `handles`: the numbers the kernel holds for open files and directories.
 //! * `listing`: an open directory's entries, fetched page by page.
 //! * `session`: mounting, serving and unmounting ([`mount`], [`FuseMount`]).
+//! * [`mountpoint`]: what is mounted at a path, and detaching it.
 //!
 //! [`FileHandle`]: flyfs_client::fs::FileHandle
 //! [`FsClient`]: flyfs_client::fs::FsClient
@@ -48,6 +49,7 @@ mod credentials;
 mod fs;
 mod handles;
 mod listing;
+pub mod mountpoint;
 mod ops;
 mod request;
 mod session;

@@ -19,6 +19,10 @@ use crate::fs::{FuseFs, FuseOptions, Shared};
 /// requests keep the per-request overhead small against the data.
 pub(crate) const MAX_WRITE: u32 = 1 << 20;
 
+/// The name flyfs mounts under: the source in the mount table, and the
+/// subtype of its type (`fuse.flyfs`).
+pub(crate) const FS_NAME: &str = "flyfs";
+
 /// Session handles of a mounted file system.
 pub struct FuseMount {
     unmounter: SessionUnmounter,
@@ -47,8 +51,8 @@ pub fn mount<N: Network>(
     options: &FuseOptions,
 ) -> io::Result<FuseMount> {
     let mut mount_options = vec![
-        MountOption::FSName("flyfs".into()),
-        MountOption::Subtype("flyfs".into()),
+        MountOption::FSName(FS_NAME.into()),
+        MountOption::Subtype(FS_NAME.into()),
         // The kernel never updates atime on FUSE files and the metadata
         // service does not on reads: say so.
         MountOption::NoAtime,
