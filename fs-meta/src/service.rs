@@ -26,7 +26,7 @@ use flyfs_rpc::server::{Reply, Request, Service};
 use crate::data::FileChunks;
 use crate::gc::GcStats;
 use crate::ns::{
-    self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, MetaError, Namespace, OpenFlags,
+    self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, Namespace, NsError, OpenFlags,
     Truncate,
 };
 use crate::schema::{InodeData, SessionId};
@@ -66,10 +66,10 @@ impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
 /// A handler's failure: a namespace error or a storage one, both an errno.
 type Result<T> = std::result::Result<T, wire::MetaError>;
 
-fn meta_error(e: MetaError) -> wire::MetaError {
+fn meta_error(e: NsError) -> wire::MetaError {
     wire::MetaError {
         errno: e.errno(),
-        retryable: matches!(&e, MetaError::Kv(kv) if kv.is_retryable()),
+        retryable: matches!(&e, NsError::Kv(kv) if kv.is_retryable()),
         message: e.to_string(),
     }
 }
@@ -136,7 +136,7 @@ pub fn attr(inode: &Inode) -> wire::Attr {
 }
 
 /// A namespace answer about one inode, as the wire carries it.
-fn attr_of(inode: std::result::Result<Inode, MetaError>) -> Result<wire::Attr> {
+fn attr_of(inode: std::result::Result<Inode, NsError>) -> Result<wire::Attr> {
     inode.map(|i| attr(&i)).map_err(meta_error)
 }
 
@@ -180,7 +180,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         &self.ns
     }
 
-    fn chunks<'a>(&'a self, ino: InodeId, layout: &'a ns::Layout) -> FileChunks<'a, N> {
+    fn chunks<'a>(&'a self, ino: InodeId, layout: &'a ns::StoredLayout) -> FileChunks<'a, N> {
         FileChunks {
             storage: &self.storage,
             ino,
@@ -195,13 +195,13 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     /// (as clients retrying through its restart do) or names a table made
     /// moments ago gets EINVAL for a table that exists. The failed attempt
     /// wrote nothing: the layout is chosen before anything is written.
-    async fn with_fresh_tables<T, F, Fut>(&self, mut op: F) -> std::result::Result<T, MetaError>
+    async fn with_fresh_tables<T, F, Fut>(&self, mut op: F) -> std::result::Result<T, NsError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = std::result::Result<T, MetaError>>,
+        Fut: Future<Output = std::result::Result<T, NsError>>,
     {
         match op().await {
-            Err(MetaError::Layout(LayoutError::UnknownTable(table))) => {
+            Err(NsError::Layout(LayoutError::UnknownTable(table))) => {
                 if let Err(e) = self.storage.refresh_routing().await {
                     tracing::debug!(?table, "refreshing routing for an unknown table: {e}");
                 }
@@ -446,7 +446,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .map_err(meta_error)?;
                     match closed.inode {
                         Some(inode) => Ok(attr(&inode)),
-                        None => Err(meta_error(MetaError::NotFound(format!("{:?}", r.ino)))),
+                        None => Err(meta_error(NsError::NotFound(format!("{:?}", r.ino)))),
                     }
                 }
                 .await;

@@ -12,7 +12,7 @@ use flyfs_proto::access::{self, Permissions};
 pub use flyfs_proto::access::{MAY_EXEC, MAY_READ, MAY_WRITE};
 use flyfs_proto::wire::meta::User;
 
-use crate::ns::MetaError;
+use crate::ns::NsError;
 use crate::schema::{Inode, InodeKind};
 
 pub const S_ISUID: u32 = 0o4000;
@@ -49,11 +49,11 @@ pub fn allowed(inode: &Inode, user: &User, mask: u32) -> bool {
 }
 
 /// [`allowed`], as an EACCES error.
-pub fn check(inode: &Inode, user: &User, mask: u32, what: &str) -> Result<(), MetaError> {
+pub fn check(inode: &Inode, user: &User, mask: u32, what: &str) -> Result<(), NsError> {
     if allowed(inode, user, mask) {
         Ok(())
     } else {
-        Err(MetaError::Access(format!(
+        Err(NsError::Access(format!(
             "{what}: uid {} needs {} on {:?} (mode {:#o}, {}:{})",
             user.uid,
             mask_name(mask),
@@ -77,11 +77,11 @@ fn mask_name(mask: u32) -> String {
 
 /// The sticky-bit rule: in a sticky directory only root, the directory's
 /// owner or the victim's owner may remove or rename the victim. EPERM.
-pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
+pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), NsError> {
     if dir.mode & S_ISVTX == 0 || user.is_root() || owns(user, dir) || owns(user, victim) {
         Ok(())
     } else {
-        Err(MetaError::NotPermitted(format!(
+        Err(NsError::NotPermitted(format!(
             "{:?} is sticky and uid {} owns neither it nor {:?}",
             dir.ino, user.uid, victim.ino
         )))
@@ -91,16 +91,16 @@ pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), Meta
 /// The mode a chmod by `user` stores: only the owner or root may chmod
 /// (EPERM); a non-root caller outside the file's group silently loses the
 /// setgid bit, so nobody can make a file setgid to a group they lack.
-pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, MetaError> {
+pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, NsError> {
     if !owns_or_root(user, inode) {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "chmod of {:?}: uid {} is not the owner {}",
             inode.ino, user.uid, inode.uid
         )));
     }
     if inode.kind() == InodeKind::Symlink {
         // Linux has no lchmod: a symlink's mode is always 0777.
-        return Err(MetaError::NotSupported(format!(
+        return Err(NsError::NotSupported(format!(
             "chmod of symlink {:?}",
             inode.ino
         )));
@@ -120,14 +120,14 @@ pub fn check_chown(
     user: &User,
     uid: Option<u32>,
     gid: Option<u32>,
-) -> Result<(), MetaError> {
+) -> Result<(), NsError> {
     if user.is_root() {
         return Ok(());
     }
     if let Some(uid) = uid
         && !(owns(user, inode) && uid == inode.uid)
     {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "chown of {:?} to uid {uid} by uid {}",
             inode.ino, user.uid
         )));
@@ -135,7 +135,7 @@ pub fn check_chown(
     if let Some(gid) = gid
         && !(owns(user, inode) && (user.in_group(gid) || gid == inode.gid))
     {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "chgrp of {:?} to gid {gid} by uid {}",
             inode.ino, user.uid
         )));
@@ -272,7 +272,7 @@ mod tests {
         file.data = InodeData::File(crate::schema::FileData {
             length: 0,
             truncate_version: 0,
-            layout: crate::ns::layout::Layout::new(
+            layout: crate::ns::layout::StoredLayout::new(
                 crate::ns::layout::LayoutSpec {
                     chain_table: flyfs_proto::ids::ChainTableId(1),
                     chunk_size: 1 << 20,

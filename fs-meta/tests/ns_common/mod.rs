@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flyfs_fs_meta::ns::{
-    GcFinish, GcKind, LayoutSpec, ManualClock, MetaError, Namespace, NsConfig, StaticChainTables,
+    GcFinish, GcKind, LayoutSpec, ManualClock, Namespace, NsConfig, NsError, StaticChainTables,
 };
 use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
 use flyfs_proto::ids::ChainTableId;
@@ -64,7 +64,7 @@ pub fn users() -> Vec<User> {
 /// Runs the GC worker's loop until nothing more can be collected: expands
 /// every due directory, finishes every due file without write sessions.
 /// Returns how many files it deleted.
-pub async fn run_gc<K: Kv>(ns: &Namespace<K>, now_ms: u64) -> Result<usize, MetaError> {
+pub async fn run_gc<K: Kv>(ns: &Namespace<K>, now_ms: u64) -> Result<usize, NsError> {
     let mut deleted = 0;
     loop {
         let mut progress = false;
