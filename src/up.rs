@@ -117,9 +117,10 @@ fn default_replicas() -> u32 {
     DEFAULT_REPLICAS
 }
 
-/// The data directory's layout and the cluster's addresses.
+/// Where a `flyfs up` cluster lives on this machine: how its data directory
+/// is laid out, its ports and its mount point.
 #[derive(Clone, Debug)]
-struct Layout {
+struct ClusterLayout {
     data: PathBuf,
     port: u16,
     mount_point: PathBuf,
@@ -163,7 +164,7 @@ impl Kind {
     }
 }
 
-impl Layout {
+impl ClusterLayout {
     fn etc(&self) -> PathBuf {
         self.data.join("etc")
     }
@@ -306,7 +307,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             before.replicas
         );
     }
-    let layout = Layout {
+    let layout = ClusterLayout {
         data: data.clone(),
         port,
         mount_point,
@@ -691,7 +692,7 @@ fn prepare_mount_point(point: &Path, daemon_running: bool) -> anyhow::Result<()>
 }
 
 fn print_summary(
-    layout: &Layout,
+    layout: &ClusterLayout,
     daemons: &BTreeMap<String, Daemon>,
     wanted: &[Kind],
     started: &[String],
@@ -721,7 +722,7 @@ fn print_summary(
         let daemon = &daemons[&kind.name()];
         let address = match kind {
             Kind::Mount => layout.mount_point.display().to_string(),
-            _ => Layout::addr(layout.rpc_port(*kind).unwrap_or_default()),
+            _ => ClusterLayout::addr(layout.rpc_port(*kind).unwrap_or_default()),
         };
         let pid = daemon
             .running()
@@ -739,7 +740,7 @@ fn print_summary(
             how,
             format!(
                 "http://{}/metrics",
-                Layout::addr(layout.metrics_port(*kind))
+                ClusterLayout::addr(layout.metrics_port(*kind))
             ),
             daemon.log.display()
         );
@@ -747,11 +748,11 @@ fn print_summary(
     println!();
     println!(
         "status:  flyfs admin --mgmt {} status",
-        Layout::addr(layout.port)
+        ClusterLayout::addr(layout.port)
     );
     println!(
         "files:   flyfs admin --meta {} ls /",
-        Layout::addr(layout.port + 1)
+        ClusterLayout::addr(layout.port + 1)
     );
     println!("stop:    flyfs down --data {}", layout.data.display());
 }
@@ -765,7 +766,7 @@ pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let layout = Layout {
+    let layout = ClusterLayout {
         data: data.clone(),
         port: cluster.port,
         mount_point: cluster.mount_point,
@@ -841,7 +842,7 @@ mod tests {
 
     #[test]
     fn configs_parse_as_their_daemons_read_them() {
-        let layout = Layout {
+        let layout = ClusterLayout {
             data: PathBuf::from("/data dir"),
             port: 7100,
             mount_point: PathBuf::from("/mnt/x"),
