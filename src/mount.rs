@@ -1,6 +1,6 @@
 //! `flyfs mount --config F`: the FUSE daemon and its config.
 //!
-//! Here the FUSE file system ([`flyfs_client::fuse`]) is wired to real TCP
+//! Here the FUSE file system (flyfs-fuse) is wired to real TCP
 //! clients of the metadata service and the storage chains, and given what a
 //! process needs around it: a stale mount left by a crashed daemon is
 //! cleared first, SIGTERM and SIGINT write out every buffered byte and
@@ -20,6 +20,7 @@ use flyfs_client::FsClient;
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{ConfigFile, MountConfig};
+use flyfs_fuse::mountpoint::lazy_unmount;
 use flyfs_proto::ids::ClientId;
 use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Tcp;
@@ -213,21 +214,6 @@ fn prepare_mount_point(mount_point: &Path) -> anyhow::Result<()> {
     };
     if !meta.is_dir() {
         bail!("key `mount_point`: {shown} is not a directory");
-    }
-    Ok(())
-}
-
-/// `umount -l`: detaches the mount now, and the kernel lets go of it when
-/// the last file open there is closed. (The umount2 system call would need
-/// libc in this crate; umount(8) is on every system FUSE runs on.)
-fn lazy_unmount(mount_point: &Path) -> anyhow::Result<()> {
-    let status = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(mount_point)
-        .status()
-        .with_context(|| format!("running umount -l {}", mount_point.display()))?;
-    if !status.success() {
-        bail!("umount -l {} failed ({status})", mount_point.display());
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_chunk_engine::{EngineError, FormatOptions};
+use flyfs_fuse::mountpoint::{lazy_unmount, mounted_at};
 use flyfs_proto::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
 use flyfs_proto::wire::meta::{Statfs, StatfsReq};
 use flyfs_proto::wire::mgmt::{
@@ -119,9 +120,10 @@ fn default_replicas() -> u32 {
     DEFAULT_REPLICAS
 }
 
-/// The data directory's layout and the cluster's addresses.
+/// Where a `flyfs up` cluster lives on this machine: how its data directory
+/// is laid out, its ports and its mount point.
 #[derive(Clone, Debug)]
-struct Layout {
+struct ClusterLayout {
     data: PathBuf,
     port: u16,
     mount_point: PathBuf,
@@ -165,7 +167,7 @@ impl Kind {
     }
 }
 
-impl Layout {
+impl ClusterLayout {
     fn etc(&self) -> PathBuf {
         self.data.join("etc")
     }
@@ -303,7 +305,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             before.replicas
         );
     }
-    let layout = Layout {
+    let layout = ClusterLayout {
         data: data.clone(),
         port,
         mount_point,
@@ -456,7 +458,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         let point = layout.mount_point.clone();
         runtime.block_on(
             starter.wait(Kind::Mount, "the FUSE mount to appear", || async {
-                if mounted(&point)?.is_some_and(|fs| is_flyfs(&fs)) {
+                if mounted_at(&point)?.is_some_and(|fs| fs.is_flyfs()) {
                     Ok(())
                 } else {
                     bail!("{} is not a flyfs FUSE mount yet", point.display())
@@ -660,69 +662,18 @@ async fn ensure_chains(admin: &Admin, replicas: u32) -> anyhow::Result<bool> {
     Ok(created)
 }
 
-/// A mount at `point`, from /proc/self/mountinfo: (fstype, source).
-fn mounted(point: &Path) -> anyhow::Result<Option<(String, String)>> {
-    let info =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(find_mount(&info, point))
-}
-
-/// The last (topmost) mount at `point` in mountinfo text.
-fn find_mount(info: &str, point: &Path) -> Option<(String, String)> {
-    let point = point.to_string_lossy();
-    let point = point.trim_end_matches('/');
-    let point = if point.is_empty() { "/" } else { point };
-    info.lines()
-        .rev()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let at = fields.get(4)?;
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(dash + 1)?;
-            let source = fields.get(dash + 2).copied().unwrap_or("");
-            (unescape(at) == point).then(|| (unescape(fstype), unescape(source)))
-        })
-        .next()
-}
-
-/// mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(digits) = bytes.get(i + 1..i + 4)
-            && let Some(value) = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        {
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn is_flyfs((fstype, source): &(String, String)) -> bool {
-    fstype == "fuse.flyfs" || (fstype.starts_with("fuse") && source == "flyfs")
-}
-
 /// Makes sure `point` exists and is free for the mount daemon: a flyfs
 /// mount left behind by a mount daemon that died is unmounted (lazily).
 fn prepare_mount_point(point: &Path, daemon_running: bool) -> anyhow::Result<()> {
     if daemon_running {
         return Ok(());
     }
-    if let Some(fs) = mounted(point)? {
-        if !is_flyfs(&fs) {
+    if let Some(fs) = mounted_at(point)? {
+        if !fs.is_flyfs() {
             bail!(
                 "{} already has a {} file system mounted on it; choose another --mount",
                 point.display(),
-                fs.0
+                fs.fstype
             );
         }
         println!(
@@ -734,20 +685,8 @@ fn prepare_mount_point(point: &Path, daemon_running: bool) -> anyhow::Result<()>
     std::fs::create_dir_all(point).with_context(|| format!("creating {}", point.display()))
 }
 
-fn lazy_unmount(point: &Path) -> anyhow::Result<()> {
-    let status = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(point)
-        .status()
-        .context("running umount -l")?;
-    if !status.success() {
-        bail!("umount -l {} failed ({status})", point.display());
-    }
-    Ok(())
-}
-
 fn print_summary(
-    layout: &Layout,
+    layout: &ClusterLayout,
     daemons: &BTreeMap<String, Daemon>,
     wanted: &[Kind],
     started: &[String],
@@ -777,7 +716,7 @@ fn print_summary(
         let daemon = &daemons[&kind.name()];
         let address = match kind {
             Kind::Mount => layout.mount_point.display().to_string(),
-            _ => Layout::addr(layout.rpc_port(*kind).unwrap_or_default()),
+            _ => ClusterLayout::addr(layout.rpc_port(*kind).unwrap_or_default()),
         };
         let pid = daemon
             .running()
@@ -795,7 +734,7 @@ fn print_summary(
             how,
             format!(
                 "http://{}/metrics",
-                Layout::addr(layout.metrics_port(*kind))
+                ClusterLayout::addr(layout.metrics_port(*kind))
             ),
             daemon.log.display()
         );
@@ -803,11 +742,11 @@ fn print_summary(
     println!();
     println!(
         "status:  flyfs admin --mgmt {} status",
-        Layout::addr(layout.port)
+        ClusterLayout::addr(layout.port)
     );
     println!(
         "files:   flyfs admin --meta {} ls /",
-        Layout::addr(layout.port + 1)
+        ClusterLayout::addr(layout.port + 1)
     );
     println!("stop:    flyfs down --data {}", layout.data.display());
 }
@@ -821,7 +760,7 @@ pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let layout = Layout {
+    let layout = ClusterLayout {
         data: data.clone(),
         port: cluster.port,
         mount_point: cluster.mount_point,
@@ -858,8 +797,8 @@ pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
             None => {}
         }
         if kind == Kind::Mount
-            && let Some(fs) = mounted(&layout.mount_point)?
-            && is_flyfs(&fs)
+            && let Some(fs) = mounted_at(&layout.mount_point)?
+            && fs.is_flyfs()
         {
             lazy_unmount(&layout.mount_point)?;
             println!(
@@ -896,23 +835,8 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_finds_the_topmost_mount_with_escapes() {
-        let info = "\
-36 25 0:32 / /mnt/fly\\040fs rw,relatime shared:1 - ext4 /dev/vda rw
-37 36 0:33 / /mnt/fly\\040fs rw,nosuid,nodev,relatime shared:2 - fuse.flyfs flyfs rw,user_id=0
-38 25 0:34 / /var rw - tmpfs tmpfs rw
-";
-        let found = find_mount(info, Path::new("/mnt/fly fs/")).expect("found");
-        assert_eq!(found, ("fuse.flyfs".to_string(), "flyfs".to_string()));
-        assert!(is_flyfs(&found));
-        assert_eq!(find_mount(info, Path::new("/mnt")), None);
-        let var = find_mount(info, Path::new("/var")).expect("var");
-        assert!(!is_flyfs(&var));
-    }
-
-    #[test]
     fn configs_parse_as_their_daemons_read_them() {
-        let layout = Layout {
+        let layout = ClusterLayout {
             data: PathBuf::from("/data dir"),
             port: 7100,
             mount_point: PathBuf::from("/mnt/x"),

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use flyfs_fuse::mountpoint::{lazy_unmount, mounted_at};
 use flyfs_proto::wire::mgmt::{PublicState, RoutingInfo};
 use nix::libc;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -190,31 +191,16 @@ fn posix_tests() -> Command {
     Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/posix-tests"))
 }
 
-/// Whether something is mounted at `point` (our paths need no unescaping).
+/// Whether something is mounted at `point`.
 fn is_mounted(point: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    let point = point.to_string_lossy();
-    info.lines()
-        .any(|line| line.split(' ').nth(4) == Some(point.as_ref()))
+    mounted_at(point).expect("read mountinfo").is_some()
 }
 
-/// Whether the topmost mount at `point` is flyfs's FUSE mount (fstype
-/// `fuse` or `fuse.flyfs`, source `flyfs`).
+/// Whether the topmost mount at `point` is flyfs's FUSE mount.
 fn is_flyfs_mount(point: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    let point = point.to_string_lossy();
-    info.lines()
-        .rev()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            if fields.get(4) != Some(&point.as_ref()) {
-                return None;
-            }
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
-            Some(fstype.starts_with("fuse") && (*fstype == "fuse.flyfs" || *source == "flyfs"))
-        })
-        .unwrap_or(false)
+    mounted_at(point)
+        .expect("read mountinfo")
+        .is_some_and(|mounted| mounted.is_flyfs())
 }
 
 /// A pid file's pid, if the process lives (not a zombie).
@@ -281,11 +267,11 @@ fn probe(scratch: &Path) -> Result<(), String> {
             "a FUSE mount through the mount syscall (mount: {error})"
         ));
     }
-    // SAFETY: as above.
-    let rc = unsafe { libc::umount2(c_point.as_ptr(), libc::MNT_DETACH) };
-    let unmounted = std::io::Error::last_os_error();
+    let unmounted = lazy_unmount(&point);
     drop(fuse);
-    assert_eq!(rc, 0, "detaching the probe mount at {point:?}: {unmounted}");
+    if let Err(e) = unmounted {
+        panic!("detaching the probe mount at {point:?}: {e}");
+    }
     let _ = std::fs::remove_dir(&point);
     Ok(())
 }
@@ -444,10 +430,10 @@ fn tear_down(data: &Path, mount: &Path, verbose: bool) {
     }
     if is_mounted(mount) {
         eprintln!(
-            "fuse_e2e: cleanup: {} still mounted: umount -l",
+            "fuse_e2e: cleanup: {} still mounted: detaching it",
             mount.display()
         );
-        let _ = Command::new("umount").arg("-l").arg(mount).status();
+        let _ = lazy_unmount(mount);
     }
     for name in DAEMONS {
         if let Some(pid) = live_pid(&data.join("run").join(format!("{name}.pid"))) {

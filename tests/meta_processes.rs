@@ -576,7 +576,7 @@ struct Found {
 
 /// Every file linked under the root, walked with `readdir` and `stat`.
 async fn linked_files(ns: &Namespace<FjallKv>) -> BTreeMap<InodeId, Found> {
-    let root = flyfs_fs_meta::ns::User::root();
+    let root = flyfs_proto::wire::meta::User::root();
     let mut files = BTreeMap::new();
     let mut dirs = vec![(ROOT, String::new())];
     while let Some((dir, path)) = dirs.pop() {

@@ -17,7 +17,7 @@ use flyfs_proto::ids::{ChainId, ChunkId, InodeId};
 use flyfs_rpc::Network;
 use futures::StreamExt;
 
-use crate::ns::layout::Layout;
+use crate::ns::layout::StoredLayout;
 
 /// Chunk operations in flight at once per file operation.
 const IN_FLIGHT: usize = 32;
@@ -37,7 +37,7 @@ pub struct DataError {
 pub struct FileChunks<'a, N: Network> {
     pub storage: &'a Arc<StorageClient<N>>,
     pub ino: InodeId,
-    pub layout: &'a Layout,
+    pub layout: &'a StoredLayout,
 }
 
 impl<N: Network> FileChunks<'_, N> {
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn indices_on_a_chain_follow_the_stripe() {
-        let layout = Layout::new(
+        let layout = StoredLayout::new(
             LayoutSpec {
                 chain_table: ChainTableId(1),
                 chunk_size: 1 << 20,

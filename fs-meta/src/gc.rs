@@ -17,7 +17,7 @@ use flyfs_client::storage::StorageClient;
 use flyfs_rpc::Network;
 
 use crate::data::FileChunks;
-use crate::ns::{GcFinish, GcItem, GcKind, MetaError, Namespace};
+use crate::ns::{GcFinish, GcItem, GcKind, Namespace, NsError};
 use flyfs_kv::Kv;
 
 /// How the worker paces itself.
@@ -62,7 +62,7 @@ impl GcStats {
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error(transparent)]
-    Meta(#[from] MetaError),
+    Namespace(#[from] NsError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
 }

@@ -20,8 +20,8 @@ use flyfs_proto::ids::InodeId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ns::MetaError;
-use crate::ns::layout::{Layout, LayoutSpec};
+use crate::ns::NsError;
+use crate::ns::layout::{LayoutSpec, StoredLayout};
 
 /// The first byte of every value.
 pub const VALUE_VERSION: u8 = 1;
@@ -274,8 +274,8 @@ pub struct DecodeError {
 }
 
 /// Encodes a value: the version byte, then MessagePack with named fields.
-fn encode_value<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, MetaError> {
-    let body = codec::try_encode(value).map_err(|source| MetaError::Encode { what, source })?;
+fn encode_value<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, NsError> {
+    let body = codec::try_encode(value).map_err(|source| NsError::Encode { what, source })?;
     let mut bytes = Vec::with_capacity(1 + body.len());
     bytes.push(VALUE_VERSION);
     bytes.extend_from_slice(&body);
@@ -408,7 +408,7 @@ pub struct FileData {
     /// Bumped by every truncate, so storage and clients can tell a chunk
     /// written before a truncate from one written after.
     pub truncate_version: u64,
-    pub layout: Layout,
+    pub layout: StoredLayout,
 }
 
 /// A directory's own attributes.
@@ -540,7 +540,7 @@ struct InodeRecord {
     #[serde(skip_serializing_if = "is_zero")]
     truncate_version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    layout: Option<Layout>,
+    layout: Option<StoredLayout>,
     #[serde(skip_serializing_if = "is_zero")]
     parent: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -556,7 +556,7 @@ fn is_zero(v: &u64) -> bool {
 }
 
 /// Encodes an inode value.
-pub fn encode_inode(inode: &Inode) -> Result<Vec<u8>, MetaError> {
+pub fn encode_inode(inode: &Inode) -> Result<Vec<u8>, NsError> {
     let mut record = InodeRecord {
         kind: inode.kind().code(),
         uid: inode.uid,
@@ -669,7 +669,7 @@ struct DentryRecord {
     kind: u8,
 }
 
-pub fn encode_dentry(dentry: &Dentry) -> Result<Vec<u8>, MetaError> {
+pub fn encode_dentry(dentry: &Dentry) -> Result<Vec<u8>, NsError> {
     encode_value(
         "directory entry",
         &DentryRecord {
@@ -707,7 +707,7 @@ pub struct SessionValue {
     pub opened_ns: i64,
 }
 
-pub fn encode_session(session: &SessionValue) -> Result<Vec<u8>, MetaError> {
+pub fn encode_session(session: &SessionValue) -> Result<Vec<u8>, NsError> {
     encode_value("write session", session)
 }
 
@@ -722,7 +722,7 @@ struct XattrRecord {
     value: Vec<u8>,
 }
 
-pub fn encode_xattr(value: &[u8]) -> Result<Vec<u8>, MetaError> {
+pub fn encode_xattr(value: &[u8]) -> Result<Vec<u8>, NsError> {
     encode_value(
         "extended attribute",
         &XattrRecord {
@@ -750,7 +750,7 @@ struct DirTimesRecord {
 
 /// A `DTIM` value: when the directory's entries last changed (its mtime
 /// and ctime are at least this).
-pub fn encode_dir_times(changed_ns: i64) -> Result<Vec<u8>, MetaError> {
+pub fn encode_dir_times(changed_ns: i64) -> Result<Vec<u8>, NsError> {
     encode_value("directory times", &DirTimesRecord { changed_ns })
 }
 
@@ -774,7 +774,7 @@ struct GcRecord {
     kind: u8,
 }
 
-pub fn encode_gc(kind: GcKind) -> Result<Vec<u8>, MetaError> {
+pub fn encode_gc(kind: GcKind) -> Result<Vec<u8>, NsError> {
     let kind = match kind {
         GcKind::File => 1,
         GcKind::Directory => 2,
@@ -801,7 +801,7 @@ struct AllocRecord {
 }
 
 /// An allocator shard's value: how many batches it has handed out.
-pub fn encode_alloc(next_batch: u64) -> Result<Vec<u8>, MetaError> {
+pub fn encode_alloc(next_batch: u64) -> Result<Vec<u8>, NsError> {
     encode_value("inode allocator shard", &AllocRecord { next_batch })
 }
 
@@ -817,7 +817,7 @@ pub struct FormatValue {
     pub created_ns: i64,
 }
 
-pub fn encode_format(format: &FormatValue) -> Result<Vec<u8>, MetaError> {
+pub fn encode_format(format: &FormatValue) -> Result<Vec<u8>, NsError> {
     encode_value("format record", format)
 }
 
@@ -878,8 +878,8 @@ mod tests {
 
     use super::*;
 
-    fn layout() -> Layout {
-        Layout::new(
+    fn layout() -> StoredLayout {
+        StoredLayout::new(
             LayoutSpec {
                 chain_table: ChainTableId(3),
                 chunk_size: 1 << 20,
@@ -1079,7 +1079,7 @@ mod tests {
         struct Future<'a> {
             kind: u8,
             mode: u32,
-            layout: &'a Layout,
+            layout: &'a StoredLayout,
             flags: u64,
         }
         let layout = layout();

@@ -26,8 +26,8 @@ use flyfs_rpc::server::{Reply, Request, Service};
 use crate::data::FileChunks;
 use crate::gc::GcStats;
 use crate::ns::{
-    self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, MetaError, Namespace, OpenFlags,
-    Truncate, User,
+    self, ChainTables, CreateFlags, Inode, InodeKind, LayoutError, Namespace, NsError, OpenFlags,
+    Truncate,
 };
 use crate::schema::{InodeData, SessionId};
 use flyfs_kv::Kv;
@@ -66,10 +66,10 @@ impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
 /// A handler's failure: a namespace error or a storage one, both an errno.
 type Result<T> = std::result::Result<T, wire::MetaError>;
 
-fn meta_error(e: MetaError) -> wire::MetaError {
+fn meta_error(e: NsError) -> wire::MetaError {
     wire::MetaError {
         errno: e.errno(),
-        retryable: matches!(&e, MetaError::Kv(kv) if kv.is_retryable()),
+        retryable: matches!(&e, NsError::Kv(kv) if kv.is_retryable()),
         message: e.to_string(),
     }
 }
@@ -80,10 +80,6 @@ fn data_error(e: crate::data::DataError) -> wire::MetaError {
         retryable: true,
         message: e.to_string(),
     }
-}
-
-fn user(u: wire::User) -> User {
-    User::new(u.uid, u.gid, u.groups)
 }
 
 /// An inode's attributes on the wire.
@@ -140,7 +136,7 @@ pub fn attr(inode: &Inode) -> wire::Attr {
 }
 
 /// A namespace answer about one inode, as the wire carries it.
-fn attr_of(inode: std::result::Result<Inode, MetaError>) -> Result<wire::Attr> {
+fn attr_of(inode: std::result::Result<Inode, NsError>) -> Result<wire::Attr> {
     inode.map(|i| attr(&i)).map_err(meta_error)
 }
 
@@ -184,7 +180,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         &self.ns
     }
 
-    fn chunks<'a>(&'a self, ino: InodeId, layout: &'a ns::Layout) -> FileChunks<'a, N> {
+    fn chunks<'a>(&'a self, ino: InodeId, layout: &'a ns::StoredLayout) -> FileChunks<'a, N> {
         FileChunks {
             storage: &self.storage,
             ino,
@@ -199,13 +195,13 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     /// (as clients retrying through its restart do) or names a table made
     /// moments ago gets EINVAL for a table that exists. The failed attempt
     /// wrote nothing: the layout is chosen before anything is written.
-    async fn with_fresh_tables<T, F, Fut>(&self, mut op: F) -> std::result::Result<T, MetaError>
+    async fn with_fresh_tables<T, F, Fut>(&self, mut op: F) -> std::result::Result<T, NsError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = std::result::Result<T, MetaError>>,
+        Fut: Future<Output = std::result::Result<T, NsError>>,
     {
         match op().await {
-            Err(MetaError::Layout(LayoutError::UnknownTable(table))) => {
+            Err(NsError::Layout(LayoutError::UnknownTable(table))) => {
                 if let Err(e) = self.storage.refresh_routing().await {
                     tracing::debug!(?table, "refreshing routing for an unknown table: {e}");
                 }
@@ -304,12 +300,12 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             Lookup::ID => {
                 let r = req.decode::<Lookup>()?;
-                let found = ns.lookup(&user(r.user), r.parent, &r.name).await;
+                let found = ns.lookup(&r.user, r.parent, &r.name).await;
                 ok::<Lookup>(attr_of(found))
             }
             Resolve::ID => {
                 let r = req.decode::<Resolve>()?;
-                let found = ns.resolve(&user(r.user), &r.path, r.follow).await;
+                let found = ns.resolve(&r.user, &r.path, r.follow).await;
                 ok::<Resolve>(attr_of(found))
             }
             Create::ID => {
@@ -321,7 +317,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     write_session: r.write.then_some(r.client.0),
                     session: (r.session != 0).then_some(SessionId(r.session)),
                 };
-                let who = user(r.user);
+                let who = r.user;
                 let result = async {
                     let created = self
                         .with_fresh_tables(|| ns.create(&who, r.parent, &r.name, r.mode, flags))
@@ -347,7 +343,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 };
                 let result = async {
                     let opened = ns
-                        .open_file(&user(r.user), r.ino, flags)
+                        .open_file(&r.user, r.ino, flags)
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(opened.truncate).await?;
@@ -362,26 +358,24 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             Mkdir::ID => {
                 let r = req.decode::<Mkdir>()?;
-                let made = ns.mkdir(&user(r.user), r.parent, &r.name, r.mode).await;
+                let made = ns.mkdir(&r.user, r.parent, &r.name, r.mode).await;
                 ok::<Mkdir>(attr_of(made))
             }
             MkdirAll::ID => {
                 let r = req.decode::<MkdirAll>()?;
-                let made = ns.mkdir_all(&user(r.user), &r.path, r.mode).await;
+                let made = ns.mkdir_all(&r.user, &r.path, r.mode).await;
                 ok::<MkdirAll>(attr_of(made))
             }
             Symlink::ID => {
                 let r = req.decode::<Symlink>()?;
-                let made = ns
-                    .symlink(&user(r.user), r.parent, &r.name, &r.target)
-                    .await;
+                let made = ns.symlink(&r.user, r.parent, &r.name, &r.target).await;
                 ok::<Symlink>(attr_of(made))
             }
             Mknod::ID => {
                 let r = req.decode::<Mknod>()?;
                 let made = ns
                     .mknod(
-                        &user(r.user),
+                        &r.user,
                         r.parent,
                         &r.name,
                         inode_kind(r.kind),
@@ -402,34 +396,32 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             Link::ID => {
                 let r = req.decode::<Link>()?;
-                let linked = ns
-                    .link(&user(r.user), r.ino, r.new_parent, &r.new_name)
-                    .await;
+                let linked = ns.link(&r.user, r.ino, r.new_parent, &r.new_name).await;
                 ok::<Link>(attr_of(linked))
             }
             Unlink::ID => {
                 let r = req.decode::<Unlink>()?;
-                let done = ns.unlink(&user(r.user), r.parent, &r.name).await;
+                let done = ns.unlink(&r.user, r.parent, &r.name).await;
                 ok::<Unlink>(done.map(drop).map_err(meta_error))
             }
             Rmdir::ID => {
                 let r = req.decode::<Rmdir>()?;
                 ok::<Rmdir>(
-                    ns.rmdir(&user(r.user), r.parent, &r.name)
+                    ns.rmdir(&r.user, r.parent, &r.name)
                         .await
                         .map_err(meta_error),
                 )
             }
             RemoveAll::ID => {
                 let r = req.decode::<RemoveAll>()?;
-                let done = ns.remove_all(&user(r.user), r.parent, &r.name).await;
+                let done = ns.remove_all(&r.user, r.parent, &r.name).await;
                 ok::<RemoveAll>(done.map(drop).map_err(meta_error))
             }
             Rename::ID => {
                 let r = req.decode::<Rename>()?;
                 let done = ns
                     .rename(
-                        &user(r.user),
+                        &r.user,
                         r.old_parent,
                         &r.old_name,
                         r.new_parent,
@@ -454,7 +446,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .map_err(meta_error)?;
                     match closed.inode {
                         Some(inode) => Ok(attr(&inode)),
-                        None => Err(meta_error(MetaError::NotFound(format!("{:?}", r.ino)))),
+                        None => Err(meta_error(NsError::NotFound(format!("{:?}", r.ino)))),
                     }
                 }
                 .await;
@@ -481,7 +473,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 };
                 let result = async {
                     let done = ns
-                        .setattr(&user(r.user), r.ino, changes)
+                        .setattr(&r.user, r.ino, changes)
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(done.truncate).await?;
@@ -492,7 +484,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             GetXattr::ID => {
                 let r = req.decode::<GetXattr>()?;
-                let value = ns.get_xattr(&user(r.user), r.ino, &r.name).await;
+                let value = ns.get_xattr(&r.user, r.ino, &r.name).await;
                 ok::<GetXattr>(
                     value
                         .map(|value| wire::XattrRsp { value })
@@ -506,9 +498,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     wire::XattrMode::Create => ns::XattrMode::Create,
                     wire::XattrMode::Replace => ns::XattrMode::Replace,
                 };
-                let done = ns
-                    .set_xattr(&user(r.user), r.ino, &r.name, &r.value, mode)
-                    .await;
+                let done = ns.set_xattr(&r.user, r.ino, &r.name, &r.value, mode).await;
                 ok::<SetXattr>(done.map_err(meta_error))
             }
             ListXattr::ID => {
@@ -524,7 +514,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             RemoveXattr::ID => {
                 let r = req.decode::<RemoveXattr>()?;
-                let done = ns.remove_xattr(&user(r.user), r.ino, &r.name).await;
+                let done = ns.remove_xattr(&r.user, r.ino, &r.name).await;
                 ok::<RemoveXattr>(done.map_err(meta_error))
             }
             SetLayout::ID => {
@@ -534,7 +524,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     chunk_size: r.layout.chunk_size,
                     stripe: r.layout.stripe,
                 };
-                let who = user(r.user);
+                let who = r.user;
                 let done = self
                     .with_fresh_tables(|| ns.set_layout(&who, r.dir, spec))
                     .await;
@@ -550,7 +540,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     }
 
     async fn readdir(&self, r: wire::ReaddirReq) -> Result<wire::ReaddirRsp> {
-        let who = user(r.user);
+        let who = r.user;
         let after = (!r.after.is_empty()).then_some(&r.after[..]);
         let limit = r.limit as usize;
         if r.plus {

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, MetaError, Namespace, OpenFlags, User};
+use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, Namespace, NsError, OpenFlags};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_kv::mem::MemKv;
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 use ns_common::Yielding;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -54,7 +55,7 @@ fn random_name(rng: &mut StdRng) -> &'static [u8] {
 
 /// A directory to work in: a random path resolved now (it may be renamed
 /// or removed by the time it is used, which is the point).
-async fn random_dir<K: Kv>(ns: &Namespace<K>, rng: &mut StdRng) -> Result<InodeId, MetaError> {
+async fn random_dir<K: Kv>(ns: &Namespace<K>, rng: &mut StdRng) -> Result<InodeId, NsError> {
     let path = random_path(rng);
     Ok(ns.resolve(&User::root(), &path, true).await?.ino)
 }
@@ -66,9 +67,9 @@ async fn one_op<K: Kv>(
     ns: &Namespace<K>,
     rng: &mut StdRng,
     sessions: &mut Vec<(InodeId, flyfs_fs_meta::ns::SessionId)>,
-) -> Result<&'static str, MetaError> {
+) -> Result<&'static str, NsError> {
     let user = User::root();
-    let result: Result<(), MetaError> = async {
+    let result: Result<(), NsError> = async {
         match rng.random_range(0..100) {
             0..15 => {
                 let dir = random_dir(ns, rng).await?;
@@ -151,17 +152,15 @@ async fn one_op<K: Kv>(
     .await;
     match result {
         Ok(()) => Ok("ok"),
-        Err(e @ (MetaError::Kv(_) | MetaError::Corrupt { .. } | MetaError::Encode { .. })) => {
-            Err(e)
-        }
-        Err(MetaError::NotFound(_)) => Ok("ENOENT"),
-        Err(MetaError::Exists(_)) => Ok("EEXIST"),
-        Err(MetaError::NotEmpty(_)) => Ok("ENOTEMPTY"),
-        Err(MetaError::NotDir(_)) => Ok("ENOTDIR"),
-        Err(MetaError::IsDir(_)) => Ok("EISDIR"),
-        Err(MetaError::Invalid(_)) => Ok("EINVAL"),
-        Err(MetaError::NotPermitted(_)) => Ok("EPERM"),
-        Err(MetaError::Loop(_)) => Ok("ELOOP"),
+        Err(e @ (NsError::Kv(_) | NsError::Corrupt { .. } | NsError::Encode { .. })) => Err(e),
+        Err(NsError::NotFound(_)) => Ok("ENOENT"),
+        Err(NsError::Exists(_)) => Ok("EEXIST"),
+        Err(NsError::NotEmpty(_)) => Ok("ENOTEMPTY"),
+        Err(NsError::NotDir(_)) => Ok("ENOTDIR"),
+        Err(NsError::IsDir(_)) => Ok("EISDIR"),
+        Err(NsError::Invalid(_)) => Ok("EINVAL"),
+        Err(NsError::NotPermitted(_)) => Ok("EPERM"),
+        Err(NsError::Loop(_)) => Ok("ELOOP"),
         Err(other) => Ok(match other.errno() {
             libc::EACCES => "EACCES",
             _ => "other",
@@ -361,7 +360,7 @@ async fn racing_directory_moves_never_make_a_cycle() {
                     Ok(()) => {
                         moved.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(MetaError::NotFound(_) | MetaError::Invalid(_)) => {}
+                    Err(NsError::NotFound(_) | NsError::Invalid(_)) => {}
                     Err(e) => panic!("rename: {e}"),
                 }
             }

@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use flyfs_fs_meta::ns::{
-    CreateFlags, InodeKind, MetaError, Namespace, OpenFlags, SessionId, SetAttr, SetTime, User,
-    XattrMode,
+    CreateFlags, InodeKind, Namespace, NsError, OpenFlags, SessionId, SetAttr, SetTime, XattrMode,
 };
 use flyfs_fs_meta::schema::{Inode, InodeData};
 use flyfs_kv::mem::MemKv;
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 use ns_common::GC_DELAY_MS;
 use proptest::prelude::*;
 
@@ -1247,10 +1247,10 @@ struct Harness {
     users: Vec<User>,
 }
 
-fn errno<T>(result: &Result<T, MetaError>) -> Result<(), i32> {
+fn errno<T>(result: &Result<T, NsError>) -> Result<(), i32> {
     match result {
         Ok(_) => Ok(()),
-        Err(e @ (MetaError::Kv(_) | MetaError::Corrupt { .. } | MetaError::Encode { .. })) => {
+        Err(e @ (NsError::Kv(_) | NsError::Corrupt { .. } | NsError::Encode { .. })) => {
             panic!("unexpected internal error: {e}")
         }
         Err(e) => Err(e.errno()),
@@ -1976,7 +1976,7 @@ fn scripted_sequence_agrees_with_the_model() {
 // ---------------------------------------------------------------------------
 // Bad input: errno, never a panic.
 
-fn errno_of<T: Debug>(result: Result<T, MetaError>) -> i32 {
+fn errno_of<T: Debug>(result: Result<T, NsError>) -> i32 {
     match result {
         Ok(value) => panic!("expected an error, got {value:?}"),
         Err(e) => e.errno(),

@@ -9,10 +9,13 @@
 //! * [`frame`]: the 36-byte header, limits, status codes, and the frame as
 //!   bytes (reading and writing frames on a stream is flyfs-rpc's).
 //! * [`wire`]: the message types of each service, declared as [`Method`]s.
+//! * [`access`]: the POSIX access rule over the wire's credentials, shared
+//!   by the metadata service and the FUSE daemon.
 //!
 //! The byte layout and its version log are in docs/rpc-wire-format.md.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod codec;
 pub mod frame;
 pub mod ids;

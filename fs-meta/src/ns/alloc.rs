@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use flyfs_proto::ids::InodeId;
 
-use crate::ns::MetaError;
+use crate::ns::NsError;
 use crate::schema::{FIRST_ALLOCATED_ID, alloc_key, decode_alloc, encode_alloc};
 use flyfs_kv::{Kv, RetryOptions, Transaction};
 
@@ -87,7 +87,7 @@ impl InodeAllocator {
         &self,
         store: &K,
         retry: &RetryOptions,
-    ) -> Result<InodeId, MetaError> {
+    ) -> Result<InodeId, NsError> {
         if let Some(id) = self.take() {
             return Ok(id);
         }
@@ -99,11 +99,10 @@ impl InodeAllocator {
                 Some(value) => decode_alloc(&key, &value)?,
                 None => 0,
             };
-            let start = batch_start(shard, next).ok_or_else(|| {
-                MetaError::NoSpace(format!("inode id shard {shard} is exhausted"))
-            })?;
+            let start = batch_start(shard, next)
+                .ok_or_else(|| NsError::NoSpace(format!("inode id shard {shard} is exhausted")))?;
             tx.set(&key, &encode_alloc(next + 1)?)?;
-            Ok::<u64, MetaError>(start)
+            Ok::<u64, NsError>(start)
         })
         .await?;
         debug_assert!(start >= FIRST_ALLOCATED_ID && start % ALLOC_BATCH == 0);

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
-use crate::ns::MetaError;
+use crate::ns::NsError;
 use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
@@ -115,7 +115,7 @@ struct Snapshot {
 async fn read_all<T: Transaction>(
     tx: &MetaTx<T>,
     report: &mut CheckReport,
-) -> Result<Snapshot, MetaError> {
+) -> Result<Snapshot, NsError> {
     let mut snapshot = Snapshot::default();
     let mut begin = Bytes::new();
     let end = prefix_end(&[0xff]);
@@ -168,7 +168,7 @@ impl<K: Kv> Namespace<K> {
     /// Checks every invariant of the namespace; see the module docs. Errors
     /// only when the store cannot be read; what is wrong with its contents
     /// is in [`CheckReport::problems`].
-    pub async fn check(&self) -> Result<CheckReport, MetaError> {
+    pub async fn check(&self) -> Result<CheckReport, NsError> {
         self.read(|tx| async move {
             let mut report = CheckReport::default();
             let snapshot = read_all(&tx, &mut report).await?;
@@ -419,12 +419,13 @@ fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ns::CreateFlags;
     use crate::ns::tests::namespace;
-    use crate::ns::{CreateFlags, User};
     use crate::schema::{
         DirData, InodeData, dentry_key, encode_dentry, encode_inode, gc_key, session_key,
     };
     use flyfs_kv::RetryOptions;
+    use flyfs_proto::wire::meta::User;
 
     /// Applies raw writes behind the namespace's back.
     async fn tamper<K: Kv>(ns: &Namespace<K>, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
@@ -437,7 +438,7 @@ mod tests {
                         None => tx.clear(&key)?,
                     }
                 }
-                Ok::<(), MetaError>(())
+                Ok::<(), NsError>(())
             }
         })
         .await

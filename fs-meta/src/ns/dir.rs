@@ -7,13 +7,14 @@
 //! that keeps creates in one directory free of conflicts with each other.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::ns::perm::{self, User};
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
-use crate::ns::{LayoutSpec, MetaError};
+use crate::ns::{LayoutSpec, NsError};
 use crate::schema::{
     Dentry, DirData, GcKind, Inode, InodeData, InodeKind, MODE_MASK, NAME_BYTES_MAX,
     PATH_BYTES_MAX, ROOT, SYMLINK_TARGET_BYTES_MAX, SpecialData, SymlinkData,
@@ -80,13 +81,10 @@ pub(crate) fn new_inode(
 
 /// `dir`'s parent directory (`..`); the root is its own parent. A detached
 /// directory has none: ENOENT.
-async fn parent_of<T: Transaction>(tx: &MetaTx<T>, dir: &Inode) -> Result<Inode, MetaError> {
+async fn parent_of<T: Transaction>(tx: &MetaTx<T>, dir: &Inode) -> Result<Inode, NsError> {
     let parent = dir.dir().map_or(InodeId(0), |d| d.parent);
     if parent.0 == 0 {
-        return Err(MetaError::NotFound(format!(
-            "{:?} has been removed",
-            dir.ino
-        )));
+        return Err(NsError::NotFound(format!("{:?} has been removed", dir.ino)));
     }
     tx.directory(parent).await
 }
@@ -111,18 +109,18 @@ fn push_components(stack: &mut Vec<(Vec<u8>, bool)>, path: &[u8], from_link: boo
     );
 }
 
-fn check_path(path: &[u8]) -> Result<(), MetaError> {
+fn check_path(path: &[u8]) -> Result<(), NsError> {
     if path.len() > PATH_BYTES_MAX {
-        return Err(MetaError::NameTooLong(format!(
+        return Err(NsError::NameTooLong(format!(
             "a path of {} bytes (at most {PATH_BYTES_MAX})",
             path.len()
         )));
     }
     if path.is_empty() {
-        return Err(MetaError::NotFound("an empty path".into()));
+        return Err(NsError::NotFound("an empty path".into()));
     }
     if path.contains(&0) {
-        return Err(MetaError::Invalid("a path containing NUL".into()));
+        return Err(NsError::Invalid("a path containing NUL".into()));
     }
     Ok(())
 }
@@ -135,7 +133,7 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         parent: InodeId,
         name: &[u8],
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         let kind = check_name(name)?;
         self.read(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
@@ -146,7 +144,7 @@ impl<K: Kv> Namespace<K> {
                     let dentry = tx
                         .dentry(parent, name)
                         .await?
-                        .ok_or_else(|| MetaError::NotFound(show(name)))?;
+                        .ok_or_else(|| NsError::NotFound(show(name)))?;
                     tx.target(parent, name, dentry).await
                 }
             }
@@ -164,7 +162,7 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         path: &[u8],
         follow_last: bool,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         check_path(path)?;
         self.read(|tx| async move { self.walk(&tx, user, path, follow_last, None).await })
             .await
@@ -176,12 +174,12 @@ impl<K: Kv> Namespace<K> {
     /// continue into them. Symlinks on the way are followed (their targets
     /// must exist). An existing directory at the end is fine; an existing
     /// non-directory is EEXIST.
-    pub async fn mkdir_all(&self, user: &User, path: &[u8], mode: u32) -> Result<Inode, MetaError> {
+    pub async fn mkdir_all(&self, user: &User, path: &[u8], mode: u32) -> Result<Inode, NsError> {
         check_path(path)?;
         self.write(|tx| async move {
             let inode = self.walk(&tx, user, path, true, Some(mode)).await?;
             if !inode.is_dir() {
-                return Err(MetaError::Exists(format!(
+                return Err(NsError::Exists(format!(
                     "{:?} is not a directory",
                     inode.ino
                 )));
@@ -200,7 +198,7 @@ impl<K: Kv> Namespace<K> {
         path: &[u8],
         follow_last: bool,
         create_mode: Option<u32>,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         let mut stack = Vec::new();
         push_components(&mut stack, path, false);
         let mut current = tx.directory(ROOT).await?;
@@ -209,18 +207,18 @@ impl<K: Kv> Namespace<K> {
         while let Some((component, from_link)) = stack.pop() {
             steps += 1;
             if steps > RESOLVE_STEPS_MAX {
-                return Err(MetaError::Loop(format!(
+                return Err(NsError::Loop(format!(
                     "more than {RESOLVE_STEPS_MAX} path components"
                 )));
             }
             if component.len() > NAME_BYTES_MAX {
-                return Err(MetaError::NameTooLong(format!(
+                return Err(NsError::NameTooLong(format!(
                     "a component of {} bytes",
                     component.len()
                 )));
             }
             if !current.is_dir() {
-                return Err(MetaError::NotDir(format!("{:?}", current.ino)));
+                return Err(NsError::NotDir(format!("{:?}", current.ino)));
             }
             perm::check(&current, user, perm::MAY_EXEC, "search")?;
             match component.as_slice() {
@@ -254,7 +252,7 @@ impl<K: Kv> Namespace<K> {
                         tx.count_subdir(current.ino, 1).await?;
                         child
                     }
-                    _ => return Err(MetaError::NotFound(show(&component))),
+                    _ => return Err(NsError::NotFound(show(&component))),
                 },
             };
             if let InodeData::Symlink(link) = &child.data
@@ -262,9 +260,7 @@ impl<K: Kv> Namespace<K> {
             {
                 symlinks += 1;
                 if symlinks > SYMLINKS_MAX {
-                    return Err(MetaError::Loop(format!(
-                        "more than {SYMLINKS_MAX} symlinks"
-                    )));
+                    return Err(NsError::Loop(format!("more than {SYMLINKS_MAX} symlinks")));
                 }
                 if link.target.starts_with(b"/") {
                     current = tx.directory(ROOT).await?;
@@ -284,7 +280,7 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         parent: &Inode,
         mode: u32,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         let ino = self.allocate().await?;
         let default_layout = parent.dir().and_then(|d| d.default_layout);
         let inode = new_inode(
@@ -309,14 +305,14 @@ impl<K: Kv> Namespace<K> {
         parent: InodeId,
         name: &[u8],
         mode: u32,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::Exists(show(name)));
+            return Err(NsError::Exists(show(name)));
         }
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if tx.dentry(parent, name).await?.is_some() {
-                return Err(MetaError::Exists(show(name)));
+                return Err(NsError::Exists(show(name)));
             }
             check_can_add(&dir, user)?;
             let inode = self.new_dir(&tx, user, &dir, mode).await?;
@@ -335,25 +331,25 @@ impl<K: Kv> Namespace<K> {
     }
 
     /// Removes the empty directory `name` from `parent`.
-    pub async fn rmdir(&self, user: &User, parent: InodeId, name: &[u8]) -> Result<(), MetaError> {
+    pub async fn rmdir(&self, user: &User, parent: InodeId, name: &[u8]) -> Result<(), NsError> {
         match check_name(name)? {
             NameKind::Normal => {}
-            NameKind::Dot => return Err(MetaError::Invalid("rmdir of \".\"".into())),
-            NameKind::DotDot => return Err(MetaError::NotEmpty("rmdir of \"..\"".into())),
+            NameKind::Dot => return Err(NsError::Invalid("rmdir of \".\"".into())),
+            NameKind::DotDot => return Err(NsError::NotEmpty("rmdir of \"..\"".into())),
         }
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             let dentry = tx
                 .dentry(parent, name)
                 .await?
-                .ok_or_else(|| MetaError::NotFound(show(name)))?;
+                .ok_or_else(|| NsError::NotFound(show(name)))?;
             let victim = tx.target(parent, name, dentry).await?;
             check_can_remove(&dir, &victim, user)?;
             if !victim.is_dir() {
-                return Err(MetaError::NotDir(show(name)));
+                return Err(NsError::NotDir(show(name)));
             }
             if !tx.is_empty_dir(victim.ino).await? {
-                return Err(MetaError::NotEmpty(show(name)));
+                return Err(NsError::NotEmpty(show(name)));
             }
             tx.clear_dentry(parent, name)?;
             tx.count_subdir(parent, -1).await?;
@@ -374,7 +370,7 @@ impl<K: Kv> Namespace<K> {
         dir: InodeId,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<DirPage, MetaError> {
+    ) -> Result<DirPage, NsError> {
         let limit = limit.clamp(1, READDIR_LIMIT_MAX);
         self.read(|tx| async move {
             let inode = tx.directory(dir).await?;
@@ -403,7 +399,7 @@ impl<K: Kv> Namespace<K> {
         dir: InodeId,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<DirPlusPage, MetaError> {
+    ) -> Result<DirPlusPage, NsError> {
         let limit = limit.clamp(1, READDIR_LIMIT_MAX);
         self.read(|tx| async move {
             let inode = tx.directory(dir).await?;
@@ -437,18 +433,18 @@ impl<K: Kv> Namespace<K> {
         parent: InodeId,
         name: &[u8],
         target: &[u8],
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if target.is_empty() {
-            return Err(MetaError::NotFound("an empty symlink target".into()));
+            return Err(NsError::NotFound("an empty symlink target".into()));
         }
         if target.len() > SYMLINK_TARGET_BYTES_MAX {
-            return Err(MetaError::NameTooLong(format!(
+            return Err(NsError::NameTooLong(format!(
                 "a symlink target of {} bytes",
                 target.len()
             )));
         }
         if target.contains(&0) {
-            return Err(MetaError::Invalid("a symlink target containing NUL".into()));
+            return Err(NsError::Invalid("a symlink target containing NUL".into()));
         }
         let data = InodeData::Symlink(SymlinkData {
             target: target.to_vec(),
@@ -466,14 +462,14 @@ impl<K: Kv> Namespace<K> {
         kind: InodeKind,
         mode: u32,
         rdev: u64,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if !kind.is_special() {
-            return Err(MetaError::Invalid(format!(
+            return Err(NsError::Invalid(format!(
                 "mknod of a {kind:?}: only FIFOs, sockets and devices"
             )));
         }
         if matches!(kind, InodeKind::CharDevice | InodeKind::BlockDevice) && user.uid != 0 {
-            return Err(MetaError::NotPermitted(format!(
+            return Err(NsError::NotPermitted(format!(
                 "only root makes devices: {}",
                 show(name)
             )));
@@ -497,15 +493,15 @@ impl<K: Kv> Namespace<K> {
         name: &[u8],
         mode: u32,
         data: InodeData,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::Exists(show(name)));
+            return Err(NsError::Exists(show(name)));
         }
         let data = &data;
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if tx.dentry(parent, name).await?.is_some() {
-                return Err(MetaError::Exists(show(name)));
+                return Err(NsError::Exists(show(name)));
             }
             check_can_add(&dir, user)?;
             let ino = self.allocate().await?;
@@ -519,11 +515,11 @@ impl<K: Kv> Namespace<K> {
     }
 
     /// A symlink's target; EINVAL for anything else.
-    pub async fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, MetaError> {
+    pub async fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, NsError> {
         self.read(|tx| async move {
             match tx.existing(ino).await?.data {
                 InodeData::Symlink(link) => Ok(link.target),
-                _ => Err(MetaError::Invalid(format!("{ino:?} is not a symlink"))),
+                _ => Err(NsError::Invalid(format!("{ino:?} is not a symlink"))),
             }
         })
         .await
@@ -538,15 +534,15 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         dir: InodeId,
         spec: LayoutSpec,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         // Choosing a layout checks everything a create would.
         self.inner
             .placement
             .choose(spec, self.inner.config.chain_tables.as_ref())?;
         self.write(|tx| async move {
             let mut inode = tx.directory(dir).await?;
-            if !user.owns_or_root(&inode) {
-                return Err(MetaError::NotPermitted(format!(
+            if !perm::owns_or_root(user, &inode) {
+                return Err(NsError::NotPermitted(format!(
                     "set the layout of {dir:?}: uid {} is not the owner",
                     user.uid
                 )));
@@ -575,9 +571,9 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         parent: InodeId,
         name: &[u8],
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::Invalid(format!("remove_all of {}", show(name))));
+            return Err(NsError::Invalid(format!("remove_all of {}", show(name))));
         }
         let delay_ms = self.inner.config.gc_delay_ms;
         self.write(|tx| async move {
@@ -585,14 +581,14 @@ impl<K: Kv> Namespace<K> {
             let dentry = tx
                 .dentry(parent, name)
                 .await?
-                .ok_or_else(|| MetaError::NotFound(show(name)))?;
+                .ok_or_else(|| NsError::NotFound(show(name)))?;
             let mut victim = tx.target(parent, name, dentry).await?;
             check_can_remove(&dir, &victim, user)?;
             if !victim.is_dir() {
                 return self.unlink_entry(&tx, parent, name, victim);
             }
-            if !user.owns_or_root(&victim) {
-                return Err(MetaError::NotPermitted(format!(
+            if !perm::owns_or_root(user, &victim) {
+                return Err(NsError::NotPermitted(format!(
                     "remove_all of {}: uid {} does not own it",
                     show(name),
                     user.uid

@@ -1,10 +1,14 @@
-//! `MetaError`: why a namespace operation failed, and the errno a FUSE reply
+//! `NsError`: why a namespace operation failed, and the errno a FUSE reply
 //! or RPC status carries for it.
 //!
 //! Each POSIX failure has its own variant carrying a short description of
-//! what was involved (for logs); callers branch on [`MetaError::errno`]. KV
+//! what was involved (for logs); callers branch on [`NsError::errno`]. KV
 //! failures keep the [`KvError`] so that [`flyfs_kv::run`] can retry the
 //! retryable ones ([`TxError`]).
+//!
+//! It is the namespace's own error, not the wire's
+//! [`flyfs_proto::wire::meta::MetaError`]: the service turns one into the
+//! other (errno, message, whether a retry may help) at the RPC boundary.
 
 use flyfs_proto::codec::CodecError;
 
@@ -14,7 +18,7 @@ use flyfs_kv::{KvError, TxError};
 
 /// A namespace operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum MetaError {
+pub enum NsError {
     #[error("no such file or directory: {0}")]
     NotFound(String),
     #[error("file exists: {0}")]
@@ -81,49 +85,49 @@ pub enum MetaError {
     },
 }
 
-impl MetaError {
+impl NsError {
     /// The errno for this error (a positive libc constant).
     pub fn errno(&self) -> i32 {
         match self {
-            MetaError::NotFound(_) => libc::ENOENT,
-            MetaError::Exists(_) => libc::EEXIST,
-            MetaError::NotDir(_) => libc::ENOTDIR,
-            MetaError::IsDir(_) => libc::EISDIR,
-            MetaError::NotEmpty(_) => libc::ENOTEMPTY,
-            MetaError::Invalid(_) | MetaError::Layout(_) => libc::EINVAL,
-            MetaError::NameTooLong(_) => libc::ENAMETOOLONG,
-            MetaError::Access(_) => libc::EACCES,
-            MetaError::NotPermitted(_) => libc::EPERM,
-            MetaError::Loop(_) => libc::ELOOP,
-            MetaError::NoData(_) => libc::ENODATA,
-            MetaError::Range(_) => libc::ERANGE,
-            MetaError::TooBig(_) => libc::E2BIG,
-            MetaError::FileTooBig(_) => libc::EFBIG,
-            MetaError::Busy(_) => libc::EBUSY,
-            MetaError::TooManyLinks(_) => libc::EMLINK,
-            MetaError::NoSpace(_) => libc::ENOSPC,
-            MetaError::NotSupported(_) => libc::EOPNOTSUPP,
-            MetaError::NoDevice(_) => libc::ENXIO,
+            NsError::NotFound(_) => libc::ENOENT,
+            NsError::Exists(_) => libc::EEXIST,
+            NsError::NotDir(_) => libc::ENOTDIR,
+            NsError::IsDir(_) => libc::EISDIR,
+            NsError::NotEmpty(_) => libc::ENOTEMPTY,
+            NsError::Invalid(_) | NsError::Layout(_) => libc::EINVAL,
+            NsError::NameTooLong(_) => libc::ENAMETOOLONG,
+            NsError::Access(_) => libc::EACCES,
+            NsError::NotPermitted(_) => libc::EPERM,
+            NsError::Loop(_) => libc::ELOOP,
+            NsError::NoData(_) => libc::ENODATA,
+            NsError::Range(_) => libc::ERANGE,
+            NsError::TooBig(_) => libc::E2BIG,
+            NsError::FileTooBig(_) => libc::EFBIG,
+            NsError::Busy(_) => libc::EBUSY,
+            NsError::TooManyLinks(_) => libc::EMLINK,
+            NsError::NoSpace(_) => libc::ENOSPC,
+            NsError::NotSupported(_) => libc::EOPNOTSUPP,
+            NsError::NoDevice(_) => libc::ENXIO,
             // Conflicts that outlasted every retry, a store that failed, and
             // corrupt bytes are all I/O errors to the application.
-            MetaError::Kv(_) | MetaError::Corrupt { .. } | MetaError::Encode { .. } => libc::EIO,
+            NsError::Kv(_) | NsError::Corrupt { .. } | NsError::Encode { .. } => libc::EIO,
         }
     }
 }
 
-impl From<DecodeError> for MetaError {
-    fn from(e: DecodeError) -> MetaError {
-        MetaError::Corrupt {
+impl From<DecodeError> for NsError {
+    fn from(e: DecodeError) -> NsError {
+        NsError::Corrupt {
             key: e.key,
             reason: e.reason,
         }
     }
 }
 
-impl TxError for MetaError {
+impl TxError for NsError {
     fn kv_error(&self) -> Option<&KvError> {
         match self {
-            MetaError::Kv(e) => Some(e),
+            NsError::Kv(e) => Some(e),
             _ => None,
         }
     }
@@ -135,11 +139,11 @@ mod tests {
 
     #[test]
     fn errno_and_retry_classification() {
-        assert_eq!(MetaError::NotFound("x".into()).errno(), libc::ENOENT);
-        assert_eq!(MetaError::NoData("x".into()).errno(), libc::ENODATA);
-        let conflict = MetaError::from(KvError::Conflict);
+        assert_eq!(NsError::NotFound("x".into()).errno(), libc::ENOENT);
+        assert_eq!(NsError::NoData("x".into()).errno(), libc::ENODATA);
+        let conflict = NsError::from(KvError::Conflict);
         assert_eq!(conflict.errno(), libc::EIO);
         assert!(conflict.kv_error().is_some_and(KvError::is_retryable));
-        assert!(MetaError::Exists("x".into()).kv_error().is_none());
+        assert!(NsError::Exists("x".into()).kv_error().is_none());
     }
 }

@@ -12,14 +12,15 @@
 //! only grows it), fixed exactly on close or by an explicit truncate.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::ns::MetaError;
+use crate::ns::NsError;
 use crate::ns::dir::new_inode;
-use crate::ns::layout::Layout;
-use crate::ns::perm::{self, User};
+use crate::ns::layout::StoredLayout;
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     Dentry, FileData, GcKind, Inode, InodeData, InodeKind, Key, SessionId, SessionValue,
@@ -67,7 +68,7 @@ pub struct Truncate {
     pub length: u64,
     /// The file's truncate version after the truncate.
     pub truncate_version: u64,
-    pub layout: Layout,
+    pub layout: StoredLayout,
 }
 
 /// What `create` did.
@@ -136,9 +137,9 @@ fn new_session_id() -> SessionId {
 }
 
 /// EFBIG unless `length` fits `layout`.
-fn check_length(inode: &Inode, layout: &Layout, length: u64) -> Result<(), MetaError> {
+fn check_length(inode: &Inode, layout: &StoredLayout, length: u64) -> Result<(), NsError> {
     if length > layout.length_max() {
-        return Err(MetaError::FileTooBig(format!(
+        return Err(NsError::FileTooBig(format!(
             "{:?}: length {length} over {}",
             inode.ino,
             layout.length_max()
@@ -148,11 +149,11 @@ fn check_length(inode: &Inode, layout: &Layout, length: u64) -> Result<(), MetaE
 }
 
 /// The file part of an inode already known to be a file.
-fn file_mut(inode: &mut Inode) -> Result<&mut FileData, MetaError> {
+fn file_mut(inode: &mut Inode) -> Result<&mut FileData, NsError> {
     let ino = inode.ino;
     match &mut inode.data {
         InodeData::File(f) => Ok(f),
-        _ => Err(MetaError::Invalid(format!("{ino:?} is not a regular file"))),
+        _ => Err(NsError::Invalid(format!("{ino:?} is not a regular file"))),
     }
 }
 
@@ -169,9 +170,9 @@ impl<K: Kv> Namespace<K> {
         name: &[u8],
         mode: u32,
         flags: CreateFlags,
-    ) -> Result<Created, MetaError> {
+    ) -> Result<Created, NsError> {
         if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::IsDir(format!("create of {}", show(name))));
+            return Err(NsError::IsDir(format!("create of {}", show(name))));
         }
         let session = flags
             .write_session
@@ -193,13 +194,13 @@ impl<K: Kv> Namespace<K> {
                             truncate: None,
                         });
                     }
-                    return Err(MetaError::Exists(show(name)));
+                    return Err(NsError::Exists(show(name)));
                 }
                 match inode.kind() {
-                    InodeKind::Directory => return Err(MetaError::IsDir(show(name))),
-                    InodeKind::Symlink => return Err(MetaError::Loop(show(name))),
+                    InodeKind::Directory => return Err(NsError::IsDir(show(name))),
+                    InodeKind::Symlink => return Err(NsError::Loop(show(name))),
                     kind if kind.is_special() => {
-                        return Err(MetaError::NoDevice(format!(
+                        return Err(NsError::NoDevice(format!(
                             "{} is a special file: its opener's kernel provides it",
                             show(name)
                         )));
@@ -268,7 +269,7 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         ino: InodeId,
         flags: OpenFlags,
-    ) -> Result<Opened, MetaError> {
+    ) -> Result<Opened, NsError> {
         let session = flags
             .write_session
             .map(|client| (client, flags.session.unwrap_or_else(new_session_id)));
@@ -277,7 +278,7 @@ impl<K: Kv> Namespace<K> {
             match inode.kind() {
                 InodeKind::Directory => {
                     if flags.truncate || flags.write_session.is_some() {
-                        return Err(MetaError::IsDir(format!("{ino:?} opened for writing")));
+                        return Err(NsError::IsDir(format!("{ino:?} opened for writing")));
                     }
                     if flags.read {
                         perm::check(&inode, user, perm::MAY_READ, "open")?;
@@ -288,14 +289,14 @@ impl<K: Kv> Namespace<K> {
                         truncate: None,
                     })
                 }
-                InodeKind::Symlink => Err(MetaError::Loop(format!("{ino:?} is a symlink"))),
+                InodeKind::Symlink => Err(NsError::Loop(format!("{ino:?} is a symlink"))),
                 InodeKind::File if inode.nlink == 0 => {
-                    Err(MetaError::NotFound(format!("{ino:?} has been unlinked")))
+                    Err(NsError::NotFound(format!("{ino:?} has been unlinked")))
                 }
                 InodeKind::File => {
                     open_linked(&tx, user, inode, flags.read, flags.truncate, session)
                 }
-                _ => Err(MetaError::NoDevice(format!(
+                _ => Err(NsError::NoDevice(format!(
                     "{ino:?} is a special file: its opener's kernel provides it"
                 ))),
             }
@@ -312,7 +313,7 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         session: SessionId,
         length: Option<u64>,
-    ) -> Result<Closed, MetaError> {
+    ) -> Result<Closed, NsError> {
         self.write(|tx| async move {
             if !tx.has_session(ino, session).await? {
                 return Ok(Closed {
@@ -321,7 +322,7 @@ impl<K: Kv> Namespace<K> {
                 });
             }
             tx.tx.clear(&session_key(ino, session))?;
-            let mut inode = tx.inode(ino).await?.ok_or_else(|| MetaError::Corrupt {
+            let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
                 key: format!("INOS {ino:?} {session:?}"),
                 reason: "a session of an inode that does not exist".into(),
             })?;
@@ -352,11 +353,11 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         length: u64,
         exact: bool,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         self.write(|tx| async move {
             let mut inode = tx.existing(ino).await?;
             if inode.is_dir() {
-                return Err(MetaError::IsDir(format!("{ino:?}")));
+                return Err(NsError::IsDir(format!("{ino:?}")));
             }
             let now = tx.now_ns;
             let file = file_mut(&mut inode)?;
@@ -391,7 +392,7 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         ino: InodeId,
         attr: SetAttr,
-    ) -> Result<SetAttrResult, MetaError> {
+    ) -> Result<SetAttrResult, NsError> {
         self.write(|tx| async move {
             let original = tx.existing(ino).await?;
             let new_mode = match attr.mode {
@@ -409,10 +410,10 @@ impl<K: Kv> Namespace<K> {
             if let Some(size) = attr.size {
                 match &original.data {
                     InodeData::Directory(_) => {
-                        return Err(MetaError::IsDir(format!("truncate of {ino:?}")));
+                        return Err(NsError::IsDir(format!("truncate of {ino:?}")));
                     }
                     InodeData::Symlink(_) | InodeData::Special(_) => {
-                        return Err(MetaError::Invalid(format!(
+                        return Err(NsError::Invalid(format!(
                             "truncate of {ino:?}, which is not a regular file"
                         )));
                     }
@@ -424,17 +425,17 @@ impl<K: Kv> Namespace<K> {
             }
             for time in [attr.atime, attr.mtime].into_iter().flatten() {
                 match time {
-                    SetTime::At(_) if !user.owns_or_root(&original) => {
-                        return Err(MetaError::NotPermitted(format!(
+                    SetTime::At(_) if !perm::owns_or_root(user, &original) => {
+                        return Err(NsError::NotPermitted(format!(
                             "set times of {ino:?}: uid {} is not the owner",
                             user.uid
                         )));
                     }
                     SetTime::Now
-                        if !user.owns_or_root(&original)
+                        if !perm::owns_or_root(user, &original)
                             && !perm::allowed(&original, user, perm::MAY_WRITE) =>
                     {
-                        return Err(MetaError::Access(format!(
+                        return Err(NsError::Access(format!(
                             "touch {ino:?}: uid {} may not write it",
                             user.uid
                         )));
@@ -499,29 +500,29 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         new_parent: InodeId,
         new_name: &[u8],
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if check_name(new_name)? != NameKind::Normal {
-            return Err(MetaError::Exists(show(new_name)));
+            return Err(NsError::Exists(show(new_name)));
         }
         self.write(|tx| async move {
             let mut inode = tx.existing(ino).await?;
             let dir = searchable_dir(&tx, user, new_parent).await?;
             if tx.dentry(new_parent, new_name).await?.is_some() {
-                return Err(MetaError::Exists(show(new_name)));
+                return Err(NsError::Exists(show(new_name)));
             }
             check_can_add(&dir, user)?;
             if inode.is_dir() {
-                return Err(MetaError::NotPermitted(format!(
+                return Err(NsError::NotPermitted(format!(
                     "hard link to directory {ino:?}"
                 )));
             }
             if inode.nlink == 0 {
-                return Err(MetaError::NotFound(format!("{ino:?} has been unlinked")));
+                return Err(NsError::NotFound(format!("{ino:?} has been unlinked")));
             }
             inode.nlink = inode
                 .nlink
                 .checked_add(1)
-                .ok_or_else(|| MetaError::TooManyLinks(format!("{ino:?}")))?;
+                .ok_or_else(|| NsError::TooManyLinks(format!("{ino:?}")))?;
             inode.ctime_ns = tx.now_ns;
             tx.put_inode(&inode)?;
             tx.put_dentry(
@@ -548,20 +549,20 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         parent: InodeId,
         name: &[u8],
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         if check_name(name)? != NameKind::Normal {
-            return Err(MetaError::IsDir(format!("unlink of {}", show(name))));
+            return Err(NsError::IsDir(format!("unlink of {}", show(name))));
         }
         self.write(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             let dentry = tx
                 .dentry(parent, name)
                 .await?
-                .ok_or_else(|| MetaError::NotFound(show(name)))?;
+                .ok_or_else(|| NsError::NotFound(show(name)))?;
             let victim = tx.target(parent, name, dentry).await?;
             check_can_remove(&dir, &victim, user)?;
             if victim.is_dir() {
-                return Err(MetaError::IsDir(show(name)));
+                return Err(NsError::IsDir(show(name)));
             }
             self.unlink_entry(&tx, parent, name, victim)
         })
@@ -576,26 +577,19 @@ impl<K: Kv> Namespace<K> {
         parent: InodeId,
         name: &[u8],
         victim: Inode,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         tx.clear_dentry(parent, name)?;
         self.drop_link(tx, victim)
     }
 
     /// Drops one link of a file or symlink whose entry is already gone:
     /// at zero a file is queued for GC and a symlink deleted.
-    pub(crate) fn drop_link(
-        &self,
-        tx: &MetaTx<K::Tx>,
-        mut inode: Inode,
-    ) -> Result<Inode, MetaError> {
+    pub(crate) fn drop_link(&self, tx: &MetaTx<K::Tx>, mut inode: Inode) -> Result<Inode, NsError> {
         debug_assert!(!inode.is_dir());
-        inode.nlink = inode
-            .nlink
-            .checked_sub(1)
-            .ok_or_else(|| MetaError::Corrupt {
-                key: format!("INOD {:?}", inode.ino),
-                reason: "an entry names an inode with no links".into(),
-            })?;
+        inode.nlink = inode.nlink.checked_sub(1).ok_or_else(|| NsError::Corrupt {
+            key: format!("INOD {:?}", inode.ino),
+            reason: "an entry names an inode with no links".into(),
+        })?;
         inode.ctime_ns = tx.now_ns;
         if inode.nlink > 0 {
             tx.put_inode(&inode)?;
@@ -610,10 +604,7 @@ impl<K: Kv> Namespace<K> {
 
     /// The write sessions of `ino`, for a service pruning the sessions of
     /// clients that died.
-    pub async fn sessions(
-        &self,
-        ino: InodeId,
-    ) -> Result<Vec<(SessionId, SessionValue)>, MetaError> {
+    pub async fn sessions(&self, ino: InodeId) -> Result<Vec<(SessionId, SessionValue)>, NsError> {
         self.read(|tx| async move {
             let result = tx
                 .tx
@@ -626,7 +617,7 @@ impl<K: Kv> Namespace<K> {
                         sessions.push((session, decode_session(&kv.key, &kv.value)?));
                     }
                     other => {
-                        return Err(MetaError::Corrupt {
+                        return Err(NsError::Corrupt {
                             key: other.to_string(),
                             reason: "not a session key under the session prefix".into(),
                         });
@@ -647,7 +638,7 @@ fn open_linked<T: Transaction>(
     read: bool,
     truncate: bool,
     session: Option<(u64, SessionId)>,
-) -> Result<Opened, MetaError> {
+) -> Result<Opened, NsError> {
     let write = truncate || session.is_some();
     let mask = if read { perm::MAY_READ } else { 0 } | if write { perm::MAY_WRITE } else { 0 };
     if mask != 0 {
@@ -696,7 +687,7 @@ mod tests {
     use crate::ns::{LayoutSpec, perm::S_ISGID};
     use crate::schema::ROOT;
 
-    fn errno<T: std::fmt::Debug>(r: Result<T, MetaError>) -> i32 {
+    fn errno<T: std::fmt::Debug>(r: Result<T, NsError>) -> i32 {
         r.expect_err("an error").errno()
     }
 

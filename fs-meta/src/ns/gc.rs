@@ -30,8 +30,8 @@
 use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
-use crate::ns::MetaError;
-use crate::ns::layout::Layout;
+use crate::ns::NsError;
+use crate::ns::layout::StoredLayout;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     self, GcKind, Inode, InodeData, Key, decode_gc, describe_key, gc_key, parse_key, tag,
@@ -46,7 +46,7 @@ pub struct GcItem {
     pub due_ms: u64,
     /// A file's layout, where its chunks are (`None` for a directory, or if
     /// the inode is already gone).
-    pub layout: Option<Layout>,
+    pub layout: Option<StoredLayout>,
     /// A file's recorded length. Only a hint of where chunks end: delete all
     /// of the inode's chunks on every chain of the layout.
     pub length: u64,
@@ -75,7 +75,7 @@ pub enum GcFinish {
 
 impl<K: Kv> Namespace<K> {
     /// Up to `limit` queue entries due at or before `now_ms`, earliest first.
-    pub async fn gc_due(&self, now_ms: u64, limit: usize) -> Result<Vec<GcItem>, MetaError> {
+    pub async fn gc_due(&self, now_ms: u64, limit: usize) -> Result<Vec<GcItem>, NsError> {
         self.read(|tx| async move {
             let mut end = tag::GC.to_vec();
             end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
@@ -91,7 +91,7 @@ impl<K: Kv> Namespace<K> {
             let mut items = Vec::with_capacity(result.kvs.len());
             for kv in &result.kvs {
                 let Key::Gc { due_ms, ino } = parse_key(&kv.key)? else {
-                    return Err(MetaError::Corrupt {
+                    return Err(NsError::Corrupt {
                         key: describe_key(&kv.key),
                         reason: "not a GC key under the GC prefix".into(),
                     });
@@ -116,7 +116,7 @@ impl<K: Kv> Namespace<K> {
     /// in transactions of at most `gc_batch` entries, then deletes the
     /// directory. Idempotent; after a crash, call it again. EINVAL if the
     /// inode is not a queued directory.
-    pub async fn gc_expand(&self, item: &GcItem) -> Result<GcExpand, MetaError> {
+    pub async fn gc_expand(&self, item: &GcItem) -> Result<GcExpand, NsError> {
         let mut done = GcExpand::default();
         loop {
             let step = self.gc_expand_batch(item).await?;
@@ -132,7 +132,7 @@ impl<K: Kv> Namespace<K> {
     /// entries, or the final deletion. A worker that wants to interleave
     /// other work (or a test simulating a crash between batches) calls this
     /// until `finished`.
-    pub async fn gc_expand_batch(&self, item: &GcItem) -> Result<GcExpand, MetaError> {
+    pub async fn gc_expand_batch(&self, item: &GcItem) -> Result<GcExpand, NsError> {
         let batch = self.inner.config.gc_batch.max(1);
         let (entries, finished) = self
             .write(|tx| async move { self.expand_batch(&tx, item, batch).await })
@@ -145,14 +145,14 @@ impl<K: Kv> Namespace<K> {
         tx: &MetaTx<K::Tx>,
         item: &GcItem,
         batch: usize,
-    ) -> Result<(usize, bool), MetaError> {
+    ) -> Result<(usize, bool), NsError> {
         let Some(dir) = tx.inode(item.ino).await? else {
             // Finished by an earlier call: the entry went with the inode.
             tx.tx.clear(&gc_key(item.due_ms, item.ino))?;
             return Ok((0, true));
         };
         let Some(due_ms) = dir.gc_due_ms.filter(|_| dir.is_dir()) else {
-            return Err(MetaError::Invalid(format!(
+            return Err(NsError::Invalid(format!(
                 "gc_expand of {:?}, which is not a queued directory",
                 item.ino
             )));
@@ -185,13 +185,10 @@ impl<K: Kv> Namespace<K> {
                 InodeData::File(_) | InodeData::Symlink(_) | InodeData::Special(_) => {
                     // Due at once: the subtree already waited out the delay.
                     let mut child = child;
-                    child.nlink = child
-                        .nlink
-                        .checked_sub(1)
-                        .ok_or_else(|| MetaError::Corrupt {
-                            key: describe_key(&schema::inode_key(dentry.ino)),
-                            reason: "an entry names an inode with no links".into(),
-                        })?;
+                    child.nlink = child.nlink.checked_sub(1).ok_or_else(|| NsError::Corrupt {
+                        key: describe_key(&schema::inode_key(dentry.ino)),
+                        reason: "an entry names an inode with no links".into(),
+                    })?;
                     child.ctime_ns = tx.now_ns;
                     if child.nlink > 0 {
                         tx.put_inode(&child)?;
@@ -208,7 +205,7 @@ impl<K: Kv> Namespace<K> {
 
     /// Whether queued file `ino` may be collected: it has no write session
     /// left. True for an inode that no longer exists.
-    pub async fn gc_file_ready(&self, ino: InodeId) -> Result<bool, MetaError> {
+    pub async fn gc_file_ready(&self, ino: InodeId) -> Result<bool, NsError> {
         self.read(|tx| async move { Ok(!tx.has_sessions(ino).await?) })
             .await
     }
@@ -217,13 +214,13 @@ impl<K: Kv> Namespace<K> {
     /// chunks are gone. Re-checks for write sessions in the same transaction
     /// (Busy). EINVAL for an inode that is not a queued file: a live file
     /// must never be deleted by mistake.
-    pub async fn gc_finish(&self, ino: InodeId) -> Result<GcFinish, MetaError> {
+    pub async fn gc_finish(&self, ino: InodeId) -> Result<GcFinish, NsError> {
         self.write(|tx| async move {
             let Some(inode) = tx.inode(ino).await? else {
                 return Ok(GcFinish::AlreadyGone);
             };
             let Some(due_ms) = inode.gc_due_ms.filter(|_| inode.file().is_some()) else {
-                return Err(MetaError::Invalid(format!(
+                return Err(NsError::Invalid(format!(
                     "gc_finish of {ino:?}, which is not a queued file"
                 )));
             };
@@ -239,11 +236,11 @@ impl<K: Kv> Namespace<K> {
 
     /// Moves the queue entry of queued inode `ino` to `due_ms` (a file that
     /// still has writers, say). EINVAL if it is not queued.
-    pub async fn gc_postpone(&self, ino: InodeId, due_ms: u64) -> Result<(), MetaError> {
+    pub async fn gc_postpone(&self, ino: InodeId, due_ms: u64) -> Result<(), NsError> {
         self.write(|tx| async move {
             let mut inode = tx.existing(ino).await?;
             let Some(old_due) = inode.gc_due_ms else {
-                return Err(MetaError::Invalid(format!("{ino:?} is not queued")));
+                return Err(NsError::Invalid(format!("{ino:?} is not queued")));
             };
             let kind = if inode.is_dir() {
                 GcKind::Directory
@@ -265,9 +262,10 @@ mod tests {
     use flyfs_proto::ids::ChainTableId;
 
     use super::*;
-    use crate::ns::{CreateFlags, LayoutSpec, ManualClock, NsConfig, StaticChainTables, User};
+    use crate::ns::{CreateFlags, LayoutSpec, ManualClock, NsConfig, StaticChainTables};
     use crate::schema::ROOT;
     use flyfs_kv::mem::MemKv;
+    use flyfs_proto::wire::meta::User;
 
     const START_NS: i64 = 1_700_000_000_000_000_000;
     const START_MS: u64 = 1_700_000_000_000;
@@ -422,7 +420,7 @@ mod tests {
             .await
             .expect("create")
             .inode;
-        let errno = |r: Result<GcFinish, MetaError>| r.map_err(|e| e.errno());
+        let errno = |r: Result<GcFinish, NsError>| r.map_err(|e| e.errno());
         assert_eq!(errno(ns.gc_finish(file.ino).await), Err(libc::EINVAL));
         assert_eq!(errno(ns.gc_finish(dir.ino).await), Err(libc::EINVAL));
         let item = GcItem {

@@ -73,19 +73,21 @@ impl LayoutSpec {
     }
 }
 
-/// A file's layout: chunk `i` lives on `chains[i % stripe]`.
+/// A file's layout as its inode stores it: chunk `i` lives on
+/// `chains[i % stripe]`.
 ///
-/// Fields are private so that every `Layout` in memory satisfies the
-/// invariants [`Layout::new`] checks (valid spec, exactly `stripe` chains);
-/// decoding goes through the same check.
+/// Fields are private so that every `StoredLayout` in memory satisfies the
+/// invariants [`StoredLayout::new`] checks (valid spec, exactly `stripe`
+/// chains); decoding goes through the same check. Clients get a plain copy
+/// of it, [`flyfs_proto::wire::meta::Layout`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "LayoutRecord", into = "LayoutRecord")]
-pub struct Layout {
+pub struct StoredLayout {
     spec: LayoutSpec,
     chains: Vec<ChainId>,
 }
 
-/// The stored shape of a [`Layout`]: named fields, all defaulted, so fields
+/// The stored shape of a [`StoredLayout`]: named fields, all defaulted, so fields
 /// can be added later (see docs/metadata-schema.md).
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -96,11 +98,11 @@ struct LayoutRecord {
     chains: Vec<ChainId>,
 }
 
-impl TryFrom<LayoutRecord> for Layout {
+impl TryFrom<LayoutRecord> for StoredLayout {
     type Error = LayoutError;
 
-    fn try_from(record: LayoutRecord) -> Result<Layout, LayoutError> {
-        Layout::new(
+    fn try_from(record: LayoutRecord) -> Result<StoredLayout, LayoutError> {
+        StoredLayout::new(
             LayoutSpec {
                 chain_table: record.chain_table,
                 chunk_size: record.chunk_size,
@@ -111,8 +113,8 @@ impl TryFrom<LayoutRecord> for Layout {
     }
 }
 
-impl From<Layout> for LayoutRecord {
-    fn from(layout: Layout) -> LayoutRecord {
+impl From<StoredLayout> for LayoutRecord {
+    fn from(layout: StoredLayout) -> LayoutRecord {
         LayoutRecord {
             chain_table: layout.spec.chain_table,
             chunk_size: layout.spec.chunk_size,
@@ -122,8 +124,8 @@ impl From<Layout> for LayoutRecord {
     }
 }
 
-impl Layout {
-    pub fn new(spec: LayoutSpec, chains: Vec<ChainId>) -> Result<Layout, LayoutError> {
+impl StoredLayout {
+    pub fn new(spec: LayoutSpec, chains: Vec<ChainId>) -> Result<StoredLayout, LayoutError> {
         spec.validate()?;
         if chains.len() != spec.stripe as usize {
             return Err(LayoutError::ChainCount {
@@ -131,7 +133,7 @@ impl Layout {
                 chains: chains.len(),
             });
         }
-        Ok(Layout { spec, chains })
+        Ok(StoredLayout { spec, chains })
     }
 
     pub fn spec(&self) -> LayoutSpec {
@@ -161,7 +163,7 @@ impl Layout {
         *self
             .chains
             .get(position)
-            .expect("a layout has exactly stripe >= 1 chains (checked by Layout::new)")
+            .expect("a layout has exactly stripe >= 1 chains (checked by StoredLayout::new)")
     }
 
     /// How many chunks a file of `length` bytes spans.
@@ -175,11 +177,11 @@ impl Layout {
     }
 }
 
-impl std::fmt::Debug for Layout {
+impl std::fmt::Debug for StoredLayout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Layout({:?}, chunk {} B, stripe {}: {:?})",
+            "StoredLayout({:?}, chunk {} B, stripe {}: {:?})",
             self.spec.chain_table, self.spec.chunk_size, self.spec.stripe, self.chains
         )
     }
@@ -240,7 +242,7 @@ impl Placement {
         &self,
         spec: LayoutSpec,
         tables: &dyn ChainTables,
-    ) -> Result<Layout, LayoutError> {
+    ) -> Result<StoredLayout, LayoutError> {
         spec.validate()?;
         let table = tables
             .chains(spec.chain_table)
@@ -264,7 +266,7 @@ impl Placement {
         let chains = (0..spec.stripe as usize)
             .map(|k| table[(start + k) % table.len()])
             .collect();
-        Layout::new(spec, chains)
+        StoredLayout::new(spec, chains)
     }
 }
 
@@ -282,7 +284,8 @@ mod tests {
 
     #[test]
     fn chunk_i_lives_on_chain_i_mod_stripe() {
-        let layout = Layout::new(spec(3), vec![ChainId(7), ChainId(8), ChainId(9)]).expect("valid");
+        let layout =
+            StoredLayout::new(spec(3), vec![ChainId(7), ChainId(8), ChainId(9)]).expect("valid");
         assert_eq!(layout.chain_of(0), ChainId(7));
         assert_eq!(layout.chain_of(4), ChainId(8));
         assert_eq!(layout.chain_of(u32::MAX), ChainId(7)); // 4294967295 % 3 == 0
@@ -296,7 +299,7 @@ mod tests {
     #[test]
     fn invalid_layouts_are_refused() {
         assert_eq!(
-            Layout::new(spec(2), vec![ChainId(1)]),
+            StoredLayout::new(spec(2), vec![ChainId(1)]),
             Err(LayoutError::ChainCount {
                 stripe: 2,
                 chains: 1

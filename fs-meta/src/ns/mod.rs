@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use self::alloc::InodeAllocator;
 pub use self::alloc::{ALLOC_BATCH, ALLOC_SHARDS, batch_of};
@@ -59,14 +60,13 @@ pub use self::check::{CheckReport, Problem};
 pub use self::dir::{
     DirEntry, DirPage, DirPlusPage, READDIR_LIMIT_MAX, RESOLVE_STEPS_MAX, SYMLINKS_MAX,
 };
-pub use self::error::MetaError;
+pub use self::error::NsError;
 pub use self::file::{
     Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, Truncate,
 };
 pub use self::gc::{GcExpand, GcFinish, GcItem};
 use self::layout::Placement;
-pub use self::layout::{ChainTables, Layout, LayoutError, LayoutSpec, StaticChainTables};
-pub use self::perm::User;
+pub use self::layout::{ChainTables, LayoutError, LayoutSpec, StaticChainTables, StoredLayout};
 pub use self::rename::DEPTH_MAX;
 use self::txn::MetaTx;
 pub use self::xattr::XattrMode;
@@ -199,7 +199,7 @@ impl<K: Kv> Namespace<K> {
     /// record if the store is empty. Safe to run from several instances at
     /// once: the creating transaction reads the format key, so only one
     /// commits and the others see its root on retry.
-    pub async fn open(kv: K, config: NsConfig) -> Result<Self, MetaError> {
+    pub async fn open(kv: K, config: NsConfig) -> Result<Self, NsError> {
         config.root_layout.validate()?;
         let ns = Namespace {
             inner: Arc::new(Inner {
@@ -217,7 +217,7 @@ impl<K: Kv> Namespace<K> {
                     decode_format(&key, &value)?;
                     match tx.inode(ROOT).await? {
                         Some(root) if root.is_dir() => Ok(()),
-                        _ => Err(MetaError::Corrupt {
+                        _ => Err(NsError::Corrupt {
                             key: "INOD ino 0x1".into(),
                             reason: "formatted namespace without a root directory".into(),
                         }),
@@ -225,7 +225,7 @@ impl<K: Kv> Namespace<K> {
                 }
                 None => {
                     if tx.inode(ROOT).await?.is_some() {
-                        return Err(MetaError::Corrupt {
+                        return Err(NsError::Corrupt {
                             key: "META format".into(),
                             reason: "missing, but a root directory exists".into(),
                         });
@@ -272,10 +272,10 @@ impl<K: Kv> Namespace<K> {
     }
 
     /// Runs `body` as one read-write transaction, retried on conflicts.
-    async fn write<R, F, Fut>(&self, mut body: F) -> Result<R, MetaError>
+    async fn write<R, F, Fut>(&self, mut body: F) -> Result<R, NsError>
     where
         F: FnMut(MetaTx<K::Tx>) -> Fut,
-        Fut: Future<Output = Result<R, MetaError>>,
+        Fut: Future<Output = Result<R, NsError>>,
     {
         let now_ns = self.now_ns();
         flyfs_kv::run(&self.inner.kv, &self.inner.config.retry, |tx| {
@@ -285,10 +285,10 @@ impl<K: Kv> Namespace<K> {
     }
 
     /// Runs `body` as one read-only transaction.
-    async fn read<R, F, Fut>(&self, mut body: F) -> Result<R, MetaError>
+    async fn read<R, F, Fut>(&self, mut body: F) -> Result<R, NsError>
     where
         F: FnMut(MetaTx<K::Tx>) -> Fut,
-        Fut: Future<Output = Result<R, MetaError>>,
+        Fut: Future<Output = Result<R, NsError>>,
     {
         let now_ns = self.now_ns();
         flyfs_kv::run_read_only(&self.inner.kv, &self.inner.config.retry, |tx| {
@@ -300,7 +300,7 @@ impl<K: Kv> Namespace<K> {
     /// A fresh inode id. Called inside transaction bodies: taking a batch is
     /// its own small transaction, and an id taken by an attempt that then
     /// retries is simply not used.
-    async fn allocate(&self) -> Result<InodeId, MetaError> {
+    async fn allocate(&self) -> Result<InodeId, NsError> {
         self.inner
             .alloc
             .allocate(&self.inner.kv, &self.inner.config.retry)
@@ -309,7 +309,7 @@ impl<K: Kv> Namespace<K> {
 
     /// The attributes of `ino`. No permission is needed (as for `fstat`);
     /// the path to it was checked when it was looked up.
-    pub async fn stat(&self, ino: InodeId) -> Result<Inode, MetaError> {
+    pub async fn stat(&self, ino: InodeId) -> Result<Inode, NsError> {
         self.read(|tx| async move { tx.existing(ino).await }).await
     }
 }
@@ -324,18 +324,18 @@ pub(crate) enum NameKind {
 
 /// Checks an entry name: ENAMETOOLONG over 255 bytes, EINVAL when empty or
 /// containing `/` or NUL. `.` and `..` pass; each operation decides.
-pub(crate) fn check_name(name: &[u8]) -> Result<NameKind, MetaError> {
+pub(crate) fn check_name(name: &[u8]) -> Result<NameKind, NsError> {
     if name.len() > NAME_BYTES_MAX {
-        return Err(MetaError::NameTooLong(format!(
+        return Err(NsError::NameTooLong(format!(
             "a name of {} bytes (at most {NAME_BYTES_MAX})",
             name.len()
         )));
     }
     if name.is_empty() {
-        return Err(MetaError::Invalid("an empty name".into()));
+        return Err(NsError::Invalid("an empty name".into()));
     }
     if name.iter().any(|&b| b == b'/' || b == 0) {
-        return Err(MetaError::Invalid(format!(
+        return Err(NsError::Invalid(format!(
             "name {:?} contains '/' or NUL",
             String::from_utf8_lossy(name)
         )));
@@ -358,7 +358,7 @@ pub(crate) async fn searchable_dir<T: Transaction>(
     tx: &MetaTx<T>,
     user: &User,
     parent: InodeId,
-) -> Result<Inode, MetaError> {
+) -> Result<Inode, NsError> {
     let dir = tx.directory(parent).await?;
     perm::check(&dir, user, perm::MAY_EXEC, "search")?;
     Ok(dir)
@@ -366,19 +366,16 @@ pub(crate) async fn searchable_dir<T: Transaction>(
 
 /// Before adding an entry to `dir`: it must still be linked (ENOENT, as for
 /// a removed directory on Linux) and writable and searchable (EACCES).
-pub(crate) fn check_can_add(dir: &Inode, user: &User) -> Result<(), MetaError> {
+pub(crate) fn check_can_add(dir: &Inode, user: &User) -> Result<(), NsError> {
     if dir.gc_due_ms.is_some() {
-        return Err(MetaError::NotFound(format!(
-            "{:?} has been removed",
-            dir.ino
-        )));
+        return Err(NsError::NotFound(format!("{:?} has been removed", dir.ino)));
     }
     perm::check(dir, user, perm::MAY_WRITE | perm::MAY_EXEC, "add an entry")
 }
 
 /// Before removing an entry from `dir`: write and search on `dir` (EACCES),
 /// then the sticky rule (EPERM).
-pub(crate) fn check_can_remove(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
+pub(crate) fn check_can_remove(dir: &Inode, victim: &Inode, user: &User) -> Result<(), NsError> {
     perm::check(
         dir,
         user,
@@ -440,7 +437,7 @@ pub(crate) mod tests {
             let value = encode_format(&future);
             async move {
                 tx.set(&format_key(), &value?)?;
-                Ok::<(), MetaError>(())
+                Ok::<(), NsError>(())
             }
         })
         .await

@@ -1,13 +1,18 @@
-//! Credentials and the POSIX permission rules the namespace enforces: mode
-//! bits by owner / group / other, root's bypass, the sticky bit, and who may
-//! change modes and owners.
+//! The POSIX permission rules the namespace enforces: mode bits by owner /
+//! group / other and root's bypass (the rule itself is
+//! [`flyfs_proto::access`], shared with the FUSE daemon's `access(2)`),
+//! and on top of it the sticky bit and who may change modes and owners.
 //!
 //! The rules follow Linux (fs/namei.c `generic_permission`, `may_delete`,
 //! fs/attr.c `setattr_prepare`) so that a FUSE mount behaves like a local
 //! file system to the programs on it. Every check is a pure function of the
 //! inodes involved, so the model test can reuse nothing and still agree.
 
-use crate::ns::MetaError;
+use flyfs_proto::access::{self, Permissions};
+pub use flyfs_proto::access::{MAY_EXEC, MAY_READ, MAY_WRITE};
+use flyfs_proto::wire::meta::User;
+
+use crate::ns::NsError;
 use crate::schema::{Inode, InodeKind};
 
 pub const S_ISUID: u32 = 0o4000;
@@ -17,74 +22,38 @@ pub const S_ISVTX: u32 = 0o1000;
 /// and is left alone when ownership changes (as Linux does).
 const S_IXGRP: u32 = 0o010;
 
-/// Read, write, search/execute, as in `access(2)`.
-pub const MAY_READ: u32 = 4;
-pub const MAY_WRITE: u32 = 2;
-pub const MAY_EXEC: u32 = 1;
-
-/// Who is asking: the caller's uid, primary gid and supplementary groups.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct User {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
+/// Whether `user` owns `inode`.
+pub fn owns(user: &User, inode: &Inode) -> bool {
+    user.uid == inode.uid
 }
 
-impl User {
-    pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> User {
-        User { uid, gid, groups }
-    }
+/// Owner or root: who may chmod, set times explicitly, and so on.
+pub fn owns_or_root(user: &User, inode: &Inode) -> bool {
+    user.is_root() || owns(user, inode)
+}
 
-    /// The superuser.
-    pub fn root() -> User {
-        User::default()
-    }
-
-    pub fn is_root(&self) -> bool {
-        self.uid == 0
-    }
-
-    /// Whether `gid` is the caller's primary or a supplementary group.
-    pub fn in_group(&self, gid: u32) -> bool {
-        self.gid == gid || self.groups.contains(&gid)
-    }
-
-    pub fn owns(&self, inode: &Inode) -> bool {
-        self.uid == inode.uid
-    }
-
-    /// Owner or root: who may chmod, set times explicitly, and so on.
-    pub fn owns_or_root(&self, inode: &Inode) -> bool {
-        self.is_root() || self.owns(inode)
+/// What the access rule looks at of an inode.
+fn permissions(inode: &Inode) -> Permissions {
+    Permissions {
+        uid: inode.uid,
+        gid: inode.gid,
+        mode: inode.mode,
+        is_dir: inode.is_dir(),
     }
 }
 
-/// Whether `user` has every permission in `mask` on `inode`.
-///
-/// The class is chosen first (owner, else group, else other) and only its
-/// bits count, so an owner with `0o077` is refused even though everyone
-/// else is allowed. Root passes every read and write check and every search
-/// of a directory, but executing a file needs at least one `x` bit.
+/// Whether `user` has every permission in `mask` on `inode`: the shared
+/// rule ([`access::allowed`]) on the inode's owner, group and mode.
 pub fn allowed(inode: &Inode, user: &User, mask: u32) -> bool {
-    if user.is_root() {
-        return mask & MAY_EXEC == 0 || inode.is_dir() || inode.mode & 0o111 != 0;
-    }
-    let bits = if user.uid == inode.uid {
-        inode.mode >> 6
-    } else if user.in_group(inode.gid) {
-        inode.mode >> 3
-    } else {
-        inode.mode
-    } & 0o7;
-    bits & mask == mask
+    access::allowed(permissions(inode), user, mask)
 }
 
 /// [`allowed`], as an EACCES error.
-pub fn check(inode: &Inode, user: &User, mask: u32, what: &str) -> Result<(), MetaError> {
+pub fn check(inode: &Inode, user: &User, mask: u32, what: &str) -> Result<(), NsError> {
     if allowed(inode, user, mask) {
         Ok(())
     } else {
-        Err(MetaError::Access(format!(
+        Err(NsError::Access(format!(
             "{what}: uid {} needs {} on {:?} (mode {:#o}, {}:{})",
             user.uid,
             mask_name(mask),
@@ -108,11 +77,11 @@ fn mask_name(mask: u32) -> String {
 
 /// The sticky-bit rule: in a sticky directory only root, the directory's
 /// owner or the victim's owner may remove or rename the victim. EPERM.
-pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), MetaError> {
-    if dir.mode & S_ISVTX == 0 || user.is_root() || user.owns(dir) || user.owns(victim) {
+pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), NsError> {
+    if dir.mode & S_ISVTX == 0 || user.is_root() || owns(user, dir) || owns(user, victim) {
         Ok(())
     } else {
-        Err(MetaError::NotPermitted(format!(
+        Err(NsError::NotPermitted(format!(
             "{:?} is sticky and uid {} owns neither it nor {:?}",
             dir.ino, user.uid, victim.ino
         )))
@@ -122,16 +91,16 @@ pub fn check_sticky(dir: &Inode, victim: &Inode, user: &User) -> Result<(), Meta
 /// The mode a chmod by `user` stores: only the owner or root may chmod
 /// (EPERM); a non-root caller outside the file's group silently loses the
 /// setgid bit, so nobody can make a file setgid to a group they lack.
-pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, MetaError> {
-    if !user.owns_or_root(inode) {
-        return Err(MetaError::NotPermitted(format!(
+pub fn chmod(inode: &Inode, user: &User, mode: u32) -> Result<u32, NsError> {
+    if !owns_or_root(user, inode) {
+        return Err(NsError::NotPermitted(format!(
             "chmod of {:?}: uid {} is not the owner {}",
             inode.ino, user.uid, inode.uid
         )));
     }
     if inode.kind() == InodeKind::Symlink {
         // Linux has no lchmod: a symlink's mode is always 0777.
-        return Err(MetaError::NotSupported(format!(
+        return Err(NsError::NotSupported(format!(
             "chmod of symlink {:?}",
             inode.ino
         )));
@@ -151,22 +120,22 @@ pub fn check_chown(
     user: &User,
     uid: Option<u32>,
     gid: Option<u32>,
-) -> Result<(), MetaError> {
+) -> Result<(), NsError> {
     if user.is_root() {
         return Ok(());
     }
     if let Some(uid) = uid
-        && !(user.owns(inode) && uid == inode.uid)
+        && !(owns(user, inode) && uid == inode.uid)
     {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "chown of {:?} to uid {uid} by uid {}",
             inode.ino, user.uid
         )));
     }
     if let Some(gid) = gid
-        && !(user.owns(inode) && (user.in_group(gid) || gid == inode.gid))
+        && !(owns(user, inode) && (user.in_group(gid) || gid == inode.gid))
     {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "chgrp of {:?} to gid {gid} by uid {}",
             inode.ino, user.uid
         )));
@@ -303,7 +272,7 @@ mod tests {
         file.data = InodeData::File(crate::schema::FileData {
             length: 0,
             truncate_version: 0,
-            layout: crate::ns::layout::Layout::new(
+            layout: crate::ns::layout::StoredLayout::new(
                 crate::ns::layout::LayoutSpec {
                     chain_table: flyfs_proto::ids::ChainTableId(1),
                     chunk_size: 1 << 20,

@@ -9,12 +9,13 @@
 //! other then sees the first and fails with EINVAL.
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::{
     NameKind, Namespace, check_can_add, check_can_remove, check_name, searchable_dir, show,
 };
-use crate::ns::MetaError;
-use crate::ns::perm::{self, User};
+use crate::ns::NsError;
+use crate::ns::perm;
 use crate::ns::txn::MetaTx;
 use crate::schema::{Dentry, Inode, InodeData, ROOT, describe_key, inode_key};
 use flyfs_kv::{Kv, Transaction};
@@ -29,7 +30,7 @@ async fn is_within<T: Transaction>(
     tx: &MetaTx<T>,
     mut dir: InodeId,
     ancestor: InodeId,
-) -> Result<bool, MetaError> {
+) -> Result<bool, NsError> {
     for _ in 0..DEPTH_MAX {
         if dir == ancestor {
             return Ok(true);
@@ -44,14 +45,14 @@ async fn is_within<T: Transaction>(
                 ..
             }) => d.parent,
             _ => {
-                return Err(MetaError::Corrupt {
+                return Err(NsError::Corrupt {
                     key: describe_key(&inode_key(dir)),
                     reason: "a directory's parent chain reaches a non-directory".into(),
                 });
             }
         };
     }
-    Err(MetaError::Corrupt {
+    Err(NsError::Corrupt {
         key: describe_key(&inode_key(dir)),
         reason: format!("no root within {DEPTH_MAX} parents: a cycle"),
     })
@@ -78,10 +79,10 @@ impl<K: Kv> Namespace<K> {
         old_name: &[u8],
         new_parent: InodeId,
         new_name: &[u8],
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         for name in [old_name, new_name] {
             if check_name(name)? != NameKind::Normal {
-                return Err(MetaError::Invalid(format!("rename of {}", show(name))));
+                return Err(NsError::Invalid(format!("rename of {}", show(name))));
             }
         }
         self.write(|tx| async move {
@@ -90,11 +91,11 @@ impl<K: Kv> Namespace<K> {
             let source_entry = tx
                 .dentry(old_parent, old_name)
                 .await?
-                .ok_or_else(|| MetaError::NotFound(show(old_name)))?;
+                .ok_or_else(|| NsError::NotFound(show(old_name)))?;
             let mut source = tx.target(old_parent, old_name, source_entry).await?;
             let target_entry = tx.dentry(new_parent, new_name).await?;
             if source.is_dir() && is_within(&tx, new_parent, source.ino).await? {
-                return Err(MetaError::Invalid(format!(
+                return Err(NsError::Invalid(format!(
                     "rename of {} into its own subtree",
                     show(old_name)
                 )));
@@ -113,8 +114,8 @@ impl<K: Kv> Namespace<K> {
                     let target = tx.target(new_parent, new_name, entry).await?;
                     check_can_remove(&new_dir, &target, user)?;
                     match (source.is_dir(), target.is_dir()) {
-                        (true, false) => return Err(MetaError::NotDir(show(new_name))),
-                        (false, true) => return Err(MetaError::IsDir(show(new_name))),
+                        (true, false) => return Err(NsError::NotDir(show(new_name))),
+                        (false, true) => return Err(NsError::IsDir(show(new_name))),
                         _ => {}
                     }
                     Some(target)
@@ -128,7 +129,7 @@ impl<K: Kv> Namespace<K> {
                 && target.is_dir()
                 && !tx.is_empty_dir(target.ino).await?
             {
-                return Err(MetaError::NotEmpty(show(new_name)));
+                return Err(NsError::NotEmpty(show(new_name)));
             }
 
             tx.clear_dentry(old_parent, old_name)?;

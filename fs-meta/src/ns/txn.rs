@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use flyfs_proto::ids::InodeId;
 
-use crate::ns::MetaError;
+use crate::ns::NsError;
 use crate::schema::{
     self, Dentry, GcKind, Inode, InodeData, SessionId, SessionValue, decode_dentry,
     decode_dir_times, decode_inode, dentry_key, dentry_prefix, dir_times_key, encode_dentry,
@@ -42,7 +42,7 @@ impl<T: Transaction> MetaTx<T> {
     /// raised to when its entries last changed (`DTIM`, read as a snapshot:
     /// no decision depends on a directory's times, so entry changes racing
     /// with this read need not conflict with it).
-    pub(crate) async fn inode(&self, ino: InodeId) -> Result<Option<Inode>, MetaError> {
+    pub(crate) async fn inode(&self, ino: InodeId) -> Result<Option<Inode>, NsError> {
         let Some(value) = self.tx.get(&inode_key(ino), false).await? else {
             return Ok(None);
         };
@@ -60,7 +60,7 @@ impl<T: Transaction> MetaTx<T> {
 
     /// Records that an entry of `dir` changed now: a blind write, so
     /// concurrent creates in one directory do not conflict over it.
-    fn touch_dir(&self, dir: InodeId) -> Result<(), MetaError> {
+    fn touch_dir(&self, dir: InodeId) -> Result<(), NsError> {
         self.tx
             .set(&dir_times_key(dir), &encode_dir_times(self.now_ns)?)?;
         Ok(())
@@ -68,24 +68,24 @@ impl<T: Transaction> MetaTx<T> {
 
     /// Drops `dir`'s entry-change time, so the times in its inode are the
     /// whole truth (setattr may set them into the past).
-    pub(crate) fn clear_dir_times(&self, dir: InodeId) -> Result<(), MetaError> {
+    pub(crate) fn clear_dir_times(&self, dir: InodeId) -> Result<(), NsError> {
         self.tx.clear(&dir_times_key(dir))?;
         Ok(())
     }
 
     /// The inode, or ENOENT.
-    pub(crate) async fn existing(&self, ino: InodeId) -> Result<Inode, MetaError> {
+    pub(crate) async fn existing(&self, ino: InodeId) -> Result<Inode, NsError> {
         self.inode(ino)
             .await?
-            .ok_or_else(|| MetaError::NotFound(format!("{ino:?}")))
+            .ok_or_else(|| NsError::NotFound(format!("{ino:?}")))
     }
 
     /// The directory `ino`: ENOENT if it does not exist, ENOTDIR if it is
     /// something else.
-    pub(crate) async fn directory(&self, ino: InodeId) -> Result<Inode, MetaError> {
+    pub(crate) async fn directory(&self, ino: InodeId) -> Result<Inode, NsError> {
         let inode = self.existing(ino).await?;
         if !inode.is_dir() {
-            return Err(MetaError::NotDir(format!("{ino:?}")));
+            return Err(NsError::NotDir(format!("{ino:?}")));
         }
         Ok(inode)
     }
@@ -97,16 +97,16 @@ impl<T: Transaction> MetaTx<T> {
         parent: InodeId,
         name: &[u8],
         dentry: Dentry,
-    ) -> Result<Inode, MetaError> {
+    ) -> Result<Inode, NsError> {
         let inode = self
             .inode(dentry.ino)
             .await?
-            .ok_or_else(|| MetaError::Corrupt {
+            .ok_or_else(|| NsError::Corrupt {
                 key: schema::describe_key(&dentry_key(parent, name)),
                 reason: format!("names {:?}, which does not exist", dentry.ino),
             })?;
         if inode.kind() != dentry.kind {
-            return Err(MetaError::Corrupt {
+            return Err(NsError::Corrupt {
                 key: schema::describe_key(&dentry_key(parent, name)),
                 reason: format!(
                     "says {:?} but {:?} is a {:?}",
@@ -119,7 +119,7 @@ impl<T: Transaction> MetaTx<T> {
         Ok(inode)
     }
 
-    pub(crate) fn put_inode(&self, inode: &Inode) -> Result<(), MetaError> {
+    pub(crate) fn put_inode(&self, inode: &Inode) -> Result<(), NsError> {
         debug_assert!(
             !matches!(&inode.data, InodeData::Directory(d) if d.parent.0 == 0)
                 || inode.gc_due_ms.is_some(),
@@ -131,7 +131,7 @@ impl<T: Transaction> MetaTx<T> {
 
     /// Deletes an inode with its extended attributes and write sessions.
     /// (Queue entries are the caller's business: only GC removes them.)
-    pub(crate) fn delete_inode(&self, ino: InodeId) -> Result<(), MetaError> {
+    pub(crate) fn delete_inode(&self, ino: InodeId) -> Result<(), NsError> {
         self.tx.clear(&inode_key(ino))?;
         self.clear_dir_times(ino)?;
         let xattrs = xattr_prefix(ino);
@@ -145,7 +145,7 @@ impl<T: Transaction> MetaTx<T> {
     /// directory `dir`: its link count counts them (their `..`), as Linux
     /// file systems report. Reads the directory again, so earlier writes
     /// of it in this transaction are kept.
-    pub(crate) async fn count_subdir(&self, dir: InodeId, delta: i32) -> Result<(), MetaError> {
+    pub(crate) async fn count_subdir(&self, dir: InodeId, delta: i32) -> Result<(), NsError> {
         let mut inode = self.directory(dir).await?;
         if inode.gc_due_ms.is_some() {
             // A detached directory (its tree waits for GC) counts nothing.
@@ -155,7 +155,7 @@ impl<T: Transaction> MetaTx<T> {
             .nlink
             .checked_add_signed(delta)
             .filter(|&n| n >= 2)
-            .ok_or_else(|| MetaError::Corrupt {
+            .ok_or_else(|| NsError::Corrupt {
                 key: schema::describe_key(&inode_key(dir)),
                 reason: format!("link count {} cannot change by {delta}", inode.nlink),
             })?;
@@ -166,7 +166,7 @@ impl<T: Transaction> MetaTx<T> {
         &self,
         parent: InodeId,
         name: &[u8],
-    ) -> Result<Option<Dentry>, MetaError> {
+    ) -> Result<Option<Dentry>, NsError> {
         let key = dentry_key(parent, name);
         match self.tx.get(&key, false).await? {
             Some(value) => Ok(Some(decode_dentry(&key, &value)?)),
@@ -179,13 +179,13 @@ impl<T: Transaction> MetaTx<T> {
         parent: InodeId,
         name: &[u8],
         dentry: Dentry,
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         self.tx
             .set(&dentry_key(parent, name), &encode_dentry(&dentry)?)?;
         self.touch_dir(parent)
     }
 
-    pub(crate) fn clear_dentry(&self, parent: InodeId, name: &[u8]) -> Result<(), MetaError> {
+    pub(crate) fn clear_dentry(&self, parent: InodeId, name: &[u8]) -> Result<(), NsError> {
         self.tx.clear(&dentry_key(parent, name))?;
         self.touch_dir(parent)
     }
@@ -199,7 +199,7 @@ impl<T: Transaction> MetaTx<T> {
         after: Option<&[u8]>,
         limit: usize,
         snapshot: bool,
-    ) -> Result<(Vec<(Vec<u8>, Dentry)>, bool), MetaError> {
+    ) -> Result<(Vec<(Vec<u8>, Dentry)>, bool), NsError> {
         let prefix = dentry_prefix(dir);
         let begin = match after {
             Some(name) => key_after(&dentry_key(dir, name)),
@@ -219,7 +219,7 @@ impl<T: Transaction> MetaTx<T> {
 
     /// Whether `dir` has no entries. A serializable read: a create racing
     /// with an rmdir makes one of them retry.
-    pub(crate) async fn is_empty_dir(&self, dir: InodeId) -> Result<bool, MetaError> {
+    pub(crate) async fn is_empty_dir(&self, dir: InodeId) -> Result<bool, NsError> {
         let (entries, _) = self.entries(dir, None, 1, false).await?;
         Ok(entries.is_empty())
     }
@@ -229,7 +229,7 @@ impl<T: Transaction> MetaTx<T> {
         ino: InodeId,
         session: SessionId,
         value: &SessionValue,
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         self.tx
             .set(&session_key(ino, session), &schema::encode_session(value)?)?;
         Ok(())
@@ -239,7 +239,7 @@ impl<T: Transaction> MetaTx<T> {
         &self,
         ino: InodeId,
         session: SessionId,
-    ) -> Result<bool, MetaError> {
+    ) -> Result<bool, NsError> {
         Ok(self
             .tx
             .get(&session_key(ino, session), false)
@@ -248,7 +248,7 @@ impl<T: Transaction> MetaTx<T> {
     }
 
     /// Whether `ino` has any write session.
-    pub(crate) async fn has_sessions(&self, ino: InodeId) -> Result<bool, MetaError> {
+    pub(crate) async fn has_sessions(&self, ino: InodeId) -> Result<bool, NsError> {
         let prefix = session_prefix(ino);
         let result = self
             .tx
@@ -263,7 +263,7 @@ impl<T: Transaction> MetaTx<T> {
         inode: &mut Inode,
         due_ms: u64,
         kind: GcKind,
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         debug_assert!(inode.gc_due_ms.is_none(), "{:?} queued twice", inode.ino);
         inode.gc_due_ms = Some(due_ms);
         self.tx.set(&gc_key(due_ms, inode.ino), &encode_gc(kind)?)?;

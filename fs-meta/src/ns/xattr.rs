@@ -9,10 +9,11 @@
 //! bytes (ERANGE otherwise), values up to 65536 bytes (E2BIG).
 
 use flyfs_proto::ids::InodeId;
+use flyfs_proto::wire::meta::User;
 
 use super::Namespace;
-use crate::ns::MetaError;
-use crate::ns::perm::{self, User};
+use crate::ns::NsError;
+use crate::ns::perm;
 use crate::schema::{
     Inode, InodeKind, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX, decode_xattr, encode_xattr,
     xattr_key, xattr_prefix,
@@ -31,17 +32,15 @@ pub enum XattrMode {
     Replace,
 }
 
-fn check_xattr_name(name: &[u8]) -> Result<(), MetaError> {
+fn check_xattr_name(name: &[u8]) -> Result<(), NsError> {
     if name.is_empty() || name.len() > XATTR_NAME_BYTES_MAX {
-        return Err(MetaError::Range(format!(
+        return Err(NsError::Range(format!(
             "an attribute name of {} bytes",
             name.len()
         )));
     }
     if name.contains(&0) {
-        return Err(MetaError::Invalid(
-            "an attribute name containing NUL".into(),
-        ));
+        return Err(NsError::Invalid("an attribute name containing NUL".into()));
     }
     Ok(())
 }
@@ -51,15 +50,15 @@ fn show(name: &[u8]) -> String {
 }
 
 /// May `user` change the attributes of `inode`?
-fn check_write(inode: &Inode, user: &User) -> Result<(), MetaError> {
+fn check_write(inode: &Inode, user: &User) -> Result<(), NsError> {
     if inode.kind() == InodeKind::Symlink {
-        return Err(MetaError::NotPermitted(format!(
+        return Err(NsError::NotPermitted(format!(
             "attributes of symlink {:?}",
             inode.ino
         )));
     }
-    if inode.is_dir() && inode.mode & perm::S_ISVTX != 0 && !user.owns_or_root(inode) {
-        return Err(MetaError::NotPermitted(format!(
+    if inode.is_dir() && inode.mode & perm::S_ISVTX != 0 && !perm::owns_or_root(user, inode) {
+        return Err(NsError::NotPermitted(format!(
             "attributes of sticky directory {:?}",
             inode.ino
         )));
@@ -74,18 +73,18 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         ino: InodeId,
         name: &[u8],
-    ) -> Result<Vec<u8>, MetaError> {
+    ) -> Result<Vec<u8>, NsError> {
         check_xattr_name(name)?;
         self.read(|tx| async move {
             let inode = tx.existing(ino).await?;
             if inode.kind() == InodeKind::Symlink {
-                return Err(MetaError::NoData(show(name)));
+                return Err(NsError::NoData(show(name)));
             }
             perm::check(&inode, user, perm::MAY_READ, "read an attribute")?;
             let key = xattr_key(ino, name);
             match tx.tx.get(&key, false).await? {
                 Some(value) => Ok(decode_xattr(&key, &value)?),
-                None => Err(MetaError::NoData(show(name))),
+                None => Err(NsError::NoData(show(name))),
             }
         })
         .await
@@ -99,10 +98,10 @@ impl<K: Kv> Namespace<K> {
         name: &[u8],
         value: &[u8],
         mode: XattrMode,
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         check_xattr_name(name)?;
         if value.len() > XATTR_VALUE_BYTES_MAX {
-            return Err(MetaError::TooBig(format!(
+            return Err(NsError::TooBig(format!(
                 "an attribute value of {} bytes",
                 value.len()
             )));
@@ -113,8 +112,8 @@ impl<K: Kv> Namespace<K> {
             let key = xattr_key(ino, name);
             let exists = tx.tx.get(&key, false).await?.is_some();
             match mode {
-                XattrMode::Create if exists => return Err(MetaError::Exists(show(name))),
-                XattrMode::Replace if !exists => return Err(MetaError::NoData(show(name))),
+                XattrMode::Create if exists => return Err(NsError::Exists(show(name))),
+                XattrMode::Replace if !exists => return Err(NsError::NoData(show(name))),
                 _ => {}
             }
             tx.tx.set(&key, &encode_xattr(value)?)?;
@@ -125,7 +124,7 @@ impl<K: Kv> Namespace<K> {
 
     /// The names of every attribute of `ino`, sorted. Needs no permission
     /// (as on Linux, where the path walk already checked search).
-    pub async fn list_xattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, MetaError> {
+    pub async fn list_xattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, NsError> {
         self.read(|tx| async move {
             tx.existing(ino).await?;
             let prefix = xattr_prefix(ino);
@@ -145,14 +144,14 @@ impl<K: Kv> Namespace<K> {
         user: &User,
         ino: InodeId,
         name: &[u8],
-    ) -> Result<(), MetaError> {
+    ) -> Result<(), NsError> {
         check_xattr_name(name)?;
         self.write(|tx| async move {
             let inode = tx.existing(ino).await?;
             check_write(&inode, user)?;
             let key = xattr_key(ino, name);
             if tx.tx.get(&key, false).await?.is_none() {
-                return Err(MetaError::NoData(show(name)));
+                return Err(NsError::NoData(show(name)));
             }
             tx.tx.clear(&key)?;
             Ok(())

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flyfs_fs_meta::ns::{
-    GcFinish, GcKind, LayoutSpec, ManualClock, MetaError, Namespace, NsConfig, StaticChainTables,
-    User,
+    GcFinish, GcKind, LayoutSpec, ManualClock, Namespace, NsConfig, NsError, StaticChainTables,
 };
 use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
 use flyfs_proto::ids::ChainTableId;
+use flyfs_proto::wire::meta::User;
 
 pub const GC_DELAY_MS: u64 = 1000;
 /// 2023-11-14, in ns: any fixed time will do.
@@ -64,7 +64,7 @@ pub fn users() -> Vec<User> {
 /// Runs the GC worker's loop until nothing more can be collected: expands
 /// every due directory, finishes every due file without write sessions.
 /// Returns how many files it deleted.
-pub async fn run_gc<K: Kv>(ns: &Namespace<K>, now_ms: u64) -> Result<usize, MetaError> {
+pub async fn run_gc<K: Kv>(ns: &Namespace<K>, now_ms: u64) -> Result<usize, NsError> {
     let mut deleted = 0;
     loop {
         let mut progress = false;

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::Method;
 use crate::ids::{ChainId, ChainTableId, ClientId, InodeId};
 
-/// Who asks: checked against modes and owners.
+/// Who asks: checked against modes and owners (the rule is
+/// [`crate::access::allowed`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct User {
@@ -25,8 +26,22 @@ pub struct User {
 }
 
 impl User {
+    pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> User {
+        User { uid, gid, groups }
+    }
+
+    /// The superuser.
     pub fn root() -> User {
         User::default()
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether `gid` is the caller's primary or a supplementary group.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
     }
 }
 
