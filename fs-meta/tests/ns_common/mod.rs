@@ -131,6 +131,10 @@ impl<K: Kv> Kv for Yielding<K> {
 }
 
 impl<T: Transaction> Transaction for YieldingTx<T> {
+    fn serial(&self) -> u64 {
+        self.0.serial()
+    }
+
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         tokio::task::yield_now().await;
         self.0.get(key, snapshot).await
