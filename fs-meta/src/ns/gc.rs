@@ -265,9 +265,10 @@ mod tests {
     use flyfs_proto::ids::ChainTableId;
 
     use super::*;
-    use crate::ns::{CreateFlags, LayoutSpec, ManualClock, NsConfig, StaticChainTables, User};
+    use crate::ns::{CreateFlags, LayoutSpec, NsConfig, StaticChainTables, User};
     use crate::schema::ROOT;
     use flyfs_kv::mem::MemKv;
+    use flyfs_time::ManualClock;
 
     const START_NS: i64 = 1_700_000_000_000_000_000;
     const START_MS: u64 = 1_700_000_000_000;

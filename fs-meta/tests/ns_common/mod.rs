@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flyfs_fs_meta::ns::{
-    GcFinish, GcKind, LayoutSpec, ManualClock, MetaError, Namespace, NsConfig, StaticChainTables,
-    User,
+    GcFinish, GcKind, LayoutSpec, MetaError, Namespace, NsConfig, StaticChainTables, User,
 };
 use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
 use flyfs_proto::ids::ChainTableId;
+use flyfs_time::ManualClock;
 
 pub const GC_DELAY_MS: u64 = 1000;
 /// 2023-11-14, in ns: any fixed time will do.
