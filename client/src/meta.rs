@@ -126,3 +126,47 @@ impl<N: Network> MetaClient<N> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flyfs_proto::wire::meta::{Statfs, StatfsReq};
+    use flyfs_rpc::Tcp;
+
+    use super::*;
+
+    /// The op deadline runs on tokio's clock: with time paused, a call to
+    /// an address nobody serves fails over and backs off for 60 s of tokio
+    /// time, and gives up within moments of real time. On std's clock (as
+    /// it once was) the deadline escaped paused and simulated time, and
+    /// this call spun for a real minute.
+    #[tokio::test(start_paused = true)]
+    async fn the_op_deadline_runs_on_tokios_clock() {
+        // A port that was just free: connecting is refused.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .to_string();
+        let config = MetaClientConfig::new(vec![addr]);
+        let op_deadline = config.op_deadline;
+        let client = MetaClient::new(Tcp, config);
+        let started = tokio::time::Instant::now();
+        let real_started = std::time::Instant::now();
+        let error = client
+            .call::<Statfs, _>(&StatfsReq::default())
+            .await
+            .expect_err("nobody serves");
+        assert_eq!(error.errno, libc::EIO);
+        assert!(error.retryable, "{error:?}");
+        assert!(
+            error.message.starts_with("meta.Statfs gave up after "),
+            "{}",
+            error.message
+        );
+        assert!(started.elapsed() >= op_deadline, "{:?}", started.elapsed());
+        assert!(
+            real_started.elapsed() < op_deadline / 4,
+            "the deadline ran on real time: {:?}",
+            real_started.elapsed()
+        );
+    }
+}
