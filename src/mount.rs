@@ -10,10 +10,11 @@
 //! The config (`flyfs_deploy::config::MountConfig`, deploy/mount.toml) is
 //! read and checked before anything starts.
 
+use std::cell::Cell;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use flyfs_client::FsClient;
@@ -24,10 +25,14 @@ use flyfs_fuse::mountpoint::lazy_unmount;
 use flyfs_proto::ids::ClientId;
 use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Tcp;
+use flyfs_time::{Attempt, Backoff, Retry};
+use tokio::time::Instant;
 
 /// How long startup waits for the manager's routing and the metadata
 /// service before giving up with an error naming them.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+/// How often the manager is polled meanwhile.
+const STARTUP_POLL: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_millis(500));
 /// How long a shutdown waits for requests being served to finish.
 const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -137,29 +142,32 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
     let mut storage_config = ClientConfig::new(config.mgmt.0[0].clone(), ClientId(client_id));
     storage_config.mgmt_addrs = config.mgmt.0.clone();
     let storage = StorageClient::new(storage_config, Tcp);
-    let deadline = Instant::now() + STARTUP_PATIENCE;
-    let mut last_warning = Instant::now();
-    loop {
-        match storage.refresh_routing().await {
-            Ok(_) => break,
-            Err(e) if Instant::now() >= deadline => {
-                bail!(
-                    "key `mgmt`: no routing from the manager at {} after {STARTUP_PATIENCE:?}: {e}",
-                    config.mgmt.0.join(", ")
-                );
-            }
-            Err(e) => {
-                if last_warning.elapsed() >= Duration::from_secs(5) {
-                    tracing::warn!(
-                        "waiting for the manager at {}: {e}",
-                        config.mgmt.0.join(", ")
-                    );
-                    last_warning = Instant::now();
+    // The manager may still be starting: poll it (a constant backoff,
+    // jittered per client) for the startup patience, warning every few
+    // seconds that we wait.
+    let last_warning = Cell::new(Instant::now());
+    let managers = config.mgmt.0.join(", ");
+    let (storage_ref, last_warning, managers_ref) = (&storage, &last_warning, &managers);
+    Retry::deadline(STARTUP_PATIENCE, STARTUP_POLL)
+        .run(client_id, |_attempt| async move {
+            match storage_ref.refresh_routing().await {
+                Ok(_) => Attempt::Done(()),
+                Err(e) => {
+                    if last_warning.get().elapsed() >= Duration::from_secs(5) {
+                        tracing::warn!("waiting for the manager at {managers_ref}: {e}");
+                        last_warning.set(Instant::now());
+                    }
+                    Attempt::Retry(e)
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-        }
-    }
+        })
+        .await
+        .map_err(|gave_up| {
+            anyhow::anyhow!(
+                "key `mgmt`: no routing from the manager at {managers} after {STARTUP_PATIENCE:?}: {}",
+                gave_up.last
+            )
+        })?;
     let mut meta_config = MetaClientConfig::new(config.meta.clone());
     meta_config.op_deadline = STARTUP_PATIENCE;
     let probe = MetaClient::new(Tcp, meta_config);

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -515,7 +515,8 @@ impl Starter<'_> {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        let deadline = Instant::now() + self.timeout;
+        // Tokio's clock, like every deadline in async code (flyfs-time).
+        let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let last = match ready().await {
                 Ok(()) => return Ok(()),
@@ -534,7 +535,7 @@ impl Starter<'_> {
                     );
                 }
             }
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 let names: Vec<String> = kinds.iter().map(|k| k.name()).collect();
                 let logs: Vec<String> = kinds
                     .iter()

@@ -45,6 +45,7 @@ use flyfs_proto::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, Target
 use flyfs_proto::wire::meta::{self as wire, MetaError, User};
 use flyfs_proto::wire::storage::{DumpMeta, DumpMetaReq};
 use flyfs_rpc::{CallOptions, Client, Tcp};
+use flyfs_time::Backoff;
 use support::{
     Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, wait_for,
     write_configs, write_meta_config,
@@ -617,8 +618,7 @@ fn meta_client(addr: &str, op_deadline: Duration) -> Arc<MetaClient<Tcp>> {
     let mut config = MetaClientConfig::new(vec![addr.to_string()]);
     config.rpc_timeout = Duration::from_secs(5);
     config.op_deadline = op_deadline;
-    config.backoff_initial = Duration::from_millis(10);
-    config.backoff_max = Duration::from_millis(100);
+    config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
     MetaClient::new(Tcp, config)
 }
 
@@ -637,8 +637,7 @@ fn restarts(cluster: &mut Cluster, runtime: &tokio::runtime::Runtime, addr: &str
     let start = Instant::now();
     let mut config = MetaClientConfig::new(vec![addr.to_string()]);
     config.op_deadline = Duration::from_secs(20);
-    config.backoff_initial = Duration::from_micros(200);
-    config.backoff_max = Duration::from_micros(200);
+    config.backoff = Backoff::new(Duration::from_micros(200), Duration::from_micros(200));
     let meta = MetaClient::new(Tcp, config);
     for round in 0..RESTARTS {
         cluster.start_meta(META);
@@ -728,8 +727,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
     let mut storage_config = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(0x7e57));
     storage_config.rpc_timeout = Duration::from_millis(500);
     storage_config.op_deadline = Duration::from_secs(30);
-    storage_config.backoff_initial = Duration::from_millis(20);
-    storage_config.backoff_max = Duration::from_millis(200);
+    storage_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
     let storage = StorageClient::new(storage_config, Tcp);
     // Long enough to wait out the restart many times over.
     let meta = meta_client(&meta_addr, Duration::from_secs(30));

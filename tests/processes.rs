@@ -26,6 +26,7 @@ use flyfs_proto::ids::{ChainId, ChunkId, ClientId, TargetId};
 use flyfs_proto::wire::mgmt::PublicState;
 use flyfs_proto::wire::storage::{BatchRead, BatchReadReq, ReadItem};
 use flyfs_rpc::{CallOptions, Client, Tcp};
+use flyfs_time::Backoff;
 use support::{
     Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, target_id, text,
     wait_for, write_configs,
@@ -338,8 +339,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     let mut client_config = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(0x7e57));
     client_config.rpc_timeout = Duration::from_millis(500);
     client_config.op_deadline = Duration::from_secs(30);
-    client_config.backoff_initial = Duration::from_millis(20);
-    client_config.backoff_max = Duration::from_millis(200);
+    client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
     let client = StorageClient::new(client_config, Tcp);
     let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
 

@@ -148,7 +148,9 @@ impl<N: Network> FsClient<N> {
         config: FsConfig,
     ) -> Arc<FsClient<N>> {
         // Session ids must differ across restarts of one client id: start
-        // from the clock.
+        // from the clock. Only uniqueness matters here, not what time it
+        // is (as with a random seed), so this reads the system's clock
+        // rather than a flyfs_time::Clock.
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);

@@ -14,14 +14,15 @@
 //! file client) treat those answers accordingly.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use flyfs_proto::Method;
 use flyfs_proto::wire::meta::MetaError;
 use flyfs_rpc::Network;
 use flyfs_rpc::client::{CallOptions, Client, ClientConfig};
+use flyfs_time::{Attempt, Backoff, Retry};
 
 /// How a [`MetaClient`] retries.
 #[derive(Clone, Debug)]
@@ -32,8 +33,7 @@ pub struct MetaClientConfig {
     pub rpc_timeout: Duration,
     /// How long a call keeps failing over and retrying.
     pub op_deadline: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+    pub backoff: Backoff,
 }
 
 impl MetaClientConfig {
@@ -42,8 +42,7 @@ impl MetaClientConfig {
             addrs,
             rpc_timeout: Duration::from_secs(10),
             op_deadline: Duration::from_secs(60),
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_secs(1)),
         }
     }
 }
@@ -55,6 +54,9 @@ pub struct MetaClient<N: Network> {
     config: MetaClientConfig,
     /// The instance that answered last: tried first.
     current: AtomicUsize,
+    /// Calls made: seeds each call's backoff jitter, so that calls that
+    /// failed together retry apart, and a simulation replays them.
+    calls: AtomicU64,
 }
 
 impl<N: Network> MetaClient<N> {
@@ -63,6 +65,7 @@ impl<N: Network> MetaClient<N> {
             rpc: Client::new(net, ClientConfig::default()),
             config,
             current: AtomicUsize::new(0),
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -82,53 +85,88 @@ impl<N: Network> MetaClient<N> {
             timeout: self.config.rpc_timeout,
             ..CallOptions::default()
         };
-        let start = Instant::now();
-        let mut backoff = self.config.backoff_initial;
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let index = self.current.load(Ordering::Relaxed) % self.config.addrs.len();
-            let addr = &self.config.addrs[index];
-            let failure = match self.rpc.call::<M>(addr, req, Bytes::new(), &options).await {
-                Ok((Ok(rsp), _)) => return Ok(rsp),
-                Ok((Err(e), _)) if !e.retryable => return Err(e),
-                Ok((Err(e), _)) => e.message,
-                Err(e) if e.is_retryable() => {
-                    // Another instance may answer.
-                    let _ = self.current.compare_exchange(
-                        index,
-                        index + 1,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                    format!("{addr}: {e}")
-                }
-                Err(e) => {
-                    return Err(MetaError {
-                        errno: libc::EIO,
-                        message: format!("{} to {addr}: {e}", M::NAME),
-                        retryable: false,
-                    });
-                }
-            };
-            if start.elapsed() >= self.config.op_deadline {
-                return Err(MetaError {
-                    errno: libc::EIO,
-                    message: format!(
-                        "{} gave up after {attempts} attempts in {:?}: {failure}",
-                        M::NAME,
-                        start.elapsed()
-                    ),
-                    retryable: true,
-                });
-            }
-            tracing::debug!(
-                method = M::NAME,
-                attempts,
-                "metadata call failed, retrying: {failure}"
-            );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.backoff_max);
-        }
+        let seed = self.calls.fetch_add(1, Ordering::Relaxed);
+        let answer = Retry::deadline(self.config.op_deadline, self.config.backoff)
+            .run(seed, |attempt| async move {
+                let index = self.current.load(Ordering::Relaxed) % self.config.addrs.len();
+                let addr = &self.config.addrs[index];
+                let failure = match self.rpc.call::<M>(addr, req, Bytes::new(), &options).await {
+                    Ok((answer, _)) => match answer {
+                        Err(e) if e.retryable => e.message,
+                        answer => return Attempt::Done(answer),
+                    },
+                    Err(e) if e.is_retryable() => {
+                        // Another instance may answer.
+                        let _ = self.current.compare_exchange(
+                            index,
+                            index + 1,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        format!("{addr}: {e}")
+                    }
+                    Err(e) => {
+                        return Attempt::Done(Err(MetaError {
+                            errno: libc::EIO,
+                            message: format!("{} to {addr}: {e}", M::NAME),
+                            retryable: false,
+                        }));
+                    }
+                };
+                tracing::debug!(method = M::NAME, attempt, "metadata call failed: {failure}");
+                Attempt::Retry(failure)
+            })
+            .await;
+        answer.unwrap_or_else(|gave_up| {
+            Err(MetaError {
+                errno: libc::EIO,
+                message: format!("{} {gave_up}", M::NAME),
+                retryable: true,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flyfs_proto::wire::meta::{Statfs, StatfsReq};
+    use flyfs_rpc::Tcp;
+
+    use super::*;
+
+    /// The op deadline runs on tokio's clock: with time paused, a call to
+    /// an address nobody serves fails over and backs off for 60 s of tokio
+    /// time, and gives up within moments of real time. On std's clock (as
+    /// it once was) the deadline escaped paused and simulated time, and
+    /// this call spun for a real minute.
+    #[tokio::test(start_paused = true)]
+    async fn the_op_deadline_runs_on_tokios_clock() {
+        // A port that was just free: connecting is refused.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .to_string();
+        let config = MetaClientConfig::new(vec![addr]);
+        let op_deadline = config.op_deadline;
+        let client = MetaClient::new(Tcp, config);
+        let started = tokio::time::Instant::now();
+        let real_started = std::time::Instant::now();
+        let error = client
+            .call::<Statfs, _>(&StatfsReq::default())
+            .await
+            .expect_err("nobody serves");
+        assert_eq!(error.errno, libc::EIO);
+        assert!(error.retryable, "{error:?}");
+        assert!(
+            error.message.starts_with("meta.Statfs gave up after "),
+            "{}",
+            error.message
+        );
+        assert!(started.elapsed() >= op_deadline, "{:?}", started.elapsed());
+        assert!(
+            real_started.elapsed() < op_deadline / 4,
+            "the deadline ran on real time: {:?}",
+            real_started.elapsed()
+        );
     }
 }

@@ -22,8 +22,8 @@ use flyfs_proto::wire::storage::{
     Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
 };
 use flyfs_rpc::{CallOptions, Client, Network, RpcError};
+use flyfs_time::{Attempt, Backoff, Retry};
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 /// Why a storage client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +57,7 @@ pub struct ClientConfig {
     /// How long an operation keeps retrying (failover, routing refresh)
     /// before it fails.
     pub op_deadline: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+    pub backoff: Backoff,
 }
 
 impl ClientConfig {
@@ -70,8 +69,7 @@ impl ClientConfig {
             client,
             rpc_timeout: Duration::from_secs(5),
             op_deadline: Duration::from_secs(60),
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(20), Duration::from_secs(1)),
         }
     }
 }
@@ -104,6 +102,8 @@ pub struct StorageClient<N: Network> {
     channels_made: AtomicU64,
     /// Spreads reads over replicas.
     next_replica: AtomicU64,
+    /// Operations begun: with the client id, seeds each one's backoff.
+    operations: AtomicU64,
 }
 
 /// A borrowed channel; returned to the pool with its next sequence number.
@@ -129,6 +129,7 @@ impl<N: Network> StorageClient<N> {
             channels: Mutex::new(Vec::new()),
             channels_made: AtomicU64::new(0),
             next_replica: AtomicU64::new(0),
+            operations: AtomicU64::new(0),
         })
     }
 
@@ -490,54 +491,60 @@ impl<N: Network> StorageClient<N> {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline
-    /// passes, refreshing the routing between attempts.
+    /// passes, refreshing the routing between attempts. `attempt` gets the
+    /// chain as the routing has it and how many attempts failed before it
+    /// (reads use that to fail over to another replica).
     async fn retrying<T, F, Fut>(
         &self,
         what: &str,
         chain: ChainId,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, ClientError>
     where
-        F: FnMut(ChainInfo, Arc<RoutingInfo>, u32) -> Fut,
+        F: Fn(ChainInfo, Arc<RoutingInfo>, u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let start = Instant::now();
-        let mut backoff = self.config.backoff_initial;
-        let mut attempts = 0u32;
-        loop {
-            if self.chain(chain).is_none() {
-                let _ = self.refresh_routing().await;
-            }
-            let last = match self.chain(chain) {
-                None => format!("{chain} is not in the routing information"),
-                Some((info, routing)) => match attempt(info, routing, attempts).await {
-                    Ok(v) => return Ok(v),
-                    Err(Failure::Fatal(e)) => return Err(ClientError::Storage(e)),
-                    Err(Failure::Retry(reason)) => reason,
-                    Err(Failure::Timeout { addr, error }) => {
-                        self.rpc.disconnect(&addr).await;
-                        error
-                    }
-                },
-            };
-            attempts += 1;
-            if start.elapsed() >= self.config.op_deadline {
-                return Err(ClientError::GaveUp {
-                    what: what.to_string(),
-                    attempts,
-                    elapsed: start.elapsed(),
-                    last,
-                });
-            }
-            tracing::debug!("{what}: attempt {attempts} failed: {last}");
-            // Failover to another replica first; back off once every replica
-            // had its chance.
-            if attempts > 1 {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(self.config.backoff_max);
-            }
-            let _ = self.refresh_routing().await;
-        }
+        // Per client and operation: clients that failed together retry
+        // apart, and a simulation replays the waits.
+        let operation = self.operations.fetch_add(1, Ordering::Relaxed);
+        let seed = self.config.client.0.rotate_left(32) ^ operation;
+        let attempt = &attempt;
+        // Fail over to another replica at once; back off after that.
+        let answer = Retry::deadline(self.config.op_deadline, self.config.backoff)
+            .immediate_retries(1)
+            .run(seed, |number| async move {
+                if number > 1 {
+                    let _ = self.refresh_routing().await;
+                }
+                if self.chain(chain).is_none() {
+                    let _ = self.refresh_routing().await;
+                }
+                let last = match self.chain(chain) {
+                    None => format!("{chain} is not in the routing information"),
+                    Some((info, routing)) => match attempt(info, routing, number - 1).await {
+                        Ok(v) => return Attempt::Done(Ok(v)),
+                        Err(Failure::Fatal(e)) => {
+                            return Attempt::Done(Err(ClientError::Storage(e)));
+                        }
+                        Err(Failure::Retry(reason)) => reason,
+                        Err(Failure::Timeout { addr, error }) => {
+                            self.rpc.disconnect(&addr).await;
+                            error
+                        }
+                    },
+                };
+                tracing::debug!("{what}: attempt {number} failed: {last}");
+                Attempt::Retry(last)
+            })
+            .await;
+        answer.unwrap_or_else(|gave_up| {
+            Err(ClientError::GaveUp {
+                what: what.to_string(),
+                attempts: gave_up.attempts,
+                elapsed: gave_up.elapsed,
+                last: gave_up.last,
+            })
+        })
     }
 }
 

@@ -19,8 +19,7 @@ use flyfs_client::mgmt::Managers;
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_craq::mgmt::KvClusterStore;
 use flyfs_craq::mgmt::{
-    ClusterStore, LeaseClock, LeaseFence, LeaseOptions, MgmtConfig, MgmtService, StoreError,
-    WallClock,
+    ClusterStore, LeaseFence, LeaseOptions, MgmtConfig, MgmtService, StoreError,
 };
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
@@ -35,6 +34,7 @@ use flyfs_proto::wire::mgmt::{
     RoutingInfo,
 };
 use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_time::{Clock, WallClock};
 use tokio::task::JoinHandle;
 
 use flyfs_craq::testing::{NodeOptions, TestStorageNode, bind};

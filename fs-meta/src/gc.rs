@@ -100,7 +100,7 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
     }
 
     fn now_ms(&self) -> u64 {
-        (self.ns.config().clock.now_ns() / 1_000_000).max(0) as u64
+        self.ns.config().clock.now_ms()
     }
 
     /// Scans forever.

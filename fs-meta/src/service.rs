@@ -272,7 +272,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     }
 
     async fn gc_status(&self) -> Result<wire::GcStatusRsp> {
-        let now_ms = self.ns.config().clock.now_ns() as u64 / 1_000_000;
+        let now_ms = self.ns.config().clock.now_ms();
         let queued = self
             .ns
             .gc_due(u64::MAX, 1 << 20)

@@ -226,7 +226,7 @@ impl TestCluster {
 
     /// Waits until every target of every chain serves again.
     pub async fn wait_all_serving(&self, timeout: Duration) {
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         loop {
             let routing = self.mgmt.routing();
             if routing

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flyfs_fs_meta::ns::{Clock, CreateFlags, ManualClock, Namespace, NsError, OpenFlags};
+use flyfs_fs_meta::ns::{CreateFlags, Namespace, NsError, OpenFlags};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_kv::mem::MemKv;
 use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::User;
+use flyfs_time::{Clock, ManualClock};
 use ns_common::Yielding;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -216,7 +217,7 @@ async fn stress<K: Kv>(kv: K) {
             let mut deleted = 0;
             while !stop.load(Ordering::Relaxed) {
                 clock.advance_ms(ns_common::GC_DELAY_MS as i64 + 1);
-                let now_ms = (clock.now_ns() / 1_000_000) as u64;
+                let now_ms = clock.now_ms();
                 deleted += ns_common::run_gc(&ns, now_ms).await.expect("GC");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -254,7 +255,7 @@ async fn stress<K: Kv>(kv: K) {
     // Collect everything removed; the namespace must stay consistent, and
     // everything left must be reachable from the root.
     clock.advance_ms(ns_common::GC_DELAY_MS as i64 + 1);
-    let now_ms = (clock.now_ns() / 1_000_000) as u64;
+    let now_ms = clock.now_ms();
     ns_common::run_gc(&instances[0], now_ms)
         .await
         .expect("final GC");

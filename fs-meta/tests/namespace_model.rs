@@ -1240,7 +1240,7 @@ impl Model {
 struct Harness {
     rt: tokio::runtime::Runtime,
     ns: Namespace<MemKv>,
-    clock: std::sync::Arc<flyfs_fs_meta::ns::ManualClock>,
+    clock: std::sync::Arc<flyfs_time::ManualClock>,
     model: Model,
     /// Every inode id ever seen, in order of appearance.
     known: Vec<u64>,
@@ -1750,7 +1750,7 @@ impl Harness {
     }
 
     fn clock_ns(&self) -> i64 {
-        use flyfs_fs_meta::ns::Clock;
+        use flyfs_time::Clock;
         self.clock.now_ns()
     }
 

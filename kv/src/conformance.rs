@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flyfs_time::Backoff;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -705,7 +706,7 @@ pub async fn retry_helper_reruns_on_conflict<K: Kv>(kv: K) -> Result<(), KvError
     put(&kv, &[(b"n", &0u64.to_be_bytes())]).await?;
     let attempts = Arc::new(AtomicU32::new(0));
     let options = RetryOptions {
-        backoff_max: Duration::from_millis(10),
+        backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(10)),
         ..RetryOptions::default()
     };
     let final_value = run(&kv, &options, |tx| {
@@ -797,7 +798,7 @@ pub async fn concurrent_transfers_conserve_money<K: Kv>(kv: K) -> Result<(), KvE
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(seed);
             let options = RetryOptions {
-                backoff_max: Duration::from_millis(20),
+                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(20)),
                 ..RetryOptions::default()
             };
             let mut moved = 0;
@@ -882,7 +883,7 @@ pub async fn concurrent_range_phantom_stress<K: Kv>(kv: K) -> Result<(), KvError
         let kv = kv.clone();
         tasks.push(tokio::spawn(async move {
             let options = RetryOptions {
-                backoff_max: Duration::from_millis(20),
+                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(20)),
                 ..RetryOptions::default()
             };
             let mut inserted = 0;

@@ -24,6 +24,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -115,6 +116,9 @@ fn untranslated(error: FdbError, doing: &str) -> KvError {
 pub struct FdbKv {
     db: Arc<Database>,
     prefix: Bytes,
+    /// Transactions begun through this handle and its clones: the next
+    /// one's serial number.
+    begun: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for FdbKv {
@@ -142,6 +146,7 @@ impl FdbKv {
         Ok(FdbKv {
             db: Arc::new(db),
             prefix: Bytes::new(),
+            begun: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -153,6 +158,7 @@ impl FdbKv {
         FdbKv {
             db: self.db.clone(),
             prefix: Bytes::from(full),
+            begun: self.begun.clone(),
         }
     }
 
@@ -200,6 +206,7 @@ impl FdbKv {
                     value_len_max: 0,
                 }),
                 kv: self.clone(),
+                serial: self.begun.fetch_add(1, Ordering::Relaxed),
                 read_only,
                 started: Instant::now(),
             }),
@@ -250,7 +257,11 @@ struct TxInner {
     // database handle, as the C client wants.
     state: Mutex<TxState>,
     kv: FdbKv,
+    serial: u64,
     read_only: bool,
+    /// Std's clock, not tokio's: FoundationDB enforces its five-second limit
+    /// on real time in its own processes, which no simulation or paused
+    /// test clock moves, so the age reported must be real time too.
     started: Instant,
 }
 
@@ -386,6 +397,10 @@ impl FdbTx {
 }
 
 impl Transaction for FdbTx {
+    fn serial(&self) -> u64 {
+        self.inner.serial
+    }
+
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         let full = self.inner.kv.full_key(key);
         let value = self.with_tx(|tx| tx.get(&full, snapshot))?;

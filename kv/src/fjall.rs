@@ -129,6 +129,8 @@ struct Shared {
     options: FjallOptions,
     sync_gate: SyncGate,
     path: PathBuf,
+    /// Transactions begun: the next one's serial number.
+    begun: AtomicU64,
 }
 
 impl fmt::Debug for FjallKv {
@@ -191,6 +193,7 @@ impl FjallKv {
                 options,
                 sync_gate: SyncGate::default(),
                 path,
+                begun: AtomicU64::new(0),
             }),
         })
     }
@@ -212,6 +215,7 @@ impl FjallKv {
         let snapshot = self.shared.db.read_tx();
         Ok(FjallTx {
             inner: Arc::new(TxInner {
+                serial: self.shared.begun.fetch_add(1, Ordering::Relaxed),
                 shared: self.shared.clone(),
                 snapshot,
                 read_only,
@@ -259,6 +263,7 @@ impl fmt::Debug for FjallTx {
 
 struct TxInner {
     shared: Arc<Shared>,
+    serial: u64,
     snapshot: Snapshot,
     read_only: bool,
     started: Instant,
@@ -345,6 +350,10 @@ impl TxInner {
 }
 
 impl Transaction for FjallTx {
+    fn serial(&self) -> u64 {
+        self.inner.serial
+    }
+
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         let mut state = self.readable()?;
         match state.buf.writes.lookup(key) {

@@ -50,6 +50,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_time::{Attempt, Backoff, Retry};
 
 /// FoundationDB's limits: 10,000-byte keys, 100,000-byte values, 10 MB of
 /// mutations per transaction, 5 seconds from the first read to commit.
@@ -224,6 +225,11 @@ pub trait Kv: Clone + Send + Sync + 'static {
 /// One transaction. A handle: clones share it. Writes are buffered and take
 /// effect atomically at [`Transaction::commit`].
 pub trait Transaction: Clone + Send + Sync + 'static {
+    /// How many transactions the store (this handle and its clones) had
+    /// begun before this one. Concurrent transactions differ in it, and a
+    /// deterministic simulation replays it: [`run`] seeds its backoff jitter
+    /// with it, so transactions that conflicted together retry apart.
+    fn serial(&self) -> u64;
     /// The value of `key`; a snapshot read when `snapshot`.
     fn get(
         &self,
@@ -256,16 +262,16 @@ pub trait Transaction: Clone + Send + Sync + 'static {
 pub struct RetryOptions {
     /// Attempts in all, the first included.
     pub attempts_max: u32,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
+    /// The wait before each rerun, jittered with a seed from the first
+    /// transaction's [`serial`](Transaction::serial).
+    pub backoff: Backoff,
 }
 
 impl Default for RetryOptions {
     fn default() -> Self {
         RetryOptions {
             attempts_max: 100,
-            backoff_min: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(200),
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(200)),
         }
     }
 }
@@ -295,27 +301,30 @@ where
     Fut: Future<Output = Result<R, E>>,
     E: TxError,
 {
-    let mut backoff = options.backoff_min;
-    let mut attempt = 1;
-    loop {
-        let tx = kv.begin()?;
-        let result = match body(tx.clone()).await {
-            Ok(value) => tx.commit().await.map(|()| value).map_err(E::from),
-            Err(e) => Err(e),
-        };
-        match result {
-            Err(e)
-                if attempt < options.attempts_max
-                    && e.kv_error().is_some_and(KvError::is_retryable) =>
-            {
-                tracing::debug!(attempt, error = %e.kv_error().expect("checked"), "retrying transaction");
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(options.backoff_max);
-                attempt += 1;
+    // The first transaction begins before the retry loop, so that its
+    // serial number can seed the jitter of every wait after it.
+    let mut first = Some(kv.begin()?);
+    let seed = first.as_ref().map_or(0, Transaction::serial);
+    let answer = Retry::attempts(options.attempts_max, options.backoff)
+        .run(seed, |attempt| {
+            let begun = first
+                .take()
+                .map_or_else(|| kv.begin(), Ok)
+                .map(|tx| (tx.clone(), body(tx)));
+            async move {
+                let (tx, body) = match begun {
+                    Ok(begun) => begun,
+                    Err(e) => return Attempt::Done(Err(E::from(e))),
+                };
+                let result = match body.await {
+                    Ok(value) => tx.commit().await.map(|()| value).map_err(E::from),
+                    Err(e) => Err(e),
+                };
+                retry_if_retryable(attempt, result)
             }
-            other => return other,
-        }
-    }
+        })
+        .await;
+    answer.unwrap_or_else(|gave_up| Err(gave_up.last))
 }
 
 /// Runs `body` in a read-only transaction, rerunning it on retryable errors
@@ -331,29 +340,41 @@ where
     Fut: Future<Output = Result<R, E>>,
     E: TxError,
 {
-    let mut backoff = options.backoff_min;
-    let mut attempt = 1;
-    loop {
-        let tx = kv.begin_read_only()?;
-        match body(tx.clone()).await {
-            Err(e)
-                if attempt < options.attempts_max
-                    && e.kv_error().is_some_and(KvError::is_retryable) =>
-            {
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(options.backoff_max);
-                attempt += 1;
+    let mut first = Some(kv.begin_read_only()?);
+    let seed = first.as_ref().map_or(0, Transaction::serial);
+    let answer = Retry::attempts(options.attempts_max, options.backoff)
+        .run(seed, |attempt| {
+            let body = first
+                .take()
+                .map_or_else(|| kv.begin_read_only(), Ok)
+                .map(&mut body);
+            async move {
+                let result = match body {
+                    Ok(body) => body.await,
+                    Err(e) => return Attempt::Done(Err(E::from(e))),
+                };
+                retry_if_retryable(attempt, result)
             }
-            other => return other,
-        }
-    }
+        })
+        .await;
+    answer.unwrap_or_else(|gave_up| Err(gave_up.last))
 }
 
-/// Half to all of `backoff`, so that transactions that conflicted together
-/// do not retry in lockstep.
-fn jitter(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    half + half.mul_f64(rand::random::<f64>())
+/// Another attempt for a retryable KV error; the answer for anything else
+/// (a caller's own error, an errno say, is never retried).
+fn retry_if_retryable<R, E: TxError>(
+    attempt: u32,
+    result: Result<R, E>,
+) -> Attempt<Result<R, E>, E> {
+    match result {
+        Err(e) if e.kv_error().is_some_and(KvError::is_retryable) => {
+            if let Some(error) = e.kv_error() {
+                tracing::debug!(attempt, %error, "transaction attempt failed");
+            }
+            Attempt::Retry(e)
+        }
+        other => Attempt::Done(other),
+    }
 }
 
 #[cfg(test)]
@@ -382,5 +403,50 @@ mod tests {
         );
         assert!(!KvError::ReadOnly.is_retryable());
         assert!(!KvError::KeyTooLarge { len: 1, max: 0 }.is_retryable());
+    }
+
+    /// `run`'s waits are the backoff seeded with its first transaction's
+    /// serial number, on tokio's clock; out of attempts, the caller gets the
+    /// last error itself.
+    #[tokio::test(start_paused = true)]
+    async fn run_waits_are_seeded_by_the_first_transactions_serial() {
+        let kv = mem::MemKv::new();
+        // Two transactions before it: the run's first has serial 2.
+        for _ in 0..2 {
+            kv.begin().expect("begin").commit().await.expect("commit");
+        }
+        let options = RetryOptions {
+            attempts_max: 4,
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(80)),
+        };
+        let started = tokio::time::Instant::now();
+        let mut serials = Vec::new();
+        let result: Result<(), KvError> = run(&kv, &options, |tx| {
+            serials.push(tx.serial());
+            async { Err(KvError::Conflict) }
+        })
+        .await;
+        assert!(matches!(result, Err(KvError::Conflict)), "{result:?}");
+        assert_eq!(serials, [2, 3, 4, 5]);
+        let waits: Duration = (1..=3).map(|retry| options.backoff.wait(retry, 2)).sum();
+        // Tokio's timer rounds each wait up to its next millisecond.
+        let waited = started.elapsed();
+        assert!(
+            waited >= waits && waited <= waits + Duration::from_millis(3),
+            "{waited:?} vs {waits:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_own_error_is_not_retried() {
+        let kv = mem::MemKv::new();
+        let mut calls = 0;
+        let result: Result<(), KvError> = run_read_only(&kv, &RetryOptions::default(), |_tx| {
+            calls += 1;
+            async { Err(KvError::ReadOnly) }
+        })
+        .await;
+        assert!(matches!(result, Err(KvError::ReadOnly)), "{result:?}");
+        assert_eq!(calls, 1);
     }
 }

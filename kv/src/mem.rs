@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -41,6 +42,8 @@ pub struct MemKv {
 struct Shared {
     limits: Limits,
     store: Mutex<Store>,
+    /// Transactions begun: the next one's serial number.
+    begun: AtomicU64,
 }
 
 impl Shared {
@@ -234,6 +237,7 @@ impl MemKv {
             shared: Arc::new(Shared {
                 limits,
                 store: Mutex::new(Store::default()),
+                begun: AtomicU64::new(0),
             }),
         }
     }
@@ -242,6 +246,7 @@ impl MemKv {
         let read_version = self.shared.store().begin();
         MemTx {
             inner: Arc::new(TxInner {
+                serial: self.shared.begun.fetch_add(1, Ordering::Relaxed),
                 shared: self.shared.clone(),
                 read_version,
                 read_only,
@@ -289,6 +294,7 @@ pub struct MemTx {
 #[derive(Debug)]
 struct TxInner {
     shared: Arc<Shared>,
+    serial: u64,
     read_version: u64,
     read_only: bool,
     started: Instant,
@@ -396,6 +402,10 @@ fn as_slice_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
 }
 
 impl Transaction for MemTx {
+    fn serial(&self) -> u64 {
+        self.inner.serial
+    }
+
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         let mut state = self.readable()?;
         match state.buf.writes.lookup(key) {

@@ -13,10 +13,10 @@
 //! discarded. The request may still run on the server; whether that is safe
 //! is the caller's business, as it is for retries.
 //!
-//! Determinism: request ids come from a per-client counter, backoff jitter is
-//! derived from the request id, pending calls are kept in a `BTreeMap` (they
-//! are failed in id order), and every wait is a tokio timer, so a turmoil
-//! simulation replays exactly.
+//! Determinism: request ids come from a per-client counter, retries are
+//! flyfs-time's [`Retry`] with its jitter seeded by the call's first request
+//! id, pending calls are kept in a `BTreeMap` (they are failed in id order),
+//! and every wait is a tokio timer, so a turmoil simulation replays exactly.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_time::{Attempt, Backoff, Retry};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -62,46 +63,18 @@ impl Default for ClientConfig {
 pub struct RetryPolicy {
     /// Attempts in all; 1 means no retry.
     pub attempts: u32,
-    /// Wait before the first retry; doubled for each further one.
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+    /// The wait before each retry; its jitter is seeded with the call's
+    /// first request id.
+    pub backoff: Backoff,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             attempts: 1,
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_secs(1)),
         }
     }
-}
-
-impl RetryPolicy {
-    /// The wait before retry number `retry` (1 for the first retry):
-    /// `backoff_initial * 2^(retry-1)`, capped at `backoff_max`, then
-    /// jittered into its upper half so that clients that failed together do
-    /// not retry together. The jitter is a hash of `seed` (the call's first
-    /// request id) and `retry`, never a thread RNG, so a simulation replays.
-    pub fn backoff(&self, retry: u32, seed: u64) -> Duration {
-        let doublings = retry.saturating_sub(1).min(32);
-        let base = self
-            .backoff_initial
-            .saturating_mul(1u32 << doublings.min(31))
-            .min(self.backoff_max);
-        let base_nanos = base.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let half = base_nanos / 2;
-        let jitter = splitmix64(seed ^ u64::from(retry).rotate_left(32)) % (base_nanos - half + 1);
-        Duration::from_nanos(half + jitter)
-    }
-}
-
-/// SplitMix64: a fast, well-mixed hash of one u64.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Per-call options.
@@ -254,32 +227,33 @@ impl<N: Network> Client<N> {
         payload: Bytes,
         options: &CallOptions,
     ) -> Result<RawReply, RpcError> {
-        let attempts = options.retry.attempts.max(1);
-        let mut seed = None;
-        let mut attempt = 1;
-        loop {
-            let request_id = self.request_id();
-            let seed = *seed.get_or_insert(request_id);
-            let result = self
-                .attempt(
-                    addr,
-                    method,
-                    request_id,
-                    body.clone(),
-                    payload.clone(),
-                    options.timeout,
-                )
-                .await;
-            match result {
-                Err(error) if error.is_retryable() && attempt < attempts => {
-                    let wait = options.retry.backoff(attempt, seed);
-                    tracing::debug!(%addr, %method, attempt, ?wait, %error, "retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
+        // The first request id seeds the backoff's jitter: unique per call
+        // and replayed by a simulation.
+        let first_request_id = self.request_id();
+        let retry = Retry::attempts(options.retry.attempts, options.retry.backoff);
+        let answer = retry
+            .run(first_request_id, |attempt| {
+                let request_id = match attempt {
+                    1 => first_request_id,
+                    _ => self.request_id(),
+                };
+                let (body, payload) = (body.clone(), payload.clone());
+                async move {
+                    let result = self
+                        .attempt(addr, method, request_id, body, payload, options.timeout)
+                        .await;
+                    match result {
+                        Err(error) if error.is_retryable() => {
+                            tracing::debug!(%addr, %method, attempt, %error, "call attempt failed");
+                            Attempt::Retry(error)
+                        }
+                        result => Attempt::Done(result),
+                    }
                 }
-                result => return result,
-            }
-        }
+            })
+            .await;
+        // Out of attempts: the caller hears the last error as it was.
+        answer.unwrap_or_else(|gave_up| Err(gave_up.last))
     }
 
     async fn attempt(
@@ -616,34 +590,4 @@ async fn read_loop<T: AsyncRead>(
         }
     }
     shared.close();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_jitters_deterministically() {
-        let policy = RetryPolicy {
-            attempts: 10,
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(700),
-        };
-        for retry in 1..=6u32 {
-            let base = Duration::from_millis(100 * (1 << (retry - 1))).min(policy.backoff_max);
-            for seed in 0..50 {
-                let wait = policy.backoff(retry, seed);
-                assert!(
-                    wait >= base / 2 && wait <= base,
-                    "retry {retry}: {wait:?} vs {base:?}"
-                );
-                assert_eq!(wait, policy.backoff(retry, seed), "same seed, same wait");
-            }
-        }
-        let distinct: std::collections::BTreeSet<Duration> =
-            (0..50).map(|seed| policy.backoff(1, seed)).collect();
-        assert!(distinct.len() > 40, "jitter spreads: {}", distinct.len());
-        // Huge retry counts neither overflow nor exceed the cap.
-        assert!(policy.backoff(u32::MAX, 7) <= policy.backoff_max);
-    }
 }

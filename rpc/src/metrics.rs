@@ -21,9 +21,10 @@
 //! one atomic load.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics::{Counter, Histogram, Unit};
+use tokio::time::Instant;
 
 use flyfs_proto::wire::METHODS;
 
@@ -158,7 +159,8 @@ pub(crate) fn client(method: u16) -> Option<&'static MethodMetrics> {
     CLIENT.get().map(|table| table.get(method))
 }
 
-/// A clock started only when metrics are on.
+/// A clock started only when metrics are on. Tokio's, like every elapsed
+/// time in async code: a simulation records simulated latencies.
 pub(crate) fn start(metrics: Option<&MethodMetrics>) -> Option<Instant> {
     metrics.map(|_| Instant::now())
 }

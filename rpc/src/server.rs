@@ -509,7 +509,7 @@ fn dispatch<S: Service>(
 /// Counts one answered request, if metrics are on.
 fn record(
     metrics: Option<&crate::metrics::MethodMetrics>,
-    started: Option<std::time::Instant>,
+    started: Option<tokio::time::Instant>,
     request_bytes: usize,
     reply: &Reply,
 ) {

@@ -13,6 +13,7 @@ use flyfs_rpc::{
     CallOptions, Client, ClientConfig, Listener, Network, Reply, Request, RetryPolicy, RpcError,
     Server, ServerConfig, ServerHandle, Service, Tcp,
 };
+use flyfs_time::Backoff;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -566,8 +567,7 @@ async fn retries_with_backoff_succeed_once_the_server_is_up() {
         timeout: Duration::from_secs(1),
         retry: RetryPolicy {
             attempts: 30,
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(100),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(100)),
         },
     };
     let started = Instant::now();

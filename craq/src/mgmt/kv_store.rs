@@ -44,6 +44,7 @@ use super::{
 };
 
 use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RetryOptions, Transaction, TxError};
+use flyfs_time::Backoff;
 
 /// The lease key.
 pub const LEASE_KEY: &[u8] = b"MGMT/lease";
@@ -198,8 +199,7 @@ impl<K: Kv> KvClusterStore<K> {
             // worth less than the next one.
             retry: RetryOptions {
                 attempts_max: 10,
-                backoff_min: Duration::from_millis(1),
-                backoff_max: Duration::from_millis(50),
+                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(50)),
             },
             chunk_bytes,
         }

@@ -17,7 +17,7 @@ pub mod transition;
 
 pub use cluster::{Cluster, ClusterRecord, NodeRecord, TargetRecord};
 pub use kv_store::KvClusterStore;
-pub use service::{LeaseClock, LeaseOptions, MgmtConfig, MgmtService, TokioClock, WallClock};
+pub use service::{LeaseOptions, MgmtConfig, MgmtService};
 pub use store::{
     ClusterStore, FileStore, LeaseFence, LeaseRecord, LeaseState, MemStore, StoreError,
     decode_record, encode_record, record_checksum,

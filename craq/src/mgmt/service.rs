@@ -25,7 +25,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use flyfs_proto::Method;
@@ -37,6 +37,7 @@ use flyfs_proto::wire::mgmt::{
     SetTargetOffline, SetTargetOfflineReq,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
+use flyfs_time::{Clock, TokioClock, WallClock};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -71,58 +72,6 @@ impl Default for MgmtConfig {
     }
 }
 
-/// The clock lease times are read from, in milliseconds.
-///
-/// Lease safety assumes the clocks of all managers sharing a store differ by
-/// less than the margin a holder keeps (a quarter of the ttl: it stops
-/// serving at three quarters of its lease), plus the fencing of saves, which
-/// holds whatever the clocks say.
-pub trait LeaseClock: Send + Sync + fmt::Debug + 'static {
-    fn now_ms(&self) -> u64;
-}
-
-/// The wall clock: what managers on different machines can compare.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct WallClock;
-
-impl LeaseClock for WallClock {
-    fn now_ms(&self) -> u64 {
-        // A clock before 1970 is a broken machine; reading 0 makes every
-        // lease look expired to it, so it only ever stands by.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis() as u64)
-    }
-}
-
-/// Milliseconds since the clock was made, on tokio's clock: simulated time
-/// under turmoil and paused time in tests, never the wall clock. Managers
-/// that contend for one lease must share one `TokioClock` (clones do).
-#[derive(Clone, Copy, Debug)]
-pub struct TokioClock {
-    start: Instant,
-}
-
-impl TokioClock {
-    pub fn new() -> TokioClock {
-        TokioClock {
-            start: Instant::now(),
-        }
-    }
-}
-
-impl Default for TokioClock {
-    fn default() -> Self {
-        TokioClock::new()
-    }
-}
-
-impl LeaseClock for TokioClock {
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-}
-
 /// Who this manager is to the lease, and how long a lease lasts.
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
@@ -134,7 +83,12 @@ pub struct LeaseOptions {
     /// How long a lease lasts without renewal. A crashed primary is replaced
     /// after at most this plus a third of it.
     pub ttl: Duration,
-    pub clock: Arc<dyn LeaseClock>,
+    /// The clock lease times are read from, in milliseconds. Lease safety
+    /// assumes the clocks of all managers sharing a store differ by less
+    /// than the margin a holder keeps (a quarter of the ttl: it stops
+    /// serving at three quarters of its lease), plus the fencing of saves,
+    /// which holds whatever the clocks say.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl LeaseOptions {
@@ -171,7 +125,7 @@ impl LeaseOptions {
 
     /// How long after it asked for the lease a holder serves: the ttl less
     /// a quarter, the margin for clock skew between managers (see
-    /// [`LeaseClock`]).
+    /// [`LeaseOptions::clock`]).
     fn serve_ms(&self) -> u64 {
         (self.ttl - self.ttl / 4).as_millis() as u64
     }

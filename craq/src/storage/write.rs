@@ -28,6 +28,7 @@
 //! offline and answers "not serving", so the predecessor waits for the
 //! manager to drop it instead of failing the write.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,7 +42,7 @@ use flyfs_proto::wire::storage::{
 };
 use flyfs_rpc::Network;
 use flyfs_rpc::Payload;
-use tokio::time::Instant;
+use flyfs_time::{Attempt, Backoff, Retry};
 
 use super::channels::{self, Begin};
 use super::{FailPoint, Place, StorageNode};
@@ -109,6 +110,22 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
 /// tells which request produced it.
 fn request_id(channel: Channel) -> RequestId {
     RequestId((u64::from(channel.id) << 48) | (channel.seq & ((1 << 48) - 1)))
+}
+
+/// How a forward retries after failing: from 20 ms, doubling up to 500 ms,
+/// until the forward deadline.
+const FORWARD_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+
+/// How one send of an update to the successor ended.
+enum Forwarded {
+    /// The forward is over: the successor's answer, no successor (we are
+    /// the tail), or a failure another send cannot fix.
+    Done(Result<Option<ForwardRsp>, StorageError>),
+    /// The successor wants the whole chunk instead of the update.
+    NeedWholeChunk,
+    /// Worth another send after the backoff, with fresh routing.
+    Failed(String),
 }
 
 impl<D: BlockDevice, N: Network> StorageNode<D, N> {
@@ -512,106 +529,133 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         update: &Update,
         local: Option<tokio::sync::watch::Receiver<Option<u32>>>,
     ) -> Result<Option<ForwardRsp>, StorageError> {
-        let deadline = Instant::now() + self.config.forward_deadline;
-        let mut whole = false;
-        let mut backoff = Duration::from_millis(20);
-        let mut last_error;
-        loop {
-            // Re-resolve our place each round: the chain may have changed.
-            let now = self.place(place.chain.id, self.routing_chain_version(place))?;
-            // Our own state may have changed (fenced, lease lapsed, taken
-            // offline): then this replica cannot finish the write.
-            self.writable(&now)?;
-            let Some(successor) = now.successor() else {
-                return Ok(None);
-            };
-            let Some(addr) = now.addr_of(successor.target) else {
-                last_error = format!("no address for {:?}", successor.target);
-                if Instant::now() >= deadline {
-                    break;
+        // Once a successor asked for the whole chunk, every later attempt
+        // sends it whole. Kept outside the attempts' futures, which may not
+        // borrow the retry closure's state.
+        let whole = AtomicBool::new(false);
+        let (whole, local) = (&whole, &local);
+        // Per update: forwards of different writes retry apart, and a
+        // simulation replays the waits.
+        let seed = update.channel.client.0.rotate_left(32) ^ request_id(update.channel).0;
+        let answer = Retry::deadline(self.config.forward_deadline, FORWARD_BACKOFF)
+            .run(seed, |attempt| async move {
+                // A dead successor is replaced only when the manager
+                // notices; meanwhile keep our routing fresh.
+                if attempt > 1 {
+                    let _ = self.refresh_routing().await;
                 }
-                tokio::time::sleep(backoff).await;
-                continue;
-            };
-            let send_whole = whole
-                || (successor.state != flyfs_proto::wire::mgmt::PublicState::Serving
-                    && update.op != ForwardOp::Remove);
-            let (op, payload) = if send_whole {
-                // The whole chunk is our pending version: wait until the
-                // local write has stored it (and gave its CRC).
-                let mut crc = None;
-                if let Some(local) = &local {
-                    let mut local = local.clone();
-                    match local.wait_for(Option::is_some).await {
-                        Ok(done) => crc = *done,
-                        Err(_) => {
-                            return Err(StorageError::Engine {
-                                message: "the local write failed".into(),
-                            });
-                        }
+                loop {
+                    match self.forward_once(place, update, local, whole).await {
+                        Forwarded::Done(answer) => return Attempt::Done(answer),
+                        Forwarded::Failed(reason) => return Attempt::Retry(reason),
+                        // Not a failure: send again at once, whole.
+                        Forwarded::NeedWholeChunk => whole.store(true, Ordering::Relaxed),
                     }
                 }
-                let data = self.whole_pending(&now, update).await?;
-                let crc = crc.unwrap_or_else(|| crc32c::crc32c(&data));
-                (ForwardOp::Replace { crc }, Bytes::from_owner(data))
-            } else {
-                (update.op, update.bytes.clone())
-            };
-            let req = ForwardReq {
-                chain: now.chain.id,
-                chain_version: now.version(),
+            })
+            .await;
+        answer.unwrap_or_else(|gave_up| {
+            Err(StorageError::ForwardFailed {
+                chain: place.chain.id,
                 chunk: update.chunk,
-                version: update.version,
-                op,
-                chunk_size: update.chunk_size,
-                channel: update.channel,
-                sync: false,
-            };
-            self.failpoints.check(FailPoint::BeforeForward).await;
-            match self
-                .rpc
-                .call::<Forward>(&addr, &req, payload, &self.call_options())
-                .await
-            {
-                Ok((Ok(rsp), _)) => return Ok(Some(rsp)),
-                Ok((Err(StorageError::NeedWholeChunk { .. }), _)) if !whole => {
-                    whole = true;
-                    continue;
-                }
-                Ok((Err(e), _)) if !e.is_retryable() => return Err(e),
-                Ok((Err(e), _)) => {
-                    if let StorageError::StaleChainVersion {
-                        request, current, ..
-                    } = e
-                        && current > request
-                    {
-                        let _ = self.refresh_routing().await;
-                    }
-                    last_error = e.to_string();
-                }
-                Err(e) => {
-                    last_error = e.to_string();
-                    // A timed-out connection may be dead without knowing it.
-                    if matches!(e, flyfs_rpc::RpcError::Timeout { .. }) {
-                        self.rpc.disconnect(&addr).await;
-                    }
-                }
-            }
-            tracing::debug!(target_id = ?now.target.id, chunk = ?update.chunk, successor = ?successor.target, "forward failed: {last_error}");
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            // A dead successor is replaced only when the manager notices;
-            // meanwhile keep our routing fresh.
-            let _ = self.refresh_routing().await;
-        }
-        Err(StorageError::ForwardFailed {
-            chain: place.chain.id,
-            chunk: update.chunk,
-            reason: last_error,
+                reason: gave_up.last,
+            })
         })
+    }
+
+    /// One send of the update to the successor as the routing has it now.
+    async fn forward_once(
+        &self,
+        place: &Place,
+        update: &Update,
+        local: &Option<tokio::sync::watch::Receiver<Option<u32>>>,
+        whole: &AtomicBool,
+    ) -> Forwarded {
+        // Re-resolve our place each time: the chain may have changed.
+        let now = match self.place(place.chain.id, self.routing_chain_version(place)) {
+            Ok(now) => now,
+            Err(e) => return Forwarded::Done(Err(e)),
+        };
+        // Our own state may have changed (fenced, lease lapsed, taken
+        // offline): then this replica cannot finish the write.
+        if let Err(e) = self.writable(&now) {
+            return Forwarded::Done(Err(e));
+        }
+        let Some(successor) = now.successor() else {
+            return Forwarded::Done(Ok(None));
+        };
+        let Some(addr) = now.addr_of(successor.target) else {
+            return Forwarded::Failed(format!("no address for {:?}", successor.target));
+        };
+        let whole = whole.load(Ordering::Relaxed);
+        let send_whole = whole
+            || (successor.state != flyfs_proto::wire::mgmt::PublicState::Serving
+                && update.op != ForwardOp::Remove);
+        let (op, payload) = if send_whole {
+            // The whole chunk is our pending version: wait until the
+            // local write has stored it (and gave its CRC).
+            let mut crc = None;
+            if let Some(local) = local {
+                let mut local = local.clone();
+                match local.wait_for(Option::is_some).await {
+                    Ok(done) => crc = *done,
+                    Err(_) => {
+                        return Forwarded::Done(Err(StorageError::Engine {
+                            message: "the local write failed".into(),
+                        }));
+                    }
+                }
+            }
+            let data = match self.whole_pending(&now, update).await {
+                Ok(data) => data,
+                Err(e) => return Forwarded::Done(Err(e)),
+            };
+            let crc = crc.unwrap_or_else(|| crc32c::crc32c(&data));
+            (ForwardOp::Replace { crc }, Bytes::from_owner(data))
+        } else {
+            (update.op, update.bytes.clone())
+        };
+        let req = ForwardReq {
+            chain: now.chain.id,
+            chain_version: now.version(),
+            chunk: update.chunk,
+            version: update.version,
+            op,
+            chunk_size: update.chunk_size,
+            channel: update.channel,
+            sync: false,
+        };
+        self.failpoints.check(FailPoint::BeforeForward).await;
+        let failure = match self
+            .rpc
+            .call::<Forward>(&addr, &req, payload, &self.call_options())
+            .await
+        {
+            Ok((Ok(rsp), _)) => return Forwarded::Done(Ok(Some(rsp))),
+            Ok((Err(StorageError::NeedWholeChunk { .. }), _)) if !whole => {
+                return Forwarded::NeedWholeChunk;
+            }
+            Ok((Err(e), _)) if !e.is_retryable() => return Forwarded::Done(Err(e)),
+            Ok((Err(e), _)) => {
+                if let StorageError::StaleChainVersion {
+                    request, current, ..
+                } = e
+                    && current > request
+                {
+                    let _ = self.refresh_routing().await;
+                }
+                e.to_string()
+            }
+            Err(e) => {
+                // A timed-out connection may be dead without knowing it.
+                if matches!(e, flyfs_rpc::RpcError::Timeout { .. }) {
+                    self.rpc.disconnect(&addr).await;
+                }
+                e.to_string()
+            }
+        };
+        tracing::debug!(target_id = ?now.target.id, chunk = ?update.chunk, successor = ?successor.target, "forward failed: {failure}");
+        Forwarded::Failed(failure)
     }
 
     fn routing_chain_version(&self, place: &Place) -> flyfs_proto::ids::ChainVersion {

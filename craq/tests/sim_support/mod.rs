@@ -38,6 +38,7 @@ use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, PublicState, RoutingInfo,
 };
 use flyfs_rpc::{CallOptions, Network, ServerConfig, SimNet};
+use flyfs_time::Backoff;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use stateright::semantics::register::{Register, RegisterOp, RegisterRet};
@@ -144,8 +145,7 @@ pub fn client_config(id: u64) -> ClientConfig {
     let mut config = ClientConfig::new(format!("{MGMT}:{MGMT_PORT}"), ClientId(id));
     config.rpc_timeout = Duration::from_millis(300);
     config.op_deadline = Duration::from_secs(4);
-    config.backoff_initial = Duration::from_millis(10);
-    config.backoff_max = Duration::from_millis(200);
+    config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
     config
 }
 

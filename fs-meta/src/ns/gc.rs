@@ -262,10 +262,11 @@ mod tests {
     use flyfs_proto::ids::ChainTableId;
 
     use super::*;
-    use crate::ns::{CreateFlags, LayoutSpec, ManualClock, NsConfig, StaticChainTables};
+    use crate::ns::{CreateFlags, LayoutSpec, NsConfig, StaticChainTables};
     use crate::schema::ROOT;
     use flyfs_kv::mem::MemKv;
     use flyfs_proto::wire::meta::User;
+    use flyfs_time::ManualClock;
 
     const START_NS: i64 = 1_700_000_000_000_000_000;
     const START_MS: u64 = 1_700_000_000_000;

@@ -49,7 +49,6 @@ mod xattr;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::User;
@@ -77,47 +76,7 @@ use crate::schema::{
     FORMAT_VERSION, FormatValue, NAME_BYTES_MAX, ROOT, decode_format, encode_format, format_key,
 };
 use flyfs_kv::{Kv, RetryOptions, Transaction};
-
-/// Where time comes from: the wall clock in production, a hand-driven clock
-/// in tests (the GC delay must be testable without waiting five minutes).
-pub trait Clock: Send + Sync + std::fmt::Debug {
-    /// Nanoseconds since the Unix epoch.
-    fn now_ns(&self) -> i64;
-}
-
-/// The system's real-time clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ns(&self) -> i64 {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
-    }
-}
-
-/// A clock that only moves when told to.
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now_ns: i64) -> ManualClock {
-        ManualClock(AtomicI64::new(now_ns))
-    }
-
-    pub fn advance_ms(&self, ms: i64) {
-        self.0
-            .fetch_add(ms.saturating_mul(1_000_000), Ordering::Relaxed);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ns(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use flyfs_time::{Clock, WallClock};
 
 /// How a namespace instance behaves.
 #[derive(Clone)]
@@ -133,20 +92,23 @@ pub struct NsConfig {
     /// Entries `gc_expand` moves per transaction: small enough to stay far
     /// from the store's size and age limits.
     pub gc_batch: usize,
+    /// Where file times and GC due times come from: the wall clock in
+    /// production, a [`ManualClock`](flyfs_time::ManualClock) in tests (the
+    /// GC delay must be testable without waiting five minutes).
     pub clock: Arc<dyn Clock>,
     pub retry: RetryOptions,
 }
 
 impl NsConfig {
     /// The defaults: a 5-minute GC delay, 256 entries per GC transaction,
-    /// the system clock, the KV layer's default retries.
+    /// the wall clock, the KV layer's default retries.
     pub fn new(root_layout: LayoutSpec, chain_tables: Arc<dyn ChainTables>) -> NsConfig {
         NsConfig {
             root_layout,
             chain_tables,
             gc_delay_ms: 5 * 60 * 1000,
             gc_batch: 256,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(WallClock),
             retry: RetryOptions::default(),
         }
     }

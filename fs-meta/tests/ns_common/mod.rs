@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flyfs_fs_meta::ns::{
-    GcFinish, GcKind, LayoutSpec, ManualClock, Namespace, NsConfig, NsError, StaticChainTables,
+    GcFinish, GcKind, LayoutSpec, Namespace, NsConfig, NsError, StaticChainTables,
 };
 use flyfs_kv::{Kv, KvError, Limits, RangeOptions, RangeResult, Transaction};
 use flyfs_proto::ids::ChainTableId;
 use flyfs_proto::wire::meta::User;
+use flyfs_time::ManualClock;
 
 pub const GC_DELAY_MS: u64 = 1000;
 /// 2023-11-14, in ns: any fixed time will do.
@@ -131,6 +132,10 @@ impl<K: Kv> Kv for Yielding<K> {
 }
 
 impl<T: Transaction> Transaction for YieldingTx<T> {
+    fn serial(&self) -> u64 {
+        self.0.serial()
+    }
+
     async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Bytes>, KvError> {
         tokio::task::yield_now().await;
         self.0.get(key, snapshot).await
