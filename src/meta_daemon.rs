@@ -63,9 +63,7 @@ impl MetaDaemon {
     /// The service on the store `kv`.
     async fn start_on<K: Kv>(kv: K, config: &MetaDaemonConfig) -> anyhow::Result<MetaDaemon> {
         let client = ClientId(rand::random::<u64>() | 1);
-        let mut storage_config = ClientConfig::new(config.mgmt.0[0].clone(), client);
-        storage_config.mgmt_addrs = config.mgmt.0.clone();
-        let storage = StorageClient::new(storage_config, Tcp);
+        let storage = StorageClient::new(ClientConfig::new(config.mgmt.0.clone(), client), Tcp);
         let mut ns_config = NsConfig::new(
             config.layout(),
             Arc::new(RoutingChainTables(storage.clone())),

@@ -139,8 +139,7 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
         0 => rand::random::<u64>() | 1,
         id => id,
     };
-    let mut storage_config = ClientConfig::new(config.mgmt.0[0].clone(), ClientId(client_id));
-    storage_config.mgmt_addrs = config.mgmt.0.clone();
+    let storage_config = ClientConfig::new(config.mgmt.0.clone(), ClientId(client_id));
     let storage = StorageClient::new(storage_config, Tcp);
     // The manager may still be starting: poll it (a constant backoff,
     // jittered per client) for the startup patience, warning every few

@@ -724,7 +724,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
     });
     log(format!("metadata service answering ({took:.2?})"));
 
-    let mut storage_config = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(0x7e57));
+    let mut storage_config = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(0x7e57));
     storage_config.rpc_timeout = Duration::from_millis(500);
     storage_config.op_deadline = Duration::from_secs(30);
     storage_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));

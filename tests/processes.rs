@@ -336,7 +336,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     let shared = Arc::new(Shared::default());
     let transitions: Transitions = Arc::default();
     let observing = Arc::new(AtomicBool::new(false));
-    let mut client_config = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(0x7e57));
+    let mut client_config = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(0x7e57));
     client_config.rpc_timeout = Duration::from_millis(500);
     client_config.op_deadline = Duration::from_secs(30);
     client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));

@@ -128,7 +128,7 @@ async fn measure(args: &MetaArgs, dir: &std::path::Path) -> anyhow::Result<Resul
         .context("opening the namespace")?;
     // The service asks storage only for lengths, truncates and statfs,
     // which this benchmark never calls; the client points nowhere.
-    let storage = StorageClient::new(ClientConfig::new("127.0.0.1:9", ClientId(1)), Tcp);
+    let storage = StorageClient::new(ClientConfig::new(["127.0.0.1:9"], ClientId(1)), Tcp);
     let listener = Tcp.bind("127.0.0.1:0").await.context("binding")?;
     let server = Server::new(
         MetaService::new(ns, storage, Arc::new(GcStats::default())),

@@ -514,7 +514,7 @@ impl Bench<'_> {
         let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
         self.set_up(&rpc).await?;
         let client = StorageClient::new(
-            ClientConfig::new(self.cluster.mgmt_addr.clone(), ClientId(0xbe4c)),
+            ClientConfig::new([self.cluster.mgmt_addr.clone()], ClientId(0xbe4c)),
             Tcp,
         );
         client

@@ -1,6 +1,10 @@
 //! How to format a device and how to run an opened engine: the settings a
 //! caller chooses once, before the first chunk operation.
 
+use std::sync::Arc;
+
+use flyfs_time::{Clock, WallClock};
+
 /// How to format a device.
 #[derive(Clone, Debug)]
 pub struct FormatOptions {
@@ -36,6 +40,9 @@ pub struct EngineConfig {
     pub checkpoint_percent: u8,
     /// Who writes journal batches and checkpoints.
     pub journal: JournalMode,
+    /// Where commit timestamps come from: the wall clock in production,
+    /// tokio's simulated time in the deterministic simulation.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Who writes journal batches and checkpoints (journal.rs). Both modes write
@@ -61,6 +68,7 @@ impl Default for EngineConfig {
             batch_bytes_max: 1 << 20,
             checkpoint_percent: 50,
             journal: JournalMode::default(),
+            clock: Arc::new(WallClock),
         }
     }
 }

@@ -15,7 +15,6 @@
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use flyfs_bypass::{BlockDevice, BufferPool};
 use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
@@ -42,6 +41,12 @@ pub(crate) struct OpenEngine<D> {
 }
 
 impl<D: BlockDevice> OpenEngine<D> {
+    /// The commit timestamp of a chunk record: microseconds since the Unix
+    /// epoch on the configured clock (0 for a clock before 1970).
+    fn now_us(&self) -> u64 {
+        (self.config.clock.now_ns().max(0) / 1_000) as u64
+    }
+
     pub fn new(
         dev: D,
         sb: Superblock,
@@ -132,12 +137,6 @@ impl<D> Drop for JournalThread<D> {
     }
 }
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 impl<D: BlockDevice> Engine<D> {
     /// The first handle of an engine that recovery has opened.
     pub(crate) fn new(engine: Arc<OpenEngine<D>>, thread: Option<JoinHandle<()>>) -> Engine<D> {
@@ -216,7 +215,7 @@ impl<D: BlockDevice> Engine<D> {
             pending
         };
         if req.prepare {
-            let meta = pending.meta(key, now_us());
+            let meta = pending.meta(key, engine.now_us());
             // Applying the durable record marks the pending version prepared.
             if let Err(error) = journal::submit(engine, Record::Prepare(meta)).await {
                 // The journal failed, so the engine is poisoned; the record
@@ -248,7 +247,7 @@ impl<D: BlockDevice> Engine<D> {
         let step = engine.table.lock().commit_step(key, version)?;
         let meta = match step {
             CommitStep::Done(meta) => return Ok(meta),
-            CommitStep::Record(pending) => pending.meta(key, now_us()),
+            CommitStep::Record(pending) => pending.meta(key, engine.now_us()),
         };
         journal::submit(engine, Record::Put(meta)).await?;
         Ok(meta)

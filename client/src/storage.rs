@@ -61,11 +61,11 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// A client of the one manager at `mgmt_addr`; set
-    /// [`mgmt_addrs`](Self::mgmt_addrs) to add standbys.
-    pub fn new(mgmt_addr: impl Into<String>, client: ClientId) -> Self {
+    /// A client of the managers at `mgmt_addrs` (the primary and its
+    /// standbys, in the order they are tried).
+    pub fn new<A: Into<String>>(mgmt_addrs: impl IntoIterator<Item = A>, client: ClientId) -> Self {
         ClientConfig {
-            mgmt_addrs: vec![mgmt_addr.into()],
+            mgmt_addrs: mgmt_addrs.into_iter().map(Into::into).collect(),
             client,
             rpc_timeout: Duration::from_secs(5),
             op_deadline: Duration::from_secs(60),

@@ -54,7 +54,7 @@ async fn cluster() -> TestCluster {
 
 /// A file client of `cluster` with its own storage client.
 async fn client(cluster: &TestCluster, id: u64, config: FsConfig) -> Arc<FsClient<Tcp>> {
-    let mut storage = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(id));
+    let mut storage = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(id));
     storage.rpc_timeout = Duration::from_secs(1);
     storage.op_deadline = Duration::from_secs(30);
     let storage = StorageClient::new(storage, Tcp);

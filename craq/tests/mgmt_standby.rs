@@ -191,8 +191,7 @@ async fn failover<K: Kv>(kv: K) {
         .expect("rpc")
         .expect("create chain");
 
-    let mut config = ClientConfig::new(String::new(), ClientId(7));
-    config.mgmt_addrs = addrs.clone();
+    let mut config = ClientConfig::new(addrs.clone(), ClientId(7));
     config.rpc_timeout = Duration::from_secs(1);
     config.op_deadline = Duration::from_secs(20);
     let client = StorageClient::new(config, Tcp);

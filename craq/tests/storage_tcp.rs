@@ -142,7 +142,7 @@ impl Cluster {
                 .await
                 .expect("chain");
         }
-        let mut config = ClientConfig::new(mgmt.clone(), ClientId(77));
+        let mut config = ClientConfig::new([mgmt.clone()], ClientId(77));
         config.rpc_timeout = Duration::from_secs(2);
         config.op_deadline = Duration::from_secs(10);
         let client = StorageClient::new(config, Tcp);

@@ -149,7 +149,7 @@ impl TestCluster {
         admin::<CreateChainTable>(&rpc, &mgmt_addr, &req)
             .await
             .expect("table");
-        let mut config = ClientConfig::new(mgmt_addr.clone(), ClientId(9));
+        let mut config = ClientConfig::new([mgmt_addr.clone()], ClientId(9));
         config.rpc_timeout = Duration::from_secs(2);
         config.op_deadline = Duration::from_secs(20);
         let storage = StorageClient::new(config, Tcp);

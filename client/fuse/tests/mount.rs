@@ -164,7 +164,7 @@ fn a_mounted_cluster_behaves_like_a_file_system() {
         ..ClusterOptions::default()
     }));
     let fs: Arc<FsClient<Tcp>> = runtime.block_on(async {
-        let mut storage = ClientConfig::new(cluster.mgmt_addr.clone(), ClientId(41));
+        let mut storage = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(41));
         storage.op_deadline = Duration::from_secs(30);
         let storage = StorageClient::new(storage, Tcp);
         storage.refresh_routing().await.expect("routing");

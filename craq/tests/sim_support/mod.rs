@@ -142,7 +142,7 @@ fn storage_config(i: usize) -> StorageConfig {
 }
 
 pub fn client_config(id: u64) -> ClientConfig {
-    let mut config = ClientConfig::new(format!("{MGMT}:{MGMT_PORT}"), ClientId(id));
+    let mut config = ClientConfig::new([format!("{MGMT}:{MGMT_PORT}")], ClientId(id));
     config.rpc_timeout = Duration::from_millis(300);
     config.op_deadline = Duration::from_secs(4);
     config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
@@ -302,6 +302,9 @@ impl<'a> Sim<'a> {
             async move {
                 let config = EngineConfig {
                     journal: JournalMode::Inline,
+                    // Commit timestamps from simulated time: a seed replays
+                    // the same records.
+                    clock: Arc::new(flyfs_time::TokioClock::new()),
                     ..EngineConfig::default()
                 };
                 let engine = Engine::open(dev, small_pool(), config).await?;
