@@ -205,14 +205,7 @@ fn is_flyfs_mount(point: &Path) -> bool {
 
 /// A pid file's pid, if the process lives (not a zombie).
 fn live_pid(pid_file: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    (state != "Z" && state != "X").then_some(pid)
+    flyfs_deploy::supervisor::live_pid(pid_file).map(|pid| pid as i32)
 }
 
 /// The last `n` lines of a file.

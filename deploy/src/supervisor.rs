@@ -127,14 +127,11 @@ impl Daemon {
 
     /// Its pid, if its pid file names a live process that is this daemon.
     pub fn running(&self) -> Option<u32> {
-        let text = std::fs::read_to_string(&self.pid_file).ok()?;
-        let mut fields = text.split_whitespace();
-        let pid: u32 = fields.next()?.parse().ok()?;
-        let ours = match fields.next() {
-            Some(start) => start.parse::<u64>().ok() == start_time(pid),
-            None => cmdline(pid).is_some_and(|c| c.contains(&self.marker)),
-        };
-        (ours && alive(pid)).then_some(pid)
+        match read_pid_file(&self.pid_file)? {
+            (pid, Some(_)) => live_pid(&self.pid_file).filter(|live| *live == pid),
+            (pid, None) => (alive(pid) && cmdline(pid).is_some_and(|c| c.contains(&self.marker)))
+                .then_some(pid),
+        }
     }
 
     /// Starts it detached; the pid file is written before this returns.
@@ -385,6 +382,26 @@ impl Drop for Fleet {
         }
         self.kill_all();
     }
+}
+
+/// The live process a pid file names: its pid, if a process with that pid
+/// runs and started when the file says (a pid file of the earlier design,
+/// without a start time, names none).
+pub fn live_pid(pid_file: &Path) -> Option<u32> {
+    let (pid, start) = read_pid_file(pid_file)?;
+    (start? == start_time(pid)? && alive(pid)).then_some(pid)
+}
+
+/// A pid file's pid and, when it has one, start time.
+fn read_pid_file(pid_file: &Path) -> Option<(u32, Option<u64>)> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid = fields.next()?.parse().ok()?;
+    let start = match fields.next() {
+        Some(start) => Some(start.parse().ok()?),
+        None => None,
+    };
+    Some((pid, start))
 }
 
 /// Whether `pid` is a live process (a zombie is not: it has exited and
