@@ -362,8 +362,8 @@ impl<N: Network> StorageClient<N> {
         } else {
             self.routing()
         };
-        // Replica address -> (item indices, request).
-        let mut batches: std::collections::BTreeMap<String, (Vec<usize>, BatchReadReq)> =
+        // Replica address -> the reads it serves, with their item indices.
+        let mut by_replica: std::collections::BTreeMap<String, Vec<(usize, ReadItem)>> =
             std::collections::BTreeMap::new();
         let mut results: Vec<Option<Result<ChunkData, ClientError>>> =
             items.iter().map(|_| None).collect();
@@ -383,19 +383,26 @@ impl<N: Network> StorageClient<N> {
             let Some(addr) = Self::addr(&routing, serving[pick].target) else {
                 continue;
             };
-            let (indices, req) = batches.entry(addr).or_default();
-            indices.push(index);
-            req.items.push(ReadItem {
-                chain: item.chain,
-                chain_version: chain.version,
-                chunk: item.chunk,
-                offset: item.offset,
-                len: item.len,
-                verify: false,
-            });
+            by_replica.entry(addr).or_default().push((
+                index,
+                ReadItem {
+                    chain: item.chain,
+                    chain_version: chain.version,
+                    chunk: item.chunk,
+                    offset: item.offset,
+                    len: item.len,
+                    verify: false,
+                },
+            ));
         }
-        let calls = batches
+        // One RPC per batch, each within the limits a replica accepts.
+        let calls = by_replica
             .into_iter()
+            .flat_map(|(addr, reads)| {
+                BatchReadReq::pack(reads)
+                    .into_iter()
+                    .map(move |batch| (addr.clone(), batch))
+            })
             .map(|(addr, (indices, req))| async move {
                 let reply = self
                     .rpc

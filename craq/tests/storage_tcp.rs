@@ -426,6 +426,38 @@ async fn bad_requests_get_clear_errors() {
         "{older:?}"
     );
 
+    // Batched reads over the item or byte limit are refused whole, naming
+    // the limit.
+    let read = |len: u32| ReadItem {
+        chain: ChainId(1),
+        chain_version: current,
+        chunk,
+        offset: 0,
+        len,
+        verify: false,
+    };
+    for (items, limit) in [
+        (
+            vec![read(1); BatchReadReq::ITEMS_MAX + 1],
+            "batch_read_items_max = 4096",
+        ),
+        (vec![read(1 << 20); 65], "batch_read_bytes_max = 67108864"),
+    ] {
+        let refused = c
+            .rpc
+            .call::<BatchRead>(
+                &c.addr(1),
+                &BatchReadReq { items },
+                Bytes::new(),
+                &CallOptions::default(),
+            )
+            .await;
+        assert!(
+            matches!(&refused, Err(RpcError::Remote { status: Status::TooLarge, message, .. }) if message.contains(limit)),
+            "{refused:?}"
+        );
+    }
+
     // An unknown method on the storage port.
     let unknown = c
         .rpc

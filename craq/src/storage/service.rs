@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_proto::Method;
+use flyfs_proto::frame::Status;
 use flyfs_proto::wire::storage::{
     BatchRead, DumpMeta, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
 };
@@ -53,6 +54,10 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             }
             BatchRead::ID => {
                 let body = decode!(req, BatchRead);
+                if let Err(reason) = body.check_limits() {
+                    tracing::warn!(peer = %req.peer, "refused storage.BatchRead: {reason}");
+                    return Reply::error(Status::TooLarge, format!("storage.BatchRead: {reason}"));
+                }
                 let (rsp, payload) = node.batch_read(body).await;
                 Reply::ok::<BatchRead>(&rsp, payload)
             }

@@ -223,6 +223,67 @@ pub struct BatchReadReq {
     pub items: Vec<ReadItem>,
 }
 
+impl BatchReadReq {
+    /// Items one batch may hold. A batch is served item after item by one
+    /// task, so this bounds the work one request can queue on a replica.
+    pub const ITEMS_MAX: usize = 4096;
+    /// Bytes one batch may ask for (its items' lengths added up): the reply
+    /// carries them as one payload, which must fit the default frame limit.
+    pub const BYTES_MAX: u64 = 64 << 20;
+
+    /// The bytes the batch asks for.
+    pub fn bytes_requested(&self) -> u64 {
+        self.items.iter().map(|item| u64::from(item.len)).sum()
+    }
+
+    /// Whether the batch is within [`ITEMS_MAX`](Self::ITEMS_MAX) and
+    /// [`BYTES_MAX`](Self::BYTES_MAX); the error names the limit and its value.
+    pub fn check_limits(&self) -> Result<(), String> {
+        if self.items.len() > Self::ITEMS_MAX {
+            return Err(format!(
+                "batch of {} reads is over the limit batch_read_items_max = {}",
+                self.items.len(),
+                Self::ITEMS_MAX
+            ));
+        }
+        let bytes = self.bytes_requested();
+        if bytes > Self::BYTES_MAX {
+            return Err(format!(
+                "batch asks for {bytes} bytes, over the limit batch_read_bytes_max = {}",
+                Self::BYTES_MAX
+            ));
+        }
+        Ok(())
+    }
+
+    /// Packs reads, in order, into as few batches within the limits as
+    /// possible; each read travels with a tag of the caller's (its index in
+    /// a larger request, say), returned beside its batch in the same order.
+    /// A read larger than [`BYTES_MAX`](Self::BYTES_MAX) alone gets a batch
+    /// of its own, which a replica refuses.
+    pub fn pack<T>(reads: impl IntoIterator<Item = (T, ReadItem)>) -> Vec<(Vec<T>, BatchReadReq)> {
+        let mut batches: Vec<(Vec<T>, BatchReadReq, u64)> = Vec::new();
+        for (tag, item) in reads {
+            let len = u64::from(item.len);
+            let fits = batches.last().is_some_and(|(_, batch, bytes)| {
+                batch.items.len() < Self::ITEMS_MAX && bytes + len <= Self::BYTES_MAX
+            });
+            if !fits {
+                batches.push((Vec::new(), BatchReadReq::default(), 0));
+            }
+            if let Some((tags, batch, bytes)) = batches.last_mut() {
+                tags.push(tag);
+                batch.items.push(item);
+                *bytes += len;
+            }
+        }
+        batches
+            .into_iter()
+            .map(|(tags, batch, _)| (tags, batch))
+            .collect()
+    }
+}
+
 /// What one read returned: its bytes are the next `len` bytes of the reply's
 /// payload. A chunk that does not exist reads as `len` 0, `version` 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +455,45 @@ method!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read(len: u32) -> ReadItem {
+        ReadItem {
+            len,
+            ..ReadItem::default()
+        }
+    }
+
+    #[test]
+    fn batch_reads_pack_within_the_limits() {
+        let many = BatchReadReq::pack((0..BatchReadReq::ITEMS_MAX * 2 + 1).map(|i| (i, read(1))));
+        assert_eq!(many.len(), 3);
+        assert!(many.iter().all(|(_, batch)| batch.check_limits().is_ok()));
+        let tags: Vec<usize> = many.iter().flat_map(|(tags, _)| tags.clone()).collect();
+        assert_eq!(
+            tags,
+            (0..BatchReadReq::ITEMS_MAX * 2 + 1).collect::<Vec<_>>()
+        );
+
+        let mib = 1 << 20;
+        let big = BatchReadReq::pack((0..130).map(|i| (i, read(mib))));
+        assert_eq!(
+            big.iter().map(|(tags, _)| tags.len()).collect::<Vec<_>>(),
+            vec![64, 64, 2]
+        );
+        assert!(big.iter().all(|(_, batch)| batch.check_limits().is_ok()));
+
+        let over = BatchReadReq {
+            items: vec![read(u32::MAX), read(1)],
+        };
+        let error = over.check_limits().expect_err("over the byte limit");
+        assert!(error.contains("batch_read_bytes_max = 67108864"), "{error}");
+        let too_many = BatchReadReq {
+            items: vec![read(0); BatchReadReq::ITEMS_MAX + 1],
+        };
+        let error = too_many.check_limits().expect_err("over the item limit");
+        assert!(error.contains("batch_read_items_max = 4096"), "{error}");
+        assert!(BatchReadReq::pack(Vec::<(usize, ReadItem)>::new()).is_empty());
+    }
 
     #[test]
     fn retryable_errors_are_the_routing_ones() {
