@@ -5,6 +5,7 @@
 //! only, so the chunk engine and the client libraries can use the ids and
 //! messages without linking networking. The layers, bottom up:
 //! * [`ids`]: newtype identifiers every layer shares.
+//! * [`addr`]: `host:port` addresses, checked where they enter.
 //! * [`codec`]: MessagePack bodies and the forward-compatibility rule.
 //! * [`frame`]: the 36-byte header, limits, status codes, and the frame as
 //!   bytes (reading and writing frames on a stream is flyfs-rpc's).
@@ -16,6 +17,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod addr;
 pub mod codec;
 pub mod frame;
 pub mod ids;

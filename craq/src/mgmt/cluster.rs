@@ -216,8 +216,12 @@ impl Cluster {
         addr: &str,
         now: Duration,
     ) -> Result<RoutingVersion, MgmtError> {
-        if addr.is_empty() {
-            return Err(invalid(format!("{node:?} registers without an address")));
+        // The address is persisted and sent to every client in each routing
+        // reply: a bad one must not get in.
+        if let Err(error) = flyfs_proto::addr::parse_address(addr) {
+            return Err(invalid(format!(
+                "{node:?} registers with a bad address: {error}"
+            )));
         }
         match self.record.nodes.get_mut(&node) {
             Some(known) if known.addr == addr => {}
@@ -631,10 +635,22 @@ mod tests {
         let routing = c.routing();
         let node = routing.node(NodeId(1)).expect("node");
         assert_eq!((node.addr.as_str(), node.alive), ("a:2", true));
-        assert!(matches!(
-            c.register(NodeId(2), "", secs(1)),
-            Err(MgmtError::Invalid { .. })
-        ));
+        // Bad addresses are refused and change nothing: not the record, not
+        // the routing version, not a known node's address.
+        let huge = format!("{}:1", "a".repeat(1 << 20));
+        for bad in ["", "a", "a:0", "a b:1", "\u{1b}[2J:1", huge.as_str()] {
+            for node in [NodeId(1), NodeId(2)] {
+                let refused = c.register(node, bad, secs(2));
+                assert!(
+                    matches!(&refused, Err(MgmtError::Invalid { reason }) if reason.contains("bad address")),
+                    "{refused:?}"
+                );
+            }
+        }
+        let after = c.routing();
+        assert_eq!(after.version, v2);
+        assert_eq!(after.node(NodeId(1)).expect("node").addr, "a:2");
+        assert!(after.node(NodeId(2)).is_none());
     }
 
     #[test]
