@@ -43,6 +43,7 @@ use flyfs_rpc::{CallOptions, Client, Network};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+pub use channels::ChannelLimits;
 use channels::Channels;
 use locks::ChunkLocks;
 
@@ -70,6 +71,8 @@ pub struct StorageConfig {
     pub forward_deadline: Duration,
     /// Chunk metadata entries per page of a resync's dump.
     pub sync_page: u32,
+    /// Bounds of each target's exactly-once memory.
+    pub channel_limits: ChannelLimits,
 }
 
 impl StorageConfig {
@@ -85,6 +88,7 @@ impl StorageConfig {
             rpc_timeout: Duration::from_secs(5),
             forward_deadline: Duration::from_secs(30),
             sync_page: 4096,
+            channel_limits: ChannelLimits::default(),
         }
     }
 }
@@ -445,7 +449,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         disk: info.disk,
                         local: Mutex::new(local),
                         locks: ChunkLocks::default(),
-                        channels: Channels::default(),
+                        channels: Channels::new(self.config.channel_limits),
                         forwards: Arc::default(),
                         inflight: tokio::sync::RwLock::new(()),
                     })

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, ReadRequest};
-use flyfs_proto::ids::{ChainId, ChunkId, TargetId};
+use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, TargetId};
 use flyfs_proto::wire::mgmt::PublicState;
 use flyfs_proto::wire::storage::{
     Channel, ChunkMetaInfo, DumpMeta, DumpMetaReq, Forward, ForwardOp, ForwardReq, StorageError,
-    SyncDone, SyncDoneReq,
+    SyncDone, SyncDoneReq, WriteRsp,
 };
 use flyfs_rpc::Network;
 
@@ -137,22 +137,18 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 Transfer::Removed => report.removed += 1,
             }
         }
+        // The exactly-once memory goes in pages, the last one ending the
+        // resync (an empty table is one empty last page).
         let now = self.place(chain, self.routing_version_of(chain))?;
-        let (rsp, _) = self
-            .rpc
-            .call::<SyncDone>(
-                &addr,
-                &SyncDoneReq {
-                    chain,
-                    chain_version: now.version(),
-                    channels: now.target.channels.finished(),
-                },
-                Bytes::new(),
-                &self.call_options(),
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        rsp?;
+        let finished = now.target.channels.finished();
+        for req in sync_done_pages(chain, now.version(), &finished) {
+            let (rsp, _) = self
+                .rpc
+                .call::<SyncDone>(&addr, &req, Bytes::new(), &self.call_options())
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            rsp?;
+        }
         Ok(report)
     }
 
@@ -263,11 +259,81 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         for (channel, result) in &req.channels {
             place.target.channels.finish(*channel, *result);
         }
+        if req.more {
+            return Ok(());
+        }
         let mut local = place.target.local.lock();
         if *local == Local::NeedsSync {
             tracing::info!(target = ?place.target.id, chain = ?req.chain, "resynced: up to date");
             *local = Local::UpToDate;
         }
         Ok(())
+    }
+}
+
+/// The `SyncDone` requests that hand `finished` on: pages of at most
+/// [`SyncDoneReq::CHANNELS_PER_PAGE`] entries, every one but the last saying
+/// `more` (an empty table is one empty last page).
+fn sync_done_pages(
+    chain: ChainId,
+    chain_version: ChainVersion,
+    finished: &[(Channel, WriteRsp)],
+) -> Vec<SyncDoneReq> {
+    let mut pages: Vec<SyncDoneReq> = finished
+        .chunks(SyncDoneReq::CHANNELS_PER_PAGE)
+        .map(|page| SyncDoneReq {
+            chain,
+            chain_version,
+            channels: page.to_vec(),
+            more: true,
+        })
+        .collect();
+    match pages.last_mut() {
+        Some(last) => last.more = false,
+        None => pages.push(SyncDoneReq {
+            chain,
+            chain_version,
+            channels: Vec::new(),
+            more: false,
+        }),
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flyfs_proto::ids::ClientId;
+
+    #[test]
+    fn the_channel_table_travels_in_pages_ending_with_the_last() {
+        let per_page = SyncDoneReq::CHANNELS_PER_PAGE;
+        for entries in [0, 1, per_page, per_page + 1, 3 * per_page + 5] {
+            let finished: Vec<(Channel, WriteRsp)> = (0..entries as u64)
+                .map(|i| {
+                    let channel = Channel {
+                        client: ClientId(i),
+                        id: 1,
+                        seq: i,
+                    };
+                    (channel, WriteRsp::default())
+                })
+                .collect();
+            let pages = sync_done_pages(ChainId(3), ChainVersion(4), &finished);
+            assert_eq!(pages.len(), entries.div_ceil(per_page).max(1), "{entries}");
+            let (last, rest) = pages.split_last().expect("at least one page");
+            assert!(!last.more && rest.iter().all(|page| page.more), "{entries}");
+            assert!(pages.iter().all(|page| page.channels.len() <= per_page));
+            assert!(
+                pages
+                    .iter()
+                    .all(|page| (page.chain, page.chain_version) == (ChainId(3), ChainVersion(4)))
+            );
+            let sent: Vec<_> = pages
+                .iter()
+                .flat_map(|page| page.channels.clone())
+                .collect();
+            assert_eq!(sent, finished);
+        }
     }
 }

@@ -375,7 +375,19 @@ pub struct SyncDoneReq {
     /// finished request of every client channel and its result. A target that
     /// lost its memory (it restarted) must learn it before it may become a
     /// head, or it would apply a client's retry a second time.
+    /// Sent in pages of at most [`CHANNELS_PER_PAGE`](Self::CHANNELS_PER_PAGE)
+    /// entries: every page but the last says `more`, and the receiver counts
+    /// itself up to date only at the last.
     pub channels: Vec<(Channel, WriteRsp)>,
+    /// More pages of `channels` follow; this one ends nothing.
+    pub more: bool,
+}
+
+impl SyncDoneReq {
+    /// Entries of the channel table per page: a page of the largest entries
+    /// encodes to under a quarter of the default 1 MiB body limit (a test
+    /// checks it), so a table of any size crosses in bounded messages.
+    pub const CHANNELS_PER_PAGE: usize = 2048;
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -461,6 +473,31 @@ mod tests {
             len,
             ..ReadItem::default()
         }
+    }
+
+    #[test]
+    fn a_sync_done_page_fits_well_inside_the_body_limit() {
+        let largest = (
+            Channel {
+                client: ClientId(u64::MAX),
+                id: u32::MAX,
+                seq: u64::MAX,
+            },
+            WriteRsp {
+                version: ChunkVersion(u32::MAX),
+                chunk_len: u32::MAX,
+                chunk_crc: u32::MAX,
+            },
+        );
+        let page = SyncDoneReq {
+            chain: ChainId(u32::MAX),
+            chain_version: ChainVersion(u32::MAX),
+            channels: vec![largest; SyncDoneReq::CHANNELS_PER_PAGE],
+            more: true,
+        };
+        let bytes = crate::codec::encode(&page).len();
+        let limit = crate::frame::FrameLimits::default().body_bytes_max as usize;
+        assert!(bytes < limit / 4, "{bytes} bytes");
     }
 
     #[test]
