@@ -441,6 +441,36 @@ impl Cluster {
         Ok(())
     }
 
+    /// Forgets a node. Refused while it heartbeats (stop its daemon first,
+    /// or it would register again at once) and while any target is on it
+    /// (the record would point at a node that does not exist).
+    pub fn remove_node(&mut self, node: NodeId, now: Duration) -> Result<(), MgmtError> {
+        if !self.record.nodes.contains_key(&node) {
+            return Err(not_found(node));
+        }
+        if self.node_alive(node, now) {
+            return Err(invalid(format!(
+                "{node:?} is alive (heard from within the failure timeout of {:?}): stop its daemon first",
+                self.failure_timeout
+            )));
+        }
+        let hosted: Vec<TargetId> = self
+            .record
+            .targets
+            .iter()
+            .filter(|(_, target)| target.node == node)
+            .map(|(id, _)| *id)
+            .collect();
+        if !hosted.is_empty() {
+            return Err(invalid(format!("{node:?} still hosts {hosted:?}")));
+        }
+        self.record.nodes.remove(&node);
+        self.alive.remove(&node);
+        self.liveness.remove(&node);
+        self.bump();
+        Ok(())
+    }
+
     fn node_alive(&self, node: NodeId, now: Duration) -> bool {
         self.liveness
             .get(&node)
@@ -618,6 +648,40 @@ mod tests {
             .iter()
             .map(|m| (m.target.0, m.state))
             .collect()
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_down_and_hosting_nothing() {
+        let mut c = Cluster::new(TIMEOUT);
+        c.register(NodeId(1), "a:1", secs(0)).expect("register");
+        c.register(NodeId(2), "b:1", secs(0)).expect("register");
+        c.create_target(TargetId(20), NodeId(2), 0).expect("target");
+        let refused = c.remove_node(NodeId(1), secs(1));
+        assert!(
+            matches!(&refused, Err(MgmtError::Invalid { reason }) if reason.contains("alive")),
+            "{refused:?}"
+        );
+        let later = secs(1) + TIMEOUT * 2;
+        let refused = c.remove_node(NodeId(2), later);
+        assert!(
+            matches!(&refused, Err(MgmtError::Invalid { reason }) if reason.contains("still hosts")),
+            "{refused:?}"
+        );
+        let before = c.routing().version;
+        c.remove_node(NodeId(1), later)
+            .expect("remove a dead node without targets");
+        let routing = c.routing();
+        assert!(routing.node(NodeId(1)).is_none());
+        assert!(routing.version > before);
+        assert!(matches!(
+            c.remove_node(NodeId(1), later),
+            Err(MgmtError::NotFound { .. })
+        ));
+        c.record()
+            .check()
+            .expect("the record still agrees with itself");
+        // The node may come back later, as a new registration.
+        c.register(NodeId(1), "a:2", later).expect("register again");
     }
 
     #[test]

@@ -33,8 +33,8 @@ use flyfs_proto::Status;
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, GetRouting, GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq,
-    HeartbeatRsp, MgmtError, RegisterNode, RegisterNodeReq, RegisterNodeRsp, RoutingInfo,
-    SetTargetOffline, SetTargetOfflineReq,
+    HeartbeatRsp, MgmtError, RegisterNode, RegisterNodeReq, RegisterNodeRsp, RemoveNode,
+    RemoveNodeReq, RoutingInfo, SetTargetOffline, SetTargetOfflineReq,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
@@ -394,6 +394,12 @@ impl MgmtService {
             .await
     }
 
+    pub async fn remove_node(&self, req: RemoveNodeReq) -> Result<(), MgmtError> {
+        self.mutate(|c, now| c.remove_node(req.node, now)).await?;
+        tracing::info!(node = ?req.node, "node removed");
+        Ok(())
+    }
+
     /// One re-evaluation of liveness and chains, persisted before it is
     /// published. Returns whether the record changed; on a store failure the
     /// change is dropped and the next tick tries again.
@@ -596,6 +602,7 @@ impl MgmtService {
             CreateChain::ID => serve!(CreateChain, |b| self.create_chain(b)),
             CreateChainTable::ID => serve!(CreateChainTable, |b| self.create_chain_table(b)),
             SetTargetOffline::ID => serve!(SetTargetOffline, |b| self.set_target_offline(b)),
+            RemoveNode::ID => serve!(RemoveNode, |b| self.remove_node(b)),
             other => Reply::unknown_method(other),
         }
     }

@@ -308,6 +308,12 @@ pub struct SetTargetOfflineReq {
     pub target: TargetId,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RemoveNodeReq {
+    pub node: NodeId,
+}
+
 macro_rules! method {
     ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty) => {
         $(#[$doc])*
@@ -351,6 +357,11 @@ method!(
 method!(
     /// Admin: take a target offline until its node reports it `Online`.
     SetTargetOffline = 313, SetTargetOfflineReq => Result<(), MgmtError>
+);
+method!(
+    /// Admin: forget a node that is down and hosts no target (a node taken
+    /// out of service, or a registration that should not have happened).
+    RemoveNode = 314, RemoveNodeReq => Result<(), MgmtError>
 );
 
 #[cfg(test)]

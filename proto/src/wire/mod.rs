@@ -26,6 +26,7 @@ macro_rules! every_method {
             mgmt::CreateChain,
             mgmt::CreateChainTable,
             mgmt::SetTargetOffline,
+            mgmt::RemoveNode,
             meta::Statfs,
             meta::Stat,
             meta::Lookup,
