@@ -549,9 +549,8 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 .readdirplus(&who, r.dir, after, limit)
                 .await
                 .map_err(meta_error)?;
-            Ok(wire::ReaddirRsp {
-                entries: page
-                    .entries
+            Ok(cut_to_reply_bytes(
+                page.entries
                     .into_iter()
                     .map(|(entry, inode)| wire::DirEntry {
                         name: entry.name,
@@ -560,17 +559,16 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         attr: Some(attr(&inode)),
                     })
                     .collect(),
-                more: page.more,
-            })
+                page.more,
+            ))
         } else {
             let page = self
                 .ns
                 .readdir(&who, r.dir, after, limit)
                 .await
                 .map_err(meta_error)?;
-            Ok(wire::ReaddirRsp {
-                entries: page
-                    .entries
+            Ok(cut_to_reply_bytes(
+                page.entries
                     .into_iter()
                     .map(|entry| wire::DirEntry {
                         name: entry.name,
@@ -579,9 +577,36 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         attr: None,
                     })
                     .collect(),
-                more: page.more,
-            })
+                page.more,
+            ))
         }
+    }
+}
+
+/// The most a readdir reply's entries may take encoded: half the default
+/// body limit, so a page of long names, or of attributes with large layouts
+/// (up to 4096 chains each), still fits a frame with room to spare.
+pub const READDIR_REPLY_BYTES_MAX: usize = 512 << 10;
+
+/// A readdir reply of `entries`, cut where they pass
+/// [`READDIR_REPLY_BYTES_MAX`] (then `more`: the caller continues after the
+/// last name it got, so the entries cut are listed by the next page). At
+/// least one entry is kept, so a listing always advances; one entry is far
+/// below the limit.
+fn cut_to_reply_bytes(mut entries: Vec<wire::DirEntry>, more: bool) -> wire::ReaddirRsp {
+    let mut bytes = 0;
+    let keep = entries
+        .iter()
+        .position(|entry| {
+            bytes += flyfs_proto::codec::encode(entry).len();
+            bytes > READDIR_REPLY_BYTES_MAX
+        })
+        .map_or(entries.len(), |over| over.max(1));
+    let cut = keep < entries.len();
+    entries.truncate(keep);
+    wire::ReaddirRsp {
+        entries,
+        more: more || cut,
     }
 }
 

@@ -377,3 +377,68 @@ async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
     .expect("serve");
     (handle, addr)
 }
+
+/// A page of long names (or of attributes) is cut by its encoded bytes, not
+/// only by the count asked for, so it always fits a frame; the listing
+/// continues where the cut was and lists every entry once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readdir_pages_are_cut_by_bytes() {
+    let cluster = Cluster::start().await;
+    let root = User::root();
+    let dir = cluster
+        .ns
+        .mkdir(&root, ROOT, b"long-names", 0o755)
+        .await
+        .expect("mkdir")
+        .ino;
+    // 2200 names of 255 bytes: about 570 KiB of names alone, over the
+    // 512 KiB a reply's entries may take.
+    let names: Vec<Vec<u8>> = (0..2200)
+        .map(|i| {
+            let mut name = format!("{i:05}-").into_bytes();
+            name.resize(255, b'x');
+            name
+        })
+        .collect();
+    for batch in names.chunks(100) {
+        let made = batch
+            .iter()
+            .map(|name| cluster.ns.mkdir(&root, dir, name, 0o755));
+        for made in futures::future::join_all(made).await {
+            made.expect("mkdir");
+        }
+    }
+    for plus in [false, true] {
+        let mut listed: Vec<Vec<u8>> = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = cluster.meta[0]
+                .call::<wire::Readdir, _>(&wire::ReaddirReq {
+                    user: root.clone(),
+                    dir,
+                    after: listed.last().cloned().unwrap_or_default(),
+                    limit: 4096,
+                    plus,
+                })
+                .await
+                .expect("readdir");
+            pages += 1;
+            let bytes: usize = page
+                .entries
+                .iter()
+                .map(|entry| flyfs_proto::codec::encode(entry).len())
+                .sum();
+            assert!(
+                bytes <= flyfs_fs_meta::service::READDIR_REPLY_BYTES_MAX,
+                "page {pages}: {bytes} bytes"
+            );
+            assert_eq!(page.entries.iter().all(|e| e.attr.is_some()), plus);
+            listed.extend(page.entries.into_iter().map(|entry| entry.name));
+            if !page.more {
+                break;
+            }
+        }
+        assert!(pages >= 2, "plus = {plus}: {pages} pages");
+        assert_eq!(listed, names, "plus = {plus}");
+    }
+}
