@@ -350,6 +350,17 @@ impl UringDevice {
         task
     }
 
+    /// Test hook: the reactor panics when it next takes an I/O from its
+    /// queue, as a bug in it would. That I/O, every other one queued or in
+    /// flight, and every later one then fail with [`DeviceError::Failed`].
+    #[cfg(feature = "testing")]
+    pub fn inject_reactor_panic(&self) {
+        self.inner
+            .shared
+            .panic_on_next_io
+            .store(true, Ordering::SeqCst);
+    }
+
     fn is_closed(&self) -> bool {
         self.inner.shared.closed.load(Ordering::Relaxed)
     }
@@ -420,6 +431,10 @@ impl BlockDevice for UringDevice {
 
     fn name(&self) -> &str {
         &self.inner.shared.name
+    }
+
+    fn failure(&self) -> Option<Arc<str>> {
+        self.inner.shared.failure.lock().clone()
     }
 
     async fn read(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
