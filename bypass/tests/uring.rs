@@ -799,6 +799,8 @@ fn a_reactor_panic_fails_every_io_instead_of_stranding_it() {
         let message = flush.expect_err("flush fails").to_string();
         assert!(message.contains("serves no more I/O"), "{message}");
     });
+    // A task spawned on the dead reactor is cancelled, not left queued.
+    assert_eq!(block_on(dev.spawn(async { 1 }).fallible()), None);
     // Shutting down a failed device (and dropping it) neither hangs nor panics.
     dev.shutdown();
 }

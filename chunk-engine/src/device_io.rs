@@ -186,7 +186,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                                 what,
                             )
                             .await?;
-                        self.check_base(key, &base, &buf, (0, len))?;
+                        self.check_base(key, base, &buf, (0, len))?;
                         return Ok((len, crc32c::crc32c(&buf[..len as usize])));
                     }
                     WritePlan::InPlace { base, .. } => base.len,

@@ -334,14 +334,21 @@ impl UringDevice {
     ///
     /// The returned [`Task`] is a future of the output, awaitable from any
     /// thread or runtime; dropping it cancels the task (`detach` keeps it
-    /// running). Tasks still pending when the device shuts down are cancelled.
+    /// running). Tasks still pending when the device shuts down, or when its
+    /// reactor dies, are cancelled.
     pub fn spawn<F>(&self, future: F) -> Task<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let shared = Arc::clone(&self.inner.shared);
-        let schedule = move |runnable| {
+        let schedule = move |runnable: async_task::Runnable| {
+            if shared.failed.load(Ordering::SeqCst) {
+                // No reactor will ever run it: cancel the task (its `Task`
+                // resolves as cancelled) rather than leave it queued forever.
+                drop(runnable);
+                return;
+            }
             shared.local.push(runnable);
             shared.notify();
         };

@@ -143,6 +143,8 @@ pub(super) struct Shared {
     /// Why the reactor died (it panicked), once it has: every I/O fails with
     /// this reason from then on.
     pub(super) failure: Mutex<Option<Arc<str>>>,
+    /// `failure` is set: checked without a lock where tasks are scheduled.
+    pub(super) failed: AtomicBool,
     /// Test hook: the reactor panics when it next takes an I/O from the
     /// queue, so tests can show that a reactor panic fails I/O, not hangs it.
     #[cfg(any(test, feature = "testing"))]
@@ -190,6 +192,7 @@ impl Shared {
             eventfd,
             counters: Counters::default(),
             failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
             #[cfg(any(test, feature = "testing"))]
             panic_on_next_io: AtomicBool::new(false),
         }
@@ -228,6 +231,9 @@ impl Shared {
     /// reactor died is dead until the process reopens it.
     pub(super) fn fail_all(&self, reason: Arc<str>) {
         *self.failure.lock() = Some(reason.clone());
+        // Before the first drain of `local` below: a task woken from now on
+        // is cancelled where it is scheduled, one woken before is drained.
+        self.failed.store(true, Ordering::SeqCst);
         // `closed` before looking at `active`: see `submit`.
         self.closed.store(true, Ordering::SeqCst);
         self.permits.close();
