@@ -237,6 +237,7 @@ impl Shared {
         // `closed` before looking at `active`: see `submit`.
         self.closed.store(true, Ordering::SeqCst);
         self.permits.close();
+        let mut passes = 0u32;
         loop {
             while self.queue.pop().is_some() {}
             while let Some(runnable) = self.local.pop() {
@@ -271,8 +272,16 @@ impl Shared {
                 return;
             }
             // A submitter that counted itself in before `closed` was set is
-            // filling its slot right now; it is failed on the next pass.
-            std::thread::yield_now();
+            // filling its slot right now; it is failed on the next pass. If
+            // the panic struck between recording an outcome and counting it
+            // (in `complete`), `active` never reaches zero: the thread then
+            // keeps looking, slowly, for as long as the process lives.
+            passes += 1;
+            if passes < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 
