@@ -127,6 +127,10 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         self.inner.geometry()
     }
 
+    fn failure(&self) -> Option<Arc<str>> {
+        self.inner.failure()
+    }
+
     fn name(&self) -> &str {
         self.inner.name()
     }

@@ -171,6 +171,10 @@ pub enum DeviceError {
     },
     #[error("device {device} is shut down")]
     Closed { device: Arc<str> },
+    /// The device's driver failed for good (its io_uring reactor thread
+    /// panicked): no I/O will ever complete on it again.
+    #[error("device {device} failed and serves no more I/O: {reason}")]
+    Failed { device: Arc<str>, reason: Arc<str> },
 }
 
 impl DeviceError {
@@ -223,6 +227,14 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+
+    /// Why the device failed for good, if it did: every I/O fails with
+    /// [`DeviceError::Failed`] from then on. Lets the user of a device (the
+    /// chunk engine) report itself out of service without waiting for an I/O
+    /// to fail.
+    fn failure(&self) -> Option<Arc<str>> {
+        None
+    }
 }
 
 /// Runs a future to completion on the current thread, parking it while the

@@ -724,6 +724,87 @@ fn shutdown_under_load_finishes_or_refuses_everything() {
     );
 }
 
+/// A panic on the reactor thread (injected through the test hook) fails
+/// the device: writers on several threads, some waiting for a slot, some
+/// queued, some in the kernel, all finish with `Failed` naming the panic or
+/// with success, none hangs; later I/O of every kind fails the same way, and
+/// the device reports why. Waits only for the writers to finish.
+#[test]
+fn a_reactor_panic_fails_every_io_instead_of_stranding_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = UringConfig {
+        queue_depth: 2,
+        ..UringConfig::default()
+    };
+    let pool = small_pool();
+    let dev = device(dir.path(), 4 * MIB, &config, Some(&pool));
+    assert_eq!(dev.failure(), None);
+    // Each writer completes one write before the panic is armed, so all four
+    // are up and writing when it fires.
+    let started = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let workers: Vec<_> = (0..4u64)
+        .map(|worker| {
+            let dev = dev.clone();
+            let pool = pool.clone();
+            let started = started.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                block_on(async {
+                    let first = dev.write(worker * 4096, pool.alloc(4096)).await;
+                    first.result.expect("a write before the panic");
+                    started.wait();
+                    for i in 0..u64::MAX {
+                        let offset = ((worker * 10_000 + i) % 1024) * 4096;
+                        match dev.write(offset, pool.alloc(4096)).await.result {
+                            Ok(()) => ok += 1,
+                            Err(DeviceError::Failed { reason, .. }) => {
+                                assert!(reason.contains("injected reactor panic"), "{reason}");
+                                failed += 1;
+                                break;
+                            }
+                            Err(other) => panic!("unexpected error {other}"),
+                        }
+                    }
+                });
+                (ok, failed)
+            })
+        })
+        .collect();
+    started.wait();
+    dev.inject_reactor_panic();
+    for worker in workers {
+        let (ok, failed) = worker.join().expect("a writer thread");
+        println!("a writer: {ok} writes completed, then {failed} failed");
+        assert_eq!(failed, 1, "every writer ends with the failure");
+    }
+    let reason = dev.failure().expect("the device reports its failure");
+    assert!(reason.contains("reactor thread panicked"), "{reason}");
+    block_on(async {
+        let done = dev.read(0, pool.alloc(4096)).await;
+        assert!(
+            matches!(&done.result, Err(DeviceError::Failed { .. })),
+            "{:?}",
+            done.result
+        );
+        assert_eq!(done.buf.len(), 4096, "a buffer never queued comes back");
+        assert!(matches!(
+            dev.write(0, DmaBuf::alloc_zeroed(4096)).await.result,
+            Err(DeviceError::Failed { .. })
+        ));
+        let flush = dev.flush().await;
+        assert!(
+            matches!(&flush, Err(DeviceError::Failed { .. })),
+            "{flush:?}"
+        );
+        let message = flush.expect_err("flush fails").to_string();
+        assert!(message.contains("serves no more I/O"), "{message}");
+    });
+    // A task spawned on the dead reactor is cancelled, not left queued.
+    assert_eq!(block_on(dev.spawn(async { 1 }).fallible()), None);
+    // Shutting down a failed device (and dropping it) neither hangs nor panics.
+    dev.shutdown();
+}
+
 /// Round trip, flush and discard on a loop block device, which exercises
 /// the BLKGETSIZE64/BLKSSZGET geometry and the BLKDISCARD path.
 #[test]

@@ -43,6 +43,13 @@ pub struct EngineConfig {
     /// Where commit timestamps come from: the wall clock in production,
     /// tokio's simulated time in the deterministic simulation.
     pub clock: Arc<dyn Clock>,
+    /// Check every read against the chunk's CRC32C. The CRC covers the
+    /// whole chunk, so a partial read then reads the whole chunk: see
+    /// docs/chunk-engine-format.md ("Read verification") for what that
+    /// costs. Off, only reads that ask (`ReadRequest::verify`) or that cover
+    /// the whole chunk anyway are checked, and rot in the rest is found by
+    /// the scrubber alone. Default on: corrupt bytes are never served.
+    pub verify_reads: bool,
 }
 
 /// Who writes journal batches and checkpoints (journal.rs). Both modes write
@@ -69,6 +76,7 @@ impl Default for EngineConfig {
             checkpoint_percent: 50,
             journal: JournalMode::default(),
             clock: Arc::new(WallClock),
+            verify_reads: true,
         }
     }
 }

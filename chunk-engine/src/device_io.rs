@@ -14,7 +14,7 @@ use std::sync::Arc;
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
 use parking_lot::Mutex;
 
-use crate::format::{BLOCK, SlotId, Superblock};
+use crate::format::{BLOCK, ChunkMeta, SlotId, Superblock};
 use crate::request::{ReadOutcome, ReadRequest, WriteOp};
 use crate::table::{ReadTarget, WritePlan};
 use crate::{ChunkKey, EngineError};
@@ -29,6 +29,9 @@ pub(crate) struct DeviceIo<D> {
     pub pool: BufferPool,
     /// Why the engine refuses writes, once a write or flush failed.
     poison: Mutex<Option<Arc<str>>>,
+    /// Why the engine refuses reads too, after an internal fault (its
+    /// journal thread panicked): its in-memory state may be half-updated.
+    fault: Mutex<Option<Arc<str>>>,
 }
 
 impl<D: BlockDevice> DeviceIo<D> {
@@ -39,6 +42,7 @@ impl<D: BlockDevice> DeviceIo<D> {
             sb,
             pool,
             poison: Mutex::new(None),
+            fault: Mutex::new(None),
         }
     }
 
@@ -54,12 +58,49 @@ impl<D: BlockDevice> DeviceIo<D> {
         }
     }
 
+    /// Fail-stop after an internal fault: the engine refuses every
+    /// operation, reads included, until it is reopened (which rebuilds its
+    /// state from the device).
+    pub fn fault(&self, reason: &str) {
+        {
+            let mut fault = self.fault.lock();
+            if fault.is_none() {
+                tracing::error!(device = %self.name, %reason, "chunk engine faulted: refusing every operation");
+                *fault = Some(Arc::from(reason));
+            }
+        }
+        self.poison(reason);
+    }
+
+    /// Why the engine refuses writes, if it does: a failed write or flush,
+    /// an internal fault, or a device that failed for good.
     pub fn poisoned(&self) -> Option<Arc<str>> {
-        self.poison.lock().clone()
+        self.poison.lock().clone().or_else(|| self.device_failure())
+    }
+
+    /// Why the engine refuses reads, if it does.
+    fn faulted(&self) -> Option<Arc<str>> {
+        self.fault.lock().clone().or_else(|| self.device_failure())
+    }
+
+    fn device_failure(&self) -> Option<Arc<str>> {
+        self.dev
+            .failure()
+            .map(|reason| Arc::from(format!("device {} failed: {reason}", self.name)))
     }
 
     pub fn check_writable(&self) -> Result<(), EngineError> {
         match self.poisoned() {
+            Some(reason) => Err(EngineError::Poisoned {
+                device: self.name.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn check_readable(&self) -> Result<(), EngineError> {
+        match self.faulted() {
             Some(reason) => Err(EngineError::Poisoned {
                 device: self.name.clone(),
                 reason,
@@ -136,13 +177,16 @@ impl<D: BlockDevice> DeviceIo<D> {
             WriteOp::Truncate { len } => {
                 let base_len = match plan {
                     WritePlan::Shrink { base } => {
+                        // The whole base is read and checked: a CRC computed
+                        // afresh over rotten bytes would make them look good.
                         let buf = self
                             .read_at(
                                 self.slot_offset(base.slot),
-                                round_up(u64::from(len)) as usize,
+                                round_up(u64::from(base.len)) as usize,
                                 what,
                             )
                             .await?;
+                        self.check_base(key, base, &buf, (0, len))?;
                         return Ok((len, crc32c::crc32c(&buf[..len as usize])));
                     }
                     WritePlan::InPlace { base, .. } => base.len,
@@ -228,6 +272,9 @@ impl<D: BlockDevice> DeviceIo<D> {
                     done.result.map_err(|e| {
                         self.device_error(format!("reading {} for copy-on-write", what()), e)
                     })?;
+                    // Checked before its bytes go into the new version, whose
+                    // CRC is computed afresh and would hide the rot.
+                    self.check_base(key, &base, &buf, (offset, offset + data_len))?;
                     buf.set_len(io_len);
                     filled = base.len as usize;
                 }
@@ -240,14 +287,43 @@ impl<D: BlockDevice> DeviceIo<D> {
         }
     }
 
-    /// Reads the range `req` asks for of a version a read has pinned (the
-    /// whole chunk, checked against its CRC, when `req.verify`), clamped to
-    /// the version's length.
+    /// Checks the bytes of the version a write builds on against its CRC;
+    /// `write` is the range the write was going to change.
+    fn check_base(
+        &self,
+        key: ChunkKey,
+        base: &ChunkMeta,
+        data: &[u8],
+        write: (u32, u32),
+    ) -> Result<(), EngineError> {
+        let computed = crc32c::crc32c(&data[..base.len as usize]);
+        if computed == base.crc {
+            return Ok(());
+        }
+        Err(EngineError::ChunkCorrupt {
+            device: self.name.clone(),
+            key,
+            version: base.version,
+            offset: 0,
+            end: base.len,
+            read_offset: write.0,
+            read_end: write.1,
+            expected: base.crc,
+            computed,
+        })
+    }
+
+    /// Reads the range `req` asks for of a version a read has pinned,
+    /// clamped to the version's length. With `verify` (or when the range is
+    /// the whole chunk anyway) it reads the whole chunk and checks it against
+    /// the CRC recorded when it was written: a mismatch is
+    /// [`EngineError::ChunkCorrupt`], and the bytes are never returned.
     pub async fn read_pinned(
         &self,
         key: ChunkKey,
         target: ReadTarget,
         req: ReadRequest,
+        verify: bool,
     ) -> Result<ReadOutcome, EngineError> {
         let ReadTarget {
             slot,
@@ -257,12 +333,15 @@ impl<D: BlockDevice> DeviceIo<D> {
         } = target;
         let start = req.offset.min(len);
         let end = start.saturating_add(req.len).min(len);
-        let (io_start, io_end) = if req.verify {
+        // A read of the whole chunk is checked in any case: it costs no
+        // extra I/O, only the CRC.
+        let verify = verify || req.verify || (start == 0 && end == len);
+        let (io_start, io_end) = if verify {
             (0, round_up(u64::from(len)))
         } else {
             (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
         };
-        if io_end == io_start {
+        if io_end == io_start || (start == end && !verify) {
             return Ok(ReadOutcome {
                 data: self.pool.alloc(0),
                 version,
@@ -277,12 +356,17 @@ impl<D: BlockDevice> DeviceIo<D> {
                 || format!("{key:?}"),
             )
             .await?;
-        if req.verify {
+        if verify {
             let computed = crc32c::crc32c(&data[..len as usize]);
             if computed != crc {
-                return Err(EngineError::Checksum {
+                return Err(EngineError::ChunkCorrupt {
+                    device: self.name.clone(),
                     key,
-                    what: "chunk data",
+                    version,
+                    offset: 0,
+                    end: len,
+                    read_offset: start,
+                    read_end: end,
                     expected: crc,
                     computed,
                 });

@@ -167,9 +167,23 @@ impl<D: BlockDevice> Engine<D> {
         self.engine.device.sb.group_bytes() as u32
     }
 
-    /// Why the engine refuses writes, if it does.
+    /// Why the engine refuses writes, if it does: a write or flush failed,
+    /// or an internal fault (its journal thread panicked, or its device's
+    /// reactor did) stopped it, in which case it refuses reads too. Either
+    /// way the engine serves nothing new until it is reopened, and the
+    /// storage service reports its targets offline.
     pub fn poisoned(&self) -> Option<Arc<str>> {
         self.engine.device.poisoned()
+    }
+
+    /// Test hook: the journal thread panics before its next batch, as a bug
+    /// in it would. Has no effect in inline mode (there is no thread).
+    #[cfg(feature = "testing")]
+    pub fn inject_journal_panic(&self) {
+        self.engine
+            .journal
+            .panic_on_next_batch
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Creates pending version `req.version` of a chunk. See [`WriteOp`](crate::WriteOp).
@@ -293,11 +307,18 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.
+    /// The bytes are checked against the chunk's CRC (unless the engine is
+    /// configured not to verify partial reads and `req` does not ask): a
+    /// mismatch is [`EngineError::ChunkCorrupt`].
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
         let engine = &*self.engine;
+        engine.device.check_readable()?;
         let target = engine.table.lock().pin_for_read(key, req.version)?;
         let _pin = SlotPin::new(&engine.table, target.slot);
-        engine.device.read_pinned(key, target, req).await
+        engine
+            .device
+            .read_pinned(key, target, req, engine.config.verify_reads)
+            .await
     }
 
     /// What the engine knows of one chunk.
@@ -347,6 +368,17 @@ impl<D: BlockDevice> Engine<D> {
             .take(limit)
             .filter_map(|(key, _)| table.info(*key))
             .collect()
+    }
+
+    /// The first committed chunk at or after `start`, on any chain: where a
+    /// walk over every chunk (the scrubber) goes next.
+    pub(crate) fn first_committed_from(&self, start: Bound<ChunkKey>) -> Option<ChunkKey> {
+        let table = self.engine.table.lock();
+        table
+            .committed
+            .range((start, Bound::Unbounded))
+            .next()
+            .map(|(key, _)| *key)
     }
 
     /// Space used by `chain`'s committed chunks.

@@ -41,9 +41,10 @@ pub enum EngineError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error(
-        "engine on {device} refuses writes since a failed write or flush ({reason}); reopen it to recover"
-    )]
+    /// The engine stopped: after a failed write or flush it refuses writes;
+    /// after an internal fault (its journal thread panicked, or its device
+    /// failed for good) it refuses reads too.
+    #[error("engine on {device} is poisoned ({reason}); reopen it to recover")]
     Poisoned { device: Arc<str>, reason: Arc<str> },
     #[error("{key:?} does not exist")]
     NotFound { key: ChunkKey },
@@ -64,6 +65,28 @@ pub enum EngineError {
     Checksum {
         key: ChunkKey,
         what: &'static str,
+        expected: u32,
+        computed: u32,
+    },
+    /// The bytes of a committed or pending version on the device do not
+    /// match the CRC recorded when they were written: bit rot, a misdirected
+    /// write, or a bug. Never served; another replica has a good copy.
+    #[error(
+        "{key:?} version {version:?} on {device} is corrupt: bytes {offset}..{end} of the chunk \
+         (read for bytes {read_offset}..{read_end}) fail their CRC32C: expected {expected:#010x}, \
+         computed {computed:#010x}"
+    )]
+    ChunkCorrupt {
+        device: Arc<str>,
+        key: ChunkKey,
+        version: ChunkVersion,
+        /// The range of the chunk the CRC covers.
+        offset: u32,
+        end: u32,
+        /// The range the caller asked for (to read, or to write over a copy
+        /// of the chunk).
+        read_offset: u32,
+        read_end: u32,
         expected: u32,
         computed: u32,
     },

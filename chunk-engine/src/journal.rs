@@ -87,6 +87,9 @@ pub(crate) struct Journal {
     /// it on a single-threaded runtime.
     pub writer: tokio::sync::Mutex<Writer>,
     pub counters: Counters,
+    /// Test hook: the journal thread panics before its next batch.
+    #[cfg(feature = "testing")]
+    pub panic_on_next_batch: std::sync::atomic::AtomicBool,
 }
 
 impl Journal {
@@ -103,6 +106,8 @@ impl Journal {
             durable: watch::Sender::new(Durability::default()),
             writer: tokio::sync::Mutex::new(Writer::new(cursor)),
             counters: Counters::default(),
+            #[cfg(feature = "testing")]
+            panic_on_next_batch: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -236,7 +241,27 @@ pub(crate) async fn submit<D: BlockDevice>(
 
 /// The journal thread (thread mode): holds the writer role for the engine's
 /// life and writes whatever is queued until the engine shuts down.
+///
+/// A panic on this thread (a bug: a broken invariant) must not leave
+/// committers waiting forever for a durability that will never come, so it
+/// is caught here and faults the engine: every queued record fails with the
+/// panic's message, and the engine refuses every later operation (reads too,
+/// since the panic may have left the chunk table half-updated) until it is
+/// reopened from the device. The storage service sees the engine poisoned
+/// and reports its target offline.
 pub(crate) fn run<D: BlockDevice>(engine: Arc<OpenEngine<D>>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_until_shutdown(&engine)
+    }));
+    if let Err(payload) = outcome {
+        let reason: Arc<str> =
+            format!("the journal thread panicked: {}", panic_message(&*payload)).into();
+        engine.device.fault(&reason);
+        fail_queued(&engine, reason);
+    }
+}
+
+fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
     // Uncontended: inline writers exist only in inline mode.
     let mut writer = block_on(engine.journal.writer.lock());
     loop {
@@ -249,7 +274,26 @@ pub(crate) fn run<D: BlockDevice>(engine: Arc<OpenEngine<D>>) {
                 engine.journal.queue_cv.wait(&mut queue);
             }
         }
-        block_on(write_next(&engine, &mut writer));
+        #[cfg(feature = "testing")]
+        if engine
+            .journal
+            .panic_on_next_batch
+            .swap(false, Ordering::SeqCst)
+        {
+            panic!("injected journal panic (test hook)");
+        }
+        block_on(write_next(engine, &mut writer));
+    }
+}
+
+/// The message a panic was raised with, if it was a string.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "(a panic without a message)"
     }
 }
 
@@ -358,6 +402,11 @@ pub(crate) async fn write_next<D: BlockDevice>(
 fn fail<D: BlockDevice>(engine: &OpenEngine<D>, writer: &mut Writer, reason: Arc<str>) {
     engine.device.poison(&reason);
     writer.abandoned = None;
+    fail_queued(engine, reason);
+}
+
+/// Fails every queued record, and every record queued later, with `reason`.
+fn fail_queued<D: BlockDevice>(engine: &OpenEngine<D>, reason: Arc<str>) {
     {
         let mut queue = engine.journal.queue.lock();
         queue.taken += queue.records.len() as u64;

@@ -26,7 +26,8 @@
 //! through device_io.rs and make records durable through the journal
 //! (journal.rs); recovery.rs formats and opens a device; format.rs holds
 //! every on-device byte and alloc.rs the slot allocator; config.rs and
-//! request.rs are the settings and the request and outcome types.
+//! request.rs are the settings and the request and outcome types; scrub.rs
+//! walks every chunk checking it against its CRC.
 #![deny(unsafe_code)]
 
 pub mod alloc;
@@ -38,6 +39,7 @@ pub mod format;
 mod journal;
 mod recovery;
 mod request;
+mod scrub;
 mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -54,6 +56,7 @@ pub use request::{
     EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
     WriteRequest,
 };
+pub use scrub::{Corruption, ScrubPass, ScrubStep, Scrubber};
 pub use table::{ChainUsage, ChunkInfo, PendingInfo};
 
 /// Where a chunk lives in the engine: its chain and its id. Ordered by chain,

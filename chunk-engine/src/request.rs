@@ -136,7 +136,9 @@ pub struct ReadRequest {
     pub offset: u32,
     pub len: u32,
     pub version: ReadVersion,
-    /// Read the whole chunk and check its CRC32C before returning the range.
+    /// Read the whole chunk and check its CRC32C before returning the range,
+    /// even when the engine does not verify every read
+    /// (`EngineConfig::verify_reads`).
     pub verify: bool,
 }
 

@@ -371,8 +371,12 @@ fn corrupt_reads_are_detected_when_verifying(mode: JournalMode) {
         assert!(
             matches!(
                 err,
-                EngineError::Checksum {
-                    what: "chunk data",
+                EngineError::ChunkCorrupt {
+                    version: ChunkVersion(1),
+                    offset: 0,
+                    end: 8192,
+                    read_offset: 0,
+                    read_end: 10,
                     ..
                 }
             ),

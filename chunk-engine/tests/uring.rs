@@ -101,3 +101,77 @@ fn unformatted_and_reformatted_files_are_refused() {
         assert!(matches!(err, EngineError::AlreadyFormatted { .. }), "{err}");
     });
 }
+
+/// A panic on the device's reactor thread (the test hook): reads waiting on
+/// the device and every later operation fail promptly with errors naming
+/// the failure, none hangs, and the engine reports itself poisoned, which
+/// the storage service turns into an offline target.
+#[test]
+fn a_reactor_panic_fails_the_engine_instead_of_hanging_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = pool();
+        let dev = UringDevice::create_file(
+            dir.path().join("engine.img"),
+            64 << 20,
+            &UringConfig::default(),
+            Some(&pool),
+        )
+        .expect("device");
+        let options = FormatOptions {
+            chunk_size_min: 64 << 10,
+            chunk_size_max: 1 << 20,
+            ..FormatOptions::default()
+        };
+        Engine::format(&dev, &options).await.expect("format");
+        let engine = Engine::open(dev.clone(), pool, EngineConfig::default())
+            .await
+            .expect("open");
+        for i in 0..16u32 {
+            put(&engine, key(1, 5, i), 1, 0, &bytes(200_000, i as u8)).await;
+        }
+        dev.inject_reactor_panic();
+        let mut readers = tokio::task::JoinSet::new();
+        for i in 0..16u32 {
+            let engine = engine.clone();
+            readers.spawn(async move {
+                engine
+                    .read(
+                        key(1, 5, i),
+                        flyfs_chunk_engine::ReadRequest::whole_verified(),
+                    )
+                    .await
+            });
+        }
+        let mut failed = 0;
+        while let Some(done) = readers.join_next().await {
+            // The reads the reactor took before it panicked completed; the
+            // one it panicked on and all after it fail.
+            if let Err(err) = done.expect("task") {
+                assert!(err.is_device_failure(), "{err}");
+                assert!(err.to_string().contains("reactor thread panicked"), "{err}");
+                failed += 1;
+            }
+        }
+        assert!(failed >= 1, "the read the reactor panicked on fails");
+        let reason = engine.poisoned().expect("the engine reports the failure");
+        assert!(reason.contains("injected reactor panic"), "{reason}");
+        let err = engine
+            .write(update(key(1, 5, 99), 1, 0, b"later"))
+            .await
+            .expect_err("writes refused");
+        assert!(matches!(err, EngineError::Poisoned { .. }), "{err}");
+        let err = engine
+            .read(
+                key(1, 5, 0),
+                flyfs_chunk_engine::ReadRequest::whole_verified(),
+            )
+            .await
+            .expect_err("reads refused");
+        assert!(matches!(err, EngineError::Poisoned { .. }), "{err}");
+    });
+}

@@ -334,20 +334,38 @@ impl UringDevice {
     ///
     /// The returned [`Task`] is a future of the output, awaitable from any
     /// thread or runtime; dropping it cancels the task (`detach` keeps it
-    /// running). Tasks still pending when the device shuts down are cancelled.
+    /// running). Tasks still pending when the device shuts down, or when its
+    /// reactor dies, are cancelled.
     pub fn spawn<F>(&self, future: F) -> Task<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let shared = Arc::clone(&self.inner.shared);
-        let schedule = move |runnable| {
+        let schedule = move |runnable: async_task::Runnable| {
+            if shared.failed.load(Ordering::SeqCst) {
+                // No reactor will ever run it: cancel the task (its `Task`
+                // resolves as cancelled) rather than leave it queued forever.
+                drop(runnable);
+                return;
+            }
             shared.local.push(runnable);
             shared.notify();
         };
         let (runnable, task) = async_task::spawn(future, schedule);
         runnable.schedule();
         task
+    }
+
+    /// Test hook: the reactor panics when it next takes an I/O from its
+    /// queue, as a bug in it would. That I/O, every other one queued or in
+    /// flight, and every later one then fail with [`DeviceError::Failed`].
+    #[cfg(feature = "testing")]
+    pub fn inject_reactor_panic(&self) {
+        self.inner
+            .shared
+            .panic_on_next_io
+            .store(true, Ordering::SeqCst);
     }
 
     fn is_closed(&self) -> bool {
@@ -420,6 +438,10 @@ impl BlockDevice for UringDevice {
 
     fn name(&self) -> &str {
         &self.inner.shared.name
+    }
+
+    fn failure(&self) -> Option<Arc<str>> {
+        self.inner.shared.failure.lock().clone()
     }
 
     async fn read(&self, offset: u64, buf: DmaBuf) -> IoCompletion {

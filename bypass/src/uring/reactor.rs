@@ -71,7 +71,9 @@ pub(super) fn start(
                     // The opener is blocked on this channel, so the send cannot
                     // fail; if it somehow did, running would serve nobody.
                     if tx.send(Ok((features, fallocate))).is_ok() {
-                        reactor.run();
+                        run_or_fail(reactor);
+                    } else {
+                        reactor.finish();
                     }
                 }
                 Err(error) => {
@@ -100,11 +102,49 @@ pub(super) fn start(
     }
 }
 
+/// Runs the reactor until the device shuts down. If it panics, the device
+/// fails for good instead of stranding its I/O: every queued, in-flight and
+/// later I/O gets [`DeviceError::Failed`] naming the panic.
+///
+/// After a panic the reactor's state cannot be trusted, and the kernel may
+/// still be writing into buffers of I/O in flight, so the rings are leaked,
+/// not torn down (as are those buffers, see `Shared::fail_all`): the leaked
+/// memory and descriptors are the price of never handing a buffer back while
+/// the kernel may write into it. A block device stays claimed until the
+/// process exits, which a daemon whose device failed should do anyway.
+fn run_or_fail(mut reactor: Reactor) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run()));
+    match outcome {
+        Ok(()) => reactor.finish(),
+        Err(payload) => {
+            let shared = Arc::clone(&reactor.shared);
+            std::mem::forget(reactor);
+            let reason: Arc<str> = format!(
+                "its io_uring reactor thread panicked: {}",
+                panic_message(&*payload)
+            )
+            .into();
+            tracing::error!(device = %shared.name, %reason, "device failed");
+            shared.fail_all(reason);
+        }
+    }
+}
+
+/// The message a panic was raised with, if it was a string.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "(a panic without a message)"
+    }
+}
+
 struct Reactor {
     shared: Arc<Shared>,
     data: Ring,
     ctl: Option<Ring>,
-    fixed_pool: Option<u64>,
     /// Reads and writes go to the normal ring after the polled ring refused
     /// one (see `complete`).
     iopoll_demoted: bool,
@@ -132,7 +172,6 @@ impl Reactor {
         let reactor = Reactor {
             data: setup.data,
             ctl: setup.ctl,
-            fixed_pool: setup.fixed_pool,
             iopoll_demoted: false,
             spin: Duration::from_micros(u64::from(config.poll_spin_us)),
             retry: Vec::with_capacity(config.queue_depth as usize),
@@ -144,7 +183,7 @@ impl Reactor {
         Ok((reactor, setup.features, setup.fallocate))
     }
 
-    fn run(mut self) {
+    fn run(&mut self) {
         let mut idle_since: Option<Instant> = None;
         loop {
             let ran = self.run_local();
@@ -175,6 +214,11 @@ impl Reactor {
             self.sleep();
             idle_since = None;
         }
+    }
+
+    /// Ends a reactor that stopped normally: the armed eventfd read is
+    /// completed, then the tasks still waiting are cancelled.
+    fn finish(mut self) {
         self.disarm_eventfd();
         // Tasks still waiting here are cancelled: their futures are dropped
         // on this thread, as they were polled on it.
@@ -202,6 +246,10 @@ impl Reactor {
     fn drain_queue(&mut self) -> bool {
         let mut any = false;
         while let Some(index) = self.shared.queue.pop() {
+            #[cfg(any(test, feature = "testing"))]
+            if self.shared.panic_on_next_io.swap(false, Ordering::SeqCst) {
+                panic!("injected reactor panic (test hook)");
+            }
             any = true;
             self.shared
                 .counters
@@ -219,7 +267,8 @@ impl Reactor {
             (IoOp::Read | IoOp::Write, _) => &mut self.data,
             (IoOp::Flush | IoOp::Discard, normal) => normal.unwrap_or(&mut self.data),
         };
-        let entry = build_entry(ring, self.fixed_pool, index, &mut state);
+        let entry = build_entry(ring, index, &mut state);
+        state.in_kernel = true;
         drop(state);
         push_entry(ring, &entry);
         ring.in_flight += 1;
@@ -388,13 +437,10 @@ fn push_entry(ring: &mut Ring, entry: &squeue::Entry) {
     }
 }
 
-/// Builds the SQE for the untransferred rest of a slot's I/O.
-fn build_entry(
-    ring: &Ring,
-    fixed_pool: Option<u64>,
-    index: u32,
-    state: &mut SlotState,
-) -> squeue::Entry {
+/// Builds the SQE for the untransferred rest of a slot's I/O, for `ring`: a
+/// fixed-buffer opcode only when the buffer lies in the pool registered with
+/// that very ring.
+fn build_entry(ring: &Ring, index: u32, state: &mut SlotState) -> squeue::Entry {
     let fd = types::Fd(ring.fd);
     let offset = state.offset + state.done;
     let len = (state.len - state.done).min(MAX_SQE_BYTES) as u32;
@@ -405,7 +451,7 @@ fn build_entry(
                 .buf
                 .as_mut()
                 .expect("a read or write slot holds its buffer");
-            let fixed = match (fixed_pool, buf.registration()) {
+            let fixed = match (ring.fixed_pool, buf.registration()) {
                 (Some(registered), Some((pool, region))) if pool == registered => Some(region),
                 _ => None,
             };
@@ -537,4 +583,81 @@ fn complete(shared: &Shared, index: u32, res: i32, polled: bool, retry: &mut Vec
     }
     shared.active.fetch_sub(1, Ordering::SeqCst);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use io_uring::IoUring;
+
+    use super::*;
+    use crate::{HugePages, PoolConfig};
+
+    fn pool() -> BufferPool {
+        BufferPool::new(&PoolConfig {
+            classes: vec![(4096, 4)],
+            hugepages: HugePages::Never,
+        })
+        .expect("buffer pool")
+    }
+
+    /// A slot holding a read or write of one pooled 4 KiB buffer.
+    fn slot(op: IoOp, pool: &BufferPool) -> SlotState {
+        let mut state = SlotState::empty();
+        state.op = op;
+        state.len = 4096;
+        state.buf = Some(pool.alloc(4096));
+        state
+    }
+
+    /// The case IOPOLL demotion creates: the polled ring has the pool
+    /// registered, the normal ring that takes over reads and writes has not.
+    /// Each ring decides for itself, so the normal ring never gets a
+    /// fixed-buffer opcode, while the registered ring still does.
+    #[test]
+    fn fixed_buffers_are_used_only_on_the_ring_that_registered_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = std::fs::File::create(dir.path().join("dev")).expect("create a file");
+        let fd = file.as_raw_fd();
+        let pool = pool();
+        let mut registered = Ring::new(IoUring::new(4).expect("io_uring"), fd, false);
+        match registered.register_pool(&pool) {
+            Ok(()) => {}
+            Err(error) => {
+                // Registration needs locked memory; the unregistered half
+                // below still runs.
+                println!("skipping the registered half: cannot register buffers: {error}");
+            }
+        }
+        let unregistered = Ring::new(IoUring::new(4).expect("io_uring"), fd, false);
+        assert_eq!(unregistered.fixed_pool, None);
+
+        for (op, plain, fixed) in [
+            (IoOp::Read, opcode::Read::CODE, opcode::ReadFixed::CODE),
+            (IoOp::Write, opcode::Write::CODE, opcode::WriteFixed::CODE),
+        ] {
+            let entry = build_entry(&unregistered, 7, &mut slot(op, &pool));
+            assert_eq!(
+                entry.get_opcode(),
+                u32::from(plain),
+                "{op} on a ring without registered buffers must not use a fixed buffer"
+            );
+            assert_eq!(entry.get_user_data(), 7);
+            if registered.fixed_pool.is_some() {
+                let entry = build_entry(&registered, 7, &mut slot(op, &pool));
+                assert_eq!(
+                    entry.get_opcode(),
+                    u32::from(fixed),
+                    "{op} on the registered ring"
+                );
+                // A buffer from another pool is not registered anywhere.
+                let other = self::pool();
+                let entry = build_entry(&registered, 7, &mut slot(op, &other));
+                assert_eq!(
+                    entry.get_opcode(),
+                    u32::from(plain),
+                    "{op} of a foreign buffer"
+                );
+            }
+        }
+    }
 }

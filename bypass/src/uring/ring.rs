@@ -39,8 +39,12 @@ pub(super) struct Ring {
     pub(super) iopoll: bool,
     /// SQEs pushed whose CQE has not been reaped (the eventfd read aside).
     pub(super) in_flight: u32,
-    /// The buffer pool is registered with this ring.
-    buffers_registered: bool,
+    /// The id of the buffer pool whose arena is registered with this ring,
+    /// if any. Registration belongs to one ring, not to the device: only
+    /// SQEs for this ring may name a fixed buffer, so `build_entry` asks the
+    /// ring it builds for, never a device-wide flag (after IOPOLL demotion,
+    /// reads and writes move to a ring that may have no registered buffers).
+    pub(super) fixed_pool: Option<u64>,
 }
 
 impl Drop for Ring {
@@ -52,7 +56,7 @@ impl Drop for Ring {
     /// on the reactor thread, as `SINGLE_ISSUER` requires for these calls.
     fn drop(&mut self) {
         let submitter = self.ring.submitter();
-        if self.buffers_registered
+        if self.fixed_pool.is_some()
             && let Err(error) = submitter.unregister_buffers()
         {
             tracing::debug!(%error, "unregistering the buffer pool failed");
@@ -66,15 +70,33 @@ impl Drop for Ring {
 }
 
 impl Ring {
-    fn new(ring: IoUring, raw_fd: RawFd, iopoll: bool) -> Ring {
+    pub(super) fn new(ring: IoUring, raw_fd: RawFd, iopoll: bool) -> Ring {
         Ring {
             ring,
             fd: raw_fd,
             fd_flags: squeue::Flags::empty(),
             iopoll,
             in_flight: 0,
-            buffers_registered: false,
+            fixed_pool: None,
         }
+    }
+
+    /// Registers `pool`'s arena as this ring's fixed buffers.
+    pub(super) fn register_pool(&mut self, pool: &BufferPool) -> io::Result<()> {
+        let iovecs: Vec<libc::iovec> = pool
+            .regions()
+            .into_iter()
+            .map(|(base, len)| libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: the regions are the pool's arena, which stays mapped while
+        // the reactor holds its clone of the pool, and the reactor drops the
+        // rings (ending the registration) before that clone.
+        unsafe { self.ring.submitter().register_buffers(&iovecs) }?;
+        self.fixed_pool = Some(pool.id());
+        Ok(())
     }
 
     /// Registers the device file so SQEs skip the per-I/O file lookup and
@@ -102,8 +124,6 @@ pub(super) struct Setup {
     /// Flushes, discards and the eventfd read, when `data` is an IOPOLL ring
     /// (which only accepts pollable reads and writes).
     pub(super) ctl: Option<Ring>,
-    /// The id of the pool whose regions are registered as fixed buffers.
-    pub(super) fixed_pool: Option<u64>,
     pub(super) features: UringFeatures,
     /// The ring can punch holes (`IORING_OP_FALLOCATE`).
     pub(super) fallocate: bool,
@@ -311,31 +331,19 @@ pub(super) fn setup(
         None => (normal, None),
     };
 
-    let mut fixed_pool = None;
     if let Some(pool) = pool.filter(|_| config.register_buffers) {
         if fixed_ops {
-            let iovecs: Vec<libc::iovec> = pool
-                .regions()
-                .into_iter()
-                .map(|(base, len)| libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: len,
-                })
-                .collect();
-            // SAFETY: the regions are the pool's arena, which stays mapped
-            // while the reactor holds its clone of the pool, and the reactor
-            // drops the rings (ending the registration) before that clone.
-            match unsafe { data.ring.submitter().register_buffers(&iovecs) } {
-                Ok(()) => {
-                    data.buffers_registered = true;
-                    fixed_pool = Some(pool.id());
-                }
-                Err(error) => tracing::warn!(
+            // Only the ring that carries reads and writes gets the buffers:
+            // the normal ring beside an IOPOLL ring carries flushes and
+            // discards, until a demotion sends reads and writes there too,
+            // without fixed buffers (each ring says whether it has them).
+            if let Err(error) = data.register_pool(pool) {
+                tracing::warn!(
                     device = %shared.name,
                     %error,
                     bytes = pool.stats().arena_bytes,
                     "cannot register the buffer pool (RLIMIT_MEMLOCK too low?); using unregistered buffers"
-                ),
+                );
             }
         } else {
             tracing::info!(device = %shared.name, "the kernel lacks READ_FIXED/WRITE_FIXED; using unregistered buffers");
@@ -346,7 +354,7 @@ pub(super) fn setup(
         queue_depth: config.queue_depth,
         sqpoll: data.sqpoll(),
         iopoll: data.iopoll,
-        registered_buffers: fixed_pool.is_some(),
+        registered_buffers: data.fixed_pool.is_some(),
         registered_files: data.registered_file(),
         defer_taskrun: task_run == TaskRun::Deferred,
         coop_taskrun: task_run == TaskRun::Cooperative,
@@ -355,7 +363,6 @@ pub(super) fn setup(
     Ok(Setup {
         data,
         ctl,
-        fixed_pool,
         features,
         fallocate,
     })

@@ -63,10 +63,15 @@ pub(super) struct SlotState {
     pub(super) waker: Option<Waker>,
     /// The future was dropped: whoever finishes the I/O releases the slot.
     pub(super) abandoned: bool,
+    /// A submitter filled the slot and its outcome is not yet recorded.
+    pub(super) in_use: bool,
+    /// An SQE for the slot went to a ring: the kernel may be using the
+    /// buffer until the CQE is reaped.
+    pub(super) in_kernel: bool,
 }
 
 impl SlotState {
-    fn empty() -> SlotState {
+    pub(super) fn empty() -> SlotState {
         SlotState {
             op: IoOp::Flush,
             offset: 0,
@@ -77,6 +82,8 @@ impl SlotState {
             outcome: None,
             waker: None,
             abandoned: false,
+            in_use: false,
+            in_kernel: false,
         }
     }
 
@@ -133,6 +140,15 @@ pub(super) struct Shared {
     /// its ring while it sleeps.
     pub(super) eventfd: OwnedFd,
     pub(super) counters: Counters,
+    /// Why the reactor died (it panicked), once it has: every I/O fails with
+    /// this reason from then on.
+    pub(super) failure: Mutex<Option<Arc<str>>>,
+    /// `failure` is set: checked without a lock where tasks are scheduled.
+    pub(super) failed: AtomicBool,
+    /// Test hook: the reactor panics when it next takes an I/O from the
+    /// queue, so tests can show that a reactor panic fails I/O, not hangs it.
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) panic_on_next_io: AtomicBool,
 }
 
 impl fmt::Debug for Shared {
@@ -175,6 +191,10 @@ impl Shared {
             active: AtomicUsize::new(0),
             eventfd,
             counters: Counters::default(),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            #[cfg(any(test, feature = "testing"))]
+            panic_on_next_io: AtomicBool::new(false),
         }
     }
 
@@ -182,9 +202,86 @@ impl Shared {
         &self.slots[index as usize]
     }
 
+    /// The error of an I/O the device refuses: it was shut down, or its
+    /// reactor died.
     pub(super) fn closed_error(&self) -> DeviceError {
-        DeviceError::Closed {
+        match self.failure.lock().clone() {
+            Some(reason) => self.failed_error(reason),
+            None => DeviceError::Closed {
+                device: Arc::clone(&self.name),
+            },
+        }
+    }
+
+    fn failed_error(&self, reason: Arc<str>) -> DeviceError {
+        DeviceError::Failed {
             device: Arc::clone(&self.name),
+            reason,
+        }
+    }
+
+    /// Called on the reactor thread after the reactor panicked (its rings
+    /// are leaked, not closed: see `reactor::start`). Fails every I/O,
+    /// queued or in the kernel, and every later one, with `reason`, then
+    /// returns once no submitter can still be on its way into a slot.
+    ///
+    /// A buffer the kernel may still be using (its SQE was pushed) is leaked
+    /// rather than handed back, since the leaked ring may yet complete into
+    /// it; its future gets an empty buffer with the error. A device whose
+    /// reactor died is dead until the process reopens it.
+    pub(super) fn fail_all(&self, reason: Arc<str>) {
+        *self.failure.lock() = Some(reason.clone());
+        // Before the first drain of `local` below: a task woken from now on
+        // is cancelled where it is scheduled, one woken before is drained.
+        self.failed.store(true, Ordering::SeqCst);
+        // `closed` before looking at `active`: see `submit`.
+        self.closed.store(true, Ordering::SeqCst);
+        self.permits.close();
+        let mut passes = 0u32;
+        loop {
+            while self.queue.pop().is_some() {}
+            while let Some(runnable) = self.local.pop() {
+                drop(runnable);
+            }
+            for index in 0..self.slots.len() as u32 {
+                let mut state = self.slot(index).lock();
+                if !state.in_use || state.outcome.is_some() {
+                    continue;
+                }
+                if state.in_kernel
+                    && let Some(buf) = state.buf.take()
+                {
+                    std::mem::forget(buf);
+                    state.buf = Some(DmaBuf::alloc_zeroed(0));
+                }
+                if state.abandoned {
+                    let (buf, waker) = state.reset();
+                    drop(state);
+                    drop((buf, waker));
+                } else {
+                    state.outcome = Some(Err(self.failed_error(reason.clone())));
+                    let waker = state.waker.take();
+                    drop(state);
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }
+                self.active.fetch_sub(1, Ordering::SeqCst);
+            }
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            // A submitter that counted itself in before `closed` was set is
+            // filling its slot right now; it is failed on the next pass. If
+            // the panic struck between recording an outcome and counting it
+            // (in `complete`), `active` never reaches zero: the thread then
+            // keeps looking, slowly, for as long as the process lives.
+            passes += 1;
+            if passes < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 
@@ -225,6 +322,7 @@ impl Shared {
             state.offset = offset;
             state.len = len;
             state.buf = buf;
+            state.in_use = true;
         }
         self.queue
             .push(index)

@@ -117,7 +117,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }) => continue,
                 // A replica whose copy fails its checksum cannot serve it;
                 // the client reads another replica.
-                Err(e @ EngineError::Checksum { .. }) => {
+                Err(e @ (EngineError::Checksum { .. } | EngineError::ChunkCorrupt { .. })) => {
                     tracing::error!(target = ?place.target.id, "{e}");
                     return Err(StorageError::NotServing {
                         chain: item.chain,
