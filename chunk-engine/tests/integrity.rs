@@ -56,7 +56,18 @@ fn rotten_bytes_under_a_chunk_fail_every_read_of_it(mode: JournalMode) {
     let rt = runtime();
     let mem = mem();
     rt.block_on(async {
-        let engine = format_and_open(&mem, &small_format(), mode).await;
+        // Every read checked (`verify_reads`), partial ones included.
+        Engine::format(&mem, &small_format()).await.expect("format");
+        let engine = Engine::open(
+            mem.clone(),
+            pool(),
+            EngineConfig {
+                verify_reads: true,
+                ..config(mode)
+            },
+        )
+        .await
+        .expect("open");
         let rotten = key(1, 7, 0);
         let healthy = key(1, 7, 1);
         put(&engine, rotten, 1, 0, &bytes(20_000, 1)).await;
