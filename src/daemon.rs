@@ -122,7 +122,8 @@ impl Mgmtd {
         let service = MgmtService::open_with(store, config.mgmt_config(), lease)
             .await
             .context("loading the cluster record")?;
-        let server = Server::new(service.clone(), ServerConfig::default())
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the manager")?;
+        let server = Server::new(service.clone(), ServerConfig::default(), credentials)
             .spawn(listener)
             .context("starting the RPC server")?;
         let runner = tokio::spawn(service.clone().run());
@@ -218,12 +219,22 @@ impl StorageDaemon {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         // The trait's `local_addr` (a `String`), not tokio's inherent one.
         let bound = Listener::local_addr(&listener).context("reading the listener's address")?;
-        let node = StorageNode::new(config.storage_config(&bound), engines, Tcp);
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the storage node")?;
+        let node = StorageNode::new(
+            config.storage_config(&bound),
+            engines,
+            Tcp,
+            credentials.clone(),
+        );
         let heartbeat = tokio::spawn(node.clone().run());
         let usage = tokio::spawn(export_usage(node.engines().to_vec()));
-        let server = Server::new(StorageService::new(node.clone()), ServerConfig::default())
-            .spawn(listener)
-            .context("starting the RPC server")?;
+        let server = Server::new(
+            StorageService::new(node.clone()),
+            ServerConfig::default(),
+            credentials,
+        )
+        .spawn(listener)
+        .context("starting the RPC server")?;
         tracing::info!(
             node = config.node_id,
             advertise = %node.config().addr,

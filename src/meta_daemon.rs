@@ -62,8 +62,13 @@ impl MetaDaemon {
 
     /// The service on the store `kv`.
     async fn start_on<K: Kv>(kv: K, config: &MetaDaemonConfig) -> anyhow::Result<MetaDaemon> {
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the metadata service")?;
         let client = ClientId(rand::random::<u64>() | 1);
-        let storage = StorageClient::new(ClientConfig::new(config.mgmt.0.clone(), client), Tcp);
+        let storage = StorageClient::new(
+            ClientConfig::new(config.mgmt.0.clone(), client),
+            Tcp,
+            credentials.clone(),
+        );
         let mut ns_config = NsConfig::new(
             config.layout(),
             Arc::new(RoutingChainTables(storage.clone())),
@@ -86,6 +91,7 @@ impl MetaDaemon {
         let server = Server::new(
             MetaService::new(ns.clone(), storage.clone(), stats.clone()),
             ServerConfig::default(),
+            credentials,
         )
         .spawn(listener)
         .context("starting the RPC server")?;

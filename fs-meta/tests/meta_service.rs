@@ -351,7 +351,7 @@ async fn bad_names_get_errno_and_failover_reaches_a_live_instance() {
     let (_live, live_addr) = serve_another(&cluster).await;
     let mut config = MetaClientConfig::new(vec![dead_addr, live_addr]);
     config.op_deadline = Duration::from_secs(10);
-    let client = MetaClient::new(Tcp, config);
+    let client = MetaClient::new(Tcp, config, flyfs_rpc::testing::client());
     let attr = client
         .call::<wire::Stat, _>(&wire::StatReq {
             user: root,
@@ -368,10 +368,11 @@ async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
     let handle = Server::new(
         MetaService::new(
             cluster.ns.clone(),
-            cluster.storage.clone(),
+            cluster._inner.meta_storage.clone(),
             Arc::new(GcStats::default()),
         ),
         ServerConfig::default(),
+        flyfs_rpc::testing::meta(),
     )
     .spawn(listener)
     .expect("serve");
