@@ -295,13 +295,20 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
         .expect_err("the tree is gone at once");
     assert_eq!(gone.errno, libc::ENOENT);
 
+    // The GC's status is an operator's question (admin role), asked of the
+    // same instance as `a`.
+    let admin = MetaClient::new(
+        Tcp,
+        MetaClientConfig::new(vec![cluster._inner.meta_addrs[0].clone()]),
+        flyfs_rpc::testing::admin(),
+    );
     let mut left = usize::MAX;
     for _ in 0..200 {
         left = cluster.chunks_of(opened.attr.ino).await;
         for ino in &tree_files {
             left += cluster.chunks_of(*ino).await;
         }
-        let status = a
+        let status = admin
             .call::<wire::GcStatus, _>(&wire::GcStatusReq {})
             .await
             .expect("gc status");
