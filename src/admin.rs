@@ -23,7 +23,7 @@ use flyfs_proto::wire::mgmt::{
     SetTargetOfflineReq,
 };
 use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
-use flyfs_rpc::{CallOptions, Client, ClientConfig, Tcp};
+use flyfs_rpc::{CallOptions, Client, ClientConfig, Credentials, Tcp};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct AdminArgs {
@@ -41,6 +41,14 @@ pub(crate) struct AdminArgs {
     /// Deadline of the RPC, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
+    /// A `flyfs up` data directory: use its admin credentials
+    /// (DIR/tls/admin.pem, admin.key).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// A directory with ca.pem, admin.pem and admin.key (as `flyfs certs
+    /// issue --role admin` writes); takes precedence over --data.
+    #[arg(long)]
+    credentials: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -105,7 +113,12 @@ enum AdminCommand {
 }
 
 pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
-    let admin = Admin::new(&args.mgmt, Duration::from_millis(args.timeout_ms));
+    let credentials = crate::certs::admin(args.credentials.as_deref(), args.data.as_deref())?;
+    let admin = Admin::new(
+        &args.mgmt,
+        Duration::from_millis(args.timeout_ms),
+        credentials.clone(),
+    );
     match &args.command {
         AdminCommand::Status => {
             let routing = admin.routing().await?;
@@ -121,7 +134,7 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Gc | AdminCommand::Ls { .. } | AdminCommand::Stat { .. } => {
             let timeout = Duration::from_millis(args.timeout_ms);
-            let ns = Namespace::new(&args.meta, timeout);
+            let ns = Namespace::new(&args.meta, timeout, credentials);
             return match &args.command {
                 AdminCommand::Gc => ns.gc(args.json).await,
                 AdminCommand::Ls { path } => ns.ls(path, args.json).await,
@@ -193,9 +206,9 @@ pub(crate) struct Admin {
 
 impl Admin {
     /// Calls to the managers at `mgmt`, each with deadline `timeout`.
-    pub(crate) fn new(mgmt: &[String], timeout: Duration) -> Admin {
+    pub(crate) fn new(mgmt: &[String], timeout: Duration, credentials: Credentials) -> Admin {
         Admin {
-            client: Client::new(Tcp, ClientConfig::default()),
+            client: Client::new(Tcp, ClientConfig::default(), credentials),
             options: CallOptions {
                 timeout,
                 ..CallOptions::default()
@@ -378,13 +391,13 @@ struct ListEntry {
 }
 
 impl Namespace {
-    fn new(meta: &[String], timeout: Duration) -> Namespace {
+    fn new(meta: &[String], timeout: Duration, credentials: Credentials) -> Namespace {
         let mut config = MetaClientConfig::new(meta.to_vec());
         config.rpc_timeout = timeout;
         // An admin command fails soon rather than waiting out an outage.
         config.op_deadline = timeout;
         Namespace {
-            client: MetaClient::new(Tcp, config),
+            client: MetaClient::new(Tcp, config, credentials),
             meta: meta.join(","),
         }
     }

@@ -107,6 +107,8 @@ impl Mgmtd {
     /// then serves; a manager that finds the lease held stands by and
     /// answers `NotPrimary` until it takes over.
     pub async fn start(config: &MgmtdConfig) -> anyhow::Result<Mgmtd> {
+        // Credentials first: without them nothing else is worth starting.
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the manager")?;
         // Bound first: the lease names the address callers are sent to.
         let listener = Tcp
             .bind(&config.listen)
@@ -122,7 +124,7 @@ impl Mgmtd {
         let service = MgmtService::open_with(store, config.mgmt_config(), lease)
             .await
             .context("loading the cluster record")?;
-        let server = Server::new(service.clone(), ServerConfig::default())
+        let server = Server::new(service.clone(), ServerConfig::default(), credentials)
             .spawn(listener)
             .context("starting the RPC server")?;
         let runner = tokio::spawn(service.clone().run());
@@ -173,6 +175,8 @@ impl StorageDaemon {
     /// starts heartbeating (which registers the node with the manager) and
     /// serving.
     pub async fn start(config: &StorageDaemonConfig) -> anyhow::Result<StorageDaemon> {
+        // Credentials first: without them nothing else is worth starting.
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the storage node")?;
         // One pool for every device of the node: its arena is registered with
         // each device's ring, and each engine allocates from it.
         // Every chunk write in flight holds a buffer of its size until it is
@@ -218,12 +222,21 @@ impl StorageDaemon {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         // The trait's `local_addr` (a `String`), not tokio's inherent one.
         let bound = Listener::local_addr(&listener).context("reading the listener's address")?;
-        let node = StorageNode::new(config.storage_config(&bound), engines, Tcp);
+        let node = StorageNode::new(
+            config.storage_config(&bound),
+            engines,
+            Tcp,
+            credentials.clone(),
+        );
         let heartbeat = tokio::spawn(node.clone().run());
         let usage = tokio::spawn(export_usage(node.engines().to_vec()));
-        let server = Server::new(StorageService::new(node.clone()), ServerConfig::default())
-            .spawn(listener)
-            .context("starting the RPC server")?;
+        let server = Server::new(
+            StorageService::new(node.clone()),
+            ServerConfig::default(),
+            credentials,
+        )
+        .spawn(listener)
+        .context("starting the RPC server")?;
         tracing::info!(
             node = config.node_id,
             advertise = %node.config().addr,

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod admin;
+mod certs;
 mod daemon;
 mod meta_daemon;
 mod metrics;
@@ -92,6 +93,11 @@ enum Command {
     Down(up::DownArgs),
     /// Inspect and change the cluster through its manager.
     Admin(admin::AdminArgs),
+    /// Make a cluster CA and issue credentials (docs/security.md).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +177,7 @@ fn main() -> anyhow::Result<()> {
         Command::Mount { config } => mount::run(&config),
         Command::Up(args) => up::up(&args),
         Command::Down(args) => up::down(&args),
+        Command::Certs { command } => certs::run(&command),
         Command::Admin(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

@@ -22,7 +22,7 @@ use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::FjallOptions;
 use flyfs_proto::ids::ClientId;
-use flyfs_rpc::{Network, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{Credentials, Network, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::task::JoinHandle;
 
 /// A running metadata service: RPC server, GC worker, routing refresher.
@@ -35,6 +35,8 @@ pub struct MetaDaemon {
 
 impl MetaDaemon {
     pub async fn start(config: &MetaDaemonConfig) -> anyhow::Result<MetaDaemon> {
+        // Credentials first: without them nothing else is worth starting.
+        let credentials = crate::certs::from_config(config.tls.as_ref(), "the metadata service")?;
         match &config.store {
             MetaStoreConfig::Fjall => {
                 let dir = config
@@ -48,12 +50,12 @@ impl MetaDaemon {
                     ..FjallOptions::default()
                 };
                 let kv = crate::daemon::open_fjall(dir, options).await?;
-                Self::start_on(kv, config).await
+                Self::start_on(kv, config, credentials).await
             }
             #[cfg(feature = "fdb")]
             MetaStoreConfig::Fdb { cluster_file } => {
                 let kv = crate::daemon::open_fdb(cluster_file)?;
-                Self::start_on(kv, config).await
+                Self::start_on(kv, config, credentials).await
             }
             #[cfg(not(feature = "fdb"))]
             MetaStoreConfig::Fdb { .. } => Err(crate::daemon::no_fdb()),
@@ -61,9 +63,17 @@ impl MetaDaemon {
     }
 
     /// The service on the store `kv`.
-    async fn start_on<K: Kv>(kv: K, config: &MetaDaemonConfig) -> anyhow::Result<MetaDaemon> {
+    async fn start_on<K: Kv>(
+        kv: K,
+        config: &MetaDaemonConfig,
+        credentials: Credentials,
+    ) -> anyhow::Result<MetaDaemon> {
         let client = ClientId(rand::random::<u64>() | 1);
-        let storage = StorageClient::new(ClientConfig::new(config.mgmt.0.clone(), client), Tcp);
+        let storage = StorageClient::new(
+            ClientConfig::new(config.mgmt.0.clone(), client),
+            Tcp,
+            credentials.clone(),
+        );
         let mut ns_config = NsConfig::new(
             config.layout(),
             Arc::new(RoutingChainTables(storage.clone())),
@@ -86,6 +96,7 @@ impl MetaDaemon {
         let server = Server::new(
             MetaService::new(ns.clone(), storage.clone(), stats.clone()),
             ServerConfig::default(),
+            credentials,
         )
         .spawn(listener)
         .context("starting the RPC server")?;

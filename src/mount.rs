@@ -140,7 +140,8 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
         id => id,
     };
     let storage_config = ClientConfig::new(config.mgmt.0.clone(), ClientId(client_id));
-    let storage = StorageClient::new(storage_config, Tcp);
+    let credentials = crate::certs::from_config(config.tls.as_ref(), "the mount")?;
+    let storage = StorageClient::new(storage_config, Tcp, credentials.clone());
     // The manager may still be starting: poll it (a constant backoff,
     // jittered per client) for the startup patience, warning every few
     // seconds that we wait.
@@ -169,7 +170,7 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
         })?;
     let mut meta_config = MetaClientConfig::new(config.meta.clone());
     meta_config.op_deadline = STARTUP_PATIENCE;
-    let probe = MetaClient::new(Tcp, meta_config);
+    let probe = MetaClient::new(Tcp, meta_config, credentials.clone());
     probe
         .call::<flyfs_proto::wire::meta::Statfs, _>(&flyfs_proto::wire::meta::StatfsReq {
             user: User::root(),
@@ -181,7 +182,7 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
                 config.meta.join(", ")
             )
         })?;
-    let meta = MetaClient::new(Tcp, MetaClientConfig::new(config.meta.clone()));
+    let meta = MetaClient::new(Tcp, MetaClientConfig::new(config.meta.clone()), credentials);
     let client = FsClient::new(
         meta,
         storage.clone(),

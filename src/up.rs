@@ -18,13 +18,21 @@
 //! devices/storageN.img  the storage nodes' devices (sparse files)
 //! mgmtd/              the manager's cluster record
 //! meta/               the metadata service's embedded store
+//! tls/                the cluster CA (ca.pem, ca.key) and the credentials of
+//!                     every daemon, the mount and the local admin
+//!                     (NAME.pem, NAME.key; admin.pem, admin.key)
 //! ```
+//!
+//! Every connection is mutual TLS (docs/security.md): `up` makes the CA and
+//! every credential on the first run and reuses them afterwards. The local
+//! admin acts as the owner of the data directory (`flyfs admin --data`).
 //!
 //! Ports, from the base port B (default 7000): the manager B, the metadata
 //! service B+1, storage nodes B+2..=B+4; Prometheus metrics endpoints
 //! B+10 (manager), B+11 (metadata), B+12..=B+14 (storage), B+15 (mount).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
@@ -45,9 +53,14 @@ use serde::{Deserialize, Serialize};
 use crate::admin::Admin;
 use flyfs_deploy::config::{
     ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, MountConfig, StorageDaemonConfig,
+    TlsConfig,
 };
 use flyfs_deploy::supervisor::{self, Daemon, Stopped};
+use flyfs_proto::auth::Principal;
+use flyfs_rpc::ClusterCa;
 
+/// The cluster name in the identities of a `flyfs up` cluster.
+const CLUSTER_NAME: &str = "flyfs";
 const DEFAULT_DATA: &str = "/var/tmp/flyfs";
 const DEFAULT_MOUNT: &str = "/mnt/flyfs";
 const DEFAULT_PORT: u16 = 7000;
@@ -224,6 +237,43 @@ impl ClusterLayout {
         ))
     }
 
+    fn tls_dir(&self) -> PathBuf {
+        self.data.join("tls")
+    }
+
+    /// `[tls]` of a daemon's config: `tls/NAME.pem` and `.key`.
+    fn tls(&self, kind: Kind) -> Option<TlsConfig> {
+        Some(TlsConfig::in_dir(&self.tls_dir(), &kind.name()))
+    }
+
+    /// The CA and the credentials of every daemon, the mount and the local
+    /// admin under `tls/`: made once, reused by later runs.
+    fn ensure_credentials(&self) -> anyhow::Result<()> {
+        let dir = self.tls_dir();
+        let ca = ClusterCa::load_or_init(&dir, CLUSTER_NAME)
+            .with_context(|| format!("making the cluster CA in {}", dir.display()))?;
+        for kind in Kind::all() {
+            let principal = match kind {
+                Kind::Mgmtd => Principal::Mgmt(kind.name()),
+                Kind::Storage(node) => Principal::Storage(NodeId(node)),
+                Kind::Meta => Principal::Meta(kind.name()),
+                Kind::Mount => Principal::Client(kind.name()),
+            };
+            ca.ensure_credentials(principal, &dir, &kind.name())?;
+        }
+        // The local admin acts as whoever owns the data directory: the
+        // user who ran `flyfs up` the first time.
+        let owner = std::fs::metadata(&self.data)
+            .with_context(|| format!("reading the owner of {}", self.data.display()))?;
+        let admin = Principal::Admin {
+            name: String::from("admin"),
+            uid: owner.uid(),
+            gid: owner.gid(),
+        };
+        ca.ensure_credentials(admin, &dir, "admin")?;
+        Ok(())
+    }
+
     /// Every daemon's config, as its daemon reads it.
     fn config_text(&self, kind: Kind) -> String {
         let metrics_listen = Some(Self::addr(self.metrics_port(kind)));
@@ -232,6 +282,7 @@ impl ClusterLayout {
                 let mut config = MgmtdConfig::new(self.data.join("mgmtd"));
                 config.listen = self.mgmt();
                 config.metrics_listen = metrics_listen;
+                config.tls = self.tls(kind);
                 config.to_toml()
             }
             Kind::Storage(node) => {
@@ -239,6 +290,7 @@ impl ClusterLayout {
                 config.listen = Self::addr(self.rpc_port(kind).unwrap_or_default());
                 config.mgmt = ManagerAddrs::one(self.mgmt());
                 config.metrics_listen = metrics_listen;
+                config.tls = self.tls(kind);
                 config.to_toml()
             }
             Kind::Meta => {
@@ -249,6 +301,7 @@ impl ClusterLayout {
                 config.chunk_size = CHUNK_SIZE;
                 config.stripe = STRIPE;
                 config.metrics_listen = metrics_listen;
+                config.tls = self.tls(kind);
                 config.to_toml()
             }
             Kind::Mount => {
@@ -256,6 +309,7 @@ impl ClusterLayout {
                 config.mgmt = ManagerAddrs::one(self.mgmt());
                 config.meta = vec![self.meta()];
                 config.metrics_listen = metrics_listen;
+                config.tls = self.tls(kind);
                 config.to_toml()
             }
         };
@@ -370,6 +424,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             ensure_device(&layout.device(node), args.device_size)?;
         }
     }
+    layout.ensure_credentials()?;
     for kind in Kind::all() {
         supervisor::write_atomically(&layout.config(kind), layout.config_text(kind).as_bytes())?;
     }
@@ -383,7 +438,8 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         started: Vec::new(),
         timeout,
     };
-    let admin = Admin::new(&[layout.mgmt()], Duration::from_secs(2));
+    let admin_credentials = crate::certs::admin(None, Some(&layout.data))?;
+    let admin = Admin::new(&[layout.mgmt()], Duration::from_secs(2), admin_credentials);
 
     starter.start(Kind::Mgmtd)?;
     runtime.block_on(

@@ -1,5 +1,7 @@
 //! The `flyfs` binary as a user runs it: format refuses to overwrite without
-//! --force, bad sizes are named, and the engine benchmark prints its JSON.
+//! --force, bad sizes are named, the engine benchmark prints its JSON, a
+//! daemon or admin without credentials says how to get them, and `certs`
+//! makes credentials that load.
 
 use std::process::Command;
 
@@ -103,4 +105,89 @@ fn engine_bench_prints_json() {
             .expect("run flyfs");
         assert!(again.status.success(), "{}", stderr(&again));
     }
+}
+
+#[test]
+fn a_daemon_without_credentials_refuses_to_start_and_says_how_to_get_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("mgmtd.toml");
+    std::fs::write(&config, "data_dir = \"data\"\nlisten = \"127.0.0.1:0\"\n").expect("write");
+    let out = flyfs()
+        .args(["mgmtd", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("no [tls] table"), "{err}");
+    assert!(err.contains("flyfs certs issue"), "{err}");
+    assert!(err.contains("flyfs up"), "{err}");
+}
+
+#[test]
+fn admin_without_credentials_fails_with_a_clear_error() {
+    let out = flyfs()
+        .args(["admin", "--mgmt", "127.0.0.1:9", "status"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--data DIR") && err.contains("--credentials DIR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn certs_init_and_issue_write_loadable_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = flyfs()
+        .args(["certs", "init", "--cluster", "c9", "--dir"])
+        .arg(&ca)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A second init would orphan every credential the first CA issued.
+    let again = flyfs()
+        .args(["certs", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("refusing to replace"),
+        "{}",
+        stderr(&again)
+    );
+    let out_dir = dir.path().join("alice");
+    let out = flyfs()
+        .args(["certs", "issue", "--role", "admin", "--name", "alice"])
+        .args(["--uid", "1000", "--gid", "100", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[tls]"));
+    let credentials =
+        flyfs_rpc::Credentials::load_dir(&out_dir, "admin").expect("issued credentials load");
+    assert_eq!(
+        credentials.identity().to_uri(),
+        "flyfs://c9/admin/alice?uid=1000&gid=100"
+    );
+    let bad = flyfs()
+        .args(["certs", "issue", "--role", "storage", "--name", "x", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("a storage node is named by its id"),
+        "{}",
+        stderr(&bad)
+    );
 }

@@ -308,8 +308,11 @@ impl Cluster {
 
     /// The manager's routing, from `flyfs admin --json status`.
     fn routing(&self) -> Option<RoutingInfo> {
+        let data = self.data_arg();
         let out = run_flyfs(&[
             "admin",
+            "--data",
+            &data,
             "--mgmt",
             &self.mgmt,
             "--timeout-ms",

@@ -30,6 +30,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -614,12 +615,14 @@ async fn linked_files(ns: &Namespace<FjallKv>) -> BTreeMap<InodeId, Found> {
     files
 }
 
-fn meta_client(addr: &str, op_deadline: Duration) -> Arc<MetaClient<Tcp>> {
+/// A metadata client with the admin's credentials: it runs the workload
+/// and asks for the GC's status (an admin method).
+fn meta_client(dir: &Path, addr: &str, op_deadline: Duration) -> Arc<MetaClient<Tcp>> {
     let mut config = MetaClientConfig::new(vec![addr.to_string()]);
     config.rpc_timeout = Duration::from_secs(5);
     config.op_deadline = op_deadline;
     config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
-    MetaClient::new(Tcp, config)
+    MetaClient::new(Tcp, config, support::credentials(dir, "admin"))
 }
 
 async fn gc_status(meta: &MetaClient<Tcp>) -> Result<wire::GcStatusRsp, MetaError> {
@@ -638,7 +641,7 @@ fn restarts(cluster: &mut Cluster, runtime: &tokio::runtime::Runtime, addr: &str
     let mut config = MetaClientConfig::new(vec![addr.to_string()]);
     config.op_deadline = Duration::from_secs(20);
     config.backoff = Backoff::new(Duration::from_micros(200), Duration::from_micros(200));
-    let meta = MetaClient::new(Tcp, config);
+    let meta = MetaClient::new(Tcp, config, support::credentials(&cluster.dir, "client"));
     for round in 0..RESTARTS {
         cluster.start_meta(META);
         let name = format!("restart{round}").into_bytes();
@@ -718,7 +721,7 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
          ({took:.2?})"
     ));
     cluster.start_meta(META);
-    let probe = meta_client(&meta_addr, Duration::from_millis(500));
+    let probe = meta_client(&cluster.dir, &meta_addr, Duration::from_millis(500));
     let took = wait_for("the metadata service", Duration::from_secs(20), || {
         runtime.block_on(gc_status(&probe)).is_ok()
     });
@@ -728,9 +731,13 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
     storage_config.rpc_timeout = Duration::from_millis(500);
     storage_config.op_deadline = Duration::from_secs(30);
     storage_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
-    let storage = StorageClient::new(storage_config, Tcp);
+    let storage = StorageClient::new(
+        storage_config,
+        Tcp,
+        support::credentials(&cluster.dir, "client"),
+    );
     // Long enough to wait out the restart many times over.
-    let meta = meta_client(&meta_addr, Duration::from_secs(30));
+    let meta = meta_client(&cluster.dir, &meta_addr, Duration::from_secs(30));
     let shared = Arc::new(Shared::default());
     let workload_started = Instant::now();
     let tasks: Vec<_> = (0..TASKS)
@@ -822,7 +829,13 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
     });
     log(format!("GC queue empty after {took:.2?}: {last:?}"));
 
-    let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
+    // DumpMeta is a storage node's method (resync): the checker reads every
+    // replica's chunk list as a storage peer would.
+    let rpc = Client::new(
+        Tcp,
+        flyfs_rpc::ClientConfig::default(),
+        support::credentials(&cluster.dir, "storage1"),
+    );
     let chunks = runtime.block_on(all_chunks(&rpc, &cluster.mgmt_addr));
     log(format!(
         "{} chunks on storage, the same on every replica",

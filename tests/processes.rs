@@ -340,8 +340,17 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     client_config.rpc_timeout = Duration::from_millis(500);
     client_config.op_deadline = Duration::from_secs(30);
     client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
-    let client = StorageClient::new(client_config, Tcp);
-    let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
+    let client = StorageClient::new(
+        client_config,
+        Tcp,
+        support::credentials(&cluster.dir, "client"),
+    );
+    // Raw reads of single replicas, as a mount would make them.
+    let rpc = Client::new(
+        Tcp,
+        flyfs_rpc::ClientConfig::default(),
+        support::credentials(&cluster.dir, "client"),
+    );
 
     let mut tasks = Vec::new();
     let observed_from = Instant::now();

@@ -146,9 +146,10 @@ fn up_down_up_keeps_the_cluster() {
         "{first}"
     );
 
-    let status: serde_json::Value =
-        serde_json::from_str(&run_ok(&["admin", "--mgmt", &mgmt, "--json", "status"]))
-            .expect("status is JSON");
+    let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "admin", "--data", &data_arg, "--mgmt", &mgmt, "--json", "status",
+    ]))
+    .expect("status is JSON");
     let chains = status["chains"].clone();
     assert_eq!(chains.as_array().map(Vec::len), Some(6), "{status}");
     assert_eq!(
@@ -193,20 +194,23 @@ fn up_down_up_keeps_the_cluster() {
     );
 
     // The namespace, without a mount.
-    let ls = run_ok(&["admin", "--meta", &meta, "ls", "/"]);
+    let ls = run_ok(&["admin", "--data", &data_arg, "--meta", &meta, "ls", "/"]);
     assert!(ls.is_empty(), "a new file system is empty: {ls}");
-    let stat = run_ok(&["admin", "--meta", &meta, "stat", "/"]);
+    let stat = run_ok(&["admin", "--data", &data_arg, "--meta", &meta, "stat", "/"]);
     assert!(stat.contains("Type: directory"), "{stat}");
-    let missing = run(&["admin", "--meta", &meta, "stat", "/nope"]);
+    let missing = run(&[
+        "admin", "--data", &data_arg, "--meta", &meta, "stat", "/nope",
+    ]);
     assert!(!missing.status.success());
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("/nope"),
         "{}",
         text(&missing)
     );
-    let gc: serde_json::Value =
-        serde_json::from_str(&run_ok(&["admin", "--meta", &meta, "--json", "gc"]))
-            .expect("gc JSON");
+    let gc: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "admin", "--data", &data_arg, "--meta", &meta, "--json", "gc",
+    ]))
+    .expect("gc JSON");
     assert_eq!(gc["queued"], 0, "{gc}");
 
     // Up again while it runs: nothing to do.
@@ -219,9 +223,18 @@ fn up_down_up_keeps_the_cluster() {
         assert!(down.contains(&format!("stopped {name}")), "{down}");
     }
     assert!(
-        run(&["admin", "--mgmt", &mgmt, "--timeout-ms", "500", "status"])
-            .status
-            .code()
+        run(&[
+            "admin",
+            "--data",
+            &data_arg,
+            "--mgmt",
+            &mgmt,
+            "--timeout-ms",
+            "500",
+            "status"
+        ])
+        .status
+        .code()
             == Some(1)
     );
 
@@ -237,9 +250,10 @@ fn up_down_up_keeps_the_cluster() {
     // Back up without --port: the stored one; same chains, same devices.
     let second = run_ok(&["up", "--no-mount", "--data", &data_arg, "--timeout", "30"]);
     assert!(!second.contains("created"), "{second}");
-    let status: serde_json::Value =
-        serde_json::from_str(&run_ok(&["admin", "--mgmt", &mgmt, "--json", "status"]))
-            .expect("status is JSON");
+    let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "admin", "--data", &data_arg, "--mgmt", &mgmt, "--json", "status",
+    ]))
+    .expect("status is JSON");
     let ids = |chains: &serde_json::Value| -> Vec<(u64, Vec<u64>)> {
         chains
             .as_array()
@@ -285,9 +299,10 @@ fn one_replica_chains_spread_over_the_nodes() {
     ]);
     assert!(first.contains("created 6 chains of 1 replicas"), "{first}");
     let mgmt = format!("127.0.0.1:{base}");
-    let status: serde_json::Value =
-        serde_json::from_str(&run_ok(&["admin", "--mgmt", &mgmt, "--json", "status"]))
-            .expect("status is JSON");
+    let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "admin", "--data", &data_arg, "--mgmt", &mgmt, "--json", "status",
+    ]))
+    .expect("status is JSON");
     let mut nodes: Vec<u64> = status["chains"]
         .as_array()
         .expect("chains")

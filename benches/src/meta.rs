@@ -31,9 +31,10 @@ use flyfs_fs_meta::gc::GcStats;
 use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig, StaticChainTables};
 use flyfs_fs_meta::service::MetaService;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainTableId, ClientId, InodeId};
 use flyfs_proto::wire::meta::{self as wire, User};
-use flyfs_rpc::{Network, Server, ServerConfig, Tcp};
+use flyfs_rpc::{ClusterCa, Network, Server, ServerConfig, Tcp};
 
 const ROOT: InodeId = InodeId(1);
 
@@ -128,17 +129,36 @@ async fn measure(args: &MetaArgs, dir: &std::path::Path) -> anyhow::Result<Resul
         .context("opening the namespace")?;
     // The service asks storage only for lengths, truncates and statfs,
     // which this benchmark never calls; the client points nowhere.
-    let storage = StorageClient::new(ClientConfig::new(["127.0.0.1:9"], ClientId(1)), Tcp);
+    // Authenticated like a deployment: a CA of the bench's own, in memory.
+    let ca = ClusterCa::generate("bench").context("making a CA")?;
+    let meta_credentials = ca
+        .credentials(Principal::Meta("meta".into()))
+        .context("issuing the metadata service's credentials")?;
+    let client_credentials = ca
+        .credentials(Principal::Client("bench".into()))
+        .context("issuing the clients' credentials")?;
+    let storage = StorageClient::new(
+        ClientConfig::new(["127.0.0.1:9"], ClientId(1)),
+        Tcp,
+        meta_credentials.clone(),
+    );
     let listener = Tcp.bind("127.0.0.1:0").await.context("binding")?;
     let server = Server::new(
         MetaService::new(ns, storage, Arc::new(GcStats::default())),
         ServerConfig::default(),
+        meta_credentials,
     )
     .spawn(listener)
     .context("starting the metadata service")?;
     let addr = server.local_addr().to_string();
     let clients: Vec<_> = (0..args.clients)
-        .map(|_| MetaClient::new(Tcp, MetaClientConfig::new(vec![addr.clone()])))
+        .map(|_| {
+            MetaClient::new(
+                Tcp,
+                MetaClientConfig::new(vec![addr.clone()]),
+                client_credentials.clone(),
+            )
+        })
         .collect();
     let root = User::root();
 

@@ -35,15 +35,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use flyfs_client::storage::{ClientConfig, StorageClient};
-use flyfs_deploy::config::{ConfigFile, ManagerAddrs, MgmtdConfig, StorageDaemonConfig};
+use flyfs_deploy::config::{ConfigFile, ManagerAddrs, MgmtdConfig, StorageDaemonConfig, TlsConfig};
 use flyfs_deploy::supervisor::{self, Daemon, Fleet};
 use flyfs_proto::Method;
+use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, GetRouting, GetRoutingReq,
     MgmtError, PublicState, RoutingInfo,
 };
 use flyfs_rpc::{CallOptions, Client, Tcp};
+use flyfs_rpc::{ClusterCa, Credentials};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -408,6 +410,21 @@ impl Cluster {
             .context("finding a free port for the manager")?
             .port();
         self.mgmt_addr = format!("127.0.0.1:{mgmt_port}");
+        // The bench cluster authenticates like any other: a CA of its own
+        // and credentials for each daemon, the admin steps and the client.
+        let ca = ClusterCa::load_or_init(&self.tls_dir(), "bench")?;
+        ca.ensure_credentials(Principal::Mgmt("mgmtd".into()), &self.tls_dir(), "mgmtd")?;
+        for node in 1..=NODES {
+            let stem = format!("storage{node}");
+            ca.ensure_credentials(Principal::Storage(NodeId(node)), &self.tls_dir(), &stem)?;
+        }
+        let admin = Principal::Admin {
+            name: "bench".into(),
+            uid: 0,
+            gid: 0,
+        };
+        ca.ensure_credentials(admin, &self.tls_dir(), "admin")?;
+        ca.ensure_credentials(Principal::Client("bench".into()), &self.tls_dir(), "client")?;
         // Fast heartbeats and ticks bring new chains to serving within a
         // second or two; the failure timeout and lease stay at their
         // defaults, so a loaded machine does not fence anyone off.
@@ -415,6 +432,7 @@ impl Cluster {
         mgmtd.listen = self.mgmt_addr.clone();
         mgmtd.heartbeat_interval_ms = 100;
         mgmtd.tick_interval_ms = 100;
+        mgmtd.tls = Some(TlsConfig::in_dir(&self.tls_dir(), "mgmtd"));
         self.write_config("mgmtd", &mgmtd)?;
         for node in 1..=NODES {
             let mut storage =
@@ -422,6 +440,10 @@ impl Cluster {
             storage.listen = "127.0.0.1:0".into();
             storage.mgmt = ManagerAddrs::one(self.mgmt_addr.clone());
             storage.heartbeat_interval_ms = 100;
+            storage.tls = Some(TlsConfig::in_dir(
+                &self.tls_dir(),
+                &format!("storage{node}"),
+            ));
             self.write_config(&format!("storage{node}"), &storage)?;
         }
         self.spawn(&exe, "mgmtd", "mgmtd")?;
@@ -429,6 +451,15 @@ impl Cluster {
             self.spawn(&exe, &format!("storage{node}"), "storage")?;
         }
         Ok(())
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// The credentials `start` issued under the name `stem`.
+    fn credentials(&self, stem: &str) -> anyhow::Result<Credentials> {
+        Ok(Credentials::load_dir(&self.tls_dir(), stem)?)
     }
 
     fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<()> {
@@ -511,11 +542,16 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     async fn run(&mut self) -> anyhow::Result<(Duration, Duration, Latencies)> {
-        let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default());
+        let rpc = Client::new(
+            Tcp,
+            flyfs_rpc::ClientConfig::default(),
+            self.cluster.credentials("admin")?,
+        );
         self.set_up(&rpc).await?;
         let client = StorageClient::new(
             ClientConfig::new([self.cluster.mgmt_addr.clone()], ClientId(0xbe4c)),
             Tcp,
+            self.cluster.credentials("client")?,
         );
         client
             .refresh_routing()

@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use flyfs_proto::Method;
 use flyfs_proto::wire::meta::MetaError;
-use flyfs_rpc::Network;
 use flyfs_rpc::client::{CallOptions, Client, ClientConfig};
+use flyfs_rpc::{Credentials, Network};
 use flyfs_time::{Attempt, Backoff, Retry};
 
 /// How a [`MetaClient`] retries.
@@ -60,9 +60,11 @@ pub struct MetaClient<N: Network> {
 }
 
 impl<N: Network> MetaClient<N> {
-    pub fn new(net: N, config: MetaClientConfig) -> Arc<MetaClient<N>> {
+    /// A client that authenticates with `credentials` (a mount's or an
+    /// admin's).
+    pub fn new(net: N, config: MetaClientConfig, credentials: Credentials) -> Arc<MetaClient<N>> {
         Arc::new(MetaClient {
-            rpc: Client::new(net, ClientConfig::default()),
+            rpc: Client::new(net, ClientConfig::default(), credentials),
             config,
             current: AtomicUsize::new(0),
             calls: AtomicU64::new(0),
@@ -148,7 +150,7 @@ mod tests {
             .to_string();
         let config = MetaClientConfig::new(vec![addr]);
         let op_deadline = config.op_deadline;
-        let client = MetaClient::new(Tcp, config);
+        let client = MetaClient::new(Tcp, config, flyfs_rpc::testing::client());
         let started = tokio::time::Instant::now();
         let real_started = std::time::Instant::now();
         let error = client

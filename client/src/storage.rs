@@ -21,7 +21,7 @@ use flyfs_proto::wire::storage::{
     BatchRead, BatchReadReq, Channel, ChunkMetaInfo, LastChunk, LastChunkReq, ReadItem, ReadResult,
     Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
 };
-use flyfs_rpc::{CallOptions, Client, Network, RpcError};
+use flyfs_rpc::{CallOptions, Client, Credentials, Network, RpcError};
 use flyfs_time::{Attempt, Backoff, Retry};
 use parking_lot::Mutex;
 
@@ -120,11 +120,13 @@ impl<N: Network> Drop for ChannelLease<'_, N> {
 }
 
 impl<N: Network> StorageClient<N> {
-    pub fn new(config: ClientConfig, net: N) -> Arc<Self> {
+    /// A client that authenticates with `credentials` (a mount's, the
+    /// metadata service's, an admin's).
+    pub fn new(config: ClientConfig, net: N, credentials: Credentials) -> Arc<Self> {
         Arc::new(StorageClient {
             managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
-            rpc: Client::new(net, Default::default()),
+            rpc: Client::new(net, Default::default(), credentials),
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             channels: Mutex::new(Vec::new()),
             channels_made: AtomicU64::new(0),

@@ -57,7 +57,7 @@ async fn client(cluster: &TestCluster, id: u64, config: FsConfig) -> Arc<FsClien
     let mut storage = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(id));
     storage.rpc_timeout = Duration::from_secs(1);
     storage.op_deadline = Duration::from_secs(30);
-    let storage = StorageClient::new(storage, Tcp);
+    let storage = StorageClient::new(storage, Tcp, flyfs_rpc::testing::client());
     storage.refresh_routing().await.expect("routing");
     FsClient::new(cluster.meta[0].clone(), storage, ClientId(id), config)
 }

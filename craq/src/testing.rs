@@ -98,11 +98,18 @@ impl TestStorageNode {
         config.heartbeat_interval = interval;
         config.lease_timeout = interval * 10;
         config.rpc_timeout = interval * 10;
-        let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp);
+        // The node's own identity, from the process's test CA: the same one
+        // after a restart.
+        let credentials = flyfs_rpc::testing::storage(self.id);
+        let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp, credentials.clone());
         let task = tokio::spawn(node.clone().run());
-        let server = Server::new(StorageService::new(node), ServerConfig::default())
-            .spawn(listener)
-            .expect("serve storage");
+        let server = Server::new(
+            StorageService::new(node),
+            ServerConfig::default(),
+            credentials,
+        )
+        .spawn(listener)
+        .expect("serve storage");
         self.addr = addr;
         self.running = Some((server, task));
     }

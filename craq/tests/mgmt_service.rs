@@ -17,7 +17,15 @@ use flyfs_proto::wire::mgmt::{
     CreateTargetReq, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, LocalState, MgmtError,
     PublicState, RegisterNode, RegisterNodeReq, RoutingInfo, TargetReport,
 };
-use flyfs_rpc::{CallOptions, Client, ClientConfig, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{
+    CallOptions, Client, ClientConfig, Server, ServerConfig, ServerHandle, Tcp, testing,
+};
+
+/// A client speaking as storage node `n`: only storage nodes register and
+/// heartbeat.
+fn node_client(n: u32) -> Client<Tcp> {
+    Client::new(Tcp, ClientConfig::default(), testing::storage(NodeId(n)))
+}
 
 fn config() -> MgmtConfig {
     MgmtConfig {
@@ -43,7 +51,7 @@ impl Manager {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let server = Server::new(service.clone(), ServerConfig::default())
+        let server = Server::new(service.clone(), ServerConfig::default(), testing::mgmt())
             .spawn(listener)
             .expect("serve");
         let ticker = tokio::spawn(service.run());
@@ -91,7 +99,8 @@ fn members(routing: &RoutingInfo) -> Vec<(TargetId, PublicState)> {
 }
 
 /// Heartbeats for node `n` (holding target `n`) every 100 ms while `beating`.
-fn heartbeater(client: Client<Tcp>, addr: String, n: u32, beating: Arc<AtomicBool>) {
+fn heartbeater(addr: String, n: u32, beating: Arc<AtomicBool>) {
+    let client = node_client(n);
     tokio::spawn(async move {
         loop {
             if beating.load(Ordering::SeqCst) {
@@ -118,12 +127,13 @@ fn heartbeater(client: Client<Tcp>, addr: String, n: u32, beating: Arc<AtomicBoo
 async fn manager_over_tcp_detects_failures_and_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manager = Manager::start(dir.path()).await;
-    let client = Client::new(Tcp, ClientConfig::default());
+    // The operator's tool creates targets and chains.
+    let client = Client::new(Tcp, ClientConfig::default(), testing::admin());
     let addr = manager.addr.clone();
 
     for n in 1..=3u32 {
         let rsp = call::<RegisterNode>(
-            &client,
+            &node_client(n),
             &addr,
             &RegisterNodeReq {
                 node: NodeId(n),
@@ -185,7 +195,7 @@ async fn manager_over_tcp_detects_failures_and_survives_a_restart() {
     let beating: Vec<Arc<AtomicBool>> = (1..=3u32)
         .map(|n| {
             let flag = Arc::new(AtomicBool::new(true));
-            heartbeater(client.clone(), addr.clone(), n, flag.clone());
+            heartbeater(addr.clone(), n, flag.clone());
             flag
         })
         .collect();

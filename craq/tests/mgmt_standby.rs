@@ -33,7 +33,7 @@ use flyfs_proto::wire::mgmt::{
     CreateTargetReq, GetRouting, GetRoutingReq, Heartbeat, HeartbeatReq, MgmtError, PublicState,
     RoutingInfo,
 };
-use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp, testing};
 use flyfs_time::{Clock, WallClock};
 use tokio::task::JoinHandle;
 
@@ -77,7 +77,7 @@ impl Manager {
     }
 
     fn serve(service: Arc<MgmtService>, listener: tokio::net::TcpListener, addr: String) -> Self {
-        let server = Server::new(service.clone(), ServerConfig::default())
+        let server = Server::new(service.clone(), ServerConfig::default(), testing::mgmt())
             .spawn(listener)
             .expect("serve");
         let runner = tokio::spawn(service.clone().run());
@@ -131,9 +131,11 @@ async fn failover<K: Kv>(kv: K) {
     assert!(!second.service.is_primary(), "the second stands by");
     let addrs = vec![first.addr.clone(), second.addr.clone()];
 
-    // A standby refuses, naming the primary.
-    let rpc = Client::new(Tcp, Default::default());
-    let (rsp, _) = rpc
+    // A standby refuses, naming the primary. Heartbeats come from a
+    // storage node; the admin tool does the rest.
+    let node_rpc = Client::new(Tcp, Default::default(), testing::storage(NodeId(0)));
+    let rpc = Client::new(Tcp, Default::default(), testing::admin());
+    let (rsp, _) = node_rpc
         .call::<Heartbeat>(
             &second.addr,
             &HeartbeatReq::default(),
@@ -194,7 +196,7 @@ async fn failover<K: Kv>(kv: K) {
     let mut config = ClientConfig::new(addrs.clone(), ClientId(7));
     config.rpc_timeout = Duration::from_secs(1);
     config.op_deadline = Duration::from_secs(20);
-    let client = StorageClient::new(config, Tcp);
+    let client = StorageClient::new(config, Tcp, testing::client());
     wait_until("chain 1 serving", Duration::from_secs(10), async || {
         client
             .refresh_routing()
@@ -293,7 +295,7 @@ async fn failover<K: Kv>(kv: K) {
     )
     .await;
     assert!(!back.service.is_primary());
-    let (rsp, _) = rpc
+    let (rsp, _) = node_rpc
         .call::<Heartbeat>(
             &back.addr,
             &HeartbeatReq::default(),

@@ -25,7 +25,7 @@ use flyfs_proto::wire::storage::{
     BatchRead, BatchReadReq, Channel, ReadItem, StorageError, Write, WriteOp, WriteReq,
 };
 use flyfs_proto::{Method, Status};
-use flyfs_rpc::{CallOptions, Client, RpcError, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{CallOptions, Client, RpcError, Server, ServerConfig, ServerHandle, Tcp, testing};
 
 const CHUNK: u32 = 64 << 10;
 
@@ -33,6 +33,9 @@ struct Cluster {
     nodes: Vec<Arc<StorageNode<FaultyDevice<MemDevice>, Tcp>>>,
     servers: Vec<ServerHandle>,
     client: Arc<StorageClient<Tcp>>,
+    /// The operator's view (space of a node is not a mount's business).
+    admin_storage: Arc<StorageClient<Tcp>>,
+    /// Raw calls as a mount would make them (client role).
     rpc: Client<Tcp>,
 }
 
@@ -69,7 +72,7 @@ impl Cluster {
         .expect("manager");
         let (listener, mgmt) = bind().await;
         let mut servers = vec![
-            Server::new(service.clone(), ServerConfig::default())
+            Server::new(service.clone(), ServerConfig::default(), testing::mgmt())
                 .spawn(listener)
                 .expect("serve manager"),
         ];
@@ -106,16 +109,23 @@ impl Cluster {
             // it to half of that once the manager has said so.
             config.lease_timeout = Duration::from_secs(5);
             config.rpc_timeout = Duration::from_secs(2);
-            let node = StorageNode::new(config, engines, Tcp);
+            let credentials = testing::storage(NodeId(i));
+            let node = StorageNode::new(config, engines, Tcp, credentials.clone());
             tokio::spawn(node.clone().run());
             servers.push(
-                Server::new(StorageService::new(node.clone()), ServerConfig::default())
-                    .spawn(listener)
-                    .expect("serve storage"),
+                Server::new(
+                    StorageService::new(node.clone()),
+                    ServerConfig::default(),
+                    credentials,
+                )
+                .spawn(listener)
+                .expect("serve storage"),
             );
             nodes.push(node);
         }
-        let rpc = Client::new(Tcp, Default::default());
+        let rpc = Client::new(Tcp, Default::default(), testing::client());
+        // Targets and chains are the operator's to create.
+        let admin = Client::new(Tcp, Default::default(), testing::admin());
         while service.routing().nodes.len() < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -126,7 +136,7 @@ impl Cluster {
                     node: NodeId(i),
                     disk,
                 };
-                call::<CreateTarget>(&rpc, &mgmt, &req, Bytes::new())
+                call::<CreateTarget>(&admin, &mgmt, &req, Bytes::new())
                     .await
                     .expect("target");
             }
@@ -138,18 +148,21 @@ impl Cluster {
                 chain: ChainId(chain),
                 targets: targets.into_iter().map(TargetId).collect(),
             };
-            call::<CreateChain>(&rpc, &mgmt, &req, Bytes::new())
+            call::<CreateChain>(&admin, &mgmt, &req, Bytes::new())
                 .await
                 .expect("chain");
         }
         let mut config = ClientConfig::new([mgmt.clone()], ClientId(77));
         config.rpc_timeout = Duration::from_secs(2);
         config.op_deadline = Duration::from_secs(10);
-        let client = StorageClient::new(config, Tcp);
+        let client = StorageClient::new(config.clone(), Tcp, testing::client());
+        config.client = ClientId(78);
+        let admin_storage = StorageClient::new(config, Tcp, testing::admin());
         let cluster = Cluster {
             nodes,
             servers,
             client,
+            admin_storage,
             rpc,
         };
         cluster.wait_all_serving().await;
@@ -338,7 +351,7 @@ async fn every_operation_over_tcp() {
         );
     }
 
-    let space = c.client.space(&c.addr(1)).await.expect("space");
+    let space = c.admin_storage.space(&c.addr(1)).await.expect("space");
     assert_eq!(space.disks.len(), 2);
     assert_eq!(space.disks[0].committed_chunks, 9);
     assert_eq!(space.disks[1].committed_chunks, 0);
@@ -591,7 +604,14 @@ async fn a_poisoned_engine_takes_its_target_offline() {
         Some(&(TargetId(2), PublicState::Offline)),
         "{states:?}"
     );
-    assert!(c.client.space(&c.addr(2)).await.expect("space").disks[0].poisoned);
+    assert!(
+        c.admin_storage
+            .space(&c.addr(2))
+            .await
+            .expect("space")
+            .disks[0]
+            .poisoned
+    );
     for node in 0..2 {
         assert!(
             same(&c.read_at(node, chunk).await.expect("read"), &second),

@@ -21,7 +21,7 @@ use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
     CreateTargetReq, PublicState,
 };
-use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp, testing};
 
 use crate::gc::{GcConfig, GcStats, GcWorker};
 use crate::ns::{LayoutSpec, Namespace, NsConfig};
@@ -66,6 +66,9 @@ pub struct TestCluster {
     /// A storage client (client id 9) with the routing of a fully serving
     /// cluster.
     pub storage: Arc<StorageClient<Tcp>>,
+    /// The metadata instances' storage client: the metadata service's
+    /// identity, client id 10.
+    pub meta_storage: Arc<StorageClient<Tcp>>,
     pub meta_addrs: Vec<String>,
     /// One client per metadata instance.
     pub meta: Vec<Arc<MetaClient<Tcp>>>,
@@ -103,7 +106,7 @@ impl TestCluster {
         .expect("manager");
         let (listener, mgmt_addr) = bind("127.0.0.1:0").await;
         let mut servers = vec![
-            Server::new(service.clone(), ServerConfig::default())
+            Server::new(service.clone(), ServerConfig::default(), testing::mgmt())
                 .spawn(listener)
                 .expect("serve manager"),
         ];
@@ -118,7 +121,8 @@ impl TestCluster {
         while service.routing().nodes.len() < options.nodes as usize {
             tokio::time::sleep(interval).await;
         }
-        let rpc = Client::new(Tcp, Default::default());
+        // Targets, chains and tables are the operator's to create.
+        let rpc = Client::new(Tcp, Default::default(), testing::admin());
         let mut chains = Vec::new();
         for c in 0..options.chains {
             let chain = ChainId(c + 1);
@@ -152,7 +156,14 @@ impl TestCluster {
         let mut config = ClientConfig::new([mgmt_addr.clone()], ClientId(9));
         config.rpc_timeout = Duration::from_secs(2);
         config.op_deadline = Duration::from_secs(20);
-        let storage = StorageClient::new(config, Tcp);
+        // The tests' storage client is a mount's; the metadata service has
+        // its own, with its own identity (its GC removes chunks, it asks for
+        // lengths and space), as in a deployment.
+        // A client id of its own too, so that its exactly-once channels are
+        // its own.
+        let storage = StorageClient::new(config.clone(), Tcp, testing::client());
+        config.client = ClientId(10);
+        let meta_storage = StorageClient::new(config, Tcp, testing::meta());
         let cluster_serving = async || {
             let routing = storage.refresh_routing().await.expect("routing");
             !routing.tables.is_empty()
@@ -177,7 +188,8 @@ impl TestCluster {
         let mut gc_stats = Vec::new();
         let mut first_ns = None;
         for _ in 0..options.meta_instances.max(1) {
-            let mut ns_config = NsConfig::new(spec, Arc::new(RoutingChainTables(storage.clone())));
+            let mut ns_config =
+                NsConfig::new(spec, Arc::new(RoutingChainTables(meta_storage.clone())));
             ns_config.gc_delay_ms = 0;
             let ns = Namespace::open(kv.clone(), ns_config)
                 .await
@@ -185,7 +197,7 @@ impl TestCluster {
             let stats = Arc::new(GcStats::default());
             let gc = GcWorker::new(
                 ns.clone(),
-                storage.clone(),
+                meta_storage.clone(),
                 GcConfig {
                     interval: Duration::from_millis(50),
                     ..GcConfig::default()
@@ -196,8 +208,9 @@ impl TestCluster {
             let (listener, addr) = bind("127.0.0.1:0").await;
             servers.push(
                 Server::new(
-                    MetaService::new(ns.clone(), storage.clone(), stats.clone()),
+                    MetaService::new(ns.clone(), meta_storage.clone(), stats.clone()),
                     ServerConfig::default(),
+                    testing::meta(),
                 )
                 .spawn(listener)
                 .expect("serve meta"),
@@ -205,6 +218,7 @@ impl TestCluster {
             meta.push(MetaClient::new(
                 Tcp,
                 MetaClientConfig::new(vec![addr.clone()]),
+                testing::client(),
             ));
             meta_addrs.push(addr);
             gc_stats.push(stats);
@@ -215,6 +229,7 @@ impl TestCluster {
             mgmt_addr,
             nodes,
             storage,
+            meta_storage,
             meta_addrs,
             meta,
             ns: first_ns.expect("at least one instance"),

@@ -295,13 +295,20 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
         .expect_err("the tree is gone at once");
     assert_eq!(gone.errno, libc::ENOENT);
 
+    // The GC's status is an operator's question (admin role), asked of the
+    // same instance as `a`.
+    let admin = MetaClient::new(
+        Tcp,
+        MetaClientConfig::new(vec![cluster._inner.meta_addrs[0].clone()]),
+        flyfs_rpc::testing::admin(),
+    );
     let mut left = usize::MAX;
     for _ in 0..200 {
         left = cluster.chunks_of(opened.attr.ino).await;
         for ino in &tree_files {
             left += cluster.chunks_of(*ino).await;
         }
-        let status = a
+        let status = admin
             .call::<wire::GcStatus, _>(&wire::GcStatusReq {})
             .await
             .expect("gc status");
@@ -351,7 +358,7 @@ async fn bad_names_get_errno_and_failover_reaches_a_live_instance() {
     let (_live, live_addr) = serve_another(&cluster).await;
     let mut config = MetaClientConfig::new(vec![dead_addr, live_addr]);
     config.op_deadline = Duration::from_secs(10);
-    let client = MetaClient::new(Tcp, config);
+    let client = MetaClient::new(Tcp, config, flyfs_rpc::testing::client());
     let attr = client
         .call::<wire::Stat, _>(&wire::StatReq {
             user: root,
@@ -368,10 +375,11 @@ async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
     let handle = Server::new(
         MetaService::new(
             cluster.ns.clone(),
-            cluster.storage.clone(),
+            cluster._inner.meta_storage.clone(),
             Arc::new(GcStats::default()),
         ),
         ServerConfig::default(),
+        flyfs_rpc::testing::meta(),
     )
     .spawn(listener)
     .expect("serve");

@@ -65,6 +65,11 @@ pub enum Status {
     Internal,
     /// The server is shutting down or overloaded; try again later.
     Unavailable,
+    /// The connection is not authenticated (a plaintext client, or no valid
+    /// certificate): the server accepts only mutual TLS with the cluster CA.
+    Unauthenticated,
+    /// The caller's role may not call this method.
+    Forbidden,
     /// A code this build does not know (a newer peer sent it).
     Unknown(u16),
 }
@@ -79,6 +84,8 @@ impl Status {
             4 => Status::TooLarge,
             5 => Status::Internal,
             6 => Status::Unavailable,
+            7 => Status::Unauthenticated,
+            8 => Status::Forbidden,
             other => Status::Unknown(other),
         }
     }
@@ -92,6 +99,8 @@ impl Status {
             Status::TooLarge => 4,
             Status::Internal => 5,
             Status::Unavailable => 6,
+            Status::Unauthenticated => 7,
+            Status::Forbidden => 8,
             Status::Unknown(code) => code,
         }
     }
@@ -585,11 +594,13 @@ mod tests {
 
     #[test]
     fn unknown_status_codes_survive() {
-        for code in [0u16, 1, 2, 3, 4, 5, 6, 7, 999, u16::MAX] {
+        for code in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 999, u16::MAX] {
             assert_eq!(Status::from_u16(code).to_u16(), code);
         }
         assert_eq!(Status::from_u16(999), Status::Unknown(999));
         assert_eq!(Status::from_u16(4), Status::TooLarge);
+        assert_eq!(Status::from_u16(7), Status::Unauthenticated);
+        assert_eq!(Status::from_u16(8), Status::Forbidden);
     }
 
     #[test]

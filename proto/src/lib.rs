@@ -12,12 +12,15 @@
 //! * [`wire`]: the message types of each service, declared as [`Method`]s.
 //! * [`access`]: the POSIX access rule over the wire's credentials, shared
 //!   by the metadata service and the FUSE daemon.
+//! * [`auth`]: principals, the identity URI of a certificate, and the
+//!   [`Roles`](auth::Roles) every method allows.
 //!
 //! The byte layout and its version log are in docs/rpc-wire-format.md.
 #![deny(unsafe_code)]
 
 pub mod access;
 pub mod addr;
+pub mod auth;
 pub mod codec;
 pub mod frame;
 pub mod ids;
@@ -26,6 +29,7 @@ pub mod wire;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use auth::{Identity, Principal, Role, Roles};
 pub use codec::CodecError;
 pub use frame::{FrameError, FrameLimits, Status};
 
@@ -44,6 +48,11 @@ pub trait Method {
     /// body only ([`frame::FLAG_PAYLOAD_UNCHECKED`]), so a hop does not read
     /// every payload byte twice more just to checksum it again.
     const PAYLOAD_CHECKED_BY_SERVICE: bool = false;
+    /// The roles allowed to call the method; the rpc server refuses anyone
+    /// else with `Forbidden` before the service sees the request. No
+    /// default: every method says who calls it (least privilege, from the
+    /// real callers; the table is in docs/security.md).
+    const ROLES: Roles;
 }
 
 /// The first method id a service may use; lower ids are the rpc layer's.
@@ -70,6 +79,7 @@ pub struct PingRsp {
 impl Method for Ping {
     const ID: u16 = 1;
     const NAME: &'static str = "rpc.Ping";
+    const ROLES: Roles = Roles::ALL;
     type Req = PingReq;
     type Rsp = PingRsp;
 }

@@ -1,6 +1,14 @@
 //! The client side: pooled, multiplexed connections per peer; typed calls
 //! with per-attempt deadlines and opt-in retries.
 //!
+//! Every connection is mutual TLS with the client's [`Credentials`]: the
+//! handshake runs within `connect_timeout`, and the server must present a
+//! certificate of our cluster's CA naming a daemon (a client's or an
+//! admin's certificate cannot serve). A server that refuses our certificate
+//! (TLS 1.3 tells the client only after its side of the handshake is done)
+//! fails the calls on that connection with [`RpcError::Refused`], which is
+//! not retried.
+//!
 //! Per address the client keeps `connections_per_peer` connection slots,
 //! connected lazily and used round robin. Each connection carries many calls
 //! at once: a writer task writes request frames from a channel, a reader task
@@ -37,12 +45,14 @@ use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, S
 use crate::frame_io::{self, ReadError};
 use crate::net::Network;
 use crate::payload::Payload;
+use crate::tls::{self, Credentials};
 
 /// Per-client settings.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientConfig {
     /// Connections kept to each address; calls spread over them round robin.
     pub connections_per_peer: usize,
+    /// Deadline of a new connection, TLS handshake included.
     pub connect_timeout: Duration,
     /// Limits on reply frames.
     pub limits: FrameLimits,
@@ -119,6 +129,7 @@ impl<N: Network> Clone for Client<N> {
 struct Inner<N> {
     net: N,
     config: ClientConfig,
+    credentials: Credentials,
     peers: Mutex<BTreeMap<String, Arc<Peer>>>,
     /// Request ids start at 1: 0 means "the connection" in server frames.
     request_id_next: AtomicU64,
@@ -134,11 +145,14 @@ struct Peer {
 }
 
 impl<N: Network> Client<N> {
-    pub fn new(net: N, config: ClientConfig) -> Client<N> {
+    /// A client that proves itself with `credentials` on every connection.
+    /// There is no client without credentials.
+    pub fn new(net: N, config: ClientConfig, credentials: Credentials) -> Client<N> {
         Client {
             inner: Arc::new(Inner {
                 net,
                 config,
+                credentials,
                 peers: Mutex::new(BTreeMap::new()),
                 request_id_next: AtomicU64::new(1),
             }),
@@ -213,6 +227,11 @@ impl<N: Network> Client<N> {
                     .map(|conn| lock(&conn.shared.state).pending.len())
             })
             .sum()
+    }
+
+    /// The credentials this client presents.
+    pub fn credentials(&self) -> &Credentials {
+        &self.inner.credentials
     }
 
     fn request_id(&self) -> u64 {
@@ -329,6 +348,13 @@ impl<N: Network> Client<N> {
         let frame = match reply_rx.await {
             Ok(Ok(frame)) => frame,
             Ok(Err(Failure::Frame(error))) => return Err(RpcError::Frame(error)),
+            Ok(Err(Failure::Refused(reason))) => {
+                return Err(RpcError::Refused {
+                    addr: addr.to_owned(),
+                    method,
+                    reason,
+                });
+            }
             Ok(Err(Failure::Disconnected)) | Err(_) => return Err(disconnected()),
         };
         match frame.header.status {
@@ -372,22 +398,48 @@ impl<N: Network> Client<N> {
             addr: addr.to_owned(),
             source,
         };
-        let stream = tokio::time::timeout(
-            self.inner.config.connect_timeout,
-            self.inner.net.connect(addr),
-        )
-        .await
-        .map_err(|_elapsed| {
-            connect_error(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no connection within {:?}",
-                    self.inner.config.connect_timeout
-                ),
-            ))
-        })?
-        .map_err(connect_error)?;
-        tracing::debug!(%addr, slot = index, "connected");
+        let connect = async {
+            let stream = self.inner.net.connect(addr).await.map_err(connect_error)?;
+            tokio_rustls::TlsConnector::from(self.inner.credentials.client_config())
+                .connect(Credentials::server_name(), stream)
+                .await
+                .map_err(|source| RpcError::Handshake {
+                    addr: addr.to_owned(),
+                    source,
+                })
+        };
+        let stream = tokio::time::timeout(self.inner.config.connect_timeout, connect)
+            .await
+            .map_err(|_elapsed| {
+                connect_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection and TLS handshake within {:?}",
+                        self.inner.config.connect_timeout
+                    ),
+                ))
+            })??;
+        // rustls verified the chain to our CA; which peer it is, is ours to
+        // check: a daemon of our cluster.
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or(tls::PeerIdentityError::Missing)
+            .and_then(|certificate| tls::peer_identity(certificate))
+            .map_err(|error| RpcError::PeerIdentity {
+                addr: addr.to_owned(),
+                reason: error.to_string(),
+            })?;
+        self.inner
+            .credentials
+            .check_server(&identity)
+            .map_err(|reason| RpcError::PeerIdentity {
+                addr: addr.to_owned(),
+                reason,
+            })?;
+        tracing::debug!(%addr, slot = index, server = %identity, "connected");
         let conn = Arc::new(Conn::start(addr, stream, self.inner.config.limits));
         *slot = Some(conn.clone());
         Ok(conn)
@@ -404,6 +456,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 enum Failure {
     Disconnected,
+    /// The TLS session failed: the server refused our certificate (an
+    /// alert), or the stream was not valid TLS.
+    Refused(String),
     /// The reply's body CRC did not match.
     Frame(FrameError),
 }
@@ -457,6 +512,12 @@ impl Shared {
     /// Marks the connection broken, fails every pending call (in request id
     /// order) and stops both tasks, which closes the socket.
     fn close(&self) {
+        self.close_because(None);
+    }
+
+    /// As [`Shared::close`]; with `refused`, the pending calls fail with
+    /// that reason instead of `Disconnected`.
+    fn close_because(&self, refused: Option<String>) {
         let (pending, tasks) = {
             let mut state = lock(&self.state);
             state.open = false;
@@ -469,7 +530,11 @@ impl Shared {
             tracing::debug!(addr = %self.addr, calls = pending.len(), "connection lost");
         }
         for (_, reply) in pending {
-            let _ = reply.send(Err(Failure::Disconnected));
+            let failure = match &refused {
+                Some(reason) => Failure::Refused(reason.clone()),
+                None => Failure::Disconnected,
+            };
+            let _ = reply.send(Err(failure));
         }
         for task in tasks {
             task.abort();
@@ -555,6 +620,15 @@ async fn read_loop<T: AsyncRead>(
         let frame = match frame_io::read_frame(&mut reader, &limits).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
+            Err(ReadError::Io(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+                // rustls reports a TLS alert or a broken record as
+                // InvalidData: the server refused us (our certificate is
+                // not of its CA, or not of its cluster), which no retry
+                // fixes.
+                tracing::warn!(addr = %shared.addr, %error, "TLS session failed");
+                shared.close_because(Some(format!("TLS session failed: {error}")));
+                return;
+            }
             Err(ReadError::Io(error)) => {
                 tracing::debug!(addr = %shared.addr, %error, "connection read failed");
                 break;

@@ -61,6 +61,26 @@ pub enum RpcError {
         #[source]
         source: io::Error,
     },
+    /// The TLS handshake failed: the server's certificate is not of our
+    /// cluster's CA, or the stream broke during the handshake.
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The server's certificate is valid but names no daemon of our
+    /// cluster.
+    #[error("{addr} is not a flyfs daemon of our cluster: {reason}")]
+    PeerIdentity { addr: String, reason: String },
+    /// The server refused our credentials after the handshake (TLS 1.3
+    /// verifies the client's certificate last), or the session broke.
+    #[error("{addr} refused the connection before answering {method}: {reason}")]
+    Refused {
+        addr: String,
+        method: MethodRef,
+        reason: String,
+    },
     /// The connection broke (or was dropped) before the reply arrived. The
     /// request may or may not have run.
     #[error("connection to {addr} lost before {method} was answered")]
@@ -103,6 +123,10 @@ impl RpcError {
                 true
             }
             RpcError::Remote { status, .. } => *status == Status::Unavailable,
+            // A handshake cut short by the network may succeed next time;
+            // one that rustls refused (InvalidData: a certificate or
+            // protocol error) will not.
+            RpcError::Handshake { source, .. } => source.kind() != io::ErrorKind::InvalidData,
             _ => false,
         }
     }
@@ -145,6 +169,23 @@ mod tests {
             message: String::new(),
         };
         assert!(remote(Status::Unavailable).is_retryable());
+        assert!(!remote(Status::Unauthenticated).is_retryable());
+        assert!(!remote(Status::Forbidden).is_retryable());
+        assert!(
+            !RpcError::Handshake {
+                addr: addr.clone(),
+                source: io::ErrorKind::InvalidData.into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !RpcError::Refused {
+                addr: addr.clone(),
+                method,
+                reason: String::new()
+            }
+            .is_retryable()
+        );
         assert!(!remote(Status::BadRequest).is_retryable());
         assert!(
             !RpcError::PayloadLength {

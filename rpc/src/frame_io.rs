@@ -15,10 +15,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::recv_pool::RecvBuf;
 
-/// Writes one frame with vectored writes of header, body and payload.
+/// Writes one frame with vectored writes of header, body and payload, then
+/// flushes: a TLS stream may keep the frame's last record buffered until
+/// flushed, and nothing else would flush it before the peer waits for it.
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: OutFrame) -> io::Result<()> {
     let mut chain = Buf::chain(Buf::chain(&frame.header[..], frame.body), frame.payload);
-    writer.write_all_buf(&mut chain).await
+    writer.write_all_buf(&mut chain).await?;
+    writer.flush().await
 }
 
 /// Reading a frame failed.

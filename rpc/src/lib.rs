@@ -9,6 +9,8 @@
 //! * [`net`]: the network seam ([`Tcp`], and `SimNet` for turmoil).
 //! * [`server`] and [`client`]: multiplexed request/response over one
 //!   connection, many calls in flight, replies in any order.
+//! * [`tls`]: mutual TLS: credentials, the cluster CA, the identity of a
+//!   peer's certificate (docs/security.md).
 //! * [`metrics`]: per-method request counters and latency histograms of
 //!   both sides, off until a process enables them.
 //!
@@ -23,6 +25,9 @@ pub mod net;
 pub mod payload;
 pub mod recv_pool;
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod tls;
 
 pub use client::{CallOptions, Client, ClientConfig, RawReply, RetryPolicy};
 pub use error::{MethodRef, RpcError};
@@ -30,4 +35,5 @@ pub use error::{MethodRef, RpcError};
 pub use net::SimNet;
 pub use net::{Listener, Network, Tcp};
 pub use payload::Payload;
-pub use server::{Reply, Request, Server, ServerConfig, ServerHandle, Service, serve};
+pub use server::{Peer, Reply, Request, Server, ServerConfig, ServerHandle, Service, serve};
+pub use tls::{ClusterCa, CredentialPaths, Credentials, CredentialsError};

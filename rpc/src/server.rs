@@ -1,7 +1,20 @@
-//! The server side: accept connections, read requests, run them through a
-//! [`Service`] concurrently, write replies in whatever order they finish.
+//! The server side: accept connections, authenticate them, read requests,
+//! check the caller's role, run them through a [`Service`] concurrently,
+//! write replies in whatever order they finish.
 //!
-//! Each connection is one task running three loops side by side:
+//! Every connection is mutual TLS ([`crate::tls`]): the accept loop only
+//! spawns, and the connection's own task runs the handshake under
+//! [`ServerConfig::handshake_timeout`], so a slow or silent peer holds one
+//! task for a bounded time and never the accept loop. A peer that speaks a
+//! flyfs frame in plaintext gets one plaintext `Unauthenticated` frame saying
+//! why; a failed handshake or a certificate without a flyfs identity of our
+//! cluster closes the connection. Each refusal is one log line, at most one
+//! per second per cause (with the count of lines held back), so a flood of
+//! bad connections cannot flood the log. Before a request reaches the
+//! service, the caller's role must be in the method's roles
+//! ([`Service::roles`]), else it is answered `Forbidden`.
+//!
+//! After the handshake, each connection runs three loops side by side:
 //! * the *reader* reads frames (exactly one frame at a time, so a hostile
 //!   header costs at most the frame limits in memory) and hands them on;
 //! * the *dispatcher* answers what the rpc layer owns (ping, unknown
@@ -39,14 +52,17 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
 
+use flyfs_proto::auth::{Identity, Roles};
 use flyfs_proto::codec;
-use flyfs_proto::frame::{Frame, FrameLimits, Kind, OutFrame, Status};
+use flyfs_proto::frame::{self, Frame, FrameLimits, Kind, OutFrame, Status};
 use flyfs_proto::{METHOD_ID_SERVICE_MIN, Method, Ping, PingRsp};
 
 use crate::frame_io::{self, ReadError};
 use crate::net::Listener;
 use crate::payload::Payload;
+use crate::tls::{self, Credentials};
 
 /// How long a closing connection keeps reading (and discarding) what the
 /// client still sends after the error frame, and how much of it.
@@ -61,8 +77,24 @@ pub struct Request {
     /// The encoded request message; see [`Request::decode`].
     pub body: Bytes,
     pub payload: Payload,
-    /// The client's address, for logs.
-    pub peer: String,
+    /// Who sent it: authenticated by the connection's TLS handshake.
+    pub peer: Peer,
+}
+
+/// An authenticated peer: its address (for logs) and the identity its
+/// certificate names. Services bind identities through it (a storage node
+/// may only speak for its own node id; an admin acts as its certificate's
+/// uid).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: String,
+    pub identity: Arc<Identity>,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.addr, self.identity)
+    }
 }
 
 impl Request {
@@ -139,6 +171,16 @@ impl Reply {
 /// many at a time; a panic in it becomes an `Internal` reply.
 pub trait Service: Send + Sync + 'static {
     fn call(&self, request: Request) -> impl Future<Output = Reply> + Send;
+
+    /// The roles allowed to call `method`, or `None` if the service has no
+    /// such method (answered `UnknownMethod`). The default is every flyfs
+    /// method's declared roles ([`flyfs_proto::wire::roles_of`]); only a
+    /// service with methods of its own (a test's) answers otherwise, and
+    /// should use ids no flyfs service uses, since refusals name a method
+    /// after flyfs's table.
+    fn roles(&self, method: u16) -> Option<Roles> {
+        flyfs_proto::wire::roles_of(method)
+    }
 }
 
 /// Per-server settings.
@@ -146,6 +188,8 @@ pub trait Service: Send + Sync + 'static {
 pub struct ServerConfig {
     pub limits: FrameLimits,
     pub requests_in_flight_max_per_connection: usize,
+    /// How long a new connection has to complete its TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -153,20 +197,28 @@ impl Default for ServerConfig {
         ServerConfig {
             limits: FrameLimits::default(),
             requests_in_flight_max_per_connection: 256,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// A service with its settings, ready to serve a listener.
+/// A service with its settings and credentials, ready to serve a listener.
+/// There is no server without credentials: every connection is
+/// authenticated.
 #[derive(Debug)]
 pub struct Server<S> {
     service: Arc<S>,
     config: ServerConfig,
+    credentials: Credentials,
 }
 
 impl<S: Service> Server<S> {
-    pub fn new(service: Arc<S>, config: ServerConfig) -> Server<S> {
-        Server { service, config }
+    pub fn new(service: Arc<S>, config: ServerConfig, credentials: Credentials) -> Server<S> {
+        Server {
+            service,
+            config,
+            credentials,
+        }
     }
 
     /// Serves `listener` until the returned future is dropped (which drops
@@ -176,7 +228,14 @@ impl<S: Service> Server<S> {
         L: Listener,
         L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        serve_until(listener, self.service, self.config, std::future::pending()).await;
+        serve_until(
+            listener,
+            self.service,
+            self.config,
+            self.credentials,
+            std::future::pending(),
+        )
+        .await;
     }
 
     /// Serves `listener` from a task of its own until the handle is shut
@@ -192,6 +251,7 @@ impl<S: Service> Server<S> {
             listener,
             self.service,
             self.config,
+            self.credentials,
             async move {
                 // A dropped handle stops the server too: `Err` is fine.
                 let _ = stopped.await;
@@ -208,13 +268,19 @@ impl<S: Service> Server<S> {
 /// Serves `listener` with `service` until the future is dropped. Generic over
 /// the listener (rather than the [`Network`](crate::Network)) so that the
 /// network type is inferred from the listener.
-pub async fn serve<L, S>(listener: L, service: Arc<S>, config: ServerConfig)
-where
+pub async fn serve<L, S>(
+    listener: L,
+    service: Arc<S>,
+    config: ServerConfig,
+    credentials: Credentials,
+) where
     L: Listener,
     L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service,
 {
-    Server::new(service, config).serve(listener).await;
+    Server::new(service, config, credentials)
+        .serve(listener)
+        .await;
 }
 
 /// A running server. Dropping it stops the server as [`shutdown`] does, but
@@ -256,6 +322,7 @@ async fn serve_until<L, S>(
     mut listener: L,
     service: Arc<S>,
     config: ServerConfig,
+    credentials: Credentials,
     shutdown: impl Future<Output = ()>,
 ) where
     L: Listener,
@@ -264,6 +331,7 @@ async fn serve_until<L, S>(
 {
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let refusals = Arc::new(RefusalLog::default());
     loop {
         tokio::select! {
             biased;
@@ -273,7 +341,14 @@ async fn serve_until<L, S>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tracing::debug!(%peer, "connection accepted");
-                    connections.spawn(run_connection(stream, peer, service.clone(), config));
+                    connections.spawn(run_connection(
+                        stream,
+                        peer,
+                        service.clone(),
+                        config,
+                        credentials.clone(),
+                        refusals.clone(),
+                    ));
                 }
                 Err(error) => {
                     // Usually transient (out of file descriptors): back off a
@@ -297,11 +372,35 @@ enum Event {
     Fatal(OutFrame),
 }
 
-async fn run_connection<T, S>(stream: T, peer: String, service: Arc<S>, config: ServerConfig)
-where
+async fn run_connection<T, S>(
+    stream: T,
+    addr: String,
+    service: Arc<S>,
+    config: ServerConfig,
+    credentials: Credentials,
+    refusals: Arc<RefusalLog>,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service,
 {
+    let accepted =
+        tokio::time::timeout(config.handshake_timeout, accept(stream, &credentials)).await;
+    let (stream, identity) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(refusal)) => {
+            refusals.log(&addr, &refusal);
+            return;
+        }
+        Err(_elapsed) => {
+            refusals.log(&addr, &Refusal::HandshakeTimeout(config.handshake_timeout));
+            return;
+        }
+    };
+    let peer = Peer {
+        addr,
+        identity: Arc::new(identity),
+    };
+    tracing::debug!(%peer, "connection authenticated");
     let (reader, writer) = tokio::io::split(stream);
     // Capacity 1: the reader stays at most one frame ahead of the dispatcher,
     // so the in-flight limit holds back reading from the socket.
@@ -313,9 +412,9 @@ where
     // (or the writer is gone), the writer when the dispatcher is done (or a
     // write fails).
     tokio::join!(
-        read_loop(reader, events_tx, config.limits, &peer),
+        read_loop(reader, events_tx, config.limits, &peer.addr),
         dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
-        write_loop(writer, replies_rx, &peer),
+        write_loop(writer, replies_rx, &peer.addr),
     );
     tracing::debug!(%peer, "connection closed");
 }
@@ -394,7 +493,7 @@ async fn dispatch_loop<S: Service>(
     replies: mpsc::Sender<OutFrame>,
     service: Arc<S>,
     in_flight_max: usize,
-    peer: &str,
+    peer: &Peer,
 ) {
     let mut in_flight: JoinSet<OutFrame> = JoinSet::new();
     // Which request each task serves, to answer for a task that panicked.
@@ -423,7 +522,7 @@ async fn dispatch_loop<S: Service>(
                     Err(error) => {
                         let (method, request_id) =
                             requests.remove(&error.id()).unwrap_or((0, 0));
-                        panic_reply(method, request_id, error, peer)
+                        panic_reply(method, request_id, error, &peer.addr)
                     }
                 }
             }
@@ -466,7 +565,7 @@ enum Dispatch<F> {
 fn dispatch<S: Service>(
     frame: Frame,
     service: &Arc<S>,
-    peer: &str,
+    peer: &Peer,
 ) -> Dispatch<impl Future<Output = OutFrame> + Send + 'static> {
     let Frame {
         header,
@@ -489,12 +588,25 @@ fn dispatch<S: Service>(
         record(metrics, started, request_bytes, &reply);
         return Dispatch::Now(reply_frame(method, request_id, reply));
     }
+    let refused = match service.roles(method) {
+        None => Some(Reply::unknown_method(method)),
+        Some(roles) if !roles.contains(peer.identity.role()) => {
+            let reply = Reply::error(Status::Forbidden, forbidden_message(peer, method));
+            tracing::debug!(%peer, method, "request refused: role not allowed");
+            Some(reply)
+        }
+        Some(_) => None,
+    };
+    if let Some(reply) = refused {
+        record(metrics, started, request_bytes, &reply);
+        return Dispatch::Now(reply_frame(method, request_id, reply));
+    }
     let request = Request {
         method,
         request_id,
         body,
         payload: Payload::from_bytes(payload),
-        peer: peer.to_owned(),
+        peer: peer.clone(),
     };
     let service = service.clone();
     Dispatch::Spawn(method, request_id, async move {
@@ -568,4 +680,222 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     // Everything is written: send FIN so the client reads the last reply and
     // then end of stream.
     let _ = writer.shutdown().await;
+}
+
+/// "role client may not call storage.Forward (method 401)".
+fn forbidden_message(peer: &Peer, method: u16) -> String {
+    let name = flyfs_proto::wire::METHODS
+        .iter()
+        .find(|(id, _)| *id == method)
+        .map(|(_, name)| *name);
+    let role = peer.identity.role();
+    match name {
+        Some(name) => format!("role {role} may not call {name} (method {method})"),
+        None => format!("role {role} may not call method {method}"),
+    }
+}
+
+/// Why a connection was refused before any request was read.
+#[derive(Debug)]
+enum Refusal {
+    /// The peer sent a flyfs frame header in plaintext.
+    Plaintext,
+    /// The connection failed before the handshake completed.
+    Io(io::Error),
+    /// rustls refused the handshake (no client certificate, a certificate
+    /// from another CA, a protocol error).
+    Handshake(io::Error),
+    HandshakeTimeout(Duration),
+    /// The certificate chains to our CA but names no valid flyfs identity.
+    Identity(tls::PeerIdentityError),
+    /// The identity is of another cluster.
+    Cluster(String),
+}
+
+impl Refusal {
+    /// The cause, as rate limiting groups refusals.
+    fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Plaintext => "plaintext",
+            Refusal::Io(_) => "io",
+            Refusal::Handshake(_) => "handshake",
+            Refusal::HandshakeTimeout(_) => "handshake timeout",
+            Refusal::Identity(_) => "identity",
+            Refusal::Cluster(_) => "cluster",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Plaintext => {
+                f.write_str("a plaintext flyfs client (answered Unauthenticated)")
+            }
+            Refusal::Io(error) => write!(f, "connection failed before the TLS handshake: {error}"),
+            Refusal::Handshake(error) => write!(f, "TLS handshake failed: {error}"),
+            Refusal::HandshakeTimeout(after) => {
+                write!(f, "no TLS handshake within {after:?}")
+            }
+            Refusal::Identity(error) => write!(f, "client certificate refused: {error}"),
+            Refusal::Cluster(reason) => write!(f, "client certificate refused: {reason}"),
+        }
+    }
+}
+
+/// The body of the plaintext `Unauthenticated` frame.
+pub const PLAINTEXT_REFUSAL: &str = "this flyfs server accepts only TLS connections \
+    authenticated by a certificate of the cluster CA; configure the client's [tls] \
+    credentials (ca, cert, key)";
+
+/// Reads the first bytes of a connection: a flyfs frame header in plaintext
+/// gets the `Unauthenticated` frame; anything else is handed to rustls (with
+/// those bytes put back in front) as a TLS handshake.
+async fn accept<T>(
+    mut stream: T,
+    credentials: &Credentials,
+) -> Result<(tokio_rustls::server::TlsStream<Prefixed<T>>, Identity), Refusal>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut first = [0u8; 4];
+    stream.read_exact(&mut first).await.map_err(Refusal::Io)?;
+    if first == frame::MAGIC.to_le_bytes() {
+        let reply = OutFrame::error(0, 0, Status::Unauthenticated, PLAINTEXT_REFUSAL);
+        if frame_io::write_frame(&mut stream, reply).await.is_ok() {
+            let _ = stream.flush().await;
+            let _ = stream.shutdown().await;
+            drain(&mut stream).await;
+        }
+        return Err(Refusal::Plaintext);
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(credentials.server_config());
+    let stream = acceptor
+        .accept(Prefixed::new(first, stream))
+        .await
+        .map_err(Refusal::Handshake)?;
+    // rustls verified the chain; the identity is ours to check.
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(Refusal::Identity(tls::PeerIdentityError::Missing))?;
+    let identity = tls::peer_identity(certificate).map_err(Refusal::Identity)?;
+    credentials
+        .check_client(&identity)
+        .map_err(Refusal::Cluster)?;
+    Ok((stream, identity))
+}
+
+/// A stream with a few bytes already read from it put back in front.
+#[derive(Debug)]
+struct Prefixed<T> {
+    prefix: [u8; 4],
+    /// How many bytes of `prefix` have been read again.
+    consumed: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(prefix: [u8; 4], inner: T) -> Prefixed<T> {
+        Prefixed {
+            prefix,
+            consumed: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.consumed < this.prefix.len() {
+            let rest = &this.prefix[this.consumed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.consumed += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// At most one log line per cause per [`REFUSAL_LOG_INTERVAL`], with the
+/// number of refusals held back since the last line: a flood of bad
+/// connections costs a line a second, not a line each.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    causes: parking_lot::Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+impl RefusalLog {
+    fn log(&self, addr: &str, refusal: &Refusal) {
+        let now = Instant::now();
+        let suppressed = {
+            let mut causes = self.causes.lock();
+            match causes.get_mut(refusal.cause()) {
+                Some((last, held_back)) if now.duration_since(*last) < REFUSAL_LOG_INTERVAL => {
+                    *held_back += 1;
+                    return;
+                }
+                Some((last, held_back)) => {
+                    *last = now;
+                    std::mem::take(held_back)
+                }
+                None => {
+                    causes.insert(refusal.cause(), (now, 0));
+                    0
+                }
+            }
+        };
+        tracing::warn!(
+            peer = %addr,
+            cause = refusal.cause(),
+            suppressed,
+            "connection refused: {refusal}"
+        );
+    }
 }

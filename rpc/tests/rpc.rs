@@ -1,5 +1,7 @@
 //! End-to-end tests of the rpc layer over real TCP on 127.0.0.1: a test
-//! service, the client, and raw sockets playing a misbehaving peer.
+//! service, the client, and raw sockets playing a misbehaving peer (inside
+//! an authenticated TLS session, as any peer must be; what happens without
+//! one is in auth.rs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flyfs_proto::frame::{self, FrameLimits, Kind, OutFrame};
-use flyfs_proto::{Method, Ping, PingReq, Status, codec};
+use flyfs_proto::ids::NodeId;
+use flyfs_proto::{Method, Ping, PingReq, Roles, Status, codec};
 use flyfs_rpc::frame_io::{read_frame, write_frame};
+use flyfs_rpc::testing;
 use flyfs_rpc::{
     CallOptions, Client, ClientConfig, Listener, Network, Reply, Request, RetryPolicy, RpcError,
     Server, ServerConfig, ServerHandle, Service, Tcp,
@@ -38,6 +42,7 @@ impl Method for Echo {
     const NAME: &'static str = "test.Echo";
     type Req = EchoReq;
     type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
 }
 
 /// Panics in the handler.
@@ -47,6 +52,7 @@ impl Method for Explode {
     const NAME: &'static str = "test.Explode";
     type Req = EchoReq;
     type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
 }
 
 /// Version 1 and version 2 of one method, to test compatibility on the wire:
@@ -79,6 +85,7 @@ impl Method for StatV1Method {
     const NAME: &'static str = "test.Stat";
     type Req = StatV1;
     type Rsp = StatRspV1;
+    const ROLES: Roles = Roles::ALL;
 }
 struct StatV2Method;
 impl Method for StatV2Method {
@@ -86,6 +93,7 @@ impl Method for StatV2Method {
     const NAME: &'static str = "test.Stat";
     type Req = StatV2;
     type Rsp = StatRspV2;
+    const ROLES: Roles = Roles::ALL;
 }
 
 #[derive(Default)]
@@ -126,6 +134,12 @@ impl Service for TestService {
             other => Reply::unknown_method(other),
         }
     }
+
+    fn roles(&self, method: u16) -> Option<Roles> {
+        [Echo::ID, Explode::ID, StatV1Method::ID]
+            .contains(&method)
+            .then_some(Roles::ALL)
+    }
 }
 
 async fn start_server(config: ServerConfig) -> (ServerHandle, Arc<TestService>) {
@@ -135,14 +149,14 @@ async fn start_server(config: ServerConfig) -> (ServerHandle, Arc<TestService>) 
 async fn start_server_at(addr: &str, config: ServerConfig) -> (ServerHandle, Arc<TestService>) {
     let listener = Tcp.bind(addr).await.expect("bind");
     let service = Arc::new(TestService::default());
-    let handle = Server::new(service.clone(), config)
+    let handle = Server::new(service.clone(), config, testing::storage(NodeId(1)))
         .spawn(listener)
         .expect("spawn server");
     (handle, service)
 }
 
 fn client() -> Client<Tcp> {
-    Client::new(Tcp, ClientConfig::default())
+    Client::new(Tcp, ClientConfig::default(), testing::client())
 }
 
 fn echo(text: &str, sleep_ms: u64) -> EchoReq {
@@ -218,6 +232,7 @@ async fn many_concurrent_calls_are_answered_out_of_order() {
             connections_per_peer: 1,
             ..ClientConfig::default()
         },
+        testing::client(),
     );
     let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -295,8 +310,20 @@ async fn bad_request_body_names_the_method() {
     server.shutdown().await;
 }
 
+/// A raw TLS session with a client's credentials: a peer that passed
+/// authentication and then misbehaves.
+async fn raw_tls(addr: &str) -> RawStream {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio_rustls::TlsConnector::from(testing::client().client_config())
+        .connect(flyfs_rpc::Credentials::server_name(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+type RawStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// Reads one frame from a raw socket, with a deadline.
-async fn read_one(stream: &mut tokio::net::TcpStream) -> Option<frame::Frame> {
+async fn read_one(stream: &mut RawStream) -> Option<frame::Frame> {
     tokio::time::timeout(
         Duration::from_secs(5),
         read_frame(stream, &FrameLimits::default()),
@@ -326,12 +353,11 @@ async fn garbage_header_closes_only_that_connection() {
     let call = || client.call::<Echo>(server.local_addr(), &ok, Bytes::new(), &options);
     call().await.expect("before");
 
-    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .expect("connect");
+    let mut raw = raw_tls(server.local_addr()).await;
     raw.write_all(&[0xab; frame::HEADER_LEN])
         .await
         .expect("write");
+    raw.flush().await.expect("flush");
     let reply = read_one(&mut raw).await.expect("an error frame");
     assert_eq!(reply.header.kind, Kind::Response);
     assert_eq!(reply.header.request_id, 0);
@@ -342,9 +368,7 @@ async fn garbage_header_closes_only_that_connection() {
     assert!(read_one(&mut raw).await.is_none());
 
     // A corrupted header CRC gets the same treatment.
-    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .expect("connect");
+    let mut raw = raw_tls(server.local_addr()).await;
     let mut frame = ping_frame(5);
     frame.header[8] ^= 0xff;
     write_frame(&mut raw, frame).await.expect("write");
@@ -361,9 +385,7 @@ async fn garbage_header_closes_only_that_connection() {
 #[tokio::test]
 async fn body_checksum_mismatch_fails_one_request_and_keeps_the_connection() {
     let (server, _) = start_server(ServerConfig::default()).await;
-    let mut raw = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .expect("connect");
+    let mut raw = raw_tls(server.local_addr()).await;
     let mut frame = ping_frame(41);
     let mut body = frame.body.to_vec();
     body[0] ^= 0x01;
@@ -653,6 +675,7 @@ async fn in_flight_limit_holds_requests_back() {
             connections_per_peer: 1,
             ..ClientConfig::default()
         },
+        testing::client(),
     );
     let started = Instant::now();
     let (request, options) = (echo("", 100), opts(10_000));
@@ -734,7 +757,13 @@ async fn a_corrupt_reply_body_fails_that_call() {
     let listener = Tcp.bind("127.0.0.1:0").await.expect("bind");
     let addr = Listener::local_addr(&listener).expect("addr");
     let fake = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.expect("accept");
+        let (stream, _) = listener.accept().await.expect("accept");
+        // An authenticated daemon gone wrong, not a stranger.
+        let mut stream =
+            tokio_rustls::TlsAcceptor::from(testing::storage(NodeId(1)).server_config())
+                .accept(stream)
+                .await
+                .expect("TLS handshake");
         let request = read_frame(&mut stream, &FrameLimits::default())
             .await
             .expect("read")

@@ -1,13 +1,16 @@
 //! The same server and client over turmoil's simulated network (`SimNet`):
 //! a round trip with payload, a timeout while partitioned, and recovery when
-//! the partition heals. Run with `cargo test -p flyfs-rpc --features sim`.
+//! the partition heals; all over mutual TLS with the test CA, and a client
+//! without a daemon's role refused as a server. Run with `cargo test -p flyfs-rpc --features sim`.
 #![cfg(feature = "sim")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flyfs_proto::{Method, Status};
+use flyfs_proto::ids::NodeId;
+use flyfs_proto::{Method, Roles, Status};
+use flyfs_rpc::testing;
 use flyfs_rpc::{
     CallOptions, Client, ClientConfig, Network, Reply, Request, RetryPolicy, RpcError, Server,
     ServerConfig, Service, SimNet,
@@ -22,10 +25,12 @@ struct Note {
 
 struct Echo;
 impl Method for Echo {
-    const ID: u16 = 300;
+    // Outside every flyfs service's range, so that refusals name it by id.
+    const ID: u16 = 900;
     const NAME: &'static str = "sim.Echo";
     type Req = Note;
     type Rsp = Note;
+    const ROLES: Roles = Roles::CLIENT;
 }
 
 struct EchoService;
@@ -42,6 +47,10 @@ impl Service for EchoService {
             Err(reply) => reply,
         }
     }
+
+    fn roles(&self, method: u16) -> Option<Roles> {
+        (method == Echo::ID).then_some(Echo::ROLES)
+    }
 }
 
 fn sim() -> turmoil::Sim<'static> {
@@ -51,9 +60,13 @@ fn sim() -> turmoil::Sim<'static> {
         .build();
     sim.host("server", || async {
         let listener = SimNet.bind("0.0.0.0:9000").await?;
-        Server::new(Arc::new(EchoService), ServerConfig::default())
-            .serve(listener)
-            .await;
+        Server::new(
+            Arc::new(EchoService),
+            ServerConfig::default(),
+            testing::storage(NodeId(1)),
+        )
+        .serve(listener)
+        .await;
         Ok(())
     });
     sim
@@ -67,7 +80,7 @@ fn note(text: &str) -> Note {
 fn round_trip_over_the_simulated_network() -> turmoil::Result {
     let mut sim = sim();
     sim.client("client", async {
-        let client = Client::new(SimNet, ClientConfig::default());
+        let client = Client::new(SimNet, ClientConfig::default(), testing::client());
         for i in 0..10u8 {
             let payload = Bytes::from(vec![i; 1000 * usize::from(i)]);
             let (rsp, got) = client
@@ -92,6 +105,24 @@ fn round_trip_over_the_simulated_network() -> turmoil::Result {
             .await
             .expect_err("unknown method");
         assert_eq!(error.status(), Some(Status::UnknownMethod));
+        // An admin is authenticated but not allowed this method.
+        let admin = Client::new(SimNet, ClientConfig::default(), testing::admin());
+        let error = admin
+            .call::<Echo>(
+                "server:9000",
+                &note("no"),
+                Bytes::new(),
+                &CallOptions::default(),
+            )
+            .await
+            .expect_err("admin may not echo");
+        assert_eq!(error.status(), Some(Status::Forbidden), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("role admin may not call method 900"),
+            "{error}"
+        );
         Ok(())
     });
     sim.run()
@@ -101,7 +132,7 @@ fn round_trip_over_the_simulated_network() -> turmoil::Result {
 fn partition_times_out_and_retries_recover() -> turmoil::Result {
     let mut sim = sim();
     sim.client("client", async {
-        let client = Client::new(SimNet, ClientConfig::default());
+        let client = Client::new(SimNet, ClientConfig::default(), testing::client());
         let options = CallOptions {
             timeout: Duration::from_millis(500),
             ..CallOptions::default()

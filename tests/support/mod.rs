@@ -2,7 +2,8 @@
 //! (`mgmtd`, `storage`, `meta`) on loopback, each with its config file and
 //! log in one temporary directory, drives them with `flyfs admin`, and
 //! kills every one still running when the test ends (printing their logs
-//! when it failed).
+//! when it failed). Every process authenticates: the test directory has a
+//! CA of its own and credentials per principal under `tls/`.
 //!
 //! Each test binary that says `mod support;` compiles its own copy and uses
 //! only part of it, hence the `dead_code` allowance below.
@@ -16,11 +17,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flyfs_deploy::config::{
     ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, StorageDaemonConfig, StoreConfig,
+    TlsConfig,
 };
 use flyfs_deploy::supervisor::{Daemon, Fleet};
+use flyfs_proto::auth::Principal;
+use flyfs_proto::ids::NodeId;
 use flyfs_proto::ids::RoutingVersion;
 use flyfs_proto::wire::mgmt::{GetRouting, GetRoutingReq, PublicState, RoutingInfo};
 use flyfs_rpc::{CallOptions, Client, Tcp};
+use flyfs_rpc::{ClusterCa, Credentials};
 
 /// The `flyfs` binary this test package built.
 pub fn flyfs() -> Command {
@@ -73,6 +78,36 @@ pub fn format_devices(dir: &Path, nodes: u32, size: &str) {
     }
 }
 
+/// The credentials `dir/tls/{stem}.*` (issued on first use from the test
+/// directory's CA): `mgmtd`, `storage{n}`, `admin` (root), `client`, and
+/// any other stem is a metadata service's.
+pub fn tls(dir: &Path, stem: &str) -> Option<TlsConfig> {
+    let tls_dir = dir.join("tls");
+    let ca = ClusterCa::load_or_init(&tls_dir, "test").expect("the test CA");
+    let principal = match stem {
+        "mgmtd" => Principal::Mgmt(stem.into()),
+        "admin" => Principal::Admin {
+            name: stem.into(),
+            uid: 0,
+            gid: 0,
+        },
+        "client" => Principal::Client(stem.into()),
+        _ => match stem.strip_prefix("storage").and_then(|n| n.parse().ok()) {
+            Some(node) => Principal::Storage(NodeId(node)),
+            None => Principal::Meta(stem.into()),
+        },
+    };
+    ca.ensure_credentials(principal, &tls_dir, stem)
+        .expect("issue test credentials");
+    Some(TlsConfig::in_dir(&tls_dir, stem))
+}
+
+/// The loaded credentials `dir/tls/{stem}.*` (see [`tls`]).
+pub fn credentials(dir: &Path, stem: &str) -> Credentials {
+    tls(dir, stem);
+    Credentials::load_dir(&dir.join("tls"), stem).expect("load test credentials")
+}
+
 /// `mgmtd.toml` and `storage{n}.toml` (n from 1) in `dir`, with fast
 /// heartbeats and failure detection.
 pub fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
@@ -83,6 +118,7 @@ pub fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
     mgmtd.failure_timeout_ms = 1000;
     mgmtd.tick_interval_ms = 100;
     mgmtd.store = StoreConfig::Fjall { path: None };
+    mgmtd.tls = tls(dir, "mgmtd");
     std::fs::write(dir.join("mgmtd.toml"), mgmtd.to_toml()).expect("write mgmtd.toml");
     for (node, port) in (1..).zip(node_ports) {
         let mut storage =
@@ -93,6 +129,7 @@ pub fn write_configs(dir: &Path, mgmt_port: u16, node_ports: &[u16]) {
         storage.lease_timeout_ms = 500;
         storage.rpc_timeout_ms = 500;
         storage.forward_deadline_ms = 10000;
+        storage.tls = tls(dir, &format!("storage{node}"));
         std::fs::write(dir.join(format!("storage{node}.toml")), storage.to_toml())
             .expect("write storage.toml");
     }
@@ -110,6 +147,7 @@ pub fn write_meta_config(
     let mut meta = MetaDaemonConfig::new(format!("{name}-data"));
     meta.listen = format!("127.0.0.1:{port}");
     meta.mgmt = ManagerAddrs::one(mgmt_addr);
+    meta.tls = tls(dir, name);
     adjust(&mut meta);
     std::fs::write(dir.join(format!("{name}.toml")), meta.to_toml()).expect("write meta.toml");
 }
@@ -233,10 +271,12 @@ impl Cluster {
         }
     }
 
-    /// Runs `flyfs admin --mgmt ADDR ARGS`.
+    /// Runs `flyfs admin --mgmt ADDR --credentials DIR/tls ARGS`.
     pub fn admin(&self, args: &[&str]) -> Output {
+        tls(&self.dir, "admin");
         flyfs()
-            .args(["admin", "--mgmt", &self.mgmt_addr])
+            .args(["admin", "--mgmt", &self.mgmt_addr, "--credentials"])
+            .arg(self.dir.join("tls"))
             .args(args)
             .output()
             .expect("run flyfs admin")

@@ -166,7 +166,7 @@ fn a_mounted_cluster_behaves_like_a_file_system() {
     let fs: Arc<FsClient<Tcp>> = runtime.block_on(async {
         let mut storage = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(41));
         storage.op_deadline = Duration::from_secs(30);
-        let storage = StorageClient::new(storage, Tcp);
+        let storage = StorageClient::new(storage, Tcp, flyfs_rpc::testing::client());
         storage.refresh_routing().await.expect("routing");
         FsClient::new(
             cluster.meta[0].clone(),

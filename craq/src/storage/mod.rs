@@ -39,7 +39,7 @@ use flyfs_proto::wire::mgmt::{
     TargetReport,
 };
 use flyfs_proto::wire::storage::StorageError;
-use flyfs_rpc::{CallOptions, Client, Network};
+use flyfs_rpc::{CallOptions, Client, Credentials, Network};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -285,13 +285,21 @@ impl Place {
 impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// A node over `engines` (index = disk number in the manager's target
     /// records). Call [`StorageNode::run`] to heartbeat and serve.
-    pub fn new(config: StorageConfig, engines: Vec<Arc<Engine<D>>>, net: N) -> Arc<Self> {
+    /// `credentials` are the node's own (a storage identity): it presents
+    /// them to the manager and to its chain neighbours; the composition root
+    /// serves with the same ones.
+    pub fn new(
+        config: StorageConfig,
+        engines: Vec<Arc<Engine<D>>>,
+        net: N,
+        credentials: Credentials,
+    ) -> Arc<Self> {
         let lease = config.lease_timeout;
         Arc::new(StorageNode {
             managers: flyfs_client::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
             engines,
-            rpc: Client::new(net, Default::default()),
+            rpc: Client::new(net, Default::default(), credentials),
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             targets: Mutex::new(BTreeMap::new()),
             lease_from: Mutex::new(None),

@@ -287,7 +287,13 @@ impl<'a> Sim<'a> {
                 let service = MgmtService::open(Box::new(store), config).await?;
                 tokio::spawn(service.clone().run());
                 let listener = SimNet.bind(&format!("0.0.0.0:{MGMT_PORT}")).await?;
-                flyfs_rpc::serve(listener, service, ServerConfig::default()).await;
+                flyfs_rpc::serve(
+                    listener,
+                    service,
+                    ServerConfig::default(),
+                    flyfs_rpc::testing::mgmt(),
+                )
+                .await;
                 Ok(())
             }
         });
@@ -308,12 +314,25 @@ impl<'a> Sim<'a> {
                     ..EngineConfig::default()
                 };
                 let engine = Engine::open(dev, small_pool(), config).await?;
-                let node = StorageNode::new(storage_config(i), vec![Arc::new(engine)], SimNet);
+                // Every connection in the simulation is mutual TLS too, with
+                // the node's identity from the process's test CA.
+                let credentials = flyfs_rpc::testing::storage(NodeId(i as u32));
+                let node = StorageNode::new(
+                    storage_config(i),
+                    vec![Arc::new(engine)],
+                    SimNet,
+                    credentials.clone(),
+                );
                 world.borrow_mut().nodes.insert(i, node.clone());
                 tokio::spawn(node.clone().run());
                 let listener = SimNet.bind(&format!("0.0.0.0:{NODE_PORT}")).await?;
-                flyfs_rpc::serve(listener, StorageService::new(node), ServerConfig::default())
-                    .await;
+                flyfs_rpc::serve(
+                    listener,
+                    StorageService::new(node),
+                    ServerConfig::default(),
+                    credentials,
+                )
+                .await;
                 Ok(())
             }
         });
@@ -325,7 +344,8 @@ impl<'a> Sim<'a> {
         let world = self.world.clone();
         let config = self.config.clone();
         self.sim.client("admin", async move {
-            let client = StorageClient::new(client_config(1_000), SimNet);
+            let client =
+                StorageClient::new(client_config(1_000), SimNet, flyfs_rpc::testing::admin());
             loop {
                 let routing = client.refresh_routing().await;
                 if routing.is_ok_and(|r| r.nodes.len() == config.nodes) {
@@ -370,7 +390,11 @@ impl<'a> Sim<'a> {
                 while !world.borrow().ready {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                let client = StorageClient::new(client_config(k as u64 + 1), SimNet);
+                let client = StorageClient::new(
+                    client_config(k as u64 + 1),
+                    SimNet,
+                    flyfs_rpc::testing::client(),
+                );
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 // A thread id per operation stream; a new one after an
                 // operation whose outcome is unknown (it stays in flight).
@@ -685,7 +709,8 @@ impl<'a> Sim<'a> {
         let world = self.world.clone();
         let config = self.config.clone();
         self.sim.client("checker", async move {
-            let client = StorageClient::new(client_config(999), SimNet);
+            let client =
+                StorageClient::new(client_config(999), SimNet, flyfs_rpc::testing::client());
             let mut thread = 1u64 << 48;
             for c in 1..=config.chains {
                 for index in 0..config.chunks_per_chain {

@@ -7,7 +7,8 @@ use flyfs_proto::ids::ChainTableId;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, beside, check, check_address, check_metrics_listen,
+    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, beside, check, check_address,
+    check_metrics_listen,
 };
 
 /// `flyfs meta`: one metadata service instance.
@@ -47,6 +48,10 @@ pub struct MetaDaemonConfig {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
+    /// start, since every connection is authenticated (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Where the namespace lives (`[store]`).
     #[serde(default)]
     pub store: MetaStoreConfig,
@@ -103,6 +108,7 @@ impl MetaDaemonConfig {
             gc_interval_ms: default_gc_interval_ms(),
             sync_on_commit: default_sync_on_commit(),
             metrics_listen: None,
+            tls: None,
             store: MetaStoreConfig::Fjall,
         }
     }
@@ -147,6 +153,9 @@ impl ConfigFile for MetaDaemonConfig {
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_beside(dir);
+        }
         if let Some(data_dir) = &mut self.data_dir {
             *data_dir = beside(dir, data_dir);
         }

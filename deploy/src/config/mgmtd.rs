@@ -8,7 +8,8 @@ use flyfs_craq::mgmt::{LeaseOptions, MgmtConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, ConfigFile, beside, check, check_address, check_metrics_listen, positive,
+    ConfigError, ConfigFile, TlsConfig, beside, check, check_address, check_metrics_listen,
+    positive,
 };
 
 /// The shortest manager lease: a renewal every third of it must survive a
@@ -47,6 +48,10 @@ pub struct MgmtdConfig {
     /// `GET /metrics`); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
+    /// start, since every connection is authenticated (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Where the cluster record and the lease live (`[store]`). Last, so
     /// that a written config's table follows the plain keys.
     #[serde(default)]
@@ -129,6 +134,7 @@ impl MgmtdConfig {
             tick_interval_ms: default_tick_interval_ms(),
             lease_ttl_ms: default_lease_ttl_ms(),
             metrics_listen: None,
+            tls: None,
             store: StoreConfig::default(),
         }
     }
@@ -207,6 +213,9 @@ impl ConfigFile for MgmtdConfig {
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_beside(dir);
+        }
         self.data_dir = beside(dir, &self.data_dir);
         match &mut self.store {
             StoreConfig::File { path } | StoreConfig::Fjall { path } => {

@@ -10,8 +10,11 @@
 //! semantic checks name their key. The examples beside this crate
 //! (`deploy/*.toml`) list every key with its default.
 //!
+//! Every config has a `[tls]` table naming the process's credentials (CA
+//! certificate, certificate, key); a daemon without one refuses to start.
+//!
 //! Relative paths in a file (`data_dir`, `devices`, `store.path`,
-//! `store.cluster_file`, `mount_point`) are taken relative to the directory
+//! `store.cluster_file`, `mount_point`, `tls.*`) are taken relative to the directory
 //! holding the file, so a config and its data can move together and a
 //! daemon's working directory does not matter.
 //!
@@ -33,6 +36,38 @@ pub use meta::{MetaDaemonConfig, MetaStoreConfig};
 pub use mgmtd::{LEASE_TTL_MS_MIN, MgmtdConfig, StoreConfig};
 pub use mount::MountConfig;
 pub use storage::{LEASE_TIMEOUT_MS_MAX, StorageDaemonConfig};
+
+/// `[tls]` of every config: where this process's credentials are
+/// (docs/security.md). `flyfs up` writes them under `DATA/tls/`;
+/// `flyfs certs issue` makes them for other machines.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA's certificate: the only certificate authority trusted.
+    pub ca: PathBuf,
+    /// This process's certificate (PEM), naming its flyfs identity.
+    pub cert: PathBuf,
+    /// Its private key (PEM); refused if group or others can read it.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// `dir/ca.pem`, `dir/<stem>.pem`, `dir/<stem>.key`: the layout of a
+    /// credentials directory.
+    pub fn in_dir(dir: &Path, stem: &str) -> TlsConfig {
+        TlsConfig {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}.key")),
+        }
+    }
+
+    fn resolve_beside(&mut self, dir: &Path) {
+        self.ca = beside(dir, &self.ca);
+        self.cert = beside(dir, &self.cert);
+        self.key = beside(dir, &self.key);
+    }
+}
 
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -199,18 +234,26 @@ pub(crate) mod tests {
     /// they must parse, and hold the defaults except where a key has none.
     #[test]
     fn deploy_examples_parse_and_show_the_defaults() {
+        // `[tls]` has no default (like `data_dir`): the examples name the
+        // files `flyfs certs` writes.
+        let tls = |stem| Some(TlsConfig::in_dir(Path::new("tls"), stem));
         let mgmtd = MgmtdConfig::parse(include_str!("../../mgmtd.toml")).expect("mgmtd.toml");
-        assert_eq!(mgmtd, MgmtdConfig::new("data/mgmtd"));
+        let mut expected = MgmtdConfig::new("data/mgmtd");
+        expected.tls = tls("mgmtd");
+        assert_eq!(mgmtd, expected);
         let storage =
             StorageDaemonConfig::parse(include_str!("../../storage.toml")).expect("storage.toml");
-        assert_eq!(
-            storage,
-            StorageDaemonConfig::new(1, vec!["data/storage1-disk0.img".into()])
-        );
+        let mut expected = StorageDaemonConfig::new(1, vec!["data/storage1-disk0.img".into()]);
+        expected.tls = tls("storage1");
+        assert_eq!(storage, expected);
         let meta = MetaDaemonConfig::parse(include_str!("../../meta.toml")).expect("meta.toml");
-        assert_eq!(meta, MetaDaemonConfig::new("meta"));
+        let mut expected = MetaDaemonConfig::new("meta");
+        expected.tls = tls("meta");
+        assert_eq!(meta, expected);
         let mount = MountConfig::parse(include_str!("../../mount.toml")).expect("mount.toml");
-        assert_eq!(mount, MountConfig::new("/mnt/flyfs"));
+        let mut expected = MountConfig::new("/mnt/flyfs");
+        expected.tls = tls("mount");
+        assert_eq!(mount, expected);
     }
 
     /// The whole chain of messages, as the binary prints an error.

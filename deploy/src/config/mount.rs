@@ -7,7 +7,9 @@ use flyfs_client::FsConfig;
 use flyfs_fuse::FuseOptions;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, ConfigFile, ManagerAddrs, check, check_metrics_listen, positive};
+use super::{
+    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, check, check_metrics_listen, positive,
+};
 
 /// `flyfs mount`: one FUSE mount.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +55,10 @@ pub struct MountConfig {
     /// Where to serve Prometheus metrics (`host:port`); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
+    /// start, since every connection is authenticated (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_meta() -> Vec<String> {
@@ -98,6 +104,7 @@ impl MountConfig {
             readahead_bytes_max: default_readahead_bytes_max(),
             kernel_readahead_bytes: default_kernel_readahead_bytes(),
             metrics_listen: None,
+            tls: None,
         }
     }
 
@@ -149,6 +156,9 @@ impl ConfigFile for MountConfig {
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_beside(dir);
+        }
         if self.mount_point.is_relative() {
             // Absolute, so that logs and `mount` show the same path.
             let joined = dir.join(&self.mount_point);

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::mgmtd::default_heartbeat_interval_ms;
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, beside, check, check_address, check_metrics_listen,
-    positive,
+    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, beside, check, check_address,
+    check_metrics_listen, positive,
 };
 
 /// The longest lease a storage node may hold. A lease must end before the
@@ -56,6 +56,10 @@ pub struct StorageDaemonConfig {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
+    /// start, since every connection is authenticated (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_listen() -> String {
@@ -88,6 +92,7 @@ impl StorageDaemonConfig {
             rpc_timeout_ms: default_rpc_timeout_ms(),
             forward_deadline_ms: default_forward_deadline_ms(),
             metrics_listen: None,
+            tls: None,
         }
     }
 
@@ -156,6 +161,9 @@ impl ConfigFile for StorageDaemonConfig {
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_beside(dir);
+        }
         for device in &mut self.devices {
             *device = beside(dir, device);
         }

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Method;
+use crate::auth::Roles;
 use crate::ids::{ChainId, ChainTableId, ClientId, InodeId};
 
 /// Who asks: checked against modes and owners (the rule is
@@ -433,8 +434,12 @@ pub struct GcStatusRsp {
     pub inodes_finished: u64,
 }
 
+/// Who calls the namespace: mounts and programs using the client library,
+/// and operators' tools (acting as their certificate's uid).
+const CLIENT_OR_ADMIN: Roles = Roles::CLIENT.or(Roles::ADMIN);
+
 macro_rules! method {
-    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty) => {
+    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty, roles $roles:expr) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug)]
         pub struct $name;
@@ -444,73 +449,86 @@ macro_rules! method {
             const NAME: &'static str = concat!("meta.", stringify!($name));
             type Req = $req;
             type Rsp = Result<$rsp, MetaError>;
+            const ROLES: Roles = $roles;
         }
     };
 }
 
 method!(
     /// Space of the whole cluster.
-    Statfs = 500, StatfsReq => StatfsRsp
+    Statfs = 500, StatfsReq => StatfsRsp,
+    roles CLIENT_OR_ADMIN
 );
 method!(
     /// `getattr`.
-    Stat = 501, StatReq => Attr
+    Stat = 501, StatReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(Lookup = 502, LookupReq => Attr);
+method!(Lookup = 502, LookupReq => Attr, roles CLIENT_OR_ADMIN);
 method!(
     /// A path from the root, for tools without a mount.
-    Resolve = 503, ResolveReq => Attr
+    Resolve = 503, ResolveReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
 method!(
     /// `open(O_CREAT)`.
-    Create = 504, CreateReq => OpenRsp
+    Create = 504, CreateReq => OpenRsp,
+    roles CLIENT_OR_ADMIN
 );
-method!(Mkdir = 505, MkdirReq => Attr);
+method!(Mkdir = 505, MkdirReq => Attr, roles CLIENT_OR_ADMIN);
 method!(
     /// `mkdir -p`.
-    MkdirAll = 506, MkdirAllReq => Attr
+    MkdirAll = 506, MkdirAllReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(Symlink = 507, SymlinkReq => Attr);
-method!(Readlink = 508, StatReq => ReadlinkRsp);
+method!(Symlink = 507, SymlinkReq => Attr, roles CLIENT_OR_ADMIN);
+method!(Readlink = 508, StatReq => ReadlinkRsp, roles CLIENT_OR_ADMIN);
 method!(
     /// A hard link; answers the file's attributes.
-    Link = 509, LinkReq => Attr
+    Link = 509, LinkReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(Unlink = 510, EntryReq => ());
-method!(Rmdir = 511, EntryReq => ());
-method!(Rename = 512, RenameReq => ());
-method!(Readdir = 513, ReaddirReq => ReaddirRsp);
-method!(Open = 514, OpenReq => OpenRsp);
+method!(Unlink = 510, EntryReq => (), roles CLIENT_OR_ADMIN);
+method!(Rmdir = 511, EntryReq => (), roles CLIENT_OR_ADMIN);
+method!(Rename = 512, RenameReq => (), roles CLIENT_OR_ADMIN);
+method!(Readdir = 513, ReaddirReq => ReaddirRsp, roles CLIENT_OR_ADMIN);
+method!(Open = 514, OpenReq => OpenRsp, roles CLIENT_OR_ADMIN);
 method!(
     /// Ends a write session and fixes the exact length from storage.
-    Close = 515, SessionReq => Attr
+    Close = 515, SessionReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
 method!(
     /// `fsync`: fixes the exact length from storage, keeps the session.
-    Sync = 516, SessionReq => Attr
+    Sync = 516, SessionReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(LengthHint = 517, LengthHintReq => Attr);
+method!(LengthHint = 517, LengthHintReq => Attr, roles CLIENT_OR_ADMIN);
 method!(
     /// `setattr`; a size change truncates the data on storage too.
-    SetAttr = 518, SetAttrReq => Attr
+    SetAttr = 518, SetAttrReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(GetXattr = 519, XattrReq => XattrRsp);
-method!(SetXattr = 520, XattrReq => ());
-method!(ListXattr = 521, StatReq => XattrListRsp);
-method!(RemoveXattr = 522, XattrReq => ());
+method!(GetXattr = 519, XattrReq => XattrRsp, roles CLIENT_OR_ADMIN);
+method!(SetXattr = 520, XattrReq => (), roles CLIENT_OR_ADMIN);
+method!(ListXattr = 521, StatReq => XattrListRsp, roles CLIENT_OR_ADMIN);
+method!(RemoveXattr = 522, XattrReq => (), roles CLIENT_OR_ADMIN);
 method!(
     /// Recursive remove in one transaction; the tree's data is reclaimed
     /// in the background.
-    RemoveAll = 523, EntryReq => ()
+    RemoveAll = 523, EntryReq => (),
+    roles CLIENT_OR_ADMIN
 );
 method!(
     /// A directory's default layout for new files.
-    SetLayout = 524, SetLayoutReq => Attr
+    SetLayout = 524, SetLayoutReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
-method!(GcStatus = 525, GcStatusReq => GcStatusRsp);
+method!(GcStatus = 525, GcStatusReq => GcStatusRsp, roles Roles::ADMIN);
 method!(
     /// A FIFO, socket or device node.
-    Mknod = 526, MknodReq => Attr
+    Mknod = 526, MknodReq => Attr,
+    roles CLIENT_OR_ADMIN
 );
 
 #[cfg(test)]

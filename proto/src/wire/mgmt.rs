@@ -14,6 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::Method;
+use crate::auth::Roles;
 use crate::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
 
 /// A target's state as the manager publishes it in the routing information
@@ -315,7 +316,7 @@ pub struct RemoveNodeReq {
 }
 
 macro_rules! method {
-    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty) => {
+    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty, roles $roles:expr) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug)]
         pub struct $name;
@@ -325,43 +326,52 @@ macro_rules! method {
             const NAME: &'static str = concat!("mgmt.", stringify!($name));
             type Req = $req;
             type Rsp = $rsp;
+            const ROLES: Roles = $roles;
         }
     };
 }
 
 method!(
     /// A storage node announces itself (id and address).
-    RegisterNode = 300, RegisterNodeReq => Result<RegisterNodeRsp, MgmtError>
+    RegisterNode = 300, RegisterNodeReq => Result<RegisterNodeRsp, MgmtError>,
+    roles Roles::STORAGE
 );
 method!(
     /// A storage node's periodic liveness report with its targets' local
     /// states; registers the node if it is unknown.
-    Heartbeat = 301, HeartbeatReq => Result<HeartbeatRsp, MgmtError>
+    Heartbeat = 301, HeartbeatReq => Result<HeartbeatRsp, MgmtError>,
+    roles Roles::STORAGE
 );
 method!(
     /// The routing information, if newer than the caller's.
-    GetRouting = 302, GetRoutingReq => GetRoutingRsp
+    GetRouting = 302, GetRoutingReq => GetRoutingRsp,
+    roles Roles::ALL
 );
 method!(
     /// Admin: declare a target on a known node's device.
-    CreateTarget = 310, CreateTargetReq => Result<(), MgmtError>
+    CreateTarget = 310, CreateTargetReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
 );
 method!(
     /// Admin: build a chain from unassigned targets; they start serving.
-    CreateChain = 311, CreateChainReq => Result<(), MgmtError>
+    CreateChain = 311, CreateChainReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
 );
 method!(
     /// Admin: create a chain table over existing chains.
-    CreateChainTable = 312, CreateChainTableReq => Result<(), MgmtError>
+    CreateChainTable = 312, CreateChainTableReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
 );
 method!(
     /// Admin: take a target offline until its node reports it `Online`.
-    SetTargetOffline = 313, SetTargetOfflineReq => Result<(), MgmtError>
+    SetTargetOffline = 313, SetTargetOfflineReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
 );
 method!(
     /// Admin: forget a node that is down and hosts no target (a node taken
     /// out of service, or a registration that should not have happened).
-    RemoveNode = 314, RemoveNodeReq => Result<(), MgmtError>
+    RemoveNode = 314, RemoveNodeReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
 );
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod mgmt;
 pub mod storage;
 
 use crate::Method;
+use crate::auth::Roles;
 use crate::codec::decode;
 
 /// Calls `$callback!` with every method of every service, as types.
@@ -53,6 +54,7 @@ macro_rules! every_method {
             meta::RemoveAll,
             meta::SetLayout,
             meta::GcStatus,
+            meta::Mknod,
         )
     };
 }
@@ -67,6 +69,26 @@ pub static METHODS: &[(u16, &str)] = {
     }
     every_method!(table)
 };
+
+/// The roles allowed to call each method, the rpc layer's own included:
+/// what the rpc server checks before dispatch, in [`METHODS`] order.
+pub static METHOD_ROLES: &[(u16, Roles)] = {
+    macro_rules! table {
+        ($($m:ty),* $(,)?) => {
+            &[(crate::Ping::ID, crate::Ping::ROLES), $((<$m>::ID, <$m>::ROLES)),*]
+        };
+    }
+    every_method!(table)
+};
+
+/// The roles allowed to call method `id`, or `None` for a method this build
+/// does not know (the server answers `UnknownMethod` for it).
+pub fn roles_of(id: u16) -> Option<Roles> {
+    METHOD_ROLES
+        .iter()
+        .find(|(method, _)| *method == id)
+        .map(|(_, roles)| *roles)
+}
 
 /// Decodes `body` as the request and the response of every method (the one
 /// whose id is `method` first): the fuzzers' view of every message type a
@@ -99,5 +121,40 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), METHODS.len());
+    }
+
+    #[test]
+    fn every_method_names_its_roles() {
+        assert_eq!(METHOD_ROLES.len(), METHODS.len());
+        for (id, name) in METHODS {
+            let roles = roles_of(*id).expect("every method has roles");
+            assert!(!roles.is_empty(), "{name} allows nobody");
+        }
+        assert_eq!(roles_of(9), None);
+        assert_eq!(roles_of(meta::Mknod::ID), Some(meta::Mknod::ROLES));
+    }
+
+    #[test]
+    fn daemon_only_methods_refuse_clients_and_admins() {
+        use crate::auth::Role;
+        for id in [
+            storage::Forward::ID,
+            storage::SyncDone::ID,
+            storage::DumpMeta::ID,
+            storage::QueryVersion::ID,
+            mgmt::RegisterNode::ID,
+            mgmt::Heartbeat::ID,
+        ] {
+            let roles = roles_of(id).expect("known");
+            assert_eq!(roles, Roles::STORAGE, "method {id}");
+            assert!(!roles.contains(Role::Client) && !roles.contains(Role::Admin));
+        }
+        for id in [
+            mgmt::CreateChain::ID,
+            mgmt::SetTargetOffline::ID,
+            meta::GcStatus::ID,
+        ] {
+            assert_eq!(roles_of(id), Some(Roles::ADMIN), "method {id}");
+        }
     }
 }

@@ -14,6 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::Method;
+use crate::auth::Roles;
 use crate::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, TargetId};
 
 /// Why a storage request failed. Clients branch on it: some errors mean
@@ -414,7 +415,7 @@ pub struct SpaceRsp {
 }
 
 macro_rules! method {
-    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty $(, payload checked $checked:literal)?) => {
+    ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty, roles $roles:expr $(, payload checked $checked:literal)?) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug)]
         pub struct $name;
@@ -424,6 +425,7 @@ macro_rules! method {
             const NAME: &'static str = concat!("storage.", stringify!($name));
             type Req = $req;
             type Rsp = $rsp;
+            const ROLES: Roles = $roles;
             $(const PAYLOAD_CHECKED_BY_SERVICE: bool = $checked;)?
         }
     };
@@ -432,36 +434,44 @@ macro_rules! method {
 method!(
     /// A client's update of a chunk, at the chain's head. The engine checks
     /// the data against the client's CRC32C at every replica.
-    Write = 400, WriteReq => Result<WriteRsp, StorageError>, payload checked true
+    Write = 400, WriteReq => Result<WriteRsp, StorageError>,
+    roles Roles::CLIENT.or(Roles::META), payload checked true
 );
 method!(
     /// An update forwarded from a replica to its successor (data checked
     /// by the successor's engine, as for `Write`).
-    Forward = 401, ForwardReq => Result<ForwardRsp, StorageError>, payload checked true
+    Forward = 401, ForwardReq => Result<ForwardRsp, StorageError>,
+    roles Roles::STORAGE, payload checked true
 );
 method!(
     /// Reads of many chunks from one replica.
-    BatchRead = 402, BatchReadReq => BatchReadRsp
+    BatchRead = 402, BatchReadReq => BatchReadRsp,
+    roles Roles::CLIENT
 );
 method!(
     /// The committed version of a chunk, asked of the tail.
-    QueryVersion = 403, QueryVersionReq => Result<QueryVersionRsp, StorageError>
+    QueryVersion = 403, QueryVersionReq => Result<QueryVersionRsp, StorageError>,
+    roles Roles::STORAGE
 );
 method!(
     /// The last chunk of a file on one chain.
-    LastChunk = 404, LastChunkReq => Result<LastChunkRsp, StorageError>
+    LastChunk = 404, LastChunkReq => Result<LastChunkRsp, StorageError>,
+    roles Roles::CLIENT.or(Roles::META).or(Roles::ADMIN)
 );
 method!(
     /// A page of a target's chunk metadata (resync).
-    DumpMeta = 405, DumpMetaReq => Result<DumpMetaRsp, StorageError>
+    DumpMeta = 405, DumpMetaReq => Result<DumpMetaRsp, StorageError>,
+    roles Roles::STORAGE
 );
 method!(
     /// The end of a resync.
-    SyncDone = 406, SyncDoneReq => Result<(), StorageError>
+    SyncDone = 406, SyncDoneReq => Result<(), StorageError>,
+    roles Roles::STORAGE
 );
 method!(
     /// Space of every device of a node.
-    Space = 407, SpaceReq => SpaceRsp
+    Space = 407, SpaceReq => SpaceRsp,
+    roles Roles::META.or(Roles::ADMIN)
 );
 
 #[cfg(test)]
