@@ -37,19 +37,32 @@ pub enum ReadError {
 /// header is checked against `limits` before body and payload are read, the
 /// payload into an aligned buffer of its own. Not cancel-safe: a frame half read when
 /// the future is dropped is lost, and the stream with it, so callers read
-/// from a task of their own.
+/// from a task of their own. A server reads in steps instead
+/// ([`read_header_rest`], [`read_body`]), to put deadlines and budgets
+/// between them.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     limits: &FrameLimits,
 ) -> Result<Option<Frame>, ReadError> {
     let mut header_bytes = [0u8; HEADER_LEN];
-    let mut filled = 0;
+    if reader.read(&mut header_bytes[..1]).await? == 0 {
+        return Ok(None);
+    }
+    let header = read_header_rest(reader, header_bytes, 1, limits).await?;
+    read_body(reader, header).await.map(Some)
+}
+
+/// Reads the rest of a header whose first `filled` bytes are in `bytes`, and
+/// checks it against `limits`.
+pub async fn read_header_rest<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut bytes: [u8; HEADER_LEN],
+    mut filled: usize,
+    limits: &FrameLimits,
+) -> Result<Header, ReadError> {
     while filled < HEADER_LEN {
-        let n = reader.read(&mut header_bytes[filled..]).await?;
+        let n = reader.read(&mut bytes[filled..]).await?;
         if n == 0 {
-            if filled == 0 {
-                return Ok(None);
-            }
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("stream ended {filled} bytes into a {HEADER_LEN}-byte frame header"),
@@ -58,7 +71,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         filled += n;
     }
-    let header = Header::decode(&header_bytes, limits)?;
+    Ok(Header::decode(&bytes, limits)?)
+}
+
+/// Reads the body and payload `header` announces: the body into one
+/// allocation of exact size, the payload into a recycled aligned buffer.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: Header,
+) -> Result<Frame, ReadError> {
     let body_len = header.body_len as usize;
     let payload_len = header.payload_len as usize;
     let total = body_len + payload_len;
@@ -88,11 +109,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let body = body.freeze();
     let payload = payload.freeze();
-    Ok(Some(Frame {
+    Ok(Frame {
         header,
         body,
         payload,
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! The byte layout and its version log are in docs/rpc-wire-format.md.
 #![deny(unsafe_code)]
 
+mod budget;
 pub mod client;
 pub mod error;
 pub mod frame_io;

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -59,6 +59,7 @@ use flyfs_proto::codec;
 use flyfs_proto::frame::{self, Frame, FrameLimits, Kind, OutFrame, Status};
 use flyfs_proto::{METHOD_ID_SERVICE_MIN, Method, Ping, PingRsp};
 
+use crate::budget::{ConnectionBudgets, Held, ServerBudgets};
 use crate::frame_io::{self, ReadError};
 use crate::net::Listener;
 use crate::payload::Payload;
@@ -186,10 +187,30 @@ pub trait Service: Send + Sync + 'static {
 /// Per-server settings.
 #[derive(Clone, Copy, Debug)]
 pub struct ServerConfig {
+    /// Largest request body and payload; a service that takes no payload
+    /// (the manager, the metadata service) sets `payload_bytes_max` to 0.
     pub limits: FrameLimits,
     pub requests_in_flight_max_per_connection: usize,
     /// How long a new connection has to complete its TLS handshake.
     pub handshake_timeout: Duration,
+    /// Connections open at once; more are closed as they are accepted.
+    pub connections_max: usize,
+    /// A connection that starts no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A header's 36 bytes must all arrive within this of its first one.
+    pub header_timeout: Duration,
+    /// A body and payload of `n` bytes must arrive within
+    /// `body_timeout_base + n / body_bytes_per_s_min` of their header.
+    pub body_timeout_base: Duration,
+    pub body_bytes_per_s_min: u64,
+    /// Bytes of requests (body and payload) in flight: on one connection,
+    /// for one peer identity over all its connections, and in all. A
+    /// request waits (its connection stops reading) until it fits all three.
+    pub request_bytes_in_flight_max_per_connection: u64,
+    pub request_bytes_in_flight_max_per_identity: u64,
+    pub request_bytes_in_flight_max: u64,
+    /// Request tasks in all, those of closed connections included.
+    pub requests_in_flight_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -198,7 +219,56 @@ impl Default for ServerConfig {
             limits: FrameLimits::default(),
             requests_in_flight_max_per_connection: 256,
             handshake_timeout: Duration::from_secs(10),
+            connections_max: 4096,
+            idle_timeout: Duration::from_secs(3600),
+            header_timeout: Duration::from_secs(10),
+            body_timeout_base: Duration::from_secs(10),
+            body_bytes_per_s_min: 1 << 20,
+            request_bytes_in_flight_max_per_connection: 256 << 20,
+            request_bytes_in_flight_max_per_identity: 512 << 20,
+            request_bytes_in_flight_max: 1 << 30,
+            requests_in_flight_max: 8192,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks that the settings can work together: the largest frame the
+    /// limits let in must fit every byte budget, or it would wait forever.
+    pub fn check(&self) -> Result<(), String> {
+        let frame_max =
+            u64::from(self.limits.body_bytes_max) + u64::from(self.limits.payload_bytes_max);
+        for (name, budget) in [
+            (
+                "request_bytes_in_flight_max_per_connection",
+                self.request_bytes_in_flight_max_per_connection,
+            ),
+            (
+                "request_bytes_in_flight_max_per_identity",
+                self.request_bytes_in_flight_max_per_identity,
+            ),
+            (
+                "request_bytes_in_flight_max",
+                self.request_bytes_in_flight_max,
+            ),
+        ] {
+            if budget < frame_max {
+                return Err(format!(
+                    "{name} = {budget} is below the largest request the frame limits allow \
+                     ({frame_max} bytes: body_bytes_max + payload_bytes_max)"
+                ));
+            }
+        }
+        if self.body_bytes_per_s_min == 0 {
+            return Err("body_bytes_per_s_min must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// The deadline of a body and payload of `bytes` after their header.
+    fn body_timeout(&self, bytes: u64) -> Duration {
+        self.body_timeout_base
+            + Duration::from_secs_f64(bytes as f64 / self.body_bytes_per_s_min.max(1) as f64)
     }
 }
 
@@ -228,6 +298,10 @@ impl<S: Service> Server<S> {
         L: Listener,
         L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if let Err(reason) = self.config.check() {
+            tracing::error!("server settings refused, not serving: {reason}");
+            return;
+        }
         serve_until(
             listener,
             self.service,
@@ -245,6 +319,9 @@ impl<S: Service> Server<S> {
         L: Listener,
         L::Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.config
+            .check()
+            .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve_until(
@@ -332,6 +409,7 @@ async fn serve_until<L, S>(
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let refusals = Arc::new(RefusalLog::default());
+    let budgets = ServerBudgets::new(&config);
     loop {
         tokio::select! {
             biased;
@@ -340,6 +418,11 @@ async fn serve_until<L, S>(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = budgets.admit() else {
+                        refusals.log(&peer, &Refusal::ConnectionsMax(config.connections_max));
+                        drop(stream);
+                        continue;
+                    };
                     tracing::debug!(%peer, "connection accepted");
                     connections.spawn(run_connection(
                         stream,
@@ -348,6 +431,7 @@ async fn serve_until<L, S>(
                         config,
                         credentials.clone(),
                         refusals.clone(),
+                        (budgets.clone(), slot),
                     ));
                 }
                 Err(error) => {
@@ -365,7 +449,8 @@ async fn serve_until<L, S>(
 
 /// What the reader hands the dispatcher.
 enum Event {
-    Request(Frame),
+    /// A request, with the budgets it holds until its task ends.
+    Request(Frame, Held),
     /// A reply the rpc layer writes on its own (checksum mismatch).
     Reply(OutFrame),
     /// Write this error frame, then close the connection.
@@ -379,6 +464,7 @@ async fn run_connection<T, S>(
     config: ServerConfig,
     credentials: Credentials,
     refusals: Arc<RefusalLog>,
+    (budgets, slot): (Arc<ServerBudgets>, OwnedSemaphorePermit),
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service,
@@ -401,6 +487,7 @@ async fn run_connection<T, S>(
         identity: Arc::new(identity),
     };
     tracing::debug!(%peer, "connection authenticated");
+    let budgets = budgets.connection(peer.identity.to_string(), slot);
     let (reader, writer) = tokio::io::split(stream);
     // Capacity 1: the reader stays at most one frame ahead of the dispatcher,
     // so the in-flight limit holds back reading from the socket.
@@ -412,7 +499,13 @@ async fn run_connection<T, S>(
     // (or the writer is gone), the writer when the dispatcher is done (or a
     // write fails).
     tokio::join!(
-        read_loop(reader, events_tx, config.limits, &peer.addr),
+        read_loop(
+            reader,
+            events_tx,
+            &config,
+            &budgets,
+            (&peer.addr, &refusals)
+        ),
         dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
         write_loop(writer, replies_rx, &peer.addr),
     );
@@ -422,19 +515,20 @@ async fn run_connection<T, S>(
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     events: mpsc::Sender<Event>,
-    limits: FrameLimits,
-    peer: &str,
+    config: &ServerConfig,
+    budgets: &ConnectionBudgets,
+    (peer, refusals): (&str, &RefusalLog),
 ) {
     let fatal = loop {
         let read = tokio::select! {
             biased;
             // The dispatcher is gone (the writer failed): stop reading.
             () = events.closed() => return,
-            read = frame_io::read_frame(&mut reader, &limits) => read,
+            read = read_request(&mut reader, config, budgets) => read,
         };
         let event = match read {
             Ok(None) => return,
-            Ok(Some(frame)) => {
+            Ok(Some((frame, held))) => {
                 if frame.header.kind != Kind::Request {
                     break OutFrame::error(
                         frame.header.method,
@@ -447,7 +541,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     );
                 }
                 match frame.check_body() {
-                    Ok(()) => Event::Request(frame),
+                    Ok(()) => Event::Request(frame, held),
                     Err(error) => Event::Reply(OutFrame::error(
                         frame.header.method,
                         frame.header.request_id,
@@ -456,14 +550,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     )),
                 }
             }
-            Err(ReadError::Frame(error)) => {
+            Err(RequestReadError::Read(ReadError::Frame(error))) => {
                 // Over the limits: the header was trusted, so the error goes
                 // to that request. Otherwise to request 0: the connection.
                 let request_id = error.request_id().unwrap_or(0);
                 break OutFrame::error(0, request_id, error.status(), &error.to_string());
             }
-            Err(ReadError::Io(error)) => {
+            Err(RequestReadError::Read(ReadError::Io(error))) => {
                 tracing::debug!(%peer, %error, "connection read failed");
+                return;
+            }
+            Err(RequestReadError::Idle) => {
+                tracing::debug!(%peer, after = ?config.idle_timeout, "closing an idle connection");
+                return;
+            }
+            Err(RequestReadError::Late(refusal)) => {
+                // Too slow to trust the stream's position: close without a
+                // frame (the peer is not reading either, most likely).
+                refusals.log(peer, &refusal);
                 return;
             }
         };
@@ -477,6 +581,49 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
     drop(events);
     drain(&mut reader).await;
+}
+
+/// Why the next request could not be read.
+enum RequestReadError {
+    Read(ReadError),
+    /// No request started within the idle timeout.
+    Idle,
+    /// A header or body did not arrive by its deadline.
+    Late(Refusal),
+}
+
+/// Reads the next request under the connection's deadlines, taking its
+/// bytes from the budgets between its header and its body (so nothing is
+/// allocated for a body that does not fit yet). `Ok(None)` at a clean end of
+/// stream.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    config: &ServerConfig,
+    budgets: &ConnectionBudgets,
+) -> Result<Option<(Frame, Held)>, RequestReadError> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    let first = tokio::time::timeout(config.idle_timeout, reader.read(&mut header[..1]))
+        .await
+        .map_err(|_| RequestReadError::Idle)?
+        .map_err(|error| RequestReadError::Read(error.into()))?;
+    if first == 0 {
+        return Ok(None);
+    }
+    let header = tokio::time::timeout(
+        config.header_timeout,
+        frame_io::read_header_rest(reader, header, 1, &config.limits),
+    )
+    .await
+    .map_err(|_| RequestReadError::Late(Refusal::HeaderTimeout(config.header_timeout)))?
+    .map_err(RequestReadError::Read)?;
+    let bytes = u64::from(header.body_len) + u64::from(header.payload_len);
+    let held = budgets.take(bytes).await;
+    let deadline = config.body_timeout(bytes);
+    let frame = tokio::time::timeout(deadline, frame_io::read_body(reader, header))
+        .await
+        .map_err(|_| RequestReadError::Late(Refusal::BodyTimeout { bytes, deadline }))?
+        .map_err(RequestReadError::Read)?;
+    Ok(Some((frame, held)))
 }
 
 /// Reads and discards for a bounded time and size, so a client still sending
@@ -540,7 +687,7 @@ async fn dispatch_loop<S: Service>(
                         let _ = replies.send(frame).await;
                         return;
                     }
-                    Some(Event::Request(frame)) => match dispatch(frame, &service, peer) {
+                    Some(Event::Request(frame, held)) => match dispatch(frame, held, &service, peer) {
                         Dispatch::Now(reply) => reply,
                         Dispatch::Spawn(method, request_id, task) => {
                             let handle = in_flight.spawn(task);
@@ -564,6 +711,7 @@ enum Dispatch<F> {
 
 fn dispatch<S: Service>(
     frame: Frame,
+    held: Held,
     service: &Arc<S>,
     peer: &Peer,
 ) -> Dispatch<impl Future<Output = OutFrame> + Send + 'static> {
@@ -610,6 +758,9 @@ fn dispatch<S: Service>(
     };
     let service = service.clone();
     Dispatch::Spawn(method, request_id, async move {
+        // The request's budgets are given back when its task ends, even
+        // when its connection closed long before.
+        let _held = held;
         let reply = service.call(request).await;
         // The reply's CRC is computed here, in the request's task, not on
         // the connection's.
@@ -710,6 +861,15 @@ enum Refusal {
     Identity(tls::PeerIdentityError),
     /// The identity is of another cluster.
     Cluster(String),
+    /// The server already has `connections_max` connections.
+    ConnectionsMax(usize),
+    /// A header's bytes did not all arrive within `header_timeout`.
+    HeaderTimeout(Duration),
+    /// A body and payload did not arrive by their deadline.
+    BodyTimeout {
+        bytes: u64,
+        deadline: Duration,
+    },
 }
 
 impl Refusal {
@@ -722,6 +882,9 @@ impl Refusal {
             Refusal::HandshakeTimeout(_) => "handshake timeout",
             Refusal::Identity(_) => "identity",
             Refusal::Cluster(_) => "cluster",
+            Refusal::ConnectionsMax(_) => "connections_max",
+            Refusal::HeaderTimeout(_) => "header_timeout",
+            Refusal::BodyTimeout { .. } => "body_timeout",
         }
     }
 }
@@ -739,6 +902,18 @@ impl fmt::Display for Refusal {
             }
             Refusal::Identity(error) => write!(f, "client certificate refused: {error}"),
             Refusal::Cluster(reason) => write!(f, "client certificate refused: {reason}"),
+            Refusal::ConnectionsMax(max) => {
+                write!(f, "closed at once: over the limit connections_max = {max}")
+            }
+            Refusal::HeaderTimeout(after) => write!(
+                f,
+                "closed: a frame header did not arrive whole within header_timeout = {after:?}"
+            ),
+            Refusal::BodyTimeout { bytes, deadline } => write!(
+                f,
+                "closed: {bytes} bytes of body and payload did not arrive within {deadline:?} \
+                 (body_timeout_base + bytes / body_bytes_per_s_min)"
+            ),
         }
     }
 }
