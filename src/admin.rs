@@ -380,7 +380,10 @@ struct Namespace {
     meta: String,
 }
 
-/// One `ls` line.
+/// One `ls` line. Names and symlink targets are bytes chosen by whoever
+/// made the file, so they are kept escaped ([`escape_name`]) from the moment
+/// they arrive: printed raw, a name could write terminal escapes onto the
+/// operator's screen (retitle it, recolour it, hide the lines above).
 #[derive(serde::Serialize)]
 struct ListEntry {
     name: String,
@@ -434,7 +437,7 @@ impl Namespace {
             ino: attr.ino,
         };
         let rsp: ReadlinkRsp = self.call::<Readlink, _>(path, &req).await?;
-        Ok(String::from_utf8_lossy(&rsp.target).into_owned())
+        Ok(escape_name(&rsp.target))
     }
 
     async fn gc(&self, json: bool) -> anyhow::Result<()> {
@@ -471,7 +474,7 @@ impl Namespace {
                     after = last.name.clone();
                 }
                 for entry in page.entries {
-                    let name = String::from_utf8_lossy(&entry.name).into_owned();
+                    let name = escape_name(&entry.name);
                     let attr = match entry.attr {
                         Some(attr) => attr,
                         None => {
@@ -500,7 +503,7 @@ impl Namespace {
                 None
             };
             entries.push(ListEntry {
-                name: path.to_string(),
+                name: escape_name(path.as_bytes()),
                 attr,
                 target,
             });
@@ -521,7 +524,7 @@ impl Namespace {
             None
         };
         let entry = ListEntry {
-            name: path.to_string(),
+            name: escape_name(path.as_bytes()),
             attr,
             target,
         };
@@ -532,6 +535,53 @@ impl Namespace {
         }
         Ok(())
     }
+}
+
+/// A file name (or symlink target) as `flyfs admin` shows it, in text and
+/// in JSON alike: what a terminal would act on is written out visibly, the
+/// way `ls -b` does, so the operator sees the name instead of obeying it.
+/// Printable characters, in any script, stay as they are. A backslash is
+/// doubled, so the escaping is reversible and a name cannot pass itself off
+/// as another name's escape. The usual C escapes (`\t`, `\n`, `\r`, `\a`,
+/// `\b`, `\f`, `\v`) stand for themselves; any other control byte and every
+/// byte that is not part of valid UTF-8 is `\xHH`; other control characters
+/// (the C1 range, which some terminals take as escape sequences) and the
+/// bidirectional formatting characters (which can show a name's end before
+/// its start) are `\u{HHHH}`.
+fn escape_name(name: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\u{7}' => out.push_str("\\a"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                '\u{b}' => out.push_str("\\v"),
+                c if c.is_ascii_control() => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if c.is_control() || is_bidi_control(c) => {
+                    let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
+}
+
+/// The characters that reorder how text around them is displayed (Unicode's
+/// explicit directional marks, embeddings, overrides and isolates).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// An errno as words (`No such file or directory (ENOENT)` style, without
@@ -832,6 +882,47 @@ mod tests {
         assert!(text.contains("11@1 serving, 12@2 offline"), "{text}");
         assert!(text.contains("targets in no chain: 13@2 disk 1"), "{text}");
         assert!(text.contains("chains 1"), "{text}");
+    }
+
+    #[test]
+    fn names_are_escaped_visibly() {
+        assert_eq!(escape_name(b"plain name.txt"), "plain name.txt");
+        assert_eq!(
+            escape_name("caf\u{e9} \u{6587}".as_bytes()),
+            "caf\u{e9} \u{6587}"
+        );
+        // A title change and a screen clear, shown rather than done.
+        assert_eq!(
+            escape_name(b"\x1b]0;owned\x07\x1b[2Jx"),
+            "\\x1b]0;owned\\a\\x1b[2Jx"
+        );
+        assert_eq!(escape_name(b"a\tb\nc\rd\x7f"), "a\\tb\\nc\\rd\\x7f");
+        // Bytes that are not UTF-8 keep their value instead of becoming
+        // U+FFFD (two such names would otherwise print the same).
+        assert_eq!(escape_name(b"\xff\xfeok\xc3"), "\\xff\\xfeok\\xc3");
+        // C1 controls (0x9b is a one-byte CSI to some terminals) and
+        // right-to-left overrides.
+        assert_eq!(escape_name("\u{9b}31m".as_bytes()), "\\u{009b}31m");
+        assert_eq!(
+            escape_name("evil\u{202e}txt.exe".as_bytes()),
+            "evil\\u{202e}txt.exe"
+        );
+        // A backslash is doubled: no name can pass for another's escape.
+        assert_eq!(escape_name(b"\\x1b"), "\\\\x1b");
+        assert_ne!(escape_name(b"\\x1b"), escape_name(b"\x1b"));
+        // Every line of `ls` and `stat` goes through it.
+        let entry = ListEntry {
+            name: escape_name(b"\x1b[31mred"),
+            attr: Attr {
+                kind: FileType::Symlink,
+                ..Attr::default()
+            },
+            target: Some(escape_name(b"\x1b[0m")),
+        };
+        for text in [ls_lines(std::slice::from_ref(&entry)), stat_text(&entry)] {
+            assert!(!text.contains('\x1b'), "{text:?}");
+            assert!(text.contains("\\x1b[31mred -> \\x1b[0m"), "{text:?}");
+        }
     }
 
     #[test]

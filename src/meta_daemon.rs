@@ -3,8 +3,9 @@
 //! Here its implementations are chosen: the namespace lives in the store
 //! its config's `[store]` names (the embedded fjall store under `data_dir`,
 //! or FoundationDB in a build with the `fdb` feature), chain tables come
-//! from the cluster manager's routing information, and the GC worker
-//! deletes removed files' chunks through a storage client. The service
+//! from the cluster manager's routing information, the GC worker deletes
+//! removed files' chunks through a storage client, and the session reaper
+//! ends the write sessions of clients whose lease expired. The service
 //! itself is stateless, so several daemons serve one namespace when they
 //! share a store (FoundationDB across machines; the embedded store belongs
 //! to one process). The config (`flyfs_deploy::config::MetaDaemonConfig`,
@@ -18,6 +19,7 @@ use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{MetaDaemonConfig, MetaStoreConfig};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
 use flyfs_fs_meta::ns::{Namespace, NsConfig};
+use flyfs_fs_meta::reaper::{ReaperConfig, ReaperStats, SessionReaper};
 use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::FjallOptions;
@@ -25,7 +27,8 @@ use flyfs_proto::ids::ClientId;
 use flyfs_rpc::{Credentials, Network, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::task::JoinHandle;
 
-/// A running metadata service: RPC server, GC worker, routing refresher.
+/// A running metadata service: RPC server, GC worker, session reaper,
+/// routing refresher.
 #[derive(Debug)]
 pub struct MetaDaemon {
     addr: String,
@@ -79,6 +82,7 @@ impl MetaDaemon {
             Arc::new(RoutingChainTables(storage.clone())),
         );
         ns_config.gc_delay_ms = config.gc_delay_ms;
+        ns_config.client_lease_ms = config.client_lease_ms;
         let ns = Namespace::open(kv, ns_config)
             .await
             .context("opening the namespace")?;
@@ -100,6 +104,15 @@ impl MetaDaemon {
         )
         .spawn(listener)
         .context("starting the RPC server")?;
+        let reaper = SessionReaper::new(
+            ns.clone(),
+            storage.clone(),
+            ReaperConfig {
+                interval: Duration::from_millis(config.reaper_interval_ms),
+                ..ReaperConfig::default()
+            },
+            Arc::new(ReaperStats::default()),
+        );
         let gc = GcWorker::new(
             ns,
             storage.clone(),
@@ -124,7 +137,11 @@ impl MetaDaemon {
         Ok(MetaDaemon {
             addr,
             server,
-            tasks: vec![tokio::spawn(gc.run()), refresher],
+            tasks: vec![
+                tokio::spawn(gc.run()),
+                tokio::spawn(reaper.run()),
+                refresher,
+            ],
         })
     }
 

@@ -13,9 +13,16 @@
 //! write-back buffer per file and reports its growing length as a hint, and
 //! every attribute it hands out carries the length as this client knows it
 //! (so a `stat` after a buffered write shows the write).
+//!
+//! From its first write session on, the client keeps one lease for all its
+//! sessions ([`RenewLease`], every third of the lease the service answers
+//! with), on a task that ends with the client. A client that dies stops
+//! renewing, and the metadata service ends its sessions one lease later, so
+//! the files it was writing get their exact length and GC can reclaim the
+//! ones it had unlinked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -26,9 +33,10 @@ use flyfs_proto::ids::{ClientId, InodeId};
 use flyfs_proto::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
-    Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq, Resolve,
-    ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq, SetXattr, Stat, StatReq, Statfs, StatfsReq,
-    StatfsRsp, Symlink, SymlinkReq, Sync, Unlink, User, XattrMode, XattrReq,
+    Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
+    RenewLease, RenewLeaseReq, Resolve, ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq,
+    SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync, Unlink, User,
+    XattrMode, XattrReq,
 };
 use flyfs_rpc::Network;
 use parking_lot::Mutex;
@@ -130,6 +138,47 @@ pub struct FsClient<N: Network> {
     /// Write session ids: chosen here so a retried open after a lost reply
     /// gets its own session back (see `CreateReq::session`).
     next_session: AtomicU64,
+    /// This client, for its lease task, which must not keep it alive.
+    this: Weak<FsClient<N>>,
+    /// Whether the lease task has been started (by the first write session:
+    /// a client that only reads holds nothing to renew).
+    renewing: AtomicBool,
+}
+
+/// The shortest wait between lease renewals, whatever the service says.
+const RENEW_INTERVAL_MIN: Duration = Duration::from_millis(100);
+/// The wait before renewing again after a renewal failed (the metadata
+/// client already retried and failed over for its whole deadline).
+const RENEW_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Renews the lease of `this`'s sessions until the client is dropped: at
+/// once, then every third of the lease the service answers with, counted
+/// from when each renewal was sent. Holding only a `Weak`, the task never
+/// keeps a dropped client alive, so a client that goes away stops renewing
+/// just as a crashed one does.
+async fn renew_leases<N: Network>(this: Weak<FsClient<N>>) {
+    loop {
+        let Some(client) = this.upgrade() else {
+            return;
+        };
+        let sent = tokio::time::Instant::now();
+        let req = RenewLeaseReq {
+            client: client.client,
+        };
+        let next = match client.meta.call::<RenewLease, _>(&req).await {
+            Ok(rsp) => sent + Duration::from_millis(rsp.lease_ms / 3).max(RENEW_INTERVAL_MIN),
+            Err(e) => {
+                tracing::warn!(
+                    client = ?client.client,
+                    "renewing the lease of this client's write sessions failed; the metadata \
+                     service ends them if this lasts a whole lease: {e}"
+                );
+                tokio::time::Instant::now() + RENEW_RETRY_INTERVAL
+            }
+        };
+        drop(client);
+        tokio::time::sleep_until(next).await;
+    }
 }
 
 fn io_error(message: String) -> FsError {
@@ -154,13 +203,15 @@ impl<N: Network> FsClient<N> {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
-        Arc::new(FsClient {
+        Arc::new_cyclic(|this| FsClient {
             meta,
             storage,
             client,
             config,
             files: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(now_ns),
+            this: this.clone(),
+            renewing: AtomicBool::new(false),
         })
     }
 
@@ -543,6 +594,12 @@ impl<N: Network> FsClient<N> {
                 }
             }
         };
+        if session.is_some() && !self.renewing.swap(true, Ordering::Relaxed) {
+            // Called from the async opens, so inside the runtime. The
+            // service keeps a session one lease past its opening anyway,
+            // which covers the moments before the first renewal lands.
+            tokio::spawn(renew_leases(self.this.clone()));
+        }
         // Close-to-open: whatever was read ahead before this open may be
         // stale now.
         state.opened(attr.length, mode.truncate);

@@ -62,6 +62,7 @@ pub mod tag {
     pub const GC: &[u8] = b"GCQ";
     pub const DIR_TIMES: &[u8] = b"DTIM";
     pub const ALLOC: &[u8] = b"IDAL";
+    pub const LEASE: &[u8] = b"CLNT";
     pub const META: &[u8] = b"META";
 }
 
@@ -129,6 +130,13 @@ pub fn gc_key(due_ms: u64, ino: InodeId) -> Vec<u8> {
     key_of(tag::GC, &[&due_ms.to_be_bytes(), &ino.0.to_le_bytes()])
 }
 
+/// `CLNT` + client (8 bytes BE): the lease of a client's write sessions.
+/// Big endian, unlike inode ids: client ids are random, so they spread over
+/// the key space anyway, and the reaper reads them all in order.
+pub fn lease_key(client: u64) -> Vec<u8> {
+    key_of(tag::LEASE, &[&client.to_be_bytes()])
+}
+
 /// `IDAL` + shard (1 byte).
 pub fn alloc_key(shard: u8) -> Vec<u8> {
     key_of(tag::ALLOC, &[&[shard]])
@@ -161,6 +169,7 @@ pub enum Key {
     Gc { due_ms: u64, ino: InodeId },
     DirTimes(InodeId),
     Alloc { shard: u8 },
+    Lease { client: u64 },
     Format,
 }
 
@@ -178,6 +187,7 @@ impl std::fmt::Display for Key {
             Key::Gc { due_ms, ino } => write!(f, "GCQ due {due_ms} ms {ino:?}"),
             Key::DirTimes(ino) => write!(f, "DTIM {ino:?}"),
             Key::Alloc { shard } => write!(f, "IDAL shard {shard}"),
+            Key::Lease { client } => write!(f, "CLNT client {client:#x}"),
             Key::Format => write!(f, "META format"),
         }
     }
@@ -202,6 +212,7 @@ impl Key {
             Key::Gc { due_ms, ino } => gc_key(*due_ms, *ino),
             Key::DirTimes(ino) => dir_times_key(*ino),
             Key::Alloc { shard } => alloc_key(*shard),
+            Key::Lease { client } => lease_key(*client),
             Key::Format => format_key(),
         }
     }
@@ -241,6 +252,9 @@ pub fn parse_key(key: &[u8]) -> Result<Key, DecodeError> {
             ino: id(&rest[8..]).ok_or_else(|| bad("bad inode id"))?,
         }),
         t if t == tag::ALLOC && rest.len() == 1 => Some(Key::Alloc { shard: rest[0] }),
+        t if t == tag::LEASE && rest.len() == 8 => Some(Key::Lease {
+            client: u64_be(rest).ok_or_else(|| bad("bad client id"))?,
+        }),
         t if t == tag::META && rest == FORMAT_SUFFIX => Some(Key::Format),
         _ => None,
     };
@@ -715,6 +729,26 @@ pub fn decode_session(key: &[u8], value: &[u8]) -> Result<SessionValue, DecodeEr
     decode_value(key, value)
 }
 
+/// A client's lease (`CLNT` value): its write sessions stay while the lease
+/// holds, and once it has expired the session reaper ends them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LeaseValue {
+    /// Until when (ms since the epoch, the renewing instance's clock) the
+    /// client's sessions are kept.
+    pub expires_ms: u64,
+    /// When it was last renewed.
+    pub renewed_ns: i64,
+}
+
+pub fn encode_lease(lease: &LeaseValue) -> Result<Vec<u8>, NsError> {
+    encode_value("client lease", lease)
+}
+
+pub fn decode_lease(key: &[u8], value: &[u8]) -> Result<LeaseValue, DecodeError> {
+    decode_value(key, value)
+}
+
 #[derive(Default, Serialize, Deserialize)]
 #[serde(default)]
 struct XattrRecord {
@@ -851,6 +885,7 @@ pub fn fuzz_decode(data: &[u8]) {
     let dentry_key = dentry_key(ino, b"fuzz");
     let _ = decode_dentry(&dentry_key, data);
     let _ = decode_session(&session_key(ino, SessionId(1)), data);
+    let _ = decode_lease(&lease_key(ino.0), data);
     let _ = decode_xattr(&xattr_key(ino, b"user.fuzz"), data);
     let _ = decode_gc(&gc_key(0, ino), data);
     let _ = decode_dir_times(&dir_times_key(ino), data);
@@ -863,6 +898,7 @@ pub fn fuzz_decode(data: &[u8]) {
     versioned.extend_from_slice(data);
     let _ = decode_inode(ino, &versioned);
     let _ = decode_dentry(&dentry_key, &versioned);
+    let _ = decode_lease(&lease_key(ino.0), &versioned);
     let _ = decode_session(&session_key(ino, SessionId(1)), &versioned);
     let _ = decode_xattr(&xattr_key(ino, b"user.fuzz"), &versioned);
     let _ = decode_gc(&gc_key(0, ino), &versioned);
@@ -993,6 +1029,15 @@ mod tests {
             decode_session(&key, &encode_session(&session).expect("encodes")),
             Ok(session)
         );
+        let lease = LeaseValue {
+            expires_ms: 1_700_000_030_000,
+            renewed_ns: 1_700_000_000_000_000_000,
+        };
+        let key = lease_key(42);
+        assert_eq!(
+            decode_lease(&key, &encode_lease(&lease).expect("encodes")),
+            Ok(lease)
+        );
     }
 
     #[test]
@@ -1028,6 +1073,12 @@ mod tests {
                 },
             ),
             (alloc_key(31), Key::Alloc { shard: 31 }),
+            (
+                lease_key(0x0102_0304_0506_0708),
+                Key::Lease {
+                    client: 0x0102_0304_0506_0708,
+                },
+            ),
             (format_key(), Key::Format),
         ];
         for (bytes, key) in keys {

@@ -5,8 +5,8 @@
 //! The service keeps no state of its own between requests: everything lives
 //! in the KV store, so any number of instances may serve one namespace (the
 //! inode id batches each holds are the only thing not shared, and losing one
-//! only leaves a gap in the ids). The GC worker ([`crate::gc`]) runs beside
-//! it in the same daemon.
+//! only leaves a gap in the ids). The GC worker ([`crate::gc`]) and the
+//! session reaper ([`crate::reaper`]) run beside it in the same daemon.
 
 use std::sync::Arc;
 
@@ -17,8 +17,8 @@ use flyfs_proto::ids::{ChainId, ChainTableId, InodeId};
 use flyfs_proto::wire::meta as wire;
 use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod,
-    Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, Resolve, Rmdir, SetAttr, SetLayout,
-    SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
+    Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr,
+    SetLayout, SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
 use flyfs_rpc::Network;
 use flyfs_rpc::server::{Reply, Request, Service};
@@ -529,6 +529,16 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     .with_fresh_tables(|| ns.set_layout(&who, r.dir, spec))
                     .await;
                 ok::<SetLayout>(attr_of(done))
+            }
+            RenewLease::ID => {
+                let r = req.decode::<RenewLease>()?;
+                let renewed = ns
+                    .renew_lease(r.client.0)
+                    .await
+                    .map(|_| wire::RenewLeaseRsp {
+                        lease_ms: ns.config().client_lease_ms,
+                    });
+                ok::<RenewLease>(renewed.map_err(meta_error))
             }
             GcStatus::ID => {
                 req.decode::<GcStatus>()?;

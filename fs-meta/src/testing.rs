@@ -2,7 +2,7 @@
 //! integration tests (feature `testing`): a cluster manager, storage nodes
 //! on memory devices with three-replica chains in one chain table, and
 //! metadata service instances sharing one embedded store (fjall), each
-//! with its GC worker.
+//! with its GC worker and session reaper.
 //!
 //! Shared by fs-meta's own tests and the file client's, so the tests above
 //! the storage layer build their cluster one way. Storage nodes can be
@@ -24,10 +24,12 @@ use flyfs_proto::wire::mgmt::{
 use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp, testing};
 
 use crate::gc::{GcConfig, GcStats, GcWorker};
-use crate::ns::{LayoutSpec, Namespace, NsConfig};
+use crate::ns::{CLIENT_LEASE_MS_DEFAULT, LayoutSpec, Namespace, NsConfig};
+use crate::reaper::{ReaperConfig, ReaperStats, SessionReaper};
 use crate::service::{MetaService, RoutingChainTables};
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
+use flyfs_time::{Clock, WallClock};
 
 /// The shape of a [`TestCluster`].
 #[derive(Clone, Copy, Debug)]
@@ -57,6 +59,28 @@ impl Default for ClusterOptions {
     }
 }
 
+/// How the metadata instances of a [`TestCluster`] keep time and leases
+/// (beside [`ClusterOptions`], which is `Copy`; a clock is not).
+#[derive(Clone, Debug)]
+pub struct MetaOptions {
+    /// Every instance's clock: a `ManualClock` steps leases and GC delays
+    /// without waiting for them.
+    pub clock: Arc<dyn Clock>,
+    pub client_lease_ms: u64,
+    /// Between passes of each instance's session reaper.
+    pub reaper_interval: Duration,
+}
+
+impl Default for MetaOptions {
+    fn default() -> MetaOptions {
+        MetaOptions {
+            clock: Arc::new(WallClock),
+            client_lease_ms: CLIENT_LEASE_MS_DEFAULT,
+            reaper_interval: Duration::from_millis(50),
+        }
+    }
+}
+
 /// A running cluster; everything stops when it is dropped.
 #[derive(Debug)]
 pub struct TestCluster {
@@ -75,6 +99,7 @@ pub struct TestCluster {
     /// The namespace (any instance's view of the one store).
     pub ns: Namespace<FjallKv>,
     pub gc_stats: Vec<Arc<GcStats>>,
+    pub reaper_stats: Vec<Arc<ReaperStats>>,
     servers: Vec<ServerHandle>,
     _dir: tempfile::TempDir,
 }
@@ -92,6 +117,11 @@ pub async fn admin<M: Method>(rpc: &Client<Tcp>, addr: &str, req: &M::Req) -> M:
 
 impl TestCluster {
     pub async fn start(options: ClusterOptions) -> TestCluster {
+        TestCluster::start_with(options, MetaOptions::default()).await
+    }
+
+    /// A cluster whose metadata instances run on `meta`'s clock and lease.
+    pub async fn start_with(options: ClusterOptions, meta_options: MetaOptions) -> TestCluster {
         assert!(options.nodes >= 3, "three-replica chains need three nodes");
         let interval = options.node.interval;
         let service = MgmtService::open(
@@ -186,11 +216,14 @@ impl TestCluster {
         let mut meta = Vec::new();
         let mut meta_addrs = Vec::new();
         let mut gc_stats = Vec::new();
+        let mut reaper_stats = Vec::new();
         let mut first_ns = None;
         for _ in 0..options.meta_instances.max(1) {
             let mut ns_config =
                 NsConfig::new(spec, Arc::new(RoutingChainTables(meta_storage.clone())));
             ns_config.gc_delay_ms = 0;
+            ns_config.clock = meta_options.clock.clone();
+            ns_config.client_lease_ms = meta_options.client_lease_ms;
             let ns = Namespace::open(kv.clone(), ns_config)
                 .await
                 .expect("namespace");
@@ -205,6 +238,18 @@ impl TestCluster {
                 stats.clone(),
             );
             tokio::spawn(gc.run());
+            let reaped = Arc::new(ReaperStats::default());
+            let reaper = SessionReaper::new(
+                ns.clone(),
+                storage.clone(),
+                ReaperConfig {
+                    interval: meta_options.reaper_interval,
+                    ..ReaperConfig::default()
+                },
+                reaped.clone(),
+            );
+            tokio::spawn(reaper.run());
+            reaper_stats.push(reaped);
             let (listener, addr) = bind("127.0.0.1:0").await;
             servers.push(
                 Server::new(
@@ -234,6 +279,7 @@ impl TestCluster {
             meta,
             ns: first_ns.expect("at least one instance"),
             gc_stats,
+            reaper_stats,
             servers,
             _dir: dir,
         }

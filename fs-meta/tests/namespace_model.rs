@@ -831,6 +831,27 @@ impl Model {
         Ok(())
     }
 
+    /// `rm -r`'s checks on every directory of the tree under `top`, breadth
+    /// first and each directory's entries in name order: write and search
+    /// on the directory (EACCES), the sticky rule for each entry (EPERM).
+    fn check_tree_removable(&self, user: &User, top: u64) -> Res<()> {
+        let mut pending = std::collections::VecDeque::from([top]);
+        while let Some(dir_ino) = pending.pop_front() {
+            let dir = self.get(dir_ino)?;
+            if !allowed(&dir, user, W | X) {
+                return Err(libc::EACCES);
+            }
+            for (_, child_ino) in self.children(dir_ino) {
+                let child = self.get(child_ino)?;
+                Model::can_remove(&dir, &child, user)?;
+                if child.is_dir() {
+                    pending.push_back(child_ino);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn remove_all(&mut self, user: &User, parent: u64, name: &[u8]) -> Res<()> {
         if name_kind(name)? != NameKind::Normal {
             return Err(libc::EINVAL);
@@ -844,8 +865,8 @@ impl Model {
             self.drop_link(ino);
             return Ok(());
         }
-        if !owner_or_root(&victim, user) {
-            return Err(libc::EPERM);
+        if user.uid != 0 {
+            self.check_tree_removable(user, ino)?;
         }
         self.entries.remove(&(parent, name.to_vec()));
         let victim = self.inodes.get_mut(&ino).expect("exists");

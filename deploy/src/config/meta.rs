@@ -40,6 +40,13 @@ pub struct MetaDaemonConfig {
     /// How often the GC worker scans its queue.
     #[serde(default = "default_gc_interval_ms")]
     pub gc_interval_ms: u64,
+    /// How long a client's write sessions outlive its last lease renewal
+    /// before the reaper ends them (clients renew every third of it).
+    #[serde(default = "default_client_lease_ms")]
+    pub client_lease_ms: u64,
+    /// How often the session reaper looks for sessions whose lease expired.
+    #[serde(default = "default_reaper_interval_ms")]
+    pub reaper_interval_ms: u64,
     /// The embedded store fsyncs every commit (off loses the last commits
     /// on a power cut, not on a process crash).
     #[serde(default = "default_sync_on_commit")]
@@ -89,6 +96,15 @@ fn default_gc_delay_ms() -> u64 {
 fn default_gc_interval_ms() -> u64 {
     1000
 }
+fn default_client_lease_ms() -> u64 {
+    flyfs_fs_meta::ns::CLIENT_LEASE_MS_DEFAULT
+}
+fn default_reaper_interval_ms() -> u64 {
+    10_000
+}
+/// The shortest lease: clients renew every third of it, and renewals and
+/// reaping compare the clocks of different metadata instances.
+const CLIENT_LEASE_MS_MIN: u64 = 3_000;
 fn default_sync_on_commit() -> bool {
     true
 }
@@ -106,6 +122,8 @@ impl MetaDaemonConfig {
             stripe: default_stripe(),
             gc_delay_ms: default_gc_delay_ms(),
             gc_interval_ms: default_gc_interval_ms(),
+            client_lease_ms: default_client_lease_ms(),
+            reaper_interval_ms: default_reaper_interval_ms(),
             sync_on_commit: default_sync_on_commit(),
             metrics_listen: None,
             tls: None,
@@ -144,6 +162,21 @@ impl ConfigFile for MetaDaemonConfig {
         }
         check_metrics_listen(self.metrics_listen.as_deref())?;
         check(self.gc_interval_ms > 0, "gc_interval_ms", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            self.client_lease_ms >= CLIENT_LEASE_MS_MIN,
+            "client_lease_ms",
+            || {
+                format!(
+                    "is {} ms, below the minimum of {CLIENT_LEASE_MS_MIN} ms: clients renew every \
+                     third of it, and it must stay far above the clock skew between metadata \
+                     services",
+                    self.client_lease_ms
+                )
+            },
+        )?;
+        check(self.reaper_interval_ms > 0, "reaper_interval_ms", || {
             "must be at least 1".into()
         })?;
         self.layout().validate().map_err(|e| ConfigError::Key {
@@ -206,6 +239,17 @@ mod tests {
         assert!(message(&e).contains("data_dir"), "{e:#}");
         let e = MetaDaemonConfig::parse("data_dir = \"m\"\nmgmt = []").expect_err("no manager");
         assert!(message(&e).contains("mgmt"), "{e:#}");
+        assert_eq!(config.client_lease_ms, 60_000);
+        let e = MetaDaemonConfig::parse("data_dir = \"m\"\nclient_lease_ms = 100")
+            .expect_err("too short a lease");
+        let text = message(&e);
+        assert!(
+            text.contains("client_lease_ms") && text.contains("100 ms") && text.contains("3000"),
+            "{text}"
+        );
+        let e = MetaDaemonConfig::parse("data_dir = \"m\"\nreaper_interval_ms = 0")
+            .expect_err("no interval");
+        assert!(message(&e).contains("reaper_interval_ms"), "{e:#}");
     }
 
     #[test]

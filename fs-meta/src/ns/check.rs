@@ -25,8 +25,8 @@ use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_dir_times,
-    decode_format, decode_gc, decode_inode, decode_session, decode_xattr, describe_key, inode_key,
-    parse_key,
+    decode_format, decode_gc, decode_inode, decode_lease, decode_session, decode_xattr,
+    describe_key, inode_key, parse_key,
 };
 use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 
@@ -149,6 +149,10 @@ async fn read_all<T: Transaction>(
                 Ok(Key::Alloc { shard }) => decode_alloc(key, value).map(|next| {
                     snapshot.alloc.insert(shard, next);
                 }),
+                // A lease stands on its own: it may outlive its client's
+                // sessions (the reaper deletes it once expired) and a
+                // session may be opened before its client's first lease.
+                Ok(Key::Lease { .. }) => decode_lease(key, value).map(drop),
                 Ok(Key::Format) => decode_format(key, value).map(|_| {
                     snapshot.formatted = true;
                 }),

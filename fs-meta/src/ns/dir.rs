@@ -28,6 +28,10 @@ pub const SYMLINKS_MAX: u32 = 40;
 pub const RESOLVE_STEPS_MAX: usize = 8192;
 /// Largest page `readdir` returns.
 pub const READDIR_LIMIT_MAX: usize = 4096;
+/// Entries a non-root `remove_all` checks in its one transaction: each is a
+/// serializable read (and a sticky directory's each an inode read too), so
+/// this keeps the transaction well inside the store's size and age limits.
+pub const REMOVE_ALL_CHECKED_ENTRIES_MAX: usize = 10_000;
 
 /// One directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -562,9 +566,12 @@ impl<K: Kv> Namespace<K> {
     /// (the GC worker walks it later with [`Namespace::gc_expand`]). A file
     /// or symlink is simply unlinked.
     ///
-    /// Needs what unlink needs on `parent`, and for a directory that the
-    /// caller be its owner or root (EPERM): the entries inside are not
-    /// checked one by one, which is what makes this one small transaction.
+    /// Needs what unlink needs on `parent`, and for a directory what `rm -r`
+    /// would need to empty it entry by entry: write and search on every
+    /// directory of the subtree (EACCES) and the sticky rule for every entry
+    /// of a sticky one (EPERM); see [`Namespace::check_tree_removable`].
+    /// Nothing is removed unless every check passes. Root passes them all,
+    /// so its removal stays one small transaction whatever the tree's size.
     /// Returns the detached inode.
     pub async fn remove_all(
         &self,
@@ -587,12 +594,8 @@ impl<K: Kv> Namespace<K> {
             if !victim.is_dir() {
                 return self.unlink_entry(&tx, parent, name, victim);
             }
-            if !perm::owns_or_root(user, &victim) {
-                return Err(NsError::NotPermitted(format!(
-                    "remove_all of {}: uid {} does not own it",
-                    show(name),
-                    user.uid
-                )));
+            if !user.is_root() {
+                check_tree_removable(&tx, user, &victim).await?;
             }
             tx.clear_dentry(parent, name)?;
             tx.count_subdir(parent, -1).await?;
@@ -609,11 +612,72 @@ impl<K: Kv> Namespace<K> {
     }
 }
 
+/// Checks that `user` may remove every entry of the tree under directory
+/// `top`, as `rm -r` would have to, one entry at a time: every directory of
+/// the tree must be writable and searchable (EACCES), and in a sticky one the
+/// user must own the directory or the entry (EPERM). Directories are visited
+/// breadth first, each one's entries in name order, and the first failure is
+/// the answer, so the errno is deterministic (the model test relies on it).
+///
+/// The reads are serializable: a chmod or a new entry anywhere in the tree
+/// that commits meanwhile makes the removal retry and check again. A tree of
+/// more than [`REMOVE_ALL_CHECKED_ENTRIES_MAX`] entries is refused with
+/// ENOTEMPTY rather than read into one transaction that would outgrow the
+/// store's limits; a non-root user removes such a tree in parts.
+async fn check_tree_removable<T: Transaction>(
+    tx: &MetaTx<T>,
+    user: &User,
+    top: &Inode,
+) -> Result<(), NsError> {
+    let mut pending = std::collections::VecDeque::from([top.clone()]);
+    let mut checked = 0usize;
+    while let Some(dir) = pending.pop_front() {
+        perm::check(
+            &dir,
+            user,
+            perm::MAY_WRITE | perm::MAY_EXEC,
+            "remove_all: remove an entry",
+        )?;
+        let sticky = dir.mode & perm::S_ISVTX != 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (entries, more) = tx
+                .entries(dir.ino, after.as_deref(), READDIR_LIMIT_MAX, false)
+                .await?;
+            for (name, dentry) in &entries {
+                checked += 1;
+                if checked > REMOVE_ALL_CHECKED_ENTRIES_MAX {
+                    return Err(NsError::NotEmpty(format!(
+                        "remove_all by uid {} of a tree of more than \
+                         {REMOVE_ALL_CHECKED_ENTRIES_MAX} entries, each of which must be \
+                         checked in one transaction: remove its subdirectories first",
+                        user.uid
+                    )));
+                }
+                let is_dir = dentry.kind == InodeKind::Directory;
+                if !is_dir && !sticky {
+                    continue;
+                }
+                let child = tx.target(dir.ino, name, *dentry).await?;
+                perm::check_sticky(&dir, &child, user)?;
+                if is_dir {
+                    pending.push_back(child);
+                }
+            }
+            match entries.last() {
+                Some((name, _)) if more => after = Some(name.clone()),
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ns::CreateFlags;
     use crate::ns::tests::namespace;
+    use crate::ns::{CreateFlags, SetAttr};
 
     /// Special files: a device needs root, a FIFO does not; they keep
     /// their kind and device number, cannot be opened here, and unlinking
@@ -742,5 +806,115 @@ mod tests {
         for (entry, inode) in &plus.entries {
             assert_eq!((entry.ino, entry.kind), (inode.ino, inode.kind()));
         }
+    }
+
+    /// `remove_all` checks every directory it empties, as `rm -r` would:
+    /// a user cannot remove a tree holding another user's directory it may
+    /// not write, nor another user's entry in a sticky directory, and such a
+    /// refusal removes nothing; where POSIX allows every removal, a user
+    /// may remove a tree holding others' entries; root removes anything.
+    #[tokio::test]
+    async fn remove_all_checks_every_directory_it_empties() {
+        let ns = namespace().await;
+        let root = User::root();
+        let alice = User::new(1000, 1000, vec![]);
+        let bob = User::new(1001, 1001, vec![]);
+        let home = ns.mkdir(&root, ROOT, b"home", 0o777).await.expect("mkdir");
+        let top = ns
+            .mkdir(&alice, home.ino, b"top", 0o755)
+            .await
+            .expect("top");
+        ns.mkdir(&alice, top.ino, b"mine", 0o755)
+            .await
+            .expect("mine");
+        // Alice lets bob in, and bob makes a directory she may not write.
+        ns.setattr(
+            &alice,
+            top.ino,
+            SetAttr {
+                mode: Some(0o777),
+                ..SetAttr::default()
+            },
+        )
+        .await
+        .expect("chmod");
+        let theirs = ns
+            .mkdir(&bob, top.ino, b"theirs", 0o755)
+            .await
+            .expect("theirs");
+        ns.create(&bob, theirs.ino, b"f", 0o644, CreateFlags::default())
+            .await
+            .expect("bob's file");
+        let before = ns.check().await.expect("check");
+        assert!(before.is_clean(), "{before}");
+
+        let e = ns
+            .remove_all(&alice, home.ino, b"top")
+            .await
+            .expect_err("bob's protected directory inside");
+        assert_eq!(e.errno(), libc::EACCES, "{e}");
+        assert!(e.to_string().contains(&format!("{:?}", theirs.ino)), "{e}");
+        // Nothing was removed.
+        assert_eq!(ns.check().await.expect("check"), before);
+        ns.lookup(&alice, theirs.ino, b"f")
+            .await
+            .expect("still there");
+
+        // A sticky directory: only the owner of the entry or the directory.
+        let sticky = ns
+            .mkdir(&alice, home.ino, b"sticky", 0o1777)
+            .await
+            .expect("sticky");
+        let shared = ns
+            .mkdir(&root, sticky.ino, b"shared", 0o1777)
+            .await
+            .expect("shared");
+        ns.create(&bob, shared.ino, b"g", 0o666, CreateFlags::default())
+            .await
+            .expect("bob's file");
+        // Alice owns `sticky` (so may remove `shared` from it) but neither
+        // `shared` nor bob's file in it.
+        let e = ns
+            .remove_all(&alice, home.ino, b"sticky")
+            .await
+            .expect_err("bob's entry in a sticky directory");
+        assert_eq!(e.errno(), libc::EPERM, "{e}");
+        ns.lookup(&alice, shared.ino, b"g")
+            .await
+            .expect("still there");
+
+        // Where every removal is allowed, another user's entries go too.
+        let open = ns
+            .mkdir(&alice, home.ino, b"open", 0o777)
+            .await
+            .expect("open");
+        let bobs = ns
+            .mkdir(&bob, open.ino, b"bobs", 0o777)
+            .await
+            .expect("bobs");
+        ns.create(&bob, bobs.ino, b"h", 0o600, CreateFlags::default())
+            .await
+            .expect("bob's file");
+        ns.remove_all(&alice, home.ino, b"open")
+            .await
+            .expect("every directory is writable");
+
+        // Root removes what alice could not.
+        ns.remove_all(&root, home.ino, b"top").await.expect("root");
+        ns.remove_all(&root, home.ino, b"sticky")
+            .await
+            .expect("root");
+        for name in [&b"top"[..], b"sticky", b"open"] {
+            assert_eq!(
+                ns.lookup(&root, home.ino, name)
+                    .await
+                    .map_err(|e| e.errno())
+                    .err(),
+                Some(libc::ENOENT)
+            );
+        }
+        let after = ns.check().await.expect("check");
+        assert!(after.is_clean(), "{after}");
+        assert_eq!(after.queued, 3, "{after}");
     }
 }

@@ -1,6 +1,7 @@
 //! The POSIX namespace of the metadata service: directories, files,
-//! symlinks, hard links, rename, permissions, write sessions, extended
-//! attributes and the GC queue, on the transactional KV interface.
+//! symlinks, hard links, rename, permissions, write sessions and their
+//! client leases, extended attributes and the GC queue, on the
+//! transactional KV interface.
 //!
 //! [`Namespace`] holds no namespace state of its own (only an inode id pool
 //! and a placement cursor, both safe to lose), so any number of metadata
@@ -12,7 +13,8 @@
 //! The code is split by area: `dir.rs` (lookup, path resolution, mkdir,
 //! rmdir, readdir, symlinks, layouts, recursive remove), `file.rs` (create,
 //! open/close, lengths, setattr, link, unlink), `rename.rs`, `xattr.rs`,
-//! `gc.rs` (the queue API for the GC worker), `check.rs` (fsck), with
+//! `gc.rs` (the queue API for the GC worker), `lease.rs` (client leases and
+//! the session reaper's API), `check.rs` (fsck), with
 //! `perm.rs`, `alloc.rs`, `layout.rs` and `txn.rs` underneath. The key and
 //! value formats are in [`crate::schema`]; docs/metadata-schema.md explains
 //! the invariants every operation keeps.
@@ -42,6 +44,7 @@ mod error;
 mod file;
 mod gc;
 pub mod layout;
+mod lease;
 pub mod perm;
 mod rename;
 mod txn;
@@ -57,7 +60,8 @@ use self::alloc::InodeAllocator;
 pub use self::alloc::{ALLOC_BATCH, ALLOC_SHARDS, batch_of};
 pub use self::check::{CheckReport, Problem};
 pub use self::dir::{
-    DirEntry, DirPage, DirPlusPage, READDIR_LIMIT_MAX, RESOLVE_STEPS_MAX, SYMLINKS_MAX,
+    DirEntry, DirPage, DirPlusPage, READDIR_LIMIT_MAX, REMOVE_ALL_CHECKED_ENTRIES_MAX,
+    RESOLVE_STEPS_MAX, SYMLINKS_MAX,
 };
 pub use self::error::NsError;
 pub use self::file::{
@@ -66,17 +70,25 @@ pub use self::file::{
 pub use self::gc::{GcExpand, GcFinish, GcItem};
 use self::layout::Placement;
 pub use self::layout::{ChainTables, LayoutError, LayoutSpec, StaticChainTables, StoredLayout};
+pub use self::lease::{ExpiredPage, ExpiredSession, Reaped};
 pub use self::rename::DEPTH_MAX;
 use self::txn::MetaTx;
 pub use self::xattr::XattrMode;
 pub use crate::schema::{
-    DirData, FileData, GcKind, Inode, InodeData, InodeKind, SessionId, SessionValue, SymlinkData,
+    DirData, FileData, GcKind, Inode, InodeData, InodeKind, LeaseValue, SessionId, SessionValue,
+    SymlinkData,
 };
 use crate::schema::{
     FORMAT_VERSION, FormatValue, NAME_BYTES_MAX, ROOT, decode_format, encode_format, format_key,
 };
 use flyfs_kv::{Kv, RetryOptions, Transaction};
 use flyfs_time::{Clock, WallClock};
+
+/// The default client lease: a minute, far longer than the clock skew
+/// between metadata instances and than a client's renewal takes through a
+/// metadata failover, and short enough that a crashed client's unlinked
+/// files are not kept much past the GC delay.
+pub const CLIENT_LEASE_MS_DEFAULT: u64 = 60_000;
 
 /// How a namespace instance behaves.
 #[derive(Clone)]
@@ -92,6 +104,10 @@ pub struct NsConfig {
     /// Entries `gc_expand` moves per transaction: small enough to stay far
     /// from the store's size and age limits.
     pub gc_batch: usize,
+    /// How long a client's write sessions outlive its last lease renewal
+    /// (`renew_lease`) before the session reaper may end them. Clients
+    /// renew every third of it (the renewal's answer tells them the length).
+    pub client_lease_ms: u64,
     /// Where file times and GC due times come from: the wall clock in
     /// production, a [`ManualClock`](flyfs_time::ManualClock) in tests (the
     /// GC delay must be testable without waiting five minutes).
@@ -101,13 +117,15 @@ pub struct NsConfig {
 
 impl NsConfig {
     /// The defaults: a 5-minute GC delay, 256 entries per GC transaction,
-    /// the wall clock, the KV layer's default retries.
+    /// a one-minute client lease, the wall clock, the KV layer's default
+    /// retries.
     pub fn new(root_layout: LayoutSpec, chain_tables: Arc<dyn ChainTables>) -> NsConfig {
         NsConfig {
             root_layout,
             chain_tables,
             gc_delay_ms: 5 * 60 * 1000,
             gc_batch: 256,
+            client_lease_ms: CLIENT_LEASE_MS_DEFAULT,
             clock: Arc::new(WallClock),
             retry: RetryOptions::default(),
         }
@@ -120,6 +138,7 @@ impl std::fmt::Debug for NsConfig {
             .field("root_layout", &self.root_layout)
             .field("gc_delay_ms", &self.gc_delay_ms)
             .field("gc_batch", &self.gc_batch)
+            .field("client_lease_ms", &self.client_lease_ms)
             .field("clock", &self.clock)
             .field("retry", &self.retry)
             .finish_non_exhaustive()

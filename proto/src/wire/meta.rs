@@ -434,6 +434,25 @@ pub struct GcStatusRsp {
     pub inodes_finished: u64,
 }
 
+/// Renews the lease that keeps all of a client's write sessions: a client
+/// holding sessions sends one every third of the lease it was told, and a
+/// client whose lease runs out (it crashed, or lost every metadata instance
+/// for that long) has its sessions ended by the service's reaper, so that
+/// GC can reclaim its unlinked files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RenewLeaseReq {
+    /// The client whose sessions are kept: the `client` of its opens.
+    pub client: ClientId,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RenewLeaseRsp {
+    /// How long from now the sessions are kept without another renewal.
+    pub lease_ms: u64,
+}
+
 /// Who calls the namespace: mounts and programs using the client library,
 /// and operators' tools (acting as their certificate's uid).
 const CLIENT_OR_ADMIN: Roles = Roles::CLIENT.or(Roles::ADMIN);
@@ -528,6 +547,11 @@ method!(GcStatus = 525, GcStatusReq => GcStatusRsp, roles Roles::ADMIN);
 method!(
     /// A FIFO, socket or device node.
     Mknod = 526, MknodReq => Attr,
+    roles CLIENT_OR_ADMIN
+);
+method!(
+    /// Keeps a client's write sessions for another lease.
+    RenewLease = 527, RenewLeaseReq => RenewLeaseRsp,
     roles CLIENT_OR_ADMIN
 );
 

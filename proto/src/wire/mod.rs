@@ -55,6 +55,7 @@ macro_rules! every_method {
             meta::SetLayout,
             meta::GcStatus,
             meta::Mknod,
+            meta::RenewLease,
         )
     };
 }
