@@ -124,9 +124,13 @@ impl Mgmtd {
         let service = MgmtService::open_with(store, config.mgmt_config(), lease)
             .await
             .context("loading the cluster record")?;
-        let server = Server::new(service.clone(), ServerConfig::default(), credentials)
-            .spawn(listener)
-            .context("starting the RPC server")?;
+        let server = Server::new(
+            service.clone(),
+            ServerConfig::without_payload(),
+            credentials,
+        )
+        .spawn(listener)
+        .context("starting the RPC server")?;
         let runner = tokio::spawn(service.clone().run());
         tracing::info!(
             data_dir = %config.data_dir.display(),

@@ -99,7 +99,7 @@ impl MetaDaemon {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let server = Server::new(
             MetaService::new(ns.clone(), storage.clone(), stats.clone()),
-            ServerConfig::default(),
+            ServerConfig::without_payload(),
             credentials,
         )
         .spawn(listener)

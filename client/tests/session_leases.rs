@@ -39,7 +39,7 @@ async fn client(cluster: &TestCluster, id: u64) -> Arc<FsClient<Tcp>> {
     let mut storage = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(id));
     storage.rpc_timeout = Duration::from_secs(1);
     storage.op_deadline = Duration::from_secs(30);
-    let storage = StorageClient::new(storage, Tcp);
+    let storage = StorageClient::new(storage, Tcp, flyfs_rpc::testing::client());
     storage.refresh_routing().await.expect("routing");
     let config = FsConfig {
         length_hint_interval: Duration::from_secs(3600),

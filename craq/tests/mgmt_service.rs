@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use flyfs_craq::mgmt::{FileStore, MgmtConfig, MgmtService};
 use flyfs_proto::Method;
+use flyfs_proto::Status;
 use flyfs_proto::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
@@ -18,7 +19,7 @@ use flyfs_proto::wire::mgmt::{
     PublicState, RegisterNode, RegisterNodeReq, RoutingInfo, TargetReport,
 };
 use flyfs_rpc::{
-    CallOptions, Client, ClientConfig, Server, ServerConfig, ServerHandle, Tcp, testing,
+    CallOptions, Client, ClientConfig, RpcError, Server, ServerConfig, ServerHandle, Tcp, testing,
 };
 
 /// A client speaking as storage node `n`: only storage nodes register and
@@ -51,9 +52,13 @@ impl Manager {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let server = Server::new(service.clone(), ServerConfig::default(), testing::mgmt())
-            .spawn(listener)
-            .expect("serve");
+        let server = Server::new(
+            service.clone(),
+            ServerConfig::without_payload(),
+            testing::mgmt(),
+        )
+        .spawn(listener)
+        .expect("serve");
         let ticker = tokio::spawn(service.run());
         Manager {
             addr: server.local_addr().to_string(),
@@ -154,6 +159,56 @@ async fn manager_over_tcp_detects_failures_and_survives_a_restart() {
         .await;
         assert_eq!(rsp, Ok(()));
     }
+    // A node's certificate speaks for that node only: node 1 can neither
+    // re-point node 2's address nor heartbeat for it, and a payload is
+    // refused by a manager that takes none. The record does not change.
+    let before = routing(&client, &addr).await;
+    let heartbeat = HeartbeatReq {
+        node: NodeId(2),
+        ..HeartbeatReq::default()
+    };
+    let register = RegisterNodeReq {
+        node: NodeId(2),
+        addr: "10.9.9.9:1".into(),
+    };
+    let impostor = node_client(1);
+    let refusals = [
+        impostor
+            .call::<RegisterNode>(&addr, &register, Bytes::new(), &CallOptions::default())
+            .await
+            .map(|_| ()),
+        impostor
+            .call::<Heartbeat>(&addr, &heartbeat, Bytes::new(), &CallOptions::default())
+            .await
+            .map(|_| ()),
+    ];
+    for refused in refusals {
+        assert!(
+            matches!(&refused, Err(RpcError::Remote { status: Status::Forbidden, message, .. }) if message.contains("storage/1")),
+            "{refused:?}"
+        );
+    }
+    let with_payload = impostor
+        .call_raw(
+            &addr,
+            GetRouting::ID,
+            Bytes::new(),
+            Bytes::from_static(b"unused bytes"),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        matches!(
+            &with_payload,
+            Err(RpcError::Remote {
+                status: Status::TooLarge,
+                ..
+            })
+        ),
+        "{with_payload:?}"
+    );
+    assert_eq!(routing(&client, &addr).await, before);
+
     // Validation errors travel back as MgmtError.
     let rsp = call::<CreateTarget>(
         &client,

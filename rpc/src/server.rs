@@ -233,6 +233,19 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The settings of a service that takes no payload (the cluster manager,
+    /// the metadata service): a request announcing one is refused at its
+    /// header, before anything is read or allocated for it.
+    pub fn without_payload() -> ServerConfig {
+        ServerConfig {
+            limits: FrameLimits {
+                payload_bytes_max: 0,
+                ..FrameLimits::default()
+            },
+            ..ServerConfig::default()
+        }
+    }
+
     /// Checks that the settings can work together: the largest frame the
     /// limits let in must fit every byte budget, or it would wait forever.
     pub fn check(&self) -> Result<(), String> {

@@ -586,9 +586,33 @@ impl MgmtService {
                 }
             };
         }
+        /// A storage node speaks only for the node id its certificate
+        /// names: anything else is refused before the record is touched.
+        macro_rules! as_own_node {
+            ($m:ty, $handle:expr) => {
+                match req.decode::<$m>() {
+                    Ok(body) if req.peer.identity.storage_node() == Some(body.node) => {
+                        Reply::ok::<$m>(&$handle(body).await, Bytes::new())
+                    }
+                    Ok(body) => {
+                        tracing::warn!(peer = %req.peer, node = ?body.node, "{} refused: another node's id", <$m>::NAME);
+                        Reply::error(
+                            Status::Forbidden,
+                            format!(
+                                "{} for {:?} refused: the caller's certificate names {}",
+                                <$m>::NAME,
+                                body.node,
+                                req.peer.identity
+                            ),
+                        )
+                    }
+                    Err(reply) => reply,
+                }
+            };
+        }
         match req.method {
-            RegisterNode::ID => serve!(RegisterNode, |b| self.register_node(b)),
-            Heartbeat::ID => serve!(Heartbeat, |b| self.heartbeat(b)),
+            RegisterNode::ID => as_own_node!(RegisterNode, |b| self.register_node(b)),
+            Heartbeat::ID => as_own_node!(Heartbeat, |b| self.heartbeat(b)),
             GetRouting::ID => match req.decode::<GetRouting>() {
                 Ok(body) => match self.get_routing(body) {
                     Ok(rsp) => Reply::ok::<GetRouting>(&rsp, Bytes::new()),
