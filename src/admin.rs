@@ -19,8 +19,8 @@ use flyfs_proto::wire::meta::{
 };
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, GetRouting, GetRoutingReq, MgmtError, RoutingInfo, SetTargetOffline,
-    SetTargetOfflineReq,
+    CreateTargetReq, GetRouting, GetRoutingReq, MgmtError, RemoveNode, RemoveNodeReq, RoutingInfo,
+    SetTargetOffline, SetTargetOfflineReq,
 };
 use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
 use flyfs_rpc::{CallOptions, Client, ClientConfig, Credentials, Tcp};
@@ -104,6 +104,12 @@ enum AdminCommand {
         #[arg(long)]
         target: u64,
     },
+    /// Forget a storage node that is down and hosts no target (stop its
+    /// daemon first).
+    RemoveNode {
+        #[arg(long)]
+        node: u32,
+    },
     /// Space of every device of one storage node (asks the node itself).
     Space {
         /// The storage node's address.
@@ -184,6 +190,12 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
                 target: TargetId(*target),
             };
             admin.mutate::<SetTargetOffline>("offline", &req).await?;
+        }
+        AdminCommand::RemoveNode { node } => {
+            let req = RemoveNodeReq {
+                node: NodeId(*node),
+            };
+            admin.mutate::<RemoveNode>("remove-node", &req).await?;
         }
     }
     if args.json {

@@ -304,6 +304,14 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         "{}",
         text(&refused)
     );
+    // A live node cannot be removed: its daemon must be stopped first.
+    let refused = cluster.admin(&["remove-node", "--node", "1"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop its daemon first"),
+        "{}",
+        text(&refused)
+    );
     // Targets the nodes have not reported yet count as offline, so a new
     // chain degrades at once and recovers through resyncs of empty targets
     // once the nodes learn about them.
