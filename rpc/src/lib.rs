@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod net;
 pub mod payload;
 pub mod recv_pool;
+pub mod refusals;
 pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

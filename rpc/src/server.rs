@@ -52,7 +52,6 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
-use tokio::time::Instant;
 
 use flyfs_proto::auth::{Identity, Roles};
 use flyfs_proto::codec;
@@ -63,6 +62,7 @@ use crate::budget::{ConnectionBudgets, Held, ServerBudgets};
 use crate::frame_io::{self, ReadError};
 use crate::net::Listener;
 use crate::payload::Payload;
+use crate::refusals::RefusalLog;
 use crate::tls::{self, Credentials};
 
 /// How long a closing connection keeps reading (and discarding) what the
@@ -432,7 +432,7 @@ async fn serve_until<L, S>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(slot) = budgets.admit() else {
-                        refusals.log(&peer, &Refusal::ConnectionsMax(config.connections_max));
+                        Refusal::ConnectionsMax(config.connections_max).log(&refusals, &peer);
                         drop(stream);
                         continue;
                     };
@@ -487,11 +487,11 @@ async fn run_connection<T, S>(
     let (stream, identity) = match accepted {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(refusal)) => {
-            refusals.log(&addr, &refusal);
+            refusal.log(&refusals, &addr);
             return;
         }
         Err(_elapsed) => {
-            refusals.log(&addr, &Refusal::HandshakeTimeout(config.handshake_timeout));
+            Refusal::HandshakeTimeout(config.handshake_timeout).log(&refusals, &addr);
             return;
         }
     };
@@ -580,7 +580,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Err(RequestReadError::Late(refusal)) => {
                 // Too slow to trust the stream's position: close without a
                 // frame (the peer is not reading either, most likely).
-                refusals.log(peer, &refusal);
+                refusal.log(refusals, &peer);
                 return;
             }
         };
@@ -752,8 +752,9 @@ fn dispatch<S: Service>(
     let refused = match service.roles(method) {
         None => Some(Reply::unknown_method(method)),
         Some(roles) if !roles.contains(peer.identity.role()) => {
-            let reply = Reply::error(Status::Forbidden, forbidden_message(peer, method));
-            tracing::debug!(%peer, method, "request refused: role not allowed");
+            let message = forbidden_message(peer, method);
+            crate::refusals::global().log("role", peer, &message);
+            let reply = Reply::error(Status::Forbidden, message);
             Some(reply)
         }
         Some(_) => None,
@@ -886,6 +887,14 @@ enum Refusal {
 }
 
 impl Refusal {
+    fn log(&self, refusals: &RefusalLog, peer: &str) {
+        refusals.log(
+            self.cause(),
+            &peer,
+            &format_args!("connection refused: {self}"),
+        );
+    }
+
     /// The cause, as rate limiting groups refusals.
     fn cause(&self) -> &'static str {
         match self {
@@ -1046,44 +1055,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// At most one log line per cause per [`REFUSAL_LOG_INTERVAL`], with the
-/// number of refusals held back since the last line: a flood of bad
-/// connections costs a line a second, not a line each.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    causes: parking_lot::Mutex<HashMap<&'static str, (Instant, u64)>>,
-}
-
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-impl RefusalLog {
-    fn log(&self, addr: &str, refusal: &Refusal) {
-        let now = Instant::now();
-        let suppressed = {
-            let mut causes = self.causes.lock();
-            match causes.get_mut(refusal.cause()) {
-                Some((last, held_back)) if now.duration_since(*last) < REFUSAL_LOG_INTERVAL => {
-                    *held_back += 1;
-                    return;
-                }
-                Some((last, held_back)) => {
-                    *last = now;
-                    std::mem::take(held_back)
-                }
-                None => {
-                    causes.insert(refusal.cause(), (now, 0));
-                    0
-                }
-            }
-        };
-        tracing::warn!(
-            peer = %addr,
-            cause = refusal.cause(),
-            suppressed,
-            "connection refused: {refusal}"
-        );
     }
 }
