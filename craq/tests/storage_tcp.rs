@@ -650,3 +650,109 @@ async fn targets_on_a_second_disk_use_their_own_engine() {
     }
     c.stop().await;
 }
+
+/// Chain-internal requests (`Forward`, `SyncDone`, `DumpMeta`) are taken
+/// only from the node holding the receiver's predecessor: another storage
+/// node's forged `Forward{Replace}` is refused `Forbidden` and the replica
+/// keeps its chunk; a head takes none of them; the true predecessor is let
+/// through to the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_requests_come_only_from_the_predecessor() {
+    use flyfs_proto::wire::storage::{
+        DumpMeta, DumpMetaReq, Forward, ForwardOp, ForwardReq, SyncDone, SyncDoneReq,
+    };
+    let c = Cluster::start().await;
+    let chunk = ChunkId {
+        inode: InodeId(9),
+        index: 0,
+    };
+    let good = data(3, 4096);
+    c.client
+        .write(ChainId(1), chunk, 0, good.clone(), CHUNK)
+        .await
+        .expect("write");
+    let version = c.version();
+    // Chain 1 is targets 0, 1, 2 on nodes 0, 1, 2: node 0 is the middle
+    // replica's predecessor, node 2 is not, and node 0's target is the head.
+    let as_node = |node: u32| Client::new(Tcp, Default::default(), testing::storage(NodeId(node)));
+    let forged = data(4, 4096);
+    let forward = ForwardReq {
+        chain: ChainId(1),
+        chain_version: version,
+        chunk,
+        op: ForwardOp::Replace {
+            crc: crc32c::crc32c(&forged),
+        },
+        version: flyfs_proto::ids::ChunkVersion(99),
+        chunk_size: CHUNK,
+        ..ForwardReq::default()
+    };
+    let sync_done = SyncDoneReq {
+        chain: ChainId(1),
+        chain_version: version,
+        channels: Vec::new(),
+        more: true,
+    };
+    let dump = DumpMetaReq {
+        chain: ChainId(1),
+        chain_version: version,
+        after: None,
+        limit: 10,
+    };
+    let forbidden = |what: &str, answer: Result<(), RpcError>, wants: &str| match answer {
+        Err(RpcError::Remote {
+            status: Status::Forbidden,
+            message,
+            ..
+        }) => assert!(message.contains(wants), "{what}: {message}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    for (from, to, wants) in [
+        (2, 1, "only from node 0"),
+        (1, 0, "has no predecessor"),
+        (2, 0, "has no predecessor"),
+    ] {
+        let rpc = as_node(from);
+        let options = CallOptions::default();
+        let addr = c.addr(to);
+        let answer = rpc
+            .call::<Forward>(&addr, &forward, forged.clone(), &options)
+            .await
+            .map(drop);
+        forbidden(&format!("Forward {from} -> {to}"), answer, wants);
+        let answer = rpc
+            .call::<SyncDone>(&addr, &sync_done, Bytes::new(), &options)
+            .await
+            .map(drop);
+        forbidden(&format!("SyncDone {from} -> {to}"), answer, wants);
+        let answer = rpc
+            .call::<DumpMeta>(&addr, &dump, Bytes::new(), &options)
+            .await
+            .map(drop);
+        forbidden(&format!("DumpMeta {from} -> {to}"), answer, wants);
+    }
+    for node in 0..3 {
+        let read = c.read_at(node, chunk).await.expect("read");
+        assert!(same(&read, &good), "node {node} kept its chunk");
+    }
+    // The predecessor reaches the handlers.
+    let predecessor = as_node(0);
+    let (dumped, _) = predecessor
+        .call::<DumpMeta>(&c.addr(1), &dump, Bytes::new(), &CallOptions::default())
+        .await
+        .expect("dump from the predecessor");
+    let dumped = dumped.expect("the middle replica's metadata");
+    assert_eq!(dumped.chunks.len(), 1, "{dumped:?}");
+    assert_eq!(dumped.chunks[0].chunk, chunk);
+    let (done, _) = predecessor
+        .call::<SyncDone>(
+            &c.addr(1),
+            &sync_done,
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("sync done from the predecessor");
+    done.expect("a page of nothing");
+    c.stop().await;
+}

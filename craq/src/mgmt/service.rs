@@ -595,16 +595,14 @@ impl MgmtService {
                         Reply::ok::<$m>(&$handle(body).await, Bytes::new())
                     }
                     Ok(body) => {
-                        tracing::warn!(peer = %req.peer, node = ?body.node, "{} refused: another node's id", <$m>::NAME);
-                        Reply::error(
-                            Status::Forbidden,
-                            format!(
-                                "{} for {:?} refused: the caller's certificate names {}",
-                                <$m>::NAME,
-                                body.node,
-                                req.peer.identity
-                            ),
-                        )
+                        let message = format!(
+                            "{} for {:?} refused: the caller's certificate names {}",
+                            <$m>::NAME,
+                            body.node,
+                            req.peer.identity
+                        );
+                        flyfs_rpc::refusals::global().log("another node's id", &req.peer, &message);
+                        Reply::error(Status::Forbidden, message)
                     }
                     Err(reply) => reply,
                 }

@@ -9,11 +9,12 @@ use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_proto::Method;
 use flyfs_proto::frame::Status;
+use flyfs_proto::ids::{ChainId, ChainVersion};
 use flyfs_proto::wire::storage::{
     BatchRead, DumpMeta, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
 };
-use flyfs_rpc::Network;
 use flyfs_rpc::server::{Reply, Request, Service};
+use flyfs_rpc::{Network, refusals};
 
 use super::StorageNode;
 
@@ -26,6 +27,55 @@ pub struct StorageService<D: BlockDevice, N: Network> {
 impl<D: BlockDevice, N: Network> StorageService<D, N> {
     pub fn new(node: Arc<StorageNode<D, N>>) -> Arc<Self> {
         Arc::new(StorageService { node })
+    }
+
+    /// Refuses (`Forbidden`) a chain-internal request (`Forward`,
+    /// `SyncDone`, `DumpMeta`) that does not come from the node holding the
+    /// receiving target's predecessor in the chain: only that replica
+    /// forwards updates to it and resyncs it, so any other storage node
+    /// sending them is forging (a `Forward{Replace}` would overwrite a
+    /// replica, a `SyncDone` mark a stale one up to date). The role check
+    /// already kept out everything but storage nodes.
+    ///
+    /// A request this node cannot place (unknown chain, another chain
+    /// version) passes to its handler, which refuses it with the chain's
+    /// error without touching anything: predecessors are only defined
+    /// within one chain version, and the sender's and ours are then equal.
+    #[allow(clippy::result_large_err)] // The error is the reply to send.
+    async fn from_predecessor(
+        &self,
+        req: &Request,
+        method: &'static str,
+        chain: ChainId,
+        version: ChainVersion,
+    ) -> Result<(), Reply> {
+        let Ok(place) = self.node.place_fresh(chain, version).await else {
+            return Ok(());
+        };
+        let predecessor = place
+            .index
+            .checked_sub(1)
+            .and_then(|before| place.chain.targets.get(before))
+            .and_then(|target| place.routing.target(target.target))
+            .map(|target| target.node);
+        let caller = req.peer.identity.storage_node();
+        if caller.is_some() && caller == predecessor {
+            return Ok(());
+        }
+        let message = match predecessor {
+            Some(node) => format!(
+                "{method}: {:?} of {chain:?} (version {}) takes it only from node {}, \
+                 which holds its predecessor; the caller is {}",
+                place.target.id, version.0, node.0, req.peer.identity
+            ),
+            None => format!(
+                "{method}: {:?} is the head of {chain:?} (version {}) and has no predecessor; \
+                 the caller is {}",
+                place.target.id, version.0, req.peer.identity
+            ),
+        };
+        refusals::global().log("not the predecessor", &req.peer, &message);
+        Err(Reply::error(Status::Forbidden, message))
     }
 }
 
@@ -49,14 +99,21 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             }
             Forward::ID => {
                 let body = decode!(req, Forward);
+                if let Err(reply) = self
+                    .from_predecessor(&req, Forward::NAME, body.chain, body.chain_version)
+                    .await
+                {
+                    return reply;
+                }
                 let rsp = node.forwarded(body, req.payload).await;
                 Reply::ok::<Forward>(&rsp, Bytes::new())
             }
             BatchRead::ID => {
                 let body = decode!(req, BatchRead);
                 if let Err(reason) = body.check_limits() {
-                    tracing::warn!(peer = %req.peer, "refused storage.BatchRead: {reason}");
-                    return Reply::error(Status::TooLarge, format!("storage.BatchRead: {reason}"));
+                    let message = format!("storage.BatchRead: {reason}");
+                    refusals::global().log("BatchRead limits", &req.peer, &message);
+                    return Reply::error(Status::TooLarge, message);
                 }
                 let (rsp, payload) = node.batch_read(body).await;
                 Reply::ok::<BatchRead>(&rsp, payload)
@@ -71,10 +128,22 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             }
             DumpMeta::ID => {
                 let body = decode!(req, DumpMeta);
+                if let Err(reply) = self
+                    .from_predecessor(&req, DumpMeta::NAME, body.chain, body.chain_version)
+                    .await
+                {
+                    return reply;
+                }
                 Reply::ok::<DumpMeta>(&node.dump_meta(body).await, Bytes::new())
             }
             SyncDone::ID => {
                 let body = decode!(req, SyncDone);
+                if let Err(reply) = self
+                    .from_predecessor(&req, SyncDone::NAME, body.chain, body.chain_version)
+                    .await
+                {
+                    return reply;
+                }
                 Reply::ok::<SyncDone>(&node.sync_done(body).await, Bytes::new())
             }
             Space::ID => {
