@@ -12,6 +12,7 @@ use bytes::Bytes;
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::mgmt::Managers;
 use flyfs_proto::Method;
+use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
 use flyfs_proto::wire::meta::{
     Attr, FileType, GcStatus, GcStatusReq, GcStatusRsp, MetaError, Readdir, ReaddirReq, ReaddirRsp,
@@ -140,7 +141,7 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Gc | AdminCommand::Ls { .. } | AdminCommand::Stat { .. } => {
             let timeout = Duration::from_millis(args.timeout_ms);
-            let ns = Namespace::new(&args.meta, timeout, credentials);
+            let ns = Namespace::new(&args.meta, timeout, credentials)?;
             return match &args.command {
                 AdminCommand::Gc => ns.gc(args.json).await,
                 AdminCommand::Ls { path } => ns.ls(path, args.json).await,
@@ -390,6 +391,9 @@ struct Namespace {
     client: Arc<MetaClient<Tcp>>,
     /// The addresses as given, for messages.
     meta: String,
+    /// Whom the requests name: the uid and gid of the admin credential,
+    /// the only caller the metadata service lets it act as.
+    user: User,
 }
 
 /// One `ls` line. Names and symlink targets are bytes chosen by whoever
@@ -406,15 +410,27 @@ struct ListEntry {
 }
 
 impl Namespace {
-    fn new(meta: &[String], timeout: Duration, credentials: Credentials) -> Namespace {
+    fn new(
+        meta: &[String],
+        timeout: Duration,
+        credentials: Credentials,
+    ) -> anyhow::Result<Namespace> {
+        let Principal::Admin { uid, gid, .. } = credentials.identity().principal else {
+            bail!(
+                "{} is not an admin credential: the namespace commands act as the uid and gid \
+                 an admin certificate names",
+                credentials.identity()
+            );
+        };
         let mut config = MetaClientConfig::new(meta.to_vec());
         config.rpc_timeout = timeout;
         // An admin command fails soon rather than waiting out an outage.
         config.op_deadline = timeout;
-        Namespace {
+        Ok(Namespace {
             client: MetaClient::new(Tcp, config, credentials),
             meta: meta.join(","),
-        }
+            user: User::new(uid, gid, Vec::new()),
+        })
     }
 
     async fn call<M, T>(&self, what: &str, req: &M::Req) -> anyhow::Result<T>
@@ -436,7 +452,7 @@ impl Namespace {
             bail!("{path:?} is not an absolute path in flyfs (paths start with /)");
         }
         let req = ResolveReq {
-            user: User::root(),
+            user: self.user.clone(),
             path: path.as_bytes().to_vec(),
             follow,
         };
@@ -445,7 +461,7 @@ impl Namespace {
 
     async fn readlink(&self, path: &str, attr: &Attr) -> anyhow::Result<String> {
         let req = StatReq {
-            user: User::root(),
+            user: self.user.clone(),
             ino: attr.ino,
         };
         let rsp: ReadlinkRsp = self.call::<Readlink, _>(path, &req).await?;
@@ -475,7 +491,7 @@ impl Namespace {
             let mut after = Vec::new();
             loop {
                 let req = ReaddirReq {
-                    user: User::root(),
+                    user: self.user.clone(),
                     dir: attr.ino,
                     after: after.clone(),
                     limit: 1024,
@@ -491,7 +507,7 @@ impl Namespace {
                         Some(attr) => attr,
                         None => {
                             let req = StatReq {
-                                user: User::root(),
+                                user: self.user.clone(),
                                 ino: entry.ino,
                             };
                             self.call::<Stat, _>(&name, &req).await?

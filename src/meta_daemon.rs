@@ -20,7 +20,7 @@ use flyfs_deploy::config::{MetaDaemonConfig, MetaStoreConfig};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
 use flyfs_fs_meta::ns::{Namespace, NsConfig};
 use flyfs_fs_meta::reaper::{ReaperConfig, ReaperStats, SessionReaper};
-use flyfs_fs_meta::service::{MetaService, RoutingChainTables};
+use flyfs_fs_meta::service::{CallerPolicy, MetaService, RoutingChainTables};
 use flyfs_kv::Kv;
 use flyfs_kv::fjall::FjallOptions;
 use flyfs_proto::ids::ClientId;
@@ -98,7 +98,16 @@ impl MetaDaemon {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let server = Server::new(
-            MetaService::new(ns.clone(), storage.clone(), stats.clone()),
+            MetaService::new(
+                ns.clone(),
+                storage.clone(),
+                stats.clone(),
+                CallerPolicy {
+                    root_squash: config.root_squash,
+                    squash_uid: config.squash_uid,
+                    squash_gid: config.squash_gid,
+                },
+            ),
             ServerConfig::without_payload(),
             credentials,
         )

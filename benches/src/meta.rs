@@ -29,7 +29,7 @@ use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::gc::GcStats;
 use flyfs_fs_meta::ns::{LayoutSpec, Namespace, NsConfig, StaticChainTables};
-use flyfs_fs_meta::service::MetaService;
+use flyfs_fs_meta::service::{CallerPolicy, MetaService};
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainTableId, ClientId, InodeId};
@@ -144,7 +144,12 @@ async fn measure(args: &MetaArgs, dir: &std::path::Path) -> anyhow::Result<Resul
     );
     let listener = Tcp.bind("127.0.0.1:0").await.context("binding")?;
     let server = Server::new(
-        MetaService::new(ns, storage, Arc::new(GcStats::default())),
+        MetaService::new(
+            ns,
+            storage,
+            Arc::new(GcStats::default()),
+            CallerPolicy::default(),
+        ),
         ServerConfig::default(),
         meta_credentials,
     )

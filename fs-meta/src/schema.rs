@@ -731,7 +731,7 @@ pub fn decode_session(key: &[u8], value: &[u8]) -> Result<SessionValue, DecodeEr
 
 /// A client's lease (`CLNT` value): its write sessions stay while the lease
 /// holds, and once it has expired the session reaper ends them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LeaseValue {
     /// Until when (ms since the epoch, the renewing instance's clock) the
@@ -739,6 +739,10 @@ pub struct LeaseValue {
     pub expires_ms: u64,
     /// When it was last renewed.
     pub renewed_ns: i64,
+    /// The identity (its URI) that holds the lease: only it may renew it.
+    /// Empty in records written before leases were bound to identities;
+    /// the next renewal binds those.
+    pub owner: String,
 }
 
 pub fn encode_lease(lease: &LeaseValue) -> Result<Vec<u8>, NsError> {
@@ -1032,6 +1036,7 @@ mod tests {
         let lease = LeaseValue {
             expires_ms: 1_700_000_030_000,
             renewed_ns: 1_700_000_000_000_000_000,
+            owner: "flyfs://c/client/host-a".into(),
         };
         let key = lease_key(42);
         assert_eq!(

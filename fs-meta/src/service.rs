@@ -13,6 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flyfs_client::storage::StorageClient;
 use flyfs_proto::Method;
+use flyfs_proto::auth::Principal;
+use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ChainId, ChainTableId, InodeId};
 use flyfs_proto::wire::meta as wire;
 use flyfs_proto::wire::meta::{
@@ -20,8 +22,9 @@ use flyfs_proto::wire::meta::{
     Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr,
     SetLayout, SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
-use flyfs_rpc::Network;
-use flyfs_rpc::server::{Reply, Request, Service};
+use flyfs_proto::wire::meta::{NamesCaller, User};
+use flyfs_rpc::server::{Peer, Reply, Request, Service};
+use flyfs_rpc::{Network, refusals};
 
 use crate::data::FileChunks;
 use crate::gc::GcStats;
@@ -48,11 +51,94 @@ impl<N: Network> ChainTables for RoutingChainTables<N> {
     }
 }
 
+/// Whom the service believes a request's `user` to be.
+///
+/// A mount is trusted to pass the uid, gid and groups its kernel gave it for
+/// the calling process (as NFS `sec=sys` trusts a client host, but only
+/// hosts holding a client credential of this cluster), so a client identity
+/// may name any caller, except that with `root_squash` uid 0 runs as
+/// `squash_uid`/`squash_gid`. An admin credential names one uid and gid and
+/// acts only as that. A request that names no caller is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerPolicy {
+    /// Run client requests naming uid 0 as `squash_uid`/`squash_gid`
+    /// without supplementary groups.
+    pub root_squash: bool,
+    pub squash_uid: u32,
+    pub squash_gid: u32,
+}
+
+impl Default for CallerPolicy {
+    /// No squashing; `nobody`/`nogroup` (65534) when it is turned on.
+    fn default() -> CallerPolicy {
+        CallerPolicy {
+            root_squash: false,
+            squash_uid: 65534,
+            squash_gid: 65534,
+        }
+    }
+}
+
+impl CallerPolicy {
+    /// Checks the caller `user` a request of `method` names against the
+    /// connection's identity, and maps it (root squash). The error is the
+    /// reply to send: `BadRequest` if the request names no caller,
+    /// `Forbidden` if the identity may not act as it.
+    #[allow(clippy::result_large_err)] // The error is the reply to send.
+    pub fn admit(
+        &self,
+        peer: &Peer,
+        method: &'static str,
+        user: &mut User,
+    ) -> std::result::Result<(), Reply> {
+        if !user.is_set() {
+            let message = format!(
+                "{method}: the request names no caller (`user` needs a uid and a gid); \
+                 it is refused rather than run as root"
+            );
+            refusals::global().log("no caller", peer, &message);
+            return Err(Reply::error(Status::BadRequest, message));
+        }
+        match &peer.identity.principal {
+            Principal::Client(_) => {
+                if self.root_squash && user.uid == 0 {
+                    *user = User::new(self.squash_uid, self.squash_gid, Vec::new());
+                }
+                Ok(())
+            }
+            Principal::Admin { uid, gid, .. } => {
+                if user.uid == *uid && user.gid == *gid && user.groups.is_empty() {
+                    return Ok(());
+                }
+                let message = format!(
+                    "{method}: {} acts as uid {uid} gid {gid} without supplementary groups; \
+                     the request names uid {} gid {} groups {:?}",
+                    peer.identity, user.uid, user.gid, user.groups
+                );
+                refusals::global().log("caller", peer, &message);
+                Err(Reply::error(Status::Forbidden, message))
+            }
+            // The roles of every namespace method already keep daemons out;
+            // this keeps a future method that forgets from running as
+            // whatever a daemon's request says.
+            other => {
+                let message = format!(
+                    "{method}: a {} identity does not act as a file system user",
+                    other.role()
+                );
+                refusals::global().log("caller", peer, &message);
+                Err(Reply::error(Status::Forbidden, message))
+            }
+        }
+    }
+}
+
 /// The RPC face of a namespace.
 pub struct MetaService<K: Kv, N: Network> {
     ns: Namespace<K>,
     storage: Arc<StorageClient<N>>,
     gc: Arc<GcStats>,
+    callers: CallerPolicy,
 }
 
 impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
@@ -172,8 +258,30 @@ fn set_time(t: wire::SetTime) -> ns::SetTime {
 }
 
 impl<K: Kv, N: Network> MetaService<K, N> {
-    pub fn new(ns: Namespace<K>, storage: Arc<StorageClient<N>>, gc: Arc<GcStats>) -> Arc<Self> {
-        Arc::new(MetaService { ns, storage, gc })
+    pub fn new(
+        ns: Namespace<K>,
+        storage: Arc<StorageClient<N>>,
+        gc: Arc<GcStats>,
+        callers: CallerPolicy,
+    ) -> Arc<Self> {
+        Arc::new(MetaService {
+            ns,
+            storage,
+            gc,
+            callers,
+        })
+    }
+
+    /// Decodes a request of `M` and admits the caller it names
+    /// ([`CallerPolicy::admit`]), or gives the reply to send instead.
+    #[allow(clippy::result_large_err)] // The error is the reply to send.
+    fn decode<M: Method>(&self, req: &Request) -> std::result::Result<M::Req, Reply>
+    where
+        M::Req: NamesCaller,
+    {
+        let mut decoded = req.decode::<M>()?;
+        self.callers.admit(&req.peer, M::NAME, decoded.user_mut())?;
+        Ok(decoded)
     }
 
     pub fn namespace(&self) -> &Namespace<K> {
@@ -291,25 +399,25 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         let ns = &self.ns;
         let reply = match req.method {
             Statfs::ID => {
-                req.decode::<Statfs>()?;
+                self.decode::<Statfs>(req)?;
                 ok::<Statfs>(self.statfs().await)
             }
             Stat::ID => {
-                let r = req.decode::<Stat>()?;
+                let r = self.decode::<Stat>(req)?;
                 ok::<Stat>(attr_of(ns.stat(r.ino).await))
             }
             Lookup::ID => {
-                let r = req.decode::<Lookup>()?;
+                let r = self.decode::<Lookup>(req)?;
                 let found = ns.lookup(&r.user, r.parent, &r.name).await;
                 ok::<Lookup>(attr_of(found))
             }
             Resolve::ID => {
-                let r = req.decode::<Resolve>()?;
+                let r = self.decode::<Resolve>(req)?;
                 let found = ns.resolve(&r.user, &r.path, r.follow).await;
                 ok::<Resolve>(attr_of(found))
             }
             Create::ID => {
-                let r = req.decode::<Create>()?;
+                let r = self.decode::<Create>(req)?;
                 let flags = CreateFlags {
                     exclusive: r.exclusive,
                     truncate: r.truncate,
@@ -334,7 +442,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<Create>(result)
             }
             Open::ID => {
-                let r = req.decode::<Open>()?;
+                let r = self.decode::<Open>(req)?;
                 let flags = OpenFlags {
                     read: r.read,
                     truncate: r.truncate,
@@ -357,22 +465,22 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<Open>(result)
             }
             Mkdir::ID => {
-                let r = req.decode::<Mkdir>()?;
+                let r = self.decode::<Mkdir>(req)?;
                 let made = ns.mkdir(&r.user, r.parent, &r.name, r.mode).await;
                 ok::<Mkdir>(attr_of(made))
             }
             MkdirAll::ID => {
-                let r = req.decode::<MkdirAll>()?;
+                let r = self.decode::<MkdirAll>(req)?;
                 let made = ns.mkdir_all(&r.user, &r.path, r.mode).await;
                 ok::<MkdirAll>(attr_of(made))
             }
             Symlink::ID => {
-                let r = req.decode::<Symlink>()?;
+                let r = self.decode::<Symlink>(req)?;
                 let made = ns.symlink(&r.user, r.parent, &r.name, &r.target).await;
                 ok::<Symlink>(attr_of(made))
             }
             Mknod::ID => {
-                let r = req.decode::<Mknod>()?;
+                let r = self.decode::<Mknod>(req)?;
                 let made = ns
                     .mknod(
                         &r.user,
@@ -386,7 +494,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<Mknod>(attr_of(made))
             }
             Readlink::ID => {
-                let r = req.decode::<Readlink>()?;
+                let r = self.decode::<Readlink>(req)?;
                 let target = ns.readlink(r.ino).await;
                 ok::<Readlink>(
                     target
@@ -395,17 +503,17 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 )
             }
             Link::ID => {
-                let r = req.decode::<Link>()?;
+                let r = self.decode::<Link>(req)?;
                 let linked = ns.link(&r.user, r.ino, r.new_parent, &r.new_name).await;
                 ok::<Link>(attr_of(linked))
             }
             Unlink::ID => {
-                let r = req.decode::<Unlink>()?;
+                let r = self.decode::<Unlink>(req)?;
                 let done = ns.unlink(&r.user, r.parent, &r.name).await;
                 ok::<Unlink>(done.map(drop).map_err(meta_error))
             }
             Rmdir::ID => {
-                let r = req.decode::<Rmdir>()?;
+                let r = self.decode::<Rmdir>(req)?;
                 ok::<Rmdir>(
                     ns.rmdir(&r.user, r.parent, &r.name)
                         .await
@@ -413,12 +521,12 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 )
             }
             RemoveAll::ID => {
-                let r = req.decode::<RemoveAll>()?;
+                let r = self.decode::<RemoveAll>(req)?;
                 let done = ns.remove_all(&r.user, r.parent, &r.name).await;
                 ok::<RemoveAll>(done.map(drop).map_err(meta_error))
             }
             Rename::ID => {
-                let r = req.decode::<Rename>()?;
+                let r = self.decode::<Rename>(req)?;
                 let done = ns
                     .rename(
                         &r.user,
@@ -431,11 +539,11 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<Rename>(done.map_err(meta_error))
             }
             Readdir::ID => {
-                let r = req.decode::<Readdir>()?;
+                let r = self.decode::<Readdir>(req)?;
                 ok::<Readdir>(self.readdir(r).await)
             }
             Close::ID => {
-                let r = req.decode::<Close>()?;
+                let r = self.decode::<Close>(req)?;
                 let result = async {
                     if !r.length_known {
                         self.sync_length(r.ino).await?;
@@ -453,16 +561,16 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<Close>(result)
             }
             Sync::ID => {
-                let r = req.decode::<Sync>()?;
+                let r = self.decode::<Sync>(req)?;
                 ok::<Sync>(self.sync_length(r.ino).await.map(|i| attr(&i)))
             }
             LengthHint::ID => {
-                let r = req.decode::<LengthHint>()?;
+                let r = self.decode::<LengthHint>(req)?;
                 let done = ns.set_length(r.ino, r.length, false).await;
                 ok::<LengthHint>(attr_of(done))
             }
             SetAttr::ID => {
-                let r = req.decode::<SetAttr>()?;
+                let r = self.decode::<SetAttr>(req)?;
                 let changes = ns::SetAttr {
                     mode: r.mode,
                     uid: r.uid,
@@ -483,7 +591,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<SetAttr>(result)
             }
             GetXattr::ID => {
-                let r = req.decode::<GetXattr>()?;
+                let r = self.decode::<GetXattr>(req)?;
                 let value = ns.get_xattr(&r.user, r.ino, &r.name).await;
                 ok::<GetXattr>(
                     value
@@ -492,7 +600,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 )
             }
             SetXattr::ID => {
-                let r = req.decode::<SetXattr>()?;
+                let r = self.decode::<SetXattr>(req)?;
                 let mode = match r.mode {
                     wire::XattrMode::Any => ns::XattrMode::Upsert,
                     wire::XattrMode::Create => ns::XattrMode::Create,
@@ -502,7 +610,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 ok::<SetXattr>(done.map_err(meta_error))
             }
             ListXattr::ID => {
-                let r = req.decode::<ListXattr>()?;
+                let r = self.decode::<ListXattr>(req)?;
                 let names = ns.list_xattr(r.ino).await;
                 ok::<ListXattr>(
                     names
@@ -513,12 +621,12 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 )
             }
             RemoveXattr::ID => {
-                let r = req.decode::<RemoveXattr>()?;
+                let r = self.decode::<RemoveXattr>(req)?;
                 let done = ns.remove_xattr(&r.user, r.ino, &r.name).await;
                 ok::<RemoveXattr>(done.map_err(meta_error))
             }
             SetLayout::ID => {
-                let r = req.decode::<SetLayout>()?;
+                let r = self.decode::<SetLayout>(req)?;
                 let spec = ns::LayoutSpec {
                     chain_table: r.layout.chain_table,
                     chunk_size: r.layout.chunk_size,
@@ -533,7 +641,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             RenewLease::ID => {
                 let r = req.decode::<RenewLease>()?;
                 let renewed = ns
-                    .renew_lease(r.client.0)
+                    .renew_lease(r.client.0, &req.peer.identity.to_uri())
                     .await
                     .map(|_| wire::RenewLeaseRsp {
                         lease_ms: ns.config().client_lease_ms,

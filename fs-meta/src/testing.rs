@@ -26,7 +26,7 @@ use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp, te
 use crate::gc::{GcConfig, GcStats, GcWorker};
 use crate::ns::{CLIENT_LEASE_MS_DEFAULT, LayoutSpec, Namespace, NsConfig};
 use crate::reaper::{ReaperConfig, ReaperStats, SessionReaper};
-use crate::service::{MetaService, RoutingChainTables};
+use crate::service::{CallerPolicy, MetaService, RoutingChainTables};
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_time::{Clock, WallClock};
@@ -69,6 +69,7 @@ pub struct MetaOptions {
     pub client_lease_ms: u64,
     /// Between passes of each instance's session reaper.
     pub reaper_interval: Duration,
+    pub callers: CallerPolicy,
 }
 
 impl Default for MetaOptions {
@@ -77,6 +78,7 @@ impl Default for MetaOptions {
             clock: Arc::new(WallClock),
             client_lease_ms: CLIENT_LEASE_MS_DEFAULT,
             reaper_interval: Duration::from_millis(50),
+            callers: CallerPolicy::default(),
         }
     }
 }
@@ -253,7 +255,12 @@ impl TestCluster {
             let (listener, addr) = bind("127.0.0.1:0").await;
             servers.push(
                 Server::new(
-                    MetaService::new(ns.clone(), meta_storage.clone(), stats.clone()),
+                    MetaService::new(
+                        ns.clone(),
+                        meta_storage.clone(),
+                        stats.clone(),
+                        meta_options.callers,
+                    ),
                     ServerConfig::default(),
                     testing::meta(),
                 )

@@ -14,7 +14,7 @@ use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::StorageClient;
 use flyfs_fs_meta::gc::GcStats;
 use flyfs_fs_meta::ns::Namespace;
-use flyfs_fs_meta::service::MetaService;
+use flyfs_fs_meta::service::{CallerPolicy, MetaService};
 use flyfs_fs_meta::testing::{ClusterOptions, TestCluster, bind};
 use flyfs_kv::fjall::FjallKv;
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, InodeId};
@@ -377,6 +377,7 @@ async fn serve_another(cluster: &Cluster) -> (ServerHandle, String) {
             cluster.ns.clone(),
             cluster._inner.meta_storage.clone(),
             Arc::new(GcStats::default()),
+            CallerPolicy::default(),
         ),
         ServerConfig::default(),
         flyfs_rpc::testing::meta(),

@@ -177,8 +177,9 @@ pub enum Principal {
     Meta(String),
     Mgmt(String),
     Client(String),
-    /// An operator's tool; the metadata service acts as `uid`/`gid`, whatever
-    /// a request says.
+    /// An operator's tool: the metadata service runs its requests as
+    /// `uid`/`gid` (no supplementary groups) and refuses one that names
+    /// another caller.
     Admin {
         name: String,
         uid: u32,

@@ -51,6 +51,15 @@ pub struct MetaDaemonConfig {
     /// on a power cut, not on a process crash).
     #[serde(default = "default_sync_on_commit")]
     pub sync_on_commit: bool,
+    /// Requests of client identities (mounts) naming uid 0 run as
+    /// `squash_uid`/`squash_gid` (NFS's root_squash). Admin credentials are
+    /// not squashed: they act as the uid their certificate names.
+    #[serde(default)]
+    pub root_squash: bool,
+    #[serde(default = "default_squash_id")]
+    pub squash_uid: u32,
+    #[serde(default = "default_squash_id")]
+    pub squash_gid: u32,
     /// Where the Prometheus metrics endpoint listens (`host:port`); none by
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +117,10 @@ const CLIENT_LEASE_MS_MIN: u64 = 3_000;
 fn default_sync_on_commit() -> bool {
     true
 }
+/// `nobody` and `nogroup` on Debian.
+fn default_squash_id() -> u32 {
+    65534
+}
 
 impl MetaDaemonConfig {
     /// A metadata service on the embedded store in `data_dir`, every other
@@ -125,6 +138,9 @@ impl MetaDaemonConfig {
             client_lease_ms: default_client_lease_ms(),
             reaper_interval_ms: default_reaper_interval_ms(),
             sync_on_commit: default_sync_on_commit(),
+            root_squash: false,
+            squash_uid: default_squash_id(),
+            squash_gid: default_squash_id(),
             metrics_listen: None,
             tls: None,
             store: MetaStoreConfig::Fjall,

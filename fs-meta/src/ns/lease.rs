@@ -92,18 +92,35 @@ impl<K: Kv> Namespace<K> {
         u64::try_from(self.now_ns() / 1_000_000).unwrap_or(0)
     }
 
-    /// Renews `client`'s lease: its sessions are kept for the configured
-    /// lease length from now. A blind write, so renewals never conflict
-    /// with each other or with opens; a reaper deciding on this client's
-    /// sessions read the key, so exactly one of the two wins.
-    pub async fn renew_lease(&self, client: u64) -> Result<LeaseValue, NsError> {
+    /// Renews `client`'s lease for `owner` (the caller's identity): its
+    /// sessions are kept for the configured lease length from now. Refused
+    /// (`NotPermitted`) if another identity holds the lease. It reads and
+    /// writes only the lease key, so renewals never conflict with opens; a
+    /// reaper deciding on this client's sessions read the key, so exactly
+    /// one of the two wins.
+    pub async fn renew_lease(&self, client: u64, owner: &str) -> Result<LeaseValue, NsError> {
         let lease_ms = self.inner.config.client_lease_ms;
         self.write(|tx| async move {
+            let key = lease_key(client);
+            // Bound to the identity that first took it, so that one client
+            // cannot keep another's dead sessions (and their unlinked files)
+            // alive by renewing its lease, nor end them by racing its
+            // renewals with ids of its own making.
+            if let Some(value) = tx.tx.get(&key, false).await? {
+                let held = decode_lease(&key, &value)?;
+                if !held.owner.is_empty() && held.owner != owner {
+                    return Err(NsError::NotPermitted(format!(
+                        "the lease of client {client:#x} is held by {}; {owner} may not renew it",
+                        held.owner
+                    )));
+                }
+            }
             let lease = LeaseValue {
                 expires_ms: tx.now_ms().saturating_add(lease_ms),
                 renewed_ns: tx.now_ns,
+                owner: owner.to_owned(),
             };
-            tx.tx.set(&lease_key(client), &encode_lease(&lease)?)?;
+            tx.tx.set(&key, &encode_lease(&lease)?)?;
             Ok(lease)
         })
         .await
@@ -151,14 +168,14 @@ impl<K: Kv> Namespace<K> {
                     };
                     let value = decode_session(&kv.key, &kv.value)?;
                     let lease = match leases.get(&value.client) {
-                        Some(lease) => *lease,
+                        Some(lease) => lease.clone(),
                         None => {
                             let key = lease_key(value.client);
                             let lease = match tx.tx.get(&key, true).await? {
                                 Some(bytes) => Some(decode_lease(&key, &bytes)?),
                                 None => None,
                             };
-                            leases.insert(value.client, lease);
+                            leases.insert(value.client, lease.clone());
                             lease
                         }
                     };
@@ -270,6 +287,7 @@ mod tests {
 
     const START_NS: i64 = 1_700_000_000_000_000_000;
     const LEASE_MS: i64 = 10_000;
+    const OWNER: &str = "flyfs://test/client/a";
 
     async fn namespace() -> (Namespace<MemKv>, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(START_NS));
@@ -310,6 +328,36 @@ mod tests {
         }
     }
 
+    /// A lease belongs to the identity that first renewed it: another
+    /// identity can neither keep it alive nor take it over, and a record
+    /// from before leases had owners is bound by its next renewal.
+    #[tokio::test]
+    async fn only_the_holder_renews_a_lease() {
+        let (ns, clock) = namespace().await;
+        let held = ns.renew_lease(7, OWNER).await.expect("renew");
+        assert_eq!(held.owner, OWNER);
+        clock.advance_ms(1);
+        let other = "flyfs://test/client/b";
+        let refused = ns.renew_lease(7, other).await.expect_err("not its lease");
+        assert!(matches!(refused, NsError::NotPermitted(_)), "{refused}");
+        assert!(refused.to_string().contains(OWNER), "{refused}");
+        assert_eq!(ns.lease(7).await.expect("lease"), Some(held));
+        ns.renew_lease(7, OWNER).await.expect("the holder renews");
+
+        // An unowned record, as written before leases were bound.
+        let unowned = LeaseValue {
+            expires_ms: 1,
+            renewed_ns: 1,
+            owner: String::new(),
+        };
+        let tx = ns.kv().begin().expect("begin");
+        tx.set(&lease_key(8), &encode_lease(&unowned).expect("encode"))
+            .expect("set");
+        tx.commit().await.expect("commit");
+        assert_eq!(ns.renew_lease(8, other).await.expect("renew").owner, other);
+        assert!(ns.renew_lease(8, OWNER).await.is_err());
+    }
+
     /// A client that renews keeps its sessions however long it lives; one
     /// that stops loses them one lease after its last renewal (or after the
     /// open, for a client that never renewed), and its unlinked file
@@ -332,15 +380,15 @@ mod tests {
             .create(&root, ROOT, b"silent", 0o644, writing(9))
             .await
             .expect("create");
-        ns.renew_lease(7).await.expect("renew");
-        ns.renew_lease(8).await.expect("renew");
+        ns.renew_lease(7, OWNER).await.expect("renew");
+        ns.renew_lease(8, OWNER).await.expect("renew");
         ns.unlink(&root, ROOT, b"dead").await.expect("unlink");
         assert!(!ns.gc_file_ready(dead.inode.ino).await.expect("ready"));
 
         // Well past the lease, client 7 renewing every half lease.
         for _ in 0..6 {
             clock.advance_ms(LEASE_MS / 2);
-            ns.renew_lease(7).await.expect("renew");
+            ns.renew_lease(7, OWNER).await.expect("renew");
             let expired = all_expired(&ns).await;
             assert!(expired.iter().all(|e| e.client != 7), "{expired:?}");
         }
@@ -398,10 +446,10 @@ mod tests {
             .await
             .expect("open");
         clock.advance_ms(LEASE_MS + 1);
-        ns.renew_lease(7).await.expect("renew");
+        ns.renew_lease(7, OWNER).await.expect("renew");
         let candidates = all_expired(&ns).await;
         assert_eq!(candidates.len(), 1, "{candidates:?}");
-        ns.renew_lease(8).await.expect("renew");
+        ns.renew_lease(8, OWNER).await.expect("renew");
         assert_eq!(
             ns.reap_session(live.inode.ino, back.session.expect("session"))
                 .await
@@ -411,7 +459,7 @@ mod tests {
 
         // Expired lease records are deleted; live ones stay.
         clock.advance_ms(LEASE_MS / 2);
-        ns.renew_lease(7).await.expect("renew");
+        ns.renew_lease(7, OWNER).await.expect("renew");
         clock.advance_ms(LEASE_MS / 2 + 1);
         assert_eq!(ns.remove_expired_leases(100).await.expect("remove"), 1);
         assert!(ns.lease(8).await.expect("lease").is_none());

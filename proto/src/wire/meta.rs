@@ -17,7 +17,12 @@ use crate::ids::{ChainId, ChainTableId, ClientId, InodeId};
 
 /// Who asks: checked against modes and owners (the rule is
 /// [`crate::access::allowed`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A request that leaves out `user` (or its `uid` or `gid`) decodes to
+/// [`User::UNSET`], which the metadata service refuses: with zeros as the
+/// default, as every other field has, a forgotten field would run the
+/// request as root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct User {
     pub uid: u32,
@@ -26,14 +31,34 @@ pub struct User {
     pub groups: Vec<u32>,
 }
 
+impl Default for User {
+    fn default() -> User {
+        User {
+            uid: User::UNSET,
+            gid: User::UNSET,
+            groups: Vec::new(),
+        }
+    }
+}
+
 impl User {
+    /// The uid and gid of a request that named none: POSIX reserves
+    /// `(uid_t)-1` (chown reads it as "leave unchanged"), so no account has
+    /// it and it cannot be mistaken for a real caller.
+    pub const UNSET: u32 = u32::MAX;
+
     pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> User {
         User { uid, gid, groups }
     }
 
     /// The superuser.
     pub fn root() -> User {
-        User::default()
+        User::new(0, 0, Vec::new())
+    }
+
+    /// Whether the request named a uid and a gid.
+    pub fn is_set(&self) -> bool {
+        self.uid != User::UNSET && self.gid != User::UNSET
     }
 
     pub fn is_root(&self) -> bool {
@@ -453,6 +478,45 @@ pub struct RenewLeaseRsp {
     pub lease_ms: u64,
 }
 
+/// A request that names its caller in `user`. The metadata service checks
+/// the caller of every such request against the connection's identity
+/// before running it (and may map it: root squash).
+pub trait NamesCaller {
+    fn user_mut(&mut self) -> &mut User;
+}
+
+macro_rules! names_caller {
+    ($($req:ty),* $(,)?) => {
+        $(impl NamesCaller for $req {
+            fn user_mut(&mut self) -> &mut User {
+                &mut self.user
+            }
+        })*
+    };
+}
+
+names_caller!(
+    StatfsReq,
+    StatReq,
+    LookupReq,
+    ResolveReq,
+    CreateReq,
+    MkdirReq,
+    MkdirAllReq,
+    MknodReq,
+    SymlinkReq,
+    LinkReq,
+    EntryReq,
+    RenameReq,
+    ReaddirReq,
+    OpenReq,
+    SessionReq,
+    LengthHintReq,
+    SetAttrReq,
+    XattrReq,
+    SetLayoutReq,
+);
+
 /// Who calls the namespace: mounts and programs using the client library,
 /// and operators' tools (acting as their certificate's uid).
 const CLIENT_OR_ADMIN: Roles = Roles::CLIENT.or(Roles::ADMIN);
@@ -575,6 +639,35 @@ mod tests {
         // A byte string, not an array of integers.
         assert!(bytes.windows(4).any(|w| w == b"caf\xe9"));
         assert_eq!(decode::<LookupReq>(&bytes).expect("decode"), req);
+    }
+
+    #[test]
+    fn a_request_without_its_caller_does_not_decode_to_root() {
+        #[derive(Serialize)]
+        struct Forgetful {
+            ino: InodeId,
+        }
+        #[derive(Serialize)]
+        struct HalfUser {
+            user: HalfUserFields,
+            ino: InodeId,
+        }
+        #[derive(Serialize)]
+        struct HalfUserFields {
+            gid: u32,
+        }
+        let missing = decode::<StatReq>(&encode(&Forgetful { ino: InodeId(7) })).expect("decode");
+        assert_eq!(missing.ino, InodeId(7));
+        assert!(!missing.user.is_set());
+        assert!(!missing.user.is_root());
+        let half = HalfUser {
+            user: HalfUserFields { gid: 0 },
+            ino: InodeId(7),
+        };
+        let half = decode::<StatReq>(&encode(&half)).expect("decode");
+        assert_eq!(half.user.uid, User::UNSET);
+        assert!(!half.user.is_set());
+        assert!(User::root().is_set() && User::root().is_root());
     }
 
     #[test]
