@@ -12,12 +12,16 @@
 //! the ones written".
 //!
 //! One region block holds the entries of 1024 data blocks (4 MiB), shared by
-//! neighbouring slots and chunks, so an update is a read-modify-write. Updates
-//! of one region block are serialised by a striped async lock held across the
-//! write, so that two writes of the same region block cannot reach the device
-//! in the other order, and a bounded cache of region blocks (always equal to
-//! the device, since only lock holders change either) spares most updates and
-//! reads the extra device read.
+//! neighbouring slots and chunks, so an update is a read-modify-write of a
+//! cached copy. Writes of one region block are serialised by a striped async
+//! lock held across the write, so that two writes of it cannot reach the
+//! device in the other order; and they are combined: a writer applies its
+//! entries to the cached copy first, then takes the lock, and finds its
+//! update already written by the holder before it, or writes the copy with
+//! every update made so far. So many small writes to neighbouring slots
+//! cost one region write per lock hand-over, not one each in a queue. The
+//! cache of region blocks is bounded; a copy with updates not yet written is
+//! not evicted (at most one per writer in flight).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,25 +52,94 @@ pub(crate) struct BlockCrcs {
     logged: AtomicBool,
 }
 
+/// The cached copy of one region block.
+struct Cached {
+    entries: Entries,
+    /// Sequence number of the last update applied to `entries`, and of the
+    /// last one the device holds (numbers from `Cache::sequence`).
+    updated: u64,
+    written: u64,
+}
+
 /// Region blocks by index, evicted oldest-inserted first when more than
-/// `capacity` are held.
+/// `capacity` are held, skipping copies with updates not yet written.
 struct Cache {
-    blocks: FxHashMap<u64, Entries>,
+    blocks: FxHashMap<u64, Cached>,
     order: VecDeque<u64>,
     capacity: usize,
+    /// Numbers updates, over all region blocks: a copy read afresh from the
+    /// device starts at the current number, so an update is never taken for
+    /// written because a later copy's count passed it.
+    sequence: u64,
 }
 
 impl Cache {
-    fn insert(&mut self, index: u64, entries: Entries) {
-        if self.blocks.insert(index, entries).is_none() {
+    /// Caches entries just read from the device (the caller holds the
+    /// block's lock, so no update of it is in flight).
+    fn insert_clean(&mut self, index: u64, entries: Entries) {
+        let cached = Cached {
+            entries,
+            updated: self.sequence,
+            written: self.sequence,
+        };
+        if self.blocks.insert(index, cached).is_none() {
             self.order.push_back(index);
-            while self.blocks.len() > self.capacity {
-                let Some(oldest) = self.order.pop_front() else {
-                    break;
-                };
-                self.blocks.remove(&oldest);
+            self.evict();
+        }
+    }
+
+    fn evict(&mut self) {
+        let mut skipped = 0;
+        while self.blocks.len() > self.capacity && skipped < self.order.len() {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            match self.blocks.get(&oldest) {
+                Some(cached) if cached.updated != cached.written => {
+                    // Not written yet: keep it, look further.
+                    self.order.push_back(oldest);
+                    skipped += 1;
+                }
+                _ => {
+                    self.blocks.remove(&oldest);
+                }
             }
         }
+    }
+
+    /// Caches entries just read from the device with `crcs` applied at entry
+    /// `entry` (the caller holds the block's lock); returns the update's
+    /// sequence number. The copy is not evicted until written.
+    fn insert_updated(
+        &mut self,
+        index: u64,
+        mut entries: Entries,
+        entry: usize,
+        crcs: &[u32],
+    ) -> u64 {
+        self.sequence += 1;
+        entries[entry..entry + crcs.len()].copy_from_slice(crcs);
+        let cached = Cached {
+            entries,
+            updated: self.sequence,
+            written: self.sequence - 1,
+        };
+        if self.blocks.insert(index, cached).is_none() {
+            self.order.push_back(index);
+        }
+        self.evict();
+        self.sequence
+    }
+
+    /// Applies `crcs` at entry `entry` of a cached block; returns the
+    /// update's sequence number, or `None` if the block is not cached.
+    fn apply(&mut self, index: u64, entry: usize, crcs: &[u32]) -> Option<u64> {
+        self.sequence += 1;
+        let sequence = self.sequence;
+        let cached = self.blocks.get_mut(&index)?;
+        cached.entries[entry..entry + crcs.len()].copy_from_slice(crcs);
+        cached.updated = sequence;
+        Some(sequence)
     }
 
     fn remove(&mut self, index: u64) {
@@ -88,6 +161,7 @@ impl BlockCrcs {
                 blocks: FxHashMap::default(),
                 order: VecDeque::new(),
                 capacity: cache_blocks.max(1),
+                sequence: 0,
             }),
             mismatches: AtomicU64::new(0),
             logged: AtomicBool::new(false),
@@ -150,12 +224,12 @@ impl<D: BlockDevice> DeviceIo<D> {
         })
     }
 
-    /// The entries of region block `region`, from the cache or the device;
-    /// the caller holds the region block's lock, so what it reads is what
-    /// the device holds and may be cached.
-    async fn region_entries_locked(&self, region: u64) -> Result<Entries, EngineError> {
-        if let Some(entries) = self.block_crcs.cache.lock().blocks.get(&region) {
-            return Ok(entries.clone());
+    /// Makes sure region block `region` is cached, reading it from the
+    /// device if not; the caller holds the block's lock, so no update of it
+    /// is in flight and what it reads is what the device holds.
+    async fn cache_region_locked(&self, region: u64) -> Result<(), EngineError> {
+        if self.block_crcs.cache.lock().blocks.contains_key(&region) {
+            return Ok(());
         }
         let buf = self
             .read_at(
@@ -164,9 +238,22 @@ impl<D: BlockDevice> DeviceIo<D> {
                 || format!("block CRCs {region}"),
             )
             .await?;
-        let entries = decode(&buf);
-        self.block_crcs.cache.lock().insert(region, entries.clone());
-        Ok(entries)
+        self.block_crcs
+            .cache
+            .lock()
+            .insert_clean(region, decode(&buf));
+        Ok(())
+    }
+
+    /// Copies entries `entry..entry + out.len()` of region block `region`
+    /// into `out`, if it is cached.
+    fn copy_cached(&self, region: u64, entry: usize, out: &mut [u32]) -> bool {
+        let cache = self.block_crcs.cache.lock();
+        let Some(cached) = cache.blocks.get(&region) else {
+            return false;
+        };
+        out.copy_from_slice(&cached.entries[entry..entry + out.len()]);
+        true
     }
 
     /// The recorded CRCs of the `count` data blocks from device offset
@@ -177,22 +264,23 @@ impl<D: BlockDevice> DeviceIo<D> {
         let first = self.sb.data_block_index(offset);
         let mut crcs = vec![0u32; count as usize];
         for (region, from, to, entry) in Self::region_spans(first, count) {
-            let cached = self
-                .block_crcs
-                .cache
-                .lock()
-                .blocks
-                .get(&region)
-                .map(|entries| {
-                    crcs[from..to].copy_from_slice(&entries[entry..entry + (to - from)]);
-                })
-                .is_some();
-            if !cached {
-                // Read under the lock: a read racing an update could
-                // otherwise cache what the update just replaced.
+            if !self.copy_cached(region, entry, &mut crcs[from..to]) {
+                // Read under the lock: a read racing a write could otherwise
+                // cache what the write just replaced.
                 let _guard = self.block_crcs.lock(region).lock().await;
-                let entries = self.region_entries_locked(region).await?;
-                crcs[from..to].copy_from_slice(&entries[entry..entry + (to - from)]);
+                self.cache_region_locked(region).await?;
+                if !self.copy_cached(region, entry, &mut crcs[from..to]) {
+                    // Evicted at once (every other copy held updates not yet
+                    // written): read it again, uncached.
+                    let buf = self
+                        .read_at(
+                            self.sb.block_crc_block_offset(region),
+                            BLOCK as usize,
+                            || format!("block CRCs {region}"),
+                        )
+                        .await?;
+                    crcs[from..to].copy_from_slice(&decode(&buf)[entry..entry + (to - from)]);
+                }
             }
         }
         Ok(crcs)
@@ -208,9 +296,60 @@ impl<D: BlockDevice> DeviceIo<D> {
         }
         let first = self.sb.data_block_index(offset);
         for (region, from, to, entry) in Self::region_spans(first, crcs.len() as u64) {
-            let _guard = self.block_crcs.lock(region).lock().await;
-            let mut entries = self.region_entries_locked(region).await?;
-            entries[entry..entry + (to - from)].copy_from_slice(&crcs[from..to]);
+            let applied = self
+                .block_crcs
+                .cache
+                .lock()
+                .apply(region, entry, &crcs[from..to]);
+            let guard = self.block_crcs.lock(region).lock().await;
+            // The engine may have been poisoned by a failed write of this
+            // block, which dropped the cached copy with this update in it.
+            self.check_writable()?;
+            let sequence = match applied {
+                Some(sequence) => sequence,
+                None => {
+                    // Maybe cached since, by a lock holder before us.
+                    let again = self
+                        .block_crcs
+                        .cache
+                        .lock()
+                        .apply(region, entry, &crcs[from..to]);
+                    match again {
+                        Some(sequence) => sequence,
+                        None => {
+                            // Not cached, and only lock holders cache it.
+                            let buf = self
+                                .read_at(
+                                    self.sb.block_crc_block_offset(region),
+                                    BLOCK as usize,
+                                    || format!("block CRCs {region}"),
+                                )
+                                .await?;
+                            self.block_crcs.cache.lock().insert_updated(
+                                region,
+                                decode(&buf),
+                                entry,
+                                &crcs[from..to],
+                            )
+                        }
+                    }
+                }
+            };
+            // A copy holding an update not yet written is neither evicted
+            // nor dropped (but on a failed write, which poisons the engine:
+            // checked above). So a missing copy was written, and evicted.
+            let snapshot = self
+                .block_crcs
+                .cache
+                .lock()
+                .blocks
+                .get(&region)
+                .filter(|cached| cached.written < sequence)
+                .map(|cached| (cached.entries.clone(), cached.updated));
+            // Written already by the holder of the lock before us?
+            let Some((entries, updated)) = snapshot else {
+                continue;
+            };
             let mut buf = self.pool.alloc(BLOCK as usize);
             for (raw, crc) in buf
                 .chunks_exact_mut(BLOCK_CRC_ENTRY_BYTES as usize)
@@ -223,13 +362,19 @@ impl<D: BlockDevice> DeviceIo<D> {
                     format!("block CRCs {region}")
                 })
                 .await;
+            let mut cache = self.block_crcs.cache.lock();
             if let Err(error) = written {
                 // What the device holds is unknown now; the engine is
-                // poisoned, but its readers may still use the cache.
-                self.block_crcs.cache.lock().remove(region);
+                // poisoned (refusing writes), and its readers go on without
+                // this copy.
+                cache.remove(region);
                 return Err(error);
             }
-            self.block_crcs.cache.lock().insert(region, entries);
+            if let Some(cached) = cache.blocks.get_mut(&region) {
+                cached.written = cached.written.max(updated);
+            }
+            cache.evict();
+            drop(guard);
         }
         Ok(())
     }
@@ -262,11 +407,19 @@ mod tests {
         let crcs = BlockCrcs::new(2);
         let mut cache = crcs.cache.lock();
         for i in 0..5 {
-            cache.insert(i, Box::new([i as u32; BLOCK_CRCS_PER_BLOCK as usize]));
+            cache.insert_clean(i, Box::new([i as u32; BLOCK_CRCS_PER_BLOCK as usize]));
         }
         assert_eq!(cache.blocks.len(), 2);
         assert!(cache.blocks.contains_key(&3) && cache.blocks.contains_key(&4));
+        // A copy with an update not yet written is kept over the bound.
+        let sequence = cache.apply(3, 7, &[9]).expect("cached");
+        cache.insert_clean(5, Box::new([5; BLOCK_CRCS_PER_BLOCK as usize]));
+        assert!(cache.blocks.contains_key(&3), "dirty copies stay");
+        assert_eq!(cache.blocks.len(), 2);
+        assert!(cache.blocks.contains_key(&5));
+        cache.blocks.get_mut(&3).expect("cached").written = sequence;
         cache.remove(3);
-        assert_eq!(cache.order, VecDeque::from([4]));
+        assert_eq!(cache.order, VecDeque::from([5]));
+        assert!(cache.apply(3, 0, &[1]).is_none(), "not cached");
     }
 }
