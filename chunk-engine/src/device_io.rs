@@ -7,13 +7,15 @@
 //! Also the I/O half of the chunk operations, which the chunk table
 //! (table.rs) decided on: writing a new version as its [`WritePlan`] lays it
 //! out (in-place append or copy-on-write, with the chunk's CRC combined or
-//! recomputed), and reading a pinned version, checking its CRC when asked.
+//! recomputed, and the block CRCs of every block written), and reading a
+//! pinned version, checked against its block CRCs or its chunk CRC.
 
 use std::sync::Arc;
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
 use parking_lot::Mutex;
 
+use crate::block_crc::{BlockCrcs, crcs_of};
 use crate::format::{BLOCK, ChunkMeta, SlotId, Superblock};
 use crate::request::{ReadOutcome, ReadRequest, WriteOp};
 use crate::table::{ReadTarget, WritePlan};
@@ -27,6 +29,9 @@ pub(crate) struct DeviceIo<D> {
     pub name: Arc<str>,
     pub sb: Superblock,
     pub pool: BufferPool,
+    /// The block-CRC region's locks and cache (block_crc.rs); unused on a
+    /// device formatted before version 3.
+    pub(crate) block_crcs: BlockCrcs,
     /// Why the engine refuses writes, once a write or flush failed.
     poison: Mutex<Option<Arc<str>>>,
     /// Why the engine refuses reads too, after an internal fault (its
@@ -35,12 +40,18 @@ pub(crate) struct DeviceIo<D> {
 }
 
 impl<D: BlockDevice> DeviceIo<D> {
-    pub fn new(dev: D, sb: Superblock, pool: BufferPool) -> DeviceIo<D> {
+    pub fn new(
+        dev: D,
+        sb: Superblock,
+        pool: BufferPool,
+        block_crc_cache_blocks: usize,
+    ) -> DeviceIo<D> {
         DeviceIo {
             name: Arc::from(dev.name()),
             dev,
             sb,
             pool,
+            block_crcs: BlockCrcs::new(block_crc_cache_blocks),
             poison: Mutex::new(None),
             fault: Mutex::new(None),
         }
@@ -160,6 +171,29 @@ impl<D: BlockDevice> DeviceIo<D> {
         })
     }
 
+    /// Writes whole data blocks at device `offset` and records their block
+    /// CRCs, computed from the very bytes written. The two writes run
+    /// concurrently: neither is durable before the flush that follows them
+    /// both, and a reader that meets one without the other sees a mismatch
+    /// and checks the whole chunk, whichever came first.
+    async fn write_blocks(
+        &self,
+        offset: u64,
+        buf: DmaBuf,
+        what: impl Fn() -> String,
+    ) -> Result<(), EngineError> {
+        let crcs = if self.sb.has_block_crcs() {
+            crcs_of(&buf)
+        } else {
+            Vec::new()
+        };
+        let (data, crcs) = tokio::join!(
+            self.write_at(offset, buf, what),
+            self.store_block_crcs(offset, &crcs)
+        );
+        data.and(crcs)
+    }
+
     /// Does the I/O of a write as `plan` lays it out; returns the new length
     /// and CRC of the whole chunk.
     pub async fn write_plan(
@@ -207,8 +241,12 @@ impl<D: BlockDevice> DeviceIo<D> {
                 let data = if aligned == base.len && offset == base.len {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            self.write_at(self.slot_offset(slot) + u64::from(aligned), buf, what)
-                                .await?;
+                            self.write_blocks(
+                                self.slot_offset(slot) + u64::from(aligned),
+                                buf,
+                                what,
+                            )
+                            .await?;
                             let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
                             return Ok((new_len, crc));
                         }
@@ -223,14 +261,8 @@ impl<D: BlockDevice> DeviceIo<D> {
                     // The block holding the committed tail is rewritten with
                     // the same committed bytes: sector writes are atomic, so
                     // a torn write leaves them intact either way.
-                    let head = self
-                        .read_at(
-                            self.slot_offset(slot) + u64::from(aligned),
-                            BLOCK as usize,
-                            what,
-                        )
+                    self.read_tail_block(key, &base, (offset, new_len), &mut buf[..BLOCK as usize])
                         .await?;
-                    buf[..BLOCK as usize].copy_from_slice(&head);
                 }
                 let tail_start = (base.len - aligned) as usize;
                 let data_start = (offset - aligned) as usize;
@@ -239,7 +271,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                 buf[data_start + data.len()..].fill(0);
                 let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
                 let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
-                self.write_at(self.slot_offset(slot) + u64::from(aligned), buf, what)
+                self.write_blocks(self.slot_offset(slot) + u64::from(aligned), buf, what)
                     .await?;
                 Ok((new_len, crc))
             }
@@ -250,7 +282,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                 let data = if covers_base {
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            self.write_at(self.slot_offset(slot), buf, what).await?;
+                            self.write_blocks(self.slot_offset(slot), buf, what).await?;
                             return Ok((new_len, data_crc));
                         }
                         Err(data) => data,
@@ -281,7 +313,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                 buf[filled..].fill(0);
                 buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
                 let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                self.write_at(self.slot_offset(slot), buf, what).await?;
+                self.write_blocks(self.slot_offset(slot), buf, what).await?;
                 Ok((new_len, crc))
             }
         }
@@ -313,17 +345,110 @@ impl<D: BlockDevice> DeviceIo<D> {
         })
     }
 
+    /// Reads the block holding `base`'s tail into `out`, for an in-place
+    /// append that rewrites it, checked: the new block CRC is computed from
+    /// these bytes and would otherwise bless rot in them. Against its block
+    /// CRC, or when that does not match (or the device has none) and the
+    /// base is checked anyway, against the base's chunk CRC by reading it
+    /// whole. Without block CRCs the old bytes are copied unchecked, as the
+    /// base's CRC is combined into the new version's and still covers them.
+    async fn read_tail_block(
+        &self,
+        key: ChunkKey,
+        base: &ChunkMeta,
+        write: (u32, u32),
+        out: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let what = || format!("{key:?}");
+        let aligned = u64::from(base.len) & !(BLOCK - 1);
+        let at = self.slot_offset(base.slot) + aligned;
+        let head = self.read_at(at, BLOCK as usize, what).await?;
+        if !self.sb.has_block_crcs() || self.block_crcs(at, 1).await?[0] == crc32c::crc32c(&head) {
+            out.copy_from_slice(&head);
+            return Ok(());
+        }
+        self.note_block_mismatch(|| format!("{key:?} tail block before an append"));
+        let whole = self
+            .read_at(
+                self.slot_offset(base.slot),
+                round_up(u64::from(base.len)) as usize,
+                what,
+            )
+            .await?;
+        self.check_base(key, base, &whole, write)?;
+        out.copy_from_slice(&whole[aligned as usize..(aligned + BLOCK) as usize]);
+        Ok(())
+    }
+
     /// Reads the range `req` asks for of a version a read has pinned,
-    /// clamped to the version's length. With `verify` (or when the range is
-    /// the whole chunk anyway) it reads the whole chunk and checks it against
-    /// the CRC recorded when it was written: a mismatch is
-    /// [`EngineError::ChunkCorrupt`], and the bytes are never returned.
+    /// clamped to the version's length, and checks it unless told not to:
+    ///
+    /// * a read of the whole version, or one that asks (`req.verify`), reads
+    ///   the whole version and checks the chunk's CRC;
+    /// * with `verify_reads`, a partial read checks each block it read
+    ///   against its block CRC, and on any mismatch falls back to the whole
+    ///   check (on a device without block CRCs it does that at once);
+    /// * without `verify_reads`, a partial read is not checked.
+    ///
+    /// Only a failed chunk-CRC check is [`EngineError::ChunkCorrupt`]; bytes
+    /// that failed it are never returned, and bytes that failed a block check
+    /// are never returned either (the whole check's bytes are).
     pub async fn read_pinned(
         &self,
         key: ChunkKey,
         target: ReadTarget,
         req: ReadRequest,
-        verify: bool,
+        verify_reads: bool,
+    ) -> Result<ReadOutcome, EngineError> {
+        let ReadTarget { len, .. } = target;
+        let start = req.offset.min(len);
+        let end = start.saturating_add(req.len).min(len);
+        // A read of the whole chunk is checked in any case: it costs no
+        // extra I/O, only the CRC.
+        if req.verify || (start == 0 && end == len) {
+            return self.read_whole_checked(key, target, start, end).await;
+        }
+        if start == end {
+            return Ok(self.outcome(target, self.pool.alloc(0), 0, 0, 0));
+        }
+        if verify_reads && !self.sb.has_block_crcs() {
+            return self.read_whole_checked(key, target, start, end).await;
+        }
+        let io_start = u64::from(start) & !(BLOCK - 1);
+        let io_end = round_up(u64::from(end));
+        let at = self.slot_offset(target.slot) + io_start;
+        let expected = if verify_reads {
+            Some(self.block_crcs(at, (io_end - io_start) / BLOCK).await?)
+        } else {
+            None
+        };
+        let data = self
+            .read_at(at, (io_end - io_start) as usize, || format!("{key:?}"))
+            .await?;
+        if let Some(expected) = expected
+            && !data
+                .chunks(BLOCK as usize)
+                .map(crc32c::crc32c)
+                .eq(expected.iter().copied())
+        {
+            // A write racing this read, a write a crash tore, rot in the
+            // block or in its CRC: the chunk's CRC decides which.
+            self.note_block_mismatch(|| {
+                format!("{key:?} v{} bytes {start}..{end}", target.version.0)
+            });
+            return self.read_whole_checked(key, target, start, end).await;
+        }
+        Ok(self.outcome(target, data, io_start, start, end))
+    }
+
+    /// Reads the whole version and checks it against the chunk's CRC before
+    /// returning bytes `start..end` of it.
+    async fn read_whole_checked(
+        &self,
+        key: ChunkKey,
+        target: ReadTarget,
+        start: u32,
+        end: u32,
     ) -> Result<ReadOutcome, EngineError> {
         let ReadTarget {
             slot,
@@ -331,57 +456,50 @@ impl<D: BlockDevice> DeviceIo<D> {
             crc,
             version,
         } = target;
-        let start = req.offset.min(len);
-        let end = start.saturating_add(req.len).min(len);
-        // A read of the whole chunk is checked in any case: it costs no
-        // extra I/O, only the CRC.
-        let verify = verify || req.verify || (start == 0 && end == len);
-        let (io_start, io_end) = if verify {
-            (0, round_up(u64::from(len)))
-        } else {
-            (u64::from(start) & !(BLOCK - 1), round_up(u64::from(end)))
-        };
-        if io_end == io_start || (start == end && !verify) {
-            return Ok(ReadOutcome {
-                data: self.pool.alloc(0),
+        let io_len = round_up(u64::from(len)) as usize;
+        if io_len == 0 {
+            return Ok(self.outcome(target, self.pool.alloc(0), 0, 0, 0));
+        }
+        let data = self
+            .read_at(self.slot_offset(slot), io_len, || format!("{key:?}"))
+            .await?;
+        let computed = crc32c::crc32c(&data[..len as usize]);
+        if computed != crc {
+            return Err(EngineError::ChunkCorrupt {
+                device: self.name.clone(),
+                key,
                 version,
-                chunk_len: len,
-                chunk_crc: crc,
+                offset: 0,
+                end: len,
+                read_offset: start,
+                read_end: end,
+                expected: crc,
+                computed,
             });
         }
-        let mut data = self
-            .read_at(
-                self.slot_offset(slot) + io_start,
-                (io_end - io_start) as usize,
-                || format!("{key:?}"),
-            )
-            .await?;
-        if verify {
-            let computed = crc32c::crc32c(&data[..len as usize]);
-            if computed != crc {
-                return Err(EngineError::ChunkCorrupt {
-                    device: self.name.clone(),
-                    key,
-                    version,
-                    offset: 0,
-                    end: len,
-                    read_offset: start,
-                    read_end: end,
-                    expected: crc,
-                    computed,
-                });
-            }
-        }
+        Ok(self.outcome(target, data, 0, start, end))
+    }
+
+    /// The outcome of a read of bytes `start..end` of a version, from `data`
+    /// read from slot offset `io_start`.
+    fn outcome(
+        &self,
+        target: ReadTarget,
+        mut data: DmaBuf,
+        io_start: u64,
+        start: u32,
+        end: u32,
+    ) -> ReadOutcome {
         data.set_window(
             (u64::from(start) - io_start) as usize,
             (end - start) as usize,
         );
-        Ok(ReadOutcome {
+        ReadOutcome {
             data,
-            version,
-            chunk_len: len,
-            chunk_crc: crc,
-        })
+            version: target.version,
+            chunk_len: target.len,
+            chunk_crc: target.crc,
+        }
     }
 }
 

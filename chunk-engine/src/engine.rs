@@ -56,7 +56,7 @@ impl<D: BlockDevice> OpenEngine<D> {
         cursor: Cursor,
     ) -> OpenEngine<D> {
         OpenEngine {
-            device: DeviceIo::new(dev, sb, pool),
+            device: DeviceIo::new(dev, sb, pool, config.block_crc_cache_blocks),
             config,
             table: Mutex::new(table),
             journal: Journal::new(cursor),
@@ -307,9 +307,10 @@ impl<D: BlockDevice> Engine<D> {
     }
 
     /// Reads a range of a chunk; the range is clamped to the chunk's length.
-    /// The bytes are checked against the chunk's CRC (unless the engine is
-    /// configured not to verify partial reads and `req` does not ask): a
-    /// mismatch is [`EngineError::ChunkCorrupt`].
+    /// The bytes are checked (unless the engine is configured not to verify
+    /// partial reads and `req` does not ask): against their block CRCs, or
+    /// the chunk's CRC when those do not match or the read asks for it. Only
+    /// a chunk-CRC mismatch is [`EngineError::ChunkCorrupt`].
     pub async fn read(&self, key: ChunkKey, req: ReadRequest) -> Result<ReadOutcome, EngineError> {
         let engine = &*self.engine;
         engine.device.check_readable()?;
@@ -397,6 +398,47 @@ impl<D: BlockDevice> Engine<D> {
         let mut chains: Vec<ChainId> = self.engine.table.lock().usage.keys().copied().collect();
         chains.sort();
         chains
+    }
+
+    /// Partial reads since the engine opened whose blocks did not all match
+    /// their block CRCs, so that the whole version was read and checked
+    /// instead: reads racing an append to the block they read, blocks a
+    /// crash tore, or rot (in the data or in the block-CRC region).
+    pub fn block_crc_mismatches(&self) -> u64 {
+        self.engine.device.block_crc_mismatches()
+    }
+
+    /// Test hook: the blocks (indices from the chunk's start) of `key`'s
+    /// committed version whose bytes on the device do not match their block
+    /// CRCs. Empty on a device without block CRCs. Unsynchronised with
+    /// writes: call it when none of this chunk runs.
+    #[cfg(feature = "testing")]
+    pub async fn block_crc_check(&self, key: ChunkKey) -> Result<Vec<u64>, EngineError> {
+        let engine = &*self.engine;
+        let target = engine
+            .table
+            .lock()
+            .pin_for_read(key, crate::ReadVersion::Committed)?;
+        let _pin = SlotPin::new(&engine.table, target.slot);
+        let device = &engine.device;
+        let blocks = u64::from(target.len).div_ceil(crate::format::BLOCK);
+        if !device.sb.has_block_crcs() || blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let at = device.sb.slot_offset(target.slot);
+        let expected = device.block_crcs(at, blocks).await?;
+        let data = device
+            .read_at(at, (blocks * crate::format::BLOCK) as usize, || {
+                format!("{key:?}")
+            })
+            .await?;
+        Ok(crate::block_crc::crcs_of(&data)
+            .into_iter()
+            .zip(expected)
+            .enumerate()
+            .filter(|(_, (actual, expected))| actual != expected)
+            .map(|(block, _)| block as u64)
+            .collect())
     }
 
     pub fn stats(&self) -> EngineStats {

@@ -17,9 +17,12 @@ pub const HEADER_BYTES: u64 = 1 << 20;
 /// region of the medium does not take both.
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, HEADER_BYTES / 2];
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FLYFSCE\0";
-/// Version 2 added the journal's Prepare record; version 1 devices, whose
-/// journals cannot hold one, are read as they are.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 added the journal's Prepare record; version 3 the block-CRC
+/// region. Devices of versions 1 and 2 are read as they are: their journals
+/// hold what a version 3 journal may, and they have no block CRCs.
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format version with a block-CRC region.
+pub const FORMAT_VERSION_BLOCK_CRCS: u32 = 3;
 /// The oldest format version this build still reads.
 pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const JOURNAL_MAGIC: u32 = u32::from_le_bytes(*b"FJNL");
@@ -33,6 +36,10 @@ pub const CLASS_LOG2_MIN: u8 = 12;
 pub const CLASS_LOG2_MAX: u8 = 26;
 /// Bytes of the checkpoint header block.
 pub const CHECKPOINT_HEADER_BYTES: u64 = BLOCK;
+/// Bytes of one entry of the block-CRC region: the CRC32C of one data block.
+pub const BLOCK_CRC_ENTRY_BYTES: u64 = 4;
+/// Data blocks whose CRCs one block of the region holds.
+pub const BLOCK_CRCS_PER_BLOCK: u64 = BLOCK / BLOCK_CRC_ENTRY_BYTES;
 
 const _: () =
     assert!(HEADER_BYTES.is_multiple_of(BLOCK) && SUPERBLOCK_OFFSETS[1].is_multiple_of(BLOCK));
@@ -41,6 +48,7 @@ const _: () = assert!(
     "a chunk slot must be block aligned"
 );
 const _: () = assert!((BLOCK as usize).is_multiple_of(META_BYTES));
+const _: () = assert!(BLOCK.is_multiple_of(BLOCK_CRC_ENTRY_BYTES));
 
 /// Why bytes failed to decode.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -156,6 +164,9 @@ impl<'a> Writer<'a> {
 /// The immutable geometry of a formatted device, stored in the superblock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version the device was formatted with: it decides the
+    /// layout (only version 3 and later have a block-CRC region).
+    pub format_version: u32,
     /// Random at format time; stamped into every journal batch and checkpoint
     /// so that structures left by an earlier format are never replayed.
     pub format_id: u64,
@@ -168,6 +179,11 @@ pub struct Superblock {
     pub checkpoint_slot_bytes: u64,
     pub journal_offset: u64,
     pub journal_bytes: u64,
+    /// The block-CRC region: one CRC32C per data block, the entry of the
+    /// block at `data_offset + i * BLOCK` at `block_crc_offset + 4 * i`.
+    /// Both zero before format version 3.
+    pub block_crc_offset: u64,
+    pub block_crc_bytes: u64,
     pub data_offset: u64,
     /// Every group spans `1 << class_log2_max` bytes.
     pub group_count: u32,
@@ -177,9 +193,10 @@ pub struct Superblock {
 const SUPERBLOCK_CRC_AT: usize = BLOCK as usize - 4;
 
 impl Superblock {
-    /// Lays out a device of `capacity_bytes`: header, two checkpoint slots
-    /// sized for the most chunks the data region can hold, the journal, and as
-    /// many whole groups as fit.
+    /// Lays out a device of `capacity_bytes` in the current format version:
+    /// header, two checkpoint slots sized for the most chunks the data region
+    /// can hold, the journal, the block-CRC region, and as many whole groups
+    /// as fit.
     pub fn plan(
         capacity_bytes: u64,
         sector_size: u32,
@@ -189,6 +206,53 @@ impl Superblock {
         format_id: u64,
         created_unix_secs: u64,
     ) -> Result<Superblock, String> {
+        Superblock {
+            format_version: FORMAT_VERSION,
+            format_id,
+            sector_size,
+            capacity_bytes,
+            class_log2_min,
+            class_log2_max,
+            checkpoint_offset: 0,
+            checkpoint_slot_bytes: 0,
+            journal_offset: 0,
+            journal_bytes,
+            block_crc_offset: 0,
+            block_crc_bytes: 0,
+            data_offset: 0,
+            group_count: 0,
+            created_unix_secs,
+        }
+        .laid_out()
+    }
+
+    /// The same device laid out as format version `format_version` lays it
+    /// out (to format a device an older build can read, in tests).
+    pub fn for_format_version(self, format_version: u32) -> Result<Superblock, String> {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&format_version) {
+            return Err(format!(
+                "format version {format_version} is not one this build writes ({FORMAT_VERSION_MIN}..={FORMAT_VERSION})"
+            ));
+        }
+        Superblock {
+            format_version,
+            ..self
+        }
+        .laid_out()
+    }
+
+    /// Computes every region from the parameters (format version, capacity,
+    /// sector size, chunk classes, journal size, format id, creation time),
+    /// ignoring the region fields of `self`.
+    fn laid_out(self) -> Result<Superblock, String> {
+        let Superblock {
+            format_version,
+            capacity_bytes,
+            class_log2_min,
+            class_log2_max,
+            journal_bytes,
+            ..
+        } = self;
         if !(CLASS_LOG2_MIN..=CLASS_LOG2_MAX).contains(&class_log2_min)
             || !(class_log2_min..=CLASS_LOG2_MAX).contains(&class_log2_max)
         {
@@ -215,39 +279,73 @@ impl Superblock {
             ));
         }
         let group_bytes = 1u64 << class_log2_max;
-        // The data region decides the checkpoint size and the checkpoints
-        // shrink the data region: size checkpoints for the whole device, which
-        // over-reserves by at most the checkpoints' own share.
+        // The data region decides the checkpoint and block-CRC sizes, and
+        // they shrink the data region: size both for the whole device, which
+        // over-reserves by at most their own share.
         let budget = capacity_bytes.saturating_sub(HEADER_BYTES + journal_bytes);
         let max_chunks = budget >> class_log2_min;
         let checkpoint_slot_bytes =
             (CHECKPOINT_HEADER_BYTES + max_chunks * META_BYTES as u64).next_multiple_of(BLOCK);
         let checkpoint_offset = HEADER_BYTES;
         let journal_offset = checkpoint_offset + 2 * checkpoint_slot_bytes;
-        let data_offset = (journal_offset + journal_bytes).next_multiple_of(HEADER_BYTES);
+        let (block_crc_offset, block_crc_bytes) = if format_version >= FORMAT_VERSION_BLOCK_CRCS {
+            (
+                journal_offset + journal_bytes,
+                (budget / BLOCK * BLOCK_CRC_ENTRY_BYTES).next_multiple_of(BLOCK),
+            )
+        } else {
+            (0, 0)
+        };
+        let data_offset =
+            (journal_offset + journal_bytes + block_crc_bytes).next_multiple_of(HEADER_BYTES);
         let group_count = capacity_bytes.saturating_sub(data_offset) / group_bytes;
         if group_count == 0 {
             return Err(format!(
-                "needs at least {} bytes (header, checkpoints, a {journal_bytes}-byte journal and one \
-                 {group_bytes}-byte chunk group)",
+                "needs at least {} bytes (header, checkpoints, a {journal_bytes}-byte journal, \
+                 block CRCs and one {group_bytes}-byte chunk group)",
                 data_offset + group_bytes
             ));
         }
-        Ok(Superblock {
-            format_id,
-            sector_size,
-            capacity_bytes,
-            class_log2_min,
-            class_log2_max,
+        let sb = Superblock {
             checkpoint_offset,
             checkpoint_slot_bytes,
             journal_offset,
-            journal_bytes,
+            block_crc_offset,
+            block_crc_bytes,
             data_offset,
             group_count: u32::try_from(group_count)
                 .map_err(|_| "device has more than 2^32 groups".to_string())?,
-            created_unix_secs,
-        })
+            ..self
+        };
+        debug_assert!(
+            !sb.has_block_crcs() || sb.data_blocks() * BLOCK_CRC_ENTRY_BYTES <= sb.block_crc_bytes,
+            "the block-CRC region covers the data region"
+        );
+        Ok(sb)
+    }
+
+    /// Whether the device has a block-CRC region (format version 3 on).
+    pub fn has_block_crcs(&self) -> bool {
+        self.format_version >= FORMAT_VERSION_BLOCK_CRCS
+    }
+
+    /// Blocks of the data region.
+    pub fn data_blocks(&self) -> u64 {
+        u64::from(self.group_count) * self.group_bytes() / BLOCK
+    }
+
+    /// Index of the data block at device offset `offset` (a data-region
+    /// offset), counted from the start of the data region.
+    pub fn data_block_index(&self, offset: u64) -> u64 {
+        debug_assert!(offset >= self.data_offset && offset.is_multiple_of(BLOCK));
+        (offset - self.data_offset) / BLOCK
+    }
+
+    /// Device offset of block `crc_block` of the block-CRC region, which
+    /// holds the CRCs of data blocks `crc_block * BLOCK_CRCS_PER_BLOCK` on.
+    pub fn block_crc_block_offset(&self, crc_block: u64) -> u64 {
+        debug_assert!((crc_block + 1) * BLOCK <= self.block_crc_bytes);
+        self.block_crc_offset + crc_block * BLOCK
     }
 
     pub fn group_bytes(&self) -> u64 {
@@ -270,7 +368,7 @@ impl Superblock {
         let mut block = [0u8; BLOCK as usize];
         let mut w = Writer::new(&mut block);
         w.put(&SUPERBLOCK_MAGIC);
-        w.u32(FORMAT_VERSION);
+        w.u32(self.format_version);
         w.u32(0); // flags
         w.u64(self.format_id);
         w.u32(self.sector_size);
@@ -286,6 +384,8 @@ impl Superblock {
         w.u64(self.journal_bytes);
         w.u64(self.data_offset);
         w.u64(self.created_unix_secs);
+        w.u64(self.block_crc_offset);
+        w.u64(self.block_crc_bytes);
         let crc = crc32c::crc32c(&block[..SUPERBLOCK_CRC_AT]);
         block[SUPERBLOCK_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         block
@@ -339,6 +439,7 @@ impl Superblock {
         let sector_size = r.u32()?;
         let block = r.u32()?;
         let sb = Superblock {
+            format_version: version,
             format_id,
             sector_size,
             capacity_bytes: r.u64()?,
@@ -357,6 +458,9 @@ impl Superblock {
             journal_bytes: r.u64()?,
             data_offset: r.u64()?,
             created_unix_secs: r.u64()?,
+            // Zero before version 3, whose layout has no such region.
+            block_crc_offset: r.u64()?,
+            block_crc_bytes: r.u64()?,
         };
         if let Some(at) = bytes[r.at..SUPERBLOCK_CRC_AT].iter().position(|&b| b != 0) {
             return Err(field(
@@ -385,16 +489,9 @@ impl Superblock {
         // Re-plan from the stored parameters: a consistent superblock is
         // exactly what `plan` produces, which rules out every overlapping or
         // out-of-range region without checking them one by one.
-        let expect = Superblock::plan(
-            sb.capacity_bytes,
-            sb.sector_size,
-            sb.class_log2_min,
-            sb.class_log2_max,
-            sb.journal_bytes,
-            sb.format_id,
-            sb.created_unix_secs,
-        )
-        .map_err(|reason| field(WHAT, "geometry", sb.capacity_bytes, reason))?;
+        let expect = sb
+            .laid_out()
+            .map_err(|reason| field(WHAT, "geometry", sb.capacity_bytes, reason))?;
         if expect != sb {
             return Err(field(
                 WHAT,
@@ -847,6 +944,47 @@ mod tests {
             sb.checkpoint_slot_bytes
                 >= CHECKPOINT_HEADER_BYTES + sb.max_chunks() * META_BYTES as u64
         );
+    }
+
+    #[test]
+    fn version_3_adds_a_block_crc_region_and_version_2_layouts_still_decode() {
+        let v3 = sb();
+        assert_eq!(v3.format_version, FORMAT_VERSION);
+        assert!(v3.has_block_crcs());
+        // Between the journal and the data, covering every data block.
+        assert_eq!(v3.block_crc_offset, v3.journal_offset + v3.journal_bytes);
+        assert!(v3.block_crc_offset + v3.block_crc_bytes <= v3.data_offset);
+        assert!(v3.data_blocks() * BLOCK_CRC_ENTRY_BYTES <= v3.block_crc_bytes);
+        let last = v3.data_blocks() - 1;
+        assert!(
+            v3.block_crc_block_offset(last / BLOCK_CRCS_PER_BLOCK) + BLOCK
+                <= v3.block_crc_offset + v3.block_crc_bytes
+        );
+        for version in [1, 2] {
+            let old = v3.for_format_version(version).expect("older layout");
+            assert_eq!(old.format_version, version);
+            assert!(!old.has_block_crcs());
+            assert_eq!((old.block_crc_offset, old.block_crc_bytes), (0, 0));
+            assert_eq!(
+                old.data_offset,
+                (old.journal_offset + old.journal_bytes).next_multiple_of(HEADER_BYTES),
+                "the version 2 layout, unchanged"
+            );
+            let bytes = old.encode();
+            assert_eq!(
+                u32::from_le_bytes(bytes[8..12].try_into().expect("4")),
+                version
+            );
+            assert!(bytes[96..SUPERBLOCK_CRC_AT].iter().all(|&b| b == 0));
+            assert_eq!(Superblock::decode(&bytes), Ok(old));
+        }
+        assert!(v3.for_format_version(4).is_err());
+        // A version 2 superblock claiming a region is inconsistent.
+        let mut claims = v3.for_format_version(2).expect("v2");
+        claims.block_crc_offset = v3.block_crc_offset;
+        claims.block_crc_bytes = v3.block_crc_bytes;
+        let err = Superblock::decode(&claims.encode()).expect_err("inconsistent");
+        assert!(err.to_string().contains("geometry"), "{err}");
     }
 
     #[test]

@@ -27,10 +27,12 @@
 //! (journal.rs); recovery.rs formats and opens a device; format.rs holds
 //! every on-device byte and alloc.rs the slot allocator; config.rs and
 //! request.rs are the settings and the request and outcome types; scrub.rs
-//! walks every chunk checking it against its CRC.
+//! walks every chunk checking it against its CRC; block_crc.rs keeps the
+//! per-block CRCs that let a partial read check only the blocks it reads.
 #![deny(unsafe_code)]
 
 pub mod alloc;
+mod block_crc;
 mod config;
 mod device_io;
 mod engine;

@@ -12,8 +12,9 @@ use crate::alloc::Allocator;
 use crate::config::{EngineConfig, FormatOptions, JournalMode};
 use crate::engine::OpenEngine;
 use crate::format::{
-    BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FormatError, HEADER_BYTES, Record,
-    SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header, decode_checkpoint_entries,
+    BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FORMAT_VERSION, FormatError, HEADER_BYTES,
+    Record, SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header,
+    decode_checkpoint_entries,
 };
 use crate::journal::{self, Cursor};
 use crate::table::ChunkTable;
@@ -94,6 +95,25 @@ impl<D: BlockDevice> Engine<D> {
     /// Formats `dev`. Refuses a device holding a flyfs superblock (even a
     /// damaged one) unless `options.force` is set.
     pub async fn format(dev: &D, options: &FormatOptions) -> Result<Superblock, EngineError> {
+        Self::format_as(dev, options, FORMAT_VERSION).await
+    }
+
+    /// Test hook: formats `dev` as an older format version would have (to
+    /// check that this build still opens and serves such devices).
+    #[cfg(feature = "testing")]
+    pub async fn format_version(
+        dev: &D,
+        options: &FormatOptions,
+        format_version: u32,
+    ) -> Result<Superblock, EngineError> {
+        Self::format_as(dev, options, format_version).await
+    }
+
+    async fn format_as(
+        dev: &D,
+        options: &FormatOptions,
+        format_version: u32,
+    ) -> Result<Superblock, EngineError> {
         let geometry = dev.geometry();
         let pool = BufferPool::new(&flyfs_bypass::PoolConfig {
             classes: vec![(BLOCK as usize, 4)],
@@ -151,6 +171,13 @@ impl<D: BlockDevice> Engine<D> {
             random_u64(),
             created,
         )
+        .and_then(|sb| {
+            if format_version == FORMAT_VERSION {
+                Ok(sb)
+            } else {
+                sb.for_format_version(format_version)
+            }
+        })
         .map_err(|reason| {
             if reason.contains("needs at least") {
                 EngineError::TooSmall {
@@ -297,8 +324,17 @@ impl<D: BlockDevice> Engine<D> {
                     source: None,
                 })?;
         }
+        if !sb.has_block_crcs() {
+            tracing::warn!(
+                device = %device,
+                format_version = sb.format_version,
+                "device formatted before block CRCs: a checked partial read reads and checks \
+                 the whole chunk (reformat to get block CRCs)"
+            );
+        }
         tracing::info!(
             device = %device,
+            format_version = sb.format_version,
             chunks = table.committed.len(),
             batches = replay.batches,
             discarded_tail = replay.discarded,
@@ -320,6 +356,10 @@ impl<D: BlockDevice> Engine<D> {
             checkpoint_slot: loaded.slot,
         };
         let engine = Arc::new(OpenEngine::new(dev, sb, pool, config, table, cursor));
+        // Made durable by the checkpoint's flush below.
+        for (offset, crcs) in &replay.block_crcs {
+            engine.device.store_block_crcs(*offset, crcs).await?;
+        }
         {
             // Awaited rather than blocked on, so that opening works on a
             // single-threaded runtime whose device needs the runtime to
@@ -422,6 +462,9 @@ struct Replay {
     batches: u64,
     /// Whether the last batch was dropped because its data never became durable.
     discarded: bool,
+    /// The block CRCs of the data the last batch points at, when it was
+    /// kept, by device offset: rewritten at open (see `batch_data_durable`).
+    block_crcs: Vec<(u64, Vec<u32>)>,
 }
 
 /// Reads the batch that claims log position `lsn`, if a valid one is there.
@@ -492,12 +535,14 @@ async fn replay_journal<D: BlockDevice>(
         lsn = at + bytes;
     }
     let mut discarded = false;
+    let mut block_crcs = Vec::new();
     if let Some(records) = last {
         // Only the last batch can be one whose flush never returned (batches
         // are serial). Its records were never acknowledged, but they may
         // point at data that did not reach the medium: keep the batch only
         // if every chunk it commits reads back with its checksum.
-        if batch_data_durable(dev, pool, &records, sb).await? {
+        if let Some(crcs) = batch_data_durable(dev, pool, &records, sb).await? {
+            block_crcs = crcs;
             for record in &records {
                 table.apply(record, false);
             }
@@ -510,15 +555,23 @@ async fn replay_journal<D: BlockDevice>(
         end: lsn,
         batches,
         discarded,
+        block_crcs,
     })
 }
 
+/// Whether every chunk the last batch commits or prepares reads back with
+/// its CRC; if so, the block CRCs of what was read (on a device that has
+/// them). The batch was written after its data's block CRCs, but its flush
+/// may not have returned, so those may have been lost while the data and the
+/// batch were not: rewriting them from the checked data spares every later
+/// partial read of these chunks the fall back to a whole-chunk check.
 async fn batch_data_durable<D: BlockDevice>(
     dev: &D,
     pool: &BufferPool,
     records: &[Record],
     sb: &Superblock,
-) -> Result<bool, EngineError> {
+) -> Result<Option<Vec<(u64, Vec<u32>)>>, EngineError> {
+    let mut block_crcs = Vec::new();
     for record in records {
         let (Record::Put(meta) | Record::Prepare(meta)) = record else {
             continue;
@@ -530,8 +583,11 @@ async fn batch_data_durable<D: BlockDevice>(
         let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
         let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
         if crc32c::crc32c(&data[..meta.len as usize]) != meta.crc {
-            return Ok(false);
+            return Ok(None);
+        }
+        if sb.has_block_crcs() {
+            block_crcs.push((offset, crate::block_crc::crcs_of(&data)));
         }
     }
-    Ok(true)
+    Ok(Some(block_crcs))
 }

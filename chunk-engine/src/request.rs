@@ -136,9 +136,11 @@ pub struct ReadRequest {
     pub offset: u32,
     pub len: u32,
     pub version: ReadVersion,
-    /// Read the whole chunk and check its CRC32C before returning the range,
-    /// even when the engine does not verify every read
-    /// (`EngineConfig::verify_reads`).
+    /// Read the whole chunk and check the whole-chunk CRC32C before
+    /// returning the range, rather than only the range's blocks against
+    /// their block CRCs, and even when the engine does not verify every
+    /// read (`EngineConfig::verify_reads`). The scrubber asks, as may a
+    /// client (the storage protocol's read carries the flag).
     pub verify: bool,
 }
 

@@ -1,6 +1,9 @@
 //! End-to-end integrity and fail-stop: bytes rotted on the device under a
 //! chunk are never served (reads, and writes that copy the chunk, fail with
-//! `ChunkCorrupt` naming chunk, version and ranges), the scrubber finds
+//! `ChunkCorrupt` naming chunk, version and ranges), while rot in a block
+//! CRC alone, or a block CRC a racing append has not yet rewritten, is not
+//! taken for corruption; a device of format version 2 (no block CRCs) still
+//! opens and checks its reads the old way; the scrubber finds
 //! exactly the rotten chunks at the rate it is given, and a panic on the
 //! journal thread fails every waiting and later caller instead of hanging
 //! them, and leaves the engine reporting itself poisoned.
@@ -18,6 +21,8 @@ use flyfs_proto::ids::ChunkVersion;
 
 both_modes!(
     rotten_bytes_under_a_chunk_fail_every_read_of_it,
+    rot_in_a_block_crc_alone_is_not_corruption,
+    a_read_racing_an_in_place_append_returns_the_committed_bytes,
     rotten_bytes_are_not_copied_into_a_new_version,
     the_scrubber_finds_exactly_the_rotten_chunk,
 );
@@ -52,11 +57,52 @@ fn read_range(offset: u32, len: u32) -> ReadRequest {
     }
 }
 
+/// Asserts that `err` is the `ChunkCorrupt` of version `version` of `key`,
+/// `chunk_len` bytes long, for a read of `offset..offset + len`.
+#[track_caller]
+fn assert_corrupt(
+    err: &EngineError,
+    key: ChunkKey,
+    version: u32,
+    chunk_len: u32,
+    offset: u32,
+    len: u32,
+) {
+    match err {
+        EngineError::ChunkCorrupt {
+            key: k,
+            version: v,
+            offset: 0,
+            end,
+            read_offset,
+            read_end,
+            expected,
+            computed,
+            ..
+        } => {
+            assert_eq!(*k, key);
+            assert_eq!(*v, ChunkVersion(version));
+            assert_eq!(*end, chunk_len);
+            assert_eq!(*read_offset, offset);
+            assert_eq!(*read_end, offset.saturating_add(len).min(chunk_len));
+            assert_ne!(expected, computed);
+        }
+        other => panic!("expected ChunkCorrupt, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("version") && message.contains("is corrupt"),
+        "{message}"
+    );
+    assert!(!err.is_device_failure(), "one chunk, not the device: {err}");
+}
+
 fn rotten_bytes_under_a_chunk_fail_every_read_of_it(mode: JournalMode) {
     let rt = runtime();
     let mem = mem();
     rt.block_on(async {
-        // Every read checked (`verify_reads`), partial ones included.
+        // Every read checked (`verify_reads`, the default), partial ones
+        // included.
         Engine::format(&mem, &small_format()).await.expect("format");
         let engine = Engine::open(
             mem.clone(),
@@ -73,46 +119,235 @@ fn rotten_bytes_under_a_chunk_fail_every_read_of_it(mode: JournalMode) {
         put(&engine, rotten, 1, 0, &bytes(20_000, 1)).await;
         put(&engine, rotten, 2, 20_000, &bytes(1000, 2)).await;
         put(&engine, healthy, 1, 0, &bytes(20_000, 3)).await;
+        let whole = [bytes(20_000, 1), bytes(1000, 2)].concat();
         rot(&engine, &mem, rotten, 100);
 
-        // A read of a block the rot is not in still fails: the CRC covers
-        // the whole chunk, so the engine reads and checks all of it.
-        for (offset, len) in [(0, u32::MAX), (0, 10), (16_384, 4096), (20_500, 100)] {
+        // Every read of the rotten block fails: its block CRC does not
+        // match, and the whole-chunk CRC it falls back to does not either.
+        // So does every read that asks for the whole-chunk check.
+        for (offset, len, verify) in [
+            (0, u32::MAX, false),
+            (0, 10, false),
+            (4000, 200, false),
+            (16_384, 4096, true),
+            (20_500, 100, true),
+        ] {
             let err = engine
-                .read(rotten, read_range(offset, len))
+                .read(
+                    rotten,
+                    ReadRequest {
+                        verify,
+                        ..read_range(offset, len)
+                    },
+                )
                 .await
                 .expect_err("rotten bytes are never served");
-            match &err {
-                EngineError::ChunkCorrupt {
-                    key,
-                    version,
-                    offset: 0,
-                    end: 21_000,
-                    read_offset,
-                    read_end,
-                    expected,
-                    computed,
-                    ..
-                } => {
-                    assert_eq!(*key, rotten);
-                    assert_eq!(*version, ChunkVersion(2));
-                    assert_eq!(*read_offset, offset);
-                    assert_eq!(*read_end, offset.saturating_add(len).min(21_000));
-                    assert_ne!(expected, computed);
-                }
-                other => panic!("expected ChunkCorrupt, got {other:?}"),
-            }
-            let message = err.to_string();
-            assert!(
-                message.contains("version") && message.contains("is corrupt"),
-                "{message}"
-            );
-            assert!(!err.is_device_failure(), "one chunk, not the device: {err}");
+            assert_corrupt(&err, rotten, 2, 21_000, offset, len);
         }
+        assert_eq!(
+            engine.block_crc_mismatches(),
+            2,
+            "the two partial reads of the rotten block fell back"
+        );
+        // Blocks the rot is not in are checked against their own CRCs
+        // and served.
+        for (offset, len) in [(16_384, 4096), (20_500, 100), (4096, 1)] {
+            let read = engine
+                .read(rotten, read_range(offset, len))
+                .await
+                .expect("a block away from the rot");
+            let end = (offset + len).min(21_000) as usize;
+            assert_same(&read.data, &whole[offset as usize..end]);
+        }
+        assert_eq!(engine.block_crc_mismatches(), 2);
+        assert_eq!(
+            engine.block_crc_check(rotten).await.expect("check"),
+            vec![0],
+            "the rotten block, and only it"
+        );
         // Its neighbour, and the engine, are fine.
         assert_same(&contents(&engine, healthy).await, &bytes(20_000, 3));
         assert!(engine.poisoned().is_none());
         engine.check_consistency().expect("consistent");
+    });
+}
+
+/// Device offset of the block CRC of block `block` of `key`'s committed
+/// version.
+fn block_crc_at<D: flyfs_bypass::BlockDevice>(
+    engine: &Engine<D>,
+    key: ChunkKey,
+    block: u64,
+) -> u64 {
+    let sb = engine.superblock();
+    let meta = engine
+        .stat(key)
+        .and_then(|info| info.committed)
+        .expect("a committed chunk");
+    let data_block = sb.data_block_index(sb.slot_offset(meta.slot)) + block;
+    sb.block_crc_offset + 4 * data_block
+}
+
+fn rot_in_a_block_crc_alone_is_not_corruption(mode: JournalMode) {
+    let rt = runtime();
+    let mem = mem();
+    rt.block_on(async {
+        let engine = format_and_open(&mem, &small_format(), mode).await;
+        let k = key(1, 11, 0);
+        let data = bytes(30_000, 9);
+        put(&engine, k, 1, 0, &data).await;
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+        // Reopened, so that the region is read from the device, not a cache.
+        drop(engine);
+        let at = block_crc_at(
+            &Engine::open(mem.clone(), pool(), config(mode))
+                .await
+                .expect("open"),
+            k,
+            2,
+        );
+        let byte = mem.snapshot()[at as usize];
+        mem.poke(at, &[!byte]);
+        let engine = Engine::open(mem.clone(), pool(), config(mode))
+            .await
+            .expect("reopen");
+        assert_eq!(engine.block_crc_check(k).await.expect("check"), vec![2]);
+        for (offset, len) in [(8192, 4096), (9000, 10), (4000, 10_000)] {
+            let read = engine
+                .read(k, read_range(offset, len))
+                .await
+                .expect("good bytes under a rotten block CRC are served");
+            assert_same(&read.data, &data[offset as usize..(offset + len) as usize]);
+        }
+        assert_eq!(engine.block_crc_mismatches(), 3, "each fell back");
+        // A read of other blocks does not touch the rotten entry.
+        let read = engine.read(k, read_range(0, 4096)).await.expect("read");
+        assert_same(&read.data, &data[..4096]);
+        assert_eq!(engine.block_crc_mismatches(), 3);
+        // Rewriting the chunk rewrites its entries.
+        put(&engine, k, 2, 0, &data).await;
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+        assert!(engine.poisoned().is_none());
+    });
+}
+
+/// An in-place append rewrites the block holding the committed tail, and
+/// that block's CRC, while readers of the committed version may read it: a
+/// reader that finds the old bytes and the new CRC (the append's data write
+/// is still in flight, its CRC already in the cached region block) falls
+/// back to the whole-chunk check and returns the committed bytes.
+fn a_read_racing_an_in_place_append_returns_the_committed_bytes(mode: JournalMode) {
+    let rt = runtime();
+    let dev = SlowDevice::new(mem());
+    rt.block_on(async {
+        let engine = format_and_open(&dev, &small_format(), mode).await;
+        let k = key(1, 12, 0);
+        let stream = bytes(40_000, 5);
+        put(&engine, k, 1, 0, &stream[..10_000]).await;
+        let sb = *engine.superblock();
+        let meta = engine
+            .stat(k)
+            .and_then(|info| info.committed)
+            .expect("committed");
+        let tail_block = sb.slot_offset(meta.slot) + 8192;
+        *dev.held_writes.lock().expect("lock") = tail_block..tail_block + 1;
+        dev.write_gate.close();
+        let append = {
+            let engine = engine.clone();
+            let data = stream[10_000..15_000].to_vec();
+            tokio::spawn(async move {
+                let outcome = engine.write(update(k, 2, 10_000, &data)).await?;
+                engine.commit(k, ChunkVersion(2)).await?;
+                Ok::<_, EngineError>(outcome)
+            })
+        };
+        while dev
+            .write_gate
+            .waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            tokio::task::yield_now().await;
+        }
+        // The tail block (8192..10_000 committed) still holds the committed
+        // bytes; its CRC is already the one of the block with the appended
+        // bytes past 10_000.
+        for (offset, len) in [(8192, 4096), (9_990, 100), (0, 8192)] {
+            let read = engine
+                .read(k, read_range(offset, len))
+                .await
+                .expect("the committed version reads");
+            assert_eq!(read.version, ChunkVersion(1));
+            let end = (offset + len).min(10_000) as usize;
+            assert_same(&read.data, &stream[offset as usize..end]);
+        }
+        assert_eq!(
+            engine.block_crc_mismatches(),
+            2,
+            "the reads of the tail block fell back, the other did not"
+        );
+        dev.write_gate.open();
+        let outcome = append.await.expect("task").expect("append");
+        assert!(outcome.in_place, "the append was in place");
+        let read = engine.read(k, read_range(8192, 4096)).await.expect("read");
+        assert_eq!(read.version, ChunkVersion(2));
+        assert_same(&read.data, &stream[8192..12_288]);
+        assert_eq!(engine.block_crc_mismatches(), 2);
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+    });
+}
+
+/// A device formatted by a build of format version 2 has no block CRCs: it
+/// opens, serves, and checks partial reads by reading the whole chunk.
+#[test]
+fn a_version_2_device_opens_and_checks_reads_whole() {
+    let rt = runtime();
+    let mem = mem();
+    rt.block_on(async {
+        let sb = Engine::format_version(&mem, &small_format(), 2)
+            .await
+            .expect("format version 2");
+        assert_eq!(sb.format_version, 2);
+        assert!(!sb.has_block_crcs());
+        let engine = Engine::open(mem.clone(), pool(), config(JournalMode::Thread))
+            .await
+            .expect("open");
+        assert_eq!(*engine.superblock(), sb);
+        let k = key(1, 13, 0);
+        put(&engine, k, 1, 0, &bytes(20_000, 4)).await;
+        put(&engine, k, 2, 20_000, &bytes(1000, 5)).await;
+        let whole = [bytes(20_000, 4), bytes(1000, 5)].concat();
+        drop(engine);
+        let engine = Engine::open(mem.clone(), pool(), config(JournalMode::Thread))
+            .await
+            .expect("reopen");
+        assert_eq!(engine.superblock().format_version, 2, "still version 2");
+        assert_same(&contents(&engine, k).await, &whole);
+        let read = engine
+            .read(k, read_range(16_384, 4096))
+            .await
+            .expect("read");
+        assert_same(&read.data, &whole[16_384..20_480]);
+        assert!(engine.block_crc_check(k).await.expect("check").is_empty());
+        // A partial read far from rot fails: it reads the whole chunk.
+        rot(&engine, &mem, k, 100);
+        for (offset, len) in [(0, 10), (16_384, 4096), (20_500, 100)] {
+            let err = engine
+                .read(k, read_range(offset, len))
+                .await
+                .expect_err("rotten bytes are never served");
+            assert_corrupt(&err, k, 2, 21_000, offset, len);
+        }
+        assert_eq!(engine.block_crc_mismatches(), 0);
     });
 }
 
@@ -394,5 +629,70 @@ fn the_scrubber_keeps_to_its_rate() {
             elapsed + step_ahead >= at_rate,
             "{elapsed:?} is faster than the rate allows"
         );
+    });
+}
+
+/// Writers of neighbouring slots share region blocks of the block-CRC
+/// region; concurrent updates of one region block are combined into shared
+/// writes. Whatever the interleaving, every block ends up matching its CRC,
+/// in memory and on the device (after a reopen, which reads the region
+/// afresh).
+#[test]
+fn concurrent_writers_of_neighbouring_slots_keep_every_block_crc() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mem = mem();
+    rt.block_on(async {
+        let engine = format_and_open(&mem, &small_format(), JournalMode::Thread).await;
+        const WRITERS: u32 = 16;
+        const APPENDS: u32 = 12;
+        let mut tasks = tokio::task::JoinSet::new();
+        for writer in 0..WRITERS {
+            let engine = engine.clone();
+            tasks.spawn(async move {
+                let k = key(1, 14, writer);
+                let stream = bytes(APPENDS as usize * 3000, writer as u8);
+                for version in 1..=APPENDS {
+                    let at = (version - 1) * 3000;
+                    put(
+                        &engine,
+                        k,
+                        version,
+                        at,
+                        &stream[at as usize..(at + 3000) as usize],
+                    )
+                    .await;
+                }
+                stream
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("writer");
+        }
+        let check = |engine: Engine<MemDevice>, round: &'static str| async move {
+            for writer in 0..WRITERS {
+                let k = key(1, 14, writer);
+                assert_eq!(
+                    engine.block_crc_check(k).await.expect("check"),
+                    Vec::<u64>::new(),
+                    "{k:?} ({round})"
+                );
+                let want = bytes(APPENDS as usize * 3000, writer as u8);
+                let read = engine
+                    .read(k, read_range(5000, 20_000))
+                    .await
+                    .expect("read");
+                assert_same(&read.data, &want[5000..25_000]);
+            }
+            assert_eq!(engine.block_crc_mismatches(), 0);
+        };
+        check(engine, "as written").await;
+        let reopened = Engine::open(mem.clone(), pool(), config(JournalMode::Thread))
+            .await
+            .expect("reopen");
+        check(reopened, "after a reopen").await;
     });
 }

@@ -159,11 +159,14 @@ pub fn assert_same(actual: &[u8], expected: &[u8]) {
 
 /// A `MemDevice` whose flushes take time: each yields once to the runtime
 /// (as a real device's would while the I/O is in flight), and all of them
-/// wait while the gate is closed.
+/// wait while the gate is closed. Writes starting in `held_writes` wait at
+/// `write_gate` while it is closed, likewise.
 #[derive(Clone, Debug)]
 pub struct SlowDevice {
     inner: MemDevice,
     pub gate: Arc<Gate>,
+    pub write_gate: Arc<Gate>,
+    pub held_writes: Arc<Mutex<std::ops::Range<u64>>>,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +233,8 @@ impl SlowDevice {
         SlowDevice {
             inner,
             gate: Arc::default(),
+            write_gate: Arc::default(),
+            held_writes: Arc::new(Mutex::new(0..0)),
         }
     }
 
@@ -251,8 +256,18 @@ impl BlockDevice for SlowDevice {
         self.inner.read(offset, buf)
     }
 
-    fn write(&self, offset: u64, buf: DmaBuf) -> impl Future<Output = IoCompletion> + Send {
-        self.inner.write(offset, buf)
+    async fn write(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
+        let held = self
+            .held_writes
+            .lock()
+            .expect("held writes lock")
+            .contains(&offset);
+        if held && self.write_gate.closed.load(Ordering::SeqCst) {
+            self.write_gate.waiting.fetch_add(1, Ordering::SeqCst);
+            GateOpen(&self.write_gate).await;
+            self.write_gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.write(offset, buf).await
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
