@@ -258,3 +258,16 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         std::thread::park();
     }
 }
+
+/// The message a panic was raised with, if it was a string: what a thread
+/// that catches a panic of its worker (a reactor here, the chunk engine's
+/// journal thread) reports when it fails the device or engine.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "(a panic without a message)"
+    }
+}

@@ -254,8 +254,11 @@ pub(crate) fn run<D: BlockDevice>(engine: Arc<OpenEngine<D>>) {
         write_until_shutdown(&engine)
     }));
     if let Err(payload) = outcome {
-        let reason: Arc<str> =
-            format!("the journal thread panicked: {}", panic_message(&*payload)).into();
+        let reason: Arc<str> = format!(
+            "the journal thread panicked: {}",
+            flyfs_bypass::panic_message(&*payload)
+        )
+        .into();
         engine.device.fault(&reason);
         fail_queued(&engine, reason);
     }
@@ -283,17 +286,6 @@ fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
             panic!("injected journal panic (test hook)");
         }
         block_on(write_next(engine, &mut writer));
-    }
-}
-
-/// The message a panic was raised with, if it was a string.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(message) = payload.downcast_ref::<&'static str>() {
-        message
-    } else if let Some(message) = payload.downcast_ref::<String>() {
-        message
-    } else {
-        "(a panic without a message)"
     }
 }
 

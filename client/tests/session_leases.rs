@@ -79,6 +79,7 @@ async fn a_crashed_clients_session_is_reaped_and_a_live_ones_never() {
             clock: clock.clone(),
             client_lease_ms: LEASE_MS as u64,
             reaper_interval: Duration::from_millis(20),
+            ..MetaOptions::default()
         },
     )
     .await;

@@ -815,15 +815,26 @@ fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {
     })
 }
 
+/// The message a panic was raised with, if it was a string: what a task
+/// that catches a handler's panic reports (here, and the FUSE daemon's
+/// request tasks).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "(a panic without a message)"
+    }
+}
+
 fn panic_reply(method: u16, request_id: u64, error: JoinError, peer: &str) -> OutFrame {
     let reason = if error.is_panic() {
         let panic = error.into_panic();
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| String::from("(no message)"));
-        format!("handler of method {method} panicked: {message}")
+        format!(
+            "handler of method {method} panicked: {}",
+            panic_message(&*panic)
+        )
     } else {
         format!("handler of method {method} was cancelled")
     };

@@ -121,23 +121,12 @@ fn run_or_fail(mut reactor: Reactor) {
             std::mem::forget(reactor);
             let reason: Arc<str> = format!(
                 "its io_uring reactor thread panicked: {}",
-                panic_message(&*payload)
+                crate::panic_message(&*payload)
             )
             .into();
             tracing::error!(device = %shared.name, %reason, "device failed");
             shared.fail_all(reason);
         }
-    }
-}
-
-/// The message a panic was raised with, if it was a string.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(message) = payload.downcast_ref::<&'static str>() {
-        message
-    } else if let Some(message) = payload.downcast_ref::<String>() {
-        message
-    } else {
-        "(a panic without a message)"
     }
 }
 

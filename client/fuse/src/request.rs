@@ -151,11 +151,7 @@ impl<N: Network> FuseFs<N> {
                 }
                 Err(panic) => {
                     metrics::counter!("flyfs_fuse_errors_total", "op" => op).increment(1);
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
+                    let what = flyfs_rpc::server::panic_message(&*panic);
                     tracing::error!(op, "FUSE request panicked: {what}; answered EIO");
                     reply.fail(Errno::EIO);
                 }

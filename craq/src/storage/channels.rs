@@ -85,6 +85,21 @@ struct Table {
     swept: Option<Instant>,
 }
 
+/// `id`'s entry (made if it has none), marked used at `now`: every request
+/// and every result learned keeps a client from expiring.
+fn used_client(
+    clients: &mut BTreeMap<ClientId, Client>,
+    id: ClientId,
+    now: Instant,
+) -> &mut Client {
+    let client = clients.entry(id).or_insert_with(|| Client {
+        last_used: now,
+        slots: BTreeMap::new(),
+    });
+    client.last_used = now;
+    client
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Channels {
     table: Mutex<Table>,
@@ -107,11 +122,7 @@ impl Channels {
         let mut table = self.table.lock();
         table.expire(now, &self.limits);
         let Table { clients, slots, .. } = &mut *table;
-        let client = clients.entry(channel.client).or_insert_with(|| Client {
-            last_used: now,
-            slots: BTreeMap::new(),
-        });
-        client.last_used = now;
+        let client = used_client(clients, channel.client, now);
         match client.slots.get(&channel.id) {
             Some(Slot::Finished { seq, result }) if *seq == channel.seq => {
                 return Begin::Done(*result);
@@ -167,11 +178,7 @@ impl Channels {
         let mut table = self.table.lock();
         table.expire(now, &self.limits);
         let Table { clients, slots, .. } = &mut *table;
-        let client = clients.entry(channel.client).or_insert_with(|| Client {
-            last_used: now,
-            slots: BTreeMap::new(),
-        });
-        client.last_used = now;
+        let client = used_client(clients, channel.client, now);
         let newer = match client.slots.get(&channel.id) {
             Some(Slot::Finished { seq, .. }) => *seq <= channel.seq,
             Some(Slot::Running { seq, done }) => {

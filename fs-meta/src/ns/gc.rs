@@ -259,10 +259,8 @@ impl<K: Kv> Namespace<K> {
 mod tests {
     use std::sync::Arc;
 
-    use flyfs_proto::ids::ChainTableId;
-
     use super::*;
-    use crate::ns::{CreateFlags, LayoutSpec, NsConfig, StaticChainTables};
+    use crate::ns::CreateFlags;
     use crate::schema::ROOT;
     use flyfs_kv::mem::MemKv;
     use flyfs_proto::wire::meta::User;
@@ -272,22 +270,11 @@ mod tests {
     const START_MS: u64 = 1_700_000_000_000;
 
     async fn namespace() -> (Namespace<MemKv>, Arc<ManualClock>) {
-        let clock = Arc::new(ManualClock::new(START_NS));
-        let mut config = NsConfig::new(
-            LayoutSpec {
-                chain_table: ChainTableId(1),
-                chunk_size: 1 << 20,
-                stripe: 1,
-            },
-            Arc::new(StaticChainTables::single(ChainTableId(1), 4)),
-        );
-        config.clock = clock.clone();
-        config.gc_delay_ms = 1000;
-        config.gc_batch = 2;
-        (
-            Namespace::open(MemKv::new(), config).await.expect("open"),
-            clock,
-        )
+        crate::ns::tests::namespace_on_clock(START_NS, |config| {
+            config.gc_delay_ms = 1000;
+            config.gc_batch = 2;
+        })
+        .await
     }
 
     async fn clean(ns: &Namespace<MemKv>) -> crate::ns::CheckReport {

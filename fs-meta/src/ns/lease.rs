@@ -276,12 +276,11 @@ impl<K: Kv> Namespace<K> {
 mod tests {
     use std::sync::Arc;
 
-    use flyfs_proto::ids::ChainTableId;
     use flyfs_proto::wire::meta::User;
     use flyfs_time::ManualClock;
 
     use super::*;
-    use crate::ns::{CreateFlags, LayoutSpec, NsConfig, OpenFlags, StaticChainTables};
+    use crate::ns::{CreateFlags, OpenFlags};
     use crate::schema::ROOT;
     use flyfs_kv::mem::MemKv;
 
@@ -290,21 +289,10 @@ mod tests {
     const OWNER: &str = "flyfs://test/client/a";
 
     async fn namespace() -> (Namespace<MemKv>, Arc<ManualClock>) {
-        let clock = Arc::new(ManualClock::new(START_NS));
-        let mut config = NsConfig::new(
-            LayoutSpec {
-                chain_table: ChainTableId(1),
-                chunk_size: 1 << 20,
-                stripe: 1,
-            },
-            Arc::new(StaticChainTables::single(ChainTableId(1), 4)),
-        );
-        config.clock = clock.clone();
-        config.client_lease_ms = LEASE_MS as u64;
-        (
-            Namespace::open(MemKv::new(), config).await.expect("open"),
-            clock,
-        )
+        crate::ns::tests::namespace_on_clock(START_NS, |config| {
+            config.client_lease_ms = LEASE_MS as u64;
+        })
+        .await
     }
 
     /// Every expired session, page by page (pages of 1 to test the cursor).

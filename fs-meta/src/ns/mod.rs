@@ -392,6 +392,30 @@ pub(crate) mod tests {
         Namespace::open(MemKv::new(), config).await.expect("open")
     }
 
+    /// A namespace on a fresh `MemKv` and a `ManualClock` at `start_ns`, for
+    /// the tests of timed behaviour (GC delays, leases): one table of 4
+    /// chains, files on 1; `configure` sets what the test times.
+    pub(crate) async fn namespace_on_clock(
+        start_ns: i64,
+        configure: impl FnOnce(&mut NsConfig),
+    ) -> (Namespace<MemKv>, Arc<flyfs_time::ManualClock>) {
+        let clock = Arc::new(flyfs_time::ManualClock::new(start_ns));
+        let mut config = NsConfig::new(
+            LayoutSpec {
+                chain_table: ChainTableId(1),
+                chunk_size: 1 << 20,
+                stripe: 1,
+            },
+            Arc::new(StaticChainTables::single(ChainTableId(1), 4)),
+        );
+        config.clock = clock.clone();
+        configure(&mut config);
+        (
+            Namespace::open(MemKv::new(), config).await.expect("open"),
+            clock,
+        )
+    }
+
     #[tokio::test]
     async fn open_is_idempotent_and_checks_the_format() {
         let ns = namespace().await;
