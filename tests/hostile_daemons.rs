@@ -950,37 +950,29 @@ fn daemons_under_attack_keep_their_budget_and_their_data() {
             ))
         })
         .collect();
-    let mut attacks = Vec::new();
-    attacks.push((
-        "slow sender",
-        fixture
-            .runtime
-            .spawn(slow_sender(addr.clone(), prober.clone())),
-    ));
-    attacks.push((
-        "garbage after a valid header",
-        fixture
-            .runtime
-            .spawn(garbage_after_header(addr.clone(), prober.clone())),
-    ));
-    attacks.push((
-        "unauthenticated",
-        fixture
-            .runtime
-            .spawn(unauthenticated(addr.clone(), intruder)),
-    ));
-    attacks.push((
-        "wrong role",
-        fixture
-            .runtime
-            .spawn(wrong_role(addr.clone(), mgmt.clone(), prober.clone())),
-    ));
-    attacks.push((
-        "oversized requests",
-        fixture
-            .runtime
-            .spawn(oversized(addr.clone(), mgmt.clone(), node9, prober)),
-    ));
+    let runtime = &fixture.runtime;
+    let attacks = vec![
+        (
+            "slow sender",
+            runtime.spawn(slow_sender(addr.clone(), prober.clone())),
+        ),
+        (
+            "garbage after a valid header",
+            runtime.spawn(garbage_after_header(addr.clone(), prober.clone())),
+        ),
+        (
+            "unauthenticated",
+            runtime.spawn(unauthenticated(addr.clone(), intruder)),
+        ),
+        (
+            "wrong role",
+            runtime.spawn(wrong_role(addr.clone(), mgmt.clone(), prober.clone())),
+        ),
+        (
+            "oversized requests",
+            runtime.spawn(oversized(addr.clone(), mgmt.clone(), node9, prober)),
+        ),
+    ];
     let mut failures = Vec::new();
     for (what, attack) in attacks {
         match fixture.runtime.block_on(attack) {
