@@ -20,8 +20,8 @@ use flyfs_proto::wire::meta::{
 };
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, GetRouting, GetRoutingReq, MgmtError, RemoveNode, RemoveNodeReq, RoutingInfo,
-    SetTargetOffline, SetTargetOfflineReq,
+    CreateTargetReq, MgmtError, RemoveNode, RemoveNodeReq, RoutingInfo, SetTargetOffline,
+    SetTargetOfflineReq,
 };
 use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
 use flyfs_rpc::{CallOptions, Client, ClientConfig, Credentials, Tcp};
@@ -237,18 +237,20 @@ impl Admin {
     }
 
     pub(crate) async fn routing(&self) -> anyhow::Result<RoutingInfo> {
-        let req = GetRoutingReq {
-            known_version: RoutingVersion(0),
-        };
-        let rsp = self
-            .managers
-            .call::<GetRouting, _>(&self.client, &req, &self.options)
-            .await
-            .with_context(|| format!("asking the cluster manager at {}", self.mgmt))?;
+        // Through the client library's fetch, which assembles a table too
+        // large for one message from its pages.
+        let routing = flyfs_client::mgmt::fetch_routing(
+            &self.client,
+            &self.managers,
+            RoutingVersion(0),
+            &self.options,
+        )
+        .await
+        .with_context(|| format!("asking the cluster manager at {}", self.mgmt))?;
         // The manager answers `None` to a caller that already has its
         // version: for version 0 that is a new cluster, empty (no node has
         // registered yet).
-        Ok(rsp.routing.unwrap_or_default())
+        Ok(routing.unwrap_or_default())
     }
 
     pub(crate) async fn mutate<M>(&self, command: &str, req: &M::Req) -> anyhow::Result<()>

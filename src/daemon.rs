@@ -236,7 +236,7 @@ impl StorageDaemon {
         let usage = tokio::spawn(export_usage(node.engines().to_vec()));
         let server = Server::new(
             StorageService::new(node.clone()),
-            ServerConfig::default(),
+            config.rpc.server_config(),
             credentials,
         )
         .spawn(listener)

@@ -12,7 +12,10 @@ use std::io;
 
 use bytes::Bytes;
 use flyfs_proto::Method;
-use flyfs_proto::wire::mgmt::{GetRoutingRsp, MgmtError};
+use flyfs_proto::wire::mgmt::{
+    Assembled, GetRouting, GetRoutingPage, GetRoutingPageRsp, GetRoutingReq, GetRoutingRsp,
+    MgmtError, RoutingAssembly, RoutingInfo,
+};
 use flyfs_rpc::{CallOptions, Client, Network, RpcError};
 use parking_lot::Mutex;
 
@@ -35,6 +38,13 @@ impl<T> ManagerReply for Result<T, MgmtError> {
 impl ManagerReply for GetRoutingRsp {
     fn not_primary(&self) -> Option<Option<&str>> {
         // A standby answers `GetRouting` with an `Unavailable` status.
+        None
+    }
+}
+
+impl ManagerReply for GetRoutingPageRsp {
+    fn not_primary(&self) -> Option<Option<&str>> {
+        // As `GetRouting`: a standby answers with an `Unavailable` status.
         None
     }
 }
@@ -204,19 +214,44 @@ impl Managers {
 /// Asks the primary manager for the routing information, if it is newer
 /// than `known` (`RoutingVersion(0)` asks for it whatever it is). Storage
 /// nodes and clients both keep their routing fresh with this.
+///
+/// A table too large for one message comes in pages (docs/rpc-wire-format.md,
+/// "Routing in pages"): the first with the answer, the rest asked for one
+/// at a time, all of one version; if the table changes between pages the
+/// manager answers with the new table's first page and the assembly starts
+/// over, so the caller gets one consistent table.
 pub async fn fetch_routing<N: Network>(
     rpc: &Client<N>,
     managers: &Managers,
     known: flyfs_proto::ids::RoutingVersion,
     options: &CallOptions,
-) -> Result<Option<flyfs_proto::wire::mgmt::RoutingInfo>, ManagerError> {
-    let req = flyfs_proto::wire::mgmt::GetRoutingReq {
+) -> Result<Option<RoutingInfo>, ManagerError> {
+    let req = GetRoutingReq {
         known_version: known,
     };
-    let rsp = managers
-        .call::<flyfs_proto::wire::mgmt::GetRouting, N>(rpc, &req, options)
-        .await?;
-    Ok(rsp.routing)
+    let rsp = managers.call::<GetRouting, N>(rpc, &req, options).await?;
+    match (rsp.routing, rsp.first_page) {
+        (Some(routing), _) => Ok(Some(routing)),
+        (None, None) => Ok(None),
+        (None, Some(first)) => {
+            let assembling = |error| ManagerError {
+                addr: managers.primary().unwrap_or_default(),
+                source: RpcError::Io(io::Error::new(io::ErrorKind::InvalidData, error)),
+            };
+            let (mut assembly, mut next) = RoutingAssembly::start(first).map_err(assembling)?;
+            loop {
+                match next {
+                    Assembled::Done(routing) => return Ok(Some(*routing)),
+                    Assembled::More(req) => {
+                        let rsp = managers
+                            .call::<GetRoutingPage, N>(rpc, &req, options)
+                            .await?;
+                        next = assembly.add(rsp.page).map_err(assembling)?;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -238,6 +238,14 @@ impl Cluster {
         self.start(name, "meta");
     }
 
+    /// The pid of daemon `name`, if it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.fleet
+            .pids()
+            .into_iter()
+            .find_map(|(running, pid)| (running == name).then_some(pid))
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self, name: &str) {
         self.fleet.kill(name).expect("SIGKILL a running daemon");

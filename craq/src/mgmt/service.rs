@@ -30,11 +30,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use flyfs_proto::Method;
 use flyfs_proto::Status;
+use flyfs_proto::ids::RoutingVersion;
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, GetRouting, GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq,
-    HeartbeatRsp, MgmtError, RegisterNode, RegisterNodeReq, RegisterNodeRsp, RemoveNode,
-    RemoveNodeReq, RoutingInfo, SetTargetOffline, SetTargetOfflineReq,
+    CreateTargetReq, GetRouting, GetRoutingPage, GetRoutingPageReq, GetRoutingPageRsp,
+    GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq, HeartbeatRsp, MgmtError,
+    ROUTING_INLINE_BYTES_MAX, ROUTING_PAGE_BYTES, RegisterNode, RegisterNodeReq, RegisterNodeRsp,
+    RemoveNode, RemoveNodeReq, RoutingInfo, RoutingPage, SetTargetOffline, SetTargetOfflineReq,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
@@ -155,6 +157,24 @@ pub struct MgmtService {
     config: MgmtConfig,
     lease: LeaseOptions,
     start: Instant,
+    /// When routing is sent in pages, and the last table encoded for that,
+    /// by version: a large table is encoded once per version, not once per
+    /// page or per caller.
+    routing_pages: Mutex<RoutingPages>,
+}
+
+/// How `GetRouting` answers with a table too large for one message.
+#[derive(Debug)]
+struct RoutingPages {
+    sizes: PageSizes,
+    encoded: Option<(RoutingVersion, Bytes)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PageSizes {
+    /// A table whose encoding is longer goes in pages.
+    inline_bytes_max: usize,
+    page_bytes: usize,
 }
 
 impl fmt::Debug for MgmtService {
@@ -207,6 +227,13 @@ impl MgmtService {
             config,
             lease,
             start: Instant::now(),
+            routing_pages: Mutex::new(RoutingPages {
+                sizes: PageSizes {
+                    inline_bytes_max: ROUTING_INLINE_BYTES_MAX,
+                    page_bytes: ROUTING_PAGE_BYTES,
+                },
+                encoded: None,
+            }),
         });
         service.lease_round().await?;
         Ok(service)
@@ -367,11 +394,114 @@ impl MgmtService {
 
     /// The routing information if newer than the caller's; `NotPrimary` from
     /// a standby (the RPC answers it with an `Unavailable` status).
+    ///
+    /// A table whose encoding is over `ROUTING_INLINE_BYTES_MAX` comes as
+    /// its first page instead (`first_page`), the rest through
+    /// [`get_routing_page`](Self::get_routing_page).
     pub fn get_routing(&self, req: GetRoutingReq) -> Result<GetRoutingRsp, MgmtError> {
         self.serving()?;
-        let cluster = self.cluster.lock();
-        let routing = (cluster.routing_version() != req.known_version).then(|| cluster.routing());
-        Ok(GetRoutingRsp { routing })
+        let (version, routing) = {
+            let cluster = self.cluster.lock();
+            if cluster.routing_version() == req.known_version {
+                return Ok(GetRoutingRsp::default());
+            }
+            (cluster.routing_version(), cluster.routing())
+        };
+        let (encoded, sizes) = self.encoded_routing(version, || Some(routing.clone()))?;
+        if encoded.len() <= sizes.inline_bytes_max {
+            // The common case, as before pages: the whole table, one trip.
+            return Ok(GetRoutingRsp {
+                routing: Some(routing),
+                first_page: None,
+            });
+        }
+        Ok(GetRoutingRsp {
+            routing: None,
+            first_page: RoutingPage::cut(&encoded, version, 0, sizes.page_bytes),
+        })
+    }
+
+    /// The page at `req.offset` of the routing table of `req.version`, or,
+    /// if the table has changed since, the first page of the current one
+    /// (the caller starts over, so it never mixes two versions).
+    pub fn get_routing_page(&self, req: GetRoutingPageReq) -> Result<GetRoutingPageRsp, MgmtError> {
+        self.serving()?;
+        let version = self.cluster.lock().routing_version();
+        // The table is built only if the cache lacks this version; if it
+        // changed meanwhile, the page is of whatever version was built.
+        let mut built = version;
+        let (encoded, sizes) = self.encoded_routing(version, || {
+            let cluster = self.cluster.lock();
+            built = cluster.routing_version();
+            (built == version).then(|| cluster.routing())
+        })?;
+        let offset = if req.version == built { req.offset } else { 0 };
+        let page =
+            RoutingPage::cut(&encoded, built, offset, sizes.page_bytes).ok_or_else(|| {
+                MgmtError::Invalid {
+                    reason: format!(
+                        "routing page offset {offset} is past the end of the {} bytes of routing \
+                     version {}",
+                        encoded.len(),
+                        built.0
+                    ),
+                }
+            })?;
+        Ok(GetRoutingPageRsp { page })
+    }
+
+    /// The encoding of the routing table of `version`: from the cache if it
+    /// holds that version, else of what `build` returns (`None`: the table
+    /// moved past `version` meanwhile, which the caller's next request
+    /// sees). With the sizes pages are cut at.
+    fn encoded_routing(
+        &self,
+        version: RoutingVersion,
+        build: impl FnOnce() -> Option<RoutingInfo>,
+    ) -> Result<(Bytes, PageSizes), MgmtError> {
+        {
+            let pages = self.routing_pages.lock();
+            if let Some((cached, encoded)) = &pages.encoded
+                && *cached == version
+            {
+                return Ok((encoded.clone(), pages.sizes));
+            }
+        }
+        let routing = build().ok_or_else(|| MgmtError::Unavailable {
+            reason: format!(
+                "the routing table moved past version {} while it was read",
+                version.0
+            ),
+        })?;
+        // Encoded outside every lock: a large table takes milliseconds.
+        let encoded =
+            flyfs_proto::codec::try_encode(&routing).map_err(|error| MgmtError::Invalid {
+                reason: format!(
+                    "cannot encode routing version {}: {error}",
+                    routing.version.0
+                ),
+            })?;
+        let mut pages = self.routing_pages.lock();
+        // Keep the newest version encoded.
+        if pages
+            .encoded
+            .as_ref()
+            .is_none_or(|(cached, _)| cached.0 < routing.version.0)
+        {
+            pages.encoded = Some((routing.version, encoded.clone()));
+        }
+        Ok((encoded, pages.sizes))
+    }
+
+    /// Sends routing tables whose encoding is over `inline_bytes_max` in
+    /// pages of `page_bytes`: tests reach pages with a few hundred chains
+    /// instead of tens of thousands.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn page_routing_at(&self, inline_bytes_max: usize, page_bytes: usize) {
+        self.routing_pages.lock().sizes = PageSizes {
+            inline_bytes_max,
+            page_bytes: page_bytes.max(1),
+        };
     }
 
     pub async fn create_target(&self, req: CreateTargetReq) -> Result<(), MgmtError> {
@@ -617,6 +747,19 @@ impl MgmtService {
                     // The response has no error; callers move on to another
                     // manager on `Unavailable`.
                     Err(e) => Reply::error(Status::Unavailable, e),
+                },
+                Err(reply) => reply,
+            },
+            GetRoutingPage::ID => match req.decode::<GetRoutingPage>() {
+                Ok(body) => match self.get_routing_page(body) {
+                    Ok(rsp) => Reply::ok::<GetRoutingPage>(&rsp, Bytes::new()),
+                    // As `GetRouting`: a standby's answer is `Unavailable`,
+                    // and so is a table that moved while it was read (the
+                    // caller asks again).
+                    Err(e @ (MgmtError::NotPrimary { .. } | MgmtError::Unavailable { .. })) => {
+                        Reply::error(Status::Unavailable, e)
+                    }
+                    Err(e) => Reply::error(Status::BadRequest, e),
                 },
                 Err(reply) => reply,
             },

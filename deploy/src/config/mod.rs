@@ -25,6 +25,7 @@
 mod meta;
 mod mgmtd;
 mod mount;
+mod rpc;
 mod storage;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use meta::{MetaDaemonConfig, MetaStoreConfig};
 pub use mgmtd::{LEASE_TTL_MS_MIN, MgmtdConfig, StoreConfig};
 pub use mount::MountConfig;
+pub use rpc::RpcServerLimits;
 pub use storage::{LEASE_TIMEOUT_MS_MAX, StorageDaemonConfig};
 
 /// `[tls]` of every config: where this process's credentials are

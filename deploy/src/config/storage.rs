@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::mgmtd::default_heartbeat_interval_ms;
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, beside, check, check_address,
-    check_metrics_listen, positive,
+    ConfigError, ConfigFile, ManagerAddrs, RpcServerLimits, TlsConfig, beside, check,
+    check_address, check_metrics_listen, positive,
 };
 
 /// The longest lease a storage node may hold. A lease must end before the
@@ -60,6 +60,10 @@ pub struct StorageDaemonConfig {
     /// start, since every connection is authenticated (docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// `[rpc]`: what the RPC server lets peers make it hold, which sizes the
+    /// daemon's resident memory (docs/security.md).
+    #[serde(default)]
+    pub rpc: RpcServerLimits,
 }
 
 fn default_listen() -> String {
@@ -93,6 +97,7 @@ impl StorageDaemonConfig {
             forward_deadline_ms: default_forward_deadline_ms(),
             metrics_listen: None,
             tls: None,
+            rpc: RpcServerLimits::default(),
         }
     }
 
@@ -123,6 +128,7 @@ impl ConfigFile for StorageDaemonConfig {
             "lists no device".into()
         })?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
+        self.rpc.validate()?;
         positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
         positive(self.rpc_timeout_ms, "rpc_timeout_ms")?;
         // One late heartbeat reply must not fence the node off.

@@ -276,8 +276,230 @@ pub struct GetRoutingReq {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GetRoutingRsp {
-    /// `None` when the caller's version is current.
+    /// `None` when the caller's version is current, or when the table is
+    /// sent in pages (`first_page`).
     pub routing: Option<RoutingInfo>,
+    /// Instead of `routing` when the table's encoding is over
+    /// [`ROUTING_INLINE_BYTES_MAX`]: its first page. The caller asks for
+    /// the rest with [`GetRoutingPage`] and assembles them with
+    /// [`RoutingAssembly`].
+    pub first_page: Option<RoutingPage>,
+}
+
+/// The largest routing table (its encoding) sent whole in a
+/// [`GetRoutingRsp`]: below the 1 MiB body limit with room for the
+/// message around it. Every table that fitted one message before pages
+/// existed still does, so older callers see no change.
+pub const ROUTING_INLINE_BYTES_MAX: usize = 960 << 10;
+/// The bytes of one [`RoutingPage`] (as readdir's pages are cut at 512 KiB).
+pub const ROUTING_PAGE_BYTES: usize = 512 << 10;
+/// The largest table a caller assembles: a manager announcing more is
+/// refused rather than believed (at about 100 bytes a chain, this is more
+/// than two million chains).
+pub const ROUTING_BYTES_MAX: u64 = 256 << 20;
+/// How many times an assembly starts over because the table changed
+/// between its pages before the caller gives up.
+pub const ROUTING_RESTARTS_MAX: u32 = 16;
+
+/// Bytes `offset .. offset + bytes.len()` of the encoding of the routing
+/// table of `version` (a [`RoutingInfo`] in this crate's codec), which is
+/// `total_bytes` long.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoutingPage {
+    pub version: RoutingVersion,
+    pub offset: u64,
+    pub total_bytes: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl RoutingPage {
+    /// The page of `encoded` (the table of `version`) starting at `offset`,
+    /// at most `page_bytes` long; `None` if `offset` is past its end.
+    pub fn cut(
+        encoded: &[u8],
+        version: RoutingVersion,
+        offset: u64,
+        page_bytes: usize,
+    ) -> Option<RoutingPage> {
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&s| s <= encoded.len())?;
+        let end = start.saturating_add(page_bytes.max(1)).min(encoded.len());
+        Some(RoutingPage {
+            version,
+            offset,
+            total_bytes: encoded.len() as u64,
+            bytes: encoded[start..end].to_vec(),
+        })
+    }
+}
+
+/// Which page of a routing table the caller wants next.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetRoutingPageReq {
+    /// The version being assembled.
+    pub version: RoutingVersion,
+    /// The first byte wanted: the bytes assembled so far.
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetRoutingPageRsp {
+    /// The page at `offset` of `version`; if the table has changed since,
+    /// the first page of the current one instead (the caller starts over).
+    pub page: RoutingPage,
+}
+
+/// Why pages of a routing table could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingPageError {
+    #[error(
+        "routing page of version {version} at offset {got}, expected offset {expected} \
+         (the manager sent pages out of order)"
+    )]
+    OutOfOrder {
+        version: u64,
+        expected: u64,
+        got: u64,
+    },
+    #[error("routing table of {total_bytes} bytes is over the limit routing_bytes_max = {max}")]
+    TooLarge { total_bytes: u64, max: u64 },
+    #[error(
+        "routing page of version {version} at offset {offset} of {total_bytes} bytes is empty \
+         or runs past the table's end"
+    )]
+    BadPage {
+        version: u64,
+        offset: u64,
+        total_bytes: u64,
+    },
+    #[error("the routing table changed between pages {restarts} times in a row; giving up")]
+    Unsettled { restarts: u32 },
+    #[error("assembled routing table of version {version} does not decode")]
+    Decode {
+        version: u64,
+        #[source]
+        source: crate::codec::CodecError,
+    },
+    #[error("assembled routing table says version {found}, its pages said {version}")]
+    VersionMismatch { version: u64, found: u64 },
+}
+
+/// A routing table being put together from its pages, in order, all of one
+/// version: a page of another version at offset 0 means the table changed
+/// on the manager, and the assembly starts over with it, so the caller
+/// ends up with one consistent table.
+#[derive(Debug)]
+pub struct RoutingAssembly {
+    version: RoutingVersion,
+    total_bytes: u64,
+    bytes: Vec<u8>,
+    restarts: u32,
+}
+
+/// What adding a page gave.
+#[derive(Debug)]
+pub enum Assembled {
+    /// The whole table.
+    Done(Box<RoutingInfo>),
+    /// More pages are needed: ask for this one.
+    More(GetRoutingPageReq),
+}
+
+impl RoutingAssembly {
+    /// Starts with `first` (a page at offset 0).
+    pub fn start(first: RoutingPage) -> Result<(RoutingAssembly, Assembled), RoutingPageError> {
+        let mut assembly = RoutingAssembly {
+            version: first.version,
+            total_bytes: 0,
+            bytes: Vec::new(),
+            restarts: 0,
+        };
+        let next = assembly.begin(first)?;
+        Ok((assembly, next))
+    }
+
+    /// Adds the next page.
+    pub fn add(&mut self, page: RoutingPage) -> Result<Assembled, RoutingPageError> {
+        if page.version != self.version && page.offset == 0 {
+            self.restarts += 1;
+            if self.restarts > ROUTING_RESTARTS_MAX {
+                return Err(RoutingPageError::Unsettled {
+                    restarts: self.restarts,
+                });
+            }
+            return self.begin(page);
+        }
+        if page.version != self.version || page.offset != self.bytes.len() as u64 {
+            return Err(RoutingPageError::OutOfOrder {
+                version: page.version.0,
+                expected: self.bytes.len() as u64,
+                got: page.offset,
+            });
+        }
+        if page.total_bytes != self.total_bytes {
+            return Err(self.bad(&page));
+        }
+        self.append(page)
+    }
+
+    fn begin(&mut self, first: RoutingPage) -> Result<Assembled, RoutingPageError> {
+        if first.offset != 0 {
+            return Err(RoutingPageError::OutOfOrder {
+                version: first.version.0,
+                expected: 0,
+                got: first.offset,
+            });
+        }
+        if first.total_bytes > ROUTING_BYTES_MAX {
+            return Err(RoutingPageError::TooLarge {
+                total_bytes: first.total_bytes,
+                max: ROUTING_BYTES_MAX,
+            });
+        }
+        self.version = first.version;
+        self.total_bytes = first.total_bytes;
+        self.bytes.clear();
+        self.append(first)
+    }
+
+    fn append(&mut self, page: RoutingPage) -> Result<Assembled, RoutingPageError> {
+        let end = self.bytes.len() as u64 + page.bytes.len() as u64;
+        if page.bytes.is_empty() || end > self.total_bytes {
+            return Err(self.bad(&page));
+        }
+        self.bytes.extend_from_slice(&page.bytes);
+        if end < self.total_bytes {
+            return Ok(Assembled::More(GetRoutingPageReq {
+                version: self.version,
+                offset: end,
+            }));
+        }
+        let routing: RoutingInfo =
+            crate::codec::decode(&self.bytes).map_err(|source| RoutingPageError::Decode {
+                version: self.version.0,
+                source,
+            })?;
+        if routing.version != self.version {
+            return Err(RoutingPageError::VersionMismatch {
+                version: self.version.0,
+                found: routing.version.0,
+            });
+        }
+        Ok(Assembled::Done(Box::new(routing)))
+    }
+
+    fn bad(&self, page: &RoutingPage) -> RoutingPageError {
+        RoutingPageError::BadPage {
+            version: page.version.0,
+            offset: page.offset,
+            total_bytes: page.total_bytes,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +570,12 @@ method!(
     roles Roles::ALL
 );
 method!(
+    /// The next page of a routing table too large for one `GetRouting`
+    /// answer (its `first_page`).
+    GetRoutingPage = 303, GetRoutingPageReq => GetRoutingPageRsp,
+    roles Roles::ALL
+);
+method!(
     /// Admin: declare a target on a known node's device.
     CreateTarget = 310, CreateTargetReq => Result<(), MgmtError>,
     roles Roles::ADMIN
@@ -405,6 +633,193 @@ mod tests {
         assert_eq!(
             names,
             ["serving", "syncing", "waiting", "lastsrv", "offline"]
+        );
+    }
+
+    /// A routing table of `chains` chains of three targets each, on 100
+    /// nodes: about 180 bytes a chain encoded.
+    fn large_routing(version: u64, chains: u32) -> RoutingInfo {
+        let nodes: Vec<NodeInfo> = (1..=100)
+            .map(|n| NodeInfo {
+                id: NodeId(n),
+                addr: format!("10.0.{}.{}:9000", n / 256, n % 256),
+                alive: true,
+            })
+            .collect();
+        let mut targets = Vec::new();
+        let mut chain_infos = Vec::new();
+        for chain in 1..=chains {
+            let members: Vec<ChainTarget> = (0..3)
+                .map(|r| {
+                    let target = TargetId(u64::from(chain) * 10 + r);
+                    targets.push(TargetInfo {
+                        id: target,
+                        node: NodeId((chain + r as u32) % 100 + 1),
+                        disk: r as u32,
+                        chain: Some(ChainId(chain)),
+                        state: PublicState::Serving,
+                    });
+                    ChainTarget {
+                        target,
+                        state: PublicState::Serving,
+                    }
+                })
+                .collect();
+            chain_infos.push(ChainInfo {
+                id: ChainId(chain),
+                version: ChainVersion(1),
+                targets: members,
+            });
+        }
+        RoutingInfo {
+            version: RoutingVersion(version),
+            nodes,
+            targets,
+            tables: vec![ChainTable {
+                id: ChainTableId(1),
+                version: 1,
+                chains: (1..=chains).map(ChainId).collect(),
+            }],
+            chains: chain_infos,
+        }
+    }
+
+    /// Serves pages of `tables` (the current one last changing after
+    /// `change_after` pages) to an assembly, as a manager would.
+    fn assemble(
+        tables: &[RoutingInfo],
+        change_after: Option<usize>,
+        page_bytes: usize,
+    ) -> Result<(RoutingInfo, usize), RoutingPageError> {
+        let encoded: Vec<Vec<u8>> = tables
+            .iter()
+            .map(|t| rmp_serde::to_vec_named(t).expect("encodes"))
+            .collect();
+        let mut current = 0;
+        let first = RoutingPage::cut(&encoded[0], tables[0].version, 0, page_bytes).expect("page");
+        let (mut assembly, mut next) = RoutingAssembly::start(first)?;
+        let mut pages = 1;
+        loop {
+            match next {
+                Assembled::Done(routing) => return Ok((*routing, pages)),
+                Assembled::More(req) => {
+                    if change_after == Some(pages) && current + 1 < tables.len() {
+                        current += 1;
+                    }
+                    let version = tables[current].version;
+                    let offset = if req.version == version {
+                        req.offset
+                    } else {
+                        0
+                    };
+                    let page = RoutingPage::cut(&encoded[current], version, offset, page_bytes)
+                        .expect("offset within the table");
+                    pages += 1;
+                    next = assembly.add(page)?;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_over_the_body_limit_is_assembled_from_pages() {
+        // 10k chains: several times the 1 MiB body limit.
+        let routing = large_routing(4, 10_000);
+        let encoded = rmp_serde::to_vec_named(&routing).expect("encodes");
+        assert!(
+            encoded.len() > 2 * (1 << 20),
+            "{} bytes is not over two bodies",
+            encoded.len()
+        );
+        let (back, pages) =
+            assemble(std::slice::from_ref(&routing), None, ROUTING_PAGE_BYTES).expect("assembles");
+        assert_eq!(back, routing);
+        assert_eq!(pages, encoded.len().div_ceil(ROUTING_PAGE_BYTES));
+        // Each page fits a message body with room to spare.
+        let page =
+            RoutingPage::cut(&encoded, routing.version, 0, ROUTING_PAGE_BYTES).expect("page");
+        let rsp = crate::codec::encode(&GetRoutingPageRsp { page });
+        assert!(
+            rsp.len() < ROUTING_INLINE_BYTES_MAX,
+            "a page's message is {} bytes",
+            rsp.len()
+        );
+    }
+
+    #[test]
+    fn a_table_changing_between_pages_restarts_the_assembly() {
+        let old = large_routing(4, 300);
+        let new = large_routing(5, 301);
+        let (back, pages) = assemble(&[old, new.clone()], Some(3), 4096).expect("assembles");
+        // One consistent table: the new one, whole.
+        assert_eq!(back, new);
+        let new_pages = rmp_serde::to_vec_named(&new)
+            .expect("encodes")
+            .len()
+            .div_ceil(4096);
+        assert_eq!(pages, 3 + new_pages);
+    }
+
+    #[test]
+    fn bad_pages_are_refused_by_name() {
+        let routing = large_routing(4, 100);
+        let encoded = rmp_serde::to_vec_named(&routing).expect("encodes");
+        let page = |offset, bytes: usize| RoutingPage {
+            version: routing.version,
+            offset,
+            total_bytes: encoded.len() as u64,
+            bytes: encoded[offset as usize..offset as usize + bytes].to_vec(),
+        };
+        let (mut assembly, _) = RoutingAssembly::start(page(0, 1000)).expect("first");
+        // A page skipping ahead, and one of the same version at offset 0.
+        let error = assembly.add(page(2000, 10)).expect_err("out of order");
+        assert!(
+            error.to_string().contains("expected offset 1000"),
+            "{error}"
+        );
+        let error = assembly
+            .add(page(0, 10))
+            .expect_err("not a restart: same version");
+        assert!(
+            matches!(error, RoutingPageError::OutOfOrder { .. }),
+            "{error}"
+        );
+        // An empty page would never finish.
+        let error = assembly.add(page(1000, 0)).expect_err("empty");
+        assert!(matches!(error, RoutingPageError::BadPage { .. }), "{error}");
+        // A first page not at 0, and a table announced over the limit.
+        let error = RoutingAssembly::start(page(1000, 10)).expect_err("not first");
+        assert!(
+            matches!(error, RoutingPageError::OutOfOrder { .. }),
+            "{error}"
+        );
+        let mut huge = page(0, 10);
+        huge.total_bytes = ROUTING_BYTES_MAX + 1;
+        let error = RoutingAssembly::start(huge).expect_err("too large");
+        assert!(error.to_string().contains("routing_bytes_max"), "{error}");
+        // Bytes that are no table.
+        let junk = RoutingPage {
+            version: routing.version,
+            offset: 0,
+            total_bytes: 3,
+            bytes: vec![0xc1; 3],
+        };
+        let error = RoutingAssembly::start(junk).expect_err("junk");
+        assert!(matches!(error, RoutingPageError::Decode { .. }), "{error}");
+        // A table changing more than ROUTING_RESTARTS_MAX times in a row.
+        let (mut assembly, _) = RoutingAssembly::start(page(0, 10)).expect("first");
+        let mut outcome = Ok(());
+        for version in 0..=ROUTING_RESTARTS_MAX {
+            let mut first = page(0, 10);
+            first.version = RoutingVersion(100 + u64::from(version));
+            if let Err(error) = assembly.add(first) {
+                outcome = Err(error);
+                break;
+            }
+        }
+        assert!(
+            matches!(outcome, Err(RoutingPageError::Unsettled { .. })),
+            "{outcome:?}"
         );
     }
 

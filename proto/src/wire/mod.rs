@@ -23,6 +23,7 @@ macro_rules! every_method {
             mgmt::RegisterNode,
             mgmt::Heartbeat,
             mgmt::GetRouting,
+            mgmt::GetRoutingPage,
             mgmt::CreateTarget,
             mgmt::CreateChain,
             mgmt::CreateChainTable,
