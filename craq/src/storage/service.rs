@@ -10,7 +10,7 @@ use flyfs_bypass::BlockDevice;
 use flyfs_proto::Method;
 use flyfs_proto::frame::Status;
 use flyfs_proto::wire::storage::{
-    BatchRead, DumpMeta, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
+    BatchRead, DumpMeta, FetchChunk, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
 };
 use flyfs_rpc::Network;
 use flyfs_rpc::server::{Reply, Request, Service};
@@ -76,6 +76,11 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             SyncDone::ID => {
                 let body = decode!(req, SyncDone);
                 Reply::ok::<SyncDone>(&node.sync_done(body).await, Bytes::new())
+            }
+            FetchChunk::ID => {
+                let body = decode!(req, FetchChunk);
+                let (rsp, payload) = node.fetch_chunk(body).await;
+                Reply::ok::<FetchChunk>(&rsp, payload)
             }
             Space::ID => {
                 let _ = decode!(req, Space);
