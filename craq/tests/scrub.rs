@@ -369,7 +369,7 @@ async fn the_scrubber_repairs_a_rotten_chunk_from_a_healthy_replica() {
         (0..3).all(|n| c.stats(n).passes >= 2)
     })
     .await;
-    for node in 0..3 {
+    for (node, metas) in before.iter().enumerate() {
         let stats = c.stats(node);
         if node == rotten_node {
             assert_eq!(stats.repaired, 1, "{stats:?}");
@@ -389,7 +389,7 @@ async fn the_scrubber_repairs_a_rotten_chunk_from_a_healthy_replica() {
             }
             assert_eq!(
                 c.meta(node, *chunk),
-                before[node][i],
+                metas[i],
                 "node {node} {chunk:?} was rewritten"
             );
             let read = c.engine_read(node, *chunk).await.expect("read");
