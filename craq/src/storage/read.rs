@@ -131,9 +131,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
                 // The version we chose was replaced meanwhile: choose again.
                 Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }) => continue,
-                // A replica whose copy fails its checksum cannot serve it;
-                // the client reads another replica.
-                // The repair fetches a good copy from another replica.
+                // A replica whose copy fails its checksum cannot serve it:
+                // the client reads another replica, and a repair fetches a
+                // good copy from one (scrub.rs).
                 Err(e @ (EngineError::Checksum { .. } | EngineError::ChunkCorrupt { .. })) => {
                     tracing::error!(target = ?place.target.id, "{e}");
                     self.repair_after_read(&place, item.chunk);
