@@ -165,13 +165,16 @@ impl Mgmtd {
     }
 }
 
-/// A running storage node: its engines, heartbeat loop and RPC server.
+/// A running storage node: its engines, heartbeat loop, scrubbers and RPC
+/// server.
 #[derive(Debug)]
 pub struct StorageDaemon {
     addr: String,
     server: ServerHandle,
     heartbeat: JoinHandle<()>,
     usage: JoinHandle<()>,
+    /// The scrubbers and the repairs of rotten chunks (`[scrub]`).
+    scrub: JoinHandle<()>,
 }
 
 impl StorageDaemon {
@@ -234,6 +237,7 @@ impl StorageDaemon {
         );
         let heartbeat = tokio::spawn(node.clone().run());
         let usage = tokio::spawn(export_usage(node.engines().to_vec()));
+        let scrub = tokio::spawn(node.clone().scrub());
         let server = Server::new(
             StorageService::new(node.clone()),
             config.rpc.server_config(),
@@ -253,6 +257,7 @@ impl StorageDaemon {
             server,
             heartbeat,
             usage,
+            scrub,
         })
     }
 
@@ -268,9 +273,13 @@ impl StorageDaemon {
         self.server.shutdown().await;
         self.heartbeat.abort();
         self.usage.abort();
+        // Repairs it spawned finish on their own: each holds the chunk
+        // lock and ends within its RPC timeout.
+        self.scrub.abort();
         // A cancelled loop is the expected outcome.
         let _ = self.heartbeat.await;
         let _ = self.usage.await;
+        let _ = self.scrub.await;
     }
 }
 

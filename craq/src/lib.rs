@@ -19,6 +19,6 @@ pub mod storage;
 
 pub use storage::service::StorageService;
 pub use storage::sync::SyncReport;
-pub use storage::{StorageConfig, StorageNode};
+pub use storage::{ScrubConfig, ScrubStats, StorageConfig, StorageNode};
 #[cfg(feature = "testing")]
 pub mod testing;

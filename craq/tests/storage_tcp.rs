@@ -735,6 +735,38 @@ async fn chain_requests_come_only_from_the_predecessor() {
         let read = c.read_at(node, chunk).await.expect("read");
         assert!(same(&read, &good), "node {node} kept its chunk");
     }
+    // A chunk is fetched whole (repair) only by another member of its chain.
+    let fetch = flyfs_proto::wire::storage::FetchChunkReq {
+        chain: ChainId(1),
+        chain_version: version,
+        chunk,
+    };
+    let stranger = as_node(9);
+    let answer = stranger
+        .call::<flyfs_proto::wire::storage::FetchChunk>(
+            &c.addr(1),
+            &fetch,
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .map(drop);
+    forbidden(
+        "FetchChunk 9 -> 1",
+        answer,
+        "no other target on the caller's node",
+    );
+    let (fetched, payload) = as_node(2)
+        .call::<flyfs_proto::wire::storage::FetchChunk>(
+            &c.addr(1),
+            &fetch,
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("fetch by a member");
+    fetched.expect("the chunk");
+    assert!(same(&payload.into_bytes().unwrap_or_default(), &good));
     // The predecessor reaches the handlers.
     let predecessor = as_node(0);
     let (dumped, _) = predecessor

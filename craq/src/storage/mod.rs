@@ -11,6 +11,8 @@
 //! * `read.rs`: reads from any serving replica, with CRAQ's apportioned query
 //!   to the tail when a chunk has a pending version; metadata queries.
 //! * `sync.rs`: resync of a returning successor.
+//! * `scrub.rs`: the scrubber walking each engine, and the repair of rotten
+//!   chunks from a healthy replica.
 //! * `service.rs`: the RPC dispatch.
 //!
 //! The node decides everything from one immutable snapshot of the routing
@@ -21,6 +23,7 @@
 mod channels;
 mod locks;
 mod read;
+mod scrub;
 pub mod service;
 pub mod sync;
 mod write;
@@ -46,6 +49,7 @@ use tokio::time::Instant;
 pub use channels::ChannelLimits;
 use channels::Channels;
 use locks::ChunkLocks;
+pub use scrub::{ScrubConfig, ScrubStats};
 
 /// How a storage node behaves; the defaults suit a real deployment, tests
 /// shorten the intervals.
@@ -73,6 +77,8 @@ pub struct StorageConfig {
     pub sync_page: u32,
     /// Bounds of each target's exactly-once memory.
     pub channel_limits: ChannelLimits,
+    /// The scrubber's rate and the repairs it may run at once.
+    pub scrub: ScrubConfig,
 }
 
 impl StorageConfig {
@@ -89,6 +95,7 @@ impl StorageConfig {
             forward_deadline: Duration::from_secs(30),
             sync_page: 4096,
             channel_limits: ChannelLimits::default(),
+            scrub: ScrubConfig::default(),
         }
     }
 }
@@ -193,6 +200,8 @@ pub(crate) struct Target {
     /// chose its successor before the resync began has finished (later ones
     /// see the syncing successor and forward to it).
     pub inflight: tokio::sync::RwLock<()>,
+    /// Chunks a repair has removed and not yet rewritten (scrub.rs).
+    pub repair_windows: Mutex<scrub::RepairWindows>,
 }
 
 /// A storage node: engines, hosted targets, routing, and the RPC client it
@@ -216,6 +225,8 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     /// Resyncs running, by chain (this node syncs its successor).
     pub(crate) syncs: Mutex<BTreeMap<ChainId, TargetId>>,
     pub(crate) failpoints: FailPoints,
+    /// The scrubbers' counters and the queue of repairs.
+    pub(crate) scrub: scrub::Scrub,
 }
 
 impl<D: BlockDevice, N: Network> std::fmt::Debug for StorageNode<D, N> {
@@ -307,6 +318,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             started: Mutex::new(false),
             syncs: Mutex::new(BTreeMap::new()),
             failpoints: FailPoints::default(),
+            scrub: scrub::Scrub::default(),
         })
     }
 
@@ -460,6 +472,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         channels: Channels::new(self.config.channel_limits),
                         forwards: Arc::default(),
                         inflight: tokio::sync::RwLock::new(()),
+                        repair_windows: Mutex::default(),
                     })
                 });
             }

@@ -14,17 +14,27 @@ use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, EngineError, ReadRequest, ReadVersion};
 use flyfs_proto::ids::{ChunkId, ChunkVersion};
 use flyfs_proto::wire::storage::{
-    BatchReadReq, BatchReadRsp, ChunkMetaInfo, DiskSpace, DumpMetaReq, DumpMetaRsp, LastChunkReq,
-    LastChunkRsp, QueryVersion, QueryVersionReq, QueryVersionRsp, ReadItem, ReadResult, SpaceRsp,
-    StorageError,
+    BatchReadReq, BatchReadRsp, ChunkMetaInfo, DiskSpace, DumpMetaReq, DumpMetaRsp, FetchChunkReq,
+    FetchChunkRsp, LastChunkReq, LastChunkRsp, QueryVersion, QueryVersionReq, QueryVersionRsp,
+    ReadItem, ReadResult, SpaceRsp, StorageError,
 };
 use flyfs_rpc::Network;
 
+use super::scrub::Absence;
 use super::{Place, StorageNode};
 
 /// How often a read retries when versions move under it (each retry means a
 /// newer version was committed meanwhile, so this bounds only a storm).
 const READ_ATTEMPTS: usize = 8;
+
+/// The answer for a chunk a repair has removed and not yet rewritten.
+fn repairing(place: &Place, chunk: ChunkId) -> StorageError {
+    StorageError::NotServing {
+        chain: place.chain.id,
+        target: place.target.id,
+        reason: format!("{chunk:?} is being repaired"),
+    }
+}
 
 pub(crate) fn meta_info(info: &flyfs_chunk_engine::ChunkInfo) -> Option<ChunkMetaInfo> {
     let meta = info.committed?;
@@ -73,6 +83,8 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(item.chain, item.chunk);
         for _ in 0..READ_ATTEMPTS {
+            // Before looking: a repair's window may hide the chunk.
+            let repairs_closed = place.target.repairs_closed();
             let mut info = engine.stat(key);
             let pending = info.and_then(|i| i.pending).is_some();
             // At the tail a pending version is an update in flight through
@@ -93,7 +105,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                     v => ReadVersion::Exact(v),
                 }
             } else if info.and_then(|i| i.committed).is_none() {
-                return Ok((ReadResult::default(), Bytes::new()));
+                match place.target.absence(item.chunk, repairs_closed) {
+                    Absence::Real => return Ok((ReadResult::default(), Bytes::new())),
+                    Absence::Repairing => return Err(repairing(&place, item.chunk)),
+                    Absence::Changed => continue,
+                }
             } else {
                 ReadVersion::Committed
             };
@@ -115,10 +131,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
                 // The version we chose was replaced meanwhile: choose again.
                 Err(EngineError::NotFound { .. } | EngineError::VersionConflict { .. }) => continue,
-                // A replica whose copy fails its checksum cannot serve it;
-                // the client reads another replica.
+                // A replica whose copy fails its checksum cannot serve it:
+                // the client reads another replica, and a repair fetches a
+                // good copy from one (scrub.rs).
                 Err(e @ (EngineError::Checksum { .. } | EngineError::ChunkCorrupt { .. })) => {
                     tracing::error!(target = ?place.target.id, "{e}");
+                    self.repair_after_read(&place, item.chunk);
                     return Err(StorageError::NotServing {
                         chain: item.chain,
                         target: place.target.id,
@@ -183,6 +201,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         }
         let key = ChunkKey::new(req.chain, req.chunk);
         let engine = self.engine(&place.target);
+        let repairs_closed = place.target.repairs_closed();
         // A pending version here may be committed by a failed former tail:
         // answer only once the update in flight has finished (see read_one).
         let _settled = if engine.stat(key).and_then(|i| i.pending).is_some() {
@@ -194,6 +213,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .stat(key)
             .and_then(|i| i.committed)
             .map_or(ChunkVersion(0), |m| m.version);
+        // Absent only for a repair's moment: "none" would be a lie.
+        if committed == ChunkVersion(0)
+            && place.target.absence(req.chunk, repairs_closed) != Absence::Real
+        {
+            return Err(repairing(&place, req.chunk));
+        }
         Ok(QueryVersionRsp { committed })
     }
 
@@ -220,12 +245,69 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     pub(crate) async fn last_chunk(&self, req: LastChunkReq) -> Result<LastChunkRsp, StorageError> {
         let place = self.place_fresh(req.chain, req.chain_version).await?;
         self.readable(&place)?;
+        let repairs_closed = place.target.repairs_closed();
         let last = self
             .engine(&place.target)
             .last_chunk(req.chain, req.inode)
             .as_ref()
             .and_then(meta_info);
+        // A chunk of the file under repair may be missing from the answer.
+        if place.target.inode_repaired(req.inode, repairs_closed) {
+            return Err(StorageError::NotServing {
+                chain: req.chain,
+                target: place.target.id,
+                reason: format!("a chunk of {:?} is being repaired", req.inode),
+            });
+        }
         Ok(LastChunkRsp { last })
+    }
+
+    /// A whole committed chunk for a replica repairing its rotten copy.
+    /// Read without the chunk lock: the asking replica holds its own, and
+    /// a write of the chunk in flight here cannot commit before it passes
+    /// that replica, so the committed version cannot change meanwhile.
+    pub(crate) async fn fetch_chunk(
+        &self,
+        req: FetchChunkReq,
+    ) -> (Result<FetchChunkRsp, StorageError>, Bytes) {
+        let place = match self.place_fresh(req.chain, req.chain_version).await {
+            Ok(place) => place,
+            Err(e) => return (Err(e), Bytes::new()),
+        };
+        if let Err(e) = self.readable(&place) {
+            return (Err(e), Bytes::new());
+        }
+        let engine = self.engine(&place.target);
+        let key = ChunkKey::new(req.chain, req.chunk);
+        match engine.read(key, ReadRequest::whole_verified()).await {
+            Ok(out) => {
+                let chain_version = engine
+                    .stat(key)
+                    .and_then(|i| i.committed)
+                    .filter(|m| m.version == out.version)
+                    .map(|m| m.chain_version)
+                    .unwrap_or_default();
+                let rsp = FetchChunkRsp {
+                    version: out.version,
+                    chain_version,
+                    len: out.chunk_len,
+                    crc: out.chunk_crc,
+                };
+                (Ok(rsp), Bytes::from_owner(out.data))
+            }
+            Err(EngineError::NotFound { .. }) => (Ok(FetchChunkRsp::default()), Bytes::new()),
+            Err(e @ (EngineError::Checksum { .. } | EngineError::ChunkCorrupt { .. })) => {
+                tracing::error!(target = ?place.target.id, "{e}");
+                self.repair_after_read(&place, req.chunk);
+                let rsp = Err(StorageError::NotServing {
+                    chain: req.chain,
+                    target: place.target.id,
+                    reason: e.to_string(),
+                });
+                (rsp, Bytes::new())
+            }
+            Err(e) => (Err(self.engine_failed(&place, e)), Bytes::new()),
+        }
     }
 
     /// A page of this target's chunk metadata, for the predecessor's resync.

@@ -11,7 +11,7 @@ use flyfs_proto::Method;
 use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ChainId, ChainVersion};
 use flyfs_proto::wire::storage::{
-    BatchRead, DumpMeta, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
+    BatchRead, DumpMeta, FetchChunk, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_rpc::{Network, refusals};
@@ -75,6 +75,42 @@ impl<D: BlockDevice, N: Network> StorageService<D, N> {
             ),
         };
         refusals::global().log("not the predecessor", &req.peer, &message);
+        Err(Reply::error(Status::Forbidden, message))
+    }
+
+    /// Refuses (`Forbidden`) a `FetchChunk` from a node that holds no other
+    /// target of the chain: a replica repairing a rotten chunk fetches it
+    /// from its chain's other members, and nobody else may read a chain's
+    /// data whole through the storage role. Unplaceable requests pass to the
+    /// handler, as in [`Self::from_predecessor`].
+    #[allow(clippy::result_large_err)] // The error is the reply to send.
+    async fn from_chain_member(
+        &self,
+        req: &Request,
+        method: &'static str,
+        chain: ChainId,
+        version: ChainVersion,
+    ) -> Result<(), Reply> {
+        let Ok(place) = self.node.place_fresh(chain, version).await else {
+            return Ok(());
+        };
+        let caller = req.peer.identity.storage_node();
+        let member = place.chain.targets.iter().enumerate().any(|(at, target)| {
+            at != place.index
+                && place
+                    .routing
+                    .target(target.target)
+                    .is_some_and(|t| Some(t.node) == caller)
+        });
+        if member {
+            return Ok(());
+        }
+        let message = format!(
+            "{method}: {chain:?} (version {}) has no other target on the caller's node; \
+             the caller is {}",
+            version.0, req.peer.identity
+        );
+        refusals::global().log("not a chain member", &req.peer, &message);
         Err(Reply::error(Status::Forbidden, message))
     }
 }
@@ -145,6 +181,17 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
                     return reply;
                 }
                 Reply::ok::<SyncDone>(&node.sync_done(body).await, Bytes::new())
+            }
+            FetchChunk::ID => {
+                let body = decode!(req, FetchChunk);
+                if let Err(reply) = self
+                    .from_chain_member(&req, FetchChunk::NAME, body.chain, body.chain_version)
+                    .await
+                {
+                    return reply;
+                }
+                let (rsp, payload) = node.fetch_chunk(body).await;
+                Reply::ok::<FetchChunk>(&rsp, payload)
             }
             Space::ID => {
                 let _ = decode!(req, Space);

@@ -152,7 +152,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         Ok(report)
     }
 
-    fn routing_version_of(&self, chain: ChainId) -> flyfs_proto::ids::ChainVersion {
+    pub(super) fn routing_version_of(&self, chain: ChainId) -> flyfs_proto::ids::ChainVersion {
         self.routing()
             .chain(chain)
             .map(|c| c.version)

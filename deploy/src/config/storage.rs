@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flyfs_craq::StorageConfig;
+use flyfs_craq::{ScrubConfig, StorageConfig};
 use flyfs_proto::ids::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,10 @@ pub struct StorageDaemonConfig {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// `[scrub]`: how fast the node re-reads its chunks to find rot, and how
+    /// many repairs from healthy replicas it runs at once.
+    #[serde(default)]
+    pub scrub: ScrubDaemonConfig,
     /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
     /// start, since every connection is authenticated (docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +68,41 @@ pub struct StorageDaemonConfig {
     /// daemon's resident memory (docs/security.md).
     #[serde(default)]
     pub rpc: RpcServerLimits,
+}
+
+/// `[scrub]` of the storage config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubDaemonConfig {
+    /// Bytes per second the node reads to verify its chunks, shared evenly
+    /// by its devices; 0 turns the scrubber off.
+    pub bytes_per_s: u64,
+    /// A pass over a device starts at least this long after the previous
+    /// one started.
+    pub pass_interval_s: u64,
+    /// Repairs from a healthy replica running at once, at most.
+    pub repairs_max: u32,
+}
+
+impl Default for ScrubDaemonConfig {
+    fn default() -> ScrubDaemonConfig {
+        let node = ScrubConfig::default();
+        ScrubDaemonConfig {
+            bytes_per_s: node.bytes_per_s,
+            pass_interval_s: node.pass_interval.as_secs(),
+            repairs_max: u32::try_from(node.repairs_max).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl ScrubDaemonConfig {
+    fn scrub_config(&self) -> ScrubConfig {
+        ScrubConfig {
+            bytes_per_s: self.bytes_per_s,
+            pass_interval: Duration::from_secs(self.pass_interval_s),
+            repairs_max: self.repairs_max as usize,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -96,6 +135,7 @@ impl StorageDaemonConfig {
             rpc_timeout_ms: default_rpc_timeout_ms(),
             forward_deadline_ms: default_forward_deadline_ms(),
             metrics_listen: None,
+            scrub: ScrubDaemonConfig::default(),
             tls: None,
             rpc: RpcServerLimits::default(),
         }
@@ -111,6 +151,7 @@ impl StorageDaemonConfig {
         config.lease_timeout = Duration::from_millis(self.lease_timeout_ms);
         config.rpc_timeout = Duration::from_millis(self.rpc_timeout_ms);
         config.forward_deadline = Duration::from_millis(self.forward_deadline_ms);
+        config.scrub = self.scrub.scrub_config();
         config
     }
 }
@@ -130,6 +171,10 @@ impl ConfigFile for StorageDaemonConfig {
         check_metrics_listen(self.metrics_listen.as_deref())?;
         self.rpc.validate()?;
         positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
+        positive(u64::from(self.scrub.repairs_max), "scrub.repairs_max")?;
+        // A pass every second or more often is a hot loop over an empty or
+        // small device, not a schedule.
+        positive(self.scrub.pass_interval_s, "scrub.pass_interval_s")?;
         positive(self.rpc_timeout_ms, "rpc_timeout_ms")?;
         // One late heartbeat reply must not fence the node off.
         check(
@@ -235,7 +280,16 @@ mod tests {
             ),
             (1_000, 5_000, 5_000, 30_000)
         );
+        assert_eq!(
+            (
+                config.scrub.bytes_per_s,
+                config.scrub.pass_interval_s,
+                config.scrub.repairs_max
+            ),
+            (64 << 20, 86_400, 4)
+        );
         let node = config.storage_config("127.0.0.1:7100");
+        assert_eq!(node.scrub, ScrubConfig::default());
         assert_eq!(node.node, NodeId(3));
         assert_eq!(node.addr, "127.0.0.1:7100");
         assert_eq!(node.lease_timeout, Duration::from_secs(5));
@@ -245,6 +299,23 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.storage_config("0.0.0.0:7100").addr, "10.0.0.3:7100");
+    }
+
+    #[test]
+    fn the_scrub_table_reaches_the_node() {
+        let config = StorageDaemonConfig::parse(
+            "node_id = 1\ndevices = [\"a\"]\n[scrub]\nbytes_per_s = 0\npass_interval_s = 60\nrepairs_max = 2",
+        )
+        .expect("valid");
+        let node = config.storage_config("127.0.0.1:7100").scrub;
+        assert_eq!(
+            node,
+            ScrubConfig {
+                bytes_per_s: 0,
+                pass_interval: Duration::from_secs(60),
+                repairs_max: 2,
+            }
+        );
     }
 
     #[test]
@@ -278,6 +349,18 @@ mod tests {
                 "node_id = 1\ndevices = [\"a\"]\nheartbeat_interval_ms = 0",
                 "heartbeat_interval_ms",
             ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\n[scrub]\nrepairs_max = 0",
+                "scrub.repairs_max",
+            ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\n[scrub]\npass_interval_s = 0",
+                "scrub.pass_interval_s",
+            ),
+            (
+                "node_id = 1\ndevices = [\"a\"]\n[scrub]\nbytes_per_second = 1",
+                "bytes_per_second",
+            ),
         ];
         for (text, key) in cases {
             let error = StorageDaemonConfig::parse(text).expect_err(text);
@@ -290,6 +373,11 @@ mod tests {
         let mut config = StorageDaemonConfig::new(2, vec!["/srv/d0.img".into(), "d1".into()]);
         config.mgmt = ManagerAddrs(vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()]);
         config.advertise = Some("10.0.0.5:7100".into());
+        config.scrub = ScrubDaemonConfig {
+            bytes_per_s: 0,
+            pass_interval_s: 3600,
+            repairs_max: 1,
+        };
         assert_eq!(
             StorageDaemonConfig::parse(&config.to_toml()).expect("reads back"),
             config

@@ -20,6 +20,7 @@ macro_rules! every_method {
             storage::DumpMeta,
             storage::SyncDone,
             storage::Space,
+            storage::FetchChunk,
             mgmt::RegisterNode,
             mgmt::Heartbeat,
             mgmt::GetRouting,
@@ -144,6 +145,7 @@ mod tests {
             storage::SyncDone::ID,
             storage::DumpMeta::ID,
             storage::QueryVersion::ID,
+            storage::FetchChunk::ID,
             mgmt::RegisterNode::ID,
             mgmt::Heartbeat::ID,
         ] {

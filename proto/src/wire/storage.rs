@@ -365,6 +365,31 @@ pub struct DumpMetaRsp {
     pub more: bool,
 }
 
+/// A whole committed chunk, asked of a healthy replica by one whose copy
+/// has rotted (the scrubber's repair). The reply's payload is the chunk's
+/// bytes; the receiver checks them against `len` and `crc` before it
+/// installs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FetchChunkReq {
+    pub chain: ChainId,
+    pub chain_version: ChainVersion,
+    pub chunk: ChunkId,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FetchChunkRsp {
+    /// The committed version sent; 0 when the chunk does not exist there
+    /// (and the payload is empty).
+    pub version: ChunkVersion,
+    pub chain_version: ChainVersion,
+    /// Length and CRC32C of the whole chunk, as the sender's engine recorded
+    /// them when the version was written (and checked when it read them).
+    pub len: u32,
+    pub crc: u32,
+}
+
 /// Sent by a predecessor when a resync has transferred everything: the
 /// receiver reports itself up to date from now on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,6 +491,12 @@ method!(
 method!(
     /// The end of a resync.
     SyncDone = 406, SyncDoneReq => Result<(), StorageError>,
+    roles Roles::STORAGE
+);
+method!(
+    /// A whole committed chunk from a healthy replica, to repair a rotten
+    /// copy (the scrubber).
+    FetchChunk = 408, FetchChunkReq => Result<FetchChunkRsp, StorageError>,
     roles Roles::STORAGE
 );
 method!(
