@@ -580,7 +580,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Err(RequestReadError::Late(refusal)) => {
                 // Too slow to trust the stream's position: close without a
                 // frame (the peer is not reading either, most likely).
-                refusal.log(refusals, &peer);
+                refusal.log(refusals, peer);
                 return;
             }
         };

@@ -42,7 +42,7 @@ impl<D: BlockDevice, N: Network> StorageService<D, N> {
     /// error without touching anything: predecessors are only defined
     /// within one chain version, and the sender's and ours are then equal.
     #[allow(clippy::result_large_err)] // The error is the reply to send.
-    async fn from_predecessor(
+    async fn check_from_predecessor(
         &self,
         req: &Request,
         method: &'static str,
@@ -82,9 +82,9 @@ impl<D: BlockDevice, N: Network> StorageService<D, N> {
     /// target of the chain: a replica repairing a rotten chunk fetches it
     /// from its chain's other members, and nobody else may read a chain's
     /// data whole through the storage role. Unplaceable requests pass to the
-    /// handler, as in [`Self::from_predecessor`].
+    /// handler, as in [`Self::check_from_predecessor`].
     #[allow(clippy::result_large_err)] // The error is the reply to send.
-    async fn from_chain_member(
+    async fn check_from_chain_member(
         &self,
         req: &Request,
         method: &'static str,
@@ -136,7 +136,7 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             Forward::ID => {
                 let body = decode!(req, Forward);
                 if let Err(reply) = self
-                    .from_predecessor(&req, Forward::NAME, body.chain, body.chain_version)
+                    .check_from_predecessor(&req, Forward::NAME, body.chain, body.chain_version)
                     .await
                 {
                     return reply;
@@ -165,7 +165,7 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             DumpMeta::ID => {
                 let body = decode!(req, DumpMeta);
                 if let Err(reply) = self
-                    .from_predecessor(&req, DumpMeta::NAME, body.chain, body.chain_version)
+                    .check_from_predecessor(&req, DumpMeta::NAME, body.chain, body.chain_version)
                     .await
                 {
                     return reply;
@@ -175,7 +175,7 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             SyncDone::ID => {
                 let body = decode!(req, SyncDone);
                 if let Err(reply) = self
-                    .from_predecessor(&req, SyncDone::NAME, body.chain, body.chain_version)
+                    .check_from_predecessor(&req, SyncDone::NAME, body.chain, body.chain_version)
                     .await
                 {
                     return reply;
@@ -185,7 +185,7 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
             FetchChunk::ID => {
                 let body = decode!(req, FetchChunk);
                 if let Err(reply) = self
-                    .from_chain_member(&req, FetchChunk::NAME, body.chain, body.chain_version)
+                    .check_from_chain_member(&req, FetchChunk::NAME, body.chain, body.chain_version)
                     .await
                 {
                     return reply;
