@@ -28,6 +28,7 @@ pub(crate) struct ServerBudgets {
     requests: Arc<Semaphore>,
     per_identity_bytes: u64,
     per_connection_bytes: u64,
+    total_bytes: u64,
     identities: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -41,13 +42,19 @@ pub(crate) struct ConnectionBudgets {
     _slot: OwnedSemaphorePermit,
 }
 
-/// What one request holds until its task ends.
-#[derive(Debug)]
+/// What one request holds until its reply is written (or, if its
+/// connection is gone, until its task ends): its bytes, the bytes reserved
+/// for its reply, and its request slot.
+#[derive(Debug, Default)]
 pub(crate) struct Held {
-    _connection: Option<OwnedSemaphorePermit>,
-    _identity: Option<OwnedSemaphorePermit>,
-    _server: Option<OwnedSemaphorePermit>,
-    _request: OwnedSemaphorePermit,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    /// Holds `other`'s permits too, until this is dropped.
+    pub fn merge(&mut self, other: Held) {
+        self.permits.extend(other.permits);
+    }
 }
 
 /// Semaphores count in `u32` per acquisition and `usize` in all; budgets are
@@ -66,6 +73,7 @@ impl ServerBudgets {
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max.max(1))),
             per_identity_bytes: config.request_bytes_in_flight_max_per_identity,
             per_connection_bytes: config.request_bytes_in_flight_max_per_connection,
+            total_bytes: config.request_bytes_in_flight_max,
             identities: Mutex::new(HashMap::new()),
         })
     }
@@ -103,22 +111,7 @@ impl ConnectionBudgets {
     /// checked against the budgets when the server starts
     /// ([`ServerConfig::check`](crate::server::ServerConfig::check)).
     pub async fn take(&self, bytes: u64) -> Held {
-        let take = |semaphore: &Arc<Semaphore>| {
-            let semaphore = semaphore.clone();
-            async move {
-                if bytes == 0 {
-                    return None;
-                }
-                let count = u32::try_from(bytes).unwrap_or(u32::MAX);
-                // The semaphores are never closed.
-                semaphore.acquire_many_owned(count).await.ok()
-            }
-        };
-        // Always in this order (connection, identity, server, slot), so two
-        // connections never each hold what the other waits for.
-        let connection = take(&self.bytes).await;
-        let identity = take(&self.identity_bytes).await;
-        let server = take(&self.server.bytes).await;
+        let mut held = self.take_bytes(bytes).await;
         let request = self
             .server
             .requests
@@ -126,12 +119,40 @@ impl ConnectionBudgets {
             .acquire_owned()
             .await
             .expect("the request semaphore is never closed");
-        Held {
-            _connection: connection,
-            _identity: identity,
-            _server: server,
-            _request: request,
+        held.permits.push(request);
+        held
+    }
+
+    /// Waits until `bytes` of reply fit every budget beside the
+    /// `request_bytes` its request already holds, and takes them. A reply
+    /// may be larger than what a budget has room for beside its request (a
+    /// storage read of 64 MiB under budgets of a few MiB); it then takes all
+    /// of that room, so such replies go one at a time.
+    pub async fn take_reply(&self, bytes: u64, request_bytes: u64) -> Held {
+        let room = |budget: u64| budget.saturating_sub(request_bytes);
+        let fits = bytes
+            .min(room(self.server.per_connection_bytes))
+            .min(room(self.server.per_identity_bytes))
+            .min(room(self.server.total_bytes));
+        self.take_bytes(fits).await
+    }
+
+    async fn take_bytes(&self, bytes: u64) -> Held {
+        let mut held = Held::default();
+        if bytes == 0 {
+            return held;
         }
+        let count = u32::try_from(bytes).unwrap_or(u32::MAX);
+        // Always in this order (connection, identity, server, then the
+        // request slot), so two connections never each hold what the other
+        // waits for.
+        for semaphore in [&self.bytes, &self.identity_bytes, &self.server.bytes] {
+            // The semaphores are never closed.
+            if let Ok(permit) = semaphore.clone().acquire_many_owned(count).await {
+                held.permits.push(permit);
+            }
+        }
+        held
     }
 }
 

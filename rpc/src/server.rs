@@ -182,6 +182,19 @@ pub trait Service: Send + Sync + 'static {
     fn roles(&self, method: u16) -> Option<Roles> {
         flyfs_proto::wire::roles_of(method)
     }
+
+    /// The most reply bytes a request of `method` with this `body` may
+    /// produce. The server takes them from the connection's, the identity's
+    /// and the server's budgets before the request runs (the connection's
+    /// reader waits until they fit), and gives them back once the reply is
+    /// written: so a peer that asks for large replies and never reads them
+    /// stops being read instead of making the server hold the replies. The
+    /// default, 0, suits methods whose replies are small; a method that
+    /// returns bulk bytes (a storage read) says how many.
+    fn reply_bytes_max(&self, method: u16, body: &[u8]) -> u64 {
+        let _ = (method, body);
+        0
+    }
 }
 
 /// Per-server settings.
@@ -507,6 +520,9 @@ async fn run_connection<T, S>(
     let (events_tx, events_rx) = mpsc::channel(1);
     let in_flight_max = config.requests_in_flight_max_per_connection.max(1);
     let (replies_tx, replies_rx) = mpsc::channel(in_flight_max);
+    let reply_service = service.clone();
+    let reply_bytes_max =
+        move |method: u16, body: &[u8]| reply_service.reply_bytes_max(method, body);
     // The three end on their own: the reader at end of stream or a fatal
     // frame, the dispatcher when the reader is done and nothing is in flight
     // (or the writer is gone), the writer when the dispatcher is done (or a
@@ -517,7 +533,8 @@ async fn run_connection<T, S>(
             events_tx,
             &config,
             &budgets,
-            (&peer.addr, &refusals)
+            (&peer.addr, &refusals),
+            &reply_bytes_max,
         ),
         dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
         write_loop(writer, replies_rx, &peer.addr),
@@ -531,6 +548,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     config: &ServerConfig,
     budgets: &ConnectionBudgets,
     (peer, refusals): (&str, &RefusalLog),
+    reply_bytes_max: &(dyn Fn(u16, &[u8]) -> u64 + Sync),
 ) {
     let fatal = loop {
         let read = tokio::select! {
@@ -541,7 +559,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         let event = match read {
             Ok(None) => return,
-            Ok(Some((frame, held))) => {
+            Ok(Some((frame, mut held))) => {
                 if frame.header.kind != Kind::Request {
                     break OutFrame::error(
                         frame.header.method,
@@ -554,7 +572,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     );
                 }
                 match frame.check_body() {
-                    Ok(()) => Event::Request(frame, held),
+                    Ok(()) => {
+                        // Room for the reply too, before the request runs:
+                        // until it fits, this connection is not read.
+                        let reply_bytes = reply_bytes_max(frame.header.method, &frame.body);
+                        if reply_bytes > 0 {
+                            let reply = tokio::select! {
+                                biased;
+                                () = events.closed() => return,
+                                reply = budgets.take_reply(reply_bytes, (frame.body.len() + frame.payload.len()) as u64) => reply,
+                            };
+                            held.merge(reply);
+                        }
+                        Event::Request(frame, held)
+                    }
                     Err(error) => Event::Reply(OutFrame::error(
                         frame.header.method,
                         frame.header.request_id,
@@ -650,12 +681,12 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R) {
 
 async fn dispatch_loop<S: Service>(
     mut events: mpsc::Receiver<Event>,
-    replies: mpsc::Sender<OutFrame>,
+    replies: mpsc::Sender<(OutFrame, Held)>,
     service: Arc<S>,
     in_flight_max: usize,
     peer: &Peer,
 ) {
-    let mut in_flight: JoinSet<OutFrame> = JoinSet::new();
+    let mut in_flight: JoinSet<(OutFrame, Held)> = JoinSet::new();
     // Which request each task serves, to answer for a task that panicked.
     let mut requests: HashMap<tokio::task::Id, (u16, u64)> = HashMap::new();
     let mut reading = true;
@@ -675,14 +706,14 @@ async fn dispatch_loop<S: Service>(
             }
             Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                 match done {
-                    Ok((id, frame)) => {
+                    Ok((id, answered)) => {
                         requests.remove(&id);
-                        frame
+                        answered
                     }
                     Err(error) => {
                         let (method, request_id) =
                             requests.remove(&error.id()).unwrap_or((0, 0));
-                        panic_reply(method, request_id, error, &peer.addr)
+                        (panic_reply(method, request_id, error, &peer.addr), Held::default())
                     }
                 }
             }
@@ -692,16 +723,16 @@ async fn dispatch_loop<S: Service>(
                         reading = false;
                         continue;
                     }
-                    Some(Event::Reply(frame)) => frame,
+                    Some(Event::Reply(frame)) => (frame, Held::default()),
                     Some(Event::Fatal(frame)) => {
                         // Requests in flight finish unanswered (as above);
                         // their clients see the connection close.
                         in_flight.detach_all();
-                        let _ = replies.send(frame).await;
+                        let _ = replies.send((frame, Held::default())).await;
                         return;
                     }
                     Some(Event::Request(frame, held)) => match dispatch(frame, held, &service, peer) {
-                        Dispatch::Now(reply) => reply,
+                        Dispatch::Now(reply, held) => (reply, held),
                         Dispatch::Spawn(method, request_id, task) => {
                             let handle = in_flight.spawn(task);
                             requests.insert(handle.id(), (method, request_id));
@@ -718,7 +749,7 @@ async fn dispatch_loop<S: Service>(
 }
 
 enum Dispatch<F> {
-    Now(OutFrame),
+    Now(OutFrame, Held),
     Spawn(u16, u64, F),
 }
 
@@ -727,7 +758,7 @@ fn dispatch<S: Service>(
     held: Held,
     service: &Arc<S>,
     peer: &Peer,
-) -> Dispatch<impl Future<Output = OutFrame> + Send + 'static> {
+) -> Dispatch<impl Future<Output = (OutFrame, Held)> + Send + 'static> {
     let Frame {
         header,
         body,
@@ -747,7 +778,7 @@ fn dispatch<S: Service>(
             Reply::unknown_method(method)
         };
         record(metrics, started, request_bytes, &reply);
-        return Dispatch::Now(reply_frame(method, request_id, reply));
+        return Dispatch::Now(reply_frame(method, request_id, reply), held);
     }
     let refused = match service.roles(method) {
         None => Some(Reply::unknown_method(method)),
@@ -761,7 +792,7 @@ fn dispatch<S: Service>(
     };
     if let Some(reply) = refused {
         record(metrics, started, request_bytes, &reply);
-        return Dispatch::Now(reply_frame(method, request_id, reply));
+        return Dispatch::Now(reply_frame(method, request_id, reply), held);
     }
     let request = Request {
         method,
@@ -772,14 +803,14 @@ fn dispatch<S: Service>(
     };
     let service = service.clone();
     Dispatch::Spawn(method, request_id, async move {
-        // The request's budgets are given back when its task ends, even
-        // when its connection closed long before.
-        let _held = held;
+        // The request's budgets go with its reply to the writer, which
+        // gives them back once the reply is written; if the connection is
+        // gone, when this task ends, however long after.
         let reply = service.call(request).await;
         // The reply's CRC is computed here, in the request's task, not on
         // the connection's.
         record(metrics, started, request_bytes, &reply);
-        reply_frame(method, request_id, reply)
+        (reply_frame(method, request_id, reply), held)
     })
 }
 
@@ -844,14 +875,15 @@ fn panic_reply(method: u16, request_id: u64, error: JoinError, peer: &str) -> Ou
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut replies: mpsc::Receiver<OutFrame>,
+    mut replies: mpsc::Receiver<(OutFrame, Held)>,
     peer: &str,
 ) {
-    while let Some(frame) = replies.recv().await {
+    while let Some((frame, held)) = replies.recv().await {
         if let Err(error) = frame_io::write_frame(&mut writer, frame).await {
             tracing::debug!(%peer, %error, "connection write failed");
             return;
         }
+        drop(held);
     }
     // Everything is written: send FIN so the client reads the last reply and
     // then end of stream.

@@ -11,7 +11,8 @@ use flyfs_proto::Method;
 use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ChainId, ChainVersion};
 use flyfs_proto::wire::storage::{
-    BatchRead, DumpMeta, FetchChunk, Forward, LastChunk, QueryVersion, Space, SyncDone, Write,
+    BatchRead, BatchReadReq, DumpMeta, FetchChunk, Forward, LastChunk, QueryVersion, Space,
+    SyncDone, Write,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_rpc::{Network, refusals};
@@ -125,6 +126,23 @@ macro_rules! decode {
 }
 
 impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
+    /// Reads return bulk bytes: a batch reserves what it asks for (up to its
+    /// byte limit; a batch over it is refused without reading), a whole-chunk
+    /// fetch the largest chunk a batch may carry, so replies a peer does not
+    /// read stop its connection rather than pile up in memory.
+    fn reply_bytes_max(&self, method: u16, body: &[u8]) -> u64 {
+        match method {
+            // A batch over its limits is refused without reading: nothing
+            // to reserve (and nothing to wait for).
+            BatchRead::ID => flyfs_proto::codec::decode::<<BatchRead as Method>::Req>(body)
+                .ok()
+                .filter(|batch| batch.check_limits().is_ok())
+                .map_or(0, |batch| batch.bytes_requested()),
+            FetchChunk::ID => BatchReadReq::BYTES_MAX,
+            _ => 0,
+        }
+    }
+
     async fn call(&self, req: Request) -> Reply {
         let node = &self.node;
         match req.method {
