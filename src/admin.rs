@@ -389,6 +389,19 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The metadata service, for `gc`, `ls` and `stat`.
+/// Whom an admin credential's namespace requests name: the uid and gid its
+/// certificate names, the only caller the metadata service lets it act as.
+pub(crate) fn acting_user(credentials: &Credentials) -> anyhow::Result<User> {
+    let Principal::Admin { uid, gid, .. } = credentials.identity().principal else {
+        bail!(
+            "{} is not an admin credential: the namespace commands act as the uid and gid \
+             an admin certificate names",
+            credentials.identity()
+        );
+    };
+    Ok(User::new(uid, gid, Vec::new()))
+}
+
 struct Namespace {
     client: Arc<MetaClient<Tcp>>,
     /// The addresses as given, for messages.
@@ -417,13 +430,7 @@ impl Namespace {
         timeout: Duration,
         credentials: Credentials,
     ) -> anyhow::Result<Namespace> {
-        let Principal::Admin { uid, gid, .. } = credentials.identity().principal else {
-            bail!(
-                "{} is not an admin credential: the namespace commands act as the uid and gid \
-                 an admin certificate names",
-                credentials.identity()
-            );
-        };
+        let user = acting_user(&credentials)?;
         let mut config = MetaClientConfig::new(meta.to_vec());
         config.rpc_timeout = timeout;
         // An admin command fails soon rather than waiting out an outage.
@@ -431,7 +438,7 @@ impl Namespace {
         Ok(Namespace {
             client: MetaClient::new(Tcp, config, credentials),
             meta: meta.join(","),
-            user: User::new(uid, gid, Vec::new()),
+            user,
         })
     }
 

@@ -439,6 +439,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         timeout,
     };
     let admin_credentials = crate::certs::admin(None, Some(&layout.data))?;
+    let caller = crate::admin::acting_user(&admin_credentials)?;
     let admin = Admin::new(&[layout.mgmt()], Duration::from_secs(2), admin_credentials);
 
     starter.start(Kind::Mgmtd)?;
@@ -500,10 +501,12 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
     starter.start(Kind::Meta)?;
     let (rpc, options) = admin.rpc();
     let meta = layout.meta();
+    // As the admin credential's uid, the only caller it may name.
+    let statfs = StatfsReq { user: caller };
     runtime.block_on(
         starter.wait(Kind::Meta, "the metadata service to answer", || async {
             let (rsp, _) = rpc
-                .call::<Statfs>(&meta, &StatfsReq::default(), Bytes::new(), options)
+                .call::<Statfs>(&meta, &statfs, Bytes::new(), options)
                 .await?;
             rsp.map(drop).map_err(|e| anyhow::anyhow!("statfs: {e}"))
         }),

@@ -829,12 +829,13 @@ fn metadata_daemon_killed_mid_workload_loses_nothing_and_gc_reclaims_everything(
     });
     log(format!("GC queue empty after {took:.2?}: {last:?}"));
 
-    // DumpMeta is a storage node's method (resync): the checker reads every
-    // replica's chunk list as a storage peer would.
+    // DumpMeta is resync's method, open to operators too: the checker reads
+    // every replica's chunk list as an admin (a storage node may ask only
+    // the replica after its own).
     let rpc = Client::new(
         Tcp,
         flyfs_rpc::ClientConfig::default(),
-        support::credentials(&cluster.dir, "storage1"),
+        support::credentials(&cluster.dir, "admin"),
     );
     let chunks = runtime.block_on(all_chunks(&rpc, &cluster.mgmt_addr));
     log(format!(

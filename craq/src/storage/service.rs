@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_proto::Method;
+use flyfs_proto::auth::Role;
 use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ChainId, ChainVersion};
 use flyfs_proto::wire::storage::{
@@ -31,12 +32,13 @@ impl<D: BlockDevice, N: Network> StorageService<D, N> {
     }
 
     /// Refuses (`Forbidden`) a chain-internal request (`Forward`,
-    /// `SyncDone`, `DumpMeta`) that does not come from the node holding the
+    /// `SyncDone`, `DumpMeta`) from a storage node that does not hold the
     /// receiving target's predecessor in the chain: only that replica
     /// forwards updates to it and resyncs it, so any other storage node
     /// sending them is forging (a `Forward{Replace}` would overwrite a
     /// replica, a `SyncDone` mark a stale one up to date). The role check
-    /// already kept out everything but storage nodes.
+    /// already kept out every other role but an admin's `DumpMeta` (an
+    /// operator reading a replica's chunk list), which passes.
     ///
     /// A request this node cannot place (unknown chain, another chain
     /// version) passes to its handler, which refuses it with the chain's
@@ -50,6 +52,9 @@ impl<D: BlockDevice, N: Network> StorageService<D, N> {
         chain: ChainId,
         version: ChainVersion,
     ) -> Result<(), Reply> {
+        if req.peer.identity.role() == Role::Admin {
+            return Ok(());
+        }
         let Ok(place) = self.node.place_fresh(chain, version).await else {
             return Ok(());
         };

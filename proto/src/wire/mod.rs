@@ -143,7 +143,6 @@ mod tests {
         for id in [
             storage::Forward::ID,
             storage::SyncDone::ID,
-            storage::DumpMeta::ID,
             storage::QueryVersion::ID,
             storage::FetchChunk::ID,
             mgmt::RegisterNode::ID,
@@ -153,6 +152,12 @@ mod tests {
             assert_eq!(roles, Roles::STORAGE, "method {id}");
             assert!(!roles.contains(Role::Client) && !roles.contains(Role::Admin));
         }
+        // Resync's metadata listing is read-only: operators may read it too,
+        // mounts may not.
+        assert_eq!(
+            roles_of(storage::DumpMeta::ID),
+            Some(Roles::STORAGE.or(Roles::ADMIN))
+        );
         for id in [
             mgmt::CreateChain::ID,
             mgmt::SetTargetOffline::ID,

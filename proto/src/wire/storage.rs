@@ -484,9 +484,10 @@ method!(
     roles Roles::CLIENT.or(Roles::META).or(Roles::ADMIN)
 );
 method!(
-    /// A page of a target's chunk metadata (resync).
+    /// A page of a target's chunk metadata (resync; operators inspecting a
+    /// replica).
     DumpMeta = 405, DumpMetaReq => Result<DumpMetaRsp, StorageError>,
-    roles Roles::STORAGE
+    roles Roles::STORAGE.or(Roles::ADMIN)
 );
 method!(
     /// The end of a resync.
