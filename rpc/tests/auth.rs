@@ -141,12 +141,14 @@ async fn the_roles_of_the_daemon_methods_are_the_expected_ones() {
         for id in [
             storage::Forward::ID,
             storage::SyncDone::ID,
-            storage::DumpMeta::ID,
+            storage::FetchChunk::ID,
             mgmt::RegisterNode::ID,
             mgmt::Heartbeat::ID,
         ] {
             assert!(!may(role, id), "{role} may call {id}");
         }
+        // Resync's chunk listing is read-only and open to operators.
+        assert_eq!(may(role, storage::DumpMeta::ID), role == Role::Admin);
     }
     for role in [Role::Client, Role::Storage, Role::Meta, Role::Mgmt] {
         for id in [
