@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::mgmt::Managers;
+use flyfs_craq::placement::{self, Placement, PlacementSpec};
 use flyfs_proto::Method;
 use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainId, ChainTableId, NodeId, RoutingVersion, TargetId};
@@ -111,6 +112,10 @@ enum AdminCommand {
         #[arg(long)]
         node: u32,
     },
+    /// Plan a balanced chain table for nodes x disks x replicas: prints the
+    /// chains and how even they are (no manager needed); with --apply,
+    /// creates the targets, chains and chain table through the manager.
+    Placement(PlacementArgs),
     /// Space of every device of one storage node (asks the node itself).
     Space {
         /// The storage node's address.
@@ -119,7 +124,185 @@ enum AdminCommand {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct PlacementArgs {
+    /// Storage node ids: ids and ranges, comma-separated (e.g. 1-12,20).
+    #[arg(long, value_delimiter = ',', required = true, value_parser = parse_node_range)]
+    nodes: Vec<Vec<u32>>,
+    /// Disks per node: targets go to disks 0 to D-1, the indexes into each
+    /// node's `devices`.
+    #[arg(long, default_value_t = 1)]
+    disks: u32,
+    /// Replicas per chain.
+    #[arg(long, default_value_t = 3)]
+    replicas: u32,
+    /// Targets per disk: the plan has nodes x disks x this / replicas
+    /// chains, rounded up.
+    #[arg(long, default_value_t = 8, conflicts_with = "chains")]
+    targets_per_disk: u32,
+    /// How many chains to plan, instead of --targets-per-disk.
+    #[arg(long)]
+    chains: Option<u32>,
+    /// Id of the first chain.
+    #[arg(long, default_value_t = 1)]
+    first_chain: u32,
+    /// The chain table --apply creates over the planned chains.
+    #[arg(long, default_value_t = 1)]
+    table: u32,
+    /// Seed of the planner's search: same shape and seed, same plan.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Create the plan through the manager: every target, chain and the
+    /// table. Refused, before creating anything, if one of them exists.
+    #[arg(long)]
+    apply: bool,
+}
+
+/// `7` or `1-12`, for --nodes.
+fn parse_node_range(text: &str) -> Result<Vec<u32>, String> {
+    let parse = |id: &str| {
+        id.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{id:?} is not a node id"))
+    };
+    match text.split_once('-') {
+        Some((first, last)) => {
+            let (first, last) = (parse(first)?, parse(last)?);
+            if first > last {
+                return Err(format!("the range {text} is empty"));
+            }
+            Ok((first..=last).collect())
+        }
+        None => Ok(vec![parse(text)?]),
+    }
+}
+
+fn plan_placement(args: &PlacementArgs) -> anyhow::Result<Placement> {
+    let nodes: Vec<NodeId> = args.nodes.iter().flatten().copied().map(NodeId).collect();
+    let chains = match args.chains {
+        Some(chains) => chains,
+        None => {
+            let targets = u64::try_from(nodes.len())?
+                * u64::from(args.disks)
+                * u64::from(args.targets_per_disk);
+            u32::try_from(targets.div_ceil(u64::from(args.replicas.max(1))))
+                .context("too many chains for 32-bit chain ids")?
+        }
+    };
+    let spec = PlacementSpec {
+        nodes,
+        disks_per_node: args.disks,
+        replicas: args.replicas,
+        chains,
+        first_chain: args.first_chain,
+        seed: args.seed,
+    };
+    Ok(placement::plan(&spec)?)
+}
+
+fn placement_text(plan: &Placement) -> String {
+    let b = &plan.balance;
+    let (first, last) = (&plan.chains[0], &plan.chains[plan.chains.len() - 1]);
+    let mut text = format!(
+        "{} chains of {} replicas (chains {} to {})\n\
+         targets per node {}..{}, per disk {}..{}; chains headed per node {}..{}\n\
+         most chains two nodes share: {} (no plan of this shape has fewer than {})\n\
+         a failed node recovers from at least {} peers (at most {} possible); \
+         the busiest peer serves {:.1}% of it (evenly spread: {:.1}%)\n",
+        plan.chains.len(),
+        first.targets.len(),
+        first.chain.0,
+        last.chain.0,
+        b.targets_per_node_min,
+        b.targets_per_node_max,
+        b.targets_per_disk_min,
+        b.targets_per_disk_max,
+        b.heads_per_node_min,
+        b.heads_per_node_max,
+        b.pair_max,
+        b.pair_bound,
+        b.recovery_peers_min,
+        b.recovery_peers_bound,
+        100.0 * b.recovery_share_max,
+        100.0 * b.recovery_share_ideal,
+    );
+    text.push_str("chain   targets, head first (target@node/disk)\n");
+    for chain in &plan.chains {
+        let targets: Vec<String> = chain
+            .targets
+            .iter()
+            .map(|t| format!("{}@{}/{}", t.target.0, t.node.0, t.disk))
+            .collect();
+        text.push_str(&format!("{:<7} {}\n", chain.chain.0, targets.join(" ")));
+    }
+    text
+}
+
+/// Creates every target and chain of `plan` and a table over the chains,
+/// after checking that none of them exists yet.
+async fn apply_placement(admin: &Admin, plan: &Placement, table: u32) -> anyhow::Result<()> {
+    let routing = admin.routing().await?;
+    for chain in &plan.chains {
+        if routing.chains.iter().any(|c| c.id == chain.chain) {
+            anyhow::bail!(
+                "chain {} exists already: plan past the existing chains (--first-chain)",
+                chain.chain.0
+            );
+        }
+        if let Some(target) = chain
+            .targets
+            .iter()
+            .find(|t| routing.target(t.target).is_some())
+        {
+            anyhow::bail!("target {} exists already", target.target.0);
+        }
+    }
+    if routing.tables.iter().any(|t| t.id == ChainTableId(table)) {
+        anyhow::bail!("chain table {table} exists already (--table)");
+    }
+    for chain in &plan.chains {
+        for target in &chain.targets {
+            let req = CreateTargetReq {
+                target: target.target,
+                node: target.node,
+                disk: target.disk,
+            };
+            admin.mutate::<CreateTarget>("create-target", &req).await?;
+        }
+        let req = CreateChainReq {
+            chain: chain.chain,
+            targets: chain.targets.iter().map(|t| t.target).collect(),
+        };
+        admin.mutate::<CreateChain>("create-chain", &req).await?;
+    }
+    let req = CreateChainTableReq {
+        table: ChainTableId(table),
+        chains: plan.chains.iter().map(|c| c.chain).collect(),
+    };
+    admin.mutate::<CreateChainTable>("create-table", &req).await
+}
+
 pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
+    // Planning needs no manager (and no credentials): only applying does.
+    if let AdminCommand::Placement(placement) = &args.command {
+        let plan = plan_placement(placement)?;
+        if placement.apply {
+            let credentials =
+                crate::certs::admin(args.credentials.as_deref(), args.data.as_deref())?;
+            let admin = Admin::new(
+                &args.mgmt,
+                Duration::from_millis(args.timeout_ms),
+                credentials,
+            );
+            apply_placement(&admin, &plan, placement.table).await?;
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print!("{}", placement_text(&plan));
+        }
+        return Ok(());
+    }
     let credentials = crate::certs::admin(args.credentials.as_deref(), args.data.as_deref())?;
     let admin = Admin::new(
         &args.mgmt,
@@ -192,6 +375,7 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
             };
             admin.mutate::<SetTargetOffline>("offline", &req).await?;
         }
+        AdminCommand::Placement(_) => unreachable!("handled before connecting"),
         AdminCommand::RemoveNode { node } => {
             let req = RemoveNodeReq {
                 node: NodeId(*node),

@@ -40,8 +40,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_chunk_engine::{EngineError, FormatOptions};
+use flyfs_craq::placement::{self, PlacementSpec, PlannedChain};
 use flyfs_fuse::mountpoint::{lazy_unmount, mounted_at};
-use flyfs_proto::ids::{ChainId, ChainTableId, InodeId, NodeId, TargetId};
+use flyfs_proto::ids::{ChainId, ChainTableId, InodeId, NodeId};
 use flyfs_proto::wire::meta::{Statfs, StatfsReq};
 use flyfs_proto::wire::mgmt::{
     CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
@@ -68,7 +69,8 @@ const DEFAULT_PORT: u16 = 7000;
 const NODES: u32 = 3;
 /// Replicas per chain unless `--replicas` says otherwise.
 const DEFAULT_REPLICAS: u32 = NODES;
-/// Chains, all in chain table 1; chain `c`'s head is node `c % 3 + 1`.
+/// Chains, all in chain table 1, placed by craq's planner (heads spread
+/// evenly over the nodes).
 const CHAINS: u32 = 6;
 const CHAIN_TABLE: u32 = 1;
 /// The root's default layout: 1 MiB chunks (the devices hold chunks up to
@@ -665,15 +667,18 @@ fn ensure_device(path: &Path, size: u64) -> anyhow::Result<()> {
     }
 }
 
-/// The target of chain `chain` on node `node`.
-fn target_id(chain: u32, node: u32) -> TargetId {
-    TargetId(u64::from(chain) * 100 + u64::from(node))
-}
-
-/// Chain `chain`'s nodes, head first: the heads rotate over the nodes, so
-/// with fewer replicas than nodes the chains still spread over all of them.
-fn chain_nodes(chain: u32, replicas: u32) -> Vec<u32> {
-    (0..replicas).map(|r| (chain + r) % NODES + 1).collect()
+/// The chain table of a `flyfs up` cluster, as `flyfs admin placement`
+/// plans one: its nodes with one disk each, heads spread evenly.
+fn plan_chains(replicas: u32) -> anyhow::Result<Vec<PlannedChain>> {
+    let spec = PlacementSpec {
+        nodes: (1..=NODES).map(NodeId).collect(),
+        disks_per_node: 1,
+        replicas,
+        chains: CHAINS,
+        first_chain: 1,
+        seed: 0,
+    };
+    Ok(placement::plan(&spec)?.chains)
 }
 
 /// Creates whatever of the targets, chains and chain table is missing
@@ -682,25 +687,23 @@ fn chain_nodes(chain: u32, replicas: u32) -> Vec<u32> {
 async fn ensure_chains(admin: &Admin, replicas: u32) -> anyhow::Result<bool> {
     let routing: RoutingInfo = admin.routing().await?;
     let mut created = false;
-    for chain in 1..=CHAINS {
-        if routing.chains.iter().any(|c| c.id == ChainId(chain)) {
+    for chain in plan_chains(replicas)? {
+        if routing.chains.iter().any(|c| c.id == chain.chain) {
             continue;
         }
-        let nodes = chain_nodes(chain, replicas);
-        for &node in &nodes {
-            let target = target_id(chain, node);
-            if routing.target(target).is_none() {
+        for planned in &chain.targets {
+            if routing.target(planned.target).is_none() {
                 let req = CreateTargetReq {
-                    target,
-                    node: NodeId(node),
-                    disk: 0,
+                    target: planned.target,
+                    node: planned.node,
+                    disk: planned.disk,
                 };
                 admin.mutate::<CreateTarget>("create-target", &req).await?;
             }
         }
         let req = CreateChainReq {
-            chain: ChainId(chain),
-            targets: nodes.iter().map(|&n| target_id(chain, n)).collect(),
+            chain: chain.chain,
+            targets: chain.targets.iter().map(|t| t.target).collect(),
         };
         admin.mutate::<CreateChain>("create-chain", &req).await?;
         created = true;
@@ -883,14 +886,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chains_rotate_their_heads_over_distinct_nodes() {
-        let heads: Vec<u32> = (1..=CHAINS).map(|c| chain_nodes(c, 3)[0]).collect();
-        assert_eq!(heads, [2, 3, 1, 2, 3, 1]);
-        for chain in 1..=CHAINS {
-            let mut nodes = chain_nodes(chain, 3);
-            nodes.sort_unstable();
-            assert_eq!(nodes, [1, 2, 3]);
-            assert_eq!(chain_nodes(chain, 1), [heads[chain as usize - 1]]);
+    fn chains_spread_their_heads_over_distinct_nodes() {
+        for replicas in 1..=NODES {
+            let chains = plan_chains(replicas).expect("plan");
+            assert_eq!(chains.len(), CHAINS as usize);
+            let mut heads = [0; NODES as usize];
+            for chain in &chains {
+                let mut nodes: Vec<u32> = chain.targets.iter().map(|t| t.node.0).collect();
+                heads[nodes[0] as usize - 1] += 1;
+                nodes.sort_unstable();
+                nodes.dedup();
+                assert_eq!(nodes.len(), replicas as usize, "{chain:?}");
+            }
+            assert_eq!(
+                heads,
+                [CHAINS / NODES; NODES as usize],
+                "{replicas} replicas"
+            );
         }
     }
 

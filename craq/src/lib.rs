@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod mgmt;
+pub mod placement;
 pub mod storage;
 
 pub use storage::service::StorageService;
