@@ -296,6 +296,32 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     // other.
     cluster.create_chains(&CHAINS, NODES);
     cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
+    // A planned table beside it (idle: the workload writes chains 1 and 2),
+    // created by `admin placement --apply`; applying it again is refused
+    // before anything is created, naming what exists.
+    let placement = [
+        "placement",
+        "--nodes",
+        "1-3",
+        "--replicas",
+        "3",
+        "--chains",
+        "3",
+        "--first-chain",
+        "10",
+        "--table",
+        "2",
+        "--apply",
+    ];
+    let planned = cluster.admin_ok(&placement);
+    assert!(planned.contains("3 chains of 3 replicas"), "{planned}");
+    let again = cluster.admin(&placement);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("chain 10 exists already"),
+        "{}",
+        text(&again)
+    );
     // A refusal is reported, with exit status 1: target 101 is in chain 1.
     let refused = cluster.admin(&["create-chain", "--chain", "9", "--targets", "101,202"]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
