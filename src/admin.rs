@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::membership;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
@@ -20,8 +21,9 @@ use flyfs_proto::wire::meta::{
     Readlink, ReadlinkRsp, Resolve, ResolveReq, Stat, StatReq, User,
 };
 use flyfs_proto::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, MgmtError, RemoveNode, RemoveNodeReq, RoutingInfo, SetTargetOffline,
+    AddChainMember, ChainMemberReq, CreateChain, CreateChainReq, CreateChainTable,
+    CreateChainTableReq, CreateTarget, CreateTargetReq, MgmtError, RemoveChainMember, RemoveNode,
+    RemoveNodeReq, RemoveTarget, RemoveTargetReq, RoutingInfo, SetTargetOffline,
     SetTargetOfflineReq,
 };
 use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
@@ -116,6 +118,60 @@ enum AdminCommand {
     /// chains and how even they are (no manager needed); with --apply,
     /// creates the targets, chains and chain table through the manager.
     Placement(PlacementArgs),
+    /// Add an unassigned target to the end of a chain; a resync fills it
+    /// while the chain serves.
+    AddMember {
+        #[arg(long)]
+        chain: u32,
+        #[arg(long)]
+        target: u64,
+    },
+    /// Take a target out of its chain (refused if no serving member would
+    /// be left); it stays declared, unassigned.
+    RemoveMember {
+        #[arg(long)]
+        chain: u32,
+        #[arg(long)]
+        target: u64,
+    },
+    /// Forget a target that belongs to no chain.
+    RemoveTarget {
+        #[arg(long)]
+        target: u64,
+    },
+    /// Replace a chain's member (a failed node's replica, say) by a new
+    /// target on another node: it joins, syncs while the chain serves, and
+    /// the old one leaves once the new one serves.
+    ReplaceTarget {
+        #[arg(long)]
+        chain: u32,
+        /// The member to replace.
+        #[arg(long)]
+        old: u64,
+        /// The node of the new target.
+        #[arg(long)]
+        node: u32,
+        /// The device index of the new target on that node.
+        #[arg(long, default_value_t = 0)]
+        disk: u32,
+        /// Id of the new target (default: the next free id of the placement
+        /// scheme, node * 1000000 + disk * 10000 + n).
+        #[arg(long)]
+        new_target: Option<u64>,
+        /// How long to wait for the new target to serve.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
+    /// Move every replica off a node (dead or alive) onto the live nodes
+    /// with the fewest targets, one chain at a time, then forget its
+    /// targets; `remove-node` forgets the node once its daemon is stopped.
+    DrainNode {
+        #[arg(long)]
+        node: u32,
+        /// How long to wait for each new replica to serve.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
     /// Space of every device of one storage node (asks the node itself).
     Space {
         /// The storage node's address.
@@ -376,6 +432,63 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
             admin.mutate::<SetTargetOffline>("offline", &req).await?;
         }
         AdminCommand::Placement(_) => unreachable!("handled before connecting"),
+        AdminCommand::AddMember { chain, target } => {
+            let req = ChainMemberReq {
+                chain: ChainId(*chain),
+                target: TargetId(*target),
+            };
+            admin.mutate::<AddChainMember>("add-member", &req).await?;
+        }
+        AdminCommand::RemoveMember { chain, target } => {
+            let req = ChainMemberReq {
+                chain: ChainId(*chain),
+                target: TargetId(*target),
+            };
+            admin
+                .mutate::<RemoveChainMember>("remove-member", &req)
+                .await?;
+        }
+        AdminCommand::RemoveTarget { target } => {
+            let req = RemoveTargetReq {
+                target: TargetId(*target),
+            };
+            admin.mutate::<RemoveTarget>("remove-target", &req).await?;
+        }
+        AdminCommand::ReplaceTarget {
+            chain,
+            old,
+            node,
+            disk,
+            new_target,
+            timeout_s,
+        } => {
+            let planned = membership::Move {
+                chain: ChainId(*chain),
+                old: TargetId(*old),
+                node: NodeId(*node),
+                disk: *disk,
+                new: new_target.map(TargetId),
+            };
+            let timeout = Duration::from_secs(*timeout_s);
+            let done = membership::replace_target(&admin, &planned, timeout, false).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            }
+            return Ok(());
+        }
+        AdminCommand::DrainNode { node, timeout_s } => {
+            let timeout = Duration::from_secs(*timeout_s);
+            let done = membership::drain_node(&admin, NodeId(*node), timeout, false).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!(
+                    "node {node}: {} replicas moved; stop its daemon, then `flyfs admin remove-node --node {node}`",
+                    done.len()
+                );
+            }
+            return Ok(());
+        }
         AdminCommand::RemoveNode { node } => {
             let req = RemoveNodeReq {
                 node: NodeId(*node),

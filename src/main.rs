@@ -9,6 +9,7 @@
 mod admin;
 mod certs;
 mod daemon;
+mod membership;
 mod meta_daemon;
 mod metrics;
 mod mount;

@@ -569,3 +569,158 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         started.elapsed()
     );
 }
+
+/// A node dies for good and a new one takes its place: `drain-node` moves
+/// each of the dead node's replicas onto the new node (a new target joins
+/// its chain, a resync fills it while writers keep writing, the dead one
+/// leaves), and then the dead node can be forgotten. Every acknowledged
+/// chunk, before and during the move, is then on every replica, the new
+/// ones included.
+#[test]
+fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
+    const DEAD: u32 = 3;
+    const NEW: u32 = 4;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(why) = probe_io_uring(dir.path()) {
+        eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
+        return;
+    }
+    format_devices(dir.path(), NEW, "128MiB");
+    let ports = free_ports(1 + NEW as usize);
+    write_configs(dir.path(), ports[0], &ports[1..]);
+    let mut cluster = Cluster::new(
+        dir.path(),
+        format!("127.0.0.1:{}", ports[0]),
+        ports[1..]
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect(),
+    );
+    cluster.start_mgmtd();
+    for node in 1..=NODES {
+        cluster.start_storage(node);
+    }
+    cluster.wait_nodes_alive(NODES as usize, Duration::from_secs(20));
+    cluster.create_chains(&CHAINS, NODES);
+    cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
+    cluster.wait_all_serving(Duration::from_secs(20));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut client_config = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(0x7e58));
+    client_config.rpc_timeout = Duration::from_millis(500);
+    client_config.op_deadline = Duration::from_secs(30);
+    client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+    let client = StorageClient::new(
+        client_config,
+        Tcp,
+        support::credentials(&cluster.dir, "client"),
+    );
+    let rpc = Client::new(
+        Tcp,
+        flyfs_rpc::ClientConfig::default(),
+        support::credentials(&cluster.dir, "client"),
+    );
+    let shared = Arc::new(Shared::default());
+    let workload: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let chain = CHAINS[(w % 2) as usize];
+            runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2))
+        })
+        .collect();
+    wait_for("writes acknowledged", Duration::from_secs(20), || {
+        shared.acked().len() >= 20
+    });
+
+    cluster.kill_storage(DEAD);
+    cluster.start_storage(NEW);
+    wait_for("the new node alive", Duration::from_secs(20), || {
+        runtime
+            .block_on(routing(&rpc, &cluster.mgmt_addr))
+            .is_ok_and(|r| r.nodes.iter().any(|n| n.id.0 == NEW && n.alive))
+    });
+    eprintln!(
+        "[{:>6.2?}] storage{DEAD} killed for good, storage{NEW} started",
+        started.elapsed()
+    );
+    let drained = cluster.admin_ok(&["--json", "drain-node", "--node", &DEAD.to_string()]);
+    let moves: serde_json::Value = serde_json::from_str(&drained).expect("drain-node --json");
+    let moves = moves.as_array().expect("a list of moves");
+    assert_eq!(moves.len(), CHAINS.len(), "{drained}");
+    for moved in moves {
+        assert_eq!(moved["node"], NEW, "{drained}");
+        assert_eq!(
+            moved["old"],
+            target_id(moved["chain"].as_u64().expect("chain") as u32, DEAD),
+            "{drained}"
+        );
+    }
+    eprintln!(
+        "[{:>6.2?}] drained storage{DEAD}: {drained}",
+        started.elapsed()
+    );
+    // The chains went on taking writes through the move.
+    let during = shared.acked().len();
+    wait_for("writes after the move", Duration::from_secs(20), || {
+        shared.acked().len() >= during + 10
+    });
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in workload {
+        runtime.block_on(task).expect("workload task");
+    }
+    let errors = shared.errors.lock().expect("errors lock").clone();
+    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
+
+    let acked = shared.acked();
+    runtime.block_on(async {
+        let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
+        // Every member serves (the dead node is still registered, down).
+        assert!(
+            routing
+                .chains
+                .iter()
+                .all(|c| c.targets.iter().all(|t| t.state == PublicState::Serving)),
+            "{routing:?}"
+        );
+        assert!(
+            !routing.targets.iter().any(|t| t.node.0 == DEAD),
+            "storage{DEAD} still hosts targets: {routing:?}"
+        );
+        for chain in CHAINS {
+            let info = routing.chain(ChainId(chain)).expect("chain");
+            assert_eq!(info.targets.len(), NODES as usize, "{info:?}");
+            assert!(
+                info.targets
+                    .iter()
+                    .any(|m| routing.target(m.target).is_some_and(|t| t.node.0 == NEW)),
+                "chain {chain} has no replica on storage{NEW}: {info:?}"
+            );
+            let chunks: Vec<u32> = acked
+                .iter()
+                .filter(|a| a.chain == chain)
+                .map(|a| a.index)
+                .collect();
+            for member in &info.targets {
+                if let Err(e) =
+                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
+                {
+                    panic!("replica check: {e}");
+                }
+            }
+        }
+    });
+    eprintln!(
+        "[{:>6.2?}] {} acknowledged chunks on every replica, storage{NEW}'s included",
+        started.elapsed(),
+        acked.len()
+    );
+    // The dead node hosts nothing now: it can be forgotten.
+    cluster.admin_ok(&["remove-node", "--node", &DEAD.to_string()]);
+    let status = cluster.admin_ok(&["status"]);
+    assert!(!status.contains(&format!("@{DEAD} ")), "{status}");
+    cluster.terminate_all(Duration::from_secs(10));
+}

@@ -27,6 +27,7 @@
 //! [`target_id`]).
 
 use flyfs_proto::ids::{ChainId, NodeId, TargetId};
+use flyfs_proto::wire::mgmt::RoutingInfo;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -547,6 +548,62 @@ fn balance(spec: &PlacementSpec, chains: &[PlannedChain], members: &Members) -> 
     }
 }
 
+/// Where a replica of `chain` leaving node `from` goes: a live node
+/// holding no member of the chain, the one with the fewest targets (lowest
+/// id among equals), on its disk with the fewest targets among the disks it
+/// has targets on (disk 0 for a node without any). `None` when no live node
+/// is outside the chain.
+pub fn replacement_for(
+    routing: &RoutingInfo,
+    chain: ChainId,
+    from: NodeId,
+) -> Option<(NodeId, u32)> {
+    let info = routing.chain(chain)?;
+    let in_chain: Vec<NodeId> = info
+        .targets
+        .iter()
+        .filter_map(|member| routing.target(member.target).map(|t| t.node))
+        .collect();
+    let hosted = |node: NodeId| routing.targets.iter().filter(|t| t.node == node).count();
+    let node = routing
+        .nodes
+        .iter()
+        .filter(|n| n.alive && n.id != from && !in_chain.contains(&n.id))
+        .min_by_key(|n| (hosted(n.id), n.id))?
+        .id;
+    let on_disk = |disk: u32| {
+        routing
+            .targets
+            .iter()
+            .filter(|t| t.node == node && t.disk == disk)
+            .count()
+    };
+    let disks = routing
+        .targets
+        .iter()
+        .filter(|t| t.node == node)
+        .map(|t| t.disk + 1)
+        .max()
+        .unwrap_or(1);
+    let disk = (0..disks).min_by_key(|&disk| (on_disk(disk), disk))?;
+    Some((node, disk))
+}
+
+/// The next free id of this module's scheme on `node`/`disk` (one past the
+/// highest in use); `None` when the disk's ids are used up.
+pub fn next_target_id(routing: &RoutingInfo, node: NodeId, disk: u32) -> Option<TargetId> {
+    let first = target_id(node, disk, 1);
+    let last = target_id(node, disk, TARGETS_PER_DISK_MAX);
+    let next = routing
+        .targets
+        .iter()
+        .map(|t| t.id)
+        .filter(|id| (first..=last).contains(id))
+        .max()
+        .map_or(first, |id| TargetId(id.0 + 1));
+    (next <= last).then_some(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,6 +726,77 @@ mod tests {
             balance.recovery_share_max <= 2.0 * balance.recovery_share_ideal,
             "{balance:?}"
         );
+    }
+
+    /// A replica leaving node 3 goes to the live node outside its chain with
+    /// the fewest targets, on its least-used disk, under the next free id.
+    #[test]
+    fn replacements_go_to_the_least_loaded_live_node_outside_the_chain() {
+        use flyfs_proto::ids::ChainVersion;
+        use flyfs_proto::wire::mgmt::{ChainInfo, ChainTarget, NodeInfo, PublicState, TargetInfo};
+        let node = |id: u32, alive: bool| NodeInfo {
+            id: NodeId(id),
+            addr: String::new(),
+            alive,
+        };
+        let target = |id: u64, node: u32, disk: u32, chain: Option<u32>| TargetInfo {
+            id: TargetId(id),
+            node: NodeId(node),
+            disk,
+            chain: chain.map(ChainId),
+            state: PublicState::Serving,
+        };
+        let mut routing = RoutingInfo {
+            nodes: vec![
+                node(1, true),
+                node(2, true),
+                node(3, false),
+                node(4, true),
+                node(5, false),
+            ],
+            targets: vec![
+                target(1_000_001, 1, 0, Some(1)),
+                target(2_000_001, 2, 0, Some(1)),
+                target(3_000_001, 3, 0, Some(1)),
+                target(4_000_001, 4, 0, Some(2)),
+                target(4_010_001, 4, 1, Some(3)),
+                target(4_010_002, 4, 1, Some(4)),
+            ],
+            chains: vec![ChainInfo {
+                id: ChainId(1),
+                version: ChainVersion(1),
+                targets: [1_000_001, 2_000_001, 3_000_001]
+                    .map(|t| ChainTarget {
+                        target: TargetId(t),
+                        state: PublicState::Serving,
+                    })
+                    .to_vec(),
+            }],
+            ..RoutingInfo::default()
+        };
+        // Node 4 is the only live node outside chain 1; disk 0 holds fewer.
+        assert_eq!(
+            replacement_for(&routing, ChainId(1), NodeId(3)),
+            Some((NodeId(4), 0))
+        );
+        assert_eq!(
+            next_target_id(&routing, NodeId(4), 0),
+            Some(TargetId(4_000_002))
+        );
+        assert_eq!(
+            next_target_id(&routing, NodeId(4), 1),
+            Some(TargetId(4_010_003))
+        );
+        assert_eq!(
+            next_target_id(&routing, NodeId(6), 0),
+            Some(TargetId(6_000_001))
+        );
+        // With node 4 down nothing qualifies: the dead node 5 never does.
+        routing.nodes[3].alive = false;
+        assert_eq!(replacement_for(&routing, ChainId(1), NodeId(3)), None);
+        assert_eq!(replacement_for(&routing, ChainId(9), NodeId(3)), None);
+        routing.targets.push(target(4_009_999, 4, 0, None));
+        assert_eq!(next_target_id(&routing, NodeId(4), 0), None);
     }
 
     #[test]

@@ -155,6 +155,9 @@ async fn the_roles_of_the_daemon_methods_are_the_expected_ones() {
             mgmt::CreateChain::ID,
             mgmt::SetTargetOffline::ID,
             mgmt::RemoveNode::ID,
+            mgmt::AddChainMember::ID,
+            mgmt::RemoveChainMember::ID,
+            mgmt::RemoveTarget::ID,
             meta::GcStatus::ID,
         ] {
             assert!(!may(role, id), "{role} may call {id}");

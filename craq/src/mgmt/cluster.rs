@@ -428,6 +428,115 @@ impl Cluster {
         Ok(())
     }
 
+    /// Admin: adds an unassigned target to the end of `chain`. It joins
+    /// `Waiting`: once its node reports it (a node learning a target of a
+    /// chain that exists already sees itself fenced and asks for a sync), the
+    /// transition table makes it syncing behind the chain's last serving
+    /// member, which fills it, and then serving. Its node must not hold
+    /// another member of the chain.
+    pub fn add_chain_member(&mut self, chain: ChainId, target: TargetId) -> Result<(), MgmtError> {
+        let record = self
+            .record
+            .targets
+            .get(&target)
+            .ok_or_else(|| not_found(target))?;
+        if let Some(other) = record.chain {
+            return Err(invalid(format!("{target:?} already belongs to {other:?}")));
+        }
+        let node = record.node;
+        let info = self
+            .record
+            .chains
+            .get(&chain)
+            .ok_or_else(|| not_found(chain))?;
+        if let Some(clash) = info
+            .targets
+            .iter()
+            .find(|member| self.record.targets.get(&member.target).map(|t| t.node) == Some(node))
+        {
+            return Err(invalid(format!(
+                "{node:?} already holds {:?} of {chain:?}: a node failure would take both",
+                clash.target
+            )));
+        }
+        let mut next = info.clone();
+        next.version = ChainVersion(next.version.0.wrapping_add(1));
+        next.targets.push(ChainTarget {
+            target,
+            state: PublicState::Waiting,
+        });
+        // Waiting ranks before lastsrv and offline members: keep the order
+        // the transition table keeps.
+        next.targets.sort_by_key(|member| member.state.rank());
+        self.record.chains.insert(chain, next);
+        if let Some(record) = self.record.targets.get_mut(&target) {
+            record.chain = Some(chain);
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Admin: takes `target` out of `chain`, which keeps serving from the
+    /// rest. Refused when no serving member would be left (the chain's data
+    /// would go with it): add and sync a replacement first. The target stays
+    /// declared and unassigned; its node stops serving it when it sees the
+    /// new routing.
+    pub fn remove_chain_member(
+        &mut self,
+        chain: ChainId,
+        target: TargetId,
+    ) -> Result<(), MgmtError> {
+        let info = self
+            .record
+            .chains
+            .get(&chain)
+            .ok_or_else(|| not_found(chain))?;
+        if !info.targets.iter().any(|member| member.target == target) {
+            return Err(invalid(format!("{target:?} is not a member of {chain:?}")));
+        }
+        let mut next = info.clone();
+        next.targets.retain(|member| member.target != target);
+        if !next
+            .targets
+            .iter()
+            .any(|member| member.state == PublicState::Serving)
+        {
+            return Err(invalid(format!(
+                "{chain:?} would have no serving member left without {target:?}: \
+                 add a replacement and wait until it serves"
+            )));
+        }
+        next.version = ChainVersion(next.version.0.wrapping_add(1));
+        self.record.chains.insert(chain, next);
+        if let Some(record) = self.record.targets.get_mut(&target) {
+            record.chain = None;
+        }
+        self.forced_offline.remove(&target);
+        self.reported.remove(&target);
+        self.bump();
+        Ok(())
+    }
+
+    /// Admin: forgets a target that belongs to no chain (the last step of
+    /// moving a replica off a node, before the node itself can be removed).
+    pub fn remove_target(&mut self, target: TargetId) -> Result<(), MgmtError> {
+        let record = self
+            .record
+            .targets
+            .get(&target)
+            .ok_or_else(|| not_found(target))?;
+        if let Some(chain) = record.chain {
+            return Err(invalid(format!(
+                "{target:?} belongs to {chain:?}: take it out of the chain first"
+            )));
+        }
+        self.record.targets.remove(&target);
+        self.forced_offline.remove(&target);
+        self.reported.remove(&target);
+        self.bump();
+        Ok(())
+    }
+
     /// Admin: forces a target's local state offline until its node reports
     /// it `Online` (which a storage node does once it saw itself fenced),
     /// and re-evaluates the chains at once, so that when this returns the
@@ -648,6 +757,132 @@ mod tests {
             .iter()
             .map(|m| (m.target.0, m.state))
             .collect()
+    }
+
+    /// Replacing the replica of a node that died: a fourth node's target
+    /// joins waiting, syncs behind the serving members once its node
+    /// reports it, serves, and then the dead member leaves; every step
+    /// raises the chain version, and the dead node can then be forgotten.
+    #[test]
+    fn a_dead_member_is_replaced_through_a_resync() {
+        let mut c = three_node_cluster();
+        let up = LocalState::UpToDate;
+        heartbeat_all(&mut c, secs(1), [up; 3]);
+        c.tick(secs(1));
+        c.register(NodeId(4), "10.0.0.4:9000", secs(1))
+            .expect("register");
+        c.heartbeat(&hb(4, &[]), secs(1)).expect("heartbeat");
+        // Node 3 dies.
+        let later = secs(2) + TIMEOUT;
+        for n in 1..=2 {
+            c.heartbeat(&hb(n, &[(n.into(), up)]), later)
+                .expect("heartbeat");
+        }
+        c.heartbeat(&hb(4, &[]), later).expect("heartbeat");
+        c.tick(later);
+        assert_eq!(
+            members(&c),
+            [
+                (1, PublicState::Serving),
+                (2, PublicState::Serving),
+                (3, PublicState::Offline)
+            ]
+        );
+        let version = c.routing().chain(ChainId(1)).expect("chain").version;
+
+        c.create_target(TargetId(4), NodeId(4), 0).expect("target");
+        let clash = c.add_chain_member(ChainId(1), TargetId(3));
+        assert!(
+            matches!(&clash, Err(MgmtError::Invalid { reason }) if reason.contains("already belongs")),
+            "{clash:?}"
+        );
+        c.add_chain_member(ChainId(1), TargetId(4)).expect("add");
+        assert_eq!(
+            members(&c),
+            [
+                (1, PublicState::Serving),
+                (2, PublicState::Serving),
+                (4, PublicState::Waiting),
+                (3, PublicState::Offline)
+            ]
+        );
+        let added = c.routing().chain(ChainId(1)).expect("chain").version;
+        assert!(added > version);
+        // Node 4 learns its target, fences itself and asks for a sync.
+        c.heartbeat(&hb(4, &[(4, LocalState::Online)]), later)
+            .expect("heartbeat");
+        c.tick(later);
+        assert_eq!(members(&c)[2], (4, PublicState::Syncing));
+        c.heartbeat(&hb(4, &[(4, up)]), later).expect("heartbeat");
+        c.tick(later);
+        assert_eq!(members(&c)[2], (4, PublicState::Serving));
+
+        c.remove_chain_member(ChainId(1), TargetId(3))
+            .expect("remove");
+        assert_eq!(
+            members(&c),
+            [
+                (1, PublicState::Serving),
+                (2, PublicState::Serving),
+                (4, PublicState::Serving)
+            ]
+        );
+        assert!(c.routing().chain(ChainId(1)).expect("chain").version > added);
+        let refused = c.remove_node(NodeId(3), later);
+        assert!(
+            matches!(&refused, Err(MgmtError::Invalid { reason }) if reason.contains("still hosts")),
+            "{refused:?}"
+        );
+        c.remove_target(TargetId(3)).expect("forget the target");
+        c.remove_node(NodeId(3), later).expect("forget the node");
+        c.record().check().expect("the record stays consistent");
+    }
+
+    #[test]
+    fn membership_changes_refuse_what_would_lose_data_or_break_chains() {
+        let mut c = three_node_cluster();
+        c.register(NodeId(4), "10.0.0.4:9000", secs(0))
+            .expect("register");
+        c.create_target(TargetId(41), NodeId(1), 1).expect("target");
+        c.create_target(TargetId(4), NodeId(4), 0).expect("target");
+        let same_node = c.add_chain_member(ChainId(1), TargetId(41));
+        assert!(
+            matches!(&same_node, Err(MgmtError::Invalid { reason }) if reason.contains("a node failure would take both")),
+            "{same_node:?}"
+        );
+        assert!(matches!(
+            c.add_chain_member(ChainId(9), TargetId(4)),
+            Err(MgmtError::NotFound { .. })
+        ));
+        assert!(matches!(
+            c.add_chain_member(ChainId(1), TargetId(99)),
+            Err(MgmtError::NotFound { .. })
+        ));
+        let stranger = c.remove_chain_member(ChainId(1), TargetId(4));
+        assert!(
+            matches!(&stranger, Err(MgmtError::Invalid { reason }) if reason.contains("not a member")),
+            "{stranger:?}"
+        );
+        let in_chain = c.remove_target(TargetId(1));
+        assert!(
+            matches!(&in_chain, Err(MgmtError::Invalid { reason }) if reason.contains("take it out of the chain first")),
+            "{in_chain:?}"
+        );
+        // Two of three members may go; the last serving one may not.
+        c.remove_chain_member(ChainId(1), TargetId(1))
+            .expect("remove");
+        c.remove_chain_member(ChainId(1), TargetId(2))
+            .expect("remove");
+        let last = c.remove_chain_member(ChainId(1), TargetId(3));
+        assert!(
+            matches!(&last, Err(MgmtError::Invalid { reason }) if reason.contains("no serving member left")),
+            "{last:?}"
+        );
+        // A waiting member is no copy of the data either.
+        c.add_chain_member(ChainId(1), TargetId(4)).expect("add");
+        let last = c.remove_chain_member(ChainId(1), TargetId(3));
+        assert!(matches!(&last, Err(MgmtError::Invalid { .. })), "{last:?}");
+        c.record().check().expect("the record stays consistent");
     }
 
     #[test]

@@ -32,11 +32,12 @@ use flyfs_proto::Method;
 use flyfs_proto::Status;
 use flyfs_proto::ids::RoutingVersion;
 use flyfs_proto::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, GetRouting, GetRoutingPage, GetRoutingPageReq, GetRoutingPageRsp,
-    GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq, HeartbeatRsp, MgmtError,
-    ROUTING_INLINE_BYTES_MAX, ROUTING_PAGE_BYTES, RegisterNode, RegisterNodeReq, RegisterNodeRsp,
-    RemoveNode, RemoveNodeReq, RoutingInfo, RoutingPage, SetTargetOffline, SetTargetOfflineReq,
+    AddChainMember, ChainMemberReq, CreateChain, CreateChainReq, CreateChainTable,
+    CreateChainTableReq, CreateTarget, CreateTargetReq, GetRouting, GetRoutingPage,
+    GetRoutingPageReq, GetRoutingPageRsp, GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq,
+    HeartbeatRsp, MgmtError, ROUTING_INLINE_BYTES_MAX, ROUTING_PAGE_BYTES, RegisterNode,
+    RegisterNodeReq, RegisterNodeRsp, RemoveChainMember, RemoveNode, RemoveNodeReq, RemoveTarget,
+    RemoveTargetReq, RoutingInfo, RoutingPage, SetTargetOffline, SetTargetOfflineReq,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
@@ -524,6 +525,24 @@ impl MgmtService {
             .await
     }
 
+    pub async fn add_chain_member(&self, req: ChainMemberReq) -> Result<(), MgmtError> {
+        self.mutate(|c, _| c.add_chain_member(req.chain, req.target))
+            .await?;
+        tracing::info!(chain = ?req.chain, target = ?req.target, "member added");
+        Ok(())
+    }
+
+    pub async fn remove_chain_member(&self, req: ChainMemberReq) -> Result<(), MgmtError> {
+        self.mutate(|c, _| c.remove_chain_member(req.chain, req.target))
+            .await?;
+        tracing::info!(chain = ?req.chain, target = ?req.target, "member removed");
+        Ok(())
+    }
+
+    pub async fn remove_target(&self, req: RemoveTargetReq) -> Result<(), MgmtError> {
+        self.mutate(|c, _| c.remove_target(req.target)).await
+    }
+
     pub async fn remove_node(&self, req: RemoveNodeReq) -> Result<(), MgmtError> {
         self.mutate(|c, now| c.remove_node(req.node, now)).await?;
         tracing::info!(node = ?req.node, "node removed");
@@ -768,6 +787,9 @@ impl MgmtService {
             CreateChainTable::ID => serve!(CreateChainTable, |b| self.create_chain_table(b)),
             SetTargetOffline::ID => serve!(SetTargetOffline, |b| self.set_target_offline(b)),
             RemoveNode::ID => serve!(RemoveNode, |b| self.remove_node(b)),
+            AddChainMember::ID => serve!(AddChainMember, |b| self.add_chain_member(b)),
+            RemoveChainMember::ID => serve!(RemoveChainMember, |b| self.remove_chain_member(b)),
+            RemoveTarget::ID => serve!(RemoveTarget, |b| self.remove_target(b)),
             other => Reply::unknown_method(other),
         }
     }

@@ -446,6 +446,16 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             let first = !*started;
             *started = true;
             let mut targets = self.targets.lock();
+            // A target taken out of its chain (or forgotten) is served no
+            // more: requests find no target for the chain, as on a node
+            // that never held one. Its chunks stay on the device.
+            targets.retain(|chain, target| {
+                let member = routing.target(target.id).is_some_and(|t| t.chain == Some(*chain));
+                if !member {
+                    tracing::info!(target = ?target.id, ?chain, "no longer a member: not serving it");
+                }
+                member
+            });
             for info in routing
                 .targets
                 .iter()

@@ -537,6 +537,20 @@ pub struct RemoveNodeReq {
     pub node: NodeId,
 }
 
+/// A chain and one of its (or its future) members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChainMemberReq {
+    pub chain: ChainId,
+    pub target: TargetId,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RemoveTargetReq {
+    pub target: TargetId,
+}
+
 macro_rules! method {
     ($(#[$doc:meta])* $name:ident = $id:literal, $req:ty => $rsp:ty, roles $roles:expr) => {
         $(#[$doc])*
@@ -599,6 +613,25 @@ method!(
     /// Admin: forget a node that is down and hosts no target (a node taken
     /// out of service, or a registration that should not have happened).
     RemoveNode = 314, RemoveNodeReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
+);
+method!(
+    /// Admin: add an unassigned target to the end of a chain. It joins
+    /// waiting and is filled by a resync from the chain's serving members
+    /// while the chain serves (the chain version goes up).
+    AddChainMember = 315, ChainMemberReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
+);
+method!(
+    /// Admin: take a target out of its chain (the chain version goes up);
+    /// refused when no serving member would be left. The target stays
+    /// declared, unassigned.
+    RemoveChainMember = 316, ChainMemberReq => Result<(), MgmtError>,
+    roles Roles::ADMIN
+);
+method!(
+    /// Admin: forget a target that belongs to no chain.
+    RemoveTarget = 317, RemoveTargetReq => Result<(), MgmtError>,
     roles Roles::ADMIN
 );
 
