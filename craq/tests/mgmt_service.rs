@@ -33,6 +33,7 @@ fn config() -> MgmtConfig {
         heartbeat_interval: Duration::from_millis(100),
         failure_timeout: Duration::from_secs(1),
         tick_interval: Duration::from_millis(200),
+        auto_replace_after: None,
     }
 }
 

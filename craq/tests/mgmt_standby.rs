@@ -48,6 +48,7 @@ fn mgmt_config() -> MgmtConfig {
         heartbeat_interval: Duration::from_millis(100),
         failure_timeout: Duration::from_secs(2),
         tick_interval: Duration::from_millis(100),
+        auto_replace_after: None,
     }
 }
 

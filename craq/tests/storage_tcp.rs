@@ -66,6 +66,7 @@ impl Cluster {
                 heartbeat_interval: Duration::from_millis(50),
                 failure_timeout: Duration::from_secs(2),
                 tick_interval: Duration::from_millis(50),
+                auto_replace_after: None,
             },
         )
         .await

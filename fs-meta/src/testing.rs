@@ -132,6 +132,7 @@ impl TestCluster {
                 heartbeat_interval: interval,
                 failure_timeout: interval * 40,
                 tick_interval: interval,
+                auto_replace_after: None,
             },
         )
         .await

@@ -23,6 +23,7 @@ use flyfs_proto::wire::mgmt::{
 use serde::{Deserialize, Serialize};
 
 use super::transition::update_chain;
+use crate::placement;
 
 /// A registered storage node, as persisted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,12 @@ pub struct TargetRecord {
     pub node: NodeId,
     pub disk: u32,
     pub chain: Option<ChainId>,
+    /// Set on a target the manager added to replace a member that stayed
+    /// offline too long (automatic replacement): that member leaves the
+    /// chain once this one serves. Absent in records written before
+    /// automatic replacement existed, which read as `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<TargetId>,
 }
 
 /// The durable part of the manager's state: what a restarted (or standby)
@@ -132,6 +139,11 @@ pub struct Cluster {
     /// Nodes shown alive in the routing information; changes only together
     /// with a routing version bump, so one version always means one content.
     alive: BTreeSet<NodeId>,
+    /// Replace a member offline for this long (off when `None`).
+    auto_replace: Option<Duration>,
+    /// Since when each chain member has been publicly offline, as ticks saw
+    /// it (in memory: a manager restart starts the clocks again).
+    offline_since: BTreeMap<TargetId, Duration>,
 }
 
 fn not_found(what: impl std::fmt::Debug) -> MgmtError {
@@ -155,6 +167,8 @@ impl Cluster {
             reported: BTreeMap::new(),
             forced_offline: BTreeSet::new(),
             alive: BTreeSet::new(),
+            auto_replace: None,
+            offline_since: BTreeMap::new(),
         }
     }
 
@@ -187,9 +201,20 @@ impl Cluster {
             reported: BTreeMap::new(),
             forced_offline: BTreeSet::new(),
             alive,
+            auto_replace: None,
+            offline_since: BTreeMap::new(),
         };
         cluster.bump();
         cluster
+    }
+
+    /// Automatic replacement: a chain member publicly offline for `after`
+    /// is replaced by a new target on the least-loaded live node outside
+    /// its chain (see [`Cluster::tick`]). Off (`None`) by default: replacing
+    /// a replica copies a whole target's data, which an operator may rather
+    /// not start for a node that is only rebooting.
+    pub fn set_auto_replace(&mut self, after: Option<Duration>) {
+        self.auto_replace = after;
     }
 
     pub fn record(&self) -> &ClusterRecord {
@@ -330,6 +355,7 @@ impl Cluster {
                 node,
                 disk,
                 chain: None,
+                replaces: None,
             },
         );
         self.bump();
@@ -652,7 +678,119 @@ impl Cluster {
             self.record.chains.insert(next.id, next);
             self.bump();
         }
+        if let Some(after) = self.auto_replace {
+            self.auto_replace_round(now, after);
+        }
         self.record.routing_version != before
+    }
+
+    /// One round of automatic replacement. First, a replacement whose new
+    /// member serves ends: the member it replaces leaves the chain and is
+    /// forgotten. Then, in each chain without a replacement under way, the
+    /// first member publicly offline for at least `after` gets one: a new
+    /// target where [`placement::replacement_for`] says, added to the chain
+    /// (it joins waiting and a resync fills it). One replacement per chain
+    /// at a time, so a chain never copies its data to two new members at
+    /// once; a chain whose replacement cannot be placed (no live node
+    /// outside it) is tried again every round.
+    fn auto_replace_round(&mut self, now: Duration, after: Duration) {
+        let offline: BTreeSet<TargetId> = self
+            .record
+            .chains
+            .values()
+            .flat_map(|chain| chain.targets.iter())
+            .filter(|member| member.state == PublicState::Offline)
+            .map(|member| member.target)
+            .collect();
+        self.offline_since
+            .retain(|target, _| offline.contains(target));
+        for target in &offline {
+            self.offline_since.entry(*target).or_insert(now);
+        }
+
+        let finished: Vec<(TargetId, ChainId, TargetId)> = self
+            .record
+            .targets
+            .iter()
+            .filter_map(|(id, record)| Some((*id, record.chain?, record.replaces?)))
+            .filter(|(id, chain, _)| {
+                self.record.chains.get(chain).is_some_and(|info| {
+                    info.targets
+                        .iter()
+                        .any(|m| m.target == *id && m.state == PublicState::Serving)
+                })
+            })
+            .collect();
+        for (new, chain, old) in finished {
+            let still_member = self
+                .record
+                .chains
+                .get(&chain)
+                .is_some_and(|info| info.targets.iter().any(|m| m.target == old));
+            if still_member && let Err(error) = self.remove_chain_member(chain, old) {
+                tracing::warn!(?chain, ?old, %error, "automatic replacement: cannot remove the replaced member yet");
+                continue;
+            }
+            if self
+                .record
+                .targets
+                .get(&old)
+                .is_some_and(|t| t.chain.is_none())
+            {
+                let _ = self.remove_target(old);
+            }
+            if let Some(record) = self.record.targets.get_mut(&new) {
+                record.replaces = None;
+            }
+            self.bump();
+            tracing::warn!(?chain, ?old, ?new, "automatic replacement done");
+        }
+
+        let replacing: BTreeSet<ChainId> = self
+            .record
+            .targets
+            .values()
+            .filter(|record| record.replaces.is_some())
+            .filter_map(|record| record.chain)
+            .collect();
+        let due: Vec<(ChainId, TargetId)> = self
+            .record
+            .chains
+            .values()
+            .filter(|chain| !replacing.contains(&chain.id))
+            .filter_map(|chain| {
+                chain
+                    .targets
+                    .iter()
+                    .find(|m| {
+                        self.offline_since
+                            .get(&m.target)
+                            .is_some_and(|since| now.saturating_sub(*since) >= after)
+                    })
+                    .map(|m| (chain.id, m.target))
+            })
+            .collect();
+        for (chain, old) in due {
+            let Some(from) = self.record.targets.get(&old).map(|t| t.node) else {
+                continue;
+            };
+            let routing = self.routing();
+            let Some((node, disk)) = placement::replacement_for(&routing, chain, from) else {
+                continue;
+            };
+            let Some(new) = placement::next_target_id(&routing, node, disk) else {
+                continue;
+            };
+            if self.create_target(new, node, disk).is_err()
+                || self.add_chain_member(chain, new).is_err()
+            {
+                continue;
+            }
+            if let Some(record) = self.record.targets.get_mut(&new) {
+                record.replaces = Some(old);
+            }
+            tracing::warn!(?chain, ?old, ?new, ?node, disk, offline_for = ?after, "automatic replacement started");
+        }
     }
 
     /// The routing information as of the last change.
@@ -836,6 +974,70 @@ mod tests {
         c.remove_target(TargetId(3)).expect("forget the target");
         c.remove_node(NodeId(3), later).expect("forget the node");
         c.record().check().expect("the record stays consistent");
+    }
+
+    /// With automatic replacement on, a member offline for the configured
+    /// time gets a new target on the live node outside its chain, which a
+    /// resync fills; once it serves the offline member leaves and is
+    /// forgotten. Off (the default), nothing happens however long a member
+    /// stays offline.
+    #[test]
+    fn a_member_offline_too_long_is_replaced_automatically_when_asked() {
+        let after = secs(30);
+        let up = LocalState::UpToDate;
+        for auto in [None, Some(after)] {
+            let mut c = three_node_cluster();
+            c.set_auto_replace(auto);
+            c.register(NodeId(4), "10.0.0.4:9000", secs(0))
+                .expect("register");
+            heartbeat_all(&mut c, secs(0), [up; 3]);
+            c.heartbeat(&hb(4, &[]), secs(0)).expect("heartbeat");
+            c.tick(secs(0));
+            // Node 3 dies; the others keep heartbeating.
+            let beat = |c: &mut Cluster, at: Duration, four: &[(u64, LocalState)]| {
+                for n in 1..=2 {
+                    c.heartbeat(&hb(n, &[(n.into(), up)]), at)
+                        .expect("heartbeat");
+                }
+                c.heartbeat(&hb(4, four), at).expect("heartbeat");
+                c.tick(at)
+            };
+            let dead = TIMEOUT + secs(1);
+            beat(&mut c, dead, &[]);
+            assert_eq!(members(&c)[2], (3, PublicState::Offline));
+            beat(&mut c, dead + after - secs(1), &[]);
+            assert_eq!(members(&c).len(), 3, "replaced before its time");
+            beat(&mut c, dead + after, &[]);
+            if auto.is_none() {
+                beat(&mut c, dead + after * 100, &[]);
+                assert_eq!(members(&c).len(), 3, "replaced although off");
+                continue;
+            }
+            let new = 4_000_001;
+            assert_eq!(members(&c)[2], (new, PublicState::Waiting));
+            assert_eq!(members(&c)[3], (3, PublicState::Offline));
+            let later = dead + after + secs(1);
+            beat(&mut c, later, &[(new, LocalState::Online)]);
+            assert_eq!(members(&c)[2], (new, PublicState::Syncing));
+            // Only one replacement at a time: nothing more is added.
+            assert_eq!(members(&c).len(), 4);
+            beat(&mut c, later + secs(1), &[(new, up)]);
+            beat(&mut c, later + secs(2), &[(new, up)]);
+            assert_eq!(
+                members(&c),
+                [
+                    (1, PublicState::Serving),
+                    (2, PublicState::Serving),
+                    (new, PublicState::Serving)
+                ]
+            );
+            assert!(
+                !c.record().targets.contains_key(&TargetId(3)),
+                "the replaced target is forgotten"
+            );
+            assert_eq!(c.record().targets[&TargetId(new)].replaces, None);
+            c.record().check().expect("the record stays consistent");
+        }
     }
 
     #[test]

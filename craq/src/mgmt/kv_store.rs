@@ -454,6 +454,7 @@ mod tests {
                         node,
                         disk: r,
                         chain: Some(ChainId(c)),
+                        replaces: None,
                     },
                 );
                 members.push(ChainTarget {

@@ -63,6 +63,9 @@ pub struct MgmtConfig {
     pub failure_timeout: Duration,
     /// How often liveness and chains are re-evaluated.
     pub tick_interval: Duration,
+    /// Replace a member offline for this long (`Cluster::set_auto_replace`);
+    /// off when `None`, the default.
+    pub auto_replace_after: Option<Duration>,
 }
 
 impl Default for MgmtConfig {
@@ -71,8 +74,16 @@ impl Default for MgmtConfig {
             heartbeat_interval: Duration::from_secs(1),
             failure_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(500),
+            auto_replace_after: None,
         }
     }
+}
+
+/// An empty cluster with the manager's settings.
+fn cluster(config: MgmtConfig) -> Cluster {
+    let mut cluster = Cluster::new(config.failure_timeout);
+    cluster.set_auto_replace(config.auto_replace_after);
+    cluster
 }
 
 /// Who this manager is to the lease, and how long a lease lasts.
@@ -221,7 +232,7 @@ impl MgmtService {
         lease: LeaseOptions,
     ) -> Result<Arc<Self>, StoreError> {
         let service = Arc::new(MgmtService {
-            cluster: Mutex::new(Cluster::new(config.failure_timeout)),
+            cluster: Mutex::new(cluster(config)),
             changes: tokio::sync::Mutex::new(()),
             role: Mutex::new(Role::Standby { primary: None }),
             store,
@@ -618,14 +629,16 @@ impl MgmtService {
                 record
                     .check()
                     .map_err(|problem| StoreError::Inconsistent { problem })?;
-                let cluster = Cluster::from_record(record, self.config.failure_timeout, self.now());
+                let mut cluster =
+                    Cluster::from_record(record, self.config.failure_timeout, self.now());
+                cluster.set_auto_replace(self.config.auto_replace_after);
                 let now_ms = self.lease.clock.now_ms();
                 self.store
                     .save(cluster.record(), &self.fence(epoch), now_ms)
                     .await?;
                 cluster
             }
-            None => Cluster::new(self.config.failure_timeout),
+            None => cluster(self.config),
         };
         let routing_version = cluster.routing_version();
         *self.cluster.lock() = cluster;
@@ -814,6 +827,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(100),
             failure_timeout: Duration::from_secs(1),
             tick_interval: Duration::from_millis(100),
+            auto_replace_after: None,
         }
     }
 

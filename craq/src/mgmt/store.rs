@@ -621,6 +621,7 @@ mod tests {
                 node: NodeId(1),
                 disk: 0,
                 chain: Some(ChainId(3)),
+                replaces: None,
             },
         );
         record.chains.insert(

@@ -123,6 +123,7 @@ fn timing() -> (MgmtConfig, Duration) {
         heartbeat_interval: Duration::from_millis(100),
         failure_timeout: Duration::from_millis(1000),
         tick_interval: Duration::from_millis(100),
+        auto_replace_after: None,
     };
     (mgmt, Duration::from_millis(100))
 }

@@ -44,6 +44,11 @@ pub struct MgmtdConfig {
     /// this long after the primary dies.
     #[serde(default = "default_lease_ttl_ms")]
     pub lease_ttl_ms: u64,
+    /// Replace a chain member offline for this many seconds with a new
+    /// target on the least-loaded live node outside its chain; 0 (the
+    /// default) leaves replacing to an operator.
+    #[serde(default)]
+    pub auto_replace_after_s: u64,
     /// Where the Prometheus metrics endpoint listens (`host:port`, serving
     /// `GET /metrics`); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +138,7 @@ impl MgmtdConfig {
             failure_timeout_ms: default_failure_timeout_ms(),
             tick_interval_ms: default_tick_interval_ms(),
             lease_ttl_ms: default_lease_ttl_ms(),
+            auto_replace_after_s: 0,
             metrics_listen: None,
             tls: None,
             store: StoreConfig::default(),
@@ -144,6 +150,8 @@ impl MgmtdConfig {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             failure_timeout: Duration::from_millis(self.failure_timeout_ms),
             tick_interval: Duration::from_millis(self.tick_interval_ms),
+            auto_replace_after: (self.auto_replace_after_s > 0)
+                .then(|| Duration::from_secs(self.auto_replace_after_s)),
         }
     }
 
