@@ -9,7 +9,7 @@
 
 mod sim_support;
 
-use sim_support::{SimConfig, run_seed};
+use sim_support::{FAULT_KINDS, SimConfig, run_seed};
 
 /// Seeds that once failed; each stays a regression test.
 /// Seeds that once failed; each stays a regression test. 2, 21, 22, 23,
@@ -25,15 +25,36 @@ const PINNED: &[u64] = &[
     2, 8, 16, 21, 22, 23, 56, 60, 79, 82, 85, 86, 87, 534, 4502, 4650, 12272,
 ];
 
+/// Runs every seed of `range`, prints how many faults of each kind fired,
+/// and fails on any failing seed, or when a kind of fault never fired in
+/// the whole range (a simulation that stopped drawing it tests nothing).
 fn run_range(range: std::ops::Range<u64>) {
     let mut failures = Vec::new();
-    for seed in range {
-        if let Err(e) = run_seed(SimConfig::new(seed)) {
-            eprintln!("{e}");
-            failures.push(seed);
+    let mut fired = std::collections::BTreeMap::<&str, usize>::new();
+    let seeds = range.end - range.start;
+    for seed in range.clone() {
+        match run_seed(SimConfig::new(seed)) {
+            Ok(report) => {
+                for (kind, n) in report.fired {
+                    *fired.entry(kind).or_default() += n;
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failures.push(seed);
+            }
         }
     }
+    eprintln!("seeds {range:?}: faults fired {fired:?}");
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
+    if seeds >= 100 {
+        for kind in FAULT_KINDS {
+            assert!(
+                fired.get(kind).is_some_and(|n| *n > 0),
+                "no {kind} in seeds {range:?}: {fired:?}"
+            );
+        }
+    }
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

@@ -111,7 +111,21 @@ pub struct World {
     pub ready: bool,
     pub clients_done: usize,
     pub log: Vec<String>,
+    /// Faults the chaos drew, by kind (see [`FAULT_KINDS`]).
+    pub fired: BTreeMap<&'static str, usize>,
 }
+
+/// Every kind of fault the chaos draws: a range of seeds must fire each at
+/// least once, or the simulation has stopped testing it.
+pub const FAULT_KINDS: &[&str] = &[
+    "node crash",
+    "node restart",
+    "partition",
+    "partition repair",
+    "manager restart",
+    "fail point armed",
+    "fail point hit",
+];
 
 pub type Shared = Rc<RefCell<World>>;
 
@@ -522,6 +536,10 @@ impl<'a> Sim<'a> {
         self.note("heal".into());
     }
 
+    fn fired(&self, kind: &'static str) {
+        *self.world.borrow_mut().fired.entry(kind).or_default() += 1;
+    }
+
     fn note(&self, what: String) {
         let at = self.sim.elapsed();
         self.world.borrow_mut().log.push(format!("{at:?}: {what}"));
@@ -588,9 +606,13 @@ impl<'a> Sim<'a> {
             0..=2 if healthy => {
                 let i = self.rng.random_range(0..self.config.nodes);
                 self.crash(i);
+                self.fired("node crash");
             }
             0..=3 => {
                 let i = self.rng.random_range(0..self.config.nodes);
+                if self.crashed[i] {
+                    self.fired("node restart");
+                }
                 self.restart(i);
             }
             4 | 5 if self.partitions.is_empty() => {
@@ -603,17 +625,20 @@ impl<'a> Sim<'a> {
                 let fails_a_node = a.starts_with("node") || !b.starts_with("client");
                 if a != b && (healthy || !fails_a_node) {
                     self.partition(a, b);
+                    self.fired("partition");
                 }
             }
             4..=6 => {
                 for (a, b) in std::mem::take(&mut self.partitions) {
                     self.sim.repair(a.as_str(), b.as_str());
                     self.note(format!("repair {a} | {b}"));
+                    self.fired("partition repair");
                 }
             }
             7 => {
                 self.sim.bounce(MGMT);
                 self.note("restart manager".into());
+                self.fired("manager restart");
             }
             8 | 9 if healthy => {
                 let i = self.rng.random_range(0..self.config.nodes);
@@ -628,6 +653,7 @@ impl<'a> Sim<'a> {
                 }
                 self.armed = Some((i, self.sim.elapsed()));
                 self.note(format!("arm {point:?} on node{i}"));
+                self.fired("fail point armed");
             }
             _ => {}
         }
@@ -645,6 +671,7 @@ impl<'a> Sim<'a> {
             .collect();
         for i in frozen {
             self.crash(i);
+            self.fired("fail point hit");
             if self.armed.is_some_and(|(armed, _)| armed == i) {
                 self.armed = None;
             }
@@ -853,6 +880,8 @@ pub struct RunReport {
     pub digest: u64,
     pub events: usize,
     pub faults: usize,
+    /// Faults the chaos drew, by kind.
+    pub fired: BTreeMap<&'static str, usize>,
     pub simulated: Duration,
 }
 
@@ -903,6 +932,7 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
             },
             events,
             faults: sim.world.borrow().log.len(),
+            fired: sim.world.borrow().fired.clone(),
             simulated: sim.sim.elapsed(),
         }),
         Err(e) => Err(format!(
