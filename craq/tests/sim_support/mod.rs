@@ -125,6 +125,8 @@ pub const FAULT_KINDS: &[&str] = &[
     "manager restart",
     "fail point armed",
     "fail point hit",
+    "node lost for good",
+    "replacement",
 ];
 
 pub type Shared = Rc<RefCell<World>>;
@@ -137,7 +139,10 @@ fn timing() -> (MgmtConfig, Duration) {
         heartbeat_interval: Duration::from_millis(100),
         failure_timeout: Duration::from_millis(1000),
         tick_interval: Duration::from_millis(100),
-        auto_replace_after: None,
+        // A node down this long has its replicas moved to the node outside
+        // their chain, under the same chaos: membership changes meet
+        // crashes, partitions and manager restarts.
+        auto_replace_after: Some(Duration::from_secs(3)),
     };
     (mgmt, Duration::from_millis(100))
 }
@@ -258,10 +263,19 @@ pub struct Sim<'a> {
     /// node failure on its way, so no other may start meanwhile.
     armed: Option<(usize, Duration)>,
     rng: ChaCha8Rng,
+    /// A node that crashed and never comes back (at most one per run): the
+    /// manager's automatic replacement moves its replicas to the node
+    /// outside their chain.
+    pub lost: Option<usize>,
+    /// Draws whether a crash is for good, apart from `rng`, so that the
+    /// fault plans of earlier seeds (pinned ones among them) stay as they
+    /// were up to the first node lost.
+    lost_rng: ChaCha8Rng,
 }
 
 impl<'a> Sim<'a> {
     pub fn new(config: SimConfig) -> Sim<'a> {
+        let config_seed = config.seed;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let max_latency = Duration::from_micros(rng.random_range(200..5000));
         let sim = turmoil::Builder::new()
@@ -284,6 +298,8 @@ impl<'a> Sim<'a> {
             partitions: Vec::new(),
             armed: None,
             rng,
+            lost: None,
+            lost_rng: ChaCha8Rng::seed_from_u64(config_seed ^ 0x1057_0de5),
         };
         me.add_mgmt();
         for i in 0..me.config.nodes {
@@ -513,7 +529,7 @@ impl<'a> Sim<'a> {
     }
 
     pub fn restart(&mut self, i: usize) {
-        if self.crashed[i] {
+        if self.crashed[i] && self.lost != Some(i) {
             self.sim.bounce(node_name(i));
             self.crashed[i] = false;
             self.note(format!("restart node{i}"));
@@ -593,7 +609,11 @@ impl<'a> Sim<'a> {
             }
             self.armed = None;
         }
-        let healthy = self.crashed.iter().all(|c| !c)
+        let healthy = self
+            .crashed
+            .iter()
+            .enumerate()
+            .all(|(i, crashed)| !crashed || self.lost == Some(i))
             && self.partitions.is_empty()
             && self.armed.is_none()
             && self.all_serving()
@@ -605,8 +625,15 @@ impl<'a> Sim<'a> {
         match self.rng.random_range(0..10) {
             0..=2 if healthy => {
                 let i = self.rng.random_range(0..self.config.nodes);
-                self.crash(i);
-                self.fired("node crash");
+                if self.lost != Some(i) {
+                    self.crash(i);
+                    self.fired("node crash");
+                    if self.lost.is_none() && self.lost_rng.random_bool(0.2) {
+                        self.lost = Some(i);
+                        self.note(format!("node{i} is lost for good"));
+                        self.fired("node lost for good");
+                    }
+                }
             }
             0..=3 => {
                 let i = self.rng.random_range(0..self.config.nodes);
@@ -721,7 +748,8 @@ impl<'a> Sim<'a> {
                 c.targets.len() == self.config.replicas
                     && c.targets.iter().all(|t| t.state == PublicState::Serving)
             })
-            && self.world.borrow().nodes.len() == self.config.nodes
+            && self.world.borrow().nodes.len()
+                == self.config.nodes - usize::from(self.lost.is_some())
             && self
                 .world
                 .borrow()
@@ -853,6 +881,12 @@ impl<'a> Sim<'a> {
                         }
                         for (chunk, (version, data)) in want {
                             let (v2, d2) = &chunks[chunk];
+                            if version != v2 {
+                                return Err(format!(
+                                    "{}: {chunk:?} is at v{version} on {first:?} but v{v2} on {:?}",
+                                    chain.id, t.target
+                                ));
+                            }
                             if data != d2 {
                                 return Err(format!(
                                     "{}: {chunk:?} differs between {first:?} (v{version}) and {:?} (v{v2})",
@@ -920,6 +954,27 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
         sim.check_replicas()?;
         Ok(events)
     })();
+    // Replacements are the manager's (automatic, for a node down long
+    // enough): count the chain members that `add_admin` did not create.
+    let replaced = sim.routing().map_or(0, |routing| {
+        let config = &sim.config;
+        let initial = |target: TargetId| {
+            (0..config.chains).any(|c| {
+                (0..config.replicas).any(|r| {
+                    target
+                        == TargetId(u64::from(c) * 100 + ((c as usize + r) % config.nodes) as u64)
+                })
+            })
+        };
+        routing
+            .targets
+            .iter()
+            .filter(|t| t.chain.is_some() && !initial(t.id))
+            .count()
+    });
+    if replaced > 0 {
+        sim.world.borrow_mut().fired.insert("replacement", replaced);
+    }
     match result {
         Ok(events) => Ok(RunReport {
             digest: {
