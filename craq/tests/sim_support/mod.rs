@@ -742,11 +742,21 @@ impl<'a> Sim<'a> {
                     .all(|info| info.pending.is_none())
             })
         });
+        // Every member on a running node: a node lost for good shows as
+        // serving until the manager notices, and its replicas must have
+        // moved before the run is over.
+        let running = |target| {
+            routing
+                .target(target)
+                .is_some_and(|t| self.world.borrow().nodes.contains_key(&(t.node.0 as usize)))
+        };
         settled
             && routing.chains.len() == self.config.chains as usize
             && routing.chains.iter().all(|c| {
                 c.targets.len() == self.config.replicas
-                    && c.targets.iter().all(|t| t.state == PublicState::Serving)
+                    && c.targets
+                        .iter()
+                        .all(|t| t.state == PublicState::Serving && running(t.target))
             })
             && self.world.borrow().nodes.len()
                 == self.config.nodes - usize::from(self.lost.is_some())
