@@ -55,15 +55,18 @@
 //! SPDK's `spdk_dma_malloc` hands out), and complete I/Os by polling its
 //! completion queue in the reactor loop that the uring backend already has.
 
+pub mod any;
 pub mod buf;
 pub mod fault;
 pub mod mem;
+pub mod nvme;
 pub mod uring;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+pub use any::{AnyDevice, DeviceConfig, open_device};
 pub use buf::{BufferPool, DmaBuf, HugePages, PoolConfig, PoolError, PoolStats};
 
 /// Largest logical sector size any backend may report; on-device formats
@@ -168,6 +171,26 @@ pub enum DeviceError {
         reason: String,
         #[source]
         source: Option<std::io::Error>,
+    },
+    /// An NVMe command completed with an error status.
+    #[error("{op} of {len} bytes at offset {offset} on {device} failed: NVMe status {status}")]
+    Command {
+        device: Arc<str>,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        status: nvme::NvmeStatus,
+    },
+    /// A command passed its timeout and was aborted on the driver's request.
+    #[error(
+        "{op} of {len} bytes at offset {offset} on {device} timed out after {timeout_ms} ms and was aborted"
+    )]
+    TimedOut {
+        device: Arc<str>,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        timeout_ms: u64,
     },
     #[error("device {device} is shut down")]
     Closed { device: Arc<str> },
