@@ -2,11 +2,16 @@
 //! built on what Linux gives us.
 //!
 //! Everything above this crate reaches a storage medium only through the
-//! [`BlockDevice`] trait. Three implementations live here:
+//! [`BlockDevice`] trait. The implementations living here:
 //!
 //! * [`uring::UringDevice`]: io_uring over a raw block device or a regular file
 //!   opened with `O_DIRECT`, driven by a dedicated polling reactor thread per
 //!   device (the shape of SPDK's poll-mode driver).
+//! * [`nvme::NvmeDevice`]: a userspace polled-mode NVMe driver over VFIO
+//!   (SPDK's method): controller registers mapped, queue pairs in our memory,
+//!   the buffer pool's arena mapped into the IOMMU, completions polled.
+//!   Selected by the device name `vfio:<PCI address>` through
+//!   [`open_device`], which returns an [`AnyDevice`].
 //! * [`mem::MemDevice`]: a RAM device that models a volatile write cache, so a
 //!   simulated power cut loses or tears every write not yet flushed.
 //! * [`fault::FaultyDevice`]: wraps any device and injects seeded,
@@ -48,12 +53,12 @@
 //!   assume that any write since the last successful flush may or may not be
 //!   durable (the lesson of "fsyncgate"); the chunk engine poisons itself.
 //!
-//! # How an SPDK/VFIO NVMe backend plugs in
+//! # The NVMe backend
 //!
-//! See ARCHITECTURE.md: such a backend would own per-reactor queue pairs,
-//! allocate [`DmaBuf`]s from the same [`BufferPool`] (hugepage memory is what
-//! SPDK's `spdk_dma_malloc` hands out), and complete I/Os by polling its
-//! completion queue in the reactor loop that the uring backend already has.
+//! docs/nvme-vfio.md is its design: the initialisation sequence, queues, DMA
+//! mapping, timeouts and failure, and what SPDK would add. Its errors add
+//! [`DeviceError::Command`] (a completion status, named) and
+//! [`DeviceError::TimedOut`] (a command aborted after its timeout).
 
 pub mod any;
 pub mod buf;

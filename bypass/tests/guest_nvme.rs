@@ -250,3 +250,54 @@ fn open_errors_name_the_problem() {
         "{error}"
     );
 }
+
+/// Unbinding the controller from vfio-pci while the driver holds it: the
+/// kernel asks for the device back (VFIO's request interrupt), the driver
+/// fails the device, answers every I/O, and lets go, so the unbind
+/// completes instead of waiting forever.
+#[test]
+fn unbinding_the_device_fails_it_and_lets_go() {
+    let pool = pool();
+    let device = open(&NvmeConfig::default(), &pool);
+    run(contract::write_at(&device, Some(&pool), 0, &[5u8; 4096]));
+    let address = controller().to_owned();
+    let unbind = std::thread::spawn(move || {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &address)
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while device.failure().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the driver never noticed the unbind"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reason = device.failure().expect("failed");
+    assert!(reason.contains("unbound from vfio-pci"), "{reason}");
+    let completion = run(device.read(0, pool.alloc(4096)));
+    let error = completion
+        .result
+        .expect_err("an unbound device serves no I/O");
+    assert!(matches!(error, DeviceError::Failed { .. }), "{error}");
+    while !unbind.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the unbind never completed: the driver did not let go"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unbind.join().expect("unbind thread").expect("unbind");
+    drop(device);
+    // Bind it again for the tests after this one.
+    let output = std::process::Command::new("vfio-bind")
+        .arg(controller())
+        .output()
+        .expect("vfio-bind");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let device = open(&NvmeConfig::default(), &pool);
+    assert!(run(contract::read_at(&device, Some(&pool), 0, 4096)) == vec![5u8; 4096]);
+}

@@ -211,18 +211,31 @@ impl Reactor {
             if self.in_flight > 0 {
                 self.check_timeouts(now);
             }
-            if !self.failed {
-                let period = if self.in_flight > 0 {
-                    HEALTH_PERIOD_BUSY
-                } else {
-                    HEALTH_PERIOD_IDLE
-                };
-                if now.duration_since(last_health) >= period {
-                    last_health = now;
-                    if let Err(reason) = self.controller.health() {
-                        self.fail(reason);
-                        continue;
+            let period = if self.in_flight > 0 {
+                HEALTH_PERIOD_BUSY
+            } else {
+                HEALTH_PERIOD_IDLE
+            };
+            if now.duration_since(last_health) >= period {
+                last_health = now;
+                if self.controller.vfio.device_requested() {
+                    // Someone unbinds the device from vfio-pci, which waits
+                    // until we close it: fail, refuse new I/O, and let go
+                    // once every request is answered.
+                    if !self.failed {
+                        self.fail(
+                            "the kernel asked for the device back (it is being unbound from vfio-pci)"
+                                .into(),
+                        );
                     }
+                    self.shared.closed.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                if !self.failed
+                    && let Err(reason) = self.controller.health()
+                {
+                    self.fail(reason);
+                    continue;
                 }
             }
             if worked {

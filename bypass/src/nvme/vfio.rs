@@ -151,6 +151,9 @@ pub(crate) struct Vfio {
     // before the group, the group before the container.
     device: File,
     config_offset: u64,
+    /// Signalled by vfio-pci when the kernel wants the device back (someone
+    /// unbinds it): the driver must let go, or the unbind waits forever.
+    request: Option<OwnedFd>,
     _group: OwnedFd,
     container: OwnedFd,
 }
@@ -366,16 +369,25 @@ impl Vfio {
         };
         let config = region_info(&device, vfio::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|error| OpenFailure::os("cannot query the PCI configuration region", error))?;
-        let vfio = Vfio {
+        let mut vfio = Vfio {
             address: address.to_owned(),
             bar,
             device,
             config_offset: config.offset,
+            request: None,
             _group: group,
             container,
         };
         vfio.set_command_bits(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, true)
             .map_err(|error| OpenFailure::os("cannot enable bus mastering", error))?;
+        match vfio.request_eventfd() {
+            Ok(request) => vfio.request = Some(request),
+            // Without it an unbind waits until the device is closed, which
+            // is what kernels without the request interrupt always do.
+            Err(error) => {
+                tracing::warn!(device = %address, "no VFIO device request notification: {error}")
+            }
+        }
         Ok(vfio)
     }
 
@@ -395,6 +407,58 @@ impl Vfio {
             &value.to_le_bytes(),
             self.config_offset + PCI_COMMAND_OFFSET,
         )
+    }
+
+    /// An eventfd that vfio-pci signals when it wants the device back.
+    fn request_eventfd(&self) -> io::Result<OwnedFd> {
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // vfio_irq_set followed by its data: one eventfd (an int).
+        #[repr(C)]
+        struct IrqSet {
+            header: vfio::vfio_irq_set,
+            fd: i32,
+        }
+        let mut set = IrqSet {
+            header: vfio::vfio_irq_set {
+                argsz: size_of::<IrqSet>() as u32,
+                flags: vfio::VFIO_IRQ_SET_DATA_EVENTFD | vfio::VFIO_IRQ_SET_ACTION_TRIGGER,
+                index: vfio::VFIO_PCI_REQ_IRQ_INDEX,
+                start: 0,
+                count: 1,
+                data: vfio::__IncompleteArrayField::new(),
+            },
+            fd: eventfd.as_raw_fd(),
+        };
+        // SAFETY: the argument is a live vfio_irq_set whose argsz covers the
+        // one eventfd that follows it.
+        let result = unsafe {
+            libc::ioctl(
+                self.device.as_raw_fd(),
+                vfio::FLYFS_VFIO_DEVICE_SET_IRQS,
+                &raw mut set,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(eventfd)
+    }
+
+    /// Whether vfio-pci has asked for the device back since the last call.
+    pub(crate) fn device_requested(&self) -> bool {
+        let Some(request) = &self.request else {
+            return false;
+        };
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd.
+        let read = unsafe { libc::read(request.as_raw_fd(), (&raw mut count).cast(), 8) };
+        read == 8 && count > 0
     }
 
     /// Turns bus mastering off: the function can no longer start DMA.
