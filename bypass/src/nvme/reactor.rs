@@ -681,10 +681,10 @@ impl Reactor {
 
     /// Close: every request is answered; shut the controller down.
     fn close(mut self) {
-        if !self.failed {
-            if let Err(error) = self.controller.shutdown() {
-                tracing::warn!(device = %self.shared.name, "orderly shutdown failed: {error}");
-            }
+        if !self.failed
+            && let Err(error) = self.controller.shutdown()
+        {
+            tracing::warn!(device = %self.shared.name, "orderly shutdown failed: {error}");
         }
         if let Err(error) = self.controller.unmap_all() {
             tracing::warn!(device = %self.shared.name, "cannot remove IOMMU mappings: {error}");
