@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use flyfs_bypass::uring::{UringConfig, UringDevice};
+use flyfs_bypass::{AnyDevice, DeviceConfig, open_device};
 use flyfs_bypass::{BufferPool, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, EngineError};
 use flyfs_craq::mgmt::KvClusterStore;
@@ -202,7 +202,7 @@ impl StorageDaemon {
         .context("allocating I/O buffers")?;
         let mut engines = Vec::with_capacity(config.devices.len());
         for (disk, path) in config.devices.iter().enumerate() {
-            let device = UringDevice::open(path, &UringConfig::default(), Some(&pool))
+            let device = open_device(path, &DeviceConfig::default(), Some(&pool))
                 .with_context(|| format!("opening disk {disk} ({})", path.display()))?;
             let engine = match Engine::open(device, pool.clone(), EngineConfig::default()).await {
                 Ok(engine) => engine,
@@ -287,7 +287,7 @@ impl StorageDaemon {
 /// kind}` with kind `capacity`, `data` or `allocated`,
 /// `flyfs_storage_disk_chunks{disk}`, `flyfs_storage_disk_poisoned{disk}`);
 /// free when the process exports no metrics.
-async fn export_usage(engines: Vec<Arc<Engine<UringDevice>>>) {
+async fn export_usage(engines: Vec<Arc<Engine<AnyDevice>>>) {
     let disks: Vec<String> = (0..engines.len()).map(|d| d.to_string()).collect();
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {

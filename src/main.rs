@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flyfs_benches::size::parse as parse_size;
 use flyfs_bypass::uring::{UringConfig, UringDevice};
+use flyfs_bypass::{AnyDevice, DeviceConfig, open_device};
 use flyfs_bypass::{BufferPool, PoolConfig};
 use flyfs_chunk_engine::{Engine, FormatOptions};
 use flyfs_deploy::config::{ConfigFile, MetaDaemonConfig, MgmtdConfig, StorageDaemonConfig};
@@ -40,7 +41,8 @@ struct Cli {
 enum Command {
     /// Format a block device or file for the chunk engine.
     Format {
-        /// Block device or regular file.
+        /// Block device, regular file, or `vfio:<PCI address>` (an NVMe
+        /// controller bound to vfio-pci, driven from userspace).
         #[arg(long)]
         device: PathBuf,
         /// Create (or resize) a regular file of this many bytes first.
@@ -204,9 +206,20 @@ fn format(device: PathBuf, size: Option<u64>, options: &FormatOptions) -> anyhow
             if size % 4096 != 0 {
                 bail!("--size {size} is not a multiple of 4096");
             }
+            if device
+                .to_str()
+                .and_then(flyfs_bypass::any::vfio_address)
+                .is_some()
+            {
+                bail!(
+                    "--size creates a file; {} names an NVMe controller",
+                    device.display()
+                );
+            }
             UringDevice::create_file(&device, size, &UringConfig::default(), Some(&pool))
+                .map(AnyDevice::Uring)
         }
-        None => UringDevice::open(&device, &UringConfig::default(), Some(&pool)),
+        None => open_device(&device, &DeviceConfig::default(), Some(&pool)),
     }
     .with_context(|| format!("opening {}", device.display()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;

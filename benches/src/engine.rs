@@ -12,8 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flyfs_bypass::nvme::NvmeConfig;
 use flyfs_bypass::uring::{UringConfig, UringDevice};
-use flyfs_bypass::{BlockDevice, BufferPool, HugePages, PoolConfig};
+use flyfs_bypass::{
+    AnyDevice, BlockDevice, BufferPool, DeviceConfig, HugePages, PoolConfig, open_device,
+};
 use flyfs_chunk_engine::{
     ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, ReadRequest, WriteOp, WriteRequest,
 };
@@ -108,13 +111,55 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
     if let Some(spin) = args.poll_spin_us {
         config.poll_spin_us = spin;
     }
-    let dev = if args.path.exists() {
-        UringDevice::open(&args.path, &config, Some(&pool))
+    let is_vfio = args
+        .path
+        .to_str()
+        .and_then(flyfs_bypass::any::vfio_address)
+        .is_some();
+    let dev = if is_vfio || args.path.exists() {
+        let mut nvme = NvmeConfig {
+            queue_depth: 256,
+            ..NvmeConfig::default()
+        };
+        if let Some(spin) = args.poll_spin_us {
+            nvme.poll_spin_us = spin;
+        }
+        let devices = DeviceConfig {
+            uring: config.clone(),
+            nvme,
+        };
+        open_device(&args.path, &devices, Some(&pool))
     } else {
-        UringDevice::create_file(&args.path, args.size, &config, Some(&pool))
+        UringDevice::create_file(&args.path, args.size, &config, Some(&pool)).map(AnyDevice::Uring)
     }
     .with_context(|| format!("opening {}", args.path.display()))?;
-    let features = dev.features().to_string();
+    let features = match &dev {
+        AnyDevice::Uring(device) => device.features().to_string(),
+        AnyDevice::Nvme(device) => {
+            let identity = device.identity();
+            format!(
+                "userspace NVMe over VFIO: {} ({}), MDTS {}, volatile write cache {}",
+                identity.model,
+                identity.serial,
+                identity.mdts,
+                if identity.volatile_write_cache {
+                    "on"
+                } else {
+                    "off"
+                }
+            )
+        }
+    };
+    // Run-to-completion tasks on the reactor need the io_uring backend's
+    // executor; the NVMe reactor runs no tasks, so its workers run on the
+    // caller.
+    let reactor = dev.as_uring().cloned();
+    if args.workers == Placement::Reactor && reactor.is_none() {
+        bail!(
+            "--workers reactor needs the io_uring backend; {} is an NVMe device",
+            args.path.display()
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
@@ -136,9 +181,13 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
+        let on_reactor = || match &reactor {
+            Some(device) => Workers::Reactor(device.clone()),
+            None => Workers::Caller,
+        };
         let (large, small) = match args.workers {
-            Placement::Auto => (Workers::Caller, Workers::Reactor(dev.clone())),
-            Placement::Reactor => (Workers::Reactor(dev.clone()), Workers::Reactor(dev.clone())),
+            Placement::Auto => (Workers::Caller, on_reactor()),
+            Placement::Reactor => (on_reactor(), on_reactor()),
             Placement::Caller => (Workers::Caller, Workers::Caller),
         };
         let before = engine.stats();
@@ -190,7 +239,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn clean(engine: &Engine<UringDevice>) -> anyhow::Result<()> {
+async fn clean(engine: &Engine<AnyDevice>) -> anyhow::Result<()> {
     for info in engine.chunks(BENCH_CHAIN, .., usize::MAX) {
         engine.remove(info.key).await?;
     }
@@ -261,7 +310,7 @@ where
 
 async fn seq_write(
     workers: &Workers,
-    engine: &Engine<UringDevice>,
+    engine: &Engine<AnyDevice>,
     chunks: u32,
     depth: usize,
     pooled: usize,
@@ -304,7 +353,7 @@ async fn seq_write(
 
 async fn seq_read(
     workers: &Workers,
-    engine: &Engine<UringDevice>,
+    engine: &Engine<AnyDevice>,
     chunks: u32,
     depth: usize,
 ) -> anyhow::Result<Duration> {
@@ -327,7 +376,7 @@ async fn seq_read(
 
 async fn rand_read(
     workers: &Workers,
-    engine: &Engine<UringDevice>,
+    engine: &Engine<AnyDevice>,
     chunks: u32,
     depth: usize,
     run: Duration,

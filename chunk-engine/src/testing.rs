@@ -11,8 +11,13 @@
 //! counts as committed) or one of the allowed unacknowledged ones, with a
 //! valid checksum; the allocator must agree with the metadata.
 //!
+//! The medium is the memory device by default; [`Harness::on`] takes any
+//! [`Medium`] (the NVMe driver in the guest tests, where a crash is the power
+//! cut alone: the controller keeps every completed write).
+//!
 //! Used by `tests/model.rs` (proptest), `tests/crash.rs` (seeded, thousands
-//! of crash points) and the cargo-fuzz targets in fuzz/. Enabled by the
+//! of crash points), `tests/guest_engine_nvme.rs` and the cargo-fuzz targets
+//! in fuzz/. Enabled by the
 //! `testing` feature; never part of a production build.
 
 use std::collections::BTreeMap;
@@ -20,7 +25,7 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use flyfs_bypass::fault::{Fault, FaultyDevice};
 use flyfs_bypass::mem::MemDevice;
-use flyfs_bypass::{BufferPool, DmaBuf, HugePages, PoolConfig};
+use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf, HugePages, PoolConfig};
 use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -110,13 +115,35 @@ impl ModelChunk {
     }
 }
 
+/// A device the harness can run the engine on, and what a crash does to it
+/// beyond the power cut that the harness injects above it.
+pub trait Medium: BlockDevice + Clone {
+    /// Loses what a power failure would lose, chosen by `seed`.
+    fn crash(&self, seed: u64);
+}
+
+impl Medium for MemDevice {
+    /// Drops or tears every unflushed write.
+    fn crash(&self, seed: u64) {
+        MemDevice::crash(self, seed);
+    }
+}
+
+impl Medium for flyfs_bypass::nvme::NvmeDevice {
+    /// Nothing more: the controller keeps every write it completed (the
+    /// emulated one reports a volatile cache but its flush is a no-op, so
+    /// there is nothing it could lose), and the power cut above it already
+    /// failed every I/O after the cut point.
+    fn crash(&self, _seed: u64) {}
+}
+
 /// The engine under test beside its model.
 #[allow(missing_debug_implementations)]
-pub struct Harness {
+pub struct Harness<D: Medium = MemDevice> {
     rt: tokio::runtime::Runtime,
-    mem: MemDevice,
-    dev: FaultyDevice<MemDevice>,
-    engine: Option<Engine<FaultyDevice<MemDevice>>>,
+    mem: D,
+    dev: FaultyDevice<D>,
+    engine: Option<Engine<FaultyDevice<D>>>,
     config: EngineConfig,
     model: BTreeMap<u8, ModelChunk>,
     cut_armed: bool,
@@ -152,16 +179,23 @@ impl Harness {
     /// runs with journal mode `journal` (on a current-thread runtime, as a
     /// simulator would run an inline engine).
     pub fn new(seed: u64, journal: JournalMode) -> Harness {
+        Harness::on(MemDevice::new(16 << 20, 4096), seed, journal)
+    }
+}
+
+impl<D: Medium> Harness<D> {
+    /// The harness on `mem`, formatted afresh (whatever it held is lost).
+    pub fn on(mem: D, seed: u64, journal: JournalMode) -> Harness<D> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        let mem = MemDevice::new(16 << 20, 4096);
         let dev = FaultyDevice::new(mem.clone(), seed);
         let options = FormatOptions {
             chunk_size_min: 4096,
             chunk_size_max: u64::from(CHUNK_MAX),
             journal_bytes: Some(64 << 10),
-            force: false,
+            // The medium may hold a previous case's engine (a real device).
+            force: true,
         };
         let config = EngineConfig {
             journal,
@@ -186,7 +220,7 @@ impl Harness {
         }
     }
 
-    fn engine(&self) -> &Engine<FaultyDevice<MemDevice>> {
+    fn engine(&self) -> &Engine<FaultyDevice<D>> {
         self.engine.as_ref().expect("engine is open between steps")
     }
 
@@ -761,8 +795,25 @@ pub fn run_seed(
     crashes: bool,
     journal: JournalMode,
 ) -> Result<Harness, String> {
+    run_seed_on(
+        MemDevice::new(16 << 20, 4096),
+        seed,
+        steps,
+        crashes,
+        journal,
+    )
+}
+
+/// [`run_seed`] on the medium `mem` (formatted afresh).
+pub fn run_seed_on<D: Medium>(
+    mem: D,
+    seed: u64,
+    steps: usize,
+    crashes: bool,
+    journal: JournalMode,
+) -> Result<Harness<D>, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut harness = Harness::new(seed, journal);
+    let mut harness = Harness::on(mem, seed, journal);
     for _ in 0..steps {
         let op = random_op(&mut rng, crashes);
         harness.step(&op).map_err(|e| format!("seed {seed}: {e}"))?;

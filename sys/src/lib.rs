@@ -28,6 +28,8 @@ pub mod vfio {
     include!(concat!(env!("OUT_DIR"), "/vfio.rs"));
 }
 
+pub mod nvme;
+
 #[cfg(test)]
 mod tests {
     use super::vfio;

@@ -38,7 +38,9 @@ pub struct StorageDaemonConfig {
     #[serde(default = "ManagerAddrs::local", alias = "mgmt_addrs")]
     pub mgmt: ManagerAddrs,
     /// Devices (or files) formatted by `flyfs format`; a target's disk index
-    /// is the position of its device in this list.
+    /// is the position of its device in this list. `vfio:<PCI address>`
+    /// names an NVMe controller driven from userspace (flyfs-bypass's NVMe
+    /// driver) and is not a path.
     pub devices: Vec<PathBuf>,
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
@@ -216,7 +218,14 @@ impl ConfigFile for StorageDaemonConfig {
             tls.resolve_beside(dir);
         }
         for device in &mut self.devices {
-            *device = beside(dir, device);
+            // `vfio:0000:00:04.0` names a PCI function, not a file beside
+            // the config (the prefix is flyfs-bypass's `nvme::NAME_PREFIX`).
+            if !device
+                .to_str()
+                .is_some_and(|name| name.starts_with("vfio:"))
+            {
+                *device = beside(dir, device);
+            }
         }
     }
 }
@@ -225,6 +234,25 @@ impl ConfigFile for StorageDaemonConfig {
 mod tests {
     use super::*;
     use crate::config::tests::message;
+
+    #[test]
+    fn vfio_device_names_are_not_paths() {
+        let mut config = StorageDaemonConfig::new(
+            1,
+            vec![
+                PathBuf::from("disk0.img"),
+                PathBuf::from("vfio:0000:00:04.0"),
+            ],
+        );
+        config.resolve_beside(Path::new("/etc/flyfs"));
+        assert_eq!(
+            config.devices,
+            [
+                PathBuf::from("/etc/flyfs/disk0.img"),
+                PathBuf::from("vfio:0000:00:04.0")
+            ]
+        );
+    }
 
     #[test]
     fn takes_one_manager_or_several() {

@@ -1,0 +1,555 @@
+//! The userspace NVMe backend: [`NvmeDevice`] serves the [`BlockDevice`]
+//! contract from an NVMe controller handed to userspace through VFIO,
+//! SPDK's method without SPDK: the controller's registers mapped into the
+//! process, queue pairs in our own memory, DMA through the IOMMU, and
+//! completions found by polling instead of interrupts.
+//!
+//! This module owns the device's public face (open, configuration, stats,
+//! the `BlockDevice` futures); `vfio.rs` the kernel interface,
+//! `controller.rs` the registers and the initialisation sequence,
+//! `reactor.rs` the thread that owns the I/O queue pair, `layout.rs` the
+//! pure arithmetic (PRPs, splitting, ring indices, IOVA allocation) and
+//! `status.rs` the completion statuses. docs/nvme-vfio.md is the design.
+//!
+//! # Threads
+//!
+//! One reactor thread per device (`flyfs-nvme-<n>`) owns the controller
+//! after open. Submitters, on any thread and under any executor, push a
+//! request onto a lock-free queue and wake the reactor if it sleeps; the
+//! reactor splits each request into commands (at the controller's maximum
+//! transfer size), writes them into the submission queue, rings the
+//! doorbell once per batch, polls the completion queue by its phase tag,
+//! and hands buffers back. It spins briefly while commands are in flight
+//! and parks when none are, so an idle device costs no CPU.
+
+mod controller;
+mod layout;
+mod reactor;
+mod status;
+mod vfio;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Mutex as StdMutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::thread::{JoinHandle, Thread};
+
+use crossbeam_queue::SegQueue;
+use parking_lot::Mutex;
+
+pub use self::controller::NvmeIdentity;
+pub use self::status::NvmeStatus;
+use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion, IoOp};
+
+/// The prefix of a device name that selects this backend: `vfio:0000:00:04.0`.
+pub const NAME_PREFIX: &str = "vfio:";
+
+/// How to drive an [`NvmeDevice`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeConfig {
+    /// The namespace to serve (1 is the first).
+    pub namespace_id: u32,
+    /// Most commands in flight at once (the I/O submission queue holds one
+    /// more entry); capped by the controller's CAP.MQES. 1 to 4095.
+    pub queue_depth: u32,
+    /// How long a command may take before the driver asks the controller to
+    /// abort it; if it is still not complete after as long again, the
+    /// controller is disabled and the device fails for good. Generous by
+    /// default because an emulated controller under load is slow.
+    pub command_timeout_ms: u64,
+    /// How long the reactor busy-polls the completion queue after its last
+    /// piece of work while commands are in flight, before it naps between
+    /// polls.
+    pub poll_spin_us: u32,
+    /// Size of the driver's bounce region, through which buffers that are
+    /// not in the buffer pool's mapped arena move (at least 2 MiB, the
+    /// largest single command).
+    pub bounce_bytes: usize,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        NvmeConfig {
+            namespace_id: 1,
+            queue_depth: 128,
+            command_timeout_ms: 30_000,
+            poll_spin_us: 50,
+            bounce_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Counters of the reactor's work, for tuning and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeStats {
+    /// Requests (reads, writes, flushes, discards) the reactor took.
+    pub submitted: u64,
+    /// Requests finished, successfully or not.
+    pub completed: u64,
+    /// NVMe commands submitted (a request is split at the maximum transfer).
+    pub commands: u64,
+    /// Submission doorbell writes (one per batch of commands).
+    pub doorbells: u64,
+    /// Commands whose data went through the bounce region because their
+    /// buffer was not in a mapped arena.
+    pub bounced: u64,
+    /// Commands that passed their timeout.
+    pub timeouts: u64,
+    /// Abort commands sent.
+    pub aborts: u64,
+    /// Times the reactor parked with nothing in flight.
+    pub sleeps: u64,
+    /// Submitters that woke a parked reactor.
+    pub wakeups: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    completed: AtomicU64,
+    commands: AtomicU64,
+    doorbells: AtomicU64,
+    bounced: AtomicU64,
+    timeouts: AtomicU64,
+    aborts: AtomicU64,
+    sleeps: AtomicU64,
+    wakeups: AtomicU64,
+}
+
+/// One read, write, flush or discard on its way to the reactor.
+struct Request {
+    op: IoOp,
+    offset: u64,
+    len: u64,
+    /// Address of the buffer's window, taken by the submitter (where a read
+    /// into a read-only buffer panics, on the caller's thread).
+    addr: usize,
+    buf: Option<DmaBuf>,
+    reply: Arc<Reply>,
+}
+
+/// Where the reactor leaves a request's outcome for its future.
+#[derive(Default)]
+struct Reply(StdMutex<ReplyState>);
+
+#[derive(Default)]
+struct ReplyState {
+    outcome: Option<(Option<DmaBuf>, Result<(), DeviceError>)>,
+    waker: Option<Waker>,
+}
+
+impl Reply {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplyState> {
+        // A panic while holding this lock cannot leave the state torn (it
+        // holds two options), so a poisoned lock is used as it is.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the outcome and wakes the future, if it still waits. If the
+    /// future was dropped, the buffer is dropped with the last reference.
+    fn finish(&self, buf: Option<DmaBuf>, result: Result<(), DeviceError>) {
+        let waker = {
+            let mut state = self.lock();
+            state.outcome = Some((buf, result));
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+struct ReplyFuture(Arc<Reply>);
+
+impl Future for ReplyFuture {
+    type Output = (Option<DmaBuf>, Result<(), DeviceError>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.0.lock();
+        if let Some(outcome) = state.outcome.take() {
+            return Poll::Ready(outcome);
+        }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// What submitters and the reactor share.
+struct Shared {
+    name: Arc<str>,
+    geometry: Geometry,
+    identity: NvmeIdentity,
+    submissions: SegQueue<Request>,
+    /// The reactor is (about to be) parked and needs an unpark to notice
+    /// new submissions.
+    sleeping: AtomicBool,
+    /// No new request is accepted; the reactor exits once `active` is zero.
+    closed: AtomicBool,
+    /// Requests a submitter has committed to queue whose outcome the
+    /// reactor has not yet delivered.
+    active: AtomicUsize,
+    reactor: OnceLock<Thread>,
+    failure: Mutex<Option<Arc<str>>>,
+    counters: Counters,
+    /// Test hook: the reactor writes commands but does not ring the
+    /// doorbell, so they time out.
+    stall_doorbells: AtomicBool,
+    /// Test hook: the reactor clears CC.EN at its next turn, as a reset by
+    /// someone else would.
+    reset_requested: AtomicBool,
+}
+
+impl Shared {
+    fn closed_error(&self) -> DeviceError {
+        match self.failure.lock().clone() {
+            Some(reason) => DeviceError::Failed {
+                device: Arc::clone(&self.name),
+                reason,
+            },
+            None => DeviceError::Closed {
+                device: Arc::clone(&self.name),
+            },
+        }
+    }
+
+    fn notify(&self) {
+        // Pairs with the fence in the reactor's park path: either it sees
+        // our push after raising `sleeping`, or we see `sleeping` here.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
+            self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+            self.unpark();
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(thread) = self.reactor.get() {
+            thread.unpark();
+        }
+    }
+
+    async fn submit(
+        &self,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        addr: usize,
+        buf: Option<DmaBuf>,
+    ) -> (Option<DmaBuf>, Result<(), DeviceError>) {
+        // Handshake with the reactor's exit check, as in the uring backend:
+        // announce first, then look at `closed`.
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            self.unpark();
+            return (buf, Err(self.closed_error()));
+        }
+        let reply = Arc::new(Reply::default());
+        self.submissions.push(Request {
+            op,
+            offset,
+            len,
+            addr,
+            buf,
+            reply: Arc::clone(&reply),
+        });
+        self.notify();
+        ReplyFuture(reply).await
+    }
+}
+
+/// An NVMe namespace driven from userspace. Cloning is cheap and shares the
+/// device; the reactor stops, and the controller is shut down, when the last
+/// clone is dropped (or at [`shutdown`](NvmeDevice::shutdown)).
+#[derive(Clone)]
+pub struct NvmeDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    reactor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for NvmeDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NvmeDevice")
+            .field("name", &self.inner.shared.name)
+            .field("geometry", &self.inner.shared.geometry)
+            .field("identity", &self.inner.shared.identity)
+            .finish()
+    }
+}
+
+impl NvmeDevice {
+    /// Opens the NVMe controller at PCI address `address` (bound to
+    /// vfio-pci), resets and enables it, identifies the namespace and
+    /// starts the reactor. If `pool` is given, its arena is mapped into the
+    /// IOMMU once and buffers from it move without copying; other buffers go
+    /// through a bounce region.
+    ///
+    /// Fails with [`DeviceError::Open`] naming the problem: a malformed
+    /// address, no such PCI device, not an NVMe controller, not bound to
+    /// vfio-pci, an IOMMU group that is not viable, missing `/dev/vfio`, a
+    /// controller that does not come ready, an unusable namespace.
+    pub fn open(
+        address: &str,
+        config: &NvmeConfig,
+        pool: Option<&BufferPool>,
+    ) -> Result<NvmeDevice, DeviceError> {
+        let name = format!("{NAME_PREFIX}{address}");
+        let open_error = |reason: String, source: Option<std::io::Error>| DeviceError::Open {
+            path: name.clone(),
+            reason,
+            source,
+        };
+        if !(1..=4095).contains(&config.queue_depth) {
+            return Err(open_error(
+                format!(
+                    "queue depth {} is not between 1 and 4095",
+                    config.queue_depth
+                ),
+                None,
+            ));
+        }
+        if config.bounce_bytes < layout::transfer_bytes_max(0) as usize {
+            return Err(open_error(
+                format!(
+                    "bounce region of {} bytes is smaller than one command's maximum transfer ({} bytes)",
+                    config.bounce_bytes,
+                    layout::transfer_bytes_max(0)
+                ),
+                None,
+            ));
+        }
+        if config.command_timeout_ms == 0 {
+            return Err(open_error("command timeout must be positive".into(), None));
+        }
+        let address = vfio::normalize_pci_address(address)
+            .map_err(|failure| open_error(failure.reason, failure.source))?;
+        let name: Arc<str> = format!("{NAME_PREFIX}{address}").into();
+        let started = reactor::start(&address, Arc::clone(&name), config, pool)
+            .map_err(|failure| open_error(failure.reason, failure.source))?;
+        let shared = started.shared;
+        tracing::info!(
+            device = %shared.name,
+            model = %shared.identity.model,
+            serial = %shared.identity.serial,
+            sector_size = shared.geometry.sector_size,
+            capacity_bytes = shared.geometry.capacity_bytes,
+            volatile_write_cache = shared.identity.volatile_write_cache,
+            mdts = shared.identity.mdts,
+            "NVMe device open"
+        );
+        Ok(NvmeDevice {
+            inner: Arc::new(Inner {
+                shared,
+                reactor: Mutex::new(Some(started.handle)),
+            }),
+        })
+    }
+
+    /// What Identify reported.
+    pub fn identity(&self) -> &NvmeIdentity {
+        &self.inner.shared.identity
+    }
+
+    /// The reactor's counters so far.
+    pub fn stats(&self) -> NvmeStats {
+        let counters = &self.inner.shared.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        NvmeStats {
+            submitted: load(&counters.submitted),
+            completed: load(&counters.completed),
+            commands: load(&counters.commands),
+            doorbells: load(&counters.doorbells),
+            bounced: load(&counters.bounced),
+            timeouts: load(&counters.timeouts),
+            aborts: load(&counters.aborts),
+            sleeps: load(&counters.sleeps),
+            wakeups: load(&counters.wakeups),
+        }
+    }
+
+    /// Stops the device for every clone: requests in flight complete, the
+    /// controller is shut down (CC.SHN) and disabled, the IOMMU mappings are
+    /// removed, and later operations fail with [`DeviceError::Closed`].
+    /// Dropping the last clone does the same.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    /// Test hook: commands are written into the submission queue but the
+    /// doorbell is not rung, so they time out, get aborted, and finally the
+    /// controller is disabled and the device fails.
+    #[cfg(feature = "testing")]
+    pub fn inject_doorbell_stall(&self) {
+        self.inner
+            .shared
+            .stall_doorbells
+            .store(true, Ordering::SeqCst);
+        self.inner.shared.unpark();
+    }
+
+    /// Test hook: the controller is reset (CC.EN cleared) under the
+    /// reactor's feet, as by another agent; commands in flight are lost and
+    /// the reactor must notice and fail the device.
+    #[cfg(feature = "testing")]
+    pub fn inject_controller_reset(&self) {
+        self.inner
+            .shared
+            .reset_requested
+            .store(true, Ordering::SeqCst);
+        self.inner.shared.unpark();
+    }
+
+    async fn read_write(&self, op: IoOp, offset: u64, mut buf: DmaBuf) -> IoCompletion {
+        let shared = &*self.inner.shared;
+        let len = buf.len() as u64;
+        if let Err(error) = shared
+            .geometry
+            .check(op, offset, len, buf.window_ptr() as usize)
+        {
+            return IoCompletion {
+                buf,
+                result: Err(error),
+            };
+        }
+        if shared.closed.load(Ordering::Relaxed) {
+            return IoCompletion {
+                buf,
+                result: Err(shared.closed_error()),
+            };
+        }
+        if len == 0 {
+            return IoCompletion {
+                buf,
+                result: Ok(()),
+            };
+        }
+        let addr = match op {
+            IoOp::Read => buf.window_mut_ptr() as usize,
+            _ => buf.window_ptr() as usize,
+        };
+        let (buf, result) = shared.submit(op, offset, len, addr, Some(buf)).await;
+        IoCompletion {
+            buf: buf.expect("the reactor hands every read and write buffer back"),
+            result,
+        }
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        let shared = &self.shared;
+        shared.closed.store(true, Ordering::SeqCst);
+        shared.unpark();
+        let Some(handle) = self.reactor.lock().take() else {
+            return;
+        };
+        if handle.thread().id() == std::thread::current().id() {
+            // Dropped by a waker the reactor itself ran: it sees `closed`.
+            return;
+        }
+        if handle.join().is_err() {
+            tracing::error!(device = %shared.name, "the NVMe reactor thread panicked");
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl BlockDevice for NvmeDevice {
+    fn geometry(&self) -> Geometry {
+        self.inner.shared.geometry
+    }
+
+    fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    fn failure(&self) -> Option<Arc<str>> {
+        self.inner.shared.failure.lock().clone()
+    }
+
+    async fn read(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
+        self.read_write(IoOp::Read, offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
+        self.read_write(IoOp::Write, offset, buf).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        let shared = &*self.inner.shared;
+        if shared.closed.load(Ordering::Relaxed) {
+            return Err(shared.closed_error());
+        }
+        // Without a volatile write cache every completed write is already
+        // durable, so the barrier holds with no command; the reactor still
+        // answers, so that a failed device says so.
+        shared.submit(IoOp::Flush, 0, 0, 0, None).await.1
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let shared = &*self.inner.shared;
+        shared.geometry.check(IoOp::Discard, offset, len, 0)?;
+        if shared.closed.load(Ordering::Relaxed) {
+            return Err(shared.closed_error());
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        shared.submit(IoOp::Discard, offset, len, 0, None).await.1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_sane() {
+        let config = NvmeConfig::default();
+        assert_eq!(config.namespace_id, 1);
+        assert!(config.bounce_bytes as u64 >= layout::transfer_bytes_max(0));
+    }
+
+    #[test]
+    fn bad_configs_and_addresses_are_refused_before_touching_hardware() {
+        let zero_depth = NvmeConfig {
+            queue_depth: 0,
+            ..NvmeConfig::default()
+        };
+        let error = NvmeDevice::open("0000:00:04.0", &zero_depth, None).expect_err("depth 0");
+        assert!(error.to_string().contains("queue depth 0"), "{error}");
+        let small_bounce = NvmeConfig {
+            bounce_bytes: 4096,
+            ..NvmeConfig::default()
+        };
+        let error = NvmeDevice::open("0000:00:04.0", &small_bounce, None).expect_err("bounce");
+        assert!(error.to_string().contains("bounce region"), "{error}");
+        let error =
+            NvmeDevice::open("not-an-address", &NvmeConfig::default(), None).expect_err("address");
+        assert!(
+            error.to_string().contains("is not a PCI address"),
+            "{error}"
+        );
+        let error =
+            NvmeDevice::open("ffff:ff:1f.7", &NvmeConfig::default(), None).expect_err("no device");
+        assert!(error.to_string().contains("vfio:ffff:ff:1f.7"), "{error}");
+        assert!(error.to_string().contains("no PCI device"), "{error}");
+    }
+}

@@ -1,0 +1,694 @@
+//! The NVMe reactor: the one thread that owns the controller after open.
+//! It turns requests into commands, rings doorbells once per batch, polls
+//! completions, enforces command timeouts (Abort, then disabling the
+//! controller), watches the controller's health, and shuts it down at close.
+//!
+//! The rule it keeps above all: a buffer goes back to its owner only when
+//! the controller can no longer DMA into it: its command completed, or the
+//! controller was disabled, or its IOMMU mappings were removed. If none of
+//! those can be established the buffer is leaked, never reused.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::SegQueue;
+use flyfs_sys::nvme::{CompletionEntry, DsmRange, SubmissionEntry, admin, io, reg};
+use parking_lot::Mutex;
+
+use super::controller::{Controller, DmaMemory, QueuePair};
+use super::layout::{self, PAGE_BYTES, PRP_LIST_ENTRIES, Prp2, RangeAllocator};
+use super::status::NvmeStatus;
+use super::vfio::{OpenFailure, Vfio};
+use super::{Counters, NvmeConfig, Request, Shared};
+use crate::{BufferPool, DeviceError, Geometry, IoOp};
+
+/// Entries of the admin queue: start-up commands and Aborts only.
+const ADMIN_ENTRIES: u16 = 32;
+/// The I/O queue pair's id.
+const IO_QUEUE_ID: u16 = 1;
+/// How often the reactor reads CSTS while commands are in flight.
+const HEALTH_PERIOD_BUSY: Duration = Duration::from_millis(10);
+/// How long the reactor parks when idle before it looks at CSTS again, so
+/// a dead controller is noticed without an I/O.
+const HEALTH_PERIOD_IDLE: Duration = Duration::from_millis(100);
+/// The nap between completion polls once the spin is over.
+const POLL_NAP: Duration = Duration::from_micros(50);
+
+pub(super) struct Started {
+    pub(super) shared: Arc<Shared>,
+    pub(super) handle: JoinHandle<()>,
+}
+
+/// Opens the controller, brings it up and starts the reactor thread.
+pub(super) fn start(
+    address: &str,
+    name: Arc<str>,
+    config: &NvmeConfig,
+    pool: Option<&BufferPool>,
+) -> Result<Started, OpenFailure> {
+    let os = |what: &str| {
+        let what = what.to_owned();
+        move |error: std::io::Error| OpenFailure {
+            reason: what,
+            source: Some(error),
+        }
+    };
+    let plain = |reason: String| OpenFailure {
+        reason,
+        source: None,
+    };
+    let vfio = Vfio::open(address)?;
+    let mut controller = Controller::new(vfio)?;
+    if let Some(pool) = pool {
+        controller
+            .map_pool(pool)
+            .map_err(os("cannot map the buffer pool's arena into the IOMMU"))?;
+    }
+    let mut admin = controller.enable(ADMIN_ENTRIES).map_err(plain)?;
+    let identity = controller
+        .identify(&mut admin, config.namespace_id)
+        .map_err(plain)?;
+    let mqes = flyfs_sys::nvme::cap::mqes(controller.cap) + 1;
+    let entries = (config.queue_depth + 1).min(mqes).min(4096) as u16;
+    let io = controller
+        .create_io_queues(&mut admin, IO_QUEUE_ID, entries)
+        .map_err(plain)?;
+    let command_slots = usize::from(entries - 1);
+    let prp_pages = controller
+        .alloc_dma(command_slots * PAGE_BYTES as usize)
+        .map_err(os("cannot allocate the PRP list pages"))?;
+    let bounce = controller
+        .alloc_dma(config.bounce_bytes)
+        .map_err(os("cannot allocate the bounce region"))?;
+    let bounce_pages = bounce.len() as u64 / PAGE_BYTES;
+    let geometry = Geometry {
+        sector_size: identity.sector_size,
+        capacity_bytes: identity.sectors * u64::from(identity.sector_size),
+    };
+    let shared = Arc::new(Shared {
+        name,
+        geometry,
+        identity,
+        submissions: SegQueue::new(),
+        sleeping: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        reactor: std::sync::OnceLock::new(),
+        failure: Mutex::new(None),
+        counters: Counters::default(),
+        stall_doorbells: AtomicBool::new(false),
+        reset_requested: AtomicBool::new(false),
+    });
+    let transfer_bytes_max = layout::transfer_bytes_max(shared.identity.mdts);
+    // A discard names whole sectors in a 32-bit count.
+    let discard_bytes_max = u64::from(u32::MAX) * u64::from(geometry.sector_size);
+    let reactor = Reactor {
+        shared: Arc::clone(&shared),
+        controller,
+        admin,
+        io,
+        prp_pages,
+        bounce,
+        bounce_pages: RangeAllocator::new(0, bounce_pages),
+        commands: (0..command_slots).map(|_| None).collect(),
+        free_ids: (0..command_slots as u16).rev().collect(),
+        requests: Vec::new(),
+        free_requests: Vec::new(),
+        unissued: VecDeque::new(),
+        in_flight: 0,
+        transfer_bytes_max,
+        discard_bytes_max,
+        timeout: Duration::from_millis(config.command_timeout_ms),
+        spin: Duration::from_micros(u64::from(config.poll_spin_us)),
+        next_admin_id: 100,
+        failed: false,
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let handle = thread::Builder::new()
+        .name(format!(
+            "flyfs-nvme-{}",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+        .spawn(move || reactor.run())
+        .map_err(os("cannot start the reactor thread"))?;
+    shared
+        .reactor
+        .set(handle.thread().clone())
+        .expect("the reactor thread is recorded once, here");
+    Ok(Started { shared, handle })
+}
+
+/// A request the reactor has taken.
+struct InFlight {
+    request: Request,
+    /// Bytes of the request turned into commands so far.
+    issued: u64,
+    /// Commands of it the controller has not completed.
+    outstanding: u32,
+    error: Option<DeviceError>,
+}
+
+/// One command the controller holds, by command id.
+struct Command {
+    request: usize,
+    /// The piece of the request it moves.
+    piece_offset: u64,
+    piece_len: u64,
+    /// First page of its bounce range, if its buffer was not mapped.
+    bounce_page: Option<u64>,
+    deadline: Instant,
+    abort_sent: bool,
+}
+
+struct Reactor {
+    shared: Arc<Shared>,
+    controller: Controller,
+    admin: QueuePair,
+    io: QueuePair,
+    /// One page per command id: its PRP list, or its Dataset Management range.
+    prp_pages: DmaMemory,
+    bounce: DmaMemory,
+    bounce_pages: RangeAllocator,
+    commands: Vec<Option<Command>>,
+    free_ids: Vec<u16>,
+    requests: Vec<Option<InFlight>>,
+    free_requests: Vec<usize>,
+    /// Requests with bytes not yet turned into commands, oldest first.
+    unissued: VecDeque<usize>,
+    in_flight: usize,
+    transfer_bytes_max: u64,
+    discard_bytes_max: u64,
+    timeout: Duration,
+    spin: Duration,
+    next_admin_id: u16,
+    failed: bool,
+}
+
+impl Reactor {
+    fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    fn run(mut self) {
+        let mut last_work = Instant::now();
+        let mut last_health = Instant::now();
+        loop {
+            if self.shared.reset_requested.swap(false, Ordering::SeqCst) {
+                // Test hook: a reset this reactor did not ask for.
+                let config = self.controller.bar().read32(reg::CC);
+                self.controller
+                    .bar()
+                    .write32(reg::CC, config & !flyfs_sys::nvme::cc::EN);
+            }
+            let mut worked = self.take_requests();
+            worked |= self.issue();
+            worked |= self.reap();
+            self.reap_admin();
+            let now = Instant::now();
+            if self.in_flight > 0 {
+                self.check_timeouts(now);
+            }
+            let period = if self.in_flight > 0 {
+                HEALTH_PERIOD_BUSY
+            } else {
+                HEALTH_PERIOD_IDLE
+            };
+            if now.duration_since(last_health) >= period {
+                last_health = now;
+                if self.controller.vfio.device_requested() {
+                    // Someone unbinds the device from vfio-pci, which waits
+                    // until we close it: fail, refuse new I/O, and let go
+                    // once every request is answered.
+                    if !self.failed {
+                        self.fail(
+                            "the kernel asked for the device back (it is being unbound from vfio-pci)"
+                                .into(),
+                        );
+                    }
+                    self.shared.closed.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                if !self.failed
+                    && let Err(reason) = self.controller.health()
+                {
+                    self.fail(reason);
+                    continue;
+                }
+            }
+            if worked {
+                last_work = now;
+                continue;
+            }
+            if self.in_flight > 0 {
+                if now.duration_since(last_work) < self.spin {
+                    std::hint::spin_loop();
+                } else {
+                    thread::park_timeout(POLL_NAP);
+                }
+                continue;
+            }
+            if self.shared.closed.load(Ordering::SeqCst)
+                && self.shared.active.load(Ordering::SeqCst) == 0
+                && self.shared.submissions.is_empty()
+            {
+                break;
+            }
+            // Idle: park until a submitter wakes us (see `Shared::notify`).
+            self.shared.sleeping.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if !self.shared.submissions.is_empty() || self.shared.closed.load(Ordering::SeqCst) {
+                self.shared.sleeping.store(false, Ordering::Relaxed);
+                if self.shared.closed.load(Ordering::SeqCst) && self.shared.submissions.is_empty() {
+                    // Closing with submitters still counted in: wait for
+                    // them to push or back out (each unparks us).
+                    thread::park_timeout(POLL_NAP);
+                }
+                continue;
+            }
+            self.counters().sleeps.fetch_add(1, Ordering::Relaxed);
+            thread::park_timeout(HEALTH_PERIOD_IDLE);
+            self.shared.sleeping.store(false, Ordering::Relaxed);
+        }
+        self.close();
+    }
+
+    /// Moves submitted requests into the request table.
+    fn take_requests(&mut self) -> bool {
+        let mut took = false;
+        while let Some(request) = self.shared.submissions.pop() {
+            took = true;
+            self.counters().submitted.fetch_add(1, Ordering::Relaxed);
+            if self.failed {
+                self.finish_now(request, Err(self.shared.closed_error()));
+                continue;
+            }
+            let flush_without_cache =
+                request.op == IoOp::Flush && !self.shared.identity.volatile_write_cache;
+            let discard_unsupported =
+                request.op == IoOp::Discard && !self.shared.identity.dataset_management;
+            if flush_without_cache || discard_unsupported {
+                // Nothing to ask the controller: every completed write is
+                // already durable, and discard is advisory.
+                self.finish_now(request, Ok(()));
+                continue;
+            }
+            let index = match self.free_requests.pop() {
+                Some(index) => index,
+                None => {
+                    self.requests.push(None);
+                    self.requests.len() - 1
+                }
+            };
+            self.requests[index] = Some(InFlight {
+                request,
+                issued: 0,
+                outstanding: 0,
+                error: None,
+            });
+            self.unissued.push_back(index);
+        }
+        took
+    }
+
+    fn finish_now(&self, mut request: Request, result: Result<(), DeviceError>) {
+        request.reply.finish(request.buf.take(), result);
+        self.counters().completed.fetch_add(1, Ordering::Relaxed);
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Turns unissued request bytes into commands while command ids (and
+    /// bounce space) last; rings the doorbell once for the batch.
+    fn issue(&mut self) -> bool {
+        let mut pushed = 0u32;
+        'requests: while let Some(&index) = self.unissued.front() {
+            loop {
+                let Some(id) = self.free_ids.pop() else {
+                    break 'requests;
+                };
+                match self.build(index, id) {
+                    Some(entry) => {
+                        let pushed_ok = self.io.push(entry);
+                        debug_assert!(pushed_ok, "command ids are fewer than queue entries");
+                        pushed += 1;
+                    }
+                    None => {
+                        // No bounce space: wait for completions to free some.
+                        self.free_ids.push(id);
+                        break 'requests;
+                    }
+                }
+                let in_flight = self.requests[index]
+                    .as_ref()
+                    .expect("an unissued request is in the table");
+                let whole = match in_flight.request.op {
+                    IoOp::Flush => 0,
+                    _ => in_flight.request.len,
+                };
+                if in_flight.issued >= whole {
+                    self.unissued.pop_front();
+                    break;
+                }
+            }
+        }
+        if pushed > 0 {
+            self.counters()
+                .commands
+                .fetch_add(u64::from(pushed), Ordering::Relaxed);
+            if !self.shared.stall_doorbells.load(Ordering::Relaxed) {
+                self.io.ring_submission_doorbell(self.controller.bar());
+                self.counters().doorbells.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        pushed > 0
+    }
+
+    /// The next command of request `index` under id `id`, or `None` if it
+    /// needs bounce space that is not free now.
+    fn build(&mut self, index: usize, id: u16) -> Option<SubmissionEntry> {
+        let sector = u64::from(self.shared.geometry.sector_size);
+        let namespace_id = self.shared.identity.namespace_id;
+        let in_flight = self.requests[index]
+            .as_mut()
+            .expect("an unissued request is in the table");
+        let request = &in_flight.request;
+        let piece_offset = in_flight.issued;
+        let (opcode, piece_len) = match request.op {
+            IoOp::Read => (
+                io::READ,
+                layout::next_piece(request.len, piece_offset, self.transfer_bytes_max),
+            ),
+            IoOp::Write => (
+                io::WRITE,
+                layout::next_piece(request.len, piece_offset, self.transfer_bytes_max),
+            ),
+            IoOp::Flush => (io::FLUSH, 0),
+            IoOp::Discard => (
+                io::DATASET_MANAGEMENT,
+                layout::next_piece(request.len, piece_offset, self.discard_bytes_max),
+            ),
+        };
+        let mut entry = SubmissionEntry::new(opcode, id);
+        entry.nsid = namespace_id;
+        let page_offset = usize::from(id) * PAGE_BYTES as usize;
+        let page_iova = self.prp_pages.iova + page_offset as u64;
+        let mut bounce_page = None;
+        match request.op {
+            IoOp::Read | IoOp::Write => {
+                let addr = request.addr + piece_offset as usize;
+                let iova = match self.controller.arena_iova(addr, piece_len as usize) {
+                    Some(iova) => iova,
+                    None => {
+                        let pages = piece_len.div_ceil(PAGE_BYTES);
+                        let first = self.bounce_pages.alloc(pages, 1)?;
+                        bounce_page = Some(first);
+                        let bounce_offset = (first * PAGE_BYTES) as usize;
+                        if request.op == IoOp::Write {
+                            // SAFETY: `addr` is inside the request's buffer
+                            // window (piece_offset + piece_len <= len), which
+                            // this thread owns until it replies.
+                            let source = unsafe {
+                                std::slice::from_raw_parts(addr as *const u8, piece_len as usize)
+                            };
+                            self.bounce
+                                .bytes_mut(bounce_offset, piece_len as usize)
+                                .copy_from_slice(source);
+                        }
+                        self.shared.counters.bounced.fetch_add(1, Ordering::Relaxed);
+                        self.bounce.iova + bounce_offset as u64
+                    }
+                };
+                let mut list = [0u64; PRP_LIST_ENTRIES];
+                let (prp1, prp2) = layout::prp(iova, piece_len, &mut list)
+                    .expect("pieces are capped to what one PRP list describes");
+                entry.prp1 = prp1;
+                entry.prp2 = match prp2 {
+                    Prp2::None => 0,
+                    Prp2::Page(page) => page,
+                    Prp2::List { entries } => {
+                        for (slot, &value) in list.iter().take(entries).enumerate() {
+                            self.prp_pages.write(page_offset + slot * 8, value);
+                        }
+                        page_iova
+                    }
+                };
+                let lba = (request.offset + piece_offset) / sector;
+                entry.cdw10 = lba as u32;
+                entry.cdw11 = (lba >> 32) as u32;
+                entry.cdw12 = (piece_len / sector - 1) as u32;
+            }
+            IoOp::Flush => {}
+            IoOp::Discard => {
+                let range = DsmRange {
+                    context_attributes: 0,
+                    length_lbas: (piece_len / sector) as u32,
+                    starting_lba: (request.offset + piece_offset) / sector,
+                };
+                self.prp_pages.write(page_offset, range);
+                entry.prp1 = page_iova;
+                // One range (NR is 0-based), deallocate.
+                entry.cdw10 = 0;
+                entry.cdw11 = io::DSM_DEALLOCATE;
+            }
+        }
+        in_flight.issued += piece_len;
+        in_flight.outstanding += 1;
+        self.commands[usize::from(id)] = Some(Command {
+            request: index,
+            piece_offset,
+            piece_len,
+            bounce_page,
+            deadline: Instant::now() + self.timeout,
+            abort_sent: false,
+        });
+        self.in_flight += 1;
+        Some(entry)
+    }
+
+    /// Consumes posted completions; rings the completion doorbell once.
+    fn reap(&mut self) -> bool {
+        let mut reaped = false;
+        while let Some(completion) = self.io.next_completion() {
+            reaped = true;
+            self.complete(completion);
+        }
+        if reaped {
+            self.io.ring_completion_doorbell(self.controller.bar());
+        }
+        reaped
+    }
+
+    fn complete(&mut self, completion: CompletionEntry) {
+        let id = usize::from(completion.command_id);
+        let Some(command) = self.commands.get_mut(id).and_then(Option::take) else {
+            tracing::error!(
+                device = %self.shared.name,
+                command_id = id,
+                "completion for a command id that is not in flight; ignored"
+            );
+            return;
+        };
+        self.in_flight -= 1;
+        self.free_ids.push(completion.command_id);
+        let in_flight = self.requests[command.request]
+            .as_mut()
+            .expect("a command's request stays in the table until its last command");
+        let request = &in_flight.request;
+        let status = NvmeStatus::of(&completion);
+        if let Some(first) = command.bounce_page {
+            if status.is_none() && request.op == IoOp::Read {
+                let addr = request.addr + command.piece_offset as usize;
+                let source = self
+                    .bounce
+                    .bytes((first * PAGE_BYTES) as usize, command.piece_len as usize);
+                // SAFETY: `addr` is inside the request's buffer window, which
+                // this thread owns until it replies; the read's DMA into the
+                // bounce range is complete.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(source.as_ptr(), addr as *mut u8, source.len());
+                }
+            }
+            self.bounce_pages
+                .free(first, command.piece_len.div_ceil(PAGE_BYTES));
+        }
+        if let Some(status) = status
+            && in_flight.error.is_none()
+        {
+            let (offset, len) = (request.offset + command.piece_offset, command.piece_len);
+            in_flight.error = Some(if command.abort_sent {
+                DeviceError::TimedOut {
+                    device: Arc::clone(&self.shared.name),
+                    op: request.op,
+                    offset,
+                    len,
+                    timeout_ms: self.timeout.as_millis() as u64,
+                }
+            } else {
+                DeviceError::Command {
+                    device: Arc::clone(&self.shared.name),
+                    op: request.op,
+                    offset,
+                    len,
+                    status,
+                }
+            });
+        }
+        in_flight.outstanding -= 1;
+        let whole = match request.op {
+            IoOp::Flush => 0,
+            _ => request.len,
+        };
+        if in_flight.outstanding == 0 && in_flight.issued >= whole {
+            self.finish(command.request);
+        }
+    }
+
+    fn finish(&mut self, index: usize) {
+        let in_flight = self.requests[index]
+            .take()
+            .expect("a finishing request is in the table");
+        self.free_requests.push(index);
+        let result = match in_flight.error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        };
+        self.finish_now(in_flight.request, result);
+    }
+
+    fn reap_admin(&mut self) {
+        let mut reaped = false;
+        while let Some(completion) = self.admin.next_completion() {
+            reaped = true;
+            // Abort's dword 0 bit 0 says whether the command was left alone.
+            tracing::warn!(
+                device = %self.shared.name,
+                admin_command_id = completion.command_id,
+                not_aborted = completion.dw0 & 1 == 1,
+                status = ?NvmeStatus::of(&completion).map(|status| status.to_string()),
+                "abort completed"
+            );
+        }
+        if reaped {
+            self.admin.ring_completion_doorbell(self.controller.bar());
+        }
+    }
+
+    /// Aborts commands past their deadline; disables the controller (and
+    /// fails the device) if an aborted command is still not back after a
+    /// second timeout.
+    fn check_timeouts(&mut self, now: Instant) {
+        let mut expired = None;
+        for id in 0..self.commands.len() {
+            let Some(command) = self.commands[id].as_mut() else {
+                continue;
+            };
+            if now < command.deadline {
+                continue;
+            }
+            if command.abort_sent {
+                expired = Some(id);
+                break;
+            }
+            command.abort_sent = true;
+            command.deadline = now + self.timeout;
+            self.shared
+                .counters
+                .timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            if self.admin.is_full() {
+                continue;
+            }
+            let mut abort = SubmissionEntry::new(admin::ABORT, self.next_admin_id);
+            self.next_admin_id = self.next_admin_id.wrapping_add(1).max(100);
+            abort.cdw10 = u32::from(IO_QUEUE_ID) | (id as u32) << 16;
+            if self.admin.push(abort) {
+                self.admin.ring_submission_doorbell(self.controller.bar());
+                self.shared.counters.aborts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(id) = expired {
+            let command = self.commands[id].as_ref().expect("found above");
+            let request = &self.requests[command.request]
+                .as_ref()
+                .expect("a command's request is in the table")
+                .request;
+            let reason = format!(
+                "command {id} ({} of {} bytes at offset {}) did not complete within twice its \
+                 {} ms timeout, even after an Abort",
+                request.op,
+                command.piece_len,
+                request.offset + command.piece_offset,
+                self.timeout.as_millis()
+            );
+            self.fail(reason);
+        }
+    }
+
+    /// Fails the device for good: stops the controller's DMA (disable; if
+    /// that does not take, remove the IOMMU mappings), then fails every
+    /// request, handing back buffers only if DMA has provably stopped.
+    fn fail(&mut self, reason: String) {
+        tracing::error!(device = %self.shared.name, "NVMe device failed: {reason}");
+        let reason: Arc<str> = reason.into();
+        *self.shared.failure.lock() = Some(Arc::clone(&reason));
+        self.failed = true;
+        let mut dma_stopped = match self.controller.disable() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(device = %self.shared.name, "cannot disable the controller: {error}");
+                false
+            }
+        };
+        if !dma_stopped {
+            if let Err(error) = self.controller.vfio.disable_bus_master() {
+                tracing::error!(device = %self.shared.name, "cannot turn bus mastering off: {error}");
+            }
+            match self.controller.unmap_all() {
+                Ok(()) => dma_stopped = true,
+                Err(error) => tracing::error!(
+                    device = %self.shared.name,
+                    "cannot remove the IOMMU mappings: {error}; buffers in flight are leaked"
+                ),
+            }
+        }
+        for command in &mut self.commands {
+            command.take();
+        }
+        self.in_flight = 0;
+        self.unissued.clear();
+        let failed = || DeviceError::Failed {
+            device: Arc::clone(&self.shared.name),
+            reason: Arc::clone(&reason),
+        };
+        for index in 0..self.requests.len() {
+            let Some(mut in_flight) = self.requests[index].take() else {
+                continue;
+            };
+            self.free_requests.push(index);
+            if !dma_stopped
+                && in_flight.outstanding > 0
+                && let Some(buf) = in_flight.request.buf.take()
+            {
+                // The controller may still write into it: never reuse it.
+                std::mem::forget(buf);
+                in_flight.request.buf = Some(crate::DmaBuf::alloc_zeroed(0));
+            }
+            self.finish_now(in_flight.request, Err(failed()));
+        }
+    }
+
+    /// Close: every request is answered; shut the controller down.
+    fn close(mut self) {
+        if !self.failed
+            && let Err(error) = self.controller.shutdown()
+        {
+            tracing::warn!(device = %self.shared.name, "orderly shutdown failed: {error}");
+        }
+        if let Err(error) = self.controller.unmap_all() {
+            tracing::warn!(device = %self.shared.name, "cannot remove IOMMU mappings: {error}");
+        }
+        tracing::debug!(device = %self.shared.name, "NVMe device closed");
+    }
+}

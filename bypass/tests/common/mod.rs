@@ -1,0 +1,3 @@
+//! Test helpers shared by bypass's integration tests.
+
+pub mod contract;
