@@ -11,6 +11,7 @@
 //! pinned version, checked against its block CRCs or its chunk CRC.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
 use parking_lot::Mutex;
@@ -37,6 +38,8 @@ pub(crate) struct DeviceIo<D> {
     /// Why the engine refuses reads too, after an internal fault (its
     /// journal thread panicked): its in-memory state may be half-updated.
     fault: Mutex<Option<Arc<str>>>,
+    /// Bytes of every write issued since the engine opened.
+    bytes_written: AtomicU64,
 }
 
 impl<D: BlockDevice> DeviceIo<D> {
@@ -54,11 +57,17 @@ impl<D: BlockDevice> DeviceIo<D> {
             block_crcs: BlockCrcs::new(block_crc_cache_blocks),
             poison: Mutex::new(None),
             fault: Mutex::new(None),
+            bytes_written: AtomicU64::new(0),
         }
     }
 
     fn slot_offset(&self, slot: SlotId) -> u64 {
         self.sb.slot_offset(slot)
+    }
+
+    /// Bytes of every write issued since the engine opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
     }
 
     pub fn poison(&self, reason: &str) {
@@ -155,6 +164,8 @@ impl<D: BlockDevice> DeviceIo<D> {
         buf: DmaBuf,
         what: impl Fn() -> String,
     ) -> Result<(), EngineError> {
+        self.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let result = self.dev.write(offset, buf).await.result;
         result.map_err(|e| {
             let error = self.device_error(format!("writing {}", what()), e);
@@ -432,9 +443,12 @@ impl<D: BlockDevice> DeviceIo<D> {
     }
 
     /// Writes `overlay`, the Patch layers of committed version `meta`, into
-    /// its slot, with the block CRCs of every block written: a checkpoint
-    /// does this before it lets the journal reuse their records, and
-    /// recovery redoes it. The caller makes sure no reader of a version
+    /// its slot, and returns the block CRCs of every block written, by device
+    /// offset, for the caller to store (a checkpoint stores those of all its
+    /// chunks at once, so that the updates of one region block share one
+    /// write of it) before the flush that makes the blocks durable. A
+    /// checkpoint does this before it lets the journal reuse their records,
+    /// and recovery redoes it. The caller makes sure no reader of a version
     /// without these layers reads the slot.
     ///
     /// A block the extents cover only in part is read, and checked against
@@ -453,8 +467,9 @@ impl<D: BlockDevice> DeviceIo<D> {
         key: ChunkKey,
         meta: &ChunkMeta,
         overlay: &[Layer],
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<(u64, Vec<u32>)>, EngineError> {
         let what = || format!("{key:?} patch");
+        let mut stored = Vec::new();
         let mut blocks: Vec<u64> = overlay
             .iter()
             .flat_map(|l| l.extents.iter())
@@ -517,16 +532,12 @@ impl<D: BlockDevice> DeviceIo<D> {
                     *crc = !*crc;
                 }
             }
-            let (data, crcs) = tokio::join!(
-                self.write_at(device_at, buf, what),
-                self.store_block_crcs(
-                    device_at,
-                    if self.sb.has_block_crcs() { &crcs } else { &[] }
-                )
-            );
-            data.and(crcs)?;
+            self.write_at(device_at, buf, what).await?;
+            if self.sb.has_block_crcs() {
+                stored.push((device_at, crcs));
+            }
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Whether version `meta`, its slot's bytes with `overlay` over them,

@@ -476,6 +476,14 @@ impl<D: BlockDevice> Engine<D> {
         self.engine.journal.counters.snapshot()
     }
 
+    /// Bytes the engine asked its device to write since it opened (data,
+    /// block CRCs, journal, checkpoints, the open's own checkpoint included,
+    /// and writes a cancelled writer issued): with the payload written, the
+    /// device write amplification.
+    pub fn device_bytes_written(&self) -> u64 {
+        self.engine.device.bytes_written()
+    }
+
     pub fn space(&self) -> SpaceInfo {
         let table = self.engine.table.lock();
         SpaceInfo {

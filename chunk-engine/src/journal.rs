@@ -590,9 +590,11 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
         wait_for_readers(engine, plan.epoch).await;
         #[cfg(feature = "testing")]
         let _applying = engine.journal.applying.lock().await;
+        let mut crcs = Vec::new();
         for (key, meta, overlay) in &plan.apply {
-            engine.device.apply_overlay(*key, meta, overlay).await?;
+            crcs.extend(engine.device.apply_overlay(*key, meta, overlay).await?);
         }
+        engine.device.store_block_crc_runs(&crcs).await?;
         // Durable before the checkpoint that drops their records is even
         // written: a flush covers only the writes that completed before it,
         // and the checkpoint's own flush may not return.
