@@ -4,8 +4,12 @@
 //! On a file (created if needed, formatted if not yet a chunk engine; an
 //! existing engine is opened and keeps its data), it writes and commits
 //! 1 MiB chunks with `depth` in flight, reads them back, then issues 4 KiB
-//! random reads inside them at `rand_depth` for a fixed time. The bench
-//! chunks live on a chain of their own and are removed afterwards.
+//! random reads inside them at `rand_depth` for a fixed time, then 4 KiB
+//! random writes into them (each committed), reporting the device's write
+//! amplification: bytes the engine asked the device to write per byte of
+//! payload, counted by the engine, the reopen that writes the last patches
+//! into their chunks included. The bench chunks live on a chain of their own
+//! and are removed afterwards.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +64,13 @@ pub struct EngineArgs {
     /// then overlaps the reactor's I/O, and 4 KiB random reads on the reactor.
     #[arg(long, value_enum, default_value_t = Placement::Auto)]
     workers: Placement,
+    /// 4 KiB random writes into the written chunks (at `rand_depth`).
+    #[arg(long, default_value_t = 20_000)]
+    rand_writes: u32,
+    /// Make the random writes copy their chunk, as before patches (the
+    /// comparison for the write amplification).
+    #[arg(long)]
+    no_patches: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -79,6 +90,18 @@ struct Results {
     rand_read_4k_iops_device: f64,
     /// Group commit: chunk commits per journal batch (and flush) while writing.
     commits_per_batch: f64,
+    /// 4 KiB random writes into existing chunks, each committed.
+    rand_write_4k_iops: f64,
+    /// Bytes written to the device per byte of payload by those writes
+    /// (their later application in place included).
+    rand_write_4k_amplification: f64,
+    /// Whether those writes were patches (else copies of their chunk).
+    rand_write_patches: bool,
+    /// Commits per journal batch during those writes.
+    rand_write_commits_per_batch: f64,
+    /// Checkpoints during those writes (each writes the patches since the
+    /// one before into their chunks).
+    rand_write_checkpoints: u64,
     workers: Placement,
     chunks: u32,
     depth: usize,
@@ -199,6 +222,29 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         let run = Duration::from_secs_f64(args.rand_seconds);
         let iops = rand_read(&small, &engine, chunks, args.rand_depth, run, false).await?;
         let iops_device = rand_read(&small, &engine, chunks, args.rand_depth, run, true).await?;
+        // The random writes run on an engine opened with or without
+        // patches; reopening it at the end writes every patch still in the
+        // journal into its chunk, which those writes must be charged for.
+        drop(engine);
+        let mut config = EngineConfig::default();
+        if args.no_patches {
+            config.patch_bytes_max = 0;
+        }
+        let engine = Engine::open(dev.clone(), pool.clone(), config.clone()).await?;
+        let small = match args.workers {
+            Placement::Caller => Workers::Caller,
+            _ => Workers::Reactor(dev.clone()),
+        };
+        let before = engine.stats();
+        let bytes_before = engine.device_bytes_written();
+        let write_time =
+            rand_write(&small, &engine, chunks, args.rand_depth, args.rand_writes).await?;
+        let during = engine.stats();
+        let device_bytes = engine.device_bytes_written() - bytes_before;
+        drop(engine);
+        let engine = Engine::open(dev.clone(), pool.clone(), config).await?;
+        let device_bytes = device_bytes + engine.device_bytes_written();
+        let payload = u64::from(args.rand_writes) * 4096;
         clean(&engine).await?;
         let mib = f64::from(chunks);
         Ok(Results {
@@ -207,6 +253,12 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             rand_read_4k_iops: iops,
             rand_read_4k_iops_device: iops_device,
             commits_per_batch,
+            rand_write_4k_iops: f64::from(args.rand_writes) / write_time.as_secs_f64(),
+            rand_write_4k_amplification: device_bytes as f64 / payload.max(1) as f64,
+            rand_write_patches: !args.no_patches,
+            rand_write_commits_per_batch: (during.records - before.records) as f64
+                / (during.batches - before.batches).max(1) as f64,
+            rand_write_checkpoints: during.checkpoints - before.checkpoints,
             workers: args.workers,
             chunks,
             depth: args.depth,
@@ -234,6 +286,22 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         println!(
             "  the same reads straight to the device: {:.0} IOPS",
             results.rand_read_4k_iops_device
+        );
+        println!(
+            "4 KiB rand write{:>10.0} IOPS    (depth {}, each committed; {})",
+            results.rand_write_4k_iops,
+            args.rand_depth,
+            if results.rand_write_patches {
+                "patches"
+            } else {
+                "copying the chunk"
+            }
+        );
+        println!(
+            "  device bytes written per payload byte: {:.2} ({:.1} commits per journal flush, {} checkpoints)",
+            results.rand_write_4k_amplification,
+            results.rand_write_commits_per_batch,
+            results.rand_write_checkpoints
         );
     }
     Ok(())
@@ -368,6 +436,66 @@ async fn seq_read(
                 read.data.len() == CHUNK_BYTES,
                 "short read of chunk {index}"
             );
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// `writes` 4 KiB writes at random block offsets of the chunks, each
+/// committed at the chunk's next version. Worker `w` writes only the chunks
+/// `i` with `i % depth == w`, so that no two writers race on a version.
+async fn rand_write(
+    workers: &Workers,
+    engine: &Engine<UringDevice>,
+    chunks: u32,
+    depth: usize,
+    writes: u32,
+) -> anyhow::Result<Duration> {
+    let depth = depth.min(chunks as usize);
+    let per_worker = writes.div_ceil(depth as u32);
+    let left = Arc::new(AtomicU64::new(u64::from(writes)));
+    let engine = engine.clone();
+    parallel(workers, depth as u32, depth, move |worker| {
+        let engine = engine.clone();
+        let left = left.clone();
+        async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed ^ u64::from(worker));
+            let mine: Vec<u32> = (worker..chunks).step_by(depth).collect();
+            let mut versions = vec![1u32; mine.len()];
+            let data: Vec<u8> = (0..4096)
+                .map(|i| (i * 13 + worker as usize) as u8)
+                .collect();
+            let crc = crc32c::crc32c(&data);
+            for _ in 0..per_worker {
+                if left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_err()
+                {
+                    break;
+                }
+                let pick = rng.random_range(0..mine.len());
+                versions[pick] += 1;
+                let version = ChunkVersion(versions[pick]);
+                let offset = rng.random_range(0..(CHUNK_BYTES / 4096) as u32) * 4096;
+                let mut buf = engine.pool().alloc(4096);
+                buf.copy_from_slice(&data);
+                let request = WriteRequest {
+                    key: key(mine[pick]),
+                    version,
+                    chain_version: ChainVersion(1),
+                    op: WriteOp::Update {
+                        offset,
+                        data: buf,
+                        crc,
+                    },
+                    client: ClientId(0),
+                    request: RequestId(u64::from(version.0)),
+                    prepare: false,
+                };
+                engine.write(request).await?;
+                engine.commit(key(mine[pick]), version).await?;
+            }
             Ok(())
         }
     })

@@ -379,6 +379,49 @@ impl<D: BlockDevice> DeviceIo<D> {
         Ok(())
     }
 
+    /// Records the CRCs of many runs of data blocks just written, `(device
+    /// offset, CRCs)` each, as [`Self::store_block_crcs`] does for one, but
+    /// writing each region block they touch about once: the updates of a
+    /// region block go into its cached copy first, and the last one writes
+    /// the copy with all of them. A checkpoint writing Patch layers into
+    /// scattered blocks uses it, so that a region block's updates since the
+    /// last checkpoint cost one write of it.
+    pub async fn store_block_crc_runs(&self, runs: &[(u64, Vec<u32>)]) -> Result<(), EngineError> {
+        if !self.sb.has_block_crcs() {
+            return Ok(());
+        }
+        let mut by_region: std::collections::BTreeMap<u64, Vec<(u64, &[u32])>> =
+            std::collections::BTreeMap::new();
+        for (offset, crcs) in runs {
+            let first = self.sb.data_block_index(*offset);
+            for (region, from, to, _) in Self::region_spans(first, crcs.len() as u64) {
+                let at = *offset + from as u64 * BLOCK;
+                by_region
+                    .entry(region)
+                    .or_default()
+                    .push((at, &crcs[from..to]));
+            }
+        }
+        for (region, updates) in by_region {
+            let Some(((last_at, last), earlier)) = updates.split_last() else {
+                continue;
+            };
+            for (at, crcs) in earlier {
+                let entry = (self.sb.data_block_index(*at) % BLOCK_CRCS_PER_BLOCK) as usize;
+                let applied = self.block_crcs.cache.lock().apply(region, entry, crcs);
+                if applied.is_none() {
+                    // Not cached: stored (and written) the ordinary way,
+                    // which caches the copy for the ones after it.
+                    self.store_block_crcs(*at, crcs).await?;
+                }
+            }
+            // Writes the copy with every update above in it (a copy with
+            // updates not yet written is never evicted).
+            self.store_block_crcs(*last_at, last).await?;
+        }
+        Ok(())
+    }
+
     /// Counts and logs a partial read whose blocks did not match.
     pub fn note_block_mismatch(&self, what: impl FnOnce() -> String) {
         self.block_crcs.note_mismatch(what);

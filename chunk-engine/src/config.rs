@@ -59,6 +59,17 @@ pub struct EngineConfig {
     /// they need without a device read. Default 1024: 4 MiB of memory for
     /// 4 GiB of data.
     pub block_crc_cache_blocks: usize,
+    /// Largest update (payload bytes) written as a patch rather than by
+    /// copying the chunk (format version 4): its bytes go into the journal,
+    /// and a checkpoint writes them into the chunk's slot later
+    /// (docs/chunk-engine-format.md, "Patches"). Capped at an eighth of the
+    /// journal. 0 turns patches off. Default 64 KiB.
+    pub patch_bytes_max: usize,
+    /// Most journal bytes the records of all pending patches may take
+    /// together (memory the engine holds for them; a prepared one is carried
+    /// by every checkpoint until it ends); past it, updates copy the chunk.
+    /// Capped at an eighth of the journal. Default 16 MiB.
+    pub patch_pending_bytes_max: usize,
 }
 
 /// Who writes journal batches and checkpoints (journal.rs). Both modes write
@@ -87,6 +98,8 @@ impl Default for EngineConfig {
             clock: Arc::new(WallClock),
             verify_reads: true,
             block_crc_cache_blocks: 1024,
+            patch_bytes_max: 64 << 10,
+            patch_pending_bytes_max: 16 << 20,
         }
     }
 }

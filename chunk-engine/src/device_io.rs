@@ -11,14 +11,15 @@
 //! pinned version, checked against its block CRCs or its chunk CRC.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flyfs_bypass::{BlockDevice, BufferPool, DmaBuf};
 use parking_lot::Mutex;
 
 use crate::block_crc::{BlockCrcs, crcs_of};
-use crate::format::{BLOCK, ChunkMeta, SlotId, Superblock};
+use crate::format::{BLOCK, ChunkMeta, PatchExtent, SlotId, Superblock};
 use crate::request::{ReadOutcome, ReadRequest, WriteOp};
-use crate::table::{ReadTarget, WritePlan};
+use crate::table::{Layer, Overlay, ReadTarget, WritePlan, overlay_onto};
 use crate::{ChunkKey, EngineError};
 
 /// The device an engine owns, with what every I/O on it needs: the layout
@@ -37,6 +38,8 @@ pub(crate) struct DeviceIo<D> {
     /// Why the engine refuses reads too, after an internal fault (its
     /// journal thread panicked): its in-memory state may be half-updated.
     fault: Mutex<Option<Arc<str>>>,
+    /// Bytes of every write issued since the engine opened.
+    bytes_written: AtomicU64,
 }
 
 impl<D: BlockDevice> DeviceIo<D> {
@@ -54,11 +57,17 @@ impl<D: BlockDevice> DeviceIo<D> {
             block_crcs: BlockCrcs::new(block_crc_cache_blocks),
             poison: Mutex::new(None),
             fault: Mutex::new(None),
+            bytes_written: AtomicU64::new(0),
         }
     }
 
     fn slot_offset(&self, slot: SlotId) -> u64 {
         self.sb.slot_offset(slot)
+    }
+
+    /// Bytes of every write issued since the engine opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
     }
 
     pub fn poison(&self, reason: &str) {
@@ -155,6 +164,8 @@ impl<D: BlockDevice> DeviceIo<D> {
         buf: DmaBuf,
         what: impl Fn() -> String,
     ) -> Result<(), EngineError> {
+        self.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let result = self.dev.write(offset, buf).await.result;
         result.map_err(|e| {
             let error = self.device_error(format!("writing {}", what()), e);
@@ -195,46 +206,63 @@ impl<D: BlockDevice> DeviceIo<D> {
     }
 
     /// Does the I/O of a write as `plan` lays it out; returns the new length
-    /// and CRC of the whole chunk.
+    /// and CRC of the whole chunk, and a patch's extents.
     pub async fn write_plan(
         &self,
         key: ChunkKey,
         plan: &WritePlan,
         op: WriteOp,
-    ) -> Result<(u32, u32), EngineError> {
+    ) -> Result<WriteDone, EngineError> {
         let what = || format!("{key:?}");
         // The new bytes, as (offset, data, crc of data); a truncate that
         // extends is an update with zeros.
-        let (offset, data, data_crc) = match op {
-            WriteOp::Update { offset, data, crc } => (offset, data, crc),
-            WriteOp::Replace { data, crc } => (0, data, crc),
+        let mut extents: Vec<(u32, DmaBuf, u32)> = match op {
+            WriteOp::Update { offset, data, crc } => vec![(offset, data, crc)],
+            WriteOp::Extents(list) => list
+                .into_iter()
+                .map(|e| (e.offset, e.data, e.crc))
+                .collect(),
+            WriteOp::Replace { data, crc } => vec![(0, data, crc)],
             WriteOp::Truncate { len } => {
                 let base_len = match plan {
-                    WritePlan::Shrink { base } => {
+                    WritePlan::Shrink { base, overlay } => {
                         // The whole base is read and checked: a CRC computed
                         // afresh over rotten bytes would make them look good.
-                        let buf = self
+                        let mut buf = self
                             .read_at(
                                 self.slot_offset(base.slot),
                                 round_up(u64::from(base.len)) as usize,
                                 what,
                             )
                             .await?;
+                        overlay_opt(overlay, 0, &mut buf[..base.len as usize]);
                         self.check_base(key, base, &buf, (0, len))?;
-                        return Ok((len, crc32c::crc32c(&buf[..len as usize])));
+                        return Ok(WriteDone::new(len, crc32c::crc32c(&buf[..len as usize])));
                     }
                     WritePlan::InPlace { base, .. } => base.len,
                     WritePlan::Cow { base, .. } => base.map_or(0, |b| b.len),
+                    WritePlan::Patch { .. } => unreachable!("a truncate is never a patch"),
                 };
                 let zeros = DmaBuf::alloc_zeroed((len - base_len) as usize);
                 let crc = crc32c::crc32c(&zeros);
-                (base_len, zeros, crc)
+                vec![(base_len, zeros, crc)]
             }
         };
-        let data_len = data.len() as u32;
-        match *plan {
+        match plan {
             WritePlan::Shrink { .. } => unreachable!("only a truncate shrinks"),
-            WritePlan::InPlace { slot, base } => {
+            WritePlan::Patch { base, overlay } => {
+                self.write_patch(key, base, overlay.as_deref().map(Vec::as_slice), extents)
+                    .await
+            }
+            WritePlan::InPlace {
+                slot,
+                base,
+                overlay,
+            } => {
+                let (offset, data, data_crc) = extents.pop().expect("an append has one extent");
+                debug_assert!(extents.is_empty(), "an append has one extent");
+                let (slot, base) = (*slot, *base);
+                let data_len = data.len() as u32;
                 let aligned = base.len & !(BLOCK as u32 - 1);
                 let new_len = offset + data_len;
                 // Fast path: block-aligned append straight from the caller's buffer.
@@ -248,7 +276,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                             )
                             .await?;
                             let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
-                            return Ok((new_len, crc));
+                            return Ok(WriteDone::new(new_len, crc));
                         }
                         Err(data) => data,
                     }
@@ -260,9 +288,16 @@ impl<D: BlockDevice> DeviceIo<D> {
                 if aligned < base.len {
                     // The block holding the committed tail is rewritten with
                     // the same committed bytes: sector writes are atomic, so
-                    // a torn write leaves them intact either way.
-                    self.read_tail_block(key, &base, (offset, new_len), &mut buf[..BLOCK as usize])
-                        .await?;
+                    // a torn write leaves them intact either way. (No layer
+                    // not yet in the slot touches it: the plan checked.)
+                    self.read_tail_block(
+                        key,
+                        &base,
+                        overlay.as_deref().map(Vec::as_slice),
+                        (offset, new_len),
+                        &mut buf[..BLOCK as usize],
+                    )
+                    .await?;
                 }
                 let tail_start = (base.len - aligned) as usize;
                 let data_start = (offset - aligned) as usize;
@@ -273,23 +308,32 @@ impl<D: BlockDevice> DeviceIo<D> {
                 let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
                 self.write_blocks(self.slot_offset(slot) + u64::from(aligned), buf, what)
                     .await?;
-                Ok((new_len, crc))
+                Ok(WriteDone::new(new_len, crc))
             }
-            WritePlan::Cow { slot, base } => {
+            WritePlan::Cow {
+                slot,
+                base,
+                overlay,
+            } => {
+                let (slot, base) = (*slot, *base);
                 let base_len = base.map_or(0, |b| b.len);
-                let new_len = base_len.max(offset + data_len);
-                let covers_base = offset == 0 && data_len >= base_len;
-                let data = if covers_base {
+                let new_len = extents
+                    .iter()
+                    .map(|(offset, data, _)| offset + data.len() as u32)
+                    .fold(base_len, u32::max);
+                let covers_base = extents.len() == 1
+                    && extents[0].0 == 0
+                    && extents[0].1.len() as u32 >= base_len;
+                if covers_base {
+                    let (_, data, data_crc) = extents.pop().expect("one extent");
                     match padded_in_place(data) {
                         Ok(buf) => {
                             self.write_blocks(self.slot_offset(slot), buf, what).await?;
-                            return Ok((new_len, data_crc));
+                            return Ok(WriteDone::new(new_len, data_crc));
                         }
-                        Err(data) => data,
+                        Err(data) => extents.push((0, data, data_crc)),
                     }
-                } else {
-                    data
-                };
+                }
                 let io_len = round_up(u64::from(new_len)) as usize;
                 let mut buf = self.pool.alloc(io_len);
                 let mut filled = 0usize;
@@ -304,19 +348,217 @@ impl<D: BlockDevice> DeviceIo<D> {
                     done.result.map_err(|e| {
                         self.device_error(format!("reading {} for copy-on-write", what()), e)
                     })?;
+                    overlay_opt(overlay, 0, &mut buf[..base.len as usize]);
                     // Checked before its bytes go into the new version, whose
                     // CRC is computed afresh and would hide the rot.
-                    self.check_base(key, &base, &buf, (offset, offset + data_len))?;
+                    let first = extents.first().map_or(0, |e| e.0);
+                    self.check_base(key, &base, &buf, (first, new_len))?;
                     buf.set_len(io_len);
                     filled = base.len as usize;
                 }
                 buf[filled..].fill(0);
-                buf[offset as usize..(offset + data_len) as usize].copy_from_slice(&data);
+                for (offset, data, _) in &extents {
+                    buf[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                }
                 let crc = crc32c::crc32c(&buf[..new_len as usize]);
                 self.write_blocks(self.slot_offset(slot), buf, what).await?;
-                Ok((new_len, crc))
+                Ok(WriteDone::new(new_len, crc))
             }
         }
+    }
+
+    /// A patch (see `WritePlan::Patch`): nothing is written here. The new
+    /// version's CRC is the base's updated for each extent in turn from the
+    /// bytes it replaces (CRC32C is linear, see [`crc_after_overwrite`]), so
+    /// only the blocks the extents touch are read, checked against their
+    /// block CRCs (or, on a mismatch, the whole base against its CRC). The
+    /// extents are copied out of the caller's buffers: they live in memory
+    /// until a checkpoint writes them into the slot.
+    async fn write_patch(
+        &self,
+        key: ChunkKey,
+        base: &ChunkMeta,
+        overlay: Option<&[Layer]>,
+        extents: Vec<(u32, DmaBuf, u32)>,
+    ) -> Result<WriteDone, EngineError> {
+        let mut layer: Vec<PatchExtent> = Vec::with_capacity(extents.len());
+        let mut crc = base.crc;
+        let mut whole: Option<DmaBuf> = None;
+        for (offset, data, _) in extents {
+            // An empty extent changes nothing, and a Patch record holds none.
+            if data.is_empty() {
+                continue;
+            }
+            let end = offset + data.len() as u32;
+            let io_start = u64::from(offset) & !(BLOCK - 1);
+            let io_end = round_up(u64::from(end));
+            // The bytes this extent replaces, as the version built so far
+            // has them: the slot's, the base's layers, this write's earlier
+            // extents.
+            let old: Vec<u8> = match &whole {
+                Some(whole) => whole[offset as usize..end as usize].to_vec(),
+                None => {
+                    let at = self.slot_offset(base.slot) + io_start;
+                    let expected = self.block_crcs(at, (io_end - io_start) / BLOCK).await?;
+                    let mut blocks = self
+                        .read_at(at, (io_end - io_start) as usize, || format!("{key:?}"))
+                        .await?;
+                    if crcs_of(&blocks) == expected {
+                        overlay_opt_slice(overlay, io_start, &mut blocks);
+                        overlay_onto_extents(&layer, io_start, &mut blocks);
+                        let from = (u64::from(offset) - io_start) as usize;
+                        blocks[from..from + data.len()].to_vec()
+                    } else {
+                        self.note_block_mismatch(|| format!("{key:?} blocks under a patch"));
+                        let mut buf = self
+                            .read_at(
+                                self.slot_offset(base.slot),
+                                round_up(u64::from(base.len)) as usize,
+                                || format!("{key:?}"),
+                            )
+                            .await?;
+                        overlay_opt_slice(overlay, 0, &mut buf[..base.len as usize]);
+                        self.check_base(key, base, &buf, (offset, end))?;
+                        overlay_onto_extents(&layer, 0, &mut buf[..base.len as usize]);
+                        let old = buf[offset as usize..end as usize].to_vec();
+                        whole = Some(buf);
+                        old
+                    }
+                }
+            };
+            crc = crc_after_overwrite(crc, base.len, offset, &old, &data);
+            if let Some(whole) = &mut whole {
+                whole[offset as usize..end as usize].copy_from_slice(&data);
+            }
+            layer.push(PatchExtent {
+                offset,
+                data: data.to_vec(),
+            });
+        }
+        Ok(WriteDone {
+            len: base.len,
+            crc,
+            layer: Some(Arc::new(layer)),
+        })
+    }
+
+    /// Writes `overlay`, the Patch layers of committed version `meta`, into
+    /// its slot, and returns the block CRCs of every block written, by device
+    /// offset, for the caller to store (a checkpoint stores those of all its
+    /// chunks at once, so that the updates of one region block share one
+    /// write of it) before the flush that makes the blocks durable. A
+    /// checkpoint does this before it lets the journal reuse their records,
+    /// and recovery redoes it. The caller makes sure no reader of a version
+    /// without these layers reads the slot.
+    ///
+    /// A block the extents cover only in part is read, and checked against
+    /// its block CRC before its other bytes are written back (a new CRC must
+    /// never be computed over unchecked bytes). On a mismatch (rot, or a
+    /// crash that tore an earlier application of the same layers) the whole
+    /// version is read with the layers over it and checked against the chunk
+    /// CRC: the layers cover every byte such a tear could have changed, so a
+    /// match proves the block's bytes inside the chunk. If even that fails,
+    /// the chunk is corrupt: the bytes are written all the same (the layers
+    /// are durable only in records about to be reused), but the block gets
+    /// an entry that cannot match, so that every read of it checks the chunk
+    /// CRC and reports the corruption rather than returning rotten bytes.
+    pub async fn apply_overlay(
+        &self,
+        key: ChunkKey,
+        meta: &ChunkMeta,
+        overlay: &[Layer],
+    ) -> Result<Vec<(u64, Vec<u32>)>, EngineError> {
+        let what = || format!("{key:?} patch");
+        let mut stored = Vec::new();
+        let mut blocks: Vec<u64> = overlay
+            .iter()
+            .flat_map(|l| l.extents.iter())
+            .flat_map(|e| u64::from(e.offset) / BLOCK..round_up(u64::from(e.end())) / BLOCK)
+            .collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut whole_checked: Option<bool> = None;
+        let mut at = 0;
+        while at < blocks.len() {
+            // A run of consecutive blocks, written with one I/O.
+            let mut end = at + 1;
+            while end < blocks.len() && blocks[end] == blocks[end - 1] + 1 {
+                end += 1;
+            }
+            let (first, count) = (blocks[at], (end - at) as u64);
+            at = end;
+            let start = first * BLOCK;
+            let device_at = self.slot_offset(meta.slot) + start;
+            let mut buf = self.pool.alloc((count * BLOCK) as usize);
+            let covered: Vec<bool> = (0..count)
+                .map(|i| block_covered(overlay, start + i * BLOCK))
+                .collect();
+            let mut suspect = vec![false; count as usize];
+            if covered.iter().all(|c| *c) {
+                buf.fill(0);
+            } else {
+                buf = self.read_at(device_at, buf.len(), what).await?;
+                let expected = if self.sb.has_block_crcs() {
+                    self.block_crcs(device_at, count).await?
+                } else {
+                    Vec::new()
+                };
+                for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
+                    let matches = expected
+                        .get(i)
+                        .is_none_or(|expected| crc32c::crc32c(block) == *expected);
+                    if covered[i] || matches {
+                        continue;
+                    }
+                    let whole_ok = match whole_checked {
+                        Some(ok) => ok,
+                        None => {
+                            let ok = self.version_matches(meta, overlay).await?;
+                            if !ok {
+                                tracing::error!(device = %self.name, ?key, version = meta.version.0,
+                                    "chunk corrupt while writing its patches into its slot");
+                            }
+                            whole_checked = Some(ok);
+                            ok
+                        }
+                    };
+                    suspect[i] = !whole_ok;
+                }
+            }
+            overlay_onto(overlay, start, &mut buf);
+            let mut crcs = crcs_of(&buf);
+            for (crc, suspect) in crcs.iter_mut().zip(&suspect) {
+                if *suspect {
+                    *crc = !*crc;
+                }
+            }
+            self.write_at(device_at, buf, what).await?;
+            if self.sb.has_block_crcs() {
+                stored.push((device_at, crcs));
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Whether version `meta`, its slot's bytes with `overlay` over them,
+    /// matches its chunk CRC.
+    async fn version_matches(
+        &self,
+        meta: &ChunkMeta,
+        overlay: &[Layer],
+    ) -> Result<bool, EngineError> {
+        if meta.len == 0 {
+            return Ok(true);
+        }
+        let mut buf = self
+            .read_at(
+                self.slot_offset(meta.slot),
+                round_up(u64::from(meta.len)) as usize,
+                || format!("{:?} {:?}", meta.chain, meta.chunk),
+            )
+            .await?;
+        overlay_onto(overlay, 0, &mut buf[..meta.len as usize]);
+        Ok(crc32c::crc32c(&buf[..meta.len as usize]) == meta.crc)
     }
 
     /// Checks the bytes of the version a write builds on against its CRC;
@@ -356,6 +598,7 @@ impl<D: BlockDevice> DeviceIo<D> {
         &self,
         key: ChunkKey,
         base: &ChunkMeta,
+        overlay: Option<&[Layer]>,
         write: (u32, u32),
         out: &mut [u8],
     ) -> Result<(), EngineError> {
@@ -368,13 +611,14 @@ impl<D: BlockDevice> DeviceIo<D> {
             return Ok(());
         }
         self.note_block_mismatch(|| format!("{key:?} tail block before an append"));
-        let whole = self
+        let mut whole = self
             .read_at(
                 self.slot_offset(base.slot),
                 round_up(u64::from(base.len)) as usize,
                 what,
             )
             .await?;
+        overlay_opt_slice(overlay, 0, &mut whole[..base.len as usize]);
         self.check_base(key, base, &whole, write)?;
         out.copy_from_slice(&whole[aligned as usize..(aligned + BLOCK) as usize]);
         Ok(())
@@ -400,7 +644,7 @@ impl<D: BlockDevice> DeviceIo<D> {
         req: ReadRequest,
         verify_reads: bool,
     ) -> Result<ReadOutcome, EngineError> {
-        let ReadTarget { len, .. } = target;
+        let len = target.len;
         let start = req.offset.min(len);
         let end = start.saturating_add(req.len).min(len);
         // A read of the whole chunk is checked in any case: it costs no
@@ -422,7 +666,7 @@ impl<D: BlockDevice> DeviceIo<D> {
         } else {
             None
         };
-        let data = self
+        let mut data = self
             .read_at(at, (io_end - io_start) as usize, || format!("{key:?}"))
             .await?;
         if let Some(expected) = expected
@@ -438,6 +682,9 @@ impl<D: BlockDevice> DeviceIo<D> {
             });
             return self.read_whole_checked(key, target, start, end).await;
         }
+        // The block CRCs describe the slot; the version's layers not yet in
+        // it come from memory.
+        overlay_opt(&target.overlay, io_start, &mut data);
         Ok(self.outcome(target, data, io_start, start, end))
     }
 
@@ -455,14 +702,16 @@ impl<D: BlockDevice> DeviceIo<D> {
             len,
             crc,
             version,
+            ..
         } = target;
         let io_len = round_up(u64::from(len)) as usize;
         if io_len == 0 {
             return Ok(self.outcome(target, self.pool.alloc(0), 0, 0, 0));
         }
-        let data = self
+        let mut data = self
             .read_at(self.slot_offset(slot), io_len, || format!("{key:?}"))
             .await?;
+        overlay_opt(&target.overlay, 0, &mut data[..len as usize]);
         let computed = crc32c::crc32c(&data[..len as usize]);
         if computed != crc {
             return Err(EngineError::ChunkCorrupt {
@@ -507,6 +756,77 @@ fn round_up(len: u64) -> u64 {
     len.next_multiple_of(BLOCK)
 }
 
+/// What a write's I/O produced: the new version's length and CRC, and a
+/// patch's extents (which the pending version keeps in memory).
+#[derive(Debug)]
+pub(crate) struct WriteDone {
+    pub len: u32,
+    pub crc: u32,
+    pub layer: Option<Arc<Vec<PatchExtent>>>,
+}
+
+impl WriteDone {
+    fn new(len: u32, crc: u32) -> WriteDone {
+        WriteDone {
+            len,
+            crc,
+            layer: None,
+        }
+    }
+}
+
+fn overlay_opt(overlay: &Option<Overlay>, start: u64, buf: &mut [u8]) {
+    overlay_opt_slice(overlay.as_deref().map(|o| o.as_slice()), start, buf);
+}
+
+fn overlay_opt_slice(overlay: Option<&[Layer]>, start: u64, buf: &mut [u8]) {
+    if let Some(overlay) = overlay {
+        overlay_onto(overlay, start, buf);
+    }
+}
+
+/// Writes a patch's extents so far over `buf` (chunk bytes from `start`).
+fn overlay_onto_extents(extents: &[PatchExtent], start: u64, buf: &mut [u8]) {
+    let end = start + buf.len() as u64;
+    for extent in extents {
+        let (from, to) = (u64::from(extent.offset), u64::from(extent.end()));
+        let (lo, hi) = (from.max(start), to.min(end));
+        if lo < hi {
+            buf[(lo - start) as usize..(hi - start) as usize]
+                .copy_from_slice(&extent.data[(lo - from) as usize..(hi - from) as usize]);
+        }
+    }
+}
+
+/// Whether one extent of `overlay` covers the whole block at chunk offset
+/// `start`, so that none of the slot's bytes in it survive. (Several
+/// extents covering it together count as not covering it: the block is then
+/// read and checked, which is correct, only slower.)
+fn block_covered(overlay: &[Layer], start: u64) -> bool {
+    overlay
+        .iter()
+        .flat_map(|l| l.extents.iter())
+        .any(|e| u64::from(e.offset) <= start && u64::from(e.end()) >= start + BLOCK)
+}
+
+/// The CRC32C of a `len`-byte message after bytes `offset..offset +
+/// old.len()`, which were `old`, became `new` (the same length), from the
+/// message's CRC before: without reading the rest of the message.
+///
+/// CRC32C is affine over GF(2): for two messages of one length, crc(A) ^
+/// crc(B) is the pure (zero-initialised, not inverted) CRC of A ^ B. A ^ B
+/// is zero outside the range, leading zeros do not change a pure CRC, and
+/// trailing zeros multiply it by x^(8 * count) modulo the polynomial, which
+/// is what `crc32c_combine(c, 0, count)` computes. And over the range, the
+/// pure CRC of old ^ new is crc(old) ^ crc(new), again by linearity.
+pub(crate) fn crc_after_overwrite(crc: u32, len: u32, offset: u32, old: &[u8], new: &[u8]) -> u32 {
+    debug_assert_eq!(old.len(), new.len());
+    debug_assert!(offset as usize + old.len() <= len as usize);
+    let trailing = len as usize - offset as usize - old.len();
+    let delta = crc32c::crc32c(old) ^ crc32c::crc32c(new);
+    crc ^ crc32c::crc32c_combine(delta, 0, trailing)
+}
+
 /// Returns `data` ready to write from its window start, padded with zeros to
 /// a block multiple, if its memory allows that without copying.
 fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
@@ -526,4 +846,58 @@ fn padded_in_place(mut data: DmaBuf) -> Result<DmaBuf, DmaBuf> {
     data.full_mut()[start + len..start + padded].fill(0);
     data.set_window(start, padded);
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The CRC arithmetic of a patch, against recomputing the CRC of the
+    //! whole message.
+
+    use super::crc_after_overwrite;
+
+    fn message(len: usize, seed: u32) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn the_crc_after_an_overwrite_equals_a_recomputation() {
+        for len in [1usize, 2, 7, 64, 4095, 4096, 4097, 65_536, 1 << 20] {
+            let mut bytes = message(len, len as u32);
+            let mut crc = crc32c::crc32c(&bytes);
+            // Ranges at the start, the end, the whole message, one byte, and
+            // across block boundaries, overwritten in turn.
+            let ranges = [
+                (0, len),
+                (0, 1.min(len)),
+                (len - 1, len),
+                (len / 3, len / 3 + (len / 2).max(1).min(len - len / 3)),
+                (len / 2, len),
+            ];
+            for (n, (start, end)) in ranges.into_iter().enumerate() {
+                let new = message(end - start, 0x5a5a + n as u32);
+                let old = bytes[start..end].to_vec();
+                crc = crc_after_overwrite(crc, len as u32, start as u32, &old, &new);
+                bytes[start..end].copy_from_slice(&new);
+                assert_eq!(
+                    crc,
+                    crc32c::crc32c(&bytes),
+                    "{len}-byte message, bytes {start}..{end} overwritten"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_overwrite_with_the_same_bytes_or_nothing_keeps_the_crc() {
+        let bytes = message(10_000, 3);
+        let crc = crc32c::crc32c(&bytes);
+        assert_eq!(
+            crc_after_overwrite(crc, 10_000, 100, &bytes[100..5000], &bytes[100..5000]),
+            crc
+        );
+        assert_eq!(crc_after_overwrite(crc, 10_000, 10_000, &[], &[]), crc);
+        assert_eq!(crc_after_overwrite(crc, 10_000, 0, &[], &[]), crc);
+    }
 }

@@ -21,13 +21,15 @@ use flyfs_proto::ids::{ChainId, ChunkId, ChunkVersion, InodeId};
 use parking_lot::Mutex;
 
 use crate::config::EngineConfig;
-use crate::device_io::DeviceIo;
-use crate::format::{ChunkMeta, Record, Superblock};
+use crate::device_io::{DeviceIo, WriteDone};
+use crate::format::{ChunkMeta, PATCH_JOURNAL_SHARE, Record, Superblock};
 use crate::journal::{self, Cursor, Journal};
 use crate::request::{
     EngineStats, ReadOutcome, ReadRequest, SpaceInfo, WriteOutcome, WriteRequest,
 };
-use crate::table::{ChainUsage, ChunkInfo, ChunkTable, CommitStep, PendingInfo, SlotPin};
+use crate::table::{
+    ChainUsage, ChunkInfo, ChunkTable, CommitStep, PatchLimits, PendingInfo, SlotPin,
+};
 use crate::{ChunkKey, EngineError};
 
 /// One open engine: what its handles ([`Engine`]), its journal thread and
@@ -45,6 +47,19 @@ impl<D: BlockDevice> OpenEngine<D> {
     /// epoch on the configured clock (0 for a clock before 1970).
     fn now_us(&self) -> u64 {
         (self.config.clock.now_ns().max(0) / 1_000) as u64
+    }
+
+    /// When a write may be a patch: on a format that has Patch records, up
+    /// to the configured sizes and a share of the journal (a patch's record
+    /// must fit a batch, and the prepared ones fit the room a checkpoint
+    /// reserves for them).
+    fn patch_limits(&self) -> PatchLimits {
+        let share = self.device.sb.journal_bytes / PATCH_JOURNAL_SHARE;
+        PatchLimits {
+            enabled: self.device.sb.has_patches() && self.config.patch_bytes_max > 0,
+            bytes_max: (self.config.patch_bytes_max as u64).min(share),
+            pending_bytes_max: (self.config.patch_pending_bytes_max as u64).min(share),
+        }
     }
 
     pub fn new(
@@ -201,12 +216,13 @@ impl<D: BlockDevice> Engine<D> {
             &req,
             extent,
             engine.device.sb.class_log2_min,
+            engine.patch_limits(),
             &engine.device.name,
         )?;
         let result = engine.device.write_plan(key, &plan, req.op).await;
-        let pending = {
+        let (pending, record) = {
             let mut table = engine.table.lock();
-            let (len, crc) = match result {
+            let WriteDone { len, crc, layer } = match result {
                 Ok(done) => done,
                 Err(error) => {
                     table.abandon_write(&plan);
@@ -225,13 +241,22 @@ impl<D: BlockDevice> Engine<D> {
                 request: req.request,
                 prepared: None,
             };
-            table.install_pending(key, &plan, pending);
-            pending
+            if layer.is_some() {
+                engine
+                    .journal
+                    .counters
+                    .patches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            table.install_pending(key, &plan, pending, layer);
+            let record = req
+                .prepare
+                .then(|| table.record_for(key, pending.meta(key, engine.now_us()), true));
+            (pending, record)
         };
-        if req.prepare {
-            let meta = pending.meta(key, engine.now_us());
+        if let Some(record) = record {
             // Applying the durable record marks the pending version prepared.
-            if let Err(error) = journal::submit(engine, Record::Prepare(meta)).await {
+            if let Err(error) = journal::submit(engine, record).await {
                 // The journal failed, so the engine is poisoned; the record
                 // may yet be durable, which recovery allows (the version was
                 // never acknowledged). In memory the write changes nothing.
@@ -258,12 +283,17 @@ impl<D: BlockDevice> Engine<D> {
         let engine = &*self.engine;
         engine.device.check_writable()?;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
-        let step = engine.table.lock().commit_step(key, version)?;
-        let meta = match step {
-            CommitStep::Done(meta) => return Ok(meta),
-            CommitStep::Record(pending) => pending.meta(key, engine.now_us()),
+        let (meta, record) = {
+            let mut table = engine.table.lock();
+            match table.commit_step(key, version)? {
+                CommitStep::Done(meta) => return Ok(meta),
+                CommitStep::Record(pending) => {
+                    let meta = pending.meta(key, engine.now_us());
+                    (meta, table.record_for(key, meta, false))
+                }
+            }
         };
-        journal::submit(engine, Record::Put(meta)).await?;
+        journal::submit(engine, record).await?;
         Ok(meta)
     }
 
@@ -315,7 +345,7 @@ impl<D: BlockDevice> Engine<D> {
         let engine = &*self.engine;
         engine.device.check_readable()?;
         let target = engine.table.lock().pin_for_read(key, req.version)?;
-        let _pin = SlotPin::new(&engine.table, target.slot);
+        let _pin = SlotPin::new(&engine.table, &target);
         engine
             .device
             .read_pinned(key, target, req, engine.config.verify_reads)
@@ -419,8 +449,9 @@ impl<D: BlockDevice> Engine<D> {
             .table
             .lock()
             .pin_for_read(key, crate::ReadVersion::Committed)?;
-        let _pin = SlotPin::new(&engine.table, target.slot);
+        let _pin = SlotPin::new(&engine.table, &target);
         let device = &engine.device;
+        let _applying = engine.journal.applying.lock().await;
         let blocks = u64::from(target.len).div_ceil(crate::format::BLOCK);
         if !device.sb.has_block_crcs() || blocks == 0 {
             return Ok(Vec::new());
@@ -443,6 +474,14 @@ impl<D: BlockDevice> Engine<D> {
 
     pub fn stats(&self) -> EngineStats {
         self.engine.journal.counters.snapshot()
+    }
+
+    /// Bytes the engine asked its device to write since it opened (data,
+    /// block CRCs, journal, checkpoints, the open's own checkpoint included,
+    /// and writes a cancelled writer issued): with the payload written, the
+    /// device write amplification.
+    pub fn device_bytes_written(&self) -> u64 {
+        self.engine.device.bytes_written()
     }
 
     pub fn space(&self) -> SpaceInfo {

@@ -6,6 +6,8 @@
 //! a [`FormatError`] that says what was wrong and where. It never panics on
 //! input bytes (fuzzed in fuzz/ and by `tests/decode.rs`), and it does no I/O.
 
+use std::sync::Arc;
+
 use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, RequestId};
 
 /// Unit of alignment of every on-device structure: the largest sector size a
@@ -18,11 +20,15 @@ pub const HEADER_BYTES: u64 = 1 << 20;
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, HEADER_BYTES / 2];
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FLYFSCE\0";
 /// Version 2 added the journal's Prepare record; version 3 the block-CRC
-/// region. Devices of versions 1 and 2 are read as they are: their journals
-/// hold what a version 3 journal may, and they have no block CRCs.
-pub const FORMAT_VERSION: u32 = 3;
+/// region; version 4 the journal's Patch records (small updates whose bytes
+/// live in the journal until a checkpoint applies them in place). Devices of
+/// versions 1 to 3 are read as they are: their journals hold what a version 4
+/// journal may, and the engine writes no Patch record to them.
+pub const FORMAT_VERSION: u32 = 4;
 /// The first format version with a block-CRC region.
 pub const FORMAT_VERSION_BLOCK_CRCS: u32 = 3;
+/// The first format version whose journal may hold Patch records.
+pub const FORMAT_VERSION_PATCHES: u32 = 4;
 /// The oldest format version this build still reads.
 pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const JOURNAL_MAGIC: u32 = u32::from_le_bytes(*b"FJNL");
@@ -38,6 +44,13 @@ pub const CLASS_LOG2_MAX: u8 = 26;
 pub const CHECKPOINT_HEADER_BYTES: u64 = BLOCK;
 /// Bytes of one entry of the block-CRC region: the CRC32C of one data block.
 pub const BLOCK_CRC_ENTRY_BYTES: u64 = 4;
+/// Bytes of the length of the records a version 4 checkpoint carries.
+pub const CHECKPOINT_CARRIED_PREFIX_BYTES: usize = 4;
+/// The share of the journal (1 / this) that the pending patches' records
+/// may take together: what a version 4 checkpoint slot reserves for the
+/// prepared ones it carries, and the most one patch may write.
+pub const PATCH_JOURNAL_SHARE: u64 = 8;
+
 /// Data blocks whose CRCs one block of the region holds.
 pub const BLOCK_CRCS_PER_BLOCK: u64 = BLOCK / BLOCK_CRC_ENTRY_BYTES;
 
@@ -284,8 +297,16 @@ impl Superblock {
         // over-reserves by at most their own share.
         let budget = capacity_bytes.saturating_sub(HEADER_BYTES + journal_bytes);
         let max_chunks = budget >> class_log2_min;
+        // Version 4 reserves room for the prepared patches a checkpoint
+        // carries (their records, bounded to a share of the journal).
+        let carried_bytes = if format_version >= FORMAT_VERSION_PATCHES {
+            CHECKPOINT_CARRIED_PREFIX_BYTES as u64 + journal_bytes / PATCH_JOURNAL_SHARE
+        } else {
+            0
+        };
         let checkpoint_slot_bytes =
-            (CHECKPOINT_HEADER_BYTES + max_chunks * META_BYTES as u64).next_multiple_of(BLOCK);
+            (CHECKPOINT_HEADER_BYTES + max_chunks * META_BYTES as u64 + carried_bytes)
+                .next_multiple_of(BLOCK);
         let checkpoint_offset = HEADER_BYTES;
         let journal_offset = checkpoint_offset + 2 * checkpoint_slot_bytes;
         let (block_crc_offset, block_crc_bytes) = if format_version >= FORMAT_VERSION_BLOCK_CRCS {
@@ -327,6 +348,13 @@ impl Superblock {
     /// Whether the device has a block-CRC region (format version 3 on).
     pub fn has_block_crcs(&self) -> bool {
         self.format_version >= FORMAT_VERSION_BLOCK_CRCS
+    }
+
+    /// Whether the journal may hold Patch records (format version 4 on): a
+    /// build that predates them refuses the device by its version rather
+    /// than meeting a record it cannot read.
+    pub fn has_patches(&self) -> bool {
+        self.format_version >= FORMAT_VERSION_PATCHES
     }
 
     /// Blocks of the data region.
@@ -630,18 +658,68 @@ pub enum Record {
     Prepare(ChunkMeta),
     /// The chunk no longer exists.
     Remove { chain: ChainId, chunk: ChunkId },
+    /// (Format version 4.) A version made by writing `extents` over the
+    /// chunk's current version in the same slot, `meta.slot`: its bytes are
+    /// those of the slot as the records before this one leave it, with the
+    /// extents (in order) written over them. The extents' bytes are in this
+    /// record only; a checkpoint writes them into the slot before it lets the
+    /// journal reuse the record, and recovery writes them again (redo). With
+    /// `prepare` it is a prepared version (a `Prepare`), else a commit (a
+    /// `Put`).
+    Patch {
+        meta: ChunkMeta,
+        prepare: bool,
+        extents: Arc<Vec<PatchExtent>>,
+    },
+}
+
+/// Bytes a Patch record writes over its chunk, at `offset` from the chunk's
+/// start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchExtent {
+    pub offset: u32,
+    pub data: Vec<u8>,
+}
+
+impl PatchExtent {
+    pub fn end(&self) -> u32 {
+        self.offset + self.data.len() as u32
+    }
 }
 
 const TAG_PUT: u8 = 1;
 const TAG_REMOVE: u8 = 2;
 const TAG_PREPARE: u8 = 3;
+const TAG_PATCH_PUT: u8 = 4;
+const TAG_PATCH_PREPARE: u8 = 5;
 const REMOVE_BYTES: usize = 16;
+/// A Patch record's fixed part after its tag: the metadata and the extent count.
+const PATCH_FIXED_BYTES: usize = META_BYTES + 2;
+/// Each extent's header: offset and length.
+const PATCH_EXTENT_HEADER_BYTES: usize = 8;
+/// Most extents one Patch record carries (its count is a u16).
+pub const PATCH_EXTENTS_MAX: usize = u16::MAX as usize;
 
 impl Record {
     pub fn encoded_len(&self) -> usize {
         1 + match self {
             Record::Put(_) | Record::Prepare(_) => META_BYTES,
             Record::Remove { .. } => REMOVE_BYTES,
+            Record::Patch { extents, .. } => {
+                PATCH_FIXED_BYTES
+                    + extents
+                        .iter()
+                        .map(|e| PATCH_EXTENT_HEADER_BYTES + e.data.len())
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    /// The chunk metadata the record sets, unless it is a `Remove`.
+    pub fn meta(&self) -> Option<&ChunkMeta> {
+        match self {
+            Record::Put(meta) | Record::Prepare(meta) | Record::Patch { meta, .. } => Some(meta),
+            Record::Remove { .. } => None,
         }
     }
 }
@@ -652,7 +730,31 @@ pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]
     let payload_len: usize = records.iter().map(Record::encoded_len).sum();
     let total = batch_bytes(payload_len);
     let (header, rest) = out[..total].split_at_mut(BATCH_HEADER_BYTES);
-    let mut w = Writer::new(rest);
+    let written = encode_records(records, rest);
+    debug_assert_eq!(written, payload_len);
+    rest[payload_len..].fill(0);
+    let mut h = Writer::new(header);
+    h.u32(JOURNAL_MAGIC);
+    h.u16(1);
+    h.u16(0);
+    h.u64(lsn);
+    h.u32(payload_len as u32);
+    h.u32(records.len() as u32);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&format_id.to_le_bytes()), &out[..24]);
+    let crc = crc32c::crc32c_append(
+        crc,
+        &out[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len],
+    );
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    out[28..32].fill(0);
+    total
+}
+
+/// Encodes `records` one after the other into `out` (which must hold their
+/// `encoded_len`s); returns the bytes written. Journal batches and the
+/// carried records of a checkpoint use the same encoding.
+pub fn encode_records(records: &[Record], out: &mut [u8]) -> usize {
+    let mut w = Writer::new(out);
     for record in records {
         match record {
             Record::Put(meta) | Record::Prepare(meta) => {
@@ -670,24 +772,28 @@ pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]
                 w.u64(chunk.inode.0);
                 w.u32(chunk.index);
             }
+            Record::Patch {
+                meta,
+                prepare,
+                extents,
+            } => {
+                w.u8(if *prepare {
+                    TAG_PATCH_PREPARE
+                } else {
+                    TAG_PATCH_PUT
+                });
+                meta.encode(&mut w.bytes[w.at..]);
+                w.at += META_BYTES;
+                w.u16(extents.len() as u16);
+                for extent in extents.iter() {
+                    w.u32(extent.offset);
+                    w.u32(extent.data.len() as u32);
+                    w.put(&extent.data);
+                }
+            }
         }
     }
-    rest[payload_len..].fill(0);
-    let mut h = Writer::new(header);
-    h.u32(JOURNAL_MAGIC);
-    h.u16(1);
-    h.u16(0);
-    h.u64(lsn);
-    h.u32(payload_len as u32);
-    h.u32(records.len() as u32);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&format_id.to_le_bytes()), &out[..24]);
-    let crc = crc32c::crc32c_append(
-        crc,
-        &out[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len],
-    );
-    out[24..28].copy_from_slice(&crc.to_le_bytes());
-    out[28..32].fill(0);
-    total
+    w.at
 }
 
 /// Bytes on disk of a batch with `payload_len` bytes of records.
@@ -734,7 +840,6 @@ pub fn decode_batch(
     header: &BatchHeader,
     sb: &Superblock,
 ) -> Result<Option<Vec<Record>>, FormatError> {
-    const WHAT: &str = "journal record";
     let payload_end = BATCH_HEADER_BYTES + header.payload_len as usize;
     if bytes.len() < payload_end {
         return Err(FormatError::Short {
@@ -748,8 +853,32 @@ pub fn decode_batch(
     if crc32c::crc32c_append(crc, &bytes[BATCH_HEADER_BYTES..payload_end]) != stored {
         return Ok(None);
     }
-    let mut records = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
-    let mut r = Reader::new(&bytes[BATCH_HEADER_BYTES..payload_end], WHAT);
+    let records = decode_records(
+        &bytes[BATCH_HEADER_BYTES..payload_end],
+        sb,
+        header.record_count,
+    )?;
+    if records.len() != header.record_count as usize {
+        return Err(field(
+            "journal batch",
+            "record_count",
+            header.record_count.into(),
+            format!("payload holds {} records", records.len()),
+        ));
+    }
+    Ok(Some(records))
+}
+
+/// Decodes records that [`encode_records`] wrote, checking each against the
+/// geometry; `expected` sizes the first allocation only.
+fn decode_records(
+    bytes: &[u8],
+    sb: &Superblock,
+    expected: u32,
+) -> Result<Vec<Record>, FormatError> {
+    const WHAT: &str = "journal record";
+    let mut records = Vec::with_capacity(expected.min(1 << 16) as usize);
+    let mut r = Reader::new(bytes, WHAT);
     while r.at < r.bytes.len() {
         match r.u8()? {
             tag @ (TAG_PUT | TAG_PREPARE) => {
@@ -766,18 +895,52 @@ pub fn decode_batch(
                 let chunk = ChunkId::new(r.u64()?, r.u32()?);
                 records.push(Record::Remove { chain, chunk });
             }
+            tag @ (TAG_PATCH_PUT | TAG_PATCH_PREPARE) if sb.has_patches() => {
+                let meta = ChunkMeta::decode(&r.bytes[r.at..], sb, WHAT)?;
+                r.at += META_BYTES;
+                let count = r.u16()?;
+                if count == 0 {
+                    return Err(field(WHAT, "extent count", 0, "a patch writes something"));
+                }
+                let mut extents = Vec::with_capacity(usize::from(count));
+                for _ in 0..count {
+                    let offset = r.u32()?;
+                    let len = r.u32()?;
+                    let end = u64::from(offset) + u64::from(len);
+                    if len == 0 || end > u64::from(meta.len) {
+                        return Err(field(
+                            WHAT,
+                            "extent",
+                            end,
+                            format!(
+                                "extent {offset}+{len} is empty or ends past the chunk's length {}",
+                                meta.len
+                            ),
+                        ));
+                    }
+                    let data_end = r.at + len as usize;
+                    let data = r
+                        .bytes
+                        .get(r.at..data_end)
+                        .ok_or(FormatError::Short {
+                            what: WHAT,
+                            len: r.bytes.len(),
+                            need: data_end,
+                        })?
+                        .to_vec();
+                    r.at = data_end;
+                    extents.push(PatchExtent { offset, data });
+                }
+                records.push(Record::Patch {
+                    meta,
+                    prepare: tag == TAG_PATCH_PREPARE,
+                    extents: Arc::new(extents),
+                });
+            }
             tag => return Err(field(WHAT, "tag", tag.into(), "unknown record type")),
         }
     }
-    if records.len() != header.record_count as usize {
-        return Err(field(
-            "journal batch",
-            "record_count",
-            header.record_count.into(),
-            format!("payload holds {} records", records.len()),
-        ));
-    }
-    Ok(Some(records))
+    Ok(records)
 }
 
 /// Header of a checkpoint: a full image of committed chunk metadata, from
@@ -858,12 +1021,93 @@ impl CheckpointHeader {
 }
 
 /// Decodes a checkpoint payload of `header.entry_count` records.
-pub fn decode_checkpoint_entries(
+/// Bytes of a checkpoint's payload (after its header block) before the
+/// records it carries (format version 4): the entries, then the length of
+/// the carried records (u32). What a reader reads first.
+pub fn checkpoint_payload_head_bytes(header: &CheckpointHeader, sb: &Superblock) -> usize {
+    header.entry_count as usize * META_BYTES
+        + if sb.has_patches() {
+            CHECKPOINT_CARRIED_PREFIX_BYTES
+        } else {
+            0
+        }
+}
+
+/// The carried records' length, from the payload's first
+/// [`checkpoint_payload_head_bytes`] bytes (0 before format version 4).
+/// Refused if the payload would not fit the checkpoint slot.
+pub fn checkpoint_carried_bytes(
+    head: &[u8],
+    header: &CheckpointHeader,
+    sb: &Superblock,
+) -> Result<usize, FormatError> {
+    if !sb.has_patches() {
+        return Ok(0);
+    }
+    let at = header.entry_count as usize * META_BYTES;
+    let prefix = head
+        .get(at..at + CHECKPOINT_CARRIED_PREFIX_BYTES)
+        .ok_or(FormatError::Short {
+            what: "checkpoint payload",
+            len: head.len(),
+            need: at + CHECKPOINT_CARRIED_PREFIX_BYTES,
+        })?;
+    let carried = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+    let room = sb.checkpoint_slot_bytes - CHECKPOINT_HEADER_BYTES;
+    if (at + CHECKPOINT_CARRIED_PREFIX_BYTES + carried) as u64 > room {
+        return Err(field(
+            "checkpoint payload",
+            "carried record bytes",
+            carried as u64,
+            format!("the payload would exceed the checkpoint slot's {room} bytes"),
+        ));
+    }
+    Ok(carried)
+}
+
+/// Encodes a checkpoint's payload: `view` as entries, then (format version
+/// 4) the length of `carried` and `carried`. `out` must hold
+/// [`checkpoint_payload_head_bytes`] plus the records' encoded length.
+/// Returns the payload's length.
+pub fn encode_checkpoint_payload(
+    view: &[ChunkMeta],
+    carried: &[Record],
+    sb: &Superblock,
+    out: &mut [u8],
+) -> usize {
+    for (i, meta) in view.iter().enumerate() {
+        meta.encode(&mut out[i * META_BYTES..]);
+    }
+    let mut at = view.len() * META_BYTES;
+    if sb.has_patches() {
+        let carried_len: usize = carried.iter().map(Record::encoded_len).sum();
+        out[at..at + CHECKPOINT_CARRIED_PREFIX_BYTES]
+            .copy_from_slice(&(carried_len as u32).to_le_bytes());
+        at += CHECKPOINT_CARRIED_PREFIX_BYTES;
+        at += encode_records(carried, &mut out[at..]);
+    } else {
+        debug_assert!(
+            carried.is_empty(),
+            "only a version 4 checkpoint carries records"
+        );
+    }
+    at
+}
+
+/// Decodes a checkpoint's payload: its entries, and the prepared Patch
+/// records it carries (format version 4), after checking its CRC.
+pub fn decode_checkpoint(
     bytes: &[u8],
     header: &CheckpointHeader,
     sb: &Superblock,
-) -> Result<Vec<ChunkMeta>, FormatError> {
-    let len = header.entry_count as usize * META_BYTES;
+) -> Result<(Vec<ChunkMeta>, Vec<Record>), FormatError> {
+    let entries_len = header.entry_count as usize * META_BYTES;
+    let carried = if sb.has_patches() {
+        checkpoint_carried_bytes(bytes, header, sb)?
+    } else {
+        0
+    };
+    let len = checkpoint_payload_head_bytes(header, sb) + carried;
     let payload = bytes.get(..len).ok_or(FormatError::Short {
         what: "checkpoint payload",
         len: bytes.len(),
@@ -877,10 +1121,23 @@ pub fn decode_checkpoint_entries(
             computed,
         });
     }
-    payload
+    let entries = payload[..entries_len]
         .chunks_exact(META_BYTES)
         .map(|record| ChunkMeta::decode(record, sb, "checkpoint entry"))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let records = decode_records(&payload[len - carried..], sb, 0)?;
+    if records
+        .iter()
+        .any(|r| !matches!(r, Record::Patch { prepare: true, .. }))
+    {
+        return Err(field(
+            "checkpoint payload",
+            "carried record",
+            0,
+            "a checkpoint carries only prepared patches",
+        ));
+    }
+    Ok((entries, records))
 }
 
 #[cfg(test)]
@@ -978,13 +1235,94 @@ mod tests {
             assert!(bytes[96..SUPERBLOCK_CRC_AT].iter().all(|&b| b == 0));
             assert_eq!(Superblock::decode(&bytes), Ok(old));
         }
-        assert!(v3.for_format_version(4).is_err());
+        assert!(v3.for_format_version(FORMAT_VERSION + 1).is_err());
         // A version 2 superblock claiming a region is inconsistent.
         let mut claims = v3.for_format_version(2).expect("v2");
         claims.block_crc_offset = v3.block_crc_offset;
         claims.block_crc_bytes = v3.block_crc_bytes;
         let err = Superblock::decode(&claims.encode()).expect_err("inconsistent");
         assert!(err.to_string().contains("geometry"), "{err}");
+    }
+
+    #[test]
+    fn version_4_reserves_checkpoint_room_for_patches_and_version_3_keeps_its_layout() {
+        let v4 = sb();
+        assert!(v4.has_patches() && v4.has_block_crcs());
+        let v3 = v4.for_format_version(3).expect("v3 layout");
+        assert!(!v3.has_patches() && v3.has_block_crcs());
+        assert!(
+            v4.checkpoint_slot_bytes
+                >= v3.checkpoint_slot_bytes + v4.journal_bytes / PATCH_JOURNAL_SHARE,
+            "room for the carried patches"
+        );
+        assert!(
+            v3.checkpoint_slot_bytes
+                >= CHECKPOINT_HEADER_BYTES + v3.max_chunks() * META_BYTES as u64
+        );
+        assert_eq!(Superblock::decode(&v3.encode()), Ok(v3));
+        // A version 3 journal cannot hold a Patch record.
+        let patch = Record::Patch {
+            meta: meta(1),
+            prepare: false,
+            extents: Arc::new(vec![PatchExtent {
+                offset: 10,
+                data: vec![7; 100],
+            }]),
+        };
+        let mut buf = vec![0u8; 4096];
+        encode_batch(v3.format_id, 0, std::slice::from_ref(&patch), &mut buf);
+        let header = decode_batch_header(&buf, 0, 1 << 20).expect("header");
+        let err = decode_batch(&buf, &header, &v3).expect_err("no patches before v4");
+        assert!(err.to_string().contains("unknown record type"), "{err}");
+        assert_eq!(decode_batch(&buf, &header, &v4), Ok(Some(vec![patch])));
+    }
+
+    #[test]
+    fn checkpoints_carry_prepared_patches_and_refuse_anything_else() {
+        let sb = sb();
+        let view = vec![meta(1), meta(2)];
+        let patch = Record::Patch {
+            meta: meta(2),
+            prepare: true,
+            extents: Arc::new(vec![
+                PatchExtent {
+                    offset: 0,
+                    data: vec![1; 10],
+                },
+                PatchExtent {
+                    offset: 50,
+                    data: vec![2; 20],
+                },
+            ]),
+        };
+        let encode = |carried: &[Record]| {
+            let mut out = vec![0u8; 8192];
+            let len = encode_checkpoint_payload(&view, carried, &sb, &mut out);
+            let header = CheckpointHeader {
+                sequence: 2,
+                journal_lsn: 0,
+                entry_count: view.len() as u64,
+                payload_crc: crc32c::crc32c(&out[..len]),
+            };
+            (out, header)
+        };
+        let (out, header) = encode(std::slice::from_ref(&patch));
+        assert_eq!(
+            checkpoint_carried_bytes(&out, &header, &sb),
+            Ok(patch.encoded_len())
+        );
+        assert_eq!(
+            decode_checkpoint(&out, &header, &sb),
+            Ok((view.clone(), vec![patch]))
+        );
+        let (out, header) = encode(&[Record::Put(meta(3))]);
+        let err = decode_checkpoint(&out, &header, &sb).expect_err("only prepared patches");
+        assert!(err.to_string().contains("prepared patches"), "{err}");
+        // A carried length past the slot is refused before anything is read.
+        let (mut out, header) = encode(&[]);
+        let at = view.len() * META_BYTES;
+        out[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(checkpoint_carried_bytes(&out, &header, &sb).is_err());
     }
 
     #[test]

@@ -71,9 +71,10 @@ use crate::config::JournalMode;
 use crate::engine::OpenEngine;
 use crate::format::{
     BATCH_HEADER_BYTES, CHECKPOINT_HEADER_BYTES, CheckpointHeader, META_BYTES, Record, batch_bytes,
-    encode_batch,
+    encode_batch, encode_checkpoint_payload,
 };
 use crate::request::EngineStats;
+use crate::table::CheckpointPlan;
 
 /// The journal's part of an open engine: the queue committers add records
 /// to, the writer role, and what the writer has made durable.
@@ -87,6 +88,11 @@ pub(crate) struct Journal {
     /// it on a single-threaded runtime.
     pub writer: tokio::sync::Mutex<Writer>,
     pub counters: Counters,
+    /// Held while a checkpoint writes Patch layers into their slots, so that
+    /// the test hook comparing a chunk's blocks with their block CRCs does
+    /// not meet a block between its data write and its CRC's.
+    #[cfg(feature = "testing")]
+    pub applying: tokio::sync::Mutex<()>,
     /// Test hook: the journal thread panics before its next batch.
     #[cfg(feature = "testing")]
     pub panic_on_next_batch: std::sync::atomic::AtomicBool,
@@ -106,6 +112,8 @@ impl Journal {
             durable: watch::Sender::new(Durability::default()),
             writer: tokio::sync::Mutex::new(Writer::new(cursor)),
             counters: Counters::default(),
+            #[cfg(feature = "testing")]
+            applying: tokio::sync::Mutex::new(()),
             #[cfg(feature = "testing")]
             panic_on_next_batch: std::sync::atomic::AtomicBool::new(false),
         }
@@ -137,6 +145,8 @@ pub(crate) struct Counters {
     pub records: AtomicU64,
     pub batches: AtomicU64,
     pub checkpoints: AtomicU64,
+    pub patches: AtomicU64,
+    pub patch_layers_applied: AtomicU64,
 }
 
 impl Counters {
@@ -146,6 +156,8 @@ impl Counters {
             records: load(&self.records),
             batches: load(&self.batches),
             checkpoints: load(&self.checkpoints),
+            patches: load(&self.patches),
+            patch_layers_applied: load(&self.patch_layers_applied),
         }
     }
 }
@@ -171,6 +183,9 @@ pub(crate) struct Writer {
     /// repeats exactly before anything else (rule 3 in the module docs).
     /// Always `None` in thread mode.
     abandoned: Option<Abandoned>,
+    /// The plan of the checkpoint in progress, kept until it is done, so
+    /// that a repeat of a cancelled one writes the same bytes.
+    pub checkpoint_plan: Option<Arc<CheckpointPlan>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +201,7 @@ impl Writer {
         Writer {
             cursor,
             abandoned: None,
+            checkpoint_plan: None,
         }
     }
 }
@@ -394,6 +410,7 @@ pub(crate) async fn write_next<D: BlockDevice>(
 fn fail<D: BlockDevice>(engine: &OpenEngine<D>, writer: &mut Writer, reason: Arc<str>) {
     engine.device.poison(&reason);
     writer.abandoned = None;
+    writer.checkpoint_plan = None;
     fail_queued(engine, reason);
 }
 
@@ -459,7 +476,7 @@ async fn write_batch<D: BlockDevice>(
     writer.abandoned = Some(Abandoned::Batch {
         records: records.len(),
     });
-    let end = commit_batch(engine, &mut writer.cursor, &records).await?;
+    let end = commit_batch(engine, writer, &records).await?;
     // The flush returned. No await from here to the end, so a cancelled
     // writer never leaves the batch durable but unapplied or still queued.
     writer.cursor.head = end;
@@ -501,16 +518,17 @@ async fn write_batch<D: BlockDevice>(
 /// the batch; the caller advances the cursor to it.
 async fn commit_batch<D: BlockDevice>(
     engine: &OpenEngine<D>,
-    cursor: &mut Cursor,
+    writer: &mut Writer,
     records: &[Record],
 ) -> Result<u64, EngineError> {
     let journal_bytes = engine.device.sb.journal_bytes;
     let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
-    let mut lsn = place(cursor.head, bytes, journal_bytes);
-    if lsn + bytes - cursor.tail > journal_bytes {
-        checkpoint(engine, cursor).await?;
-        lsn = place(cursor.head, bytes, journal_bytes);
+    let mut lsn = place(writer.cursor.head, bytes, journal_bytes);
+    if lsn + bytes - writer.cursor.tail > journal_bytes {
+        checkpoint(engine, &mut writer.cursor, &mut writer.checkpoint_plan).await?;
+        lsn = place(writer.cursor.head, bytes, journal_bytes);
     }
+    let cursor = &writer.cursor;
     assert!(
         lsn + bytes - cursor.tail <= journal_bytes,
         "journal batch overruns the checkpointed tail"
@@ -537,7 +555,7 @@ async fn checkpoint_noted<D: BlockDevice>(
     writer: &mut Writer,
 ) -> Result<(), EngineError> {
     writer.abandoned = Some(Abandoned::Checkpoint);
-    checkpoint(engine, &mut writer.cursor).await?;
+    checkpoint(engine, &mut writer.cursor, &mut writer.checkpoint_plan).await?;
     writer.abandoned = None;
     Ok(())
 }
@@ -545,31 +563,70 @@ async fn checkpoint_noted<D: BlockDevice>(
 /// Writes the durable view (the committed map with prepared versions, what
 /// recovery would find) as a checkpoint at the journal head into the slot
 /// not holding the current checkpoint, then lets the journal reuse its space.
+///
+/// Patch records before the checkpoint's lsn are about to be reused, so
+/// first the committed versions' Patch layers are written into their slots
+/// (once every reader that might read those slots without the layers is
+/// gone) and flushed, and the prepared patches, which cannot be written in
+/// place while their chunk's committed version is read from the same slot,
+/// are carried in the checkpoint itself (format version 4).
+///
 /// The cursor changes only after the flush returned, and the bytes depend
-/// only on the cursor and the durable view, which only the journal writer
-/// changes (committing a prepared version in memory leaves it as it is), so
-/// a repeat is identical.
+/// only on the cursor and the plan (`noted`, kept until the checkpoint is
+/// done), which a cancelled writer leaves for the next one: a repeat is
+/// identical.
 pub(crate) async fn checkpoint<D: BlockDevice>(
     engine: &OpenEngine<D>,
     cursor: &mut Cursor,
+    noted: &mut Option<Arc<CheckpointPlan>>,
 ) -> Result<(), EngineError> {
+    let plan = match noted {
+        Some(plan) => plan.clone(),
+        None => noted
+            .insert(Arc::new(engine.table.lock().checkpoint_plan()))
+            .clone(),
+    };
+    if !plan.apply.is_empty() {
+        wait_for_readers(engine, plan.epoch).await;
+        #[cfg(feature = "testing")]
+        let _applying = engine.journal.applying.lock().await;
+        let mut crcs = Vec::new();
+        for (key, meta, overlay) in &plan.apply {
+            crcs.extend(engine.device.apply_overlay(*key, meta, overlay).await?);
+        }
+        engine.device.store_block_crc_runs(&crcs).await?;
+        // Durable before the checkpoint that drops their records is even
+        // written: a flush covers only the writes that completed before it,
+        // and the checkpoint's own flush may not return.
+        engine.device.flush("patches before a checkpoint").await?;
+        let layers: usize = plan.apply.iter().map(|(_, _, overlay)| overlay.len()).sum();
+        engine
+            .journal
+            .counters
+            .patch_layers_applied
+            .fetch_add(layers as u64, Ordering::Relaxed);
+    }
     let sequence = cursor.checkpoint_sequence + 1;
     let slot = 1 - cursor.checkpoint_slot;
     let buf = {
-        let view = engine.table.lock().durable_view();
-        let count = view.len();
-        let total = (CHECKPOINT_HEADER_BYTES as usize + count * META_BYTES)
-            .next_multiple_of(crate::format::BLOCK as usize);
+        let header_len = CHECKPOINT_HEADER_BYTES as usize;
+        let count = plan.view.len();
+        let carried: usize = plan.carried.iter().map(Record::encoded_len).sum();
+        let total =
+            (header_len + checkpoint_payload_head_bytes_for(count, &engine.device.sb) + carried)
+                .next_multiple_of(crate::format::BLOCK as usize);
         assert!(
             total as u64 <= engine.device.sb.checkpoint_slot_bytes,
             "checkpoint exceeds its slot"
         );
         let mut buf = engine.device.pool.alloc(total);
-        let header_len = CHECKPOINT_HEADER_BYTES as usize;
-        for (i, meta) in view.iter().enumerate() {
-            meta.encode(&mut buf[header_len + i * META_BYTES..]);
-        }
-        let payload_end = header_len + count * META_BYTES;
+        let payload_end = header_len
+            + encode_checkpoint_payload(
+                &plan.view,
+                &plan.carried,
+                &engine.device.sb,
+                &mut buf[header_len..],
+            );
         buf[payload_end..].fill(0);
         let header = CheckpointHeader {
             sequence,
@@ -595,5 +652,30 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
     cursor.tail = cursor.head;
     cursor.checkpoint_sequence = sequence;
     cursor.checkpoint_slot = slot;
+    engine.table.lock().checkpoint_applied(&plan);
+    *noted = None;
     Ok(())
+}
+
+/// The payload bytes before the carried records of a checkpoint of `count`
+/// entries.
+fn checkpoint_payload_head_bytes_for(count: usize, sb: &crate::format::Superblock) -> usize {
+    count * META_BYTES
+        + if sb.has_patches() {
+            crate::format::CHECKPOINT_CARRIED_PREFIX_BYTES
+        } else {
+            0
+        }
+}
+
+/// Waits until no reader that pinned a slot before read epoch `epoch` is
+/// left (see `ChunkTable::read_epoch`).
+async fn wait_for_readers<D: BlockDevice>(engine: &OpenEngine<D>, epoch: u64) {
+    let mut drained = engine.table.lock().epoch_drained.subscribe();
+    while engine.table.lock().readers_before(epoch) {
+        if drained.changed().await.is_err() {
+            // The sender lives in the table, which outlives us.
+            return;
+        }
+    }
 }

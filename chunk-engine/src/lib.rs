@@ -55,8 +55,8 @@ pub use flyfs_bypass::BlockDevice;
 use flyfs_proto::ids::{ChainId, ChunkId};
 pub use format::{ChunkMeta, SlotId, Superblock};
 pub use request::{
-    EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, WriteOp, WriteOutcome,
-    WriteRequest,
+    EXTENTS_MAX, EngineStats, ReadOutcome, ReadRequest, ReadVersion, SpaceInfo, UpdateExtent,
+    WriteOp, WriteOutcome, WriteRequest,
 };
 pub use scrub::{Corruption, ScrubPass, ScrubStep, Scrubber};
 pub use table::{ChainUsage, ChunkInfo, PendingInfo};

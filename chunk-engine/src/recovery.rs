@@ -13,8 +13,8 @@ use crate::config::{EngineConfig, FormatOptions, JournalMode};
 use crate::engine::OpenEngine;
 use crate::format::{
     BLOCK, CHECKPOINT_HEADER_BYTES, CheckpointHeader, FORMAT_VERSION, FormatError, HEADER_BYTES,
-    Record, SUPERBLOCK_OFFSETS, Superblock, decode_batch, decode_batch_header,
-    decode_checkpoint_entries,
+    Record, SUPERBLOCK_OFFSETS, Superblock, checkpoint_carried_bytes,
+    checkpoint_payload_head_bytes, decode_batch, decode_batch_header, decode_checkpoint,
 };
 use crate::journal::{self, Cursor};
 use crate::table::ChunkTable;
@@ -191,12 +191,14 @@ impl<D: BlockDevice> Engine<D> {
         // An empty checkpoint in slot 0, slot 1 invalidated, then the
         // superblocks last: a format torn before them leaves a device that
         // still reads as unformatted rather than half-formatted.
-        let mut block = vec![0u8; BLOCK as usize];
+        let mut block = vec![0u8; 2 * BLOCK as usize];
+        let payload_len =
+            crate::format::encode_checkpoint_payload(&[], &[], &sb, &mut block[BLOCK as usize..]);
         CheckpointHeader {
             sequence: 1,
             journal_lsn: 0,
             entry_count: 0,
-            payload_crc: crc32c::crc32c(&[]),
+            payload_crc: crc32c::crc32c(&block[BLOCK as usize..BLOCK as usize + payload_len]),
         }
         .encode(sb.format_id, &mut block);
         write_raw(dev, sb.checkpoint_offset, &block, "checkpoint").await?;
@@ -295,6 +297,10 @@ impl<D: BlockDevice> Engine<D> {
         for meta in &loaded.entries {
             table.apply(&Record::Put(*meta), false);
         }
+        // The prepared patches the checkpoint carries, over their entries.
+        for record in &loaded.carried {
+            table.apply(record, false);
+        }
         let replay =
             replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut table).await?;
         if let Some(needed) = loaded.needed_lsn
@@ -309,6 +315,7 @@ impl<D: BlockDevice> Engine<D> {
                 source: None,
             });
         }
+        table.replay_done();
         let slots: Vec<_> = table
             .committed
             .iter()
@@ -356,7 +363,10 @@ impl<D: BlockDevice> Engine<D> {
             checkpoint_slot: loaded.slot,
         };
         let engine = Arc::new(OpenEngine::new(dev, sb, pool, config, table, cursor));
-        // Made durable by the checkpoint's flush below.
+        // Made durable by the checkpoint's flush below. The checkpoint
+        // also redoes every Patch layer the journal holds (writes it into
+        // its slot, flushed before the checkpoint is written): the records
+        // are about to be reused.
         for (offset, crcs) in &replay.block_crcs {
             engine.device.store_block_crcs(*offset, crcs).await?;
         }
@@ -365,7 +375,8 @@ impl<D: BlockDevice> Engine<D> {
             // single-threaded runtime whose device needs the runtime to
             // progress (a simulated device with simulated latency).
             let mut writer = engine.journal.writer.lock().await;
-            journal::checkpoint(&engine, &mut writer.cursor).await?;
+            let writer = &mut *writer;
+            journal::checkpoint(&engine, &mut writer.cursor, &mut writer.checkpoint_plan).await?;
         }
         let thread = match engine.config.journal {
             JournalMode::Thread => {
@@ -389,6 +400,8 @@ struct LoadedCheckpoint {
     slot: u64,
     header: CheckpointHeader,
     entries: Vec<crate::format::ChunkMeta>,
+    /// The prepared Patch records it carries (format version 4).
+    carried: Vec<Record>,
     /// When the newest checkpoint's payload was damaged and an older one is
     /// used: the log position the journal must reach for nothing to be lost.
     needed_lsn: Option<u64>,
@@ -420,23 +433,14 @@ async fn load_checkpoint<D: BlockDevice>(
     for (slot, header) in headers {
         let offset =
             sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes + CHECKPOINT_HEADER_BYTES;
-        let len = (header.entry_count * crate::format::META_BYTES as u64).next_multiple_of(BLOCK)
-            as usize;
-        let decoded = if len == 0 {
-            decode_checkpoint_entries(&[], &header, sb)
-        } else {
-            decode_checkpoint_entries(
-                &read_raw(dev, pool, offset, len, "checkpoint").await?,
-                &header,
-                sb,
-            )
-        };
+        let decoded = read_checkpoint_payload(dev, pool, sb, offset, &header).await?;
         match decoded {
-            Ok(entries) => {
+            Ok((entries, carried)) => {
                 return Ok(LoadedCheckpoint {
                     slot,
                     header,
                     entries,
+                    carried,
                     needed_lsn,
                     sequence_max,
                 });
@@ -453,6 +457,36 @@ async fn load_checkpoint<D: BlockDevice>(
         what: "no valid checkpoint".into(),
         source: last_error,
     })
+}
+
+/// Reads and decodes a checkpoint's payload: its entries and the records it
+/// carries. The entries (and the length of the carried records) are read
+/// first, the carried records then if they go past that. A payload that
+/// does not decode is `Ok(Err(..))`: the caller falls back to the other
+/// checkpoint.
+async fn read_checkpoint_payload<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    sb: &Superblock,
+    offset: u64,
+    header: &CheckpointHeader,
+) -> Result<Result<(Vec<crate::format::ChunkMeta>, Vec<Record>), FormatError>, EngineError> {
+    let head = checkpoint_payload_head_bytes(header, sb) as u64;
+    if head == 0 {
+        return Ok(decode_checkpoint(&[], header, sb));
+    }
+    let first_len = head.next_multiple_of(BLOCK);
+    let first = read_raw(dev, pool, offset, first_len as usize, "checkpoint").await?;
+    let carried = match checkpoint_carried_bytes(&first, header, sb) {
+        Ok(carried) => carried as u64,
+        Err(error) => return Ok(Err(error)),
+    };
+    let total = (head + carried).next_multiple_of(BLOCK);
+    if total <= first_len {
+        return Ok(decode_checkpoint(&first, header, sb));
+    }
+    let all = read_raw(dev, pool, offset, total as usize, "checkpoint").await?;
+    Ok(decode_checkpoint(&all, header, sb))
 }
 
 /// How the journal replay ended.
@@ -541,7 +575,7 @@ async fn replay_journal<D: BlockDevice>(
         // are serial). Its records were never acknowledged, but they may
         // point at data that did not reach the medium: keep the batch only
         // if every chunk it commits reads back with its checksum.
-        if let Some(crcs) = batch_data_durable(dev, pool, &records, sb).await? {
+        if let Some(crcs) = batch_data_durable(dev, pool, &records, sb, table).await? {
             block_crcs = crcs;
             for record in &records {
                 table.apply(record, false);
@@ -565,11 +599,17 @@ async fn replay_journal<D: BlockDevice>(
 /// may not have returned, so those may have been lost while the data and the
 /// batch were not: rewriting them from the checked data spares every later
 /// partial read of these chunks the fall back to a whole-chunk check.
+///
+/// A Patch record carries its bytes itself, so it needs no check; a version
+/// in the slot of one with Patch layers from earlier records (an append
+/// after a patch) is checked with those layers over the slot's bytes. The
+/// block CRCs are of the slot's bytes, which is what they describe.
 async fn batch_data_durable<D: BlockDevice>(
     dev: &D,
     pool: &BufferPool,
     records: &[Record],
     sb: &Superblock,
+    table: &ChunkTable,
 ) -> Result<Option<Vec<(u64, Vec<u32>)>>, EngineError> {
     let mut block_crcs = Vec::new();
     for record in records {
@@ -579,10 +619,19 @@ async fn batch_data_durable<D: BlockDevice>(
         if meta.len == 0 {
             continue;
         }
+        let key = crate::ChunkKey::new(meta.chain, meta.chunk);
+        let layers = table.replay_layers(key, meta.slot, meta.version);
         let offset = sb.slot_offset(meta.slot);
         let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
         let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
-        if crc32c::crc32c(&data[..meta.len as usize]) != meta.crc {
+        let crc = if layers.is_empty() {
+            crc32c::crc32c(&data[..meta.len as usize])
+        } else {
+            let mut version = data[..meta.len as usize].to_vec();
+            crate::table::overlay_onto(&layers, 0, &mut version);
+            crc32c::crc32c(&version)
+        };
+        if crc != meta.crc {
             return Ok(None);
         }
         if sb.has_block_crcs() {

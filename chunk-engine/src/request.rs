@@ -14,11 +14,28 @@ pub enum WriteOp {
     /// the chunk's end and `offset` reads as zeros. `crc` is the CRC32C of
     /// `data` as the sender computed it.
     Update { offset: u32, data: DmaBuf, crc: u32 },
+    /// Write each extent at its offset, in order (a later one wins where
+    /// two overlap), keeping the rest of the chunk: one new version for
+    /// several ranges of one chunk. A gap between the chunk's end and an
+    /// extent reads as zeros. At most [`EXTENTS_MAX`] extents.
+    Extents(Vec<UpdateExtent>),
     /// Replace the whole chunk with `data` (resync sends chunks this way).
     Replace { data: DmaBuf, crc: u32 },
     /// Cut the chunk to `len` bytes or extend it with zeros.
     Truncate { len: u32 },
 }
+
+/// One range of a multi-extent update: `data` at `offset`, `crc` the CRC32C
+/// of `data` as the sender computed it.
+#[derive(Debug)]
+pub struct UpdateExtent {
+    pub offset: u32,
+    pub data: DmaBuf,
+    pub crc: u32,
+}
+
+/// Most extents of one [`WriteOp::Extents`].
+pub const EXTENTS_MAX: usize = 1024;
 
 /// A write creating pending version `version` of chunk `key`.
 #[derive(Debug)]
@@ -81,6 +98,35 @@ impl WriteRequest {
                     data.len() as u64,
                     u64::from(offset) + data.len() as u64,
                 )
+            }
+            WriteOp::Extents(extents) => {
+                if extents.is_empty() || extents.len() > EXTENTS_MAX {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} extents; an update carries 1 to {EXTENTS_MAX}",
+                            extents.len()
+                        ),
+                    ));
+                }
+                let mut start = u64::MAX;
+                let mut end = 0u64;
+                let mut total = 0u64;
+                for extent in extents {
+                    let computed = crc32c::crc32c(&extent.data);
+                    if computed != extent.crc {
+                        return Err(EngineError::Checksum {
+                            key,
+                            what: "write payload",
+                            expected: extent.crc,
+                            computed,
+                        });
+                    }
+                    start = start.min(u64::from(extent.offset));
+                    end = end.max(u64::from(extent.offset) + extent.data.len() as u64);
+                    total += extent.data.len() as u64;
+                }
+                (start.min(u64::from(u32::MAX)) as u32, total, end)
             }
             WriteOp::Truncate { len } => (*len, 0, u64::from(*len)),
         };
@@ -193,4 +239,9 @@ pub struct EngineStats {
     /// how well group commit batches.
     pub batches: u64,
     pub checkpoints: u64,
+    /// Writes made as patches (their bytes in the journal, not copied with
+    /// the chunk).
+    pub patches: u64,
+    /// Patch layers a checkpoint wrote into their slots.
+    pub patch_layers_applied: u64,
 }

@@ -22,8 +22,71 @@ use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::alloc::Allocator;
-use crate::format::{ChunkMeta, Record, SlotId};
+use crate::format::{ChunkMeta, PatchExtent, Record, SlotId};
 use crate::request::{ReadVersion, WriteExtent, WriteOp, WriteRequest};
+
+/// The extents one Patch record wrote, with the version it made.
+#[derive(Clone, Debug)]
+pub(crate) struct Layer {
+    pub version: ChunkVersion,
+    pub extents: Arc<Vec<PatchExtent>>,
+}
+
+/// Bytes of a version that are not (or not known to be) in its slot yet:
+/// Patch layers in the order they were written. A version's bytes are its
+/// slot's bytes with every layer written over them in turn.
+pub(crate) type Overlay = Arc<Vec<Layer>>;
+
+/// Writes `overlay`'s bytes that fall in chunk bytes `start..start +
+/// buf.len()` into `buf`, which holds those chunk bytes as the slot has them.
+pub(crate) fn overlay_onto(overlay: &[Layer], start: u64, buf: &mut [u8]) {
+    let end = start + buf.len() as u64;
+    for extent in overlay.iter().flat_map(|layer| layer.extents.iter()) {
+        let (from, to) = (u64::from(extent.offset), u64::from(extent.end()));
+        let (lo, hi) = (from.max(start), to.min(end));
+        if lo < hi {
+            buf[(lo - start) as usize..(hi - start) as usize]
+                .copy_from_slice(&extent.data[(lo - from) as usize..(hi - from) as usize]);
+        }
+    }
+}
+
+/// Whether any extent of `overlay` touches chunk bytes `start..end`.
+pub(crate) fn overlay_touches(overlay: &[Layer], start: u64, end: u64) -> bool {
+    overlay
+        .iter()
+        .flat_map(|layer| layer.extents.iter())
+        .any(|e| u64::from(e.offset) < end && u64::from(e.end()) > start)
+}
+
+/// When a write may be a patch (see [`WritePlan::Patch`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PatchLimits {
+    /// The device's format has Patch records (version 4) and the engine is
+    /// configured to use them.
+    pub enabled: bool,
+    /// Most payload bytes of one patch.
+    pub bytes_max: u64,
+    /// Most journal bytes of every pending patch together.
+    pub pending_bytes_max: u64,
+}
+
+/// Journal bytes the Patch record of an update would take (0 for other ops).
+fn patch_record_bytes_of(op: &WriteOp) -> u64 {
+    match op {
+        WriteOp::Update { data, .. } => 8 + data.len() as u64 + 67,
+        WriteOp::Extents(extents) => {
+            extents.iter().map(|e| 8 + e.data.len() as u64).sum::<u64>() + 67
+        }
+        _ => 0,
+    }
+}
+
+/// Bytes a pending Patch record takes in the journal (and in a checkpoint
+/// that carries it): what the bound on pending patches counts.
+fn patch_record_bytes(extents: &[PatchExtent]) -> u64 {
+    extents.iter().map(|e| 8 + e.data.len() as u64).sum::<u64>() + 67
+}
 use crate::{ChunkKey, EngineError};
 
 /// A chunk's pending version: written to its slot, not yet committed.
@@ -94,9 +157,37 @@ pub(crate) struct Committed {
 pub(crate) struct ChunkTable {
     pub committed: BTreeMap<ChunkKey, Committed>,
     pub pending: FxHashMap<ChunkKey, PendingInfo>,
+    /// The Patch layers of committed versions not yet written into their
+    /// slots (a checkpoint writes them, and recovery redoes them).
+    pub overlays: FxHashMap<ChunkKey, Overlay>,
+    /// The extents of pending versions made by a patch (in the committed
+    /// version's slot, `in_place`); the pending version's bytes are the
+    /// committed version's with these written over them.
+    pub pending_layers: FxHashMap<ChunkKey, Arc<Vec<PatchExtent>>>,
+    /// Journal bytes the Patch records of `pending_layers` take: bounded
+    /// (`plan_write` falls back to copy-on-write), because a prepared one is
+    /// carried by every checkpoint until it ends, and every one is memory a
+    /// peer's writes make the engine hold.
+    pub pending_patch_bytes: u64,
+    /// Recovery only: the layers of the slot a chunk left for a prepared
+    /// version in another slot (recovery reads a Prepare as a Put). An abort
+    /// of that version (a Put back to the old slot) restores them; any other
+    /// record of the chunk drops them.
+    replay_stash: FxHashMap<ChunkKey, (SlotId, Overlay)>,
     pub alloc: Allocator,
     /// Readers holding a slot.
     pins: FxHashMap<SlotId, u32>,
+    /// The read epoch: readers pin with the current one, and a checkpoint
+    /// that is about to write Patch layers into their slots starts a new one
+    /// and waits until no reader of an older epoch is left (a reader from
+    /// before may be reading a version without those layers from the very
+    /// bytes the checkpoint rewrites; later readers have them in memory).
+    pub read_epoch: u64,
+    /// Readers per epoch.
+    epoch_pins: BTreeMap<u64, u32>,
+    /// Signalled when the last reader of an epoch older than the current
+    /// one lets go.
+    pub epoch_drained: tokio::sync::watch::Sender<()>,
     /// Slots released while pinned; freed when the last reader lets go.
     deferred: FxHashSet<SlotId>,
     pub usage: FxHashMap<ChainId, ChainUsage>,
@@ -107,8 +198,15 @@ impl ChunkTable {
         ChunkTable {
             committed: BTreeMap::new(),
             pending: FxHashMap::default(),
+            overlays: FxHashMap::default(),
+            pending_layers: FxHashMap::default(),
+            pending_patch_bytes: 0,
+            replay_stash: FxHashMap::default(),
             alloc,
             pins: FxHashMap::default(),
+            read_epoch: 0,
+            epoch_pins: BTreeMap::new(),
+            epoch_drained: tokio::sync::watch::Sender::new(()),
             deferred: FxHashSet::default(),
             usage: FxHashMap::default(),
         }
@@ -123,11 +221,29 @@ impl ChunkTable {
         }
     }
 
-    fn pin(&mut self, slot: SlotId) {
+    fn pin(&mut self, slot: SlotId) -> u64 {
         *self.pins.entry(slot).or_default() += 1;
+        *self.epoch_pins.entry(self.read_epoch).or_default() += 1;
+        self.read_epoch
     }
 
-    fn unpin(&mut self, slot: SlotId) {
+    /// Whether a reader that pinned before epoch `epoch` still holds its pin.
+    pub fn readers_before(&self, epoch: u64) -> bool {
+        self.epoch_pins.range(..epoch).next().is_some()
+    }
+
+    fn unpin(&mut self, slot: SlotId, epoch: u64) {
+        let readers = self
+            .epoch_pins
+            .get_mut(&epoch)
+            .expect("unpin of an epoch that is not pinned");
+        *readers -= 1;
+        if *readers == 0 {
+            self.epoch_pins.remove(&epoch);
+            if epoch < self.read_epoch {
+                self.epoch_drained.send_replace(());
+            }
+        }
         let count = self
             .pins
             .get_mut(&slot)
@@ -155,12 +271,89 @@ impl ChunkTable {
         apply(&mut usage.allocated_bytes, meta.slot.bytes());
     }
 
+    /// Removes a chunk's pending version, with its patch extents if it has them.
+    fn take_pending(&mut self, key: ChunkKey) -> Option<PendingInfo> {
+        let pending = self.pending.remove(&key)?;
+        if let Some(layer) = self.pending_layers.remove(&key) {
+            self.pending_patch_bytes -= patch_record_bytes(&layer);
+        }
+        Some(pending)
+    }
+
+    /// Recovery: the layers a version of `key` in `slot` numbered `version`
+    /// would have over its slot's bytes, as the records replayed so far
+    /// leave them.
+    pub fn replay_layers(&self, key: ChunkKey, slot: SlotId, version: ChunkVersion) -> Vec<Layer> {
+        let overlay = match self.committed.get(&key) {
+            Some(c) if c.meta.slot == slot => self.overlay(key),
+            _ => self
+                .replay_stash
+                .get(&key)
+                .filter(|(stashed, _)| *stashed == slot)
+                .map(|(_, overlay)| overlay.clone()),
+        };
+        overlay
+            .map(|o| o.iter().filter(|l| l.version <= version).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Ends recovery's replay: what it stashed is of no use to a running engine.
+    pub fn replay_done(&mut self) {
+        self.replay_stash = FxHashMap::default();
+    }
+
+    /// The Patch layers of `key`'s committed version, if any are unapplied.
+    pub fn overlay(&self, key: ChunkKey) -> Option<Overlay> {
+        self.overlays.get(&key).cloned()
+    }
+
+    /// The layers a pending version's bytes need over its slot's: the
+    /// committed version's when it shares the slot (an in-place append, a
+    /// shrink or a patch builds on them), and its own extents if a patch.
+    pub fn pending_overlay(&self, key: ChunkKey, pending: &PendingInfo) -> Option<Overlay> {
+        let shares_slot = self
+            .committed
+            .get(&key)
+            .is_some_and(|c| c.meta.slot == pending.slot);
+        let base = if shares_slot { self.overlay(key) } else { None };
+        match self.pending_layers.get(&key) {
+            None => base,
+            Some(extents) => {
+                let mut layers = base.map(|b| (*b).clone()).unwrap_or_default();
+                layers.push(Layer {
+                    version: pending.version,
+                    extents: extents.clone(),
+                });
+                Some(Arc::new(layers))
+            }
+        }
+    }
+
+    /// The record that commits or prepares `pending` with `meta`: a Patch
+    /// record carrying its extents if it is a patch.
+    pub fn record_for(&self, key: ChunkKey, meta: ChunkMeta, prepare: bool) -> Record {
+        match self.pending_layers.get(&key) {
+            Some(extents) => Record::Patch {
+                meta,
+                prepare,
+                extents: extents.clone(),
+            },
+            None if prepare => Record::Prepare(meta),
+            None => Record::Put(meta),
+        }
+    }
+
     /// Applies a durable journal record. `live` is false during recovery,
     /// when the allocator is rebuilt afterwards instead of kept in step, and
     /// a prepared version counts as committed.
     pub fn apply(&mut self, record: &Record, live: bool) {
         match record {
-            Record::Prepare(meta) if live => {
+            Record::Prepare(meta)
+            | Record::Patch {
+                meta,
+                prepare: true,
+                ..
+            } if live => {
                 let key = ChunkKey::new(meta.chain, meta.chunk);
                 let pending = self.pending.get_mut(&key);
                 debug_assert!(
@@ -176,9 +369,55 @@ impl ChunkTable {
                     p.prepared = Some(*meta);
                 }
             }
-            Record::Put(meta) | Record::Prepare(meta) => {
+            Record::Put(meta) | Record::Prepare(meta) | Record::Patch { meta, .. } => {
                 let key = ChunkKey::new(meta.chain, meta.chunk);
                 let old = self.committed.get(&key).copied();
+                // The layers of the new committed version: the old one's
+                // in the same slot, less those of versions above this one
+                // (a prepared patch this record aborts), and its own.
+                let old_overlay = self.overlays.remove(&key);
+                let stashed = if live {
+                    None
+                } else {
+                    self.replay_stash.remove(&key)
+                };
+                let own = match record {
+                    Record::Patch { extents, .. } => Some(extents.clone()),
+                    _ => None,
+                };
+                let base_overlay = match old {
+                    Some(old) if old.meta.slot == meta.slot => old_overlay,
+                    _ => {
+                        if !live
+                            && matches!(record, Record::Prepare(_))
+                            && let (Some(old), Some(overlay)) = (old, old_overlay)
+                        {
+                            self.replay_stash.insert(key, (old.meta.slot, overlay));
+                        }
+                        stashed
+                            .filter(|(slot, _)| *slot == meta.slot)
+                            .map(|(_, overlay)| overlay)
+                    }
+                };
+                let mut layers: Vec<Layer> = match base_overlay {
+                    Some(overlay) => overlay
+                        .iter()
+                        .filter(|l| {
+                            l.version < meta.version || (own.is_none() && l.version == meta.version)
+                        })
+                        .cloned()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if let Some(extents) = own {
+                    layers.push(Layer {
+                        version: meta.version,
+                        extents,
+                    });
+                }
+                if !layers.is_empty() {
+                    self.overlays.insert(key, Arc::new(layers));
+                }
                 let slot_written = match old {
                     Some(old) if old.meta.slot == meta.slot => old.slot_written.max(meta.len),
                     _ => meta.len,
@@ -200,12 +439,12 @@ impl ChunkTable {
                 match self.pending.get(&key).copied() {
                     // The commit of this pending version.
                     Some(p) if p.version == meta.version && p.slot == meta.slot => {
-                        self.pending.remove(&key);
+                        self.take_pending(key);
                     }
                     // A prepared version aborted: the record restores the
                     // state before it.
                     Some(p) if p.prepared.is_some() => {
-                        self.pending.remove(&key);
+                        self.take_pending(key);
                         if live && !p.in_place {
                             self.release(p.slot);
                         }
@@ -215,13 +454,15 @@ impl ChunkTable {
             }
             Record::Remove { chain, chunk } => {
                 let key = ChunkKey::new(*chain, *chunk);
+                self.overlays.remove(&key);
+                self.replay_stash.remove(&key);
                 if let Some(old) = self.committed.remove(&key) {
                     self.account(&old.meta, -1);
                     if live {
                         self.release(old.meta.slot);
                     }
                 }
-                if let Some(pending) = self.pending.remove(&key)
+                if let Some(pending) = self.take_pending(key)
                     && !pending.in_place
                 {
                     self.release(pending.slot);
@@ -300,30 +541,61 @@ impl ChunkTable {
     }
 }
 
-/// How a write will lay out its new pending version.
-#[derive(Clone, Copy, Debug)]
+/// How a write will lay out its new pending version. `overlay` is the
+/// committed version's unapplied Patch layers: its bytes are its slot's with
+/// those written over them.
+#[derive(Clone, Debug)]
 pub(crate) enum WritePlan {
     /// Append past the committed length into the same slot.
-    InPlace { slot: SlotId, base: ChunkMeta },
+    InPlace {
+        slot: SlotId,
+        base: ChunkMeta,
+        overlay: Option<Overlay>,
+    },
     /// Build the new contents in a fresh slot.
     Cow {
         slot: SlotId,
         base: Option<ChunkMeta>,
+        overlay: Option<Overlay>,
     },
     /// Shrink: same slot, shorter length.
-    Shrink { base: ChunkMeta },
+    Shrink {
+        base: ChunkMeta,
+        overlay: Option<Overlay>,
+    },
+    /// Overwrite bytes inside the committed length without copying the
+    /// chunk: the new bytes go into the journal (a Patch record) and into
+    /// memory, and a checkpoint writes them into the slot later.
+    Patch {
+        base: ChunkMeta,
+        overlay: Option<Overlay>,
+    },
 }
 
 impl WritePlan {
     /// The slot the new version lives in, and whether that is the committed
     /// version's slot (written in place) rather than a fresh one.
     pub fn target(&self) -> (SlotId, bool) {
-        match *self {
-            WritePlan::InPlace { slot, .. } => (slot, true),
-            WritePlan::Shrink { base } => (base.slot, true),
-            WritePlan::Cow { slot, .. } => (slot, false),
+        match self {
+            WritePlan::InPlace { slot, .. } => (*slot, true),
+            WritePlan::Shrink { base, .. } | WritePlan::Patch { base, .. } => (base.slot, true),
+            WritePlan::Cow { slot, .. } => (*slot, false),
         }
     }
+}
+
+/// What a checkpoint writes, taken from the table at one instant: the
+/// committed Patch layers it writes into their slots, the durable view, and
+/// the prepared patches it carries (their layers cannot be written in place
+/// while their chunk's committed version is read from the same slot).
+#[derive(Debug)]
+pub(crate) struct CheckpointPlan {
+    /// Readers pinned before this epoch must be gone before the layers are
+    /// written.
+    pub epoch: u64,
+    pub apply: Vec<(ChunkKey, ChunkMeta, Overlay)>,
+    pub view: Vec<ChunkMeta>,
+    pub carried: Vec<Record>,
 }
 
 /// The smallest slot class (log2 of its size) that holds `len` bytes.
@@ -351,30 +623,39 @@ pub(crate) struct Presence {
 }
 
 /// The version a read has pinned: where it lives and what it holds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct ReadTarget {
     pub slot: SlotId,
     pub len: u32,
     pub crc: u32,
     pub version: ChunkVersion,
+    /// Patch layers to write over the slot's bytes.
+    pub overlay: Option<Overlay>,
+    /// The read epoch of the pin.
+    pub epoch: u64,
 }
 
 /// Unpins a slot when a read ends, however it ends.
 pub(crate) struct SlotPin<'a> {
     table: &'a Mutex<ChunkTable>,
     slot: SlotId,
+    epoch: u64,
 }
 
 impl<'a> SlotPin<'a> {
-    /// Takes over the pin [`ChunkTable::pin_for_read`] put on `slot`.
-    pub fn new(table: &'a Mutex<ChunkTable>, slot: SlotId) -> SlotPin<'a> {
-        SlotPin { table, slot }
+    /// Takes over the pin [`ChunkTable::pin_for_read`] put on `target`'s slot.
+    pub fn new(table: &'a Mutex<ChunkTable>, target: &ReadTarget) -> SlotPin<'a> {
+        SlotPin {
+            table,
+            slot: target.slot,
+            epoch: target.epoch,
+        }
     }
 }
 
 impl Drop for SlotPin<'_> {
     fn drop(&mut self) {
-        self.table.lock().unpin(self.slot);
+        self.table.lock().unpin(self.slot, self.epoch);
     }
 }
 
@@ -389,6 +670,7 @@ impl ChunkTable {
         req: &WriteRequest,
         extent: WriteExtent,
         class_log2_min: u8,
+        patches: PatchLimits,
         device: &Arc<str>,
     ) -> Result<WritePlan, EngineError> {
         let key = req.key;
@@ -423,21 +705,62 @@ impl ChunkTable {
         let base_len = base.map_or(0, |b| u64::from(b.meta.len));
         let (new_len, appends) = match &req.op {
             WriteOp::Update { .. } => (base_len.max(new_end), u64::from(offset) >= base_len),
+            WriteOp::Extents(extents) => (
+                base_len.max(new_end),
+                extents.len() == 1 && u64::from(offset) >= base_len,
+            ),
             WriteOp::Replace { .. } => (data_len, false),
             WriteOp::Truncate { len } => (u64::from(*len), u64::from(*len) >= base_len),
         };
+        let overlay = self.overlay(key);
+        // An in-place append rewrites the committed tail block from the
+        // slot: not while a layer not yet in the slot changes that block, or
+        // a reader of an older version would see the layer's bytes appear.
+        let tail_block_patched = |b: &Committed| {
+            let aligned = u64::from(b.meta.len) & !(crate::format::BLOCK - 1);
+            overlay
+                .as_deref()
+                .is_some_and(|o| overlay_touches(o, aligned, u64::from(b.meta.len)))
+        };
+        let is_update = matches!(req.op, WriteOp::Update { .. } | WriteOp::Extents(_));
+        let patch_bytes = patch_record_bytes_of(&req.op);
         Ok(match base {
             Some(b) if matches!(req.op, WriteOp::Truncate { .. }) && new_len <= base_len => {
-                WritePlan::Shrink { base: b.meta }
+                WritePlan::Shrink {
+                    base: b.meta,
+                    overlay,
+                }
             }
             Some(b)
                 if appends
                     && base_len >= u64::from(b.slot_written)
-                    && new_len <= b.meta.slot.bytes() =>
+                    && new_len <= b.meta.slot.bytes()
+                    && !tail_block_patched(&b) =>
             {
                 WritePlan::InPlace {
                     slot: b.meta.slot,
                     base: b.meta,
+                    overlay,
+                }
+            }
+            // A patch replaces any pending version, whose bytes it frees.
+            Some(b)
+                if is_update
+                    && patches.enabled
+                    && data_len > 0
+                    && new_end <= base_len
+                    && data_len <= patches.bytes_max
+                    && self.pending_patch_bytes
+                        - self
+                            .pending_layers
+                            .get(&key)
+                            .map_or(0, |l| patch_record_bytes(l))
+                        + patch_bytes
+                        <= patches.pending_bytes_max =>
+            {
+                WritePlan::Patch {
+                    base: b.meta,
+                    overlay,
                 }
             }
             _ => {
@@ -450,12 +773,16 @@ impl ChunkTable {
                         slot_bytes: 1 << class,
                     })?;
                 // A replace keeps nothing of the old contents.
-                let base = if matches!(req.op, WriteOp::Replace { .. }) {
-                    None
+                let (base, overlay) = if matches!(req.op, WriteOp::Replace { .. }) {
+                    (None, None)
                 } else {
-                    base.map(|b| b.meta)
+                    (base.map(|b| b.meta), overlay)
                 };
-                WritePlan::Cow { slot, base }
+                WritePlan::Cow {
+                    slot,
+                    base,
+                    overlay,
+                }
             }
         })
     }
@@ -469,8 +796,14 @@ impl ChunkTable {
     }
 
     /// Installs the pending version that a write's I/O produced as `plan`
-    /// laid it out.
-    pub fn install_pending(&mut self, key: ChunkKey, plan: &WritePlan, pending: PendingInfo) {
+    /// laid it out; `layer` holds a patch's extents.
+    pub fn install_pending(
+        &mut self,
+        key: ChunkKey,
+        plan: &WritePlan,
+        pending: PendingInfo,
+        layer: Option<Arc<Vec<PatchExtent>>>,
+    ) {
         if let WritePlan::InPlace { .. } = plan
             && let Some(committed) = self.committed.get_mut(&key)
         {
@@ -478,11 +811,79 @@ impl ChunkTable {
         }
         // The replaced pending version (if any) goes only now, so that a
         // failed write changes nothing.
-        let replaced = self.pending.insert(key, pending);
+        let replaced = self.take_pending(key);
+        self.pending.insert(key, pending);
+        if let Some(layer) = layer {
+            self.pending_patch_bytes += patch_record_bytes(&layer);
+            self.pending_layers.insert(key, layer);
+        }
         if let Some(old) = replaced
             && !old.in_place
         {
             self.release(old.slot);
+        }
+    }
+
+    /// Takes what a checkpoint writes, and starts a new read epoch (see
+    /// [`CheckpointPlan`]).
+    pub fn checkpoint_plan(&mut self) -> CheckpointPlan {
+        self.read_epoch += 1;
+        let apply = self
+            .overlays
+            .iter()
+            .filter_map(|(key, overlay)| {
+                let meta = self.committed.get(key)?.meta;
+                Some((*key, meta, overlay.clone()))
+            })
+            .collect();
+        let mut carried: Vec<(ChunkKey, Record)> = self
+            .pending
+            .iter()
+            .filter_map(|(key, p)| {
+                let meta = p.prepared?;
+                let extents = self.pending_layers.get(key)?.clone();
+                Some((
+                    *key,
+                    Record::Patch {
+                        meta,
+                        prepare: true,
+                        extents,
+                    },
+                ))
+            })
+            .collect();
+        carried.sort_by_key(|(key, _)| *key);
+        CheckpointPlan {
+            epoch: self.read_epoch,
+            apply,
+            view: self.durable_view(),
+            carried: carried.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
+
+    /// Drops the layers a checkpoint wrote into their slots and made
+    /// durable: the leading layers of each chunk's overlay that are the very
+    /// ones it wrote (a prepared patch committed in memory since may have
+    /// added one after them).
+    pub fn checkpoint_applied(&mut self, plan: &CheckpointPlan) {
+        for (key, meta, applied) in &plan.apply {
+            let Some(current) = self.overlays.get(key) else {
+                continue;
+            };
+            if self.committed.get(key).map(|c| c.meta.slot) != Some(meta.slot) {
+                continue;
+            }
+            let done = current
+                .iter()
+                .zip(applied.iter())
+                .take_while(|(a, b)| Arc::ptr_eq(&a.extents, &b.extents))
+                .count();
+            if done == current.len() {
+                self.overlays.remove(key);
+            } else if done > 0 {
+                let rest = Arc::new(current[done..].to_vec());
+                self.overlays.insert(*key, rest);
+            }
         }
     }
 
@@ -494,7 +895,7 @@ impl ChunkTable {
             .get(&key)
             .is_some_and(|p| p.version == installed.version && p.slot == installed.slot)
         {
-            self.pending.remove(&key);
+            self.take_pending(key);
             if !installed.in_place {
                 self.release(installed.slot);
             }
@@ -516,7 +917,8 @@ impl ChunkTable {
                 ..
             }) if v == version => {
                 // Exactly what recovery makes of the Prepare record.
-                self.apply(&Record::Put(meta), true);
+                let record = self.record_for(key, meta, false);
+                self.apply(&record, true);
                 Ok(CommitStep::Done(meta))
             }
             Some(p) if p.version == version => Ok(CommitStep::Record(*p)),
@@ -561,7 +963,7 @@ impl ChunkTable {
         match self.pending.get(&key).copied() {
             None => Ok(()),
             Some(p) if p.version == version => {
-                self.pending.remove(&key);
+                self.take_pending(key);
                 if !p.in_place {
                     self.release(p.slot);
                 }
@@ -590,8 +992,7 @@ impl ChunkTable {
     /// durable, so that removing it needs no record.
     pub fn remove_pending(&mut self, key: ChunkKey) {
         let p = self
-            .pending
-            .remove(&key)
+            .take_pending(key)
             .expect("pending version checked under the chunk lock");
         self.release(p.slot);
     }
@@ -610,12 +1011,16 @@ impl ChunkTable {
             len: m.len,
             crc: m.crc,
             version: m.version,
+            overlay: self.overlay(key),
+            epoch: 0,
         };
         let from_pending = |p: PendingInfo| ReadTarget {
             slot: p.slot,
             len: p.len,
             crc: p.crc,
             version: p.version,
+            overlay: self.pending_overlay(key, &p),
+            epoch: 0,
         };
         let found = match version {
             ReadVersion::Committed => committed.map(from_committed),
@@ -640,7 +1045,8 @@ impl ChunkTable {
                 },
             });
         };
-        self.pin(found.slot);
+        let mut found = found;
+        found.epoch = self.pin(found.slot);
         Ok(found)
     }
 }
@@ -686,6 +1092,13 @@ mod tests {
         request(key, version, WriteOp::Update { offset, data, crc })
     }
 
+    /// The layouts these tests check predate patches (tests/ cover those).
+    const NO_PATCHES: PatchLimits = PatchLimits {
+        enabled: false,
+        bytes_max: 0,
+        pending_bytes_max: 0,
+    };
+
     /// A write's decision, and its result recorded as if its I/O produced a
     /// chunk of `len` bytes.
     fn write(
@@ -694,7 +1107,7 @@ mod tests {
         len: u32,
     ) -> Result<(WritePlan, PendingInfo), EngineError> {
         let extent = req.extent(CHUNK_SIZE_MAX)?;
-        let plan = table.plan_write(req, extent, CLASS_LOG2_MIN, &Arc::from("test"))?;
+        let plan = table.plan_write(req, extent, CLASS_LOG2_MIN, NO_PATCHES, &Arc::from("test"))?;
         let (slot, in_place) = plan.target();
         let pending = PendingInfo {
             version: req.version,
@@ -707,7 +1120,7 @@ mod tests {
             request: req.request,
             prepared: None,
         };
-        table.install_pending(req.key, &plan, pending);
+        table.install_pending(req.key, &plan, pending, None);
         Ok((plan, pending))
     }
 
@@ -857,7 +1270,7 @@ mod tests {
             .pin_for_read(k, ReadVersion::Committed)
             .expect("committed");
         assert_eq!((target.slot, target.len), (slot, 100));
-        let pin = SlotPin::new(&table, target.slot);
+        let pin = SlotPin::new(&table, &target);
         table.lock().apply(
             &Record::Remove {
                 chain: k.chain,
@@ -884,7 +1297,7 @@ mod tests {
         }
         let read = |version| {
             let target = table.lock().pin_for_read(k, version)?;
-            drop(SlotPin::new(&table, target.slot));
+            drop(SlotPin::new(&table, &target));
             Ok::<_, EngineError>((target.version, target.len))
         };
         assert_eq!(

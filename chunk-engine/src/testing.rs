@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::{
     ChunkKey, Engine, EngineConfig, EngineError, FormatOptions, JournalMode, ReadRequest,
-    ReadVersion, WriteOp, WriteRequest,
+    ReadVersion, UpdateExtent, WriteOp, WriteRequest,
 };
 
 /// Largest chunk in the harness's format: small, so sizes cross classes.
@@ -50,6 +50,12 @@ pub enum Op {
         len: u16,
         seed: u8,
         append: bool,
+        prepare: bool,
+    },
+    /// Write several extents, (offset, length, seed) each, as one update.
+    WriteExtents {
+        key: u8,
+        extents: Vec<(u16, u16, u8)>,
         prepare: bool,
     },
     Replace {
@@ -149,6 +155,11 @@ pub struct Harness<D: Medium = MemDevice> {
     cut_armed: bool,
     pub steps: u64,
     pub crashes: u64,
+    /// Writes the engine made as patches, and Patch layers its checkpoints
+    /// wrote into their slots, over every engine the run opened: a test of
+    /// the patch path checks that it ran.
+    pub patches: u64,
+    pub patch_layers_applied: u64,
 }
 
 fn key(k: u8) -> ChunkKey {
@@ -217,6 +228,8 @@ impl<D: Medium> Harness<D> {
             cut_armed: false,
             steps: 0,
             crashes: 0,
+            patches: 0,
+            patch_layers_applied: 0,
         }
     }
 
@@ -295,6 +308,42 @@ impl<D: Medium> Harness<D> {
                     new.resize(end, 0);
                 }
                 new[offset as usize..end].copy_from_slice(&data);
+                self.wrote(k, result, new, version, prepare)
+            }
+            Op::WriteExtents {
+                key: k,
+                ref extents,
+                prepare,
+            } => {
+                let chunk = self.model.entry(k % KEYS).or_default().clone();
+                let mut new = chunk.committed.clone().map(|c| c.0).unwrap_or_default();
+                let version = chunk.committed.as_ref().map_or(0, |c| c.1) + 1;
+                let mut list = Vec::new();
+                let mut end_max = 0;
+                for &(offset, len, seed) in extents {
+                    let data = fill(usize::from(len) % 9_000, seed);
+                    let end = usize::from(offset) + data.len();
+                    end_max = end_max.max(end);
+                    if end <= CHUNK_MAX as usize {
+                        if new.len() < end {
+                            new.resize(end, 0);
+                        }
+                        new[usize::from(offset)..end].copy_from_slice(&data);
+                    }
+                    list.push(UpdateExtent {
+                        offset: u32::from(offset),
+                        crc: crc32c::crc32c(&data),
+                        data: DmaBuf::copy_from(&data),
+                    });
+                }
+                let count = list.len();
+                let result = self.write(k, version, WriteOp::Extents(list), prepare);
+                if count == 0 || count > crate::EXTENTS_MAX || end_max > CHUNK_MAX as usize {
+                    return match result {
+                        Err(EngineError::InvalidRequest { .. }) => Ok(()),
+                        other => Err(format!("an invalid multi-extent write gave {other:?}")),
+                    };
+                }
                 self.wrote(k, result, new, version, prepare)
             }
             Op::Replace {
@@ -458,6 +507,7 @@ impl<D: Medium> Harness<D> {
                 if self.cut_armed {
                     return self.crash(0);
                 }
+                self.note_stats();
                 self.engine = None;
                 let engine =
                     self.rt
@@ -593,8 +643,18 @@ impl<D: Medium> Harness<D> {
         Ok(())
     }
 
+    /// Adds the open engine's patch counters to the run's.
+    fn note_stats(&mut self) {
+        if let Some(engine) = &self.engine {
+            let stats = engine.stats();
+            self.patches += stats.patches;
+            self.patch_layers_applied += stats.patch_layers_applied;
+        }
+    }
+
     fn crash(&mut self, seed: u64) -> Result<(), String> {
         self.crashes += 1;
+        self.note_stats();
         self.engine = None;
         self.mem.crash(seed);
         self.dev.clear();
@@ -716,6 +776,13 @@ impl<D: Medium> Harness<D> {
         if self.cut_armed {
             self.crash(self.steps)?;
         }
+        // Counted now and not again: the engine stays open.
+        self.note_stats();
+        if let Some(engine) = &self.engine {
+            let stats = engine.stats();
+            self.patches -= stats.patches;
+            self.patch_layers_applied -= stats.patch_layers_applied;
+        }
         self.compare()?;
         for k in 0..KEYS {
             let Some((bytes, _)) = self.model.get(&k).and_then(|c| c.committed.clone()) else {
@@ -786,6 +853,92 @@ pub fn random_op(rng: &mut ChaCha8Rng, crashes: bool) -> Op {
         96..100 if crashes => Op::Crash { seed: rng.random() },
         _ => Op::Commit { key: k },
     }
+}
+
+/// Draws a random operation for a run that stresses small updates: mostly
+/// overwrites inside chunks and multi-extent updates (made as patches), over
+/// chunks that replaces make large, with commits, aborts, prepared versions,
+/// reads, reopens, and (with `crashes`) power cuts and crashes at every
+/// point of the patch path: journal batches, checkpoints writing patches
+/// into their slots, and recovery redoing them.
+pub fn random_op_overwrites(rng: &mut ChaCha8Rng, crashes: bool) -> Op {
+    let k = rng.random_range(0..KEYS);
+    let roll = rng.random_range(0..100);
+    let offset = |rng: &mut ChaCha8Rng| -> u16 {
+        match rng.random_range(0..3) {
+            0 => 4096 * rng.random_range(0..16),
+            _ => rng.random_range(0..u16::MAX),
+        }
+    };
+    let len = |rng: &mut ChaCha8Rng| -> u16 {
+        match rng.random_range(0..4) {
+            0 => rng.random_range(1..64),
+            1 => 4096,
+            2 => rng.random_range(1..8192),
+            _ => rng.random_range(1..4096),
+        }
+    };
+    match roll {
+        0..22 => Op::Write {
+            key: k,
+            offset: offset(rng),
+            len: len(rng),
+            seed: rng.random(),
+            append: rng.random_bool(0.1),
+            prepare: rng.random_bool(0.4),
+        },
+        22..38 => Op::WriteExtents {
+            key: k,
+            extents: (0..rng.random_range(1..5))
+                .map(|_| (offset(rng), len(rng) / 2, rng.random()))
+                .collect(),
+            prepare: rng.random_bool(0.4),
+        },
+        38..43 => Op::Replace {
+            key: k,
+            len: rng.random_range(16_384..u16::MAX),
+            seed: rng.random(),
+            prepare: rng.random_bool(0.3),
+        },
+        43..45 => Op::Truncate {
+            key: k,
+            len: rng.random_range(0..u16::MAX),
+            prepare: rng.random_bool(0.3),
+        },
+        45..65 => Op::Commit { key: k },
+        65..71 => Op::CommitAll,
+        71..75 => Op::Abort { key: k },
+        75..77 => Op::Remove { key: k },
+        77..88 => Op::Read {
+            key: k,
+            offset: offset(rng),
+            len: len(rng),
+            pending: rng.random_bool(0.3),
+        },
+        88..91 => Op::Reopen,
+        91..96 if crashes => Op::PowerCut {
+            after: rng.random(),
+        },
+        96..100 if crashes => Op::Crash { seed: rng.random() },
+        _ => Op::Commit { key: k },
+    }
+}
+
+/// One seeded run of `steps` operations drawn by `random_op_overwrites`.
+pub fn run_seed_overwrites(
+    seed: u64,
+    steps: usize,
+    crashes: bool,
+    journal: JournalMode,
+) -> Result<Harness, String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut harness = Harness::new(seed, journal);
+    for _ in 0..steps {
+        let op = random_op_overwrites(&mut rng, crashes);
+        harness.step(&op).map_err(|e| format!("seed {seed}: {e}"))?;
+    }
+    harness.finish().map_err(|e| format!("seed {seed}: {e}"))?;
+    Ok(harness)
 }
 
 /// One seeded run of `steps` random operations; the error names the seed.
@@ -859,11 +1012,8 @@ pub fn fuzz_decode(data: &[u8]) {
                 let _ = decode_batch(rest, &header, &sb);
             }
             if let Ok(header) = CheckpointHeader::decode(rest, &sb) {
-                let _ = decode_checkpoint_entries(
-                    rest.get(BLOCK as usize..).unwrap_or_default(),
-                    &header,
-                    &sb,
-                );
+                let _ =
+                    decode_checkpoint(rest.get(BLOCK as usize..).unwrap_or_default(), &header, &sb);
             }
             let _ = ChunkMeta::decode(rest, &sb, "fuzz");
         }
@@ -919,12 +1069,15 @@ pub fn fuzz_decode(data: &[u8]) {
             }
         }
         _ => {
-            let mut buf = vec![0u8; BLOCK as usize + 2 * META_BYTES];
+            // Entries, then (format version 4) the length of the carried
+            // records, none here: zero.
+            let prefix = if sb.has_patches() { 4 } else { 0 };
+            let mut buf = vec![0u8; BLOCK as usize + 2 * META_BYTES + prefix];
             let entries = rest.get(..2 * META_BYTES).unwrap_or(&[]);
             buf[BLOCK as usize..BLOCK as usize + entries.len()].copy_from_slice(entries);
             let count = (entries.len() / META_BYTES) as u64;
             let payload =
-                buf[BLOCK as usize..BLOCK as usize + count as usize * META_BYTES].to_vec();
+                buf[BLOCK as usize..BLOCK as usize + count as usize * META_BYTES + prefix].to_vec();
             let header = CheckpointHeader {
                 sequence: 1,
                 journal_lsn: 0,
@@ -933,7 +1086,7 @@ pub fn fuzz_decode(data: &[u8]) {
             };
             header.encode(sb.format_id, &mut buf);
             let decoded = CheckpointHeader::decode(&buf, &sb).expect("valid header");
-            if let Ok(metas) = decode_checkpoint_entries(&buf[BLOCK as usize..], &decoded, &sb) {
+            if let Ok((metas, _)) = decode_checkpoint(&buf[BLOCK as usize..], &decoded, &sb) {
                 for (meta, raw) in metas.iter().zip(payload.chunks_exact(META_BYTES)) {
                     let mut again = [0u8; META_BYTES];
                     meta.encode(&mut again);

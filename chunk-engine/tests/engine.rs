@@ -31,6 +31,8 @@ both_modes!(
     damaged_checkpoint_falls_back_or_refuses,
     readers_never_see_torn_chunks_while_writers_commit,
     prepared_versions_are_durable_and_commit_without_io,
+    small_overwrites_are_patches,
+    a_patch_whose_record_fails_poisons_and_leaves_the_committed_version,
 );
 
 fn mem() -> MemDevice {
@@ -143,7 +145,13 @@ fn pending_versions_are_invisible_until_committed(mode: JournalMode) {
 fn appends_go_in_place_and_overwrites_copy_on_write(mode: JournalMode) {
     let rt = runtime();
     rt.block_on(async {
-        let engine = format_and_open(&mem(), &small_format(), mode).await;
+        // The copying path: with patches on, the overwrite below would be one
+        // (small_overwrites_are_patches covers that).
+        let mem = mem();
+        Engine::format(&mem, &small_format()).await.expect("format");
+        let engine = Engine::open(mem.clone(), pool(), config_without_patches(mode))
+            .await
+            .expect("open");
         let k = key(2, 9, 3);
         let mut model = bytes(4096, 1);
         let first = put(&engine, k, 1, 0, &model).await;
@@ -299,7 +307,10 @@ fn failed_write_poisons_until_reopen(mode: JournalMode) {
     rt.block_on(async {
         Engine::format(&mem, &small_format()).await.expect("format");
         let dev = FaultyDevice::new(mem.clone(), 1);
-        let engine = Engine::open(dev.clone(), pool(), config(mode))
+        // Patches off, so that the failing write is one that writes (a
+        // patch writes nothing before its record: see
+        // a_patch_whose_record_fails_poisons_and_leaves_the_committed_version).
+        let engine = Engine::open(dev.clone(), pool(), config_without_patches(mode))
             .await
             .expect("open");
         let k = key(1, 2, 3);
@@ -754,5 +765,165 @@ fn prepared_versions_are_durable_and_commit_without_io(mode: JournalMode) {
             "an aborted prepared version came back"
         );
         engine.check_consistency().expect("consistent");
+    });
+}
+
+/// A small update inside a chunk (one extent or several) is a patch: the
+/// version stays in its slot, nothing is copied, the committed version reads
+/// as before until the commit, both versions read right (whole and partial,
+/// checked), and the bytes survive checkpoints (which write them into the
+/// slot) and reopens (which redo them).
+fn small_overwrites_are_patches(mode: JournalMode) {
+    let rt = runtime();
+    rt.block_on(async {
+        let mem = mem();
+        // A small journal, so that the writes below wrap it and checkpoint.
+        let options = FormatOptions {
+            journal_bytes: Some(256 << 10),
+            ..small_format()
+        };
+        let engine = format_and_open(&mem, &options, mode).await;
+        let k = key(3, 4, 5);
+        let mut model = bytes(60_000, 7);
+        put(&engine, k, 1, 0, &model).await;
+        let slot = engine.stat(k).expect("stat").committed.expect("c").slot;
+        let before = engine.stats();
+
+        let outcome = engine
+            .write(update(k, 2, 10, b"hello"))
+            .await
+            .expect("write");
+        assert!(outcome.in_place, "a patch stays in its slot");
+        assert_eq!(engine.stats().patches, before.patches + 1);
+        let mut pending = model.clone();
+        pending[10..15].copy_from_slice(b"hello");
+        assert_eq!(outcome.crc, crc32c::crc32c(&pending));
+        assert_same(&contents(&engine, k).await, &model);
+        let read = engine
+            .read(
+                k,
+                ReadRequest {
+                    offset: 0,
+                    len: 4096,
+                    version: ReadVersion::Pending,
+                    verify: false,
+                },
+            )
+            .await
+            .expect("pending read");
+        assert_same(&read.data, &pending[..4096]);
+        engine.commit(k, ChunkVersion(2)).await.expect("commit");
+        model = pending;
+        assert_same(&contents(&engine, k).await, &model);
+        assert_eq!(
+            engine.stat(k).expect("stat").committed.expect("c").slot,
+            slot
+        );
+
+        // Several extents in one update, overlapping blocks and each other.
+        let extents = [
+            (4000u32, bytes(200, 1)),
+            (4096, bytes(4096, 2)),
+            (59_990, bytes(10, 3)),
+        ];
+        let op = WriteOp::Extents(
+            extents
+                .iter()
+                .map(|(offset, data)| flyfs_chunk_engine::UpdateExtent {
+                    offset: *offset,
+                    data: DmaBuf::copy_from(data),
+                    crc: crc32c::crc32c(data),
+                })
+                .collect(),
+        );
+        let outcome = engine.write(request(k, 3, op)).await.expect("write");
+        for (offset, data) in &extents {
+            model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+        assert!(outcome.in_place);
+        assert_eq!(outcome.crc, crc32c::crc32c(&model));
+        engine.commit(k, ChunkVersion(3)).await.expect("commit");
+
+        // Many 4 KiB overwrites: checkpoints write them into the slot.
+        for version in 4..200u32 {
+            let offset = (version * 4096 * 7) % (60_000 - 4096);
+            let data = bytes(4096, version as u8);
+            put(&engine, k, version, offset, &data).await;
+            model[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+            if version % 50 == 0 {
+                let partial = engine
+                    .read(k, ReadRequest::committed(offset, 4096))
+                    .await
+                    .expect("partial read");
+                assert_same(&partial.data, &data);
+            }
+        }
+        let stats = engine.stats();
+        assert!(stats.checkpoints > before.checkpoints, "{stats:?}");
+        assert!(stats.patch_layers_applied > 0, "{stats:?}");
+        assert_same(&contents(&engine, k).await, &model);
+        assert_eq!(
+            engine.stat(k).expect("stat").committed.expect("c").slot,
+            slot
+        );
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+        engine.check_consistency().expect("consistent");
+        drop(engine);
+        let engine = Engine::open(mem.clone(), pool(), config(mode))
+            .await
+            .expect("reopen");
+        assert_same(&contents(&engine, k).await, &model);
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+        engine.check_consistency().expect("consistent");
+    });
+}
+
+/// A patch writes nothing before its record; when the journal write of that
+/// record fails, the commit fails, the engine is poisoned, and the committed
+/// version is what it was, then and after a reopen.
+fn a_patch_whose_record_fails_poisons_and_leaves_the_committed_version(mode: JournalMode) {
+    let rt = runtime();
+    let mem = mem();
+    rt.block_on(async {
+        Engine::format(&mem, &small_format()).await.expect("format");
+        let dev = FaultyDevice::new(mem.clone(), 1);
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
+            .await
+            .expect("open");
+        let k = key(1, 2, 3);
+        put(&engine, k, 1, 0, b"durable").await;
+        let outcome = engine
+            .write(update(k, 2, 0, b"lost"))
+            .await
+            .expect("a patch writes nothing yet");
+        assert!(outcome.in_place);
+        dev.inject(Fault::EioRange {
+            range: 0..u64::MAX,
+            op: Some(IoOp::Write),
+        });
+        let err = engine
+            .commit(k, ChunkVersion(2))
+            .await
+            .expect_err("injected EIO");
+        assert!(
+            matches!(err, EngineError::Poisoned { .. }) || err.is_device_failure(),
+            "{err}"
+        );
+        assert!(engine.poisoned().is_some());
+        assert_same(&contents(&engine, k).await, b"durable");
+        drop(engine);
+        dev.clear();
+        let engine = Engine::open(dev.clone(), pool(), config(mode))
+            .await
+            .expect("reopen");
+        assert_same(&contents(&engine, k).await, b"durable");
+        put(&engine, k, 2, 0, b"works").await;
+        assert_same(&contents(&engine, k).await, b"worksle");
     });
 }

@@ -81,6 +81,7 @@ fn concurrent_commits(commits: u32) -> EngineStats {
             records: after.records - before.records,
             batches: after.batches - before.batches,
             checkpoints: after.checkpoints - before.checkpoints,
+            ..EngineStats::default()
         }
     })
 }

@@ -48,6 +48,16 @@ pub fn config(journal: JournalMode) -> EngineConfig {
     }
 }
 
+/// The default configuration with patches off: small updates copy the
+/// chunk, as on a device formatted before version 4 (for tests of that path).
+pub fn config_without_patches(journal: JournalMode) -> EngineConfig {
+    EngineConfig {
+        journal,
+        patch_bytes_max: 0,
+        ..EngineConfig::default()
+    }
+}
+
 pub async fn format_and_open<D: BlockDevice + Clone>(
     dev: &D,
     options: &FormatOptions,
