@@ -11,12 +11,13 @@
 //! open, silent, as the connection's lifeline: when either side closes it,
 //! the other tears its RDMA connection down too.
 //!
-//! A peer on the other transport is found at the first bytes: a TCP client
-//! sends a frame header where the server expects RDMA parameters (the
-//! server answers with an error frame naming the transport and closes), and
-//! a TCP server answers an RDMA client's parameters with an error frame,
-//! which the client reports as such. Neither waits for bytes that will not
-//! come: the server reads only the 8 bytes of the magic before deciding.
+//! A server with an RDMA device serves clients of both transports: the
+//! first 4 bytes inside the session are either the RDMA parameters' magic
+//! or a frame header, and the client's choice is followed (so the admin
+//! tool, on TCP, still reaches every daemon). A server without one answers
+//! an RDMA client's parameters as a bad frame header, with an error frame,
+//! which the client recognises after 8 bytes and reports as "the server is
+//! on the TCP transport", not as a hang.
 //!
 //! Frames ride the messages as a byte stream, cut at the peer's message
 //! size, through an in-memory pipe: the server's and client's frame
@@ -39,10 +40,6 @@ pub(crate) enum Side {
     Client,
     Server,
 }
-
-/// The body of the error frame an RDMA server sends a TCP client.
-pub const TCP_CLIENT_REFUSAL: &str = "this flyfs server uses the rdma transport; the client \
-    connected with transport = \"tcp\" (set the client's transport to \"rdma\")";
 
 /// What a process needs to open RDMA connections: the device (with its
 /// protection domain) and the shape of each connection. Cheap to clone.
@@ -101,18 +98,19 @@ impl RdmaTransport {
                 Endpoint::decode(&peer)?
             }
             Side::Server => {
-                let peer = match read_parameters(&mut stream, side).await {
+                let peer = read_parameters(&mut stream, side)
+                    .await
+                    .and_then(|peer| Endpoint::decode(&peer));
+                let peer = match peer {
                     Ok(peer) => peer,
                     Err(error) => {
-                        // A TCP client: tell it why, then close.
-                        let refusal =
-                            OutFrame::error(0, 0, Status::Unauthenticated, TCP_CLIENT_REFUSAL);
+                        // Tell the client why, then close.
+                        let refusal = OutFrame::error(0, 0, Status::BadRequest, &error.to_string());
                         let _ = frame_io::write_frame(&mut stream, refusal).await;
                         let _ = stream.shutdown().await;
                         return Err(error);
                     }
                 };
-                let peer = Endpoint::decode(&peer)?;
                 stream
                     .write_all(&local)
                     .await

@@ -526,10 +526,34 @@ async fn run_connection<T, S>(
     };
     tracing::debug!(%peer, "connection authenticated");
     let budgets = budgets.connection(peer.identity.to_string(), slot);
-    // Only an authenticated peer gets to exchange RDMA parameters.
-    match rdma {
-        None => serve_frames(stream, peer, service, &config, &refusals, &budgets).await,
-        Some(rdma) => {
+    // Only an authenticated peer gets to exchange RDMA parameters. A server
+    // with an RDMA device serves clients of both transports: the first
+    // bytes inside the session say which one the client chose (RDMA
+    // parameters, or a frame header), and are put back for the reader.
+    let Some(rdma) = rdma else {
+        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        return;
+    };
+    let mut stream = stream;
+    let mut first = [0u8; 4];
+    match tokio::time::timeout(config.header_timeout, stream.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "connection closed before its first frame");
+            return;
+        }
+        Err(_elapsed) => {
+            Refusal::HeaderTimeout(config.header_timeout).log(&refusals, &peer.addr);
+            return;
+        }
+    }
+    let stream = Prefixed::new(first, stream);
+    if first[..] != flyfs_rdma::handshake::MAGIC[..4] {
+        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        return;
+    }
+    {
+        {
             let upgrade = rdma.upgrade(stream, crate::rdma::Side::Server);
             match tokio::time::timeout(config.handshake_timeout, upgrade).await {
                 Ok(Ok(stream)) => {
