@@ -51,7 +51,7 @@ const WC_WR_FLUSH_ERR: u32 = 5;
 /// sleeps on its channel: long enough to ride out the gap between a
 /// request's completion and the next request, short enough not to burn a
 /// core on an idle connection.
-const IDLE_POLLS_BEFORE_SLEEP: u32 = 64;
+const IDLE_POLLS_BEFORE_SLEEP: u32 = 16;
 
 /// An open device with the protection domain every flyfs connection and
 /// registered region on it shares (one-sided requests need both in one PD).
@@ -445,6 +445,23 @@ impl Connection {
     /// Sends one message, waiting for a credit and a send slot when all are
     /// in use, and for its completion (the peer's receive of it).
     pub async fn send(&self, payload: &[u8]) -> Result<()> {
+        let result = self.post_message(payload).await?;
+        self.shared.wait(result, "send").await
+    }
+
+    /// Sends one message without waiting for its completion: returns once
+    /// it is posted (the payload is copied into a send slot, so the caller's
+    /// buffer is free at once), so that several messages are in flight, up
+    /// to the credits. A failure completion breaks the connection, which
+    /// every later call reports; the queue pair's retry limit bounds how
+    /// long an unacknowledged message can stay posted.
+    pub async fn send_posted(&self, payload: &[u8]) -> Result<()> {
+        self.post_message(payload).await.map(drop)
+    }
+
+    /// Waits for a credit and a send slot, copies `payload` into the slot
+    /// and posts it; the receiver learns the completion.
+    async fn post_message(&self, payload: &[u8]) -> Result<oneshot::Receiver<Result<()>>> {
         let shared = &self.shared;
         let max = shared.peer.message_bytes_max as usize;
         if payload.len() > max {
@@ -496,7 +513,7 @@ impl Connection {
         };
         shared.post(SendOp::Send, sge, Pending::Data { slot, done })?;
         SENT_COPIED.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        shared.wait(result, "send").await
+        Ok(result)
     }
 
     /// Takes the next message, waiting for one; earns the peer a credit.

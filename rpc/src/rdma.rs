@@ -186,7 +186,8 @@ where
                 Err(error) => return format!("reading frames to send: {error}"),
             };
             loop {
-                match connection.send(&buffer[..filled]).await {
+                // Posted, not waited for: messages stream up to the credits.
+                match connection.send_posted(&buffer[..filled]).await {
                     Ok(()) => break,
                     // Waiting for credits past the completion timeout: the
                     // peer's reader is held back by its budgets, which is
