@@ -109,6 +109,10 @@ impl Mgmtd {
     pub async fn start(config: &MgmtdConfig) -> anyhow::Result<Mgmtd> {
         // Credentials first: without them nothing else is worth starting.
         let credentials = crate::certs::from_config(config.tls.as_ref(), "the manager")?;
+        let rdma = config
+            .rdma
+            .open(config.transport)
+            .context("transport = \"rdma\": opening the [rdma] device")?;
         // Bound first: the lease names the address callers are sent to.
         let listener = Tcp
             .bind(&config.listen)
@@ -124,13 +128,15 @@ impl Mgmtd {
         let service = MgmtService::open_with(store, config.mgmt_config(), lease)
             .await
             .context("loading the cluster record")?;
-        let server = Server::new(
+        let mut server = Server::new(
             service.clone(),
             ServerConfig::without_payload(),
             credentials,
-        )
-        .spawn(listener)
-        .context("starting the RPC server")?;
+        );
+        if let Some(rdma) = rdma {
+            server = server.with_rdma(rdma);
+        }
+        let server = server.spawn(listener).context("starting the RPC server")?;
         let runner = tokio::spawn(service.clone().run());
         tracing::info!(
             data_dir = %config.data_dir.display(),
@@ -184,6 +190,10 @@ impl StorageDaemon {
     pub async fn start(config: &StorageDaemonConfig) -> anyhow::Result<StorageDaemon> {
         // Credentials first: without them nothing else is worth starting.
         let credentials = crate::certs::from_config(config.tls.as_ref(), "the storage node")?;
+        let rdma = config
+            .rdma
+            .open(config.transport)
+            .context("transport = \"rdma\": opening the [rdma] device")?;
         // One pool for every device of the node: its arena is registered with
         // each device's ring, and each engine allocates from it.
         // Every chunk write in flight holds a buffer of its size until it is
@@ -229,22 +239,25 @@ impl StorageDaemon {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         // The trait's `local_addr` (a `String`), not tokio's inherent one.
         let bound = Listener::local_addr(&listener).context("reading the listener's address")?;
-        let node = StorageNode::new(
+        let node = StorageNode::with_transport(
             config.storage_config(&bound),
             engines,
             Tcp,
             credentials.clone(),
+            rdma.clone(),
         );
         let heartbeat = tokio::spawn(node.clone().run());
         let usage = tokio::spawn(export_usage(node.engines().to_vec()));
         let scrub = tokio::spawn(node.clone().scrub());
-        let server = Server::new(
+        let mut server = Server::new(
             StorageService::new(node.clone()),
             config.rpc.server_config(),
             credentials,
-        )
-        .spawn(listener)
-        .context("starting the RPC server")?;
+        );
+        if let Some(rdma) = rdma {
+            server = server.with_rdma(rdma);
+        }
+        let server = server.spawn(listener).context("starting the RPC server")?;
         tracing::info!(
             node = config.node_id,
             advertise = %node.config().addr,

@@ -53,8 +53,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;
 use flyfs_deploy::config::{
-    ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, MountConfig, StorageDaemonConfig,
-    TlsConfig,
+    ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, MountConfig, RdmaConfig,
+    StorageDaemonConfig, TlsConfig, TransportKind,
 };
 use flyfs_deploy::supervisor::{self, Daemon, Stopped};
 use flyfs_proto::auth::Principal;
@@ -107,6 +107,19 @@ pub(crate) struct UpArgs {
     /// How long to wait for each daemon to become ready, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// How the manager and the storage nodes reach each other: `tcp` or
+    /// `rdma` (on `--rdma-device`). Their servers then take RDMA and TCP
+    /// connections; the metadata service, the mount and the admin tool stay
+    /// on TCP.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    transport: String,
+    /// The RDMA device, with `--transport rdma` (`ibv_devices` lists them).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// The GID index of the RDMA device's port (RoCE v2: the one holding
+    /// the interface's IPv4 address).
+    #[arg(long, default_value_t = 0)]
+    rdma_gid_index: u8,
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +156,9 @@ struct ClusterLayout {
     port: u16,
     mount_point: PathBuf,
     replicas: u32,
+    /// The manager's and storage nodes' transport and RDMA device.
+    transport: TransportKind,
+    rdma: RdmaConfig,
 }
 
 /// What one daemon is.
@@ -285,6 +301,8 @@ impl ClusterLayout {
                 config.listen = self.mgmt();
                 config.metrics_listen = metrics_listen;
                 config.tls = self.tls(kind);
+                config.transport = self.transport;
+                config.rdma = self.rdma.clone();
                 config.to_toml()
             }
             Kind::Storage(node) => {
@@ -293,6 +311,8 @@ impl ClusterLayout {
                 config.mgmt = ManagerAddrs::one(self.mgmt());
                 config.metrics_listen = metrics_listen;
                 config.tls = self.tls(kind);
+                config.transport = self.transport;
+                config.rdma = self.rdma.clone();
                 config.to_toml()
             }
             Kind::Meta => {
@@ -361,11 +381,27 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
             before.replicas
         );
     }
+    let (transport, rdma) = match (args.transport.as_str(), &args.rdma_device) {
+        ("rdma", None) => {
+            bail!("--transport rdma needs --rdma-device (ibv_devices lists the devices)")
+        }
+        ("rdma", Some(device)) => (
+            TransportKind::Rdma,
+            RdmaConfig {
+                device: device.clone(),
+                gid_index: args.rdma_gid_index,
+                ..RdmaConfig::default()
+            },
+        ),
+        _ => (TransportKind::Tcp, RdmaConfig::default()),
+    };
     let layout = ClusterLayout {
         data: data.clone(),
         port,
         mount_point,
         replicas,
+        transport,
+        rdma,
     };
     let mut daemons = BTreeMap::new();
     for kind in Kind::all() {
@@ -828,6 +864,9 @@ pub(crate) fn down(args: &DownArgs) -> anyhow::Result<()> {
         port: cluster.port,
         mount_point: cluster.mount_point,
         replicas: cluster.replicas,
+        // Stopping reads no transport.
+        transport: TransportKind::Tcp,
+        rdma: RdmaConfig::default(),
     };
     let grace = Duration::from_secs(args.timeout);
     // The mount first: it flushes what it buffered while the cluster still
@@ -913,6 +952,8 @@ mod tests {
             port: 7100,
             mount_point: PathBuf::from("/mnt/x"),
             replicas: 3,
+            transport: TransportKind::Tcp,
+            rdma: RdmaConfig::default(),
         };
         let mgmtd = MgmtdConfig::parse(&layout.config_text(Kind::Mgmtd)).expect("mgmtd config");
         assert_eq!(mgmtd.listen, "127.0.0.1:7100");

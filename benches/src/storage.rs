@@ -35,7 +35,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use flyfs_client::storage::{ClientConfig, StorageClient};
-use flyfs_deploy::config::{ConfigFile, ManagerAddrs, MgmtdConfig, StorageDaemonConfig, TlsConfig};
+use flyfs_deploy::config::{
+    ConfigFile, ManagerAddrs, MgmtdConfig, RdmaConfig, StorageDaemonConfig, TlsConfig,
+    TransportKind,
+};
 use flyfs_deploy::supervisor::{self, Daemon, Fleet};
 use flyfs_proto::Method;
 use flyfs_proto::auth::Principal;
@@ -94,6 +97,18 @@ pub struct StorageArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// How the client and the daemons reach each other: `tcp` or `rdma`
+    /// (every daemon and the client on the RDMA device; the admin steps
+    /// stay on TCP, which the daemons serve too).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    transport: String,
+    /// The RDMA device, with `--transport rdma` (`ibv_devices` lists them).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// The GID index of the RDMA device's port (RoCE v2: the one holding
+    /// the interface's IPv4 address).
+    #[arg(long, default_value_t = 0)]
+    rdma_gid_index: u8,
 }
 
 /// What one run measured.
@@ -122,6 +137,19 @@ struct Results {
     /// seconds): what shows whether the two cores or the disk ran out.
     cpu_cores: CpuCores,
     dir: String,
+    transport: String,
+    /// Payload bytes this (client) process moved through RDMA SEND/RECV
+    /// slots (copied) and by one-sided READ/WRITE (zero for now: payloads
+    /// ride the messages until one-sided payloads land).
+    rdma_client_bytes: RdmaBytes,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct RdmaBytes {
+    sent_copied: u64,
+    received_copied: u64,
+    one_sided_read: u64,
+    one_sided_written: u64,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -169,6 +197,17 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cluster = Cluster::new(dir.clone());
+    if args.transport == "rdma" {
+        let Some(device) = &args.rdma_device else {
+            bail!("--transport rdma needs --rdma-device (ibv_devices lists the devices)");
+        };
+        cluster.transport = TransportKind::Rdma;
+        cluster.rdma = RdmaConfig {
+            device: device.clone(),
+            gid_index: args.rdma_gid_index,
+            ..RdmaConfig::default()
+        };
+    }
     let device_bytes = placement.device_bytes(size, args.chunk_size);
     let chunk_size_max = args.chunk_size.max(1 << 20);
     let results = cluster.start(device_bytes, chunk_size_max).and_then(|()| {
@@ -212,6 +251,16 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
             elapsed_s: 0.0,
             cpu_cores: std::mem::take(&mut bench.cpu),
             dir: base.display().to_string(),
+            transport: args.transport.clone(),
+            rdma_client_bytes: {
+                let moved = flyfs_rdma::transfer_counts();
+                RdmaBytes {
+                    sent_copied: moved.sent_copied,
+                    received_copied: moved.received_copied,
+                    one_sided_read: moved.one_sided_read,
+                    one_sided_written: moved.one_sided_written,
+                }
+            },
         })
     });
     let mut results = match results {
@@ -373,6 +422,8 @@ struct Cluster {
     dir: PathBuf,
     mgmt_addr: String,
     fleet: Fleet,
+    transport: TransportKind,
+    rdma: RdmaConfig,
 }
 
 impl Cluster {
@@ -381,6 +432,8 @@ impl Cluster {
             dir,
             mgmt_addr: String::new(),
             fleet: Fleet::new(),
+            transport: TransportKind::Tcp,
+            rdma: RdmaConfig::default(),
         }
     }
 
@@ -433,6 +486,8 @@ impl Cluster {
         mgmtd.heartbeat_interval_ms = 100;
         mgmtd.tick_interval_ms = 100;
         mgmtd.tls = Some(TlsConfig::in_dir(&self.tls_dir(), "mgmtd"));
+        mgmtd.transport = self.transport;
+        mgmtd.rdma = self.rdma.clone();
         self.write_config("mgmtd", &mgmtd)?;
         for node in 1..=NODES {
             let mut storage =
@@ -440,6 +495,8 @@ impl Cluster {
             storage.listen = "127.0.0.1:0".into();
             storage.mgmt = ManagerAddrs::one(self.mgmt_addr.clone());
             storage.heartbeat_interval_ms = 100;
+            storage.transport = self.transport;
+            storage.rdma = self.rdma.clone();
             storage.tls = Some(TlsConfig::in_dir(
                 &self.tls_dir(),
                 &format!("storage{node}"),
@@ -548,10 +605,16 @@ impl Bench<'_> {
             self.cluster.credentials("admin")?,
         );
         self.set_up(&rpc).await?;
-        let client = StorageClient::new(
+        let rdma = self
+            .cluster
+            .rdma
+            .open(self.cluster.transport)
+            .context("--transport rdma: opening the RDMA device")?;
+        let client = StorageClient::with_transport(
             ClientConfig::new([self.cluster.mgmt_addr.clone()], ClientId(0xbe4c)),
             Tcp,
             self.cluster.credentials("client")?,
+            rdma,
         );
         client
             .refresh_routing()

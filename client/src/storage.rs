@@ -123,10 +123,22 @@ impl<N: Network> StorageClient<N> {
     /// A client that authenticates with `credentials` (a mount's, the
     /// metadata service's, an admin's).
     pub fn new(config: ClientConfig, net: N, credentials: Credentials) -> Arc<Self> {
+        StorageClient::with_transport(config, net, credentials, None)
+    }
+
+    /// As [`StorageClient::new`], over RDMA when `rdma` is set (flyfs-rpc's
+    /// rdma module): every connection, to the manager and to the storage
+    /// nodes, is authenticated over TLS and then moves to a queue pair.
+    pub fn with_transport(
+        config: ClientConfig,
+        net: N,
+        credentials: Credentials,
+        rdma: Option<flyfs_rpc::RdmaTransport>,
+    ) -> Arc<Self> {
         Arc::new(StorageClient {
             managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
-            rpc: Client::new(net, Default::default(), credentials),
+            rpc: Client::with_transport(net, Default::default(), credentials, rdma),
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             channels: Mutex::new(Vec::new()),
             channels_made: AtomicU64::new(0),

@@ -45,6 +45,7 @@ use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, S
 use crate::frame_io::{self, ReadError};
 use crate::net::Network;
 use crate::payload::Payload;
+use crate::rdma::RdmaTransport;
 use crate::tls::{self, Credentials};
 
 /// Per-client settings.
@@ -130,6 +131,8 @@ struct Inner<N> {
     net: N,
     config: ClientConfig,
     credentials: Credentials,
+    /// Set: every connection moves to RDMA once authenticated.
+    rdma: Option<RdmaTransport>,
     peers: Mutex<BTreeMap<String, Arc<Peer>>>,
     /// Request ids start at 1: 0 means "the connection" in server frames.
     request_id_next: AtomicU64,
@@ -148,11 +151,24 @@ impl<N: Network> Client<N> {
     /// A client that proves itself with `credentials` on every connection.
     /// There is no client without credentials.
     pub fn new(net: N, config: ClientConfig, credentials: Credentials) -> Client<N> {
+        Client::with_transport(net, config, credentials, None)
+    }
+
+    /// A client on the RDMA transport when `rdma` is set: each connection is
+    /// made and authenticated as over TCP, then moves its frames to an RDMA
+    /// connection (crate::rdma).
+    pub fn with_transport(
+        net: N,
+        config: ClientConfig,
+        credentials: Credentials,
+        rdma: Option<RdmaTransport>,
+    ) -> Client<N> {
         Client {
             inner: Arc::new(Inner {
                 net,
                 config,
                 credentials,
+                rdma,
                 peers: Mutex::new(BTreeMap::new()),
                 request_id_next: AtomicU64::new(1),
             }),
@@ -440,7 +456,29 @@ impl<N: Network> Client<N> {
                 reason,
             })?;
         tracing::debug!(%addr, slot = index, server = %identity, "connected");
-        let conn = Arc::new(Conn::start(addr, stream, self.inner.config.limits));
+        let conn = match &self.inner.rdma {
+            None => Arc::new(Conn::start(addr, stream, self.inner.config.limits)),
+            // Authenticated above: only now are RDMA parameters exchanged.
+            Some(rdma) => {
+                let upgrade = rdma.upgrade(stream, crate::rdma::Side::Client);
+                let stream = tokio::time::timeout(self.inner.config.connect_timeout, upgrade)
+                    .await
+                    .map_err(|_elapsed| {
+                        connect_error(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "no RDMA connection set-up within {:?}",
+                                self.inner.config.connect_timeout
+                            ),
+                        ))
+                    })?
+                    .map_err(|source| RpcError::Rdma {
+                        addr: addr.to_owned(),
+                        source,
+                    })?;
+                Arc::new(Conn::start(addr, stream, self.inner.config.limits))
+            }
+        };
         *slot = Some(conn.clone());
         Ok(conn)
     }

@@ -69,6 +69,15 @@ pub enum RpcError {
         #[source]
         source: io::Error,
     },
+    /// The RDMA connection could not be set up after authentication: the
+    /// server is on the TCP transport, the parameters were malformed, or
+    /// the device failed.
+    #[error("RDMA connection to {addr} failed: {source}")]
+    Rdma {
+        addr: String,
+        #[source]
+        source: flyfs_rdma::RdmaError,
+    },
     /// The server's certificate is valid but names no daemon of our
     /// cluster.
     #[error("{addr} is not a flyfs daemon of our cluster: {reason}")]
@@ -127,6 +136,15 @@ impl RpcError {
             // one that rustls refused (InvalidData: a certificate or
             // protocol error) will not.
             RpcError::Handshake { source, .. } => source.kind() != io::ErrorKind::InvalidData,
+            // A queue pair that failed may connect next time; a peer on
+            // the other transport, or a device that is not there, will not.
+            RpcError::Rdma { source, .. } => matches!(
+                source,
+                flyfs_rdma::RdmaError::Verb { .. }
+                    | flyfs_rdma::RdmaError::Completion { .. }
+                    | flyfs_rdma::RdmaError::CompletionTimeout { .. }
+                    | flyfs_rdma::RdmaError::Broken { .. }
+            ),
             _ => false,
         }
     }

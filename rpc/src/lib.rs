@@ -1,12 +1,14 @@
 //! Transports and the request/response machinery of flyfs, over the
-//! messages and frames of flyfs-proto (TCP now, RDMA later).
+//! messages and frames of flyfs-proto (TCP and RDMA).
 //!
-//! It depends on flyfs-proto only among flyfs crates. The layers, bottom
+//! It depends on flyfs-proto and flyfs-rdma only among flyfs crates. The layers, bottom
 //! up:
 //! * [`frame_io`]: one frame read from or written to a byte stream.
 //! * [`payload`]: bulk bytes beside the message, the seam an RDMA transport
 //!   plugs into.
 //! * [`net`]: the network seam ([`Tcp`], and `SimNet` for turmoil).
+//! * [`rdma`]: the RDMA transport: an authenticated connection moves its
+//!   frames to an RDMA connection (flyfs-rdma).
 //! * [`server`] and [`client`]: multiplexed request/response over one
 //!   connection, many calls in flight, replies in any order.
 //! * [`tls`]: mutual TLS: credentials, the cluster CA, the identity of a
@@ -24,6 +26,7 @@ pub mod frame_io;
 pub mod metrics;
 pub mod net;
 pub mod payload;
+pub mod rdma;
 pub mod recv_pool;
 pub mod refusals;
 pub mod server;
@@ -37,5 +40,6 @@ pub use error::{MethodRef, RpcError};
 pub use net::SimNet;
 pub use net::{Listener, Network, Tcp};
 pub use payload::Payload;
+pub use rdma::RdmaTransport;
 pub use server::{Peer, Reply, Request, Server, ServerConfig, ServerHandle, Service, serve};
 pub use tls::{ClusterCa, CredentialPaths, Credentials, CredentialsError};

@@ -62,6 +62,7 @@ use crate::budget::{ConnectionBudgets, Held, ServerBudgets};
 use crate::frame_io::{self, ReadError};
 use crate::net::Listener;
 use crate::payload::Payload;
+use crate::rdma::RdmaTransport;
 use crate::refusals::RefusalLog;
 use crate::tls::{self, Credentials};
 
@@ -306,6 +307,7 @@ pub struct Server<S> {
     service: Arc<S>,
     config: ServerConfig,
     credentials: Credentials,
+    rdma: Option<RdmaTransport>,
 }
 
 impl<S: Service> Server<S> {
@@ -314,7 +316,17 @@ impl<S: Service> Server<S> {
             service,
             config,
             credentials,
+            rdma: None,
         }
+    }
+
+    /// Serves over RDMA: every connection, once authenticated, moves its
+    /// frames to an RDMA connection on `transport`'s device
+    /// (crate::rdma); clients on the TCP transport are refused with an error
+    /// frame naming the transport.
+    pub fn with_rdma(mut self, transport: RdmaTransport) -> Server<S> {
+        self.rdma = Some(transport);
+        self
     }
 
     /// Serves `listener` until the returned future is dropped (which drops
@@ -332,7 +344,7 @@ impl<S: Service> Server<S> {
             listener,
             self.service,
             self.config,
-            self.credentials,
+            (self.credentials, self.rdma),
             std::future::pending(),
         )
         .await;
@@ -354,7 +366,7 @@ impl<S: Service> Server<S> {
             listener,
             self.service,
             self.config,
-            self.credentials,
+            (self.credentials, self.rdma),
             async move {
                 // A dropped handle stops the server too: `Err` is fine.
                 let _ = stopped.await;
@@ -425,7 +437,7 @@ async fn serve_until<L, S>(
     mut listener: L,
     service: Arc<S>,
     config: ServerConfig,
-    credentials: Credentials,
+    (credentials, rdma): (Credentials, Option<RdmaTransport>),
     shutdown: impl Future<Output = ()>,
 ) where
     L: Listener,
@@ -455,7 +467,7 @@ async fn serve_until<L, S>(
                         peer,
                         service.clone(),
                         config,
-                        credentials.clone(),
+                        (credentials.clone(), rdma.clone()),
                         refusals.clone(),
                         (budgets.clone(), slot),
                     ));
@@ -488,7 +500,7 @@ async fn run_connection<T, S>(
     addr: String,
     service: Arc<S>,
     config: ServerConfig,
-    credentials: Credentials,
+    (credentials, rdma): (Credentials, Option<RdmaTransport>),
     refusals: Arc<RefusalLog>,
     (budgets, slot): (Arc<ServerBudgets>, OwnedSemaphorePermit),
 ) where
@@ -514,6 +526,60 @@ async fn run_connection<T, S>(
     };
     tracing::debug!(%peer, "connection authenticated");
     let budgets = budgets.connection(peer.identity.to_string(), slot);
+    // Only an authenticated peer gets to exchange RDMA parameters. A server
+    // with an RDMA device serves clients of both transports: the first
+    // bytes inside the session say which one the client chose (RDMA
+    // parameters, or a frame header), and are put back for the reader.
+    let Some(rdma) = rdma else {
+        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        return;
+    };
+    let mut stream = stream;
+    let mut first = [0u8; 4];
+    match tokio::time::timeout(config.header_timeout, stream.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "connection closed before its first frame");
+            return;
+        }
+        Err(_elapsed) => {
+            Refusal::HeaderTimeout(config.header_timeout).log(&refusals, &peer.addr);
+            return;
+        }
+    }
+    let stream = Prefixed::new(first, stream);
+    if first[..] != flyfs_rdma::handshake::MAGIC[..4] {
+        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        return;
+    }
+    {
+        {
+            let upgrade = rdma.upgrade(stream, crate::rdma::Side::Server);
+            match tokio::time::timeout(config.handshake_timeout, upgrade).await {
+                Ok(Ok(stream)) => {
+                    serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+                }
+                Ok(Err(error)) => Refusal::Rdma(error).log(&refusals, &peer.addr),
+                Err(_elapsed) => {
+                    Refusal::HandshakeTimeout(config.handshake_timeout).log(&refusals, &peer.addr);
+                }
+            }
+        }
+    }
+}
+
+/// Serves the frames of one authenticated connection until it closes.
+async fn serve_frames<T, S>(
+    stream: T,
+    peer: Peer,
+    service: Arc<S>,
+    config: &ServerConfig,
+    refusals: &Arc<RefusalLog>,
+    budgets: &ConnectionBudgets,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service,
+{
     let (reader, writer) = tokio::io::split(stream);
     // Capacity 1: the reader stays at most one frame ahead of the dispatcher,
     // so the in-flight limit holds back reading from the socket.
@@ -531,9 +597,9 @@ async fn run_connection<T, S>(
         read_loop(
             reader,
             events_tx,
-            &config,
-            &budgets,
-            (&peer.addr, &refusals),
+            config,
+            budgets,
+            (&peer.addr, refusals),
             &reply_bytes_max,
         ),
         dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
@@ -916,6 +982,9 @@ enum Refusal {
     HandshakeTimeout(Duration),
     /// The certificate chains to our CA but names no valid flyfs identity.
     Identity(tls::PeerIdentityError),
+    /// The RDMA set-up after authentication failed (a peer on the TCP
+    /// transport, malformed parameters, a device error).
+    Rdma(flyfs_rdma::RdmaError),
     /// The identity is of another cluster.
     Cluster(String),
     /// The server already has `connections_max` connections.
@@ -946,6 +1015,7 @@ impl Refusal {
             Refusal::Handshake(_) => "handshake",
             Refusal::HandshakeTimeout(_) => "handshake timeout",
             Refusal::Identity(_) => "identity",
+            Refusal::Rdma(_) => "rdma",
             Refusal::Cluster(_) => "cluster",
             Refusal::ConnectionsMax(_) => "connections_max",
             Refusal::HeaderTimeout(_) => "header_timeout",
@@ -966,6 +1036,7 @@ impl fmt::Display for Refusal {
                 write!(f, "no TLS handshake within {after:?}")
             }
             Refusal::Identity(error) => write!(f, "client certificate refused: {error}"),
+            Refusal::Rdma(error) => write!(f, "RDMA connection set-up failed: {error}"),
             Refusal::Cluster(reason) => write!(f, "client certificate refused: {reason}"),
             Refusal::ConnectionsMax(max) => {
                 write!(f, "closed at once: over the limit connections_max = {max}")

@@ -8,9 +8,15 @@
 //!   numbers (`FLYFS_VFIO_*`, the values of the header's `_IO` macros,
 //!   which bindgen cannot expand itself).
 //!
-//! io_uring is reached through the `io-uring` crate; RDMA verbs arrive
-//! with the RDMA transport.
+//! * [`verbs`]: RDMA verbs (rdma-core's `infiniband/verbs.h`), with
+//!   libibverbs loaded at run time; made safe by flyfs-rdma.
+//!
+//! io_uring is reached through the `io-uring` crate.
 #![no_std]
+
+// The verbs bindings load libibverbs through libloading, whose generated
+// loader names `std` paths (`std::ffi::OsStr`); the rest stays `core` only.
+extern crate std;
 
 /// `linux/vfio.h`, as bindgen generates it at build time.
 #[allow(
@@ -29,6 +35,7 @@ pub mod vfio {
 }
 
 pub mod nvme;
+pub mod verbs;
 
 #[cfg(test)]
 mod tests {

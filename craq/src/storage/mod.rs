@@ -305,12 +305,24 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         net: N,
         credentials: Credentials,
     ) -> Arc<Self> {
+        StorageNode::with_transport(config, engines, net, credentials, None)
+    }
+
+    /// As [`StorageNode::new`], reaching the manager and the chain
+    /// neighbours over RDMA when `rdma` is set (flyfs-rpc's rdma module).
+    pub fn with_transport(
+        config: StorageConfig,
+        engines: Vec<Arc<Engine<D>>>,
+        net: N,
+        credentials: Credentials,
+        rdma: Option<flyfs_rpc::RdmaTransport>,
+    ) -> Arc<Self> {
         let lease = config.lease_timeout;
         Arc::new(StorageNode {
             managers: flyfs_client::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
             engines,
-            rpc: Client::new(net, Default::default(), credentials),
+            rpc: Client::with_transport(net, Default::default(), credentials, rdma),
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             targets: Mutex::new(BTreeMap::new()),
             lease_from: Mutex::new(None),

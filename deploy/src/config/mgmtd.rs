@@ -8,8 +8,8 @@ use flyfs_craq::mgmt::{LeaseOptions, MgmtConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, ConfigFile, TlsConfig, beside, check, check_address, check_metrics_listen,
-    positive,
+    ConfigError, ConfigFile, RdmaConfig, TlsConfig, TransportKind, beside, check, check_address,
+    check_metrics_listen, positive,
 };
 
 /// The shortest manager lease: a renewal every third of it must survive a
@@ -53,10 +53,19 @@ pub struct MgmtdConfig {
     /// `GET /metrics`); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// `transport = "tcp" | "rdma"`: whether the manager's server also
+    /// takes RDMA connections (storage nodes and clients on RDMA heartbeat
+    /// and ask for routing over them); it always takes TCP ones. TCP by default.
+    #[serde(default)]
+    pub transport: TransportKind,
     /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
     /// start, since every connection is authenticated (docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// `[rdma]`: the RDMA device and connection shape, for
+    /// `transport = "rdma"`.
+    #[serde(default)]
+    pub rdma: RdmaConfig,
     /// Where the cluster record and the lease live (`[store]`). Last, so
     /// that a written config's table follows the plain keys.
     #[serde(default)]
@@ -140,7 +149,9 @@ impl MgmtdConfig {
             lease_ttl_ms: default_lease_ttl_ms(),
             auto_replace_after_s: 0,
             metrics_listen: None,
+            transport: TransportKind::Tcp,
             tls: None,
+            rdma: RdmaConfig::default(),
             store: StoreConfig::default(),
         }
     }
@@ -171,6 +182,7 @@ impl ConfigFile for MgmtdConfig {
         check(!self.data_dir.as_os_str().is_empty(), "data_dir", || {
             "is empty".into()
         })?;
+        self.rdma.validate(self.transport)?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
         check(
             self.lease_ttl_ms >= LEASE_TTL_MS_MIN,

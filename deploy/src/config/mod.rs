@@ -27,6 +27,7 @@ mod mgmtd;
 mod mount;
 mod rpc;
 mod storage;
+mod transport;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,7 @@ pub use mgmtd::{LEASE_TTL_MS_MIN, MgmtdConfig, StoreConfig};
 pub use mount::MountConfig;
 pub use rpc::RpcServerLimits;
 pub use storage::{LEASE_TIMEOUT_MS_MAX, StorageDaemonConfig};
+pub use transport::{RdmaConfig, TransportKind};
 
 /// `[tls]` of every config: where this process's credentials are
 /// (docs/security.md). `flyfs up` writes them under `DATA/tls/`;

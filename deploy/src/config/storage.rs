@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::mgmtd::default_heartbeat_interval_ms;
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, RpcServerLimits, TlsConfig, beside, check,
-    check_address, check_metrics_listen, positive,
+    ConfigError, ConfigFile, ManagerAddrs, RdmaConfig, RpcServerLimits, TlsConfig, TransportKind,
+    beside, check, check_address, check_metrics_listen, positive,
 };
 
 /// The longest lease a storage node may hold. A lease must end before the
@@ -58,6 +58,11 @@ pub struct StorageDaemonConfig {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// `transport = "tcp" | "rdma"`: how this daemon's RPC client reaches
+    /// its peers; with "rdma" its server also takes RDMA connections (and
+    /// still TCP ones). TCP by default.
+    #[serde(default)]
+    pub transport: TransportKind,
     /// `[scrub]`: how fast the node re-reads its chunks to find rot, and how
     /// many repairs from healthy replicas it runs at once.
     #[serde(default)]
@@ -70,6 +75,10 @@ pub struct StorageDaemonConfig {
     /// daemon's resident memory (docs/security.md).
     #[serde(default)]
     pub rpc: RpcServerLimits,
+    /// `[rdma]`: the RDMA device and connection shape, for
+    /// `transport = "rdma"`.
+    #[serde(default)]
+    pub rdma: RdmaConfig,
 }
 
 /// `[scrub]` of the storage config.
@@ -137,9 +146,11 @@ impl StorageDaemonConfig {
             rpc_timeout_ms: default_rpc_timeout_ms(),
             forward_deadline_ms: default_forward_deadline_ms(),
             metrics_listen: None,
+            transport: TransportKind::Tcp,
             scrub: ScrubDaemonConfig::default(),
             tls: None,
             rpc: RpcServerLimits::default(),
+            rdma: RdmaConfig::default(),
         }
     }
 
@@ -172,6 +183,7 @@ impl ConfigFile for StorageDaemonConfig {
         })?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
         self.rpc.validate()?;
+        self.rdma.validate(self.transport)?;
         positive(self.heartbeat_interval_ms, "heartbeat_interval_ms")?;
         positive(u64::from(self.scrub.repairs_max), "scrub.repairs_max")?;
         // A pass every second or more often is a hot loop over an empty or

@@ -1,0 +1,228 @@
+//! The RDMA transport: the rpc server and client run unchanged over an RDMA
+//! connection set up on top of their authenticated TLS connection.
+//!
+//! Set-up (docs/rdma-transport.md): the TCP connection is made and mutual
+//! TLS completes, and the peer's identity is checked, exactly as for the TCP
+//! transport. Only then do the two sides exchange their RDMA parameters
+//! (flyfs-rdma's [`Endpoint`]: QP number, PSN, GID, receive ring shape)
+//! inside the TLS session: the client sends first, the server answers after
+//! checking the client's. Both connect their queue pairs, and from then on
+//! frames travel as SEND/RECV messages under credits; the TLS session stays
+//! open, silent, as the connection's lifeline: when either side closes it,
+//! the other tears its RDMA connection down too.
+//!
+//! A server with an RDMA device serves clients of both transports: the
+//! first 4 bytes inside the session are either the RDMA parameters' magic
+//! or a frame header, and the client's choice is followed (so the admin
+//! tool, on TCP, still reaches every daemon). A server without one answers
+//! an RDMA client's parameters as a bad frame header, with an error frame,
+//! which the client recognises after 8 bytes and reports as "the server is
+//! on the TCP transport", not as a hang.
+//!
+//! Frames ride the messages as a byte stream, cut at the peer's message
+//! size, through an in-memory pipe: the server's and client's frame
+//! machinery (deadlines, budgets, multiplexing) works on it as on a socket.
+//! Bulk payloads still travel inline (copied into send slots) on this
+//! first cut; one-sided payloads are the next step (payload.rs).
+
+use std::sync::Arc;
+
+use flyfs_proto::frame::{self, OutFrame, Status};
+use flyfs_rdma::handshake::{ENCODED_BYTES, MAGIC};
+use flyfs_rdma::{Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+
+use crate::frame_io;
+
+/// Which end of the connection we are: the client speaks first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+/// What a process needs to open RDMA connections: the device (with its
+/// protection domain) and the shape of each connection. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RdmaTransport {
+    device: Arc<Device>,
+    config: ConnectionConfig,
+}
+
+impl RdmaTransport {
+    /// Opens `device_name`; fails at once, with the reason, when rdma-core
+    /// is missing, the device does not exist (the error lists those that
+    /// do) or its port is down.
+    pub fn open(
+        device_name: &str,
+        gid_index: u8,
+        config: ConnectionConfig,
+    ) -> Result<RdmaTransport, RdmaError> {
+        Ok(RdmaTransport {
+            device: Device::open(device_name, gid_index)?,
+            config,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Sets up the RDMA connection over an authenticated stream and returns
+    /// the byte stream the frame machinery runs on. The authenticated stream
+    /// moves into the connection's task, as its lifeline.
+    pub(crate) async fn upgrade<T>(
+        &self,
+        mut stream: T,
+        side: Side,
+    ) -> Result<DuplexStream, RdmaError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let pending = PendingConnection::new(&self.device, self.config)?;
+        let local = pending.local_endpoint().encode();
+        let io_error = |what: &str, error: std::io::Error| {
+            RdmaError::Handshake(format!("{what} the RDMA parameters: {error}"))
+        };
+        let peer = match side {
+            Side::Client => {
+                stream
+                    .write_all(&local)
+                    .await
+                    .map_err(|error| io_error("sending", error))?;
+                stream
+                    .flush()
+                    .await
+                    .map_err(|error| io_error("sending", error))?;
+                let peer = read_parameters(&mut stream, side).await?;
+                Endpoint::decode(&peer)?
+            }
+            Side::Server => {
+                let peer = read_parameters(&mut stream, side)
+                    .await
+                    .and_then(|peer| Endpoint::decode(&peer));
+                let peer = match peer {
+                    Ok(peer) => peer,
+                    Err(error) => {
+                        // Tell the client why, then close.
+                        let refusal = OutFrame::error(0, 0, Status::BadRequest, &error.to_string());
+                        let _ = frame_io::write_frame(&mut stream, refusal).await;
+                        let _ = stream.shutdown().await;
+                        return Err(error);
+                    }
+                };
+                stream
+                    .write_all(&local)
+                    .await
+                    .map_err(|error| io_error("sending", error))?;
+                stream
+                    .flush()
+                    .await
+                    .map_err(|error| io_error("sending", error))?;
+                peer
+            }
+        };
+        let connection = pending.connect(&peer)?;
+        // Room for a few messages each way: backpressure reaches the
+        // peer's credits when the frame machinery stops reading.
+        let pipe_bytes =
+            4 * (connection.peer_message_bytes_max()).max(self.config.message_bytes_max as usize);
+        let (ours, theirs) = tokio::io::duplex(pipe_bytes);
+        tokio::spawn(pump(connection, theirs, stream));
+        Ok(ours)
+    }
+}
+
+/// Reads the peer's parameters, checking the magic first so that a peer on
+/// the TCP transport (a frame header) is recognised after 8 bytes.
+async fn read_parameters<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    side: Side,
+) -> Result<[u8; ENCODED_BYTES], RdmaError> {
+    let mut bytes = [0u8; ENCODED_BYTES];
+    let read_error = |error: std::io::Error| {
+        RdmaError::Handshake(format!("reading the peer's RDMA parameters: {error}"))
+    };
+    stream
+        .read_exact(&mut bytes[..MAGIC.len()])
+        .await
+        .map_err(read_error)?;
+    if bytes[..MAGIC.len()] != MAGIC {
+        let tcp_frame = bytes[..4] == frame::MAGIC.to_le_bytes();
+        return Err(RdmaError::Handshake(match (side, tcp_frame) {
+            (Side::Server, true) => {
+                "the client is on the TCP transport (it sent a frame, not RDMA parameters)".into()
+            }
+            (Side::Client, true) => {
+                "the server is on the TCP transport (it answered with a frame, not RDMA \
+                 parameters); set this client's transport to \"tcp\""
+                    .into()
+            }
+            _ => "the peer sent neither RDMA parameters nor a flyfs frame".into(),
+        }));
+    }
+    stream
+        .read_exact(&mut bytes[MAGIC.len()..])
+        .await
+        .map_err(read_error)?;
+    Ok(bytes)
+}
+
+/// Moves bytes between the frame machinery's pipe and the RDMA connection
+/// until either ends, the connection breaks, or the lifeline closes; then
+/// drops all three, which the peer sees as its lifeline closing.
+async fn pump<T>(connection: Connection, pipe: DuplexStream, mut lifeline: T)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut from_frames, mut to_frames) = tokio::io::split(pipe);
+    let message_bytes_max = connection.peer_message_bytes_max();
+    let outbound = async {
+        let mut buffer = vec![0u8; message_bytes_max];
+        loop {
+            let filled = match from_frames.read(&mut buffer).await {
+                Ok(0) => return "the local side closed".to_string(),
+                Ok(filled) => filled,
+                Err(error) => return format!("reading frames to send: {error}"),
+            };
+            loop {
+                // Posted, not waited for: messages stream up to the credits.
+                match connection.send_posted(&buffer[..filled]).await {
+                    Ok(()) => break,
+                    // Waiting for credits past the completion timeout: the
+                    // peer's reader is held back by its budgets, which is
+                    // backpressure, not failure. Nothing was posted; wait on.
+                    Err(RdmaError::CompletionTimeout { .. }) if connection.broken().is_none() => {}
+                    Err(error) => return error.to_string(),
+                }
+            }
+        }
+    };
+    let inbound = async {
+        loop {
+            let message = match connection.recv().await {
+                Ok(message) => message,
+                Err(error) => return error.to_string(),
+            };
+            if let Err(error) = to_frames.write_all(&message).await {
+                return format!("handing received frames on: {error}");
+            }
+        }
+    };
+    let watch = async {
+        let mut byte = [0u8; 1];
+        match lifeline.read(&mut byte).await {
+            Ok(0) => "the peer closed the connection".to_string(),
+            Ok(_) => "the peer sent bytes on the TLS session after the RDMA set-up".to_string(),
+            Err(error) => format!("the TLS session failed: {error}"),
+        }
+    };
+    let reason = tokio::select! {
+        reason = outbound => reason,
+        reason = inbound => reason,
+        reason = watch => reason,
+    };
+    tracing::debug!(%reason, "RDMA connection closing");
+    connection.break_with(reason);
+    let _ = lifeline.shutdown().await;
+}
