@@ -231,10 +231,6 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             config.patch_bytes_max = 0;
         }
         let engine = Engine::open(dev.clone(), pool.clone(), config.clone()).await?;
-        let small = match args.workers {
-            Placement::Caller => Workers::Caller,
-            _ => Workers::Reactor(dev.clone()),
-        };
         let before = engine.stats();
         let bytes_before = engine.device_bytes_written();
         let write_time =
@@ -447,7 +443,7 @@ async fn seq_read(
 /// `i` with `i % depth == w`, so that no two writers race on a version.
 async fn rand_write(
     workers: &Workers,
-    engine: &Engine<UringDevice>,
+    engine: &Engine<AnyDevice>,
     chunks: u32,
     depth: usize,
     writes: u32,
