@@ -310,8 +310,15 @@ fn one_replica_chains_spread_over_the_nodes() {
         .map(|c| {
             let targets = c["targets"].as_array().expect("targets");
             assert_eq!(targets.len(), 1, "{c}");
-            // `flyfs up` numbers chain c's target on node n c * 100 + n.
-            targets[0]["target"].as_u64().expect("target") % 100
+            // The node the manager says the target is on.
+            let target = &targets[0]["target"];
+            status["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .find(|t| t["id"] == *target)
+                .and_then(|t| t["node"].as_u64())
+                .expect("every chain member is a known target")
         })
         .collect();
     nodes.sort_unstable();
