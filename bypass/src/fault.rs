@@ -22,6 +22,11 @@ pub enum Fault {
     /// Every I/O from number `n` on fails and never reaches the device: a
     /// power cut (pair it with `MemDevice::crash`).
     PowerCutAt { n: u64 },
+    /// The power is cut at the write numbered `n` (writes are numbered apart
+    /// from other I/Os, see [`FaultyDevice::write_count`]): it and every later
+    /// I/O fail. Aims a cut at a phase's writes when its reads vary in number
+    /// (recovery: superblock repair, checkpoints, journal reset).
+    PowerCutAtWrite { n: u64 },
     /// Every `op` (any, if `None`) touching `range` of the device fails with EIO.
     EioRange { range: Range<u64>, op: Option<IoOp> },
     /// Every read touching `range` has one random bit flipped in the bytes it
@@ -39,6 +44,7 @@ pub struct FaultyDevice<D> {
 #[derive(Debug)]
 struct FaultShared {
     next_io: AtomicU64,
+    next_write: AtomicU64,
     rules: Mutex<Vec<Fault>>,
     rng: Mutex<ChaCha8Rng>,
     injected: AtomicU64,
@@ -56,6 +62,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
             inner,
             shared: Arc::new(FaultShared {
                 next_io: AtomicU64::new(0),
+                next_write: AtomicU64::new(0),
                 rules: Mutex::new(Vec::new()),
                 rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
                 injected: AtomicU64::new(0),
@@ -76,6 +83,11 @@ impl<D: BlockDevice> FaultyDevice<D> {
         self.shared.next_io.load(Ordering::SeqCst)
     }
 
+    /// How many writes have been issued through the wrapper.
+    pub fn write_count(&self) -> u64 {
+        self.shared.next_write.load(Ordering::SeqCst)
+    }
+
     /// How many I/Os a rule has failed or corrupted.
     pub fn injected(&self) -> u64 {
         self.shared.injected.load(Ordering::SeqCst)
@@ -87,9 +99,20 @@ impl<D: BlockDevice> FaultyDevice<D> {
 
     fn judge(&self, op: IoOp, range: Range<u64>) -> Verdict {
         let n = self.shared.next_io.fetch_add(1, Ordering::SeqCst);
+        let write =
+            (op == IoOp::Write).then(|| self.shared.next_write.fetch_add(1, Ordering::SeqCst));
         let overlaps = |r: &Range<u64>| r.start < range.end && range.start < r.end;
         let op_matches = |want: &Option<IoOp>| want.is_none_or(|want| want == op);
-        let verdict = self.shared.rules.lock().iter().find_map(|rule| match rule {
+        let mut rules = self.shared.rules.lock();
+        // A cut aimed at a write becomes a plain cut once that write comes.
+        for rule in rules.iter_mut() {
+            if let Fault::PowerCutAtWrite { n: at } = *rule
+                && write.is_some_and(|w| w >= at)
+            {
+                *rule = Fault::PowerCutAt { n };
+            }
+        }
+        let verdict = rules.iter().find_map(|rule| match rule {
             Fault::FailNth { n: at, op: want } if *at == n && op_matches(want) => {
                 Some(Verdict::Fail)
             }
@@ -102,6 +125,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
             ),
             _ => None,
         });
+        drop(rules);
         match verdict {
             Some(verdict) => {
                 self.shared.injected.fetch_add(1, Ordering::SeqCst);
@@ -277,5 +301,32 @@ mod tests {
             mem.snapshot()[4096..8192].iter().all(|&b| b == 0),
             "write after the cut landed"
         );
+    }
+
+    #[test]
+    fn a_cut_aimed_at_a_write_passes_reads_before_it() {
+        let dev = FaultyDevice::new(MemDevice::new(1 << 20, 4096), 0);
+        dev.inject(Fault::PowerCutAtWrite { n: 1 });
+        block_on(async {
+            let write = |at| dev.write(at, DmaBuf::copy_from(&[5u8; 4096]));
+            let read = || dev.read(0, DmaBuf::alloc_zeroed(4096));
+            write(0)
+                .await
+                .into_result()
+                .expect("write 0 is before the cut");
+            for _ in 0..3 {
+                read()
+                    .await
+                    .into_result()
+                    .expect("reads do not move the cut");
+            }
+            assert!(write(4096).await.result.is_err(), "write 1 is cut");
+            assert!(
+                read().await.result.is_err(),
+                "everything after the cut fails"
+            );
+        });
+        assert_eq!(dev.write_count(), 2);
+        assert_eq!(dev.injected(), 2);
     }
 }

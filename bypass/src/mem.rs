@@ -55,7 +55,14 @@ pub struct MemStats {
     pub flushes: u64,
     pub discards: u64,
     pub bytes_written: u64,
+    /// 4 KiB pages that crashes left holding sectors of different versions
+    /// (only possible with sectors smaller than 4 KiB): the tears a format
+    /// of 4 KiB blocks on a 512-byte-sector device must survive.
+    pub torn_pages: u64,
 }
+
+/// The page size torn pages are counted in.
+const PAGE: usize = 4096;
 
 impl MemDevice {
     /// A zero-filled device of `capacity_bytes` (rounded down to a sector).
@@ -112,9 +119,17 @@ impl MemDevice {
             current,
             ..
         } = &mut *state;
+        // Per 4 KiB page: the first version picked for one of its sectors, and
+        // whether another sector of it picked differently.
+        let mut pages: HashMap<usize, (Option<usize>, bool)> = HashMap::new();
         for (sector_index, candidates) in sectors {
             // 0 keeps the durable contents; k > 0 persists the k-th version.
             let pick = rng.random_range(0..=candidates.len());
+            let version = pick.checked_sub(1).map(|k| candidates[k].0);
+            let page = pages
+                .entry(sector_index * sector / PAGE)
+                .or_insert((version, false));
+            page.1 |= page.0 != version;
             if pick > 0 {
                 let (write_index, at) = candidates[pick - 1];
                 let start = sector_index * sector;
@@ -124,6 +139,7 @@ impl MemDevice {
         }
         unflushed.clear();
         current.copy_from_slice(durable);
+        state.stats.torn_pages += pages.values().filter(|(_, torn)| *torn).count() as u64;
         unflushed_sectors
     }
 
@@ -268,6 +284,22 @@ mod tests {
             image.contains(&0) && image.contains(&1),
             "64 sectors should tear: {image:?}"
         );
+    }
+
+    #[test]
+    fn torn_pages_are_counted() {
+        let torn = |sector_size| {
+            let dev = MemDevice::new(1 << 20, sector_size);
+            for seed in 0..8 {
+                block_on(dev.write(0, DmaBuf::copy_from(&[seed as u8 + 1; 16 * 4096])))
+                    .into_result()
+                    .expect("write");
+                dev.crash(seed);
+            }
+            dev.stats().torn_pages
+        };
+        assert_eq!(torn(4096), 0, "whole-page sectors cannot tear a page");
+        assert!(torn(512) > 0, "128 crashed pages of 8 sectors never tore");
     }
 
     #[test]
