@@ -109,6 +109,11 @@ pub struct StorageArgs {
     /// the interface's IPv4 address).
     #[arg(long, default_value_t = 0)]
     rdma_gid_index: u8,
+    /// Run the daemons with `overlap_prepare_and_forward` (a replica
+    /// forwards before its Prepare is durable), to measure what waiting for
+    /// it costs the write path.
+    #[arg(long)]
+    overlap_prepare: bool,
 }
 
 /// What one run measured.
@@ -138,6 +143,8 @@ struct Results {
     cpu_cores: CpuCores,
     dir: String,
     transport: String,
+    /// Whether replicas forwarded before their Prepare was durable.
+    overlap_prepare: bool,
     /// Payload bytes this (client) process moved through RDMA SEND/RECV
     /// slots (copied) and by one-sided READ/WRITE (zero for now: payloads
     /// ride the messages until one-sided payloads land).
@@ -197,6 +204,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cluster = Cluster::new(dir.clone());
+    cluster.overlap_prepare = args.overlap_prepare;
     if args.transport == "rdma" {
         let Some(device) = &args.rdma_device else {
             bail!("--transport rdma needs --rdma-device (ibv_devices lists the devices)");
@@ -252,6 +260,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
             cpu_cores: std::mem::take(&mut bench.cpu),
             dir: base.display().to_string(),
             transport: args.transport.clone(),
+            overlap_prepare: args.overlap_prepare,
             rdma_client_bytes: {
                 let moved = flyfs_rdma::transfer_counts();
                 RdmaBytes {
@@ -424,6 +433,7 @@ struct Cluster {
     fleet: Fleet,
     transport: TransportKind,
     rdma: RdmaConfig,
+    overlap_prepare: bool,
 }
 
 impl Cluster {
@@ -434,6 +444,7 @@ impl Cluster {
             fleet: Fleet::new(),
             transport: TransportKind::Tcp,
             rdma: RdmaConfig::default(),
+            overlap_prepare: false,
         }
     }
 
@@ -497,6 +508,7 @@ impl Cluster {
             storage.heartbeat_interval_ms = 100;
             storage.transport = self.transport;
             storage.rdma = self.rdma.clone();
+            storage.overlap_prepare_and_forward = self.overlap_prepare;
             storage.tls = Some(TlsConfig::in_dir(
                 &self.tls_dir(),
                 &format!("storage{node}"),

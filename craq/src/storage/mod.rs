@@ -41,7 +41,7 @@ use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
     TargetReport,
 };
-use flyfs_proto::wire::storage::StorageError;
+use flyfs_proto::wire::storage::{StorageError, WriteRsp};
 use flyfs_rpc::{CallOptions, Client, Credentials, Network};
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -73,6 +73,12 @@ pub struct StorageConfig {
     /// (waiting for the manager to replace a dead successor) before the write
     /// fails.
     pub forward_deadline: Duration,
+    /// Forward an update while the local Prepare is still being made durable
+    /// (off by default). It saves a journal commit per replica on a write's
+    /// path, but reopens the window in which the tail commits and serves a
+    /// write that an earlier replica has not made durable, so a failure of
+    /// every replica at once can lose a write readers saw (ARCHITECTURE.md).
+    pub overlap_prepare_and_forward: bool,
     /// Chunk metadata entries per page of a resync's dump.
     pub sync_page: u32,
     /// Bounds of each target's exactly-once memory.
@@ -93,6 +99,7 @@ impl StorageConfig {
             lease_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(5),
             forward_deadline: Duration::from_secs(30),
+            overlap_prepare_and_forward: false,
             sync_page: 4096,
             channel_limits: ChannelLimits::default(),
             scrub: ScrubConfig::default(),
@@ -485,13 +492,17 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         Local::UpToDate
                     };
                     tracing::info!(target = ?info.id, ?chain, ?local, "hosting target");
+                    let channels = Channels::new(self.config.channel_limits);
+                    if local == Local::Restarting {
+                        self.remember_recovered_writes(&channels, chain, info.disk);
+                    }
                     Arc::new(Target {
                         id: info.id,
                         chain,
                         disk: info.disk,
                         local: Mutex::new(local),
                         locks: ChunkLocks::default(),
-                        channels: Channels::new(self.config.channel_limits),
+                        channels,
                         forwards: Arc::default(),
                         inflight: tokio::sync::RwLock::new(()),
                         repair_windows: Mutex::default(),
@@ -501,6 +512,34 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             *current = Arc::new(routing);
         }
         self.reconcile();
+    }
+
+    /// Seeds a restarted target's exactly-once memory from the writes its
+    /// chunks' committed versions record. The memory lived in RAM and died
+    /// with the process, but a prepared write the engine recovered as
+    /// committed took effect, and may already have been read: its client,
+    /// retrying it (perhaps after later writes by others), must be answered
+    /// from memory, not have it applied a second time over those writes.
+    /// Only each channel's newest sequence is kept, as a live table would.
+    fn remember_recovered_writes(&self, channels: &Channels, chain: ChainId, disk: u32) {
+        let Some(engine) = self.engines.get(disk as usize) else {
+            return;
+        };
+        for info in engine.chunks(chain, .., usize::MAX) {
+            let Some(meta) = info.committed else { continue };
+            if meta.client.0 == 0 {
+                continue; // Written by a resync or the scrubber, not a client.
+            }
+            let channel = write::channel_of(meta.client, meta.request);
+            channels.finish(
+                channel,
+                WriteRsp {
+                    version: meta.version,
+                    chunk_len: meta.len,
+                    chunk_crc: meta.crc,
+                },
+            );
+        }
     }
 
     /// Moves each target's local state along with its public state. Runs on

@@ -10,15 +10,19 @@
 //! of the update, as does a successor that answers `NeedWholeChunk`.
 //!
 //! Durability: every replica but the tail *prepares* its pending version (the
-//! engine makes it durable, and recovers it as committed after a crash) while
-//! the forward is under way, so its commit on the way back is a change in
-//! memory and it answers its predecessor at once; the tail commits durably.
-//! The journal work of the replicas thus overlaps instead of adding up along
-//! the chain, and when the head answers the client every replica holds the
-//! version durably, as before. A replica that recovers a version its chain
+//! engine makes it durable, and recovers it as committed after a crash)
+//! before it forwards the update, so its commit on the way back is a change
+//! in memory and it answers its predecessor at once; the tail commits
+//! durably. When the tail commits, and so makes the version visible to
+//! readers, every replica before it therefore holds the version durably:
+//! whichever replica the manager revives after the whole chain failed has
+//! every write a reader saw. A replica that recovers a version its chain
 //! never committed is cut back by the resync every restarted target goes
 //! through; a last serving replica (lastsrv) keeps it, which is allowed:
 //! a write that was never acknowledged may or may not take effect.
+//! `StorageConfig::overlap_prepare_and_forward` forwards while the Prepare
+//! is under way instead: a journal commit less per replica on the path, and
+//! the window above open again.
 //!
 //! When forwarding fails (the successor died), the replica keeps retrying
 //! with fresh routing until the manager has replaced the successor or the
@@ -36,7 +40,7 @@ use flyfs_bypass::{BlockDevice, DmaBuf};
 use flyfs_chunk_engine::{
     ChunkKey, EngineError, ReadRequest, ReadVersion, WriteOp as EngineOp, WriteRequest,
 };
-use flyfs_proto::ids::{ChunkId, ChunkVersion, RequestId};
+use flyfs_proto::ids::{ChunkId, ChunkVersion, ClientId, RequestId};
 use flyfs_proto::wire::storage::{
     Channel, Forward, ForwardOp, ForwardReq, ForwardRsp, StorageError, WriteOp, WriteReq, WriteRsp,
 };
@@ -110,6 +114,16 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
 /// tells which request produced it.
 fn request_id(channel: Channel) -> RequestId {
     RequestId((u64::from(channel.id) << 48) | (channel.seq & ((1 << 48) - 1)))
+}
+
+/// The channel whose write the engine recorded as `request` (the inverse of
+/// `request_id`, for sequences below 2^48).
+pub(crate) fn channel_of(client: ClientId, request: RequestId) -> Channel {
+    Channel {
+        client,
+        id: (request.0 >> 48) as u32,
+        seq: request.0 & ((1 << 48) - 1),
+    }
 }
 
 /// How a forward retries after failing: from 20 ms, doubling up to 500 ms,
@@ -366,11 +380,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 .map_err(|e| self.engine_failed(place, e))?;
             return Ok(WriteRsp::default());
         }
-        // The local write and the forward run at once: the successor gets
-        // the client's bytes as they came, so neither waits for the other and
-        // a write's latency down the chain is the slowest replica's, not the
-        // sum. Only a whole-chunk forward (a syncing successor) needs the
-        // local pending version first; `forward` waits for it then.
+        // The local write runs beside the forward, which waits for it (see
+        // `forward_once`: nothing is visible at the tail before every replica
+        // holds it durably) and then sends the client's bytes as they came,
+        // or the whole pending version to a syncing successor.
         let data = update.data.take();
         let (local_done, local_seen) = tokio::sync::watch::channel(None);
         let prepare = place.successor().is_some();
@@ -587,6 +600,17 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let Some(addr) = now.addr_of(successor.target) else {
             return Forwarded::Failed(format!("no address for {:?}", successor.target));
         };
+        // Nothing goes down the chain before our Prepare is durable (unless
+        // overlapping is asked for): the tail's commit makes the version
+        // visible, and it must not be visible before every replica holds it.
+        if let Some(local) = local
+            && !self.config.overlap_prepare_and_forward
+            && local.clone().wait_for(Option::is_some).await.is_err()
+        {
+            return Forwarded::Done(Err(StorageError::Engine {
+                message: "the local write failed".into(),
+            }));
+        }
         let whole = whole.load(Ordering::Relaxed);
         let send_whole = whole
             || (successor.state != flyfs_proto::wire::mgmt::PublicState::Serving

@@ -54,6 +54,12 @@ pub struct StorageDaemonConfig {
     /// How long an update keeps trying to reach the next replica.
     #[serde(default = "default_forward_deadline_ms")]
     pub forward_deadline_ms: u64,
+    /// Forward an update down the chain while this replica's Prepare is
+    /// still being made durable: a journal commit less per replica on a
+    /// write's path, but a write readers saw can be lost if every replica
+    /// of its chain fails at once (ARCHITECTURE.md, craq). Off by default.
+    #[serde(default)]
+    pub overlap_prepare_and_forward: bool,
     /// Where the Prometheus metrics endpoint listens (`host:port`); none by
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +151,7 @@ impl StorageDaemonConfig {
             lease_timeout_ms: default_lease_timeout_ms(),
             rpc_timeout_ms: default_rpc_timeout_ms(),
             forward_deadline_ms: default_forward_deadline_ms(),
+            overlap_prepare_and_forward: false,
             metrics_listen: None,
             transport: TransportKind::Tcp,
             scrub: ScrubDaemonConfig::default(),
@@ -164,6 +171,7 @@ impl StorageDaemonConfig {
         config.lease_timeout = Duration::from_millis(self.lease_timeout_ms);
         config.rpc_timeout = Duration::from_millis(self.rpc_timeout_ms);
         config.forward_deadline = Duration::from_millis(self.forward_deadline_ms);
+        config.overlap_prepare_and_forward = self.overlap_prepare_and_forward;
         config.scrub = self.scrub.scrub_config();
         config
     }
