@@ -70,6 +70,10 @@ pub struct SimConfig {
     pub ops_per_client: usize,
     /// Draw random faults while the workload runs.
     pub faults: bool,
+    /// Run the storage nodes with `overlap_prepare_and_forward`, which
+    /// reopens the window the default write path closes (a test shows the
+    /// checker still finds it).
+    pub overlap_prepare: bool,
 }
 
 impl SimConfig {
@@ -83,6 +87,7 @@ impl SimConfig {
             clients: 3,
             ops_per_client: 25,
             faults: true,
+            overlap_prepare: false,
         }
     }
 }
@@ -119,6 +124,8 @@ pub struct World {
 /// least once, or the simulation has stopped testing it.
 pub const FAULT_KINDS: &[&str] = &[
     "node crash",
+    "overlapping crash",
+    "whole chain down",
     "node restart",
     "partition",
     "partition repair",
@@ -333,9 +340,12 @@ impl<'a> Sim<'a> {
     fn add_node(&mut self, i: usize) {
         let devices = self.devices.clone();
         let world = self.world.clone();
+        let overlap_prepare = self.config.overlap_prepare;
         self.sim.host(node_name(i), move || {
             let dev = devices.borrow()[i].clone();
             let world = world.clone();
+            let mut storage_config = storage_config(i);
+            storage_config.overlap_prepare_and_forward = overlap_prepare;
             async move {
                 let config = EngineConfig {
                     journal: JournalMode::Inline,
@@ -349,7 +359,7 @@ impl<'a> Sim<'a> {
                 // the node's identity from the process's test CA.
                 let credentials = flyfs_rpc::testing::storage(NodeId(i as u32));
                 let node = StorageNode::new(
-                    storage_config(i),
+                    storage_config.clone(),
                     vec![Arc::new(engine)],
                     SimNet,
                     credentials.clone(),
@@ -591,14 +601,15 @@ impl<'a> Sim<'a> {
             .chain((0..self.config.nodes).map(node_name))
             .chain((0..self.config.clients).map(|k| format!("client{k}")))
             .collect();
-        // Node failures come one at a time: a node may crash, freeze at a
-        // fail point or be partitioned from its peers only once the previous
-        // failure has healed (every chain back to all serving); an armed
-        // fail point counts as a failure from the moment it is armed. Manager
-        // restarts and partitions of clients come at any time. Failures that overlap a resync can lose a write that
-        // was visible but never acknowledged: pending versions live in memory
-        // and the manager revives the last serving replica, not the one that
-        // committed last (3FS behaves the same); see ARCHITECTURE.md.
+        // Crashes come at any time: on a healthy cluster, and (less often)
+        // on top of other failures, during resyncs and replacements, up to
+        // every replica of a chain. That is safe because a replica forwards
+        // only once its Prepare is durable (craq's write path), so the tail
+        // never serves a write an earlier replica could lose. Fail points
+        // and partitions that cut a storage node off still wait for a
+        // healthy cluster, one at a time; an armed fail point counts as a
+        // failure from the moment it is armed. Manager restarts and
+        // partitions of clients come at any time.
         // An armed fail point that no write reached within two seconds is
         // taken back.
         if let Some((i, at)) = self.armed
@@ -623,12 +634,22 @@ impl<'a> Sim<'a> {
                     .all(|(_, _, local)| *local == flyfs_proto::wire::mgmt::LocalState::UpToDate)
             });
         match self.rng.random_range(0..10) {
-            0..=2 if healthy => {
+            roll @ 0..=2 if healthy || roll == 0 => {
                 let i = self.rng.random_range(0..self.config.nodes);
-                if self.lost != Some(i) {
+                if self.lost != Some(i) && !self.crashed[i] {
                     self.crash(i);
                     self.fired("node crash");
-                    if self.lost.is_none() && self.lost_rng.random_bool(0.2) {
+                    if !healthy {
+                        self.fired("overlapping crash");
+                    }
+                    if self.whole_chain_down() {
+                        self.fired("whole chain down");
+                    }
+                    // Only a node that failed alone may be lost for good:
+                    // if its chains were already down to it, its disk holds
+                    // the only copy of their newest writes, and no system
+                    // gets those back.
+                    if healthy && self.lost.is_none() && self.lost_rng.random_bool(0.2) {
                         self.lost = Some(i);
                         self.note(format!("node{i} is lost for good"));
                         self.fired("node lost for good");
@@ -684,6 +705,21 @@ impl<'a> Sim<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Whether every replica of some chain is on a crashed node, as the
+    /// newest routing has the chains.
+    fn whole_chain_down(&self) -> bool {
+        let Some(routing) = self.routing() else {
+            return false;
+        };
+        routing.chains.iter().any(|chain| {
+            chain.targets.iter().all(|t| {
+                routing
+                    .target(t.target)
+                    .is_some_and(|info| self.crashed.get(info.node.0 as usize) == Some(&true))
+            })
+        })
     }
 
     /// Crashes nodes frozen at a fail point (the process "died" there).
