@@ -16,6 +16,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -261,20 +262,15 @@ async fn check_replica(
     Ok(())
 }
 
-#[test]
-fn cluster_survives_a_storage_daemon_killed_mid_workload() {
-    let started = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    if let Err(why) = probe_io_uring(dir.path()) {
-        eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
-        return;
-    }
-
-    format_devices(dir.path(), NODES, "128MiB");
-    let ports = free_ports(1 + NODES as usize);
-    write_configs(dir.path(), ports[0], &ports[1..]);
+/// Formats devices and writes configs for `nodes` storage nodes, starts the
+/// manager and storage nodes 1..=NODES (more nodes stay spare), and waits
+/// until those are alive; returns the cluster and how long that wait took.
+fn start_cluster(dir: &Path, nodes: u32) -> (Cluster, Duration) {
+    format_devices(dir, nodes, "128MiB");
+    let ports = free_ports(1 + nodes as usize);
+    write_configs(dir, ports[0], &ports[1..]);
     let mut cluster = Cluster::new(
-        dir.path(),
+        dir,
         format!("127.0.0.1:{}", ports[0]),
         ports[1..]
             .iter()
@@ -286,6 +282,32 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         cluster.start_storage(node);
     }
     let took = cluster.wait_nodes_alive(NODES as usize, Duration::from_secs(20));
+    (cluster, took)
+}
+
+/// The workload's storage client (short timeouts, so failover is quick),
+/// and a raw rpc client for reads of single replicas, as a mount makes them.
+fn clients(cluster: &Cluster, id: ClientId) -> (Arc<StorageClient<Tcp>>, Client<Tcp>) {
+    let mut client_config = ClientConfig::new([cluster.mgmt_addr.clone()], id);
+    client_config.rpc_timeout = Duration::from_millis(500);
+    client_config.op_deadline = Duration::from_secs(30);
+    client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+    let credentials = support::credentials(&cluster.dir, "client");
+    let client = StorageClient::new(client_config, Tcp, credentials.clone());
+    let rpc = Client::new(Tcp, flyfs_rpc::ClientConfig::default(), credentials);
+    (client, rpc)
+}
+
+#[test]
+fn cluster_survives_a_storage_daemon_killed_mid_workload() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(why) = probe_io_uring(dir.path()) {
+        eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
+        return;
+    }
+
+    let (mut cluster, took) = start_cluster(dir.path(), NODES);
     eprintln!(
         "[{:>6.2?}] cluster up ({took:.2?} after start)",
         started.elapsed()
@@ -370,21 +392,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     let shared = Arc::new(Shared::default());
     let transitions: Transitions = Arc::default();
     let observing = Arc::new(AtomicBool::new(false));
-    let mut client_config = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(0x7e57));
-    client_config.rpc_timeout = Duration::from_millis(500);
-    client_config.op_deadline = Duration::from_secs(30);
-    client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
-    let client = StorageClient::new(
-        client_config,
-        Tcp,
-        support::credentials(&cluster.dir, "client"),
-    );
-    // Raw reads of single replicas, as a mount would make them.
-    let rpc = Client::new(
-        Tcp,
-        flyfs_rpc::ClientConfig::default(),
-        support::credentials(&cluster.dir, "client"),
-    );
+    let (client, rpc) = clients(&cluster, ClientId(0x7e57));
 
     let mut tasks = Vec::new();
     let observed_from = Instant::now();
@@ -586,22 +594,8 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
         eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
         return;
     }
-    format_devices(dir.path(), NEW, "128MiB");
-    let ports = free_ports(1 + NEW as usize);
-    write_configs(dir.path(), ports[0], &ports[1..]);
-    let mut cluster = Cluster::new(
-        dir.path(),
-        format!("127.0.0.1:{}", ports[0]),
-        ports[1..]
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect(),
-    );
-    cluster.start_mgmtd();
-    for node in 1..=NODES {
-        cluster.start_storage(node);
-    }
-    cluster.wait_nodes_alive(NODES as usize, Duration::from_secs(20));
+    // Devices and configs for the spare node too; it starts later.
+    let (mut cluster, _) = start_cluster(dir.path(), NEW);
     cluster.create_chains(&CHAINS, NODES);
     cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
     cluster.wait_all_serving(Duration::from_secs(20));
@@ -611,20 +605,7 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut client_config = ClientConfig::new([cluster.mgmt_addr.clone()], ClientId(0x7e58));
-    client_config.rpc_timeout = Duration::from_millis(500);
-    client_config.op_deadline = Duration::from_secs(30);
-    client_config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
-    let client = StorageClient::new(
-        client_config,
-        Tcp,
-        support::credentials(&cluster.dir, "client"),
-    );
-    let rpc = Client::new(
-        Tcp,
-        flyfs_rpc::ClientConfig::default(),
-        support::credentials(&cluster.dir, "client"),
-    );
+    let (client, rpc) = clients(&cluster, ClientId(0x7e58));
     let shared = Arc::new(Shared::default());
     let workload: Vec<_> = (0..WRITERS)
         .map(|w| {
