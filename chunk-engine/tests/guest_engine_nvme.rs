@@ -39,7 +39,8 @@ fn mode(seed: u64) -> JournalMode {
 }
 
 fn device() -> NvmeDevice {
-    NvmeDevice::open(guest_controller(), &NvmeConfig::default(), None).expect("open the NVMe controller")
+    NvmeDevice::open(guest_controller(), &NvmeConfig::default(), None)
+        .expect("open the NVMe controller")
 }
 
 #[test]
@@ -85,7 +86,11 @@ fn cases() -> u32 {
 }
 
 /// One proptest case of tests/model.rs on the controller (formatted afresh).
-fn model_case(device: &NvmeDevice, inline: bool, ops: &[flyfs_chunk_engine::testing::Op]) -> Result<(), TestCaseError> {
+fn model_case(
+    device: &NvmeDevice,
+    inline: bool,
+    ops: &[flyfs_chunk_engine::testing::Op],
+) -> Result<(), TestCaseError> {
     let journal = if inline {
         JournalMode::Inline
     } else {
@@ -130,5 +135,8 @@ fn engine_on_nvme_matches_the_model_proptest() {
 
 #[test]
 fn engine_on_nvme_matches_the_model_under_small_updates_proptest() {
-    run_model((any::<bool>(), prop::collection::vec(small_update_op(), 1..60)));
+    run_model((
+        any::<bool>(),
+        prop::collection::vec(small_update_op(), 1..60),
+    ));
 }
