@@ -591,7 +591,7 @@ pub(crate) fn parse_iova_ranges(bytes: &[u8]) -> Result<Option<Vec<(u64, u64)>>,
         if seen > 64 {
             return Err("the capability chain does not end (more than 64 entries)".into());
         }
-        if offset < size_of::<vfio::vfio_iommu_type1_info>() || offset % 4 != 0 {
+        if offset < size_of::<vfio::vfio_iommu_type1_info>() || !offset.is_multiple_of(4) {
             return Err(format!(
                 "capability at offset {offset} overlaps the header or is misaligned"
             ));
