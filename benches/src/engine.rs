@@ -235,7 +235,10 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
     };
     if let Some(offset) = args.raw_offset {
         let geometry = dev.geometry();
-        if offset % (1 << 20) != 0 || args.raw_size < (1 << 20) || args.raw_size % (1 << 20) != 0 {
+        if !offset.is_multiple_of(1 << 20)
+            || args.raw_size < (1 << 20)
+            || !args.raw_size.is_multiple_of(1 << 20)
+        {
             bail!("--raw-offset and --raw-size must be whole MiB (and the size at least 1 MiB)");
         }
         if offset + args.raw_size > geometry.capacity_bytes {
@@ -250,7 +253,13 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         let Some(offset) = args.raw_offset else {
             bail!("--raw-only needs --raw-offset");
         };
-        let raw = runtime.block_on(raw_jobs(&dev, &pool, offset, args.raw_size, args.rand_seconds))?;
+        let raw = runtime.block_on(raw_jobs(
+            &dev,
+            &pool,
+            offset,
+            args.raw_size,
+            args.rand_seconds,
+        ))?;
         if args.json {
             println!(
                 "{}",
