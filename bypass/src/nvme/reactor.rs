@@ -199,10 +199,10 @@ pub(super) fn start(
             Err(error) => {
                 // The reactors already running must stop (the last one
                 // shuts the controller down); the ones never started count
-                // as stopped.
-                shared.closed.store(true, Ordering::SeqCst);
-                let never_started = common.running.load(Ordering::SeqCst) - handles.len();
+                // as stopped, before any running one can leave.
+                let never_started = shared.lanes.len() - handles.len();
                 common.running.fetch_sub(never_started, Ordering::SeqCst);
+                shared.closed.store(true, Ordering::SeqCst);
                 for lane in &shared.lanes[..handles.len()] {
                     lane.unpark();
                 }
