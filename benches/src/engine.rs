@@ -105,14 +105,14 @@ pub struct RawJob {
 }
 
 /// The raw device jobs, named like fio's.
-#[derive(serde::Serialize, Default, Debug)]
+#[derive(serde::Serialize, Debug)]
 pub struct RawResults {
-    pub randread_4k_qd1: Option<RawJob>,
-    pub randread_4k_qd64: Option<RawJob>,
-    pub randwrite_4k_qd1: Option<RawJob>,
-    pub randwrite_4k_qd64: Option<RawJob>,
-    pub write_1m_qd16: Option<RawJob>,
-    pub read_1m_qd16: Option<RawJob>,
+    pub write_1m_qd16: RawJob,
+    pub read_1m_qd16: RawJob,
+    pub randread_4k_qd1: RawJob,
+    pub randread_4k_qd64: RawJob,
+    pub randwrite_4k_qd1: RawJob,
+    pub randwrite_4k_qd64: RawJob,
 }
 
 fn key(index: u32) -> ChunkKey {
@@ -411,12 +411,10 @@ fn print_raw(raw: &RawResults) {
     ];
     println!("raw device jobs (no engine):");
     for (name, job, unit) in rows {
-        if let Some(job) = job {
-            println!(
-                "  {name:28}{:>10.0} {unit:6} {:8.1} us CPU per I/O",
-                job.rate, job.cpu_us_per_io
-            );
-        }
+        println!(
+            "  {name:28}{:>10.0} {unit:6} {:8.1} us CPU per I/O",
+            job.rate, job.cpu_us_per_io
+        );
     }
 }
 
@@ -445,16 +443,16 @@ async fn raw_jobs(
     seconds: f64,
 ) -> anyhow::Result<RawResults> {
     let run = Duration::from_secs_f64(seconds);
-    let mut results = RawResults::default();
-    // Sequential writes first, so the reads find written blocks (as fio's
-    // write job precedes its reads).
-    results.write_1m_qd16 = Some(raw_sequential(dev, pool, offset, size, 16, true).await?);
-    results.read_1m_qd16 = Some(raw_sequential(dev, pool, offset, size, 16, false).await?);
-    results.randread_4k_qd1 = Some(raw_random(dev, pool, offset, size, 1, false, run).await?);
-    results.randread_4k_qd64 = Some(raw_random(dev, pool, offset, size, 64, false, run).await?);
-    results.randwrite_4k_qd1 = Some(raw_random(dev, pool, offset, size, 1, true, run).await?);
-    results.randwrite_4k_qd64 = Some(raw_random(dev, pool, offset, size, 64, true, run).await?);
-    Ok(results)
+    // In the order written (a struct expression evaluates its fields in
+    // order): sequential writes first, so the reads find written blocks.
+    Ok(RawResults {
+        write_1m_qd16: raw_sequential(dev, pool, offset, size, 16, true).await?,
+        read_1m_qd16: raw_sequential(dev, pool, offset, size, 16, false).await?,
+        randread_4k_qd1: raw_random(dev, pool, offset, size, 1, false, run).await?,
+        randread_4k_qd64: raw_random(dev, pool, offset, size, 64, false, run).await?,
+        randwrite_4k_qd1: raw_random(dev, pool, offset, size, 1, true, run).await?,
+        randwrite_4k_qd64: raw_random(dev, pool, offset, size, 64, true, run).await?,
+    })
 }
 
 /// 1 MiB I/Os over the region, `depth` in flight; writes end with a flush
