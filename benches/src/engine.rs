@@ -10,6 +10,13 @@
 //! payload, counted by the engine, the reopen that writes the last patches
 //! into their chunks included. The bench chunks live on a chain of their own
 //! and are removed afterwards.
+//!
+//! With `--raw-offset`, it then runs fio's jobs straight on the device, with
+//! no engine, in `--raw-size` bytes from that offset (a region the bench
+//! chunks do not use): 4 KiB random reads and writes at depth 1 and 64, 1 MiB
+//! sequential writes (then a flush) and reads at depth 16, each with the
+//! process's CPU time per I/O. benches/nvme-vs-kernel sets those rows beside
+//! fio's on the same controller bound to the kernel's driver.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,9 +78,41 @@ pub struct EngineArgs {
     /// comparison for the write amplification).
     #[arg(long)]
     no_patches: bool,
+    /// Run the raw device jobs (no engine) at this device offset, after the
+    /// engine's phases.
+    #[arg(long, value_parser = crate::size::parse)]
+    raw_offset: Option<u64>,
+    /// Bytes of the raw jobs' region.
+    #[arg(long, default_value = "256MiB", value_parser = crate::size::parse)]
+    raw_size: u64,
+    /// Skip the engine's phases (with `--raw-offset`: only the raw jobs).
+    #[arg(long)]
+    raw_only: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// One raw device job's outcome.
+#[derive(serde::Serialize, Clone, Copy, Debug)]
+pub struct RawJob {
+    /// I/Os per second (4 KiB jobs) or MiB per second (1 MiB jobs).
+    pub rate: f64,
+    /// The process's CPU time (every thread: callers and reactors) per I/O,
+    /// in microseconds.
+    pub cpu_us_per_io: f64,
+    pub ios: u64,
+}
+
+/// The raw device jobs, named like fio's.
+#[derive(serde::Serialize, Debug)]
+pub struct RawResults {
+    pub write_1m_qd16: RawJob,
+    pub read_1m_qd16: RawJob,
+    pub randread_4k_qd1: RawJob,
+    pub randread_4k_qd64: RawJob,
+    pub randwrite_4k_qd1: RawJob,
+    pub randwrite_4k_qd64: RawJob,
 }
 
 fn key(index: u32) -> ChunkKey {
@@ -108,6 +147,10 @@ struct Results {
     rand_depth: usize,
     device: String,
     io_uring: String,
+    /// The raw device jobs, with `--raw-offset`.
+    raw: Option<RawResults>,
+    /// I/O queue pairs of an NVMe device.
+    nvme_queue_pairs: Option<usize>,
 }
 
 pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
@@ -186,6 +229,48 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
+    let nvme_queue_pairs = match &dev {
+        AnyDevice::Nvme(device) => Some(device.queue_pairs()),
+        AnyDevice::Uring(_) => None,
+    };
+    if let Some(offset) = args.raw_offset {
+        let geometry = dev.geometry();
+        if !offset.is_multiple_of(1 << 20)
+            || args.raw_size < (1 << 20)
+            || !args.raw_size.is_multiple_of(1 << 20)
+        {
+            bail!("--raw-offset and --raw-size must be whole MiB (and the size at least 1 MiB)");
+        }
+        if offset + args.raw_size > geometry.capacity_bytes {
+            bail!(
+                "the raw region {offset}+{} passes the device's end ({} bytes)",
+                args.raw_size,
+                geometry.capacity_bytes
+            );
+        }
+    }
+    if args.raw_only {
+        let Some(offset) = args.raw_offset else {
+            bail!("--raw-only needs --raw-offset");
+        };
+        let raw = runtime.block_on(raw_jobs(
+            &dev,
+            &pool,
+            offset,
+            args.raw_size,
+            args.rand_seconds,
+        ))?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"raw": raw, "device": args.path.display().to_string(),
+                                   "io_uring": features, "nvme_queue_pairs": nvme_queue_pairs})
+            );
+        } else {
+            print_raw(&raw);
+        }
+        return Ok(());
+    }
     let results = runtime.block_on(async {
         let engine = match Engine::open(dev.clone(), pool.clone(), EngineConfig::default()).await {
             Ok(engine) => engine,
@@ -242,6 +327,13 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         let device_bytes = device_bytes + engine.device_bytes_written();
         let payload = u64::from(args.rand_writes) * 4096;
         clean(&engine).await?;
+        drop(engine);
+        let raw = match args.raw_offset {
+            Some(offset) => {
+                Some(raw_jobs(&dev, &pool, offset, args.raw_size, args.rand_seconds).await?)
+            }
+            None => None,
+        };
         let mib = f64::from(chunks);
         Ok(Results {
             seq_write_mib_s: mib / write.as_secs_f64(),
@@ -261,6 +353,8 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             rand_depth: args.rand_depth,
             device: args.path.display().to_string(),
             io_uring: features.clone(),
+            raw,
+            nvme_queue_pairs,
         })
     })?;
     if args.json {
@@ -299,8 +393,174 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             results.rand_write_commits_per_batch,
             results.rand_write_checkpoints
         );
+        if let Some(raw) = &results.raw {
+            print_raw(raw);
+        }
     }
     Ok(())
+}
+
+fn print_raw(raw: &RawResults) {
+    let rows = [
+        ("4 KiB rand read, depth 1", raw.randread_4k_qd1, "IOPS"),
+        ("4 KiB rand read, depth 64", raw.randread_4k_qd64, "IOPS"),
+        ("4 KiB rand write, depth 1", raw.randwrite_4k_qd1, "IOPS"),
+        ("4 KiB rand write, depth 64", raw.randwrite_4k_qd64, "IOPS"),
+        ("1 MiB write, depth 16", raw.write_1m_qd16, "MiB/s"),
+        ("1 MiB read, depth 16", raw.read_1m_qd16, "MiB/s"),
+    ];
+    println!("raw device jobs (no engine):");
+    for (name, job, unit) in rows {
+        println!(
+            "  {name:28}{:>10.0} {unit:6} {:8.1} us CPU per I/O",
+            job.rate, job.cpu_us_per_io
+        );
+    }
+}
+
+/// The process's CPU time so far (user and system, every thread), from
+/// /proc/self/stat, whose clock ticks are USER_HZ (100 on Linux).
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces) start
+            // with the state; utime and stime are the 12th and 13th of those.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split(' ').collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// fio's jobs straight on the device, in `[offset, offset + size)`.
+async fn raw_jobs(
+    dev: &AnyDevice,
+    pool: &BufferPool,
+    offset: u64,
+    size: u64,
+    seconds: f64,
+) -> anyhow::Result<RawResults> {
+    let run = Duration::from_secs_f64(seconds);
+    // In the order written (a struct expression evaluates its fields in
+    // order): sequential writes first, so the reads find written blocks.
+    Ok(RawResults {
+        write_1m_qd16: raw_sequential(dev, pool, offset, size, 16, true).await?,
+        read_1m_qd16: raw_sequential(dev, pool, offset, size, 16, false).await?,
+        randread_4k_qd1: raw_random(dev, pool, offset, size, 1, false, run).await?,
+        randread_4k_qd64: raw_random(dev, pool, offset, size, 64, false, run).await?,
+        randwrite_4k_qd1: raw_random(dev, pool, offset, size, 1, true, run).await?,
+        randwrite_4k_qd64: raw_random(dev, pool, offset, size, 64, true, run).await?,
+    })
+}
+
+/// 1 MiB I/Os over the region, `depth` in flight; writes end with a flush
+/// (fio's `--end_fsync=1`). The rate is MiB/s.
+async fn raw_sequential(
+    dev: &AnyDevice,
+    pool: &BufferPool,
+    offset: u64,
+    size: u64,
+    depth: usize,
+    write: bool,
+) -> anyhow::Result<RawJob> {
+    let count = size / CHUNK_BYTES as u64;
+    let next = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let workers: Vec<_> = (0..depth)
+        .map(|_| {
+            let (dev, pool, next) = (dev.clone(), pool.clone(), next.clone());
+            local.spawn_local(async move {
+                let mut buf = pool.alloc(CHUNK_BYTES);
+                if write {
+                    buf.fill(0x5a);
+                }
+                loop {
+                    let index = next.get();
+                    if index >= count {
+                        return anyhow::Ok(());
+                    }
+                    next.set(index + 1);
+                    let at = offset + index * CHUNK_BYTES as u64;
+                    buf = if write {
+                        dev.write(at, buf).await.into_result()?
+                    } else {
+                        dev.read(at, buf).await.into_result()?
+                    };
+                }
+            })
+        })
+        .collect();
+    local.await;
+    for worker in workers {
+        worker.await??;
+    }
+    if write {
+        dev.flush().await?;
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    Ok(RawJob {
+        rate: count as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / count as f64,
+        ios: count,
+    })
+}
+
+/// 4 KiB I/Os at random 4 KiB-aligned offsets of the region for `run`,
+/// `depth` in flight. The rate is IOPS.
+async fn raw_random(
+    dev: &AnyDevice,
+    pool: &BufferPool,
+    offset: u64,
+    size: u64,
+    depth: usize,
+    write: bool,
+    run: Duration,
+) -> anyhow::Result<RawJob> {
+    let blocks = size / 4096;
+    let done = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let deadline = started + run;
+    let local = tokio::task::LocalSet::new();
+    let workers: Vec<_> = (0..depth)
+        .map(|worker| {
+            let (dev, pool, done) = (dev.clone(), pool.clone(), done.clone());
+            local.spawn_local(async move {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(0xde51ce ^ worker as u64);
+                let mut buf = pool.alloc(4096);
+                if write {
+                    buf.fill(0xa5);
+                }
+                while Instant::now() < deadline {
+                    let at = offset + rng.random_range(0..blocks) * 4096;
+                    buf = if write {
+                        dev.write(at, buf).await.into_result()?
+                    } else {
+                        dev.read(at, buf).await.into_result()?
+                    };
+                    done.set(done.get() + 1);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    local.await;
+    for worker in workers {
+        worker.await??;
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    let ios = done.get();
+    Ok(RawJob {
+        rate: ios as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / ios.max(1) as f64,
+        ios,
+    })
 }
 
 async fn clean(engine: &Engine<AnyDevice>) -> anyhow::Result<()> {

@@ -14,33 +14,13 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use flyfs_bypass::nvme::testing::guest_controller;
 use flyfs_bypass::nvme::{NvmeConfig, NvmeDevice};
 use flyfs_bypass::{BlockDevice, BufferPool, DeviceError, DmaBuf, HugePages, PoolConfig};
 
 use common::contract::{self, MIB};
-
-/// Binds the controller to vfio-pci once per process; its PCI address.
-fn controller() -> &'static str {
-    static ADDRESS: OnceLock<String> = OnceLock::new();
-    ADDRESS.get_or_init(|| {
-        let address = std::env::var("FLYFS_NVME_PCI").expect(
-            "FLYFS_NVME_PCI is not set: this test runs inside the flyfs-vm guest (shared/vm/guest --nvme 1G)",
-        );
-        let output = std::process::Command::new("vfio-bind")
-            .arg(&address)
-            .output()
-            .expect("cannot run vfio-bind (it is on PATH inside the guest)");
-        assert!(
-            output.status.success(),
-            "vfio-bind {address} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        address
-    })
-}
 
 fn pool() -> BufferPool {
     BufferPool::new(&PoolConfig {
@@ -58,7 +38,7 @@ fn run<F: std::future::Future>(future: F) -> F::Output {
 }
 
 fn open(config: &NvmeConfig, pool: &BufferPool) -> NvmeDevice {
-    NvmeDevice::open(controller(), config, Some(pool)).expect("open the NVMe controller")
+    NvmeDevice::open(guest_controller(), config, Some(pool)).expect("open the NVMe controller")
 }
 
 #[test]
@@ -82,6 +62,64 @@ fn nvme_device_keeps_the_contract() {
     );
     assert!(stats.commands >= stats.submitted - 8, "{stats:?}");
     assert_eq!(stats.timeouts, 0, "{stats:?}");
+    assert!(device.failure().is_none());
+}
+
+/// Threads submitting at once are spread over the queue pairs, each of
+/// which carries commands, and every thread reads back what it wrote.
+#[test]
+fn concurrent_submitters_use_every_queue_pair() {
+    let pool = pool();
+    let config = NvmeConfig {
+        queue_pairs: 4,
+        queue_depth: 32,
+        ..NvmeConfig::default()
+    };
+    let device = open(&config, &pool);
+    assert_eq!(
+        device.queue_pairs(),
+        4,
+        "QEMU's controller grants 64 I/O queue pairs"
+    );
+    let threads: Vec<_> = (0..8u64)
+        .map(|thread| {
+            let device = device.clone();
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let local = tokio::task::LocalSet::new();
+                run(local.run_until(async {
+                    let base = 200 * MIB + thread * 4 * MIB;
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for slot in 0..8u64 {
+                        let device = device.clone();
+                        let pool = pool.clone();
+                        tasks.spawn_local(async move {
+                            let data = contract::pattern(thread * 100 + slot, 65536);
+                            let at = base + slot * 65536;
+                            contract::write_at(&device, Some(&pool), at, &data).await;
+                            assert!(
+                                contract::read_at(&device, Some(&pool), at, data.len()).await
+                                    == data,
+                                "thread {thread} slot {slot} read back other bytes"
+                            );
+                        });
+                    }
+                    while let Some(joined) = tasks.join_next().await {
+                        joined.expect("submitter");
+                    }
+                }))
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("submitting thread");
+    }
+    let per_queue = device.commands_per_queue_pair();
+    assert_eq!(per_queue.len(), 4);
+    assert!(
+        per_queue.iter().all(|&commands| commands > 0),
+        "every queue pair carried commands: {per_queue:?}"
+    );
     assert!(device.failure().is_none());
 }
 
@@ -244,7 +282,8 @@ fn open_errors_name_the_problem() {
     // group cannot be opened twice.
     let pool = pool();
     let _held = open(&NvmeConfig::default(), &pool);
-    let error = NvmeDevice::open(controller(), &NvmeConfig::default(), None).expect_err("busy");
+    let error =
+        NvmeDevice::open(guest_controller(), &NvmeConfig::default(), None).expect_err("busy");
     assert!(
         error.to_string().contains("cannot open the VFIO group"),
         "{error}"
@@ -260,7 +299,7 @@ fn unbinding_the_device_fails_it_and_lets_go() {
     let pool = pool();
     let device = open(&NvmeConfig::default(), &pool);
     run(contract::write_at(&device, Some(&pool), 0, &[5u8; 4096]));
-    let address = controller().to_owned();
+    let address = guest_controller().to_owned();
     let unbind = std::thread::spawn(move || {
         std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &address)
     });
@@ -290,7 +329,7 @@ fn unbinding_the_device_fails_it_and_lets_go() {
     drop(device);
     // Bind it again for the tests after this one.
     let output = std::process::Command::new("vfio-bind")
-        .arg(controller())
+        .arg(guest_controller())
         .output()
         .expect("vfio-bind");
     assert!(

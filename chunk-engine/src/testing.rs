@@ -12,8 +12,9 @@
 //! valid checksum; the allocator must agree with the metadata.
 //!
 //! The medium is the memory device by default; [`Harness::on`] takes any
-//! [`Medium`] (the NVMe driver in the guest tests, where a crash is the power
-//! cut alone: the controller keeps every completed write).
+//! [`Medium`] (the NVMe driver in the guest tests, which cuts the power
+//! itself and tears the writes caught by the cut, since its controller
+//! keeps every write it completes and never tears one).
 //!
 //! Used by `tests/model.rs` (proptest), `tests/crash.rs` (seeded, thousands
 //! of crash points), `tests/guest_engine_nvme.rs` and the cargo-fuzz targets
@@ -133,6 +134,13 @@ impl ModelChunk {
 pub trait Medium: BlockDevice + Clone {
     /// Loses what a power failure would lose, chosen by `seed`.
     fn crash(&self, seed: u64);
+
+    /// Cuts the power in the medium itself `after_ios` I/Os from now, if it
+    /// can (`true`); otherwise the harness cuts it above the medium, in its
+    /// fault-injecting device. `crash` restores it.
+    fn cut_power(&self, _after_ios: u64, _seed: u64) -> bool {
+        false
+    }
 }
 
 impl Medium for MemDevice {
@@ -143,11 +151,20 @@ impl Medium for MemDevice {
 }
 
 impl Medium for flyfs_bypass::nvme::NvmeDevice {
-    /// Nothing more: the controller keeps every write it completed (the
-    /// emulated one reports a volatile cache but its flush is a no-op, so
-    /// there is nothing it could lose), and the power cut above it already
-    /// failed every I/O after the cut point.
-    fn crash(&self, _seed: u64) {}
+    /// Restores the power: the controller keeps every write it completed
+    /// (the emulated one reports a volatile cache but its flush is a no-op,
+    /// so there is nothing it could lose), and the driver's own power cut
+    /// already failed every I/O after the cut point, tearing the writes.
+    fn crash(&self, _seed: u64) {
+        self.restore_power();
+    }
+
+    /// The driver's own power cut, which tears writes (see
+    /// `NvmeDevice::inject_power_cut`).
+    fn cut_power(&self, after_ios: u64, seed: u64) -> bool {
+        self.inject_power_cut(after_ios, seed);
+        true
+    }
 }
 
 /// The engine under test beside its model.
@@ -552,9 +569,15 @@ impl<D: Medium> Harness<D> {
             }
             Op::PowerCut { after } => {
                 if !self.cut_armed {
-                    self.dev.inject(Fault::PowerCutAt {
-                        n: self.dev.io_count() + u64::from(after % 24),
-                    });
+                    let after = u64::from(after % 24);
+                    // The tearing is seeded by where the run is, so a run
+                    // replays exactly.
+                    let seed = self.steps << 16 | self.crashes;
+                    if !self.mem.cut_power(after, seed) {
+                        self.dev.inject(Fault::PowerCutAt {
+                            n: self.dev.io_count() + after,
+                        });
+                    }
                     self.cut_armed = true;
                 }
                 Ok(())
@@ -1291,5 +1314,69 @@ pub fn fuzz_ops(ops: &[Op]) {
     }
     if let Err(error) = harness.finish() {
         panic!("{error}");
+    }
+}
+
+/// The model test's operation strategies (proptest), shared by
+/// `tests/model.rs` and the guest's run of it on NVMe
+/// (`tests/guest_engine_nvme.rs`). Feature `model-strategies`.
+#[cfg(feature = "model-strategies")]
+pub mod strategies {
+    use proptest::prelude::*;
+
+    use super::Op;
+
+    /// Random operations of every kind: writes, appends, replaces,
+    /// truncates, commits, aborts, removes, reads and clean reopens, with
+    /// sizes around the chunk classes' and the pages' boundaries.
+    pub fn op() -> impl Strategy<Value = Op> {
+        let k = 0u8..8;
+        let size = prop_oneof![
+            0u16..64,
+            (0u16..4).prop_map(|b| b * 4096),
+            0u16..8192,
+            any::<u16>()
+        ];
+        prop_oneof![
+            5 => (k.clone(), size.clone(), size.clone(), any::<u8>(), any::<bool>(), any::<bool>())
+                .prop_map(|(key, offset, len, seed, append, prepare)| Op::Write { key, offset, len, seed, append, prepare }),
+            1 => (k.clone(), size.clone(), any::<u8>(), any::<bool>())
+                .prop_map(|(key, len, seed, prepare)| Op::Replace { key, len, seed, prepare }),
+            1 => (k.clone(), size.clone(), any::<bool>()).prop_map(|(key, len, prepare)| Op::Truncate { key, len, prepare }),
+            4 => k.clone().prop_map(|key| Op::Commit { key }),
+            1 => Just(Op::CommitAll),
+            1 => k.clone().prop_map(|key| Op::Abort { key }),
+            1 => k.clone().prop_map(|key| Op::Remove { key }),
+            3 => (k, size.clone(), size, any::<bool>()).prop_map(|(key, offset, len, pending)| Op::Read { key, offset, len, pending }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Operations that stress small updates: overwrites inside chunks made
+    /// large by replaces, and multi-extent updates, which the engine makes as
+    /// patches; plus everything that interacts with them (prepared versions,
+    /// aborts, appends and truncates over patched chunks, reads of both
+    /// versions, reopens, which redo the patches).
+    pub fn small_update_op() -> impl Strategy<Value = Op> {
+        let k = 0u8..8;
+        let offset = prop_oneof![(0u16..16).prop_map(|b| b * 4096), 0u16..65_535];
+        let len = prop_oneof![1u16..64, Just(4096u16), 1u16..8192];
+        prop_oneof![
+            5 => (k.clone(), offset.clone(), len.clone(), any::<u8>(), any::<bool>())
+                .prop_map(|(key, offset, len, seed, prepare)| Op::Write { key, offset, len, seed, append: false, prepare }),
+            4 => (k.clone(), prop::collection::vec((offset.clone(), len.clone(), any::<u8>()), 1..5), any::<bool>())
+                .prop_map(|(key, extents, prepare)| Op::WriteExtents { key, extents, prepare }),
+            1 => (k.clone(), len.clone(), any::<u8>(), any::<bool>())
+                .prop_map(|(key, len, seed, prepare)| Op::Write { key, offset: 0, len, seed, append: true, prepare }),
+            1 => (k.clone(), 16_384u16..65_535, any::<u8>(), any::<bool>())
+                .prop_map(|(key, len, seed, prepare)| Op::Replace { key, len, seed, prepare }),
+            1 => (k.clone(), 0u16..65_535, any::<bool>()).prop_map(|(key, len, prepare)| Op::Truncate { key, len, prepare }),
+            5 => k.clone().prop_map(|key| Op::Commit { key }),
+            1 => Just(Op::CommitAll),
+            1 => k.clone().prop_map(|key| Op::Abort { key }),
+            1 => k.clone().prop_map(|key| Op::Remove { key }),
+            3 => (k, offset, len, any::<bool>()).prop_map(|(key, offset, len, pending)| Op::Read { key, offset, len, pending }),
+            1 => Just(Op::Reopen),
+        ]
     }
 }

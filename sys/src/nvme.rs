@@ -118,6 +118,8 @@ pub mod admin {
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
+    /// Feature identifier of Number of Queues (Set/Get Features, cdw10).
+    pub const FEATURE_NUMBER_OF_QUEUES: u8 = 0x07;
 
     /// Identify CDW10.CNS: the namespace data structure for CDW1's NSID.
     pub const CNS_NAMESPACE: u32 = 0x00;

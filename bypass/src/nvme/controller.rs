@@ -20,12 +20,15 @@ use super::status::NvmeStatus;
 use super::vfio::{OpenFailure, Vfio};
 use crate::BufferPool;
 
-/// The IOVA window the driver allocates from. It starts above 4 GiB, clear
-/// of the x86 interrupt range (0xfee00000) that the IOMMU reserves, and
-/// stays under 2^39, the narrowest address width Intel IOMMUs (and QEMU's
-/// emulated one) implement.
-const IOVA_START: u64 = 1 << 32;
-const IOVA_END: u64 = 1 << 39;
+/// The IOVA window the driver allocates from when the kernel does not say
+/// which ranges the IOMMU can map (no iova-range capability, before Linux
+/// 5.4). It starts above 4 GiB, clear of the x86 interrupt range
+/// (0xfee00000) that the IOMMU reserves, and stays under 2^39, the
+/// narrowest address width Intel IOMMUs (and QEMU's emulated one) implement.
+const IOVA_FALLBACK: (u64, u64) = (1 << 32, 1 << 39);
+/// IOVAs below this are never handed out, even where the IOMMU allows
+/// them, so that a zero (or tiny) PRP entry can only be a driver bug.
+const IOVA_FLOOR: u64 = 2 << 20;
 /// Alignment of large IOVA ranges, so the IOMMU can use 2 MiB pages.
 const IOVA_ALIGN_LARGE: u64 = 2 << 20;
 
@@ -179,6 +182,8 @@ impl QueuePair {
 pub(crate) struct Controller {
     pub(crate) vfio: Vfio,
     iovas: RangeAllocator,
+    /// The usable IOVA space, `[start, end)` ranges, for error messages.
+    iova_ranges: Vec<(u64, u64)>,
     /// Every IOMMU mapping made, `(iova, len)`, removed at drop.
     mappings: Vec<(u64, usize)>,
     /// The buffer pool arenas mapped for direct DMA: `(address, len, iova)`.
@@ -214,11 +219,39 @@ impl Controller {
                 4096u64 << cap::mpsmin(cap)
             )));
         }
+        let iova_ranges = match vfio.iova_ranges() {
+            Ok(Some(ranges)) => usable_iova_ranges(&ranges),
+            Ok(None) => {
+                tracing::warn!(
+                    device = %vfio.address,
+                    "the kernel does not report the IOMMU's IOVA ranges; using {:#x}..{:#x}",
+                    IOVA_FALLBACK.0,
+                    IOVA_FALLBACK.1
+                );
+                vec![IOVA_FALLBACK]
+            }
+            Err(error) => {
+                return Err(OpenFailure {
+                    reason: format!(
+                        "{}: cannot read the IOMMU's usable IOVA ranges",
+                        vfio.address
+                    ),
+                    source: Some(error),
+                });
+            }
+        };
+        if iova_ranges.is_empty() {
+            return Err(failure(format!(
+                "{}: the IOMMU leaves no usable IOVA range above {IOVA_FLOOR:#x}",
+                vfio.address
+            )));
+        }
         let doorbell_stride = 4usize << cap::dstrd(cap);
         let ready_timeout = Duration::from_millis(u64::from(cap::to(cap).max(1)) * 500);
         Ok(Controller {
             vfio,
-            iovas: RangeAllocator::new(IOVA_START, IOVA_END),
+            iovas: RangeAllocator::from_ranges(&iova_ranges),
+            iova_ranges,
             mappings: Vec::new(),
             arenas: Vec::new(),
             _pool: None,
@@ -232,6 +265,11 @@ impl Controller {
         &self.vfio.bar
     }
 
+    /// The registers, for a reactor to ring its doorbells without the lock.
+    pub(crate) fn shared_bar(&self) -> std::sync::Arc<super::vfio::Bar> {
+        std::sync::Arc::clone(&self.vfio.bar)
+    }
+
     fn map(&mut self, vaddr: *mut u8, len: usize) -> io::Result<u64> {
         let align = if len as u64 >= IOVA_ALIGN_LARGE {
             IOVA_ALIGN_LARGE
@@ -241,7 +279,12 @@ impl Controller {
         let iova = self
             .iovas
             .alloc((len as u64).next_multiple_of(PAGE_BYTES), align)
-            .ok_or_else(|| io::Error::other("the IOVA space is exhausted"))?;
+            .ok_or_else(|| {
+                io::Error::other(format!(
+                    "{len} bytes do not fit in what is left of the IOMMU's usable IOVA ranges {}",
+                    describe_ranges(&self.iova_ranges)
+                ))
+            })?;
         if let Err(error) = self.vfio.map_dma(vaddr, len, iova) {
             self.iovas
                 .free(iova, (len as u64).next_multiple_of(PAGE_BYTES));
@@ -255,7 +298,12 @@ impl Controller {
     /// the controller without copying.
     pub(crate) fn map_pool(&mut self, pool: &BufferPool) -> io::Result<()> {
         for (ptr, len) in pool.regions() {
-            let iova = self.map(ptr, len)?;
+            let iova = self.map(ptr, len).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("the buffer pool's arena region of {len} bytes: {error}"),
+                )
+            })?;
             self.arenas.push((ptr as usize, len, iova));
         }
         self._pool = Some(pool.clone());
@@ -520,6 +568,23 @@ impl Controller {
         })
     }
 
+    /// Asks for `wanted` I/O queue pairs (Set Features, Number of Queues)
+    /// and returns how many the controller granted, at most `wanted`.
+    pub(crate) fn set_queue_count(
+        &self,
+        admin: &mut QueuePair,
+        wanted: u16,
+    ) -> Result<u16, String> {
+        debug_assert!(wanted >= 1);
+        let mut command = SubmissionEntry::new(admin::SET_FEATURES, 5);
+        command.cdw10 = u32::from(admin::FEATURE_NUMBER_OF_QUEUES);
+        // Both counts are 0-based: submission queues low, completion high.
+        let count = u32::from(wanted - 1);
+        command.cdw11 = count << 16 | count;
+        let completion = self.execute(admin, command, "Set Features (Number of Queues)")?;
+        Ok(granted_queue_pairs(completion.dw0, wanted))
+    }
+
     /// Creates I/O queue pair `id` (completion queue first, as the
     /// specification requires), physically contiguous, without interrupts:
     /// the reactor polls.
@@ -561,13 +626,53 @@ impl Controller {
         self.arenas.clear();
         first_error.map_or(Ok(()), Err)
     }
+}
 
-    /// The IOVA of `len` bytes at `addr`, if they lie in a mapped arena.
-    pub(crate) fn arena_iova(&self, addr: usize, len: usize) -> Option<u64> {
-        self.arenas.iter().find_map(|&(start, arena_len, iova)| {
-            (addr >= start && addr + len <= start + arena_len).then(|| iova + (addr - start) as u64)
-        })
+/// The IOMMU's usable ranges (inclusive, from the kernel) as the `[start,
+/// end)` ranges the driver allocates from: at or above `IOVA_FLOOR`, whole
+/// pages, adjacent ranges merged.
+pub(crate) fn usable_iova_ranges(inclusive: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut usable: Vec<(u64, u64)> = Vec::new();
+    for &(first, last) in inclusive {
+        let start = first.max(IOVA_FLOOR).next_multiple_of(PAGE_BYTES);
+        // The exclusive end, rounded down to a page; the top of a 64-bit
+        // space cannot be represented and is given up.
+        let end = last.saturating_add(1) / PAGE_BYTES * PAGE_BYTES;
+        if start >= end {
+            continue;
+        }
+        match usable.last_mut() {
+            Some(previous) if previous.1 == start => previous.1 = end,
+            _ => usable.push((start, end)),
+        }
     }
+    usable
+}
+
+fn describe_ranges(ranges: &[(u64, u64)]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|(start, end)| format!("{start:#x}..{end:#x}"))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The IOVA of `len` bytes at `addr`, if they lie in one of the mapped
+/// `arenas` (`(address, len, iova)`).
+pub(crate) fn arena_iova(arenas: &[(usize, usize, u64)], addr: usize, len: usize) -> Option<u64> {
+    arenas.iter().find_map(|&(start, arena_len, iova)| {
+        (addr >= start && addr + len <= start + arena_len).then(|| iova + (addr - start) as u64)
+    })
+}
+
+/// The I/O queue pairs a Set Features (Number of Queues) completion grants:
+/// dword 0 holds the submission (low 16 bits) and completion (high 16 bits)
+/// queues allocated, 0-based. A pair needs one of each; the controller may
+/// allocate more than asked, of which we use only what we asked for.
+pub(crate) fn granted_queue_pairs(dw0: u32, wanted: u16) -> u16 {
+    let submission = (dw0 & 0xffff) as u16;
+    let completion = (dw0 >> 16) as u16;
+    submission.min(completion).saturating_add(1).min(wanted)
 }
 
 impl Drop for Controller {
@@ -582,5 +687,52 @@ fn failure(reason: String) -> OpenFailure {
     OpenFailure {
         reason,
         source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usable_ranges_skip_the_floor_and_partial_pages() {
+        let ranges = usable_iova_ranges(&[
+            (0, 0xfedf_ffff),
+            (0xfef0_0000, (1 << 39) - 1),
+            (1 << 40, (1 << 40) + 0x1fff),
+        ]);
+        assert_eq!(
+            ranges,
+            vec![
+                (IOVA_FLOOR, 0xfee0_0000),
+                (0xfef0_0000, 1 << 39),
+                (1 << 40, (1 << 40) + 0x2000)
+            ]
+        );
+        // Adjacent ranges merge; a range of less than a page disappears;
+        // the very top of the 64-bit space is representable only up to
+        // its last whole page.
+        assert_eq!(
+            usable_iova_ranges(&[
+                (0x40_0000, 0x4f_ffff),
+                (0x50_0000, 0x5f_ffff),
+                (0x70_0010, 0x70_0fff)
+            ]),
+            vec![(0x40_0000, 0x60_0000)]
+        );
+        assert_eq!(
+            usable_iova_ranges(&[(1 << 63, u64::MAX)]),
+            vec![(1 << 63, u64::MAX / PAGE_BYTES * PAGE_BYTES)]
+        );
+        assert!(usable_iova_ranges(&[(0, IOVA_FLOOR - 1)]).is_empty());
+    }
+
+    #[test]
+    fn granted_queue_pairs_take_the_smaller_count() {
+        // 0-based counts: 3 submission and 1 completion queue allocated.
+        assert_eq!(granted_queue_pairs(1 << 16 | 3, 4), 2);
+        assert_eq!(granted_queue_pairs(63 << 16 | 63, 4), 4);
+        assert_eq!(granted_queue_pairs(0, 8), 1);
+        assert_eq!(granted_queue_pairs(u32::MAX, 64), 64);
     }
 }

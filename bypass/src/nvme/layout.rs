@@ -29,6 +29,27 @@ impl RangeAllocator {
         }
     }
 
+    /// An allocator over several disjoint `[start, end)` ranges, sorted
+    /// (the IOMMU's usable IOVA space has holes); empty ones are dropped
+    /// and adjacent ones merged.
+    pub(crate) fn from_ranges(ranges: &[(u64, u64)]) -> RangeAllocator {
+        let mut free: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for &(start, end) in ranges {
+            if start >= end {
+                continue;
+            }
+            debug_assert!(
+                free.last().is_none_or(|last| last.1 <= start),
+                "ranges are sorted and disjoint"
+            );
+            match free.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => free.push((start, end)),
+            }
+        }
+        RangeAllocator { free }
+    }
+
     /// A range of `len` units starting at a multiple of `align` (a power of
     /// two), or `None` if no free range holds one.
     pub(crate) fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
@@ -253,6 +274,34 @@ mod tests {
             "merged back whole"
         );
         assert!(allocator.alloc(1, 1).is_none());
+    }
+
+    #[test]
+    fn allocations_stay_out_of_the_holes_between_ranges() {
+        // Two ranges with a hole (like the x86 interrupt window) between.
+        let mut allocator =
+            RangeAllocator::from_ranges(&[(0x1000, 0x4000), (0x4000, 0x5000), (0x8000, 0x10000)]);
+        assert_eq!(
+            allocator.free_units(),
+            0x4000 + 0x8000,
+            "adjacent ranges merged"
+        );
+        // Too large for the first range: lands in the second, not across the hole.
+        assert_eq!(allocator.alloc(0x6000, 0x1000), Some(0x8000));
+        assert_eq!(allocator.alloc(0x4000, 0x1000), Some(0x1000));
+        assert_eq!(allocator.alloc(0x2000, 0x1000), Some(0xe000));
+        assert!(
+            allocator.alloc(0x1000, 0x1000).is_none(),
+            "the hole is never used"
+        );
+        allocator.free(0x8000, 0x6000);
+        allocator.free(0x1000, 0x4000);
+        allocator.free(0xe000, 0x2000);
+        assert_eq!(allocator.free_units(), 0xc000);
+        assert!(
+            allocator.alloc(0x9000, 1).is_none(),
+            "frees do not merge across the hole"
+        );
     }
 
     proptest! {

@@ -7,32 +7,41 @@
 //! This module owns the device's public face (open, configuration, stats,
 //! the `BlockDevice` futures); `vfio.rs` the kernel interface,
 //! `controller.rs` the registers and the initialisation sequence,
-//! `reactor.rs` the thread that owns the I/O queue pair, `layout.rs` the
+//! `reactor.rs` the threads that own the I/O queue pairs, `layout.rs` the
 //! pure arithmetic (PRPs, splitting, ring indices, IOVA allocation) and
 //! `status.rs` the completion statuses. docs/nvme-vfio.md is the design.
 //!
 //! # Threads
 //!
-//! One reactor thread per device (`flyfs-nvme-<n>`) owns the controller
-//! after open. Submitters, on any thread and under any executor, push a
-//! request onto a lock-free queue and wake the reactor if it sleeps; the
+//! A device runs `NvmeConfig::queue_pairs` reactor threads
+//! (`flyfs-nvme-<n>.<q>`), each owning one I/O submission and completion
+//! queue pair, as SPDK gives each reactor core its own queue pair: the hot
+//! path takes no lock and shares no ring. Submitters, on any thread and
+//! under any executor, push a request onto the lock-free queue of the
+//! reactor their thread is assigned to (threads are dealt out round-robin,
+//! so a thread keeps to one queue pair) and wake it if it sleeps; the
 //! reactor splits each request into commands (at the controller's maximum
-//! transfer size), writes them into the submission queue, rings the
-//! doorbell once per batch, polls the completion queue by its phase tag,
+//! transfer size), writes them into its submission queue, rings the
+//! doorbell once per batch, polls its completion queue by the phase tag,
 //! and hands buffers back. It spins briefly while commands are in flight
-//! and parks when none are, so an idle device costs no CPU.
+//! and parks when none are, so an idle device costs no CPU. The admin
+//! queue and the controller's registers beyond the doorbells sit behind one
+//! lock that only the cold paths take (aborts, health checks, failure,
+//! shutdown).
 
 mod controller;
 mod layout;
 mod reactor;
 mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod vfio;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex as StdMutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::thread::{JoinHandle, Thread};
@@ -52,9 +61,15 @@ pub const NAME_PREFIX: &str = "vfio:";
 pub struct NvmeConfig {
     /// The namespace to serve (1 is the first).
     pub namespace_id: u32,
-    /// Most commands in flight at once (the I/O submission queue holds one
-    /// more entry); capped by the controller's CAP.MQES. 1 to 4095.
+    /// Most commands in flight at once per queue pair (each I/O submission
+    /// queue holds one more entry); capped by the controller's CAP.MQES.
+    /// 1 to 4095.
     pub queue_depth: u32,
+    /// I/O queue pairs, each with its own reactor thread; submitting threads
+    /// are spread over them. The controller may grant fewer (Set Features,
+    /// Number of Queues): then the device runs with what it granted and
+    /// logs a warning, and [`NvmeDevice::queue_pairs`] says how many. 1 to 64.
+    pub queue_pairs: u16,
     /// How long a command may take before the driver asks the controller to
     /// abort it; if it is still not complete after as long again, the
     /// controller is disabled and the device fails for good. Generous by
@@ -64,8 +79,8 @@ pub struct NvmeConfig {
     /// piece of work while commands are in flight, before it naps between
     /// polls.
     pub poll_spin_us: u32,
-    /// Size of the driver's bounce region, through which buffers that are
-    /// not in the buffer pool's mapped arena move (at least 2 MiB, the
+    /// Size of each queue pair's bounce region, through which buffers that
+    /// are not in the buffer pool's mapped arena move (at least 2 MiB, the
     /// largest single command).
     pub bounce_bytes: usize,
 }
@@ -75,6 +90,7 @@ impl Default for NvmeConfig {
         NvmeConfig {
             namespace_id: 1,
             queue_depth: 128,
+            queue_pairs: 2,
             command_timeout_ms: 30_000,
             poll_spin_us: 50,
             bounce_bytes: 4 << 20,
@@ -104,6 +120,9 @@ pub struct NvmeStats {
     pub sleeps: u64,
     /// Submitters that woke a parked reactor.
     pub wakeups: u64,
+    /// Writes an injected power cut tore (kept some but not all of their
+    /// sectors); test builds only.
+    pub torn_writes: u64,
 }
 
 #[derive(Default)]
@@ -117,6 +136,7 @@ struct Counters {
     aborts: AtomicU64,
     sleeps: AtomicU64,
     wakeups: AtomicU64,
+    torn_writes: AtomicU64,
 }
 
 /// One read, write, flush or discard on its way to the reactor.
@@ -182,22 +202,57 @@ impl Future for ReplyFuture {
     }
 }
 
-/// What submitters and the reactor share.
-struct Shared {
-    name: Arc<str>,
-    geometry: Geometry,
-    identity: NvmeIdentity,
+/// One reactor's inbox: where submitters leave requests for its queue pair.
+struct Lane {
     submissions: SegQueue<Request>,
     /// The reactor is (about to be) parked and needs an unpark to notice
     /// new submissions.
     sleeping: AtomicBool,
-    /// No new request is accepted; the reactor exits once `active` is zero.
-    closed: AtomicBool,
-    /// Requests a submitter has committed to queue whose outcome the
-    /// reactor has not yet delivered.
-    active: AtomicUsize,
     reactor: OnceLock<Thread>,
+    /// NVMe commands this lane's queue pair carried.
+    commands: AtomicU64,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        Lane {
+            submissions: SegQueue::new(),
+            sleeping: AtomicBool::new(false),
+            reactor: OnceLock::new(),
+            commands: AtomicU64::new(0),
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(thread) = self.reactor.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// How far a failure of the device got in stopping the controller's DMA,
+/// which decides whether buffers of commands in flight may be handed back.
+const DMA_RUNNING: u8 = 0;
+const DMA_STOPPED: u8 = 1;
+const DMA_UNKNOWN: u8 = 2;
+
+/// What submitters and the reactors share.
+struct Shared {
+    name: Arc<str>,
+    geometry: Geometry,
+    identity: NvmeIdentity,
+    /// One per reactor (queue pair).
+    lanes: Box<[Lane]>,
+    /// No new request is accepted; the reactors exit once `active` is zero.
+    closed: AtomicBool,
+    /// Requests a submitter has committed to queue whose outcome no
+    /// reactor has delivered yet.
+    active: AtomicUsize,
     failure: Mutex<Option<Arc<str>>>,
+    /// Set (to `DMA_STOPPED` or `DMA_UNKNOWN`) by the reactor that failed
+    /// the device, after it tried to stop the controller's DMA; the other
+    /// reactors then fail their own requests accordingly.
+    failed_dma: AtomicU8,
     counters: Counters,
     /// Test hook: the reactor writes commands but does not ring the
     /// doorbell, so they time out.
@@ -205,6 +260,20 @@ struct Shared {
     /// Test hook: the reactor clears CC.EN at its next turn, as a reset by
     /// someone else would.
     reset_requested: AtomicBool,
+    /// Test hook: the power cut the device injects itself.
+    #[cfg(feature = "testing")]
+    power: Mutex<PowerCut>,
+}
+
+/// An injected power cut: from the `at`-th I/O on, every I/O fails, and
+/// each write first keeps a random prefix of its sectors (none, some or
+/// all), which the emulated controller, which never tears, cannot do.
+#[cfg(feature = "testing")]
+#[derive(Default)]
+struct PowerCut {
+    ios: u64,
+    at: Option<u64>,
+    rng: Option<rand_chacha::ChaCha8Rng>,
 }
 
 impl Shared {
@@ -220,20 +289,33 @@ impl Shared {
         }
     }
 
-    fn notify(&self) {
+    fn notify(&self, lane: &Lane) {
         // Pairs with the fence in the reactor's park path: either it sees
         // our push after raising `sleeping`, or we see `sleeping` here.
         fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
+        if lane.sleeping.load(Ordering::Relaxed) && lane.sleeping.swap(false, Ordering::Relaxed) {
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
-            self.unpark();
+            lane.unpark();
         }
     }
 
+    /// Wakes every reactor (close, failure, test hooks).
     fn unpark(&self) {
-        if let Some(thread) = self.reactor.get() {
-            thread.unpark();
+        for lane in &self.lanes {
+            lane.unpark();
         }
+    }
+
+    /// The lane of the calling thread: threads are dealt out round-robin
+    /// at their first I/O, so a thread keeps to one queue pair (its
+    /// requests stay in one ring, and two threads rarely share one).
+    fn lane(&self) -> &Lane {
+        static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static THREAD_SLOT: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+        }
+        let slot = THREAD_SLOT.with(|slot| *slot);
+        &self.lanes[slot % self.lanes.len()]
     }
 
     async fn submit(
@@ -253,7 +335,8 @@ impl Shared {
             return (buf, Err(self.closed_error()));
         }
         let reply = Arc::new(Reply::default());
-        self.submissions.push(Request {
+        let lane = self.lane();
+        lane.submissions.push(Request {
             op,
             offset,
             len,
@@ -261,7 +344,7 @@ impl Shared {
             buf,
             reply: Arc::clone(&reply),
         });
-        self.notify();
+        self.notify(lane);
         ReplyFuture(reply).await
     }
 }
@@ -276,7 +359,7 @@ pub struct NvmeDevice {
 
 struct Inner {
     shared: Arc<Shared>,
-    reactor: Mutex<Option<JoinHandle<()>>>,
+    reactors: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for NvmeDevice {
@@ -311,6 +394,15 @@ impl NvmeDevice {
             reason,
             source,
         };
+        if !(1..=64).contains(&config.queue_pairs) {
+            return Err(open_error(
+                format!(
+                    "{} queue pairs asked for; between 1 and 64 are supported",
+                    config.queue_pairs
+                ),
+                None,
+            ));
+        }
         if !(1..=4095).contains(&config.queue_depth) {
             return Err(open_error(
                 format!(
@@ -347,14 +439,21 @@ impl NvmeDevice {
             capacity_bytes = shared.geometry.capacity_bytes,
             volatile_write_cache = shared.identity.volatile_write_cache,
             mdts = shared.identity.mdts,
+            queue_pairs = shared.lanes.len(),
             "NVMe device open"
         );
         Ok(NvmeDevice {
             inner: Arc::new(Inner {
                 shared,
-                reactor: Mutex::new(Some(started.handle)),
+                reactors: Mutex::new(started.handles),
             }),
         })
+    }
+
+    /// The I/O queue pairs (and reactor threads) the device runs: what the
+    /// configuration asked for, or fewer if the controller granted fewer.
+    pub fn queue_pairs(&self) -> usize {
+        self.inner.shared.lanes.len()
     }
 
     /// What Identify reported.
@@ -362,7 +461,17 @@ impl NvmeDevice {
         &self.inner.shared.identity
     }
 
-    /// The reactor's counters so far.
+    /// NVMe commands each I/O queue pair carried so far, by queue id - 1.
+    pub fn commands_per_queue_pair(&self) -> Vec<u64> {
+        self.inner
+            .shared
+            .lanes
+            .iter()
+            .map(|lane| lane.commands.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The reactors' counters so far.
     pub fn stats(&self) -> NvmeStats {
         let counters = &self.inner.shared.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -376,6 +485,7 @@ impl NvmeDevice {
             aborts: load(&counters.aborts),
             sleeps: load(&counters.sleeps),
             wakeups: load(&counters.wakeups),
+            torn_writes: load(&counters.torn_writes),
         }
     }
 
@@ -397,6 +507,67 @@ impl NvmeDevice {
             .stall_doorbells
             .store(true, Ordering::SeqCst);
         self.inner.shared.unpark();
+    }
+
+    /// Test hook: a power cut `after_ios` I/Os from now. From then on every
+    /// read, write, flush and discard fails with an I/O error (EIO), as it
+    /// would if the power were gone, and each write first persists a prefix
+    /// of its sectors chosen by `seed` (none, some, or all of them): a torn
+    /// write, which the emulated controller never produces by itself. The
+    /// writes it tears count in [`NvmeStats::torn_writes`].
+    /// [`restore_power`](NvmeDevice::restore_power) ends it.
+    #[cfg(feature = "testing")]
+    pub fn inject_power_cut(&self, after_ios: u64, seed: u64) {
+        use rand::SeedableRng;
+        let mut power = self.inner.shared.power.lock();
+        power.at = Some(power.ios + after_ios);
+        power.rng = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    }
+
+    /// Test hook: ends an injected power cut; I/O works again.
+    #[cfg(feature = "testing")]
+    pub fn restore_power(&self) {
+        let mut power = self.inner.shared.power.lock();
+        power.at = None;
+        power.rng = None;
+    }
+
+    /// Under an injected power cut: the bytes of this I/O to persist before
+    /// it fails (a prefix of a write's sectors; 0 for anything else).
+    /// `None`: the power is on.
+    #[cfg(feature = "testing")]
+    fn power_cut(&self, op: IoOp, len: u64) -> Option<u64> {
+        use rand::Rng;
+        let shared = &*self.inner.shared;
+        let mut power = shared.power.lock();
+        let number = power.ios;
+        power.ios += 1;
+        let at = power.at?;
+        if number < at {
+            return None;
+        }
+        if op != IoOp::Write {
+            return Some(0);
+        }
+        let sector = u64::from(shared.geometry.sector_size);
+        let sectors = len / sector;
+        let rng = power.rng.as_mut().expect("an armed power cut has its rng");
+        let kept = rng.random_range(0..=sectors);
+        if kept > 0 && kept < sectors {
+            shared.counters.torn_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(kept * sector)
+    }
+
+    #[cfg(feature = "testing")]
+    fn power_cut_error(&self, op: IoOp, offset: u64, len: u64) -> DeviceError {
+        DeviceError::Io {
+            device: Arc::clone(&self.inner.shared.name),
+            op,
+            offset,
+            len,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        }
     }
 
     /// Test hook: the controller is reset (CC.EN cleared) under the
@@ -439,6 +610,21 @@ impl NvmeDevice {
             IoOp::Read => buf.window_mut_ptr() as usize,
             _ => buf.window_ptr() as usize,
         };
+        #[cfg(feature = "testing")]
+        if let Some(kept) = self.power_cut(op, len) {
+            let buf = if kept > 0 {
+                // The torn part reaches the medium; whether it did is not
+                // the caller's business, the power is gone either way.
+                let (buf, _) = shared.submit(op, offset, kept, addr, Some(buf)).await;
+                buf.expect("the reactor hands every write buffer back")
+            } else {
+                buf
+            };
+            return IoCompletion {
+                buf,
+                result: Err(self.power_cut_error(op, offset, len)),
+            };
+        }
         let (buf, result) = shared.submit(op, offset, len, addr, Some(buf)).await;
         IoCompletion {
             buf: buf.expect("the reactor hands every read and write buffer back"),
@@ -452,15 +638,17 @@ impl Inner {
         let shared = &self.shared;
         shared.closed.store(true, Ordering::SeqCst);
         shared.unpark();
-        let Some(handle) = self.reactor.lock().take() else {
-            return;
-        };
-        if handle.thread().id() == std::thread::current().id() {
-            // Dropped by a waker the reactor itself ran: it sees `closed`.
-            return;
-        }
-        if handle.join().is_err() {
-            tracing::error!(device = %shared.name, "the NVMe reactor thread panicked");
+        let handles = std::mem::take(&mut *self.reactors.lock());
+        let current = std::thread::current().id();
+        for handle in handles {
+            if handle.thread().id() == current {
+                // Dropped by a waker this reactor itself ran: it sees
+                // `closed`, and the last reactor out shuts the controller down.
+                continue;
+            }
+            if handle.join().is_err() {
+                tracing::error!(device = %shared.name, "an NVMe reactor thread panicked");
+            }
         }
     }
 }
@@ -497,6 +685,10 @@ impl BlockDevice for NvmeDevice {
         if shared.closed.load(Ordering::Relaxed) {
             return Err(shared.closed_error());
         }
+        #[cfg(feature = "testing")]
+        if self.power_cut(IoOp::Flush, 0).is_some() {
+            return Err(self.power_cut_error(IoOp::Flush, 0, 0));
+        }
         // Without a volatile write cache every completed write is already
         // durable, so the barrier holds with no command; the reactor still
         // answers, so that a failed device says so.
@@ -512,6 +704,10 @@ impl BlockDevice for NvmeDevice {
         if len == 0 {
             return Ok(());
         }
+        #[cfg(feature = "testing")]
+        if self.power_cut(IoOp::Discard, len).is_some() {
+            return Err(self.power_cut_error(IoOp::Discard, offset, len));
+        }
         shared.submit(IoOp::Discard, offset, len, 0, None).await.1
     }
 }
@@ -524,6 +720,7 @@ mod tests {
     fn default_config_is_sane() {
         let config = NvmeConfig::default();
         assert_eq!(config.namespace_id, 1);
+        assert!((1..=64).contains(&config.queue_pairs));
         assert!(config.bounce_bytes as u64 >= layout::transfer_bytes_max(0));
     }
 

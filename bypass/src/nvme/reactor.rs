@@ -1,7 +1,10 @@
-//! The NVMe reactor: the one thread that owns the controller after open.
-//! It turns requests into commands, rings doorbells once per batch, polls
-//! completions, enforces command timeouts (Abort, then disabling the
-//! controller), watches the controller's health, and shuts it down at close.
+//! The NVMe reactors: one thread per I/O queue pair, owning that pair
+//! alone. Each turns its requests into commands, rings its doorbell once per
+//! batch, polls its completions, enforces its command timeouts (Abort, then
+//! disabling the controller) and watches the controller's health; the last
+//! one to stop shuts the controller down. What they share (the controller's
+//! slow registers, the admin queue, the IOMMU mappings) sits behind one lock
+//! that only those cold paths take.
 //!
 //! The rule it keeps above all: a buffer goes back to its owner only when
 //! the controller can no longer DMA into it: its command completed, or the
@@ -10,25 +13,22 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::SegQueue;
 use flyfs_sys::nvme::{CompletionEntry, DsmRange, SubmissionEntry, admin, io, reg};
 use parking_lot::Mutex;
 
-use super::controller::{Controller, DmaMemory, QueuePair};
+use super::controller::{Controller, DmaMemory, QueuePair, arena_iova};
 use super::layout::{self, PAGE_BYTES, PRP_LIST_ENTRIES, Prp2, RangeAllocator};
 use super::status::NvmeStatus;
-use super::vfio::{OpenFailure, Vfio};
-use super::{Counters, NvmeConfig, Request, Shared};
+use super::vfio::{Bar, OpenFailure, Vfio};
+use super::{Counters, DMA_RUNNING, DMA_STOPPED, DMA_UNKNOWN, Lane, NvmeConfig, Request, Shared};
 use crate::{BufferPool, DeviceError, Geometry, IoOp};
 
 /// Entries of the admin queue: start-up commands and Aborts only.
 const ADMIN_ENTRIES: u16 = 32;
-/// The I/O queue pair's id.
-const IO_QUEUE_ID: u16 = 1;
 /// How often the reactor reads CSTS while commands are in flight.
 const HEALTH_PERIOD_BUSY: Duration = Duration::from_millis(10);
 /// How long the reactor parks when idle before it looks at CSTS again, so
@@ -39,10 +39,39 @@ const POLL_NAP: Duration = Duration::from_micros(50);
 
 pub(super) struct Started {
     pub(super) shared: Arc<Shared>,
-    pub(super) handle: JoinHandle<()>,
+    pub(super) handles: Vec<JoinHandle<()>>,
 }
 
-/// Opens the controller, brings it up and starts the reactor thread.
+/// What the reactors of one device share besides `Shared`.
+struct Common {
+    /// The controller and its admin queue: cold paths only.
+    control: Mutex<Control>,
+    /// The registers, for doorbells (each reactor writes only its own).
+    bar: Arc<Bar>,
+    /// The buffer pool's mapped arenas, `(address, len, iova)`: fixed after
+    /// open, so the hot path looks them up without the lock.
+    arenas: Vec<(usize, usize, u64)>,
+    /// Reactors still running; the last one out shuts the controller down.
+    running: AtomicUsize,
+    /// Aborts sent whose completion nobody has consumed yet.
+    aborts_outstanding: AtomicUsize,
+}
+
+struct Control {
+    controller: Controller,
+    admin: QueuePair,
+    next_admin_id: u16,
+}
+
+/// What one reactor's queue pair is made of, allocated at open.
+struct PairMemory {
+    queue_id: u16,
+    io: QueuePair,
+    prp_pages: DmaMemory,
+    bounce: DmaMemory,
+}
+
+/// Opens the controller, brings it up and starts the reactor threads.
 pub(super) fn start(
     address: &str,
     name: Arc<str>,
@@ -71,19 +100,38 @@ pub(super) fn start(
     let identity = controller
         .identify(&mut admin, config.namespace_id)
         .map_err(plain)?;
+    let granted = controller
+        .set_queue_count(&mut admin, config.queue_pairs)
+        .map_err(plain)?;
+    if granted < config.queue_pairs {
+        tracing::warn!(
+            device = %name,
+            asked = config.queue_pairs,
+            granted,
+            "the controller granted fewer I/O queue pairs than configured; running with {granted}"
+        );
+    }
     let mqes = flyfs_sys::nvme::cap::mqes(controller.cap) + 1;
     let entries = (config.queue_depth + 1).min(mqes).min(4096) as u16;
-    let io = controller
-        .create_io_queues(&mut admin, IO_QUEUE_ID, entries)
-        .map_err(plain)?;
     let command_slots = usize::from(entries - 1);
-    let prp_pages = controller
-        .alloc_dma(command_slots * PAGE_BYTES as usize)
-        .map_err(os("cannot allocate the PRP list pages"))?;
-    let bounce = controller
-        .alloc_dma(config.bounce_bytes)
-        .map_err(os("cannot allocate the bounce region"))?;
-    let bounce_pages = bounce.len() as u64 / PAGE_BYTES;
+    let mut pairs = Vec::with_capacity(usize::from(granted));
+    for queue_id in 1..=granted {
+        let io = controller
+            .create_io_queues(&mut admin, queue_id, entries)
+            .map_err(plain)?;
+        let prp_pages = controller
+            .alloc_dma(command_slots * PAGE_BYTES as usize)
+            .map_err(os("cannot allocate the PRP list pages"))?;
+        let bounce = controller
+            .alloc_dma(config.bounce_bytes)
+            .map_err(os("cannot allocate the bounce region"))?;
+        pairs.push(PairMemory {
+            queue_id,
+            io,
+            prp_pages,
+            bounce,
+        });
+    }
     let geometry = Geometry {
         sector_size: identity.sector_size,
         capacity_bytes: identity.sectors * u64::from(identity.sector_size),
@@ -92,53 +140,85 @@ pub(super) fn start(
         name,
         geometry,
         identity,
-        submissions: SegQueue::new(),
-        sleeping: AtomicBool::new(false),
+        lanes: (0..granted).map(|_| Lane::new()).collect(),
         closed: AtomicBool::new(false),
         active: AtomicUsize::new(0),
-        reactor: std::sync::OnceLock::new(),
         failure: Mutex::new(None),
+        failed_dma: AtomicU8::new(DMA_RUNNING),
         counters: Counters::default(),
         stall_doorbells: AtomicBool::new(false),
         reset_requested: AtomicBool::new(false),
+        #[cfg(feature = "testing")]
+        power: Mutex::new(Default::default()),
+    });
+    let common = Arc::new(Common {
+        bar: controller.shared_bar(),
+        arenas: controller.arenas.clone(),
+        control: Mutex::new(Control {
+            controller,
+            admin,
+            next_admin_id: 100,
+        }),
+        running: AtomicUsize::new(pairs.len()),
+        aborts_outstanding: AtomicUsize::new(0),
     });
     let transfer_bytes_max = layout::transfer_bytes_max(shared.identity.mdts);
     // A discard names whole sectors in a 32-bit count.
     let discard_bytes_max = u64::from(u32::MAX) * u64::from(geometry.sector_size);
-    let reactor = Reactor {
-        shared: Arc::clone(&shared),
-        controller,
-        admin,
-        io,
-        prp_pages,
-        bounce,
-        bounce_pages: RangeAllocator::new(0, bounce_pages),
-        commands: (0..command_slots).map(|_| None).collect(),
-        free_ids: (0..command_slots as u16).rev().collect(),
-        requests: Vec::new(),
-        free_requests: Vec::new(),
-        unissued: VecDeque::new(),
-        in_flight: 0,
-        transfer_bytes_max,
-        discard_bytes_max,
-        timeout: Duration::from_millis(config.command_timeout_ms),
-        spin: Duration::from_micros(u64::from(config.poll_spin_us)),
-        next_admin_id: 100,
-        failed: false,
-    };
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let handle = thread::Builder::new()
-        .name(format!(
-            "flyfs-nvme-{}",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ))
-        .spawn(move || reactor.run())
-        .map_err(os("cannot start the reactor thread"))?;
-    shared
-        .reactor
-        .set(handle.thread().clone())
-        .expect("the reactor thread is recorded once, here");
-    Ok(Started { shared, handle })
+    let device_number = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut handles = Vec::with_capacity(pairs.len());
+    for (lane, pair) in pairs.into_iter().enumerate() {
+        let bounce_pages = pair.bounce.len() as u64 / PAGE_BYTES;
+        let reactor = Reactor {
+            shared: Arc::clone(&shared),
+            common: Arc::clone(&common),
+            lane,
+            queue_id: pair.queue_id,
+            io: pair.io,
+            prp_pages: pair.prp_pages,
+            bounce: pair.bounce,
+            bounce_pages: RangeAllocator::new(0, bounce_pages),
+            commands: (0..command_slots).map(|_| None).collect(),
+            free_ids: (0..command_slots as u16).rev().collect(),
+            requests: Vec::new(),
+            free_requests: Vec::new(),
+            unissued: VecDeque::new(),
+            in_flight: 0,
+            transfer_bytes_max,
+            discard_bytes_max,
+            timeout: Duration::from_millis(config.command_timeout_ms),
+            spin: Duration::from_micros(u64::from(config.poll_spin_us)),
+            failed: false,
+        };
+        let spawned = thread::Builder::new()
+            .name(format!("flyfs-nvme-{device_number}.{}", pair.queue_id))
+            .spawn(move || reactor.run());
+        let handle = match spawned {
+            Ok(handle) => handle,
+            Err(error) => {
+                // The reactors already running must stop (the last one
+                // shuts the controller down); the ones never started count
+                // as stopped, before any running one can leave.
+                let never_started = shared.lanes.len() - handles.len();
+                common.running.fetch_sub(never_started, Ordering::SeqCst);
+                shared.closed.store(true, Ordering::SeqCst);
+                for lane in &shared.lanes[..handles.len()] {
+                    lane.unpark();
+                }
+                for handle in handles {
+                    let _ = JoinHandle::join(handle);
+                }
+                return Err(os("cannot start a reactor thread")(error));
+            }
+        };
+        shared.lanes[lane]
+            .reactor
+            .set(handle.thread().clone())
+            .expect("each reactor thread is recorded once, here");
+        handles.push(handle);
+    }
+    Ok(Started { shared, handles })
 }
 
 /// A request the reactor has taken.
@@ -165,8 +245,11 @@ struct Command {
 
 struct Reactor {
     shared: Arc<Shared>,
-    controller: Controller,
-    admin: QueuePair,
+    common: Arc<Common>,
+    /// Index of this reactor's lane in `Shared::lanes`.
+    lane: usize,
+    /// Its I/O queue pair's id (1-based; 0 is the admin queue).
+    queue_id: u16,
     io: QueuePair,
     /// One page per command id: its PRP list, or its Dataset Management range.
     prp_pages: DmaMemory,
@@ -183,7 +266,6 @@ struct Reactor {
     discard_bytes_max: u64,
     timeout: Duration,
     spin: Duration,
-    next_admin_id: u16,
     failed: bool,
 }
 
@@ -192,21 +274,31 @@ impl Reactor {
         &self.shared.counters
     }
 
+    fn lane(&self) -> &Lane {
+        &self.shared.lanes[self.lane]
+    }
+
     fn run(mut self) {
         let mut last_work = Instant::now();
         let mut last_health = Instant::now();
         loop {
             if self.shared.reset_requested.swap(false, Ordering::SeqCst) {
                 // Test hook: a reset this reactor did not ask for.
-                let config = self.controller.bar().read32(reg::CC);
-                self.controller
-                    .bar()
+                let config = self.common.bar.read32(reg::CC);
+                self.common
+                    .bar
                     .write32(reg::CC, config & !flyfs_sys::nvme::cc::EN);
+            }
+            if !self.failed && self.shared.failed_dma.load(Ordering::SeqCst) != DMA_RUNNING {
+                // Another reactor failed the device: answer our requests.
+                self.fail_local();
             }
             let mut worked = self.take_requests();
             worked |= self.issue();
             worked |= self.reap();
-            self.reap_admin();
+            if self.common.aborts_outstanding.load(Ordering::Relaxed) > 0 {
+                self.reap_admin();
+            }
             let now = Instant::now();
             if self.in_flight > 0 {
                 self.check_timeouts(now);
@@ -218,7 +310,14 @@ impl Reactor {
             };
             if now.duration_since(last_health) >= period {
                 last_health = now;
-                if self.controller.vfio.device_requested() {
+                let requested = self
+                    .common
+                    .control
+                    .lock()
+                    .controller
+                    .vfio
+                    .device_requested();
+                if requested {
                     // Someone unbinds the device from vfio-pci, which waits
                     // until we close it: fail, refuse new I/O, and let go
                     // once every request is answered.
@@ -229,10 +328,12 @@ impl Reactor {
                         );
                     }
                     self.shared.closed.store(true, Ordering::SeqCst);
+                    self.shared.unpark();
                     continue;
                 }
+                let health = self.common.control.lock().controller.health();
                 if !self.failed
-                    && let Err(reason) = self.controller.health()
+                    && let Err(reason) = health
                 {
                     self.fail(reason);
                     continue;
@@ -250,27 +351,31 @@ impl Reactor {
                 }
                 continue;
             }
+            // `active` counts the device's requests, not this reactor's: one
+            // is never taken by two reactors, so at zero with `closed` set
+            // none can arrive anywhere.
             if self.shared.closed.load(Ordering::SeqCst)
                 && self.shared.active.load(Ordering::SeqCst) == 0
-                && self.shared.submissions.is_empty()
+                && self.lane().submissions.is_empty()
             {
                 break;
             }
             // Idle: park until a submitter wakes us (see `Shared::notify`).
-            self.shared.sleeping.store(true, Ordering::Relaxed);
+            self.lane().sleeping.store(true, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            if !self.shared.submissions.is_empty() || self.shared.closed.load(Ordering::SeqCst) {
-                self.shared.sleeping.store(false, Ordering::Relaxed);
-                if self.shared.closed.load(Ordering::SeqCst) && self.shared.submissions.is_empty() {
+            if !self.lane().submissions.is_empty() || self.shared.closed.load(Ordering::SeqCst) {
+                self.lane().sleeping.store(false, Ordering::Relaxed);
+                if self.shared.closed.load(Ordering::SeqCst) && self.lane().submissions.is_empty() {
                     // Closing with submitters still counted in: wait for
-                    // them to push or back out (each unparks us).
+                    // them to push or back out (each unparks us), or for
+                    // the other reactors to answer theirs.
                     thread::park_timeout(POLL_NAP);
                 }
                 continue;
             }
             self.counters().sleeps.fetch_add(1, Ordering::Relaxed);
             thread::park_timeout(HEALTH_PERIOD_IDLE);
-            self.shared.sleeping.store(false, Ordering::Relaxed);
+            self.lane().sleeping.store(false, Ordering::Relaxed);
         }
         self.close();
     }
@@ -278,7 +383,7 @@ impl Reactor {
     /// Moves submitted requests into the request table.
     fn take_requests(&mut self) -> bool {
         let mut took = false;
-        while let Some(request) = self.shared.submissions.pop() {
+        while let Some(request) = self.shared.lanes[self.lane].submissions.pop() {
             took = true;
             self.counters().submitted.fetch_add(1, Ordering::Relaxed);
             if self.failed {
@@ -357,8 +462,11 @@ impl Reactor {
             self.counters()
                 .commands
                 .fetch_add(u64::from(pushed), Ordering::Relaxed);
+            self.lane()
+                .commands
+                .fetch_add(u64::from(pushed), Ordering::Relaxed);
             if !self.shared.stall_doorbells.load(Ordering::Relaxed) {
-                self.io.ring_submission_doorbell(self.controller.bar());
+                self.io.ring_submission_doorbell(&self.common.bar);
                 self.counters().doorbells.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -398,7 +506,7 @@ impl Reactor {
         match request.op {
             IoOp::Read | IoOp::Write => {
                 let addr = request.addr + piece_offset as usize;
-                let iova = match self.controller.arena_iova(addr, piece_len as usize) {
+                let iova = match arena_iova(&self.common.arenas, addr, piece_len as usize) {
                     Some(iova) => iova,
                     None => {
                         let pages = piece_len.div_ceil(PAGE_BYTES);
@@ -475,7 +583,7 @@ impl Reactor {
             self.complete(completion);
         }
         if reaped {
-            self.io.ring_completion_doorbell(self.controller.bar());
+            self.io.ring_completion_doorbell(&self.common.bar);
         }
         reaped
     }
@@ -557,10 +665,17 @@ impl Reactor {
         self.finish_now(in_flight.request, result);
     }
 
+    /// Consumes the admin queue's completions (Aborts, the only admin
+    /// commands sent after open), whichever reactor sent them.
     fn reap_admin(&mut self) {
+        let mut control = self.common.control.lock();
+        let control = &mut *control;
         let mut reaped = false;
-        while let Some(completion) = self.admin.next_completion() {
+        while let Some(completion) = control.admin.next_completion() {
             reaped = true;
+            self.common
+                .aborts_outstanding
+                .fetch_sub(1, Ordering::Relaxed);
             // Abort's dword 0 bit 0 says whether the command was left alone.
             tracing::warn!(
                 device = %self.shared.name,
@@ -571,7 +686,9 @@ impl Reactor {
             );
         }
         if reaped {
-            self.admin.ring_completion_doorbell(self.controller.bar());
+            control
+                .admin
+                .ring_completion_doorbell(control.controller.bar());
         }
     }
 
@@ -597,14 +714,21 @@ impl Reactor {
                 .counters
                 .timeouts
                 .fetch_add(1, Ordering::Relaxed);
-            if self.admin.is_full() {
+            let mut control = self.common.control.lock();
+            let control = &mut *control;
+            if control.admin.is_full() {
                 continue;
             }
-            let mut abort = SubmissionEntry::new(admin::ABORT, self.next_admin_id);
-            self.next_admin_id = self.next_admin_id.wrapping_add(1).max(100);
-            abort.cdw10 = u32::from(IO_QUEUE_ID) | (id as u32) << 16;
-            if self.admin.push(abort) {
-                self.admin.ring_submission_doorbell(self.controller.bar());
+            let mut abort = SubmissionEntry::new(admin::ABORT, control.next_admin_id);
+            control.next_admin_id = control.next_admin_id.wrapping_add(1).max(100);
+            abort.cdw10 = u32::from(self.queue_id) | (id as u32) << 16;
+            if control.admin.push(abort) {
+                self.common
+                    .aborts_outstanding
+                    .fetch_add(1, Ordering::Relaxed);
+                control
+                    .admin
+                    .ring_submission_doorbell(control.controller.bar());
                 self.shared.counters.aborts.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -627,32 +751,60 @@ impl Reactor {
     }
 
     /// Fails the device for good: stops the controller's DMA (disable; if
-    /// that does not take, remove the IOMMU mappings), then fails every
-    /// request, handing back buffers only if DMA has provably stopped.
+    /// that does not take, remove the IOMMU mappings), tells the other
+    /// reactors, then fails every request of this one, handing back buffers
+    /// only if DMA has provably stopped.
     fn fail(&mut self, reason: String) {
-        tracing::error!(device = %self.shared.name, "NVMe device failed: {reason}");
-        let reason: Arc<str> = reason.into();
-        *self.shared.failure.lock() = Some(Arc::clone(&reason));
-        self.failed = true;
-        let mut dma_stopped = match self.controller.disable() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::error!(device = %self.shared.name, "cannot disable the controller: {error}");
-                false
-            }
-        };
-        if !dma_stopped {
-            if let Err(error) = self.controller.vfio.disable_bus_master() {
-                tracing::error!(device = %self.shared.name, "cannot turn bus mastering off: {error}");
-            }
-            match self.controller.unmap_all() {
-                Ok(()) => dma_stopped = true,
-                Err(error) => tracing::error!(
-                    device = %self.shared.name,
-                    "cannot remove the IOMMU mappings: {error}; buffers in flight are leaked"
-                ),
+        {
+            let mut control = self.common.control.lock();
+            // Under the lock, so that one reactor alone stops the controller
+            // and records the first reason.
+            if self.shared.failed_dma.load(Ordering::SeqCst) == DMA_RUNNING {
+                tracing::error!(device = %self.shared.name, "NVMe device failed: {reason}");
+                *self.shared.failure.lock() = Some(reason.into());
+                let controller = &mut control.controller;
+                let mut dma_stopped = match controller.disable() {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::error!(device = %self.shared.name, "cannot disable the controller: {error}");
+                        false
+                    }
+                };
+                if !dma_stopped {
+                    if let Err(error) = controller.vfio.disable_bus_master() {
+                        tracing::error!(device = %self.shared.name, "cannot turn bus mastering off: {error}");
+                    }
+                    match controller.unmap_all() {
+                        Ok(()) => dma_stopped = true,
+                        Err(error) => tracing::error!(
+                            device = %self.shared.name,
+                            "cannot remove the IOMMU mappings: {error}; buffers in flight are leaked"
+                        ),
+                    }
+                }
+                let state = if dma_stopped {
+                    DMA_STOPPED
+                } else {
+                    DMA_UNKNOWN
+                };
+                self.shared.failed_dma.store(state, Ordering::SeqCst);
             }
         }
+        self.shared.unpark();
+        self.fail_local();
+    }
+
+    /// Fails this reactor's requests after the device failed (by this
+    /// reactor or another, which recorded whether DMA stopped).
+    fn fail_local(&mut self) {
+        self.failed = true;
+        let dma_stopped = self.shared.failed_dma.load(Ordering::SeqCst) == DMA_STOPPED;
+        let reason: Arc<str> = self
+            .shared
+            .failure
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "the device failed".into());
         for command in &mut self.commands {
             command.take();
         }
@@ -679,14 +831,20 @@ impl Reactor {
         }
     }
 
-    /// Close: every request is answered; shut the controller down.
-    fn close(mut self) {
-        if !self.failed
-            && let Err(error) = self.controller.shutdown()
+    /// Close: every request is answered. The last reactor out shuts the
+    /// controller down; the others' queue memory stays pinned by its IOMMU
+    /// mapping until then, so an early exit hands the controller nothing.
+    fn close(self) {
+        if self.common.running.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let mut control = self.common.control.lock();
+        if self.shared.failed_dma.load(Ordering::SeqCst) == DMA_RUNNING
+            && let Err(error) = control.controller.shutdown()
         {
             tracing::warn!(device = %self.shared.name, "orderly shutdown failed: {error}");
         }
-        if let Err(error) = self.controller.unmap_all() {
+        if let Err(error) = control.controller.unmap_all() {
             tracing::warn!(device = %self.shared.name, "cannot remove IOMMU mappings: {error}");
         }
         tracing::debug!(device = %self.shared.name, "NVMe device closed");

@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use flyfs_sys::vfio;
 
@@ -146,7 +147,10 @@ impl Drop for Bar {
 /// which also removes every IOMMU mapping the container still holds.
 pub(crate) struct Vfio {
     pub(crate) address: String,
-    pub(crate) bar: Bar,
+    /// Shared with the reactors, which ring their doorbells through it
+    /// without taking the controller's lock. The mapping holds its own
+    /// reference to the device file, so it may outlive the fields below.
+    pub(crate) bar: Arc<Bar>,
     // Fields drop in order: the BAR mapping before the device fd, the device
     // before the group, the group before the container.
     device: File,
@@ -362,11 +366,11 @@ impl Vfio {
                 io::Error::last_os_error(),
             ));
         }
-        let bar = Bar {
+        let bar = Arc::new(Bar {
             ptr: NonNull::new(ptr.cast())
                 .ok_or_else(|| OpenFailure::new("mmap of BAR0 returned null"))?,
             len,
-        };
+        });
         let config = region_info(&device, vfio::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|error| OpenFailure::os("cannot query the PCI configuration region", error))?;
         let mut vfio = Vfio {
@@ -490,6 +494,46 @@ impl Vfio {
         Ok(())
     }
 
+    /// The IOVA ranges the IOMMU lets us map (`VFIO_IOMMU_GET_INFO`'s
+    /// iova-range capability), as inclusive `(first, last)` pairs, or `None`
+    /// if the kernel does not report them (before Linux 5.4).
+    pub(crate) fn iova_ranges(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let header_len = size_of::<vfio::vfio_iommu_type1_info>();
+        // First with the bare struct: the kernel raises argsz to the size
+        // the capability chain needs; then again with room for it. u64
+        // words keep the buffer aligned for the struct.
+        let mut words = vec![0u64; header_len.div_ceil(8)];
+        for _ in 0..2 {
+            let len = words.len() * 8;
+            let argsz = u32::try_from(len).map_err(|_| io::Error::other("IOMMU info too large"))?;
+            words.fill(0);
+            words[0] = u64::from(argsz);
+            // SAFETY: `words` is a live, aligned buffer of `argsz` bytes
+            // starting with a vfio_iommu_type1_info; the kernel writes at
+            // most argsz bytes.
+            let result = unsafe {
+                libc::ioctl(
+                    self.container.as_raw_fd(),
+                    vfio::FLYFS_VFIO_IOMMU_GET_INFO,
+                    words.as_mut_ptr(),
+                )
+            };
+            if result < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let needed = (words[0] & 0xffff_ffff) as usize;
+            if needed <= len {
+                let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
+                return parse_iova_ranges(&bytes[..needed.max(header_len)])
+                    .map_err(|reason| io::Error::other(format!("VFIO_IOMMU_GET_INFO: {reason}")));
+            }
+            words = vec![0u64; needed.div_ceil(8)];
+        }
+        Err(io::Error::other(
+            "VFIO_IOMMU_GET_INFO kept asking for a larger buffer",
+        ))
+    }
+
     /// Removes the mapping at `iova`: the device can no longer reach the memory.
     pub(crate) fn unmap_dma(&self, iova: u64, len: usize) -> io::Result<()> {
         let mut unmap = vfio::vfio_iommu_type1_dma_unmap {
@@ -512,6 +556,88 @@ impl Vfio {
         }
         Ok(())
     }
+}
+
+/// Finds the iova-range capability in the bytes `VFIO_IOMMU_GET_INFO`
+/// returned (a `vfio_iommu_type1_info` and its capability chain) and reads
+/// its ranges, inclusive `(first, last)`, sorted. `Ok(None)`: the chain
+/// holds no such capability. Every offset and count is checked against the
+/// buffer, since a malformed chain must be an error, not a wild read.
+pub(crate) fn parse_iova_ranges(bytes: &[u8]) -> Result<Option<Vec<(u64, u64)>>, String> {
+    let u16_at = |offset: usize| -> Result<u16, String> {
+        bytes
+            .get(offset..offset + 2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+            .ok_or_else(|| format!("offset {offset} is past the {} bytes returned", bytes.len()))
+    };
+    let u32_at = |offset: usize| -> Result<u32, String> {
+        bytes
+            .get(offset..offset + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| format!("offset {offset} is past the {} bytes returned", bytes.len()))
+    };
+    let u64_at = |offset: usize| -> Result<u64, String> {
+        Ok(u64::from(u32_at(offset)?) | u64::from(u32_at(offset + 4)?) << 32)
+    };
+    // struct vfio_iommu_type1_info: argsz, flags, iova_pgsizes, cap_offset, pad.
+    let flags = u32_at(4)?;
+    if flags & vfio::VFIO_IOMMU_INFO_CAPS == 0 {
+        return Ok(None);
+    }
+    let mut offset = u32_at(16)? as usize;
+    let mut seen = 0;
+    while offset != 0 {
+        seen += 1;
+        if seen > 64 {
+            return Err("the capability chain does not end (more than 64 entries)".into());
+        }
+        if offset < size_of::<vfio::vfio_iommu_type1_info>() || !offset.is_multiple_of(4) {
+            return Err(format!(
+                "capability at offset {offset} overlaps the header or is misaligned"
+            ));
+        }
+        // struct vfio_info_cap_header: id (u16), version (u16), next (u32).
+        let id = u16_at(offset)?;
+        let next = u32_at(offset + 4)? as usize;
+        if u32::from(id) == vfio::VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+            // Then nr_iovas (u32), reserved (u32), and the ranges.
+            let count = u32_at(offset + 8)? as usize;
+            let first = offset + 16;
+            if count == 0 {
+                return Err("the iova-range capability lists no ranges".into());
+            }
+            let end = count
+                .checked_mul(16)
+                .and_then(|len| len.checked_add(first))
+                .filter(|&end| end <= bytes.len())
+                .ok_or_else(|| {
+                    format!(
+                        "the iova-range capability claims {count} ranges, more than the {} bytes returned hold",
+                        bytes.len()
+                    )
+                })?;
+            let mut ranges = Vec::with_capacity(count);
+            for at in (first..end).step_by(16) {
+                let (start, last) = (u64_at(at)?, u64_at(at + 8)?);
+                if last < start {
+                    return Err(format!("IOVA range {start:#x}..={last:#x} is empty"));
+                }
+                ranges.push((start, last));
+            }
+            ranges.sort_unstable();
+            if ranges.windows(2).any(|pair| pair[1].0 <= pair[0].1) {
+                return Err(format!("IOVA ranges overlap: {ranges:x?}"));
+            }
+            return Ok(Some(ranges));
+        }
+        if next != 0 && next <= offset {
+            return Err(format!(
+                "capability at offset {offset} points back to {next}"
+            ));
+        }
+        offset = next;
+    }
+    Ok(None)
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {
@@ -549,6 +675,107 @@ fn region_info(device: &File, index: u32) -> io::Result<vfio::vfio_region_info> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of a `vfio_iommu_type1_info` with its capability chain, as
+    /// the kernel lays them out: `caps` are `(id, body)` appended in order.
+    fn info_bytes(caps: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; 24];
+        let flags = if caps.is_empty() {
+            vfio::VFIO_IOMMU_INFO_PGSIZES
+        } else {
+            vfio::VFIO_IOMMU_INFO_PGSIZES | vfio::VFIO_IOMMU_INFO_CAPS
+        };
+        bytes[4..8].copy_from_slice(&flags.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&0x4000_1000u64.to_ne_bytes());
+        if !caps.is_empty() {
+            bytes[16..20].copy_from_slice(&24u32.to_ne_bytes());
+        }
+        for (index, (id, body)) in caps.iter().enumerate() {
+            let start = bytes.len();
+            let next = if index + 1 < caps.len() {
+                (start + 8 + body.len()) as u32
+            } else {
+                0
+            };
+            bytes.extend_from_slice(&id.to_ne_bytes());
+            bytes.extend_from_slice(&1u16.to_ne_bytes());
+            bytes.extend_from_slice(&next.to_ne_bytes());
+            bytes.extend_from_slice(body);
+        }
+        let argsz = bytes.len() as u32;
+        bytes[0..4].copy_from_slice(&argsz.to_ne_bytes());
+        bytes
+    }
+
+    fn range_body(ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(ranges.len() as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        for (start, last) in ranges {
+            body.extend_from_slice(&start.to_ne_bytes());
+            body.extend_from_slice(&last.to_ne_bytes());
+        }
+        body
+    }
+
+    #[test]
+    fn iova_ranges_are_found_in_the_capability_chain() {
+        // What an Intel IOMMU with a 39-bit address width reports: all of
+        // it but the interrupt window, behind another capability.
+        let ranges = [(0xfef0_0000, (1u64 << 39) - 1), (0, 0xfedf_ffff)];
+        let bytes = info_bytes(&[
+            (2, vec![0u8; 8]),
+            (
+                vfio::VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16,
+                range_body(&ranges),
+            ),
+        ]);
+        assert_eq!(
+            parse_iova_ranges(&bytes).expect("well formed"),
+            Some(vec![(0, 0xfedf_ffff), (0xfef0_0000, (1u64 << 39) - 1)])
+        );
+        // No capabilities at all, or none of that id: nothing reported.
+        assert_eq!(parse_iova_ranges(&info_bytes(&[])).expect("plain"), None);
+        assert_eq!(
+            parse_iova_ranges(&info_bytes(&[(3, vec![0u8; 8])])).expect("other cap"),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_capability_chains_are_errors() {
+        let id = vfio::VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16;
+        // A range count larger than the bytes returned.
+        let mut bytes = info_bytes(&[(id, range_body(&[(0, 0xffff)]))]);
+        bytes[32..36].copy_from_slice(&1000u32.to_ne_bytes());
+        let error = parse_iova_ranges(&bytes).expect_err("count too large");
+        assert!(error.contains("1000 ranges"), "{error}");
+        // A chain that loops back on itself.
+        let mut bytes = info_bytes(&[(5, vec![0u8; 8])]);
+        bytes[28..32].copy_from_slice(&24u32.to_ne_bytes());
+        let error = parse_iova_ranges(&bytes).expect_err("loop");
+        assert!(error.contains("points back"), "{error}");
+        // A capability offset past the end.
+        let mut bytes = info_bytes(&[(id, range_body(&[(0, 0xffff)]))]);
+        bytes[16..20].copy_from_slice(&4096u32.to_ne_bytes());
+        let error = parse_iova_ranges(&bytes).expect_err("offset past the end");
+        assert!(error.contains("past the"), "{error}");
+        // Inverted and overlapping ranges.
+        let bytes = info_bytes(&[(id, range_body(&[(0x2000, 0x1000)]))]);
+        assert!(
+            parse_iova_ranges(&bytes)
+                .expect_err("inverted")
+                .contains("empty")
+        );
+        let bytes = info_bytes(&[(id, range_body(&[(0, 0x2000), (0x1000, 0x3000)]))]);
+        assert!(
+            parse_iova_ranges(&bytes)
+                .expect_err("overlap")
+                .contains("overlap")
+        );
+        // Truncated input.
+        assert!(parse_iova_ranges(&[0u8; 3]).is_err());
+    }
 
     #[test]
     fn pci_addresses_are_checked_and_completed() {
