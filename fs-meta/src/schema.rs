@@ -232,21 +232,56 @@ impl std::fmt::Debug for SessionId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Key {
     Inode(InodeId),
-    Dentry { parent: InodeId, name: Vec<u8> },
-    Session { ino: InodeId, session: SessionId },
-    Xattr { ino: InodeId, name: Vec<u8> },
-    Gc { due_ms: u64, ino: InodeId },
+    Dentry {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Session {
+        ino: InodeId,
+        session: SessionId,
+    },
+    Xattr {
+        ino: InodeId,
+        name: Vec<u8>,
+    },
+    Gc {
+        due_ms: u64,
+        ino: InodeId,
+    },
     DirTimes(InodeId),
-    Alloc { shard: u8 },
-    Lease { client: u64 },
+    Alloc {
+        shard: u8,
+    },
+    Lease {
+        client: u64,
+    },
     Format,
     KvCache,
-    KvFresh { class: u8 },
-    KvEntry { key: Vec<u8> },
-    KvSlot { class: u8, slot: u32 },
-    KvFree { class: u8, freed_ms: u64, slot: u32 },
-    KvAccess { class: u8, access_ms: u64, key: Vec<u8> },
-    KvReserved { class: u8, until_ms: u64, slot: u32 },
+    KvFresh {
+        class: u8,
+    },
+    KvEntry {
+        key: Vec<u8>,
+    },
+    KvSlot {
+        class: u8,
+        slot: u32,
+    },
+    KvFree {
+        class: u8,
+        freed_ms: u64,
+        slot: u32,
+    },
+    KvAccess {
+        class: u8,
+        access_ms: u64,
+        key: Vec<u8>,
+    },
+    KvReserved {
+        class: u8,
+        until_ms: u64,
+        slot: u32,
+    },
 }
 
 impl std::fmt::Display for Key {
@@ -1065,10 +1100,12 @@ pub fn decode_kv_cache(key: &[u8], value: &[u8]) -> Result<KvCacheValue, DecodeE
         return Err(bad(format!("{} size classes", record.classes.len())));
     }
     for (i, class) in record.classes.iter().enumerate() {
-        if !class.slot_bytes.is_power_of_two()
-            || !(64 << 10..=64 << 20).contains(&class.slot_bytes)
+        if !class.slot_bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&class.slot_bytes)
         {
-            return Err(bad(format!("class {i}: slots of {} bytes", class.slot_bytes)));
+            return Err(bad(format!(
+                "class {i}: slots of {} bytes",
+                class.slot_bytes
+            )));
         }
         if class.slots == 0 || class.chains.is_empty() || class.ino == 0 {
             return Err(bad(format!(
@@ -1438,6 +1475,56 @@ mod tests {
         assert!(parse_key(b"INO").is_err());
         assert!(parse_key(b"INODxx").is_err());
         assert!(parse_key(b"DENT\x01\0\0\0\0\0\0\0").is_err()); // no name
+    }
+
+    #[test]
+    fn kv_cache_keys_round_trip_sort_by_time_and_cap_their_keys() {
+        let keys = [
+            (kv_cache_key(), Key::KvCache),
+            (kv_fresh_key(3), Key::KvFresh { class: 3 }),
+            (
+                kv_entry_key(b"prefix-hash"),
+                Key::KvEntry {
+                    key: b"prefix-hash".to_vec(),
+                },
+            ),
+            (kv_slot_key(1, 77), Key::KvSlot { class: 1, slot: 77 }),
+            (
+                kv_free_key(1, 5000, 77),
+                Key::KvFree {
+                    class: 1,
+                    freed_ms: 5000,
+                    slot: 77,
+                },
+            ),
+            (
+                kv_access_key(2, 6000, b"k"),
+                Key::KvAccess {
+                    class: 2,
+                    access_ms: 6000,
+                    key: b"k".to_vec(),
+                },
+            ),
+            (
+                kv_reserved_key(0, 7000, 1),
+                Key::KvReserved {
+                    class: 0,
+                    until_ms: 7000,
+                    slot: 1,
+                },
+            ),
+        ];
+        for (bytes, key) in keys {
+            assert_eq!(parse_key(&bytes), Ok(key.clone()));
+            assert_eq!(key.encode(), bytes);
+        }
+        // Oldest first within a class, classes apart.
+        assert!(kv_free_key(1, 255, 9) < kv_free_key(1, 256, 0));
+        assert!(kv_access_key(0, u64::MAX, b"z") < kv_access_key(1, 0, b"a"));
+        assert!(parse_key(&kv_entry_key(&[7; KV_KEY_BYTES_MAX])).is_ok());
+        assert!(parse_key(&kv_entry_key(&[7; KV_KEY_BYTES_MAX + 1])).is_err());
+        assert!(parse_key(b"KVIX").is_err(), "an empty key");
+        assert!(parse_key(b"KVSL\x01\0\0").is_err(), "a short slot");
     }
 
     #[test]
