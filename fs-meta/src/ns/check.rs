@@ -25,9 +25,9 @@ use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_dir_times,
-    decode_format, decode_gc, decode_inode, decode_lease, decode_session, decode_xattr,
-    decode_kv_cache, decode_kv_entry, decode_kv_fresh, decode_kv_mark, decode_kv_slot,
-    describe_key, inode_key, parse_key,
+    decode_format, decode_gc, decode_inode, decode_kv_cache, decode_kv_entry, decode_kv_fresh,
+    decode_kv_mark, decode_kv_slot, decode_lease, decode_session, decode_xattr, describe_key,
+    inode_key, parse_key,
 };
 use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 

@@ -15,11 +15,11 @@
 //! decision reads what it depends on serializably, so two racing
 //! transactions conflict and one retries.
 
+use flyfs_kv::{Kv, RangeOptions, Transaction};
 use flyfs_proto::ids::{ChainTableId, InodeId};
 use flyfs_proto::wire::meta::{
     self as wire, KV_BATCH_MAX, KvCommitItem, KvCommitted, KvEntry, KvSlotGrant,
 };
-use flyfs_kv::{Kv, RangeOptions, Transaction};
 
 use super::{LayoutError, Namespace, NsError};
 use crate::ns::txn::MetaTx;
@@ -263,11 +263,11 @@ async fn evict_access<T: Transaction>(
         return Ok(None);
     };
     match entry_of(tx, key, false).await? {
-        Some(entry) if entry.class == *class && entry.access_ms == *access_ms => Ok(unindex(
-            tx, key, &entry,
-        )
-        .await?
-        .map(|generation| (entry.slot, generation))),
+        Some(entry) if entry.class == *class && entry.access_ms == *access_ms => {
+            Ok(unindex(tx, key, &entry)
+                .await?
+                .map(|generation| (entry.slot, generation)))
+        }
         _ => {
             // An access key without its entry: drop it.
             tx.tx.clear(&access.encode())?;
@@ -407,7 +407,10 @@ impl<K: Kv> Namespace<K> {
                 tracing::debug!("KV cache access times not updated: {e}");
             }
         }
-        Ok(entries.iter().map(|e| e.as_ref().map(entry_to_wire)).collect())
+        Ok(entries
+            .iter()
+            .map(|e| e.as_ref().map(entry_to_wire))
+            .collect())
     }
 
     /// Reserves up to `count` slots of `class`: free slots (oldest freed
@@ -462,8 +465,14 @@ impl<K: Kv> Namespace<K> {
             // 3. Reservations whose writers never committed.
             if grants.len() < count {
                 let due = tx.now_ms().saturating_add(1);
-                let (expired, _) =
-                    oldest(&tx, tag::KV_RESERVED, class, Some(due), count - grants.len()).await?;
+                let (expired, _) = oldest(
+                    &tx,
+                    tag::KV_RESERVED,
+                    class,
+                    Some(due),
+                    count - grants.len(),
+                )
+                .await?;
                 for key in &expired {
                     if let Some(grant) = reclaim(&tx, key).await? {
                         grants.push(grant);
@@ -810,7 +819,9 @@ mod tests {
         assert_eq!(found[0].map(|e| (e.slot, e.crc)), Some((b.slot, 2)));
         // A retried commit of the winner (its first reply lost) is Stored.
         assert_eq!(
-            ns.kv_commit(&[item(b"key", b, 10, 2)]).await.expect("retry"),
+            ns.kv_commit(&[item(b"key", b, 10, 2)])
+                .await
+                .expect("retry"),
             vec![KvCommitted::Stored]
         );
         // The loser's slot is free again: the next reservation takes it,
@@ -901,11 +912,15 @@ mod tests {
         assert_eq!(again.slot, stale.slot);
         assert_eq!(again.generation, stale.generation + 1);
         assert_eq!(
-            ns.kv_commit(&[item(b"late", stale, 1, 0)]).await.expect("late"),
+            ns.kv_commit(&[item(b"late", stale, 1, 0)])
+                .await
+                .expect("late"),
             vec![KvCommitted::Lost]
         );
         assert_eq!(
-            ns.kv_commit(&[item(b"new", again, 1, 0)]).await.expect("new"),
+            ns.kv_commit(&[item(b"new", again, 1, 0)])
+                .await
+                .expect("new"),
             vec![KvCommitted::Stored]
         );
         check_clean(&ns).await;
@@ -941,13 +956,19 @@ mod tests {
             ns.kv_remove(&[vec![4]], &[wrong]).await.expect("checked"),
             vec![false]
         );
-        assert_eq!(ns.kv_reserve(0, 8, false).await.expect("freed").slots.len(), 4);
+        assert_eq!(
+            ns.kv_reserve(0, 8, false).await.expect("freed").slots.len(),
+            4
+        );
         clock.advance_ms(60_001);
         let evicted = ns.kv_evict(256).await.expect("evict");
         assert_eq!(evicted.evicted, 4, "{evicted:?}");
         // The four reserved above expired too (30 s).
         assert_eq!(evicted.reclaimed, 4, "{evicted:?}");
-        assert_eq!(ns.kv_reserve(0, 8, false).await.expect("all").slots.len(), 8);
+        assert_eq!(
+            ns.kv_reserve(0, 8, false).await.expect("all").slots.len(),
+            8
+        );
         check_clean(&ns).await;
     }
 }
