@@ -17,9 +17,11 @@
 //!    back whole;
 //! 3. remove: every client removes its keys in batches of 256.
 //!
-//! Throughput is the bytes of all clients over the time from the first
-//! client's first operation to the last client's last (wall clock, as each
-//! process reports it), so process start-up is not counted. It prints one
+//! The clients of a phase connect, then wait for one start time the parent
+//! chose (a barrier on the wall clock); throughput is the bytes of all
+//! clients over the time from the first client's first operation to the
+//! last client's last (as each process reports it), so process start-up is
+//! not counted. It prints one
 //! JSON object (`--json`) with a row per block size and, at the top level,
 //! the row of the largest block size (`put_gib_s`, `get_gib_s`,
 //! `get_p99_ms`, `remove_keys_s`).
@@ -103,7 +105,15 @@ struct Worker {
     block_bytes: u64,
     blocks: usize,
     batch: usize,
+    /// Wall clock (ns since the epoch) at which every client of the phase
+    /// starts, once connected: a barrier, so that the phase's span does not
+    /// count processes starting one after another.
+    start_at_ns: i64,
 }
+
+/// How far ahead of now a phase's clients are told to start: time for the
+/// processes to start and connect.
+const START_LEAD: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
@@ -393,7 +403,7 @@ async fn run_size(
     size: u64,
 ) -> anyhow::Result<Row> {
     let per_client = blocks_per_client(args, size);
-    let worker = |phase, index| Worker {
+    let worker = |phase, index, start_at_ns| Worker {
         phase,
         index,
         clients: args.clients,
@@ -404,10 +414,16 @@ async fn run_size(
         block_bytes: size,
         blocks: per_client,
         batch: args.batch,
+        start_at_ns,
     };
     let mut phases = Vec::new();
     for phase in [Phase::Put, Phase::Get, Phase::Remove] {
-        let workers: Vec<Worker> = (0..args.clients).map(|i| worker(phase, i)).collect();
+        let start_at_ns = WallClock
+            .now_ns()
+            .saturating_add(START_LEAD.as_nanos() as i64);
+        let workers: Vec<Worker> = (0..args.clients)
+            .map(|i| worker(phase, i, start_at_ns))
+            .collect();
         let measured = if args.in_process {
             let tasks = workers
                 .into_iter()
@@ -573,6 +589,10 @@ async fn run_worker(worker: &Worker) -> anyhow::Result<Measured> {
         .map(|b| key(worker.block_bytes, owner, b))
         .collect();
     let clock = WallClock;
+    let wait_ns = worker.start_at_ns.saturating_sub(clock.now_ns());
+    if wait_ns > 0 {
+        tokio::time::sleep(Duration::from_nanos(wait_ns as u64)).await;
+    }
     let mut measured = Measured {
         start_ns: clock.now_ns(),
         ..Measured::default()
@@ -677,6 +697,7 @@ mod tests {
             block_bytes: 1 << 20,
             blocks: 64,
             batch: 32,
+            start_at_ns: 7,
         };
         let back: Worker =
             serde_json::from_str(&serde_json::to_string(&worker).expect("encode")).expect("decode");

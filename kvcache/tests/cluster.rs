@@ -257,11 +257,11 @@ async fn concurrent_writers_of_one_key_never_tear_a_block() {
             .filter(|&w| outcomes[w as usize][k] == PutResult::Stored)
             .collect();
         assert_eq!(stored.len(), 1, "key {k}: stored by {stored:?}");
-        for w in 0..writers as usize {
+        for (w, outcome) in outcomes.iter().enumerate() {
             assert!(
-                matches!(outcomes[w][k], PutResult::Stored | PutResult::Exists),
+                matches!(outcome[k], PutResult::Stored | PutResult::Exists),
                 "key {k} writer {w}: {:?}",
-                outcomes[w][k]
+                outcome[k]
             );
         }
         // The winner's block is what everyone reads.
