@@ -3,7 +3,7 @@
 //! the cluster manager (`mgmtd`) and storage (`storage`) daemons, the
 //! metadata service (`meta`), the FUSE daemon (`mount`), a whole
 //! single-machine cluster (`up`/`down`), `admin`, and `bench
-//! engine|storage|meta`, which run flyfs-benches.
+//! engine|storage|meta|kv`, which run flyfs-benches.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -113,6 +113,10 @@ enum BenchCommand {
     /// The metadata service over loopback TCP on the embedded store:
     /// creates, stats, renames and unlinks per second, and a 10k-entry readdir.
     Meta(flyfs_benches::meta::MetaArgs),
+    /// The KV cache for inference on a cluster of real processes (storage
+    /// and metadata daemons) with four client processes: put and get
+    /// throughput and latency, removal rate.
+    Kv(flyfs_benches::kv::KvArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,6 +165,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Meta(args),
         } => flyfs_benches::meta::run(&args),
+        Command::Bench {
+            what: BenchCommand::Kv(args),
+        } => flyfs_benches::kv::run(&args),
         Command::Mgmtd { config } => {
             let config = MgmtdConfig::load(&config)?;
             let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));

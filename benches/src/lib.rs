@@ -1,4 +1,4 @@
-//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta`
+//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta|kv`
 //! runs (their flags and JSON output are what benches/*-vs-fio and users
 //! call), and what the peer-benchmark tools share.
 //!
@@ -8,6 +8,8 @@
 //!   loopback TCP by a storage client.
 //! * [`meta`]: the metadata service over loopback TCP on the embedded
 //!   store.
+//! * [`kv`]: the KV cache (flyfs-kvcache) on the same cluster plus a
+//!   metadata daemon, driven by four client processes.
 //! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
 //!
 //! The binaries `fsbench` (workloads through any mount) and `fsreport`
@@ -17,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod kv;
 pub mod meta;
 pub mod size;
 pub mod storage;

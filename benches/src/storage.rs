@@ -160,7 +160,7 @@ struct RdmaBytes {
 }
 
 #[derive(Debug, Default, serde::Serialize)]
-struct CpuCores {
+pub(crate) struct CpuCores {
     write: HashMap<String, f64>,
     read: HashMap<String, f64>,
     write_4k: HashMap<String, f64>,
@@ -337,15 +337,15 @@ fn print_table(r: &Results) {
 
 /// Which nodes hold each chain's replicas, head first.
 #[derive(Debug)]
-struct Placement {
-    chains: Vec<Vec<u32>>,
+pub(crate) struct Placement {
+    pub(crate) chains: Vec<Vec<u32>>,
 }
 
 impl Placement {
     /// Chain `c` (from 0) has its head on node `c % 3 + 1` and its further
     /// replicas on the nodes after it, so heads (which take every write
     /// first) rotate over the nodes and no chain has two replicas on a node.
-    fn new(chains: u32, replicas: u32) -> Placement {
+    pub(crate) fn new(chains: u32, replicas: u32) -> Placement {
         Placement {
             chains: (0..chains)
                 .map(|c| (0..replicas).map(|r| (c + r) % NODES + 1).collect())
@@ -405,7 +405,7 @@ fn default_size(placement: &Placement, chunk_size: u64, available: u64) -> anyho
 
 /// Free bytes for an unprivileged user on the file system of `dir`, as
 /// `df` reports them (the binary forbids the unsafe a `statvfs` call needs).
-fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub(crate) fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
     let out = Command::new("df")
         .args(["-B1", "--output=avail"])
         .arg(dir)
@@ -427,9 +427,9 @@ fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
 /// The cluster's daemons, owned by a [`Fleet`]: dropping it kills every
 /// one still running (also on panic), so no process outlives the bench.
 #[derive(Debug)]
-struct Cluster {
-    dir: PathBuf,
-    mgmt_addr: String,
+pub(crate) struct Cluster {
+    pub(crate) dir: PathBuf,
+    pub(crate) mgmt_addr: String,
     fleet: Fleet,
     transport: TransportKind,
     rdma: RdmaConfig,
@@ -437,7 +437,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(dir: PathBuf) -> Cluster {
+    pub(crate) fn new(dir: PathBuf) -> Cluster {
         Cluster {
             dir,
             mgmt_addr: String::new(),
@@ -449,7 +449,7 @@ impl Cluster {
     }
 
     /// Formats the devices, writes the configs and starts the daemons.
-    fn start(&mut self, device_bytes: u64, chunk_size_max: u64) -> anyhow::Result<()> {
+    pub(crate) fn start(&mut self, device_bytes: u64, chunk_size_max: u64) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the flyfs executable")?;
         for node in 1..=NODES {
             let device = self.dir.join(format!("disk{node}.img"));
@@ -522,22 +522,22 @@ impl Cluster {
         Ok(())
     }
 
-    fn tls_dir(&self) -> PathBuf {
+    pub(crate) fn tls_dir(&self) -> PathBuf {
         self.dir.join("tls")
     }
 
     /// The credentials `start` issued under the name `stem`.
-    fn credentials(&self, stem: &str) -> anyhow::Result<Credentials> {
+    pub(crate) fn credentials(&self, stem: &str) -> anyhow::Result<Credentials> {
         Ok(Credentials::load_dir(&self.tls_dir(), stem)?)
     }
 
-    fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<()> {
+    pub(crate) fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<()> {
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config.to_toml())
             .with_context(|| format!("writing {}", path.display()))
     }
 
-    fn spawn(&mut self, exe: &Path, name: &str, subcommand: &str) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, exe: &Path, name: &str, subcommand: &str) -> anyhow::Result<()> {
         let config = self.dir.join(format!("{name}.toml"));
         let mut daemon = Daemon::flyfs(name, exe, subcommand, &config, &self.dir, &self.dir);
         daemon.env.push((
@@ -556,7 +556,7 @@ impl Cluster {
     /// SIGTERM to every daemon (storage first, the manager last, so no
     /// storage node loses its manager first), SIGKILL to any still running
     /// 10 s later. Fails if a daemon did not exit cleanly.
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         let ended = self
             .fleet
             .terminate_all(Duration::from_secs(10), |name| u32::from(name == "mgmtd"))?;
@@ -577,13 +577,13 @@ impl Cluster {
     }
 
     /// The last lines of every daemon's log, on stderr.
-    fn print_logs(&self) {
+    pub(crate) fn print_logs(&self) {
         self.fleet.print_logs(20);
     }
 
     /// Kills the daemons and removes the device files (gigabytes), keeping
     /// configs and logs.
-    fn keep_logs_only(&mut self) {
+    pub(crate) fn keep_logs_only(&mut self) {
         self.fleet.kill_all();
         for node in 1..=NODES {
             let _ = std::fs::remove_file(self.dir.join(format!("disk{node}.img")));
@@ -599,14 +599,14 @@ struct Latencies {
 }
 
 /// One benchmark run against a started cluster.
-struct Bench<'a> {
-    cluster: &'a Cluster,
-    placement: &'a Placement,
-    chunk_size: u64,
-    chunks: u32,
-    clients: usize,
-    small_writes: usize,
-    cpu: CpuCores,
+pub(crate) struct Bench<'a> {
+    pub(crate) cluster: &'a Cluster,
+    pub(crate) placement: &'a Placement,
+    pub(crate) chunk_size: u64,
+    pub(crate) chunks: u32,
+    pub(crate) clients: usize,
+    pub(crate) small_writes: usize,
+    pub(crate) cpu: CpuCores,
 }
 
 impl Bench<'_> {
@@ -647,7 +647,7 @@ impl Bench<'_> {
 
     /// Waits for the storage nodes, creates the targets and chains, waits
     /// until every replica serves.
-    async fn set_up(&self, rpc: &Client<Tcp>) -> anyhow::Result<()> {
+    pub(crate) async fn set_up(&self, rpc: &Client<Tcp>) -> anyhow::Result<()> {
         let mgmt = &self.cluster.mgmt_addr;
         self.wait_for(
             "the storage nodes to register",
@@ -695,7 +695,7 @@ impl Bench<'_> {
 
     /// Polls the manager's routing until `done` holds (60 s at most), and
     /// fails early when a daemon dies.
-    async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         what: &str,
         done: impl Fn(&RoutingInfo) -> bool,
@@ -940,7 +940,7 @@ async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> anyhow::Result<RoutingInfo> {
 }
 
 /// One admin operation on the manager; a refusal is an error.
-async fn mutate<M>(rpc: &Client<Tcp>, mgmt: &str, req: &M::Req) -> anyhow::Result<()>
+pub(crate) async fn mutate<M>(rpc: &Client<Tcp>, mgmt: &str, req: &M::Req) -> anyhow::Result<()>
 where
     M: Method<Rsp = Result<(), MgmtError>>,
     M::Req: std::fmt::Debug,
@@ -953,7 +953,7 @@ where
 }
 
 /// Nearest-rank percentile in microseconds (`q` = 1.0 is the maximum).
-fn percentile_us(samples: &[Duration], q: f64) -> f64 {
+pub(crate) fn percentile_us(samples: &[Duration], q: f64) -> f64 {
     if samples.is_empty() {
         return 0.0;
     }

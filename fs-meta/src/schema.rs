@@ -64,7 +64,26 @@ pub mod tag {
     pub const ALLOC: &[u8] = b"IDAL";
     pub const LEASE: &[u8] = b"CLNT";
     pub const META: &[u8] = b"META";
+    /// The KV cache's keys (docs/kv-cache.md): its record, the counters of
+    /// never-used slots, the index entries, the slot states, the free
+    /// lists, the access order and the reservations.
+    pub const KV_CACHE: &[u8] = b"KVCF";
+    pub const KV_FRESH: &[u8] = b"KVFS";
+    pub const KV_ENTRY: &[u8] = b"KVIX";
+    pub const KV_SLOT: &[u8] = b"KVSL";
+    pub const KV_FREE: &[u8] = b"KVFR";
+    pub const KV_ACCESS: &[u8] = b"KVAG";
+    pub const KV_RESERVED: &[u8] = b"KVRS";
 }
+
+/// The KV cache record key's suffix after [`tag::KV_CACHE`].
+const KV_CACHE_SUFFIX: &[u8] = b"cache";
+
+/// The longest KV cache key: a hash of a token prefix with whatever a
+/// framework adds (model, rank), far below FoundationDB's key limit even
+/// inside the access-order key.
+pub const KV_KEY_BYTES_MAX: usize = 512;
+const _: () = assert!(4 + 1 + 8 + KV_KEY_BYTES_MAX < 10_000);
 
 /// The format key's suffix after [`tag::META`].
 const FORMAT_SUFFIX: &[u8] = b"format";
@@ -147,6 +166,56 @@ pub fn format_key() -> Vec<u8> {
     key_of(tag::META, &[FORMAT_SUFFIX])
 }
 
+/// `KVCF` + `cache`: the KV cache's record (its classes and slot files).
+pub fn kv_cache_key() -> Vec<u8> {
+    key_of(tag::KV_CACHE, &[KV_CACHE_SUFFIX])
+}
+
+/// `KVFS` + class (1 byte): how many of the class's slots were ever used.
+pub fn kv_fresh_key(class: u8) -> Vec<u8> {
+    key_of(tag::KV_FRESH, &[&[class]])
+}
+
+/// `KVIX` + key (1..=512 bytes): a block's index entry.
+pub fn kv_entry_key(key: &[u8]) -> Vec<u8> {
+    key_of(tag::KV_ENTRY, &[key])
+}
+
+/// `KVSL` + class (1 byte) + slot (4 bytes BE): a used slot's state.
+pub fn kv_slot_key(class: u8, slot: u32) -> Vec<u8> {
+    key_of(tag::KV_SLOT, &[&[class], &slot.to_be_bytes()])
+}
+
+/// `KVFR` + class + freed at (ms, 8 bytes BE) + slot (4 bytes BE): the free
+/// list, oldest freed first.
+pub fn kv_free_key(class: u8, freed_ms: u64, slot: u32) -> Vec<u8> {
+    key_of(
+        tag::KV_FREE,
+        &[&[class], &freed_ms.to_be_bytes(), &slot.to_be_bytes()],
+    )
+}
+
+/// `KVAG` + class + accessed at (ms, 8 bytes BE) + key: the eviction order,
+/// least recently accessed first.
+pub fn kv_access_key(class: u8, access_ms: u64, key: &[u8]) -> Vec<u8> {
+    key_of(tag::KV_ACCESS, &[&[class], &access_ms.to_be_bytes(), key])
+}
+
+/// `KVRS` + class + expires at (ms, 8 bytes BE) + slot (4 bytes BE): the
+/// reservations, soonest expiring first.
+pub fn kv_reserved_key(class: u8, until_ms: u64, slot: u32) -> Vec<u8> {
+    key_of(
+        tag::KV_RESERVED,
+        &[&[class], &until_ms.to_be_bytes(), &slot.to_be_bytes()],
+    )
+}
+
+/// The prefix of one class's keys under `tag` (free list, access order,
+/// reservations).
+pub fn kv_class_prefix(tag: &[u8], class: u8) -> Vec<u8> {
+    key_of(tag, &[&[class]])
+}
+
 /// A write session of one file, chosen by the namespace when a file is
 /// opened for writing.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
@@ -163,14 +232,56 @@ impl std::fmt::Debug for SessionId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Key {
     Inode(InodeId),
-    Dentry { parent: InodeId, name: Vec<u8> },
-    Session { ino: InodeId, session: SessionId },
-    Xattr { ino: InodeId, name: Vec<u8> },
-    Gc { due_ms: u64, ino: InodeId },
+    Dentry {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Session {
+        ino: InodeId,
+        session: SessionId,
+    },
+    Xattr {
+        ino: InodeId,
+        name: Vec<u8>,
+    },
+    Gc {
+        due_ms: u64,
+        ino: InodeId,
+    },
     DirTimes(InodeId),
-    Alloc { shard: u8 },
-    Lease { client: u64 },
+    Alloc {
+        shard: u8,
+    },
+    Lease {
+        client: u64,
+    },
     Format,
+    KvCache,
+    KvFresh {
+        class: u8,
+    },
+    KvEntry {
+        key: Vec<u8>,
+    },
+    KvSlot {
+        class: u8,
+        slot: u32,
+    },
+    KvFree {
+        class: u8,
+        freed_ms: u64,
+        slot: u32,
+    },
+    KvAccess {
+        class: u8,
+        access_ms: u64,
+        key: Vec<u8>,
+    },
+    KvReserved {
+        class: u8,
+        until_ms: u64,
+        slot: u32,
+    },
 }
 
 impl std::fmt::Display for Key {
@@ -189,6 +300,25 @@ impl std::fmt::Display for Key {
             Key::Alloc { shard } => write!(f, "IDAL shard {shard}"),
             Key::Lease { client } => write!(f, "CLNT client {client:#x}"),
             Key::Format => write!(f, "META format"),
+            Key::KvCache => write!(f, "KVCF cache"),
+            Key::KvFresh { class } => write!(f, "KVFS class {class}"),
+            Key::KvEntry { key } => write!(f, "KVIX key {}", hex(key)),
+            Key::KvSlot { class, slot } => write!(f, "KVSL class {class} slot {slot}"),
+            Key::KvFree {
+                class,
+                freed_ms,
+                slot,
+            } => write!(f, "KVFR class {class} freed {freed_ms} ms slot {slot}"),
+            Key::KvAccess {
+                class,
+                access_ms,
+                key,
+            } => write!(f, "KVAG class {class} at {access_ms} ms key {}", hex(key)),
+            Key::KvReserved {
+                class,
+                until_ms,
+                slot,
+            } => write!(f, "KVRS class {class} until {until_ms} ms slot {slot}"),
         }
     }
 }
@@ -199,6 +329,10 @@ fn u64_le(bytes: &[u8]) -> Option<u64> {
 
 fn u64_be(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn u32_be(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
 impl Key {
@@ -214,6 +348,25 @@ impl Key {
             Key::Alloc { shard } => alloc_key(*shard),
             Key::Lease { client } => lease_key(*client),
             Key::Format => format_key(),
+            Key::KvCache => kv_cache_key(),
+            Key::KvFresh { class } => kv_fresh_key(*class),
+            Key::KvEntry { key } => kv_entry_key(key),
+            Key::KvSlot { class, slot } => kv_slot_key(*class, *slot),
+            Key::KvFree {
+                class,
+                freed_ms,
+                slot,
+            } => kv_free_key(*class, *freed_ms, *slot),
+            Key::KvAccess {
+                class,
+                access_ms,
+                key,
+            } => kv_access_key(*class, *access_ms, key),
+            Key::KvReserved {
+                class,
+                until_ms,
+                slot,
+            } => kv_reserved_key(*class, *until_ms, *slot),
         }
     }
 }
@@ -256,6 +409,32 @@ pub fn parse_key(key: &[u8]) -> Result<Key, DecodeError> {
             client: u64_be(rest).ok_or_else(|| bad("bad client id"))?,
         }),
         t if t == tag::META && rest == FORMAT_SUFFIX => Some(Key::Format),
+        t if t == tag::KV_CACHE && rest == KV_CACHE_SUFFIX => Some(Key::KvCache),
+        t if t == tag::KV_FRESH && rest.len() == 1 => Some(Key::KvFresh { class: rest[0] }),
+        t if t == tag::KV_ENTRY && (1..=KV_KEY_BYTES_MAX).contains(&rest.len()) => {
+            Some(Key::KvEntry { key: rest.to_vec() })
+        }
+        t if t == tag::KV_SLOT && rest.len() == 5 => Some(Key::KvSlot {
+            class: rest[0],
+            slot: u32_be(&rest[1..]).ok_or_else(|| bad("bad slot"))?,
+        }),
+        t if t == tag::KV_FREE && rest.len() == 13 => Some(Key::KvFree {
+            class: rest[0],
+            freed_ms: u64_be(&rest[1..9]).ok_or_else(|| bad("bad time"))?,
+            slot: u32_be(&rest[9..]).ok_or_else(|| bad("bad slot"))?,
+        }),
+        t if t == tag::KV_ACCESS && (10..=9 + KV_KEY_BYTES_MAX).contains(&rest.len()) => {
+            Some(Key::KvAccess {
+                class: rest[0],
+                access_ms: u64_be(&rest[1..9]).ok_or_else(|| bad("bad time"))?,
+                key: rest[9..].to_vec(),
+            })
+        }
+        t if t == tag::KV_RESERVED && rest.len() == 13 => Some(Key::KvReserved {
+            class: rest[0],
+            until_ms: u64_be(&rest[1..9]).ok_or_else(|| bad("bad time"))?,
+            slot: u32_be(&rest[9..]).ok_or_else(|| bad("bad slot"))?,
+        }),
         _ => None,
     };
     parsed.ok_or_else(|| bad("unknown tag or wrong length"))
@@ -873,6 +1052,199 @@ pub fn decode_format(key: &[u8], value: &[u8]) -> Result<FormatValue, DecodeErro
     Ok(format)
 }
 
+/// One size class of the KV cache (docs/kv-cache.md): its slots are the
+/// chunks of one slot file, slot `s` on `chains[s % chains.len()]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvClassValue {
+    /// Bytes of each slot: the slot file's chunk size, a power of two from
+    /// 64 KiB to 64 MiB.
+    pub slot_bytes: u32,
+    pub slots: u32,
+    /// The slot file's id, from the inode id allocator.
+    pub ino: u64,
+    pub chain_table: u32,
+    pub chains: Vec<u32>,
+}
+
+/// The KV cache's record (`KVCF cache`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvCacheValue {
+    /// Smallest slot first.
+    pub classes: Vec<KvClassValue>,
+    /// Entries not accessed for this long are evicted by `kv_evict`; 0: no
+    /// age limit.
+    pub max_age_ms: u64,
+    /// A lookup rewrites an entry's access time when it is older than this.
+    pub access_bucket_ms: u64,
+    /// How long a reserved slot stays its writer's.
+    pub reservation_ms: u64,
+    pub created_ns: i64,
+}
+
+/// The most size classes a cache has.
+pub const KV_CLASSES_MAX: usize = 16;
+
+pub fn encode_kv_cache(value: &KvCacheValue) -> Result<Vec<u8>, NsError> {
+    encode_value("KV cache record", value)
+}
+
+pub fn decode_kv_cache(key: &[u8], value: &[u8]) -> Result<KvCacheValue, DecodeError> {
+    let record: KvCacheValue = decode_value(key, value)?;
+    let bad = |reason: String| DecodeError {
+        key: describe_key(key),
+        reason,
+    };
+    if record.classes.is_empty() || record.classes.len() > KV_CLASSES_MAX {
+        return Err(bad(format!("{} size classes", record.classes.len())));
+    }
+    for (i, class) in record.classes.iter().enumerate() {
+        if !class.slot_bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&class.slot_bytes)
+        {
+            return Err(bad(format!(
+                "class {i}: slots of {} bytes",
+                class.slot_bytes
+            )));
+        }
+        if class.slots == 0 || class.chains.is_empty() || class.ino == 0 {
+            return Err(bad(format!(
+                "class {i}: {} slots, {} chains, slot file {:#x}",
+                class.slots,
+                class.chains.len(),
+                class.ino
+            )));
+        }
+    }
+    Ok(record)
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct KvFreshRecord {
+    used: u32,
+}
+
+/// A `KVFS` value: slots `0..used` of the class were handed out at least once.
+pub fn encode_kv_fresh(used: u32) -> Result<Vec<u8>, NsError> {
+    encode_value("KV fresh-slot counter", &KvFreshRecord { used })
+}
+
+pub fn decode_kv_fresh(key: &[u8], value: &[u8]) -> Result<u32, DecodeError> {
+    Ok(decode_value::<KvFreshRecord>(key, value)?.used)
+}
+
+/// A block's index entry (`KVIX` value).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvEntryValue {
+    pub class: u8,
+    pub slot: u32,
+    /// The slot's generation when the block was written.
+    pub generation: u64,
+    pub length: u32,
+    /// CRC32C of the block's bytes.
+    pub crc: u32,
+    pub stored_ms: u64,
+    /// When it was last looked up, to the access bucket; its `KVAG` key
+    /// carries the same time.
+    pub access_ms: u64,
+}
+
+pub fn encode_kv_entry(value: &KvEntryValue) -> Result<Vec<u8>, NsError> {
+    encode_value("KV index entry", value)
+}
+
+pub fn decode_kv_entry(key: &[u8], value: &[u8]) -> Result<KvEntryValue, DecodeError> {
+    decode_value(key, value)
+}
+
+/// What a slot holds (`KVSL` value `state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvSlotState {
+    /// On the free list.
+    #[default]
+    Free,
+    /// A writer's until `until_ms`.
+    Reserved,
+    /// The block of `key`.
+    Used,
+}
+
+/// A slot's state (`KVSL` value).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvSlotValue {
+    pub state: KvSlotState,
+    /// Bumped each time the slot is reserved.
+    pub generation: u64,
+    /// Reserved: until when.
+    pub until_ms: u64,
+    /// Used: the key whose block it holds.
+    pub key: Vec<u8>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct KvSlotRecord {
+    state: u8,
+    generation: u64,
+    until_ms: u64,
+    #[serde(with = "bytes_field")]
+    key: Vec<u8>,
+}
+
+pub fn encode_kv_slot(value: &KvSlotValue) -> Result<Vec<u8>, NsError> {
+    let state = match value.state {
+        KvSlotState::Free => 1,
+        KvSlotState::Reserved => 2,
+        KvSlotState::Used => 3,
+    };
+    encode_value(
+        "KV slot state",
+        &KvSlotRecord {
+            state,
+            generation: value.generation,
+            until_ms: value.until_ms,
+            key: value.key.clone(),
+        },
+    )
+}
+
+pub fn decode_kv_slot(key: &[u8], value: &[u8]) -> Result<KvSlotValue, DecodeError> {
+    let record: KvSlotRecord = decode_value(key, value)?;
+    let state = match record.state {
+        1 => KvSlotState::Free,
+        2 => KvSlotState::Reserved,
+        3 => KvSlotState::Used,
+        other => {
+            return Err(DecodeError {
+                key: describe_key(key),
+                reason: format!("unknown slot state {other}"),
+            });
+        }
+    };
+    Ok(KvSlotValue {
+        state,
+        generation: record.generation,
+        until_ms: record.until_ms,
+        key: record.key,
+    })
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct KvMarkRecord {}
+
+/// The value of a free-list, access-order or reservation key: the key says
+/// everything; the value is an empty record, versioned like every other.
+pub fn encode_kv_mark() -> Result<Vec<u8>, NsError> {
+    encode_value("KV order key", &KvMarkRecord {})
+}
+
+pub fn decode_kv_mark(key: &[u8], value: &[u8]) -> Result<(), DecodeError> {
+    decode_value::<KvMarkRecord>(key, value).map(drop)
+}
+
 /// Runs every decoder on `data`, for fuzzers and property tests: none may
 /// panic, whatever the bytes. `data` is tried both as a key and as a value.
 pub fn fuzz_decode(data: &[u8]) {
@@ -909,6 +1281,13 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = decode_dir_times(&dir_times_key(ino), &versioned);
     let _ = decode_alloc(&alloc_key(0), &versioned);
     let _ = decode_format(&format_key(), &versioned);
+    for bytes in [data, &versioned[..]] {
+        let _ = decode_kv_cache(&kv_cache_key(), bytes);
+        let _ = decode_kv_fresh(&kv_fresh_key(0), bytes);
+        let _ = decode_kv_entry(&kv_entry_key(b"fuzz"), bytes);
+        let _ = decode_kv_slot(&kv_slot_key(0, 0), bytes);
+        let _ = decode_kv_mark(&kv_free_key(0, 0, 0), bytes);
+    }
 }
 
 #[cfg(test)]
@@ -1096,6 +1475,56 @@ mod tests {
         assert!(parse_key(b"INO").is_err());
         assert!(parse_key(b"INODxx").is_err());
         assert!(parse_key(b"DENT\x01\0\0\0\0\0\0\0").is_err()); // no name
+    }
+
+    #[test]
+    fn kv_cache_keys_round_trip_sort_by_time_and_cap_their_keys() {
+        let keys = [
+            (kv_cache_key(), Key::KvCache),
+            (kv_fresh_key(3), Key::KvFresh { class: 3 }),
+            (
+                kv_entry_key(b"prefix-hash"),
+                Key::KvEntry {
+                    key: b"prefix-hash".to_vec(),
+                },
+            ),
+            (kv_slot_key(1, 77), Key::KvSlot { class: 1, slot: 77 }),
+            (
+                kv_free_key(1, 5000, 77),
+                Key::KvFree {
+                    class: 1,
+                    freed_ms: 5000,
+                    slot: 77,
+                },
+            ),
+            (
+                kv_access_key(2, 6000, b"k"),
+                Key::KvAccess {
+                    class: 2,
+                    access_ms: 6000,
+                    key: b"k".to_vec(),
+                },
+            ),
+            (
+                kv_reserved_key(0, 7000, 1),
+                Key::KvReserved {
+                    class: 0,
+                    until_ms: 7000,
+                    slot: 1,
+                },
+            ),
+        ];
+        for (bytes, key) in keys {
+            assert_eq!(parse_key(&bytes), Ok(key.clone()));
+            assert_eq!(key.encode(), bytes);
+        }
+        // Oldest first within a class, classes apart.
+        assert!(kv_free_key(1, 255, 9) < kv_free_key(1, 256, 0));
+        assert!(kv_access_key(0, u64::MAX, b"z") < kv_access_key(1, 0, b"a"));
+        assert!(parse_key(&kv_entry_key(&[7; KV_KEY_BYTES_MAX])).is_ok());
+        assert!(parse_key(&kv_entry_key(&[7; KV_KEY_BYTES_MAX + 1])).is_err());
+        assert!(parse_key(b"KVIX").is_err(), "an empty key");
+        assert!(parse_key(b"KVSL\x01\0\0").is_err(), "a short slot");
     }
 
     #[test]

@@ -18,9 +18,10 @@ use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ChainId, ChainTableId, InodeId};
 use flyfs_proto::wire::meta as wire;
 use flyfs_proto::wire::meta::{
-    Close, Create, GcStatus, GetXattr, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod,
-    Open, Readdir, Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr,
-    SetLayout, SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
+    Close, Create, GcStatus, GetXattr, KvCommit, KvEvict, KvLookup, KvOpen, KvRelease, KvRemove,
+    KvReserve, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod, Open, Readdir,
+    Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr, SetLayout,
+    SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
 };
 use flyfs_proto::wire::meta::{NamesCaller, User};
 use flyfs_rpc::server::{Peer, Reply, Request, Service};
@@ -651,6 +652,53 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             GcStatus::ID => {
                 req.decode::<GcStatus>()?;
                 ok::<GcStatus>(self.gc_status().await)
+            }
+            // The KV cache's index (docs/kv-cache.md): no file system user
+            // is named; the role check admitted clients and admins.
+            KvOpen::ID => {
+                let r = req.decode::<KvOpen>()?;
+                let opened = self.with_fresh_tables(|| ns.kv_open(&r)).await;
+                ok::<KvOpen>(opened.map_err(meta_error))
+            }
+            KvLookup::ID => {
+                let r = req.decode::<KvLookup>()?;
+                let keys: Vec<Vec<u8>> = r.keys.into_iter().map(|k| k.into_vec()).collect();
+                let found = ns
+                    .kv_lookup(&keys)
+                    .await
+                    .map(|entries| wire::KvLookupRsp { entries });
+                ok::<KvLookup>(found.map_err(meta_error))
+            }
+            KvReserve::ID => {
+                let r = req.decode::<KvReserve>()?;
+                let reserved = ns.kv_reserve(r.class, r.count, r.evict).await;
+                ok::<KvReserve>(reserved.map_err(meta_error))
+            }
+            KvCommit::ID => {
+                let r = req.decode::<KvCommit>()?;
+                let committed = ns
+                    .kv_commit(&r.items)
+                    .await
+                    .map(|results| wire::KvCommitRsp { results });
+                ok::<KvCommit>(committed.map_err(meta_error))
+            }
+            KvRelease::ID => {
+                let r = req.decode::<KvRelease>()?;
+                let released = ns.kv_release(r.class, &r.slots).await;
+                ok::<KvRelease>(released.map_err(meta_error))
+            }
+            KvRemove::ID => {
+                let r = req.decode::<KvRemove>()?;
+                let keys: Vec<Vec<u8>> = r.keys.into_iter().map(|k| k.into_vec()).collect();
+                let removed = ns
+                    .kv_remove(&keys, &r.expect)
+                    .await
+                    .map(|removed| wire::KvRemoveRsp { removed });
+                ok::<KvRemove>(removed.map_err(meta_error))
+            }
+            KvEvict::ID => {
+                let r = req.decode::<KvEvict>()?;
+                ok::<KvEvict>(ns.kv_evict(r.limit).await.map_err(meta_error))
             }
             other => Reply::unknown_method(other),
         };

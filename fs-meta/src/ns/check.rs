@@ -25,8 +25,9 @@ use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
     Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_dir_times,
-    decode_format, decode_gc, decode_inode, decode_lease, decode_session, decode_xattr,
-    describe_key, inode_key, parse_key,
+    decode_format, decode_gc, decode_inode, decode_kv_cache, decode_kv_entry, decode_kv_fresh,
+    decode_kv_mark, decode_kv_slot, decode_lease, decode_session, decode_xattr, describe_key,
+    inode_key, parse_key,
 };
 use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 
@@ -156,6 +157,16 @@ async fn read_all<T: Transaction>(
                 Ok(Key::Format) => decode_format(key, value).map(|_| {
                     snapshot.formatted = true;
                 }),
+                // The KV cache's index (docs/kv-cache.md) is a keyspace of
+                // its own, beside the namespace: its values must decode;
+                // its cross-references are the KV cache's to keep.
+                Ok(Key::KvCache) => decode_kv_cache(key, value).map(drop),
+                Ok(Key::KvFresh { .. }) => decode_kv_fresh(key, value).map(drop),
+                Ok(Key::KvEntry { .. }) => decode_kv_entry(key, value).map(drop),
+                Ok(Key::KvSlot { .. }) => decode_kv_slot(key, value).map(drop),
+                Ok(Key::KvFree { .. } | Key::KvAccess { .. } | Key::KvReserved { .. }) => {
+                    decode_kv_mark(key, value)
+                }
             };
             if let Err(e) = decoded {
                 report.problem(e.key, e.reason);

@@ -14,7 +14,8 @@
 //! rmdir, readdir, symlinks, layouts, recursive remove), `file.rs` (create,
 //! open/close, lengths, setattr, link, unlink), `rename.rs`, `xattr.rs`,
 //! `gc.rs` (the queue API for the GC worker), `lease.rs` (client leases and
-//! the session reaper's API), `check.rs` (fsck), with
+//! the session reaper's API), `check.rs` (fsck), `kvcache.rs` (the KV
+//! cache's index, a keyspace beside the namespace), with
 //! `perm.rs`, `alloc.rs`, `layout.rs` and `txn.rs` underneath. The key and
 //! value formats are in [`crate::schema`]; docs/metadata-schema.md explains
 //! the invariants every operation keeps.
@@ -43,6 +44,7 @@ mod dir;
 mod error;
 mod file;
 mod gc;
+mod kvcache;
 pub mod layout;
 mod lease;
 pub mod perm;
@@ -68,6 +70,10 @@ pub use self::file::{
     Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, Truncate,
 };
 pub use self::gc::{GcExpand, GcFinish, GcItem};
+pub use self::kvcache::{
+    KV_ACCESS_BUCKET_MS_DEFAULT, KV_EVICT_AHEAD_MAX, KV_RESERVATION_MS_DEFAULT, KV_SLOT_BYTES_MAX,
+    KV_SLOT_BYTES_MIN, check_kv_key,
+};
 use self::layout::Placement;
 pub use self::layout::{ChainTables, LayoutError, LayoutSpec, StaticChainTables, StoredLayout};
 pub use self::lease::{ExpiredPage, ExpiredSession, Reaped};

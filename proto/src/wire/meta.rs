@@ -478,6 +478,191 @@ pub struct RenewLeaseRsp {
     pub lease_ms: u64,
 }
 
+// The KV cache (docs/kv-cache.md): a key index in the metadata store over
+// slots of large slot files. These requests name no file system user: the
+// cache has no owners or modes, only the `client` (and `admin`) role.
+
+/// The most keys (or slots) one KV cache request carries.
+pub const KV_BATCH_MAX: usize = 256;
+/// The longest KV cache key.
+pub const KV_KEY_BYTES_MAX: usize = 512;
+
+/// One size class a new cache asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvClassSpec {
+    /// A power of two from 64 KiB to 64 MiB.
+    pub slot_bytes: u32,
+    pub slots: u32,
+}
+
+/// Opens the cluster's KV cache, creating it with this spec if it does not
+/// exist yet (the first opener's spec wins).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvOpenReq {
+    pub classes: Vec<KvClassSpec>,
+    pub chain_table: ChainTableId,
+    /// 0: no age limit.
+    pub max_age_ms: u64,
+    /// 0: the default (10 s).
+    pub access_bucket_ms: u64,
+    /// 0: the default (10 minutes).
+    pub reservation_ms: u64,
+}
+
+/// One size class as stored: slot `s` is chunk `(ino, s)` on
+/// `chains[s % chains.len()]`, with chunk size `slot_bytes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvClass {
+    pub slot_bytes: u32,
+    pub slots: u32,
+    pub ino: InodeId,
+    pub chain_table: ChainTableId,
+    pub chains: Vec<ChainId>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvOpenRsp {
+    /// Smallest slot first; a class is named by its index here.
+    pub classes: Vec<KvClass>,
+    pub max_age_ms: u64,
+    pub access_bucket_ms: u64,
+    pub reservation_ms: u64,
+    /// Whether this request created the cache (else the spec was ignored).
+    pub created: bool,
+}
+
+/// Keys, for lookup and remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvKeysReq {
+    pub keys: Vec<serde_bytes::ByteBuf>,
+}
+
+/// Where a block is and how to check it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvEntry {
+    pub class: u8,
+    pub slot: u32,
+    pub generation: u64,
+    pub length: u32,
+    /// CRC32C of the block's bytes.
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvLookupRsp {
+    /// One per key, in order; `None`: not in the cache.
+    pub entries: Vec<Option<KvEntry>>,
+}
+
+/// Reserves up to `count` slots of `class` for blocks about to be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvReserveReq {
+    pub class: u8,
+    pub count: u32,
+    /// Evict the least recently used entries when the class is full; if
+    /// not, fewer slots than asked (maybe none) are granted.
+    pub evict: bool,
+}
+
+/// A reserved slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvSlotGrant {
+    pub slot: u32,
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvReserveRsp {
+    pub slots: Vec<KvSlotGrant>,
+    /// Entries evicted to make room.
+    pub evicted: u32,
+}
+
+/// A written block to index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvCommitItem {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub entry: KvEntry,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvCommitReq {
+    pub items: Vec<KvCommitItem>,
+}
+
+/// What a commit did with one block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCommitted {
+    /// Indexed: readers find it now.
+    #[default]
+    Stored,
+    /// Another writer's block of this key was indexed first; this one's
+    /// slot is free again.
+    Exists,
+    /// The reservation had expired and was taken back: nothing stored.
+    Lost,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvCommitRsp {
+    pub results: Vec<KvCommitted>,
+}
+
+/// Gives back reserved slots whose blocks were not written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvReleaseReq {
+    pub class: u8,
+    pub slots: Vec<KvSlotGrant>,
+}
+
+/// Removes keys; with `expect` (one per key), only the entries that still
+/// name that block (a reader dropping a block that failed its CRC).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvRemoveReq {
+    pub keys: Vec<serde_bytes::ByteBuf>,
+    pub expect: Vec<KvEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvRemoveRsp {
+    /// One per key: whether an entry was removed.
+    pub removed: Vec<bool>,
+}
+
+/// Evicts entries past the cache's age limit and takes back expired
+/// reservations, at most `limit` of each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvEvictReq {
+    pub limit: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvEvictRsp {
+    pub evicted: u32,
+    pub reclaimed: u32,
+    /// More were due than `limit`: call again.
+    pub more: bool,
+}
+
 /// A request that names its caller in `user`. The metadata service checks
 /// the caller of every such request against the connection's identity
 /// before running it (and may map it: root squash).
@@ -618,6 +803,18 @@ method!(
     RenewLease = 527, RenewLeaseReq => RenewLeaseRsp,
     roles CLIENT_OR_ADMIN
 );
+
+method!(
+    /// Opens (creating if need be) the KV cache.
+    KvOpen = 528, KvOpenReq => KvOpenRsp,
+    roles CLIENT_OR_ADMIN
+);
+method!(KvLookup = 529, KvKeysReq => KvLookupRsp, roles CLIENT_OR_ADMIN);
+method!(KvReserve = 530, KvReserveReq => KvReserveRsp, roles CLIENT_OR_ADMIN);
+method!(KvCommit = 531, KvCommitReq => KvCommitRsp, roles CLIENT_OR_ADMIN);
+method!(KvRelease = 532, KvReleaseReq => (), roles CLIENT_OR_ADMIN);
+method!(KvRemove = 533, KvRemoveReq => KvRemoveRsp, roles CLIENT_OR_ADMIN);
+method!(KvEvict = 534, KvEvictReq => KvEvictRsp, roles CLIENT_OR_ADMIN);
 
 #[cfg(test)]
 mod tests {

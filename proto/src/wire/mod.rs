@@ -61,6 +61,13 @@ macro_rules! every_method {
             meta::GcStatus,
             meta::Mknod,
             meta::RenewLease,
+            meta::KvOpen,
+            meta::KvLookup,
+            meta::KvReserve,
+            meta::KvCommit,
+            meta::KvRelease,
+            meta::KvRemove,
+            meta::KvEvict,
         )
     };
 }

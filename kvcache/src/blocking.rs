@@ -1,0 +1,100 @@
+//! The KV cache without `async`: what a language binding (the Python
+//! package) calls. It owns a small tokio runtime and the clients, connects
+//! over TCP with the credentials it is given, and blocks the calling thread
+//! for each batch; buffers are plain slices, so a binding passes its
+//! `memoryview`s or numpy arrays without copies on its side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flyfs_client::meta::{MetaClient, MetaClientConfig};
+use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_proto::ids::ClientId;
+use flyfs_proto::wire::meta::{KvEvictRsp, KvOpenRsp};
+use flyfs_rpc::{Credentials, Tcp};
+
+use crate::{GetResult, KvCache, KvCacheConfig, KvError, PutResult};
+
+/// Where the cluster is and who this client is.
+#[derive(Clone, Debug)]
+pub struct Connect {
+    /// The cluster managers (`host:port`), primary and standbys.
+    pub mgmt: Vec<String>,
+    /// Metadata service instances.
+    pub meta: Vec<String>,
+    /// This client's credentials (a `client` identity of the cluster).
+    pub credentials: Credentials,
+    /// Distinct for every client process of the cluster.
+    pub client: ClientId,
+    /// How long one operation keeps retrying through failovers.
+    pub op_deadline: Duration,
+}
+
+/// A [`KvCache`] over TCP whose calls block.
+#[derive(Debug)]
+pub struct BlockingKvCache {
+    runtime: tokio::runtime::Runtime,
+    cache: KvCache<Tcp>,
+}
+
+impl BlockingKvCache {
+    /// Connects and opens the cache (creating it with `config`'s layout if
+    /// the cluster has none).
+    pub fn open(connect: Connect, config: &KvCacheConfig) -> Result<BlockingKvCache, KvError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flyfs-kvcache")
+            .enable_all()
+            .build()
+            .map_err(KvError::Runtime)?;
+        let cache = runtime.block_on(async {
+            let mut storage_config = ClientConfig::new(connect.mgmt.clone(), connect.client);
+            storage_config.op_deadline = connect.op_deadline;
+            let storage = StorageClient::new(storage_config, Tcp, connect.credentials.clone());
+            let mut meta_config = MetaClientConfig::new(connect.meta.clone());
+            meta_config.op_deadline = connect.op_deadline;
+            let meta: Arc<MetaClient<Tcp>> =
+                MetaClient::new(Tcp, meta_config, connect.credentials.clone());
+            KvCache::open(meta, storage, config).await
+        })?;
+        Ok(BlockingKvCache { runtime, cache })
+    }
+
+    pub fn layout(&self) -> &KvOpenRsp {
+        self.cache.layout()
+    }
+
+    pub fn block_bytes_max(&self) -> u32 {
+        self.cache.block_bytes_max()
+    }
+
+    pub fn batch_put_from(
+        &self,
+        keys: &[&[u8]],
+        buffers: &[&[u8]],
+    ) -> Result<Vec<PutResult>, KvError> {
+        self.runtime
+            .block_on(self.cache.batch_put_from(keys, buffers))
+    }
+
+    pub fn batch_get_into(
+        &self,
+        keys: &[&[u8]],
+        buffers: &mut [&mut [u8]],
+    ) -> Result<Vec<GetResult>, KvError> {
+        self.runtime
+            .block_on(self.cache.batch_get_into(keys, buffers))
+    }
+
+    pub fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>, KvError> {
+        self.runtime.block_on(self.cache.batch_exists(keys))
+    }
+
+    pub fn batch_remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>, KvError> {
+        self.runtime.block_on(self.cache.batch_remove(keys))
+    }
+
+    pub fn evict_aged(&self) -> Result<KvEvictRsp, KvError> {
+        self.runtime.block_on(self.cache.evict_aged())
+    }
+}
