@@ -3,7 +3,7 @@
 //! the cluster manager (`mgmtd`) and storage (`storage`) daemons, the
 //! metadata service (`meta`), the FUSE daemon (`mount`), a whole
 //! single-machine cluster (`up`/`down`), `admin`, and `bench
-//! engine|storage|meta`, which run flyfs-benches.
+//! engine|storage|meta|native`, which run flyfs-benches.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -113,6 +113,9 @@ enum BenchCommand {
     /// The metadata service over loopback TCP on the embedded store:
     /// creates, stats, renames and unlinks per second, and a 10k-entry readdir.
     Meta(flyfs_benches::meta::MetaArgs),
+    /// Native (zero-copy) I/O reads of a file on a mount, through its
+    /// daemon's socket: GiB/s and IOPS at a block size, depth and thread count.
+    Native(flyfs_benches::native::NativeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,6 +164,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Meta(args),
         } => flyfs_benches::meta::run(&args),
+        Command::Bench {
+            what: BenchCommand::Native(args),
+        } => flyfs_benches::native::run(&args),
         Command::Mgmtd { config } => {
             let config = MgmtdConfig::load(&config)?;
             let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));

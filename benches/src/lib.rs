@@ -1,4 +1,4 @@
-//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta`
+//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta|native`
 //! runs (their flags and JSON output are what benches/*-vs-fio and users
 //! call), and what the peer-benchmark tools share.
 //!
@@ -8,6 +8,9 @@
 //!   loopback TCP by a storage client.
 //! * [`meta`]: the metadata service over loopback TCP on the embedded
 //!   store.
+//! * [`native`]: reads of a file on a mount through native I/O (the
+//!   mount daemon's shared-memory rings), against which
+//!   `benches/native-vs-fuse` sets FUSE and fio.
 //! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
 //!
 //! The binaries `fsbench` (workloads through any mount) and `fsreport`
@@ -18,5 +21,6 @@
 
 pub mod engine;
 pub mod meta;
+pub mod native;
 pub mod size;
 pub mod storage;

@@ -6,6 +6,7 @@
 //!
 //! Every error is an `OSError` with the errno and flyfs's message. Waits
 //! release the GIL.
+#![deny(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;

@@ -168,7 +168,10 @@ impl Client {
 
     /// A ring of `entries` entries (a power of two, at most 4096), registered.
     pub fn create_ior(&self, entries: u32) -> Result<Ior, NativeError> {
-        let len = region_bytes(entries.clamp(1, crate::ring::ENTRIES_MAX));
+        // Whole pages, and never below the daemon's minimum region.
+        let len = region_bytes(entries.clamp(1, crate::ring::ENTRIES_MAX))
+            .max(crate::wire::REGION_BYTES_MIN)
+            .next_multiple_of(4096);
         let fd = create_sealed(c"flyfs-ior", len)?;
         let mem =
             SharedMemory::map(fd.as_fd(), len as usize).map_err(|source| NativeError::Io {
