@@ -284,6 +284,8 @@ enum Prep {
 
 /// # Safety
 /// Live objects from this library, the ior used by this thread only.
+// The C functions' own arguments, passed through as the header has them.
+#[allow(clippy::too_many_arguments)]
 unsafe fn prep(
     kind: Prep,
     ior: *mut FlyfsIor,

@@ -127,7 +127,7 @@ impl SharedMemory {
     /// The `u32` at `offset` as an atomic, if it is inside the mapping and
     /// aligned.
     pub fn atomic_u32(&self, offset: u64) -> Option<&AtomicU32> {
-        if !self.contains(offset, 4) || offset % 4 != 0 {
+        if !self.contains(offset, 4) || !offset.is_multiple_of(4) {
             return None;
         }
         // SAFETY: inside the mapping and 4-aligned (the mapping is page
