@@ -3,7 +3,7 @@
 //! the cluster manager (`mgmtd`) and storage (`storage`) daemons, the
 //! metadata service (`meta`), the FUSE daemon (`mount`), a whole
 //! single-machine cluster (`up`/`down`), `admin`, and `bench
-//! engine|storage|meta|kv`, which run flyfs-benches.
+//! engine|storage|meta|kv|native`, which run flyfs-benches.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -117,6 +117,9 @@ enum BenchCommand {
     /// and metadata daemons) with four client processes: put and get
     /// throughput and latency, removal rate.
     Kv(flyfs_benches::kv::KvArgs),
+    /// Native (zero-copy) I/O reads of a file on a mount, through its
+    /// daemon's socket: GiB/s and IOPS at a block size, depth and thread count.
+    Native(flyfs_benches::native::NativeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -168,6 +171,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Kv(args),
         } => flyfs_benches::kv::run(&args),
+            what: BenchCommand::Native(args),
+        } => flyfs_benches::native::run(&args),
         Command::Mgmtd { config } => {
             let config = MgmtdConfig::load(&config)?;
             let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));

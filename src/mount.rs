@@ -8,7 +8,9 @@
 //! external `umount` ends the daemon cleanly.
 //!
 //! The config (`flyfs_deploy::config::MountConfig`, deploy/mount.toml) is
-//! read and checked before anything starts.
+//! read and checked before anything starts. With `native_socket` set, the
+//! daemon also serves native I/O there (flyfs-fuse's `native`,
+//! docs/native-io.md).
 
 use std::cell::Cell;
 use std::io;
@@ -74,6 +76,24 @@ pub(crate) fn run(config_path: &Path) -> anyhow::Result<()> {
     if config.kernel_readahead_bytes > 0 {
         set_kernel_readahead(&config.mount_point, config.kernel_readahead_bytes);
     }
+    let mut native = match &config.native_socket {
+        Some(socket) => Some(
+            flyfs_fuse::native::serve_native(
+                client.clone(),
+                runtime.handle(),
+                socket,
+                &config.mount_point,
+                mount.invalidator(),
+            )
+            .with_context(|| {
+                format!(
+                    "key `native_socket`: cannot serve native I/O on {}",
+                    socket.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
     runtime.block_on(async {
         let why = tokio::select! {
             why = stop.wait() => why,
@@ -84,11 +104,19 @@ pub(crate) fn run(config_path: &Path) -> anyhow::Result<()> {
                     tracing::warn!("the FUSE session at {shown} failed: {e}");
                 }
                 tracing::info!("{shown} was unmounted, stopping");
+                if let Some(native) = native.take() {
+                    native.shutdown().await;
+                }
                 flush_all(&client).await;
                 return Ok(());
             }
         };
         tracing::info!("mount at {shown}: {why}, unmounting");
+        // Native I/O connections end first: their files are flushed and
+        // closed like those of FUSE opens.
+        if let Some(native) = native.take() {
+            native.shutdown().await;
+        }
         flush_all(&client).await;
         let lazy = match mount.unmount() {
             Ok(()) => false,

@@ -328,6 +328,12 @@ impl ClusterLayout {
             }
             Kind::Mount => {
                 let mut config = MountConfig::new(&self.mount_point);
+                // sun_path holds 107 bytes: a deeper data directory gets a
+                // mount without native I/O rather than no mount.
+                let socket = self.data.join("run").join("native.sock");
+                if socket.as_os_str().len() < 108 {
+                    config.native_socket = Some(socket);
+                }
                 config.mgmt = ManagerAddrs::one(self.mgmt());
                 config.meta = vec![self.meta()];
                 config.metrics_listen = metrics_listen;

@@ -1,4 +1,4 @@
-//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta|kv`
+//! The benchmarks of flyfs itself, which `flyfs bench engine|storage|meta|kv|native`
 //! runs (their flags and JSON output are what benches/*-vs-fio and users
 //! call), and what the peer-benchmark tools share.
 //!
@@ -10,6 +10,9 @@
 //!   store.
 //! * [`kv`]: the KV cache (flyfs-kvcache) on the same cluster plus a
 //!   metadata daemon, driven by four client processes.
+//! * [`native`]: reads of a file on a mount through native I/O (the
+//!   mount daemon's shared-memory rings), against which
+//!   `benches/native-vs-fuse` sets FUSE and fio.
 //! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
 //!
 //! The binaries `fsbench` (workloads through any mount) and `fsreport`
@@ -21,5 +24,6 @@
 pub mod engine;
 pub mod kv;
 pub mod meta;
+pub mod native;
 pub mod size;
 pub mod storage;

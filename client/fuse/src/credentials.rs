@@ -13,7 +13,7 @@ use fuser::Request;
 /// `/proc/<pid>/status`, read anew for every request (group membership
 /// changes with `newgrp` and `setgroups`); a caller whose process cannot
 /// be seen (pid 0: a kernel-internal request) has none.
-fn user_of(uid: u32, gid: u32, pid: u32) -> User {
+pub(crate) fn user_of(uid: u32, gid: u32, pid: u32) -> User {
     User {
         uid,
         gid,

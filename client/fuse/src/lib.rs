@@ -50,9 +50,10 @@ mod fs;
 mod handles;
 mod listing;
 pub mod mountpoint;
+pub mod native;
 mod ops;
 mod request;
 mod session;
 
 pub use fs::{FuseFs, FuseOptions};
-pub use session::{FuseMount, mount};
+pub use session::{FuseMount, Invalidator, mount};

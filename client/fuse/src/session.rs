@@ -26,6 +26,7 @@ pub(crate) const FS_NAME: &str = "flyfs";
 /// Session handles of a mounted file system.
 pub struct FuseMount {
     unmounter: SessionUnmounter,
+    notifier: fuser::Notifier,
     ended: Option<oneshot::Receiver<io::Result<()>>>,
     in_flight: Arc<dyn IdleWait>,
 }
@@ -76,6 +77,7 @@ pub fn mount<N: Network>(
     let shared: Arc<dyn IdleWait> = fs.shared.clone();
     let mut session = Session::new(fs, mount_point, &config)?;
     let unmounter = session.unmount_callable();
+    let notifier = session.notifier();
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("flyfs-fuse".into())
@@ -85,6 +87,7 @@ pub fn mount<N: Network>(
         })?;
     Ok(FuseMount {
         unmounter,
+        notifier,
         ended: Some(rx),
         in_flight: shared,
     })
@@ -98,7 +101,29 @@ impl std::fmt::Debug for FuseMount {
     }
 }
 
+/// Tells the kernel that a file changed behind its back (native I/O wrote
+/// it), so its cached attributes and pages are dropped: the next open
+/// through the mount sees the new length and bytes (close-to-open).
+#[derive(Clone, Debug)]
+pub struct Invalidator(fuser::Notifier);
+
+impl Invalidator {
+    /// Drops the kernel's attributes and pages of `ino`. An inode the kernel
+    /// does not know (never looked up, or forgotten) is no error.
+    pub fn invalidate(&self, ino: u64) -> io::Result<()> {
+        match self.0.inval_inode(fuser::INodeNo(ino), 0, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+}
+
 impl FuseMount {
+    /// What native I/O uses to keep the kernel's caches of this mount true.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator(self.notifier.clone())
+    }
+
     /// Unmounts (plain `umount(2)`: EBUSY while files are open).
     pub fn unmount(&mut self) -> io::Result<()> {
         self.unmounter.unmount()

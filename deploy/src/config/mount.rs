@@ -55,6 +55,10 @@ pub struct MountConfig {
     /// Where to serve Prometheus metrics (`host:port`); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// The Unix socket applications reach native (zero-copy) I/O on
+    /// (docs/native-io.md); no native I/O when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_socket: Option<PathBuf>,
     /// This daemon's credentials (`[tls]`: `ca`, `cert`, `key`); required to
     /// start, since every connection is authenticated (docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +108,7 @@ impl MountConfig {
             readahead_bytes_max: default_readahead_bytes_max(),
             kernel_readahead_bytes: default_kernel_readahead_bytes(),
             metrics_listen: None,
+            native_socket: None,
             tls: None,
         }
     }
@@ -152,12 +157,24 @@ impl ConfigFile for MountConfig {
             "kernel_readahead_bytes",
             || "must be a multiple of 1024".into(),
         )?;
+        if let Some(socket) = &self.native_socket {
+            // sun_path holds 108 bytes with its terminating NUL.
+            let len = socket.as_os_str().len();
+            check(len > 0 && len < 108, "native_socket", || {
+                format!("must be a path of 1 to 107 bytes, not {len}")
+            })?;
+        }
         check_metrics_listen(self.metrics_listen.as_deref())
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
         if let Some(tls) = &mut self.tls {
             tls.resolve_beside(dir);
+        }
+        if let Some(socket) = &mut self.native_socket
+            && socket.is_relative()
+        {
+            *socket = dir.join(&*socket);
         }
         if self.mount_point.is_relative() {
             // Absolute, so that logs and `mount` show the same path.
@@ -197,6 +214,13 @@ mod tests {
         let e =
             MountConfig::parse("mount_point = \"m\"\nmetrics_listen = \"\"").expect_err("empty");
         assert!(message(&e).contains("metrics_listen"), "{e:#}");
+        assert_eq!(config.native_socket, None);
+        let e = MountConfig::parse(&format!(
+            "mount_point = \"m\"\nnative_socket = \"/{}\"",
+            "s".repeat(120)
+        ))
+        .expect_err("too long");
+        assert!(message(&e).contains("native_socket"), "{e:#}");
     }
 
     #[test]
