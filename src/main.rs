@@ -171,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Kv(args),
         } => flyfs_benches::kv::run(&args),
+        Command::Bench {
             what: BenchCommand::Native(args),
         } => flyfs_benches::native::run(&args),
         Command::Mgmtd { config } => {
