@@ -210,6 +210,13 @@ impl StorageDaemon {
             ..PoolConfig::default()
         })
         .context("allocating I/O buffers")?;
+        // Registered with the RDMA device once, here: a chunk a client
+        // writes lands in it by RDMA READ, and a forward down the chain
+        // lends it to the successor, which pulls it the same way.
+        if let Some(rdma) = &rdma {
+            rdma.register_arenas(Arc::new(pool.clone()))
+                .context("registering the I/O buffer pool with the RDMA device")?;
+        }
         let mut engines = Vec::with_capacity(config.devices.len());
         for (disk, path) in config.devices.iter().enumerate() {
             let device = open_device(path, &DeviceConfig::default(), Some(&pool))

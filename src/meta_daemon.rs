@@ -72,10 +72,15 @@ impl MetaDaemon {
         credentials: Credentials,
     ) -> anyhow::Result<MetaDaemon> {
         let client = ClientId(rand::random::<u64>() | 1);
-        let storage = StorageClient::new(
+        let rdma = config
+            .rdma
+            .open(config.transport)
+            .context("transport = \"rdma\": opening the [rdma] device")?;
+        let storage = StorageClient::with_transport(
             ClientConfig::new(config.mgmt.0.clone(), client),
             Tcp,
             credentials.clone(),
+            rdma.clone(),
         );
         let mut ns_config = NsConfig::new(
             config.layout(),
@@ -97,7 +102,7 @@ impl MetaDaemon {
             .bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let server = Server::new(
+        let mut server = Server::new(
             MetaService::new(
                 ns.clone(),
                 storage.clone(),
@@ -110,9 +115,11 @@ impl MetaDaemon {
             ),
             ServerConfig::without_payload(),
             credentials,
-        )
-        .spawn(listener)
-        .context("starting the RPC server")?;
+        );
+        if let Some(rdma) = rdma {
+            server = server.with_rdma(rdma);
+        }
+        let server = server.spawn(listener).context("starting the RPC server")?;
         let reaper = SessionReaper::new(
             ns.clone(),
             storage.clone(),

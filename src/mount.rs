@@ -169,7 +169,11 @@ async fn connect(config: &MountConfig) -> anyhow::Result<Arc<FsClient<Tcp>>> {
     };
     let storage_config = ClientConfig::new(config.mgmt.0.clone(), ClientId(client_id));
     let credentials = crate::certs::from_config(config.tls.as_ref(), "the mount")?;
-    let storage = StorageClient::new(storage_config, Tcp, credentials.clone());
+    let rdma = config
+        .rdma
+        .open(config.transport)
+        .context("transport = \"rdma\": opening the [rdma] device")?;
+    let storage = StorageClient::with_transport(storage_config, Tcp, credentials.clone(), rdma);
     // The manager may still be starting: poll it (a constant backoff,
     // jittered per client) for the startup patience, warning every few
     // seconds that we wait.

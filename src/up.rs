@@ -107,10 +107,10 @@ pub(crate) struct UpArgs {
     /// How long to wait for each daemon to become ready, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    /// How the manager and the storage nodes reach each other: `tcp` or
-    /// `rdma` (on `--rdma-device`). Their servers then take RDMA and TCP
-    /// connections; the metadata service, the mount and the admin tool stay
-    /// on TCP.
+    /// How the daemons and the mount reach the manager and the storage
+    /// nodes: `tcp` or `rdma` (on `--rdma-device`). Their servers then take
+    /// RDMA and TCP connections; the mount reaches the metadata service,
+    /// and the admin tool every daemon, over TCP.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
     transport: String,
     /// The RDMA device, with `--transport rdma` (`ibv_devices` lists them).
@@ -324,6 +324,8 @@ impl ClusterLayout {
                 config.stripe = STRIPE;
                 config.metrics_listen = metrics_listen;
                 config.tls = self.tls(kind);
+                config.transport = self.transport;
+                config.rdma = self.rdma.clone();
                 config.to_toml()
             }
             Kind::Mount => {
@@ -338,6 +340,8 @@ impl ClusterLayout {
                 config.meta = vec![self.meta()];
                 config.metrics_listen = metrics_listen;
                 config.tls = self.tls(kind);
+                config.transport = self.transport;
+                config.rdma = self.rdma.clone();
                 config.to_toml()
             }
         };

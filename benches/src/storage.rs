@@ -141,14 +141,22 @@ struct Results {
     /// Cores each process kept busy in each phase (CPU seconds over wall
     /// seconds): what shows whether the two cores or the disk ran out.
     cpu_cores: CpuCores,
+    /// CPU seconds each process spent per GiB of chunk data written (all
+    /// replicas' work counted, per GiB the client wrote) and read, plus
+    /// `storage`, the storage daemons' sum: what a transport's copies cost,
+    /// whatever the emulated NIC's throughput.
+    cpu_s_per_gib: CpuPerGib,
     dir: String,
     transport: String,
     /// Whether replicas forwarded before their Prepare was durable.
     overlap_prepare: bool,
-    /// Payload bytes this (client) process moved through RDMA SEND/RECV
-    /// slots (copied) and by one-sided READ/WRITE (zero for now: payloads
-    /// ride the messages until one-sided payloads land).
+    /// Bytes this (client) process moved through RDMA SEND/RECV slots
+    /// (copied: frames, and payloads outside the registered buffers) and
+    /// by one-sided READ/WRITE that it issued itself.
     rdma_client_bytes: RdmaBytes,
+    /// Payload bytes per method that this client lent for the storage
+    /// nodes to pull one-sided, versus sent inline (copied).
+    rdma_client_payload_moved: Vec<flyfs_rpc::metrics::PayloadMoved>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -157,6 +165,35 @@ struct RdmaBytes {
     received_copied: u64,
     one_sided_read: u64,
     one_sided_written: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct CpuPerGib {
+    write: HashMap<String, f64>,
+    read: HashMap<String, f64>,
+}
+
+impl CpuPerGib {
+    fn new(cores: &CpuCores, write_s: f64, read_s: f64, bytes: u64) -> CpuPerGib {
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        let per_gib = |cores: &HashMap<String, f64>, seconds: f64| {
+            let mut out: HashMap<String, f64> = cores
+                .iter()
+                .map(|(name, busy)| (name.clone(), busy * seconds / gib))
+                .collect();
+            let storage = cores
+                .iter()
+                .filter(|(name, _)| name.starts_with("storage"))
+                .map(|(_, busy)| busy * seconds / gib)
+                .sum();
+            out.insert("storage".to_string(), storage);
+            out
+        };
+        CpuPerGib {
+            write: per_gib(&cores.write, write_s),
+            read: per_gib(&cores.read, read_s),
+        }
+    }
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -257,6 +294,12 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
             write_s: write.as_secs_f64(),
             read_s: read.as_secs_f64(),
             elapsed_s: 0.0,
+            cpu_s_per_gib: CpuPerGib::new(
+                &bench.cpu,
+                write.as_secs_f64(),
+                read.as_secs_f64(),
+                u64::from(chunks) * args.chunk_size,
+            ),
             cpu_cores: std::mem::take(&mut bench.cpu),
             dir: base.display().to_string(),
             transport: args.transport.clone(),
@@ -270,6 +313,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
                     one_sided_written: moved.one_sided_written,
                 }
             },
+            rdma_client_payload_moved: flyfs_rpc::metrics::payload_moved_totals(),
         })
     });
     let mut results = match results {
@@ -622,6 +666,22 @@ impl Bench<'_> {
             .rdma
             .open(self.cluster.transport)
             .context("--transport rdma: opening the RDMA device")?;
+        // Over RDMA the chunks' bytes live in a buffer pool registered with
+        // the device once, here, as a client's I/O buffers would: the
+        // storage nodes pull each write's payload by RDMA READ.
+        let registered = match &rdma {
+            Some(rdma) => {
+                let pool = flyfs_bypass::buf::BufferPool::new(&flyfs_bypass::buf::PoolConfig {
+                    classes: vec![(self.chunk_size as usize, CONTENTS)],
+                    ..Default::default()
+                })
+                .context("allocating the chunks' buffers")?;
+                rdma.register_arenas(Arc::new(pool.clone()))
+                    .context("registering the chunks' buffers with the RDMA device")?;
+                Some(pool)
+            }
+            None => None,
+        };
         let client = StorageClient::with_transport(
             ClientConfig::new([self.cluster.mgmt_addr.clone()], ClientId(0xbe4c)),
             Tcp,
@@ -632,7 +692,7 @@ impl Bench<'_> {
             .refresh_routing()
             .await
             .context("fetching the routing")?;
-        let contents = Contents::new(self.chunk_size as usize);
+        let contents = Contents::new(self.chunk_size as usize, registered.as_ref());
         let meter = CpuMeter::start(self.cluster);
         let write = self.write_all(&client, &contents).await?;
         self.cpu.write = meter.cores();
@@ -901,7 +961,8 @@ struct Contents {
 }
 
 impl Contents {
-    fn new(chunk_bytes: usize) -> Arc<Contents> {
+    /// In `pool`'s buffers when one is given (registered for RDMA).
+    fn new(chunk_bytes: usize, pool: Option<&flyfs_bypass::buf::BufferPool>) -> Arc<Contents> {
         let chunks = (0..CONTENTS)
             .map(|n| {
                 let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64 + 1);
@@ -915,7 +976,15 @@ impl Contents {
                 }
                 data.truncate(chunk_bytes);
                 let crc = crc32c::crc32c(&data);
-                (Bytes::from(data), crc)
+                let bytes = match pool {
+                    Some(pool) => {
+                        let mut buf = pool.alloc(chunk_bytes);
+                        buf.copy_from_slice(&data);
+                        Bytes::from_owner(buf)
+                    }
+                    None => Bytes::from(data),
+                };
+                (bytes, crc)
             })
             .collect();
         Arc::new(Contents { chunks })

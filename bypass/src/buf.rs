@@ -571,6 +571,20 @@ fn map_arena(bytes: usize, hugepages: HugePages) -> Result<Mapping, PoolError> {
     })
 }
 
+// SAFETY: the arena is mapped when the pool is made and unmapped only when
+// the last clone of the pool (`Arc<PoolShared>`) drops, so each region
+// `regions` names stays at its address while this value lives; the pool
+// hands every buffer to one owner at a time (read-only views excepted, which
+// nothing writes).
+unsafe impl flyfs_rdma::Arena for BufferPool {
+    fn arenas(&self) -> Vec<(std::ptr::NonNull<u8>, usize)> {
+        self.regions()
+            .into_iter()
+            .filter_map(|(ptr, len)| std::ptr::NonNull::new(ptr).map(|ptr| (ptr, len)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

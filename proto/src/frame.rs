@@ -295,6 +295,15 @@ impl Header {
 /// carries an end-to-end checksum the service verifies itself.
 pub const FLAG_PAYLOAD_UNCHECKED: u16 = 1;
 
+/// Header flag (RDMA transport only): the payload is not the bytes but a
+/// 16-byte descriptor of the sender's registered buffer holding them
+/// (address u64, rkey u32, length u32, little-endian), which the receiver
+/// pulls with a one-sided RDMA READ (docs/rdma-transport.md).
+pub const FLAG_PAYLOAD_REMOTE: u16 = 2;
+
+/// Bytes of one remote buffer descriptor.
+pub const REMOTE_DESCRIPTOR_BYTES: usize = 16;
+
 /// CRC32C over body bytes then payload bytes (body only under
 /// [`FLAG_PAYLOAD_UNCHECKED`]).
 pub fn body_crc(body: &[u8], payload: &[u8]) -> u32 {

@@ -61,6 +61,29 @@ pub struct Device {
     pd: Arc<ProtectionDomain>,
     gid_index: u8,
     port: PortInfo,
+    /// The buffer pool arenas registered once at start
+    /// ([`Device::register_arenas`]): what one-sided payloads may name.
+    arenas: parking_lot::RwLock<Vec<Registered>>,
+}
+
+/// Memory that can be registered once for one-sided transfers: a buffer
+/// pool's arenas.
+///
+/// # Safety
+/// Every range `arenas` returns must stay allocated, at that address, for
+/// as long as the implementing value lives; and the owner hands each buffer
+/// inside to one user at a time, so a peer's RDMA WRITE into a buffer a
+/// call names reaches only that call's buffer.
+pub unsafe trait Arena: Send + Sync + std::fmt::Debug + 'static {
+    fn arenas(&self) -> Vec<(std::ptr::NonNull<u8>, usize)>;
+}
+
+/// The registrations of one arena owner, and the owner, which keeps their
+/// memory alive: regions first, so they are deregistered before it goes.
+#[derive(Debug)]
+struct Registered {
+    regions: Vec<Arc<MemoryRegion>>,
+    _owner: Arc<dyn Arena>,
 }
 
 impl Device {
@@ -75,6 +98,7 @@ impl Device {
             pd,
             gid_index,
             port,
+            arenas: parking_lot::RwLock::new(Vec::new()),
         }))
     }
 
@@ -103,6 +127,55 @@ impl Device {
     ) -> Result<Arc<MemoryRegion>> {
         // SAFETY: the caller's promise is the one this function requires.
         unsafe { MemoryRegion::register_external(&self.pd, addr, len, access) }.map(Arc::new)
+    }
+
+    /// Registers every arena of `owner` for one-sided transfers, once, at
+    /// start: payloads that lie inside a registered arena move by RDMA READ
+    /// and WRITE; any other buffer travels inside messages (copied). Never
+    /// called per I/O: registration pins pages and costs a system call. The
+    /// device keeps `owner` (and so its memory) alive as long as the
+    /// registrations.
+    pub fn register_arenas(&self, owner: Arc<dyn Arena>) -> Result<()> {
+        let mut regions = Vec::new();
+        for (addr, len) in owner.arenas() {
+            // SAFETY: `Arena`'s contract: the range stays allocated while
+            // `owner` lives, and the owner is kept below, dropped after the
+            // regions (field order of `Registered`).
+            let region =
+                unsafe { MemoryRegion::register_external(&self.pd, addr, len, Access::Remote) }?;
+            regions.push(Arc::new(region));
+        }
+        self.arenas.write().push(Registered {
+            regions,
+            _owner: owner,
+        });
+        Ok(())
+    }
+
+    /// The registered arena holding all of `ptr..ptr + len`, with the
+    /// offset of `ptr` in it; `None` when the range is not (wholly) inside
+    /// one, so the caller sends it inline.
+    pub fn find_arena(&self, ptr: *const u8, len: usize) -> Option<(Arc<MemoryRegion>, usize)> {
+        let start = ptr as u64;
+        let end = start.checked_add(len as u64)?;
+        self.arenas
+            .read()
+            .iter()
+            .flat_map(|registered| &registered.regions)
+            .find_map(|region| {
+                let region_end = region.addr() + region.len() as u64;
+                (start >= region.addr() && end <= region_end)
+                    .then(|| (region.clone(), (start - region.addr()) as usize))
+            })
+    }
+
+    /// How many arena regions are registered (for the leak tests).
+    pub fn arena_count(&self) -> usize {
+        self.arenas
+            .read()
+            .iter()
+            .map(|registered| registered.regions.len())
+            .sum()
     }
 }
 

@@ -10,7 +10,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `FLYRDMA\0` |
-//! | 8..10 | version (1) |
+//! | 8..10 | version (2) |
 //! | 10..12 | LID |
 //! | 12..16 | QP number (24 bits used) |
 //! | 16..20 | PSN (24 bits used) |
@@ -23,7 +23,9 @@ use crate::error::{RdmaError, Result};
 use crate::verbs::QpAddress;
 
 pub const MAGIC: [u8; 8] = *b"FLYRDMA\0";
-pub const VERSION: u16 = 1;
+/// 2: frames may carry remote payload descriptors (`FLAG_PAYLOAD_REMOTE`,
+/// docs/rdma-transport.md), which a version-1 peer would take for bytes.
+pub const VERSION: u16 = 2;
 pub const ENCODED_BYTES: usize = 48;
 
 /// The largest receive ring a peer may announce: the credits bound what we
@@ -173,7 +175,7 @@ mod tests {
         bad.address.qp_num = 1 << 24;
         assert!(error(&bad.encode()).contains("QP number"));
         let mut version = sample().encode();
-        version[8] = 2;
-        assert!(error(&version).contains("version 2"));
+        version[8] = 1;
+        assert!(error(&version).contains("version 1"));
     }
 }

@@ -23,7 +23,7 @@ pub mod handshake;
 pub mod verbs;
 
 pub use conn::{
-    Connection, ConnectionConfig, Device, PendingConnection, RemoteBuffer, TransferCounts,
+    Arena, Connection, ConnectionConfig, Device, PendingConnection, RemoteBuffer, TransferCounts,
     transfer_counts,
 };
 pub use error::{RdmaError, Result};

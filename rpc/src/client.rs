@@ -339,10 +339,33 @@ impl<N: Network> Client<N> {
             method,
         };
         let conn = self.connection(addr).await?;
-        let flags = if method.payload_checked {
+        let mut flags = if method.payload_checked {
             frame::FLAG_PAYLOAD_UNCHECKED
         } else {
             0
+        };
+        // Over RDMA, a payload in a registered arena goes as its descriptor
+        // and the server pulls it; it stays lent (alive, unchanged) until
+        // the reply comes or the connection is gone.
+        let method_metrics = crate::metrics::payload_moved(method.id);
+        let mut lent = None;
+        let payload = match conn
+            .shared
+            .link
+            .as_ref()
+            .map(|link| link.describe(&payload))
+        {
+            Some(Some(descriptor)) => {
+                flags |= frame::FLAG_PAYLOAD_REMOTE;
+                method_metrics.one_sided(payload.len());
+                lent = Some(payload);
+                descriptor
+            }
+            Some(None) => {
+                method_metrics.copied(payload.len());
+                payload
+            }
+            None => payload,
         };
         let frame = OutFrame::with_flags(
             Kind::Request,
@@ -358,7 +381,7 @@ impl<N: Network> Client<N> {
         // this future (cancel, timeout) removes the entry.
         let _pending = conn
             .shared
-            .register(request_id, reply_tx)
+            .register(request_id, reply_tx, lent)
             .ok_or_else(disconnected)?;
         conn.writer.send(frame).await.map_err(|_| disconnected())?;
         let frame = match reply_rx.await {
@@ -457,7 +480,7 @@ impl<N: Network> Client<N> {
             })?;
         tracing::debug!(%addr, slot = index, server = %identity, "connected");
         let conn = match &self.inner.rdma {
-            None => Arc::new(Conn::start(addr, stream, self.inner.config.limits)),
+            None => Arc::new(Conn::start(addr, stream, self.inner.config.limits, None)),
             // Authenticated above: only now are RDMA parameters exchanged.
             Some(rdma) => {
                 let upgrade = rdma.upgrade(stream, crate::rdma::Side::Client);
@@ -476,7 +499,13 @@ impl<N: Network> Client<N> {
                         addr: addr.to_owned(),
                         source,
                     })?;
-                Arc::new(Conn::start(addr, stream, self.inner.config.limits))
+                let (stream, link) = stream;
+                Arc::new(Conn::start(
+                    addr,
+                    stream,
+                    self.inner.config.limits,
+                    Some(link),
+                ))
             }
         };
         *slot = Some(conn.clone());
@@ -514,6 +543,8 @@ struct Conn {
 #[derive(Debug)]
 struct Shared {
     addr: String,
+    /// The RDMA connection under the frames, on the RDMA transport.
+    link: Option<Arc<crate::rdma::Link>>,
     state: Mutex<State>,
 }
 
@@ -522,6 +553,12 @@ struct State {
     /// False once the connection broke: no call registers any more.
     open: bool,
     pending: BTreeMap<u64, ReplySender>,
+    /// Payloads the server may still pull by RDMA READ, by request id:
+    /// kept until the request's reply arrives (the server finishes its
+    /// READ before replying) or the queue pair is in the error state, even
+    /// when the call itself was cancelled, so the pool never hands the
+    /// buffer to a new owner while the peer can still read it.
+    lent: BTreeMap<u64, Bytes>,
     tasks: Vec<AbortHandle>,
 }
 
@@ -531,20 +568,32 @@ impl Shared {
     }
 
     /// Registers a pending call; `None` if the connection already broke.
-    fn register(self: &Arc<Self>, request_id: u64, reply: ReplySender) -> Option<PendingGuard> {
+    fn register(
+        self: &Arc<Self>,
+        request_id: u64,
+        reply: ReplySender,
+        lent: Option<Bytes>,
+    ) -> Option<PendingGuard> {
         let mut state = lock(&self.state);
         if !state.open {
             return None;
         }
         state.pending.insert(request_id, reply);
+        if let Some(lent) = lent {
+            state.lent.insert(request_id, lent);
+        }
         Some(PendingGuard {
             shared: self.clone(),
             request_id,
         })
     }
 
+    /// The pending call of a reply that arrived; the payload it lent is
+    /// the server's no longer.
     fn take(&self, request_id: u64) -> Option<ReplySender> {
-        lock(&self.state).pending.remove(&request_id)
+        let mut state = lock(&self.state);
+        state.lent.remove(&request_id);
+        state.pending.remove(&request_id)
     }
 
     /// Marks the connection broken, fails every pending call (in request id
@@ -556,14 +605,21 @@ impl Shared {
     /// As [`Shared::close`]; with `refused`, the pending calls fail with
     /// that reason instead of `Disconnected`.
     fn close_because(&self, refused: Option<String>) {
-        let (pending, tasks) = {
+        // The queue pair goes to the error state first (no READ of a lent
+        // payload is served after it), then the lent payloads are freed.
+        if let Some(link) = &self.link {
+            link.break_with("the rpc connection closed".to_string());
+        }
+        let (pending, tasks, lent) = {
             let mut state = lock(&self.state);
             state.open = false;
             (
                 std::mem::take(&mut state.pending),
                 std::mem::take(&mut state.tasks),
+                std::mem::take(&mut state.lent),
             )
         };
+        drop(lent);
         if !pending.is_empty() {
             tracing::debug!(addr = %self.addr, calls = pending.len(), "connection lost");
         }
@@ -594,15 +650,22 @@ impl Drop for PendingGuard {
 }
 
 impl Conn {
-    fn start<T>(addr: &str, stream: T, limits: FrameLimits) -> Conn
+    fn start<T>(
+        addr: &str,
+        stream: T,
+        limits: FrameLimits,
+        link: Option<Arc<crate::rdma::Link>>,
+    ) -> Conn
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::new(Shared {
             addr: addr.to_owned(),
+            link,
             state: Mutex::new(State {
                 open: true,
                 pending: BTreeMap::new(),
+                lent: BTreeMap::new(),
                 tasks: Vec::new(),
             }),
         });

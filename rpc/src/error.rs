@@ -78,6 +78,14 @@ pub enum RpcError {
         #[source]
         source: flyfs_rdma::RdmaError,
     },
+    /// A one-sided transfer of a payload failed (an RDMA READ of the
+    /// peer's buffer: an invalid remote key, a broken connection, a
+    /// destination outside the registered arenas).
+    #[error("one-sided payload transfer failed: {source}")]
+    OneSided {
+        #[source]
+        source: flyfs_rdma::RdmaError,
+    },
     /// The server's certificate is valid but names no daemon of our
     /// cluster.
     #[error("{addr} is not a flyfs daemon of our cluster: {reason}")]

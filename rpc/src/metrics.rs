@@ -12,7 +12,13 @@
 //!   (server: from dispatch to the encoded reply; client: one attempt);
 //! * `flyfs_rpc_{server,client}_payload_bytes_total{method,direction}`:
 //!   message and payload bytes of requests (`direction="request"`) and
-//!   replies (`direction="response"`).
+//!   replies (`direction="response"`);
+//! * `flyfs_rpc_payload_moved_bytes_total{method,how}` (RDMA transport):
+//!   payload bytes moved by one-sided RDMA operations (`how="one_sided"`,
+//!   counted by the side that names its buffer and by the side that pulls
+//!   it) versus copied through message slots (`how="copied"`, a buffer
+//!   outside the registered arenas). These are also kept in plain atomics,
+//!   always on, for [`payload_moved_totals`] (the storage bench's JSON).
 //!
 //! A method's handles are registered on its first call after [`enable`]
 //! (so only the methods a process uses show up); a call then costs a binary
@@ -163,6 +169,109 @@ pub(crate) fn client(method: u16) -> Option<&'static MethodMetrics> {
 /// time in async code: a simulation records simulated latencies.
 pub(crate) fn start(metrics: Option<&MethodMetrics>) -> Option<Instant> {
     metrics.map(|_| Instant::now())
+}
+
+/// Payload bytes of one method moved one-sided versus copied (RDMA).
+#[derive(Debug)]
+pub(crate) struct MovedCounters {
+    name: &'static str,
+    one_sided: std::sync::atomic::AtomicU64,
+    copied: std::sync::atomic::AtomicU64,
+}
+
+impl MovedCounters {
+    pub(crate) fn one_sided(&self, bytes: usize) {
+        self.add(bytes, true);
+    }
+
+    pub(crate) fn copied(&self, bytes: usize) {
+        self.add(bytes, false);
+    }
+
+    fn add(&self, bytes: usize, one_sided: bool) {
+        if bytes == 0 {
+            return;
+        }
+        let counter = if one_sided {
+            &self.one_sided
+        } else {
+            &self.copied
+        };
+        counter.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        if SERVER.get().is_some() {
+            let how = if one_sided { "one_sided" } else { "copied" };
+            metrics::counter!(
+                "flyfs_rpc_payload_moved_bytes_total", "method" => self.name, "how" => how
+            )
+            .increment(bytes as u64);
+        }
+    }
+}
+
+/// Method ids and names, sorted by id, with one counter pair each (the last
+/// pair counts unknown ids).
+struct MovedTable {
+    ids: Vec<u16>,
+    counters: Vec<MovedCounters>,
+}
+
+fn moved_table() -> &'static MovedTable {
+    static TABLE: OnceLock<MovedTable> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut known: Vec<(u16, &'static str)> = METHODS.to_vec();
+        known.sort_unstable();
+        known.push((u16::MAX, "unknown"));
+        MovedTable {
+            ids: known.iter().map(|(id, _)| *id).collect(),
+            counters: known
+                .iter()
+                .map(|(_, name)| MovedCounters {
+                    name,
+                    one_sided: Default::default(),
+                    copied: Default::default(),
+                })
+                .collect(),
+        }
+    })
+}
+
+/// The counters of `method`'s payloads (always on: two atomic adds a call).
+pub(crate) fn payload_moved(method: u16) -> &'static MovedCounters {
+    let table = moved_table();
+    let index = table
+        .ids
+        .binary_search(&method)
+        .unwrap_or(table.ids.len() - 1);
+    &table.counters[index]
+}
+
+/// Payload bytes one method moved in this process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PayloadMoved {
+    pub method: &'static str,
+    pub one_sided_bytes: u64,
+    pub copied_bytes: u64,
+}
+
+/// Every method that moved payload bytes over RDMA in this process, by
+/// method name.
+pub fn payload_moved_totals() -> Vec<PayloadMoved> {
+    let table = moved_table();
+    table
+        .counters
+        .iter()
+        .filter_map(|counters| {
+            let one_sided = counters
+                .one_sided
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let copied = counters.copied.load(std::sync::atomic::Ordering::Relaxed);
+            (one_sided + copied > 0).then_some(PayloadMoved {
+                method: counters.name,
+                one_sided_bytes: one_sided,
+                copied_bytes: copied,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,27 +5,48 @@
 //! must be able to move it without the CPU. Services see only [`Payload`] and
 //! its four methods, so they never learn which transport is underneath.
 //!
-//! # How an RDMA transport implements the same contract
+//! # The RDMA transport's remote payloads
 //!
-//! A future variant `Remote(RemoteBuffer)` would describe memory the *client*
-//! registered with its NIC: address, rkey, length (and the queue pair to use).
-//! An RDMA client puts that descriptor in the request instead of the bytes:
-//! * For a write, the server's `fetch_into(dst)` issues a one-sided RDMA READ
-//!   from the client's buffer into `dst` (a registered `DmaBuf` the chunk
-//!   engine will write to the device) and resolves when the READ completes.
-//!   No client CPU is involved, and `dst` is filled exactly as the TCP path
-//!   fills it by copying from the inline bytes.
-//! * For a read, the service returns its reply payload as `Bytes` built over a
-//!   registered buffer (`Bytes::from_owner(dma_buf)`); the RDMA server pushes
-//!   it into the client's buffer with RDMA WRITE before sending the small
-//!   reply frame, and the client sees the data already in its buffer.
+//! [`Payload::Remote`] describes memory the *sender* registered with its
+//! NIC (a buffer pool arena, registered once at start): address, rkey,
+//! length, and the connection they belong to. An RDMA sender puts that
+//! descriptor in the request instead of the bytes when the bytes lie in a
+//! registered arena (crate::rdma). For a write, the server's
+//! `fetch_into(dst)` issues a one-sided RDMA READ from the sender's buffer
+//! into `dst` (a registered `DmaBuf` the chunk engine will write to the
+//! device) and resolves when the READ completes: no sender CPU is involved,
+//! and `dst` is filled exactly as the TCP path fills it by copying from the
+//! inline bytes. The same holds between storage nodes: a forwarded write's
+//! payload lies in the forwarder's registered engine buffer, which the
+//! successor pulls.
 //!
 //! `into_bytes` returns `None` for a remote payload: code that needs the bytes
-//! in memory (rare, e.g. small metadata payloads) must use `fetch_into`.
+//! in memory must use `fetch_into`.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
+use flyfs_rdma::RemoteBuffer;
 
 use crate::error::RpcError;
+use crate::rdma::Link;
+
+/// A payload still in the peer's registered memory (RDMA transport).
+#[derive(Clone, Debug)]
+pub struct RemotePayload {
+    pub(crate) link: Arc<Link>,
+    pub(crate) remote: RemoteBuffer,
+    /// The request's method, for the one-sided byte counts.
+    pub(crate) method: u16,
+}
+
+impl PartialEq for RemotePayload {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.link, &other.link) && self.remote == other.remote
+    }
+}
+
+impl Eq for RemotePayload {}
 
 /// Bulk bytes that came with a request or a reply.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,9 +56,9 @@ pub enum Payload {
     /// The bytes arrived in the frame (TCP): a zero-copy slice of the buffer
     /// the frame was read into.
     Inline(Bytes),
-    // Future: `Remote(RemoteBuffer)`, a registered buffer on the peer
-    // (address, rkey, length) that `fetch_into` reads with RDMA READ. See the
-    // file comment.
+    /// The bytes are in the peer's registered buffer (RDMA): `fetch_into`
+    /// pulls them with a one-sided RDMA READ. See the file comment.
+    Remote(RemotePayload),
 }
 
 impl Payload {
@@ -55,6 +76,7 @@ impl Payload {
         match self {
             Payload::Empty => 0,
             Payload::Inline(bytes) => bytes.len(),
+            Payload::Remote(remote) => remote.remote.len as usize,
         }
     }
 
@@ -64,8 +86,9 @@ impl Payload {
 
     /// Fills `dst` with the payload; `dst` must be exactly `len()` bytes, so a
     /// service that sized its buffer from a length in the request learns when
-    /// the client sent something else. Over TCP this copies from the inline
-    /// bytes; over RDMA it would be a one-sided READ into `dst`.
+    /// the client sent something else. Inline bytes are copied; a remote
+    /// payload is pulled by one RDMA READ into `dst`, which must then lie
+    /// in a registered buffer pool arena.
     pub async fn fetch_into(&self, dst: &mut [u8]) -> Result<(), RpcError> {
         if dst.len() != self.len() {
             return Err(RpcError::PayloadLength {
@@ -79,7 +102,22 @@ impl Payload {
                 dst.copy_from_slice(bytes);
                 Ok(())
             }
+            Payload::Remote(remote) => {
+                remote
+                    .link
+                    .read_into(remote.remote, dst)
+                    .await
+                    .map_err(|source| RpcError::OneSided { source })?;
+                crate::metrics::payload_moved(remote.method).one_sided(dst.len());
+                Ok(())
+            }
         }
+    }
+
+    /// Whether the bytes are still on the peer (moved one-sided when
+    /// fetched).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Payload::Remote(_))
     }
 
     /// The bytes, when they are in local memory already (`Empty` gives an
@@ -88,6 +126,7 @@ impl Payload {
         match self {
             Payload::Empty => Some(Bytes::new()),
             Payload::Inline(bytes) => Some(bytes),
+            Payload::Remote(_) => None,
         }
     }
 }

@@ -22,14 +22,22 @@
 //! Frames ride the messages as a byte stream, cut at the peer's message
 //! size, through an in-memory pipe: the server's and client's frame
 //! machinery (deadlines, budgets, multiplexing) works on it as on a socket.
-//! Bulk payloads still travel inline (copied into send slots) on this
-//! first cut; one-sided payloads are the next step (payload.rs).
+//!
+//! Bulk payloads move one-sided when they can ([`Link`]): a sender whose
+//! payload lies in a buffer pool arena registered on the device at start
+//! sends a 16-byte descriptor of it instead of the bytes
+//! (`FLAG_PAYLOAD_REMOTE`), and the receiver's `Payload::fetch_into` pulls
+//! the bytes with an RDMA READ straight into its own registered buffer.
+//! Other payloads travel inline, copied through the message slots.
 
 use std::sync::Arc;
 
-use flyfs_proto::frame::{self, OutFrame, Status};
+use bytes::Bytes;
+use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status};
 use flyfs_rdma::handshake::{ENCODED_BYTES, MAGIC};
-use flyfs_rdma::{Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError};
+use flyfs_rdma::{
+    Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError, RemoteBuffer,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 use crate::frame_io;
@@ -47,6 +55,40 @@ pub(crate) enum Side {
 pub struct RdmaTransport {
     device: Arc<Device>,
     config: ConnectionConfig,
+    bounce: Arc<Bounce>,
+}
+
+/// Registered regions for one-sided payloads whose local buffer is outside
+/// the registered arenas: registered on first need, then reused, a bounded
+/// number kept per power-of-two size (so steady traffic registers nothing).
+#[derive(Debug, Default)]
+struct Bounce {
+    free: parking_lot::Mutex<std::collections::BTreeMap<usize, Vec<Arc<flyfs_rdma::MemoryRegion>>>>,
+}
+
+/// Idle bounce regions kept per size.
+const BOUNCE_KEPT_PER_SIZE: usize = 4;
+
+impl Bounce {
+    fn take(
+        &self,
+        device: &Device,
+        len: usize,
+    ) -> Result<Arc<flyfs_rdma::MemoryRegion>, RdmaError> {
+        let size = len.next_power_of_two().max(4096);
+        if let Some(region) = self.free.lock().get_mut(&size).and_then(Vec::pop) {
+            return Ok(region);
+        }
+        device.alloc_region(size, flyfs_rdma::Access::Local)
+    }
+
+    fn give_back(&self, region: Arc<flyfs_rdma::MemoryRegion>) {
+        let mut free = self.free.lock();
+        let kept = free.entry(region.len()).or_default();
+        if kept.len() < BOUNCE_KEPT_PER_SIZE {
+            kept.push(region);
+        }
+    }
 }
 
 impl RdmaTransport {
@@ -61,11 +103,18 @@ impl RdmaTransport {
         Ok(RdmaTransport {
             device: Device::open(device_name, gid_index)?,
             config,
+            bounce: Arc::default(),
         })
     }
 
     pub fn device(&self) -> &Arc<Device> {
         &self.device
+    }
+
+    /// Registers an owner's buffer pool arenas for one-sided payloads,
+    /// once, at start (flyfs-rdma's `Device::register_arenas`).
+    pub fn register_arenas(&self, owner: Arc<dyn flyfs_rdma::Arena>) -> Result<(), RdmaError> {
+        self.device.register_arenas(owner)
     }
 
     /// Sets up the RDMA connection over an authenticated stream and returns
@@ -75,7 +124,7 @@ impl RdmaTransport {
         &self,
         mut stream: T,
         side: Side,
-    ) -> Result<DuplexStream, RdmaError>
+    ) -> Result<(DuplexStream, Arc<Link>), RdmaError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -122,15 +171,108 @@ impl RdmaTransport {
                 peer
             }
         };
-        let connection = pending.connect(&peer)?;
+        let connection = Arc::new(pending.connect(&peer)?);
         // Room for a few messages each way: backpressure reaches the
         // peer's credits when the frame machinery stops reading.
         let pipe_bytes =
             4 * (connection.peer_message_bytes_max()).max(self.config.message_bytes_max as usize);
         let (ours, theirs) = tokio::io::duplex(pipe_bytes);
-        tokio::spawn(pump(connection, theirs, stream));
-        Ok(ours)
+        tokio::spawn(pump(connection.clone(), theirs, stream));
+        let link = Arc::new(Link {
+            connection,
+            device: self.device.clone(),
+            bounce: self.bounce.clone(),
+        });
+        Ok((ours, link))
     }
+}
+
+/// One authenticated RDMA connection as the frame machinery sees it: what
+/// it needs to describe local payloads to the peer and to pull the peer's
+/// payloads. Held by the connection's requests; the queue pair lives until
+/// the last of them is done.
+#[derive(Debug)]
+pub struct Link {
+    connection: Arc<Connection>,
+    device: Arc<Device>,
+    bounce: Arc<Bounce>,
+}
+
+impl Link {
+    /// Breaks the RDMA connection: its queue pair moves to the error state
+    /// at once, so the peer's one-sided requests are no longer served.
+    pub(crate) fn break_with(&self, reason: String) {
+        self.connection.break_with(reason);
+    }
+
+    /// The descriptor of `payload` if it lies in a registered arena (the
+    /// caller keeps `payload` alive until the peer's reply); `None` when it
+    /// must travel inline.
+    pub(crate) fn describe(&self, payload: &Bytes) -> Option<Bytes> {
+        if payload.is_empty() {
+            return None;
+        }
+        let len = u32::try_from(payload.len()).ok()?;
+        let (region, offset) = self.device.find_arena(payload.as_ptr(), payload.len())?;
+        let remote = RemoteBuffer::of(&region, offset, len).ok()?;
+        Some(Bytes::copy_from_slice(&encode_descriptor(remote)))
+    }
+
+    /// Pulls the peer's `remote` bytes into `dst` with one RDMA READ. `dst`
+    /// must lie in a registered arena: a one-sided transfer lands only in
+    /// registered memory, and registering per transfer is what the arenas
+    /// exist to avoid.
+    pub(crate) async fn read_into(
+        &self,
+        remote: RemoteBuffer,
+        dst: &mut [u8],
+    ) -> Result<(), RdmaError> {
+        if let Some((region, offset)) = self.device.find_arena(dst.as_ptr(), dst.len()) {
+            return self.connection.read(&region, offset, remote).await;
+        }
+        // A destination outside the arenas (a pool that ran dry and fell
+        // back to the heap): through a bounce region, then copied.
+        let region = self.bounce.take(&self.device, dst.len())?;
+        let result = self.connection.read(&region, 0, remote).await;
+        if result.is_ok() {
+            region.read(0, dst)?;
+        }
+        // A region a failed READ may still be written by is not reused: the
+        // connection is broken, and the region goes when its last request
+        // (holding it) is flushed.
+        if result.is_ok() {
+            self.bounce.give_back(region);
+        }
+        result
+    }
+}
+
+/// The 16 bytes that stand for a payload in a `FLAG_PAYLOAD_REMOTE` frame.
+pub(crate) fn encode_descriptor(remote: RemoteBuffer) -> [u8; REMOTE_DESCRIPTOR_BYTES] {
+    let mut out = [0u8; REMOTE_DESCRIPTOR_BYTES];
+    out[0..8].copy_from_slice(&remote.addr.to_le_bytes());
+    out[8..12].copy_from_slice(&remote.rkey.to_le_bytes());
+    out[12..16].copy_from_slice(&remote.len.to_le_bytes());
+    out
+}
+
+/// Reads a descriptor; a payload of any other size is the peer's error.
+pub(crate) fn decode_descriptor(bytes: &[u8]) -> Result<RemoteBuffer, String> {
+    let bytes: &[u8; REMOTE_DESCRIPTOR_BYTES] = bytes.try_into().map_err(|_| {
+        format!(
+            "a remote payload is a {REMOTE_DESCRIPTOR_BYTES}-byte descriptor, this one has {} bytes",
+            bytes.len()
+        )
+    })?;
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&bytes[0..8]);
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    Ok(RemoteBuffer {
+        addr: u64::from_le_bytes(addr),
+        rkey: word(8),
+        len: word(12),
+    })
 }
 
 /// Reads the peer's parameters, checking the magic first so that a peer on
@@ -171,7 +313,7 @@ async fn read_parameters<T: AsyncRead + Unpin>(
 /// Moves bytes between the frame machinery's pipe and the RDMA connection
 /// until either ends, the connection breaks, or the lifeline closes; then
 /// drops all three, which the peer sees as its lifeline closing.
-async fn pump<T>(connection: Connection, pipe: DuplexStream, mut lifeline: T)
+async fn pump<T>(connection: Arc<Connection>, pipe: DuplexStream, mut lifeline: T)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

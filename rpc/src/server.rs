@@ -487,8 +487,9 @@ async fn serve_until<L, S>(
 
 /// What the reader hands the dispatcher.
 enum Event {
-    /// A request, with the budgets it holds until its task ends.
-    Request(Frame, Held),
+    /// A request, with the budgets it holds until its task ends, and its
+    /// payload when that is still in the client's memory (RDMA).
+    Request(Frame, Held, Option<crate::payload::RemotePayload>),
     /// A reply the rpc layer writes on its own (checksum mismatch).
     Reply(OutFrame),
     /// Write this error frame, then close the connection.
@@ -531,7 +532,7 @@ async fn run_connection<T, S>(
     // bytes inside the session say which one the client chose (RDMA
     // parameters, or a frame header), and are put back for the reader.
     let Some(rdma) = rdma else {
-        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        serve_frames(stream, peer, service, &config, &refusals, &budgets, None).await;
         return;
     };
     let mut stream = stream;
@@ -549,15 +550,24 @@ async fn run_connection<T, S>(
     }
     let stream = Prefixed::new(first, stream);
     if first[..] != flyfs_rdma::handshake::MAGIC[..4] {
-        serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+        serve_frames(stream, peer, service, &config, &refusals, &budgets, None).await;
         return;
     }
     {
         {
             let upgrade = rdma.upgrade(stream, crate::rdma::Side::Server);
             match tokio::time::timeout(config.handshake_timeout, upgrade).await {
-                Ok(Ok(stream)) => {
-                    serve_frames(stream, peer, service, &config, &refusals, &budgets).await;
+                Ok(Ok((stream, link))) => {
+                    serve_frames(
+                        stream,
+                        peer,
+                        service,
+                        &config,
+                        &refusals,
+                        &budgets,
+                        Some(link),
+                    )
+                    .await;
                 }
                 Ok(Err(error)) => Refusal::Rdma(error).log(&refusals, &peer.addr),
                 Err(_elapsed) => {
@@ -576,6 +586,7 @@ async fn serve_frames<T, S>(
     config: &ServerConfig,
     refusals: &Arc<RefusalLog>,
     budgets: &ConnectionBudgets,
+    link: Option<Arc<crate::rdma::Link>>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service,
@@ -601,6 +612,7 @@ async fn serve_frames<T, S>(
             budgets,
             (&peer.addr, refusals),
             &reply_bytes_max,
+            link.as_ref(),
         ),
         dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
         write_loop(writer, replies_rx, &peer.addr),
@@ -615,6 +627,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     budgets: &ConnectionBudgets,
     (peer, refusals): (&str, &RefusalLog),
     reply_bytes_max: &(dyn Fn(u16, &[u8]) -> u64 + Sync),
+    link: Option<&Arc<crate::rdma::Link>>,
 ) {
     let fatal = loop {
         let read = tokio::select! {
@@ -637,6 +650,35 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         ),
                     );
                 }
+                let remote = if frame.header.flags & flyfs_proto::frame::FLAG_PAYLOAD_REMOTE != 0 {
+                    match remote_payload(&frame, link, config.limits.payload_bytes_max) {
+                        Ok(remote) => {
+                            // The bytes the READ will land in count against
+                            // the budgets as if they had come inline.
+                            let payload_held = tokio::select! {
+                                biased;
+                                () = events.closed() => return,
+                                taken = budgets.take(remote.remote.len.into()) => taken,
+                            };
+                            held.merge(payload_held);
+                            Some(remote)
+                        }
+                        Err(message) => {
+                            let reply = OutFrame::error(
+                                frame.header.method,
+                                frame.header.request_id,
+                                Status::BadRequest,
+                                &message,
+                            );
+                            if events.send(Event::Reply(reply)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 match frame.check_body() {
                     Ok(()) => {
                         // Room for the reply too, before the request runs:
@@ -650,7 +692,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             };
                             held.merge(reply);
                         }
-                        Event::Request(frame, held)
+                        Event::Request(frame, held, remote)
                     }
                     Err(error) => Event::Reply(OutFrame::error(
                         frame.header.method,
@@ -797,7 +839,7 @@ async fn dispatch_loop<S: Service>(
                         let _ = replies.send((frame, Held::default())).await;
                         return;
                     }
-                    Some(Event::Request(frame, held)) => match dispatch(frame, held, &service, peer) {
+                    Some(Event::Request(frame, held, remote)) => match dispatch(frame, held, remote, &service, peer) {
                         Dispatch::Now(reply, held) => (reply, held),
                         Dispatch::Spawn(method, request_id, task) => {
                             let handle = in_flight.spawn(task);
@@ -822,6 +864,7 @@ enum Dispatch<F> {
 fn dispatch<S: Service>(
     frame: Frame,
     held: Held,
+    remote: Option<crate::payload::RemotePayload>,
     service: &Arc<S>,
     peer: &Peer,
 ) -> Dispatch<impl Future<Output = (OutFrame, Held)> + Send + 'static> {
@@ -833,6 +876,10 @@ fn dispatch<S: Service>(
     let (method, request_id) = (header.method, header.request_id);
     let metrics = crate::metrics::server(method);
     let started = crate::metrics::start(metrics);
+    let payload = match remote {
+        Some(remote) => Payload::Remote(remote),
+        None => Payload::from_bytes(payload),
+    };
     let request_bytes = body.len() + payload.len();
     if method < METHOD_ID_SERVICE_MIN {
         let reply = if method == Ping::ID {
@@ -864,7 +911,7 @@ fn dispatch<S: Service>(
         method,
         request_id,
         body,
-        payload: Payload::from_bytes(payload),
+        payload,
         peer: peer.clone(),
     };
     let service = service.clone();
@@ -877,6 +924,38 @@ fn dispatch<S: Service>(
         // the connection's.
         record(metrics, started, request_bytes, &reply);
         (reply_frame(method, request_id, reply), held)
+    })
+}
+
+/// The remote payload a `FLAG_PAYLOAD_REMOTE` request names, checked: only
+/// on an RDMA connection, a well-formed descriptor, no longer than the
+/// payloads this server takes inline. What the descriptor can make this
+/// server do is bounded there: one RDMA READ of at most that many bytes,
+/// over this client's own queue pair (so it reaches only memory that client
+/// registered; a bad key breaks only its connection), into a buffer the
+/// service sized and the budgets paid for.
+fn remote_payload(
+    frame: &Frame,
+    link: Option<&Arc<crate::rdma::Link>>,
+    payload_bytes_max: u32,
+) -> Result<crate::payload::RemotePayload, String> {
+    let Some(link) = link else {
+        return Err(
+            "a remote (one-sided) payload on a connection that is not on the RDMA transport"
+                .to_string(),
+        );
+    };
+    let remote = crate::rdma::decode_descriptor(&frame.payload)?;
+    if remote.len == 0 || remote.len > payload_bytes_max {
+        return Err(format!(
+            "a remote payload of {} bytes (1 to {payload_bytes_max} allowed)",
+            remote.len
+        ));
+    }
+    Ok(crate::payload::RemotePayload {
+        link: link.clone(),
+        remote,
+        method: frame.header.method,
     })
 }
 

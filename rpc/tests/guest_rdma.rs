@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_bypass::buf::{BufferPool, PoolConfig};
 use flyfs_proto::ids::NodeId;
 use flyfs_proto::{Method, Roles, Status};
 use flyfs_rdma::{ConnectionConfig, live_counts};
@@ -53,6 +54,20 @@ impl Method for Echo {
     const ROLES: Roles = Roles::ALL;
 }
 
+/// Echoes the payload after pulling it into a buffer of a registered pool
+/// (as a storage node's engine buffer is).
+struct EchoRegistered;
+impl Method for EchoRegistered {
+    const ID: u16 = 302;
+    const NAME: &'static str = "test.EchoRegistered";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
+/// The registered pool of `EchoRegistered`, set by the test that uses it.
+static SERVER_POOL: std::sync::OnceLock<BufferPool> = std::sync::OnceLock::new();
+
 /// Only storage nodes may call it.
 struct NodesOnly;
 impl Method for NodesOnly {
@@ -87,6 +102,24 @@ impl Service for TestService {
                 };
                 Reply::ok::<Echo>(&rsp, Bytes::from(copy))
             }
+            EchoRegistered::ID => {
+                let echo = match request.decode::<EchoRegistered>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Some(pool) = SERVER_POOL.get() else {
+                    return Reply::error(Status::Internal, "no registered pool");
+                };
+                let mut buf = pool.alloc(request.payload.len());
+                if let Err(error) = request.payload.fetch_into(&mut buf).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: buf.len() as u64,
+                };
+                Reply::ok::<EchoRegistered>(&rsp, Bytes::from_owner(buf))
+            }
             other => Reply::unknown_method(other),
         }
     }
@@ -94,6 +127,7 @@ impl Service for TestService {
     fn roles(&self, method: u16) -> Option<Roles> {
         match method {
             Echo::ID => Some(Echo::ROLES),
+            EchoRegistered::ID => Some(EchoRegistered::ROLES),
             NodesOnly::ID => Some(NodesOnly::ROLES),
             _ => None,
         }
@@ -190,6 +224,112 @@ async fn calls_with_payloads_of_every_size() {
     drop(client);
     server.shutdown().await;
     only_the_device_remains(&rdma).await;
+}
+
+/// A payload in a registered arena moves one-sided: the request carries
+/// its descriptor and the server pulls the bytes by RDMA READ, into a
+/// registered buffer directly or through a bounce region; a payload
+/// outside the arenas still travels inline. The counts say which way each
+/// went, and nothing is left behind once the transport is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_payloads_move_one_sided() {
+    let _serial = SERIAL.lock().await;
+    let rdma = transport();
+    let pool = BufferPool::new(&PoolConfig {
+        classes: vec![(64 << 10, 16), (4 << 20, 8)],
+        ..PoolConfig::default()
+    })
+    .expect("a buffer pool");
+    rdma.register_arenas(Arc::new(pool.clone()))
+        .expect("registering the pool once");
+    let _ = SERVER_POOL.set(pool.clone());
+    let server = start_server(Some(rdma.clone())).await;
+    let client = client(Some(rdma.clone()), testing::client());
+    // Summed over every method: the test methods' ids may be those of real
+    // methods in the table the counts are kept by.
+    let all_methods = |totals: Vec<flyfs_rpc::metrics::PayloadMoved>| {
+        totals
+            .into_iter()
+            .fold((0, 0), |(one_sided, copied), moved| {
+                (
+                    one_sided + moved.one_sided_bytes,
+                    copied + moved.copied_bytes,
+                )
+            })
+    };
+    for len in [1usize, 5000, 64 << 10, 3 << 20] {
+        for registered_destination in [false, true] {
+            let mut buf = pool.alloc(len);
+            for (i, byte) in buf.iter_mut().enumerate() {
+                *byte = (i * 13 % 251) as u8;
+            }
+            let data = Bytes::from_owner(buf);
+            let before = (
+                flyfs_rdma::transfer_counts(),
+                all_methods(flyfs_rpc::metrics::payload_moved_totals()),
+            );
+            let request = EchoReq {
+                text: format!("{len} {registered_destination}"),
+            };
+            let (rsp, payload) = if registered_destination {
+                client
+                    .call::<EchoRegistered>(server.local_addr(), &request, data.clone(), &options())
+                    .await
+            } else {
+                client
+                    .call::<Echo>(server.local_addr(), &request, data.clone(), &options())
+                    .await
+            }
+            .expect("echo of a registered payload");
+            assert_eq!(rsp.text, request.text);
+            assert_eq!(payload.into_bytes(), Some(data.clone()), "{len} bytes");
+            let after = (
+                flyfs_rdma::transfer_counts(),
+                all_methods(flyfs_rpc::metrics::payload_moved_totals()),
+            );
+            assert_eq!(
+                after.0.one_sided_read - before.0.one_sided_read,
+                len as u64,
+                "the server pulled the {len} bytes by RDMA READ"
+            );
+            // Lent by the client, pulled by the server: counted once each.
+            assert_eq!(after.1.0 - before.1.0, 2 * len as u64);
+            assert_eq!(after.1.1, before.1.1, "nothing copied");
+        }
+    }
+    // A payload outside the arenas travels inline, counted as copied.
+    let before = all_methods(flyfs_rpc::metrics::payload_moved_totals());
+    let data = Bytes::from(vec![7u8; 100_000]);
+    let (_, payload) = client
+        .call::<Echo>(
+            server.local_addr(),
+            &EchoReq::default(),
+            data.clone(),
+            &options(),
+        )
+        .await
+        .expect("echo of an unregistered payload");
+    assert_eq!(payload.into_bytes(), Some(data));
+    let after = all_methods(flyfs_rpc::metrics::payload_moved_totals());
+    assert_eq!(after.1 - before.1, 100_000);
+    assert_eq!(after.0, before.0);
+    drop(client);
+    server.shutdown().await;
+    drop(rdma);
+    // The pool's registrations go with the last holder of the device (the
+    // transport, its connections and their requests).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = live_counts();
+        if counts.queue_pairs == 0 && counts.completion_queues == 0 && counts.memory_regions == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "verbs objects left behind: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -352,4 +492,110 @@ async fn a_restarted_server_is_reconnected() {
     drop(client);
     server.shutdown().await;
     only_the_device_remains(&rdma).await;
+}
+
+/// One credit and 4 KiB messages: every frame of a 200 KB payload waits for
+/// the peer to hand back its one credit, on both sides, with 32 calls at
+/// once. All complete, each with its own bytes (credits run out constantly
+/// and never deadlock), and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_complete_when_credits_run_out_all_the_time() {
+    let _serial = SERIAL.lock().await;
+    let gid_index: u8 = env("FLYFS_RXE_GID_INDEX")
+        .parse()
+        .expect("FLYFS_RXE_GID_INDEX is a small integer");
+    let rdma = RdmaTransport::open(
+        &env("FLYFS_RXE_DEV"),
+        gid_index,
+        ConnectionConfig {
+            credits: 1,
+            message_bytes_max: 4096,
+            ..ConnectionConfig::default()
+        },
+    )
+    .expect("the guest's rxe device");
+    let server = start_server(Some(rdma.clone())).await;
+    let client = client(Some(rdma.clone()), testing::client());
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..32u8 {
+        let client = client.clone();
+        let addr = server.local_addr().to_string();
+        calls.spawn(async move {
+            let data = Bytes::from(vec![n; 200_000]);
+            let (rsp, payload) = client
+                .call::<Echo>(
+                    &addr,
+                    &EchoReq {
+                        text: n.to_string(),
+                    },
+                    data.clone(),
+                    &options(),
+                )
+                .await
+                .expect("echo with one credit");
+            assert_eq!(rsp.text, n.to_string());
+            assert_eq!(payload.into_bytes(), Some(data));
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.expect("a call task");
+    }
+    drop(client);
+    server.shutdown().await;
+    only_the_device_remains(&rdma).await;
+}
+
+/// Connections made and torn down over and over (a reconnect storm: each
+/// cycle a new client, an authenticated RDMA set-up, a one-sided call, and
+/// the teardown), with a server restart halfway: the queue pairs, completion
+/// queues and memory regions return to what the device itself holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storms_leave_nothing_behind() {
+    let _serial = SERIAL.lock().await;
+    let rdma = transport();
+    let pool = BufferPool::new(&PoolConfig {
+        classes: vec![(64 << 10, 8)],
+        ..PoolConfig::default()
+    })
+    .expect("a buffer pool");
+    rdma.register_arenas(Arc::new(pool.clone()))
+        .expect("registering the pool once");
+    let baseline = live_counts();
+    let mut server = start_server(Some(rdma.clone())).await;
+    let addr = server.local_addr().to_string();
+    let cycles = 200;
+    for cycle in 0..cycles {
+        if cycle == cycles / 2 {
+            server.shutdown().await;
+            server = start_server_at(&addr, Some(rdma.clone())).await;
+        }
+        let client = client(Some(rdma.clone()), testing::client());
+        let mut buf = pool.alloc(50_000);
+        buf.fill(cycle as u8);
+        let data = Bytes::from_owner(buf);
+        let (_, payload) = client
+            .call::<Echo>(&addr, &EchoReq::default(), data.clone(), &options())
+            .await
+            .expect("a call on a fresh connection");
+        assert_eq!(payload.into_bytes(), Some(data), "cycle {cycle}");
+    }
+    server.shutdown().await;
+    // Every connection's queue pair, completion queue, rings and send
+    // slots are gone; what stays is the device's (its arenas and the bounce
+    // regions it keeps for reuse, at most a few).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = live_counts();
+        if counts.queue_pairs == baseline.queue_pairs
+            && counts.completion_queues == baseline.completion_queues
+            && counts.memory_regions <= baseline.memory_regions + 4
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "verbs objects left behind after {cycles} connections: {counts:?}, baseline {baseline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

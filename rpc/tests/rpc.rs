@@ -403,6 +403,39 @@ async fn body_checksum_mismatch_fails_one_request_and_keeps_the_connection() {
     server.shutdown().await;
 }
 
+/// A remote payload descriptor names memory to pull by RDMA READ; on a TCP
+/// connection there is nothing to pull it with, so the request is refused
+/// by name, and the connection goes on.
+#[tokio::test]
+async fn a_remote_payload_on_tcp_is_refused() {
+    let (server, _) = start_server(ServerConfig::default()).await;
+    let mut raw = raw_tls(server.local_addr()).await;
+    let mut descriptor = vec![0u8; frame::REMOTE_DESCRIPTOR_BYTES];
+    descriptor[12] = 16;
+    let request = OutFrame::with_flags(
+        Kind::Request,
+        Echo::ID,
+        Status::Ok,
+        7,
+        frame::FLAG_PAYLOAD_REMOTE,
+        codec::encode(&echo("remote", 0)),
+        Bytes::from(descriptor),
+    )
+    .expect("small frame");
+    write_frame(&mut raw, request).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 7);
+    assert_eq!(reply.header.status, Status::BadRequest);
+    let message = String::from_utf8_lossy(&reply.body).into_owned();
+    assert!(message.contains("not on the RDMA transport"), "{message}");
+
+    write_frame(&mut raw, ping_frame(8)).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 8);
+    assert_eq!(reply.header.status, Status::Ok);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversized_body_or_payload_gets_too_large() {
     let limits = FrameLimits {

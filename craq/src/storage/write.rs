@@ -168,8 +168,8 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         ),
                     });
                 }
-                let data = self.fetch(&place, &payload).await?;
-                (ForwardOp::Write { offset, crc }, Some(data))
+                let (data, bytes) = self.fetch(&place, &payload).await?;
+                (ForwardOp::Write { offset, crc }, Some((data, bytes)))
             }
             WriteOp::Truncate { len } if len <= chunk_size => (ForwardOp::Truncate { len }, None),
             WriteOp::Truncate { len } => {
@@ -212,6 +212,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         }
         let committed = meta.map_or(ChunkVersion(0), |m| m.version);
         tracing::debug!(target_id = ?target.id, chunk = ?req.chunk, channel = %req.channel, ?committed, op = ?op, "head write");
+        let (data, bytes) = data.map_or((None, Bytes::new()), |(data, bytes)| (Some(data), bytes));
         let update = Update {
             chunk: req.chunk,
             version: ChunkVersion(committed.0 + 1),
@@ -219,7 +220,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             chunk_size,
             channel: req.channel,
             data,
-            bytes: payload_bytes(payload),
+            bytes,
         };
         let result = self.apply_and_forward(&place, update).await;
         match &result {
@@ -239,11 +240,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         self.writable(&place)?;
         let chunk_size = self.check_chunk_size(req.chunk_size)?;
         let _forward = ForwardGuard::enter(&place.target, req.chunk, req.version, req.channel)?;
-        let data = match req.op {
+        let (data, bytes) = match req.op {
             ForwardOp::Write { .. } | ForwardOp::Replace { .. } => {
-                Some(self.fetch(&place, &payload).await?)
+                let (data, bytes) = self.fetch(&place, &payload).await?;
+                (Some(data), bytes)
             }
-            ForwardOp::Truncate { .. } | ForwardOp::Remove => None,
+            ForwardOp::Truncate { .. } | ForwardOp::Remove => (None, Bytes::new()),
         };
         let target = place.target.clone();
         let _lock = target.locks.lock(req.chunk).await;
@@ -307,7 +309,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             chunk_size,
             channel: req.channel,
             data,
-            bytes: payload_bytes(payload),
+            bytes,
         };
         let rsp = if req.sync {
             self.apply_locally(&place, update).await?
@@ -333,19 +335,26 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         Ok(chunk_size)
     }
 
-    /// Pulls the request's payload into a device buffer. Its CRC is checked
+    /// Pulls the request's payload into a device buffer, and gives it also
+    /// as shared bytes for the forward to the successor. Its CRC is checked
     /// by the engine's write, once (a mismatch comes back as
     /// `PayloadChecksum`, before anything is stored).
     ///
     /// A payload that arrived in aligned memory (rpc's receive pool) is
     /// written to the device from where it lies, through a read-only view
     /// shared with the forward to the successor: no copy, which was a tenth of
-    /// the CPU of a replicated write.
-    async fn fetch(&self, place: &Place, payload: &Payload) -> Result<DmaBuf, StorageError> {
+    /// the CPU of a replicated write. A payload still on the sender (RDMA)
+    /// is pulled into a pool buffer, which the device write and the forward
+    /// then share the same way (over RDMA the successor pulls it from there).
+    async fn fetch(
+        &self,
+        place: &Place,
+        payload: &Payload,
+    ) -> Result<(DmaBuf, Bytes), StorageError> {
         if let Payload::Inline(bytes) = payload
             && let Ok(view) = DmaBuf::from_bytes(bytes.clone())
         {
-            return Ok(view);
+            return Ok((view, bytes.clone()));
         }
         let engine = self.engine(&place.target);
         let mut buf = engine.pool().alloc(payload.len());
@@ -355,7 +364,13 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .map_err(|e| StorageError::Invalid {
                 reason: format!("payload: {e}"),
             })?;
-        Ok(buf)
+        let bytes = Bytes::from_owner(buf);
+        match DmaBuf::from_bytes(bytes.clone()) {
+            Ok(view) => Ok((view, bytes)),
+            // A pool that ran dry gives heap memory, which need not be
+            // aligned for the device: the device write gets its own copy.
+            Err(bytes) => Ok((DmaBuf::copy_from(&bytes), bytes)),
+        }
     }
 
     /// Stores the update as a pending version, forwards it down the chain,
@@ -742,11 +757,6 @@ impl Drop for ForwardGuard {
     fn drop(&mut self) {
         self.forwards.lock().remove(&self.key);
     }
-}
-
-/// The request's bytes as a shared buffer, to forward without copying.
-fn payload_bytes(payload: Payload) -> Bytes {
-    payload.into_bytes().unwrap_or_default()
 }
 
 fn missing_data(update: &Update) -> StorageError {

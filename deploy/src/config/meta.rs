@@ -7,8 +7,8 @@ use flyfs_proto::ids::ChainTableId;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, beside, check, check_address,
-    check_metrics_listen,
+    ConfigError, ConfigFile, ManagerAddrs, RdmaConfig, TlsConfig, TransportKind, beside, check,
+    check_address, check_metrics_listen,
 };
 
 /// `flyfs meta`: one metadata service instance.
@@ -71,6 +71,16 @@ pub struct MetaDaemonConfig {
     /// Where the namespace lives (`[store]`).
     #[serde(default)]
     pub store: MetaStoreConfig,
+    /// `transport = "tcp" | "rdma"`: how this service's storage client
+    /// (garbage collection's chunk removals) reaches the storage nodes and
+    /// the manager; with "rdma" its server also takes RDMA connections (and
+    /// still TCP ones). TCP by default.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// `[rdma]`: the RDMA device and connection shape, for
+    /// `transport = "rdma"`.
+    #[serde(default)]
+    pub rdma: RdmaConfig,
 }
 
 /// `[store]` of `flyfs meta`: the transactional KV store of the namespace.
@@ -144,6 +154,8 @@ impl MetaDaemonConfig {
             metrics_listen: None,
             tls: None,
             store: MetaStoreConfig::Fjall,
+            transport: TransportKind::Tcp,
+            rdma: RdmaConfig::default(),
         }
     }
 
@@ -177,6 +189,7 @@ impl ConfigFile for MetaDaemonConfig {
             }
         }
         check_metrics_listen(self.metrics_listen.as_deref())?;
+        self.rdma.validate(self.transport)?;
         check(self.gc_interval_ms > 0, "gc_interval_ms", || {
             "must be at least 1".into()
         })?;

@@ -8,7 +8,8 @@ use flyfs_fuse::FuseOptions;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, ConfigFile, ManagerAddrs, TlsConfig, check, check_metrics_listen, positive,
+    ConfigError, ConfigFile, ManagerAddrs, RdmaConfig, TlsConfig, TransportKind, check,
+    check_metrics_listen, positive,
 };
 
 /// `flyfs mount`: one FUSE mount.
@@ -63,6 +64,15 @@ pub struct MountConfig {
     /// start, since every connection is authenticated (docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// `transport = "tcp" | "rdma"`: how the mount's storage client reaches
+    /// the storage nodes and the manager (the metadata service is reached
+    /// over TCP: its messages are small). TCP by default.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// `[rdma]`: the RDMA device and connection shape, for
+    /// `transport = "rdma"`.
+    #[serde(default)]
+    pub rdma: RdmaConfig,
 }
 
 fn default_meta() -> Vec<String> {
@@ -110,6 +120,8 @@ impl MountConfig {
             metrics_listen: None,
             native_socket: None,
             tls: None,
+            transport: TransportKind::Tcp,
+            rdma: RdmaConfig::default(),
         }
     }
 
@@ -164,7 +176,8 @@ impl ConfigFile for MountConfig {
                 format!("must be a path of 1 to 107 bytes, not {len}")
             })?;
         }
-        check_metrics_listen(self.metrics_listen.as_deref())
+        check_metrics_listen(self.metrics_listen.as_deref())?;
+        self.rdma.validate(self.transport)
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
