@@ -228,6 +228,50 @@ fn iopoll_read_works(ring: &mut Ring, offset: u64, sector_size: u32) -> io::Resu
     }
 }
 
+/// Whether the block layer polls the queue under `file` (a block device, or
+/// the device of the file system a file lives on): its `queue/io_poll` in
+/// sysfs. A kernel takes IOPOLL rings and even polled reads on a queue that
+/// cannot poll (an NVMe drive without `nvme.poll_queues`, the default), and
+/// completes them by interrupt behind the ring's back: the probe read passed
+/// on such a drive while the reactor's reads then never completed (Linux
+/// 6.1, emulated NVMe). So IOPOLL is used only where the queue says it polls.
+fn queue_polls(file: &std::fs::File, block_device: bool) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let dev = if block_device {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    // The kernel's encoding of dev_t (glibc's `major` and `minor`).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let node = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    // A partition's queue is its disk's, one directory up.
+    let queue = if node.join("partition").exists() {
+        node.join("../queue/io_poll")
+    } else {
+        node.join("queue/io_poll")
+    };
+    let value = std::fs::read_to_string(&queue).map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!(
+                "cannot read {} ({error}): no block queue to poll",
+                queue.display()
+            ),
+        )
+    })?;
+    match value.trim() {
+        "1" => Ok(()),
+        other => Err(io::Error::other(format!(
+            "the block layer does not poll this device's queue ({} is {other}; \
+             NVMe needs the nvme module's poll_queues above 0)",
+            queue.display()
+        ))),
+    }
+}
+
 /// Where the IOPOLL probe can read a sector that the device must serve.
 fn iopoll_probe_offset(shared: &Shared, block_device: bool) -> io::Result<u64> {
     if block_device {
@@ -301,17 +345,20 @@ pub(super) fn setup(
         tracing::info!(device = %shared.name, %error, "cannot register the device file; using its descriptor");
     }
 
-    // IOPOLL: detected with a real read, never assumed.
+    // IOPOLL: only on a queue the block layer polls, and proven with a real
+    // read, never assumed.
     let mut polled = None;
     if config.iopoll != IoPoll::Off {
-        let attempt = iopoll_probe_offset(shared, block_device).and_then(|offset| {
-            let mut ring = Ring::new(build_iopoll(entries, sqpoll_idle)?, raw_fd, true);
-            if config.register_files {
-                // A failure here only costs the fixed-file optimisation.
-                let _ = ring.register_file(raw_fd);
-            }
-            iopoll_read_works(&mut ring, offset, shared.geometry.sector_size).map(|()| ring)
-        });
+        let attempt = queue_polls(&shared.file, block_device)
+            .and_then(|()| iopoll_probe_offset(shared, block_device))
+            .and_then(|offset| {
+                let mut ring = Ring::new(build_iopoll(entries, sqpoll_idle)?, raw_fd, true);
+                if config.register_files {
+                    // A failure here only costs the fixed-file optimisation.
+                    let _ = ring.register_file(raw_fd);
+                }
+                iopoll_read_works(&mut ring, offset, shared.geometry.sector_size).map(|()| ring)
+            });
         match attempt {
             Ok(ring) => polled = Some(ring),
             Err(error) if config.iopoll == IoPoll::On => {
