@@ -65,6 +65,11 @@ pub struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
+    /// Microseconds a thread whose NVMe queue pair is idle polls for its
+    /// own I/O before handing it to the reactor (`vfio:` devices; 0 hands
+    /// every I/O over).
+    #[arg(long)]
+    nvme_inline_poll_us: Option<u32>,
     /// Where the workers run: `reactor` (on the device's reactor thread,
     /// run to completion), `caller` (on the calling thread, each I/O handed to
     /// the reactor), or `auto`: 1 MiB phases on the caller, whose CRC work
@@ -190,6 +195,9 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         if let Some(spin) = args.poll_spin_us {
             nvme.poll_spin_us = spin;
         }
+        if let Some(budget) = args.nvme_inline_poll_us {
+            nvme.inline_poll_us = budget;
+        }
         let devices = DeviceConfig {
             uring: config.clone(),
             nvme,
@@ -260,11 +268,18 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             args.raw_size,
             args.rand_seconds,
         ))?;
+        // I/Os the submitting thread served itself (an idle queue pair),
+        // against those handed to a reactor thread.
+        let nvme_inline_ios = match &dev {
+            AnyDevice::Nvme(device) => Some(device.stats().inline),
+            AnyDevice::Uring(_) => None,
+        };
         if args.json {
             println!(
                 "{}",
                 serde_json::json!({"raw": raw, "device": args.path.display().to_string(),
-                                   "io_uring": features, "nvme_queue_pairs": nvme_queue_pairs})
+                                   "io_uring": features, "nvme_queue_pairs": nvme_queue_pairs,
+                                   "nvme_inline_ios": nvme_inline_ios})
             );
         } else {
             print_raw(&raw);

@@ -16,15 +16,20 @@
 //! A device runs `NvmeConfig::queue_pairs` reactor threads
 //! (`flyfs-nvme-<n>.<q>`), each owning one I/O submission and completion
 //! queue pair, as SPDK gives each reactor core its own queue pair: the hot
-//! path takes no lock and shares no ring. Submitters, on any thread and
-//! under any executor, push a request onto the lock-free queue of the
-//! reactor their thread is assigned to (threads are dealt out round-robin,
-//! so a thread keeps to one queue pair) and wake it if it sleeps; the
+//! path shares no ring and takes only its own lane's uncontended lock.
+//! Submitters, on any thread and under any executor, push a request onto
+//! the lock-free queue of the reactor their thread is assigned to (threads
+//! are dealt out round-robin, so a thread keeps to one queue pair) and wake
+//! it if it sleeps; the
 //! reactor splits each request into commands (at the controller's maximum
 //! transfer size), writes them into its submission queue, rings the
 //! doorbell once per batch, polls its completion queue by the phase tag,
 //! and hands buffers back. It spins briefly while commands are in flight
-//! and parks when none are, so an idle device costs no CPU. The admin
+//! and parks when none are, so an idle device costs no CPU. A submitter
+//! that finds its queue pair idle does the reactor's work itself, polling
+//! for its own completion for a bounded time (`NvmeConfig::inline_poll_us`),
+//! so a lone I/O costs no hand-off between threads; the reactor's state
+//! sits behind its lane's lock for that, held by one thread at a time. The admin
 //! queue and the controller's registers beyond the doorbells sit behind one
 //! lock that only the cold paths take (aborts, health checks, failure,
 //! shutdown).
@@ -79,6 +84,13 @@ pub struct NvmeConfig {
     /// piece of work while commands are in flight, before it naps between
     /// polls.
     pub poll_spin_us: u32,
+    /// How long a thread whose queue pair is idle polls for its own I/O's
+    /// completion on itself, as SPDK's run-to-completion threads do, before
+    /// it leaves the command to the reactor thread. A lone I/O then costs
+    /// no hand-off between threads (two wake-ups, most of a depth-1 I/O's
+    /// latency); the price is that the submitting thread is busy for up to
+    /// this long. Zero hands every I/O to the reactor.
+    pub inline_poll_us: u32,
     /// Size of each queue pair's bounce region, through which buffers that
     /// are not in the buffer pool's mapped arena move (at least 2 MiB, the
     /// largest single command).
@@ -93,6 +105,7 @@ impl Default for NvmeConfig {
             queue_pairs: 2,
             command_timeout_ms: 30_000,
             poll_spin_us: 50,
+            inline_poll_us: 200,
             bounce_bytes: 4 << 20,
         }
     }
@@ -120,6 +133,9 @@ pub struct NvmeStats {
     pub sleeps: u64,
     /// Submitters that woke a parked reactor.
     pub wakeups: u64,
+    /// Requests a submitter served on its own thread, its queue pair being
+    /// idle (`NvmeConfig::inline_poll_us`).
+    pub inline: u64,
     /// Writes an injected power cut tore (kept some but not all of their
     /// sectors); test builds only.
     pub torn_writes: u64,
@@ -136,6 +152,7 @@ struct Counters {
     aborts: AtomicU64,
     sleeps: AtomicU64,
     wakeups: AtomicU64,
+    inline: AtomicU64,
     torn_writes: AtomicU64,
 }
 
@@ -204,6 +221,10 @@ impl Future for ReplyFuture {
 
 /// One reactor's inbox: where submitters leave requests for its queue pair.
 struct Lane {
+    /// The queue pair's reactor, locked by its thread for a turn at a time
+    /// and by a submitter that serves a request inline; `None` once the
+    /// reactor has stopped.
+    core: Mutex<Option<reactor::Reactor>>,
     submissions: SegQueue<Request>,
     /// The reactor is (about to be) parked and needs an unpark to notice
     /// new submissions.
@@ -216,6 +237,7 @@ struct Lane {
 impl Lane {
     fn new() -> Lane {
         Lane {
+            core: Mutex::new(None),
             submissions: SegQueue::new(),
             sleeping: AtomicBool::new(false),
             reactor: OnceLock::new(),
@@ -243,6 +265,10 @@ struct Shared {
     identity: NvmeIdentity,
     /// One per reactor (queue pair).
     lanes: Box<[Lane]>,
+    /// How long a submitter that finds its queue pair idle polls for its
+    /// own completion before it leaves the rest to the reactor
+    /// (`NvmeConfig::inline_poll_us`); zero hands every request over.
+    inline_poll: std::time::Duration,
     /// No new request is accepted; the reactors exit once `active` is zero.
     closed: AtomicBool,
     /// Requests a submitter has committed to queue whose outcome no
@@ -336,16 +362,46 @@ impl Shared {
         }
         let reply = Arc::new(Reply::default());
         let lane = self.lane();
-        lane.submissions.push(Request {
+        let request = Request {
             op,
             offset,
             len,
             addr,
             buf,
             reply: Arc::clone(&reply),
-        });
-        self.notify(lane);
+        };
+        match self.serve_inline(lane, request) {
+            Ok(()) => {}
+            Err(request) => {
+                lane.submissions.push(request);
+                self.notify(lane);
+            }
+        }
         ReplyFuture(reply).await
+    }
+
+    /// Serves `request` on this thread if its queue pair is idle and no
+    /// other thread drives it (see `Reactor::serve_inline`); hands it back
+    /// otherwise, for the reactor.
+    fn serve_inline(&self, lane: &Lane, request: Request) -> Result<(), Request> {
+        if self.inline_poll.is_zero() {
+            return Err(request);
+        }
+        let Some(mut core) = lane.core.try_lock() else {
+            return Err(request);
+        };
+        let Some(reactor) = core.as_mut().filter(|reactor| reactor.is_idle()) else {
+            return Err(request);
+        };
+        self.counters.inline.fetch_add(1, Ordering::Relaxed);
+        let left = reactor.serve_inline(request, self.inline_poll);
+        drop(core);
+        if left {
+            // Its completion (or another's) is still to come: the reactor,
+            // perhaps parked for its idle period, takes over now.
+            lane.unpark();
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +541,7 @@ impl NvmeDevice {
             aborts: load(&counters.aborts),
             sleeps: load(&counters.sleeps),
             wakeups: load(&counters.wakeups),
+            inline: load(&counters.inline),
             torn_writes: load(&counters.torn_writes),
         }
     }

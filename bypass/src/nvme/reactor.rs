@@ -141,6 +141,7 @@ pub(super) fn start(
         geometry,
         identity,
         lanes: (0..granted).map(|_| Lane::new()).collect(),
+        inline_poll: Duration::from_micros(u64::from(config.inline_poll_us)),
         closed: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         failure: Mutex::new(None),
@@ -190,10 +191,14 @@ pub(super) fn start(
             timeout: Duration::from_millis(config.command_timeout_ms),
             spin: Duration::from_micros(u64::from(config.poll_spin_us)),
             failed: false,
+            last_work: Instant::now(),
+            last_health: Instant::now(),
         };
+        *shared.lanes[lane].core.lock() = Some(reactor);
+        let thread_shared = Arc::clone(&shared);
         let spawned = thread::Builder::new()
             .name(format!("flyfs-nvme-{device_number}.{}", pair.queue_id))
-            .spawn(move || reactor.run());
+            .spawn(move || run(thread_shared, lane));
         let handle = match spawned {
             Ok(handle) => handle,
             Err(error) => {
@@ -202,6 +207,11 @@ pub(super) fn start(
                 // as stopped, before any running one can leave.
                 let never_started = shared.lanes.len() - handles.len();
                 common.running.fetch_sub(never_started, Ordering::SeqCst);
+                // The reactors that have no thread leave the lanes, which
+                // would otherwise keep `shared` alive through them.
+                for lane in &shared.lanes[handles.len()..] {
+                    lane.core.lock().take();
+                }
                 shared.closed.store(true, Ordering::SeqCst);
                 for lane in &shared.lanes[..handles.len()] {
                     lane.unpark();
@@ -243,7 +253,11 @@ struct Command {
     abort_sent: bool,
 }
 
-struct Reactor {
+/// One queue pair and everything that drives it. It lives in its lane
+/// (`Lane::core`) behind a lock that its thread holds for a turn at a time,
+/// so that a submitter finding the pair idle can drive it itself (see
+/// [`Reactor::serve_inline`]).
+pub(super) struct Reactor {
     shared: Arc<Shared>,
     common: Arc<Common>,
     /// Index of this reactor's lane in `Shared::lanes`.
@@ -267,6 +281,68 @@ struct Reactor {
     timeout: Duration,
     spin: Duration,
     failed: bool,
+    /// When a turn last found work, which ends the busy-poll after `spin`.
+    last_work: Instant,
+    /// When the controller's health was last read.
+    last_health: Instant,
+}
+
+/// What a reactor thread does after a turn.
+enum Next {
+    /// Turn again at once: there was work.
+    Again,
+    /// Commands are in flight: poll again after a spin or a nap.
+    Poll(Option<Duration>),
+    /// Nothing in flight: sleep until a submitter wakes the thread.
+    Sleep,
+    /// Closed and every request answered.
+    Exit,
+}
+
+/// A reactor thread: turns its lane's reactor under the lane's lock, and
+/// spins, naps or sleeps between turns without it.
+fn run(shared: Arc<Shared>, lane_index: usize) {
+    let lane = &shared.lanes[lane_index];
+    loop {
+        let next = lane
+            .core
+            .lock()
+            .as_mut()
+            .expect("only this thread takes its reactor out of the lane")
+            .turn();
+        match next {
+            Next::Again => {}
+            Next::Poll(None) => std::hint::spin_loop(),
+            Next::Poll(Some(nap)) => thread::park_timeout(nap),
+            Next::Exit => break,
+            Next::Sleep => {
+                // Idle: park until a submitter wakes us (see
+                // `Shared::notify`), or a submitter that served a request
+                // inline hands us what it left in flight (an unpark).
+                lane.sleeping.store(true, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                if !lane.submissions.is_empty() || shared.closed.load(Ordering::SeqCst) {
+                    lane.sleeping.store(false, Ordering::Relaxed);
+                    if shared.closed.load(Ordering::SeqCst) && lane.submissions.is_empty() {
+                        // Closing with submitters still counted in: wait for
+                        // them to push or back out (each unparks us), or for
+                        // the other reactors to answer theirs.
+                        thread::park_timeout(POLL_NAP);
+                    }
+                    continue;
+                }
+                shared.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+                thread::park_timeout(HEALTH_PERIOD_IDLE);
+                lane.sleeping.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+    let reactor = lane
+        .core
+        .lock()
+        .take()
+        .expect("only this thread takes its reactor out of the lane");
+    reactor.close();
 }
 
 impl Reactor {
@@ -278,106 +354,117 @@ impl Reactor {
         &self.shared.lanes[self.lane]
     }
 
-    fn run(mut self) {
-        let mut last_work = Instant::now();
-        let mut last_health = Instant::now();
-        loop {
-            if self.shared.reset_requested.swap(false, Ordering::SeqCst) {
-                // Test hook: a reset this reactor did not ask for.
-                let config = self.common.bar.read32(reg::CC);
-                self.common
-                    .bar
-                    .write32(reg::CC, config & !flyfs_sys::nvme::cc::EN);
-            }
-            if !self.failed && self.shared.failed_dma.load(Ordering::SeqCst) != DMA_RUNNING {
-                // Another reactor failed the device: answer our requests.
-                self.fail_local();
-            }
-            let mut worked = self.take_requests();
-            worked |= self.issue();
-            worked |= self.reap();
-            if self.common.aborts_outstanding.load(Ordering::Relaxed) > 0 {
-                self.reap_admin();
-            }
-            let now = Instant::now();
-            if self.in_flight > 0 {
-                self.check_timeouts(now);
-            }
-            let period = if self.in_flight > 0 {
-                HEALTH_PERIOD_BUSY
-            } else {
-                HEALTH_PERIOD_IDLE
-            };
-            if now.duration_since(last_health) >= period {
-                last_health = now;
-                let requested = self
-                    .common
-                    .control
-                    .lock()
-                    .controller
-                    .vfio
-                    .device_requested();
-                if requested {
-                    // Someone unbinds the device from vfio-pci, which waits
-                    // until we close it: fail, refuse new I/O, and let go
-                    // once every request is answered.
-                    if !self.failed {
-                        self.fail(
-                            "the kernel asked for the device back (it is being unbound from vfio-pci)"
-                                .into(),
-                        );
-                    }
-                    self.shared.closed.store(true, Ordering::SeqCst);
-                    self.shared.unpark();
-                    continue;
-                }
-                let health = self.common.control.lock().controller.health();
-                if !self.failed
-                    && let Err(reason) = health
-                {
-                    self.fail(reason);
-                    continue;
-                }
-            }
-            if worked {
-                last_work = now;
-                continue;
-            }
-            if self.in_flight > 0 {
-                if now.duration_since(last_work) < self.spin {
-                    std::hint::spin_loop();
-                } else {
-                    thread::park_timeout(POLL_NAP);
-                }
-                continue;
-            }
-            // `active` counts the device's requests, not this reactor's: one
-            // is never taken by two reactors, so at zero with `closed` set
-            // none can arrive anywhere.
-            if self.shared.closed.load(Ordering::SeqCst)
-                && self.shared.active.load(Ordering::SeqCst) == 0
-                && self.lane().submissions.is_empty()
-            {
-                break;
-            }
-            // Idle: park until a submitter wakes us (see `Shared::notify`).
-            self.lane().sleeping.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if !self.lane().submissions.is_empty() || self.shared.closed.load(Ordering::SeqCst) {
-                self.lane().sleeping.store(false, Ordering::Relaxed);
-                if self.shared.closed.load(Ordering::SeqCst) && self.lane().submissions.is_empty() {
-                    // Closing with submitters still counted in: wait for
-                    // them to push or back out (each unparks us), or for
-                    // the other reactors to answer theirs.
-                    thread::park_timeout(POLL_NAP);
-                }
-                continue;
-            }
-            self.counters().sleeps.fetch_add(1, Ordering::Relaxed);
-            thread::park_timeout(HEALTH_PERIOD_IDLE);
-            self.lane().sleeping.store(false, Ordering::Relaxed);
+    /// One turn: takes submissions, issues commands, reaps completions,
+    /// enforces timeouts and, now and then, reads the controller's health.
+    fn turn(&mut self) -> Next {
+        if self.shared.reset_requested.swap(false, Ordering::SeqCst) {
+            // Test hook: a reset this reactor did not ask for.
+            let config = self.common.bar.read32(reg::CC);
+            self.common
+                .bar
+                .write32(reg::CC, config & !flyfs_sys::nvme::cc::EN);
         }
-        self.close();
+        if !self.failed && self.shared.failed_dma.load(Ordering::SeqCst) != DMA_RUNNING {
+            // Another reactor failed the device: answer our requests.
+            self.fail_local();
+        }
+        let mut worked = self.take_requests();
+        worked |= self.issue();
+        worked |= self.reap();
+        if self.common.aborts_outstanding.load(Ordering::Relaxed) > 0 {
+            self.reap_admin();
+        }
+        let now = Instant::now();
+        if self.in_flight > 0 {
+            self.check_timeouts(now);
+        }
+        let period = if self.in_flight > 0 {
+            HEALTH_PERIOD_BUSY
+        } else {
+            HEALTH_PERIOD_IDLE
+        };
+        if now.duration_since(self.last_health) >= period {
+            self.last_health = now;
+            let requested = self
+                .common
+                .control
+                .lock()
+                .controller
+                .vfio
+                .device_requested();
+            if requested {
+                // Someone unbinds the device from vfio-pci, which waits
+                // until we close it: fail, refuse new I/O, and let go
+                // once every request is answered.
+                if !self.failed {
+                    self.fail(
+                        "the kernel asked for the device back (it is being unbound from vfio-pci)"
+                            .into(),
+                    );
+                }
+                self.shared.closed.store(true, Ordering::SeqCst);
+                self.shared.unpark();
+                return Next::Again;
+            }
+            let health = self.common.control.lock().controller.health();
+            if !self.failed
+                && let Err(reason) = health
+            {
+                self.fail(reason);
+                return Next::Again;
+            }
+        }
+        if worked {
+            self.last_work = now;
+            return Next::Again;
+        }
+        if self.in_flight > 0 {
+            return Next::Poll(if now.duration_since(self.last_work) < self.spin {
+                None
+            } else {
+                Some(POLL_NAP)
+            });
+        }
+        // `active` counts the device's requests, not this reactor's: one
+        // is never taken by two reactors, so at zero with `closed` set
+        // none can arrive anywhere.
+        if self.shared.closed.load(Ordering::SeqCst)
+            && self.shared.active.load(Ordering::SeqCst) == 0
+            && self.lane().submissions.is_empty()
+        {
+            return Next::Exit;
+        }
+        Next::Sleep
+    }
+
+    /// Whether the queue pair holds no work, so a submitter may serve a
+    /// request on its own thread.
+    pub(super) fn is_idle(&self) -> bool {
+        self.in_flight == 0
+            && self.unissued.is_empty()
+            && !self.failed
+            && self.shared.failed_dma.load(Ordering::SeqCst) == DMA_RUNNING
+    }
+
+    /// Serves `request` on the submitting thread, as SPDK's run-to-completion
+    /// model does: issues it (with anything queued before it) and polls the
+    /// completion queue for up to `budget`. A lone I/O then costs no thread
+    /// hand-off at all, where going through the reactor costs two wake-ups
+    /// (submitter to reactor, reactor to the waiting task), which at depth 1
+    /// is most of the latency. Returns whether work is left in flight, which
+    /// the caller hands to the reactor thread by unparking it.
+    pub(super) fn serve_inline(&mut self, request: Request, budget: Duration) -> bool {
+        self.take_requests();
+        self.accept(request);
+        self.issue();
+        let started = Instant::now();
+        while self.in_flight > 0 && started.elapsed() < budget {
+            if !self.reap() {
+                std::hint::spin_loop();
+            }
+        }
+        self.last_work = Instant::now();
+        self.in_flight > 0 || !self.unissued.is_empty()
     }
 
     /// Moves submitted requests into the request table.
@@ -385,37 +472,42 @@ impl Reactor {
         let mut took = false;
         while let Some(request) = self.shared.lanes[self.lane].submissions.pop() {
             took = true;
-            self.counters().submitted.fetch_add(1, Ordering::Relaxed);
-            if self.failed {
-                self.finish_now(request, Err(self.shared.closed_error()));
-                continue;
-            }
-            let flush_without_cache =
-                request.op == IoOp::Flush && !self.shared.identity.volatile_write_cache;
-            let discard_unsupported =
-                request.op == IoOp::Discard && !self.shared.identity.dataset_management;
-            if flush_without_cache || discard_unsupported {
-                // Nothing to ask the controller: every completed write is
-                // already durable, and discard is advisory.
-                self.finish_now(request, Ok(()));
-                continue;
-            }
-            let index = match self.free_requests.pop() {
-                Some(index) => index,
-                None => {
-                    self.requests.push(None);
-                    self.requests.len() - 1
-                }
-            };
-            self.requests[index] = Some(InFlight {
-                request,
-                issued: 0,
-                outstanding: 0,
-                error: None,
-            });
-            self.unissued.push_back(index);
+            self.accept(request);
         }
         took
+    }
+
+    /// Takes one request into the request table (or answers it at once).
+    fn accept(&mut self, request: Request) {
+        self.counters().submitted.fetch_add(1, Ordering::Relaxed);
+        if self.failed {
+            self.finish_now(request, Err(self.shared.closed_error()));
+            return;
+        }
+        let flush_without_cache =
+            request.op == IoOp::Flush && !self.shared.identity.volatile_write_cache;
+        let discard_unsupported =
+            request.op == IoOp::Discard && !self.shared.identity.dataset_management;
+        if flush_without_cache || discard_unsupported {
+            // Nothing to ask the controller: every completed write is
+            // already durable, and discard is advisory.
+            self.finish_now(request, Ok(()));
+            return;
+        }
+        let index = match self.free_requests.pop() {
+            Some(index) => index,
+            None => {
+                self.requests.push(None);
+                self.requests.len() - 1
+            }
+        };
+        self.requests[index] = Some(InFlight {
+            request,
+            issued: 0,
+            outstanding: 0,
+            error: None,
+        });
+        self.unissued.push_back(index);
     }
 
     fn finish_now(&self, mut request: Request, result: Result<(), DeviceError>) {
