@@ -232,11 +232,15 @@ struct Operations {
 
 pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // A clock-drawn seed is kept to 32 bits: short enough to type back in.
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
+            .map_or(1, |d| d.as_nanos() as u64 % (1 << 32))
     });
+    // First, so that a missing privilege is reported before anything is
+    // made on disk.
+    let net = Net::choose(args.network)?;
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     let available = crate::storage::available_bytes(&base)?;
@@ -255,7 +259,6 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
             .with_context(|| format!("removing a stale {}", dir.display()))?;
     }
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let net = Net::choose(args.network)?;
     let mut cluster = ChaosCluster::new(dir.clone(), net)?;
     let mut summary = Summary {
         minutes: args.minutes,
