@@ -1,6 +1,7 @@
-//! The chaos soak (`flyfs bench chaos`, docs/chaos.md) for one minute: a
-//! cluster of real daemons (in network namespaces when this runs as root)
-//! under a verifying workload while storage nodes, the metadata service
+//! The chaos soak (`flyfs bench chaos`, docs/chaos.md) for 45 s of faults
+//! (the first round of every kind runs whole even past them; some 80 s in
+//! all on a loaded 2-core machine): a cluster of real daemons (in network
+//! namespaces when this runs as root) under a verifying workload while storage nodes, the metadata service
 //! and the manager are killed, restarted and partitioned, and a storage
 //! node is killed for good and replaced with `flyfs admin drain-node`.
 //!
@@ -30,7 +31,7 @@ const KINDS: [&str; 7] = [
 ];
 
 #[test]
-fn a_minute_of_chaos_loses_no_acknowledged_write() {
+fn chaos_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     if let Err(e) = probe_io_uring(dir.path()) {
         eprintln!("skipping: io_uring is not available here ({e})");
@@ -38,7 +39,7 @@ fn a_minute_of_chaos_loses_no_acknowledged_write() {
     }
     let mut command = flyfs();
     command
-        .args(["bench", "chaos", "--minutes", "1", "--json", "--dir"])
+        .args(["bench", "chaos", "--minutes", "0.75", "--json", "--dir"])
         .arg(dir.path());
     if let Ok(seed) = std::env::var("FLYFS_CHAOS_SEED") {
         command.args(["--seed", &seed]);
@@ -67,7 +68,7 @@ fn a_minute_of_chaos_loses_no_acknowledged_write() {
     assert_eq!(field("verify_errors"), 0, "{summary}");
     assert_eq!(summary["all_serving"], true, "{summary}");
     assert!(summary["seed"].is_u64(), "{summary}");
-    assert_eq!(summary["minutes"], 1.0, "{summary}");
+    assert_eq!(summary["minutes"], 0.75, "{summary}");
 }
 
 #[test]

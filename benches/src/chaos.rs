@@ -150,8 +150,7 @@ fn parse_minutes(text: &str) -> Result<f64, String> {
 }
 
 /// The kinds of fault, each injected once per round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     KillStorage,
     KillMeta,
@@ -424,9 +423,6 @@ async fn soak(
             // The first round runs whole: every kind fires in a short run.
             if round > 0 && faults_started.elapsed() >= fault_time {
                 break 'rounds;
-            }
-            if let Some(error) = shared.fatal() {
-                bail!("the workload stopped: {error}");
             }
             let hold = Duration::from_millis(rng.random_range(HOLD_MS.0..=HOLD_MS.1));
             inject(cluster, &admin, fault, hold, &mut rng, summary).await?;
@@ -1238,8 +1234,6 @@ struct Shared {
     acknowledged_writes: AtomicU64,
     verified_reads: AtomicU64,
     errors: std::sync::Mutex<Vec<String>>,
-    /// A task that cannot go on (its directory could not be made).
-    fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -1248,10 +1242,6 @@ impl Shared {
         if let Ok(mut errors) = self.errors.lock() {
             errors.push(error);
         }
-    }
-
-    fn fatal(&self) -> Option<String> {
-        self.fatal.lock().ok().and_then(|f| f.clone())
     }
 }
 
