@@ -693,8 +693,8 @@ impl Net {
 }
 
 /// Network namespaces `flyfs-chaos-PID-NAME`, each with a veth whose other
-/// end is on the bridge `fcbPID` in this process's namespace, one /24 for
-/// all (the bridge, where this process's clients are, is `.1`). Dropping it
+/// end is on the bridge `fcbPID` in this process's namespace, one /24 of
+/// 198.18.0.0/15 for all (the bridge, where this process's clients are, is `.1`). Dropping it
 /// deletes the namespaces (their veths go with them) and the bridge.
 #[derive(Debug)]
 struct Netns {
@@ -716,7 +716,7 @@ impl Netns {
         );
         let pid = std::process::id();
         let tag = format!("{:05}", pid % 100_000);
-        let prefix = format!("10.{}.{}", 100 + (pid / 250) % 100, pid % 250);
+        let prefix = free_subnet(pid)?;
         let bridge = format!("fcb{tag}");
         let mut netns = Netns {
             tag,
@@ -824,6 +824,31 @@ impl Drop for Netns {
         }
         let _ = ip(&["link", "del", &self.bridge]);
     }
+}
+
+/// The first three octets of a /24 of 198.18.0.0/15 that no interface on
+/// this machine has an address in, trying from one drawn from `pid` (so
+/// that two runs at once take different ones). The range is set aside for
+/// network benchmarks (RFC 2544): no real network a route on the bridge
+/// could shadow uses it.
+fn free_subnet(pid: u32) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .context("running ip -o -4 addr show (is iproute2 installed?)")?;
+    ensure!(
+        out.status.success(),
+        "ip -o -4 addr show: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let taken = String::from_utf8_lossy(&out.stdout);
+    (0..512)
+        .map(|k| {
+            let n = (pid + k) % 512;
+            format!("198.{}.{}", 18 + n / 256, n % 256)
+        })
+        .find(|prefix| !taken.contains(&format!(" {prefix}.")))
+        .context("every /24 of 198.18.0.0/15 is in use on this machine")
 }
 
 /// Runs `ip ARGS`; its complaint on failure.
@@ -1655,8 +1680,16 @@ mod tests {
         for bad in ["0", "-1", "abc", "", "NaN", "inf", "100000"] {
             assert!(parse_minutes(bad).is_err(), "{bad} was accepted");
         }
-        assert!(parse_minutes("abc").unwrap_err().contains("not a number"));
-        assert!(parse_minutes("0").unwrap_err().contains("more than 0"));
+        assert!(
+            parse_minutes("abc")
+                .expect_err("abc is refused")
+                .contains("not a number")
+        );
+        assert!(
+            parse_minutes("0")
+                .expect_err("0 is refused")
+                .contains("more than 0")
+        );
     }
 
     #[test]
