@@ -3,7 +3,7 @@
 //! the cluster manager (`mgmtd`) and storage (`storage`) daemons, the
 //! metadata service (`meta`), the FUSE daemon (`mount`), a whole
 //! single-machine cluster (`up`/`down`), `admin`, and `bench
-//! engine|storage|meta|kv|native`, which run flyfs-benches.
+//! engine|storage|meta|kv|native|chaos`, which run flyfs-benches.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -120,6 +120,10 @@ enum BenchCommand {
     /// Native (zero-copy) I/O reads of a file on a mount, through its
     /// daemon's socket: GiB/s and IOPS at a block size, depth and thread count.
     Native(flyfs_benches::native::NativeArgs),
+    /// A soak of a cluster of real daemons (docs/chaos.md): a verifying
+    /// workload while storage nodes, the metadata service and the manager
+    /// are killed, restarted, partitioned and replaced; one JSON summary.
+    Chaos(flyfs_benches::chaos::ChaosArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,6 +178,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Native(args),
         } => flyfs_benches::native::run(&args),
+        Command::Bench {
+            what: BenchCommand::Chaos(args),
+        } => flyfs_benches::chaos::run(&args),
         Command::Mgmtd { config } => {
             let config = MgmtdConfig::load(&config)?;
             let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));

@@ -13,6 +13,9 @@
 //! * [`native`]: reads of a file on a mount through native I/O (the
 //!   mount daemon's shared-memory rings), against which
 //!   `benches/native-vs-fuse` sets FUSE and fio.
+//! * [`chaos`]: a soak of a cluster of real daemons (in network namespaces
+//!   where possible) under a verifying workload while it kills, restarts,
+//!   partitions and replaces them.
 //! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
 //!
 //! The binaries `fsbench` (workloads through any mount) and `fsreport`
@@ -21,6 +24,7 @@
 //! with `anyhow`, as binaries do.
 #![deny(unsafe_code)]
 
+pub mod chaos;
 pub mod engine;
 pub mod kv;
 pub mod meta;
