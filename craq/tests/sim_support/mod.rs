@@ -13,12 +13,19 @@
 //! or flush poisons its engine and takes its targets offline) and slow disks
 //! (`disk`).
 //!
-//! Checkers, after the faults heal: every chunk's history of reads and writes
-//! is linearizable (stateright's linearizability tester against a register;
+//! Workload: partial writes at any offset, truncates and removes over four
+//! chunks a chain, and reads of whole chunks (`Workload::Files`); or the
+//! whole-chunk writes the pinned seeds were found with (`Registers`).
+//!
+//! Checkers: while the run goes on, a node whose engine a disk error
+//! poisoned reports every target offline. After the faults heal: every
+//! chunk's history of reads, writes, truncates and removes is linearizable
+//! (stateright's linearizability tester against the byte model of `model`;
 //! the final reads after healing make this cover "no acknowledged write is
-//! lost"); all replicas of each chain hold byte-identical committed chunks;
-//! every target returns to serving; every engine's allocator and metadata
-//! agree.
+//! lost"); all replicas of each chain hold the same committed chunks, at the
+//! same versions, byte for byte; every target returns to serving; every
+//! engine's allocator and metadata agree. Every kind of fault must fire in a
+//! range of seeds (`FAULT_KINDS`).
 
 #![allow(dead_code)]
 

@@ -38,8 +38,11 @@ struct Wakers {
 /// opened (deterministic under turmoil), with its host's name.
 #[derive(Clone, Debug, Default)]
 pub struct Connections {
-    ends: Arc<Mutex<Vec<(Arc<str>, Weak<Cut>)>>>,
+    ends: Arc<Mutex<Vec<End>>>,
 }
+
+/// A connection end's host, and the end while it is open.
+type End = (Arc<str>, Weak<Cut>);
 
 impl Connections {
     fn register(&self, host: &Arc<str>) -> Arc<Cut> {
