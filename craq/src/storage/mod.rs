@@ -209,6 +209,12 @@ pub(crate) struct Target {
     pub inflight: tokio::sync::RwLock<()>,
     /// Chunks a repair has removed and not yet rewritten (scrub.rs).
     pub repair_windows: Mutex<scrub::RepairWindows>,
+    /// Chunks with a remove on its way through this replica, with how many:
+    /// a remove is forwarded before it applies here (removes are not
+    /// prepared), so the tail may have removed a chunk this replica still
+    /// holds as committed. Reads here treat such a chunk as pending and ask
+    /// the tail, as CRAQ does for a pending version.
+    pub removing: Arc<Mutex<BTreeMap<ChunkId, usize>>>,
 }
 
 /// A storage node: engines, hosted targets, routing, and the RPC client it
@@ -504,6 +510,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         locks: ChunkLocks::default(),
                         channels,
                         forwards: Arc::default(),
+                        removing: Arc::default(),
                         inflight: tokio::sync::RwLock::new(()),
                         repair_windows: Mutex::default(),
                     })

@@ -86,7 +86,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             // Before looking: a repair's window may hide the chunk.
             let repairs_closed = place.target.repairs_closed();
             let mut info = engine.stat(key);
-            let pending = info.and_then(|i| i.pending).is_some();
+            // A remove on its way through this replica counts as pending:
+            // the tail may have removed the chunk already.
+            let removing = place.target.removing.lock().contains_key(&item.chunk);
+            let pending = info.and_then(|i| i.pending).is_some() || removing;
             // At the tail a pending version is an update in flight through
             // this replica; it may already be committed by a tail that
             // failed after committing it (this replica has just become the

@@ -714,6 +714,7 @@ mod tests {
             locks: Default::default(),
             channels: super::super::Channels::new(Default::default()),
             forwards: Default::default(),
+            removing: Default::default(),
             inflight: tokio::sync::RwLock::new(()),
             repair_windows: Default::default(),
         });

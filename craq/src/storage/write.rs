@@ -109,6 +109,38 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     }
 }
 
+type RemovingMap = std::sync::Arc<parking_lot::Mutex<std::collections::BTreeMap<ChunkId, usize>>>;
+
+/// A remove on its way through a replica, marked in `Target::removing` for
+/// as long as this lives (dropped when the remove returns, fails or is
+/// cancelled).
+struct Removing {
+    removing: RemovingMap,
+    chunk: ChunkId,
+}
+
+impl Removing {
+    fn enter(removing: &RemovingMap, chunk: ChunkId) -> Removing {
+        *removing.lock().entry(chunk).or_default() += 1;
+        Removing {
+            removing: removing.clone(),
+            chunk,
+        }
+    }
+}
+
+impl Drop for Removing {
+    fn drop(&mut self) {
+        let mut removing = self.removing.lock();
+        if let Some(n) = removing.get_mut(&self.chunk) {
+            *n -= 1;
+            if *n == 0 {
+                removing.remove(&self.chunk);
+            }
+        }
+    }
+}
+
 /// The engine's request id for a channel's request: the channel number in
 /// the top 16 bits, the sequence below. Stored with each chunk version, it
 /// tells which request produced it.
@@ -384,6 +416,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         let engine = self.engine(&place.target);
         let key = ChunkKey::new(place.chain.id, update.chunk);
         if update.op == ForwardOp::Remove {
+            let _removing = Removing::enter(&place.target.removing, update.chunk);
             if let Err(failure) = self.forward(place, &update, None).await {
                 // Replicas after us may have removed the chunk already.
                 self.fence(place, &failure.to_string());

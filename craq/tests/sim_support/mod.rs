@@ -6,25 +6,42 @@
 //!
 //! Faults: node crashes with restarts (unflushed device writes are lost, as
 //! in a power cut), partitions between any two hosts (messages in flight are
-//! lost), message delay and reordering across connections, manager restarts,
-//! and fail points that freeze a node at an exact step of the write path.
+//! lost), message delay and reordering across connections, connection
+//! resets (requests and replies in flight dropped, retries deliver a request
+//! twice; `net`), manager restarts, fail points that freeze a node at an
+//! exact step of the write path, I/O errors on a node's disk (a failed write
+//! or flush poisons its engine and takes its targets offline) and slow disks
+//! (`disk`).
 //!
-//! Checkers, after the faults heal: every chunk's history of reads and writes
-//! is linearizable (stateright's linearizability tester against a register;
+//! Workload: partial writes at any offset, truncates and removes over four
+//! chunks a chain, and reads of whole chunks (`Workload::Files`); or the
+//! whole-chunk writes the pinned seeds were found with (`Registers`).
+//!
+//! Checkers: while the run goes on, a node whose engine a disk error
+//! poisoned reports every target offline. After the faults heal: every
+//! chunk's history of reads, writes, truncates and removes is linearizable
+//! (stateright's linearizability tester against the byte model of `model`;
 //! the final reads after healing make this cover "no acknowledged write is
-//! lost"); all replicas of each chain hold byte-identical committed chunks;
-//! every target returns to serving; every engine's allocator and metadata
-//! agree.
+//! lost"); all replicas of each chain hold the same committed chunks, at the
+//! same versions, byte for byte; every target returns to serving; every
+//! engine's allocator and metadata agree. Every kind of fault must fire in a
+//! range of seeds (`FAULT_KINDS`).
 
 #![allow(dead_code)]
+
+pub mod disk;
+pub mod model;
+pub mod net;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flyfs_bypass::fault::Fault;
 use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig, block_on};
 use flyfs_chunk_engine::{ChunkKey, Engine, EngineConfig, FormatOptions, JournalMode, ReadRequest};
@@ -35,16 +52,20 @@ use flyfs_craq::storage::FailPoint;
 use flyfs_craq::{StorageConfig, StorageNode, StorageService};
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, TargetId};
 use flyfs_proto::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, PublicState, RoutingInfo,
+    CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, LocalState, PublicState,
+    RoutingInfo,
 };
-use flyfs_rpc::{CallOptions, Network, ServerConfig, SimNet};
+use flyfs_rpc::{CallOptions, Network, ServerConfig};
 use flyfs_time::Backoff;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use stateright::semantics::register::{Register, RegisterOp, RegisterRet};
 use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 
-pub type Node = StorageNode<MemDevice, SimNet>;
+use disk::SimDisk;
+use model::{ChunkModel, ChunkOp, ChunkRet};
+use net::{Connections, ResetNet};
+
+pub type Node = StorageNode<SimDisk, ResetNet>;
 
 pub const MGMT: &str = "mgmt";
 pub const MGMT_PORT: u16 = 9000;
@@ -52,10 +73,35 @@ pub const NODE_PORT: u16 = 9100;
 /// Bytes each simulated write writes: the whole chunk, so a chunk behaves
 /// as a register and its history can be checked as one.
 pub const VALUE_BYTES: usize = 1024;
+/// How far into a chunk the file workload writes and truncates: a few
+/// blocks of the engine, so writes cross block boundaries.
+pub const FILE_EXTENT_BYTES: u32 = 12 << 10;
 pub const CHUNK_SIZE: u32 = 64 << 10;
 
 pub fn node_name(i: usize) -> String {
     format!("node{i}")
+}
+
+/// What the clients do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Whole-chunk writes of `VALUE_BYTES` at offset 0 and reads: each chunk
+    /// a register (the workload the pinned seeds were found with).
+    Registers,
+    /// Partial writes at any offset, truncates that cut and extend,
+    /// removes, and reads of the whole chunk (`file_op`).
+    Files,
+}
+
+impl Workload {
+    /// How many bytes a read asks for: the whole chunk as the workload
+    /// writes it.
+    fn read_len(self) -> u32 {
+        match self {
+            Workload::Registers => VALUE_BYTES as u32,
+            Workload::Files => FILE_EXTENT_BYTES,
+        }
+    }
 }
 
 /// The shape of one simulated run.
@@ -74,6 +120,14 @@ pub struct SimConfig {
     /// reopens the window the default write path closes (a test shows the
     /// checker still finds it).
     pub overlap_prepare: bool,
+    /// Draw connection resets, disk errors and slow disks too (from a
+    /// random stream of their own, see `io_chaos_step`).
+    pub io_faults: bool,
+    pub workload: Workload,
+    /// The engines' journal mode. Only `Inline` is deterministic: the
+    /// journal thread completes commits on an OS thread, at a moment of
+    /// real time turmoil does not control (see `many_journal_thread`).
+    pub journal: JournalMode,
 }
 
 impl SimConfig {
@@ -83,11 +137,25 @@ impl SimConfig {
             nodes: 4,
             chains: 2,
             replicas: 3,
-            chunks_per_chain: 2,
+            chunks_per_chain: 4,
             clients: 3,
             ops_per_client: 25,
             faults: true,
             overlap_prepare: false,
+            io_faults: true,
+            workload: Workload::Files,
+            journal: JournalMode::Inline,
+        }
+    }
+
+    /// The run as it was before the transport and disk faults and the file
+    /// workload: what the pinned seeds found their bugs with.
+    pub fn classic(seed: u64) -> Self {
+        SimConfig {
+            chunks_per_chain: 2,
+            io_faults: false,
+            workload: Workload::Registers,
+            ..SimConfig::new(seed)
         }
     }
 }
@@ -98,12 +166,12 @@ pub enum Event {
     Invoke {
         thread: u64,
         chunk: (ChainId, ChunkId),
-        op: RegisterOp<u64>,
+        op: ChunkOp,
     },
     Return {
         thread: u64,
         chunk: (ChainId, ChunkId),
-        ret: RegisterRet<u64>,
+        ret: ChunkRet,
     },
 }
 
@@ -118,6 +186,11 @@ pub struct World {
     pub log: Vec<String>,
     /// Faults the chaos drew, by kind (see [`FAULT_KINDS`]).
     pub fired: BTreeMap<&'static str, usize>,
+    /// Each running node's disk, to arm I/O errors on.
+    pub disks: BTreeMap<usize, SimDisk>,
+    /// What the harness saw go wrong while the run went on (checked at its
+    /// end, with the other checkers).
+    pub violations: Vec<String>,
 }
 
 /// Every kind of fault the chaos draws: a range of seeds must fire each at
@@ -134,6 +207,11 @@ pub const FAULT_KINDS: &[&str] = &[
     "fail point hit",
     "node lost for good",
     "replacement",
+    "connection reset",
+    "disk error armed",
+    "disk error hit",
+    "target offline after disk error",
+    "slow disk",
 ];
 
 pub type Shared = Rc<RefCell<World>>;
@@ -201,7 +279,7 @@ fn format_device() -> MemDevice {
 
 /// An admin call, retried until the manager answers (faults do not start
 /// before setup ends, but the network is still lossy).
-async fn admin<M>(client: &StorageClient<SimNet>, req: &M::Req) -> Result<(), String>
+async fn admin<M>(client: &StorageClient<ResetNet>, req: &M::Req) -> Result<(), String>
 where
     M: flyfs_proto::Method<Rsp = Result<(), flyfs_proto::wire::mgmt::MgmtError>>,
 {
@@ -237,23 +315,36 @@ fn encode_value(v: u64) -> Bytes {
     Bytes::from(data)
 }
 
-fn decode_value(data: &[u8]) -> Result<u64, String> {
-    if data.is_empty() {
-        return Ok(0);
+/// The bytes a file workload's write of `value` puts at `offset`
+/// onwards: unique per write, and different at every position, so a read
+/// that returns bytes from the wrong place or the wrong write shows.
+fn fill(value: u64, offset: u32, len: u32) -> Bytes {
+    let mixed = value.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (offset..offset + len)
+        .map(|pos| (mixed.rotate_left(pos % 64) as u8) ^ (pos as u8) ^ (pos >> 8) as u8)
+        .collect()
+}
+
+/// One operation of the file workload: a partial write at any offset (at
+/// times past the end, leaving a hole), a read of the whole chunk, a
+/// truncate that cuts or extends, or a remove.
+fn file_op(rng: &mut ChaCha8Rng, value: u64) -> ChunkOp {
+    match rng.random_range(0..20) {
+        0..=7 => {
+            let offset = rng.random_range(0..FILE_EXTENT_BYTES - 1);
+            let len = rng.random_range(1..=(FILE_EXTENT_BYTES - offset).min(1536));
+            ChunkOp::Write {
+                offset,
+                data: fill(value, offset, len),
+                value,
+            }
+        }
+        8..=14 => ChunkOp::Read,
+        15..=17 => ChunkOp::Truncate {
+            len: rng.random_range(0..=FILE_EXTENT_BYTES),
+        },
+        _ => ChunkOp::Remove,
     }
-    if data.len() != VALUE_BYTES {
-        return Err(format!(
-            "read {} bytes, every write writes {VALUE_BYTES}",
-            data.len()
-        ));
-    }
-    let v = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
-    if encode_value(v) != data {
-        return Err(format!(
-            "chunk bytes are not any write's (header says {v:#x})"
-        ));
-    }
-    Ok(v)
 }
 
 /// The simulation: its hosts, devices and the fault plan.
@@ -278,11 +369,27 @@ pub struct Sim<'a> {
     /// fault plans of earlier seeds (pinned ones among them) stay as they
     /// were up to the first node lost.
     lost_rng: ChaCha8Rng,
+    /// Every connection in the simulation, for resets.
+    pub connections: Connections,
+    /// Each node's disk stall in microseconds per I/O (0: not slow).
+    stalls: Vec<Arc<AtomicU64>>,
+    /// Draws the transport and disk faults, apart from `rng` for the same
+    /// reason as `lost_rng`.
+    io_rng: ChaCha8Rng,
+    /// A disk error armed and not hit yet, with when (a node failure on its
+    /// way, like an armed fail point).
+    disk_armed: Option<(usize, Duration)>,
+    /// When a disk error hit each node: the node is looked at a second
+    /// later (see `reap_disk_errors`).
+    disk_hit: BTreeMap<usize, Duration>,
+    /// The node whose disk is slow, until when.
+    slow: Option<(usize, Duration)>,
 }
 
 impl<'a> Sim<'a> {
     pub fn new(config: SimConfig) -> Sim<'a> {
         let config_seed = config.seed;
+        let config_nodes = config.nodes;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let max_latency = Duration::from_micros(rng.random_range(200..5000));
         let sim = turmoil::Builder::new()
@@ -307,6 +414,14 @@ impl<'a> Sim<'a> {
             rng,
             lost: None,
             lost_rng: ChaCha8Rng::seed_from_u64(config_seed ^ 0x1057_0de5),
+            connections: Connections::default(),
+            stalls: (0..config_nodes)
+                .map(|_| Arc::new(AtomicU64::new(0)))
+                .collect(),
+            io_rng: ChaCha8Rng::seed_from_u64(config_seed ^ 0x10_fa17),
+            disk_armed: None,
+            disk_hit: BTreeMap::new(),
+            slow: None,
         };
         me.add_mgmt();
         for i in 0..me.config.nodes {
@@ -318,13 +433,15 @@ impl<'a> Sim<'a> {
 
     fn add_mgmt(&mut self) {
         let store = MemStore::new();
+        let net = ResetNet::new(MGMT, &self.connections);
         self.sim.host(MGMT, move || {
             let store = store.clone();
+            let net = net.clone();
             async move {
                 let (config, _) = timing();
                 let service = MgmtService::open(Box::new(store), config).await?;
                 tokio::spawn(service.clone().run());
-                let listener = SimNet.bind(&format!("0.0.0.0:{MGMT_PORT}")).await?;
+                let listener = net.bind(&format!("0.0.0.0:{MGMT_PORT}")).await?;
                 flyfs_rpc::serve(
                     listener,
                     service,
@@ -341,14 +458,23 @@ impl<'a> Sim<'a> {
         let devices = self.devices.clone();
         let world = self.world.clone();
         let overlap_prepare = self.config.overlap_prepare;
+        let journal = self.config.journal;
+        let net = ResetNet::new(&node_name(i), &self.connections);
+        let stall_us = self.stalls[i].clone();
+        let disk_seed = self.config.seed ^ ((i as u64 + 1) << 48);
         self.sim.host(node_name(i), move || {
-            let dev = devices.borrow()[i].clone();
+            // A new process finds the disk's transient faults gone (an
+            // operator replaced the cable, or the error was a one-off); a
+            // stall belongs to the disk and outlives the process.
+            let dev = SimDisk::new(devices.borrow()[i].clone(), disk_seed, stall_us.clone());
+            world.borrow_mut().disks.insert(i, dev.clone());
             let world = world.clone();
+            let net = net.clone();
             let mut storage_config = storage_config(i);
             storage_config.overlap_prepare_and_forward = overlap_prepare;
             async move {
                 let config = EngineConfig {
-                    journal: JournalMode::Inline,
+                    journal,
                     // Commit timestamps from simulated time: a seed replays
                     // the same records.
                     clock: Arc::new(flyfs_time::TokioClock::new()),
@@ -361,12 +487,12 @@ impl<'a> Sim<'a> {
                 let node = StorageNode::new(
                     storage_config.clone(),
                     vec![Arc::new(engine)],
-                    SimNet,
+                    net.clone(),
                     credentials.clone(),
                 );
                 world.borrow_mut().nodes.insert(i, node.clone());
                 tokio::spawn(node.clone().run());
-                let listener = SimNet.bind(&format!("0.0.0.0:{NODE_PORT}")).await?;
+                let listener = net.bind(&format!("0.0.0.0:{NODE_PORT}")).await?;
                 flyfs_rpc::serve(
                     listener,
                     StorageService::new(node),
@@ -384,9 +510,9 @@ impl<'a> Sim<'a> {
     fn add_admin(&mut self) {
         let world = self.world.clone();
         let config = self.config.clone();
+        let net = ResetNet::new("admin", &self.connections);
         self.sim.client("admin", async move {
-            let client =
-                StorageClient::new(client_config(1_000), SimNet, flyfs_rpc::testing::admin());
+            let client = StorageClient::new(client_config(1_000), net, flyfs_rpc::testing::admin());
             loop {
                 let routing = client.refresh_routing().await;
                 if routing.is_ok_and(|r| r.nodes.len() == config.nodes) {
@@ -427,13 +553,14 @@ impl<'a> Sim<'a> {
             let world = self.world.clone();
             let config = self.config.clone();
             let seed = self.config.seed ^ ((k as u64 + 1) << 40);
+            let net = ResetNet::new(&format!("client{k}"), &self.connections);
             self.sim.client(format!("client{k}"), async move {
                 while !world.borrow().ready {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let client = StorageClient::new(
                     client_config(k as u64 + 1),
-                    SimNet,
+                    net,
                     flyfs_rpc::testing::client(),
                 );
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -444,47 +571,51 @@ impl<'a> Sim<'a> {
                     let chain = ChainId(rng.random_range(1..=config.chains));
                     let chunk = ChunkId::new(7, rng.random_range(0..config.chunks_per_chain));
                     let key = (chain, chunk);
-                    if rng.random_bool(0.5) {
-                        let value = value_of(k as u64 + 1, n + 1);
-                        world.borrow_mut().history.push(Event::Invoke {
-                            thread,
-                            chunk: key,
-                            op: RegisterOp::Write(value),
-                        });
-                        match client
-                            .write(chain, chunk, 0, encode_value(value), CHUNK_SIZE)
+                    let value = value_of(k as u64 + 1, n + 1);
+                    let op = match config.workload {
+                        Workload::Registers if rng.random_bool(0.5) => ChunkOp::Write {
+                            offset: 0,
+                            data: encode_value(value),
+                            value,
+                        },
+                        Workload::Registers => ChunkOp::Read,
+                        Workload::Files => file_op(&mut rng, value),
+                    };
+                    world.borrow_mut().history.push(Event::Invoke {
+                        thread,
+                        chunk: key,
+                        op: op.clone(),
+                    });
+                    let result = match op {
+                        ChunkOp::Write { offset, data, .. } => client
+                            .write(chain, chunk, offset, data, CHUNK_SIZE)
                             .await
-                        {
-                            Ok(_) => world.borrow_mut().history.push(Event::Return {
-                                thread,
-                                chunk: key,
-                                ret: RegisterRet::WriteOk,
-                            }),
-                            Err(e) => {
-                                world.borrow_mut().log.push(format!("client{k} write: {e}"));
-                                thread += 1;
-                            }
-                        }
-                    } else {
-                        world.borrow_mut().history.push(Event::Invoke {
+                            .map(|_| ChunkRet::Done),
+                        ChunkOp::Truncate { len } => client
+                            .truncate(chain, chunk, len, CHUNK_SIZE)
+                            .await
+                            .map(|_| ChunkRet::Done),
+                        ChunkOp::Remove => client
+                            .remove(chain, chunk, CHUNK_SIZE)
+                            .await
+                            .map(|_| ChunkRet::Done),
+                        ChunkOp::Read => client
+                            .read(chain, chunk, 0, config.workload.read_len())
+                            .await
+                            .map(|read| ChunkRet::ReadOk(read.data)),
+                    };
+                    match result {
+                        Ok(ret) => world.borrow_mut().history.push(Event::Return {
                             thread,
                             chunk: key,
-                            op: RegisterOp::Read,
-                        });
-                        match client.read(chain, chunk, 0, VALUE_BYTES as u32).await {
-                            Ok(read) => {
-                                let value = decode_value(&read.data)
-                                    .map_err(|e| format!("client{k} read {chunk:?}: {e}"))?;
-                                world.borrow_mut().history.push(Event::Return {
-                                    thread,
-                                    chunk: key,
-                                    ret: RegisterRet::ReadOk(value),
-                                });
-                            }
-                            Err(e) => {
-                                world.borrow_mut().log.push(format!("client{k} read: {e}"));
-                                thread += 1;
-                            }
+                            ret,
+                        }),
+                        Err(e) => {
+                            world
+                                .borrow_mut()
+                                .log
+                                .push(format!("client{k} {chunk:?}: {e}"));
+                            thread += 1;
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
@@ -553,6 +684,15 @@ impl<'a> Sim<'a> {
     }
 
     pub fn heal(&mut self) {
+        for stall in &self.stalls {
+            stall.store(0, Ordering::SeqCst);
+        }
+        self.slow = None;
+        if let Some((i, _)) = self.disk_armed.take()
+            && let Some(disk) = self.world.borrow().disks.get(&i)
+        {
+            disk.faults().clear();
+        }
         for (a, b) in std::mem::take(&mut self.partitions) {
             self.sim.repair(a.as_str(), b.as_str());
         }
@@ -620,19 +760,7 @@ impl<'a> Sim<'a> {
             }
             self.armed = None;
         }
-        let healthy = self
-            .crashed
-            .iter()
-            .enumerate()
-            .all(|(i, crashed)| !crashed || self.lost == Some(i))
-            && self.partitions.is_empty()
-            && self.armed.is_none()
-            && self.all_serving()
-            && self.world.borrow().nodes.values().all(|n| {
-                n.targets()
-                    .iter()
-                    .all(|(_, _, local)| *local == flyfs_proto::wire::mgmt::LocalState::UpToDate)
-            });
+        let healthy = self.healthy();
         match self.rng.random_range(0..10) {
             roll @ 0..=2 if healthy || roll == 0 => {
                 let i = self.rng.random_range(0..self.config.nodes);
@@ -707,6 +835,145 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// No node failure is under way: nothing crashed but the node lost for
+    /// good, no partition, no fail point or disk error armed, no engine
+    /// poisoned, and every replica serving and up to date.
+    fn healthy(&self) -> bool {
+        self.crashed
+            .iter()
+            .enumerate()
+            .all(|(i, crashed)| !crashed || self.lost == Some(i))
+            && self.partitions.is_empty()
+            && self.armed.is_none()
+            && self.disk_armed.is_none()
+            && self.disk_hit.is_empty()
+            && self.all_serving()
+            && self.world.borrow().nodes.values().all(|n| {
+                n.targets()
+                    .iter()
+                    .all(|(_, _, local)| *local == flyfs_proto::wire::mgmt::LocalState::UpToDate)
+            })
+    }
+
+    /// Draws a transport or disk fault now and then while the workload
+    /// runs, from `io_rng`: a connection reset (any time, on any open
+    /// connection: the manager's, a chain's forwarding, a client's), an I/O
+    /// error a few I/Os ahead on one node's disk (a node failure on its way
+    /// when it hits a write or flush, so only on a healthy cluster), or a
+    /// disk that turns slow for a while (every I/O stalls).
+    pub fn io_chaos_step(&mut self) {
+        if !self.config.io_faults || !self.world.borrow().ready {
+            return;
+        }
+        let now = self.sim.elapsed();
+        if let Some((i, until)) = self.slow
+            && now > until
+        {
+            self.stalls[i].store(0, Ordering::SeqCst);
+            self.slow = None;
+            self.note(format!("node{i}'s disk is fast again"));
+        }
+        if !self.io_rng.random_bool(0.002) {
+            return;
+        }
+        match self.io_rng.random_range(0..10) {
+            0..=5 => {
+                let pick = self.io_rng.random_range(0..usize::MAX);
+                if let Some(host) = self.connections.reset(pick) {
+                    self.note(format!("reset a connection of {host}"));
+                    self.fired("connection reset");
+                }
+            }
+            6 | 7 if self.healthy() => {
+                let i = self.io_rng.random_range(0..self.config.nodes);
+                // The I/O that fails is whichever comes: a read (the call
+                // fails), a write or a flush (the engine is poisoned).
+                let ahead = self.io_rng.random_range(0..20);
+                let Some(disk) = self.world.borrow().disks.get(&i).cloned() else {
+                    return;
+                };
+                if self.crashed[i] {
+                    return;
+                }
+                let n = disk.faults().io_count() + ahead;
+                disk.faults().inject(Fault::FailNth { n, op: None });
+                self.disk_armed = Some((i, now));
+                self.note(format!("arm an error at I/O {n} on node{i}'s disk"));
+                self.fired("disk error armed");
+            }
+            // The stall sleeps on tokio's clock, which the journal thread
+            // (outside any runtime) cannot.
+            8 | 9 if self.slow.is_none() && self.config.journal == JournalMode::Inline => {
+                let i = self.io_rng.random_range(0..self.config.nodes);
+                let stall = Duration::from_micros(self.io_rng.random_range(500..20_000));
+                let until = now + Duration::from_millis(self.io_rng.random_range(200..3000));
+                self.stalls[i].store(stall.as_micros() as u64, Ordering::SeqCst);
+                self.slow = Some((i, until));
+                self.note(format!(
+                    "node{i}'s disk stalls {stall:?} per I/O until {until:?}"
+                ));
+                self.fired("slow disk");
+            }
+            _ => {}
+        }
+    }
+
+    /// Follows the disk errors. One that hit is counted, and a second of
+    /// simulated time later its node is looked at: if the error took a
+    /// target out (a failed write or flush poisons the engine; any device
+    /// error takes the target offline), every target of the node must
+    /// report itself offline, and the node is restarted as an operator
+    /// would, which reopens the engine. An error no I/O reached within two
+    /// seconds is taken back.
+    fn reap_disk_errors(&mut self) {
+        let now = self.sim.elapsed();
+        if let Some((i, at)) = self.disk_armed {
+            let disk = self.world.borrow().disks.get(&i).cloned();
+            let hit = disk.as_ref().is_some_and(|d| d.faults().injected() > 0);
+            if hit && !self.crashed[i] {
+                self.fired("disk error hit");
+                self.note(format!("node{i}'s disk error hit"));
+                self.disk_hit.insert(i, now);
+                self.disk_armed = None;
+            } else if self.crashed[i] || now > at + Duration::from_secs(2) {
+                if let Some(disk) = disk {
+                    disk.faults().clear();
+                }
+                self.disk_armed = None;
+            }
+        }
+        for (i, since) in self.disk_hit.clone() {
+            if self.crashed[i] {
+                self.disk_hit.remove(&i);
+                continue;
+            }
+            if now <= since + Duration::from_secs(1) {
+                continue;
+            }
+            self.disk_hit.remove(&i);
+            let Some(node) = self.world.borrow().nodes.get(&i).cloned() else {
+                continue;
+            };
+            let poisoned = node.engines()[0].poisoned().is_some();
+            let targets = node.targets();
+            let offline = targets
+                .iter()
+                .filter(|(_, _, local)| *local == LocalState::Offline);
+            if poisoned && offline.clone().count() != targets.len() {
+                let e = format!("node{i}'s engine is poisoned but it reports {targets:?}");
+                self.note(e.clone());
+                self.world.borrow_mut().violations.push(e);
+            }
+            if poisoned || offline.count() > 0 {
+                self.note(format!(
+                    "node{i} is restarted after its disk error (poisoned: {poisoned})"
+                ));
+                self.fired("target offline after disk error");
+                self.crash(i);
+            }
+        }
+    }
+
     /// Whether every replica of some chain is on a crashed node, as the
     /// newest routing has the chains.
     fn whole_chain_down(&self) -> bool {
@@ -722,8 +989,10 @@ impl<'a> Sim<'a> {
         })
     }
 
-    /// Crashes nodes frozen at a fail point (the process "died" there).
+    /// Crashes nodes frozen at a fail point (the process "died" there), and
+    /// follows the disk errors.
     pub fn reap_frozen(&mut self) {
+        self.reap_disk_errors();
         let frozen: Vec<usize> = self
             .world
             .borrow()
@@ -810,9 +1079,9 @@ impl<'a> Sim<'a> {
     pub fn add_final_reads(&mut self) {
         let world = self.world.clone();
         let config = self.config.clone();
+        let net = ResetNet::new("checker", &self.connections);
         self.sim.client("checker", async move {
-            let client =
-                StorageClient::new(client_config(999), SimNet, flyfs_rpc::testing::client());
+            let client = StorageClient::new(client_config(999), net, flyfs_rpc::testing::client());
             let mut thread = 1u64 << 48;
             for c in 1..=config.chains {
                 for index in 0..config.chunks_per_chain {
@@ -820,17 +1089,16 @@ impl<'a> Sim<'a> {
                     world.borrow_mut().history.push(Event::Invoke {
                         thread,
                         chunk: (chain, chunk),
-                        op: RegisterOp::Read,
+                        op: ChunkOp::Read,
                     });
                     let read = client
-                        .read(chain, chunk, 0, VALUE_BYTES as u32)
+                        .read(chain, chunk, 0, config.workload.read_len())
                         .await
                         .map_err(|e| format!("final read of {chunk:?} on {chain}: {e}"))?;
-                    let value = decode_value(&read.data)?;
                     world.borrow_mut().history.push(Event::Return {
                         thread,
                         chunk: (chain, chunk),
-                        ret: RegisterRet::ReadOk(value),
+                        ret: ChunkRet::ReadOk(read.data),
                     });
                     thread += 1;
                 }
@@ -842,14 +1110,14 @@ impl<'a> Sim<'a> {
     /// Every chunk's history is linearizable.
     pub fn check_linearizable(&self) -> Result<usize, String> {
         let world = self.world.borrow();
-        let mut testers: BTreeMap<(ChainId, ChunkId), LinearizabilityTester<u64, Register<u64>>> =
+        let mut testers: BTreeMap<(ChainId, ChunkId), LinearizabilityTester<u64, ChunkModel>> =
             BTreeMap::new();
         for event in &world.history {
             match event {
                 Event::Invoke { thread, chunk, op } => {
                     testers
                         .entry(*chunk)
-                        .or_insert_with(|| LinearizabilityTester::new(Register(0)))
+                        .or_insert_with(|| LinearizabilityTester::new(ChunkModel::default()))
                         .on_invoke(*thread, op.clone())?;
                 }
                 Event::Return { thread, chunk, ret } => {
@@ -972,6 +1240,7 @@ pub fn run_seed(config: SimConfig) -> Result<RunReport, String> {
     let result = sim.run_until(Duration::from_secs(120), |s| {
         s.reap_frozen();
         s.chaos_step();
+        s.io_chaos_step();
         s.clients_done()
     });
     finish(sim, result)
@@ -996,6 +1265,9 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
         })?;
         sim.add_final_reads();
         sim.run_until(Duration::from_secs(60), |s| !s.sim_has_client("checker"))?;
+        if let Some(e) = sim.world.borrow().violations.first() {
+            return Err(e.clone());
+        }
         let events = sim.check_linearizable()?;
         sim.check_replicas()?;
         Ok(events)
