@@ -58,7 +58,8 @@ class Result(NamedTuple):
     stays), ``found`` or ``missing`` (gets), or a failure: ``full`` (its
     size class is full and the cache does not evict), ``too_large``,
     ``too_small`` (the buffer), ``failed``; ``error`` says why. ``length``
-    is the block's bytes (at the start of the buffer, for a get).
+    is the bytes the call moved: stored, or found at the start of the
+    buffer (0 for ``exists``: the block there may be another size).
     """
 
     status: str

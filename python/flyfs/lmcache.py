@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
-from flyfs.kv import KvCache
+from flyfs.kv import KvCache, byte_view
 
 __all__ = ["FlyfsConnector"]
 
@@ -106,8 +106,8 @@ class FlyfsConnector:
         def work():
             results = self._cache.batch_get_into(keys, views)
             per_key = [
-                r.status == "found" and r.length == memoryview(v).nbytes
-                for r, v in zip(results, views)
+                r.status == "found" and r.length == byte_view(v, i).nbytes
+                for i, (r, v) in enumerate(zip(results, views))
             ]
             return all(per_key), _why(keys, results, per_key), per_key
 

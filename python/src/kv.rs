@@ -134,10 +134,12 @@ fn check_lengths(keys: usize, buffers: usize) -> PyResult<()> {
     }
 }
 
+/// A put's outcome; `length` is the bytes it stored (none when the key's
+/// block was there already: that one may differ).
 fn put_outcome(result: PutResult, length: usize) -> Outcome {
     match result {
         PutResult::Stored => ("stored", length, String::new()),
-        PutResult::Exists => ("exists", length, String::new()),
+        PutResult::Exists => ("exists", 0, String::new()),
         PutResult::Full => (
             "full",
             0,

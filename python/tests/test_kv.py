@@ -75,7 +75,7 @@ def test_missing_credentials_are_an_error_naming_the_file(tmp_path):
 
 def test_results_say_whether_they_are_ok():
     assert flyfs.kv.Result("found", 3, "").ok
-    assert flyfs.kv.Result("exists", 3, "").ok
+    assert flyfs.kv.Result("exists", 0, "").ok
     assert not flyfs.kv.Result("missing", 0, "").ok
     assert not flyfs.kv.Result("too_small", 0, "why").ok
 
@@ -94,7 +94,7 @@ def test_blocks_round_trip_with_a_result_per_key(kv_cache, run_id):
     put = kv_cache.batch_put_from(keys, sources)
     assert [r.status for r in put] == ["stored"] * 4, put
     again = kv_cache.batch_put_from(keys[:2], [b"other" * 10, b"other"])
-    assert [r.status for r in again] == ["exists", "exists"], "the first writer wins"
+    assert [(r.status, r.length) for r in again] == [("exists", 0)] * 2, "the first writer wins"
 
     targets = [bytearray(n) for n in sizes]
     if numpy is not None:
