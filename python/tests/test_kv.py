@@ -6,6 +6,8 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -172,6 +174,37 @@ def test_another_process_sees_the_blocks(kv_cache, run_id):
     target = bytearray(len(data))
     assert kv_cache.batch_get_into([key], [target])[0].status == "found"
     assert bytes(target) == data
+
+
+def test_batches_release_the_gil(kv_cache, run_id):
+    keys = [f"{run_id}/gil/{i}" for i in range(32)]
+    assert all(r.ok for r in kv_cache.batch_put_from(keys, [block(i, 256 << 10) for i in range(32)]))
+    buffers = [bytearray(256 << 10) for _ in keys]
+    ticks = [0]
+    stop = threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.0001)  # Gives the GIL back each time.
+
+    # The interpreter never takes the GIL from a thread on its own now: the
+    # ticker runs only while this thread gives it up, which, between the
+    # two reads of `ticks`, only the batch can do.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        before = ticks[0]
+        results = kv_cache.batch_get_into(keys, buffers)
+        during = ticks[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        ticker.join()
+    assert all(r.status == "found" for r in results)
+    assert during > 0, "another thread ran while the batch moved its blocks"
 
 
 def test_age_eviction_can_be_run_now(kv_cache):
