@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{MetaDaemonConfig, MetaStoreConfig};
-use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
+use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker, KvEvictor};
 use flyfs_fs_meta::ns::{Namespace, NsConfig};
 use flyfs_fs_meta::reaper::{ReaperConfig, ReaperStats, SessionReaper};
 use flyfs_fs_meta::service::{CallerPolicy, MetaService, RoutingChainTables};
@@ -129,6 +129,8 @@ impl MetaDaemon {
             },
             Arc::new(ReaperStats::default()),
         );
+        // The KV cache ages out on the GC's schedule (docs/kv-cache.md).
+        let kv_evictor = KvEvictor::new(ns.clone(), Duration::from_millis(config.gc_interval_ms));
         let gc = GcWorker::new(
             ns,
             storage.clone(),
@@ -155,6 +157,7 @@ impl MetaDaemon {
             server,
             tasks: vec![
                 tokio::spawn(gc.run()),
+                tokio::spawn(kv_evictor.run()),
                 tokio::spawn(reaper.run()),
                 refresher,
             ],

@@ -8,12 +8,18 @@
 //! so a worker killed at any point leaves work the next one finishes, and
 //! several metadata instances may run workers at once (they may repeat a
 //! chunk removal, which is harmless).
+//!
+//! [`KvEvictor`] is the KV cache's collector beside it: on the same
+//! schedule it evicts blocks past the cache's age limit and takes back the
+//! slots of writers that never committed, so a cache ages out even when no
+//! client is running (clients may ask too: `KvEvict`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flyfs_client::storage::StorageClient;
+use flyfs_proto::wire::meta::{KV_BATCH_MAX, KvEvictRsp};
 use flyfs_rpc::Network;
 
 use crate::data::FileChunks;
@@ -170,5 +176,173 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
                 Ok(())
             }
         }
+    }
+}
+
+/// What the KV evictor has done, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct KvEvictStats {
+    scans: AtomicU64,
+    evicted: AtomicU64,
+    reclaimed: AtomicU64,
+}
+
+impl KvEvictStats {
+    /// Scans finished (with or without work).
+    pub fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Blocks evicted for age.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Reservations whose writers never committed, taken back.
+    pub fn reclaimed(&self) -> u64 {
+        self.reclaimed.load(Ordering::Relaxed)
+    }
+}
+
+/// The KV cache's scheduled eviction (docs/kv-cache.md, "Eviction"). Run
+/// [`KvEvictor::run`] on a task; dropping the task stops it. Several
+/// metadata instances may run one each: every eviction is one transaction
+/// that re-reads what it evicts.
+#[derive(Debug)]
+pub struct KvEvictor<K: Kv> {
+    ns: Namespace<K>,
+    interval: Duration,
+    stats: Arc<KvEvictStats>,
+}
+
+impl<K: Kv> KvEvictor<K> {
+    pub fn new(ns: Namespace<K>, interval: Duration) -> KvEvictor<K> {
+        KvEvictor {
+            ns,
+            interval,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<KvEvictStats> {
+        self.stats.clone()
+    }
+
+    /// Scans forever, every `interval`.
+    pub async fn run(self) {
+        loop {
+            if let Err(e) = self.evict_once().await {
+                tracing::warn!("KV cache eviction failed, retrying later: {e}");
+            }
+            self.stats.scans.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    /// Evicts everything due now, in batches; a cluster without a KV cache
+    /// has nothing to do.
+    pub async fn evict_once(&self) -> Result<KvEvictRsp, NsError> {
+        let mut total = KvEvictRsp::default();
+        loop {
+            let rsp = match self.ns.kv_evict(KV_BATCH_MAX as u32).await {
+                Ok(rsp) => rsp,
+                Err(NsError::NotFound(_)) => return Ok(total),
+                Err(e) => return Err(e),
+            };
+            total.evicted += rsp.evicted;
+            total.reclaimed += rsp.reclaimed;
+            self.stats
+                .evicted
+                .fetch_add(u64::from(rsp.evicted), Ordering::Relaxed);
+            self.stats
+                .reclaimed
+                .fetch_add(u64::from(rsp.reclaimed), Ordering::Relaxed);
+            if !rsp.more {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flyfs_proto::ids::ChainTableId;
+    use flyfs_proto::wire::meta::{KvClassSpec, KvCommitItem, KvEntry, KvOpenReq};
+
+    use super::*;
+    use crate::ns::tests::namespace_on_clock;
+
+    #[tokio::test]
+    async fn the_evictor_ages_blocks_out_with_no_client_asking() {
+        let (ns, clock) = namespace_on_clock(1_700_000_000_000_000_000, |_| {}).await;
+        let evictor = KvEvictor::new(ns.clone(), Duration::from_millis(5));
+        // No cache yet: nothing to do, and no error.
+        assert_eq!(evictor.evict_once().await.expect("no cache").evicted, 0);
+        ns.kv_open(&KvOpenReq {
+            classes: vec![KvClassSpec {
+                slot_bytes: 64 << 10,
+                slots: 16,
+            }],
+            chain_table: ChainTableId(1),
+            max_age_ms: 60_000,
+            access_bucket_ms: 1_000,
+            reservation_ms: 30_000,
+        })
+        .await
+        .expect("open");
+        let grants = ns.kv_reserve(0, 4, false).await.expect("reserve");
+        let items: Vec<KvCommitItem> = grants
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, g)| KvCommitItem {
+                key: vec![b'k', i as u8],
+                entry: KvEntry {
+                    class: 0,
+                    slot: g.slot,
+                    generation: g.generation,
+                    length: 1,
+                    crc: 0,
+                },
+            })
+            .collect();
+        ns.kv_commit(&items).await.expect("commit");
+        let keys: Vec<Vec<u8>> = items.iter().map(|i| i.key.clone()).collect();
+        let stats = evictor.stats();
+        let task = tokio::spawn(evictor.run());
+        let wait = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !done() {
+                assert!(tokio::time::Instant::now() < deadline, "waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // Younger than the limit: two scans later, every block stays.
+        clock.advance_ms(30_000);
+        let scanned = stats.scans();
+        let s = stats.clone();
+        wait("two scans", Box::new(move || s.scans() >= scanned + 2)).await;
+        assert_eq!(stats.evicted(), 0, "blocks younger than the age limit stay");
+        // Past it: the scheduled scans evict every one, nobody asking (a
+        // lookup would count as a read and keep them young).
+        clock.advance_ms(31_000);
+        let s = stats.clone();
+        wait(
+            "the aged blocks evicted",
+            Box::new(move || s.evicted() >= 4),
+        )
+        .await;
+        assert_eq!(stats.evicted(), 4);
+        assert!(
+            ns.kv_lookup(&keys)
+                .await
+                .expect("lookup")
+                .iter()
+                .all(Option::is_none),
+            "evicted blocks are gone from the index"
+        );
+        task.abort();
+        let report = ns.check().await.expect("check");
+        assert!(report.is_clean(), "{report}");
     }
 }

@@ -167,6 +167,18 @@ fn check_keys(keys: &[&[u8]]) -> Result<(), KvError> {
     Ok(())
 }
 
+/// The preamble of every batch with buffers: one buffer per key, every key
+/// within bounds; nothing is sent otherwise.
+fn check_pairs(keys: &[&[u8]], buffers: usize) -> Result<(), KvError> {
+    if keys.len() != buffers {
+        return Err(KvError::LengthMismatch {
+            keys: keys.len(),
+            buffers,
+        });
+    }
+    check_keys(keys)
+}
+
 fn key_bufs(keys: &[&[u8]]) -> Vec<serde_bytes::ByteBuf> {
     keys.iter()
         .map(|k| serde_bytes::ByteBuf::from(k.to_vec()))
@@ -243,29 +255,44 @@ impl<N: Network> KvCache<N> {
         Some((chain, ChunkId::new(c.ino.0, slot), c.slot_bytes))
     }
 
-    async fn lookup(&self, keys: &[&[u8]]) -> Result<Vec<Option<KvEntry>>, KvError> {
-        let mut entries = Vec::with_capacity(keys.len());
+    /// Runs `call` over `keys` in requests of at most [`KV_BATCH_MAX`],
+    /// each answering one result per key (checked: a short answer would
+    /// shift every later key's result onto the wrong key).
+    async fn per_request<T, F, Fut>(
+        &self,
+        keys: &[&[u8]],
+        what: &str,
+        call: F,
+    ) -> Result<Vec<T>, KvError>
+    where
+        F: Fn(Vec<serde_bytes::ByteBuf>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, MetaError>>,
+    {
+        let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(KV_BATCH_MAX) {
-            let rsp = self
-                .meta
-                .call::<KvLookup, _>(&KvKeysReq {
-                    keys: key_bufs(batch),
-                })
-                .await?;
-            if rsp.entries.len() != batch.len() {
+            let answered = call(key_bufs(batch)).await?;
+            if answered.len() != batch.len() {
                 return Err(KvError::Meta(MetaError {
                     errno: libc::EIO,
                     message: format!(
-                        "a lookup of {} keys answered {}",
+                        "a {what} of {} keys answered {}",
                         batch.len(),
-                        rsp.entries.len()
+                        answered.len()
                     ),
                     retryable: false,
                 }));
             }
-            entries.extend(rsp.entries);
+            out.extend(answered);
         }
-        Ok(entries)
+        Ok(out)
+    }
+
+    async fn lookup(&self, keys: &[&[u8]]) -> Result<Vec<Option<KvEntry>>, KvError> {
+        self.per_request(keys, "lookup", |keys| async move {
+            let rsp = self.meta.call::<KvLookup, _>(&KvKeysReq { keys }).await?;
+            Ok(rsp.entries)
+        })
+        .await
     }
 
     /// Whether each key is cached.
@@ -282,18 +309,17 @@ impl<N: Network> KvCache<N> {
     /// Removes each key; one flag per key: whether it was cached.
     pub async fn batch_remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>, KvError> {
         check_keys(keys)?;
-        let mut removed = Vec::with_capacity(keys.len());
-        for batch in keys.chunks(KV_BATCH_MAX) {
+        self.per_request(keys, "removal", |keys| async move {
             let rsp = self
                 .meta
                 .call::<KvRemove, _>(&KvRemoveReq {
-                    keys: key_bufs(batch),
+                    keys,
                     expect: Vec::new(),
                 })
                 .await?;
-            removed.extend(rsp.removed);
-        }
-        Ok(removed)
+            Ok(rsp.removed)
+        })
+        .await
     }
 
     /// Evicts blocks past the cache's age limit and takes back the slots of
@@ -325,13 +351,7 @@ impl<N: Network> KvCache<N> {
         keys: &[&[u8]],
         buffers: &[&[u8]],
     ) -> Result<Vec<PutResult>, KvError> {
-        if keys.len() != buffers.len() {
-            return Err(KvError::LengthMismatch {
-                keys: keys.len(),
-                buffers: buffers.len(),
-            });
-        }
-        check_keys(keys)?;
+        check_pairs(keys, buffers.len())?;
         let mut results = Vec::with_capacity(keys.len());
         for (keys, buffers) in keys.chunks(KV_BATCH_MAX).zip(buffers.chunks(KV_BATCH_MAX)) {
             results.extend(self.put_batch(keys, buffers).await?);
@@ -482,13 +502,7 @@ impl<N: Network> KvCache<N> {
         keys: &[&[u8]],
         buffers: &mut [&mut [u8]],
     ) -> Result<Vec<GetResult>, KvError> {
-        if keys.len() != buffers.len() {
-            return Err(KvError::LengthMismatch {
-                keys: keys.len(),
-                buffers: buffers.len(),
-            });
-        }
-        check_keys(keys)?;
+        check_pairs(keys, buffers.len())?;
         let mut results = Vec::with_capacity(keys.len());
         for (keys, buffers) in keys
             .chunks(KV_BATCH_MAX)

@@ -1,12 +1,14 @@
-//! `flyfs._native`: flyfs-usrbio's application library as Python classes.
-//! The Python package (`flyfs/`) wraps them: it maps each iov's memfd
-//! itself (Python's `mmap`), so `memoryview`s and numpy arrays over the
-//! buffer share the daemon's memory without a copy and without any
-//! `unsafe` here.
+//! `flyfs._native`: flyfs-usrbio's application library and flyfs-kvcache's
+//! KV cache (`kv.rs`) as Python classes. The Python package (`flyfs/`)
+//! wraps them: it maps each iov's memfd itself (Python's `mmap`), so
+//! `memoryview`s and numpy arrays over the buffer share the daemon's memory
+//! without a copy and without any `unsafe` here.
 //!
 //! Every error is an `OSError` with the errno and flyfs's message. Waits
 //! release the GIL.
 #![deny(unsafe_code)]
+
+mod kv;
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
@@ -103,15 +105,31 @@ struct PyFile {
 }
 
 impl PyFile {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Option<RegisteredFile>>> {
+        self.file.lock().map_err(|_| {
+            PyOSError::new_err((
+                libc_eio(),
+                "the file's lock was poisoned by a panic in another thread",
+            ))
+        })
+    }
+
     fn with<T>(&self, f: impl FnOnce(&RegisteredFile) -> T) -> PyResult<T> {
-        let guard = self
-            .file
-            .lock()
-            .map_err(|_| PyOSError::new_err((5, "poisoned")))?;
-        match guard.as_ref() {
+        match self.lock()?.as_ref() {
             Some(file) => Ok(f(file)),
             None => Err(PyOSError::new_err((9, "the file was closed"))),
         }
+    }
+
+    /// A request on the open file through `ior`: the preamble every
+    /// `prepare_*` shares (the file still open, the ring's error as an
+    /// `OSError`).
+    fn prepare(
+        &self,
+        ior: &mut Ior,
+        f: impl FnOnce(&mut Ior, &RegisteredFile) -> Result<(), NativeError>,
+    ) -> PyResult<()> {
+        self.with(|file| f(ior, file))?.map_err(os_error)
     }
 }
 
@@ -130,11 +148,7 @@ impl PyFile {
 
     /// Deregisters: flushed to every replica, length fixed, session ended.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let file = self
-            .file
-            .lock()
-            .map_err(|_| PyOSError::new_err((5, "poisoned")))?
-            .take();
+        let file = self.lock()?.take();
         match file {
             Some(file) => py.detach(|| file.close()).map_err(os_error),
             None => Ok(()),
@@ -164,9 +178,9 @@ impl PyIor {
         file_offset: u64,
         user_data: u64,
     ) -> PyResult<()> {
-        let ior = &mut self.ior;
-        file.with(|f| ior.prepare_read(f, &iov.iov, iov_offset, length, file_offset, user_data))?
-            .map_err(os_error)
+        file.prepare(&mut self.ior, |ior, f| {
+            ior.prepare_read(f, &iov.iov, iov_offset, length, file_offset, user_data)
+        })
     }
 
     fn prepare_write(
@@ -178,15 +192,13 @@ impl PyIor {
         file_offset: u64,
         user_data: u64,
     ) -> PyResult<()> {
-        let ior = &mut self.ior;
-        file.with(|f| ior.prepare_write(f, &iov.iov, iov_offset, length, file_offset, user_data))?
-            .map_err(os_error)
+        file.prepare(&mut self.ior, |ior, f| {
+            ior.prepare_write(f, &iov.iov, iov_offset, length, file_offset, user_data)
+        })
     }
 
     fn prepare_flush(&mut self, file: &PyFile, user_data: u64) -> PyResult<()> {
-        let ior = &mut self.ior;
-        file.with(|f| ior.prepare_flush(f, user_data))?
-            .map_err(os_error)
+        file.prepare(&mut self.ior, |ior, f| ior.prepare_flush(f, user_data))
     }
 
     /// Hands the prepared entries to the daemon; returns how many.
@@ -232,5 +244,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIov>()?;
     m.add_class::<PyIor>()?;
     m.add_class::<PyFile>()?;
+    m.add_class::<kv::PyKvCache>()?;
     Ok(())
 }

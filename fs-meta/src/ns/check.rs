@@ -8,7 +8,11 @@
 //! says; nlink counts a file's entries; a linked directory has exactly one
 //! entry and its parent id matches it; queue entries and the inodes' due
 //! times agree; sessions and attributes belong to existing inodes; every id
-//! came out of a batch the allocator recorded.
+//! came out of a batch the allocator recorded; and the KV cache's index
+//! agrees with its slots (docs/kv-cache.md): every entry names a slot that
+//! holds its block at its generation, no slot is named by two entries,
+//! every used slot's key names it back, and no slot on the free list is
+//! in use.
 //!
 //! It reads everything into memory in one read-only transaction, so it is
 //! for tests, tools and small namespaces; a production scrubber would walk
@@ -24,10 +28,11 @@ use crate::ns::NsError;
 use crate::ns::alloc::batch_of;
 use crate::ns::txn::MetaTx;
 use crate::schema::{
-    Dentry, GcKind, Inode, InodeKind, Key, ROOT, decode_alloc, decode_dentry, decode_dir_times,
-    decode_format, decode_gc, decode_inode, decode_kv_cache, decode_kv_entry, decode_kv_fresh,
-    decode_kv_mark, decode_kv_slot, decode_lease, decode_session, decode_xattr, describe_key,
-    inode_key, parse_key,
+    Dentry, GcKind, Inode, InodeKind, Key, KvEntryValue, KvSlotState, KvSlotValue, ROOT,
+    decode_alloc, decode_dentry, decode_dir_times, decode_format, decode_gc, decode_inode,
+    decode_kv_cache, decode_kv_entry, decode_kv_fresh, decode_kv_mark, decode_kv_slot,
+    decode_lease, decode_session, decode_xattr, describe_key, inode_key, kv_entry_key, kv_slot_key,
+    parse_key,
 };
 use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
 
@@ -111,6 +116,11 @@ struct Snapshot {
     queue: BTreeMap<InodeId, Vec<(u64, GcKind)>>,
     alloc: BTreeMap<u8, u64>,
     formatted: bool,
+    /// The KV cache's index entries, slots (by class and slot) and the
+    /// slots its free list names.
+    kv_entries: BTreeMap<Vec<u8>, KvEntryValue>,
+    kv_slots: BTreeMap<(u8, u32), KvSlotValue>,
+    kv_free: BTreeSet<(u8, u32)>,
 }
 
 async fn read_all<T: Transaction>(
@@ -158,15 +168,22 @@ async fn read_all<T: Transaction>(
                     snapshot.formatted = true;
                 }),
                 // The KV cache's index (docs/kv-cache.md) is a keyspace of
-                // its own, beside the namespace: its values must decode;
-                // its cross-references are the KV cache's to keep.
+                // its own, beside the namespace: its values must decode,
+                // and its entries and slots must agree (`check_kv`). Its
+                // access and reservation marks may be stale by design
+                // (eviction and reclaim skip those).
                 Ok(Key::KvCache) => decode_kv_cache(key, value).map(drop),
                 Ok(Key::KvFresh { .. }) => decode_kv_fresh(key, value).map(drop),
-                Ok(Key::KvEntry { .. }) => decode_kv_entry(key, value).map(drop),
-                Ok(Key::KvSlot { .. }) => decode_kv_slot(key, value).map(drop),
-                Ok(Key::KvFree { .. } | Key::KvAccess { .. } | Key::KvReserved { .. }) => {
-                    decode_kv_mark(key, value)
-                }
+                Ok(Key::KvEntry { key: index }) => decode_kv_entry(key, value).map(|entry| {
+                    snapshot.kv_entries.insert(index, entry);
+                }),
+                Ok(Key::KvSlot { class, slot }) => decode_kv_slot(key, value).map(|state| {
+                    snapshot.kv_slots.insert((class, slot), state);
+                }),
+                Ok(Key::KvFree { class, slot, .. }) => decode_kv_mark(key, value).map(|()| {
+                    snapshot.kv_free.insert((class, slot));
+                }),
+                Ok(Key::KvAccess { .. } | Key::KvReserved { .. }) => decode_kv_mark(key, value),
             };
             if let Err(e) = decoded {
                 report.problem(e.key, e.reason);
@@ -198,7 +215,77 @@ fn ino_key(ino: InodeId) -> String {
     describe_key(&inode_key(ino))
 }
 
+/// The KV cache's index against its slots: a block is served from the slot
+/// its entry names only while that slot holds it (`Used`, by this key, at
+/// the entry's generation), so any other state is a key pointing at a free,
+/// reserved or reused slot; two entries on one slot would serve one block
+/// as two keys'; a used slot its key does not name back is leaked; a used
+/// slot on the free list would be handed to a writer while it is read.
+fn check_kv(s: &Snapshot, report: &mut CheckReport) {
+    let mut named: BTreeMap<(u8, u32), Vec<&[u8]>> = BTreeMap::new();
+    for (key, entry) in &s.kv_entries {
+        let at = (entry.class, entry.slot);
+        named.entry(at).or_default().push(key);
+        let slot = format!("slot {} of class {}", entry.slot, entry.class);
+        let wrong = match s.kv_slots.get(&at) {
+            None => Some(format!("names {slot}, which has no record")),
+            Some(state) => match state.state {
+                KvSlotState::Free => Some(format!("names {slot}, which is free")),
+                KvSlotState::Reserved => {
+                    Some(format!("names {slot}, which is reserved by a writer"))
+                }
+                KvSlotState::Used if state.key != *key => Some(format!(
+                    "names {slot}, which holds the block of key {}",
+                    describe_key(&kv_entry_key(&state.key))
+                )),
+                KvSlotState::Used if state.generation != entry.generation => Some(format!(
+                    "names {slot} at generation {}, the slot is at {}",
+                    entry.generation, state.generation
+                )),
+                KvSlotState::Used => None,
+            },
+        };
+        if let Some(what) = wrong {
+            report.problem(describe_key(&kv_entry_key(key)), what);
+        }
+    }
+    for (&(class, slot), keys) in &named {
+        if keys.len() > 1 {
+            let keys: Vec<String> = keys
+                .iter()
+                .map(|k| describe_key(&kv_entry_key(k)))
+                .collect();
+            report.problem(
+                describe_key(&kv_slot_key(class, slot)),
+                format!("named by {} entries: {}", keys.len(), keys.join(", ")),
+            );
+        }
+    }
+    for (&(class, slot), state) in &s.kv_slots {
+        let key = describe_key(&kv_slot_key(class, slot));
+        if state.state == KvSlotState::Used {
+            let back = s
+                .kv_entries
+                .get(&state.key)
+                .is_some_and(|e| (e.class, e.slot) == (class, slot));
+            if !back {
+                report.problem(
+                    &key,
+                    format!(
+                        "used by key {}, whose entry does not name it",
+                        describe_key(&kv_entry_key(&state.key))
+                    ),
+                );
+            }
+        }
+        if state.state != KvSlotState::Free && s.kv_free.contains(&(class, slot)) {
+            report.problem(&key, format!("on the free list but {:?}", state.state));
+        }
+    }
+}
+
 fn check_snapshot(s: &Snapshot, report: &mut CheckReport) {
+    check_kv(s, report);
     if !s.formatted {
         report.problem("META format", "missing");
     }

@@ -971,4 +971,86 @@ mod tests {
         );
         check_clean(&ns).await;
     }
+
+    /// Reads a key's entry and writes raw index records behind the
+    /// namespace's back, as damage would.
+    async fn entry_and_tamper<K: Kv>(
+        ns: &Namespace<K>,
+        read: &[u8],
+        writes: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> KvEntryValue {
+        let read = read.to_vec();
+        flyfs_kv::run(ns.kv(), &flyfs_kv::RetryOptions::default(), |tx| {
+            let (read, writes) = (read.clone(), writes.clone());
+            async move {
+                let key = kv_entry_key(&read);
+                let value = tx.get(&key, false).await?.expect("the entry exists");
+                for (key, value) in writes {
+                    tx.set(&key, &value)?;
+                }
+                Ok::<_, NsError>(decode_kv_entry(&key, &value)?)
+            }
+        })
+        .await
+        .expect("tamper")
+    }
+
+    #[tokio::test]
+    async fn check_cross_checks_the_index_against_the_slots() {
+        let (ns, _clock) = namespace_on_clock(START_NS, |_| {}).await;
+        ns.kv_open(&spec(8)).await.expect("open");
+        let grants = ns.kv_reserve(0, 3, false).await.expect("reserve");
+        let items: Vec<_> = [b"a", b"b"]
+            .iter()
+            .zip(&grants.slots)
+            .map(|(k, g)| item(&k[..], *g, 1, 0))
+            .collect();
+        ns.kv_commit(&items).await.expect("commit");
+        ns.kv_release(0, &grants.slots[2..]).await.expect("release");
+        check_clean(&ns).await;
+        let b = entry_and_tamper(&ns, b"b", Vec::new()).await;
+        // Key `c` names `b`'s slot (a slot owned by two keys); key `d`
+        // names the released, free slot.
+        let c = encode_kv_entry(&b).expect("encode");
+        let d = encode_kv_entry(&KvEntryValue {
+            slot: grants.slots[2].slot,
+            ..b
+        })
+        .expect("encode");
+        entry_and_tamper(
+            &ns,
+            b"b",
+            vec![(kv_entry_key(b"c"), c), (kv_entry_key(b"d"), d)],
+        )
+        .await;
+        let report = ns.check().await.expect("check");
+        let found: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| found.iter().any(|p| p.contains(needle));
+        assert!(has("named by 2 entries"), "{found:?}");
+        assert!(has("which holds the block of key"), "{found:?}");
+        assert!(
+            has(&format!(
+                "names slot {} of class 0, which is free",
+                grants.slots[2].slot
+            )),
+            "{found:?}"
+        );
+        // A used slot on the free list.
+        let a = entry_and_tamper(&ns, b"a", Vec::new()).await;
+        entry_and_tamper(
+            &ns,
+            b"a",
+            vec![(kv_free_key(0, 1, a.slot), encode_kv_mark().expect("encode"))],
+        )
+        .await;
+        let report = ns.check().await.expect("check");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.what.contains("on the free list but Used")),
+            "{:?}",
+            report.problems
+        );
+    }
 }

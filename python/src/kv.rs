@@ -1,0 +1,303 @@
+//! `flyfs._native.KvCache`: flyfs-kvcache's blocking KV cache as a Python
+//! class. `flyfs/kv.py` wraps it (reads the mount config, casts every
+//! buffer to a flat byte view); this file turns Python buffers into Rust
+//! slices without copying them, releases the GIL for each batch, and turns
+//! per-key outcomes into `(status, length, message)` tuples.
+//!
+//! It holds the package's only `unsafe`: the buffer protocol hands out a
+//! pointer and a length, and a slice over another object's memory cannot be
+//! made without it (pyo3's safe views are `Cell`s, which flyfs-kvcache's
+//! `&[u8]` API cannot take). Each use says why it is sound.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flyfs_kvcache::blocking::{BlockingKvCache, Connect};
+use flyfs_kvcache::{GetResult, KvCacheConfig, KvError, PutResult};
+use flyfs_proto::ids::{ChainTableId, ClientId};
+use flyfs_rpc::Credentials;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// One key's outcome: a status word, the block's bytes (found, stored),
+/// and why (the failures).
+type Outcome = (&'static str, usize, String);
+
+fn kv_error(e: KvError) -> PyErr {
+    match e {
+        KvError::LengthMismatch { .. } | KvError::BadKey { .. } => {
+            PyValueError::new_err(e.to_string())
+        }
+        KvError::Meta(ref meta) => PyOSError::new_err((meta.errno, e.to_string())),
+        KvError::BadRecord(_) | KvError::Runtime(_) => PyOSError::new_err((5, e.to_string())),
+    }
+}
+
+/// The buffers of a batch, held exported (so Python cannot resize or free
+/// them) until the batch returns.
+struct Buffers {
+    views: Vec<PyBuffer<u8>>,
+}
+
+impl Buffers {
+    /// Exports each object's buffer: flat bytes (`flyfs.kv` casts every
+    /// view to format `B`), writable when `writable`, and for writes no two
+    /// overlapping (each becomes a `&mut [u8]` of its own).
+    fn export(objects: &[Bound<'_, PyAny>], writable: bool) -> PyResult<Buffers> {
+        let mut views = Vec::with_capacity(objects.len());
+        for (index, object) in objects.iter().enumerate() {
+            let view = PyBuffer::<u8>::get(object).map_err(|e| {
+                PyValueError::new_err(format!("buffer {index} is not a byte buffer: {e}"))
+            })?;
+            if !view.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "buffer {index} is not contiguous: the cache moves whole blocks"
+                )));
+            }
+            if writable && view.readonly() {
+                return Err(PyValueError::new_err(format!(
+                    "buffer {index} is read-only: a get needs writable buffers"
+                )));
+            }
+            views.push(view);
+        }
+        if writable {
+            let mut spans: Vec<(usize, usize, usize)> = views
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.len_bytes() > 0)
+                .map(|(i, v)| (v.buf_ptr() as usize, v.len_bytes(), i))
+                .collect();
+            spans.sort_unstable();
+            for pair in spans.windows(2) {
+                let ((start, len, first), (next, _, second)) = (pair[0], pair[1]);
+                if start + len > next {
+                    return Err(PyValueError::new_err(format!(
+                        "buffers {first} and {second} overlap: each key needs memory of its own"
+                    )));
+                }
+            }
+        }
+        Ok(Buffers { views })
+    }
+
+    #[allow(unsafe_code)]
+    fn slices(&self) -> Vec<&[u8]> {
+        self.views
+            .iter()
+            .map(|v| {
+                if v.len_bytes() == 0 {
+                    return &[][..];
+                }
+                // SAFETY: the view is exported (its memory pinned, its object
+                // alive) for as long as `self` lives, which bounds the slice;
+                // it is C-contiguous with one-byte items, so `len_bytes`
+                // bytes from `buf_ptr` are the buffer. Another Python thread
+                // writing the same memory during the batch is the caller's
+                // race, as with any buffer handed to native code (the
+                // package documents that a batch's buffers are flyfs's until
+                // it returns).
+                unsafe { std::slice::from_raw_parts(v.buf_ptr() as *const u8, v.len_bytes()) }
+            })
+            .collect()
+    }
+
+    #[allow(unsafe_code)]
+    fn slices_mut(&mut self) -> Vec<&mut [u8]> {
+        self.views
+            .iter()
+            .map(|v| {
+                if v.len_bytes() == 0 {
+                    return &mut [][..];
+                }
+                // SAFETY: as in `slices`, and besides: `export` checked the
+                // view is writable and that no two views of this batch
+                // overlap, so each `&mut` is the only Rust reference to its
+                // bytes; `&mut self` keeps a second call from aliasing them.
+                unsafe { std::slice::from_raw_parts_mut(v.buf_ptr() as *mut u8, v.len_bytes()) }
+            })
+            .collect()
+    }
+}
+
+fn key_slices<'a>(keys: &'a [Bound<'_, PyBytes>]) -> Vec<&'a [u8]> {
+    keys.iter().map(|k| k.as_bytes()).collect()
+}
+
+fn check_lengths(keys: usize, buffers: usize) -> PyResult<()> {
+    if keys == buffers {
+        Ok(())
+    } else {
+        Err(kv_error(KvError::LengthMismatch { keys, buffers }))
+    }
+}
+
+/// A put's outcome; `length` is the bytes it stored (none when the key's
+/// block was there already: that one may differ).
+fn put_outcome(result: PutResult, length: usize) -> Outcome {
+    match result {
+        PutResult::Stored => ("stored", length, String::new()),
+        PutResult::Exists => ("exists", 0, String::new()),
+        PutResult::Full => (
+            "full",
+            0,
+            "its size class is full and the cache does not evict when full".into(),
+        ),
+        PutResult::TooLarge {
+            block_bytes,
+            slot_bytes_max,
+        } => (
+            "too_large",
+            0,
+            format!("the block has {block_bytes} bytes, the largest slot {slot_bytes_max}"),
+        ),
+        PutResult::Failed(why) => ("failed", 0, why),
+    }
+}
+
+fn get_outcome(result: GetResult) -> Outcome {
+    match result {
+        GetResult::Found(n) => ("found", n, String::new()),
+        GetResult::Missing => ("missing", 0, String::new()),
+        ref too_small @ GetResult::BufferTooSmall { .. } => ("too_small", 0, too_small.to_string()),
+        GetResult::Failed(why) => ("failed", 0, why),
+    }
+}
+
+/// The cluster's KV cache, reached over TCP with a client's credentials.
+#[pyclass(name = "KvCache", module = "flyfs._native", frozen)]
+pub struct PyKvCache {
+    cache: BlockingKvCache,
+}
+
+#[pymethods]
+impl PyKvCache {
+    /// Connects (to the managers `mgmt` and metadata services `meta`, with
+    /// the PEM files `ca`, `cert`, `key`) and opens the cache, creating it
+    /// with `classes` (`(slot_bytes, slots)` pairs) if the cluster has none.
+    #[new]
+    #[pyo3(signature = (mgmt, meta, ca, cert, key, client_id, op_deadline_s, classes, chain_table, max_age_ms, evict_when_full))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        mgmt: Vec<String>,
+        meta: Vec<String>,
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        client_id: u64,
+        op_deadline_s: f64,
+        classes: Vec<(u32, u32)>,
+        chain_table: u32,
+        max_age_ms: u64,
+        evict_when_full: bool,
+    ) -> PyResult<PyKvCache> {
+        if !(op_deadline_s.is_finite() && op_deadline_s > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "op_deadline {op_deadline_s} is not a positive number of seconds"
+            )));
+        }
+        let credentials = Credentials::load(&ca, &cert, &key)
+            .map_err(|e| PyOSError::new_err((2, format!("the client's credentials: {e}"))))?;
+        let connect = Connect {
+            mgmt,
+            meta,
+            credentials,
+            client: ClientId(client_id),
+            op_deadline: Duration::from_secs_f64(op_deadline_s),
+        };
+        let config = KvCacheConfig {
+            classes,
+            chain_table: ChainTableId(chain_table),
+            max_age_ms,
+            evict_when_full,
+        };
+        let cache = py
+            .detach(|| BlockingKvCache::open(connect, &config))
+            .map_err(kv_error)?;
+        Ok(PyKvCache { cache })
+    }
+
+    /// The largest block the cache takes, in bytes.
+    #[getter]
+    fn block_bytes_max(&self) -> u32 {
+        self.cache.block_bytes_max()
+    }
+
+    /// The cache's size classes as stored: `(slot_bytes, slots)` pairs.
+    #[getter]
+    fn classes(&self) -> Vec<(u32, u32)> {
+        self.cache
+            .layout()
+            .classes
+            .iter()
+            .map(|c| (c.slot_bytes, c.slots))
+            .collect()
+    }
+
+    /// The cache's age limit in milliseconds (0: none).
+    #[getter]
+    fn max_age_ms(&self) -> u64 {
+        self.cache.layout().max_age_ms
+    }
+
+    fn batch_put_from(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyBytes>>,
+        buffers: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<Outcome>> {
+        check_lengths(keys.len(), buffers.len())?;
+        let exported = Buffers::export(&buffers, false)?;
+        let slices = exported.slices();
+        let keys = key_slices(&keys);
+        let cache = &self.cache;
+        let results = py
+            .detach(|| cache.batch_put_from(&keys, &slices))
+            .map_err(kv_error)?;
+        Ok(results
+            .into_iter()
+            .zip(&slices)
+            .map(|(r, s)| put_outcome(r, s.len()))
+            .collect())
+    }
+
+    fn batch_get_into(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyBytes>>,
+        buffers: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<Outcome>> {
+        check_lengths(keys.len(), buffers.len())?;
+        let mut exported = Buffers::export(&buffers, true)?;
+        let mut slices = exported.slices_mut();
+        let keys = key_slices(&keys);
+        let cache = &self.cache;
+        let results = py
+            .detach(|| cache.batch_get_into(&keys, &mut slices))
+            .map_err(kv_error)?;
+        Ok(results.into_iter().map(get_outcome).collect())
+    }
+
+    fn batch_exists(&self, py: Python<'_>, keys: Vec<Bound<'_, PyBytes>>) -> PyResult<Vec<bool>> {
+        let keys = key_slices(&keys);
+        let cache = &self.cache;
+        py.detach(|| cache.batch_exists(&keys)).map_err(kv_error)
+    }
+
+    fn batch_remove(&self, py: Python<'_>, keys: Vec<Bound<'_, PyBytes>>) -> PyResult<Vec<bool>> {
+        let keys = key_slices(&keys);
+        let cache = &self.cache;
+        py.detach(|| cache.batch_remove(&keys)).map_err(kv_error)
+    }
+
+    /// Evicts what is past the age limit now (the metadata service also
+    /// does on its own schedule); returns `(evicted, reclaimed)`.
+    fn evict_aged(&self, py: Python<'_>) -> PyResult<(u32, u32)> {
+        let cache = &self.cache;
+        let rsp = py.detach(|| cache.evict_aged()).map_err(kv_error)?;
+        Ok((rsp.evicted, rsp.reclaimed))
+    }
+}
