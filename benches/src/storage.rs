@@ -154,8 +154,10 @@ struct Results {
     /// (copied: frames, and payloads outside the registered buffers) and
     /// by one-sided READ/WRITE that it issued itself.
     rdma_client_bytes: RdmaBytes,
-    /// Payload bytes per method that this client lent for the storage
-    /// nodes to pull one-sided, versus sent inline (copied).
+    /// Payload bytes per method that moved one-sided, versus inline
+    /// (copied), as this client counted them: a write's payload it lent
+    /// for the storage nodes to pull (storage.Write), and a read's bytes
+    /// the nodes wrote into a buffer it lent (storage.BatchRead).
     rdma_client_payload_moved: Vec<flyfs_rpc::metrics::PayloadMoved>,
 }
 
@@ -669,7 +671,10 @@ impl Bench<'_> {
         // Over RDMA the chunks' bytes live in a buffer pool registered with
         // the device once, here, as a client's I/O buffers would: the
         // storage nodes pull each write's payload by RDMA READ.
-        let registered = match &rdma {
+        // Reads land the same way the other way round: the client lends a
+        // registered buffer per read and the storage node RDMA WRITEs the
+        // chunk into it.
+        let (rdma, registered) = match rdma {
             Some(rdma) => {
                 let pool = flyfs_bypass::buf::BufferPool::new(&flyfs_bypass::buf::PoolConfig {
                     classes: vec![(self.chunk_size as usize, CONTENTS)],
@@ -678,9 +683,17 @@ impl Bench<'_> {
                 .context("allocating the chunks' buffers")?;
                 rdma.register_arenas(Arc::new(pool.clone()))
                     .context("registering the chunks' buffers with the RDMA device")?;
-                Some(pool)
+                let replies = flyfs_bypass::buf::BufferPool::new(&flyfs_bypass::buf::PoolConfig {
+                    classes: vec![(self.chunk_size as usize, 2 * self.clients + 4)],
+                    ..Default::default()
+                })
+                .context("allocating the read buffers")?;
+                rdma.register_arenas(Arc::new(replies.clone()))
+                    .context("registering the read buffers with the RDMA device")?;
+                let rdma = rdma.lend_replies_from(move |len| Box::new(replies.alloc(len)));
+                (Some(rdma), Some(pool))
             }
-            None => None,
+            None => (None, None),
         };
         let client = StorageClient::with_transport(
             ClientConfig::new([self.cluster.mgmt_addr.clone()], ClientId(0xbe4c)),

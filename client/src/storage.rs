@@ -337,9 +337,11 @@ impl<N: Network> StorageClient<N> {
                     verify: false,
                 }],
             };
+            // Over RDMA the replica writes the bytes straight into a
+            // buffer lent for them (when the transport lends any).
             let (rsp, payload) = self
                 .rpc
-                .call::<BatchRead>(&addr, &req, Bytes::new(), &self.options())
+                .call_reading::<BatchRead>(&addr, &req, Bytes::new(), len as usize, &self.options())
                 .await
                 .map_err(Failure::rpc)?;
             let result = rsp
@@ -418,9 +420,16 @@ impl<N: Network> StorageClient<N> {
                     .map(move |batch| (addr.clone(), batch))
             })
             .map(|(addr, (indices, req))| async move {
+                let reply_bytes = usize::try_from(req.bytes_requested()).unwrap_or(usize::MAX);
                 let reply = self
                     .rpc
-                    .call::<BatchRead>(&addr, &req, Bytes::new(), &self.options())
+                    .call_reading::<BatchRead>(
+                        &addr,
+                        &req,
+                        Bytes::new(),
+                        reply_bytes,
+                        &self.options(),
+                    )
                     .await;
                 (indices, reply)
             });

@@ -304,6 +304,22 @@ pub const FLAG_PAYLOAD_REMOTE: u16 = 2;
 /// Bytes of one remote buffer descriptor.
 pub const REMOTE_DESCRIPTOR_BYTES: usize = 16;
 
+/// Header flag (RDMA transport only, requests): the last 16 bytes of the
+/// payload describe a registered buffer of the client (a descriptor as
+/// above) into which the server may RDMA WRITE the reply's payload, if it
+/// fits; what comes before them is the request's own payload (empty, or a
+/// descriptor under [`FLAG_PAYLOAD_REMOTE`]).
+pub const FLAG_REPLY_SINK: u16 = 4;
+
+/// Header flag (RDMA transport only, replies): the reply's payload was
+/// RDMA WRITten into the buffer the request named with
+/// [`FLAG_REPLY_SINK`], from its first byte; the frame's payload is the
+/// 4-byte little-endian count of bytes written, not the bytes.
+pub const FLAG_PAYLOAD_WRITTEN: u16 = 8;
+
+/// Bytes of the count a [`FLAG_PAYLOAD_WRITTEN`] reply carries.
+pub const WRITTEN_COUNT_BYTES: usize = 4;
+
 /// CRC32C over body bytes then payload bytes (body only under
 /// [`FLAG_PAYLOAD_UNCHECKED`]).
 pub fn body_crc(body: &[u8], payload: &[u8]) -> u32 {

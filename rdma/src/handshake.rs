@@ -10,7 +10,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `FLYRDMA\0` |
-//! | 8..10 | version (2) |
+//! | 8..10 | version (3) |
 //! | 10..12 | LID |
 //! | 12..16 | QP number (24 bits used) |
 //! | 16..20 | PSN (24 bits used) |
@@ -25,7 +25,9 @@ use crate::verbs::QpAddress;
 pub const MAGIC: [u8; 8] = *b"FLYRDMA\0";
 /// 2: frames may carry remote payload descriptors (`FLAG_PAYLOAD_REMOTE`,
 /// docs/rdma-transport.md), which a version-1 peer would take for bytes.
-pub const VERSION: u16 = 2;
+/// 3: requests may name a buffer for the reply (`FLAG_REPLY_SINK`), which
+/// a version-2 server would take for payload bytes.
+pub const VERSION: u16 = 3;
 pub const ENCODED_BYTES: usize = 48;
 
 /// The largest receive ring a peer may announce: the credits bound what we
@@ -174,8 +176,10 @@ mod tests {
         bad = sample();
         bad.address.qp_num = 1 << 24;
         assert!(error(&bad.encode()).contains("QP number"));
-        let mut version = sample().encode();
-        version[8] = 1;
-        assert!(error(&version).contains("version 1"));
+        for old in [1u8, 2] {
+            let mut version = sample().encode();
+            version[8] = old;
+            assert!(error(&version).contains(&format!("version {old}")));
+        }
     }
 }

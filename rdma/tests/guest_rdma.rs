@@ -311,13 +311,171 @@ async fn a_dead_peer_fails_the_calls_in_flight() {
     assert!(matches!(error, RdmaError::Broken { .. }), "{error}");
 }
 
+/// The kernel's own count of the device's objects, from rdma-core's
+/// `rdma resource show` (`0: rxe0: pd 1 cq 2 qp 1 cm_id 0 mr 3 ctx 1 srq 0`):
+/// what the driver holds, whatever flyfs's counters say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KernelCounts {
+    queue_pairs: u64,
+    completion_queues: u64,
+    memory_regions: u64,
+}
+
+fn kernel_counts() -> KernelCounts {
+    let device = env("FLYFS_RXE_DEV");
+    let output = std::process::Command::new("rdma")
+        .args(["resource", "show"])
+        .output()
+        .expect("running `rdma resource show` (iproute2)");
+    assert!(output.status.success(), "rdma resource show: {output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|line| line.contains(&format!("{device}:")))
+        .unwrap_or_else(|| panic!("no line for {device} in `rdma resource show`: {text}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let count = |name: &str| -> u64 {
+        words
+            .windows(2)
+            .find(|pair| pair[0] == name)
+            .and_then(|pair| pair[1].parse().ok())
+            .unwrap_or_else(|| panic!("no {name} count in {line:?}"))
+    };
+    KernelCounts {
+        queue_pairs: count("qp"),
+        completion_queues: count("cq"),
+        memory_regions: count("mr"),
+    }
+}
+
+/// Waits until the kernel's counts are back to `baseline`.
+async fn kernel_counts_return_to(baseline: KernelCounts) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = kernel_counts();
+        if now == baseline {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kernel holds more than before: {now:?}, baseline {baseline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connect/fail cycles: `FLYFS_RDMA_STORM_CYCLES` of them (1000 by default,
+/// raise it for a long run).
+fn storm_cycles() -> usize {
+    std::env::var("FLYFS_RDMA_STORM_CYCLES")
+        .ok()
+        .map(|cycles| cycles.parse().expect("FLYFS_RDMA_STORM_CYCLES is a count"))
+        .unwrap_or(1000)
+}
+
+/// A memory region deregistered while the peer's READ of it is in flight:
+/// the READ fails with a clear error (a remote access error), only that
+/// connection breaks, and a new connection works at once.
+#[tokio::test]
+async fn a_region_deregistered_mid_transfer_fails_that_transfer() {
+    let _serial = SERIAL.lock().await;
+    let device = device();
+    let baseline = live_counts();
+    let (a, b) = pair(&device, config());
+    let local = device
+        .alloc_region(16 * 65536, Access::Remote)
+        .expect("region");
+    let remote = device.alloc_region(65536, Access::Remote).expect("region");
+    let target = RemoteBuffer::of(&remote, 0, 65536).expect("in region");
+    a.read(&local, 0, target)
+        .await
+        .expect("while it is registered");
+    let entries: Vec<_> = (0..16)
+        .map(|index| (local.clone(), index * 65536, target))
+        .collect();
+    let in_flight = a.read_batch(&entries);
+    // The owner deregisters it (its last holder drops it) while the batch
+    // is posted: each READ either finished before or fails.
+    let deregister = async move { drop(remote) };
+    let (outcome, ()) = tokio::join!(in_flight, deregister);
+    let error = match outcome {
+        Err(error) => error,
+        // All 16 finished before the region went: a READ now must fail.
+        Ok(()) => a
+            .read(&local, 0, target)
+            .await
+            .expect_err("the region is deregistered"),
+    };
+    assert!(
+        matches!(
+            error,
+            RdmaError::Completion { .. } | RdmaError::Broken { .. }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("RDMA READ") || error.to_string().contains("broken"),
+        "the error names the transfer: {error}"
+    );
+    assert!(a.broken().is_some(), "the connection is broken");
+    drop((a, b));
+    // A new connection (the rebuilt one) moves data at once.
+    let (a, b) = pair(&device, config());
+    let fresh = device.alloc_region(4096, Access::Remote).expect("region");
+    a.read(
+        &local,
+        0,
+        RemoteBuffer::of(&fresh, 0, 4096).expect("in region"),
+    )
+    .await
+    .expect("a READ on the new connection");
+    drop((a, b, entries, local, fresh));
+    counts_return_to(baseline).await;
+}
+
+/// A peer that takes messages in but never consumes them never returns a
+/// credit: the sender sends what its credits allow, then each further send
+/// waits at most the completion timeout and fails without breaking the
+/// connection, any number of times; nothing is held beyond the ring, and
+/// all of it goes with the connection.
+#[tokio::test]
+async fn a_peer_that_never_returns_credits_holds_nothing_more() {
+    let _serial = SERIAL.lock().await;
+    let device = device();
+    let baseline = live_counts();
+    let kernel_baseline = kernel_counts();
+    let mut short = config();
+    short.completion_timeout = Duration::from_millis(200);
+    let (a, b) = pair(&device, short);
+    for index in 0..4u8 {
+        a.send(&[index]).await.expect("within credits");
+    }
+    let during = live_counts();
+    for _ in 0..10 {
+        let started = tokio::time::Instant::now();
+        let error = a.send(&[9]).await.expect_err("no credits");
+        assert!(
+            matches!(error, RdmaError::CompletionTimeout { .. }),
+            "{error}"
+        );
+        // Bounded: the timeout, plus the emulated machine's slowness.
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(a.broken().is_none(), "waiting for credits is not a failure");
+        assert_eq!(live_counts(), during, "a waiting send holds nothing new");
+    }
+    drop((a, b));
+    counts_return_to(baseline).await;
+    kernel_counts_return_to(kernel_baseline).await;
+}
+
 #[tokio::test]
 async fn connect_and_fail_cycles_leak_nothing() {
     let _serial = SERIAL.lock().await;
     let device = device();
     let remote = device.alloc_region(4096, Access::Remote).expect("region");
     let baseline = live_counts();
-    let cycles = 200;
+    let kernel_baseline = kernel_counts();
+    let cycles = storm_cycles();
     for cycle in 0..cycles {
         let (a, b) = pair(&device, config());
         a.send(&[cycle as u8]).await.expect("send");
@@ -337,4 +495,5 @@ async fn connect_and_fail_cycles_leak_nothing() {
         }
     }
     counts_return_to(baseline).await;
+    kernel_counts_return_to(kernel_baseline).await;
 }

@@ -185,10 +185,28 @@ impl<N: Network> Client<N> {
         payload: Bytes,
         options: &CallOptions,
     ) -> Result<(M::Rsp, Payload), RpcError> {
+        self.call_reading::<M>(addr, request, payload, 0, options)
+            .await
+    }
+
+    /// [`Client::call`] for a reply that carries up to
+    /// `reply_payload_bytes` of bulk bytes (a chunk read): over RDMA, with
+    /// reply buffers to lend (`RdmaTransport::lend_replies_from`), the
+    /// client lends one of that size and the server RDMA WRITEs the reply's
+    /// payload into it; the caller gets those bytes as the payload, not a
+    /// copy. Otherwise the reply's payload travels inline.
+    pub async fn call_reading<M: Method>(
+        &self,
+        addr: &str,
+        request: &M::Req,
+        payload: Bytes,
+        reply_payload_bytes: usize,
+        options: &CallOptions,
+    ) -> Result<(M::Rsp, Payload), RpcError> {
         let body = codec::try_encode(request)?;
         let method = MethodRef::of::<M>();
         let reply = self
-            .call_with_retry(addr, method, body, payload, options)
+            .call_with_retry(addr, method, body, payload, reply_payload_bytes, options)
             .await?;
         let response = codec::decode::<M::Rsp>(&reply.body)?;
         Ok((response, reply.payload))
@@ -209,11 +227,30 @@ impl<N: Network> Client<N> {
             addr,
             MethodRef::id(method),
             request_id,
-            body,
-            payload,
+            Outgoing::new(body, payload, 0),
             timeout,
         )
         .await
+    }
+
+    /// One attempt whose frame carries exactly `flags` and `payload` as
+    /// given, with no descriptor or reply buffer of the transport's own:
+    /// what a broken or hostile client would send (tests only). A reply
+    /// written into a buffer is taken as the protocol violation it is here.
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn call_with_flags(
+        &self,
+        addr: &str,
+        method: u16,
+        flags: u16,
+        (body, payload): (Bytes, Bytes),
+        timeout: Duration,
+    ) -> Result<RawReply, RpcError> {
+        let request_id = self.request_id();
+        let mut outgoing = Outgoing::new(body, payload, 0);
+        outgoing.raw_flags = Some(flags);
+        self.attempt(addr, MethodRef::id(method), request_id, outgoing, timeout)
+            .await
     }
 
     /// Drops every pooled connection to `addr`; calls pending on them fail
@@ -260,6 +297,7 @@ impl<N: Network> Client<N> {
         method: MethodRef,
         body: Bytes,
         payload: Bytes,
+        reply_payload_bytes: usize,
         options: &CallOptions,
     ) -> Result<RawReply, RpcError> {
         // The first request id seeds the backoff's jitter: unique per call
@@ -275,7 +313,13 @@ impl<N: Network> Client<N> {
                 let (body, payload) = (body.clone(), payload.clone());
                 async move {
                     let result = self
-                        .attempt(addr, method, request_id, body, payload, options.timeout)
+                        .attempt(
+                            addr,
+                            method,
+                            request_id,
+                            Outgoing::new(body, payload, reply_payload_bytes),
+                            options.timeout,
+                        )
                         .await;
                     match result {
                         Err(error) if error.is_retryable() => {
@@ -296,14 +340,13 @@ impl<N: Network> Client<N> {
         addr: &str,
         method: MethodRef,
         request_id: u64,
-        body: Bytes,
-        payload: Bytes,
+        call: Outgoing,
         timeout: Duration,
     ) -> Result<RawReply, RpcError> {
         let metrics = crate::metrics::client(method.id);
         let started = crate::metrics::start(metrics);
-        let request_bytes = body.len() + payload.len();
-        let attempt = self.attempt_untimed(addr, method, request_id, body, payload);
+        let request_bytes = call.body.len() + call.payload.len();
+        let attempt = self.attempt_untimed(addr, method, request_id, call);
         let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_elapsed) => Err(RpcError::Timeout {
@@ -331,9 +374,14 @@ impl<N: Network> Client<N> {
         addr: &str,
         method: MethodRef,
         request_id: u64,
-        body: Bytes,
-        payload: Bytes,
+        call: Outgoing,
     ) -> Result<RawReply, RpcError> {
+        let Outgoing {
+            body,
+            payload,
+            reply_payload_bytes,
+            raw_flags,
+        } = call;
         let disconnected = || RpcError::Disconnected {
             addr: addr.to_owned(),
             method,
@@ -349,12 +397,14 @@ impl<N: Network> Client<N> {
         // the reply comes or the connection is gone.
         let method_metrics = crate::metrics::payload_moved(method.id);
         let mut lent = None;
-        let payload = match conn
-            .shared
-            .link
-            .as_ref()
-            .map(|link| link.describe(&payload))
-        {
+        let link = match raw_flags {
+            Some(raw) => {
+                flags = raw;
+                None
+            }
+            None => conn.shared.link.as_ref(),
+        };
+        let payload = match link.map(|link| link.describe(&payload)) {
             Some(Some(descriptor)) => {
                 flags |= frame::FLAG_PAYLOAD_REMOTE;
                 method_metrics.one_sided(payload.len());
@@ -366,6 +416,30 @@ impl<N: Network> Client<N> {
                 payload
             }
             None => payload,
+        };
+        // A buffer lent for the reply's payload rides after the request's
+        // own payload when that is a descriptor or nothing (never copying
+        // an inline payload to append it); it stays lent until the reply
+        // comes or the connection is gone, like a lent payload.
+        let mut sink = None;
+        let payload = match link {
+            Some(link)
+                if reply_payload_bytes > 0
+                    && (payload.is_empty() || flags & frame::FLAG_PAYLOAD_REMOTE != 0) =>
+            {
+                match link.reply_sink(reply_payload_bytes) {
+                    Some((buffer, descriptor)) => {
+                        flags |= frame::FLAG_REPLY_SINK;
+                        sink = Some(Sink(buffer));
+                        let mut joined = Vec::with_capacity(payload.len() + descriptor.len());
+                        joined.extend_from_slice(&payload);
+                        joined.extend_from_slice(&descriptor);
+                        Bytes::from(joined)
+                    }
+                    None => payload,
+                }
+            }
+            _ => payload,
         };
         let frame = OutFrame::with_flags(
             Kind::Request,
@@ -381,12 +455,19 @@ impl<N: Network> Client<N> {
         // this future (cancel, timeout) removes the entry.
         let _pending = conn
             .shared
-            .register(request_id, reply_tx, lent)
+            .register(request_id, reply_tx, lent, sink)
             .ok_or_else(disconnected)?;
         conn.writer.send(frame).await.map_err(|_| disconnected())?;
-        let frame = match reply_rx.await {
-            Ok(Ok(frame)) => frame,
+        let Arrived { frame, written } = match reply_rx.await {
+            Ok(Ok(arrived)) => arrived,
             Ok(Err(Failure::Frame(error))) => return Err(RpcError::Frame(error)),
+            Ok(Err(Failure::BadReply(reason))) => {
+                return Err(RpcError::BadReply {
+                    addr: addr.to_owned(),
+                    method,
+                    reason,
+                });
+            }
             Ok(Err(Failure::Refused(reason))) => {
                 return Err(RpcError::Refused {
                     addr: addr.to_owned(),
@@ -397,10 +478,24 @@ impl<N: Network> Client<N> {
             Ok(Err(Failure::Disconnected)) | Err(_) => return Err(disconnected()),
         };
         match frame.header.status {
-            Status::Ok => Ok(RawReply {
-                body: frame.body,
-                payload: Payload::from_bytes(frame.payload),
-            }),
+            Status::Ok => {
+                let payload = match written {
+                    Some(bytes) => {
+                        method_metrics.one_sided(bytes.len());
+                        bytes
+                    }
+                    None => {
+                        if conn.shared.link.is_some() {
+                            method_metrics.copied(frame.payload.len());
+                        }
+                        frame.payload
+                    }
+                };
+                Ok(RawReply {
+                    body: frame.body,
+                    payload: Payload::from_bytes(payload),
+                })
+            }
             status => Err(RpcError::Remote {
                 addr: addr.to_owned(),
                 method,
@@ -528,9 +623,52 @@ enum Failure {
     Refused(String),
     /// The reply's body CRC did not match.
     Frame(FrameError),
+    /// The reply broke the protocol (a written count that does not fit
+    /// the buffer lent); the connection closes.
+    BadReply(String),
 }
 
-type ReplySender = oneshot::Sender<Result<Frame, Failure>>;
+/// What one attempt sends.
+struct Outgoing {
+    body: Bytes,
+    payload: Bytes,
+    /// The bytes the reply's payload may have (0: no buffer lent for it).
+    reply_payload_bytes: usize,
+    /// Header flags to send exactly, with the payload as given (a test's
+    /// hostile frame, `Client::call_with_flags`).
+    raw_flags: Option<u16>,
+}
+
+impl Outgoing {
+    fn new(body: Bytes, payload: Bytes, reply_payload_bytes: usize) -> Outgoing {
+        Outgoing {
+            body,
+            payload,
+            reply_payload_bytes,
+            raw_flags: None,
+        }
+    }
+}
+
+/// A reply as the read loop hands it to its call.
+#[derive(Debug)]
+struct Arrived {
+    frame: Frame,
+    /// The reply's payload when the server wrote it into the buffer the
+    /// call lent (`FLAG_PAYLOAD_WRITTEN`).
+    written: Option<Bytes>,
+}
+
+type ReplySender = oneshot::Sender<Result<Arrived, Failure>>;
+
+/// A buffer lent for a reply's payload (crate::rdma::ReplyBuffer).
+struct Sink(Box<dyn crate::rdma::ReplyBuffer>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sink({} bytes)", self.0.len())
+    }
+}
 
 /// One multiplexed connection. Dropping the last reference closes it.
 #[derive(Debug)]
@@ -559,6 +697,9 @@ struct State {
     /// when the call itself was cancelled, so the pool never hands the
     /// buffer to a new owner while the peer can still read it.
     lent: BTreeMap<u64, Bytes>,
+    /// Buffers lent for replies the server may still RDMA WRITE, by
+    /// request id: kept on the same terms as `lent`.
+    sinks: BTreeMap<u64, Sink>,
     tasks: Vec<AbortHandle>,
 }
 
@@ -573,6 +714,7 @@ impl Shared {
         request_id: u64,
         reply: ReplySender,
         lent: Option<Bytes>,
+        sink: Option<Sink>,
     ) -> Option<PendingGuard> {
         let mut state = lock(&self.state);
         if !state.open {
@@ -582,18 +724,23 @@ impl Shared {
         if let Some(lent) = lent {
             state.lent.insert(request_id, lent);
         }
+        if let Some(sink) = sink {
+            state.sinks.insert(request_id, sink);
+        }
         Some(PendingGuard {
             shared: self.clone(),
             request_id,
         })
     }
 
-    /// The pending call of a reply that arrived; the payload it lent is
-    /// the server's no longer.
-    fn take(&self, request_id: u64) -> Option<ReplySender> {
+    /// The pending call of a reply that arrived, and the buffer it lent
+    /// for the reply; the payload it lent is the server's no longer. The
+    /// buffer comes back even when the call is gone, so it is freed here.
+    fn take(&self, request_id: u64) -> (Option<ReplySender>, Option<Sink>) {
         let mut state = lock(&self.state);
         state.lent.remove(&request_id);
-        state.pending.remove(&request_id)
+        let sink = state.sinks.remove(&request_id);
+        (state.pending.remove(&request_id), sink)
     }
 
     /// Marks the connection broken, fails every pending call (in request id
@@ -610,16 +757,17 @@ impl Shared {
         if let Some(link) = &self.link {
             link.break_with("the rpc connection closed".to_string());
         }
-        let (pending, tasks, lent) = {
+        let (pending, tasks, lent, sinks) = {
             let mut state = lock(&self.state);
             state.open = false;
             (
                 std::mem::take(&mut state.pending),
                 std::mem::take(&mut state.tasks),
                 std::mem::take(&mut state.lent),
+                std::mem::take(&mut state.sinks),
             )
         };
-        drop(lent);
+        drop((lent, sinks));
         if !pending.is_empty() {
             tracing::debug!(addr = %self.addr, calls = pending.len(), "connection lost");
         }
@@ -666,6 +814,7 @@ impl Conn {
                 open: true,
                 pending: BTreeMap::new(),
                 lent: BTreeMap::new(),
+                sinks: BTreeMap::new(),
                 tasks: Vec::new(),
             }),
         });
@@ -754,14 +903,39 @@ async fn read_loop<T: AsyncRead>(
             );
             continue;
         }
+        let (reply, sink) = shared.take(header.request_id);
+        let written = header.flags & frame::FLAG_PAYLOAD_WRITTEN != 0;
+        let result = match (frame.check_body(), written, sink) {
+            (Err(error), _, _) => Err(Failure::Frame(error)),
+            (Ok(()), false, _) => Ok(Arrived {
+                frame,
+                written: None,
+            }),
+            (Ok(()), true, Some(Sink(buffer))) => {
+                match crate::rdma::Link::written(buffer, &frame.payload) {
+                    Ok(bytes) => Ok(Arrived {
+                        frame,
+                        written: Some(bytes),
+                    }),
+                    Err(reason) => Err(Failure::BadReply(reason)),
+                }
+            }
+            (Ok(()), true, None) => Err(Failure::BadReply(
+                "the server says it wrote the reply into a buffer this call did not lend".into(),
+            )),
+        };
+        let broken = match &result {
+            Err(Failure::BadReply(reason)) => Some(reason.clone()),
+            _ => None,
+        };
         // A call that timed out or was cancelled has no entry: its reply is
-        // discarded.
-        if let Some(reply) = shared.take(header.request_id) {
-            let result = match frame.check_body() {
-                Ok(()) => Ok(frame),
-                Err(error) => Err(Failure::Frame(error)),
-            };
+        // discarded (and the buffer it lent is free again).
+        if let Some(reply) = reply {
             let _ = reply.send(result);
+        }
+        if let Some(reason) = broken {
+            tracing::warn!(addr = %shared.addr, %reason, "reply broke the protocol, closing");
+            break;
         }
     }
     shared.close();

@@ -100,6 +100,14 @@ pub enum RpcError {
     },
     /// The connection broke (or was dropped) before the reply arrived. The
     /// request may or may not have run.
+    /// The server's reply broke the protocol (a reply written into a
+    /// buffer the call did not lend, or more bytes than it lent).
+    #[error("{method} to {addr}: bad reply: {reason}")]
+    BadReply {
+        addr: String,
+        method: MethodRef,
+        reason: String,
+    },
     #[error("connection to {addr} lost before {method} was answered")]
     Disconnected { addr: String, method: MethodRef },
     /// No reply within the attempt's timeout. The request may or may not have

@@ -16,8 +16,11 @@
 //! * `flyfs_rpc_payload_moved_bytes_total{method,how}` (RDMA transport):
 //!   payload bytes moved by one-sided RDMA operations (`how="one_sided"`,
 //!   counted by the side that names its buffer and by the side that pulls
-//!   it) versus copied through message slots (`how="copied"`, a buffer
-//!   outside the registered arenas). These are also kept in plain atomics,
+//!   it or writes into it: a request's payload pulled by RDMA READ, a
+//!   reply's payload pushed by RDMA WRITE) versus copied through message
+//!   slots (`how="copied"`: a buffer outside the registered arenas, a
+//!   client that lent no buffer for a reply, a reply larger than the
+//!   buffer lent). These are also kept in plain atomics,
 //!   always on, for [`payload_moved_totals`] (the storage bench's JSON).
 //!
 //! A method's handles are registered on its first call after [`enable`]

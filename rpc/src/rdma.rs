@@ -29,11 +29,20 @@
 //! (`FLAG_PAYLOAD_REMOTE`), and the receiver's `Payload::fetch_into` pulls
 //! the bytes with an RDMA READ straight into its own registered buffer.
 //! Other payloads travel inline, copied through the message slots.
+//!
+//! Reply payloads move the other way round: a client that expects bulk
+//! bytes back (a chunk read) lends a registered buffer from its reply pool
+//! ([`RdmaTransport::lend_replies_from`]) and names it in the request
+//! (`FLAG_REPLY_SINK`); the server RDMA WRITEs the reply's payload into it,
+//! one work request per part (per chunk of a batched read), and only then
+//! sends the reply, which says how many bytes it wrote
+//! (`FLAG_PAYLOAD_WRITTEN`). A reply that does not fit the buffer named
+//! travels inline instead: the server never writes outside it.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status};
+use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status, WRITTEN_COUNT_BYTES};
 use flyfs_rdma::handshake::{ENCODED_BYTES, MAGIC};
 use flyfs_rdma::{
     Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError, RemoteBuffer,
@@ -51,11 +60,43 @@ pub(crate) enum Side {
 
 /// What a process needs to open RDMA connections: the device (with its
 /// protection domain) and the shape of each connection. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RdmaTransport {
     device: Arc<Device>,
     config: ConnectionConfig,
     bounce: Arc<Bounce>,
+    reply_buffers: Option<ReplyBuffers>,
+}
+
+impl std::fmt::Debug for RdmaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaTransport")
+            .field("device", &self.device.name())
+            .field("config", &self.config)
+            .field("lends_reply_buffers", &self.reply_buffers.is_some())
+            .finish()
+    }
+}
+
+/// A buffer a client lends the server for a reply's payload: memory inside
+/// an arena registered with [`RdmaTransport::register_arenas`] (a buffer
+/// pool's `DmaBuf`), handed to one call at a time.
+pub trait ReplyBuffer: std::ops::DerefMut<Target = [u8]> + Send + Sync + 'static {}
+
+impl<T: std::ops::DerefMut<Target = [u8]> + Send + Sync + 'static> ReplyBuffer for T {}
+
+/// Where a client takes its reply buffers from: a buffer of at least the
+/// bytes asked for (a pool that ran dry may hand out heap memory, which is
+/// then not lent, and the reply travels inline).
+pub type ReplyBuffers = Arc<dyn Fn(usize) -> Box<dyn ReplyBuffer> + Send + Sync>;
+
+/// A lent reply buffer as the owner of the `Bytes` the caller gets.
+struct Lent(Box<dyn ReplyBuffer>);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Registered regions for one-sided payloads whose local buffer is outside
@@ -104,7 +145,20 @@ impl RdmaTransport {
             device: Device::open(device_name, gid_index)?,
             config,
             bounce: Arc::default(),
+            reply_buffers: None,
         })
+    }
+
+    /// Makes this transport's clients lend reply buffers from `alloc`
+    /// (a registered buffer pool: register its arenas first), so that
+    /// servers RDMA WRITE read data straight into them. Without it, reply
+    /// payloads travel inline, copied through the message slots.
+    pub fn lend_replies_from(
+        mut self,
+        alloc: impl Fn(usize) -> Box<dyn ReplyBuffer> + Send + Sync + 'static,
+    ) -> RdmaTransport {
+        self.reply_buffers = Some(Arc::new(alloc));
+        self
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -182,6 +236,8 @@ impl RdmaTransport {
             connection,
             device: self.device.clone(),
             bounce: self.bounce.clone(),
+            reply_buffers: self.reply_buffers.clone(),
+            one_sided_max: self.config.one_sided_max.max(1) as usize,
         });
         Ok((ours, link))
     }
@@ -191,11 +247,21 @@ impl RdmaTransport {
 /// it needs to describe local payloads to the peer and to pull the peer's
 /// payloads. Held by the connection's requests; the queue pair lives until
 /// the last of them is done.
-#[derive(Debug)]
 pub struct Link {
     connection: Arc<Connection>,
     device: Arc<Device>,
     bounce: Arc<Bounce>,
+    reply_buffers: Option<ReplyBuffers>,
+    /// Work requests one batch of RDMA WRITEs may post at once.
+    one_sided_max: usize,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("connection", &self.connection)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Link {
@@ -216,6 +282,102 @@ impl Link {
         let (region, offset) = self.device.find_arena(payload.as_ptr(), payload.len())?;
         let remote = RemoteBuffer::of(&region, offset, len).ok()?;
         Some(Bytes::copy_from_slice(&encode_descriptor(remote)))
+    }
+
+    /// A registered buffer of `len` bytes for a reply's payload, with the
+    /// descriptor the request names it by; `None` when this client lends
+    /// none (no reply pool, or the pool handed out memory outside its
+    /// arenas), and the reply comes inline.
+    pub(crate) fn reply_sink(
+        &self,
+        len: usize,
+    ) -> Option<(Box<dyn ReplyBuffer>, [u8; REMOTE_DESCRIPTOR_BYTES])> {
+        let alloc = self.reply_buffers.as_ref()?;
+        let len_wire = u32::try_from(len).ok().filter(|len| *len > 0)?;
+        let buffer = alloc(len);
+        if buffer.len() < len {
+            return None;
+        }
+        let (region, offset) = self.device.find_arena(buffer.as_ptr(), len)?;
+        let remote = RemoteBuffer::of(&region, offset, len_wire).ok()?;
+        Some((buffer, encode_descriptor(remote)))
+    }
+
+    /// The bytes a `FLAG_PAYLOAD_WRITTEN` reply says the server wrote into
+    /// `sink`, as the caller's payload; an error when the count is
+    /// malformed or larger than the buffer lent (a server that broke the
+    /// protocol).
+    pub(crate) fn written(sink: Box<dyn ReplyBuffer>, count: &[u8]) -> Result<Bytes, String> {
+        let count: [u8; WRITTEN_COUNT_BYTES] = count.try_into().map_err(|_| {
+            format!(
+                "a written reply carries a {WRITTEN_COUNT_BYTES}-byte count, this one {} bytes",
+                count.len()
+            )
+        })?;
+        let count = u32::from_le_bytes(count) as usize;
+        if count > sink.len() {
+            return Err(format!(
+                "the server says it wrote {count} bytes into a buffer of {}",
+                sink.len()
+            ));
+        }
+        Ok(Bytes::from_owner(Lent(sink)).slice(..count))
+    }
+
+    /// Writes `parts` one after another into the client's `sink`, from its
+    /// first byte, by RDMA WRITE: one work request per part (a batched
+    /// read's chunks), at most `one_sided_max` posted at once. The caller
+    /// has checked that they fit; this checks again, so nothing is ever
+    /// written outside what the call named. A part outside the registered
+    /// arenas goes through a bounce region (copied once, here).
+    pub(crate) async fn write_parts(
+        &self,
+        parts: &[Bytes],
+        sink: RemoteBuffer,
+    ) -> Result<(), RdmaError> {
+        let total: u64 = parts.iter().map(|part| part.len() as u64).sum();
+        if total > u64::from(sink.len) {
+            return Err(RdmaError::OutOfRegion {
+                offset: 0,
+                len: total as usize,
+                region_len: sink.len as usize,
+            });
+        }
+        let mut at = 0u64;
+        let mut entries = Vec::with_capacity(parts.len().min(self.one_sided_max));
+        let mut bounced = Vec::new();
+        for part in parts.iter().filter(|part| !part.is_empty()) {
+            let len = part.len() as u32;
+            let remote = RemoteBuffer {
+                addr: sink.addr + at,
+                rkey: sink.rkey,
+                len,
+            };
+            at += u64::from(len);
+            match self.device.find_arena(part.as_ptr(), part.len()) {
+                Some((region, offset)) => entries.push((region, offset, remote)),
+                None => {
+                    let region = self.bounce.take(&self.device, part.len())?;
+                    region.write(0, part)?;
+                    bounced.push(region.clone());
+                    entries.push((region, 0, remote));
+                }
+            }
+            if entries.len() == self.one_sided_max {
+                self.connection.write_batch(&entries).await?;
+                entries.clear();
+            }
+        }
+        if !entries.is_empty() {
+            self.connection.write_batch(&entries).await?;
+        }
+        // Reused only after every WRITE from them completed (a failure
+        // returned above, and the regions go with the broken connection).
+        drop(entries);
+        for region in bounced {
+            self.bounce.give_back(region);
+        }
+        Ok(())
     }
 
     /// Pulls the peer's `remote` bytes into `dst` with one RDMA READ. `dst`

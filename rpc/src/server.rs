@@ -133,6 +133,10 @@ pub struct Reply {
     pub body: Bytes,
     /// Bulk bytes, built zero-copy by the service (`Bytes::from_owner`).
     pub payload: Bytes,
+    /// More bulk bytes, after `payload`, in order: the items of a batched
+    /// reply. Over RDMA each moves into the client's buffer by its own
+    /// RDMA WRITE; over TCP they are joined into one payload.
+    pub parts: Vec<Bytes>,
 }
 
 impl Reply {
@@ -144,6 +148,7 @@ impl Reply {
                 status: Status::Ok,
                 body,
                 payload,
+                parts: Vec::new(),
             },
             Err(error) => Reply::error(
                 Status::Internal,
@@ -158,7 +163,25 @@ impl Reply {
             status,
             body: Bytes::from(message.to_string()),
             payload: Bytes::new(),
+            parts: Vec::new(),
         }
+    }
+
+    /// A successful reply whose payload is `parts`, one after another (a
+    /// batched read's items): each part moves on its own over RDMA, so no
+    /// part is copied to join them.
+    pub fn ok_parts<M: Method>(response: &M::Rsp, mut parts: Vec<Bytes>) -> Reply {
+        parts.retain(|part| !part.is_empty());
+        let mut reply = Reply::ok::<M>(response, Bytes::new());
+        if reply.status == Status::Ok {
+            reply.parts = parts;
+        }
+        reply
+    }
+
+    /// Bytes of the payload and its parts.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len() + self.parts.iter().map(Bytes::len).sum::<usize>()
     }
 
     pub fn unknown_method(method: u16) -> Reply {
@@ -489,7 +512,12 @@ async fn serve_until<L, S>(
 enum Event {
     /// A request, with the budgets it holds until its task ends, and its
     /// payload when that is still in the client's memory (RDMA).
-    Request(Frame, Held, Option<crate::payload::RemotePayload>),
+    Request(
+        Frame,
+        Held,
+        Option<crate::payload::RemotePayload>,
+        Option<ReplySink>,
+    ),
     /// A reply the rpc layer writes on its own (checksum mismatch).
     Reply(OutFrame),
     /// Write this error frame, then close the connection.
@@ -638,7 +666,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         let event = match read {
             Ok(None) => return,
-            Ok(Some((frame, mut held))) => {
+            Ok(Some((mut frame, mut held))) => {
                 if frame.header.kind != Kind::Request {
                     break OutFrame::error(
                         frame.header.method,
@@ -650,8 +678,35 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         ),
                     );
                 }
+                // A buffer named for the reply comes last in the payload;
+                // the request's own payload is what precedes it.
+                let (sink, own_payload) =
+                    if frame.header.flags & flyfs_proto::frame::FLAG_REPLY_SINK != 0 {
+                        match reply_sink(&frame, link) {
+                            Ok((sink, own_payload)) => (Some(sink), own_payload),
+                            Err(message) => {
+                                let reply = OutFrame::error(
+                                    frame.header.method,
+                                    frame.header.request_id,
+                                    Status::BadRequest,
+                                    &message,
+                                );
+                                if events.send(Event::Reply(reply)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    } else {
+                        (None, frame.payload.clone())
+                    };
                 let remote = if frame.header.flags & flyfs_proto::frame::FLAG_PAYLOAD_REMOTE != 0 {
-                    match remote_payload(&frame, link, config.limits.payload_bytes_max) {
+                    match remote_payload(
+                        &frame,
+                        &own_payload,
+                        link,
+                        config.limits.payload_bytes_max,
+                    ) {
                         Ok(remote) => {
                             // The bytes the READ will land in count against
                             // the budgets as if they had come inline.
@@ -692,7 +747,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             };
                             held.merge(reply);
                         }
-                        Event::Request(frame, held, remote)
+                        // The frame's CRC covered the whole payload; the
+                        // service sees only the request's own.
+                        frame.payload = own_payload;
+                        Event::Request(frame, held, remote, sink)
                     }
                     Err(error) => Event::Reply(OutFrame::error(
                         frame.header.method,
@@ -839,7 +897,7 @@ async fn dispatch_loop<S: Service>(
                         let _ = replies.send((frame, Held::default())).await;
                         return;
                     }
-                    Some(Event::Request(frame, held, remote)) => match dispatch(frame, held, remote, &service, peer) {
+                    Some(Event::Request(frame, held, remote, sink)) => match dispatch(frame, held, remote, sink, &service, peer) {
                         Dispatch::Now(reply, held) => (reply, held),
                         Dispatch::Spawn(method, request_id, task) => {
                             let handle = in_flight.spawn(task);
@@ -865,6 +923,7 @@ fn dispatch<S: Service>(
     frame: Frame,
     held: Held,
     remote: Option<crate::payload::RemotePayload>,
+    sink: Option<ReplySink>,
     service: &Arc<S>,
     peer: &Peer,
 ) -> Dispatch<impl Future<Output = (OutFrame, Held)> + Send + 'static> {
@@ -923,7 +982,108 @@ fn dispatch<S: Service>(
         // The reply's CRC is computed here, in the request's task, not on
         // the connection's.
         record(metrics, started, request_bytes, &reply);
-        (reply_frame(method, request_id, reply), held)
+        let frame = match sink {
+            Some(sink) => reply_written(method, request_id, reply, sink).await,
+            None => reply_frame(method, request_id, reply),
+        };
+        (frame, held)
+    })
+}
+
+/// The client's buffer a `FLAG_REPLY_SINK` request names for its reply's
+/// payload, on the connection it arrived on.
+#[derive(Debug)]
+struct ReplySink {
+    link: Arc<crate::rdma::Link>,
+    remote: flyfs_rdma::RemoteBuffer,
+}
+
+/// Splits a `FLAG_REPLY_SINK` request's payload into the buffer it names
+/// (its last 16 bytes) and the request's own payload, checked: only on an
+/// RDMA connection, a well-formed descriptor of at least one byte. The
+/// descriptor makes this server do nothing but, at most, one RDMA WRITE per
+/// part of its own reply into that range, over this client's queue pair,
+/// and only when the reply fits it (`reply_written`).
+fn reply_sink(
+    frame: &Frame,
+    link: Option<&Arc<crate::rdma::Link>>,
+) -> Result<(ReplySink, Bytes), String> {
+    let Some(link) = link else {
+        return Err(
+            "a reply buffer (one-sided reply) on a connection that is not on the RDMA transport"
+                .to_string(),
+        );
+    };
+    let descriptor_bytes = flyfs_proto::frame::REMOTE_DESCRIPTOR_BYTES;
+    let Some(own_len) = frame.payload.len().checked_sub(descriptor_bytes) else {
+        return Err(format!(
+            "a request naming a reply buffer carries its {descriptor_bytes}-byte descriptor \
+             at the end of its payload; this payload has {} bytes",
+            frame.payload.len()
+        ));
+    };
+    let remote = crate::rdma::decode_descriptor(&frame.payload[own_len..])?;
+    if remote.len == 0 {
+        return Err("a reply buffer of 0 bytes".to_string());
+    }
+    Ok((
+        ReplySink {
+            link: link.clone(),
+            remote,
+        },
+        frame.payload.slice(..own_len),
+    ))
+}
+
+/// The reply frame of a request that named a buffer for the reply's
+/// payload: the payload is RDMA WRITten into that buffer first (one work
+/// request per part), and the frame carries only the count. A payload
+/// larger than the buffer travels inline (never written outside what the
+/// call named), as does an error's message.
+async fn reply_written(method: u16, request_id: u64, reply: Reply, sink: ReplySink) -> OutFrame {
+    let total = reply.payload_len();
+    if reply.status != Status::Ok || total == 0 {
+        return reply_frame(method, request_id, reply);
+    }
+    let moved = crate::metrics::payload_moved(method);
+    if total > sink.remote.len as usize {
+        moved.copied(total);
+        return reply_frame(method, request_id, reply);
+    }
+    let Reply {
+        body,
+        payload,
+        mut parts,
+        ..
+    } = reply;
+    if !payload.is_empty() {
+        parts.insert(0, payload);
+    }
+    if let Err(error) = sink.link.write_parts(&parts, sink.remote).await {
+        // The connection is broken by now (a failed work request breaks
+        // it): the client sees it close, or this error if it still can.
+        return OutFrame::error(
+            method,
+            request_id,
+            Status::Internal,
+            &format!("writing the reply's {total} bytes into the client's buffer: {error}"),
+        );
+    }
+    moved.one_sided(total);
+    // The bytes were written before this frame is sent, and RC delivers in
+    // order: the client finds them in place when the frame arrives.
+    let count = Bytes::copy_from_slice(&(total as u32).to_le_bytes());
+    OutFrame::with_flags(
+        Kind::Response,
+        method,
+        Status::Ok,
+        request_id,
+        flyfs_proto::frame::FLAG_PAYLOAD_WRITTEN,
+        body,
+        count,
+    )
+    .unwrap_or_else(|error| {
+        OutFrame::error(method, request_id, Status::Internal, &error.to_string())
     })
 }
 
@@ -936,6 +1096,7 @@ fn dispatch<S: Service>(
 /// service sized and the budgets paid for.
 fn remote_payload(
     frame: &Frame,
+    descriptor: &[u8],
     link: Option<&Arc<crate::rdma::Link>>,
     payload_bytes_max: u32,
 ) -> Result<crate::payload::RemotePayload, String> {
@@ -945,7 +1106,7 @@ fn remote_payload(
                 .to_string(),
         );
     };
-    let remote = crate::rdma::decode_descriptor(&frame.payload)?;
+    let remote = crate::rdma::decode_descriptor(descriptor)?;
     if remote.len == 0 || remote.len > payload_bytes_max {
         return Err(format!(
             "a remote payload of {} bytes (1 to {payload_bytes_max} allowed)",
@@ -970,7 +1131,7 @@ fn record(
         metrics.record(
             started.elapsed(),
             request_bytes,
-            reply.body.len() + reply.payload.len(),
+            reply.body.len() + reply.payload_len(),
             reply.status != Status::Ok,
         );
     }
@@ -978,13 +1139,24 @@ fn record(
 
 fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {
     let status = reply.status;
+    let payload = if reply.parts.is_empty() {
+        reply.payload
+    } else {
+        // Inline, the parts are one payload: joined here, once.
+        let mut joined = bytes::BytesMut::with_capacity(reply.payload_len());
+        joined.extend_from_slice(&reply.payload);
+        for part in &reply.parts {
+            joined.extend_from_slice(part);
+        }
+        joined.freeze()
+    };
     OutFrame::new(
         Kind::Response,
         method,
         status,
         request_id,
         reply.body,
-        reply.payload,
+        payload,
     )
     .unwrap_or_else(|error| {
         OutFrame::error(method, request_id, Status::Internal, &error.to_string())

@@ -40,6 +40,7 @@ impl Service for Recorder {
             status: Status::Ok,
             body: Bytes::new(),
             payload: Bytes::new(),
+            parts: Vec::new(),
         }
     }
 }

@@ -5,6 +5,9 @@
 //! RDMA server served, reconnection after a server restarts, and no verbs
 //! object left behind.
 //!
+//! The transport-independent rpc suite (suite/mod.rs, run over TCP by
+//! rpc.rs) runs here over RDMA as well.
+//!
 //! A guest-only test: it reads `FLYFS_RXE_DEV` and `FLYFS_RXE_GID_INDEX`
 //! and fails (does not skip) without them. scripts/test-guest runs it:
 //!
@@ -12,6 +15,9 @@
 //! CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="shared/vm/guest --rxe --" \
 //!     cargo test -p flyfs-rpc --test guest_rdma -- --test-threads=1
 //! ```
+
+#[macro_use]
+mod suite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +74,30 @@ impl Method for EchoRegistered {
 /// The registered pool of `EchoRegistered`, set by the test that uses it.
 static SERVER_POOL: std::sync::OnceLock<BufferPool> = std::sync::OnceLock::new();
 
+/// Replies with as many parts as the request's text says, each of the
+/// length its payload has, each part the payload with its index added to
+/// every byte (a batched read's items).
+struct Parts;
+impl Method for Parts {
+    const ID: u16 = 303;
+    const NAME: &'static str = "test.Parts";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
+/// Pulls the payload into a buffer of the length the request's text names
+/// (as a storage write sizes its buffer from the request): a descriptor
+/// naming more or fewer bytes is refused.
+struct EchoSized;
+impl Method for EchoSized {
+    const ID: u16 = 304;
+    const NAME: &'static str = "test.EchoSized";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
 /// Only storage nodes may call it.
 struct NodesOnly;
 impl Method for NodesOnly {
@@ -120,6 +150,53 @@ impl Service for TestService {
                 };
                 Reply::ok::<EchoRegistered>(&rsp, Bytes::from_owner(buf))
             }
+            Parts::ID => {
+                let echo = match request.decode::<Parts>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Ok(count) = echo.text.parse::<u8>() else {
+                    return Reply::error(Status::BadRequest, "the text is the count of parts");
+                };
+                let mut copy = vec![0u8; request.payload.len()];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let parts = (0..count)
+                    .map(|index| {
+                        Bytes::from(
+                            copy.iter()
+                                .map(|byte| byte.wrapping_add(index))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: (copy.len() * usize::from(count)) as u64,
+                };
+                Reply::ok_parts::<Parts>(&rsp, parts)
+            }
+            EchoSized::ID => {
+                let echo = match request.decode::<EchoSized>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Ok(len) = echo.text.parse::<usize>() else {
+                    return Reply::error(Status::BadRequest, "the text is the payload's length");
+                };
+                let mut copy = vec![0u8; len];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::BadRequest, error);
+                }
+                Reply::ok::<EchoSized>(
+                    &EchoRsp {
+                        text: echo.text,
+                        payload_len: len as u64,
+                    },
+                    Bytes::from(copy),
+                )
+            }
             other => Reply::unknown_method(other),
         }
     }
@@ -129,6 +206,8 @@ impl Service for TestService {
             Echo::ID => Some(Echo::ROLES),
             EchoRegistered::ID => Some(EchoRegistered::ROLES),
             NodesOnly::ID => Some(NodesOnly::ROLES),
+            Parts::ID => Some(Parts::ROLES),
+            EchoSized::ID => Some(EchoSized::ROLES),
             _ => None,
         }
     }
@@ -150,6 +229,23 @@ fn transport() -> RdmaTransport {
         ..ConnectionConfig::default()
     };
     RdmaTransport::open(&env("FLYFS_RXE_DEV"), gid_index, config).expect("the guest's rxe device")
+}
+
+// Every case of the suite, each on a transport of its own over the
+// guest's device.
+suite_tests!(suite::Fixture::rdma(transport()));
+
+/// Known bug, not fixed yet: a server that answers an oversized frame
+/// with `TooLarge` and then closes the connection loses that last frame over
+/// RDMA (the client sees `Disconnected`). On close, the pump breaks the
+/// queue pair as soon as the frame machinery is done, which flushes a SEND
+/// still posted, and the peer's pump stops taking messages when the
+/// lifeline closes, before the last ones are handed on. Over TCP the
+/// kernel delivers written bytes before the close.
+#[tokio::test]
+#[ignore = "known bug: an error frame written just before the server closes is lost over RDMA"]
+async fn oversized_body_or_payload_gets_too_large() {
+    suite::oversized_body_or_payload_gets_too_large(&suite::Fixture::rdma(transport())).await;
 }
 
 async fn start_server(rdma: Option<RdmaTransport>) -> ServerHandle {
@@ -294,7 +390,9 @@ async fn registered_payloads_move_one_sided() {
             );
             // Lent by the client, pulled by the server: counted once each.
             assert_eq!(after.1.0 - before.1.0, 2 * len as u64);
-            assert_eq!(after.1.1, before.1.1, "nothing copied");
+            // This client lends no reply buffers, so the echo's reply comes
+            // inline: counted as copied (by the client), and nothing else.
+            assert_eq!(after.1.1 - before.1.1, len as u64, "only the reply copied");
         }
     }
     // A payload outside the arenas travels inline, counted as copied.
@@ -311,7 +409,8 @@ async fn registered_payloads_move_one_sided() {
         .expect("echo of an unregistered payload");
     assert_eq!(payload.into_bytes(), Some(data));
     let after = all_methods(flyfs_rpc::metrics::payload_moved_totals());
-    assert_eq!(after.1 - before.1, 100_000);
+    // The request and its echoed reply, both inline.
+    assert_eq!(after.1 - before.1, 200_000);
     assert_eq!(after.0, before.0);
     drop(client);
     server.shutdown().await;
@@ -563,7 +662,16 @@ async fn reconnect_storms_leave_nothing_behind() {
     let baseline = live_counts();
     let mut server = start_server(Some(rdma.clone())).await;
     let addr = server.local_addr().to_string();
-    let cycles = 200;
+    // 200 by default (each cycle a TLS handshake too; flyfs-rdma's guest
+    // test runs 1000 bare ones); FLYFS_RDMA_RPC_STORM_CYCLES for a long run.
+    let cycles: usize = std::env::var("FLYFS_RDMA_RPC_STORM_CYCLES")
+        .ok()
+        .map(|cycles| {
+            cycles
+                .parse()
+                .expect("FLYFS_RDMA_RPC_STORM_CYCLES is a count")
+        })
+        .unwrap_or(200);
     for cycle in 0..cycles {
         if cycle == cycles / 2 {
             server.shutdown().await;
@@ -598,4 +706,359 @@ async fn reconnect_storms_leave_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Payload bytes moved (one-sided, copied), summed over every method: the
+/// test methods' ids may be those of real methods in the counts' table.
+fn moved_totals() -> (u64, u64) {
+    flyfs_rpc::metrics::payload_moved_totals().into_iter().fold(
+        (0, 0),
+        |(one_sided, copied), moved| {
+            (
+                one_sided + moved.one_sided_bytes,
+                copied + moved.copied_bytes,
+            )
+        },
+    )
+}
+
+/// A registered pool, and a transport whose clients lend reply buffers
+/// from a second registered pool.
+fn transport_lending_replies() -> (RdmaTransport, BufferPool, BufferPool) {
+    let rdma = transport();
+    let pool = BufferPool::new(&PoolConfig {
+        classes: vec![(64 << 10, 16), (4 << 20, 8)],
+        ..PoolConfig::default()
+    })
+    .expect("a buffer pool");
+    rdma.register_arenas(Arc::new(pool.clone()))
+        .expect("registering the pool once");
+    let replies = BufferPool::new(&PoolConfig {
+        classes: vec![(64 << 10, 16), (4 << 20, 8)],
+        ..PoolConfig::default()
+    })
+    .expect("a reply buffer pool");
+    rdma.register_arenas(Arc::new(replies.clone()))
+        .expect("registering the reply pool once");
+    let lending = {
+        let replies = replies.clone();
+        rdma.lend_replies_from(move |len| Box::new(replies.alloc(len)))
+    };
+    (lending, pool, replies)
+}
+
+fn registered_bytes(pool: &BufferPool, len: usize, seed: usize) -> Bytes {
+    let mut buf = pool.alloc(len);
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = ((i + seed) * 13 % 251) as u8;
+    }
+    Bytes::from_owner(buf)
+}
+
+/// Waits until no verbs object is left at all (the transports dropped).
+async fn nothing_remains() {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = live_counts();
+        if counts.queue_pairs == 0 && counts.completion_queues == 0 && counts.memory_regions == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "verbs objects left behind: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client that lends a buffer for the reply gets the reply's payload
+/// written into it by RDMA WRITE (the frame carries only the count), a
+/// batched reply's parts one work request each, back to back; a reply
+/// larger than the buffer lent, or a client that lends none, gets the
+/// bytes inline, counted as copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_are_written_into_the_buffer_the_call_lends() {
+    let _serial = SERIAL.lock().await;
+    let (rdma, pool, _replies) = transport_lending_replies();
+    let _ = SERVER_POOL.set(pool.clone());
+    let server = start_server(Some(rdma.clone())).await;
+    let client = client(Some(rdma.clone()), testing::client());
+    for len in [1usize, 5000, 64 << 10, 3 << 20] {
+        // From a registered buffer of the server (EchoRegistered) and from
+        // its heap (Echo: through a bounce region).
+        for registered_source in [false, true] {
+            let data = registered_bytes(&pool, len, len);
+            let request = EchoReq {
+                text: format!("{len} {registered_source}"),
+            };
+            let before = (flyfs_rdma::transfer_counts(), moved_totals());
+            let (rsp, payload) = if registered_source {
+                client
+                    .call_reading::<EchoRegistered>(
+                        server.local_addr(),
+                        &request,
+                        data.clone(),
+                        len,
+                        &options(),
+                    )
+                    .await
+            } else {
+                client
+                    .call_reading::<Echo>(
+                        server.local_addr(),
+                        &request,
+                        data.clone(),
+                        len,
+                        &options(),
+                    )
+                    .await
+            }
+            .expect("an echo written back");
+            assert_eq!(rsp.text, request.text);
+            assert_eq!(payload.into_bytes(), Some(data), "{len} bytes");
+            let after = (flyfs_rdma::transfer_counts(), moved_totals());
+            assert_eq!(
+                after.0.one_sided_written - before.0.one_sided_written,
+                len as u64,
+                "the server wrote the {len} bytes by RDMA WRITE"
+            );
+            // Pulled and written, each counted by both sides.
+            assert_eq!(after.1.0 - before.1.0, 4 * len as u64);
+            assert_eq!(after.1.1, before.1.1, "nothing copied");
+        }
+    }
+    // A batched reply: its parts land back to back in one buffer.
+    let part = 40_000usize;
+    let data = registered_bytes(&pool, part, 7);
+    let before = flyfs_rdma::transfer_counts();
+    let (rsp, payload) = client
+        .call_reading::<Parts>(
+            server.local_addr(),
+            &EchoReq { text: "5".into() },
+            data.clone(),
+            5 * part,
+            &options(),
+        )
+        .await
+        .expect("a reply of five parts");
+    assert_eq!(rsp.payload_len, 5 * part as u64);
+    let got = payload.into_bytes().expect("the parts' bytes");
+    assert_eq!(got.len(), 5 * part);
+    for (index, chunk) in got.chunks(part).enumerate() {
+        let expected: Vec<u8> = data
+            .iter()
+            .map(|byte| byte.wrapping_add(index as u8))
+            .collect();
+        assert!(
+            chunk == expected.as_slice(),
+            "part {index} landed in its place"
+        );
+    }
+    let after = flyfs_rdma::transfer_counts();
+    assert_eq!(
+        after.one_sided_written - before.one_sided_written,
+        5 * part as u64
+    );
+    // A reply larger than the buffer lent: inline, and nothing written.
+    let before = (flyfs_rdma::transfer_counts(), moved_totals());
+    let (_, payload) = client
+        .call_reading::<Parts>(
+            server.local_addr(),
+            &EchoReq { text: "3".into() },
+            data.clone(),
+            2 * part,
+            &options(),
+        )
+        .await
+        .expect("a reply larger than the buffer lent");
+    assert_eq!(payload.len(), 3 * part);
+    let after = (flyfs_rdma::transfer_counts(), moved_totals());
+    assert_eq!(after.0.one_sided_written, before.0.one_sided_written);
+    // Counted as copied by the server (did not fit) and by the client.
+    assert_eq!(after.1.1 - before.1.1, 2 * 3 * part as u64);
+    // A client that lends no buffers: inline, counted as copied.
+    // (a transport of its own on the same device, without reply buffers)
+    let plain = Client::with_transport(
+        Tcp,
+        ClientConfig::default(),
+        testing::client(),
+        Some(transport()),
+    );
+    let before = (flyfs_rdma::transfer_counts(), moved_totals());
+    let (_, payload) = plain
+        .call_reading::<Echo>(
+            server.local_addr(),
+            &EchoReq::default(),
+            data.clone(),
+            part,
+            &options(),
+        )
+        .await
+        .expect("a reply to a client lending nothing");
+    assert_eq!(payload.into_bytes(), Some(data));
+    let after = (flyfs_rdma::transfer_counts(), moved_totals());
+    assert_eq!(after.0.one_sided_written, before.0.one_sided_written);
+    // That transport registered no arena either: the request's payload
+    // went inline too, and both are counted as copied.
+    assert_eq!(
+        after.1.1 - before.1.1,
+        2 * part as u64,
+        "request and reply, copied"
+    );
+    drop((client, plain));
+    server.shutdown().await;
+    drop(rdma);
+    nothing_remains().await;
+}
+
+/// The 16 bytes of a buffer descriptor (docs/rdma-transport.md).
+fn descriptor(addr: u64, rkey: u32, len: u32) -> Bytes {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&addr.to_le_bytes());
+    out.extend_from_slice(&rkey.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    Bytes::from(out)
+}
+
+/// What a hostile (or broken) client can name is bounded per call: a
+/// descriptor of more bytes than the call takes, or more than any payload
+/// may have, is refused before anything is read; one naming memory it
+/// never registered fails only that call (the device refuses the READ),
+/// with a clear error, and the next call reconnects; a reply buffer too
+/// small for the reply is not written at all (the reply comes inline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_outside_the_call_are_refused() {
+    let _serial = SERIAL.lock().await;
+    let (rdma, pool, _replies) = transport_lending_replies();
+    let server = start_server(Some(rdma.clone())).await;
+    let addr = server.local_addr().to_string();
+    let client = client(Some(rdma.clone()), testing::client());
+    let timeout = Duration::from_secs(60);
+    let body = |text: &str| {
+        flyfs_proto::codec::try_encode(&EchoReq { text: text.into() }).expect("encodes")
+    };
+    let data = registered_bytes(&pool, 10_000, 3);
+    let (region, offset) = rdma
+        .device()
+        .find_arena(data.as_ptr(), data.len())
+        .expect("the data lies in a registered arena");
+    let at = region.addr() + offset as u64;
+    let remote = flyfs_proto::frame::FLAG_PAYLOAD_REMOTE;
+    let sink_flag = flyfs_proto::frame::FLAG_REPLY_SINK;
+
+    // The call takes 5000 bytes; the descriptor names 10 000.
+    let error = client
+        .call_with_flags(
+            &addr,
+            EchoSized::ID,
+            remote,
+            (body("5000"), descriptor(at, region.rkey(), 10_000)),
+            timeout,
+        )
+        .await
+        .expect_err("a descriptor naming more than the call takes");
+    assert_eq!(error.status(), Some(Status::BadRequest), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("payload is 10000 bytes, expected 5000"),
+        "{error}"
+    );
+    // More than any payload may have: refused before anything is held.
+    let error = client
+        .call_with_flags(
+            &addr,
+            Echo::ID,
+            remote,
+            (body(""), descriptor(at, region.rkey(), u32::MAX)),
+            timeout,
+        )
+        .await
+        .expect_err("a descriptor of 4 GiB");
+    assert_eq!(error.status(), Some(Status::BadRequest), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("a remote payload of 4294967295 bytes"),
+        "{error}"
+    );
+    // A reply buffer with no room for its descriptor.
+    let error = client
+        .call_with_flags(
+            &addr,
+            Echo::ID,
+            sink_flag,
+            (body(""), Bytes::from_static(b"short")),
+            timeout,
+        )
+        .await
+        .expect_err("a reply buffer descriptor cut short");
+    assert_eq!(error.status(), Some(Status::BadRequest), "{error}");
+    assert!(error.to_string().contains("16-byte descriptor"), "{error}");
+
+    // Memory this client never registered: the device refuses the READ;
+    // that call fails, naming the transfer, and the connection is rebuilt.
+    let error = client
+        .call_with_flags(
+            &addr,
+            Echo::ID,
+            remote,
+            (
+                body(""),
+                descriptor(region.addr() + region.len() as u64, region.rkey(), 4096),
+            ),
+            timeout,
+        )
+        .await
+        .expect_err("a descriptor outside the registered region");
+    assert!(
+        matches!(&error, RpcError::Disconnected { .. })
+            || error
+                .to_string()
+                .contains("one-sided payload transfer failed"),
+        "{error}"
+    );
+    let mut retrying = options();
+    retrying.retry.attempts = 3;
+    let (_, payload) = client
+        .call::<Echo>(&addr, &EchoReq::default(), data.clone(), &retrying)
+        .await
+        .expect("the next call, on a new connection");
+    assert_eq!(payload.into_bytes(), Some(data.clone()));
+
+    // A reply buffer smaller than the reply: nothing is written into it,
+    // not even its first bytes; the reply comes inline.
+    let mut lent = pool.alloc(4096);
+    lent.fill(0xee);
+    let (lent_region, lent_offset) = rdma
+        .device()
+        .find_arena(lent.as_ptr(), lent.len())
+        .expect("the buffer lies in a registered arena");
+    let sink = descriptor(
+        lent_region.addr() + lent_offset as u64,
+        lent_region.rkey(),
+        4096,
+    );
+    let mut payload = descriptor(at, region.rkey(), 10_000).to_vec();
+    payload.extend_from_slice(&sink);
+    let reply = client
+        .call_with_flags(
+            &addr,
+            Echo::ID,
+            remote | sink_flag,
+            (body(""), Bytes::from(payload)),
+            timeout,
+        )
+        .await
+        .expect("a reply too large for the buffer named comes inline");
+    assert_eq!(reply.payload.into_bytes(), Some(data.clone()));
+    assert!(
+        lent.iter().all(|byte| *byte == 0xee),
+        "the server wrote into a buffer too small"
+    );
+    drop((lent, lent_region, region));
+    drop(client);
+    server.shutdown().await;
+    drop(rdma);
+    nothing_remains().await;
 }

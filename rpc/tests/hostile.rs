@@ -33,6 +33,7 @@ impl Service for Sink {
             status: Status::Ok,
             body: Bytes::from(len.to_le_bytes().to_vec()),
             payload: Bytes::new(),
+            parts: Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@
 //! either as its committed or its pending one. 3FS answers "not committed"
 //! here instead and makes the client retry.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, EngineError, ReadRequest, ReadVersion};
 use flyfs_proto::ids::{ChunkId, ChunkVersion};
@@ -50,8 +50,9 @@ pub(crate) fn meta_info(info: &flyfs_chunk_engine::ChunkInfo) -> Option<ChunkMet
 
 impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// Serves a batch of reads; the reply's payload is the read bytes, item
-    /// after item. One item is served without copying its bytes.
-    pub(crate) async fn batch_read(&self, req: BatchReadReq) -> (BatchReadRsp, Bytes) {
+    /// after item, as one part per item: none is copied to join them (over
+    /// RDMA each part is its own RDMA WRITE into the client's buffer).
+    pub(crate) async fn batch_read(&self, req: BatchReadReq) -> (BatchReadRsp, Vec<Bytes>) {
         let mut results = Vec::with_capacity(req.items.len());
         let mut parts = Vec::with_capacity(req.items.len());
         for item in &req.items {
@@ -63,18 +64,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 Err(e) => results.push(Err(e)),
             }
         }
-        let payload = match parts.len() {
-            0 => Bytes::new(),
-            1 => parts.pop().unwrap_or_default(),
-            _ => {
-                let mut all = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-                for part in parts {
-                    all.extend_from_slice(&part);
-                }
-                all.freeze()
-            }
-        };
-        (BatchReadRsp { results }, payload)
+        (BatchReadRsp { results }, parts)
     }
 
     async fn read_one(&self, item: &ReadItem) -> Result<(ReadResult, Bytes), StorageError> {

@@ -174,8 +174,8 @@ impl<D: BlockDevice, N: Network> Service for StorageService<D, N> {
                     refusals::global().log("BatchRead limits", &req.peer, &message);
                     return Reply::error(Status::TooLarge, message);
                 }
-                let (rsp, payload) = node.batch_read(body).await;
-                Reply::ok::<BatchRead>(&rsp, payload)
+                let (rsp, parts) = node.batch_read(body).await;
+                Reply::ok_parts::<BatchRead>(&rsp, parts)
             }
             QueryVersion::ID => {
                 let body = decode!(req, QueryVersion);
