@@ -152,7 +152,11 @@ fn data_survives_close_and_reopen() {
 #[test]
 fn lone_ios_are_served_on_the_submitting_thread() {
     let pool = pool();
-    let device = open(&NvmeConfig::default(), &pool);
+    let inline = NvmeConfig {
+        inline_poll_us: 200,
+        ..NvmeConfig::default()
+    };
+    let device = open(&inline, &pool);
     run(async {
         for block in 0..64u64 {
             let data = contract::pattern(block, 4096);
@@ -212,6 +216,7 @@ fn a_command_that_never_completes_times_out_and_fails_the_device() {
     let pool = pool();
     let config = NvmeConfig {
         command_timeout_ms: 500,
+        inline_poll_us: 200,
         ..NvmeConfig::default()
     };
     let device = open(&config, &pool);
