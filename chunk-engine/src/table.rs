@@ -152,6 +152,28 @@ pub(crate) struct Committed {
     pub slot_written: u32,
 }
 
+/// Recovery only: the layers of a committed version whose chunk a prepared
+/// version moved to another slot, kept in case the prepared version is
+/// aborted (see `ChunkTable::replay_stash`).
+struct ReplayStash {
+    slot: SlotId,
+    version: ChunkVersion,
+    overlay: Overlay,
+}
+
+impl ReplayStash {
+    /// Whether a version `version` in `slot` is the stashed one restored by
+    /// an abort. The slot alone does not say so: the slot the chunk left is
+    /// free once the prepared version is committed (in memory, without a
+    /// record), so the chunk's next version may be written into that same
+    /// slot anew, whole, and the stashed layers are not part of its bytes;
+    /// laying them over it would corrupt it. Only the abort's Put restates
+    /// the old committed version itself.
+    fn restored_by(&self, slot: SlotId, version: ChunkVersion) -> bool {
+        self.slot == slot && self.version == version
+    }
+}
+
 /// Every chunk the engine holds, by key, and the slots they occupy. Behind
 /// one mutex in the open engine, never held across an await.
 pub(crate) struct ChunkTable {
@@ -170,10 +192,11 @@ pub(crate) struct ChunkTable {
     /// peer's writes make the engine hold.
     pub pending_patch_bytes: u64,
     /// Recovery only: the layers of the slot a chunk left for a prepared
-    /// version in another slot (recovery reads a Prepare as a Put). An abort
-    /// of that version (a Put back to the old slot) restores them; any other
+    /// version in another slot (recovery reads a Prepare as a Put), with the
+    /// committed version they belonged to. An abort of that version (a Put
+    /// back to that very version in the old slot) restores them; any other
     /// record of the chunk drops them.
-    replay_stash: FxHashMap<ChunkKey, (SlotId, Overlay)>,
+    replay_stash: FxHashMap<ChunkKey, ReplayStash>,
     pub alloc: Allocator,
     /// Readers holding a slot.
     pins: FxHashMap<SlotId, u32>,
@@ -289,8 +312,8 @@ impl ChunkTable {
             _ => self
                 .replay_stash
                 .get(&key)
-                .filter(|(stashed, _)| *stashed == slot)
-                .map(|(_, overlay)| overlay.clone()),
+                .filter(|stash| stash.restored_by(slot, version))
+                .map(|stash| stash.overlay.clone()),
         };
         overlay
             .map(|o| o.iter().filter(|l| l.version <= version).cloned().collect())
@@ -392,11 +415,18 @@ impl ChunkTable {
                             && matches!(record, Record::Prepare(_))
                             && let (Some(old), Some(overlay)) = (old, old_overlay)
                         {
-                            self.replay_stash.insert(key, (old.meta.slot, overlay));
+                            self.replay_stash.insert(
+                                key,
+                                ReplayStash {
+                                    slot: old.meta.slot,
+                                    version: old.meta.version,
+                                    overlay,
+                                },
+                            );
                         }
                         stashed
-                            .filter(|(slot, _)| *slot == meta.slot)
-                            .map(|(_, overlay)| overlay)
+                            .filter(|stash| stash.restored_by(meta.slot, meta.version))
+                            .map(|stash| stash.overlay)
                     }
                 };
                 let mut layers: Vec<Layer> = match base_overlay {

@@ -9,7 +9,7 @@
 //! modes are covered for the price of one.
 
 use flyfs_chunk_engine::JournalMode;
-use flyfs_chunk_engine::testing::{run_seed, run_seed_hard, run_seed_overwrites};
+use flyfs_chunk_engine::testing::{Harness, Op, run_seed, run_seed_hard, run_seed_overwrites};
 
 fn mode(seed: u64) -> JournalMode {
     if seed.is_multiple_of(2) {
@@ -55,6 +55,72 @@ fn regression_seeds() {
         for journal in [JournalMode::Thread, JournalMode::Inline] {
             run_seed(seed, 60, true, journal).unwrap_or_else(|e| panic!("{e} ({journal:?})"));
         }
+    }
+}
+
+/// The simulation's seed 420 (issue 20), as the head of a chain made it:
+/// every write prepared, each prepared version committed in memory (no
+/// record), so recovery reads the Prepare records as Puts. Patches lay
+/// layers over slot A; a shrink keeps the chunk in A; an extension moves it
+/// to a smaller slot B (replay stashes A's layers, in case the prepared
+/// version is aborted back to A); the next extension moves it, whole, into
+/// A again, which the move to B had freed. Replay used to restore the
+/// stashed layers because the slot matched, and laid the old patches over
+/// the new version: after the power cut the last version failed its CRC.
+#[test]
+fn prepared_version_back_in_the_slot_it_left_survives_a_crash() {
+    let write = |offset, len, seed| Op::Write {
+        key: 0,
+        offset,
+        len,
+        seed,
+        append: false,
+        prepare: true,
+    };
+    let truncate = |len| Op::Truncate {
+        key: 0,
+        len,
+        prepare: true,
+    };
+    let commit = Op::Commit { key: 0 };
+    let ops = [
+        write(9478, 1062, 1),
+        commit.clone(),
+        write(7594, 136, 2),
+        commit.clone(),
+        write(466, 1164, 3),
+        commit.clone(),
+        truncate(820),
+        commit.clone(),
+        truncate(6404),
+        commit.clone(),
+        write(11466, 559, 6),
+        commit.clone(),
+        write(7089, 882, 7),
+        commit.clone(),
+        Op::Crash { seed: 420 },
+        Op::Read {
+            key: 0,
+            offset: 0,
+            len: 20_000,
+            pending: false,
+        },
+    ];
+    for journal in [JournalMode::Thread, JournalMode::Inline] {
+        let mut harness = Harness::new(420, journal);
+        for op in &ops {
+            harness
+                .step(op)
+                .unwrap_or_else(|e| panic!("{e} ({journal:?})"));
+        }
+        harness
+            .finish()
+            .unwrap_or_else(|e| panic!("{e} ({journal:?})"));
+        assert!(
+            harness.patches >= 3,
+            "the writes inside the chunk were not patches ({journal:?}): the test proves nothing"
+        );
+        assert_eq!(harness.crashes, 1, "the crash did not happen ({journal:?})");
     }
 }
 
