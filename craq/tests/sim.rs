@@ -196,7 +196,7 @@ fn many_journal_thread() {
 const FAILING: &[u64] = &[];
 
 #[test]
-#[ignore = "fails: the bugs of FAILING are not fixed yet"]
+#[ignore = "runs the seeds of FAILING (none now), which fail until their bugs are fixed"]
 fn known_failing() {
     let failing: Vec<u64> = FAILING
         .iter()
