@@ -172,6 +172,27 @@ enum AdminCommand {
         #[arg(long, default_value_t = 3600)]
         timeout_s: u64,
     },
+    /// Even out replicas over the live storage nodes (after adding nodes):
+    /// a replica of the busiest node moves to the least busy one outside
+    /// its chain, one chain at a time, each new replica filled by a resync
+    /// while the chain serves, until every live node holds within one
+    /// replica of every other. Chains with a member not serving are left
+    /// alone.
+    Rebalance {
+        /// Print the plan and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after this many moves (default: as many as it takes).
+        #[arg(long)]
+        max_moves: Option<usize>,
+        /// Disks per node to spread the new replicas over (default: as many
+        /// as the node with the most has targets on).
+        #[arg(long)]
+        disks: Option<u32>,
+        /// How long to wait for each new replica to serve.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
     /// Space of every device of one storage node (asks the node itself).
     Space {
         /// The storage node's address.
@@ -486,6 +507,31 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
                     "node {node}: {} replicas moved; stop its daemon, then `flyfs admin remove-node --node {node}`",
                     done.len()
                 );
+            }
+            return Ok(());
+        }
+        AdminCommand::Rebalance {
+            dry_run,
+            max_moves,
+            disks,
+            timeout_s,
+        } => {
+            let timeout = Duration::from_secs(*timeout_s);
+            let max_moves = max_moves.unwrap_or(usize::MAX);
+            let done =
+                membership::rebalance(&admin, *disks, max_moves, *dry_run, timeout, false).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else if *dry_run {
+                for m in &done.planned {
+                    println!(
+                        "chain {}: target {} from node {} to node {} disk {}",
+                        m.chain.0, m.old.0, m.from.0, m.to.0, m.disk
+                    );
+                }
+                println!("{} moves planned", done.planned.len());
+            } else {
+                println!("{} replicas moved", done.moved.len());
             }
             return Ok(());
         }

@@ -1,4 +1,4 @@
-//! `flyfs admin replace-target` and `drain-node`: moving replicas between
+//! `flyfs admin replace-target`, `drain-node` and `rebalance`: moving replicas between
 //! nodes while their chains serve, built from the manager's three membership
 //! steps (add a member, which a resync fills; remove a member; forget a
 //! target). The steps are the manager's; the order, the waiting and the
@@ -210,4 +210,64 @@ pub(crate) async fn drain_node(
             .await?;
     }
     Ok(done)
+}
+
+/// Evens out chain members over the live nodes (`flyfs admin rebalance`):
+/// plans with [`placement::rebalance`], then carries out one move at a time,
+/// planning again from the routing after each, so a failure or another
+/// admin's change between moves is taken into account, until the plan is
+/// empty or `max_moves` are done. With `dry_run` it only returns the plan.
+pub(crate) async fn rebalance(
+    admin: &Admin,
+    disks: Option<u32>,
+    max_moves: usize,
+    dry_run: bool,
+    timeout: Duration,
+    quiet: bool,
+) -> anyhow::Result<Rebalanced> {
+    let plan = placement::rebalance(&admin.routing().await?, disks, max_moves);
+    if dry_run {
+        return Ok(Rebalanced {
+            planned: plan,
+            moved: Vec::new(),
+        });
+    }
+    let mut moved = Vec::new();
+    while moved.len() < max_moves {
+        let routing = admin.routing().await?;
+        let Some(next) = placement::rebalance(&routing, disks, 1).pop() else {
+            break;
+        };
+        if !quiet {
+            eprintln!(
+                "({}/{}) chain {}: moving target {} from node {} to node {} disk {}",
+                moved.len() + 1,
+                plan.len().max(moved.len() + 1),
+                next.chain.0,
+                next.old.0,
+                next.from.0,
+                next.to.0,
+                next.disk
+            );
+        }
+        let planned = Move {
+            chain: next.chain,
+            old: next.old,
+            node: next.to,
+            disk: next.disk,
+            new: None,
+        };
+        moved.push(replace_target(admin, &planned, timeout, quiet).await?);
+    }
+    Ok(Rebalanced {
+        planned: plan,
+        moved,
+    })
+}
+
+/// What `rebalance` planned at its start and what it moved.
+#[derive(Debug, Serialize)]
+pub(crate) struct Rebalanced {
+    pub planned: Vec<placement::RebalanceMove>,
+    pub moved: Vec<Replaced>,
 }

@@ -705,3 +705,108 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
     assert!(!status.contains(&format!("@{DEAD} ")), "{status}");
     cluster.terminate_all(Duration::from_secs(10));
 }
+
+/// A node added to a running cluster takes its share: `rebalance` moves a
+/// replica of the busiest nodes onto it (a new target joins the chain, a
+/// resync fills it while writers keep writing, the old one leaves) until
+/// every live node holds within one replica of every other, and then plans
+/// nothing more. Every acknowledged chunk is on every replica after.
+#[test]
+fn an_added_node_takes_its_share_through_rebalance() {
+    const NEW: u32 = 4;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(why) = probe_io_uring(dir.path()) {
+        eprintln!("SKIPPED: io_uring is not usable on this machine ({why})");
+        return;
+    }
+    let (mut cluster, _) = start_cluster(dir.path(), NEW);
+    cluster.create_chains(&CHAINS, NODES);
+    cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
+    cluster.wait_all_serving(Duration::from_secs(20));
+    // Balanced already: nothing to do.
+    let idle = cluster.admin_ok(&["--json", "rebalance", "--dry-run"]);
+    let idle: serde_json::Value = serde_json::from_str(&idle).expect("rebalance --json");
+    assert_eq!(idle["planned"], serde_json::json!([]), "{idle}");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, rpc) = clients(&cluster, ClientId(0x7e59));
+    let shared = Arc::new(Shared::default());
+    let workload: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let chain = CHAINS[(w % 2) as usize];
+            runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2))
+        })
+        .collect();
+    wait_for("writes acknowledged", Duration::from_secs(20), || {
+        shared.acked().len() >= 20
+    });
+    cluster.start_storage(NEW);
+    wait_for("the new node alive", Duration::from_secs(20), || {
+        runtime
+            .block_on(routing(&rpc, &cluster.mgmt_addr))
+            .is_ok_and(|r| r.nodes.iter().any(|n| n.id.0 == NEW && n.alive))
+    });
+    let moved = cluster.admin_ok(&["--json", "rebalance"]);
+    eprintln!("[{:>6.2?}] rebalanced: {moved}", started.elapsed());
+    let moved: serde_json::Value = serde_json::from_str(&moved).expect("rebalance --json");
+    let moves = moved["moved"].as_array().expect("a list of moves");
+    assert!(!moves.is_empty(), "{moved}");
+    assert!(moves.iter().all(|m| m["node"] == NEW), "{moved}");
+    let during = shared.acked().len();
+    wait_for("writes after the move", Duration::from_secs(20), || {
+        shared.acked().len() >= during + 10
+    });
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in workload {
+        runtime.block_on(task).expect("workload task");
+    }
+    let errors = shared.errors.lock().expect("errors lock").clone();
+    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
+
+    let acked = shared.acked();
+    runtime.block_on(async {
+        let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
+        let held: Vec<usize> = (1..=NEW)
+            .map(|node| {
+                routing
+                    .targets
+                    .iter()
+                    .filter(|t| t.node.0 == node && t.chain.is_some())
+                    .count()
+            })
+            .collect();
+        let (lo, hi) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+        assert!(hi - lo <= 1, "replicas per node {held:?}: {routing:?}");
+        for chain in CHAINS {
+            let info = routing.chain(ChainId(chain)).expect("chain");
+            assert_eq!(info.targets.len(), NODES as usize, "{info:?}");
+            let chunks: Vec<u32> = acked
+                .iter()
+                .filter(|a| a.chain == chain)
+                .map(|a| a.index)
+                .collect();
+            for member in &info.targets {
+                assert_eq!(member.state, PublicState::Serving, "{info:?}");
+                if let Err(e) =
+                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
+                {
+                    panic!("replica check: {e}");
+                }
+            }
+        }
+    });
+    let again = cluster.admin_ok(&["--json", "rebalance", "--dry-run"]);
+    let again: serde_json::Value = serde_json::from_str(&again).expect("rebalance --json");
+    assert_eq!(again["planned"], serde_json::json!([]), "{again}");
+    eprintln!(
+        "[{:>6.2?}] {} acknowledged chunks on every replica, storage{NEW}'s included",
+        started.elapsed(),
+        acked.len()
+    );
+    cluster.terminate_all(Duration::from_secs(10));
+}

@@ -27,7 +27,7 @@
 //! [`target_id`]).
 
 use flyfs_proto::ids::{ChainId, NodeId, TargetId};
-use flyfs_proto::wire::mgmt::RoutingInfo;
+use flyfs_proto::wire::mgmt::{PublicState, RoutingInfo};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -589,6 +589,143 @@ pub fn replacement_for(
     Some((node, disk))
 }
 
+/// One move of a [`rebalance`] plan: chain member `old`, on node `from`,
+/// goes to `to`/`disk` (as a new target that joins the chain, is filled by
+/// a resync, and then takes `old`'s place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RebalanceMove {
+    pub chain: ChainId,
+    pub old: TargetId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub disk: u32,
+}
+
+/// The moves that even out chain members over the live nodes, at most
+/// `max_moves` of them: after the plan, the busiest live node holds at most
+/// one member more than the least busy (unless a chain's members already
+/// cover every node a member could go to). Each move takes a member of the
+/// busiest node whose chain has no member on some node holding at least two
+/// fewer, and gives it to the least busy such node; among equals, the node
+/// sharing the fewest chains with the chain's other members (so a later
+/// failure's recovery still spreads), then the lowest id. On the new node
+/// the member goes to the disk with the fewest members among `disks` (or,
+/// when `disks` is `None`, among as many disks as the most of any node).
+///
+/// Only live nodes give or take members, and only chains whose members all
+/// serve are touched (a move waits for its new member to serve; a degraded
+/// chain is `drain-node`'s or the resync's to mend first). Unassigned
+/// targets hold no data and are not counted.
+pub fn rebalance(
+    routing: &RoutingInfo,
+    disks: Option<u32>,
+    max_moves: usize,
+) -> Vec<RebalanceMove> {
+    let disks = disks
+        .unwrap_or_else(|| {
+            routing
+                .targets
+                .iter()
+                .map(|t| t.disk + 1)
+                .max()
+                .unwrap_or(1)
+        })
+        .max(1);
+    let live: Vec<NodeId> = routing
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .map(|n| n.id)
+        .collect();
+    // The model: each chain's members as (target, node, disk), updated as
+    // moves are planned.
+    let mut chains: Vec<(ChainId, bool, Vec<(TargetId, NodeId, u32)>)> = routing
+        .chains
+        .iter()
+        .map(|chain| {
+            let healthy = chain
+                .targets
+                .iter()
+                .all(|m| m.state == PublicState::Serving);
+            let members = chain
+                .targets
+                .iter()
+                .filter_map(|m| routing.target(m.target).map(|t| (t.id, t.node, t.disk)))
+                .collect();
+            (chain.id, healthy, members)
+        })
+        .collect();
+    let count = |chains: &[(ChainId, bool, Vec<(TargetId, NodeId, u32)>)], node: NodeId| {
+        chains
+            .iter()
+            .flat_map(|(_, _, members)| members)
+            .filter(|(_, n, _)| *n == node)
+            .count()
+    };
+    let mut moves: Vec<RebalanceMove> = Vec::new();
+    while moves.len() < max_moves {
+        let counts: Vec<(NodeId, usize)> = live.iter().map(|&n| (n, count(&chains, n))).collect();
+        let mut sources = counts.clone();
+        sources.sort_by_key(|&(node, held)| (std::cmp::Reverse(held), node));
+        let mut best = None;
+        'search: for &(from, held) in &sources {
+            for (chain_index, (_, healthy, members)) in chains.iter().enumerate() {
+                if !healthy {
+                    continue;
+                }
+                // A member is moved once: its old target is gone after.
+                let Some(slot) = members.iter().position(|(target, n, _)| {
+                    *n == from && !moves.iter().any(|m| m.old == *target)
+                }) else {
+                    continue;
+                };
+                let shared = |node: NodeId| {
+                    chains
+                        .iter()
+                        .filter(|(_, _, other)| other.iter().any(|(_, n, _)| *n == node))
+                        .map(|(_, _, other)| {
+                            other
+                                .iter()
+                                .filter(|(_, n, _)| *n != from && members.iter().any(|m| m.1 == *n))
+                                .count()
+                        })
+                        .sum::<usize>()
+                };
+                let to = counts
+                    .iter()
+                    .filter(|&&(node, n)| n + 2 <= held && !members.iter().any(|m| m.1 == node))
+                    .min_by_key(|&&(node, n)| (n, shared(node), node));
+                if let Some(&(to, _)) = to {
+                    best = Some((chain_index, slot, from, to));
+                    break 'search;
+                }
+            }
+        }
+        let Some((chain_index, slot, from, to)) = best else {
+            break;
+        };
+        let on_disk = |disk: u32| {
+            chains
+                .iter()
+                .flat_map(|(_, _, members)| members)
+                .filter(|(_, n, d)| *n == to && *d == disk)
+                .count()
+        };
+        let disk = (0..disks).min_by_key(|&d| (on_disk(d), d)).unwrap_or(0);
+        let (chain, _, members) = &mut chains[chain_index];
+        let (old, _, _) = members[slot];
+        members[slot] = (old, to, disk);
+        moves.push(RebalanceMove {
+            chain: *chain,
+            old,
+            from,
+            to,
+            disk,
+        });
+    }
+    moves
+}
+
 /// The next free id of this module's scheme on `node`/`disk` (one past the
 /// highest in use); `None` when the disk's ids are used up.
 pub fn next_target_id(routing: &RoutingInfo, node: NodeId, disk: u32) -> Option<TargetId> {
@@ -841,5 +978,170 @@ mod tests {
         let mut late = spec(3, 1, 3, 4);
         late.first_chain = u32::MAX - 1;
         assert!(matches!(plan(&late), Err(PlacementError::ChainIds { .. })));
+    }
+
+    /// The routing a cluster built from `placement` shows, with `extra`
+    /// more live nodes that hold nothing yet.
+    fn routing_of(placement: &Placement, nodes: u32, extra: u32) -> RoutingInfo {
+        use flyfs_proto::ids::ChainVersion;
+        use flyfs_proto::wire::mgmt::{ChainInfo, ChainTarget, NodeInfo, TargetInfo};
+        RoutingInfo {
+            nodes: (1..=nodes + extra)
+                .map(|id| NodeInfo {
+                    id: NodeId(id),
+                    addr: String::new(),
+                    alive: true,
+                })
+                .collect(),
+            targets: placement
+                .chains
+                .iter()
+                .flat_map(|chain| {
+                    chain.targets.iter().map(|t| TargetInfo {
+                        id: t.target,
+                        node: t.node,
+                        disk: t.disk,
+                        chain: Some(chain.chain),
+                        state: PublicState::Serving,
+                    })
+                })
+                .collect(),
+            chains: placement
+                .chains
+                .iter()
+                .map(|chain| ChainInfo {
+                    id: chain.chain,
+                    version: ChainVersion(1),
+                    targets: chain
+                        .targets
+                        .iter()
+                        .map(|t| ChainTarget {
+                            target: t.target,
+                            state: PublicState::Serving,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            ..RoutingInfo::default()
+        }
+    }
+
+    /// Carries out `moves` on `routing` the way `flyfs admin rebalance`
+    /// does (a new target in the old one's place), checking each is valid
+    /// when it is made.
+    fn apply(routing: &mut RoutingInfo, moves: &[RebalanceMove]) {
+        for m in moves {
+            let new = next_target_id(routing, m.to, m.disk).expect("a free id");
+            let old = routing
+                .target(m.old)
+                .cloned()
+                .expect("the old target exists");
+            assert_eq!((old.node, old.chain), (m.from, Some(m.chain)), "{m:?}");
+            let chain = routing
+                .chains
+                .iter_mut()
+                .find(|c| c.id == m.chain)
+                .expect("chain");
+            let member = chain
+                .targets
+                .iter_mut()
+                .find(|t| t.target == m.old)
+                .expect("member");
+            member.target = new;
+            routing.targets.retain(|t| t.id != m.old);
+            routing.targets.push(flyfs_proto::wire::mgmt::TargetInfo {
+                id: new,
+                node: m.to,
+                disk: m.disk,
+                chain: Some(m.chain),
+                state: PublicState::Serving,
+            });
+            let nodes: std::collections::HashSet<NodeId> = routing
+                .chain(m.chain)
+                .expect("chain")
+                .targets
+                .iter()
+                .map(|t| routing.target(t.target).expect("member target").node)
+                .collect();
+            assert_eq!(
+                nodes.len(),
+                3,
+                "{m:?} put two members of a chain on one node"
+            );
+        }
+    }
+
+    fn members_per_node(routing: &RoutingInfo) -> Vec<usize> {
+        routing
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| {
+                routing
+                    .targets
+                    .iter()
+                    .filter(|t| t.node == n.id && t.chain.is_some())
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Nodes added to a planned cluster take their share: after the moves
+    /// every live node holds within one member of every other, each new
+    /// node's members spread over its disks, no chain has two members on a
+    /// node, no member moves twice; a balanced cluster plans no move, and
+    /// a plan cut short by `max_moves` is the start of the full one.
+    #[test]
+    fn rebalance_evens_members_over_added_nodes() {
+        for (nodes, extra, chains) in [(6, 3, 16), (3, 1, 2), (5, 1, 10), (12, 4, 40)] {
+            let placement = plan(&spec(nodes, 2, 3, chains)).expect("plan");
+            let mut routing = routing_of(&placement, nodes, extra);
+            let before = members_per_node(&routing);
+            let moves = rebalance(&routing, None, usize::MAX);
+            assert!(!moves.is_empty(), "{nodes}+{extra}: nothing planned");
+            let mut old: Vec<TargetId> = moves.iter().map(|m| m.old).collect();
+            old.sort();
+            old.dedup();
+            assert_eq!(old.len(), moves.len(), "a member moved twice: {moves:?}");
+            assert!(moves.iter().all(|m| m.to.0 > nodes), "{moves:?}");
+            let shorter = rebalance(&routing, None, 2);
+            assert_eq!(shorter[..], moves[..moves.len().min(2)]);
+            apply(&mut routing, &moves);
+            let after = members_per_node(&routing);
+            let (lo, hi) = (after.iter().min().unwrap(), after.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{nodes}+{extra}: {before:?} became {after:?}");
+            for new in nodes + 1..=nodes + extra {
+                let disks: Vec<usize> = (0..2)
+                    .map(|d| {
+                        routing
+                            .targets
+                            .iter()
+                            .filter(|t| t.node == NodeId(new) && t.disk == d)
+                            .count()
+                    })
+                    .collect();
+                assert!(
+                    disks[0].abs_diff(disks[1]) <= 1,
+                    "node {new}: disks {disks:?}"
+                );
+            }
+            assert_eq!(rebalance(&routing, None, usize::MAX), vec![]);
+        }
+    }
+
+    /// Dead nodes neither give nor take members, and a chain with a member
+    /// not serving is left alone.
+    #[test]
+    fn rebalance_leaves_dead_nodes_and_degraded_chains_alone() {
+        let placement = plan(&spec(3, 1, 3, 6)).expect("plan");
+        let mut routing = routing_of(&placement, 3, 2);
+        routing.nodes[4].alive = false;
+        let moves = rebalance(&routing, None, usize::MAX);
+        assert!(!moves.is_empty());
+        assert!(moves.iter().all(|m| m.to == NodeId(4)), "{moves:?}");
+        for chain in &mut routing.chains {
+            chain.targets[1].state = PublicState::Syncing;
+        }
+        assert_eq!(rebalance(&routing, None, usize::MAX), vec![]);
     }
 }
