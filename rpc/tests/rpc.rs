@@ -210,15 +210,7 @@ async fn checking_a_live_peer_leaves_its_calls_running() {
     let (server, _) = fx.start_server(ServerConfig::default()).await;
     let client = fx.client();
     let addr = server.local_addr().to_owned();
-    let slow = tokio::spawn({
-        let client = client.clone();
-        let addr = addr.clone();
-        async move {
-            client
-                .call::<Echo>(&addr, &echo("slow", 1_500), Bytes::new(), &opts(30_000))
-                .await
-        }
-    });
+    let slow = suite::spawn_slow_echo(&client, &addr, 1_500);
     suite::wait_for_pending(&client, 1).await;
     client
         .close_unresponsive(&addr, Duration::from_secs(10))
