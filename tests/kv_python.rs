@@ -13,47 +13,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
-use support::{flyfs, text};
-
-/// A base port with the 16 ports the cluster uses all free (another stride
-/// than the other tests' searches).
-fn free_base() -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 6_007 + attempt * 389 + 11) % 2_500) as u16 * 16;
-        if (0..16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free range of 16 ports");
-}
-
-/// `flyfs down` when the test ends, passed or not.
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let out = flyfs()
-            .args(["down", "--timeout", "10", "--data"])
-            .arg(&self.0)
-            .output();
-        if std::thread::panicking() {
-            if let Ok(out) = &out {
-                eprintln!("kv_python: flyfs down: {}", text(out));
-            }
-            let log =
-                std::fs::read_to_string(self.0.join("log").join("meta.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "---- last lines of meta.log ----\n{}",
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            );
-        }
-    }
-}
+use support::{UpCluster, free_port_base, text};
 
 #[test]
 fn python_kv_cache_and_adapters_against_a_cluster() {
@@ -68,26 +31,9 @@ fn python_kv_cache_and_adapters_against_a_cluster() {
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let data = dir.path().join("cluster");
-    let _down = Down(data.clone());
-    let started = Instant::now();
-    let out = flyfs()
-        .args(["up", "--no-mount", "--data"])
-        .arg(&data)
-        .args([
-            "--port",
-            &free_base().to_string(),
-            "--device-size",
-            "2GiB",
-            "--timeout",
-            "120",
-        ])
-        .output()
-        .expect("run flyfs up");
-    assert!(out.status.success(), "flyfs up: {}", text(&out));
-    eprintln!(
-        "kv_python: flyfs up in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    // Another stride than the other tests' searches for free ports.
+    let cluster = UpCluster::new("kv_python", data.clone(), None, "meta.log");
+    cluster.start(free_port_base(6_007, 389, 11), "2GiB");
     let config = data.join("etc").join("mount.toml");
     assert!(config.exists(), "flyfs up wrote no {}", config.display());
 

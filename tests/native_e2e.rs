@@ -34,10 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flyfs_fuse::mountpoint::{lazy_unmount, mounted_at};
 use flyfs_usrbio::ring::Sqe;
 use flyfs_usrbio::{Client, Completion, Ior, NativeError};
-use support::{flyfs, text, wait_for};
+use support::{UpCluster, free_port_base, text, wait_for};
 
 /// What this machine lacks to mount FUSE, if anything.
 fn probe() -> Result<(), String> {
@@ -55,23 +54,12 @@ fn probe() -> Result<(), String> {
         .map_err(|e| format!("an openable /dev/fuse ({e})"))
 }
 
-/// A base port with the 16 ports the cluster uses all free (fuse_e2e's
-/// search on another stride).
-fn free_base() -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7_919 + attempt * 211 + 5) % 2_500) as u16 * 16;
-        if (0..16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free range of 16 ports");
-}
-
 /// The cluster of the test; dropping it runs `flyfs down` and detaches the
 /// mount if it is still there.
 struct Cluster {
     data: PathBuf,
     mount: PathBuf,
+    up: UpCluster,
 }
 
 impl Cluster {
@@ -91,30 +79,6 @@ impl Cluster {
         maps.lines()
             .filter(|l| l.contains("memfd:flyfs-iov"))
             .count()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let down = flyfs()
-            .args(["down", "--timeout", "10", "--data"])
-            .arg(&self.data)
-            .output();
-        if std::thread::panicking() {
-            if let Ok(out) = &down {
-                eprintln!("native_e2e: flyfs down: {}", text(out));
-            }
-            let log = std::fs::read_to_string(self.data.join("log").join("mount.log"))
-                .unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "---- last lines of mount.log ----\n{}",
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            );
-        }
-        if mounted_at(&self.mount).ok().flatten().is_some() {
-            let _ = lazy_unmount(&self.mount);
-        }
     }
 }
 
@@ -163,32 +127,15 @@ fn native_end_to_end() {
         .tempdir_in("/tmp")
         .expect("a directory in /tmp");
     std::fs::set_permissions(base.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
-    let port = free_base();
+    let data = base.path().join("d");
+    let mount = base.path().join("m");
     let cluster = Cluster {
-        data: base.path().join("d"),
-        mount: base.path().join("m"),
+        up: UpCluster::new("native_e2e", data.clone(), Some(mount.clone()), "mount.log"),
+        data,
+        mount,
     };
-    let started = Instant::now();
-    let out = flyfs()
-        .args(["up", "--data"])
-        .arg(&cluster.data)
-        .arg("--mount")
-        .arg(&cluster.mount)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--device-size",
-            "1GiB",
-            "--timeout",
-            "120",
-        ])
-        .output()
-        .expect("run flyfs up");
-    assert!(out.status.success(), "flyfs up: {}", text(&out));
-    eprintln!(
-        "native_e2e: flyfs up in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    // fuse_e2e's search for free ports on another stride.
+    cluster.up.start(free_port_base(7_919, 211, 5), "1GiB");
     assert!(
         cluster.socket().exists(),
         "no socket at {}",

@@ -28,10 +28,7 @@ use flyfs_proto::wire::mgmt::PublicState;
 use flyfs_proto::wire::storage::{BatchRead, BatchReadReq, ReadItem};
 use flyfs_rpc::{CallOptions, Client, Tcp};
 use flyfs_time::Backoff;
-use support::{
-    Cluster, all_serving, format_devices, free_ports, probe_io_uring, routing, target_id, text,
-    wait_for, write_configs,
-};
+use support::{Cluster, all_serving, probe_io_uring, routing, target_id, text, wait_for};
 
 const NODES: u32 = 3;
 /// The node killed and restarted: head of chain 1, tail of chain 2.
@@ -266,22 +263,8 @@ async fn check_replica(
 /// manager and storage nodes 1..=NODES (more nodes stay spare), and waits
 /// until those are alive; returns the cluster and how long that wait took.
 fn start_cluster(dir: &Path, nodes: u32) -> (Cluster, Duration) {
-    format_devices(dir, nodes, "128MiB");
-    let ports = free_ports(1 + nodes as usize);
-    write_configs(dir, ports[0], &ports[1..]);
-    let mut cluster = Cluster::new(
-        dir,
-        format!("127.0.0.1:{}", ports[0]),
-        ports[1..]
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect(),
-    );
-    cluster.start_mgmtd();
-    for node in 1..=NODES {
-        cluster.start_storage(node);
-    }
-    let took = cluster.wait_nodes_alive(NODES as usize, Duration::from_secs(20));
+    let mut cluster = Cluster::configure(dir, nodes, "128MiB");
+    let took = cluster.start_manager_and_storage(NODES, Duration::from_secs(20));
     (cluster, took)
 }
 

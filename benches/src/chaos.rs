@@ -42,22 +42,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use flyfs_client::fs::{FileHandle, FsClient, FsConfig, OpenMode};
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
-use flyfs_client::mgmt::{Managers, fetch_routing};
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{
     ConfigFile, ManagerAddrs, MetaDaemonConfig, MgmtdConfig, StorageDaemonConfig, TlsConfig,
 };
-use flyfs_deploy::supervisor::{Daemon, Fleet};
+use flyfs_deploy::supervisor::Daemon;
 use flyfs_proto::auth::Principal;
-use flyfs_proto::ids::{
-    ChainId, ChainTableId, ClientId, InodeId, NodeId, RoutingVersion, TargetId,
-};
+use flyfs_proto::ids::{ChainId, ChainTableId, ClientId, InodeId, NodeId};
 use flyfs_proto::wire::meta::{FileType, SetAttrReq, User};
-use flyfs_proto::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateChainTable, CreateChainTableReq, CreateTarget,
-    CreateTargetReq, PublicState, RoutingInfo,
-};
-use flyfs_rpc::{CallOptions, Client, ClusterCa, Credentials, Tcp};
+use flyfs_proto::wire::mgmt::{CreateChainTable, CreateChainTableReq, PublicState, RoutingInfo};
+use flyfs_rpc::{Client, ClusterCa, Tcp};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::seq::SliceRandom;
@@ -65,6 +59,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::launch::{Launcher, create_chains, free_port, remove_run_dir, run_dir};
 use crate::storage::mutate;
 
 /// Storage nodes at any time: one more than a chain's replicas, so that a
@@ -217,6 +212,7 @@ struct Summary {
     dir: String,
 }
 
+/// Workload operations by kind: one task's, and all tasks' in the summary.
 #[derive(Debug, Default, Serialize)]
 struct Operations {
     creates: u64,
@@ -227,6 +223,19 @@ struct Operations {
     removes: u64,
     failed: u64,
     timed_out: u64,
+}
+
+impl Operations {
+    fn add(&mut self, other: &Operations) {
+        self.creates += other.creates;
+        self.overwrites += other.overwrites;
+        self.reads += other.reads;
+        self.renames += other.renames;
+        self.truncates += other.truncates;
+        self.removes += other.removes;
+        self.failed += other.failed;
+        self.timed_out += other.timed_out;
+    }
 }
 
 pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
@@ -252,12 +261,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
          on a larger disk",
         base.display()
     );
-    let dir = base.join(format!("flyfs-chaos-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing a stale {}", dir.display()))?;
-    }
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = run_dir(&base, "flyfs-chaos")?;
     let mut cluster = ChaosCluster::new(dir.clone(), net)?;
     let mut summary = Summary {
         minutes: args.minutes,
@@ -297,7 +301,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         println!("{json}");
     }
     if failed {
-        cluster.print_logs();
+        cluster.launcher.print_logs();
         bail!(
             "the chaos soak failed (seed {seed}): {} verification errors, all serving: {}, \
              replacement errors: {}{}; logs in {}",
@@ -311,10 +315,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         );
     }
     drop(cluster);
-    if std::env::var_os("FLYFS_BENCH_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    Ok(())
+    remove_run_dir(&dir)
 }
 
 fn print_summary(s: &Summary) {
@@ -346,7 +347,7 @@ async fn soak(
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
     cluster.start_manager_and_storage()?;
-    let admin = cluster.admin_rpc()?;
+    let admin = cluster.launcher.admin_rpc()?;
     cluster
         .wait_for(
             &admin,
@@ -355,27 +356,11 @@ async fn soak(
             |r| r.nodes.iter().filter(|n| n.alive).count() == STORAGE_NODES as usize,
         )
         .await?;
-    for c in 0..CHAINS {
-        let chain = c + 1;
-        let nodes: Vec<u32> = (0..REPLICAS).map(|r| (c + r) % STORAGE_NODES + 1).collect();
-        let targets: Vec<TargetId> = nodes
-            .iter()
-            .map(|&node| TargetId(u64::from(chain) * 100 + u64::from(node)))
-            .collect();
-        for (&target, &node) in targets.iter().zip(&nodes) {
-            let req = CreateTargetReq {
-                target,
-                node: NodeId(node),
-                disk: 0,
-            };
-            mutate::<CreateTarget>(&admin, &cluster.mgmt_addr, &req).await?;
-        }
-        let req = CreateChainReq {
-            chain: ChainId(chain),
-            targets,
-        };
-        mutate::<CreateChain>(&admin, &cluster.mgmt_addr, &req).await?;
-    }
+    // One chain per 3-subset of the nodes, heads rotating.
+    let chains: Vec<Vec<u32>> = (0..CHAINS)
+        .map(|c| (0..REPLICAS).map(|r| (c + r) % STORAGE_NODES + 1).collect())
+        .collect();
+    create_chains(&admin, &cluster.mgmt_addr, &chains).await?;
     let req = CreateChainTableReq {
         table: ChainTableId(1),
         chains: (1..=CHAINS).map(ChainId).collect(),
@@ -406,7 +391,7 @@ async fn soak(
     }
     eprintln!(
         "chaos: cluster up in {} ({}); faults for {} min, seed {}",
-        cluster.dir.display(),
+        cluster.launcher.dir.display(),
         cluster.net.name(),
         args.minutes,
         summary.seed
@@ -461,16 +446,8 @@ async fn soak(
             workload.verify_all().await;
         }
     }
-    let ops = &mut summary.operations;
     for w in &workloads {
-        ops.creates += w.ops.creates;
-        ops.overwrites += w.ops.overwrites;
-        ops.reads += w.ops.reads;
-        ops.renames += w.ops.renames;
-        ops.truncates += w.ops.truncates;
-        ops.removes += w.ops.removes;
-        ops.failed += w.ops.failed;
-        ops.timed_out += w.ops.timed_out;
+        summary.operations.add(&w.ops);
         summary.uncertain_files += w.uncertain;
         summary.final_files_checked += w.final_checked;
     }
@@ -568,47 +545,17 @@ async fn replace(cluster: &mut ChaosCluster, admin: &Client<Tcp>, node: u32) -> 
     let replaced = Instant::now();
     // drain-node is idempotent: a step the manager refused (it may be busy
     // with a node's failure) is taken again by the next attempt.
-    let mut last = String::new();
-    let mut drained = false;
-    for _attempt in 0..3 {
-        match cluster
-            .admin_command(&[
-                "drain-node",
-                "--node",
-                &node.to_string(),
-                "--timeout-s",
-                "300",
-            ])
-            .await
-        {
-            Ok(_) => {
-                drained = true;
-                break;
-            }
-            Err(error) => {
-                last = format!("{error:#}");
-                eprintln!("chaos: drain-node {node}: {last}; trying again");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    }
-    ensure!(drained, "flyfs admin drain-node --node {node}: {last}");
+    let node_arg = node.to_string();
+    let drain = ["drain-node", "--node", &node_arg, "--timeout-s", "300"];
+    cluster
+        .admin_retrying(&drain, 3, Duration::from_secs(2))
+        .await?;
     // The manager forgets only a node it holds dead: that takes its
-    // failure timeout after the kill.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match cluster
-            .admin_command(&["remove-node", "--node", &node.to_string()])
-            .await
-        {
-            Ok(_) => break,
-            Err(error) if Instant::now() < deadline => {
-                tracing::debug!("remove-node {node}: {error:#}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(error) => return Err(error.context(format!("removing node {node}"))),
-        }
-    }
+    // failure timeout after the kill (60 s at most, tried every 500 ms).
+    let remove = ["remove-node", "--node", &node_arg];
+    cluster
+        .admin_retrying(&remove, 120, Duration::from_millis(500))
+        .await?;
     eprintln!(
         "chaos: [{}] node {node} replaced by node {new} in {:.1} s",
         clock(),
@@ -879,13 +826,11 @@ fn storage_host(node: u32) -> anyhow::Result<u8> {
         .with_context(|| format!("storage node {node}: out of host addresses for a run this long"))
 }
 
-/// The daemons, owned by a [`Fleet`] (dropping it kills what still runs).
+/// The daemons, owned by a [`Launcher`] (dropping it kills what still runs).
 #[derive(Debug)]
 struct ChaosCluster {
-    dir: PathBuf,
-    exe: PathBuf,
-    // The fleet is dropped before the namespaces its daemons run in.
-    fleet: Fleet,
+    // The daemons are dropped (killed) before the namespaces they run in.
+    launcher: Launcher,
     net: Net,
     ca: ClusterCa,
     /// How each daemon is started, by name, for restarts.
@@ -901,24 +846,19 @@ struct ChaosCluster {
 
 impl ChaosCluster {
     fn new(dir: PathBuf, net: Net) -> anyhow::Result<ChaosCluster> {
-        let exe = std::env::current_exe().context("finding the flyfs executable")?;
-        let ca = ClusterCa::load_or_init(&dir.join("tls"), "chaos")?;
+        let launcher = Launcher::new(dir)?;
+        let ca = launcher.ca("chaos")?;
         let port = |what: &str| -> anyhow::Result<u16> {
             match &net {
                 // A namespace of its own: any fixed port is free.
                 Net::Netns(_) => Ok(if what == "mgmtd" { 7000 } else { 7001 }),
-                Net::Loopback => std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-                    .with_context(|| format!("finding a free port for {what}")),
+                Net::Loopback => free_port(what),
             }
         };
         let mgmt_addr = format!("{}:{}", net.ip(MGMTD_HOST), port("mgmtd")?);
         let meta_addr = format!("{}:{}", net.ip(META_HOST), port("meta")?);
         Ok(ChaosCluster {
-            dir,
-            exe,
-            fleet: Fleet::new(),
+            launcher,
             net,
             ca,
             daemons: BTreeMap::new(),
@@ -931,14 +871,11 @@ impl ChaosCluster {
     }
 
     fn tls_dir(&self) -> PathBuf {
-        self.dir.join("tls")
+        self.launcher.tls_dir()
     }
 
     fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config.to_toml())
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+        self.launcher.write_config(name, config)
     }
 
     /// Registers daemon `name` (on host `host` at `index`) and starts it.
@@ -949,16 +886,12 @@ impl ChaosCluster {
         config: &Path,
         index: u8,
     ) -> anyhow::Result<()> {
-        let mut daemon = Daemon::flyfs(name, &self.exe, subcommand, config, &self.dir, &self.dir);
-        daemon.env.push((
-            "FLYFS_LOG".into(),
-            std::env::var("FLYFS_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-        ));
+        let mut daemon = self.launcher.daemon(name, subcommand, config);
         if let Net::Netns(netns) = &mut self.net {
             netns.add_host(name, index)?;
             netns.wrap(name, &mut daemon);
         }
-        self.fleet.start(daemon.clone())?;
+        self.launcher.start(daemon.clone())?;
         self.daemons.insert(name.to_owned(), daemon);
         Ok(())
     }
@@ -993,24 +926,8 @@ impl ChaosCluster {
     fn add_storage(&mut self, node: u32) -> anyhow::Result<()> {
         let name = storage_name(node);
         let index = storage_host(node)?;
-        let device = self.dir.join(format!("disk{node}.img"));
-        let out = Command::new(&self.exe)
-            .args(["format", "--device"])
-            .arg(&device)
-            .args([
-                "--size",
-                &DEVICE_BYTES.to_string(),
-                "--chunk-size-max",
-                "1MiB",
-            ])
-            .output()
-            .context("running flyfs format")?;
-        ensure!(
-            out.status.success(),
-            "flyfs format --device {}: {}",
-            device.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let device = self.launcher.dir.join(format!("disk{node}.img"));
+        self.launcher.format(&device, DEVICE_BYTES, 1 << 20)?;
         self.ca
             .ensure_credentials(Principal::Storage(NodeId(node)), &self.tls_dir(), &name)?;
         let mut storage = StorageDaemonConfig::new(node, vec![device]);
@@ -1039,22 +956,10 @@ impl ChaosCluster {
         self.launch("meta", "meta", &config, META_HOST)
     }
 
-    fn credentials(&self, stem: &str) -> anyhow::Result<Credentials> {
-        Ok(Credentials::load_dir(&self.tls_dir(), stem)?)
-    }
-
-    fn admin_rpc(&self) -> anyhow::Result<Client<Tcp>> {
-        Ok(Client::new(
-            Tcp,
-            flyfs_rpc::ClientConfig::default(),
-            self.credentials("admin")?,
-        ))
-    }
-
     /// The workload's file client, keeping its routing fresh as a mount
     /// does.
     fn file_client(&self) -> anyhow::Result<Arc<FsClient<Tcp>>> {
-        let credentials = self.credentials("client")?;
+        let credentials = self.launcher.credentials("client")?;
         let storage = StorageClient::new(
             ClientConfig::new([self.mgmt_addr.clone()], ClientId(0xc4a05)),
             Tcp,
@@ -1084,7 +989,7 @@ impl ChaosCluster {
 
     /// Runs `flyfs admin ARGS` against the manager as an operator would.
     async fn admin_command(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = tokio::process::Command::new(&self.exe)
+        let out = tokio::process::Command::new(&self.launcher.exe)
             .arg("admin")
             .args(["--mgmt", &self.mgmt_addr, "--credentials"])
             .arg(self.tls_dir())
@@ -1102,8 +1007,32 @@ impl ChaosCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `flyfs admin ARGS` until it succeeds, `attempts_max` times at most,
+    /// `pause` apart; the error names the command and its last failure.
+    async fn admin_retrying(
+        &self,
+        args: &[&str],
+        attempts_max: u32,
+        pause: Duration,
+    ) -> anyhow::Result<String> {
+        let mut attempt = 1;
+        loop {
+            match self.admin_command(args).await {
+                Ok(out) => return Ok(out),
+                Err(error) if attempt < attempts_max => {
+                    eprintln!("chaos: {} (attempt {attempt}): {error:#}", args.join(" "));
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(error) => {
+                    return Err(error.context(format!("after {attempt} attempts")));
+                }
+            }
+        }
+    }
+
     fn kill(&mut self, name: &str) -> anyhow::Result<()> {
-        Ok(self.fleet.kill(name)?)
+        self.launcher.kill(name)
     }
 
     fn restart(&mut self, name: &str) -> anyhow::Result<()> {
@@ -1112,7 +1041,7 @@ impl ChaosCluster {
             .get(name)
             .with_context(|| format!("no daemon {name}"))?
             .clone();
-        Ok(self.fleet.start(daemon)?)
+        self.launcher.start(daemon)
     }
 
     /// Forgets a daemon killed for good: its namespace and device go.
@@ -1122,12 +1051,12 @@ impl ChaosCluster {
             netns.remove_host(name);
         }
         if let Some(node) = name.strip_prefix("storage") {
-            let _ = std::fs::remove_file(self.dir.join(format!("disk{node}.img")));
+            let _ = std::fs::remove_file(self.launcher.dir.join(format!("disk{node}.img")));
         }
     }
 
     fn pid(&self, name: &str) -> anyhow::Result<u32> {
-        self.fleet
+        self.launcher
             .pids()
             .into_iter()
             .find(|(n, _)| n == name)
@@ -1170,30 +1099,9 @@ impl ChaosCluster {
         limit: Duration,
         done: impl Fn(&RoutingInfo) -> bool,
     ) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let managers = Managers::new([self.mgmt_addr.clone()]);
-        loop {
-            let options = CallOptions::default();
-            let last = match fetch_routing(rpc, &managers, RoutingVersion(0), &options).await {
-                Ok(Some(routing)) if done(&routing) => return Ok(()),
-                Ok(Some(routing)) => describe(&routing),
-                Ok(None) => "the manager sent no routing".to_owned(),
-                Err(error) => format!("{error}"),
-            };
-            for (name, pid) in self.fleet.pids() {
-                ensure!(
-                    flyfs_deploy::supervisor::alive(pid),
-                    "{name} (pid {pid}) exited while waiting for {what}"
-                );
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "gave up after {:.1?} waiting for {what}: {last}",
-                    start.elapsed()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        (self.launcher)
+            .wait_for(rpc, &self.mgmt_addr, what, limit, done)
+            .await
     }
 
     /// SIGTERM to every daemon, storage first and the manager last.
@@ -1207,47 +1115,8 @@ impl ChaosCluster {
             "meta" => 1,
             _ => 0,
         };
-        let ended = self.fleet.terminate_all(Duration::from_secs(20), rank)?;
-        let problems: Vec<String> = ended
-            .into_iter()
-            .filter_map(|(name, status)| match status {
-                Some(status) if status.success() => None,
-                Some(status) => Some(format!("{name} exited with {status}")),
-                None => Some(format!("{name} did not exit on SIGTERM; killed")),
-            })
-            .collect();
-        ensure!(
-            problems.is_empty(),
-            "stopping the cluster: {}",
-            problems.join("; ")
-        );
-        Ok(())
+        self.launcher.stop(Duration::from_secs(20), rank)
     }
-
-    fn print_logs(&self) {
-        self.fleet.print_logs(20);
-    }
-}
-
-/// Each chain's targets and states, for a message.
-fn describe(routing: &RoutingInfo) -> String {
-    let chains: Vec<String> = routing
-        .chains
-        .iter()
-        .map(|c| {
-            let targets: Vec<String> = c
-                .targets
-                .iter()
-                .map(|t| format!("{}:{}", t.target.0, t.state))
-                .collect();
-            format!("chain {} [{}]", c.id.0, targets.join(" "))
-        })
-        .collect();
-    format!(
-        "routing version {}: {}",
-        routing.version.0,
-        chains.join(", ")
-    )
 }
 
 // ---- the workload ----
@@ -1270,18 +1139,6 @@ impl Shared {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counts {
-    creates: u64,
-    overwrites: u64,
-    reads: u64,
-    renames: u64,
-    truncates: u64,
-    removes: u64,
-    failed: u64,
-    timed_out: u64,
-}
-
 /// A file the workload knows the exact contents of.
 #[derive(Debug)]
 struct Known {
@@ -1301,7 +1158,7 @@ struct Workload {
     /// Names removed for good (an acknowledged unlink or rename away).
     removed: Vec<String>,
     next_name: u64,
-    ops: Counts,
+    ops: Operations,
     uncertain: u64,
     final_checked: u64,
 }
@@ -1344,7 +1201,7 @@ impl Workload {
             files: BTreeMap::new(),
             removed: Vec::new(),
             next_name: 0,
-            ops: Counts::default(),
+            ops: Operations::default(),
             uncertain: 0,
             final_checked: 0,
         })

@@ -39,10 +39,11 @@ use flyfs_kvcache::{GetResult, KvCache, KvCacheConfig, PutResult};
 use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainId, ChainTableId, ClientId};
 use flyfs_proto::wire::mgmt::{CreateChainTable, CreateChainTableReq};
-use flyfs_rpc::{ClusterCa, Credentials, Tcp};
+use flyfs_rpc::{Credentials, Tcp};
 use flyfs_time::{Clock, WallClock};
 use serde::{Deserialize, Serialize};
 
+use crate::launch::{free_port, run_dir};
 use crate::storage::{Bench, Cluster, CpuCores, Placement, available_bytes, mutate};
 
 /// Distinct block contents per size: key `i` stores contents `i % CONTENTS`,
@@ -226,13 +227,7 @@ pub fn run(args: &KvArgs) -> anyhow::Result<()> {
         .unwrap_or(1 << 20)
         .max(1 << 20);
 
-    let dir = base.join(format!("flyfs-bench-kv-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing a stale {}", dir.display()))?;
-    }
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cluster = Cluster::new(dir.clone());
+    let mut cluster = Cluster::new(run_dir(&base, "flyfs-bench-kv")?)?;
     let placement = Placement::new(args.chains, args.replicas);
     let measured = cluster
         .start(device_bytes, chunk_size_max)
@@ -250,19 +245,7 @@ pub fn run(args: &KvArgs) -> anyhow::Result<()> {
             drop(runtime);
             rows
         });
-    let rows = match measured {
-        Ok(rows) => rows,
-        Err(error) => {
-            cluster.print_logs();
-            cluster.keep_logs_only();
-            return Err(error.context(format!("daemon logs are in {}", dir.display())));
-        }
-    };
-    cluster.stop()?;
-    drop(cluster);
-    if std::env::var_os("FLYFS_BENCH_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
+    let rows = cluster.finish(measured)?;
     let top = rows
         .iter()
         .max_by_key(|r| r.block_bytes)
@@ -351,32 +334,25 @@ fn blocks_of(args: &KvArgs, size: u64) -> usize {
 
 /// Starts the metadata daemon on a free port; gives its address.
 fn start_meta(cluster: &mut Cluster) -> anyhow::Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .context("finding a free port for the metadata service")?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let ca = ClusterCa::load_or_init(&cluster.tls_dir(), "bench")?;
-    ca.ensure_credentials(Principal::Meta("meta".into()), &cluster.tls_dir(), "meta")?;
+    let addr = format!("127.0.0.1:{}", free_port("the metadata service")?);
+    let launcher = &mut cluster.launcher;
+    let tls_dir = launcher.tls_dir();
+    let ca = launcher.ca("bench")?;
+    ca.ensure_credentials(Principal::Meta("meta".into()), &tls_dir, "meta")?;
     let mut meta = MetaDaemonConfig::new("meta-data");
     meta.listen = addr.clone();
     meta.mgmt = ManagerAddrs::one(cluster.mgmt_addr.clone());
     meta.chain_table = 1;
-    meta.tls = Some(TlsConfig::in_dir(&cluster.tls_dir(), "meta"));
-    cluster.write_config("meta", &meta)?;
-    let exe = std::env::current_exe().context("finding the flyfs executable")?;
-    cluster.spawn(&exe, "meta", "meta")?;
+    meta.tls = Some(TlsConfig::in_dir(&tls_dir, "meta"));
+    let config = launcher.write_config("meta", &meta)?;
+    launcher.start(launcher.daemon("meta", "meta", &config))?;
     Ok(addr)
 }
 
 /// Chains as `flyfs bench storage` makes them, then chain table 1 of all
 /// of them for the cache's slot files.
 async fn set_up(cluster: &Cluster, placement: &Placement) -> anyhow::Result<()> {
-    let rpc = flyfs_rpc::Client::new(
-        Tcp,
-        flyfs_rpc::ClientConfig::default(),
-        cluster.credentials("admin")?,
-    );
+    let rpc = cluster.launcher.admin_rpc()?;
     let bench = Bench {
         cluster,
         placement,
@@ -409,7 +385,7 @@ async fn run_size(
         clients: args.clients,
         mgmt: cluster.mgmt_addr.clone(),
         meta: meta.to_owned(),
-        tls_dir: cluster.tls_dir(),
+        tls_dir: cluster.launcher.tls_dir(),
         classes: classes.to_vec(),
         block_bytes: size,
         blocks: per_client,

@@ -17,6 +17,9 @@
 //!   where possible) under a verifying workload while it kills, restarts,
 //!   partitions and replaces them.
 //! * [`size`]: byte sizes on command lines (`4KiB`, `2GiB`).
+//! * `launch`: what `storage`, `kv` and `chaos` share to start and stop
+//!   their clusters of daemons (run directory, configs, credentials,
+//!   waiting for the routing).
 //!
 //! The binaries `fsbench` (workloads through any mount) and `fsreport`
 //! (tables and charts of the peer comparison) live beside this library.
@@ -27,6 +30,7 @@
 pub mod chaos;
 pub mod engine;
 pub mod kv;
+mod launch;
 pub mod meta;
 pub mod native;
 pub mod size;

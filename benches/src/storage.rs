@@ -23,7 +23,8 @@
 //! (to read the daemons' logs; `FLYFS_DAEMON_LOG` is their log filter,
 //! e.g. `flyfs_craq=debug`, default `info`). The daemons run under
 //! flyfs-deploy's supervisor, whose `Fleet` kills every daemon still running
-//! when it is dropped, so an error or a panic leaves no process behind.
+//! when it is dropped, so an error or a panic leaves no process behind
+//! (the start-up and stop the benches share live in [`crate::launch`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,21 +37,18 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{
-    ConfigFile, ManagerAddrs, MgmtdConfig, RdmaConfig, StorageDaemonConfig, TlsConfig,
-    TransportKind,
+    ManagerAddrs, MgmtdConfig, RdmaConfig, StorageDaemonConfig, TlsConfig, TransportKind,
 };
-use flyfs_deploy::supervisor::{self, Daemon, Fleet};
+use flyfs_deploy::supervisor;
 use flyfs_proto::Method;
 use flyfs_proto::auth::Principal;
-use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId, RoutingVersion, TargetId};
-use flyfs_proto::wire::mgmt::{
-    CreateChain, CreateChainReq, CreateTarget, CreateTargetReq, GetRouting, GetRoutingReq,
-    MgmtError, PublicState, RoutingInfo,
-};
-use flyfs_rpc::{CallOptions, Client, Tcp};
-use flyfs_rpc::{ClusterCa, Credentials};
+use flyfs_proto::ids::{ChainId, ChunkId, ClientId, NodeId};
+use flyfs_proto::wire::mgmt::{MgmtError, PublicState, RoutingInfo};
+use flyfs_rpc::{CallOptions, Client, Credentials, Tcp};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+
+use crate::launch::{Launcher, create_chains, free_port, remove_run_dir, run_dir};
 
 /// Storage daemons: every chain has at most one replica on each.
 const NODES: u32 = 3;
@@ -236,13 +234,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     let chunks = u32::try_from(size / args.chunk_size).context("--size is too large")?;
     ensure!(chunks >= 1, "--size must hold at least one chunk");
 
-    let dir = base.join(format!("flyfs-bench-storage-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing a stale {}", dir.display()))?;
-    }
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cluster = Cluster::new(dir.clone());
+    let mut cluster = Cluster::new(run_dir(&base, "flyfs-bench-storage")?)?;
     cluster.overlap_prepare = args.overlap_prepare;
     if args.transport == "rdma" {
         let Some(device) = &args.rdma_device else {
@@ -318,20 +310,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
             rdma_client_payload_moved: flyfs_rpc::metrics::payload_moved_totals(),
         })
     });
-    let mut results = match results {
-        Ok(results) => results,
-        Err(error) => {
-            cluster.print_logs();
-            // Drop kills the daemons; the logs stay for a look.
-            cluster.keep_logs_only();
-            return Err(error.context(format!("daemon logs are in {}", dir.display())));
-        }
-    };
-    cluster.stop()?;
-    drop(cluster);
-    if std::env::var_os("FLYFS_BENCH_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
+    let mut results = cluster.finish(results)?;
     results.elapsed_s = started.elapsed().as_secs_f64();
     if args.json {
         println!("{}", serde_json::to_string(&results)?);
@@ -470,71 +449,54 @@ pub(crate) fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("cannot read df's answer `{text}`"))
 }
 
-/// The cluster's daemons, owned by a [`Fleet`]: dropping it kills every
+/// The cluster's daemons, owned by a [`Launcher`]: dropping it kills every
 /// one still running (also on panic), so no process outlives the bench.
 #[derive(Debug)]
 pub(crate) struct Cluster {
-    pub(crate) dir: PathBuf,
+    pub(crate) launcher: Launcher,
     pub(crate) mgmt_addr: String,
-    fleet: Fleet,
     transport: TransportKind,
     rdma: RdmaConfig,
     overlap_prepare: bool,
 }
 
 impl Cluster {
-    pub(crate) fn new(dir: PathBuf) -> Cluster {
-        Cluster {
-            dir,
+    pub(crate) fn new(dir: PathBuf) -> anyhow::Result<Cluster> {
+        Ok(Cluster {
+            launcher: Launcher::new(dir)?,
             mgmt_addr: String::new(),
-            fleet: Fleet::new(),
             transport: TransportKind::Tcp,
             rdma: RdmaConfig::default(),
             overlap_prepare: false,
-        }
+        })
     }
 
     /// Formats the devices, writes the configs and starts the daemons.
     pub(crate) fn start(&mut self, device_bytes: u64, chunk_size_max: u64) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("finding the flyfs executable")?;
+        let launcher = &mut self.launcher;
         for node in 1..=NODES {
-            let device = self.dir.join(format!("disk{node}.img"));
-            let out = Command::new(&exe)
-                .args(["format", "--device"])
-                .arg(&device)
-                .args(["--size", &device_bytes.to_string()])
-                .args(["--chunk-size-max", &chunk_size_max.to_string()])
-                .output()
-                .context("running flyfs format")?;
-            ensure!(
-                out.status.success(),
-                "flyfs format --device {}: {}",
-                device.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let device = launcher.dir.join(format!("disk{node}.img"));
+            launcher.format(&device, device_bytes, chunk_size_max)?;
         }
         // The manager's port must be known before the storage configs name
         // it; the storage daemons bind port 0 and advertise what they got.
-        let mgmt_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .context("finding a free port for the manager")?
-            .port();
-        self.mgmt_addr = format!("127.0.0.1:{mgmt_port}");
+        self.mgmt_addr = format!("127.0.0.1:{}", free_port("the manager")?);
         // The bench cluster authenticates like any other: a CA of its own
         // and credentials for each daemon, the admin steps and the client.
-        let ca = ClusterCa::load_or_init(&self.tls_dir(), "bench")?;
-        ca.ensure_credentials(Principal::Mgmt("mgmtd".into()), &self.tls_dir(), "mgmtd")?;
+        let tls_dir = launcher.tls_dir();
+        let ca = launcher.ca("bench")?;
+        ca.ensure_credentials(Principal::Mgmt("mgmtd".into()), &tls_dir, "mgmtd")?;
         for node in 1..=NODES {
             let stem = format!("storage{node}");
-            ca.ensure_credentials(Principal::Storage(NodeId(node)), &self.tls_dir(), &stem)?;
+            ca.ensure_credentials(Principal::Storage(NodeId(node)), &tls_dir, &stem)?;
         }
         let admin = Principal::Admin {
             name: "bench".into(),
             uid: 0,
             gid: 0,
         };
-        ca.ensure_credentials(admin, &self.tls_dir(), "admin")?;
-        ca.ensure_credentials(Principal::Client("bench".into()), &self.tls_dir(), "client")?;
+        ca.ensure_credentials(admin, &tls_dir, "admin")?;
+        ca.ensure_credentials(Principal::Client("bench".into()), &tls_dir, "client")?;
         // Fast heartbeats and ticks bring new chains to serving within a
         // second or two; the failure timeout and lease stay at their
         // defaults, so a loaded machine does not fence anyone off.
@@ -542,10 +504,11 @@ impl Cluster {
         mgmtd.listen = self.mgmt_addr.clone();
         mgmtd.heartbeat_interval_ms = 100;
         mgmtd.tick_interval_ms = 100;
-        mgmtd.tls = Some(TlsConfig::in_dir(&self.tls_dir(), "mgmtd"));
+        mgmtd.tls = Some(TlsConfig::in_dir(&tls_dir, "mgmtd"));
         mgmtd.transport = self.transport;
         mgmtd.rdma = self.rdma.clone();
-        self.write_config("mgmtd", &mgmtd)?;
+        let mgmtd_config = launcher.write_config("mgmtd", &mgmtd)?;
+        let mut storage_configs = Vec::new();
         for node in 1..=NODES {
             let mut storage =
                 StorageDaemonConfig::new(node, vec![PathBuf::from(format!("disk{node}.img"))]);
@@ -555,84 +518,55 @@ impl Cluster {
             storage.transport = self.transport;
             storage.rdma = self.rdma.clone();
             storage.overlap_prepare_and_forward = self.overlap_prepare;
-            storage.tls = Some(TlsConfig::in_dir(
-                &self.tls_dir(),
-                &format!("storage{node}"),
-            ));
-            self.write_config(&format!("storage{node}"), &storage)?;
+            storage.tls = Some(TlsConfig::in_dir(&tls_dir, &format!("storage{node}")));
+            storage_configs.push(launcher.write_config(&format!("storage{node}"), &storage)?);
         }
-        self.spawn(&exe, "mgmtd", "mgmtd")?;
-        for node in 1..=NODES {
-            self.spawn(&exe, &format!("storage{node}"), "storage")?;
+        launcher.start(launcher.daemon("mgmtd", "mgmtd", &mgmtd_config))?;
+        for (node, config) in (1..=NODES).zip(storage_configs) {
+            launcher.start(launcher.daemon(&format!("storage{node}"), "storage", &config))?;
         }
         Ok(())
-    }
-
-    pub(crate) fn tls_dir(&self) -> PathBuf {
-        self.dir.join("tls")
     }
 
     /// The credentials `start` issued under the name `stem`.
     pub(crate) fn credentials(&self, stem: &str) -> anyhow::Result<Credentials> {
-        Ok(Credentials::load_dir(&self.tls_dir(), stem)?)
-    }
-
-    pub(crate) fn write_config(&self, name: &str, config: &impl ConfigFile) -> anyhow::Result<()> {
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config.to_toml())
-            .with_context(|| format!("writing {}", path.display()))
-    }
-
-    pub(crate) fn spawn(&mut self, exe: &Path, name: &str, subcommand: &str) -> anyhow::Result<()> {
-        let config = self.dir.join(format!("{name}.toml"));
-        let mut daemon = Daemon::flyfs(name, exe, subcommand, &config, &self.dir, &self.dir);
-        daemon.env.push((
-            "FLYFS_LOG".into(),
-            std::env::var("FLYFS_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-        ));
-        self.fleet.start(daemon)?;
-        Ok(())
-    }
-
-    /// Process ids by daemon name.
-    fn pids(&self) -> Vec<(String, u32)> {
-        self.fleet.pids()
+        self.launcher.credentials(stem)
     }
 
     /// SIGTERM to every daemon (storage first, the manager last, so no
     /// storage node loses its manager first), SIGKILL to any still running
     /// 10 s later. Fails if a daemon did not exit cleanly.
     pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
-        let ended = self
-            .fleet
-            .terminate_all(Duration::from_secs(10), |name| u32::from(name == "mgmtd"))?;
-        let problems: Vec<String> = ended
-            .into_iter()
-            .filter_map(|(name, status)| match status {
-                Some(status) if status.success() => None,
-                Some(status) => Some(format!("{name} exited with {status}")),
-                None => Some(format!("{name} did not exit on SIGTERM; killed")),
-            })
-            .collect();
-        ensure!(
-            problems.is_empty(),
-            "stopping the cluster: {}",
-            problems.join("; ")
-        );
-        Ok(())
-    }
-
-    /// The last lines of every daemon's log, on stderr.
-    pub(crate) fn print_logs(&self) {
-        self.fleet.print_logs(20);
+        self.launcher
+            .stop(Duration::from_secs(10), |name| u32::from(name == "mgmtd"))
     }
 
     /// Kills the daemons and removes the device files (gigabytes), keeping
     /// configs and logs.
     pub(crate) fn keep_logs_only(&mut self) {
-        self.fleet.kill_all();
+        self.launcher.kill_all();
         for node in 1..=NODES {
-            let _ = std::fs::remove_file(self.dir.join(format!("disk{node}.img")));
+            let _ = std::fs::remove_file(self.launcher.dir.join(format!("disk{node}.img")));
+        }
+    }
+
+    /// After the cluster stopped: the run's directory goes unless kept;
+    /// after a failure: the daemons' logs stay, with the error saying where.
+    pub(crate) fn finish<T>(mut self, outcome: anyhow::Result<T>) -> anyhow::Result<T> {
+        let dir = self.launcher.dir.clone();
+        match outcome {
+            Ok(value) => {
+                self.stop()?;
+                drop(self);
+                remove_run_dir(&dir)?;
+                Ok(value)
+            }
+            Err(error) => {
+                self.launcher.print_logs();
+                // Drop kills the daemons; the logs stay for a look.
+                self.keep_logs_only();
+                Err(error.context(format!("daemon logs are in {}", dir.display())))
+            }
         }
     }
 }
@@ -730,26 +664,7 @@ impl Bench<'_> {
             rpc,
         )
         .await?;
-        for (c, nodes) in self.placement.chains.iter().enumerate() {
-            let chain = c as u32 + 1;
-            let targets: Vec<TargetId> = nodes
-                .iter()
-                .map(|&node| TargetId(u64::from(chain) * 100 + u64::from(node)))
-                .collect();
-            for (&target, &node) in targets.iter().zip(nodes) {
-                let req = CreateTargetReq {
-                    target,
-                    node: NodeId(node),
-                    disk: 0,
-                };
-                mutate::<CreateTarget>(rpc, mgmt, &req).await?;
-            }
-            let req = CreateChainReq {
-                chain: ChainId(chain),
-                targets,
-            };
-            mutate::<CreateChain>(rpc, mgmt, &req).await?;
-        }
+        create_chains(rpc, mgmt, &self.placement.chains).await?;
         let chains = self.placement.chains.len();
         self.wait_for(
             "every replica to serve",
@@ -774,30 +689,11 @@ impl Bench<'_> {
         done: impl Fn(&RoutingInfo) -> bool,
         rpc: &Client<Tcp>,
     ) -> anyhow::Result<()> {
+        let cluster = self.cluster;
         let limit = Duration::from_secs(60);
-        let start = Instant::now();
-        loop {
-            let mut last = match routing(rpc, &self.cluster.mgmt_addr).await {
-                Ok(routing) if done(&routing) => return Ok(()),
-                Ok(routing) => format!("not yet at routing version {}", routing.version.0),
-                Err(error) => format!("{error:#}"),
-            };
-            // A daemon that died never comes: say so at once.
-            let mut daemons_alive = true;
-            for (name, pid) in self.cluster.pids() {
-                if !supervisor::alive(pid) {
-                    last = format!("{name} (pid {pid}) exited");
-                    daemons_alive = false;
-                }
-            }
-            if !daemons_alive || start.elapsed() > limit {
-                bail!(
-                    "gave up after {:.1?} waiting for {what}: {last}",
-                    start.elapsed()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        (cluster.launcher)
+            .wait_for(rpc, &cluster.mgmt_addr, what, limit, done)
+            .await
     }
 
     /// Runs `work(i)` for every `i` in `order`, `self.clients` at a time.
@@ -1009,18 +905,6 @@ impl Contents {
     }
 }
 
-async fn routing(rpc: &Client<Tcp>, mgmt: &str) -> anyhow::Result<RoutingInfo> {
-    let req = GetRoutingReq {
-        known_version: RoutingVersion(0),
-    };
-    let (rsp, _) = rpc
-        .call::<GetRouting>(mgmt, &req, Bytes::new(), &CallOptions::default())
-        .await
-        .with_context(|| format!("asking the manager at {mgmt} for the routing"))?;
-    rsp.routing
-        .with_context(|| format!("the manager at {mgmt} sent no routing"))
-}
-
 /// One admin operation on the manager; a refusal is an error.
 pub(crate) async fn mutate<M>(rpc: &Client<Tcp>, mgmt: &str, req: &M::Req) -> anyhow::Result<()>
 where
@@ -1055,7 +939,7 @@ struct CpuMeter {
 impl CpuMeter {
     fn start(cluster: &Cluster) -> CpuMeter {
         let mut before = vec![("client".to_string(), None, cpu_seconds(None))];
-        for (name, pid) in cluster.pids() {
+        for (name, pid) in cluster.launcher.pids() {
             before.push((name, Some(pid), cpu_seconds(Some(pid))));
         }
         CpuMeter {

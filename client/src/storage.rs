@@ -520,6 +520,18 @@ impl<N: Network> StorageClient<N> {
         Ok(rsp)
     }
 
+    /// After a call to `addr` timed out: the call failed alone, and the
+    /// calls beside it on the same connections go on (one slow request says
+    /// nothing of them: tearing them down would only make them retry too).
+    /// The connections are pinged in the background and only those that do
+    /// not answer within the RPC timeout are closed, so a dead node's stop
+    /// taking calls without holding up this operation's failover.
+    fn check_connections(&self, addr: String) {
+        let rpc = self.rpc.clone();
+        let timeout = self.config.rpc_timeout;
+        tokio::spawn(async move { rpc.close_unresponsive(&addr, timeout).await });
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or the deadline
     /// passes, refreshing the routing between attempts. `attempt` gets the
     /// chain as the routing has it and how many attempts failed before it
@@ -558,7 +570,7 @@ impl<N: Network> StorageClient<N> {
                         }
                         Err(Failure::Retry(reason)) => reason,
                         Err(Failure::Timeout { addr, error }) => {
-                            self.rpc.disconnect(&addr).await;
+                            self.check_connections(addr);
                             error
                         }
                     },
@@ -581,7 +593,8 @@ impl<N: Network> StorageClient<N> {
 /// How one attempt failed.
 enum Failure {
     Retry(String),
-    /// The RPC to `addr` timed out: its connection may be dead.
+    /// The RPC to `addr` timed out: its connection may be dead, or the
+    /// request merely slow.
     Timeout {
         addr: String,
         error: String,

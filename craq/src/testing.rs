@@ -10,7 +10,7 @@ use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig};
 use flyfs_chunk_engine::{Engine, EngineConfig, FormatOptions};
 use flyfs_proto::ids::NodeId;
-use flyfs_rpc::{Server, ServerConfig, ServerHandle, Tcp};
+use flyfs_rpc::{Server, ServerConfig, ServerHandle, Service, Tcp};
 use tokio::task::JoinHandle;
 
 use crate::{StorageConfig, StorageNode, StorageService};
@@ -77,6 +77,16 @@ impl TestStorageNode {
 
     /// Opens the engine and serves; keeps the address it had before.
     pub async fn start(&mut self) {
+        self.start_wrapped(|service| service).await;
+    }
+
+    /// As [`start`](Self::start), serving the node's real service through
+    /// `wrap`: a test's fault injection around it (a request held back, a
+    /// reply delayed), as a fault-injecting device wraps a real one.
+    pub async fn start_wrapped<S: Service>(
+        &mut self,
+        wrap: impl FnOnce(Arc<StorageService<MemDevice, Tcp>>) -> Arc<S>,
+    ) {
         assert!(self.running.is_none(), "{:?} is already running", self.id);
         let pool = BufferPool::new(&PoolConfig {
             classes: vec![(4 << 10, 64), (self.options.chunk_bytes_max as usize, 64)],
@@ -104,7 +114,7 @@ impl TestStorageNode {
         let node = StorageNode::new(config, vec![Arc::new(engine)], Tcp, credentials.clone());
         let task = tokio::spawn(node.clone().run());
         let server = Server::new(
-            StorageService::new(node),
+            wrap(StorageService::new(node)),
             ServerConfig::default(),
             credentials,
         )

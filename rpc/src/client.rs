@@ -16,6 +16,13 @@
 //! breaks, every call pending on it fails with `Disconnected` and the slot
 //! reconnects on its next use.
 //!
+//! A call that times out fails alone: its silence says nothing of the other
+//! calls on its connection (one slow request, a busy replica). A caller that
+//! suspects the peer ([`Client::close_unresponsive`]) pings each connection
+//! to it on that very connection and closes only those that do not answer,
+//! as a messenger's keepalive would, so a dead peer's connections stop
+//! taking calls while a live one's calls go on.
+//!
 //! Cancellation: dropping a call's future cancels the call. Its pending entry
 //! is removed at once (a guard's `Drop`), so a reply that arrives later is
 //! discarded. The request may still run on the server; whether that is safe
@@ -27,7 +34,7 @@
 //! and every wait is a tokio timer, so a turmoil simulation replays exactly.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -38,9 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::error::{MethodRef, RpcError};
-use flyfs_proto::Method;
 use flyfs_proto::codec;
 use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, Status};
+use flyfs_proto::{Method, Ping, PingReq};
 
 use crate::frame_io::{self, ReadError};
 use crate::net::Network;
@@ -145,6 +152,18 @@ struct Peer {
     /// call that is connecting it, instead of each opening a connection.
     slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     slot_next: AtomicUsize,
+    /// Set while [`Client::close_unresponsive`] checks these connections:
+    /// many calls timing out together start one check, not one each.
+    checking: AtomicBool,
+}
+
+/// Clears a flag when dropped (a check that ends or is cancelled).
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl<N: Network> Client<N> {
@@ -266,6 +285,56 @@ impl<N: Network> Client<N> {
         }
     }
 
+    /// Pings every pooled connection to `addr` on that very connection (the
+    /// server answers a ping from its reader, not behind its service's
+    /// work) and closes those that give no answer within `timeout`; calls
+    /// pending on a connection that answers go on. For a caller whose call
+    /// to `addr` timed out: that call alone failing says nothing of the
+    /// others, but a connection whose peer died or stopped reading must not
+    /// keep taking calls. A slot still connecting is skipped (no call waits
+    /// on it yet), and so is a check asked for while one of `addr` runs.
+    pub async fn close_unresponsive(&self, addr: &str, timeout: Duration) {
+        let Some(peer) = lock(&self.inner.peers).get(addr).cloned() else {
+            return;
+        };
+        if peer.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _checked = ClearOnDrop(&peer.checking);
+        let conns: Vec<Arc<Conn>> = peer
+            .slots
+            .iter()
+            .filter_map(|slot| slot.try_lock().ok().and_then(|slot| slot.clone()))
+            .filter(|conn| conn.shared.is_open())
+            .collect();
+        let mut probes = tokio::task::JoinSet::new();
+        for conn in conns {
+            let client = self.clone();
+            let addr = addr.to_owned();
+            probes.spawn(async move {
+                let request_id = client.request_id();
+                let body = match codec::try_encode(&PingReq { nonce: request_id }) {
+                    Ok(body) => body,
+                    Err(error) => {
+                        tracing::warn!(%addr, %error, "cannot encode a ping");
+                        return;
+                    }
+                };
+                let ping = Outgoing::new(body, Bytes::new(), 0);
+                let answered = tokio::time::timeout(
+                    timeout,
+                    client.attempt_on(&conn, &addr, MethodRef::of::<Ping>(), request_id, ping),
+                )
+                .await;
+                if !matches!(answered, Ok(Ok(_))) {
+                    tracing::debug!(%addr, "connection gave no answer to a ping; closing it");
+                    conn.shared.close();
+                }
+            });
+        }
+        while probes.join_next().await.is_some() {}
+    }
+
     /// Calls waiting for a reply, over all connections (for tests and
     /// metrics). A slot that is busy connecting is skipped; it has no calls
     /// waiting for replies yet.
@@ -376,6 +445,19 @@ impl<N: Network> Client<N> {
         request_id: u64,
         call: Outgoing,
     ) -> Result<RawReply, RpcError> {
+        let conn = self.connection(addr).await?;
+        self.attempt_on(&conn, addr, method, request_id, call).await
+    }
+
+    /// One attempt on connection `conn` (to `addr`), with no deadline.
+    async fn attempt_on(
+        &self,
+        conn: &Arc<Conn>,
+        addr: &str,
+        method: MethodRef,
+        request_id: u64,
+        call: Outgoing,
+    ) -> Result<RawReply, RpcError> {
         let Outgoing {
             body,
             payload,
@@ -386,7 +468,6 @@ impl<N: Network> Client<N> {
             addr: addr.to_owned(),
             method,
         };
-        let conn = self.connection(addr).await?;
         let mut flags = if method.payload_checked {
             frame::FLAG_PAYLOAD_UNCHECKED
         } else {
@@ -517,6 +598,7 @@ impl<N: Network> Client<N> {
                         .map(|_| tokio::sync::Mutex::new(None))
                         .collect(),
                     slot_next: AtomicUsize::new(0),
+                    checking: AtomicBool::new(false),
                 })
             })
             .clone();

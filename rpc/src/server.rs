@@ -685,13 +685,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         match reply_sink(&frame, link) {
                             Ok((sink, own_payload)) => (Some(sink), own_payload),
                             Err(message) => {
-                                let reply = OutFrame::error(
-                                    frame.header.method,
-                                    frame.header.request_id,
-                                    Status::BadRequest,
-                                    &message,
-                                );
-                                if events.send(Event::Reply(reply)).await.is_err() {
+                                if !reply_bad_request(&events, &frame, &message).await {
                                     return;
                                 }
                                 continue;
@@ -719,13 +713,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             Some(remote)
                         }
                         Err(message) => {
-                            let reply = OutFrame::error(
-                                frame.header.method,
-                                frame.header.request_id,
-                                Status::BadRequest,
-                                &message,
-                            );
-                            if events.send(Event::Reply(reply)).await.is_err() {
+                            if !reply_bad_request(&events, &frame, &message).await {
                                 return;
                             }
                             continue;
@@ -806,6 +794,19 @@ enum RequestReadError {
 /// bytes from the budgets between its header and its body (so nothing is
 /// allocated for a body that does not fit yet). `Ok(None)` at a clean end of
 /// stream.
+/// Answers `frame` `BadRequest` with `message` (a descriptor it carried was
+/// refused) without running it; the connection reads on. False when the
+/// dispatcher is gone, so the reader should stop.
+async fn reply_bad_request(events: &mpsc::Sender<Event>, frame: &Frame, message: &str) -> bool {
+    let reply = OutFrame::error(
+        frame.header.method,
+        frame.header.request_id,
+        Status::BadRequest,
+        message,
+    );
+    events.send(Event::Reply(reply)).await.is_ok()
+}
+
 async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
     config: &ServerConfig,

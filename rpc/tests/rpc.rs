@@ -200,3 +200,26 @@ async fn a_corrupt_reply_body_fails_that_call() {
     );
     fake.abort();
 }
+
+/// A check of the connections to a live server (what a caller does after
+/// one of its calls there timed out) leaves the calls in flight on them
+/// running: the server answers the pings while the slow call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checking_a_live_peer_leaves_its_calls_running() {
+    let fx = Fixture::tcp();
+    let (server, _) = fx.start_server(ServerConfig::default()).await;
+    let client = fx.client();
+    let addr = server.local_addr().to_owned();
+    let slow = suite::spawn_slow_echo(&client, &addr, 1_500);
+    suite::wait_for_pending(&client, 1).await;
+    client
+        .close_unresponsive(&addr, Duration::from_secs(10))
+        .await;
+    assert_eq!(client.pending_calls(), 1, "the slow call was torn down");
+    let (rsp, _) = slow
+        .await
+        .expect("task")
+        .expect("the slow call is answered");
+    assert_eq!(rsp.text, "slow");
+    server.shutdown().await;
+}

@@ -1,6 +1,7 @@
 //! The same server and client over turmoil's simulated network (`SimNet`):
 //! a round trip with payload, a timeout while partitioned, and recovery when
-//! the partition heals; all over mutual TLS with the test CA, and a client
+//! the partition heals; a connection that answers no ping while partitioned
+//! closed by `close_unresponsive`, failing the calls that waited on it; all over mutual TLS with the test CA, and a client
 //! without a daemon's role refused as a server. Run with `cargo test -p flyfs-rpc --features sim`.
 #![cfg(feature = "sim")]
 
@@ -158,6 +159,57 @@ fn partition_times_out_and_retries_recover() -> turmoil::Result {
         };
         let (rsp, _) = client
             .call::<Echo>("server:9000", &note("after"), Bytes::new(), &retrying)
+            .await?;
+        assert_eq!(rsp.text, "after");
+        Ok(())
+    });
+    sim.run()
+}
+
+#[test]
+fn a_peer_that_answers_no_ping_has_its_connections_closed() -> turmoil::Result {
+    let mut sim = sim();
+    sim.client("client", async {
+        // One connection: the call held below waits on the one connected
+        // before the partition (a second would still be connecting).
+        let config = ClientConfig {
+            connections_per_peer: 1,
+            ..ClientConfig::default()
+        };
+        let client = Client::new(SimNet, config, testing::client());
+        let long = CallOptions {
+            timeout: Duration::from_secs(30),
+            ..CallOptions::default()
+        };
+        client
+            .call::<Echo>("server:9000", &note("before"), Bytes::new(), &long)
+            .await?;
+        // Every message between the two is held: the call waits, and so
+        // would every later one on this connection.
+        turmoil::hold("client", "server");
+        let waiting = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .call::<Echo>("server:9000", &note("held"), Bytes::new(), &long)
+                    .await
+            }
+        });
+        while client.pending_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        client
+            .close_unresponsive("server:9000", Duration::from_millis(500))
+            .await;
+        let error = waiting
+            .await
+            .expect("task")
+            .expect_err("its connection was closed");
+        assert!(matches!(error, RpcError::Disconnected { .. }), "{error}");
+        assert_eq!(client.pending_calls(), 0);
+        turmoil::release("client", "server");
+        let (rsp, _) = client
+            .call::<Echo>("server:9000", &note("after"), Bytes::new(), &long)
             .await?;
         assert_eq!(rsp.text, "after");
         Ok(())

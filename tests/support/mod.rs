@@ -54,6 +54,103 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// A base port with the 16 ports after it all free, for `flyfs up --port`.
+/// Each test binary passes its own `multiplier`, `step` and `offset`, so
+/// that binaries running at once search different places.
+pub fn free_port_base(multiplier: u32, step: u32, offset: u32) -> u16 {
+    for attempt in 0..200u32 {
+        let slot = std::process::id()
+            .wrapping_mul(multiplier)
+            .wrapping_add(attempt * step + offset)
+            % 2_500;
+        let base = 20_000 + slot as u16 * 16;
+        if (0..16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free range of 16 ports");
+}
+
+/// A cluster that `flyfs up` starts in `data` (with the mount at `mount`,
+/// or none): dropping it runs `flyfs down` and detaches the mount if it is
+/// still there, whether the test passed or not. On panic it prints what
+/// `flyfs down` said and the last lines of the log `log` (e.g. `meta.log`).
+pub struct UpCluster {
+    pub data: PathBuf,
+    pub mount: Option<PathBuf>,
+    test: &'static str,
+    log: &'static str,
+}
+
+impl UpCluster {
+    /// Nothing runs yet: made before `flyfs up` so that a start that fails
+    /// halfway is stopped too.
+    pub fn new(
+        test: &'static str,
+        data: PathBuf,
+        mount: Option<PathBuf>,
+        log: &'static str,
+    ) -> Self {
+        UpCluster {
+            data,
+            mount,
+            test,
+            log,
+        }
+    }
+
+    /// `flyfs up` on ports from `port` with devices of `device_size`
+    /// (two minutes at most), asserting it succeeded.
+    pub fn start(&self, port: u16, device_size: &str) {
+        let started = Instant::now();
+        let mut up = flyfs();
+        up.args(["up", "--data"]).arg(&self.data);
+        match &self.mount {
+            Some(mount) => up.arg("--mount").arg(mount),
+            None => up.arg("--no-mount"),
+        };
+        let out = up
+            .args(["--port", &port.to_string()])
+            .args(["--device-size", device_size, "--timeout", "120"])
+            .output()
+            .expect("run flyfs up");
+        assert!(out.status.success(), "flyfs up: {}", text(&out));
+        eprintln!(
+            "{}: flyfs up in {:.1} s",
+            self.test,
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+impl Drop for UpCluster {
+    fn drop(&mut self) {
+        let down = flyfs()
+            .args(["down", "--timeout", "10", "--data"])
+            .arg(&self.data)
+            .output();
+        if std::thread::panicking() {
+            if let Ok(out) = &down {
+                eprintln!("{}: flyfs down: {}", self.test, text(out));
+            }
+            let log =
+                std::fs::read_to_string(self.data.join("log").join(self.log)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "---- last lines of {} ----\n{}",
+                self.log,
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        if let Some(mount) = &self.mount {
+            use flyfs_fuse::mountpoint::{lazy_unmount, mounted_at};
+            if mounted_at(mount).ok().flatten().is_some() {
+                let _ = lazy_unmount(mount);
+            }
+        }
+    }
+}
+
 /// Whether this machine can run the io_uring backend; `Err` says why not.
 pub fn probe_io_uring(dir: &Path) -> Result<(), String> {
     use flyfs_bypass::uring::{UringConfig, UringDevice};
@@ -214,6 +311,32 @@ impl Cluster {
             node_addrs: (1..).zip(node_addrs).collect(),
             fleet: Fleet::new(),
         }
+    }
+
+    /// Formats devices of `device_size` and writes the configs of a manager
+    /// and `nodes` storage nodes ([`write_configs`]) on free loopback
+    /// ports; starts nothing, so a test may still change a config.
+    pub fn configure(dir: &Path, nodes: u32, device_size: &str) -> Cluster {
+        format_devices(dir, nodes, device_size);
+        let ports = free_ports(1 + nodes as usize);
+        write_configs(dir, ports[0], &ports[1..]);
+        let loopback = |port: &u16| format!("127.0.0.1:{port}");
+        Cluster::new(
+            dir,
+            loopback(&ports[0]),
+            ports[1..].iter().map(loopback).collect(),
+        )
+    }
+
+    /// Starts the manager and storage nodes `1..=nodes` and waits (for
+    /// `limit` at most) until the manager holds them all alive; returns how
+    /// long that wait took.
+    pub fn start_manager_and_storage(&mut self, nodes: u32, limit: Duration) -> Duration {
+        self.start_mgmtd();
+        for node in 1..=nodes {
+            self.start_storage(node);
+        }
+        self.wait_nodes_alive(nodes as usize, limit)
     }
 
     /// Starts `flyfs SUBCOMMAND --config {name}.toml` as daemon `name`.

@@ -363,9 +363,15 @@ impl<N: Network> Connection<N> {
                     reply.message
                 );
             }
-            if let Err(e) = send_reply(&socket, &reply).await {
-                tracing::debug!(pid = self.peer.pid, "native I/O: cannot reply: {e}");
-                break;
+            match send_unless_stopped(&socket, &reply, &mut stopped).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(pid = self.peer.pid, "native I/O: cannot reply: {e}");
+                    break;
+                }
+                // Shutting down: an application that does not read its
+                // replies must not hold the daemon's shutdown.
+                None => break,
             }
         }
         let pid = self.peer.pid;
@@ -621,6 +627,19 @@ async fn stop_ring(ring: RingTask) {
     let _ = ring.stop.send(true);
     if let Err(e) = ring.task.await {
         tracing::error!("native I/O: a ring task failed: {e}");
+    }
+}
+
+/// [`send_reply`], given up (`None`) once `stopped` turns true: a peer that
+/// does not read keeps its socket from ever becoming writable.
+async fn send_unless_stopped(
+    socket: &AsyncFd<OwnedFd>,
+    reply: &Reply,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<io::Result<()>> {
+    tokio::select! {
+        _ = stopped.wait_for(|stop| *stop) => None,
+        sent = send_reply(socket, reply) => Some(sent),
     }
 }
 
@@ -921,5 +940,58 @@ async fn run_request<N: Network>(
             .await
             .map_err(fs_error)?;
         Ok(sqe.len as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use nix::sys::socket::{SockFlag, SockType, socketpair};
+
+    use super::*;
+
+    /// An application that sends requests but never reads its replies
+    /// fills its socket; the reply the daemon then waits to send must not
+    /// hold the daemon's shutdown.
+    #[tokio::test]
+    async fn a_reply_nobody_reads_gives_way_to_shutdown() {
+        let (daemon, application) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("socketpair");
+        let reply = Reply::error(libc::EPROTO, "a reply nobody reads");
+        let bytes = reply.encode();
+        // Replies until the application's side takes no more.
+        let mut queued = 0u32;
+        loop {
+            match nix::sys::socket::send(
+                daemon.as_raw_fd(),
+                &bytes,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(_) => queued += 1,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("send: {e}"),
+            }
+            assert!(queued < 1_000_000, "the socket never filled");
+        }
+        assert!(queued > 0, "not even one reply fitted");
+        let daemon = watch_fd(daemon).expect("watch the daemon's side");
+        let (stop, mut stopped) = watch::channel(false);
+        let sending =
+            tokio::spawn(async move { send_unless_stopped(&daemon, &reply, &mut stopped).await });
+        stop.send(true).expect("the sender still waits");
+        // A bound for a broken build only: with the fix this ends at once.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), sending)
+            .await
+            .expect("the send gave way to the shutdown")
+            .expect("the send task");
+        assert!(outcome.is_none(), "a send to a full socket succeeded");
+        // The application's side still holds every queued reply, unread.
+        drop(application);
     }
 }

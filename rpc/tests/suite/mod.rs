@@ -218,6 +218,22 @@ pub async fn wait_for_pending(client: &Client<Tcp>, calls: usize) {
     }
 }
 
+/// An echo the server answers `sleep_ms` later (the call's own timeout is
+/// 30 s), in a task of its own.
+pub fn spawn_slow_echo(
+    client: &Client<Tcp>,
+    addr: &str,
+    sleep_ms: u64,
+) -> tokio::task::JoinHandle<Result<(EchoRsp, flyfs_rpc::Payload), RpcError>> {
+    let client = client.clone();
+    let addr = addr.to_owned();
+    tokio::spawn(async move {
+        client
+            .call::<Echo>(&addr, &echo("slow", sleep_ms), Bytes::new(), &opts(30_000))
+            .await
+    })
+}
+
 pub async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut set = Vec::new();
     for future in futures {
@@ -662,15 +678,7 @@ pub async fn disconnect_fails_pending_calls(fx: &Fixture) {
     let (server, _) = fx.start_server(ServerConfig::default()).await;
     let client = fx.client();
     let addr = server.local_addr().to_owned();
-    let slow = tokio::spawn({
-        let client = client.clone();
-        let addr = addr.clone();
-        async move {
-            client
-                .call::<Echo>(&addr, &echo("slow", 60_000), Bytes::new(), &opts(30_000))
-                .await
-        }
-    });
+    let slow = spawn_slow_echo(&client, &addr, 60_000);
     wait_for_pending(&client, 1).await;
     client.disconnect(&addr).await;
     let error = slow.await.expect("task").expect_err("disconnected");
