@@ -10,16 +10,18 @@
 //! returning replica is resynced), and every chunk still verifies, from each
 //! replica in turn.
 //!
-//! A guest-only test: it reads `FLYFS_RXE_DEV` and `FLYFS_RXE_GID_INDEX`
-//! and fails (does not skip) without them. It is `#[ignore]`d because
-//! scripts/test-guest's guest has no filesystem for it (its /tmp is tmpfs,
-//! which refuses the devices' O_DIRECT, and its NVMe controller belongs to
-//! the NVMe tests); run it with a directory on ext4 (passed in 42 s):
+//! A guest-only test: it reads `FLYFS_RXE_DEV` and `FLYFS_RXE_GID_INDEX`,
+//! and `FLYFS_TEST_DIR`, a directory on a filesystem that takes O_DIRECT
+//! (the daemons' devices are files opened with it, which the guest's tmpfs
+//! /tmp refuses), and fails (does not skip) without them. scripts/test-guest
+//! runs it: its guest has a second NVMe controller, on which
+//! scripts/guest-run makes and mounts ext4 for `FLYFS_TEST_DIR` (the first
+//! belongs to the NVMe tests). By hand:
 //!
 //! ```text
 //! shared/vm/guest --nvme 1G --rxe --mem 3G -- sh -c 'mkfs.ext4 -q $FLYFS_NVME_DEV &&
 //!     mkdir -p /tmp/d && mount $FLYFS_NVME_DEV /tmp/d &&
-//!     FLYFS_TEST_DIR=/tmp/d target/debug/deps/guest_replication-* --ignored --nocapture'
+//!     FLYFS_TEST_DIR=/tmp/d target/debug/deps/guest_replication-* --nocapture'
 //! ```
 
 mod support;
@@ -152,17 +154,19 @@ async fn verify(client: &StorageClient<Tcp>, index: u32) -> Result<(), String> {
 }
 
 #[test]
-#[ignore = "needs FLYFS_TEST_DIR on a filesystem with O_DIRECT (the guest's /tmp is tmpfs); see the file's doc"]
 fn a_chain_over_rdma_survives_a_storage_process_killed_mid_transfer() {
     let started = Instant::now();
     // The devices are opened with O_DIRECT, which the guest's tmpfs /tmp
     // refuses: FLYFS_TEST_DIR names a directory on a real filesystem (ext4
-    // on the guest's NVMe controller).
-    let dir = match std::env::var("FLYFS_TEST_DIR") {
-        Ok(base) => tempfile::tempdir_in(base),
-        Err(_) => tempfile::tempdir(),
-    }
-    .expect("tempdir");
+    // on the guest's second NVMe controller).
+    let base = std::env::var("FLYFS_TEST_DIR").unwrap_or_else(|_| {
+        panic!(
+            "FLYFS_TEST_DIR is not set: this test runs in the guest, on a filesystem that takes \
+             O_DIRECT (scripts/test-guest mounts one; see this file's doc)"
+        )
+    });
+    let dir = tempfile::tempdir_in(&base)
+        .unwrap_or_else(|error| panic!("a temporary directory in FLYFS_TEST_DIR={base}: {error}"));
     let dir = dir.path();
     format_devices(dir, NODES, "64MiB");
     let ports = free_ports(1 + NODES as usize);

@@ -274,6 +274,12 @@ struct State {
     next_wr_id: u64,
     broken: Option<String>,
     received: VecDeque<Vec<u8>>,
+    /// Data messages posted since the connection was made: what a closing
+    /// side announces it sent ([`Connection::data_messages_sent`]).
+    data_sent: u64,
+    /// Data messages taken by [`Connection::recv`] (and
+    /// [`Connection::recv_announced`]) since the connection was made.
+    data_taken: u64,
 }
 
 /// Everything the connection and its driver share. Fields drop in order:
@@ -436,6 +442,8 @@ impl PendingConnection {
                 next_wr_id: 0,
                 broken: None,
                 received: VecDeque::new(),
+                data_sent: 0,
+                data_taken: 0,
             }),
         });
         let driver = tokio::spawn(drive(Driver {
@@ -502,6 +510,11 @@ impl Connection {
     /// Why the connection broke, if it did.
     pub fn broken(&self) -> Option<String> {
         self.shared.state.lock().broken.clone()
+    }
+
+    /// How long any posted work request may take to complete.
+    pub fn completion_timeout(&self) -> Duration {
+        self.shared.config.completion_timeout
     }
 
     /// The largest payload the peer accepts in one message.
@@ -585,6 +598,7 @@ impl Connection {
             lkey: shared.send_slots.lkey(),
         };
         shared.post(SendOp::Send, sge, Pending::Data { slot, done })?;
+        shared.state.lock().data_sent += 1;
         SENT_COPIED.fetch_add(payload.len() as u64, Ordering::Relaxed);
         Ok(result)
     }
@@ -602,6 +616,7 @@ impl Connection {
                 let mut state = shared.state.lock();
                 match state.received.pop_front() {
                     Some(message) => {
+                        state.data_taken += 1;
                         let due = state.credits.on_consumed();
                         Some((message, due))
                     }
@@ -622,6 +637,97 @@ impl Connection {
                 return Ok(message);
             }
             notified.await;
+        }
+    }
+
+    /// Data messages posted on this connection so far: what a side that
+    /// closes announces to its peer, after [`Connection::drain`], so that
+    /// the peer hands on exactly that many before it lets go.
+    pub fn data_messages_sent(&self) -> u64 {
+        self.shared.state.lock().data_sent
+    }
+
+    /// Waits until every data message posted so far has completed, that
+    /// is, the peer's device acknowledged it, so it lies in one of the
+    /// peer's receive slots and its completion in the peer's completion
+    /// queue, where moving either queue pair to the error state no longer
+    /// loses it. Bounded by the completion timeout (which then breaks the
+    /// connection); fails if the connection broke, since a message
+    /// flushed by the break never arrived.
+    pub async fn drain(&self) -> Result<()> {
+        let shared = &self.shared;
+        let timeout = shared.config.completion_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = shared.state.lock();
+                if let Some(reason) = &state.broken {
+                    return Err(RdmaError::Broken {
+                        reason: reason.clone(),
+                    });
+                }
+                // Every data slot back in the free list: no data message
+                // is posted and not yet completed.
+                if state.free_send_slots.len() == shared.config.credits as usize {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let error = RdmaError::CompletionTimeout {
+                    operation: "drain (the last messages sent before closing)",
+                    timeout_ms: timeout.as_millis() as u64,
+                };
+                shared.break_with(error.to_string());
+                return Err(error);
+            }
+        }
+    }
+
+    /// Takes the next of the `total` data messages the peer announced it
+    /// sent before closing (after its [`Connection::drain`]); `None` once
+    /// all `total` were taken. Unlike [`Connection::recv`], a broken
+    /// connection does not end the wait: the peer may have torn its queue
+    /// pair down already, but each announced message was acknowledged by
+    /// our device before the announcement, so it is in our completion
+    /// queue and the driver still hands it on. Waits until `deadline` at
+    /// most (a peer that announced more than it sent).
+    pub async fn recv_announced(
+        &self,
+        total: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Vec<u8>>> {
+        let shared = &self.shared;
+        loop {
+            let notified = shared.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let taken = {
+                let mut state = shared.state.lock();
+                if state.data_taken >= total {
+                    return Ok(None);
+                }
+                state.received.pop_front().map(|message| {
+                    state.data_taken += 1;
+                    let due = state.credits.on_consumed();
+                    (message, due.filter(|_| state.broken.is_none()))
+                })
+            };
+            if let Some((message, due)) = taken {
+                if let Some(credits) = due {
+                    shared.post_credits(credits);
+                }
+                return Ok(Some(message));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let taken = shared.state.lock().data_taken;
+                return Err(RdmaError::Announced {
+                    announced: total,
+                    taken,
+                });
+            }
         }
     }
 

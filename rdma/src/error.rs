@@ -52,6 +52,10 @@ pub enum RdmaError {
     /// peer's death) and carries no more work: it must be rebuilt.
     #[error("RDMA connection is broken: {reason}")]
     Broken { reason: String },
+    /// The peer announced, on closing, more data messages than arrived
+    /// before the deadline (a peer that broke the protocol).
+    #[error("the peer announced {announced} messages before closing, {taken} arrived in time")]
+    Announced { announced: u64, taken: u64 },
     /// The peer's connection parameters are malformed or incompatible.
     #[error("RDMA handshake: {0}")]
     Handshake(String),

@@ -10,7 +10,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `FLYRDMA\0` |
-//! | 8..10 | version (3) |
+//! | 8..10 | version (4) |
 //! | 10..12 | LID |
 //! | 12..16 | QP number (24 bits used) |
 //! | 16..20 | PSN (24 bits used) |
@@ -27,7 +27,9 @@ pub const MAGIC: [u8; 8] = *b"FLYRDMA\0";
 /// docs/rdma-transport.md), which a version-1 peer would take for bytes.
 /// 3: requests may name a buffer for the reply (`FLAG_REPLY_SINK`), which
 /// a version-2 server would take for payload bytes.
-pub const VERSION: u16 = 3;
+/// 4: a side that closes sends a drained notice on the lifeline (the TLS
+/// session), which a version-3 peer would take for a protocol violation.
+pub const VERSION: u16 = 4;
 pub const ENCODED_BYTES: usize = 48;
 
 /// The largest receive ring a peer may announce: the credits bound what we
@@ -176,7 +178,7 @@ mod tests {
         bad = sample();
         bad.address.qp_num = 1 << 24;
         assert!(error(&bad.encode()).contains("QP number"));
-        for old in [1u8, 2] {
+        for old in [1u8, 2, 3] {
             let mut version = sample().encode();
             version[8] = old;
             assert!(error(&version).contains(&format!("version {old}")));

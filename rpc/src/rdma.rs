@@ -40,6 +40,7 @@
 //! travels inline instead: the server never writes outside it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status, WRITTEN_COUNT_BYTES};
@@ -48,6 +49,7 @@ use flyfs_rdma::{
     Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError, RemoteBuffer,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::sync::Notify;
 
 use crate::frame_io;
 
@@ -472,22 +474,45 @@ async fn read_parameters<T: AsyncRead + Unpin>(
     Ok(bytes)
 }
 
+/// The first byte of the notice a side sends on the lifeline when it
+/// closes: followed by the count of data messages it sent on the RDMA
+/// connection (8 bytes, little-endian), all of which its peer's device has
+/// acknowledged by then.
+const DRAINED: u8 = b'D';
+const NOTICE_BYTES: usize = 9;
+/// `announced` before the peer's notice arrives.
+const NOT_ANNOUNCED: u64 = u64::MAX;
+
 /// Moves bytes between the frame machinery's pipe and the RDMA connection
-/// until either ends, the connection breaks, or the lifeline closes; then
-/// drops all three, which the peer sees as its lifeline closing.
-async fn pump<T>(connection: Arc<Connection>, pipe: DuplexStream, mut lifeline: T)
+/// until the connection closes, then breaks it and closes the lifeline.
+///
+/// Closing keeps every byte written before it (docs/rdma-transport.md,
+/// "Closing"): when the frame machinery closes its side of the pipe, the
+/// pump posts what is left in it, waits (bounded) until the peer's device
+/// acknowledged every message ([`Connection::drain`]), and only then sends
+/// the drained notice on the lifeline and breaks the queue pair. A pump
+/// that reads its peer's notice hands on exactly the messages announced
+/// ([`Connection::recv_announced`], bounded), ends the frames' stream and
+/// closes too. A lifeline closed without a notice, anything else on it, or
+/// a broken connection ends the pump at once, as a reset would a socket.
+async fn pump<T>(connection: Arc<Connection>, pipe: DuplexStream, lifeline: T)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut from_frames, mut to_frames) = tokio::io::split(pipe);
+    let (mut lifeline_in, mut lifeline_out) = tokio::io::split(lifeline);
     let message_bytes_max = connection.peer_message_bytes_max();
-    let outbound = async {
+    let completion_timeout = connection.completion_timeout();
+    // The peer's notice: how many data messages it sent in all.
+    let announced = AtomicU64::new(NOT_ANNOUNCED);
+    let notice_arrived = Notify::new();
+    let send_and_drain = async {
         let mut buffer = vec![0u8; message_bytes_max];
         loop {
             let filled = match from_frames.read(&mut buffer).await {
-                Ok(0) => return "the local side closed".to_string(),
+                Ok(0) => break,
                 Ok(filled) => filled,
-                Err(error) => return format!("reading frames to send: {error}"),
+                Err(error) => return Err(format!("reading frames to send: {error}")),
             };
             loop {
                 // Posted, not waited for: messages stream up to the credits.
@@ -497,36 +522,115 @@ where
                     // peer's reader is held back by its budgets, which is
                     // backpressure, not failure. Nothing was posted; wait on.
                     Err(RdmaError::CompletionTimeout { .. }) if connection.broken().is_none() => {}
-                    Err(error) => return error.to_string(),
+                    Err(error) => return Err(error.to_string()),
                 }
             }
         }
+        // The local side closed: everything it wrote is posted. Announce it
+        // once the peer's device holds all of it.
+        connection
+            .drain()
+            .await
+            .map_err(|error| format!("closing: {error}"))?;
+        let mut notice = [0u8; NOTICE_BYTES];
+        notice[0] = DRAINED;
+        notice[1..].copy_from_slice(&connection.data_messages_sent().to_le_bytes());
+        lifeline_out
+            .write_all(&notice)
+            .await
+            .map_err(|error| format!("sending the drained notice: {error}"))?;
+        lifeline_out
+            .flush()
+            .await
+            .map_err(|error| format!("sending the drained notice: {error}"))?;
+        Ok::<_, String>("this side closed, everything it sent was received".to_string())
+    };
+    let outbound = async {
+        let result = send_and_drain.await;
+        if result.is_err() && announced.load(Ordering::Acquire) != NOT_ANNOUNCED {
+            // The peer closed and announced what it sent: handing that on
+            // decides the end, not our failing to send into a connection
+            // the peer is tearing down.
+            std::future::pending::<()>().await;
+        }
+        result
     };
     let inbound = async {
+        // False once the frame machinery stopped reading for good: what
+        // still arrives is taken (so the peer's credits return) and dropped,
+        // as a closed socket drops what reaches it.
+        let mut frames_open = true;
+        let mut deadline = None;
         loop {
-            let message = match connection.recv().await {
-                Ok(message) => message,
-                Err(error) => return error.to_string(),
+            let waiting = notice_arrived.notified();
+            tokio::pin!(waiting);
+            waiting.as_mut().enable();
+            let total = announced.load(Ordering::Acquire);
+            let message = if total == NOT_ANNOUNCED {
+                let message = tokio::select! {
+                    // Cancel-safe: a message is taken only when it returns.
+                    message = connection.recv() => message.map(Some),
+                    () = &mut waiting => continue,
+                };
+                match message {
+                    // The peer's tearing down after its notice can break
+                    // the connection before we read the notice: deliver
+                    // what it announced all the same.
+                    Err(_) if announced.load(Ordering::Acquire) != NOT_ANNOUNCED => continue,
+                    message => message,
+                }
+            } else {
+                let deadline = *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + completion_timeout);
+                connection.recv_announced(total, deadline).await
             };
-            if let Err(error) = to_frames.write_all(&message).await {
-                return format!("handing received frames on: {error}");
+            match message {
+                Ok(Some(message)) => {
+                    if frames_open && to_frames.write_all(&message).await.is_err() {
+                        frames_open = false;
+                    }
+                }
+                Ok(None) => {
+                    // Everything the peer sent is handed on: end the
+                    // frames' stream after it, as a FIN would.
+                    let _ = to_frames.shutdown().await;
+                    return Ok("the peer closed, everything it sent was handed on".to_string());
+                }
+                Err(error) => return Err(error.to_string()),
             }
         }
     };
     let watch = async {
-        let mut byte = [0u8; 1];
-        match lifeline.read(&mut byte).await {
-            Ok(0) => "the peer closed the connection".to_string(),
-            Ok(_) => "the peer sent bytes on the TLS session after the RDMA set-up".to_string(),
-            Err(error) => format!("the TLS session failed: {error}"),
+        let mut notice = [0u8; NOTICE_BYTES];
+        let read = match lifeline_in.read(&mut notice[..1]).await {
+            Ok(0) => Err("the peer closed the connection".to_string()),
+            Ok(_) if notice[0] == DRAINED => lifeline_in
+                .read_exact(&mut notice[1..])
+                .await
+                .map_err(|error| format!("reading the peer's drained notice: {error}")),
+            Ok(_) => {
+                Err("the peer sent bytes on the TLS session after the RDMA set-up".to_string())
+            }
+            Err(error) => Err(format!("the TLS session failed: {error}")),
+        };
+        if let Err(reason) = read {
+            return reason;
         }
+        let mut total = [0u8; 8];
+        total.copy_from_slice(&notice[1..]);
+        announced.store(u64::from_le_bytes(total), Ordering::Release);
+        notice_arrived.notify_one();
+        // From here the inbound side decides when the pump ends: the peer
+        // may close the lifeline at once, and whatever the lifeline does
+        // next changes nothing.
+        std::future::pending().await
     };
     let reason = tokio::select! {
-        reason = outbound => reason,
-        reason = inbound => reason,
+        reason = outbound => reason.unwrap_or_else(|reason| reason),
+        reason = inbound => reason.unwrap_or_else(|reason| reason),
         reason = watch => reason,
     };
     tracing::debug!(%reason, "RDMA connection closing");
     connection.break_with(reason);
-    let _ = lifeline.shutdown().await;
+    let _ = lifeline_out.shutdown().await;
 }

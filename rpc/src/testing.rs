@@ -65,3 +65,21 @@ pub fn admin() -> Credentials {
         gid: 0,
     })
 }
+
+/// The two ends of one RDMA connection on `transport`'s device, as the
+/// frame machinery sees them (the byte streams the pumps serve), with an
+/// in-memory stream as their lifeline where a real connection has its
+/// authenticated TLS session: for tests of the transport's stream itself
+/// (what arrives when one end closes) without a server and client around
+/// it. The first end is the side that connects, the second the one that
+/// accepts.
+pub async fn rdma_stream_pair(
+    transport: &crate::RdmaTransport,
+) -> Result<(tokio::io::DuplexStream, tokio::io::DuplexStream), flyfs_rdma::RdmaError> {
+    let (client_lifeline, server_lifeline) = tokio::io::duplex(4096);
+    let (client, server) = tokio::join!(
+        transport.upgrade(client_lifeline, crate::rdma::Side::Client),
+        transport.upgrade(server_lifeline, crate::rdma::Side::Server),
+    );
+    Ok((client?.0, server?.0))
+}

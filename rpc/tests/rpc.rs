@@ -21,11 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 suite_tests!(Fixture::tcp());
 
-#[tokio::test]
-async fn oversized_body_or_payload_gets_too_large() {
-    suite::oversized_body_or_payload_gets_too_large(&Fixture::tcp()).await;
-}
-
 /// A raw TLS session with a client's credentials: a peer that passed
 /// authentication and then misbehaves.
 async fn raw_tls(addr: &str) -> RawStream {

@@ -3,7 +3,8 @@
 //! [`suite_tests!`] makes one `#[tokio::test]` per case. rpc.rs runs it over
 //! TCP on the host; guest_rdma.rs runs the same cases over the RDMA
 //! transport in the guest (Soft-RoCE). Cases that need a raw socket (a
-//! peer writing bad frames itself) stay in rpc.rs.
+//! peer writing bad frames itself) stay in rpc.rs. The fixture, the test
+//! methods and their service are those of both binaries' other tests too.
 
 // Each test binary that includes this module uses all of it through
 // `suite_tests!`, but the compiler checks the module before the macro's
@@ -15,33 +16,49 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flyfs_bypass::buf::BufferPool;
 use flyfs_proto::frame::FrameLimits;
 use flyfs_proto::ids::NodeId;
 use flyfs_proto::{Method, Ping, PingReq, Roles, Status};
 use flyfs_rpc::testing;
 use flyfs_rpc::{
-    CallOptions, Client, ClientConfig, Listener, Network, RdmaTransport, Reply, Request,
-    RetryPolicy, RpcError, Server, ServerConfig, ServerHandle, Service, Tcp,
+    CallOptions, Client, ClientConfig, Credentials, Listener, Network, RdmaTransport, Reply,
+    Request, RetryPolicy, RpcError, Server, ServerConfig, ServerHandle, Service, Tcp,
 };
 use flyfs_time::Backoff;
 use serde::{Deserialize, Serialize};
 
 /// How a case makes its servers and clients: over TCP, or over RDMA on a
-/// device (every connection authenticated over TLS first, either way).
+/// device (every connection authenticated over TLS first, either way). The
+/// one place tests of either transport start a server or make a client.
 #[derive(Debug, Clone)]
 pub struct Fixture {
     rdma: Option<RdmaTransport>,
+    /// The registered pool `EchoRegistered` pulls payloads into (as a
+    /// storage node's engine buffers are).
+    server_pool: Option<BufferPool>,
 }
 
 impl Fixture {
     pub fn tcp() -> Fixture {
-        Fixture { rdma: None }
+        Fixture {
+            rdma: None,
+            server_pool: None,
+        }
     }
 
     pub fn rdma(transport: RdmaTransport) -> Fixture {
         Fixture {
             rdma: Some(transport),
+            server_pool: None,
         }
+    }
+
+    /// Servers started from now on pull `EchoRegistered`'s payloads into
+    /// buffers of `pool`.
+    pub fn with_server_pool(mut self, pool: BufferPool) -> Fixture {
+        self.server_pool = Some(pool);
+        self
     }
 
     pub async fn start_server(&self, config: ServerConfig) -> (ServerHandle, Arc<TestService>) {
@@ -54,7 +71,10 @@ impl Fixture {
         config: ServerConfig,
     ) -> (ServerHandle, Arc<TestService>) {
         let listener = Tcp.bind(addr).await.expect("bind");
-        let service = Arc::new(TestService::default());
+        let service = Arc::new(TestService {
+            calls: AtomicUsize::new(0),
+            pool: self.server_pool.clone(),
+        });
         let mut server = Server::new(service.clone(), config, testing::storage(NodeId(1)));
         if let Some(rdma) = &self.rdma {
             server = server.with_rdma(rdma.clone());
@@ -68,7 +88,12 @@ impl Fixture {
     }
 
     pub fn client_with(&self, config: ClientConfig) -> Client<Tcp> {
-        Client::with_transport(Tcp, config, testing::client(), self.rdma.clone())
+        self.client_as(config, testing::client())
+    }
+
+    /// A client with `credentials` (another role than a mount's).
+    pub fn client_as(&self, config: ClientConfig, credentials: Credentials) -> Client<Tcp> {
+        Client::with_transport(Tcp, config, credentials, self.rdma.clone())
     }
 }
 
@@ -147,9 +172,54 @@ impl Method for StatV2Method {
     const ROLES: Roles = Roles::ALL;
 }
 
-#[derive(Default)]
+/// Only storage nodes may call it; echoes like `Echo`.
+pub struct NodesOnly;
+impl Method for NodesOnly {
+    const ID: u16 = 303;
+    const NAME: &'static str = "test.NodesOnly";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::STORAGE;
+}
+
+/// Echoes the payload after pulling it into a buffer of the fixture's
+/// registered pool (as a storage node's engine buffer is).
+pub struct EchoRegistered;
+impl Method for EchoRegistered {
+    const ID: u16 = 304;
+    const NAME: &'static str = "test.EchoRegistered";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
+/// Replies with as many parts as the request's text says, each of the
+/// length its payload has, each part the payload with its index added to
+/// every byte (a batched read's items).
+pub struct Parts;
+impl Method for Parts {
+    const ID: u16 = 305;
+    const NAME: &'static str = "test.Parts";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
+/// Pulls the payload into a buffer of the length the request's text names
+/// (as a storage write sizes its buffer from the request): a remote
+/// payload naming more or fewer bytes is refused.
+pub struct EchoSized;
+impl Method for EchoSized {
+    const ID: u16 = 306;
+    const NAME: &'static str = "test.EchoSized";
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const ROLES: Roles = Roles::ALL;
+}
+
 pub struct TestService {
     pub calls: AtomicUsize,
+    pool: Option<BufferPool>,
 }
 
 impl Service for TestService {
@@ -172,6 +242,84 @@ impl Service for TestService {
                 };
                 Reply::ok::<Echo>(&rsp, Bytes::from(copy))
             }
+            NodesOnly::ID => {
+                let echo = match request.decode::<NodesOnly>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let mut copy = vec![0u8; request.payload.len()];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: copy.len() as u64,
+                };
+                Reply::ok::<NodesOnly>(&rsp, Bytes::from(copy))
+            }
+            EchoRegistered::ID => {
+                let echo = match request.decode::<EchoRegistered>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Some(pool) = &self.pool else {
+                    return Reply::error(Status::Internal, "the fixture has no server pool");
+                };
+                let mut buf = pool.alloc(request.payload.len());
+                if let Err(error) = request.payload.fetch_into(&mut buf).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: buf.len() as u64,
+                };
+                Reply::ok::<EchoRegistered>(&rsp, Bytes::from_owner(buf))
+            }
+            Parts::ID => {
+                let echo = match request.decode::<Parts>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Ok(count) = echo.text.parse::<u8>() else {
+                    return Reply::error(Status::BadRequest, "the text is the count of parts");
+                };
+                let mut copy = vec![0u8; request.payload.len()];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::Internal, error);
+                }
+                let parts = (0..count)
+                    .map(|index| {
+                        Bytes::from(
+                            copy.iter()
+                                .map(|byte| byte.wrapping_add(index))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: (copy.len() * usize::from(count)) as u64,
+                };
+                Reply::ok_parts::<Parts>(&rsp, parts)
+            }
+            EchoSized::ID => {
+                let echo = match request.decode::<EchoSized>() {
+                    Ok(echo) => echo,
+                    Err(reply) => return reply,
+                };
+                let Ok(len) = echo.text.parse::<usize>() else {
+                    return Reply::error(Status::BadRequest, "the text is the payload's length");
+                };
+                let mut copy = vec![0u8; len];
+                if let Err(error) = request.payload.fetch_into(&mut copy).await {
+                    return Reply::error(Status::BadRequest, error);
+                }
+                let rsp = EchoRsp {
+                    text: echo.text,
+                    payload_len: len as u64,
+                };
+                Reply::ok::<EchoSized>(&rsp, Bytes::from(copy))
+            }
             Explode::ID => panic!("handler exploded on purpose"),
             StatV1Method::ID => match request.decode::<StatV1Method>() {
                 Ok(stat) => Reply::ok::<StatV1Method>(
@@ -187,9 +335,16 @@ impl Service for TestService {
     }
 
     fn roles(&self, method: u16) -> Option<Roles> {
-        [Echo::ID, Explode::ID, StatV1Method::ID]
-            .contains(&method)
-            .then_some(Roles::ALL)
+        match method {
+            NodesOnly::ID => Some(NodesOnly::ROLES),
+            Echo::ID
+            | Explode::ID
+            | StatV1Method::ID
+            | EchoRegistered::ID
+            | Parts::ID
+            | EchoSized::ID => Some(Roles::ALL),
+            _ => None,
+        }
     }
 }
 
@@ -691,12 +846,43 @@ pub async fn disconnect_fails_pending_calls(fx: &Fixture) {
     server.shutdown().await;
 }
 
+pub async fn roles_are_checked(fx: &Fixture) {
+    let (server, _) = fx.start_server(ServerConfig::default()).await;
+    let error = fx
+        .client()
+        .call::<NodesOnly>(
+            server.local_addr(),
+            &echo("", 0),
+            Bytes::new(),
+            &opts(60_000),
+        )
+        .await
+        .expect_err("a client may not call a storage-only method");
+    assert_eq!(error.status(), Some(Status::Forbidden), "{error}");
+    fx.client_as(ClientConfig::default(), testing::storage(NodeId(2)))
+        .call::<NodesOnly>(
+            server.local_addr(),
+            &echo("", 0),
+            Bytes::new(),
+            &opts(60_000),
+        )
+        .await
+        .expect("a storage node may");
+    server.shutdown().await;
+}
+
 /// One `#[tokio::test]` per case of the suite, each on the fixture `$fixture`
-/// makes (an expression, evaluated in each test). All but
-/// `oversized_body_or_payload_gets_too_large`, which each binary runs itself
-/// (over RDMA it meets a known bug, see guest_rdma.rs).
+/// makes (an expression, evaluated in each test).
 macro_rules! suite_tests {
     ($fixture:expr) => {
+        #[tokio::test]
+        async fn oversized_body_or_payload_gets_too_large() {
+            suite::oversized_body_or_payload_gets_too_large(&$fixture).await;
+        }
+        #[tokio::test]
+        async fn roles_are_checked() {
+            suite::roles_are_checked(&$fixture).await;
+        }
         #[tokio::test]
         async fn echo_round_trip_with_payload() {
             suite::echo_round_trip_with_payload(&$fixture).await;

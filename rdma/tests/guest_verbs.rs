@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="shared/vm/guest --rxe --" \
-//!     cargo test -p flyfs-rdma --test guest_rdma
+//!     cargo test -p flyfs-rdma --test guest_verbs
 //! ```
 
 use std::sync::Arc;
@@ -466,6 +466,69 @@ async fn a_peer_that_never_returns_credits_holds_nothing_more() {
     drop((a, b));
     counts_return_to(baseline).await;
     kernel_counts_return_to(kernel_baseline).await;
+}
+
+/// Closing without losing messages (docs/rdma-transport.md, "Closing"):
+/// once `drain` returns, every message posted is in the peer's ring, so the
+/// sender may tear its queue pair down at once and the peer still takes
+/// exactly the count announced, even after its own connection broke; a
+/// count larger than what was sent fails the wait, in bounded time, naming
+/// both numbers.
+#[tokio::test]
+async fn drained_messages_survive_the_senders_teardown() {
+    let _serial = SERIAL.lock().await;
+    let device = device();
+    let baseline = live_counts();
+    let (a, b) = pair(&device, config());
+    // As many messages as the credits allow without a consumer: all posted,
+    // none taken yet.
+    for index in 0..4u8 {
+        a.send_posted(&[index; 100])
+            .await
+            .expect("posted within credits");
+    }
+    a.drain().await.expect("every posted message acknowledged");
+    let announced = a.data_messages_sent();
+    assert_eq!(announced, 4);
+    // The sender goes away at once, as a closing side does after its notice.
+    a.break_with("closed after draining".into());
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for index in 0..4u8 {
+        let message = b
+            .recv_announced(announced, deadline)
+            .await
+            .expect("an announced message")
+            .expect("not all taken yet");
+        assert_eq!(message, vec![index; 100], "message {index} in order");
+    }
+    assert_eq!(
+        b.recv_announced(announced, deadline)
+            .await
+            .expect("the end"),
+        None,
+        "all {announced} taken"
+    );
+    // A peer announcing more than it sent: a bounded wait, then an error.
+    let started = tokio::time::Instant::now();
+    let short = tokio::time::Instant::now() + Duration::from_millis(300);
+    let error = b
+        .recv_announced(announced + 1, short)
+        .await
+        .expect_err("one more than was sent");
+    assert!(
+        matches!(
+            error,
+            RdmaError::Announced {
+                announced: 5,
+                taken: 4
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(b);
+    counts_return_to(baseline).await;
 }
 
 #[tokio::test]
