@@ -11,6 +11,12 @@
 //! A failing seed prints its fault log; replay it with `FLYFS_SIM_SEED=<n>`
 //! and `-E 'test(=one)'` (`FLYFS_SIM_LOG=flyfs_craq=debug` traces it), then
 //! pin it in `PINNED` below.
+//!
+//! What a run draws is in `sim_support`'s header: node, network and disk
+//! faults, an operator's membership changes (replace a target, drain and
+//! remove a node, remove a dead node, add a fresh one), and a clock per host
+//! off by up to 250 ms and drifting up to 2 % (the bound, and why the lease
+//! rules hold within it, is stated there).
 
 mod sim_support;
 
