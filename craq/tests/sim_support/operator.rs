@@ -229,7 +229,7 @@ impl Operator {
                     }
                 }
                 Some(_) => {
-                    if !routing.target(old).is_some_and(|t| t.chain.is_none()) {
+                    if routing.target(old).is_none_or(|t| t.chain.is_some()) {
                         return Replaced::Done;
                     }
                     self.mutate::<RemoveTarget>(&RemoveTargetReq { target: old })
