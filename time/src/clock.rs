@@ -30,6 +30,12 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
+    fn now_ns(&self) -> i64 {
+        (**self).now_ns()
+    }
+}
+
 /// The machine's real-time clock, counted from the Unix epoch: what the
 /// daemons run on, and the only clock whose readings other machines can
 /// compare with their own.
@@ -103,6 +109,40 @@ impl Clock for TokioClock {
     }
 }
 
+/// A clock that runs off another by a fixed offset and a rate error:
+/// `base + offset + drift * base`, for the simulation to give every host a
+/// clock of its own, as machines have. The skew the simulation draws, and
+/// the bound it stays within, are stated where it draws them (craq's
+/// `tests/sim_support`); this only does the arithmetic.
+#[derive(Clone, Debug)]
+pub struct SkewedClock<C> {
+    base: C,
+    offset_ns: i64,
+    drift_ppm: i64,
+}
+
+impl<C: Clock> SkewedClock<C> {
+    /// `base`, ahead of it by `offset_ns` (behind if negative), and running
+    /// `drift_ppm` parts per million fast (slow if negative).
+    pub fn new(base: C, offset_ns: i64, drift_ppm: i64) -> SkewedClock<C> {
+        SkewedClock {
+            base,
+            offset_ns,
+            drift_ppm,
+        }
+    }
+}
+
+impl<C: Clock> Clock for SkewedClock<C> {
+    fn now_ns(&self) -> i64 {
+        let base = self.base.now_ns();
+        // i128: a day of nanoseconds times a million overflows an i64.
+        let drift = i128::from(base) * i128::from(self.drift_ppm) / 1_000_000;
+        let skewed = i128::from(base) + drift + i128::from(self.offset_ns);
+        i64::try_from(skewed).unwrap_or(if skewed < 0 { i64::MIN } else { i64::MAX })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -157,5 +197,20 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(copy.now_ms(), 4500);
         assert_eq!(clock.now_ns(), copy.now_ns());
+    }
+
+    #[test]
+    fn a_skewed_clock_is_offset_and_drifts() {
+        let base = std::sync::Arc::new(ManualClock::new(0));
+        let fast = SkewedClock::new(base.clone(), 250_000_000, 20_000);
+        let slow = SkewedClock::new(base.clone(), -250_000_000, -20_000);
+        assert_eq!(fast.now_ms(), 250);
+        assert_eq!(slow.now_ns(), -250_000_000);
+        base.advance_ms(1000);
+        // 1 s of base time: 1.02 s on the fast clock, 0.98 s on the slow.
+        assert_eq!(fast.now_ms(), 1270);
+        assert_eq!(slow.now_ms(), 730);
+        let still = SkewedClock::new(base.clone(), 0, 0);
+        assert_eq!(still.now_ns(), base.now_ns());
     }
 }

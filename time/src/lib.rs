@@ -9,7 +9,11 @@
 //!   anything stored, or compared between machines) is read only through a
 //!   [`Clock`], which the composition root picks: [`WallClock`] in the
 //!   daemons, [`ManualClock`] in tests that move time by hand, [`TokioClock`]
-//!   in the simulation.
+//!   in the simulation, each host's skewed by a [`SkewedClock`].
+//! * **Durations that decide safety between machines** (a storage node's
+//!   lease with the manager, the manager's failure timeout) are measured on
+//!   a [`Clock`] too (a [`TokioClock`] in the daemons), so the simulation
+//!   can make them drift apart.
 //! * **Deadlines, timeouts and elapsed time in async code** are measured on
 //!   [`tokio::time::Instant`] and waited out with [`tokio::time::sleep`],
 //!   never on [`std::time::Instant`]. Tokio's clock is simulated under
@@ -30,5 +34,5 @@
 pub mod clock;
 pub mod retry;
 
-pub use clock::{Clock, ManualClock, TokioClock, WallClock};
+pub use clock::{Clock, ManualClock, SkewedClock, TokioClock, WallClock};
 pub use retry::{Attempt, Backoff, GaveUp, Retry};

@@ -42,7 +42,6 @@ use flyfs_proto::wire::mgmt::{
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 use super::cluster::{Cluster, ClusterRecord};
 use super::store::{ClusterStore, LeaseFence, LeaseState, StoreError};
@@ -103,6 +102,14 @@ pub struct LeaseOptions {
     /// serving at three quarters of its lease), plus the fencing of saves,
     /// which holds whatever the clocks say.
     pub clock: Arc<dyn Clock>,
+    /// The clock this manager measures durations on: how long a node has
+    /// not heartbeated (its failure timeout), how long a member has been
+    /// offline (automatic replacement). Monotonic ([`TokioClock`]), never
+    /// the wall clock, which can step; only its rate matters, and a storage
+    /// node's lease stays within this manager's failure timeout while the
+    /// two clocks' rates are within a factor of two (see
+    /// `StorageConfig::clock`).
+    pub monotonic: Arc<dyn Clock>,
 }
 
 impl LeaseOptions {
@@ -120,6 +127,7 @@ impl LeaseOptions {
             address: String::new(),
             ttl: LeaseOptions::TTL_DEFAULT,
             clock: Arc::new(TokioClock::new()),
+            monotonic: Arc::new(TokioClock::new()),
         }
     }
 
@@ -130,6 +138,7 @@ impl LeaseOptions {
             address: address.into(),
             ttl,
             clock: Arc::new(WallClock),
+            monotonic: Arc::new(TokioClock::new()),
         }
     }
 
@@ -168,7 +177,8 @@ pub struct MgmtService {
     store: Box<dyn ClusterStore>,
     config: MgmtConfig,
     lease: LeaseOptions,
-    start: Instant,
+    /// When the service started, on `lease.monotonic`, in nanoseconds.
+    start_ns: i64,
     /// When routing is sent in pages, and the last table encoded for that,
     /// by version: a large table is encoded once per version, not once per
     /// page or per caller.
@@ -237,8 +247,8 @@ impl MgmtService {
             role: Mutex::new(Role::Standby { primary: None }),
             store,
             config,
+            start_ns: lease.monotonic.now_ns(),
             lease,
-            start: Instant::now(),
             routing_pages: Mutex::new(RoutingPages {
                 sizes: PageSizes {
                     inline_bytes_max: ROUTING_INLINE_BYTES_MAX,
@@ -259,10 +269,12 @@ impl MgmtService {
         &self.lease
     }
 
-    /// Time since the service started (tokio's clock, so simulated time
-    /// under turmoil).
+    /// Time since the service started, on its monotonic clock (tokio's in
+    /// the daemons, so simulated time under turmoil; a drifting one per host
+    /// in the simulation).
     fn now(&self) -> Duration {
-        self.start.elapsed()
+        let elapsed = self.lease.monotonic.now_ns().saturating_sub(self.start_ns);
+        Duration::from_nanos(u64::try_from(elapsed).unwrap_or(0))
     }
 
     /// The routing information this manager holds (served only while it is
@@ -1003,6 +1015,7 @@ mod tests {
             address: format!("{name}:7000"),
             ttl: Duration::from_secs(3),
             clock: clock.clone(),
+            monotonic: clock.clone(),
         };
         let first = MgmtService::open_with(Box::new(store.clone()), config(), lease("m1"))
             .await
@@ -1082,5 +1095,48 @@ mod tests {
             second.routing().chain(ChainId(1)).map(|c| c.targets.len()),
             Some(2)
         );
+    }
+
+    /// The rule behind the simulation's clock-skew bound: a primary that
+    /// stops renewing serves until three quarters of its lease on its own
+    /// clock, and a standby takes over at the whole lease on its clock. With
+    /// the standby's clock ahead by more than the quarter the primary keeps,
+    /// both serve at once (saves stay fenced: only reads and answers from a
+    /// stale record escape); within it they never do.
+    #[tokio::test(start_paused = true)]
+    async fn a_skew_beyond_a_quarter_of_the_ttl_gives_two_primaries() {
+        for (ahead_ms, both) in [(600, false), (1000, true)] {
+            let store = MemStore::new();
+            let base = TokioClock::new();
+            let lease = |name: &str, offset_ms: i64| {
+                let clock: Arc<dyn Clock> =
+                    Arc::new(flyfs_time::SkewedClock::new(base, offset_ms * 1_000_000, 0));
+                LeaseOptions {
+                    holder: name.into(),
+                    address: format!("{name}:7000"),
+                    ttl: Duration::from_secs(3),
+                    clock: clock.clone(),
+                    monotonic: clock,
+                }
+            };
+            let first = MgmtService::open_with(Box::new(store.clone()), config(), lease("m1", 0))
+                .await
+                .expect("open m1");
+            let second =
+                MgmtService::open_with(Box::new(store.clone()), config(), lease("m2", ahead_ms))
+                    .await
+                    .expect("open m2");
+            assert!(first.is_primary());
+            // The primary stops renewing; the standby tries every 10 ms
+            // until the primary's three quarters are over.
+            let mut overlap = false;
+            for _ in 0..230 {
+                tokio::time::advance(Duration::from_millis(10)).await;
+                second.lease_round().await.expect("round");
+                overlap |= first.is_primary() && second.is_primary();
+            }
+            assert!(!first.is_primary(), "serves past 3/4 of its lease");
+            assert_eq!(overlap, both, "standby {ahead_ms} ms ahead");
+        }
     }
 }

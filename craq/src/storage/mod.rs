@@ -43,8 +43,8 @@ use flyfs_proto::wire::mgmt::{
 };
 use flyfs_proto::wire::storage::{StorageError, WriteRsp};
 use flyfs_rpc::{CallOptions, Client, Credentials, Network};
+use flyfs_time::{Clock, TokioClock};
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 pub use channels::ChannelLimits;
 use channels::Channels;
@@ -85,6 +85,14 @@ pub struct StorageConfig {
     pub channel_limits: ChannelLimits,
     /// The scrubber's rate and the repairs it may run at once.
     pub scrub: ScrubConfig,
+    /// The clock the lease is measured on: a monotonic one (a
+    /// [`TokioClock`], the default), never the wall clock, which can step.
+    /// Only differences of its readings count, so its offset from other
+    /// machines' clocks does not matter; its rate does: the lease stays
+    /// safe while this node's clock and the manager's run at rates within a
+    /// factor of two of each other (the lease is at most half the manager's
+    /// failure timeout). The simulation gives each node a drifting one.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl StorageConfig {
@@ -103,6 +111,7 @@ impl StorageConfig {
             sync_page: 4096,
             channel_limits: ChannelLimits::default(),
             scrub: ScrubConfig::default(),
+            clock: Arc::new(TokioClock::new()),
         }
     }
 }
@@ -227,8 +236,9 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     managers: flyfs_client::mgmt::Managers,
     routing: Mutex<Arc<RoutingInfo>>,
     targets: Mutex<BTreeMap<ChainId, Arc<Target>>>,
-    /// When the last heartbeat that the manager answered was sent.
-    lease_from: Mutex<Option<Instant>>,
+    /// When the last heartbeat that the manager answered was sent, on
+    /// `config.clock`, in nanoseconds.
+    lease_from: Mutex<Option<i64>>,
     /// The lease in force: the configured one, cut to half the manager's
     /// failure timeout when the manager says that is shorter.
     lease: Mutex<Duration>,
@@ -389,7 +399,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
 
     /// One heartbeat, and a routing pull when the manager's version moved.
     pub async fn heartbeat_once(&self) -> Result<(), String> {
-        let sent = Instant::now();
+        let sent = self.config.clock.now_ns();
         let reports = self.reports();
         let req = HeartbeatReq {
             node: self.config.node,
@@ -621,7 +631,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// Whether the node's lease with the manager holds.
     pub(crate) fn lease_valid(&self) -> bool {
         let lease = *self.lease.lock();
-        self.lease_from.lock().is_some_and(|t| t.elapsed() < lease)
+        let now = self.config.clock.now_ns();
+        let lease_ns = i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX);
+        self.lease_from
+            .lock()
+            .is_some_and(|from| now.saturating_sub(from) < lease_ns)
     }
 
     /// The hosted target of `chain` and where it stands, if the request's

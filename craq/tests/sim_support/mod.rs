@@ -11,7 +11,25 @@
 //! twice; `net`), manager restarts, fail points that freeze a node at an
 //! exact step of the write path, I/O errors on a node's disk (a failed write
 //! or flush poisons its engine and takes its targets offline) and slow disks
-//! (`disk`).
+//! (`disk`). An operator's membership changes, through the manager's admin
+//! RPCs as `flyfs admin` makes them (`operator`): a chain member replaced
+//! by a new target on another node (the chain gains it, a resync fills it
+//! while the chain serves, the old one leaves), a node drained, stopped and
+//! removed, the node lost for good removed once its replicas moved, a fresh
+//! node (blank disk, registering anew) added where one was removed; one at a
+//! time, over crashes, partitions and the workload.
+//!
+//! Clocks: every host reads its own (`SkewedClock`), off the simulation's by
+//! up to `CLOCK_OFFSET_MS_MAX` (250 ms) either way and running up to
+//! `CLOCK_DRIFT_PPM_MAX` (2 %) fast or slow, drawn per seed. The bound, and
+//! why the lease rules hold within it: a node's lease is at most half the
+//! manager's failure timeout, each measured on its own host's clock, which
+//! holds while their rates are within a factor of two; the managers' lease
+//! holder stops serving a quarter of the ttl early, which covers two clocks
+//! apart by 2 x 250 ms + 2 x 2 % of the 3 s ttl = 620 ms < 750 ms (the
+//! simulation runs one manager, whose restarts come back on a clock of the
+//! same skew). Beyond it two managers serve at once: `flyfs-craq`'s
+//! `a_skew_beyond_a_quarter_of_the_ttl_gives_two_primaries`.
 //!
 //! Workload: partial writes at any offset, truncates and removes over four
 //! chunks a chain, and reads of whole chunks (`Workload::Files`); or the
@@ -32,6 +50,7 @@
 pub mod disk;
 pub mod model;
 pub mod net;
+pub mod operator;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -46,6 +65,7 @@ use flyfs_bypass::mem::MemDevice;
 use flyfs_bypass::{BufferPool, HugePages, PoolConfig, block_on};
 use flyfs_chunk_engine::{ChunkKey, Engine, EngineConfig, FormatOptions, JournalMode, ReadRequest};
 use flyfs_client::storage::{ClientConfig, StorageClient};
+use flyfs_craq::mgmt::service::LeaseOptions;
 use flyfs_craq::mgmt::service::{MgmtConfig, MgmtService};
 use flyfs_craq::mgmt::store::MemStore;
 use flyfs_craq::storage::FailPoint;
@@ -56,7 +76,7 @@ use flyfs_proto::wire::mgmt::{
     RoutingInfo,
 };
 use flyfs_rpc::{CallOptions, Network, ServerConfig};
-use flyfs_time::Backoff;
+use flyfs_time::{Backoff, Clock, SkewedClock, TokioClock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
@@ -64,6 +84,7 @@ use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 use disk::SimDisk;
 use model::{ChunkModel, ChunkOp, ChunkRet};
 use net::{Connections, ResetNet};
+use operator::AdminOp;
 
 pub type Node = StorageNode<SimDisk, ResetNet>;
 
@@ -128,6 +149,13 @@ pub struct SimConfig {
     /// journal thread completes commits on an OS thread, at a moment of
     /// real time turmoil does not control (see `many_journal_thread`).
     pub journal: JournalMode,
+    /// Draw an operator's membership changes too (replace a target, drain
+    /// a node and remove it, remove a dead node, add a fresh node; from a
+    /// random stream of their own, see `admin_chaos_step`).
+    pub admin: bool,
+    /// Give every host a clock of its own, off by an offset and drifting,
+    /// within `CLOCK_OFFSET_MS_MAX` and `CLOCK_DRIFT_PPM_MAX`.
+    pub skew: bool,
 }
 
 impl SimConfig {
@@ -145,6 +173,8 @@ impl SimConfig {
             io_faults: true,
             workload: Workload::Files,
             journal: JournalMode::Inline,
+            admin: true,
+            skew: true,
         }
     }
 
@@ -155,6 +185,8 @@ impl SimConfig {
             chunks_per_chain: 2,
             io_faults: false,
             workload: Workload::Registers,
+            admin: false,
+            skew: false,
             ..SimConfig::new(seed)
         }
     }
@@ -191,6 +223,13 @@ pub struct World {
     /// What the harness saw go wrong while the run went on (checked at its
     /// end, with the other checkers).
     pub violations: Vec<String>,
+    /// Targets the operator created (not the manager's automatic
+    /// replacements).
+    pub admin_targets: std::collections::BTreeSet<TargetId>,
+    /// A node the operator drained, whose daemon the simulation is to stop.
+    pub drained: Option<usize>,
+    /// A node the manager forgot (`remove-node`), free to come back fresh.
+    pub removed: Option<usize>,
 }
 
 /// Every kind of fault the chaos draws: a range of seeds must fire each at
@@ -212,7 +251,28 @@ pub const FAULT_KINDS: &[&str] = &[
     "disk error hit",
     "target offline after disk error",
     "slow disk",
+    "admin replace target",
+    "admin drain node",
+    "admin remove node",
+    "admin add node",
+    "admin change under failure",
 ];
+
+/// The most a host's clock is off the simulation's, either way. Only the
+/// managers' lease compares readings of different clocks (a holder serves
+/// three quarters of the 3 s ttl on its clock, another takes over after the
+/// whole ttl on its own), so offsets must differ by less than that quarter,
+/// less what drift adds over a ttl: 2 x 250 ms + 2 x 2 % x 3 s = 620 ms <
+/// 750 ms.
+pub const CLOCK_OFFSET_MS_MAX: i64 = 250;
+/// The most a host's clock runs fast or slow, in parts per million (2 %,
+/// a hundred times what a crystal drifts). Durations that decide safety are
+/// measured on one clock each: a storage node stops serving at its lease
+/// (at most half the manager's failure timeout) on its clock, the manager
+/// declares it failed after the failure timeout on its own; that holds
+/// while the rates differ by less than a factor of two, which 2 % keeps far
+/// from.
+pub const CLOCK_DRIFT_PPM_MAX: i64 = 20_000;
 
 pub type Shared = Rc<RefCell<World>>;
 
@@ -384,6 +444,19 @@ pub struct Sim<'a> {
     disk_hit: BTreeMap<usize, Duration>,
     /// The node whose disk is slow, until when.
     slow: Option<(usize, Duration)>,
+    /// Each host's clock skew: offset in nanoseconds and drift in parts per
+    /// million, the manager's first, then each node's.
+    skews: Vec<(i64, i64)>,
+    /// Draws the operator's membership changes, apart from `rng` for the
+    /// same reason as `lost_rng`.
+    admin_rng: ChaCha8Rng,
+    /// The operator's host running now, and whether a failure overlapped
+    /// its change.
+    operation: Option<(String, bool)>,
+    operators: usize,
+    /// A node the operator drained and stopped: it stays down until the
+    /// manager has forgotten it and it comes back as a fresh node.
+    pub retired: Option<usize>,
 }
 
 impl<'a> Sim<'a> {
@@ -422,7 +495,26 @@ impl<'a> Sim<'a> {
             disk_armed: None,
             disk_hit: BTreeMap::new(),
             slow: None,
+            skews: Vec::new(),
+            admin_rng: ChaCha8Rng::seed_from_u64(config_seed ^ 0xad_0915),
+            operation: None,
+            operators: 0,
+            retired: None,
         };
+        // Clock skew per host, from a stream of its own too.
+        let mut skew_rng = ChaCha8Rng::seed_from_u64(config_seed ^ 0xc10c);
+        me.skews = (0..=config_nodes)
+            .map(|_| {
+                if !me.config.skew {
+                    return (0, 0);
+                }
+                let offset = CLOCK_OFFSET_MS_MAX * 1_000_000;
+                (
+                    skew_rng.random_range(-offset..=offset),
+                    skew_rng.random_range(-CLOCK_DRIFT_PPM_MAX..=CLOCK_DRIFT_PPM_MAX),
+                )
+            })
+            .collect();
         me.add_mgmt();
         for i in 0..me.config.nodes {
             me.add_node(i);
@@ -434,12 +526,22 @@ impl<'a> Sim<'a> {
     fn add_mgmt(&mut self) {
         let store = MemStore::new();
         let net = ResetNet::new(MGMT, &self.connections);
+        let (offset_ns, drift_ppm) = self.skews[0];
         self.sim.host(MGMT, move || {
             let store = store.clone();
             let net = net.clone();
             async move {
                 let (config, _) = timing();
-                let service = MgmtService::open(Box::new(store), config).await?;
+                // The manager's one clock, skewed: its lease and its
+                // failure timeouts both read it.
+                let clock: Arc<dyn Clock> =
+                    Arc::new(SkewedClock::new(TokioClock::new(), offset_ns, drift_ppm));
+                let lease = LeaseOptions {
+                    clock: clock.clone(),
+                    monotonic: clock,
+                    ..LeaseOptions::single()
+                };
+                let service = MgmtService::open_with(Box::new(store), config, lease).await?;
                 tokio::spawn(service.clone().run());
                 let listener = net.bind(&format!("0.0.0.0:{MGMT_PORT}")).await?;
                 flyfs_rpc::serve(
@@ -462,6 +564,7 @@ impl<'a> Sim<'a> {
         let net = ResetNet::new(&node_name(i), &self.connections);
         let stall_us = self.stalls[i].clone();
         let disk_seed = self.config.seed ^ ((i as u64 + 1) << 48);
+        let (offset_ns, drift_ppm) = self.skews[i + 1];
         self.sim.host(node_name(i), move || {
             // A new process finds the disk's transient faults gone (an
             // operator replaced the cable, or the error was a one-off); a
@@ -473,11 +576,16 @@ impl<'a> Sim<'a> {
             let mut storage_config = storage_config(i);
             storage_config.overlap_prepare_and_forward = overlap_prepare;
             async move {
+                // The node's clock, skewed: its lease with the manager and
+                // its engine's commit timestamps read it.
+                let clock: Arc<dyn Clock> =
+                    Arc::new(SkewedClock::new(TokioClock::new(), offset_ns, drift_ppm));
+                storage_config.clock = clock.clone();
                 let config = EngineConfig {
                     journal,
                     // Commit timestamps from simulated time: a seed replays
                     // the same records.
-                    clock: Arc::new(flyfs_time::TokioClock::new()),
+                    clock,
                     ..EngineConfig::default()
                 };
                 let engine = Engine::open(dev, small_pool(), config).await?;
@@ -670,7 +778,7 @@ impl<'a> Sim<'a> {
     }
 
     pub fn restart(&mut self, i: usize) {
-        if self.crashed[i] && self.lost != Some(i) {
+        if self.crashed[i] && self.lost != Some(i) && self.retired != Some(i) {
             self.sim.bounce(node_name(i));
             self.crashed[i] = false;
             self.note(format!("restart node{i}"));
@@ -777,7 +885,15 @@ impl<'a> Sim<'a> {
                     // if its chains were already down to it, its disk holds
                     // the only copy of their newest writes, and no system
                     // gets those back.
-                    if healthy && self.lost.is_none() && self.lost_rng.random_bool(0.2) {
+                    // Nor while the operator changes membership or a node
+                    // it drained is away: the cluster would have too few
+                    // nodes left for its chains.
+                    if healthy
+                        && self.lost.is_none()
+                        && self.retired.is_none()
+                        && self.operation.is_none()
+                        && self.lost_rng.random_bool(0.2)
+                    {
                         self.lost = Some(i);
                         self.note(format!("node{i} is lost for good"));
                         self.fired("node lost for good");
@@ -842,7 +958,7 @@ impl<'a> Sim<'a> {
         self.crashed
             .iter()
             .enumerate()
-            .all(|(i, crashed)| !crashed || self.lost == Some(i))
+            .all(|(i, crashed)| !crashed || self.lost == Some(i) || self.retired == Some(i))
             && self.partitions.is_empty()
             && self.armed.is_none()
             && self.disk_armed.is_none()
@@ -916,6 +1032,140 @@ impl<'a> Sim<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Draws the operator's membership changes now and then while the
+    /// workload runs, from `admin_rng`, one at a time, over whatever other
+    /// faults are under way: replace a chain member with a new target on the
+    /// node outside its chain; drain a node (then its daemon is stopped and
+    /// the node removed); remove the node lost for good once the manager has
+    /// moved its replicas; add a fresh node (a blank disk, registering
+    /// anew) where a node was removed.
+    pub fn admin_chaos_step(&mut self) {
+        if !self.config.admin || !self.world.borrow().ready {
+            return;
+        }
+        self.follow_operation(false);
+        if !self.admin_rng.random_bool(0.001) {
+            return;
+        }
+        let removed = self.world.borrow().removed;
+        match self.admin_rng.random_range(0..6) {
+            0..=2 if self.operation.is_none() => {
+                let Some(routing) = self.routing() else {
+                    return;
+                };
+                let chain = &routing.chains[self.admin_rng.random_range(0..routing.chains.len())];
+                let old = chain.targets[self.admin_rng.random_range(0..chain.targets.len())];
+                self.operate(AdminOp::Replace {
+                    chain: chain.id,
+                    old: old.target,
+                });
+            }
+            3 if self.operation.is_none()
+                && self.lost.is_none()
+                && self.retired.is_none()
+                && removed.is_none() =>
+            {
+                let i = self.admin_rng.random_range(0..self.config.nodes);
+                self.operate(AdminOp::Drain { node: i });
+            }
+            4 if self.operation.is_none() && removed.is_none() => {
+                if let Some(i) = self.lost {
+                    self.operate(AdminOp::RemoveDead { node: i });
+                }
+            }
+            _ => {
+                if let Some(i) = removed {
+                    self.add_fresh_node(i);
+                }
+            }
+        }
+    }
+
+    /// Starts the operator's host for `op`.
+    fn operate(&mut self, op: AdminOp) {
+        self.operators += 1;
+        let name = format!("operator{}", self.operators);
+        self.note(format!("{name}: {op:?}"));
+        let world = self.world.clone();
+        let net = ResetNet::new(&name, &self.connections);
+        self.sim.client(name.clone(), async move {
+            let client = StorageClient::new(client_config(2_000), net, flyfs_rpc::testing::admin());
+            operator::run(op, client, world).await;
+            Ok(())
+        });
+        let overlapped = !self.failure_free();
+        self.operation = Some((name, overlapped));
+    }
+
+    /// No failure of a node or the network under way (what a membership
+    /// change overlapping one is counted against).
+    fn failure_free(&self) -> bool {
+        self.crashed
+            .iter()
+            .enumerate()
+            .all(|(i, crashed)| !crashed || self.retired == Some(i))
+            && self.partitions.is_empty()
+            && self.armed.is_none()
+            && self.disk_armed.is_none()
+    }
+
+    /// Follows the operator: stops the daemon of a node it drained, notes
+    /// when its change is over, and when `healing`, brings a removed node
+    /// back fresh at once.
+    pub fn follow_operation(&mut self, healing: bool) {
+        let drained = self.world.borrow_mut().drained.take();
+        if let Some(i) = drained {
+            // The daemon stops (as a crash: what it had not flushed no
+            // longer matters, it holds nothing) and stays down.
+            self.crash(i);
+            self.retired = Some(i);
+            self.note(format!("node{i} is drained and stopped"));
+        }
+        if let Some((name, overlapped)) = self.operation.take() {
+            let overlapped = overlapped || (!healing && !self.failure_free());
+            if self.sim.is_host_running(name.as_str()) {
+                self.operation = Some((name, overlapped));
+            } else {
+                if overlapped {
+                    self.fired("admin change under failure");
+                }
+                self.note(format!("{name} is done"));
+            }
+        }
+        let removed = self.world.borrow().removed;
+        if healing && let Some(i) = removed {
+            self.add_fresh_node(i);
+        }
+    }
+
+    /// A node the manager forgot comes back as a fresh one: a blank disk,
+    /// the daemon started, registering anew.
+    fn add_fresh_node(&mut self, i: usize) {
+        if self.world.borrow().removed != Some(i) {
+            return;
+        }
+        self.world.borrow_mut().removed = None;
+        if !self.crashed[i] {
+            // The manager forgets only a node it has not heard from for its
+            // failure timeout: a running one here would be a harness bug.
+            self.world
+                .borrow_mut()
+                .violations
+                .push(format!("node{i} was removed while it ran"));
+            return;
+        }
+        if self.lost == Some(i) {
+            self.lost = None;
+        }
+        if self.retired == Some(i) {
+            self.retired = None;
+        }
+        self.lose_disk(i);
+        self.restart(i);
+        self.note(format!("node{i} comes back as a fresh node"));
+        self.fired("admin add node");
     }
 
     /// Follows the disk errors. One that hit is counted, and a second of
@@ -1039,13 +1289,26 @@ impl<'a> Sim<'a> {
         // Quiescent too: writes still in flight (a head retrying its
         // forward after its client gave up) finish before replicas are
         // compared.
-        let settled = self.world.borrow().nodes.values().all(|n| {
-            routing.chains.iter().all(|c| {
-                n.engines()[0]
-                    .chunks(c.id, .., usize::MAX)
-                    .iter()
-                    .all(|info| info.pending.is_none())
-            })
+        // Only members count: a node keeps the chunks of a target taken out
+        // of its chain (a replaced one), pending versions included, and
+        // serves them no more.
+        let settled = self.world.borrow().nodes.iter().all(|(i, n)| {
+            routing
+                .chains
+                .iter()
+                .filter(|c| {
+                    c.targets.iter().any(|t| {
+                        routing
+                            .target(t.target)
+                            .is_some_and(|info| info.node.0 as usize == *i)
+                    })
+                })
+                .all(|c| {
+                    n.engines()[0]
+                        .chunks(c.id, .., usize::MAX)
+                        .iter()
+                        .all(|info| info.pending.is_none())
+                })
         });
         // Every member on a running node: a node lost for good shows as
         // serving until the manager notices, and its replicas must have
@@ -1064,7 +1327,9 @@ impl<'a> Sim<'a> {
                         .all(|t| t.state == PublicState::Serving && running(t.target))
             })
             && self.world.borrow().nodes.len()
-                == self.config.nodes - usize::from(self.lost.is_some())
+                == self.config.nodes
+                    - usize::from(self.lost.is_some())
+                    - usize::from(self.retired.is_some())
             && self
                 .world
                 .borrow()
@@ -1241,6 +1506,7 @@ pub fn run_seed(config: SimConfig) -> Result<RunReport, String> {
         s.reap_frozen();
         s.chaos_step();
         s.io_chaos_step();
+        s.admin_chaos_step();
         s.clients_done()
     });
     finish(sim, result)
@@ -1255,7 +1521,8 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
         sim.run_until(Duration::from_secs(60), |s| {
             s.reap_frozen();
             s.heal_frozen();
-            s.all_serving()
+            s.follow_operation(true);
+            s.operation.is_none() && s.all_serving()
         })
         .map_err(|e| {
             format!(
@@ -1287,7 +1554,11 @@ pub fn finish(mut sim: Sim<'_>, workload: Result<(), String>) -> Result<RunRepor
         routing
             .targets
             .iter()
-            .filter(|t| t.chain.is_some() && !initial(t.id))
+            .filter(|t| {
+                t.chain.is_some()
+                    && !initial(t.id)
+                    && !sim.world.borrow().admin_targets.contains(&t.id)
+            })
             .count()
     });
     if replaced > 0 {
