@@ -637,63 +637,75 @@ pub fn rebalance(
         .filter(|n| n.alive)
         .map(|n| n.id)
         .collect();
-    // The model: each chain's members as (target, node, disk), updated as
-    // moves are planned.
-    let mut chains: Vec<(ChainId, bool, Vec<(TargetId, NodeId, u32)>)> = routing
+    // The model: each chain's members, updated as moves are planned.
+    let mut chains: Vec<ModelChain> = routing
         .chains
         .iter()
-        .map(|chain| {
-            let healthy = chain
+        .map(|chain| ModelChain {
+            id: chain.id,
+            healthy: chain
                 .targets
                 .iter()
-                .all(|m| m.state == PublicState::Serving);
-            let members = chain
+                .all(|m| m.state == PublicState::Serving),
+            members: chain
                 .targets
                 .iter()
-                .filter_map(|m| routing.target(m.target).map(|t| (t.id, t.node, t.disk)))
-                .collect();
-            (chain.id, healthy, members)
+                .filter_map(|m| routing.target(m.target))
+                .map(|t| ModelMember {
+                    target: t.id,
+                    node: t.node,
+                    disk: t.disk,
+                })
+                .collect(),
         })
         .collect();
-    let count = |chains: &[(ChainId, bool, Vec<(TargetId, NodeId, u32)>)], node: NodeId| {
+    let members_on = |chains: &[ModelChain], node: NodeId, disk: Option<u32>| {
         chains
             .iter()
-            .flat_map(|(_, _, members)| members)
-            .filter(|(_, n, _)| *n == node)
+            .flat_map(|c| &c.members)
+            .filter(|m| m.node == node && disk.is_none_or(|d| m.disk == d))
             .count()
     };
     let mut moves: Vec<RebalanceMove> = Vec::new();
     while moves.len() < max_moves {
-        let counts: Vec<(NodeId, usize)> = live.iter().map(|&n| (n, count(&chains, n))).collect();
+        let counts: Vec<(NodeId, usize)> = live
+            .iter()
+            .map(|&n| (n, members_on(&chains, n, None)))
+            .collect();
         let mut sources = counts.clone();
         sources.sort_by_key(|&(node, held)| (std::cmp::Reverse(held), node));
         let mut best = None;
         'search: for &(from, held) in &sources {
-            for (chain_index, (_, healthy, members)) in chains.iter().enumerate() {
-                if !healthy {
+            for (chain_index, chain) in chains.iter().enumerate() {
+                if !chain.healthy {
                     continue;
                 }
                 // A member is moved once: its old target is gone after.
-                let Some(slot) = members.iter().position(|(target, n, _)| {
-                    *n == from && !moves.iter().any(|m| m.old == *target)
-                }) else {
+                let Some(slot) = chain
+                    .members
+                    .iter()
+                    .position(|m| m.node == from && !moves.iter().any(|done| done.old == m.target))
+                else {
                     continue;
                 };
+                let in_chain = |node: NodeId| chain.members.iter().any(|m| m.node == node);
+                // Chains `node` shares with the members staying in this one.
                 let shared = |node: NodeId| {
                     chains
                         .iter()
-                        .filter(|(_, _, other)| other.iter().any(|(_, n, _)| *n == node))
-                        .map(|(_, _, other)| {
+                        .filter(|other| other.members.iter().any(|m| m.node == node))
+                        .map(|other| {
                             other
+                                .members
                                 .iter()
-                                .filter(|(_, n, _)| *n != from && members.iter().any(|m| m.1 == *n))
+                                .filter(|m| m.node != from && in_chain(m.node))
                                 .count()
                         })
                         .sum::<usize>()
                 };
                 let to = counts
                     .iter()
-                    .filter(|&&(node, n)| n + 2 <= held && !members.iter().any(|m| m.1 == node))
+                    .filter(|&&(node, n)| n + 2 <= held && !in_chain(node))
                     .min_by_key(|&&(node, n)| (n, shared(node), node));
                 if let Some(&(to, _)) = to {
                     best = Some((chain_index, slot, from, to));
@@ -704,19 +716,18 @@ pub fn rebalance(
         let Some((chain_index, slot, from, to)) = best else {
             break;
         };
-        let on_disk = |disk: u32| {
-            chains
-                .iter()
-                .flat_map(|(_, _, members)| members)
-                .filter(|(_, n, d)| *n == to && *d == disk)
-                .count()
+        let disk = (0..disks)
+            .min_by_key(|&d| (members_on(&chains, to, Some(d)), d))
+            .unwrap_or(0);
+        let chain = &mut chains[chain_index];
+        let old = chain.members[slot].target;
+        chain.members[slot] = ModelMember {
+            target: old,
+            node: to,
+            disk,
         };
-        let disk = (0..disks).min_by_key(|&d| (on_disk(d), d)).unwrap_or(0);
-        let (chain, _, members) = &mut chains[chain_index];
-        let (old, _, _) = members[slot];
-        members[slot] = (old, to, disk);
         moves.push(RebalanceMove {
-            chain: *chain,
+            chain: chain.id,
             old,
             from,
             to,
@@ -724,6 +735,22 @@ pub fn rebalance(
         });
     }
     moves
+}
+
+/// A chain as [`rebalance`] plans over it.
+struct ModelChain {
+    id: ChainId,
+    /// Every member serving: only such chains are touched.
+    healthy: bool,
+    members: Vec<ModelMember>,
+}
+
+/// A chain member where the plan has it so far (`target` stays the old
+/// id: the new one is chosen when the move is made).
+struct ModelMember {
+    target: TargetId,
+    node: NodeId,
+    disk: u32,
 }
 
 /// The next free id of this module's scheme on `node`/`disk` (one past the
