@@ -763,7 +763,8 @@ fn an_added_node_takes_its_share_through_rebalance() {
                     .count()
             })
             .collect();
-        let (lo, hi) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+        let lo = held.iter().min().expect("nodes");
+        let hi = held.iter().max().expect("nodes");
         assert!(hi - lo <= 1, "replicas per node {held:?}: {routing:?}");
         for chain in CHAINS {
             let info = routing.chain(ChainId(chain)).expect("chain");

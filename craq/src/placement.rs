@@ -1135,7 +1135,8 @@ mod tests {
             assert_eq!(shorter[..], moves[..moves.len().min(2)]);
             apply(&mut routing, &moves);
             let after = members_per_node(&routing);
-            let (lo, hi) = (after.iter().min().unwrap(), after.iter().max().unwrap());
+            let lo = after.iter().min().expect("live nodes");
+            let hi = after.iter().max().expect("live nodes");
             assert!(hi - lo <= 1, "{nodes}+{extra}: {before:?} became {after:?}");
             for new in nodes + 1..=nodes + extra {
                 let disks: Vec<usize> = (0..2)
