@@ -36,7 +36,7 @@ use std::time::Duration;
 use crate::storage::{ClientError, ReadSpec, StorageClient};
 use bytes::{Bytes, BytesMut};
 use flyfs_proto::ids::{ChunkId, InodeId};
-use flyfs_proto::wire::meta::Layout;
+use flyfs_proto::wire::meta::{Layout, WriterLength};
 use flyfs_proto::wire::storage::StorageError;
 use flyfs_rpc::Network;
 use futures::FutureExt;
@@ -157,6 +157,13 @@ pub(crate) struct FileState {
     /// The length as this client knows it: what the metadata service said,
     /// grown by this client's writes.
     length: AtomicU64,
+    /// The file's truncate version that `length` belongs to: the one the
+    /// metadata service answered with when it last set `length` wholesale,
+    /// or of this client's own last truncate. A sync or close sends both
+    /// (see [`writer_length`](Self::writer_length)).
+    truncate_version: AtomicU64,
+    /// The write sessions of this client's handles of the file.
+    sessions: Mutex<Vec<u64>>,
     buffer: tokio::sync::Mutex<Buffer>,
     buffer_bytes: usize,
     /// One permit per buffer in flight to storage.
@@ -198,6 +205,8 @@ impl FileState {
             layout,
             chunk_bytes,
             length: AtomicU64::new(0),
+            truncate_version: AtomicU64::new(0),
+            sessions: Mutex::new(Vec::new()),
             buffer: tokio::sync::Mutex::new(Buffer::default()),
             buffer_bytes: config.write_buffer_bytes.max(1),
             flushes: Arc::new(Semaphore::new(flushes_max as usize)),
@@ -225,30 +234,70 @@ impl FileState {
     }
 
     /// A new handle: `length` is what the metadata service just said.
-    pub(crate) fn opened(&self, length: u64, truncated: bool) {
+    /// A new handle: `length` and `truncate_version` are what the metadata
+    /// service just said.
+    pub(crate) fn opened(&self, length: u64, truncate_version: u64, truncated: bool) {
         if truncated || !self.pending() {
             self.length.store(length, Ordering::Release);
+            self.truncate_version
+                .store(truncate_version, Ordering::Release);
         } else {
+            // The version stays the one our writes were counted under: if a
+            // truncate came since, the service sees the mismatch and asks
+            // storage rather than trust a length the truncate may have cut.
             self.length.fetch_max(length, Ordering::AcqRel);
         }
         self.readahead.lock().chunks.clear();
     }
 
-    /// The metadata service says the file is `length` long; answers the
-    /// length as this client knows it.
-    pub(crate) fn observe_length(&self, length: u64) -> u64 {
+    /// The metadata service says the file is `length` long (at
+    /// `truncate_version`); answers the length as this client knows it.
+    pub(crate) fn observe_length(&self, length: u64, truncate_version: u64) -> u64 {
         if self.pending() {
             self.length.fetch_max(length, Ordering::AcqRel).max(length)
         } else {
             self.length.store(length, Ordering::Release);
+            self.truncate_version
+                .store(truncate_version, Ordering::Release);
             length
         }
     }
 
-    /// The file was truncated (or extended) to `size` by this client.
-    pub(crate) fn truncated(&self, size: u64) {
+    /// The file was truncated (or extended) to `size` by this client, which
+    /// made its truncate version `truncate_version`.
+    pub(crate) fn truncated(&self, size: u64, truncate_version: u64) {
         self.length.store(size, Ordering::Release);
+        self.truncate_version
+            .store(truncate_version, Ordering::Release);
         self.readahead.lock().chunks.clear();
+    }
+
+    /// A handle of this client holds write session `session`.
+    pub(crate) fn session_opened(&self, session: u64) {
+        self.sessions.lock().push(session);
+    }
+
+    /// The handle of write session `session` has been released.
+    pub(crate) fn session_closed(&self, session: u64) {
+        self.sessions.lock().retain(|&s| s != session);
+    }
+
+    /// The write session, when exactly one handle of this client holds one.
+    pub(crate) fn sole_session(&self) -> Option<u64> {
+        match self.sessions.lock().as_slice() {
+            [session] => Some(*session),
+            _ => None,
+        }
+    }
+
+    /// What this client knows of the length, for a sync or close once its
+    /// writes have all reached storage: every byte it wrote lies before
+    /// `length` (writes only grow it; a truncate sets it and the version).
+    pub(crate) fn writer_length(&self) -> WriterLength {
+        WriterLength {
+            length: self.length.load(Ordering::Acquire),
+            truncate_version: self.truncate_version.load(Ordering::Acquire),
+        }
     }
 
     /// The writes accepted so far: a sync started after reading this

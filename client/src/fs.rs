@@ -29,14 +29,15 @@ use std::time::Duration;
 use crate::meta::MetaClient;
 use crate::storage::StorageClient;
 use bytes::Bytes;
+use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ClientId, InodeId};
 use flyfs_proto::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
     Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
     RenewLease, RenewLeaseReq, Resolve, ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq,
-    SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync, Unlink, User,
-    XattrMode, XattrReq,
+    SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync, SyncSetAttr,
+    SyncSetAttrReq, Unlink, User, XattrMode, XattrReq,
 };
 use flyfs_rpc::Network;
 use parking_lot::Mutex;
@@ -121,6 +122,7 @@ impl FileHandle {
             ino: self.ino(),
             session,
             length_known: false,
+            writer_length: None,
         }
     }
 }
@@ -140,6 +142,9 @@ pub struct FsClient<N: Network> {
     next_session: AtomicU64,
     /// This client, for its lease task, which must not keep it alive.
     this: Weak<FsClient<N>>,
+    /// The metadata service answered `UnknownMethod` to `SyncSetAttr` (an
+    /// older build): setattr and the writer's sync go apart.
+    sync_setattr_refused: AtomicBool,
     /// Whether the lease task has been started (by the first write session:
     /// a client that only reads holds nothing to renew).
     renewing: AtomicBool,
@@ -212,6 +217,7 @@ impl<N: Network> FsClient<N> {
             next_session: AtomicU64::new(now_ns),
             this: this.clone(),
             renewing: AtomicBool::new(false),
+            sync_setattr_refused: AtomicBool::new(false),
         })
     }
 
@@ -239,7 +245,7 @@ impl<N: Network> FsClient<N> {
         if attr.kind == FileType::File
             && let Some(state) = self.open_state(attr.ino)
         {
-            attr.length = state.observe_length(attr.length);
+            attr.length = state.observe_length(attr.length, attr.truncate_version);
         }
         attr
     }
@@ -437,14 +443,57 @@ impl<N: Network> FsClient<N> {
     /// `setattr`. A size change first writes out this client's buffered
     /// data of the file (which the truncate must cut too), then truncates
     /// on storage and in the metadata service.
+    ///
+    /// A change of anything else to a file this client is writing through
+    /// one handle, with writes the metadata service has not heard of, takes
+    /// the sync that handle's next `close(2)` would make along
+    /// ([`SyncSetAttr`]): the data goes to storage first, and the service
+    /// fixes the length before it makes the changes. So `tar x` (write,
+    /// then `futimens`, `fchown`, `fchmod`, then `close`) keeps its mtime
+    /// and its close needs no sync of its own.
     pub async fn setattr(&self, req: SetAttrReq) -> Result<Attr, FsError> {
         let state = self.open_state(req.ino);
         if let (Some(state), Some(_)) = (&state, req.size) {
             state.drain(&self.storage).await?;
         }
+        if let Some(state) = &state
+            && req.size.is_none()
+            && state.unsynced()
+            && !self.sync_setattr_refused.load(Ordering::Relaxed)
+            && let Some(session) = state.sole_session()
+        {
+            // As in `flush`: the count first, then the length covering it.
+            let writes = state.writes();
+            let known = state.writer_length();
+            state.drain(&self.storage).await?;
+            let folded = SyncSetAttrReq {
+                set: req.clone(),
+                session,
+                writer_length: known,
+            };
+            match self.meta.call::<SyncSetAttr, _>(&folded).await {
+                Ok(attr) => {
+                    // A length short of ours was not fixed from it (the
+                    // service asked storage, which may disagree): the
+                    // close syncs again.
+                    if attr.length >= known.length {
+                        state.synced(writes);
+                    }
+                    return Ok(self.local_attr(attr));
+                }
+                Err(e) if e.message.contains(&Status::UnknownMethod.to_string()) => {
+                    tracing::info!(
+                        "the metadata service predates meta.SyncSetAttr: setattr and sync \
+                         apart from now on ({e})"
+                    );
+                    self.sync_setattr_refused.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let attr = self.meta.call::<SetAttr, _>(&req).await?;
         if let (Some(state), Some(size)) = (&state, req.size) {
-            state.truncated(size);
+            state.truncated(size, attr.truncate_version);
         }
         Ok(self.local_attr(attr))
     }
@@ -600,9 +649,12 @@ impl<N: Network> FsClient<N> {
             // which covers the moments before the first renewal lands.
             tokio::spawn(renew_leases(self.this.clone()));
         }
+        if let Some(session) = session {
+            state.session_opened(session);
+        }
         // Close-to-open: whatever was read ahead before this open may be
         // stale now.
-        state.opened(attr.length, mode.truncate);
+        state.opened(attr.length, attr.truncate_version, mode.truncate);
         let attr = self.local_attr(attr);
         let handle = Arc::new(FileHandle {
             state,
@@ -655,12 +707,22 @@ impl<N: Network> FsClient<N> {
     /// Every byte written to the file through this client reaches storage,
     /// and the metadata service fixes the exact length (`close(2)`).
     pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
+        // The count first: a write grows the length before it is counted,
+        // so the length read after covers every write this sync claims (a
+        // later write is left for a later sync).
         let writes = fh.state.writes();
+        let known = fh.state.writer_length();
         fh.state.drain(&self.storage).await?;
         if let Some(session) = fh.session
             && fh.state.unsynced()
         {
-            let req = fh.session_req(session);
+            // Everything this client wrote is on storage: what it knows of
+            // the length spares the service asking storage when this is the
+            // file's only writer.
+            let req = SessionReq {
+                writer_length: Some(known),
+                ..fh.session_req(session)
+            };
             self.meta.call::<Sync, _>(&req).await?;
             fh.state.synced(writes);
         }
@@ -676,16 +738,22 @@ impl<N: Network> FsClient<N> {
     /// The last close of a handle: flushes, then ends its write session.
     pub async fn release(&self, fh: &FileHandle) -> Result<(), FsError> {
         let writes = fh.state.writes();
+        let known = fh.state.writer_length();
         let flushed = fh.state.drain(&self.storage).await;
         if let Some(session) = fh.session {
             // Most handles end synced (close(2) flushed them) or never
             // wrote: the service then need not ask storage for the length.
+            // A handle with unsynced writes that all reached storage says
+            // what it knows of the length; after a failed flush, storage is
+            // asked.
             let req = SessionReq {
                 length_known: flushed.is_ok() && !fh.state.unsynced(),
+                writer_length: flushed.is_ok().then_some(known),
                 ..fh.session_req(session)
             };
             // The session ends even when the flush failed: the data that
             // failed is reported, not retried forever.
+            fh.state.session_closed(session);
             self.meta.call::<Close, _>(&req).await?;
             fh.state.synced(writes);
         }

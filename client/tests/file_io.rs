@@ -416,3 +416,196 @@ async fn a_late_release_keeps_another_handles_writes() {
     assert_eq!(attr.length, length, "the length the service fixed");
     cluster.shutdown().await;
 }
+
+/// What a small file costs the metadata service: `create; write 4 KiB;
+/// close(2)` (a flush, then the release) is three requests and asks storage
+/// for no length, since the client holds the only write session and knows
+/// the length. A second client writing the same file makes the service ask
+/// every chain again, and its data counts. Fails if either grows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_file_costs_three_meta_requests_and_no_length_query() {
+    let cluster = cluster().await;
+    let a = client(&cluster, 21, FsConfig::default()).await;
+    let b = client(&cluster, 22, FsConfig::default()).await;
+    let stats = &cluster.service_stats[0];
+    let root = User::root();
+    let data = pattern(1, 4096);
+    const FILES: u64 = 20;
+    let requests_before = stats.requests();
+    let asked_before = stats.length_chains_asked();
+    for i in 0..FILES {
+        let name = format!("small{i}");
+        let (_, fh) = a
+            .create(&root, ROOT, name.as_bytes(), 0o644, RW, true)
+            .await
+            .expect("create");
+        a.write(&fh, 0, &data).await.expect("write");
+        a.flush(&fh).await.expect("flush");
+        a.release(&fh).await.expect("release");
+    }
+    assert_eq!(
+        stats.length_chains_asked(),
+        asked_before,
+        "storage was asked for a length"
+    );
+    let requests_after = stats.requests();
+    let made = |method: &str| {
+        requests_after.get(method).copied().unwrap_or(0)
+            - requests_before.get(method).copied().unwrap_or(0)
+    };
+    let total: u64 = requests_after.values().sum::<u64>() - requests_before.values().sum::<u64>();
+    assert_eq!(
+        (made("meta.Create"), made("meta.Sync"), made("meta.Close")),
+        (FILES, FILES, FILES),
+        "{requests_after:?}"
+    );
+    // Lease renewals (one per third of a lease) are the only others.
+    assert_eq!(
+        total - made("meta.RenewLease"),
+        3 * FILES,
+        "{requests_after:?}"
+    );
+    for i in 0..FILES {
+        let attr = b
+            .lookup(&root, ROOT, format!("small{i}").as_bytes())
+            .await
+            .expect("lookup");
+        assert_eq!(attr.length, 4096);
+    }
+
+    // An older client's sync (no length of its own) asks every chain.
+    let (attr, fh) = a
+        .create(&root, ROOT, b"old", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &data).await.expect("write");
+    a.release(&fh).await.expect("release");
+    let asked = stats.length_chains_asked();
+    let (_, fh) = a.open(&root, attr.ino, RW).await.expect("open");
+    a.write(&fh, 0, &data).await.expect("write");
+    a.fsync(&fh).await.expect("fsync");
+    assert_eq!(stats.length_chains_asked(), asked, "a sole writer again");
+    cluster.meta[0]
+        .call::<flyfs_proto::wire::meta::Sync, _>(&flyfs_proto::wire::meta::SessionReq {
+            user: root.clone(),
+            ino: attr.ino,
+            ..Default::default()
+        })
+        .await
+        .expect("sync without a writer length");
+    assert_eq!(stats.length_chains_asked(), asked + 3, "every chain");
+    a.release(&fh).await.expect("release");
+
+    // Two writers of one file: a's flush cannot trust its 4 KiB, as b's
+    // session is open (b wrote 3 chunks, on every chain).
+    let (attr, fa) = a
+        .create(&root, ROOT, b"shared", 0o644, RW, true)
+        .await
+        .expect("create");
+    let (_, fb) = b.open(&root, attr.ino, RW).await.expect("open");
+    let long = pattern(2, 3 * CHUNK as usize);
+    b.write(&fb, 0, &long).await.expect("write");
+    b.fsync(&fb).await.expect("fsync");
+    a.write(&fa, 0, &data).await.expect("write");
+    let asked = stats.length_chains_asked();
+    a.flush(&fa).await.expect("flush");
+    assert_eq!(stats.length_chains_asked(), asked + 3, "every chain");
+    a.release(&fa).await.expect("release");
+    b.release(&fb).await.expect("release");
+    let seen = a
+        .lookup(&root, ROOT, b"shared")
+        .await
+        .expect("lookup")
+        .length;
+    assert_eq!(seen, long.len() as u64);
+}
+
+/// What `tar x` does to each file (GNU tar as root: create, write,
+/// `futimens`, `fchown`, `fchmod`, close) costs five metadata requests:
+/// the first setattr carries the sync the close would make, so the mtime
+/// tar sets sticks and `close(2)` needs no request of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_x_of_a_small_file_folds_the_sync_into_its_first_setattr() {
+    use flyfs_proto::wire::meta::SetTime;
+    let cluster = cluster().await;
+    let a = client(&cluster, 23, FsConfig::default()).await;
+    let b = client(&cluster, 24, FsConfig::default()).await;
+    let stats = &cluster.service_stats[0];
+    let root = User::root();
+    let data = pattern(3, 3000);
+    const FILES: u64 = 20;
+    const MTIME_NS: i64 = 1_153_704_088_000_000_000;
+    let requests_before = stats.requests();
+    let asked_before = stats.length_chains_asked();
+    for i in 0..FILES {
+        let (attr, fh) = a
+            .create(&root, ROOT, format!("tar{i}").as_bytes(), 0o600, RW, true)
+            .await
+            .expect("create");
+        a.write(&fh, 0, &data).await.expect("write");
+        let set = |req: SetAttrReq| SetAttrReq {
+            user: root.clone(),
+            ino: attr.ino,
+            ..req
+        };
+        let stamped = a
+            .setattr(set(SetAttrReq {
+                mtime: Some(SetTime::At(MTIME_NS)),
+                ..SetAttrReq::default()
+            }))
+            .await
+            .expect("futimens");
+        assert_eq!(stamped.length, data.len() as u64);
+        a.setattr(set(SetAttrReq {
+            uid: Some(0),
+            gid: Some(0),
+            ..SetAttrReq::default()
+        }))
+        .await
+        .expect("fchown");
+        a.setattr(set(SetAttrReq {
+            mode: Some(0o644),
+            ..SetAttrReq::default()
+        }))
+        .await
+        .expect("fchmod");
+        a.flush(&fh).await.expect("flush");
+        a.release(&fh).await.expect("release");
+    }
+    let requests_after = stats.requests();
+    let made = |method: &str| {
+        requests_after.get(method).copied().unwrap_or(0)
+            - requests_before.get(method).copied().unwrap_or(0)
+    };
+    let total: u64 = requests_after.values().sum::<u64>() - requests_before.values().sum::<u64>();
+    assert_eq!(
+        (
+            made("meta.Create"),
+            made("meta.SyncSetAttr"),
+            made("meta.SetAttr"),
+            made("meta.Sync"),
+            made("meta.Close"),
+        ),
+        (FILES, FILES, 2 * FILES, 0, FILES),
+        "{requests_after:?}"
+    );
+    assert_eq!(
+        total - made("meta.RenewLease"),
+        5 * FILES,
+        "{requests_after:?}"
+    );
+    assert_eq!(stats.length_chains_asked(), asked_before);
+    // Another client sees the data, the length, the mode and tar's mtime.
+    for i in 0..FILES {
+        let attr = b
+            .lookup(&root, ROOT, format!("tar{i}").as_bytes())
+            .await
+            .expect("lookup");
+        assert_eq!(attr.length, data.len() as u64);
+        assert_eq!(attr.mode & 0o7777, 0o644);
+        assert_eq!(attr.mtime_ns, MTIME_NS, "tar's mtime was kept");
+        let (_, fh) = b.open(&root, attr.ino, RO).await.expect("open");
+        assert_eq!(read_all(&b, &fh, attr.length, 1 << 16).await, data);
+        b.release(&fh).await.expect("release");
+    }
+}

@@ -11,6 +11,7 @@
 //! does not exist succeeds, so sparse files and repeated calls are fine.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flyfs_client::storage::{ClientError, StorageClient};
 use flyfs_proto::ids::{ChainId, ChunkId, InodeId};
@@ -38,6 +39,8 @@ pub struct FileChunks<'a, N: Network> {
     pub storage: &'a Arc<StorageClient<N>>,
     pub ino: InodeId,
     pub layout: &'a StoredLayout,
+    /// Counts the chains asked for their last chunk, when set.
+    pub queries: Option<&'a AtomicU64>,
 }
 
 impl<N: Network> FileChunks<'_, N> {
@@ -52,13 +55,31 @@ impl<N: Network> FileChunks<'_, N> {
     /// The highest chunk index and its length on each chain of the layout
     /// (position in the layout, index, bytes), for chains holding any.
     async fn last_chunks(&self, what: &'static str) -> Result<Vec<(u32, u32, u32)>, DataError> {
+        self.last_chunks_of(what, None).await
+    }
+
+    /// As [`last_chunks`](Self::last_chunks), asking only the chains that
+    /// hold chunk indices in `chunks` (inclusive; every chain when `None`).
+    async fn last_chunks_of(
+        &self,
+        what: &'static str,
+        chunks: Option<(u64, u64)>,
+    ) -> Result<Vec<(u32, u32, u32)>, DataError> {
+        let stripe = self.layout.stripe();
         let chains: Vec<(u32, ChainId)> = self
             .layout
             .chains()
             .iter()
             .enumerate()
             .map(|(position, chain)| (position as u32, *chain))
+            .filter(|&(position, _)| match chunks {
+                None => true,
+                Some((first, last)) => holds_any(stripe, position, first, last),
+            })
             .collect();
+        if let Some(counter) = self.queries {
+            counter.fetch_add(chains.len() as u64, Ordering::Relaxed);
+        }
         let answers =
             futures::future::join_all(chains.iter().map(|&(position, chain)| async move {
                 let last = self.storage.last_chunk(chain, self.ino).await?;
@@ -76,9 +97,16 @@ impl<N: Network> FileChunks<'_, N> {
 
     /// Where the data ends: the end of the highest chunk over all chains.
     pub async fn length(&self) -> Result<u64, DataError> {
+        self.length_of(None).await
+    }
+
+    /// Where the data ends, asking only the chains that hold chunk indices
+    /// in `chunks` (every chain when `None`): for a caller that knows no
+    /// other chunk can lie past the answer.
+    pub async fn length_of(&self, chunks: Option<(u64, u64)>) -> Result<u64, DataError> {
         let chunk_size = u64::from(self.layout.chunk_size());
         Ok(self
-            .last_chunks("length")
+            .last_chunks_of("length", chunks)
             .await?
             .into_iter()
             .map(|(_, index, len)| u64::from(index) * chunk_size + u64::from(len))
@@ -171,6 +199,21 @@ impl<N: Network> FileChunks<'_, N> {
     }
 }
 
+/// Whether the chain at `position` of a layout striped over `stripe` chains
+/// holds any chunk index from `first` to `last` (inclusive).
+fn holds_any(stripe: u32, position: u32, first: u64, last: u64) -> bool {
+    let stripe = u64::from(stripe);
+    if last < first {
+        return false;
+    }
+    if last - first + 1 >= stripe {
+        return true;
+    }
+    // The first index at or after `first` on this chain.
+    let on_chain = first + (u64::from(position) + stripe - first % stripe) % stripe;
+    on_chain <= last
+}
+
 /// Chunk indices from `from` to `highest` (inclusive) that live on the chain
 /// at `position` of a layout striped over `stripe` chains.
 fn indices_on(stripe: u32, position: u32, from: u64, highest: u32) -> impl Iterator<Item = u32> {
@@ -204,6 +247,16 @@ mod tests {
         assert_eq!(indices(1, 2, 9), vec![4, 7]);
         assert_eq!(indices(2, 2, 9), vec![2, 5, 8]);
         assert_eq!(indices(2, 9, 9), Vec::<u32>::new());
+        let holding = |first, last| {
+            (0..3)
+                .filter(|&position| holds_any(3, position, first, last))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(holding(0, 0), vec![0]);
+        assert_eq!(holding(4, 5), vec![1, 2]);
+        assert_eq!(holding(5, 6), vec![0, 2]);
+        assert_eq!(holding(7, 100), vec![0, 1, 2]);
+        assert_eq!(holding(3, 2), Vec::<u32>::new());
         for index in [0, 3, 6, 9] {
             assert_eq!(layout.chain_of(index), ChainId(1));
         }

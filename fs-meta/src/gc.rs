@@ -155,6 +155,7 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
                         storage: &self.storage,
                         ino: item.ino,
                         layout,
+                        queries: None,
                     }
                     .delete()
                     .await?;

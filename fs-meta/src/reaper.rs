@@ -177,6 +177,7 @@ impl<K: Kv, N: Network> SessionReaper<K, N> {
                 storage: &self.storage,
                 ino: expired.ino,
                 layout: &file.layout,
+                queries: None,
             }
             .length()
             .await?;

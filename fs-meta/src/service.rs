@@ -8,7 +8,9 @@
 //! only leaves a gap in the ids). The GC worker ([`crate::gc`]) and the
 //! session reaper ([`crate::reaper`]) run beside it in the same daemon.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use flyfs_client::storage::StorageClient;
@@ -21,7 +23,7 @@ use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, KvCommit, KvEvict, KvLookup, KvOpen, KvRelease, KvRemove,
     KvReserve, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod, Open, Readdir,
     Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr, SetLayout,
-    SetXattr, Stat, Statfs, Symlink, Sync, Unlink,
+    SetXattr, Stat, Statfs, Symlink, Sync, SyncSetAttr, Unlink,
 };
 use flyfs_proto::wire::meta::{NamesCaller, User};
 use flyfs_rpc::server::{Peer, Reply, Request, Service};
@@ -140,6 +142,45 @@ pub struct MetaService<K: Kv, N: Network> {
     storage: Arc<StorageClient<N>>,
     gc: Arc<GcStats>,
     callers: CallerPolicy,
+    stats: Arc<ServiceStats>,
+}
+
+/// What one service instance has done, for tests and operators: requests
+/// per method, and how it fixed file lengths.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    requests: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    /// Chains asked for a file's last chunk to fix a length (sync, close).
+    length_chains_asked: AtomicU64,
+    /// Lengths fixed from what the writer knew, without asking storage.
+    lengths_trusted: AtomicU64,
+}
+
+impl ServiceStats {
+    /// Requests answered so far, by method name (`meta.Create`, ...).
+    pub fn requests(&self) -> BTreeMap<&'static str, u64> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn length_chains_asked(&self) -> u64 {
+        self.length_chains_asked.load(Ordering::Relaxed)
+    }
+
+    pub fn lengths_trusted(&self) -> u64 {
+        self.lengths_trusted.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, method: &'static str) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(method)
+            .or_default() += 1;
+    }
 }
 
 impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
@@ -270,7 +311,13 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             storage,
             gc,
             callers,
+            stats: Arc::default(),
         })
+    }
+
+    /// This instance's counters.
+    pub fn stats(&self) -> &Arc<ServiceStats> {
+        &self.stats
     }
 
     /// Decodes a request of `M` and admits the caller it names
@@ -294,6 +341,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             storage: &self.storage,
             ino,
             layout,
+            queries: Some(&self.stats.length_chains_asked),
         }
     }
 
@@ -338,19 +386,86 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     /// storage knows where written data ends; the namespace knows about
     /// extensions by truncate that wrote nothing. The larger is the length.
     async fn sync_length(&self, ino: InodeId) -> Result<Inode> {
+        self.sync_length_of(ino, None).await
+    }
+
+    /// As [`sync_length`](Self::sync_length), asking only the chains that
+    /// hold chunk indices in `chunks` (every chain when `None`).
+    async fn sync_length_of(&self, ino: InodeId, chunks: Option<(u64, u64)>) -> Result<Inode> {
         let inode = self.ns.stat(ino).await.map_err(meta_error)?;
         let Some(file) = inode.file() else {
             return Ok(inode);
         };
         let length = self
             .chunks(ino, &file.layout)
-            .length()
+            .length_of(chunks)
             .await
             .map_err(data_error)?;
         self.ns
             .set_length(ino, length, false)
             .await
             .map_err(meta_error)
+    }
+
+    /// Fixes the length of a sync or close that wrote (`end_session`: a
+    /// close, which also ends the session when the length is fixed here).
+    /// With what the writer knows of its length, the namespace decides
+    /// whether storage need be asked at all, and which chains
+    /// ([`Namespace::fix_writer_length`]); without it (an older client),
+    /// every chain is asked. Returns the inode when the length was fixed
+    /// and, for a close, the session ended; `None` when the length was
+    /// fixed from storage and a close must still end the session.
+    async fn writer_length(
+        &self,
+        r: &wire::SessionReq,
+        end_session: bool,
+    ) -> Result<Option<Inode>> {
+        let Some(known) = r.writer_length else {
+            self.sync_length(r.ino).await?;
+            return Ok(None);
+        };
+        let known = ns::WriterLength {
+            length: known.length,
+            truncate_version: known.truncate_version,
+        };
+        let decided = self
+            .ns
+            .fix_writer_length(r.ino, SessionId(r.session), known, end_session)
+            .await
+            .map_err(meta_error)?;
+        match decided {
+            ns::WriterLengthFixed::Fixed(inode) => {
+                self.stats.lengths_trusted.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(inode))
+            }
+            ns::WriterLengthFixed::AskStorage { chunks } => {
+                self.sync_length_of(r.ino, chunks).await?;
+                Ok(None)
+            }
+            ns::WriterLengthFixed::SessionGone => {
+                self.sync_length(r.ino).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// `setattr`, and the storage half of a truncate.
+    async fn setattr(&self, r: wire::SetAttrReq) -> Result<wire::Attr> {
+        let changes = ns::SetAttr {
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            atime: r.atime.map(set_time),
+            mtime: r.mtime.map(set_time),
+        };
+        let done = self
+            .ns
+            .setattr(&r.user, r.ino, changes)
+            .await
+            .map_err(meta_error)?;
+        self.truncate_data(done.truncate).await?;
+        Ok(attr(&done.inode))
     }
 
     async fn statfs(&self) -> Result<wire::StatfsRsp> {
@@ -398,6 +513,13 @@ impl<K: Kv, N: Network> MetaService<K, N> {
 
     async fn handle(&self, req: &Request) -> std::result::Result<Reply, Reply> {
         let ns = &self.ns;
+        if let Some(name) = flyfs_proto::wire::METHODS
+            .iter()
+            .find(|m| m.0 == req.method)
+            .map(|m| m.1)
+        {
+            self.stats.count(name);
+        }
         let reply = match req.method {
             Statfs::ID => {
                 self.decode::<Statfs>(req)?;
@@ -546,8 +668,10 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Close::ID => {
                 let r = self.decode::<Close>(req)?;
                 let result = async {
-                    if !r.length_known {
-                        self.sync_length(r.ino).await?;
+                    if !r.length_known
+                        && let Some(inode) = self.writer_length(&r, true).await?
+                    {
+                        return Ok(attr(&inode));
                     }
                     let closed = ns
                         .close(r.ino, SessionId(r.session), None)
@@ -563,7 +687,14 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             Sync::ID => {
                 let r = self.decode::<Sync>(req)?;
-                ok::<Sync>(self.sync_length(r.ino).await.map(|i| attr(&i)))
+                let result = async {
+                    match self.writer_length(&r, false).await? {
+                        Some(inode) => Ok(inode),
+                        None => self.ns.stat(r.ino).await.map_err(meta_error),
+                    }
+                }
+                .await;
+                ok::<Sync>(result.map(|i| attr(&i)))
             }
             LengthHint::ID => {
                 let r = self.decode::<LengthHint>(req)?;
@@ -572,24 +703,24 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             }
             SetAttr::ID => {
                 let r = self.decode::<SetAttr>(req)?;
-                let changes = ns::SetAttr {
-                    mode: r.mode,
-                    uid: r.uid,
-                    gid: r.gid,
-                    size: r.size,
-                    atime: r.atime.map(set_time),
-                    mtime: r.mtime.map(set_time),
+                ok::<SetAttr>(self.setattr(r).await)
+            }
+            SyncSetAttr::ID => {
+                let r = self.decode::<SyncSetAttr>(req)?;
+                let sync = wire::SessionReq {
+                    user: r.set.user.clone(),
+                    ino: r.set.ino,
+                    session: r.session,
+                    length_known: false,
+                    writer_length: Some(r.writer_length),
                 };
-                let result = async {
-                    let done = ns
-                        .setattr(&r.user, r.ino, changes)
-                        .await
-                        .map_err(meta_error)?;
-                    self.truncate_data(done.truncate).await?;
-                    Ok(attr(&done.inode))
-                }
-                .await;
-                ok::<SetAttr>(result)
+                // The writer's sync first, so that times set below land
+                // after the writes'.
+                let synced = self.writer_length(&sync, false).await.map(drop);
+                ok::<SyncSetAttr>(match synced {
+                    Ok(()) => self.setattr(r.set).await,
+                    Err(e) => Err(e),
+                })
             }
             GetXattr::ID => {
                 let r = self.decode::<GetXattr>(req)?;

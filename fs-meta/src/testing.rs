@@ -26,7 +26,7 @@ use flyfs_rpc::{CallOptions, Client, Server, ServerConfig, ServerHandle, Tcp, te
 use crate::gc::{GcConfig, GcStats, GcWorker};
 use crate::ns::{CLIENT_LEASE_MS_DEFAULT, LayoutSpec, Namespace, NsConfig};
 use crate::reaper::{ReaperConfig, ReaperStats, SessionReaper};
-use crate::service::{CallerPolicy, MetaService, RoutingChainTables};
+use crate::service::{CallerPolicy, MetaService, RoutingChainTables, ServiceStats};
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_time::{Clock, WallClock};
@@ -102,6 +102,9 @@ pub struct TestCluster {
     pub ns: Namespace<FjallKv>,
     pub gc_stats: Vec<Arc<GcStats>>,
     pub reaper_stats: Vec<Arc<ReaperStats>>,
+    /// Each metadata instance's service counters (requests per method,
+    /// chains asked for lengths).
+    pub service_stats: Vec<Arc<ServiceStats>>,
     servers: Vec<ServerHandle>,
     _dir: tempfile::TempDir,
 }
@@ -220,6 +223,7 @@ impl TestCluster {
         let mut meta_addrs = Vec::new();
         let mut gc_stats = Vec::new();
         let mut reaper_stats = Vec::new();
+        let mut service_stats = Vec::new();
         let mut first_ns = None;
         for _ in 0..options.meta_instances.max(1) {
             let mut ns_config =
@@ -254,19 +258,17 @@ impl TestCluster {
             tokio::spawn(reaper.run());
             reaper_stats.push(reaped);
             let (listener, addr) = bind("127.0.0.1:0").await;
+            let service = MetaService::new(
+                ns.clone(),
+                meta_storage.clone(),
+                stats.clone(),
+                meta_options.callers,
+            );
+            service_stats.push(service.stats().clone());
             servers.push(
-                Server::new(
-                    MetaService::new(
-                        ns.clone(),
-                        meta_storage.clone(),
-                        stats.clone(),
-                        meta_options.callers,
-                    ),
-                    ServerConfig::default(),
-                    testing::meta(),
-                )
-                .spawn(listener)
-                .expect("serve meta"),
+                Server::new(service, ServerConfig::default(), testing::meta())
+                    .spawn(listener)
+                    .expect("serve meta"),
             );
             meta.push(MetaClient::new(
                 Tcp,
@@ -288,6 +290,7 @@ impl TestCluster {
             ns: first_ns.expect("at least one instance"),
             gc_stats,
             reaper_stats,
+            service_stats,
             servers,
             _dir: dir,
         }

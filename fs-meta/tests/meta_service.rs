@@ -176,6 +176,7 @@ async fn files_directories_lengths_and_gc_through_two_instances() {
             ino: known.attr.ino,
             session: known.session.expect("write session"),
             length_known: true,
+            ..Default::default()
         })
         .await
         .expect("close");
@@ -450,4 +451,145 @@ async fn readdir_pages_are_cut_by_bytes() {
         assert!(pages >= 2, "plus = {plus}: {pages} pages");
         assert_eq!(listed, names, "plus = {plus}");
     }
+}
+
+/// A sync or close that says what the writer knows of the length: taken
+/// without asking storage when the writer holds the file's only write
+/// session; with a second writer's session present, every chain is asked
+/// (and the second writer's chunks past the first's length count); after
+/// someone else's truncate, only the chains of the chunks between the
+/// recorded length and the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sole_writer_s_length_is_trusted_and_others_make_the_service_ask() {
+    let cluster = Cluster::start().await;
+    let a = &cluster.meta[0];
+    let stats = &cluster._inner.service_stats[0];
+    let owner = user(1000);
+    let dir = a
+        .call::<wire::Mkdir, _>(&wire::MkdirReq {
+            user: User::root(),
+            parent: ROOT,
+            name: b"w".to_vec(),
+            mode: 0o777,
+        })
+        .await
+        .expect("mkdir");
+    let close = |ino, session, length, truncate_version, sync: bool| {
+        let req = wire::SessionReq {
+            user: user(1000),
+            ino,
+            session,
+            writer_length: Some(wire::WriterLength {
+                length,
+                truncate_version,
+            }),
+            ..Default::default()
+        };
+        async move {
+            if sync {
+                a.call::<wire::Sync, _>(&req).await.expect("sync")
+            } else {
+                a.call::<wire::Close, _>(&req).await.expect("close")
+            }
+        }
+    };
+
+    // The only writer: neither sync nor close asks storage.
+    let sole = a
+        .call::<wire::Create, _>(&create(dir.ino, "sole", owner.clone()))
+        .await
+        .expect("create");
+    let session = sole.session.expect("session");
+    let data: Vec<u8> = (0..CHUNK * 5 / 2).map(|i| (i % 251) as u8).collect();
+    cluster.write(&sole.attr, 0, &data).await;
+    let asked = stats.length_chains_asked();
+    let synced = close(sole.attr.ino, session, data.len() as u64, 0, true).await;
+    assert_eq!(synced.length, data.len() as u64);
+    let closed = close(sole.attr.ino, session, data.len() as u64, 0, false).await;
+    assert_eq!(closed.length, data.len() as u64);
+    assert_eq!(stats.length_chains_asked(), asked, "storage was asked");
+    assert_eq!(stats.lengths_trusted(), 2);
+    assert!(
+        cluster
+            .ns
+            .sessions(sole.attr.ino)
+            .await
+            .expect("sessions")
+            .is_empty()
+    );
+    // A repeated close finds the session gone and asks storage.
+    let again = close(sole.attr.ino, session, 1, 0, false).await;
+    assert_eq!(again.length, data.len() as u64);
+    assert_eq!(stats.length_chains_asked(), asked + 2);
+
+    // A second writer (another client) wrote past what the first knows:
+    // the first's close must not trust its own length.
+    let shared = a
+        .call::<wire::Create, _>(&create(dir.ino, "shared", owner.clone()))
+        .await
+        .expect("create");
+    let second = a
+        .call::<wire::Open, _>(&wire::OpenReq {
+            user: owner.clone(),
+            ino: shared.attr.ino,
+            read: true,
+            write: true,
+            client: ClientId(6),
+            ..Default::default()
+        })
+        .await
+        .expect("open by a second writer");
+    cluster.write(&shared.attr, 0, &data[..1000]).await;
+    cluster.write(&second.attr, 0, &data).await;
+    let asked = stats.length_chains_asked();
+    let closed = close(
+        shared.attr.ino,
+        shared.session.expect("session"),
+        1000,
+        0,
+        false,
+    )
+    .await;
+    assert_eq!(closed.length, data.len() as u64, "the second writer's data");
+    assert_eq!(stats.length_chains_asked(), asked + 2, "every chain asked");
+    assert_eq!(
+        cluster
+            .ns
+            .sessions(shared.attr.ino)
+            .await
+            .expect("sessions")
+            .len(),
+        1,
+        "only the second writer's session is left"
+    );
+
+    // Someone else truncated the file after the writer learned its
+    // version: what it knows may have been cut, so storage is asked, but
+    // only for the chunks between the recorded length and the writer's.
+    let cut = a
+        .call::<wire::Create, _>(&create(dir.ino, "cut", owner.clone()))
+        .await
+        .expect("create");
+    cluster.write(&cut.attr, 0, &data).await;
+    let truncated = a
+        .call::<wire::SetAttr, _>(&wire::SetAttrReq {
+            user: owner.clone(),
+            ino: cut.attr.ino,
+            size: Some(u64::from(CHUNK) / 2),
+            ..Default::default()
+        })
+        .await
+        .expect("truncate");
+    assert_eq!(truncated.truncate_version, 1);
+    let asked = stats.length_chains_asked();
+    let closed = close(
+        cut.attr.ino,
+        cut.session.expect("session"),
+        u64::from(CHUNK) / 2 + 100,
+        0,
+        false,
+    )
+    .await;
+    assert_eq!(closed.length, u64::from(CHUNK) / 2, "storage holds the cut");
+    assert_eq!(stats.length_chains_asked(), asked + 1, "one chain asked");
 }

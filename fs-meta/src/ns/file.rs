@@ -100,6 +100,32 @@ pub struct Closed {
     pub session_found: bool,
 }
 
+/// What a writer knows of its file's length when it syncs or closes: every
+/// byte it wrote lies before `length`, and `truncate_version` is the truncate
+/// version it last learned (from its open, or a truncate it made itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterLength {
+    pub length: u64,
+    pub truncate_version: u64,
+}
+
+/// What [`Namespace::fix_writer_length`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriterLengthFixed {
+    /// The caller's session was the file's only one, so no chunk past the
+    /// recorded length can be anyone else's: the length is fixed (and the
+    /// session ended, when closing) without asking storage.
+    Fixed(Inode),
+    /// Storage must say where the data ends, asking only the chains that
+    /// hold chunk indices in `chunks` (every chain when `None`), and the
+    /// session is still open.
+    AskStorage { chunks: Option<(u64, u64)> },
+    /// The caller's session is gone (ended by a repeated close, or reaped
+    /// as expired): nothing changed; storage must be asked on every chain,
+    /// since the caller may have written after the reaper fixed the length.
+    SessionGone,
+}
+
 /// A time to set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetTime {
@@ -339,6 +365,80 @@ impl<K: Kv> Namespace<K> {
                 inode: Some(inode),
                 session_found: true,
             })
+        })
+        .await
+    }
+
+    /// Fixes the length of `ino` on a sync or close of write session
+    /// `session` from what the writer knows (`known`), when that is safe,
+    /// ending the session too when `end_session`. Everything is decided in
+    /// this one transaction, on serializable reads of the file's sessions
+    /// and inode, so a session opened or a truncate committed concurrently
+    /// makes one of the two retry (and this one then sees it):
+    ///
+    /// * The caller's session is the only one: every other writer's chunks
+    ///   are covered by the recorded length (a closed session's close fixed
+    ///   it, an expired session's reaper fixed it from storage before
+    ///   clearing the session, a truncate set it), and the caller's own lie
+    ///   before `known.length`. If the truncate version is still the one the
+    ///   writer knows, no truncate cut what it counted, so the length is the
+    ///   larger of the two. If a truncate by someone else intervened, the
+    ///   recorded length alone is right when the writer wrote nothing past
+    ///   it; otherwise storage is asked, but only for the chunks between the
+    ///   recorded length and the writer's (nobody else can have written
+    ///   past the recorded length).
+    /// * Another session exists: its writer may have written any chunk, so
+    ///   storage is asked on every chain.
+    ///
+    /// A fixed length sets the modification time (the writer wrote).
+    pub async fn fix_writer_length(
+        &self,
+        ino: InodeId,
+        session: SessionId,
+        known: WriterLength,
+        end_session: bool,
+    ) -> Result<WriterLengthFixed, NsError> {
+        self.write(|tx| async move {
+            let sessions = tx
+                .tx
+                .get_range(&RangeOptions::prefix(&session_prefix(ino)).limit(2))
+                .await?;
+            let own = session_key(ino, session);
+            if !sessions.kvs.iter().any(|kv| kv.key == own) {
+                if sessions.kvs.len() < 2 {
+                    return Ok(WriterLengthFixed::SessionGone);
+                }
+                // Two others listed first; ours may still follow.
+                if !tx.has_session(ino, session).await? {
+                    return Ok(WriterLengthFixed::SessionGone);
+                }
+            }
+            if sessions.kvs.len() > 1 {
+                return Ok(WriterLengthFixed::AskStorage { chunks: None });
+            }
+            let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
+                key: format!("INOS {ino:?} {session:?}"),
+                reason: "a session of an inode that does not exist".into(),
+            })?;
+            let file = file_mut(&mut inode)?;
+            let layout = file.layout.clone();
+            let recorded = file.length;
+            if file.truncate_version != known.truncate_version && known.length > recorded {
+                let chunk_size = u64::from(layout.chunk_size());
+                return Ok(WriterLengthFixed::AskStorage {
+                    chunks: Some((recorded / chunk_size, (known.length - 1) / chunk_size)),
+                });
+            }
+            let length = recorded.max(known.length);
+            check_length(&inode, &layout, length)?;
+            file_mut(&mut inode)?.length = length;
+            inode.mtime_ns = tx.now_ns;
+            inode.ctime_ns = tx.now_ns;
+            tx.put_inode(&inode)?;
+            if end_session {
+                tx.tx.clear(&own)?;
+            }
+            Ok(WriterLengthFixed::Fixed(inode))
         })
         .await
     }
@@ -741,6 +841,144 @@ mod tests {
             ns.sessions(first.inode.ino).await.expect("sessions").len(),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn a_sole_writer_s_length_is_trusted_unless_another_could_have_written() {
+        let ns = namespace().await;
+        let root = User::root();
+        let writer = |client, id| CreateFlags {
+            write_session: Some(client),
+            session: Some(SessionId(id)),
+            ..CreateFlags::default()
+        };
+        let known = |length, truncate_version| WriterLength {
+            length,
+            truncate_version,
+        };
+        let f = ns
+            .create(&root, ROOT, b"f", 0o644, writer(7, 41))
+            .await
+            .expect("create")
+            .inode;
+        // A sync keeps the session, a close ends it; the larger of the
+        // recorded and the known length wins.
+        let WriterLengthFixed::Fixed(synced) = ns
+            .fix_writer_length(f.ino, SessionId(41), known(4096, 0), false)
+            .await
+            .expect("sync")
+        else {
+            panic!("a sole writer's length is trusted");
+        };
+        assert_eq!(synced.size(), 4096);
+        assert!(synced.mtime_ns >= f.mtime_ns);
+        assert_eq!(ns.sessions(f.ino).await.expect("sessions").len(), 1);
+        let WriterLengthFixed::Fixed(closed) = ns
+            .fix_writer_length(f.ino, SessionId(41), known(100, 0), true)
+            .await
+            .expect("close")
+        else {
+            panic!("a sole writer's length is trusted");
+        };
+        assert_eq!(closed.size(), 4096);
+        assert!(ns.sessions(f.ino).await.expect("sessions").is_empty());
+        // Closed again (a retry, or a session the reaper ended): storage.
+        assert_eq!(
+            ns.fix_writer_length(f.ino, SessionId(41), known(100, 0), true)
+                .await
+                .expect("close again"),
+            WriterLengthFixed::SessionGone
+        );
+        // Past what the layout can address: EFBIG.
+        let big = ns
+            .create(&root, ROOT, b"big", 0o644, writer(7, 43))
+            .await
+            .expect("create")
+            .inode;
+        assert_eq!(
+            errno(
+                ns.fix_writer_length(big.ino, SessionId(43), known(u64::MAX, 0), true)
+                    .await
+            ),
+            libc::EFBIG
+        );
+
+        // A second writer's session, whether listed before or after ours:
+        // every chain is asked, and the sessions stay.
+        for (name, ours, theirs) in [(&b"g"[..], 51, 53), (b"h", 63, 61), (b"i", 79, 73)] {
+            let g = ns
+                .create(&root, ROOT, name, 0o644, writer(7, ours))
+                .await
+                .expect("create")
+                .inode;
+            let open = OpenFlags {
+                write_session: Some(8),
+                session: Some(SessionId(theirs)),
+                ..OpenFlags::default()
+            };
+            ns.open_file(&root, g.ino, open).await.expect("open");
+            if name == b"i" {
+                // A third, so that two others may be listed before ours.
+                let open = OpenFlags {
+                    session: Some(SessionId(75)),
+                    ..open
+                };
+                ns.open_file(&root, g.ino, open).await.expect("open");
+            }
+            assert_eq!(
+                ns.fix_writer_length(g.ino, SessionId(ours), known(10, 0), true)
+                    .await
+                    .expect("close"),
+                WriterLengthFixed::AskStorage { chunks: None }
+            );
+            assert!(ns.sessions(g.ino).await.expect("sessions").len() >= 2);
+            assert_eq!(ns.stat(g.ino).await.expect("stat").size(), 0);
+        }
+
+        // Someone else's truncate since the writer learned version 0.
+        let t = ns
+            .create(&root, ROOT, b"t", 0o644, writer(7, 81))
+            .await
+            .expect("create")
+            .inode;
+        let chunk = u64::from(t.file().expect("file").layout.chunk_size());
+        ns.setattr(
+            &root,
+            t.ino,
+            SetAttr {
+                size: Some(chunk + 10),
+                ..SetAttr::default()
+            },
+        )
+        .await
+        .expect("truncate");
+        // Nothing known past the recorded length: that length stands.
+        let WriterLengthFixed::Fixed(kept) = ns
+            .fix_writer_length(t.ino, SessionId(81), known(chunk, 0), false)
+            .await
+            .expect("sync")
+        else {
+            panic!("nothing past the recorded length");
+        };
+        assert_eq!(kept.size(), chunk + 10);
+        // Known past it: storage, for the chunks in between only.
+        assert_eq!(
+            ns.fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 0), true)
+                .await
+                .expect("close"),
+            WriterLengthFixed::AskStorage {
+                chunks: Some((1, 3))
+            }
+        );
+        // With the current version, the writer's length is trusted.
+        let WriterLengthFixed::Fixed(grown) = ns
+            .fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 1), true)
+            .await
+            .expect("close")
+        else {
+            panic!("the version matches");
+        };
+        assert_eq!(grown.size(), 3 * chunk + 1);
     }
 
     #[tokio::test]

@@ -68,6 +68,7 @@ pub use self::dir::{
 pub use self::error::NsError;
 pub use self::file::{
     Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, Truncate,
+    WriterLength, WriterLengthFixed,
 };
 pub use self::gc::{GcExpand, GcFinish, GcItem};
 pub use self::kvcache::{

@@ -372,6 +372,23 @@ pub struct SessionReq {
     /// already (it wrote nothing, or synced since): a close then only ends
     /// the session. Absent (older clients): false, the length is fixed.
     pub length_known: bool,
+    /// What the caller knows of the length when it wrote: the service
+    /// takes it without asking storage when the caller's session is the
+    /// file's only write session, and otherwise asks only the chains that
+    /// may hold chunks past it (docs/metadata-schema.md, "Open for write /
+    /// close"). Absent (older clients, or a caller that cannot say): every
+    /// chain is asked. Ignored with `length_known`.
+    pub writer_length: Option<WriterLength>,
+}
+
+/// Every byte the writer wrote lies before `length`, and `truncate_version`
+/// is the file's truncate version the writer last learned (from its open,
+/// or a truncate it made).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriterLength {
+    pub length: u64,
+    pub truncate_version: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +411,21 @@ pub struct SetAttrReq {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+}
+
+/// `setattr` by a writer with unsynced writes, all on storage by now: the
+/// sync its next `close(2)` would make, folded in. The service fixes the
+/// length as a `Sync` of `session` with `writer_length` would, then makes
+/// the changes of `set` (so an explicit mtime lands after the writes'). A
+/// method of its own rather than fields of [`SetAttrReq`], so that a client
+/// talking to an older service hears a refusal (and syncs at close as
+/// before) instead of its length being silently ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncSetAttrReq {
+    pub set: SetAttrReq,
+    pub session: u64,
+    pub writer_length: WriterLength,
 }
 
 /// How `setxattr` treats an existing or missing attribute.
@@ -670,6 +702,12 @@ pub trait NamesCaller {
     fn user_mut(&mut self) -> &mut User;
 }
 
+impl NamesCaller for SyncSetAttrReq {
+    fn user_mut(&mut self) -> &mut User {
+        &mut self.set.user
+    }
+}
+
 macro_rules! names_caller {
     ($($req:ty),* $(,)?) => {
         $(impl NamesCaller for $req {
@@ -815,6 +853,11 @@ method!(KvCommit = 531, KvCommitReq => KvCommitRsp, roles CLIENT_OR_ADMIN);
 method!(KvRelease = 532, KvReleaseReq => (), roles CLIENT_OR_ADMIN);
 method!(KvRemove = 533, KvRemoveReq => KvRemoveRsp, roles CLIENT_OR_ADMIN);
 method!(KvEvict = 534, KvEvictReq => KvEvictRsp, roles CLIENT_OR_ADMIN);
+method!(
+    /// `setattr` with the writer's pending sync folded in ([`SyncSetAttrReq`]).
+    SyncSetAttr = 535, SyncSetAttrReq => Attr,
+    roles CLIENT_OR_ADMIN
+);
 
 #[cfg(test)]
 mod tests {

@@ -68,6 +68,7 @@ macro_rules! every_method {
             meta::KvRelease,
             meta::KvRemove,
             meta::KvEvict,
+            meta::SyncSetAttr,
         )
     };
 }
