@@ -65,11 +65,11 @@ pub struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
-    /// Microseconds a thread whose NVMe queue pair is idle polls for its
-    /// own I/O before handing it to the reactor (`vfio:` devices; 0 hands
-    /// every I/O over).
+    /// Microseconds an I/O's future reaps the NVMe completion queue itself
+    /// (yielding between polls) before handing its command to the reactor
+    /// thread (`vfio:` devices; 0 hands every I/O to the reactor).
     #[arg(long)]
-    nvme_inline_poll_us: Option<u32>,
+    nvme_poll_budget_us: Option<u32>,
     /// Where the workers run: `reactor` (on the device's reactor thread,
     /// run to completion), `caller` (on the calling thread, each I/O handed to
     /// the reactor), or `auto`: 1 MiB phases on the caller, whose CRC work
@@ -195,8 +195,8 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         if let Some(spin) = args.poll_spin_us {
             nvme.poll_spin_us = spin;
         }
-        if let Some(budget) = args.nvme_inline_poll_us {
-            nvme.inline_poll_us = budget;
+        if let Some(budget) = args.nvme_poll_budget_us {
+            nvme.poll_budget_us = budget;
         }
         let devices = DeviceConfig {
             uring: config.clone(),
@@ -268,10 +268,20 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             args.raw_size,
             args.rand_seconds,
         ))?;
-        // I/Os the submitting thread served itself (an idle queue pair),
-        // against those handed to a reactor thread.
-        let nvme_inline_ios = match &dev {
-            AnyDevice::Nvme(device) => Some(device.stats().inline),
+        // Where the NVMe driver's work was done: requests the submitter
+        // issued itself, completions reaped by the waiting futures against
+        // those reaped by reactor threads, and futures that handed over.
+        let nvme_paths = match &dev {
+            AnyDevice::Nvme(device) => {
+                let stats = device.stats();
+                Some(serde_json::json!({
+                    "direct": stats.direct,
+                    "reaped_by_futures": stats.reaped_by_futures,
+                    "reaped_by_reactors": stats.reaped_by_reactors,
+                    "handovers": stats.handovers,
+                    "wakeups": stats.wakeups,
+                }))
+            }
             AnyDevice::Uring(_) => None,
         };
         if args.json {
@@ -279,7 +289,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"raw": raw, "device": args.path.display().to_string(),
                                    "io_uring": features, "nvme_queue_pairs": nvme_queue_pairs,
-                                   "nvme_inline_ios": nvme_inline_ios})
+                                   "nvme_paths": nvme_paths})
             );
         } else {
             print_raw(&raw);
