@@ -175,7 +175,7 @@ fn lone_ios_are_issued_and_reaped_on_the_executor_thread() {
             );
         }
     });
-    let stats = device.stats();
+    let stats = settled(&device);
     // The reactor's idle turns (a health check every 100 ms) hold the
     // queue pair for microseconds and may reap a completion that lands
     // then, so nearly all but not provably all of the 128 I/Os take the
@@ -201,15 +201,34 @@ fn lone_ios_are_issued_and_reaped_on_the_executor_thread() {
         300 * MIB,
         &[9u8; 4096],
     ));
-    let stats = device.stats();
+    // The reactor answers the request before it finishes its bookkeeping.
+    let stats = settled(&device);
     assert_eq!((stats.direct, stats.reaped_by_futures), (0, 0), "{stats:?}");
     assert_eq!(stats.reaped_by_reactors, 1, "{stats:?}");
+}
+
+/// The device's counters once every request it took is counted as
+/// completed (whoever answered a request may count it just after).
+fn settled(device: &NvmeDevice) -> flyfs_bypass::nvme::NvmeStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = device.stats();
+        if stats.completed == stats.submitted {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never completed: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Many I/Os from one executor thread still build a deep queue: a future
 /// that reaps yields between polls, so the executor's other tasks add their
 /// I/Os before any one finishes (an I/O completed on its submitting thread
-/// before its task yields would keep the queue at depth 1).
+/// before its task yields would keep the queue at depth 1), and only a lone
+/// I/O takes the direct path.
 #[test]
 fn one_executor_thread_keeps_a_deep_queue() {
     let pool = pool();
@@ -255,10 +274,9 @@ fn one_executor_thread_keeps_a_deep_queue() {
         stats.in_flight_max >= 16,
         "one thread's 64 readers never had 16 commands in flight: {stats:?}"
     );
-    assert!(
-        stats.reaped_by_futures - before.reaped_by_futures >= tasks * rounds / 2,
-        "{stats:?}"
-    );
+    // Once the queue builds, requests go to the reactor thread, which
+    // issues and reaps beside the executor's thread.
+    assert!(stats.direct - before.direct < tasks * rounds, "{stats:?}");
 }
 
 #[test]
@@ -369,11 +387,10 @@ fn a_future_dropped_mid_poll_leaves_its_command_to_the_reactor() {
     }
     if !finished_at_once {
         // Nobody polled after the drop: the reactor, woken by it, reaped.
-        let after = device.stats();
-        assert!(
-            after.reaped_by_reactors > before.reaped_by_reactors,
-            "{after:?}"
-        );
+        while device.stats().reaped_by_reactors == before.reaped_by_reactors {
+            assert!(Instant::now() < deadline, "{:?}", device.stats());
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     assert!(run(contract::read_at(&device, Some(&pool), 8192, 4096)) == data);
 

@@ -28,11 +28,13 @@
 //! and parks when none are, so an idle device costs no CPU.
 //!
 //! The reactor's state sits behind its lane's lock, held by one thread at a
-//! time, so that the hot path needs no other thread: a submitter that gets
-//! the lock (`try_lock`) writes its own commands and rings the doorbell, and
-//! its future, each time the executor polls it, reaps the completion queue
-//! itself and yields, for up to `NvmeConfig::poll_budget_us`; only then does
-//! it leave the command to the reactor thread. While such futures poll, the
+//! time, so that a lone I/O needs no other thread: a submitter that finds
+//! its queue pair empty and gets the lock (`try_lock`) writes its own
+//! commands and rings the doorbell, and its future, each time the executor
+//! polls it, reaps the completion queue itself and yields, for up to
+//! `NvmeConfig::poll_budget_us`; only then does it leave the command to the
+//! reactor thread. Requests that find a queue building go to the reactor,
+//! whose thread then issues and reaps beside the executor's. While such futures poll, the
 //! reactor naps instead of spinning, waking only for timeouts and health
 //! checks (`Lane::pollers`). The admin
 //! queue and the controller's registers beyond the doorbells sit behind one
@@ -90,12 +92,13 @@ pub struct NvmeConfig {
     /// piece of work while commands are in flight, before it naps between
     /// polls.
     pub poll_spin_us: u32,
-    /// How long an I/O's future, each time its executor polls it, may reap
-    /// the completion queue itself (yielding between polls, so the
-    /// executor's other tasks keep adding to the queue) before it leaves
-    /// its command to the reactor thread and waits to be woken. Its
-    /// submitter also writes the command and rings the doorbell itself. A
-    /// lone I/O then costs no hand-off between threads (two wake-ups, most
+    /// How long a lone I/O's future (one submitted while its queue pair
+    /// held nothing), each time its executor polls it, may reap the
+    /// completion queue itself (yielding between polls, so the executor's
+    /// other tasks keep adding to the queue) before it leaves its command to
+    /// the reactor thread and waits to be woken; its submitter also writes
+    /// the command and rings the doorbell itself. A lone I/O then costs no
+    /// hand-off between threads (two wake-ups, most
     /// of a depth-1 I/O's latency); the price is that the executor's thread
     /// spins for up to this long per I/O when it has nothing else to run.
     /// Zero hands every request to the reactor thread (the path before
@@ -499,17 +502,24 @@ impl Shared {
     }
 
     /// Writes `request`'s commands into its queue pair and rings the
-    /// doorbell on this thread, if no other thread holds the pair and the
+    /// doorbell on this thread, if it is a lone I/O (the pair holds nothing
+    /// and nothing waits for it), no other thread holds the pair and the
     /// device is healthy; the request's future then counts as one of the
-    /// lane's pollers. Hands the request back otherwise, for the reactor.
+    /// lane's pollers. Hands the request back otherwise, for the reactor:
+    /// with a queue already building, the reactor thread issuing and
+    /// reaping beside the executor's thread is worth more than the wake-ups
+    /// it costs (docs/nvme-vfio.md, "Lone I/Os without a thread hand-off").
     fn issue_direct(&self, lane: &Lane, request: Request) -> Result<(), Request> {
-        if self.poll_budget.is_zero() {
+        if self.poll_budget.is_zero() || !lane.submissions.is_empty() {
             return Err(request);
         }
         let Some(mut core) = lane.core.try_lock() else {
             return Err(request);
         };
-        let Some(reactor) = core.as_mut().filter(|reactor| reactor.is_healthy()) else {
+        let Some(reactor) = core
+            .as_mut()
+            .filter(|reactor| reactor.is_healthy() && reactor.is_idle())
+        else {
             return Err(request);
         };
         // Counted before its commands are, so that nobody sees them in

@@ -288,6 +288,13 @@ pub(super) struct Reactor {
     last_health: Instant,
 }
 
+/// Who consumes completions, for `NvmeStats`.
+#[derive(Clone, Copy)]
+enum Reaper {
+    Reactor,
+    Future,
+}
+
 /// What a reactor thread does after a turn.
 enum Next {
     /// Turn again at once: there was work.
@@ -397,11 +404,7 @@ impl Reactor {
         }
         let mut worked = self.take_requests();
         worked |= self.issue();
-        let reaped = self.reap(usize::MAX);
-        self.counters()
-            .reaped_by_reactors
-            .fetch_add(reaped as u64, Ordering::Relaxed);
-        worked |= reaped > 0;
+        worked |= self.reap(usize::MAX, Reaper::Reactor) > 0;
         if self.common.aborts_outstanding.load(Ordering::Relaxed) > 0 {
             self.reap_admin();
         }
@@ -485,6 +488,12 @@ impl Reactor {
         !self.failed && self.shared.failed_dma.load(Ordering::SeqCst) == DMA_RUNNING
     }
 
+    /// Whether the queue pair holds no work: a request now would be a lone
+    /// I/O.
+    pub(super) fn is_idle(&self) -> bool {
+        self.in_flight == 0 && self.unissued.is_empty()
+    }
+
     /// Issues `request` (with anything queued on the lane before it) on the
     /// submitting thread and rings the doorbell, without waking the
     /// reactor thread: going through it costs two wake-ups between threads
@@ -509,10 +518,7 @@ impl Reactor {
         if !self.is_healthy() {
             return;
         }
-        let reaped = self.reap(max);
-        self.counters()
-            .reaped_by_futures
-            .fetch_add(reaped as u64, Ordering::Relaxed);
+        self.reap(max, Reaper::Future);
         self.take_requests();
         self.issue();
         self.publish();
@@ -731,12 +737,20 @@ impl Reactor {
 
     /// Consumes up to `max` posted completions; rings the completion
     /// doorbell once. Returns how many it consumed.
-    fn reap(&mut self, max: usize) -> usize {
+    fn reap(&mut self, max: usize, reaper: Reaper) -> usize {
         let mut reaped = 0;
         while reaped < max
             && let Some(completion) = self.io.next_completion()
         {
             reaped += 1;
+            // Counted before the request is answered, so that whoever sees
+            // the answer sees who reaped it.
+            let counters = self.counters();
+            match reaper {
+                Reaper::Reactor => &counters.reaped_by_reactors,
+                Reaper::Future => &counters.reaped_by_futures,
+            }
+            .fetch_add(1, Ordering::Relaxed);
             self.complete(completion);
         }
         if reaped > 0 {
