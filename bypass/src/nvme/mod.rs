@@ -34,9 +34,11 @@
 //! polls it, reaps the completion queue itself and yields, for up to
 //! `NvmeConfig::poll_budget_us`; only then does it leave the command to the
 //! reactor thread. Requests that find a queue building go to the reactor,
-//! whose thread then issues and reaps beside the executor's. While such futures poll, the
-//! reactor naps instead of spinning, waking only for timeouts and health
-//! checks (`Lane::pollers`). The admin
+//! whose thread then issues and reaps beside the executor's. While the lone
+//! request is the pair's only work and its future polls, the reactor naps
+//! instead of spinning, waking only for timeouts and health checks
+//! (`Lane::pollers`); once a second request joins, it polls as before. The
+//! admin
 //! queue and the controller's registers beyond the doorbells sit behind one
 //! lock that only the cold paths take (aborts, health checks, failure,
 //! shutdown).
@@ -337,8 +339,9 @@ struct Lane {
     /// NVMe commands this lane's queue pair carried.
     commands: AtomicU64,
     /// Futures of this lane's requests that still reap completions
-    /// themselves (within their budget). While there are some, the reactor
-    /// naps between turns instead of polling.
+    /// themselves (within their budget). While one is and its request is
+    /// the queue pair's only work, the reactor naps between turns instead
+    /// of polling (`Reactor::only_lone_io`).
     pollers: AtomicUsize,
     /// Commands in flight plus requests not yet turned into commands, as
     /// the last holder of `core` left them.
