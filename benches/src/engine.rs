@@ -107,6 +107,48 @@ pub struct RawJob {
     /// in microseconds.
     pub cpu_us_per_io: f64,
     pub ios: u64,
+    /// Where the userspace NVMe driver did this job's work (`vfio:` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme_paths: Option<NvmePaths>,
+}
+
+/// Where the userspace NVMe driver's work was done during one job: requests
+/// the submitter issued itself, completions reaped by waiting futures
+/// against those reaped by reactor threads, futures that handed over,
+/// wake-ups of a parked reactor; and the deepest queue so far.
+#[derive(serde::Serialize, Clone, Copy, Debug)]
+pub struct NvmePaths {
+    pub direct: u64,
+    pub reaped_by_futures: u64,
+    pub reaped_by_reactors: u64,
+    pub handovers: u64,
+    pub wakeups: u64,
+    /// Since the device was opened, not only during the job.
+    pub in_flight_max: u64,
+}
+
+/// The NVMe driver's counters (an NVMe device only), for [`paths_since`].
+fn nvme_stats(dev: &AnyDevice) -> Option<flyfs_bypass::nvme::NvmeStats> {
+    match dev {
+        AnyDevice::Nvme(device) => Some(device.stats()),
+        AnyDevice::Uring(_) => None,
+    }
+}
+
+/// The NVMe driver's work since `before` (from [`nvme_stats`]).
+fn paths_since(
+    dev: &AnyDevice,
+    before: Option<flyfs_bypass::nvme::NvmeStats>,
+) -> Option<NvmePaths> {
+    let (before, now) = (before?, nvme_stats(dev)?);
+    Some(NvmePaths {
+        direct: now.direct - before.direct,
+        reaped_by_futures: now.reaped_by_futures - before.reaped_by_futures,
+        reaped_by_reactors: now.reaped_by_reactors - before.reaped_by_reactors,
+        handovers: now.handovers - before.handovers,
+        wakeups: now.wakeups - before.wakeups,
+        in_flight_max: now.in_flight_max,
+    })
 }
 
 /// The raw device jobs, named like fio's.
@@ -132,6 +174,10 @@ struct Results {
     /// The same random reads of the same chunks, issued straight to the
     /// device by the same harness: the block layer's share of the cost.
     rand_read_4k_iops_device: f64,
+    /// Where the userspace NVMe driver did the work of those two random
+    /// read runs (`vfio:` only).
+    rand_read_4k_nvme_paths: Option<NvmePaths>,
+    rand_read_4k_device_nvme_paths: Option<NvmePaths>,
     /// Group commit: chunk commits per journal batch (and flush) while writing.
     commits_per_batch: f64,
     /// 4 KiB random writes into existing chunks, each committed.
@@ -330,8 +376,12 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             / (after.batches - before.batches).max(1) as f64;
         let read = seq_read(&large, &engine, chunks, args.depth).await?;
         let run = Duration::from_secs_f64(args.rand_seconds);
+        let stats_before = nvme_stats(&dev);
         let iops = rand_read(&small, &engine, chunks, args.rand_depth, run, false).await?;
+        let paths = paths_since(&dev, stats_before);
+        let stats_before = nvme_stats(&dev);
         let iops_device = rand_read(&small, &engine, chunks, args.rand_depth, run, true).await?;
+        let device_paths = paths_since(&dev, stats_before);
         // The random writes run on an engine opened with or without
         // patches; reopening it at the end writes every patch still in the
         // journal into its chunk, which those writes must be charged for.
@@ -365,6 +415,8 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             seq_read_mib_s: mib / read.as_secs_f64(),
             rand_read_4k_iops: iops,
             rand_read_4k_iops_device: iops_device,
+            rand_read_4k_nvme_paths: paths,
+            rand_read_4k_device_nvme_paths: device_paths,
             commits_per_batch,
             rand_write_4k_iops: f64::from(args.rand_writes) / write_time.as_secs_f64(),
             rand_write_4k_amplification: device_bytes as f64 / payload.max(1) as f64,
@@ -492,6 +544,7 @@ async fn raw_sequential(
 ) -> anyhow::Result<RawJob> {
     let count = size / CHUNK_BYTES as u64;
     let next = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let stats_before = nvme_stats(dev);
     let cpu_before = process_cpu();
     let started = Instant::now();
     let local = tokio::task::LocalSet::new();
@@ -532,6 +585,7 @@ async fn raw_sequential(
         rate: count as f64 / elapsed.as_secs_f64(),
         cpu_us_per_io: cpu.as_secs_f64() * 1e6 / count as f64,
         ios: count,
+        nvme_paths: paths_since(dev, stats_before),
     })
 }
 
@@ -548,6 +602,7 @@ async fn raw_random(
 ) -> anyhow::Result<RawJob> {
     let blocks = size / 4096;
     let done = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let stats_before = nvme_stats(dev);
     let cpu_before = process_cpu();
     let started = Instant::now();
     let deadline = started + run;
@@ -585,6 +640,7 @@ async fn raw_random(
         rate: ios as f64 / elapsed.as_secs_f64(),
         cpu_us_per_io: cpu.as_secs_f64() * 1e6 / ios.max(1) as f64,
         ios,
+        nvme_paths: paths_since(dev, stats_before),
     })
 }
 
