@@ -155,8 +155,9 @@ pub struct NvmeStats {
     pub reaped_by_futures: u64,
     /// Completions that a reactor thread reaped.
     pub reaped_by_reactors: u64,
-    /// Futures whose polling budget ended before their outcome came, which
-    /// then left their commands to the reactor thread.
+    /// Futures that left their commands to the reactor thread before their
+    /// outcome came: their polling budget ended, or a second request
+    /// joined theirs on the queue pair.
     pub handovers: u64,
     /// Most commands one queue pair held in flight at once: how deep the
     /// submitters' queue got.
@@ -280,7 +281,12 @@ impl Future for ReplyFuture<'_> {
                 this.stop_polling();
                 return Poll::Ready(outcome);
             }
-            if Instant::now() < this.deadline {
+            // A second request joined the lone one: the reactor polls
+            // for the queue now (`Reactor::only_lone_io`), and this future
+            // reaping beside it would only fight it for the lane's lock.
+            let joined = this.lane.requests.load(Ordering::SeqCst) > 1
+                || !this.lane.submissions.is_empty();
+            if !joined && Instant::now() < this.deadline {
                 // Reap on this thread if nobody else holds the queue pair
                 // (its reactor mid-turn, another thread reaping).
                 if let Some(mut core) = this.lane.core.try_lock()
@@ -346,6 +352,10 @@ struct Lane {
     /// Commands in flight plus requests not yet turned into commands, as
     /// the last holder of `core` left them.
     outstanding: AtomicUsize,
+    /// Requests in the queue pair's table (issued or not), as the last
+    /// holder of `core` left them: more than one, and a polling future is
+    /// no longer a lone I/O's.
+    requests: AtomicUsize,
 }
 
 impl Lane {
@@ -358,6 +368,7 @@ impl Lane {
             commands: AtomicU64::new(0),
             pollers: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
         }
     }
 
@@ -513,7 +524,13 @@ impl Shared {
     /// reaping beside the executor's thread is worth more than the wake-ups
     /// it costs (docs/nvme-vfio.md, "Lone I/Os without a thread hand-off").
     fn issue_direct(&self, lane: &Lane, request: Request) -> Result<(), Request> {
-        if self.poll_budget.is_zero() || !lane.submissions.is_empty() {
+        // Not a lone I/O (commands in flight, requests waiting): checked
+        // before the lock too, so that a building queue's submitters leave
+        // the lock to the reactor thread polling it.
+        if self.poll_budget.is_zero()
+            || !lane.submissions.is_empty()
+            || lane.outstanding.load(Ordering::SeqCst) > 0
+        {
             return Err(request);
         }
         let Some(mut core) = lane.core.try_lock() else {

@@ -543,9 +543,13 @@ impl Reactor {
     /// Tells the lane how much work the queue pair holds, for the park
     /// checks of the reactor and of futures that stop polling.
     fn publish(&self) {
-        self.lane()
-            .outstanding
+        let lane = self.lane();
+        lane.outstanding
             .store(self.in_flight + self.unissued.len(), Ordering::SeqCst);
+        lane.requests.store(
+            self.requests.len() - self.free_requests.len(),
+            Ordering::SeqCst,
+        );
     }
 
     /// Moves submitted requests into the request table.
