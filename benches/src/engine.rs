@@ -65,9 +65,10 @@ pub struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
-    /// Microseconds an I/O's future reaps the NVMe completion queue itself
-    /// (yielding between polls) before handing its command to the reactor
-    /// thread (`vfio:` devices; 0 hands every I/O to the reactor).
+    /// Microseconds a lone I/O's future reaps the NVMe completion queue
+    /// itself (yielding between polls) before handing its command to the
+    /// reactor thread (`vfio:` devices; 0, the driver's default, hands every
+    /// I/O to the reactor).
     #[arg(long)]
     nvme_poll_budget_us: Option<u32>,
     /// Where the workers run: `reactor` (on the device's reactor thread,
