@@ -290,8 +290,8 @@ impl Future for ReplyFuture<'_> {
             // A second request joined the lone one: the reactor polls
             // for the queue now (`Reactor::only_lone_io`), and this future
             // reaping beside it would only fight it for the lane's lock.
-            let joined = this.lane.requests.load(Ordering::SeqCst) > 1
-                || !this.lane.submissions.is_empty();
+            let joined =
+                this.lane.requests.load(Ordering::SeqCst) > 1 || !this.lane.submissions.is_empty();
             if !joined && Instant::now() < this.deadline {
                 // Reap on this thread if nobody else holds the queue pair
                 // (its reactor mid-turn, another thread reaping).
