@@ -65,11 +65,12 @@ pub struct EngineArgs {
     /// Microseconds the device reactor busy-polls before sleeping.
     #[arg(long)]
     poll_spin_us: Option<u32>,
-    /// Microseconds a thread whose NVMe queue pair is idle polls for its
-    /// own I/O before handing it to the reactor (`vfio:` devices; 0 hands
-    /// every I/O over).
+    /// Microseconds a lone I/O's future reaps the NVMe completion queue
+    /// itself (yielding between polls) before handing its command to the
+    /// reactor thread (`vfio:` devices; 0, the driver's default, hands every
+    /// I/O to the reactor).
     #[arg(long)]
-    nvme_inline_poll_us: Option<u32>,
+    nvme_poll_budget_us: Option<u32>,
     /// Where the workers run: `reactor` (on the device's reactor thread,
     /// run to completion), `caller` (on the calling thread, each I/O handed to
     /// the reactor), or `auto`: 1 MiB phases on the caller, whose CRC work
@@ -107,6 +108,48 @@ pub struct RawJob {
     /// in microseconds.
     pub cpu_us_per_io: f64,
     pub ios: u64,
+    /// Where the userspace NVMe driver did this job's work (`vfio:` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme_paths: Option<NvmePaths>,
+}
+
+/// Where the userspace NVMe driver's work was done during one job: requests
+/// the submitter issued itself, completions reaped by waiting futures
+/// against those reaped by reactor threads, futures that handed over,
+/// wake-ups of a parked reactor; and the deepest queue so far.
+#[derive(serde::Serialize, Clone, Copy, Debug)]
+pub struct NvmePaths {
+    pub direct: u64,
+    pub reaped_by_futures: u64,
+    pub reaped_by_reactors: u64,
+    pub handovers: u64,
+    pub wakeups: u64,
+    /// Since the device was opened, not only during the job.
+    pub in_flight_max: u64,
+}
+
+/// The NVMe driver's counters (an NVMe device only), for [`paths_since`].
+fn nvme_stats(dev: &AnyDevice) -> Option<flyfs_bypass::nvme::NvmeStats> {
+    match dev {
+        AnyDevice::Nvme(device) => Some(device.stats()),
+        AnyDevice::Uring(_) => None,
+    }
+}
+
+/// The NVMe driver's work since `before` (from [`nvme_stats`]).
+fn paths_since(
+    dev: &AnyDevice,
+    before: Option<flyfs_bypass::nvme::NvmeStats>,
+) -> Option<NvmePaths> {
+    let (before, now) = (before?, nvme_stats(dev)?);
+    Some(NvmePaths {
+        direct: now.direct - before.direct,
+        reaped_by_futures: now.reaped_by_futures - before.reaped_by_futures,
+        reaped_by_reactors: now.reaped_by_reactors - before.reaped_by_reactors,
+        handovers: now.handovers - before.handovers,
+        wakeups: now.wakeups - before.wakeups,
+        in_flight_max: now.in_flight_max,
+    })
 }
 
 /// The raw device jobs, named like fio's.
@@ -132,6 +175,10 @@ struct Results {
     /// The same random reads of the same chunks, issued straight to the
     /// device by the same harness: the block layer's share of the cost.
     rand_read_4k_iops_device: f64,
+    /// Where the userspace NVMe driver did the work of those two random
+    /// read runs (`vfio:` only).
+    rand_read_4k_nvme_paths: Option<NvmePaths>,
+    rand_read_4k_device_nvme_paths: Option<NvmePaths>,
     /// Group commit: chunk commits per journal batch (and flush) while writing.
     commits_per_batch: f64,
     /// 4 KiB random writes into existing chunks, each committed.
@@ -195,8 +242,8 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         if let Some(spin) = args.poll_spin_us {
             nvme.poll_spin_us = spin;
         }
-        if let Some(budget) = args.nvme_inline_poll_us {
-            nvme.inline_poll_us = budget;
+        if let Some(budget) = args.nvme_poll_budget_us {
+            nvme.poll_budget_us = budget;
         }
         let devices = DeviceConfig {
             uring: config.clone(),
@@ -268,10 +315,20 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             args.raw_size,
             args.rand_seconds,
         ))?;
-        // I/Os the submitting thread served itself (an idle queue pair),
-        // against those handed to a reactor thread.
-        let nvme_inline_ios = match &dev {
-            AnyDevice::Nvme(device) => Some(device.stats().inline),
+        // Where the NVMe driver's work was done: requests the submitter
+        // issued itself, completions reaped by the waiting futures against
+        // those reaped by reactor threads, and futures that handed over.
+        let nvme_paths = match &dev {
+            AnyDevice::Nvme(device) => {
+                let stats = device.stats();
+                Some(serde_json::json!({
+                    "direct": stats.direct,
+                    "reaped_by_futures": stats.reaped_by_futures,
+                    "reaped_by_reactors": stats.reaped_by_reactors,
+                    "handovers": stats.handovers,
+                    "wakeups": stats.wakeups,
+                }))
+            }
             AnyDevice::Uring(_) => None,
         };
         if args.json {
@@ -279,7 +336,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"raw": raw, "device": args.path.display().to_string(),
                                    "io_uring": features, "nvme_queue_pairs": nvme_queue_pairs,
-                                   "nvme_inline_ios": nvme_inline_ios})
+                                   "nvme_paths": nvme_paths})
             );
         } else {
             print_raw(&raw);
@@ -320,8 +377,12 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             / (after.batches - before.batches).max(1) as f64;
         let read = seq_read(&large, &engine, chunks, args.depth).await?;
         let run = Duration::from_secs_f64(args.rand_seconds);
+        let stats_before = nvme_stats(&dev);
         let iops = rand_read(&small, &engine, chunks, args.rand_depth, run, false).await?;
+        let paths = paths_since(&dev, stats_before);
+        let stats_before = nvme_stats(&dev);
         let iops_device = rand_read(&small, &engine, chunks, args.rand_depth, run, true).await?;
+        let device_paths = paths_since(&dev, stats_before);
         // The random writes run on an engine opened with or without
         // patches; reopening it at the end writes every patch still in the
         // journal into its chunk, which those writes must be charged for.
@@ -355,6 +416,8 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             seq_read_mib_s: mib / read.as_secs_f64(),
             rand_read_4k_iops: iops,
             rand_read_4k_iops_device: iops_device,
+            rand_read_4k_nvme_paths: paths,
+            rand_read_4k_device_nvme_paths: device_paths,
             commits_per_batch,
             rand_write_4k_iops: f64::from(args.rand_writes) / write_time.as_secs_f64(),
             rand_write_4k_amplification: device_bytes as f64 / payload.max(1) as f64,
@@ -482,6 +545,7 @@ async fn raw_sequential(
 ) -> anyhow::Result<RawJob> {
     let count = size / CHUNK_BYTES as u64;
     let next = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let stats_before = nvme_stats(dev);
     let cpu_before = process_cpu();
     let started = Instant::now();
     let local = tokio::task::LocalSet::new();
@@ -522,6 +586,7 @@ async fn raw_sequential(
         rate: count as f64 / elapsed.as_secs_f64(),
         cpu_us_per_io: cpu.as_secs_f64() * 1e6 / count as f64,
         ios: count,
+        nvme_paths: paths_since(dev, stats_before),
     })
 }
 
@@ -538,6 +603,7 @@ async fn raw_random(
 ) -> anyhow::Result<RawJob> {
     let blocks = size / 4096;
     let done = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let stats_before = nvme_stats(dev);
     let cpu_before = process_cpu();
     let started = Instant::now();
     let deadline = started + run;
@@ -575,6 +641,7 @@ async fn raw_random(
         rate: ios as f64 / elapsed.as_secs_f64(),
         cpu_us_per_io: cpu.as_secs_f64() * 1e6 / ios.max(1) as f64,
         ios,
+        nvme_paths: paths_since(dev, stats_before),
     })
 }
 

@@ -1,8 +1,10 @@
 //! The userspace NVMe driver on a real (emulated) NVMe controller, inside
 //! the QEMU guest of shared/vm: the `BlockDevice` contract checks shared
 //! with the host devices, the driver's own statistics (doorbell batching,
-//! the bounce path, idle parking, lone I/Os served inline), Identify, orderly close and reopen, and
-//! its faults: a command timeout ending in Abort and controller disable,
+//! the bounce path, idle parking, I/Os issued and reaped on the executor's
+//! thread at depth 1 and 64), Identify, orderly close and reopen, and
+//! its faults: a command timeout ending in Abort and controller disable
+//! (while the waiting future polls, and after it was dropped mid-poll),
 //! and a controller reset under the driver's feet mid-I/O.
 //!
 //! Guest only (scripts/test-guest runs every `guest_*` binary in one guest
@@ -14,6 +16,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use flyfs_bypass::nvme::testing::guest_controller;
@@ -147,16 +150,20 @@ fn data_survives_close_and_reopen() {
     assert!(matches!(error, DeviceError::Closed { .. }), "{error}");
 }
 
-/// A submitter whose queue pair is idle serves its I/O on its own thread
-/// (no hand-off to the reactor), and the data is right either way.
+/// A lone I/O goes from its submitter to the controller and back to its
+/// future without the reactor thread: the submitter writes the command and
+/// rings the doorbell, and the future reaps the completion when its
+/// executor polls it. The data is right either way.
 #[test]
-fn lone_ios_are_served_on_the_submitting_thread() {
+fn lone_ios_are_issued_and_reaped_on_the_executor_thread() {
     let pool = pool();
-    let inline = NvmeConfig {
-        inline_poll_us: 200,
+    // A budget no I/O of the emulated controller comes near, so that none
+    // hands over even on a loaded host.
+    let polling = NvmeConfig {
+        poll_budget_us: 5_000_000,
         ..NvmeConfig::default()
     };
-    let device = open(&inline, &pool);
+    let device = open(&polling, &pool);
     run(async {
         for block in 0..64u64 {
             let data = contract::pattern(block, 4096);
@@ -168,15 +175,23 @@ fn lone_ios_are_served_on_the_submitting_thread() {
             );
         }
     });
-    let stats = device.stats();
+    let stats = settled(&device);
     // The reactor's idle turns (a health check every 100 ms) hold the
-    // queue pair for microseconds, so nearly every one of the 128 lone
-    // I/Os finds it free.
-    assert!(stats.inline >= 64, "{stats:?}");
+    // queue pair for microseconds and may reap a completion that lands
+    // then, so nearly all but not provably all of the 128 I/Os take the
+    // direct path both ways.
+    assert!(stats.direct >= 64, "{stats:?}");
+    assert!(stats.reaped_by_futures >= 64, "{stats:?}");
+    assert!(
+        stats.reaped_by_reactors < stats.reaped_by_futures,
+        "{stats:?}"
+    );
+    assert_eq!(stats.handovers, 0, "{stats:?}");
     assert_eq!(stats.submitted, stats.completed, "{stats:?}");
     drop(device);
+    // A zero budget hands every request to the reactor.
     let handing_over = NvmeConfig {
-        inline_poll_us: 0,
+        poll_budget_us: 0,
         ..NvmeConfig::default()
     };
     let device = open(&handing_over, &pool);
@@ -186,7 +201,82 @@ fn lone_ios_are_served_on_the_submitting_thread() {
         300 * MIB,
         &[9u8; 4096],
     ));
-    assert_eq!(device.stats().inline, 0, "{:?}", device.stats());
+    // The reactor answers the request before it finishes its bookkeeping.
+    let stats = settled(&device);
+    assert_eq!((stats.direct, stats.reaped_by_futures), (0, 0), "{stats:?}");
+    assert_eq!(stats.reaped_by_reactors, 1, "{stats:?}");
+}
+
+/// The device's counters once every request it took is counted as
+/// completed (whoever answered a request may count it just after).
+fn settled(device: &NvmeDevice) -> flyfs_bypass::nvme::NvmeStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = device.stats();
+        if stats.completed == stats.submitted {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never completed: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Many I/Os from one executor thread still build a deep queue: a future
+/// that reaps yields between polls, so the executor's other tasks add their
+/// I/Os before any one finishes (an I/O completed on its submitting thread
+/// before its task yields would keep the queue at depth 1), and only a lone
+/// I/O takes the direct path.
+#[test]
+fn one_executor_thread_keeps_a_deep_queue() {
+    let pool = pool();
+    let polling = NvmeConfig {
+        poll_budget_us: 5_000_000,
+        ..NvmeConfig::default()
+    };
+    let device = open(&polling, &pool);
+    let tasks = 64u64;
+    let rounds = 8u64;
+    run(async {
+        for task in 0..tasks {
+            let data = contract::pattern(task, 4096);
+            contract::write_at(&device, Some(&pool), 400 * MIB + task * 4096, &data).await;
+        }
+    });
+    let before = device.stats();
+    let local = tokio::task::LocalSet::new();
+    run(local.run_until(async {
+        let mut readers = tokio::task::JoinSet::new();
+        for task in 0..tasks {
+            let device = device.clone();
+            let pool = pool.clone();
+            readers.spawn_local(async move {
+                let expected = contract::pattern(task, 4096);
+                for _ in 0..rounds {
+                    let completion = device.read(400 * MIB + task * 4096, pool.alloc(4096)).await;
+                    completion.result.expect("read");
+                    assert!(
+                        completion.buf[..] == expected[..],
+                        "task {task} read other bytes"
+                    );
+                }
+            });
+        }
+        while let Some(joined) = readers.join_next().await {
+            joined.expect("reader");
+        }
+    }));
+    let stats = device.stats();
+    assert_eq!(stats.submitted, stats.completed, "{stats:?}");
+    assert!(
+        stats.in_flight_max >= 16,
+        "one thread's 64 readers never had 16 commands in flight: {stats:?}"
+    );
+    // Once the queue builds, requests go to the reactor thread, which
+    // issues and reaps beside the executor's thread.
+    assert!(stats.direct - before.direct < tasks * rounds, "{stats:?}");
 }
 
 #[test]
@@ -195,7 +285,7 @@ fn an_idle_reactor_parks() {
     // Every I/O through the reactor, so that the one after it parked has
     // to wake it.
     let config = NvmeConfig {
-        inline_poll_us: 0,
+        poll_budget_us: 0,
         ..NvmeConfig::default()
     };
     let device = open(&config, &pool);
@@ -211,12 +301,16 @@ fn an_idle_reactor_parks() {
     assert!(device.stats().wakeups > 0 || device.stats().sleeps > before);
 }
 
+/// The reactor owns timeouts even while the waiting future reaps for
+/// itself: its budget (a minute) outlasts the command's two timeouts, so the
+/// future is still polling when the reactor aborts the command and fails
+/// the device.
 #[test]
 fn a_command_that_never_completes_times_out_and_fails_the_device() {
     let pool = pool();
     let config = NvmeConfig {
         command_timeout_ms: 500,
-        inline_poll_us: 200,
+        poll_budget_us: 60_000_000,
         ..NvmeConfig::default()
     };
     let device = open(&config, &pool);
@@ -242,9 +336,10 @@ fn a_command_that_never_completes_times_out_and_fails_the_device() {
     assert!(reason.contains("did not complete"), "{reason}");
     let stats = device.stats();
     assert!(stats.timeouts >= 1 && stats.aborts >= 1, "{stats:?}");
-    // The read found its queue pair idle, polled for it on this thread
-    // until its budget ran out, then left it to the reactor, which timed
-    // it out: a command left in flight is never forgotten.
+    // The read was issued by this thread and its future polled throughout:
+    // it never handed over, yet the reactor timed it out.
+    assert!(stats.direct >= 2, "{stats:?}");
+    assert_eq!(stats.handovers, 0, "{stats:?}");
     // The buffer came back: the controller was disabled, so it cannot DMA.
     assert_eq!(completion.buf.len(), 4096);
     let error = run(device.write(0, DmaBuf::alloc_zeroed(4096)))
@@ -255,6 +350,70 @@ fn a_command_that_never_completes_times_out_and_fails_the_device() {
     // The controller comes back for the next user.
     let device = open(&NvmeConfig::default(), &pool);
     assert!(run(contract::read_at(&device, Some(&pool), 0, 4096)) == vec![3u8; 4096]);
+}
+
+/// A future dropped after its first poll (cancelled while it reaps for
+/// itself) leaves its command to the reactor: the completion is consumed,
+/// the request answered and its buffer freed only then; and a command that
+/// never completes is still timed out by the reactor, which fails the
+/// device and only then lets the buffer go.
+#[test]
+fn a_future_dropped_mid_poll_leaves_its_command_to_the_reactor() {
+    let pool = pool();
+    let config = NvmeConfig {
+        command_timeout_ms: 500,
+        poll_budget_us: 60_000_000,
+        ..NvmeConfig::default()
+    };
+    let device = open(&config, &pool);
+    let data = contract::pattern(7, 4096);
+    run(contract::write_at(&device, Some(&pool), 8192, &data));
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(60);
+
+    let before = device.stats();
+    let mut read = Box::pin(device.read(8192, pool.alloc(4096)));
+    let finished_at_once = read.as_mut().poll(&mut context).is_ready();
+    drop(read);
+    let stats = device.stats();
+    assert_eq!(stats.direct, before.direct + 1, "{stats:?}");
+    while device.stats().completed < stats.submitted {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped read's command was never answered: {:?}",
+            device.stats()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !finished_at_once {
+        // Nobody polled after the drop: the reactor, woken by it, reaped.
+        while device.stats().reaped_by_reactors == before.reaped_by_reactors {
+            assert!(Instant::now() < deadline, "{:?}", device.stats());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(run(contract::read_at(&device, Some(&pool), 8192, 4096)) == data);
+
+    device.inject_doorbell_stall();
+    let mut read = Box::pin(device.read(8192, pool.alloc(4096)));
+    assert!(read.as_mut().poll(&mut context).is_pending(), "stalled");
+    drop(read);
+    while device.failure().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped read's stalled command was never timed out: {:?}",
+            device.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reason = device.failure().expect("failed");
+    assert!(reason.contains("did not complete"), "{reason}");
+    let stats = device.stats();
+    assert!(stats.timeouts >= 1 && stats.aborts >= 1, "{stats:?}");
+    while device.stats().completed < device.stats().submitted {
+        assert!(Instant::now() < deadline, "{:?}", device.stats());
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A reset of the controller by someone else while commands are queued:

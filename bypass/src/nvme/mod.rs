@@ -25,12 +25,21 @@
 //! transfer size), writes them into its submission queue, rings the
 //! doorbell once per batch, polls its completion queue by the phase tag,
 //! and hands buffers back. It spins briefly while commands are in flight
-//! and parks when none are, so an idle device costs no CPU. Optionally
-//! (`NvmeConfig::inline_poll_us`, off by default) a submitter that finds its
-//! queue pair idle does the reactor's work itself, polling for its own
-//! completion for a bounded time, so a lone I/O costs no hand-off between
-//! threads; the reactor's state sits behind its lane's lock for that, held
-//! by one thread at a time. The admin
+//! and parks when none are, so an idle device costs no CPU.
+//!
+//! The reactor's state sits behind its lane's lock, held by one thread at a
+//! time, so that, with `NvmeConfig::poll_budget_us` set (off by default), a
+//! lone I/O needs no other thread: a submitter that finds
+//! its queue pair empty and gets the lock (`try_lock`) writes its own
+//! commands and rings the doorbell, and its future, each time the executor
+//! polls it, reaps the completion queue itself and yields, for up to
+//! `NvmeConfig::poll_budget_us`; only then does it leave the command to the
+//! reactor thread. Requests that find a queue building go to the reactor,
+//! whose thread then issues and reaps beside the executor's. While the lone
+//! request is the pair's only work and its future polls, the reactor naps
+//! instead of spinning, waking only for timeouts and health checks
+//! (`Lane::pollers`); once a second request joins, it polls as before. The
+//! admin
 //! queue and the controller's registers beyond the doorbells sit behind one
 //! lock that only the cold paths take (aborts, health checks, failure,
 //! shutdown).
@@ -51,6 +60,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, 
 use std::sync::{Mutex as StdMutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use parking_lot::Mutex;
@@ -85,17 +95,23 @@ pub struct NvmeConfig {
     /// piece of work while commands are in flight, before it naps between
     /// polls.
     pub poll_spin_us: u32,
-    /// How long a thread whose queue pair is idle polls for its own I/O's
-    /// completion on itself, as SPDK's run-to-completion threads do, before
-    /// it leaves the command to the reactor thread. A lone I/O then costs
-    /// no hand-off between threads (two wake-ups, most of a depth-1 I/O's
-    /// latency); the price is that the submitting thread is busy for up to
-    /// this long. Off (zero) by default: an executor thread running many
-    /// tasks serves each I/O inline and the I/O completes before its task
-    /// yields, so the other tasks never build a queue (in the guest, one
-    /// thread's depth-64 random reads fell to its depth-1 rate). Only for a
-    /// thread that keeps one I/O in flight at a time.
-    pub inline_poll_us: u32,
+    /// How long a lone I/O's future (one submitted while its queue pair
+    /// held nothing), each time its executor polls it, may reap the
+    /// completion queue itself (yielding between polls, so the executor's
+    /// other tasks keep adding to the queue) before it leaves its command to
+    /// the reactor thread and waits to be woken; its submitter also writes
+    /// the command and rings the doorbell itself. A lone I/O then costs no
+    /// hand-off between threads (two wake-ups, most
+    /// of a depth-1 I/O's latency); the price is that the executor's thread
+    /// spins for up to this long per I/O when it has nothing else to run.
+    /// Zero, the default, hands every request to the reactor thread (the
+    /// path before version 4 of docs/nvme-vfio.md). Opt in for a thread
+    /// that keeps one I/O in flight at a time: in the emulated guest
+    /// (docs/nvme-vfio.md) 1000 raised one thread's depth-1 4 KiB reads and
+    /// writes 1.8-3.5x over zero, while depth 64 and the engine's rows
+    /// stayed within the noise of single runs (about 1% of their requests
+    /// went direct), not shown to be at or above zero's.
+    pub poll_budget_us: u32,
     /// Size of each queue pair's bounce region, through which buffers that
     /// are not in the buffer pool's mapped arena move (at least 2 MiB, the
     /// largest single command).
@@ -110,7 +126,7 @@ impl Default for NvmeConfig {
             queue_pairs: 2,
             command_timeout_ms: 30_000,
             poll_spin_us: 50,
-            inline_poll_us: 0,
+            poll_budget_us: 0,
             bounce_bytes: 4 << 20,
         }
     }
@@ -136,11 +152,22 @@ pub struct NvmeStats {
     pub aborts: u64,
     /// Times the reactor parked with nothing in flight.
     pub sleeps: u64,
-    /// Submitters that woke a parked reactor.
+    /// Submitters (or futures handing over) that woke a parked reactor.
     pub wakeups: u64,
-    /// Requests a submitter served on its own thread, its queue pair being
-    /// idle (`NvmeConfig::inline_poll_us`).
-    pub inline: u64,
+    /// Requests whose submitter wrote the commands and rang the doorbell
+    /// itself, without the reactor thread.
+    pub direct: u64,
+    /// Completions that a waiting future reaped on its executor's thread.
+    pub reaped_by_futures: u64,
+    /// Completions that a reactor thread reaped.
+    pub reaped_by_reactors: u64,
+    /// Futures that left their commands to the reactor thread before their
+    /// outcome came: their polling budget ended, or a second request
+    /// joined theirs on the queue pair.
+    pub handovers: u64,
+    /// Most commands one queue pair held in flight at once: how deep the
+    /// submitters' queue got.
+    pub in_flight_max: u64,
     /// Writes an injected power cut tore (kept some but not all of their
     /// sectors); test builds only.
     pub torn_writes: u64,
@@ -157,7 +184,11 @@ struct Counters {
     aborts: AtomicU64,
     sleeps: AtomicU64,
     wakeups: AtomicU64,
-    inline: AtomicU64,
+    direct: AtomicU64,
+    reaped_by_futures: AtomicU64,
+    reaped_by_reactors: AtomicU64,
+    handovers: AtomicU64,
+    in_flight_max: AtomicU64,
     torn_writes: AtomicU64,
 }
 
@@ -206,13 +237,86 @@ impl Reply {
     }
 }
 
-struct ReplyFuture(Arc<Reply>);
+/// The most completions a waiting future consumes in one poll, so that
+/// one poll's work stays bounded (the reactor reaps all it finds).
+const FUTURE_REAP_BATCH: usize = 32;
 
-impl Future for ReplyFuture {
+/// A request's future. While `polling`, it holds one of its lane's
+/// `pollers` counts and reaps completions itself each time it is polled;
+/// after its budget (or when dropped) it gives the count back and, if
+/// commands are still in flight, makes sure the reactor thread is awake to
+/// own them. A dropped future never frees a buffer: the buffer stays in the
+/// reactor's request table until its command completes (or the controller
+/// is provably stopped), and is dropped with the reply after that.
+struct ReplyFuture<'a> {
+    reply: Arc<Reply>,
+    shared: &'a Shared,
+    lane: &'a Lane,
+    polling: bool,
+    /// When the budget for reaping on the executor's thread ends.
+    deadline: Instant,
+}
+
+impl ReplyFuture<'_> {
+    /// Gives back this future's `pollers` count; if that leaves commands
+    /// with nobody polling, wakes the reactor should it be parked.
+    fn stop_polling(&mut self) {
+        if !self.polling {
+            return;
+        }
+        self.polling = false;
+        // Pairs with the reactor's park checks (`reactor::run`): either it
+        // sees the count drop, or we see it parked and wake it.
+        self.lane.pollers.fetch_sub(1, Ordering::SeqCst);
+        if self.lane.outstanding.load(Ordering::SeqCst) > 0 {
+            self.shared.notify(self.lane);
+        }
+    }
+}
+
+impl Future for ReplyFuture<'_> {
     type Output = (Option<DmaBuf>, Result<(), DeviceError>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.0.lock();
+        let this = self.get_mut();
+        if this.polling {
+            // (The reply's lock is never held while the lane's is taken:
+            // reaping finishes replies, this one's included.)
+            let outcome = this.reply.lock().outcome.take();
+            if let Some(outcome) = outcome {
+                this.stop_polling();
+                return Poll::Ready(outcome);
+            }
+            // A second request joined the lone one: the reactor polls
+            // for the queue now (`Reactor::only_lone_io`), and this future
+            // reaping beside it would only fight it for the lane's lock.
+            let joined =
+                this.lane.requests.load(Ordering::SeqCst) > 1 || !this.lane.submissions.is_empty();
+            if !joined && Instant::now() < this.deadline {
+                // Reap on this thread if nobody else holds the queue pair
+                // (its reactor mid-turn, another thread reaping).
+                if let Some(mut core) = this.lane.core.try_lock()
+                    && let Some(reactor) = core.as_mut()
+                {
+                    reactor.reap_for_future(FUTURE_REAP_BATCH);
+                }
+                let outcome = this.reply.lock().outcome.take();
+                if let Some(outcome) = outcome {
+                    this.stop_polling();
+                    return Poll::Ready(outcome);
+                }
+                // Yield, so that the executor's other tasks run (and add
+                // their I/Os to the queue) before we look again.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            this.shared
+                .counters
+                .handovers
+                .fetch_add(1, Ordering::Relaxed);
+            this.stop_polling();
+        }
+        let mut state = this.reply.lock();
         if let Some(outcome) = state.outcome.take() {
             return Poll::Ready(outcome);
         }
@@ -224,10 +328,19 @@ impl Future for ReplyFuture {
     }
 }
 
+impl Drop for ReplyFuture<'_> {
+    fn drop(&mut self) {
+        // Cancelled mid-poll: its commands (and buffer) stay with the
+        // queue pair, and the reactor must be awake to see them through.
+        self.stop_polling();
+    }
+}
+
 /// One reactor's inbox: where submitters leave requests for its queue pair.
 struct Lane {
-    /// The queue pair's reactor, locked by its thread for a turn at a time
-    /// and by a submitter that serves a request inline; `None` once the
+    /// The queue pair's reactor, locked by its thread for a turn at a time,
+    /// by a submitter issuing its own commands and by a waiting future
+    /// reaping completions (each only with `try_lock`); `None` once the
     /// reactor has stopped.
     core: Mutex<Option<reactor::Reactor>>,
     submissions: SegQueue<Request>,
@@ -237,6 +350,18 @@ struct Lane {
     reactor: OnceLock<Thread>,
     /// NVMe commands this lane's queue pair carried.
     commands: AtomicU64,
+    /// Futures of this lane's requests that still reap completions
+    /// themselves (within their budget). While one is and its request is
+    /// the queue pair's only work, the reactor naps between turns instead
+    /// of polling (`Reactor::only_lone_io`).
+    pollers: AtomicUsize,
+    /// Commands in flight plus requests not yet turned into commands, as
+    /// the last holder of `core` left them.
+    outstanding: AtomicUsize,
+    /// Requests in the queue pair's table (issued or not), as the last
+    /// holder of `core` left them: more than one, and a polling future is
+    /// no longer a lone I/O's.
+    requests: AtomicUsize,
 }
 
 impl Lane {
@@ -247,6 +372,9 @@ impl Lane {
             sleeping: AtomicBool::new(false),
             reactor: OnceLock::new(),
             commands: AtomicU64::new(0),
+            pollers: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
         }
     }
 
@@ -270,10 +398,10 @@ struct Shared {
     identity: NvmeIdentity,
     /// One per reactor (queue pair).
     lanes: Box<[Lane]>,
-    /// How long a submitter that finds its queue pair idle polls for its
-    /// own completion before it leaves the rest to the reactor
-    /// (`NvmeConfig::inline_poll_us`); zero hands every request over.
-    inline_poll: std::time::Duration,
+    /// How long a request's future reaps completions itself before it
+    /// leaves the rest to the reactor (`NvmeConfig::poll_budget_us`); zero
+    /// hands every request over.
+    poll_budget: Duration,
     /// No new request is accepted; the reactors exit once `active` is zero.
     closed: AtomicBool,
     /// Requests a submitter has committed to queue whose outcome no
@@ -375,37 +503,56 @@ impl Shared {
             buf,
             reply: Arc::clone(&reply),
         };
-        match self.serve_inline(lane, request) {
-            Ok(()) => {}
+        let polling = match self.issue_direct(lane, request) {
+            Ok(()) => true,
             Err(request) => {
                 lane.submissions.push(request);
                 self.notify(lane);
+                false
             }
+        };
+        ReplyFuture {
+            reply,
+            shared: self,
+            lane,
+            polling,
+            deadline: Instant::now() + self.poll_budget,
         }
-        ReplyFuture(reply).await
+        .await
     }
 
-    /// Serves `request` on this thread if its queue pair is idle and no
-    /// other thread drives it (see `Reactor::serve_inline`); hands it back
-    /// otherwise, for the reactor.
-    fn serve_inline(&self, lane: &Lane, request: Request) -> Result<(), Request> {
-        if self.inline_poll.is_zero() {
+    /// Writes `request`'s commands into its queue pair and rings the
+    /// doorbell on this thread, if it is a lone I/O (the pair holds nothing
+    /// and nothing waits for it), no other thread holds the pair and the
+    /// device is healthy; the request's future then counts as one of the
+    /// lane's pollers. Hands the request back otherwise, for the reactor:
+    /// with a queue already building, the reactor thread issuing and
+    /// reaping beside the executor's thread is worth more than the wake-ups
+    /// it costs (docs/nvme-vfio.md, "Lone I/Os without a thread hand-off").
+    fn issue_direct(&self, lane: &Lane, request: Request) -> Result<(), Request> {
+        // Not a lone I/O (commands in flight, requests waiting): checked
+        // before the lock too, so that a building queue's submitters leave
+        // the lock to the reactor thread polling it.
+        if self.poll_budget.is_zero()
+            || !lane.submissions.is_empty()
+            || lane.outstanding.load(Ordering::SeqCst) > 0
+        {
             return Err(request);
         }
         let Some(mut core) = lane.core.try_lock() else {
             return Err(request);
         };
-        let Some(reactor) = core.as_mut().filter(|reactor| reactor.is_idle()) else {
+        let Some(reactor) = core
+            .as_mut()
+            .filter(|reactor| reactor.is_healthy() && reactor.is_idle())
+        else {
             return Err(request);
         };
-        self.counters.inline.fetch_add(1, Ordering::Relaxed);
-        let left = reactor.serve_inline(request, self.inline_poll);
-        drop(core);
-        if left {
-            // Its completion (or another's) is still to come: the reactor,
-            // perhaps parked for its idle period, takes over now.
-            lane.unpark();
-        }
+        // Counted before its commands are, so that nobody sees them in
+        // flight with no poller and no reactor awake.
+        lane.pollers.fetch_add(1, Ordering::SeqCst);
+        self.counters.direct.fetch_add(1, Ordering::Relaxed);
+        reactor.issue_direct(request);
         Ok(())
     }
 }
@@ -546,7 +693,11 @@ impl NvmeDevice {
             aborts: load(&counters.aborts),
             sleeps: load(&counters.sleeps),
             wakeups: load(&counters.wakeups),
-            inline: load(&counters.inline),
+            direct: load(&counters.direct),
+            reaped_by_futures: load(&counters.reaped_by_futures),
+            reaped_by_reactors: load(&counters.reaped_by_reactors),
+            handovers: load(&counters.handovers),
+            in_flight_max: load(&counters.in_flight_max),
             torn_writes: load(&counters.torn_writes),
         }
     }
