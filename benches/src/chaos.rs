@@ -111,6 +111,13 @@ pub struct ChaosArgs {
     /// How long the cluster may take to serve again once faults stop.
     #[arg(long, default_value_t = 120)]
     heal_timeout_s: u64,
+    /// The metadata service's delay before a removed file's chunks are
+    /// freed. The daemon's default (5 minutes) lets the workload's removes
+    /// fill the 256 MiB devices within minutes, which turns the soak into
+    /// one of full devices (see docs/chaos.md, "Results": acknowledged data
+    /// read back wrong there); pass 300000 to run it that way.
+    #[arg(long, default_value_t = 10_000)]
+    gc_delay_ms: u64,
     /// Where the cluster's files go (a directory made for the run inside it
     /// is removed afterwards unless FLYFS_BENCH_KEEP is set or the run
     /// failed). Default: the system's temporary directory.
@@ -190,6 +197,8 @@ struct Summary {
     /// How partitions were made: `link_down` (the namespace's link) or
     /// `sigstop` (on loopback).
     partition_method: &'static str,
+    /// The metadata service's delay before removed files' chunks are freed.
+    gc_delay_ms: u64,
     faults_injected: u64,
     faults: BTreeMap<&'static str, u64>,
     replacements: u64,
@@ -262,12 +271,13 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         base.display()
     );
     let dir = run_dir(&base, "flyfs-chaos")?;
-    let mut cluster = ChaosCluster::new(dir.clone(), net)?;
+    let mut cluster = ChaosCluster::new(dir.clone(), net, args.gc_delay_ms)?;
     let mut summary = Summary {
         minutes: args.minutes,
         seed,
         network: cluster.net.name(),
         partition_method: cluster.net.partition_method(),
+        gc_delay_ms: args.gc_delay_ms,
         chains: CHAINS,
         dir: dir.display().to_string(),
         ..Summary::default()
@@ -842,10 +852,12 @@ struct ChaosCluster {
     next_node: u32,
     /// Daemons stopped with SIGSTOP (partitions on loopback).
     frozen: HashMap<String, u32>,
+    /// The metadata service's `gc_delay_ms`.
+    gc_delay_ms: u64,
 }
 
 impl ChaosCluster {
-    fn new(dir: PathBuf, net: Net) -> anyhow::Result<ChaosCluster> {
+    fn new(dir: PathBuf, net: Net, gc_delay_ms: u64) -> anyhow::Result<ChaosCluster> {
         let launcher = Launcher::new(dir)?;
         let ca = launcher.ca("chaos")?;
         let port = |what: &str| -> anyhow::Result<u16> {
@@ -867,6 +879,7 @@ impl ChaosCluster {
             storage_nodes: Vec::new(),
             next_node: 1,
             frozen: HashMap::new(),
+            gc_delay_ms,
         })
     }
 
@@ -951,6 +964,7 @@ impl ChaosCluster {
         meta.chain_table = 1;
         meta.chunk_size = CHUNK_BYTES;
         meta.stripe = STRIPE;
+        meta.gc_delay_ms = self.gc_delay_ms;
         meta.tls = Some(TlsConfig::in_dir(&self.tls_dir(), "meta"));
         let config = self.write_config("meta", &meta)?;
         self.launch("meta", "meta", &config, META_HOST)
