@@ -32,6 +32,23 @@ const KINDS: [&str; 7] = [
 
 #[test]
 fn chaos_loses_no_acknowledged_write() {
+    let seed = std::env::var("FLYFS_CHAOS_SEED").ok();
+    soak_and_check("0.75", seed.as_deref(), &[]);
+}
+
+/// Known bug, pinned (docs/chaos.md, "30-minute soaks"): acknowledged files
+/// read back with the right length and wrong bytes. This schedule with one
+/// workload task showed it 35 s into a run (right after the metadata
+/// service's first restart); the timing is not seeded, so a run may miss
+/// it. Run it with `--ignored`.
+#[test]
+#[ignore = "known bug: acknowledged data read back wrong under restarts and replacements (docs/chaos.md)"]
+fn pinned_acknowledged_bytes_survive_the_first_minutes() {
+    soak_and_check("2", Some("20261205"), &["--tasks", "1"]);
+}
+
+/// Runs the soak for `minutes` and checks what must hold of its summary.
+fn soak_and_check(minutes: &str, seed: Option<&str>, extra: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     if let Err(e) = probe_io_uring(dir.path()) {
         eprintln!("skipping: io_uring is not available here ({e})");
@@ -39,10 +56,11 @@ fn chaos_loses_no_acknowledged_write() {
     }
     let mut command = flyfs();
     command
-        .args(["bench", "chaos", "--minutes", "0.75", "--json", "--dir"])
-        .arg(dir.path());
-    if let Ok(seed) = std::env::var("FLYFS_CHAOS_SEED") {
-        command.args(["--seed", &seed]);
+        .args(["bench", "chaos", "--minutes", minutes, "--json", "--dir"])
+        .arg(dir.path())
+        .args(extra);
+    if let Some(seed) = seed {
+        command.args(["--seed", seed]);
     }
     let out = command.output().expect("run flyfs bench chaos");
     assert!(out.status.success(), "the soak failed: {}", text(&out));
@@ -68,7 +86,8 @@ fn chaos_loses_no_acknowledged_write() {
     assert_eq!(field("verify_errors"), 0, "{summary}");
     assert_eq!(summary["all_serving"], true, "{summary}");
     assert!(summary["seed"].is_u64(), "{summary}");
-    assert_eq!(summary["minutes"], 0.75, "{summary}");
+    let wanted: f64 = minutes.parse().expect("minutes");
+    assert_eq!(summary["minutes"], wanted, "{summary}");
 }
 
 #[test]
