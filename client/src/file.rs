@@ -23,10 +23,12 @@
 //! **Reads.** A read first writes out anything buffered (a client reads
 //! its own writes). A reader that continues near where it stopped is
 //! sequential: whole chunks ahead of it are fetched in the background into
-//! a cache of chunk futures, the window doubling on each sequential read up
-//! to `readahead_bytes_max`. Other reads fetch exactly what they ask for,
-//! every chunk of the range at once. Any write, truncate or open empties
-//! the cache.
+//! its handle's cache of chunk futures, the window doubling on each
+//! sequential read up to `readahead_bytes_max`. Each handle is a stream of
+//! its own, so readers of one file at different places keep their chunks.
+//! Other reads fetch exactly what they ask for, every chunk of the range at
+//! once. Any write, truncate or open of the file empties every handle's
+//! cache (an epoch each handle checks).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -126,11 +128,25 @@ impl Buffer {
     }
 }
 
+/// One handle's read-ahead: each handle is its own stream, so readers of
+/// one file at different places (a data loader's workers) do not throw
+/// away each other's chunks.
 #[derive(Default)]
-struct ReadAhead {
+pub(crate) struct ReadAhead {
     /// Bytes fetched ahead of a sequential reader; 0 when not sequential.
     window: u64,
     chunks: BTreeMap<u32, ChunkFetch>,
+    /// The file's read-ahead epoch `chunks` were fetched in: chunks of an
+    /// older one may predate a write or truncate, and are dropped.
+    epoch: u64,
+    /// Whole chunks this handle has fetched ahead, in all.
+    fetched: u64,
+}
+
+impl ReadAhead {
+    pub(crate) fn fetched(&self) -> u64 {
+        self.fetched
+    }
 }
 
 impl std::fmt::Debug for ReadAhead {
@@ -138,6 +154,7 @@ impl std::fmt::Debug for ReadAhead {
         f.debug_struct("ReadAhead")
             .field("window", &self.window)
             .field("chunks", &self.chunks.keys().collect::<Vec<_>>())
+            .field("epoch", &self.epoch)
             .finish()
     }
 }
@@ -179,7 +196,9 @@ pub(crate) struct FileState {
     writes: AtomicU64,
     synced: AtomicU64,
     hint: Mutex<Hint>,
-    readahead: Mutex<ReadAhead>,
+    /// Bumped by every change that makes chunks read ahead before it
+    /// stale (a write, a truncate, an open); see [`ReadAhead::epoch`].
+    readahead_epoch: AtomicU64,
     readahead_bytes_max: u64,
 }
 
@@ -218,7 +237,7 @@ impl FileState {
                 length: 0,
                 at: Instant::now(),
             }),
-            readahead: Mutex::new(ReadAhead::default()),
+            readahead_epoch: AtomicU64::new(0),
             readahead_bytes_max: config.readahead_bytes_max,
         }
     }
@@ -247,7 +266,7 @@ impl FileState {
             // storage rather than trust a length the truncate may have cut.
             self.length.fetch_max(length, Ordering::AcqRel);
         }
-        self.readahead.lock().chunks.clear();
+        self.forget_read_ahead();
     }
 
     /// The metadata service says the file is `length` long (at
@@ -269,7 +288,12 @@ impl FileState {
         self.length.store(size, Ordering::Release);
         self.truncate_version
             .store(truncate_version, Ordering::Release);
-        self.readahead.lock().chunks.clear();
+        self.forget_read_ahead();
+    }
+
+    /// Every handle's chunks read ahead so far may be stale.
+    fn forget_read_ahead(&self) {
+        self.readahead_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A handle of this client holds write session `session`.
@@ -374,7 +398,7 @@ impl FileState {
         buffer.next = Some(end);
         self.length.fetch_max(end, Ordering::AcqRel);
         self.writes.fetch_add(1, Ordering::AcqRel);
-        self.readahead.lock().chunks.clear();
+        self.forget_read_ahead();
         if buffer.bytes < self.buffer_bytes {
             return Ok(());
         }
@@ -433,7 +457,7 @@ impl FileState {
         if wrote {
             // Anything read ahead while the writes were in flight may
             // predate them.
-            self.readahead.lock().chunks.clear();
+            self.forget_read_ahead();
         }
         written.and(waited)
     }
@@ -543,12 +567,12 @@ impl FileState {
         let end = (offset + u64::from(len)).min(length);
         let previous_end = fh.read_end.swap(end, Ordering::AcqRel);
         let sequential = previous_end != u64::MAX
-            && offset.abs_diff(previous_end) <= self.chunk_bytes.max(self.window());
+            && offset.abs_diff(previous_end) <= self.chunk_bytes.max(fh.readahead.lock().window);
         let pieces: Vec<_> = self.pieces(offset, end - offset).collect();
         let parts: Vec<Bytes> = if sequential && self.readahead_bytes_max > 0 {
-            self.read_ahead(storage, &pieces, end, length).await?
+            self.read_ahead(storage, fh, &pieces, end, length).await?
         } else {
-            self.readahead.lock().window = 0;
+            fh.readahead.lock().window = 0;
             self.read_exact(storage, &pieces).await?
         };
         // Holes and chunks shorter than the file read as zeros.
@@ -563,10 +587,6 @@ impl FileState {
             out[at..at + n].copy_from_slice(&part[..n]);
         }
         Ok(out.freeze())
-    }
-
-    fn window(&self) -> u64 {
-        self.readahead.lock().window
     }
 
     async fn read_exact<N: Network>(
@@ -600,13 +620,19 @@ impl FileState {
     async fn read_ahead<N: Network>(
         &self,
         storage: &Arc<StorageClient<N>>,
+        fh: &FileHandle,
         pieces: &[(u32, u32, usize, u32)],
         end: u64,
         length: u64,
     ) -> Result<Vec<Bytes>, FsError> {
         let first = pieces.first().map_or(0, |p| p.0);
         let fetches: Vec<ChunkFetch> = {
-            let mut ahead = self.readahead.lock();
+            let mut ahead = fh.readahead.lock();
+            let epoch = self.readahead_epoch.load(Ordering::Acquire);
+            if ahead.epoch != epoch {
+                ahead.chunks.clear();
+                ahead.epoch = epoch;
+            }
             ahead.window = (ahead.window * 2)
                 .max(2 * self.chunk_bytes)
                 .min(self.readahead_bytes_max.max(self.chunk_bytes));
@@ -623,6 +649,7 @@ impl FileState {
                 if let std::collections::btree_map::Entry::Vacant(slot) = ahead.chunks.entry(index)
                 {
                     slot.insert(self.fetch_chunk(storage, index)?);
+                    ahead.fetched += 1;
                 }
             }
             pieces.iter().map(|p| ahead.chunks[&p.0].clone()).collect()

@@ -104,6 +104,7 @@ pub struct FileHandle {
     /// Where this handle's last read ended (read-ahead detects sequential
     /// readers from it).
     pub(crate) read_end: AtomicU64,
+    pub(crate) readahead: Mutex<crate::file::ReadAhead>,
 }
 
 impl FileHandle {
@@ -113,6 +114,11 @@ impl FileHandle {
 
     pub fn mode(&self) -> OpenMode {
         self.mode
+    }
+
+    /// Whole chunks this handle's read-ahead has fetched so far.
+    pub fn chunks_read_ahead(&self) -> u64 {
+        self.readahead.lock().fetched()
     }
 
     /// A sync or close of this handle's write session.
@@ -662,6 +668,7 @@ impl<N: Network> FsClient<N> {
             user: user.clone(),
             session,
             read_end: AtomicU64::new(u64::MAX),
+            readahead: Mutex::default(),
         });
         Ok((attr, handle))
     }

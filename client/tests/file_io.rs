@@ -278,6 +278,53 @@ async fn large_sequential_file_round_trips_with_read_ahead() {
     cluster.shutdown().await;
 }
 
+/// Two handles of one file read it sequentially at different places, in
+/// turns (a data loader's workers): each is a stream of its own, so neither
+/// throws away the chunks the other read ahead, and every chunk is fetched
+/// about once. (With one cache per file, each read of the handle further on
+/// dropped the other's chunks, and 4 such readers ran at a tenth of one
+/// reader's speed in benches/native-vs-fuse.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_at_two_places_keep_their_own_read_ahead() {
+    const CHUNKS: u64 = 24;
+    const PIECE: u32 = 16 << 10;
+    let cluster = cluster().await;
+    let config = small_config();
+    let fs = client(&cluster, 1, config.clone()).await;
+    let root = User::root();
+    let data = pattern(11, (CHUNKS * u64::from(CHUNK)) as usize);
+    let (_, fh) = fs
+        .create(&root, ROOT, b"shared", 0o644, RW, true)
+        .await
+        .expect("create");
+    fs.write(&fh, 0, &data).await.expect("write");
+    fs.release(&fh).await.expect("release");
+    let (_, first) = fs.open(&root, fh.ino(), RO).await.expect("open");
+    let (_, second) = fs.open(&root, fh.ino(), RO).await.expect("open");
+    let half = CHUNKS / 2 * u64::from(CHUNK);
+    let mut at = [0u64, half];
+    while at[0] < half {
+        for (handle, at) in [&first, &second].into_iter().zip(at.iter_mut()) {
+            let read = fs.read(handle, *at, PIECE).await.expect("read");
+            assert!(
+                read[..] == data[*at as usize..*at as usize + PIECE as usize],
+                "bytes at {at} differ"
+            );
+            *at += u64::from(PIECE);
+        }
+    }
+    // Each handle's stretch once, and at most a window past its end.
+    let window_chunks = config.readahead_bytes_max / u64::from(CHUNK);
+    let fetched = first.chunks_read_ahead() + second.chunks_read_ahead();
+    assert!(
+        fetched <= CHUNKS + 2 * window_chunks,
+        "{fetched} chunks fetched ahead for {CHUNKS} chunks read"
+    );
+    fs.release(&first).await.expect("release");
+    fs.release(&second).await.expect("release");
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_errno() {
     let cluster = cluster().await;
