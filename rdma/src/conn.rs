@@ -282,6 +282,18 @@ struct State {
     data_taken: u64,
 }
 
+impl State {
+    /// The oldest received message, if one has arrived, counted as taken,
+    /// with the credits its slot frees for the peer (none once broken:
+    /// nothing can be posted then).
+    fn take_received(&mut self) -> Option<(Vec<u8>, Option<u32>)> {
+        let message = self.received.pop_front()?;
+        self.data_taken += 1;
+        let due = self.credits.on_consumed();
+        Some((message, due.filter(|_| self.broken.is_none())))
+    }
+}
+
 /// Everything the connection and its driver share. Fields drop in order:
 /// the QP first, so the device touches none of the rings or regions below
 /// after they are freed.
@@ -528,6 +540,13 @@ impl Connection {
         self.shared.break_with(reason);
     }
 
+    /// Takes the connection down because its owner is done with it: as
+    /// [`break_with`](Self::break_with), but nothing went wrong, so it is
+    /// logged at debug level rather than as a warning.
+    pub fn close(&self, reason: String) {
+        self.shared.go_down(reason, false);
+    }
+
     /// Sends one message, waiting for a credit and a send slot when all are
     /// in use, and for its completion (the peer's receive of it).
     pub async fn send(&self, payload: &[u8]) -> Result<()> {
@@ -614,27 +633,18 @@ impl Connection {
             notified.as_mut().enable();
             let taken = {
                 let mut state = shared.state.lock();
-                match state.received.pop_front() {
-                    Some(message) => {
-                        state.data_taken += 1;
-                        let due = state.credits.on_consumed();
-                        Some((message, due))
-                    }
-                    None => {
-                        if let Some(reason) = &state.broken {
-                            return Err(RdmaError::Broken {
-                                reason: reason.clone(),
-                            });
-                        }
-                        None
-                    }
+                let taken = state.take_received();
+                if taken.is_none()
+                    && let Some(reason) = &state.broken
+                {
+                    return Err(RdmaError::Broken {
+                        reason: reason.clone(),
+                    });
                 }
+                taken
             };
-            if let Some((message, due)) = taken {
-                if let Some(credits) = due {
-                    shared.post_credits(credits);
-                }
-                return Ok(message);
+            if let Some(taken) = taken {
+                return Ok(shared.hand_on(taken));
             }
             notified.await;
         }
@@ -709,17 +719,10 @@ impl Connection {
                 if state.data_taken >= total {
                     return Ok(None);
                 }
-                state.received.pop_front().map(|message| {
-                    state.data_taken += 1;
-                    let due = state.credits.on_consumed();
-                    (message, due.filter(|_| state.broken.is_none()))
-                })
+                state.take_received()
             };
-            if let Some((message, due)) = taken {
-                if let Some(credits) = due {
-                    shared.post_credits(credits);
-                }
-                return Ok(Some(message));
+            if let Some(taken) = taken {
+                return Ok(Some(shared.hand_on(taken)));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let taken = shared.state.lock().data_taken;
@@ -913,6 +916,12 @@ fn header(len: usize, credits: u32, kind: u32) -> [u8; HEADER_BYTES] {
 
 impl Shared {
     fn break_with(&self, reason: String) {
+        self.go_down(reason, true);
+    }
+
+    /// Moves the queue pair to the error state once, waking every waiter;
+    /// `broken` says whether that is news worth a warning.
+    fn go_down(&self, reason: String, broken: bool) {
         let first = {
             let mut state = self.state.lock();
             if state.broken.is_none() {
@@ -923,7 +932,11 @@ impl Shared {
             }
         };
         if first {
-            tracing::warn!(qp_num = self.qp.qp_num(), %reason, "RDMA connection broken");
+            if broken {
+                tracing::warn!(qp_num = self.qp.qp_num(), %reason, "RDMA connection broken");
+            } else {
+                tracing::debug!(qp_num = self.qp.qp_num(), %reason, "RDMA connection closed");
+            }
             // Flushes every posted request, so each waiter learns of it.
             if let Err(error) = self.qp.to_error() {
                 tracing::warn!(%error, "moving a broken QP to the error state");
@@ -954,6 +967,15 @@ impl Shared {
     }
 
     /// Sends a credit-only message returning `credits` to the peer.
+    /// Hands on a message [`State::take_received`] took, first posting the
+    /// credits its slot freed, if any are due.
+    fn hand_on(&self, (message, due): (Vec<u8>, Option<u32>)) -> Vec<u8> {
+        if let Some(credits) = due {
+            self.post_credits(credits);
+        }
+        message
+    }
+
     fn post_credits(&self, credits: u32) {
         let slot = self.config.credits;
         let offset = slot as usize * self.slot_bytes;

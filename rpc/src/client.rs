@@ -837,7 +837,7 @@ impl Shared {
         // The queue pair goes to the error state first (no READ of a lent
         // payload is served after it), then the lent payloads are freed.
         if let Some(link) = &self.link {
-            link.break_with("the rpc connection closed".to_string());
+            link.close("the rpc connection closed".to_string());
         }
         let (pending, tasks, lent, sinks) = {
             let mut state = lock(&self.state);

@@ -267,10 +267,12 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Breaks the RDMA connection: its queue pair moves to the error state
-    /// at once, so the peer's one-sided requests are no longer served.
-    pub(crate) fn break_with(&self, reason: String) {
-        self.connection.break_with(reason);
+    /// Takes the RDMA connection down as the rpc connection over it closes:
+    /// its queue pair moves to the error state at once, so the peer's
+    /// one-sided requests are no longer served. Logged at debug level (the
+    /// rpc connection logs why it closed).
+    pub(crate) fn close(&self, reason: String) {
+        self.connection.close(reason);
     }
 
     /// The descriptor of `payload` if it lies in a registered arena (the
