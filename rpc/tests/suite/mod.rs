@@ -97,6 +97,21 @@ impl Fixture {
     }
 }
 
+/// Declares a test method: `Name: id, "wire name", Req => Rsp, roles`.
+macro_rules! test_method {
+    ($(#[$doc:meta])* $name:ident: $id:literal, $wire:literal, $req:ty => $rsp:ty, $roles:expr) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl Method for $name {
+            const ID: u16 = $id;
+            const NAME: &'static str = $wire;
+            type Req = $req;
+            type Rsp = $rsp;
+            const ROLES: Roles = $roles;
+        }
+    };
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EchoReq {
@@ -111,25 +126,15 @@ pub struct EchoRsp {
     pub payload_len: u64,
 }
 
-/// Echoes text and payload back, after sleeping `sleep_ms`.
-pub struct Echo;
-impl Method for Echo {
-    const ID: u16 = 300;
-    const NAME: &'static str = "test.Echo";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(
+    /// Echoes text and payload back, after sleeping `sleep_ms`.
+    Echo: 300, "test.Echo", EchoReq => EchoRsp, Roles::ALL
+);
 
-/// Panics in the handler.
-pub struct Explode;
-impl Method for Explode {
-    const ID: u16 = 301;
-    const NAME: &'static str = "test.Explode";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(
+    /// Panics in the handler.
+    Explode: 301, "test.Explode", EchoReq => EchoRsp, Roles::ALL
+);
 
 /// Version 1 and version 2 of one method, to test compatibility on the wire:
 /// the server knows v1, the client sends v2.
@@ -155,67 +160,33 @@ pub struct StatRspV2 {
     pub size: u64,
     pub blocks: Option<u64>,
 }
-pub struct StatV1Method;
-impl Method for StatV1Method {
-    const ID: u16 = 302;
-    const NAME: &'static str = "test.Stat";
-    type Req = StatV1;
-    type Rsp = StatRspV1;
-    const ROLES: Roles = Roles::ALL;
-}
-pub struct StatV2Method;
-impl Method for StatV2Method {
-    const ID: u16 = 302;
-    const NAME: &'static str = "test.Stat";
-    type Req = StatV2;
-    type Rsp = StatRspV2;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(StatV1Method: 302, "test.Stat", StatV1 => StatRspV1, Roles::ALL);
+test_method!(StatV2Method: 302, "test.Stat", StatV2 => StatRspV2, Roles::ALL);
 
-/// Only storage nodes may call it; echoes like `Echo`.
-pub struct NodesOnly;
-impl Method for NodesOnly {
-    const ID: u16 = 303;
-    const NAME: &'static str = "test.NodesOnly";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::STORAGE;
-}
+test_method!(
+    /// Only storage nodes may call it; echoes like `Echo`.
+    NodesOnly: 303, "test.NodesOnly", EchoReq => EchoRsp, Roles::STORAGE
+);
 
-/// Echoes the payload after pulling it into a buffer of the fixture's
-/// registered pool (as a storage node's engine buffer is).
-pub struct EchoRegistered;
-impl Method for EchoRegistered {
-    const ID: u16 = 304;
-    const NAME: &'static str = "test.EchoRegistered";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(
+    /// Echoes the payload after pulling it into a buffer of the fixture's
+    /// registered pool (as a storage node's engine buffer is).
+    EchoRegistered: 304, "test.EchoRegistered", EchoReq => EchoRsp, Roles::ALL
+);
 
-/// Replies with as many parts as the request's text says, each of the
-/// length its payload has, each part the payload with its index added to
-/// every byte (a batched read's items).
-pub struct Parts;
-impl Method for Parts {
-    const ID: u16 = 305;
-    const NAME: &'static str = "test.Parts";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(
+    /// Replies with as many parts as the request's text says, each of the
+    /// length its payload has, each part the payload with its index added to
+    /// every byte (a batched read's items).
+    Parts: 305, "test.Parts", EchoReq => EchoRsp, Roles::ALL
+);
 
-/// Pulls the payload into a buffer of the length the request's text names
-/// (as a storage write sizes its buffer from the request): a remote
-/// payload naming more or fewer bytes is refused.
-pub struct EchoSized;
-impl Method for EchoSized {
-    const ID: u16 = 306;
-    const NAME: &'static str = "test.EchoSized";
-    type Req = EchoReq;
-    type Rsp = EchoRsp;
-    const ROLES: Roles = Roles::ALL;
-}
+test_method!(
+    /// Pulls the payload into a buffer of the length the request's text names
+    /// (as a storage write sizes its buffer from the request): a remote
+    /// payload naming more or fewer bytes is refused.
+    EchoSized: 306, "test.EchoSized", EchoReq => EchoRsp, Roles::ALL
+);
 
 pub struct TestService {
     pub calls: AtomicUsize,
