@@ -259,6 +259,79 @@ async fn check_replica(
     Ok(())
 }
 
+/// The runtime the workload and the checks run on.
+fn workload_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Spawns the WRITERS writers, half on each chain.
+fn spawn_writers(
+    runtime: &tokio::runtime::Runtime,
+    client: &Arc<StorageClient<Tcp>>,
+    shared: &Arc<Shared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..WRITERS)
+        .map(|w| {
+            let chain = CHAINS[(w % 2) as usize];
+            runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2))
+        })
+        .collect()
+}
+
+/// Stops the workload, waits for its tasks, fails on any error the client
+/// saw, and returns the acknowledged chunks.
+fn stop_workload(
+    runtime: &tokio::runtime::Runtime,
+    shared: &Shared,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> Vec<Acked> {
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        runtime.block_on(task).expect("workload task");
+    }
+    let errors = shared.errors.lock().expect("errors lock").clone();
+    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
+    shared.acked()
+}
+
+/// Starts storage node `node` and waits until the manager has it alive.
+fn start_node(
+    cluster: &mut Cluster,
+    runtime: &tokio::runtime::Runtime,
+    rpc: &Client<Tcp>,
+    node: u32,
+) {
+    cluster.start_storage(node);
+    wait_for("the new node alive", Duration::from_secs(20), || {
+        runtime
+            .block_on(routing(rpc, &cluster.mgmt_addr))
+            .is_ok_and(|r| r.nodes.iter().any(|n| n.id.0 == node && n.alive))
+    });
+}
+
+/// Checks every acknowledged chunk on every member of its chain in the
+/// manager's current routing, each member holding every byte.
+async fn check_every_replica(rpc: &Client<Tcp>, mgmt: &str, acked: &[Acked]) {
+    let routing = routing(rpc, mgmt).await.expect("routing");
+    for chain in CHAINS {
+        let chunks: Vec<u32> = acked
+            .iter()
+            .filter(|a| a.chain == chain)
+            .map(|a| a.index)
+            .collect();
+        let info = routing.chain(ChainId(chain)).expect("chain");
+        for member in &info.targets {
+            if let Err(e) = check_replica(rpc, mgmt, chain, member.target, &chunks).await {
+                panic!("replica check: {e}");
+            }
+        }
+    }
+}
+
 /// Formats devices and writes configs for `nodes` storage nodes, starts the
 /// manager and storage nodes 1..=NODES (more nodes stay spare), and waits
 /// until those are alive; returns the cluster and how long that wait took.
@@ -367,11 +440,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         started.elapsed()
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = workload_runtime();
     let shared = Arc::new(Shared::default());
     let transitions: Transitions = Arc::default();
     let observing = Arc::new(AtomicBool::new(false));
@@ -386,11 +455,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         transitions.clone(),
         observing.clone(),
     )));
-    let mut workload = Vec::new();
-    for w in 0..WRITERS {
-        let chain = CHAINS[(w % 2) as usize];
-        workload.push(runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2)));
-    }
+    let mut workload = spawn_writers(&runtime, &client, &shared);
     workload.push(runtime.spawn(verifier(client.clone(), shared.clone())));
 
     std::thread::sleep(Duration::from_secs(2));
@@ -431,10 +496,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
     );
     // Some more of the workload on the healed cluster.
     std::thread::sleep(Duration::from_millis(500));
-    shared.stop.store(true, Ordering::SeqCst);
-    for task in workload {
-        runtime.block_on(task).expect("workload task");
-    }
+    let acked = stop_workload(&runtime, &shared, workload);
     // An admin takes a healthy target offline: it comes back through a
     // resync too (checked below with the victim's).
     let fenced = TargetId(target_id(2, 3));
@@ -465,9 +527,6 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         runtime.block_on(task).expect("observer task");
     }
 
-    let errors = shared.errors.lock().expect("errors lock").clone();
-    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
-    let acked = shared.acked();
     let reads = shared.reads.load(Ordering::Relaxed);
     eprintln!(
         "[{:>6.2?}] workload done: {} writes acknowledged, {reads} verified reads",
@@ -533,21 +592,7 @@ fn cluster_survives_a_storage_daemon_killed_mid_workload() {
         }
         let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
         assert!(all_serving(&routing), "{routing:?}");
-        for chain in CHAINS {
-            let chunks: Vec<u32> = acked
-                .iter()
-                .filter(|a| a.chain == chain)
-                .map(|a| a.index)
-                .collect();
-            let info = routing.chain(ChainId(chain)).expect("chain");
-            for member in &info.targets {
-                if let Err(e) =
-                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
-                {
-                    panic!("replica check: {e}");
-                }
-            }
-        }
+        check_every_replica(&rpc, &cluster.mgmt_addr, &acked).await;
     });
     eprintln!(
         "[{:>6.2?}] every acknowledged chunk verified on all 3 replicas of its chain",
@@ -583,30 +628,16 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
     cluster.admin_ok(&["create-table", "--table", "1", "--chains", "1,2"]);
     cluster.wait_all_serving(Duration::from_secs(20));
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = workload_runtime();
     let (client, rpc) = clients(&cluster, ClientId(0x7e58));
     let shared = Arc::new(Shared::default());
-    let workload: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let chain = CHAINS[(w % 2) as usize];
-            runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2))
-        })
-        .collect();
+    let workload = spawn_writers(&runtime, &client, &shared);
     wait_for("writes acknowledged", Duration::from_secs(20), || {
         shared.acked().len() >= 20
     });
 
     cluster.kill_storage(DEAD);
-    cluster.start_storage(NEW);
-    wait_for("the new node alive", Duration::from_secs(20), || {
-        runtime
-            .block_on(routing(&rpc, &cluster.mgmt_addr))
-            .is_ok_and(|r| r.nodes.iter().any(|n| n.id.0 == NEW && n.alive))
-    });
+    start_node(&mut cluster, &runtime, &rpc, NEW);
     eprintln!(
         "[{:>6.2?}] storage{DEAD} killed for good, storage{NEW} started",
         started.elapsed()
@@ -632,14 +663,7 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
     wait_for("writes after the move", Duration::from_secs(20), || {
         shared.acked().len() >= during + 10
     });
-    shared.stop.store(true, Ordering::SeqCst);
-    for task in workload {
-        runtime.block_on(task).expect("workload task");
-    }
-    let errors = shared.errors.lock().expect("errors lock").clone();
-    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
-
-    let acked = shared.acked();
+    let acked = stop_workload(&runtime, &shared, workload);
     runtime.block_on(async {
         let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
         // Every member serves (the dead node is still registered, down).
@@ -663,19 +687,8 @@ fn a_dead_nodes_replicas_move_to_a_new_node_while_the_chains_serve() {
                     .any(|m| routing.target(m.target).is_some_and(|t| t.node.0 == NEW)),
                 "chain {chain} has no replica on storage{NEW}: {info:?}"
             );
-            let chunks: Vec<u32> = acked
-                .iter()
-                .filter(|a| a.chain == chain)
-                .map(|a| a.index)
-                .collect();
-            for member in &info.targets {
-                if let Err(e) =
-                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
-                {
-                    panic!("replica check: {e}");
-                }
-            }
         }
+        check_every_replica(&rpc, &cluster.mgmt_addr, &acked).await;
     });
     eprintln!(
         "[{:>6.2?}] {} acknowledged chunks on every replica, storage{NEW}'s included",
@@ -712,28 +725,14 @@ fn an_added_node_takes_its_share_through_rebalance() {
     let idle: serde_json::Value = serde_json::from_str(&idle).expect("rebalance --json");
     assert_eq!(idle["planned"], serde_json::json!([]), "{idle}");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = workload_runtime();
     let (client, rpc) = clients(&cluster, ClientId(0x7e59));
     let shared = Arc::new(Shared::default());
-    let workload: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let chain = CHAINS[(w % 2) as usize];
-            runtime.spawn(writer(client.clone(), shared.clone(), chain, w / 2))
-        })
-        .collect();
+    let workload = spawn_writers(&runtime, &client, &shared);
     wait_for("writes acknowledged", Duration::from_secs(20), || {
         shared.acked().len() >= 20
     });
-    cluster.start_storage(NEW);
-    wait_for("the new node alive", Duration::from_secs(20), || {
-        runtime
-            .block_on(routing(&rpc, &cluster.mgmt_addr))
-            .is_ok_and(|r| r.nodes.iter().any(|n| n.id.0 == NEW && n.alive))
-    });
+    start_node(&mut cluster, &runtime, &rpc, NEW);
     let moved = cluster.admin_ok(&["--json", "rebalance"]);
     eprintln!("[{:>6.2?}] rebalanced: {moved}", started.elapsed());
     let moved: serde_json::Value = serde_json::from_str(&moved).expect("rebalance --json");
@@ -744,14 +743,7 @@ fn an_added_node_takes_its_share_through_rebalance() {
     wait_for("writes after the move", Duration::from_secs(20), || {
         shared.acked().len() >= during + 10
     });
-    shared.stop.store(true, Ordering::SeqCst);
-    for task in workload {
-        runtime.block_on(task).expect("workload task");
-    }
-    let errors = shared.errors.lock().expect("errors lock").clone();
-    assert!(errors.is_empty(), "the client saw errors: {errors:#?}");
-
-    let acked = shared.acked();
+    let acked = stop_workload(&runtime, &shared, workload);
     runtime.block_on(async {
         let routing = routing(&rpc, &cluster.mgmt_addr).await.expect("routing");
         let held: Vec<usize> = (1..=NEW)
@@ -769,20 +761,12 @@ fn an_added_node_takes_its_share_through_rebalance() {
         for chain in CHAINS {
             let info = routing.chain(ChainId(chain)).expect("chain");
             assert_eq!(info.targets.len(), NODES as usize, "{info:?}");
-            let chunks: Vec<u32> = acked
-                .iter()
-                .filter(|a| a.chain == chain)
-                .map(|a| a.index)
-                .collect();
-            for member in &info.targets {
-                assert_eq!(member.state, PublicState::Serving, "{info:?}");
-                if let Err(e) =
-                    check_replica(&rpc, &cluster.mgmt_addr, chain, member.target, &chunks).await
-                {
-                    panic!("replica check: {e}");
-                }
-            }
+            assert!(
+                info.targets.iter().all(|m| m.state == PublicState::Serving),
+                "{info:?}"
+            );
         }
+        check_every_replica(&rpc, &cluster.mgmt_addr, &acked).await;
     });
     let again = cluster.admin_ok(&["--json", "rebalance", "--dry-run"]);
     let again: serde_json::Value = serde_json::from_str(&again).expect("rebalance --json");

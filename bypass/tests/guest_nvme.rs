@@ -40,6 +40,16 @@ fn run<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// Lone I/Os take the direct path, with a polling budget no I/O of the
+/// emulated controller comes near, so that none hands over to the reactor
+/// even on a loaded host.
+fn polling() -> NvmeConfig {
+    NvmeConfig {
+        poll_budget_us: 5_000_000,
+        ..NvmeConfig::default()
+    }
+}
+
 fn open(config: &NvmeConfig, pool: &BufferPool) -> NvmeDevice {
     NvmeDevice::open(guest_controller(), config, Some(pool)).expect("open the NVMe controller")
 }
@@ -157,13 +167,7 @@ fn data_survives_close_and_reopen() {
 #[test]
 fn lone_ios_are_issued_and_reaped_on_the_executor_thread() {
     let pool = pool();
-    // A budget no I/O of the emulated controller comes near, so that none
-    // hands over even on a loaded host.
-    let polling = NvmeConfig {
-        poll_budget_us: 5_000_000,
-        ..NvmeConfig::default()
-    };
-    let device = open(&polling, &pool);
+    let device = open(&polling(), &pool);
     run(async {
         for block in 0..64u64 {
             let data = contract::pattern(block, 4096);
@@ -232,11 +236,7 @@ fn settled(device: &NvmeDevice) -> flyfs_bypass::nvme::NvmeStats {
 #[test]
 fn one_executor_thread_keeps_a_deep_queue() {
     let pool = pool();
-    let polling = NvmeConfig {
-        poll_budget_us: 5_000_000,
-        ..NvmeConfig::default()
-    };
-    let device = open(&polling, &pool);
+    let device = open(&polling(), &pool);
     let tasks = 64u64;
     let rounds = 8u64;
     run(async {
