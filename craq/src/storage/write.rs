@@ -719,9 +719,13 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 e.to_string()
             }
             Err(e) => {
-                // A timed-out connection may be dead without knowing it.
+                // A timed-out connection may be dead without knowing it, or
+                // only this forward slow: the other forwards on it go on,
+                // and it is closed only if it does not answer a ping.
                 if matches!(e, flyfs_rpc::RpcError::Timeout { .. }) {
-                    self.rpc.disconnect(&addr).await;
+                    let rpc = self.rpc.clone();
+                    let timeout = self.config.rpc_timeout;
+                    tokio::spawn(async move { rpc.close_unresponsive(&addr, timeout).await });
                 }
                 e.to_string()
             }
