@@ -7,10 +7,12 @@
 //! namespace of its own joined by a bridge, as separate hosts would be;
 //! without the privileges for namespaces it runs on loopback instead and
 //! says so. Tasks of this process run a workload through the file client
-//! (`FsClient`): they create files of random bytes, overwrite parts of
-//! them, truncate, rename and remove them, and read them back, checking
-//! every byte against what the workload last wrote and the cluster
-//! acknowledged (a close that returned success). Meanwhile, one fault at a
+//! (`FsClient`): they create files, overwrite parts of them, truncate,
+//! rename and remove them, and read them back, checking every byte against
+//! what the workload last wrote and the cluster acknowledged (a close that
+//! returned success). The bytes name their file, write and offset
+//! ([`content`]), so a wrong read says whose bytes it found, and the
+//! workload then asks every replica what it holds. Meanwhile, one fault at a
 //! time, in rounds of every kind in a seeded order, it:
 //! - kills (SIGKILL) a storage node, the metadata service or the manager
 //!   and restarts it after a while;
