@@ -7,10 +7,12 @@
 //! namespace of its own joined by a bridge, as separate hosts would be;
 //! without the privileges for namespaces it runs on loopback instead and
 //! says so. Tasks of this process run a workload through the file client
-//! (`FsClient`): they create files of random bytes, overwrite parts of
-//! them, truncate, rename and remove them, and read them back, checking
-//! every byte against what the workload last wrote and the cluster
-//! acknowledged (a close that returned success). Meanwhile, one fault at a
+//! (`FsClient`): they create files, overwrite parts of them, truncate,
+//! rename and remove them, and read them back, checking every byte against
+//! what the workload last wrote and the cluster acknowledged (a close that
+//! returned success). The bytes name their file, write and offset
+//! ([`content`]), so a wrong read says whose bytes it found, and the
+//! workload then asks every replica what it holds. Meanwhile, one fault at a
 //! time, in rounds of every kind in a seeded order, it:
 //! - kills (SIGKILL) a storage node, the metadata service or the manager
 //!   and restarts it after a while;
@@ -48,19 +50,23 @@ use flyfs_deploy::config::{
 };
 use flyfs_deploy::supervisor::Daemon;
 use flyfs_proto::auth::Principal;
-use flyfs_proto::ids::{ChainId, ChainTableId, ClientId, InodeId, NodeId};
-use flyfs_proto::wire::meta::{FileType, SetAttrReq, User};
+use flyfs_proto::ids::{ChainId, ChainTableId, ChunkId, ClientId, InodeId, NodeId};
+use flyfs_proto::wire::meta::{FileType, Layout, SetAttrReq, User};
 use flyfs_proto::wire::mgmt::{CreateChainTable, CreateChainTableReq, PublicState, RoutingInfo};
+use flyfs_proto::wire::storage::{BatchRead, BatchReadReq, DumpMeta, DumpMetaReq, ReadItem};
 use flyfs_rpc::{Client, ClusterCa, Tcp};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::seq::SliceRandom;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::launch::{Launcher, create_chains, free_port, remove_run_dir, run_dir};
 use crate::storage::mutate;
+
+mod content;
+use content::Origin;
 
 /// Storage nodes at any time: one more than a chain's replicas, so that a
 /// dead node's replicas always have a live node outside their chain to go to.
@@ -393,7 +399,8 @@ async fn soak(
         let fs = fs.clone();
         let shared = shared.clone();
         let rng = ChaCha8Rng::seed_from_u64(summary.seed ^ ((u64::from(task) + 1) << 32));
-        let mut workload = Workload::new(task, fs, shared, rng).await?;
+        let admin = cluster.launcher.admin_rpc()?;
+        let mut workload = Workload::new(task, fs, shared, rng, admin).await?;
         tasks.push(tokio::spawn(async move {
             workload.run().await;
             workload
@@ -1157,7 +1164,25 @@ impl Shared {
 #[derive(Debug)]
 struct Known {
     ino: InodeId,
+    /// What its bytes name it (see [`content`]): the task in the high byte,
+    /// the number of its first name below.
+    id: u32,
     data: Vec<u8>,
+    /// Its acknowledged steps, oldest first (the last [`HISTORY_MAX`]),
+    /// printed with a verification error.
+    history: Vec<String>,
+}
+
+/// Steps of a file's history kept for a verification error.
+const HISTORY_MAX: usize = 24;
+
+impl Known {
+    fn log(&mut self, step: String) {
+        if self.history.len() == HISTORY_MAX {
+            self.history.remove(0);
+        }
+        self.history.push(step);
+    }
 }
 
 /// One task's files in its directory `/chaos-tN`.
@@ -1172,6 +1197,11 @@ struct Workload {
     /// Names removed for good (an acknowledged unlink or rename away).
     removed: Vec<String>,
     next_name: u64,
+    /// Writes made so far: each write's bytes carry its generation.
+    generation: u32,
+    /// An admin client, to ask each replica what it holds when a file
+    /// reads back wrong.
+    admin: Client<Tcp>,
     ops: Operations,
     uncertain: u64,
     final_checked: u64,
@@ -1196,6 +1226,7 @@ impl Workload {
         fs: Arc<FsClient<Tcp>>,
         shared: Arc<Shared>,
         rng: ChaCha8Rng,
+        admin: Client<Tcp>,
     ) -> anyhow::Result<Workload> {
         let root = fs
             .resolve(&user(), b"/", true)
@@ -1215,6 +1246,8 @@ impl Workload {
             files: BTreeMap::new(),
             removed: Vec::new(),
             next_name: 0,
+            generation: 0,
+            admin,
             ops: Operations::default(),
             uncertain: 0,
             final_checked: 0,
@@ -1261,11 +1294,17 @@ impl Workload {
         self.files.remove_entry(&name)
     }
 
-    fn random_bytes(&mut self) -> Vec<u8> {
+    /// The bytes of a new write of a random length at `offset` of file
+    /// `file`, naming the file, the write and their place ([`content`]);
+    /// with the write's generation.
+    fn write_bytes(&mut self, file: u32, offset: u64) -> (Vec<u8>, u32) {
         let len = self.rng.random_range(1..=WRITE_BYTES_MAX);
-        let mut data = vec![0u8; len];
-        self.rng.fill_bytes(&mut data);
-        data
+        self.generation += 1;
+        let origin = Origin {
+            file,
+            generation: self.generation,
+        };
+        (content::fill(origin, offset, len), self.generation)
     }
 
     /// A step on a file failed: the file may hold anything now, so it is
@@ -1294,7 +1333,8 @@ impl Workload {
 
     async fn create(&mut self) {
         let name = self.fresh_name();
-        let data = self.random_bytes();
+        let id = (self.task << 24) | (self.next_name as u32 & 0x00ff_ffff);
+        let (data, generation) = self.write_bytes(id, 0);
         self.ops.creates += 1;
         let mode = OpenMode {
             read: false,
@@ -1311,13 +1351,18 @@ impl Workload {
             return;
         };
         if self.write_and_close(&fh, 0, &data).await {
-            self.files.insert(
-                name,
-                Known {
-                    ino: attr.ino,
-                    data,
-                },
-            );
+            let mut known = Known {
+                ino: attr.ino,
+                id,
+                data,
+                history: Vec::new(),
+            };
+            known.log(format!(
+                "g{generation} create {name} as {:?}, write [0, {})",
+                attr.ino,
+                known.data.len()
+            ));
+            self.files.insert(name, known);
             self.shared
                 .acknowledged_writes
                 .fetch_add(1, Ordering::Relaxed);
@@ -1337,8 +1382,8 @@ impl Workload {
         let Some((name, known)) = self.take() else {
             return;
         };
-        let data = self.random_bytes();
         let offset = self.rng.random_range(0..=known.data.len() + (64 << 10)) as u64;
+        let (data, generation) = self.write_bytes(known.id, offset);
         self.ops.overwrites += 1;
         let mode = OpenMode {
             read: false,
@@ -1356,13 +1401,12 @@ impl Workload {
                 contents.resize(end, 0);
             }
             contents[offset as usize..end].copy_from_slice(&data);
-            self.files.insert(
-                name,
-                Known {
-                    ino: known.ino,
-                    data: contents,
-                },
-            );
+            let mut known = Known {
+                data: contents,
+                ..known
+            };
+            known.log(format!("g{generation} write [{offset}, {end})"));
+            self.files.insert(name, known);
             self.shared
                 .acknowledged_writes
                 .fetch_add(1, Ordering::Relaxed);
@@ -1379,7 +1423,7 @@ impl Workload {
         let path = format!("/chaos-t{}/{name}", self.task);
         let got = self.read_whole(&name, known.ino, known.data.len()).await;
         match got {
-            Ok((length, bytes)) => {
+            Ok((length, bytes, layout)) => {
                 self.shared.verified_reads.fetch_add(1, Ordering::Relaxed);
                 if length != known.data.len() as u64 {
                     self.shared.error(format!(
@@ -1392,14 +1436,22 @@ impl Workload {
                         .zip(&known.data)
                         .position(|(a, b)| a != b)
                         .unwrap_or(bytes.len().min(known.data.len()));
+                    let chunks = differing_chunks(&bytes, &known.data, layout.as_ref());
                     self.shared.error(format!(
-                        "{path}: {} bytes read (crc32c {:08x}), {} acknowledged (crc32c {:08x}); \
-                         first difference at byte {at}",
+                        "{path} ({:?}): {} bytes read (crc32c {:08x}), {} acknowledged (crc32c {:08x}); \
+                         first difference at byte {at}; {}",
+                        known.ino,
                         bytes.len(),
                         crc32c::crc32c(&bytes),
                         known.data.len(),
-                        crc32c::crc32c(&known.data)
+                        crc32c::crc32c(&known.data),
+                        chunks
+                            .iter()
+                            .map(|c| c.describe())
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ));
+                    self.evidence(&path, &known, &chunks).await;
                 }
             }
             Err(error) if must => {
@@ -1417,7 +1469,7 @@ impl Workload {
         name: &str,
         ino: InodeId,
         expected_len: usize,
-    ) -> Result<(u64, Vec<u8>), String> {
+    ) -> Result<(u64, Vec<u8>, Option<Layout>), String> {
         let attr = self
             .fs
             .lookup(&user(), self.dir, name.as_bytes())
@@ -1455,7 +1507,117 @@ impl Workload {
             }
         }
         let _ = self.fs.release(&fh).await;
-        result.map(|()| (attr.length, bytes))
+        result.map(|()| (attr.length, bytes, attr.layout))
+    }
+
+    /// Prints what may tell why `path` read back wrong: its history, and
+    /// for each chunk that differs what every replica of its chain holds
+    /// (its chunk metadata, and its bytes read from it alone).
+    async fn evidence(&self, path: &str, known: &Known, chunks: &[Differing]) {
+        let mut text = format!(
+            "chaos: EVIDENCE {path} ({:?}, file t{}:f{}), {} bytes; history: {}",
+            known.ino,
+            known.id >> 24,
+            known.id & 0x00ff_ffff,
+            known.data.len(),
+            known.history.join(" | ")
+        );
+        let routing = self.fs.storage().routing();
+        let options = flyfs_rpc::CallOptions {
+            timeout: Duration::from_secs(5),
+            ..flyfs_rpc::CallOptions::default()
+        };
+        for chunk in chunks {
+            let Some(chain) = chunk.chain.and_then(|c| routing.chain(c)) else {
+                text.push_str(&format!(
+                    "\n  chunk {}: chain not in the routing",
+                    chunk.index
+                ));
+                continue;
+            };
+            let id = ChunkId::new(known.ino.0, chunk.index);
+            text.push_str(&format!(
+                "\n  chunk {} on {} (version {:?}, routing {:?}):",
+                chunk.index, chain.id, chain.version, routing.version
+            ));
+            for member in &chain.targets {
+                let addr = routing
+                    .target(member.target)
+                    .and_then(|t| routing.node(t.node))
+                    .map(|n| n.addr.clone());
+                text.push_str(&format!("\n    {:?} {:?}", member.target, member.state));
+                let Some(addr) = addr else {
+                    text.push_str(" no address");
+                    continue;
+                };
+                text.push_str(&format!(" at {addr}:"));
+                // The chunk's metadata on this replica: the entries after
+                // the one before it, so the chunk's own comes first.
+                let after = match chunk.index.checked_sub(1) {
+                    Some(before) => ChunkId::new(known.ino.0, before),
+                    None => ChunkId::new(known.ino.0.wrapping_sub(1), u32::MAX),
+                };
+                let req = DumpMetaReq {
+                    chain: chain.id,
+                    chain_version: chain.version,
+                    after: Some(after),
+                    limit: 1,
+                };
+                match self
+                    .admin
+                    .call::<DumpMeta>(&addr, &req, bytes::Bytes::new(), &options)
+                    .await
+                {
+                    Ok((Ok(rsp), _)) => match rsp.chunks.first().filter(|m| m.chunk == id) {
+                        Some(m) => text.push_str(&format!(
+                            " meta version {:?} len {} crc {:08x} pending {:?} chain version {:?};",
+                            m.version, m.len, m.crc, m.pending, m.chain_version
+                        )),
+                        None => text.push_str(" meta: no such chunk;"),
+                    },
+                    Ok((Err(e), _)) => text.push_str(&format!(" meta refused: {e};")),
+                    Err(e) => text.push_str(&format!(" meta failed: {e};")),
+                }
+                let req = BatchReadReq {
+                    items: vec![ReadItem {
+                        chain: chain.id,
+                        chain_version: chain.version,
+                        chunk: id,
+                        offset: 0,
+                        len: CHUNK_BYTES,
+                        verify: true,
+                    }],
+                };
+                let read = self
+                    .fs
+                    .storage()
+                    .rpc()
+                    .call::<BatchRead>(&addr, &req, bytes::Bytes::new(), &options)
+                    .await;
+                match read {
+                    Ok((rsp, payload)) => match rsp.results.into_iter().next() {
+                        Some(Ok(result)) => {
+                            let data = payload.into_bytes().unwrap_or_default();
+                            text.push_str(&format!(
+                                " read version {:?} chunk_len {} crc {:08x}: {}",
+                                result.version,
+                                result.chunk_len,
+                                crc32c::crc32c(&data),
+                                content::describe(
+                                    &data,
+                                    u64::from(chunk.index) * u64::from(CHUNK_BYTES),
+                                    6
+                                )
+                            ));
+                        }
+                        Some(Err(e)) => text.push_str(&format!(" read refused: {e}")),
+                        None => text.push_str(" read: empty reply"),
+                    },
+                    Err(e) => text.push_str(&format!(" read failed: {e}")),
+                }
+            }
+        }
+        eprintln!("{text}");
     }
 
     async fn rename(&mut self) {
@@ -1470,6 +1632,8 @@ impl Workload {
             .await;
         match renamed {
             Ok(()) => {
+                let mut known = known;
+                known.log(format!("rename {name} to {to}"));
                 self.files.insert(to, known);
                 self.removed.push(name);
             }
@@ -1495,6 +1659,11 @@ impl Workload {
         };
         match self.fs.setattr(req).await {
             Ok(_) => {
+                known.log(format!(
+                    "after g{} truncate {} to {size}",
+                    self.generation,
+                    known.data.len()
+                ));
                 known.data.resize(size as usize, 0);
                 self.files.insert(name, known);
                 self.shared
@@ -1538,6 +1707,53 @@ impl Workload {
             }
         }
     }
+}
+
+/// A chunk of a file whose bytes read back differ from the acknowledged
+/// ones, with both sides described ([`content::describe`]).
+struct Differing {
+    index: u32,
+    chain: Option<ChainId>,
+    read: String,
+    expected: String,
+}
+
+impl Differing {
+    fn describe(&self) -> String {
+        let chain = self
+            .chain
+            .map_or_else(|| "no chain".to_string(), |c| c.to_string());
+        format!(
+            "chunk {} on {chain} reads {{{}}}, expected {{{}}}",
+            self.index, self.read, self.expected
+        )
+    }
+}
+
+/// The chunks (of `CHUNK_BYTES`) where `read` and `expected` differ.
+fn differing_chunks(read: &[u8], expected: &[u8], layout: Option<&Layout>) -> Vec<Differing> {
+    let chunk = CHUNK_BYTES as usize;
+    let chunks = read.len().max(expected.len()).div_ceil(chunk);
+    (0..chunks)
+        .filter_map(|index| {
+            let range = |bytes: &[u8]| {
+                let from = (index * chunk).min(bytes.len());
+                let to = ((index + 1) * chunk).min(bytes.len());
+                bytes[from..to].to_vec()
+            };
+            let (r, e) = (range(read), range(expected));
+            if r == e {
+                return None;
+            }
+            let offset = (index * chunk) as u64;
+            Some(Differing {
+                index: index as u32,
+                chain: layout.and_then(|l| l.chain_of(index as u32)),
+                read: content::describe(&r, offset, 6),
+                expected: content::describe(&e, offset, 6),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -117,6 +117,7 @@ fn heartbeater(addr: String, n: u32, beating: Arc<AtomicBool>) {
                         target: TargetId(n.into()),
                         local: LocalState::UpToDate,
                         used_bytes: 0,
+                        ..TargetReport::default()
                     }],
                 };
                 // A missed heartbeat is what this test provokes; ignore errors.

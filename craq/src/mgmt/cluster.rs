@@ -18,7 +18,7 @@ use std::time::Duration;
 use flyfs_proto::ids::{ChainId, ChainTableId, ChainVersion, NodeId, RoutingVersion, TargetId};
 use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTable, ChainTarget, HeartbeatReq, LocalState, MgmtError, NodeInfo, PublicState,
-    RoutingInfo, TargetInfo,
+    RoutingInfo, TargetInfo, TargetReport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -322,7 +322,8 @@ impl Cluster {
                 tracing::debug!(node = ?req.node, target = ?report.target, "heartbeat reports a target the manager does not assign to this node; ignored");
                 continue;
             }
-            self.reported.insert(report.target, report.local);
+            let local = self.trusted_local(report);
+            self.reported.insert(report.target, local);
             // A fenced storage node reports its target online (it knows it
             // needs a sync); that ends the admin's offline override. It keeps
             // reporting up-to-date until it has seen the fence, so that
@@ -332,6 +333,53 @@ impl Cluster {
             }
         }
         Ok(self.record.routing_version)
+    }
+
+    /// The local state to act on for `report`. An up-to-date claim made
+    /// under an older version of the target's chain than the current one,
+    /// for a target the chain does not count as serving, is taken as
+    /// online: the claim predates the change that took the target out (a
+    /// heartbeat sent before it, resent, or delayed in the network and
+    /// delivered after newer ones), so it says nothing of a resync since.
+    /// Believed, it made a syncing target serve without any resync, and a
+    /// resync from it then removed the chain's acknowledged writes from
+    /// the others (docs/chaos.md, "30-minute soaks"). A fresh claim carries
+    /// the current version once the node has the current routing, which the
+    /// heartbeat's answer makes it fetch. A report without a version (0, an
+    /// older node) is believed as before.
+    fn trusted_local(&self, report: &TargetReport) -> LocalState {
+        if report.local != LocalState::UpToDate || report.chain_version.0 == 0 {
+            return report.local;
+        }
+        let chain = self
+            .record
+            .targets
+            .get(&report.target)
+            .and_then(|t| t.chain)
+            .and_then(|c| self.record.chains.get(&c));
+        let Some(chain) = chain else {
+            return report.local;
+        };
+        let out_of_service = chain
+            .targets
+            .iter()
+            .find(|m| m.target == report.target)
+            .is_some_and(|m| {
+                matches!(
+                    m.state,
+                    PublicState::Syncing | PublicState::Waiting | PublicState::Offline
+                )
+            });
+        if out_of_service && report.chain_version < chain.version {
+            tracing::info!(
+                target = ?report.target,
+                reported = ?report.chain_version,
+                current = ?chain.version,
+                "an up-to-date report older than the chain's current version; taken as online"
+            );
+            return LocalState::Online;
+        }
+        report.local
     }
 
     /// Admin: declares a target on device `disk` of a known node.
@@ -836,8 +884,6 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use flyfs_proto::wire::mgmt::TargetReport;
-
     use super::*;
     use LocalState as L;
     use PublicState as P;
@@ -858,6 +904,7 @@ mod tests {
                     target: TargetId(t),
                     local,
                     used_bytes: 0,
+                    chain_version: ChainVersion(0),
                 })
                 .collect(),
         }
@@ -895,6 +942,93 @@ mod tests {
             .iter()
             .map(|m| (m.target.0, m.state))
             .collect()
+    }
+
+    /// The chain version of chain 1.
+    fn version(c: &Cluster) -> ChainVersion {
+        c.routing().chain(ChainId(1)).expect("chain 1").version
+    }
+
+    /// A heartbeat of node `n` for its target `n`, judged against
+    /// `chain_version`.
+    fn report(n: u32, local: LocalState, chain_version: ChainVersion) -> HeartbeatReq {
+        HeartbeatReq {
+            targets: vec![TargetReport {
+                target: TargetId(n.into()),
+                local,
+                used_bytes: 0,
+                chain_version,
+            }],
+            ..hb(n, &[])
+        }
+    }
+
+    /// The chaos soak's lost writes (docs/chaos.md, "30-minute soaks"): a
+    /// heartbeat a node sent while its target served, delivered late (it
+    /// sat in a connection cut by a partition, and TCP sent it again after
+    /// newer heartbeats had arrived), claimed up to date while the target
+    /// was syncing after the manager had taken it out; the target served
+    /// without a resync, missing the writes its chain took meanwhile, and
+    /// its resync of the next member removed them there too. Such a claim
+    /// predates the chain's current version and must not end the resync; a
+    /// claim made under the current version (after a resync) does.
+    #[test]
+    fn a_late_up_to_date_heartbeat_does_not_end_a_resync() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        c.tick(secs(1));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (2, P::Serving), (3, P::Serving)]
+        );
+        // Sent while target 2 served; it will arrive late.
+        let late = report(2, L::UpToDate, version(&c));
+
+        // Node 2 falls silent past the failure timeout: taken out.
+        for t in [5, 10, 12] {
+            for n in [1, 3] {
+                c.heartbeat(&report(n, L::UpToDate, version(&c)), secs(t))
+                    .expect("heartbeat");
+            }
+            c.tick(secs(t));
+        }
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Offline)]
+        );
+        // It sees the fence and comes back asking for a resync.
+        for t in [13, 14] {
+            c.heartbeat(&report(2, L::Online, version(&c)), secs(t))
+                .expect("heartbeat");
+            for n in [1, 3] {
+                c.heartbeat(&report(n, L::UpToDate, version(&c)), secs(t))
+                    .expect("heartbeat");
+            }
+            c.tick(secs(t));
+        }
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Syncing)]
+        );
+        let syncing = version(&c);
+
+        // The old heartbeat arrives now: the resync goes on.
+        c.heartbeat(&late, secs(15)).expect("heartbeat");
+        c.tick(secs(15));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Syncing)]
+        );
+        assert_eq!(version(&c), syncing);
+
+        // The resync done, node 2 says so under the current version.
+        c.heartbeat(&report(2, L::UpToDate, syncing), secs(16))
+            .expect("heartbeat");
+        c.tick(secs(16));
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Serving)]
+        );
     }
 
     /// Replacing the replica of a node that died: a fourth node's target

@@ -886,6 +886,7 @@ mod tests {
                     target: TargetId(n.into()),
                     local: LocalState::UpToDate,
                     used_bytes: 0,
+                    ..TargetReport::default()
                 }],
             })
             .await

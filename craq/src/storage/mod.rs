@@ -443,7 +443,9 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
 
     /// What each hosted target reports to the manager.
     fn reports(&self) -> Vec<TargetReport> {
-        self.reconcile();
+        // Each report says which chain version its local state was judged
+        // against: the snapshot the reconcile just used.
+        let routing = self.reconcile();
         let targets: Vec<Arc<Target>> = self.targets.lock().values().cloned().collect();
         targets
             .iter()
@@ -464,6 +466,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                     target: t.id,
                     local: local.report(),
                     used_bytes,
+                    chain_version: routing
+                        .chain(t.chain)
+                        .map(|c| c.version)
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -562,7 +568,8 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// Moves each target's local state along with its public state. Runs on
     /// every new routing snapshot and before every heartbeat, because a local
     /// change (a fence) may happen after the public state it waits for.
-    fn reconcile(&self) {
+    /// Returns the routing snapshot it judged against.
+    fn reconcile(&self) -> Arc<RoutingInfo> {
         let routing = self.routing();
         let targets: Vec<Arc<Target>> = self.targets.lock().values().cloned().collect();
         for target in targets {
@@ -599,6 +606,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             };
             *local = next;
         }
+        routing
     }
 
     /// Keeps the lease at most half the manager's failure timeout: a node

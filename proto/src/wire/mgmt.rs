@@ -231,6 +231,15 @@ pub struct TargetReport {
     pub target: TargetId,
     pub local: LocalState,
     pub used_bytes: u64,
+    /// The version of the target's chain in the routing the node judged
+    /// `local` against (0: a node that does not say). The chain version
+    /// goes up whenever a member changes state, so an up-to-date claim made
+    /// under an older version than the chain's current one predates the
+    /// chain's last change: a heartbeat delayed in the network or resent
+    /// from before the manager took the target out of service. The manager
+    /// does not let such a claim end a target's resync (docs/chaos.md,
+    /// "30-minute soaks").
+    pub chain_version: ChainVersion,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
