@@ -10,9 +10,9 @@
 //! tasks of this process instead):
 //!
 //! 1. put: every client stores its share of `--working-set` bytes in
-//!    batches of `--batch` blocks (`batch_put_from`), timing each batch;
+//!    batches of `--batch` blocks (`batch_put_bytes`, sent from the blocks' memory), timing each batch;
 //! 2. get: every client reads the blocks *another* client stored
-//!    (`batch_get_into`: one lookup, the reads of the batch in flight at
+//!    (`batch_get_landing`, landing in the worker's buffers: one lookup, the reads of the batch in flight at
 //!    once, CRC-checked), timing each batch and checking every block came
 //!    back whole;
 //! 3. remove: every client removes its keys in batches of 256.
@@ -35,7 +35,7 @@ use anyhow::{Context, bail, ensure};
 use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_deploy::config::{ManagerAddrs, MetaDaemonConfig, TlsConfig};
-use flyfs_kvcache::{GetResult, KvCache, KvCacheConfig, PutResult};
+use flyfs_kvcache::{Bytes, GetResult, KvCache, KvCacheConfig, PutResult};
 use flyfs_proto::auth::Principal;
 use flyfs_proto::ids::{ChainId, ChainTableId, ClientId};
 use flyfs_proto::wire::mgmt::{CreateChainTable, CreateChainTableReq};
@@ -556,7 +556,7 @@ async fn open(worker: &Worker) -> anyhow::Result<KvCache<Tcp>> {
 async fn run_worker(worker: &Worker) -> anyhow::Result<Measured> {
     let cache = Arc::new(open(worker).await?);
     let size = worker.block_bytes as usize;
-    let contents = contents(size);
+    let contents: Vec<Bytes> = contents(size).into_iter().map(Bytes::from).collect();
     let owner = match worker.phase {
         Phase::Get => (worker.index + 1) % worker.clients,
         Phase::Put | Phase::Remove => worker.index,
@@ -584,10 +584,11 @@ async fn run_worker(worker: &Worker) -> anyhow::Result<Measured> {
         let began = Instant::now();
         match worker.phase {
             Phase::Put => {
-                let blocks: Vec<&[u8]> = (0..batch_keys.len())
-                    .map(|i| contents[(first + i) % CONTENTS].as_slice())
+                // Views of the blocks, not copies: the put sends from them.
+                let blocks: Vec<Bytes> = (0..batch_keys.len())
+                    .map(|i| contents[(first + i) % CONTENTS].clone())
                     .collect();
-                let results = cache.batch_put_from(&key_refs, &blocks).await?;
+                let results = cache.batch_put_bytes(&key_refs, &blocks).await?;
                 for (i, r) in results.iter().enumerate() {
                     if *r != PutResult::Stored {
                         measured.failures.push(format!("put {}: {r:?}", first + i));
@@ -596,15 +597,15 @@ async fn run_worker(worker: &Worker) -> anyhow::Result<Measured> {
                 measured.bytes += (size * batch_keys.len()) as u64;
             }
             Phase::Get => {
-                let mut slices: Vec<&mut [u8]> = buffers
-                    .iter_mut()
-                    .take(batch_keys.len())
-                    .map(Vec::as_mut_slice)
-                    .collect();
-                let results = cache.batch_get_into(&key_refs, &mut slices).await?;
+                // The buffers are lent to the get (the blocks land in them)
+                // and come back with its results.
+                let lent: Vec<Vec<u8>> = buffers.drain(..batch_keys.len()).collect();
+                let (back, results) = cache.batch_get_landing(&key_refs, lent).await;
+                buffers.splice(0..0, back);
+                let results = results?;
                 for (i, r) in results.iter().enumerate() {
                     let expected = &contents[(first + i) % CONTENTS];
-                    if *r != GetResult::Found(size) || slices[i][..] != expected[..] {
+                    if *r != GetResult::Found(size) || buffers[i][..] != expected[..] {
                         measured.failures.push(format!("get {}: {r}", first + i));
                     }
                 }

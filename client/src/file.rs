@@ -35,11 +35,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::storage::{ClientError, ReadSpec, StorageClient};
+use crate::storage::{ClientError, ReadInto, ReadSpec, StorageClient};
 use bytes::{Bytes, BytesMut};
 use flyfs_proto::ids::{ChunkId, InodeId};
 use flyfs_proto::wire::meta::{Layout, WriterLength};
-use flyfs_proto::wire::storage::StorageError;
+use flyfs_proto::wire::storage::{BatchRead, StorageError};
 use flyfs_rpc::Network;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -587,6 +587,59 @@ impl FileState {
             out[at..at + n].copy_from_slice(&part[..n]);
         }
         Ok(out.freeze())
+    }
+
+    /// Reads `offset..offset + len` (up to the file's length) into the
+    /// buffers `slice` makes, one per chunk the range touches (see
+    /// `FsClient::read_into`).
+    pub(crate) async fn read_into<N: Network, B, F>(
+        self: &Arc<Self>,
+        storage: &Arc<StorageClient<N>>,
+        offset: u64,
+        len: u32,
+        mut slice: F,
+    ) -> Result<u64, FsError>
+    where
+        B: AsMut<[u8]> + Send + 'static,
+        F: FnMut(usize, usize) -> B,
+    {
+        if self.in_flight() || self.buffer.lock().await.bytes > 0 {
+            self.drain(storage).await?;
+        }
+        let length = self.length.load(Ordering::Acquire);
+        if offset >= length || len == 0 {
+            return Ok(0);
+        }
+        let end = (offset + u64::from(len)).min(length);
+        let pieces: Vec<_> = self.pieces(offset, end - offset).collect();
+        let mut specs = Vec::with_capacity(pieces.len());
+        let mut buffers = Vec::with_capacity(pieces.len());
+        for &(index, from, at, want) in &pieces {
+            specs.push(ReadSpec {
+                chain: self.chain_of(index)?,
+                chunk: ChunkId::new(self.ino.0, index),
+                offset: from,
+                len: want,
+            });
+            buffers.push(slice(at, want as usize));
+        }
+        let (buffers, results) = storage.read_batch_into(&specs, buffers).await;
+        for ((mut buffer, result), &(index, ..)) in buffers.into_iter().zip(results).zip(&pieces) {
+            let dst = buffer.as_mut();
+            let filled = match result.map_err(|e| self.storage_error("read", index, e))? {
+                ReadInto::Landed(result) => (result.len as usize).min(dst.len()),
+                ReadInto::Data(chunk) => {
+                    // It came another way (a failover): one copy, counted.
+                    let n = chunk.data.len().min(dst.len());
+                    flyfs_rpc::metrics::payload_copied::<BatchRead>(n);
+                    dst[..n].copy_from_slice(&chunk.data[..n]);
+                    n
+                }
+            };
+            // A hole, or a chunk shorter than the file: zeros.
+            dst[filled..].fill(0);
+        }
+        Ok(end - offset)
     }
 
     async fn read_exact<N: Network>(

@@ -679,6 +679,27 @@ impl<N: Network> FsClient<N> {
         fh.state.read(&self.storage, fh, offset, len).await
     }
 
+    /// [`read`](Self::read) into the caller's memory: reads up to `len`
+    /// bytes at `offset` and puts the bytes at `at..at + n` of the range
+    /// read into `slice(at, n)`, each chunk's straight from the connection
+    /// (no copy, flyfs-rpc's landing); holes and chunks shorter than the
+    /// file are zeros there. Returns the bytes read (fewer than `len` only
+    /// at the end of the file). It reads exactly the range, with no
+    /// read-ahead: a caller with a deep queue of its own reads needs none.
+    pub async fn read_into<B, F>(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        len: u32,
+        slice: F,
+    ) -> Result<u64, FsError>
+    where
+        B: AsMut<[u8]> + Send + 'static,
+        F: FnMut(usize, usize) -> B,
+    {
+        fh.state.read_into(&self.storage, offset, len, slice).await
+    }
+
     /// Writes `data` at `offset`. It may wait in the file's write-back
     /// buffer until the next `flush`, `fsync` or `release`; a failure to
     /// write it out is reported by the next call on the file.

@@ -18,8 +18,9 @@ use bytes::Bytes;
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
 use flyfs_proto::wire::mgmt::{ChainInfo, PublicState, RoutingInfo};
 use flyfs_proto::wire::storage::{
-    BatchRead, BatchReadReq, Channel, ChunkMetaInfo, LastChunk, LastChunkReq, ReadItem, ReadResult,
-    Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq, WriteRsp,
+    BatchRead, BatchReadReq, BatchReadRsp, Channel, ChunkMetaInfo, LastChunk, LastChunkReq,
+    ReadItem, ReadResult, Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq,
+    WriteRsp,
 };
 use flyfs_rpc::{CallOptions, Client, Credentials, Network, RpcError};
 use flyfs_time::{Attempt, Backoff, Retry};
@@ -88,6 +89,51 @@ pub struct ReadSpec {
 pub struct ChunkData {
     pub data: Bytes,
     pub result: ReadResult,
+}
+
+/// How one range of [`StorageClient::read_batch_into`] was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadInto {
+    /// Its `len` bytes are at the start of its buffer: they were read from
+    /// the connection straight into it.
+    Landed(ReadResult),
+    /// It came another way (a retry, a reply written into a lent RDMA
+    /// buffer): the caller copies it if it wants it in its buffer.
+    Data(ChunkData),
+}
+
+/// The buffers of one batched read's ranges, in its items' order, as the
+/// reply's payload lands in them: each range's bytes at the start of its
+/// buffer, as long as the reply says it is (a chunk shorter than asked for
+/// gives fewer bytes).
+struct BatchLanding<B> {
+    buffers: Vec<(usize, B)>,
+}
+
+impl<B: AsMut<[u8]> + Send + 'static> flyfs_rpc::Landing for BatchLanding<B> {
+    fn segments(&mut self, body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+        let rsp = flyfs_proto::codec::decode::<BatchReadRsp>(body).ok()?;
+        if rsp.results.len() != self.buffers.len() {
+            return None;
+        }
+        let mut segments = Vec::with_capacity(self.buffers.len());
+        let mut total = 0usize;
+        for ((_, buffer), result) in self.buffers.iter_mut().zip(&rsp.results) {
+            let Ok(result) = result else { continue };
+            let buffer = buffer.as_mut();
+            let len = result.len as usize;
+            if len > buffer.len() {
+                return None;
+            }
+            total += len;
+            segments.push(&mut buffer[..len]);
+        }
+        (total == payload_len).then_some(segments)
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
 }
 
 /// A storage client. Cheap to share (`Arc`).
@@ -384,32 +430,9 @@ impl<N: Network> StorageClient<N> {
         let mut results: Vec<Option<Result<ChunkData, ClientError>>> =
             items.iter().map(|_| None).collect();
         for (index, item) in items.iter().enumerate() {
-            let Some(chain) = routing.chain(item.chain) else {
-                continue;
-            };
-            let serving: Vec<_> = chain
-                .targets
-                .iter()
-                .filter(|t| t.state == PublicState::Serving)
-                .collect();
-            if serving.is_empty() {
-                continue;
+            if let Some((addr, read)) = self.pick_replica(&routing, item) {
+                by_replica.entry(addr).or_default().push((index, read));
             }
-            let pick = self.next_replica.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
-            let Some(addr) = Self::addr(&routing, serving[pick].target) else {
-                continue;
-            };
-            by_replica.entry(addr).or_default().push((
-                index,
-                ReadItem {
-                    chain: item.chain,
-                    chain_version: chain.version,
-                    chunk: item.chunk,
-                    offset: item.offset,
-                    len: item.len,
-                    verify: false,
-                },
-            ));
         }
         // One RPC per batch, each within the limits a replica accepts.
         let calls = by_replica
@@ -471,6 +494,161 @@ impl<N: Network> StorageClient<N> {
             .into_iter()
             .map(|r| r.expect("every item was read or retried"))
             .collect()
+    }
+
+    /// [`read_batch`](Self::read_batch) into the caller's memory: range
+    /// `i`'s bytes are read from the connection straight into the start of
+    /// `buffers[i]` (which must hold `items[i].len` bytes), with no copy
+    /// ([`ReadInto::Landed`]); a range that fails over, or whose reply came
+    /// another way, comes as [`ReadInto::Data`]. The buffers come back in
+    /// their order, and nothing writes into them once this returns.
+    pub async fn read_batch_into<B>(
+        &self,
+        items: &[ReadSpec],
+        buffers: Vec<B>,
+    ) -> (Vec<B>, Vec<Result<ReadInto, ClientError>>)
+    where
+        B: AsMut<[u8]> + Send + 'static,
+    {
+        assert_eq!(items.len(), buffers.len(), "one buffer per range");
+        let mut buffers: Vec<Option<B>> = buffers.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Result<ReadInto, ClientError>>> =
+            items.iter().map(|_| None).collect();
+        let routing = if items
+            .iter()
+            .any(|i| self.routing().chain(i.chain).is_none())
+        {
+            self.refresh_routing()
+                .await
+                .unwrap_or_else(|_| self.routing())
+        } else {
+            self.routing()
+        };
+        let mut by_replica: std::collections::BTreeMap<String, Vec<(usize, ReadItem)>> =
+            std::collections::BTreeMap::new();
+        for (index, item) in items.iter().enumerate() {
+            if let Some((addr, read)) = self.pick_replica(&routing, item) {
+                by_replica.entry(addr).or_default().push((index, read));
+            }
+        }
+        let calls: Vec<_> = by_replica
+            .into_iter()
+            .flat_map(|(addr, reads)| {
+                BatchReadReq::pack(reads)
+                    .into_iter()
+                    .map(move |batch| (addr.clone(), batch))
+            })
+            .map(|(addr, (indices, req))| {
+                let landing = BatchLanding {
+                    buffers: indices
+                        .iter()
+                        .map(|&i| (i, buffers[i].take().expect("each range is in one batch")))
+                        .collect(),
+                };
+                (addr, indices, req, landing)
+            })
+            .collect();
+        let calls = calls
+            .into_iter()
+            .map(|(addr, indices, req, landing)| async move {
+                let reply_bytes = usize::try_from(req.bytes_requested()).unwrap_or(usize::MAX);
+                let (landing, reply) = self
+                    .rpc
+                    .call_landing::<BatchRead, _>(
+                        &addr,
+                        &req,
+                        Bytes::new(),
+                        landing,
+                        reply_bytes,
+                        &self.options(),
+                    )
+                    .await;
+                (indices, landing, reply)
+            });
+        for (indices, landing, reply) in futures::future::join_all(calls).await {
+            for (index, buffer) in landing.buffers {
+                buffers[index] = Some(buffer);
+            }
+            let Ok((rsp, landed)) = reply else { continue };
+            match landed {
+                flyfs_rpc::Landed::InPlace(_) => {
+                    for (index, result) in indices.into_iter().zip(rsp.results) {
+                        if let Ok(result) = result {
+                            results[index] = Some(Ok(ReadInto::Landed(result)));
+                        }
+                    }
+                }
+                flyfs_rpc::Landed::Payload(payload) => {
+                    let data = payload.into_bytes().unwrap_or_default();
+                    let mut at = 0usize;
+                    for (index, result) in indices.into_iter().zip(rsp.results) {
+                        let Ok(result) = result else { continue };
+                        let end = at + result.len as usize;
+                        if end > data.len() {
+                            break;
+                        }
+                        results[index] = Some(Ok(ReadInto::Data(ChunkData {
+                            data: data.slice(at..end),
+                            result,
+                        })));
+                        at = end;
+                    }
+                }
+            }
+        }
+        let retries = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| {
+                let item = items[i];
+                async move {
+                    let read = self
+                        .read(item.chain, item.chunk, item.offset, item.len)
+                        .await;
+                    (i, read.map(ReadInto::Data))
+                }
+            });
+        for (i, result) in futures::future::join_all(retries.collect::<Vec<_>>()).await {
+            results[i] = Some(result);
+        }
+        let buffers = buffers
+            .into_iter()
+            .map(|b| b.expect("every buffer came back"))
+            .collect();
+        let results = results
+            .into_iter()
+            .map(|r| r.expect("every item was read or retried"))
+            .collect();
+        (buffers, results)
+    }
+
+    /// The replica that serves `item` (spreading reads over the serving
+    /// ones) and the item as it asks that replica; `None` when the routing
+    /// knows no serving replica (the read then goes through its retries).
+    fn pick_replica(&self, routing: &RoutingInfo, item: &ReadSpec) -> Option<(String, ReadItem)> {
+        let chain = routing.chain(item.chain)?;
+        let serving: Vec<_> = chain
+            .targets
+            .iter()
+            .filter(|t| t.state == PublicState::Serving)
+            .collect();
+        if serving.is_empty() {
+            return None;
+        }
+        let pick = self.next_replica.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
+        let addr = Self::addr(routing, serving[pick].target)?;
+        Some((
+            addr,
+            ReadItem {
+                chain: item.chain,
+                chain_version: chain.version,
+                chunk: item.chunk,
+                offset: item.offset,
+                len: item.len,
+                verify: false,
+            },
+        ))
     }
 
     /// Where a file ends on one chain (its highest chunk there).

@@ -1,8 +1,10 @@
 //! The KV cache without `async`: what a language binding (the Python
 //! package) calls. It owns a small tokio runtime and the clients, connects
 //! over TCP with the credentials it is given, and blocks the calling thread
-//! for each batch; buffers are plain slices, so a binding passes its
-//! `memoryview`s or numpy arrays without copies on its side.
+//! for each batch. A binding lends its `memoryview`s or numpy arrays as
+//! owned views (`batch_put_bytes`, `batch_get_landing`), so their bytes
+//! move between the caller's memory and the connection with no copy; the
+//! slice calls copy each block once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +86,31 @@ impl BlockingKvCache {
     ) -> Result<Vec<GetResult>, KvError> {
         self.runtime
             .block_on(self.cache.batch_get_into(keys, buffers))
+    }
+
+    /// [`KvCache::batch_put_bytes`]: blocks sent from the memory their
+    /// `Bytes` view, with no copy.
+    pub fn batch_put_bytes(
+        &self,
+        keys: &[&[u8]],
+        buffers: &[bytes::Bytes],
+    ) -> Result<Vec<PutResult>, KvError> {
+        self.runtime
+            .block_on(self.cache.batch_put_bytes(keys, buffers))
+    }
+
+    /// [`KvCache::batch_get_landing`]: blocks read from the connection
+    /// straight into the buffers, which come back with the results.
+    pub fn batch_get_landing<B>(
+        &self,
+        keys: &[&[u8]],
+        buffers: Vec<B>,
+    ) -> (Vec<B>, Result<Vec<GetResult>, KvError>)
+    where
+        B: AsMut<[u8]> + Send + 'static,
+    {
+        self.runtime
+            .block_on(self.cache.batch_get_landing(keys, buffers))
     }
 
     pub fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>, KvError> {

@@ -22,9 +22,11 @@ pub mod blocking;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+/// The owned byte views `batch_put_bytes` sends from (a binding makes them
+/// over its callers' buffers with `Bytes::from_owner`).
+pub use bytes::Bytes;
 use flyfs_client::meta::MetaClient;
-use flyfs_client::storage::{ClientError, ReadSpec, StorageClient};
+use flyfs_client::storage::{ClientError, ReadInto, ReadSpec, StorageClient};
 use flyfs_proto::ids::{ChainId, ChainTableId, ChunkId};
 use flyfs_proto::wire::meta::{
     KV_BATCH_MAX, KV_KEY_BYTES_MAX, KvClassSpec, KvCommit, KvCommitItem, KvCommitReq, KvCommitted,
@@ -32,6 +34,7 @@ use flyfs_proto::wire::meta::{
     KvRelease, KvReleaseReq, KvRemove, KvRemoveReq, KvReserve, KvReserveReq, KvSlotGrant,
     MetaError,
 };
+use flyfs_proto::wire::storage::{BatchRead, Write};
 use flyfs_rpc::Network;
 
 /// Why a whole batch failed (per-key outcomes are [`PutResult`] and
@@ -341,15 +344,41 @@ impl<N: Network> KvCache<N> {
         }
     }
 
-    /// Stores `buffers[i]` under `keys[i]`, all at once: keys already
-    /// cached are answered `Exists` without sending their bytes; the others
-    /// get a slot each, are written in parallel, and are indexed in one
-    /// transaction per batch (of at most 256), where the first writer of a
-    /// key wins.
+    /// [`batch_put_bytes`](Self::batch_put_bytes) from borrowed memory:
+    /// each block is copied once into memory of its own first (counted as
+    /// copied), because a borrowed block cannot outlive this call while a
+    /// send of it might. Callers that can lend owned memory (a `Bytes`
+    /// over their buffer) use `batch_put_bytes`, which copies nothing.
     pub async fn batch_put_from(
         &self,
         keys: &[&[u8]],
         buffers: &[&[u8]],
+    ) -> Result<Vec<PutResult>, KvError> {
+        check_pairs(keys, buffers.len())?;
+        let owned: Vec<Bytes> = buffers
+            .iter()
+            .map(|buffer| {
+                flyfs_rpc::metrics::payload_copied::<Write>(buffer.len());
+                Bytes::copy_from_slice(buffer)
+            })
+            .collect();
+        self.batch_put_bytes(keys, &owned).await
+    }
+
+    /// Stores `buffers[i]` under `keys[i]`, all at once: keys already
+    /// cached are answered `Exists` without sending their bytes; the others
+    /// get a slot each, are written in parallel, and are indexed in one
+    /// transaction per batch (of at most 256), where the first writer of a
+    /// key wins. Each block is sent from the memory its `Bytes` views
+    /// (`Bytes::from_owner` over the caller's buffer), with no copy; that
+    /// memory must not change until this returns (a block changed under a
+    /// send fails its CRC at the storage node and is not stored), and a
+    /// send still queued when a write gave up keeps its `Bytes` alive
+    /// until it is written or its connection closes.
+    pub async fn batch_put_bytes(
+        &self,
+        keys: &[&[u8]],
+        buffers: &[Bytes],
     ) -> Result<Vec<PutResult>, KvError> {
         check_pairs(keys, buffers.len())?;
         let mut results = Vec::with_capacity(keys.len());
@@ -362,7 +391,7 @@ impl<N: Network> KvCache<N> {
     async fn put_batch(
         &self,
         keys: &[&[u8]],
-        buffers: &[&[u8]],
+        buffers: &[Bytes],
     ) -> Result<Vec<PutResult>, KvError> {
         let mut results: Vec<Option<PutResult>> = vec![None; keys.len()];
         let present = self.lookup(keys).await?;
@@ -418,7 +447,9 @@ impl<N: Network> KvCache<N> {
                 // empty write); its entry alone is the block.
                 return Ok(());
             }
-            let data = Bytes::copy_from_slice(buffers[p.index]);
+            // A view of the caller's block, not a copy: the send writes
+            // the connection straight from it.
+            let data = buffers[p.index].clone();
             self.storage
                 .write(chain, chunk, 0, data, slot_bytes)
                 .await
@@ -432,7 +463,7 @@ impl<N: Network> KvCache<N> {
         for (p, outcome) in planned.iter().zip(written) {
             match outcome {
                 Ok(()) => {
-                    let buffer = buffers[p.index];
+                    let buffer = &buffers[p.index];
                     commit.push(KvCommitItem {
                         key: keys[p.index].to_vec(),
                         entry: KvEntry {
@@ -494,41 +525,93 @@ impl<N: Network> KvCache<N> {
             .collect())
     }
 
-    /// Reads each key's block into the start of its buffer. Each block's
-    /// CRC is checked before it is copied; a block whose slot was reused
-    /// under the reader is looked up again (gone: `Missing`).
+    /// [`batch_get_landing`](Self::batch_get_landing) into borrowed
+    /// memory: each block lands in memory of this call's own and is then
+    /// copied into its buffer (counted as copied), because a borrowed
+    /// buffer cannot be lent to a connection that might still write into it
+    /// after a call that gave up. Callers that can lend owned memory use
+    /// `batch_get_landing`, which copies nothing.
     pub async fn batch_get_into(
         &self,
         keys: &[&[u8]],
         buffers: &mut [&mut [u8]],
     ) -> Result<Vec<GetResult>, KvError> {
         check_pairs(keys, buffers.len())?;
-        let mut results = Vec::with_capacity(keys.len());
-        for (keys, buffers) in keys
-            .chunks(KV_BATCH_MAX)
-            .zip(buffers.chunks_mut(KV_BATCH_MAX))
-        {
-            results.extend(self.get_batch(keys, buffers).await?);
+        let owned: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0u8; b.len()]).collect();
+        let (owned, results) = self.batch_get_landing(keys, owned).await;
+        let results = results?;
+        for ((buffer, landed), result) in buffers.iter_mut().zip(&owned).zip(&results) {
+            if let GetResult::Found(n) = *result {
+                flyfs_rpc::metrics::payload_copied::<BatchRead>(n);
+                buffer[..n].copy_from_slice(&landed[..n]);
+            }
         }
         Ok(results)
     }
 
-    async fn get_batch(
+    /// Reads each key's block into the start of its buffer, straight from
+    /// the connection (no copy on the way: flyfs-rpc's landing), and checks
+    /// its CRC there; a block whose slot was reused under the reader is
+    /// looked up again (gone: `Missing`). The buffers come back in their
+    /// order with the results, and nothing writes into them once this
+    /// returned; a buffer whose result is not `Found` may hold any bytes.
+    pub async fn batch_get_landing<B>(
         &self,
         keys: &[&[u8]],
-        buffers: &mut [&mut [u8]],
-    ) -> Result<Vec<GetResult>, KvError> {
-        let entries = self.lookup(keys).await?;
+        buffers: Vec<B>,
+    ) -> (Vec<B>, Result<Vec<GetResult>, KvError>)
+    where
+        B: AsMut<[u8]> + Send + 'static,
+    {
+        if let Err(e) = check_pairs(keys, buffers.len()) {
+            return (buffers, Err(e));
+        }
+        let mut results = Vec::with_capacity(keys.len());
+        let mut done = Vec::with_capacity(buffers.len());
+        let mut rest = buffers.into_iter();
+        for keys in keys.chunks(KV_BATCH_MAX) {
+            let batch: Vec<B> = rest.by_ref().take(keys.len()).collect();
+            let (back, outcome) = self.get_batch(keys, batch).await;
+            done.extend(back);
+            match outcome {
+                Ok(batch) => results.extend(batch),
+                Err(e) => {
+                    done.extend(rest);
+                    return (done, Err(e));
+                }
+            }
+        }
+        (done, Ok(results))
+    }
+
+    async fn get_batch<B>(
+        &self,
+        keys: &[&[u8]],
+        buffers: Vec<B>,
+    ) -> (Vec<B>, Result<Vec<GetResult>, KvError>)
+    where
+        B: AsMut<[u8]> + Send + 'static,
+    {
+        let entries = match self.lookup(keys).await {
+            Ok(entries) => entries,
+            Err(e) => return (buffers, Err(e)),
+        };
+        let mut buffers: Vec<Option<B>> = buffers.into_iter().map(Some).collect();
         let mut results: Vec<GetResult> = vec![GetResult::Missing; keys.len()];
         let mut reads = Vec::new();
         let mut read_for = Vec::new();
+        let mut read_into = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
             let Some(entry) = entry else { continue };
+            let Some(buffer) = buffers[i].as_mut() else {
+                continue;
+            };
             let block_bytes = entry.length as usize;
-            if block_bytes > buffers[i].len() {
+            let buffer_bytes = buffer.as_mut().len();
+            if block_bytes > buffer_bytes {
                 results[i] = GetResult::BufferTooSmall {
                     block_bytes,
-                    buffer_bytes: buffers[i].len(),
+                    buffer_bytes,
                 };
                 continue;
             }
@@ -550,15 +633,28 @@ impl<N: Network> KvCache<N> {
                 len: entry.length,
             });
             read_for.push((i, *entry));
+            read_into.push(buffers[i].take().expect("checked above"));
         }
-        let data = self.storage.read_batch(&reads).await;
+        let (back, data) = self.storage.read_batch_into(&reads, read_into).await;
         let mut recheck = Vec::new();
-        for ((i, entry), read) in read_for.into_iter().zip(data) {
+        for (((i, entry), mut buffer), read) in read_for.into_iter().zip(back).zip(data) {
+            let block_bytes = entry.length as usize;
+            let dst = &mut buffer.as_mut()[..block_bytes];
             match read {
-                Ok(chunk) if chunk.data.len() == entry.length as usize => {
+                Ok(ReadInto::Landed(result)) if result.len as usize == block_bytes => {
+                    if crc32c::crc32c(dst) == entry.crc {
+                        results[i] = GetResult::Found(block_bytes);
+                    } else {
+                        recheck.push((i, entry));
+                    }
+                }
+                Ok(ReadInto::Data(chunk)) if chunk.data.len() == block_bytes => {
                     if crc32c::crc32c(&chunk.data) == entry.crc {
-                        buffers[i][..chunk.data.len()].copy_from_slice(&chunk.data);
-                        results[i] = GetResult::Found(chunk.data.len());
+                        // It came another way (a retry, an RDMA reply
+                        // buffer): one copy, counted.
+                        flyfs_rpc::metrics::payload_copied::<BatchRead>(block_bytes);
+                        dst.copy_from_slice(&chunk.data);
+                        results[i] = GetResult::Found(block_bytes);
                     } else {
                         recheck.push((i, entry));
                     }
@@ -568,11 +664,19 @@ impl<N: Network> KvCache<N> {
                 Ok(_) => recheck.push((i, entry)),
                 Err(e) => results[i] = GetResult::Failed(e.to_string()),
             }
+            buffers[i] = Some(buffer);
         }
+        let mut buffers: Vec<B> = buffers
+            .into_iter()
+            .map(|b| b.expect("every buffer read came back"))
+            .collect();
         for (i, seen) in recheck {
-            results[i] = self.reread(keys[i], seen, &mut buffers[i][..]).await?;
+            match self.reread(keys[i], seen, buffers[i].as_mut()).await {
+                Ok(result) => results[i] = result,
+                Err(e) => return (buffers, Err(e)),
+            }
         }
-        Ok(results)
+        (buffers, Ok(results))
     }
 
     /// A block whose bytes did not match its entry: its slot was reused
@@ -619,6 +723,8 @@ impl<N: Network> KvCache<N> {
             Ok(read)
                 if read.data.len() == block_bytes && crc32c::crc32c(&read.data) == entry.crc =>
             {
+                // A slot reused under the reader: rare, copied (counted).
+                flyfs_rpc::metrics::payload_copied::<BatchRead>(block_bytes);
                 buffer[..block_bytes].copy_from_slice(&read.data);
                 Ok(GetResult::Found(block_bytes))
             }

@@ -1,19 +1,22 @@
 //! `flyfs._native.KvCache`: flyfs-kvcache's blocking KV cache as a Python
 //! class. `flyfs/kv.py` wraps it (reads the mount config, casts every
-//! buffer to a flat byte view); this file turns Python buffers into Rust
-//! slices without copying them, releases the GIL for each batch, and turns
-//! per-key outcomes into `(status, length, message)` tuples.
+//! buffer to a flat byte view); this file lends Python buffers to the
+//! cache as owned views of their memory ([`BlockView`]: a put sends each
+//! block from it, a get receives each block into it, no copy either way),
+//! releases the GIL for each batch, and turns per-key outcomes into
+//! `(status, length, message)` tuples.
 //!
 //! It holds the package's only `unsafe`: the buffer protocol hands out a
 //! pointer and a length, and a slice over another object's memory cannot be
 //! made without it (pyo3's safe views are `Cell`s, which flyfs-kvcache's
-//! `&[u8]` API cannot take). Each use says why it is sound.
+//! byte APIs cannot take). Each use says why it is sound.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flyfs_kvcache::blocking::{BlockingKvCache, Connect};
-use flyfs_kvcache::{GetResult, KvCacheConfig, KvError, PutResult};
+use flyfs_kvcache::{Bytes, GetResult, KvCacheConfig, KvError, PutResult};
 use flyfs_proto::ids::{ChainTableId, ClientId};
 use flyfs_rpc::Credentials;
 use pyo3::buffer::PyBuffer;
@@ -83,42 +86,69 @@ impl Buffers {
         Ok(Buffers { views })
     }
 
-    #[allow(unsafe_code)]
-    fn slices(&self) -> Vec<&[u8]> {
-        self.views
-            .iter()
-            .map(|v| {
-                if v.len_bytes() == 0 {
-                    return &[][..];
-                }
-                // SAFETY: the view is exported (its memory pinned, its object
-                // alive) for as long as `self` lives, which bounds the slice;
-                // it is C-contiguous with one-byte items, so `len_bytes`
-                // bytes from `buf_ptr` are the buffer. Another Python thread
-                // writing the same memory during the batch is the caller's
-                // race, as with any buffer handed to native code (the
-                // package documents that a batch's buffers are flyfs's until
-                // it returns).
-                unsafe { std::slice::from_raw_parts(v.buf_ptr() as *const u8, v.len_bytes()) }
+    /// One owned view per buffer, for the cache to send from or receive
+    /// into. The views share the exports: whichever is dropped last (here
+    /// when the batch returns, or later in the cache's runtime when a send
+    /// of a write that gave up was still queued) releases them.
+    fn views(self) -> Vec<BlockView> {
+        let len = self.views.len();
+        let buffers = Arc::new(self);
+        (0..len)
+            .map(|index| BlockView {
+                buffers: buffers.clone(),
+                index,
             })
             .collect()
     }
+}
 
+/// One exported buffer of a batch as memory the cache may hold beyond a
+/// borrow (a `Bytes` a send holds, a buffer a reply lands in): the export,
+/// shared with the batch's other views, keeps the memory pinned and its
+/// object alive for as long as any view lives.
+struct BlockView {
+    buffers: Arc<Buffers>,
+    index: usize,
+}
+
+impl BlockView {
+    fn len(&self) -> usize {
+        self.buffers.views[self.index].len_bytes()
+    }
+}
+
+impl AsRef<[u8]> for BlockView {
     #[allow(unsafe_code)]
-    fn slices_mut(&mut self) -> Vec<&mut [u8]> {
-        self.views
-            .iter()
-            .map(|v| {
-                if v.len_bytes() == 0 {
-                    return &mut [][..];
-                }
-                // SAFETY: as in `slices`, and besides: `export` checked the
-                // view is writable and that no two views of this batch
-                // overlap, so each `&mut` is the only Rust reference to its
-                // bytes; `&mut self` keeps a second call from aliasing them.
-                unsafe { std::slice::from_raw_parts_mut(v.buf_ptr() as *mut u8, v.len_bytes()) }
-            })
-            .collect()
+    fn as_ref(&self) -> &[u8] {
+        let view = &self.buffers.views[self.index];
+        if view.len_bytes() == 0 {
+            return &[];
+        }
+        // SAFETY: the view is exported (its memory pinned, its object
+        // alive) for as long as `self.buffers` lives, which outlives the
+        // slice; it is C-contiguous with one-byte items, so `len_bytes`
+        // bytes from `buf_ptr` are the buffer. Another Python thread
+        // writing the same memory during the batch is the caller's race, as
+        // with any buffer handed to native code (the package documents that
+        // a batch's buffers are flyfs's until it returns); a block changed
+        // under its send fails its CRC at the storage node.
+        unsafe { std::slice::from_raw_parts(view.buf_ptr() as *const u8, view.len_bytes()) }
+    }
+}
+
+impl AsMut<[u8]> for BlockView {
+    #[allow(unsafe_code)]
+    fn as_mut(&mut self) -> &mut [u8] {
+        let view = &self.buffers.views[self.index];
+        if view.len_bytes() == 0 {
+            return &mut [];
+        }
+        assert!(!view.readonly(), "a get's buffers were exported writable");
+        // SAFETY: as in `as_ref`, and besides: `export` checked the views of
+        // a get are writable and that no two of them overlap, and each
+        // index has exactly one `BlockView` (`views` makes one each), so
+        // through `&mut self` this is the only Rust reference to its bytes.
+        unsafe { std::slice::from_raw_parts_mut(view.buf_ptr() as *mut u8, view.len_bytes()) }
     }
 }
 
@@ -169,7 +199,27 @@ fn get_outcome(result: GetResult) -> Outcome {
 /// The cluster's KV cache, reached over TCP with a client's credentials.
 #[pyclass(name = "KvCache", module = "flyfs._native", frozen)]
 pub struct PyKvCache {
-    cache: BlockingKvCache,
+    /// Always set; taken only by `drop`.
+    cache: Option<BlockingKvCache>,
+}
+
+impl PyKvCache {
+    fn cache(&self) -> &BlockingKvCache {
+        self.cache
+            .as_ref()
+            .expect("set until the object is dropped")
+    }
+}
+
+impl Drop for PyKvCache {
+    /// Drops the cache (and its runtime, which waits for its threads) with
+    /// the GIL released: a thread of it may be releasing a batch's buffers
+    /// (a send queued past a write that gave up), which takes the GIL.
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache.take() {
+            Python::attach(|py| py.detach(move || drop(cache)));
+        }
+    }
 }
 
 #[pymethods]
@@ -217,19 +267,19 @@ impl PyKvCache {
         let cache = py
             .detach(|| BlockingKvCache::open(connect, &config))
             .map_err(kv_error)?;
-        Ok(PyKvCache { cache })
+        Ok(PyKvCache { cache: Some(cache) })
     }
 
     /// The largest block the cache takes, in bytes.
     #[getter]
     fn block_bytes_max(&self) -> u32 {
-        self.cache.block_bytes_max()
+        self.cache().block_bytes_max()
     }
 
     /// The cache's size classes as stored: `(slot_bytes, slots)` pairs.
     #[getter]
     fn classes(&self) -> Vec<(u32, u32)> {
-        self.cache
+        self.cache()
             .layout()
             .classes
             .iter()
@@ -240,7 +290,7 @@ impl PyKvCache {
     /// The cache's age limit in milliseconds (0: none).
     #[getter]
     fn max_age_ms(&self) -> u64 {
-        self.cache.layout().max_age_ms
+        self.cache().layout().max_age_ms
     }
 
     fn batch_put_from(
@@ -250,17 +300,18 @@ impl PyKvCache {
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<Vec<Outcome>> {
         check_lengths(keys.len(), buffers.len())?;
-        let exported = Buffers::export(&buffers, false)?;
-        let slices = exported.slices();
+        let views = Buffers::export(&buffers, false)?.views();
+        let lengths: Vec<usize> = views.iter().map(BlockView::len).collect();
+        let blocks: Vec<Bytes> = views.into_iter().map(Bytes::from_owner).collect();
         let keys = key_slices(&keys);
-        let cache = &self.cache;
+        let cache = self.cache();
         let results = py
-            .detach(|| cache.batch_put_from(&keys, &slices))
+            .detach(|| cache.batch_put_bytes(&keys, &blocks))
             .map_err(kv_error)?;
         Ok(results
             .into_iter()
-            .zip(&slices)
-            .map(|(r, s)| put_outcome(r, s.len()))
+            .zip(lengths)
+            .map(|(r, len)| put_outcome(r, len))
             .collect())
     }
 
@@ -271,32 +322,34 @@ impl PyKvCache {
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<Vec<Outcome>> {
         check_lengths(keys.len(), buffers.len())?;
-        let mut exported = Buffers::export(&buffers, true)?;
-        let mut slices = exported.slices_mut();
+        let views = Buffers::export(&buffers, true)?.views();
         let keys = key_slices(&keys);
-        let cache = &self.cache;
-        let results = py
-            .detach(|| cache.batch_get_into(&keys, &mut slices))
-            .map_err(kv_error)?;
-        Ok(results.into_iter().map(get_outcome).collect())
+        let cache = self.cache();
+        let (views, results) = py.detach(|| cache.batch_get_landing(&keys, views));
+        drop(views);
+        Ok(results
+            .map_err(kv_error)?
+            .into_iter()
+            .map(get_outcome)
+            .collect())
     }
 
     fn batch_exists(&self, py: Python<'_>, keys: Vec<Bound<'_, PyBytes>>) -> PyResult<Vec<bool>> {
         let keys = key_slices(&keys);
-        let cache = &self.cache;
+        let cache = self.cache();
         py.detach(|| cache.batch_exists(&keys)).map_err(kv_error)
     }
 
     fn batch_remove(&self, py: Python<'_>, keys: Vec<Bound<'_, PyBytes>>) -> PyResult<Vec<bool>> {
         let keys = key_slices(&keys);
-        let cache = &self.cache;
+        let cache = self.cache();
         py.detach(|| cache.batch_remove(&keys)).map_err(kv_error)
     }
 
     /// Evicts what is past the age limit now (the metadata service also
     /// does on its own schedule); returns `(evicted, reclaimed)`.
     fn evict_aged(&self, py: Python<'_>) -> PyResult<(u32, u32)> {
-        let cache = &self.cache;
+        let cache = self.cache();
         let rsp = py.detach(|| cache.evict_aged()).map_err(kv_error)?;
         Ok((rsp.evicted, rsp.reclaimed))
     }

@@ -50,6 +50,7 @@ use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, S
 use flyfs_proto::{Method, Ping, PingReq};
 
 use crate::frame_io::{self, ReadError};
+use crate::landing::{Landed, Landing, Lease};
 use crate::net::Network;
 use crate::payload::Payload;
 use crate::rdma::RdmaTransport;
@@ -229,6 +230,69 @@ impl<N: Network> Client<N> {
             .await?;
         let response = codec::decode::<M::Rsp>(&reply.body)?;
         Ok((response, reply.payload))
+    }
+
+    /// One attempt (no retry) of a call whose reply's payload is read from
+    /// the connection straight into `landing`, the caller's memory
+    /// (crate::landing), when the landing takes it. `reply_payload_bytes`
+    /// is as for [`Client::call_reading`]: over RDMA with reply buffers to
+    /// lend, the server writes the payload into one of those instead, and
+    /// it comes as [`Landed::Payload`].
+    ///
+    /// The landing comes back with the result, and by then nothing writes
+    /// into it any more: a reply still arriving at the deadline is given
+    /// one more deadline before its connection is closed. Dropping the
+    /// future cancels the call and leaves the landing to the connection
+    /// until the reply is in.
+    pub async fn call_landing<M: Method, L: Landing>(
+        &self,
+        addr: &str,
+        request: &M::Req,
+        payload: Bytes,
+        landing: L,
+        reply_payload_bytes: usize,
+        options: &CallOptions,
+    ) -> (L, Result<(M::Rsp, Landed), RpcError>) {
+        let (lease, mut returned) = Lease::new(Box::new(landing));
+        let state = lease.state.clone();
+        let method = MethodRef::of::<M>();
+        let reply = match codec::try_encode(request) {
+            Ok(body) => {
+                let mut outgoing = Outgoing::new(body, payload, reply_payload_bytes);
+                outgoing.landing = Some(lease);
+                let request_id = self.request_id();
+                self.attempt(addr, method, request_id, outgoing, options.timeout)
+                    .await
+            }
+            Err(error) => {
+                drop(lease);
+                Err(error.into())
+            }
+        };
+        let back = match tokio::time::timeout(options.timeout, &mut returned).await {
+            Ok(back) => back,
+            Err(_elapsed) => {
+                state.close_holder();
+                (&mut returned).await
+            }
+        };
+        let (landing, landed) = back.expect("a lease sends its landing back when dropped");
+        let landing = *landing
+            .into_any()
+            .downcast::<L>()
+            .expect("a call's landing comes back as the type it went as");
+        let result = reply.and_then(|reply| {
+            let response = codec::decode::<M::Rsp>(&reply.body)?;
+            let landed = match landed {
+                Some(bytes) => {
+                    crate::metrics::payload_moved(method.id).in_place(bytes);
+                    Landed::InPlace(bytes)
+                }
+                None => Landed::Payload(reply.payload),
+            };
+            Ok((response, landed))
+        });
+        (landing, result)
     }
 
     /// One attempt of a call with an already encoded body, with no retry.
@@ -463,6 +527,7 @@ impl<N: Network> Client<N> {
             payload,
             reply_payload_bytes,
             raw_flags,
+            landing,
         } = call;
         let disconnected = || RpcError::Disconnected {
             addr: addr.to_owned(),
@@ -536,7 +601,7 @@ impl<N: Network> Client<N> {
         // this future (cancel, timeout) removes the entry.
         let _pending = conn
             .shared
-            .register(request_id, reply_tx, lent, sink)
+            .register(request_id, reply_tx, lent, sink, landing)
             .ok_or_else(disconnected)?;
         conn.writer.send(frame).await.map_err(|_| disconnected())?;
         let Arrived { frame, written } = match reply_rx.await {
@@ -719,6 +784,8 @@ struct Outgoing {
     /// Header flags to send exactly, with the payload as given (a test's
     /// hostile frame, `Client::call_with_flags`).
     raw_flags: Option<u16>,
+    /// Caller memory the reply's payload lands in (crate::landing).
+    landing: Option<Lease>,
 }
 
 impl Outgoing {
@@ -728,6 +795,7 @@ impl Outgoing {
             payload,
             reply_payload_bytes,
             raw_flags: None,
+            landing: None,
         }
     }
 }
@@ -761,7 +829,7 @@ struct Conn {
 
 /// What a connection's tasks and its callers share.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     addr: String,
     /// The RDMA connection under the frames, on the RDMA transport.
     link: Option<Arc<crate::rdma::Link>>,
@@ -782,6 +850,9 @@ struct State {
     /// Buffers lent for replies the server may still RDMA WRITE, by
     /// request id: kept on the same terms as `lent`.
     sinks: BTreeMap<u64, Sink>,
+    /// Caller memory replies land in (crate::landing), by request id,
+    /// until the reader takes one for its reply or the call ends.
+    landings: BTreeMap<u64, Lease>,
     tasks: Vec<AbortHandle>,
 }
 
@@ -797,12 +868,16 @@ impl Shared {
         reply: ReplySender,
         lent: Option<Bytes>,
         sink: Option<Sink>,
+        landing: Option<Lease>,
     ) -> Option<PendingGuard> {
         let mut state = lock(&self.state);
         if !state.open {
             return None;
         }
         state.pending.insert(request_id, reply);
+        if let Some(landing) = landing {
+            state.landings.insert(request_id, landing);
+        }
         if let Some(lent) = lent {
             state.lent.insert(request_id, lent);
         }
@@ -819,10 +894,35 @@ impl Shared {
     /// for the reply; the payload it lent is the server's no longer. The
     /// buffer comes back even when the call is gone, so it is freed here.
     fn take(&self, request_id: u64) -> (Option<ReplySender>, Option<Sink>) {
-        let mut state = lock(&self.state);
-        state.lent.remove(&request_id);
-        let sink = state.sinks.remove(&request_id);
-        (state.pending.remove(&request_id), sink)
+        let (reply, sink, landing) = {
+            let mut state = lock(&self.state);
+            state.lent.remove(&request_id);
+            let sink = state.sinks.remove(&request_id);
+            let landing = state.landings.remove(&request_id);
+            (state.pending.remove(&request_id), sink, landing)
+        };
+        // A landing the reply did not use goes back to its call.
+        drop(landing);
+        (reply, sink)
+    }
+
+    /// The landing of a call whose reply's payload is about to be read,
+    /// held by this connection's reader from now on.
+    fn take_landing(self: &Arc<Self>, request_id: u64) -> Option<Lease> {
+        // Marked held under the lock the call's guard takes to remove it:
+        // a call that finds its landing gone finds its holder set.
+        let state = &mut *lock(&self.state);
+        let lease = state.landings.remove(&request_id)?;
+        lease.held_by(self);
+        Some(lease)
+    }
+
+    /// A call's deadline passed one more time while this connection's
+    /// reader was still receiving its reply into the caller's memory: the
+    /// connection closes, which stops the reader and gives the memory back.
+    pub(crate) fn close_landing_stalled(&self) {
+        tracing::debug!(addr = %self.addr, "a reply landing in caller memory stalled; closing");
+        self.close();
     }
 
     /// Marks the connection broken, fails every pending call (in request id
@@ -839,7 +939,7 @@ impl Shared {
         if let Some(link) = &self.link {
             link.close("the rpc connection closed".to_string());
         }
-        let (pending, tasks, lent, sinks) = {
+        let (pending, tasks, lent, sinks, landings) = {
             let mut state = lock(&self.state);
             state.open = false;
             (
@@ -847,9 +947,10 @@ impl Shared {
                 std::mem::take(&mut state.tasks),
                 std::mem::take(&mut state.lent),
                 std::mem::take(&mut state.sinks),
+                std::mem::take(&mut state.landings),
             )
         };
-        drop((lent, sinks));
+        drop((lent, sinks, landings));
         if !pending.is_empty() {
             tracing::debug!(addr = %self.addr, calls = pending.len(), "connection lost");
         }
@@ -875,7 +976,13 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        lock(&self.shared.state).pending.remove(&self.request_id);
+        let landing = {
+            let mut state = lock(&self.shared.state);
+            state.pending.remove(&self.request_id);
+            state.landings.remove(&self.request_id)
+        };
+        // Not taken by the reader: back to the call at once.
+        drop(landing);
     }
 }
 
@@ -897,6 +1004,7 @@ impl Conn {
                 pending: BTreeMap::new(),
                 lent: BTreeMap::new(),
                 sinks: BTreeMap::new(),
+                landings: BTreeMap::new(),
                 tasks: Vec::new(),
             }),
         });
@@ -943,14 +1051,59 @@ async fn write_loop<T: AsyncWrite>(
     shared.close();
 }
 
+/// A reply frame as read, and, when its payload landed in the caller's
+/// memory, the frame's CRC check over it (done as it landed).
+type ReadReply = (Frame, Option<Result<(), FrameError>>);
+
+/// Reads one reply frame; its payload lands in the caller's memory when
+/// its call lent some (crate::landing), which `landing` then holds (with
+/// the bytes landed) until the caller drops it. `Ok(None)` at a clean end
+/// of the stream.
+async fn read_reply<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: &FrameLimits,
+    shared: &Arc<Shared>,
+    landing: &mut Option<Lease>,
+) -> Result<Option<ReadReply>, ReadError> {
+    let mut header_bytes = [0u8; frame::HEADER_LEN];
+    if tokio::io::AsyncReadExt::read(reader, &mut header_bytes[..1]).await? == 0 {
+        return Ok(None);
+    }
+    let header = frame_io::read_header_rest(reader, header_bytes, 1, limits).await?;
+    let lands = header.kind == Kind::Response
+        && header.request_id != 0
+        && header.status == Status::Ok
+        && header.payload_len > 0
+        && header.flags & frame::FLAG_PAYLOAD_WRITTEN == 0;
+    *landing = if lands {
+        shared.take_landing(header.request_id)
+    } else {
+        None
+    };
+    match landing {
+        None => Ok(Some((frame_io::read_body(reader, header).await?, None))),
+        Some(lease) => {
+            let (frame, landed) =
+                frame_io::read_body_landing(reader, header, lease.landing_mut()).await?;
+            let checked = landed.map(|landed| {
+                let landed = landed?;
+                lease.landed = Some(landed);
+                Ok(())
+            });
+            Ok(Some((frame, checked)))
+        }
+    }
+}
+
 async fn read_loop<T: AsyncRead>(
     mut reader: ReadHalf<T>,
     limits: FrameLimits,
     shared: Arc<Shared>,
 ) {
     loop {
-        let frame = match frame_io::read_frame(&mut reader, &limits).await {
-            Ok(Some(frame)) => frame,
+        let mut landing = None;
+        let (frame, checked) = match read_reply(&mut reader, &limits, &shared, &mut landing).await {
+            Ok(Some(read)) => read,
             Ok(None) => break,
             Err(ReadError::Io(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
                 // rustls reports a TLS alert or a broken record as
@@ -970,6 +1123,10 @@ async fn read_loop<T: AsyncRead>(
                 break;
             }
         };
+        // Landed (or not): the caller's memory goes back to its call before
+        // the reply does, so the call finds it there. A landed frame's CRC
+        // was checked as it landed.
+        drop(landing);
         let header = frame.header;
         if header.kind != Kind::Response {
             tracing::warn!(addr = %shared.addr, "request frame from a server, closing");
@@ -987,7 +1144,8 @@ async fn read_loop<T: AsyncRead>(
         }
         let (reply, sink) = shared.take(header.request_id);
         let written = header.flags & frame::FLAG_PAYLOAD_WRITTEN != 0;
-        let result = match (frame.check_body(), written, sink) {
+        let checked = checked.unwrap_or_else(|| frame.check_body());
+        let result = match (checked, written, sink) {
             (Err(error), _, _) => Err(Failure::Frame(error)),
             (Ok(()), false, _) => Ok(Arrived {
                 frame,

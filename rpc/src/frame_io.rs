@@ -9,10 +9,13 @@
 
 use std::io;
 
-use bytes::{Buf, BytesMut};
-use flyfs_proto::frame::{Frame, FrameError, FrameLimits, HEADER_LEN, Header, OutFrame};
+use bytes::{Buf, Bytes, BytesMut};
+use flyfs_proto::frame::{
+    FLAG_PAYLOAD_UNCHECKED, Frame, FrameError, FrameLimits, HEADER_LEN, Header, OutFrame,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::landing::Landing;
 use crate::recv_pool::RecvBuf;
 
 /// Writes one frame with vectored writes of header, body and payload, then
@@ -116,6 +119,102 @@ pub async fn read_body<R: AsyncRead + Unpin>(
     })
 }
 
+/// Reads the body `header` announces, then its payload into the slices
+/// `landing` names for it (crate::landing): `Ok((frame, Some(checked)))`
+/// with an empty payload in the frame when it landed, `checked` being the
+/// frame's CRC over the body and the landed bytes (a mismatch is the
+/// call's error, not the stream's: the stream is still at a frame
+/// boundary, and the landing's memory is its owner's to scribble on);
+/// `Ok((frame, None))` with the payload read as [`read_body`] reads it
+/// when the landing declined.
+pub async fn read_body_landing<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: Header,
+    landing: &mut dyn Landing,
+) -> Result<(Frame, Option<Result<usize, FrameError>>), ReadError> {
+    let body_len = header.body_len as usize;
+    let payload_len = header.payload_len as usize;
+    let mut body = BytesMut::zeroed(body_len);
+    read_exactly(reader, &mut body, &header, 0, body_len + payload_len).await?;
+    let body = body.freeze();
+    let Some(mut segments) = landing
+        .segments(&body, payload_len)
+        .filter(|segments| segments.iter().map(|s| s.len()).sum::<usize>() == payload_len)
+    else {
+        let mut payload = RecvBuf::new(payload_len);
+        read_exactly(
+            reader,
+            payload.as_mut_slice(),
+            &header,
+            body_len,
+            body_len + payload_len,
+        )
+        .await?;
+        let frame = Frame {
+            header,
+            body,
+            payload: payload.freeze(),
+        };
+        return Ok((frame, None));
+    };
+    let mut crc = crc32c::crc32c(&body);
+    let mut at = body_len;
+    for segment in segments.iter_mut() {
+        read_exactly(reader, segment, &header, at, body_len + payload_len).await?;
+        crc = crc32c::crc32c_append(crc, segment);
+        at += segment.len();
+    }
+    let computed = if header.flags & FLAG_PAYLOAD_UNCHECKED != 0 {
+        crc32c::crc32c(&body)
+    } else {
+        crc
+    };
+    let checked = if computed == header.body_crc {
+        Ok(payload_len)
+    } else {
+        Err(FrameError::BodyChecksum {
+            request_id: header.request_id,
+            stored: header.body_crc,
+            computed,
+        })
+    };
+    let frame = Frame {
+        header,
+        body,
+        payload: Bytes::new(),
+    };
+    Ok((frame, Some(checked)))
+}
+
+/// Fills `dst` from the stream; `at` and `total` place it in the frame's
+/// body and payload, for the error a stream that ends early gets.
+async fn read_exactly<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    dst: &mut [u8],
+    header: &Header,
+    at: usize,
+    total: usize,
+) -> Result<(), ReadError> {
+    let mut filled = 0;
+    while filled < dst.len() {
+        let n = reader.read(&mut dst[filled..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "stream ended {} bytes into the {total} bytes of body and payload \
+                     of request {}",
+                    at + filled,
+                    header.request_id
+                ),
+            )
+            .into());
+        }
+        filled += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -156,6 +255,71 @@ mod tests {
                 .expect("eof")
                 .is_none()
         );
+    }
+
+    /// Lands a payload in one buffer of exactly its length.
+    struct One(Vec<u8>);
+
+    impl Landing for One {
+        fn segments(&mut self, _body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+            (payload_len == self.0.len()).then(|| vec![&mut self.0[..]])
+        }
+
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+            self
+        }
+    }
+
+    /// A landed payload is checked against the frame's CRC; a mismatch is
+    /// that frame's error only, and the next frame reads as usual.
+    #[tokio::test]
+    async fn a_landed_payload_is_crc_checked_and_a_mismatch_spares_the_stream() {
+        let frame = |payload: Vec<u8>| {
+            OutFrame::new(
+                Kind::Response,
+                300,
+                Status::Ok,
+                7,
+                Bytes::from_static(b"body"),
+                Bytes::from(payload),
+            )
+            .expect("small frame")
+        };
+        let good = frame(vec![5u8; 1000]);
+        let mut bad = frame(vec![5u8; 1000]);
+        let mut corrupted = bad.payload.to_vec();
+        corrupted[999] ^= 1;
+        bad.payload = Bytes::from(corrupted);
+        let mut bytes = Vec::new();
+        for frame in [good, bad, frame(vec![6u8; 10])] {
+            bytes.extend_from_slice(&frame.header);
+            bytes.extend_from_slice(&frame.body);
+            bytes.extend_from_slice(&frame.payload);
+        }
+        let mut reader = &bytes[..];
+        let limits = FrameLimits::default();
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let header = read_header_rest(&mut reader, [0u8; HEADER_LEN], 0, &limits)
+                .await
+                .expect("header");
+            let mut landing = One(vec![0u8; 1000]);
+            let (frame, landed) = read_body_landing(&mut reader, header, &mut landing)
+                .await
+                .expect("the stream reads on");
+            assert_eq!(&frame.body[..], b"body");
+            outcomes.push((landed, landing.0));
+        }
+        assert!(matches!(outcomes[0].0, Some(Ok(1000))));
+        assert!(outcomes[0].1.iter().all(|b| *b == 5));
+        assert!(matches!(
+            outcomes[1].0,
+            Some(Err(FrameError::BodyChecksum { request_id: 7, .. }))
+        ));
+        // Ten bytes do not fill the landing: declined, read as usual.
+        assert!(outcomes[2].0.is_none());
+        assert!(outcomes[2].1.iter().all(|b| *b == 0));
+        assert!(reader.is_empty());
     }
 
     #[tokio::test]

@@ -5,7 +5,8 @@
 //! up:
 //! * [`frame_io`]: one frame read from or written to a byte stream.
 //! * [`payload`]: bulk bytes beside the message, the seam an RDMA transport
-//!   plugs into.
+//!   plugs into; [`landing`]: a reply's payload read straight into the
+//!   caller's memory.
 //! * [`net`]: the network seam ([`Tcp`], and `SimNet` for turmoil).
 //! * [`rdma`]: the RDMA transport: an authenticated connection moves its
 //!   frames to an RDMA connection (flyfs-rdma).
@@ -23,6 +24,7 @@ mod budget;
 pub mod client;
 pub mod error;
 pub mod frame_io;
+pub mod landing;
 pub mod metrics;
 pub mod net;
 pub mod payload;
@@ -36,6 +38,7 @@ pub mod tls;
 
 pub use client::{CallOptions, Client, ClientConfig, RawReply, RetryPolicy};
 pub use error::{MethodRef, RpcError};
+pub use landing::{Landed, Landing};
 #[cfg(feature = "sim")]
 pub use net::SimNet;
 pub use net::{Listener, Network, Tcp};

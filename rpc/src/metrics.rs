@@ -20,8 +20,14 @@
 //!   reply's payload pushed by RDMA WRITE) versus copied through message
 //!   slots (`how="copied"`: a buffer outside the registered arenas, a
 //!   client that lent no buffer for a reply, a reply larger than the
-//!   buffer lent). These are also kept in plain atomics,
-//!   always on, for [`payload_moved_totals`] (the storage bench's JSON).
+//!   buffer lent), and, on any transport, payload bytes read from the
+//!   connection straight into the caller's memory (`how="in_place"`, a
+//!   [`crate::landing`] call) and bytes a client copied between its
+//!   caller's memory and a payload (`how="copied"` too, counted by that
+//!   client through [`payload_copied`]: a KV cache get whose reply did not
+//!   land). These are also kept in plain atomics, always on, for
+//!   [`payload_moved_totals`] (the storage bench's JSON, and the tests that
+//!   check a zero-copy path copies nothing).
 //!
 //! A method's handles are registered on its first call after [`enable`]
 //! (so only the methods a process uses show up); a call then costs a binary
@@ -180,29 +186,41 @@ pub(crate) struct MovedCounters {
     name: &'static str,
     one_sided: std::sync::atomic::AtomicU64,
     copied: std::sync::atomic::AtomicU64,
+    in_place: std::sync::atomic::AtomicU64,
+}
+
+/// How payload bytes moved.
+#[derive(Clone, Copy)]
+enum How {
+    OneSided,
+    Copied,
+    InPlace,
 }
 
 impl MovedCounters {
     pub(crate) fn one_sided(&self, bytes: usize) {
-        self.add(bytes, true);
+        self.add(bytes, How::OneSided);
     }
 
     pub(crate) fn copied(&self, bytes: usize) {
-        self.add(bytes, false);
+        self.add(bytes, How::Copied);
     }
 
-    fn add(&self, bytes: usize, one_sided: bool) {
+    pub(crate) fn in_place(&self, bytes: usize) {
+        self.add(bytes, How::InPlace);
+    }
+
+    fn add(&self, bytes: usize, how: How) {
         if bytes == 0 {
             return;
         }
-        let counter = if one_sided {
-            &self.one_sided
-        } else {
-            &self.copied
+        let (counter, how) = match how {
+            How::OneSided => (&self.one_sided, "one_sided"),
+            How::Copied => (&self.copied, "copied"),
+            How::InPlace => (&self.in_place, "in_place"),
         };
         counter.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         if SERVER.get().is_some() {
-            let how = if one_sided { "one_sided" } else { "copied" };
             metrics::counter!(
                 "flyfs_rpc_payload_moved_bytes_total", "method" => self.name, "how" => how
             )
@@ -232,6 +250,7 @@ fn moved_table() -> &'static MovedTable {
                     name,
                     one_sided: Default::default(),
                     copied: Default::default(),
+                    in_place: Default::default(),
                 })
                 .collect(),
         }
@@ -248,16 +267,25 @@ pub(crate) fn payload_moved(method: u16) -> &'static MovedCounters {
     &table.counters[index]
 }
 
+/// Counts `bytes` of `M`'s payloads that a client copied between its
+/// caller's memory and a payload (a reply that did not land in the
+/// caller's buffer): what a zero-copy path must keep at zero.
+pub fn payload_copied<M: flyfs_proto::Method>(bytes: usize) {
+    payload_moved(M::ID).copied(bytes);
+}
+
 /// Payload bytes one method moved in this process.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PayloadMoved {
     pub method: &'static str,
     pub one_sided_bytes: u64,
     pub copied_bytes: u64,
+    /// Read from the connection straight into the caller's memory.
+    pub in_place_bytes: u64,
 }
 
-/// Every method that moved payload bytes over RDMA in this process, by
-/// method name.
+/// Every method that moved payload bytes one-sided, copied or in place in
+/// this process, by method name.
 pub fn payload_moved_totals() -> Vec<PayloadMoved> {
     let table = moved_table();
     table
@@ -268,10 +296,12 @@ pub fn payload_moved_totals() -> Vec<PayloadMoved> {
                 .one_sided
                 .load(std::sync::atomic::Ordering::Relaxed);
             let copied = counters.copied.load(std::sync::atomic::Ordering::Relaxed);
-            (one_sided + copied > 0).then_some(PayloadMoved {
+            let in_place = counters.in_place.load(std::sync::atomic::Ordering::Relaxed);
+            (one_sided + copied + in_place > 0).then_some(PayloadMoved {
                 method: counters.name,
                 one_sided_bytes: one_sided,
                 copied_bytes: copied,
+                in_place_bytes: in_place,
             })
         })
         .collect()

@@ -218,3 +218,125 @@ async fn checking_a_live_peer_leaves_its_calls_running() {
     assert_eq!(rsp.text, "slow");
     server.shutdown().await;
 }
+
+/// Caller memory in two pieces that a reply's payload lands in, when it
+/// takes it (`accept`) and the payload fills both exactly.
+struct Split {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    accept: bool,
+}
+
+impl Split {
+    fn new(head: usize, tail: usize, accept: bool) -> Split {
+        Split {
+            head: vec![0; head],
+            tail: vec![0; tail],
+            accept,
+        }
+    }
+
+    fn joined(&self) -> Vec<u8> {
+        [&self.head[..], &self.tail[..]].concat()
+    }
+}
+
+impl flyfs_rpc::Landing for Split {
+    fn segments(&mut self, _body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+        (self.accept && payload_len == self.head.len() + self.tail.len())
+            .then(|| vec![&mut self.head[..], &mut self.tail[..]])
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// Payload bytes of `method` read in place into caller memory, and copied,
+/// in this process so far.
+fn in_place_and_copied(method: u16) -> (u64, u64) {
+    let name = flyfs_proto::wire::METHODS
+        .iter()
+        .find(|(id, _)| *id == method)
+        .map_or("unknown", |(_, name)| *name);
+    flyfs_rpc::metrics::payload_moved_totals()
+        .into_iter()
+        .find(|moved| moved.method == name)
+        .map_or((0, 0), |moved| (moved.in_place_bytes, moved.copied_bytes))
+}
+
+/// A reply's payload is read from the connection straight into the
+/// caller's two buffers (counted in place, nothing copied); a landing that
+/// declines, or that the payload does not fill, gets the payload the usual
+/// way and stays untouched; a call that times out gives its landing back
+/// untouched and leaves nothing pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_lands_in_the_callers_memory() {
+    let fx = Fixture::tcp();
+    let (server, _) = fx.start_server(ServerConfig::default()).await;
+    let client = fx.client();
+    let addr = server.local_addr().to_owned();
+    let data = Bytes::from((0..100_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>());
+    let (in_place_before, copied_before) = in_place_and_copied(Echo::ID);
+
+    let (landing, result) = client
+        .call_landing::<Echo, _>(
+            &addr,
+            &echo("in place", 0),
+            data.clone(),
+            Split::new(30_000, 70_000, true),
+            0,
+            &opts(5000),
+        )
+        .await;
+    let (rsp, landed) = result.expect("landed call");
+    assert_eq!(rsp.text, "in place");
+    assert!(
+        matches!(landed, flyfs_rpc::Landed::InPlace(100_000)),
+        "{landed:?}"
+    );
+    assert_eq!(landing.joined(), data[..]);
+    let (in_place, copied) = in_place_and_copied(Echo::ID);
+    assert_eq!(in_place - in_place_before, 100_000);
+    assert_eq!(copied, copied_before, "nothing copied on the way");
+
+    for landing in [
+        Split::new(30_000, 70_000, false),
+        Split::new(30_000, 60_000, true),
+    ] {
+        let (landing, result) = client
+            .call_landing::<Echo, _>(
+                &addr,
+                &echo("declined", 0),
+                data.clone(),
+                landing,
+                0,
+                &opts(5000),
+            )
+            .await;
+        let (_, landed) = result.expect("call");
+        let flyfs_rpc::Landed::Payload(payload) = landed else {
+            panic!("a declined landing got the payload: {landed:?}");
+        };
+        assert_eq!(payload.into_bytes(), Some(data.clone()));
+        assert!(landing.joined().iter().all(|b| *b == 0), "landing written");
+    }
+
+    let (landing, result) = client
+        .call_landing::<Echo, _>(
+            &addr,
+            &echo("slow", 3_000),
+            data.clone(),
+            Split::new(30_000, 70_000, true),
+            0,
+            &opts(200),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(RpcError::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(landing.joined().iter().all(|b| *b == 0), "landing written");
+    assert_eq!(client.pending_calls(), 0);
+    server.shutdown().await;
+}

@@ -15,11 +15,15 @@
 //! the requests in flight finish, every file is flushed and its write
 //! session closed, and every mapping is unmapped.
 //!
-//! The data path is `IovSlice` ↔ [`FsClient`]: a read copies the storage
-//! client's received bytes into the slice, a write copies the slice into the
-//! file's write-back buffer. With one-sided RDMA payloads the slice would be
-//! the remote target of the storage transfer itself (the iov registered as
-//! a memory region at registration), with no change to the protocol.
+//! The data path is the iov slice ↔ [`FsClient`], with no copy in the
+//! daemon: a read lends the slice (a `SharedSlice`, one per chunk) to the
+//! storage client, whose connections read each chunk's bytes from the
+//! socket straight into it (flyfs-rpc's landing; a read that fails over
+//! to another replica is copied once, counted); a write hands the slice to
+//! the file's write-back buffer, the one copy buffered writes make. With
+//! one-sided RDMA payloads the slice would be the remote target of the
+//! storage transfer itself (the iov registered as a memory region at
+//! registration), with no change to the protocol.
 
 use std::collections::HashMap;
 use std::io;
@@ -35,7 +39,7 @@ use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Network;
 use flyfs_usrbio::memory::check_sealed;
-use flyfs_usrbio::os::{SharedMemory, accept_nonblocking, is_eventfd, recv_with_fds};
+use flyfs_usrbio::os::{SharedMemory, SharedSlice, accept_nonblocking, is_eventfd, recv_with_fds};
 use flyfs_usrbio::ring::{Cqe, Ring, Sqe, SqeOp};
 use flyfs_usrbio::wire::{
     CONNECTIONS_MAX, FILES_MAX, IN_FLIGHT_BYTES_MAX, IO_BYTES_MAX, IOV_BYTES_MAX, IOVS_MAX, Op,
@@ -923,7 +927,6 @@ async fn run_request<N: Network>(
         .acquire_many(sqe.len.max(1))
         .await
         .map_err(|_| (libc::EIO, "the connection is closing".to_string()))?;
-    let io_error = |e: io::Error| (libc::EFAULT, e.to_string());
     if !write {
         if !file.readable {
             return Err((
@@ -931,12 +934,16 @@ async fn run_request<N: Network>(
                 format!("file {} is not registered for reading", sqe.file),
             ));
         }
-        let bytes = client
-            .read(&file.handle, sqe.file_offset, sqe.len)
+        // Each chunk's bytes are read from the storage node's connection
+        // straight into the application's buffer.
+        let base = sqe.iov_offset;
+        client
+            .read_into(&file.handle, sqe.file_offset, sqe.len, |at, len| {
+                SharedSlice::new(iov.clone(), base + at as u64, len)
+                    .expect("inside the iov slice checked above")
+            })
             .await
-            .map_err(fs_error)?;
-        iov.write(sqe.iov_offset, &bytes).map_err(io_error)?;
-        Ok(bytes.len() as u64)
+            .map_err(fs_error)
     } else {
         if !file.writable {
             return Err((
@@ -944,10 +951,12 @@ async fn run_request<N: Network>(
                 format!("file {} is not registered for writing", sqe.file),
             ));
         }
-        let mut data = vec![0u8; sqe.len as usize];
-        iov.read(sqe.iov_offset, &mut data).map_err(io_error)?;
+        // Straight from the application's buffer into the file's
+        // write-back buffer (the one copy a buffered write makes).
+        let data = SharedSlice::new(iov, sqe.iov_offset, sqe.len as usize)
+            .ok_or_else(|| (libc::EFAULT, "the iov slice left its iov".to_string()))?;
         client
-            .write(&file.handle, sqe.file_offset, &data)
+            .write(&file.handle, sqe.file_offset, data.as_ref())
             .await
             .map_err(fs_error)?;
         Ok(sqe.len as u64)

@@ -138,6 +138,75 @@ impl SharedMemory {
     }
 }
 
+/// A range of a shared mapping lent to a transfer as memory of its own: a
+/// send reads the range, a reply's payload is read from the connection into
+/// it (flyfs-rpc's landing), with no copy through memory of the daemon's.
+/// It holds the mapping, so the range stays mapped while any transfer
+/// holds it, whatever the application does with its registration.
+///
+/// This is the one place the daemon makes Rust references to bytes another
+/// process shares: `AsRef`/`AsMut` hand them only to byte movers (the
+/// socket's `read`, TLS's encryption and decryption, CRC32C), which take
+/// whatever bytes are there as data; nothing decides anything from them.
+/// The application writing the range meanwhile gets torn bytes (a CRC
+/// mismatch that fails the request), never the daemon's memory; two
+/// requests whose ranges overlap each move their bytes into the same
+/// memory, as two DMA transfers into one buffer would.
+#[derive(Debug)]
+pub struct SharedSlice {
+    memory: std::sync::Arc<SharedMemory>,
+    start: usize,
+    len: usize,
+}
+
+impl SharedSlice {
+    /// `len` bytes of `memory` at `offset`, or `None` when they are not
+    /// all inside it.
+    pub fn new(
+        memory: std::sync::Arc<SharedMemory>,
+        offset: u64,
+        len: usize,
+    ) -> Option<SharedSlice> {
+        let start = memory.check(offset, len).ok()?;
+        Some(SharedSlice { memory, start, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for SharedSlice {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the range is inside the mapping (checked by `new`), which
+        // the `Arc` keeps mapped for as long as `self`, and so the slice,
+        // lives. Another process may write the bytes meanwhile: see the
+        // type's comment for why byte movers may read them so.
+        unsafe { std::slice::from_raw_parts(self.memory.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
+
+impl AsMut<[u8]> for SharedSlice {
+    fn as_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_ref`; the mapping is writable (`map` maps it
+        // read-write), and bytes written here are what the application
+        // asked to be given (see the type's comment on overlaps).
+        unsafe {
+            std::slice::from_raw_parts_mut(self.memory.ptr.as_ptr().add(self.start), self.len)
+        }
+    }
+}
+
 impl Drop for SharedMemory {
     fn drop(&mut self) {
         // SAFETY: the mapping was made by `map` with this length and nothing
@@ -262,6 +331,33 @@ mod tests {
         assert!(mem.atomic_u32(8188).is_some());
         assert!(mem.atomic_u32(8190).is_none(), "unaligned");
         assert!(mem.atomic_u32(8192).is_none(), "outside");
+    }
+
+    #[test]
+    fn a_slice_is_the_mapping_s_bytes_and_stays_inside_it() {
+        let file = tempfile_fd(8192);
+        let mem = std::sync::Arc::new(SharedMemory::map(file.as_fd(), 8192).expect("map"));
+        assert!(
+            SharedSlice::new(mem.clone(), 8000, 193).is_none(),
+            "past the end"
+        );
+        assert!(
+            SharedSlice::new(mem.clone(), u64::MAX, 1).is_none(),
+            "overflow"
+        );
+        let mut slice = SharedSlice::new(mem.clone(), 4096, 100).expect("inside");
+        slice.as_mut().fill(9);
+        let mut back = [0u8; 102];
+        mem.read(4095, &mut back).expect("inside");
+        assert_eq!(back[0], 0);
+        assert!(back[1..101].iter().all(|b| *b == 9));
+        assert_eq!(back[101], 0);
+        mem.write(4096, &[1, 2, 3]).expect("inside");
+        assert_eq!(&slice.as_ref()[..3], &[1, 2, 3]);
+        // The slice keeps the mapping alive past its other owners.
+        drop(mem);
+        assert_eq!(slice.as_ref().len(), 100);
+        assert_eq!(slice.as_ref()[3], 9);
     }
 
     fn tempfile_fd(len: i64) -> OwnedFd {
