@@ -118,6 +118,7 @@ fn heartbeater(addr: String, n: u32, beating: Arc<AtomicBool>) {
                         local: LocalState::UpToDate,
                         used_bytes: 0,
                     }],
+                    ..HeartbeatReq::default()
                 };
                 // A missed heartbeat is what this test provokes; ignore errors.
                 let _ = client
