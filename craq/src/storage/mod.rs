@@ -524,6 +524,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         // Never served: `engine()` relies on the index.
                         tracing::error!(target = ?info.id, disk = info.disk, disks = self.engines.len(), "target on a disk this node does not have");
                         Local::Failed
+                    } else if self.engines[info.disk as usize].poisoned().is_some() {
+                        // Offline from the start, as the heartbeat's
+                        // reports would make it: a target added on a
+                        // poisoned engine never serves.
+                        tracing::error!(target = ?info.id, disk = info.disk, "target on a poisoned engine: offline");
+                        Local::Failed
                     } else if first {
                         Local::Restarting
                     } else {
