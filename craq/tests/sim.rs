@@ -209,8 +209,13 @@ fn many_journal_thread() {
 }
 
 /// Seeds that fail today, with what they found, each to be moved to
-/// `PINNED` once fixed (see `known_failing`). None at the moment.
-const FAILING: &[u64] = &[];
+/// `PINNED` once fixed (see `known_failing`).
+/// 2624 (found by `many` over 0..3000 with the two-step removal; passes on
+/// the code before it, whose run differs): a chunk's history on chain 1 is
+/// not linearizable after replace-targets of its live head (target 0, which
+/// fenced itself mid-write once out of the chain: "no target of chain 1 on
+/// this node") and of target 1, under a partition. Cause not found yet.
+const FAILING: &[u64] = &[2624];
 
 #[test]
 #[ignore = "runs the seeds of FAILING, which fail until their bugs are fixed"]
