@@ -1220,6 +1220,7 @@ mod tests {
                     disk: 0,
                     chain: Some(ChainId(1)),
                     state: PublicState::Serving,
+                    leaving: false,
                 },
                 TargetInfo {
                     id: TargetId(12),
@@ -1227,6 +1228,7 @@ mod tests {
                     disk: 0,
                     chain: Some(ChainId(1)),
                     state: PublicState::Offline,
+                    leaving: false,
                 },
                 TargetInfo {
                     id: TargetId(13),
@@ -1234,6 +1236,7 @@ mod tests {
                     disk: 1,
                     chain: None,
                     state: PublicState::Offline,
+                    leaving: false,
                 },
             ],
             chains: vec![ChainInfo {

@@ -127,9 +127,12 @@ pub(crate) async fn replace_target(
         tokio::time::sleep(POLL).await;
     }
     let member = ChainMemberReq { chain, target: old };
-    admin
+    if let Err(error) = admin
         .mutate::<RemoveChainMember>("remove-member", &member)
-        .await?;
+        .await
+    {
+        wait_until_left(admin, chain, old, (started, timeout), error).await?;
+    }
     admin
         .mutate::<RemoveTarget>("remove-target", &RemoveTargetReq { target: old })
         .await?;
@@ -148,6 +151,42 @@ pub(crate) async fn replace_target(
         disk,
         seconds,
     })
+}
+
+/// After a `remove-member` that failed: a serving member leaves its chain
+/// only once its node has seen that it no longer serves, which the manager
+/// waits for a few seconds and then finishes by itself (a node silent for
+/// the failure timeout). While the routing shows `old` leaving `chain`,
+/// wait (within the command's deadline); otherwise the failure stands.
+async fn wait_until_left(
+    admin: &Admin,
+    chain: ChainId,
+    old: TargetId,
+    (started, timeout): (Instant, Duration),
+    error: anyhow::Error,
+) -> anyhow::Result<()> {
+    loop {
+        let routing = admin.routing().await?;
+        let Some(target) = routing.target(old) else {
+            return Ok(());
+        };
+        if target.chain != Some(chain) {
+            return Ok(());
+        }
+        if !target.leaving {
+            return Err(error);
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "target {} is still leaving chain {} after {timeout:?} (its node has not shown \
+                 it stopped serving; the manager takes it out by itself once the node is silent \
+                 past its failure timeout): {error:#}",
+                old.0,
+                chain.0
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Moves every chain member off `node`: each to the live node outside its

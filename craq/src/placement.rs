@@ -909,6 +909,7 @@ mod tests {
             disk,
             chain: chain.map(ChainId),
             state: PublicState::Serving,
+            leaving: false,
         };
         let mut routing = RoutingInfo {
             nodes: vec![
@@ -1030,6 +1031,7 @@ mod tests {
                         disk: t.disk,
                         chain: Some(chain.chain),
                         state: PublicState::Serving,
+                        leaving: false,
                     })
                 })
                 .collect(),
@@ -1082,6 +1084,7 @@ mod tests {
                 disk: m.disk,
                 chain: Some(m.chain),
                 state: PublicState::Serving,
+                leaving: false,
             });
             let nodes: std::collections::HashSet<NodeId> = routing
                 .chain(m.chain)

@@ -119,6 +119,7 @@ fn heartbeater(addr: String, n: u32, beating: Arc<AtomicBool>) {
                         used_bytes: 0,
                         ..TargetReport::default()
                     }],
+                    ..HeartbeatReq::default()
                 };
                 // A missed heartbeat is what this test provokes; ignore errors.
                 let _ = client

@@ -48,9 +48,20 @@ use sim_support::{FAULT_KINDS, SimConfig, run_seed};
 /// which the chunk had left and come back to (the chunk engine's replay now
 /// restores a stashed slot's layers only for the abort of a prepared
 /// version; chunk-engine/tests/crash.rs has the sequence).
+/// 1462, 1886 (the operator's `replace-target`, issue 20): the old member,
+/// alive and serving, left the chain at once; the head committed the next
+/// write without it while its node, still on the routing before, answered
+/// a read with the version before (members now leave the write path only
+/// once their node has seen them stop serving). 1416: the same race (a
+/// removed head took reads and writes on the old routing for some 20 ms),
+/// with no read drawn in it since the workload's timing moved: it passed
+/// by chance, not fixed.
+/// 323 (with the two-step removal): a drain's new replica, learnt between
+/// two heartbeats by a node whose engine was poisoned, reported up to date
+/// (a target learnt on a poisoned engine is now offline from the start).
 const PINNED: &[u64] = &[
-    2, 8, 16, 21, 22, 23, 35, 56, 60, 79, 82, 85, 86, 87, 170, 397, 420, 534, 704, 916, 4502, 4650,
-    12272,
+    2, 8, 16, 21, 22, 23, 35, 56, 60, 79, 82, 85, 86, 87, 170, 323, 397, 420, 534, 704, 916, 1416,
+    1462, 1886, 4502, 4650, 12272,
 ];
 
 /// Runs every seed of `range`, prints how many faults of each kind fired,
@@ -199,14 +210,12 @@ fn many_journal_thread() {
 
 /// Seeds that fail today, with what they found, each to be moved to
 /// `PINNED` once fixed (see `known_failing`).
-/// 1416, 1462, 1886 (found by the operator's membership changes): a chunk's
-/// history is not linearizable after an operator's `replace-target` of a
-/// chain member ran to its end (the new target served, the old one left)
-/// while another member of that chain was down (a crash, in 1462 and 1886
-/// right after an `AfterCommit` fail point on it); the failure shows once the
-/// crashed node is back. Cause not found yet: suspect the resync that fills
-/// the new member from a chain missing the crashed member's newest commit.
-const FAILING: &[u64] = &[1416, 1462, 1886];
+/// 2624 (found by `many` over 0..3000 with the two-step removal; passes on
+/// the code before it, whose run differs): a chunk's history on chain 1 is
+/// not linearizable after replace-targets of its live head (target 0, which
+/// fenced itself mid-write once out of the chain: "no target of chain 1 on
+/// this node") and of target 1, under a partition. Cause not found yet.
+const FAILING: &[u64] = &[2624];
 
 #[test]
 #[ignore = "runs the seeds of FAILING, which fail until their bugs are fixed"]

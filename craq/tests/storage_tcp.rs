@@ -37,6 +37,11 @@ struct Cluster {
     admin_storage: Arc<StorageClient<Tcp>>,
     /// Raw calls as a mount would make them (client role).
     rpc: Client<Tcp>,
+    /// The manager, and calls to it as an admin.
+    mgmt: String,
+    admin: Client<Tcp>,
+    /// Each node's heartbeat loop (`StorageNode::run`).
+    beats: Vec<tokio::task::JoinHandle<()>>,
 }
 
 async fn bind() -> (tokio::net::TcpListener, String) {
@@ -80,6 +85,7 @@ impl Cluster {
         tokio::spawn(service.clone().run());
 
         let mut nodes = Vec::new();
+        let mut beats = Vec::new();
         for i in 0..3u32 {
             // Two devices per node: chain 1 lives on disk 0, chain 2 on disk 1.
             let mut engines = Vec::new();
@@ -112,7 +118,7 @@ impl Cluster {
             config.rpc_timeout = Duration::from_secs(2);
             let credentials = testing::storage(NodeId(i));
             let node = StorageNode::new(config, engines, Tcp, credentials.clone());
-            tokio::spawn(node.clone().run());
+            beats.push(tokio::spawn(node.clone().run()));
             servers.push(
                 Server::new(
                     StorageService::new(node.clone()),
@@ -165,6 +171,9 @@ impl Cluster {
             client,
             admin_storage,
             rpc,
+            mgmt,
+            admin,
+            beats,
         };
         cluster.wait_all_serving().await;
         cluster
@@ -207,10 +216,23 @@ impl Cluster {
 
     /// Reads a chunk from one particular replica.
     async fn read_at(&self, node: usize, chunk: ChunkId) -> Result<Bytes, StorageError> {
+        self.read_at_version(node, ChainId(1), self.version(), chunk)
+            .await
+    }
+
+    /// Reads a chunk from one particular replica, as a client whose routing
+    /// shows `chain` at `chain_version`.
+    async fn read_at_version(
+        &self,
+        node: usize,
+        chain: ChainId,
+        chain_version: ChainVersion,
+        chunk: ChunkId,
+    ) -> Result<Bytes, StorageError> {
         let req = BatchReadReq {
             items: vec![ReadItem {
-                chain: ChainId(1),
-                chain_version: self.version(),
+                chain,
+                chain_version,
                 chunk,
                 offset: 0,
                 len: CHUNK,
@@ -648,6 +670,79 @@ async fn targets_on_a_second_disk_use_their_own_engine() {
             0,
             "{node:?}: chain 2 on disk 0"
         );
+    }
+    c.stop().await;
+}
+
+/// Issue 20: an admin removes a serving member while its node is alive.
+/// A client whose routing predates the removal still reads that member;
+/// once the removal has returned and a write committed without the member,
+/// such a read must not answer the version before (a stale read). The
+/// manager keeps the member in the write path, syncing, until its node has
+/// seen that it no longer serves, or has been silent so long that its lease
+/// has lapsed; both cases are run: node 0 heartbeats on, node 1's
+/// heartbeats stop just before its removal (without the fix, node 1 still
+/// answers under the routing it held, within its lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_while_serving_serves_no_stale_read() {
+    use flyfs_proto::wire::mgmt::{ChainMemberReq, MgmtError, RemoveChainMember};
+    let c = Cluster::start().await;
+    // Chain 2 is targets 11, 12, 10 on nodes 1, 2, 0; chain 1 is 0, 1, 2.
+    for (chain, target, node, silent) in [
+        (ChainId(2), TargetId(10), 0usize, false),
+        (ChainId(1), TargetId(1), 1usize, true),
+    ] {
+        let chunk = ChunkId::new(20 + u64::from(chain.0), 0);
+        let old = data(5, 4096);
+        c.client
+            .write(chain, chunk, 0, old.clone(), CHUNK)
+            .await
+            .expect("write before");
+        let stale = c.client.routing().chain(chain).expect("chain").version;
+        assert!(same(
+            &c.read_at_version(node, chain, stale, chunk)
+                .await
+                .expect("the member serves before its removal"),
+            &old
+        ));
+        if silent {
+            c.beats[node].abort();
+        }
+        let req = ChainMemberReq { chain, target };
+        loop {
+            // The manager waits a few seconds for the member to stop
+            // serving; past that it says so and finishes by itself.
+            match call::<RemoveChainMember>(&c.admin, &c.mgmt, &req, Bytes::new()).await {
+                Ok(()) => break,
+                Err(MgmtError::Unavailable { reason }) => {
+                    assert!(reason.contains("leaving"), "{reason}");
+                }
+                Err(e) => panic!("remove {target:?}: {e}"),
+            }
+        }
+        c.client.refresh_routing().await.expect("routing");
+        let members = c.client.routing().chain(chain).expect("chain").clone();
+        assert!(
+            members.targets.iter().all(|m| m.target != target),
+            "{members:?}"
+        );
+        let new = data(6, 4096);
+        c.client
+            .write(chain, chunk, 0, new.clone(), CHUNK)
+            .await
+            .expect("write after");
+        match c.read_at_version(node, chain, stale, chunk).await {
+            Err(e) => eprintln!("{target:?} refuses the stale routing's read: {e}"),
+            Ok(got) => panic!(
+                "{target:?} (silent: {silent}) answered a read after its removal and a later \
+                 commit, with {}",
+                if same(&got, &old) {
+                    "the version before it (a stale read)"
+                } else {
+                    "some version"
+                }
+            ),
+        }
     }
     c.stop().await;
 }

@@ -22,7 +22,7 @@ use flyfs_proto::wire::mgmt::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::transition::update_chain;
+use super::transition::update_chain_holding;
 use crate::placement;
 
 /// A registered storage node, as persisted.
@@ -45,6 +45,16 @@ pub struct TargetRecord {
     /// automatic replacement existed, which read as `None`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<TargetId>,
+    /// Set while the target leaves its chain: an admin asked to remove it
+    /// while it served, so the manager first made it syncing (in the write
+    /// path, not readable) in this routing version. It leaves the chain once
+    /// its node has heartbeated holding this version or a later one, or has
+    /// been silent past the failure timeout (so its lease has lapsed): until
+    /// then the node may still answer reads as a serving member under the
+    /// older chain version, and must therefore still see every write.
+    /// Absent otherwise, and in records from before it existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<RoutingVersion>,
 }
 
 /// The durable part of the manager's state: what a restarted (or standby)
@@ -78,6 +88,8 @@ impl ClusterRecord {
                 if !member {
                     return Err(format!("{id:?} claims {chain:?}, which does not list it"));
                 }
+            } else if target.leaving.is_some() {
+                return Err(format!("{id:?} is leaving a chain but belongs to none"));
             }
         }
         for (id, chain) in &self.chains {
@@ -123,6 +135,22 @@ struct Liveness {
     /// Whether a heartbeat arrived since the manager started: only then does
     /// a target missing from its reports count as offline.
     heard: bool,
+    /// The routing version the node held when it sent its latest heartbeat
+    /// (0 until one says).
+    routing_version: RoutingVersion,
+}
+
+/// Where a removal from a chain stands (see [`Cluster::remove_chain_member`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// The target is out of the chain.
+    Done,
+    /// The target is syncing on its way out; it leaves once its node has
+    /// seen that it no longer serves (or its lease has surely lapsed).
+    Pending,
+    /// The target is still a member and no longer leaving: the removal was
+    /// given up because no other member served any more.
+    Abandoned,
 }
 
 /// The manager's state machine. `Clone` so the service can apply a change to
@@ -144,6 +172,12 @@ pub struct Cluster {
     /// Since when each chain member has been publicly offline, as ticks saw
     /// it (in memory: a manager restart starts the clocks again).
     offline_since: BTreeMap<TargetId, Duration>,
+    /// Serving targets an admin took offline, made syncing first in the
+    /// given routing version; they go offline once their node has seen that
+    /// (as [`TargetRecord::leaving`], in memory only: after a restart such a
+    /// target, up to date and never out of the write path, serves again, as
+    /// an admin's offline ends with a restart anyway).
+    demoting: BTreeMap<TargetId, RoutingVersion>,
 }
 
 fn not_found(what: impl std::fmt::Debug) -> MgmtError {
@@ -169,6 +203,7 @@ impl Cluster {
             alive: BTreeSet::new(),
             auto_replace: None,
             offline_since: BTreeMap::new(),
+            demoting: BTreeMap::new(),
         }
     }
 
@@ -189,6 +224,7 @@ impl Cluster {
                 let grace = Liveness {
                     last_heartbeat: now,
                     heard: false,
+                    routing_version: RoutingVersion(0),
                 };
                 (node, grace)
             })
@@ -203,6 +239,7 @@ impl Cluster {
             alive,
             auto_replace: None,
             offline_since: BTreeMap::new(),
+            demoting: BTreeMap::new(),
         };
         cluster.bump();
         cluster
@@ -266,12 +303,15 @@ impl Cluster {
                 self.bump();
             }
         }
-        let heard = self.liveness.get(&node).is_some_and(|l| l.heard);
+        let known = self.liveness.get(&node);
+        let heard = known.is_some_and(|l| l.heard);
+        let routing_version = known.map_or(RoutingVersion(0), |l| l.routing_version);
         self.liveness.insert(
             node,
             Liveness {
                 last_heartbeat: now,
                 heard,
+                routing_version,
             },
         );
         Ok(self.record.routing_version)
@@ -300,6 +340,9 @@ impl Cluster {
             Liveness {
                 last_heartbeat: now,
                 heard: true,
+                // The latest report, not the highest: a restarted node holds
+                // nothing yet.
+                routing_version: req.routing_version,
             },
         );
         let own: Vec<TargetId> = self
@@ -404,6 +447,7 @@ impl Cluster {
                 disk,
                 chain: None,
                 replaces: None,
+                leaving: None,
             },
         );
         self.bump();
@@ -555,40 +599,206 @@ impl Cluster {
     /// would go with it): add and sync a replacement first. The target stays
     /// declared and unassigned; its node stops serving it when it sees the
     /// new routing.
+    ///
+    /// A member that serves while its node is alive is not cut out of the
+    /// write path at once: its node, until it sees the change, would go on
+    /// answering reads under the older chain version, with the versions
+    /// committed before the next write, which the chain would then commit
+    /// without it (a stale read). So it first becomes syncing, still
+    /// written, no longer readable ([`Leave::Pending`], the chain version
+    /// and routing version bumped), and [`tick`](Cluster::tick) takes it out
+    /// once its node holds that routing or has been silent past the failure
+    /// timeout (its lease, at most half of that, has then lapsed). Asking
+    /// again while it leaves changes nothing. Any other member (syncing,
+    /// waiting, offline, or on a node declared dead) leaves at once: it
+    /// answers no reads.
     pub fn remove_chain_member(
         &mut self,
         chain: ChainId,
         target: TargetId,
-    ) -> Result<(), MgmtError> {
+        now: Duration,
+    ) -> Result<Leave, MgmtError> {
         let info = self
             .record
             .chains
             .get(&chain)
             .ok_or_else(|| not_found(chain))?;
-        if !info.targets.iter().any(|member| member.target == target) {
+        let Some(member) = info.targets.iter().find(|m| m.target == target).copied() else {
             return Err(invalid(format!("{target:?} is not a member of {chain:?}")));
-        }
-        let mut next = info.clone();
-        next.targets.retain(|member| member.target != target);
-        if !next
+        };
+        if !info
             .targets
             .iter()
-            .any(|member| member.state == PublicState::Serving)
+            .any(|m| m.target != target && m.state == PublicState::Serving)
         {
             return Err(invalid(format!(
                 "{chain:?} would have no serving member left without {target:?}: \
                  add a replacement and wait until it serves"
             )));
         }
-        next.version = ChainVersion(next.version.0.wrapping_add(1));
-        self.record.chains.insert(chain, next);
+        if self.leaving_since(target).is_some() {
+            // Already on its way out (an admin's offline under way becomes
+            // a removal, from the routing version that made it syncing).
+            if let Some(since) = self.demoting.remove(&target)
+                && let Some(record) = self.record.targets.get_mut(&target)
+            {
+                record.leaving = Some(since);
+                self.bump();
+            }
+            return Ok(Leave::Pending);
+        }
+        if member.state == PublicState::Serving && self.may_answer_reads(target, now) {
+            let since = self.demote(chain, target);
+            if let Some(record) = self.record.targets.get_mut(&target) {
+                record.leaving = Some(since);
+            }
+            tracing::info!(
+                ?chain,
+                ?target,
+                routing_version = since.0,
+                "leaving: syncing until its node has seen it"
+            );
+            return Ok(Leave::Pending);
+        }
+        self.cut(chain, target);
+        Ok(Leave::Done)
+    }
+
+    /// Where the removal of `target` from `chain` stands.
+    pub fn leave_status(&self, chain: ChainId, target: TargetId) -> Leave {
+        match self.record.targets.get(&target) {
+            Some(record) if record.chain == Some(chain) => {
+                if record.leaving.is_some() {
+                    Leave::Pending
+                } else {
+                    Leave::Abandoned
+                }
+            }
+            _ => Leave::Done,
+        }
+    }
+
+    /// Whether an admin's offline of `target` is still waiting for its node
+    /// to see it syncing.
+    pub fn offline_pending(&self, target: TargetId) -> bool {
+        self.demoting.contains_key(&target)
+    }
+
+    /// The routing version since which `target` has been syncing on its way
+    /// out of the write path (a removal, or an admin's offline), if it is.
+    fn leaving_since(&self, target: TargetId) -> Option<RoutingVersion> {
+        self.record
+            .targets
+            .get(&target)
+            .and_then(|t| t.leaving)
+            .or_else(|| self.demoting.get(&target).copied())
+    }
+
+    /// Whether `target`'s node may still answer reads as a serving member
+    /// of an older chain version: it is alive (heard from within the
+    /// failure timeout), so its lease may hold.
+    fn may_answer_reads(&self, target: TargetId, now: Duration) -> bool {
+        self.record
+            .targets
+            .get(&target)
+            .is_some_and(|t| self.node_alive(t.node, now))
+    }
+
+    /// Whether `target`'s node can no longer serve reads under a chain
+    /// version older than routing version `since`: it said it holds `since`
+    /// or later, or it has been silent past the failure timeout.
+    fn has_seen(&self, target: TargetId, since: RoutingVersion, now: Duration) -> bool {
+        let Some(node) = self.record.targets.get(&target).map(|t| t.node) else {
+            return true;
+        };
+        !self.node_alive(node, now)
+            || self
+                .liveness
+                .get(&node)
+                .is_some_and(|l| l.routing_version >= since)
+    }
+
+    /// Makes serving member `target` of `chain` syncing: it stays in the
+    /// write path and answers no reads. It goes after the other writable
+    /// members (syncing ranks after serving), so a resync under way keeps
+    /// its serving predecessor. Returns the routing version that first
+    /// shows it so.
+    fn demote(&mut self, chain: ChainId, target: TargetId) -> RoutingVersion {
+        if let Some(info) = self.record.chains.get_mut(&chain)
+            && let Some(at) = info.position(target)
+        {
+            let mut member = info.targets.remove(at);
+            member.state = PublicState::Syncing;
+            let end = info
+                .targets
+                .iter()
+                .position(|m| !m.state.writable())
+                .unwrap_or(info.targets.len());
+            info.targets.insert(end, member);
+            info.version = ChainVersion(info.version.0.wrapping_add(1));
+            tracing::info!(?chain, version = ?info.version, targets = ?info.targets, "chain updated");
+        }
+        self.bump();
+        self.record.routing_version
+    }
+
+    /// Takes `target` out of `chain` (the checks done).
+    fn cut(&mut self, chain: ChainId, target: TargetId) {
+        if let Some(info) = self.record.chains.get_mut(&chain) {
+            info.targets.retain(|member| member.target != target);
+            info.version = ChainVersion(info.version.0.wrapping_add(1));
+        }
         if let Some(record) = self.record.targets.get_mut(&target) {
             record.chain = None;
+            record.leaving = None;
         }
         self.forced_offline.remove(&target);
+        self.demoting.remove(&target);
         self.reported.remove(&target);
         self.bump();
-        Ok(())
+    }
+
+    /// Finishes what [`remove_chain_member`](Self::remove_chain_member) and
+    /// [`set_target_offline`](Self::set_target_offline) started: a leaving
+    /// member whose node has seen it syncing leaves the write path. If no
+    /// other member serves any more, the removal is given up instead (the
+    /// member, up to date and always written, may be the chain's only
+    /// copy: it serves again), and an offline is applied as asked.
+    fn finish_leaving(&mut self, now: Duration) {
+        let leaving: Vec<(TargetId, ChainId, RoutingVersion)> = self
+            .record
+            .targets
+            .iter()
+            .filter_map(|(id, t)| Some((*id, t.chain?, t.leaving?)))
+            .collect();
+        for (target, chain, since) in leaving {
+            let others_serve = self.record.chains.get(&chain).is_some_and(|info| {
+                info.targets
+                    .iter()
+                    .any(|m| m.target != target && m.state == PublicState::Serving)
+            });
+            if !others_serve {
+                tracing::warn!(?chain, ?target, "removal given up: no other member serves");
+                if let Some(record) = self.record.targets.get_mut(&target) {
+                    record.leaving = None;
+                }
+                self.bump();
+            } else if self.has_seen(target, since, now) {
+                tracing::info!(?chain, ?target, "member removed");
+                self.cut(chain, target);
+            }
+        }
+        let demoting: Vec<(TargetId, RoutingVersion)> =
+            self.demoting.iter().map(|(t, v)| (*t, *v)).collect();
+        for (target, since) in demoting {
+            if self.has_seen(target, since, now) {
+                self.demoting.remove(&target);
+                self.forced_offline.insert(target);
+                // Shown no longer leaving, so nothing a node sees changes
+                // without a new routing version.
+                self.bump();
+            }
+        }
     }
 
     /// Admin: forgets a target that belongs to no chain (the last step of
@@ -613,15 +823,61 @@ impl Cluster {
 
     /// Admin: forces a target's local state offline until its node reports
     /// it `Online` (which a storage node does once it saw itself fenced),
-    /// and re-evaluates the chains at once, so that when this returns the
-    /// change is in the record.
-    pub fn set_target_offline(&mut self, target: TargetId, now: Duration) -> Result<(), MgmtError> {
-        if !self.record.targets.contains_key(&target) {
-            return Err(not_found(target));
+    /// and re-evaluates the chains at once, so that when this returns
+    /// `true` the change is in the record. A serving member on a live node
+    /// goes through syncing first, as a removal does (see
+    /// [`remove_chain_member`](Self::remove_chain_member)), unless it is its
+    /// chain's only serving member (then no write can commit without it):
+    /// `false`, and [`offline_pending`](Self::offline_pending) says when
+    /// it is done.
+    pub fn set_target_offline(
+        &mut self,
+        target: TargetId,
+        now: Duration,
+    ) -> Result<bool, MgmtError> {
+        let record = self
+            .record
+            .targets
+            .get(&target)
+            .ok_or_else(|| not_found(target))?;
+        if let Some(chain) = record.chain
+            && record.leaving.is_some()
+        {
+            return Err(invalid(format!(
+                "{target:?} is being removed from {chain:?}"
+            )));
+        }
+        if self.demoting.contains_key(&target) {
+            return Ok(false);
+        }
+        let serving_among_others = record.chain.and_then(|chain| {
+            let info = self.record.chains.get(&chain)?;
+            let serving = info
+                .targets
+                .iter()
+                .any(|m| m.target == target && m.state == PublicState::Serving);
+            let others = info
+                .targets
+                .iter()
+                .any(|m| m.target != target && m.state == PublicState::Serving);
+            (serving && others).then_some(chain)
+        });
+        if let Some(chain) = serving_among_others
+            && self.may_answer_reads(target, now)
+        {
+            let since = self.demote(chain, target);
+            self.demoting.insert(target, since);
+            tracing::info!(
+                ?chain,
+                ?target,
+                routing_version = since.0,
+                "going offline: syncing until its node has seen it"
+            );
+            return Ok(false);
         }
         self.forced_offline.insert(target);
         self.tick(now);
-        Ok(())
+        Ok(true)
     }
 
     /// Forgets a node. Refused while it heartbeats (stop its daemon first,
@@ -698,6 +954,7 @@ impl Cluster {
             self.alive = alive;
             self.bump();
         }
+        self.finish_leaving(now);
 
         let mut updates = Vec::new();
         for chain in self.record.chains.values() {
@@ -717,7 +974,9 @@ impl Cluster {
                 continue;
             }
             let local = |t: TargetId| locals.get(&t).copied().unwrap_or(LocalState::Offline);
-            if let Some(next) = update_chain(chain, local) {
+            // A member on its way out is never made serving again.
+            let leaving = |t: TargetId| self.leaving_since(t).is_some();
+            if let Some(next) = update_chain_holding(chain, local, leaving) {
                 updates.push(next);
             }
         }
@@ -775,9 +1034,17 @@ impl Cluster {
                 .chains
                 .get(&chain)
                 .is_some_and(|info| info.targets.iter().any(|m| m.target == old));
-            if still_member && let Err(error) = self.remove_chain_member(chain, old) {
-                tracing::warn!(?chain, ?old, %error, "automatic replacement: cannot remove the replaced member yet");
-                continue;
+            if still_member {
+                match self.remove_chain_member(chain, old, now) {
+                    Ok(Leave::Done) => {}
+                    // It served again (its node came back): it leaves once
+                    // its node has seen it syncing, in a later round.
+                    Ok(Leave::Pending | Leave::Abandoned) => continue,
+                    Err(error) => {
+                        tracing::warn!(?chain, ?old, %error, "automatic replacement: cannot remove the replaced member yet");
+                        continue;
+                    }
+                }
             }
             if self
                 .record
@@ -869,6 +1136,7 @@ impl Cluster {
                     disk: target.disk,
                     chain: target.chain,
                     state,
+                    leaving: self.leaving_since(id).is_some(),
                 }
             })
             .collect();
@@ -895,7 +1163,17 @@ mod tests {
     }
 
     fn hb(node: u32, targets: &[(u64, LocalState)]) -> HeartbeatReq {
+        hb_holding(node, targets, RoutingVersion(0))
+    }
+
+    /// A heartbeat from a node holding routing version `routing_version`.
+    fn hb_holding(
+        node: u32,
+        targets: &[(u64, LocalState)],
+        routing_version: RoutingVersion,
+    ) -> HeartbeatReq {
         HeartbeatReq {
+            routing_version,
             node: NodeId(node),
             addr: format!("10.0.0.{node}:9000"),
             targets: targets
@@ -1089,8 +1367,11 @@ mod tests {
         c.tick(later);
         assert_eq!(members(&c)[2], (4, PublicState::Serving));
 
-        c.remove_chain_member(ChainId(1), TargetId(3))
-            .expect("remove");
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(3), later),
+            Ok(Leave::Done),
+            "an offline member leaves at once"
+        );
         assert_eq!(
             members(&c),
             [
@@ -1107,6 +1388,177 @@ mod tests {
         );
         c.remove_target(TargetId(3)).expect("forget the target");
         c.remove_node(NodeId(3), later).expect("forget the node");
+        c.record().check().expect("the record stays consistent");
+    }
+
+    /// Issue 20 (sim seeds 1416, 1462, 1886): a serving member taken out
+    /// of its chain by an admin while its node is alive. Its node, until it
+    /// sees the change, answers reads under the chain version before as a
+    /// serving member; had the chain dropped it at once, the next write
+    /// would commit without it and such a read return the version before (a
+    /// stale read). So it stays in the write path, syncing (writable, not
+    /// readable), until its node heartbeats holding that routing; asking
+    /// again meanwhile changes nothing.
+    #[test]
+    fn a_serving_member_leaves_only_once_its_node_has_seen_it_unreadable() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        c.tick(secs(1));
+        let before = c.routing().chain(ChainId(1)).cloned().expect("chain 1");
+
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(1), secs(1)),
+            Ok(Leave::Pending)
+        );
+        let since = c.routing_version();
+        let chain = c.routing().chain(ChainId(1)).cloned().expect("chain 1");
+        assert!(chain.version > before.version);
+        // Still written (and last: the serving members keep their order),
+        // no longer read.
+        assert_eq!(
+            members(&c),
+            [(2, P::Serving), (3, P::Serving), (1, P::Syncing)]
+        );
+        let routing = c.routing();
+        let target = routing.target(TargetId(1)).expect("target 1");
+        assert_eq!(
+            (target.chain, target.state, target.leaving),
+            (Some(ChainId(1)), P::Syncing, true)
+        );
+        assert_eq!(c.leave_status(ChainId(1), TargetId(1)), Leave::Pending);
+        c.record().check().expect("the record stays consistent");
+
+        // Node 1 keeps heartbeating, up to date, from the routing before:
+        // it stays in the write path and is never made serving again.
+        for t in 2..=5 {
+            for n in 1..=3u32 {
+                let holds = if n == 1 {
+                    RoutingVersion(since.0 - 1)
+                } else {
+                    since
+                };
+                c.heartbeat(&hb_holding(n, &[(n.into(), L::UpToDate)], holds), secs(t))
+                    .expect("hb");
+            }
+            assert!(!c.tick(secs(t)), "nothing moves before node 1 has seen it");
+            assert_eq!(
+                c.remove_chain_member(ChainId(1), TargetId(1), secs(t)),
+                Ok(Leave::Pending),
+                "asking again changes nothing"
+            );
+            assert_eq!(c.routing_version(), since);
+        }
+
+        // It has seen it: out.
+        c.heartbeat(&hb_holding(1, &[(1, L::UpToDate)], since), secs(6))
+            .expect("hb");
+        assert!(c.tick(secs(6)));
+        assert_eq!(members(&c), [(2, P::Serving), (3, P::Serving)]);
+        assert_eq!(c.leave_status(ChainId(1), TargetId(1)), Leave::Done);
+        let routing = c.routing();
+        let target = routing.target(TargetId(1)).expect("target 1");
+        assert_eq!((target.chain, target.leaving), (None, false));
+        c.remove_target(TargetId(1)).expect("then forgotten");
+        c.record().check().expect("the record stays consistent");
+    }
+
+    /// A leaving member whose node falls silent leaves once the failure
+    /// timeout has passed (its lease, at most half of that, has lapsed);
+    /// one on a node already declared dead leaves at once.
+    #[test]
+    fn a_leaving_member_of_a_silent_node_leaves_after_the_failure_timeout() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        c.tick(secs(1));
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(2), secs(1)),
+            Ok(Leave::Pending)
+        );
+        let since = c.routing_version();
+        // Node 2 is never heard from again.
+        let beat = |c: &mut Cluster, t: Duration| {
+            for n in [1u32, 3] {
+                c.heartbeat(&hb_holding(n, &[(n.into(), L::UpToDate)], since), t)
+                    .expect("hb");
+            }
+            c.tick(t)
+        };
+        beat(&mut c, secs(1) + TIMEOUT);
+        assert_eq!(c.leave_status(ChainId(1), TargetId(2)), Leave::Pending);
+        beat(&mut c, secs(2) + TIMEOUT);
+        assert_eq!(c.leave_status(ChainId(1), TargetId(2)), Leave::Done);
+        assert_eq!(members(&c), [(1, P::Serving), (3, P::Serving)]);
+
+        // Dead already: no waiting.
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        for n in [1u32, 3] {
+            c.heartbeat(&hb(n, &[(n.into(), L::UpToDate)]), secs(2) + TIMEOUT)
+                .expect("hb");
+        }
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(2), secs(2) + TIMEOUT),
+            Ok(Leave::Done)
+        );
+    }
+
+    /// A removal under way is in the record: a manager that restarts (or
+    /// a standby that takes over) keeps the member leaving, syncing, until
+    /// its node shows it has seen that.
+    #[test]
+    fn a_removal_under_way_survives_a_manager_restart() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        c.tick(secs(1));
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(3), secs(1)),
+            Ok(Leave::Pending)
+        );
+        let since = c.routing_version();
+        let saved = c.record().clone();
+        assert_eq!(saved.targets[&TargetId(3)].leaving, Some(since));
+        let bytes = rmp_serde::to_vec_named(&saved).expect("encode");
+        let loaded: ClusterRecord = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(loaded, saved);
+
+        let mut r = Cluster::from_record(loaded, TIMEOUT, secs(0));
+        assert_eq!(r.leave_status(ChainId(1), TargetId(3)), Leave::Pending);
+        assert!(r.routing().target(TargetId(3)).expect("target 3").leaving);
+        // Up to date, but leaving: not made serving again.
+        heartbeat_all(&mut r, secs(1), [L::UpToDate; 3]);
+        r.tick(secs(1));
+        assert_eq!(
+            members(&r),
+            [(1, P::Serving), (2, P::Serving), (3, P::Syncing)]
+        );
+        let holds = r.routing_version();
+        r.heartbeat(&hb_holding(3, &[(3, L::UpToDate)], holds), secs(2))
+            .expect("hb");
+        assert!(r.tick(secs(2)));
+        assert_eq!(r.leave_status(ChainId(1), TargetId(3)), Leave::Done);
+        assert_eq!(members(&r), [(1, P::Serving), (2, P::Serving)]);
+    }
+
+    /// A removal is given up when the other members stop serving before
+    /// it is done: the leaving member, up to date and always written, may
+    /// hold the chain's only copy, and serves again.
+    #[test]
+    fn a_removal_is_given_up_when_no_other_member_serves() {
+        let mut c = three_node_cluster();
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        c.tick(secs(1));
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(1), secs(1)),
+            Ok(Leave::Pending)
+        );
+        // Nodes 2 and 3 die; node 1 never shows it has seen the change.
+        for t in [secs(2) + TIMEOUT, secs(3) + TIMEOUT] {
+            c.heartbeat(&hb(1, &[(1, L::UpToDate)]), t).expect("hb");
+            c.tick(t);
+        }
+        assert_eq!(c.leave_status(ChainId(1), TargetId(1)), Leave::Abandoned);
+        assert_eq!(members(&c)[0], (1, P::Serving));
+        assert!(!c.routing().target(TargetId(1)).expect("target 1").leaving);
         c.record().check().expect("the record stays consistent");
     }
 
@@ -1194,7 +1646,10 @@ mod tests {
             c.add_chain_member(ChainId(1), TargetId(99)),
             Err(MgmtError::NotFound { .. })
         ));
-        let stranger = c.remove_chain_member(ChainId(1), TargetId(4));
+        // The nodes never heartbeat: past the failure timeout they are dead,
+        // and their members leave at once.
+        let dead = TIMEOUT * 2;
+        let stranger = c.remove_chain_member(ChainId(1), TargetId(4), dead);
         assert!(
             matches!(&stranger, Err(MgmtError::Invalid { reason }) if reason.contains("not a member")),
             "{stranger:?}"
@@ -1205,18 +1660,22 @@ mod tests {
             "{in_chain:?}"
         );
         // Two of three members may go; the last serving one may not.
-        c.remove_chain_member(ChainId(1), TargetId(1))
-            .expect("remove");
-        c.remove_chain_member(ChainId(1), TargetId(2))
-            .expect("remove");
-        let last = c.remove_chain_member(ChainId(1), TargetId(3));
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(1), dead),
+            Ok(Leave::Done)
+        );
+        assert_eq!(
+            c.remove_chain_member(ChainId(1), TargetId(2), dead),
+            Ok(Leave::Done)
+        );
+        let last = c.remove_chain_member(ChainId(1), TargetId(3), dead);
         assert!(
             matches!(&last, Err(MgmtError::Invalid { reason }) if reason.contains("no serving member left")),
             "{last:?}"
         );
         // A waiting member is no copy of the data either.
         c.add_chain_member(ChainId(1), TargetId(4)).expect("add");
-        let last = c.remove_chain_member(ChainId(1), TargetId(3));
+        let last = c.remove_chain_member(ChainId(1), TargetId(3), dead);
         assert!(matches!(&last, Err(MgmtError::Invalid { .. })), "{last:?}");
         c.record().check().expect("the record stays consistent");
     }
@@ -1508,8 +1967,29 @@ mod tests {
             })
         );
         let v = c.routing_version();
-        c.set_target_offline(TargetId(2), secs(1)).expect("offline");
-        assert!(c.routing_version() > v, "applied at once");
+        // A serving member on a live node stops being readable first, and
+        // stays in the write path until its node has seen that.
+        assert_eq!(c.set_target_offline(TargetId(2), secs(1)), Ok(false));
+        let since = c.routing_version();
+        assert!(since > v, "made syncing at once");
+        assert_eq!(
+            members(&c),
+            [(1, P::Serving), (3, P::Serving), (2, P::Syncing)]
+        );
+        assert!(c.routing().target(TargetId(2)).expect("target").leaving);
+        assert!(c.offline_pending(TargetId(2)));
+        assert_eq!(c.set_target_offline(TargetId(2), secs(1)), Ok(false));
+        // Its node still holds the routing before: nothing moves, and the
+        // up-to-date member is not made serving again.
+        heartbeat_all(&mut c, secs(1), [L::UpToDate; 3]);
+        assert!(!c.tick(secs(1)));
+        assert!(c.offline_pending(TargetId(2)));
+        // It has seen it: offline now.
+        c.heartbeat(&hb_holding(2, &[(2, L::UpToDate)], since), secs(1))
+            .expect("hb");
+        assert!(c.tick(secs(1)));
+        assert!(!c.offline_pending(TargetId(2)));
+        assert!(!c.routing().target(TargetId(2)).expect("target").leaving);
         assert_eq!(
             members(&c),
             [(1, P::Serving), (3, P::Serving), (2, P::Offline)]
@@ -1539,7 +2019,10 @@ mod tests {
     fn restart_gives_nodes_a_grace_period() {
         let mut c = three_node_cluster();
         heartbeat_all(&mut c, secs(0), [L::UpToDate; 3]);
-        c.set_target_offline(TargetId(3), secs(0)).expect("offline");
+        assert_eq!(c.set_target_offline(TargetId(3), secs(0)), Ok(false));
+        let seen = hb_holding(3, &[(3, L::UpToDate)], c.routing_version());
+        c.heartbeat(&seen, secs(0)).expect("hb");
+        c.tick(secs(0));
         let saved = c.record().clone();
         assert_eq!(saved.check(), Ok(()));
 

@@ -455,6 +455,7 @@ mod tests {
                         disk: r,
                         chain: Some(ChainId(c)),
                         replaces: None,
+                        leaving: None,
                     },
                 );
                 members.push(ChainTarget {

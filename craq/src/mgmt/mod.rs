@@ -15,11 +15,11 @@ pub mod service;
 pub mod store;
 pub mod transition;
 
-pub use cluster::{Cluster, ClusterRecord, NodeRecord, TargetRecord};
+pub use cluster::{Cluster, ClusterRecord, Leave, NodeRecord, TargetRecord};
 pub use kv_store::KvClusterStore;
 pub use service::{LeaseOptions, MgmtConfig, MgmtService};
 pub use store::{
     ClusterStore, FileStore, LeaseFence, LeaseRecord, LeaseState, MemStore, StoreError,
     decode_record, encode_record, record_checksum,
 };
-pub use transition::{Predecessor, next_state, update_chain};
+pub use transition::{Predecessor, next_state, update_chain, update_chain_holding};

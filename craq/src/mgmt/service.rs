@@ -43,7 +43,7 @@ use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
 use parking_lot::Mutex;
 
-use super::cluster::{Cluster, ClusterRecord};
+use super::cluster::{Cluster, ClusterRecord, Leave};
 use super::store::{ClusterStore, LeaseFence, LeaseState, StoreError};
 
 /// Timing of the manager and of the storage nodes' heartbeats.
@@ -183,7 +183,18 @@ pub struct MgmtService {
     /// by version: a large table is encoded once per version, not once per
     /// page or per caller.
     routing_pages: Mutex<RoutingPages>,
+    /// The routing version of the state last made current: admin calls
+    /// that wait for the cluster to move (a member leaving) wake on it.
+    published: tokio::sync::watch::Sender<RoutingVersion>,
 }
+
+/// How long an admin call waits for a serving member's node to see it stop
+/// serving before it leaves the write path (a removal, an offline): below
+/// the callers' default RPC deadline of 5 s, so they hear why rather than
+/// time out. A live node shows it within two heartbeats; a silent one after
+/// the failure timeout, which may be longer, and the manager then finishes
+/// the change by itself.
+const LEAVE_WAIT: Duration = Duration::from_secs(4);
 
 /// How `GetRouting` answers with a table too large for one message.
 #[derive(Debug)]
@@ -256,6 +267,7 @@ impl MgmtService {
                 },
                 encoded: None,
             }),
+            published: tokio::sync::watch::Sender::new(RoutingVersion(0)),
         });
         service.lease_round().await?;
         Ok(service)
@@ -371,7 +383,11 @@ impl MgmtService {
         if changed {
             self.persist(next.record(), epoch).await?;
         }
+        let version = next.routing_version();
         *self.cluster.lock() = next;
+        if changed {
+            self.published.send_replace(version);
+        }
         Ok(out)
     }
 
@@ -543,9 +559,29 @@ impl MgmtService {
             .await
     }
 
+    /// Takes a target offline; a serving one first becomes syncing, and
+    /// this waits (at most `LEAVE_WAIT`) until its node has seen that and
+    /// it is offline (see `Cluster::set_target_offline`).
     pub async fn set_target_offline(&self, req: SetTargetOfflineReq) -> Result<(), MgmtError> {
-        self.mutate(|c, now| c.set_target_offline(req.target, now))
+        let target = req.target;
+        if self
+            .mutate(|c, now| c.set_target_offline(target, now))
+            .await?
+        {
+            return Ok(());
+        }
+        self.wait_for(|c| (!c.offline_pending(target)).then_some(Ok(())))
             .await
+            .unwrap_or_else(|| {
+                Err(MgmtError::Unavailable {
+                    reason: format!(
+                        "{target:?} is syncing on its way offline until its node shows it has \
+                         seen that (or has been silent for {:?}); the manager finishes this by \
+                         itself",
+                        self.config.failure_timeout
+                    ),
+                })
+            })
     }
 
     pub async fn add_chain_member(&self, req: ChainMemberReq) -> Result<(), MgmtError> {
@@ -555,11 +591,67 @@ impl MgmtService {
         Ok(())
     }
 
+    /// Takes a member out of its chain. A serving one first becomes
+    /// syncing, and this waits (at most `LEAVE_WAIT`) until its node has
+    /// seen that and it is out (see `Cluster::remove_chain_member`).
     pub async fn remove_chain_member(&self, req: ChainMemberReq) -> Result<(), MgmtError> {
-        self.mutate(|c, _| c.remove_chain_member(req.chain, req.target))
+        let ChainMemberReq { chain, target } = req;
+        let leave = self
+            .mutate(|c, now| c.remove_chain_member(chain, target, now))
             .await?;
-        tracing::info!(chain = ?req.chain, target = ?req.target, "member removed");
-        Ok(())
+        let waited = match leave {
+            Leave::Done => Some(Ok(())),
+            Leave::Pending | Leave::Abandoned => {
+                self.wait_for(|c| match c.leave_status(chain, target) {
+                    Leave::Done => Some(Ok(())),
+                    Leave::Pending => None,
+                    Leave::Abandoned => Some(Err(MgmtError::Invalid {
+                        reason: format!(
+                            "the removal of {target:?} from {chain:?} was given up: no other \
+                             member serves any more"
+                        ),
+                    })),
+                })
+                .await
+            }
+        };
+        let result = waited.unwrap_or_else(|| {
+            Err(MgmtError::Unavailable {
+                reason: format!(
+                    "{target:?} is leaving {chain:?}: it takes writes and no reads until its \
+                     node shows it has seen that (or has been silent for {:?}); the manager \
+                     then takes it out by itself",
+                    self.config.failure_timeout
+                ),
+            })
+        });
+        if result.is_ok() {
+            tracing::info!(?chain, ?target, "member removed");
+        }
+        result
+    }
+
+    /// Waits until `done` answers for the current cluster, re-asking after
+    /// each change made current; `None` after `LEAVE_WAIT`.
+    async fn wait_for<T>(
+        &self,
+        done: impl Fn(&Cluster) -> Option<Result<T, MgmtError>>,
+    ) -> Option<Result<T, MgmtError>> {
+        let deadline = tokio::time::Instant::now() + LEAVE_WAIT;
+        let mut published = self.published.subscribe();
+        loop {
+            // Marked seen before the check, so a change made after it wakes
+            // the wait below.
+            published.borrow_and_update();
+            if let Some(answer) = done(&self.cluster.lock()) {
+                return Some(answer);
+            }
+            match tokio::time::timeout_at(deadline, published.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out (or the service is going away).
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
     }
 
     pub async fn remove_target(&self, req: RemoveTargetReq) -> Result<(), MgmtError> {
@@ -654,6 +746,7 @@ impl MgmtService {
         };
         let routing_version = cluster.routing_version();
         *self.cluster.lock() = cluster;
+        self.published.send_replace(routing_version);
         *self.role.lock() = Role::Primary {
             epoch,
             serve_until_ms,
@@ -888,6 +981,7 @@ mod tests {
                     used_bytes: 0,
                     ..TargetReport::default()
                 }],
+                routing_version: RoutingVersion(0),
             })
             .await
     }
@@ -984,6 +1078,7 @@ mod tests {
                 node: NodeId(9),
                 addr: "127.0.0.1:7009".into(),
                 targets: Vec::new(),
+                routing_version: RoutingVersion(0),
             })
             .await
             .expect("heartbeat registers");

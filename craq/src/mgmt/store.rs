@@ -622,6 +622,7 @@ mod tests {
                 disk: 0,
                 chain: Some(ChainId(3)),
                 replaces: None,
+                leaving: None,
             },
         );
         record.chains.insert(

@@ -81,6 +81,19 @@ pub fn update_chain(
     chain: &ChainInfo,
     local: impl Fn(TargetId) -> LocalState,
 ) -> Option<ChainInfo> {
+    update_chain_holding(chain, local, |_| false)
+}
+
+/// [`update_chain`], where a member for which `leaving` holds is never made
+/// serving: the table's serving becomes syncing (it stays in the write path
+/// and answers no reads). Such a member is on its way out of the chain, or
+/// offline, and its node has not yet seen that it stopped serving
+/// (`cluster.rs`).
+pub fn update_chain_holding(
+    chain: &ChainInfo,
+    local: impl Fn(TargetId) -> LocalState,
+    leaving: impl Fn(TargetId) -> bool,
+) -> Option<ChainInfo> {
     // Step 1.
     let (mut order, offline): (Vec<_>, Vec<_>) = chain
         .targets
@@ -102,7 +115,10 @@ pub fn update_chain(
             // offline+serving; elsewhere None and NotServing agree).
             Some(_) => Predecessor::None,
         };
-        let state = next_state(local, member.state, predecessor);
+        let mut state = next_state(local, member.state, predecessor);
+        if state == PublicState::Serving && leaving(member.target) {
+            state = PublicState::Syncing;
+        }
         if matches!(state, PublicState::Serving | PublicState::LastSrv) {
             data_holder_before = true;
         }

@@ -305,6 +305,15 @@ impl Place {
             .copied()
     }
 
+    /// The members before this one that take writes, head first.
+    pub fn predecessors(&self) -> Vec<TargetId> {
+        self.chain.targets[..self.index]
+            .iter()
+            .filter(|t| t.state.writable())
+            .map(|t| t.target)
+            .collect()
+    }
+
     pub fn is_tail(&self) -> bool {
         self.tail().is_some_and(|t| t.target == self.target.id)
     }
@@ -398,13 +407,26 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     }
 
     /// One heartbeat, and a routing pull when the manager's version moved.
+    ///
+    /// The lease is renewed only once the routing is as new as the one the
+    /// manager answered with: a node that was cut off may hold a routing in
+    /// which it still serves while the manager has since taken it out of
+    /// the write path, and must not answer reads from it under a fresh
+    /// lease. The heartbeat says which routing version the node holds, so
+    /// the manager knows when a member it made unreadable has seen that.
     pub async fn heartbeat_once(&self) -> Result<(), String> {
         let sent = self.config.clock.now_ns();
         let reports = self.reports();
+        let routing_version = if *self.started.lock() {
+            self.routing().version
+        } else {
+            RoutingVersion(0)
+        };
         let req = HeartbeatReq {
             node: self.config.node,
             addr: self.config.addr.clone(),
             targets: reports,
+            routing_version,
         };
         let rsp = self
             .managers
@@ -412,11 +434,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             .await
             .map_err(|e| e.to_string())?;
         let rsp = rsp.map_err(|e| e.to_string())?;
-        *self.lease_from.lock() = Some(sent);
         self.fit_lease(rsp.failure_timeout_ms);
         if rsp.routing_version > self.routing().version || !*self.started.lock() {
             self.refresh_routing().await?;
         }
+        *self.lease_from.lock() = Some(sent);
         Ok(())
     }
 
@@ -507,6 +529,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                     let local = if (info.disk as usize) >= self.engines.len() {
                         // Never served: `engine()` relies on the index.
                         tracing::error!(target = ?info.id, disk = info.disk, disks = self.engines.len(), "target on a disk this node does not have");
+                        Local::Failed
+                    } else if self.engines[info.disk as usize].poisoned().is_some() {
+                        // Offline from the start, as the heartbeat's
+                        // reports would make it: a target added on a
+                        // poisoned engine never serves.
+                        tracing::error!(target = ?info.id, disk = info.disk, "target on a poisoned engine: offline");
                         Local::Failed
                     } else if first {
                         Local::Restarting

@@ -64,7 +64,15 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             let Some(successor) = place.successor() else {
                 continue;
             };
-            if successor.state != PublicState::Syncing {
+            // A member leaving the chain (or going offline) is syncing only
+            // to stay in the write path until its node has seen that it no
+            // longer serves: it is up to date, and goes anyway.
+            if successor.state != PublicState::Syncing
+                || place
+                    .routing
+                    .target(successor.target)
+                    .is_some_and(|t| t.leaving)
+            {
                 continue;
             }
             {

@@ -642,6 +642,18 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         if let Err(e) = self.writable(&now) {
             return Forwarded::Done(Err(e));
         }
+        // Members that precede us now and did not when the update came (we
+        // were made syncing on our way out, and moved behind the serving
+        // members) never saw it: the update cannot go on from here. Members
+        // that left before us are fine: that is a predecessor's failure.
+        let before = place.predecessors();
+        if let Some(new) = now.predecessors().into_iter().find(|t| !before.contains(t)) {
+            return Forwarded::Done(Err(StorageError::NotServing {
+                chain: now.chain.id,
+                target: now.target.id,
+                reason: format!("{new:?} moved ahead of it in the chain during the write"),
+            }));
+        }
         let Some(successor) = now.successor() else {
             return Forwarded::Done(Ok(None));
         };
@@ -660,8 +672,16 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             }));
         }
         let whole = whole.load(Ordering::Relaxed);
+        // A syncing successor gets whole chunks, unless it is leaving: it
+        // was serving, so it holds the version the update applies to (and
+        // says `NeedWholeChunk` otherwise).
+        let leaving = now
+            .routing
+            .target(successor.target)
+            .is_some_and(|t| t.leaving);
         let send_whole = whole
             || (successor.state != flyfs_proto::wire::mgmt::PublicState::Serving
+                && !leaving
                 && update.op != ForwardOp::Remove);
         let (op, payload) = if send_whole {
             // The whole chunk is our pending version: wait until the

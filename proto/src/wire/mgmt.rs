@@ -125,6 +125,13 @@ pub struct TargetInfo {
     pub chain: Option<ChainId>,
     /// Its public state in that chain (`Offline` when in no chain).
     pub state: PublicState,
+    /// On its way out of the write path (its removal from the chain, or an
+    /// admin's offline, is under way): publicly syncing, so it takes writes
+    /// and answers no reads, but it is up to date and nobody resyncs it; it
+    /// leaves once its node has seen that it no longer serves. Absent
+    /// (false) from an older manager, which never marks a member leaving.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// One member of a chain with its public state.
@@ -262,6 +269,11 @@ pub struct HeartbeatReq {
     pub addr: String,
     /// Every target the node holds; a known target left out counts as offline.
     pub targets: Vec<TargetReport>,
+    /// The routing version the node holds when it sends this (0: none yet,
+    /// or an older node that does not say). The manager takes a serving
+    /// member out of the write path only once its node holds a version
+    /// showing it unreadable (or has been silent past the failure timeout).
+    pub routing_version: RoutingVersion,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,6 +712,7 @@ mod tests {
                         disk: r as u32,
                         chain: Some(ChainId(chain)),
                         state: PublicState::Serving,
+                        leaving: false,
                     });
                     ChainTarget {
                         target,
@@ -880,6 +893,7 @@ mod tests {
                 disk: 2,
                 chain: Some(ChainId(5)),
                 state: PublicState::Syncing,
+                leaving: false,
             }],
             chains: vec![ChainInfo {
                 id: ChainId(5),
