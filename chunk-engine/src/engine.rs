@@ -201,6 +201,22 @@ impl<D: BlockDevice> Engine<D> {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Test hook: a checkpoint follows the next journal batch.
+    #[cfg(feature = "testing")]
+    pub fn checkpoint_after_next_batch(&self) {
+        self.engine
+            .journal
+            .checkpoint_after_next_batch
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Test hook: the read epoch, which every checkpoint advances when it
+    /// makes its plan (see `ChunkTable::read_epoch`).
+    #[cfg(feature = "testing")]
+    pub fn read_epoch(&self) -> u64 {
+        self.engine.table.lock().read_epoch
+    }
+
     /// Creates pending version `req.version` of a chunk. See [`WriteOp`](crate::WriteOp).
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, EngineError> {
         let engine = &*self.engine;

@@ -96,6 +96,10 @@ pub(crate) struct Journal {
     /// Test hook: the journal thread panics before its next batch.
     #[cfg(feature = "testing")]
     pub panic_on_next_batch: std::sync::atomic::AtomicBool,
+    /// Test hook: the next batch is followed by a checkpoint, however short
+    /// the live log.
+    #[cfg(feature = "testing")]
+    pub checkpoint_after_next_batch: std::sync::atomic::AtomicBool,
 }
 
 impl Journal {
@@ -116,6 +120,8 @@ impl Journal {
             applying: tokio::sync::Mutex::new(()),
             #[cfg(feature = "testing")]
             panic_on_next_batch: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "testing")]
+            checkpoint_after_next_batch: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -389,7 +395,16 @@ pub(crate) async fn write_next<D: BlockDevice>(
         // The batch is durable and acknowledged already, so a failing
         // checkpoint never fails a commit that is already safe.
         let live = writer.cursor.head - writer.cursor.tail;
-        if live * 100 > engine.device.sb.journal_bytes * u64::from(engine.config.checkpoint_percent)
+        #[cfg(feature = "testing")]
+        let forced = engine
+            .journal
+            .checkpoint_after_next_batch
+            .swap(false, Ordering::SeqCst);
+        #[cfg(not(feature = "testing"))]
+        let forced = false;
+        if forced
+            || live * 100
+                > engine.device.sb.journal_bytes * u64::from(engine.config.checkpoint_percent)
         {
             checkpoint_noted(engine, writer).await?;
         }

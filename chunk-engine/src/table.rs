@@ -198,7 +198,7 @@ pub(crate) struct ChunkTable {
     /// record of the chunk drops them.
     replay_stash: FxHashMap<ChunkKey, ReplayStash>,
     pub alloc: Allocator,
-    /// Readers holding a slot.
+    /// Readers holding a slot, and the checkpoint writing layers into it.
     pins: FxHashMap<SlotId, u32>,
     /// The read epoch: readers pin with the current one, and a checkpoint
     /// that is about to write Patch layers into their slots starts a new one
@@ -267,6 +267,16 @@ impl ChunkTable {
                 self.epoch_drained.send_replace(());
             }
         }
+        self.unhold(slot);
+    }
+
+    /// Keeps `slot` from being reused until `unhold`, as a reader's pin does
+    /// (a release meanwhile is deferred), without taking part in read epochs.
+    fn hold(&mut self, slot: SlotId) {
+        *self.pins.entry(slot).or_default() += 1;
+    }
+
+    fn unhold(&mut self, slot: SlotId) {
         let count = self
             .pins
             .get_mut(&slot)
@@ -858,7 +868,7 @@ impl ChunkTable {
     /// [`CheckpointPlan`]).
     pub fn checkpoint_plan(&mut self) -> CheckpointPlan {
         self.read_epoch += 1;
-        let apply = self
+        let apply: Vec<(ChunkKey, ChunkMeta, Overlay)> = self
             .overlays
             .iter()
             .filter_map(|(key, overlay)| {
@@ -866,6 +876,14 @@ impl ChunkTable {
                 Some((*key, meta, overlay.clone()))
             })
             .collect();
+        // The checkpoint writes these layers into these slots while commits
+        // go on in memory: a prepared version committed meanwhile moves its
+        // chunk out of the slot, and the slot must not be given to another
+        // chunk whose bytes the layers would then overwrite. Held until
+        // `checkpoint_applied`.
+        for (_, meta, _) in &apply {
+            self.hold(meta.slot);
+        }
         let mut carried: Vec<(ChunkKey, Record)> = self
             .pending
             .iter()
@@ -891,12 +909,13 @@ impl ChunkTable {
         }
     }
 
-    /// Drops the layers a checkpoint wrote into their slots and made
-    /// durable: the leading layers of each chunk's overlay that are the very
+    /// Lets go of the slots a checkpoint held, and drops the layers it wrote
+    /// into them and made durable: the leading layers of each chunk's overlay that are the very
     /// ones it wrote (a prepared patch committed in memory since may have
     /// added one after them).
     pub fn checkpoint_applied(&mut self, plan: &CheckpointPlan) {
         for (key, meta, applied) in &plan.apply {
+            self.unhold(meta.slot);
             let Some(current) = self.overlays.get(key) else {
                 continue;
             };

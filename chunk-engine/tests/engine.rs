@@ -34,6 +34,7 @@ both_modes!(
     small_overwrites_are_patches,
     a_patch_whose_record_fails_poisons_and_leaves_the_committed_version,
     superblock_repair_survives_power_cuts,
+    a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left,
 );
 
 fn mem() -> MemDevice {
@@ -977,4 +978,114 @@ fn superblock_repair_survives_power_cuts(mode: JournalMode) {
         }
     }
     assert!(cuts_landed > 0, "no cut reached a recovery's writes");
+}
+
+/// Waits (polling, as the journal thread runs apart) until `ready` holds.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "waited 60 s for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// A checkpoint plans to write chunk A's Patch layers into A's slot, then
+/// waits for older readers. Meanwhile A's prepared copy-on-write version is
+/// committed in memory (no record, so nothing waits for the journal), which
+/// frees A's old slot, and a new chunk B is written whole into that very
+/// slot. The checkpoint must not then lay A's old patch over B's bytes: the
+/// slots in its plan stay A's until it is done.
+fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMode) {
+    let rt = runtime();
+    let dev = SlowDevice::new(mem());
+    rt.block_on(async {
+        let engine = format_and_open(&dev, &small_format(), mode).await;
+        let (a, b, c, d) = (key(1, 1, 0), key(1, 2, 0), key(1, 3, 0), key(1, 4, 0));
+        let whole = |version, seed| {
+            request(
+                a,
+                version,
+                WriteOp::Replace {
+                    data: DmaBuf::copy_from(&bytes(65536, seed)),
+                    crc: crc32c::crc32c(&bytes(65536, seed)),
+                },
+            )
+        };
+        engine.write(whole(1, 1)).await.expect("A v1");
+        engine.commit(a, ChunkVersion(1)).await.expect("commit A v1");
+        put(&engine, a, 2, 4096, &bytes(4096, 2)).await;
+        assert!(
+            engine.stats().patches > 0,
+            "A v2 is not a patch: the test proves nothing"
+        );
+        let a_slot = engine
+            .stat(a)
+            .and_then(|i| i.committed)
+            .expect("A committed")
+            .slot;
+        engine
+            .write(flyfs_chunk_engine::WriteRequest {
+                prepare: true,
+                ..whole(3, 3)
+            })
+            .await
+            .expect("A v3, prepared");
+        put(&engine, c, 1, 0, &bytes(4096, 4)).await;
+        engine
+            .write(update(d, 1, 0, &bytes(4096, 5)))
+            .await
+            .expect("D v1");
+
+        // A reader of C holds the checkpoint back after it has planned.
+        dev.read_gate.close();
+        let reader = tokio::spawn({
+            let engine = engine.clone();
+            async move { contents(&engine, c).await }
+        });
+        until("the reader at the gate", || {
+            dev.read_gate.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await;
+        let epoch = engine.read_epoch();
+        engine.checkpoint_after_next_batch();
+        let commit_d = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.commit(d, ChunkVersion(1)).await }
+        });
+        until("the checkpoint's plan", || engine.read_epoch() > epoch).await;
+
+        engine
+            .commit(a, ChunkVersion(3))
+            .await
+            .expect("A v3 committed in memory");
+        let b_data = bytes(65536, 6);
+        engine
+            .write(request(
+                b,
+                1,
+                WriteOp::Replace {
+                    data: DmaBuf::copy_from(&b_data),
+                    crc: crc32c::crc32c(&b_data),
+                },
+            ))
+            .await
+            .expect("B v1");
+        let commit_b = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.commit(b, ChunkVersion(1)).await }
+        });
+        dev.read_gate.open();
+        assert_same(&reader.await.expect("reader"), &bytes(4096, 4));
+        commit_d.await.expect("task").expect("commit D");
+        commit_b.await.expect("task").expect("commit B");
+        let b_slot = engine
+            .stat(b)
+            .and_then(|i| i.committed)
+            .expect("B committed")
+            .slot;
+        eprintln!("A left {a_slot:?}, B went to {b_slot:?}");
+        assert_same(&contents(&engine, b).await, &b_data);
+        assert!(engine.block_crc_check(b).await.expect("check").is_empty());
+        engine.check_consistency().expect("consistent");
+    });
 }

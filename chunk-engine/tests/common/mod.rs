@@ -170,12 +170,13 @@ pub fn assert_same(actual: &[u8], expected: &[u8]) {
 /// A `MemDevice` whose flushes take time: each yields once to the runtime
 /// (as a real device's would while the I/O is in flight), and all of them
 /// wait while the gate is closed. Writes starting in `held_writes` wait at
-/// `write_gate` while it is closed, likewise.
+/// `write_gate` while it is closed, likewise, and every read at `read_gate`.
 #[derive(Clone, Debug)]
 pub struct SlowDevice {
     inner: MemDevice,
     pub gate: Arc<Gate>,
     pub write_gate: Arc<Gate>,
+    pub read_gate: Arc<Gate>,
     pub held_writes: Arc<Mutex<std::ops::Range<u64>>>,
 }
 
@@ -196,6 +197,16 @@ impl Gate {
         self.closed.store(false, Ordering::SeqCst);
         for waker in self.wakers.lock().expect("gate lock").drain(..) {
             waker.wake();
+        }
+    }
+
+    /// Returns at once while the gate is open; otherwise waits, counted in
+    /// `waiting`, until it opens.
+    async fn pass(&self) {
+        if self.closed.load(Ordering::SeqCst) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            GateOpen(self).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -244,6 +255,7 @@ impl SlowDevice {
             inner,
             gate: Arc::default(),
             write_gate: Arc::default(),
+            read_gate: Arc::default(),
             held_writes: Arc::new(Mutex::new(0..0)),
         }
     }
@@ -262,8 +274,9 @@ impl BlockDevice for SlowDevice {
         self.inner.name()
     }
 
-    fn read(&self, offset: u64, buf: DmaBuf) -> impl Future<Output = IoCompletion> + Send {
-        self.inner.read(offset, buf)
+    async fn read(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
+        self.read_gate.pass().await;
+        self.inner.read(offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: DmaBuf) -> IoCompletion {
@@ -272,21 +285,15 @@ impl BlockDevice for SlowDevice {
             .lock()
             .expect("held writes lock")
             .contains(&offset);
-        if held && self.write_gate.closed.load(Ordering::SeqCst) {
-            self.write_gate.waiting.fetch_add(1, Ordering::SeqCst);
-            GateOpen(&self.write_gate).await;
-            self.write_gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        if held {
+            self.write_gate.pass().await;
         }
         self.inner.write(offset, buf).await
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
         YieldOnce(false).await;
-        if self.gate.closed.load(Ordering::SeqCst) {
-            self.gate.waiting.fetch_add(1, Ordering::SeqCst);
-            GateOpen(&self.gate).await;
-            self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.gate.pass().await;
         self.inner.flush().await
     }
 
