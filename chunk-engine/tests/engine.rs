@@ -265,11 +265,7 @@ fn replace_and_bad_requests(mode: JournalMode) {
         let k = key(1, 1, 1);
         put(&engine, k, 1, 0, &bytes(20_000, 1)).await;
         let data = bytes(3000, 9);
-        let op = WriteOp::Replace {
-            data: DmaBuf::copy_from(&data),
-            crc: crc32c::crc32c(&data),
-        };
-        engine.write(request(k, 7, op)).await.expect("replace");
+        engine.write(replace(k, 7, &data)).await.expect("replace");
         engine.commit(k, ChunkVersion(7)).await.expect("commit");
         assert_same(&contents(&engine, k).await, &data);
 
@@ -984,7 +980,10 @@ fn superblock_repair_survives_power_cuts(mode: JournalMode) {
 async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !ready() {
-        assert!(std::time::Instant::now() < deadline, "waited 60 s for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 60 s for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
@@ -1001,18 +1000,12 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
     rt.block_on(async {
         let engine = format_and_open(&dev, &small_format(), mode).await;
         let (a, b, c, d) = (key(1, 1, 0), key(1, 2, 0), key(1, 3, 0), key(1, 4, 0));
-        let whole = |version, seed| {
-            request(
-                a,
-                version,
-                WriteOp::Replace {
-                    data: DmaBuf::copy_from(&bytes(65536, seed)),
-                    crc: crc32c::crc32c(&bytes(65536, seed)),
-                },
-            )
-        };
+        let whole = |version, seed| replace(a, version, &bytes(65536, seed));
         engine.write(whole(1, 1)).await.expect("A v1");
-        engine.commit(a, ChunkVersion(1)).await.expect("commit A v1");
+        engine
+            .commit(a, ChunkVersion(1))
+            .await
+            .expect("commit A v1");
         put(&engine, a, 2, 4096, &bytes(4096, 2)).await;
         assert!(
             engine.stats().patches > 0,
@@ -1043,7 +1036,10 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
             async move { contents(&engine, c).await }
         });
         until("the reader at the gate", || {
-            dev.read_gate.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+            dev.read_gate
+                .waiting
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
         })
         .await;
         let epoch = engine.read_epoch();
@@ -1059,17 +1055,7 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
             .await
             .expect("A v3 committed in memory");
         let b_data = bytes(65536, 6);
-        engine
-            .write(request(
-                b,
-                1,
-                WriteOp::Replace {
-                    data: DmaBuf::copy_from(&b_data),
-                    crc: crc32c::crc32c(&b_data),
-                },
-            ))
-            .await
-            .expect("B v1");
+        engine.write(replace(b, 1, &b_data)).await.expect("B v1");
         let commit_b = tokio::spawn({
             let engine = engine.clone();
             async move { engine.commit(b, ChunkVersion(1)).await }

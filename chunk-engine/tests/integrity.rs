@@ -401,14 +401,7 @@ fn rotten_bytes_are_not_copied_into_a_new_version(mode: JournalMode) {
         // chunk (what a resync from a healthy replica does).
         let good = bytes(12_000, 6);
         engine
-            .write(request(
-                k,
-                3,
-                WriteOp::Replace {
-                    data: DmaBuf::copy_from(&good),
-                    crc: crc32c::crc32c(&good),
-                },
-            ))
+            .write(replace(k, 3, &good))
             .await
             .expect("replace");
         engine.commit(k, ChunkVersion(3)).await.expect("commit");

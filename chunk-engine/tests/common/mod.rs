@@ -113,6 +113,18 @@ pub fn update(key: ChunkKey, version: u32, offset: u32, data: &[u8]) -> WriteReq
     )
 }
 
+/// Replaces the whole chunk with `data`, as version `version`.
+pub fn replace(key: ChunkKey, version: u32, data: &[u8]) -> WriteRequest {
+    request(
+        key,
+        version,
+        WriteOp::Replace {
+            data: DmaBuf::copy_from(data),
+            crc: crc32c::crc32c(data),
+        },
+    )
+}
+
 pub fn request(key: ChunkKey, version: u32, op: WriteOp) -> WriteRequest {
     WriteRequest {
         key,
