@@ -534,11 +534,21 @@ async fn inject(
 async fn replace(cluster: &mut ChaosCluster, admin: &Client<Tcp>, node: u32) -> anyhow::Result<()> {
     // A chain that is still recovering from the last fault might have its
     // only up-to-date replica on the victim: start from a healed cluster.
+    // The routing lags the faults: a node whose heartbeats the last fault
+    // held up (a partition of the manager or of the node, in TCP's
+    // retransmission backoff after it) is taken offline only when the
+    // failure timeout runs out, so a routing showing every replica serving
+    // just after a fault may be about to lose one. The victim dies only
+    // once every replica has served for a whole failure timeout: losing a
+    // node for good while the manager holds another replica of its chains
+    // offline is two failures, which three replicas are not claimed to
+    // survive without losing acknowledged writes.
     cluster
-        .wait_for(
+        .wait_for_steady(
             admin,
-            "every replica to serve before a replacement",
+            "every replica to serve, steadily, before a replacement",
             Duration::from_secs(120),
+            Duration::from_millis(FAILURE_TIMEOUT_MS + 1_000),
             all_serving,
         )
         .await?;
@@ -1122,6 +1132,21 @@ impl ChaosCluster {
     ) -> anyhow::Result<()> {
         (self.launcher)
             .wait_for(rpc, &self.mgmt_addr, what, limit, done)
+            .await
+    }
+
+    /// Waits until `done` has held on every routing fetched for a whole
+    /// `steady` in a row, for `limit` at most.
+    async fn wait_for_steady(
+        &self,
+        rpc: &Client<Tcp>,
+        what: &str,
+        limit: Duration,
+        steady: Duration,
+        done: impl Fn(&RoutingInfo) -> bool,
+    ) -> anyhow::Result<()> {
+        (self.launcher)
+            .wait_steady(rpc, &self.mgmt_addr, what, limit, steady, done)
             .await
     }
 

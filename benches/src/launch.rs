@@ -215,16 +215,41 @@ impl Launcher {
         limit: Duration,
         done: impl Fn(&RoutingInfo) -> bool,
     ) -> anyhow::Result<()> {
+        self.wait_steady(rpc, mgmt, what, limit, Duration::ZERO, done)
+            .await
+    }
+
+    /// As `wait_for`, but `done` must hold on every routing fetched for a
+    /// whole `steady` in a row (the manager's view lags the faults by up to
+    /// its failure timeout).
+    pub(crate) async fn wait_steady(
+        &self,
+        rpc: &Client<Tcp>,
+        mgmt: &str,
+        what: &str,
+        limit: Duration,
+        steady: Duration,
+        done: impl Fn(&RoutingInfo) -> bool,
+    ) -> anyhow::Result<()> {
         let start = Instant::now();
         let managers = Managers::new([mgmt.to_owned()]);
+        let mut held_since: Option<Instant> = None;
         loop {
             let options = CallOptions::default();
-            let last = match fetch_routing(rpc, &managers, RoutingVersion(0), &options).await {
-                Ok(Some(routing)) if done(&routing) => return Ok(()),
-                Ok(Some(routing)) => describe(&routing),
-                Ok(None) => "the manager sent no routing".to_owned(),
-                Err(error) => format!("{error}"),
+            // None: `done` holds on this routing; otherwise why not.
+            let missing = match fetch_routing(rpc, &managers, RoutingVersion(0), &options).await {
+                Ok(Some(routing)) if done(&routing) => None,
+                Ok(Some(routing)) => Some(describe(&routing)),
+                Ok(None) => Some("the manager sent no routing".to_owned()),
+                Err(error) => Some(format!("{error}")),
             };
+            if missing.is_some() {
+                held_since = None;
+            } else if held_since.get_or_insert_with(Instant::now).elapsed() >= steady {
+                return Ok(());
+            }
+            let last =
+                missing.unwrap_or_else(|| format!("it holds, not yet for {steady:.1?} in a row"));
             self.ensure_alive(what)?;
             if start.elapsed() > limit {
                 bail!(
