@@ -135,7 +135,7 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
     let body_len = header.body_len as usize;
     let payload_len = header.payload_len as usize;
     let mut body = BytesMut::zeroed(body_len);
-    read_exactly(reader, &mut body, &header, 0, body_len + payload_len).await?;
+    read_exactly(reader, &mut body, &header, 0, body_len + payload_len, None).await?;
     let body = body.freeze();
     let Some(mut segments) = landing
         .segments(&body, payload_len)
@@ -148,6 +148,7 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
             &header,
             body_len,
             body_len + payload_len,
+            None,
         )
         .await?;
         let frame = Frame {
@@ -167,7 +168,7 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
     let mut at = body_len;
     for segment in segments.iter_mut() {
         let folding = checked_payload.then_some(&mut crc);
-        read_exactly_folding(
+        read_exactly(
             reader,
             segment,
             &header,
@@ -196,21 +197,11 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
     Ok((frame, Some(checked)))
 }
 
-/// Fills `dst` from the stream; `at` and `total` place it in the frame's
-/// body and payload, for the error a stream that ends early gets.
+/// Fills `dst` from the stream, folding every piece read into `crc`
+/// (CRC32C, as `crc32c_append`) when given; `at` and `total` place it in
+/// the frame's body and payload, for the error a stream that ends early
+/// gets.
 async fn read_exactly<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    dst: &mut [u8],
-    header: &Header,
-    at: usize,
-    total: usize,
-) -> Result<(), ReadError> {
-    read_exactly_folding(reader, dst, header, at, total, None).await
-}
-
-/// [`read_exactly`], folding every piece read into `crc` (CRC32C, as
-/// `crc32c_append`) when given.
-async fn read_exactly_folding<R: AsyncRead + Unpin>(
     reader: &mut R,
     dst: &mut [u8],
     header: &Header,
