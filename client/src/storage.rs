@@ -108,10 +108,15 @@ pub enum ReadInto {
 /// gives fewer bytes).
 struct BatchLanding<B> {
     buffers: Vec<(usize, B)>,
+    /// Unset: the payload is received the usual way (`read_batch`).
+    land: bool,
 }
 
 impl<B: AsMut<[u8]> + Send + 'static> flyfs_rpc::Landing for BatchLanding<B> {
     fn segments(&mut self, body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+        if !self.land {
+            return None;
+        }
         let rsp = flyfs_proto::codec::decode::<BatchReadRsp>(body).ok()?;
         if rsp.results.len() != self.buffers.len() {
             return None;
@@ -414,85 +419,23 @@ impl<N: Network> StorageClient<N> {
     /// together. A range whose replica fails is retried alone through
     /// [`read`](Self::read), with its failover. Results come in input order.
     pub async fn read_batch(&self, items: &[ReadSpec]) -> Vec<Result<ChunkData, ClientError>> {
-        let routing = if items
-            .iter()
-            .any(|i| self.routing().chain(i.chain).is_none())
-        {
-            self.refresh_routing()
-                .await
-                .unwrap_or_else(|_| self.routing())
-        } else {
-            self.routing()
-        };
-        // Replica address -> the reads it serves, with their item indices.
-        let mut by_replica: std::collections::BTreeMap<String, Vec<(usize, ReadItem)>> =
-            std::collections::BTreeMap::new();
-        let mut results: Vec<Option<Result<ChunkData, ClientError>>> =
-            items.iter().map(|_| None).collect();
-        for (index, item) in items.iter().enumerate() {
-            if let Some((addr, read)) = self.pick_replica(&routing, item) {
-                by_replica.entry(addr).or_default().push((index, read));
-            }
-        }
-        // One RPC per batch, each within the limits a replica accepts.
-        let calls = by_replica
-            .into_iter()
-            .flat_map(|(addr, reads)| {
-                BatchReadReq::pack(reads)
-                    .into_iter()
-                    .map(move |batch| (addr.clone(), batch))
-            })
-            .map(|(addr, (indices, req))| async move {
-                let reply_bytes = usize::try_from(req.bytes_requested()).unwrap_or(usize::MAX);
-                let reply = self
-                    .rpc
-                    .call_reading::<BatchRead>(
-                        &addr,
-                        &req,
-                        Bytes::new(),
-                        reply_bytes,
-                        &self.options(),
-                    )
-                    .await;
-                (indices, reply)
-            });
-        for (indices, reply) in futures::future::join_all(calls).await {
-            let Ok((rsp, payload)) = reply else { continue };
-            let data = payload.into_bytes().unwrap_or_default();
-            let mut at = 0usize;
-            for (index, result) in indices.into_iter().zip(rsp.results) {
-                let Ok(result) = result else { continue };
-                let end = at + result.len as usize;
-                if end > data.len() {
-                    break;
-                }
-                results[index] = Some(Ok(ChunkData {
-                    data: data.slice(at..end),
-                    result,
-                }));
-                at = end;
-            }
-        }
-        let retries = results
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.is_none())
-            .map(|(i, _)| {
-                let item = items[i];
-                async move {
-                    (
-                        i,
-                        self.read(item.chain, item.chunk, item.offset, item.len)
-                            .await,
-                    )
-                }
-            });
-        for (i, result) in futures::future::join_all(retries.collect::<Vec<_>>()).await {
-            results[i] = Some(result);
-        }
+        // The same loop as `read_batch_into`, with buffers that take no
+        // bytes: every payload arrives in the transport's own buffers.
+        let unlanded = items.iter().map(|_| Vec::new()).collect();
+        let (_, results) = self.read_batch_landing(items, unlanded, false).await;
         results
             .into_iter()
-            .map(|r| r.expect("every item was read or retried"))
+            .map(|result| {
+                result.map(|read| match read {
+                    ReadInto::Data(chunk) => chunk,
+                    // Not with `land` unset: the landing declines every
+                    // payload.
+                    ReadInto::Landed(result) => ChunkData {
+                        data: Bytes::new(),
+                        result,
+                    },
+                })
+            })
             .collect()
     }
 
@@ -506,6 +449,22 @@ impl<N: Network> StorageClient<N> {
         &self,
         items: &[ReadSpec],
         buffers: Vec<B>,
+    ) -> (Vec<B>, Vec<Result<ReadInto, ClientError>>)
+    where
+        B: AsMut<[u8]> + Send + 'static,
+    {
+        self.read_batch_landing(items, buffers, true).await
+    }
+
+    /// The loop of both batched reads: group the ranges by replica, send
+    /// each group as batched RPCs all in flight together, landing the
+    /// payload in `buffers` when `land` is set, and retry every range left
+    /// without a result alone, with its failover.
+    async fn read_batch_landing<B>(
+        &self,
+        items: &[ReadSpec],
+        buffers: Vec<B>,
+        land: bool,
     ) -> (Vec<B>, Vec<Result<ReadInto, ClientError>>)
     where
         B: AsMut<[u8]> + Send + 'static,
@@ -524,6 +483,7 @@ impl<N: Network> StorageClient<N> {
         } else {
             self.routing()
         };
+        // Replica address -> the reads it serves, with their item indices.
         let mut by_replica: std::collections::BTreeMap<String, Vec<(usize, ReadItem)>> =
             std::collections::BTreeMap::new();
         for (index, item) in items.iter().enumerate() {
@@ -531,6 +491,7 @@ impl<N: Network> StorageClient<N> {
                 by_replica.entry(addr).or_default().push((index, read));
             }
         }
+        // One RPC per batch, each within the limits a replica accepts.
         let calls: Vec<_> = by_replica
             .into_iter()
             .flat_map(|(addr, reads)| {
@@ -544,6 +505,7 @@ impl<N: Network> StorageClient<N> {
                         .iter()
                         .map(|&i| (i, buffers[i].take().expect("each range is in one batch")))
                         .collect(),
+                    land,
                 };
                 (addr, indices, req, landing)
             })

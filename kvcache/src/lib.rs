@@ -354,7 +354,7 @@ impl<N: Network> KvCache<N> {
         keys: &[&[u8]],
         buffers: &[&[u8]],
     ) -> Result<Vec<PutResult>, KvError> {
-        check_pairs(keys, buffers.len())?;
+        // `batch_put_bytes` checks the keys and buffers.
         let owned: Vec<Bytes> = buffers
             .iter()
             .map(|buffer| {
@@ -536,7 +536,7 @@ impl<N: Network> KvCache<N> {
         keys: &[&[u8]],
         buffers: &mut [&mut [u8]],
     ) -> Result<Vec<GetResult>, KvError> {
-        check_pairs(keys, buffers.len())?;
+        // `batch_get_landing` checks the keys and buffers.
         let owned: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0u8; b.len()]).collect();
         let (owned, results) = self.batch_get_landing(keys, owned).await;
         let results = results?;

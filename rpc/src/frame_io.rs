@@ -135,7 +135,7 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
     let body_len = header.body_len as usize;
     let payload_len = header.payload_len as usize;
     let mut body = BytesMut::zeroed(body_len);
-    read_exactly(reader, &mut body, &header, 0, body_len + payload_len).await?;
+    read_exactly(reader, &mut body, &header, 0, body_len + payload_len, None).await?;
     let body = body.freeze();
     let Some(mut segments) = landing
         .segments(&body, payload_len)
@@ -148,6 +148,7 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
             &header,
             body_len,
             body_len + payload_len,
+            None,
         )
         .await?;
         let frame = Frame {
@@ -157,18 +158,28 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
         };
         return Ok((frame, None));
     };
+    // The payload's CRC is folded in piece by piece as the stream hands
+    // the bytes over, while they are still in the cache the copy out of
+    // the stream put them in, rather than in a second pass over each
+    // (megabyte-sized) segment once it is whole: that pass was a tenth of
+    // the mount daemon's CPU time in 1 MiB native reads (perf).
+    let checked_payload = header.flags & FLAG_PAYLOAD_UNCHECKED == 0;
     let mut crc = crc32c::crc32c(&body);
     let mut at = body_len;
     for segment in segments.iter_mut() {
-        read_exactly(reader, segment, &header, at, body_len + payload_len).await?;
-        crc = crc32c::crc32c_append(crc, segment);
+        let folding = checked_payload.then_some(&mut crc);
+        read_exactly(
+            reader,
+            segment,
+            &header,
+            at,
+            body_len + payload_len,
+            folding,
+        )
+        .await?;
         at += segment.len();
     }
-    let computed = if header.flags & FLAG_PAYLOAD_UNCHECKED != 0 {
-        crc32c::crc32c(&body)
-    } else {
-        crc
-    };
+    let computed = crc;
     let checked = if computed == header.body_crc {
         Ok(payload_len)
     } else {
@@ -186,18 +197,24 @@ pub async fn read_body_landing<R: AsyncRead + Unpin>(
     Ok((frame, Some(checked)))
 }
 
-/// Fills `dst` from the stream; `at` and `total` place it in the frame's
-/// body and payload, for the error a stream that ends early gets.
+/// Fills `dst` from the stream, folding every piece read into `crc`
+/// (CRC32C, as `crc32c_append`) when given; `at` and `total` place it in
+/// the frame's body and payload, for the error a stream that ends early
+/// gets.
 async fn read_exactly<R: AsyncRead + Unpin>(
     reader: &mut R,
     dst: &mut [u8],
     header: &Header,
     at: usize,
     total: usize,
+    mut crc: Option<&mut u32>,
 ) -> Result<(), ReadError> {
     let mut filled = 0;
     while filled < dst.len() {
         let n = reader.read(&mut dst[filled..]).await?;
+        if let Some(crc) = crc.as_deref_mut() {
+            *crc = crc32c::crc32c_append(*crc, &dst[filled..filled + n]);
+        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -320,6 +337,72 @@ mod tests {
         assert!(outcomes[2].0.is_none());
         assert!(outcomes[2].1.iter().all(|b| *b == 0));
         assert!(reader.is_empty());
+    }
+
+    /// Lands a payload in segments of the given lengths, in order.
+    struct Split(Vec<Vec<u8>>);
+
+    impl Landing for Split {
+        fn segments(&mut self, _body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+            let total: usize = self.0.iter().map(Vec::len).sum();
+            (payload_len == total).then(|| self.0.iter_mut().map(|s| &mut s[..]).collect())
+        }
+
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+            self
+        }
+    }
+
+    /// The CRC folded in as the stream hands bytes over in small pieces
+    /// that straddle the segments' boundaries is the frame's: an intact
+    /// payload passes and lands byte for byte, and a flip of any byte,
+    /// at a boundary or not, fails that frame.
+    #[tokio::test]
+    async fn a_payload_landed_piece_by_piece_is_checked_whole() {
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let lengths = [1usize, 333, 0, 500, 166];
+        let flips = [None, Some(0), Some(1), Some(333), Some(834), Some(999)];
+        for flip in flips {
+            let mut frame = OutFrame::new(
+                Kind::Response,
+                300,
+                Status::Ok,
+                9,
+                Bytes::from_static(b"body"),
+                Bytes::from(payload.clone()),
+            )
+            .expect("small frame");
+            if let Some(at) = flip {
+                let mut corrupted = payload.clone();
+                corrupted[at] ^= 0x10;
+                frame.payload = Bytes::from(corrupted);
+            }
+            // A 7-byte pipe: every read returns at most 7 bytes.
+            let (mut a, mut b) = tokio::io::duplex(7);
+            let writer = tokio::spawn(async move { write_frame(&mut a, frame).await });
+            let header = read_header_rest(&mut b, [0u8; HEADER_LEN], 0, &FrameLimits::default())
+                .await
+                .expect("header");
+            let mut landing = Split(lengths.iter().map(|&n| vec![0u8; n]).collect());
+            let (_, landed) = read_body_landing(&mut b, header, &mut landing)
+                .await
+                .expect("the stream reads on");
+            writer.await.expect("writer task").expect("write");
+            let landed_bytes: Vec<u8> = landing.0.concat();
+            match flip {
+                None => {
+                    assert!(matches!(landed, Some(Ok(1000))), "{landed:?}");
+                    assert_eq!(landed_bytes, payload);
+                }
+                Some(at) => assert!(
+                    matches!(
+                        landed,
+                        Some(Err(FrameError::BodyChecksum { request_id: 9, .. }))
+                    ),
+                    "a flip at {at} passed: {landed:?}"
+                ),
+            }
+        }
     }
 
     #[tokio::test]
