@@ -710,6 +710,16 @@ fn usage_table(routing: &RoutingInfo, usage: &[NodeUsage]) -> String {
                 state,
                 targets.join(",")
             );
+            if disk.freeing_chunks > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {:>6}  {:>4}  freeing {} in {} chunks of replicas moved away",
+                    "",
+                    "",
+                    human_bytes(disk.freeing_bytes),
+                    disk.freeing_chunks
+                );
+            }
         }
     }
     out
@@ -1174,15 +1184,19 @@ fn space_table(space: &SpaceRsp) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>4}  {:>14}  {:>14}  {:>8}  state",
-        "disk", "data bytes", "allocated", "chunks"
+        "{:>4}  {:>14}  {:>14}  {:>8}  {:>14}  state",
+        "disk", "data bytes", "allocated", "chunks", "freeing bytes"
     );
     for disk in &space.disks {
         let state = if disk.poisoned { "POISONED" } else { "ok" };
         let _ = writeln!(
             out,
-            "{:>4}  {:>14}  {:>14}  {:>8}  {state}",
-            disk.disk, disk.data_bytes, disk.allocated_bytes, disk.committed_chunks
+            "{:>4}  {:>14}  {:>14}  {:>8}  {:>14}  {state}",
+            disk.disk,
+            disk.data_bytes,
+            disk.allocated_bytes,
+            disk.committed_chunks,
+            disk.freeing_bytes
         );
     }
     out
