@@ -909,11 +909,14 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
     use flyfs_proto::wire::mgmt::{
-        AddChainMember, ChainMemberReq, MgmtError, RemoveChainMember, RemoveTarget, RemoveTargetReq,
+        AddChainMember, ChainMemberReq, GetSyncProgress, GetSyncProgressReq, MgmtError,
+        RemoveChainMember, RemoveTarget, RemoveTargetReq,
     };
     use flyfs_proto::wire::storage::{Space, SpaceReq};
     const CHUNKS: u64 = 120;
-    const LEN: usize = 4096;
+    // Whole 64 KiB chunks, so that the resync below takes several
+    // heartbeats and its progress is seen between its ends.
+    const LEN: usize = CHUNK as usize;
     let mut c = Cluster::start().await;
     for i in 0..CHUNKS {
         c.client
@@ -1085,16 +1088,75 @@ async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
     call::<AddChainMember>(&c.admin, &c.mgmt, &req, Bytes::new())
         .await
         .expect("add target 21");
-    wait_until("target 21 to serve in chain 1", || {
-        c.nodes[1].routing().chain(ChainId(1)).is_some_and(|chain| {
+    // The resync's progress in bytes, as its source counts it and as the
+    // manager hands it on, until target 21 serves.
+    let (mut at_node, mut at_manager) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let serving = c.nodes[1].routing().chain(ChainId(1)).is_some_and(|chain| {
             chain.targets.len() == 3
                 && chain
                     .targets
                     .iter()
                     .all(|t| t.state == PublicState::Serving)
-        })
-    })
-    .await;
+        });
+        if serving {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "target 21 never served"
+        );
+        at_node.extend(
+            c.nodes
+                .iter()
+                .flat_map(|n| n.sync_progress())
+                .filter(|p| p.target == TargetId(21)),
+        );
+        let reported =
+            call::<GetSyncProgress>(&c.admin, &c.mgmt, &GetSyncProgressReq {}, Bytes::new())
+                .await
+                .expect("sync progress");
+        at_manager.extend(
+            reported
+                .syncs
+                .into_iter()
+                .filter(|p| p.target == TargetId(21)),
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let total = CHUNKS * LEN as u64;
+    at_node.dedup();
+    at_manager.dedup();
+    assert!(
+        !at_node.is_empty() && !at_manager.is_empty(),
+        "{at_node:?} {at_manager:?}"
+    );
+    for p in at_node.iter().chain(&at_manager) {
+        assert_eq!(
+            (p.chain, p.bytes_total, p.chunks_total),
+            (ChainId(1), total, CHUNKS),
+            "{p:?}"
+        );
+        assert!(p.bytes_done <= p.bytes_total, "{p:?}");
+    }
+    assert!(
+        at_node
+            .windows(2)
+            .all(|w| w[0].bytes_done <= w[1].bytes_done),
+        "progress went back: {at_node:?}"
+    );
+    assert!(
+        at_node
+            .iter()
+            .any(|p| p.bytes_done > 0 && p.bytes_done < total),
+        "no progress seen between 0 and {total}: {at_node:?}"
+    );
+    assert_eq!(
+        at_node.last().map(|p| p.bytes_done),
+        Some(total),
+        "{at_node:?}"
+    );
     c.wait_all_serving().await;
     assert_eq!(usage(&c, 1, 0, 1).chunks, CHUNKS);
     for i in [0, CHUNKS / 2, CHUNKS - 1] {

@@ -41,7 +41,7 @@ use flyfs_proto::ids::{
 };
 use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
-    TargetReport,
+    SyncProgress, TargetReport,
 };
 use flyfs_proto::wire::storage::{StorageError, WriteRsp};
 use flyfs_rpc::{CallOptions, Client, Credentials, Network};
@@ -254,6 +254,9 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     started: Mutex<bool>,
     /// Resyncs running, by chain (this node syncs its successor).
     pub(crate) syncs: Mutex<BTreeMap<ChainId, TargetId>>,
+    /// How far each resync this node runs (or ran, while its successor is
+    /// still syncing) has come, by chain: reported in every heartbeat.
+    pub(crate) sync_progress: Mutex<BTreeMap<ChainId, SyncProgress>>,
     pub(crate) failpoints: FailPoints,
     /// The scrubbers' counters and the queue of repairs.
     pub(crate) scrub: scrub::Scrub,
@@ -370,6 +373,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             lease: Mutex::new(lease),
             started: Mutex::new(false),
             syncs: Mutex::new(BTreeMap::new()),
+            sync_progress: Mutex::new(BTreeMap::new()),
             failpoints: FailPoints::default(),
             scrub: scrub::Scrub::default(),
             freeing: free::Freeing::default(),
@@ -438,6 +442,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             addr: self.config.addr.clone(),
             targets: reports,
             routing_version,
+            syncs: self.sync_reports(),
         };
         let rsp = self
             .managers
@@ -472,6 +477,26 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             self.install(routing);
         }
         Ok(())
+    }
+
+    /// The progress of this node's resyncs whose successor the routing
+    /// still shows syncing; the others are dropped.
+    fn sync_reports(&self) -> Vec<SyncProgress> {
+        let routing = self.routing();
+        let mut progress = self.sync_progress.lock();
+        progress.retain(|chain, p| {
+            routing.chain(*chain).is_some_and(|c| {
+                c.targets
+                    .iter()
+                    .any(|m| m.target == p.target && m.state == PublicState::Syncing)
+            })
+        });
+        progress.values().copied().collect()
+    }
+
+    /// How far this node's resyncs have come (see [`SyncProgress`]).
+    pub fn sync_progress(&self) -> Vec<SyncProgress> {
+        self.sync_progress.lock().values().copied().collect()
     }
 
     /// What each hosted target reports to the manager.
