@@ -35,7 +35,8 @@ pub(crate) struct Replaced {
     pub disk: u32,
     pub seconds: f64,
     /// The bytes the resync that filled the new target had to send, as
-    /// its source last reported them (0 when the manager did not say).
+    /// its source last reported them (0 when no progress was seen: the
+    /// resync ended between two polls, or the manager cannot say).
     pub synced_bytes: u64,
 }
 
