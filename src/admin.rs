@@ -22,9 +22,9 @@ use flyfs_proto::wire::meta::{
 };
 use flyfs_proto::wire::mgmt::{
     AddChainMember, ChainMemberReq, CreateChain, CreateChainReq, CreateChainTable,
-    CreateChainTableReq, CreateTarget, CreateTargetReq, MgmtError, RemoveChainMember, RemoveNode,
-    RemoveNodeReq, RemoveTarget, RemoveTargetReq, RoutingInfo, SetTargetOffline,
-    SetTargetOfflineReq,
+    CreateChainTableReq, CreateTarget, CreateTargetReq, GetSyncProgress, GetSyncProgressReq,
+    MgmtError, RemoveChainMember, RemoveNode, RemoveNodeReq, RemoveTarget, RemoveTargetReq,
+    RoutingInfo, SetTargetOffline, SetTargetOfflineReq, SyncProgress,
 };
 use flyfs_proto::wire::storage::{Space, SpaceReq, SpaceRsp};
 use flyfs_rpc::{CallOptions, Client, ClientConfig, Credentials, Tcp};
@@ -390,12 +390,18 @@ pub(crate) async fn run(args: &AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Status => {
             let routing = admin.routing().await?;
             let usage = admin.usage(&routing).await;
+            let syncs = admin.sync_progress().await;
             if args.json {
-                let status = Status { routing, usage };
+                let status = Status {
+                    routing,
+                    usage,
+                    syncs,
+                };
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status_table(&routing));
                 print!("{}", usage_table(&routing, &usage));
+                print!("{}", syncs_table(&syncs));
             }
             return Ok(());
         }
@@ -561,6 +567,26 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
+    /// The resyncs under way (`GetSyncProgress`); none from a manager that
+    /// cannot say (an older one), since progress is only shown.
+    pub(crate) async fn sync_progress(&self) -> Vec<SyncProgress> {
+        match self
+            .managers
+            .call::<GetSyncProgress, _>(&self.client, &GetSyncProgressReq {}, &self.options)
+            .await
+        {
+            Ok(Ok(rsp)) => rsp.syncs,
+            Ok(Err(error)) => {
+                tracing::debug!("no resync progress from the manager: {error}");
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::debug!("no resync progress from the manager: {error}");
+                Vec::new()
+            }
+        }
+    }
+
     /// Calls to the managers at `mgmt`, each with deadline `timeout`.
     pub(crate) fn new(mgmt: &[String], timeout: Duration, credentials: Credentials) -> Admin {
         Admin {
@@ -625,6 +651,8 @@ struct Status {
     #[serde(flatten)]
     routing: RoutingInfo,
     usage: Vec<NodeUsage>,
+    /// The resyncs under way, as their sources last reported them.
+    syncs: Vec<SyncProgress>,
 }
 
 /// One storage node's answer to `Space`, or why there is none.
@@ -710,13 +738,59 @@ fn usage_table(routing: &RoutingInfo, usage: &[NodeUsage]) -> String {
                 state,
                 targets.join(",")
             );
+            if disk.freeing_chunks > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {:>6}  {:>4}  freeing {} in {} chunks of replicas moved away",
+                    "",
+                    "",
+                    human_bytes(disk.freeing_bytes),
+                    disk.freeing_chunks
+                );
+            }
         }
     }
     out
 }
 
+/// The resyncs under way, one line each (nothing when there are none).
+fn syncs_table(syncs: &[SyncProgress]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if syncs.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "\nresyncs");
+    for p in syncs {
+        let _ = writeln!(
+            out,
+            "  chain {} target {}: {}",
+            p.chain.0,
+            p.target.0,
+            progress_text(p)
+        );
+    }
+    out
+}
+
+/// `1.2 MiB / 4.0 MiB (30 %), 12 / 40 chunks`.
+pub(crate) fn progress_text(p: &SyncProgress) -> String {
+    let percent = if p.bytes_total == 0 {
+        100.0
+    } else {
+        100.0 * p.bytes_done as f64 / p.bytes_total as f64
+    };
+    format!(
+        "{} / {} ({percent:.0} %), {} / {} chunks",
+        human_bytes(p.bytes_done),
+        human_bytes(p.bytes_total),
+        p.chunks_done,
+        p.chunks_total
+    )
+}
+
 /// Bytes in binary units, one decimal (`1.5 GiB`).
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -1174,15 +1248,19 @@ fn space_table(space: &SpaceRsp) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>4}  {:>14}  {:>14}  {:>8}  state",
-        "disk", "data bytes", "allocated", "chunks"
+        "{:>4}  {:>14}  {:>14}  {:>8}  {:>14}  state",
+        "disk", "data bytes", "allocated", "chunks", "freeing bytes"
     );
     for disk in &space.disks {
         let state = if disk.poisoned { "POISONED" } else { "ok" };
         let _ = writeln!(
             out,
-            "{:>4}  {:>14}  {:>14}  {:>8}  {state}",
-            disk.disk, disk.data_bytes, disk.allocated_bytes, disk.committed_chunks
+            "{:>4}  {:>14}  {:>14}  {:>8}  {:>14}  {state}",
+            disk.disk,
+            disk.data_bytes,
+            disk.allocated_bytes,
+            disk.committed_chunks,
+            disk.freeing_bytes
         );
     }
     out

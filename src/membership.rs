@@ -34,6 +34,10 @@ pub(crate) struct Replaced {
     pub node: NodeId,
     pub disk: u32,
     pub seconds: f64,
+    /// The bytes the resync that filled the new target had to send, as
+    /// its source last reported them (0 when no progress was seen: the
+    /// resync ended between two polls, or the manager cannot say).
+    pub synced_bytes: u64,
 }
 
 /// A replica to move: `old` in `chain` goes to `node`/`disk`, as target
@@ -97,9 +101,45 @@ pub(crate) async fn replace_target(
         );
     }
     let mut last = None;
+    // The first progress seen and the last, for the rate and the record.
+    let mut first_progress: Option<(Instant, u64)> = None;
+    let mut last_progress: Option<flyfs_proto::wire::mgmt::SyncProgress> = None;
     loop {
         let routing = admin.routing().await?;
         let state = routing.target(new).map(|t| t.state);
+        if state == Some(PublicState::Syncing) {
+            let progress = admin
+                .sync_progress()
+                .await
+                .into_iter()
+                .find(|p| p.target == new && p.chain == chain);
+            if let Some(p) = progress
+                && Some(p) != last_progress
+            {
+                let now = Instant::now();
+                let (since, from) = *first_progress.get_or_insert((now, p.bytes_done));
+                let seconds = now.duration_since(since).as_secs_f64();
+                let rate = if seconds > 0.0 {
+                    format!(
+                        ", {}/s",
+                        crate::admin::human_bytes(
+                            (p.bytes_done.saturating_sub(from) as f64 / seconds) as u64
+                        )
+                    )
+                } else {
+                    String::new()
+                };
+                if !quiet {
+                    eprintln!(
+                        "[{:>7.1} s] target {}: syncing {}{rate}",
+                        started.elapsed().as_secs_f64(),
+                        new.0,
+                        crate::admin::progress_text(&p)
+                    );
+                }
+                last_progress = Some(p);
+            }
+        }
         if state != last {
             if !quiet {
                 let shown = state.map_or("unknown".to_owned(), |s| s.to_string());
@@ -150,6 +190,7 @@ pub(crate) async fn replace_target(
         node,
         disk,
         seconds,
+        synced_bytes: last_progress.map_or(0, |p| p.bytes_total),
     })
 }
 

@@ -768,6 +768,50 @@ fn an_added_node_takes_its_share_through_rebalance() {
         }
         check_every_replica(&rpc, &cluster.mgmt_addr, &acked).await;
     });
+    // The moved replicas' chunks are freed on the nodes they left: once no
+    // disk has anything left to free, a node holding both chains holds as
+    // many chunks as the two nodes holding one chain each together (every
+    // replica of a chain holds the same chunks). Without the freeing each
+    // of those two would still hold both chains' chunks.
+    let hosted = |status: &serde_json::Value, node: u64| {
+        status["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .filter(|t| t["node"] == node && !t["chain"].is_null())
+            .count()
+    };
+    let mut status = serde_json::Value::Null;
+    wait_for("moved replicas freed", Duration::from_secs(30), || {
+        let out = cluster.admin_ok(&["--json", "status"]);
+        status = serde_json::from_str(&out).expect("status --json");
+        status["usage"]
+            .as_array()
+            .expect("usage")
+            .iter()
+            .all(|node| {
+                node["disks"].as_array().is_some_and(|disks| {
+                    !disks.is_empty() && disks.iter().all(|d| d["freeing_chunks"] == 0)
+                })
+            })
+    });
+    let chunks = |node: &serde_json::Value| -> u64 {
+        node["disks"]
+            .as_array()
+            .expect("disks")
+            .iter()
+            .map(|d| d["committed_chunks"].as_u64().expect("chunks"))
+            .sum()
+    };
+    let usage = status["usage"].as_array().expect("usage");
+    let (both, one): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = usage
+        .iter()
+        .partition(|node| hosted(&status, node["node"].as_u64().expect("node")) == 2);
+    assert_eq!((both.len(), one.len()), (2, 2), "{status}");
+    let whole = chunks(both[0]);
+    assert!(whole > 0, "{status}");
+    assert_eq!(chunks(both[1]), whole, "{status}");
+    assert_eq!(chunks(one[0]) + chunks(one[1]), whole, "{status}");
     let again = cluster.admin_ok(&["--json", "rebalance", "--dry-run"]);
     let again: serde_json::Value = serde_json::from_str(&again).expect("rebalance --json");
     assert_eq!(again["planned"], serde_json::json!([]), "{again}");

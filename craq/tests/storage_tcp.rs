@@ -116,6 +116,8 @@ impl Cluster {
             // it to half of that once the manager has said so.
             config.lease_timeout = Duration::from_secs(5);
             config.rpc_timeout = Duration::from_secs(2);
+            // Small batches, so that freeing a moved replica takes many.
+            config.free_batch_chunks = 4;
             let credentials = testing::storage(NodeId(i));
             let node = StorageNode::new(config, engines, Tcp, credentials.clone());
             beats.push(tokio::spawn(node.clone().run()));
@@ -882,5 +884,287 @@ async fn chain_requests_come_only_from_the_predecessor() {
         .await
         .expect("sync done from the predecessor");
     done.expect("a page of nothing");
+    c.stop().await;
+}
+
+/// Waits until `done` holds, polling; panics with `what` after 20 s.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A replica taken out of its chain gets its space back, but only once the
+/// manager has forgotten its target: node 1's replica of chain 1 (target 1,
+/// alone on its disk 0) keeps every chunk while it is an unassigned target,
+/// over several heartbeats; once forgotten, the node removes the chunks in
+/// batches (4 per heartbeat here), restarting midway (a new node process
+/// over the same engines, which finds the rest from its routing alone), and
+/// reports the space `freeing` meanwhile. Nothing of a member is touched:
+/// node 1's replica of chain 2 on its other disk, and the other replicas of
+/// chain 1. A target of chain 1 placed on that disk again is filled by a
+/// resync and serves the chain's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
+    use flyfs_proto::wire::mgmt::{
+        AddChainMember, ChainMemberReq, GetSyncProgress, GetSyncProgressReq, MgmtError,
+        RemoveChainMember, RemoveTarget, RemoveTargetReq,
+    };
+    use flyfs_proto::wire::storage::{Space, SpaceReq};
+    const CHUNKS: u64 = 120;
+    // Whole 64 KiB chunks, so that the resync below takes several
+    // heartbeats and its progress is seen between its ends.
+    const LEN: usize = CHUNK as usize;
+    let mut c = Cluster::start().await;
+    for i in 0..CHUNKS {
+        c.client
+            .write(
+                ChainId(1),
+                ChunkId::new(40, i as u32),
+                0,
+                data(i as u8, LEN),
+                CHUNK,
+            )
+            .await
+            .expect("write chain 1");
+    }
+    for i in 0..10u32 {
+        c.client
+            .write(
+                ChainId(2),
+                ChunkId::new(41, i),
+                0,
+                data(i as u8, LEN),
+                CHUNK,
+            )
+            .await
+            .expect("write chain 2");
+    }
+    let usage = |c: &Cluster, node: usize, disk: usize, chain: u32| {
+        c.nodes[node].engines()[disk].chain_usage(ChainId(chain))
+    };
+    for node in 0..3 {
+        assert_eq!(usage(&c, node, 0, 1).chunks, CHUNKS, "node {node}");
+        assert_eq!(usage(&c, node, 1, 2).chunks, 10, "node {node}");
+    }
+    let req = ChainMemberReq {
+        chain: ChainId(1),
+        target: TargetId(1),
+    };
+    loop {
+        match call::<RemoveChainMember>(&c.admin, &c.mgmt, &req, Bytes::new()).await {
+            Ok(()) => break,
+            Err(MgmtError::Unavailable { reason }) => assert!(reason.contains("leaving")),
+            Err(e) => panic!("remove target 1: {e}"),
+        }
+    }
+    // Out of the chain, not forgotten: node 1 holds a routing without it
+    // as a member, looks for stray chunks on several heartbeats, and frees
+    // nothing (an admin may still add it back).
+    wait_until("node 1 sees target 1 out of chain 1", || {
+        c.nodes[1]
+            .routing()
+            .target(TargetId(1))
+            .is_some_and(|t| t.chain.is_none())
+    })
+    .await;
+    let passes = c.nodes[1].free_stats().passes;
+    wait_until("three more freeing passes on node 1", || {
+        c.nodes[1].free_stats().passes >= passes + 3
+    })
+    .await;
+    assert_eq!(usage(&c, 1, 0, 1).chunks, CHUNKS);
+    assert_eq!(c.nodes[1].free_stats().freed_chunks, 0);
+
+    call::<RemoveTarget>(
+        &c.admin,
+        &c.mgmt,
+        &RemoveTargetReq {
+            target: TargetId(1),
+        },
+        Bytes::new(),
+    )
+    .await
+    .expect("forget target 1");
+    // Freeing, in batches: catch it midway and restart the node.
+    wait_until("node 1 freeing midway", || {
+        c.nodes[1].free_stats().freed_chunks >= 4
+    })
+    .await;
+    let (space, _) = c
+        .admin
+        .call::<Space>(
+            &c.addr(1),
+            &SpaceReq {},
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("space");
+    let left = usage(&c, 1, 0, 1).chunks;
+    assert!(
+        left > 0 && left < CHUNKS,
+        "{left} chunks left: caught too late"
+    );
+    assert!(space.disks[0].freeing_chunks > 0, "{space:?}");
+    assert_eq!(space.disks[1].freeing_chunks, 0, "{space:?}");
+    c.beats[1].abort();
+    wait_until("node 1's last batch to end", || !c.nodes[1].free_running()).await;
+    let freed_before = c.nodes[1].free_stats().freed_chunks;
+    let mut config = c.nodes[1].config().clone();
+    let (listener, addr) = bind().await;
+    config.addr = addr;
+    let engines = c.nodes[1].engines().to_vec();
+    let credentials = testing::storage(NodeId(1));
+    let node = StorageNode::new(config, engines, Tcp, credentials.clone());
+    let server = Server::new(
+        StorageService::new(node.clone()),
+        ServerConfig::default(),
+        credentials,
+    )
+    .spawn(listener)
+    .expect("serve storage");
+    std::mem::replace(&mut c.servers[2], server)
+        .shutdown()
+        .await;
+    c.beats[1] = tokio::spawn(node.clone().run());
+    c.nodes[1] = node;
+    wait_until("the restarted node 1 to free the rest", || {
+        usage(&c, 1, 0, 1).chunks == 0
+    })
+    .await;
+    let stats = c.nodes[1].free_stats();
+    assert_eq!(freed_before + stats.freed_chunks, CHUNKS, "{stats:?}");
+    assert_eq!(
+        stats.freed_bytes,
+        stats.freed_chunks * LEN as u64,
+        "{stats:?}"
+    );
+    assert!(stats.batches >= stats.freed_chunks / 4, "{stats:?}");
+    assert_eq!(c.nodes[1].engines()[0].space().allocated_bytes, 0);
+    let (space, _) = c
+        .admin
+        .call::<Space>(
+            &c.addr(1),
+            &SpaceReq {},
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("space");
+    assert_eq!(
+        (
+            space.disks[0].freeing_chunks,
+            space.disks[0].allocated_bytes
+        ),
+        (0, 0),
+        "{space:?}"
+    );
+    // Members untouched.
+    assert_eq!(usage(&c, 1, 1, 2).chunks, 10);
+    assert_eq!(usage(&c, 0, 0, 1).chunks, CHUNKS);
+    assert_eq!(usage(&c, 2, 0, 1).chunks, CHUNKS);
+
+    // Chain 1 placed on node 1's disk 0 again, as a new target: a resync
+    // fills it, and it serves the chain's data.
+    call::<CreateTarget>(
+        &c.admin,
+        &c.mgmt,
+        &CreateTargetReq {
+            target: TargetId(21),
+            node: NodeId(1),
+            disk: 0,
+        },
+        Bytes::new(),
+    )
+    .await
+    .expect("create target 21");
+    let req = ChainMemberReq {
+        chain: ChainId(1),
+        target: TargetId(21),
+    };
+    call::<AddChainMember>(&c.admin, &c.mgmt, &req, Bytes::new())
+        .await
+        .expect("add target 21");
+    // The resync's progress in bytes, as its source counts it and as the
+    // manager hands it on, until target 21 serves.
+    let (mut at_node, mut at_manager) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let serving = c.nodes[1].routing().chain(ChainId(1)).is_some_and(|chain| {
+            chain.targets.len() == 3
+                && chain
+                    .targets
+                    .iter()
+                    .all(|t| t.state == PublicState::Serving)
+        });
+        if serving {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "target 21 never served"
+        );
+        at_node.extend(
+            c.nodes
+                .iter()
+                .flat_map(|n| n.sync_progress())
+                .filter(|p| p.target == TargetId(21)),
+        );
+        let reported =
+            call::<GetSyncProgress>(&c.admin, &c.mgmt, &GetSyncProgressReq {}, Bytes::new())
+                .await
+                .expect("sync progress");
+        at_manager.extend(
+            reported
+                .syncs
+                .into_iter()
+                .filter(|p| p.target == TargetId(21)),
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let total = CHUNKS * LEN as u64;
+    at_node.dedup();
+    at_manager.dedup();
+    assert!(
+        !at_node.is_empty() && !at_manager.is_empty(),
+        "{at_node:?} {at_manager:?}"
+    );
+    for p in at_node.iter().chain(&at_manager) {
+        assert_eq!(
+            (p.chain, p.bytes_total, p.chunks_total),
+            (ChainId(1), total, CHUNKS),
+            "{p:?}"
+        );
+        assert!(p.bytes_done <= p.bytes_total, "{p:?}");
+    }
+    assert!(
+        at_node
+            .windows(2)
+            .all(|w| w[0].bytes_done <= w[1].bytes_done),
+        "progress went back: {at_node:?}"
+    );
+    assert!(
+        at_node
+            .iter()
+            .any(|p| p.bytes_done > 0 && p.bytes_done < total),
+        "no progress seen between 0 and {total}: {at_node:?}"
+    );
+    assert_eq!(
+        at_node.last().map(|p| p.bytes_done),
+        Some(total),
+        "{at_node:?}"
+    );
+    c.wait_all_serving().await;
+    assert_eq!(usage(&c, 1, 0, 1).chunks, CHUNKS);
+    for i in [0, CHUNKS / 2, CHUNKS - 1] {
+        let got = c
+            .read_at(1, ChunkId::new(40, i as u32))
+            .await
+            .expect("read at the new replica");
+        assert!(same(&got, &data(i as u8, LEN)), "chunk {i}");
+    }
     c.stop().await;
 }

@@ -1185,6 +1185,7 @@ mod tests {
                     chain_version: ChainVersion(0),
                 })
                 .collect(),
+            syncs: Vec::new(),
         }
     }
 

@@ -37,7 +37,8 @@ use flyfs_proto::wire::mgmt::{
     GetRoutingPageReq, GetRoutingPageRsp, GetRoutingReq, GetRoutingRsp, Heartbeat, HeartbeatReq,
     HeartbeatRsp, MgmtError, ROUTING_INLINE_BYTES_MAX, ROUTING_PAGE_BYTES, RegisterNode,
     RegisterNodeReq, RegisterNodeRsp, RemoveChainMember, RemoveNode, RemoveNodeReq, RemoveTarget,
-    RemoveTargetReq, RoutingInfo, RoutingPage, SetTargetOffline, SetTargetOfflineReq,
+    RemoveTargetReq, RoutingInfo, RoutingPage, SYNCS_REPORTED_MAX, SetTargetOffline,
+    SetTargetOfflineReq, SyncProgress,
 };
 use flyfs_rpc::server::{Reply, Request, Service};
 use flyfs_time::{Clock, TokioClock, WallClock};
@@ -186,6 +187,9 @@ pub struct MgmtService {
     /// The routing version of the state last made current: admin calls
     /// that wait for the cluster to move (a member leaving) wake on it.
     published: tokio::sync::watch::Sender<RoutingVersion>,
+    /// Each node's last reported resyncs (volatile, for the admin's
+    /// progress): at most one entry per registered node, each bounded.
+    syncs: Mutex<std::collections::BTreeMap<flyfs_proto::ids::NodeId, Vec<SyncProgress>>>,
 }
 
 /// How long an admin call waits for a serving member's node to see it stop
@@ -268,6 +272,7 @@ impl MgmtService {
                 encoded: None,
             }),
             published: tokio::sync::watch::Sender::new(RoutingVersion(0)),
+            syncs: Mutex::default(),
         });
         service.lease_round().await?;
         Ok(service)
@@ -399,6 +404,40 @@ impl MgmtService {
     }
 
     pub async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatRsp, MgmtError> {
+        let rsp = self.apply_heartbeat(&req).await?;
+        // Only once the node is registered (the heartbeat applied), so the
+        // map holds an entry per registered node at most.
+        let mut syncs = req.syncs;
+        syncs.truncate(SYNCS_REPORTED_MAX);
+        self.syncs.lock().insert(req.node, syncs);
+        Ok(rsp)
+    }
+
+    /// The resyncs under way, with the progress their sources last
+    /// reported: only for members the routing still shows syncing in that
+    /// chain, so a finished or abandoned one drops out.
+    pub fn sync_progress(&self) -> Result<Vec<SyncProgress>, MgmtError> {
+        self.serving()?;
+        let routing = self.routing();
+        let syncing = |p: &SyncProgress| {
+            routing.chain(p.chain).is_some_and(|c| {
+                c.targets.iter().any(|m| {
+                    m.target == p.target && m.state == flyfs_proto::wire::mgmt::PublicState::Syncing
+                })
+            }) && routing.target(p.target).is_some_and(|t| !t.leaving)
+        };
+        let known = |node: &flyfs_proto::ids::NodeId| routing.node(*node).is_some();
+        Ok(self
+            .syncs
+            .lock()
+            .iter()
+            .filter(|(node, _)| known(node))
+            .flat_map(|(_, syncs)| syncs.iter().copied())
+            .filter(syncing)
+            .collect())
+    }
+
+    async fn apply_heartbeat(&self, req: &HeartbeatReq) -> Result<HeartbeatRsp, MgmtError> {
         {
             let _changes = self.changes.lock().await;
             self.serving()?;
@@ -413,7 +452,7 @@ impl MgmtService {
             if registered {
                 let now = self.now();
                 let before = current.routing_version();
-                let routing_version = current.heartbeat(&req, now)?;
+                let routing_version = current.heartbeat(req, now)?;
                 debug_assert_eq!(
                     before, routing_version,
                     "a known node's heartbeat changed the record"
@@ -421,7 +460,7 @@ impl MgmtService {
                 return Ok(self.heartbeat_rsp(routing_version));
             }
         }
-        let routing_version = self.mutate(|c, now| c.heartbeat(&req, now)).await?;
+        let routing_version = self.mutate(|c, now| c.heartbeat(req, now)).await?;
         Ok(self.heartbeat_rsp(routing_version))
     }
 
@@ -660,6 +699,7 @@ impl MgmtService {
 
     pub async fn remove_node(&self, req: RemoveNodeReq) -> Result<(), MgmtError> {
         self.mutate(|c, now| c.remove_node(req.node, now)).await?;
+        self.syncs.lock().remove(&req.node);
         tracing::info!(node = ?req.node, "node removed");
         Ok(())
     }
@@ -908,6 +948,17 @@ impl MgmtService {
             AddChainMember::ID => serve!(AddChainMember, |b| self.add_chain_member(b)),
             RemoveChainMember::ID => serve!(RemoveChainMember, |b| self.remove_chain_member(b)),
             RemoveTarget::ID => serve!(RemoveTarget, |b| self.remove_target(b)),
+            flyfs_proto::wire::mgmt::GetSyncProgress::ID => {
+                match req.decode::<flyfs_proto::wire::mgmt::GetSyncProgress>() {
+                    Ok(_) => Reply::ok::<flyfs_proto::wire::mgmt::GetSyncProgress>(
+                        &self
+                            .sync_progress()
+                            .map(|syncs| flyfs_proto::wire::mgmt::GetSyncProgressRsp { syncs }),
+                        Bytes::new(),
+                    ),
+                    Err(reply) => reply,
+                }
+            }
             other => Reply::unknown_method(other),
         }
     }
@@ -982,8 +1033,97 @@ mod tests {
                     ..TargetReport::default()
                 }],
                 routing_version: RoutingVersion(0),
+                syncs: Vec::new(),
             })
             .await
+    }
+
+    /// The resync progress a node reports is handed on while its
+    /// successor syncs, and only then; a report for a member that is not
+    /// syncing, or from a node that sends nothing any more, is not.
+    #[tokio::test(start_paused = true)]
+    async fn resync_progress_is_handed_on_while_the_member_syncs() {
+        let service = MgmtService::open(Box::new(MemStore::new()), config())
+            .await
+            .expect("open");
+        build(&service).await;
+        service
+            .register_node(RegisterNodeReq {
+                node: NodeId(3),
+                addr: "127.0.0.1:7003".into(),
+            })
+            .await
+            .expect("register");
+        service
+            .create_target(CreateTargetReq {
+                target: TargetId(3),
+                node: NodeId(3),
+                disk: 0,
+            })
+            .await
+            .expect("target");
+        service
+            .add_chain_member(ChainMemberReq {
+                chain: ChainId(1),
+                target: TargetId(3),
+            })
+            .await
+            .expect("add");
+        let report = |n: u32, local, syncs| HeartbeatReq {
+            node: NodeId(n),
+            targets: vec![TargetReport {
+                target: TargetId(n.into()),
+                local,
+                ..TargetReport::default()
+            }],
+            syncs,
+            ..HeartbeatReq::default()
+        };
+        let progress = |target: u64, bytes_done| SyncProgress {
+            chain: ChainId(1),
+            target: TargetId(target),
+            chunks_done: bytes_done / 10,
+            chunks_total: 10,
+            bytes_done,
+            bytes_total: 100,
+        };
+        heartbeat(&service, 1).await.expect("heartbeat 1");
+        heartbeat(&service, 2).await.expect("heartbeat 2");
+        service
+            .heartbeat(report(3, LocalState::Online, Vec::new()))
+            .await
+            .expect("heartbeat 3");
+        service.tick().await.expect("tick");
+        let state = |service: &MgmtService| service.routing().target(TargetId(3)).map(|t| t.state);
+        assert_eq!(state(&service), Some(PublicState::Syncing));
+        // Node 2 (the tail before) syncs target 3; node 1 claims a resync
+        // of target 2, which serves.
+        for done in [0, 40, 100] {
+            service
+                .heartbeat(report(2, LocalState::UpToDate, vec![progress(3, done)]))
+                .await
+                .expect("heartbeat 2");
+            service
+                .heartbeat(report(1, LocalState::UpToDate, vec![progress(2, 50)]))
+                .await
+                .expect("heartbeat 1");
+            assert_eq!(service.sync_progress(), Ok(vec![progress(3, done)]));
+        }
+        service
+            .heartbeat(report(3, LocalState::UpToDate, Vec::new()))
+            .await
+            .expect("heartbeat 3");
+        service.tick().await.expect("tick");
+        assert_eq!(state(&service), Some(PublicState::Serving));
+        assert_eq!(service.sync_progress(), Ok(Vec::new()));
+        // A node that stops reporting a resync drops it.
+        for n in [1, 2] {
+            service
+                .heartbeat(report(n, LocalState::UpToDate, Vec::new()))
+                .await
+                .expect("heartbeat");
+        }
+        assert!(service.syncs.lock().values().all(Vec::is_empty));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1079,6 +1219,7 @@ mod tests {
                 addr: "127.0.0.1:7009".into(),
                 targets: Vec::new(),
                 routing_version: RoutingVersion(0),
+                syncs: Vec::new(),
             })
             .await
             .expect("heartbeat registers");

@@ -13,6 +13,7 @@
 //! * `sync.rs`: resync of a returning successor.
 //! * `scrub.rs`: the scrubber walking each engine, and the repair of rotten
 //!   chunks from a healthy replica.
+//! * `free.rs`: freeing the chunks of replicas the node no longer hosts.
 //! * `service.rs`: the RPC dispatch.
 //!
 //! The node decides everything from one immutable snapshot of the routing
@@ -21,6 +22,7 @@
 //! touches a request agrees on the chain's membership.
 
 mod channels;
+mod free;
 mod locks;
 mod read;
 mod scrub;
@@ -39,7 +41,7 @@ use flyfs_proto::ids::{
 };
 use flyfs_proto::wire::mgmt::{
     ChainInfo, ChainTarget, Heartbeat, HeartbeatReq, LocalState, PublicState, RoutingInfo,
-    TargetReport,
+    SyncProgress, TargetReport,
 };
 use flyfs_proto::wire::storage::{StorageError, WriteRsp};
 use flyfs_rpc::{CallOptions, Client, Credentials, Network};
@@ -48,6 +50,7 @@ use parking_lot::Mutex;
 
 pub use channels::ChannelLimits;
 use channels::Channels;
+pub use free::FreeStats;
 use locks::ChunkLocks;
 pub use scrub::{ScrubConfig, ScrubStats};
 
@@ -81,6 +84,9 @@ pub struct StorageConfig {
     pub overlap_prepare_and_forward: bool,
     /// Chunk metadata entries per page of a resync's dump.
     pub sync_page: u32,
+    /// Chunks of replicas this node no longer hosts (moved or drained away)
+    /// removed per heartbeat, at most (free.rs).
+    pub free_batch_chunks: usize,
     /// Bounds of each target's exactly-once memory.
     pub channel_limits: ChannelLimits,
     /// The scrubber's rate and the repairs it may run at once.
@@ -109,6 +115,7 @@ impl StorageConfig {
             forward_deadline: Duration::from_secs(30),
             overlap_prepare_and_forward: false,
             sync_page: 4096,
+            free_batch_chunks: 4096,
             channel_limits: ChannelLimits::default(),
             scrub: ScrubConfig::default(),
             clock: Arc::new(TokioClock::new()),
@@ -247,9 +254,14 @@ pub struct StorageNode<D: BlockDevice, N: Network> {
     started: Mutex<bool>,
     /// Resyncs running, by chain (this node syncs its successor).
     pub(crate) syncs: Mutex<BTreeMap<ChainId, TargetId>>,
+    /// How far each resync this node runs (or ran, while its successor is
+    /// still syncing) has come, by chain: reported in every heartbeat.
+    pub(crate) sync_progress: Mutex<BTreeMap<ChainId, SyncProgress>>,
     pub(crate) failpoints: FailPoints,
     /// The scrubbers' counters and the queue of repairs.
     pub(crate) scrub: scrub::Scrub,
+    /// Freeing the chunks of replicas no longer hosted here.
+    pub(crate) freeing: free::Freeing,
 }
 
 impl<D: BlockDevice, N: Network> std::fmt::Debug for StorageNode<D, N> {
@@ -361,8 +373,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             lease: Mutex::new(lease),
             started: Mutex::new(false),
             syncs: Mutex::new(BTreeMap::new()),
+            sync_progress: Mutex::new(BTreeMap::new()),
             failpoints: FailPoints::default(),
             scrub: scrub::Scrub::default(),
+            freeing: free::Freeing::default(),
         })
     }
 
@@ -403,6 +417,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 tracing::debug!(node = ?self.config.node, "heartbeat failed: {e}");
             }
             self.clone().start_syncs();
+            self.clone().start_free();
         }
     }
 
@@ -427,6 +442,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             addr: self.config.addr.clone(),
             targets: reports,
             routing_version,
+            syncs: self.sync_reports(),
         };
         let rsp = self
             .managers
@@ -461,6 +477,26 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             self.install(routing);
         }
         Ok(())
+    }
+
+    /// The progress of this node's resyncs whose successor the routing
+    /// still shows syncing; the others are dropped.
+    fn sync_reports(&self) -> Vec<SyncProgress> {
+        let routing = self.routing();
+        let mut progress = self.sync_progress.lock();
+        progress.retain(|chain, p| {
+            routing.chain(*chain).is_some_and(|c| {
+                c.targets
+                    .iter()
+                    .any(|m| m.target == p.target && m.state == PublicState::Syncing)
+            })
+        });
+        progress.values().copied().collect()
+    }
+
+    /// How far this node's resyncs have come (see [`SyncProgress`]).
+    pub fn sync_progress(&self) -> Vec<SyncProgress> {
+        self.sync_progress.lock().values().copied().collect()
     }
 
     /// What each hosted target reports to the manager.
@@ -511,7 +547,7 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             let mut targets = self.targets.lock();
             // A target taken out of its chain (or forgotten) is served no
             // more: requests find no target for the chain, as on a node
-            // that never held one. Its chunks stay on the device.
+            // that never held one. Its chunks are freed later (free.rs).
             targets.retain(|chain, target| {
                 let member = routing.target(target.id).is_some_and(|t| t.chain == Some(*chain));
                 if !member {
@@ -537,6 +573,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         tracing::error!(target = ?info.id, disk = info.disk, "target on a poisoned engine: offline");
                         Local::Failed
                     } else if first {
+                        Local::Restarting
+                    } else if self.freeing.active.lock().contains(&(info.disk, chain)) {
+                        // A batch is removing this chain's chunks from
+                        // this disk (an earlier replica's): answer nothing
+                        // until it ends, then return through a resync.
+                        tracing::info!(target = ?info.id, ?chain, "placed where an earlier replica is being freed: restarting");
                         Local::Restarting
                     } else {
                         Local::UpToDate
@@ -609,7 +651,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             let next = match (*local, state) {
                 // The manager has seen us go: from now on we are a returning
                 // target, to be synced (or, as the last server, revived).
-                (Local::Restarting, PublicState::Offline | PublicState::LastSrv) => {
+                // Not while a batch frees an earlier replica's chunks of the
+                // chain on this disk (free.rs): the resync must list what
+                // stays.
+                (Local::Restarting, PublicState::Offline | PublicState::LastSrv)
+                    if !self.freeing(target.disk, target.chain) =>
+                {
                     Local::NeedsSync
                 }
                 // Self-fencing: the manager no longer counts this target as

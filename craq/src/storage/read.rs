@@ -324,18 +324,28 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     }
 
     pub(crate) fn space(&self) -> SpaceRsp {
+        let stray = self.stray_chains();
         let disks = self
             .engines
             .iter()
             .enumerate()
             .map(|(disk, engine)| {
                 let space = engine.space();
+                let freeing = stray
+                    .iter()
+                    .filter(|(on, _)| *on as usize == disk)
+                    .map(|(_, chain)| engine.chain_usage(*chain))
+                    .fold((0, 0), |(chunks, bytes), usage| {
+                        (chunks + usage.chunks, bytes + usage.used_bytes)
+                    });
                 DiskSpace {
                     disk: disk as u32,
                     data_bytes: space.data_bytes,
                     allocated_bytes: space.allocated_bytes,
                     committed_chunks: space.committed_chunks,
                     poisoned: engine.poisoned().is_some(),
+                    freeing_chunks: freeing.0,
+                    freeing_bytes: freeing.1,
                 }
             })
             .collect();

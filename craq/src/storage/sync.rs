@@ -20,7 +20,7 @@ use bytes::Bytes;
 use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, ReadRequest};
 use flyfs_proto::ids::{ChainId, ChainVersion, ChunkId, TargetId};
-use flyfs_proto::wire::mgmt::PublicState;
+use flyfs_proto::wire::mgmt::{PublicState, SyncProgress};
 use flyfs_proto::wire::storage::{
     Channel, ChunkMetaInfo, DumpMeta, DumpMetaReq, Forward, ForwardOp, ForwardReq, StorageError,
     SyncDone, SyncDoneReq, WriteRsp,
@@ -114,12 +114,45 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         drop(place.target.inflight.write().await);
         let remote = self.dump_remote(place, &addr).await?;
         let engine = self.engine(&place.target);
-        let mut todo: Vec<ChunkId> = engine
+        let mine: Vec<ChunkMetaInfo> = engine
             .chunks(chain, .., usize::MAX)
             .iter()
             .filter_map(meta_info)
-            .map(|m| m.chunk)
             .collect();
+        // What differs now is what the progress counts: each chunk's bytes
+        // are done once the loop below has dealt with it, sent or not (a
+        // write may have brought the successor up to date meanwhile).
+        let planned: BTreeMap<ChunkId, u64> = mine
+            .iter()
+            .filter(|m| {
+                remote
+                    .get(&m.chunk)
+                    .is_none_or(|t| (t.version, t.crc, t.len) != (m.version, m.crc, m.len))
+            })
+            .map(|m| (m.chunk, u64::from(m.len)))
+            .collect();
+        // A resync of the same successor that ran before (abandoned, or
+        // finished while the manager had not yet marked it serving) counts
+        // on from what it did, so the progress never goes back.
+        let mut progress = {
+            let mut all = self.sync_progress.lock();
+            let before = all
+                .get(&chain)
+                .filter(|p| p.target == successor)
+                .copied()
+                .unwrap_or_default();
+            let progress = SyncProgress {
+                chain,
+                target: successor,
+                chunks_done: before.chunks_done,
+                chunks_total: before.chunks_done + planned.len() as u64,
+                bytes_done: before.bytes_done,
+                bytes_total: before.bytes_done + planned.values().sum::<u64>(),
+            };
+            all.insert(chain, progress);
+            progress
+        };
+        let mut todo: Vec<ChunkId> = mine.iter().map(|m| m.chunk).collect();
         let mut report = SyncReport {
             compared: todo.len() as u64,
             ..SyncReport::default()
@@ -143,6 +176,11 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 Transfer::Same => {}
                 Transfer::Sent => report.transferred += 1,
                 Transfer::Removed => report.removed += 1,
+            }
+            if let Some(bytes) = planned.get(&chunk) {
+                progress.chunks_done += 1;
+                progress.bytes_done += bytes;
+                self.sync_progress.lock().insert(chain, progress);
             }
         }
         // The exactly-once memory goes in pages, the last one ending the

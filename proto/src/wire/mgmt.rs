@@ -274,6 +274,46 @@ pub struct HeartbeatReq {
     /// member out of the write path only once its node holds a version
     /// showing it unreadable (or has been silent past the failure timeout).
     pub routing_version: RoutingVersion,
+    /// The resyncs this node runs as the source (absent from an older node,
+    /// and when it runs none): how far each has come. The manager keeps the
+    /// last report of each node in memory only, for the admin commands
+    /// ([`GetSyncProgress`]); at most [`SYNCS_REPORTED_MAX`] are kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub syncs: Vec<SyncProgress>,
+}
+
+/// At most this many resyncs of one node's heartbeat are kept (a node
+/// syncs at most one successor per chain it serves in).
+pub const SYNCS_REPORTED_MAX: usize = 4096;
+
+/// How far one resync has come, as its source counts it: the chunks that
+/// differed at the successor when the resync compared them, and their
+/// bytes (the source's committed lengths), with how many of them it has
+/// dealt with. `bytes_done` ends at `bytes_total` when the resync has gone
+/// through every chunk; writes arriving meanwhile reach the successor
+/// directly and are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncProgress {
+    pub chain: ChainId,
+    /// The successor being filled.
+    pub target: TargetId,
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetSyncProgressReq {}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetSyncProgressRsp {
+    /// The last progress each live node reported, for targets that are
+    /// still syncing members of the chain named.
+    pub syncs: Vec<SyncProgress>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -654,6 +694,13 @@ method!(
     /// Admin: forget a target that belongs to no chain.
     RemoveTarget = 317, RemoveTargetReq => Result<(), MgmtError>,
     roles Roles::ADMIN
+);
+method!(
+    /// The resyncs under way and how far each has come, from the storage
+    /// nodes' last heartbeats (not part of the record: a manager that just
+    /// took over knows them after one heartbeat interval).
+    GetSyncProgress = 318, GetSyncProgressReq => Result<GetSyncProgressRsp, MgmtError>,
+    roles Roles::ALL
 );
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ macro_rules! every_method {
             mgmt::AddChainMember,
             mgmt::RemoveChainMember,
             mgmt::RemoveTarget,
+            mgmt::GetSyncProgress,
             meta::Statfs,
             meta::Stat,
             meta::Lookup,

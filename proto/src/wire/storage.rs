@@ -431,6 +431,12 @@ pub struct DiskSpace {
     /// Whether the device's engine refuses writes after a failed write or
     /// flush.
     pub poisoned: bool,
+    /// Chunks (and the sum of their lengths) of replicas the node no longer
+    /// hosts on this device, moved or drained away, that it is freeing
+    /// (included in the figures above). 0 from an older node, which never
+    /// frees them.
+    pub freeing_chunks: u64,
+    pub freeing_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
