@@ -27,6 +27,9 @@ use super::{Place, StorageNode};
 /// newer version was committed meanwhile, so this bounds only a storm).
 const READ_ATTEMPTS: usize = 8;
 
+/// Reads of one batch a replica runs at once.
+const BATCH_READS_IN_FLIGHT: usize = 16;
+
 /// The answer for a chunk a repair has removed and not yet rewritten.
 fn repairing(place: &Place, chunk: ChunkId) -> StorageError {
     StorageError::NotServing {
@@ -53,10 +56,20 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// after item, as one part per item: none is copied to join them (over
     /// RDMA each part is its own RDMA WRITE into the client's buffer).
     pub(crate) async fn batch_read(&self, req: BatchReadReq) -> (BatchReadRsp, Vec<Bytes>) {
+        // BATCH_READS_IN_FLIGHT of the items' reads at a time run together:
+        // one after another, a batch of chunks waited for each device read
+        // before asking for the next. The bytes a batch holds are bounded
+        // by `BatchReadReq::BYTES_MAX` either way.
+        let mut reads = Vec::with_capacity(req.items.len());
+        for group in req.items.chunks(BATCH_READS_IN_FLIGHT) {
+            reads.extend(
+                futures::future::join_all(group.iter().map(|item| self.read_one(item))).await,
+            );
+        }
         let mut results = Vec::with_capacity(req.items.len());
         let mut parts = Vec::with_capacity(req.items.len());
-        for item in &req.items {
-            match self.read_one(item).await {
+        for read in reads {
+            match read {
                 Ok((result, data)) => {
                     results.push(Ok(result));
                     parts.push(data);

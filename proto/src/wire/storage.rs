@@ -225,8 +225,9 @@ pub struct BatchReadReq {
 }
 
 impl BatchReadReq {
-    /// Items one batch may hold. A batch is served item after item by one
-    /// task, so this bounds the work one request can queue on a replica.
+    /// Items one batch may hold. A replica serves a batch's items a few at
+    /// a time, in one task, so this bounds the work one request can queue
+    /// on it.
     pub const ITEMS_MAX: usize = 4096;
     /// Bytes one batch may ask for (its items' lengths added up): the reply
     /// carries them as one payload, which must fit the default frame limit.
