@@ -59,9 +59,13 @@ use sim_support::{FAULT_KINDS, SimConfig, run_seed};
 /// 323 (with the two-step removal): a drain's new replica, learnt between
 /// two heartbeats by a node whose engine was poisoned, reported up to date
 /// (a target learnt on a poisoned engine is now offline from the start).
+/// 2624 (with the two-step removal): a write applied twice: its retry
+/// reached the middle replica, head by then, while its first attempt's
+/// forward still held the chunk lock there, and a truncate took the lock
+/// in between (the head now asks the channel table again under the lock).
 const PINNED: &[u64] = &[
     2, 8, 16, 21, 22, 23, 35, 56, 60, 79, 82, 85, 86, 87, 170, 323, 397, 420, 534, 704, 916, 1416,
-    1462, 1886, 4502, 4650, 12272,
+    1462, 1886, 2624, 4502, 4650, 12272,
 ];
 
 /// Runs every seed of `range`, prints how many faults of each kind fired,
@@ -209,13 +213,8 @@ fn many_journal_thread() {
 }
 
 /// Seeds that fail today, with what they found, each to be moved to
-/// `PINNED` once fixed (see `known_failing`).
-/// 2624 (found by `many` over 0..3000 with the two-step removal; passes on
-/// the code before it, whose run differs): a chunk's history on chain 1 is
-/// not linearizable after replace-targets of its live head (target 0, which
-/// fenced itself mid-write once out of the chain: "no target of chain 1 on
-/// this node") and of target 1, under a partition. Cause not found yet.
-const FAILING: &[u64] = &[2624];
+/// `PINNED` once fixed (see `known_failing`). None at the moment.
+const FAILING: &[u64] = &[];
 
 #[test]
 #[ignore = "runs the seeds of FAILING, which fail until their bugs are fixed"]
