@@ -213,8 +213,16 @@ fn many_journal_thread() {
 }
 
 /// Seeds that fail today, with what they found, each to be moved to
-/// `PINNED` once fixed (see `known_failing`). None at the moment.
-const FAILING: &[u64] = &[];
+/// `PINNED` once fixed (see `known_failing`).
+/// 4852 (found by the 10,000-seed run at c5882c3, docs/chaos.md): the
+/// cluster never returns to all serving. While the operator drained node 1,
+/// the manager's automatic replacement of targets 2 and 102 (node 2 down
+/// 3 s) put the new targets 1000001 and 1000002 on node 1, the node being
+/// drained, which then stopped; targets 2 and 102 came back and serve, and
+/// the two replacements stay in their chains as offline members for good
+/// (nothing gives a replacement up once the member it replaces serves
+/// again, and the manager does not know a node is being drained).
+const FAILING: &[u64] = &[4852];
 
 #[test]
 #[ignore = "runs the seeds of FAILING, which fail until their bugs are fixed"]
