@@ -222,7 +222,13 @@ fn many_journal_thread() {
 /// the two replacements stay in their chains as offline members for good
 /// (nothing gives a replacement up once the member it replaces serves
 /// again, and the manager does not know a node is being drained).
-const FAILING: &[u64] = &[4852];
+/// 3929 (the same run): the history of a chunk on chain 1 is not
+/// linearizable: after an acknowledged remove and three writes that made
+/// the chunk again, the final read returns 12030 bytes that fit no order,
+/// with every node crashed in between (one frozen at `AfterCommit`; the
+/// whole chain down) and no membership change. Likely the version reuse
+/// across a remove that docs/chaos.md's fourth soak left open; not traced.
+const FAILING: &[u64] = &[3929, 4852];
 
 #[test]
 #[ignore = "runs the seeds of FAILING, which fail until their bugs are fixed"]
