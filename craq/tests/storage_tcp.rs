@@ -1168,3 +1168,182 @@ async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
     }
     c.stop().await;
 }
+
+/// Sim seed 2624: a client's retry must not apply its write a second time
+/// at a replica that became head while the write's first attempt, forwarded
+/// to it by the head before, still held the chunk lock there, with another
+/// write queued between the two. The first attempt finishes there (and
+/// fills the channel table) while the retry waits for the lock; then the
+/// other write commits on top, so the chunk's version no longer names the
+/// retried request, and only the channel table, asked again under the lock,
+/// says it was applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_at_a_new_head_is_not_applied_again_after_its_forward() {
+    use flyfs_proto::ids::ChunkVersion;
+    use flyfs_proto::wire::mgmt::{ChainMemberReq, MgmtError, RemoveChainMember};
+    use flyfs_proto::wire::storage::{Forward, ForwardOp, ForwardReq};
+    let mut c = Cluster::start().await;
+    let chain = ChainId(1);
+    let chunk = ChunkId::new(30, 0);
+    c.client
+        .write(chain, chunk, 0, data(1, 4096), CHUNK)
+        .await
+        .expect("first version");
+    let before = c.version();
+    // Node 0's head forwards the first attempt of a write to node 1 (the
+    // test speaks as node 0); the tail, node 2, freezes on it, so node 1
+    // holds the chunk's lock.
+    c.nodes[2].failpoints().arm(FailPoint::AfterPending);
+    let as_node0 = Arc::new(Client::new(
+        Tcp,
+        Default::default(),
+        testing::storage(NodeId(0)),
+    ));
+    let written = data(2, 4096);
+    let channel = Channel {
+        client: ClientId(5),
+        id: 1,
+        seq: 1,
+    };
+    let forward = |req: ForwardReq, payload: Bytes| {
+        let rpc = as_node0.clone();
+        let addr = c.addr(1);
+        tokio::spawn(async move {
+            let options = CallOptions {
+                timeout: Duration::from_secs(60),
+                ..CallOptions::default()
+            };
+            rpc.call::<Forward>(&addr, &req, payload, &options)
+                .await
+                .map(|(rsp, _)| rsp)
+        })
+    };
+    let first = forward(
+        ForwardReq {
+            chain,
+            chain_version: before,
+            chunk,
+            version: ChunkVersion(2),
+            op: ForwardOp::Write {
+                offset: 0,
+                crc: crc32c::crc32c(&written),
+            },
+            chunk_size: CHUNK,
+            channel,
+            sync: false,
+        },
+        written.clone(),
+    );
+    while !c.nodes[2].failpoints().hit() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Another client's truncate comes the same way and queues for the lock
+    // at node 1: sent twice, one copy is answered "in progress" once the
+    // other is past the check of in-flight forwards, right before the lock.
+    let truncate = ForwardReq {
+        chain,
+        chain_version: before,
+        chunk,
+        version: ChunkVersion(3),
+        op: ForwardOp::Truncate { len: 100 },
+        chunk_size: CHUNK,
+        channel: Channel {
+            client: ClientId(6),
+            id: 1,
+            seq: 1,
+        },
+        sync: false,
+    };
+    let mut copies = vec![
+        forward(truncate.clone(), Bytes::new()),
+        forward(truncate, Bytes::new()),
+    ];
+    let queued = loop {
+        if let Some(at) = copies.iter().position(|copy| copy.is_finished()) {
+            let answer = copies.swap_remove(at).await.expect("join");
+            assert!(
+                matches!(answer, Ok(Err(StorageError::InProgress { .. }))),
+                "{answer:?}"
+            );
+            break copies.pop().expect("the other copy");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Node 0's target leaves the chain (its node has seen it stop serving):
+    // node 1 is the head.
+    let req = ChainMemberReq {
+        chain,
+        target: TargetId(0),
+    };
+    loop {
+        match call::<RemoveChainMember>(&c.admin, &c.mgmt, &req, Bytes::new()).await {
+            Ok(()) => break,
+            Err(MgmtError::Unavailable { .. }) => {}
+            Err(e) => panic!("remove target 0: {e}"),
+        }
+    }
+    let head = loop {
+        let routing = c.nodes[1].routing();
+        let info = routing.chain(chain).expect("chain 1");
+        if info.targets.iter().all(|m| m.target != TargetId(0)) {
+            break info.version;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // The client, whose first attempt failed at the old head, retries at
+    // the new one: the first attempt has not finished there, so the retry
+    // waits for the lock, behind the truncate.
+    let retry = {
+        let rpc = Client::new(Tcp, Default::default(), testing::client());
+        let addr = c.addr(1);
+        let req = WriteReq {
+            chain,
+            chain_version: head,
+            chunk,
+            op: WriteOp::Write {
+                offset: 0,
+                crc: crc32c::crc32c(&written),
+            },
+            chunk_size: CHUNK,
+            channel,
+        };
+        let written = written.clone();
+        tokio::spawn(async move {
+            let options = CallOptions {
+                timeout: Duration::from_secs(60),
+                ..CallOptions::default()
+            };
+            rpc.call::<Write>(&addr, &req, written, &options)
+                .await
+                .map(|(rsp, _)| rsp)
+        })
+    };
+    // Node 2 dies with the frozen write; once the manager takes its target
+    // out of the write path, node 1 is the tail and everything commits in
+    // the lock's order: the first attempt, the truncate, the retry.
+    c.beats[2].abort();
+    c.servers.remove(3).shutdown().await;
+    let first = first.await.expect("join").expect("rpc");
+    first.expect("the first attempt commits at node 1");
+    let truncated = queued.await.expect("join").expect("rpc");
+    truncated.expect("the truncate commits on top");
+    let retried = retry.await.expect("join").expect("rpc").expect("retry");
+    assert_eq!(
+        retried.version,
+        ChunkVersion(2),
+        "the retry was applied again (on top of the truncate) instead of answered as the \
+         first attempt: {retried:?}"
+    );
+    c.client.refresh_routing().await.expect("routing");
+    let now = c.version();
+    let read = c
+        .read_at_version(1, chain, now, chunk)
+        .await
+        .expect("read at the new head");
+    assert!(
+        same(&read, &written[..100]),
+        "the chunk is not the truncate's: {} bytes",
+        read.len()
+    );
+    c.stop().await;
+}

@@ -205,6 +205,19 @@ impl Channels {
         table.shrink(&self.limits);
     }
 
+    /// The result of `channel`'s request if this table holds it as
+    /// finished: a write that began here may have been finished meanwhile by
+    /// another copy of it (the same write forwarded to this replica by a
+    /// head it replaced), which the head path looks for once it holds the
+    /// chunk lock.
+    pub fn answer(&self, channel: Channel) -> Option<WriteRsp> {
+        let table = self.table.lock();
+        match table.clients.get(&channel.client)?.slots.get(&channel.id)? {
+            Slot::Finished { seq, result } if *seq == channel.seq => Some(*result),
+            _ => None,
+        }
+    }
+
     /// Every finished request, for a resync to hand on.
     pub fn finished(&self) -> Vec<(Channel, WriteRsp)> {
         let table = self.table.lock();
