@@ -237,6 +237,26 @@ impl Channels {
         finished
     }
 
+    /// Forgets the finished write `channel` names, if this table holds it:
+    /// what it made is gone (a resync undid it), so its retry must run again
+    /// rather than be answered as done.
+    pub fn forget_finished(&self, channel: Channel) {
+        let mut table = self.table.lock();
+        let Table { clients, slots, .. } = &mut *table;
+        let Some(client) = clients.get_mut(&channel.client) else {
+            return;
+        };
+        if let Some(Slot::Finished { seq, .. }) = client.slots.get(&channel.id)
+            && *seq == channel.seq
+        {
+            client.slots.remove(&channel.id);
+            *slots -= 1;
+            if client.slots.is_empty() {
+                clients.remove(&channel.client);
+            }
+        }
+    }
+
     /// Forgets a running write that failed, so that its retry runs again.
     pub fn fail(&self, channel: Channel) {
         let mut table = self.table.lock();

@@ -343,6 +343,22 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                 }
             }
         }
+        // A resync that removes or replaces this replica's version undoes
+        // the write that made it: the exactly-once memory of that write
+        // goes too, or its client's retry would be answered as done with
+        // nothing of it left (sim seed 3929: a head's prepared write,
+        // recovered after a crash and remembered from its record, removed
+        // by the resync that followed, then its retry answered from memory).
+        // The predecessor's memory comes after the chunks (`sync_done`).
+        if req.sync
+            && matches!(req.op, ForwardOp::Remove | ForwardOp::Replace { .. })
+            && let Some(meta) = committed
+            && meta.client.0 != 0
+        {
+            target
+                .channels
+                .forget_finished(channel_of(meta.client, meta.request));
+        }
         tracing::debug!(target_id = ?target.id, chunk = ?req.chunk, channel = %req.channel, version = ?req.version, ?have, op = ?req.op, sync = req.sync, "forwarded write");
         let update = Update {
             chunk: req.chunk,
