@@ -887,6 +887,22 @@ async fn chain_requests_come_only_from_the_predecessor() {
     c.stop().await;
 }
 
+/// What node `node` answers to `storage.Space`.
+async fn space_of(c: &Cluster, node: usize) -> flyfs_proto::wire::storage::SpaceRsp {
+    use flyfs_proto::wire::storage::{Space, SpaceReq};
+    let (space, _) = c
+        .admin
+        .call::<Space>(
+            &c.addr(node),
+            &SpaceReq {},
+            Bytes::new(),
+            &CallOptions::default(),
+        )
+        .await
+        .expect("space");
+    space
+}
+
 /// Waits until `done` holds, polling; panics with `what` after 20 s.
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -912,7 +928,6 @@ async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
         AddChainMember, ChainMemberReq, GetSyncProgress, GetSyncProgressReq, MgmtError,
         RemoveChainMember, RemoveTarget, RemoveTargetReq,
     };
-    use flyfs_proto::wire::storage::{Space, SpaceReq};
     const CHUNKS: u64 = 120;
     // Whole 64 KiB chunks, so that the resync below takes several
     // heartbeats and its progress is seen between its ends.
@@ -993,16 +1008,7 @@ async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
         c.nodes[1].free_stats().freed_chunks >= 4
     })
     .await;
-    let (space, _) = c
-        .admin
-        .call::<Space>(
-            &c.addr(1),
-            &SpaceReq {},
-            Bytes::new(),
-            &CallOptions::default(),
-        )
-        .await
-        .expect("space");
+    let space = space_of(&c, 1).await;
     let left = usage(&c, 1, 0, 1).chunks;
     assert!(
         left > 0 && left < CHUNKS,
@@ -1044,16 +1050,7 @@ async fn a_removed_replicas_chunks_are_freed_once_its_target_is_forgotten() {
     );
     assert!(stats.batches >= stats.freed_chunks / 4, "{stats:?}");
     assert_eq!(c.nodes[1].engines()[0].space().allocated_bytes, 0);
-    let (space, _) = c
-        .admin
-        .call::<Space>(
-            &c.addr(1),
-            &SpaceReq {},
-            Bytes::new(),
-            &CallOptions::default(),
-        )
-        .await
-        .expect("space");
+    let space = space_of(&c, 1).await;
     assert_eq!(
         (
             space.disks[0].freeing_chunks,
