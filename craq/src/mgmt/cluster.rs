@@ -1015,6 +1015,33 @@ impl Cluster {
             self.offline_since.entry(*target).or_insert(now);
         }
 
+        // A replacement whose new member has itself been offline that long
+        // (its node died or was drained away before the resync filled it)
+        // is given up: the new member leaves and is forgotten, so that the
+        // chain is not left waiting for it forever and may get another
+        // replacement (sim seed 4852). Only while another member serves:
+        // otherwise the chain keeps everything it has.
+        let stalled: Vec<(TargetId, ChainId)> = self
+            .record
+            .targets
+            .iter()
+            .filter_map(|(id, record)| Some((*id, record.chain?, record.replaces?)))
+            .filter(|(id, _, _)| {
+                self.offline_since
+                    .get(id)
+                    .is_some_and(|since| now.saturating_sub(*since) >= after)
+            })
+            .map(|(id, chain, _)| (id, chain))
+            .collect();
+        for (new, chain) in stalled {
+            if !matches!(self.remove_chain_member(chain, new, now), Ok(Leave::Done)) {
+                continue;
+            }
+            let _ = self.remove_target(new);
+            self.bump();
+            tracing::warn!(?chain, ?new, offline_for = ?after, "automatic replacement given up: the new member is offline too");
+        }
+
         let finished: Vec<(TargetId, ChainId, TargetId)> = self
             .record
             .targets
