@@ -94,9 +94,24 @@ pub struct EngineArgs {
     /// Skip the engine's phases (with `--raw-offset`: only the raw jobs).
     #[arg(long)]
     raw_only: bool,
+    /// Journal batches in flight at once (the engine's `journal_depth`;
+    /// default the engine's).
+    #[arg(long)]
+    journal_depth: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl EngineArgs {
+    /// The engine's configuration for this run.
+    fn engine_config(&self) -> EngineConfig {
+        let mut config = EngineConfig::default();
+        if let Some(depth) = self.journal_depth {
+            config.journal_depth = depth;
+        }
+        config
+    }
 }
 
 /// One raw device job's outcome.
@@ -344,11 +359,11 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let results = runtime.block_on(async {
-        let engine = match Engine::open(dev.clone(), pool.clone(), EngineConfig::default()).await {
+        let engine = match Engine::open(dev.clone(), pool.clone(), args.engine_config()).await {
             Ok(engine) => engine,
             Err(EngineError::NotFormatted { .. }) => {
                 Engine::format(&dev, &FormatOptions::default()).await?;
-                Engine::open(dev.clone(), pool.clone(), EngineConfig::default()).await?
+                Engine::open(dev.clone(), pool.clone(), args.engine_config()).await?
             }
             Err(error) => return Err(anyhow::Error::from(error)),
         };
@@ -387,7 +402,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
         // patches; reopening it at the end writes every patch still in the
         // journal into its chunk, which those writes must be charged for.
         drop(engine);
-        let mut config = EngineConfig::default();
+        let mut config = args.engine_config();
         if args.no_patches {
             config.patch_bytes_max = 0;
         }

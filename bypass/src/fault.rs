@@ -48,6 +48,7 @@ struct FaultShared {
     rules: Mutex<Vec<Fault>>,
     rng: Mutex<ChaCha8Rng>,
     injected: AtomicU64,
+    flush_yields: std::sync::atomic::AtomicBool,
 }
 
 enum Verdict {
@@ -66,6 +67,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
                 rules: Mutex::new(Vec::new()),
                 rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
                 injected: AtomicU64::new(0),
+                flush_yields: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -95,6 +97,15 @@ impl<D: BlockDevice> FaultyDevice<D> {
 
     pub fn inner(&self) -> &D {
         &self.inner
+    }
+
+    /// Makes every flush first yield once to its executor, before the rules
+    /// judge it: a flush of an in-memory device otherwise completes on its
+    /// first poll, and a flush that takes time, as a real device's does, is
+    /// what lets a journal write its next batch while this one's flush is
+    /// outstanding, so that a power cut finds both unflushed.
+    pub fn set_flush_yields(&self, on: bool) {
+        self.shared.flush_yields.store(on, Ordering::SeqCst);
     }
 
     fn judge(&self, op: IoOp, range: Range<u64>) -> Verdict {
@@ -195,6 +206,18 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
+        if self.shared.flush_yields.load(Ordering::SeqCst) {
+            let mut yielded = false;
+            std::future::poll_fn(|cx| {
+                if yielded {
+                    return std::task::Poll::Ready(());
+                }
+                yielded = true;
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            })
+            .await;
+        }
         match self.judge(IoOp::Flush, 0..u64::MAX) {
             Verdict::Pass | Verdict::Corrupt(_) => self.inner.flush().await,
             Verdict::Fail => Err(self.error(IoOp::Flush, 0, 0)),

@@ -93,6 +93,26 @@ impl MemDevice {
         }
     }
 
+    /// An independent device holding what this one holds now, durable and
+    /// unflushed alike: a test can play a power cut on the copy (`crash`)
+    /// while an engine goes on running on the original, for instance with
+    /// I/O still held in flight.
+    pub fn fork(&self) -> MemDevice {
+        let state = self.inner.state.lock();
+        MemDevice {
+            inner: Arc::new(MemInner {
+                name: self.inner.name.clone(),
+                geometry: self.inner.geometry,
+                state: Mutex::new(MemState {
+                    current: state.current.clone(),
+                    durable: state.durable.clone(),
+                    unflushed: state.unflushed.clone(),
+                    stats: MemStats::default(),
+                }),
+            }),
+        }
+    }
+
     /// Plays a power cut: each unflushed sector keeps, at random (seeded), its
     /// durable contents or one of its unflushed versions; everything not
     /// durable is then forgotten. Returns how many sectors were unflushed.

@@ -40,6 +40,13 @@ pub struct EngineConfig {
     pub checkpoint_percent: u8,
     /// Who writes journal batches and checkpoints.
     pub journal: JournalMode,
+    /// Most journal batches on their way to the device at once (thread mode,
+    /// format version 5): a batch is written and flushed as soon as the one
+    /// before it is in flight, so commits arriving during a flush wait for
+    /// one flush, not for the rest of the current one and then their own.
+    /// Capped at `JOURNAL_DEPTH_MAX` (4); 1 writes batches strictly one
+    /// after another, as inline mode and older devices always do. Default 2.
+    pub journal_depth: usize,
     /// Where commit timestamps come from: the wall clock in production,
     /// tokio's simulated time in the deterministic simulation.
     pub clock: Arc<dyn Clock>,
@@ -95,6 +102,7 @@ impl Default for EngineConfig {
             batch_bytes_max: 1 << 20,
             checkpoint_percent: 50,
             journal: JournalMode::default(),
+            journal_depth: 2,
             clock: Arc::new(WallClock),
             verify_reads: true,
             block_crc_cache_blocks: 1024,

@@ -21,14 +21,26 @@ pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, HEADER_BYTES / 2];
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FLYFSCE\0";
 /// Version 2 added the journal's Prepare record; version 3 the block-CRC
 /// region; version 4 the journal's Patch records (small updates whose bytes
-/// live in the journal until a checkpoint applies them in place). Devices of
-/// versions 1 to 3 are read as they are: their journals hold what a version 4
-/// journal may, and the engine writes no Patch record to them.
-pub const FORMAT_VERSION: u32 = 4;
+/// live in the journal until a checkpoint applies them in place); version 5
+/// lets several journal batches be in flight at once (see
+/// [`JOURNAL_DEPTH_MAX`]), which changes what recovery must check but not the
+/// layout. Older devices are read as they are: their journals hold what a
+/// version 5 journal may, the engine writes no Patch record to a device before
+/// version 4, and writes batches one at a time to one before version 5.
+pub const FORMAT_VERSION: u32 = 5;
 /// The first format version with a block-CRC region.
 pub const FORMAT_VERSION_BLOCK_CRCS: u32 = 3;
 /// The first format version whose journal may hold Patch records.
 pub const FORMAT_VERSION_PATCHES: u32 = 4;
+/// The first format version whose journal batches may be in flight together.
+pub const FORMAT_VERSION_PIPELINED: u32 = 5;
+/// Most journal batches in flight at once on a version 5 device. Any of them
+/// may have reached the medium while an older one did not, or while the data
+/// its records point at did not, so recovery checks the data of this many
+/// batches at the end of the log (docs/chunk-engine-format.md, "Pipelined
+/// batches"). At most 4: the batches in flight then span at most one lap
+/// of the journal (a batch is at most a quarter of it).
+pub const JOURNAL_DEPTH_MAX: usize = 4;
 /// The oldest format version this build still reads.
 pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const JOURNAL_MAGIC: u32 = u32::from_le_bytes(*b"FJNL");
@@ -355,6 +367,19 @@ impl Superblock {
     /// than meeting a record it cannot read.
     pub fn has_patches(&self) -> bool {
         self.format_version >= FORMAT_VERSION_PATCHES
+    }
+
+    /// How many journal batches may be in flight at once: up to
+    /// [`JOURNAL_DEPTH_MAX`] from format version 5, else one (an older build's
+    /// recovery checks only the last batch's data, so it must never meet a
+    /// device whose last few batches are in question; it refuses a version 5
+    /// device by its version).
+    pub fn journal_depth_max(&self) -> usize {
+        if self.format_version >= FORMAT_VERSION_PIPELINED {
+            JOURNAL_DEPTH_MAX
+        } else {
+            1
+        }
     }
 
     /// Blocks of the data region.
@@ -726,7 +751,15 @@ impl Record {
 
 /// Encodes a journal batch starting at log position `lsn` into `out`, which
 /// must hold [`batch_bytes`] bytes. Returns the batch's length on disk.
-pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]) -> usize {
+/// `in_flight` is how many older batches were still waiting for their flush
+/// when this one was written (format version 5; always 0 before).
+pub fn encode_batch(
+    format_id: u64,
+    lsn: u64,
+    in_flight: u16,
+    records: &[Record],
+    out: &mut [u8],
+) -> usize {
     let payload_len: usize = records.iter().map(Record::encoded_len).sum();
     let total = batch_bytes(payload_len);
     let (header, rest) = out[..total].split_at_mut(BATCH_HEADER_BYTES);
@@ -736,7 +769,7 @@ pub fn encode_batch(format_id: u64, lsn: u64, records: &[Record], out: &mut [u8]
     let mut h = Writer::new(header);
     h.u32(JOURNAL_MAGIC);
     h.u16(1);
-    h.u16(0);
+    h.u16(in_flight);
     h.u64(lsn);
     h.u32(payload_len as u32);
     h.u32(records.len() as u32);
@@ -807,6 +840,9 @@ pub struct BatchHeader {
     pub lsn: u64,
     pub payload_len: u32,
     pub record_count: u32,
+    /// Older batches still waiting for their flush when this one was written
+    /// (the header's flags field, format version 5).
+    pub in_flight: u16,
 }
 
 impl BatchHeader {
@@ -822,11 +858,12 @@ pub fn decode_batch_header(bytes: &[u8], lsn: u64, max_batch_bytes: usize) -> Op
     if r.u32().ok()? != JOURNAL_MAGIC || r.u16().ok()? != 1 {
         return None;
     }
-    r.u16().ok()?;
+    let in_flight = r.u16().ok()?;
     let header = BatchHeader {
         lsn: r.u64().ok()?,
         payload_len: r.u32().ok()?,
         record_count: r.u32().ok()?,
+        in_flight,
     };
     (header.lsn == lsn && header.total_bytes() <= max_batch_bytes).then_some(header)
 }
@@ -1270,7 +1307,7 @@ mod tests {
             }]),
         };
         let mut buf = vec![0u8; 4096];
-        encode_batch(v3.format_id, 0, std::slice::from_ref(&patch), &mut buf);
+        encode_batch(v3.format_id, 0, 0, std::slice::from_ref(&patch), &mut buf);
         let header = decode_batch_header(&buf, 0, 1 << 20).expect("header");
         let err = decode_batch(&buf, &header, &v3).expect_err("no patches before v4");
         assert!(err.to_string().contains("unknown record type"), "{err}");
@@ -1338,7 +1375,7 @@ mod tests {
             Record::Prepare(meta(3)),
         ];
         let mut buf = vec![0u8; 8192];
-        let n = encode_batch(sb.format_id, 8192, &records, &mut buf);
+        let n = encode_batch(sb.format_id, 8192, 0, &records, &mut buf);
         assert_eq!(n, 4096);
         let header = decode_batch_header(&buf, 8192, 1 << 20).expect("header");
         assert_eq!(decode_batch(&buf, &header, &sb), Ok(Some(records)));

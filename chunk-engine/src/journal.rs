@@ -6,12 +6,22 @@
 //! records are durable. While one batch is on its way to the device the next
 //! one fills up, which is what makes commits cheap under load.
 //!
-//! Batches are strictly serial: batch N+1 is written only after batch N's
-//! flush returned. Recovery relies on this: only the last batch in the log can
-//! be one whose flush never completed, so only its data needs checking. The
-//! holder of `Journal::writer` (an async mutex around the [`Writer`] state) is
-//! the only one that writes batches or checkpoints, which is what keeps them
-//! serial.
+//! The holder of `Journal::writer` (an async mutex around the [`Writer`]
+//! state) is the only one that writes batches or checkpoints. It publishes
+//! batches in log order, each once its own flush returned and every batch
+//! before it is published.
+//!
+//! On a device of format version 5, the journal thread keeps up to
+//! `EngineConfig::journal_depth` batches in flight ([`pipeline`]): batch N+1
+//! is written and flushed while batch N's flush has not returned, so a commit
+//! that arrives during a flush waits for one flush rather than for the rest
+//! of that one and then its own. Any batch in flight may then reach the
+//! medium before an older one, so recovery checks the data of the last
+//! `JOURNAL_DEPTH_MAX` batches it finds, not just the last, and restarts the
+//! log a lap past its end (see recovery.rs). Checkpoints are written with
+//! nothing in flight. Inline mode and older devices write batches strictly
+//! one after another (batch N+1 only after batch N's flush returned), so only
+//! the last batch in their log can be one whose flush never completed.
 //!
 //! Two drivers hold that role ([`crate::JournalMode`]):
 //!
@@ -59,12 +69,15 @@
 //! records of a dropped writer are never stranded while a committer waits.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use flyfs_bypass::{BlockDevice, block_on};
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::{MutexGuard, watch};
+use tokio::sync::{MutexGuard, Notify, watch};
 
 use crate::EngineError;
 use crate::config::JournalMode;
@@ -80,8 +93,11 @@ use crate::table::CheckpointPlan;
 /// to, the writer role, and what the writer has made durable.
 pub(crate) struct Journal {
     pub queue: Mutex<JournalQueue>,
-    /// Wakes the journal thread (thread mode only).
+    /// Wakes the journal thread when it is idle (thread mode only).
     pub queue_cv: Condvar,
+    /// Wakes the journal thread while it has batches in flight, so that
+    /// records queued meanwhile go out at once (thread mode only).
+    pub more: Notify,
     pub durable: watch::Sender<Durability>,
     /// The journal writer role: its holder alone writes batches and
     /// checkpoints. An async mutex, so that inline committers can wait for
@@ -113,6 +129,7 @@ impl Journal {
                 shutdown: false,
             }),
             queue_cv: Condvar::new(),
+            more: Notify::new(),
             durable: watch::Sender::new(Durability::default()),
             writer: tokio::sync::Mutex::new(Writer::new(cursor)),
             counters: Counters::default(),
@@ -153,6 +170,7 @@ pub(crate) struct Counters {
     pub checkpoints: AtomicU64,
     pub patches: AtomicU64,
     pub patch_layers_applied: AtomicU64,
+    pub overlapped_batches: AtomicU64,
 }
 
 impl Counters {
@@ -164,6 +182,7 @@ impl Counters {
             checkpoints: load(&self.checkpoints),
             patches: load(&self.patches),
             patch_layers_applied: load(&self.patch_layers_applied),
+            overlapped_batches: load(&self.overlapped_batches),
         }
     }
 }
@@ -239,6 +258,7 @@ pub(crate) async fn submit<D: BlockDevice>(
     match engine.config.journal {
         JournalMode::Thread => {
             engine.journal.queue_cv.notify_one();
+            engine.journal.more.notify_one();
         }
         JournalMode::Inline => write_inline(engine, &mut durable, seq).await,
     }
@@ -289,6 +309,10 @@ pub(crate) fn run<D: BlockDevice>(engine: Arc<OpenEngine<D>>) {
 fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
     // Uncontended: inline writers exist only in inline mode.
     let mut writer = block_on(engine.journal.writer.lock());
+    let depth = engine
+        .config
+        .journal_depth
+        .clamp(1, engine.device.sb.journal_depth_max());
     loop {
         {
             let mut queue = engine.journal.queue.lock();
@@ -307,7 +331,133 @@ fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
         {
             panic!("injected journal panic (test hook)");
         }
-        block_on(write_next(engine, &mut writer));
+        if depth > 1 {
+            if let Err(error) = block_on(pipeline(engine, &mut writer, depth)) {
+                fail(engine, &mut writer, Arc::from(error.to_string()));
+            }
+        } else {
+            block_on(write_next(engine, &mut writer));
+        }
+    }
+}
+
+/// A batch on its way to the device.
+struct InFlight<'a> {
+    records: Vec<Record>,
+    /// Log position after the batch.
+    end: u64,
+    /// Its write and flush; `done` once they finished.
+    io: Pin<Box<dyn Future<Output = Result<(), EngineError>> + 'a>>,
+    done: Option<Result<(), EngineError>>,
+}
+
+/// Thread mode on a version 5 device: writes what is queued with up to
+/// `depth` batches in flight, each written and flushed on its own, and
+/// publishes them in log order as their flushes return (a batch is durable
+/// once its own flush returned, and published once every batch before it
+/// is). Returns once nothing is queued or in flight; on an error the caller
+/// fails the journal, and the batches still in flight are abandoned (their
+/// I/O completes on its own: the `BlockDevice` contract).
+async fn pipeline<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    writer: &mut Writer,
+    depth: usize,
+) -> Result<(), EngineError> {
+    let journal_bytes = engine.device.sb.journal_bytes;
+    let mut flight: VecDeque<InFlight<'_>> = VecDeque::new();
+    // Records at the front of the queue that are in flight, and where the
+    // next batch goes.
+    let mut issued = 0;
+    let mut head = writer.cursor.head;
+    // A checkpoint is due: issue nothing more until the flight has landed.
+    let mut checkpoint_due = false;
+    loop {
+        while !checkpoint_due && flight.len() < depth {
+            let records = next_batch(engine, issued, None);
+            if records.is_empty() {
+                break;
+            }
+            #[cfg(feature = "testing")]
+            if engine
+                .journal
+                .panic_on_next_batch
+                .swap(false, Ordering::SeqCst)
+            {
+                panic!("injected journal panic (test hook)");
+            }
+            if let Some(reason) = engine.device.poisoned() {
+                return Err(EngineError::Poisoned {
+                    device: engine.device.name.clone(),
+                    reason,
+                });
+            }
+            let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
+            let lsn = place(head, bytes, journal_bytes);
+            if lsn + bytes - writer.cursor.tail > journal_bytes {
+                // The log would overrun its tail.
+                checkpoint_due = true;
+                break;
+            }
+            if !flight.is_empty() {
+                engine
+                    .journal
+                    .counters
+                    .overlapped_batches
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            issued += records.len();
+            head = lsn + bytes;
+            let io = Box::pin(write_and_flush_batch(
+                engine,
+                lsn,
+                bytes,
+                flight.len() as u16,
+                &records,
+            ));
+            flight.push_back(InFlight {
+                records,
+                end: head,
+                io,
+                done: None,
+            });
+        }
+        if flight.is_empty() {
+            if !checkpoint_due {
+                return Ok(());
+            }
+            checkpoint_noted(engine, writer).await?;
+            head = writer.cursor.head;
+            checkpoint_due = false;
+            continue;
+        }
+        // Wait for the oldest batch, or for more records while there is room
+        // for another batch. `notified` is created before the queue is read
+        // again, so a record queued after this point wakes us.
+        let room = !checkpoint_due && flight.len() < depth;
+        let mut notified = std::pin::pin!(engine.journal.more.notified());
+        std::future::poll_fn(|cx| {
+            for batch in flight.iter_mut().filter(|batch| batch.done.is_none()) {
+                if let Poll::Ready(result) = batch.io.as_mut().poll(cx) {
+                    batch.done = Some(result);
+                }
+            }
+            let oldest_done = flight.front().is_some_and(|batch| batch.done.is_some());
+            if oldest_done || (room && notified.as_mut().poll(cx).is_ready()) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        while flight.front().is_some_and(|batch| batch.done.is_some()) {
+            let batch = flight.pop_front().expect("checked above");
+            batch.done.expect("checked above")?;
+            issued -= batch.records.len();
+            publish_batch(engine, writer, &batch.records, batch.end);
+            if checkpoint_wanted(engine, writer) {
+                checkpoint_due = true;
+            }
+        }
     }
 }
 
@@ -394,18 +544,7 @@ pub(crate) async fn write_next<D: BlockDevice>(
         }
         // The batch is durable and acknowledged already, so a failing
         // checkpoint never fails a commit that is already safe.
-        let live = writer.cursor.head - writer.cursor.tail;
-        #[cfg(feature = "testing")]
-        let forced = engine
-            .journal
-            .checkpoint_after_next_batch
-            .swap(false, Ordering::SeqCst);
-        #[cfg(not(feature = "testing"))]
-        let forced = false;
-        if forced
-            || live * 100
-                > engine.device.sb.journal_bytes * u64::from(engine.config.checkpoint_percent)
-        {
+        if checkpoint_wanted(engine, writer) {
             checkpoint_noted(engine, writer).await?;
         }
         Ok(true)
@@ -418,6 +557,21 @@ pub(crate) async fn write_next<D: BlockDevice>(
             true
         }
     }
+}
+
+/// Whether a checkpoint should follow the batch just published: the live
+/// log has grown past `checkpoint_percent` of the journal (or a test asked).
+fn checkpoint_wanted<D: BlockDevice>(engine: &OpenEngine<D>, writer: &Writer) -> bool {
+    let live = writer.cursor.head - writer.cursor.tail;
+    #[cfg(feature = "testing")]
+    let forced = engine
+        .journal
+        .checkpoint_after_next_batch
+        .swap(false, Ordering::SeqCst);
+    #[cfg(not(feature = "testing"))]
+    let forced = false;
+    forced
+        || live * 100 > engine.device.sb.journal_bytes * u64::from(engine.config.checkpoint_percent)
 }
 
 /// Poisons the engine and fails every queued record: after a failed write
@@ -448,37 +602,11 @@ async fn write_batch<D: BlockDevice>(
     engine: &OpenEngine<D>,
     writer: &mut Writer,
 ) -> Result<bool, EngineError> {
-    let max_payload = engine
-        .config
-        .batch_bytes_max
-        .min(engine.device.sb.journal_bytes as usize / 4)
-        - BATCH_HEADER_BYTES;
-    // Read, not taken: the records stay queued until they are durable.
-    let records: Vec<Record> = {
-        let queue = engine.journal.queue.lock();
-        let count = match writer.abandoned {
-            Some(Abandoned::Batch { records }) => {
-                assert!(
-                    records <= queue.records.len(),
-                    "records of an abandoned batch left the queue"
-                );
-                records
-            }
-            _ => {
-                let mut payload = 0;
-                let mut count = 0;
-                for record in &queue.records {
-                    if count > 0 && payload + record.encoded_len() > max_payload {
-                        break;
-                    }
-                    payload += record.encoded_len();
-                    count += 1;
-                }
-                count
-            }
-        };
-        queue.records.iter().take(count).cloned().collect()
+    let abandoned = match writer.abandoned {
+        Some(Abandoned::Batch { records }) => Some(records),
+        _ => None,
     };
+    let records = next_batch(engine, 0, abandoned);
     if records.is_empty() {
         return Ok(false);
     }
@@ -494,8 +622,67 @@ async fn write_batch<D: BlockDevice>(
     let end = commit_batch(engine, writer, &records).await?;
     // The flush returned. No await from here to the end, so a cancelled
     // writer never leaves the batch durable but unapplied or still queued.
-    writer.cursor.head = end;
     writer.abandoned = None;
+    publish_batch(engine, writer, &records, end);
+    Ok(true)
+}
+
+/// The records of the next batch, read (not taken: they stay queued until
+/// they are durable) from the queue after its first `skip` records: as many
+/// as fit in a batch, or exactly `count` (the repeat of an abandoned batch).
+fn next_batch<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    skip: usize,
+    count: Option<usize>,
+) -> Vec<Record> {
+    let max_payload = engine
+        .config
+        .batch_bytes_max
+        .min(engine.device.sb.journal_bytes as usize / 4)
+        - BATCH_HEADER_BYTES;
+    let queue = engine.journal.queue.lock();
+    let count = match count {
+        Some(count) => {
+            assert!(
+                skip + count <= queue.records.len(),
+                "records of an abandoned batch left the queue"
+            );
+            count
+        }
+        None => {
+            let mut payload = 0;
+            let mut count = 0;
+            for record in queue.records.iter().skip(skip) {
+                if count > 0 && payload + record.encoded_len() > max_payload {
+                    break;
+                }
+                payload += record.encoded_len();
+                count += 1;
+            }
+            count
+        }
+    };
+    queue
+        .records
+        .iter()
+        .skip(skip)
+        .take(count)
+        .cloned()
+        .collect()
+}
+
+/// Publishes a batch whose flush returned, every batch before it published
+/// already: the log head moves past it, its records are applied to the
+/// engine's state and leave the front of the queue, and their committers
+/// learn they are durable. No await, so a cancelled writer never leaves a
+/// durable batch unapplied or still queued.
+fn publish_batch<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    writer: &mut Writer,
+    records: &[Record],
+    end: u64,
+) {
+    writer.cursor.head = end;
     engine
         .journal
         .counters
@@ -508,13 +695,13 @@ async fn write_batch<D: BlockDevice>(
         .fetch_add(records.len() as u64, Ordering::Relaxed);
     {
         let mut table = engine.table.lock();
-        for record in &records {
+        for record in records {
             table.apply(record, true);
         }
     }
     let durable_through = {
         let mut queue = engine.journal.queue.lock();
-        for record in &records {
+        for record in records {
             let queued = queue.records.pop_front();
             debug_assert_eq!(queued.as_ref(), Some(record), "only the writer dequeues");
         }
@@ -525,7 +712,6 @@ async fn write_batch<D: BlockDevice>(
         .journal
         .durable
         .send_modify(|d| d.records = durable_through);
-    Ok(true)
 }
 
 /// Writes `records` as one batch at the log head (checkpointing first if the
@@ -548,19 +734,42 @@ async fn commit_batch<D: BlockDevice>(
         lsn + bytes - cursor.tail <= journal_bytes,
         "journal batch overruns the checkpointed tail"
     );
-    let mut buf = engine.device.pool.alloc(bytes as usize);
-    let written = encode_batch(engine.device.sb.format_id, lsn, records, &mut buf);
-    debug_assert_eq!(written as u64, bytes);
-    engine
-        .device
-        .write_at(
-            engine.device.sb.journal_offset + lsn % journal_bytes,
-            buf,
-            || "journal batch".into(),
-        )
-        .await?;
-    engine.device.flush("journal batch").await?;
+    write_and_flush_batch(engine, lsn, bytes, 0, records).await?;
     Ok(lsn + bytes)
+}
+
+/// Encodes `records` as the batch of `bytes` at log position `lsn`, written
+/// while `in_flight` older batches wait for their flush, writes it and
+/// flushes: the batch is durable when this returns. The bytes are encoded
+/// before the first await, so the future holds no borrow of `records`.
+fn write_and_flush_batch<'a, D: BlockDevice>(
+    engine: &'a OpenEngine<D>,
+    lsn: u64,
+    bytes: u64,
+    in_flight: u16,
+    records: &[Record],
+) -> impl Future<Output = Result<(), EngineError>> + 'a {
+    let mut buf = engine.device.pool.alloc(bytes as usize);
+    let written = encode_batch(
+        engine.device.sb.format_id,
+        lsn,
+        in_flight,
+        records,
+        &mut buf,
+    );
+    debug_assert_eq!(written as u64, bytes);
+    async move {
+        let journal_bytes = engine.device.sb.journal_bytes;
+        engine
+            .device
+            .write_at(
+                engine.device.sb.journal_offset + lsn % journal_bytes,
+                buf,
+                || "journal batch".into(),
+            )
+            .await?;
+        engine.device.flush("journal batch").await
+    }
 }
 
 /// A checkpoint noted in `abandoned` while it runs, so that a cancelled one

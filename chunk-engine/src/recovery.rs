@@ -1,7 +1,9 @@
 //! Formatting a device, and opening one: superblock selection and repair,
 //! checkpoint selection, journal replay up to a torn or corrupt tail, the
-//! check of the last batch's data, and rebuilding the allocator.
+//! check of the data of the batches whose flush may not have returned, and
+//! rebuilding the allocator.
 
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -289,20 +291,7 @@ impl<D: BlockDevice> Engine<D> {
         }
 
         let loaded = load_checkpoint(&dev, &pool, &sb).await?;
-        let mut table = ChunkTable::new(Allocator::new(
-            sb.group_count,
-            sb.class_log2_min,
-            sb.class_log2_max,
-        ));
-        for meta in &loaded.entries {
-            table.apply(&Record::Put(*meta), false);
-        }
-        // The prepared patches the checkpoint carries, over their entries.
-        for record in &loaded.carried {
-            table.apply(record, false);
-        }
-        let replay =
-            replay_journal(&dev, &pool, &sb, loaded.header.journal_lsn, &mut table).await?;
+        let (mut table, replay) = replay_from(&dev, &pool, &sb, &loaded).await?;
         if let Some(needed) = loaded.needed_lsn
             && replay.end < needed
         {
@@ -344,7 +333,7 @@ impl<D: BlockDevice> Engine<D> {
             format_version = sb.format_version,
             chunks = table.committed.len(),
             batches = replay.batches,
-            discarded_tail = replay.discarded,
+            discarded_batches = replay.discarded,
             "chunk engine recovered"
         );
 
@@ -354,10 +343,14 @@ impl<D: BlockDevice> Engine<D> {
             flush_raw(&dev, "superblock").await?;
         }
 
-        // Checkpoint at once, past anything the replay discarded: from here on
-        // the log restarts at a position no stale batch can claim.
+        // Checkpoint at once, a lap past the end of the replay: from here on
+        // the log restarts at a position no stale batch can claim. Batches
+        // the replay discarded, and on a version 5 device batches that were
+        // in flight behind one that never landed, lie within a lap of it
+        // (a batch never overruns the checkpointed tail, which is before
+        // the end of the replay) and carry log positions below the restart.
         let cursor = Cursor {
-            head: replay.end,
+            head: restart_lsn(replay.end, sb.journal_bytes),
             tail: loaded.header.journal_lsn,
             checkpoint_sequence: loaded.sequence_max,
             checkpoint_slot: loaded.slot,
@@ -489,16 +482,88 @@ async fn read_checkpoint_payload<D: BlockDevice>(
     Ok(decode_checkpoint(&all, header, sb))
 }
 
+/// Where the log restarts after a replay that ended at `end`: at the start
+/// of the lap after the next one, so that every batch position a stale batch
+/// (from before `end + journal_bytes`) could claim is behind it.
+pub(crate) fn restart_lsn(end: u64, journal_bytes: u64) -> u64 {
+    end.next_multiple_of(journal_bytes) + journal_bytes
+}
+
 /// How the journal replay ended.
 struct Replay {
-    /// Log position after the last batch found (applied or discarded).
+    /// Log position after the last batch applied.
     end: u64,
+    /// Batches applied.
     batches: u64,
-    /// Whether the last batch was dropped because its data never became durable.
-    discarded: bool,
-    /// The block CRCs of the data the last batch points at, when it was
-    /// kept, by device offset: rewritten at open (see `batch_data_durable`).
+    /// Valid batches found (applied, or checked and not).
+    found: u64,
+    /// Batches found but dropped because their data (or an older batch's)
+    /// never became durable.
+    discarded: u64,
+    /// The block CRCs of the data the checked batches point at, by device
+    /// offset: rewritten at open (see `version_reads_back`).
     block_crcs: Vec<(u64, Vec<u32>)>,
+    /// The log position of the first checked batch whose data did not read
+    /// back: the replay must be redone, ending before it.
+    failed_at: Option<u64>,
+}
+
+/// The chunk table a checkpoint describes, with the journal after it
+/// replayed. A replay that finds a batch whose data never became durable is
+/// redone from the checkpoint, ending before that batch: dropping it can
+/// make older records the current ones, which must then be checked in
+/// turn. Each redo ends earlier, so there are at most as many as batches
+/// checked.
+async fn replay_from<D: BlockDevice>(
+    dev: &D,
+    pool: &BufferPool,
+    sb: &Superblock,
+    loaded: &LoadedCheckpoint,
+) -> Result<(ChunkTable, Replay), EngineError> {
+    let mut stop = None;
+    let mut found = None;
+    loop {
+        let mut table = ChunkTable::new(Allocator::new(
+            sb.group_count,
+            sb.class_log2_min,
+            sb.class_log2_max,
+        ));
+        for meta in &loaded.entries {
+            table.apply(&Record::Put(*meta), false);
+        }
+        // The prepared patches the checkpoint carries, over their entries.
+        for record in &loaded.carried {
+            table.apply(record, false);
+        }
+        let mut replay =
+            replay_journal(dev, pool, sb, loaded.header.journal_lsn, &mut table, stop).await?;
+        if let Some(needed) = loaded.needed_lsn
+            && replay.failed_at.is_none()
+            && replay.end < needed
+            && needed == restart_lsn(replay.end, sb.journal_bytes)
+        {
+            // The damaged newest checkpoint is the one an open wrote where it
+            // restarted the log, a lap past this replay's end: the log goes on
+            // from there.
+            let more = replay_journal(dev, pool, sb, needed, &mut table, stop).await?;
+            replay.batches += more.batches;
+            replay.found += more.found;
+            replay.block_crcs.extend(more.block_crcs);
+            replay.failed_at = more.failed_at;
+            replay.end = more.end;
+        }
+        let found = *found.get_or_insert(replay.found);
+        match replay.failed_at {
+            Some(at) => {
+                tracing::warn!(device = %dev.name(), lsn = at, "discarding journal batches from this one on: data they point at did not reach the medium");
+                stop = Some(at);
+            }
+            None => {
+                replay.discarded = found.saturating_sub(replay.batches);
+                return Ok((table, replay));
+            }
+        }
+    }
 }
 
 /// Reads the batch that claims log position `lsn`, if a valid one is there.
@@ -507,7 +572,7 @@ async fn read_batch<D: BlockDevice>(
     pool: &BufferPool,
     sb: &Superblock,
     lsn: u64,
-) -> Result<Option<(Vec<Record>, u64)>, EngineError> {
+) -> Result<Option<(Vec<Record>, u64, u16)>, EngineError> {
     let journal = sb.journal_bytes;
     let position = lsn % journal;
     let offset = sb.journal_offset + position;
@@ -525,7 +590,7 @@ async fn read_batch<D: BlockDevice>(
         first
     };
     match decode_batch(&full, &header, sb) {
-        Ok(Some(records)) => Ok(Some((records, total))),
+        Ok(Some(records)) => Ok(Some((records, total, header.in_flight))),
         Ok(None) => Ok(None),
         Err(source) => Err(EngineError::Corrupt {
             device: name(dev),
@@ -538,18 +603,40 @@ async fn read_batch<D: BlockDevice>(
 }
 
 /// Replays the journal from `start` into `table`, up to the first position
-/// holding no valid batch (a torn or never-written tail).
+/// holding no valid batch (a torn or never-written tail) or up to `stop`.
+///
+/// The batches at the end of the log whose flush may not have returned are
+/// the last one and the `in_flight` older ones its header names (format
+/// version 5; always just the last before): every batch before those was
+/// durable when the last was written. They were never acknowledged, and may
+/// point at data that did not reach the medium, or (pipelined) have landed
+/// while an older one did not. So once they are applied, the current
+/// version of every chunk they put data down for (a Put or Prepare) must
+/// read back with its checksum; the
+/// oldest of them holding the last record of a chunk that does not is
+/// reported in `failed_at`, and the caller replays again, stopping before it.
+///
+/// A batch that was durable never fails this: its records' data was written
+/// before it, so its flush made that durable, and a slot is reused only once
+/// a durable record released it, which would be a later record of the same
+/// chunk. A checkpoint that was cut short may have written Patch layers into
+/// a slot already; the check lays every layer up to the version over the
+/// slot's bytes, which gives the same bytes whichever of them are there.
 async fn replay_journal<D: BlockDevice>(
     dev: &D,
     pool: &BufferPool,
     sb: &Superblock,
     start: u64,
     table: &mut ChunkTable,
+    stop: Option<u64>,
 ) -> Result<Replay, EngineError> {
     let journal = sb.journal_bytes;
+    let depth = sb.journal_depth_max();
     let mut lsn = start;
     let mut batches = 0;
-    let mut last: Option<Vec<Record>> = None;
+    let mut seen = 0;
+    // The last `depth` batches found: (lsn, records, in flight before it).
+    let mut last: VecDeque<(u64, Vec<Record>, u16)> = VecDeque::new();
     loop {
         let mut found = read_batch(dev, pool, sb, lsn).await?.map(|b| (lsn, b));
         if found.is_none() && !lsn.is_multiple_of(journal) {
@@ -557,86 +644,123 @@ async fn replay_journal<D: BlockDevice>(
             let lap = lsn.next_multiple_of(journal);
             found = read_batch(dev, pool, sb, lap).await?.map(|b| (lap, b));
         }
-        let Some((at, (records, bytes))) = found else {
+        let Some((at, (records, bytes, in_flight))) = found else {
             break;
         };
-        if let Some(previous) = last.replace(records) {
-            for record in &previous {
-                table.apply(record, false);
-            }
+        if stop == Some(at) {
+            break;
         }
-        batches += 1;
-        lsn = at + bytes;
-    }
-    let mut discarded = false;
-    let mut block_crcs = Vec::new();
-    if let Some(records) = last {
-        // Only the last batch can be one whose flush never returned (batches
-        // are serial). Its records were never acknowledged, but they may
-        // point at data that did not reach the medium: keep the batch only
-        // if every chunk it commits reads back with its checksum.
-        if let Some(crcs) = batch_data_durable(dev, pool, &records, sb, table).await? {
-            block_crcs = crcs;
+        seen += 1;
+        last.push_back((at, records, in_flight));
+        if last.len() > depth {
+            let (_, records, _) = last.pop_front().expect("longer than the window");
             for record in &records {
                 table.apply(record, false);
             }
-        } else {
-            tracing::warn!(device = %dev.name(), lsn, "discarding the last journal batch: its data did not reach the medium");
-            discarded = true;
+            batches += 1;
+        }
+        lsn = at + bytes;
+    }
+    let unsure = last.back().map_or(0, |(_, _, in_flight)| {
+        usize::from(*in_flight).min(depth - 1) + 1
+    });
+    while last.len() > unsure {
+        let (_, records, _) = last.pop_front().expect("longer than the unsure batches");
+        for record in &records {
+            table.apply(record, false);
+        }
+        batches += 1;
+    }
+    // The unsure batches, applied; then the chunks they put data down for,
+    // each with the index of the batch holding its last record. A chunk they
+    // only patch or remove is not checked: a Patch record carries its bytes,
+    // over a version whose data was durable before these batches.
+    let mut touched: rustc_hash::FxHashMap<crate::ChunkKey, (usize, bool)> = Default::default();
+    for (k, (_, records, _)) in last.iter().enumerate() {
+        for record in records {
+            table.apply(record, false);
+            let (key, puts_data) = match record {
+                Record::Put(meta) | Record::Prepare(meta) => {
+                    (crate::ChunkKey::new(meta.chain, meta.chunk), true)
+                }
+                Record::Patch { meta, .. } => (crate::ChunkKey::new(meta.chain, meta.chunk), false),
+                Record::Remove { chain, chunk } => (crate::ChunkKey::new(*chain, *chunk), false),
+            };
+            let entry = touched.entry(key).or_insert((k, false));
+            *entry = (k, entry.1 || puts_data);
         }
     }
+    let mut touched: Vec<_> = touched
+        .into_iter()
+        .filter(|(_, (_, puts_data))| *puts_data)
+        .map(|(key, (k, _))| (key, k))
+        .collect();
+    touched.sort_by_key(|(key, k)| (*k, *key));
+    let mut block_crcs = Vec::new();
+    for (key, k) in touched {
+        let Some(meta) = table.committed.get(&key).map(|c| c.meta) else {
+            continue;
+        };
+        let Some(crcs) = version_reads_back(dev, pool, sb, table, key, &meta).await? else {
+            let at = last[k].0;
+            return Ok(Replay {
+                end: at,
+                batches,
+                found: seen,
+                discarded: 0,
+                block_crcs: Vec::new(),
+                failed_at: Some(at),
+            });
+        };
+        block_crcs.extend(crcs);
+    }
+    batches += last.len() as u64;
     Ok(Replay {
         end: lsn,
         batches,
-        discarded,
+        found: seen,
+        discarded: 0,
         block_crcs,
+        failed_at: None,
     })
 }
 
-/// Whether every chunk the last batch commits or prepares reads back with
-/// its CRC; if so, the block CRCs of what was read (on a device that has
-/// them). The batch was written after its data's block CRCs, but its flush
-/// may not have returned, so those may have been lost while the data and the
-/// batch were not: rewriting them from the checked data spares every later
-/// partial read of these chunks the fall back to a whole-chunk check.
-///
-/// A Patch record carries its bytes itself, so it needs no check; a version
-/// in the slot of one with Patch layers from earlier records (an append
-/// after a patch) is checked with those layers over the slot's bytes. The
-/// block CRCs are of the slot's bytes, which is what they describe.
-async fn batch_data_durable<D: BlockDevice>(
+/// Whether `key`'s version `meta` reads back with its CRC: the slot's bytes
+/// with the version's Patch layers over them. If so, the block CRCs of the
+/// slot's bytes (on a device that has them), to rewrite at open: the
+/// version's batch was written after them, but its flush may not have
+/// returned, so they may have been lost while the data and the batch were
+/// not, and rewriting them from the checked data spares every later partial
+/// read of the chunk the fall back to a whole-chunk check. The block CRCs
+/// are of the slot's bytes, which is what they describe.
+async fn version_reads_back<D: BlockDevice>(
     dev: &D,
     pool: &BufferPool,
-    records: &[Record],
     sb: &Superblock,
     table: &ChunkTable,
+    key: crate::ChunkKey,
+    meta: &crate::format::ChunkMeta,
 ) -> Result<Option<Vec<(u64, Vec<u32>)>>, EngineError> {
-    let mut block_crcs = Vec::new();
-    for record in records {
-        let (Record::Put(meta) | Record::Prepare(meta)) = record else {
-            continue;
-        };
-        if meta.len == 0 {
-            continue;
-        }
-        let key = crate::ChunkKey::new(meta.chain, meta.chunk);
-        let layers = table.replay_layers(key, meta.slot, meta.version);
-        let offset = sb.slot_offset(meta.slot);
-        let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
-        let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
-        let crc = if layers.is_empty() {
-            crc32c::crc32c(&data[..meta.len as usize])
-        } else {
-            let mut version = data[..meta.len as usize].to_vec();
-            crate::table::overlay_onto(&layers, 0, &mut version);
-            crc32c::crc32c(&version)
-        };
-        if crc != meta.crc {
-            return Ok(None);
-        }
-        if sb.has_block_crcs() {
-            block_crcs.push((offset, crate::block_crc::crcs_of(&data)));
-        }
+    if meta.len == 0 {
+        return Ok(Some(Vec::new()));
     }
-    Ok(Some(block_crcs))
+    let layers = table.replay_layers(key, meta.slot, meta.version);
+    let offset = sb.slot_offset(meta.slot);
+    let len = u64::from(meta.len).next_multiple_of(BLOCK) as usize;
+    let data = read_raw(dev, pool, offset, len, "chunk data during recovery").await?;
+    let crc = if layers.is_empty() {
+        crc32c::crc32c(&data[..meta.len as usize])
+    } else {
+        let mut version = data[..meta.len as usize].to_vec();
+        crate::table::overlay_onto(&layers, 0, &mut version);
+        crc32c::crc32c(&version)
+    };
+    if crc != meta.crc {
+        return Ok(None);
+    }
+    Ok(Some(if sb.has_block_crcs() {
+        vec![(offset, crate::block_crc::crcs_of(&data))]
+    } else {
+        Vec::new()
+    }))
 }

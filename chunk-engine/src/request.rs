@@ -244,4 +244,7 @@ pub struct EngineStats {
     pub patches: u64,
     /// Patch layers a checkpoint wrote into their slots.
     pub patch_layers_applied: u64,
+    /// Batches written while an older one's flush had not returned
+    /// (`EngineConfig::journal_depth`).
+    pub overlapped_batches: u64,
 }

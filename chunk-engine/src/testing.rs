@@ -188,6 +188,9 @@ pub struct Harness<D: Medium = MemDevice> {
     /// the patch path checks that it ran.
     pub patches: u64,
     pub patch_layers_applied: u64,
+    /// Journal batches written while an older one's flush was outstanding
+    /// (thread mode), over every engine the run opened.
+    pub overlapped_batches: u64,
 }
 
 fn key(k: u8) -> ChunkKey {
@@ -229,6 +232,10 @@ impl<D: Medium> Harness<D> {
             .build()
             .expect("runtime");
         let dev = FaultyDevice::new(mem.clone(), seed);
+        // Flushes that take a turn of the executor: the journal thread then
+        // writes the next batch while one's flush is outstanding (format
+        // version 5), and power cuts find several batches unflushed.
+        dev.set_flush_yields(true);
         let options = FormatOptions {
             chunk_size_min: 4096,
             chunk_size_max: u64::from(CHUNK_MAX),
@@ -260,6 +267,7 @@ impl<D: Medium> Harness<D> {
             recovery_cuts: 0,
             patches: 0,
             patch_layers_applied: 0,
+            overlapped_batches: 0,
         }
     }
 
@@ -741,12 +749,13 @@ impl<D: Medium> Harness<D> {
         Ok(())
     }
 
-    /// Adds the open engine's patch counters to the run's.
+    /// Adds the open engine's patch and journal counters to the run's.
     fn note_stats(&mut self) {
         if let Some(engine) = &self.engine {
             let stats = engine.stats();
             self.patches += stats.patches;
             self.patch_layers_applied += stats.patch_layers_applied;
+            self.overlapped_batches += stats.overlapped_batches;
         }
     }
 
@@ -1239,7 +1248,7 @@ pub fn fuzz_decode(data: &[u8]) {
                 },
             ];
             let mut buf = vec![0u8; 8192];
-            let len = encode_batch(sb.format_id, 4096, &records, &mut buf);
+            let len = encode_batch(sb.format_id, 4096, 0, &records, &mut buf);
             let payload_len = records.iter().map(Record::encoded_len).sum::<usize>();
             xor_into(&mut buf[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len]);
             // Re-stamp the checksum over the mutated payload.

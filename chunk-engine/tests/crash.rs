@@ -172,7 +172,7 @@ fn hard_crashes_lose_nothing_acknowledged() {
         Ok(seed) => vec![seed.parse().expect("FLYFS_CRASH_SEED is a number")],
         Err(_) => (0..env("FLYFS_HARD_SEEDS", 400)).collect(),
     };
-    let (mut crashes, mut recovery_cuts, mut torn_pages) = (0, 0, 0);
+    let (mut crashes, mut recovery_cuts, mut torn_pages, mut overlapped) = (0, 0, 0, 0);
     for seed in seeds {
         // Seed bits: journal mode, sector size, operation mix.
         let sector_size = if seed & 2 == 0 { 512 } else { 4096 };
@@ -188,11 +188,19 @@ fn hard_crashes_lose_nothing_acknowledged() {
         crashes += harness.crashes;
         recovery_cuts += harness.recovery_cuts;
         torn_pages += harness.medium().stats().torn_pages;
+        overlapped += harness.overlapped_batches;
     }
-    println!("{crashes} crashes, {recovery_cuts} recoveries cut short, {torn_pages} pages torn");
+    println!(
+        "{crashes} crashes, {recovery_cuts} recoveries cut short, {torn_pages} pages torn, \
+         {overlapped} journal batches written beside an older one in flight"
+    );
     if std::env::var("FLYFS_CRASH_SEED").is_err() {
         assert!(crashes > 0, "no crash happened");
         assert!(recovery_cuts > 0, "no recovery was cut short");
         assert!(torn_pages > 0, "no 4 KiB page was torn across sectors");
+        assert!(
+            overlapped > 0,
+            "no journal batch was written while another was in flight"
+        );
     }
 }

@@ -461,7 +461,16 @@ fn a_journal_thread_panic_fails_waiting_and_later_callers() {
         .expect("runtime");
     let dev = SlowDevice::new(mem());
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format(), JournalMode::Thread).await;
+        Engine::format(&dev, &small_format()).await.expect("format");
+        // One batch at a time: with two, the commits queued below would go
+        // out at once, beside the first, instead of waiting behind it.
+        let one_at_a_time = EngineConfig {
+            journal_depth: 1,
+            ..config(JournalMode::Thread)
+        };
+        let engine = Engine::open(dev.clone(), pool(), one_at_a_time)
+            .await
+            .expect("open");
         let before = key(1, 10, 0);
         put(&engine, before, 1, 0, b"before").await;
 
