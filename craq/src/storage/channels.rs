@@ -241,39 +241,23 @@ impl Channels {
     /// what it made is gone (a resync undid it), so its retry must run again
     /// rather than be answered as done.
     pub fn forget_finished(&self, channel: Channel) {
-        let mut table = self.table.lock();
-        let Table { clients, slots, .. } = &mut *table;
-        let Some(client) = clients.get_mut(&channel.client) else {
-            return;
-        };
-        if let Some(Slot::Finished { seq, .. }) = client.slots.get(&channel.id)
-            && *seq == channel.seq
-        {
-            client.slots.remove(&channel.id);
-            *slots -= 1;
-            if client.slots.is_empty() {
-                clients.remove(&channel.client);
-            }
-        }
+        self.table.lock().remove_slot_if(
+            channel,
+            |slot| matches!(slot, Slot::Finished { seq, .. } if *seq == channel.seq),
+        );
     }
 
     /// Forgets a running write that failed, so that its retry runs again.
     pub fn fail(&self, channel: Channel) {
-        let mut table = self.table.lock();
-        let Table { clients, slots, .. } = &mut *table;
-        let Some(client) = clients.get_mut(&channel.client) else {
-            return;
-        };
-        if let Some(Slot::Running { seq, done }) = client.slots.get(&channel.id)
-            && *seq == channel.seq
-        {
-            done.notify_waiters();
-            client.slots.remove(&channel.id);
-            *slots -= 1;
-            if client.slots.is_empty() {
-                clients.remove(&channel.client);
-            }
-        }
+        self.table
+            .lock()
+            .remove_slot_if(channel, |slot| match slot {
+                Slot::Running { seq, done } if *seq == channel.seq => {
+                    done.notify_waiters();
+                    true
+                }
+                _ => false,
+            });
     }
 
     /// Clients and channels held, for tests and metrics.
@@ -285,6 +269,21 @@ impl Channels {
 }
 
 impl Table {
+    /// Removes `channel`'s slot if `matches` accepts it, and its client once
+    /// that holds no slot.
+    fn remove_slot_if(&mut self, channel: Channel, matches: impl FnOnce(&Slot) -> bool) {
+        let Some(client) = self.clients.get_mut(&channel.client) else {
+            return;
+        };
+        if client.slots.get(&channel.id).is_some_and(matches) {
+            client.slots.remove(&channel.id);
+            self.slots -= 1;
+            if client.slots.is_empty() {
+                self.clients.remove(&channel.client);
+            }
+        }
+    }
+
     /// Forgets clients idle past the expiry (looked for every eighth of it).
     /// A client with a write running is never forgotten.
     fn expire(&mut self, now: Instant, limits: &ChannelLimits) {
