@@ -1375,10 +1375,15 @@ mod tests {
             Record::Prepare(meta(3)),
         ];
         let mut buf = vec![0u8; 8192];
-        let n = encode_batch(sb.format_id, 8192, 0, &records, &mut buf);
+        let n = encode_batch(sb.format_id, 8192, 3, &records, &mut buf);
         assert_eq!(n, 4096);
         let header = decode_batch_header(&buf, 8192, 1 << 20).expect("header");
+        assert_eq!(header.in_flight, 3, "the batches in flight before it");
         assert_eq!(decode_batch(&buf, &header, &sb), Ok(Some(records)));
+        // The count is covered by the header's checksum.
+        let mut changed = buf.clone();
+        changed[6] = 2;
+        assert_eq!(decode_batch(&changed, &header, &sb), Ok(None));
         assert!(
             decode_batch_header(&buf, 0, 1 << 20).is_none(),
             "lsn must match"

@@ -16,9 +16,10 @@
 //! is written and flushed while batch N's flush has not returned, so a commit
 //! that arrives during a flush waits for one flush rather than for the rest
 //! of that one and then its own. Any batch in flight may then reach the
-//! medium before an older one, so recovery checks the data of the last
-//! `JOURNAL_DEPTH_MAX` batches it finds, not just the last, and restarts the
-//! log a lap past its end (see recovery.rs). Checkpoints are written with
+//! medium before an older one, so each batch's header says how many older
+//! ones were in flight, recovery checks the data of the last batch and of
+//! those, not just the last, and restarts the log a lap past its end (see
+//! recovery.rs). Checkpoints are written with
 //! nothing in flight. Inline mode and older devices write batches strictly
 //! one after another (batch N+1 only after batch N's flush returned), so only
 //! the last batch in their log can be one whose flush never completed.
@@ -323,14 +324,7 @@ fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
                 engine.journal.queue_cv.wait(&mut queue);
             }
         }
-        #[cfg(feature = "testing")]
-        if engine
-            .journal
-            .panic_on_next_batch
-            .swap(false, Ordering::SeqCst)
-        {
-            panic!("injected journal panic (test hook)");
-        }
+        panic_if_asked(engine);
         if depth > 1 {
             if let Err(error) = block_on(pipeline(engine, &mut writer, depth)) {
                 fail(engine, &mut writer, Arc::from(error.to_string()));
@@ -339,6 +333,21 @@ fn write_until_shutdown<D: BlockDevice>(engine: &OpenEngine<D>) {
             block_on(write_next(engine, &mut writer));
         }
     }
+}
+
+/// Test hook (`Engine::inject_journal_panic`): the journal thread panics
+/// before its next batch.
+fn panic_if_asked<D: BlockDevice>(engine: &OpenEngine<D>) {
+    #[cfg(feature = "testing")]
+    if engine
+        .journal
+        .panic_on_next_batch
+        .swap(false, Ordering::SeqCst)
+    {
+        panic!("injected journal panic (test hook)");
+    }
+    #[cfg(not(feature = "testing"))]
+    let _ = engine;
 }
 
 /// A batch on its way to the device.
@@ -377,14 +386,7 @@ async fn pipeline<D: BlockDevice>(
             if records.is_empty() {
                 break;
             }
-            #[cfg(feature = "testing")]
-            if engine
-                .journal
-                .panic_on_next_batch
-                .swap(false, Ordering::SeqCst)
-            {
-                panic!("injected journal panic (test hook)");
-            }
+            panic_if_asked(engine);
             if let Some(reason) = engine.device.poisoned() {
                 return Err(EngineError::Poisoned {
                     device: engine.device.name.clone(),
