@@ -18,7 +18,7 @@
 //! of that one and then its own. Any batch in flight may then reach the
 //! medium before an older one, so each batch's header says how many older
 //! ones were in flight, recovery checks the data of the last batch and of
-//! those, not just the last, and restarts the log a lap past its end (see
+//! those, not just the last, and restarts the log one lap past its end (see
 //! recovery.rs). Checkpoints are written with
 //! nothing in flight. Inline mode and older devices write batches strictly
 //! one after another (batch N+1 only after batch N's flush returned), so only

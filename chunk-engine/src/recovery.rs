@@ -343,12 +343,12 @@ impl<D: BlockDevice> Engine<D> {
             flush_raw(&dev, "superblock").await?;
         }
 
-        // Checkpoint at once, a lap past the end of the replay: from here on
-        // the log restarts at a position no stale batch can claim. Batches
+        // Checkpoint at once, one lap past the end of the replay: from here
+        // on the log restarts at a position no stale batch can claim. Batches
         // the replay discarded, and on a version 5 device batches that were
-        // in flight behind one that never landed, lie within a lap of it
-        // (a batch never overruns the checkpointed tail, which is before
-        // the end of the replay) and carry log positions below the restart.
+        // in flight behind one that never landed, end within a lap of the
+        // checkpointed tail (a batch never overruns it), which is before the
+        // end of the replay, so they carry log positions below the restart.
         let cursor = Cursor {
             head: restart_lsn(replay.end, sb.journal_bytes),
             tail: loaded.header.journal_lsn,
@@ -482,11 +482,13 @@ async fn read_checkpoint_payload<D: BlockDevice>(
     Ok(decode_checkpoint(&all, header, sb))
 }
 
-/// Where the log restarts after a replay that ended at `end`: at the start
-/// of the lap after the next one, so that every batch position a stale batch
-/// (from before `end + journal_bytes`) could claim is behind it.
+/// Where the log restarts after a replay that ended at `end`: one lap later.
+/// Every stale batch (one ending before `end + journal_bytes`) carries a
+/// lower log position, so none can pass for the next batch; and the next
+/// batches go to the same place in the region as they would have without
+/// the restart, so the journal an older checkpoint needs is reused no sooner.
 pub(crate) fn restart_lsn(end: u64, journal_bytes: u64) -> u64 {
-    end.next_multiple_of(journal_bytes) + journal_bytes
+    end + journal_bytes
 }
 
 /// How the journal replay ended.
@@ -543,8 +545,8 @@ async fn replay_from<D: BlockDevice>(
             && needed == restart_lsn(replay.end, sb.journal_bytes)
         {
             // The damaged newest checkpoint is the one an open wrote where it
-            // restarted the log, a lap past this replay's end: the log goes on
-            // from there.
+            // restarted the log, one lap past this replay's end: the log goes
+            // on from there.
             let more = replay_journal(dev, pool, sb, needed, &mut table, stop).await?;
             replay.batches += more.batches;
             replay.found += more.found;
