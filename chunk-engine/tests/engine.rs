@@ -557,6 +557,21 @@ fn bad_devices_give_clear_errors(mode: JournalMode) {
     });
 }
 
+/// Damages the payload of the checkpoint slot holding the higher sequence
+/// number, leaving its header valid.
+fn damage_newest_checkpoint(dev: &MemDevice, sb: &flyfs_chunk_engine::format::Superblock) {
+    let image = dev.snapshot();
+    let seq = |slot: u64| {
+        let at = (sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes) as usize;
+        u64::from_le_bytes(image[at + 8..at + 16].try_into().expect("8 bytes"))
+    };
+    let newest = if seq(0) > seq(1) { 0 } else { 1 };
+    dev.poke(
+        sb.checkpoint_offset + newest * sb.checkpoint_slot_bytes + 4096,
+        &[0xAA; 16],
+    );
+}
+
 fn damaged_checkpoint_falls_back_or_refuses(mode: JournalMode) {
     let rt = runtime();
     let dev = mem();
@@ -570,16 +585,7 @@ fn damaged_checkpoint_falls_back_or_refuses(mode: JournalMode) {
             .await
             .expect("open");
         drop(engine);
-        let image = dev.snapshot();
-        let seq = |slot: u64| {
-            let at = (sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes) as usize;
-            u64::from_le_bytes(image[at + 8..at + 16].try_into().expect("8 bytes"))
-        };
-        let newest = if seq(0) > seq(1) { 0 } else { 1 };
-        dev.poke(
-            sb.checkpoint_offset + newest * sb.checkpoint_slot_bytes + 4096,
-            &[0xAA; 16],
-        );
+        damage_newest_checkpoint(&dev, &sb);
         // The older checkpoint plus the journal may or may not reach the
         // newer one's position; either way the engine must not lose "kept"
         // silently: it recovers it, or it refuses to open.
@@ -590,7 +596,7 @@ fn damaged_checkpoint_falls_back_or_refuses(mode: JournalMode) {
     });
 }
 
-/// An open restarts the log a lap past the end of its replay and writes a
+/// An open restarts the log one lap past the end of its replay and writes a
 /// checkpoint there. If that checkpoint's payload is later found damaged,
 /// recovery falls back to the older one, replays the journal from it to
 /// where the open restarted the log, and goes on from the restart: nothing
@@ -611,16 +617,7 @@ fn a_damaged_restart_checkpoint_falls_back_and_replays_past_it(mode: JournalMode
             .expect("open");
         put(&engine, key(1, 2, 1), 1, 0, b"after").await;
         drop(engine);
-        let image = dev.snapshot();
-        let seq = |slot: u64| {
-            let at = (sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes) as usize;
-            u64::from_le_bytes(image[at + 8..at + 16].try_into().expect("8 bytes"))
-        };
-        let newest = if seq(0) > seq(1) { 0 } else { 1 };
-        dev.poke(
-            sb.checkpoint_offset + newest * sb.checkpoint_slot_bytes + 4096,
-            &[0xAA; 16],
-        );
+        damage_newest_checkpoint(&dev, &sb);
         let engine = Engine::open(dev.clone(), pool(), config(mode))
             .await
             .expect("the older checkpoint and the journal hold everything");
