@@ -362,6 +362,12 @@ struct Lane {
     /// holder of `core` left them: more than one, and a polling future is
     /// no longer a lone I/O's.
     requests: AtomicUsize,
+    /// The queue pair's last busy period (from leaving idle to idle again)
+    /// held more than one request at once: its submitters keep a queue,
+    /// and the next request to find the pair empty is most likely the
+    /// first of a burst (an executor resubmitting after a batch of
+    /// completions), not a lone I/O, so it goes to the reactor.
+    deep: AtomicBool,
 }
 
 impl Lane {
@@ -375,6 +381,7 @@ impl Lane {
             pollers: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            deep: AtomicBool::new(false),
         }
     }
 
@@ -534,6 +541,7 @@ impl Shared {
         // before the lock too, so that a building queue's submitters leave
         // the lock to the reactor thread polling it.
         if self.poll_budget.is_zero()
+            || lane.deep.load(Ordering::Relaxed)
             || !lane.submissions.is_empty()
             || lane.outstanding.load(Ordering::SeqCst) > 0
         {

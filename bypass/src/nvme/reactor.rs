@@ -192,6 +192,7 @@ pub(super) fn start(
             spin: Duration::from_micros(u64::from(config.poll_spin_us)),
             failed: false,
             last_work: Instant::now(),
+            busy_peak: 0,
             last_health: Instant::now(),
         };
         *shared.lanes[lane].core.lock() = Some(reactor);
@@ -284,6 +285,9 @@ pub(super) struct Reactor {
     failed: bool,
     /// When a turn last found work, which ends the busy-poll after `spin`.
     last_work: Instant,
+    /// The most requests the table held since the queue pair was last
+    /// idle (published as `Lane::deep` when it next is).
+    busy_peak: usize,
     /// When the controller's health was last read.
     last_health: Instant,
 }
@@ -542,10 +546,14 @@ impl Reactor {
 
     /// Tells the lane how much work the queue pair holds, for the park
     /// checks of the reactor and of futures that stop polling.
-    fn publish(&self) {
-        let lane = self.lane();
-        lane.outstanding
-            .store(self.in_flight + self.unissued.len(), Ordering::SeqCst);
+    fn publish(&mut self) {
+        let lane = &self.shared.lanes[self.lane];
+        let outstanding = self.in_flight + self.unissued.len();
+        if outstanding == 0 && self.busy_peak > 0 {
+            lane.deep.store(self.busy_peak > 1, Ordering::Relaxed);
+            self.busy_peak = 0;
+        }
+        lane.outstanding.store(outstanding, Ordering::SeqCst);
         lane.requests.store(
             self.requests.len() - self.free_requests.len(),
             Ordering::SeqCst,
@@ -593,6 +601,9 @@ impl Reactor {
             error: None,
         });
         self.unissued.push_back(index);
+        self.busy_peak = self
+            .busy_peak
+            .max(self.requests.len() - self.free_requests.len());
     }
 
     fn finish_now(&self, mut request: Request, result: Result<(), DeviceError>) {
