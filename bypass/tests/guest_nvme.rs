@@ -211,6 +211,65 @@ fn lone_ios_are_issued_and_reaped_on_the_executor_thread() {
     assert_eq!(stats.reaped_by_reactors, 1, "{stats:?}");
 }
 
+/// A request that finds its queue pair idle right after a burst (several
+/// requests in flight at once) goes to the reactor, not the direct path: it
+/// is most likely the first of the next burst (`Lane::deep`). The one after
+/// it, alone in its busy period, goes direct again. Counted over trials,
+/// because a request may also miss the direct path when the reactor's turn
+/// holds the lane as it comes.
+#[test]
+fn a_request_after_a_burst_goes_to_the_reactor() {
+    let pool = pool();
+    let device = open(&polling(), &pool);
+    run(contract::write_at(
+        &device,
+        Some(&pool),
+        500 * MIB,
+        &[5u8; 16384],
+    ));
+    let read = |block: u64| {
+        let device = device.clone();
+        let pool = pool.clone();
+        async move {
+            let completion = device
+                .read(500 * MIB + block * 4096, pool.alloc(4096))
+                .await;
+            completion.result.expect("read");
+            assert!(
+                completion.buf[..] == [5u8; 4096][..],
+                "block {block} read other bytes"
+            );
+        }
+    };
+    let trials = 20;
+    let (mut after_burst, mut after_lone) = (0, 0);
+    for _ in 0..trials {
+        run(async {
+            tokio::join!(read(0), read(1), read(2), read(3));
+        });
+        let before = settled(&device).direct;
+        run(read(0));
+        let between = settled(&device).direct;
+        run(read(1));
+        let after = settled(&device).direct;
+        after_burst += between - before;
+        after_lone += after - between;
+    }
+    let stats = device.stats();
+    assert!(
+        stats.in_flight_max >= 2,
+        "the bursts never overlapped: {stats:?}"
+    );
+    assert!(
+        after_burst <= trials / 4,
+        "{after_burst} of {trials} requests after a burst went direct: {stats:?}"
+    );
+    assert!(
+        after_lone >= trials / 2,
+        "only {after_lone} of {trials} lone requests went direct: {stats:?}"
+    );
+}
+
 /// The device's counters once every request it took is counted as
 /// completed (whoever answered a request may count it just after).
 fn settled(device: &NvmeDevice) -> flyfs_bypass::nvme::NvmeStats {
