@@ -67,8 +67,8 @@ pub struct EngineArgs {
     poll_spin_us: Option<u32>,
     /// Microseconds a lone I/O's future reaps the NVMe completion queue
     /// itself (yielding between polls) before handing its command to the
-    /// reactor thread (`vfio:` devices; 0, the driver's default, hands every
-    /// I/O to the reactor).
+    /// reactor thread (`vfio:` devices; the driver's default is 1000; 0
+    /// hands every I/O to the reactor).
     #[arg(long)]
     nvme_poll_budget_us: Option<u32>,
     /// Where the workers run: `reactor` (on the device's reactor thread,

@@ -28,9 +28,10 @@
 //! and parks when none are, so an idle device costs no CPU.
 //!
 //! The reactor's state sits behind its lane's lock, held by one thread at a
-//! time, so that, with `NvmeConfig::poll_budget_us` set (off by default), a
-//! lone I/O needs no other thread: a submitter that finds
-//! its queue pair empty and gets the lock (`try_lock`) writes its own
+//! time, so that, with `NvmeConfig::poll_budget_us` set (1 ms by default),
+//! a lone I/O needs no other thread: a submitter that finds
+//! its queue pair empty, after a busy period that never held more than one
+//! request (`Lane::deep`), and gets the lock (`try_lock`) writes its own
 //! commands and rings the doorbell, and its future, each time the executor
 //! polls it, reaps the completion queue itself and yields, for up to
 //! `NvmeConfig::poll_budget_us`; only then does it leave the command to the
@@ -104,13 +105,11 @@ pub struct NvmeConfig {
     /// hand-off between threads (two wake-ups, most
     /// of a depth-1 I/O's latency); the price is that the executor's thread
     /// spins for up to this long per I/O when it has nothing else to run.
-    /// Zero, the default, hands every request to the reactor thread (the
-    /// path before version 4 of docs/nvme-vfio.md). Opt in for a thread
-    /// that keeps one I/O in flight at a time: in the emulated guest
-    /// (docs/nvme-vfio.md) 1000 raised one thread's depth-1 4 KiB reads and
-    /// writes 1.8-3.5x over zero, while depth 64 and the engine's rows
-    /// stayed within the noise of single runs (about 1% of their requests
-    /// went direct), not shown to be at or above zero's.
+    /// 1000 by default: in the emulated guest (BENCHMARKS.md, the NVMe
+    /// section) it raised depth-1 4 KiB reads and writes 3.7-3.9x over
+    /// zero and the engine's committed 4 KiB writes 1.4x, with depth 64
+    /// within 4 % and the other engine rows level or above. Zero hands every request to the
+    /// reactor thread (the path before version 4 of docs/nvme-vfio.md).
     pub poll_budget_us: u32,
     /// Size of each queue pair's bounce region, through which buffers that
     /// are not in the buffer pool's mapped arena move (at least 2 MiB, the
@@ -126,7 +125,7 @@ impl Default for NvmeConfig {
             queue_pairs: 2,
             command_timeout_ms: 30_000,
             poll_spin_us: 50,
-            poll_budget_us: 0,
+            poll_budget_us: 1000,
             bounce_bytes: 4 << 20,
         }
     }
