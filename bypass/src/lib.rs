@@ -72,6 +72,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use any::{AnyDevice, DeviceConfig, open_device};
+/// A task running on a device's reactor thread: see
+/// [`uring::UringDevice::spawn`] and [`nvme::NvmeDevice::spawn`].
+pub use async_task::Task;
 pub use buf::{BufferPool, DmaBuf, HugePages, PoolConfig, PoolError, PoolStats};
 
 /// Largest logical sector size any backend may report; on-device formats
@@ -298,4 +301,20 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     } else {
         "(a panic without a message)"
     }
+}
+
+/// Starts `future` as a task that `schedule` queues on a reactor. A panic in
+/// it is caught where it runs and raised where its [`Task`] is awaited, so a
+/// task's bug never takes its reactor (and the device) down.
+pub(crate) fn spawn_task<F, S>(future: F, schedule: S) -> Task<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+    S: Fn(async_task::Runnable) + Send + Sync + 'static,
+{
+    let (runnable, task) = async_task::Builder::new()
+        .propagate_panic(true)
+        .spawn(move |_| future, schedule);
+    runnable.schedule();
+    task
 }

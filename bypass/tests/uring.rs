@@ -927,9 +927,46 @@ fn tasks_run_on_the_reactor_thread() {
     drop(never);
     let ok = dev.spawn(async { 7 });
     assert_eq!(futures_block_on(ok), 7);
-    // Shutting down with a task still pending cancels it instead of hanging.
+    // A task's panic is raised where it is awaited; the reactor goes on.
+    let panicked = dev.spawn(async { panic!("a task's panic (test)") });
+    let awaited =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| futures_block_on(panicked)));
+    assert!(awaited.is_err(), "the task's panic was not raised");
+    let dev2 = dev.clone();
+    let read = dev.spawn(async move {
+        dev2.read(0, DmaBuf::alloc_zeroed(4096))
+            .await
+            .into_result()
+            .map(|buf| buf[0])
+    });
+    assert_eq!(
+        futures_block_on(read).expect("read after a task's panic"),
+        0
+    );
+    // Shutting down with a task still pending does not hang; one woken
+    // after the reactor stopped, and one spawned after, are cancelled
+    // rather than left queued.
     dev.spawn(std::future::pending::<()>()).detach();
+    let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+    let (started, running) = std::sync::mpsc::channel();
+    let waiting = dev.spawn(async move {
+        started.send(()).expect("the test waits");
+        let _ = woken.await;
+    });
+    // Started, so that shutdown finds it waiting, not ready to run.
+    running
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the task started");
     dev.shutdown();
+    wake.send(()).expect("the task still waits");
+    assert!(
+        futures_block_on(waiting.fallible()).is_none(),
+        "a task woken after shutdown ran"
+    );
+    assert!(
+        futures_block_on(dev.spawn(async { 1 }).fallible()).is_none(),
+        "a task spawned after shutdown ran"
+    );
 }
 
 /// A minimal executor for awaiting a task from a plain thread.

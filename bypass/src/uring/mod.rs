@@ -40,8 +40,7 @@ use parking_lot::Mutex;
 use self::shared::Shared;
 use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion, IoOp};
 
-/// A task running on a device's reactor thread; see [`UringDevice::spawn`].
-pub use async_task::Task;
+pub use crate::Task;
 
 /// The kernel's limit on io_uring entries.
 const QUEUE_DEPTH_MAX: u32 = 32768;
@@ -334,8 +333,11 @@ impl UringDevice {
     ///
     /// The returned [`Task`] is a future of the output, awaitable from any
     /// thread or runtime; dropping it cancels the task (`detach` keeps it
-    /// running). Tasks still pending when the device shuts down, or when its
-    /// reactor dies, are cancelled.
+    /// running). A panic in the task is raised where the `Task` is awaited,
+    /// never on the reactor. Tasks ready to run when the device shuts down,
+    /// or when its reactor dies, are cancelled, and so is any task woken or
+    /// spawned after; a task waiting on something that never wakes it stays
+    /// pending until its `Task` is dropped.
     pub fn spawn<F>(&self, future: F) -> Task<F::Output>
     where
         F: std::future::Future + Send + 'static,
@@ -343,18 +345,24 @@ impl UringDevice {
     {
         let shared = Arc::clone(&self.inner.shared);
         let schedule = move |runnable: async_task::Runnable| {
-            if shared.failed.load(Ordering::SeqCst) {
+            if shared.tasks_closed.load(Ordering::SeqCst) {
                 // No reactor will ever run it: cancel the task (its `Task`
                 // resolves as cancelled) rather than leave it queued forever.
                 drop(runnable);
                 return;
             }
             shared.local.push(runnable);
+            if shared.tasks_closed.load(Ordering::SeqCst) {
+                // The reactor stopped between the check and the push, and
+                // may have drained the queue before it.
+                while let Some(runnable) = shared.local.pop() {
+                    drop(runnable);
+                }
+                return;
+            }
             shared.notify();
         };
-        let (runnable, task) = async_task::spawn(future, schedule);
-        runnable.schedule();
-        task
+        crate::spawn_task(future, schedule)
     }
 
     /// Test hook: the reactor panics when it next takes an I/O from its

@@ -210,7 +210,9 @@ impl Reactor {
     fn finish(mut self) {
         self.disarm_eventfd();
         // Tasks still waiting here are cancelled: their futures are dropped
-        // on this thread, as they were polled on it.
+        // on this thread, as they were polled on it (one scheduled from now
+        // on is dropped where it is scheduled).
+        self.shared.tasks_closed.store(true, Ordering::SeqCst);
         while let Some(runnable) = self.shared.local.pop() {
             drop(runnable);
         }

@@ -124,6 +124,9 @@ pub(super) struct Shared {
     pub(super) queue: ArrayQueue<u32>,
     /// Tasks to run on the reactor thread (see `UringDevice::spawn`).
     pub(super) local: crossbeam_queue::SegQueue<async_task::Runnable>,
+    /// The reactor no longer runs tasks (it exited, or the device failed):
+    /// a task scheduled now is cancelled.
+    pub(super) tasks_closed: AtomicBool,
     /// One permit per free slot: bounds the I/Os in flight to the queue depth
     /// and queues excess submitters fairly, without needing a tokio runtime.
     pub(super) permits: Semaphore,
@@ -185,6 +188,7 @@ impl Shared {
             free,
             queue: ArrayQueue::new(depth),
             local: crossbeam_queue::SegQueue::new(),
+            tasks_closed: AtomicBool::new(false),
             permits: Semaphore::new(depth),
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -234,6 +238,7 @@ impl Shared {
         // Before the first drain of `local` below: a task woken from now on
         // is cancelled where it is scheduled, one woken before is drained.
         self.failed.store(true, Ordering::SeqCst);
+        self.tasks_closed.store(true, Ordering::SeqCst);
         // `closed` before looking at `active`: see `submit`.
         self.closed.store(true, Ordering::SeqCst);
         self.permits.close();
