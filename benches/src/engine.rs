@@ -71,7 +71,7 @@ pub struct EngineArgs {
     /// hands every I/O to the reactor).
     #[arg(long)]
     nvme_poll_budget_us: Option<u32>,
-    /// Where the workers run: `reactor` (on the device's reactor thread,
+    /// Where the workers run: `reactor` (on the device's reactor threads,
     /// run to completion), `caller` (on the calling thread, each I/O handed to
     /// the reactor), or `auto`: 1 MiB phases on the caller, whose CRC work
     /// then overlaps the reactor's I/O, and 4 KiB random reads on the reactor.
@@ -286,16 +286,6 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             )
         }
     };
-    // Run-to-completion tasks on the reactor need the io_uring backend's
-    // executor; the NVMe reactor runs no tasks, so its workers run on the
-    // caller.
-    let reactor = dev.as_uring().cloned();
-    if args.workers == Placement::Reactor && reactor.is_none() {
-        bail!(
-            "--workers reactor needs the io_uring backend; {} is an NVMe device",
-            args.path.display()
-        );
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
@@ -376,10 +366,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             );
         }
         clean(&engine).await?;
-        let on_reactor = || match &reactor {
-            Some(device) => Workers::Reactor(device.clone()),
-            None => Workers::Caller,
-        };
+        let on_reactor = || Workers::Reactor(dev.clone());
         let (large, small) = match args.workers {
             Placement::Auto => (Workers::Caller, on_reactor()),
             Placement::Reactor => (on_reactor(), on_reactor()),
@@ -678,8 +665,8 @@ pub enum Placement {
 /// Where the bench's workers run.
 #[derive(Clone)]
 enum Workers {
-    /// On the device's reactor thread (run to completion, no hand-off).
-    Reactor(UringDevice),
+    /// On the device's reactor threads (run to completion, no hand-off).
+    Reactor(AnyDevice),
     /// On the calling thread; each I/O is handed to the reactor thread.
     Caller,
 }

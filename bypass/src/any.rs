@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::nvme::{NAME_PREFIX, NvmeConfig, NvmeDevice};
 use crate::uring::{UringConfig, UringDevice};
-use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion};
+use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion, Task};
 
 /// A device of either backend.
 #[derive(Clone, Debug)]
@@ -53,6 +53,19 @@ impl AnyDevice {
         match self {
             AnyDevice::Uring(device) => Some(device),
             AnyDevice::Nvme(_) => None,
+        }
+    }
+
+    /// Runs `future` on a reactor thread of the device, run to completion
+    /// (see the backends' `spawn`).
+    pub fn spawn<F>(&self, future: F) -> Task<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self {
+            AnyDevice::Uring(device) => device.spawn(future),
+            AnyDevice::Nvme(device) => device.spawn(future),
         }
     }
 

@@ -2,10 +2,11 @@
 //! the QEMU guest of shared/vm: the `BlockDevice` contract checks shared
 //! with the host devices, the driver's own statistics (doorbell batching,
 //! the bounce path, idle parking, I/Os issued and reaped on the executor's
-//! thread at depth 1 and 64), Identify, orderly close and reopen, and
-//! its faults: a command timeout ending in Abort and controller disable
-//! (while the waiting future polls, and after it was dropped mid-poll),
-//! and a controller reset under the driver's feet mid-I/O.
+//! thread at depth 1 and 64, tasks run to completion on the reactors),
+//! Identify, orderly close and reopen, and its faults: a command timeout
+//! ending in Abort and controller disable (while the waiting future polls,
+//! and after it was dropped mid-poll), and a controller reset under the
+//! driver's feet mid-I/O.
 //!
 //! Guest only (scripts/test-guest runs every `guest_*` binary in one guest
 //! with `--nvme 1G`): the test binds `$FLYFS_NVME_PCI` to vfio-pci itself and
@@ -336,6 +337,173 @@ fn one_executor_thread_keeps_a_deep_queue() {
     // Once the queue builds, requests go to the reactor thread, which
     // issues and reaps beside the executor's thread.
     assert!(stats.direct - before.direct < tasks * rounds, "{stats:?}");
+}
+
+/// Tasks spawned on the device run on its reactor threads, SPDK's
+/// run-to-completion model: a task stays on the thread it started on across
+/// its awaits, the reactor issues and reaps every I/O it makes (none takes
+/// the direct path, none is reaped by its future or handed over), its
+/// tasks still keep a deep queue, and the tasks are dealt out over every
+/// queue pair.
+#[test]
+fn spawned_tasks_run_to_completion_on_the_reactors() {
+    let pool = pool();
+    let device = open(&polling(), &pool);
+    let tasks = 64u64;
+    let rounds = 8u64;
+    run(async {
+        for task in 0..tasks {
+            let data = contract::pattern(task, 4096);
+            contract::write_at(&device, Some(&pool), 420 * MIB + task * 4096, &data).await;
+        }
+    });
+    let before = settled(&device);
+    let spawned: Vec<_> = (0..tasks)
+        .map(|task| {
+            let reader = device.clone();
+            let pool = pool.clone();
+            device.spawn(async move {
+                let thread = std::thread::current();
+                let name = thread.name().unwrap_or_default().to_string();
+                assert!(
+                    name.starts_with("flyfs-nvme-"),
+                    "task {task} runs on thread {name:?}, not a reactor"
+                );
+                let expected = contract::pattern(task, 4096);
+                for _ in 0..rounds {
+                    let completion = reader.read(420 * MIB + task * 4096, pool.alloc(4096)).await;
+                    completion.result.expect("read");
+                    assert!(
+                        completion.buf[..] == expected[..],
+                        "task {task} read other bytes"
+                    );
+                    assert_eq!(
+                        std::thread::current().id(),
+                        thread.id(),
+                        "task {task} moved off its reactor"
+                    );
+                }
+                name
+            })
+        })
+        .collect();
+    let threads: std::collections::BTreeSet<String> = spawned.into_iter().map(run).collect();
+    assert_eq!(
+        threads.len(),
+        device.queue_pairs(),
+        "tasks ran on {threads:?}"
+    );
+    let stats = settled(&device);
+    assert_eq!(
+        stats.submitted - before.submitted,
+        tasks * rounds,
+        "{stats:?}"
+    );
+    assert_eq!(stats.direct, before.direct, "{stats:?}");
+    assert_eq!(
+        stats.reaped_by_futures, before.reaped_by_futures,
+        "{stats:?}"
+    );
+    assert_eq!(stats.handovers, before.handovers, "{stats:?}");
+    assert!(
+        stats.in_flight_max >= 16,
+        "64 tasks never had 16 commands in flight: {stats:?}"
+    );
+}
+
+/// A task that panics fails whoever awaits it, not the reactor: every
+/// queue pair still serves tasks and I/O afterwards. A task woken after
+/// shutdown is cancelled, and so is one spawned after it, rather than left
+/// queued forever.
+#[test]
+fn a_panicking_task_spares_the_reactor_and_shutdown_cancels_tasks() {
+    let pool = pool();
+    let device = open(&NvmeConfig::default(), &pool);
+    for _ in 0..device.queue_pairs() {
+        let task = device.spawn(async { panic!("a task's panic (test)") });
+        let awaited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(task)));
+        assert!(awaited.is_err(), "the task's panic was not raised");
+    }
+    for round in 0..2 * device.queue_pairs() as u64 {
+        let writer = device.clone();
+        let pool = pool.clone();
+        let data = contract::pattern(round, 4096);
+        let back = run(device.spawn(async move {
+            contract::write_at(&writer, Some(&pool), 430 * MIB, &data).await;
+            contract::read_at(&writer, Some(&pool), 430 * MIB, data.len()).await == data
+        }));
+        assert!(back, "round {round} read other bytes");
+    }
+    let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+    let (started, running) = std::sync::mpsc::channel();
+    let waiting = device.spawn(async move {
+        started.send(()).expect("the test waits");
+        let _ = woken.await;
+    });
+    // Started, so that shutdown finds it waiting, not ready to run.
+    running
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the task started");
+    device.shutdown();
+    // Woken after its reactor exited: cancelled where it is scheduled.
+    wake.send(()).expect("the task still waits");
+    assert!(
+        run(waiting.fallible()).is_none(),
+        "a task woken after shutdown ran"
+    );
+    assert!(
+        run(device.spawn(async { 1 }).fallible()).is_none(),
+        "a task spawned after shutdown ran"
+    );
+}
+
+/// The last clone of a device dropped by a task, on a reactor thread,
+/// shuts the device down without joining that thread to itself: the
+/// reactors exit on their own and the controller, shut down by the last of
+/// them, opens again with the task's data on it.
+#[test]
+fn the_last_clone_dropped_on_a_reactor_shuts_the_device_down() {
+    let pool = pool();
+    let device = open(&NvmeConfig::default(), &pool);
+    let data = contract::pattern(99, 64 * 1024);
+    let (go, ready) = tokio::sync::oneshot::channel::<()>();
+    let task = {
+        let owner = device.clone();
+        let pool = pool.clone();
+        let data = data.clone();
+        device.spawn(async move {
+            ready.await.expect("the test signals");
+            contract::write_at(&owner, Some(&pool), 440 * MIB, &data).await;
+            owner.flush().await.expect("flush");
+            drop(owner);
+        })
+    };
+    // Only the task holds the device now; it drops it once it has written.
+    drop(device);
+    go.send(()).expect("the task waits");
+    run(task);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let device = loop {
+        match NvmeDevice::open(guest_controller(), &NvmeConfig::default(), Some(&pool)) {
+            Ok(device) => break device,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the controller never came free: {error}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    assert!(
+        run(contract::read_at(
+            &device,
+            Some(&pool),
+            440 * MIB,
+            data.len()
+        )) == data,
+        "the task's write was lost"
+    );
 }
 
 #[test]

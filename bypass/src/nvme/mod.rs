@@ -44,6 +44,13 @@
 //! queue and the controller's registers beyond the doorbells sit behind one
 //! lock that only the cold paths take (aborts, health checks, failure,
 //! shutdown).
+//!
+//! [`NvmeDevice::spawn`] runs a task on a reactor thread itself, SPDK's
+//! run-to-completion model: the reactor runs its ready tasks between turns,
+//! without its lane's lock; a task's I/O goes onto its own lane's queue with
+//! no wake-up, the reactor's next turn issues it, and the completion wakes
+//! the task onto the same thread's run queue. Many requests from one
+//! executor (a depth-64 reader) then cost no thread crossing at all.
 
 mod controller;
 mod layout;
@@ -53,6 +60,7 @@ mod status;
 pub mod testing;
 mod vfio;
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -63,11 +71,13 @@ use std::task::{Context, Poll, Waker};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use async_task::Runnable;
 use crossbeam_queue::SegQueue;
 use parking_lot::Mutex;
 
 pub use self::controller::NvmeIdentity;
 pub use self::status::NvmeStatus;
+use crate::Task;
 use crate::{BlockDevice, BufferPool, DeviceError, DmaBuf, Geometry, IoCompletion, IoOp};
 
 /// The prefix of a device name that selects this backend: `vfio:0000:00:04.0`.
@@ -367,6 +377,10 @@ struct Lane {
     /// first of a burst (an executor resubmitting after a batch of
     /// completions), not a lone I/O, so it goes to the reactor.
     deep: AtomicBool,
+    /// Tasks ready to run on the reactor thread (`NvmeDevice::spawn`).
+    tasks: SegQueue<Runnable>,
+    /// The reactor thread has exited: a task scheduled now is cancelled.
+    tasks_closed: AtomicBool,
 }
 
 impl Lane {
@@ -381,6 +395,15 @@ impl Lane {
             outstanding: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             deep: AtomicBool::new(false),
+            tasks: SegQueue::new(),
+            tasks_closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Cancels the tasks waiting to run (their futures are dropped here).
+    fn cancel_tasks(&self) {
+        while let Some(runnable) = self.tasks.pop() {
+            drop(runnable);
         }
     }
 
@@ -428,6 +451,13 @@ struct Shared {
     /// Test hook: the power cut the device injects itself.
     #[cfg(feature = "testing")]
     power: Mutex<PowerCut>,
+    /// The lane the next spawned task goes to (round-robin).
+    next_task_lane: AtomicUsize,
+}
+
+thread_local! {
+    /// On a reactor thread: its device's `Shared` (by address) and its lane.
+    static REACTOR_THREAD: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
 
 /// An injected power cut: from the `at`-th I/O on, every I/O fails, and
@@ -471,10 +501,46 @@ impl Shared {
         }
     }
 
-    /// The lane of the calling thread: threads are dealt out round-robin
-    /// at their first I/O, so a thread keeps to one queue pair (its
-    /// requests stay in one ring, and two threads rarely share one).
+    /// Marks the calling thread as the reactor of lane `index`.
+    fn enter_reactor(&self, index: usize) {
+        REACTOR_THREAD.with(|slot| slot.set(Some((self as *const Shared as usize, index))));
+    }
+
+    /// The lane whose reactor the calling thread is, if it is one of this
+    /// device's.
+    fn own_lane(&self) -> Option<usize> {
+        let (shared, index) = REACTOR_THREAD.with(Cell::get)?;
+        (shared == self as *const Shared as usize).then_some(index)
+    }
+
+    /// Queues a task's `runnable` on lane `index`, waking its reactor if it
+    /// sleeps; cancels it if that reactor has exited.
+    fn schedule(&self, index: usize, runnable: Runnable) {
+        let lane = &self.lanes[index];
+        if lane.tasks_closed.load(Ordering::SeqCst) {
+            drop(runnable);
+            return;
+        }
+        lane.tasks.push(runnable);
+        if lane.tasks_closed.load(Ordering::SeqCst) {
+            // The reactor exited between the check and the push, and may
+            // have drained the queue before it: cancel what is left.
+            lane.cancel_tasks();
+            return;
+        }
+        if self.own_lane() != Some(index) {
+            self.notify(lane);
+        }
+    }
+
+    /// The lane of the calling thread: its own on a reactor thread; other
+    /// threads are dealt out round-robin at their first I/O, so a thread
+    /// keeps to one queue pair (its requests stay in one ring, and two
+    /// threads rarely share one).
     fn lane(&self) -> &Lane {
+        if let Some(index) = self.own_lane() {
+            return &self.lanes[index];
+        }
         static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
         thread_local! {
             static THREAD_SLOT: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
@@ -509,12 +575,19 @@ impl Shared {
             buf,
             reply: Arc::clone(&reply),
         };
-        let polling = match self.issue_direct(lane, request) {
-            Ok(()) => true,
-            Err(request) => {
-                lane.submissions.push(request);
-                self.notify(lane);
-                false
+        let polling = if self.own_lane().is_some() {
+            // A task on the lane's reactor thread: the reactor's next turn,
+            // right after this task yields, issues it; no wake-up needed.
+            lane.submissions.push(request);
+            false
+        } else {
+            match self.issue_direct(lane, request) {
+                Ok(()) => true,
+                Err(request) => {
+                    lane.submissions.push(request);
+                    self.notify(lane);
+                    false
+                }
             }
         };
         ReplyFuture {
@@ -717,6 +790,30 @@ impl NvmeDevice {
         self.inner.shutdown();
     }
 
+    /// Runs `future` on one of the device's reactor threads (round-robin
+    /// over the queue pairs), SPDK's run-to-completion model: the I/O the
+    /// task issues joins its queue pair without waking any thread, and its
+    /// completion wakes the task on the same thread. Use it for work that
+    /// mostly waits on this device (a deep queue of small reads); a task
+    /// that computes for long delays every other I/O of its queue pair.
+    ///
+    /// The returned [`Task`] is a future of the output, awaitable from any
+    /// thread or runtime; dropping it cancels the task (`detach` keeps it
+    /// running). A panic in the task is raised where the `Task` is awaited,
+    /// never on the reactor. Once the device has shut down, tasks ready to
+    /// run are cancelled, and so is any task woken or spawned after (its
+    /// `Task` resolves as cancelled); a task waiting on something that never
+    /// wakes it stays pending until its `Task` is dropped.
+    pub fn spawn<F>(&self, future: F) -> Task<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let shared = Arc::clone(&self.inner.shared);
+        let index = shared.next_task_lane.fetch_add(1, Ordering::Relaxed) % shared.lanes.len();
+        crate::spawn_task(future, move |runnable| shared.schedule(index, runnable))
+    }
+
     /// Test hook: commands are written into the submission queue but the
     /// doorbell is not rung, so they time out, get aborted, and finally the
     /// controller is disabled and the device fails.
@@ -860,12 +957,14 @@ impl Inner {
         shared.unpark();
         let handles = std::mem::take(&mut *self.reactors.lock());
         let current = std::thread::current().id();
+        if handles.iter().any(|handle| handle.thread().id() == current) {
+            // Dropped on a reactor thread (by a task, or a waker it ran):
+            // joining the others could wait on this reactor's own requests.
+            // Every reactor sees `closed`, and the last one out shuts the
+            // controller down.
+            return;
+        }
         for handle in handles {
-            if handle.thread().id() == current {
-                // Dropped by a waker this reactor itself ran: it sees
-                // `closed`, and the last reactor out shuts the controller down.
-                continue;
-            }
             if handle.join().is_err() {
                 tracing::error!(device = %shared.name, "an NVMe reactor thread panicked");
             }

@@ -155,6 +155,7 @@ pub(super) fn start(
         reset_requested: AtomicBool::new(false),
         #[cfg(feature = "testing")]
         power: Mutex::new(Default::default()),
+        next_task_lane: AtomicUsize::new(0),
     });
     let common = Arc::new(Common {
         bar: controller.shared_bar(),
@@ -331,6 +332,7 @@ enum Next {
 /// spins, naps or sleeps between turns without it.
 fn run(shared: Arc<Shared>, lane_index: usize) {
     let lane = &shared.lanes[lane_index];
+    shared.enter_reactor(lane_index);
     loop {
         let next = lane
             .core
@@ -338,10 +340,19 @@ fn run(shared: Arc<Shared>, lane_index: usize) {
             .as_mut()
             .expect("only this thread takes its reactor out of the lane")
             .turn();
+        if !matches!(next, Next::Exit) && run_tasks(lane) {
+            // Tasks ran (the completions of this turn woke them): turn
+            // again at once to issue what they submitted.
+            continue;
+        }
         match next {
             Next::Again => {}
             Next::Poll(None) => std::hint::spin_loop(),
-            Next::Poll(Some(nap)) => thread::park_timeout(nap),
+            Next::Poll(Some(nap)) => {
+                if lane.tasks.is_empty() {
+                    thread::park_timeout(nap);
+                }
+            }
             Next::Exit => break,
             Next::Defer(nap) => {
                 // Futures reap our completions: stay out of their way, but
@@ -351,6 +362,7 @@ fn run(shared: Arc<Shared>, lane_index: usize) {
                 lane.sleeping.store(true, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
                 if !lane.submissions.is_empty()
+                    || !lane.tasks.is_empty()
                     || lane.pollers.load(Ordering::SeqCst) == 0
                     || shared.closed.load(Ordering::SeqCst)
                 {
@@ -372,6 +384,10 @@ fn run(shared: Arc<Shared>, lane_index: usize) {
                     lane.sleeping.store(false, Ordering::Relaxed);
                     continue;
                 }
+                if !lane.tasks.is_empty() {
+                    lane.sleeping.store(false, Ordering::Relaxed);
+                    continue;
+                }
                 if !lane.submissions.is_empty() || shared.closed.load(Ordering::SeqCst) {
                     lane.sleeping.store(false, Ordering::Relaxed);
                     if shared.closed.load(Ordering::SeqCst) && lane.submissions.is_empty() {
@@ -388,12 +404,33 @@ fn run(shared: Arc<Shared>, lane_index: usize) {
             }
         }
     }
+    // Tasks still waiting are cancelled: their futures are dropped on this
+    // thread, as they were polled on it (one scheduled from now on is
+    // dropped where it is scheduled).
+    lane.tasks_closed.store(true, Ordering::SeqCst);
+    lane.cancel_tasks();
     let reactor = lane
         .core
         .lock()
         .take()
         .expect("only this thread takes its reactor out of the lane");
     reactor.close();
+}
+
+/// Runs the lane's ready tasks (`NvmeDevice::spawn`), as many as were queued
+/// when it began, so that a task waking itself cannot starve the queue
+/// pair. Returns whether any ran.
+fn run_tasks(lane: &Lane) -> bool {
+    let ready = lane.tasks.len();
+    for _ in 0..ready {
+        match lane.tasks.pop() {
+            Some(runnable) => {
+                runnable.run();
+            }
+            None => break,
+        }
+    }
+    ready > 0
 }
 
 impl Reactor {
