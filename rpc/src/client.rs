@@ -533,7 +533,11 @@ impl<N: Network> Client<N> {
             addr: addr.to_owned(),
             method,
         };
-        let mut flags = if method.payload_checked {
+        // A payload's frame CRC is left out when the service checks it
+        // end to end, and on a TLS connection (no RDMA link: the session's
+        // AEAD authenticates every byte in transit; docs/rpc-wire-format.md,
+        // "Flag bit 0"). Frames on an RDMA link are not under TLS.
+        let mut flags = if method.payload_checked || conn.shared.link.is_none() {
             frame::FLAG_PAYLOAD_UNCHECKED
         } else {
             0

@@ -628,6 +628,16 @@ async fn serve_frames<T, S>(
     let reply_service = service.clone();
     let reply_bytes_max =
         move |method: u16, body: &[u8]| reply_service.reply_bytes_max(method, body);
+    // Without an RDMA link the connection is the TLS session itself, whose
+    // AEAD already authenticates every byte in transit: replies leave their
+    // payload out of the frame CRC, a pass over every byte of a chunk read
+    // saved on each side (docs/rpc-wire-format.md, "Flag bit 0"). Frames on
+    // an RDMA link are not under TLS and keep it.
+    let reply_flags = if link.is_none() {
+        flyfs_proto::frame::FLAG_PAYLOAD_UNCHECKED
+    } else {
+        0
+    };
     // The three end on their own: the reader at end of stream or a fatal
     // frame, the dispatcher when the reader is done and nothing is in flight
     // (or the writer is gone), the writer when the dispatcher is done (or a
@@ -642,7 +652,13 @@ async fn serve_frames<T, S>(
             &reply_bytes_max,
             link.as_ref(),
         ),
-        dispatch_loop(events_rx, replies_tx, service, in_flight_max, &peer),
+        dispatch_loop(
+            events_rx,
+            replies_tx,
+            (service, in_flight_max),
+            &peer,
+            reply_flags,
+        ),
         write_loop(writer, replies_rx, &peer.addr),
     );
     tracing::debug!(%peer, "connection closed");
@@ -849,9 +865,9 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R) {
 async fn dispatch_loop<S: Service>(
     mut events: mpsc::Receiver<Event>,
     replies: mpsc::Sender<(OutFrame, Held)>,
-    service: Arc<S>,
-    in_flight_max: usize,
+    (service, in_flight_max): (Arc<S>, usize),
     peer: &Peer,
+    reply_flags: u16,
 ) {
     let mut in_flight: JoinSet<(OutFrame, Held)> = JoinSet::new();
     // Which request each task serves, to answer for a task that panicked.
@@ -898,7 +914,7 @@ async fn dispatch_loop<S: Service>(
                         let _ = replies.send((frame, Held::default())).await;
                         return;
                     }
-                    Some(Event::Request(frame, held, remote, sink)) => match dispatch(frame, held, remote, sink, &service, peer) {
+                    Some(Event::Request(frame, held, remote, sink)) => match dispatch(frame, held, remote, sink, &service, peer, reply_flags) {
                         Dispatch::Now(reply, held) => (reply, held),
                         Dispatch::Spawn(method, request_id, task) => {
                             let handle = in_flight.spawn(task);
@@ -927,6 +943,7 @@ fn dispatch<S: Service>(
     sink: Option<ReplySink>,
     service: &Arc<S>,
     peer: &Peer,
+    reply_flags: u16,
 ) -> Dispatch<impl Future<Output = (OutFrame, Held)> + Send + 'static> {
     let Frame {
         header,
@@ -951,7 +968,7 @@ fn dispatch<S: Service>(
             Reply::unknown_method(method)
         };
         record(metrics, started, request_bytes, &reply);
-        return Dispatch::Now(reply_frame(method, request_id, reply), held);
+        return Dispatch::Now(reply_frame(method, request_id, reply, reply_flags), held);
     }
     let refused = match service.roles(method) {
         None => Some(Reply::unknown_method(method)),
@@ -965,7 +982,7 @@ fn dispatch<S: Service>(
     };
     if let Some(reply) = refused {
         record(metrics, started, request_bytes, &reply);
-        return Dispatch::Now(reply_frame(method, request_id, reply), held);
+        return Dispatch::Now(reply_frame(method, request_id, reply, reply_flags), held);
     }
     let request = Request {
         method,
@@ -985,7 +1002,7 @@ fn dispatch<S: Service>(
         record(metrics, started, request_bytes, &reply);
         let frame = match sink {
             Some(sink) => reply_written(method, request_id, reply, sink).await,
-            None => reply_frame(method, request_id, reply),
+            None => reply_frame(method, request_id, reply, reply_flags),
         };
         (frame, held)
     })
@@ -1044,12 +1061,12 @@ fn reply_sink(
 async fn reply_written(method: u16, request_id: u64, reply: Reply, sink: ReplySink) -> OutFrame {
     let total = reply.payload_len();
     if reply.status != Status::Ok || total == 0 {
-        return reply_frame(method, request_id, reply);
+        return reply_frame(method, request_id, reply, 0);
     }
     let moved = crate::metrics::payload_moved(method);
     if total > sink.remote.len as usize {
         moved.copied(total);
-        return reply_frame(method, request_id, reply);
+        return reply_frame(method, request_id, reply, 0);
     }
     let Reply {
         body,
@@ -1138,7 +1155,9 @@ fn record(
     }
 }
 
-fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {
+/// The frame of `reply`, with header `flags` (`FLAG_PAYLOAD_UNCHECKED` on a
+/// TLS connection: see `serve_frames`).
+fn reply_frame(method: u16, request_id: u64, reply: Reply, flags: u16) -> OutFrame {
     let status = reply.status;
     let payload = if reply.parts.is_empty() {
         reply.payload
@@ -1151,11 +1170,12 @@ fn reply_frame(method: u16, request_id: u64, reply: Reply) -> OutFrame {
         }
         joined.freeze()
     };
-    OutFrame::new(
+    OutFrame::with_flags(
         Kind::Response,
         method,
         status,
         request_id,
+        flags,
         reply.body,
         payload,
     )

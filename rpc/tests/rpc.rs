@@ -114,6 +114,56 @@ async fn body_checksum_mismatch_fails_one_request_and_keeps_the_connection() {
     server.shutdown().await;
 }
 
+/// On a TLS connection a payload's bytes are authenticated by the session
+/// (AES-GCM), so the server's replies leave them out of the frame CRC
+/// (`FLAG_PAYLOAD_UNCHECKED`; the body stays checked), while a request whose
+/// sender did not flag its payload still has it checked: a payload that
+/// does not match its CRC fails that request, and the connection goes on.
+#[tokio::test]
+async fn tls_replies_leave_the_payload_out_of_the_frame_crc() {
+    let (server, _) = Fixture::tcp().start_server(ServerConfig::default()).await;
+    let mut raw = raw_tls(server.local_addr()).await;
+    let payload = Bytes::from((0..64 * 1024).map(|i| i as u8).collect::<Vec<u8>>());
+    let request = |id: u64, payload: Bytes| {
+        OutFrame::new(
+            Kind::Request,
+            Echo::ID,
+            Status::Ok,
+            id,
+            codec::encode(&echo("crc", 0)),
+            payload,
+        )
+        .expect("small frame")
+    };
+    write_frame(&mut raw, request(11, payload.clone()))
+        .await
+        .expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 11);
+    assert_eq!(reply.header.status, Status::Ok);
+    assert_ne!(
+        reply.header.flags & frame::FLAG_PAYLOAD_UNCHECKED,
+        0,
+        "a reply over TLS still covers its payload in the frame CRC"
+    );
+    reply.check_body().expect("the body is checked");
+    assert!(reply.payload == payload, "the echoed payload differs");
+
+    let mut corrupt = request(12, payload.clone());
+    let mut bytes = corrupt.payload.to_vec();
+    bytes[1000] ^= 0x01;
+    corrupt.payload = Bytes::from(bytes);
+    write_frame(&mut raw, corrupt).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.request_id, 12);
+    assert_eq!(reply.header.status, Status::ChecksumMismatch);
+
+    write_frame(&mut raw, ping_frame(13)).await.expect("write");
+    let reply = read_one(&mut raw).await.expect("a reply");
+    assert_eq!(reply.header.status, Status::Ok);
+    server.shutdown().await;
+}
+
 /// A remote payload descriptor names memory to pull by RDMA READ; on a TCP
 /// connection there is nothing to pull it with, so the request is refused
 /// by name, and the connection goes on.
