@@ -288,6 +288,16 @@ fn settled(device: &NvmeDevice) -> flyfs_bypass::nvme::NvmeStats {
     }
 }
 
+/// Writes `blocks` 4 KiB blocks from `base`, block `i` holding pattern `i`.
+fn write_patterns(device: &NvmeDevice, pool: &BufferPool, base: u64, blocks: u64) {
+    run(async {
+        for block in 0..blocks {
+            let data = contract::pattern(block, 4096);
+            contract::write_at(device, Some(pool), base + block * 4096, &data).await;
+        }
+    });
+}
+
 /// Many I/Os from one executor thread still build a deep queue: a future
 /// that reaps yields between polls, so the executor's other tasks add their
 /// I/Os before any one finishes (an I/O completed on its submitting thread
@@ -299,12 +309,7 @@ fn one_executor_thread_keeps_a_deep_queue() {
     let device = open(&polling(), &pool);
     let tasks = 64u64;
     let rounds = 8u64;
-    run(async {
-        for task in 0..tasks {
-            let data = contract::pattern(task, 4096);
-            contract::write_at(&device, Some(&pool), 400 * MIB + task * 4096, &data).await;
-        }
-    });
+    write_patterns(&device, &pool, 400 * MIB, tasks);
     let before = device.stats();
     let local = tokio::task::LocalSet::new();
     run(local.run_until(async {
@@ -351,12 +356,7 @@ fn spawned_tasks_run_to_completion_on_the_reactors() {
     let device = open(&polling(), &pool);
     let tasks = 64u64;
     let rounds = 8u64;
-    run(async {
-        for task in 0..tasks {
-            let data = contract::pattern(task, 4096);
-            contract::write_at(&device, Some(&pool), 420 * MIB + task * 4096, &data).await;
-        }
-    });
+    write_patterns(&device, &pool, 420 * MIB, tasks);
     let before = settled(&device);
     let spawned: Vec<_> = (0..tasks)
         .map(|task| {

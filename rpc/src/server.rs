@@ -655,7 +655,8 @@ async fn serve_frames<T, S>(
         dispatch_loop(
             events_rx,
             replies_tx,
-            (service, in_flight_max),
+            service,
+            in_flight_max,
             &peer,
             reply_flags,
         ),
@@ -865,7 +866,8 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R) {
 async fn dispatch_loop<S: Service>(
     mut events: mpsc::Receiver<Event>,
     replies: mpsc::Sender<(OutFrame, Held)>,
-    (service, in_flight_max): (Arc<S>, usize),
+    service: Arc<S>,
+    in_flight_max: usize,
     peer: &Peer,
     reply_flags: u16,
 ) {
