@@ -533,12 +533,13 @@ impl Shared {
         }
     }
 
-    /// The lane of the calling thread: its own on a reactor thread; other
+    /// The lane of the calling thread (`own`: [`own_lane`](Self::own_lane)'s
+    /// answer): its own on a reactor thread; other
     /// threads are dealt out round-robin at their first I/O, so a thread
     /// keeps to one queue pair (its requests stay in one ring, and two
     /// threads rarely share one).
-    fn lane(&self) -> &Lane {
-        if let Some(index) = self.own_lane() {
+    fn lane(&self, own: Option<usize>) -> &Lane {
+        if let Some(index) = own {
             return &self.lanes[index];
         }
         static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
@@ -566,7 +567,8 @@ impl Shared {
             return (buf, Err(self.closed_error()));
         }
         let reply = Arc::new(Reply::default());
-        let lane = self.lane();
+        let own = self.own_lane();
+        let lane = self.lane(own);
         let request = Request {
             op,
             offset,
@@ -575,7 +577,7 @@ impl Shared {
             buf,
             reply: Arc::clone(&reply),
         };
-        let polling = if self.own_lane().is_some() {
+        let polling = if own.is_some() {
             // A task on the lane's reactor thread: the reactor's next turn,
             // right after this task yields, issues it; no wake-up needed.
             lane.submissions.push(request);
