@@ -27,6 +27,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use flyfs_bypass::BlockDevice;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
@@ -385,8 +387,13 @@ impl<D: BlockDevice> DeviceIo<D> {
     /// region block go into its cached copy first, and the last one writes
     /// the copy with all of them. A checkpoint writing Patch layers into
     /// scattered blocks uses it, so that a region block's updates since the
-    /// last checkpoint cost one write of it.
-    pub async fn store_block_crc_runs(&self, runs: &[(u64, Vec<u32>)]) -> Result<(), EngineError> {
+    /// last checkpoint cost one write of it. Up to `depth` region blocks are
+    /// written at once (each region's updates stay in order).
+    pub async fn store_block_crc_runs(
+        &self,
+        runs: &[(u64, Vec<u32>)],
+        depth: usize,
+    ) -> Result<(), EngineError> {
         if !self.sb.has_block_crcs() {
             return Ok(());
         }
@@ -402,24 +409,45 @@ impl<D: BlockDevice> DeviceIo<D> {
                     .push((at, &crcs[from..to]));
             }
         }
+        // A loop, not a stream combinator, for the reason the checkpoint
+        // gives.
+        let mut storing = FuturesUnordered::new();
         for (region, updates) in by_region {
-            let Some(((last_at, last), earlier)) = updates.split_last() else {
-                continue;
-            };
-            for (at, crcs) in earlier {
-                let entry = (self.sb.data_block_index(*at) % BLOCK_CRCS_PER_BLOCK) as usize;
-                let applied = self.block_crcs.cache.lock().apply(region, entry, crcs);
-                if applied.is_none() {
-                    // Not cached: stored (and written) the ordinary way,
-                    // which caches the copy for the ones after it.
-                    self.store_block_crcs(*at, crcs).await?;
-                }
+            if storing.len() >= depth.max(1)
+                && let Some(done) = storing.next().await
+            {
+                done?;
             }
-            // Writes the copy with every update above in it (a copy with
-            // updates not yet written is never evicted).
-            self.store_block_crcs(*last_at, last).await?;
+            storing.push(self.store_region_crcs(region, updates));
+        }
+        while let Some(done) = storing.next().await {
+            done?;
         }
         Ok(())
+    }
+
+    /// The updates of one region block for [`Self::store_block_crc_runs`],
+    /// in order: all but the last go into the cached copy, the last writes it.
+    async fn store_region_crcs(
+        &self,
+        region: u64,
+        updates: Vec<(u64, &[u32])>,
+    ) -> Result<(), EngineError> {
+        let Some(((last_at, last), earlier)) = updates.split_last() else {
+            return Ok(());
+        };
+        for (at, crcs) in earlier {
+            let entry = (self.sb.data_block_index(*at) % BLOCK_CRCS_PER_BLOCK) as usize;
+            let applied = self.block_crcs.cache.lock().apply(region, entry, crcs);
+            if applied.is_none() {
+                // Not cached: stored (and written) the ordinary way, which
+                // caches the copy for the ones after it.
+                self.store_block_crcs(*at, crcs).await?;
+            }
+        }
+        // Writes the copy with every update above in it (a copy with updates
+        // not yet written is never evicted).
+        self.store_block_crcs(*last_at, last).await
     }
 
     /// Counts and logs a partial read whose blocks did not match.

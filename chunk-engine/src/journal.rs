@@ -77,6 +77,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use flyfs_bypass::{BlockDevice, block_on};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{MutexGuard, Notify, watch};
 
@@ -774,6 +776,11 @@ fn write_and_flush_batch<'a, D: BlockDevice>(
     }
 }
 
+/// Chunks (and block-CRC region blocks) a checkpoint writes at once: deep
+/// enough to keep an NVMe queue or io_uring busy with scattered 4 KiB writes,
+/// small enough that the buffers in flight stay a few MiB.
+const CHECKPOINT_IO_DEPTH: usize = 64;
+
 /// A checkpoint noted in `abandoned` while it runs, so that a cancelled one
 /// is repeated by the next writer before any batch changes the map.
 async fn checkpoint_noted<D: BlockDevice>(
@@ -816,11 +823,29 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
         wait_for_readers(engine, plan.epoch).await;
         #[cfg(feature = "testing")]
         let _applying = engine.journal.applying.lock().await;
+        // Chunks have slots of their own, so their layers go to the device
+        // side by side: a checkpoint after many random writes is thousands
+        // of scattered block writes, which one at a time would hold up every
+        // commit behind it for as many device round trips.
+        // (A loop rather than a stream combinator: a closure returning a
+        // borrowing future defeats the `Send` proof of the callers' futures.)
         let mut crcs = Vec::new();
+        let mut applying = FuturesUnordered::new();
         for (key, meta, overlay) in &plan.apply {
-            crcs.extend(engine.device.apply_overlay(*key, meta, overlay).await?);
+            if applying.len() >= CHECKPOINT_IO_DEPTH
+                && let Some(done) = applying.next().await
+            {
+                crcs.extend(done?);
+            }
+            applying.push(engine.device.apply_overlay(*key, meta, overlay));
         }
-        engine.device.store_block_crc_runs(&crcs).await?;
+        while let Some(done) = applying.next().await {
+            crcs.extend(done?);
+        }
+        engine
+            .device
+            .store_block_crc_runs(&crcs, CHECKPOINT_IO_DEPTH)
+            .await?;
         // Durable before the checkpoint that drops their records is even
         // written: a flush covers only the writes that completed before it,
         // and the checkpoint's own flush may not return.
