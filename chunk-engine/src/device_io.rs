@@ -275,7 +275,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                                 what,
                             )
                             .await?;
-                            let crc = crc32c::crc32c_combine(base.crc, data_crc, data_len as usize);
+                            let crc = crate::crc::combine(base.crc, data_crc, data_len as usize);
                             return Ok(WriteDone::new(new_len, crc));
                         }
                         Err(data) => data,
@@ -305,7 +305,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                 buf[data_start..data_start + data.len()].copy_from_slice(&data);
                 buf[data_start + data.len()..].fill(0);
                 let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
-                let crc = crc32c::crc32c_combine(base.crc, appended, (new_len - base.len) as usize);
+                let crc = crate::crc::combine(base.crc, appended, (new_len - base.len) as usize);
                 self.write_blocks(self.slot_offset(slot) + u64::from(aligned), buf, what)
                     .await?;
                 Ok(WriteDone::new(new_len, crc))
@@ -395,6 +395,41 @@ impl<D: BlockDevice> DeviceIo<D> {
             // The bytes this extent replaces, as the version built so far
             // has them: the slot's, the base's layers, this write's earlier
             // extents.
+            // Whole blocks that hold only the slot's bytes (no layer of the
+            // base, no earlier extent of this write) need not be read: the
+            // CRC of the bytes they replace is their block CRCs' combined,
+            // entries that describe the medium. Rot in them cannot matter,
+            // as every byte is replaced, and the new chunk CRC is the one of
+            // the version the chain committed.
+            if whole.is_none()
+                && self.sb.has_block_crcs()
+                && u64::from(offset) == io_start
+                && u64::from(end) == io_end
+                && end <= base.len
+                && !overlay.is_some_and(|o| layers_touch(o, io_start, io_end))
+                && !extents_touch(&layer, io_start, io_end)
+            {
+                let at = self.slot_offset(base.slot) + io_start;
+                let old_crc = self
+                    .block_crcs(at, (io_end - io_start) / BLOCK)
+                    .await?
+                    .into_iter()
+                    .reduce(|acc, block| crate::crc::combine(acc, block, BLOCK as usize))
+                    .unwrap_or(0);
+                crc = crc_after_replacing(
+                    crc,
+                    base.len,
+                    offset,
+                    data.len(),
+                    old_crc,
+                    crc32c::crc32c(&data),
+                );
+                layer.push(PatchExtent {
+                    offset,
+                    data: data.to_vec(),
+                });
+                continue;
+            }
             let old: Vec<u8> = match &whole {
                 Some(whole) => whole[offset as usize..end as usize].to_vec(),
                 None => {
@@ -817,14 +852,47 @@ fn block_covered(overlay: &[Layer], start: u64) -> bool {
 /// crc(B) is the pure (zero-initialised, not inverted) CRC of A ^ B. A ^ B
 /// is zero outside the range, leading zeros do not change a pure CRC, and
 /// trailing zeros multiply it by x^(8 * count) modulo the polynomial, which
-/// is what `crc32c_combine(c, 0, count)` computes. And over the range, the
+/// is what [`crate::crc::shift`] computes. And over the range, the
 /// pure CRC of old ^ new is crc(old) ^ crc(new), again by linearity.
 pub(crate) fn crc_after_overwrite(crc: u32, len: u32, offset: u32, old: &[u8], new: &[u8]) -> u32 {
     debug_assert_eq!(old.len(), new.len());
-    debug_assert!(offset as usize + old.len() <= len as usize);
-    let trailing = len as usize - offset as usize - old.len();
-    let delta = crc32c::crc32c(old) ^ crc32c::crc32c(new);
-    crc ^ crc32c::crc32c_combine(delta, 0, trailing)
+    crc_after_replacing(
+        crc,
+        len,
+        offset,
+        old.len(),
+        crc32c::crc32c(old),
+        crc32c::crc32c(new),
+    )
+}
+
+/// As [`crc_after_overwrite`], from the CRCs of the `range_len` bytes
+/// replaced (`old_crc`) and of those replacing them (`new_crc`).
+pub(crate) fn crc_after_replacing(
+    crc: u32,
+    len: u32,
+    offset: u32,
+    range_len: usize,
+    old_crc: u32,
+    new_crc: u32,
+) -> u32 {
+    debug_assert!(offset as usize + range_len <= len as usize);
+    let trailing = len as usize - offset as usize - range_len;
+    crc ^ crate::crc::shift(old_crc ^ new_crc, trailing)
+}
+
+/// Whether an extent of `overlay` touches chunk bytes `start..end`.
+fn layers_touch(overlay: &[Layer], start: u64, end: u64) -> bool {
+    overlay
+        .iter()
+        .any(|l| extents_touch(&l.extents, start, end))
+}
+
+/// Whether one of `extents` touches chunk bytes `start..end`.
+fn extents_touch(extents: &[PatchExtent], start: u64, end: u64) -> bool {
+    extents
+        .iter()
+        .any(|e| u64::from(e.offset) < end && u64::from(e.end()) > start)
 }
 
 /// Returns `data` ready to write from its window start, padded with zeros to

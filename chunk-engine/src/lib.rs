@@ -28,12 +28,14 @@
 //! every on-device byte and alloc.rs the slot allocator; config.rs and
 //! request.rs are the settings and the request and outcome types; scrub.rs
 //! walks every chunk checking it against its CRC; block_crc.rs keeps the
-//! per-block CRCs that let a partial read check only the blocks it reads.
+//! per-block CRCs that let a partial read check only the blocks it reads,
+//! and crc.rs the CRC arithmetic done without the bytes.
 #![deny(unsafe_code)]
 
 pub mod alloc;
 mod block_crc;
 mod config;
+mod crc;
 mod device_io;
 mod engine;
 mod error;

@@ -33,6 +33,7 @@ both_modes!(
     readers_never_see_torn_chunks_while_writers_commit,
     prepared_versions_are_durable_and_commit_without_io,
     small_overwrites_are_patches,
+    whole_block_patches_read_nothing_and_keep_the_crc_exact,
     a_patch_whose_record_fails_poisons_and_leaves_the_committed_version,
     superblock_repair_survives_power_cuts,
     a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left,
@@ -914,6 +915,102 @@ fn small_overwrites_are_patches(mode: JournalMode) {
         assert_eq!(
             engine.block_crc_check(k).await.expect("check"),
             Vec::<u64>::new()
+        );
+        engine.check_consistency().expect("consistent");
+    });
+}
+
+/// A patch of whole blocks that no layer touches takes the CRC of the bytes
+/// it replaces from their block CRCs and reads nothing; a patch of a block
+/// that a layer (or an earlier extent of the same write) touches, or of part
+/// of a block, reads as before. Every version's CRC stays that of its bytes,
+/// through checkpoints and a reopen.
+fn whole_block_patches_read_nothing_and_keep_the_crc_exact(mode: JournalMode) {
+    let rt = runtime();
+    rt.block_on(async {
+        let mem = mem();
+        let options = FormatOptions {
+            journal_bytes: Some(256 << 10),
+            ..small_format()
+        };
+        let engine = format_and_open(&mem, &options, mode).await;
+        let k = key(3, 4, 6);
+        // Not a whole number of blocks: the tail block holds data and zeros.
+        let mut model = bytes(61_000, 9);
+        put(&engine, k, 1, 0, &model).await;
+        let mut version = 1;
+        let mut write = async |extents: &[(u32, Vec<u8>)], model: &mut Vec<u8>| {
+            version += 1;
+            let op = WriteOp::Extents(
+                extents
+                    .iter()
+                    .map(|(offset, data)| flyfs_chunk_engine::UpdateExtent {
+                        offset: *offset,
+                        data: DmaBuf::copy_from(data),
+                        crc: crc32c::crc32c(data),
+                    })
+                    .collect(),
+            );
+            let reads = mem.stats().reads;
+            let outcome = engine.write(request(k, version, op)).await.expect("write");
+            let read = mem.stats().reads - reads;
+            for (offset, data) in extents {
+                model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+            assert!(outcome.in_place, "a patch");
+            assert_eq!(outcome.crc, crc32c::crc32c(model), "version {version}");
+            engine
+                .commit(k, ChunkVersion(version))
+                .await
+                .expect("commit");
+            read
+        };
+        // Whole blocks, untouched by any layer: no read.
+        assert_eq!(write(&[(8192, bytes(4096, 1))], &mut model).await, 0);
+        assert_eq!(write(&[(16_384, bytes(12_288, 2))], &mut model).await, 0);
+        // Two extents of one write on distinct blocks: no read either.
+        assert_eq!(
+            write(&[(0, bytes(4096, 3)), (40_960, bytes(4096, 4))], &mut model).await,
+            0
+        );
+        // The same block again: a layer covers it, so it is read.
+        assert!(write(&[(8192, bytes(4096, 5))], &mut model).await > 0);
+        // Part of a block, and the block holding the chunk's end: read.
+        assert!(write(&[(24_576, bytes(100, 6))], &mut model).await > 0);
+        assert!(write(&[(57_344, bytes(3656, 7))], &mut model).await > 0);
+        // A later extent over a block an earlier one of the same write
+        // touched: read (the earlier one's bytes count as the old ones).
+        assert!(
+            write(
+                &[(45_056, bytes(10, 8)), (45_056, bytes(4096, 9))],
+                &mut model
+            )
+            .await
+                > 0
+        );
+        assert_same(&contents(&engine, k).await, &model);
+
+        // Many whole-block overwrites: checkpoints write them into the slot,
+        // after which those blocks are read from the slot again.
+        for round in 0..150u32 {
+            let offset = ((round * 7) % 14) * 4096;
+            write(&[(offset, bytes(4096, round as u8))], &mut model).await;
+        }
+        assert!(engine.stats().checkpoints > 0);
+        assert_same(&contents(&engine, k).await, &model);
+        assert_eq!(
+            engine.block_crc_check(k).await.expect("check"),
+            Vec::<u64>::new()
+        );
+        engine.check_consistency().expect("consistent");
+        drop(engine);
+        let engine = Engine::open(mem.clone(), pool(), config(mode))
+            .await
+            .expect("reopen");
+        assert_same(&contents(&engine, k).await, &model);
+        assert_eq!(
+            engine.stat(k).expect("stat").committed.expect("c").crc,
+            crc32c::crc32c(&model)
         );
         engine.check_consistency().expect("consistent");
     });
