@@ -371,7 +371,9 @@ impl<D: BlockDevice> DeviceIo<D> {
     /// version's CRC is the base's updated for each extent in turn from the
     /// bytes it replaces (CRC32C is linear, see [`crc_after_overwrite`]), so
     /// only the blocks the extents touch are read, checked against their
-    /// block CRCs (or, on a mismatch, the whole base against its CRC). The
+    /// block CRCs (or, on a mismatch, the whole base against its CRC), and
+    /// not even those where an extent replaces whole blocks that hold only
+    /// the slot's bytes: their block CRCs give the old bytes' CRC. The
     /// extents are copied out of the caller's buffers: they live in memory
     /// until a checkpoint writes them into the slot.
     async fn write_patch(
@@ -392,9 +394,6 @@ impl<D: BlockDevice> DeviceIo<D> {
             let end = offset + data.len() as u32;
             let io_start = u64::from(offset) & !(BLOCK - 1);
             let io_end = round_up(u64::from(end));
-            // The bytes this extent replaces, as the version built so far
-            // has them: the slot's, the base's layers, this write's earlier
-            // extents.
             // Whole blocks that hold only the slot's bytes (no layer of the
             // base, no earlier extent of this write) need not be read: the
             // CRC of the bytes they replace is their block CRCs' combined,
@@ -430,6 +429,9 @@ impl<D: BlockDevice> DeviceIo<D> {
                 });
                 continue;
             }
+            // The bytes this extent replaces, as the version built so far
+            // has them: the slot's, the base's layers, this write's earlier
+            // extents.
             let old: Vec<u8> = match &whole {
                 Some(whole) => whole[offset as usize..end as usize].to_vec(),
                 None => {
