@@ -273,7 +273,7 @@ fn probe(scratch: &Path) -> Result<(), String> {
 /// tests/up.rs, on another stride).
 fn free_base() -> u16 {
     for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 4_973 + attempt * 389 + 17) % 2_500) as u16 * 16;
+        let base = 20_000 + ((std::process::id() * 4_973 + attempt * 389 + 17) % 798) as u16 * 16;
         if (0..16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }

@@ -54,6 +54,11 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Ranges of 16 ports from 20000 up to 32768, where Linux's ephemeral ports
+/// begin: a range there can be taken between the check below and the
+/// daemon's bind by any other test's outgoing connection.
+const PORT_SLOTS: u32 = 798;
+
 /// A base port with the 16 ports after it all free, for `flyfs up --port`.
 /// Each test binary passes its own `multiplier`, `step` and `offset`, so
 /// that binaries running at once search different places.
@@ -62,7 +67,7 @@ pub fn free_port_base(multiplier: u32, step: u32, offset: u32) -> u16 {
         let slot = std::process::id()
             .wrapping_mul(multiplier)
             .wrapping_add(attempt * step + offset)
-            % 2_500;
+            % PORT_SLOTS;
         let base = 20_000 + slot as u16 * 16;
         if (0..16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
