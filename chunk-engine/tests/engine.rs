@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use flyfs_bypass::fault::{Fault, FaultyDevice};
 use flyfs_bypass::mem::MemDevice;
-use flyfs_bypass::{BlockDevice, DmaBuf, IoOp};
+use flyfs_bypass::{BlockDevice, IoOp};
 use flyfs_chunk_engine::format::SUPERBLOCK_OFFSETS;
 use flyfs_chunk_engine::{
     Engine, EngineError, FormatOptions, JournalMode, ReadRequest, ReadVersion, WriteOp,
@@ -862,17 +862,10 @@ fn small_overwrites_are_patches(mode: JournalMode) {
             (4096, bytes(4096, 2)),
             (59_990, bytes(10, 3)),
         ];
-        let op = WriteOp::Extents(
-            extents
-                .iter()
-                .map(|(offset, data)| flyfs_chunk_engine::UpdateExtent {
-                    offset: *offset,
-                    data: DmaBuf::copy_from(data),
-                    crc: crc32c::crc32c(data),
-                })
-                .collect(),
-        );
-        let outcome = engine.write(request(k, 3, op)).await.expect("write");
+        let outcome = engine
+            .write(request(k, 3, common::extents(&extents)))
+            .await
+            .expect("write");
         for (offset, data) in &extents {
             model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
         }
@@ -941,18 +934,11 @@ fn whole_block_patches_read_nothing_and_keep_the_crc_exact(mode: JournalMode) {
         let mut version = 1;
         let mut write = async |extents: &[(u32, Vec<u8>)], model: &mut Vec<u8>| {
             version += 1;
-            let op = WriteOp::Extents(
-                extents
-                    .iter()
-                    .map(|(offset, data)| flyfs_chunk_engine::UpdateExtent {
-                        offset: *offset,
-                        data: DmaBuf::copy_from(data),
-                        crc: crc32c::crc32c(data),
-                    })
-                    .collect(),
-            );
             let reads = mem.stats().reads;
-            let outcome = engine.write(request(k, version, op)).await.expect("write");
+            let outcome = engine
+                .write(request(k, version, common::extents(extents)))
+                .await
+                .expect("write");
             let read = mem.stats().reads - reads;
             for (offset, data) in extents {
                 model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);

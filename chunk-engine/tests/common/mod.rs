@@ -113,6 +113,20 @@ pub fn update(key: ChunkKey, version: u32, offset: u32, data: &[u8]) -> WriteReq
     )
 }
 
+/// An update of several extents, `(offset, bytes)` each, with their CRCs.
+pub fn extents(extents: &[(u32, Vec<u8>)]) -> WriteOp {
+    WriteOp::Extents(
+        extents
+            .iter()
+            .map(|(offset, data)| flyfs_chunk_engine::UpdateExtent {
+                offset: *offset,
+                data: DmaBuf::copy_from(data),
+                crc: crc32c::crc32c(data),
+            })
+            .collect(),
+    )
+}
+
 /// Replaces the whole chunk with `data`, as version `version`.
 pub fn replace(key: ChunkKey, version: u32, data: &[u8]) -> WriteRequest {
     request(
