@@ -19,8 +19,10 @@
 //! medium before an older one, so each batch's header says how many older
 //! ones were in flight, recovery checks the data of the last batch and of
 //! those, not just the last, and restarts the log one lap past its end (see
-//! recovery.rs). Checkpoints are written with
-//! nothing in flight. Inline mode and older devices write batches strictly
+//! recovery.rs). A checkpoint is planned at the published head and
+//! written beside the batches, so commits do not wait for it
+//! (docs/chunk-engine-format.md, "Checkpoints beside batches"). Inline mode
+//! and older devices write batches strictly
 //! one after another (batch N+1 only after batch N's flush returned), so only
 //! the last batch in their log can be one whose flush never completed.
 //!
@@ -174,6 +176,7 @@ pub(crate) struct Counters {
     pub patches: AtomicU64,
     pub patch_layers_applied: AtomicU64,
     pub overlapped_batches: AtomicU64,
+    pub batches_beside_checkpoints: AtomicU64,
 }
 
 impl Counters {
@@ -186,6 +189,7 @@ impl Counters {
             patches: load(&self.patches),
             patch_layers_applied: load(&self.patch_layers_applied),
             overlapped_batches: load(&self.overlapped_batches),
+            batches_beside_checkpoints: load(&self.batches_beside_checkpoints),
         }
     }
 }
@@ -366,9 +370,13 @@ struct InFlight<'a> {
 /// `depth` batches in flight, each written and flushed on its own, and
 /// publishes them in log order as their flushes return (a batch is durable
 /// once its own flush returned, and published once every batch before it
-/// is). Returns once nothing is queued or in flight; on an error the caller
-/// fails the journal, and the batches still in flight are abandoned (their
-/// I/O completes on its own: the `BlockDevice` contract).
+/// is). A checkpoint runs beside the batches: it is planned at the published
+/// head, so the batches in flight and every later one lie beyond its lsn,
+/// and only a batch that would overrun the old tail waits for it. Returns
+/// once nothing is queued or in flight and no checkpoint runs; on an error
+/// the caller fails the journal, and the batches and checkpoint still in
+/// flight are abandoned (their I/O completes on its own: the `BlockDevice`
+/// contract).
 async fn pipeline<D: BlockDevice>(
     engine: &OpenEngine<D>,
     writer: &mut Writer,
@@ -380,10 +388,17 @@ async fn pipeline<D: BlockDevice>(
     // next batch goes.
     let mut issued = 0;
     let mut head = writer.cursor.head;
-    // A checkpoint is due: issue nothing more until the flight has landed.
+    // A checkpoint is wanted and starts as soon as none runs.
     let mut checkpoint_due = false;
+    let mut checkpointing: Option<Checkpointing<'_>> = None;
     loop {
-        while !checkpoint_due && flight.len() < depth {
+        if checkpoint_due && checkpointing.is_none() {
+            checkpointing = Some(Checkpointing::start(engine, writer));
+            checkpoint_due = false;
+        }
+        // The next batch would overrun the tail: wait for the checkpoint.
+        let mut blocked = false;
+        while flight.len() < depth {
             let records = next_batch(engine, issued, None);
             if records.is_empty() {
                 break;
@@ -398,15 +413,16 @@ async fn pipeline<D: BlockDevice>(
             let bytes = batch_bytes(records.iter().map(Record::encoded_len).sum()) as u64;
             let lsn = place(head, bytes, journal_bytes);
             if lsn + bytes - writer.cursor.tail > journal_bytes {
-                // The log would overrun its tail.
-                checkpoint_due = true;
+                blocked = true;
                 break;
             }
+            let counters = &engine.journal.counters;
             if !flight.is_empty() {
-                engine
-                    .journal
-                    .counters
-                    .overlapped_batches
+                counters.overlapped_batches.fetch_add(1, Ordering::Relaxed);
+            }
+            if checkpointing.is_some() {
+                counters
+                    .batches_beside_checkpoints
                     .fetch_add(1, Ordering::Relaxed);
             }
             issued += records.len();
@@ -425,19 +441,22 @@ async fn pipeline<D: BlockDevice>(
                 done: None,
             });
         }
-        if flight.is_empty() {
-            if !checkpoint_due {
-                return Ok(());
+        if blocked && checkpointing.is_none() {
+            if flight.is_empty() {
+                // Only a checkpoint at the head makes room; one planned
+                // while batches are in flight might not (their records are
+                // not in it), so wait for them first.
+                checkpoint_due = true;
+                continue;
             }
-            checkpoint_noted(engine, writer).await?;
-            head = writer.cursor.head;
-            checkpoint_due = false;
-            continue;
+        } else if flight.is_empty() && checkpointing.is_none() {
+            return Ok(());
         }
-        // Wait for the oldest batch, or for more records while there is room
-        // for another batch. `notified` is created before the queue is read
-        // again, so a record queued after this point wakes us.
-        let room = !checkpoint_due && flight.len() < depth;
+        // Wait for the oldest batch or the checkpoint, or for more records
+        // while there is room for another batch. `notified` is created
+        // before the queue is read again, so a record queued after this
+        // point wakes us.
+        let room = !blocked && flight.len() < depth;
         let mut notified = std::pin::pin!(engine.journal.more.notified());
         std::future::poll_fn(|cx| {
             for batch in flight.iter_mut().filter(|batch| batch.done.is_none()) {
@@ -445,22 +464,67 @@ async fn pipeline<D: BlockDevice>(
                     batch.done = Some(result);
                 }
             }
+            let mut checkpoint_done = false;
+            if let Some(running) = checkpointing.as_mut() {
+                if running.done.is_none()
+                    && let Poll::Ready(result) = running.io.as_mut().poll(cx)
+                {
+                    running.done = Some(result);
+                }
+                checkpoint_done = running.done.is_some();
+            }
             let oldest_done = flight.front().is_some_and(|batch| batch.done.is_some());
-            if oldest_done || (room && notified.as_mut().poll(cx).is_ready()) {
+            if oldest_done || checkpoint_done || (room && notified.as_mut().poll(cx).is_ready()) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
             }
         })
         .await;
+        if checkpointing
+            .as_ref()
+            .is_some_and(|running| running.done.is_some())
+        {
+            let running = checkpointing.take().expect("checked above");
+            running.done.expect("checked above")?;
+            running.at.finish(engine, &mut writer.cursor, &running.plan);
+            checkpoint_due = checkpoint_wanted(engine, writer);
+        }
         while flight.front().is_some_and(|batch| batch.done.is_some()) {
             let batch = flight.pop_front().expect("checked above");
             batch.done.expect("checked above")?;
             issued -= batch.records.len();
             publish_batch(engine, writer, &batch.records, batch.end);
-            if checkpoint_wanted(engine, writer) {
+            // While one runs, the live log still counts from the old tail;
+            // whether another is wanted is asked once it is done.
+            if checkpointing.is_none() && checkpoint_wanted(engine, writer) {
                 checkpoint_due = true;
             }
+        }
+    }
+}
+
+/// A checkpoint the pipeline runs beside its batches.
+struct Checkpointing<'a> {
+    plan: Arc<CheckpointPlan>,
+    at: NextCheckpoint,
+    io: Pin<Box<dyn Future<Output = Result<(), EngineError>> + 'a>>,
+    done: Option<Result<(), EngineError>>,
+}
+
+impl<'a> Checkpointing<'a> {
+    /// Plans a checkpoint of the durable view at the published head and
+    /// starts writing it.
+    /// (Thread mode is never cancelled, so unlike [`checkpoint`] it keeps no
+    /// note of the plan for a repeat.)
+    fn start<D: BlockDevice>(engine: &'a OpenEngine<D>, writer: &Writer) -> Checkpointing<'a> {
+        let plan = Arc::new(engine.table.lock().checkpoint_plan());
+        let at = NextCheckpoint::after(&writer.cursor);
+        Checkpointing {
+            io: Box::pin(write_checkpoint(engine, plan.clone(), at)),
+            plan,
+            at,
+            done: None,
         }
     }
 }
@@ -796,13 +860,8 @@ async fn checkpoint_noted<D: BlockDevice>(
 /// Writes the durable view (the committed map with prepared versions, what
 /// recovery would find) as a checkpoint at the journal head into the slot
 /// not holding the current checkpoint, then lets the journal reuse its space.
-///
-/// Patch records before the checkpoint's lsn are about to be reused, so
-/// first the committed versions' Patch layers are written into their slots
-/// (once every reader that might read those slots without the layers is
-/// gone) and flushed, and the prepared patches, which cannot be written in
-/// place while their chunk's committed version is read from the same slot,
-/// are carried in the checkpoint itself (format version 4).
+/// Nothing else is written meanwhile (inline mode, serial batches, recovery);
+/// the pipeline runs [`write_checkpoint`] beside its batches instead.
 ///
 /// The cursor changes only after the flush returned, and the bytes depend
 /// only on the cursor and the plan (`noted`, kept until the checkpoint is
@@ -819,6 +878,70 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
             .insert(Arc::new(engine.table.lock().checkpoint_plan()))
             .clone(),
     };
+    let next = NextCheckpoint::after(cursor);
+    write_checkpoint(engine, plan.clone(), next).await?;
+    next.finish(engine, cursor, &plan);
+    *noted = None;
+    Ok(())
+}
+
+/// Where the next checkpoint goes and what it says: the log position its
+/// plan was taken at (the published head then), its sequence number, and
+/// the checkpoint slot not holding the current one.
+#[derive(Clone, Copy, Debug)]
+struct NextCheckpoint {
+    lsn: u64,
+    sequence: u64,
+    slot: u64,
+}
+
+impl NextCheckpoint {
+    /// The checkpoint of the durable view as the cursor's published head
+    /// leaves it.
+    fn after(cursor: &Cursor) -> NextCheckpoint {
+        NextCheckpoint {
+            lsn: cursor.head,
+            sequence: cursor.checkpoint_sequence + 1,
+            slot: 1 - cursor.checkpoint_slot,
+        }
+    }
+
+    /// Once its flush returned: the journal before its lsn may be reused,
+    /// and the slots and layers of its plan are let go. No await.
+    fn finish<D: BlockDevice>(
+        self,
+        engine: &OpenEngine<D>,
+        cursor: &mut Cursor,
+        plan: &CheckpointPlan,
+    ) {
+        cursor.tail = self.lsn;
+        cursor.checkpoint_sequence = self.sequence;
+        cursor.checkpoint_slot = self.slot;
+        engine.table.lock().checkpoint_applied(plan);
+    }
+}
+
+/// Writes the checkpoint of `plan` (the durable view at log position
+/// `at.lsn`) and flushes it; the caller then finishes it
+/// ([`NextCheckpoint::finish`]).
+///
+/// Patch records before the checkpoint's lsn are about to be reused, so
+/// first the committed versions' Patch layers are written into their slots
+/// (once every reader that might read those slots without the layers is
+/// gone) and flushed, and the prepared patches, which cannot be written in
+/// place while their chunk's committed version is read from the same slot,
+/// are carried in the checkpoint itself (format version 4).
+///
+/// Batches after `at.lsn` may be written, published and applied while this
+/// runs (the pipeline): the plan holds its slots and snapshot, and those
+/// batches lie in the log beyond the checkpoint, where recovery replays them
+/// from either checkpoint (see "Checkpoints beside batches" in
+/// docs/chunk-engine-format.md).
+async fn write_checkpoint<D: BlockDevice>(
+    engine: &OpenEngine<D>,
+    plan: Arc<CheckpointPlan>,
+    at: NextCheckpoint,
+) -> Result<(), EngineError> {
     if !plan.apply.is_empty() {
         wait_for_readers(engine, plan.epoch).await;
         #[cfg(feature = "testing")]
@@ -857,8 +980,6 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
             .patch_layers_applied
             .fetch_add(layers as u64, Ordering::Relaxed);
     }
-    let sequence = cursor.checkpoint_sequence + 1;
-    let slot = 1 - cursor.checkpoint_slot;
     let buf = {
         let header_len = CHECKPOINT_HEADER_BYTES as usize;
         let count = plan.view.len();
@@ -880,31 +1001,27 @@ pub(crate) async fn checkpoint<D: BlockDevice>(
             );
         buf[payload_end..].fill(0);
         let header = CheckpointHeader {
-            sequence,
-            journal_lsn: cursor.head,
+            sequence: at.sequence,
+            journal_lsn: at.lsn,
             entry_count: count as u64,
             payload_crc: crc32c::crc32c(&buf[header_len..payload_end]),
         };
         header.encode(engine.device.sb.format_id, &mut buf);
         buf
     };
-    let offset = engine.device.sb.checkpoint_offset + slot * engine.device.sb.checkpoint_slot_bytes;
+    let offset =
+        engine.device.sb.checkpoint_offset + at.slot * engine.device.sb.checkpoint_slot_bytes;
     engine
         .device
         .write_at(offset, buf, || "checkpoint".into())
         .await?;
     engine.device.flush("checkpoint").await?;
-    tracing::debug!(device = %engine.device.name, sequence, lsn = cursor.head, "checkpoint written");
+    tracing::debug!(device = %engine.device.name, sequence = at.sequence, lsn = at.lsn, "checkpoint written");
     engine
         .journal
         .counters
         .checkpoints
         .fetch_add(1, Ordering::Relaxed);
-    cursor.tail = cursor.head;
-    cursor.checkpoint_sequence = sequence;
-    cursor.checkpoint_slot = slot;
-    engine.table.lock().checkpoint_applied(&plan);
-    *noted = None;
     Ok(())
 }
 

@@ -247,4 +247,7 @@ pub struct EngineStats {
     /// Batches written while an older one's flush had not returned
     /// (`EngineConfig::journal_depth`).
     pub overlapped_batches: u64,
+    /// Batches written while a checkpoint was being written (thread mode on
+    /// a version 5 device): commits that did not wait for it.
+    pub batches_beside_checkpoints: u64,
 }

@@ -191,6 +191,8 @@ pub struct Harness<D: Medium = MemDevice> {
     /// Journal batches written while an older one's flush was outstanding
     /// (thread mode), over every engine the run opened.
     pub overlapped_batches: u64,
+    /// Journal batches written while a checkpoint was (thread mode).
+    pub batches_beside_checkpoints: u64,
 }
 
 fn key(k: u8) -> ChunkKey {
@@ -268,6 +270,7 @@ impl<D: Medium> Harness<D> {
             patches: 0,
             patch_layers_applied: 0,
             overlapped_batches: 0,
+            batches_beside_checkpoints: 0,
         }
     }
 
@@ -756,6 +759,7 @@ impl<D: Medium> Harness<D> {
             self.patches += stats.patches;
             self.patch_layers_applied += stats.patch_layers_applied;
             self.overlapped_batches += stats.overlapped_batches;
+            self.batches_beside_checkpoints += stats.batches_beside_checkpoints;
         }
     }
 

@@ -172,7 +172,8 @@ fn hard_crashes_lose_nothing_acknowledged() {
         Ok(seed) => vec![seed.parse().expect("FLYFS_CRASH_SEED is a number")],
         Err(_) => (0..env("FLYFS_HARD_SEEDS", 400)).collect(),
     };
-    let (mut crashes, mut recovery_cuts, mut torn_pages, mut overlapped) = (0, 0, 0, 0);
+    let (mut crashes, mut recovery_cuts, mut torn_pages, mut overlapped, mut beside) =
+        (0, 0, 0, 0, 0);
     for seed in seeds {
         // Seed bits: journal mode, sector size, operation mix.
         let sector_size = if seed & 2 == 0 { 512 } else { 4096 };
@@ -189,10 +190,12 @@ fn hard_crashes_lose_nothing_acknowledged() {
         recovery_cuts += harness.recovery_cuts;
         torn_pages += harness.medium().stats().torn_pages;
         overlapped += harness.overlapped_batches;
+        beside += harness.batches_beside_checkpoints;
     }
     println!(
         "{crashes} crashes, {recovery_cuts} recoveries cut short, {torn_pages} pages torn, \
-         {overlapped} journal batches written beside an older one in flight"
+         {overlapped} journal batches written beside an older one in flight, \
+         {beside} beside a checkpoint"
     );
     if std::env::var("FLYFS_CRASH_SEED").is_err() {
         assert!(crashes > 0, "no crash happened");

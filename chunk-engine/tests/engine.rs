@@ -1196,6 +1196,148 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
     });
 }
 
+/// Thread mode on a version 5 device writes a checkpoint beside the journal:
+/// while one is held writing chunk A's Patch layer into A's slot, commits go
+/// on (a new chunk, another patch of A on top of the layer being
+/// written, a chunk removed). Power cuts then, on copies of the device, lose
+/// none of them (recovery replays them from the older checkpoint), and once
+/// the checkpoint is done everything reads back, block CRCs and all, before
+/// and after a reopen.
+#[test]
+fn commits_go_on_while_a_checkpoint_is_written() {
+    let rt = runtime();
+    let dev = SlowDevice::new(mem());
+    rt.block_on(async {
+        let engine = format_and_open(&dev, &small_format(), JournalMode::Thread).await;
+        assert!(
+            engine.superblock().journal_depth_max() > 1,
+            "not a pipelined journal"
+        );
+        let (a, c, d, e, gone) = (
+            key(1, 1, 0),
+            key(1, 3, 0),
+            key(1, 4, 0),
+            key(1, 5, 0),
+            key(1, 6, 0),
+        );
+        let mut a_data = bytes(65536, 1);
+        put(&engine, a, 1, 0, &a_data).await;
+        put(&engine, a, 2, 4096, &bytes(4096, 2)).await;
+        a_data[4096..8192].copy_from_slice(&bytes(4096, 2));
+        assert!(engine.stats().patches > 0, "A v2 is not a patch");
+        put(&engine, c, 1, 0, &bytes(4096, 4)).await;
+        put(&engine, gone, 1, 0, &bytes(8192, 6)).await;
+
+        // The checkpoint's write of A's layer into A's slot waits at the gate.
+        let a_slot = engine
+            .stat(a)
+            .and_then(|info| info.committed)
+            .expect("A committed")
+            .slot;
+        let a_at = engine.superblock().slot_offset(a_slot);
+        *dev.held_writes.lock().expect("lock") = a_at..a_at + 65536;
+        dev.write_gate.close();
+        let checkpoints = engine.stats().checkpoints;
+        engine.checkpoint_after_next_batch();
+        put(&engine, d, 1, 0, &bytes(4096, 5)).await;
+        until("the checkpoint writing A's layer", || {
+            dev.write_gate
+                .waiting
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
+        })
+        .await;
+
+        // Each of these waits for its batch, and the checkpoint is stuck:
+        // before, every one of them hung here.
+        let beside = engine.stats().batches_beside_checkpoints;
+        let e_data = bytes(20000, 7);
+        let commits = tokio::spawn({
+            let (engine, e_data) = (engine.clone(), e_data.clone());
+            async move {
+                put(&engine, e, 1, 0, &e_data).await;
+                put(&engine, a, 3, 6000, &bytes(3000, 8)).await;
+                assert!(engine.remove(gone).await.expect("remove"), "it was there");
+            }
+        });
+        until("commits while the checkpoint is held", || {
+            commits.is_finished()
+        })
+        .await;
+        commits.await.expect("commits");
+        a_data[6000..9000].copy_from_slice(&bytes(3000, 8));
+        let stats = engine.stats();
+        assert_eq!(
+            stats.checkpoints, checkpoints,
+            "the checkpoint finished early"
+        );
+        assert!(stats.batches_beside_checkpoints >= beside + 3, "{stats:?}");
+
+        // A power cut now: the new checkpoint was never written.
+        let cut_before = dev.mem().fork();
+        cut_before.crash(1);
+
+        dev.write_gate.open();
+        until("the checkpoint", || {
+            engine.stats().checkpoints > checkpoints
+        })
+        .await;
+        // And one once it is.
+        let cut_after = dev.mem().fork();
+        cut_after.crash(2);
+
+        let expect = Expected {
+            a: (a, a_data),
+            d: (d, bytes(4096, 5)),
+            e: (e, e_data),
+            c,
+            gone,
+        };
+        expect.check(&engine, "running").await;
+        drop(engine);
+        for (image, when) in [
+            (dev.mem().clone(), "reopened"),
+            (cut_before, "cut while the checkpoint waited"),
+            (cut_after, "cut after the checkpoint"),
+        ] {
+            let engine = Engine::open(image, pool(), config(JournalMode::Thread))
+                .await
+                .unwrap_or_else(|e| panic!("{when}: open: {e}"));
+            expect.check(&engine, when).await;
+        }
+    });
+}
+
+/// What `commits_go_on_while_a_checkpoint_is_written` finds after it.
+struct Expected {
+    a: (flyfs_chunk_engine::ChunkKey, Vec<u8>),
+    d: (flyfs_chunk_engine::ChunkKey, Vec<u8>),
+    e: (flyfs_chunk_engine::ChunkKey, Vec<u8>),
+    c: flyfs_chunk_engine::ChunkKey,
+    gone: flyfs_chunk_engine::ChunkKey,
+}
+
+impl Expected {
+    async fn check<D: BlockDevice>(&self, engine: &Engine<D>, when: &str) {
+        for (k, data) in [&self.a, &self.d, &self.e] {
+            assert_same(&contents(engine, *k).await, data);
+        }
+        assert!(
+            engine.stat(self.gone).is_none(),
+            "{when}: the removed chunk is back"
+        );
+        for k in [self.a.0, self.c, self.d.0, self.e.0] {
+            assert!(
+                engine.block_crc_check(k).await.expect("check").is_empty(),
+                "{when}: {k:?}'s blocks do not match their CRCs"
+            );
+        }
+        engine
+            .check_consistency()
+            .unwrap_or_else(|e| panic!("{when}: {e}"));
+    }
+}
+
 /// Whether `image` holds a journal batch naming `inode` (its metadata
 /// record's inode field; a batch of one record fills one 4 KiB sector, so
 /// after a crash it is either wholly there or not at all).
