@@ -665,13 +665,14 @@ impl Starter<'_> {
     }
 }
 
-/// The last lines of a daemon's log, indented, for an error message.
+/// What a dead or stuck daemon's log says, indented, for an error
+/// message: its last error above any backtrace, else its last lines.
 fn log_tail(daemon: &Daemon) -> String {
-    let tail = daemon.log_tail(8);
+    let tail = daemon.log_failure(8);
     if tail.is_empty() {
         return String::new();
     }
-    format!("; its last lines:\n    {}", tail.join("\n    "))
+    format!("; its log says:\n    {}", tail.join("\n    "))
 }
 
 fn read_cluster_file(path: &Path) -> anyhow::Result<Option<ClusterFile>> {

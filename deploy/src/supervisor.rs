@@ -198,6 +198,15 @@ impl Daemon {
             .collect()
     }
 
+    /// What to show of its log after it died: the last error it printed
+    /// (see [`failure_lines`]), else its last `lines` lines.
+    pub fn log_failure(&self, lines: usize) -> Vec<String> {
+        match std::fs::read_to_string(&self.log) {
+            Ok(text) => failure_lines(&text, lines),
+            Err(_) => Vec::new(),
+        }
+    }
+
     fn command(&self) -> Result<Command, SupervisorError> {
         let log = || {
             File::options()
@@ -479,6 +488,28 @@ fn cmdline(pid: u32) -> Option<String> {
     )
 }
 
+/// The lines of a dead daemon's log that say why it died, at most `lines`:
+/// from the last error a Rust program prints as it dies (`Error: ...` from
+/// a `main` that returned an error, `... panicked at ...` from a panic) up
+/// to the backtrace that may follow it, which would otherwise fill the
+/// tail and hide the error; the last `lines` lines when there is none.
+pub fn failure_lines(log: &str, lines: usize) -> Vec<String> {
+    let all: Vec<&str> = log.lines().collect();
+    let is_error = |line: &&str| line.starts_with("Error: ") || line.contains(" panicked at ");
+    let is_backtrace = |line: &&str| line.eq_ignore_ascii_case("stack backtrace:");
+    let shown = match all.iter().rposition(is_error) {
+        Some(start) => {
+            let end = all[start..]
+                .iter()
+                .position(is_backtrace)
+                .map_or(all.len(), |at| start + at);
+            &all[start..end.min(start + lines)]
+        }
+        None => &all[all.len().saturating_sub(lines)..],
+    };
+    shown.iter().map(|line| line.to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +526,40 @@ mod tests {
             pid_file: dir.join(format!("{name}.pid")),
             marker,
         }
+    }
+
+    #[test]
+    fn a_dead_daemons_error_is_shown_above_its_backtrace() {
+        let backtrace: String = (0..40)
+            .map(|i| format!("  {i}: flyfs::frame_{i}\n             at src/x.rs:{i}\n"))
+            .collect();
+        let returned = format!(
+            "INFO starting\nError: binding 127.0.0.1:7600\n\nCaused by:\n    \
+             Address in use (os error 98)\n\nStack backtrace:\n{backtrace}"
+        );
+        assert_eq!(
+            failure_lines(&returned, 8),
+            [
+                "Error: binding 127.0.0.1:7600",
+                "",
+                "Caused by:",
+                "    Address in use (os error 98)",
+                "",
+            ]
+        );
+        let panicked = format!(
+            "INFO up\nthread 'main' panicked at src/main.rs:3:5:\nno device\n\
+             stack backtrace:\n{backtrace}"
+        );
+        assert_eq!(
+            failure_lines(&panicked, 8),
+            ["thread 'main' panicked at src/main.rs:3:5:", "no device"]
+        );
+        // A long error is cut at `lines`; a log without one shows its tail.
+        assert_eq!(failure_lines(&returned, 2).len(), 2);
+        let quiet: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(failure_lines(&quiet, 3), ["line 17", "line 18", "line 19"]);
+        assert!(failure_lines("", 3).is_empty());
     }
 
     #[test]
