@@ -1198,80 +1198,27 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
 
 /// Thread mode on a version 5 device writes a checkpoint beside the journal:
 /// while one is held writing chunk A's Patch layer into A's slot, commits go
-/// on (a new chunk, another patch of A on top of the layer being
-/// written, a chunk removed). Power cuts then, on copies of the device, lose
-/// none of them (recovery replays them from the older checkpoint), and once
-/// the checkpoint is done everything reads back, block CRCs and all, before
-/// and after a reopen.
+/// on (a new chunk, another patch of A on top of the layer being written, a
+/// chunk removed). Power cuts then, on copies of the device, lose none of
+/// them (recovery replays them from the older checkpoint), and once the
+/// checkpoint is done everything reads back, block CRCs and all, before and
+/// after a reopen.
 #[test]
 fn commits_go_on_while_a_checkpoint_is_written() {
     let rt = runtime();
     let dev = SlowDevice::new(mem());
     rt.block_on(async {
-        let engine = format_and_open(&dev, &small_format(), JournalMode::Thread).await;
-        assert!(
-            engine.superblock().journal_depth_max() > 1,
-            "not a pipelined journal"
-        );
-        let (a, c, d, e, gone) = (
-            key(1, 1, 0),
-            key(1, 3, 0),
-            key(1, 4, 0),
-            key(1, 5, 0),
-            key(1, 6, 0),
-        );
-        let mut a_data = bytes(65536, 1);
-        put(&engine, a, 1, 0, &a_data).await;
-        put(&engine, a, 2, 4096, &bytes(4096, 2)).await;
-        a_data[4096..8192].copy_from_slice(&bytes(4096, 2));
-        assert!(engine.stats().patches > 0, "A v2 is not a patch");
-        put(&engine, c, 1, 0, &bytes(4096, 4)).await;
-        put(&engine, gone, 1, 0, &bytes(8192, 6)).await;
-
+        let (engine, mut expect) = beside_setup(&dev).await;
         // The checkpoint's write of A's layer into A's slot waits at the gate.
         let a_slot = engine
-            .stat(a)
+            .stat(expect.a.0)
             .and_then(|info| info.committed)
             .expect("A committed")
             .slot;
         let a_at = engine.superblock().slot_offset(a_slot);
         *dev.held_writes.lock().expect("lock") = a_at..a_at + 65536;
-        dev.write_gate.close();
-        let checkpoints = engine.stats().checkpoints;
-        engine.checkpoint_after_next_batch();
-        put(&engine, d, 1, 0, &bytes(4096, 5)).await;
-        until("the checkpoint writing A's layer", || {
-            dev.write_gate
-                .waiting
-                .load(std::sync::atomic::Ordering::SeqCst)
-                > 0
-        })
-        .await;
-
-        // Each of these waits for its batch, and the checkpoint is stuck:
-        // before, every one of them hung here.
-        let beside = engine.stats().batches_beside_checkpoints;
-        let e_data = bytes(20000, 7);
-        let commits = tokio::spawn({
-            let (engine, e_data) = (engine.clone(), e_data.clone());
-            async move {
-                put(&engine, e, 1, 0, &e_data).await;
-                put(&engine, a, 3, 6000, &bytes(3000, 8)).await;
-                assert!(engine.remove(gone).await.expect("remove"), "it was there");
-            }
-        });
-        until("commits while the checkpoint is held", || {
-            commits.is_finished()
-        })
-        .await;
-        commits.await.expect("commits");
-        a_data[6000..9000].copy_from_slice(&bytes(3000, 8));
-        let stats = engine.stats();
-        assert_eq!(
-            stats.checkpoints, checkpoints,
-            "the checkpoint finished early"
-        );
-        assert!(stats.batches_beside_checkpoints >= beside + 3, "{stats:?}");
+        let checkpoints = beside_checkpoint_held(&dev, &engine, &expect).await;
+        commit_beside(&engine, &mut expect, checkpoints).await;
 
         // A power cut now: the new checkpoint was never written.
         let cut_before = dev.mem().fork();
@@ -1286,13 +1233,6 @@ fn commits_go_on_while_a_checkpoint_is_written() {
         let cut_after = dev.mem().fork();
         cut_after.crash(2);
 
-        let expect = Expected {
-            a: (a, a_data),
-            d: (d, bytes(4096, 5)),
-            e: (e, e_data),
-            c,
-            gone,
-        };
         expect.check(&engine, "running").await;
         drop(engine);
         for (image, when) in [
@@ -1308,7 +1248,149 @@ fn commits_go_on_while_a_checkpoint_is_written() {
     });
 }
 
-/// What `commits_go_on_while_a_checkpoint_is_written` finds after it.
+/// The same with the checkpoint held at its own write, after its layers
+/// are durable, while the commits go on; then its write lands and power is
+/// cut, on copies, before its flush returns: each cut keeps any subset of
+/// its blocks, so recovery finds no new checkpoint, a whole one, or a valid
+/// header over a damaged payload, and falls back to the older checkpoint
+/// with a replay that must reach the newer one's lsn. Every seed keeps
+/// every acknowledged commit, and some cut shows each of the three.
+#[test]
+fn power_cuts_mid_checkpoint_beside_batches_lose_nothing() {
+    let rt = runtime();
+    let dev = SlowDevice::new(mem());
+    rt.block_on(async {
+        let (engine, mut expect) = beside_setup(&dev).await;
+        let sb = *engine.superblock();
+        *dev.held_writes.lock().expect("lock") =
+            sb.checkpoint_offset..sb.checkpoint_offset + 2 * sb.checkpoint_slot_bytes;
+        let checkpoints = beside_checkpoint_held(&dev, &engine, &expect).await;
+        commit_beside(&engine, &mut expect, checkpoints).await;
+
+        // The checkpoint's write lands; its flush waits.
+        let before = dev.mem().snapshot();
+        dev.gate.close();
+        dev.write_gate.open();
+        until("the checkpoint's flush", || {
+            dev.gate.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await;
+        let after = dev.mem().snapshot();
+        let block = |image: &[u8], at: u64| image[at as usize..(at + 4096) as usize].to_vec();
+        // The checkpoint slot the write went to: its header and first
+        // payload block.
+        let at = (0..2)
+            .map(|slot| sb.checkpoint_offset + slot * sb.checkpoint_slot_bytes)
+            .find(|&at| block(&before, at) != block(&after, at))
+            .expect("the checkpoint was written");
+        let (mut none, mut whole, mut torn) = (0, 0, 0);
+        for seed in 0..48 {
+            let image = dev.mem().fork();
+            image.crash(seed);
+            let cut = image.snapshot();
+            let header = block(&cut, at) == block(&after, at);
+            let payload = block(&cut, at + 4096) == block(&after, at + 4096);
+            match (header, payload) {
+                (true, true) => whole += 1,
+                (true, false) => torn += 1,
+                _ => none += 1,
+            }
+            let when = format!("cut {seed} before the checkpoint's flush");
+            let engine = Engine::open(image, pool(), config(JournalMode::Thread))
+                .await
+                .unwrap_or_else(|e| panic!("{when}: open: {e}"));
+            expect.check(&engine, &when).await;
+        }
+        eprintln!("cuts: {none} without the new checkpoint, {torn} torn, {whole} whole");
+        assert!(
+            none > 0 && torn > 0 && whole > 0,
+            "some case never happened: the test proves less than it says"
+        );
+        dev.gate.open();
+        until("the checkpoint", || {
+            engine.stats().checkpoints > checkpoints
+        })
+        .await;
+        expect.check(&engine, "running").await;
+    });
+}
+
+/// Chunk A with a Patch layer a checkpoint will write into A's slot, C, and
+/// a chunk the commits beside the checkpoint remove.
+async fn beside_setup(dev: &SlowDevice) -> (Engine<SlowDevice>, Expected) {
+    let engine = format_and_open(dev, &small_format(), JournalMode::Thread).await;
+    assert!(
+        engine.superblock().journal_depth_max() > 1,
+        "not a pipelined journal"
+    );
+    let mut expect = Expected {
+        a: (key(1, 1, 0), bytes(65536, 1)),
+        d: (key(1, 4, 0), bytes(4096, 5)),
+        e: (key(1, 5, 0), bytes(20000, 7)),
+        c: key(1, 3, 0),
+        gone: key(1, 6, 0),
+    };
+    let a = expect.a.0;
+    put(&engine, a, 1, 0, &expect.a.1).await;
+    put(&engine, a, 2, 4096, &bytes(4096, 2)).await;
+    expect.a.1[4096..8192].copy_from_slice(&bytes(4096, 2));
+    assert!(engine.stats().patches > 0, "A v2 is not a patch");
+    put(&engine, expect.c, 1, 0, &bytes(4096, 4)).await;
+    put(&engine, expect.gone, 1, 0, &bytes(8192, 6)).await;
+    (engine, expect)
+}
+
+/// Closes the write gate over `dev.held_writes`, has a checkpoint follow
+/// D's commit and waits until one of its writes waits at the gate. Returns
+/// the checkpoints written before it.
+async fn beside_checkpoint_held(
+    dev: &SlowDevice,
+    engine: &Engine<SlowDevice>,
+    expect: &Expected,
+) -> u64 {
+    dev.write_gate.close();
+    let checkpoints = engine.stats().checkpoints;
+    engine.checkpoint_after_next_batch();
+    put(engine, expect.d.0, 1, 0, &expect.d.1).await;
+    until("the checkpoint at the gate", || {
+        dev.write_gate
+            .waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    })
+    .await;
+    checkpoints
+}
+
+/// While the checkpoint is held: E written whole, A patched again over the
+/// layer the checkpoint writes, the last chunk removed. Each waits for its
+/// batch; before checkpoints went beside the batches, every one hung here.
+async fn commit_beside(engine: &Engine<SlowDevice>, expect: &mut Expected, checkpoints: u64) {
+    let beside = engine.stats().batches_beside_checkpoints;
+    let commits = tokio::spawn({
+        let engine = engine.clone();
+        let (a, e, gone) = (expect.a.0, expect.e.clone(), expect.gone);
+        async move {
+            put(&engine, e.0, 1, 0, &e.1).await;
+            put(&engine, a, 3, 6000, &bytes(3000, 8)).await;
+            assert!(engine.remove(gone).await.expect("remove"), "it was there");
+        }
+    });
+    until("commits while the checkpoint is held", || {
+        commits.is_finished()
+    })
+    .await;
+    commits.await.expect("commits");
+    expect.a.1[6000..9000].copy_from_slice(&bytes(3000, 8));
+    let stats = engine.stats();
+    assert_eq!(
+        stats.checkpoints, checkpoints,
+        "the checkpoint finished early"
+    );
+    assert!(stats.batches_beside_checkpoints >= beside + 3, "{stats:?}");
+}
+
+/// What the checkpoint-beside-batches tests find after them.
 struct Expected {
     a: (flyfs_chunk_engine::ChunkKey, Vec<u8>),
     d: (flyfs_chunk_engine::ChunkKey, Vec<u8>),
