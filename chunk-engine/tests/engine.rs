@@ -1155,13 +1155,7 @@ fn a_checkpoint_never_writes_patches_into_a_slot_its_chunk_left(mode: JournalMod
             let engine = engine.clone();
             async move { contents(&engine, c).await }
         });
-        until("the reader at the gate", || {
-            dev.read_gate
-                .waiting
-                .load(std::sync::atomic::Ordering::SeqCst)
-                > 0
-        })
-        .await;
+        until("the reader at the gate", || dev.read_gate.has_waiters()).await;
         let epoch = engine.read_epoch();
         engine.checkpoint_after_next_batch();
         let commit_d = tokio::spawn({
@@ -1271,10 +1265,7 @@ fn power_cuts_mid_checkpoint_beside_batches_lose_nothing() {
         let before = dev.mem().snapshot();
         dev.gate.close();
         dev.write_gate.open();
-        until("the checkpoint's flush", || {
-            dev.gate.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
-        })
-        .await;
+        until("the checkpoint's flush", || dev.gate.has_waiters()).await;
         let after = dev.mem().snapshot();
         let block = |image: &[u8], at: u64| image[at as usize..(at + 4096) as usize].to_vec();
         // The checkpoint slot the write went to: its header and first
@@ -1353,10 +1344,7 @@ async fn beside_checkpoint_held(
     engine.checkpoint_after_next_batch();
     put(engine, expect.d.0, 1, 0, &expect.d.1).await;
     until("the checkpoint at the gate", || {
-        dev.write_gate
-            .waiting
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
+        dev.write_gate.has_waiters()
     })
     .await;
     checkpoints

@@ -215,6 +215,11 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Whether anything waits at the gate.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
     }
