@@ -458,9 +458,11 @@ fn a_panicking_task_spares_the_reactor_and_shutdown_cancels_tasks() {
 }
 
 /// The last clone of a device dropped by a task, on a reactor thread,
-/// shuts the device down without joining that thread to itself: the
-/// reactors exit on their own and the controller, shut down by the last of
-/// them, opens again with the task's data on it.
+/// with a read of its own still in flight, shuts the device down without
+/// waiting on the other reactors: they cannot exit while the read is
+/// outstanding, and only this reactor can finish it (joining them
+/// deadlocked). The reactors exit on their own and the controller, shut
+/// down by the last of them, opens again with the task's data on it.
 #[test]
 fn the_last_clone_dropped_on_a_reactor_shuts_the_device_down() {
     let pool = pool();
@@ -475,13 +477,28 @@ fn the_last_clone_dropped_on_a_reactor_shuts_the_device_down() {
             ready.await.expect("the test signals");
             contract::write_at(&owner, Some(&pool), 440 * MIB, &data).await;
             owner.flush().await.expect("flush");
+            // Submitted on this reactor's queue pair, then left to it.
+            let mut read = Box::pin(owner.read(440 * MIB, pool.alloc(4096)));
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                read.as_mut().poll(&mut context).is_pending(),
+                "a task's read completed as it was submitted"
+            );
+            drop(read);
             drop(owner);
         })
     };
     // Only the task holds the device now; it drops it once it has written.
     drop(device);
     go.send(()).expect("the task waits");
-    run(task);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        run(task);
+        done.send(())
+    });
+    finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the task dropping the last clone never finished: the reactors deadlocked");
     let deadline = Instant::now() + Duration::from_secs(60);
     let device = loop {
         match NvmeDevice::open(guest_controller(), &NvmeConfig::default(), Some(&pool)) {
