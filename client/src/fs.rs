@@ -504,6 +504,32 @@ impl<N: Network> FsClient<N> {
         Ok(self.local_attr(attr))
     }
 
+    /// Drops setuid, and setgid where group execute is set, from a file
+    /// that a caller without `CAP_FSETID` writes to. Under
+    /// `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves this to the file system
+    /// and flags such writes. Chown and truncate need no call of their own:
+    /// the metadata service drops the bits itself.
+    ///
+    /// The writer need not own the file, and chmod is the owner's, so the
+    /// change is asked as root: the kernel has already checked that the
+    /// writer may write. Like the kernel without that flag (a getattr, then
+    /// a setattr of the mode), this is two calls. A chmod by someone else
+    /// between them is overwritten.
+    pub async fn kill_suid_sgid(&self, ino: InodeId) -> Result<(), FsError> {
+        let mode = self.stat(&User::root(), ino).await?.mode;
+        let killed = flyfs_proto::access::kill_suid_sgid(mode);
+        if killed != mode {
+            let req = SetAttrReq {
+                user: User::root(),
+                ino,
+                mode: Some(killed),
+                ..SetAttrReq::default()
+            };
+            self.meta.call::<SetAttr, _>(&req).await?;
+        }
+        Ok(())
+    }
+
     pub async fn getxattr(
         &self,
         user: &User,

@@ -66,6 +66,25 @@ pub fn allowed(file: Permissions, user: &User, mask: u32) -> bool {
     bits & mask == mask
 }
 
+/// The mode a file keeps when it is written or truncated by a caller
+/// without `CAP_FSETID`, or given away by chown (Linux's rule): setuid goes,
+/// and setgid too when group execute is set (setgid without it marks
+/// mandatory locking and stays).
+pub fn kill_suid_sgid(mode: u32) -> u32 {
+    let mut mode = mode & !S_ISUID;
+    if mode & S_IXGRP != 0 {
+        mode &= !S_ISGID;
+    }
+    mode
+}
+
+/// Set user ID on execution.
+pub const S_ISUID: u32 = 0o4000;
+/// Set group ID on execution (with group execute).
+pub const S_ISGID: u32 = 0o2000;
+/// Group execute.
+pub const S_IXGRP: u32 = 0o010;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,8 +168,13 @@ pub(crate) fn negotiate(config: &mut KernelConfig, options: &FuseOptions) {
     // lookups in one directory (the service is stateless); listings
     // with attributes when the kernel sees they would be looked up;
     // symlink targets cached (they never change); pages dropped when
-    // another client changed a file; async direct I/O.
+    // another client changed a file; async direct I/O; setuid and setgid
+    // dropped by us on write, truncate and chown (`HANDLE_KILLPRIV_V2`:
+    // the metadata service does it on truncate and chown, and writes
+    // flagged by the kernel ask for it), so that the kernel need not fetch
+    // the attributes first (`tar x` chowns every file it wrote).
     let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+        | InitFlags::FUSE_HANDLE_KILLPRIV_V2
         | InitFlags::FUSE_PARALLEL_DIROPS
         | InitFlags::FUSE_DO_READDIRPLUS
         | InitFlags::FUSE_READDIRPLUS_AUTO

@@ -1,15 +1,18 @@
 //! The FUSE daemon against a whole cluster in one process (real TCP, real
 //! kernel mount): files written and read back through the mount, a
 //! directory listed across metadata pages and kernel buffers, renames,
-//! links, symlinks, permissions, truncates and errno, then a clean unmount.
+//! links, symlinks, permissions (setuid and setgid dropped as Linux drops
+//! them), truncates and errno, then a clean unmount.
 //!
 //! Mounting needs root and `/dev/fuse`: without them the test says so and
 //! passes without running.
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use flyfs_client::storage::{ClientConfig, StorageClient};
@@ -130,6 +133,9 @@ fn exercise(mnt: &Path) {
         0o640
     );
 
+    a_chown_after_a_write_fetches_no_attributes(mnt);
+    setuid_and_setgid_are_dropped_as_linux_drops_them(mnt);
+
     // Errors come back as the service's errno.
     assert_eq!(
         errno_of(std::fs::metadata(mnt.join("absent"))),
@@ -147,12 +153,184 @@ fn exercise(mnt: &Path) {
     assert!(!dir.exists());
 }
 
+/// The mount's FUSE requests so far, by op (`flyfs_fuse_requests_total`):
+/// this test binary's metrics recorder.
+fn requests(op: &str) -> u64 {
+    REQUESTS
+        .get()
+        .and_then(|counts| counts.lock().get(op).cloned())
+        .map_or(0, |count| count.load(Ordering::Relaxed))
+}
+
+type Counts = parking_lot::Mutex<HashMap<String, Arc<AtomicU64>>>;
+
+static REQUESTS: OnceLock<Arc<Counts>> = OnceLock::new();
+
+/// Counts `flyfs_fuse_requests_total` by its `op` label; ignores the rest.
+struct CountRequests(Arc<Counts>);
+
+impl metrics::Recorder for CountRequests {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() != "flyfs_fuse_requests_total" {
+            return metrics::Counter::noop();
+        }
+        let op = key
+            .labels()
+            .find(|label| label.key() == "op")
+            .map_or_else(String::new, |label| label.value().to_owned());
+        metrics::Counter::from_arc(self.0.lock().entry(op).or_default().clone())
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// A small file written the way `tar x` writes one: a chown after the
+/// write costs no GETATTR (the kernel fetches the mode before a chown only
+/// to drop setuid itself, which `HANDLE_KILLPRIV_V2` leaves to us).
+fn a_chown_after_a_write_fetches_no_attributes(mnt: &Path) {
+    let path = mnt.join("unpacked");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create");
+    file.write_all(b"a small file").expect("write");
+    file.set_times(std::fs::FileTimes::new().set_modified(std::time::UNIX_EPOCH))
+        .expect("futimens");
+    let before = requests("getattr");
+    std::os::unix::fs::fchown(&file, Some(65534), Some(65534)).expect("fchown");
+    assert_eq!(
+        requests("getattr"),
+        before,
+        "the chown fetched the attributes"
+    );
+    file.set_permissions(std::fs::Permissions::from_mode(0o640))
+        .expect("fchmod");
+    drop(file);
+    let meta = std::fs::metadata(&path).expect("stat");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (65534, 65534, 0o640)
+    );
+    assert_eq!((meta.len(), meta.mtime()), (12, 0));
+    std::fs::remove_file(&path).expect("remove");
+}
+
+/// Runs `script` (with the file as `$1`) in `sh` as user and group nobody
+/// (65534), without root's capabilities; panics naming it if it fails.
+fn as_nobody(script: &str, file: &Path) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(file)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run sh as nobody");
+    assert!(
+        out.status.success(),
+        "`{script}` as nobody: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// setuid and setgid (with group execute) go when a user without
+/// `CAP_FSETID` writes, truncates (by path, through a descriptor, by
+/// `O_TRUNC`) or allocates, and on every chown; root's writes keep them, and
+/// setgid without group execute (mandatory locking) stays. The mount
+/// negotiates `FUSE_HANDLE_KILLPRIV_V2`, which leaves all of this to the
+/// file system.
+fn setuid_and_setgid_are_dropped_as_linux_drops_them(mnt: &Path) {
+    let file = mnt.join("setuid");
+    let mode = || std::fs::metadata(&file).expect("stat").mode() & 0o7777;
+    let set = |bits| {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(bits)).expect("chmod")
+    };
+    std::fs::write(&file, b"x").expect("create");
+    set(0o6777);
+    let mut append = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .expect("open");
+    append.write_all(b"r").expect("root writes");
+    drop(append);
+    assert_eq!(mode(), 0o6777, "root's write keeps setuid and setgid");
+
+    for (what, script) in [
+        ("a write", "printf y >> \"$1\""),
+        ("ftruncate", "truncate -s 2 \"$1\""),
+        (
+            "truncate by path",
+            "perl -e 'truncate($ARGV[0], 1) or die \"$!\"' \"$1\"",
+        ),
+        ("truncate by O_TRUNC", ": > \"$1\""),
+        ("fallocate", "fallocate -l 8192 \"$1\""),
+    ] {
+        set(0o6777);
+        as_nobody(script, &file);
+        assert_eq!(mode(), 0o0777, "{what} by nobody drops setuid and setgid");
+    }
+
+    // Setgid without group execute marks mandatory locking: kept.
+    set(0o6767);
+    as_nobody("printf z >> \"$1\"", &file);
+    assert_eq!(
+        mode(),
+        0o2767,
+        "a write by nobody keeps setgid without group execute"
+    );
+    assert_eq!(std::fs::read(&file).expect("read").len(), 8193);
+
+    set(0o6777);
+    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).expect("chown");
+    assert_eq!(
+        mode(),
+        0o0777,
+        "chown, even root's, drops setuid and setgid"
+    );
+    std::fs::remove_file(&file).expect("remove");
+}
+
 #[test]
 fn a_mounted_cluster_behaves_like_a_file_system() {
     if let Some(why) = cannot_mount() {
         eprintln!("skipping the FUSE mount test: {why}");
         return;
     }
+    let counts = REQUESTS.get_or_init(Arc::default);
+    metrics::set_global_recorder(CountRequests(counts.clone())).expect("the only recorder");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -179,6 +357,9 @@ fn a_mounted_cluster_behaves_like_a_file_system() {
         )
     });
     let dir = tempfile::tempdir().expect("tempdir");
+    // Users other than root reach the mount too (setuid checks).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the temporary directory");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mount point");
     let mut mounted = mount(

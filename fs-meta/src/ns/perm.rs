@@ -15,12 +15,9 @@ use flyfs_proto::wire::meta::User;
 use crate::ns::NsError;
 use crate::schema::{Inode, InodeKind};
 
-pub const S_ISUID: u32 = 0o4000;
-pub const S_ISGID: u32 = 0o2000;
+pub use flyfs_proto::access::{S_ISGID, S_ISUID};
 pub const S_ISVTX: u32 = 0o1000;
-/// Group execute: setgid without it marks mandatory locking, not setgid,
-/// and is left alone when ownership changes (as Linux does).
-const S_IXGRP: u32 = 0o010;
+use flyfs_proto::access::{S_IXGRP, kill_suid_sgid};
 
 /// Whether `user` owns `inode`.
 pub fn owns(user: &User, inode: &Inode) -> bool {
@@ -151,7 +148,7 @@ pub fn mode_after_chown(inode: &Inode) -> u32 {
     if inode.is_dir() {
         return inode.mode;
     }
-    kill_suid(inode.mode)
+    kill_suid_sgid(inode.mode)
 }
 
 /// The mode left after a non-root caller truncates a file: as for a write,
@@ -160,7 +157,7 @@ pub fn mode_after_truncate(inode: &Inode, user: &User) -> u32 {
     if user.is_root() {
         inode.mode
     } else {
-        kill_suid(inode.mode)
+        kill_suid_sgid(inode.mode)
     }
 }
 
@@ -185,14 +182,6 @@ pub fn new_owner(parent: &Inode, user: &User, mode: u32, is_dir: bool) -> (u32, 
         user.gid
     };
     (user.uid, gid, mode)
-}
-
-fn kill_suid(mode: u32) -> u32 {
-    let mut mode = mode & !S_ISUID;
-    if mode & S_IXGRP != 0 {
-        mode &= !S_ISGID;
-    }
-    mode
 }
 
 #[cfg(test)]

@@ -12,12 +12,13 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use flyfs_client::fs::OpenMode;
+use flyfs_proto::access::kill_suid_sgid;
 use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::{SetAttrReq, User};
 use flyfs_rpc::Network;
 use fuser::{
     Errno, FopenFlags, Generation, INodeNo, OpenFlags, ReplyCreate, ReplyData, ReplyEmpty,
-    ReplyLseek, ReplyOpen, ReplyWrite, Request,
+    ReplyLseek, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
 use super::check_name;
@@ -83,6 +84,7 @@ pub(crate) fn write<N: Network>(
     fh: fuser::FileHandle,
     offset: u64,
     data: &[u8],
+    write_flags: WriteFlags,
     reply: ReplyWrite,
 ) {
     let handle = match fs.shared.handles.file(fh) {
@@ -103,10 +105,18 @@ pub(crate) fn write<N: Network>(
     // its own copy.
     let data = data.to_vec();
     let client = fs.shared.client.clone();
+    // The writer lacks CAP_FSETID and the file is setuid or setgid: the
+    // kernel leaves dropping those bits to us (`FUSE_HANDLE_KILLPRIV_V2`).
+    let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
     fs.spawn(
         "write",
         reply,
-        async move { client.write(&handle, offset, &data).await },
+        async move {
+            if kill {
+                client.kill_suid_sgid(handle.ino()).await?;
+            }
+            client.write(&handle, offset, &data).await
+        },
         move |reply, ()| {
             metrics::counter!("flyfs_fuse_write_bytes_total").increment(u64::from(len));
             reply.written(len);
@@ -230,6 +240,7 @@ pub(crate) fn fallocate<N: Network>(
         return fs.refuse("fallocate", reply, &e);
     }
     let caller = Caller::of(req);
+    let by_root = req.uid() == 0;
     let client = fs.shared.client.clone();
     fs.spawn(
         "fallocate",
@@ -241,17 +252,19 @@ pub(crate) fn fallocate<N: Network>(
                 .checked_add(length)
                 .filter(|&end| end <= max_file_size(&attr))
                 .ok_or_else(|| fail(libc::EFBIG, "fallocate beyond the largest file size"))?;
-            if mode == 0 && end > attr.length {
+            // Like a write, an fallocate by a caller that is not root
+            // drops setuid and setgid (left to us by `HANDLE_KILLPRIV_V2`).
+            let killed = kill_suid_sgid(attr.mode);
+            let kill = !by_root && killed != attr.mode;
+            let grow = mode == 0 && end > attr.length;
+            if kill || grow {
                 client
                     .setattr(SetAttrReq {
                         user: User::root(),
                         ino: attr.ino,
-                        mode: None,
-                        uid: None,
-                        gid: None,
-                        size: Some(end),
-                        atime: None,
-                        mtime: None,
+                        mode: kill.then_some(killed),
+                        size: grow.then_some(end),
+                        ..SetAttrReq::default()
                     })
                     .await?;
             }

@@ -181,12 +181,12 @@ impl<N: Network> Filesystem for FuseFs<N> {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        file::write(self, fh, offset, data, reply);
+        file::write(self, fh, offset, data, write_flags, reply);
     }
 
     fn flush(

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use flyfs_client::fs::OpenMode;
-use flyfs_proto::access::{self, MAY_EXEC, MAY_READ, MAY_WRITE, Permissions};
+use flyfs_proto::access::{self, MAY_EXEC, MAY_READ, MAY_WRITE, Permissions, kill_suid_sgid};
 use flyfs_proto::ids::InodeId;
 use flyfs_proto::wire::meta::{Attr, FileType, SetAttrReq, User};
 use flyfs_rpc::Network;
@@ -111,13 +111,14 @@ pub(crate) fn setattr<N: Network>(
         && size.is_some()
         && fh.is_some_and(|fh| fs.shared.handles.file(fh).is_ok_and(|h| h.mode().write));
     let caller = Caller::of(req);
+    let by_root = req.uid() == 0;
     let client = fs.shared.client.clone();
     let ttl = fs.shared.options.attr_ttl;
     fs.spawn(
         "setattr",
         reply,
         async move {
-            client
+            let attr = client
                 .setattr(SetAttrReq {
                     user: if through_writer {
                         // ftruncate(2) on a descriptor open for writing
@@ -139,7 +140,22 @@ pub(crate) fn setattr<N: Network>(
                     atime: atime.map(set_time),
                     mtime: mtime.map(set_time),
                 })
-                .await
+                .await?;
+            // A truncate by a caller that is not root drops setuid and
+            // setgid (under `HANDLE_KILLPRIV_V2` the kernel leaves that to
+            // us), which the service, hearing root, did not do.
+            let killed = kill_suid_sgid(attr.mode);
+            if through_writer && !by_root && killed != attr.mode {
+                return client
+                    .setattr(SetAttrReq {
+                        user: User::root(),
+                        ino: InodeId(ino.0),
+                        mode: Some(killed),
+                        ..SetAttrReq::default()
+                    })
+                    .await;
+            }
+            Ok(attr)
         },
         move |reply, attr| reply.attr(&ttl, &file_attr(&attr)),
     );
