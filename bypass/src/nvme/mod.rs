@@ -116,10 +116,11 @@ pub struct NvmeConfig {
     /// of a depth-1 I/O's latency); the price is that the executor's thread
     /// spins for up to this long per I/O when it has nothing else to run.
     /// 1000 by default: in the emulated guest (BENCHMARKS.md, the NVMe
-    /// section) it raised depth-1 4 KiB reads and writes 6.0-6.4x over
-    /// zero and the engine's committed 4 KiB writes 1.4x, with depth 64
-    /// and the other engine rows level. Zero hands every request to the
-    /// reactor thread (the path before version 4 of docs/nvme-vfio.md).
+    /// section, the run at 56e9c77) it raised depth-1 4 KiB reads and
+    /// writes 7.5x over zero, with the other rows between 0.90x (the
+    /// engine's committed 4 KiB writes) and 1.13x. Zero hands every request
+    /// to the reactor thread (the path before version 4 of
+    /// docs/nvme-vfio.md).
     pub poll_budget_us: u32,
     /// Size of each queue pair's bounce region, through which buffers that
     /// are not in the buffer pool's mapped arena move (at least 2 MiB, the
