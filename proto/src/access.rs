@@ -90,6 +90,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn setuid_goes_and_setgid_only_with_group_execute() {
+        assert_eq!(kill_suid_sgid(0o6755), 0o0755);
+        assert_eq!(kill_suid_sgid(0o4755), 0o0755);
+        assert_eq!(
+            kill_suid_sgid(0o2745),
+            0o2745,
+            "setgid without g+x marks locking"
+        );
+        assert_eq!(kill_suid_sgid(0o1777), 0o1777, "sticky stays");
+        assert_eq!(kill_suid_sgid(0o0644), 0o0644);
+    }
+
+    #[test]
     fn access_by_owner_group_and_others() {
         let attr = Attr {
             uid: 10,

@@ -8,7 +8,7 @@
 //! file system to the programs on it. Every check is a pure function of the
 //! inodes involved, so the model test can reuse nothing and still agree.
 
-use flyfs_proto::access::{self, Permissions};
+use flyfs_proto::access::{self, Permissions, S_IXGRP, kill_suid_sgid};
 pub use flyfs_proto::access::{MAY_EXEC, MAY_READ, MAY_WRITE};
 use flyfs_proto::wire::meta::User;
 
@@ -17,7 +17,6 @@ use crate::schema::{Inode, InodeKind};
 
 pub use flyfs_proto::access::{S_ISGID, S_ISUID};
 pub const S_ISVTX: u32 = 0o1000;
-use flyfs_proto::access::{S_IXGRP, kill_suid_sgid};
 
 /// Whether `user` owns `inode`.
 pub fn owns(user: &User, inode: &Inode) -> bool {
