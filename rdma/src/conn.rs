@@ -61,9 +61,11 @@ pub struct Device {
     pd: Arc<ProtectionDomain>,
     gid_index: u8,
     port: PortInfo,
-    /// The buffer pool arenas registered once at start
-    /// ([`Device::register_arenas`]): what one-sided payloads may name.
+    /// The arenas registered ([`Device::register_arenas`] at start,
+    /// [`Device::register_arena`] for as long as its guard lives): what
+    /// one-sided payloads may name.
     arenas: parking_lot::RwLock<Vec<Registered>>,
+    next_registration: AtomicU64,
 }
 
 /// Memory that can be registered once for one-sided transfers: a buffer
@@ -78,12 +80,36 @@ pub unsafe trait Arena: Send + Sync + std::fmt::Debug + 'static {
     fn arenas(&self) -> Vec<(std::ptr::NonNull<u8>, usize)>;
 }
 
-/// The registrations of one arena owner, and the owner, which keeps their
-/// memory alive: regions first, so they are deregistered before it goes.
+/// The registrations of one arena owner (each region keeps the owner, so
+/// its memory, alive until it is deregistered).
 #[derive(Debug)]
 struct Registered {
+    id: u64,
     regions: Vec<Arc<MemoryRegion>>,
-    _owner: Arc<dyn Arena>,
+}
+
+/// An arena registered until this guard drops ([`Device::register_arena`]):
+/// then nothing new names it, and each of its regions is deregistered once
+/// the last work request using it locally is done (a peer still writing
+/// into it after that fails its request and breaks its connection; the
+/// memory is never written after deregistration). Dropping the guard before
+/// every call that named the arena ended is the caller's choice to make:
+/// keep the guard beside the buffers lent.
+#[derive(Debug)]
+pub struct ArenaRegistration {
+    device: std::sync::Weak<Device>,
+    id: u64,
+}
+
+impl Drop for ArenaRegistration {
+    fn drop(&mut self) {
+        if let Some(device) = self.device.upgrade() {
+            device
+                .arenas
+                .write()
+                .retain(|registered| registered.id != self.id);
+        }
+    }
 }
 
 impl Device {
@@ -99,6 +125,7 @@ impl Device {
             gid_index,
             port,
             arenas: parking_lot::RwLock::new(Vec::new()),
+            next_registration: AtomicU64::new(1),
         }))
     }
 
@@ -136,20 +163,36 @@ impl Device {
     /// device keeps `owner` (and so its memory) alive as long as the
     /// registrations.
     pub fn register_arenas(&self, owner: Arc<dyn Arena>) -> Result<()> {
+        self.register(owner).map(drop)
+    }
+
+    /// Registers every arena of `owner` (an application's shared buffer,
+    /// registered when the application registers it) until the returned
+    /// guard drops. Registration pins the pages and costs a system call:
+    /// once per buffer's life, never per I/O.
+    pub fn register_arena(self: &Arc<Self>, owner: Arc<dyn Arena>) -> Result<ArenaRegistration> {
+        let id = self.register(owner)?;
+        Ok(ArenaRegistration {
+            device: Arc::downgrade(self),
+            id,
+        })
+    }
+
+    fn register(&self, owner: Arc<dyn Arena>) -> Result<u64> {
         let mut regions = Vec::new();
         for (addr, len) in owner.arenas() {
-            // SAFETY: `Arena`'s contract: the range stays allocated while
-            // `owner` lives, and the owner is kept below, dropped after the
-            // regions (field order of `Registered`).
-            let region =
-                unsafe { MemoryRegion::register_external(&self.pd, addr, len, Access::Remote) }?;
+            let region = MemoryRegion::register_arena_range(
+                &self.pd,
+                addr,
+                len,
+                Access::Remote,
+                owner.clone(),
+            )?;
             regions.push(Arc::new(region));
         }
-        self.arenas.write().push(Registered {
-            regions,
-            _owner: owner,
-        });
-        Ok(())
+        let id = self.next_registration.fetch_add(1, Ordering::Relaxed);
+        self.arenas.write().push(Registered { id, regions });
+        Ok(id)
     }
 
     /// The registered arena holding all of `ptr..ptr + len`, with the

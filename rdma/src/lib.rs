@@ -23,8 +23,8 @@ pub mod handshake;
 pub mod verbs;
 
 pub use conn::{
-    Arena, Connection, ConnectionConfig, Device, PendingConnection, RemoteBuffer, TransferCounts,
-    transfer_counts,
+    Arena, ArenaRegistration, Connection, ConnectionConfig, Device, PendingConnection,
+    RemoteBuffer, TransferCounts, transfer_counts,
 };
 pub use error::{RdmaError, Result};
 pub use handshake::Endpoint;

@@ -293,6 +293,11 @@ pub struct MemoryRegion {
     addr: NonNull<u8>,
     len: usize,
     owned: Option<std::alloc::Layout>,
+    /// The owner of registered memory owned elsewhere, when the region
+    /// keeps it: dropped after the memory is deregistered (`Drop` runs
+    /// before the fields go), so the memory outlives the registration
+    /// however long a work request keeps the region.
+    owner: Option<Arc<dyn crate::conn::Arena>>,
 }
 
 // SAFETY: the registration is thread-safe (module doc); the memory's bytes are
@@ -324,6 +329,7 @@ impl MemoryRegion {
                 addr,
                 len: layout.size(),
                 owned: Some(layout),
+                owner: None,
             }),
             Err(error) => {
                 // SAFETY: allocated above with this layout, never registered.
@@ -353,7 +359,28 @@ impl MemoryRegion {
             addr,
             len,
             owned: None,
+            owner: None,
         })
+    }
+
+    /// Registers one range of an arena `owner` hands out, and keeps
+    /// `owner` (so the range) alive until the registration is gone.
+    /// `addr..addr + len` must be one of the ranges `owner.arenas()`
+    /// returned, which `Arena`'s contract keeps allocated while `owner`
+    /// lives.
+    pub(crate) fn register_arena_range(
+        pd: &Arc<ProtectionDomain>,
+        addr: NonNull<u8>,
+        len: usize,
+        access: Access,
+        owner: Arc<dyn crate::conn::Arena>,
+    ) -> Result<MemoryRegion> {
+        // SAFETY: `Arena`'s contract keeps the range allocated while
+        // `owner` lives, and the region holds `owner`, released only after
+        // deregistering (`Drop`).
+        let mut region = unsafe { Self::register_external(pd, addr, len, access) }?;
+        region.owner = Some(owner);
+        Ok(region)
     }
 
     /// # Safety
