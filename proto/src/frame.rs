@@ -320,6 +320,24 @@ pub const FLAG_PAYLOAD_WRITTEN: u16 = 8;
 /// Bytes of the count a [`FLAG_PAYLOAD_WRITTEN`] reply carries.
 pub const WRITTEN_COUNT_BYTES: usize = 4;
 
+/// Header flag (RDMA transport only, requests, with [`FLAG_REPLY_SINK`]):
+/// the request names one buffer per part of the reply instead of one for
+/// all of it. The payload ends with N descriptors (as above) and then N as
+/// a 4-byte little-endian count; the server writes part `i` of its reply
+/// (a batched read's item `i`, empty for an item without bytes) into
+/// buffer `i` from its first byte, only when there are exactly N parts and
+/// each fits its buffer, else the reply travels inline. A
+/// [`FLAG_PAYLOAD_WRITTEN`] reply's count is then the parts' total.
+pub const FLAG_REPLY_SCATTER: u16 = 16;
+
+/// The most buffers a [`FLAG_REPLY_SCATTER`] request may name (a batched
+/// read's most items).
+pub const REPLY_BUFFERS_MAX: usize = 4096;
+
+/// Bytes of the buffer count ending a [`FLAG_REPLY_SCATTER`] request's
+/// payload.
+pub const REPLY_BUFFER_COUNT_BYTES: usize = 4;
+
 /// CRC32C over body bytes then payload bytes (body only under
 /// [`FLAG_PAYLOAD_UNCHECKED`]).
 pub fn body_crc(body: &[u8], payload: &[u8]) -> u32 {

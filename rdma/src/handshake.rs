@@ -29,7 +29,9 @@ pub const MAGIC: [u8; 8] = *b"FLYRDMA\0";
 /// a version-2 server would take for payload bytes.
 /// 4: a side that closes sends a drained notice on the lifeline (the TLS
 /// session), which a version-3 peer would take for a protocol violation.
-pub const VERSION: u16 = 4;
+/// 5: requests may name one reply buffer per part (`FLAG_REPLY_SCATTER`),
+/// which a version-4 server would take for one buffer's descriptor.
+pub const VERSION: u16 = 5;
 pub const ENCODED_BYTES: usize = 48;
 
 /// The largest receive ring a peer may announce: the credits bound what we

@@ -50,7 +50,7 @@ use flyfs_proto::frame::{self, Frame, FrameError, FrameLimits, Kind, OutFrame, S
 use flyfs_proto::{Method, Ping, PingReq};
 
 use crate::frame_io::{self, ReadError};
-use crate::landing::{Landed, Landing, Lease};
+use crate::landing::{Landed, Landing, Lease, LentAs};
 use crate::net::Network;
 use crate::payload::Payload;
 use crate::rdma::RdmaTransport;
@@ -209,6 +209,11 @@ impl<N: Network> Client<N> {
             .await
     }
 
+    /// The RDMA transport this client's connections move to, if any.
+    pub fn rdma(&self) -> Option<&RdmaTransport> {
+        self.inner.rdma.as_ref()
+    }
+
     /// [`Client::call`] for a reply that carries up to
     /// `reply_payload_bytes` of bulk bytes (a chunk read): over RDMA, with
     /// reply buffers to lend (`RdmaTransport::lend_replies_from`), the
@@ -285,7 +290,11 @@ impl<N: Network> Client<N> {
             let response = codec::decode::<M::Rsp>(&reply.body)?;
             let landed = match landed {
                 Some(bytes) => {
-                    crate::metrics::payload_moved(method.id).in_place(bytes);
+                    // Bytes the server wrote in were counted as one-sided
+                    // when their reply came.
+                    if !state.written.load(Ordering::Relaxed) {
+                        crate::metrics::payload_moved(method.id).in_place(bytes);
+                    }
                     Landed::InPlace(bytes)
                 }
                 None => Landed::Payload(reply.payload),
@@ -572,18 +581,33 @@ impl<N: Network> Client<N> {
         // an inline payload to append it); it stays lent until the reply
         // comes or the connection is gone, like a lent payload.
         let mut sink = None;
+        let mut landing = landing;
         let payload = match link {
             Some(link)
                 if reply_payload_bytes > 0
                     && (payload.is_empty() || flags & frame::FLAG_PAYLOAD_REMOTE != 0) =>
             {
-                match link.reply_sink(reply_payload_bytes) {
-                    Some((buffer, descriptor)) => {
-                        flags |= frame::FLAG_REPLY_SINK;
-                        sink = Some(Sink(buffer));
-                        let mut joined = Vec::with_capacity(payload.len() + descriptor.len());
+                // The caller's own buffers, one per part, when all of them
+                // are registered: the server writes each part in place.
+                // Else a buffer of the transport's reply pool.
+                let named = match landing.as_mut().and_then(|lease| scatter_sink(link, lease)) {
+                    Some(descriptors) => {
+                        flags |= frame::FLAG_REPLY_SINK | frame::FLAG_REPLY_SCATTER;
+                        Some(descriptors)
+                    }
+                    None => link
+                        .reply_sink(reply_payload_bytes)
+                        .map(|(buffer, descriptor)| {
+                            flags |= frame::FLAG_REPLY_SINK;
+                            sink = Some(Sink(buffer));
+                            Bytes::copy_from_slice(&descriptor)
+                        }),
+                };
+                match named {
+                    Some(named) => {
+                        let mut joined = Vec::with_capacity(payload.len() + named.len());
                         joined.extend_from_slice(&payload);
-                        joined.extend_from_slice(&descriptor);
+                        joined.extend_from_slice(&named);
                         Bytes::from(joined)
                     }
                     None => payload,
@@ -815,6 +839,21 @@ struct Arrived {
 
 type ReplySender = oneshot::Sender<Result<Arrived, Failure>>;
 
+/// The descriptors of the landing's part buffers (`FLAG_REPLY_SCATTER`),
+/// when it has them and they are all registered; the lease is then lent
+/// for the server to write into.
+fn scatter_sink(link: &crate::rdma::Link, lease: &mut Lease) -> Option<Bytes> {
+    let buffers: Vec<(*const u8, usize)> = lease
+        .landing_mut()
+        .part_buffers()?
+        .into_iter()
+        .map(|buffer| (buffer.as_ptr(), buffer.len()))
+        .collect();
+    let descriptors = link.scatter_sink(&buffers)?;
+    lease.lent_as = LentAs::Written;
+    Some(descriptors)
+}
+
 /// A buffer lent for a reply's payload (crate::rdma::ReplyBuffer).
 struct Sink(Box<dyn crate::rdma::ReplyBuffer>);
 
@@ -880,6 +919,12 @@ impl Shared {
         }
         state.pending.insert(request_id, reply);
         if let Some(landing) = landing {
+            // A landing the server may write into stays with this
+            // connection after its call ends: a call past its deadline
+            // closes the connection to get it back.
+            if landing.lent_as == LentAs::Written {
+                landing.held_by(self);
+            }
             state.landings.insert(request_id, landing);
         }
         if let Some(lent) = lent {
@@ -894,20 +939,16 @@ impl Shared {
         })
     }
 
-    /// The pending call of a reply that arrived, and the buffer it lent
-    /// for the reply; the payload it lent is the server's no longer. The
-    /// buffer comes back even when the call is gone, so it is freed here.
-    fn take(&self, request_id: u64) -> (Option<ReplySender>, Option<Sink>) {
-        let (reply, sink, landing) = {
-            let mut state = lock(&self.state);
-            state.lent.remove(&request_id);
-            let sink = state.sinks.remove(&request_id);
-            let landing = state.landings.remove(&request_id);
-            (state.pending.remove(&request_id), sink, landing)
-        };
-        // A landing the reply did not use goes back to its call.
-        drop(landing);
-        (reply, sink)
+    /// The pending call of a reply that arrived, and the buffer or landing
+    /// it lent for the reply; the payload it lent is the server's no
+    /// longer. They come back even when the call is gone, so they are
+    /// freed (the landing given back) when the caller drops them.
+    fn take(&self, request_id: u64) -> (Option<ReplySender>, Option<Sink>, Option<Lease>) {
+        let mut state = lock(&self.state);
+        state.lent.remove(&request_id);
+        let sink = state.sinks.remove(&request_id);
+        let landing = state.landings.remove(&request_id);
+        (state.pending.remove(&request_id), sink, landing)
     }
 
     /// The landing of a call whose reply's payload is about to be read,
@@ -983,9 +1024,17 @@ impl Drop for PendingGuard {
         let landing = {
             let mut state = lock(&self.shared.state);
             state.pending.remove(&self.request_id);
-            state.landings.remove(&self.request_id)
+            // Not taken by the reader: back to the call at once, unless the
+            // server may still write into it.
+            match state.landings.entry(self.request_id) {
+                std::collections::btree_map::Entry::Occupied(entry)
+                    if entry.get().lent_as == LentAs::Read =>
+                {
+                    Some(entry.remove())
+                }
+                _ => None,
+            }
         };
-        // Not taken by the reader: back to the call at once.
         drop(landing);
     }
 }
@@ -1058,6 +1107,33 @@ async fn write_loop<T: AsyncWrite>(
 /// A reply frame as read, and, when its payload landed in the caller's
 /// memory, the frame's CRC check over it (done as it landed).
 type ReadReply = (Frame, Option<Result<(), FrameError>>);
+
+/// Checks a `FLAG_PAYLOAD_WRITTEN` reply to a call that lent its landing's
+/// buffers (`FLAG_REPLY_SCATTER`) and hands the landing back with the count
+/// written: the count must be well formed and the landing must find the
+/// reply's body consistent with it (each part within its buffer, the parts
+/// adding up to the count), else the server broke the protocol.
+fn written_in_place(mut lease: Lease, method: u16, frame: &Frame) -> Result<(), String> {
+    let count: [u8; frame::WRITTEN_COUNT_BYTES] =
+        frame.payload.as_ref().try_into().map_err(|_| {
+            format!(
+                "a written reply carries a {}-byte count, this one {} bytes",
+                frame::WRITTEN_COUNT_BYTES,
+                frame.payload.len()
+            )
+        })?;
+    let count = u32::from_le_bytes(count) as usize;
+    if lease.landing_mut().segments(&frame.body, count).is_none() {
+        return Err(format!(
+            "the server says it wrote {count} bytes into the call's buffers, which its reply's \
+             body does not account for"
+        ));
+    }
+    crate::metrics::payload_moved(method).one_sided(count);
+    lease.state.written.store(true, Ordering::Relaxed);
+    lease.landed = Some(count);
+    Ok(())
+}
 
 /// Reads one reply frame; its payload lands in the caller's memory when
 /// its call lent some (crate::landing), which `landing` then holds (with
@@ -1146,16 +1222,16 @@ async fn read_loop<T: AsyncRead>(
             );
             continue;
         }
-        let (reply, sink) = shared.take(header.request_id);
+        let (reply, sink, landing) = shared.take(header.request_id);
         let written = header.flags & frame::FLAG_PAYLOAD_WRITTEN != 0;
         let checked = checked.unwrap_or_else(|| frame.check_body());
-        let result = match (checked, written, sink) {
-            (Err(error), _, _) => Err(Failure::Frame(error)),
-            (Ok(()), false, _) => Ok(Arrived {
+        let result = match (checked, written, sink, landing) {
+            (Err(error), ..) => Err(Failure::Frame(error)),
+            (Ok(()), false, ..) => Ok(Arrived {
                 frame,
                 written: None,
             }),
-            (Ok(()), true, Some(Sink(buffer))) => {
+            (Ok(()), true, Some(Sink(buffer)), _) => {
                 match crate::rdma::Link::written(buffer, &frame.payload) {
                     Ok(bytes) => Ok(Arrived {
                         frame,
@@ -1164,7 +1240,18 @@ async fn read_loop<T: AsyncRead>(
                     Err(reason) => Err(Failure::BadReply(reason)),
                 }
             }
-            (Ok(()), true, None) => Err(Failure::BadReply(
+            (Ok(()), true, None, Some(lease)) if lease.lent_as == LentAs::Written => {
+                // The parts are in the landing's buffers: it goes back to
+                // its call (before the reply) with the count written.
+                match written_in_place(lease, header.method, &frame) {
+                    Ok(()) => Ok(Arrived {
+                        frame,
+                        written: Some(Bytes::new()),
+                    }),
+                    Err(reason) => Err(Failure::BadReply(reason)),
+                }
+            }
+            (Ok(()), true, None, _) => Err(Failure::BadReply(
                 "the server says it wrote the reply into a buffer this call did not lend".into(),
             )),
         };

@@ -39,6 +39,17 @@ pub trait Landing: Send + 'static {
     /// a landing checks what it decodes (lengths within its buffers).
     fn segments(&mut self, body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>>;
 
+    /// The buffer each part of the reply may be written into, in order, at
+    /// its full size (a batched read: each item's buffer, as long as the
+    /// item asks): over RDMA, when every one lies in a registered arena
+    /// (`RdmaTransport::register_arena`), the server RDMA WRITEs part `i`
+    /// into the start of buffer `i`, and the reply's body then says how
+    /// much of each it wrote, as for [`segments`](Self::segments), which
+    /// checks it. `None` (the default): the payload comes as usual.
+    fn part_buffers(&mut self) -> Option<Vec<&mut [u8]>> {
+        None
+    }
+
     /// The landing as `Any`, so the caller gets back its own type.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
@@ -57,11 +68,26 @@ pub enum Landed {
 /// it (`None`: the payload went elsewhere, or the reply broke off).
 pub(crate) type Returned = (Box<dyn Landing>, Option<usize>);
 
+/// How a lease's landing takes the reply's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LentAs {
+    /// The connection's reader reads the payload into it.
+    Read,
+    /// The server may RDMA WRITE the parts into its buffers
+    /// (`FLAG_REPLY_SCATTER`): the lease stays with the connection until
+    /// the reply arrives or the queue pair is down, even after the call
+    /// ended, as a lent reply buffer does.
+    Written,
+}
+
 /// What a call and the lease on its landing share: the connection whose
 /// reader holds the lease, so a call past its deadline can close it.
 #[derive(Debug, Default)]
 pub(crate) struct LeaseState {
     holder: Mutex<Option<Weak<crate::client::Shared>>>,
+    /// The server wrote the payload into the landing by RDMA WRITE (so it
+    /// is counted as moved one-sided, not landed by the reader).
+    pub(crate) written: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseState {
@@ -80,6 +106,7 @@ impl LeaseState {
 pub(crate) struct Lease {
     landing: Option<Box<dyn Landing>>,
     pub(crate) landed: Option<usize>,
+    pub(crate) lent_as: LentAs,
     back: Option<oneshot::Sender<Returned>>,
     pub(crate) state: Arc<LeaseState>,
 }
@@ -97,6 +124,7 @@ impl Lease {
             Lease {
                 landing: Some(landing),
                 landed: None,
+                lent_as: LentAs::Read,
                 back: Some(back),
                 state: Arc::default(),
             },

@@ -45,9 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status, WRITTEN_COUNT_BYTES};
 use flyfs_rdma::handshake::{ENCODED_BYTES, MAGIC};
-use flyfs_rdma::{
-    Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RdmaError, RemoteBuffer,
-};
+pub use flyfs_rdma::{Arena, ArenaRegistration, RdmaError};
+use flyfs_rdma::{Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RemoteBuffer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::Notify;
 
@@ -171,6 +170,17 @@ impl RdmaTransport {
     /// once, at start (flyfs-rdma's `Device::register_arenas`).
     pub fn register_arenas(&self, owner: Arc<dyn flyfs_rdma::Arena>) -> Result<(), RdmaError> {
         self.device.register_arenas(owner)
+    }
+
+    /// Registers `owner`'s arenas until the returned guard drops (an
+    /// application's shared buffer, for its life): a landing whose buffers
+    /// all lie in registered arenas is lent to the server for its reply's
+    /// parts (`Landing::part_buffers`), which it RDMA WRITEs straight in.
+    pub fn register_arena(
+        &self,
+        owner: Arc<dyn flyfs_rdma::Arena>,
+    ) -> Result<flyfs_rdma::ArenaRegistration, RdmaError> {
+        self.device.register_arena(owner)
     }
 
     /// Sets up the RDMA connection over an authenticated stream and returns
@@ -307,6 +317,27 @@ impl Link {
         Some((buffer, encode_descriptor(remote)))
     }
 
+    /// The descriptors of `buffers` followed by their count, as a
+    /// `FLAG_REPLY_SCATTER` request's payload ends; `None` when one of them
+    /// is empty or outside the registered arenas, or there are none or too
+    /// many (the reply then comes another way).
+    pub(crate) fn scatter_sink(&self, buffers: &[(*const u8, usize)]) -> Option<Bytes> {
+        if buffers.is_empty() || buffers.len() > frame::REPLY_BUFFERS_MAX {
+            return None;
+        }
+        let mut out = Vec::with_capacity(
+            buffers.len() * REMOTE_DESCRIPTOR_BYTES + frame::REPLY_BUFFER_COUNT_BYTES,
+        );
+        for &(ptr, len) in buffers {
+            let len_wire = u32::try_from(len).ok().filter(|len| *len > 0)?;
+            let (region, offset) = self.device.find_arena(ptr, len)?;
+            let remote = RemoteBuffer::of(&region, offset, len_wire).ok()?;
+            out.extend_from_slice(&encode_descriptor(remote));
+        }
+        out.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
+        Some(Bytes::from(out))
+    }
+
     /// The bytes a `FLAG_PAYLOAD_WRITTEN` reply says the server wrote into
     /// `sink`, as the caller's payload; an error when the count is
     /// malformed or larger than the buffer lent (a server that broke the
@@ -332,8 +363,7 @@ impl Link {
     /// first byte, by RDMA WRITE: one work request per part (a batched
     /// read's chunks), at most `one_sided_max` posted at once. The caller
     /// has checked that they fit; this checks again, so nothing is ever
-    /// written outside what the call named. A part outside the registered
-    /// arenas goes through a bounce region (copied once, here).
+    /// written outside what the call named.
     pub(crate) async fn write_parts(
         &self,
         parts: &[Bytes],
@@ -348,16 +378,68 @@ impl Link {
             });
         }
         let mut at = 0u64;
-        let mut entries = Vec::with_capacity(parts.len().min(self.one_sided_max));
-        let mut bounced = Vec::new();
-        for part in parts.iter().filter(|part| !part.is_empty()) {
-            let len = part.len() as u32;
+        let placed = parts.iter().map(|part| {
             let remote = RemoteBuffer {
                 addr: sink.addr + at,
                 rkey: sink.rkey,
-                len,
+                len: part.len() as u32,
             };
-            at += u64::from(len);
+            at += part.len() as u64;
+            (part, remote)
+        });
+        self.write_placed(placed).await
+    }
+
+    /// Writes part `i` into the start of the client's buffer `i`, by RDMA
+    /// WRITE, one work request per non-empty part. The caller has checked
+    /// that there is one buffer per part and each part fits its buffer;
+    /// this checks again, so nothing is ever written outside what the call
+    /// named.
+    pub(crate) async fn write_scattered(
+        &self,
+        parts: &[Bytes],
+        sinks: &[RemoteBuffer],
+    ) -> Result<(), RdmaError> {
+        if parts.len() != sinks.len() {
+            return Err(RdmaError::OutOfRegion {
+                offset: 0,
+                len: parts.len(),
+                region_len: sinks.len(),
+            });
+        }
+        if let Some((part, sink)) = parts
+            .iter()
+            .zip(sinks)
+            .find(|(part, sink)| part.len() > sink.len as usize)
+        {
+            return Err(RdmaError::OutOfRegion {
+                offset: 0,
+                len: part.len(),
+                region_len: sink.len as usize,
+            });
+        }
+        let placed = parts.iter().zip(sinks).map(|(part, sink)| {
+            (
+                part,
+                RemoteBuffer {
+                    len: part.len() as u32,
+                    ..*sink
+                },
+            )
+        });
+        self.write_placed(placed).await
+    }
+
+    /// Posts one RDMA WRITE per non-empty part to the remote range beside
+    /// it, at most `one_sided_max` at once. A part outside the registered
+    /// arenas goes through a bounce region (copied once, here).
+    async fn write_placed<'a>(
+        &self,
+        placed: impl Iterator<Item = (&'a Bytes, RemoteBuffer)>,
+    ) -> Result<(), RdmaError> {
+        let mut entries = Vec::with_capacity(self.one_sided_max);
+        let mut bounced = Vec::new();
+        for (part, remote) in placed.filter(|(part, _)| !part.is_empty()) {
             match self.device.find_arena(part.as_ptr(), part.len()) {
                 Some((region, offset)) => entries.push((region, offset, remote)),
                 None => {

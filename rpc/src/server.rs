@@ -169,9 +169,10 @@ impl Reply {
 
     /// A successful reply whose payload is `parts`, one after another (a
     /// batched read's items): each part moves on its own over RDMA, so no
-    /// part is copied to join them.
-    pub fn ok_parts<M: Method>(response: &M::Rsp, mut parts: Vec<Bytes>) -> Reply {
-        parts.retain(|part| !part.is_empty());
+    /// part is copied to join them. Empty parts are kept (an item without
+    /// bytes): a request that lent one buffer per part gets part `i` in
+    /// buffer `i`.
+    pub fn ok_parts<M: Method>(response: &M::Rsp, parts: Vec<Bytes>) -> Reply {
         let mut reply = Reply::ok::<M>(response, Bytes::new());
         if reply.status == Status::Ok {
             reply.parts = parts;
@@ -1010,63 +1011,113 @@ fn dispatch<S: Service>(
     })
 }
 
-/// The client's buffer a `FLAG_REPLY_SINK` request names for its reply's
-/// payload, on the connection it arrived on.
+/// The client's buffers a `FLAG_REPLY_SINK` request names for its reply's
+/// payload, on the connection it arrived on: one for the whole payload, or
+/// (`FLAG_REPLY_SCATTER`) one per part of it.
 #[derive(Debug)]
 struct ReplySink {
     link: Arc<crate::rdma::Link>,
-    remote: flyfs_rdma::RemoteBuffer,
+    remotes: Vec<flyfs_rdma::RemoteBuffer>,
+    scatter: bool,
 }
 
-/// Splits a `FLAG_REPLY_SINK` request's payload into the buffer it names
-/// (its last 16 bytes) and the request's own payload, checked: only on an
-/// RDMA connection, a well-formed descriptor of at least one byte. The
-/// descriptor makes this server do nothing but, at most, one RDMA WRITE per
-/// part of its own reply into that range, over this client's queue pair,
-/// and only when the reply fits it (`reply_written`).
+/// Splits a `FLAG_REPLY_SINK` request's payload into the buffers it names
+/// (its last 16 bytes; under `FLAG_REPLY_SCATTER`, a count in its last 4
+/// bytes and that many descriptors before it) and the request's own
+/// payload, checked: only on an RDMA connection, well-formed descriptors of
+/// at least one byte each, at most `REPLY_BUFFERS_MAX` of them. The
+/// descriptors make this server do nothing but, at most, one RDMA WRITE per
+/// part of its own reply into those ranges, over this client's queue pair,
+/// and only when the reply fits them (`reply_written`).
 fn reply_sink(
     frame: &Frame,
     link: Option<&Arc<crate::rdma::Link>>,
 ) -> Result<(ReplySink, Bytes), String> {
+    use flyfs_proto::frame::{
+        REMOTE_DESCRIPTOR_BYTES, REPLY_BUFFER_COUNT_BYTES, REPLY_BUFFERS_MAX,
+    };
     let Some(link) = link else {
         return Err(
             "a reply buffer (one-sided reply) on a connection that is not on the RDMA transport"
                 .to_string(),
         );
     };
-    let descriptor_bytes = flyfs_proto::frame::REMOTE_DESCRIPTOR_BYTES;
-    let Some(own_len) = frame.payload.len().checked_sub(descriptor_bytes) else {
+    let payload = &frame.payload;
+    let scatter = frame.header.flags & flyfs_proto::frame::FLAG_REPLY_SCATTER != 0;
+    let (count, tail) = if scatter {
+        let Some(count_at) = payload.len().checked_sub(REPLY_BUFFER_COUNT_BYTES) else {
+            return Err(format!(
+                "a request naming reply buffers per part ends its payload with their \
+                 {REPLY_BUFFER_COUNT_BYTES}-byte count; this payload has {} bytes",
+                payload.len()
+            ));
+        };
+        let mut count = [0u8; REPLY_BUFFER_COUNT_BYTES];
+        count.copy_from_slice(&payload[count_at..]);
+        let count = u32::from_le_bytes(count) as usize;
+        if count == 0 || count > REPLY_BUFFERS_MAX {
+            return Err(format!(
+                "a request names {count} reply buffers; 1 to {REPLY_BUFFERS_MAX} are allowed"
+            ));
+        }
+        (count, REPLY_BUFFER_COUNT_BYTES)
+    } else {
+        (1, 0)
+    };
+    let named = count * REMOTE_DESCRIPTOR_BYTES + tail;
+    let Some(own_len) = payload.len().checked_sub(named) else {
         return Err(format!(
-            "a request naming a reply buffer carries its {descriptor_bytes}-byte descriptor \
-             at the end of its payload; this payload has {} bytes",
-            frame.payload.len()
+            "a request naming {count} reply buffers ends its payload with their \
+             {REMOTE_DESCRIPTOR_BYTES}-byte descriptors{}, {named} bytes; this payload has {} bytes",
+            if scatter { " and their count" } else { "" },
+            payload.len()
         ));
     };
-    let remote = crate::rdma::decode_descriptor(&frame.payload[own_len..])?;
-    if remote.len == 0 {
-        return Err("a reply buffer of 0 bytes".to_string());
-    }
+    let remotes = payload[own_len..payload.len() - tail]
+        .chunks_exact(REMOTE_DESCRIPTOR_BYTES)
+        .map(|descriptor| {
+            let remote = crate::rdma::decode_descriptor(descriptor)?;
+            if remote.len == 0 {
+                return Err("a reply buffer of 0 bytes".to_string());
+            }
+            Ok(remote)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok((
         ReplySink {
             link: link.clone(),
-            remote,
+            remotes,
+            scatter,
         },
-        frame.payload.slice(..own_len),
+        payload.slice(..own_len),
     ))
 }
 
-/// The reply frame of a request that named a buffer for the reply's
-/// payload: the payload is RDMA WRITten into that buffer first (one work
-/// request per part), and the frame carries only the count. A payload
-/// larger than the buffer travels inline (never written outside what the
-/// call named), as does an error's message.
+/// The reply frame of a request that named buffers for the reply's
+/// payload: the payload is RDMA WRITten into them first (one work request
+/// per part: back to back into one buffer, or each part into its own), and
+/// the frame carries only the count. A payload that does not fit what the
+/// call named (larger than its one buffer; not one part per buffer, each
+/// within it) travels inline, never written outside what the call named, as
+/// does an error's message.
 async fn reply_written(method: u16, request_id: u64, reply: Reply, sink: ReplySink) -> OutFrame {
     let total = reply.payload_len();
     if reply.status != Status::Ok || total == 0 {
         return reply_frame(method, request_id, reply, 0);
     }
     let moved = crate::metrics::payload_moved(method);
-    if total > sink.remote.len as usize {
+    let fits = if sink.scatter {
+        reply.payload.is_empty()
+            && reply.parts.len() == sink.remotes.len()
+            && reply
+                .parts
+                .iter()
+                .zip(&sink.remotes)
+                .all(|(part, remote)| part.len() <= remote.len as usize)
+    } else {
+        total <= sink.remotes[0].len as usize
+    };
+    if !fits {
         moved.copied(total);
         return reply_frame(method, request_id, reply, 0);
     }
@@ -1079,7 +1130,12 @@ async fn reply_written(method: u16, request_id: u64, reply: Reply, sink: ReplySi
     if !payload.is_empty() {
         parts.insert(0, payload);
     }
-    if let Err(error) = sink.link.write_parts(&parts, sink.remote).await {
+    let written = if sink.scatter {
+        sink.link.write_scattered(&parts, &sink.remotes).await
+    } else {
+        sink.link.write_parts(&parts, sink.remotes[0]).await
+    };
+    if let Err(error) = written {
         // The connection is broken by now (a failed work request breaks
         // it): the client sees it close, or this error if it still can.
         return OutFrame::error(

@@ -601,6 +601,231 @@ async fn replies_are_written_into_the_buffer_the_call_lends() {
     nothing_left_behind().await;
 }
 
+/// A landing of one buffer per part of a `Parts` reply, each `part` bytes.
+struct PartsLanding {
+    buffers: Vec<flyfs_bypass::buf::DmaBuf>,
+    part: usize,
+}
+
+impl flyfs_rpc::Landing for PartsLanding {
+    fn segments(&mut self, body: &[u8], payload_len: usize) -> Option<Vec<&mut [u8]>> {
+        let rsp = flyfs_proto::codec::decode::<suite::EchoRsp>(body).ok()?;
+        let parts = rsp.payload_len as usize / self.part;
+        if rsp.payload_len as usize != payload_len || parts > self.buffers.len() {
+            return None;
+        }
+        Some(
+            self.buffers[..parts]
+                .iter_mut()
+                .map(|buffer| &mut buffer[..self.part])
+                .collect(),
+        )
+    }
+
+    fn part_buffers(&mut self) -> Option<Vec<&mut [u8]>> {
+        Some(
+            self.buffers
+                .iter_mut()
+                .map(|buffer| &mut buffer[..self.part])
+                .collect(),
+        )
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// A call whose landing's buffers all lie in a registered arena lends them
+/// (`FLAG_REPLY_SCATTER`): the server RDMA WRITEs part `i` into buffer `i`,
+/// nothing is copied, and the call finds the bytes in place. A reply with
+/// more parts than buffers comes inline; buffers outside the arenas are not
+/// lent; an arena registered until its guard drops is lent no more after.
+/// Malformed buffer lists are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_are_written_into_the_callers_own_buffers() {
+    let _serial = SERIAL.lock().await;
+    let rdma = transport();
+    let pool = BufferPool::new(&PoolConfig {
+        classes: vec![(64 << 10, 16)],
+        ..PoolConfig::default()
+    })
+    .expect("a buffer pool");
+    let registration = rdma
+        .register_arena(Arc::new(pool.clone()))
+        .expect("registering the pool until the guard drops");
+    let fx = Fixture::rdma(rdma.clone());
+    let (server, _) = fx.start_server(ServerConfig::default()).await;
+    let addr = server.local_addr().to_string();
+    let client = fx.client();
+    let part = 40_000usize;
+    // The request's own payload is registered too (sent as a descriptor):
+    // a request with inline payload bytes lends nothing for its reply.
+    let data = registered_bytes(&pool, part, 11);
+    let expected = |index: usize| -> Vec<u8> {
+        data.iter()
+            .map(|byte| byte.wrapping_add(index as u8))
+            .collect()
+    };
+    let landing = |count: usize| PartsLanding {
+        buffers: (0..count)
+            .map(|_| {
+                let mut buffer = pool.alloc(part);
+                buffer.fill(0xee);
+                buffer
+            })
+            .collect(),
+        part,
+    };
+    let (on, to, sent) = (&client, &addr, &data);
+    let call = |parts: usize, landing: PartsLanding| async move {
+        on.call_landing::<Parts, _>(
+            to,
+            &text(parts.to_string()),
+            sent.clone(),
+            landing,
+            parts * part,
+            &opts(TIMEOUT_MS),
+        )
+        .await
+    };
+
+    // Five parts, five registered buffers: each written in place.
+    let before = (flyfs_rdma::transfer_counts(), moved_totals());
+    let (landing5, reply) = call(5, landing(5)).await;
+    let (rsp, landed) = reply.expect("a reply of five parts");
+    assert_eq!(rsp.payload_len, 5 * part as u64);
+    assert!(
+        matches!(landed, flyfs_rpc::Landed::InPlace(n) if n == 5 * part),
+        "{landed:?}"
+    );
+    for (index, buffer) in landing5.buffers.iter().enumerate() {
+        assert!(
+            buffer[..part] == expected(index)[..],
+            "part {index} written into buffer {index}"
+        );
+    }
+    let after = (flyfs_rdma::transfer_counts(), moved_totals());
+    assert_eq!(
+        after.0.one_sided_written - before.0.one_sided_written,
+        5 * part as u64,
+        "the server wrote every part by RDMA WRITE"
+    );
+    // Nothing copied: the request's payload pulled, the reply's parts
+    // written, each counted one-sided at both ends.
+    assert_eq!(after.1.1, before.1.1, "nothing copied");
+    assert_eq!(after.1.0 - before.1.0, 2 * 6 * part as u64);
+
+    // Three buffers for five parts: the server writes nothing and the reply
+    // comes inline; the landing cannot place it, so the caller gets it.
+    let (landing3, reply) = call(5, landing(3)).await;
+    let (_, landed) = reply.expect("a reply with more parts than buffers");
+    let flyfs_rpc::Landed::Payload(payload) = landed else {
+        panic!("five parts do not land in three buffers: {landed:?}");
+    };
+    assert_eq!(payload.len(), 5 * part);
+    assert!(
+        landing3
+            .buffers
+            .iter()
+            .all(|b| b.iter().all(|byte| *byte == 0xee)),
+        "nothing written into buffers the reply did not fit"
+    );
+
+    // Heap buffers are not lent: the reply is read into them.
+    struct Heap(Vec<Vec<u8>>, usize);
+    impl flyfs_rpc::Landing for Heap {
+        fn segments(&mut self, _body: &[u8], len: usize) -> Option<Vec<&mut [u8]>> {
+            (len == self.0.len() * self.1).then(|| self.0.iter_mut().map(|b| &mut b[..]).collect())
+        }
+        fn part_buffers(&mut self) -> Option<Vec<&mut [u8]>> {
+            Some(self.0.iter_mut().map(|b| &mut b[..]).collect())
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+            self
+        }
+    }
+    let before = flyfs_rdma::transfer_counts();
+    let (heap, reply) = client
+        .call_landing::<Parts, _>(
+            &addr,
+            &text("2"),
+            data.clone(),
+            Heap(vec![vec![0; part]; 2], part),
+            2 * part,
+            &opts(TIMEOUT_MS),
+        )
+        .await;
+    let (_, landed) = reply.expect("a reply read into heap buffers");
+    assert!(
+        matches!(landed, flyfs_rpc::Landed::InPlace(_)),
+        "{landed:?}"
+    );
+    assert_eq!(heap.0[1], expected(1));
+    assert_eq!(
+        flyfs_rdma::transfer_counts().one_sided_written,
+        before.one_sided_written,
+        "nothing written one-sided into memory that is not registered"
+    );
+
+    // Once the registration's guard drops, the pool is lent no more (nor
+    // is the request's payload, which goes inline).
+    let regions = rdma.device().arena_count();
+    drop(registration);
+    assert_eq!(rdma.device().arena_count(), regions - 1);
+    let before = flyfs_rdma::transfer_counts();
+    let (landing2, reply) = call(2, landing(2)).await;
+    let (_, landed) = reply.expect("a reply after the arena was deregistered");
+    assert!(
+        matches!(landed, flyfs_rpc::Landed::InPlace(_)),
+        "{landed:?}"
+    );
+    assert!(landing2.buffers[1][..part] == expected(1)[..]);
+    assert_eq!(
+        flyfs_rdma::transfer_counts().one_sided_written,
+        before.one_sided_written
+    );
+
+    // Malformed lists of buffers, from a hostile client.
+    let scatter = flyfs_proto::frame::FLAG_REPLY_SINK | flyfs_proto::frame::FLAG_REPLY_SCATTER;
+    let body = flyfs_proto::codec::try_encode(&text("1")).expect("encodes");
+    let timeout = Duration::from_secs(60);
+    for (payload, reason) in [
+        (Bytes::from_static(b"\x01"), "4-byte count"),
+        (
+            Bytes::from(0u32.to_le_bytes().to_vec()),
+            "names 0 reply buffers",
+        ),
+        (
+            Bytes::from(5000u32.to_le_bytes().to_vec()),
+            "names 5000 reply buffers",
+        ),
+        (
+            Bytes::from(2u32.to_le_bytes().to_vec()),
+            "and their count, 36 bytes",
+        ),
+        (
+            {
+                let mut zero = descriptor(4096, 1, 0).to_vec();
+                zero.extend_from_slice(&1u32.to_le_bytes());
+                Bytes::from(zero)
+            },
+            "a reply buffer of 0 bytes",
+        ),
+    ] {
+        let error = client
+            .call_with_flags(&addr, Parts::ID, scatter, (body.clone(), payload), timeout)
+            .await
+            .expect_err("a malformed list of reply buffers");
+        assert_eq!(error.status(), Some(Status::BadRequest), "{error}");
+        assert!(error.to_string().contains(reason), "{reason}: {error}");
+    }
+    drop((landing5, landing3, landing2, client));
+    server.shutdown().await;
+    drop((fx, rdma, pool));
+    nothing_left_behind().await;
+}
+
 /// The 16 bytes of a buffer descriptor (docs/rdma-transport.md).
 fn descriptor(addr: u64, rkey: u32, len: u32) -> Bytes {
     let mut out = Vec::with_capacity(16);
