@@ -108,6 +108,8 @@ pub enum ReadInto {
 /// gives fewer bytes).
 struct BatchLanding<B> {
     buffers: Vec<(usize, B)>,
+    /// The bytes each item asks for, in the same order.
+    lens: Vec<usize>,
     /// Unset: the payload is received the usual way (`read_batch`).
     land: bool,
 }
@@ -134,6 +136,20 @@ impl<B: AsMut<[u8]> + Send + 'static> flyfs_rpc::Landing for BatchLanding<B> {
             segments.push(&mut buffer[..len]);
         }
         (total == payload_len).then_some(segments)
+    }
+
+    /// Each item's buffer, as long as the item asks: over RDMA, when the
+    /// buffers are registered (an application's iov), the replica writes
+    /// each item's bytes straight into its buffer.
+    fn part_buffers(&mut self) -> Option<Vec<&mut [u8]>> {
+        if !self.land {
+            return None;
+        }
+        self.buffers
+            .iter_mut()
+            .zip(&self.lens)
+            .map(|((_, buffer), &len)| buffer.as_mut().get_mut(..len))
+            .collect()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
@@ -204,6 +220,18 @@ impl<N: Network> StorageClient<N> {
 
     pub fn rpc(&self) -> &Client<N> {
         &self.rpc
+    }
+
+    /// Registers `owner`'s memory for one-sided transfers until the
+    /// returned guard drops, when this client is on the RDMA transport
+    /// (`None` on TCP): reads into buffers inside it are then written there
+    /// by the replicas ([`read_batch_into`](Self::read_batch_into)), writes
+    /// from it pulled by the head.
+    pub fn register_arena(
+        &self,
+        owner: Arc<dyn flyfs_rpc::rdma::Arena>,
+    ) -> Option<Result<flyfs_rpc::rdma::ArenaRegistration, flyfs_rpc::rdma::RdmaError>> {
+        self.rpc.rdma().map(|rdma| rdma.register_arena(owner))
     }
 
     fn options(&self) -> CallOptions {
@@ -505,6 +533,7 @@ impl<N: Network> StorageClient<N> {
                         .iter()
                         .map(|&i| (i, buffers[i].take().expect("each range is in one batch")))
                         .collect(),
+                    lens: req.items.iter().map(|item| item.len as usize).collect(),
                     land,
                 };
                 (addr, indices, req, landing)

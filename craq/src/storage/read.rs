@@ -53,8 +53,10 @@ pub(crate) fn meta_info(info: &flyfs_chunk_engine::ChunkInfo) -> Option<ChunkMet
 
 impl<D: BlockDevice, N: Network> StorageNode<D, N> {
     /// Serves a batch of reads; the reply's payload is the read bytes, item
-    /// after item, as one part per item: none is copied to join them (over
-    /// RDMA each part is its own RDMA WRITE into the client's buffer).
+    /// after item, as one part per item (empty for an item that failed):
+    /// none is copied to join them, and over RDMA each part is its own RDMA
+    /// WRITE into the client's buffer (into the item's own buffer when the
+    /// client lent one per item).
     pub(crate) async fn batch_read(&self, req: BatchReadReq) -> (BatchReadRsp, Vec<Bytes>) {
         // BATCH_READS_IN_FLIGHT of the items' reads at a time run together:
         // one after another, a batch of chunks waited for each device read
@@ -74,7 +76,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                     results.push(Ok(result));
                     parts.push(data);
                 }
-                Err(e) => results.push(Err(e)),
+                Err(e) => {
+                    results.push(Err(e));
+                    parts.push(Bytes::new());
+                }
             }
         }
         (BatchReadRsp { results }, parts)
