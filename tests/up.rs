@@ -5,12 +5,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use support::{flyfs, probe_io_uring, text};
+use support::{flyfs, probe_io_uring, scrape, text};
 
 /// A base port with the 16 ports the cluster uses all free; tests running
 /// side by side get different ones.
@@ -51,20 +51,6 @@ fn superblocks(data: &Path) -> Vec<Vec<u8>> {
             head
         })
         .collect()
-}
-
-/// `GET /metrics` on `addr`.
-fn scrape(addr: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("send");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read");
-    answer
 }
 
 /// Scrapes `addr` until the answer contains `needle` (gauges follow the

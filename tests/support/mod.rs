@@ -107,6 +107,11 @@ impl UpCluster {
     /// `flyfs up` on ports from `port` with devices of `device_size`
     /// (two minutes at most), asserting it succeeded.
     pub fn start(&self, port: u16, device_size: &str) {
+        self.start_with(port, device_size, &[]);
+    }
+
+    /// [`start`](Self::start) with more arguments to `flyfs up`.
+    pub fn start_with(&self, port: u16, device_size: &str, more: &[&str]) {
         let started = Instant::now();
         let mut up = flyfs();
         up.args(["up", "--data"]).arg(&self.data);
@@ -117,6 +122,7 @@ impl UpCluster {
         let out = up
             .args(["--port", &port.to_string()])
             .args(["--device-size", device_size, "--timeout", "120"])
+            .args(more)
             .output()
             .expect("run flyfs up");
         assert!(out.status.success(), "flyfs up: {}", text(&out));
@@ -154,6 +160,21 @@ impl Drop for UpCluster {
             }
         }
     }
+}
+
+/// `GET /metrics` on `addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
 }
 
 /// Whether this machine can run the io_uring backend; `Err` says why not.

@@ -48,6 +48,7 @@ mod attr;
 mod credentials;
 mod fs;
 mod handles;
+mod iov_arena;
 mod listing;
 pub mod mountpoint;
 pub mod native;

@@ -20,10 +20,11 @@
 //! storage client, whose connections read each chunk's bytes from the
 //! socket straight into it (flyfs-rpc's landing; a read that fails over
 //! to another replica is copied once, counted); a write hands the slice to
-//! the file's write-back buffer, the one copy buffered writes make. With
-//! one-sided RDMA payloads the slice would be the remote target of the
-//! storage transfer itself (the iov registered as a memory region at
-//! registration), with no change to the protocol.
+//! the file's write-back buffer, the one copy buffered writes make. On the
+//! RDMA transport the iov is registered with the device when the
+//! application registers it (deregistered when the last request using it
+//! is done), and a read's slices are lent to the replicas, which RDMA WRITE
+//! each chunk's bytes into them: no byte passes through the daemon.
 
 use std::collections::HashMap;
 use std::io;
@@ -273,8 +274,30 @@ struct NativeFile {
 /// What the rings of one connection look things up in.
 #[derive(Default)]
 struct Registry {
-    iovs: Mutex<HashMap<u32, Arc<SharedMemory>>>,
+    iovs: Mutex<HashMap<u32, Arc<Iov>>>,
     files: Mutex<HashMap<u32, Arc<NativeFile>>>,
+}
+
+/// A registered iov: its mapping and, on the RDMA transport, its memory
+/// registration. Requests in flight, and calls whose replies may still be
+/// written into it, hold it (through [`IovSlice`]), so the registration
+/// and then the mapping go only after the last of them.
+struct Iov {
+    /// Dropped first: nothing is written into the memory after it goes.
+    _rdma: Option<flyfs_rpc::rdma::ArenaRegistration>,
+    memory: Arc<SharedMemory>,
+}
+
+/// A slice of an iov a read lands in, keeping the iov registered.
+struct IovSlice {
+    slice: SharedSlice,
+    _iov: Arc<Iov>,
+}
+
+impl AsMut<[u8]> for IovSlice {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.slice.as_mut()
+    }
 }
 
 struct RingTask {
@@ -402,7 +425,7 @@ impl<N: Network> Connection<N> {
                 // Requests in flight keep their own reference; the mapping
                 // goes when the last of them ends.
                 Some(iov) => {
-                    self.iov_bytes -= iov.len() as u64;
+                    self.iov_bytes -= iov.memory.len() as u64;
                     Reply::ok(request.id, 0)
                 }
                 None => Reply::error(libc::ENOENT, format!("no iov {}", request.id)),
@@ -447,13 +470,30 @@ impl<N: Network> Connection<N> {
                 ),
             );
         }
-        let mem = match SharedMemory::map(fd.as_fd(), size as usize) {
-            Ok(mem) => mem,
+        let memory = match SharedMemory::map(fd.as_fd(), size as usize) {
+            Ok(memory) => Arc::new(memory),
             Err(e) => return Reply::error(libc::EINVAL, format!("cannot map the iov: {e}")),
+        };
+        let arena = Arc::new(crate::iov_arena::IovArena(memory.clone()));
+        let rdma = match self.shared.client.storage().register_arena(arena) {
+            None => None,
+            Some(Ok(registration)) => Some(registration),
+            Some(Err(e)) => {
+                return Reply::error(
+                    libc::ENOMEM,
+                    format!("cannot register the iov's {size} bytes with the RDMA device: {e}"),
+                );
+            }
         };
         let id = self.next_id();
         self.iov_bytes += size;
-        self.registry.iovs.lock().insert(id, Arc::new(mem));
+        self.registry.iovs.lock().insert(
+            id,
+            Arc::new(Iov {
+                _rdma: rdma,
+                memory,
+            }),
+        );
         Reply::ok(id, size)
     }
 
@@ -910,7 +950,7 @@ async fn run_request<N: Network>(
         .get(&sqe.iov)
         .cloned()
         .ok_or_else(|| (libc::EBADF, format!("no registered iov {}", sqe.iov)))?;
-    if !iov.contains(sqe.iov_offset, sqe.len as u64) {
+    if !iov.memory.contains(sqe.iov_offset, sqe.len as u64) {
         return Err((
             libc::EFAULT,
             format!(
@@ -919,7 +959,7 @@ async fn run_request<N: Network>(
                 sqe.iov_offset,
                 sqe.len,
                 sqe.iov,
-                iov.len()
+                iov.memory.len()
             ),
         ));
     }
@@ -935,12 +975,14 @@ async fn run_request<N: Network>(
             ));
         }
         // Each chunk's bytes are read from the storage node's connection
-        // straight into the application's buffer.
+        // straight into the application's buffer (over RDMA, written there
+        // by the replica).
         let base = sqe.iov_offset;
         client
-            .read_into(&file.handle, sqe.file_offset, sqe.len, |at, len| {
-                SharedSlice::new(iov.clone(), base + at as u64, len)
-                    .expect("inside the iov slice checked above")
+            .read_into(&file.handle, sqe.file_offset, sqe.len, |at, len| IovSlice {
+                slice: SharedSlice::new(iov.memory.clone(), base + at as u64, len)
+                    .expect("inside the iov slice checked above"),
+                _iov: iov.clone(),
             })
             .await
             .map_err(fs_error)
@@ -953,7 +995,7 @@ async fn run_request<N: Network>(
         }
         // Straight from the application's buffer into the file's
         // write-back buffer (the one copy a buffered write makes).
-        let data = SharedSlice::new(iov, sqe.iov_offset, sqe.len as usize)
+        let data = SharedSlice::new(iov.memory.clone(), sqe.iov_offset, sqe.len as usize)
             .ok_or_else(|| (libc::EFAULT, "the iov slice left its iov".to_string()))?;
         client
             .write(&file.handle, sqe.file_offset, data.as_ref())
