@@ -278,7 +278,7 @@ impl Header {
 
     /// Checks the body CRC against the bytes read after this header.
     pub fn check_body(&self, body: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let computed = frame_crc(self.flags, body, payload);
+        let computed = frame_crc(self.flags, body, payload, &[]);
         if computed == self.body_crc {
             Ok(())
         } else {
@@ -344,11 +344,15 @@ pub fn body_crc(body: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(body), payload)
 }
 
-fn frame_crc(flags: u16, body: &[u8], payload: &[u8]) -> u32 {
+/// The header's CRC of a frame whose payload is `payload` followed by
+/// `more`.
+fn frame_crc(flags: u16, body: &[u8], payload: &[u8], more: &[Bytes]) -> u32 {
     if flags & FLAG_PAYLOAD_UNCHECKED != 0 {
         crc32c::crc32c(body)
     } else {
-        body_crc(body, payload)
+        more.iter().fold(body_crc(body, payload), |crc, part| {
+            crc32c::crc32c_append(crc, part)
+        })
     }
 }
 
@@ -384,13 +388,17 @@ impl Frame {
     }
 }
 
-/// A frame ready to be written: header bytes (CRCs computed) and the two
+/// A frame ready to be written: header bytes (CRCs computed) and the
 /// buffers it describes, shared rather than copied.
 #[derive(Clone, Debug)]
 pub struct OutFrame {
     pub header: [u8; HEADER_LEN],
     pub body: Bytes,
     pub payload: Bytes,
+    /// More of the payload, after `payload`, each written as it is (a
+    /// batched read's chunks, never joined): the header's payload length
+    /// and CRC cover them.
+    pub more: Vec<Bytes>,
 }
 
 impl OutFrame {
@@ -417,17 +425,42 @@ impl OutFrame {
         body: Bytes,
         payload: Bytes,
     ) -> Result<OutFrame, FrameError> {
+        OutFrame::with_parts(
+            kind,
+            method,
+            status,
+            request_id,
+            flags,
+            body,
+            payload,
+            Vec::new(),
+        )
+    }
+
+    /// [`OutFrame::with_flags`] whose payload is `payload` then `more`,
+    /// each part kept as it is.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_parts(
+        kind: Kind,
+        method: u16,
+        status: Status,
+        request_id: u64,
+        flags: u16,
+        body: Bytes,
+        payload: Bytes,
+        more: Vec<Bytes>,
+    ) -> Result<OutFrame, FrameError> {
         let body_len = u32::try_from(body.len()).map_err(|_| FrameError::BodyTooLarge {
             request_id,
             len: body.len() as u64,
             max: u32::MAX,
         })?;
-        let payload_len =
-            u32::try_from(payload.len()).map_err(|_| FrameError::PayloadTooLarge {
-                request_id,
-                len: payload.len() as u64,
-                max: u32::MAX,
-            })?;
+        let total = payload.len() as u64 + more.iter().map(|part| part.len() as u64).sum::<u64>();
+        let payload_len = u32::try_from(total).map_err(|_| FrameError::PayloadTooLarge {
+            request_id,
+            len: total,
+            max: u32::MAX,
+        })?;
         let header = Header {
             kind,
             flags,
@@ -436,12 +469,13 @@ impl OutFrame {
             request_id,
             body_len,
             payload_len,
-            body_crc: frame_crc(flags, &body, &payload),
+            body_crc: frame_crc(flags, &body, &payload, &more),
         };
         Ok(OutFrame {
             header: header.encode(),
             body,
             payload,
+            more,
         })
     }
 
@@ -548,6 +582,40 @@ mod tests {
                 header.check_body(b"bodz", &payload).is_err(),
                 "the body is always checked"
             );
+        }
+    }
+
+    #[test]
+    fn a_payload_in_parts_is_framed_as_the_parts_joined() {
+        let body = Bytes::from_static(b"body");
+        let parts = [&b"first "[..], b"", b"second", b" third"].map(Bytes::from_static);
+        let joined: Vec<u8> = parts.concat();
+        for flags in [0, FLAG_PAYLOAD_UNCHECKED] {
+            let whole = OutFrame::with_flags(
+                Kind::Response,
+                400,
+                Status::Ok,
+                9,
+                flags,
+                body.clone(),
+                Bytes::from(joined.clone()),
+            )
+            .expect("frame");
+            let split = OutFrame::with_parts(
+                Kind::Response,
+                400,
+                Status::Ok,
+                9,
+                flags,
+                body.clone(),
+                parts[0].clone(),
+                parts[1..].to_vec(),
+            )
+            .expect("frame");
+            assert_eq!(split.header, whole.header, "flags {flags}");
+            let header = Header::decode(&split.header, &FrameLimits::default()).expect("header");
+            assert_eq!(header.payload_len as usize, joined.len());
+            assert!(header.check_body(&body, &joined).is_ok());
         }
     }
 

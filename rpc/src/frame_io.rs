@@ -24,6 +24,9 @@ use crate::recv_pool::RecvBuf;
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: OutFrame) -> io::Result<()> {
     let mut chain = Buf::chain(Buf::chain(&frame.header[..], frame.body), frame.payload);
     writer.write_all_buf(&mut chain).await?;
+    for mut part in frame.more {
+        writer.write_all_buf(&mut part).await?;
+    }
     writer.flush().await
 }
 

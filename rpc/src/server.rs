@@ -1216,26 +1216,22 @@ fn record(
 /// The frame of `reply`, with header `flags` (`FLAG_PAYLOAD_UNCHECKED` on a
 /// TLS connection: see `serve_frames`).
 fn reply_frame(method: u16, request_id: u64, reply: Reply, flags: u16) -> OutFrame {
-    let status = reply.status;
-    let payload = if reply.parts.is_empty() {
-        reply.payload
-    } else {
-        // Inline, the parts are one payload: joined here, once.
-        let mut joined = bytes::BytesMut::with_capacity(reply.payload_len());
-        joined.extend_from_slice(&reply.payload);
-        for part in &reply.parts {
-            joined.extend_from_slice(part);
-        }
-        joined.freeze()
-    };
-    OutFrame::with_flags(
+    // Inline, the parts follow the payload as they are, each written from
+    // its own buffer (a batched read's chunks are never joined).
+    let more = reply
+        .parts
+        .into_iter()
+        .filter(|part| !part.is_empty())
+        .collect();
+    OutFrame::with_parts(
         Kind::Response,
         method,
-        status,
+        reply.status,
         request_id,
         flags,
         reply.body,
-        payload,
+        reply.payload,
+        more,
     )
     .unwrap_or_else(|error| {
         OutFrame::error(method, request_id, Status::Internal, &error.to_string())
