@@ -11,7 +11,10 @@
 //!   reads as moved one-sided and none as copied;
 //! * 4 KiB reads at depth 64 and 1 MiB reads, one of them across the hole
 //!   (chunks the replicas do not have: empty parts, zeros in the iov), every
-//!   byte compared with what was written;
+//!   byte compared with what was written; in the first round, which also
+//!   sets the RDMA connections up, a read that outlasts the mount's RPC
+//!   deadline is retried through a copy, so only the second round requires
+//!   every byte one-sided;
 //! * an iov deregistered while nothing uses it is deregistered from the
 //!   device too (the next iov registers and reads the same way).
 //!
@@ -27,10 +30,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use flyfs_usrbio::{Client, Completion, Ior};
-use support::{UpCluster, free_port_base, scrape};
+use flyfs_usrbio::Client;
+use support::{UpCluster, free_port_base, pattern, scrape, wait_all};
 
 const MIB: u64 = 1 << 20;
 
@@ -38,28 +40,6 @@ fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run this test in the guest (shared/vm/guest --rxe)")
     })
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-fn wait_all(ior: &mut Ior, count: usize) -> Vec<Completion> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        let want = count - out.len();
-        ior.wait(&mut out, want, Some(Duration::from_secs(120)))
-            .expect("completions");
-    }
-    out
 }
 
 /// The mount's count of `storage.BatchRead` payload bytes moved `how`
@@ -211,18 +191,34 @@ fn native_reads_are_written_into_the_application_memory_by_rdma() {
             "round {round}: {data_bytes} bytes of data read; the mount's BatchRead bytes: \
              {one_sided} one-sided, {copied} copied, {in_place} landed by its reader"
         );
-        assert_eq!(
-            copied, 0,
-            "round {round}: no read byte copied through the mount"
-        );
+        // No reply to these reads came inline into the iov: the replicas
+        // wrote every one they answered.
         assert_eq!(
             in_place, 0,
             "round {round}: no read byte read from a message by the mount"
         );
-        assert_eq!(
-            one_sided, data_bytes,
-            "round {round}: every byte written one-sided into the iov"
-        );
+        if round == 0 {
+            // The first reads also set the RDMA connections up (TLS, then a
+            // queue pair per replica) under emulation: a read that outlasts
+            // the mount's RPC deadline is retried alone, through a copy,
+            // and its late reply still lands one-sided. Every byte came,
+            // most of them one-sided.
+            assert!(
+                one_sided + copied >= data_bytes && one_sided >= data_bytes / 2,
+                "round {round}: {one_sided} bytes one-sided and {copied} copied for \
+                 {data_bytes} bytes read"
+            );
+        } else {
+            // Connections up: every byte written one-sided, none copied.
+            assert_eq!(
+                copied, 0,
+                "round {round}: no read byte copied through the mount"
+            );
+            assert_eq!(
+                one_sided, data_bytes,
+                "round {round}: every byte written one-sided into the iov"
+            );
+        }
         drop(ior);
         // Deregistered with nothing in flight: the next round's iov is
         // registered afresh.

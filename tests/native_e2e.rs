@@ -35,8 +35,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flyfs_usrbio::ring::Sqe;
-use flyfs_usrbio::{Client, Completion, Ior, NativeError};
-use support::{UpCluster, free_port_base, text, wait_for};
+use flyfs_usrbio::{Client, Completion, NativeError};
+use support::{UpCluster, free_port_base, pattern, text, wait_all, wait_for};
 
 /// What this machine lacks to mount FUSE, if anything.
 fn probe() -> Result<(), String> {
@@ -80,29 +80,6 @@ impl Cluster {
             .filter(|l| l.contains("memfd:flyfs-iov"))
             .count()
     }
-}
-
-/// Deterministic bytes for a file (a position-dependent pattern with a seed).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-fn wait_all(ior: &mut Ior, count: usize) -> Vec<Completion> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        let want = count - out.len();
-        ior.wait(&mut out, want, Some(Duration::from_secs(60)))
-            .expect("completions");
-    }
-    out
 }
 
 fn errno_of(completion: &Completion) -> i32 {

@@ -162,6 +162,32 @@ impl Drop for UpCluster {
     }
 }
 
+/// `len` bytes of a xorshift sequence seeded by `seed`: content no two
+/// offsets of a file share by accident.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// `count` completions of native I/O ring `ior`, waiting at most two
+/// minutes for each batch of them.
+pub fn wait_all(ior: &mut flyfs_usrbio::Ior, count: usize) -> Vec<flyfs_usrbio::Completion> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let want = count - out.len();
+        ior.wait(&mut out, want, Some(Duration::from_secs(120)))
+            .expect("completions");
+    }
+    out
+}
+
 /// `GET /metrics` on `addr`.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
