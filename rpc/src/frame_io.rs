@@ -1,8 +1,9 @@
 //! Frame I/O: one frame (flyfs-proto's `frame` layout) written to or read
 //! from a byte stream.
 //!
-//! Writes are one vectored write of header, body and payload, so a 64 MiB
-//! payload is never copied into a new buffer; reads check the header against
+//! Writes are vectored writes of header, body and payload (and the
+//! payload's further parts: a batched read's chunks), so a 64 MiB payload
+//! is never copied into a new buffer; reads check the header against
 //! the receiver's limits before anything else arrives, then put the body in
 //! one allocation of exact size and the payload in a recycled aligned buffer
 //! ([`crate::recv_pool`]), handing out zero-copy `Bytes`.
@@ -18,16 +19,78 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::landing::Landing;
 use crate::recv_pool::RecvBuf;
 
-/// Writes one frame with vectored writes of header, body and payload, then
-/// flushes: a TLS stream may keep the frame's last record buffered until
-/// flushed, and nothing else would flush it before the peer waits for it.
+/// Writes one frame with vectored writes of header, body and payload (all
+/// its parts), then flushes: a TLS stream may keep the frame's last record
+/// buffered until flushed, and nothing else would flush it before the peer
+/// waits for it.
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: OutFrame) -> io::Result<()> {
-    let mut chain = Buf::chain(Buf::chain(&frame.header[..], frame.body), frame.payload);
-    writer.write_all_buf(&mut chain).await?;
-    for mut part in frame.more {
-        writer.write_all_buf(&mut part).await?;
-    }
+    let mut buffers = FrameBuffers::new(frame);
+    writer.write_all_buf(&mut buffers).await?;
     writer.flush().await
+}
+
+/// A frame's buffers in order as one `Buf`, so that each write takes as
+/// many of them as the stream will (`chunks_vectored`), none copied.
+struct FrameBuffers {
+    /// Not empty, every one of them: a `Buf`'s chunk is empty only at its
+    /// end.
+    parts: std::collections::VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl FrameBuffers {
+    fn new(frame: OutFrame) -> FrameBuffers {
+        let OutFrame {
+            header,
+            body,
+            payload,
+            more,
+        } = frame;
+        let parts: std::collections::VecDeque<Bytes> =
+            [Bytes::copy_from_slice(&header), body, payload]
+                .into_iter()
+                .chain(more)
+                .filter(|part| !part.is_empty())
+                .collect();
+        let remaining = parts.iter().map(Bytes::len).sum();
+        FrameBuffers { parts, remaining }
+    }
+}
+
+impl Buf for FrameBuffers {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |part| &part[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut filled = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts) {
+            *slot = io::IoSlice::new(part);
+            filled += 1;
+        }
+        filled
+    }
+
+    fn advance(&mut self, mut count: usize) {
+        assert!(count <= self.remaining, "advanced past a frame's end");
+        self.remaining -= count;
+        while count > 0 {
+            let front = self
+                .parts
+                .front_mut()
+                .expect("bytes remain, so a part does");
+            if count < front.len() {
+                front.advance(count);
+                return;
+            }
+            count -= front.len();
+            self.parts.pop_front();
+        }
+    }
 }
 
 /// Reading a frame failed.
@@ -275,6 +338,38 @@ mod tests {
                 .expect("eof")
                 .is_none()
         );
+    }
+
+    /// A payload in parts (empty ones among them) arrives as one payload,
+    /// CRC-checked, through a stream that takes a few bytes per write.
+    #[tokio::test]
+    async fn a_payload_in_parts_arrives_whole() {
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let parts: Vec<Bytes> = [&b"first part, "[..], b"", b"second", b"", b", third"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        let joined = parts.concat();
+        let frame = OutFrame::with_parts(
+            Kind::Response,
+            300,
+            Status::Ok,
+            8,
+            0,
+            Bytes::from_static(b"body"),
+            Bytes::new(),
+            parts,
+        )
+        .expect("small frame");
+        let writer = tokio::spawn(async move { write_frame(&mut a, frame).await });
+        let read = read_frame(&mut b, &FrameLimits::default())
+            .await
+            .expect("read")
+            .expect("a frame");
+        read.check_body().expect("crc over every part");
+        assert_eq!(&read.body[..], b"body");
+        assert_eq!(&read.payload[..], &joined[..]);
+        writer.await.expect("writer task").expect("written");
     }
 
     /// Lands a payload in one buffer of exactly its length.
