@@ -133,8 +133,8 @@ pub fn serve_native<N: Network>(
 /// A descriptor on the runtime's reactor. `AsyncFd::new` is deprecated
 /// because a raw descriptor it watches could be closed and reused under it;
 /// an `OwnedFd` moved into it cannot be, which is exactly what the unsafe
-/// `AsyncFd::register` asks its caller to promise (this crate keeps its
-/// unsafe code to `iov_arena.rs`'s one `unsafe impl`).
+/// `AsyncFd::register` asks its caller to promise (this crate's only
+/// unsafe code is the trait implementation in `iov_arena.rs`).
 #[allow(deprecated)]
 fn watch_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     AsyncFd::new(fd)
