@@ -248,6 +248,30 @@ impl Default for ConnectionConfig {
     }
 }
 
+impl ConnectionConfig {
+    /// The first field outside what a connection can have, by the name a
+    /// config's `[rdma]` table gives it, with the range it must lie in.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        use crate::handshake::{CREDITS_MAX, MESSAGE_BYTES_MAX};
+        if !(1..=CREDITS_MAX).contains(&self.credits) {
+            return Err(("credits", format!("must be 1 to {CREDITS_MAX}")));
+        }
+        if !(4096..=MESSAGE_BYTES_MAX).contains(&self.message_bytes_max) {
+            return Err((
+                "message_bytes_max",
+                format!("must be 4096 to {MESSAGE_BYTES_MAX}"),
+            ));
+        }
+        if self.one_sided_max == 0 {
+            return Err(("one_sided_max", "must be at least 1".into()));
+        }
+        if self.completion_timeout.is_zero() {
+            return Err(("completion_timeout_ms", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Where a peer's registered buffer lies: what a one-sided request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteBuffer {

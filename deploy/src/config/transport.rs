@@ -68,29 +68,12 @@ impl RdmaConfig {
                     .into()
             })?;
         }
-        check(
-            (1..=flyfs_rdma::handshake::CREDITS_MAX).contains(&self.credits),
-            "rdma.credits",
-            || format!("must be 1 to {}", flyfs_rdma::handshake::CREDITS_MAX),
-        )?;
-        check(
-            (4096..=flyfs_rdma::handshake::MESSAGE_BYTES_MAX).contains(&self.message_bytes_max),
-            "rdma.message_bytes_max",
-            || {
-                format!(
-                    "must be 4096 to {}",
-                    flyfs_rdma::handshake::MESSAGE_BYTES_MAX
-                )
-            },
-        )?;
-        check(self.one_sided_max > 0, "rdma.one_sided_max", || {
-            "must be at least 1".into()
-        })?;
-        check(
-            self.completion_timeout_ms > 0,
-            "rdma.completion_timeout_ms",
-            || "must be at least 1".into(),
-        )
+        self.connection_config()
+            .check()
+            .map_err(|(field, problem)| ConfigError::Key {
+                key: format!("rdma.{field}"),
+                problem,
+            })
     }
 
     pub fn connection_config(&self) -> ConnectionConfig {
