@@ -1,10 +1,14 @@
 //! The KV cache without `async`: what a language binding (the Python
 //! package) calls. It owns a small tokio runtime and the clients, connects
-//! over TCP with the credentials it is given, and blocks the calling thread
-//! for each batch. A binding lends its `memoryview`s or numpy arrays as
-//! owned views (`batch_put_bytes`, `batch_get_landing`), so their bytes
-//! move between the caller's memory and the connection with no copy; the
-//! slice calls copy each block once.
+//! with the credentials it is given (the storage client over RDMA when it
+//! is given a device, the metadata client over TCP, as a mount does), and
+//! blocks the calling thread for each batch. A binding lends its
+//! `memoryview`s or numpy arrays as owned views (`batch_put_bytes`,
+//! `batch_get_landing`), so their bytes move between the caller's memory
+//! and the connection with no copy; on RDMA, views inside memory it
+//! registered ([`BlockingKvCache::register_arena`]) move one-sided, by the
+//! storage nodes' RDMA READs and WRITEs. The slice calls copy each block
+//! once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,8 @@ use flyfs_client::meta::{MetaClient, MetaClientConfig};
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_proto::ids::ClientId;
 use flyfs_proto::wire::meta::{KvEvictRsp, KvOpenRsp};
-use flyfs_rpc::{Credentials, Tcp};
+use flyfs_rpc::rdma::{Arena, ArenaRegistration, RdmaError};
+use flyfs_rpc::{Credentials, RdmaTransport, Tcp};
 
 use crate::{GetResult, KvCache, KvCacheConfig, KvError, PutResult};
 
@@ -30,9 +35,12 @@ pub struct Connect {
     pub client: ClientId,
     /// How long one operation keeps retrying through failovers.
     pub op_deadline: Duration,
+    /// The RDMA device the storage client reaches the storage nodes by;
+    /// `None`: TCP.
+    pub rdma: Option<RdmaTransport>,
 }
 
-/// A [`KvCache`] over TCP whose calls block.
+/// A [`KvCache`] whose calls block.
 #[derive(Debug)]
 pub struct BlockingKvCache {
     runtime: tokio::runtime::Runtime,
@@ -52,7 +60,12 @@ impl BlockingKvCache {
         let cache = runtime.block_on(async {
             let mut storage_config = ClientConfig::new(connect.mgmt.clone(), connect.client);
             storage_config.op_deadline = connect.op_deadline;
-            let storage = StorageClient::new(storage_config, Tcp, connect.credentials.clone());
+            let storage = StorageClient::with_transport(
+                storage_config,
+                Tcp,
+                connect.credentials.clone(),
+                connect.rdma.clone(),
+            );
             let mut meta_config = MetaClientConfig::new(connect.meta.clone());
             meta_config.op_deadline = connect.op_deadline;
             let meta: Arc<MetaClient<Tcp>> =
@@ -60,6 +73,22 @@ impl BlockingKvCache {
             KvCache::open(meta, storage, config).await
         })?;
         Ok(BlockingKvCache { runtime, cache })
+    }
+
+    /// Registers `owner`'s memory with the RDMA device until the returned
+    /// guard drops (`None` on TCP, where there is nothing to register):
+    /// blocks put from views inside it are pulled by the chains' heads,
+    /// blocks got into views inside it written there by the replicas.
+    pub fn register_arena(
+        &self,
+        owner: Arc<dyn Arena>,
+    ) -> Option<Result<ArenaRegistration, RdmaError>> {
+        self.cache.storage().register_arena(owner)
+    }
+
+    /// Whether the storage client is on the RDMA transport.
+    pub fn rdma(&self) -> bool {
+        self.cache.storage().rpc().rdma().is_some()
     }
 
     pub fn layout(&self) -> &KvOpenRsp {

@@ -227,6 +227,14 @@ impl<N: Network> KvCache<N> {
         })
     }
 
+    /// The storage client the blocks move through: on the RDMA transport,
+    /// memory registered with it ([`StorageClient::register_arena`]) moves
+    /// one-sided both ways (a put's block pulled by the chain's head, a
+    /// get's written by the replica into the caller's buffer).
+    pub fn storage(&self) -> &Arc<StorageClient<N>> {
+        &self.storage
+    }
+
     /// The cache's layout as stored (the first opener's).
     pub fn layout(&self) -> &KvOpenRsp {
         &self.layout

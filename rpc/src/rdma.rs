@@ -45,8 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use flyfs_proto::frame::{self, OutFrame, REMOTE_DESCRIPTOR_BYTES, Status, WRITTEN_COUNT_BYTES};
 use flyfs_rdma::handshake::{ENCODED_BYTES, MAGIC};
-pub use flyfs_rdma::{Arena, ArenaRegistration, RdmaError};
-use flyfs_rdma::{Connection, ConnectionConfig, Device, Endpoint, PendingConnection, RemoteBuffer};
+pub use flyfs_rdma::{Arena, ArenaRegistration, ConnectionConfig, RdmaError};
+use flyfs_rdma::{Connection, Device, Endpoint, PendingConnection, RemoteBuffer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::Notify;
 
