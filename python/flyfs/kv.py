@@ -15,7 +15,21 @@ them. The API is Mooncake Store's batched shape with a result per key::
 The cache reaches the cluster itself (no mount needed): it reads the
 managers, the metadata services and the client credentials from a mount
 config (deploy/mount.toml; ``flyfs up`` writes one at ``DATA/etc/mount.toml``)
-and connects over TCP with mutual TLS.
+and connects with mutual TLS: to the storage nodes over RDMA when the config
+says ``transport = "rdma"`` (its ``[rdma]`` table names the device), else
+over TCP.
+
+On RDMA, register one large buffer (a pinned numpy array, an ``mmap``) and
+take the blocks' buffers from inside it: its batches then move one-sided,
+the chains' heads pulling each put's block and the replicas writing each
+get's block into its buffer, no byte through this process's CPU::
+
+    arena = numpy.empty(1 << 30, dtype=numpy.uint8)
+    with cache.register_buffer(arena):
+        cache.batch_get_into(keys, [arena[i << 20:(i + 1) << 20] for i in range(32)])
+
+Views outside a registered buffer still work, copied through the
+connection's message slots. ``payload_moved()`` counts both.
 
 Buffers are anything exporting the buffer protocol (``bytes``,
 ``bytearray``, ``memoryview``, numpy arrays) or CPU torch tensors; they are
@@ -37,7 +51,14 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from flyfs import _native
 
-__all__ = ["KvCache", "Result", "DEFAULT_CLASSES", "byte_view", "read_mount_config"]
+__all__ = [
+    "KvCache",
+    "Result",
+    "DEFAULT_CLASSES",
+    "byte_view",
+    "payload_moved",
+    "read_mount_config",
+]
 
 #: Size classes a new cache is created with: (slot bytes, slots); 64 KiB to
 #: 4 MiB slots, 4096 of each (about 21 GiB). The first opener's layout wins.
@@ -120,8 +141,9 @@ def _toml(path: str) -> dict:
 
 def read_mount_config(path: Union[str, os.PathLike]) -> dict:
     """What the cache needs from a mount config: ``mgmt`` and ``meta``
-    (lists of ``host:port``), ``client_id`` and the ``tls`` paths (``ca``,
-    ``cert``, ``key``) resolved beside the file, as the mount does."""
+    (lists of ``host:port``), ``client_id``, the ``tls`` paths (``ca``,
+    ``cert``, ``key``) resolved beside the file, as the mount does, and
+    ``rdma``: the ``[rdma]`` table when ``transport = "rdma"``, else None."""
     path = os.fspath(path)
     config = _toml(path)
     here = os.path.dirname(os.path.abspath(path))
@@ -142,7 +164,14 @@ def read_mount_config(path: Union[str, os.PathLike]) -> dict:
     client_id = config.get("client_id", 0)
     if not isinstance(client_id, int) or client_id < 0:
         raise ValueError(f"{path}: key `client_id` must be a non-negative integer")
+    transport = config.get("transport", "tcp")
+    if transport not in ("tcp", "rdma"):
+        raise ValueError(f'{path}: key `transport` must be "tcp" or "rdma", not {transport!r}')
+    rdma = config.get("rdma", {})
+    if not isinstance(rdma, dict):
+        raise ValueError(f"{path}: `rdma` must be a table")
     return {
+        "rdma": dict(rdma) if transport == "rdma" else None,
         "mgmt": addresses("mgmt", ["127.0.0.1:7000"]),
         "meta": addresses("meta", ["127.0.0.1:7001"]),
         "client_id": client_id,
@@ -190,6 +219,7 @@ class KvCache:
             int(chain_table),
             int(max_age_ms),
             bool(evict_when_full),
+            mount["rdma"],
         )
 
     def _cache(self) -> "_native.KvCache":
@@ -210,6 +240,21 @@ class KvCache:
     @property
     def max_age_ms(self) -> int:
         return self._cache().max_age_ms
+
+    @property
+    def rdma(self) -> bool:
+        """Whether blocks move to and from the storage nodes over RDMA."""
+        return self._cache().rdma
+
+    def register_buffer(self, buffer: Any) -> "_native.Registration":
+        """Pins ``buffer`` (writable, contiguous, not empty) until the
+        returned registration is closed (``close()``, or a ``with`` block)
+        and, on RDMA, registers it with the device: batches whose buffers
+        are views inside it then move one-sided (``one_sided`` says so).
+        Close it when no batch over it is in flight: a storage node's
+        transfer into or out of a deregistered buffer fails (the batch is
+        retried or fails), and nothing writes the buffer after that."""
+        return self._cache().register_buffer(byte_view(buffer))
 
     def batch_put_from(self, keys: Sequence[Key], buffers: Sequence[Any]) -> List[Result]:
         """Stores ``buffers[i]`` under ``keys[i]``: ``stored``, or ``exists``
@@ -251,3 +296,10 @@ class KvCache:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+def payload_moved() -> dict:
+    """Payload bytes this process moved, by RPC method:
+    ``{method: (one_sided, copied, in_place)}``. A KV put is
+    ``storage.Write``, a get ``storage.BatchRead``."""
+    return _native.payload_moved()

@@ -245,5 +245,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIor>()?;
     m.add_class::<PyFile>()?;
     m.add_class::<kv::PyKvCache>()?;
+    m.add_class::<kv::PyRegistration>()?;
+    m.add_function(wrap_pyfunction!(kv::payload_moved, m)?)?;
     Ok(())
 }

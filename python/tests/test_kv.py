@@ -75,6 +75,29 @@ def test_missing_credentials_are_an_error_naming_the_file(tmp_path):
     assert "ca.pem" in str(raised.value)
 
 
+def test_rdma_configs_are_checked_naming_the_key(tmp_path):
+    config = tmp_path / "mount.toml"
+    base = 'mount_point = "/m"\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "c.key"\n'
+    config.write_text('transport = "infiniband"\n' + base)
+    with pytest.raises(ValueError, match='key `transport` must be "tcp" or "rdma"'):
+        read_mount_config(config)
+    config.write_text(base)
+    assert read_mount_config(config)["rdma"] is None, "tcp by default"
+    # Checked before the credentials are read (none exist here).
+    cases = [
+        ("", ValueError, "rdma.device is empty"),
+        ('device = "rxe0"\ncredits = 0\n', ValueError, "rdma.credits must be 1 to"),
+        ('device = "rxe0"\nmessage_bytes_max = 100\n', ValueError, "rdma.message_bytes_max must be 4096 to"),
+        ('device = "rxe0"\ngid_index = 300\n', ValueError, "rdma.gid_index must be an integer 0 to 255"),
+        ('device = "rxe0"\nqueue_depth = 8\n', ValueError, "rdma.queue_depth is not a key of"),
+        ('device = "nosuch9"\n', OSError, "opening the RDMA device nosuch9"),
+    ]
+    for table, kind, message in cases:
+        config.write_text('transport = "rdma"\n' + base + "[rdma]\n" + table)
+        with pytest.raises(kind, match=message):
+            flyfs.kv.KvCache(config)
+
+
 def test_results_say_whether_they_are_ok():
     assert flyfs.kv.Result("found", 3, "").ok
     assert flyfs.kv.Result("exists", 0, "").ok
@@ -128,6 +151,43 @@ def test_gets_land_in_the_callers_memory_without_a_copy(kv_cache, run_id):
     views = [whole[17 + i * (64 << 10): 17 + (i + 1) * (64 << 10)] for i in range(4)]
     assert all(r.status == "found" for r in kv_cache.batch_get_into(keys, views))
     assert bytes(arena[17:]) == b"".join(blocks), "the blocks are in the arena itself"
+
+
+def test_registered_buffers_are_pinned_until_closed(kv_cache, run_id):
+    keys = [f"{run_id}/reg/{i}" for i in range(3)]
+    arena = bytearray(6 * (64 << 10))
+    whole = memoryview(arena)
+    with pytest.raises(ValueError, match="read-only"):
+        kv_cache.register_buffer(bytes(16))
+    with pytest.raises(ValueError, match="empty"):
+        kv_cache.register_buffer(bytearray())
+    registration = kv_cache.register_buffer(arena)
+    # On TCP there is no device to register with: the buffer is only pinned.
+    assert registration.one_sided == kv_cache.rdma
+    assert registration.nbytes == len(arena) and not registration.closed
+    with pytest.raises(BufferError):
+        arena.extend(b"x")
+    blocks = [block(40 + i, 64 << 10) for i in range(3)]
+    for i, data in enumerate(blocks):
+        whole[i * (64 << 10):(i + 1) * (64 << 10)] = data
+    sources = [whole[i * (64 << 10):(i + 1) * (64 << 10)] for i in range(3)]
+    targets = [whole[(3 + i) * (64 << 10):(4 + i) * (64 << 10)] for i in range(3)]
+    before = flyfs.kv.payload_moved()
+    assert all(r.status == "stored" for r in kv_cache.batch_put_from(keys, sources))
+    assert all(r.status == "found" for r in kv_cache.batch_get_into(keys, targets))
+    after = flyfs.kv.payload_moved()
+    assert bytes(arena[3 * (64 << 10):]) == b"".join(blocks)
+    if not kv_cache.rdma:
+        # Over TCP a get's blocks are read from the connection into the
+        # buffers themselves.
+        landed = after["storage.BatchRead"][2] - before.get("storage.BatchRead", (0, 0, 0))[2]
+        assert landed == 3 * (64 << 10), (before, after)
+    with registration:
+        pass
+    assert registration.closed
+    registration.close()
+    del sources, targets, whole
+    arena.extend(b"x")  # released with its registration
 
 
 def test_exists_and_remove_answer_per_key(kv_cache, run_id):
