@@ -12,7 +12,9 @@
 //!   show every byte moved one-sided and none copied once the queue pairs
 //!   are up;
 //! * views outside any registered buffer come through the message
-//!   slots, and a closed registration is no longer lent.
+//!   slots, and a closed registration is no longer lent;
+//! * the SGLang backend registers the host KV pool SGLang hands it, and
+//!   pages set from and got into views of the pool move one-sided.
 //!
 //! A guest-only test: it reads `FLYFS_RXE_DEV`, `FLYFS_RXE_GID_INDEX`,
 //! `FLYFS_TEST_DIR` and `FLYFS_PYTHON` (scripts/test's virtual environment,

@@ -15,12 +15,18 @@ config is ours: ``flyfs_config`` (a mount config; else the environment's
 ``max_age_ms`` and ``evict_when_full`` for a cache this process creates.
 
 The methods are HiCacheStorage's: ``get``, ``batch_get``, ``set``,
-``batch_set``, ``exists``, ``batch_exists``. Values and targets are CPU
+``batch_set``, ``exists``, ``batch_exists``, ``register_mem_pool_host``. Values and targets are CPU
 tensors (or anything exporting the buffer protocol): a get reads into its
 target in place, a set sends its value without copying it on this side.
 Keys are namespaced by model and, unless the model is MLA (whose KV is the
 same on every rank), by tensor- and pipeline-parallel rank, as SGLang's own
 file backend does, so ranks never read each other's pages.
+
+SGLang hands a backend its host KV pool once (``register_mem_pool_host``).
+When the cache is on RDMA, the pool's ``kv_buffer`` is registered with the
+device then: pages whose values and targets are views of the pool (the
+page-first layouts) move one-sided, pulled by the storage nodes and written
+by them straight into the pool.
 """
 
 import logging
@@ -63,6 +69,8 @@ class FlyfsHiCacheStorage(_Base):
                 evict_when_full=bool(extra.get("evict_when_full", True)),
             )
         self.cache = cache
+        self.mem_pool_host = None
+        self._registrations: List[Any] = []
         model = (getattr(storage_config, "model_name", None) or "").replace("/", "-")
         prefix = f"sglang/{model}/"
         if not getattr(storage_config, "is_mla_model", False):
@@ -70,6 +78,29 @@ class FlyfsHiCacheStorage(_Base):
         if getattr(storage_config, "pp_size", 1) > 1:
             prefix += f"pp{storage_config.pp_rank}of{storage_config.pp_size}/"
         self._prefix = prefix
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Keeps the host KV pool, as SGLang's base class does, and on RDMA
+        registers its ``kv_buffer`` (a tensor, or one per layer) with the
+        device. A buffer that cannot be registered is logged and left
+        unregistered: its pages are then copied through the connection."""
+        self.mem_pool_host = mem_pool_host
+        for registration in self._registrations:
+            registration.close()
+        self._registrations = []
+        buffers = getattr(mem_pool_host, "kv_buffer", None)
+        if buffers is None or not self.cache.rdma:
+            return
+        if not isinstance(buffers, (list, tuple)):
+            buffers = [buffers]
+        for i, buffer in enumerate(buffers):
+            try:
+                self._registrations.append(self.cache.register_buffer(buffer))
+            except (ValueError, OSError) as e:
+                logger.warning(
+                    "flyfs HiCache: kv_buffer %d of the host pool is not registered, its pages "
+                    "are copied: %s", i, e,
+                )
 
     def _key(self, key: str) -> str:
         return self._prefix + key

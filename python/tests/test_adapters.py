@@ -120,6 +120,36 @@ def test_sglang_a_page_of_another_size_is_a_miss(run_id):
     assert backend.get(key, bytearray(32 << 10)) is None
 
 
+class HostPool:
+    """What a backend uses of SGLang's HostKVCache: ``kv_buffer``, the pool
+    (pinned CPU memory; numpy stands in for the tensor), pages of which are
+    the values and targets of the page-first layouts."""
+
+    def __init__(self, pages: int, page_bytes: int):
+        self.layout = "page_first"
+        self.kv_buffer = bytearray(pages * page_bytes)
+        self.page_bytes = page_bytes
+
+    def page(self, index: int) -> memoryview:
+        return memoryview(self.kv_buffer)[index * self.page_bytes:(index + 1) * self.page_bytes]
+
+
+def test_sglang_pages_of_a_registered_host_pool_round_trip(run_id):
+    backend = sglang_backend()
+    pool = HostPool(8, 64 << 10)
+    backend.register_mem_pool_host(pool)
+    assert backend.mem_pool_host is pool
+    # On RDMA the pool is registered with the device; on TCP nothing is.
+    assert len(backend._registrations) == (1 if backend.cache.rdma else 0)
+    keys = [f"{run_id}-pool-{i}" for i in range(4)]
+    for i in range(4):
+        pool.page(i)[:] = random.Random(50 + i).randbytes(64 << 10)
+    assert backend.batch_set(keys, [pool.page(i) for i in range(4)])
+    got = backend.batch_get(keys, [pool.page(4 + i) for i in range(4)])
+    assert all(g is not None for g in got), got
+    assert pool.kv_buffer[4 * (64 << 10):] == pool.kv_buffer[:4 * (64 << 10)]
+
+
 def test_sglang_without_a_config_says_what_is_missing(monkeypatch):
     monkeypatch.delenv("FLYFS_CONFIG", raising=False)
     config = StorageConfig(0, 1, 0, 1, 0, 1, False, False, True, "m", {

@@ -8,9 +8,11 @@ Only tests/guest_kv_rdma.rs runs these, in the QEMU guest (Soft-RoCE), with
 
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 
+import flyfs.sglang
 from flyfs.kv import payload_moved
 
 RDMA_REQUIRED = os.environ.get("FLYFS_KV_RDMA") == "1"
@@ -107,3 +109,28 @@ def test_blocks_outside_a_registered_buffer_are_copied(rdma_cache, run_id):
     assert all(r.status == "found" for r in rdma_cache.batch_get_into(keys, views))
     assert moved(before, payload_moved(), "storage.BatchRead")[0] == 0
     assert bytes(arena) == b"".join(blocks)
+
+
+def test_sglang_pages_of_the_host_pool_move_one_sided(rdma_cache, run_id):
+    # What SGLang gives a backend: its storage config, then its host KV pool.
+    config = SimpleNamespace(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, is_mla_model=True,
+                             model_name=f"org/{run_id}", extra_config={})
+    backend = flyfs.sglang.FlyfsHiCacheStorage(config, {}, cache=rdma_cache)
+    pages = 8
+    pool = SimpleNamespace(layout="page_first", kv_buffer=bytearray(2 * pages * BLOCK))
+    backend.register_mem_pool_host(pool)
+    assert len(backend._registrations) == 1 and backend._registrations[0].one_sided
+    whole = memoryview(pool.kv_buffer)
+    values = [whole[i * BLOCK:(i + 1) * BLOCK] for i in range(pages)]
+    targets = [whole[(pages + i) * BLOCK:(pages + i + 1) * BLOCK] for i in range(pages)]
+    blocks = [fill(view, 200 + i) for i, view in enumerate(values)]
+    keys = [f"page-{i}" for i in range(pages)]
+    before = payload_moved()
+    assert backend.batch_set(keys, values)
+    middle = payload_moved()
+    got = backend.batch_get(keys, targets)
+    end = payload_moved()
+    assert all(g is not None for g in got), got
+    assert all(targets[i] == blocks[i] for i in range(pages))
+    assert moved(before, middle, "storage.Write")[:2] == (pages * BLOCK, 0)
+    assert moved(middle, end, "storage.BatchRead") == (pages * BLOCK, 0, 0)
