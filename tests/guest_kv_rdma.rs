@@ -24,31 +24,19 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use support::{UpCluster, free_port_base, text};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run this test in the guest (scripts/test-guest, which needs \
-             FLYFS_PYTHON from scripts/test)"
-        )
-    })
-}
+use support::{UpCluster, free_port_base, guest_dir, guest_env, text};
 
 #[test]
 fn registered_python_buffers_move_one_sided_over_rdma() {
-    let device = env("FLYFS_RXE_DEV");
-    let gid_index = env("FLYFS_RXE_GID_INDEX");
-    let python = env("FLYFS_PYTHON");
-    let base = tempfile::Builder::new()
-        .prefix("gkr-")
-        .tempdir_in(env("FLYFS_TEST_DIR"))
-        .expect("a directory on the guest's ext4");
-    std::fs::set_permissions(base.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+    let device = guest_env("FLYFS_RXE_DEV");
+    let gid_index = guest_env("FLYFS_RXE_GID_INDEX");
+    let python = std::env::var("FLYFS_PYTHON").expect(
+        "FLYFS_PYTHON names an interpreter with the flyfs package (scripts/test exports its own)",
+    );
+    let base = guest_dir("gkr-");
     let data = base.path().join("d");
     let cluster = UpCluster::new("guest_kv_rdma", data.clone(), None, "meta.log");
     cluster.start_with(

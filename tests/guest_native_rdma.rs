@@ -28,19 +28,12 @@ mod support;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use flyfs_usrbio::Client;
-use support::{UpCluster, free_port_base, pattern, scrape, wait_all};
+use support::{UpCluster, free_port_base, guest_dir, guest_env, pattern, scrape, wait_all};
 
 const MIB: u64 = 1 << 20;
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run this test in the guest (shared/vm/guest --rxe)")
-    })
-}
 
 /// The mount's count of `storage.BatchRead` payload bytes moved `how`
 /// (`one_sided`, `copied`, `in_place`).
@@ -59,13 +52,9 @@ fn batch_read_bytes(metrics: &str, how: &str) -> u64 {
 
 #[test]
 fn native_reads_are_written_into_the_application_memory_by_rdma() {
-    let device = env("FLYFS_RXE_DEV");
-    let gid_index = env("FLYFS_RXE_GID_INDEX");
-    let base = tempfile::Builder::new()
-        .prefix("gnr-")
-        .tempdir_in(env("FLYFS_TEST_DIR"))
-        .expect("a directory on the guest's ext4");
-    std::fs::set_permissions(base.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+    let device = guest_env("FLYFS_RXE_DEV");
+    let gid_index = guest_env("FLYFS_RXE_GID_INDEX");
+    let base = guest_dir("gnr-");
     let data = base.path().join("d");
     let mount = PathBuf::from("/tmp/flyfs-guest-native-mount");
     std::fs::create_dir_all(&mount).expect("a mount point");

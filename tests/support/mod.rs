@@ -188,6 +188,27 @@ pub fn wait_all(ior: &mut flyfs_usrbio::Ior, count: usize) -> Vec<flyfs_usrbio::
     out
 }
 
+/// A variable the QEMU guest sets (scripts/test-guest, scripts/guest-run):
+/// a guest test fails, never skips, without it.
+pub fn guest_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run this test in the guest (scripts/test-guest)")
+    })
+}
+
+/// A directory for a guest test's cluster in `FLYFS_TEST_DIR` (ext4: the
+/// daemons open their device files with O_DIRECT, which the guest's tmpfs
+/// refuses), readable by everyone, as `flyfs up`'s mount needs.
+pub fn guest_dir(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(guest_env("FLYFS_TEST_DIR"))
+        .expect("a directory on the guest's ext4");
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+    dir
+}
+
 /// `GET /metrics` on `addr`.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
