@@ -27,30 +27,17 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{UpCluster, free_port_base, guest_dir, guest_env, text};
+use support::{UpCluster, free_port_base, guest_dir, text};
 
 #[test]
 fn registered_python_buffers_move_one_sided_over_rdma() {
-    let device = guest_env("FLYFS_RXE_DEV");
-    let gid_index = guest_env("FLYFS_RXE_GID_INDEX");
     let python = std::env::var("FLYFS_PYTHON").expect(
         "FLYFS_PYTHON names an interpreter with the flyfs package (scripts/test exports its own)",
     );
     let base = guest_dir("gkr-");
     let data = base.path().join("d");
     let cluster = UpCluster::new("guest_kv_rdma", data.clone(), None, "meta.log");
-    cluster.start_with(
-        free_port_base(7_211, 89, 3),
-        "128MiB",
-        &[
-            "--transport",
-            "rdma",
-            "--rdma-device",
-            &device,
-            "--rdma-gid-index",
-            &gid_index,
-        ],
-    );
+    cluster.start_on_rdma(free_port_base(7_211, 89, 3), "128MiB");
     let config = data.join("etc").join("mount.toml");
     let written = std::fs::read_to_string(&config).expect("flyfs up writes the mount config");
     assert!(

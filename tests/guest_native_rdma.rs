@@ -31,7 +31,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use flyfs_usrbio::Client;
-use support::{UpCluster, free_port_base, guest_dir, guest_env, pattern, scrape, wait_all};
+use support::{UpCluster, free_port_base, guest_dir, pattern, scrape, wait_all};
 
 const MIB: u64 = 1 << 20;
 
@@ -52,8 +52,6 @@ fn batch_read_bytes(metrics: &str, how: &str) -> u64 {
 
 #[test]
 fn native_reads_are_written_into_the_application_memory_by_rdma() {
-    let device = guest_env("FLYFS_RXE_DEV");
-    let gid_index = guest_env("FLYFS_RXE_GID_INDEX");
     let base = guest_dir("gnr-");
     let data = base.path().join("d");
     let mount = PathBuf::from("/tmp/flyfs-guest-native-mount");
@@ -65,18 +63,7 @@ fn native_reads_are_written_into_the_application_memory_by_rdma() {
         "mount.log",
     );
     let port = free_port_base(7_129, 97, 3);
-    cluster.start_with(
-        port,
-        "128MiB",
-        &[
-            "--transport",
-            "rdma",
-            "--rdma-device",
-            &device,
-            "--rdma-gid-index",
-            &gid_index,
-        ],
-    );
+    cluster.start_on_rdma(port, "128MiB");
     let metrics_addr = format!("127.0.0.1:{}", port + 15);
     let socket = data.join("run").join("native.sock");
 

@@ -21,10 +21,8 @@
 //! sound.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::Mutex;
 
 use flyfs_kvcache::blocking::{BlockingKvCache, Connect};
 use flyfs_kvcache::{Bytes, GetResult, KvCacheConfig, KvError, PutResult};

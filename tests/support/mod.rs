@@ -134,6 +134,27 @@ impl UpCluster {
     }
 }
 
+impl UpCluster {
+    /// [`start_with`](Self::start_with) on the guest's Soft-RoCE device:
+    /// every daemon and the mount on `--transport rdma`.
+    pub fn start_on_rdma(&self, port: u16, device_size: &str) {
+        let device = guest_env("FLYFS_RXE_DEV");
+        let gid_index = guest_env("FLYFS_RXE_GID_INDEX");
+        self.start_with(
+            port,
+            device_size,
+            &[
+                "--transport",
+                "rdma",
+                "--rdma-device",
+                &device,
+                "--rdma-gid-index",
+                &gid_index,
+            ],
+        );
+    }
+}
+
 impl Drop for UpCluster {
     fn drop(&mut self) {
         let down = flyfs()
