@@ -2,7 +2,9 @@
 backend (their documented interfaces; the frameworks themselves are not
 installed: they pull GPU stacks), against a real cluster."""
 
+import ctypes
 import importlib
+import logging
 import random
 import select
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import kv_config
+from conftest import HostPool, kv_config
 
 try:
     import numpy
@@ -46,7 +48,10 @@ def load_dynamic_backend(storage_config: StorageConfig):
     return backend_class(storage_config, {})
 
 
-def sglang_backend(tp_rank: int = 0, model: str = "org/model-7b", mla: bool = False):
+def sglang_backend(tp_rank: int = 0, model: str = "org/model-7b", mla: bool = False,
+                   v1: bool = False):
+    """The backend as SGLang loads it; ``v1`` sets ``interface_v1``, which
+    makes SGLang call the zero-copy batch_get_v1 and batch_set_v1."""
     return load_dynamic_backend(StorageConfig(
         tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
         is_mla_model=mla, enable_storage_metrics=False, is_page_first_layout=True,
@@ -54,6 +59,7 @@ def sglang_backend(tp_rank: int = 0, model: str = "org/model-7b", mla: bool = Fa
         extra_config={
             "backend_name": "flyfs", "module_path": "flyfs.sglang",
             "class_name": "FlyfsHiCacheStorage", "flyfs_config": kv_config(),
+            "interface_v1": int(v1),
         },
     ))
 
@@ -120,20 +126,6 @@ def test_sglang_a_page_of_another_size_is_a_miss(run_id):
     assert backend.get(key, bytearray(32 << 10)) is None
 
 
-class HostPool:
-    """What a backend uses of SGLang's HostKVCache: ``kv_buffer``, the pool
-    (pinned CPU memory; numpy stands in for the tensor), pages of which are
-    the values and targets of the page-first layouts."""
-
-    def __init__(self, pages: int, page_bytes: int):
-        self.layout = "page_first"
-        self.kv_buffer = bytearray(pages * page_bytes)
-        self.page_bytes = page_bytes
-
-    def page(self, index: int) -> memoryview:
-        return memoryview(self.kv_buffer)[index * self.page_bytes:(index + 1) * self.page_bytes]
-
-
 def test_sglang_pages_of_a_registered_host_pool_round_trip(run_id):
     backend = sglang_backend()
     pool = HostPool(8, 64 << 10)
@@ -143,11 +135,101 @@ def test_sglang_pages_of_a_registered_host_pool_round_trip(run_id):
     assert len(backend._registrations) == (1 if backend.cache.rdma else 0)
     keys = [f"{run_id}-pool-{i}" for i in range(4)]
     for i in range(4):
-        pool.page(i)[:] = random.Random(50 + i).randbytes(64 << 10)
-    assert backend.batch_set(keys, [pool.page(i) for i in range(4)])
-    got = backend.batch_get(keys, [pool.page(4 + i) for i in range(4)])
+        pool.half(i)[:] = random.Random(50 + i).randbytes(64 << 10)
+    assert backend.batch_set(keys, [pool.half(i) for i in range(4)])
+    got = backend.batch_get(keys, [pool.half(4 + i) for i in range(4)])
     assert all(g is not None for g in got), got
     assert pool.kv_buffer[4 * (64 << 10):] == pool.kv_buffer[:4 * (64 << 10)]
+
+
+def fill_pages(pool: HostPool, pages, seed: int) -> None:
+    for page in pages:
+        for half in range(pool.halves):
+            pool.half(page, half)[:] = random.Random(seed * 1000 + page * 2 + half).randbytes(pool.page_bytes)
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+def test_sglang_zero_copy_calls_move_pages_between_the_pool_and_the_cache(run_id, mla):
+    # SGLang's cache controller with interface_v1: batch_set_v1 backs pages
+    # of the host pool up by their host indices, batch_exists finds the
+    # prefix, batch_get_v1 prefetches it into other slots of the pool.
+    backend = sglang_backend(mla=mla, v1=True)
+    pool = HostPool(8, 32 << 10, mla=mla)
+    backend.register_mem_pool_host(pool)
+    keys = [f"{run_id}-v1-{i}" for i in range(4)]
+    fill_pages(pool, range(4), seed=1)
+    assert backend.batch_exists(keys) == 0
+    assert backend.batch_set_v1(keys, pool.indices(range(4))) == [True] * 4
+    assert backend.batch_exists(keys) == 4
+    assert backend.batch_set_v1(keys[:2], pool.indices([0, 1])) == [True] * 2, \
+        "a page stored already is a success"
+    assert backend.batch_get_v1(keys, pool.indices(range(4, 8))) == [True] * 4
+    for page in range(4):
+        for half in range(pool.halves):
+            assert pool.half(4 + page, half) == pool.half(page, half), (page, half)
+    assert backend.batch_get_v1([], []) == [] and backend.batch_set_v1([], []) == []
+
+    if mla:
+        # An MLA page is one block, the one the copying calls store.
+        copied = bytearray(32 << 10)
+        assert sglang_backend(mla=True).get(keys[2], copied) is copied
+        assert copied == pool.half(2)
+        return
+    # An MHA page is its K and V halves: a page missing one is not found,
+    # and its get fails while the pages around it land.
+    assert backend.cache.batch_remove([backend._key(keys[1]) + "/v"]) == [True]
+    assert backend.batch_exists(keys) == 1
+    assert backend.batch_get_v1(keys, pool.indices(range(4, 8))) == [True, False, True, True]
+    # The copying interface stores whole pages under the bare key: apart.
+    assert sglang_backend().batch_exists(keys) == 0
+
+
+def test_sglang_zero_copy_calls_refuse_what_is_not_the_pool(run_id, caplog):
+    backend = sglang_backend(v1=True)
+    with pytest.raises(RuntimeError, match="register_mem_pool_host"):
+        backend.batch_get_v1(["k"], list(range(4)))
+    pool = HostPool(4, 16 << 10, mla=False)
+    backend.register_mem_pool_host(pool)
+    keys = [f"{run_id}-bad-{i}" for i in range(3)]
+    with pytest.raises(ValueError, match="2 pages of 4 tokens need 8 host indices, got 4"):
+        backend.batch_set_v1(keys[:2], pool.indices([0]))
+
+    # A pool naming memory outside its kv_buffer (a stale or foreign
+    # address): that page fails, said in the log, and nothing there is read
+    # or written; the other pages move.
+    fill_pages(pool, range(3), seed=2)
+    elsewhere = bytearray(16 << 10)
+    anchor = ctypes.c_char.from_buffer(elsewhere)
+    stray = ctypes.addressof(anchor)
+    del anchor
+    honest = pool.get_page_buffer_meta
+
+    def meta(indices):
+        addresses, sizes = honest(indices)
+        for n, first in enumerate(list(indices)[::pool.page_size]):
+            if first // pool.page_size == 1:
+                addresses[2 * n + 1] = stray  # page 1's V half
+        return addresses, sizes
+
+    pool.get_page_buffer_meta = meta
+    with caplog.at_level(logging.ERROR, logger="flyfs.sglang"):
+        assert backend.batch_set_v1(keys, pool.indices(range(3))) == [True, False, True]
+        assert backend.batch_get_v1([keys[2], keys[0]], pool.indices([3, 0])) == [True, True]
+        assert backend.batch_get_v1(keys[:1], pool.indices([1])) == [False]
+    assert "outside its kv_buffer" in caplog.text
+    assert elsewhere == bytes(16 << 10)
+    assert backend.batch_exists(keys) == 1
+
+    # Another layout's buffers (one per layer) are refused, naming it.
+    pool.layout = "layer_first"
+    pool.get_page_buffer_meta = lambda indices: ([pool.address] * 6, [1024] * 6)
+    with pytest.raises(ValueError, match="layer_first.*6 buffers.*take 2 per page"):
+        backend.batch_get_v1(keys[:1], pool.indices([0]))
+
+    # Pages stored from a pool of another page size are not loaded.
+    bigger = HostPool(4, 32 << 10, mla=False)
+    backend.register_mem_pool_host(bigger)
+    assert backend.batch_get_v1(keys[:1], bigger.indices([0])) == [False]
 
 
 def test_sglang_without_a_config_says_what_is_missing(monkeypatch):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import flyfs.sglang
+from conftest import HostPool
 from flyfs.kv import payload_moved
 
 RDMA_REQUIRED = os.environ.get("FLYFS_KV_RDMA") == "1"
@@ -117,12 +118,11 @@ def test_sglang_pages_of_the_host_pool_move_one_sided(rdma_cache, run_id):
                              model_name=f"org/{run_id}", extra_config={})
     backend = flyfs.sglang.FlyfsHiCacheStorage(config, {}, cache=rdma_cache)
     pages = 8
-    pool = SimpleNamespace(layout="page_first", kv_buffer=bytearray(2 * pages * BLOCK))
+    pool = HostPool(2 * pages, BLOCK)
     backend.register_mem_pool_host(pool)
     assert len(backend._registrations) == 1 and backend._registrations[0].one_sided
-    whole = memoryview(pool.kv_buffer)
-    values = [whole[i * BLOCK:(i + 1) * BLOCK] for i in range(pages)]
-    targets = [whole[(pages + i) * BLOCK:(pages + i + 1) * BLOCK] for i in range(pages)]
+    values = [pool.half(i) for i in range(pages)]
+    targets = [pool.half(pages + i) for i in range(pages)]
     blocks = [fill(view, 200 + i) for i, view in enumerate(values)]
     keys = [f"page-{i}" for i in range(pages)]
     before = payload_moved()
@@ -134,3 +134,27 @@ def test_sglang_pages_of_the_host_pool_move_one_sided(rdma_cache, run_id):
     assert all(targets[i] == blocks[i] for i in range(pages))
     assert moved(before, middle, "storage.Write")[:2] == (pages * BLOCK, 0)
     assert moved(middle, end, "storage.BatchRead") == (pages * BLOCK, 0, 0)
+
+
+def test_sglang_zero_copy_calls_move_pages_one_sided(rdma_cache, run_id):
+    # SGLang with interface_v1 names pages by their host indices; the K and
+    # V halves move between the storage nodes and the pool by RDMA.
+    config = SimpleNamespace(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, is_mla_model=False,
+                             model_name=f"org/{run_id}", extra_config={"interface_v1": 1})
+    backend = flyfs.sglang.FlyfsHiCacheStorage(config, {}, cache=rdma_cache)
+    pages = 8
+    pool = HostPool(2 * pages, BLOCK, mla=False)
+    backend.register_mem_pool_host(pool)
+    assert len(backend._registrations) == 1 and backend._registrations[0].one_sided
+    halves = {(p, h): fill(pool.half(p, h), 300 + 2 * p + h) for p in range(pages) for h in (0, 1)}
+    keys = [f"v1-page-{i}" for i in range(pages)]
+    before = payload_moved()
+    assert backend.batch_set_v1(keys, pool.indices(range(pages))) == [True] * pages
+    middle = payload_moved()
+    assert backend.batch_exists(keys) == pages
+    assert backend.batch_get_v1(keys, pool.indices(range(pages, 2 * pages))) == [True] * pages
+    end = payload_moved()
+    for (page, half), data in halves.items():
+        assert pool.half(pages + page, half) == data, (page, half)
+    assert moved(before, middle, "storage.Write")[:2] == (2 * pages * BLOCK, 0)
+    assert moved(middle, end, "storage.BatchRead") == (2 * pages * BLOCK, 0, 0)
