@@ -999,7 +999,10 @@ fn dispatch<S: Service>(
         // The request's budgets go with its reply to the writer, which
         // gives them back once the reply is written; if the connection is
         // gone, when this task ends, however long after.
-        let reply = service.call(request).await;
+        // Boxed: a service's future (a storage read's whole path) is large,
+        // and this task's future is moved whole into its cell on spawn and
+        // overwritten whole when it ends.
+        let reply = Box::pin(service.call(request)).await;
         // The reply's CRC is computed here, in the request's task, not on
         // the connection's.
         record(metrics, started, request_bytes, &reply);

@@ -862,7 +862,15 @@ async fn serve_request<N: Network>(
     shared: Arc<Shared<N>>,
     in_flight_bytes: Arc<Semaphore>,
 ) {
-    let request = AssertUnwindSafe(run_request(&sqe, &registry, &shared, &in_flight_bytes));
+    // Boxed: the request's future (the whole read or write path below it)
+    // is large, and this task's future is moved whole into its cell on
+    // spawn and overwritten whole when it ends.
+    let request = AssertUnwindSafe(Box::pin(run_request(
+        &sqe,
+        &registry,
+        &shared,
+        &in_flight_bytes,
+    )));
     let outcome = request.catch_unwind().await.unwrap_or_else(|_| {
         Err((
             libc::EIO,

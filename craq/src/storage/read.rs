@@ -64,8 +64,10 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
         // by `BatchReadReq::BYTES_MAX` either way.
         let mut reads = Vec::with_capacity(req.items.len());
         for group in req.items.chunks(BATCH_READS_IN_FLIGHT) {
+            // Boxed, so that join_all moves pointers, not whole read futures.
             reads.extend(
-                futures::future::join_all(group.iter().map(|item| self.read_one(item))).await,
+                futures::future::join_all(group.iter().map(|item| Box::pin(self.read_one(item))))
+                    .await,
             );
         }
         let mut results = Vec::with_capacity(req.items.len());
