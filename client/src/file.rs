@@ -37,8 +37,9 @@ use std::time::Duration;
 
 use crate::storage::{ClientError, ReadInto, ReadSpec, StorageClient};
 use bytes::{Bytes, BytesMut};
+use flyfs_proto::access::kill_suid_sgid;
 use flyfs_proto::ids::{ChunkId, InodeId};
-use flyfs_proto::wire::meta::{Layout, WriterLength};
+use flyfs_proto::wire::meta::{Attr, Layout, SetAttrReq, SetTime, WriterLength};
 use flyfs_proto::wire::storage::{BatchRead, StorageError};
 use flyfs_rpc::Network;
 use futures::FutureExt;
@@ -165,6 +166,46 @@ struct Hint {
     at: Instant,
 }
 
+/// Root's setattrs of a file this client writes through its only write
+/// session, not yet made: they go to the metadata service at the file's
+/// next sync point, in order, after the writes before them
+/// (`Client::setattr`).
+#[derive(Debug, Default)]
+pub(crate) struct Deferred {
+    /// The attributes the metadata service last gave for the file, without
+    /// the deferred changes: what a deferred setattr answers from.
+    pub(crate) known: Option<Attr>,
+    /// The write session the changes go with.
+    pub(crate) session: u64,
+    /// The changes, each with the time it was made (its ctime here).
+    pub(crate) sets: Vec<(SetAttrReq, i64)>,
+}
+
+impl Deferred {
+    /// `attr` with the deferred changes made, as the metadata service will
+    /// make them for root: a chown drops setuid and setgid (group
+    /// executable) from the file, an explicit mode given after it wins.
+    pub(crate) fn apply(&self, attr: &mut Attr) {
+        for (set, at) in &self.sets {
+            if set.uid.is_some() || set.gid.is_some() {
+                attr.uid = set.uid.unwrap_or(attr.uid);
+                attr.gid = set.gid.unwrap_or(attr.gid);
+                attr.mode = kill_suid_sgid(attr.mode);
+            }
+            if let Some(mode) = set.mode {
+                attr.mode = (attr.mode & !0o7777) | (mode & 0o7777);
+            }
+            if let Some(SetTime::At(ns)) = set.atime {
+                attr.atime_ns = ns;
+            }
+            if let Some(SetTime::At(ns)) = set.mtime {
+                attr.mtime_ns = ns;
+            }
+            attr.ctime_ns = *at;
+        }
+    }
+}
+
 /// One open file's shared state in a client.
 #[derive(Debug)]
 pub(crate) struct FileState {
@@ -181,6 +222,11 @@ pub(crate) struct FileState {
     truncate_version: AtomicU64,
     /// The write sessions of this client's handles of the file.
     sessions: Mutex<Vec<u64>>,
+    /// Setattrs waiting for the next sync point.
+    pub(crate) deferred: Mutex<Deferred>,
+    /// Held while deferred setattrs are being made: whoever must come
+    /// after them waits until they are.
+    pub(crate) deferred_flush: tokio::sync::Mutex<()>,
     buffer: tokio::sync::Mutex<Buffer>,
     buffer_bytes: usize,
     /// One permit per buffer in flight to storage.
@@ -226,6 +272,8 @@ impl FileState {
             length: AtomicU64::new(0),
             truncate_version: AtomicU64::new(0),
             sessions: Mutex::new(Vec::new()),
+            deferred: Mutex::default(),
+            deferred_flush: tokio::sync::Mutex::new(()),
             buffer: tokio::sync::Mutex::new(Buffer::default()),
             buffer_bytes: config.write_buffer_bytes.max(1),
             flushes: Arc::new(Semaphore::new(flushes_max as usize)),

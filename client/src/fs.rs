@@ -36,8 +36,8 @@ use flyfs_proto::wire::meta::{
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
     Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
     RenewLease, RenewLeaseReq, Resolve, ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq,
-    SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync, SyncSetAttr,
-    SyncSetAttrReq, Unlink, User, XattrMode, XattrReq,
+    SetTime, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync,
+    SyncSetAttr, SyncSetAttrReq, SyncSetAttrs, SyncSetAttrsReq, Unlink, User, XattrMode, XattrReq,
 };
 use flyfs_rpc::Network;
 use parking_lot::Mutex;
@@ -59,6 +59,18 @@ pub struct FsConfig {
     /// How often a file being written reports its length to the metadata
     /// service (so other clients see it grow before it is closed).
     pub length_hint_interval: Duration,
+    /// Root's changes of mode, owner and explicit times to a file this
+    /// client writes through its only write session wait for the file's
+    /// next sync point (a flush, fsync or close, or a write or another
+    /// change that must come after them) and go with it, in order, in one
+    /// request ([`SyncSetAttrs`]), at the latest `length_hint_interval`
+    /// after the first: `tar x` makes three per file. Meanwhile this
+    /// client answers with the changes made; other clients see them at
+    /// that sync point, as they see the data (close-to-open). Root may
+    /// make any such change, so none can be refused later, unless the
+    /// metadata service squashes root: then turn this off, or a refused
+    /// change fails the close instead of the call.
+    pub defer_root_setattrs: bool,
 }
 
 impl Default for FsConfig {
@@ -68,6 +80,7 @@ impl Default for FsConfig {
             write_flushes_in_flight: 4,
             readahead_bytes_max: 32 << 20,
             length_hint_interval: Duration::from_secs(1),
+            defer_root_setattrs: true,
         }
     }
 }
@@ -151,6 +164,8 @@ pub struct FsClient<N: Network> {
     /// The metadata service answered `UnknownMethod` to `SyncSetAttr` (an
     /// older build): setattr and the writer's sync go apart.
     sync_setattr_refused: AtomicBool,
+    /// The same for `SyncSetAttrs`: setattrs are then not deferred.
+    sync_setattrs_refused: AtomicBool,
     /// Whether the lease task has been started (by the first write session:
     /// a client that only reads holds nothing to renew).
     renewing: AtomicBool,
@@ -224,6 +239,7 @@ impl<N: Network> FsClient<N> {
             this: this.clone(),
             renewing: AtomicBool::new(false),
             sync_setattr_refused: AtomicBool::new(false),
+            sync_setattrs_refused: AtomicBool::new(false),
         })
     }
 
@@ -244,16 +260,136 @@ impl<N: Network> FsClient<N> {
         self.files.lock().get(&ino).and_then(Weak::upgrade)
     }
 
-    /// `attr` with the length as this client knows it: buffered and
-    /// in-flight writes may have grown the file past what the metadata
-    /// service has heard.
+    /// `attr` as this client knows it: buffered and in-flight writes may
+    /// have grown the file past what the metadata service has heard, and
+    /// setattrs deferred here are not made there yet.
     pub fn local_attr(&self, mut attr: Attr) -> Attr {
         if attr.kind == FileType::File
             && let Some(state) = self.open_state(attr.ino)
         {
             attr.length = state.observe_length(attr.length, attr.truncate_version);
+            let mut deferred = state.deferred.lock();
+            deferred.known = Some(attr.clone());
+            deferred.apply(&mut attr);
         }
         attr
+    }
+
+    /// Defers `req` to the file's next sync point when it may be (see
+    /// [`FsConfig::defer_root_setattrs`]): root's change, without a size or
+    /// a time of "now" (the service's clock sets those), to a file this
+    /// client writes through its only write session. Answers the file's
+    /// attributes with every deferred change made.
+    fn defer_setattr(&self, state: &Arc<FileState>, req: &SetAttrReq) -> Option<Attr> {
+        if !self.config.defer_root_setattrs
+            || self.sync_setattrs_refused.load(Ordering::Relaxed)
+            || !req.user.is_root()
+            || req.size.is_some()
+            || [req.atime, req.mtime].contains(&Some(SetTime::Now))
+        {
+            return None;
+        }
+        let session = state.sole_session()?;
+        let mut deferred = state.deferred.lock();
+        let first = deferred.sets.is_empty();
+        let mut attr = deferred.known.clone()?;
+        if (!deferred.sets.is_empty() && deferred.session != session)
+            || deferred.sets.len() >= SyncSetAttrsReq::SETS_MAX
+        {
+            return None;
+        }
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        deferred.session = session;
+        deferred.sets.push((req.clone(), now_ns));
+        deferred.apply(&mut attr);
+        attr.length = attr.length.max(state.writer_length().length);
+        if first {
+            // A writer that keeps the file open long (a log) still makes
+            // them within the hint interval, as its length is reported.
+            let (this, state) = (self.this.clone(), state.clone());
+            let after = self.config.length_hint_interval;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if let Some(this) = this.upgrade()
+                    && let Err(e) = this.flush_deferred(&state).await
+                {
+                    tracing::debug!(ino = ?state.ino, "deferred setattrs not made yet: {e}");
+                }
+            });
+        }
+        Some(attr)
+    }
+
+    /// Makes the file's deferred setattrs, after the sync of the writes
+    /// made before them, in one request ([`SyncSetAttrs`]); nothing when
+    /// none waits. They stay deferred until made: a failure is the
+    /// caller's, and the next sync point sends them again (each is
+    /// idempotent).
+    async fn flush_deferred(&self, state: &FileState) -> Result<(), FsError> {
+        // Whoever comes while changes are being made waits for them.
+        let _making = state.deferred_flush.lock().await;
+        let (session, sets) = {
+            let deferred = state.deferred.lock();
+            if deferred.sets.is_empty() {
+                return Ok(());
+            }
+            (deferred.session, deferred.sets.clone())
+        };
+        let sent = sets.len();
+        // As in `flush`: the count first, then the length covering it.
+        let writes = state.writes();
+        let known = state.writer_length();
+        state.drain(&self.storage).await?;
+        let unsynced = state.unsynced();
+        let req = SyncSetAttrsReq {
+            user: User::root(),
+            ino: state.ino,
+            session,
+            writer_length: unsynced.then_some(known),
+            sets: sets.into_iter().map(|(set, _)| set).collect(),
+        };
+        match self.meta.call::<SyncSetAttrs, _>(&req).await {
+            Ok(attr) => {
+                if unsynced && attr.length >= known.length {
+                    state.synced(writes);
+                }
+                let mut deferred = state.deferred.lock();
+                deferred.sets.drain(..sent);
+                deferred.known = Some(attr);
+                Ok(())
+            }
+            Err(e) if e.message.contains(&Status::UnknownMethod.to_string()) => {
+                tracing::info!(
+                    "the metadata service predates meta.SyncSetAttrs: setattrs are not \
+                     deferred from now on ({e})"
+                );
+                self.sync_setattrs_refused.store(true, Ordering::Relaxed);
+                if unsynced {
+                    let sync = SessionReq {
+                        user: User::root(),
+                        ino: state.ino,
+                        session,
+                        length_known: false,
+                        writer_length: Some(known),
+                    };
+                    self.meta.call::<Sync, _>(&sync).await?;
+                    state.synced(writes);
+                }
+                for set in req.sets {
+                    let set = SetAttrReq {
+                        user: User::root(),
+                        ino: state.ino,
+                        ..set
+                    };
+                    self.meta.call::<SetAttr, _>(&set).await?;
+                }
+                state.deferred.lock().sets.drain(..sent);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     // ---- namespace ----
@@ -459,6 +595,13 @@ impl<N: Network> FsClient<N> {
     /// and its close needs no sync of its own.
     pub async fn setattr(&self, req: SetAttrReq) -> Result<Attr, FsError> {
         let state = self.open_state(req.ino);
+        if let Some(state) = &state {
+            if let Some(attr) = self.defer_setattr(state, &req) {
+                return Ok(attr);
+            }
+            // What waits comes before this change.
+            self.flush_deferred(state).await?;
+        }
         if let (Some(state), Some(_)) = (&state, req.size) {
             state.drain(&self.storage).await?;
         }
@@ -516,6 +659,10 @@ impl<N: Network> FsClient<N> {
     /// a setattr of the mode), this is two calls. A chmod by someone else
     /// between them is overwritten.
     pub async fn kill_suid_sgid(&self, ino: InodeId) -> Result<(), FsError> {
+        if let Some(state) = self.open_state(ino) {
+            // A deferred chmod must not land after this.
+            self.flush_deferred(&state).await?;
+        }
         let mode = self.stat(&User::root(), ino).await?.mode;
         let killed = flyfs_proto::access::kill_suid_sgid(mode);
         if killed != mode {
@@ -639,7 +786,9 @@ impl<N: Network> FsClient<N> {
         if mode.truncate
             && let Some(state) = self.open_state(ino)
         {
-            // Buffered data must not land after the truncate.
+            // Buffered data and deferred changes must not land after the
+            // truncate.
+            self.flush_deferred(&state).await?;
             state.drain(&self.storage).await?;
         }
         let rsp = self.meta.call::<Open, _>(&req).await?;
@@ -737,6 +886,8 @@ impl<N: Network> FsClient<N> {
                 retryable: false,
             });
         }
+        // A write after a deferred change is after it: its mtime too.
+        self.flush_deferred(&fh.state).await?;
         fh.state.write(&self.storage, offset, data).await?;
         self.maybe_hint(fh).await;
         Ok(())
@@ -761,6 +912,8 @@ impl<N: Network> FsClient<N> {
     /// Every byte written to the file through this client reaches storage,
     /// and the metadata service fixes the exact length (`close(2)`).
     pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
+        // Deferred changes and the writes before them, in one request.
+        self.flush_deferred(&fh.state).await?;
         // The count first: a write grows the length before it is counted,
         // so the length read after covers every write this sync claims (a
         // later write is left for a later sync).
@@ -791,6 +944,8 @@ impl<N: Network> FsClient<N> {
 
     /// The last close of a handle: flushes, then ends its write session.
     pub async fn release(&self, fh: &FileHandle) -> Result<(), FsError> {
+        // Normally none: the flush of close(2) made them.
+        let deferred = self.flush_deferred(&fh.state).await;
         let writes = fh.state.writes();
         let known = fh.state.writer_length();
         let flushed = fh.state.drain(&self.storage).await;
@@ -811,7 +966,7 @@ impl<N: Network> FsClient<N> {
             self.meta.call::<Close, _>(&req).await?;
             fh.state.synced(writes);
         }
-        flushed
+        deferred.and(flushed)
     }
 
     /// Writes out every open file's buffer (before unmounting).
@@ -824,7 +979,11 @@ impl<N: Network> FsClient<N> {
             .collect();
         let mut first = Ok(());
         for state in states {
-            if let Err(e) = state.drain(&self.storage).await
+            let done = match self.flush_deferred(&state).await {
+                Ok(()) => state.drain(&self.storage).await,
+                failed => failed,
+            };
+            if let Err(e) = done
                 && first.is_ok()
             {
                 first = Err(e);

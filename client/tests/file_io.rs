@@ -39,6 +39,16 @@ fn small_config() -> FsConfig {
         write_flushes_in_flight: 2,
         readahead_bytes_max: 256 << 10,
         length_hint_interval: Duration::from_millis(10),
+        ..FsConfig::default()
+    }
+}
+
+/// A client whose deferred setattrs wait for the file's sync points alone
+/// (and which reports no length in between): what these tests count.
+fn patient() -> FsConfig {
+    FsConfig {
+        length_hint_interval: Duration::from_secs(3600),
+        ..FsConfig::default()
     }
 }
 
@@ -568,14 +578,16 @@ async fn a_small_file_costs_three_meta_requests_and_no_length_query() {
 }
 
 /// What `tar x` does to each file (GNU tar as root: create, write,
-/// `futimens`, `fchown`, `fchmod`, close) costs five metadata requests:
-/// the first setattr carries the sync the close would make, so the mtime
-/// tar sets sticks and `close(2)` needs no request of its own.
+/// `futimens`, `fchown`, `fchmod`, close) costs three metadata requests:
+/// the create, the flush of `close(2)` carrying the sync and the three
+/// changes, in order (so the mtime tar sets sticks), and the release's
+/// close. Until that flush, this client sees the changes and another does
+/// not (close-to-open, as for the data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tar_x_of_a_small_file_folds_the_sync_into_its_first_setattr() {
+async fn tar_x_of_a_small_file_defers_its_setattrs_to_the_flush() {
     use flyfs_proto::wire::meta::SetTime;
     let cluster = cluster().await;
-    let a = client(&cluster, 23, FsConfig::default()).await;
+    let a = client(&cluster, 23, patient()).await;
     let b = client(&cluster, 24, FsConfig::default()).await;
     let stats = &cluster.service_stats[0];
     let root = User::root();
@@ -610,12 +622,28 @@ async fn tar_x_of_a_small_file_folds_the_sync_into_its_first_setattr() {
         }))
         .await
         .expect("fchown");
-        a.setattr(set(SetAttrReq {
-            mode: Some(0o644),
-            ..SetAttrReq::default()
-        }))
-        .await
-        .expect("fchmod");
+        let answered = a
+            .setattr(set(SetAttrReq {
+                mode: Some(0o644),
+                ..SetAttrReq::default()
+            }))
+            .await
+            .expect("fchmod");
+        assert_eq!(
+            (answered.mode, answered.mtime_ns, answered.length),
+            (0o644, MTIME_NS, data.len() as u64)
+        );
+        if i == 0 {
+            let here = a.stat(&root, attr.ino).await.expect("stat");
+            assert_eq!(
+                (here.mode, here.mtime_ns),
+                (0o644, MTIME_NS),
+                "this client sees them"
+            );
+            let there = b.stat(&root, attr.ino).await.expect("stat");
+            assert_eq!(there.mode, 0o600, "another client sees them at the flush");
+            assert_ne!(there.mtime_ns, MTIME_NS);
+        }
         a.flush(&fh).await.expect("flush");
         a.release(&fh).await.expect("release");
     }
@@ -628,17 +656,19 @@ async fn tar_x_of_a_small_file_folds_the_sync_into_its_first_setattr() {
     assert_eq!(
         (
             made("meta.Create"),
-            made("meta.SyncSetAttr"),
+            made("meta.SyncSetAttrs"),
             made("meta.SetAttr"),
+            made("meta.SyncSetAttr"),
             made("meta.Sync"),
             made("meta.Close"),
         ),
-        (FILES, FILES, 2 * FILES, 0, FILES),
+        (FILES, FILES, 0, 0, 0, FILES),
         "{requests_after:?}"
     );
+    // The two stats of the first file are the rest.
     assert_eq!(
         total - made("meta.RenewLease"),
-        5 * FILES,
+        3 * FILES + 2,
         "{requests_after:?}"
     );
     assert_eq!(stats.length_chains_asked(), asked_before);
@@ -655,4 +685,200 @@ async fn tar_x_of_a_small_file_folds_the_sync_into_its_first_setattr() {
         assert_eq!(read_all(&b, &fh, attr.length, 1 << 16).await, data);
         b.release(&fh).await.expect("release");
     }
+}
+
+/// Deferred setattrs keep POSIX's order with what comes after them on this
+/// client: a write after an explicit mtime sets the mtime again, a truncate
+/// after them lands after them, a chown drops setuid and setgid (an
+/// explicit mode after it wins), and a caller other than root, or a client
+/// configured not to, is not deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_setattrs_keep_their_order_with_later_writes_and_changes() {
+    use flyfs_proto::wire::meta::SetTime;
+    let cluster = cluster().await;
+    let a = client(&cluster, 25, patient()).await;
+    let b = client(&cluster, 26, FsConfig::default()).await;
+    let stats = &cluster.service_stats[0];
+    let root = User::root();
+    const MTIME_NS: i64 = 1_153_704_088_000_000_000;
+    let data = pattern(4, 5000);
+    let set = |ino: InodeId, req: SetAttrReq| SetAttrReq {
+        user: root.clone(),
+        ino,
+        ..req
+    };
+
+    // A write after the deferred mtime: the file's mtime is the write's.
+    let (attr, fh) = a
+        .create(&root, ROOT, b"later-write", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &data).await.expect("write");
+    a.setattr(set(
+        attr.ino,
+        SetAttrReq {
+            mtime: Some(SetTime::At(MTIME_NS)),
+            ..SetAttrReq::default()
+        },
+    ))
+    .await
+    .expect("futimens");
+    a.write(&fh, data.len() as u64, &data)
+        .await
+        .expect("write after");
+    a.flush(&fh).await.expect("flush");
+    a.release(&fh).await.expect("release");
+    let seen = b.stat(&root, attr.ino).await.expect("stat");
+    assert_eq!(seen.length, 2 * data.len() as u64);
+    assert!(
+        seen.mtime_ns > MTIME_NS,
+        "the later write set the mtime again"
+    );
+
+    // A truncate after them lands after them; chown drops setuid and
+    // setgid, and an explicit mode after it wins.
+    let (attr, fh) = a
+        .create(&root, ROOT, b"later-truncate", 0o6755, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &data).await.expect("write");
+    let chowned = a
+        .setattr(set(
+            attr.ino,
+            SetAttrReq {
+                uid: Some(1000),
+                gid: Some(1000),
+                ..SetAttrReq::default()
+            },
+        ))
+        .await
+        .expect("fchown");
+    assert_eq!(
+        (chowned.uid, chowned.mode),
+        (1000, 0o755),
+        "chown drops setuid and setgid"
+    );
+    let moded = a
+        .setattr(set(
+            attr.ino,
+            SetAttrReq {
+                mode: Some(0o4750),
+                mtime: Some(SetTime::At(MTIME_NS)),
+                ..SetAttrReq::default()
+            },
+        ))
+        .await
+        .expect("fchmod");
+    assert_eq!(moded.mode, 0o4750, "a mode after the chown wins");
+    let truncated = a
+        .setattr(set(
+            attr.ino,
+            SetAttrReq {
+                size: Some(100),
+                ..SetAttrReq::default()
+            },
+        ))
+        .await
+        .expect("ftruncate");
+    assert_eq!(
+        (truncated.length, truncated.uid, truncated.mode),
+        (100, 1000, 0o4750)
+    );
+    assert!(
+        truncated.mtime_ns > MTIME_NS,
+        "the truncate came after the deferred mtime"
+    );
+    a.release(&fh).await.expect("release");
+    let seen = b.stat(&root, attr.ino).await.expect("stat");
+    assert_eq!(
+        (seen.length, seen.uid, seen.gid, seen.mode),
+        (100, 1000, 1000, 0o4750)
+    );
+    assert_eq!(seen.mtime_ns, truncated.mtime_ns);
+
+    // A client that does not defer, and a caller other than root: each
+    // change is a request of its own, at once.
+    let c = client(
+        &cluster,
+        27,
+        FsConfig {
+            defer_root_setattrs: false,
+            ..FsConfig::default()
+        },
+    )
+    .await;
+    let set_attrs_made = || stats.requests().get("meta.SetAttr").copied().unwrap_or(0);
+    let (attr, fh) = c
+        .create(&root, ROOT, b"not-deferred", 0o644, RW, true)
+        .await
+        .expect("create");
+    let before = set_attrs_made();
+    c.setattr(set(
+        attr.ino,
+        SetAttrReq {
+            mode: Some(0o600),
+            uid: Some(1000),
+            gid: Some(1000),
+            ..SetAttrReq::default()
+        },
+    ))
+    .await
+    .expect("chmod and chown");
+    assert_eq!(set_attrs_made() - before, 1);
+    assert_eq!(b.stat(&root, attr.ino).await.expect("stat").mode, 0o600);
+    c.release(&fh).await.expect("release");
+    let owner = User::new(1000, 1000, Vec::new());
+    let (_, fh) = a.open(&owner, attr.ino, RW).await.expect("open");
+    let before = set_attrs_made();
+    a.setattr(SetAttrReq {
+        user: owner.clone(),
+        ino: attr.ino,
+        mode: Some(0o640),
+        ..SetAttrReq::default()
+    })
+    .await
+    .expect("the owner's chmod");
+    assert_eq!(set_attrs_made() - before, 1);
+    assert_eq!(b.stat(&root, attr.ino).await.expect("stat").mode, 0o640);
+    a.release(&fh).await.expect("release");
+}
+
+/// A writer that keeps its file open still makes its deferred setattrs
+/// within the hint interval: another client sees root's chmod without a
+/// flush or close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_setattrs_are_made_within_the_hint_interval() {
+    let cluster = cluster().await;
+    let a = client(&cluster, 28, small_config()).await;
+    let b = client(&cluster, 29, FsConfig::default()).await;
+    let root = User::root();
+    let (attr, fh) = a
+        .create(&root, ROOT, b"kept-open", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &pattern(5, 1000)).await.expect("write");
+    let answered = a
+        .setattr(SetAttrReq {
+            user: root.clone(),
+            ino: attr.ino,
+            mode: Some(0o600),
+            ..SetAttrReq::default()
+        })
+        .await
+        .expect("chmod");
+    assert_eq!(answered.mode, 0o600);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = b.stat(&root, attr.ino).await.expect("stat");
+        if seen.mode == 0o600 {
+            assert_eq!(seen.length, 1000, "the writes before it were synced first");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the chmod never reached the service"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.release(&fh).await.expect("release");
 }

@@ -23,7 +23,7 @@ use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, KvCommit, KvEvict, KvLookup, KvOpen, KvRelease, KvRemove,
     KvReserve, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod, Open, Readdir,
     Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr, SetLayout,
-    SetXattr, Stat, Statfs, Symlink, Sync, SyncSetAttr, Unlink,
+    SetXattr, Stat, Statfs, Symlink, Sync, SyncSetAttr, SyncSetAttrs, Unlink,
 };
 use flyfs_proto::wire::meta::{NamesCaller, User};
 use flyfs_rpc::server::{Peer, Reply, Request, Service};
@@ -193,6 +193,18 @@ impl<K: Kv, N: Network> std::fmt::Debug for MetaService<K, N> {
 
 /// A handler's failure: a namespace error or a storage one, both an errno.
 type Result<T> = std::result::Result<T, wire::MetaError>;
+
+/// The changes a `SetAttrReq` asks for.
+fn changes_of(r: &wire::SetAttrReq) -> ns::SetAttr {
+    ns::SetAttr {
+        mode: r.mode,
+        uid: r.uid,
+        gid: r.gid,
+        size: r.size,
+        atime: r.atime.map(set_time),
+        mtime: r.mtime.map(set_time),
+    }
+}
 
 fn meta_error(e: NsError) -> wire::MetaError {
     wire::MetaError {
@@ -451,20 +463,61 @@ impl<K: Kv, N: Network> MetaService<K, N> {
 
     /// `setattr`, and the storage half of a truncate.
     async fn setattr(&self, r: wire::SetAttrReq) -> Result<wire::Attr> {
-        let changes = ns::SetAttr {
-            mode: r.mode,
-            uid: r.uid,
-            gid: r.gid,
-            size: r.size,
-            atime: r.atime.map(set_time),
-            mtime: r.mtime.map(set_time),
-        };
         let done = self
             .ns
-            .setattr(&r.user, r.ino, changes)
+            .setattr(&r.user, r.ino, changes_of(&r))
             .await
             .map_err(meta_error)?;
         self.truncate_data(done.truncate).await?;
+        Ok(attr(&done.inode))
+    }
+
+    /// A writer's deferred setattrs ([`SyncSetAttrs`]): checked whole
+    /// before anything changes, then its sync, then every change in order
+    /// in one transaction, as the checked caller.
+    async fn sync_setattrs(&self, r: wire::SyncSetAttrsReq) -> Result<wire::Attr> {
+        if r.sets.len() > wire::SyncSetAttrsReq::SETS_MAX {
+            return Err(meta_error(NsError::Invalid(format!(
+                "{} deferred setattrs of {:?}: at most {} in one request",
+                r.sets.len(),
+                r.ino,
+                wire::SyncSetAttrsReq::SETS_MAX
+            ))));
+        }
+        if r.sets.iter().any(|set| set.size.is_some()) {
+            return Err(meta_error(NsError::Invalid(format!(
+                "a deferred setattr of {:?} changes the size: truncates are not deferred",
+                r.ino
+            ))));
+        }
+        if r.writer_length.is_some() {
+            let sync = wire::SessionReq {
+                user: r.user.clone(),
+                ino: r.ino,
+                session: r.session,
+                length_known: false,
+                writer_length: r.writer_length,
+            };
+            // The writes came before the changes: their length (and mtime)
+            // first, so that an explicit mtime below lands after theirs.
+            self.writer_length(&sync, false).await?;
+        }
+        if r.sets.is_empty() {
+            return self
+                .ns
+                .stat(r.ino)
+                .await
+                .map(|i| attr(&i))
+                .map_err(meta_error);
+        }
+        // One transaction for all of them (no size among them: nothing
+        // for storage to truncate).
+        let changes: Vec<ns::SetAttr> = r.sets.iter().map(changes_of).collect();
+        let done = self
+            .ns
+            .setattrs(&r.user, r.ino, &changes)
+            .await
+            .map_err(meta_error)?;
         Ok(attr(&done.inode))
     }
 
@@ -721,6 +774,10 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     Ok(()) => self.setattr(r.set).await,
                     Err(e) => Err(e),
                 })
+            }
+            SyncSetAttrs::ID => {
+                let r = self.decode::<SyncSetAttrs>(req)?;
+                ok::<SyncSetAttrs>(self.sync_setattrs(r).await)
             }
             GetXattr::ID => {
                 let r = self.decode::<GetXattr>(req)?;

@@ -593,3 +593,99 @@ async fn a_sole_writer_s_length_is_trusted_and_others_make_the_service_ask() {
     assert_eq!(closed.length, u64::from(CHUNK) / 2, "storage holds the cut");
     assert_eq!(stats.length_chains_asked(), asked + 1, "one chain asked");
 }
+
+/// `SyncSetAttrs`: the writer's sync, then the changes in order as the
+/// request's caller (a set naming another user or inode does not change
+/// who or what); refused whole, before anything changes, with more than
+/// `SETS_MAX` changes or a size among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_setattrs_are_made_in_order_after_the_sync() {
+    let cluster = Cluster::start().await;
+    let a = &cluster.meta[0];
+    const MTIME_NS: i64 = 1_153_704_088_000_000_000;
+    let created = a
+        .call::<wire::Create, _>(&wire::CreateReq {
+            mode: 0o6755,
+            ..create(ROOT, "deferred", User::root())
+        })
+        .await
+        .expect("create");
+    let ino = created.attr.ino;
+    let session = created.session.expect("session");
+    let data = vec![7u8; 3000];
+    cluster.write(&created.attr, 0, &data).await;
+    let set = |req: wire::SetAttrReq| wire::SetAttrReq {
+        // Ignored: the request's caller and inode are used.
+        user: user(1000),
+        ino: InodeId(u64::MAX),
+        ..req
+    };
+    let req = wire::SyncSetAttrsReq {
+        user: User::root(),
+        ino,
+        session,
+        writer_length: Some(wire::WriterLength {
+            length: data.len() as u64,
+            truncate_version: 0,
+        }),
+        sets: vec![
+            set(wire::SetAttrReq {
+                mtime: Some(wire::SetTime::At(MTIME_NS)),
+                ..Default::default()
+            }),
+            set(wire::SetAttrReq {
+                uid: Some(1000),
+                gid: Some(1000),
+                ..Default::default()
+            }),
+            set(wire::SetAttrReq {
+                mode: Some(0o4750),
+                ..Default::default()
+            }),
+        ],
+    };
+
+    // Refused whole, naming what is wrong, and nothing changed.
+    let too_many = wire::SyncSetAttrsReq {
+        sets: vec![req.sets[2].clone(); wire::SyncSetAttrsReq::SETS_MAX + 1],
+        ..req.clone()
+    };
+    let refused = a
+        .call::<wire::SyncSetAttrs, _>(&too_many)
+        .await
+        .expect_err("too many changes");
+    assert!(refused.message.contains("at most 64"), "{refused}");
+    let mut sized = req.clone();
+    sized.sets[1].size = Some(10);
+    let refused = a
+        .call::<wire::SyncSetAttrs, _>(&sized)
+        .await
+        .expect_err("a size");
+    assert!(refused.message.contains("changes the size"), "{refused}");
+    let untouched = a
+        .call::<wire::Stat, _>(&wire::StatReq {
+            user: User::root(),
+            ino,
+        })
+        .await
+        .expect("stat");
+    assert_eq!(
+        (untouched.length, untouched.uid, untouched.mode),
+        (0, 0, 0o6755)
+    );
+
+    let attr = a
+        .call::<wire::SyncSetAttrs, _>(&req)
+        .await
+        .expect("sync setattrs");
+    assert_eq!(attr.length, data.len() as u64, "the sync came first");
+    assert_eq!(
+        attr.mtime_ns, MTIME_NS,
+        "the explicit mtime landed after the writes'"
+    );
+    assert_eq!((attr.uid, attr.gid), (1000, 1000));
+    assert_eq!(
+        attr.mode, 0o4750,
+        "the chown dropped setuid and setgid, the mode after it won"
+    );
+}

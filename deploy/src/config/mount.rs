@@ -49,6 +49,13 @@ pub struct MountConfig {
     pub write_flushes_in_flight: usize,
     #[serde(default = "default_readahead_bytes_max")]
     pub readahead_bytes_max: u64,
+    /// Root's chmod, chown and explicit-time changes to a file this client
+    /// alone is writing wait for the file's next flush, fsync or close and
+    /// go with it (see `FsConfig::defer_root_setattrs`). Turn off when the
+    /// metadata service squashes root, so that a refused change fails at
+    /// once instead of at close.
+    #[serde(default = "default_true")]
+    pub defer_root_setattrs: bool,
     /// The kernel's read-ahead on the mount (its `read_ahead_kb`); 0
     /// leaves the kernel's default.
     #[serde(default = "default_kernel_readahead_bytes")]
@@ -116,6 +123,7 @@ impl MountConfig {
             write_buffer_bytes: default_write_buffer_bytes(),
             write_flushes_in_flight: default_write_flushes_in_flight(),
             readahead_bytes_max: default_readahead_bytes_max(),
+            defer_root_setattrs: true,
             kernel_readahead_bytes: default_kernel_readahead_bytes(),
             metrics_listen: None,
             native_socket: None,
@@ -130,6 +138,7 @@ impl MountConfig {
             write_buffer_bytes: self.write_buffer_bytes,
             write_flushes_in_flight: self.write_flushes_in_flight,
             readahead_bytes_max: self.readahead_bytes_max,
+            defer_root_setattrs: self.defer_root_setattrs,
             ..FsConfig::default()
         }
     }

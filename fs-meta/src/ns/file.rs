@@ -493,101 +493,26 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         attr: SetAttr,
     ) -> Result<SetAttrResult, NsError> {
-        self.write(|tx| async move {
-            let original = tx.existing(ino).await?;
-            let new_mode = match attr.mode {
-                Some(mode) => {
-                    // The setgid rule looks at the group the file will have.
-                    let mut after_chgrp = original.clone();
-                    after_chgrp.gid = attr.gid.unwrap_or(original.gid);
-                    Some(perm::chmod(&after_chgrp, user, mode)?)
-                }
-                None => None,
-            };
-            if attr.uid.is_some() || attr.gid.is_some() {
-                perm::check_chown(&original, user, attr.uid, attr.gid)?;
-            }
-            if let Some(size) = attr.size {
-                match &original.data {
-                    InodeData::Directory(_) => {
-                        return Err(NsError::IsDir(format!("truncate of {ino:?}")));
-                    }
-                    InodeData::Symlink(_) | InodeData::Special(_) => {
-                        return Err(NsError::Invalid(format!(
-                            "truncate of {ino:?}, which is not a regular file"
-                        )));
-                    }
-                    InodeData::File(f) => {
-                        perm::check(&original, user, perm::MAY_WRITE, "truncate")?;
-                        check_length(&original, &f.layout, size)?;
-                    }
-                }
-            }
-            for time in [attr.atime, attr.mtime].into_iter().flatten() {
-                match time {
-                    SetTime::At(_) if !perm::owns_or_root(user, &original) => {
-                        return Err(NsError::NotPermitted(format!(
-                            "set times of {ino:?}: uid {} is not the owner",
-                            user.uid
-                        )));
-                    }
-                    SetTime::Now
-                        if !perm::owns_or_root(user, &original)
-                            && !perm::allowed(&original, user, perm::MAY_WRITE) =>
-                    {
-                        return Err(NsError::Access(format!(
-                            "touch {ino:?}: uid {} may not write it",
-                            user.uid
-                        )));
-                    }
-                    _ => {}
-                }
-            }
+        self.write(|tx| async move { set_attr_in(&tx, user, ino, &attr).await })
+            .await
+    }
 
-            let now = tx.now_ns;
-            let mut inode = original;
-            if attr.uid.is_some() || attr.gid.is_some() {
-                inode.uid = attr.uid.unwrap_or(inode.uid);
-                inode.gid = attr.gid.unwrap_or(inode.gid);
-                inode.mode = perm::mode_after_chown(&inode);
+    /// Makes `changes` in order in one transaction, each as
+    /// [`setattr`](Self::setattr) would (a failing one undoes those before
+    /// it). A writer's deferred setattrs: one commit instead of one each.
+    /// Answers the last's result; none is a `NsError::Invalid`.
+    pub async fn setattrs(
+        &self,
+        user: &User,
+        ino: InodeId,
+        changes: &[SetAttr],
+    ) -> Result<SetAttrResult, NsError> {
+        self.write(|tx| async move {
+            let mut last = None;
+            for attr in changes {
+                last = Some(set_attr_in(&tx, user, ino, attr).await?);
             }
-            if let Some(mode) = new_mode {
-                inode.mode = mode;
-            }
-            let mut truncate = None;
-            if let Some(size) = attr.size {
-                inode.mode = perm::mode_after_truncate(&inode, user);
-                let file = file_mut(&mut inode)?;
-                file.length = size;
-                file.truncate_version += 1;
-                truncate = Some(Truncate {
-                    ino,
-                    length: size,
-                    truncate_version: file.truncate_version,
-                    layout: file.layout.clone(),
-                });
-                inode.mtime_ns = now;
-            }
-            let at = |time| match time {
-                SetTime::Now => now,
-                SetTime::At(ns) => ns,
-            };
-            if let Some(time) = attr.atime {
-                inode.atime_ns = at(time);
-            }
-            if let Some(time) = attr.mtime {
-                inode.mtime_ns = at(time);
-            }
-            if attr != SetAttr::default() {
-                inode.ctime_ns = now;
-                tx.put_inode(&inode)?;
-                if inode.is_dir() {
-                    // The inode now holds the directory's times, which
-                    // may be set into the past.
-                    tx.clear_dir_times(ino)?;
-                }
-            }
-            Ok(SetAttrResult { inode, truncate })
+            last.ok_or_else(|| NsError::Invalid(format!("no changes of {ino:?} to make")))
         })
         .await
     }
@@ -728,6 +653,109 @@ impl<K: Kv> Namespace<K> {
         })
         .await
     }
+}
+
+/// [`Namespace::setattr`]'s checks and changes, in `tx`.
+async fn set_attr_in<T: Transaction>(
+    tx: &MetaTx<T>,
+    user: &User,
+    ino: InodeId,
+    attr: &SetAttr,
+) -> Result<SetAttrResult, NsError> {
+    let original = tx.existing(ino).await?;
+    let new_mode = match attr.mode {
+        Some(mode) => {
+            // The setgid rule looks at the group the file will have.
+            let mut after_chgrp = original.clone();
+            after_chgrp.gid = attr.gid.unwrap_or(original.gid);
+            Some(perm::chmod(&after_chgrp, user, mode)?)
+        }
+        None => None,
+    };
+    if attr.uid.is_some() || attr.gid.is_some() {
+        perm::check_chown(&original, user, attr.uid, attr.gid)?;
+    }
+    if let Some(size) = attr.size {
+        match &original.data {
+            InodeData::Directory(_) => {
+                return Err(NsError::IsDir(format!("truncate of {ino:?}")));
+            }
+            InodeData::Symlink(_) | InodeData::Special(_) => {
+                return Err(NsError::Invalid(format!(
+                    "truncate of {ino:?}, which is not a regular file"
+                )));
+            }
+            InodeData::File(f) => {
+                perm::check(&original, user, perm::MAY_WRITE, "truncate")?;
+                check_length(&original, &f.layout, size)?;
+            }
+        }
+    }
+    for time in [attr.atime, attr.mtime].into_iter().flatten() {
+        match time {
+            SetTime::At(_) if !perm::owns_or_root(user, &original) => {
+                return Err(NsError::NotPermitted(format!(
+                    "set times of {ino:?}: uid {} is not the owner",
+                    user.uid
+                )));
+            }
+            SetTime::Now
+                if !perm::owns_or_root(user, &original)
+                    && !perm::allowed(&original, user, perm::MAY_WRITE) =>
+            {
+                return Err(NsError::Access(format!(
+                    "touch {ino:?}: uid {} may not write it",
+                    user.uid
+                )));
+            }
+            _ => {}
+        }
+    }
+
+    let now = tx.now_ns;
+    let mut inode = original;
+    if attr.uid.is_some() || attr.gid.is_some() {
+        inode.uid = attr.uid.unwrap_or(inode.uid);
+        inode.gid = attr.gid.unwrap_or(inode.gid);
+        inode.mode = perm::mode_after_chown(&inode);
+    }
+    if let Some(mode) = new_mode {
+        inode.mode = mode;
+    }
+    let mut truncate = None;
+    if let Some(size) = attr.size {
+        inode.mode = perm::mode_after_truncate(&inode, user);
+        let file = file_mut(&mut inode)?;
+        file.length = size;
+        file.truncate_version += 1;
+        truncate = Some(Truncate {
+            ino,
+            length: size,
+            truncate_version: file.truncate_version,
+            layout: file.layout.clone(),
+        });
+        inode.mtime_ns = now;
+    }
+    let at = |time| match time {
+        SetTime::Now => now,
+        SetTime::At(ns) => ns,
+    };
+    if let Some(time) = attr.atime {
+        inode.atime_ns = at(time);
+    }
+    if let Some(time) = attr.mtime {
+        inode.mtime_ns = at(time);
+    }
+    if *attr != SetAttr::default() {
+        inode.ctime_ns = now;
+        tx.put_inode(&inode)?;
+        if inode.is_dir() {
+            // The inode now holds the directory's times, which
+            // may be set into the past.
+            tx.clear_dir_times(ino)?;
+        }
+    }
+    Ok(SetAttrResult { inode, truncate })
 }
 
 /// Opens an existing, linked file: permissions, `O_TRUNC`, the session.

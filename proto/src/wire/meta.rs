@@ -428,6 +428,33 @@ pub struct SyncSetAttrReq {
     pub writer_length: WriterLength,
 }
 
+/// The `setattr`s a writer deferred to its next sync point (a flush, an
+/// fsync, a close, or a write or setattr that must come after them): root's
+/// changes of mode, owner and explicit times to a file of which this client
+/// holds the only write session (`tar x` makes three per file). The service
+/// fixes the length as a `Sync` of `session` with `writer_length` would
+/// (when given: the writes came before the changes, so an explicit mtime
+/// lands after theirs), then makes each change of `sets` in order, each
+/// under `setattr`'s rules and as `user` (the caller the connection is
+/// checked against; each set's own `user` and `ino` are ignored). At most
+/// [`SETS_MAX`](Self::SETS_MAX) changes. A method of its own, so that an
+/// older service refuses it instead of dropping the changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncSetAttrsReq {
+    pub user: User,
+    pub ino: InodeId,
+    pub session: u64,
+    pub writer_length: Option<WriterLength>,
+    pub sets: Vec<SetAttrReq>,
+}
+
+impl SyncSetAttrsReq {
+    /// Changes one request may carry (a client sends what it deferred
+    /// before it defers more).
+    pub const SETS_MAX: usize = 64;
+}
+
 /// How `setxattr` treats an existing or missing attribute.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum XattrMode {
@@ -738,6 +765,7 @@ names_caller!(
     SetAttrReq,
     XattrReq,
     SetLayoutReq,
+    SyncSetAttrsReq,
 );
 
 /// Who calls the namespace: mounts and programs using the client library,
@@ -856,6 +884,11 @@ method!(KvEvict = 534, KvEvictReq => KvEvictRsp, roles CLIENT_OR_ADMIN);
 method!(
     /// `setattr` with the writer's pending sync folded in ([`SyncSetAttrReq`]).
     SyncSetAttr = 535, SyncSetAttrReq => Attr,
+    roles CLIENT_OR_ADMIN
+);
+method!(
+    /// A writer's deferred `setattr`s, with its pending sync ([`SyncSetAttrsReq`]).
+    SyncSetAttrs = 536, SyncSetAttrsReq => Attr,
     roles CLIENT_OR_ADMIN
 );
 

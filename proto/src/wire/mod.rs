@@ -70,6 +70,7 @@ macro_rules! every_method {
             meta::KvRemove,
             meta::KvEvict,
             meta::SyncSetAttr,
+            meta::SyncSetAttrs,
         )
     };
 }
