@@ -328,6 +328,12 @@ impl<N: Network> FsClient<N> {
     /// caller's, and the next sync point sends them again (each is
     /// idempotent).
     async fn flush_deferred(&self, state: &FileState) -> Result<(), FsError> {
+        // The changes stay listed until they are made, so an empty list
+        // means nothing is deferred or being made: no wait (every write
+        // comes here).
+        if state.deferred.lock().sets.is_empty() {
+            return Ok(());
+        }
         // Whoever comes while changes are being made waits for them.
         let _making = state.deferred_flush.lock().await;
         let (session, sets) = {

@@ -490,6 +490,33 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 r.ino
             ))));
         }
+        let changes: Vec<ns::SetAttr> = r.sets.iter().map(changes_of).collect();
+        // The sole writer's length is trusted: the sync and the changes in
+        // one transaction.
+        if let Some(known) = r.writer_length
+            && !changes.is_empty()
+        {
+            let known = ns::WriterLength {
+                length: known.length,
+                truncate_version: known.truncate_version,
+            };
+            let (decided, done) = self
+                .ns
+                .fix_writer_length_and_setattrs(
+                    r.ino,
+                    SessionId(r.session),
+                    known,
+                    &r.user,
+                    &changes,
+                )
+                .await
+                .map_err(meta_error)?;
+            if let Some(done) = done {
+                self.stats.lengths_trusted.fetch_add(1, Ordering::Relaxed);
+                return Ok(attr(&done.inode));
+            }
+            tracing::debug!(ino = ?r.ino, ?decided, "deferred setattrs: the length is not the writer's alone");
+        }
         if r.writer_length.is_some() {
             let sync = wire::SessionReq {
                 user: r.user.clone(),
@@ -502,7 +529,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             // first, so that an explicit mtime below lands after theirs.
             self.writer_length(&sync, false).await?;
         }
-        if r.sets.is_empty() {
+        if changes.is_empty() {
             return self
                 .ns
                 .stat(r.ino)
@@ -512,7 +539,6 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         }
         // One transaction for all of them (no size among them: nothing
         // for storage to truncate).
-        let changes: Vec<ns::SetAttr> = r.sets.iter().map(changes_of).collect();
         let done = self
             .ns
             .setattrs(&r.user, r.ino, &changes)

@@ -689,3 +689,120 @@ async fn deferred_setattrs_are_made_in_order_after_the_sync() {
         "the chown dropped setuid and setgid, the mode after it won"
     );
 }
+
+/// `SyncSetAttrs` from the file's only writer makes its sync and its
+/// changes in one transaction: a change that is refused undoes the sync
+/// too (the writer's next request syncs again), and nothing is half made.
+/// With another writer's session open the length is asked of storage
+/// first, then the changes are made on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_setattrs_and_the_sole_writers_sync_are_one_transaction() {
+    let cluster = Cluster::start().await;
+    let a = &cluster.meta[0];
+    let stats = &cluster._inner.service_stats[0];
+    let owner = user(1000);
+    let dir = a
+        .call::<wire::Mkdir, _>(&wire::MkdirReq {
+            user: User::root(),
+            parent: ROOT,
+            name: b"one-tx".to_vec(),
+            mode: 0o777,
+        })
+        .await
+        .expect("mkdir");
+    let created = a
+        .call::<wire::Create, _>(&create(dir.ino, "one-tx", owner.clone()))
+        .await
+        .expect("create");
+    let ino = created.attr.ino;
+    let data = vec![3u8; 5000];
+    cluster.write(&created.attr, 0, &data).await;
+    let req = wire::SyncSetAttrsReq {
+        user: owner.clone(),
+        ino,
+        session: created.session.expect("session"),
+        writer_length: Some(wire::WriterLength {
+            length: data.len() as u64,
+            truncate_version: 0,
+        }),
+        sets: vec![
+            wire::SetAttrReq {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+            // Not the owner's to give away: EPERM.
+            wire::SetAttrReq {
+                uid: Some(2000),
+                ..Default::default()
+            },
+        ],
+    };
+    let trusted = stats.lengths_trusted();
+    let refused = a
+        .call::<wire::SyncSetAttrs, _>(&req)
+        .await
+        .expect_err("a chown by a non-root owner");
+    assert!(
+        refused.message.contains("EPERM") || refused.message.contains("not permitted"),
+        "{refused}"
+    );
+    let stat = |ino| wire::StatReq {
+        user: User::root(),
+        ino,
+    };
+    let untouched = a.call::<wire::Stat, _>(&stat(ino)).await.expect("stat");
+    assert_eq!(
+        (untouched.length, untouched.mode & 0o7777),
+        (0, created.attr.mode & 0o7777),
+        "neither the sync nor the mode before the refused chown was kept"
+    );
+    assert_eq!(stats.lengths_trusted(), trusted);
+
+    let mut allowed = req.clone();
+    allowed.sets.truncate(1);
+    let attr = a
+        .call::<wire::SyncSetAttrs, _>(&allowed)
+        .await
+        .expect("sync setattrs");
+    assert_eq!(
+        (attr.length, attr.mode & 0o7777),
+        (data.len() as u64, 0o600)
+    );
+    assert_eq!(
+        stats.lengths_trusted(),
+        trusted + 1,
+        "one request, the length trusted"
+    );
+
+    // A second writer: the length comes from storage, then the change.
+    let other = a
+        .call::<wire::Open, _>(&wire::OpenReq {
+            user: owner.clone(),
+            ino,
+            write: true,
+            client: ClientId(6),
+            ..Default::default()
+        })
+        .await
+        .expect("second writer's open");
+    assert!(other.session.is_some());
+    let more = vec![4u8; 9000];
+    cluster.write(&created.attr, 0, &more).await;
+    let asked = stats.length_chains_asked();
+    let mut shared = allowed.clone();
+    shared.writer_length = Some(wire::WriterLength {
+        length: 100,
+        truncate_version: 0,
+    });
+    shared.sets[0].mode = Some(0o640);
+    let attr = a
+        .call::<wire::SyncSetAttrs, _>(&shared)
+        .await
+        .expect("sync setattrs beside another writer");
+    assert_eq!(
+        (attr.length, attr.mode & 0o7777),
+        (more.len() as u64, 0o640),
+        "storage's length, then the change"
+    );
+    assert!(stats.length_chains_asked() > asked, "storage was asked");
+}

@@ -398,47 +398,34 @@ impl<K: Kv> Namespace<K> {
         known: WriterLength,
         end_session: bool,
     ) -> Result<WriterLengthFixed, NsError> {
+        self.write(
+            |tx| async move { fix_writer_length_in(&tx, ino, session, known, end_session).await },
+        )
+        .await
+    }
+
+    /// A writer's sync followed by its deferred setattrs
+    /// ([`setattrs`](Self::setattrs)), in one transaction when the length
+    /// is fixed without storage (the sole writer's common case): one commit
+    /// instead of two. Any other decision changes nothing here and is
+    /// answered as is, with no result: the caller asks storage, then makes
+    /// the changes on their own. A change that fails undoes the sync too
+    /// (the writer syncs again with its next request).
+    pub async fn fix_writer_length_and_setattrs(
+        &self,
+        ino: InodeId,
+        session: SessionId,
+        known: WriterLength,
+        user: &User,
+        changes: &[SetAttr],
+    ) -> Result<(WriterLengthFixed, Option<SetAttrResult>), NsError> {
         self.write(|tx| async move {
-            let sessions = tx
-                .tx
-                .get_range(&RangeOptions::prefix(&session_prefix(ino)).limit(2))
-                .await?;
-            let own = session_key(ino, session);
-            if !sessions.kvs.iter().any(|kv| kv.key == own) {
-                if sessions.kvs.len() < 2 {
-                    return Ok(WriterLengthFixed::SessionGone);
-                }
-                // Two others listed first; ours may still follow.
-                if !tx.has_session(ino, session).await? {
-                    return Ok(WriterLengthFixed::SessionGone);
-                }
+            let decided = fix_writer_length_in(&tx, ino, session, known, false).await?;
+            if !matches!(decided, WriterLengthFixed::Fixed(_)) {
+                return Ok((decided, None));
             }
-            if sessions.kvs.len() > 1 {
-                return Ok(WriterLengthFixed::AskStorage { chunks: None });
-            }
-            let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
-                key: format!("INOS {ino:?} {session:?}"),
-                reason: "a session of an inode that does not exist".into(),
-            })?;
-            let file = file_mut(&mut inode)?;
-            let layout = file.layout.clone();
-            let recorded = file.length;
-            if file.truncate_version != known.truncate_version && known.length > recorded {
-                let chunk_size = u64::from(layout.chunk_size());
-                return Ok(WriterLengthFixed::AskStorage {
-                    chunks: Some((recorded / chunk_size, (known.length - 1) / chunk_size)),
-                });
-            }
-            let length = recorded.max(known.length);
-            check_length(&inode, &layout, length)?;
-            file_mut(&mut inode)?.length = length;
-            inode.mtime_ns = tx.now_ns;
-            inode.ctime_ns = tx.now_ns;
-            tx.put_inode(&inode)?;
-            if end_session {
-                tx.tx.clear(&own)?;
-            }
-            Ok(WriterLengthFixed::Fixed(inode))
+            let done = set_attrs_in(&tx, user, ino, changes).await?;
+            Ok((decided, Some(done)))
         })
         .await
     }
@@ -507,14 +494,8 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         changes: &[SetAttr],
     ) -> Result<SetAttrResult, NsError> {
-        self.write(|tx| async move {
-            let mut last = None;
-            for attr in changes {
-                last = Some(set_attr_in(&tx, user, ino, attr).await?);
-            }
-            last.ok_or_else(|| NsError::Invalid(format!("no changes of {ino:?} to make")))
-        })
-        .await
+        self.write(|tx| async move { set_attrs_in(&tx, user, ino, changes).await })
+            .await
     }
 
     /// Hard link: a new entry `new_name` in `new_parent` for inode `ino`.
@@ -653,6 +634,70 @@ impl<K: Kv> Namespace<K> {
         })
         .await
     }
+}
+
+/// [`Namespace::fix_writer_length`]'s decision and change, in `tx`.
+async fn fix_writer_length_in<T: Transaction>(
+    tx: &MetaTx<T>,
+    ino: InodeId,
+    session: SessionId,
+    known: WriterLength,
+    end_session: bool,
+) -> Result<WriterLengthFixed, NsError> {
+    let sessions = tx
+        .tx
+        .get_range(&RangeOptions::prefix(&session_prefix(ino)).limit(2))
+        .await?;
+    let own = session_key(ino, session);
+    if !sessions.kvs.iter().any(|kv| kv.key == own) {
+        if sessions.kvs.len() < 2 {
+            return Ok(WriterLengthFixed::SessionGone);
+        }
+        // Two others listed first; ours may still follow.
+        if !tx.has_session(ino, session).await? {
+            return Ok(WriterLengthFixed::SessionGone);
+        }
+    }
+    if sessions.kvs.len() > 1 {
+        return Ok(WriterLengthFixed::AskStorage { chunks: None });
+    }
+    let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
+        key: format!("INOS {ino:?} {session:?}"),
+        reason: "a session of an inode that does not exist".into(),
+    })?;
+    let file = file_mut(&mut inode)?;
+    let layout = file.layout.clone();
+    let recorded = file.length;
+    if file.truncate_version != known.truncate_version && known.length > recorded {
+        let chunk_size = u64::from(layout.chunk_size());
+        return Ok(WriterLengthFixed::AskStorage {
+            chunks: Some((recorded / chunk_size, (known.length - 1) / chunk_size)),
+        });
+    }
+    let length = recorded.max(known.length);
+    check_length(&inode, &layout, length)?;
+    file_mut(&mut inode)?.length = length;
+    inode.mtime_ns = tx.now_ns;
+    inode.ctime_ns = tx.now_ns;
+    tx.put_inode(&inode)?;
+    if end_session {
+        tx.tx.clear(&own)?;
+    }
+    Ok(WriterLengthFixed::Fixed(inode))
+}
+
+/// [`Namespace::setattrs`]'s changes, in order, in `tx`.
+async fn set_attrs_in<T: Transaction>(
+    tx: &MetaTx<T>,
+    user: &User,
+    ino: InodeId,
+    changes: &[SetAttr],
+) -> Result<SetAttrResult, NsError> {
+    let mut last = None;
+    for attr in changes {
+        last = Some(set_attr_in(tx, user, ino, attr).await?);
+    }
+    last.ok_or_else(|| NsError::Invalid(format!("no changes of {ino:?} to make")))
 }
 
 /// [`Namespace::setattr`]'s checks and changes, in `tx`.
