@@ -125,6 +125,58 @@ fn native_end_to_end() {
     small_files(&cluster);
     dead_application_is_cleaned_up(&cluster);
     python_package(&cluster);
+    // Last: it kills the mount daemon.
+    dead_daemon_fails_the_waiting_application(&cluster);
+}
+
+/// Phase 7: the mount daemon dies (SIGKILL: it cannot fail the ring) while
+/// an application has requests submitted. Its wait, with no timeout, ends
+/// with `Disconnected` instead of never.
+fn dead_daemon_fails_the_waiting_application(cluster: &Cluster) {
+    let client = Client::connect(cluster.socket()).expect("connect");
+    let iov = client.register_iov(1 << 20).expect("iov");
+    let mut ior = client.create_ior(64).expect("ring");
+    let file = File::open(cluster.mount.join("read-me")).expect("open through the mount");
+    let registered = client.register_file(file.as_fd()).expect("register");
+    drop(file);
+    ior.prepare_read(&registered, &iov, 0, 4096, 0, 1)
+        .expect("prepare");
+    ior.submit().expect("submit");
+    assert_eq!(wait_all(&mut ior, 1)[0].bytes().expect("read"), 4096);
+
+    let pid = cluster.mount_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the mount daemon");
+    wait_for("the mount daemon to die", Duration::from_secs(60), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z "))
+    });
+    for i in 0..4 {
+        ior.prepare_read(&registered, &iov, i * 4096, 4096, i * 4096, 10 + i)
+            .expect("prepare");
+    }
+    ior.submit()
+        .expect("submit (shared memory: no daemon needed)");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let waited = ior.wait(&mut out, 4, None);
+        let _ = tx.send((waited.map_err(|e| e.to_string()), out.len()));
+    });
+    // A bound for a broken build only: a fixed one answers at once.
+    let (waited, got) = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("a wait on a dead daemon's ring returned");
+    let error = waited.expect_err("nothing can complete without the daemon");
+    assert_eq!(got, 0);
+    assert!(
+        error.contains("closed the native I/O connection"),
+        "{error}"
+    );
 }
 
 /// Phase 6: the Python package's tests against this mount, with the

@@ -731,6 +731,16 @@ impl RingWorker {
         self.wake();
     }
 
+    /// Fails the ring as it stops (not an error of the application's:
+    /// logged quietly), unless it failed already and says why.
+    fn end(&self, text: &str) {
+        if self.failed.swap(1, Ordering::AcqRel) == 0 {
+            tracing::debug!(ring = self.id, "native I/O: ring stopped");
+            self.ring.fail(text);
+        }
+        self.wake();
+    }
+
     fn wake(&self) {
         // A full counter means wakeups are pending already.
         let _ = nix::unistd::write(self.complete.as_fd(), &1u64.to_ne_bytes());
@@ -851,6 +861,12 @@ async fn run_ring<N: Network>(
             tracing::error!(ring = worker.id, "native I/O: a request task failed: {e}");
         }
     }
+    // Nothing more completes here: an application still waiting on the
+    // ring (the daemon is stopping) learns it now, not never.
+    worker.end(
+        "the mount daemon stopped serving this ring (it is shutting down, or the ring's \
+         connection closed)",
+    );
 }
 
 /// One request: checked, served, completed. A bug that panics in it is EIO
@@ -1067,6 +1083,47 @@ mod tests {
         assert!(outcome.is_none(), "a send to a full socket succeeded");
         // The application's side still holds every queued reply, unread.
         drop(application);
+    }
+
+    /// A ring the daemon stops serving is failed with that reason and its
+    /// application woken (a wait on it then ends); a ring that failed
+    /// before keeps the reason it failed for.
+    #[test]
+    fn a_stopped_ring_is_failed_with_its_reason() {
+        let worker = |id| {
+            let len = region_bytes(8);
+            let fd = flyfs_usrbio::memory::create_sealed(c"flyfs-test-ring", len).expect("memfd");
+            let mem = SharedMemory::map(fd.as_fd(), len as usize).expect("map");
+            let complete = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).expect("eventfd");
+            RingWorker {
+                id,
+                ring: Arc::new(Ring::create(mem, 8).expect("ring")),
+                complete: Arc::new(OwnedFd::from(complete)),
+                completions: Mutex::new(0),
+                in_flight: AtomicU32::new(0),
+                failed: AtomicUsize::new(0),
+            }
+        };
+        let woken = |w: &RingWorker| {
+            let mut counter = [0u8; 8];
+            nix::unistd::read(w.complete.as_fd(), &mut counter).is_ok()
+        };
+        let stopped = worker(1);
+        stopped.end("stopping");
+        assert!(stopped.is_failed());
+        assert_eq!(
+            stopped.ring.state().load(Ordering::Acquire),
+            flyfs_usrbio::ring::STATE_FAILED
+        );
+        assert_eq!(stopped.ring.error(), "stopping");
+        assert!(woken(&stopped), "the application was not woken");
+
+        let garbage = worker(2);
+        garbage.fail("garbage indices");
+        assert!(woken(&garbage));
+        garbage.end("stopping");
+        assert_eq!(garbage.ring.error(), "garbage indices");
+        assert!(woken(&garbage), "the application was not woken");
     }
 
     /// The taker checks `cq_head` while requests complete on other threads

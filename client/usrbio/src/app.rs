@@ -40,6 +40,9 @@ pub struct Client {
 struct Connection {
     /// Requests and replies go in pairs under this lock.
     socket: Mutex<OwnedFd>,
+    /// The same socket, polled without the lock by waiters for its hangup:
+    /// a daemon that died cannot say so in the ring.
+    hangup: OwnedFd,
 }
 
 impl Connection {
@@ -122,9 +125,14 @@ impl Client {
             path: path.to_path_buf(),
             source: std::io::Error::from(e),
         })?;
+        let hangup = fd.try_clone().map_err(|e| NativeError::Io {
+            what: "duplicating the socket",
+            source: e,
+        })?;
         Ok(Client {
             connection: Arc::new(Connection {
                 socket: Mutex::new(fd),
+                hangup,
             }),
         })
     }
@@ -549,11 +557,26 @@ impl Ior {
                     left.as_millis().clamp(1, i32::MAX as u128) as i32
                 }
             };
-            let mut fds = [PollFd::new(self.complete.as_fd(), PollFlags::POLLIN)];
+            // The socket too: a daemon that is gone (killed, or stopped
+            // before it could fail the ring) completes nothing more.
+            let mut fds = [
+                PollFd::new(self.complete.as_fd(), PollFlags::POLLIN),
+                // POLLHUP is always reported: the daemon's end closed.
+                PollFd::new(self.connection.hangup.as_fd(), PollFlags::empty()),
+            ];
             let timeout = PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::NONE);
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(NativeError::os("poll on the complete eventfd", e)),
+            }
+            let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+            if fds[1].revents().is_some_and(|r| r.intersects(gone)) {
+                // What it completed before it went is still the caller's.
+                got += self.reap_up_to(out, max - got)?;
+                if got >= min {
+                    return Ok(got);
+                }
+                return Err(NativeError::Disconnected);
             }
             let mut counter = [0u8; 8];
             match nix::unistd::read(&self.complete, &mut counter) {
