@@ -124,12 +124,55 @@ fn native_end_to_end() {
     bad_input_fails_alone(&cluster);
     small_files(&cluster);
     dead_application_is_cleaned_up(&cluster);
+    concurrent_registrations(&cluster);
     python_package(&cluster);
     // Last: it kills the mount daemon.
     dead_daemon_fails_the_waiting_application(&cluster);
 }
 
-/// Phase 7: the mount daemon dies (SIGKILL: it cannot fail the ring) while
+/// Phase 6: many applications registering files at once. Each
+/// registration closes the descriptor passed in the daemon, which makes
+/// the kernel send the daemon a flush of its own; with those flushes
+/// served by the runtime whose workers were the ones closing, two at once
+/// hung the whole mount (found by hand: four processes registering in a
+/// loop, on 2 cores).
+fn concurrent_registrations(cluster: &Cluster) {
+    const THREADS: usize = 8;
+    const EACH: usize = 40;
+    let path = cluster.mount.join("read-me");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..THREADS {
+        let (socket, path, tx) = (cluster.socket(), path.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let registered = (|| {
+                let client = Client::connect(socket).map_err(|e| e.to_string())?;
+                let file = File::open(&path).map_err(|e| e.to_string())?;
+                for _ in 0..EACH {
+                    let registered = client
+                        .register_file(file.as_fd())
+                        .map_err(|e| e.to_string())?;
+                    registered.close().map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            })();
+            let _ = tx.send(registered);
+        });
+    }
+    drop(tx);
+    for _ in 0..THREADS {
+        // A bound for a broken build only: a fixed one takes a second.
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("registrations at once hung the mount")
+            .expect("a registration");
+    }
+    // And the mount still serves FUSE.
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat through FUSE").len(),
+        6 << 20
+    );
+}
+
+/// Phase 8: the mount daemon dies (SIGKILL: it cannot fail the ring) while
 /// an application has requests submitted. Its wait, with no timeout, ends
 /// with `Disconnected` instead of never.
 fn dead_daemon_fails_the_waiting_application(cluster: &Cluster) {
@@ -179,7 +222,7 @@ fn dead_daemon_fails_the_waiting_application(cluster: &Cluster) {
     );
 }
 
-/// Phase 6: the Python package's tests against this mount, with the
+/// Phase 7: the Python package's tests against this mount, with the
 /// interpreter of the virtual environment scripts/test installed it into.
 fn python_package(cluster: &Cluster) {
     let Some(python) = std::env::var_os("FLYFS_PYTHON") else {

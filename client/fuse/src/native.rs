@@ -607,6 +607,10 @@ impl<N: Network> Connection<N> {
             );
         }
         let mode = OpenMode::from_flags(flags & libc::O_ACCMODE);
+        // Closed on this runtime worker: the kernel's flush of it comes
+        // back to this daemon, which answers its own flushes at once
+        // (`flush` in ops), never through a worker.
+        drop(fd);
         let opened = self
             .shared
             .client
