@@ -183,17 +183,19 @@ fn main() -> anyhow::Result<()> {
         } => flyfs_benches::chaos::run(&args),
         Command::Mgmtd { config } => {
             let config = MgmtdConfig::load(&config)?;
-            let ended = daemon_runtime()?.block_on(daemon::run_mgmtd(&config));
+            let ended =
+                daemon_runtime(config.runtime_threads)?.block_on(daemon::run_mgmtd(&config));
             daemon::stop_store_clients();
             ended
         }
         Command::Storage { config } => {
             let config = StorageDaemonConfig::load(&config)?;
-            daemon_runtime()?.block_on(daemon::run_storage(&config))
+            daemon_runtime(config.runtime_threads)?.block_on(daemon::run_storage(&config))
         }
         Command::Meta { config } => {
             let config = MetaDaemonConfig::load(&config)?;
-            let ended = daemon_runtime()?.block_on(meta_daemon::run_meta(&config));
+            let ended =
+                daemon_runtime(config.runtime_threads)?.block_on(meta_daemon::run_meta(&config));
             daemon::stop_store_clients();
             ended
         }
@@ -210,9 +212,13 @@ fn main() -> anyhow::Result<()> {
 
 /// The daemons' runtime: RPC connections and handlers spread over the cores
 /// (device I/O runs on each device's reactor thread, journal commits on the
-/// engine's journal thread).
-fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// engine's journal thread), `threads` workers or, for 0, one per core.
+fn daemon_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .thread_name("flyfs-worker")
         .build()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError, ConfigFile, ManagerAddrs, RdmaConfig, TlsConfig, TransportKind, beside, check,
-    check_address, check_metrics_listen,
+    check_address, check_metrics_listen, check_runtime_threads,
 };
 
 /// `flyfs meta`: one metadata service instance.
@@ -60,6 +60,11 @@ pub struct MetaDaemonConfig {
     pub squash_uid: u32,
     #[serde(default = "default_squash_id")]
     pub squash_gid: u32,
+    /// Worker threads of the daemon's async runtime (RPC connections and
+    /// handlers); 0, the default, is one per core. `flyfs up`, whose
+    /// daemons share one machine's cores, gives each a share of them.
+    #[serde(default)]
+    pub runtime_threads: usize,
     /// Where the Prometheus metrics endpoint listens (`host:port`); none by
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,6 +156,7 @@ impl MetaDaemonConfig {
             root_squash: false,
             squash_uid: default_squash_id(),
             squash_gid: default_squash_id(),
+            runtime_threads: 0,
             metrics_listen: None,
             tls: None,
             store: MetaStoreConfig::Fjall,
@@ -188,6 +194,7 @@ impl ConfigFile for MetaDaemonConfig {
                 check_fdb(cluster_file, "kind = \"fjall\" (embedded)")?
             }
         }
+        check_runtime_threads(self.runtime_threads)?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
         self.rdma.validate(self.transport)?;
         check(self.gc_interval_ms > 0, "gc_interval_ms", || {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError, ConfigFile, RdmaConfig, TlsConfig, TransportKind, beside, check, check_address,
-    check_metrics_listen, positive,
+    check_metrics_listen, check_runtime_threads, positive,
 };
 
 /// The shortest manager lease: a renewal every third of it must survive a
@@ -49,6 +49,11 @@ pub struct MgmtdConfig {
     /// default) leaves replacing to an operator.
     #[serde(default)]
     pub auto_replace_after_s: u64,
+    /// Worker threads of the daemon's async runtime (RPC connections and
+    /// handlers); 0, the default, is one per core. `flyfs up`, whose
+    /// daemons share one machine's cores, gives each a share of them.
+    #[serde(default)]
+    pub runtime_threads: usize,
     /// Where the Prometheus metrics endpoint listens (`host:port`, serving
     /// `GET /metrics`); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +153,7 @@ impl MgmtdConfig {
             tick_interval_ms: default_tick_interval_ms(),
             lease_ttl_ms: default_lease_ttl_ms(),
             auto_replace_after_s: 0,
+            runtime_threads: 0,
             metrics_listen: None,
             transport: TransportKind::Tcp,
             tls: None,
@@ -183,6 +189,7 @@ impl ConfigFile for MgmtdConfig {
             "is empty".into()
         })?;
         self.rdma.validate(self.transport)?;
+        check_runtime_threads(self.runtime_threads)?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
         check(
             self.lease_ttl_ms >= LEASE_TTL_MS_MIN,

@@ -165,6 +165,16 @@ pub(crate) fn check_address(address: &str, key: &str) -> Result<(), ConfigError>
     check(!address.is_empty(), key, || "is empty".into())
 }
 
+/// The most runtime worker threads a daemon may be given.
+pub const RUNTIME_THREADS_MAX: usize = 1024;
+
+/// `runtime_threads`: 0 (one per core) up to [`RUNTIME_THREADS_MAX`].
+pub(crate) fn check_runtime_threads(threads: usize) -> Result<(), ConfigError> {
+    check(threads <= RUNTIME_THREADS_MAX, "runtime_threads", || {
+        format!("{threads} is more than {RUNTIME_THREADS_MAX} (0 means one per core)")
+    })
+}
+
 /// `metrics_listen`, if given, is a `host:port`.
 pub(crate) fn check_metrics_listen(listen: Option<&str>) -> Result<(), ConfigError> {
     match listen {
@@ -258,6 +268,28 @@ pub(crate) mod tests {
         let mut expected = MountConfig::new("/mnt/flyfs");
         expected.tls = tls("mount");
         assert_eq!(mount, expected);
+    }
+
+    /// Every server daemon takes a worker count, and refuses one it could
+    /// never start, naming the key.
+    #[test]
+    fn runtime_threads_is_bounded() {
+        let storage = |threads: usize| {
+            StorageDaemonConfig::parse(&format!(
+                "node_id = 1\ndevices = [\"d.img\"]\nruntime_threads = {threads}"
+            ))
+        };
+        assert_eq!(storage(2).expect("2 workers").runtime_threads, 2);
+        let error = storage(RUNTIME_THREADS_MAX + 1).expect_err("too many");
+        assert!(message(&error).contains("runtime_threads"), "{error:#}");
+        let meta = MetaDaemonConfig::parse("data_dir = \"m\"\nruntime_threads = 1").expect("meta");
+        assert_eq!(meta.runtime_threads, 1);
+        let error =
+            MgmtdConfig::parse("data_dir = \"d\"\nruntime_threads = 5000").expect_err("too many");
+        assert!(
+            message(&error).contains("5000 is more than 1024"),
+            "{error:#}"
+        );
     }
 
     /// The whole chain of messages, as the binary prints an error.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::mgmtd::default_heartbeat_interval_ms;
 use super::{
     ConfigError, ConfigFile, ManagerAddrs, RdmaConfig, RpcServerLimits, TlsConfig, TransportKind,
-    beside, check, check_address, check_metrics_listen, positive,
+    beside, check, check_address, check_metrics_listen, check_runtime_threads, positive,
 };
 
 /// The longest lease a storage node may hold. A lease must end before the
@@ -60,6 +60,11 @@ pub struct StorageDaemonConfig {
     /// of its chain fails at once (ARCHITECTURE.md, craq). Off by default.
     #[serde(default)]
     pub overlap_prepare_and_forward: bool,
+    /// Worker threads of the daemon's async runtime (RPC connections and
+    /// handlers); 0, the default, is one per core. `flyfs up`, whose
+    /// daemons share one machine's cores, gives each a share of them.
+    #[serde(default)]
+    pub runtime_threads: usize,
     /// Where the Prometheus metrics endpoint listens (`host:port`); none by
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +157,7 @@ impl StorageDaemonConfig {
             rpc_timeout_ms: default_rpc_timeout_ms(),
             forward_deadline_ms: default_forward_deadline_ms(),
             overlap_prepare_and_forward: false,
+            runtime_threads: 0,
             metrics_listen: None,
             transport: TransportKind::Tcp,
             scrub: ScrubDaemonConfig::default(),
@@ -189,6 +195,7 @@ impl ConfigFile for StorageDaemonConfig {
         check(!self.devices.is_empty(), "devices", || {
             "lists no device".into()
         })?;
+        check_runtime_threads(self.runtime_threads)?;
         check_metrics_listen(self.metrics_listen.as_deref())?;
         self.rpc.validate()?;
         self.rdma.validate(self.transport)?;
