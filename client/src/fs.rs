@@ -260,6 +260,11 @@ impl<N: Network> FsClient<N> {
         self.files.lock().get(&ino).and_then(Weak::upgrade)
     }
 
+    /// Whether `ino` is a regular file this client has open.
+    pub fn is_open_file(&self, ino: InodeId) -> bool {
+        self.open_state(ino).is_some()
+    }
+
     /// `attr` as this client knows it: buffered and in-flight writes may
     /// have grown the file past what the metadata service has heard, and
     /// setattrs deferred here are not made there yet.
@@ -756,6 +761,23 @@ impl<N: Network> FsClient<N> {
         mode: OpenMode,
         exclusive: bool,
     ) -> Result<(Attr, Arc<FileHandle>), FsError> {
+        let (attr, handle, _) = self
+            .create_seeing_parent(user, parent, name, file_mode, mode, exclusive)
+            .await?;
+        Ok((attr, handle))
+    }
+
+    /// [`FsClient::create`], also giving the parent directory's attributes
+    /// as the create left them (when the service sent them).
+    pub async fn create_seeing_parent(
+        &self,
+        user: &User,
+        parent: InodeId,
+        name: &[u8],
+        file_mode: u32,
+        mode: OpenMode,
+        exclusive: bool,
+    ) -> Result<(Attr, Arc<FileHandle>, Option<Attr>), FsError> {
         let req = CreateReq {
             user: user.clone(),
             parent,
@@ -769,7 +791,8 @@ impl<N: Network> FsClient<N> {
             session: self.session_id(mode),
         };
         let rsp = self.meta.call::<Create, _>(&req).await?;
-        self.opened(user, rsp.attr, mode, rsp.session)
+        let (attr, handle) = self.opened(user, rsp.attr, mode, rsp.session)?;
+        Ok((attr, handle, rsp.parent))
     }
 
     /// Opens a file. The handle sees everything written to the file before

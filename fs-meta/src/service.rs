@@ -638,6 +638,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         attr: attr(&created.inode),
                         session: created.session.map(|s| s.0),
                         created: created.created,
+                        parent: Some(attr(&created.parent)),
                     })
                 }
                 .await;
@@ -661,6 +662,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         attr: attr(&opened.inode),
                         session: opened.session.map(|s| s.0),
                         created: false,
+                        parent: None,
                     })
                 }
                 .await;

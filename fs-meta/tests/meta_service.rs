@@ -806,3 +806,55 @@ async fn deferred_setattrs_and_the_sole_writers_sync_are_one_transaction() {
     );
     assert!(stats.length_chains_asked() > asked, "storage was asked");
 }
+
+/// A create's reply carries its parent directory as the create left it:
+/// what a stat of the directory right after returns (a mount answers the
+/// kernel's next stat of it with them), also when the create opened an
+/// existing file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_tells_the_parent_directory_as_it_left_it() {
+    let cluster = Cluster::start().await;
+    let a = &cluster.meta[0];
+    let root = User::root();
+    let dir = a
+        .call::<wire::Mkdir, _>(&wire::MkdirReq {
+            user: root.clone(),
+            parent: ROOT,
+            name: b"unpacked".to_vec(),
+            mode: 0o755,
+        })
+        .await
+        .expect("mkdir");
+    let stat = || async {
+        a.call::<wire::Stat, _>(&wire::StatReq {
+            user: root.clone(),
+            ino: dir.ino,
+        })
+        .await
+        .expect("stat")
+    };
+    for name in ["a", "b"] {
+        let created = a
+            .call::<wire::Create, _>(&create(dir.ino, name, root.clone()))
+            .await
+            .expect("create");
+        let parent = created.parent.expect("the parent's attributes");
+        assert_eq!(parent, stat().await, "after creating {name}");
+        assert!(
+            parent.mtime_ns > dir.mtime_ns,
+            "the entry changed the times"
+        );
+    }
+    let opened = a
+        .call::<wire::Create, _>(&wire::CreateReq {
+            exclusive: false,
+            ..create(dir.ino, "a", root.clone())
+        })
+        .await
+        .expect("open of an existing file");
+    assert!(!opened.created);
+    assert_eq!(
+        opened.parent.expect("the parent's attributes"),
+        stat().await
+    );
+}

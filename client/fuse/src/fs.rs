@@ -12,6 +12,7 @@ use flyfs_client::fs::FsClient;
 use flyfs_rpc::Network;
 use tokio::runtime::Handle;
 
+use crate::dir_attrs::DirAttrs;
 use crate::handles::OpenHandles;
 use crate::request::InFlight;
 
@@ -61,6 +62,8 @@ pub(crate) struct Shared<N: Network> {
     pub(crate) options: FuseOptions,
     pub(crate) handles: OpenHandles,
     pub(crate) in_flight: InFlight,
+    /// The last create's directory attributes (`dir_attrs`).
+    pub(crate) dir_attrs: Arc<DirAttrs>,
 }
 
 impl<N: Network> FuseFs<N> {
@@ -71,6 +74,7 @@ impl<N: Network> FuseFs<N> {
                 options,
                 handles: OpenHandles::default(),
                 in_flight: InFlight::default(),
+                dir_attrs: Arc::default(),
             }),
             runtime,
         }

@@ -46,6 +46,7 @@
 
 mod attr;
 mod credentials;
+mod dir_attrs;
 mod fs;
 mod handles;
 mod iov_arena;

@@ -19,8 +19,10 @@ use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FsClient, FsConfig};
 use flyfs_fs_meta::testing::{ClusterOptions, TestCluster};
 use flyfs_fuse::{FuseOptions, mount};
-use flyfs_proto::ids::ClientId;
+use flyfs_proto::ids::{ClientId, InodeId};
+use flyfs_proto::wire::meta::User;
 use flyfs_rpc::Tcp;
+use tokio::runtime::Runtime;
 
 /// Why this machine cannot mount, if it cannot.
 fn cannot_mount() -> Option<String> {
@@ -166,7 +168,12 @@ type Counts = parking_lot::Mutex<HashMap<String, Arc<AtomicU64>>>;
 
 static REQUESTS: OnceLock<Arc<Counts>> = OnceLock::new();
 
-/// Counts `flyfs_fuse_requests_total` by its `op` label; ignores the rest.
+/// Where [`requests`] counts the GETATTRs answered with a create's
+/// directory attributes (`flyfs_fuse_dir_attrs_kept_total`).
+const KEPT: &str = "(kept directory attributes)";
+
+/// Counts `flyfs_fuse_requests_total` by its `op` label, and
+/// `flyfs_fuse_dir_attrs_kept_total`; ignores the rest.
 struct CountRequests(Arc<Counts>);
 
 impl metrics::Recorder for CountRequests {
@@ -193,6 +200,10 @@ impl metrics::Recorder for CountRequests {
     }
 
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() == "flyfs_fuse_dir_attrs_kept_total" {
+            let count = self.0.lock().entry(KEPT.into()).or_default().clone();
+            return metrics::Counter::from_arc(count);
+        }
         if key.name() != "flyfs_fuse_requests_total" {
             return metrics::Counter::noop();
         }
@@ -246,6 +257,73 @@ fn a_chown_after_a_write_fetches_no_attributes(mnt: &Path) {
     );
     assert_eq!((meta.len(), meta.mtime()), (12, 0));
     std::fs::remove_file(&path).expect("remove");
+}
+
+/// Files made one after another in one directory, as `tar x` makes them:
+/// the kernel's stat of the directory before each next name is answered
+/// with the attributes the last create brought back, which are the
+/// service's own; and any other change to a directory is seen at once.
+fn creates_answer_the_stat_of_their_directory(mnt: &Path, fs: &FsClient<Tcp>, runtime: &Runtime) {
+    let dir = mnt.join("unpacked-tree");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let truth = |path: &Path| {
+        let ino = std::fs::metadata(path).expect("stat").ino();
+        runtime
+            .block_on(fs.stat(&User::root(), InodeId(ino)))
+            .expect("the service's stat")
+    };
+    let kept = requests(KEPT);
+    for i in 0..20 {
+        let mut file = std::fs::File::create_new(dir.join(format!("f{i}"))).expect("create");
+        file.write_all(b"a small file").expect("write");
+    }
+    // The first file's lookup found the directory's attributes cached from
+    // the mkdir; each later one found them dropped by the create before.
+    assert_eq!(
+        requests(KEPT) - kept,
+        19,
+        "GETATTRs answered from the creates"
+    );
+    let seen = std::fs::metadata(&dir).expect("stat after the creates");
+    let service = truth(&dir);
+    assert_eq!(
+        (
+            seen.mtime(),
+            seen.mtime_nsec(),
+            seen.ctime(),
+            seen.ctime_nsec()
+        ),
+        (
+            service.mtime_ns.div_euclid(1_000_000_000),
+            service.mtime_ns.rem_euclid(1_000_000_000),
+            service.ctime_ns.div_euclid(1_000_000_000),
+            service.ctime_ns.rem_euclid(1_000_000_000),
+        ),
+        "the kept times are the service's"
+    );
+    assert_eq!((seen.nlink(), seen.mode() & 0o7777), (2, 0o755));
+    // Changes after a create are never hidden by what it kept.
+    std::fs::File::create_new(dir.join("g")).expect("create");
+    std::fs::create_dir(dir.join("sub")).expect("mkdir");
+    assert_eq!(
+        std::fs::metadata(&dir).expect("stat").nlink(),
+        3,
+        "mkdir counted"
+    );
+    std::fs::File::create_new(dir.join("h")).expect("create");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    assert_eq!(
+        std::fs::metadata(&dir).expect("stat").mode() & 0o7777,
+        0o750
+    );
+    std::fs::File::create_new(dir.join("i")).expect("create");
+    std::fs::remove_file(dir.join("g")).expect("unlink");
+    let seen = std::fs::metadata(&dir).expect("stat after the unlink");
+    assert_eq!(
+        seen.ctime_nsec(),
+        truth(&dir).ctime_ns.rem_euclid(1_000_000_000)
+    );
+    std::fs::remove_dir_all(&dir).expect("rm -r");
 }
 
 /// Runs `script` (with the file as `$1`) in `sh` as user and group nobody
@@ -375,7 +453,10 @@ fn a_mounted_cluster_behaves_like_a_file_system() {
 
     // A failing check must not leave the mount behind: unmount first,
     // then report.
-    let outcome = std::panic::catch_unwind(|| exercise(&mnt));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        exercise(&mnt);
+        creates_answer_the_stat_of_their_directory(&mnt, &fs, &runtime);
+    }));
     runtime.block_on(fs.flush_all()).expect("flush_all");
     let mut unmounted = mounted.unmount();
     if unmounted.is_err() {

@@ -80,6 +80,9 @@ pub struct Created {
     pub session: Option<SessionId>,
     /// Set when `O_TRUNC` cut an existing file.
     pub truncate: Option<Truncate>,
+    /// The parent directory as this transaction left it (times raised by
+    /// the new entry): what a stat of it right after the create returns.
+    pub parent: Inode,
 }
 
 /// What `open` did.
@@ -218,6 +221,7 @@ impl<K: Kv> Namespace<K> {
                             created: true,
                             session: Some(id),
                             truncate: None,
+                            parent: dir,
                         });
                     }
                     return Err(NsError::Exists(show(name)));
@@ -239,6 +243,7 @@ impl<K: Kv> Namespace<K> {
                     created: false,
                     session: opened.session,
                     truncate: opened.truncate,
+                    parent: dir,
                 });
             }
             check_can_add(&dir, user)?;
@@ -276,11 +281,17 @@ impl<K: Kv> Namespace<K> {
                     },
                 )?;
             }
+            // `put_dentry` recorded the entry change at `now_ns`, which a
+            // read of the directory lays over its inode's times.
+            let mut parent = dir;
+            parent.mtime_ns = parent.mtime_ns.max(tx.now_ns);
+            parent.ctime_ns = parent.ctime_ns.max(tx.now_ns);
             Ok(Created {
                 inode,
                 created: true,
                 session: session.map(|(_, id)| id),
                 truncate: None,
+                parent,
             })
         })
         .await

@@ -229,6 +229,10 @@ pub struct OpenRsp {
     pub session: Option<u64>,
     /// `create` only: false when an existing file was opened.
     pub created: bool,
+    /// `create` only: the parent directory's attributes as the create left
+    /// them, committed with it (a client may answer the stat the kernel
+    /// makes of the directory after a create with them).
+    pub parent: Option<Attr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

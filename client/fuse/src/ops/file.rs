@@ -184,12 +184,13 @@ pub(crate) fn create<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "create",
         reply,
         async move {
-            let (attr, handle) = client
-                .create(
+            let (attr, handle, parent) = client
+                .create_seeing_parent(
                     &caller.user(),
                     InodeId(parent.0),
                     &name,
@@ -198,6 +199,7 @@ pub(crate) fn create<N: Network>(
                     flags & libc::O_EXCL != 0,
                 )
                 .await?;
+            change.end_keeping(parent);
             let fh = shared.handles.add_file(handle);
             Ok((attr, fh, shared))
         },

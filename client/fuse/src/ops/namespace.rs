@@ -78,9 +78,16 @@ pub(crate) fn lookup<N: Network>(
 }
 
 pub(crate) fn getattr<N: Network>(fs: &FuseFs<N>, req: &Request, ino: INodeNo, reply: ReplyAttr) {
+    let ttl = fs.shared.options.attr_ttl;
+    // The kernel's stat of the directory the last create went into, which
+    // it makes before the next name it looks up there (`dir_attrs`).
+    if let Some((attr, left)) = fs.shared.dir_attrs.get(ino.0, ttl) {
+        metrics::counter!("flyfs_fuse_requests_total", "op" => "getattr").increment(1);
+        metrics::counter!("flyfs_fuse_dir_attrs_kept_total").increment(1);
+        return reply.attr(&left, &file_attr(&attr));
+    }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let ttl = fs.shared.options.attr_ttl;
     fs.spawn(
         "getattr",
         reply,
@@ -114,10 +121,16 @@ pub(crate) fn setattr<N: Network>(
     let by_root = req.uid() == 0;
     let client = fs.shared.client.clone();
     let ttl = fs.shared.options.attr_ttl;
+    // A setattr of a file this mount has open changes no directory's
+    // attributes (`dir_attrs`): tar's chown, chmod and utimens of each
+    // file it writes keep the directory's from its create.
+    let change =
+        (!fs.shared.client.is_open_file(InodeId(ino.0))).then(|| fs.shared.dir_attrs.change());
     fs.spawn(
         "setattr",
         reply,
         async move {
+            let _change = change;
             let attr = client
                 .setattr(SetAttrReq {
                     user: if through_writer {
@@ -202,10 +215,12 @@ pub(crate) fn mknod<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "mknod",
         reply,
         async move {
+            let _change = change;
             let user = caller.user();
             if let Some(kind) = special {
                 // The kernel's device encoding (new_encode_dev), kept
@@ -247,10 +262,12 @@ pub(crate) fn mkdir<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "mkdir",
         reply,
         async move {
+            let _change = change;
             client
                 .mkdir(&caller.user(), InodeId(parent.0), &name, mode & 0o7777)
                 .await
@@ -272,10 +289,12 @@ pub(crate) fn unlink<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "unlink",
         reply,
         async move {
+            let _change = change;
             client
                 .unlink(&caller.user(), InodeId(parent.0), &name)
                 .await
@@ -297,10 +316,14 @@ pub(crate) fn rmdir<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "rmdir",
         reply,
-        async move { client.rmdir(&caller.user(), InodeId(parent.0), &name).await },
+        async move {
+            let _change = change;
+            client.rmdir(&caller.user(), InodeId(parent.0), &name).await
+        },
         |reply, ()| reply.ok(),
     );
 }
@@ -321,10 +344,12 @@ pub(crate) fn symlink<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "symlink",
         reply,
         async move {
+            let _change = change;
             client
                 .symlink(&caller.user(), InodeId(parent.0), &name, &target)
                 .await
@@ -362,10 +387,12 @@ pub(crate) fn rename<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "rename",
         reply,
         async move {
+            let _change = change;
             client
                 .rename(
                     &caller.user(),
@@ -395,10 +422,12 @@ pub(crate) fn link<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "link",
         reply,
         async move {
+            let _change = change;
             client
                 .link(&caller.user(), InodeId(ino.0), InodeId(newparent.0), &name)
                 .await

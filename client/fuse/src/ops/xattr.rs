@@ -63,10 +63,12 @@ pub(crate) fn setxattr<N: Network>(
     let value = value.to_vec();
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "setxattr",
         reply,
         async move {
+            let _change = change;
             client
                 .setxattr(&caller.user(), InodeId(ino.0), &name, &value, mode)
                 .await
@@ -131,10 +133,12 @@ pub(crate) fn removexattr<N: Network>(
     let name = name.as_bytes().to_vec();
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
+    let change = fs.shared.dir_attrs.change();
     fs.spawn(
         "removexattr",
         reply,
         async move {
+            let _change = change;
             client
                 .removexattr(&caller.user(), InodeId(ino.0), &name)
                 .await
