@@ -260,11 +260,6 @@ impl<N: Network> FsClient<N> {
         self.files.lock().get(&ino).and_then(Weak::upgrade)
     }
 
-    /// Whether `ino` is a regular file this client has open.
-    pub fn is_open_file(&self, ino: InodeId) -> bool {
-        self.open_state(ino).is_some()
-    }
-
     /// `attr` as this client knows it: buffered and in-flight writes may
     /// have grown the file past what the metadata service has heard, and
     /// setattrs deferred here are not made there yet.

@@ -302,6 +302,19 @@ fn creates_answer_the_stat_of_their_directory(mnt: &Path, fs: &FsClient<Tcp>, ru
         "the kept times are the service's"
     );
     assert_eq!((seen.nlink(), seen.mode() & 0o7777), (2, 0o755));
+    // A create in another directory keeps this one's attributes.
+    let other = mnt.join("unpacked-other");
+    std::fs::create_dir(&other).expect("mkdir");
+    std::fs::File::create_new(dir.join("x")).expect("create");
+    std::fs::File::create_new(other.join("y")).expect("create in the other");
+    let kept = requests(KEPT);
+    let seen = std::fs::metadata(&dir).expect("stat");
+    assert_eq!(requests(KEPT) - kept, 1, "answered from the create of x");
+    assert_eq!(
+        seen.mtime_nsec(),
+        truth(&dir).mtime_ns.rem_euclid(1_000_000_000)
+    );
+    std::fs::remove_dir_all(&other).expect("rm -r");
     // Changes after a create are never hidden by what it kept.
     std::fs::File::create_new(dir.join("g")).expect("create");
     std::fs::create_dir(dir.join("sub")).expect("mkdir");

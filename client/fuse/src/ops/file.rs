@@ -184,7 +184,7 @@ pub(crate) fn create<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(parent.0);
     fs.spawn(
         "create",
         reply,

@@ -121,11 +121,7 @@ pub(crate) fn setattr<N: Network>(
     let by_root = req.uid() == 0;
     let client = fs.shared.client.clone();
     let ttl = fs.shared.options.attr_ttl;
-    // A setattr of a file this mount has open changes no directory's
-    // attributes (`dir_attrs`): tar's chown, chmod and utimens of each
-    // file it writes keep the directory's from its create.
-    let change =
-        (!fs.shared.client.is_open_file(InodeId(ino.0))).then(|| fs.shared.dir_attrs.change());
+    let change = fs.shared.dir_attrs.change_of(ino.0);
     fs.spawn(
         "setattr",
         reply,
@@ -215,7 +211,7 @@ pub(crate) fn mknod<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(parent.0);
     fs.spawn(
         "mknod",
         reply,
@@ -262,7 +258,7 @@ pub(crate) fn mkdir<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(parent.0);
     fs.spawn(
         "mkdir",
         reply,
@@ -289,7 +285,7 @@ pub(crate) fn unlink<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(parent.0);
     fs.spawn(
         "unlink",
         reply,
@@ -316,7 +312,7 @@ pub(crate) fn rmdir<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_everywhere();
     fs.spawn(
         "rmdir",
         reply,
@@ -344,7 +340,7 @@ pub(crate) fn symlink<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(parent.0);
     fs.spawn(
         "symlink",
         reply,
@@ -387,7 +383,7 @@ pub(crate) fn rename<N: Network>(
     }
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_everywhere();
     fs.spawn(
         "rename",
         reply,
@@ -422,7 +418,7 @@ pub(crate) fn link<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(newparent.0);
     fs.spawn(
         "link",
         reply,

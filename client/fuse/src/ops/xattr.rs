@@ -63,7 +63,7 @@ pub(crate) fn setxattr<N: Network>(
     let value = value.to_vec();
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(ino.0);
     fs.spawn(
         "setxattr",
         reply,
@@ -133,7 +133,7 @@ pub(crate) fn removexattr<N: Network>(
     let name = name.as_bytes().to_vec();
     let caller = Caller::of(req);
     let client = fs.shared.client.clone();
-    let change = fs.shared.dir_attrs.change();
+    let change = fs.shared.dir_attrs.change_of(ino.0);
     fs.spawn(
         "removexattr",
         reply,
