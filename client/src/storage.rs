@@ -25,6 +25,7 @@ use flyfs_proto::wire::storage::{
 use flyfs_rpc::{CallOptions, Client, Credentials, Network, RpcError};
 use flyfs_time::{Attempt, Backoff, Retry};
 use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a storage client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +60,16 @@ pub struct ClientConfig {
     /// before it fails.
     pub op_deadline: Duration,
     pub backoff: Backoff,
+    /// Chunk updates (writes, truncates, removes) in flight at once; more
+    /// wait for one to finish. Each holds an exactly-once channel at every
+    /// replica of its chain until the client goes idle for an hour, and a
+    /// storage target refuses a client more than its
+    /// `channels_per_client_max` (4096) channels, so this stays below that.
+    pub updates_in_flight_max: usize,
 }
+
+/// [`ClientConfig::updates_in_flight_max`] by default.
+pub const UPDATES_IN_FLIGHT_MAX: usize = 1024;
 
 impl ClientConfig {
     /// A client of the managers at `mgmt_addrs` (the primary and its
@@ -71,6 +81,7 @@ impl ClientConfig {
             rpc_timeout: Duration::from_secs(5),
             op_deadline: Duration::from_secs(60),
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_secs(1)),
+            updates_in_flight_max: UPDATES_IN_FLIGHT_MAX,
         }
     }
 }
@@ -167,6 +178,9 @@ pub struct StorageClient<N: Network> {
     /// Free channels as (id, next sequence number).
     channels: Mutex<Vec<(u32, u64)>>,
     channels_made: AtomicU64,
+    /// One per channel lent out: at most `updates_in_flight_max`, so no
+    /// more channels are ever made.
+    channel_permits: Arc<Semaphore>,
     /// Spreads reads over replicas.
     next_replica: AtomicU64,
     /// Operations begun: with the client id, seeds each one's backoff.
@@ -178,6 +192,8 @@ struct ChannelLease<'a, N: Network> {
     client: &'a StorageClient<N>,
     id: u32,
     seq: u64,
+    /// Given back after the channel (fields drop after `drop`).
+    _permit: OwnedSemaphorePermit,
 }
 
 impl<N: Network> Drop for ChannelLease<'_, N> {
@@ -202,6 +218,7 @@ impl<N: Network> StorageClient<N> {
         credentials: Credentials,
         rdma: Option<flyfs_rpc::RdmaTransport>,
     ) -> Arc<Self> {
+        let channel_permits = Arc::new(Semaphore::new(config.updates_in_flight_max.max(1)));
         Arc::new(StorageClient {
             managers: crate::mgmt::Managers::new(config.mgmt_addrs.iter().cloned()),
             config,
@@ -209,6 +226,7 @@ impl<N: Network> StorageClient<N> {
             routing: Mutex::new(Arc::new(RoutingInfo::default())),
             channels: Mutex::new(Vec::new()),
             channels_made: AtomicU64::new(0),
+            channel_permits,
             next_replica: AtomicU64::new(0),
             operations: AtomicU64::new(0),
         })
@@ -271,7 +289,15 @@ impl<N: Network> StorageClient<N> {
         routing.node(node).map(|n| n.addr.clone())
     }
 
-    fn lease_channel(&self) -> ChannelLease<'_, N> {
+    /// A free channel, or a new one while fewer than
+    /// `updates_in_flight_max` exist; else waits for one.
+    async fn lease_channel(&self) -> ChannelLease<'_, N> {
+        let permit = self
+            .channel_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the channel semaphore is never closed");
         let (id, seq) = self.channels.lock().pop().unwrap_or_else(|| {
             let id = self.channels_made.fetch_add(1, Ordering::Relaxed) as u32 + 1;
             (id, 1)
@@ -280,6 +306,7 @@ impl<N: Network> StorageClient<N> {
             client: self,
             id,
             seq,
+            _permit: permit,
         }
     }
 
@@ -338,7 +365,7 @@ impl<N: Network> StorageClient<N> {
         data: Bytes,
         chunk_size: u32,
     ) -> Result<WriteRsp, ClientError> {
-        let lease = self.lease_channel();
+        let lease = self.lease_channel().await;
         let channel = Channel {
             client: self.config.client,
             id: lease.id,

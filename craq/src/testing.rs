@@ -30,6 +30,8 @@ pub struct NodeOptions {
     pub chunk_bytes_max: u64,
     /// Heartbeat period; the lease and RPC timeouts are ten of them.
     pub interval: Duration,
+    /// Each target's bound on one client's exactly-once channels.
+    pub channels_per_client_max: usize,
 }
 
 impl Default for NodeOptions {
@@ -38,6 +40,8 @@ impl Default for NodeOptions {
             device_bytes: 64 << 20,
             chunk_bytes_max: 64 << 10,
             interval: Duration::from_millis(50),
+            channels_per_client_max: crate::storage::ChannelLimits::default()
+                .channels_per_client_max,
         }
     }
 }
@@ -108,6 +112,7 @@ impl TestStorageNode {
         config.heartbeat_interval = interval;
         config.lease_timeout = interval * 10;
         config.rpc_timeout = interval * 10;
+        config.channel_limits.channels_per_client_max = self.options.channels_per_client_max;
         // The node's own identity, from the process's test CA: the same one
         // after a restart.
         let credentials = flyfs_rpc::testing::storage(self.id);
