@@ -15,6 +15,8 @@
 //! client is running (clients may ask too: `KvEvict`).
 
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -35,6 +37,9 @@ pub struct GcConfig {
     pub batch: usize,
     /// How far a file with a live write session is postponed.
     pub busy_retry: Duration,
+    /// How often a scan starts at the queue's head rather than where the
+    /// last one left off (see [`GcWorker`]).
+    pub full_scan: Duration,
 }
 
 impl Default for GcConfig {
@@ -43,6 +48,7 @@ impl Default for GcConfig {
             interval: Duration::from_secs(1),
             batch: 256,
             busy_retry: Duration::from_secs(30),
+            full_scan: Duration::from_secs(60),
         }
     }
 }
@@ -74,11 +80,31 @@ pub enum GcError {
 }
 
 /// The worker. Run [`GcWorker::run`] on a task; dropping the task stops it.
+///
+/// A scan starts where the last one left off (the due time of the first
+/// entry it failed, of the last one it took from a full batch, or the time
+/// of a scan that saw every entry due), not at the queue's head:
+/// the entries already finished lie at the head as deletions until the
+/// store compacts them away, and a scan from there walks all of them, so a
+/// burst of a million removals made every scan of an idle worker, once a
+/// second, read a million dead keys. An entry can land behind that point
+/// only when one metadata service's clock is behind another's by more than
+/// the delay, or with a delay of zero (a remove that read the clock before
+/// the scan and committed after it); every `full_scan` the worker starts at
+/// the head again and finds those too, so they are at most that late.
 pub struct GcWorker<K: Kv, N: Network> {
     ns: Namespace<K>,
     storage: Arc<StorageClient<N>>,
     config: GcConfig,
     stats: Arc<GcStats>,
+    resume: Mutex<Resume>,
+}
+
+/// Where the next scan starts, and when the last one from the head ran.
+#[derive(Debug, Default)]
+struct Resume {
+    from_ms: u64,
+    full_scan_ms: Option<u64>,
 }
 
 impl<K: Kv, N: Network> std::fmt::Debug for GcWorker<K, N> {
@@ -102,6 +128,7 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
             storage,
             config,
             stats,
+            resume: Mutex::new(Resume::default()),
         }
     }
 
@@ -124,13 +151,37 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
 
     /// Handles every entry due now (up to a batch); returns how many it took.
     pub async fn scan_once(&self) -> Result<usize, GcError> {
-        let due = self.ns.gc_due(self.now_ms(), self.config.batch).await?;
+        let now_ms = self.now_ms();
+        let from_ms = {
+            let mut resume = self.resume.lock();
+            let full_scan_ms = u64::try_from(self.config.full_scan.as_millis()).unwrap_or(u64::MAX);
+            match resume.full_scan_ms {
+                Some(at) if now_ms.saturating_sub(at) < full_scan_ms => resume.from_ms,
+                _ => {
+                    resume.full_scan_ms = Some(now_ms);
+                    0
+                }
+            }
+        };
+        let due = self
+            .ns
+            .gc_due_from(from_ms, now_ms, self.config.batch)
+            .await?;
         let taken = due.len();
+        // The next scan starts at the first entry left behind; else, after
+        // a full batch, at the last one taken (its millisecond may hold
+        // more); else at now, since every entry due by now was seen.
+        let mut next_ms = match due.last() {
+            Some(last) if taken >= self.config.batch => last.due_ms,
+            _ => now_ms,
+        };
         for item in due {
             if let Err(e) = self.collect(&item).await {
                 tracing::warn!(ino = ?item.ino, "GC of the entry failed, retrying later: {e}");
+                next_ms = next_ms.min(item.due_ms);
             }
         }
+        self.resume.lock().from_ms = next_ms;
         Ok(taken)
     }
 
@@ -272,6 +323,85 @@ mod tests {
 
     use super::*;
     use crate::ns::tests::namespace_on_clock;
+    use crate::schema::ROOT;
+    use flyfs_client::storage::ClientConfig;
+    use flyfs_proto::ids::ClientId;
+    use flyfs_proto::wire::meta::User;
+    use flyfs_rpc::{Tcp, testing};
+    use flyfs_time::Clock;
+
+    #[tokio::test]
+    async fn scans_resume_where_the_last_left_off_and_start_over_at_the_head_every_full_scan() {
+        let (ns, clock) = namespace_on_clock(1_700_000_000_000_000_000, |config| {
+            config.gc_delay_ms = 1_000;
+        })
+        .await;
+        // Directories have no chunks: collecting them never reaches
+        // storage, so the storage client needs no cluster.
+        let storage = StorageClient::new(
+            ClientConfig::new(["127.0.0.1:1".to_string()], ClientId(9)),
+            Tcp,
+            testing::meta(),
+        );
+        let stats = Arc::new(GcStats::default());
+        let gc = GcWorker::new(
+            ns.clone(),
+            storage,
+            GcConfig {
+                batch: 4,
+                full_scan: Duration::from_secs(60),
+                ..GcConfig::default()
+            },
+            stats.clone(),
+        );
+        let root = User::root();
+        let queue = |names: std::ops::Range<u32>| {
+            let ns = ns.clone();
+            let root = root.clone();
+            async move {
+                for i in names {
+                    let name = format!("d{i}");
+                    ns.mkdir(&root, ROOT, name.as_bytes(), 0o755)
+                        .await
+                        .expect("mkdir");
+                    ns.remove_all(&root, ROOT, name.as_bytes())
+                        .await
+                        .expect("remove_all");
+                }
+            }
+        };
+        queue(0..10).await;
+        assert_eq!(gc.scan_once().await.expect("scan"), 0, "not due yet");
+        clock.advance_ms(1_000);
+        // Full batches, then the rest.
+        assert_eq!(gc.scan_once().await.expect("scan"), 4);
+        assert_eq!(gc.scan_once().await.expect("scan"), 4);
+        // Nine seconds on, the rest: a scan that sees every entry due
+        // resumes at its own time, past the last entry it took.
+        clock.advance_ms(9_000);
+        assert_eq!(gc.scan_once().await.expect("scan"), 2);
+        assert_eq!(stats.inodes_finished(), 10);
+        // A remove whose clock read is behind that scan's (another metadata
+        // service's clock, slow by more than the delay) queues an entry,
+        // due after the last one taken, behind where scans now start: they
+        // pass it by...
+        clock.advance_ms(-6_000);
+        queue(10..11).await;
+        clock.advance_ms(6_000);
+        assert_eq!(
+            gc.scan_once().await.expect("scan"),
+            0,
+            "behind the resume point"
+        );
+        assert_eq!(ns.gc_due(clock.now_ms(), 100).await.expect("due").len(), 1);
+        // ...until a full scan, at most `full_scan` later, starts at the head.
+        clock.advance_ms(60_000);
+        assert_eq!(gc.scan_once().await.expect("scan"), 1);
+        assert_eq!(stats.inodes_finished(), 11);
+        assert!(ns.gc_due(u64::MAX, 100).await.expect("due").is_empty());
+        let report = ns.check().await.expect("check");
+        assert!(report.is_clean(), "{report}");
+    }
 
     #[tokio::test]
     async fn the_evictor_ages_blocks_out_with_no_client_asking() {

@@ -76,7 +76,23 @@ pub enum GcFinish {
 impl<K: Kv> Namespace<K> {
     /// Up to `limit` queue entries due at or before `now_ms`, earliest first.
     pub async fn gc_due(&self, now_ms: u64, limit: usize) -> Result<Vec<GcItem>, NsError> {
+        self.gc_due_from(0, now_ms, limit).await
+    }
+
+    /// Up to `limit` queue entries due from `from_ms` to `now_ms`, earliest
+    /// first. The range starts at `from_ms` rather than at the queue's head:
+    /// the entries a worker has finished stay in the store as deletions
+    /// (tombstones) until compaction drops them, all of them ahead of every
+    /// live entry, and a scan from the head walks every one of them.
+    pub async fn gc_due_from(
+        &self,
+        from_ms: u64,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<GcItem>, NsError> {
         self.read(|tx| async move {
+            let mut begin = tag::GC.to_vec();
+            begin.extend_from_slice(&from_ms.to_be_bytes());
             let mut end = tag::GC.to_vec();
             end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
             let end = if now_ms == u64::MAX {
@@ -84,7 +100,7 @@ impl<K: Kv> Namespace<K> {
             } else {
                 end
             };
-            let range = RangeOptions::new(tag::GC.to_vec(), end)
+            let range = RangeOptions::new(begin, end)
                 .limit(limit.max(1))
                 .snapshot(true);
             let result = tx.tx.get_range(&range).await?;
