@@ -83,15 +83,18 @@ pub enum GcError {
 ///
 /// A scan starts where the last one left off (the due time of the first
 /// entry it failed, of the last one it took from a full batch, or the time
-/// of a scan that saw every entry due), not at the queue's head:
+/// of a scan that saw every entry due, and at most the store's transaction
+/// age limit before that scan's time), not at the queue's head:
 /// the entries already finished lie at the head as deletions until the
 /// store compacts them away, and a scan from there walks all of them, so a
 /// burst of a million removals made every scan of an idle worker, once a
-/// second, read a million dead keys. An entry can land behind that point
-/// only when one metadata service's clock is behind another's by more than
-/// the delay, or with a delay of zero (a remove that read the clock before
-/// the scan and committed after it); every `full_scan` the worker starts at
-/// the head again and finds those too, so they are at most that late.
+/// second, read a million dead keys. A remove reads the clock for its
+/// entry's due time inside its transaction, which commits within the age
+/// limit or not at all, so with one clock (and any delay, zero included) no
+/// entry lands behind that point. One can only when one metadata service's
+/// clock is behind another's by more than the delay and the limit, or
+/// steps back; every `full_scan` the worker starts at the head again and
+/// finds those too, so they are at most that late.
 pub struct GcWorker<K: Kv, N: Network> {
     ns: Namespace<K>,
     storage: Arc<StorageClient<N>>,
@@ -170,11 +173,18 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
         let taken = due.len();
         // The next scan starts at the first entry left behind; else, after
         // a full batch, at the last one taken (its millisecond may hold
-        // more); else at now, since every entry due by now was seen.
+        // more); else at now, since every entry due by now was seen. But
+        // never later than now less the store's transaction age limit: a
+        // remove that committed after this scan's snapshot read its clock
+        // (due = clock + delay) within that limit of committing, so nothing
+        // it queued lies further back, even with a delay of zero.
+        let slack_ms = u64::try_from(self.ns.kv().limits().transaction_age_max.as_millis())
+            .unwrap_or(u64::MAX);
         let mut next_ms = match due.last() {
             Some(last) if taken >= self.config.batch => last.due_ms,
             _ => now_ms,
-        };
+        }
+        .min(now_ms.saturating_sub(slack_ms));
         for item in due {
             if let Err(e) = self.collect(&item).await {
                 tracing::warn!(ino = ?item.ino, "GC of the entry failed, retrying later: {e}");
@@ -376,18 +386,29 @@ mod tests {
         // Full batches, then the rest.
         assert_eq!(gc.scan_once().await.expect("scan"), 4);
         assert_eq!(gc.scan_once().await.expect("scan"), 4);
-        // Nine seconds on, the rest: a scan that sees every entry due
-        // resumes at its own time, past the last entry it took.
-        clock.advance_ms(9_000);
+        // Twenty-nine seconds on, the rest: a scan that sees every entry
+        // due resumes at its own time less the transaction age limit (5 s),
+        // far past the last entry it took.
+        clock.advance_ms(29_000);
         assert_eq!(gc.scan_once().await.expect("scan"), 2);
         assert_eq!(stats.inodes_finished(), 10);
-        // A remove whose clock read is behind that scan's (another metadata
-        // service's clock, slow by more than the delay) queues an entry,
-        // due after the last one taken, behind where scans now start: they
-        // pass it by...
-        clock.advance_ms(-6_000);
+        // A remove whose clock read 3 s behind that scan's (a transaction
+        // that committed just after it) is within the age limit: taken.
+        clock.advance_ms(-3_000);
         queue(10..11).await;
-        clock.advance_ms(6_000);
+        clock.advance_ms(3_000);
+        assert_eq!(
+            gc.scan_once().await.expect("scan"),
+            1,
+            "within the age limit"
+        );
+        // One whose clock is 20 s behind (another metadata service's clock,
+        // slow by more than the delay and the limit) queues an entry, due
+        // long after the last one taken before, behind where scans now
+        // start: they pass it by...
+        clock.advance_ms(-20_000);
+        queue(11..12).await;
+        clock.advance_ms(20_000);
         assert_eq!(
             gc.scan_once().await.expect("scan"),
             0,
@@ -397,7 +418,7 @@ mod tests {
         // ...until a full scan, at most `full_scan` later, starts at the head.
         clock.advance_ms(60_000);
         assert_eq!(gc.scan_once().await.expect("scan"), 1);
-        assert_eq!(stats.inodes_finished(), 11);
+        assert_eq!(stats.inodes_finished(), 12);
         assert!(ns.gc_due(u64::MAX, 100).await.expect("due").is_empty());
         let report = ns.check().await.expect("check");
         assert!(report.is_clean(), "{report}");
