@@ -15,10 +15,10 @@
 //! client is running (clients may ask too: `KvEvict`).
 
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use flyfs_client::storage::StorageClient;
 use flyfs_proto::wire::meta::{KV_BATCH_MAX, KvEvictRsp};
@@ -365,10 +365,14 @@ mod tests {
             stats.clone(),
         );
         let root = User::root();
-        let queue = |names: std::ops::Range<u32>| {
+        // Queues the named directories for collection by removes whose
+        // clock reads `behind_ms` behind the scans'.
+        let queue = |behind_ms: i64, names: std::ops::Range<u32>| {
             let ns = ns.clone();
             let root = root.clone();
+            let clock = clock.clone();
             async move {
+                clock.advance_ms(-behind_ms);
                 for i in names {
                     let name = format!("d{i}");
                     ns.mkdir(&root, ROOT, name.as_bytes(), 0o755)
@@ -378,9 +382,10 @@ mod tests {
                         .await
                         .expect("remove_all");
                 }
+                clock.advance_ms(behind_ms);
             }
         };
-        queue(0..10).await;
+        queue(0, 0..10).await;
         assert_eq!(gc.scan_once().await.expect("scan"), 0, "not due yet");
         clock.advance_ms(1_000);
         // Full batches, then the rest.
@@ -394,9 +399,7 @@ mod tests {
         assert_eq!(stats.inodes_finished(), 10);
         // A remove whose clock read 3 s behind that scan's (a transaction
         // that committed just after it) is within the age limit: taken.
-        clock.advance_ms(-3_000);
-        queue(10..11).await;
-        clock.advance_ms(3_000);
+        queue(3_000, 10..11).await;
         assert_eq!(
             gc.scan_once().await.expect("scan"),
             1,
@@ -406,9 +409,7 @@ mod tests {
         // slow by more than the delay and the limit) queues an entry, due
         // long after the last one taken before, behind where scans now
         // start: they pass it by...
-        clock.advance_ms(-20_000);
-        queue(11..12).await;
-        clock.advance_ms(20_000);
+        queue(20_000, 11..12).await;
         assert_eq!(
             gc.scan_once().await.expect("scan"),
             0,

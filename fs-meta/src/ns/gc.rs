@@ -91,14 +91,11 @@ impl<K: Kv> Namespace<K> {
         limit: usize,
     ) -> Result<Vec<GcItem>, NsError> {
         self.read(|tx| async move {
-            let mut begin = tag::GC.to_vec();
-            begin.extend_from_slice(&from_ms.to_be_bytes());
-            let mut end = tag::GC.to_vec();
-            end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
-            let end = if now_ms == u64::MAX {
-                prefix_end(tag::GC).to_vec()
-            } else {
-                end
+            // Inode bytes all zero: the first key a due time can have.
+            let begin = gc_key(from_ms, InodeId(0));
+            let end = match now_ms.checked_add(1) {
+                Some(after) => gc_key(after, InodeId(0)),
+                None => prefix_end(tag::GC).to_vec(),
             };
             let range = RangeOptions::new(begin, end)
                 .limit(limit.max(1))
