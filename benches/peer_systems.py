@@ -623,13 +623,23 @@ class JuiceFS(Peer):
     copies = 1
     replication = "1 copy (local-disk object store)"
 
-    def __init__(self, engine: str) -> None:
+    def __init__(self, engine: str, appendfsync: str = "everysec") -> None:
+        """`appendfsync` is Redis's: "everysec" (the recommended default) or
+        "always", an fsync before every answer, as flyfs's metadata service
+        and SQLite make; a peer for comparing at equal durability."""
         super().__init__()
         if engine not in ("sqlite", "redis"):
             raise ValueError(f"unknown JuiceFS metadata engine {engine!r}")
+        if appendfsync not in ("everysec", "always") or (engine == "sqlite" and appendfsync != "everysec"):
+            raise ValueError(f"unknown Redis appendfsync {appendfsync!r} for JuiceFS on {engine}")
         self.engine = engine
-        self.name = f"juicefs-{engine}"
-        self.label = "JuiceFS (SQLite)" if engine == "sqlite" else "JuiceFS (Redis)"
+        self.appendfsync = appendfsync
+        if engine == "sqlite":
+            self.name, self.label = "juicefs-sqlite", "JuiceFS (SQLite)"
+        elif appendfsync == "everysec":
+            self.name, self.label = "juicefs-redis", "JuiceFS (Redis)"
+        else:
+            self.name, self.label = "juicefs-redis-always", "JuiceFS (Redis, fsync always)"
 
     def settings(self) -> list[str]:
         common = [
@@ -662,10 +672,17 @@ class JuiceFS(Peer):
         return common + [
             f"Metadata in our own Redis server on 127.0.0.1:{REDIS_PORT}, database 1, data "
             "in `<work>/redis` (JuiceFS docs, reference/how_to_set_up_metadata_engine)",
-            "Redis `appendonly yes`, `appendfsync everysec`, RDB snapshots kept: the JuiceFS "
-            "Redis best practices recommend AOF plus RDB; everysec (Redis's recommended "
-            "default) may lose up to 1 s of metadata on power loss, `always` would fsync "
-            "every operation (JuiceFS docs, redis_best_practices; Redis docs, persistence)",
+            (
+                "Redis `appendonly yes`, `appendfsync everysec`, RDB snapshots kept: the JuiceFS "
+                "Redis best practices recommend AOF plus RDB; everysec (Redis's recommended "
+                "default) may lose up to 1 s of metadata on power loss, `always` would fsync "
+                "every operation (JuiceFS docs, redis_best_practices; Redis docs, persistence)"
+                if self.appendfsync == "everysec"
+                else "Redis `appendonly yes`, `appendfsync always`, RDB snapshots kept: every "
+                "change is fsynced to the AOF before Redis answers, the durability flyfs's "
+                "metadata service gives each change; not what JuiceFS recommends (everysec), "
+                "run to compare at equal durability (Redis docs, persistence)"
+            ),
             "Redis `maxmemory-policy noeviction`: JuiceFS requires that metadata never be "
             "evicted (JuiceFS docs, redis_best_practices)",
         ]
@@ -714,7 +731,7 @@ class JuiceFS(Peer):
                     # Keeps `work` in the process title, so a leftover is recognisable.
                     'proc-title-template "{title} {listen-addr} {server-mode} {config-file}"',
                     "appendonly yes",
-                    "appendfsync everysec",
+                    f"appendfsync {self.appendfsync}",
                     "save 3600 1 300 100 60 10000",
                     "maxmemory-policy noeviction",
                     "",
@@ -1185,7 +1202,13 @@ class GlusterFS(Peer):
 
 # ----------------------------------------------------------------------------- registry
 
-PEERS: list[Peer] = [JuiceFS("sqlite"), JuiceFS("redis"), SeaweedFS(), GlusterFS()]
+PEERS: list[Peer] = [
+    JuiceFS("sqlite"),
+    JuiceFS("redis"),
+    JuiceFS("redis", appendfsync="always"),
+    SeaweedFS(),
+    GlusterFS(),
+]
 
 
 def by_name(name: str) -> Peer:
