@@ -38,6 +38,14 @@
 //!   become durable without it; but a read-only transaction may see a
 //!   commit that a crash in that moment then loses (its writer was never
 //!   told it succeeded).
+//! * A transaction may relax its durability
+//!   ([`Transaction::relax_durability`]): its commit returns once written
+//!   to the OS, without waiting in the gate. It is made durable by the next
+//!   fsync, a durable commit's or, if none comes within
+//!   [`FjallOptions::relaxed_within`], one the syncer thread makes. Those
+//!   fsyncs cover the whole journal, so what survives a crash is always a
+//!   prefix of the commits in journal order: a durable commit never
+//!   survives without the relaxed ones before it.
 //! * Reads run inline on the async task: they are memtable or block-cache
 //!   lookups (an SST block read through the page cache at worst), taking
 //!   microseconds, less than a hop to the blocking pool would cost.
@@ -53,6 +61,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ::fjall::{
     Guard, KeyspaceCreateOptions, OptimisticTxDatabase, OptimisticTxKeyspace, OptimisticWriteTx,
@@ -105,6 +115,10 @@ pub struct FjallOptions {
     /// fsync the journal before a commit returns (default). Without it a
     /// commit survives a process crash but not a power cut.
     pub sync_on_commit: bool,
+    /// With `sync_on_commit`: how soon a commit whose durability was
+    /// relaxed ([`Transaction::relax_durability`]) is made durable when no
+    /// durable commit's fsync has covered it by then.
+    pub relaxed_within: Duration,
     pub limits: Limits,
 }
 
@@ -112,6 +126,7 @@ impl Default for FjallOptions {
     fn default() -> Self {
         FjallOptions {
             sync_on_commit: true,
+            relaxed_within: Duration::from_millis(10),
             limits: Limits::default(),
         }
     }
@@ -127,10 +142,30 @@ struct Shared {
     db: OptimisticTxDatabase,
     keyspace: OptimisticTxKeyspace,
     options: FjallOptions,
-    sync_gate: SyncGate,
+    sync_gate: Arc<SyncGate>,
+    /// The thread making relaxed commits durable (with `sync_on_commit`).
+    syncer: Option<JoinHandle<()>>,
     path: PathBuf,
     /// Transactions begun: the next one's serial number.
     begun: AtomicU64,
+}
+
+impl Drop for Shared {
+    /// Stops the syncer, then makes the relaxed commits it left durable.
+    fn drop(&mut self) {
+        let Some(syncer) = self.syncer.take() else {
+            return;
+        };
+        self.sync_gate.lock().closing = true;
+        self.sync_gate.relaxed_commit.notify_all();
+        if syncer.join().is_err() {
+            tracing::error!(path = %self.path.display(), "the metadata store's syncer panicked");
+        }
+        let pending = self.sync_gate.lock().relaxed;
+        if let Err(error) = self.sync_gate.sync_through(&self.db, pending) {
+            tracing::error!(path = %self.path.display(), "closing the metadata store: {error}");
+        }
+    }
 }
 
 impl fmt::Debug for FjallKv {
@@ -186,16 +221,39 @@ impl FjallKv {
                 db.persist(PersistMode::SyncAll).map_err(fjall_error)?;
             }
         }
+        let sync_gate = Arc::new(SyncGate::default());
+        let syncer = if options.sync_on_commit {
+            let (gate, db) = (sync_gate.clone(), db.clone());
+            let within = options.relaxed_within;
+            let spawned = std::thread::Builder::new()
+                .name("flyfs-kv-sync".into())
+                .spawn(move || gate.sync_relaxed(&db, within));
+            Some(spawned.map_err(|error| KvError::Backend {
+                backend: "fjall",
+                message: format!("{}: starting the syncer thread: {error}", path.display()),
+                retryable: false,
+                source: Some(Box::new(error)),
+            })?)
+        } else {
+            None
+        };
         Ok(FjallKv {
             shared: Arc::new(Shared {
                 db,
                 keyspace,
                 options,
-                sync_gate: SyncGate::default(),
+                sync_gate,
+                syncer,
                 path,
                 begun: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// fsyncs of the journal so far (concurrent durable commits share
+    /// them).
+    pub fn journal_syncs(&self) -> u64 {
+        self.shared.sync_gate.syncs.load(Ordering::Relaxed)
     }
 
     fn begin_tx(&self, read_only: bool) -> Result<FjallTx, KvError> {
@@ -223,6 +281,7 @@ impl FjallKv {
                 state: Mutex::new(TxState {
                     write,
                     buf: overlay::Buffered::default(),
+                    relaxed: false,
                 }),
             }),
         })
@@ -275,6 +334,8 @@ struct TxState {
     write: Option<OptimisticWriteTx>,
     /// Writes, read conflicts to register at commit, and whether it ended.
     buf: overlay::Buffered,
+    /// [`Transaction::relax_durability`] was called.
+    relaxed: bool,
 }
 
 impl FjallTx {
@@ -307,13 +368,14 @@ impl FjallTx {
 
 impl TxInner {
     /// Registers the read conflicts, stages the writes in fjall's
-    /// transaction and commits it, then waits until the commit is durable.
-    /// Blocking: runs on the blocking pool.
+    /// transaction and commits it, then waits until the commit is durable
+    /// (unless `relaxed`). Blocking: runs on the blocking pool.
     fn commit_blocking(
         &self,
         mut write: OptimisticWriteTx,
         reads: RangeSet,
         writes: WriteSet,
+        relaxed: bool,
     ) -> Result<(), KvError> {
         let keyspace = &self.shared.keyspace;
         // Opening an iterator over a range is how fjall's transaction
@@ -342,10 +404,16 @@ impl TxInner {
             Ok(()) => {}
             Err(::fjall::Conflict) => return Err(KvError::Conflict),
         }
-        if self.shared.options.sync_on_commit {
-            self.shared.sync_gate.wait_durable(&self.shared.db)?;
+        if !self.shared.options.sync_on_commit {
+            return Ok(());
         }
-        Ok(())
+        let gate = &self.shared.sync_gate;
+        if relaxed {
+            gate.relaxed(gate.ticket());
+            Ok(())
+        } else {
+            gate.sync_through(&self.shared.db, gate.ticket())
+        }
     }
 }
 
@@ -418,8 +486,12 @@ impl Transaction for FjallTx {
         self.state().buf.add_read_conflict_range(begin, end)
     }
 
+    fn relax_durability(&self) {
+        self.state().relaxed = true;
+    }
+
     async fn commit(&self) -> Result<(), KvError> {
-        let (write, writes, reads) = {
+        let (write, writes, reads, relaxed) = {
             let mut state = self.state();
             state.buf.check_open()?;
             state.buf.finished = Some("aborted");
@@ -430,7 +502,7 @@ impl Transaction for FjallTx {
             let writes = std::mem::take(&mut state.buf.writes);
             let reads = std::mem::take(&mut state.buf.reads);
             match write {
-                Some(write) if !writes.is_empty() => (write, writes, reads),
+                Some(write) if !writes.is_empty() => (write, writes, reads, state.relaxed),
                 // Read-only, or nothing written: nothing to apply, so
                 // nothing can conflict (as in FoundationDB).
                 _ => {
@@ -441,16 +513,17 @@ impl Transaction for FjallTx {
         };
         overlay::check_age(self.inner.started, &self.inner.shared.options.limits)?;
         let inner = self.inner.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || inner.commit_blocking(write, reads, writes))
-                .await
-                .map_err(|error| KvError::Backend {
-                    backend: "fjall",
-                    message: "the commit task died; the commit may or may not have been applied"
-                        .to_string(),
-                    retryable: false,
-                    source: Some(Box::new(error)),
-                })?;
+        let outcome = tokio::task::spawn_blocking(move || {
+            inner.commit_blocking(write, reads, writes, relaxed)
+        })
+        .await
+        .map_err(|error| KvError::Backend {
+            backend: "fjall",
+            message: "the commit task died; the commit may or may not have been applied"
+                .to_string(),
+            retryable: false,
+            source: Some(Box::new(error)),
+        })?;
         if outcome.is_ok() {
             self.state().buf.finished = Some("committed");
         }
@@ -464,13 +537,18 @@ impl Transaction for FjallTx {
 /// fsync is running it starts one, covering every ticket handed out so far;
 /// otherwise it waits for the running one to finish and checks again. So
 /// at most one fsync runs at a time, and each covers every commit written
-/// before it began.
+/// before it began. A relaxed commit takes a ticket and leaves it to the
+/// syncer thread ([`SyncGate::sync_relaxed`]).
 #[derive(Debug, Default)]
 struct SyncGate {
     /// Tickets handed out: commits whose journal write is in the OS.
     written: AtomicU64,
     state: Mutex<SyncState>,
     synced: Condvar,
+    /// Wakes the syncer: a relaxed commit, or closing.
+    relaxed_commit: Condvar,
+    /// fsyncs of the journal that succeeded.
+    syncs: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -478,6 +556,10 @@ struct SyncState {
     /// Every ticket up to this one is durable.
     durable: u64,
     syncing: bool,
+    /// The last relaxed commit's ticket.
+    relaxed: u64,
+    /// The store is being dropped: the syncer stops.
+    closing: bool,
 }
 
 impl SyncGate {
@@ -488,8 +570,14 @@ impl SyncGate {
             .expect("sync gate lock poisoned by a panic")
     }
 
-    fn wait_durable(&self, db: &OptimisticTxDatabase) -> Result<(), KvError> {
-        let ticket = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+    /// The ticket of a commit whose journal write just reached the OS.
+    fn ticket(&self) -> u64 {
+        self.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Waits until every ticket up to `ticket` is durable, running the
+    /// fsync itself when none is.
+    fn sync_through(&self, db: &OptimisticTxDatabase, ticket: u64) -> Result<(), KvError> {
         let mut state = self.lock();
         loop {
             if state.durable >= ticket {
@@ -510,6 +598,7 @@ impl SyncGate {
             state.syncing = false;
             if result.is_ok() {
                 state.durable = state.durable.max(covered);
+                self.syncs.fetch_add(1, Ordering::Relaxed);
             }
             self.synced.notify_all();
             if let Err(error) = result {
@@ -526,6 +615,57 @@ impl SyncGate {
                     source: Some(Box::new(error)),
                 });
             }
+        }
+    }
+
+    /// Hands relaxed commit `ticket` to the syncer.
+    fn relaxed(&self, ticket: u64) {
+        let mut state = self.lock();
+        state.relaxed = state.relaxed.max(ticket);
+        drop(state);
+        self.relaxed_commit.notify_one();
+    }
+
+    /// The syncer thread's loop, until closing: makes each relaxed commit
+    /// durable at most `within` after the syncer saw it, by an fsync of its
+    /// own unless a durable commit's fsync covered it meanwhile.
+    fn sync_relaxed(&self, db: &OptimisticTxDatabase, within: Duration) {
+        let mut state = self.lock();
+        loop {
+            if state.closing {
+                return;
+            }
+            if state.relaxed <= state.durable {
+                state = self
+                    .relaxed_commit
+                    .wait(state)
+                    .expect("sync gate lock poisoned by a panic");
+                continue;
+            }
+            let target = state.relaxed;
+            let deadline = std::time::Instant::now() + within;
+            while !state.closing && state.durable < target {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = self
+                    .relaxed_commit
+                    .wait_timeout(state, left)
+                    .expect("sync gate lock poisoned by a panic")
+                    .0;
+            }
+            if state.closing || state.durable >= target {
+                continue;
+            }
+            drop(state);
+            if let Err(error) = self.sync_through(db, target) {
+                // fjall refuses every later write, and each durable commit
+                // reports it; nothing more to sync here.
+                tracing::error!("the metadata store's syncer stops: {error}");
+                return;
+            }
+            state = self.lock();
         }
     }
 }
@@ -554,5 +694,85 @@ mod tests {
             Some(&b"1"[..])
         );
         assert_eq!(tx.get(b"b", false).await.expect("get"), None);
+    }
+
+    fn relaxed_within(within: Duration) -> FjallOptions {
+        FjallOptions {
+            relaxed_within: within,
+            ..FjallOptions::default()
+        }
+    }
+
+    async fn commit_one(kv: &FjallKv, key: &[u8], relaxed: bool) {
+        let tx = kv.begin().expect("begin");
+        tx.set(key, b"v").expect("set");
+        if relaxed {
+            tx.relax_durability();
+        }
+        tx.commit().await.expect("commit");
+    }
+
+    /// Whether every relaxed commit so far is durable.
+    fn relaxed_durable_at(gate: &SyncGate) -> bool {
+        let state = gate.lock();
+        state.durable >= state.relaxed
+    }
+
+    fn relaxed_durable(kv: &FjallKv) -> bool {
+        relaxed_durable_at(&kv.shared.sync_gate)
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_commit_waits_for_no_fsync_and_the_next_durable_one_covers_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kv =
+            FjallKv::open(dir.path(), relaxed_within(Duration::from_secs(3600))).expect("open");
+        commit_one(&kv, b"a", true).await;
+        assert_eq!(kv.journal_syncs(), 0, "a relaxed commit made an fsync");
+        assert!(!relaxed_durable(&kv));
+        let tx = kv.begin_read_only().expect("begin");
+        assert_eq!(
+            tx.get(b"a", false).await.expect("get").as_deref(),
+            Some(&b"v"[..]),
+            "a relaxed commit is visible at once"
+        );
+        commit_one(&kv, b"b", false).await;
+        assert_eq!(kv.journal_syncs(), 1);
+        assert!(
+            relaxed_durable(&kv),
+            "the durable commit's fsync covers the relaxed one before it"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_syncer_makes_a_relaxed_commit_durable_on_its_own() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kv = FjallKv::open(dir.path(), relaxed_within(Duration::from_millis(1))).expect("open");
+        commit_one(&kv, b"a", true).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !relaxed_durable(&kv) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no fsync within a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(kv.journal_syncs(), 1);
+    }
+
+    #[tokio::test]
+    async fn closing_the_store_makes_relaxed_commits_durable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kv =
+            FjallKv::open(dir.path(), relaxed_within(Duration::from_secs(3600))).expect("open");
+        commit_one(&kv, b"a", true).await;
+        let gate = kv.shared.sync_gate.clone();
+        drop(kv);
+        assert!(relaxed_durable_at(&gate) && gate.lock().relaxed > 0);
+        assert_eq!(gate.syncs.load(Ordering::Relaxed), 1);
+        // The syncer is gone with its handle on the database: it reopens.
+        let kv = FjallKv::open(dir.path(), FjallOptions::default()).expect("reopen");
+        let tx = kv.begin_read_only().expect("begin");
+        assert!(tx.get(b"a", false).await.expect("get").is_some());
     }
 }

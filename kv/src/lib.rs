@@ -251,6 +251,14 @@ pub trait Transaction: Clone + Send + Sync + 'static {
     /// Commits. Afterwards every operation fails with [`KvError::Finished`].
     fn commit(&self) -> impl Future<Output = Result<(), KvError>> + Send;
 
+    /// Lets [`commit`](Self::commit) return once the commit is applied and
+    /// visible, before it is durable: for a change whose loss in a power
+    /// cut the caller can bear (and repairs). The store makes it durable
+    /// soon after, and never makes a later commit durable without it, so a
+    /// crash keeps a prefix of the commits. Stores whose every commit is
+    /// durable on its own (FoundationDB) or never (in memory) ignore it.
+    fn relax_durability(&self) {}
+
     /// [`Transaction::add_read_conflict_range`] for one key.
     fn add_read_conflict_key(&self, key: &[u8]) -> Result<(), KvError> {
         self.add_read_conflict_range(key, &key_after(key))

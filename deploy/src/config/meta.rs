@@ -47,8 +47,9 @@ pub struct MetaDaemonConfig {
     /// How often the session reaper looks for sessions whose lease expired.
     #[serde(default = "default_reaper_interval_ms")]
     pub reaper_interval_ms: u64,
-    /// The embedded store fsyncs every commit (off loses the last commits
-    /// on a power cut, not on a process crash).
+    /// The embedded store fsyncs every commit before it is answered, but a
+    /// close that records no length (docs/metadata-schema.md); off loses
+    /// the last commits on a power cut, not on a process crash.
     #[serde(default = "default_sync_on_commit")]
     pub sync_on_commit: bool,
     /// Requests of client identities (mounts) naming uid 0 run as

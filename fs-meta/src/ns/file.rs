@@ -345,6 +345,16 @@ impl<K: Kv> Namespace<K> {
     /// wrote, is the exact length the caller found on storage: it is
     /// recorded and the modification time set. Closing a session that is
     /// already gone changes nothing (so a retried close is harmless).
+    ///
+    /// Without a length (the session wrote nothing, or a sync already fixed
+    /// the length of all it wrote) the close only ends the session, and its
+    /// commit does not wait to be durable ([`Transaction::relax_durability`]):
+    /// `close(2)` promises no durability, and losing the end in a power cut
+    /// leaves a session as a client that died before closing leaves one.
+    /// It pins the file against GC and makes other writers' closes ask
+    /// storage for the length, until its client's lease runs out and the
+    /// reaper ends it; the length it recorded is already durable. This
+    /// spares a create-and-close the second of its two fsyncs.
     pub async fn close(
         &self,
         ino: InodeId,
@@ -359,6 +369,9 @@ impl<K: Kv> Namespace<K> {
                 });
             }
             tx.tx.clear(&session_key(ino, session))?;
+            if length.is_none() {
+                tx.tx.relax_durability();
+            }
             let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
                 key: format!("INOS {ino:?} {session:?}"),
                 reason: "a session of an inode that does not exist".into(),

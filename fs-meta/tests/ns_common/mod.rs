@@ -162,6 +162,10 @@ impl<T: Transaction> Transaction for YieldingTx<T> {
         self.0.add_read_conflict_range(begin, end)
     }
 
+    fn relax_durability(&self) {
+        self.0.relax_durability()
+    }
+
     async fn commit(&self) -> Result<(), KvError> {
         tokio::task::yield_now().await;
         self.0.commit().await
