@@ -22,7 +22,7 @@ use flyfs_fs_meta::ns::{Namespace, NsConfig};
 use flyfs_fs_meta::reaper::{ReaperConfig, ReaperStats, SessionReaper};
 use flyfs_fs_meta::service::{CallerPolicy, MetaService, RoutingChainTables};
 use flyfs_kv::Kv;
-use flyfs_kv::fjall::FjallOptions;
+use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_proto::ids::ClientId;
 use flyfs_rpc::{Credentials, Network, Server, ServerConfig, ServerHandle, Tcp};
 use tokio::task::JoinHandle;
@@ -53,7 +53,9 @@ impl MetaDaemon {
                     ..FjallOptions::default()
                 };
                 let kv = crate::daemon::open_fjall(dir, options).await?;
-                Self::start_on(kv, config, credentials).await
+                let mut daemon = Self::start_on(kv.clone(), config, credentials).await?;
+                daemon.tasks.push(tokio::spawn(export_journal(kv)));
+                Ok(daemon)
             }
             #[cfg(feature = "fdb")]
             MetaStoreConfig::Fdb { cluster_file } => {
@@ -174,6 +176,25 @@ impl MetaDaemon {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+/// Every 5 s, how the embedded store's journal is made durable:
+/// `flyfs_meta_journal_commits_total`, `..._relaxed_commits_total`,
+/// `..._fsyncs_total` and `flyfs_meta_journal_fsync_seconds_total` (the
+/// fsyncs' time in all). Commits per fsync and seconds per fsync follow from
+/// their rates; free when the process exports no metrics.
+async fn export_journal(kv: FjallKv) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        ticks.tick().await;
+        let stats = kv.journal_stats();
+        metrics::counter!("flyfs_meta_journal_commits_total").absolute(stats.commits);
+        metrics::counter!("flyfs_meta_journal_relaxed_commits_total")
+            .absolute(stats.relaxed_commits);
+        metrics::counter!("flyfs_meta_journal_fsyncs_total").absolute(stats.syncs);
+        metrics::gauge!("flyfs_meta_journal_fsync_seconds_total")
+            .set(stats.sync_time.as_secs_f64());
     }
 }
 

@@ -180,6 +180,25 @@ fn up_down_up_keeps_the_cluster() {
         "{metrics}"
     );
 
+    // The metadata service's: how its journal was made durable (the root
+    // directory's creation at least was a durable commit).
+    let metrics = scrape_until(
+        &format!("127.0.0.1:{}", base + 11),
+        "flyfs_meta_journal_fsyncs_total",
+    );
+    let count = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line[name.len() + 1..].trim().parse().expect("a count")
+    };
+    assert!(count("flyfs_meta_journal_fsyncs_total") >= 1, "{metrics}");
+    assert!(
+        count("flyfs_meta_journal_commits_total") >= count("flyfs_meta_journal_fsyncs_total"),
+        "{metrics}"
+    );
+
     // The namespace, without a mount.
     let ls = run_ok(&["admin", "--data", &data_arg, "--meta", &meta, "ls", "/"]);
     assert!(ls.is_empty(), "a new file system is empty: {ls}");

@@ -132,6 +132,19 @@ impl Default for FjallOptions {
     }
 }
 
+/// Counts since a [`FjallKv`] was opened, with `sync_on_commit`: commits
+/// that wrote (each takes a ticket in the group commit), how many of them
+/// relaxed their durability, the journal fsyncs that made them durable,
+/// and those fsyncs' time in all. Commits per fsync say how well commits
+/// share them; time per fsync is the disk's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    pub commits: u64,
+    pub relaxed_commits: u64,
+    pub syncs: u64,
+    pub sync_time: Duration,
+}
+
 /// A durable transactional store in one directory. Clones share it.
 #[derive(Clone)]
 pub struct FjallKv {
@@ -250,10 +263,15 @@ impl FjallKv {
         })
     }
 
-    /// fsyncs of the journal so far (concurrent durable commits share
-    /// them).
-    pub fn journal_syncs(&self) -> u64 {
-        self.shared.sync_gate.syncs.load(Ordering::Relaxed)
+    /// How the journal has been made durable so far.
+    pub fn journal_stats(&self) -> JournalStats {
+        let gate = &self.shared.sync_gate;
+        JournalStats {
+            commits: gate.written.load(Ordering::Relaxed),
+            relaxed_commits: gate.relaxed_commits.load(Ordering::Relaxed),
+            syncs: gate.syncs.load(Ordering::Relaxed),
+            sync_time: Duration::from_nanos(gate.sync_nanos.load(Ordering::Relaxed)),
+        }
     }
 
     fn begin_tx(&self, read_only: bool) -> Result<FjallTx, KvError> {
@@ -547,8 +565,11 @@ struct SyncGate {
     synced: Condvar,
     /// Wakes the syncer: a relaxed commit, or closing.
     relaxed_commit: Condvar,
-    /// fsyncs of the journal that succeeded.
+    /// fsyncs of the journal that succeeded, and their time in all.
     syncs: AtomicU64,
+    sync_nanos: AtomicU64,
+    /// Commits that relaxed their durability.
+    relaxed_commits: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -593,12 +614,16 @@ impl SyncGate {
             state.syncing = true;
             let covered = self.written.load(Ordering::SeqCst);
             drop(state);
+            let started = std::time::Instant::now();
             let result = db.persist(PersistMode::SyncAll);
+            let took = started.elapsed();
             state = self.lock();
             state.syncing = false;
             if result.is_ok() {
                 state.durable = state.durable.max(covered);
                 self.syncs.fetch_add(1, Ordering::Relaxed);
+                let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+                self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
             }
             self.synced.notify_all();
             if let Err(error) = result {
@@ -620,6 +645,7 @@ impl SyncGate {
 
     /// Hands relaxed commit `ticket` to the syncer.
     fn relaxed(&self, ticket: u64) {
+        self.relaxed_commits.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
         state.relaxed = state.relaxed.max(ticket);
         drop(state);
@@ -728,7 +754,11 @@ mod tests {
         let kv =
             FjallKv::open(dir.path(), relaxed_within(Duration::from_secs(3600))).expect("open");
         commit_one(&kv, b"a", true).await;
-        assert_eq!(kv.journal_syncs(), 0, "a relaxed commit made an fsync");
+        assert_eq!(
+            kv.journal_stats().syncs,
+            0,
+            "a relaxed commit made an fsync"
+        );
         assert!(!relaxed_durable(&kv));
         let tx = kv.begin_read_only().expect("begin");
         assert_eq!(
@@ -737,7 +767,13 @@ mod tests {
             "a relaxed commit is visible at once"
         );
         commit_one(&kv, b"b", false).await;
-        assert_eq!(kv.journal_syncs(), 1);
+        assert_eq!(kv.journal_stats().syncs, 1);
+        let stats = kv.journal_stats();
+        assert_eq!(
+            (stats.commits, stats.relaxed_commits, stats.syncs),
+            (2, 1, 1)
+        );
+        assert!(stats.sync_time > Duration::ZERO);
         assert!(
             relaxed_durable(&kv),
             "the durable commit's fsync covers the relaxed one before it"
@@ -757,7 +793,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert_eq!(kv.journal_syncs(), 1);
+        assert_eq!(kv.journal_stats().syncs, 1);
     }
 
     #[tokio::test]
