@@ -27,12 +27,14 @@
 //!   stricter, never weaker.)
 //! * Commit runs on tokio's blocking pool: fjall's commit takes locks,
 //!   writes the journal and may stall for write backpressure, and the
-//!   fsync takes milliseconds. fjall holds its commit lock while writing the
-//!   journal, so with fjall's own sync-per-commit every commit would wait
-//!   out the previous one's fsync. Instead each commit writes the journal
-//!   to the OS (`PersistMode::Buffer`) and then waits in a group-commit gate
-//!   (`SyncGate`): one fsync covers every commit written before it
-//!   started, so concurrent commits share fsyncs. A commit is visible to
+//!   fsync takes milliseconds. fjall holds its journal's writer lock while
+//!   writing a commit's batch and also through its own fsync (`persist`),
+//!   so with fjall's fsyncs every commit would wait out the previous one's.
+//!   Instead each commit writes its batch to the OS (`PersistMode::Buffer`)
+//!   and then waits in a group-commit gate (`SyncGate`), which fsyncs the
+//!   active journal file through a descriptor of its own: one fsync covers
+//!   every commit written before it started, and commits go on writing
+//!   while it runs, so concurrent commits share fsyncs. A commit is visible to
 //!   other transactions a moment before it is durable. A read-write
 //!   transaction that read it commits later in the same journal, so cannot
 //!   become durable without it; but a read-only transaction may see a
@@ -175,7 +177,7 @@ impl Drop for Shared {
             tracing::error!(path = %self.path.display(), "the metadata store's syncer panicked");
         }
         let pending = self.sync_gate.lock().relaxed;
-        if let Err(error) = self.sync_gate.sync_through(&self.db, pending) {
+        if let Err(error) = self.sync_gate.sync_through(pending) {
             tracing::error!(path = %self.path.display(), "closing the metadata store: {error}");
         }
     }
@@ -199,6 +201,25 @@ fn fjall_error(error: ::fjall::Error) -> KvError {
         retryable: false,
         source: Some(Box::new(error)),
     }
+}
+
+/// The id of the newest journal (`<id>.jnl`) in `dir`: the active one.
+fn newest_journal(dir: &Path) -> std::io::Result<u64> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(".jnl"))
+            .and_then(|id| id.parse::<u64>().ok());
+        newest = newest.max(id);
+    }
+    newest.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no journal (<id>.jnl) in {}", dir.display()),
+        )
+    })
 }
 
 impl FjallKv {
@@ -234,13 +255,13 @@ impl FjallKv {
                 db.persist(PersistMode::SyncAll).map_err(fjall_error)?;
             }
         }
-        let sync_gate = Arc::new(SyncGate::default());
+        let sync_gate = Arc::new(SyncGate::new(&path));
         let syncer = if options.sync_on_commit {
-            let (gate, db) = (sync_gate.clone(), db.clone());
+            let gate = sync_gate.clone();
             let within = options.relaxed_within;
             let spawned = std::thread::Builder::new()
                 .name("flyfs-kv-sync".into())
-                .spawn(move || gate.sync_relaxed(&db, within));
+                .spawn(move || gate.sync_relaxed(within));
             Some(spawned.map_err(|error| KvError::Backend {
                 backend: "fjall",
                 message: format!("{}: starting the syncer thread: {error}", path.display()),
@@ -395,6 +416,11 @@ impl TxInner {
         writes: WriteSet,
         relaxed: bool,
     ) -> Result<(), KvError> {
+        if self.shared.options.sync_on_commit
+            && let Some(refused) = self.shared.sync_gate.refusal()
+        {
+            return Err(refused);
+        }
         let keyspace = &self.shared.keyspace;
         // Opening an iterator over a range is how fjall's transaction
         // records a range read; it is lazy, so dropping it unread costs
@@ -430,7 +456,7 @@ impl TxInner {
             gate.relaxed(gate.ticket());
             Ok(())
         } else {
-            gate.sync_through(&self.shared.db, gate.ticket())
+            gate.sync_through(gate.ticket())
         }
     }
 }
@@ -557,8 +583,23 @@ impl Transaction for FjallTx {
 /// at most one fsync runs at a time, and each covers every commit written
 /// before it began. A relaxed commit takes a ticket and leaves it to the
 /// syncer thread ([`SyncGate::sync_relaxed`]).
-#[derive(Debug, Default)]
+///
+/// The fsync goes through a descriptor of our own on the active journal
+/// file, not fjall's `persist`: that holds the journal's writer lock
+/// through the fsync, so every commit waiting to write its batch waited out
+/// the fsync too, and commits never shared one (measured: 20,024 durable
+/// commits from four creating processes took 19,950 fsyncs). fjall writes
+/// each commit's batch to the OS before it returns (`PersistMode::Buffer`),
+/// so an fsync of the file covers it. A commit whose batch went to a journal
+/// that fjall has since sealed is durable already: fjall fsyncs a journal
+/// before it starts the next (and the directory after).
+#[derive(Debug)]
 struct SyncGate {
+    /// The store's directory, where the journals (`<id>.jnl`) are.
+    dir: PathBuf,
+    /// The active journal as last found (id, descriptor); the syncing
+    /// committer alone uses it.
+    journal: Mutex<Option<(u64, std::fs::File)>>,
     /// Tickets handed out: commits whose journal write is in the OS.
     written: AtomicU64,
     state: Mutex<SyncState>,
@@ -577,6 +618,9 @@ struct SyncState {
     /// Every ticket up to this one is durable.
     durable: u64,
     syncing: bool,
+    /// An fsync failed: what Linux did with the dirty pages is unknown, so
+    /// nothing more is written until the store is reopened.
+    failed: Option<String>,
     /// The last relaxed commit's ticket.
     relaxed: u64,
     /// The store is being dropped: the syncer stops.
@@ -584,6 +628,53 @@ struct SyncState {
 }
 
 impl SyncGate {
+    fn new(dir: &Path) -> SyncGate {
+        SyncGate {
+            dir: dir.to_path_buf(),
+            journal: Mutex::new(None),
+            written: AtomicU64::new(0),
+            state: Mutex::new(SyncState::default()),
+            synced: Condvar::new(),
+            relaxed_commit: Condvar::new(),
+            syncs: AtomicU64::new(0),
+            sync_nanos: AtomicU64::new(0),
+            relaxed_commits: AtomicU64::new(0),
+        }
+    }
+
+    /// fsyncs the active journal file.
+    fn fsync_journal(&self) -> std::io::Result<()> {
+        let mut journal = self
+            .journal
+            .lock()
+            .expect("journal lock poisoned by a panic");
+        // fjall numbers journals one after another: while the next one does
+        // not exist, the one found last is still the active one.
+        let current = match &*journal {
+            Some((id, file)) if !self.dir.join(format!("{}.jnl", id + 1)).exists() => file,
+            _ => {
+                let id = newest_journal(&self.dir)?;
+                let file = std::fs::File::open(self.dir.join(format!("{id}.jnl")))?;
+                &journal.insert((id, file)).1
+            }
+        };
+        current.sync_all()
+    }
+
+    /// The error a commit gets once an fsync has failed.
+    fn refusal(&self) -> Option<KvError> {
+        let failed = self.lock().failed.clone()?;
+        Some(KvError::Backend {
+            backend: "fjall",
+            message: format!(
+                "an fsync of the journal failed earlier ({failed}); the store refuses writes \
+                 until reopened"
+            ),
+            retryable: false,
+            source: None,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, SyncState> {
         // Nothing panics while holding it (persist runs unlocked).
         self.state
@@ -598,11 +689,22 @@ impl SyncGate {
 
     /// Waits until every ticket up to `ticket` is durable, running the
     /// fsync itself when none is.
-    fn sync_through(&self, db: &OptimisticTxDatabase, ticket: u64) -> Result<(), KvError> {
+    fn sync_through(&self, ticket: u64) -> Result<(), KvError> {
         let mut state = self.lock();
         loop {
             if state.durable >= ticket {
                 return Ok(());
+            }
+            if let Some(failed) = &state.failed {
+                return Err(KvError::Backend {
+                    backend: "fjall",
+                    message: format!(
+                        "an fsync of the journal failed ({failed}), so this commit, applied, \
+                         may not be durable; the store refuses writes until reopened"
+                    ),
+                    retryable: false,
+                    source: None,
+                });
             }
             if state.syncing {
                 state = self
@@ -615,31 +717,23 @@ impl SyncGate {
             let covered = self.written.load(Ordering::SeqCst);
             drop(state);
             let started = std::time::Instant::now();
-            let result = db.persist(PersistMode::SyncAll);
+            let result = self.fsync_journal();
             let took = started.elapsed();
             state = self.lock();
             state.syncing = false;
-            if result.is_ok() {
-                state.durable = state.durable.max(covered);
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-                let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-                self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
+            match &result {
+                Ok(()) => {
+                    state.durable = state.durable.max(covered);
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                    let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+                    self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
+                }
+                // The commits are applied (others may have read them) but
+                // may not survive a crash, and no later one may be written:
+                // the store must be reopened.
+                Err(error) => state.failed = Some(format!("{}: {error}", self.dir.display())),
             }
             self.synced.notify_all();
-            if let Err(error) = result {
-                // The commit is applied (others may have read it) but may
-                // not survive a crash, and fjall refuses every later write:
-                // the store must be reopened.
-                return Err(KvError::Backend {
-                    backend: "fjall",
-                    message: format!(
-                        "fsync of the journal failed after the commit was applied, so it may not \
-                         be durable; the store refuses further writes until reopened: {error}"
-                    ),
-                    retryable: false,
-                    source: Some(Box::new(error)),
-                });
-            }
         }
     }
 
@@ -655,7 +749,7 @@ impl SyncGate {
     /// The syncer thread's loop, until closing: makes each relaxed commit
     /// durable at most `within` after the syncer saw it, by an fsync of its
     /// own unless a durable commit's fsync covered it meanwhile.
-    fn sync_relaxed(&self, db: &OptimisticTxDatabase, within: Duration) {
+    fn sync_relaxed(&self, within: Duration) {
         let mut state = self.lock();
         loop {
             if state.closing {
@@ -685,9 +779,9 @@ impl SyncGate {
                 continue;
             }
             drop(state);
-            if let Err(error) = self.sync_through(db, target) {
-                // fjall refuses every later write, and each durable commit
-                // reports it; nothing more to sync here.
+            if let Err(error) = self.sync_through(target) {
+                // Every later commit is refused and reports it; nothing
+                // more to sync here.
                 tracing::error!("the metadata store's syncer stops: {error}");
                 return;
             }
