@@ -220,6 +220,14 @@ pub trait Kv: Clone + Send + Sync + 'static {
     fn begin_read_only(&self) -> Result<Self::Tx, KvError>;
     /// The limits this store enforces.
     fn limits(&self) -> Limits;
+    /// Returns once every commit applied before the call is durable, relaxed
+    /// ones ([`Transaction::relax_durability`]) included: for a caller about
+    /// to act on them (an `fsync`, the GC deleting the data a relaxed remove
+    /// released). Stores whose every commit is durable on its own
+    /// (FoundationDB) or never (in memory) have nothing to wait for.
+    fn sync(&self) -> impl Future<Output = Result<(), KvError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// One transaction. A handle: clones share it. Writes are buffered and take

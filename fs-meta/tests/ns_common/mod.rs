@@ -129,6 +129,10 @@ impl<K: Kv> Kv for Yielding<K> {
     fn limits(&self) -> Limits {
         self.0.limits()
     }
+
+    async fn sync(&self) -> Result<(), KvError> {
+        self.0.sync().await
+    }
 }
 
 impl<T: Transaction> Transaction for YieldingTx<T> {
