@@ -90,6 +90,7 @@ impl MetaDaemon {
         );
         ns_config.gc_delay_ms = config.gc_delay_ms;
         ns_config.client_lease_ms = config.client_lease_ms;
+        ns_config.durable_namespace_changes = config.durable_namespace_changes;
         let ns = Namespace::open(kv, ns_config)
             .await
             .context("opening the namespace")?;

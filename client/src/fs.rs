@@ -37,7 +37,8 @@ use flyfs_proto::wire::meta::{
     Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
     RenewLease, RenewLeaseReq, Resolve, ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq,
     SetTime, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync,
-    SyncSetAttr, SyncSetAttrReq, SyncSetAttrs, SyncSetAttrsReq, Unlink, User, XattrMode, XattrReq,
+    SyncNamespace, SyncNamespaceReq, SyncSetAttr, SyncSetAttrReq, SyncSetAttrs, SyncSetAttrsReq,
+    Unlink, User, XattrMode, XattrReq,
 };
 use flyfs_rpc::Network;
 use parking_lot::Mutex;
@@ -326,20 +327,20 @@ impl<N: Network> FsClient<N> {
     /// made before them, in one request ([`SyncSetAttrs`]); nothing when
     /// none waits. They stay deferred until made: a failure is the
     /// caller's, and the next sync point sends them again (each is
-    /// idempotent).
-    async fn flush_deferred(&self, state: &FileState) -> Result<(), FsError> {
+    /// idempotent). Whether it made them (a durable metadata commit).
+    async fn flush_deferred(&self, state: &FileState) -> Result<bool, FsError> {
         // The changes stay listed until they are made, so an empty list
         // means nothing is deferred or being made: no wait (every write
         // comes here).
         if state.deferred.lock().sets.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         // Whoever comes while changes are being made waits for them.
         let _making = state.deferred_flush.lock().await;
         let (session, sets) = {
             let deferred = state.deferred.lock();
             if deferred.sets.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             (deferred.session, deferred.sets.clone())
         };
@@ -364,7 +365,7 @@ impl<N: Network> FsClient<N> {
                 let mut deferred = state.deferred.lock();
                 deferred.sets.drain(..sent);
                 deferred.known = Some(attr);
-                Ok(())
+                Ok(true)
             }
             Err(e) if e.message.contains(&Status::UnknownMethod.to_string()) => {
                 tracing::info!(
@@ -392,7 +393,7 @@ impl<N: Network> FsClient<N> {
                     self.meta.call::<SetAttr, _>(&set).await?;
                 }
                 state.deferred.lock().sets.drain(..sent);
-                Ok(())
+                Ok(true)
             }
             Err(e) => Err(e),
         }
@@ -936,8 +937,15 @@ impl<N: Network> FsClient<N> {
     /// Every byte written to the file through this client reaches storage,
     /// and the metadata service fixes the exact length (`close(2)`).
     pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
+        self.flush_synced(fh).await.map(drop)
+    }
+
+    /// [`flush`](Self::flush); whether it made a durable metadata commit
+    /// (a `Sync`, or deferred setattrs), which makes every namespace change
+    /// before it durable too.
+    async fn flush_synced(&self, fh: &FileHandle) -> Result<bool, FsError> {
         // Deferred changes and the writes before them, in one request.
-        self.flush_deferred(&fh.state).await?;
+        let deferred = self.flush_deferred(&fh.state).await?;
         // The count first: a write grows the length before it is counted,
         // so the length read after covers every write this sync claims (a
         // later write is left for a later sync).
@@ -956,14 +964,37 @@ impl<N: Network> FsClient<N> {
             };
             self.meta.call::<Sync, _>(&req).await?;
             fh.state.synced(writes);
+            return Ok(true);
+        }
+        Ok(deferred)
+    }
+
+    /// `fsync`: as [`flush`](Self::flush) (storage acknowledges a write only
+    /// once every replica has it durably), and the file's own creation and
+    /// every other namespace change answered before made durable: by the
+    /// flush's metadata commit when it made one, else by asking
+    /// ([`sync_namespace`](Self::sync_namespace)).
+    pub async fn fsync(&self, fh: &FileHandle) -> Result<(), FsError> {
+        if !self.flush_synced(fh).await? {
+            self.sync_namespace().await?;
         }
         Ok(())
     }
 
-    /// `fsync`: as [`flush`](Self::flush); storage acknowledges a write
-    /// only once every replica has it durably.
-    pub async fn fsync(&self, fh: &FileHandle) -> Result<(), FsError> {
-        self.flush(fh).await
+    /// `fsyncdir`: every namespace change answered before the call is
+    /// durable when it returns. The metadata service answers an entry's
+    /// change once applied and makes it durable within milliseconds; this
+    /// waits for it. A service that predates the request made every change
+    /// durable before answering it, so there is nothing to wait for.
+    pub async fn sync_namespace(&self) -> Result<(), FsError> {
+        match self
+            .meta
+            .call::<SyncNamespace, _>(&SyncNamespaceReq {})
+            .await
+        {
+            Err(e) if e.message.contains(&Status::UnknownMethod.to_string()) => Ok(()),
+            done => Ok(done?),
+        }
     }
 
     /// The last close of a handle: flushes, then ends its write session.
@@ -1004,8 +1035,8 @@ impl<N: Network> FsClient<N> {
         let mut first = Ok(());
         for state in states {
             let done = match self.flush_deferred(&state).await {
-                Ok(()) => state.drain(&self.storage).await,
-                failed => failed,
+                Ok(_) => state.drain(&self.storage).await,
+                Err(e) => Err(e),
             };
             if let Err(e) = done
                 && first.is_ok()

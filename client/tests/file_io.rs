@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FileHandle, FsClient, FsConfig, OpenMode};
-use flyfs_fs_meta::testing::{ClusterOptions, TestCluster};
+use flyfs_fs_meta::testing::{ClusterOptions, MetaOptions, TestCluster};
 use flyfs_proto::ids::{ClientId, InodeId};
 use flyfs_proto::wire::meta::{SetAttrReq, User};
 use flyfs_rpc::Tcp;
@@ -880,5 +880,63 @@ async fn deferred_setattrs_are_made_within_the_hint_interval() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    a.release(&fh).await.expect("release");
+}
+
+/// Entries are answered before they are durable; `fsync` of a file and
+/// `fsyncdir` (`sync_namespace`) return only once they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_and_fsyncdir_make_the_changes_before_them_durable() {
+    let cluster = TestCluster::start_with(
+        ClusterOptions {
+            chains: 3,
+            chunk_size: CHUNK,
+            stripe: 3,
+            ..ClusterOptions::default()
+        },
+        MetaOptions {
+            // The store's syncer waits an hour: only what is asked for
+            // makes a change durable.
+            relaxed_within: Duration::from_secs(3600),
+            ..MetaOptions::default()
+        },
+    )
+    .await;
+    let a = client(&cluster, 31, FsConfig::default()).await;
+    let root = User::root();
+    let pending = || cluster.ns.kv().journal_stats().relaxed_pending;
+    let create = |name: &'static str| {
+        let a = a.clone();
+        let root = root.clone();
+        async move {
+            a.create(&root, ROOT, name.as_bytes(), 0o644, RW, true)
+                .await
+                .expect("create")
+                .1
+        }
+    };
+
+    let fh = create("dir-synced").await;
+    assert!(pending(), "a create is answered before it is durable");
+    a.sync_namespace().await.expect("fsyncdir");
+    assert!(
+        !pending(),
+        "fsyncdir returned before the create was durable"
+    );
+    a.release(&fh).await.expect("release");
+
+    // An fsync with nothing to write asks the service.
+    let fh = create("fsynced-empty").await;
+    assert!(pending());
+    a.fsync(&fh).await.expect("fsync");
+    assert!(!pending(), "fsync returned before the create was durable");
+    a.release(&fh).await.expect("release");
+
+    // One that writes: the length's durable commit covers the create.
+    let fh = create("fsynced-written").await;
+    assert!(pending());
+    a.write(&fh, 0, &pattern(3, 4096)).await.expect("write");
+    a.fsync(&fh).await.expect("fsync");
+    assert!(!pending(), "fsync returned before the create was durable");
     a.release(&fh).await.expect("release");
 }

@@ -4,10 +4,11 @@
 //! It drives the namespace's GC queue protocol (see `ns/gc.rs`): expand
 //! detached directories into their entries, skip files that still have a
 //! write session (postponing them), delete a ready file's chunks on storage,
-//! then delete its inode. Every step is idempotent and committed on its own,
-//! so a worker killed at any point leaves work the next one finishes, and
-//! several metadata instances may run workers at once (they may repeat a
-//! chunk removal, which is harmless).
+//! then delete its inode. Before it acts on the entries of a scan it waits
+//! until the removes that queued them are durable. Every step is idempotent
+//! and committed on its own, so a worker killed at any point leaves work the
+//! next one finishes, and several metadata instances may run workers at once
+//! (they may repeat a chunk removal, which is harmless).
 //!
 //! [`KvEvictor`] is the KV cache's collector beside it: on the same
 //! schedule it evicts blocks past the cache's age limit and takes back the
@@ -185,6 +186,12 @@ impl<K: Kv, N: Network> GcWorker<K, N> {
             _ => now_ms,
         }
         .min(now_ms.saturating_sub(slack_ms));
+        // The removes that queued these entries may not be durable yet
+        // (`Namespace::relax`): a crash losing one after its chunks were
+        // deleted would bring back a file without its data.
+        if taken > 0 {
+            self.ns.sync().await?;
+        }
         for item in due {
             if let Err(e) = self.collect(&item).await {
                 tracing::warn!(ino = ?item.ino, "GC of the entry failed, retrying later: {e}");

@@ -23,7 +23,7 @@ use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, KvCommit, KvEvict, KvLookup, KvOpen, KvRelease, KvRemove,
     KvReserve, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod, Open, Readdir,
     Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr, SetLayout,
-    SetXattr, Stat, Statfs, Symlink, Sync, SyncSetAttr, SyncSetAttrs, Unlink,
+    SetXattr, Stat, Statfs, Symlink, Sync, SyncNamespace, SyncSetAttr, SyncSetAttrs, Unlink,
 };
 use flyfs_proto::wire::meta::{NamesCaller, User};
 use flyfs_rpc::server::{Peer, Reply, Request, Service};
@@ -603,6 +603,10 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Statfs::ID => {
                 self.decode::<Statfs>(req)?;
                 ok::<Statfs>(self.statfs().await)
+            }
+            SyncNamespace::ID => {
+                req.decode::<SyncNamespace>()?;
+                ok::<SyncNamespace>(ns.sync().await.map_err(meta_error))
             }
             Stat::ID => {
                 let r = self.decode::<Stat>(req)?;

@@ -70,6 +70,9 @@ pub struct MetaOptions {
     /// Between passes of each instance's session reaper.
     pub reaper_interval: Duration,
     pub callers: CallerPolicy,
+    /// How soon the embedded store makes a relaxed commit durable on its
+    /// own (`FjallOptions::relaxed_within`).
+    pub relaxed_within: Duration,
 }
 
 impl Default for MetaOptions {
@@ -79,6 +82,7 @@ impl Default for MetaOptions {
             client_lease_ms: CLIENT_LEASE_MS_DEFAULT,
             reaper_interval: Duration::from_millis(50),
             callers: CallerPolicy::default(),
+            relaxed_within: FjallOptions::default().relaxed_within,
         }
     }
 }
@@ -213,7 +217,11 @@ impl TestCluster {
         }
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let kv = FjallKv::open(dir.path().join("meta"), FjallOptions::default()).expect("fjall");
+        let store = FjallOptions {
+            relaxed_within: meta_options.relaxed_within,
+            ..FjallOptions::default()
+        };
+        let kv = FjallKv::open(dir.path().join("meta"), store).expect("fjall");
         let spec = LayoutSpec {
             chain_table: ChainTableId(1),
             chunk_size: options.chunk_size,

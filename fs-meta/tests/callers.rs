@@ -98,9 +98,11 @@ async fn a_request_without_a_caller_is_refused_by_every_method() {
             // The KV cache's methods name no file system user: the cache
             // has no owners or modes, only the client and admin roles
             // (docs/kv-cache.md), which the role check above already holds.
+            // Nor does a wait for durability.
             let takes_caller = ![
                 wire::RenewLease::ID,
                 wire::GcStatus::ID,
+                wire::SyncNamespace::ID,
                 wire::KvOpen::ID,
                 wire::KvLookup::ID,
                 wire::KvReserve::ID,

@@ -47,11 +47,19 @@ pub struct MetaDaemonConfig {
     /// How often the session reaper looks for sessions whose lease expired.
     #[serde(default = "default_reaper_interval_ms")]
     pub reaper_interval_ms: u64,
-    /// The embedded store fsyncs every commit before it is answered, but a
-    /// close that records no length (docs/metadata-schema.md); off loses
-    /// the last commits on a power cut, not on a process crash.
+    /// The embedded store fsyncs every commit before it is answered, but
+    /// namespace changes (see `durable_namespace_changes`) and a close that
+    /// records no length, which it fsyncs within 10 ms (docs/metadata-schema.md);
+    /// off loses the last commits on a power cut, not on a process crash.
     #[serde(default = "default_sync_on_commit")]
     pub sync_on_commit: bool,
+    /// Every entry added, removed or renamed is durable before it is
+    /// answered. Off (the default), it is answered once applied and visible
+    /// to every client, and durable within 10 ms, at the next `fsync` or
+    /// `fsyncdir`, or with the next durable commit (docs/metadata-schema.md,
+    /// "Durability").
+    #[serde(default)]
+    pub durable_namespace_changes: bool,
     /// Requests of client identities (mounts) naming uid 0 run as
     /// `squash_uid`/`squash_gid` (NFS's root_squash). Admin credentials are
     /// not squashed: they act as the uid their certificate names.
@@ -154,6 +162,7 @@ impl MetaDaemonConfig {
             client_lease_ms: default_client_lease_ms(),
             reaper_interval_ms: default_reaper_interval_ms(),
             sync_on_commit: default_sync_on_commit(),
+            durable_namespace_changes: false,
             root_squash: false,
             squash_uid: default_squash_id(),
             squash_gid: default_squash_id(),
@@ -268,6 +277,7 @@ mod tests {
         assert_eq!(config.mgmt.0, ["127.0.0.1:7000"]);
         assert_eq!(config.chunk_size, 1 << 20);
         assert!(config.sync_on_commit);
+        assert!(!config.durable_namespace_changes);
         let e = MetaDaemonConfig::parse("data_dir = \"m\"\nchunk_size = 1000").expect_err("bad");
         assert!(message(&e).contains("chunk_size"), "{e:#}");
         let e = MetaDaemonConfig::parse("data_dir = \"m\"\nstripes = 2").expect_err("unknown");

@@ -180,7 +180,7 @@ impl<K: Kv> Namespace<K> {
     /// non-directory is EEXIST.
     pub async fn mkdir_all(&self, user: &User, path: &[u8], mode: u32) -> Result<Inode, NsError> {
         check_path(path)?;
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let inode = self.walk(&tx, user, path, true, Some(mode)).await?;
             if !inode.is_dir() {
                 return Err(NsError::Exists(format!(
@@ -313,7 +313,7 @@ impl<K: Kv> Namespace<K> {
         if check_name(name)? != NameKind::Normal {
             return Err(NsError::Exists(show(name)));
         }
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if tx.dentry(parent, name).await?.is_some() {
                 return Err(NsError::Exists(show(name)));
@@ -341,7 +341,7 @@ impl<K: Kv> Namespace<K> {
             NameKind::Dot => return Err(NsError::Invalid("rmdir of \".\"".into())),
             NameKind::DotDot => return Err(NsError::NotEmpty("rmdir of \"..\"".into())),
         }
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             let dentry = tx
                 .dentry(parent, name)
@@ -502,7 +502,7 @@ impl<K: Kv> Namespace<K> {
             return Err(NsError::Exists(show(name)));
         }
         let data = &data;
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             if tx.dentry(parent, name).await?.is_some() {
                 return Err(NsError::Exists(show(name)));
@@ -583,7 +583,7 @@ impl<K: Kv> Namespace<K> {
             return Err(NsError::Invalid(format!("remove_all of {}", show(name))));
         }
         let delay_ms = self.inner.config.gc_delay_ms;
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             let dentry = tx
                 .dentry(parent, name)

@@ -247,6 +247,9 @@ impl<K: Kv> Namespace<K> {
                 });
             }
             check_can_add(&dir, user)?;
+            // A new file only: opening an existing one may truncate it,
+            // which storage follows at once.
+            self.relax(&tx);
             let spec = dir
                 .dir()
                 .and_then(|d| d.default_layout)
@@ -534,7 +537,7 @@ impl<K: Kv> Namespace<K> {
         if check_name(new_name)? != NameKind::Normal {
             return Err(NsError::Exists(show(new_name)));
         }
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let mut inode = tx.existing(ino).await?;
             let dir = searchable_dir(&tx, user, new_parent).await?;
             if tx.dentry(new_parent, new_name).await?.is_some() {
@@ -583,7 +586,7 @@ impl<K: Kv> Namespace<K> {
         if check_name(name)? != NameKind::Normal {
             return Err(NsError::IsDir(format!("unlink of {}", show(name))));
         }
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let dir = searchable_dir(&tx, user, parent).await?;
             let dentry = tx
                 .dentry(parent, name)

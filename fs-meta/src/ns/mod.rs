@@ -120,6 +120,14 @@ pub struct NsConfig {
     /// GC delay must be testable without waiting five minutes).
     pub clock: Arc<dyn Clock>,
     pub retry: RetryOptions,
+    /// Whether an entry added, removed or renamed is durable before it is
+    /// answered (3FS's behaviour on FoundationDB). Off, the default, it is
+    /// answered once applied and visible to every client, and durable at
+    /// the next `fsync` or `fsyncdir`, the next durable commit, or within
+    /// the store's relaxed window (10 ms for the embedded store), as a
+    /// local file system's directory changes are (docs/metadata-schema.md,
+    /// "Durability").
+    pub durable_namespace_changes: bool,
 }
 
 impl NsConfig {
@@ -135,6 +143,7 @@ impl NsConfig {
             client_lease_ms: CLIENT_LEASE_MS_DEFAULT,
             clock: Arc::new(WallClock),
             retry: RetryOptions::default(),
+            durable_namespace_changes: false,
         }
     }
 }
@@ -148,6 +157,7 @@ impl std::fmt::Debug for NsConfig {
             .field("client_lease_ms", &self.client_lease_ms)
             .field("clock", &self.clock)
             .field("retry", &self.retry)
+            .field("durable_namespace_changes", &self.durable_namespace_changes)
             .finish_non_exhaustive()
     }
 }
@@ -270,6 +280,42 @@ impl<K: Kv> Namespace<K> {
             body(MetaTx::new(tx, now_ns))
         })
         .await
+    }
+
+    /// Runs `body` as [`write`](Self::write) does, for a namespace change
+    /// (an entry added, removed or renamed) that is answered once applied
+    /// and made durable soon after ([`relax`](Self::relax)).
+    async fn change<R, F, Fut>(&self, mut body: F) -> Result<R, NsError>
+    where
+        F: FnMut(MetaTx<K::Tx>) -> Fut,
+        Fut: Future<Output = Result<R, NsError>>,
+    {
+        self.write(|tx| {
+            self.relax(&tx);
+            body(tx)
+        })
+        .await
+    }
+
+    /// Lets `tx`'s commit be answered before it is durable, unless every
+    /// namespace change must be durable when answered
+    /// ([`NsConfig::durable_namespace_changes`]). As on a local file
+    /// system, a change is durable after an `fsync` of a file or directory
+    /// ([`sync`](Self::sync)); the store also makes it durable within
+    /// milliseconds on its own, and a crash keeps a prefix of the commits,
+    /// so nothing that saw a change survives without it
+    /// (docs/metadata-schema.md, "Durability").
+    fn relax(&self, tx: &MetaTx<K::Tx>) {
+        if !self.inner.config.durable_namespace_changes {
+            tx.tx.relax_durability();
+        }
+    }
+
+    /// Returns once every change answered before the call is durable: what
+    /// a client's `fsync` and `fsyncdir` wait for, and what the GC waits
+    /// for before it deletes the data a remove released.
+    pub async fn sync(&self) -> Result<(), NsError> {
+        Ok(self.inner.kv.sync().await?)
     }
 
     /// Runs `body` as one read-only transaction.

@@ -85,7 +85,7 @@ impl<K: Kv> Namespace<K> {
                 return Err(NsError::Invalid(format!("rename of {}", show(name))));
             }
         }
-        self.write(|tx| async move {
+        self.change(|tx| async move {
             let old_dir = searchable_dir(&tx, user, old_parent).await?;
             let new_dir = searchable_dir(&tx, user, new_parent).await?;
             let source_entry = tx

@@ -166,6 +166,11 @@ pub struct StatfsReq {
     pub user: User,
 }
 
+/// `meta.SyncNamespace`: nothing to say, the call is the request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncNamespaceReq {}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StatfsRsp {
@@ -893,6 +898,13 @@ method!(
 method!(
     /// A writer's deferred `setattr`s, with its pending sync ([`SyncSetAttrsReq`]).
     SyncSetAttrs = 536, SyncSetAttrsReq => Attr,
+    roles CLIENT_OR_ADMIN
+);
+method!(
+    /// `fsync` and `fsyncdir`: answers once every namespace change answered
+    /// before it is durable (entries are answered once applied; see
+    /// `NsConfig::durable_namespace_changes` in flyfs-fs-meta).
+    SyncNamespace = 537, SyncNamespaceReq => (),
     roles CLIENT_OR_ADMIN
 );
 

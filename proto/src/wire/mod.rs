@@ -71,6 +71,7 @@ macro_rules! every_method {
             meta::KvEvict,
             meta::SyncSetAttr,
             meta::SyncSetAttrs,
+            meta::SyncNamespace,
         )
     };
 }

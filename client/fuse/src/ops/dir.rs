@@ -154,7 +154,14 @@ pub(crate) fn releasedir<N: Network>(fs: &FuseFs<N>, fh: fuser::FileHandle, repl
     reply.ok();
 }
 
-/// Directory changes are durable when the metadata service answers.
-pub(crate) fn fsyncdir(reply: ReplyEmpty) {
-    reply.ok();
+/// Directory changes are answered once applied and durable soon after:
+/// this waits until every change answered so far is.
+pub(crate) fn fsyncdir<N: Network>(fs: &FuseFs<N>, reply: ReplyEmpty) {
+    let client = fs.shared.client.clone();
+    fs.spawn(
+        "fsyncdir",
+        reply,
+        async move { client.sync_namespace().await },
+        |reply, ()| reply.ok(),
+    );
 }

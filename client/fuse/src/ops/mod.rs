@@ -279,7 +279,7 @@ impl<N: Network> Filesystem for FuseFs<N> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        dir::fsyncdir(reply);
+        dir::fsyncdir(self, reply);
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
