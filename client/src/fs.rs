@@ -143,6 +143,7 @@ impl FileHandle {
             session,
             length_known: false,
             writer_length: None,
+            relaxed: false,
         }
     }
 }
@@ -327,8 +328,15 @@ impl<N: Network> FsClient<N> {
     /// made before them, in one request ([`SyncSetAttrs`]); nothing when
     /// none waits. They stay deferred until made: a failure is the
     /// caller's, and the next sync point sends them again (each is
-    /// idempotent). Whether it made them (a durable metadata commit).
+    /// idempotent). Visible when made, not necessarily durable: no caller
+    /// but `fsync` needs more ([`flush_deferred_with`](Self::flush_deferred_with)).
     async fn flush_deferred(&self, state: &FileState) -> Result<bool, FsError> {
+        self.flush_deferred_with(state, true).await
+    }
+
+    /// [`flush_deferred`](Self::flush_deferred), `relaxed` or durable when
+    /// made; whether it made them (a metadata commit).
+    async fn flush_deferred_with(&self, state: &FileState, relaxed: bool) -> Result<bool, FsError> {
         // The changes stay listed until they are made, so an empty list
         // means nothing is deferred or being made: no wait (every write
         // comes here).
@@ -356,6 +364,7 @@ impl<N: Network> FsClient<N> {
             session,
             writer_length: unsynced.then_some(known),
             sets: sets.into_iter().map(|(set, _)| set).collect(),
+            relaxed,
         };
         match self.meta.call::<SyncSetAttrs, _>(&req).await {
             Ok(attr) => {
@@ -380,6 +389,7 @@ impl<N: Network> FsClient<N> {
                         session,
                         length_known: false,
                         writer_length: Some(known),
+                        relaxed,
                     };
                     self.meta.call::<Sync, _>(&sync).await?;
                     state.synced(writes);
@@ -937,15 +947,16 @@ impl<N: Network> FsClient<N> {
     /// Every byte written to the file through this client reaches storage,
     /// and the metadata service fixes the exact length (`close(2)`).
     pub async fn flush(&self, fh: &FileHandle) -> Result<(), FsError> {
-        self.flush_synced(fh).await.map(drop)
+        self.flush_synced(fh, true).await.map(drop)
     }
 
-    /// [`flush`](Self::flush); whether it made a durable metadata commit
-    /// (a `Sync`, or deferred setattrs), which makes every namespace change
-    /// before it durable too.
-    async fn flush_synced(&self, fh: &FileHandle) -> Result<bool, FsError> {
+    /// [`flush`](Self::flush); whether it made a metadata commit (a
+    /// `Sync`, or deferred setattrs). `relaxed`: the length need only be
+    /// visible when this returns (`close(2)`, close-to-open consistency);
+    /// else it is durable, and with it every namespace change before it.
+    async fn flush_synced(&self, fh: &FileHandle, relaxed: bool) -> Result<bool, FsError> {
         // Deferred changes and the writes before them, in one request.
-        let deferred = self.flush_deferred(&fh.state).await?;
+        let deferred = self.flush_deferred_with(&fh.state, relaxed).await?;
         // The count first: a write grows the length before it is counted,
         // so the length read after covers every write this sync claims (a
         // later write is left for a later sync).
@@ -960,6 +971,7 @@ impl<N: Network> FsClient<N> {
             // file's only writer.
             let req = SessionReq {
                 writer_length: Some(known),
+                relaxed,
                 ..fh.session_req(session)
             };
             self.meta.call::<Sync, _>(&req).await?;
@@ -975,7 +987,7 @@ impl<N: Network> FsClient<N> {
     /// flush's metadata commit when it made one, else by asking
     /// ([`sync_namespace`](Self::sync_namespace)).
     pub async fn fsync(&self, fh: &FileHandle) -> Result<(), FsError> {
-        if !self.flush_synced(fh).await? {
+        if !self.flush_synced(fh, false).await? {
             self.sync_namespace().await?;
         }
         Ok(())

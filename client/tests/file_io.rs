@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_client::{FileHandle, FsClient, FsConfig, OpenMode};
+use flyfs_fs_meta::reaper::{ReaperConfig, SessionReaper};
 use flyfs_fs_meta::testing::{ClusterOptions, MetaOptions, TestCluster};
 use flyfs_proto::ids::{ClientId, InodeId};
 use flyfs_proto::wire::meta::{SetAttrReq, User};
@@ -883,11 +884,10 @@ async fn deferred_setattrs_are_made_within_the_hint_interval() {
     a.release(&fh).await.expect("release");
 }
 
-/// Entries are answered before they are durable; `fsync` of a file and
-/// `fsyncdir` (`sync_namespace`) return only once they are.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fsync_and_fsyncdir_make_the_changes_before_them_durable() {
-    let cluster = TestCluster::start_with(
+/// A cluster whose metadata store's syncer waits an hour: only what is
+/// asked for makes a relaxed change durable.
+async fn lazy_cluster() -> TestCluster {
+    TestCluster::start_with(
         ClusterOptions {
             chains: 3,
             chunk_size: CHUNK,
@@ -895,14 +895,20 @@ async fn fsync_and_fsyncdir_make_the_changes_before_them_durable() {
             ..ClusterOptions::default()
         },
         MetaOptions {
-            // The store's syncer waits an hour: only what is asked for
-            // makes a change durable.
             relaxed_within: Duration::from_secs(3600),
             ..MetaOptions::default()
         },
     )
-    .await;
-    let a = client(&cluster, 31, FsConfig::default()).await;
+    .await
+}
+
+/// Entries and the length a flush fixes are answered before they are
+/// durable; `fsync` of a file and `fsyncdir` (`sync_namespace`) return only
+/// once they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_and_fsyncdir_make_the_changes_before_them_durable() {
+    let cluster = lazy_cluster().await;
+    let a = client(&cluster, 31, patient()).await;
     let root = User::root();
     let pending = || cluster.ns.kv().journal_stats().relaxed_pending;
     let create = |name: &'static str| {
@@ -939,4 +945,95 @@ async fn fsync_and_fsyncdir_make_the_changes_before_them_durable() {
     a.fsync(&fh).await.expect("fsync");
     assert!(!pending(), "fsync returned before the create was durable");
     a.release(&fh).await.expect("release");
+
+    // close(2)'s flush fixes the length visibly, not durably; an fsync
+    // after it (nothing left to sync) makes it durable.
+    let fh = create("flushed").await;
+    a.sync_namespace().await.expect("fsyncdir");
+    a.write(&fh, 0, &pattern(4, 4096)).await.expect("write");
+    a.flush(&fh).await.expect("flush");
+    assert!(pending(), "the flush's length waited for an fsync");
+    let attr = cluster.ns.stat(attr_ino(&a, "flushed").await).await;
+    assert_eq!(attr.expect("stat").file().expect("a file").length, 4096);
+    a.fsync(&fh).await.expect("fsync");
+    assert!(
+        !pending(),
+        "fsync returned before the flush's length was durable"
+    );
+    a.release(&fh).await.expect("release");
+}
+
+async fn attr_ino(client: &FsClient<Tcp>, name: &str) -> InodeId {
+    client
+        .lookup(&User::root(), ROOT, name.as_bytes())
+        .await
+        .expect("lookup")
+        .ino
+}
+
+/// A length fixed by a relaxed sync and then lost (a crash of the metadata
+/// service that the writer outlived: simulated by setting the recorded
+/// length back) is restored by the writer's close, or by the reaper's
+/// startup pass when the writer does not close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_relaxed_sync_is_restored_by_the_close_or_the_startup_pass() {
+    let cluster = lazy_cluster().await;
+    let a = client(&cluster, 32, patient()).await;
+    let root = User::root();
+    let data = pattern(5, 3 * CHUNK as usize + 100);
+    let length = data.len() as u64;
+    let lose_sync = |ino: InodeId| {
+        let ns = cluster.ns.clone();
+        async move {
+            ns.set_length(ino, 0, true)
+                .await
+                .expect("set the length back");
+        }
+    };
+    let recorded = |ino: InodeId| {
+        let ns = cluster.ns.clone();
+        async move {
+            ns.stat(ino)
+                .await
+                .expect("stat")
+                .file()
+                .expect("a file")
+                .length
+        }
+    };
+
+    // The writer closes: its close carries the length its sync fixed.
+    let (attr, fh) = a
+        .create(&root, ROOT, b"closed", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &data).await.expect("write");
+    a.flush(&fh).await.expect("flush");
+    lose_sync(attr.ino).await;
+    assert_eq!(recorded(attr.ino).await, 0);
+    a.release(&fh).await.expect("release");
+    assert_eq!(recorded(attr.ino).await, length, "the close restored it");
+
+    // The writer keeps the file open: the startup pass asks storage.
+    let (attr, fh) = a
+        .create(&root, ROOT, b"open", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fh, 0, &data).await.expect("write");
+    a.flush(&fh).await.expect("flush");
+    lose_sync(attr.ino).await;
+    let reaper = SessionReaper::new(
+        cluster.ns.clone(),
+        cluster.meta_storage.clone(),
+        ReaperConfig::default(),
+        Arc::default(),
+    );
+    assert!(reaper.fix_written_lengths().await.expect("startup pass") >= 1);
+    assert_eq!(
+        recorded(attr.ino).await,
+        length,
+        "the startup pass restored it"
+    );
+    a.release(&fh).await.expect("release");
+    assert_eq!(recorded(attr.ino).await, length);
 }

@@ -13,6 +13,11 @@
 //! [`Namespace::reap_session`], which checks the lease again so that a
 //! client renewing meanwhile keeps its session. Last, it deletes expired
 //! lease records, so the records of clients long gone do not pile up.
+//!
+//! Before its first pass it fixes the length of every file that has a write
+//! session from storage ([`SessionReaper::fix_written_lengths`]): a sync
+//! that the flush of `close(2)` made without waiting for the journal's fsync
+//! may have been lost in a crash of this service that its writer outlived.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +27,8 @@ use flyfs_client::storage::StorageClient;
 use flyfs_rpc::Network;
 
 use crate::data::FileChunks;
+use flyfs_proto::ids::InodeId;
+
 use crate::ns::{ExpiredSession, Namespace, NsError, Reaped};
 use flyfs_kv::Kv;
 
@@ -114,9 +121,23 @@ impl<K: Kv, N: Network> SessionReaper<K, N> {
         }
     }
 
-    /// Reaps forever, one pass per interval.
+    /// Reaps forever, one pass per interval, after the startup pass
+    /// ([`fix_written_lengths`](Self::fix_written_lengths)), which is
+    /// tried again at each interval until it has gone through.
     pub async fn run(self) {
+        let mut started = false;
         loop {
+            if !started {
+                match self.fix_written_lengths().await {
+                    Ok(files) => {
+                        started = true;
+                        tracing::info!(files, "fixed the lengths of files open for writing");
+                    }
+                    Err(e) => tracing::warn!(
+                        "fixing the lengths of files open for writing failed, retrying later: {e}"
+                    ),
+                }
+            }
             match self.reap_once().await {
                 Ok(pass) if pass.sessions_reaped > 0 || pass.leases_removed > 0 => {
                     tracing::info!(
@@ -168,21 +189,59 @@ impl<K: Kv, N: Network> SessionReaper<K, N> {
         Ok(pass)
     }
 
-    /// Fixes the file's length from storage, then ends the session if its
-    /// lease is still expired.
-    async fn reap(&self, expired: &ExpiredSession) -> Result<Reaped, ReapError> {
-        let inode = self.ns.stat(expired.ino).await?;
+    /// The startup pass: fixes the length of every file with a write
+    /// session from storage, as a close that cannot say its length does.
+    /// A sync by the flush of `close(2)` is committed without waiting for
+    /// the journal's fsync, and a crash of this service may lose it while
+    /// its writer lives on and keeps its session (its close went with it:
+    /// a crash keeps a prefix of the commits). Its data is on storage, so
+    /// this restores the length; the writer's own close would too
+    /// ([`Namespace::close_known`]), but it may already have closed. Lengths
+    /// only grow here, so a writer writing meanwhile loses nothing. Returns
+    /// how many files it fixed; fails (leaving the rest for another try)
+    /// when any file's length cannot be had from storage.
+    pub async fn fix_written_lengths(&self) -> Result<usize, ReapError> {
+        let mut fixed = 0;
+        let mut from = None;
+        loop {
+            let (files, next) = self.ns.written_files(from, self.config.batch).await?;
+            for ino in files {
+                self.fix_length(ino).await?;
+                fixed += 1;
+            }
+            match next {
+                Some(next) => from = Some(next),
+                None => return Ok(fixed),
+            }
+        }
+    }
+
+    /// Folds the end of `ino`'s highest chunk on storage into its length.
+    async fn fix_length(&self, ino: InodeId) -> Result<(), ReapError> {
+        let inode = match self.ns.stat(ino).await {
+            Ok(inode) => inode,
+            // Unlinked and collected since its session was listed.
+            Err(NsError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if let Some(file) = inode.file() {
             let length = FileChunks {
                 storage: &self.storage,
-                ino: expired.ino,
+                ino,
                 layout: &file.layout,
                 queries: None,
             }
             .length()
             .await?;
-            self.ns.set_length(expired.ino, length, false).await?;
+            self.ns.set_length(ino, length, false).await?;
         }
+        Ok(())
+    }
+
+    /// Fixes the file's length from storage, then ends the session if its
+    /// lease is still expired.
+    async fn reap(&self, expired: &ExpiredSession) -> Result<Reaped, ReapError> {
+        self.fix_length(expired.ino).await?;
         let reaped = self.ns.reap_session(expired.ino, expired.session).await?;
         if matches!(reaped, Reaped::Ended(_)) {
             tracing::debug!(

@@ -442,7 +442,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         };
         let decided = self
             .ns
-            .fix_writer_length(r.ino, SessionId(r.session), known, end_session)
+            .fix_writer_length(r.ino, SessionId(r.session), known, end_session, r.relaxed)
             .await
             .map_err(meta_error)?;
         match decided {
@@ -508,6 +508,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     known,
                     &r.user,
                     &changes,
+                    r.relaxed,
                 )
                 .await
                 .map_err(meta_error)?;
@@ -524,27 +525,30 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 session: r.session,
                 length_known: false,
                 writer_length: r.writer_length,
+                relaxed: r.relaxed,
             };
             // The writes came before the changes: their length (and mtime)
             // first, so that an explicit mtime below lands after theirs.
             self.writer_length(&sync, false).await?;
         }
-        if changes.is_empty() {
-            return self
-                .ns
-                .stat(r.ino)
-                .await
-                .map(|i| attr(&i))
-                .map_err(meta_error);
-        }
         // One transaction for all of them (no size among them: nothing
         // for storage to truncate).
-        let done = self
-            .ns
-            .setattrs(&r.user, r.ino, &changes)
-            .await
-            .map_err(meta_error)?;
-        Ok(attr(&done.inode))
+        let inode = if changes.is_empty() {
+            self.ns.stat(r.ino).await
+        } else {
+            self.ns
+                .setattrs(&r.user, r.ino, &changes)
+                .await
+                .map(|done| done.inode)
+        }
+        .map_err(meta_error)?;
+        // Without changes, the sync above may have committed nothing (from
+        // storage, with no change): an fsync still needs what came before
+        // durable. The changes' own commit is durable.
+        if !r.relaxed && changes.is_empty() {
+            self.ns.sync().await.map_err(meta_error)?;
+        }
+        Ok(attr(&inode))
     }
 
     async fn statfs(&self) -> Result<wire::StatfsRsp> {
@@ -758,10 +762,19 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     {
                         return Ok(attr(&inode));
                     }
-                    let closed = ns
-                        .close(r.ino, SessionId(r.session), None)
-                        .await
-                        .map_err(meta_error)?;
+                    let session = SessionId(r.session);
+                    let closed = match r.writer_length {
+                        // A floor: what the sync that fixed the length said.
+                        Some(known) if r.length_known => {
+                            let known = ns::WriterLength {
+                                length: known.length,
+                                truncate_version: known.truncate_version,
+                            };
+                            ns.close_known(r.ino, session, known).await
+                        }
+                        _ => ns.close(r.ino, session, None).await,
+                    }
+                    .map_err(meta_error)?;
                     match closed.inode {
                         Some(inode) => Ok(attr(&inode)),
                         None => Err(meta_error(NsError::NotFound(format!("{:?}", r.ino)))),
@@ -774,8 +787,17 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 let r = self.decode::<Sync>(req)?;
                 let result = async {
                     match self.writer_length(&r, false).await? {
+                        // Fixed in a commit of its own, durable unless
+                        // relaxed.
                         Some(inode) => Ok(inode),
-                        None => self.ns.stat(r.ino).await.map_err(meta_error),
+                        None => {
+                            // From storage, which commits only a change:
+                            // an fsync still needs what came before durable.
+                            if !r.relaxed {
+                                self.ns.sync().await.map_err(meta_error)?;
+                            }
+                            self.ns.stat(r.ino).await.map_err(meta_error)
+                        }
                     }
                 }
                 .await;
@@ -798,6 +820,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     session: r.session,
                     length_known: false,
                     writer_length: Some(r.writer_length),
+                    relaxed: false,
                 };
                 // The writer's sync first, so that times set below land
                 // after the writes'.

@@ -1,9 +1,10 @@
 //! Which namespace changes wait for the embedded store's fsync before they
 //! are answered (docs/metadata-schema.md, "Durability"): entries added,
-//! removed or renamed do not, unless configured to, and neither does the end
-//! of a write session that records no length; `Namespace::sync` makes every
-//! one answered before it durable, and the GC waits for that before it acts
-//! on what a remove released.
+//! removed or renamed do not, unless configured to, and neither do the end
+//! of a write session that records no length and a relaxed length fix (the
+//! flush of `close(2)`); `Namespace::sync` makes every one answered before
+//! it durable, and the GC waits for that before it acts on what a remove
+//! released.
 
 mod ns_common;
 
@@ -14,7 +15,7 @@ use parking_lot::Mutex;
 
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
-use flyfs_fs_meta::ns::{CreateFlags, Namespace};
+use flyfs_fs_meta::ns::{CreateFlags, Namespace, WriterLength, WriterLengthFixed};
 use flyfs_fs_meta::schema::SessionId;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_kv::{Kv, KvError, Limits};
@@ -86,6 +87,77 @@ async fn entries_and_a_close_without_a_length_wait_for_no_fsync_until_synced() {
         "a close recording a length is durable when answered"
     );
     ns_common::assert_clean(&ns).await;
+}
+
+#[tokio::test]
+async fn a_relaxed_length_fix_waits_for_no_fsync_and_a_close_restores_a_lost_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kv = store(&dir);
+    let (ns, clock) = ns_common::open(kv.clone()).await;
+    let (a, session) = create(&ns, "a").await;
+    let known = |length| WriterLength {
+        length,
+        truncate_version: 0,
+    };
+    let length_of = |ino| {
+        let ns = ns.clone();
+        async move {
+            ns.stat(ino)
+                .await
+                .expect("stat")
+                .file()
+                .expect("a file")
+                .length
+        }
+    };
+
+    let syncs = kv.journal_stats().syncs;
+    let fixed = ns
+        .fix_writer_length(a, session, known(100), false, true)
+        .await
+        .expect("relaxed sync");
+    assert!(matches!(fixed, WriterLengthFixed::Fixed(_)), "{fixed:?}");
+    assert_eq!(
+        kv.journal_stats().syncs,
+        syncs,
+        "a relaxed sync made an fsync"
+    );
+    ns.fix_writer_length(a, session, known(200), false, false)
+        .await
+        .expect("durable sync");
+    assert_eq!(kv.journal_stats().syncs, syncs + 1);
+    assert_eq!(length_of(a).await, 200);
+
+    // A close that knows its sync fixed 200 changes nothing, waits for no
+    // fsync, and leaves the times alone.
+    let before = ns.stat(a).await.expect("stat");
+    clock.advance_ms(1000);
+    let closed = ns.close_known(a, session, known(200)).await.expect("close");
+    assert!(closed.session_found);
+    assert_eq!(kv.journal_stats().syncs, syncs + 1);
+    let after = ns.stat(a).await.expect("stat");
+    assert_eq!((after.mtime_ns, length_of(a).await), (before.mtime_ns, 200));
+
+    // A sync the service lost (the recorded length is behind what the
+    // writer was told, at the same truncate version): the close restores
+    // it, durably.
+    let (b, session) = create(&ns, "b").await;
+    ns.fix_writer_length(b, session, known(300), false, true)
+        .await
+        .expect("relaxed sync");
+    ns.set_length(b, 0, true).await.expect("lose the sync");
+    let syncs = kv.journal_stats().syncs;
+    ns.close_known(b, session, known(300)).await.expect("close");
+    assert_eq!(length_of(b).await, 300);
+    assert_eq!(kv.journal_stats().syncs, syncs + 1, "the repair is durable");
+    // Not past a truncate the writer has not seen.
+    let (c, session) = create(&ns, "c").await;
+    let stale = WriterLength {
+        length: 300,
+        truncate_version: 7,
+    };
+    ns.close_known(c, session, stale).await.expect("close");
+    assert_eq!(length_of(c).await, 0);
 }
 
 #[tokio::test]

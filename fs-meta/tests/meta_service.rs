@@ -621,6 +621,7 @@ async fn deferred_setattrs_are_made_in_order_after_the_sync() {
         ..req
     };
     let req = wire::SyncSetAttrsReq {
+        relaxed: false,
         user: User::root(),
         ino,
         session,
@@ -718,6 +719,7 @@ async fn deferred_setattrs_and_the_sole_writers_sync_are_one_transaction() {
     let data = vec![3u8; 5000];
     cluster.write(&created.attr, 0, &data).await;
     let req = wire::SyncSetAttrsReq {
+        relaxed: false,
         user: owner.clone(),
         ino,
         session: created.session.expect("session"),

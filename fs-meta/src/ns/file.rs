@@ -356,13 +356,41 @@ impl<K: Kv> Namespace<K> {
     /// leaves a session as a client that died before closing leaves one.
     /// It pins the file against GC and makes other writers' closes ask
     /// storage for the length, until its client's lease runs out and the
-    /// reaper ends it; the length it recorded is already durable. This
-    /// spares a create-and-close the second of its two fsyncs.
+    /// reaper ends it, and the startup pass fixes its file's length from
+    /// storage in case the sync before it was lost too. This spares a
+    /// create-and-close the second of its two fsyncs.
     pub async fn close(
         &self,
         ino: InodeId,
         session: SessionId,
         length: Option<u64>,
+    ) -> Result<Closed, NsError> {
+        self.close_with(ino, session, length, None).await
+    }
+
+    /// A close without a length (as [`close`](Self::close)) by a writer
+    /// that knows its length was fixed by a sync: `known` is what that sync
+    /// said. The sync may have been relaxed and lost with a crash of this
+    /// service that the writer outlived; then the recorded length is below
+    /// `known` at the truncate version the writer knows (lengths only grow
+    /// between truncates, and a sync fixed at least `known`), and the close
+    /// restores it, durably, as the sync would have (modification time
+    /// included). Otherwise it only ends the session.
+    pub async fn close_known(
+        &self,
+        ino: InodeId,
+        session: SessionId,
+        known: WriterLength,
+    ) -> Result<Closed, NsError> {
+        self.close_with(ino, session, None, Some(known)).await
+    }
+
+    async fn close_with(
+        &self,
+        ino: InodeId,
+        session: SessionId,
+        length: Option<u64>,
+        floor: Option<WriterLength>,
     ) -> Result<Closed, NsError> {
         self.write(|tx| async move {
             if !tx.has_session(ino, session).await? {
@@ -372,14 +400,16 @@ impl<K: Kv> Namespace<K> {
                 });
             }
             tx.tx.clear(&session_key(ino, session))?;
-            if length.is_none() {
-                tx.tx.relax_durability();
-            }
             let mut inode = tx.inode(ino).await?.ok_or_else(|| NsError::Corrupt {
                 key: format!("INOS {ino:?} {session:?}"),
                 reason: "a session of an inode that does not exist".into(),
             })?;
-            if let Some(length) = length {
+            let lost_sync = floor.and_then(|known| {
+                let file = inode.file()?;
+                (file.truncate_version == known.truncate_version && file.length < known.length)
+                    .then_some(known.length)
+            });
+            if let Some(length) = length.or(lost_sync) {
                 let now = tx.now_ns;
                 let layout = file_mut(&mut inode)?.layout.clone();
                 check_length(&inode, &layout, length)?;
@@ -387,6 +417,8 @@ impl<K: Kv> Namespace<K> {
                 inode.mtime_ns = now;
                 inode.ctime_ns = now;
                 tx.put_inode(&inode)?;
+            } else {
+                tx.tx.relax_durability();
             }
             Ok(Closed {
                 inode: Some(inode),
@@ -417,17 +449,28 @@ impl<K: Kv> Namespace<K> {
     /// * Another session exists: its writer may have written any chunk, so
     ///   storage is asked on every chain.
     ///
-    /// A fixed length sets the modification time (the writer wrote).
+    /// A fixed length sets the modification time (the writer wrote). With
+    /// `relaxed` (the flush of `close(2)`, which needs the length visible,
+    /// not durable) a length fixed here does not wait for the journal's
+    /// fsync: a crash of this service may lose it while the writer lives
+    /// on, which the writer's close ([`close_known`](Self::close_known))
+    /// and the reaper's startup pass repair (docs/metadata-schema.md,
+    /// "Durability").
     pub async fn fix_writer_length(
         &self,
         ino: InodeId,
         session: SessionId,
         known: WriterLength,
         end_session: bool,
+        relaxed: bool,
     ) -> Result<WriterLengthFixed, NsError> {
-        self.write(
-            |tx| async move { fix_writer_length_in(&tx, ino, session, known, end_session).await },
-        )
+        self.write(|tx| async move {
+            let decided = fix_writer_length_in(&tx, ino, session, known, end_session).await?;
+            if relaxed && matches!(decided, WriterLengthFixed::Fixed(_)) {
+                tx.tx.relax_durability();
+            }
+            Ok(decided)
+        })
         .await
     }
 
@@ -437,7 +480,8 @@ impl<K: Kv> Namespace<K> {
     /// instead of two. Any other decision changes nothing here and is
     /// answered as is, with no result: the caller asks storage, then makes
     /// the changes on their own. A change that fails undoes the sync too
-    /// (the writer syncs again with its next request).
+    /// (the writer syncs again with its next request). `relaxed`: as for
+    /// [`fix_writer_length`](Self::fix_writer_length).
     pub async fn fix_writer_length_and_setattrs(
         &self,
         ino: InodeId,
@@ -445,6 +489,7 @@ impl<K: Kv> Namespace<K> {
         known: WriterLength,
         user: &User,
         changes: &[SetAttr],
+        relaxed: bool,
     ) -> Result<(WriterLengthFixed, Option<SetAttrResult>), NsError> {
         self.write(|tx| async move {
             let decided = fix_writer_length_in(&tx, ino, session, known, false).await?;
@@ -452,6 +497,9 @@ impl<K: Kv> Namespace<K> {
                 return Ok((decided, None));
             }
             let done = set_attrs_in(&tx, user, ino, changes).await?;
+            if relaxed {
+                tx.tx.relax_durability();
+            }
             Ok((decided, Some(done)))
         })
         .await
@@ -964,7 +1012,7 @@ mod tests {
         // A sync keeps the session, a close ends it; the larger of the
         // recorded and the known length wins.
         let WriterLengthFixed::Fixed(synced) = ns
-            .fix_writer_length(f.ino, SessionId(41), known(4096, 0), false)
+            .fix_writer_length(f.ino, SessionId(41), known(4096, 0), false, false)
             .await
             .expect("sync")
         else {
@@ -974,7 +1022,7 @@ mod tests {
         assert!(synced.mtime_ns >= f.mtime_ns);
         assert_eq!(ns.sessions(f.ino).await.expect("sessions").len(), 1);
         let WriterLengthFixed::Fixed(closed) = ns
-            .fix_writer_length(f.ino, SessionId(41), known(100, 0), true)
+            .fix_writer_length(f.ino, SessionId(41), known(100, 0), true, false)
             .await
             .expect("close")
         else {
@@ -984,7 +1032,7 @@ mod tests {
         assert!(ns.sessions(f.ino).await.expect("sessions").is_empty());
         // Closed again (a retry, or a session the reaper ended): storage.
         assert_eq!(
-            ns.fix_writer_length(f.ino, SessionId(41), known(100, 0), true)
+            ns.fix_writer_length(f.ino, SessionId(41), known(100, 0), true, false)
                 .await
                 .expect("close again"),
             WriterLengthFixed::SessionGone
@@ -997,7 +1045,7 @@ mod tests {
             .inode;
         assert_eq!(
             errno(
-                ns.fix_writer_length(big.ino, SessionId(43), known(u64::MAX, 0), true)
+                ns.fix_writer_length(big.ino, SessionId(43), known(u64::MAX, 0), true, false)
                     .await
             ),
             libc::EFBIG
@@ -1026,7 +1074,7 @@ mod tests {
                 ns.open_file(&root, g.ino, open).await.expect("open");
             }
             assert_eq!(
-                ns.fix_writer_length(g.ino, SessionId(ours), known(10, 0), true)
+                ns.fix_writer_length(g.ino, SessionId(ours), known(10, 0), true, false)
                     .await
                     .expect("close"),
                 WriterLengthFixed::AskStorage { chunks: None }
@@ -1054,7 +1102,7 @@ mod tests {
         .expect("truncate");
         // Nothing known past the recorded length: that length stands.
         let WriterLengthFixed::Fixed(kept) = ns
-            .fix_writer_length(t.ino, SessionId(81), known(chunk, 0), false)
+            .fix_writer_length(t.ino, SessionId(81), known(chunk, 0), false, false)
             .await
             .expect("sync")
         else {
@@ -1063,7 +1111,7 @@ mod tests {
         assert_eq!(kept.size(), chunk + 10);
         // Known past it: storage, for the chunks in between only.
         assert_eq!(
-            ns.fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 0), true)
+            ns.fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 0), true, false)
                 .await
                 .expect("close"),
             WriterLengthFixed::AskStorage {
@@ -1072,7 +1120,7 @@ mod tests {
         );
         // With the current version, the writer's length is trusted.
         let WriterLengthFixed::Fixed(grown) = ns
-            .fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 1), true)
+            .fix_writer_length(t.ino, SessionId(81), known(3 * chunk + 1, 1), true, false)
             .await
             .expect("close")
         else {

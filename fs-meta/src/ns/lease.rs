@@ -138,6 +138,46 @@ impl<K: Kv> Namespace<K> {
         .await
     }
 
+    /// The files of up to `limit` write sessions from `from` (the previous
+    /// page's second item; `None` to start), each once per page, and where
+    /// the next page starts (`None` after the last session): the files the
+    /// reaper's startup pass fixes the length of.
+    pub async fn written_files(
+        &self,
+        from: Option<Bytes>,
+        limit: usize,
+    ) -> Result<(Vec<InodeId>, Option<Bytes>), NsError> {
+        self.read(|tx| {
+            let from = from.clone();
+            async move {
+                let begin = from.unwrap_or_else(|| Bytes::from_static(tag::SESSION));
+                let range = RangeOptions::new(begin, prefix_end(tag::SESSION))
+                    .limit(limit.max(1))
+                    .snapshot(true);
+                let result = tx.tx.get_range(&range).await?;
+                let mut files: Vec<InodeId> = Vec::new();
+                for kv in &result.kvs {
+                    let Key::Session { ino, .. } = parse_key(&kv.key)? else {
+                        return Err(NsError::Corrupt {
+                            key: describe_key(&kv.key),
+                            reason: "not a session key under the session prefix".into(),
+                        });
+                    };
+                    // Keys sort by inode first: its sessions are adjacent.
+                    if files.last() != Some(&ino) {
+                        files.push(ino);
+                    }
+                }
+                let next = match result.kvs.last() {
+                    Some(last) if result.more => Some(key_after(&last.key)),
+                    _ => None,
+                };
+                Ok((files, next))
+            }
+        })
+        .await
+    }
+
     /// The expired sessions among up to `limit` write sessions from `from`
     /// (the previous page's `next`; `None` to start), read as a snapshot:
     /// this only finds candidates, and [`Namespace::reap_session`] decides

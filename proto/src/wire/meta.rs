@@ -386,8 +386,15 @@ pub struct SessionReq {
     /// file's only write session, and otherwise asks only the chains that
     /// may hold chunks past it (docs/metadata-schema.md, "Open for write /
     /// close"). Absent (older clients, or a caller that cannot say): every
-    /// chain is asked. Ignored with `length_known`.
+    /// chain is asked. With `length_known`, a floor: what an earlier sync
+    /// fixed, restored if a crash of the service lost that sync.
     pub writer_length: Option<WriterLength>,
+    /// The caller needs the length fixed and visible, not durable (the
+    /// flush of `close(2)`; an `fsync` leaves it false): a length the
+    /// service takes from the writer is committed without waiting for the
+    /// journal's fsync (docs/metadata-schema.md, "Durability"). Absent
+    /// (older clients): false.
+    pub relaxed: bool,
 }
 
 /// Every byte the writer wrote lies before `length`, and `truncate_version`
@@ -456,6 +463,8 @@ pub struct SyncSetAttrsReq {
     pub session: u64,
     pub writer_length: Option<WriterLength>,
     pub sets: Vec<SetAttrReq>,
+    /// As [`SessionReq::relaxed`], for the sync and the changes together.
+    pub relaxed: bool,
 }
 
 impl SyncSetAttrsReq {
