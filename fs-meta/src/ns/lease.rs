@@ -35,12 +35,13 @@ use bytes::Bytes;
 use flyfs_proto::ids::InodeId;
 
 use super::Namespace;
+use super::txn::MetaTx;
 use crate::ns::NsError;
 use crate::schema::{
     Inode, Key, LeaseValue, SessionId, SessionValue, decode_lease, decode_session, describe_key,
     encode_lease, lease_key, parse_key, session_key, tag,
 };
-use flyfs_kv::{Kv, RangeOptions, Transaction, key_after, prefix_end};
+use flyfs_kv::{KeyValue, Kv, RangeOptions, Transaction, key_after, prefix_end};
 
 /// A write session whose client's lease has run out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,28 +151,14 @@ impl<K: Kv> Namespace<K> {
         self.read(|tx| {
             let from = from.clone();
             async move {
-                let begin = from.unwrap_or_else(|| Bytes::from_static(tag::SESSION));
-                let range = RangeOptions::new(begin, prefix_end(tag::SESSION))
-                    .limit(limit.max(1))
-                    .snapshot(true);
-                let result = tx.tx.get_range(&range).await?;
+                let (sessions, next) = session_page(&tx, from, limit).await?;
                 let mut files: Vec<InodeId> = Vec::new();
-                for kv in &result.kvs {
-                    let Key::Session { ino, .. } = parse_key(&kv.key)? else {
-                        return Err(NsError::Corrupt {
-                            key: describe_key(&kv.key),
-                            reason: "not a session key under the session prefix".into(),
-                        });
-                    };
+                for (ino, _, _) in sessions {
                     // Keys sort by inode first: its sessions are adjacent.
                     if files.last() != Some(&ino) {
                         files.push(ino);
                     }
                 }
-                let next = match result.kvs.last() {
-                    Some(last) if result.more => Some(key_after(&last.key)),
-                    _ => None,
-                };
                 Ok((files, next))
             }
         })
@@ -192,20 +179,11 @@ impl<K: Kv> Namespace<K> {
         self.read(|tx| {
             let from = from.clone();
             async move {
-                let begin = from.unwrap_or_else(|| Bytes::from_static(tag::SESSION));
-                let range = RangeOptions::new(begin, prefix_end(tag::SESSION))
-                    .limit(limit.max(1))
-                    .snapshot(true);
-                let result = tx.tx.get_range(&range).await?;
+                let (sessions, next) = session_page(&tx, from, limit).await?;
                 let mut leases: HashMap<u64, Option<LeaseValue>> = HashMap::new();
                 let mut expired = Vec::new();
-                for kv in &result.kvs {
-                    let Key::Session { ino, session } = parse_key(&kv.key)? else {
-                        return Err(NsError::Corrupt {
-                            key: describe_key(&kv.key),
-                            reason: "not a session key under the session prefix".into(),
-                        });
-                    };
+                for (ino, session, kv) in &sessions {
+                    let (ino, session) = (*ino, *session);
                     let value = decode_session(&kv.key, &kv.value)?;
                     let lease = match leases.get(&value.client) {
                         Some(lease) => lease.clone(),
@@ -227,10 +205,6 @@ impl<K: Kv> Namespace<K> {
                         });
                     }
                 }
-                let next = match result.kvs.last() {
-                    Some(last) if result.more => Some(key_after(&last.key)),
-                    _ => None,
-                };
                 Ok(ExpiredPage { expired, next })
             }
         })
@@ -310,6 +284,36 @@ impl<K: Kv> Namespace<K> {
         }
         Ok(removed)
     }
+}
+
+/// Up to `limit` write sessions from `from` (the start of their range when
+/// `None`), read as a snapshot, each with its key and value, and where the
+/// next page starts (`None` after the last session).
+async fn session_page<T: Transaction>(
+    tx: &MetaTx<T>,
+    from: Option<Bytes>,
+    limit: usize,
+) -> Result<(Vec<(InodeId, SessionId, KeyValue)>, Option<Bytes>), NsError> {
+    let begin = from.unwrap_or_else(|| Bytes::from_static(tag::SESSION));
+    let range = RangeOptions::new(begin, prefix_end(tag::SESSION))
+        .limit(limit.max(1))
+        .snapshot(true);
+    let result = tx.tx.get_range(&range).await?;
+    let next = match result.kvs.last() {
+        Some(last) if result.more => Some(key_after(&last.key)),
+        _ => None,
+    };
+    let mut sessions = Vec::with_capacity(result.kvs.len());
+    for kv in result.kvs {
+        let Key::Session { ino, session } = parse_key(&kv.key)? else {
+            return Err(NsError::Corrupt {
+                key: describe_key(&kv.key),
+                reason: "not a session key under the session prefix".into(),
+            });
+        };
+        sessions.push((ino, session, kv));
+    }
+    Ok((sessions, next))
 }
 
 #[cfg(test)]
