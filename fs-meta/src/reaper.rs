@@ -24,11 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flyfs_client::storage::StorageClient;
+use flyfs_proto::ids::InodeId;
 use flyfs_rpc::Network;
 
 use crate::data::FileChunks;
-use flyfs_proto::ids::InodeId;
-
 use crate::ns::{ExpiredSession, Namespace, NsError, Reaped};
 use flyfs_kv::Kv;
 

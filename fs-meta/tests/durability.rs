@@ -161,7 +161,7 @@ async fn a_relaxed_length_fix_waits_for_no_fsync_and_a_close_restores_a_lost_one
 }
 
 #[tokio::test]
-async fn configured_durable_every_entry_is_fsynced_before_it_is_answered() {
+async fn configured_durable_every_entry_and_length_is_fsynced_before_it_is_answered() {
     let dir = tempfile::tempdir().expect("temp dir");
     let kv = store(&dir);
     let clock = Arc::new(ManualClock::new(ns_common::START_NS));
@@ -170,12 +170,20 @@ async fn configured_durable_every_entry_is_fsynced_before_it_is_answered() {
     let ns = Namespace::open(kv.clone(), config).await.expect("open");
     create(&ns, "a").await;
     let syncs = kv.journal_stats().syncs;
-    create(&ns, "b").await;
+    let (b, session) = create(&ns, "b").await;
     assert_eq!(kv.journal_stats().syncs, syncs + 1);
     ns.unlink(&ns_common::root(), ROOT, b"a")
         .await
         .expect("unlink");
     assert_eq!(kv.journal_stats().syncs, syncs + 2);
+    let known = WriterLength {
+        length: 10,
+        truncate_version: 0,
+    };
+    ns.fix_writer_length(b, session, known, false, true)
+        .await
+        .expect("a sync asking to be relaxed");
+    assert_eq!(kv.journal_stats().syncs, syncs + 3);
 }
 
 /// The embedded store, noting how many commits it had made at each

@@ -53,8 +53,9 @@ pub struct MetaDaemonConfig {
     /// off loses the last commits on a power cut, not on a process crash.
     #[serde(default = "default_sync_on_commit")]
     pub sync_on_commit: bool,
-    /// Every entry added, removed or renamed is durable before it is
-    /// answered. Off (the default), it is answered once applied and visible
+    /// Every entry added, removed or renamed, and the length the flush of
+    /// `close(2)` fixes, is durable before it is answered. Off (the
+    /// default), it is answered once applied and visible
     /// to every client, and durable within 10 ms, at the next `fsync` or
     /// `fsyncdir`, or with the next durable commit (docs/metadata-schema.md,
     /// "Durability").

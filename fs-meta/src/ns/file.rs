@@ -467,7 +467,7 @@ impl<K: Kv> Namespace<K> {
         self.write(|tx| async move {
             let decided = fix_writer_length_in(&tx, ino, session, known, end_session).await?;
             if relaxed && matches!(decided, WriterLengthFixed::Fixed(_)) {
-                tx.tx.relax_durability();
+                self.relax(&tx);
             }
             Ok(decided)
         })
@@ -498,7 +498,7 @@ impl<K: Kv> Namespace<K> {
             }
             let done = set_attrs_in(&tx, user, ino, changes).await?;
             if relaxed {
-                tx.tx.relax_durability();
+                self.relax(&tx);
             }
             Ok((decided, Some(done)))
         })

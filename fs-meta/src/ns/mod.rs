@@ -120,9 +120,10 @@ pub struct NsConfig {
     /// GC delay must be testable without waiting five minutes).
     pub clock: Arc<dyn Clock>,
     pub retry: RetryOptions,
-    /// Whether an entry added, removed or renamed is durable before it is
-    /// answered (3FS's behaviour on FoundationDB). Off, the default, it is
-    /// answered once applied and visible to every client, and durable at
+    /// Whether an entry added, removed or renamed, and a length the flush
+    /// of `close(2)` fixes, is durable before it is answered (3FS's
+    /// behaviour on FoundationDB). Off, the default, it is answered once
+    /// applied and visible to every client, and durable at
     /// the next `fsync` or `fsyncdir`, the next durable commit, or within
     /// the store's relaxed window (10 ms for the embedded store), as a
     /// local file system's directory changes are (docs/metadata-schema.md,
@@ -297,8 +298,9 @@ impl<K: Kv> Namespace<K> {
         .await
     }
 
-    /// Lets `tx`'s commit be answered before it is durable, unless every
-    /// namespace change must be durable when answered
+    /// Lets `tx`'s commit (a namespace change, or a length fixed for the
+    /// flush of `close(2)`) be answered before it is durable, unless it
+    /// must be durable when answered
     /// ([`NsConfig::durable_namespace_changes`]). As on a local file
     /// system, a change is durable after an `fsync` of a file or directory
     /// ([`sync`](Self::sync)); the store also makes it durable within
