@@ -91,6 +91,7 @@ impl MetaDaemon {
         ns_config.gc_delay_ms = config.gc_delay_ms;
         ns_config.client_lease_ms = config.client_lease_ms;
         ns_config.durable_namespace_changes = config.durable_namespace_changes;
+        ns_config.inline_bytes_max = config.inline_file_bytes_max;
         let ns = Namespace::open(kv, ns_config)
             .await
             .context("opening the namespace")?;

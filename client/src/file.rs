@@ -29,6 +29,17 @@
 //! Other reads fetch exactly what they ask for, every chunk of the range at
 //! once. Any write, truncate or open of the file empties every handle's
 //! cache (an epoch each handle checks).
+//!
+//! **Inline data.** When its open says so (`OpenRsp::inline_max`), a
+//! client writing a file from empty through the file's only write session
+//! keeps the file's bytes with the metadata service instead of storage:
+//! at a sync its whole buffer, laid over the content the service holds,
+//! goes with the sync's request, and nothing goes to storage
+//! ([`FileState::take_inline`]). The first write past the limit, or any
+//! write to storage, first has the service move what it holds to storage
+//! (`FsClient`'s `leave_inline`); from then on the file is written as any
+//! other. Reads of a file held inline are served from the bytes its open or
+//! sync brought (docs/metadata-schema.md, "Inline data").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -206,6 +217,63 @@ impl Deferred {
     }
 }
 
+/// What a client knows of a file's data held by the metadata service.
+#[derive(Debug, Default)]
+struct Inline {
+    /// Non-zero while this client may sync the file's content inline, up
+    /// to this many bytes: its write session's open allowed it, and
+    /// nothing of the file has gone to storage from here since.
+    max: u32,
+    /// The content the service holds, when it holds the file's data, as
+    /// of this client's last open or sync of the file.
+    bytes: Option<Bytes>,
+    /// The service holds bytes other than `bytes` (attributes said so).
+    stale: bool,
+}
+
+/// A sync carrying the file's whole content inline
+/// ([`FileState::take_inline`]): holds the write buffer until the service
+/// answers, so no read or write of this client slips between.
+pub(crate) struct InlineSync<'a> {
+    state: &'a FileState,
+    buffer: tokio::sync::MutexGuard<'a, Buffer>,
+    extents: Vec<(u64, Bytes)>,
+    /// The content to send.
+    pub(crate) bytes: Bytes,
+}
+
+impl InlineSync<'_> {
+    /// The service holds `bytes` now (unless this client has stopped
+    /// syncing inline meanwhile, whose move to storage then takes them).
+    pub(crate) fn stored(self) {
+        let mut inline = self.state.inline.lock();
+        if inline.max > 0 {
+            inline.bytes = (!self.bytes.is_empty()).then_some(self.bytes);
+        }
+        self.state.forget_read_ahead();
+    }
+
+    /// The sync failed: the writes wait in the buffer again.
+    pub(crate) fn put_back(mut self) {
+        for (start, data) in std::mem::take(&mut self.extents) {
+            self.buffer.insert(start, &data);
+        }
+    }
+
+    /// The service refused, and holds nothing of the file now: the buffered
+    /// writes go to storage, as they would have without inline data.
+    pub(crate) async fn refused<N: Network>(
+        self,
+        storage: &Arc<StorageClient<N>>,
+    ) -> Result<(), FsError> {
+        *self.state.inline.lock() = Inline::default();
+        let written = self.state.write_extents(storage, self.extents).await;
+        drop(self.buffer);
+        self.state.forget_read_ahead();
+        written
+    }
+}
+
 /// One open file's shared state in a client.
 #[derive(Debug)]
 pub(crate) struct FileState {
@@ -246,6 +314,7 @@ pub(crate) struct FileState {
     /// stale (a write, a truncate, an open); see [`ReadAhead::epoch`].
     readahead_epoch: AtomicU64,
     readahead_bytes_max: u64,
+    inline: Mutex<Inline>,
 }
 
 fn io_error(message: String) -> FsError {
@@ -287,6 +356,7 @@ impl FileState {
             }),
             readahead_epoch: AtomicU64::new(0),
             readahead_bytes_max: config.readahead_bytes_max,
+            inline: Mutex::default(),
         }
     }
 
@@ -317,6 +387,120 @@ impl FileState {
         self.forget_read_ahead();
     }
 
+    /// What an open said of the file's inline data: its bytes when the
+    /// service holds them, and, for an open with a write session, how much
+    /// this client may sync inline (`None` for an open without one, which
+    /// leaves that as it was).
+    pub(crate) fn opened_inline(&self, bytes: Option<Vec<u8>>, max: Option<u32>) {
+        let mut inline = self.inline.lock();
+        inline.stale = false;
+        if let Some(max) = max {
+            inline.max = max;
+        }
+        // What the service holds now is what writes not yet synced lay
+        // over (a sync refused for a file held elsewhere sends them to
+        // storage instead).
+        inline.bytes = bytes.map(Bytes::from);
+    }
+
+    /// The file's bytes, when the service holds them (as of this client's
+    /// last open or sync).
+    pub(crate) fn inline_bytes(&self) -> Option<Bytes> {
+        self.inline.lock().bytes.clone()
+    }
+
+    /// Attributes from the service say whether it holds the file's data
+    /// (`held`) and its `length`. With no writes of this client pending,
+    /// bytes known here that no longer match are dropped: when the service
+    /// holds other bytes, the next read fetches them
+    /// ([`inline_stale`](Self::inline_stale)); when it moved them to
+    /// storage, reads go there.
+    pub(crate) fn observe_inline(&self, held: bool, length: u64) {
+        if self.pending() {
+            return;
+        }
+        let mut inline = self.inline.lock();
+        let matches = inline
+            .bytes
+            .as_ref()
+            .is_some_and(|b| b.len() as u64 == length);
+        if held && !matches {
+            inline.bytes = None;
+            inline.stale = true;
+        } else if !held && inline.bytes.is_some() {
+            inline.bytes = None;
+            inline.max = 0;
+        }
+    }
+
+    /// The service holds bytes of the file that this client has not got:
+    /// a read fetches them first.
+    pub(crate) fn inline_stale(&self) -> bool {
+        self.inline.lock().stale
+    }
+
+    /// How much this client may sync inline (0: nothing).
+    pub(crate) fn inline_max(&self) -> u32 {
+        self.inline.lock().max
+    }
+
+    /// Stops syncing inline; answers whether the service holds the file's
+    /// data, which must then move to storage before anything is written
+    /// there.
+    pub(crate) fn leave_inline(&self) -> Option<Bytes> {
+        let mut inline = self.inline.lock();
+        inline.max = 0;
+        inline.bytes.take()
+    }
+
+    /// Undoes [`leave_inline`](Self::leave_inline) whose move failed: the
+    /// service still holds `bytes`.
+    pub(crate) fn still_inline(&self, bytes: Bytes) {
+        self.inline.lock().bytes.get_or_insert(bytes);
+    }
+
+    /// One of this client's write sessions of the file.
+    pub(crate) fn any_session(&self) -> Option<u64> {
+        self.sessions.lock().first().copied()
+    }
+
+    /// Whether writes wait in the buffer.
+    pub(crate) async fn buffered(&self) -> bool {
+        self.buffer.lock().await.bytes > 0
+    }
+
+    /// Takes the buffer for a sync that carries the file's content inline,
+    /// when it may: this client may sync inline, nothing is in flight to
+    /// storage, writes wait in the buffer, and the file with them laid over
+    /// what the service holds fits.
+    pub(crate) async fn take_inline(&self) -> Option<InlineSync<'_>> {
+        let max = u64::from(self.inline_max());
+        if max == 0 || self.in_flight() {
+            return None;
+        }
+        let mut buffer = self.buffer.lock().await;
+        let length = self.length.load(Ordering::Acquire);
+        if buffer.bytes == 0 || length > max {
+            return None;
+        }
+        let mut bytes = BytesMut::zeroed(length as usize);
+        if let Some(held) = self.inline_bytes() {
+            let n = held.len().min(bytes.len());
+            bytes[..n].copy_from_slice(&held[..n]);
+        }
+        let extents = buffer.take();
+        for (start, data) in &extents {
+            let at = *start as usize;
+            bytes[at..at + data.len()].copy_from_slice(data);
+        }
+        Some(InlineSync {
+            state: self,
+            buffer,
+            extents,
+            bytes: bytes.freeze(),
+        })
+    }
+
     /// The metadata service says the file is `length` long (at
     /// `truncate_version`); answers the length as this client knows it.
     pub(crate) fn observe_length(&self, length: u64, truncate_version: u64) -> u64 {
@@ -332,7 +516,23 @@ impl FileState {
 
     /// The file was truncated (or extended) to `size` by this client, which
     /// made its truncate version `truncate_version`.
-    pub(crate) fn truncated(&self, size: u64, truncate_version: u64) {
+    /// `inline`: the service still holds the file's data after it.
+    pub(crate) fn truncated(&self, size: u64, truncate_version: u64, inline: bool) {
+        {
+            let mut inline_state = self.inline.lock();
+            let inline_state = &mut *inline_state;
+            if let Some(bytes) = inline_state.bytes.take().filter(|_| inline) {
+                // The service cut or zero-extended what it holds alike.
+                let mut resized = BytesMut::zeroed(size as usize);
+                let n = bytes.len().min(resized.len());
+                resized[..n].copy_from_slice(&bytes[..n]);
+                inline_state.bytes = (size > 0).then(|| resized.freeze());
+            } else if size > 0 {
+                // Not empty and not held (a truncate past what may be held
+                // moved it to storage): nothing to sync inline.
+                inline_state.max = 0;
+            }
+        }
         self.length.store(size, Ordering::Release);
         self.truncate_version
             .store(truncate_version, Ordering::Release);
@@ -450,6 +650,16 @@ impl FileState {
         if buffer.bytes < self.buffer_bytes {
             return Ok(());
         }
+        {
+            // Storage must not be written while the service holds the
+            // data (`FsClient::write` moves it before a write past what may
+            // be held, so a full buffer should not find it held).
+            let mut inline = self.inline.lock();
+            if inline.bytes.is_some() {
+                return Ok(());
+            }
+            inline.max = 0;
+        }
         if buffer.extents.len() > 1 {
             // Scattered writes: all of them at once, and the writer waits.
             let extents = buffer.take();
@@ -491,12 +701,22 @@ impl FileState {
     }
 
     /// Writes everything buffered and waits for every write in flight;
-    /// reports the first failure since the last report.
-    pub(crate) async fn drain<N: Network>(
+    /// reports the first failure since the last report. Unless the metadata
+    /// service holds the file's data ([`leave_inline`](Self::leave_inline)
+    /// must move it first) and writes wait: then nothing is written and the
+    /// answer is false. Writing to storage ends this client syncing inline.
+    pub(crate) async fn drain_unless_held<N: Network>(
         &self,
         storage: &Arc<StorageClient<N>>,
-    ) -> Result<(), FsError> {
+    ) -> Result<bool, FsError> {
         let mut buffer = self.buffer.lock().await;
+        if buffer.bytes > 0 {
+            let mut inline = self.inline.lock();
+            if inline.bytes.is_some() {
+                return Ok(false);
+            }
+            inline.max = 0;
+        }
         let rest = buffer.take();
         let wrote = !rest.is_empty() || self.in_flight();
         let written = self.write_extents(storage, rest).await;
@@ -507,7 +727,7 @@ impl FileState {
             // predate them.
             self.forget_read_ahead();
         }
-        written.and(waited)
+        written.and(waited).map(|()| true)
     }
 
     async fn wait_flushes(&self) -> Result<(), FsError> {
@@ -606,7 +826,14 @@ impl FileState {
         len: u32,
     ) -> Result<Bytes, FsError> {
         if self.in_flight() || self.buffer.lock().await.bytes > 0 {
-            self.drain(storage).await?;
+            // Held inline, the caller moved the data first; a write that
+            // came since is not this read's to see.
+            self.drain_unless_held(storage).await?;
+        }
+        if let Some(bytes) = self.inline_bytes() {
+            let start = (offset as usize).min(bytes.len());
+            let end = (offset.saturating_add(u64::from(len)) as usize).min(bytes.len());
+            return Ok(bytes.slice(start..end));
         }
         let length = self.length.load(Ordering::Acquire);
         if offset >= length || len == 0 {
@@ -652,7 +879,16 @@ impl FileState {
         F: FnMut(usize, usize) -> B,
     {
         if self.in_flight() || self.buffer.lock().await.bytes > 0 {
-            self.drain(storage).await?;
+            self.drain_unless_held(storage).await?;
+        }
+        if let Some(bytes) = self.inline_bytes() {
+            let start = (offset as usize).min(bytes.len());
+            let end = (offset.saturating_add(u64::from(len)) as usize).min(bytes.len());
+            if start < end {
+                let mut dst = slice(0, end - start);
+                dst.as_mut()[..end - start].copy_from_slice(&bytes[start..end]);
+            }
+            return Ok((end - start) as u64);
         }
         let length = self.length.load(Ordering::Acquire);
         if offset >= length || len == 0 {

@@ -29,22 +29,23 @@ use std::time::Duration;
 use crate::meta::MetaClient;
 use crate::storage::StorageClient;
 use bytes::Bytes;
+use flyfs_proto::Method;
 use flyfs_proto::frame::Status;
 use flyfs_proto::ids::{ClientId, InodeId};
 use flyfs_proto::wire::meta::{
     Attr, Close, Create, CreateReq, EntryReq, FileType, GetXattr, LengthHint, LengthHintReq, Link,
     LinkReq, ListXattr, Lookup, LookupReq, Mkdir, MkdirReq, Mknod, MknodReq, Open, OpenReq,
-    Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
+    OpenRsp, Readdir, ReaddirReq, ReaddirRsp, Readlink, RemoveAll, RemoveXattr, Rename, RenameReq,
     RenewLease, RenewLeaseReq, Resolve, ResolveReq, Rmdir, SessionReq, SetAttr, SetAttrReq,
     SetTime, SetXattr, Stat, StatReq, Statfs, StatfsReq, StatfsRsp, Symlink, SymlinkReq, Sync,
     SyncNamespace, SyncNamespaceReq, SyncSetAttr, SyncSetAttrReq, SyncSetAttrs, SyncSetAttrsReq,
-    Unlink, User, XattrMode, XattrReq,
+    Uninline, Unlink, User, WriterLength, XattrMode, XattrReq,
 };
 use flyfs_rpc::Network;
 use parking_lot::Mutex;
 
 use crate::FsError;
-use crate::file::FileState;
+use crate::file::{FileState, InlineSync};
 
 /// How a [`FsClient`] buffers and reads ahead.
 #[derive(Clone, Debug)]
@@ -144,6 +145,7 @@ impl FileHandle {
             length_known: false,
             writer_length: None,
             relaxed: false,
+            inline: None,
         }
     }
 }
@@ -270,6 +272,7 @@ impl<N: Network> FsClient<N> {
             && let Some(state) = self.open_state(attr.ino)
         {
             attr.length = state.observe_length(attr.length, attr.truncate_version);
+            state.observe_inline(attr.inline, attr.length);
             let mut deferred = state.deferred.lock();
             deferred.known = Some(attr.clone());
             deferred.apply(&mut attr);
@@ -356,16 +359,30 @@ impl<N: Network> FsClient<N> {
         // As in `flush`: the count first, then the length covering it.
         let writes = state.writes();
         let known = state.writer_length();
-        state.drain(&self.storage).await?;
-        let unsynced = state.unsynced();
-        let req = SyncSetAttrsReq {
+        let mut req = SyncSetAttrsReq {
             user: User::root(),
             ino: state.ino,
             session,
-            writer_length: unsynced.then_some(known),
+            writer_length: Some(known),
             sets: sets.into_iter().map(|(set, _)| set).collect(),
             relaxed,
+            inline: None,
         };
+        if let Some(inline) = state.take_inline().await {
+            req.inline = Some(inline.bytes.to_vec());
+            if let Some(attr) = self.settle_inline::<SyncSetAttrs>(inline, &req).await? {
+                state.synced(writes);
+                let mut deferred = state.deferred.lock();
+                deferred.sets.drain(..sent);
+                deferred.known = Some(attr);
+                return Ok(true);
+            }
+            // Refused: no change was made either.
+            req.inline = None;
+        }
+        self.drain_to_storage(state).await?;
+        let unsynced = state.unsynced();
+        req.writer_length = unsynced.then_some(known);
         match self.meta.call::<SyncSetAttrs, _>(&req).await {
             Ok(attr) => {
                 if unsynced && attr.length >= known.length {
@@ -390,6 +407,7 @@ impl<N: Network> FsClient<N> {
                         length_known: false,
                         writer_length: Some(known),
                         relaxed,
+                        inline: None,
                     };
                     self.meta.call::<Sync, _>(&sync).await?;
                     state.synced(writes);
@@ -620,7 +638,7 @@ impl<N: Network> FsClient<N> {
             self.flush_deferred(state).await?;
         }
         if let (Some(state), Some(_)) = (&state, req.size) {
-            state.drain(&self.storage).await?;
+            self.drain_to_storage(state).await?;
         }
         if let Some(state) = &state
             && req.size.is_none()
@@ -631,7 +649,7 @@ impl<N: Network> FsClient<N> {
             // As in `flush`: the count first, then the length covering it.
             let writes = state.writes();
             let known = state.writer_length();
-            state.drain(&self.storage).await?;
+            self.drain_to_storage(state).await?;
             let folded = SyncSetAttrReq {
                 set: req.clone(),
                 session,
@@ -659,7 +677,7 @@ impl<N: Network> FsClient<N> {
         }
         let attr = self.meta.call::<SetAttr, _>(&req).await?;
         if let (Some(state), Some(size)) = (&state, req.size) {
-            state.truncated(size, attr.truncate_version);
+            state.truncated(size, attr.truncate_version, attr.inline);
         }
         Ok(self.local_attr(attr))
     }
@@ -797,8 +815,9 @@ impl<N: Network> FsClient<N> {
             session: self.session_id(mode),
         };
         let rsp = self.meta.call::<Create, _>(&req).await?;
-        let (attr, handle) = self.opened(user, rsp.attr, mode, rsp.session)?;
-        Ok((attr, handle, rsp.parent))
+        let parent = rsp.parent.clone();
+        let (attr, handle) = self.opened(user, rsp, mode)?;
+        Ok((attr, handle, parent))
     }
 
     /// Opens a file. The handle sees everything written to the file before
@@ -824,19 +843,25 @@ impl<N: Network> FsClient<N> {
             // Buffered data and deferred changes must not land after the
             // truncate.
             self.flush_deferred(&state).await?;
-            state.drain(&self.storage).await?;
+            self.drain_to_storage(&state).await?;
         }
         let rsp = self.meta.call::<Open, _>(&req).await?;
-        self.opened(user, rsp.attr, mode, rsp.session)
+        self.opened(user, rsp, mode)
     }
 
     fn opened(
         &self,
         user: &User,
-        attr: Attr,
+        rsp: OpenRsp,
         mode: OpenMode,
-        session: Option<u64>,
     ) -> Result<(Attr, Arc<FileHandle>), FsError> {
+        let OpenRsp {
+            attr,
+            session,
+            inline,
+            inline_max,
+            ..
+        } = rsp;
         if attr.kind != FileType::File {
             return Err(FsError {
                 errno: libc::EISDIR,
@@ -871,6 +896,7 @@ impl<N: Network> FsClient<N> {
         // Close-to-open: whatever was read ahead before this open may be
         // stale now.
         state.opened(attr.length, attr.truncate_version, mode.truncate);
+        state.opened_inline(inline, session.map(|_| inline_max));
         let attr = self.local_attr(attr);
         let handle = Arc::new(FileHandle {
             state,
@@ -886,7 +912,70 @@ impl<N: Network> FsClient<N> {
     /// Reads up to `len` bytes at `offset`; fewer only at the end of the
     /// file. Holes read as zeros.
     pub async fn read(&self, fh: &FileHandle, offset: u64, len: u32) -> Result<Bytes, FsError> {
+        self.before_read(fh).await?;
         fh.state.read(&self.storage, fh, offset, len).await
+    }
+
+    /// What a read needs first: this client's buffered writes on storage,
+    /// or the bytes the service holds inline if this client's are stale.
+    async fn before_read(&self, fh: &FileHandle) -> Result<(), FsError> {
+        if fh.state.buffered().await {
+            self.drain_to_storage(&fh.state).await?;
+        }
+        if fh.state.inline_stale() {
+            let req = OpenReq {
+                user: fh.user.clone(),
+                ino: fh.ino(),
+                read: true,
+                ..OpenReq::default()
+            };
+            let rsp = self.meta.call::<Open, _>(&req).await?;
+            fh.state
+                .observe_length(rsp.attr.length, rsp.attr.truncate_version);
+            fh.state.opened_inline(rsp.inline, None);
+        }
+        Ok(())
+    }
+
+    /// Writes the file's buffered writes to storage, having the service
+    /// move the file's data there first when it holds it.
+    async fn drain_to_storage(&self, state: &FileState) -> Result<(), FsError> {
+        while !state.drain_unless_held(&self.storage).await? {
+            self.leave_inline(state).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops syncing the file inline; when the service holds its data,
+    /// has it moved to storage first ([`Uninline`]), so that writes to
+    /// storage land over it.
+    async fn leave_inline(&self, state: &FileState) -> Result<(), FsError> {
+        let Some(bytes) = state.leave_inline() else {
+            return Ok(());
+        };
+        let Some(session) = state.any_session() else {
+            // Nothing of this client can write the file.
+            return Ok(());
+        };
+        let req = SessionReq {
+            user: User::root(),
+            ino: state.ino,
+            session,
+            length_known: false,
+            writer_length: None,
+            relaxed: false,
+            inline: None,
+        };
+        match self.meta.call::<Uninline, _>(&req).await {
+            Ok(attr) => {
+                self.local_attr(attr);
+                Ok(())
+            }
+            Err(e) => {
+                state.still_inline(bytes);
+                Err(e)
+            }
+        }
     }
 
     /// [`read`](Self::read) into the caller's memory: reads up to `len`
@@ -907,6 +996,7 @@ impl<N: Network> FsClient<N> {
         B: AsMut<[u8]> + Send + 'static,
         F: FnMut(usize, usize) -> B,
     {
+        self.before_read(fh).await?;
         fh.state.read_into(&self.storage, offset, len, slice).await
     }
 
@@ -923,6 +1013,11 @@ impl<N: Network> FsClient<N> {
         }
         // A write after a deferred change is after it: its mtime too.
         self.flush_deferred(&fh.state).await?;
+        let end = offset.saturating_add(data.len() as u64);
+        if end > u64::from(fh.state.inline_max()) || fh.state.inline_max() == 0 {
+            // Past what may be held: to storage, and what is held first.
+            self.leave_inline(&fh.state).await?;
+        }
         fh.state.write(&self.storage, offset, data).await?;
         self.maybe_hint(fh).await;
         Ok(())
@@ -962,7 +1057,10 @@ impl<N: Network> FsClient<N> {
         // later write is left for a later sync).
         let writes = fh.state.writes();
         let known = fh.state.writer_length();
-        fh.state.drain(&self.storage).await?;
+        if self.sync_inline(fh, writes, known, relaxed).await? {
+            return Ok(true);
+        }
+        self.drain_to_storage(&fh.state).await?;
         if let Some(session) = fh.session
             && fh.state.unsynced()
         {
@@ -979,6 +1077,64 @@ impl<N: Network> FsClient<N> {
             return Ok(true);
         }
         Ok(deferred)
+    }
+
+    /// Syncs the file's buffered writes inline when this client may
+    /// ([`FileState::take_inline`]): the whole content goes with the
+    /// `Sync`. Whether the service took it; refused, the writes went to
+    /// storage and the caller syncs as usual. `writes` and `known`: as in
+    /// [`flush_synced`](Self::flush_synced).
+    async fn sync_inline(
+        &self,
+        fh: &FileHandle,
+        writes: u64,
+        known: WriterLength,
+        relaxed: bool,
+    ) -> Result<bool, FsError> {
+        let Some(session) = fh.session else {
+            return Ok(false);
+        };
+        let Some(inline) = fh.state.take_inline().await else {
+            return Ok(false);
+        };
+        let req = SessionReq {
+            writer_length: Some(known),
+            relaxed,
+            inline: Some(inline.bytes.to_vec()),
+            ..fh.session_req(session)
+        };
+        let Some(attr) = self.settle_inline::<Sync>(inline, &req).await? else {
+            return Ok(false);
+        };
+        fh.state.synced(writes);
+        self.local_attr(attr);
+        Ok(true)
+    }
+
+    /// Sends `req`, a sync carrying `inline`'s content, and settles
+    /// `inline` by the answer: the file's attributes when the service took
+    /// the content; `None` when it refused, holding nothing of the file
+    /// from then on, and the writes went to storage; a failure puts the
+    /// writes back in the buffer.
+    async fn settle_inline<M>(
+        &self,
+        inline: InlineSync<'_>,
+        req: &M::Req,
+    ) -> Result<Option<Attr>, FsError>
+    where
+        M: Method<Rsp = Result<Attr, FsError>>,
+    {
+        match self.meta.call::<M, _>(req).await {
+            Ok(attr) if attr.inline => {
+                inline.stored();
+                Ok(Some(attr))
+            }
+            Ok(_) => inline.refused(&self.storage).await.map(|()| None),
+            Err(e) => {
+                inline.put_back();
+                Err(e)
+            }
+        }
     }
 
     /// `fsync`: as [`flush`](Self::flush) (storage acknowledges a write only
@@ -1015,7 +1171,11 @@ impl<N: Network> FsClient<N> {
         let deferred = self.flush_deferred(&fh.state).await;
         let writes = fh.state.writes();
         let known = fh.state.writer_length();
-        let flushed = fh.state.drain(&self.storage).await;
+        let flushed = match self.sync_inline(fh, writes, known, true).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.drain_to_storage(&fh.state).await,
+            Err(e) => Err(e),
+        };
         if let Some(session) = fh.session {
             // Most handles end synced (close(2) flushed them) or never
             // wrote: the service then need not ask storage for the length.
@@ -1047,7 +1207,7 @@ impl<N: Network> FsClient<N> {
         let mut first = Ok(());
         for state in states {
             let done = match self.flush_deferred(&state).await {
-                Ok(_) => state.drain(&self.storage).await,
+                Ok(_) => self.drain_to_storage(&state).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = done

@@ -1037,3 +1037,141 @@ async fn a_lost_relaxed_sync_is_restored_by_the_close_or_the_startup_pass() {
     a.release(&fh).await.expect("release");
     assert_eq!(recorded(attr.ino).await, length);
 }
+
+/// Small files written from empty by one writer are held by the metadata
+/// service (docs/metadata-schema.md, "Inline data"); every way out of that
+/// (growing past the limit, a second writer, a truncate past it) moves the
+/// bytes to storage first, and readers see the same bytes throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_held_inline_until_they_grow_or_gain_a_writer() {
+    let cluster = cluster().await;
+    let a = client(&cluster, 41, patient()).await;
+    let b = client(&cluster, 42, patient()).await;
+    let stats = &cluster.service_stats[0];
+    let root = User::root();
+    let inline_of = |attr: &flyfs_proto::wire::meta::Attr| attr.inline;
+
+    // Written and closed: held, and read back by another client.
+    let small = pattern(11, 3000);
+    let (attr, fa) = a
+        .create(&root, ROOT, b"held", 0o644, RW, true)
+        .await
+        .expect("create");
+    let ino = attr.ino;
+    // A reader that opened before the writer's flush.
+    let (_, early) = b.open(&root, ino, RO).await.expect("open");
+    a.write(&fa, 0, &small).await.expect("write");
+    let syncs = stats.inline_syncs();
+    a.flush(&fa).await.expect("flush");
+    assert_eq!(
+        stats.inline_syncs(),
+        syncs + 1,
+        "the flush carried the bytes"
+    );
+    a.release(&fa).await.expect("release");
+    let seen = b.stat(&root, ino).await.expect("stat");
+    assert!(inline_of(&seen), "{seen:?}");
+    assert_eq!(seen.length, small.len() as u64);
+    assert_eq!(
+        read_all(&b, &early, 1 << 20, 1000).await,
+        small,
+        "the early reader"
+    );
+    b.release(&early).await.expect("release");
+    let (_, fb) = b.open(&root, ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 1 << 20, 4096).await, small);
+    b.release(&fb).await.expect("release");
+
+    // Rewritten in place and extended within the limit by a new sole writer.
+    let mut model = small.clone();
+    let (_, fa) = a.open(&root, ino, RW).await.expect("open");
+    let patch = pattern(12, 5000);
+    a.write(&fa, 2000, &patch).await.expect("write");
+    model.resize(7000, 0);
+    model[2000..7000].copy_from_slice(&patch);
+    a.fsync(&fa).await.expect("fsync");
+    assert!(inline_of(&b.stat(&root, ino).await.expect("stat")));
+    assert_eq!(
+        read_all(&a, &fa, 1 << 20, 4096).await,
+        model,
+        "the writer reads"
+    );
+    // Past the limit: moved to storage first, then written there.
+    let uninlined = stats.uninlined();
+    let big = pattern(13, 3 * CHUNK as usize);
+    a.write(&fa, 7000, &big).await.expect("write");
+    model.extend_from_slice(&big);
+    assert_eq!(stats.uninlined(), uninlined + 1);
+    a.release(&fa).await.expect("release");
+    let seen = b.stat(&root, ino).await.expect("stat");
+    assert!(!inline_of(&seen));
+    let (_, fb) = b.open(&root, ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 1 << 20, 10_000).await, model);
+    b.release(&fb).await.expect("release");
+
+    // A second writer: the file moves to storage at its open, and the
+    // first writer's buffered writes follow it there.
+    let (attr, fa) = a
+        .create(&root, ROOT, b"two", 0o644, RW, true)
+        .await
+        .expect("create");
+    let first = pattern(14, 1000);
+    a.write(&fa, 0, &first).await.expect("write");
+    a.flush(&fa).await.expect("flush");
+    assert!(inline_of(&b.stat(&root, attr.ino).await.expect("stat")));
+    let (_, fb) = b.open(&root, attr.ino, RW).await.expect("open");
+    assert!(!inline_of(&b.stat(&root, attr.ino).await.expect("stat")));
+    let second = pattern(15, 500);
+    b.write(&fb, 1000, &second).await.expect("write");
+    b.flush(&fb).await.expect("flush");
+    let more = pattern(16, 200);
+    a.write(&fa, 100, &more).await.expect("write");
+    a.flush(&fa).await.expect("flush");
+    let mut model = first.clone();
+    model.extend_from_slice(&second);
+    model[100..300].copy_from_slice(&more);
+    a.release(&fa).await.expect("release");
+    b.release(&fb).await.expect("release");
+    let (_, fb) = b.open(&root, attr.ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 1 << 20, 4096).await, model);
+    b.release(&fb).await.expect("release");
+
+    // Truncates: within the limit the held bytes are cut or zero-extended;
+    // past it they move to storage.
+    let (attr, fa) = a
+        .create(&root, ROOT, b"cut", 0o644, RW, true)
+        .await
+        .expect("create");
+    let data = pattern(17, 4000);
+    a.write(&fa, 0, &data).await.expect("write");
+    a.release(&fa).await.expect("release");
+    let truncate = |size| SetAttrReq {
+        user: root.clone(),
+        ino: attr.ino,
+        size: Some(size),
+        ..SetAttrReq::default()
+    };
+    let cut = b.setattr(truncate(1500)).await.expect("truncate");
+    assert!(cut.inline && cut.length == 1500, "{cut:?}");
+    let grown = b.setattr(truncate(6000)).await.expect("truncate");
+    assert!(grown.inline && grown.length == 6000, "{grown:?}");
+    let mut model = data[..1500].to_vec();
+    model.resize(6000, 0);
+    let (_, fb) = b.open(&root, attr.ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 1 << 20, 4096).await, model);
+    b.release(&fb).await.expect("release");
+    let past = b
+        .setattr(truncate(2 * u64::from(CHUNK)))
+        .await
+        .expect("truncate");
+    assert!(
+        !past.inline && past.length == 2 * u64::from(CHUNK),
+        "{past:?}"
+    );
+    model.resize(2 * CHUNK as usize, 0);
+    let (_, fb) = b.open(&root, attr.ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 1 << 20, 10_000).await, model);
+    b.release(&fb).await.expect("release");
+    let empty = b.setattr(truncate(0)).await.expect("truncate");
+    assert!(!empty.inline && empty.length == 0);
+}

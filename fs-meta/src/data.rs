@@ -160,6 +160,29 @@ impl<N: Network> FileChunks<'_, N> {
         Ok(())
     }
 
+    /// Makes `bytes` the file's whole data on storage, from offset 0 (data
+    /// held inline moving to storage; it fits the first chunk): writes
+    /// them, then cuts whatever an earlier attempt left past them.
+    pub async fn write_whole(&self, bytes: bytes::Bytes) -> Result<(), DataError> {
+        let len = bytes.len() as u64;
+        if len > 0 {
+            self.storage
+                .write(
+                    self.layout.chain_of(0),
+                    ChunkId {
+                        inode: self.ino,
+                        index: 0,
+                    },
+                    0,
+                    bytes,
+                    self.layout.chunk_size(),
+                )
+                .await
+                .map_err(self.error("write"))?;
+        }
+        self.truncate(len).await
+    }
+
     /// Deletes every chunk of the file; returns how many removals it sent.
     pub async fn delete(&self) -> Result<u64, DataError> {
         let mut sent = 0;

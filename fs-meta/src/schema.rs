@@ -602,6 +602,18 @@ pub struct FileData {
     /// written before a truncate from one written after.
     pub truncate_version: u64,
     pub layout: StoredLayout,
+    /// The file's bytes, held here instead of on storage (a small file
+    /// written by its only writer; see docs/metadata-schema.md, "Inline
+    /// data"): then `length` is their length, never 0, and storage holds
+    /// no chunk of the file that a read may return.
+    pub inline: Option<Vec<u8>>,
+}
+
+impl FileData {
+    /// Whether the data is held here ([`FileData::inline`]).
+    pub fn is_inline(&self) -> bool {
+        self.inline.is_some()
+    }
 }
 
 /// A directory's own attributes.
@@ -742,6 +754,8 @@ struct InodeRecord {
     target: Vec<u8>,
     #[serde(skip_serializing_if = "is_zero")]
     rdev: u64,
+    #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    inline: Option<Vec<u8>>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -767,6 +781,7 @@ pub fn encode_inode(inode: &Inode) -> Result<Vec<u8>, NsError> {
             record.length = f.length;
             record.truncate_version = f.truncate_version;
             record.layout = Some(f.layout.clone());
+            record.inline = f.inline.clone();
         }
         InodeData::Directory(d) => {
             record.parent = d.parent.0;
@@ -794,13 +809,25 @@ pub fn decode_inode(ino: InodeId, value: &[u8]) -> Result<Inode, DecodeError> {
     }
     let data = match InodeKind::from_code(record.kind) {
         None => return Err(bad(format!("unknown inode kind {}", record.kind))),
-        Some(InodeKind::File) => InodeData::File(FileData {
-            length: record.length,
-            truncate_version: record.truncate_version,
-            layout: record
-                .layout
-                .ok_or_else(|| bad("a file without a layout".into()))?,
-        }),
+        Some(InodeKind::File) => {
+            if let Some(inline) = &record.inline
+                && (inline.is_empty() || inline.len() as u64 != record.length)
+            {
+                return Err(bad(format!(
+                    "{} inline bytes for a file of length {}",
+                    inline.len(),
+                    record.length
+                )));
+            }
+            InodeData::File(FileData {
+                length: record.length,
+                truncate_version: record.truncate_version,
+                layout: record
+                    .layout
+                    .ok_or_else(|| bad("a file without a layout".into()))?,
+                inline: record.inline,
+            })
+        }
         Some(InodeKind::Directory) => {
             if record.parent == 0 && record.gc_due_ms.is_none() {
                 return Err(bad("a linked directory without a parent".into()));
@@ -1329,6 +1356,16 @@ mod tests {
                     length: 12345,
                     truncate_version: 3,
                     layout: layout(),
+                    inline: None,
+                }),
+            ),
+            base(
+                4097,
+                InodeData::File(FileData {
+                    length: 5,
+                    truncate_version: 1,
+                    layout: layout(),
+                    inline: Some(b"hello".to_vec()),
                 }),
             ),
             base(
@@ -1541,6 +1578,17 @@ mod tests {
         // An unknown kind.
         let error = decode_inode(InodeId(0x2a), &[1, 0x80]).expect_err("kind 0");
         assert!(error.reason.contains("kind"), "{error}");
+        // Inline bytes that are not the file's length.
+        let mut held = inodes()
+            .into_iter()
+            .find(|i| i.file().is_some_and(FileData::is_inline))
+            .expect("a held file");
+        if let InodeData::File(f) = &mut held.data {
+            f.length += 1;
+        }
+        let bytes = encode_inode(&held).expect("encodes");
+        let error = decode_inode(held.ino, &bytes).expect_err("length");
+        assert!(error.reason.contains("inline bytes"), "{error}");
         let key = dentry_key(ROOT, b"x");
         let error = decode_dentry(&key, &[1, 0x80]).expect_err("inode 0");
         assert!(error.to_string().contains("DENT ino 0x1 \"x\""), "{error}");

@@ -23,7 +23,8 @@ use flyfs_proto::wire::meta::{
     Close, Create, GcStatus, GetXattr, KvCommit, KvEvict, KvLookup, KvOpen, KvRelease, KvRemove,
     KvReserve, LengthHint, Link, ListXattr, Lookup, Mkdir, MkdirAll, Mknod, Open, Readdir,
     Readlink, RemoveAll, RemoveXattr, Rename, RenewLease, Resolve, Rmdir, SetAttr, SetLayout,
-    SetXattr, Stat, Statfs, Symlink, Sync, SyncNamespace, SyncSetAttr, SyncSetAttrs, Unlink,
+    SetXattr, Stat, Statfs, Symlink, Sync, SyncNamespace, SyncSetAttr, SyncSetAttrs, Uninline,
+    Unlink,
 };
 use flyfs_proto::wire::meta::{NamesCaller, User};
 use flyfs_rpc::server::{Peer, Reply, Request, Service};
@@ -154,7 +155,15 @@ pub struct ServiceStats {
     length_chains_asked: AtomicU64,
     /// Lengths fixed from what the writer knew, without asking storage.
     lengths_trusted: AtomicU64,
+    /// Syncs whose content the namespace took to hold inline.
+    inline_syncs: AtomicU64,
+    /// Files whose inline data moved to storage.
+    uninlined: AtomicU64,
 }
+
+/// How often a move of inline data to storage starts over when the data
+/// changed meanwhile (a truncate), and a truncate waits for such moves.
+const UNINLINE_TRIES: u32 = 8;
 
 impl ServiceStats {
     /// Requests answered so far, by method name (`meta.Create`, ...).
@@ -171,6 +180,14 @@ impl ServiceStats {
 
     pub fn lengths_trusted(&self) -> u64 {
         self.lengths_trusted.load(Ordering::Relaxed)
+    }
+
+    pub fn inline_syncs(&self) -> u64 {
+        self.inline_syncs.load(Ordering::Relaxed)
+    }
+
+    pub fn uninlined(&self) -> u64 {
+        self.uninlined.load(Ordering::Relaxed)
     }
 
     fn count(&self, method: &'static str) {
@@ -272,6 +289,26 @@ pub fn attr(inode: &Inode) -> wire::Attr {
         layout,
         default_layout,
         rdev: inode.rdev(),
+        inline: inode.file().is_some_and(|f| f.is_inline()),
+    }
+}
+
+/// An open's answer: the inode's attributes and, when the namespace holds
+/// the file's data, the data.
+fn open_rsp(
+    inode: &Inode,
+    session: Option<SessionId>,
+    created: bool,
+    parent: Option<wire::Attr>,
+    inline_max: u32,
+) -> wire::OpenRsp {
+    wire::OpenRsp {
+        attr: attr(inode),
+        session: session.map(|s| s.0),
+        created,
+        parent,
+        inline: inode.file().and_then(|f| f.inline.clone()),
+        inline_max,
     }
 }
 
@@ -380,6 +417,23 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         }
     }
 
+    /// After an open with a write session: a file held inline that the
+    /// session may not have held ([`ns::Opened::inline_max`] 0: another
+    /// session writes it too) moves to storage, where writers write.
+    async fn opened_inline(
+        &self,
+        inode: Inode,
+        session: Option<SessionId>,
+        inline_max: u32,
+    ) -> Result<Inode> {
+        let held = inode.file().is_some_and(|f| f.is_inline());
+        if session.is_none() || inline_max > 0 || !held {
+            return Ok(inode);
+        }
+        self.uninline(inode.ino).await?;
+        self.ns.stat(inode.ino).await.map_err(meta_error)
+    }
+
     /// Carries out on storage a truncate the namespace has recorded. The
     /// namespace goes first so that permission checks and the new length
     /// commit together; a crash before storage follows leaves bytes past
@@ -461,15 +515,74 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         }
     }
 
-    /// `setattr`, and the storage half of a truncate.
+    /// `setattr`, and the storage half of a truncate. A truncate past what
+    /// may be held inline moves held data to storage first.
     async fn setattr(&self, r: wire::SetAttrReq) -> Result<wire::Attr> {
-        let done = self
-            .ns
-            .setattr(&r.user, r.ino, changes_of(&r))
-            .await
-            .map_err(meta_error)?;
+        let mut tries = 0;
+        let done = loop {
+            match self.ns.setattr(&r.user, r.ino, changes_of(&r)).await {
+                Err(NsError::Inline(ino)) if tries < UNINLINE_TRIES => {
+                    tries += 1;
+                    self.uninline(ino).await?;
+                }
+                done => break done.map_err(meta_error)?,
+            }
+        };
         self.truncate_data(done.truncate).await?;
         Ok(attr(&done.inode))
+    }
+
+    /// Moves the data the namespace holds for `ino`, if any, to storage:
+    /// writes it to the file's first chunk, then ends it being held, if
+    /// it is still the same (else starts over). Nothing is lost to a crash
+    /// between the two: the data stays held until storage has it.
+    async fn uninline(&self, ino: InodeId) -> Result<()> {
+        for _ in 0..UNINLINE_TRIES {
+            let inode = self.ns.stat(ino).await.map_err(meta_error)?;
+            let Some(file) = inode.file() else {
+                return Ok(());
+            };
+            let Some(bytes) = &file.inline else {
+                return Ok(());
+            };
+            self.chunks(ino, &file.layout)
+                .write_whole(bytes::Bytes::copy_from_slice(bytes))
+                .await
+                .map_err(data_error)?;
+            if self
+                .ns
+                .finish_uninline(ino, file.truncate_version, bytes)
+                .await
+                .map_err(meta_error)?
+            {
+                self.stats.uninlined.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        Err(meta_error(NsError::Busy(format!(
+            "{ino:?}: its inline data kept changing while it moved to storage"
+        ))))
+    }
+
+    /// A sync carrying the whole content inline ([`wire::SessionReq::inline`]),
+    /// with the writer's deferred changes (`None` when the writer could not
+    /// say its truncate version): the inode when the namespace took it;
+    /// else `None`, once any data `ino` held is on storage.
+    async fn sync_inline(
+        &self,
+        store: Option<ns::StoreInline<'_>>,
+        ino: InodeId,
+    ) -> Result<Option<Inode>> {
+        let stored = match store {
+            Some(store) => self.ns.store_inline(&store).await.map_err(meta_error)?,
+            None => None,
+        };
+        if stored.is_none() {
+            self.uninline(ino).await?;
+        } else {
+            self.stats.inline_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(stored)
     }
 
     /// A writer's deferred setattrs ([`SyncSetAttrs`]): checked whole
@@ -491,6 +604,25 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             ))));
         }
         let changes: Vec<ns::SetAttr> = r.sets.iter().map(changes_of).collect();
+        if let Some(bytes) = &r.inline {
+            let store = r.writer_length.map(|known| ns::StoreInline {
+                user: &r.user,
+                ino: r.ino,
+                session: SessionId(r.session),
+                truncate_version: known.truncate_version,
+                bytes,
+                changes: &changes,
+                relaxed: r.relaxed,
+            });
+            let stored = self.sync_inline(store, r.ino).await?;
+            // Refused, nothing is made: the writer sends its data to
+            // storage, then the request again.
+            let inode = match stored {
+                Some(inode) => inode,
+                None => self.ns.stat(r.ino).await.map_err(meta_error)?,
+            };
+            return Ok(attr(&inode));
+        }
         // The sole writer's length is trusted: the sync and the changes in
         // one transaction.
         if let Some(known) = r.writer_length
@@ -526,6 +658,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                 length_known: false,
                 writer_length: r.writer_length,
                 relaxed: r.relaxed,
+                inline: None,
             };
             // The writes came before the changes: their length (and mtime)
             // first, so that an explicit mtime below lands after theirs.
@@ -642,12 +775,16 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(created.truncate).await?;
-                    Ok(wire::OpenRsp {
-                        attr: attr(&created.inode),
-                        session: created.session.map(|s| s.0),
-                        created: created.created,
-                        parent: Some(attr(&created.parent)),
-                    })
+                    let inode = self
+                        .opened_inline(created.inode, created.session, created.inline_max)
+                        .await?;
+                    Ok(open_rsp(
+                        &inode,
+                        created.session,
+                        created.created,
+                        Some(attr(&created.parent)),
+                        created.inline_max,
+                    ))
                 }
                 .await;
                 ok::<Create>(result)
@@ -666,12 +803,16 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(opened.truncate).await?;
-                    Ok(wire::OpenRsp {
-                        attr: attr(&opened.inode),
-                        session: opened.session.map(|s| s.0),
-                        created: false,
-                        parent: None,
-                    })
+                    let inode = self
+                        .opened_inline(opened.inode, opened.session, opened.inline_max)
+                        .await?;
+                    Ok(open_rsp(
+                        &inode,
+                        opened.session,
+                        false,
+                        None,
+                        opened.inline_max,
+                    ))
                 }
                 .await;
                 ok::<Open>(result)
@@ -786,6 +927,22 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Sync::ID => {
                 let r = self.decode::<Sync>(req)?;
                 let result = async {
+                    if let Some(bytes) = &r.inline {
+                        let store = r.writer_length.map(|known| ns::StoreInline {
+                            user: &r.user,
+                            ino: r.ino,
+                            session: SessionId(r.session),
+                            truncate_version: known.truncate_version,
+                            bytes,
+                            changes: &[],
+                            relaxed: r.relaxed,
+                        });
+                        let stored = self.sync_inline(store, r.ino).await?;
+                        return match stored {
+                            Some(inode) => Ok(inode),
+                            None => self.ns.stat(r.ino).await.map_err(meta_error),
+                        };
+                    }
                     match self.writer_length(&r, false).await? {
                         // Fixed in a commit of its own, durable unless
                         // relaxed.
@@ -821,6 +978,7 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                     length_known: false,
                     writer_length: Some(r.writer_length),
                     relaxed: false,
+                    inline: None,
                 };
                 // The writer's sync first, so that times set below land
                 // after the writes'.
@@ -833,6 +991,23 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             SyncSetAttrs::ID => {
                 let r = self.decode::<SyncSetAttrs>(req)?;
                 ok::<SyncSetAttrs>(self.sync_setattrs(r).await)
+            }
+            Uninline::ID => {
+                let r = self.decode::<Uninline>(req)?;
+                let result = async {
+                    let session = SessionId(r.session);
+                    let sessions = ns.sessions(r.ino).await.map_err(meta_error)?;
+                    if !sessions.iter().any(|(s, _)| *s == session) {
+                        return Err(meta_error(NsError::NotPermitted(format!(
+                            "move the inline data of {:?}: session {session:?} does not write it",
+                            r.ino
+                        ))));
+                    }
+                    self.uninline(r.ino).await?;
+                    ns.stat(r.ino).await.map_err(meta_error)
+                }
+                .await;
+                ok::<Uninline>(result.map(|i| attr(&i)))
             }
             GetXattr::ID => {
                 let r = self.decode::<GetXattr>(req)?;

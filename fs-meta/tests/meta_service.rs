@@ -622,6 +622,7 @@ async fn deferred_setattrs_are_made_in_order_after_the_sync() {
     };
     let req = wire::SyncSetAttrsReq {
         relaxed: false,
+        inline: None,
         user: User::root(),
         ino,
         session,
@@ -720,6 +721,7 @@ async fn deferred_setattrs_and_the_sole_writers_sync_are_one_transaction() {
     cluster.write(&created.attr, 0, &data).await;
     let req = wire::SyncSetAttrsReq {
         relaxed: false,
+        inline: None,
         user: owner.clone(),
         ino,
         session: created.session.expect("session"),

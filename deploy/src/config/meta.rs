@@ -61,6 +61,12 @@ pub struct MetaDaemonConfig {
     /// "Durability").
     #[serde(default)]
     pub durable_namespace_changes: bool,
+    /// Files up to this many bytes, written from empty by one writer, are
+    /// held by the metadata service with their inode instead of on storage
+    /// (0: never; at most 65536 and the chunk size; docs/metadata-schema.md,
+    /// "Inline data").
+    #[serde(default = "default_inline_file_bytes_max")]
+    pub inline_file_bytes_max: u32,
     /// Requests of client identities (mounts) naming uid 0 run as
     /// `squash_uid`/`squash_gid` (NFS's root_squash). Admin credentials are
     /// not squashed: they act as the uid their certificate names.
@@ -139,6 +145,13 @@ fn default_reaper_interval_ms() -> u64 {
 /// The shortest lease: clients renew every third of it, and renewals and
 /// reaping compare the clocks of different metadata instances.
 const CLIENT_LEASE_MS_MIN: u64 = 3_000;
+
+/// flyfs-fs-meta's `INLINE_BYTES_LIMIT`.
+const INLINE_FILE_BYTES_LIMIT: u32 = 64 << 10;
+
+fn default_inline_file_bytes_max() -> u32 {
+    16 << 10
+}
 fn default_sync_on_commit() -> bool {
     true
 }
@@ -164,6 +177,7 @@ impl MetaDaemonConfig {
             reaper_interval_ms: default_reaper_interval_ms(),
             sync_on_commit: default_sync_on_commit(),
             durable_namespace_changes: false,
+            inline_file_bytes_max: default_inline_file_bytes_max(),
             root_squash: false,
             squash_uid: default_squash_id(),
             squash_gid: default_squash_id(),
@@ -229,7 +243,18 @@ impl ConfigFile for MetaDaemonConfig {
         self.layout().validate().map_err(|e| ConfigError::Key {
             key: "chunk_size`/`stripe".into(),
             problem: e.to_string(),
-        })
+        })?;
+        check(
+            self.inline_file_bytes_max <= INLINE_FILE_BYTES_LIMIT
+                && self.inline_file_bytes_max <= self.chunk_size,
+            "inline_file_bytes_max",
+            || {
+                format!(
+                    "is {}: at most {INLINE_FILE_BYTES_LIMIT} and the chunk size ({})",
+                    self.inline_file_bytes_max, self.chunk_size
+                )
+            },
+        )
     }
 
     fn resolve_beside(&mut self, dir: &Path) {
@@ -279,6 +304,10 @@ mod tests {
         assert_eq!(config.chunk_size, 1 << 20);
         assert!(config.sync_on_commit);
         assert!(!config.durable_namespace_changes);
+        assert_eq!(config.inline_file_bytes_max, 16 << 10);
+        let e = MetaDaemonConfig::parse("data_dir = \"m\"\ninline_file_bytes_max = 65537")
+            .expect_err("too large");
+        assert!(message(&e).contains("inline_file_bytes_max"), "{e:#}");
         let e = MetaDaemonConfig::parse("data_dir = \"m\"\nchunk_size = 1000").expect_err("bad");
         assert!(message(&e).contains("chunk_size"), "{e:#}");
         let e = MetaDaemonConfig::parse("data_dir = \"m\"\nstripes = 2").expect_err("unknown");

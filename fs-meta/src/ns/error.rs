@@ -11,6 +11,7 @@
 //! other (errno, message, whether a retry may help) at the RPC boundary.
 
 use flyfs_proto::codec::CodecError;
+use flyfs_proto::ids::InodeId;
 
 use crate::ns::layout::LayoutError;
 use crate::schema::DecodeError;
@@ -67,6 +68,11 @@ pub enum NsError {
     /// opens it provides the pipe, socket or device.
     #[error("no such device: {0}")]
     NoDevice(String),
+    /// A change the file's data held inline cannot take (a truncate past
+    /// what may be held): the service moves the data to storage, then
+    /// retries (EAGAIN should it ever reach a client).
+    #[error("the data of {0:?} is held inline: it must move to storage first")]
+    Inline(InodeId),
     #[error("invalid layout: {0}")]
     Layout(#[from] LayoutError),
     #[error("metadata store: {0}")]
@@ -108,6 +114,7 @@ impl NsError {
             NsError::NoSpace(_) => libc::ENOSPC,
             NsError::NotSupported(_) => libc::EOPNOTSUPP,
             NsError::NoDevice(_) => libc::ENXIO,
+            NsError::Inline(_) => libc::EAGAIN,
             // Conflicts that outlasted every retry, a store that failed, and
             // corrupt bytes are all I/O errors to the application.
             NsError::Kv(_) | NsError::Corrupt { .. } | NsError::Encode { .. } => libc::EIO,

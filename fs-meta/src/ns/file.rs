@@ -83,6 +83,8 @@ pub struct Created {
     /// The parent directory as this transaction left it (times raised by
     /// the new entry): what a stat of it right after the create returns.
     pub parent: Inode,
+    /// See [`Opened::inline_max`].
+    pub inline_max: u32,
 }
 
 /// What `open` did.
@@ -91,6 +93,10 @@ pub struct Opened {
     pub inode: Inode,
     pub session: Option<SessionId>,
     pub truncate: Option<Truncate>,
+    /// Non-zero when the new write session may have the file's data held
+    /// inline, up to this many bytes ([`Namespace::store_inline`]): it is
+    /// the file's only session and the file is empty or inline.
+    pub inline_max: u32,
 }
 
 /// What `close` did.
@@ -127,6 +133,21 @@ pub enum WriterLengthFixed {
     /// as expired): nothing changed; storage must be asked on every chain,
     /// since the caller may have written after the reaper fixed the length.
     SessionGone,
+}
+
+/// A sync that carries a file's whole content to hold inline
+/// ([`Namespace::store_inline`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StoreInline<'a> {
+    /// Whose deferred `changes` they are.
+    pub user: &'a User,
+    pub ino: InodeId,
+    pub session: SessionId,
+    /// The truncate version the writer knows.
+    pub truncate_version: u64,
+    pub bytes: &'a [u8],
+    pub changes: &'a [SetAttr],
+    pub relaxed: bool,
 }
 
 /// A time to set.
@@ -216,12 +237,14 @@ impl<K: Kv> Namespace<K> {
                     if let Some((_, id)) = session
                         && tx.has_session(inode.ino, id).await?
                     {
+                        let inline_max = self.inline_max_for(&tx, &inode, id).await?;
                         return Ok(Created {
                             inode,
                             created: true,
                             session: Some(id),
                             truncate: None,
                             parent: dir,
+                            inline_max,
                         });
                     }
                     return Err(NsError::Exists(show(name)));
@@ -237,13 +260,16 @@ impl<K: Kv> Namespace<K> {
                     }
                     _ => {}
                 }
-                let opened = open_linked(&tx, user, inode, flags.read, flags.truncate, session)?;
+                let opened = self
+                    .open_linked(&tx, user, inode, flags.read, flags.truncate, session)
+                    .await?;
                 return Ok(Created {
                     inode: opened.inode,
                     created: false,
                     session: opened.session,
                     truncate: opened.truncate,
                     parent: dir,
+                    inline_max: opened.inline_max,
                 });
             }
             check_can_add(&dir, user)?;
@@ -263,6 +289,7 @@ impl<K: Kv> Namespace<K> {
                 length: 0,
                 truncate_version: 0,
                 layout,
+                inline: None,
             });
             let inode = new_inode(ino, user, &dir, mode, data, tx.now_ns);
             tx.put_inode(&inode)?;
@@ -295,6 +322,11 @@ impl<K: Kv> Namespace<K> {
                 session: session.map(|(_, id)| id),
                 truncate: None,
                 parent,
+                inline_max: if session.is_some() {
+                    self.inner.config.inline_bytes_max
+                } else {
+                    0
+                },
             })
         })
         .await
@@ -327,6 +359,7 @@ impl<K: Kv> Namespace<K> {
                         inode,
                         session: None,
                         truncate: None,
+                        inline_max: 0,
                     })
                 }
                 InodeKind::Symlink => Err(NsError::Loop(format!("{ino:?} is a symlink"))),
@@ -334,7 +367,8 @@ impl<K: Kv> Namespace<K> {
                     Err(NsError::NotFound(format!("{ino:?} has been unlinked")))
                 }
                 InodeKind::File => {
-                    open_linked(&tx, user, inode, flags.read, flags.truncate, session)
+                    self.open_linked(&tx, user, inode, flags.read, flags.truncate, session)
+                        .await
                 }
                 _ => Err(NsError::NoDevice(format!(
                     "{ino:?} is a special file: its opener's kernel provides it"
@@ -406,7 +440,11 @@ impl<K: Kv> Namespace<K> {
             })?;
             let lost_sync = floor.and_then(|known| {
                 let file = inode.file()?;
-                (file.truncate_version == known.truncate_version && file.length < known.length)
+                // Inline data is its own length: a sync that stored it and
+                // was lost took the bytes with it, which no length restores.
+                (!file.is_inline()
+                    && file.truncate_version == known.truncate_version
+                    && file.length < known.length)
                     .then_some(known.length)
             });
             if let Some(length) = length.or(lost_sync) {
@@ -496,7 +534,7 @@ impl<K: Kv> Namespace<K> {
             if !matches!(decided, WriterLengthFixed::Fixed(_)) {
                 return Ok((decided, None));
             }
-            let done = set_attrs_in(&tx, user, ino, changes).await?;
+            let done = set_attrs_in(&tx, user, ino, changes, self.inline_max()).await?;
             if relaxed {
                 self.relax(&tx);
             }
@@ -523,6 +561,10 @@ impl<K: Kv> Namespace<K> {
             }
             let now = tx.now_ns;
             let file = file_mut(&mut inode)?;
+            if file.is_inline() {
+                // The length of inline data is exact; storage holds none.
+                return Ok(inode);
+            }
             let layout = file.layout.clone();
             let changed = if exact {
                 file.length != length
@@ -541,6 +583,97 @@ impl<K: Kv> Namespace<K> {
         .await
     }
 
+    /// [`NsConfig::inline_bytes_max`](crate::ns::NsConfig::inline_bytes_max).
+    pub fn inline_max(&self) -> u32 {
+        self.inner.config.inline_bytes_max
+    }
+
+    /// A sync of write session `session` that carries the file's whole
+    /// content, `bytes`, for the namespace to hold inline ([`StoreInline`]);
+    /// with it, the
+    /// writer's deferred `changes` (possibly none), all in one transaction.
+    /// Taken only when the session is still the file's only one, the file
+    /// is inline or empty, its truncate version is `truncate_version` (the
+    /// writer's; a truncate since by anyone else must not be undone by
+    /// content from before it), and `bytes` is at most
+    /// [`inline_max`](Self::inline_max). Then the content replaces the
+    /// file's, its length is theirs, the modification time is now, and the
+    /// commit is relaxed as a flush's length is (`relaxed`). Otherwise
+    /// nothing changes and the answer is `None`: the writer's data must go
+    /// to storage, once the service has moved any held there.
+    pub async fn store_inline(&self, store: &StoreInline<'_>) -> Result<Option<Inode>, NsError> {
+        let StoreInline {
+            user,
+            ino,
+            session,
+            truncate_version,
+            bytes,
+            changes,
+            relaxed,
+        } = *store;
+        if bytes.len() > self.inline_max() as usize {
+            return Ok(None);
+        }
+        self.write(|tx| async move {
+            let own = session_key(ino, session);
+            let sessions = tx
+                .tx
+                .get_range(&RangeOptions::prefix(&session_prefix(ino)).limit(2))
+                .await?;
+            if sessions.kvs.len() != 1 || sessions.kvs[0].key != own {
+                return Ok(None);
+            }
+            let mut inode = tx.existing(ino).await?;
+            let file = file_mut(&mut inode)?;
+            if file.truncate_version != truncate_version || !(file.is_inline() || file.length == 0)
+            {
+                return Ok(None);
+            }
+            file.length = bytes.len() as u64;
+            file.inline = (!bytes.is_empty()).then(|| bytes.to_vec());
+            inode.mtime_ns = tx.now_ns;
+            inode.ctime_ns = tx.now_ns;
+            tx.put_inode(&inode)?;
+            if !changes.is_empty() {
+                inode = set_attrs_in(&tx, user, ino, changes, self.inline_max())
+                    .await?
+                    .inode;
+            }
+            if relaxed {
+                self.relax(&tx);
+            }
+            Ok(Some(inode))
+        })
+        .await
+    }
+
+    /// The second half of moving inline data to storage: the caller has
+    /// written `bytes`, the content it read at `truncate_version`, to the
+    /// file's first chunk (and cut the chunk there). Ends the file being
+    /// inline if it still holds exactly that content at that version,
+    /// durably (storage now holds the only copy). Answers whether it did;
+    /// when not, the caller reads the file again and starts over (or stops:
+    /// a file no longer inline needs nothing).
+    pub async fn finish_uninline(
+        &self,
+        ino: InodeId,
+        truncate_version: u64,
+        bytes: &[u8],
+    ) -> Result<bool, NsError> {
+        self.write(|tx| async move {
+            let mut inode = tx.existing(ino).await?;
+            let file = file_mut(&mut inode)?;
+            if file.truncate_version != truncate_version || file.inline.as_deref() != Some(bytes) {
+                return Ok(false);
+            }
+            file.inline = None;
+            inode.ctime_ns = tx.now_ns;
+            tx.put_inode(&inode)?;
+            Ok(true)
+        })
+        .await
+    }
+
     /// Changes attributes, each under its own rule, checked in this order
     /// before anything changes: mode (owner or root, EPERM; EOPNOTSUPP on a
     /// symlink), uid/gid (see [`perm::check_chown`], EPERM), size (files
@@ -555,7 +688,7 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         attr: SetAttr,
     ) -> Result<SetAttrResult, NsError> {
-        self.write(|tx| async move { set_attr_in(&tx, user, ino, &attr).await })
+        self.write(|tx| async move { set_attr_in(&tx, user, ino, &attr, self.inline_max()).await })
             .await
     }
 
@@ -569,8 +702,10 @@ impl<K: Kv> Namespace<K> {
         ino: InodeId,
         changes: &[SetAttr],
     ) -> Result<SetAttrResult, NsError> {
-        self.write(|tx| async move { set_attrs_in(&tx, user, ino, changes).await })
-            .await
+        self.write(
+            |tx| async move { set_attrs_in(&tx, user, ino, changes, self.inline_max()).await },
+        )
+        .await
     }
 
     /// Hard link: a new entry `new_name` in `new_parent` for inode `ino`.
@@ -741,6 +876,15 @@ async fn fix_writer_length_in<T: Transaction>(
         reason: "a session of an inode that does not exist".into(),
     })?;
     let file = file_mut(&mut inode)?;
+    if file.is_inline() {
+        // Held inline, the length is exact: nothing written to storage
+        // counts (a writer moves inline data to storage before it writes
+        // there, which ends it being inline).
+        if end_session {
+            tx.tx.clear(&own)?;
+        }
+        return Ok(WriterLengthFixed::Fixed(inode));
+    }
     let layout = file.layout.clone();
     let recorded = file.length;
     if file.truncate_version != known.truncate_version && known.length > recorded {
@@ -767,10 +911,11 @@ async fn set_attrs_in<T: Transaction>(
     user: &User,
     ino: InodeId,
     changes: &[SetAttr],
+    inline_bytes_max: u32,
 ) -> Result<SetAttrResult, NsError> {
     let mut last = None;
     for attr in changes {
-        last = Some(set_attr_in(tx, user, ino, attr).await?);
+        last = Some(set_attr_in(tx, user, ino, attr, inline_bytes_max).await?);
     }
     last.ok_or_else(|| NsError::Invalid(format!("no changes of {ino:?} to make")))
 }
@@ -781,6 +926,7 @@ async fn set_attr_in<T: Transaction>(
     user: &User,
     ino: InodeId,
     attr: &SetAttr,
+    inline_bytes_max: u32,
 ) -> Result<SetAttrResult, NsError> {
     let original = tx.existing(ino).await?;
     let new_mode = match attr.mode {
@@ -846,6 +992,15 @@ async fn set_attr_in<T: Transaction>(
     if let Some(size) = attr.size {
         inode.mode = perm::mode_after_truncate(&inode, user);
         let file = file_mut(&mut inode)?;
+        if let Some(bytes) = &mut file.inline {
+            if size > u64::from(inline_bytes_max) {
+                return Err(NsError::Inline(ino));
+            }
+            bytes.resize(size as usize, 0);
+            if bytes.is_empty() {
+                file.inline = None;
+            }
+        }
         file.length = size;
         file.truncate_version += 1;
         truncate = Some(Truncate {
@@ -878,52 +1033,91 @@ async fn set_attr_in<T: Transaction>(
     Ok(SetAttrResult { inode, truncate })
 }
 
-/// Opens an existing, linked file: permissions, `O_TRUNC`, the session.
-fn open_linked<T: Transaction>(
-    tx: &MetaTx<T>,
-    user: &User,
-    mut inode: Inode,
-    read: bool,
-    truncate: bool,
-    session: Option<(u64, SessionId)>,
-) -> Result<Opened, NsError> {
-    let write = truncate || session.is_some();
-    let mask = if read { perm::MAY_READ } else { 0 } | if write { perm::MAY_WRITE } else { 0 };
-    if mask != 0 {
-        perm::check(&inode, user, mask, "open")?;
+impl<K: Kv> Namespace<K> {
+    /// Opens an existing, linked file: permissions, `O_TRUNC`, the session.
+    async fn open_linked<T: Transaction>(
+        &self,
+        tx: &MetaTx<T>,
+        user: &User,
+        mut inode: Inode,
+        read: bool,
+        truncate: bool,
+        session: Option<(u64, SessionId)>,
+    ) -> Result<Opened, NsError> {
+        let write = truncate || session.is_some();
+        let mask = if read { perm::MAY_READ } else { 0 } | if write { perm::MAY_WRITE } else { 0 };
+        if mask != 0 {
+            perm::check(&inode, user, mask, "open")?;
+        }
+        let mut truncated = None;
+        if truncate {
+            inode.mode = perm::mode_after_truncate(&inode, user);
+            let ino = inode.ino;
+            let file = file_mut(&mut inode)?;
+            file.length = 0;
+            file.inline = None;
+            file.truncate_version += 1;
+            // Storage truncates even after inline data: a move to storage that
+            // failed halfway may have left bytes there.
+            truncated = Some(Truncate {
+                ino,
+                length: 0,
+                truncate_version: file.truncate_version,
+                layout: file.layout.clone(),
+            });
+            inode.mtime_ns = tx.now_ns;
+            inode.ctime_ns = tx.now_ns;
+            tx.put_inode(&inode)?;
+        }
+        let mut inline_max = 0;
+        if let Some((client, id)) = session {
+            inline_max = self.inline_max_for(tx, &inode, id).await?;
+            tx.put_session(
+                inode.ino,
+                id,
+                &SessionValue {
+                    client,
+                    opened_ns: tx.now_ns,
+                },
+            )?;
+        }
+        Ok(Opened {
+            inode,
+            session: session.map(|(_, id)| id),
+            truncate: truncated,
+            inline_max,
+        })
     }
-    let mut truncated = None;
-    if truncate {
-        inode.mode = perm::mode_after_truncate(&inode, user);
-        let ino = inode.ino;
-        let file = file_mut(&mut inode)?;
-        file.length = 0;
-        file.truncate_version += 1;
-        truncated = Some(Truncate {
-            ino,
-            length: 0,
-            truncate_version: file.truncate_version,
-            layout: file.layout.clone(),
-        });
-        inode.mtime_ns = tx.now_ns;
-        inode.ctime_ns = tx.now_ns;
-        tx.put_inode(&inode)?;
+
+    /// What write session `session`, opening now, may have held inline:
+    /// [`NsConfig::inline_bytes_max`](crate::ns::NsConfig::inline_bytes_max)
+    /// when no other session writes the file and it is empty or inline, else 0.
+    /// Reads the sessions serializably, so a concurrent open of another
+    /// session makes one of the two retry.
+    async fn inline_max_for<T: Transaction>(
+        &self,
+        tx: &MetaTx<T>,
+        inode: &Inode,
+        session: SessionId,
+    ) -> Result<u32, NsError> {
+        let max = self.inner.config.inline_bytes_max;
+        let Some(file) = inode.file() else {
+            return Ok(0);
+        };
+        if max == 0 || !(file.is_inline() || file.length == 0) {
+            return Ok(0);
+        }
+        let own = session_key(inode.ino, session);
+        let sessions = tx
+            .tx
+            .get_range(&RangeOptions::prefix(&session_prefix(inode.ino)).limit(2))
+            .await?;
+        Ok(if sessions.kvs.iter().all(|kv| kv.key == own) {
+            max
+        } else {
+            0
+        })
     }
-    if let Some((client, id)) = session {
-        tx.put_session(
-            inode.ino,
-            id,
-            &SessionValue {
-                client,
-                opened_ns: tx.now_ns,
-            },
-        )?;
-    }
-    Ok(Opened {
-        inode,
-        session: session.map(|(_, id)| id),
-        truncate: truncated,
-    })
 }
 
 #[cfg(test)]
@@ -1127,6 +1321,148 @@ mod tests {
             panic!("the version matches");
         };
         assert_eq!(grown.size(), 3 * chunk + 1);
+    }
+
+    /// The rules of holding a file's data inline: who may, what a store
+    /// checks, and how a truncate and the move to storage treat held bytes.
+    #[tokio::test]
+    async fn a_file_is_held_inline_only_by_its_sole_writer_from_empty() {
+        let ns = namespace().await;
+        let root = User::root();
+        let max = ns.inline_max();
+        let created = ns
+            .create(
+                &root,
+                ROOT,
+                b"f",
+                0o644,
+                CreateFlags {
+                    write_session: Some(7),
+                    session: Some(SessionId(41)),
+                    ..CreateFlags::default()
+                },
+            )
+            .await
+            .expect("create");
+        assert_eq!(created.inline_max, max, "a new file's only writer");
+        let ino = created.inode.ino;
+        let store = |session, truncate_version, bytes: &'static [u8]| {
+            let ns = &ns;
+            let root = &root;
+            async move {
+                ns.store_inline(&StoreInline {
+                    user: root,
+                    ino,
+                    session: SessionId(session),
+                    truncate_version,
+                    bytes,
+                    changes: &[],
+                    relaxed: true,
+                })
+                .await
+                .expect("store")
+            }
+        };
+        let held = store(41, 0, b"hello").await.expect("taken");
+        let file = held.file().expect("a file");
+        assert_eq!(
+            (file.length, file.inline.as_deref()),
+            (5, Some(&b"hello"[..]))
+        );
+        // Not the session's, or a truncate version from before a truncate.
+        assert!(store(99, 0, b"x").await.is_none());
+        assert!(store(41, 3, b"x").await.is_none());
+        // Too large.
+        let big: &'static [u8] = Box::leak(vec![1u8; max as usize + 1].into_boxed_slice());
+        assert!(store(41, 0, big).await.is_none());
+        // A second writer gets no limit, and while it writes, no store is
+        // taken from the first.
+        let second = ns
+            .open_file(
+                &root,
+                ino,
+                OpenFlags {
+                    write_session: Some(8),
+                    session: Some(SessionId(43)),
+                    ..OpenFlags::default()
+                },
+            )
+            .await
+            .expect("open");
+        assert_eq!(second.inline_max, 0);
+        assert!(store(41, 0, b"again").await.is_none());
+        ns.close(ino, SessionId(43), None).await.expect("close");
+        assert!(store(41, 0, b"again").await.is_some());
+        // Lengths from storage or hints leave held bytes alone.
+        let hinted = ns.set_length(ino, 1 << 20, false).await.expect("hint");
+        assert_eq!(hinted.size(), 5);
+        // A truncate within the limit cuts or zero-extends them; past it,
+        // the caller must move them first.
+        let cut = ns
+            .setattr(
+                &root,
+                ino,
+                SetAttr {
+                    size: Some(3),
+                    ..SetAttr::default()
+                },
+            )
+            .await
+            .expect("truncate");
+        let file = cut.inode.file().expect("a file");
+        assert_eq!(file.inline.as_deref(), Some(&b"aga"[..]));
+        assert_eq!(file.truncate_version, 1);
+        let past = ns
+            .setattr(
+                &root,
+                ino,
+                SetAttr {
+                    size: Some(u64::from(max) + 1),
+                    ..SetAttr::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(past, Err(NsError::Inline(i)) if i == ino),
+            "{past:?}"
+        );
+        // The move: only when the bytes are still the ones written out.
+        assert!(!ns.finish_uninline(ino, 1, b"agaX").await.expect("finish"));
+        assert!(!ns.finish_uninline(ino, 0, b"aga").await.expect("finish"));
+        assert!(ns.finish_uninline(ino, 1, b"aga").await.expect("finish"));
+        let moved = ns.stat(ino).await.expect("stat");
+        let file = moved.file().expect("a file");
+        assert_eq!((file.length, file.is_inline()), (3, false));
+        // Not empty and not held: no store, and a new session gets no limit.
+        assert!(store(41, 1, b"new").await.is_none());
+        ns.close(ino, SessionId(41), None).await.expect("close");
+        let reopened = ns
+            .open_file(
+                &root,
+                ino,
+                OpenFlags {
+                    write_session: Some(7),
+                    session: Some(SessionId(45)),
+                    ..OpenFlags::default()
+                },
+            )
+            .await
+            .expect("open");
+        assert_eq!(reopened.inline_max, 0);
+        // O_TRUNC empties it: held again by its only writer.
+        let truncated = ns
+            .open_file(
+                &root,
+                ino,
+                OpenFlags {
+                    truncate: true,
+                    ..OpenFlags::default()
+                },
+            )
+            .await
+            .expect("open");
+        assert!(truncated.truncate.is_some(), "storage is cut even so");
+        assert!(store(45, 2, b"fresh").await.is_some());
     }
 
     #[tokio::test]

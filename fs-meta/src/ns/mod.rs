@@ -67,8 +67,8 @@ pub use self::dir::{
 };
 pub use self::error::NsError;
 pub use self::file::{
-    Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, Truncate,
-    WriterLength, WriterLengthFixed,
+    Closed, CreateFlags, Created, OpenFlags, Opened, SetAttr, SetAttrResult, SetTime, StoreInline,
+    Truncate, WriterLength, WriterLengthFixed,
 };
 pub use self::gc::{GcExpand, GcFinish, GcItem};
 pub use self::kvcache::{
@@ -129,7 +129,22 @@ pub struct NsConfig {
     /// local file system's directory changes are (docs/metadata-schema.md,
     /// "Durability").
     pub durable_namespace_changes: bool,
+    /// The largest file whose data the namespace holds itself, with its
+    /// inode, instead of storage (0: none). A file is held so only while
+    /// one write session writes it from empty (docs/metadata-schema.md,
+    /// "Inline data"). At most [`INLINE_BYTES_LIMIT`].
+    pub inline_bytes_max: u32,
 }
+
+/// The most [`NsConfig::inline_bytes_max`] may be: far inside every store's
+/// value limit (FoundationDB's is 100 kB), and a file held inline is sent
+/// whole with each sync and open.
+pub const INLINE_BYTES_LIMIT: u32 = 64 << 10;
+
+/// [`NsConfig::inline_bytes_max`]'s default: 16 KiB holds 92% of the files
+/// of a source tree (the small-file rows of `benches/peers`) and costs the
+/// journal no more than their attributes' batch.
+pub const INLINE_BYTES_DEFAULT: u32 = 16 << 10;
 
 impl NsConfig {
     /// The defaults: a 5-minute GC delay, 256 entries per GC transaction,
@@ -145,6 +160,7 @@ impl NsConfig {
             clock: Arc::new(WallClock),
             retry: RetryOptions::default(),
             durable_namespace_changes: false,
+            inline_bytes_max: INLINE_BYTES_DEFAULT,
         }
     }
 }
@@ -159,6 +175,7 @@ impl std::fmt::Debug for NsConfig {
             .field("clock", &self.clock)
             .field("retry", &self.retry)
             .field("durable_namespace_changes", &self.durable_namespace_changes)
+            .field("inline_bytes_max", &self.inline_bytes_max)
             .finish_non_exhaustive()
     }
 }

@@ -269,6 +269,7 @@ mod tests {
                 vec![flyfs_proto::ids::ChainId(1)],
             )
             .expect("valid"),
+            inline: None,
         });
         assert_eq!(chmod(&file, &alice, 0o2755).ok(), Some(0o2755));
         assert_eq!(

@@ -150,6 +150,9 @@ pub struct Attr {
     pub default_layout: Option<LayoutSpec>,
     /// Devices: the device number.
     pub rdev: u64,
+    /// Files: the data is held by the metadata service with the inode, not
+    /// on storage (docs/metadata-schema.md, "Inline data").
+    pub inline: bool,
 }
 
 /// A time to set.
@@ -238,6 +241,14 @@ pub struct OpenRsp {
     /// them, committed with it (a client may answer the stat the kernel
     /// makes of the directory after a create with them).
     pub parent: Option<Attr>,
+    /// The file's data when the metadata service holds it ([`Attr::inline`]).
+    #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    pub inline: Option<Vec<u8>>,
+    /// Non-zero when this open's write session may keep the file's data with
+    /// the metadata service, up to this many bytes: the session is the
+    /// file's only one and the file is empty or inline already. Its syncs
+    /// may then carry the whole content ([`SessionReq::inline`]).
+    pub inline_max: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,6 +406,15 @@ pub struct SessionReq {
     /// journal's fsync (docs/metadata-schema.md, "Durability"). Absent
     /// (older clients): false.
     pub relaxed: bool,
+    /// A sync only (never a close): the file's whole new content, for the
+    /// metadata service to hold in place of storage, sent by a session its
+    /// open allowed to ([`OpenRsp::inline_max`]). Taken when the session is
+    /// still the file's only one, the content fits and the truncate version
+    /// is `writer_length`'s; the answer's [`Attr::inline`] says so. Refused,
+    /// nothing changes but that the service moves a file it holds to
+    /// storage, and the caller writes its data there and syncs again.
+    #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    pub inline: Option<Vec<u8>>,
 }
 
 /// Every byte the writer wrote lies before `length`, and `truncate_version`
@@ -465,6 +485,9 @@ pub struct SyncSetAttrsReq {
     pub sets: Vec<SetAttrReq>,
     /// As [`SessionReq::relaxed`], for the sync and the changes together.
     pub relaxed: bool,
+    /// As [`SessionReq::inline`]; refused, the changes are not made either.
+    #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    pub inline: Option<Vec<u8>>,
 }
 
 impl SyncSetAttrsReq {
@@ -914,6 +937,13 @@ method!(
     /// before it is durable (entries are answered once applied; see
     /// `NsConfig::durable_namespace_changes` in flyfs-fs-meta).
     SyncNamespace = 537, SyncNamespaceReq => (),
+    roles CLIENT_OR_ADMIN
+);
+method!(
+    /// Moves a file whose data the metadata service holds ([`Attr::inline`])
+    /// to storage, for a writer about to write past what may be held: the
+    /// request's session must be a write session of the file.
+    Uninline = 538, SessionReq => Attr,
     roles CLIENT_OR_ADMIN
 );
 

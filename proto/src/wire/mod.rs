@@ -72,6 +72,7 @@ macro_rules! every_method {
             meta::SyncSetAttr,
             meta::SyncSetAttrs,
             meta::SyncNamespace,
+            meta::Uninline,
         )
     };
 }
