@@ -565,24 +565,46 @@ impl<K: Kv, N: Network> MetaService<K, N> {
     }
 
     /// A sync carrying the whole content inline ([`wire::SessionReq::inline`]),
-    /// with the writer's deferred changes (`None` when the writer could not
-    /// say its truncate version): the inode when the namespace took it;
-    /// else `None`, once any data `ino` held is on storage.
+    /// with the writer's deferred `changes`; `None` for one without. The
+    /// file's attributes afterwards: `inline` when the namespace took the
+    /// content; otherwise nothing changed but that any data the file held
+    /// is on storage now, where the writer sends its writes.
     async fn sync_inline(
         &self,
-        store: Option<ns::StoreInline<'_>>,
-        ino: InodeId,
-    ) -> Result<Option<Inode>> {
-        let stored = match store {
-            Some(store) => self.ns.store_inline(&store).await.map_err(meta_error)?,
+        r: &wire::SessionReq,
+        changes: &[ns::SetAttr],
+    ) -> Result<Option<wire::Attr>> {
+        let Some(bytes) = &r.inline else {
+            return Ok(None);
+        };
+        // Without a truncate version to check, nothing is taken.
+        let stored = match r.writer_length {
+            Some(known) => self
+                .ns
+                .store_inline(&ns::StoreInline {
+                    user: &r.user,
+                    ino: r.ino,
+                    session: SessionId(r.session),
+                    truncate_version: known.truncate_version,
+                    bytes,
+                    changes,
+                    relaxed: r.relaxed,
+                })
+                .await
+                .map_err(meta_error)?,
             None => None,
         };
-        if stored.is_none() {
-            self.uninline(ino).await?;
-        } else {
-            self.stats.inline_syncs.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(stored)
+        let inode = match stored {
+            Some(inode) => {
+                self.stats.inline_syncs.fetch_add(1, Ordering::Relaxed);
+                inode
+            }
+            None => {
+                self.uninline(r.ino).await?;
+                self.ns.stat(r.ino).await.map_err(meta_error)?
+            }
+        };
+        Ok(Some(attr(&inode)))
     }
 
     /// A writer's deferred setattrs ([`SyncSetAttrs`]): checked whole
@@ -604,24 +626,19 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             ))));
         }
         let changes: Vec<ns::SetAttr> = r.sets.iter().map(changes_of).collect();
-        if let Some(bytes) = &r.inline {
-            let store = r.writer_length.map(|known| ns::StoreInline {
-                user: &r.user,
-                ino: r.ino,
-                session: SessionId(r.session),
-                truncate_version: known.truncate_version,
-                bytes,
-                changes: &changes,
-                relaxed: r.relaxed,
-            });
-            let stored = self.sync_inline(store, r.ino).await?;
-            // Refused, nothing is made: the writer sends its data to
-            // storage, then the request again.
-            let inode = match stored {
-                Some(inode) => inode,
-                None => self.ns.stat(r.ino).await.map_err(meta_error)?,
-            };
-            return Ok(attr(&inode));
+        let sync = wire::SessionReq {
+            user: r.user.clone(),
+            ino: r.ino,
+            session: r.session,
+            length_known: false,
+            writer_length: r.writer_length,
+            relaxed: r.relaxed,
+            inline: r.inline,
+        };
+        // Refused, the changes are not made either: the writer sends its
+        // data to storage, then the request again.
+        if let Some(attr) = self.sync_inline(&sync, &changes).await? {
+            return Ok(attr);
         }
         // The sole writer's length is trusted: the sync and the changes in
         // one transaction.
@@ -651,15 +668,6 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             tracing::debug!(ino = ?r.ino, ?decided, "deferred setattrs: the length is not the writer's alone");
         }
         if r.writer_length.is_some() {
-            let sync = wire::SessionReq {
-                user: r.user.clone(),
-                ino: r.ino,
-                session: r.session,
-                length_known: false,
-                writer_length: r.writer_length,
-                relaxed: r.relaxed,
-                inline: None,
-            };
             // The writes came before the changes: their length (and mtime)
             // first, so that an explicit mtime below lands after theirs.
             self.writer_length(&sync, false).await?;
@@ -927,38 +935,26 @@ impl<K: Kv, N: Network> MetaService<K, N> {
             Sync::ID => {
                 let r = self.decode::<Sync>(req)?;
                 let result = async {
-                    if let Some(bytes) = &r.inline {
-                        let store = r.writer_length.map(|known| ns::StoreInline {
-                            user: &r.user,
-                            ino: r.ino,
-                            session: SessionId(r.session),
-                            truncate_version: known.truncate_version,
-                            bytes,
-                            changes: &[],
-                            relaxed: r.relaxed,
-                        });
-                        let stored = self.sync_inline(store, r.ino).await?;
-                        return match stored {
-                            Some(inode) => Ok(inode),
-                            None => self.ns.stat(r.ino).await.map_err(meta_error),
-                        };
+                    if let Some(attr) = self.sync_inline(&r, &[]).await? {
+                        return Ok(attr);
                     }
-                    match self.writer_length(&r, false).await? {
+                    let inode = match self.writer_length(&r, false).await? {
                         // Fixed in a commit of its own, durable unless
                         // relaxed.
-                        Some(inode) => Ok(inode),
+                        Some(inode) => inode,
                         None => {
                             // From storage, which commits only a change:
                             // an fsync still needs what came before durable.
                             if !r.relaxed {
                                 self.ns.sync().await.map_err(meta_error)?;
                             }
-                            self.ns.stat(r.ino).await.map_err(meta_error)
+                            self.ns.stat(r.ino).await.map_err(meta_error)?
                         }
-                    }
+                    };
+                    Ok(attr(&inode))
                 }
                 .await;
-                ok::<Sync>(result.map(|i| attr(&i)))
+                ok::<Sync>(result)
             }
             LengthHint::ID => {
                 let r = self.decode::<LengthHint>(req)?;
