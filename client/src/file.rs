@@ -480,7 +480,11 @@ impl FileState {
         }
         let mut buffer = self.buffer.lock().await;
         let length = self.length.load(Ordering::Acquire);
-        if buffer.bytes == 0 || length > max {
+        let end = buffer
+            .extents
+            .last_key_value()
+            .map_or(0, |(start, data)| start + data.len() as u64);
+        if buffer.bytes == 0 || length > max || end > length {
             return None;
         }
         let mut bytes = BytesMut::zeroed(length as usize);
@@ -519,18 +523,25 @@ impl FileState {
     /// `inline`: the service still holds the file's data after it.
     pub(crate) fn truncated(&self, size: u64, truncate_version: u64, inline: bool) {
         {
-            let mut inline_state = self.inline.lock();
-            let inline_state = &mut *inline_state;
-            if let Some(bytes) = inline_state.bytes.take().filter(|_| inline) {
-                // The service cut or zero-extended what it holds alike.
-                let mut resized = BytesMut::zeroed(size as usize);
-                let n = bytes.len().min(resized.len());
-                resized[..n].copy_from_slice(&bytes[..n]);
-                inline_state.bytes = (size > 0).then(|| resized.freeze());
-            } else if size > 0 {
-                // Not empty and not held (a truncate past what may be held
-                // moved it to storage): nothing to sync inline.
-                inline_state.max = 0;
+            let mut state = self.inline.lock();
+            match state.bytes.take() {
+                Some(bytes) if inline => {
+                    // The service cut or zero-extended what it holds alike.
+                    let mut resized = BytesMut::zeroed(size as usize);
+                    let n = bytes.len().min(resized.len());
+                    resized[..n].copy_from_slice(&bytes[..n]);
+                    state.bytes = (size > 0).then(|| resized.freeze());
+                }
+                // Held, but not known here: the next read fetches it, and
+                // this client syncs no content over bytes it has not seen.
+                _ if inline => {
+                    state.stale = true;
+                    state.max = 0;
+                }
+                // Not empty and not held (a truncate past what may be
+                // held moved it to storage): nothing to sync inline.
+                _ if size > 0 => state.max = 0,
+                _ => {}
             }
         }
         self.length.store(size, Ordering::Release);

@@ -954,8 +954,17 @@ impl<N: Network> FsClient<N> {
             return Ok(());
         };
         let Some(session) = state.any_session() else {
-            // Nothing of this client can write the file.
-            return Ok(());
+            // Writes wait, yet no write session of this client is open: a
+            // handle released with writes it could not send.
+            state.still_inline(bytes);
+            return Err(FsError {
+                errno: libc::EBADF,
+                message: format!(
+                    "{:?}: writes wait for storage without a write session to move its inline data",
+                    state.ino
+                ),
+                retryable: false,
+            });
         };
         let req = SessionReq {
             user: User::root(),

@@ -1174,4 +1174,21 @@ async fn small_files_are_held_inline_until_they_grow_or_gain_a_writer() {
     b.release(&fb).await.expect("release");
     let empty = b.setattr(truncate(0)).await.expect("truncate");
     assert!(!empty.inline && empty.length == 0);
+
+    // A reader's bytes go stale when the writer stores others: its next
+    // stat says so, and its next read fetches them.
+    let (attr, fa) = a
+        .create(&root, ROOT, b"stale", 0o644, RW, true)
+        .await
+        .expect("create");
+    a.write(&fa, 0, b"first").await.expect("write");
+    a.flush(&fa).await.expect("flush");
+    let (_, fb) = b.open(&root, attr.ino, RO).await.expect("open");
+    assert_eq!(read_all(&b, &fb, 100, 100).await, b"first");
+    a.write(&fa, 0, b"second!").await.expect("write");
+    a.flush(&fa).await.expect("flush");
+    assert_eq!(b.stat(&root, attr.ino).await.expect("stat").length, 7);
+    assert_eq!(read_all(&b, &fb, 100, 100).await, b"second!");
+    b.release(&fb).await.expect("release");
+    a.release(&fa).await.expect("release");
 }

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use flyfs_client::storage::{ClientConfig, StorageClient};
 use flyfs_fs_meta::gc::{GcConfig, GcStats, GcWorker};
-use flyfs_fs_meta::ns::{CreateFlags, Namespace, WriterLength, WriterLengthFixed};
+use flyfs_fs_meta::ns::{CreateFlags, Namespace, StoreInline, WriterLength, WriterLengthFixed};
 use flyfs_fs_meta::schema::SessionId;
 use flyfs_kv::fjall::{FjallKv, FjallOptions};
 use flyfs_kv::{Kv, KvError, Limits};
@@ -254,4 +254,65 @@ async fn the_gc_waits_for_the_removes_it_collects_to_be_durable_before_acting() 
         "the scan synced once, before any commit of its own"
     );
     assert!(kv.kv.journal_stats().syncs > removed_at.syncs);
+}
+
+/// Bytes held inline are committed like the length they come with: a
+/// relaxed store (the flush of `close(2)`) waits for no fsync, a durable one
+/// (`fsync`) does, and `sync` makes a relaxed one durable; either survives
+/// the store's reopening. The move to storage's last step is durable.
+#[tokio::test]
+async fn inline_bytes_are_as_durable_as_the_sync_that_brought_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kv = store(&dir);
+    let (ns, _clock) = ns_common::open(kv.clone()).await;
+    let root = ns_common::root();
+    let (a, session_a) = create(&ns, "a").await;
+    let (b, session_b) = create(&ns, "b").await;
+    let store_inline = |ino, session, bytes: &'static [u8], relaxed| {
+        let (ns, root) = (ns.clone(), root.clone());
+        async move {
+            ns.store_inline(&StoreInline {
+                user: &root,
+                ino,
+                session,
+                truncate_version: 0,
+                bytes,
+                changes: &[],
+                relaxed,
+            })
+            .await
+            .expect("store")
+            .expect("taken")
+        }
+    };
+    let syncs = kv.journal_stats().syncs;
+    store_inline(a, session_a, b"relaxed", true).await;
+    assert_eq!(kv.journal_stats().syncs, syncs, "a relaxed store fsynced");
+    assert!(kv.journal_stats().relaxed_pending);
+    store_inline(b, session_b, b"durable", false).await;
+    assert_eq!(kv.journal_stats().syncs, syncs + 1);
+    ns.sync().await.expect("sync");
+    assert!(!kv.journal_stats().relaxed_pending);
+    let syncs = kv.journal_stats().syncs;
+    assert!(ns.finish_uninline(b, 0, b"durable").await.expect("finish"));
+    assert_eq!(
+        kv.journal_stats().syncs,
+        syncs + 1,
+        "the move's end is durable"
+    );
+    drop(ns);
+    drop(kv);
+
+    let kv = store(&dir);
+    let (ns, _clock) = ns_common::open(kv.clone()).await;
+    let held = |ino| {
+        let ns = ns.clone();
+        async move {
+            let inode = ns.stat(ino).await.expect("stat");
+            let file = inode.file().expect("a file");
+            (file.length, file.inline.clone())
+        }
+    };
+    assert_eq!(held(a).await, (7, Some(b"relaxed".to_vec())));
+    assert_eq!(held(b).await, (7, None));
 }
