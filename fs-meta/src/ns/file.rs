@@ -1363,6 +1363,17 @@ mod tests {
                 .expect("store")
             }
         };
+        let open_writer = |client, id| {
+            let (ns, root) = (&ns, &root);
+            async move {
+                let flags = OpenFlags {
+                    write_session: Some(client),
+                    session: Some(SessionId(id)),
+                    ..OpenFlags::default()
+                };
+                ns.open_file(root, ino, flags).await.expect("open")
+            }
+        };
         let held = store(41, 0, b"hello").await.expect("taken");
         let file = held.file().expect("a file");
         assert_eq!(
@@ -1377,18 +1388,7 @@ mod tests {
         assert!(store(41, 0, big).await.is_none());
         // A second writer gets no limit, and while it writes, no store is
         // taken from the first.
-        let second = ns
-            .open_file(
-                &root,
-                ino,
-                OpenFlags {
-                    write_session: Some(8),
-                    session: Some(SessionId(43)),
-                    ..OpenFlags::default()
-                },
-            )
-            .await
-            .expect("open");
+        let second = open_writer(8, 43).await;
         assert_eq!(second.inline_max, 0);
         assert!(store(41, 0, b"again").await.is_none());
         ns.close(ino, SessionId(43), None).await.expect("close");
@@ -1436,18 +1436,7 @@ mod tests {
         // Not empty and not held: no store, and a new session gets no limit.
         assert!(store(41, 1, b"new").await.is_none());
         ns.close(ino, SessionId(41), None).await.expect("close");
-        let reopened = ns
-            .open_file(
-                &root,
-                ino,
-                OpenFlags {
-                    write_session: Some(7),
-                    session: Some(SessionId(45)),
-                    ..OpenFlags::default()
-                },
-            )
-            .await
-            .expect("open");
+        let reopened = open_writer(7, 45).await;
         assert_eq!(reopened.inline_max, 0);
         // O_TRUNC empties it: held again by its only writer.
         let truncated = ns
