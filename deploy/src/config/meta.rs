@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flyfs_fs_meta::ns::LayoutSpec;
+use flyfs_fs_meta::ns::{INLINE_BYTES_LIMIT, LayoutSpec};
 use flyfs_proto::ids::ChainTableId;
 use serde::{Deserialize, Serialize};
 
@@ -146,11 +146,8 @@ fn default_reaper_interval_ms() -> u64 {
 /// reaping compare the clocks of different metadata instances.
 const CLIENT_LEASE_MS_MIN: u64 = 3_000;
 
-/// flyfs-fs-meta's `INLINE_BYTES_LIMIT`.
-const INLINE_FILE_BYTES_LIMIT: u32 = 64 << 10;
-
 fn default_inline_file_bytes_max() -> u32 {
-    16 << 10
+    flyfs_fs_meta::ns::INLINE_BYTES_DEFAULT
 }
 fn default_sync_on_commit() -> bool {
     true
@@ -245,12 +242,12 @@ impl ConfigFile for MetaDaemonConfig {
             problem: e.to_string(),
         })?;
         check(
-            self.inline_file_bytes_max <= INLINE_FILE_BYTES_LIMIT
+            self.inline_file_bytes_max <= INLINE_BYTES_LIMIT
                 && self.inline_file_bytes_max <= self.chunk_size,
             "inline_file_bytes_max",
             || {
                 format!(
-                    "is {}: at most {INLINE_FILE_BYTES_LIMIT} and the chunk size ({})",
+                    "is {}: at most {INLINE_BYTES_LIMIT} and the chunk size ({})",
                     self.inline_file_bytes_max, self.chunk_size
                 )
             },
