@@ -920,7 +920,14 @@ impl<N: Network> FsClient<N> {
     /// or the bytes the service holds inline if this client's are stale.
     async fn before_read(&self, fh: &FileHandle) -> Result<(), FsError> {
         if fh.state.buffered().await {
-            self.drain_to_storage(&fh.state).await?;
+            // A file the service holds, or may hold, stays there: its
+            // content goes with a sync (relaxed, as a close's), which reads
+            // are then served from; else the writes go to storage.
+            let writes = fh.state.writes();
+            let known = fh.state.writer_length();
+            if !self.sync_inline(fh, writes, known, true).await? {
+                self.drain_to_storage(&fh.state).await?;
+            }
         }
         if fh.state.inline_stale() {
             let req = OpenReq {

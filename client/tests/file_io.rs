@@ -1096,6 +1096,23 @@ async fn small_files_are_held_inline_until_they_grow_or_gain_a_writer() {
         model,
         "the writer reads"
     );
+    // Read back before any flush: the writes are synced inline for the
+    // read, not moved to storage.
+    let (uninlined, syncs) = (stats.uninlined(), stats.inline_syncs());
+    let again = pattern(16, 1000);
+    a.write(&fa, 500, &again).await.expect("write");
+    model[500..1500].copy_from_slice(&again);
+    assert_eq!(
+        read_all(&a, &fa, 1 << 20, 4096).await,
+        model,
+        "the writer reads its buffered writes"
+    );
+    assert_eq!(
+        (stats.uninlined(), stats.inline_syncs()),
+        (uninlined, syncs + 1),
+        "a read after buffered writes moved the file to storage"
+    );
+    assert!(inline_of(&b.stat(&root, ino).await.expect("stat")));
     // Past the limit: moved to storage first, then written there.
     let uninlined = stats.uninlined();
     let big = pattern(13, 3 * CHUNK as usize);
