@@ -98,6 +98,28 @@ pub(crate) fn file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
+/// What a lookup of a name that does not exist answers when the kernel
+/// may remember that (node 0: a negative entry, kept for the entry TTL).
+pub(crate) fn no_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: fuser::FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 /// The largest size a file of this layout can have (the client refuses
 /// I/O beyond it with EFBIG).
 pub(crate) fn max_file_size(attr: &Attr) -> u64 {

@@ -23,6 +23,9 @@ pub struct FuseOptions {
     pub attr_ttl: Duration,
     /// How long the kernel may cache a name's inode.
     pub entry_ttl: Duration,
+    /// How long the kernel may remember that a name does not exist (a
+    /// negative entry); zero: it asks every time.
+    pub negative_ttl: Duration,
     /// The kernel checks permissions against the cached attributes (the
     /// metadata service checks again); off, `access(2)` comes here.
     pub default_permissions: bool,
@@ -40,6 +43,7 @@ impl Default for FuseOptions {
         FuseOptions {
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(1),
             default_permissions: true,
             allow_other: true,
             threads: 4,

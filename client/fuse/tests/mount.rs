@@ -227,6 +227,48 @@ impl metrics::Recorder for CountRequests {
     }
 }
 
+/// A name looked up and not found is remembered by the kernel for the
+/// negative TTL (1 s by default): asked again within it, the mount hears
+/// nothing; created here, it exists at once; created by another client
+/// (the service directly), it shows here once the TTL has passed.
+fn missing_names_are_remembered_for_the_negative_ttl(
+    mnt: &Path,
+    fs: &FsClient<Tcp>,
+    runtime: &Runtime,
+) {
+    let ttl = FuseOptions::default().negative_ttl;
+    let here = mnt.join("created-here");
+    let lookups = requests("lookup");
+    let first = std::time::Instant::now();
+    assert_eq!(errno_of(std::fs::metadata(&here)), Some(libc::ENOENT));
+    assert_eq!(requests("lookup") - lookups, 1);
+    assert_eq!(errno_of(std::fs::metadata(&here)), Some(libc::ENOENT));
+    // Only within the TTL of the first answer does the kernel keep it; a
+    // slower machine may have let it lapse.
+    if first.elapsed() < ttl {
+        assert_eq!(requests("lookup") - lookups, 1, "the second stat asked");
+    }
+    std::fs::write(&here, b"x").expect("create over a negative entry");
+    assert_eq!(std::fs::read(&here).expect("read"), b"x");
+    std::fs::remove_file(&here).expect("remove");
+
+    let elsewhere = mnt.join("created-elsewhere");
+    assert_eq!(errno_of(std::fs::metadata(&elsewhere)), Some(libc::ENOENT));
+    let made = std::time::Instant::now();
+    runtime
+        .block_on(fs.mkdir(&User::root(), InodeId(1), b"created-elsewhere", 0o755))
+        .expect("mkdir by another client");
+    let deadline = made + ttl + Duration::from_secs(30);
+    while std::fs::metadata(&elsewhere).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a name created by another client did not show within the negative TTL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_dir(&elsewhere).expect("rmdir");
+}
+
 /// A small file written the way `tar x` writes one: a chown after the
 /// write costs no GETATTR (the kernel fetches the mode before a chown only
 /// to drop setuid itself, which `HANDLE_KILLPRIV_V2` leaves to us).
@@ -469,6 +511,7 @@ fn a_mounted_cluster_behaves_like_a_file_system() {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         exercise(&mnt);
         creates_answer_the_stat_of_their_directory(&mnt, &fs, &runtime);
+        missing_names_are_remembered_for_the_negative_ttl(&mnt, &fs, &runtime);
     }));
     runtime.block_on(fs.flush_all()).expect("flush_all");
     let mut unmounted = mounted.unmount();

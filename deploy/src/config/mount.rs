@@ -35,6 +35,10 @@ pub struct MountConfig {
     pub attr_timeout_ms: u64,
     #[serde(default = "default_timeout_ms")]
     pub entry_timeout_ms: u64,
+    /// How long the kernel may remember that a name does not exist; 0:
+    /// it asks every time.
+    #[serde(default = "default_timeout_ms")]
+    pub negative_timeout_ms: u64,
     /// The kernel checks permissions (the metadata service always does).
     #[serde(default = "default_true")]
     pub default_permissions: bool,
@@ -118,6 +122,7 @@ impl MountConfig {
             threads: default_threads(),
             attr_timeout_ms: default_timeout_ms(),
             entry_timeout_ms: default_timeout_ms(),
+            negative_timeout_ms: default_timeout_ms(),
             default_permissions: true,
             allow_other: true,
             write_buffer_bytes: default_write_buffer_bytes(),
@@ -147,6 +152,7 @@ impl MountConfig {
         FuseOptions {
             attr_ttl: Duration::from_millis(self.attr_timeout_ms),
             entry_ttl: Duration::from_millis(self.entry_timeout_ms),
+            negative_ttl: Duration::from_millis(self.negative_timeout_ms),
             default_permissions: self.default_permissions,
             allow_other: self.allow_other,
             threads: self.threads,

@@ -10,6 +10,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::Duration;
 
 use flyfs_client::fs::OpenMode;
 use flyfs_proto::access::{self, MAY_EXEC, MAY_READ, MAY_WRITE, Permissions, kill_suid_sgid};
@@ -22,7 +23,7 @@ use fuser::{
 };
 
 use super::{NAME_MAX, check_name};
-use crate::attr::{file_attr, set_time};
+use crate::attr::{file_attr, no_entry, set_time};
 use crate::credentials::Caller;
 use crate::fs::{FuseFs, Shared};
 use crate::request::fail;
@@ -65,15 +66,29 @@ pub(crate) fn lookup<N: Network>(
     let caller = Caller::of(req);
     let shared = fs.shared.clone();
     let client = fs.shared.client.clone();
+    let negative_ttl = fs.shared.options.negative_ttl;
     fs.spawn(
         "lookup",
         reply,
         async move {
-            client
+            match client
                 .lookup(&caller.user(), InodeId(parent.0), &name)
                 .await
+            {
+                // A name that does not exist, which the kernel may
+                // remember for the negative TTL: tools `lstat` every path
+                // before they write it (git checks out a tree so), and a
+                // create here replaces the negative entry at once.
+                Err(e) if e.errno == libc::ENOENT && !negative_ttl.is_zero() => Ok(None),
+                found => found.map(Some),
+            }
         },
-        move |reply, attr| reply_entry(&shared, reply, &attr),
+        move |reply, attr| match attr {
+            Some(attr) => reply_entry(&shared, reply, &attr),
+            None => {
+                reply.entry_with_ttls(&Duration::ZERO, &negative_ttl, &no_entry(), Generation(0))
+            }
+        },
     );
 }
 
