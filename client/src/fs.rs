@@ -813,6 +813,7 @@ impl<N: Network> FsClient<N> {
             write: mode.write,
             client: self.client,
             session: self.session_id(mode),
+            inline_reads: true,
         };
         let rsp = self.meta.call::<Create, _>(&req).await?;
         let parent = rsp.parent.clone();
@@ -836,6 +837,7 @@ impl<N: Network> FsClient<N> {
             truncate: mode.truncate,
             client: self.client,
             session: self.session_id(mode),
+            inline_reads: true,
         };
         if mode.truncate
             && let Some(state) = self.open_state(ino)
@@ -934,6 +936,7 @@ impl<N: Network> FsClient<N> {
                 user: fh.user.clone(),
                 ino: fh.ino(),
                 read: true,
+                inline_reads: true,
                 ..OpenReq::default()
             };
             let rsp = self.meta.call::<Open, _>(&req).await?;

@@ -12,7 +12,7 @@ use flyfs_client::{FileHandle, FsClient, FsConfig, OpenMode};
 use flyfs_fs_meta::reaper::{ReaperConfig, SessionReaper};
 use flyfs_fs_meta::testing::{ClusterOptions, MetaOptions, TestCluster};
 use flyfs_proto::ids::{ClientId, InodeId};
-use flyfs_proto::wire::meta::{SetAttrReq, User};
+use flyfs_proto::wire::meta::{Create, CreateReq, Open, OpenReq, SetAttrReq, User};
 use flyfs_rpc::Tcp;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -1208,4 +1208,52 @@ async fn small_files_are_held_inline_until_they_grow_or_gain_a_writer() {
     assert_eq!(read_all(&b, &fb, 100, 100).await, b"second!");
     b.release(&fb).await.expect("release");
     a.release(&fa).await.expect("release");
+
+    // A client older than inline data reads only from storage: its open
+    // (which does not say it reads held data) and its create of an existing
+    // file have the data moved there before they are answered.
+    for (name, seed) in [
+        (&b"for-an-old-open"[..], 17),
+        (&b"for-an-old-create"[..], 18),
+    ] {
+        let (attr, fa) = a
+            .create(&root, ROOT, name, 0o644, RW, true)
+            .await
+            .expect("create");
+        let bytes = pattern(seed, 2500);
+        a.write(&fa, 0, &bytes).await.expect("write");
+        a.release(&fa).await.expect("release");
+        assert!(inline_of(&b.stat(&root, attr.ino).await.expect("stat")));
+        let uninlined = stats.uninlined();
+        let old = if seed == 17 {
+            let req = OpenReq {
+                user: root.clone(),
+                ino: attr.ino,
+                read: true,
+                ..OpenReq::default()
+            };
+            a.meta().call::<Open, _>(&req).await
+        } else {
+            let req = CreateReq {
+                user: root.clone(),
+                parent: ROOT,
+                name: name.to_vec(),
+                mode: 0o644,
+                read: true,
+                ..CreateReq::default()
+            };
+            a.meta().call::<Create, _>(&req).await
+        }
+        .expect("an older client's open");
+        assert_eq!(stats.uninlined(), uninlined + 1);
+        assert!(!old.attr.inline && old.inline.is_none() && old.inline_max == 0);
+        assert_eq!(old.attr.length, bytes.len() as u64);
+        let (_, fb) = b.open(&root, attr.ino, RO).await.expect("open");
+        assert_eq!(
+            read_all(&b, &fb, 1 << 20, 4096).await,
+            bytes,
+            "from storage"
+        );
+        b.release(&fb).await.expect("release");
+    }
 }

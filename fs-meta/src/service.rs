@@ -417,21 +417,28 @@ impl<K: Kv, N: Network> MetaService<K, N> {
         }
     }
 
-    /// After an open with a write session: a file held inline that the
-    /// session may not have held ([`ns::Opened::inline_max`] 0: another
-    /// session writes it too) moves to storage, where writers write.
+    /// After an open: a file held inline moves to storage when the opener
+    /// reads only from storage (`inline_reads` false: a client older than
+    /// inline data), or when it opened a write session that may not have
+    /// held the data ([`ns::Opened::inline_max`] 0: another session writes
+    /// it too), since writers write to storage. Answers the inode and the
+    /// `inline_max` to give the opener (0 for a client that cannot use it).
     async fn opened_inline(
         &self,
         inode: Inode,
         session: Option<SessionId>,
         inline_max: u32,
-    ) -> Result<Inode> {
+        inline_reads: bool,
+    ) -> Result<(Inode, u32)> {
+        let inline_max = if inline_reads { inline_max } else { 0 };
         let held = inode.file().is_some_and(|f| f.is_inline());
-        if session.is_none() || inline_max > 0 || !held {
-            return Ok(inode);
+        let writer_may_hold = session.is_none() || inline_max > 0;
+        if !held || (inline_reads && writer_may_hold) {
+            return Ok((inode, inline_max));
         }
         self.uninline(inode.ino).await?;
-        self.ns.stat(inode.ino).await.map_err(meta_error)
+        let inode = self.ns.stat(inode.ino).await.map_err(meta_error)?;
+        Ok((inode, inline_max))
     }
 
     /// Carries out on storage a truncate the namespace has recorded. The
@@ -783,15 +790,20 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(created.truncate).await?;
-                    let inode = self
-                        .opened_inline(created.inode, created.session, created.inline_max)
+                    let (inode, inline_max) = self
+                        .opened_inline(
+                            created.inode,
+                            created.session,
+                            created.inline_max,
+                            r.inline_reads,
+                        )
                         .await?;
                     Ok(open_rsp(
                         &inode,
                         created.session,
                         created.created,
                         Some(attr(&created.parent)),
-                        created.inline_max,
+                        inline_max,
                     ))
                 }
                 .await;
@@ -811,16 +823,15 @@ impl<K: Kv, N: Network> MetaService<K, N> {
                         .await
                         .map_err(meta_error)?;
                     self.truncate_data(opened.truncate).await?;
-                    let inode = self
-                        .opened_inline(opened.inode, opened.session, opened.inline_max)
+                    let (inode, inline_max) = self
+                        .opened_inline(
+                            opened.inode,
+                            opened.session,
+                            opened.inline_max,
+                            r.inline_reads,
+                        )
                         .await?;
-                    Ok(open_rsp(
-                        &inode,
-                        opened.session,
-                        false,
-                        None,
-                        opened.inline_max,
-                    ))
+                    Ok(open_rsp(&inode, opened.session, false, None, inline_max))
                 }
                 .await;
                 ok::<Open>(result)

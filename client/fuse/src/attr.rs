@@ -99,7 +99,7 @@ pub(crate) fn file_attr(attr: &Attr) -> FileAttr {
 }
 
 /// What a lookup of a name that does not exist answers when the kernel
-/// may remember that (node 0: a negative entry, kept for the entry TTL).
+/// may remember that (node 0: a negative entry, kept for the negative TTL).
 pub(crate) fn no_entry() -> FileAttr {
     FileAttr {
         ino: INodeNo(0),

@@ -227,6 +227,11 @@ pub struct CreateReq {
     /// picks it and resends it on retries gets its own session back after a
     /// lost reply, instead of EEXIST or a second session.
     pub session: u64,
+    /// The caller reads a file the service holds from [`OpenRsp::inline`]
+    /// (clients since inline data say so). Absent (older clients, which
+    /// read every byte from storage): an existing file's data the service
+    /// holds is moved to storage before the answer.
+    pub inline_reads: bool,
 }
 
 /// The file, and the write session when it was opened for writing.
@@ -378,6 +383,8 @@ pub struct OpenReq {
     pub client: ClientId,
     /// As [`CreateReq::session`].
     pub session: u64,
+    /// As [`CreateReq::inline_reads`].
+    pub inline_reads: bool,
 }
 
 /// `close` ends a write session; `sync` keeps it. Both fix the exact length
