@@ -837,6 +837,7 @@ async fn oversized(
         offset: 0,
         len,
         verify: false,
+        if_changed_from: None,
     };
     let many = BatchReadReq {
         items: vec![item(1); BatchReadReq::ITEMS_MAX + 1],
@@ -1130,6 +1131,7 @@ fn resident_memory_holds_with_replies_a_client_never_reads() {
                 offset: 0,
                 len: CHUNK_BYTES as u32,
                 verify: false,
+                if_changed_from: None,
             };
             (BatchReadReq::BYTES_MAX / CHUNK_BYTES as u64) as usize
         ],

@@ -220,6 +220,7 @@ async fn check_replica(
                         offset: 0,
                         len: CHUNK_BYTES as u32,
                         verify: true,
+                        if_changed_from: None,
                     })
                     .collect(),
             };

@@ -1611,6 +1611,7 @@ impl Workload {
                         offset: 0,
                         len: CHUNK_BYTES,
                         verify: true,
+                        if_changed_from: None,
                     }],
                 };
                 let read = self

@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::cache::BlockCache;
 use crate::storage::{ClientError, ReadInto, ReadSpec, StorageClient};
 use bytes::{Bytes, BytesMut};
 use flyfs_proto::access::kill_suid_sgid;
@@ -832,6 +833,7 @@ impl FileState {
     pub(crate) async fn read<N: Network>(
         self: &Arc<Self>,
         storage: &Arc<StorageClient<N>>,
+        cache: &BlockCache,
         fh: &FileHandle,
         offset: u64,
         len: u32,
@@ -859,7 +861,7 @@ impl FileState {
             self.read_ahead(storage, fh, &pieces, end, length).await?
         } else {
             fh.readahead.lock().window = 0;
-            self.read_exact(storage, &pieces).await?
+            self.read_exact(storage, cache, &pieces).await?
         };
         // Holes and chunks shorter than the file read as zeros.
         if let [part] = parts.as_slice()
@@ -915,6 +917,7 @@ impl FileState {
                 chunk: ChunkId::new(self.ino.0, index),
                 offset: from,
                 len: want,
+                if_changed_from: None,
             });
             buffers.push(slice(at, want as usize));
         }
@@ -937,28 +940,52 @@ impl FileState {
         Ok(end - offset)
     }
 
+    /// Reads `pieces` as they are, each checked against the block cache
+    /// first: a piece the cache holds is asked for only if its version
+    /// changed (`crate::cache`).
     async fn read_exact<N: Network>(
         &self,
         storage: &Arc<StorageClient<N>>,
+        cache: &BlockCache,
         pieces: &[(u32, u32, usize, u32)],
     ) -> Result<Vec<Bytes>, FsError> {
         let mut specs = Vec::with_capacity(pieces.len());
+        let mut held = Vec::with_capacity(pieces.len());
         for &(index, from, _, len) in pieces {
+            let chunk = ChunkId::new(self.ino.0, index);
+            let cached = cache.lookup(chunk, from, len);
             specs.push(ReadSpec {
                 chain: self.chain_of(index)?,
-                chunk: ChunkId::new(self.ino.0, index),
+                chunk,
                 offset: from,
                 len,
+                if_changed_from: cached.as_ref().map(|(stamp, _)| *stamp),
             });
+            held.push(cached.map(|(_, bytes)| bytes));
         }
         let results = storage.read_batch(&specs).await;
         results
             .into_iter()
-            .zip(pieces)
-            .map(|(result, &(index, ..))| {
-                result
-                    .map(|chunk| chunk.data)
-                    .map_err(|e| self.storage_error("read", index, e))
+            .zip(held)
+            .zip(&specs)
+            .map(|((result, held), spec)| {
+                let read = result.map_err(|e| self.storage_error("read", spec.chunk.index, e))?;
+                match (read.result.unchanged, held) {
+                    (true, Some(bytes)) => {
+                        cache.confirmed();
+                        Ok(bytes)
+                    }
+                    (true, None) => Err(io_error(format!(
+                        "read of chunk {} of {:?}: the replica answered `unchanged` to a read that held nothing",
+                        spec.chunk.index, self.ino
+                    ))),
+                    (false, held) => {
+                        if let Some(stamp) = read.result.stamp {
+                            cache.insert(spec.chunk, spec.offset, &read.data, stamp, held.is_some());
+                        }
+                        Ok(read.data)
+                    }
+                }
             })
             .collect()
     }

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::cache::{BlockCache, BlockCacheStats};
 use crate::meta::MetaClient;
 use crate::storage::StorageClient;
 use bytes::Bytes;
@@ -73,7 +74,15 @@ pub struct FsConfig {
     /// metadata service squashes root: then turn this off, or a refused
     /// change fails the close instead of the call.
     pub defer_root_setattrs: bool,
+    /// Bytes of the block cache random reads go through (`crate::cache`),
+    /// shared by all files; 0 turns it off. It never answers with bytes
+    /// a replica would not: each hit is checked against the chunk's
+    /// committed version in the read's own round trip.
+    pub block_cache_bytes: u64,
 }
+
+/// [`FsConfig::block_cache_bytes`] by default.
+pub const BLOCK_CACHE_BYTES: u64 = 256 << 20;
 
 impl Default for FsConfig {
     fn default() -> FsConfig {
@@ -83,6 +92,7 @@ impl Default for FsConfig {
             readahead_bytes_max: 32 << 20,
             length_hint_interval: Duration::from_secs(1),
             defer_root_setattrs: true,
+            block_cache_bytes: BLOCK_CACHE_BYTES,
         }
     }
 }
@@ -157,6 +167,7 @@ pub struct FsClient<N: Network> {
     storage: Arc<StorageClient<N>>,
     client: ClientId,
     config: FsConfig,
+    cache: BlockCache,
     /// Open files, shared by all their handles in this client, so a write
     /// through one handle is seen by reads and stats through any other.
     files: Mutex<HashMap<InodeId, Weak<FileState>>>,
@@ -237,6 +248,7 @@ impl<N: Network> FsClient<N> {
             meta,
             storage,
             client,
+            cache: BlockCache::new(config.block_cache_bytes),
             config,
             files: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(now_ns),
@@ -245,6 +257,11 @@ impl<N: Network> FsClient<N> {
             sync_setattr_refused: AtomicBool::new(false),
             sync_setattrs_refused: AtomicBool::new(false),
         })
+    }
+
+    /// The block cache's counters.
+    pub fn block_cache_stats(&self) -> BlockCacheStats {
+        self.cache.stats()
     }
 
     pub fn meta(&self) -> &Arc<MetaClient<N>> {
@@ -915,7 +932,9 @@ impl<N: Network> FsClient<N> {
     /// file. Holes read as zeros.
     pub async fn read(&self, fh: &FileHandle, offset: u64, len: u32) -> Result<Bytes, FsError> {
         self.before_read(fh).await?;
-        fh.state.read(&self.storage, fh, offset, len).await
+        fh.state
+            .read(&self.storage, &self.cache, fh, offset, len)
+            .await
     }
 
     /// What a read needs first: this client's buffered writes on storage,

@@ -13,6 +13,8 @@
 //!   to the metadata service; file data goes straight to the storage chains
 //!   named by the file's layout, many chunk I/Os in flight, with a bounded
 //!   write-back buffer and read-ahead per file (`file.rs`).
+//! * [`cache`]: the block cache random reads go through, every hit checked
+//!   against the chunk's committed version in the read's round trip.
 //!
 //! Storage nodes and the metadata service use [`mgmt`] and [`storage`] too:
 //! they are clients of the manager and of each other.
@@ -22,6 +24,7 @@
 //! kernel as it is and logs the message.
 #![deny(unsafe_code)]
 
+pub mod cache;
 mod file;
 pub mod fs;
 pub mod meta;

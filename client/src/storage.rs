@@ -18,9 +18,9 @@ use bytes::Bytes;
 use flyfs_proto::ids::{ChainId, ChunkId, ClientId, InodeId, NodeId, RoutingVersion};
 use flyfs_proto::wire::mgmt::{ChainInfo, PublicState, RoutingInfo};
 use flyfs_proto::wire::storage::{
-    BatchRead, BatchReadReq, BatchReadRsp, Channel, ChunkMetaInfo, LastChunk, LastChunkReq,
-    ReadItem, ReadResult, Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp, WriteReq,
-    WriteRsp,
+    BatchRead, BatchReadReq, BatchReadRsp, Channel, ChunkMetaInfo, ChunkStamp, LastChunk,
+    LastChunkReq, ReadItem, ReadResult, Space, SpaceReq, SpaceRsp, StorageError, Write, WriteOp,
+    WriteReq, WriteRsp,
 };
 use flyfs_rpc::{CallOptions, Client, Credentials, Network, RpcError};
 use flyfs_time::{Attempt, Backoff, Retry};
@@ -87,12 +87,15 @@ impl ClientConfig {
 }
 
 /// One range of one chunk to read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadSpec {
     pub chain: ChainId,
     pub chunk: ChunkId,
     pub offset: u32,
     pub len: u32,
+    /// The caller holds the range's bytes of this version: a replica that
+    /// still has it committed answers `unchanged` with no bytes.
+    pub if_changed_from: Option<ChunkStamp>,
 }
 
 /// Data of one chunk as read.
@@ -413,6 +416,26 @@ impl<N: Network> StorageClient<N> {
         offset: u32,
         len: u32,
     ) -> Result<ChunkData, ClientError> {
+        self.read_spec(ReadSpec {
+            chain,
+            chunk,
+            offset,
+            len,
+            if_changed_from: None,
+        })
+        .await
+    }
+
+    /// [`read`](Self::read) of one [`ReadSpec`], failing over from replica
+    /// to replica.
+    pub async fn read_spec(&self, spec: ReadSpec) -> Result<ChunkData, ClientError> {
+        let ReadSpec {
+            chain,
+            chunk,
+            offset,
+            len,
+            if_changed_from,
+        } = spec;
         let what = format!("read of {chunk:?} on {chain}");
         self.retrying(&what, chain, |info, routing, attempt| async move {
             let serving: Vec<_> = info
@@ -441,6 +464,7 @@ impl<N: Network> StorageClient<N> {
                     offset,
                     len,
                     verify: false,
+                    if_changed_from,
                 }],
             };
             // Over RDMA the replica writes the bytes straight into a
@@ -621,9 +645,7 @@ impl<N: Network> StorageClient<N> {
             .map(|(i, _)| {
                 let item = items[i];
                 async move {
-                    let read = self
-                        .read(item.chain, item.chunk, item.offset, item.len)
-                        .await;
+                    let read = self.read_spec(item).await;
                     (i, read.map(ReadInto::Data))
                 }
             });
@@ -665,6 +687,7 @@ impl<N: Network> StorageClient<N> {
                 offset: item.offset,
                 len: item.len,
                 verify: false,
+                if_changed_from: item.if_changed_from,
             },
         ))
     }

@@ -1257,3 +1257,122 @@ async fn small_files_are_held_inline_until_they_grow_or_gain_a_writer() {
         b.release(&fb).await.expect("release");
     }
 }
+
+/// Reads `len` bytes at `offset` through a handle of its own, whose first
+/// read is a random one (no read-ahead): the block cache's path.
+async fn read_fresh(fs: &FsClient<Tcp>, ino: InodeId, offset: u64, len: u32) -> Vec<u8> {
+    let (_, fh) = fs.open(&User::root(), ino, RO).await.expect("open");
+    let data = fs.read(&fh, offset, len).await.expect("read");
+    fs.release(&fh).await.expect("release");
+    data.to_vec()
+}
+
+/// Writes `data` at `offset` through a handle of its own and closes it.
+async fn write_closed(fs: &FsClient<Tcp>, ino: InodeId, offset: u64, data: &[u8]) {
+    let (_, fh) = fs.open(&User::root(), ino, RW).await.expect("open");
+    fs.write(&fh, offset, data).await.expect("write");
+    fs.release(&fh).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_block_cache_answers_only_with_the_committed_version() {
+    let cluster = cluster().await;
+    let a = client(&cluster, 31, FsConfig::default()).await;
+    let b = client(&cluster, 32, FsConfig::default()).await;
+    let root = User::root();
+    let (attr, fh) = a
+        .create(&root, ROOT, b"cached", 0o644, RW, true)
+        .await
+        .expect("create");
+    let ino = attr.ino;
+    let mut model = pattern(1, 2 * CHUNK as usize);
+    a.write(&fh, 0, &model).await.expect("write");
+    a.release(&fh).await.expect("release");
+    let page = 4096usize;
+    let range = |m: &[u8]| m[page..3 * page].to_vec();
+
+    // A miss, then a hit the replica confirmed, with the same bytes.
+    assert!(
+        read_fresh(&b, ino, page as u64, 2 * page as u32).await == range(&model),
+        "bytes differ"
+    );
+    let stats = b.block_cache_stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.stale),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+    assert!(
+        read_fresh(&b, ino, page as u64, 2 * page as u32).await == range(&model),
+        "bytes differ"
+    );
+    assert_eq!(b.block_cache_stats().hits, 1);
+    // Part of a cached range is a hit too; a range reaching past it is not.
+    assert!(
+        read_fresh(&b, ino, 2 * page as u64, 100).await == model[2 * page..2 * page + 100],
+        "bytes differ"
+    );
+    assert_eq!(b.block_cache_stats().hits, 2);
+    assert!(
+        read_fresh(&b, ino, 2 * page as u64, 2 * page as u32).await == model[2 * page..4 * page],
+        "bytes differ"
+    );
+    assert_eq!(b.block_cache_stats().misses, 2);
+
+    // Another client's write: the replica sends the new bytes, which
+    // replace the cached ones.
+    let new = pattern(2, page);
+    write_closed(&a, ino, 2 * page as u64, &new).await;
+    model[2 * page..3 * page].copy_from_slice(&new);
+    assert!(
+        read_fresh(&b, ino, page as u64, 2 * page as u32).await == range(&model),
+        "bytes differ"
+    );
+    assert_eq!(b.block_cache_stats().stale, 1);
+    assert!(
+        read_fresh(&b, ino, page as u64, 2 * page as u32).await == range(&model),
+        "bytes differ"
+    );
+    assert_eq!(b.block_cache_stats().hits, 3);
+
+    // The file shrunk to nothing and written again the same way: its
+    // chunks come back with the same version numbers and lengths, made by
+    // other writes, and the cache must not take them for the old ones.
+    let truncate = |size| SetAttrReq {
+        user: root.clone(),
+        ino,
+        size: Some(size),
+        ..SetAttrReq::default()
+    };
+    a.setattr(truncate(0)).await.expect("truncate");
+    let mut again = pattern(3, 2 * CHUNK as usize);
+    write_closed(&a, ino, 0, &again).await;
+    let new = pattern(4, page);
+    write_closed(&a, ino, 2 * page as u64, &new).await;
+    again[2 * page..3 * page].copy_from_slice(&new);
+    assert!(
+        read_fresh(&b, ino, page as u64, 2 * page as u32).await == range(&again),
+        "bytes differ"
+    );
+    let stats = b.block_cache_stats();
+    assert_eq!((stats.hits, stats.stale), (3, 2), "{stats:?}");
+
+    // Turned off, nothing is kept.
+    let c = client(
+        &cluster,
+        33,
+        FsConfig {
+            block_cache_bytes: 0,
+            ..FsConfig::default()
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        assert!(
+            read_fresh(&c, ino, page as u64, 2 * page as u32).await == range(&again),
+            "bytes differ"
+        );
+    }
+    assert_eq!(c.block_cache_stats(), Default::default());
+    cluster.shutdown().await;
+}

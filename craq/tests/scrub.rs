@@ -259,6 +259,7 @@ impl Cluster {
                 offset: 0,
                 len: CHUNK,
                 verify: true,
+                if_changed_from: None,
             }],
         };
         let (rsp, payload) = self

@@ -239,6 +239,7 @@ impl Cluster {
                 offset: 0,
                 len: CHUNK,
                 verify: true,
+                if_changed_from: None,
             }],
         };
         let (rsp, payload) = self
@@ -350,6 +351,7 @@ async fn every_operation_over_tcp() {
             chunk,
             offset: 100,
             len: 1000,
+            if_changed_from: None,
         });
     }
     specs.push(ReadSpec {
@@ -357,6 +359,7 @@ async fn every_operation_over_tcp() {
         chunk: ChunkId::new(20, 99),
         offset: 0,
         len: 10,
+        if_changed_from: None,
     });
     let reads = c.client.read_batch(&specs).await;
     for (i, read) in reads.iter().enumerate().take(8) {
@@ -473,6 +476,7 @@ async fn bad_requests_get_clear_errors() {
         offset: 0,
         len,
         verify: false,
+        if_changed_from: None,
     };
     for (items, limit) in [
         (

@@ -639,6 +639,7 @@ impl<N: Network> KvCache<N> {
                 chunk,
                 offset: 0,
                 len: entry.length,
+                if_changed_from: None,
             });
             read_for.push((i, *entry));
             read_into.push(buffers[i].take().expect("checked above"));

@@ -14,9 +14,9 @@ use flyfs_bypass::BlockDevice;
 use flyfs_chunk_engine::{ChunkKey, EngineError, ReadRequest, ReadVersion};
 use flyfs_proto::ids::{ChunkId, ChunkVersion};
 use flyfs_proto::wire::storage::{
-    BatchReadReq, BatchReadRsp, ChunkMetaInfo, DiskSpace, DumpMetaReq, DumpMetaRsp, FetchChunkReq,
-    FetchChunkRsp, LastChunkReq, LastChunkRsp, QueryVersion, QueryVersionReq, QueryVersionRsp,
-    ReadItem, ReadResult, SpaceRsp, StorageError,
+    BatchReadReq, BatchReadRsp, ChunkMetaInfo, ChunkStamp, DiskSpace, DumpMetaReq, DumpMetaRsp,
+    FetchChunkReq, FetchChunkRsp, LastChunkReq, LastChunkRsp, QueryVersion, QueryVersionReq,
+    QueryVersionRsp, ReadItem, ReadResult, SpaceRsp, StorageError,
 };
 use flyfs_rpc::Network;
 
@@ -36,6 +36,17 @@ fn repairing(place: &Place, chunk: ChunkId) -> StorageError {
         chain: place.chain.id,
         target: place.target.id,
         reason: format!("{chunk:?} is being repaired"),
+    }
+}
+
+/// The stamp of a committed version (`ReadItem::if_changed_from`).
+fn stamp_of(meta: flyfs_chunk_engine::ChunkMeta) -> ChunkStamp {
+    ChunkStamp {
+        version: meta.version,
+        len: meta.len,
+        crc: meta.crc,
+        client: meta.client,
+        request: meta.request,
     }
 }
 
@@ -126,6 +137,24 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
             } else {
                 ReadVersion::Committed
             };
+            // Served as committed, `info` (taken after any settling) is the
+            // committed version: a newer one would be pending here first.
+            let stamp = match version {
+                ReadVersion::Committed => info.and_then(|i| i.committed).map(stamp_of),
+                ReadVersion::Exact(_) | ReadVersion::Pending => None,
+            };
+            if let Some(stamp) = stamp
+                && item.if_changed_from == Some(stamp)
+            {
+                let result = ReadResult {
+                    version: stamp.version,
+                    chunk_len: stamp.len,
+                    stamp: Some(stamp),
+                    unchanged: true,
+                    ..ReadResult::default()
+                };
+                return Ok((result, Bytes::new()));
+            }
             let request = ReadRequest {
                 offset: item.offset,
                 len: item.len,
@@ -139,6 +168,12 @@ impl<D: BlockDevice, N: Network> StorageNode<D, N> {
                         len: out.data.len() as u32,
                         version: out.version,
                         chunk_len: out.chunk_len,
+                        // The engine may have committed a newer version
+                        // since `info`: then the read names none.
+                        stamp: stamp.filter(|s| {
+                            (s.version, s.len, s.crc) == (out.version, out.chunk_len, out.chunk_crc)
+                        }),
+                        unchanged: false,
                     };
                     return Ok((result, Bytes::from_owner(out.data)));
                 }

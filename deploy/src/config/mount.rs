@@ -60,6 +60,11 @@ pub struct MountConfig {
     /// once instead of at close.
     #[serde(default = "default_true")]
     pub defer_root_setattrs: bool,
+    /// Bytes of the block cache random reads go through; 0 turns it off.
+    /// Each hit is checked against the chunk's committed version in the
+    /// read's round trip (see `FsConfig::block_cache_bytes`).
+    #[serde(default = "default_block_cache_bytes")]
+    pub block_cache_bytes: u64,
     /// The kernel's read-ahead on the mount (its `read_ahead_kb`); 0
     /// leaves the kernel's default.
     #[serde(default = "default_kernel_readahead_bytes")]
@@ -107,6 +112,9 @@ fn default_write_flushes_in_flight() -> usize {
 fn default_readahead_bytes_max() -> u64 {
     FsConfig::default().readahead_bytes_max
 }
+fn default_block_cache_bytes() -> u64 {
+    FsConfig::default().block_cache_bytes
+}
 fn default_kernel_readahead_bytes() -> u64 {
     1 << 20
 }
@@ -129,6 +137,7 @@ impl MountConfig {
             write_flushes_in_flight: default_write_flushes_in_flight(),
             readahead_bytes_max: default_readahead_bytes_max(),
             defer_root_setattrs: true,
+            block_cache_bytes: default_block_cache_bytes(),
             kernel_readahead_bytes: default_kernel_readahead_bytes(),
             metrics_listen: None,
             native_socket: None,
@@ -144,6 +153,7 @@ impl MountConfig {
             write_flushes_in_flight: self.write_flushes_in_flight,
             readahead_bytes_max: self.readahead_bytes_max,
             defer_root_setattrs: self.defer_root_setattrs,
+            block_cache_bytes: self.block_cache_bytes,
             ..FsConfig::default()
         }
     }

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Method;
 use crate::auth::Roles;
-use crate::ids::{ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, TargetId};
+use crate::ids::{
+    ChainId, ChainVersion, ChunkId, ChunkVersion, ClientId, InodeId, RequestId, TargetId,
+};
 
 /// Why a storage request failed. Clients branch on it: some errors mean
 /// "refresh routing and retry", others are final.
@@ -215,6 +217,26 @@ pub struct ReadItem {
     pub len: u32,
     /// Check the whole chunk's CRC32C before answering.
     pub verify: bool,
+    /// The caller holds these bytes of the version this stamp names (a
+    /// client's block cache): when that version is still the committed one,
+    /// the replica answers [`ReadResult::unchanged`] with no bytes, and does
+    /// not read its device.
+    pub if_changed_from: Option<ChunkStamp>,
+}
+
+/// What names one committed version of a chunk on every replica of its
+/// chain: the version with the length, CRC32C and update that made it
+/// (client and request id). A version number alone repeats once a chunk is
+/// removed (a file shrunk) and written again; the update that made a
+/// version never does, as a channel's request ids are used once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChunkStamp {
+    pub version: ChunkVersion,
+    pub len: u32,
+    pub crc: u32,
+    pub client: ClientId,
+    pub request: RequestId,
 }
 
 /// Several reads served by one replica in one round trip.
@@ -294,6 +316,14 @@ pub struct ReadResult {
     pub len: u32,
     pub version: ChunkVersion,
     pub chunk_len: u32,
+    /// The version read, when it is the replica's committed one (not when a
+    /// replica with a pending version served the version the tail named):
+    /// bytes a client keeps are checked against it
+    /// ([`ReadItem::if_changed_from`]). `None` from older replicas.
+    pub stamp: Option<ChunkStamp>,
+    /// The stamp in [`ReadItem::if_changed_from`] is still the committed
+    /// version: `len` is 0 and no bytes follow; the caller's are current.
+    pub unchanged: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
