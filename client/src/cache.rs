@@ -374,7 +374,10 @@ mod tests {
         // The chunk's last page, shorter than a page, is kept.
         let short = content(2, 1, 100);
         cache.insert(chunk(2), 0, &short, stamp(1, 100), false);
-        assert_eq!(cache.lookup(chunk(2), 0, 4096).expect("held").1[..], short[..]);
+        assert_eq!(
+            cache.lookup(chunk(2), 0, 4096).expect("held").1[..],
+            short[..]
+        );
         // One more page is over the capacity: chunk 0, the least used, goes.
         cache.insert(chunk(3), 0, &content(3, 1, PAGE), stamp(1, PAGE), false);
         assert!(cache.lookup(chunk(0), 0, 10).is_none());

@@ -21,10 +21,10 @@
 //! next `fsync`).
 //!
 //! **Reads.** A read first writes out anything buffered (a client reads
-//! its own writes). A reader that continues near where it stopped is
-//! sequential: whole chunks ahead of it are fetched in the background into
-//! its handle's cache of chunk futures, the window doubling on each
-//! sequential read up to `readahead_bytes_max`. Each handle is a stream of
+//! its own writes). A reader that continues near where it stopped, twice
+//! in a row, is sequential: whole chunks ahead of it are fetched in the
+//! background into its handle's cache of chunk futures, the window
+//! doubling on each sequential read up to `readahead_bytes_max`. Each handle is a stream of
 //! its own, so readers of one file at different places keep their chunks.
 //! Other reads fetch exactly what they ask for, every chunk of the range at
 //! once. Any write, truncate or open of the file empties every handle's
@@ -148,6 +148,8 @@ impl Buffer {
 pub(crate) struct ReadAhead {
     /// Bytes fetched ahead of a sequential reader; 0 when not sequential.
     window: u64,
+    /// Reads in a row that began near where the one before ended.
+    near: u32,
     chunks: BTreeMap<u32, ChunkFetch>,
     /// The file's read-ahead epoch `chunks` were fetched in: chunks of an
     /// older one may predate a write or truncate, and are dropped.
@@ -854,13 +856,29 @@ impl FileState {
         }
         let end = (offset + u64::from(len)).min(length);
         let previous_end = fh.read_end.swap(end, Ordering::AcqRel);
-        let sequential = previous_end != u64::MAX
-            && offset.abs_diff(previous_end) <= self.chunk_bytes.max(fh.readahead.lock().window);
+        let sequential = {
+            let mut ahead = fh.readahead.lock();
+            let near = previous_end != u64::MAX
+                && offset.abs_diff(previous_end) <= self.chunk_bytes.max(ahead.window);
+            ahead.near = if near {
+                ahead.near.saturating_add(1)
+            } else {
+                0
+            };
+            // One random read that lands within a chunk of the last one is
+            // no stream: a read-ahead would fetch three chunks for it (a 4
+            // KiB random reader of a 64 MiB file read 85 KiB from the disks
+            // a read). Two in a row start it; a running one goes on.
+            let sequential = near && (ahead.window > 0 || ahead.near >= 2);
+            if !sequential {
+                ahead.window = 0;
+            }
+            sequential
+        };
         let pieces: Vec<_> = self.pieces(offset, end - offset).collect();
         let parts: Vec<Bytes> = if sequential && self.readahead_bytes_max > 0 {
             self.read_ahead(storage, fh, &pieces, end, length).await?
         } else {
-            fh.readahead.lock().window = 0;
             self.read_exact(storage, cache, &pieces).await?
         };
         // Holes and chunks shorter than the file read as zeros.

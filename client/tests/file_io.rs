@@ -1376,3 +1376,34 @@ async fn the_block_cache_answers_only_with_the_committed_version() {
     assert_eq!(c.block_cache_stats(), Default::default());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_read_near_the_last_one_fetches_no_chunks_ahead() {
+    let cluster = cluster().await;
+    let fs = client(&cluster, 34, FsConfig::default()).await;
+    let root = User::root();
+    let (attr, fh) = fs
+        .create(&root, ROOT, b"random", 0o644, RW, true)
+        .await
+        .expect("create");
+    let model = pattern(5, 8 * CHUNK as usize);
+    fs.write(&fh, 0, &model).await.expect("write");
+    fs.release(&fh).await.expect("release");
+    let (_, fh) = fs.open(&root, attr.ino, RO).await.expect("open");
+    let page = 4096u64;
+    let read = async |offset: u64| {
+        let got = fs.read(&fh, offset, page as u32).await.expect("read");
+        assert!(got[..] == model[offset as usize..(offset + page) as usize]);
+    };
+    // A random reader: a far read, then one that happens to start within
+    // a chunk of where it ended.
+    read(0).await;
+    read(5 * u64::from(CHUNK)).await;
+    read(5 * u64::from(CHUNK) + 3 * page).await;
+    assert_eq!(fh.chunks_read_ahead(), 0, "one near read is no stream");
+    // Two near reads in a row are.
+    read(5 * u64::from(CHUNK) + 4 * page).await;
+    assert!(fh.chunks_read_ahead() > 0);
+    fs.release(&fh).await.expect("release");
+    cluster.shutdown().await;
+}
