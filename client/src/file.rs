@@ -21,11 +21,12 @@
 //! next `fsync`).
 //!
 //! **Reads.** A read first writes out anything buffered (a client reads
-//! its own writes). A reader that continues near where it stopped, twice
-//! in a row, is sequential: whole chunks ahead of it are fetched in the
-//! background into its handle's cache of chunk futures, the window
-//! doubling on each sequential read up to `readahead_bytes_max`. Each handle is a stream of
-//! its own, so readers of one file at different places keep their chunks.
+//! its own writes). A reader that continues where it stopped, or near it
+//! twice in a row, is sequential: whole chunks ahead of it are fetched in
+//! the background into its handle's cache of chunk futures, the window
+//! doubling on each sequential read up to `readahead_bytes_max`. Each
+//! handle is a stream of its own, so readers of one file at different
+//! places keep their chunks.
 //! Other reads fetch exactly what they ask for, every chunk of the range at
 //! once. Any write, truncate or open of the file empties every handle's
 //! cache (an epoch each handle checks).
@@ -868,8 +869,11 @@ impl FileState {
             // One random read that lands within a chunk of the last one is
             // no stream: a read-ahead would fetch three chunks for it (a 4
             // KiB random reader of a 64 MiB file read 85 KiB from the disks
-            // a read). Two in a row start it; a running one goes on.
-            let sequential = near && (ahead.window > 0 || ahead.near >= 2);
+            // a read). A read that starts where the last one ended, two
+            // near reads in a row (the kernel's requests of one stream
+            // arrive out of order), or a running read-ahead are a stream.
+            let sequential =
+                near && (offset == previous_end || ahead.window > 0 || ahead.near >= 2);
             if !sequential {
                 ahead.window = 0;
             }

@@ -1391,18 +1391,25 @@ async fn a_random_read_near_the_last_one_fetches_no_chunks_ahead() {
     fs.release(&fh).await.expect("release");
     let (_, fh) = fs.open(&root, attr.ino, RO).await.expect("open");
     let page = 4096u64;
-    let read = async |offset: u64| {
-        let got = fs.read(&fh, offset, page as u32).await.expect("read");
+    let read = async |fh: &FileHandle, offset: u64| {
+        let got = fs.read(fh, offset, page as u32).await.expect("read");
         assert!(got[..] == model[offset as usize..(offset + page) as usize]);
     };
     // A random reader: a far read, then one that happens to start within
     // a chunk of where it ended.
-    read(0).await;
-    read(5 * u64::from(CHUNK)).await;
-    read(5 * u64::from(CHUNK) + 3 * page).await;
+    let far = 5 * u64::from(CHUNK);
+    read(&fh, 0).await;
+    read(&fh, far).await;
+    read(&fh, far + 3 * page).await;
     assert_eq!(fh.chunks_read_ahead(), 0, "one near read is no stream");
     // Two near reads in a row are.
-    read(5 * u64::from(CHUNK) + 4 * page).await;
+    read(&fh, far + 6 * page).await;
+    assert!(fh.chunks_read_ahead() > 0);
+    fs.release(&fh).await.expect("release");
+    // So is a read that starts where the last one ended.
+    let (_, fh) = fs.open(&root, attr.ino, RO).await.expect("open");
+    read(&fh, 0).await;
+    read(&fh, page).await;
     assert!(fh.chunks_read_ahead() > 0);
     fs.release(&fh).await.expect("release");
     cluster.shutdown().await;
