@@ -1002,8 +1002,11 @@ impl FileState {
                         spec.chunk.index, self.ino
                     ))),
                     (false, held) => {
+                        if held.is_some() {
+                            cache.changed();
+                        }
                         if let Some(stamp) = read.result.stamp {
-                            cache.insert(spec.chunk, spec.offset, &read.data, stamp, held.is_some());
+                            cache.insert(spec.chunk, spec.offset, &read.data, stamp);
                         }
                         Ok(read.data)
                     }
