@@ -15,8 +15,8 @@
 //! replica's device read and the bytes on the wire, not the round trip.
 //!
 //! Pages are 4 KiB of a chunk, kept only when a read covered them whole
-//! (or up to the chunk's end), copied out of the reply so that a cached
-//! page never holds a larger receive buffer alive. The cache is bounded by
+//! (or up to the chunk's end), copied out of the reply (one copy a read)
+//! so that a cached page never holds a receive buffer alive. The cache is bounded by
 //! bytes and evicts whole chunks, least recently used first.
 
 use std::collections::{BTreeMap, HashMap};
@@ -179,11 +179,27 @@ impl BlockCache {
         if !self.enabled() {
             return;
         }
-        let (pages, end) = span(&stamp, offset, data.len() as u32);
+        let (_, end) = span(&stamp, offset, data.len() as u32);
         if end - offset != data.len() as u32 {
             // A reply that disagrees with its own stamp: keep nothing.
             return;
         }
+        // The pages the read covers whole (the one the chunk ends in, up to
+        // its end), copied at once, outside the lock; each page is a slice
+        // of the copy, and they leave together (a chunk is evicted whole).
+        let first = offset.div_ceil(PAGE);
+        let last = if end == stamp.len {
+            end.div_ceil(PAGE)
+        } else {
+            end / PAGE
+        };
+        if first >= last {
+            return;
+        }
+        let from = first * PAGE;
+        let copy = Bytes::copy_from_slice(
+            &data[(from - offset) as usize..((last * PAGE).min(end) - offset) as usize],
+        );
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
         if inner.chunks.get(&chunk).is_some_and(|e| e.stamp != stamp) {
@@ -196,17 +212,20 @@ impl BlockCache {
             used: tick,
             bytes: 0,
         });
-        let mut added = 0;
-        for index in pages {
-            let at = index * PAGE;
-            let page_end = (at + PAGE).min(stamp.len);
-            if at < offset || page_end > end || entry.pages.contains_key(&index) {
-                continue;
+        let mut kept = 0;
+        for index in first..last {
+            if let std::collections::btree_map::Entry::Vacant(slot) = entry.pages.entry(index) {
+                let at = (index * PAGE - from) as usize;
+                slot.insert(copy.slice(at..(at + PAGE as usize).min(copy.len())));
+                kept += 1;
             }
-            let bytes = &data[(at - offset) as usize..(page_end - offset) as usize];
-            entry.pages.insert(index, Bytes::copy_from_slice(bytes));
-            added += bytes.len() as u64 + PAGE_OVERHEAD;
         }
+        // The copy lives as long as any page of it, so it counts whole.
+        let added = if kept > 0 {
+            copy.len() as u64 + kept * PAGE_OVERHEAD
+        } else {
+            0
+        };
         entry.bytes += added;
         inner.bytes += added;
         if entry.pages.is_empty() {
