@@ -42,6 +42,7 @@
 //! other. Reads of a file held inline are served from the bytes its open or
 //! sync brought (docs/metadata-schema.md, "Inline data").
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,10 +81,18 @@ struct Buffer {
     next: Option<u64>,
 }
 
+/// An extent a sequential writer appends to grows to the buffer's limit in
+/// one step once it holds this much: before, it doubles (small files never
+/// take the limit's worth of memory).
+const EXTENT_GROWS_TO_LIMIT: usize = 64 << 10;
+
 impl Buffer {
     /// Adds `data` at `offset`, merging it with every extent it touches or
-    /// overlaps; its bytes replace theirs where they overlap.
-    fn insert(&mut self, offset: u64, data: &[u8]) {
+    /// overlaps; its bytes replace theirs where they overlap. Owned bytes
+    /// that touch no extent become one without a copy. `limit` is the
+    /// buffer's size, which a sequential writer's extent grows to in one
+    /// step rather than by copies at every doubling.
+    fn insert(&mut self, offset: u64, data: Cow<'_, [u8]>, limit: usize) {
         let end = offset + data.len() as u64;
         // The common case, a sequential writer: append to the extent that
         // ends here when nothing else lies in the way.
@@ -97,7 +106,11 @@ impl Buffer {
             && self.extents.range(offset..=end).next().is_none()
             && let Some(extent) = self.extents.get_mut(&start)
         {
-            extent.extend_from_slice(data);
+            let grown = extent.len() + data.len();
+            if grown > extent.capacity() && grown >= EXTENT_GROWS_TO_LIMIT {
+                extent.reserve(data.len().max(limit.saturating_sub(self.bytes)));
+            }
+            extent.extend_from_slice(&data);
             self.bytes += data.len();
             return;
         }
@@ -108,6 +121,16 @@ impl Buffer {
             .take_while(|(start, extent)| **start + extent.len() as u64 >= offset)
             .map(|(start, _)| *start)
             .collect();
+        if touching.is_empty() {
+            self.bytes += data.len();
+            let extent = match data {
+                // Unique, so the conversions keep the vector's memory.
+                Cow::Owned(vec) => BytesMut::from(Bytes::from(vec)),
+                Cow::Borrowed(slice) => BytesMut::from(slice),
+            };
+            self.extents.insert(offset, extent);
+            return;
+        }
         let mut start = offset;
         let mut stop = end;
         let mut old = Vec::with_capacity(touching.len());
@@ -127,7 +150,7 @@ impl Buffer {
             merged[from..from + extent.len()].copy_from_slice(&extent);
         }
         let from = (offset - start) as usize;
-        merged[from..from + data.len()].copy_from_slice(data);
+        merged[from..from + data.len()].copy_from_slice(&data);
         self.bytes += merged.len();
         self.extents.insert(start, merged);
     }
@@ -260,7 +283,8 @@ impl InlineSync<'_> {
     /// The sync failed: the writes wait in the buffer again.
     pub(crate) fn put_back(mut self) {
         for (start, data) in std::mem::take(&mut self.extents) {
-            self.buffer.insert(start, &data);
+            self.buffer
+                .insert(start, Cow::Borrowed(&data), self.state.buffer_bytes);
         }
     }
 
@@ -633,7 +657,7 @@ impl FileState {
         self: &Arc<Self>,
         storage: &Arc<StorageClient<N>>,
         offset: u64,
-        data: &[u8],
+        data: Cow<'_, [u8]>,
     ) -> Result<(), FsError> {
         self.take_error()?;
         let end = offset
@@ -657,7 +681,7 @@ impl FileState {
             // Not sequential: what is in flight may overlap it.
             self.wait_flushes().await?;
         }
-        buffer.insert(offset, data);
+        buffer.insert(offset, data, self.buffer_bytes);
         buffer.next = Some(end);
         self.length.fetch_max(end, Ordering::AcqRel);
         self.writes.fetch_add(1, Ordering::AcqRel);
@@ -1095,6 +1119,8 @@ impl FileState {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use proptest::prelude::*;
 
     use super::Buffer;
@@ -1104,13 +1130,18 @@ mod tests {
         /// never overlap nor touch, and `bytes` counts them.
         #[test]
         fn buffer_extents_match_a_byte_model(
-            writes in prop::collection::vec((0u64..256, 1usize..48, any::<u8>()), 1..40)
+            writes in prop::collection::vec((0u64..256, 1usize..48, any::<u8>(), any::<bool>()), 1..40)
         ) {
             let mut buffer = Buffer::default();
             let mut model: Vec<Option<u8>> = vec![None; 512];
-            for (offset, len, fill) in writes {
+            for (offset, len, fill, owned) in writes {
                 let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
-                buffer.insert(offset, &data);
+                let written = if owned {
+                    Cow::Owned(data.clone())
+                } else {
+                    Cow::Borrowed(&data[..])
+                };
+                buffer.insert(offset, written, 512);
                 for (i, byte) in data.iter().enumerate() {
                     model[offset as usize + i] = Some(*byte);
                 }
@@ -1131,6 +1162,43 @@ mod tests {
             }
             prop_assert_eq!(bytes, buffer.bytes);
             prop_assert_eq!(seen, model);
+        }
+    }
+
+    /// A sequential writer's owned bytes start an extent without a copy,
+    /// and the extent grows to the buffer's limit in one step.
+    #[test]
+    fn a_sequential_writers_extent_is_copied_at_most_once() {
+        const MIB: usize = 1 << 20;
+        let mut buffer = Buffer::default();
+        let first = vec![1u8; MIB];
+        let at = first.as_ptr();
+        buffer.insert(0, Cow::Owned(first), 8 * MIB);
+        assert_eq!(buffer.extents[&0].as_ptr(), at, "owned bytes were copied");
+        buffer.insert(MIB as u64, Cow::Owned(vec![2u8; MIB]), 8 * MIB);
+        let grown = buffer.extents[&0].as_ptr();
+        for i in 2..8u8 {
+            buffer.insert(u64::from(i) * MIB as u64, Cow::Borrowed(&[i; MIB]), 8 * MIB);
+        }
+        let extent = &buffer.extents[&0];
+        assert_eq!(
+            extent.as_ptr(),
+            grown,
+            "the extent moved while filling the buffer"
+        );
+        assert_eq!(extent.len(), 8 * MIB);
+        assert_eq!(buffer.bytes, 8 * MIB);
+        for i in 0..8 {
+            let expected = match i {
+                0 => 1,
+                1 => 2,
+                i => i as u8,
+            };
+            assert!(
+                extent[i * MIB..(i + 1) * MIB]
+                    .iter()
+                    .all(|&b| b == expected)
+            );
         }
     }
 }

@@ -21,6 +21,7 @@
 //! the files it was writing get their exact length and GC can reclaim the
 //! ones it had unlinked.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -1042,6 +1043,27 @@ impl<N: Network> FsClient<N> {
     /// buffer until the next `flush`, `fsync` or `release`; a failure to
     /// write it out is reported by the next call on the file.
     pub async fn write(&self, fh: &FileHandle, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        self.write_cow(fh, offset, Cow::Borrowed(data)).await
+    }
+
+    /// [`write`](Self::write) of bytes the caller gives up: a sequential
+    /// write that starts a buffered extent keeps them without a copy (the
+    /// FUSE mount's writes, copied once out of the kernel's request).
+    pub async fn write_owned(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), FsError> {
+        self.write_cow(fh, offset, Cow::Owned(data)).await
+    }
+
+    async fn write_cow(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        data: Cow<'_, [u8]>,
+    ) -> Result<(), FsError> {
         if !fh.mode.write {
             return Err(FsError {
                 errno: libc::EBADF,

@@ -115,7 +115,7 @@ pub(crate) fn write<N: Network>(
             if kill {
                 client.kill_suid_sgid(handle.ino()).await?;
             }
-            client.write(&handle, offset, &data).await
+            client.write_owned(&handle, offset, data).await
         },
         move |reply, ()| {
             metrics::counter!("flyfs_fuse_write_bytes_total").increment(u64::from(len));
