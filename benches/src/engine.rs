@@ -457,22 +457,25 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<()> {
             "  the same reads straight to the device: {:.0} IOPS",
             results.rand_read_4k_iops_device
         );
-        println!(
-            "4 KiB rand write{:>10.0} IOPS    (depth {}, each committed; {})",
-            results.rand_write_4k_iops,
-            args.rand_depth,
-            if results.rand_write_patches {
-                "patches"
-            } else {
-                "copying the chunk"
-            }
-        );
-        println!(
-            "  device bytes written per payload byte: {:.2} ({:.1} commits per journal flush, {} checkpoints)",
-            results.rand_write_4k_amplification,
-            results.rand_write_commits_per_batch,
-            results.rand_write_checkpoints
-        );
+        // `--rand-writes 0` skips the phase: no rate and no ratio to print.
+        if args.rand_writes > 0 {
+            println!(
+                "4 KiB rand write{:>10.0} IOPS    (depth {}, each committed; {})",
+                results.rand_write_4k_iops,
+                args.rand_depth,
+                if results.rand_write_patches {
+                    "patches"
+                } else {
+                    "copying the chunk"
+                }
+            );
+            println!(
+                "  device bytes written per payload byte: {:.2} ({:.1} commits per journal flush, {} checkpoints)",
+                results.rand_write_4k_amplification,
+                results.rand_write_commits_per_batch,
+                results.rand_write_checkpoints
+            );
+        }
         if let Some(raw) = &results.raw {
             print_raw(raw);
         }
