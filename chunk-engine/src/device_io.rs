@@ -183,21 +183,24 @@ impl<D: BlockDevice> DeviceIo<D> {
     }
 
     /// Writes whole data blocks at device `offset` and records their block
-    /// CRCs, computed from the very bytes written. The two writes run
-    /// concurrently: neither is durable before the flush that follows them
-    /// both, and a reader that meets one without the other sees a mismatch
-    /// and checks the whole chunk, whichever came first.
+    /// CRCs: `crcs` when the caller has them from its own pass over these
+    /// very bytes, else computed here. The two writes run concurrently:
+    /// neither is durable before the flush that follows them both, and a
+    /// reader that meets one without the other sees a mismatch and checks
+    /// the whole chunk, whichever came first.
     async fn write_blocks(
         &self,
         offset: u64,
         buf: DmaBuf,
+        crcs: Option<Vec<u32>>,
         what: impl Fn() -> String,
     ) -> Result<(), EngineError> {
         let crcs = if self.sb.has_block_crcs() {
-            crcs_of(&buf)
+            crcs.unwrap_or_else(|| crcs_of(&buf))
         } else {
             Vec::new()
         };
+        debug_assert!(crcs.is_empty() || crcs.len() as u64 * BLOCK == buf.len() as u64);
         let (data, crcs) = tokio::join!(
             self.write_at(offset, buf, what),
             self.store_block_crcs(offset, &crcs)
@@ -206,12 +209,16 @@ impl<D: BlockDevice> DeviceIo<D> {
     }
 
     /// Does the I/O of a write as `plan` lays it out; returns the new length
-    /// and CRC of the whole chunk, and a patch's extents.
+    /// and CRC of the whole chunk, and a patch's extents. `payload_crcs`
+    /// are the block CRCs of an update's single payload padded to whole
+    /// blocks, when it starts on a block boundary
+    /// ([`WriteRequest::checked`](crate::request::WriteRequest::checked)).
     pub async fn write_plan(
         &self,
         key: ChunkKey,
         plan: &WritePlan,
         op: WriteOp,
+        payload_crcs: Option<Vec<u32>>,
     ) -> Result<WriteDone, EngineError> {
         let what = || format!("{key:?}");
         // The new bytes, as (offset, data, crc of data); a truncate that
@@ -272,6 +279,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                             self.write_blocks(
                                 self.slot_offset(slot) + u64::from(aligned),
                                 buf,
+                                payload_crcs,
                                 what,
                             )
                             .await?;
@@ -306,7 +314,7 @@ impl<D: BlockDevice> DeviceIo<D> {
                 buf[data_start + data.len()..].fill(0);
                 let appended = crc32c::crc32c(&buf[tail_start..(new_len - aligned) as usize]);
                 let crc = crate::crc::combine(base.crc, appended, (new_len - base.len) as usize);
-                self.write_blocks(self.slot_offset(slot) + u64::from(aligned), buf, what)
+                self.write_blocks(self.slot_offset(slot) + u64::from(aligned), buf, None, what)
                     .await?;
                 Ok(WriteDone::new(new_len, crc))
             }
@@ -328,7 +336,8 @@ impl<D: BlockDevice> DeviceIo<D> {
                     let (_, data, data_crc) = extents.pop().expect("one extent");
                     match padded_in_place(data) {
                         Ok(buf) => {
-                            self.write_blocks(self.slot_offset(slot), buf, what).await?;
+                            self.write_blocks(self.slot_offset(slot), buf, payload_crcs, what)
+                                .await?;
                             return Ok(WriteDone::new(new_len, data_crc));
                         }
                         Err(data) => extents.push((0, data, data_crc)),
@@ -360,8 +369,10 @@ impl<D: BlockDevice> DeviceIo<D> {
                 for (offset, data, _) in &extents {
                     buf[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
                 }
-                let crc = crc32c::crc32c(&buf[..new_len as usize]);
-                self.write_blocks(self.slot_offset(slot), buf, what).await?;
+                // One pass for the new version's CRC and its block CRCs.
+                let (crcs, crc) = crate::crc::blocks_and_whole(&buf[..new_len as usize]);
+                self.write_blocks(self.slot_offset(slot), buf, Some(crcs), what)
+                    .await?;
                 Ok(WriteDone::new(new_len, crc))
             }
         }

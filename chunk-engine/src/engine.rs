@@ -222,7 +222,7 @@ impl<D: BlockDevice> Engine<D> {
         let engine = &*self.engine;
         let key = req.key;
         // Validate the payload before taking any lock.
-        let extent = req.extent(engine.device.sb.group_bytes())?;
+        let (extent, payload_crcs) = req.checked(engine.device.sb.group_bytes())?;
         engine.device.check_writable()?;
         let _chunk_lock = engine.chunk_locks.for_key(key).lock().await;
         // Checked again: the engine may have been poisoned while we waited.
@@ -235,7 +235,10 @@ impl<D: BlockDevice> Engine<D> {
             engine.patch_limits(),
             &engine.device.name,
         )?;
-        let result = engine.device.write_plan(key, &plan, req.op).await;
+        let result = engine
+            .device
+            .write_plan(key, &plan, req.op, payload_crcs)
+            .await;
         let (pending, record) = {
             let mut table = engine.table.lock();
             let WriteDone { len, crc, layer } = match result {

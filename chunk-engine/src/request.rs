@@ -5,6 +5,7 @@
 use flyfs_bypass::DmaBuf;
 use flyfs_proto::ids::{ChainVersion, ChunkVersion, ClientId, RequestId};
 
+use crate::format::BLOCK;
 use crate::{ChunkKey, EngineError};
 
 /// What a write does to a chunk.
@@ -72,11 +73,26 @@ pub(crate) struct WriteExtent {
 }
 
 impl WriteRequest {
+    /// [`checked`](Self::checked)'s extent alone.
+    #[cfg(test)]
+    pub(crate) fn extent(&self, chunk_size_max: u64) -> Result<WriteExtent, EngineError> {
+        self.checked(chunk_size_max).map(|(extent, _)| extent)
+    }
+
     /// Checks what needs no chunk state: the payload against its CRC, the
     /// end against the largest chunk size, and the version against the
-    /// reserved 0.
-    pub(crate) fn extent(&self, chunk_size_max: u64) -> Result<WriteExtent, EngineError> {
+    /// reserved 0. Besides the extent, returns the block CRCs of a single
+    /// payload that starts on a block boundary of the chunk (a whole-chunk
+    /// write, an aligned update), padded with zeros to whole blocks: the
+    /// check's pass over the bytes gives them, so a write that lays the
+    /// payload out from there (a whole version, an aligned append) records
+    /// them instead of reading the bytes again.
+    pub(crate) fn checked(
+        &self,
+        chunk_size_max: u64,
+    ) -> Result<(WriteExtent, Option<Vec<u32>>), EngineError> {
         let key = self.key;
+        let mut blocks = None;
         let (offset, data_len, new_end) = match &self.op {
             WriteOp::Update { data, crc, .. } | WriteOp::Replace { data, crc } => {
                 let offset = if let WriteOp::Update { offset, .. } = self.op {
@@ -84,7 +100,13 @@ impl WriteRequest {
                 } else {
                     0
                 };
-                let computed = crc32c::crc32c(data);
+                let computed = if u64::from(offset).is_multiple_of(BLOCK) {
+                    let (crcs, whole) = crate::crc::blocks_and_whole(data);
+                    blocks = Some(crcs);
+                    whole
+                } else {
+                    crc32c::crc32c(data)
+                };
                 if computed != *crc {
                     return Err(EngineError::Checksum {
                         key,
@@ -142,11 +164,12 @@ impl WriteRequest {
                 "version 0 is reserved for a chunk that does not exist",
             ));
         }
-        Ok(WriteExtent {
+        let extent = WriteExtent {
             offset,
             data_len,
             end: new_end,
-        })
+        };
+        Ok((extent, blocks))
     }
 }
 
