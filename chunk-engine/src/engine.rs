@@ -201,6 +201,14 @@ impl<D: BlockDevice> Engine<D> {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Test hook: records submitted to the journal and not yet durable
+    /// (those of batches in flight included: a record leaves the queue only
+    /// once its batch's flush returned).
+    #[cfg(feature = "testing")]
+    pub fn journal_queued(&self) -> usize {
+        self.engine.journal.queue.lock().records.len()
+    }
+
     /// Test hook: a checkpoint follows the next journal batch.
     #[cfg(feature = "testing")]
     pub fn checkpoint_after_next_batch(&self) {

@@ -399,29 +399,40 @@ fn corrupt_reads_are_detected_when_verifying(mode: JournalMode) {
 fn concurrent_commits_share_journal_batches(mode: JournalMode) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .enable_time()
         .build()
         .expect("runtime");
-    // Flushes that take time, as a real device's do: an inline writer
-    // batches what queues while its batch is at the device, and an instant
-    // flush leaves no such moment.
+    // Flushes that wait at a gate, as a real device's take time: commits
+    // that queue while a batch is at the device go out together. The gate
+    // stays closed until all 200 records are queued, so that the test does
+    // not depend on how the tasks happen to be scheduled (on a loaded
+    // machine they could otherwise each commit alone).
     let dev = SlowDevice::new(mem());
     rt.block_on(async {
         let engine = format_and_open(&dev, &small_format(), mode).await;
+        for i in 0..200u32 {
+            engine
+                .write(update(key(1, u64::from(i), 0), 1, 0, &bytes(4096, i as u8)))
+                .await
+                .expect("write");
+        }
         let flushes_before = dev.mem().stats().flushes;
+        dev.gate.close();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200u32 {
             let engine = engine.clone();
             tasks.spawn(async move {
-                put(
-                    &engine,
-                    key(1, u64::from(i), 0),
-                    1,
-                    0,
-                    &bytes(4096, i as u8),
-                )
-                .await
+                engine
+                    .commit(key(1, u64::from(i), 0), ChunkVersion(1))
+                    .await
+                    .expect("commit")
             });
         }
+        until("every commit queued behind the held flush", || {
+            engine.journal_queued() == 200
+        })
+        .await;
+        dev.gate.open();
         while let Some(done) = tasks.join_next().await {
             done.expect("task");
         }
