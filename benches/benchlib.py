@@ -18,3 +18,19 @@ def is_mounted(point):
     point = os.path.abspath(point)
     with open("/proc/self/mountinfo") as f:
         return any(line.split(" ")[4] == point for line in f)
+
+
+def cpu_jiffies():
+    """The machine's CPU time so far from /proc/stat: (steal, total) jiffies.
+    Steal is time the hypervisor gave this VM's vCPUs to someone else."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return fields[7], sum(fields)
+
+
+def steal_share(before, after):
+    """The share of the CPU time between two `cpu_jiffies()` readings that
+    the hypervisor stole: a run under much of it ran on a loaded machine,
+    however idle the VM looked."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
